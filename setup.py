@@ -15,6 +15,8 @@ from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("STEM_DEBUG_BUILD") == "1"
 MODULES = ["codec", "signer", "ring"]
+# Developers rebuilding one module while editing another: STEM_BUILD_ONLY=ring
+ONLY = [m for m in os.environ.get("STEM_BUILD_ONLY", "").split(",") if m]
 
 
 class OptionalBuildExt(build_ext):
@@ -48,7 +50,7 @@ def extensions():
         directives = {"boundscheck": False, "wraparound": False, "initializedcheck": False}
     directives["language_level"] = 3
     exts = []
-    for name in MODULES:
+    for name in ONLY or MODULES:
         src = os.path.join("_speedups", f"{name}.pyx")
         if os.path.exists(src):
             exts.append(Extension(f"stem._speedups.{name}", [src],

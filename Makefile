@@ -1,0 +1,39 @@
+# Two commands matter: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+
+.PHONY: venv build demo test test-compiled test-pure bench-micro clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Build the C extensions in place (the editable install imports them from stem/_speedups).
+build: venv
+	$(PY) setup.py -q build_ext --inplace
+
+demo: build
+	$(PY) -m stem.cli demo
+
+test: build
+	STEM_EXPECT_COMPILED=1 $(PY) -m pytest $(PYTEST_ARGS)
+	STEM_PURE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-compiled: build
+	STEM_EXPECT_COMPILED=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+test-pure: venv
+	STEM_PURE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+bench-micro: build
+	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-only --benchmark-group-by=group -q
+
+clean:
+	rm -rf build $(VENV) stem/_speedups/*.so _speedups/*.c *.egg-info
