@@ -1,0 +1,191 @@
+"""The ``Broker`` protocol: what every adapter (memory, sqlite, redis, postgres) promises.
+
+A broker moves opaque frames (see ``stem.envelope``); it never decodes a
+signed body.  What it may read is the unsigned delivery header
+(``stem.envelope.read_header``), but everything it needs is passed in
+``Message``.
+
+Delivery semantics, identical on every adapter (``tests/contract`` proves it):
+
+* **At least once.**  ``consume`` leases each delivery for the message's
+  ``visibility_timeout`` (or the broker default).  A delivery that is neither
+  acked, retried, dead-lettered nor extended before its lease expires is
+  delivered again, to any consumer, with ``delivery_count`` + 1.
+* **Leases renew in place.**  ``extend`` pushes the lease deadline out; it never
+  creates a second copy of the message.
+* **Poison cap.**  A message whose next delivery would exceed
+  ``max_deliveries`` is moved to the dead-letter queue with reason
+  ``max-deliveries`` instead of being delivered.
+* **Atomic settle.**  ``retry`` (schedule the new frame + remove the old
+  delivery) and ``dead_letter`` (copy to DLQ + remove) are each one atomic
+  step: a crash in between can duplicate a task, never lose it.  Settling a
+  delivery whose lease has already expired and been re-delivered is a no-op
+  for the stale copy (returns normally).
+* **Order.**  Higher ``priority`` first, then first-published first, among
+  messages that are due (``not_before`` <= now).
+* **Delayed messages** (``not_before`` in the future) stay in the broker, not
+  in worker memory, and become deliverable when due.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+import time
+from typing import Any, NamedTuple, Sequence
+
+from ..errors import ConfigurationError
+
+__all__ = ["Broker", "Message", "Delivery", "DeadLetter", "QueueStats", "validate_queue_name",
+           "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES"]
+
+DEFAULT_VISIBILITY_TIMEOUT = 30.0
+DEFAULT_MAX_DELIVERIES = 5
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+
+
+def validate_queue_name(name: str) -> str:
+    if not isinstance(name, str) or not _QUEUE_NAME.match(name):
+        raise ConfigurationError(
+            f"bad queue name {name!r}: use 1-128 characters from A-Z a-z 0-9 _ . : -")
+    return name
+
+
+class Message(NamedTuple):
+    """One frame to publish."""
+    task_id: str
+    queue: str
+    frame: bytes
+    priority: int = 0
+    not_before: float | None = None          # epoch seconds; None or past = deliverable now
+    visibility_timeout: float | None = None  # seconds; None = the broker default
+
+
+class Delivery:
+    """One leased copy of a message.  ``receipt`` is the adapter's own handle."""
+
+    __slots__ = ("queue", "task_id", "frame", "receipt", "delivery_count", "visibility_timeout",
+                 "leased_at")
+
+    def __init__(self, queue: str, task_id: str, frame: bytes, receipt: Any,
+                 delivery_count: int = 1, visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
+                 leased_at: float | None = None):
+        self.queue = queue
+        self.task_id = task_id
+        self.frame = frame
+        self.receipt = receipt
+        self.delivery_count = delivery_count
+        self.visibility_timeout = visibility_timeout
+        self.leased_at = time.time() if leased_at is None else leased_at
+
+    def __repr__(self) -> str:
+        return (f"Delivery(queue={self.queue!r}, task_id={self.task_id!r}, "
+                f"delivery_count={self.delivery_count}, receipt={self.receipt!r})")
+
+
+class DeadLetter(NamedTuple):
+    id: str              # the DLQ entry's id (for replay)
+    task_id: str
+    queue: str
+    reason: str
+    failed_at: float
+    frame: bytes
+
+
+class QueueStats(NamedTuple):
+    queue: str
+    ready: int       # deliverable now
+    in_flight: int   # leased, not yet settled
+    delayed: int     # not_before in the future
+    dead: int        # in the dead-letter queue
+
+
+class Broker(abc.ABC):
+    """Base class of every broker.  Adapters are safe to share between threads."""
+
+    url: str = ""
+    default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+
+    @abc.abstractmethod
+    def publish(self, message: Message) -> None:
+        """Store one message durably (as durable as the adapter is) before returning."""
+
+    def publish_many(self, messages: Sequence[Message]) -> None:
+        """Store a batch in one round trip where the adapter allows it."""
+        for m in messages:
+            self.publish(m)
+
+    @abc.abstractmethod
+    def consume(self, queues: Sequence[str], max_count: int, timeout: float,
+                *, consumer: str = "") -> list[Delivery]:
+        """Lease up to ``max_count`` due messages from ``queues``.
+
+        Waits up to ``timeout`` seconds for the first one (without busy
+        polling where the adapter can block), then returns what is there.
+        Returns [] on timeout.  ``consumer`` names the worker for adapters that
+        track owners (Redis consumer groups).
+        """
+
+    @abc.abstractmethod
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove settled deliveries for good (batched)."""
+
+    @abc.abstractmethod
+    def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        """Give a delivery back: ``requeue`` makes it deliverable again at once
+        (its delivery count is kept, so the poison cap still applies);
+        ``requeue=False`` dead-letters it with reason ``rejected``."""
+
+    @abc.abstractmethod
+    def retry(self, delivery: Delivery, frame: bytes, not_before: float | None) -> None:
+        """Atomically replace ``delivery`` with ``frame`` due at ``not_before``.
+
+        The new copy is a fresh message (delivery count 1): a retry is a new
+        attempt, not a redelivery."""
+
+    @abc.abstractmethod
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Atomically copy the delivery's frame to the queue's DLQ with ``reason`` and remove it."""
+
+    @abc.abstractmethod
+    def extend(self, deliveries: Sequence[Delivery], visibility_timeout: float | None = None) -> None:
+        """Renew leases: each lease now ends ``visibility_timeout`` (default: the
+        delivery's own) seconds from now.  Never creates a second copy."""
+
+    @abc.abstractmethod
+    def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """Oldest first."""
+
+    @abc.abstractmethod
+    def replay(self, queue: str, ids: Sequence[str] | None = None) -> int:
+        """Move DLQ entries (all when ``ids`` is None) back to the queue, due now,
+        with a fresh delivery count.  Returns how many moved."""
+
+    @abc.abstractmethod
+    def purge(self, queue: str) -> int:
+        """Drop every ready and delayed message of ``queue`` (not in-flight ones). Returns the count."""
+
+    @abc.abstractmethod
+    def purge_dead_letters(self, queue: str) -> int:
+        """Drop the queue's DLQ. Returns the count."""
+
+    @abc.abstractmethod
+    def stats(self, queue: str) -> QueueStats:
+        """Counts without scanning every key or row (O(1) or index-backed)."""
+
+    @abc.abstractmethod
+    def queues(self) -> list[str]:
+        """Names of the queues this broker has seen (published to or consumed from)."""
+
+    def close(self) -> None:
+        """Release connections.  Safe to call twice."""
+
+    def ping(self) -> None:
+        """Raise ``BrokerConnectionError`` when the broker cannot be reached."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
