@@ -19,8 +19,9 @@ Delivery semantics, identical on every adapter (``tests/contract`` proves it):
 * **Atomic settle.**  ``retry`` (schedule the new frame + remove the old
   delivery) and ``dead_letter`` (copy to DLQ + remove) are each one atomic
   step: a crash in between can duplicate a task, never lose it.  Settling a
-  delivery whose lease has already expired and been re-delivered is a no-op
-  for the stale copy (returns normally).
+  delivery whose lease expired and that was delivered again returns normally;
+  it may settle the message for both copies (the price of at-least-once is a
+  task that ran twice, never one that is lost).
 * **Order.**  Higher ``priority`` first, then first-published first, among
   messages that are due (``not_before`` <= now).
 * **Delayed messages** (``not_before`` in the future) stay in the broker, not

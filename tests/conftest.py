@@ -1,0 +1,57 @@
+"""Shared fixtures: which build is loaded, and reachable services.
+
+A test that needs Redis or PostgreSQL pings first and skips with a reason when
+the server is absent, except under ``STEM_REQUIRE_SERVICES=1`` (CI), where a
+missing service fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+REQUIRE_SERVICES = os.environ.get("STEM_REQUIRE_SERVICES") == "1"
+REDIS_URL = os.environ.get("STEM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("STEM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    if _port_open(host, port):
+        return
+    msg = f"{name} is not reachable at {host}:{port}"
+    if REQUIRE_SERVICES:
+        pytest.fail(msg + " and STEM_REQUIRE_SERVICES=1", pytrace=False)
+    pytest.skip(msg)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    from urllib.parse import urlsplit
+    u = urlsplit(REDIS_URL)
+    require_service("Redis", u.hostname or "127.0.0.1", u.port or 6379)
+    return REDIS_URL
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    from urllib.parse import urlsplit
+    u = urlsplit(POSTGRES_URL)
+    require_service("PostgreSQL", u.hostname or "127.0.0.1", u.port or 5432)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A key/schema namespace no other test uses."""
+    return "stemtest_" + uuid.uuid4().hex[:12]

@@ -1,0 +1,138 @@
+"""Every result backend runs these cases: the semantics in ``stem/backends/base.py``."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+from stem.results import TaskState, TaskStatus
+
+
+def tid() -> str:
+    return uuid.uuid4().hex
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def test_stored_status_reads_back_with_every_field(backend):
+    s = TaskStatus(id=tid(), state=TaskState.SUCCEEDED, name="email.send", queue="default", attempt=2,
+                   result={"ok": [1, 2, "three"]}, meta={"trace": "x"}, reason=None,
+                   started_at=1.5, finished_at=2.5, worker="w1")
+    backend.store(s)
+    got = backend.get(s.id)
+    assert got == s
+
+
+def test_failed_status_keeps_error_and_reason(backend):
+    s = TaskStatus(id=tid(), state=TaskState.FAILED, error="boom", error_type="ValueError",
+                   reason="hard-time-limit", traceback="Traceback ...")
+    backend.store(s)
+    got = backend.get(s.id)
+    assert (got.error, got.error_type, got.reason, got.traceback) == ("boom", "ValueError", "hard-time-limit",
+                                                                       "Traceback ...")
+
+
+def test_unknown_task_reads_as_none(backend):
+    assert backend.get(tid()) is None
+
+
+def test_store_is_an_upsert(backend):
+    i = tid()
+    backend.store(TaskStatus(id=i, state=TaskState.RUNNING))
+    backend.store(TaskStatus(id=i, state=TaskState.SUCCEEDED, result=3))
+    assert backend.get(i).state is TaskState.SUCCEEDED
+
+
+def test_store_many_and_get_many(backend):
+    ids = [tid() for _ in range(20)]
+    backend.store_many([TaskStatus(id=i, state=TaskState.SUCCEEDED, result=n) for n, i in enumerate(ids)])
+    got = backend.get_many(ids + [tid()])
+    assert [g.result for g in got[:-1]] == list(range(20))
+    assert got[-1] is None
+
+
+def test_wait_returns_when_another_thread_stores_a_terminal_status(backend):
+    i = tid()
+    backend.store(TaskStatus(id=i, state=TaskState.RUNNING))
+
+    def finish():
+        time.sleep(0.2)
+        backend.store(TaskStatus(id=i, state=TaskState.SUCCEEDED, result="done"))
+
+    t = threading.Thread(target=finish)
+    t.start()
+    t0 = time.monotonic()
+    got = backend.wait(i, 20.0)
+    t.join()
+    assert got is not None and got.state is TaskState.SUCCEEDED and got.result == "done"
+    assert time.monotonic() - t0 < 10.0
+
+
+def test_wait_returns_at_once_for_an_already_finished_task(backend):
+    i = tid()
+    backend.store(TaskStatus(id=i, state=TaskState.FAILED, error="x"))
+    assert backend.wait(i, 5.0).state is TaskState.FAILED
+
+
+def test_wait_times_out_with_the_latest_non_terminal_status(backend):
+    i = tid()
+    backend.store(TaskStatus(id=i, state=TaskState.RUNNING))
+    t0 = time.monotonic()
+    got = backend.wait(i, 0.3)
+    assert got is not None and got.state is TaskState.RUNNING
+    assert 0.2 <= time.monotonic() - t0 < 5.0
+    assert backend.wait(tid(), 0.1) is None
+
+
+def test_forget_drops_the_status(backend):
+    i = tid()
+    backend.store(TaskStatus(id=i, state=TaskState.SUCCEEDED))
+    backend.forget(i)
+    assert backend.get(i) is None
+
+
+def test_statuses_expire_after_result_expires(make_backend):
+    backend = make_backend(result_expires=1)
+    i = tid()
+    backend.store(TaskStatus(id=i, state=TaskState.SUCCEEDED))
+    assert backend.get(i) is not None
+    assert wait_until(lambda: backend.get(i) is None, timeout=10.0)
+
+
+def test_heartbeats_are_listed_and_removed(backend):
+    backend.put_heartbeat("w-1", {"pid": 1, "queues": ["default"]}, ttl=30)
+    backend.put_heartbeat("w-2", {"pid": 2, "queues": ["q"]}, ttl=30)
+    beats = {b["worker_id"]: b for b in backend.heartbeats()}
+    assert {"w-1", "w-2"} <= set(beats)
+    assert beats["w-1"]["pid"] == 1 and beats["w-1"]["queues"] == ["default"]
+    assert beats["w-1"]["seen_at"] > 0
+    backend.remove_heartbeat("w-1")
+    assert "w-1" not in {b["worker_id"] for b in backend.heartbeats()}
+
+
+def test_heartbeat_disappears_after_its_ttl(backend):
+    backend.put_heartbeat("w-ttl", {"pid": 3}, ttl=1)
+    assert any(b["worker_id"] == "w-ttl" for b in backend.heartbeats())
+    assert wait_until(lambda: all(b["worker_id"] != "w-ttl" for b in backend.heartbeats()), timeout=10.0)
+
+
+def test_revocations_are_remembered(backend):
+    a, b, c = tid(), tid(), tid()
+    backend.revoke([a, b])
+    assert backend.revoked([a, c]) == {a}
+    assert {a, b} <= backend.revoked()
+
+
+def test_revocations_expire(backend):
+    a = tid()
+    backend.revoke([a], expires=1)
+    assert backend.revoked([a]) == {a}
+    assert wait_until(lambda: backend.revoked([a]) == set(), timeout=10.0)

@@ -1,0 +1,250 @@
+"""Every broker adapter runs these cases: the semantics in ``stem/brokers/base.py``."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from stem.brokers.base import Message
+from stem.errors import ConfigurationError
+
+Q = "contract"
+
+
+def msg(frame: bytes = b"frame", *, queue: str = Q, priority: int = 0, not_before=None, vt=None,
+        task_id: str | None = None) -> Message:
+    return Message(task_id or uuid.uuid4().hex, queue, frame, priority, not_before, vt)
+
+
+def consume_one(broker, queues=(Q,), timeout=5.0):
+    got = broker.consume(list(queues), 1, timeout)
+    assert len(got) == 1, f"expected one delivery within {timeout}s, got {got}"
+    return got[0]
+
+
+def test_published_message_is_delivered_once_with_its_frame_and_task_id(broker):
+    m = msg(b"\x00hello\xff")
+    broker.publish(m)
+    d = consume_one(broker)
+    assert bytes(d.frame) == b"\x00hello\xff"
+    assert d.task_id == m.task_id
+    assert d.queue == Q
+    assert d.delivery_count == 1
+    assert broker.consume([Q], 10, 0.2) == []
+
+
+def test_acked_delivery_is_gone(broker):
+    broker.publish(msg())
+    d = consume_one(broker)
+    assert broker.stats(Q).in_flight == 1
+    broker.ack([d])
+    s = broker.stats(Q)
+    assert (s.ready, s.in_flight, s.delayed) == (0, 0, 0)
+    assert broker.consume([Q], 1, 0.2) == []
+
+
+def test_unacked_delivery_is_redelivered_after_visibility_timeout(broker):
+    broker.publish(msg(b"x", vt=0.5))
+    first = consume_one(broker)
+    assert first.delivery_count == 1
+    t0 = time.monotonic()
+    second = consume_one(broker, timeout=10.0)
+    assert time.monotonic() - t0 >= 0.2
+    assert second.task_id == first.task_id
+    assert second.delivery_count == 2
+    broker.ack([second])
+    assert broker.stats(Q).in_flight == 0
+
+
+def test_broker_default_visibility_timeout_applies_when_message_has_none(make_broker):
+    broker = make_broker(default_visibility_timeout=0.5)
+    broker.publish(msg())
+    consume_one(broker)
+    again = consume_one(broker, timeout=10.0)
+    assert again.delivery_count == 2
+
+
+def test_extended_lease_is_not_redelivered_and_leaves_one_copy(broker):
+    broker.publish(msg(vt=1.0))
+    d = consume_one(broker)
+    broker.extend([d], 30.0)
+    assert broker.consume([Q], 1, 2.0) == []
+    s = broker.stats(Q)
+    assert (s.ready, s.in_flight) == (0, 1)
+    broker.ack([d])
+    assert broker.stats(Q).in_flight == 0
+
+
+def test_higher_priority_is_delivered_first_then_fifo(broker):
+    broker.publish_many([msg(b"low-1", priority=0), msg(b"high", priority=5), msg(b"mid", priority=1),
+                         msg(b"low-2", priority=0)])
+    got = []
+    while len(got) < 4:
+        got += broker.consume([Q], 4 - len(got), 5.0)
+    assert [bytes(d.frame) for d in got] == [b"high", b"mid", b"low-1", b"low-2"]
+
+
+def test_fifo_order_within_one_priority(broker):
+    frames = [f"m{i}".encode() for i in range(50)]
+    broker.publish_many([msg(f) for f in frames])
+    got = []
+    while len(got) < 50:
+        got += broker.consume([Q], 50 - len(got), 5.0)
+    assert [bytes(d.frame) for d in got] == frames
+
+
+def test_consume_returns_at_most_max_count(broker):
+    broker.publish_many([msg() for _ in range(10)])
+    got = broker.consume([Q], 3, 5.0)
+    assert 1 <= len(got) <= 3
+    assert broker.stats(Q).ready + broker.stats(Q).in_flight == 10
+
+
+def test_delayed_message_is_held_until_due(broker):
+    due = time.time() + 1.0
+    broker.publish(msg(b"later", not_before=due))
+    assert broker.consume([Q], 1, 0.1) == []
+    assert broker.stats(Q).delayed == 1
+    d = consume_one(broker, timeout=10.0)
+    assert time.time() >= due - 0.05
+    assert bytes(d.frame) == b"later"
+
+
+def test_message_with_past_not_before_is_deliverable_now(broker):
+    broker.publish(msg(b"past", not_before=time.time() - 10))
+    assert bytes(consume_one(broker, timeout=2.0).frame) == b"past"
+
+
+def test_retry_replaces_delivery_with_new_frame_as_fresh_message(broker):
+    broker.publish(msg(b"attempt-0"))
+    d = consume_one(broker)
+    broker.retry(d, b"attempt-1", None)
+    again = consume_one(broker)
+    assert bytes(again.frame) == b"attempt-1"
+    assert again.task_id == d.task_id
+    assert again.delivery_count == 1
+    broker.ack([again])
+    s = broker.stats(Q)
+    assert (s.ready, s.in_flight, s.delayed) == (0, 0, 0)
+
+
+def test_retry_with_not_before_is_delayed(broker):
+    broker.publish(msg())
+    d = consume_one(broker)
+    broker.retry(d, b"later", time.time() + 60)
+    s = broker.stats(Q)
+    assert (s.ready, s.in_flight, s.delayed) == (0, 0, 1)
+
+
+def test_dead_letter_keeps_frame_and_reason_and_replay_requeues(broker):
+    m = msg(b"bad")
+    broker.publish(m)
+    d = consume_one(broker)
+    broker.dead_letter(d, "signature-invalid")
+    s = broker.stats(Q)
+    assert (s.ready, s.in_flight, s.dead) == (0, 0, 1)
+    [dl] = broker.dead_letters(Q)
+    assert dl.reason == "signature-invalid"
+    assert bytes(dl.frame) == b"bad"
+    assert dl.task_id == m.task_id
+    assert dl.failed_at == pytest.approx(time.time(), abs=30)
+    assert broker.replay(Q, [dl.id]) == 1
+    assert broker.stats(Q).dead == 0
+    again = consume_one(broker)
+    assert bytes(again.frame) == b"bad" and again.delivery_count == 1
+
+
+def test_replay_of_all_and_purge_of_dead_letters(broker):
+    broker.publish_many([msg(b"a"), msg(b"b"), msg(b"c")])
+    got = []
+    while len(got) < 3:
+        got += broker.consume([Q], 3, 5.0)
+    for d in got:
+        broker.dead_letter(d, "test")
+    assert len(broker.dead_letters(Q, limit=2)) == 2
+    assert broker.replay(Q) == 3
+    assert broker.stats(Q).dead == 0
+    got = []
+    while len(got) < 3:
+        got += broker.consume([Q], 3, 5.0)
+    for d in got:
+        broker.dead_letter(d, "again")
+    assert broker.purge_dead_letters(Q) == 3
+    assert broker.dead_letters(Q) == []
+
+
+def test_nack_with_requeue_makes_it_deliverable_at_once_counting_the_delivery(broker):
+    broker.publish(msg(vt=60))
+    d = consume_one(broker)
+    broker.nack(d, requeue=True)
+    again = consume_one(broker, timeout=2.0)
+    assert again.delivery_count == 2
+
+
+def test_nack_without_requeue_dead_letters_as_rejected(broker):
+    broker.publish(msg())
+    broker.nack(consume_one(broker), requeue=False)
+    [dl] = broker.dead_letters(Q)
+    assert dl.reason == "rejected"
+
+
+def test_message_past_max_deliveries_goes_to_dead_letters(make_broker):
+    broker = make_broker(max_deliveries=2)
+    broker.publish(msg(vt=60))
+    broker.nack(consume_one(broker), requeue=True)
+    broker.nack(consume_one(broker), requeue=True)
+    assert broker.consume([Q], 1, 0.5) == []
+    [dl] = broker.dead_letters(Q)
+    assert dl.reason == "max-deliveries"
+
+
+def test_consume_from_several_queues(broker):
+    broker.publish(msg(b"one", queue="q-one"))
+    broker.publish(msg(b"two", queue="q-two"))
+    got = []
+    while len(got) < 2:
+        got += broker.consume(["q-one", "q-two"], 2, 5.0)
+    assert sorted((d.queue, bytes(d.frame)) for d in got) == [("q-one", b"one"), ("q-two", b"two")]
+    assert {"q-one", "q-two"} <= set(broker.queues())
+
+
+def test_purge_drops_ready_and_delayed_not_in_flight(broker):
+    broker.publish_many([msg(), msg(), msg(not_before=time.time() + 60)])
+    d = consume_one(broker)
+    assert broker.purge(Q) == 2
+    s = broker.stats(Q)
+    assert (s.ready, s.in_flight, s.delayed) == (0, 1, 0)
+    broker.ack([d])
+
+
+def test_bad_queue_name_is_rejected_before_publishing(broker):
+    with pytest.raises(ConfigurationError):
+        broker.publish(msg(queue="has space"))
+
+
+def test_consume_on_an_empty_queue_returns_empty_after_the_timeout(broker):
+    t0 = time.monotonic()
+    assert broker.consume([Q], 5, 0.3) == []
+    assert time.monotonic() - t0 < 5.0
+
+
+def test_blocked_consumer_wakes_when_a_message_is_published(broker):
+    broker.consume([Q], 1, 0)  # declare the queue
+    got = []
+    t = threading.Thread(target=lambda: got.extend(broker.consume([Q], 1, 20.0)))
+    t.start()
+    t0 = time.monotonic()
+    time.sleep(0.2)  # let the consumer block first; correctness does not depend on it
+    broker.publish(msg(b"wake"))
+    t.join(20)
+    assert [bytes(d.frame) for d in got] == [b"wake"]
+    assert time.monotonic() - t0 < 10.0
+
+
+def test_publish_many_is_all_visible(broker):
+    broker.publish_many([msg(str(i).encode()) for i in range(200)])
+    s = broker.stats(Q)
+    assert s.ready == 200
