@@ -1,0 +1,228 @@
+"""``Stem``: the producer side — validate, encode, sign, publish; read results."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any, Iterable, Sequence
+
+from .backends import ResultBackend
+from .backends import from_url as backend_from_url
+from .brokers import Broker, Message
+from .brokers import from_url as broker_from_url
+from .envelope import Envelope, encode_frame
+from .errors import (ConfigurationError, EncodeError, InvalidTaskOptionsError, TaskTimeoutError)
+from .results import TaskState, TaskStatus
+from .signals import signals
+from .task import DEFAULT_OPTIONS, TaskOptions, TaskRegistry
+
+__all__ = ["Stem", "AsyncStem"]
+
+EnqueueItem = tuple  # (name, args) | (name, args, options)
+
+
+class Stem:
+    """The producer.  ``broker`` and ``backend`` take adapters or URLs.
+
+    ``backend=None`` makes a fire-and-forget producer (``get_status`` and
+    ``wait_for_task`` then raise ``ConfigurationError``).  With a ``registry``
+    every name is checked before anything is published; without one, any
+    well-formed name is accepted (producers that do not import the handlers).
+    """
+
+    def __init__(self, broker: Broker | str, backend: ResultBackend | str | None = None,
+                 registry: TaskRegistry | None = None, signer: Any = None, *,
+                 default_queue: str = "default"):
+        self.broker = broker_from_url(broker) if isinstance(broker, str) else broker
+        if not isinstance(self.broker, Broker):
+            raise ConfigurationError(f"broker must be a Broker or a URL, got {broker!r}")
+        self.backend = backend_from_url(backend) if isinstance(backend, str) else backend
+        if self.backend is not None and not isinstance(self.backend, ResultBackend):
+            raise ConfigurationError(f"backend must be a ResultBackend, a URL or None, got {backend!r}")
+        if registry is not None and not isinstance(registry, TaskRegistry):
+            raise ConfigurationError(f"registry must be a TaskRegistry, got {registry!r}")
+        self.registry = registry
+        self.signer = signer
+        self.defaults = TaskOptions(queue=default_queue).merged(DEFAULT_OPTIONS)
+
+    @classmethod
+    def from_config(cls, config, registry: TaskRegistry | None = None) -> "Stem":
+        from .signing import PayloadSigner
+        backend = config.backend() if (config.result_backend_url or config.broker_url) else None
+        return cls(config.broker(), backend, registry, PayloadSigner.maybe(config),
+                   default_queue=config.default_queue)
+
+    # -- building -----------------------------------------------------------------
+    def _build(self, name: str, args: dict[str, Any] | None, options: TaskOptions | None,
+               meta: dict[str, Any] | None, headers: dict[str, str] | None, countdown: float | None,
+               eta: float | None, task_id: str | None, parent: Any, now: float) -> tuple[Envelope, Message]:
+        if not isinstance(name, str) or not name:
+            raise InvalidTaskOptionsError(f"task name must be a non-empty string, got {name!r}")
+        handler_options = None
+        if self.registry is not None:
+            handler_options = self.registry.get(name).options
+        if options is not None and not isinstance(options, TaskOptions):
+            raise InvalidTaskOptionsError(f"options must be a TaskOptions, got {options!r}")
+        opts = (options or TaskOptions()).merged(handler_options).merged(self.defaults)
+        if opts.unique:
+            raise InvalidTaskOptionsError(
+                f"task {name!r}: unique=True is not supported yet; deduplicate with an explicit task_id")
+        if args is None:
+            args = {}
+        elif not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+            raise EncodeError(f"args of {name!r} must be a dict with str keys (handlers are called "
+                              f"fn(ctx, **args)), got {type(args).__name__}")
+        if meta is not None and not isinstance(meta, dict):
+            raise EncodeError(f"meta must be a dict, got {type(meta).__name__}")
+        if headers is not None and (not isinstance(headers, dict) or
+                                    not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
+            raise EncodeError("headers must be a dict of str to str")
+        not_before = None
+        if countdown is not None and eta is not None:
+            raise InvalidTaskOptionsError("give countdown or eta, not both")
+        if countdown is not None:
+            if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or countdown < 0:
+                raise InvalidTaskOptionsError(f"countdown must be seconds >= 0, got {countdown!r}")
+            not_before = now + countdown
+        elif eta is not None:
+            if isinstance(eta, bool) or not isinstance(eta, (int, float)):
+                raise InvalidTaskOptionsError(f"eta must be epoch seconds (float), got {eta!r}")
+            not_before = float(eta)
+        if task_id is None:
+            task_id = uuid.uuid4().hex
+        elif not isinstance(task_id, str) or not 0 < len(task_id) <= 200:
+            raise InvalidTaskOptionsError(f"task_id must be a non-empty string of at most 200 chars, got {task_id!r}")
+        env = Envelope(
+            id=task_id, name=name, args=args, headers=headers or {}, meta=meta or {},
+            queue=opts.queue, priority=opts.priority, attempt=0, max_retries=opts.max_retries,
+            enqueued_at=now, not_before=not_before,
+            expires_at=None if opts.expires is None else now + opts.expires,
+            visibility_timeout=opts.visibility_timeout, soft_time_limit=opts.soft_time_limit,
+            hard_time_limit=opts.hard_time_limit,
+            parent_id=None if parent is None else parent.id,
+            root_id=None if parent is None else parent.root_id,
+        )
+        if signals.before_task_publish.receivers:
+            signals.before_task_publish.send(self, envelope=env)
+        frame = encode_frame(env, self.signer)
+        return env, Message(task_id, opts.queue, frame, opts.priority, not_before, opts.visibility_timeout)
+
+    # -- publishing ---------------------------------------------------------------
+    def enqueue(self, name: str, args: dict[str, Any] | None = None, *, options: TaskOptions | None = None,
+                meta: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+                countdown: float | None = None, eta: float | None = None, task_id: str | None = None,
+                parent: Any = None) -> str:
+        """Publish one task and return its id.  Everything is validated first:
+        a bad name, bad args or bad options raise before anything is published."""
+        env, message = self._build(name, args, options, meta, headers, countdown, eta, task_id, parent,
+                                   time.time())
+        self.broker.publish(message)
+        if signals.after_task_publish.receivers:
+            signals.after_task_publish.send(self, envelope=env)
+        return env.id
+
+    def enqueue_many(self, items: Iterable[EnqueueItem | dict[str, Any]]) -> list[str]:
+        """Publish a batch in one broker round trip.  Items are ``(name, args)``,
+        ``(name, args, options)`` or dicts of ``enqueue`` keyword arguments.
+        All items are validated before any is published."""
+        now = time.time()
+        envs: list[Envelope] = []
+        messages: list[Message] = []
+        for item in items:
+            if isinstance(item, dict):
+                kw = dict(item)
+                try:
+                    name = kw.pop("name")
+                except KeyError:
+                    raise InvalidTaskOptionsError(f"enqueue_many item {item!r} has no 'name'") from None
+                unknown = set(kw) - {"args", "options", "meta", "headers", "countdown", "eta", "task_id"}
+                if unknown:
+                    raise InvalidTaskOptionsError(f"enqueue_many item has unknown keys {sorted(unknown)}")
+                env, m = self._build(name, kw.get("args"), kw.get("options"), kw.get("meta"), kw.get("headers"),
+                                     kw.get("countdown"), kw.get("eta"), kw.get("task_id"), None, now)
+            elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
+                env, m = self._build(item[0], item[1], item[2] if len(item) == 3 else None, None, None, None,
+                                     None, None, None, now)
+            else:
+                raise InvalidTaskOptionsError(
+                    f"enqueue_many items are (name, args), (name, args, options) or dicts; got {item!r}")
+            envs.append(env)
+            messages.append(m)
+        if messages:
+            self.broker.publish_many(messages)
+        if signals.after_task_publish.receivers:
+            for env in envs:
+                signals.after_task_publish.send(self, envelope=env)
+        return [e.id for e in envs]
+
+    # -- results ------------------------------------------------------------------
+    def _require_backend(self) -> ResultBackend:
+        if self.backend is None:
+            raise ConfigurationError("this Stem has no result backend (backend=None is fire-and-forget)")
+        return self.backend
+
+    def get_status(self, task_id: str) -> TaskStatus:
+        """The latest status; PENDING when the backend knows nothing (yet) about the id."""
+        status = self._require_backend().get(task_id)
+        return status if status is not None else TaskStatus(id=task_id, state=TaskState.PENDING)
+
+    def wait_for_task(self, task_id: str, timeout: float = 30.0) -> TaskStatus:
+        """Block until the task is SUCCEEDED, FAILED, REVOKED or DEAD and return its
+        status; raise ``TaskTimeoutError`` after ``timeout`` seconds.  Works from any
+        process that can reach the backend."""
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+            raise InvalidTaskOptionsError(f"timeout must be seconds >= 0, got {timeout!r}")
+        status = self._require_backend().wait(task_id, float(timeout))
+        if status is None or not status.is_terminal:
+            state = "unknown" if status is None else status.state.value
+            raise TaskTimeoutError(f"task {task_id} did not finish within {timeout}s (state: {state})")
+        return status
+
+    def revoke(self, task_ids: str | Sequence[str], expires: float | None = None) -> None:
+        """Persistently mark tasks as revoked: a worker skips them (now or when it starts later)."""
+        ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+        self._require_backend().revoke(ids, expires)
+
+    def close(self) -> None:
+        self.broker.close()
+        if self.backend is not None:
+            self.backend.close()
+
+    def __enter__(self) -> "Stem":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncStem:
+    """Awaitable twin of ``Stem`` for asyncio services.
+
+    Each call runs the blocking client in the default executor, so the event
+    loop never blocks on a broker round trip."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.sync = args[0] if args and isinstance(args[0], Stem) else Stem(*args, **kwargs)
+
+    async def _run(self, fn, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
+
+    async def enqueue(self, name: str, args: dict[str, Any] | None = None, **kwargs: Any) -> str:
+        return await self._run(self.sync.enqueue, name, args, **kwargs)
+
+    async def enqueue_many(self, items) -> list[str]:
+        return await self._run(self.sync.enqueue_many, list(items))
+
+    async def get_status(self, task_id: str) -> TaskStatus:
+        return await self._run(self.sync.get_status, task_id)
+
+    async def wait_for_task(self, task_id: str, timeout: float = 30.0) -> TaskStatus:
+        return await self._run(self.sync.wait_for_task, task_id, timeout)
+
+    async def revoke(self, task_ids, expires: float | None = None) -> None:
+        return await self._run(self.sync.revoke, task_ids, expires)
+
+    async def close(self) -> None:
+        await self._run(self.sync.close)

@@ -1,0 +1,268 @@
+"""Task handlers, their options, the context they run with, and the registry."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import re
+from typing import Any, Callable, Iterator, Protocol
+
+import msgspec
+
+from .errors import DuplicateTaskError, InvalidTaskOptionsError, Retry, UnknownTaskError
+
+__all__ = ["TaskOptions", "TaskContext", "TaskHandler", "FunctionTaskHandler", "TaskRegistry",
+           "parse_rate_limit"]
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_PER = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+        "h": 3600.0, "hour": 3600.0}
+_TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,199}$")
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+MAX_PRIORITY = 9
+
+
+def parse_rate_limit(text: str) -> float:
+    """'10/s', '100/m', '1000/h' -> tasks per second."""
+    m = _RATE.match(text) if isinstance(text, str) else None
+    if not m or float(m.group(1)) <= 0:
+        raise InvalidTaskOptionsError(
+            f"bad rate_limit {text!r}: use '<count>/<s|m|h>', e.g. '10/s' or '100/m'")
+    return float(m.group(1)) / _PER[m.group(2)]
+
+
+def _positive(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InvalidTaskOptionsError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Per-task settings.  ``None`` means "not set here": options given to
+    ``enqueue`` override the handler's, which override the defaults
+    (``resolved()``).  Durations are float seconds."""
+
+    queue: str | None = None
+    max_retries: int | None = None
+    soft_time_limit: float | None = None
+    hard_time_limit: float | None = None
+    visibility_timeout: float | None = None
+    priority: int | None = None
+    rate_limit: str | None = None
+    unique: bool | None = None
+    unique_for: float | None = None
+    acks_late: bool | None = None
+    isolation: str | None = None
+    expires: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.queue is not None and (not isinstance(self.queue, str) or not _QUEUE_NAME.match(self.queue)):
+            raise InvalidTaskOptionsError(
+                f"bad queue name {self.queue!r}: use 1-128 characters from A-Z a-z 0-9 _ . : -")
+        if self.max_retries is not None and (
+                isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int)
+                or self.max_retries < 0):
+            raise InvalidTaskOptionsError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
+        for name in ("soft_time_limit", "hard_time_limit", "visibility_timeout", "unique_for", "expires"):
+            _positive(name, getattr(self, name))
+        if (self.soft_time_limit is not None and self.hard_time_limit is not None
+                and self.soft_time_limit >= self.hard_time_limit):
+            raise InvalidTaskOptionsError(
+                f"soft_time_limit ({self.soft_time_limit}) must be below hard_time_limit ({self.hard_time_limit})")
+        if self.priority is not None and (
+                isinstance(self.priority, bool) or not isinstance(self.priority, int)
+                or not 0 <= self.priority <= MAX_PRIORITY):
+            raise InvalidTaskOptionsError(f"priority must be an integer 0..{MAX_PRIORITY}, got {self.priority!r}")
+        if self.rate_limit is not None:
+            parse_rate_limit(self.rate_limit)
+        if self.isolation is not None and self.isolation not in ("process", "inline"):
+            raise InvalidTaskOptionsError(f"isolation must be 'process' or 'inline', got {self.isolation!r}")
+        for name in ("unique", "acks_late"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise InvalidTaskOptionsError(f"{name} must be True or False, got {v!r}")
+        if self.unique_for is not None and not self.unique:
+            raise InvalidTaskOptionsError("unique_for needs unique=True")
+
+    def merged(self, fallback: "TaskOptions | None") -> "TaskOptions":
+        """These options, with unset fields taken from ``fallback``."""
+        if fallback is None:
+            return self
+        changes = {f: getattr(fallback, f) for f in self.__struct_fields__
+                   if getattr(self, f) is None and getattr(fallback, f) is not None}
+        return msgspec.structs.replace(self, **changes) if changes else self
+
+    @property
+    def rate_per_second(self) -> float | None:
+        return None if self.rate_limit is None else parse_rate_limit(self.rate_limit)
+
+
+DEFAULT_OPTIONS = TaskOptions(queue="default", max_retries=0, priority=0, acks_late=True)
+
+
+class TaskRuntime(Protocol):
+    """What a running task can ask of the worker that runs it (thread or child process)."""
+
+    def heartbeat(self, task_id: str) -> None: ...
+
+    def progress(self, task_id: str, fraction: float, data: Any) -> None: ...
+
+    def enqueue(self, name: str, args: dict[str, Any] | None, options: TaskOptions | None,
+                parent: "TaskContext") -> str: ...
+
+
+class TaskContext:
+    """Handed to every handler as its first argument."""
+
+    __slots__ = ("id", "name", "attempt", "meta", "headers", "queue", "max_retries", "root_id",
+                 "_runtime")
+
+    def __init__(self, id: str, name: str, attempt: int = 0, meta: dict | None = None,
+                 headers: dict | None = None, queue: str = "default", max_retries: int = 0,
+                 root_id: str | None = None, runtime: TaskRuntime | None = None):
+        self.id = id
+        self.name = name
+        self.attempt = attempt
+        self.meta = meta if meta is not None else {}
+        self.headers = headers if headers is not None else {}
+        self.queue = queue
+        self.max_retries = max_retries
+        self.root_id = root_id or id
+        self._runtime = runtime
+
+    def heartbeat(self) -> None:
+        """Tell the worker this task is alive: extends the delivery's lease now."""
+        if self._runtime is not None:
+            self._runtime.heartbeat(self.id)
+
+    def progress(self, fraction: float, data: Any = None) -> None:
+        """Record progress (0.0 .. 1.0) in the result backend; also a heartbeat."""
+        if not 0.0 <= float(fraction) <= 1.0:
+            raise InvalidTaskOptionsError(f"progress fraction must be within 0..1, got {fraction!r}")
+        if self._runtime is not None:
+            self._runtime.progress(self.id, float(fraction), data)
+
+    def retry(self, countdown: float | None = None, reason: str | None = None) -> "Retry":
+        """Stop this attempt and run the task again after ``countdown`` seconds
+        (default: the worker's retry strategy), counting against ``max_retries``."""
+        raise Retry(countdown, reason)
+
+    def enqueue(self, name: str, args: dict[str, Any] | None = None, *,
+                options: TaskOptions | None = None) -> str:
+        """Enqueue a child task (its parent_id is this task, its root_id this task's root)."""
+        if self._runtime is None:
+            from .errors import ConfigurationError
+            raise ConfigurationError("this TaskContext is not attached to a worker; cannot enqueue")
+        return self._runtime.enqueue(name, args, options, self)
+
+    def __repr__(self) -> str:
+        return f"TaskContext(id={self.id!r}, name={self.name!r}, attempt={self.attempt})"
+
+
+class TaskHandler:
+    """Class form of a task: set ``name`` (and ``options``) and implement ``run``."""
+
+    name: str = ""
+    options: TaskOptions = TaskOptions()
+
+    def run(self, ctx: TaskContext, **args: Any) -> Any:
+        raise NotImplementedError
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.run)
+
+    def __call__(self, ctx: TaskContext, **args: Any) -> Any:
+        return self.run(ctx, **args)
+
+
+class FunctionTaskHandler(TaskHandler):
+    """Wraps ``fn(ctx, **args)`` (plain or ``async def``)."""
+
+    def __init__(self, fn: Callable[..., Any], name: str | None = None, options: TaskOptions | None = None):
+        if not callable(fn):
+            raise InvalidTaskOptionsError(f"task handler {fn!r} is not callable")
+        self.fn = fn
+        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
+        self.options = options if options is not None else TaskOptions()
+        self._is_async = inspect.iscoroutinefunction(fn)
+
+    @property
+    def is_async(self) -> bool:
+        return self._is_async
+
+    def run(self, ctx: TaskContext, **args: Any) -> Any:
+        return self.fn(ctx, **args)
+
+    def __repr__(self) -> str:
+        return f"FunctionTaskHandler({self.name!r})"
+
+
+class TaskRegistry:
+    """Name -> handler.  Producers use it to validate names; workers to run them."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, TaskHandler] = {}
+
+    def register(self, handler: TaskHandler) -> TaskHandler:
+        if isinstance(handler, type):
+            raise InvalidTaskOptionsError(
+                f"register an instance, not the class: registry.register({handler.__name__}())")
+        if not isinstance(handler, TaskHandler):
+            raise InvalidTaskOptionsError(f"{handler!r} is not a TaskHandler")
+        name = handler.name
+        if not isinstance(name, str) or not _TASK_NAME.match(name):
+            raise InvalidTaskOptionsError(
+                f"bad task name {name!r}: start with a letter or _, then letters, digits, _ . : - (max 200)")
+        if not isinstance(handler.options, TaskOptions):
+            raise InvalidTaskOptionsError(f"task {name!r}: options must be a TaskOptions")
+        if name in self._handlers:
+            raise DuplicateTaskError(f"task {name!r} is already registered ({self._handlers[name]!r})")
+        self._handlers[name] = handler
+        return handler
+
+    def task(self, name: str | Callable[..., Any] | None = None, *, options: TaskOptions | None = None):
+        """Decorator: ``@registry.task("email.send", options=TaskOptions(max_retries=2))``.
+
+        Returns the function unchanged (so it stays callable in unit tests);
+        its handler is at ``fn.stem_handler``."""
+        if callable(name):
+            return self.task()(name)
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            handler = self.register(FunctionTaskHandler(fn, name, options))
+            try:
+                fn.stem_handler = handler  # type: ignore[attr-defined]
+            except (AttributeError, TypeError):
+                pass
+            return fn
+
+        return decorate
+
+    def get(self, name: str) -> TaskHandler:
+        try:
+            return self._handlers[name]
+        except (KeyError, TypeError):
+            raise UnknownTaskError(self._unknown_message(name)) from None
+
+    def _unknown_message(self, name: str) -> str:
+        known = sorted(self._handlers)
+        msg = f"unknown task {name!r}"
+        close = difflib.get_close_matches(str(name), known, n=1)
+        if close:
+            msg += f"; did you mean {close[0]!r}?"
+        shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")
+        return msg + (f" registered: {shown}" if known else " (no tasks are registered)")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._handlers
+
+    def __iter__(self) -> Iterator[TaskHandler]:
+        return iter(self._handlers.values())
+
+    def __len__(self) -> int:
+        return len(self._handlers)
+
+    def names(self) -> list[str]:
+        return sorted(self._handlers)
