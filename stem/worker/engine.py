@@ -1,0 +1,114 @@
+"""What the Worker needs from an execution engine (threads now, child processes next).
+
+The Worker owns the broker and the backend; an engine only runs jobs and
+reports each ``Outcome`` through ``report(job, outcome)``.  Jobs wait in the
+engine's backlog until a slot is free, so a busy slot never starves an idle one.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..task import TaskHandler
+
+if TYPE_CHECKING:
+    from ..brokers.base import Delivery
+    from ..envelope import Envelope
+    from .execution import Outcome
+
+__all__ = ["Job", "Engine", "RateLimiter"]
+
+
+class Job:
+    """One delivery on its way through the worker."""
+
+    __slots__ = ("seq", "delivery", "envelope", "handler", "received_at", "started_at", "extended_at",
+                 "soft_deadline", "hard_deadline", "interrupted", "settled", "slot", "thread_ident")
+
+    def __init__(self, seq: int, delivery: "Delivery", envelope: "Envelope", handler: TaskHandler):
+        self.seq = seq
+        self.delivery = delivery
+        self.envelope = envelope
+        self.handler = handler
+        self.received_at = time.monotonic()
+        self.extended_at = self.received_at
+        self.started_at: float | None = None       # epoch seconds, set when a slot starts it
+        self.soft_deadline: float | None = None    # monotonic
+        self.hard_deadline: float | None = None    # monotonic
+        self.interrupted = False
+        self.settled = False
+        self.slot: Any = None
+        self.thread_ident: int | None = None
+
+    def mark_started(self) -> None:
+        self.started_at = time.time()
+        now = time.monotonic()
+        env = self.envelope
+        if env.soft_time_limit:
+            self.soft_deadline = now + env.soft_time_limit
+        if env.hard_time_limit:
+            self.hard_deadline = now + env.hard_time_limit
+
+
+class RateLimiter:
+    """Token bucket per task name: ``rate`` tasks per second, bursts of up to max(1, rate)."""
+
+    __slots__ = ("rate", "capacity", "tokens", "updated")
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = self.capacity
+        self.updated = time.monotonic()
+
+    def wait_time(self, now: float) -> float:
+        """0 if a token is available now (and takes it), else seconds until one is."""
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+class Engine(abc.ABC):
+    """Runs jobs.  All methods are called from the Worker's threads."""
+
+    concurrency: int
+
+    @abc.abstractmethod
+    def start(self, report: Callable[[Job, "Outcome"], None]) -> None:
+        """Start the slots; every finished job is passed to ``report`` exactly once."""
+
+    @abc.abstractmethod
+    def submit(self, job: Job) -> None:
+        """Queue a job for the next free slot; never blocks."""
+
+    @abc.abstractmethod
+    def take_backlog(self) -> list[Job]:
+        """Remove and return the jobs that have not started (for requeueing)."""
+
+    @abc.abstractmethod
+    def running(self) -> list[Job]:
+        """Jobs that have started and not yet reported."""
+
+    @abc.abstractmethod
+    def interrupt(self, job: Job, exc_type: type[BaseException]) -> None:
+        """Ask a running job to stop by raising ``exc_type`` inside it."""
+
+    @abc.abstractmethod
+    def kill(self, job: Job, reason: str) -> bool:
+        """Stop a running job now (hard time limit, revoke --terminate, hard
+        shutdown).  True when it really stopped; the engine then never reports it."""
+
+    @abc.abstractmethod
+    def stop(self, timeout: float) -> None:
+        """Release the slots (after running jobs finished or were killed)."""
+
+    def tick(self) -> None:
+        """Periodic housekeeping from the Worker's main loop (recycling, health)."""
+
+    def info(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,148 @@
+"""The inline engine: handlers run on threads inside the worker process.
+
+For tests, embedding and I/O-bound tasks.  Soft time limits and soft
+shutdowns raise inside the task's thread between bytecodes; a thread cannot
+be killed, so a hard limit marks the task failed and leaves the thread to
+finish (use ``isolation="process"`` when hard limits must really stop work).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from ..signals import signals
+from ..task import TaskContext
+from .engine import Engine, Job, RateLimiter
+from .execution import Outcome, run_handler
+
+__all__ = ["InlineEngine"]
+
+
+def raise_in_thread(ident: int, exc_type: type[BaseException]) -> bool:
+    n = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc_type))
+    if n > 1:  # should never happen; undo
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
+        return False
+    return n == 1
+
+
+class InlineEngine(Engine):
+    def __init__(self, concurrency: int, make_context: Callable[[Job], TaskContext]):
+        self.concurrency = concurrency
+        self._make_context = make_context
+        self._cond = threading.Condition()
+        self._backlog: deque[Job] = deque()
+        self._running: dict[int, Job] = {}
+        self._abandoned: set[int] = set()
+        self._limiters: dict[str, RateLimiter] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._report: Callable[[Job, Outcome], None] | None = None
+
+    def start(self, report: Callable[[Job, Outcome], None]) -> None:
+        self._report = report
+        for i in range(self.concurrency):
+            t = threading.Thread(target=self._slot, name=f"stem-inline-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            self._backlog.append(job)
+            self._cond.notify()
+
+    def _next(self) -> Job | None:
+        """Pick the first job whose rate limit allows it (with the lock held)."""
+        while not self._stopping:
+            now = time.monotonic()
+            wait = None
+            for i, job in enumerate(self._backlog):
+                rate = job.handler.options.rate_limit
+                if rate is None:
+                    del self._backlog[i]
+                    return job
+                limiter = self._limiters.get(job.handler.name)
+                if limiter is None:
+                    limiter = self._limiters[job.handler.name] = RateLimiter(job.handler.options.rate_per_second)
+                w = limiter.wait_time(now)
+                if w == 0.0:
+                    del self._backlog[i]
+                    return job
+                wait = w if wait is None else min(wait, w)
+            self._cond.wait(wait)
+        return None
+
+    def _slot(self) -> None:
+        me = threading.get_ident()
+        while True:
+            with self._cond:
+                job = self._next()
+                if job is None:
+                    return
+                job.thread_ident = me
+                job.mark_started()
+                self._running[job.seq] = job
+            outcome = self._run(job)
+            with self._cond:
+                self._running.pop(job.seq, None)
+                abandoned = job.seq in self._abandoned
+                self._abandoned.discard(job.seq)
+            if not abandoned:
+                self._report(job, outcome)
+
+    def _run(self, job: Job) -> Outcome:
+        ctx = self._make_context(job)
+        env = job.envelope
+        try:
+            if signals.task_prerun.receivers:
+                signals.task_prerun.send(self, envelope=env, context=ctx)
+            outcome = run_handler(job.handler, ctx, env.args)
+        except BaseException as exc:  # an async exception landing outside the handler
+            from .execution import _exception
+            outcome = _exception(env.id, exc, time.time())
+        return outcome
+
+    def take_backlog(self) -> list[Job]:
+        with self._cond:
+            jobs = list(self._backlog)
+            self._backlog.clear()
+            return jobs
+
+    def running(self) -> list[Job]:
+        with self._cond:
+            return list(self._running.values())
+
+    def interrupt(self, job: Job, exc_type: type[BaseException]) -> None:
+        with self._cond:
+            if job.seq in self._running and job.thread_ident is not None:
+                job.interrupted = True
+                raise_in_thread(job.thread_ident, exc_type)
+
+    def kill(self, job: Job, reason: str) -> bool:
+        """Threads cannot be killed: the job is abandoned (its report is dropped)
+        and asked to stop; returns False because it may still be running."""
+        from ..errors import WorkerShutdown
+        with self._cond:
+            if job.seq not in self._running:
+                return False
+            self._abandoned.add(job.seq)
+            if job.thread_ident is not None:
+                raise_in_thread(job.thread_ident, WorkerShutdown)
+        return False
+
+    def stop(self, timeout: float) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def info(self) -> dict:
+        with self._cond:
+            return {"engine": "inline", "threads": len(self._threads), "backlog": len(self._backlog),
+                    "running": len(self._running)}

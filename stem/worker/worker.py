@@ -1,0 +1,629 @@
+"""``Worker``: consume, dispatch to an engine, settle (store result, then ack).
+
+Threads: a *fetcher* leases deliveries (never more than ``concurrency *
+prefetch_multiplier`` unsettled), verifies and decodes them and hands jobs to
+the engine; the *main loop* settles outcomes in batches (``store_many`` then
+one ``ack``), retries and dead-letters, renews leases, enforces time limits
+and publishes heartbeats.  The engine runs the handlers (threads or child
+processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Sequence
+
+from ..backends import ResultBackend
+from ..backends import from_url as backend_from_url
+from ..brokers import Broker, Delivery
+from ..brokers import from_url as broker_from_url
+from ..envelope import decode_frame, with_delivery
+from ..errors import (BrokerError, ConfigurationError, DecodeError, SignatureError, SoftTimeLimitExceeded,
+                      StemError, UnknownTaskError, WorkerShutdown)
+from ..results import TaskState, TaskStatus
+from ..retry import ExponentialJitterRetryStrategy, RetryStrategy
+from ..signals import signals
+from ..task import TaskContext, TaskOptions, TaskRegistry
+from ..brokers.base import validate_queue_name
+from .engine import Engine, Job
+from .execution import ERROR, OK, RETRY, Outcome
+from .lifecycle import ShutdownMode, WorkerLifecycleConfig, install_signal_handlers
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("stem.worker")
+
+_SETTLE_BATCH = 512
+
+
+class _Runtime:
+    """What a running task's ``ctx`` calls back into (inline engine: same process)."""
+
+    def __init__(self, worker: "Worker"):
+        self.worker = worker
+
+    def heartbeat(self, task_id: str) -> None:
+        self.worker._heartbeat_requests.put(task_id)
+
+    def progress(self, task_id: str, fraction: float, data: Any) -> None:
+        self.worker._progress(task_id, fraction, data)
+
+    def enqueue(self, name, args, options, parent) -> str:
+        return self.worker._producer().enqueue(name, args, options=options, parent=parent)
+
+
+class Worker:
+    """Runs registered tasks from ``queues`` (see DESIGN.md, "Worker engine")."""
+
+    def __init__(self, broker: Broker | str, backend: ResultBackend | str | None = None,
+                 registry: TaskRegistry | None = None, queues: Sequence[str] | None = None,
+                 concurrency: int | None = None, prefetch_multiplier: int = 2, signer: Any = None,
+                 retry_strategy: RetryStrategy | None = None, lifecycle: WorkerLifecycleConfig | None = None,
+                 *, isolation: str = "inline", heartbeat_interval: float = 10.0, worker_id: str | None = None,
+                 store_results: bool = True, max_crash_redeliveries: int = 3, start_method: str | None = None,
+                 child_concurrency: int = 1, engine: Engine | None = None):
+        if registry is None or not isinstance(registry, TaskRegistry):
+            raise ConfigurationError(f"Worker needs a TaskRegistry, got {registry!r}")
+        self.broker = broker_from_url(broker) if isinstance(broker, str) else broker
+        if not isinstance(self.broker, Broker):
+            raise ConfigurationError(f"broker must be a Broker or a URL, got {broker!r}")
+        self.backend = backend_from_url(backend) if isinstance(backend, str) else backend
+        if self.backend is not None and not isinstance(self.backend, ResultBackend):
+            raise ConfigurationError(f"backend must be a ResultBackend, a URL or None, got {backend!r}")
+        self.registry = registry
+        self.queues = [validate_queue_name(q) for q in (queues or ["default"])]
+        if not self.queues:
+            raise ConfigurationError("Worker needs at least one queue")
+        concurrency = (os.cpu_count() or 1) if concurrency is None else concurrency
+        for name, value in (("concurrency", concurrency), ("prefetch_multiplier", prefetch_multiplier),
+                            ("child_concurrency", child_concurrency),
+                            ("max_crash_redeliveries", max_crash_redeliveries)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
+        if not heartbeat_interval > 0:
+            raise ConfigurationError(f"heartbeat_interval must be > 0 seconds, got {heartbeat_interval!r}")
+        if retry_strategy is not None and not isinstance(retry_strategy, RetryStrategy):
+            raise ConfigurationError(f"retry_strategy must be a RetryStrategy, got {retry_strategy!r}")
+        if lifecycle is not None and not isinstance(lifecycle, WorkerLifecycleConfig):
+            raise ConfigurationError(f"lifecycle must be a WorkerLifecycleConfig, got {lifecycle!r}")
+        if isolation not in ("inline", "process"):
+            raise ConfigurationError(f"isolation must be 'process' or 'inline', got {isolation!r}")
+        self.concurrency = concurrency
+        self.prefetch_multiplier = prefetch_multiplier
+        self.prefetch_limit = concurrency * prefetch_multiplier
+        self.signer = signer
+        self.retry_strategy = retry_strategy or ExponentialJitterRetryStrategy(base=0.5, max=60.0)
+        self.lifecycle = lifecycle or WorkerLifecycleConfig()
+        self.isolation = isolation
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.hostname = socket.gethostname()
+        self.id = worker_id or f"{self.hostname}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.store_results = store_results and self.backend is not None
+        self.max_crash_redeliveries = max_crash_redeliveries
+        self.start_method = start_method
+        self.child_concurrency = child_concurrency
+        self._engine = engine or self._make_engine()
+
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._heartbeat_requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Condition()
+        self._jobs: dict[int, Job] = {}          # every unsettled delivery this worker holds
+        self._seq = 0
+        self._stop_mode: ShutdownMode | None = None
+        self._stop_requested = threading.Event()
+        self._stopped = threading.Event()
+        self._started = threading.Event()
+        self._burst = False
+        self._paused: set[str] = set()
+        self._revoked: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._fetcher: threading.Thread | None = None
+        self._started_at = time.time()
+        self._counters = dict(received=0, processed=0, succeeded=0, failed=0, retried=0, revoked=0,
+                              dead_lettered=0)
+        self._stem = None
+        self._error: BaseException | None = None
+        self._runtime = _Runtime(self)
+
+    # -- engine -------------------------------------------------------------------
+    def _make_engine(self) -> Engine:
+        if self.isolation == "inline":
+            from .inline import InlineEngine
+            return InlineEngine(self.concurrency, self._context)
+        from .pool import ProcessEngine
+        return ProcessEngine(self)
+
+    def _context(self, job: Job) -> TaskContext:
+        env = job.envelope
+        return TaskContext(env.id, env.name, env.attempt, env.meta, env.headers, env.queue, env.max_retries,
+                           env.root_id, self._runtime)
+
+    def _producer(self):
+        if self._stem is None:
+            from ..producer import Stem
+            self._stem = Stem(self.broker, self.backend, self.registry, self.signer)
+        return self._stem
+
+    # -- running --------------------------------------------------------------------
+    def start(self, *, burst: bool = False) -> None:
+        """Run until shut down (or, with ``burst``, until the queues are empty)."""
+        restore = None
+        if self.lifecycle.install_signal_handlers and threading.current_thread() is threading.main_thread():
+            restore = install_signal_handlers(self.shutdown_nowait)
+        try:
+            self._run(burst)
+        finally:
+            if restore is not None:
+                restore()
+
+    def run_in_background(self, *, burst: bool = False) -> "Worker":
+        """Start in a daemon thread (for embedding and tests); returns once ready."""
+        if self._thread is not None:
+            raise ConfigurationError("this worker was already started")
+        self._thread = threading.Thread(target=self._run_guarded, args=(burst,), name=f"stem-worker-{self.id}",
+                                        daemon=True)
+        self._thread.start()
+        while not self._started.wait(0.05):
+            if self._stopped.is_set():
+                break
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run_guarded(self, burst: bool) -> None:
+        try:
+            self._run(burst)
+        except BaseException as exc:  # surfaced by run_in_background / join
+            self._error = exc
+            log.exception("worker %s crashed", self.id)
+            self._started.set()
+            self._stopped.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker to stop; True if it did."""
+        stopped = self._stopped.wait(timeout)
+        if self._thread is not None and stopped:
+            self._thread.join(timeout)
+        return stopped
+
+    def shutdown_nowait(self, mode: ShutdownMode | str = ShutdownMode.WARM) -> None:
+        mode = ShutdownMode(mode)
+        with self._lock:
+            if self._stop_mode is None or mode.rank > self._stop_mode.rank:
+                self._stop_mode = mode
+            self._lock.notify_all()
+        self._stop_requested.set()
+
+    def shutdown(self, mode: ShutdownMode | str = ShutdownMode.WARM, *, wait: bool = True,
+                 timeout: float | None = None) -> bool:
+        """Stop the worker (see ``ShutdownMode``).  Returns True once stopped (when waiting)."""
+        self.shutdown_nowait(mode)
+        if not wait or not self._started.is_set():
+            return self._stopped.is_set() or not self._started.is_set()
+        if timeout is None:
+            timeout = self.lifecycle.soft_grace_period + self.lifecycle.force_shutdown_after + 5.0
+        return self.join(timeout)
+
+    def pause(self, queue_name: str) -> None:
+        with self._lock:
+            self._paused.add(queue_name)
+
+    def resume(self, queue_name: str) -> None:
+        with self._lock:
+            self._paused.discard(queue_name)
+            self._lock.notify_all()
+
+    def revoke_local(self, task_ids: Sequence[str]) -> None:
+        with self._lock:
+            self._revoked.update(task_ids)
+
+    def _run(self, burst: bool) -> None:
+        self._burst = burst
+        self._started_at = time.time()
+        signals.worker_init.send(self, worker=self)
+        self._engine.start(self._report)
+        self._fetcher = threading.Thread(target=self._fetch_loop, name="stem-fetcher", daemon=True)
+        self._fetcher.start()
+        self._started.set()
+        signals.worker_ready.send(self, worker=self)
+        log.info("worker %s ready: queues=%s concurrency=%d engine=%s", self.id, ",".join(self.queues),
+                 self.concurrency, self.isolation)
+        try:
+            self._main_loop()
+        finally:
+            self._stopped.set()
+            signals.worker_shutdown.send(self, worker=self)
+            log.info("worker %s stopped", self.id)
+
+    # -- fetching ---------------------------------------------------------------------
+    def _fetch_loop(self) -> None:
+        backoff = 0.0
+        while not self._stop_requested.is_set():
+            with self._lock:
+                free = self.prefetch_limit - len(self._jobs)
+                queues = [q for q in self.queues if q not in self._paused]
+                if free <= 0 or not queues:
+                    self._lock.wait(0.5)
+                    continue
+            try:
+                deliveries = self.broker.consume(queues, free, 1.0, consumer=self.id)
+                if backoff:
+                    log.warning("worker %s: broker reachable again", self.id)
+                backoff = 0.0
+            except StemError as exc:
+                if not backoff:
+                    log.error("worker %s: broker unreachable (%s); retrying with backoff", self.id, exc)
+                backoff = min(max(backoff * 2, 0.1), 5.0)
+                self._stop_requested.wait(backoff)
+                continue
+            if deliveries:
+                self._accept(deliveries)
+            elif self._burst and self._idle():
+                self.shutdown_nowait(ShutdownMode.WARM)
+
+    def _idle(self) -> bool:
+        with self._lock:
+            if self._jobs:
+                return False
+        for q in self.queues:
+            s = self.broker.stats(q)
+            if s.ready or s.in_flight or s.delayed:
+                return False
+        return True
+
+    def _accept(self, deliveries: list[Delivery]) -> None:
+        """Verify, decode and route a batch (fetcher thread)."""
+        now = time.time()
+        jobs: list[Job] = []
+        with self._lock:
+            revoked_local = set(self._revoked)
+        revoked = set()
+        if self.backend is not None:
+            try:
+                revoked = self.backend.revoked([d.task_id for d in deliveries])
+            except StemError as exc:
+                log.warning("could not read revocations (%s); running the batch", exc)
+        for d in deliveries:
+            self._counters["received"] += 1
+            try:
+                env = decode_frame(d.frame, self.signer)
+            except SignatureError as exc:
+                self._dead_unrun(d, "signature-invalid", str(exc))
+                continue
+            except DecodeError as exc:
+                self._dead_unrun(d, "decode-error", str(exc))
+                continue
+            if env.id in revoked or env.id in revoked_local:
+                self._finish_unrun(d, env, TaskState.REVOKED, "revoked")
+                continue
+            if env.expires_at is not None and env.expires_at < now:
+                self._finish_unrun(d, env, TaskState.REVOKED, "expired")
+                continue
+            try:
+                handler = self.registry.get(env.name)
+            except UnknownTaskError as exc:
+                self._dead_unrun(d, "unknown-task", str(exc), env)
+                continue
+            if d.delivery_count > self.max_crash_redeliveries + 1 and self.isolation == "process":
+                self._dead_unrun(d, "poison", f"delivered {d.delivery_count} times without finishing", env)
+                continue
+            if signals.task_received.receivers:
+                signals.task_received.send(self, envelope=env, delivery=d)
+            with self._lock:
+                self._seq += 1
+                job = Job(self._seq, d, env, handler)
+                self._jobs[job.seq] = job
+            jobs.append(job)
+        for job in jobs:
+            self._engine.submit(job)
+
+    def _dead_unrun(self, d: Delivery, reason: str, error: str, env=None) -> None:
+        log.warning("task %s dead-lettered: %s (%s)", d.task_id, reason, error)
+        if self.store_results:
+            self._store([TaskStatus(id=d.task_id, state=TaskState.DEAD, name=env.name if env else "",
+                                    queue=d.queue, attempt=env.attempt if env else 0, error=error, reason=reason,
+                                    finished_at=time.time(), worker=self.id)])
+        self._broker_call(self.broker.dead_letter, d, reason)
+        self._counters["dead_lettered"] += 1
+        if signals.task_dead_lettered.receivers:
+            signals.task_dead_lettered.send(self, task_id=d.task_id, queue=d.queue, reason=reason)
+
+    def _finish_unrun(self, d: Delivery, env, state: TaskState, reason: str) -> None:
+        if self.store_results:
+            self._store([TaskStatus(id=env.id, state=state, name=env.name, queue=env.queue, attempt=env.attempt,
+                                    reason=reason, meta=env.meta, finished_at=time.time(), worker=self.id)])
+        self._broker_call(self.broker.ack, [d])
+        self._counters["revoked"] += 1
+        if signals.task_revoked.receivers:
+            signals.task_revoked.send(self, envelope=env, reason=reason)
+
+    # -- settling ---------------------------------------------------------------------
+    def _report(self, job: Job, outcome: Outcome) -> None:
+        self._done.put((job, outcome))
+
+    def _main_loop(self) -> None:
+        last_housekeeping = 0.0
+        last_heartbeat = 0.0
+        stop_started: float | None = None
+        hard_started: float | None = None
+        while True:
+            batch = self._drain_done(0.05)
+            if batch:
+                self._settle(batch)
+            now = time.monotonic()
+            if now - last_housekeeping >= 0.1:
+                last_housekeeping = now
+                self._enforce_time_limits(now)
+                self._renew_leases(now)
+                self._engine.tick()
+            if now - last_heartbeat >= self.heartbeat_interval:
+                last_heartbeat = now
+                self._publish_heartbeat()
+            if self._stop_requested.is_set():
+                mode = self._stop_mode or ShutdownMode.WARM
+                if stop_started is None:
+                    stop_started = now
+                    self._begin_shutdown(mode)
+                if mode is ShutdownMode.HARD or now - stop_started >= self.lifecycle.soft_grace_period:
+                    if hard_started is None:
+                        hard_started = now
+                        self._hard_stop()
+                if self._settled_all() or (hard_started is not None and
+                                           now - hard_started >= self.lifecycle.force_shutdown_after):
+                    break
+                if mode is ShutdownMode.SOFT and not getattr(self, "_soft_sent", False):
+                    self._soft_sent = True
+                    for job in self._engine.running():
+                        self._engine.interrupt(job, WorkerShutdown)
+        self._finish_shutdown()
+
+    def _drain_done(self, timeout: float) -> list[tuple[Job, Outcome]]:
+        try:
+            first = self._done.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        batch = [first]
+        get = self._done.get_nowait
+        try:
+            while len(batch) < _SETTLE_BATCH:
+                batch.append(get())
+        except queue.Empty:
+            pass
+        return batch
+
+    def _settle(self, batch: list[tuple[Job, Outcome]]) -> None:
+        now = time.time()
+        statuses: list[TaskStatus] = []
+        acks: list[Job] = []
+        later: list[tuple[Job, Outcome]] = []
+        for job, out in batch:
+            if job.settled:
+                continue
+            env = job.envelope
+            if out.kind == OK:
+                self._counters["succeeded"] += 1
+                if self.store_results:
+                    statuses.append(TaskStatus(id=env.id, state=TaskState.SUCCEEDED, name=env.name, queue=env.queue,
+                                               attempt=env.attempt, result=out.result, meta=env.meta,
+                                               started_at=out.started_at, finished_at=out.finished_at,
+                                               updated_at=now, worker=self.id))
+                acks.append(job)
+            else:
+                later.append((job, out))
+        if statuses:
+            self._store(statuses)
+        if acks:
+            self._broker_call(self.broker.ack, [j.delivery for j in acks])
+            self._forget(acks)
+            if signals.task_succeeded.receivers or signals.task_postrun.receivers:
+                outs = {id(j): o for j, o in batch}
+                for j in acks:
+                    o = outs[id(j)]
+                    signals.task_succeeded.send(self, envelope=j.envelope, result=o.result,
+                                                runtime=o.finished_at - o.started_at)
+                    signals.task_postrun.send(self, envelope=j.envelope, status=TaskState.SUCCEEDED)
+        for job, out in later:
+            self._settle_failure(job, out)
+        self._counters["processed"] += len(acks) + len(later)
+
+    def _settle_failure(self, job: Job, out: Outcome) -> None:
+        env = job.envelope
+        retryable = out.reason not in ("result-not-encodable", "shutdown")
+        if out.reason == "shutdown":
+            # asked to stop by a soft shutdown: give it back, do not count an attempt
+            self._broker_call(self.broker.nack, job.delivery, requeue=True)
+            self._forget([job])
+            return
+        if retryable and env.attempt < env.max_retries:
+            delay = out.countdown if out.countdown is not None else self.retry_strategy.next_delay(env.attempt)
+            not_before = time.time() + max(0.0, delay)
+            frame = with_delivery(job.delivery.frame, attempt=env.attempt + 1, not_before=not_before)
+            if self.store_results:
+                self._store([TaskStatus(id=env.id, state=TaskState.RETRYING, name=env.name, queue=env.queue,
+                                        attempt=env.attempt, error=out.error, error_type=out.error_type,
+                                        reason=out.reason, traceback=out.traceback, meta=env.meta,
+                                        started_at=out.started_at, finished_at=out.finished_at, worker=self.id)])
+            self._broker_call(self.broker.retry, job.delivery, frame, not_before)
+            self._counters["retried"] += 1
+            if signals.task_retry.receivers:
+                signals.task_retry.send(self, envelope=env, error=out.error, delay=delay)
+        else:
+            reason = out.reason or "error"
+            if self.store_results:
+                self._store([TaskStatus(id=env.id, state=TaskState.FAILED, name=env.name, queue=env.queue,
+                                        attempt=env.attempt, error=out.error, error_type=out.error_type,
+                                        reason=reason, traceback=out.traceback, meta=env.meta,
+                                        started_at=out.started_at, finished_at=out.finished_at, worker=self.id)])
+            self._broker_call(self.broker.dead_letter, job.delivery, reason)
+            self._counters["failed"] += 1
+            if signals.task_failed.receivers:
+                signals.task_failed.send(self, envelope=env, error=out.error, reason=reason)
+        if signals.task_postrun.receivers:
+            signals.task_postrun.send(self, envelope=env, status=TaskState.FAILED)
+        self._forget([job])
+
+    def _forget(self, jobs: list[Job]) -> None:
+        with self._lock:
+            for j in jobs:
+                j.settled = True
+                self._jobs.pop(j.seq, None)
+            self._lock.notify_all()
+
+    def _store(self, statuses: list[TaskStatus]) -> None:
+        """Results must be durable before the ack: retry until stored or shutting down hard."""
+        delay = 0.05
+        while True:
+            try:
+                self.backend.store_many(statuses)
+                return
+            except StemError as exc:
+                if self._stop_mode is ShutdownMode.HARD:
+                    raise
+                log.error("could not store %d results (%s); retrying", len(statuses), exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _broker_call(self, fn, *args, **kwargs) -> None:
+        delay = 0.05
+        for _ in range(50):
+            try:
+                fn(*args, **kwargs)
+                return
+            except BrokerError as exc:
+                if self._stop_mode is ShutdownMode.HARD:
+                    break
+                log.error("broker call %s failed (%s); retrying", getattr(fn, "__name__", fn), exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        log.error("giving up on %s; the delivery will be redelivered after its lease", fn)
+
+    # -- housekeeping ---------------------------------------------------------------
+    def _enforce_time_limits(self, now: float) -> None:
+        for job in self._engine.running():
+            if job.hard_deadline is not None and now >= job.hard_deadline and not job.settled:
+                log.warning("task %s passed its hard time limit; killing it", job.envelope.id)
+                self._engine.kill(job, "hard-time-limit")
+                limit = job.envelope.hard_time_limit
+                self._report(job, Outcome(job.envelope.id, ERROR, None,
+                                          f"hard time limit of {limit}s exceeded", "TimeLimitExceeded", None,
+                                          "hard-time-limit", None, job.started_at or time.time(), time.time()))
+                job.hard_deadline = None
+            elif job.soft_deadline is not None and now >= job.soft_deadline and not job.interrupted:
+                self._engine.interrupt(job, SoftTimeLimitExceeded)
+
+    def _renew_leases(self, now: float) -> None:
+        urgent = set()
+        try:
+            while True:
+                urgent.add(self._heartbeat_requests.get_nowait())
+        except queue.Empty:
+            pass
+        with self._lock:
+            due = [j for j in self._jobs.values()
+                   if j.envelope.id in urgent or now - j.extended_at >= j.delivery.visibility_timeout / 3.0]
+        if not due:
+            return
+        for j in due:
+            j.extended_at = now
+        try:
+            self.broker.extend([j.delivery for j in due])
+        except StemError as exc:
+            log.warning("could not renew %d leases (%s)", len(due), exc)
+
+    def _progress(self, task_id: str, fraction: float, data: Any) -> None:
+        self._heartbeat_requests.put(task_id)
+        if not self.store_results:
+            return
+        with self._lock:
+            job = next((j for j in self._jobs.values() if j.envelope.id == task_id), None)
+        env = job.envelope if job else None
+        meta = dict(env.meta) if env else {}
+        if data is not None:
+            meta["progress_data"] = data
+        self._store([TaskStatus(id=task_id, state=TaskState.RUNNING, name=env.name if env else "",
+                                queue=env.queue if env else "", attempt=env.attempt if env else 0,
+                                meta=meta, progress=fraction, started_at=job.started_at if job else None,
+                                worker=self.id)])
+
+    def _publish_heartbeat(self) -> None:
+        data = self.stats()
+        if self.backend is not None:
+            try:
+                self.backend.put_heartbeat(self.id, data, ttl=self.heartbeat_interval * 3)
+            except StemError as exc:
+                log.warning("could not publish heartbeat (%s)", exc)
+        if signals.worker_heartbeat.receivers:
+            signals.worker_heartbeat.send(self, worker=self, heartbeat=data)
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot: the same data the heartbeat carries."""
+        with self._lock:
+            in_flight = len(self._jobs)
+        running = self._engine.running()
+        return {
+            "id": self.id, "host": self.hostname, "pid": os.getpid(), "queues": list(self.queues),
+            "concurrency": self.concurrency, "prefetch_limit": self.prefetch_limit, "isolation": self.isolation,
+            "in_flight": in_flight, "running": len(running), "paused": sorted(self._paused),
+            **self._counters, "uptime": time.time() - self._started_at, **self._engine.info(),
+        }
+
+    def inspect(self) -> dict[str, Any]:
+        """Running and reserved tasks (for the control plane)."""
+        running = {j.seq: j for j in self._engine.running()}
+        with self._lock:
+            jobs = list(self._jobs.values())
+        def row(j: Job) -> dict[str, Any]:
+            return {"id": j.envelope.id, "name": j.envelope.name, "queue": j.envelope.queue,
+                    "attempt": j.envelope.attempt, "started_at": j.started_at,
+                    "pid": getattr(j.slot, "pid", None)}
+        return {"running": [row(j) for j in jobs if j.seq in running],
+                "reserved": [row(j) for j in jobs if j.seq not in running],
+                "revoked": sorted(self._revoked)}
+
+    # -- shutdown -------------------------------------------------------------------
+    def _begin_shutdown(self, mode: ShutdownMode) -> None:
+        signals.worker_stopping.send(self, worker=self, mode=mode)
+        log.info("worker %s: %s shutdown", self.id, mode.value)
+        with self._lock:
+            self._lock.notify_all()
+        if self._fetcher is not None:
+            self._fetcher.join(5.0)
+        self._requeue(self._engine.take_backlog())
+
+    def _requeue(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if not job.settled:
+                self._broker_call(self.broker.nack, job.delivery, requeue=True)
+        self._forget(jobs)
+
+    def _hard_stop(self) -> None:
+        log.warning("worker %s: hard shutdown, requeueing %d in-flight deliveries", self.id, len(self._jobs))
+        self._requeue(self._engine.take_backlog())
+        running = self._engine.running()
+        for job in running:
+            self._engine.kill(job, "shutdown")
+        self._requeue(running)
+
+    def _settled_all(self) -> bool:
+        batch = self._drain_done(0.0)
+        if batch:
+            self._settle(batch)
+        with self._lock:
+            return not self._jobs
+
+    def _finish_shutdown(self) -> None:
+        self._engine.stop(self.lifecycle.force_shutdown_after)
+        if self.backend is not None:
+            try:
+                self.backend.remove_heartbeat(self.id)
+            except StemError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.id} queues={self.queues} concurrency={self.concurrency}>"
