@@ -1,0 +1,436 @@
+# cython: language_level=3
+"""Single-producer/single-consumer byte ring over shared memory (compiled).
+
+Same API and byte-for-byte the same memory layout as the pure twin
+``stem/_ring_py.py``, whose docstring documents the layout, the record
+format, the side channel and the doorbell protocol.  This build is the
+portable one: indices and flags go through C11 atomics (``ring.h``):
+load-acquire of the other side's index, store-release of one's own after the
+copy, and a seq_cst fence on both sides of the doorbell handshake.  No Python
+object is touched on the hot path except the ``bytes`` made or read.
+
+A ring object is not thread-safe: one producer and one consumer, each
+calling only its own side's methods.
+"""
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
+                            PyBytes_GET_SIZE)
+from cpython.sequence cimport PySequence_Fast, PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
+
+from stem.errors import DecodeError
+
+cdef extern from "ring.h" nogil:
+    enum:
+        STEM_RING_CTRL_BYTES
+        STEM_RING_HEADER_BYTES
+        STEM_RING_SPILL_BYTES
+        STEM_RING_MIN_CAPACITY
+        STEM_KIND_DATA
+        STEM_KIND_PAD
+        STEM_KIND_SPILL
+        STEM_OFF_HEAD
+        STEM_OFF_SPILL_SEEN
+        STEM_OFF_TAIL
+        STEM_OFF_SPILL_SEQ
+        STEM_OFF_READER_WAITING
+        STEM_OFF_WRITER_WAITING
+    uint64_t stem_load_acquire_u64(const uint64_t *p)
+    uint64_t stem_load_relaxed_u64(const uint64_t *p)
+    void stem_store_release_u64(uint64_t *p, uint64_t v)
+    void stem_store_relaxed_u64(uint64_t *p, uint64_t v)
+    uint32_t stem_load_relaxed_u32(const uint32_t *p)
+    void stem_store_relaxed_u32(uint32_t *p, uint32_t v)
+    uint32_t stem_exchange_u32(uint32_t *p, uint32_t v)
+    void stem_fence_seq_cst()
+    void stem_ring_bell(int fd)
+
+__all__ = [
+    "Ring", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
+    "SPILL_BYTES", "MIN_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL",
+]
+
+LAYOUT_VERSION = 1
+CTRL_BYTES = STEM_RING_CTRL_BYTES
+HEADER_BYTES = STEM_RING_HEADER_BYTES
+SPILL_BYTES = STEM_RING_SPILL_BYTES
+MIN_CAPACITY = STEM_RING_MIN_CAPACITY
+KIND_DATA = STEM_KIND_DATA
+KIND_PAD = STEM_KIND_PAD
+KIND_SPILL = STEM_KIND_SPILL
+
+
+def max_inline(capacity):
+    """Largest frame stored in the ring itself; larger ones take the side channel."""
+    return capacity // 2 - STEM_RING_HEADER_BYTES
+
+
+def ring_bytes(capacity):
+    """Bytes one ring of ``capacity`` data bytes occupies (control block included)."""
+    return STEM_RING_CTRL_BYTES + capacity
+
+
+cdef inline uint64_t _record_bytes(uint64_t n) noexcept nogil:
+    return STEM_RING_HEADER_BYTES + ((n + 7) & ~(<uint64_t>7))
+
+
+cdef class Ring:
+    """One SPSC ring inside ``buffer`` at ``offset``; see stem/_ring_py.py.
+
+    ``reader_bell``/``writer_bell`` are the fds to ring to wake the reader /
+    the writer (-1: none).  ``spill(seq, frame)`` and ``unspill(seq, length)``
+    implement the side channel for frames above ``max_inline``; without them
+    such a frame raises ``ValueError``.
+    """
+
+    cdef Py_buffer _view
+    cdef bint _open
+    cdef uint8_t *_data
+    cdef uint64_t *_head
+    cdef uint64_t *_spill_seen
+    cdef uint64_t *_tail
+    cdef uint64_t *_spill_seq
+    cdef uint32_t *_reader_waiting
+    cdef uint32_t *_writer_waiting
+    cdef uint64_t _cap
+    cdef uint64_t _mask
+    cdef uint64_t _max
+    cdef uint64_t _cached_head
+    cdef uint64_t _cached_tail
+    cdef int _reader_bell
+    cdef int _writer_bell
+    cdef object _spill
+    cdef object _unspill
+
+    def __cinit__(self, buffer, Py_ssize_t offset, Py_ssize_t capacity, *, int reader_bell=-1,
+                  int writer_bell=-1, spill=None, unspill=None):
+        cdef uint8_t *ctl
+        self._open = False
+        if capacity < STEM_RING_MIN_CAPACITY or capacity & (capacity - 1):
+            raise ValueError(f"ring capacity must be a power of two >= {STEM_RING_MIN_CAPACITY}, "
+                             f"got {capacity}")
+        if offset < 0 or offset % 64:
+            raise ValueError(f"ring offset must be a non-negative multiple of 64, got {offset}")
+        try:
+            PyObject_GetBuffer(buffer, &self._view, PyBUF_WRITABLE)
+        except BufferError as exc:
+            raise TypeError(f"the ring needs a writable contiguous byte buffer ({exc})") from None
+        self._open = True
+        nbytes = self._view.len
+        if offset + STEM_RING_CTRL_BYTES + capacity > nbytes:
+            self.close()
+            raise ValueError(f"buffer of {nbytes} bytes is too small for a ring of "
+                             f"capacity {capacity} at offset {offset}")
+        if (<size_t>self._view.buf) % 8:
+            self.close()
+            raise ValueError("the ring's buffer must be 8-byte aligned")
+        ctl = <uint8_t *>self._view.buf + offset
+        self._head = <uint64_t *>(ctl + STEM_OFF_HEAD)
+        self._spill_seen = <uint64_t *>(ctl + STEM_OFF_SPILL_SEEN)
+        self._tail = <uint64_t *>(ctl + STEM_OFF_TAIL)
+        self._spill_seq = <uint64_t *>(ctl + STEM_OFF_SPILL_SEQ)
+        self._reader_waiting = <uint32_t *>(ctl + STEM_OFF_READER_WAITING)
+        self._writer_waiting = <uint32_t *>(ctl + STEM_OFF_WRITER_WAITING)
+        self._data = ctl + STEM_RING_CTRL_BYTES
+        self._cap = capacity
+        self._mask = capacity - 1
+        self._max = capacity // 2 - STEM_RING_HEADER_BYTES
+        self._cached_head = stem_load_acquire_u64(self._head)
+        self._cached_tail = stem_load_acquire_u64(self._tail)
+        self._reader_bell = reader_bell
+        self._writer_bell = writer_bell
+        self._spill = spill
+        self._unspill = unspill
+
+    def __dealloc__(self):
+        if self._open:
+            PyBuffer_Release(&self._view)
+
+    cdef inline int _check_open(self) except -1:
+        if not self._open:
+            raise ValueError("ring is closed")
+        return 0
+
+    # -- queries ---------------------------------------------------------------
+
+    @property
+    def capacity(self):
+        return self._cap
+
+    @property
+    def max_inline(self):
+        return self._max
+
+    @property
+    def closed(self):
+        return not self._open
+
+    def pending_bytes(self):
+        """Bytes published by the producer and not yet consumed (records, padding included)."""
+        self._check_open()
+        return stem_load_acquire_u64(self._tail) - stem_load_acquire_u64(self._head)
+
+    def free_bytes(self):
+        """Bytes the producer could still write (before alignment and wrap padding)."""
+        return self._cap - self.pending_bytes()
+
+    cdef bint _fits(self, uint64_t length) noexcept:
+        cdef uint64_t rec = STEM_RING_SPILL_BYTES if length > self._max else _record_bytes(length)
+        cdef uint64_t tail = stem_load_relaxed_u64(self._tail)
+        cdef uint64_t pos = tail & self._mask
+        cdef uint64_t contig = self._cap - pos
+        cdef uint64_t need = rec if rec <= contig else contig + rec
+        return need <= self._cap - (tail - stem_load_acquire_u64(self._head))
+
+    def fits(self, Py_ssize_t length):
+        """Would a frame of ``length`` bytes be accepted by ``send`` right now?"""
+        self._check_open()
+        return self._fits(length)
+
+    # -- producer side ---------------------------------------------------------
+
+    cdef inline Py_ssize_t _reserve(self, uint64_t tail, uint64_t rec, uint64_t *next_tail) noexcept:
+        """Position for a record of ``rec`` bytes at ``tail`` (padding written), or -1 if full."""
+        cdef uint64_t pos = tail & self._mask
+        cdef uint64_t contig = self._cap - pos
+        cdef uint64_t need = rec if rec <= contig else contig + rec
+        cdef uint32_t *hdr
+        if need > self._cap - (tail - self._cached_head):
+            self._cached_head = stem_load_acquire_u64(self._head)
+            if need > self._cap - (tail - self._cached_head):
+                return -1
+        if rec > contig:
+            hdr = <uint32_t *>(self._data + pos)
+            hdr[0] = 0
+            hdr[1] = STEM_KIND_PAD
+            next_tail[0] = tail + contig + rec
+            return 0
+        next_tail[0] = tail + rec
+        return <Py_ssize_t>pos
+
+    cdef int _put(self, object frame, const char *src, uint64_t n, uint64_t tail,
+                  uint64_t *next_tail) except -1:
+        """Write one record at ``tail``; 1 if written (``next_tail`` set), 0 if it does not fit."""
+        cdef Py_ssize_t pos
+        cdef uint32_t *hdr
+        cdef uint64_t *body
+        cdef uint64_t seq
+        if n <= self._max:
+            pos = self._reserve(tail, _record_bytes(n), next_tail)
+            if pos < 0:
+                return 0
+            hdr = <uint32_t *>(self._data + pos)
+            hdr[0] = <uint32_t>n
+            hdr[1] = STEM_KIND_DATA
+            memcpy(self._data + pos + STEM_RING_HEADER_BYTES, src, n)
+            return 1
+        if self._spill is None:
+            raise ValueError(f"frame of {n} bytes exceeds the ring's max_inline ({self._max}) "
+                             "and the ring has no side channel")
+        pos = self._reserve(tail, STEM_RING_SPILL_BYTES, next_tail)
+        if pos < 0:
+            return 0
+        seq = stem_load_relaxed_u64(self._spill_seq) + 1
+        stem_store_relaxed_u64(self._spill_seq, seq)
+        self._spill(seq, frame)
+        hdr = <uint32_t *>(self._data + pos)
+        hdr[0] = 16
+        hdr[1] = STEM_KIND_SPILL
+        body = <uint64_t *>(self._data + pos + STEM_RING_HEADER_BYTES)
+        body[0] = seq
+        body[1] = n
+        return 1
+
+    cdef int _write(self, object frame, uint64_t tail, uint64_t *next_tail) except -1:
+        cdef Py_buffer fb
+        if PyBytes_CheckExact(frame):
+            return self._put(frame, PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame), tail,
+                             next_tail)
+        PyObject_GetBuffer(frame, &fb, PyBUF_SIMPLE)
+        try:
+            return self._put(frame, <const char *>fb.buf, fb.len, tail, next_tail)
+        finally:
+            PyBuffer_Release(&fb)
+
+    cdef inline void _publish_tail(self, uint64_t tail) noexcept:
+        stem_store_release_u64(self._tail, tail)
+        stem_fence_seq_cst()
+        if stem_load_relaxed_u32(self._reader_waiting) and stem_exchange_u32(self._reader_waiting, 0):
+            stem_ring_bell(self._reader_bell)
+
+    def send(self, frame):
+        """Write one frame; False (and nothing written) if it does not fit now."""
+        cdef uint64_t tail, next_tail
+        self._check_open()
+        tail = stem_load_relaxed_u64(self._tail)
+        if not self._write(frame, tail, &next_tail):
+            return False
+        self._publish_tail(next_tail)
+        return True
+
+    def send_many(self, frames, Py_ssize_t start=0):
+        """Write ``frames[start:]`` in order until one does not fit; return how many were written.
+
+        Everything written is published at once (one index store, at most
+        one doorbell).  If the side channel fails on a frame, the frames
+        before it are published and counted; the error is raised when that
+        frame comes first.
+        """
+        cdef uint64_t tail, start_tail, next_tail
+        cdef Py_ssize_t i = start
+        self._check_open()
+        seq = PySequence_Fast(frames, "send_many() needs a sequence of bytes-like frames")
+        tail = start_tail = stem_load_relaxed_u64(self._tail)
+        try:
+            while i < PySequence_Fast_GET_SIZE(seq):
+                if not self._write(<object>PySequence_Fast_GET_ITEM(seq, i), tail, &next_tail):
+                    break
+                tail = next_tail
+                i += 1
+        except BaseException:
+            if i == start:
+                raise
+        if tail != start_tail:
+            self._publish_tail(tail)
+        return i - start
+
+    def arm_send(self, Py_ssize_t length):
+        """Announce that the writer will sleep until a frame of ``length`` fits.
+
+        Returns False (flag cleared again) when it fits already: do not sleep.
+        """
+        self._check_open()
+        stem_store_relaxed_u32(self._writer_waiting, 1)
+        stem_fence_seq_cst()
+        if self._fits(length):
+            stem_store_relaxed_u32(self._writer_waiting, 0)
+            return False
+        return True
+
+    def disarm_send(self):
+        self._check_open()
+        stem_store_relaxed_u32(self._writer_waiting, 0)
+
+    # -- consumer side ---------------------------------------------------------
+
+    cdef inline void _publish_head(self, uint64_t head) noexcept:
+        stem_store_release_u64(self._head, head)
+        stem_fence_seq_cst()
+        if stem_load_relaxed_u32(self._writer_waiting) and stem_exchange_u32(self._writer_waiting, 0):
+            stem_ring_bell(self._writer_bell)
+
+    def recv(self):
+        """Return the next frame, or None when the ring is empty."""
+        cdef uint64_t head, tail, pos
+        cdef uint32_t *hdr
+        self._check_open()
+        head = stem_load_relaxed_u64(self._head)
+        while True:
+            tail = self._cached_tail
+            if head == tail:
+                tail = self._cached_tail = stem_load_acquire_u64(self._tail)
+                if head == tail:
+                    return None
+            pos = head & self._mask
+            hdr = <uint32_t *>(self._data + pos)
+            if hdr[1] == STEM_KIND_PAD:
+                head += self._cap - pos
+                continue
+            if hdr[1] == STEM_KIND_DATA and hdr[0] <= self._max:
+                frame = PyBytes_FromStringAndSize(<char *>self._data + pos + STEM_RING_HEADER_BYTES,
+                                                  hdr[0])
+                self._publish_head(head + _record_bytes(hdr[0]))
+                return frame
+            if head != stem_load_relaxed_u64(self._head):
+                self._publish_head(head)  # the padding before it
+            out = self.recv_many(1)
+            return out[0] if out else None
+
+    def recv_many(self, Py_ssize_t max_n):
+        """Return up to ``max_n`` frames (possibly none), consumed with one index store."""
+        cdef uint64_t head, start_head, tail, pos, n
+        cdef uint32_t kind
+        cdef uint32_t *hdr
+        cdef uint64_t *body
+        cdef uint64_t seq, length
+        cdef Py_ssize_t count = 0
+        cdef list out = []
+        self._check_open()
+        head = start_head = stem_load_relaxed_u64(self._head)
+        tail = self._cached_tail
+        error = None
+        while count < max_n:
+            if head == tail:
+                tail = self._cached_tail = stem_load_acquire_u64(self._tail)
+                if head == tail:
+                    break
+            pos = head & self._mask
+            hdr = <uint32_t *>(self._data + pos)
+            n = hdr[0]
+            kind = hdr[1]
+            if kind == STEM_KIND_DATA and n <= self._max:
+                out.append(PyBytes_FromStringAndSize(
+                    <char *>self._data + pos + STEM_RING_HEADER_BYTES, n))
+                head += _record_bytes(n)
+                count += 1
+            elif kind == STEM_KIND_PAD:
+                head += self._cap - pos
+            elif kind == STEM_KIND_SPILL and n == 16:
+                body = <uint64_t *>(self._data + pos + STEM_RING_HEADER_BYTES)
+                seq = body[0]
+                length = body[1]
+                try:
+                    if self._unspill is None:
+                        raise ValueError("side-channel record received by a ring without unspill")
+                    frame = self._unspill(seq, length)
+                except BaseException as exc:
+                    if count:
+                        break  # deliver what we have; the error comes first next time
+                    error = exc  # the record is consumed: it cannot be read again
+                    frame = None
+                stem_store_relaxed_u64(self._spill_seen, seq)
+                head += STEM_RING_SPILL_BYTES
+                if error is not None:
+                    break
+                out.append(frame)
+                count += 1
+            else:
+                if not count:
+                    error = DecodeError(f"ring corrupted at position {pos}: "
+                                        f"kind={kind} length={n}")
+                break
+        if head != start_head:
+            self._publish_head(head)
+        if error is not None:
+            raise error
+        return out
+
+    def arm_recv(self):
+        """Announce that the reader will sleep on its doorbell.
+
+        Returns False (flag cleared again) when something is pending: do not sleep.
+        """
+        self._check_open()
+        stem_store_relaxed_u32(self._reader_waiting, 1)
+        stem_fence_seq_cst()
+        if stem_load_acquire_u64(self._tail) != stem_load_relaxed_u64(self._head):
+            stem_store_relaxed_u32(self._reader_waiting, 0)
+            return False
+        return True
+
+    def disarm_recv(self):
+        self._check_open()
+        stem_store_relaxed_u32(self._reader_waiting, 0)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self):
+        """Release the buffer (the mapping can then be closed); idempotent."""
+        if self._open:
+            self._open = False
+            self._data = NULL
+            self._head = self._tail = self._spill_seen = self._spill_seq = NULL
+            self._reader_waiting = self._writer_waiting = NULL
+            PyBuffer_Release(&self._view)
