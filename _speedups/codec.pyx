@@ -1,0 +1,390 @@
+# cython: language_level=3
+"""Frame codec in C: the compiled twin of ``stem._codec_py``.
+
+Same API and byte-identical frames; the public face is ``stem.envelope``
+(read its docstring for the frame layout).  A whole frame is encoded (and
+signed) or verified (and decoded) in one call: the header is parsed and
+written in C, HMAC-SHA256 runs in place through the signer's C API
+(``signer_capi.h``) when the signer is the compiled ``HmacSigner``, and the
+only allocations are msgspec's body and the output frame.
+"""
+
+from cpython.buffer cimport PyBUF_READ, PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_Check, PyDict_Next
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
+from cpython.bool cimport PyBool_Check
+from cpython.long cimport PyLong_AsLongLong, PyLong_Check
+from cpython.memoryview cimport PyMemoryView_FromMemory
+from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
+from cpython.pycapsule cimport PyCapsule_GetPointer
+from cpython.unicode cimport PyUnicode_Check
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+import msgspec
+
+from stem.errors import DecodeError, EncodeError, SignatureError
+
+cdef extern from "signer_capi.h":
+    const char *STEM_SIGNER_CAPI_NAME
+    int STEM_SIGNER_CAPI_VERSION
+    ctypedef struct StemSignerCAPI:
+        int version
+        PyTypeObject *hmac_type
+        PyObject *(*hmac_sign)(PyObject *, const unsigned char *, Py_ssize_t, unsigned char *) except NULL
+        int (*hmac_verify)(PyObject *, const unsigned char *, Py_ssize_t, const unsigned char *,
+                           Py_ssize_t, const unsigned char *, Py_ssize_t) except -1
+
+MAGIC = b"\xa7S"
+WIRE_VERSION = 1
+HEADER_SIZE = 24
+DEFAULT_MAX_FRAME_SIZE = 16 * 2**20
+
+cdef enum:
+    _HEADER_SIZE = 24
+    _MAGIC0 = 0xA7
+    _MAGIC1 = 0x53       # "S"
+    _VERSION = 1
+    _MAX_SIG = 64        # largest signature the in-place path writes (HMAC: 32)
+
+cdef uint64_t _NONE_BITS = 0x7FF8000000000000ULL   # quiet NaN: "no not_before"
+
+# The compiled signer's C entry points, when it is built.
+cdef const StemSignerCAPI *_signer_capi = NULL
+try:
+    from stem._speedups import signer as _signer_module
+except ImportError:
+    _signer_module = None
+else:
+    _signer_capi = <const StemSignerCAPI *>PyCapsule_GetPointer(_signer_module._C_API, STEM_SIGNER_CAPI_NAME)
+    if _signer_capi.version != STEM_SIGNER_CAPI_VERSION:
+        _signer_capi = NULL
+
+_ENCODE_ERRORS = (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError)
+_DECODE_ERRORS = (msgspec.DecodeError, RecursionError)
+
+
+# ---- little-endian fields ----------------------------------------------------
+
+cdef inline void _put_u16(unsigned char *p, uint32_t v) noexcept:
+    p[0] = <unsigned char>v
+    p[1] = <unsigned char>(v >> 8)
+
+cdef inline void _put_u32(unsigned char *p, uint32_t v) noexcept:
+    p[0] = <unsigned char>v
+    p[1] = <unsigned char>(v >> 8)
+    p[2] = <unsigned char>(v >> 16)
+    p[3] = <unsigned char>(v >> 24)
+
+cdef inline uint32_t _get_u32(const unsigned char *p) noexcept:
+    return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+cdef inline void _put_f64_bits(unsigned char *p, uint64_t u) noexcept:
+    _put_u32(p, <uint32_t>u)
+    _put_u32(p + 4, <uint32_t>(u >> 32))
+
+cdef inline uint64_t _get_u64(const unsigned char *p) noexcept:
+    return _get_u32(p) | (<uint64_t>_get_u32(p + 4) << 32)
+
+cdef inline object _nb_from_bits(uint64_t u):
+    cdef double d
+    memcpy(&d, &u, 8)
+    if d != d:
+        return None
+    return d
+
+
+# ---- header ------------------------------------------------------------------
+
+ctypedef struct _Header:
+    uint32_t version
+    Py_ssize_t key_len
+    Py_ssize_t sig_len
+    uint32_t attempt
+    uint64_t not_before_bits
+    Py_ssize_t body_off
+    Py_ssize_t body_len
+
+
+cdef int _parse(const unsigned char *p, Py_ssize_t n, Py_ssize_t max_size, _Header *h) except -1:
+    """Check the frame's structure (not its body) and fill ``h``."""
+    cdef uint32_t flags, reserved
+    cdef Py_ssize_t expected
+    if max_size >= 0 and n > max_size:
+        raise DecodeError(f"frame is {n} bytes, more than max_size={max_size}")
+    if n < _HEADER_SIZE:
+        raise DecodeError(f"truncated frame: {n} bytes, the header alone is {_HEADER_SIZE}")
+    if p[0] != _MAGIC0 or p[1] != _MAGIC1:
+        raise DecodeError(f"not a stem frame: magic {PyBytes_FromStringAndSize(<const char *>p, 2)!r}, "
+                          f"expected {MAGIC!r}")
+    h.version = p[2]
+    if h.version != _VERSION:
+        raise DecodeError(f"unsupported wire version {h.version} (this stem reads {_VERSION}); "
+                          "run the same stem version on producers and workers")
+    flags = p[3]
+    reserved = p[6] | (<uint32_t>p[7] << 8)
+    if flags != 0 or reserved != 0:
+        raise DecodeError(f"unsupported frame flags {flags:#x}/reserved {reserved:#x} "
+                          "(written by a newer stem?)")
+    h.key_len = p[4]
+    h.sig_len = p[5]
+    if (h.key_len == 0) != (h.sig_len == 0):
+        raise DecodeError(f"malformed frame: key id of {h.key_len} bytes with a signature of {h.sig_len}")
+    h.attempt = _get_u32(p + 8)
+    h.body_len = _get_u32(p + 12)
+    h.not_before_bits = _get_u64(p + 16)
+    h.body_off = _HEADER_SIZE + h.key_len + h.sig_len
+    expected = h.body_off + h.body_len
+    if expected != n:
+        raise DecodeError(f"frame length mismatch: the header describes {expected} bytes, got {n}"
+                          + (" (truncated)" if n < expected else ""))
+    return 0
+
+
+cdef int _get_frame(object frame, Py_buffer *view) except -1:
+    if PyObject_GetBuffer(frame, view, PyBUF_SIMPLE) < 0:
+        return -1
+    return 0
+
+
+cdef uint32_t _attempt_of(object attempt) except? 0xFFFFFFFF:
+    cdef long long v
+    if not PyLong_Check(attempt) or PyBool_Check(attempt):
+        raise EncodeError(f"attempt must be an int, got {type(attempt).__name__}")
+    try:
+        v = PyLong_AsLongLong(attempt)
+    except OverflowError:
+        v = -1
+    if v < 0 or v > 0xFFFFFFFF:
+        raise EncodeError(f"attempt must be in 0..4294967295, got {attempt!r}")
+    return <uint32_t>v
+
+
+cdef uint64_t _not_before_bits(object nb) except? 0:
+    cdef double d
+    cdef uint64_t u
+    if nb is None:
+        return _NONE_BITS
+    if PyFloat_Check(nb):
+        d = PyFloat_AS_DOUBLE(nb)
+    elif PyLong_Check(nb) and not PyBool_Check(nb):
+        try:
+            d = <double>nb
+        except OverflowError:
+            raise EncodeError(f"not_before must be a float (seconds) or None, got {nb!r}") from None
+    else:
+        raise EncodeError(f"not_before must be a float (seconds) or None, got {type(nb).__name__}")
+    memcpy(&u, &d, 8)
+    return u
+
+
+cdef int _check_mapping(object d, str field, bint str_values) except -1:
+    cdef Py_ssize_t pos = 0
+    cdef PyObject *k
+    cdef PyObject *v
+    if not PyDict_Check(d):
+        raise EncodeError(f"{field} must be a dict, got {type(d).__name__}")
+    while PyDict_Next(d, &pos, &k, &v):
+        if not PyUnicode_Check(<object>k):
+            raise EncodeError(f"{field} keys must be str, got {<object>k!r} ({type(<object>k).__name__})")
+        if str_values and not PyUnicode_Check(<object>v):
+            raise EncodeError(f"{field} values must be str, got {<object>v!r} for {<object>k!r}")
+    return 0
+
+
+cdef class FrameCodec:
+    """Encodes and decodes frames of ``envelope_type`` (a msgspec Struct).
+
+    ``header_type`` builds the value :meth:`read_header` returns from
+    ``(version, key_id, signature, attempt, not_before, body)``.
+    A signer is anything with ``sign(body) -> (key_id, signature)`` and
+    ``verify(key_id, signature, body)`` raising SignatureError.
+    """
+
+    cdef object _env_type
+    cdef object _header_type
+    cdef object _encode
+    cdef object _decode
+    cdef object _encode_value
+    cdef object _decode_value
+
+    def __init__(self, envelope_type, header_type=tuple):
+        self._env_type = envelope_type
+        self._header_type = header_type
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode = msgspec.msgpack.Decoder(envelope_type).decode
+        self._encode_value = msgspec.msgpack.Encoder().encode
+        self._decode_value = msgspec.msgpack.Decoder().decode
+
+    # ---- bodies and plain values ---------------------------------------------
+
+    cpdef bytes encode_body(self, env):
+        """msgpack of the envelope (the bytes a signature covers)."""
+        if not isinstance(env, self._env_type):
+            raise EncodeError(f"expected {self._env_type.__name__}, got {type(env).__name__}")
+        _check_mapping(env.args, "args", False)
+        _check_mapping(env.headers, "headers", True)
+        _check_mapping(env.meta, "meta", False)
+        try:
+            return self._encode(env)
+        except _ENCODE_ERRORS as exc:
+            raise EncodeError(f"cannot encode task {env.name!r}: {exc}; args and meta take "
+                              "None, bool, int, float, str, bytes, list, dict and datetime") from exc
+
+    def decode_body(self, body):
+        """Envelope from msgpack bytes (no frame header)."""
+        try:
+            return self._decode(body)
+        except _DECODE_ERRORS as exc:
+            raise DecodeError(f"bad envelope body: {exc}") from exc
+
+    def encode_value(self, value):
+        """msgpack of a plain value (task results)."""
+        try:
+            return self._encode_value(value)
+        except _ENCODE_ERRORS as exc:
+            raise EncodeError(f"cannot encode value of type {type(value).__name__}: {exc}") from exc
+
+    def decode_value(self, data):
+        """A plain value from msgpack bytes."""
+        try:
+            return self._decode_value(data)
+        except _DECODE_ERRORS as exc:
+            raise DecodeError(f"bad msgpack value: {exc}") from exc
+
+    # ---- frames ---------------------------------------------------------------
+
+    def encode_frame(self, env, signer=None, Py_ssize_t max_size=DEFAULT_MAX_FRAME_SIZE):
+        """Frame bytes for ``env``, signed by ``signer`` when given."""
+        cdef bytes body = self.encode_body(env)
+        cdef uint32_t attempt = _attempt_of(env.attempt)
+        cdef uint64_t nb_bits = _not_before_bits(env.not_before)
+        cdef Py_ssize_t body_len = PyBytes_GET_SIZE(body)
+        cdef const unsigned char *body_p = <const unsigned char *>PyBytes_AS_STRING(body)
+        cdef unsigned char sig_buf[_MAX_SIG]
+        cdef const unsigned char *sig_p = NULL
+        cdef const unsigned char *kid_p = NULL
+        cdef Py_ssize_t kid_len = 0, sig_len = 0, total
+        cdef object kid = None, sig = None
+        cdef PyObject *kid_ref
+        cdef unsigned char *out_p
+        cdef bytes out
+        if signer is None:
+            pass
+        elif _signer_capi != NULL and Py_TYPE(signer) == _signer_capi.hmac_type:
+            kid_ref = _signer_capi.hmac_sign(<PyObject *>signer, body_p, body_len, sig_buf)
+            kid = <object>kid_ref
+            sig_p = sig_buf
+            sig_len = 32
+        else:
+            kid, sig = signer.sign(body)
+            if type(sig) is not bytes or not 1 <= PyBytes_GET_SIZE(sig) <= 255:
+                raise SignatureError(f"{type(signer).__name__}.sign returned a bad signature")
+            sig_p = <const unsigned char *>PyBytes_AS_STRING(sig)
+            sig_len = PyBytes_GET_SIZE(sig)
+        if kid is not None:
+            if type(kid) is not bytes or not 1 <= PyBytes_GET_SIZE(kid) <= 255:
+                raise SignatureError(f"{type(signer).__name__}.sign returned a bad key id")
+            kid_p = <const unsigned char *>PyBytes_AS_STRING(kid)
+            kid_len = PyBytes_GET_SIZE(kid)
+        if body_len > 0xFFFFFFFF:
+            raise EncodeError(f"task body of {body_len} bytes does not fit a frame")
+        total = _HEADER_SIZE + kid_len + sig_len + body_len
+        if total > max_size:
+            raise EncodeError(f"frame would be {total} bytes, more than max_size={max_size}; "
+                              "keep large payloads out of args (store them, pass a reference)")
+        out = PyBytes_FromStringAndSize(NULL, total)
+        out_p = <unsigned char *>PyBytes_AS_STRING(out)
+        out_p[0] = _MAGIC0
+        out_p[1] = _MAGIC1
+        out_p[2] = _VERSION
+        out_p[3] = 0
+        out_p[4] = <unsigned char>kid_len
+        out_p[5] = <unsigned char>sig_len
+        _put_u16(out_p + 6, 0)
+        _put_u32(out_p + 8, attempt)
+        _put_u32(out_p + 12, <uint32_t>body_len)
+        _put_f64_bits(out_p + 16, nb_bits)
+        out_p += _HEADER_SIZE
+        if kid_len:
+            memcpy(out_p, kid_p, kid_len)
+            out_p += kid_len
+            memcpy(out_p, sig_p, sig_len)
+            out_p += sig_len
+        memcpy(out_p, body_p, body_len)
+        return out
+
+    def decode_frame(self, frame, signer=None, Py_ssize_t max_size=DEFAULT_MAX_FRAME_SIZE):
+        """Envelope from a frame: size, header, signature (when ``signer``), body."""
+        cdef Py_buffer view
+        cdef _Header h
+        cdef const unsigned char *p
+        cdef object env, body
+        _get_frame(frame, &view)
+        try:
+            p = <const unsigned char *>view.buf
+            _parse(p, view.len, max_size, &h)
+            if signer is not None:
+                if h.key_len == 0:
+                    raise SignatureError("frame is unsigned but this side requires signed frames; "
+                                         "give the producer the same signing keys")
+                if _signer_capi != NULL and Py_TYPE(signer) == _signer_capi.hmac_type:
+                    _signer_capi.hmac_verify(<PyObject *>signer, p + _HEADER_SIZE, h.key_len,
+                                             p + _HEADER_SIZE + h.key_len, h.sig_len,
+                                             p + h.body_off, h.body_len)
+                else:
+                    signer.verify(
+                        PyBytes_FromStringAndSize(<const char *>p + _HEADER_SIZE, h.key_len),
+                        PyBytes_FromStringAndSize(<const char *>p + _HEADER_SIZE + h.key_len, h.sig_len),
+                        memoryview(frame).cast("B")[h.body_off:])
+            # A view over the frame's memory, released before returning, so a
+            # reference kept by anyone can never outlive the frame.
+            body = PyMemoryView_FromMemory(<char *>p + h.body_off, h.body_len, PyBUF_READ)
+            try:
+                env = self._decode(body)
+            except _DECODE_ERRORS as exc:
+                raise DecodeError(f"bad envelope body: {exc}") from exc
+            finally:
+                body.release()
+        finally:
+            PyBuffer_Release(&view)
+        env.attempt = h.attempt
+        env.not_before = _nb_from_bits(h.not_before_bits)
+        return env
+
+    def read_header(self, frame, Py_ssize_t max_size=DEFAULT_MAX_FRAME_SIZE):
+        """The frame's header fields and a memoryview of its body, without decoding it."""
+        cdef Py_buffer view
+        cdef _Header h
+        cdef const unsigned char *p
+        _get_frame(frame, &view)
+        try:
+            p = <const unsigned char *>view.buf
+            _parse(p, view.len, max_size, &h)
+            key_id = PyBytes_FromStringAndSize(<const char *>p + _HEADER_SIZE, h.key_len)
+            signature = PyBytes_FromStringAndSize(<const char *>p + _HEADER_SIZE + h.key_len, h.sig_len)
+        finally:
+            PyBuffer_Release(&view)
+        return self._header_type(h.version, key_id, signature, h.attempt,
+                                 _nb_from_bits(h.not_before_bits),
+                                 memoryview(frame).cast("B")[h.body_off:])
+
+    def with_delivery(self, frame, attempt, not_before):
+        """Copy of ``frame`` with a new delivery header (attempt, not_before)."""
+        cdef Py_buffer view
+        cdef _Header h
+        cdef uint32_t att = _attempt_of(attempt)
+        cdef uint64_t nb_bits = _not_before_bits(not_before)
+        cdef bytes out
+        cdef unsigned char *out_p
+        _get_frame(frame, &view)
+        try:
+            _parse(<const unsigned char *>view.buf, view.len, -1, &h)
+            out = PyBytes_FromStringAndSize(<const char *>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        out_p = <unsigned char *>PyBytes_AS_STRING(out)
+        _put_u32(out_p + 8, att)
+        _put_f64_bits(out_p + 16, nb_bits)
+        return out

@@ -1,0 +1,156 @@
+"""The task envelope and the wire frame every broker carries.
+
+One frame per task, little endian::
+
+    offset size
+     0      2   magic        b"\\xa7S"
+     2      1   version      WIRE_VERSION
+     3      1   flags        reserved, 0
+     4      1   key_len      0 = unsigned
+     5      1   sig_len      0 = unsigned
+     6      2   reserved     0
+     8      4   attempt      u32  } delivery header: rewritten while the task
+    12      4   body_len     u32  } travels (retries), NOT signed
+    16      8   not_before   f64  } (NaN = none)
+    24          key id (key_len bytes) | signature (sig_len bytes) | body (body_len bytes)
+
+The body is ``msgpack(Envelope)``; the signature covers exactly the body
+bytes, so a worker verifies before it decodes anything.  ``attempt`` and
+``not_before`` in the body are the values at first publish; the delivery
+header overrides them on decode.  A retry rewrites only the header
+(:func:`with_delivery`) and never needs a signing key.
+
+Forward compatibility of the body: ``Envelope`` is an array-like msgspec
+Struct, so its fields travel by position.  msgspec fills missing trailing
+elements with the field defaults and ignores extra trailing elements, so a
+new field may be *appended* (with a default) and old and new stems still read
+each other's frames.  Never reorder, remove or retype a field: that needs a new
+``WIRE_VERSION``, which readers of the old one reject with DecodeError.  A
+frame with unknown flags or reserved bits is rejected for the same reason.
+
+The work is done by ``stem._speedups.codec`` (compiled) or its pure twin
+``stem._codec_py``, chosen by ``stem._native``; ``IMPLEMENTATION`` says which.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import msgspec
+
+from stem import _native
+
+if TYPE_CHECKING:
+    from stem.signing import PayloadSigner
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE", "Envelope", "FrameHeader", "HEADER_SIZE", "IMPLEMENTATION", "MAGIC",
+    "WIRE_VERSION", "decode_body", "decode_frame", "decode_value", "encode_body", "encode_frame",
+    "encode_value", "read_header", "with_delivery",
+]
+
+WIRE_VERSION = 1
+MAGIC = b"\xa7S"
+HEADER_SIZE = 24
+DEFAULT_MAX_FRAME_SIZE = 16 * 2**20
+
+
+class Envelope(msgspec.Struct, array_like=True):
+    """One task as it travels.  Fields go by position: append new ones at the end only."""
+
+    id: str
+    name: str
+    args: dict[str, Any] = msgspec.field(default_factory=dict)
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    meta: dict[str, Any] = msgspec.field(default_factory=dict)
+    queue: str = "default"
+    priority: int = 0
+    attempt: int = 0
+    max_retries: int = 0
+    enqueued_at: float = 0.0
+    not_before: float | None = None
+    expires_at: float | None = None
+    visibility_timeout: float | None = None
+    soft_time_limit: float | None = None
+    hard_time_limit: float | None = None
+    parent_id: str | None = None
+    root_id: str | None = None
+
+
+class FrameHeader(NamedTuple):
+    """What :func:`read_header` finds in a frame without decoding its body."""
+
+    version: int
+    key_id: bytes            # b"" when unsigned
+    signature: bytes         # b"" when unsigned
+    attempt: int
+    not_before: float | None
+    body: memoryview         # the signed msgpack bytes, a view into the frame
+
+
+_module = _native.load("codec")
+IMPLEMENTATION = "cython" if _module.__name__.startswith("stem._speedups.") else "python"
+_codec = _module.FrameCodec(Envelope, FrameHeader)
+if (_module.WIRE_VERSION, _module.MAGIC, _module.HEADER_SIZE) != (WIRE_VERSION, MAGIC, HEADER_SIZE):
+    raise ImportError(f"{_module.__name__} speaks another wire format; rebuild stem (make build)")
+
+_encode_frame = _codec.encode_frame
+_decode_frame = _codec.decode_frame
+
+
+def encode_frame(env: Envelope, signer: PayloadSigner | None = None, *,
+                 max_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
+    """The frame for ``env``, its body signed by ``signer`` when given.
+
+    Raises EncodeError when args, meta or headers cannot be encoded (a value
+    msgpack cannot carry, a non-str key) or the frame would pass ``max_size``.
+    """
+    return _encode_frame(env, None if signer is None else signer._backend, max_size)
+
+
+def decode_frame(frame: bytes | memoryview, signer: PayloadSigner | None = None, *,
+                 max_size: int = DEFAULT_MAX_FRAME_SIZE) -> Envelope:
+    """The envelope in ``frame``, its attempt and not_before taken from the delivery header.
+
+    Checks the size before anything else, then the header; with a ``signer``
+    the signature is verified before the body is decoded (unsigned frame,
+    unknown key id, bad signature: SignatureError).  Without a signer a signed
+    frame decodes and its signature is ignored.  Any malformed frame (truncated,
+    oversized, bad magic, unknown version, wrong lengths, garbage or mistyped
+    body) raises DecodeError, which is also a ValueError.
+    """
+    return _decode_frame(frame, None if signer is None else signer._backend, max_size)
+
+
+def read_header(frame: bytes | memoryview, *, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> FrameHeader:
+    """The header of ``frame`` and a view of its body, without decoding it (DecodeError if malformed)."""
+    return _codec.read_header(frame, max_size)
+
+
+def with_delivery(frame: bytes | memoryview, *, attempt: int, not_before: float | None) -> bytes:
+    """A copy of ``frame`` with a new delivery header; the signed body is untouched.
+
+    DecodeError if ``frame`` is malformed, EncodeError if ``attempt`` is not in
+    0..2**32-1 or ``not_before`` is not a float or None.
+    """
+    return _codec.with_delivery(frame, attempt, not_before)
+
+
+def encode_body(env: Envelope) -> bytes:
+    """msgpack of ``env``: the bytes a frame carries and its signature covers."""
+    return _codec.encode_body(env)
+
+
+def decode_body(body: bytes | memoryview) -> Envelope:
+    """The envelope in a frame body (DecodeError if it is not one)."""
+    return _codec.decode_body(body)
+
+
+def encode_value(value: Any) -> bytes:
+    """msgpack of a plain value, e.g. a task result (EncodeError if it cannot be encoded)."""
+    return _codec.encode_value(value)
+
+
+def decode_value(data: bytes | memoryview) -> Any:
+    """A plain value from msgpack bytes (DecodeError if they are not msgpack)."""
+    return _codec.decode_value(data)
