@@ -1,0 +1,167 @@
+"""The SQLite result backend: statuses, heartbeats and revocations in one file.
+
+Same URLs as the SQLite broker (they may share the file; the tables are
+separate, see ``stem/_sql.py``).  Statuses are msgpack ``TaskStatus`` blobs
+with an ``expires_at``; expired rows read as None and are deleted now and then.
+
+``wait`` cannot block on a notification (SQLite has none): it re-reads the
+row by primary key, every 5 ms at first and backing off to 100 ms; a ``store``
+in the same process wakes it at once through a condition variable.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import msgspec
+
+from .._sql import SqliteDatabase, parse_sqlite_url
+from ..errors import BackendConnectionError, BackendError, ConfigurationError
+from ..results import TaskStatus, decode_status, encode_status
+from .base import DEFAULT_RESULT_EXPIRES, ResultBackend
+
+__all__ = ["SqliteResultBackend"]
+
+_POLL_MIN_S = 0.005
+_POLL_MAX_S = 0.1
+_SWEEP_EVERY_S = 60.0
+_CHUNK = 500
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(dict).decode
+
+
+class SqliteResultBackend(ResultBackend):
+    def __init__(self, path: str | None = None, *, result_expires: float = DEFAULT_RESULT_EXPIRES,
+                 busy_timeout: float = 10.0, url: str | None = None):
+        if path == ":memory:":
+            path = None
+        if result_expires <= 0:
+            raise ConfigurationError("result_expires must be > 0 seconds")
+        self.url = url or ("sqlite://" if path is None else f"sqlite:///{path}")
+        self.result_expires = float(result_expires)
+        self._db = SqliteDatabase(path, busy_timeout=busy_timeout, error=BackendError,
+                                  connection_error=BackendConnectionError)
+        self._next_sweep = time.monotonic() + _SWEEP_EVERY_S
+
+    @classmethod
+    def from_url(cls, url: str = "sqlite://", **kwargs: Any) -> "SqliteResultBackend":
+        path, options = parse_sqlite_url(url)
+        if "busy_timeout" in options:
+            kwargs.setdefault("busy_timeout", float(options.pop("busy_timeout")))
+        if options:
+            raise ConfigurationError(f"unknown option(s) {sorted(options)} in {url!r}; known: busy_timeout")
+        return cls(path, url=url, **kwargs)
+
+    def migrate(self) -> int:
+        """Create or upgrade the tables (idempotent; also done on first use).  Returns the version."""
+        return self._db.migrate()
+
+    # -- statuses ---------------------------------------------------------------------
+    def store(self, status: TaskStatus) -> None:
+        self.store_many((status,))
+
+    def store_many(self, statuses: Sequence[TaskStatus]) -> None:
+        if not statuses:
+            return
+        now = time.time()
+        expires = now + self.result_expires
+        rows = [(s.id, s.state.value, expires, encode_status(s)) for s in statuses]
+        with self._db.write() as conn:
+            conn.executemany("INSERT INTO stem_results (task_id, state, expires_at, data) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, "
+                             "expires_at = excluded.expires_at, data = excluded.data", rows)
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + _SWEEP_EVERY_S
+                for table in ("stem_results", "stem_heartbeats", "stem_revocations"):
+                    conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
+        self._db.wake.notify()
+
+    def get(self, task_id: str) -> TaskStatus | None:
+        with self._db.connection() as conn:
+            row = conn.execute("SELECT data FROM stem_results WHERE task_id = ? AND expires_at > ?",
+                               (task_id, time.time())).fetchone()
+        return None if row is None else decode_status(row[0])
+
+    def get_many(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
+        ids = list(task_ids)
+        found: dict[str, TaskStatus] = {}
+        now = time.time()
+        with self._db.connection() as conn:
+            for i in range(0, len(ids), _CHUNK):
+                chunk = ids[i:i + _CHUNK]
+                for task_id, data in conn.execute(
+                        f"SELECT task_id, data FROM stem_results WHERE task_id IN ({','.join('?' * len(chunk))}) "
+                        "AND expires_at > ?", (*chunk, now)):
+                    found[task_id] = decode_status(data)
+        return [found.get(t) for t in ids]
+
+    def wait(self, task_id: str, timeout: float) -> TaskStatus | None:
+        deadline = time.monotonic() + max(timeout, 0.0)
+        poll = _POLL_MIN_S
+        while True:
+            seen = self._db.wake.seq
+            status = self.get(task_id)
+            if status is not None and status.is_terminal:
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return status
+            self._db.wake.wait(seen, min(remaining, poll))
+            poll = min(poll * 2, _POLL_MAX_S)
+
+    def forget(self, task_id: str) -> None:
+        with self._db.write() as conn:
+            conn.execute("DELETE FROM stem_results WHERE task_id = ?", (task_id,))
+
+    # -- heartbeats -------------------------------------------------------------------
+    def put_heartbeat(self, worker_id: str, data: dict[str, Any], ttl: float) -> None:
+        now = time.time()
+        with self._db.write() as conn:
+            conn.execute("INSERT INTO stem_heartbeats (worker_id, seen_at, expires_at, data) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (worker_id) DO UPDATE SET seen_at = excluded.seen_at, "
+                         "expires_at = excluded.expires_at, data = excluded.data",
+                         (worker_id, now, now + ttl, _encode(data)))
+
+    def heartbeats(self) -> list[dict[str, Any]]:
+        with self._db.connection() as conn:
+            rows = conn.execute("SELECT worker_id, seen_at, data FROM stem_heartbeats WHERE expires_at > ? "
+                                "ORDER BY worker_id", (time.time(),)).fetchall()
+        return [{**_decode(data), "worker_id": worker_id, "seen_at": seen_at} for worker_id, seen_at, data in rows]
+
+    def remove_heartbeat(self, worker_id: str) -> None:
+        with self._db.write() as conn:
+            conn.execute("DELETE FROM stem_heartbeats WHERE worker_id = ?", (worker_id,))
+
+    # -- revocations ------------------------------------------------------------------
+    def revoke(self, task_ids: Sequence[str], expires: float | None = None) -> None:
+        until = time.time() + (self.result_expires if expires is None else expires)
+        with self._db.write() as conn:
+            conn.executemany("INSERT INTO stem_revocations (task_id, expires_at) VALUES (?, ?) "
+                             "ON CONFLICT (task_id) DO UPDATE SET expires_at = excluded.expires_at",
+                             [(t, until) for t in task_ids])
+
+    def revoked(self, task_ids: Sequence[str] | None = None) -> set[str]:
+        now = time.time()
+        with self._db.connection() as conn:
+            if task_ids is None:
+                return {r[0] for r in conn.execute(
+                    "SELECT task_id FROM stem_revocations WHERE expires_at > ?", (now,))}
+            ids = list(task_ids)
+            out: set[str] = set()
+            for i in range(0, len(ids), _CHUNK):
+                chunk = ids[i:i + _CHUNK]
+                out.update(r[0] for r in conn.execute(
+                    f"SELECT task_id FROM stem_revocations WHERE task_id IN ({','.join('?' * len(chunk))}) "
+                    "AND expires_at > ?", (*chunk, now)))
+            return out
+
+    # -- misc -------------------------------------------------------------------------
+    def ping(self) -> None:
+        with self._db.connection() as conn:
+            conn.execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        self._db.wake.notify()
+        self._db.close()

@@ -1,0 +1,313 @@
+"""The SQLite broker: a durable queue in one file, shared by the processes of one machine.
+
+URLs: ``sqlite:///stem.db`` (relative to the current directory),
+``sqlite:////var/lib/stem.db`` (absolute), ``sqlite://`` (in memory, one
+process).  Options in the query string: ``busy_timeout`` (seconds).  The
+schema lives in ``stem/_sql.py``.
+
+* **Claim.**  One ``BEGIN IMMEDIATE`` transaction (SQLite's write lock, so
+  claims from every process are serialised): due delayed rows and expired
+  leases of the consumed queues go back to ready (state 0), then the best
+  ``max_count`` ready rows (priority, then id = age) are leased with
+  ``UPDATE ... RETURNING`` for their own visibility timeout.  A row whose
+  next delivery would pass ``max_deliveries`` moves to the DLQ instead.
+* **Settle.**  ``ack`` deletes rows (batched); ``retry`` deletes the row and
+  inserts the new frame in one transaction; ``dead_letter`` copies then
+  deletes in one transaction.  Receipts are row ids, never reused
+  (AUTOINCREMENT).
+* **Waiting.**  SQLite has no notifications.  An idle ``consume`` re-checks
+  with a cheap indexed read (no write lock) every 5 ms, backing off to 50 ms,
+  and never sleeps past the next due time; a publish in the same process wakes
+  it at once through a condition variable.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from .._sql import SqliteDatabase, parse_sqlite_url
+from ..errors import BrokerConnectionError, BrokerError, ConfigurationError
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
+                   Message, QueueStats, validate_queue_name)
+
+__all__ = ["SqliteBroker"]
+
+READY, DELAYED, LEASED = 0, 1, 2
+_CHUNK = 500            # ids per IN (...) list
+_POLL_MIN_S = 0.005
+_POLL_MAX_S = 0.05
+
+_INSERT = ("INSERT INTO stem_messages (queue, task_id, priority, state, available_at, visibility_timeout, frame) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class SqliteBroker(Broker):
+    def __init__(self, path: str | None = None, *,
+                 default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
+                 max_deliveries: int = DEFAULT_MAX_DELIVERIES, busy_timeout: float = 10.0,
+                 url: str | None = None):
+        """``path`` None or ``":memory:"`` is an in-memory database for this process."""
+        if path == ":memory:":
+            path = None
+        if default_visibility_timeout <= 0 or max_deliveries < 1:
+            raise ConfigurationError("default_visibility_timeout must be > 0 and max_deliveries >= 1")
+        self.url = url or ("sqlite://" if path is None else f"sqlite:///{path}")
+        self.default_visibility_timeout = float(default_visibility_timeout)
+        self.max_deliveries = int(max_deliveries)
+        self._db = SqliteDatabase(path, busy_timeout=busy_timeout, error=BrokerError,
+                                  connection_error=BrokerConnectionError)
+        self._known_queues: set[str] = set()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str = "sqlite://", **kwargs: Any) -> "SqliteBroker":
+        path, options = parse_sqlite_url(url)
+        if "busy_timeout" in options:
+            kwargs.setdefault("busy_timeout", float(options.pop("busy_timeout")))
+        if options:
+            raise ConfigurationError(f"unknown option(s) {sorted(options)} in {url!r}; known: busy_timeout")
+        return cls(path, url=url, **kwargs)
+
+    def migrate(self) -> int:
+        """Create or upgrade the tables (idempotent; also done on first use).  Returns the version."""
+        return self._db.migrate()
+
+    # -- helpers --------------------------------------------------------------------
+    def _register(self, conn, names) -> None:
+        new = [n for n in names if n not in self._known_queues]
+        if new:
+            conn.executemany("INSERT OR IGNORE INTO stem_queues (name) VALUES (?)", [(n,) for n in new])
+            self._known_queues.update(new)
+
+    def _row(self, m: Message, now: float) -> tuple:
+        delayed = m.not_before is not None and m.not_before > now
+        return (m.queue, m.task_id, int(m.priority), DELAYED if delayed else READY,
+                m.not_before if delayed else now,
+                float(m.visibility_timeout or self.default_visibility_timeout), bytes(m.frame))
+
+    @staticmethod
+    def _dead(conn, ids: Sequence[int], reason: str, now: float) -> None:
+        conn.execute(
+            "INSERT INTO stem_dead_letters (queue, task_id, reason, failed_at, priority, visibility_timeout, frame) "
+            f"SELECT queue, task_id, ?, ?, priority, visibility_timeout, frame FROM stem_messages "
+            f"WHERE id IN ({_marks(len(ids))}) ORDER BY id", (reason, now, *ids))
+        conn.execute(f"DELETE FROM stem_messages WHERE id IN ({_marks(len(ids))})", tuple(ids))
+
+    # -- publishing -------------------------------------------------------------------
+    def publish(self, message: Message) -> None:
+        self.publish_many((message,))
+
+    def publish_many(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        for name in {m.queue for m in messages}:
+            validate_queue_name(name)
+        now = time.time()
+        rows = [self._row(m, now) for m in messages]
+        with self._db.write() as conn:
+            self._register(conn, {m.queue for m in messages})
+            conn.executemany(_INSERT, rows)
+        self._db.wake.notify()
+
+    # -- consuming --------------------------------------------------------------------
+    def consume(self, queues: Sequence[str], max_count: int, timeout: float,
+                *, consumer: str = "") -> list[Delivery]:
+        queues = list(dict.fromkeys(validate_queue_name(q) for q in queues))
+        if not queues or max_count < 1:
+            return []
+        if any(q not in self._known_queues for q in queues):
+            with self._db.write() as conn:
+                self._register(conn, queues)
+        deadline = time.monotonic() + max(timeout, 0.0)
+        poll = _POLL_MIN_S
+        check_first = False
+        while not self._closed:
+            seen = self._db.wake.seq
+            next_due = None
+            if check_first:
+                ready, next_due = self._probe(queues)
+                if ready or (next_due is not None and next_due <= time.time()):
+                    next_due = None
+                    check_first = False
+            if not check_first:
+                out, poisoned = self._claim(queues, max_count)
+                if out:
+                    return out
+                if poisoned:
+                    continue
+                check_first = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sleep = min(remaining, poll)
+            if next_due is not None:
+                sleep = min(sleep, max(next_due - time.time(), 0.001))
+            self._db.wake.wait(seen, sleep)
+            poll = _POLL_MIN_S if self._db.wake.seq != seen else min(poll * 2, _POLL_MAX_S)
+        return []
+
+    def _probe(self, queues: list[str]) -> tuple[bool, float | None]:
+        """(any ready row?, earliest due time of delayed/leased rows) -- reads only, no write lock."""
+        ready = False
+        next_due = None
+        with self._db.connection() as conn:
+            for q in queues:
+                if not ready and conn.execute(
+                        "SELECT 1 FROM stem_messages WHERE queue = ? AND state = 0 LIMIT 1", (q,)).fetchone():
+                    ready = True
+                due = conn.execute("SELECT min(available_at) FROM stem_messages WHERE queue = ? AND state <> 0",
+                                   (q,)).fetchone()[0]
+                if due is not None and (next_due is None or due < next_due):
+                    next_due = due
+        return ready, next_due
+
+    def _claim(self, queues: list[str], max_count: int) -> tuple[list[Delivery], int]:
+        with self._db.write() as conn:
+            now = time.time()
+            conn.execute(f"UPDATE stem_messages SET state = 0 WHERE queue IN ({_marks(len(queues))}) "
+                         "AND state <> 0 AND available_at <= ?", (*queues, now))
+            candidates: list[tuple[int, int, int]] = []
+            for q in queues:
+                candidates += conn.execute(
+                    "SELECT id, priority, delivery_count FROM stem_messages WHERE queue = ? AND state = 0 "
+                    "ORDER BY priority DESC, id LIMIT ?", (q, max_count)).fetchall()
+            if len(queues) > 1:
+                candidates.sort(key=lambda c: (-c[1], c[0]))
+                del candidates[max_count:]
+            poison = [c[0] for c in candidates if c[2] >= self.max_deliveries]
+            if poison:
+                self._dead(conn, poison, "max-deliveries", now)
+            take = [c[0] for c in candidates if c[2] < self.max_deliveries]
+            if not take:
+                return [], len(poison)
+            rows = conn.execute(
+                "UPDATE stem_messages SET state = 2, delivery_count = delivery_count + 1, "
+                f"available_at = ? + visibility_timeout WHERE id IN ({_marks(len(take))}) "
+                "RETURNING id, queue, task_id, frame, delivery_count, visibility_timeout",
+                (now, *take)).fetchall()
+        order = {i: n for n, i in enumerate(take)}
+        rows.sort(key=lambda r: order[r[0]])
+        return [Delivery(r[1], r[2], r[3], r[0], r[4], r[5], now) for r in rows], len(poison)
+
+    # -- settling ---------------------------------------------------------------------
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        ids = [d.receipt for d in deliveries]
+        if not ids:
+            return
+        with self._db.write() as conn:
+            for i in range(0, len(ids), _CHUNK):
+                chunk = ids[i:i + _CHUNK]
+                conn.execute(f"DELETE FROM stem_messages WHERE id IN ({_marks(len(chunk))})", chunk)
+
+    def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        now = time.time()
+        with self._db.write() as conn:
+            if requeue:
+                conn.execute("UPDATE stem_messages SET state = 0, available_at = ? WHERE id = ? AND state = 2",
+                             (now, delivery.receipt))
+            elif conn.execute("SELECT 1 FROM stem_messages WHERE id = ? AND state = 2",
+                              (delivery.receipt,)).fetchone():
+                self._dead(conn, [delivery.receipt], "rejected", now)
+        if requeue:
+            self._db.wake.notify()
+
+    def retry(self, delivery: Delivery, frame: bytes, not_before: float | None) -> None:
+        now = time.time()
+        with self._db.write() as conn:
+            old = conn.execute("DELETE FROM stem_messages WHERE id = ? RETURNING queue, task_id, priority, "
+                               "visibility_timeout", (delivery.receipt,)).fetchone()
+            if old is None:
+                return
+            delayed = not_before is not None and not_before > now
+            conn.execute(_INSERT, (old[0], old[1], old[2], DELAYED if delayed else READY,
+                                   not_before if delayed else now, old[3], bytes(frame)))
+        self._db.wake.notify()
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        with self._db.write() as conn:
+            self._dead(conn, [delivery.receipt], reason, time.time())
+
+    def extend(self, deliveries: Sequence[Delivery], visibility_timeout: float | None = None) -> None:
+        if not deliveries:
+            return
+        now = time.time()
+        with self._db.write() as conn:
+            if visibility_timeout:
+                conn.executemany("UPDATE stem_messages SET available_at = ? WHERE id = ? AND state = 2",
+                                 [(now + visibility_timeout, d.receipt) for d in deliveries])
+            else:
+                conn.executemany("UPDATE stem_messages SET available_at = ? + visibility_timeout "
+                                 "WHERE id = ? AND state = 2", [(now, d.receipt) for d in deliveries])
+
+    # -- dead letters and admin -------------------------------------------------------
+    def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        validate_queue_name(queue)
+        with self._db.connection() as conn:
+            rows = conn.execute("SELECT id, task_id, queue, reason, failed_at, frame FROM stem_dead_letters "
+                                "WHERE queue = ? ORDER BY id LIMIT ?", (queue, max(limit, 0))).fetchall()
+        return [DeadLetter(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    def replay(self, queue: str, ids: Sequence[str] | None = None) -> int:
+        validate_queue_name(queue)
+        now = time.time()
+        with self._db.write() as conn:
+            if ids is None:
+                where, params = "queue = ?", (queue,)
+            else:
+                try:
+                    wanted = [int(i) for i in ids]
+                except ValueError:
+                    raise ConfigurationError(f"bad dead-letter id in {list(ids)!r}") from None
+                if not wanted:
+                    return 0
+                where, params = f"queue = ? AND id IN ({_marks(len(wanted))})", (queue, *wanted)
+            moved = conn.execute(
+                "INSERT INTO stem_messages (queue, task_id, priority, state, available_at, visibility_timeout, "
+                f"frame) SELECT queue, task_id, priority, 0, ?, visibility_timeout, frame FROM stem_dead_letters "
+                f"WHERE {where} ORDER BY id", (now, *params)).rowcount
+            conn.execute(f"DELETE FROM stem_dead_letters WHERE {where}", params)
+        if moved:
+            self._db.wake.notify()
+        return moved
+
+    def purge(self, queue: str) -> int:
+        validate_queue_name(queue)
+        with self._db.write() as conn:
+            return conn.execute("DELETE FROM stem_messages WHERE queue = ? AND state IN (0, 1)", (queue,)).rowcount
+
+    def purge_dead_letters(self, queue: str) -> int:
+        validate_queue_name(queue)
+        with self._db.write() as conn:
+            return conn.execute("DELETE FROM stem_dead_letters WHERE queue = ?", (queue,)).rowcount
+
+    def stats(self, queue: str) -> QueueStats:
+        validate_queue_name(queue)
+        now = time.time()
+        with self._db.connection() as conn:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM stem_messages WHERE queue = ?1 AND state = 0),"
+                " (SELECT count(*) FROM stem_messages WHERE queue = ?1 AND state <> 0 AND available_at <= ?2),"
+                " (SELECT count(*) FROM stem_messages WHERE queue = ?1 AND state <> 0 AND available_at > ?2"
+                "  AND state = 2),"
+                " (SELECT count(*) FROM stem_messages WHERE queue = ?1 AND state <> 0 AND available_at > ?2"
+                "  AND state = 1),"
+                " (SELECT count(*) FROM stem_dead_letters WHERE queue = ?1)", (queue, now)).fetchone()
+        return QueueStats(queue, row[0] + row[1], row[2], row[3], row[4])
+
+    def queues(self) -> list[str]:
+        with self._db.connection() as conn:
+            return [r[0] for r in conn.execute("SELECT name FROM stem_queues ORDER BY name")]
+
+    def ping(self) -> None:
+        with self._db.connection() as conn:
+            conn.execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        self._closed = True
+        self._db.wake.notify()
+        self._db.close()
