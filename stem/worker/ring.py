@@ -1,0 +1,577 @@
+"""The transport between the worker supervisor and one child process.
+
+A *channel* is a pair of single-producer/single-consumer byte rings in ONE
+shared-memory segment -- ring 0 carries tasks (supervisor -> child), ring 1
+carries results (child -> supervisor) -- plus one doorbell per process, so an
+idle reader sleeps in ``poll()`` instead of spinning.
+
+API::
+
+    ch = Channel.create(capacity=1 << 20)   # supervisor ("parent"): creates and owns
+    proc = ctx.Process(target=child_main, args=(ch.handle,))   # fork, spawn or forkserver
+    proc.start()
+
+    def child_main(handle):
+        with Channel.attach(handle) as ch:   # side="child"; never owns anything
+            for task in ch.recv_wait(timeout=1.0):
+                ch.send_wait([run(task)], timeout=5.0)
+
+    ch.send(frame) -> bool                   # False if it does not fit now; nothing written
+    ch.send_many(frames) -> int              # how many frames were written, in order
+    ch.send_wait(frames, timeout) -> int     # the same, sleeping while the ring is full
+    ch.recv() -> bytes | None
+    ch.recv_many(max_n) -> list[bytes]
+    ch.recv_wait(timeout, max_n=1024) -> list[bytes]   # [] when the timeout passes
+    ch.pending_bytes(), ch.free_bytes(), ch.capacity, ch.max_inline
+    ch.fileno()                              # the incoming doorbell, for poll/selectors
+    wait_readable(channels, timeout) -> list[Channel]  # one thread serving N children
+    ch.handle                                # small and picklable
+    ch.close(); ch.unlink(); with Channel.create() as ch: ...
+
+``send``/``send_many``/``recv``/``recv_many`` are the ring's own (compiled)
+methods bound on the instance: no Python frame between the caller and the C
+loop.  Frames are any contiguous bytes-like object; received frames are
+``bytes``.  Batch: one index store and at most one doorbell per call.
+
+Segment layout (native byte order; ring layout in ``stem/_ring_py.py``)::
+
+    0                    header: b"STEMRING" | u32 layout version | u32 0 |
+                                 u64 capacity | u64 creator pid    (64 bytes)
+    64                   ring 0, tasks   (256-byte control block + capacity)
+    64 + 256 + capacity  ring 1, results (256-byte control block + capacity)
+
+Names: the segment is ``stmr_<creator pid hex>_<random>``; side-channel
+segments are ``<segment>_t<seq hex>`` (ring 0) and ``<segment>_r<seq hex>``
+(ring 1).  ``capacity`` is rounded up to a power of two (>= 4 KiB).
+
+Doorbell: an ``eventfd`` per process on Linux (a non-blocking pipe
+elsewhere), created by the supervisor.  The reader sets its ring's
+``reader_waiting`` flag, fences, re-checks the ring and only then sleeps in
+``poll()`` on its eventfd; a writer checks the flag after publishing and
+writes the eventfd only if it is set (and clears it), so while both sides are
+busy a batch costs one memory fence and no system call.  A writer waiting for
+space does the mirror image (``writer_waiting``) and is woken on its own
+eventfd, which is also its incoming doorbell: any wake-up just means "look
+again".  Wake-ups can be spurious; every wait loops on its deadline.
+
+Why fds and not a ``multiprocessing`` Semaphore: the supervisor multiplexes
+N children in one thread, which needs something ``poll()`` can watch.  The fds
+reach a child either by inheritance (``fork``: the handle holds the numbers;
+``attach`` dups them) or through ``multiprocessing.reduction.DupFd`` when the
+handle is pickled (``spawn``/``forkserver``: the fds travel with the process
+start, as a ``multiprocessing.Pipe`` does; pickled at any other time they go
+through ``multiprocessing.resource_sharer``, which needs the sender alive).
+
+Side channel: a frame longer than ``max_inline`` (capacity/2 - 8) is written
+into its own shared-memory segment by the sender, which then publishes a
+24-byte record carrying the segment's sequence number and the frame length.
+The ring checks there is room for that record *before* creating the segment,
+so a full ring returns False without creating anything.  The receiver copies
+the frame out and unlinks the segment.  The record is published only after the
+segment is complete, so a reader never sees a partial frame -- also when the
+sender dies mid-write.  The ring's ``spill_seq``/``spill_seen`` counters name
+the segments created and not yet consumed; the owner removes them on close.
+
+Lifecycle: ``Channel.create`` (supervisor) owns the segment and unlinks it --
+and any side-channel segment left by a dead peer -- on ``close()``, on
+``__exit__``, when the channel is garbage collected and at interpreter exit
+(``weakref.finalize``).  The segment is registered with the creator's
+``multiprocessing`` resource tracker, so even a SIGKILLed supervisor leaves no
+main segment behind.  ``unlink()`` removes the name early (attached mappings
+stay valid).  ``attach`` maps the segment without registering it with the
+resource tracker (Python 3.11 would otherwise unlink the supervisor's segment
+when the child exits, or warn about a "leak"), and a child's ``close()`` only
+unmaps and closes its fds.  A copy of the owner's ``Channel`` inherited by a
+forked process is inert: it never unlinks, closes or frees anything -- attach
+through the handle instead.  Side-channel segments are never registered with
+a resource tracker: the counters above are their accounting.
+
+Close the supervisor's channel after its child has exited (or was killed):
+the owner's sweep cannot see a side-channel segment a still-running child
+creates after it.  A peer that dies mid-write never publishes a partial
+frame; ``recv_wait`` simply returns ``[]`` when its timeout passes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import mmap
+import os
+import secrets
+import select
+import struct
+import time
+import weakref
+from multiprocessing import reduction, resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+
+import _posixshmem
+
+from stem import _native
+from stem.errors import WorkerError
+
+_impl = _native.load("ring")
+#: the ring class in use: ``stem._speedups.ring.Ring`` or ``stem._ring_py.Ring``
+Ring = _impl.Ring
+#: "cython" or "python": which ring implementation this process uses
+IMPLEMENTATION = "cython" if _impl.__name__ == "stem._speedups.ring" else "python"
+
+__all__ = ["Channel", "ChannelHandle", "wait_readable", "IMPLEMENTATION", "DEFAULT_CAPACITY",
+           "DEFAULT_BATCH"]
+
+DEFAULT_CAPACITY = 1 << 20
+MIN_CAPACITY = 4096
+DEFAULT_BATCH = 1024
+
+_MAGIC = b"STEMRING"
+_HEADER = struct.Struct("=8sIIQQ")
+_HEADER_BYTES = 64
+# where the side-channel counters sit inside a ring's control block (see stem/_ring_py.py)
+_OFF_SPILL_SEEN = 8
+_OFF_SPILL_SEQ = 72
+_COUNTER = struct.Struct("=Q")
+_NAME_PREFIX = "stmr_"
+_RING_LETTERS = ("t", "r")  # ring 0: tasks, ring 1: results
+_SIDES = ("parent", "child")
+
+
+# -- shared-memory helpers ------------------------------------------------------
+
+
+def _segment_bytes(capacity: int) -> int:
+    return _HEADER_BYTES + 2 * _impl.ring_bytes(capacity)
+
+
+def _ring_offset(index: int, capacity: int) -> int:
+    return _HEADER_BYTES + index * _impl.ring_bytes(capacity)
+
+
+def _round_capacity(capacity: int) -> int:
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0:
+        raise ValueError(f"capacity must be a positive number of bytes, got {capacity!r}")
+    return max(MIN_CAPACITY, 1 << (capacity - 1).bit_length())
+
+
+def _unlink_quietly(name: str) -> None:
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+
+
+def _write_segment(name: str, frame) -> None:
+    """Create segment ``name`` holding exactly ``frame`` (never tracked by a resource tracker)."""
+    n = memoryview(frame).nbytes
+    fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    try:
+        os.ftruncate(fd, n)
+        with mmap.mmap(fd, n) as mm:
+            mm[:] = frame
+    except BaseException:
+        _unlink_quietly(name)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _read_segment(name: str, length: int) -> bytes:
+    """Copy the frame out of segment ``name`` and unlink it."""
+    fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0o600)
+    try:
+        with mmap.mmap(fd, length, access=mmap.ACCESS_READ) as mm:
+            frame = mm[:]
+    finally:
+        os.close(fd)
+    _unlink_quietly(name)
+    return frame
+
+
+def _write_spill(prefix: str, seq: int, frame) -> None:
+    _write_segment(f"{prefix}{seq:x}", frame)
+
+
+def _read_spill(prefix: str, seq: int, length: int) -> bytes:
+    return _read_segment(f"{prefix}{seq:x}", length)
+
+
+def _sweep_spills(buf, name: str, capacity: int) -> None:
+    """Unlink every side-channel segment created and not consumed: seq in (spill_seen, spill_seq]."""
+    most = capacity // _impl.SPILL_BYTES + 2  # more records than that cannot be in flight
+    for index, letter in enumerate(_RING_LETTERS):
+        offset = _ring_offset(index, capacity)
+        (seen,) = _COUNTER.unpack_from(buf, offset + _OFF_SPILL_SEEN)
+        (created,) = _COUNTER.unpack_from(buf, offset + _OFF_SPILL_SEQ)
+        for seq in range(max(seen, created - most) + 1, created + 1):
+            _unlink_quietly(f"{name}_{letter}{seq:x}")
+
+
+# -- doorbells ------------------------------------------------------------------
+
+
+def _new_doorbell() -> tuple[int, int]:
+    """(read fd, write fd): one eventfd on Linux, a non-blocking pipe elsewhere."""
+    if hasattr(os, "eventfd"):
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        return fd, fd
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.read(fd, 4096)
+    except BlockingIOError:
+        pass
+
+
+def _poll_ms(seconds: float) -> int:
+    return max(0, math.ceil(seconds * 1000))
+
+
+# -- the handle -------------------------------------------------------------------
+
+
+class ChannelHandle:
+    """What a child needs to attach: the segment name, its capacity and the doorbell fds.
+
+    ``bells`` is ``(parent_read, parent_write, child_read, child_write)``; with
+    eventfds each pair is one fd.  Pickling wraps the fds in
+    ``multiprocessing.reduction.DupFd``, so a handle passed as a ``Process``
+    argument reaches ``spawn``/``forkserver`` children with working fds.
+    """
+
+    __slots__ = ("name", "capacity", "bells", "_received")
+
+    def __init__(self, name: str, capacity: int, bells: tuple[int, int, int, int],
+                 _received: bool = False):
+        self.name = name
+        self.capacity = capacity
+        self.bells = tuple(bells)
+        self._received = _received  # the fds were made for us by unpickling: take them
+
+    def __reduce__(self):
+        unique = list(dict.fromkeys(self.bells))
+        index = tuple(unique.index(fd) for fd in self.bells)
+        return (_rebuild_handle,
+                (self.name, self.capacity, index, tuple(reduction.DupFd(fd) for fd in unique)))
+
+    def _take_fds(self) -> tuple[int, int, int, int]:
+        if self._received:
+            self._received = False
+            return self.bells
+        dups = {fd: os.dup(fd) for fd in dict.fromkeys(self.bells)}
+        return tuple(dups[fd] for fd in self.bells)
+
+    def __repr__(self) -> str:
+        return f"ChannelHandle({self.name!r}, capacity={self.capacity}, bells={self.bells})"
+
+
+def _rebuild_handle(name, capacity, index, dupfds) -> ChannelHandle:
+    fds = [d.detach() for d in dupfds]
+    return ChannelHandle(name, capacity, tuple(fds[i] for i in index), _received=True)
+
+
+# -- the channel ----------------------------------------------------------------------
+
+
+class _Resources:
+    """Everything a channel must give back; held by its finalizer, never pointing at the channel."""
+
+    def __init__(self, *, owner: bool, name: str, capacity: int, shm, mapping, fds, rings):
+        self.pid = os.getpid()
+        self.owner = owner
+        self.name = name
+        self.capacity = capacity
+        self.shm = shm            # SharedMemory (owner) or None
+        self.mapping = mapping    # the mmap of an attached side, or None
+        self.fds = fds
+        self.rings = rings
+        self.unlinked = False
+
+    def unlink(self) -> None:
+        if self.unlinked:
+            return
+        self.unlinked = True
+        try:
+            self.shm.unlink()
+        except FileNotFoundError:  # removed behind our back; still forget it in the tracker
+            resource_tracker.unregister(self.shm._name, "shared_memory")
+
+    def release(self) -> None:
+        if os.getpid() != self.pid:
+            return  # a forked copy: these resources belong to the creator
+        for ring in self.rings:
+            ring.close()
+        if self.owner:
+            try:
+                _sweep_spills(self.shm.buf, self.name, self.capacity)
+            finally:
+                self.unlink()
+        try:
+            if self.shm is not None:
+                self.shm.close()
+            else:
+                self.mapping.close()
+        except BufferError:
+            pass  # someone still holds a view of the segment; it is unmapped with them
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Channel:
+    """One side of a supervisor <-> child channel; see the module docstring."""
+
+    @classmethod
+    def create(cls, capacity: int = DEFAULT_CAPACITY) -> "Channel":
+        """Create a channel (the supervisor's side, ``side="parent"``), which owns the segment."""
+        capacity = _round_capacity(capacity)
+        fds: list[int] = []
+        try:
+            parent_bell = _new_doorbell()
+            fds += dict.fromkeys(parent_bell)
+            child_bell = _new_doorbell()
+            fds += dict.fromkeys(child_bell)
+            for _ in range(8):
+                name = f"{_NAME_PREFIX}{os.getpid():x}_{secrets.token_hex(4)}"
+                try:
+                    shm = SharedMemory(name=name, create=True, size=_segment_bytes(capacity))
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise WorkerError("could not find a free shared-memory name for a channel")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        try:
+            _HEADER.pack_into(shm.buf, 0, _MAGIC, _impl.LAYOUT_VERSION, 0, capacity, os.getpid())
+            return cls._open(name, capacity, "parent", parent_bell + child_bell, shm=shm,
+                             mapping=None)
+        except BaseException:
+            shm.close()
+            shm.unlink()
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    @classmethod
+    def attach(cls, handle: ChannelHandle, side: str = "child") -> "Channel":
+        """Map an existing channel from ``handle``; the result never owns the segment."""
+        if side not in _SIDES:
+            raise ValueError(f"side must be 'parent' or 'child', got {side!r}")
+        bells = handle._take_fds()
+        unique = list(dict.fromkeys(bells))
+        try:
+            try:
+                fd = _posixshmem.shm_open("/" + handle.name, os.O_RDWR, mode=0o600)
+            except FileNotFoundError:
+                raise WorkerError(f"channel segment {handle.name!r} is gone: its supervisor "
+                                  "closed or unlinked it") from None
+            try:
+                mapping = mmap.mmap(fd, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+            try:
+                magic, version, _, capacity, _ = _HEADER.unpack_from(mapping, 0)
+                if magic != _MAGIC or version != _impl.LAYOUT_VERSION or capacity != handle.capacity:
+                    raise WorkerError(
+                        f"segment {handle.name!r} is not a stem channel of layout "
+                        f"{_impl.LAYOUT_VERSION} and capacity {handle.capacity} "
+                        f"(magic={magic!r}, version={version}, capacity={capacity})")
+                return cls._open(handle.name, capacity, side, bells, shm=None, mapping=mapping)
+            except BaseException:
+                mapping.close()
+                raise
+        except BaseException:
+            for fd in unique:
+                os.close(fd)
+            raise
+
+    @classmethod
+    def _open(cls, name, capacity, side, bells, *, shm, mapping) -> "Channel":
+        self = cls.__new__(cls)
+        buf = shm.buf if shm is not None else mapping
+        me = 0 if side == "parent" else 1
+        my_read, my_write = bells[2 * me], bells[2 * me + 1]
+        peer_write = bells[2 * (1 - me) + 1]
+        out_index, in_index = me, 1 - me  # the parent writes ring 0, the child ring 1
+        out = Ring(buf, _ring_offset(out_index, capacity), capacity,
+                   reader_bell=peer_write, writer_bell=my_write,
+                   spill=functools.partial(_write_spill, f"{name}_{_RING_LETTERS[out_index]}"))
+        try:
+            inn = Ring(buf, _ring_offset(in_index, capacity), capacity,
+                       reader_bell=my_write, writer_bell=peer_write,
+                       unspill=functools.partial(_read_spill, f"{name}_{_RING_LETTERS[in_index]}"))
+        except BaseException:
+            out.close()
+            raise
+        self.name = name
+        self.side = side
+        self.capacity = capacity
+        self.max_inline = out.max_inline
+        self._bells = tuple(bells)
+        self._owner = shm is not None
+        self._out = out
+        self._in = inn
+        self._bell_fd = my_read
+        self._poll = select.poll()
+        self._poll.register(my_read, select.POLLIN)
+        # the ring's own methods, bound: no Python frame on the hot path
+        self.send = out.send
+        self.send_many = out.send_many
+        self.recv = inn.recv
+        self.recv_many = inn.recv_many
+        self._resources = _Resources(owner=self._owner, name=name, capacity=capacity, shm=shm,
+                                     mapping=mapping, fds=list(dict.fromkeys(bells)),
+                                     rings=(out, inn))
+        self._finalizer = weakref.finalize(self, self._resources.release)
+        return self
+
+    # The four methods below are shadowed per instance by the ring's bound methods
+    # (see _open); they document the API and behave identically.
+
+    def send(self, frame) -> bool:
+        """Write one frame; False (nothing written) if it does not fit now."""
+        return self._out.send(frame)
+
+    def send_many(self, frames) -> int:
+        """Write frames in order until one does not fit; return how many were written."""
+        return self._out.send_many(frames)
+
+    def recv(self) -> bytes | None:
+        """The next frame, or None when nothing is pending."""
+        return self._in.recv()
+
+    def recv_many(self, max_n: int) -> list[bytes]:
+        """Up to ``max_n`` pending frames (possibly none)."""
+        return self._in.recv_many(max_n)
+
+    def recv_wait(self, timeout: float, max_n: int = DEFAULT_BATCH) -> list[bytes]:
+        """Up to ``max_n`` frames, sleeping on the doorbell for at most ``timeout`` seconds.
+
+        Returns ``[]`` when the timeout passes with nothing received (also
+        when the peer died: a partial frame is never published).
+        """
+        ring = self._in
+        frames = ring.recv_many(max_n)
+        if frames or timeout <= 0:
+            return frames
+        deadline = time.monotonic() + timeout
+        while True:
+            if ring.arm_recv():
+                remaining = deadline - time.monotonic()
+                if remaining > 0 and self._poll.poll(_poll_ms(remaining)):
+                    _drain(self._bell_fd)
+                ring.disarm_recv()
+            frames = ring.recv_many(max_n)
+            if frames or time.monotonic() >= deadline:
+                return frames
+
+    def send_wait(self, frames, timeout: float) -> int:
+        """Write all ``frames`` in order, sleeping while the ring is full, for at most ``timeout``.
+
+        Returns how many were written (``len(frames)`` unless the timeout passed).
+        """
+        out = self._out
+        total = len(frames)
+        done = out.send_many(frames)
+        if done == total or timeout <= 0:
+            return done
+        deadline = time.monotonic() + timeout
+        while True:
+            if out.arm_send(memoryview(frames[done]).nbytes):
+                remaining = deadline - time.monotonic()
+                if remaining > 0 and self._poll.poll(_poll_ms(remaining)):
+                    _drain(self._bell_fd)
+                out.disarm_send()
+            done += out.send_many(frames, done)
+            if done == total or time.monotonic() >= deadline:
+                return done
+
+    def pending_bytes(self) -> int:
+        """Bytes of incoming records not yet received (0: nothing to receive)."""
+        return self._in.pending_bytes()
+
+    def free_bytes(self) -> int:
+        """Bytes free in the outgoing ring (a frame needs 8 + its length rounded up to 8)."""
+        return self._out.free_bytes()
+
+    def fileno(self) -> int:
+        """The incoming doorbell: readable after a peer rang it (see ``wait_readable``)."""
+        return self._bell_fd
+
+    @property
+    def handle(self) -> ChannelHandle:
+        """A small picklable object from which ``Channel.attach`` maps this channel."""
+        return ChannelHandle(self.name, self.capacity, self._bells)
+
+    @property
+    def owner(self) -> bool:
+        """True in the process that created the channel: it unlinks the segment."""
+        return self._owner and self._resources.pid == os.getpid()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def unlink(self) -> None:
+        """Remove the segment's name now (owner only); mappings stay valid until closed."""
+        if not self.owner:
+            raise WorkerError(f"only the process that created channel {self.name!r} unlinks it")
+        self._resources.unlink()
+
+    def close(self) -> None:
+        """Unmap and close the doorbells; the owner also unlinks everything.  Idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> "Channel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __reduce__(self):
+        raise TypeError("a Channel is not picklable; pass ch.handle and Channel.attach() it")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"pending={self.pending_bytes()}"
+        return (f"<Channel {self.name} side={self.side} capacity={self.capacity} "
+                f"owner={self.owner} {state}>")
+
+
+def wait_readable(channels, timeout: float) -> list[Channel]:
+    """Block until some of ``channels`` have incoming frames, for at most ``timeout`` seconds.
+
+    Returns those channels (``[]`` on timeout).  One thread can serve many
+    children this way: every channel is armed, then one ``poll()`` sleeps on
+    all their doorbells.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        ready = [ch for ch in channels if ch._in.pending_bytes()]
+        if ready:
+            return ready
+        armed = []
+        for ch in channels:
+            if not ch._in.arm_recv():
+                break
+            armed.append(ch)
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                poller = select.poll()
+                for ch in armed:
+                    poller.register(ch._bell_fd, select.POLLIN)
+                for fd, _ in poller.poll(_poll_ms(remaining)):
+                    _drain(fd)
+        for ch in armed:
+            ch._in.disarm_recv()
+        if time.monotonic() >= deadline:
+            return [ch for ch in channels if ch._in.pending_bytes()]
