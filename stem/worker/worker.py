@@ -40,6 +40,8 @@ __all__ = ["Worker"]
 log = logging.getLogger("stem.worker")
 
 _SETTLE_BATCH = 512
+# How long one consume call may block: bounds shutdown latency and burst-idle detection.
+FETCH_BLOCK_SECONDS = 0.25
 
 
 class _Runtime:
@@ -252,7 +254,7 @@ class Worker:
                     self._lock.wait(0.5)
                     continue
             try:
-                deliveries = self.broker.consume(queues, free, 1.0, consumer=self.id)
+                deliveries = self.broker.consume(queues, free, FETCH_BLOCK_SECONDS, consumer=self.id)
                 if backoff:
                     log.warning("worker %s: broker reachable again", self.id)
                 backoff = 0.0

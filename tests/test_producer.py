@@ -1,0 +1,179 @@
+"""The producer validates everything before publishing anything."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from stem import AsyncStem, Stem, TaskOptions, TaskRegistry, TaskState, signals
+from stem.backends import InMemoryResultBackend
+from stem.brokers import InMemoryBroker
+from stem.envelope import decode_frame, read_header
+from stem.errors import (ConfigurationError, EncodeError, InvalidTaskOptionsError, TaskTimeoutError,
+                         UnknownTaskError)
+from stem.results import TaskStatus
+
+
+@pytest.fixture
+def registry():
+    r = TaskRegistry()
+    r.task("email.send", options=TaskOptions(max_retries=2, queue="mail"))(lambda ctx, to, subject="": to)
+    r.task("noop")(lambda ctx: None)
+    return r
+
+
+@pytest.fixture
+def stem(registry):
+    return Stem(broker=InMemoryBroker(), backend=InMemoryResultBackend(), registry=registry)
+
+
+def test_enqueue_publishes_a_frame_with_resolved_options(stem):
+    tid = stem.enqueue("email.send", args={"to": "a@b.c"}, meta={"trace": "x"})
+    [d] = stem.broker.consume(["mail"], 1, 1.0)
+    env = decode_frame(d.frame)
+    assert (env.id, env.name, env.args, env.meta) == (tid, "email.send", {"to": "a@b.c"}, {"trace": "x"})
+    assert env.max_retries == 2 and env.queue == "mail" and env.attempt == 0
+
+
+def test_enqueue_options_override_the_handlers(stem):
+    stem.enqueue("email.send", args={"to": "x"}, options=TaskOptions(queue="urgent", priority=5))
+    [d] = stem.broker.consume(["urgent"], 1, 1.0)
+    env = decode_frame(d.frame)
+    assert env.queue == "urgent" and env.priority == 5 and env.max_retries == 2
+
+
+@pytest.mark.parametrize("call, error, fragment", [
+    (lambda s: s.enqueue("emial.send", {"to": "x"}), UnknownTaskError, "did you mean 'email.send'"),
+    (lambda s: s.enqueue("email.send", {"to": object()}), EncodeError, "encode|object"),
+    (lambda s: s.enqueue("email.send", ["not", "a", "dict"]), EncodeError, "dict"),
+    (lambda s: s.enqueue("email.send", {1: "x"}), EncodeError, "str keys"),
+    (lambda s: s.enqueue("email.send", {"to": "x"}, options={"queue": "q"}), InvalidTaskOptionsError, "TaskOptions"),
+    (lambda s: s.enqueue("email.send", {"to": "x"}, countdown=-1), InvalidTaskOptionsError, "countdown"),
+    (lambda s: s.enqueue("email.send", {"to": "x"}, countdown=1, eta=5.0), InvalidTaskOptionsError, "not both"),
+    (lambda s: s.enqueue("email.send", {"to": "x"}, meta=[1]), EncodeError, "meta"),
+    (lambda s: s.enqueue("email.send", {"to": "x"}, headers={"a": 1}), EncodeError, "headers"),
+    (lambda s: s.enqueue("email.send", {"to": "x"}, task_id=""), InvalidTaskOptionsError, "task_id"),
+    (lambda s: s.enqueue("email.send", {"to": "x"}, options=TaskOptions(unique=True)), InvalidTaskOptionsError,
+     "unique"),
+    (lambda s: s.enqueue("", {}), InvalidTaskOptionsError, "name"),
+])
+def test_bad_input_raises_and_publishes_nothing(stem, call, error, fragment):
+    with pytest.raises(error, match=fragment):
+        call(stem)
+    for q in ("mail", "default"):
+        assert stem.broker.stats(q).ready == 0
+
+
+def test_enqueue_many_validates_every_item_before_publishing_any(stem):
+    with pytest.raises(UnknownTaskError):
+        stem.enqueue_many([("email.send", {"to": "1"}), ("nope", {})])
+    assert stem.broker.stats("mail").ready == 0
+
+
+def test_enqueue_many_publishes_in_one_broker_call(stem, monkeypatch):
+    calls = []
+    real = stem.broker.publish_many
+    monkeypatch.setattr(stem.broker, "publish_many", lambda ms: (calls.append(len(ms)), real(ms)))
+    monkeypatch.setattr(stem.broker, "publish", lambda m: pytest.fail("publish called per item"))
+    ids = stem.enqueue_many([("email.send", {"to": str(i)}) for i in range(100)] +
+                            [{"name": "noop", "countdown": 60}, ("noop", {}, TaskOptions(queue="q2"))])
+    assert calls == [102] and len(set(ids)) == 102
+    assert stem.broker.stats("mail").ready == 100
+    assert stem.broker.stats("default").delayed == 1
+    assert stem.broker.stats("q2").ready == 1
+
+
+def test_countdown_and_eta_become_not_before(stem):
+    t0 = time.time()
+    stem.enqueue("noop", countdown=30)
+    stem.enqueue("noop", eta=t0 + 60)
+    assert stem.broker.stats("default").delayed == 2
+
+
+def test_expires_sets_expires_at(stem):
+    stem.enqueue("noop", options=TaskOptions(expires=5))
+    [d] = stem.broker.consume(["default"], 1, 1.0)
+    env = decode_frame(d.frame)
+    assert env.expires_at == pytest.approx(time.time() + 5, abs=2)
+
+
+def test_a_producer_without_registry_accepts_any_name():
+    s = Stem(InMemoryBroker(), None)
+    s.enqueue("anything.goes", {"x": 1})
+    assert s.broker.stats("default").ready == 1
+
+
+def test_a_fire_and_forget_producer_cannot_wait():
+    s = Stem(InMemoryBroker(), None)
+    with pytest.raises(ConfigurationError, match="fire-and-forget"):
+        s.wait_for_task("x")
+
+
+def test_get_status_of_an_unknown_id_is_pending(stem):
+    assert stem.get_status("nope").state is TaskState.PENDING
+
+
+def test_wait_for_task_times_out_with_task_timeout_error(stem):
+    tid = stem.enqueue("noop")
+    with pytest.raises(TaskTimeoutError, match=tid):
+        stem.wait_for_task(tid, timeout=0.1)
+    with pytest.raises(InvalidTaskOptionsError):
+        stem.wait_for_task(tid, timeout=-1)
+
+
+def test_wait_for_task_returns_the_stored_terminal_status(stem):
+    stem.backend.store(TaskStatus(id="t1", state=TaskState.SUCCEEDED, result=5))
+    assert stem.wait_for_task("t1", timeout=1).result == 5
+
+
+def test_publish_signals_fire_around_publishing(stem):
+    seen = []
+    before = signals.before_task_publish.connect(lambda s, envelope: seen.append(("before", envelope.name)))
+    after = signals.after_task_publish.connect(lambda s, envelope: seen.append(("after", envelope.name)))
+    try:
+        stem.enqueue("noop")
+    finally:
+        signals.before_task_publish.disconnect(before)
+        signals.after_task_publish.disconnect(after)
+    assert seen == [("before", "noop"), ("after", "noop")]
+
+
+def test_constructor_rejects_wrong_types():
+    with pytest.raises(ConfigurationError):
+        Stem(broker=object())
+    with pytest.raises(ConfigurationError):
+        Stem(InMemoryBroker(), backend=object())
+    with pytest.raises(ConfigurationError):
+        Stem(InMemoryBroker(), registry={"a": 1})
+
+
+def test_revoke_is_recorded_in_the_backend(stem):
+    stem.revoke("abc")
+    assert stem.backend.revoked(["abc"]) == {"abc"}
+
+
+def test_async_stem_enqueues_and_waits(registry):
+    broker, backend = InMemoryBroker(), InMemoryResultBackend()
+
+    async def main():
+        s = AsyncStem(broker=broker, backend=backend, registry=registry)
+        tid = await s.enqueue("noop")
+        backend.store(TaskStatus(id=tid, state=TaskState.SUCCEEDED))
+        status = await s.wait_for_task(tid, timeout=1)
+        ids = await s.enqueue_many([("noop", {})] * 3)
+        return status, ids
+
+    status, ids = asyncio.run(main())
+    assert status.state is TaskState.SUCCEEDED
+    assert len(ids) == 3 and broker.stats("default").ready == 4
+
+
+def test_header_of_a_fresh_frame_has_attempt_zero(stem):
+    stem.enqueue("noop", countdown=5)
+    [d] = stem.broker.consume(["default"], 1, 0) or [None]
+    assert d is None  # delayed, not deliverable
+    stem.enqueue("noop")
+    [d] = stem.broker.consume(["default"], 1, 1.0)
+    assert read_header(d.frame).attempt == 0

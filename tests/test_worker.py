@@ -1,0 +1,393 @@
+"""The worker end to end on the in-memory adapters (every engine runs these)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from stem import (PayloadSigner, ShutdownMode, Stem, TaskOptions, TaskRegistry, TaskState, Worker,
+                  WorkerLifecycleConfig, signals)
+from stem.backends import InMemoryResultBackend
+from stem.brokers import InMemoryBroker, Message
+from stem.errors import ConfigurationError
+from stem.retry import FixedRetryStrategy
+
+NO_SIGNALS = WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5, force_shutdown_after=5)
+
+
+def wait_until(predicate, timeout=20.0, interval=0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+@pytest.fixture(params=["inline"])
+def isolation(request):
+    return request.param
+
+
+@pytest.fixture
+def env(isolation):
+    """A registry, adapters, a producer and a worker factory; workers are shut down after the test."""
+    registry = TaskRegistry()
+    broker, backend = InMemoryBroker(), InMemoryResultBackend()
+    workers = []
+
+    class Env:
+        pass
+
+    e = Env()
+    e.registry, e.broker, e.backend = registry, broker, backend
+    e.stem = Stem(broker, backend, registry)
+
+    def worker(**kw):
+        kw.setdefault("concurrency", 2)
+        kw.setdefault("lifecycle", NO_SIGNALS)
+        kw.setdefault("retry_strategy", FixedRetryStrategy(0.01))
+        kw.setdefault("isolation", isolation)
+        w = Worker(broker, backend, registry, **kw)
+        workers.append(w)
+        return w
+
+    e.worker = worker
+    yield e
+    for w in workers:
+        w.shutdown(ShutdownMode.HARD, timeout=15)
+
+
+def test_tasks_run_and_their_results_are_stored(env):
+    env.registry.task("add")(lambda ctx, a, b: a + b)
+    env.worker().run_in_background()
+    ids = [env.stem.enqueue("add", {"a": i, "b": 1}) for i in range(20)]
+    results = [env.stem.wait_for_task(i, timeout=20) for i in ids]
+    assert [r.result for r in results] == [i + 1 for i in range(20)]
+    assert all(r.state is TaskState.SUCCEEDED and r.attempt == 0 for r in results)
+    assert env.broker.stats("default").in_flight == 0
+
+
+def test_burst_worker_drains_the_queue_and_stops(env):
+    env.registry.task("noop")(lambda ctx: None)
+    env.stem.enqueue_many([("noop", {})] * 50)
+    w = env.worker(concurrency=4)
+    w.run_in_background(burst=True)
+    assert w.join(20)
+    assert w.stats()["succeeded"] == 50
+    s = env.broker.stats("default")
+    assert (s.ready, s.in_flight) == (0, 0)
+
+
+def test_failing_task_is_retried_until_it_succeeds(env):
+    calls = []
+
+    @env.registry.task("flaky", options=TaskOptions(max_retries=3))
+    def flaky(ctx):
+        calls.append(ctx.attempt)
+        if ctx.attempt < 2:
+            raise RuntimeError(f"fail {ctx.attempt}")
+        return "ok"
+
+    env.worker().run_in_background()
+    status = env.stem.wait_for_task(env.stem.enqueue("flaky"), timeout=20)
+    assert status.state is TaskState.SUCCEEDED and status.attempt == 2 and status.result == "ok"
+    assert calls == [0, 1, 2]
+
+
+def test_task_that_exhausts_retries_fails_and_is_dead_lettered(env):
+    @env.registry.task("boom", options=TaskOptions(max_retries=1))
+    def boom(ctx):
+        raise ValueError("always")
+
+    env.worker().run_in_background()
+    tid = env.stem.enqueue("boom")
+    status = env.stem.wait_for_task(tid, timeout=20)
+    assert status.state is TaskState.FAILED and status.attempt == 1
+    assert status.error == "always" and status.error_type == "ValueError" and "Traceback" in status.traceback
+    assert wait_until(lambda: env.broker.stats("default").dead == 1)
+    [dl] = env.broker.dead_letters("default")
+    assert dl.task_id == tid and dl.reason == "error"
+
+
+def test_ctx_retry_reschedules_with_its_countdown(env):
+    @env.registry.task("again", options=TaskOptions(max_retries=1))
+    def again(ctx):
+        if ctx.attempt == 0:
+            ctx.retry(countdown=0.2)
+        return ctx.attempt
+
+    env.worker().run_in_background()
+    t0 = time.monotonic()
+    status = env.stem.wait_for_task(env.stem.enqueue("again"), timeout=20)
+    assert status.result == 1 and time.monotonic() - t0 >= 0.15
+
+
+def test_result_msgpack_cannot_encode_fails_the_task_without_retrying(env):
+    env.registry.task("bad.result", options=TaskOptions(max_retries=3))(lambda ctx: object())
+    env.worker().run_in_background()
+    status = env.stem.wait_for_task(env.stem.enqueue("bad.result"), timeout=20)
+    assert status.state is TaskState.FAILED and status.reason == "result-not-encodable" and status.attempt == 0
+
+
+def test_unsigned_or_tampered_frames_are_dead_lettered_by_a_signing_worker(env):
+    from stem.envelope import Envelope, encode_frame
+    env.registry.task("noop")(lambda ctx: "ran")
+    signer = PayloadSigner({"k1": b"s" * 32})
+    unsigned_id = env.stem.enqueue("noop")
+    frame = bytearray(encode_frame(Envelope(id="tampered", name="noop", args={"x": 1}), signer))
+    frame[-2] ^= 0x01
+    env.broker.publish(Message("tampered", "default", bytes(frame)))
+    ok_id = Stem(env.broker, env.backend, env.registry, signer).enqueue("noop", {})
+    env.worker(signer=signer).run_in_background()
+    assert env.stem.wait_for_task(ok_id, timeout=20).result == "ran"
+    for tid in (unsigned_id, "tampered"):
+        status = env.stem.wait_for_task(tid, timeout=20)
+        assert status.state is TaskState.DEAD and status.reason == "signature-invalid"
+    assert wait_until(lambda: len(env.broker.dead_letters("default")) == 2)
+    assert {d.reason for d in env.broker.dead_letters("default")} == {"signature-invalid"}
+
+
+def test_unknown_task_at_the_worker_is_dead_lettered(env):
+    free = Stem(env.broker, env.backend)  # no registry: any name goes
+    tid = free.enqueue("not.registered")
+    env.registry.task("noop")(lambda ctx: None)
+    env.worker().run_in_background()
+    status = env.stem.wait_for_task(tid, timeout=20)
+    assert status.state is TaskState.DEAD and status.reason == "unknown-task"
+
+
+def test_revoked_task_is_not_run(env):
+    ran = []
+    env.registry.task("noop")(lambda ctx: ran.append(ctx.id))
+    tid = env.stem.enqueue("noop")
+    env.stem.revoke(tid)
+    env.worker().run_in_background()
+    status = env.stem.wait_for_task(tid, timeout=20)
+    assert status.state is TaskState.REVOKED and status.reason == "revoked" and ran == []
+
+
+def test_expired_task_is_not_run(env):
+    ran = []
+    env.registry.task("noop")(lambda ctx: ran.append(1))
+    tid = env.stem.enqueue("noop", options=TaskOptions(expires=0.05))
+    time.sleep(0.1)  # let it expire before any worker exists (expiry is the point of the test)
+    env.worker().run_in_background()
+    status = env.stem.wait_for_task(tid, timeout=20)
+    assert status.state is TaskState.REVOKED and status.reason == "expired" and ran == []
+
+
+def test_soft_time_limit_raises_inside_the_task(env):
+    cleaned = []
+
+    @env.registry.task("slow", options=TaskOptions(soft_time_limit=0.3))
+    def slow(ctx):
+        from stem.errors import SoftTimeLimitExceeded
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        except SoftTimeLimitExceeded:
+            cleaned.append(True)
+            raise
+        return "not reached"
+
+    env.worker().run_in_background()
+    status = env.stem.wait_for_task(env.stem.enqueue("slow"), timeout=20)
+    assert status.state is TaskState.FAILED and status.reason == "soft-time-limit" and cleaned == [True]
+
+
+def test_task_signals_fire_in_order(env):
+    seen = []
+    env.registry.task("noop")(lambda ctx: 1)
+    receivers = {
+        "task_received": lambda s, **kw: seen.append("received"),
+        "task_prerun": lambda s, **kw: seen.append("prerun"),
+        "task_succeeded": lambda s, **kw: seen.append("succeeded"),
+        "task_postrun": lambda s, **kw: seen.append("postrun"),
+    }
+    for name, fn in receivers.items():
+        signals.get(name).connect(fn)
+    try:
+        env.worker().run_in_background()
+        env.stem.wait_for_task(env.stem.enqueue("noop"), timeout=20)
+        assert wait_until(lambda: "postrun" in seen)
+    finally:
+        for name, fn in receivers.items():
+            signals.get(name).disconnect(fn)
+    assert seen == ["received", "prerun", "succeeded", "postrun"]
+
+
+def test_failure_and_retry_signals_fire(env):
+    seen = []
+
+    @env.registry.task("boom", options=TaskOptions(max_retries=1))
+    def boom(ctx):
+        raise RuntimeError("x")
+
+    r1 = signals.task_retry.connect(lambda s, **kw: seen.append(("retry", kw["delay"] >= 0)))
+    r2 = signals.task_failed.connect(lambda s, **kw: seen.append(("failed", kw["reason"])))
+    try:
+        env.worker().run_in_background()
+        env.stem.wait_for_task(env.stem.enqueue("boom"), timeout=20)
+        assert wait_until(lambda: len(seen) == 2)
+    finally:
+        signals.task_retry.disconnect(r1)
+        signals.task_failed.disconnect(r2)
+    assert seen == [("retry", True), ("failed", "error")]
+
+
+def test_concurrency_bounds_running_tasks_and_prefetch_bounds_leases(env):
+    lock = threading.Lock()
+    running = [0, 0]
+
+    @env.registry.task("busy")
+    def busy(ctx):
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        time.sleep(0.005)
+        with lock:
+            running[0] -= 1
+
+    max_in_flight = [0]
+    real_consume = env.broker.consume
+
+    def consume(*a, **kw):
+        out = real_consume(*a, **kw)
+        max_in_flight[0] = max(max_in_flight[0], env.broker.stats("default").in_flight)
+        return out
+
+    env.broker.consume = consume
+    env.stem.enqueue_many([("busy", {})] * 200)
+    w = env.worker(concurrency=3, prefetch_multiplier=2)
+    w.run_in_background(burst=True)
+    assert w.join(30)
+    assert running[1] <= 3
+    assert 1 <= max_in_flight[0] <= 6
+    assert w.stats()["succeeded"] == 200
+
+
+def test_warm_shutdown_finishes_running_and_requeues_the_rest(env):
+    started = threading.Event()
+    release = threading.Event()
+
+    @env.registry.task("block")
+    def block(ctx):
+        started.set()
+        release.wait(20)
+        return "finished"
+
+    ids = env.stem.enqueue_many([("block", {})] * 4)
+    w = env.worker(concurrency=1, prefetch_multiplier=4)
+    w.run_in_background()
+    assert started.wait(20)
+    assert wait_until(lambda: w.stats()["in_flight"] == 4)
+    w.shutdown_nowait(ShutdownMode.WARM)
+    assert wait_until(lambda: env.broker.stats("default").ready == 3)
+    release.set()
+    assert w.join(20)
+    done = [env.stem.get_status(i) for i in ids]
+    assert sum(s.state is TaskState.SUCCEEDED for s in done) == 1
+    assert env.broker.stats("default").in_flight == 0
+
+
+def test_heartbeats_reach_the_backend_and_vanish_on_shutdown(env):
+    env.registry.task("noop")(lambda ctx: None)
+    w = env.worker(heartbeat_interval=0.1)
+    w.run_in_background()
+    assert wait_until(lambda: any(h["worker_id"] == w.id for h in env.backend.heartbeats()))
+    beat = next(h for h in env.backend.heartbeats() if h["worker_id"] == w.id)
+    assert beat["concurrency"] == 2 and beat["queues"] == ["default"] and "processed" in beat
+    w.shutdown(timeout=20)
+    assert all(h["worker_id"] != w.id for h in env.backend.heartbeats())
+
+
+def test_a_task_longer_than_its_visibility_timeout_runs_once(env):
+    runs = []
+
+    @env.registry.task("long", options=TaskOptions(visibility_timeout=0.3))
+    def long(ctx):
+        runs.append(1)
+        time.sleep(1.0)
+        return len(runs)
+
+    env.worker().run_in_background()
+    status = env.stem.wait_for_task(env.stem.enqueue("long"), timeout=20)
+    assert status.state is TaskState.SUCCEEDED and runs == [1]
+
+
+def test_child_tasks_record_their_parent(env):
+    @env.registry.task("parent")
+    def parent(ctx):
+        return ctx.enqueue("child", {"x": 1})
+
+    env.registry.task("child")(lambda ctx, x: x + 1)
+    env.worker().run_in_background()
+    pid = env.stem.enqueue("parent")
+    child_id = env.stem.wait_for_task(pid, timeout=20).result
+    assert env.stem.wait_for_task(child_id, timeout=20).result == 2
+
+
+def test_async_handlers_run(env):
+    import asyncio
+
+    @env.registry.task("aio")
+    async def aio(ctx, n):
+        await asyncio.sleep(0.01)
+        return n * 2
+
+    env.worker().run_in_background()
+    assert env.stem.wait_for_task(env.stem.enqueue("aio", {"n": 21}), timeout=20).result == 42
+
+
+def test_rate_limit_spaces_out_tasks(env):
+    env.registry.task("limited", options=TaskOptions(rate_limit="10/s"))(lambda ctx: time.monotonic())
+    ids = env.stem.enqueue_many([("limited", {})] * 20)
+    env.worker(concurrency=4).run_in_background()
+    times = sorted(env.stem.wait_for_task(i, timeout=20).result for i in ids)
+    # a bucket of 10 then 10/s: the last 10 need at least ~1 s
+    assert times[-1] - times[0] >= 0.8
+
+
+def test_progress_is_visible_while_the_task_runs(env):
+    go = threading.Event()
+
+    @env.registry.task("prog")
+    def prog(ctx):
+        ctx.progress(0.5, {"step": 1})
+        go.wait(20)
+        return "done"
+
+    env.worker().run_in_background()
+    tid = env.stem.enqueue("prog")
+    assert wait_until(lambda: env.stem.get_status(tid).progress == 0.5)
+    assert env.stem.get_status(tid).state is TaskState.RUNNING
+    go.set()
+    assert env.stem.wait_for_task(tid, timeout=20).result == "done"
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"registry": None}, "TaskRegistry"),
+    ({"concurrency": 0}, "concurrency"),
+    ({"prefetch_multiplier": 0}, "prefetch_multiplier"),
+    ({"queues": ["bad queue"]}, "queue"),
+    ({"isolation": "thread"}, "isolation"),
+    ({"heartbeat_interval": 0}, "heartbeat_interval"),
+    ({"retry_strategy": 3}, "retry_strategy"),
+    ({"lifecycle": {}}, "lifecycle"),
+])
+def test_worker_rejects_bad_arguments(kwargs, fragment):
+    args = {"broker": InMemoryBroker(), "backend": InMemoryResultBackend(), "registry": TaskRegistry()}
+    args.update(kwargs)
+    with pytest.raises(ConfigurationError, match=fragment):
+        Worker(**args)
+
+
+@pytest.mark.parametrize("kwargs", [{"soft_grace_period": -1}, {"max_tasks_per_child": 0},
+                                    {"max_memory_per_child": 1.5}])
+def test_lifecycle_config_rejects_bad_values(kwargs):
+    with pytest.raises(ConfigurationError):
+        WorkerLifecycleConfig(**kwargs)
