@@ -1,0 +1,236 @@
+"""The Redis result backend: statuses with a TTL, pub/sub wake-ups, heartbeats, revocations.
+
+Key schema (N = namespace, default "stem"; "{...}" are Redis Cluster hash tags):
+
+    N:{t:ID}:status     STRING   msgpack TaskStatus (stem.results.encode_status), PX result_expires
+    N:{t:ID}:done       channel  a terminal store PUBLISHes the encoded status here
+    N:{hb}:w:WORKER     STRING   msgpack heartbeat dict, PX ttl (a dead worker's key expires)
+    N:{hb}:index        ZSET     worker id -> expiry (ms); lists heartbeats without KEYS,
+                                 pruned on every read
+    N:{revoked}         ZSET     task id -> revoked-until (ms), pruned on every read and write
+    N:{g:ID}:...        reserved for group/chord counters
+
+``wait`` subscribes to the task's channel, waits for the SUBSCRIBE confirmation,
+then reads the status: a terminal store that lands after the read is published
+to a channel it already listens on, and one that landed before is what the
+read returns, so nothing is missed and nothing polls.  ``store_many`` is one
+pipelined round trip (SET + PUBLISH for each terminal status).
+
+Connections come from the process-wide pool shared with ``RedisBroker``
+(``stem.brokers.redis.shared_client``); redis errors become
+``BackendConnectionError`` / ``BackendError``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence, TypeVar
+
+import msgspec
+import redis
+
+from ..brokers.redis import call_with_retry, release_client, shared_client, validate_namespace
+from ..errors import BackendConnectionError, BackendError, ConfigurationError
+from ..results import TaskStatus, decode_status, encode_status
+from .base import DEFAULT_RESULT_EXPIRES, ResultBackend
+
+__all__ = ["RedisResultBackend"]
+
+_T = TypeVar("_T")
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(dict).decode
+
+
+def _seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _ms(seconds: float) -> int:
+    return max(int(round(seconds * 1000)), 1)
+
+
+class RedisResultBackend(ResultBackend):
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str = "stem",
+                 result_expires: float = DEFAULT_RESULT_EXPIRES, socket_timeout: float = 5.0,
+                 socket_connect_timeout: float = 2.0, retry_attempts: int = 4):
+        self.url = url
+        self.namespace = validate_namespace(namespace)
+        self.result_expires = _seconds("result_expires", result_expires)
+        _seconds("socket_timeout", socket_timeout)
+        _seconds("socket_connect_timeout", socket_connect_timeout)
+        if isinstance(retry_attempts, bool) or not isinstance(retry_attempts, int) or retry_attempts < 1:
+            raise ConfigurationError(f"retry_attempts must be an integer >= 1, got {retry_attempts!r}")
+        self.retry_attempts = retry_attempts
+        self._client = shared_client(url, socket_timeout, socket_connect_timeout)
+        ns = self.namespace
+        self._hb_index = f"{ns}:{{hb}}:index"
+        self._revoked_key = f"{ns}:{{revoked}}"
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> "RedisResultBackend":
+        return cls(url, **kwargs)
+
+    def _status_key(self, task_id: str) -> str:
+        return f"{self.namespace}:{{t:{task_id}}}:status"
+
+    def _channel(self, task_id: str) -> str:
+        return f"{self.namespace}:{{t:{task_id}}}:done"
+
+    def _hb_key(self, worker_id: str) -> str:
+        return f"{self.namespace}:{{hb}}:w:{worker_id}"
+
+    def _call(self, fn: Callable[[], _T], what: str) -> _T:
+        return call_with_retry(fn, self.retry_attempts, what, BackendConnectionError, BackendError)
+
+    # -- statuses ---------------------------------------------------------------------
+    def store(self, status: TaskStatus) -> None:
+        self.store_many((status,))
+
+    def store_many(self, statuses: Sequence[TaskStatus]) -> None:
+        if not statuses:
+            return
+        px = _ms(self.result_expires)
+        commands = []
+        for s in statuses:
+            data = encode_status(s)
+            commands.append(("SET", self._status_key(s.id), data, "PX", px))
+            if s.is_terminal:
+                commands.append(("PUBLISH", self._channel(s.id), data))
+
+        def send():
+            pipe = self._client.pipeline(transaction=False)
+            for c in commands:
+                pipe.execute_command(*c)
+            return pipe.execute()
+
+        self._call(send, "store")
+
+    def get(self, task_id: str) -> TaskStatus | None:
+        data = self._call(lambda: self._client.get(self._status_key(task_id)), "get")
+        return None if data is None else decode_status(data)
+
+    def get_many(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
+        if not task_ids:
+            return []
+        keys = [self._status_key(t) for t in task_ids]
+
+        def send():
+            pipe = self._client.pipeline(transaction=False)
+            for k in keys:
+                pipe.get(k)
+            return pipe.execute()
+
+        return [None if d is None else decode_status(d) for d in self._call(send, "get_many")]
+
+    def wait(self, task_id: str, timeout: float) -> TaskStatus | None:
+        deadline = time.monotonic() + max(float(timeout), 0.0)
+        channel = self._channel(task_id)
+
+        def listen() -> TaskStatus | None:
+            pubsub = self._client.pubsub()
+            try:
+                pubsub.subscribe(channel)
+                while True:   # the confirmation: from here on no publish can be missed
+                    msg = pubsub.get_message(timeout=max(deadline - time.monotonic(), 0.05))
+                    if msg is not None and msg["type"] == "subscribe":
+                        break
+                    if msg is None and time.monotonic() >= deadline:
+                        return self.get(task_id)
+                status = self.get(task_id)
+                while status is None or not status.is_terminal:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    msg = pubsub.get_message(timeout=min(remaining, 1.0))
+                    if msg is not None and msg["type"] == "message":
+                        status = decode_status(msg["data"])
+                return status
+            finally:
+                pubsub.close()
+
+        return self._call(listen, "wait")
+
+    def forget(self, task_id: str) -> None:
+        self._call(lambda: self._client.delete(self._status_key(task_id)), "forget")
+
+    # -- heartbeats ---------------------------------------------------------------------
+    def put_heartbeat(self, worker_id: str, data: dict[str, Any], ttl: float) -> None:
+        ttl = _seconds("ttl", ttl)
+        now = time.time()
+        payload = _encode({**data, "worker_id": worker_id, "seen_at": now})
+
+        def send():
+            pipe = self._client.pipeline(transaction=False)
+            pipe.set(self._hb_key(worker_id), payload, px=_ms(ttl))
+            pipe.zadd(self._hb_index, {worker_id: int((now + ttl) * 1000)})
+            pipe.zremrangebyscore(self._hb_index, "-inf", int(now * 1000))
+            return pipe.execute()
+
+        self._call(send, "put_heartbeat")
+
+    def heartbeats(self) -> list[dict[str, Any]]:
+        now_ms = int(time.time() * 1000)
+
+        def send():
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zremrangebyscore(self._hb_index, "-inf", now_ms)
+            pipe.zrange(self._hb_index, 0, -1)
+            workers = pipe.execute()[1]
+            if not workers:
+                return []
+            return self._client.mget([self._hb_key(w.decode()) for w in workers])
+
+        return [_decode(d) for d in self._call(send, "heartbeats") if d is not None]
+
+    def remove_heartbeat(self, worker_id: str) -> None:
+        def send():
+            pipe = self._client.pipeline(transaction=False)
+            pipe.delete(self._hb_key(worker_id))
+            pipe.zrem(self._hb_index, worker_id)
+            return pipe.execute()
+
+        self._call(send, "remove_heartbeat")
+
+    # -- revocations ----------------------------------------------------------------------
+    def revoke(self, task_ids: Sequence[str], expires: float | None = None) -> None:
+        if not task_ids:
+            return
+        now = time.time()
+        until_ms = int((now + (self.result_expires if expires is None else float(expires))) * 1000)
+
+        def send():
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zadd(self._revoked_key, {t: until_ms for t in task_ids}, gt=True)
+            pipe.zremrangebyscore(self._revoked_key, "-inf", int(now * 1000))
+            return pipe.execute()
+
+        self._call(send, "revoke")
+
+    def revoked(self, task_ids: Sequence[str] | None = None) -> set[str]:
+        now_ms = int(time.time() * 1000)
+        if task_ids is None:
+            def send():
+                pipe = self._client.pipeline(transaction=False)
+                pipe.zremrangebyscore(self._revoked_key, "-inf", now_ms)
+                pipe.zrange(self._revoked_key, 0, -1)
+                return pipe.execute()[1]
+
+            return {t.decode() for t in self._call(send, "revoked")}
+        ids = list(task_ids)
+        if not ids:
+            return set()
+        scores = self._call(lambda: self._client.zmscore(self._revoked_key, ids), "revoked")
+        return {t for t, s in zip(ids, scores) if s is not None and s > now_ms}
+
+    # -- misc -------------------------------------------------------------------------------
+    def ping(self) -> None:
+        self._call(self._client.ping, "ping")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        release_client(self._client)

@@ -1,0 +1,423 @@
+"""The Redis broker: Streams + consumer groups, leases in a sorted set, Lua for every atomic step.
+
+Key schema, lanes and lease records are documented in the header of
+``redis_common.lua`` (beside this module); each ``redis_*.lua`` script opens
+with its KEYS/ARGV.  In short, per queue Q under namespace N, all in the
+cluster slot of the hash tag ``{q:Q}``: ten priority lanes
+``N:{q:Q}:lane:0..9`` (priority clamped to 0-9, lane 9 read first), a lease
+index ``N:{q:Q}:leases``, the delayed set ``N:{q:Q}:delayed`` and the
+dead-letter stream ``N:{q:Q}:dead``.
+
+How the contract in ``stem.brokers.base`` maps onto Redis:
+
+* ``consume`` runs one Lua script per queue that moves due delayed messages,
+  re-delivers expired leases (``XCLAIM`` to this consumer, which counts the
+  delivery; past ``max_deliveries`` the entry is dead-lettered instead) and
+  reads new entries (``XREADGROUP ... COUNT n >``), writing each lease record
+  in the same script.  ``XREADGROUP`` cannot block inside a script, so when
+  nothing is there the client blocks with ``XREAD BLOCK`` (no side effects)
+  on every lane from its last id, at most ``_MAX_BLOCK_S`` at a time, and
+  runs the script again when something arrives.  A blocking ``XREADGROUP``
+  outside a script would leave a window between the read and the lease
+  record in which a crash strands the entry in the PEL forever.
+* A message without its own visibility timeout is leased for the consuming
+  broker's ``default_visibility_timeout``.
+* ``extend`` bumps the lease record and ``XCLAIM ... JUSTID`` to itself (idle
+  time reset, delivery count untouched): one copy, always.
+* ``ack``/``retry``/``dead_letter``/``nack`` are one script call each
+  (``ack`` batches every delivery of a queue into one call).
+* Consumer groups lost with the data (a restart without persistence) are
+  recreated at id 0 by the consume script.
+
+Connections: one ``redis.ConnectionPool`` per URL and options in a process,
+shared by brokers and result backends; redis-py resets a pool in a forked
+child (it checks the pid), so a child never reuses its parent's sockets.
+Every call runs under socket timeouts and a bounded retry with backoff, then
+raises ``BrokerConnectionError``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from importlib import resources
+from typing import Any, Callable, NamedTuple, Sequence, TypeVar
+
+from ..errors import BrokerConnectionError, BrokerError, ConfigurationError, StemError
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
+                   Message, QueueStats, validate_queue_name)
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - redis is a core dependency
+    raise ImportError("RedisBroker needs redis-py: pip install 'redis[hiredis]'") from exc
+
+__all__ = ["RedisBroker", "shared_client", "release_client", "validate_namespace", "call_with_retry"]
+
+N_LANES = 10
+_MAX_BLOCK_S = 1.0          # longest single XREAD BLOCK; bounds the latency of delayed/nacked messages
+_DELAYED_MOVE_LIMIT = 1000  # due delayed messages moved per consume script call
+_MAX_COUNT = 1000
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_T = TypeVar("_T")
+
+# -- connection pools (shared with stem.backends.redis) ---------------------------
+
+_pools_lock = threading.Lock()
+_pools: dict[tuple, list] = {}   # key -> [client, refcount]
+
+
+def validate_namespace(namespace: str) -> str:
+    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+        raise ConfigurationError(
+            f"bad Redis namespace {namespace!r}: use 1-64 characters from A-Z a-z 0-9 _ . : -")
+    return namespace
+
+
+def _positive(name: str, value: Any, *, minimum: float = 0.0, integer: bool = False) -> float:
+    ok_type = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type) or not value > minimum:
+        kind = "an integer" if integer else "a number"
+        raise ConfigurationError(f"{name} must be {kind} > {minimum}, got {value!r}")
+    return value
+
+
+def shared_client(url: str, socket_timeout: float, connect_timeout: float) -> "redis.Redis":
+    """The process-wide client for ``url``: one pool per (url, timeouts).  Pair with ``release_client``."""
+    key = (url, float(socket_timeout), float(connect_timeout))
+    with _pools_lock:
+        entry = _pools.get(key)
+        if entry is None:
+            try:
+                pool = redis.ConnectionPool.from_url(
+                    url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+                    socket_keepalive=True, retry=Retry(NoBackoff(), 1))
+            except (ValueError, TypeError) as exc:
+                raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
+            entry = _pools[key] = [redis.Redis(connection_pool=pool), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def release_client(client: "redis.Redis") -> None:
+    with _pools_lock:
+        for key, entry in list(_pools.items()):
+            if entry[0] is client:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del _pools[key]
+                    client.connection_pool.disconnect()
+                return
+
+
+def call_with_retry(fn: Callable[[], _T], attempts: int, what: str,
+                    connection_error: type[StemError] = BrokerConnectionError,
+                    other_error: type[StemError] = BrokerError) -> _T:
+    """Run ``fn``; retry connection failures and timeouts ``attempts`` - 1 times with
+    capped, jittered backoff, then raise ``connection_error``.  Any other redis error
+    becomes ``other_error`` at once.  Callers only ever see ``StemError``."""
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if attempt == attempts - 1:
+                raise connection_error(
+                    f"Redis unreachable during {what} after {attempts} attempts: {exc}") from exc
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 1.0)
+        except redis.RedisError as exc:
+            raise other_error(f"Redis error during {what}: {exc}") from exc
+    raise AssertionError("unreachable")
+
+
+def _load_script(name: str) -> str:
+    pkg = resources.files("stem.brokers")
+    return pkg.joinpath("redis_common.lua").read_text() + "\n" + pkg.joinpath(name).read_text()
+
+
+class _Receipt(NamedTuple):
+    lane: int
+    entry_id: str
+    consumer: str
+
+
+def _lane(priority: int) -> int:
+    return min(max(int(priority), 0), N_LANES - 1)
+
+
+def _ms(seconds: float) -> int:
+    return max(int(round(seconds * 1000)), 1)
+
+
+class RedisBroker(Broker):
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str = "stem",
+                 default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
+                 max_deliveries: int = DEFAULT_MAX_DELIVERIES, socket_timeout: float = 5.0,
+                 socket_connect_timeout: float = 2.0, retry_attempts: int = 4):
+        self.url = url
+        self.namespace = validate_namespace(namespace)
+        self.default_visibility_timeout = float(_positive("default_visibility_timeout",
+                                                          default_visibility_timeout))
+        self.max_deliveries = int(_positive("max_deliveries", max_deliveries, integer=True))
+        _positive("socket_timeout", socket_timeout, minimum=2 * _MAX_BLOCK_S)
+        _positive("socket_connect_timeout", socket_connect_timeout)
+        self.retry_attempts = int(_positive("retry_attempts", retry_attempts, integer=True))
+        self._client = shared_client(url, socket_timeout, socket_connect_timeout)
+        self._consume_script = self._client.register_script(_load_script("redis_consume.lua"))
+        self._settle_script = self._client.register_script(_load_script("redis_settle.lua"))
+        self._admin_script = self._client.register_script(_load_script("redis_admin.lua"))
+        self._declared: set[str] = set()
+        self._keys: dict[str, list[str]] = {}
+        self._instance = uuid.uuid4().hex[:8]
+        self._rotate = 0
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> "RedisBroker":
+        return cls(url, **kwargs)
+
+    # -- keys -----------------------------------------------------------------------
+    def queue_keys(self, queue: str) -> list[str]:
+        """KEYS of every per-queue script: lanes 0..9, leases, delayed, dead."""
+        keys = self._keys.get(queue)
+        if keys is None:
+            validate_queue_name(queue)
+            base = f"{self.namespace}:{{q:{queue}}}:"
+            keys = [f"{base}lane:{p}" for p in range(N_LANES)] + [base + "leases", base + "delayed",
+                                                                   base + "dead"]
+            self._keys[queue] = keys
+        return keys
+
+    @property
+    def _queues_key(self) -> str:
+        return f"{self.namespace}:queues"
+
+    def _call(self, fn: Callable[[], _T], what: str) -> _T:
+        return call_with_retry(fn, self.retry_attempts, what)
+
+    def _consumer(self, consumer: str) -> str:
+        return consumer or f"{socket.gethostname()}:{os.getpid()}:{self._instance}"
+
+    # -- publishing -------------------------------------------------------------------
+    def publish(self, message: Message) -> None:
+        self.publish_many((message,))
+
+    def publish_many(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        commands = []
+        now = time.time()
+        new_queues = []
+        for m in messages:
+            keys = self.queue_keys(m.queue)
+            if m.queue not in self._declared and m.queue not in new_queues:
+                new_queues.append(m.queue)
+            vt_ms = 0 if m.visibility_timeout is None else _ms(m.visibility_timeout)
+            priority = int(m.priority)
+            frame = m.frame if isinstance(m.frame, bytes) else bytes(m.frame)
+            if m.not_before is not None and m.not_before > now:
+                tid = m.task_id.encode()
+                member = b"%s %d %d %d %s%s" % (uuid.uuid4().hex[:16].encode(), priority, vt_ms,
+                                                 len(tid), tid, frame)
+                commands.append(("ZADD", keys[N_LANES + 1], int(m.not_before * 1000), member))
+            else:
+                commands.append(("XADD", keys[_lane(priority)], "*", "t", m.task_id, "f", frame,
+                                 "p", priority, "v", vt_ms))
+        if new_queues:
+            commands.append(("SADD", self._queues_key, *new_queues))
+
+        def send():
+            pipe = self._client.pipeline(transaction=False)
+            for c in commands:
+                pipe.execute_command(*c)
+            return pipe.execute()
+
+        self._call(send, "publish")
+        self._declared.update(new_queues)
+
+    def _declare(self, queues: Sequence[str]) -> None:
+        new = [q for q in queues if q not in self._declared]
+        if new:
+            self._call(lambda: self._client.sadd(self._queues_key, *new), "declare queues")
+            self._declared.update(new)
+
+    # -- consuming --------------------------------------------------------------------
+    def consume(self, queues: Sequence[str], max_count: int, timeout: float,
+                *, consumer: str = "") -> list[Delivery]:
+        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
+            raise ConfigurationError(f"max_count must be an integer >= 1, got {max_count!r}")
+        names = list(dict.fromkeys(queues))
+        if not names:
+            raise ConfigurationError("consume needs at least one queue")
+        for q in names:
+            self.queue_keys(q)
+        max_count = min(max_count, _MAX_COUNT)
+        consumer = self._consumer(consumer)
+        self._declare(names)
+        deadline = time.monotonic() + max(float(timeout), 0.0)
+        while True:
+            out, wake_in, block_on = self._consume_once(names, max_count, consumer)
+            if out or self._closed:
+                return out
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return out
+            block = min(remaining, _MAX_BLOCK_S, wake_in)
+            self._call(lambda: self._client.execute_command(
+                "XREAD", "COUNT", 1, "BLOCK", max(int(block * 1000), 1), "STREAMS",
+                *block_on.keys(), *block_on.values()), "consume (block)")
+
+    def _consume_once(self, names: list[str], max_count: int,
+                      consumer: str) -> tuple[list[Delivery], float, dict[str, str]]:
+        out: list[Delivery] = []
+        wake_in = _MAX_BLOCK_S
+        block_on: dict[str, str] = {}
+        start = self._rotate % len(names)
+        self._rotate += 1
+        vt_ms = _ms(self.default_visibility_timeout)
+        for q in names[start:] + names[:start]:
+            keys = self.queue_keys(q)
+            args = [consumer, max_count - len(out), vt_ms, self.max_deliveries, _DELAYED_MOVE_LIMIT]
+            reply = self._call(lambda: self._consume_script(keys=keys, args=args), "consume")
+            n = reply[0]
+            leased_at = time.time()
+            for lane, entry_id, task_id, frame, d_vt_ms, count in reply[1:n + 1]:
+                entry_id = entry_id.decode()
+                out.append(Delivery(q, task_id.decode(), frame, _Receipt(int(lane), entry_id, consumer),
+                                    int(count), d_vt_ms / 1000.0, leased_at))
+            if n:
+                if len(out) >= max_count:
+                    break
+                continue
+            next_delayed, next_lease, now = reply[1], reply[2], reply[3]
+            for t in (next_delayed, next_lease):
+                if t >= 0:
+                    wake_in = min(wake_in, max((t - now) / 1000.0, 0.001))
+            for lane, last in enumerate(reply[4:4 + N_LANES]):
+                block_on[keys[lane]] = last.decode()
+        return out, wake_in, block_on
+
+    # -- settling ---------------------------------------------------------------------
+    def _settle(self, queue: str, args: list) -> Any:
+        keys = self.queue_keys(queue)
+        return self._call(lambda: self._settle_script(keys=keys, args=args), args[0])
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        by_queue: dict[str, list] = {}
+        for d in deliveries:
+            r = d.receipt
+            by_queue.setdefault(d.queue, []).extend((r.lane, r.entry_id))
+        if not by_queue:
+            return
+        if len(by_queue) == 1:
+            [(queue, pairs)] = by_queue.items()
+            self._settle(queue, ["ack", *pairs])
+            return
+
+        def send():
+            for first in (True, False):
+                pipe = self._client.pipeline(transaction=False)
+                for queue, pairs in by_queue.items():
+                    pipe.evalsha(self._settle_script.sha, N_LANES + 3, *self.queue_keys(queue), "ack", *pairs)
+                try:
+                    return pipe.execute()
+                except redis.exceptions.NoScriptError:   # Redis restarted: load, then run again
+                    if not first:
+                        raise
+                    self._client.script_load(self._settle_script.script)
+
+        self._call(send, "ack")
+
+    def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        if not requeue:
+            self.dead_letter(delivery, "rejected")
+            return
+        r = delivery.receipt
+        self._settle(delivery.queue, ["requeue", r.lane, r.entry_id])
+
+    def retry(self, delivery: Delivery, frame: bytes, not_before: float | None) -> None:
+        r = delivery.receipt
+        nb_ms = -1 if not_before is None else int(not_before * 1000)
+        self._settle(delivery.queue, ["retry", r.lane, r.entry_id, bytes(frame), nb_ms, uuid.uuid4().hex[:16]])
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        r = delivery.receipt
+        self._settle(delivery.queue, ["dead", r.lane, r.entry_id, reason])
+
+    def extend(self, deliveries: Sequence[Delivery], visibility_timeout: float | None = None) -> None:
+        by_queue: dict[str, list] = {}
+        for d in deliveries:
+            r = d.receipt
+            vt = visibility_timeout or d.visibility_timeout
+            by_queue.setdefault(d.queue, []).extend((r.lane, r.entry_id, _ms(vt)))
+        for queue, triples in by_queue.items():
+            self._settle(queue, ["extend", self._consumer(""), *triples])
+
+    # -- dead letters and admin -----------------------------------------------------
+    def _admin(self, queue: str, *args: Any) -> Any:
+        keys = self.queue_keys(queue)
+        return self._call(lambda: self._admin_script(keys=keys, args=list(args)), str(args[0]))
+
+    def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        key = self.queue_keys(queue)[N_LANES + 2]
+        if limit <= 0:
+            return []
+        entries = self._call(lambda: self._client.xrange(key, "-", "+", count=limit), "dead_letters")
+        out = []
+        for entry_id, fields in entries:
+            out.append(DeadLetter(entry_id.decode(), fields[b"t"].decode(), queue, fields[b"r"].decode(),
+                                  int(fields[b"at"]) / 1000.0, fields[b"f"]))
+        return out
+
+    def replay(self, queue: str, ids: Sequence[str] | None = None) -> int:
+        batch = 500
+        moved = 0
+        if ids is None:
+            while True:
+                n = self._admin(queue, "replay", batch)
+                moved += n
+                if n < batch:
+                    return moved
+        ids = list(ids)
+        for i in range(0, len(ids), batch):
+            moved += self._admin(queue, "replay", batch, *ids[i:i + batch])
+        return moved
+
+    def purge(self, queue: str) -> int:
+        return int(self._admin(queue, "purge"))
+
+    def purge_dead_letters(self, queue: str) -> int:
+        key = self.queue_keys(queue)[N_LANES + 2]
+
+        def send():
+            pipe = self._client.pipeline(transaction=True)
+            pipe.xlen(key)
+            pipe.delete(key)
+            return pipe.execute()[0]
+
+        return int(self._call(send, "purge_dead_letters"))
+
+    def stats(self, queue: str) -> QueueStats:
+        ready, in_flight, delayed, dead = self._admin(queue, "stats")
+        return QueueStats(queue, int(ready), int(in_flight), int(delayed), int(dead))
+
+    def queues(self) -> list[str]:
+        names = self._call(lambda: self._client.smembers(self._queues_key), "queues")
+        return sorted(n.decode() for n in names)
+
+    def ping(self) -> None:
+        self._call(self._client.ping, "ping")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        release_client(self._client)

@@ -1,0 +1,105 @@
+-- consume: lease up to COUNT messages of one queue, atomically.
+--   KEYS: the per-queue layout (see redis_common.lua)
+--   ARGV[1] consumer name   ARGV[2] COUNT   ARGV[3] default visibility timeout (ms)
+--   ARGV[4] max deliveries  ARGV[5] how many due delayed messages to move at most
+-- Steps: (1) move due delayed messages to their lane; (2) re-deliver entries whose
+-- lease passed (XCLAIM to this consumer, which counts the delivery) or dead-letter
+-- them with reason "max-deliveries"; (3) XREADGROUP ">" lane by lane, highest first.
+-- Every delivery gets its lease record in this same script, so no crash can leave a
+-- PEL entry that nobody would reclaim.
+-- Returns {n, d1..dn, next_delayed_ms, next_lease_ms, now_ms, last_id_lane0..9} where each
+-- delivery d is {lane, entry id, task id, frame, vt ms, delivery count}; the next_* times
+-- are -1 when there is none; the last ids (ids to XREAD BLOCK from) come only when n == 0.
+local consumer = ARGV[1]
+local count = tonumber(ARGV[2])
+local default_vt = tonumber(ARGV[3])
+local max_deliveries = tonumber(ARGV[4])
+local move_limit = tonumber(ARGV[5])
+local now = now_ms()
+local out = {}
+
+local function vt_of(h)
+  local v = tonumber(h.v) or 0
+  if v <= 0 then v = default_vt end
+  return v
+end
+
+-- (1) delayed -> ready
+local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, move_limit)
+for _, m in ipairs(due) do
+  local t, f, p, v = unpack_delayed(m)
+  if t ~= nil then add_ready(t, f, p, v) end
+  redis.call('ZREM', DELAYED, m)
+end
+
+-- (2) expired leases
+local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, count)
+for _, member in ipairs(expired) do
+  local lane, id = split_member(member)
+  local key = KEYS[lane + 1]
+  local pend = redis.pcall('XPENDING', key, GROUP, id, id, 1)
+  if is_err(pend) then
+    -- the group is gone (Redis lost it); step (3) recreates it at id 0 and delivers the entry anew
+    redis.call('ZREM', LEASES, member)
+  elseif #pend == 0 then
+    -- not in the PEL although leased (someone XACKed or DELCONSUMERed by hand): never strand it
+    local h = read_entry(lane, id)
+    if h ~= nil then add_ready(h.t, h.f, h.p, h.v) end
+    settle(lane, id)
+  elseif tonumber(pend[1][4]) + 1 > max_deliveries then
+    local h = read_entry(lane, id)
+    if h ~= nil then bury(lane, id, h, 'max-deliveries', now) else settle(lane, id) end
+  else
+    local claimed = redis.call('XCLAIM', key, GROUP, consumer, 0, id)
+    if #claimed == 0 or not claimed[1] or not claimed[1][2] then
+      settle(lane, id)  -- the entry was deleted under its PEL record
+    else
+      local h = fields_of(claimed[1][2])
+      local vt = vt_of(h)
+      redis.call('ZADD', LEASES, now + vt, member)
+      out[#out + 1] = {lane, id, h.t, h.f, vt, tonumber(pend[1][4]) + 1}
+    end
+  end
+end
+
+-- (3) fresh entries, highest lane first
+for lane = NLANES - 1, 0, -1 do
+  if #out >= count then break end
+  local key = KEYS[lane + 1]
+  if redis.call('EXISTS', key) == 1 then
+    local r = redis.pcall('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count - #out, 'STREAMS', key, '>')
+    if is_err(r) then
+      redis.pcall('XGROUP', 'CREATE', key, GROUP, '0')
+      r = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count - #out, 'STREAMS', key, '>')
+    end
+    if r then
+      local leases = {}
+      for _, e in ipairs(r[1][2]) do
+        local h = fields_of(e[2])
+        local vt = vt_of(h)
+        leases[#leases + 1] = now + vt
+        leases[#leases + 1] = lane .. '|' .. e[1]
+        out[#out + 1] = {lane, e[1], h.t, h.f, vt, 1}
+      end
+      if #leases > 0 then redis.call('ZADD', LEASES, unpack(leases)) end
+    end
+  end
+end
+
+local reply = {#out}
+for _, d in ipairs(out) do reply[#reply + 1] = d end
+if #out > 0 then return reply end
+
+local function first_score(key)
+  local r = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if #r == 0 then return -1 end
+  return tonumber(r[2])
+end
+reply[#reply + 1] = first_score(DELAYED)
+reply[#reply + 1] = first_score(LEASES)
+reply[#reply + 1] = now
+for lane = 0, NLANES - 1 do
+  local last = redis.call('XREVRANGE', KEYS[lane + 1], '+', '-', 'COUNT', 1)
+  if #last == 0 then reply[#reply + 1] = '0-0' else reply[#reply + 1] = last[1][1] end
+end
+return reply

@@ -1,0 +1,69 @@
+-- settle: ack, nack, extend, retry and dead-letter deliveries of one queue, atomically.
+--   KEYS: the per-queue layout (see redis_common.lua)
+--   ARGV[1] operation, then per operation:
+--     ack         lane1, id1, lane2, id2, ...              -> number of entries removed
+--     requeue     lane, id                                  -> 1 when the lease was found
+--     extend      consumer, then lane, id, vt-ms triples    -> number of leases renewed
+--     retry       lane, id, frame, not_before-ms (-1 = now), nonce -> 1, or 0 when already settled
+--     dead        lane, id, reason                          -> 1, or 0 when already settled
+-- A delivery is "not yet settled" while its stream entry exists: every settle XDELs it, so
+-- settling a stale delivery (its lease expired and it was delivered again) is idempotent.
+local op = ARGV[1]
+
+if op == 'ack' then
+  local n = 0
+  for i = 2, #ARGV, 2 do
+    local lane = tonumber(ARGV[i])
+    n = n + redis.call('XDEL', KEYS[lane + 1], ARGV[i + 1])
+    redis.pcall('XACK', KEYS[lane + 1], GROUP, ARGV[i + 1])
+    redis.call('ZREM', LEASES, lane .. '|' .. ARGV[i + 1])
+  end
+  return n
+end
+
+if op == 'requeue' then
+  -- the lease ends now: the next consume re-delivers it with its delivery count + 1
+  return redis.call('ZADD', LEASES, 'XX', 'CH', 0, ARGV[2] .. '|' .. ARGV[3])
+end
+
+if op == 'extend' then
+  local now = now_ms()
+  local consumer = ARGV[2]
+  local n = 0
+  for i = 3, #ARGV, 3 do
+    local lane, id = tonumber(ARGV[i]), ARGV[i + 1]
+    local member = lane .. '|' .. id
+    if redis.call('ZSCORE', LEASES, member) then
+      redis.call('ZADD', LEASES, 'XX', now + tonumber(ARGV[i + 2]), member)
+      -- reset the PEL idle time and owner too (JUSTID: the delivery count is not touched)
+      redis.pcall('XCLAIM', KEYS[lane + 1], GROUP, consumer, 0, id, 'JUSTID')
+      n = n + 1
+    end
+  end
+  return n
+end
+
+local lane, id = tonumber(ARGV[2]), ARGV[3]
+local h = read_entry(lane, id)
+if h == nil then
+  redis.call('ZREM', LEASES, lane .. '|' .. id)
+  return 0
+end
+
+if op == 'retry' then
+  local frame, not_before = ARGV[4], tonumber(ARGV[5])
+  settle(lane, id)
+  if not_before > now_ms() then
+    redis.call('ZADD', DELAYED, not_before, pack_delayed(ARGV[6], h.t, frame, h.p, h.v))
+  else
+    add_ready(h.t, frame, h.p, h.v)
+  end
+  return 1
+end
+
+if op == 'dead' then
+  bury(lane, id, h, ARGV[4], now_ms())
+  return 1
+end
+
+return redis.error_reply('unknown settle operation ' .. tostring(op))

@@ -1,0 +1,45 @@
+"""Contract-suite factories for the Redis adapters: each instance gets its own namespace,
+and its keys are deleted (SCAN on the namespace prefix) when the suite closes it."""
+
+import uuid
+
+import redis
+
+
+def _cleanup(url: str, namespace: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=namespace + ":*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def _closing(obj, url, namespace):
+    close = obj.close
+
+    def close_and_clean():
+        close()
+        _cleanup(url, namespace)
+
+    obj.close = close_and_clean
+    return obj
+
+
+def _broker(request, **kwargs):
+    from stem.brokers.redis import RedisBroker
+    url = request.getfixturevalue("redis_url")
+    namespace = "stemtest_" + uuid.uuid4().hex[:12]
+    return _closing(RedisBroker.from_url(url, namespace=namespace, **kwargs), url, namespace)
+
+
+def _backend(request, **kwargs):
+    from stem.backends.redis import RedisResultBackend
+    url = request.getfixturevalue("redis_url")
+    namespace = "stemtest_" + uuid.uuid4().hex[:12]
+    return _closing(RedisResultBackend.from_url(url, namespace=namespace, **kwargs), url, namespace)
+
+
+BROKERS = {"redis": _broker}
+BACKENDS = {"redis": _backend}
