@@ -62,7 +62,8 @@ else:
         _signer_capi = NULL
 
 _ENCODE_ERRORS = (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError)
-_DECODE_ERRORS = (msgspec.DecodeError, RecursionError)
+# msgspec.DecodeError is a ValueError; invalid UTF-8 raises UnicodeDecodeError, also one.
+_DECODE_ERRORS = (ValueError, RecursionError, OverflowError)
 
 
 # ---- little-endian fields ----------------------------------------------------

@@ -25,7 +25,8 @@ _DELIVERY = struct.Struct("<IId")          # attempt, body_len, not_before at of
 _NONE = struct.unpack("<d", struct.pack("<Q", 0x7FF8000000000000))[0]   # "no not_before"
 _MAX_U32 = 0xFFFFFFFF
 _ENCODE_ERRORS = (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError)
-_DECODE_ERRORS = (msgspec.DecodeError, RecursionError)
+# msgspec.DecodeError is a ValueError; invalid UTF-8 raises UnicodeDecodeError, also one.
+_DECODE_ERRORS = (ValueError, RecursionError, OverflowError)
 
 
 def _parse(frame, n: int, max_size: int):

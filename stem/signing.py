@@ -236,7 +236,7 @@ def parse_keys(text: str) -> dict[str, bytes]:
         key_id, sep, encoded = item.partition(":")
         if not sep:
             raise ConfigurationError(f"signing key #{position} has no ':'; write id:base64 "
-                                     "(e.g. STEM_SIGNING_KEYS=2024-06:c2VjcmV0...)")
+                                     "(e.g. STEM_SIGNING_KEYS=2024-06:<base64 of 32 random bytes>)")
         key_id = _check_key_id(key_id.strip())
         encoded = encoded.strip()
         if key_id in keys:
