@@ -353,13 +353,13 @@ class RedisBroker(Broker):
         self._settle(delivery.queue, ["dead", r.lane, r.entry_id, reason])
 
     def extend(self, deliveries: Sequence[Delivery], visibility_timeout: float | None = None) -> None:
-        by_queue: dict[str, list] = {}
+        groups: dict[tuple[str, str], list] = {}
         for d in deliveries:
             r = d.receipt
             vt = visibility_timeout or d.visibility_timeout
-            by_queue.setdefault(d.queue, []).extend((r.lane, r.entry_id, _ms(vt)))
-        for queue, triples in by_queue.items():
-            self._settle(queue, ["extend", self._consumer(""), *triples])
+            groups.setdefault((d.queue, r.consumer), []).extend((r.lane, r.entry_id, _ms(vt)))
+        for (queue, consumer), triples in groups.items():
+            self._settle(queue, ["extend", consumer, *triples])
 
     # -- dead letters and admin -----------------------------------------------------
     def _admin(self, queue: str, *args: Any) -> Any:

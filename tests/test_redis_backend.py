@@ -1,0 +1,167 @@
+"""RedisResultBackend beyond the shared contract: TTLs, cross-process wait, no polling, round trips."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+
+from stem.backends import from_url as backend_from_url
+from stem.backends.redis import RedisResultBackend
+from stem.errors import BackendConnectionError, ConfigurationError
+from stem.results import TaskState, TaskStatus
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def raw(redis_url, namespace):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    keys = list(client.scan_iter(match=namespace + ":*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def backend(redis_url, namespace, raw):
+    b = RedisResultBackend.from_url(redis_url, namespace=namespace, result_expires=600)
+    yield b
+    b.close()
+
+
+def tid() -> str:
+    return uuid.uuid4().hex
+
+
+def test_statuses_carry_the_result_expires_ttl_under_the_namespace(backend, raw, namespace):
+    i = tid()
+    backend.store(TaskStatus(id=i, state=TaskState.SUCCEEDED, result=1))
+    key = f"{namespace}:{{t:{i}}}:status"
+    assert 590_000 < raw.pttl(key) <= 600_000
+
+
+def test_store_many_is_one_round_trip(backend, monkeypatch):
+    backend.ping()
+    calls = []
+    original = redis.connection.AbstractConnection.send_packed_command
+    me = threading.get_ident()
+
+    def counting(conn, command, check_health=True):
+        if threading.get_ident() == me:
+            calls.append(1)
+        return original(conn, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    backend.store_many([TaskStatus(id=tid(), state=TaskState.SUCCEEDED, result=n) for n in range(100)])
+    assert len(calls) == 1
+
+
+_STORE_LATER = """
+import sys, time
+from stem.backends.redis import RedisResultBackend
+from stem.results import TaskState, TaskStatus
+b = RedisResultBackend.from_url(sys.argv[1], namespace=sys.argv[2])
+time.sleep(float(sys.argv[4]))
+b.store(TaskStatus(id=sys.argv[3], state=TaskState.SUCCEEDED, result={"from": "child"}))
+b.close()
+"""
+
+
+def test_wait_returns_a_status_stored_by_another_process(backend, redis_url, namespace):
+    i = tid()
+    backend.store(TaskStatus(id=i, state=TaskState.RUNNING))
+    child = subprocess.Popen([sys.executable, "-c", _STORE_LATER, redis_url, namespace, i, "0.5"])
+    try:
+        t0 = time.monotonic()
+        got = backend.wait(i, 30.0)
+        assert got.state is TaskState.SUCCEEDED and got.result == {"from": "child"}
+        assert time.monotonic() - t0 < 20.0
+    finally:
+        assert child.wait(30) == 0
+
+
+def test_wait_does_not_poll_the_server(backend, monkeypatch):
+    """While it waits, the waiter sends nothing: count what this thread writes to Redis."""
+    backend.ping()
+    sent = []
+    original = redis.connection.AbstractConnection.send_packed_command
+    me = threading.get_ident()
+
+    def counting(conn, command, check_health=True):
+        if threading.get_ident() == me:
+            sent.append(command)
+        return original(conn, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    t0 = time.monotonic()
+    assert backend.wait(tid(), 1.5) is None
+    assert time.monotonic() - t0 >= 1.4
+    reads = [c for c in sent if b"GET\r\n" in b"".join(c)]
+    assert len(reads) == 1      # one GET after SUBSCRIBE; then it sleeps on the channel
+    assert len(sent) <= 8       # + SUBSCRIBE, UNSUBSCRIBE and the new connection's handshake
+
+
+def test_a_terminal_store_right_after_subscribe_is_not_missed(backend):
+    """The race get-vs-subscribe: many waiters, each store lands while they start waiting."""
+    ids = [tid() for _ in range(30)]
+    results = {}
+
+    def waiter(i):
+        results[i] = backend.wait(i, 20.0)
+
+    threads = [threading.Thread(target=waiter, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for i in ids:
+        backend.store(TaskStatus(id=i, state=TaskState.FAILED, error="x"))
+    for t in threads:
+        t.join(30)
+    assert all(results[i] is not None and results[i].state is TaskState.FAILED for i in ids)
+
+
+def test_heartbeats_are_indexed_without_keys_and_pruned(backend, raw, namespace):
+    backend.put_heartbeat("w1", {"pid": 1}, ttl=0.2)
+    backend.put_heartbeat("w2", {"pid": 2}, ttl=30)
+    index = f"{namespace}:{{hb}}:index"
+    assert raw.zcard(index) == 2
+    deadline = time.monotonic() + 5
+    while raw.exists(f"{namespace}:{{hb}}:w:w1") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [b["worker_id"] for b in backend.heartbeats()] == ["w2"]
+    assert raw.zrange(index, 0, -1) == [b"w2"]
+
+
+def test_url_dispatch_builds_a_redis_backend(redis_url, namespace):
+    b = backend_from_url(redis_url, namespace=namespace, result_expires=60)
+    try:
+        assert isinstance(b, RedisResultBackend) and b.result_expires == 60.0
+    finally:
+        b.close()
+
+
+def test_an_unreachable_server_is_a_backend_connection_error():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    b = RedisResultBackend.from_url(f"redis://127.0.0.1:{port}/0", retry_attempts=2)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(BackendConnectionError):
+            b.get("x")
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("kwargs", [dict(namespace="a b"), dict(result_expires=0), dict(retry_attempts=0)])
+def test_bad_arguments_are_configuration_errors(redis_url, kwargs):
+    with pytest.raises(ConfigurationError):
+        RedisResultBackend.from_url(redis_url, **kwargs)

@@ -1,0 +1,282 @@
+"""RedisBroker beyond the shared contract: round trips, key layout, leases, reclaim, recovery."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from stem.brokers import from_url as broker_from_url
+from stem.brokers.base import Message
+from stem.brokers.redis import N_LANES, RedisBroker
+from stem.errors import ConfigurationError
+
+pytestmark = pytest.mark.redis
+Q = "jobs"
+
+
+def msg(frame: bytes = b"frame", *, queue: str = Q, priority: int = 0, not_before=None, vt=None) -> Message:
+    return Message(uuid.uuid4().hex, queue, frame, priority, not_before, vt)
+
+
+@pytest.fixture
+def raw(redis_url, namespace):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    keys = list(client.scan_iter(match=namespace + ":*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def make(redis_url, namespace, raw):
+    made = []
+
+    def make(**kwargs):
+        kwargs.setdefault("namespace", namespace)
+        b = RedisBroker.from_url(redis_url, **kwargs)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
+
+
+def consume_n(broker, n, *, timeout=10.0, consumer="", queues=(Q,)):
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        got += broker.consume(list(queues), n - len(got), 0.5, consumer=consumer)
+    assert len(got) == n, f"expected {n} deliveries within {timeout}s, got {len(got)}"
+    return got
+
+
+class _RoundTrips:
+    """Counts writes to Redis sockets made by this thread (one per pipeline or command)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        self.thread = threading.get_ident()
+        original = redis.connection.AbstractConnection.send_packed_command
+
+        def counting(conn, command, check_health=True):
+            if threading.get_ident() == self.thread:
+                self.count += 1
+            return original(conn, command, check_health)
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+
+
+def test_publish_many_is_one_round_trip_for_a_batch(make, monkeypatch):
+    broker = make()
+    broker.ping()                 # connect (handshake) before counting
+    trips = _RoundTrips(monkeypatch)
+    broker.publish_many([msg(str(i).encode(), priority=i % 3) for i in range(300)]
+                        + [msg(b"later", not_before=time.time() + 60)])
+    assert trips.count == 1
+    s = broker.stats(Q)
+    assert (s.ready, s.delayed) == (300, 1)
+
+
+def test_ack_of_a_batch_is_one_round_trip(make, monkeypatch):
+    broker = make()
+    broker.publish_many([msg() for _ in range(50)])
+    got = consume_n(broker, 50)
+    trips = _RoundTrips(monkeypatch)
+    broker.ack(got)
+    assert trips.count == 1
+    assert broker.stats(Q) == (Q, 0, 0, 0, 0)
+
+
+def test_every_key_of_a_queue_is_under_the_namespace_and_one_hash_slot(make, raw, namespace):
+    broker = make(max_deliveries=1)
+    broker.publish_many([msg(priority=p) for p in range(N_LANES)] + [msg(not_before=time.time() + 60)])
+    d = broker.consume([Q], 1, 5.0)[0]
+    broker.dead_letter(d, "test")
+    broker.consume([Q], 1, 5.0)
+    keys = sorted(k.decode() for k in raw.scan_iter(match=namespace + ":*"))
+    queue_keys = [k for k in keys if k != f"{namespace}:queues"]
+    assert len(queue_keys) == N_LANES + 3   # lanes, leases, delayed, dead
+    assert all(k.startswith(f"{namespace}:{{q:{Q}}}:") for k in queue_keys)
+    assert len({key_slot(k.encode()) for k in queue_keys}) == 1
+    assert set(keys) == set(queue_keys) | {f"{namespace}:queues"}
+
+
+def test_priorities_are_clamped_into_ten_lanes_highest_first(make):
+    broker = make()
+    broker.publish_many([msg(b"neg", priority=-5), msg(b"huge", priority=1000), msg(b"nine", priority=9),
+                         msg(b"zero", priority=0)])
+    got = [bytes(d.frame) for d in consume_n(broker, 4)]
+    assert got == [b"huge", b"nine", b"neg", b"zero"]
+
+
+def test_a_dead_consumers_deliveries_are_reclaimed_by_another_consumer(make, raw, namespace):
+    producer = make()
+    producer.publish_many([msg(str(i).encode(), vt=1.0) for i in range(5)])
+    dead = make()
+    taken = consume_n(dead, 5, consumer="worker-a")
+    dead.close()                                  # worker-a vanishes without settling anything
+    live = make()
+    t0 = time.monotonic()
+    again = consume_n(live, 5, timeout=1.0 + 5.0, consumer="worker-b")
+    assert time.monotonic() - t0 < 1.0 + 3.0
+    assert sorted(d.task_id for d in again) == sorted(d.task_id for d in taken)
+    assert {d.delivery_count for d in again} == {2}
+    lane = f"{namespace}:{{q:{Q}}}:lane:0"
+    pending = raw.xpending_range(lane, "stem", "-", "+", 10)
+    assert {p["consumer"] for p in pending} == {b"worker-b"}
+    live.ack(again)
+    assert raw.xlen(lane) == 0 and live.stats(Q).in_flight == 0
+
+
+def test_a_long_lease_extension_never_creates_a_second_copy(make, raw, namespace):
+    broker = make()
+    broker.publish(msg(b"long", vt=0.6))
+    d = broker.consume([Q], 1, 5.0, consumer="runner")[0]
+    thief = make()
+    deadline = time.monotonic() + 3.0             # five times the visibility timeout
+    while time.monotonic() < deadline:
+        broker.extend([d])
+        assert thief.consume([Q], 1, 0.2, consumer="thief") == []
+    lane = f"{namespace}:{{q:{Q}}}:lane:0"
+    assert raw.xlen(lane) == 1
+    [p] = raw.xpending_range(lane, "stem", "-", "+", 10)
+    assert (p["consumer"], p["times_delivered"]) == (b"runner", 1)
+    assert broker.stats(Q)[1:] == (0, 1, 0, 0)
+    broker.ack([d])
+    assert raw.xlen(lane) == 0
+
+
+def test_leases_expiring_past_max_deliveries_go_to_the_dead_letter_queue(make):
+    broker = make(max_deliveries=2, default_visibility_timeout=0.3)
+    m = msg(b"poison")
+    broker.publish(m)
+    assert consume_n(broker, 1)[0].delivery_count == 1
+    assert consume_n(broker, 1)[0].delivery_count == 2
+    deadline = time.monotonic() + 5
+    while not broker.dead_letters(Q) and time.monotonic() < deadline:
+        assert broker.consume([Q], 1, 0.5) == []
+    [dl] = broker.dead_letters(Q)
+    assert (dl.reason, dl.task_id, bytes(dl.frame)) == ("max-deliveries", m.task_id, b"poison")
+    assert broker.stats(Q)[1:] == (0, 0, 0, 1)
+
+
+def test_settling_a_stale_delivery_never_adds_a_copy(make):
+    broker = make(default_visibility_timeout=0.3)
+    broker.publish(msg(b"v1"))
+    stale = consume_n(broker, 1)[0]
+    fresh = consume_n(broker, 1, timeout=5.0)[0]   # the lease expired: delivered again
+    assert fresh.delivery_count == 2
+    broker.ack([fresh])
+    broker.retry(stale, b"v2", None)              # the message is already settled
+    broker.dead_letter(stale, "late")
+    broker.nack(stale)
+    assert broker.stats(Q) == (Q, 0, 0, 0, 0)
+    assert broker.consume([Q], 1, 0.5) == []
+
+
+def test_retry_into_the_future_sits_in_the_delayed_set_not_in_memory(make, raw, namespace):
+    broker = make()
+    broker.publish(msg(b"a0", priority=4))
+    d = consume_n(broker, 1)[0]
+    broker.retry(d, b"a1", time.time() + 0.5)
+    assert raw.zcard(f"{namespace}:{{q:{Q}}}:delayed") == 1
+    other = make()                                 # any broker instance picks it up when due
+    again = consume_n(other, 1, timeout=5.0)[0]
+    assert (bytes(again.frame), again.task_id, again.delivery_count) == (b"a1", d.task_id, 1)
+    assert again.receipt.lane == 4                 # the retry keeps the priority lane
+
+
+def test_a_lost_consumer_group_is_recreated_and_nothing_is_lost(make, raw, namespace):
+    broker = make()
+    broker.publish_many([msg(b"1"), msg(b"2")])
+    first = consume_n(broker, 1)[0]
+    lane = f"{namespace}:{{q:{Q}}}:lane:0"
+    raw.xgroup_destroy(lane, "stem")               # as after a restart that lost the group
+    got = consume_n(broker, 2)
+    assert sorted(bytes(d.frame) for d in got) == [b"1", b"2"]
+    broker.ack(got + [first])
+    assert broker.stats(Q) == (Q, 0, 0, 0, 0)
+
+
+def test_blocked_consume_wakes_for_a_delayed_message_published_by_someone_else(make):
+    consumer, producer = make(), make()
+    consumer.consume([Q], 1, 0)
+    result = []
+    t = threading.Thread(target=lambda: result.extend(consumer.consume([Q], 1, 10.0)))
+    t.start()
+    producer.publish(msg(b"soon", not_before=time.time() + 0.3))
+    t.join(10)
+    assert [bytes(d.frame) for d in result] == [b"soon"]
+
+
+def test_url_dispatch_builds_a_redis_broker_with_options(redis_url, namespace, raw):
+    broker = broker_from_url(redis_url, namespace=namespace, default_visibility_timeout=7,
+                             max_deliveries=3)
+    try:
+        assert isinstance(broker, RedisBroker)
+        assert (broker.namespace, broker.default_visibility_timeout, broker.max_deliveries) == (namespace, 7.0, 3)
+        broker.ping()
+    finally:
+        broker.close()
+        broker.close()   # safe twice
+
+
+def test_rediss_url_uses_tls_connections():
+    broker = RedisBroker.from_url("rediss://127.0.0.1:6380/0", namespace="tls")
+    try:
+        assert broker._client.connection_pool.connection_class is redis.SSLConnection
+    finally:
+        broker.close()
+
+
+def test_brokers_with_the_same_url_share_one_pool(redis_url, namespace):
+    from stem.backends.redis import RedisResultBackend
+    a = RedisBroker.from_url(redis_url, namespace=namespace)
+    b = RedisBroker.from_url(redis_url, namespace=namespace + "b")
+    c = RedisResultBackend.from_url(redis_url, namespace=namespace)
+    try:
+        assert a._client.connection_pool is b._client.connection_pool is c._client.connection_pool
+    finally:
+        a.close(), b.close(), c.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_opens_its_own_connection(make, raw):
+    broker = make()
+    broker.ping()
+    parent_id = broker._client.client_id()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.write(w, str(broker._client.client_id()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    child_id = int(os.read(r, 64) or b"0")
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert child_id and child_id != parent_id
+    assert broker._client.client_id() == parent_id   # the parent's connection still works
+
+
+@pytest.mark.parametrize("kwargs", [dict(namespace="has{brace}"), dict(namespace=""),
+                                    dict(default_visibility_timeout=0), dict(max_deliveries=0),
+                                    dict(max_deliveries=1.5), dict(socket_timeout=1.0),
+                                    dict(retry_attempts=0)])
+def test_bad_arguments_are_configuration_errors(redis_url, kwargs):
+    with pytest.raises(ConfigurationError):
+        RedisBroker.from_url(redis_url, **kwargs)
+
+
+def test_bad_url_is_a_configuration_error():
+    with pytest.raises(ConfigurationError):
+        RedisBroker.from_url("redis://127.0.0.1:notaport/0")

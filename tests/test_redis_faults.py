@@ -1,0 +1,207 @@
+"""Faults on a real Redis: each test starts its own ``redis-server`` on a free port
+(appendonly yes, appendfsync always), kills it with SIGKILL and restarts it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+
+from stem.backends.redis import RedisResultBackend
+from stem.brokers.base import Message
+from stem.brokers.redis import RedisBroker
+from stem.errors import BackendConnectionError, BrokerConnectionError
+from stem.results import TaskState, TaskStatus
+from tests.conftest import REQUIRE_SERVICES
+
+pytestmark = pytest.mark.redis
+Q = "faults"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server: ``start`` polls until it answers (with a deadline), ``kill`` is SIGKILL."""
+
+    def __init__(self, directory, port: int | None = None):
+        self.dir = str(directory)
+        self.port = port or _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15.0) -> "RedisServer":
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir,
+             "--logfile", os.path.join(self.dir, "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+                try:
+                    if client.ping():
+                        return self
+                finally:
+                    client.close()
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"redis-server on port {self.port} did not start; see {self.dir}/redis.log")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self) -> "RedisServer":
+        self.kill()
+        return self.start()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()
+
+
+def msg(frame: bytes, **kw) -> Message:
+    return Message(uuid.uuid4().hex, Q, frame, **kw)
+
+
+def test_publish_against_a_dead_server_raises_broker_connection_error_within_a_bounded_time(redis_server):
+    broker = RedisBroker.from_url(redis_server.url, namespace="f")
+    try:
+        broker.publish(msg(b"ok"))
+        redis_server.kill()
+        t0 = time.monotonic()
+        with pytest.raises(BrokerConnectionError):
+            broker.publish(msg(b"lost?"))
+        assert time.monotonic() - t0 < 5.0
+        t0 = time.monotonic()
+        with pytest.raises(BrokerConnectionError):
+            broker.consume([Q], 1, 1.0)
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        broker.close()
+
+
+def test_publish_to_a_server_that_never_answered_is_bounded_too():
+    broker = RedisBroker.from_url(f"redis://127.0.0.1:{_free_port()}/0", namespace="f")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(BrokerConnectionError):
+            broker.publish_many([msg(b"x")] * 10)
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        broker.close()
+
+
+def test_consumer_resumes_after_kill_9_and_restart_without_losing_unacked_messages(redis_server):
+    broker = RedisBroker.from_url(redis_server.url, namespace="f", default_visibility_timeout=1.0)
+    try:
+        published = [msg(str(i).encode()) for i in range(20)]
+        broker.publish_many(published)
+        broker.publish(msg(b"delayed", not_before=time.time() + 1.0))
+        acked = broker.consume([Q], 5, 5.0)
+        assert len(acked) == 5
+        broker.ack(acked)
+        unacked = broker.consume([Q], 3, 5.0)
+        assert len(unacked) == 3
+
+        redis_server.kill()
+        with pytest.raises(BrokerConnectionError):
+            broker.consume([Q], 1, 0.5)
+        redis_server.start()
+
+        expected = {m.task_id for m in published} - {d.task_id for d in acked}
+        expected |= {"delayed"}
+        seen: dict[str, int] = {}
+        deadline = time.monotonic() + 20
+        while set(seen) != expected and time.monotonic() < deadline:
+            for d in broker.consume([Q], 50, 0.5):     # the same broker instance reconnects
+                seen[d.task_id if d.frame != b"delayed" else "delayed"] = d.delivery_count
+                broker.ack([d])
+        assert set(seen) == expected
+        assert all(seen[d.task_id] == 2 for d in unacked)      # redelivered after their leases
+        assert not {d.task_id for d in acked} & set(seen)      # acked before the crash: gone
+        assert broker.stats(Q)[1:] == (0, 0, 0, 0)
+    finally:
+        broker.close()
+
+
+def test_a_consumer_blocked_in_xread_survives_the_restart(redis_server):
+    broker = RedisBroker.from_url(redis_server.url, namespace="f")
+    producer = RedisBroker.from_url(redis_server.url, namespace="f", socket_timeout=3.0)
+    errors: list[BaseException] = []
+    got: list = []
+    stop = threading.Event()
+
+    def consume_forever():
+        while not stop.is_set() and not got:
+            try:
+                got.extend(broker.consume([Q], 1, 0.5))
+            except BrokerConnectionError as exc:
+                errors.append(exc)
+                time.sleep(0.1)
+
+    t = threading.Thread(target=consume_forever)
+    t.start()
+    try:
+        time.sleep(0.3)  # let it block first; the assertions do not depend on it
+        redis_server.restart()
+        producer.publish(msg(b"after"))
+        t.join(20)
+        assert [bytes(d.frame) for d in got] == [b"after"]
+    finally:
+        stop.set()
+        t.join(10)
+        broker.close()
+        producer.close()
+
+
+def test_results_survive_kill_9_and_a_wait_in_progress_fails_fast(redis_server):
+    backend = RedisResultBackend.from_url(redis_server.url, namespace="f")
+    try:
+        backend.store(TaskStatus(id="done", state=TaskState.SUCCEEDED, result=42))
+        outcome: list = []
+
+        def wait():
+            try:
+                outcome.append(backend.wait("never", 60.0))
+            except BackendConnectionError as exc:
+                outcome.append(exc)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.3)  # let it subscribe; the assertions do not depend on it
+        redis_server.kill()
+        t.join(15)
+        assert not t.is_alive() and isinstance(outcome[0], BackendConnectionError)
+        redis_server.start()
+        assert backend.get("done").result == 42
+    finally:
+        backend.close()
