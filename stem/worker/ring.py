@@ -23,7 +23,8 @@ API::
     ch.recv_many(max_n) -> list[bytes]
     ch.recv_wait(timeout, max_n=1024) -> list[bytes]   # [] when the timeout passes
     ch.pending_bytes(), ch.free_bytes(), ch.capacity, ch.max_inline
-    ch.fileno()                              # the incoming doorbell, for poll/selectors
+    ch.fileno()                              # the incoming doorbell, for poll/selectors:
+    ch.arm_doorbell() -> bool; ch.disarm_doorbell()   # ...around your own select()
     wait_readable(channels, timeout) -> list[Channel]  # one thread serving N children
     ch.handle                                # small and picklable
     ch.close(); ch.unlink(); with Channel.create() as ch: ...
@@ -495,6 +496,20 @@ class Channel:
             if done == total or time.monotonic() >= deadline:
                 return done
 
+    def arm_doorbell(self) -> bool:
+        """Before sleeping on ``fileno()`` in your own selector: announce it to the peer.
+
+        Returns False (nothing armed) when frames are pending already: receive
+        them instead of sleeping.  After waking up -- or giving up -- call
+        ``disarm_doorbell()``.  ``wait_readable`` does all this for channels only.
+        """
+        return self._in.arm_recv()
+
+    def disarm_doorbell(self) -> None:
+        """Undo ``arm_doorbell()`` and drain the doorbell, so the fd reads as quiet again."""
+        self._in.disarm_recv()
+        _drain(self._bell_fd)
+
     def pending_bytes(self) -> int:
         """Bytes of incoming records not yet received (0: nothing to receive)."""
         return self._in.pending_bytes()
@@ -560,7 +575,7 @@ def wait_readable(channels, timeout: float) -> list[Channel]:
             return ready
         armed = []
         for ch in channels:
-            if not ch._in.arm_recv():
+            if not ch.arm_doorbell():
                 break
             armed.append(ch)
         else:
