@@ -1,0 +1,227 @@
+"""The PostgreSQL result backend: statuses with expiry, heartbeats, revocations.
+
+Same URLs and schema as the Postgres broker (``stem/brokers/_pg_schema.py``).
+``store_many`` is one upsert statement over ``unnest(...)`` that also calls
+``pg_notify('stem.<schema>.results', '<id>,<id>,...')`` for the terminal
+statuses, so the notification leaves with the commit.
+
+``wait`` from any process: a listener thread (started by the first ``wait``)
+LISTENs on the results channel; a waiter registers its id, makes sure the
+listener is listening, *then* reads the row -- a status stored before that
+read is seen by the read, one stored after it is announced to the listener --
+and sleeps until its id is announced or the timeout passes.  No polling while
+the listener is connected; while it reconnects, waiters re-read once a second.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Sequence
+
+import msgspec
+
+from ..brokers._pg_schema import NOW, Listener, PgConnections, parse_postgres_url, quote_schema
+from ..errors import BackendConnectionError, BackendError, ConfigurationError
+from ..results import TaskStatus, decode_status, encode_status
+from .base import DEFAULT_RESULT_EXPIRES, ResultBackend
+
+__all__ = ["PostgresResultBackend"]
+
+_SWEEP_EVERY_S = 60.0
+_FALLBACK_POLL_S = 1.0
+_PAYLOAD_MAX = 7000          # NOTIFY payloads must stay under 8000 bytes
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(dict).decode
+
+
+def _queries(s: str) -> dict[str, str]:
+    results = f"{s}.stem_results"
+    return {
+        "store": f"""
+            WITH up AS (
+                INSERT INTO {results} (task_id, state, expires_at, data)
+                SELECT t, st, {NOW} + %s, d FROM unnest(%s::text[], %s::text[], %s::bytea[]) AS m(t, st, d)
+                ON CONFLICT (task_id) DO UPDATE
+                SET state = EXCLUDED.state, expires_at = EXCLUDED.expires_at, data = EXCLUDED.data)
+            SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p""",
+        "get": f"SELECT data FROM {results} WHERE task_id = %s AND expires_at > {NOW}",
+        "get_many": f"SELECT task_id, data FROM {results} WHERE task_id = ANY(%s::text[]) AND expires_at > {NOW}",
+        "forget": f"DELETE FROM {results} WHERE task_id = %s",
+        "sweep": f"""
+            WITH r AS (DELETE FROM {results} WHERE expires_at <= {NOW}),
+            h AS (DELETE FROM {s}.stem_heartbeats WHERE expires_at <= {NOW})
+            DELETE FROM {s}.stem_revocations WHERE expires_at <= {NOW}""",
+        "put_heartbeat": f"""
+            INSERT INTO {s}.stem_heartbeats (worker_id, seen_at, expires_at, data)
+            VALUES (%s, {NOW}, {NOW} + %s, %s)
+            ON CONFLICT (worker_id) DO UPDATE
+            SET seen_at = EXCLUDED.seen_at, expires_at = EXCLUDED.expires_at, data = EXCLUDED.data""",
+        "heartbeats": f"""
+            SELECT worker_id, seen_at, data FROM {s}.stem_heartbeats WHERE expires_at > {NOW} ORDER BY worker_id""",
+        "remove_heartbeat": f"DELETE FROM {s}.stem_heartbeats WHERE worker_id = %s",
+        "revoke": f"""
+            INSERT INTO {s}.stem_revocations (task_id, expires_at)
+            SELECT unnest(%s::text[]), {NOW} + %s
+            ON CONFLICT (task_id) DO UPDATE SET expires_at = EXCLUDED.expires_at""",
+        "revoked_all": f"SELECT task_id FROM {s}.stem_revocations WHERE expires_at > {NOW}",
+        "revoked": f"""
+            SELECT task_id FROM {s}.stem_revocations WHERE task_id = ANY(%s::text[]) AND expires_at > {NOW}""",
+    }
+
+
+def _payloads(ids: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    current: list[str] = []
+    size = 0
+    for i in ids:
+        if current and size + len(i) + 1 > _PAYLOAD_MAX:
+            out.append(",".join(current))
+            current, size = [], 0
+        current.append(i)
+        size += len(i) + 1
+    if current:
+        out.append(",".join(current))
+    return out
+
+
+class PostgresResultBackend(ResultBackend):
+    def __init__(self, conninfo: str = "postgresql://localhost/postgres", *, schema: str | None = None,
+                 result_expires: float = DEFAULT_RESULT_EXPIRES, reconnect_timeout: float = 10.0,
+                 url: str | None = None):
+        if result_expires <= 0:
+            raise ConfigurationError("result_expires must be > 0 seconds")
+        conninfo, schema = parse_postgres_url(conninfo, schema)
+        self.url = url or conninfo
+        self.schema = schema
+        self.result_expires = float(result_expires)
+        self._pg = PgConnections(conninfo, schema, who="PostgresResultBackend", error=BackendError,
+                                 connection_error=BackendConnectionError, reconnect_timeout=reconnect_timeout)
+        self._sql = _queries(quote_schema(schema))
+        self.channel = f"stem.{schema}.results"
+        self._waiters: dict[str, set[threading.Event]] = {}
+        self._waiters_lock = threading.Lock()
+        self._listener = Listener(self._pg, self.channel, self._on_notify, self._on_reset)
+        self._next_sweep = 0.0
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> "PostgresResultBackend":
+        return cls(url, url=url, **kwargs)
+
+    def migrate(self) -> int:
+        """Create or upgrade the schema (idempotent, advisory-locked; also done on first use)."""
+        return self._pg.migrate()
+
+    # -- wake-ups ---------------------------------------------------------------------
+    def _on_notify(self, payload: str) -> None:
+        with self._waiters_lock:
+            if not self._waiters:
+                return
+            for task_id in payload.split(","):
+                for ev in self._waiters.get(task_id, ()):
+                    ev.set()
+
+    def _on_reset(self) -> None:
+        with self._waiters_lock:
+            for events in self._waiters.values():
+                for ev in events:
+                    ev.set()
+
+    # -- statuses ---------------------------------------------------------------------
+    def store(self, status: TaskStatus) -> None:
+        self.store_many((status,))
+
+    def store_many(self, statuses: Sequence[TaskStatus]) -> None:
+        if not statuses:
+            return
+        latest = {s.id: s for s in statuses}        # one upsert may not touch a row twice
+        ids = list(latest)
+        terminal = [i for i, s in latest.items() if s.is_terminal]
+        params = (self.result_expires, ids, [latest[i].state.value for i in ids],
+                  [encode_status(latest[i]) for i in ids], self.channel, _payloads(terminal))
+        self._pg.run(lambda conn: conn.execute(self._sql["store"], params))
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + _SWEEP_EVERY_S
+            self._pg.run(lambda conn: conn.execute(self._sql["sweep"]))
+
+    def get(self, task_id: str) -> TaskStatus | None:
+        row = self._pg.run(lambda conn: conn.execute(self._sql["get"], (task_id,), binary=True).fetchone())
+        return None if row is None else decode_status(row[0])
+
+    def get_many(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
+        ids = list(task_ids)
+        if not ids:
+            return []
+        rows = self._pg.run(lambda conn: conn.execute(self._sql["get_many"], (ids,), binary=True).fetchall())
+        found = {t: decode_status(d) for t, d in rows}
+        return [found.get(t) for t in ids]
+
+    def wait(self, task_id: str, timeout: float) -> TaskStatus | None:
+        deadline = time.monotonic() + max(timeout, 0.0)
+        status = self.get(task_id)
+        if (status is not None and status.is_terminal) or timeout <= 0:
+            return status
+        event = threading.Event()
+        with self._waiters_lock:
+            self._waiters.setdefault(task_id, set()).add(event)
+        try:
+            listening = self._listener.ensure(min(5.0, max(deadline - time.monotonic(), 0.0)))
+            while True:
+                event.clear()
+                status = self.get(task_id)
+                if status is not None and status.is_terminal:
+                    return status
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return status
+                event.wait(remaining if listening else min(remaining, _FALLBACK_POLL_S))
+                listening = self._listener.listening
+        finally:
+            with self._waiters_lock:
+                events = self._waiters.get(task_id)
+                if events is not None:
+                    events.discard(event)
+                    if not events:
+                        del self._waiters[task_id]
+
+    def forget(self, task_id: str) -> None:
+        self._pg.run(lambda conn: conn.execute(self._sql["forget"], (task_id,)))
+
+    # -- heartbeats -------------------------------------------------------------------
+    def put_heartbeat(self, worker_id: str, data: dict[str, Any], ttl: float) -> None:
+        blob = _encode(data)
+        self._pg.run(lambda conn: conn.execute(self._sql["put_heartbeat"], (worker_id, float(ttl), blob)))
+
+    def heartbeats(self) -> list[dict[str, Any]]:
+        rows = self._pg.run(lambda conn: conn.execute(self._sql["heartbeats"], binary=True).fetchall())
+        return [{**_decode(data), "worker_id": worker_id, "seen_at": seen_at} for worker_id, seen_at, data in rows]
+
+    def remove_heartbeat(self, worker_id: str) -> None:
+        self._pg.run(lambda conn: conn.execute(self._sql["remove_heartbeat"], (worker_id,)))
+
+    # -- revocations ------------------------------------------------------------------
+    def revoke(self, task_ids: Sequence[str], expires: float | None = None) -> None:
+        ids = list(dict.fromkeys(task_ids))
+        if ids:
+            ttl = float(self.result_expires if expires is None else expires)
+            self._pg.run(lambda conn: conn.execute(self._sql["revoke"], (ids, ttl)))
+
+    def revoked(self, task_ids: Sequence[str] | None = None) -> set[str]:
+        if task_ids is None:
+            rows = self._pg.run(lambda conn: conn.execute(self._sql["revoked_all"]).fetchall())
+        else:
+            ids = list(task_ids)
+            if not ids:
+                return set()
+            rows = self._pg.run(lambda conn: conn.execute(self._sql["revoked"], (ids,)).fetchall())
+        return {r[0] for r in rows}
+
+    # -- misc -------------------------------------------------------------------------
+    def ping(self) -> None:
+        self._pg.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    def close(self) -> None:
+        self._listener.stop()
+        self._on_reset()
+        self._pg.close()

@@ -1,0 +1,344 @@
+"""The PostgreSQL broker: a jobs table, ``FOR UPDATE SKIP LOCKED`` claims, LISTEN/NOTIFY wake-ups.
+
+URL: ``postgresql://user@host:port/db?schema=name`` (or the ``schema=``
+argument; default ``public``).  Needs psycopg 3 (``pip install
+'stem-queue[postgres]'``).  Schema and channels: ``stem/brokers/_pg_schema.py``.
+
+* **Claim** (one statement, autocommit): for each consumed queue, the best
+  ready rows (``stem_jobs_ready``: priority, then id = age) and the best rows
+  that are due again -- delayed rows whose ``not_before`` passed and leases
+  that expired (``stem_jobs_waiting``) -- each ``FOR UPDATE SKIP LOCKED``;
+  the best ``max_count`` of them are leased (``available_at = now +`` the
+  row's own visibility timeout, ``delivery_count + 1``) with ``UPDATE ...
+  RETURNING``; a row past ``max_deliveries`` moves to the DLQ in the same
+  statement.  Expired leases need no sweeper: the claim itself reclaims them.
+* **Publish** is one ``INSERT ... SELECT FROM unnest(...)`` round trip for a
+  whole batch, with ``pg_notify`` in the same statement (so in the same
+  transaction: a consumer is woken only once the rows are visible).
+* **Settle**: ``ack`` is one ``DELETE ... WHERE id = ANY(...)``; ``retry``
+  (delete + insert) and ``dead_letter`` (delete + copy) are single statements
+  with data-modifying CTEs, hence atomic.
+* **Waiting**: a per-broker listener thread LISTENs on ``stem.<schema>.jobs``;
+  an idle ``consume`` sleeps on a condition variable until a notification for
+  one of its queues, the next due time of a delayed row or lease, or its
+  timeout -- no polling while the listener is up.
+* **Errors**: psycopg errors become ``BrokerError``; lost connections are
+  re-established by the next call, retrying for up to ``reconnect_timeout``
+  seconds before ``BrokerConnectionError``.  A publish retried after a
+  connection loss mid-commit can store the message twice (at least once).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Sequence
+
+from ..errors import BrokerConnectionError, BrokerError, ConfigurationError
+from ._pg_schema import NOW, Listener, PgConnections, parse_postgres_url, quote_schema
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
+                   Message, QueueStats, validate_queue_name)
+
+__all__ = ["PostgresBroker", "migrate"]
+
+_FALLBACK_POLL_S = 1.0       # only while the listener is reconnecting
+
+_COLUMNS = "queue, task_id, priority, state, available_at, visibility_timeout, frame"
+_DEAD_COLUMNS = "queue, task_id, reason, failed_at, priority, visibility_timeout, frame"
+
+
+def _queries(s: str) -> dict[str, str]:
+    jobs, dead = f"{s}.stem_jobs", f"{s}.stem_dead_letters"
+    due = f"CASE WHEN m.nb > {NOW} THEN 1 ELSE 0 END, CASE WHEN m.nb > {NOW} THEN m.nb ELSE {NOW} END"
+    return {
+        "publish": f"""
+            WITH ins AS (
+                INSERT INTO {jobs} ({_COLUMNS})
+                SELECT m.q, m.t, m.p, {due}, m.v, m.f
+                FROM unnest(%s::text[], %s::text[], %s::int4[], %s::float8[], %s::float8[], %s::bytea[])
+                     WITH ORDINALITY AS m(q, t, p, nb, v, f, n)
+                ORDER BY m.n)
+            SELECT pg_notify(%s, q) FROM unnest(%s::text[]) AS q""",
+        "claim": f"""
+            WITH cand AS (
+                SELECT c.id, c.priority
+                FROM unnest(%(queues)s::text[]) AS q(name) CROSS JOIN LATERAL (
+                    SELECT * FROM (
+                        SELECT id, priority FROM {jobs}
+                        WHERE queue = q.name AND state = 0
+                        ORDER BY priority DESC, id LIMIT %(n)s
+                        FOR UPDATE SKIP LOCKED) ready
+                    UNION ALL
+                    SELECT * FROM (
+                        SELECT id, priority FROM {jobs}
+                        WHERE queue = q.name AND state <> 0 AND available_at <= {NOW}
+                        ORDER BY priority DESC, id LIMIT %(n)s
+                        FOR UPDATE SKIP LOCKED) due_again
+                ) c
+                ORDER BY c.priority DESC, c.id LIMIT %(n)s),
+            poison AS (
+                DELETE FROM {jobs} j USING cand
+                WHERE j.id = cand.id AND j.delivery_count >= %(max)s
+                RETURNING j.id, j.queue, j.task_id, j.priority, j.visibility_timeout, j.frame),
+            dead AS (
+                INSERT INTO {dead} ({_DEAD_COLUMNS})
+                SELECT queue, task_id, 'max-deliveries', {NOW}, priority, visibility_timeout, frame
+                FROM poison ORDER BY id),
+            claimed AS (
+                UPDATE {jobs} j
+                SET state = 2, delivery_count = j.delivery_count + 1,
+                    available_at = {NOW} + j.visibility_timeout
+                FROM cand
+                WHERE j.id = cand.id AND j.delivery_count < %(max)s
+                RETURNING j.id, j.queue, j.task_id, j.frame, j.delivery_count, j.visibility_timeout,
+                          cand.priority)
+            SELECT * FROM claimed
+            UNION ALL  -- a last row with id NULL counts the poisoned rows, so consume claims again at once
+            SELECT NULL, NULL, NULL, NULL, count(*)::int4, NULL, NULL FROM poison HAVING count(*) > 0""",
+        "next_due": f"""
+            SELECT min(w.available_at) - {NOW}
+            FROM unnest(%s::text[]) AS q(name) CROSS JOIN LATERAL (
+                SELECT available_at FROM {jobs} WHERE queue = q.name AND state <> 0
+                ORDER BY available_at LIMIT 1) w""",
+        "ack": f"DELETE FROM {jobs} WHERE id = ANY(%s::int8[])",
+        "requeue": f"""
+            WITH u AS (UPDATE {jobs} SET state = 0, available_at = {NOW} WHERE id = %s AND state = 2 RETURNING queue)
+            SELECT pg_notify(%s, queue) FROM u""",
+        "reject": f"""
+            WITH d AS (DELETE FROM {jobs} WHERE id = %s AND state = 2 RETURNING *)
+            INSERT INTO {dead} ({_DEAD_COLUMNS})
+            SELECT queue, task_id, 'rejected', {NOW}, priority, visibility_timeout, frame FROM d""",
+        "dead_letter": f"""
+            WITH d AS (DELETE FROM {jobs} WHERE id = %s RETURNING *)
+            INSERT INTO {dead} ({_DEAD_COLUMNS})
+            SELECT queue, task_id, %s, {NOW}, priority, visibility_timeout, frame FROM d""",
+        "retry": f"""
+            WITH old AS (DELETE FROM {jobs} WHERE id = %s RETURNING queue, task_id, priority, visibility_timeout),
+            ins AS (
+                INSERT INTO {jobs} ({_COLUMNS})
+                SELECT old.queue, old.task_id, old.priority, {due}, old.visibility_timeout, %s
+                FROM old, (SELECT %s::float8 AS nb) m
+                RETURNING queue)
+            SELECT pg_notify(%s, queue) FROM ins""",
+        "extend": f"""
+            UPDATE {jobs} SET available_at = {NOW} + coalesce(%s::float8, visibility_timeout)
+            WHERE id = ANY(%s::int8[]) AND state = 2""",
+        "dead_letters": f"""
+            SELECT id, task_id, queue, reason, failed_at, frame FROM {dead}
+            WHERE queue = %s ORDER BY id LIMIT %s""",
+        "replay": f"""
+            WITH d AS (DELETE FROM {dead} WHERE queue = %s AND id = ANY(%s::int8[]) RETURNING *),
+            ins AS (
+                INSERT INTO {jobs} ({_COLUMNS})
+                SELECT queue, task_id, priority, 0, {NOW}, visibility_timeout, frame FROM d ORDER BY id
+                RETURNING 1)
+            SELECT (SELECT count(*) FROM ins), pg_notify(%s, %s)""",
+        "replay_all": f"""
+            WITH d AS (DELETE FROM {dead} WHERE queue = %s RETURNING *),
+            ins AS (
+                INSERT INTO {jobs} ({_COLUMNS})
+                SELECT queue, task_id, priority, 0, {NOW}, visibility_timeout, frame FROM d ORDER BY id
+                RETURNING 1)
+            SELECT (SELECT count(*) FROM ins), pg_notify(%s, %s)""",
+        "purge": f"DELETE FROM {jobs} WHERE queue = %s AND state IN (0, 1)",
+        "purge_dead": f"DELETE FROM {dead} WHERE queue = %s",
+        "stats": f"""
+            SELECT (SELECT count(*) FROM {jobs} WHERE queue = %(q)s AND state = 0),
+                   (SELECT count(*) FROM {jobs} WHERE queue = %(q)s AND state <> 0 AND available_at <= {NOW}),
+                   (SELECT count(*) FROM {jobs} WHERE queue = %(q)s AND state <> 0 AND available_at > {NOW}
+                        AND state = 2),
+                   (SELECT count(*) FROM {jobs} WHERE queue = %(q)s AND state <> 0 AND available_at > {NOW}
+                        AND state = 1),
+                   (SELECT count(*) FROM {dead} WHERE queue = %(q)s)""",
+        "register": f"INSERT INTO {s}.stem_queues (name) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
+        "queues": f"SELECT name FROM {s}.stem_queues ORDER BY name",
+    }
+
+
+class PostgresBroker(Broker):
+    def __init__(self, conninfo: str = "postgresql://localhost/postgres", *, schema: str | None = None,
+                 default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
+                 max_deliveries: int = DEFAULT_MAX_DELIVERIES, reconnect_timeout: float = 10.0,
+                 url: str | None = None):
+        if default_visibility_timeout <= 0 or max_deliveries < 1:
+            raise ConfigurationError("default_visibility_timeout must be > 0 and max_deliveries >= 1")
+        conninfo, schema = parse_postgres_url(conninfo, schema)
+        self.url = url or conninfo
+        self.schema = schema
+        self.default_visibility_timeout = float(default_visibility_timeout)
+        self.max_deliveries = int(max_deliveries)
+        self._pg = PgConnections(conninfo, schema, who="PostgresBroker", error=BrokerError,
+                                 connection_error=BrokerConnectionError, reconnect_timeout=reconnect_timeout)
+        self._sql = _queries(quote_schema(schema))
+        self.channel = f"stem.{schema}.jobs"
+        self._cond = threading.Condition(threading.Lock())
+        self._generation: dict[str, int] = {}
+        self._resets = 0
+        self._listener = Listener(self._pg, self.channel, self._on_notify, self._on_reset)
+        self._known_queues: set[str] = set()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> "PostgresBroker":
+        return cls(url, url=url, **kwargs)
+
+    def migrate(self) -> int:
+        """Create or upgrade the schema (idempotent, advisory-locked; also done on first use)."""
+        return self._pg.migrate()
+
+    # -- wake-ups -------------------------------------------------------------------
+    def _on_notify(self, queue: str) -> None:
+        with self._cond:
+            self._generation[queue] = self._generation.get(queue, 0) + 1
+            self._cond.notify_all()
+
+    def _on_reset(self) -> None:
+        with self._cond:
+            self._resets += 1
+            self._cond.notify_all()
+
+    def _seen(self, queues: Sequence[str]) -> int:
+        return self._resets + sum(self._generation.get(q, 0) for q in queues)
+
+    def _register(self, names: Sequence[str]) -> None:
+        new = [n for n in names if n not in self._known_queues]
+        if new:
+            self._pg.run(lambda conn: conn.execute(self._sql["register"], (new,)))
+            self._known_queues.update(new)
+
+    # -- publishing -------------------------------------------------------------------
+    def publish(self, message: Message) -> None:
+        self.publish_many((message,))
+
+    def publish_many(self, messages: Sequence[Message]) -> None:
+        if not messages:
+            return
+        queues = list(dict.fromkeys(m.queue for m in messages))
+        for q in queues:
+            validate_queue_name(q)
+        self._register(queues)
+        default_vt = self.default_visibility_timeout
+        params = ([m.queue for m in messages], [m.task_id for m in messages], [int(m.priority) for m in messages],
+                  [m.not_before for m in messages], [float(m.visibility_timeout or default_vt) for m in messages],
+                  [bytes(m.frame) for m in messages], self.channel, queues)
+        self._pg.run(lambda conn: conn.execute(self._sql["publish"], params))
+        for q in queues:            # consumers of this instance need not wait for the round trip
+            self._on_notify(q)
+
+    # -- consuming --------------------------------------------------------------------
+    def consume(self, queues: Sequence[str], max_count: int, timeout: float,
+                *, consumer: str = "") -> list[Delivery]:
+        queues = list(dict.fromkeys(validate_queue_name(q) for q in queues))
+        if not queues or max_count < 1:
+            return []
+        self._register(queues)
+        deadline = time.monotonic() + max(timeout, 0.0)
+        listening = False
+        while not self._closed:
+            if timeout > 0 and not listening:
+                listening = self._listener.ensure(min(2.0, max(deadline - time.monotonic(), 0.0)))
+            seen = self._seen(queues)
+            out, poisoned = self._claim(queues, max_count)
+            if out:
+                return out
+            if poisoned:
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            next_due = self._pg.run(lambda conn: conn.execute(self._sql["next_due"], (queues,)).fetchone()[0])
+            wait = remaining
+            if next_due is not None:
+                wait = min(wait, max(next_due, 0.001))
+            listening = self._listener.listening
+            if not listening:
+                wait = min(wait, _FALLBACK_POLL_S)
+            with self._cond:
+                if self._seen(queues) == seen and not self._closed:
+                    self._cond.wait(wait)
+        return []
+
+    def _claim(self, queues: list[str], max_count: int) -> tuple[list[Delivery], int]:
+        params = {"queues": queues, "n": max_count, "max": self.max_deliveries}
+        rows = self._pg.run(lambda conn: conn.execute(self._sql["claim"], params, binary=True).fetchall())
+        now = time.time()
+        poisoned = sum(r[4] for r in rows if r[0] is None)
+        rows = [r for r in rows if r[0] is not None]
+        rows.sort(key=lambda r: (-r[6], r[0]))
+        return [Delivery(r[1], r[2], r[3], r[0], r[4], r[5], now) for r in rows], poisoned
+
+    # -- settling ---------------------------------------------------------------------
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        ids = [d.receipt for d in deliveries]
+        if ids:
+            self._pg.run(lambda conn: conn.execute(self._sql["ack"], (ids,)))
+
+    def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
+        if requeue:
+            self._pg.run(lambda conn: conn.execute(self._sql["requeue"], (delivery.receipt, self.channel)))
+        else:
+            self._pg.run(lambda conn: conn.execute(self._sql["reject"], (delivery.receipt,)))
+
+    def retry(self, delivery: Delivery, frame: bytes, not_before: float | None) -> None:
+        self._pg.run(lambda conn: conn.execute(self._sql["retry"], (delivery.receipt, bytes(frame), not_before,
+                                                                     self.channel)))
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self._pg.run(lambda conn: conn.execute(self._sql["dead_letter"], (delivery.receipt, reason)))
+
+    def extend(self, deliveries: Sequence[Delivery], visibility_timeout: float | None = None) -> None:
+        ids = [d.receipt for d in deliveries]
+        if ids:
+            self._pg.run(lambda conn: conn.execute(self._sql["extend"], (visibility_timeout or None, ids)))
+
+    # -- dead letters and admin -------------------------------------------------------
+    def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        validate_queue_name(queue)
+        rows = self._pg.run(lambda conn: conn.execute(self._sql["dead_letters"], (queue, max(limit, 0))).fetchall())
+        return [DeadLetter(str(r[0]), r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+
+    def replay(self, queue: str, ids: Sequence[str] | None = None) -> int:
+        validate_queue_name(queue)
+        if ids is None:
+            row = self._pg.run(lambda conn: conn.execute(self._sql["replay_all"], (queue, self.channel, queue))
+                               .fetchone())
+        else:
+            try:
+                wanted = [int(i) for i in ids]
+            except ValueError:
+                raise ConfigurationError(f"bad dead-letter id in {list(ids)!r}") from None
+            row = self._pg.run(lambda conn: conn.execute(self._sql["replay"], (queue, wanted, self.channel, queue))
+                               .fetchone())
+        return int(row[0])
+
+    def purge(self, queue: str) -> int:
+        validate_queue_name(queue)
+        return self._pg.run(lambda conn: conn.execute(self._sql["purge"], (queue,)).rowcount)
+
+    def purge_dead_letters(self, queue: str) -> int:
+        validate_queue_name(queue)
+        return self._pg.run(lambda conn: conn.execute(self._sql["purge_dead"], (queue,)).rowcount)
+
+    def stats(self, queue: str) -> QueueStats:
+        validate_queue_name(queue)
+        r = self._pg.run(lambda conn: conn.execute(self._sql["stats"], {"q": queue}).fetchone())
+        return QueueStats(queue, r[0] + r[1], r[2], r[3], r[4])
+
+    def queues(self) -> list[str]:
+        return [r[0] for r in self._pg.run(lambda conn: conn.execute(self._sql["queues"]).fetchall())]
+
+    def ping(self) -> None:
+        self._pg.run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.stop()
+        with self._cond:
+            self._cond.notify_all()
+        self._pg.close()
+
+
+def migrate(url: str, *, schema: str | None = None) -> int:
+    """Create or upgrade stem's Postgres tables at ``url`` (for ``stem migrate``).  Returns the version."""
+    with PostgresBroker(url, schema=schema) as broker:
+        return broker.migrate()
