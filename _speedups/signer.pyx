@@ -27,7 +27,7 @@ cdef extern from "sha256.h":
         uint32_t inner[8]
         uint32_t outer[8]
     stem_sha256_blocks_fn stem_sha256_blocks
-    void stem_sha256_blocks_portable(uint32_t *state, const uint8_t *data, size_t nblocks) noexcept nogil
+    stem_sha256_blocks_fn stem_sha256_backend(const char *name) noexcept nogil
     const char *stem_sha256_select() noexcept nogil
     void stem_sha256_with(stem_sha256_blocks_fn blocks, const uint8_t *data, size_t len, uint8_t *out) noexcept nogil
     void stem_hmac_key_init(stem_hmac_key *hk, const uint8_t *key, size_t key_len) noexcept nogil
@@ -46,6 +46,9 @@ cdef extern from "signer_capi.h":
                            Py_ssize_t, const unsigned char *, Py_ssize_t) except -1
 
 SHA256_BACKEND = stem_sha256_select().decode("ascii")
+# Every block function this CPU runs, fastest first.
+SHA256_BACKENDS = tuple(name for name in ("sha-ni", "bmi2", "portable")
+                        if stem_sha256_backend(name.encode()) != NULL)
 SIGNATURE_SIZE = 32
 cdef enum:
     _NOGIL_FROM = 65536  # bodies at least this large are hashed without the GIL
@@ -210,17 +213,40 @@ def sha256(data):
     return PyBytes_FromStringAndSize(<const char *>out, 32)
 
 
-def _sha256_portable(data):
-    """SHA-256 with the portable block function, whatever the CPU: lets the
-    tests check the fallback on a machine that has SHA-NI."""
+cdef stem_sha256_blocks_fn _backend_named(str name) except NULL:
+    cdef stem_sha256_blocks_fn fn = stem_sha256_backend(name.encode())
+    if fn == NULL:
+        raise ValueError(f"SHA-256 backend {name!r} is not available here; have {SHA256_BACKENDS}")
+    return fn
+
+
+def _sha256_with(str backend, data):
+    """SHA-256 with the named block function (one of ``SHA256_BACKENDS``):
+    lets the tests check every fallback on a machine that has SHA-NI."""
+    cdef stem_sha256_blocks_fn fn = _backend_named(backend)
     cdef Py_buffer view
     cdef uint8_t out[32]
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     try:
-        stem_sha256_with(stem_sha256_blocks_portable, <const uint8_t *>view.buf, <size_t>view.len, out)
+        stem_sha256_with(fn, <const uint8_t *>view.buf, <size_t>view.len, out)
     finally:
         PyBuffer_Release(&view)
     return PyBytes_FromStringAndSize(<const char *>out, 32)
+
+
+def _use_sha256_backend(str backend):
+    """Switch every signer in this process to the named block function and
+    return the previous one's name.  For benchmarks that emulate a CPU
+    without SHA-NI (see benchmarks/README.md); key midstates do not change."""
+    global _active_backend
+    global stem_sha256_blocks
+    fn = _backend_named(backend)
+    previous, _active_backend = _active_backend, backend
+    stem_sha256_blocks = fn
+    return previous
+
+
+_active_backend = SHA256_BACKEND
 
 
 def hmac_sha256(key, data):

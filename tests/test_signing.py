@@ -298,14 +298,36 @@ def test_from_config_builds_an_ed25519_verify_only_signer():
 def test_sha256_matches_hashlib_around_every_block_boundary(csigner, n):
     data = bytes((i * 7 + n) & 0xFF for i in range(n))
     assert csigner.sha256(data) == hashlib.sha256(data).digest()
-    assert csigner._sha256_portable(data) == hashlib.sha256(data).digest()
+    for backend in csigner.SHA256_BACKENDS:
+        assert csigner._sha256_with(backend, data) == hashlib.sha256(data).digest(), backend
 
 
 @SETTINGS
 @given(data=st.binary(max_size=2000))
-def test_sha256_matches_hashlib_on_random_data(csigner, data):
+def test_sha256_matches_hashlib_on_random_data_with_every_backend(csigner, data):
     assert csigner.sha256(data) == hashlib.sha256(data).digest()
-    assert csigner._sha256_portable(data) == hashlib.sha256(data).digest()
+    for backend in csigner.SHA256_BACKENDS:
+        assert csigner._sha256_with(backend, data) == hashlib.sha256(data).digest(), backend
+
+
+@pytest.mark.parametrize("backend", ["sha-ni", "bmi2", "portable"])
+def test_hmac_signer_gives_the_same_signatures_on_every_backend(csigner, backend):
+    if backend not in csigner.SHA256_BACKENDS:
+        pytest.skip(f"this CPU has no {backend}")
+    signer = csigner.HmacSigner({b"k": NEW, b"long": bytes(range(100))}, b"k")
+    bodies = [bytes(i & 0xFF for i in range(n)) for n in (0, 1, 55, 56, 63, 64, 65, 119, 120, 300, 1000, 70_000)]
+    previous = csigner._use_sha256_backend(backend)
+    try:
+        for body in bodies:
+            assert signer.sign(body)[1] == hmac.digest(NEW, body, "sha256")
+            assert csigner.hmac_sha256(bytes(range(100)), body) == hmac.digest(bytes(range(100)), body, "sha256")
+    finally:
+        csigner._use_sha256_backend(previous)
+
+
+def test_an_unknown_sha256_backend_is_refused(csigner):
+    with pytest.raises(ValueError, match="not available"):
+        csigner._sha256_with("quantum", b"")
 
 
 @SETTINGS
@@ -322,7 +344,8 @@ def test_constant_time_equal_agrees_with_equality(signer_module, a, b):
 
 
 def test_sha256_backend_is_named(csigner):
-    assert csigner.SHA256_BACKEND in ("sha-ni", "portable")
+    assert csigner.SHA256_BACKEND == csigner.SHA256_BACKENDS[0]
+    assert set(csigner.SHA256_BACKENDS) <= {"sha-ni", "bmi2", "portable"} and "portable" in csigner.SHA256_BACKENDS
     assert _signer_py.SHA256_BACKEND == "hashlib"
 
 
