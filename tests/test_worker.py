@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -26,9 +27,51 @@ def wait_until(predicate, timeout=20.0, interval=0.01):
     return False
 
 
-@pytest.fixture(params=["inline"])
+@pytest.fixture(params=["inline", "process"])
 def isolation(request):
     return request.param
+
+
+class Journal:
+    """Side effects that both engines can record: lines appended to a file
+    (an O_APPEND write of one short line is atomic across processes)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        open(self.path, "w").close()
+
+    def add(self, line) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, f"{line}\n".encode())
+        finally:
+            os.close(fd)
+
+    def lines(self) -> list[str]:
+        with open(self.path) as f:
+            return f.read().splitlines()
+
+    def flag(self, name: str) -> str:
+        return self.path + "." + name
+
+
+def set_flag(path: str) -> None:
+    open(path, "w").close()
+
+
+def wait_flag(path: str, timeout: float = 20.0) -> bool:
+    """Used inside tasks: wait for a file the test creates (with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.fixture
+def journal(tmp_path):
+    return Journal(tmp_path / "journal")
 
 
 @pytest.fixture
@@ -81,12 +124,10 @@ def test_burst_worker_drains_the_queue_and_stops(env):
     assert (s.ready, s.in_flight) == (0, 0)
 
 
-def test_failing_task_is_retried_until_it_succeeds(env):
-    calls = []
-
+def test_failing_task_is_retried_until_it_succeeds(env, journal):
     @env.registry.task("flaky", options=TaskOptions(max_retries=3))
     def flaky(ctx):
-        calls.append(ctx.attempt)
+        journal.add(ctx.attempt)
         if ctx.attempt < 2:
             raise RuntimeError(f"fail {ctx.attempt}")
         return "ok"
@@ -94,7 +135,7 @@ def test_failing_task_is_retried_until_it_succeeds(env):
     env.worker().run_in_background()
     status = env.stem.wait_for_task(env.stem.enqueue("flaky"), timeout=20)
     assert status.state is TaskState.SUCCEEDED and status.attempt == 2 and status.result == "ok"
-    assert calls == [0, 1, 2]
+    assert journal.lines() == ["0", "1", "2"]
 
 
 def test_task_that_exhausts_retries_fails_and_is_dead_lettered(env):
@@ -159,28 +200,25 @@ def test_unknown_task_at_the_worker_is_dead_lettered(env):
     assert status.state is TaskState.DEAD and status.reason == "unknown-task"
 
 
-def test_revoked_task_is_not_run(env):
-    ran = []
-    env.registry.task("noop")(lambda ctx: ran.append(ctx.id))
+def test_revoked_task_is_not_run(env, journal):
+    env.registry.task("noop")(lambda ctx: journal.add(ctx.id))
     tid = env.stem.enqueue("noop")
     env.stem.revoke(tid)
     env.worker().run_in_background()
     status = env.stem.wait_for_task(tid, timeout=20)
-    assert status.state is TaskState.REVOKED and status.reason == "revoked" and ran == []
+    assert status.state is TaskState.REVOKED and status.reason == "revoked" and journal.lines() == []
 
 
-def test_expired_task_is_not_run(env):
-    ran = []
-    env.registry.task("noop")(lambda ctx: ran.append(1))
+def test_expired_task_is_not_run(env, journal):
+    env.registry.task("noop")(lambda ctx: journal.add(1))
     tid = env.stem.enqueue("noop", options=TaskOptions(expires=0.05))
     time.sleep(0.1)  # let it expire before any worker exists (expiry is the point of the test)
     env.worker().run_in_background()
     status = env.stem.wait_for_task(tid, timeout=20)
-    assert status.state is TaskState.REVOKED and status.reason == "expired" and ran == []
+    assert status.state is TaskState.REVOKED and status.reason == "expired" and journal.lines() == []
 
 
-def test_soft_time_limit_raises_inside_the_task(env):
-    cleaned = []
+def test_soft_time_limit_raises_inside_the_task(env, journal):
 
     @env.registry.task("slow", options=TaskOptions(soft_time_limit=0.3))
     def slow(ctx):
@@ -190,13 +228,14 @@ def test_soft_time_limit_raises_inside_the_task(env):
             while time.monotonic() < deadline:
                 time.sleep(0.01)
         except SoftTimeLimitExceeded:
-            cleaned.append(True)
+            journal.add("cleaned")
             raise
         return "not reached"
 
     env.worker().run_in_background()
     status = env.stem.wait_for_task(env.stem.enqueue("slow"), timeout=20)
-    assert status.state is TaskState.FAILED and status.reason == "soft-time-limit" and cleaned == [True]
+    assert status.state is TaskState.FAILED and status.reason == "soft-time-limit"
+    assert journal.lines() == ["cleaned"]
 
 
 def test_task_signals_fire_in_order(env):
@@ -239,18 +278,12 @@ def test_failure_and_retry_signals_fire(env):
     assert seen == [("retry", True), ("failed", "error")]
 
 
-def test_concurrency_bounds_running_tasks_and_prefetch_bounds_leases(env):
-    lock = threading.Lock()
-    running = [0, 0]
-
+def test_concurrency_bounds_running_tasks_and_prefetch_bounds_leases(env, journal):
     @env.registry.task("busy")
     def busy(ctx):
-        with lock:
-            running[0] += 1
-            running[1] = max(running[1], running[0])
+        journal.add(f"start {time.monotonic()}")
         time.sleep(0.005)
-        with lock:
-            running[0] -= 1
+        journal.add(f"end {time.monotonic()}")
 
     max_in_flight = [0]
     real_consume = env.broker.consume
@@ -265,33 +298,39 @@ def test_concurrency_bounds_running_tasks_and_prefetch_bounds_leases(env):
     w = env.worker(concurrency=3, prefetch_multiplier=2)
     w.run_in_background(burst=True)
     assert w.join(30)
-    assert running[1] <= 3
+    events = sorted((float(t), +1 if kind == "start" else -1)
+                    for kind, t in (line.split() for line in journal.lines()))
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert 1 <= peak <= 3
     assert 1 <= max_in_flight[0] <= 6
     assert w.stats()["succeeded"] == 200
 
 
-def test_warm_shutdown_finishes_running_and_requeues_the_rest(env):
-    started = threading.Event()
-    release = threading.Event()
+def test_warm_shutdown_finishes_running_and_requeues_the_rest(env, journal):
+    release = journal.flag("release")
 
     @env.registry.task("block")
     def block(ctx):
-        started.set()
-        release.wait(20)
+        journal.add("started")
+        wait_flag(release)
         return "finished"
 
     ids = env.stem.enqueue_many([("block", {})] * 4)
     w = env.worker(concurrency=1, prefetch_multiplier=4)
     w.run_in_background()
-    assert started.wait(20)
+    assert wait_until(lambda: journal.lines() == ["started"])
     assert wait_until(lambda: w.stats()["in_flight"] == 4)
     w.shutdown_nowait(ShutdownMode.WARM)
     assert wait_until(lambda: env.broker.stats("default").ready == 3)
-    release.set()
+    set_flag(release)
     assert w.join(20)
     done = [env.stem.get_status(i) for i in ids]
     assert sum(s.state is TaskState.SUCCEEDED for s in done) == 1
     assert env.broker.stats("default").in_flight == 0
+    assert journal.lines() == ["started"]
 
 
 def test_heartbeats_reach_the_backend_and_vanish_on_shutdown(env):
@@ -305,18 +344,16 @@ def test_heartbeats_reach_the_backend_and_vanish_on_shutdown(env):
     assert all(h["worker_id"] != w.id for h in env.backend.heartbeats())
 
 
-def test_a_task_longer_than_its_visibility_timeout_runs_once(env):
-    runs = []
-
+def test_a_task_longer_than_its_visibility_timeout_runs_once(env, journal):
     @env.registry.task("long", options=TaskOptions(visibility_timeout=0.3))
     def long(ctx):
-        runs.append(1)
+        journal.add("run")
         time.sleep(1.0)
-        return len(runs)
+        return "done"
 
     env.worker().run_in_background()
     status = env.stem.wait_for_task(env.stem.enqueue("long"), timeout=20)
-    assert status.state is TaskState.SUCCEEDED and runs == [1]
+    assert status.state is TaskState.SUCCEEDED and journal.lines() == ["run"]
 
 
 def test_child_tasks_record_their_parent(env):
@@ -352,20 +389,20 @@ def test_rate_limit_spaces_out_tasks(env):
     assert times[-1] - times[0] >= 0.8
 
 
-def test_progress_is_visible_while_the_task_runs(env):
-    go = threading.Event()
+def test_progress_is_visible_while_the_task_runs(env, journal):
+    go = journal.flag("go")
 
     @env.registry.task("prog")
     def prog(ctx):
         ctx.progress(0.5, {"step": 1})
-        go.wait(20)
+        wait_flag(go)
         return "done"
 
     env.worker().run_in_background()
     tid = env.stem.enqueue("prog")
     assert wait_until(lambda: env.stem.get_status(tid).progress == 0.5)
     assert env.stem.get_status(tid).state is TaskState.RUNNING
-    go.set()
+    set_flag(go)
     assert env.stem.wait_for_task(tid, timeout=20).result == "done"
 
 

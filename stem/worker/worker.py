@@ -42,6 +42,8 @@ log = logging.getLogger("stem.worker")
 _SETTLE_BATCH = 512
 # How long one consume call may block: bounds shutdown latency and burst-idle detection.
 FETCH_BLOCK_SECONDS = 0.25
+# Failures that another attempt cannot fix.
+_NOT_RETRYABLE = frozenset({"result-not-encodable", "poison", "decode-error", "unknown-task"})
 
 
 class _Runtime:
@@ -67,7 +69,7 @@ class Worker:
                  registry: TaskRegistry | None = None, queues: Sequence[str] | None = None,
                  concurrency: int | None = None, prefetch_multiplier: int = 2, signer: Any = None,
                  retry_strategy: RetryStrategy | None = None, lifecycle: WorkerLifecycleConfig | None = None,
-                 *, isolation: str = "inline", heartbeat_interval: float = 10.0, worker_id: str | None = None,
+                 *, isolation: str = "process", heartbeat_interval: float = 10.0, worker_id: str | None = None,
                  store_results: bool = True, max_crash_redeliveries: int = 3, start_method: str | None = None,
                  child_concurrency: int = 1, engine: Engine | None = None):
         if registry is None or not isinstance(registry, TaskRegistry):
@@ -436,7 +438,7 @@ class Worker:
 
     def _settle_failure(self, job: Job, out: Outcome) -> None:
         env = job.envelope
-        retryable = out.reason not in ("result-not-encodable", "shutdown")
+        retryable = out.reason not in _NOT_RETRYABLE
         if out.reason == "shutdown":
             # asked to stop by a soft shutdown: give it back, do not count an attempt
             self._broker_call(self.broker.nack, job.delivery, requeue=True)

@@ -1,0 +1,315 @@
+"""A child process: decode, run the handler, encode the outcome.  Nothing else.
+
+Messages are msgpack arrays over the channel's rings (``stem.worker.ring``):
+
+    supervisor -> child   [TASK, seq, frame]      run the frame's task
+                          [STOP]                  finish what runs, then exit 0
+    child -> supervisor   [READY, pid]
+                          [RESULT, seq, outcome, rss]   (rss: bytes, 0 when not measured)
+                          [HEARTBEAT, task_id]
+                          [PROGRESS, task_id, fraction, data]
+                          [ENQUEUE, new_id, name, args, options, parent_id, root_id]
+                          [FATAL, message]        could not start (then exit EXIT_STARTUP_FAILED)
+
+Soft time limits are the child's own business (a SIGALRM timer raises
+``SoftTimeLimitExceeded`` inside the task), so a late signal can never hit the
+next task.  SIGUSR2 asks the running task to stop (``WorkerShutdown``: a soft
+shutdown).  SIGINT/SIGTERM/SIGQUIT are ignored: the supervisor decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+from ..envelope import decode_frame
+from ..errors import DecodeError, EncodeError, SoftTimeLimitExceeded, UnknownTaskError, WorkerShutdown
+from ..task import TaskContext, TaskOptions, TaskRegistry
+from .execution import ERROR, Outcome, run_handler, run_handler_async
+from .ring import Channel, ChannelHandle
+
+__all__ = ["ChildExit", "child_main", "TASK", "STOP", "READY", "RESULT", "HEARTBEAT", "PROGRESS", "ENQUEUE",
+           "FATAL"]
+
+TASK, STOP = 0, 1
+READY, RESULT, HEARTBEAT, PROGRESS, ENQUEUE, FATAL = 0, 1, 2, 3, 4, 5
+
+
+class ChildExit(enum.IntEnum):
+    """Exit codes a child uses on purpose; anything else (or a signal) is a crash."""
+    OK = 0                 # asked to stop (recycle or shutdown)
+    STARTUP_FAILED = 70    # could not attach or load the registry: do not respawn in a loop
+    SUPERVISOR_GONE = 71   # the supervisor disappeared: nobody would store our results
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+class _ChildRuntime:
+    """``ctx.heartbeat/progress/enqueue`` from inside a child: messages to the supervisor."""
+
+    def __init__(self, channel: Channel, registry: TaskRegistry):
+        self.channel = channel
+        self.registry = registry
+
+    def _send(self, msg: list) -> None:
+        self.channel.send_wait([_encode(msg)], 30.0)
+
+    def heartbeat(self, task_id: str) -> None:
+        self._send([HEARTBEAT, task_id])
+
+    def progress(self, task_id: str, fraction: float, data: Any) -> None:
+        self._send([PROGRESS, task_id, fraction, data])
+
+    def enqueue(self, name: str, args, options: TaskOptions | None, parent: TaskContext) -> str:
+        self.registry.get(name)  # an unknown name fails in the task, like a producer's enqueue
+        new_id = uuid.uuid4().hex
+        opts = None if options is None else msgspec.structs.asdict(options)
+        try:
+            msg = _encode([ENQUEUE, new_id, name, args or {}, opts, parent.id, parent.root_id])
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+            raise EncodeError(f"args of child task {name!r} cannot be encoded: {exc}") from None
+        self.channel.send_wait([msg], 30.0)
+        return new_id
+
+
+class _Child:
+    def __init__(self, channel: Channel, registry: TaskRegistry, params: dict[str, Any]):
+        self.channel = channel
+        self.registry = registry
+        self.runtime = _ChildRuntime(channel, registry)
+        self.measure_rss = bool(params.get("measure_rss"))
+        self.concurrency = int(params.get("child_concurrency", 1))
+        self.supervisor_pid = int(params["supervisor_pid"])
+        self.running = 0
+        self.stopping = False
+        self._proc = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def rss(self) -> int:
+        if not self.measure_rss:
+            return 0
+        if self._proc is None:
+            import psutil
+            self._proc = psutil.Process()
+        return self._proc.memory_info().rss
+
+    def supervisor_alive(self) -> bool:
+        try:
+            os.kill(self.supervisor_pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+    # -- one task ---------------------------------------------------------------------
+    def prepare(self, seq: int, frame: bytes):
+        """Decode and look up; returns (env, handler) or an error Outcome."""
+        try:
+            env = decode_frame(frame)
+        except DecodeError as exc:
+            return None, Outcome("", ERROR, None, str(exc), "DecodeError", None, "decode-error", None,
+                                 time.time(), time.time())
+        try:
+            handler = self.registry.get(env.name)
+        except UnknownTaskError as exc:
+            return None, Outcome(env.id, ERROR, None, str(exc), "UnknownTaskError", None, "unknown-task", None,
+                                 time.time(), time.time())
+        return (env, handler), None
+
+    def context(self, env) -> TaskContext:
+        return TaskContext(env.id, env.name, env.attempt, env.meta, env.headers, env.queue, env.max_retries,
+                           env.root_id, self.runtime)
+
+    def report(self, seq: int, out: Outcome) -> None:
+        try:
+            payload = _encode([RESULT, seq, out, self.rss()])
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+            out = Outcome(out.task_id, ERROR, None,
+                          f"task returned a value msgpack cannot encode ({type(out.result).__name__}): {exc}",
+                          "EncodeError", None, "result-not-encodable", None, out.started_at, out.finished_at)
+            payload = _encode([RESULT, seq, out, self.rss()])
+        while not self.channel.send_wait([payload], 1.0):
+            if not self.supervisor_alive():
+                os._exit(ChildExit.SUPERVISOR_GONE)
+
+    def run_sync(self, seq: int, frame: bytes) -> None:
+        prepared, error = self.prepare(seq, frame)
+        if error is not None:
+            return self.report(seq, error)
+        env, handler = prepared
+        ctx = self.context(env)
+        self.running = 1
+        if env.soft_time_limit:
+            signal.setitimer(signal.ITIMER_REAL, env.soft_time_limit)
+        try:
+            if handler.is_async:
+                if self._loop is None:
+                    self._loop = asyncio.new_event_loop()
+                out = self._loop.run_until_complete(run_handler_async(handler, ctx, env.args, check_result=False))
+            else:
+                out = run_handler(handler, ctx, env.args, check_result=False)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.running = 0
+        self.report(seq, out)
+
+    # -- loops ------------------------------------------------------------------------
+    def serve(self) -> int:
+        if self.concurrency > 1:
+            return asyncio.run(self.serve_async())
+        while True:
+            msgs = self.channel.recv_wait(1.0, 64)
+            if not msgs:
+                if not self.supervisor_alive():
+                    return ChildExit.SUPERVISOR_GONE
+                continue
+            for raw in msgs:
+                msg = _decode(raw)
+                if msg[0] == STOP:
+                    return ChildExit.OK
+                self.run_sync(msg[1], msg[2])
+
+    async def serve_async(self) -> int:
+        """Up to ``child_concurrency`` tasks at once on one event loop (async handlers;
+        sync handlers run in the loop's default executor)."""
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(self.channel.fileno(), readable.set)
+        tasks: set[asyncio.Task] = set()
+        slots = asyncio.Semaphore(self.concurrency)
+        stop = False
+
+        async def run_one(seq: int, frame: bytes) -> None:
+            try:
+                prepared, error = self.prepare(seq, frame)
+                if error is not None:
+                    self.report(seq, error)
+                    return
+                env, handler = prepared
+                coro = run_handler_async(handler, self.context(env), env.args, check_result=False)
+                if env.soft_time_limit:
+                    started = time.time()
+                    try:
+                        out = await asyncio.wait_for(coro, env.soft_time_limit)
+                    except asyncio.TimeoutError:
+                        exc = SoftTimeLimitExceeded(f"soft time limit of {env.soft_time_limit}s exceeded")
+                        out = Outcome(env.id, ERROR, None, str(exc), "SoftTimeLimitExceeded", None,
+                                      "soft-time-limit", None, started, time.time())
+                else:
+                    out = await coro
+                self.report(seq, out)
+            finally:
+                slots.release()
+
+        while not (stop and not tasks):
+            msgs = self.channel.recv_many(64)
+            if not msgs:
+                if stop:
+                    await asyncio.wait(tasks)
+                    continue
+                if self.channel.arm_doorbell():
+                    readable.clear()
+                    try:
+                        await asyncio.wait_for(readable.wait(), 1.0)
+                    except asyncio.TimeoutError:
+                        if not self.supervisor_alive():
+                            return ChildExit.SUPERVISOR_GONE
+                    finally:
+                        self.channel.disarm_doorbell()
+                continue
+            for raw in msgs:
+                msg = _decode(raw)
+                if msg[0] == STOP:
+                    stop = True
+                    continue
+                await slots.acquire()
+                t = asyncio.ensure_future(run_one(msg[1], msg[2]))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+        loop.remove_reader(self.channel.fileno())
+        return ChildExit.OK
+
+
+def _install_child_signals(child: _Child) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+
+    def soft_limit(signum, frame):
+        if child.running:
+            raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+    def soft_shutdown(signum, frame):
+        if child.running:
+            raise WorkerShutdown("the worker is shutting down")
+
+    signal.signal(signal.SIGALRM, soft_limit)
+    signal.signal(signal.SIGUSR2, soft_shutdown)
+
+
+def child_main(handle: ChannelHandle, params: dict[str, Any], registry: TaskRegistry | None = None) -> int:
+    """Entry point in the child (forked from the zygote, or spawned)."""
+    try:
+        channel = Channel.attach(handle)
+    except Exception as exc:  # noqa: BLE001
+        import sys
+        print(f"stem child {os.getpid()}: cannot attach its channel: {exc}", file=sys.stderr)
+        return ChildExit.STARTUP_FAILED
+    try:
+        if registry is None:
+            registry = params["registry"]
+        child = _Child(channel, registry, params)
+        _install_child_signals(child)
+        channel.send_wait([_encode([READY, os.getpid()])], 10.0)
+        return child.serve()
+    except Exception as exc:  # noqa: BLE001 - the supervisor gets the reason, then we exit
+        import traceback
+        text = "".join(traceback.format_exception(exc))
+        try:
+            channel.send_wait([_encode([FATAL, text])], 5.0)
+        except Exception:  # noqa: BLE001
+            pass
+        return ChildExit.STARTUP_FAILED
+    finally:
+        channel.close()
+
+
+def spawn_entry(handle: ChannelHandle, params: dict[str, Any], registry_ref: Any) -> None:
+    """``multiprocessing`` target for ``start_method="spawn"``: load the registry, then serve."""
+    try:
+        registry = _load_registry(registry_ref)
+    except Exception as exc:  # noqa: BLE001
+        import sys
+        import traceback
+        print(f"stem child {os.getpid()}: cannot load the task registry: {exc}", file=sys.stderr)
+        traceback.print_exc()
+        # tell the supervisor why, over the channel, then exit with the named code
+        try:
+            channel = Channel.attach(handle)
+            channel.send_wait([_encode([FATAL, f"cannot load the task registry: {exc!r}"])], 5.0)
+            channel.close()
+        finally:
+            os._exit(ChildExit.STARTUP_FAILED)
+    os._exit(child_main(handle, params, registry))
+
+
+def _load_registry(ref: Any) -> TaskRegistry:
+    if isinstance(ref, TaskRegistry):
+        return ref
+    import importlib
+    module, _, attr = str(ref).partition(":")
+    obj = importlib.import_module(module)
+    for part in (attr or "registry").split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, TaskRegistry):
+        raise TypeError(f"{ref!r} is not a TaskRegistry")
+    return obj

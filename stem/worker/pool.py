@@ -1,0 +1,561 @@
+"""The supervisor's process pool: ``concurrency`` isolated children fed through shared-memory rings.
+
+One thread (``stem-pool``) owns the children: it hands jobs from the backlog
+to children with a free slot (so an idle child never waits behind a busy
+one), reads outcomes from every child's ring with one ``poll()``, watches
+exits (reported by the zygote, or by ``spawn`` sentinels), recycles children
+(``max-tasks``, ``max-memory``) and replaces crashed or killed ones.  The
+Worker's threads call ``submit``/``kill``/``interrupt``/``running`` under the
+pool's lock.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from collections import deque
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable
+
+import msgspec
+
+from ..errors import WorkerError, WorkerShutdown
+from ..signals import signals
+from ..task import TaskOptions
+from .child import (ENQUEUE, FATAL, HEARTBEAT, PROGRESS, READY, RESULT, STOP, TASK, ChildExit, child_main,
+                    spawn_entry)
+from .engine import Engine, Job, RateLimiter
+from .execution import ERROR, Outcome
+from .ring import Channel
+from .zygote import Zygote
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+__all__ = ["ProcessEngine", "PoolState", "ChildState"]
+
+log = logging.getLogger("stem.worker")
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+CHANNEL_CAPACITY = 1 << 20
+STARTUP_TIMEOUT = 60.0
+MEMORY_CHECK_INTERVAL = 1.0
+MAX_STARTUP_FAILURES = 3
+
+
+class PoolState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class ChildState(enum.Enum):
+    STARTING = "starting"    # forked, not READY yet
+    READY = "ready"          # takes tasks
+    DRAINING = "draining"    # finishing its tasks, then exits (recycle)
+    KILLED = "killed"        # SIGKILL sent, waiting for the exit report
+    DEAD = "dead"
+
+
+class _Child:
+    __slots__ = ("pid", "channel", "state", "running", "tasks_done", "rss", "started_at", "ready_at",
+                 "recycle_reason", "process", "fatal", "last_memory_check", "forked_ns")
+
+    def __init__(self, pid: int, channel: Channel, process: Any = None):
+        self.pid = pid
+        self.channel = channel
+        self.state = ChildState.STARTING
+        self.running: dict[int, Job] = {}
+        self.tasks_done = 0
+        self.rss = 0
+        self.started_at = time.time()
+        self.ready_at: float | None = None
+        self.recycle_reason: str | None = None
+        self.process = process          # multiprocessing.Process under spawn
+        self.fatal: str | None = None
+        self.last_memory_check = time.monotonic()
+        self.forked_ns = 0
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": self.pid, "state": self.state.value, "rss": self.rss, "tasks_done": self.tasks_done,
+                "running": len(self.running), "started_at": self.started_at}
+
+
+class ProcessEngine(Engine):
+    def __init__(self, worker: "Worker"):
+        self.worker = worker
+        self.concurrency = worker.concurrency
+        self.child_concurrency = worker.child_concurrency
+        self.max_tasks = worker.lifecycle.max_tasks_per_child
+        self.max_memory = worker.lifecycle.max_memory_per_child
+        self.start_method = worker.start_method or ("fork" if hasattr(os, "fork") else "spawn")
+        if self.start_method not in ("fork", "spawn"):
+            raise WorkerError(f"start_method must be 'fork' or 'spawn', got {self.start_method!r}")
+        self.state = PoolState.CREATED
+        self._lock = threading.RLock()
+        self._backlog: deque[Job] = deque()
+        self._children: dict[int, _Child] = {}
+        self._limiters: dict[str, RateLimiter] = {}
+        self._crashes: dict[str, int] = {}
+        self._zygote: Zygote | None = None
+        self._report: Callable[[Job, Outcome], None] | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._startup_failures = 0
+        self._replacements = 0
+        self._replace_ms: deque[float] = deque(maxlen=64)
+        self._error: str | None = None
+        self._params = {"measure_rss": self.max_memory is not None, "child_concurrency": self.child_concurrency,
+                        "supervisor_pid": os.getpid()}
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self, report: Callable[[Job, Outcome], None]) -> None:
+        self._report = report
+        self.state = PoolState.STARTING
+        if self.start_method == "fork":
+            self._zygote = Zygote(functools.partial(child_main, registry=self.worker.registry))
+            self._zygote.start()
+        try:
+            for _ in range(self.concurrency):
+                self._spawn_child()
+            self._wait_ready()
+        except BaseException:
+            self._teardown(1.0)
+            self.state = PoolState.FAILED
+            raise
+        self.state = PoolState.RUNNING
+        self._thread = threading.Thread(target=self._loop, name="stem-pool", daemon=True)
+        self._thread.start()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            self._poll_once(0.05)
+            with self._lock:
+                children = list(self._children.values())
+                failed = [c for c in children if c.state is ChildState.DEAD]
+                if failed or self._error:
+                    reason = self._error or failed[0].fatal or "exited during startup"
+                    raise WorkerError(f"worker children failed to start: {reason}")
+                if len(children) >= self.concurrency and all(c.state is ChildState.READY for c in children):
+                    return
+            if time.monotonic() > deadline:
+                raise WorkerError(f"worker children did not start within {STARTUP_TIMEOUT}s")
+
+    def _spawn_child(self) -> _Child:
+        t0 = time.perf_counter_ns()
+        channel = Channel.create(CHANNEL_CAPACITY)
+        try:
+            if self._zygote is not None:
+                pid = self._zygote.fork(channel.handle, self._params)
+                process = None
+            else:
+                import multiprocessing
+                ctx = multiprocessing.get_context("spawn")
+                process = ctx.Process(target=spawn_entry, args=(channel.handle, self._params, self.worker.registry),
+                                      daemon=True, name="stem-child")
+                process.start()
+                pid = process.pid
+        except BaseException:
+            channel.close()
+            raise
+        child = _Child(pid, channel, process)
+        child.forked_ns = t0
+        with self._lock:
+            self._children[pid] = child
+        signals.worker_child_init.send(self.worker, worker=self.worker, pid=pid)
+        return child
+
+    def stop(self, timeout: float) -> None:
+        with self._lock:
+            if self.state in (PoolState.STOPPED, PoolState.CREATED):
+                return
+            self.state = PoolState.STOPPING
+            for child in self._children.values():
+                if child.state in (ChildState.READY, ChildState.STARTING, ChildState.DRAINING):
+                    self._send(child, [STOP])
+        self._wake()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._children:
+                    break
+            if self._thread is None or not self._thread.is_alive():
+                self._poll_once(0.05)
+            else:
+                time.sleep(0.01)
+        self._teardown(1.0)
+
+    def _teardown(self, timeout: float) -> None:
+        self.state = PoolState.STOPPED
+        self._wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout + 1.0)
+        with self._lock:
+            children = list(self._children.values())
+            self._children.clear()
+        for child in children:
+            _kill(child.pid)
+            if child.process is not None:
+                child.process.join(timeout)
+        if self._zygote is not None:
+            self._zygote.stop(timeout)
+        for child in children:
+            child.channel.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    # -- the Worker's side -------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            self._backlog.append(job)
+        self._wake()
+
+    def take_backlog(self) -> list[Job]:
+        with self._lock:
+            jobs = list(self._backlog)
+            self._backlog.clear()
+            return jobs
+
+    def running(self) -> list[Job]:
+        with self._lock:
+            return [j for c in self._children.values() for j in c.running.values()]
+
+    def interrupt(self, job: Job, exc_type: type[BaseException]) -> None:
+        """Soft limits run in the child itself; a soft shutdown is SIGUSR2."""
+        if exc_type is not WorkerShutdown:
+            job.interrupted = True
+            return
+        with self._lock:
+            child = job.slot
+            if child is not None and job.seq in child.running:
+                job.interrupted = True
+                _signal(child.pid, signal.SIGUSR2)
+
+    def kill(self, job: Job, reason: str) -> bool:
+        with self._lock:
+            child = job.slot
+            if child is None or job.seq not in child.running:
+                return False
+            del child.running[job.seq]
+            others = list(child.running.values())
+            child.running.clear()
+            child.state = ChildState.KILLED
+            child.recycle_reason = reason
+            _kill(child.pid)
+        for other in others:  # other coroutines of the same child die with it
+            self._report(other, _crashed(other, "child killed while running another task"))
+        self._wake()
+        return True
+
+    def info(self) -> dict[str, Any]:
+        with self._lock:
+            return {"engine": "process", "start_method": self.start_method, "pool_state": self.state.value,
+                    "children": [c.info() for c in self._children.values()], "backlog": len(self._backlog),
+                    "child_replacements": self._replacements,
+                    "child_replace_ms": (sorted(self._replace_ms)[len(self._replace_ms) // 2]
+                                         if self._replace_ms else None)}
+
+    # -- the pool thread ---------------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _loop(self) -> None:
+        try:
+            while self.state is not PoolState.STOPPED:
+                self._dispatch()
+                self._poll_once(0.25)
+                self._check_memory()
+        except BaseException as exc:  # noqa: BLE001
+            log.exception("the pool thread failed")
+            self._error = f"pool thread failed: {exc!r}"
+            self.worker.shutdown_nowait("hard")
+
+    def _poll_once(self, timeout: float) -> None:
+        with self._lock:
+            children = [c for c in self._children.values() if c.state is not ChildState.DEAD]
+        ready = [c for c in children if c.channel.pending_bytes()]
+        if not ready:
+            poller = select.poll()
+            armed = []
+            for c in children:
+                if not c.channel.arm_doorbell():
+                    ready.append(c)
+                    break
+                armed.append(c)
+                poller.register(c.channel.fileno(), select.POLLIN)
+            if not ready:
+                if self._wake_r >= 0:
+                    poller.register(self._wake_r, select.POLLIN)
+                if self._zygote is not None and self._zygote.sock is not None:
+                    poller.register(self._zygote.fileno(), select.POLLIN)
+                for c in children:
+                    if c.process is not None:
+                        poller.register(c.process.sentinel, select.POLLIN)
+                poller.poll(max(0, int(timeout * 1000)))
+            for c in armed:
+                c.channel.disarm_doorbell()
+            if self._wake_r >= 0:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except (BlockingIOError, OSError):
+                    pass
+            ready = [c for c in children if c.channel.pending_bytes()]
+        for c in ready:
+            self._read(c)
+        self._collect_exits(children)
+
+    def _read(self, child: _Child) -> None:
+        for raw in child.channel.recv_many(1024):
+            msg = _decode(raw)
+            kind = msg[0]
+            if kind == RESULT:
+                self._on_result(child, msg[1], Outcome(*msg[2]), msg[3])
+            elif kind == READY:
+                with self._lock:
+                    if child.state is ChildState.STARTING:
+                        child.state = ChildState.READY
+                    child.ready_at = time.time()
+                    self._startup_failures = 0
+                    if child.forked_ns:
+                        self._replace_ms.append((time.perf_counter_ns() - child.forked_ns) / 1e6)
+                        child.forked_ns = 0
+            elif kind == HEARTBEAT:
+                self.worker._heartbeat_requests.put(msg[1])
+            elif kind == PROGRESS:
+                self.worker._progress(msg[1], msg[2], msg[3])
+            elif kind == ENQUEUE:
+                self._enqueue_for_child(msg)
+            elif kind == FATAL:
+                child.fatal = msg[1]
+                log.error("child %d could not start: %s", child.pid, msg[1])
+
+    def _on_result(self, child: _Child, seq: int, outcome: Outcome, rss: int) -> None:
+        with self._lock:
+            job = child.running.pop(seq, None)
+            child.tasks_done += 1
+            if rss:
+                child.rss = rss
+            if child.state is ChildState.READY:
+                if self.max_tasks is not None and child.tasks_done >= self.max_tasks:
+                    self._recycle(child, "max-tasks")
+                elif self.max_memory is not None and child.rss > self.max_memory:
+                    self._recycle(child, "max-memory")
+            elif child.state is ChildState.DRAINING and not child.running:
+                self._send(child, [STOP])
+        if job is not None:
+            self._crashes.pop(job.envelope.id, None)
+            self._report(job, outcome)
+
+    def _recycle(self, child: _Child, reason: str) -> None:
+        """Stop giving ``child`` work; it exits after its running tasks, a new child takes the slot now."""
+        child.state = ChildState.DRAINING
+        child.recycle_reason = reason
+        if not child.running:
+            self._send(child, [STOP])
+        if self.state is PoolState.RUNNING:
+            self._replace()
+
+    def _replace(self) -> None:
+        try:
+            self._spawn_child()
+            self._replacements += 1
+        except WorkerError as exc:
+            log.error("could not start a replacement child: %s", exc)
+            self._error = str(exc)
+            self.worker.shutdown_nowait("hard")
+
+    def _collect_exits(self, children: list[_Child]) -> None:
+        exited: list[tuple[int, int]] = []
+        if self._zygote is not None:
+            for event in self._zygote.events():
+                if event[0] == "exited":
+                    exited.append((event[1], event[2]))
+                elif event[0] == "zygote-gone" and self.state is PoolState.RUNNING:
+                    self._error = "the zygote process died"
+                    log.error("the zygote process died; stopping the worker")
+                    self.worker.shutdown_nowait("hard")
+        for c in children:
+            if c.process is not None and c.process.exitcode is not None and c.state is not ChildState.DEAD:
+                exited.append((c.pid, c.process.exitcode))
+        for pid, code in exited:
+            self._on_exit(pid, code)
+
+    def _on_exit(self, pid: int, code: int) -> None:
+        with self._lock:
+            child = self._children.get(pid)
+            if child is None or child.state is ChildState.DEAD:
+                return
+            previous = child.state
+            child.state = ChildState.DEAD
+            orphans = list(child.running.values())
+            child.running.clear()
+            del self._children[pid]
+        self._drain_late_results(child)
+        child.channel.close()
+        if previous is ChildState.KILLED:
+            reason = child.recycle_reason or "killed"
+        elif previous is ChildState.DRAINING and code == ChildExit.OK:
+            reason = child.recycle_reason or "recycled"
+        elif self.state is not PoolState.RUNNING and code == ChildExit.OK:
+            reason = "shutdown"
+        elif code == ChildExit.STARTUP_FAILED or previous is ChildState.STARTING:
+            reason = "startup-failed"
+        else:
+            reason = "crash"
+        if reason != "shutdown":
+            log.log(logging.WARNING if reason in ("crash", "startup-failed") else logging.INFO,
+                    "child %d exited (%s, code %s)", pid, reason, code)
+        signals.worker_child_shutdown.send(self.worker, worker=self.worker, pid=pid, reason=reason, exitcode=code)
+        for job in orphans:
+            self._report(job, self._crash_outcome(job, code))
+        if self.state is not PoolState.RUNNING:
+            if reason == "startup-failed":
+                self._error = child.fatal or f"child exited with code {code} before it was ready"
+            return
+        if reason == "startup-failed":
+            self._startup_failures += 1
+            if self._startup_failures >= MAX_STARTUP_FAILURES:
+                self._error = child.fatal or f"children keep failing to start (exit code {code})"
+                log.error("children keep failing to start; stopping the worker: %s", self._error)
+                self.worker.shutdown_nowait("hard")
+                return
+        if previous is not ChildState.DRAINING:  # a drained child was replaced when it was recycled
+            self._replace()
+
+    def _drain_late_results(self, child: _Child) -> None:
+        """Results the child wrote before dying still count."""
+        try:
+            if child.channel.pending_bytes():
+                self._read(child)
+        except Exception:  # noqa: BLE001 - a torn segment: the orphans are reported as crashed
+            pass
+
+    def _crash_outcome(self, job: Job, code: int) -> Outcome:
+        task_id = job.envelope.id
+        crashes = self._crashes.get(task_id, 0) + 1
+        self._crashes[task_id] = crashes
+        if len(self._crashes) > 10_000:
+            self._crashes.pop(next(iter(self._crashes)))
+        limit = self.worker.max_crash_redeliveries
+        if crashes >= limit and job.envelope.max_retries >= limit:
+            return _crashed(job, f"crashed its child {crashes} times (exit code {code}); dead-lettered as poison",
+                            reason="poison")
+        return _crashed(job, f"the child running it died (exit code {code})")
+
+    def _enqueue_for_child(self, msg: list) -> None:
+        _, new_id, name, args, opts, parent_id, root_id = msg
+        try:
+            options = TaskOptions(**opts) if opts else None
+            parent = SimpleNamespace(id=parent_id, root_id=root_id or parent_id)
+            self.worker._producer().enqueue(name, args, options=options, task_id=new_id, parent=parent)
+        except Exception:  # noqa: BLE001
+            log.exception("could not enqueue child task %s (%s) for task %s", new_id, name, parent_id)
+
+    # -- dispatch -------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        with self._lock:
+            if not self._backlog or self.state is not PoolState.RUNNING:
+                return
+            free = [c for c in self._children.values()
+                    if c.state is ChildState.READY and len(c.running) < self.child_concurrency]
+            if not free:
+                return
+            free.sort(key=lambda c: len(c.running))
+            now = time.monotonic()
+            skipped: list[Job] = []
+            started: list[Job] = []
+            while self._backlog and free:
+                job = self._backlog.popleft()
+                if job.settled:
+                    continue
+                rate = job.handler.options.rate_limit
+                if rate is not None:
+                    limiter = self._limiters.get(job.handler.name)
+                    if limiter is None:
+                        limiter = self._limiters[job.handler.name] = RateLimiter(job.handler.options.rate_per_second)
+                    if limiter.wait_time(now) > 0:
+                        skipped.append(job)
+                        continue
+                child = free[0]
+                if not child.channel.send(_encode([TASK, job.seq, job.delivery.frame])):
+                    skipped.append(job)
+                    free.pop(0)
+                    continue
+                job.slot = child
+                job.mark_started()
+                job.soft_deadline = None  # the child enforces its own soft limit
+                child.running[job.seq] = job
+                started.append(job)
+                if len(child.running) >= self.child_concurrency:
+                    free.pop(0)
+            self._backlog.extendleft(reversed(skipped))
+        if signals.task_prerun.receivers:
+            for job in started:
+                signals.task_prerun.send(self.worker, envelope=job.envelope, context=None)
+
+    def _send(self, child: _Child, msg: list) -> None:
+        try:
+            child.channel.send(_encode(msg))
+        except Exception:  # noqa: BLE001 - a closed channel: the child is gone anyway
+            pass
+
+    def _check_memory(self) -> None:
+        if self.max_memory is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            busy = [c for c in self._children.values() if c.state is ChildState.READY and c.running
+                    and now - c.last_memory_check >= MEMORY_CHECK_INTERVAL]
+        if not busy:
+            return
+        import psutil
+        for c in busy:
+            c.last_memory_check = now
+            try:
+                c.rss = psutil.Process(c.pid).memory_info().rss
+            except psutil.Error:
+                continue
+            if c.rss > self.max_memory:
+                with self._lock:
+                    if c.state is ChildState.READY:
+                        log.info("child %d is over max_memory_per_child mid-task (%d bytes); recycling after it",
+                                 c.pid, c.rss)
+                        self._recycle(c, "max-memory")
+
+
+def _crashed(job: Job, message: str, reason: str = "child-crashed") -> Outcome:
+    return Outcome(job.envelope.id, ERROR, None, message, "ChildCrashed", None, reason, None,
+                   job.started_at or time.time(), time.time())
+
+
+def _kill(pid: int) -> None:
+    _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
