@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import msgspec
 
-from ..brokers._pg_schema import NOW, Listener, PgConnections, parse_postgres_url, quote_schema
+from ..brokers._pg_schema import FAST, NOW, Listener, PgConnections, parse_postgres_url, quote_schema
 from ..errors import BackendConnectionError, BackendError, ConfigurationError
 from ..results import TaskStatus, decode_status, encode_status
 from .base import DEFAULT_RESULT_EXPIRES, ResultBackend
@@ -98,6 +98,7 @@ class PostgresResultBackend(ResultBackend):
         self.result_expires = float(result_expires)
         self._pg = PgConnections(conninfo, schema, who="PostgresResultBackend", error=BackendError,
                                  connection_error=BackendConnectionError, reconnect_timeout=reconnect_timeout)
+        self._fast = self._pg.sibling(FAST)        # reads and heartbeats; see _pg_schema
         self._sql = _queries(quote_schema(schema))
         self.channel = f"stem.{schema}.results"
         self._waiters: dict[str, set[threading.Event]] = {}
@@ -146,14 +147,14 @@ class PostgresResultBackend(ResultBackend):
             self._pg.run(lambda conn: conn.execute(self._sql["sweep"]))
 
     def get(self, task_id: str) -> TaskStatus | None:
-        row = self._pg.run(lambda conn: conn.execute(self._sql["get"], (task_id,), binary=True).fetchone())
+        row = self._fast.run(lambda conn: conn.execute(self._sql["get"], (task_id,), binary=True).fetchone())
         return None if row is None else decode_status(row[0])
 
     def get_many(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
         ids = list(task_ids)
         if not ids:
             return []
-        rows = self._pg.run(lambda conn: conn.execute(self._sql["get_many"], (ids,), binary=True).fetchall())
+        rows = self._fast.run(lambda conn: conn.execute(self._sql["get_many"], (ids,), binary=True).fetchall())
         found = {t: decode_status(d) for t, d in rows}
         return [found.get(t) for t in ids]
 
@@ -191,14 +192,14 @@ class PostgresResultBackend(ResultBackend):
     # -- heartbeats -------------------------------------------------------------------
     def put_heartbeat(self, worker_id: str, data: dict[str, Any], ttl: float) -> None:
         blob = _encode(data)
-        self._pg.run(lambda conn: conn.execute(self._sql["put_heartbeat"], (worker_id, float(ttl), blob)))
+        self._fast.run(lambda conn: conn.execute(self._sql["put_heartbeat"], (worker_id, float(ttl), blob)))
 
     def heartbeats(self) -> list[dict[str, Any]]:
-        rows = self._pg.run(lambda conn: conn.execute(self._sql["heartbeats"], binary=True).fetchall())
+        rows = self._fast.run(lambda conn: conn.execute(self._sql["heartbeats"], binary=True).fetchall())
         return [{**_decode(data), "worker_id": worker_id, "seen_at": seen_at} for worker_id, seen_at, data in rows]
 
     def remove_heartbeat(self, worker_id: str) -> None:
-        self._pg.run(lambda conn: conn.execute(self._sql["remove_heartbeat"], (worker_id,)))
+        self._fast.run(lambda conn: conn.execute(self._sql["remove_heartbeat"], (worker_id,)))
 
     # -- revocations ------------------------------------------------------------------
     def revoke(self, task_ids: Sequence[str], expires: float | None = None) -> None:
@@ -209,12 +210,12 @@ class PostgresResultBackend(ResultBackend):
 
     def revoked(self, task_ids: Sequence[str] | None = None) -> set[str]:
         if task_ids is None:
-            rows = self._pg.run(lambda conn: conn.execute(self._sql["revoked_all"]).fetchall())
+            rows = self._fast.run(lambda conn: conn.execute(self._sql["revoked_all"]).fetchall())
         else:
             ids = list(task_ids)
             if not ids:
                 return set()
-            rows = self._pg.run(lambda conn: conn.execute(self._sql["revoked"], (ids,)).fetchall())
+            rows = self._fast.run(lambda conn: conn.execute(self._sql["revoked"], (ids,)).fetchall())
         return {r[0] for r in rows}
 
     # -- misc -------------------------------------------------------------------------
@@ -225,3 +226,4 @@ class PostgresResultBackend(ResultBackend):
         self._listener.stop()
         self._on_reset()
         self._pg.close()
+        self._fast.close()

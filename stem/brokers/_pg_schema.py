@@ -29,6 +29,16 @@ the publishing transaction) and ``stem.<schema>.results`` (payload: task ids
 of terminal statuses, comma-separated, sent in the storing transaction).
 
 Connections: autocommit, prepared statements, one per thread and process.
+Each adapter keeps two kinds (``FAST`` below): durable ones for what must
+survive a server crash once the call returns (publish, retry, dead-letter,
+results, revocations), and fast ones with ``synchronous_commit=off`` for
+claims, acks, lease renewals and reads -- losing one of those in a server
+crash only redelivers a task, which at-least-once allows, and the next durable
+commit flushes them anyway.  The fast sessions also turn bitmap and
+sequential scans off: a queue table's statistics are always stale, and every
+stem query is shaped for its index (an ordered scan of ``stem_jobs_ready``
+that stops after ``max_count`` rows), which the planner must not trade for a
+scan-and-sort of the whole backlog on a bad row estimate.
 After ``fork`` the child never touches an inherited connection: its socket is
 pointed at /dev/null and the libpq handle finished, so nothing reaches the
 parent's session.
@@ -49,13 +59,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..errors import ConfigurationError, StemError
 
 __all__ = ["import_psycopg", "parse_postgres_url", "PgConnections", "Listener", "migrate", "SCHEMA_VERSION",
-           "NOW"]
+           "NOW", "FAST"]
 
 log = logging.getLogger("stem.postgres")
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
+FAST = {"synchronous_commit": "off", "enable_bitmapscan": "off", "enable_seqscan": "off"}
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,47}$")
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -203,30 +214,43 @@ class PgConnections:
     """Per-thread autocommit connections with retry, reconnect and error translation."""
 
     def __init__(self, conninfo: str, schema: str, *, who: str, error: type[StemError],
-                 connection_error: type[StemError], reconnect_timeout: float, connect_timeout: float = 5.0):
+                 connection_error: type[StemError], reconnect_timeout: float, connect_timeout: float = 5.0,
+                 settings: dict[str, str] | None = None, _schema_state: dict[str, bool] | None = None):
         self.psycopg = import_psycopg(who)
         self.conninfo = conninfo
         self.schema = schema
         self.reconnect_timeout = float(reconnect_timeout)
         self.connect_timeout = connect_timeout
+        self.settings = dict(settings or {})
+        self._who = who
         self._error = error
         self._connection_error = connection_error
         self._pid = os.getpid()
         self._local = threading.local()
         self._slots: weakref.WeakSet[_Slot] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._migrated = False
+        self._schema_state = {"migrated": False} if _schema_state is None else _schema_state
         try:
             info = self.psycopg.conninfo.conninfo_to_dict(conninfo)
         except self.psycopg.Error as e:
             raise ConfigurationError(f"bad PostgreSQL URL: {e}") from e
         self.label = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
 
+    def sibling(self, settings: dict[str, str]) -> "PgConnections":
+        """Connections to the same database and schema with other session ``settings``."""
+        return PgConnections(self.conninfo, self.schema, who=self._who, error=self._error,
+                             connection_error=self._connection_error, reconnect_timeout=self.reconnect_timeout,
+                             connect_timeout=self.connect_timeout, settings=settings,
+                             _schema_state=self._schema_state)
+
     def connect(self, *, prepare: bool = True) -> Any:
+        kwargs: dict[str, Any] = {}
+        if self.settings:
+            kwargs["options"] = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
         conn = self.psycopg.connect(
             self.conninfo, autocommit=True, prepare_threshold=0 if prepare else None,
             connect_timeout=max(1, int(self.connect_timeout)), application_name="stem",
-            keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+            keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3, **kwargs)
         _LIVE.add(conn)
         return conn
 
@@ -244,9 +268,9 @@ class PgConnections:
             self._local.slot = slot
             with self._lock:
                 self._slots.add(slot)
-        if not self._migrated:
+        if not self._schema_state["migrated"]:
             migrate(slot.conn, self.schema)
-            self._migrated = True
+            self._schema_state["migrated"] = True
         return slot.conn
 
     def _discard(self) -> None:

@@ -35,7 +35,7 @@ import time
 from typing import Any, Sequence
 
 from ..errors import BrokerConnectionError, BrokerError, ConfigurationError
-from ._pg_schema import NOW, Listener, PgConnections, parse_postgres_url, quote_schema
+from ._pg_schema import FAST, NOW, Listener, PgConnections, parse_postgres_url, quote_schema
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
                    Message, QueueStats, validate_queue_name)
 
@@ -169,6 +169,7 @@ class PostgresBroker(Broker):
         self.max_deliveries = int(max_deliveries)
         self._pg = PgConnections(conninfo, schema, who="PostgresBroker", error=BrokerError,
                                  connection_error=BrokerConnectionError, reconnect_timeout=reconnect_timeout)
+        self._fast = self._pg.sibling(FAST)
         self._sql = _queries(quote_schema(schema))
         self.channel = f"stem.{schema}.jobs"
         self._cond = threading.Condition(threading.Lock())
@@ -246,7 +247,7 @@ class PostgresBroker(Broker):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            next_due = self._pg.run(lambda conn: conn.execute(self._sql["next_due"], (queues,)).fetchone()[0])
+            next_due = self._fast.run(lambda conn: conn.execute(self._sql["next_due"], (queues,)).fetchone()[0])
             wait = remaining
             if next_due is not None:
                 wait = min(wait, max(next_due, 0.001))
@@ -260,7 +261,7 @@ class PostgresBroker(Broker):
 
     def _claim(self, queues: list[str], max_count: int) -> tuple[list[Delivery], int]:
         params = {"queues": queues, "n": max_count, "max": self.max_deliveries}
-        rows = self._pg.run(lambda conn: conn.execute(self._sql["claim"], params, binary=True).fetchall())
+        rows = self._fast.run(lambda conn: conn.execute(self._sql["claim"], params, binary=True).fetchall())
         now = time.time()
         poisoned = sum(r[4] for r in rows if r[0] is None)
         rows = [r for r in rows if r[0] is not None]
@@ -271,11 +272,11 @@ class PostgresBroker(Broker):
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         ids = [d.receipt for d in deliveries]
         if ids:
-            self._pg.run(lambda conn: conn.execute(self._sql["ack"], (ids,)))
+            self._fast.run(lambda conn: conn.execute(self._sql["ack"], (ids,)))
 
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         if requeue:
-            self._pg.run(lambda conn: conn.execute(self._sql["requeue"], (delivery.receipt, self.channel)))
+            self._fast.run(lambda conn: conn.execute(self._sql["requeue"], (delivery.receipt, self.channel)))
         else:
             self._pg.run(lambda conn: conn.execute(self._sql["reject"], (delivery.receipt,)))
 
@@ -289,12 +290,12 @@ class PostgresBroker(Broker):
     def extend(self, deliveries: Sequence[Delivery], visibility_timeout: float | None = None) -> None:
         ids = [d.receipt for d in deliveries]
         if ids:
-            self._pg.run(lambda conn: conn.execute(self._sql["extend"], (visibility_timeout or None, ids)))
+            self._fast.run(lambda conn: conn.execute(self._sql["extend"], (visibility_timeout or None, ids)))
 
     # -- dead letters and admin -------------------------------------------------------
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         validate_queue_name(queue)
-        rows = self._pg.run(lambda conn: conn.execute(self._sql["dead_letters"], (queue, max(limit, 0))).fetchall())
+        rows = self._fast.run(lambda conn: conn.execute(self._sql["dead_letters"], (queue, max(limit, 0))).fetchall())
         return [DeadLetter(str(r[0]), r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
 
     def replay(self, queue: str, ids: Sequence[str] | None = None) -> int:
@@ -321,11 +322,11 @@ class PostgresBroker(Broker):
 
     def stats(self, queue: str) -> QueueStats:
         validate_queue_name(queue)
-        r = self._pg.run(lambda conn: conn.execute(self._sql["stats"], {"q": queue}).fetchone())
+        r = self._fast.run(lambda conn: conn.execute(self._sql["stats"], {"q": queue}).fetchone())
         return QueueStats(queue, r[0] + r[1], r[2], r[3], r[4])
 
     def queues(self) -> list[str]:
-        return [r[0] for r in self._pg.run(lambda conn: conn.execute(self._sql["queues"]).fetchall())]
+        return [r[0] for r in self._fast.run(lambda conn: conn.execute(self._sql["queues"]).fetchall())]
 
     def ping(self) -> None:
         self._pg.run(lambda conn: conn.execute("SELECT 1").fetchone())
@@ -336,6 +337,7 @@ class PostgresBroker(Broker):
         with self._cond:
             self._cond.notify_all()
         self._pg.close()
+        self._fast.close()
 
 
 def migrate(url: str, *, schema: str | None = None) -> int:
