@@ -55,3 +55,17 @@ def postgres_url() -> str:
 def namespace() -> str:
     """A key/schema namespace no other test uses."""
     return "stemtest_" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_left_behind():
+    """Every channel segment this test process created is gone when the session ends."""
+    prefix = f"stmr_{os.getpid():x}_"
+    yield
+    import gc
+    gc.collect()
+    try:
+        left = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    except FileNotFoundError:  # no /dev/shm on this platform
+        return
+    assert not left, f"shared-memory segments leaked: {left}"

@@ -305,11 +305,5 @@ def spawn_entry(handle: ChannelHandle, params: dict[str, Any], registry_ref: Any
 def _load_registry(ref: Any) -> TaskRegistry:
     if isinstance(ref, TaskRegistry):
         return ref
-    import importlib
-    module, _, attr = str(ref).partition(":")
-    obj = importlib.import_module(module)
-    for part in (attr or "registry").split("."):
-        obj = getattr(obj, part)
-    if not isinstance(obj, TaskRegistry):
-        raise TypeError(f"{ref!r} is not a TaskRegistry")
-    return obj
+    from .worker import load_registry
+    return load_registry(str(ref))

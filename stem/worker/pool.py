@@ -165,7 +165,8 @@ class ProcessEngine(Engine):
             else:
                 import multiprocessing
                 ctx = multiprocessing.get_context("spawn")
-                process = ctx.Process(target=spawn_entry, args=(channel.handle, self._params, self.worker.registry),
+                process = ctx.Process(target=spawn_entry, args=(channel.handle, self._params,
+                                                                        self.worker.registry_ref or self.worker.registry),
                                       daemon=True, name="stem-child")
                 process.start()
                 pid = process.pid

@@ -35,7 +35,7 @@ from .engine import Engine, Job
 from .execution import ERROR, OK, RETRY, Outcome
 from .lifecycle import ShutdownMode, WorkerLifecycleConfig, install_signal_handlers
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "load_registry"]
 
 log = logging.getLogger("stem.worker")
 
@@ -44,6 +44,21 @@ _SETTLE_BATCH = 512
 FETCH_BLOCK_SECONDS = 0.25
 # Failures that another attempt cannot fix.
 _NOT_RETRYABLE = frozenset({"result-not-encodable", "poison", "decode-error", "unknown-task"})
+
+
+def load_registry(path: str) -> TaskRegistry:
+    """Import ``"package.module:attribute"`` (attribute defaults to ``registry``)."""
+    import importlib
+    module, _, attr = path.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for part in (attr or "registry").split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"cannot load the task registry {path!r}: {exc}") from exc
+    if not isinstance(obj, TaskRegistry):
+        raise ConfigurationError(f"{path!r} is a {type(obj).__name__}, not a TaskRegistry")
+    return obj
 
 
 class _Runtime:
@@ -72,8 +87,11 @@ class Worker:
                  *, isolation: str = "process", heartbeat_interval: float = 10.0, worker_id: str | None = None,
                  store_results: bool = True, max_crash_redeliveries: int = 3, start_method: str | None = None,
                  child_concurrency: int = 1, engine: Engine | None = None):
+        self.registry_ref = registry if isinstance(registry, str) else None
+        if isinstance(registry, str):
+            registry = load_registry(registry)
         if registry is None or not isinstance(registry, TaskRegistry):
-            raise ConfigurationError(f"Worker needs a TaskRegistry, got {registry!r}")
+            raise ConfigurationError(f"Worker needs a TaskRegistry (or its 'module:attribute' path), got {registry!r}")
         self.broker = broker_from_url(broker) if isinstance(broker, str) else broker
         if not isinstance(self.broker, Broker):
             raise ConfigurationError(f"broker must be a Broker or a URL, got {broker!r}")
