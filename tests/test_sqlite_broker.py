@@ -1,0 +1,378 @@
+"""SQLite broker and backend beyond the contract suite: several processes on one file, crashes,
+migrations, bad files, URLs, fork safety.
+
+The multi-process helpers here take a broker URL, so ``tests/test_postgres_broker.py`` reuses them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sqlite3
+import threading
+import time
+import uuid
+
+import pytest
+
+from stem.backends import from_url as backend_from_url
+from stem.backends.sqlite import SqliteResultBackend
+from stem.brokers import from_url as broker_from_url
+from stem.brokers.base import Message
+from stem.brokers.sqlite import SqliteBroker
+from stem.errors import BrokerConnectionError, BrokerError, ConfigurationError, StemError
+from stem.results import TaskState, TaskStatus
+
+FORK = multiprocessing.get_context("fork")
+Q = "mp"
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+# -- multi-process helpers (shared with the Postgres tests) ---------------------------------
+def _consumer(url: str, kwargs: dict, stop, out, batch: int) -> None:
+    broker = broker_from_url(url, **kwargs)
+    got: list[tuple[str, int]] = []
+    try:
+        while not stop.is_set():
+            ds = broker.consume([Q], batch, 0.2)
+            if ds:
+                got.extend((d.task_id, d.delivery_count) for d in ds)
+                broker.ack(ds)
+    finally:
+        out.put((os.getpid(), got))
+        broker.close()
+
+
+def _hoarder(url: str, kwargs: dict, n: int, leased, out) -> None:
+    """Leases ``n`` messages, reports them, then hangs until killed."""
+    broker = broker_from_url(url, **kwargs)
+    held = []
+    while len(held) < n:
+        held += broker.consume([Q], n - len(held), 1.0)
+    out.put(("hoarder", [(d.task_id, d.delivery_count) for d in held]))
+    leased.set()
+    time.sleep(600)
+
+
+def start_consumers(url: str, kwargs: dict, count: int, batch: int = 20):
+    stop, out = FORK.Event(), FORK.Queue()
+    procs = [FORK.Process(target=_consumer, args=(url, kwargs, stop, out, batch), daemon=True)
+             for _ in range(count)]
+    for p in procs:
+        p.start()
+    return procs, stop, out
+
+
+def drained(broker) -> bool:
+    s = broker.stats(Q)
+    return s.ready == 0 and s.in_flight == 0 and s.delayed == 0
+
+
+def stop_consumers(procs, stop, out) -> dict[int, list[tuple[str, int]]]:
+    stop.set()
+    results = dict(out.get(timeout=30) for _ in procs)
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0, f"consumer {p.pid} exited with {p.exitcode}"
+    return results
+
+
+def check_each_delivered_once(url: str, kwargs: dict, broker, n: int = 5000, consumers: int = 4) -> None:
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    procs, stop, out = start_consumers(url, kwargs, consumers)
+    try:
+        for i in range(0, n, 250):
+            broker.publish_many([Message(t, Q, t.encode(), visibility_timeout=60) for t in ids[i:i + 250]])
+        assert wait_until(lambda: drained(broker), timeout=45), broker.stats(Q)
+    finally:
+        results = stop_consumers(procs, stop, out)
+    delivered = [t for got in results.values() for t, _ in got]
+    assert len(delivered) == n, f"{len(delivered)} deliveries for {n} messages"
+    assert set(delivered) == set(ids)
+    assert sum(1 for got in results.values() if got) >= 2, "the work was not shared between processes"
+
+
+def check_killed_consumers_leases_are_redelivered(url: str, kwargs: dict, broker, n: int = 600,
+                                                  vt: float = 2.0) -> None:
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    broker.publish_many([Message(t, Q, b"x", visibility_timeout=vt) for t in ids])
+    leased, hoard_out = FORK.Event(), FORK.Queue()
+    hoarder = FORK.Process(target=_hoarder, args=(url, kwargs, 50, leased, hoard_out), daemon=True)
+    hoarder.start()
+    procs, stop, out = start_consumers(url, kwargs, 2)
+    try:
+        assert leased.wait(20), "the hoarder never leased its messages"
+        _, held = hoard_out.get(timeout=10)
+        os.kill(hoarder.pid, signal.SIGKILL)       # mid-run: the survivors are consuming
+        hoarder.join(10)
+        assert wait_until(lambda: drained(broker), timeout=40), broker.stats(Q)
+    finally:
+        results = stop_consumers(procs, stop, out)
+    seen: dict[str, int] = {}
+    for got in results.values():
+        for task_id, count in got:
+            assert task_id not in seen, f"{task_id} delivered twice to the survivors"
+            seen[task_id] = count
+    assert set(seen) == set(ids), f"{len(set(ids) - set(seen))} messages lost"
+    for task_id, _ in held:
+        assert seen[task_id] == 2, "a leased message of the killed consumer came back with the wrong count"
+    assert broker.stats(Q).dead == 0
+
+
+# -- SQLite ---------------------------------------------------------------------------------
+@pytest.fixture
+def db_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'stem.db'}"
+
+
+def test_several_processes_share_one_file_and_each_message_is_delivered_once(db_url):
+    with broker_from_url(db_url) as broker:
+        check_each_delivered_once(db_url, {}, broker)
+
+
+def test_leases_of_a_consumer_killed_with_sigkill_go_to_the_survivors_after_the_visibility_timeout(db_url):
+    with broker_from_url(db_url) as broker:
+        check_killed_consumers_leases_are_redelivered(db_url, {}, broker)
+
+
+def _publish_from_child(url: str, frame: bytes) -> None:
+    with broker_from_url(url) as b:
+        b.publish(Message(uuid.uuid4().hex, Q, frame))
+
+
+def test_a_blocked_consumer_sees_a_message_published_by_another_process_promptly(db_url):
+    broker = broker_from_url(db_url)
+    try:
+        broker.consume([Q], 1, 0)
+        got = []
+        t = threading.Thread(target=lambda: got.extend(broker.consume([Q], 1, 20.0)))
+        t.start()
+        time.sleep(0.3)  # let it reach its idle backoff; the bound below is what matters
+        p = FORK.Process(target=_publish_from_child, args=(db_url, b"hello"))
+        t0 = time.monotonic()
+        p.start()
+        t.join(20)
+        p.join(10)
+        assert [bytes(d.frame) for d in got] == [b"hello"]
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        broker.close()
+
+
+def test_migrating_twice_is_idempotent_and_keeps_data(tmp_path):
+    path = str(tmp_path / "m.db")
+    broker = SqliteBroker(path)
+    try:
+        assert broker.migrate() == broker.migrate()
+        broker.publish(Message("t1", Q, b"keep"))
+        backend = SqliteResultBackend(path)
+        assert backend.migrate() == broker.migrate()
+        backend.close()
+        with sqlite3.connect(path) as raw:
+            versions = raw.execute("SELECT version FROM stem_schema_version").fetchall()
+        raw.close()
+        assert versions == [(1,)]
+        assert broker.stats(Q).ready == 1
+    finally:
+        broker.close()
+
+
+def _migrate(url: str, out) -> None:
+    try:
+        with broker_from_url(url) as b:
+            out.put(b.migrate())
+    except BaseException as e:       # report, do not hang the parent
+        out.put(repr(e))
+
+
+def test_concurrent_migrations_from_several_processes_agree(db_url):
+    out = FORK.Queue()
+    procs = [FORK.Process(target=_migrate, args=(db_url, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert results == [1, 1, 1, 1]
+
+
+def test_a_file_that_is_not_a_database_raises_a_stem_error(tmp_path):
+    path = tmp_path / "garbage.db"
+    path.write_bytes(os.urandom(8192))
+    broker = SqliteBroker(str(path))
+    try:
+        with pytest.raises(BrokerError, match="garbage.db"):
+            broker.publish(Message("t", Q, b"x"))
+    finally:
+        broker.close()
+    backend = SqliteResultBackend(str(path))
+    try:
+        with pytest.raises(StemError):
+            backend.get("t")
+    finally:
+        backend.close()
+
+
+def test_a_file_locked_by_another_writer_raises_broker_connection_error_after_the_busy_timeout(tmp_path):
+    path = str(tmp_path / "locked.db")
+    broker = SqliteBroker(path, busy_timeout=0.2)
+    broker.migrate()
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        t0 = time.monotonic()
+        with pytest.raises(BrokerConnectionError, match="locked"):
+            broker.publish(Message("t", Q, b"x"))
+        assert time.monotonic() - t0 < 5.0
+        holder.execute("ROLLBACK")
+        broker.publish(Message("t", Q, b"x"))        # usable again once the lock is gone
+        assert broker.stats(Q).ready == 1
+    finally:
+        holder.close()
+        broker.close()
+
+
+def test_an_unwritable_path_raises_a_stem_error(tmp_path):
+    broker = SqliteBroker(str(tmp_path / "no" / "such" / "dir" / "x.db"))
+    try:
+        with pytest.raises(BrokerConnectionError):
+            broker.ping()
+    finally:
+        broker.close()
+
+
+def test_url_forms(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rel = broker_from_url("sqlite:///relative.db?busy_timeout=2.5")
+    try:
+        rel.ping()
+        assert (tmp_path / "relative.db").exists()
+        assert rel._db.busy_timeout == 2.5
+    finally:
+        rel.close()
+    absolute = broker_from_url(f"sqlite:///{tmp_path / 'abs.db'}")
+    absolute.ping()
+    absolute.close()
+    assert (tmp_path / "abs.db").exists()
+    memory = broker_from_url("sqlite://")
+    memory.publish(Message("m", Q, b"x"))
+    assert memory.stats(Q).ready == 1
+    memory.close()
+    assert isinstance(backend_from_url("sqlite://"), SqliteResultBackend)
+    with pytest.raises(ConfigurationError):
+        broker_from_url("sqlite://host/x.db")
+    with pytest.raises(ConfigurationError, match="unknown option"):
+        broker_from_url("sqlite:///x.db?journal=off")
+
+
+def _use_in_child(url: str, out) -> None:
+    try:
+        with broker_from_url(url) as b:
+            b.publish(Message(uuid.uuid4().hex, Q, b"child"))
+        out.put("ok")
+    except BaseException as e:
+        out.put(repr(e))
+
+
+def test_a_forked_child_opens_its_own_connection_and_leaves_the_parents_alone(db_url):
+    broker = broker_from_url(db_url)
+    try:
+        broker.publish(Message("parent-1", Q, b"p"))     # the parent's connection is open
+        out = FORK.Queue()
+
+        def child(out=out):
+            try:
+                broker.publish(Message("child-1", Q, b"c"))   # inherited instance, used in the child
+                broker.close()
+                out.put("ok")
+            except BaseException as e:
+                out.put(repr(e))
+
+        p = FORK.Process(target=child)
+        p.start()
+        assert out.get(timeout=20) == "ok"
+        p.join(10)
+        broker.publish(Message("parent-2", Q, b"p"))
+        got = []
+        while len(got) < 3:
+            got += broker.consume([Q], 3, 5.0)
+        assert sorted(d.task_id for d in got) == ["child-1", "parent-1", "parent-2"]
+    finally:
+        broker.close()
+
+
+def test_an_in_memory_database_refuses_to_be_used_in_a_forked_child():
+    broker = broker_from_url("sqlite://")
+    try:
+        broker.publish(Message("m", Q, b"x"))
+        out = FORK.Queue()
+
+        def child(out=out):
+            try:
+                broker.stats(Q)
+                out.put("used")
+            except ConfigurationError as e:
+                out.put(str(e))
+
+        p = FORK.Process(target=child)
+        p.start()
+        assert "one process" in out.get(timeout=20)
+        p.join(10)
+        assert broker.stats(Q).ready == 1
+    finally:
+        broker.close()
+
+
+def test_broker_and_backend_share_one_file(db_url):
+    broker, backend = broker_from_url(db_url), backend_from_url(db_url)
+    try:
+        broker.publish(Message("t", Q, b"x"))
+        backend.store(TaskStatus(id="t", state=TaskState.SUCCEEDED, result=1))
+        assert broker.stats(Q).ready == 1
+        assert backend.get("t").result == 1
+    finally:
+        broker.close()
+        backend.close()
+
+
+def _store_later(url: str, task_id: str, delay: float) -> None:
+    time.sleep(delay)
+    with backend_from_url(url) as b:
+        b.store(TaskStatus(id=task_id, state=TaskState.SUCCEEDED, result="from child"))
+
+
+def test_wait_returns_a_status_stored_by_another_process(db_url):
+    backend = backend_from_url(db_url)
+    try:
+        backend.store(TaskStatus(id="w", state=TaskState.RUNNING))
+        p = FORK.Process(target=_store_later, args=(db_url, "w", 0.3))
+        t0 = time.monotonic()
+        p.start()
+        got = backend.wait("w", 20.0)
+        p.join(10)
+        assert got.state is TaskState.SUCCEEDED and got.result == "from child"
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        backend.close()
+
+
+def test_connections_of_finished_threads_are_closed(db_url):
+    broker = broker_from_url(db_url)
+    try:
+        threads = [threading.Thread(target=broker.stats, args=(Q,)) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert wait_until(lambda: len(broker._db._slots) <= 1, timeout=5)
+    finally:
+        broker.close()
