@@ -24,6 +24,7 @@
 #define STEM_RING_HEADER_BYTES 8
 #define STEM_RING_SPILL_BYTES  24   /* header + u64 seq + u64 length */
 #define STEM_RING_MIN_CAPACITY 64
+#define STEM_RING_MAX_CAPACITY (1LL << 31)  /* record lengths are u32 */
 
 #define STEM_KIND_DATA  0u
 #define STEM_KIND_PAD   1u

@@ -37,6 +37,7 @@ cdef extern from "ring.h" nogil:
         STEM_OFF_SPILL_SEQ
         STEM_OFF_READER_WAITING
         STEM_OFF_WRITER_WAITING
+    const long long STEM_RING_MAX_CAPACITY
     uint64_t stem_load_acquire_u64(const uint64_t *p)
     uint64_t stem_load_relaxed_u64(const uint64_t *p)
     void stem_store_release_u64(uint64_t *p, uint64_t v)
@@ -49,7 +50,7 @@ cdef extern from "ring.h" nogil:
 
 __all__ = [
     "Ring", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
-    "SPILL_BYTES", "MIN_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL",
+    "SPILL_BYTES", "MIN_CAPACITY", "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL",
 ]
 
 LAYOUT_VERSION = 1
@@ -57,6 +58,7 @@ CTRL_BYTES = STEM_RING_CTRL_BYTES
 HEADER_BYTES = STEM_RING_HEADER_BYTES
 SPILL_BYTES = STEM_RING_SPILL_BYTES
 MIN_CAPACITY = STEM_RING_MIN_CAPACITY
+MAX_CAPACITY = STEM_RING_MAX_CAPACITY
 KIND_DATA = STEM_KIND_DATA
 KIND_PAD = STEM_KIND_PAD
 KIND_SPILL = STEM_KIND_SPILL
@@ -108,9 +110,10 @@ cdef class Ring:
                   int writer_bell=-1, spill=None, unspill=None):
         cdef uint8_t *ctl
         self._open = False
-        if capacity < STEM_RING_MIN_CAPACITY or capacity & (capacity - 1):
-            raise ValueError(f"ring capacity must be a power of two >= {STEM_RING_MIN_CAPACITY}, "
-                             f"got {capacity}")
+        if (capacity < STEM_RING_MIN_CAPACITY or capacity > STEM_RING_MAX_CAPACITY
+                or capacity & (capacity - 1)):
+            raise ValueError(f"ring capacity must be a power of two in [{STEM_RING_MIN_CAPACITY}, "
+                             f"{STEM_RING_MAX_CAPACITY}], got {capacity}")
         if offset < 0 or offset % 64:
             raise ValueError(f"ring offset must be a non-negative multiple of 64, got {offset}")
         try:

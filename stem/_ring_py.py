@@ -12,7 +12,7 @@ Layout of one ring at ``offset`` (64-byte aligned) in a writable buffer::
            +  72  spill_seq       u64  seq of the last side-channel segment created (producer)
            + 128  reader_waiting  u32  "the reader is about to sleep on its doorbell"
            + 192  writer_waiting  u32  "the writer is about to sleep until space frees up"
-           + 256  data            ``capacity`` bytes (a power of two, >= 64)
+           + 256  data            ``capacity`` bytes (a power of two, 64 .. 2**31)
 
 head and tail are free-running counters (position = counter & (capacity - 1)),
 each on its own cache line; the flags get a line each too.  All integers are
@@ -71,7 +71,7 @@ from stem.errors import DecodeError
 
 __all__ = [
     "Ring", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
-    "SPILL_BYTES", "MIN_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL",
+    "SPILL_BYTES", "MIN_CAPACITY", "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL",
 ]
 
 LAYOUT_VERSION = 1
@@ -79,6 +79,7 @@ CTRL_BYTES = 256
 HEADER_BYTES = 8
 SPILL_BYTES = 24
 MIN_CAPACITY = 64
+MAX_CAPACITY = 1 << 31  # record lengths are u32
 KIND_DATA, KIND_PAD, KIND_SPILL = 0, 1, 2
 
 # indexes into the control block seen as u64 ('Q') and u32 ('I') arrays
@@ -114,8 +115,9 @@ def ring_bytes(capacity: int) -> int:
 
 
 def _check_geometry(nbytes: int, offset: int, capacity: int) -> None:
-    if capacity < MIN_CAPACITY or capacity & (capacity - 1):
-        raise ValueError(f"ring capacity must be a power of two >= {MIN_CAPACITY}, got {capacity}")
+    if capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or capacity & (capacity - 1):
+        raise ValueError(f"ring capacity must be a power of two in [{MIN_CAPACITY}, {MAX_CAPACITY}], "
+                         f"got {capacity}")
     if offset < 0 or offset % 64:
         raise ValueError(f"ring offset must be a non-negative multiple of 64, got {offset}")
     if offset + ring_bytes(capacity) > nbytes:

@@ -177,7 +177,7 @@ def run_ops(writer, reader, capacity, ops):
 
 def test_both_builds_agree_on_the_layout_constants(impl):
     for name in ("LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES", "SPILL_BYTES", "MIN_CAPACITY",
-                 "KIND_DATA", "KIND_PAD", "KIND_SPILL"):
+                 "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL"):
         assert getattr(impl, name) == getattr(_ring_py, name), name
     assert impl.max_inline(4096) == _ring_py.max_inline(4096) == 2040
     assert impl.ring_bytes(4096) == 4096 + 256
@@ -391,6 +391,8 @@ def test_capacity_is_rounded_up_to_a_power_of_two_of_at_least_4_kib():
             assert ch.capacity == got and ch.max_inline == got // 2 - 8
     with pytest.raises(ValueError, match="positive"):
         Channel.create(capacity=0)
+    with pytest.raises(ValueError, match="at most"):
+        Channel.create(capacity=(1 << 31) + 1)
 
 
 @SETTINGS

@@ -151,6 +151,8 @@ def _ring_offset(index: int, capacity: int) -> int:
 def _round_capacity(capacity: int) -> int:
     if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity <= 0:
         raise ValueError(f"capacity must be a positive number of bytes, got {capacity!r}")
+    if capacity > _impl.MAX_CAPACITY:
+        raise ValueError(f"capacity must be at most {_impl.MAX_CAPACITY} bytes, got {capacity}")
     return max(MIN_CAPACITY, 1 << (capacity - 1).bit_length())
 
 
