@@ -1,0 +1,49 @@
+"""The examples run (the Redis ones against the local Redis)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def run(name, env=None, timeout=60):
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, name)], cwd=EXAMPLES, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_minimal_producer_example():
+    out = run("producer_minimal.py")
+    assert "sent to a@b.c (attempt 0)" in out and "'rows': 70" in out
+
+
+def test_minimal_worker_example():
+    assert "100 tasks succeeded" in run("worker_minimal.py")
+
+
+def test_signed_producer_example_on_memory():
+    env = {"STEM_BROKER_URL": ""}
+    assert "sent to signed@example.com" in run("producer_signed.py", env)
+
+
+def test_retries_and_signals_example():
+    out = run("worker_retries_signals.py")
+    assert "SUCCEEDED succeeded on attempt 2 attempt 2" in out
+
+
+@pytest.mark.timeout(120)
+def test_redis_producer_and_worker_examples(redis_url, namespace):
+    env = {"STEM_BROKER_URL": redis_url}
+    worker = subprocess.Popen([sys.executable, os.path.join(EXAMPLES, "worker_redis.py")], cwd=EXAMPLES,
+                              env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out = run("producer_redis.py", env, timeout=90)
+        assert out.count("SUCCEEDED") == 10
+    finally:
+        worker.terminate()
+        _, err = worker.communicate(timeout=60)
+    assert worker.returncode == 0, err
