@@ -361,6 +361,7 @@ class Listener:
 
     def _run(self) -> None:
         backoff = 0.05
+        failing = False
         while not self._stop.is_set():
             conn = None
             try:
@@ -369,12 +370,18 @@ class Listener:
                 conn.add_notify_handler(lambda n: self._on_notify(n.payload))
                 conn.execute(f'LISTEN "{self.channel}"')
                 self._listening.set()
+                if failing:
+                    log.warning("stem: listener on %s reconnected", self.channel)
+                failing = False
                 self._on_reset()
                 backoff = 0.05
                 self._pump(conn)
             except Exception as e:     # noqa: BLE001 - the listener must outlive any error
                 if not self._stop.is_set():
-                    log.warning("stem: listener on %s lost its connection (%s); reconnecting", self.channel, e)
+                    (log.debug if failing else log.warning)(
+                        "stem: listener on %s lost its connection (%s); reconnecting", self.channel,
+                        str(e).strip())
+                    failing = True
             finally:
                 self._listening.clear()
                 if conn is not None:
