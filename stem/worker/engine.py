@@ -107,6 +107,12 @@ class Engine(abc.ABC):
     def stop(self, timeout: float) -> None:
         """Release the slots (after running jobs finished or were killed)."""
 
+    def poll(self, timeout: float) -> bool:
+        """Engines without threads of their own do their work here, on the
+        Worker's main thread, sleeping up to ``timeout``; True if they did (the
+        Worker then does not block on its outcome queue)."""
+        return False
+
     def tick(self) -> None:
         """Periodic housekeeping from the Worker's main loop (recycling, health)."""
 

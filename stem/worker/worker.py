@@ -143,6 +143,7 @@ class Worker:
         self._started = threading.Event()
         self._burst = False
         self._paused: set[str] = set()
+        self._fetcher_waiting = False
         self._revoked: set[str] = set()
         self._thread: threading.Thread | None = None
         self._fetcher: threading.Thread | None = None
@@ -271,7 +272,9 @@ class Worker:
                 free = self.prefetch_limit - len(self._jobs)
                 queues = [q for q in self.queues if q not in self._paused]
                 if free <= 0 or not queues:
+                    self._fetcher_waiting = True
                     self._lock.wait(0.5)
+                    self._fetcher_waiting = False
                     continue
             try:
                 deliveries = self.broker.consume(queues, free, FETCH_BLOCK_SECONDS, consumer=self.id)
@@ -375,7 +378,7 @@ class Worker:
         stop_started: float | None = None
         hard_started: float | None = None
         while True:
-            batch = self._drain_done(0.05)
+            batch = self._drain_done(0.0 if self._engine.poll(0.05) else 0.05)
             if batch:
                 self._settle(batch)
             now = time.monotonic()
@@ -495,7 +498,8 @@ class Worker:
             for j in jobs:
                 j.settled = True
                 self._jobs.pop(j.seq, None)
-            self._lock.notify_all()
+            if self._fetcher_waiting:  # wake the fetcher only when it waits for room
+                self._lock.notify_all()
 
     def _store(self, statuses: list[TaskStatus]) -> None:
         """Results must be durable before the ack: retry until stored or shutting down hard."""
