@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import msgspec
 
-from ..brokers._pg_schema import FAST, NOW, Listener, PgConnections, parse_postgres_url, quote_schema
+from ..brokers._pg_schema import DURABLE, FAST, NOW, Listener, PgConnections, parse_postgres_url, quote_schema
 from ..errors import BackendConnectionError, BackendError, ConfigurationError
 from ..results import TaskStatus, decode_status, encode_status
 from .base import DEFAULT_RESULT_EXPIRES, ResultBackend
@@ -97,7 +97,8 @@ class PostgresResultBackend(ResultBackend):
         self.schema = schema
         self.result_expires = float(result_expires)
         self._pg = PgConnections(conninfo, schema, who="PostgresResultBackend", error=BackendError,
-                                 connection_error=BackendConnectionError, reconnect_timeout=reconnect_timeout)
+                                 connection_error=BackendConnectionError, reconnect_timeout=reconnect_timeout,
+                                 settings=DURABLE)
         self._fast = self._pg.sibling(FAST)        # reads and heartbeats; see _pg_schema
         self._sql = _queries(quote_schema(schema))
         self.channel = f"stem.{schema}.results"

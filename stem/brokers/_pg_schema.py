@@ -38,7 +38,9 @@ commit flushes them anyway.  The fast sessions also turn bitmap and
 sequential scans off: a queue table's statistics are always stale, and every
 stem query is shaped for its index (an ordered scan of ``stem_jobs_ready``
 that stops after ``max_count`` rows), which the planner must not trade for a
-scan-and-sort of the whole backlog on a bad row estimate.
+scan-and-sort of the whole backlog on a bad row estimate.  Both kinds use
+generic plans (``plan_cache_mode``): the claim is a large statement whose
+re-planning on every call would cost more than running it.
 After ``fork`` the child never touches an inherited connection: its socket is
 pointed at /dev/null and the libpq handle finished, so nothing reaches the
 parent's session.
@@ -59,14 +61,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..errors import ConfigurationError, StemError
 
 __all__ = ["import_psycopg", "parse_postgres_url", "PgConnections", "Listener", "migrate", "SCHEMA_VERSION",
-           "NOW", "FAST"]
+           "NOW", "FAST", "DURABLE"]
 
 log = logging.getLogger("stem.postgres")
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
-FAST = {"synchronous_commit": "off", "enable_bitmapscan": "off", "enable_seqscan": "off"}
+DURABLE = {"plan_cache_mode": "force_generic_plan"}
+FAST = {**DURABLE, "synchronous_commit": "off", "enable_bitmapscan": "off", "enable_seqscan": "off"}
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,47}$")
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {

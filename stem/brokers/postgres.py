@@ -35,7 +35,7 @@ import time
 from typing import Any, Sequence
 
 from ..errors import BrokerConnectionError, BrokerError, ConfigurationError
-from ._pg_schema import FAST, NOW, Listener, PgConnections, parse_postgres_url, quote_schema
+from ._pg_schema import DURABLE, FAST, NOW, Listener, PgConnections, parse_postgres_url, quote_schema
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
                    Message, QueueStats, validate_queue_name)
 
@@ -168,7 +168,8 @@ class PostgresBroker(Broker):
         self.default_visibility_timeout = float(default_visibility_timeout)
         self.max_deliveries = int(max_deliveries)
         self._pg = PgConnections(conninfo, schema, who="PostgresBroker", error=BrokerError,
-                                 connection_error=BrokerConnectionError, reconnect_timeout=reconnect_timeout)
+                                 connection_error=BrokerConnectionError, reconnect_timeout=reconnect_timeout,
+                                 settings=DURABLE)
         self._fast = self._pg.sibling(FAST)
         self._sql = _queries(quote_schema(schema))
         self.channel = f"stem.{schema}.jobs"
