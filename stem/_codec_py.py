@@ -24,6 +24,7 @@ _HEADER = struct.Struct("<2sBBBBHIId")
 _DELIVERY = struct.Struct("<IId")          # attempt, body_len, not_before at offset 8
 _NONE = struct.unpack("<d", struct.pack("<Q", 0x7FF8000000000000))[0]   # "no not_before"
 _MAX_U32 = 0xFFFFFFFF
+_tuple_new = tuple.__new__          # builds a NamedTuple without its Python-level __new__
 _ENCODE_ERRORS = (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError)
 # msgspec.DecodeError is a ValueError; invalid UTF-8 raises UnicodeDecodeError, also one.
 _DECODE_ERRORS = (ValueError, RecursionError, OverflowError)
@@ -195,9 +196,9 @@ class FrameCodec:
         """The frame's header fields and a memoryview of its body, without decoding it."""
         frame = _as_bytes_view(frame)
         version, key_len, _, attempt, _, nb, body_off = _parse(frame, len(frame), max_size)
-        return self._header_type(version, bytes(frame[HEADER_SIZE:HEADER_SIZE + key_len]),
-                                 bytes(frame[HEADER_SIZE + key_len:body_off]), attempt, nb,
-                                 memoryview(frame)[body_off:])
+        return _tuple_new(self._header_type, (version, bytes(frame[HEADER_SIZE:HEADER_SIZE + key_len]),
+                                              bytes(frame[HEADER_SIZE + key_len:body_off]), attempt, nb,
+                                              memoryview(frame)[body_off:]))
 
     def with_delivery(self, frame, attempt, not_before) -> bytes:
         """Copy of ``frame`` with a new delivery header (attempt, not_before)."""

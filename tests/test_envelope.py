@@ -287,6 +287,14 @@ def test_frames_decode_from_memoryview_and_bytearray(signer):
     assert with_delivery(memoryview(frame), attempt=1, not_before=None)[24:] == frame[24:]
 
 
+def test_decoding_a_bytearray_leaves_no_view_of_it_behind(build):
+    frame = bytearray(build.codec.encode_frame(sample(), build.signer))
+    build.codec.decode_frame(frame, build.signer)
+    with pytest.raises(DecodeError):
+        build.codec.decode_frame(frame[:-1] + b"\xc1", None)
+    frame.extend(b"resizable again")            # BufferError if a view still exported it
+
+
 def test_a_frame_argument_that_is_not_bytes_like_raises_type_error():
     with pytest.raises(TypeError):
         decode_frame("not bytes")
