@@ -62,11 +62,14 @@ for _, member in ipairs(expired) do
   end
 end
 
--- (3) fresh entries, highest lane first
+-- (3) fresh entries, highest lane first (one EXISTS call covers the usual case: only lane 0 in use)
+local high_lanes = {}
+for lane = 1, NLANES - 1 do high_lanes[lane] = KEYS[lane + 1] end
+local any_high = redis.call('EXISTS', unpack(high_lanes)) > 0
 for lane = NLANES - 1, 0, -1 do
   if #out >= count then break end
   local key = KEYS[lane + 1]
-  if redis.call('EXISTS', key) == 1 then
+  if (lane == 0 or any_high) and redis.call('EXISTS', key) == 1 then
     local r = redis.pcall('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count - #out, 'STREAMS', key, '>')
     if is_err(r) then
       redis.pcall('XGROUP', 'CREATE', key, GROUP, '0')

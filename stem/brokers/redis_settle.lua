@@ -11,13 +11,20 @@
 local op = ARGV[1]
 
 if op == 'ack' then
-  local n = 0
+  -- variadic XACK/XDEL per lane and one ZREM: three calls for a whole batch
+  local ids, members = {}, {}
   for i = 2, #ARGV, 2 do
     local lane = tonumber(ARGV[i])
-    n = n + redis.call('XDEL', KEYS[lane + 1], ARGV[i + 1])
-    redis.pcall('XACK', KEYS[lane + 1], GROUP, ARGV[i + 1])
-    redis.call('ZREM', LEASES, lane .. '|' .. ARGV[i + 1])
+    ids[lane] = ids[lane] or {}
+    table.insert(ids[lane], ARGV[i + 1])
+    members[#members + 1] = lane .. '|' .. ARGV[i + 1]
   end
+  local n = 0
+  for lane, list in pairs(ids) do
+    n = n + redis.call('XDEL', KEYS[lane + 1], unpack(list))
+    redis.pcall('XACK', KEYS[lane + 1], GROUP, unpack(list))
+  end
+  if #members > 0 then redis.call('ZREM', LEASES, unpack(members)) end
   return n
 end
 
