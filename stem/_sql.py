@@ -10,7 +10,8 @@ lock).  Schema, version 1::
                         queue, task_id, priority, frame
                         state          0 ready | 1 delayed | 2 leased
                         available_at   epoch s: delayed -> not_before, leased -> lease deadline
-                        visibility_timeout  seconds (the message's own, else the broker default)
+                        visibility_timeout  seconds, the message's own (NULL: the consuming
+                                            broker's default_visibility_timeout)
                         delivery_count
         ix ready    (queue, priority DESC, id)        WHERE state = 0    -- claims, in order
         ix waiting  (queue, available_at, state)      WHERE state <> 0   -- due / expired, stats
@@ -56,7 +57,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             priority INTEGER NOT NULL DEFAULT 0,
             state INTEGER NOT NULL DEFAULT 0,
             available_at REAL NOT NULL,
-            visibility_timeout REAL NOT NULL,
+            visibility_timeout REAL,
             delivery_count INTEGER NOT NULL DEFAULT 0,
             frame BLOB NOT NULL)""",
         "CREATE INDEX stem_messages_ready ON stem_messages (queue, priority DESC, id) WHERE state = 0",
@@ -68,7 +69,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             reason TEXT NOT NULL,
             failed_at REAL NOT NULL,
             priority INTEGER NOT NULL DEFAULT 0,
-            visibility_timeout REAL NOT NULL,
+            visibility_timeout REAL,
             frame BLOB NOT NULL)""",
         "CREATE INDEX stem_dead_letters_queue ON stem_dead_letters (queue, id)",
         "CREATE TABLE stem_queues (name TEXT PRIMARY KEY) WITHOUT ROWID",

@@ -295,7 +295,7 @@ def _claim_stays_fast_next_to(postgres_url, namespace, broker, parked: int) -> N
     with psycopg.connect(postgres_url, autocommit=True, options="-c enable_bitmapscan=off -c enable_seqscan=off") \
             as conn:
         plan = "\n".join(r[0] for r in conn.execute(
-            "EXPLAIN " + broker._sql["claim"], {"queues": [Q], "n": 20, "max": 5}).fetchall())
+            "EXPLAIN " + broker._sql["claim"], {"queues": [Q], "n": 20, "max": 5, "vt": 30.0}).fetchall())
     assert "Index Scan using stem_jobs_ready" in plan, plan
 
 
@@ -307,3 +307,16 @@ def test_finished_rows_are_deleted_and_claims_stay_fast_next_to_many_parked_rows
 @pytest.mark.timeout(180)
 def test_claims_stay_fast_next_to_a_million_parked_rows(postgres_url, namespace, broker):
     _claim_stays_fast_next_to(postgres_url, namespace, broker, 1_000_000)
+
+
+def test_a_message_without_its_own_visibility_timeout_gets_the_consuming_brokers_default(pg_url, broker):
+    consumer = broker_from_url(pg_url, default_visibility_timeout=0.5)
+    try:
+        broker.publish(Message("a", Q, b"x"))
+        broker.publish(Message("b", Q, b"y", visibility_timeout=60))
+        first = consumer.consume([Q], 2, 5.0)
+        assert {d.task_id: d.visibility_timeout for d in first} == {"a": 0.5, "b": 60}
+        [again] = consumer.consume([Q], 2, 10.0)
+        assert (again.task_id, again.delivery_count) == ("a", 2)
+    finally:
+        consumer.close()

@@ -376,3 +376,18 @@ def test_connections_of_finished_threads_are_closed(db_url):
         assert wait_until(lambda: len(broker._db._slots) <= 1, timeout=5)
     finally:
         broker.close()
+
+
+def test_a_message_without_its_own_visibility_timeout_gets_the_consuming_brokers_default(db_url):
+    producer = broker_from_url(db_url)                                   # default 30 s
+    consumer = broker_from_url(db_url, default_visibility_timeout=0.5)
+    try:
+        producer.publish(Message("a", Q, b"x"))
+        producer.publish(Message("b", Q, b"y", visibility_timeout=60))
+        first = consumer.consume([Q], 2, 5.0)
+        assert {d.task_id: d.visibility_timeout for d in first} == {"a": 0.5, "b": 60}
+        [again] = consumer.consume([Q], 2, 10.0)
+        assert (again.task_id, again.delivery_count) == ("a", 2)
+    finally:
+        producer.close()
+        consumer.close()

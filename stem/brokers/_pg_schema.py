@@ -11,7 +11,8 @@ start together apply each version once::
                          state          0 ready | 1 delayed | 2 leased
                          available_at   epoch s (server clock): delayed -> not_before,
                                         leased -> lease deadline, ready -> publish time
-                         visibility_timeout (s), delivery_count
+                         visibility_timeout (s; NULL: the consuming broker's default),
+                         delivery_count
         stem_jobs_ready    (queue, priority DESC, id)     WHERE state = 0    -- claims
         stem_jobs_waiting  (queue, available_at, state)   WHERE state <> 0   -- due, expired, stats
     stem_dead_letters    id identity, queue, task_id, reason, failed_at, priority,
@@ -81,7 +82,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             priority integer NOT NULL DEFAULT 0,
             state smallint NOT NULL DEFAULT 0,
             available_at double precision NOT NULL,
-            visibility_timeout double precision NOT NULL,
+            visibility_timeout double precision,
             delivery_count integer NOT NULL DEFAULT 0,
             frame bytea NOT NULL
         ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,
@@ -95,7 +96,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             reason text NOT NULL,
             failed_at double precision NOT NULL,
             priority integer NOT NULL DEFAULT 0,
-            visibility_timeout double precision NOT NULL,
+            visibility_timeout double precision,
             frame bytea NOT NULL)""",
         "CREATE INDEX stem_dead_letters_queue ON {s}.stem_dead_letters (queue, id)",
         "CREATE TABLE {s}.stem_queues (name text PRIMARY KEY)",

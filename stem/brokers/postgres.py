@@ -9,7 +9,8 @@ argument; default ``public``).  Needs psycopg 3 (``pip install
   that are due again -- delayed rows whose ``not_before`` passed and leases
   that expired (``stem_jobs_waiting``) -- each ``FOR UPDATE SKIP LOCKED``;
   the best ``max_count`` of them are leased (``available_at = now +`` the
-  row's own visibility timeout, ``delivery_count + 1``) with ``UPDATE ...
+  row's own visibility timeout, else the consuming broker's default;
+  ``delivery_count + 1``) with ``UPDATE ...
   RETURNING``; a row past ``max_deliveries`` moves to the DLQ in the same
   statement.  Expired leases need no sweeper: the claim itself reclaims them.
 * **Publish** is one ``INSERT ... SELECT FROM unnest(...)`` round trip for a
@@ -87,11 +88,11 @@ def _queries(s: str) -> dict[str, str]:
             claimed AS (
                 UPDATE {jobs} j
                 SET state = 2, delivery_count = j.delivery_count + 1,
-                    available_at = {NOW} + j.visibility_timeout
+                    available_at = {NOW} + coalesce(j.visibility_timeout, %(vt)s)
                 FROM cand
                 WHERE j.id = cand.id AND j.delivery_count < %(max)s
-                RETURNING j.id, j.queue, j.task_id, j.frame, j.delivery_count, j.visibility_timeout,
-                          cand.priority)
+                RETURNING j.id, j.queue, j.task_id, j.frame, j.delivery_count,
+                          coalesce(j.visibility_timeout, %(vt)s), cand.priority)
             SELECT * FROM claimed
             UNION ALL  -- a last row with id NULL counts the poisoned rows, so consume claims again at once
             SELECT NULL, NULL, NULL, NULL, count(*)::int4, NULL, NULL FROM poison HAVING count(*) > 0""",
@@ -121,8 +122,9 @@ def _queries(s: str) -> dict[str, str]:
                 RETURNING queue)
             SELECT pg_notify(%s, queue) FROM ins""",
         "extend": f"""
-            UPDATE {jobs} SET available_at = {NOW} + coalesce(%s::float8, visibility_timeout)
-            WHERE id = ANY(%s::int8[]) AND state = 2""",
+            UPDATE {jobs} j SET available_at = {NOW} + m.vt
+            FROM unnest(%s::int8[], %s::float8[]) AS m(id, vt)
+            WHERE j.id = m.id AND j.state = 2""",
         "dead_letters": f"""
             SELECT id, task_id, queue, reason, failed_at, frame FROM {dead}
             WHERE queue = %s ORDER BY id LIMIT %s""",
@@ -219,9 +221,9 @@ class PostgresBroker(Broker):
         for q in queues:
             validate_queue_name(q)
         self._register(queues)
-        default_vt = self.default_visibility_timeout
         params = ([m.queue for m in messages], [m.task_id for m in messages], [int(m.priority) for m in messages],
-                  [m.not_before for m in messages], [float(m.visibility_timeout or default_vt) for m in messages],
+                  [m.not_before for m in messages],
+                  [float(m.visibility_timeout) if m.visibility_timeout else None for m in messages],
                   [bytes(m.frame) for m in messages], self.channel, queues)
         self._pg.run(lambda conn: conn.execute(self._sql["publish"], params))
         for q in queues:            # consumers of this instance need not wait for the round trip
@@ -261,7 +263,8 @@ class PostgresBroker(Broker):
         return []
 
     def _claim(self, queues: list[str], max_count: int) -> tuple[list[Delivery], int]:
-        params = {"queues": queues, "n": max_count, "max": self.max_deliveries}
+        params = {"queues": queues, "n": max_count, "max": self.max_deliveries,
+                  "vt": self.default_visibility_timeout}
         rows = self._fast.run(lambda conn: conn.execute(self._sql["claim"], params, binary=True).fetchall())
         now = time.time()
         poisoned = sum(r[4] for r in rows if r[0] is None)
@@ -289,9 +292,10 @@ class PostgresBroker(Broker):
         self._pg.run(lambda conn: conn.execute(self._sql["dead_letter"], (delivery.receipt, reason)))
 
     def extend(self, deliveries: Sequence[Delivery], visibility_timeout: float | None = None) -> None:
-        ids = [d.receipt for d in deliveries]
-        if ids:
-            self._fast.run(lambda conn: conn.execute(self._sql["extend"], (visibility_timeout or None, ids)))
+        if deliveries:
+            params = ([d.receipt for d in deliveries],
+                      [float(visibility_timeout or d.visibility_timeout) for d in deliveries])
+            self._fast.run(lambda conn: conn.execute(self._sql["extend"], params))
 
     # -- dead letters and admin -------------------------------------------------------
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:

@@ -9,7 +9,8 @@ schema lives in ``stem/_sql.py``.
   claims from every process are serialised): due delayed rows and expired
   leases of the consumed queues go back to ready (state 0), then the best
   ``max_count`` ready rows (priority, then id = age) are leased with
-  ``UPDATE ... RETURNING`` for their own visibility timeout.  A row whose
+  ``UPDATE ... RETURNING`` for their own visibility timeout (a message
+  without one: the consuming broker's ``default_visibility_timeout``).  A row whose
   next delivery would pass ``max_deliveries`` moves to the DLQ instead.
 * **Settle.**  ``ack`` deletes rows (batched); ``retry`` deletes the row and
   inserts the new frame in one transaction; ``dead_letter`` copies then
@@ -88,7 +89,7 @@ class SqliteBroker(Broker):
         delayed = m.not_before is not None and m.not_before > now
         return (m.queue, m.task_id, int(m.priority), DELAYED if delayed else READY,
                 m.not_before if delayed else now,
-                float(m.visibility_timeout or self.default_visibility_timeout), bytes(m.frame))
+                float(m.visibility_timeout) if m.visibility_timeout else None, bytes(m.frame))
 
     @staticmethod
     def _dead(conn, ids: Sequence[int], reason: str, now: float) -> None:
@@ -185,11 +186,12 @@ class SqliteBroker(Broker):
             take = [c[0] for c in candidates if c[2] < self.max_deliveries]
             if not take:
                 return [], len(poison)
+            vt = self.default_visibility_timeout
             rows = conn.execute(
                 "UPDATE stem_messages SET state = 2, delivery_count = delivery_count + 1, "
-                f"available_at = ? + visibility_timeout WHERE id IN ({_marks(len(take))}) "
-                "RETURNING id, queue, task_id, frame, delivery_count, visibility_timeout",
-                (now, *take)).fetchall()
+                f"available_at = ? + coalesce(visibility_timeout, ?) WHERE id IN ({_marks(len(take))}) "
+                "RETURNING id, queue, task_id, frame, delivery_count, coalesce(visibility_timeout, ?)",
+                (now, vt, *take, vt)).fetchall()
         order = {i: n for n, i in enumerate(take)}
         rows.sort(key=lambda r: order[r[0]])
         return [Delivery(r[1], r[2], r[3], r[0], r[4], r[5], now) for r in rows], len(poison)
@@ -237,12 +239,8 @@ class SqliteBroker(Broker):
             return
         now = time.time()
         with self._db.write() as conn:
-            if visibility_timeout:
-                conn.executemany("UPDATE stem_messages SET available_at = ? WHERE id = ? AND state = 2",
-                                 [(now + visibility_timeout, d.receipt) for d in deliveries])
-            else:
-                conn.executemany("UPDATE stem_messages SET available_at = ? + visibility_timeout "
-                                 "WHERE id = ? AND state = 2", [(now, d.receipt) for d in deliveries])
+            conn.executemany("UPDATE stem_messages SET available_at = ? WHERE id = ? AND state = 2",
+                             [(now + (visibility_timeout or d.visibility_timeout), d.receipt) for d in deliveries])
 
     # -- dead letters and admin -------------------------------------------------------
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
