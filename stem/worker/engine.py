@@ -87,8 +87,12 @@ class Engine(abc.ABC):
         """Queue a job for the next free slot; never blocks."""
 
     @abc.abstractmethod
-    def take_backlog(self) -> list[Job]:
-        """Remove and return the jobs that have not started (for requeueing)."""
+    def take_backlog(self, predicate: Callable[[Job], bool] | None = None) -> list[Job]:
+        """Remove and return the jobs that have not started (all, or those matching ``predicate``)."""
+
+    @abc.abstractmethod
+    def resize(self, delta: int) -> None:
+        """Add (``delta`` > 0) or retire (< 0) slots; retiring slots finish their task first."""
 
     @abc.abstractmethod
     def running(self) -> list[Job]:

@@ -41,6 +41,7 @@ class InlineEngine(Engine):
         self._limiters: dict[str, RateLimiter] = {}
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self._retire = 0
         self._report: Callable[[Job, Outcome], None] | None = None
 
     def start(self, report: Callable[[Job, Outcome], None]) -> None:
@@ -58,6 +59,9 @@ class InlineEngine(Engine):
     def _next(self) -> Job | None:
         """Pick the first job whose rate limit allows it (with the lock held)."""
         while not self._stopping:
+            if self._retire:
+                self._retire -= 1
+                return None
             now = time.monotonic()
             wait = None
             for i, job in enumerate(self._backlog):
@@ -106,11 +110,27 @@ class InlineEngine(Engine):
             outcome = _exception(env.id, exc, time.time())
         return outcome
 
-    def take_backlog(self) -> list[Job]:
+    def take_backlog(self, predicate=None) -> list[Job]:
         with self._cond:
-            jobs = list(self._backlog)
-            self._backlog.clear()
+            jobs = [j for j in self._backlog if predicate is None or predicate(j)]
+            if predicate is None:
+                self._backlog.clear()
+            else:
+                for j in jobs:
+                    self._backlog.remove(j)
             return jobs
+
+    def resize(self, delta: int) -> None:
+        with self._cond:
+            if delta > 0:
+                for _ in range(delta):
+                    t = threading.Thread(target=self._slot, name=f"stem-inline-{len(self._threads)}", daemon=True)
+                    t.start()
+                    self._threads.append(t)
+            else:
+                self._retire += -delta
+                self._cond.notify_all()
+            self.concurrency += delta
 
     def running(self) -> list[Job]:
         with self._cond:

@@ -219,11 +219,32 @@ class ProcessEngine(Engine):
             self._backlog.append(job)
         self._wake()
 
-    def take_backlog(self) -> list[Job]:
+    def take_backlog(self, predicate=None) -> list[Job]:
         with self._lock:
-            jobs = list(self._backlog)
-            self._backlog.clear()
+            jobs = [j for j in self._backlog if predicate is None or predicate(j)]
+            if predicate is None:
+                self._backlog.clear()
+            else:
+                for j in jobs:
+                    self._backlog.remove(j)
             return jobs
+
+    def resize(self, delta: int) -> None:
+        """Grow by forking children now; shrink by draining the idlest children (no replacement)."""
+        with self._lock:
+            self.concurrency += delta
+            if delta > 0:
+                for _ in range(delta):
+                    self._spawn_child()
+                return
+            ready = sorted((c for c in self._children.values() if c.state is ChildState.READY),
+                           key=lambda c: len(c.running))
+            for child in ready[:-delta]:
+                child.state = ChildState.DRAINING
+                child.recycle_reason = "shrink"
+                if not child.running:
+                    self._send(child, [STOP])
+        self._wake()
 
     def running(self) -> list[Job]:
         with self._lock:

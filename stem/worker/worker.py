@@ -86,7 +86,7 @@ class Worker:
                  retry_strategy: RetryStrategy | None = None, lifecycle: WorkerLifecycleConfig | None = None,
                  *, isolation: str = "process", heartbeat_interval: float = 10.0, worker_id: str | None = None,
                  store_results: bool = True, max_crash_redeliveries: int = 3, start_method: str | None = None,
-                 child_concurrency: int = 1, engine: Engine | None = None):
+                 child_concurrency: int = 1, engine: Engine | None = None, control: bool = True):
         self.registry_ref = registry if isinstance(registry, str) else None
         if isinstance(registry, str):
             registry = load_registry(registry)
@@ -130,6 +130,7 @@ class Worker:
         self.max_crash_redeliveries = max_crash_redeliveries
         self.start_method = start_method
         self.child_concurrency = child_concurrency
+        self.control_enabled = control
         self._engine = engine or self._make_engine()
 
         self._done: queue.SimpleQueue = queue.SimpleQueue()
@@ -144,6 +145,7 @@ class Worker:
         self._burst = False
         self._paused: set[str] = set()
         self._fetcher_waiting = False
+        self._control = None
         self._revoked: set[str] = set()
         self._thread: threading.Thread | None = None
         self._fetcher: threading.Thread | None = None
@@ -253,6 +255,10 @@ class Worker:
         self._engine.start(self._report)
         self._fetcher = threading.Thread(target=self._fetch_loop, name="stem-fetcher", daemon=True)
         self._fetcher.start()
+        if self.backend is not None and self.control_enabled:
+            from ..control import ControlServer
+            self._control = ControlServer(self)
+            self._control.start()
         self._started.set()
         signals.worker_ready.send(self, worker=self)
         log.info("worker %s ready: queues=%s concurrency=%d engine=%s", self.id, ",".join(self.queues),
@@ -460,6 +466,17 @@ class Worker:
     def _settle_failure(self, job: Job, out: Outcome) -> None:
         env = job.envelope
         retryable = out.reason not in _NOT_RETRYABLE
+        if out.reason == "revoked":  # revoke --terminate stopped it
+            if self.store_results:
+                self._store([TaskStatus(id=env.id, state=TaskState.REVOKED, name=env.name, queue=env.queue,
+                                        attempt=env.attempt, reason="revoked", error=out.error, meta=env.meta,
+                                        started_at=out.started_at, finished_at=out.finished_at, worker=self.id)])
+            self._broker_call(self.broker.ack, [job.delivery])
+            self._counters["revoked"] += 1
+            if signals.task_revoked.receivers:
+                signals.task_revoked.send(self, envelope=env, reason="revoked")
+            self._forget([job])
+            return
         if out.reason == "shutdown":
             # asked to stop by a soft shutdown: give it back, do not count an attempt
             self._broker_call(self.broker.nack, job.delivery, requeue=True)
@@ -612,6 +629,67 @@ class Worker:
                 "reserved": [row(j) for j in jobs if j.seq not in running],
                 "revoked": sorted(self._revoked)}
 
+    # -- control plane ----------------------------------------------------------------
+    def control(self, command: str, args: dict[str, Any]) -> Any:
+        """Serve one control command (called by the control thread); see ``stem.control``."""
+        from ..errors import ControlError
+        if command == "ping":
+            return {"pong": True, "host": self.hostname, "pid": os.getpid(), "queues": list(self.queues)}
+        if command == "stats":
+            return self.stats()
+        if command == "inspect":
+            return self.inspect()
+        if command == "revoke":
+            return self.revoke(args.get("ids") or [], terminate=bool(args.get("terminate")))
+        if command == "shutdown":
+            mode = args.get("mode", "warm")
+            if mode not in ("warm", "soft", "hard"):
+                raise ControlError(f"bad shutdown mode {mode!r}")
+            return {"shutdown": mode}
+        if command in ("pause", "resume"):
+            queue_name = args.get("queue")
+            if queue_name not in self.queues:
+                raise ControlError(f"this worker does not consume {queue_name!r} (queues: {', '.join(self.queues)})")
+            (self.pause if command == "pause" else self.resume)(queue_name)
+            return {"paused": sorted(self._paused)}
+        if command in ("pool_grow", "pool_shrink"):
+            n = int(args.get("n", 1))
+            delta = n if command == "pool_grow" else -n
+            return {"concurrency": self.resize(delta)}
+        raise ControlError(f"unknown control command {command!r}")
+
+    def revoke(self, task_ids: Sequence[str], *, terminate: bool = False) -> dict[str, Any]:
+        """Skip these tasks here: reserved ones at once, running ones too with ``terminate``."""
+        ids = set(task_ids)
+        self.revoke_local(ids)
+        reserved = self._engine.take_backlog(lambda job: job.envelope.id in ids)
+        for job in reserved:
+            self._finish_unrun(job.delivery, job.envelope, TaskState.REVOKED, "revoked")
+        self._forget(reserved)
+        terminated = []
+        if terminate:
+            for job in self._engine.running():
+                if job.envelope.id in ids:
+                    self._engine.kill(job, "revoked")
+                    terminated.append(job.envelope.id)
+                    self._report(job, Outcome(job.envelope.id, ERROR, None, "revoked while running (terminated)",
+                                              "Revoked", None, "revoked", None, job.started_at or time.time(),
+                                              time.time()))
+        return {"revoked": sorted(ids), "reserved_dropped": [j.envelope.id for j in reserved],
+                "terminated": terminated}
+
+    def resize(self, delta: int) -> int:
+        """Grow or shrink the pool by ``delta`` slots (never below 1); returns the new concurrency."""
+        with self._lock:
+            new = max(1, self.concurrency + delta)
+            delta = new - self.concurrency
+            if delta:
+                self._engine.resize(delta)
+                self.concurrency = new
+                self.prefetch_limit = new * self.prefetch_multiplier
+                self._lock.notify_all()
+            return self.concurrency
+
     # -- shutdown -------------------------------------------------------------------
     def _begin_shutdown(self, mode: ShutdownMode) -> None:
         signals.worker_stopping.send(self, worker=self, mode=mode)
@@ -644,6 +722,8 @@ class Worker:
             return not self._jobs
 
     def _finish_shutdown(self) -> None:
+        if self._control is not None:
+            self._control.stop()
         self._engine.stop(self.lifecycle.force_shutdown_after)
         if self.backend is not None:
             try:
