@@ -1,0 +1,112 @@
+"""Measurement helpers shared by ``benchmarks/e2e.py`` and ``benchmarks/peers/``.
+
+CPU of a process tree: for every live process in the tree, user + system time
+plus the time of its children that already exited and were reaped
+(``children_user``/``children_system``), so a process that starts and ends
+inside a measured phase (an RQ work horse, a recycled child) still counts.
+Each process is counted once: a live process through its own times, a reaped
+one through its parent's.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import time
+from typing import Iterable, Sequence
+
+import psutil
+
+__all__ = ["TreeMeter", "cpu_seconds", "redis_server_pid", "redis_benchmark", "steady_rate", "median"]
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class TreeMeter:
+    """CPU seconds and RSS of a process and all its descendants."""
+
+    def __init__(self, pid: int):
+        self.root = psutil.Process(pid)
+
+    def procs(self) -> list[psutil.Process]:
+        try:
+            return [self.root] + self.root.children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def cpu(self) -> float:
+        total = 0.0
+        for p in self.procs():
+            try:
+                total += cpu_seconds(p)
+            except psutil.Error:
+                pass
+        return total
+
+    def rss(self) -> tuple[int, list[int]]:
+        """(root RSS, [RSS of each descendant]) in bytes."""
+        root, kids = 0, []
+        for p in self.procs():
+            try:
+                rss = p.memory_info().rss
+            except psutil.Error:
+                continue
+            if p.pid == self.root.pid:
+                root = rss
+            else:
+                kids.append(rss)
+        return root, kids
+
+
+def redis_server_pid(client) -> int | None:
+    """The redis-server pid (from INFO), when it runs on this machine and psutil can see it."""
+    try:
+        pid = int(client.info("server")["process_id"])
+        psutil.Process(pid).cpu_times()
+        return pid
+    except Exception:  # noqa: BLE001 - remote server or no permission: no figure
+        return None
+
+
+def redis_benchmark(host: str, port: int, db: int, command: Sequence[str], *, n: int = 200_000,
+                    pipeline: int = 64, clients: int | None = None) -> float | None:
+    """Requests/s that ``redis-benchmark -P <pipeline> -n <n> <command>`` reports, or None."""
+    exe = shutil.which("redis-benchmark")
+    if exe is None:
+        return None
+    argv = [exe, "-h", host, "-p", str(port), "--dbnum", str(db), "-P", str(pipeline), "-n", str(n), "-q"]
+    if clients is not None:
+        argv += ["-c", str(clients)]
+    out = subprocess.run(argv + list(command), check=True, capture_output=True, text=True, timeout=300).stdout
+    # progress lines end in "\r"; the last one reads "XADD k * ...: 111023.30 requests per second, p50=..."
+    for line in reversed(out.replace("\r", "\n").splitlines()):
+        if "requests per second" in line:
+            return float(line.split(" requests per second")[0].rsplit(": ", 1)[-1].replace(",", ""))
+    return None
+
+
+def steady_rate(samples: Sequence[tuple[float, int]], total: int, lo: float = 0.1, hi: float = 0.9) -> float | None:
+    """Tasks/s between the first sample at ``lo`` * total done and the first at ``hi`` * total."""
+    a = next(((t, n) for t, n in samples if n >= lo * total), None)
+    b = next(((t, n) for t, n in samples if n >= hi * total), None)
+    if a is None or b is None or b[0] <= a[0] or b[1] <= a[1]:
+        return None
+    return (b[1] - a[1]) / (b[0] - a[0])
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
