@@ -57,7 +57,24 @@ def redis_benchmark_lpush(url: str, db: int, n: int = 200_000) -> float:
     return float(m.group(1))
 
 
-def run(url: str, tasks: int, concurrency: int) -> dict:
+def _time_calls(obj, names, acc) -> None:
+    """Wrap ``obj``'s methods to add (calls, seconds) per name into ``acc``."""
+    for name in names:
+        fn = getattr(obj, name)
+
+        def timed(*a, _fn=fn, _name=name, **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                entry = acc.setdefault(_name, [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - t
+
+        setattr(obj, name, timed)
+
+
+def run(url: str, tasks: int, concurrency: int, isolation: str = "process", breakdown: bool = False) -> dict:
     namespace = "bench_" + uuid.uuid4().hex[:8]
     signer = PayloadSigner({"bench": b"benchmark-signing-key-32-bytes!!"})
     broker = RedisBroker.from_url(url, namespace=namespace)
@@ -70,8 +87,12 @@ def run(url: str, tasks: int, concurrency: int) -> dict:
         enqueue_s = time.perf_counter() - t0
         assert len(ids) == tasks and broker.stats("default").ready == tasks
 
+        calls: dict[str, list] = {}
+        if breakdown:
+            _time_calls(broker, ("consume", "ack", "extend"), calls)
+            _time_calls(backend, ("store_many", "revoked"), calls)
         worker = Worker(broker, backend, registry, queues=["default"], concurrency=concurrency, signer=signer,
-                        lifecycle=WorkerLifecycleConfig(install_signal_handlers=False))
+                        isolation=isolation, lifecycle=WorkerLifecycleConfig(install_signal_handlers=False))
         t0 = time.perf_counter()
         worker.run_in_background(burst=True)
         if not worker.join(600):
@@ -81,7 +102,8 @@ def run(url: str, tasks: int, concurrency: int) -> dict:
         sample = backend.get_many(ids[:: max(tasks // 100, 1)])
         assert done == tasks and all(s is not None and s.succeeded for s in sample), (done, sample[:3])
         return {"tasks": tasks, "concurrency": concurrency, "enqueue_s": enqueue_s, "process_s": process_s,
-                "isolation": worker.isolation}
+                "isolation": worker.isolation,
+                "worker_calls": {k: {"calls": n, "mean_us": t / n * 1e6} for k, (n, t) in calls.items()}}
     finally:
         producer.close()
         client = redis.Redis.from_url(url)
@@ -96,12 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--tasks", type=int, default=20_000)
     ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--isolation", choices=("process", "inline"), default="process")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="time the worker's broker/backend calls (mean wall time per call, GIL waits included)")
     ap.add_argument("--bench-db", type=int, default=15, help="database redis-benchmark writes its key into")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
 
     lpush = redis_benchmark_lpush(args.url, args.bench_db)
-    r = run(args.url, args.tasks, args.concurrency)
+    r = run(args.url, args.tasks, args.concurrency, args.isolation, args.breakdown)
     enqueue_rate, process_rate = r["tasks"] / r["enqueue_s"], r["tasks"] / r["process_s"]
     figures = {**r, "implementation": stem.IMPLEMENTATION, "python": sys.version.split()[0],
                "redis_benchmark_lpush_per_s": lpush,
@@ -115,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"ratio {enqueue_rate / lpush:.3f}")
         print(f"worker (concurrency {r['concurrency']}, {r['isolation']}): {process_rate:12,.0f} tasks/s  "
               f"ratio {process_rate / lpush:.3f}")
+        for name, c in r["worker_calls"].items():
+            print(f"  worker {name:10} {c['calls']:7,} calls  {c['mean_us']:8,.0f} us/call")
         print(f"implementation={stem.IMPLEMENTATION} python={figures['python']}")
     return figures
 
