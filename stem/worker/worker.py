@@ -458,7 +458,8 @@ class Worker:
                     o = outs[id(j)]
                     signals.task_succeeded.send(self, envelope=j.envelope, result=o.result,
                                                 runtime=o.finished_at - o.started_at)
-                    signals.task_postrun.send(self, envelope=j.envelope, status=TaskState.SUCCEEDED)
+                    signals.task_postrun.send(self, envelope=j.envelope, status=TaskState.SUCCEEDED,
+                                              started_at=o.started_at, finished_at=o.finished_at)
         for job, out in later:
             self._settle_failure(job, out)
         self._counters["processed"] += len(acks) + len(later)
@@ -507,7 +508,8 @@ class Worker:
             if signals.task_failed.receivers:
                 signals.task_failed.send(self, envelope=env, error=out.error, reason=reason)
         if signals.task_postrun.receivers:
-            signals.task_postrun.send(self, envelope=env, status=TaskState.FAILED)
+            signals.task_postrun.send(self, envelope=env, status=TaskState.FAILED, started_at=out.started_at,
+                                      finished_at=out.finished_at)
         self._forget([job])
 
     def _forget(self, jobs: list[Job]) -> None:
