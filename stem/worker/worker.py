@@ -151,7 +151,7 @@ class Worker:
         self._fetcher: threading.Thread | None = None
         self._started_at = time.time()
         self._counters = dict(received=0, processed=0, succeeded=0, failed=0, retried=0, revoked=0,
-                              dead_lettered=0)
+                              dead_lettered=0, broker_reconnects=0)
         self._stem = None
         self._error: BaseException | None = None
         self._runtime = _Runtime(self)
@@ -286,6 +286,7 @@ class Worker:
                 deliveries = self.broker.consume(queues, free, FETCH_BLOCK_SECONDS, consumer=self.id)
                 if backoff:
                     log.warning("worker %s: broker reachable again", self.id)
+                    self._counters["broker_reconnects"] += 1
                 backoff = 0.0
             except StemError as exc:
                 if not backoff:
@@ -615,6 +616,7 @@ class Worker:
             "id": self.id, "host": self.hostname, "pid": os.getpid(), "queues": list(self.queues),
             "concurrency": self.concurrency, "prefetch_limit": self.prefetch_limit, "isolation": self.isolation,
             "in_flight": in_flight, "running": len(running), "paused": sorted(self._paused),
+            "heartbeat_interval": self.heartbeat_interval,
             **self._counters, "uptime": time.time() - self._started_at, **self._engine.info(),
         }
 
