@@ -31,6 +31,7 @@ import msgspec
 
 from ..envelope import decode_frame
 from ..errors import DecodeError, EncodeError, SoftTimeLimitExceeded, UnknownTaskError, WorkerShutdown
+from ..logs import enter_task_context, run_in_task_context
 from ..task import TaskContext, TaskOptions, TaskRegistry
 from .execution import ERROR, Outcome, run_handler, run_handler_async
 from .ring import Channel, ChannelHandle
@@ -89,6 +90,7 @@ class _Child:
         self.measure_rss = bool(params.get("measure_rss"))
         self.concurrency = int(params.get("child_concurrency", 1))
         self.supervisor_pid = int(params["supervisor_pid"])
+        self.worker_id = params.get("worker_id")
         self.running = 0
         self.stopping = False
         self._proc = None
@@ -155,9 +157,10 @@ class _Child:
             if handler.is_async:
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
-                out = self._loop.run_until_complete(run_handler_async(handler, ctx, env.args, check_result=False))
+                out = run_in_task_context(env, self.worker_id, self._loop.run_until_complete,
+                                          run_handler_async(handler, ctx, env.args, check_result=False))
             else:
-                out = run_handler(handler, ctx, env.args, check_result=False)
+                out = run_in_task_context(env, self.worker_id, run_handler, handler, ctx, env.args, False)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             self.running = 0
@@ -196,6 +199,7 @@ class _Child:
                     self.report(seq, error)
                     return
                 env, handler = prepared
+                enter_task_context(env, self.worker_id)  # this asyncio task's own context
                 coro = run_handler_async(handler, self.context(env), env.args, check_result=False)
                 if env.soft_time_limit:
                     started = time.time()

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from typing import Callable
 
+from ..logs import run_in_task_context
 from ..signals import signals
 from ..task import TaskContext
 from .engine import Engine, Job, RateLimiter
@@ -31,9 +32,10 @@ def raise_in_thread(ident: int, exc_type: type[BaseException]) -> bool:
 
 
 class InlineEngine(Engine):
-    def __init__(self, concurrency: int, make_context: Callable[[Job], TaskContext]):
+    def __init__(self, concurrency: int, make_context: Callable[[Job], TaskContext], worker_id: str | None = None):
         self.concurrency = concurrency
         self._make_context = make_context
+        self.worker_id = worker_id
         self._cond = threading.Condition()
         self._backlog: deque[Job] = deque()
         self._running: dict[int, Job] = {}
@@ -90,7 +92,7 @@ class InlineEngine(Engine):
                 job.thread_ident = me
                 job.mark_started()
                 self._running[job.seq] = job
-            outcome = self._run(job)
+            outcome = run_in_task_context(job.envelope, self.worker_id, self._run, job)
             with self._cond:
                 self._running.pop(job.seq, None)
                 abandoned = job.seq in self._abandoned

@@ -118,7 +118,7 @@ class ProcessEngine(Engine):
         self._replace_ms: deque[float] = deque(maxlen=64)
         self._error: str | None = None
         self._params = {"measure_rss": self.max_memory is not None, "child_concurrency": self.child_concurrency,
-                        "supervisor_pid": os.getpid()}
+                        "supervisor_pid": os.getpid(), "worker_id": worker.id}
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, report: Callable[[Job, Outcome], None]) -> None:

@@ -160,7 +160,7 @@ class Worker:
     def _make_engine(self) -> Engine:
         if self.isolation == "inline":
             from .inline import InlineEngine
-            return InlineEngine(self.concurrency, self._context)
+            return InlineEngine(self.concurrency, self._context, worker_id=self.id)
         from .pool import ProcessEngine
         return ProcessEngine(self)
 
