@@ -88,7 +88,8 @@ class _Child:
         self.forked_ns = 0
 
     def info(self) -> dict[str, Any]:
-        return {"pid": self.pid, "state": self.state.value, "rss": self.rss, "tasks_done": self.tasks_done,
+        return {"pid": self.pid, "state": self.state.value, "rss": self.rss or _rss(self.pid),
+                "tasks_done": self.tasks_done,
                 "running": len(self.running), "started_at": self.started_at}
 
 
@@ -561,6 +562,15 @@ class ProcessEngine(Engine):
 def _crashed(job: Job, message: str, reason: str = "child-crashed") -> Outcome:
     return Outcome(job.envelope.id, ERROR, None, message, "ChildCrashed", None, reason, None,
                    job.started_at or time.time(), time.time())
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of ``pid`` (0 if gone), for reports when no memory limit measures it."""
+    import psutil
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return 0
 
 
 def _kill(pid: int) -> None:
