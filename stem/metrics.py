@@ -1,0 +1,298 @@
+"""Prometheus metrics, fed from the signals (``pip install 'stem-queue[metrics]'``).
+
+Nothing here runs until :func:`install`: without it no receiver is connected
+and the worker pays one attribute check per signal.  ``install()`` connects
+receivers to the task signals and registers a collector that reads each
+running worker's ``stats()`` when scraped.  Children report through the
+supervisor (every outcome, runtime and RSS already reaches it), so there is
+one ``/metrics`` per worker process: no per-child servers, no multiprocess
+files.
+
+Metrics (``task``, ``queue``, ``reason`` and ``worker`` are labels)::
+
+    stem_tasks_received_total{task,queue}          deliveries accepted for running
+    stem_tasks_succeeded_total{task,queue}
+    stem_tasks_failed_total{task,queue,reason}     final failures (then in the DLQ)
+    stem_tasks_retried_total{task,queue}           attempts that will run again
+    stem_tasks_revoked_total{task,queue,reason}    revoked or expired, not run
+    stem_tasks_dead_lettered_total{queue,reason}   dropped to the DLQ unrun (bad signature,
+                                                   undecodable, unknown task, poison); the
+                                                   signal carries no task name
+    stem_task_runtime_seconds{task,queue}          histogram, every attempt (handler start to end)
+    stem_task_queue_wait_seconds{task,queue}       histogram, enqueued (or due) -> started
+    stem_child_recycles_total{reason}              children replaced: max-tasks, max-memory,
+                                                   crash, hard-time-limit, ...
+    stem_worker_in_flight{worker}                  deliveries held (prefetched + running)
+    stem_worker_running{worker}                    tasks running now
+    stem_worker_concurrency{worker}
+    stem_worker_prefetch_limit{worker}
+    stem_worker_children{worker}                   child processes (process engine)
+    stem_child_rss_bytes{worker,pid}               resident memory of each child
+    stem_broker_reconnects_total{worker}           broker outages the worker recovered from
+
+Workers are picked up from ``worker_init`` / ``worker_heartbeat`` and dropped at
+``worker_shutdown`` (or pass them to :func:`install`).  The registry is a
+dedicated ``CollectorRegistry`` (not prometheus_client's global one) unless
+you pass one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Iterable
+
+from .errors import ConfigurationError
+from .signals import signals
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from .worker import Worker
+
+__all__ = ["install", "uninstall", "installed", "start_http_server", "MetricsServer", "StemMetrics",
+           "RUNTIME_BUCKETS", "QUEUE_WAIT_BUCKETS"]
+
+RUNTIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                   60.0, 300.0)
+QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                      900.0, 3600.0)
+
+
+def _prometheus():
+    try:
+        import prometheus_client
+    except ImportError:
+        raise ConfigurationError("stem.metrics needs prometheus-client: pip install 'stem-queue[metrics]'") from None
+    return prometheus_client
+
+
+class _WorkerCollector:
+    """Gauges read from each tracked worker's ``stats()`` at scrape time."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def track(self, worker: Any) -> None:
+        with self._lock:
+            self._workers[worker.id] = worker
+
+    def forget(self, worker: Any) -> None:
+        with self._lock:
+            self._workers.pop(worker.id, None)
+
+    def describe(self):
+        return []   # no descriptions: the registry then does not call collect() at registration
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        g = {name: GaugeMetricFamily(f"stem_worker_{name}", doc, labels=["worker"]) for name, doc in (
+            ("in_flight", "Deliveries the worker holds (prefetched and running)."),
+            ("running", "Tasks running now."),
+            ("concurrency", "Execution slots (threads or child processes)."),
+            ("prefetch_limit", "Most unsettled deliveries the worker leases at once."),
+            ("children", "Child processes (process engine)."))}
+        rss = GaugeMetricFamily("stem_child_rss_bytes", "Resident memory of each child process.",
+                                labels=["worker", "pid"])
+        reconnects = CounterMetricFamily("stem_broker_reconnects", "Broker outages the worker recovered from.",
+                                         labels=["worker"])
+        with self._lock:
+            workers = list(self._workers.values())
+        for w in workers:
+            try:
+                s = w.stats()
+            except Exception:  # noqa: BLE001 - a worker tearing down: skip it this scrape
+                continue
+            wid = str(s.get("id", w.id))
+            for name, family in g.items():
+                if name == "children":
+                    family.add_metric([wid], len(s.get("children") or ()))
+                elif s.get(name) is not None:
+                    family.add_metric([wid], float(s[name]))
+            for child in s.get("children") or ():
+                rss.add_metric([wid, str(child.get("pid"))], float(child.get("rss") or 0))
+            reconnects.add_metric([wid], float(s.get("broker_reconnects", 0)))
+        yield from g.values()
+        yield rss
+        yield reconnects
+
+
+class StemMetrics:
+    """The metric objects and the signal receivers that feed them (see the module doc)."""
+
+    def __init__(self, registry: "CollectorRegistry | None" = None):
+        pc = _prometheus()
+        self.registry = registry if registry is not None else pc.CollectorRegistry()
+        r = self.registry
+        tq = ["task", "queue"]
+        self.received = pc.Counter("stem_tasks_received", "Deliveries accepted for running.", tq, registry=r)
+        self.succeeded = pc.Counter("stem_tasks_succeeded", "Tasks that succeeded.", tq, registry=r)
+        self.failed = pc.Counter("stem_tasks_failed", "Tasks that failed for good (dead-lettered after the "
+                                 "last attempt).", tq + ["reason"], registry=r)
+        self.retried = pc.Counter("stem_tasks_retried", "Attempts that failed and will run again.", tq, registry=r)
+        self.revoked = pc.Counter("stem_tasks_revoked", "Tasks revoked or expired before running.",
+                                  tq + ["reason"], registry=r)
+        self.dead_lettered = pc.Counter("stem_tasks_dead_lettered", "Deliveries dead-lettered without running "
+                                        "(bad signature, undecodable, unknown task, poison).", ["queue", "reason"],
+                                        registry=r)
+        self.runtime = pc.Histogram("stem_task_runtime_seconds", "Handler run time of every attempt.", tq,
+                                    buckets=RUNTIME_BUCKETS, registry=r)
+        self.queue_wait = pc.Histogram("stem_task_queue_wait_seconds", "From enqueued (or due, for delayed tasks "
+                                       "and retries) to started.", tq, buckets=QUEUE_WAIT_BUCKETS, registry=r)
+        self.recycles = pc.Counter("stem_child_recycles", "Child processes replaced, by reason.", ["reason"],
+                                   registry=r)
+        self.collector = _WorkerCollector()
+        r.register(self.collector)
+        # label lookups cost more than the increment: cache the children per (task, queue)
+        self._series: dict[tuple[str, str], tuple[Any, Any, Any, Any, Any]] = {}
+        self._receivers = (
+            (signals.task_received, self._on_received), (signals.task_prerun, self._on_prerun),
+            (signals.task_succeeded, self._on_succeeded), (signals.task_postrun, self._on_postrun),
+            (signals.task_failed, self._on_failed), (signals.task_retry, self._on_retry),
+            (signals.task_revoked, self._on_revoked), (signals.task_dead_lettered, self._on_dead_lettered),
+            (signals.worker_child_shutdown, self._on_child_shutdown), (signals.worker_init, self._on_worker),
+            (signals.worker_heartbeat, self._on_worker), (signals.worker_shutdown, self._on_worker_shutdown),
+        )
+
+    def connect(self, workers: Iterable[Any] = ()) -> None:
+        for worker in workers:
+            self.collector.track(worker)
+        for signal, receiver in self._receivers:
+            signal.connect(receiver)
+
+    def disconnect(self) -> None:
+        for signal, receiver in self._receivers:
+            signal.disconnect(receiver)
+
+    def _of(self, env: Any) -> tuple[Any, Any, Any, Any, Any]:
+        key = (env.name, env.queue)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (self.received.labels(*key), self.succeeded.labels(*key),
+                                          self.retried.labels(*key), self.runtime.labels(*key),
+                                          self.queue_wait.labels(*key))
+        return series
+
+    # -- receivers (worker threads; each does one or two increments) ------------------------
+    def _on_received(self, sender, envelope, **kw) -> None:
+        self._of(envelope)[0].inc()
+
+    def _on_prerun(self, sender, envelope, **kw) -> None:
+        due = envelope.enqueued_at
+        if envelope.not_before is not None and envelope.not_before > due:
+            due = envelope.not_before
+        if due:
+            self._of(envelope)[4].observe(max(0.0, time.time() - due))
+
+    def _on_succeeded(self, sender, envelope, **kw) -> None:
+        self._of(envelope)[1].inc()
+
+    def _on_postrun(self, sender, envelope, started_at=None, finished_at=None, **kw) -> None:
+        if started_at and finished_at:
+            self._of(envelope)[3].observe(max(0.0, finished_at - started_at))
+
+    def _on_retry(self, sender, envelope, **kw) -> None:
+        self._of(envelope)[2].inc()
+
+    def _on_failed(self, sender, envelope, reason=None, **kw) -> None:
+        self.failed.labels(envelope.name, envelope.queue, reason or "error").inc()
+
+    def _on_revoked(self, sender, envelope, reason=None, **kw) -> None:
+        self.revoked.labels(envelope.name, envelope.queue, reason or "revoked").inc()
+
+    def _on_dead_lettered(self, sender, task_id=None, queue=None, reason=None, **kw) -> None:
+        self.dead_lettered.labels(queue or "", reason or "").inc()
+
+    def _on_child_shutdown(self, sender, reason=None, **kw) -> None:
+        if reason != "shutdown":
+            self.recycles.labels(reason or "unknown").inc()
+
+    def _on_worker(self, sender, worker=None, **kw) -> None:
+        if worker is not None:
+            self.collector.track(worker)
+
+    def _on_worker_shutdown(self, sender, worker=None, **kw) -> None:
+        if worker is not None:
+            self.collector.forget(worker)
+
+
+_lock = threading.Lock()
+_installed: StemMetrics | None = None
+
+
+def install(registry: "CollectorRegistry | None" = None, *, workers: Iterable["Worker"] = ()) -> StemMetrics:
+    """Start counting: connect the receivers (once per process) and return the metrics.
+
+    ``registry`` defaults to a new dedicated ``CollectorRegistry``.  Workers
+    that start later are tracked by themselves; pass ``workers`` that already
+    run.  Installing again while installed returns the installed metrics
+    (tracking ``workers`` too); a different ``registry`` is an error.
+    """
+    global _installed
+    with _lock:
+        if _installed is not None:
+            if registry is not None and registry is not _installed.registry:
+                raise ConfigurationError("stem.metrics is already installed with another registry; "
+                                         "call stem.metrics.uninstall() first")
+            _installed.connect(workers)
+            return _installed
+        metrics = StemMetrics(registry)
+        metrics.connect(workers)
+        _installed = metrics
+        return metrics
+
+
+def uninstall() -> None:
+    """Disconnect the receivers; the registry keeps its last values."""
+    global _installed
+    with _lock:
+        if _installed is not None:
+            _installed.disconnect()
+            _installed = None
+
+
+def installed() -> StemMetrics | None:
+    return _installed
+
+
+class MetricsServer:
+    """A running ``/metrics`` endpoint (a daemon thread); ``close()`` stops it."""
+
+    def __init__(self, httpd: Any, thread: threading.Thread):
+        self._httpd = httpd
+        self._thread = thread
+        self.host, self.port = httpd.server_address[:2]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(5.0)
+
+    def __enter__(self) -> "MetricsServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start_http_server(port: int, addr: str = "127.0.0.1", registry: "CollectorRegistry | None" = None
+                      ) -> MetricsServer:
+    """Serve ``registry`` (default: the installed metrics', installing them if
+    needed) at ``http://addr:port/metrics`` from a daemon thread; ``port=0``
+    picks a free port (see ``.port``).  Binds to localhost unless told otherwise."""
+    pc = _prometheus()
+    if registry is None:
+        registry = install().registry
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigurationError(f"metrics port must be an integer in 0..65535, got {port!r}")
+    try:
+        httpd, thread = pc.start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot serve metrics on {addr}:{port}: {exc}") from None
+    return MetricsServer(httpd, thread)
