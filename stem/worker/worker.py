@@ -42,6 +42,8 @@ log = logging.getLogger("stem.worker")
 _SETTLE_BATCH = 512
 # How long one consume call may block: bounds shutdown latency and burst-idle detection.
 FETCH_BLOCK_SECONDS = 0.25
+# A heartbeat outlives a few missed beats even when the interval is short (busy machines).
+HEARTBEAT_MIN_TTL = 5.0
 # Failures that another attempt cannot fix.
 _NOT_RETRYABLE = frozenset({"result-not-encodable", "poison", "decode-error", "unknown-task"})
 
@@ -145,6 +147,7 @@ class Worker:
         self._burst = False
         self._paused: set[str] = set()
         self._fetcher_waiting = False
+        self._fetch_generation = 0
         self._control = None
         self._revoked: set[str] = set()
         self._thread: threading.Thread | None = None
@@ -236,8 +239,13 @@ class Worker:
         return self.join(timeout)
 
     def pause(self, queue_name: str) -> None:
+        """Stop fetching from ``queue_name``; returns once no fetch still includes it."""
         with self._lock:
             self._paused.add(queue_name)
+            generation = self._fetch_generation
+            if self._fetcher is not None and self._fetcher.is_alive():
+                self._lock.wait_for(lambda: self._fetch_generation > generation or self._stop_requested.is_set(),
+                                    timeout=FETCH_BLOCK_SECONDS * 4 + 1.0)
 
     def resume(self, queue_name: str) -> None:
         with self._lock:
@@ -253,12 +261,13 @@ class Worker:
         self._started_at = time.time()
         signals.worker_init.send(self, worker=self)
         self._engine.start(self._report)
-        self._fetcher = threading.Thread(target=self._fetch_loop, name="stem-fetcher", daemon=True)
-        self._fetcher.start()
         if self.backend is not None and self.control_enabled:
             from ..control import ControlServer
             self._control = ControlServer(self)
             self._control.start()
+        self._publish_heartbeat()  # visible (and controllable) before the first task runs
+        self._fetcher = threading.Thread(target=self._fetch_loop, name="stem-fetcher", daemon=True)
+        self._fetcher.start()
         self._started.set()
         signals.worker_ready.send(self, worker=self)
         log.info("worker %s ready: queues=%s concurrency=%d engine=%s", self.id, ",".join(self.queues),
@@ -294,6 +303,14 @@ class Worker:
                 backoff = min(max(backoff * 2, 0.1), 5.0)
                 self._stop_requested.wait(backoff)
                 continue
+            with self._lock:
+                self._fetch_generation += 1
+                paused = set(self._paused)
+                self._lock.notify_all()
+            if paused and deliveries:  # paused while this consume was in flight: give them back
+                for d in [d for d in deliveries if d.queue in paused]:
+                    self._broker_call(self.broker.nack, d, requeue=True)
+                deliveries = [d for d in deliveries if d.queue not in paused]
             if deliveries:
                 self._accept(deliveries)
             elif self._burst and self._idle():
@@ -381,7 +398,7 @@ class Worker:
 
     def _main_loop(self) -> None:
         last_housekeeping = 0.0
-        last_heartbeat = 0.0
+        last_heartbeat = time.monotonic()
         stop_started: float | None = None
         hard_started: float | None = None
         while True:
@@ -601,7 +618,7 @@ class Worker:
         data = self.stats()
         if self.backend is not None:
             try:
-                self.backend.put_heartbeat(self.id, data, ttl=self.heartbeat_interval * 3)
+                self.backend.put_heartbeat(self.id, data, ttl=max(self.heartbeat_interval * 3, HEARTBEAT_MIN_TTL))
             except StemError as exc:
                 log.warning("could not publish heartbeat (%s)", exc)
         if signals.worker_heartbeat.receivers:
