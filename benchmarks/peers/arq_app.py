@@ -1,0 +1,54 @@
+"""arq: N worker processes (arq has no process pool of its own), ``arq arq_app.WorkerSettings``.
+
+asyncio, max_jobs=64 per process, keep_result=0, jobs enqueued concurrently
+(``enqueue_job`` under ``asyncio.gather``, 32 at a time: the client pool's
+connection limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+from arq import create_pool
+from arq.connections import RedisSettings
+
+from _common import COUNTER, PYTHON, QUEUE, REDIS_URL, chunks
+
+SETTINGS = "N processes, asyncio max_jobs=64 each, keep_result=0, poll_delay=0.05 s"
+
+_u = urlsplit(REDIS_URL)
+REDIS = RedisSettings(host=_u.hostname or "127.0.0.1", port=_u.port or 6379, database=int(_u.path.lstrip("/") or 0))
+
+
+async def incr(ctx):
+    await ctx["redis"].incr(COUNTER)
+
+
+class WorkerSettings:
+    functions = [incr]
+    redis_settings = REDIS
+    queue_name = QUEUE
+    max_jobs = 64
+    keep_result = 0
+    poll_delay = 0.05
+    handle_signals = True
+
+
+def worker_argv(n: int) -> list[str]:
+    return [PYTHON, "-m", "arq", "arq_app.WorkerSettings"]   # the runner starts n of these
+
+
+PROCESSES_ARE_SEPARATE = True
+
+
+def produce(n: int) -> None:
+    async def go():
+        pool = await create_pool(REDIS, default_queue_name=QUEUE)
+        try:
+            for k in chunks(n, 32):
+                await asyncio.gather(*(pool.enqueue_job("incr") for _ in range(k)))
+        finally:
+            await pool.close()
+
+    asyncio.run(go())
