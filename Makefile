@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: venv build demo test test-compiled test-pure bench-micro clean
+.PHONY: venv build demo test test-compiled test-pure bench-micro bench-peers bench-e2e clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,19 @@ test-pure: venv
 
 bench-micro: build
 	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-only --benchmark-group-by=group -q
+
+# The peer queues (celery, dramatiq, rq, arq, huey) come from the bench extra.
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[bench]'
+	touch $@
+
+BENCH_PEERS_ARGS ?= --tasks 10000 --repeat 3
+bench-peers: build $(VENV)/.bench-installed
+	$(PY) benchmarks/peers/run.py $(BENCH_PEERS_ARGS)
+
+BENCH_E2E_ARGS ?= --broker redis --tasks 20000
+bench-e2e: build $(VENV)/.bench-installed
+	$(PY) benchmarks/e2e.py $(BENCH_E2E_ARGS)
 
 clean:
 	rm -rf build $(VENV) stem/_speedups/*.so _speedups/*.c *.egg-info
