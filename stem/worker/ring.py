@@ -17,7 +17,7 @@ API::
                 ch.send_wait([run(task)], timeout=5.0)
 
     ch.send(frame) -> bool                   # False if it does not fit now; nothing written
-    ch.send_many(frames) -> int              # how many frames were written, in order
+    ch.send_many(frames, start=0) -> int     # how many of frames[start:] were written, in order
     ch.send_wait(frames, timeout) -> int     # the same, sleeping while the ring is full
     ch.recv() -> bytes | None
     ch.recv_many(max_n) -> list[bytes]
@@ -444,9 +444,12 @@ class Channel:
         """Write one frame; False (nothing written) if it does not fit now."""
         return self._out.send(frame)
 
-    def send_many(self, frames) -> int:
-        """Write frames in order until one does not fit; return how many were written."""
-        return self._out.send_many(frames)
+    def send_many(self, frames, start: int = 0) -> int:
+        """Write ``frames[start:]`` (a list or tuple) in order until one does not fit.
+
+        Returns how many were written; all of them are published at once.
+        """
+        return self._out.send_many(frames, start)
 
     def recv(self) -> bytes | None:
         """The next frame, or None when nothing is pending."""
