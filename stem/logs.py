@@ -105,7 +105,7 @@ def add_task_hook(hook: Callable[[Any], None]) -> None:
 
 def remove_task_hook(hook: Callable[[Any], None]) -> None:
     global _hooks
-    _hooks = tuple(h for h in _hooks if h is not hook)
+    _hooks = tuple(h for h in _hooks if h != hook)   # == : bound methods are new objects each time
 
 
 # -- records ----------------------------------------------------------------------------
