@@ -52,7 +52,8 @@ from stem import Worker, WorkerLifecycleConfig
 from stem.backends import from_url as backend_from_url
 from stem.brokers import from_url as broker_from_url
 from tests.test_sqlite_e2e import registry_for
-url, vt, concurrency, side_dir, task_sleep = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+url, vt, concurrency = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+side_dir, task_sleep = sys.argv[4], float(sys.argv[5])
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 worker = Worker(broker_from_url(url, default_visibility_timeout=vt), backend_from_url(url),
                 registry_for(side_dir, task_sleep), concurrency=concurrency, heartbeat_interval=1.0,

@@ -32,7 +32,7 @@ from ..errors import BrokerConnectionError, BrokerError, ConfigurationError
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
                    Message, QueueStats, validate_queue_name)
 
-__all__ = ["SqliteBroker"]
+__all__ = ["SqliteBroker", "migrate"]
 
 READY, DELAYED, LEASED = 0, 1, 2
 _CHUNK = 500            # ids per IN (...) list
@@ -309,3 +309,9 @@ class SqliteBroker(Broker):
         self._closed = True
         self._db.wake.notify()
         self._db.close()
+
+
+def migrate(url: str) -> int:
+    """Create or upgrade stem's tables in the SQLite file at ``url`` (for ``stem migrate``).  Returns the version."""
+    with SqliteBroker.from_url(url) as broker:
+        return broker.migrate()
