@@ -22,8 +22,10 @@ Delivery semantics, identical on every adapter (``tests/contract`` proves it):
   delivery whose lease expired and that was delivered again returns normally;
   it may settle the message for both copies (the price of at-least-once is a
   task that ran twice, never one that is lost).
-* **Order.**  Higher ``priority`` first, then first-published first, among
-  messages that are due (``not_before`` <= now).
+* **Order.**  Within one queue, higher ``priority`` first, then
+  first-published first, among messages that are due (``not_before`` <= now).
+  Across the queues of one ``consume`` call no order is promised (Redis keeps
+  each queue in its own cluster slot and takes them in turn).
 * **Delayed messages** (``not_before`` in the future) stay in the broker, not
   in worker memory, and become deliverable when due.
 """

@@ -29,6 +29,22 @@ How the contract in ``stem.brokers.base`` maps onto Redis:
 * Consumer groups lost with the data (a restart without persistence) are
   recreated at id 0 by the consume script.
 
+Where Redis differs from the in-memory reference (all allowed by the protocol):
+
+* Priority is honoured within a queue (lanes 9..0); a consume over several
+  queues takes them in turn (rotating the first), not merged by priority,
+  since each queue lives in its own cluster slot.  Re-deliveries of expired
+  or nacked leases come before fresh entries of the same queue.
+* A consumer blocked in ``consume`` wakes at once for a new ready entry;
+  for a delayed message or a nack published while it blocks it wakes at its
+  next tick (at most ``_MAX_BLOCK_S``), since those do not touch the streams.
+* ``purge`` drops undelivered and delayed messages; entries whose lease
+  expired (counted as ready by ``stats``) stay until redelivered.
+* Each consumer name stays in the group's consumer list (``XINFO
+  CONSUMERS``) after its worker is gone; never ``XGROUP DELCONSUMER`` one
+  that still has pending entries: that drops them from the PEL (the consume
+  script re-adds such stranded entries when their lease expires).
+
 Connections: one ``redis.ConnectionPool`` per URL and options in a process,
 shared by brokers and result backends; redis-py resets a pool in a forked
 child (it checks the pid), so a child never reuses its parent's sockets.
@@ -72,6 +88,17 @@ _T = TypeVar("_T")
 
 _pools_lock = threading.Lock()
 _pools: dict[tuple, list] = {}   # key -> [client, refcount]
+
+
+def _after_fork_in_child() -> None:
+    # a fork while another thread held the lock must not leave it locked in the child;
+    # the pools themselves reset in the child on first use (redis-py checks the pid)
+    global _pools_lock
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def validate_namespace(namespace: str) -> str:
