@@ -508,7 +508,7 @@ def test_the_doorbell_fileno_works_with_selectors():
 
 def test_closing_the_child_side_leaves_the_supervisor_segment_alone():
     with Channel.create(capacity=4096) as parent:
-        child = Channel.attach(parent.handle)
+        child = Channel.attach(parent.handle, keep_name=True)
         child.send(b"before")
         child.close()
         child.close()
@@ -527,7 +527,7 @@ def test_closing_the_owner_unlinks_the_segment_and_unread_side_channel_segments(
     child = Channel.attach(parent.handle)
     assert parent.send_many([bytes(5000), bytes(6000)]) == 2
     assert child.send(bytes(7000))
-    assert len(shm_names(parent.name)) == 4
+    assert shm_names(parent.name) == {f"{parent.name}_t1", f"{parent.name}_t2", f"{parent.name}_r1"}
     child.close()
     parent.close()
     assert not shm_names(parent.name)
@@ -544,12 +544,13 @@ def test_a_garbage_collected_channel_unlinks_its_segment():
 
 def test_unlink_is_for_the_owner_and_keeps_attached_mappings_usable():
     with Channel.create(capacity=4096) as parent:
-        child = Channel.attach(parent.handle)
+        child = Channel.attach(parent.handle, keep_name=True)
         with pytest.raises(WorkerError, match="only the process that created"):
             child.unlink()
+        assert parent.name in shm_names(parent.name)
         parent.unlink()
         parent.unlink()
-        assert not shm_names(parent.name + "")
+        assert not shm_names(parent.name)
         assert parent.send(b"x") and child.recv() == b"x"
         with pytest.raises(WorkerError, match="is gone"):
             Channel.attach(parent.handle)
@@ -596,7 +597,7 @@ CHILD_WITH_OWN_TRACKER = """
 import sys
 from stem.worker.ring import Channel, ChannelHandle
 name, cap, bell_p, bell_c = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-ch = Channel.attach(ChannelHandle(name, cap, (bell_p, bell_p, bell_c, bell_c)))
+ch = Channel.attach(ChannelHandle(name, cap, (bell_p, bell_p, bell_c, bell_c)), keep_name=True)
 assert ch.recv() == b"task"
 ch.send(b"result")
 ch.close()
@@ -619,6 +620,53 @@ def test_a_child_with_its_own_resource_tracker_does_not_unlink_or_warn_about_the
         assert "resource_tracker" not in proc.stderr and "leaked" not in proc.stderr, proc.stderr
         assert ch.name in shm_names(ch.name)
         assert ch.recv() == b"result"
+
+
+def test_attaching_removes_the_name_and_spends_the_handle():
+    with Channel.create(capacity=4096) as parent:
+        assert parent.name in shm_names(parent.name)
+        with Channel.attach(parent.handle) as child:
+            assert not shm_names(parent.name)  # mapped by both, named by none
+            with pytest.raises(WorkerError, match="is gone"):
+                Channel.attach(parent.handle)
+            assert parent.send(b"x") and child.recv() == b"x"
+
+
+SUPERVISOR_IN_ITS_OWN_SESSION = """
+import multiprocessing, sys, time
+from stem.worker.ring import Channel
+
+def child(handle):
+    with Channel.attach(handle) as ch:
+        ch.send(b"attached")
+        ch.recv_wait(60.0)
+
+ch = Channel.create(capacity=4096)
+proc = multiprocessing.get_context("fork").Process(target=child, args=(ch.handle,))
+proc.start()
+assert ch.recv_wait(20.0) == [b"attached"]
+print(ch.name, flush=True)
+ch.recv_wait(60.0)  # until the process group is killed
+"""
+
+
+def test_a_sigkilled_process_group_with_its_resource_tracker_leaks_no_segment():
+    proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR_IN_ITS_OWN_SESSION],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        name = proc.stdout.readline().strip()
+        assert name.startswith(f"stmr_{proc.pid:x}_"), proc.stderr.read()
+        os.killpg(proc.pid, signal.SIGKILL)  # supervisor, child and resource tracker
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert not shm_names(f"stmr_{proc.pid:x}_")
 
 
 # -- the channel, across processes ------------------------------------------------------

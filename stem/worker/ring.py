@@ -76,20 +76,24 @@ the segments created and not yet consumed; the owner removes them on close.
 Lifecycle: ``Channel.create`` (supervisor) owns the segment and unlinks it --
 and any side-channel segment left by a dead peer -- on ``close()``, on
 ``__exit__``, when the channel is garbage collected and at interpreter exit
-(``weakref.finalize``).  The segment is registered with the creator's
-``multiprocessing`` resource tracker, so even a SIGKILLed supervisor leaves no
-main segment behind.  ``unlink()`` removes the name early (attached mappings
-stay valid).  ``attach`` maps the segment without registering it with the
-resource tracker (Python 3.11 would otherwise unlink the supervisor's segment
-when the child exits, or warn about a "leak"), and a child's ``close()`` only
-unmaps and closes its fds.  A copy of the owner's ``Channel`` inherited by a
+(``weakref.finalize``).  ``attach`` removes the segment's name as soon as it
+has mapped it (``keep_name=True`` to opt out): from then on no name exists
+that could leak, even when the whole process group -- resource tracker
+included -- is SIGKILLed; until then the segment is registered with the
+creator's ``multiprocessing`` resource tracker.  ``unlink()`` removes the name
+early from the owner's side (mappings stay valid).  ``attach`` maps the
+segment without registering it with a resource tracker (Python 3.11 would
+otherwise unlink the supervisor's segment when the child exits, or warn about
+a "leak"), and a child's ``close()`` only unmaps and closes its fds.  A copy of the owner's ``Channel`` inherited by a
 forked process is inert: it never unlinks, closes or frees anything -- attach
 through the handle instead.  Side-channel segments are never registered with
 a resource tracker: the counters above are their accounting.
 
 Close the supervisor's channel after its child has exited (or was killed):
 the owner's sweep cannot see a side-channel segment a still-running child
-creates after it.  A peer that dies mid-write never publishes a partial
+creates after it.  What can still leak: side-channel segments not yet read
+when both ends are SIGKILLed, and the main segment when the supervisor's
+whole process group is SIGKILLed before the child attached.  A peer that dies mid-write never publishes a partial
 frame; ``recv_wait`` simply returns ``[]`` when its timeout passes.
 """
 
@@ -365,8 +369,17 @@ class Channel:
             raise
 
     @classmethod
-    def attach(cls, handle: ChannelHandle, side: str = "child") -> "Channel":
-        """Map an existing channel from ``handle``; the result never owns the segment."""
+    def attach(cls, handle: ChannelHandle, side: str = "child", *,
+               keep_name: bool = False) -> "Channel":
+        """Map an existing channel from ``handle``; the result never owns the segment.
+
+        The segment's name is only a rendezvous: once mapped, it is removed
+        (the segment lives on while the supervisor and this process map it),
+        so even a SIGKILL of the whole process group -- resource tracker
+        included -- leaves nothing in /dev/shm.  The handle is then spent.
+        ``keep_name=True`` leaves the name for further attaches; the owner's
+        ``close()``/``unlink()`` removes it.
+        """
         if side not in _SIDES:
             raise ValueError(f"side must be 'parent' or 'child', got {side!r}")
         bells = handle._take_fds()
@@ -388,7 +401,7 @@ class Channel:
                         f"segment {handle.name!r} is not a stem channel of layout "
                         f"{_impl.LAYOUT_VERSION} and capacity {handle.capacity} "
                         f"(magic={magic!r}, version={version}, capacity={capacity})")
-                return cls._open(handle.name, capacity, side, bells, shm=None, mapping=mapping)
+                channel = cls._open(handle.name, capacity, side, bells, shm=None, mapping=mapping)
             except BaseException:
                 mapping.close()
                 raise
@@ -396,6 +409,9 @@ class Channel:
             for fd in unique:
                 os.close(fd)
             raise
+        if not keep_name:
+            _unlink_quietly(handle.name)
+        return channel
 
     @classmethod
     def _open(cls, name, capacity, side, bells, *, shm, mapping) -> "Channel":
