@@ -134,10 +134,11 @@ def main() -> None:
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="serve Prometheus /metrics")
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="address for --metrics-port")
 @click.pass_context
 def worker(ctx, registry_path, broker_url, backend_url, no_results, queues, concurrency, prefetch_multiplier,
            isolation, max_tasks_per_child, max_memory_per_child, heartbeat_interval, loglevel, log_format,
-           metrics_port):
+           metrics_port, metrics_addr):
     """Run a worker (or, with a subcommand, control running workers)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -163,8 +164,10 @@ def worker(ctx, registry_path, broker_url, backend_url, no_results, queues, conc
                                                    max_memory_per_child=max_memory_per_child))
         if metrics_port:
             from . import metrics
-            metrics.install(w)
-            metrics.start_http_server(metrics_port)
+            metrics.install(workers=[w])
+            metrics.start_http_server(metrics_port, metrics_addr)
+        from . import tracing
+        tracing.install_if_available()
         w.start()
     except StemError as exc:
         _fail(exc)
