@@ -15,10 +15,11 @@ from collections.abc import Mapping
 
 from stem.errors import ConfigurationError, SignatureError
 
-__all__ = ["HmacSigner", "SHA256_BACKEND", "SIGNATURE_SIZE", "constant_time_equal",
+__all__ = ["HmacSigner", "SHA256_BACKEND", "SHA256_BACKENDS", "SIGNATURE_SIZE", "constant_time_equal",
            "hmac_sha256", "sha256"]
 
 SHA256_BACKEND = "hashlib"
+SHA256_BACKENDS = ("hashlib",)
 SIGNATURE_SIZE = 32
 _sha256 = hashlib.sha256
 _IPAD = bytes(x ^ 0x36 for x in range(256))

@@ -96,6 +96,8 @@ if (_module.WIRE_VERSION, _module.MAGIC, _module.HEADER_SIZE) != (WIRE_VERSION, 
 
 _encode_frame = _codec.encode_frame
 _decode_frame = _codec.decode_frame
+# A PayloadSigner hands its backend (e.g. the compiled HmacSigner, which the
+# compiled codec drives in place); any other object with sign()/verify() works too.
 
 
 def encode_frame(env: Envelope, signer: PayloadSigner | None = None, *,
@@ -105,7 +107,7 @@ def encode_frame(env: Envelope, signer: PayloadSigner | None = None, *,
     Raises EncodeError when args, meta or headers cannot be encoded (a value
     msgpack cannot carry, a non-str key) or the frame would pass ``max_size``.
     """
-    return _encode_frame(env, None if signer is None else signer._backend, max_size)
+    return _encode_frame(env, None if signer is None else getattr(signer, "_backend", signer), max_size)
 
 
 def decode_frame(frame: bytes | memoryview, signer: PayloadSigner | None = None, *,
@@ -119,7 +121,7 @@ def decode_frame(frame: bytes | memoryview, signer: PayloadSigner | None = None,
     oversized, bad magic, unknown version, wrong lengths, garbage or mistyped
     body) raises DecodeError, which is also a ValueError.
     """
-    return _decode_frame(frame, None if signer is None else signer._backend, max_size)
+    return _decode_frame(frame, None if signer is None else getattr(signer, "_backend", signer), max_size)
 
 
 def read_header(frame: bytes | memoryview, *, max_size: int = DEFAULT_MAX_FRAME_SIZE) -> FrameHeader:
