@@ -47,6 +47,22 @@ class TreeMeter:
                 pass
         return total
 
+    def cpu_split(self) -> tuple[float, float]:
+        """(CPU seconds of the root process, of all its descendants)."""
+        root = kids = 0.0
+        for p in self.procs():
+            try:
+                c = cpu_seconds(p)
+            except psutil.Error:
+                continue
+            if p.pid == self.root.pid:
+                t = p.cpu_times()
+                root += t.user + t.system
+                kids += t.children_user + t.children_system
+            else:
+                kids += c
+        return root, kids
+
     def rss(self) -> tuple[int, list[int]]:
         """(root RSS, [RSS of each descendant]) in bytes."""
         root, kids = 0, []

@@ -305,6 +305,7 @@ class _WorkerHandle:
             self._proc.wait()
         if self._thread is not None:
             self._thread.join(5)
+        self._proc.stdout.close()
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -399,6 +400,7 @@ def run(cfg: Config) -> dict[str, Any]:
         handle.stop()
         producer.close()
         _cleanup(cfg, run_id, r, broker, backend)
+        r.close()
     res["machine"]["load_avg_end"] = os.getloadavg()
     return res
 
@@ -445,25 +447,32 @@ def _xadd_reference(cfg: Config, run_id: str, producer: Stem, task_name: str, ar
     try:
         out["redis_benchmark_xadd_p64_per_s"] = redis_benchmark(u.hostname or "127.0.0.1", u.port or 6379, db, cmd,
                                                                n=200_000)
-        redis.Redis.from_url(cfg.redis_url).delete(key)
+        _delete(cfg.redis_url, key)
         out["redis_benchmark_xadd_p64_c1_per_s"] = redis_benchmark(u.hostname or "127.0.0.1", u.port or 6379, db,
                                                                   cmd, n=100_000, clients=1)
     finally:
-        redis.Redis.from_url(cfg.redis_url).delete(key)
+        _delete(cfg.redis_url, key)
     return out
+
+
+def _delete(url: str, key: str) -> None:
+    with redis.Redis.from_url(url) as r:
+        r.delete(key)
 
 
 def _phase_drain(cfg: Config, handle: _WorkerHandle, meter: TreeMeter, expected: int, progress: _Progress,
                  redis_pid: int | None) -> dict[str, Any]:
     bar = progress.add("drain (pre-filled)", expected)
-    cpu0 = meter.cpu()
+    sup0, kids0 = meter.cpu_split()
     rcpu0 = psutil.Process(redis_pid).cpu_times() if redis_pid else None
     t_done = handle.wait_for(expected, cfg.timeout, lambda n: progress.update(bar, n))
-    cpu = meter.cpu() - cpu0
+    sup1, kids1 = meter.cpu_split()
+    cpu = sup1 + kids1 - sup0 - kids0
     out = {"tasks": expected, "startup_s": handle.t_ready - handle.t_start,
            "from_start_per_s": expected / (t_done - handle.t_start),
            "steady_per_s": steady_rate(handle.samples, expected),
            "worker_cpu_us": _cpu_us(cpu, expected),
+           "supervisor_cpu_us": _cpu_us(sup1 - sup0, expected), "children_cpu_us": _cpu_us(kids1 - kids0, expected),
            "cpu_note": "from the worker's ready (children forked) to the last task"}
     if rcpu0 is not None:
         r1 = psutil.Process(redis_pid).cpu_times()
@@ -493,7 +502,7 @@ def _phase_live(cfg: Config, producer: Stem, handle: _WorkerHandle, meter: TreeM
         except BaseException as exc:  # noqa: BLE001
             errors.put(exc)
 
-    cpu0 = meter.cpu()
+    sup0, kids0 = meter.cpu_split()
     rcpu0 = psutil.Process(redis_pid).cpu_times() if redis_pid else None
     t0 = time.time()
     th = threading.Thread(target=produce, name="bench-producer")
@@ -502,13 +511,16 @@ def _phase_live(cfg: Config, producer: Stem, handle: _WorkerHandle, meter: TreeM
     th.join()
     if not errors.empty():
         raise errors.get()
-    cpu = meter.cpu() - cpu0
+    sup1, kids1 = meter.cpu_split()
+    sup = sup1 - sup0
     if handle.in_process:
-        cpu -= box["producer_cpu"]
+        sup -= box["producer_cpu"]
+    cpu = sup + kids1 - kids0
     samples = [(t, n - before) for t, n in handle.samples if t >= t0]
     out = {"tasks": cfg.tasks, "live_batch": cfg.live_batch, "per_s": cfg.tasks / (t_done - t0),
            "steady_per_s": steady_rate(samples, cfg.tasks), "producer_s": box["t_produced"] - t0,
-           "producer_cpu_us": _cpu_us(box["producer_cpu"], cfg.tasks), "worker_cpu_us": _cpu_us(cpu, cfg.tasks)}
+           "producer_cpu_us": _cpu_us(box["producer_cpu"], cfg.tasks), "worker_cpu_us": _cpu_us(cpu, cfg.tasks),
+           "supervisor_cpu_us": _cpu_us(sup, cfg.tasks), "children_cpu_us": _cpu_us(kids1 - kids0, cfg.tasks)}
     if rcpu0 is not None:
         r1 = psutil.Process(redis_pid).cpu_times()
         out["redis_cpu_us"] = _cpu_us(r1.user + r1.system - rcpu0.user - rcpu0.system, cfg.tasks)
@@ -571,9 +583,10 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str]]:
     e, d, lv, m, c = (res.get(k, {}) for k in ("enqueue", "drain", "live", "memory", "check"))
     out = []
     if e:
-        out += [("enqueue, one by one (tasks/s)", _fmt(e.get("single_per_s"))),
-                ("  producer CPU (µs/task)", _fmt(e.get("single_cpu_us"))),
-                (f"enqueue_many x{e.get('many_batch')} (tasks/s)", _fmt(e.get("many_per_s"))),
+        if e.get("single_per_s"):
+            out += [("enqueue, one by one (tasks/s)", _fmt(e.get("single_per_s"))),
+                    ("  producer CPU (µs/task)", _fmt(e.get("single_cpu_us")))]
+        out += [(f"enqueue_many x{e.get('many_batch')} (tasks/s)", _fmt(e.get("many_per_s"))),
                 ("  producer CPU (µs/task)", _fmt(e.get("many_cpu_us")))]
         if e.get("redis_benchmark_xadd_p64_per_s"):
             xr = e["redis_benchmark_xadd_p64_per_s"]
@@ -585,12 +598,14 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str]]:
                 ("drain from worker start (tasks/s)", _fmt(d["from_start_per_s"])),
                 ("drain steady state (tasks/s)", _fmt(d["steady_per_s"])),
                 ("  worker tree CPU (µs/task)", _fmt(d["worker_cpu_us"])),
+                ("    supervisor / children", f"{_fmt(d['supervisor_cpu_us'])} / {_fmt(d['children_cpu_us'])}"),
                 ("  redis-server CPU (µs/task)", _fmt(d.get("redis_cpu_us")))]
     if lv:
         out += [(f"end-to-end live, batches of {lv['live_batch']} (tasks/s)", _fmt(lv["per_s"])),
                 ("  live steady state (tasks/s)", _fmt(lv["steady_per_s"])),
                 ("  producer CPU (µs/task)", _fmt(lv["producer_cpu_us"])),
                 ("  worker tree CPU (µs/task)", _fmt(lv["worker_cpu_us"])),
+                ("    supervisor / children", f"{_fmt(lv['supervisor_cpu_us'])} / {_fmt(lv['children_cpu_us'])}"),
                 ("  redis-server CPU (µs/task)", _fmt(lv.get("redis_cpu_us")))]
     if m:
         mb = 2 ** 20

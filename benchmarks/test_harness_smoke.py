@@ -1,0 +1,80 @@
+"""A tiny run of each benchmark harness, so they do not rot between measuring sessions.
+
+Not in the default test run (``testpaths = ["tests"]``), and skipped under
+``make bench-micro`` (``--benchmark-only``).  Run it with
+
+    .venv/bin/python -m pytest benchmarks/test_harness_smoke.py -p no:cacheprovider -q
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "peers"))
+
+import e2e  # noqa: E402
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _redis_up() -> bool:
+    import redis
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping()
+        return True
+    except redis.RedisError:
+        return False
+
+
+needs_redis = pytest.mark.skipif(not _redis_up(), reason="needs Redis at 127.0.0.1:6379")
+
+
+@needs_redis
+@pytest.mark.parametrize("broker,isolation", [("memory", "inline"), ("redis", "process"), ("sqlite", "process")])
+def test_e2e_runs_every_phase_and_checks_each_task_ran_once(broker, isolation):
+    cfg = e2e.Config(tasks=60, broker=broker, isolation=isolation, single=20, batch=25, live_batch=10,
+                     redis_benchmark=False, progress=False, timeout=45)
+    res = e2e.run(cfg)
+    assert res["check"]["ok"], res["check"]
+    assert res["check"]["distinct_ids"] == 120 and res["check"]["ran_twice"] == 0
+    assert res["enqueue"]["single_per_s"] > 0 and res["enqueue"]["many_per_s"] > 0
+    assert res["drain"]["from_start_per_s"] > 0 and res["live"]["per_s"] > 0
+    assert res["live"]["worker_cpu_us"] > 0
+    assert e2e.rows(res)
+
+
+@needs_redis
+def test_e2e_fire_and_forget_noop_leaves_nothing_behind():
+    import redis
+    cfg = e2e.Config(tasks=40, broker="redis", task="noop", results=False, signing=False, phases=("drain", "live"),
+                     redis_benchmark=False, progress=False, timeout=45)
+    res = e2e.run(cfg)
+    assert res["check"]["ok"]
+    assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(match=f"stembench-{res['run_id']}*"))
+
+
+def test_e2e_rejects_bad_config():
+    with pytest.raises(ValueError):
+        e2e.run(e2e.Config(broker="kafka"))
+
+
+def test_e2e_cli_parses_flags():
+    cfg, _ = e2e.parse_args(["--tasks", "5", "--no-results", "--no-signing", "--phases", "live", "--payload", "1k"])
+    assert (cfg.tasks, cfg.results, cfg.signing, cfg.phases, cfg.payload) == (5, False, False, ("live",), "1k")
+
+
+@needs_redis
+def test_peers_bare_loop_and_stem_drive_and_summarize():
+    import run as peers
+    res = peers.run(["stem", "bare"], base_url="redis://127.0.0.1:6379", tasks=200, concurrency=2, warmup=20,
+                    repeat=1, timeout=45, progress=False)
+    assert not [r for r in res["runs"] if "error" in r], res["runs"]
+    rows = {r["system"]: r for r in res["summary"]}
+    assert rows["stem"]["stem_speedup"] == pytest.approx(1.0)
+    assert rows["bare"]["per_s"] > 0 and rows["bare"]["worker_cpu_us"] > 0
+    assert rows["stem"]["extra_runs"] == 0
