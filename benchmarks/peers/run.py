@@ -81,7 +81,8 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
     from _common import COUNTER
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p))
     separate = getattr(app, "PROCESSES_ARE_SEPARATE", False)
-    argvs = [app.worker_argv(1)] * concurrency if separate else [app.worker_argv(concurrency)]
+    argvs = ([app.worker_argv(1)] * getattr(app, "PROCESSES", concurrency) if separate
+             else [app.worker_argv(concurrency)])
     log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{system}-", suffix=".log", delete=False)
     procs = [subprocess.Popen(a, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                               start_new_session=True) for a in argvs]
