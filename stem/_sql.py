@@ -148,10 +148,16 @@ def _wake_for(key: str) -> Wake:
         return w
 
 
+_databases: "weakref.WeakSet[SqliteDatabase]" = weakref.WeakSet()
+
+
 def _reset_after_fork() -> None:
+    """In a forked child: locks another thread held at fork time would never be released."""
     global _wakes_lock
     _wakes_lock = threading.Lock()
     _wakes.clear()
+    for db in list(_databases):
+        db._new_locks()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -194,15 +200,17 @@ class SqliteDatabase:
         self._pid = os.getpid()
         self._local = threading.local()
         self._slots: weakref.WeakSet[_Slot] = weakref.WeakSet()
-        self._slots_lock = threading.Lock()
         self._migrated = False
-        self._migrate_lock = threading.Lock()
+        self._new_locks()
         if self.path is None:
-            self._memory_lock = threading.RLock()
             self._memory_slot = _Slot(self._open(":memory:"))
-            self.wake = Wake()
-        else:
-            self.wake = _wake_for(self.path)
+        _databases.add(self)
+
+    def _new_locks(self) -> None:
+        self._slots_lock = threading.Lock()
+        self._migrate_lock = threading.Lock()
+        self._memory_lock = threading.RLock()
+        self.wake = Wake() if self.path is None else _wake_for(self.path)
 
     @property
     def label(self) -> str:
@@ -253,7 +261,6 @@ class SqliteDatabase:
         self._pid = os.getpid()
         self._local = threading.local()
         self._slots = weakref.WeakSet()
-        self._slots_lock = threading.Lock()
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:

@@ -119,15 +119,15 @@ def test_notify_wakes_a_blocked_consumer_promptly_and_an_idle_consumer_does_not_
     t.join(30)
     p.join(10)
     assert [bytes(d.frame) for d in got] == [b"wake"]
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 5.0          # far below the 30 s it would sleep unwoken
     assert idle_claims <= 2, f"{idle_claims} claims while idle for 1.5 s"
 
 
 def test_a_sleeping_consumer_wakes_when_a_delayed_message_falls_due(broker):
-    broker.publish(Message("later", Q, b"x", not_before=time.time() + 0.5))
-    t0 = time.monotonic()
+    due = time.time() + 0.5
+    broker.publish(Message("later", Q, b"x", not_before=due))
     [d] = broker.consume([Q], 1, 10.0)
-    assert d.task_id == "later" and 0.3 < time.monotonic() - t0 < 3.0
+    assert d.task_id == "later" and due - 0.05 <= time.time() < due + 3.0
 
 
 def _store_later(url: str, task_id: str, delay: float) -> None:
@@ -148,7 +148,7 @@ def test_wait_returns_a_status_stored_by_another_process_without_polling(pg_url,
     elapsed = time.monotonic() - t0
     p.join(10)
     assert got.state is TaskState.SUCCEEDED and got.result == "from another process"
-    assert 0.5 < elapsed < 3.0
+    assert 0.5 < elapsed < 8.0                  # the store comes 1 s in; the wait allows 20
     assert len(reads) <= 4, f"{len(reads)} reads while waiting: polling"
 
 
@@ -163,7 +163,7 @@ def test_wait_never_misses_a_status_stored_while_it_starts_listening(pg_url, bac
             got = backend.wait(task_id, 10.0)
             t.join()
             assert got is not None and got.state is TaskState.SUCCEEDED
-            assert time.monotonic() - t0 < 2.0
+            assert time.monotonic() - t0 < 5.0  # a missed notification would sleep the full 10 s
     finally:
         other.close()
 
@@ -279,6 +279,8 @@ def _claim_stays_fast_next_to(postgres_url, namespace, broker, parked: int) -> N
         broker.publish_many([Message(uuid.uuid4().hex, Q, b"x" * 100) for _ in range(1000)])
     while ds := broker.consume([Q], 500, 0):
         broker.ack(ds)
+    broker.publish_many([Message(uuid.uuid4().hex, Q, b"x") for _ in range(1000)])
+    baseline = claim_ms(broker)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         assert conn.execute(f'SELECT count(*) FROM "{namespace}".stem_jobs').fetchone()[0] == 0
         # rows a claim must not wade through: far-future delayed rows (a worst case that, unlike
@@ -291,7 +293,8 @@ def _claim_stays_fast_next_to(postgres_url, namespace, broker, parked: int) -> N
         conn.execute(f'ANALYZE "{namespace}".stem_jobs')
     broker.publish_many([Message(uuid.uuid4().hex, Q, b"x") for _ in range(2000)])
     ms = claim_ms(broker)
-    assert ms < 25, f"claim + ack of 20 took {ms:.1f} ms next to {parked} parked rows"
+    assert ms < 3 * baseline + 5, (f"claim + ack of 20 took {ms:.1f} ms next to {parked} parked rows, "
+                                   f"{baseline:.1f} ms without")
     with psycopg.connect(postgres_url, autocommit=True, options="-c enable_bitmapscan=off -c enable_seqscan=off") \
             as conn:
         plan = "\n".join(r[0] for r in conn.execute(

@@ -21,7 +21,8 @@ from typing import Any, Sequence
 
 import msgspec
 
-from ..brokers._pg_schema import DURABLE, FAST, NOW, Listener, PgConnections, parse_postgres_url, quote_schema
+from ..brokers._pg_schema import (DURABLE, FAST, NOW, Listener, PgConnections, parse_postgres_url,
+                                 quote_schema, reset_in_child)
 from ..errors import BackendConnectionError, BackendError, ConfigurationError
 from ..results import TaskStatus, decode_status, encode_status
 from .base import DEFAULT_RESULT_EXPIRES, ResultBackend
@@ -103,7 +104,8 @@ class PostgresResultBackend(ResultBackend):
         self._sql = _queries(quote_schema(schema))
         self.channel = f"stem.{schema}.results"
         self._waiters: dict[str, set[threading.Event]] = {}
-        self._waiters_lock = threading.Lock()
+        self._new_locks()
+        reset_in_child(self)
         self._listener = Listener(self._pg, self.channel, self._on_notify, self._on_reset)
         self._next_sweep = 0.0
 
@@ -116,6 +118,10 @@ class PostgresResultBackend(ResultBackend):
         return self._pg.migrate()
 
     # -- wake-ups ---------------------------------------------------------------------
+    def _new_locks(self) -> None:
+        self._waiters_lock = threading.Lock()
+        self._waiters = {}          # a forked child has no waiters
+
     def _on_notify(self, payload: str) -> None:
         with self._waiters_lock:
             if not self._waiters:

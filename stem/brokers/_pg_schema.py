@@ -171,10 +171,19 @@ def migrate(conn: Any, schema: str) -> int:
 
 # -- fork safety ------------------------------------------------------------------------
 _LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_RESET_IN_CHILD: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def reset_in_child(obj: Any) -> None:
+    """Call ``obj._new_locks()`` in every forked child: a lock another thread held at fork
+    time would never be released there."""
+    _RESET_IN_CHILD.add(obj)
 
 
 def _disown_after_fork() -> None:
     """In a forked child: detach every inherited connection from the parent's socket, then finish it."""
+    for obj in list(_RESET_IN_CHILD):
+        obj._new_locks()
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         for conn in list(_LIVE):
@@ -232,13 +241,17 @@ class PgConnections:
         self._pid = os.getpid()
         self._local = threading.local()
         self._slots: weakref.WeakSet[_Slot] = weakref.WeakSet()
-        self._lock = threading.Lock()
+        self._new_locks()
+        reset_in_child(self)
         self._schema_state = {"migrated": False} if _schema_state is None else _schema_state
         try:
             info = self.psycopg.conninfo.conninfo_to_dict(conninfo)
         except self.psycopg.Error as e:
             raise ConfigurationError(f"bad PostgreSQL URL: {e}") from e
         self.label = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+    def _new_locks(self) -> None:
+        self._lock = threading.Lock()
 
     def sibling(self, settings: dict[str, str]) -> "PgConnections":
         """Connections to the same database and schema with other session ``settings``."""
@@ -263,7 +276,6 @@ class PgConnections:
             self._pid = os.getpid()
             self._local = threading.local()
             self._slots = weakref.WeakSet()
-            self._lock = threading.Lock()
         slot = getattr(self._local, "slot", None)
         if slot is None or slot.conn is None or slot.conn.closed or slot.conn.broken:
             if slot is not None:
@@ -337,8 +349,12 @@ class Listener:
         self._on_reset = on_reset
         self._pid = 0
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._new_locks()
+        reset_in_child(self)
         self._start_state()
+
+    def _new_locks(self) -> None:
+        self._lock = threading.Lock()
 
     def _start_state(self) -> None:
         self._stop = threading.Event()

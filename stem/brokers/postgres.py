@@ -36,7 +36,8 @@ import time
 from typing import Any, Sequence
 
 from ..errors import BrokerConnectionError, BrokerError, ConfigurationError
-from ._pg_schema import DURABLE, FAST, NOW, Listener, PgConnections, parse_postgres_url, quote_schema
+from ._pg_schema import (DURABLE, FAST, NOW, Listener, PgConnections, parse_postgres_url, quote_schema,
+                         reset_in_child)
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
                    Message, QueueStats, validate_queue_name)
 
@@ -175,9 +176,10 @@ class PostgresBroker(Broker):
         self._fast = self._pg.sibling(FAST)
         self._sql = _queries(quote_schema(schema))
         self.channel = f"stem.{schema}.jobs"
-        self._cond = threading.Condition(threading.Lock())
         self._generation: dict[str, int] = {}
         self._resets = 0
+        self._new_locks()
+        reset_in_child(self)
         self._listener = Listener(self._pg, self.channel, self._on_notify, self._on_reset)
         self._known_queues: set[str] = set()
         self._closed = False
@@ -191,6 +193,9 @@ class PostgresBroker(Broker):
         return self._pg.migrate()
 
     # -- wake-ups -------------------------------------------------------------------
+    def _new_locks(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+
     def _on_notify(self, queue: str) -> None:
         with self._cond:
             self._generation[queue] = self._generation.get(queue, 0) + 1
@@ -237,10 +242,7 @@ class PostgresBroker(Broker):
             return []
         self._register(queues)
         deadline = time.monotonic() + max(timeout, 0.0)
-        listening = False
         while not self._closed:
-            if timeout > 0 and not listening:
-                listening = self._listener.ensure(min(2.0, max(deadline - time.monotonic(), 0.0)))
             seen = self._seen(queues)
             out, poisoned = self._claim(queues, max_count)
             if out:
@@ -250,11 +252,13 @@ class PostgresBroker(Broker):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            listening = self._listener.listening
+            if not listening and self._listener.ensure(min(2.0, remaining)):
+                continue        # listening from now on: claim again, a publish may have come first
             next_due = self._fast.run(lambda conn: conn.execute(self._sql["next_due"], (queues,)).fetchone()[0])
             wait = remaining
             if next_due is not None:
                 wait = min(wait, max(next_due, 0.001))
-            listening = self._listener.listening
             if not listening:
                 wait = min(wait, _FALLBACK_POLL_S)
             with self._cond:
