@@ -32,7 +32,7 @@ SECRET = b"0123456789abcdef0123456789abcdef"
 OTHER_SECRET = b"fedcba9876543210fedcba9876543210"
 HEADER = struct.Struct("<2sBBBBHIId")
 DELIVERY_BYTES = set(range(8, 12)) | set(range(16, 24))   # attempt, not_before: unsigned on purpose
-SETTINGS = settings(deadline=None, max_examples=150,
+SETTINGS = settings(deadline=None, max_examples=100,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
