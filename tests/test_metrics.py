@@ -223,3 +223,17 @@ def test_without_prometheus_client_install_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "pip install 'stem-queue[metrics]'" in out.stdout
+
+
+def test_histogram_buckets_are_cumulative_and_include_their_upper_bound(metrics):
+    from stem.envelope import Envelope
+    from stem.results import TaskState
+    env = Envelope(id="t", name="h", queue="q", enqueued_at=time.time())
+    for started, finished in ((2.0, 2.0004), (2.0, 2.0007), (2.0, 2.5), (2.0, 1002.0)):   # 2.5 - 2.0 == 0.5 exactly
+        signals.task_postrun.send(None, envelope=env, status=TaskState.SUCCEEDED, started_at=started,
+                                  finished_at=finished)
+    s = scrape(metrics.server)
+    bucket = lambda le: value(s, "stem_task_runtime_seconds_bucket", task="h", queue="q", le=le)
+    assert [bucket("0.0005"), bucket("0.001"), bucket("0.5"), bucket("300.0"), bucket("+Inf")] == [1, 2, 3, 3, 4]
+    assert value(s, "stem_task_runtime_seconds_count", task="h", queue="q") == 4
+    assert value(s, "stem_task_runtime_seconds_sum", task="h", queue="q") == pytest.approx(1000.5011, rel=1e-6)
