@@ -21,7 +21,7 @@ from stem.brokers.base import Message
 from stem.errors import BackendConnectionError, BrokerConnectionError, BrokerError, ConfigurationError
 from stem.results import TaskState, TaskStatus
 from tests.test_sqlite_broker import (Q, check_each_delivered_once, check_killed_consumers_leases_are_redelivered,
-                                      wait_until)
+                                      fork_while_held, wait_until)
 
 psycopg = pytest.importorskip("psycopg")
 pytestmark = pytest.mark.postgres
@@ -261,6 +261,21 @@ def test_a_forked_child_never_touches_the_parents_session(pg_url, broker):
     while len(got) < 3:
         got += broker.consume([Q], 3, 5.0)
     assert sorted(d.task_id for d in got) == ["child-1", "parent-1", "parent-2"]
+
+
+def test_a_forked_child_does_not_inherit_a_lock_held_by_another_thread(broker, backend):
+    assert broker.consume([Q], 1, 0.3) == []     # an idle consume starts the broker's listener thread
+    assert backend.wait("nothing", 0.3) is None  # and an idle wait the backend's
+
+    def child():
+        broker.publish(Message(uuid.uuid4().hex, Q, b"y"))
+        got = broker.consume([Q], 1, 5.0)
+        broker.ack(got)
+        backend.store(TaskStatus(id="c", state=TaskState.SUCCEEDED))
+        assert len(got) == 1 and backend.wait("c", 5.0).state is TaskState.SUCCEEDED
+
+    assert fork_while_held(broker._cond, child) == "ok"
+    assert fork_while_held(backend._waiters_lock, child) == "ok"
 
 
 # -- table size and claim speed -------------------------------------------------------------

@@ -391,3 +391,51 @@ def test_a_message_without_its_own_visibility_timeout_gets_the_consuming_brokers
     finally:
         producer.close()
         consumer.close()
+
+
+def fork_while_held(lock, child_fn) -> str:
+    """Run ``child_fn`` in a forked child while another thread of the parent holds ``lock``."""
+    held, release, out = threading.Event(), threading.Event(), FORK.Queue()
+
+    def hold():
+        with lock:
+            held.set()
+            release.wait(30)
+
+    def child():
+        try:
+            child_fn()
+            out.put("ok")
+        except BaseException as e:
+            out.put(repr(e))
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(10)
+        p = FORK.Process(target=child)
+        p.start()
+        try:
+            return out.get(timeout=20)
+        finally:
+            release.set()
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    finally:
+        release.set()
+        t.join()
+
+
+def test_a_forked_child_does_not_inherit_a_lock_held_by_another_thread(db_url):
+    broker = broker_from_url(db_url)
+    try:
+        broker.publish(Message("before", Q, b"x"))
+
+        def child():
+            broker.publish(Message("child", Q, b"y"))
+            assert len(broker.consume([Q], 2, 5.0)) == 2
+
+        assert fork_while_held(broker._db.wake.cond, child) == "ok"
+    finally:
+        broker.close()
