@@ -564,13 +564,25 @@ def _crashed(job: Job, message: str, reason: str = "child-crashed") -> Outcome:
                    job.started_at or time.time(), time.time())
 
 
+_rss_samples: dict[int, tuple[float, int]] = {}
+
+
 def _rss(pid: int) -> int:
-    """Resident bytes of ``pid`` (0 if gone), for reports when no memory limit measures it."""
+    """Resident bytes of ``pid`` (0 if gone), for reports when no memory limit measures it;
+    sampled at most once per MEMORY_CHECK_INTERVAL, so polling ``stats()`` stays cheap."""
+    now = time.monotonic()
+    sample = _rss_samples.get(pid)
+    if sample is not None and now - sample[0] < MEMORY_CHECK_INTERVAL:
+        return sample[1]
     import psutil
     try:
-        return psutil.Process(pid).memory_info().rss
+        rss = psutil.Process(pid).memory_info().rss
     except psutil.Error:
-        return 0
+        rss = 0
+    if len(_rss_samples) > 1024:
+        _rss_samples.clear()
+    _rss_samples[pid] = (now, rss)
+    return rss
 
 
 def _kill(pid: int) -> None:
