@@ -44,6 +44,7 @@ from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import ConfigurationError
+from .results import TaskState
 from .signals import signals
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = ["install", "uninstall", "installed", "start_http_server", "MetricsServer", "StemMetrics",
            "RUNTIME_BUCKETS", "QUEUE_WAIT_BUCKETS"]
 
+_SUCCEEDED = TaskState.SUCCEEDED
 RUNTIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                    60.0, 300.0)
 QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -203,8 +205,7 @@ class StemMetrics:
         r.register(self.collector)
         self._receivers = (
             (signals.task_received, self._on_received), (signals.task_prerun, self._on_prerun),
-            (signals.task_succeeded, self._on_succeeded), (signals.task_postrun, self._on_postrun),
-            (signals.task_failed, self._on_failed), (signals.task_retry, self._on_retry),
+            (signals.task_postrun, self._on_postrun), (signals.task_failed, self._on_failed), (signals.task_retry, self._on_retry),
             (signals.task_revoked, self._on_revoked), (signals.task_dead_lettered, self._on_dead_lettered),
             (signals.worker_child_shutdown, self._on_child_shutdown), (signals.worker_init, self._on_worker),
             (signals.worker_heartbeat, self._on_worker), (signals.worker_shutdown, self._on_worker_shutdown),
@@ -246,17 +247,18 @@ class StemMetrics:
                 s.wait[bisect_left(QUEUE_WAIT_BUCKETS, wait)] += 1
                 s.wait_sum += wait
 
-    def _on_succeeded(self, sender, envelope, **kw) -> None:
-        with self._lock:
-            self._of(envelope).succeeded += 1
-
-    def _on_postrun(self, sender, envelope, started_at=None, finished_at=None, **kw) -> None:
+    def _on_postrun(self, sender, envelope, status=None, started_at=None, finished_at=None, **kw) -> None:
+        """Successes are counted here too: one receiver per settled task instead of two."""
+        runtime = None
         if started_at and finished_at:
             runtime = finished_at - started_at
             if runtime < 0.0:
                 runtime = 0.0
-            with self._lock:
-                s = self._of(envelope)
+        with self._lock:
+            s = self._of(envelope)
+            if status is _SUCCEEDED:
+                s.succeeded += 1
+            if runtime is not None:
                 s.runtime[bisect_left(RUNTIME_BUCKETS, runtime)] += 1
                 s.runtime_sum += runtime
 

@@ -190,7 +190,7 @@ def test_install_is_idempotent_and_uninstall_disconnects_every_receiver():
         from prometheus_client import CollectorRegistry
         with pytest.raises(ConfigurationError, match="another registry"):
             stem_metrics.install(CollectorRegistry())
-        assert signals.task_succeeded.receivers
+        assert signals.task_postrun.receivers
     finally:
         stem_metrics.uninstall()
     assert {sig.name: sig.receivers for sig in signals} == before
