@@ -338,3 +338,27 @@ def test_a_message_without_its_own_visibility_timeout_gets_the_consuming_brokers
         assert (again.task_id, again.delivery_count) == ("a", 2)
     finally:
         consumer.close()
+
+
+def test_results_and_acks_settle_in_one_transaction_when_broker_and_backend_share_the_database(
+        pg_url, broker, backend, tmp_path):
+    broker.publish_many([Message(f"t{i}", Q, b"x") for i in range(3)])
+    ds = broker.consume([Q], 3, 5.0)
+    statuses = [TaskStatus(id=d.task_id, state=TaskState.SUCCEEDED, result=i) for i, d in enumerate(ds)]
+    waiter = backend_from_url(pg_url)
+    try:
+        got = []
+        t = threading.Thread(target=lambda: got.append(waiter.wait(ds[0].task_id, 20.0)))
+        t.start()
+        assert backend.store_many_and_ack(statuses, broker, ds) is True
+        t.join(20)
+        assert got and got[0].state is TaskState.SUCCEEDED          # notified like store_many
+    finally:
+        waiter.close()
+    assert [s.result for s in backend.get_many([d.task_id for d in ds])] == [0, 1, 2]
+    assert broker.stats(Q)[1:4] == (0, 0, 0)
+    other = broker_from_url(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        assert backend.store_many_and_ack(statuses, other, []) is False       # not this database
+    finally:
+        other.close()

@@ -439,3 +439,21 @@ def test_a_forked_child_does_not_inherit_a_lock_held_by_another_thread(db_url):
         assert fork_while_held(broker._db.wake.cond, child) == "ok"
     finally:
         broker.close()
+
+
+def test_results_and_acks_settle_in_one_transaction_when_broker_and_backend_share_the_file(db_url, tmp_path):
+    broker, backend = broker_from_url(db_url), backend_from_url(db_url)
+    other = backend_from_url(f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        broker.publish_many([Message(f"t{i}", Q, b"x") for i in range(3)])
+        ds = broker.consume([Q], 3, 5.0)
+        statuses = [TaskStatus(id=d.task_id, state=TaskState.SUCCEEDED, result=i) for i, d in enumerate(ds)]
+        assert other.store_many_and_ack(statuses, broker, ds) is False          # another file
+        assert broker.stats(Q).in_flight == 3 and other.get("t0") is None
+        assert backend.store_many_and_ack(statuses, broker, ds) is True
+        assert [s.result for s in backend.get_many([d.task_id for d in ds])] == [0, 1, 2]
+        assert broker.stats(Q)[1:4] == (0, 0, 0)
+    finally:
+        broker.close()
+        backend.close()
+        other.close()

@@ -37,16 +37,22 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(dict).decode
 
 
+def _store_sql(s: str, ack_from: str | None = None) -> str:
+    """Upsert statuses, notify the terminal ones; with ``ack_from`` (a jobs table) also delete acked rows."""
+    ack = f", acked AS (DELETE FROM {ack_from} WHERE id = ANY(%s::int8[]))" if ack_from else ""
+    return f"""
+        WITH up AS (
+            INSERT INTO {s}.stem_results (task_id, state, expires_at, data)
+            SELECT t, st, {NOW} + %s, d FROM unnest(%s::text[], %s::text[], %s::bytea[]) AS m(t, st, d)
+            ON CONFLICT (task_id) DO UPDATE
+            SET state = EXCLUDED.state, expires_at = EXCLUDED.expires_at, data = EXCLUDED.data){ack}
+        SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p"""
+
+
 def _queries(s: str) -> dict[str, str]:
     results = f"{s}.stem_results"
     return {
-        "store": f"""
-            WITH up AS (
-                INSERT INTO {results} (task_id, state, expires_at, data)
-                SELECT t, st, {NOW} + %s, d FROM unnest(%s::text[], %s::text[], %s::bytea[]) AS m(t, st, d)
-                ON CONFLICT (task_id) DO UPDATE
-                SET state = EXCLUDED.state, expires_at = EXCLUDED.expires_at, data = EXCLUDED.data)
-            SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p""",
+        "store": _store_sql(s),
         "get": f"SELECT data FROM {results} WHERE task_id = %s AND expires_at > {NOW}",
         "get_many": f"SELECT task_id, data FROM {results} WHERE task_id = ANY(%s::text[]) AND expires_at > {NOW}",
         "forget": f"DELETE FROM {results} WHERE task_id = %s",
@@ -108,6 +114,7 @@ class PostgresResultBackend(ResultBackend):
         reset_in_child(self)
         self._listener = Listener(self._pg, self.channel, self._on_notify, self._on_reset)
         self._next_sweep = 0.0
+        self._store_and_ack_sql: dict[str, str] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "PostgresResultBackend":
@@ -152,6 +159,27 @@ class PostgresResultBackend(ResultBackend):
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + _SWEEP_EVERY_S
             self._pg.run(lambda conn: conn.execute(self._sql["sweep"]))
+
+    def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any,
+                           deliveries: Sequence[Any]) -> bool:
+        """Store ``statuses`` and ack ``deliveries`` in one transaction (one statement, one durable
+        commit) when ``broker`` is a ``PostgresBroker`` on this database; returns True.  Otherwise
+        does nothing and returns False: the caller stores, then acks."""
+        from ..brokers.postgres import PostgresBroker
+        if not isinstance(broker, PostgresBroker) or broker._pg.identity != self._pg.identity:
+            return False
+        latest = {s.id: s for s in statuses}
+        ids = list(latest)
+        terminal = [i for i, s in latest.items() if s.is_terminal]
+        sql = self._store_and_ack_sql.get(broker.schema)
+        if sql is None:
+            sql = self._store_and_ack_sql[broker.schema] = _store_sql(
+                quote_schema(self.schema), f"{quote_schema(broker.schema)}.stem_jobs")
+        params = (self.result_expires, ids, [latest[i].state.value for i in ids],
+                  [encode_status(latest[i]) for i in ids], [d.receipt for d in deliveries], self.channel,
+                  _payloads(terminal))
+        self._pg.run(lambda conn: conn.execute(sql, params))
+        return True
 
     def get(self, task_id: str) -> TaskStatus | None:
         row = self._fast.run(lambda conn: conn.execute(self._sql["get"], (task_id,), binary=True).fetchone())

@@ -65,18 +65,38 @@ class SqliteResultBackend(ResultBackend):
     def store_many(self, statuses: Sequence[TaskStatus]) -> None:
         if not statuses:
             return
+        with self._db.write() as conn:
+            self._store(conn, statuses)
+        self._db.wake.notify()
+
+    def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any,
+                           deliveries: Sequence[Any]) -> bool:
+        """Store ``statuses`` and ack ``deliveries`` in one transaction when ``broker`` is a
+        ``SqliteBroker`` on this file; returns True.  Otherwise does nothing and returns False:
+        the caller stores, then acks."""
+        from ..brokers.sqlite import SqliteBroker
+        if not isinstance(broker, SqliteBroker) or broker._db.path is None or broker._db.path != self._db.path:
+            return False
+        ids = [d.receipt for d in deliveries]
+        with self._db.write() as conn:
+            self._store(conn, statuses)
+            for i in range(0, len(ids), _CHUNK):
+                chunk = ids[i:i + _CHUNK]
+                conn.execute(f"DELETE FROM stem_messages WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        self._db.wake.notify()
+        return True
+
+    def _store(self, conn, statuses: Sequence[TaskStatus]) -> None:
         now = time.time()
         expires = now + self.result_expires
         rows = [(s.id, s.state.value, expires, encode_status(s)) for s in statuses]
-        with self._db.write() as conn:
-            conn.executemany("INSERT INTO stem_results (task_id, state, expires_at, data) VALUES (?, ?, ?, ?) "
-                             "ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, "
-                             "expires_at = excluded.expires_at, data = excluded.data", rows)
-            if time.monotonic() >= self._next_sweep:
-                self._next_sweep = time.monotonic() + _SWEEP_EVERY_S
-                for table in ("stem_results", "stem_heartbeats", "stem_revocations"):
-                    conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
-        self._db.wake.notify()
+        conn.executemany("INSERT INTO stem_results (task_id, state, expires_at, data) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, "
+                         "expires_at = excluded.expires_at, data = excluded.data", rows)
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + _SWEEP_EVERY_S
+            for table in ("stem_results", "stem_heartbeats", "stem_revocations"):
+                conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
 
     def get(self, task_id: str) -> TaskStatus | None:
         with self._db.connection() as conn:

@@ -249,6 +249,8 @@ class PgConnections:
         except self.psycopg.Error as e:
             raise ConfigurationError(f"bad PostgreSQL URL: {e}") from e
         self.label = f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+        self.identity = (info.get("host", "localhost"), str(info.get("port", 5432)), info.get("dbname", ""),
+                         info.get("user", ""))
 
     def _new_locks(self) -> None:
         self._lock = threading.Lock()
