@@ -251,9 +251,9 @@ def print_table(result: dict[str, Any]) -> None:
     c = result["config"]
     t = Table(title=f"Live end to end: {c['tasks']:,} no-op tasks with one Redis INCR, {c['concurrency']} worker "
                     f"processes, {c['cpus']} CPUs, median of {c['repeat']} run(s)", title_justify="left")
-    for col in ("system", "tasks/s", "runs", "steady", "worker CPU µs/task", "producer µs/task", "redis µs/task",
-                "stem / it (tasks/s)", "its CPU / stem's", "settings"):
-        t.add_column(col, justify="left" if col in ("system", "settings", "runs") else "right")
+    for col in ("system", "tasks/s", "each run", "steady", "worker CPU µs/task", "producer µs/task",
+                "redis µs/task", "stem's tasks/s / its", "its CPU / stem's"):
+        t.add_column(col, justify="left" if col in ("system", "each run") else "right")
 
     def f(v, d=0):
         return "-" if v is None else f"{v:,.{d}f}"
@@ -262,10 +262,14 @@ def print_table(result: dict[str, Any]) -> None:
         t.add_row(row["system"], f(row["per_s"]), " ".join(f"{x:,.0f}" for x in row["per_s_runs"]) or "-",
                   f(row["steady_per_s"]), f(row["worker_cpu_us"]), f(row["producer_cpu_us"]), f(row["redis_cpu_us"]),
                   "-" if row["stem_speedup"] is None else f"{row['stem_speedup']:.2f}x",
-                  "-" if row["cpu_vs_stem"] is None else f"{row['cpu_vs_stem']:.2f}x",
-                  (row["settings"] or "") + (f"  ERRORS: {row['errors']}" if row["errors"] else "")
-                  + (f"  ({row['extra_runs']} extra runs)" if row["extra_runs"] else ""))
-    Console(width=max(Console().width, 200)).print(t)
+                  "-" if row["cpu_vs_stem"] is None else f"{row['cpu_vs_stem']:.2f}x")
+    console = Console(width=max(Console().width, 140))
+    console.print(t)
+    for row in result["summary"]:
+        console.print(f"  {row['system']}: {row['settings'] or '-'}"
+                      + (f"  ERRORS: {row['errors']}" if row["errors"] else "")
+                      + (f"  ({row['extra_runs']} tasks ran more than once)" if row["extra_runs"] else ""),
+                      highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,8 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="host and port; each system uses its own db")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--show", metavar="JSON", help="print the table of a result saved with --json")
     p.add_argument("--drive", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
+    if ns.show:
+        with open(ns.show) as f:
+            print_table(json.load(f))
+        return 0
     if ns.drive:
         res = drive(ns.drive, ns.redis_url, ns.tasks, ns.concurrency, ns.warmup, ns.timeout)
         print(json.dumps(res))
