@@ -260,8 +260,12 @@ cdef class Ring:
     cdef inline void _publish_tail(self, uint64_t tail) noexcept:
         stem_store_release_u64(self._tail, tail)
         stem_fence_seq_cst()
+        cdef int fd
         if stem_load_relaxed_u32(self._reader_waiting) and stem_exchange_u32(self._reader_waiting, 0):
-            stem_ring_bell(self._reader_bell)
+            # Waking the peer can get this thread preempted inside write(): never while holding the GIL.
+            fd = self._reader_bell
+            with nogil:
+                stem_ring_bell(fd)
 
     def send(self, frame):
         """Write one frame; False (and nothing written) if it does not fit now."""
@@ -321,8 +325,11 @@ cdef class Ring:
     cdef inline void _publish_head(self, uint64_t head) noexcept:
         stem_store_release_u64(self._head, head)
         stem_fence_seq_cst()
+        cdef int fd
         if stem_load_relaxed_u32(self._writer_waiting) and stem_exchange_u32(self._writer_waiting, 0):
-            stem_ring_bell(self._writer_bell)
+            fd = self._writer_bell
+            with nogil:
+                stem_ring_bell(fd)
 
     def recv(self):
         """Return the next frame, or None when the ring is empty."""

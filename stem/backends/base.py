@@ -42,6 +42,12 @@ class ResultBackend(abc.ABC):
         for s in statuses:
             self.store(s)
 
+    def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> bool:
+        """Store ``statuses`` and ack ``deliveries`` together (one transaction or one
+        round trip) when ``broker`` lives in the same store; True if done.  The default
+        does nothing and returns False: the worker then stores, then acks."""
+        return False
+
     @abc.abstractmethod
     def get(self, task_id: str) -> TaskStatus | None:
         """The latest status, or None when unknown or expired."""

@@ -108,6 +108,45 @@ class RedisResultBackend(ResultBackend):
 
         self._call(send, "store")
 
+    def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> bool:
+        """Store ``statuses`` and ack ``deliveries`` in one round trip when ``broker`` is a
+        ``RedisBroker`` on this same server: one pipeline whose SETs come before the ack
+        scripts (Redis runs one connection's commands in order, so the ack never lands
+        without its result; a connection lost in between only redelivers).  Returns False,
+        doing nothing, otherwise."""
+        from ..brokers.redis import N_LANES, RedisBroker
+        if not isinstance(broker, RedisBroker) or broker._client.connection_pool is not self._client.connection_pool:
+            return False
+        px = _ms(self.result_expires)
+        commands = []
+        for st in statuses:
+            data = encode_status(st)
+            commands.append(("SET", self._status_key(st.id), data, "PX", px))
+            if st.is_terminal:
+                commands.append(("PUBLISH", self._channel(st.id), data))
+        by_queue: dict[str, list] = {}
+        for d in deliveries:
+            r = d.receipt
+            by_queue.setdefault(d.queue, []).extend((r.lane, r.entry_id))
+        script = broker._settle_script
+
+        def send():
+            for first in (True, False):
+                pipe = self._client.pipeline(transaction=False)
+                for c in commands:
+                    pipe.execute_command(*c)
+                for queue, pairs in by_queue.items():
+                    pipe.evalsha(script.sha, N_LANES + 3, *broker.queue_keys(queue), "ack", *pairs)
+                try:
+                    return pipe.execute()
+                except redis.exceptions.NoScriptError:  # Redis restarted: load, then run again (SETs repeat)
+                    if not first:
+                        raise
+                    self._client.script_load(script.script)
+
+        self._call(send, "store+ack")
+        return True
+
     def get(self, task_id: str) -> TaskStatus | None:
         data = self._call(lambda: self._client.get(self._status_key(task_id)), "get")
         return None if data is None else decode_status(data)

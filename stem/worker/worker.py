@@ -44,6 +44,8 @@ _SETTLE_BATCH = 512
 FETCH_BLOCK_SECONDS = 0.25
 # A heartbeat outlives a few missed beats even when the interval is short (busy machines).
 HEARTBEAT_MIN_TTL = 5.0
+# How often the fetcher re-reads the backend's persistent revocations.
+REVOKE_REFRESH = 1.0
 # Failures that another attempt cannot fix.
 _NOT_RETRYABLE = frozenset({"result-not-encodable", "poison", "decode-error", "unknown-task"})
 
@@ -149,6 +151,9 @@ class Worker:
         self._fetcher_waiting = False
         self._fetch_generation = 0
         self._control = None
+        self._combined_settle = self.store_results
+        self._revoked_cache: set[str] = set()
+        self._revoked_checked = 0.0
         self._revoked: set[str] = set()
         self._thread: threading.Thread | None = None
         self._fetcher: threading.Thread | None = None
@@ -332,12 +337,7 @@ class Worker:
         jobs: list[Job] = []
         with self._lock:
             revoked_local = set(self._revoked)
-        revoked = set()
-        if self.backend is not None:
-            try:
-                revoked = self.backend.revoked([d.task_id for d in deliveries])
-            except StemError as exc:
-                log.warning("could not read revocations (%s); running the batch", exc)
+        revoked = self._revocations()
         for d in deliveries:
             self._counters["received"] += 1
             try:
@@ -371,6 +371,19 @@ class Worker:
             jobs.append(job)
         for job in jobs:
             self._engine.submit(job)
+
+    def _revocations(self) -> set[str]:
+        """Persistent revocations, re-read at most every REVOKE_REFRESH seconds (the control
+        plane's revoke reaches a running worker at once; this covers producers' revokes and
+        workers started later, without a round trip per batch)."""
+        now = time.monotonic()
+        if self.backend is not None and now - self._revoked_checked >= REVOKE_REFRESH:
+            try:
+                self._revoked_cache = self.backend.revoked()
+                self._revoked_checked = now
+            except StemError as exc:
+                log.warning("could not read revocations (%s); using the last known set", exc)
+        return self._revoked_cache
 
     def _dead_unrun(self, d: Delivery, reason: str, error: str, env=None) -> None:
         log.warning("task %s dead-lettered: %s (%s)", d.task_id, reason, error)
@@ -465,10 +478,13 @@ class Worker:
                 acks.append(job)
             else:
                 later.append((job, out))
-        if statuses:
-            self._store(statuses)
+        deliveries = [j.delivery for j in acks]
+        if not (statuses and self._combined_settle and self._store_and_ack(statuses, deliveries)):
+            if statuses:
+                self._store(statuses)
+            if deliveries:
+                self._broker_call(self.broker.ack, deliveries)
         if acks:
-            self._broker_call(self.broker.ack, [j.delivery for j in acks])
             self._forget(acks)
             if signals.task_succeeded.receivers or signals.task_postrun.receivers:
                 outs = {id(j): o for j, o in batch}
@@ -537,6 +553,22 @@ class Worker:
                 self._jobs.pop(j.seq, None)
             if self._fetcher_waiting:  # wake the fetcher only when it waits for room
                 self._lock.notify_all()
+
+    def _store_and_ack(self, statuses: list[TaskStatus], deliveries: list[Delivery]) -> bool:
+        """One round trip for results and acks where broker and backend share a store."""
+        delay = 0.05
+        while True:
+            try:
+                done = self.backend.store_many_and_ack(statuses, self.broker, deliveries)
+                if not done:
+                    self._combined_settle = False  # not the same store: never ask again
+                return done
+            except StemError as exc:
+                if self._stop_mode is ShutdownMode.HARD:
+                    raise
+                log.error("could not store %d results (%s); retrying", len(statuses), exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def _store(self, statuses: list[TaskStatus]) -> None:
         """Results must be durable before the ack: retry until stored or shutting down hard."""
