@@ -1,5 +1,7 @@
 """Lifecycle signals: hooks that observe publishing, workers and tasks.
 
+Receivers are called ``receiver(sender, **kwargs)``; accept ``**kwargs`` so a
+signal that gains an argument in a later version does not break you.
 Receivers are strong references (a receiver connected from a closure stays
 connected).  A receiver that raises is logged and never breaks the task or the
 worker.  Sending a signal nobody listens to costs one attribute check, so the
@@ -73,7 +75,7 @@ class StemSignals:
         self.worker_child_shutdown = s("worker_child_shutdown", "worker, pid, reason, exitcode")
         self.task_received = s("task_received", "envelope, delivery")
         self.task_prerun = s("task_prerun", "envelope, context")
-        self.task_postrun = s("task_postrun", "envelope, status")
+        self.task_postrun = s("task_postrun", "envelope, status, started_at, finished_at")
         self.task_retry = s("task_retry", "envelope, error, delay")
         self.task_succeeded = s("task_succeeded", "envelope, result, runtime")
         self.task_failed = s("task_failed", "envelope, error, reason")

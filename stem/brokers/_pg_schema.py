@@ -64,7 +64,7 @@ from ..errors import ConfigurationError, StemError
 __all__ = ["import_psycopg", "parse_postgres_url", "PgConnections", "Listener", "migrate", "SCHEMA_VERSION",
            "NOW", "FAST", "DURABLE"]
 
-log = logging.getLogger("stem.postgres")
+log = logging.getLogger("stem.broker.postgres")
 T = TypeVar("T")
 
 SCHEMA_VERSION = 1

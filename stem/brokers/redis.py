@@ -55,6 +55,7 @@ raises ``BrokerConnectionError``.
 from __future__ import annotations
 
 import os
+import logging
 import random
 import re
 import socket
@@ -76,6 +77,8 @@ except ImportError as exc:  # pragma: no cover - redis is a core dependency
     raise ImportError("RedisBroker needs redis-py: pip install 'redis[hiredis]'") from exc
 
 __all__ = ["RedisBroker", "shared_client", "release_client", "validate_namespace", "call_with_retry"]
+
+log = logging.getLogger("stem.broker.redis")
 
 N_LANES = 10
 _MAX_BLOCK_S = 1.0          # longest single XREAD BLOCK; bounds the latency of delayed/nacked messages
@@ -155,6 +158,7 @@ def call_with_retry(fn: Callable[[], _T], attempts: int, what: str,
         try:
             return fn()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.debug("Redis %s failed (%s); attempt %d of %d", what, exc, attempt + 1, attempts)
             if attempt == attempts - 1:
                 raise connection_error(
                     f"Redis unreachable during {what} after {attempts} attempts: {exc}") from exc

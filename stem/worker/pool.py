@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ProcessEngine", "PoolState", "ChildState"]
 
-log = logging.getLogger("stem.worker")
+log = logging.getLogger("stem.worker.pool")
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode

@@ -37,7 +37,7 @@ from .ring import ChannelHandle
 
 __all__ = ["Zygote"]
 
-log = logging.getLogger("stem.worker")
+log = logging.getLogger("stem.worker.zygote")
 _MAX_MSG = 1 << 16
 
 
