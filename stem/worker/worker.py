@@ -23,16 +23,16 @@ from ..backends import ResultBackend
 from ..backends import from_url as backend_from_url
 from ..brokers import Broker, Delivery
 from ..brokers import from_url as broker_from_url
-from ..envelope import decode_frame, with_delivery
-from ..errors import (BrokerError, ConfigurationError, DecodeError, SignatureError, SoftTimeLimitExceeded,
+from ..envelope import decode_frame
+from ..errors import (ConfigurationError, DecodeError, SignatureError, SoftTimeLimitExceeded,
                       StemError, UnknownTaskError, WorkerShutdown)
 from ..results import TaskState, TaskStatus
 from ..retry import ExponentialJitterRetryStrategy, RetryStrategy
 from ..signals import signals
-from ..task import TaskContext, TaskOptions, TaskRegistry
+from ..task import TaskContext, TaskRegistry
 from ..brokers.base import validate_queue_name
 from .engine import Engine, Job
-from .execution import ERROR, OK, RETRY, Outcome
+from .execution import ERROR, Outcome
 from .lifecycle import ShutdownMode, WorkerLifecycleConfig, install_signal_handlers
 
 __all__ = ["Worker", "load_registry"]
@@ -46,8 +46,6 @@ FETCH_BLOCK_SECONDS = 0.25
 HEARTBEAT_MIN_TTL = 5.0
 # How often the fetcher re-reads the backend's persistent revocations.
 REVOKE_REFRESH = 1.0
-# Failures that another attempt cannot fix.
-_NOT_RETRYABLE = frozenset({"result-not-encodable", "poison", "decode-error", "unknown-task"})
 
 
 def load_registry(path: str) -> TaskRegistry:
@@ -163,6 +161,8 @@ class Worker:
         self._stem = None
         self._error: BaseException | None = None
         self._runtime = _Runtime(self)
+        from .settle import Settler
+        self._settler = Settler(self)
 
     # -- engine -------------------------------------------------------------------
     def _make_engine(self) -> Engine:
@@ -314,7 +314,7 @@ class Worker:
                 self._lock.notify_all()
             if paused and deliveries:  # paused while this consume was in flight: give them back
                 for d in [d for d in deliveries if d.queue in paused]:
-                    self._broker_call(self.broker.nack, d, requeue=True)
+                    self._settler.broker_call(self.broker.nack, d, requeue=True)
                 deliveries = [d for d in deliveries if d.queue not in paused]
             if deliveries:
                 self._accept(deliveries)
@@ -343,24 +343,24 @@ class Worker:
             try:
                 env = decode_frame(d.frame, self.signer)
             except SignatureError as exc:
-                self._dead_unrun(d, "signature-invalid", str(exc))
+                self._settler.dead_unrun(d, "signature-invalid", str(exc))
                 continue
             except DecodeError as exc:
-                self._dead_unrun(d, "decode-error", str(exc))
+                self._settler.dead_unrun(d, "decode-error", str(exc))
                 continue
             if env.id in revoked or env.id in revoked_local:
-                self._finish_unrun(d, env, TaskState.REVOKED, "revoked")
+                self._settler.finish_unrun(d, env, TaskState.REVOKED, "revoked")
                 continue
             if env.expires_at is not None and env.expires_at < now:
-                self._finish_unrun(d, env, TaskState.REVOKED, "expired")
+                self._settler.finish_unrun(d, env, TaskState.REVOKED, "expired")
                 continue
             try:
                 handler = self.registry.get(env.name)
             except UnknownTaskError as exc:
-                self._dead_unrun(d, "unknown-task", str(exc), env)
+                self._settler.dead_unrun(d, "unknown-task", str(exc), env)
                 continue
             if d.delivery_count > self.max_crash_redeliveries + 1 and self.isolation == "process":
-                self._dead_unrun(d, "poison", f"delivered {d.delivery_count} times without finishing", env)
+                self._settler.dead_unrun(d, "poison", f"delivered {d.delivery_count} times without finishing", env)
                 continue
             if signals.task_received.receivers:
                 signals.task_received.send(self, envelope=env, delivery=d)
@@ -385,27 +385,6 @@ class Worker:
                 log.warning("could not read revocations (%s); using the last known set", exc)
         return self._revoked_cache
 
-    def _dead_unrun(self, d: Delivery, reason: str, error: str, env=None) -> None:
-        log.warning("task %s dead-lettered: %s (%s)", d.task_id, reason, error)
-        if self.store_results:
-            self._store([TaskStatus(id=d.task_id, state=TaskState.DEAD, name=env.name if env else "",
-                                    queue=d.queue, attempt=env.attempt if env else 0, error=error, reason=reason,
-                                    finished_at=time.time(), worker=self.id)])
-        self._broker_call(self.broker.dead_letter, d, reason)
-        self._counters["dead_lettered"] += 1
-        if signals.task_dead_lettered.receivers:
-            signals.task_dead_lettered.send(self, task_id=d.task_id, queue=d.queue, reason=reason)
-
-    def _finish_unrun(self, d: Delivery, env, state: TaskState, reason: str) -> None:
-        if self.store_results:
-            self._store([TaskStatus(id=env.id, state=state, name=env.name, queue=env.queue, attempt=env.attempt,
-                                    reason=reason, meta=env.meta, finished_at=time.time(), worker=self.id)])
-        self._broker_call(self.broker.ack, [d])
-        self._counters["revoked"] += 1
-        if signals.task_revoked.receivers:
-            signals.task_revoked.send(self, envelope=env, reason=reason)
-
-    # -- settling ---------------------------------------------------------------------
     def _report(self, job: Job, outcome: Outcome) -> None:
         self._done.put((job, outcome))
 
@@ -417,7 +396,7 @@ class Worker:
         while True:
             batch = self._drain_done(0.0 if self._engine.poll(0.05) else 0.05)
             if batch:
-                self._settle(batch)
+                self._settler.settle(batch)
             now = time.monotonic()
             if now - last_housekeeping >= 0.1:
                 last_housekeeping = now
@@ -459,93 +438,6 @@ class Worker:
             pass
         return batch
 
-    def _settle(self, batch: list[tuple[Job, Outcome]]) -> None:
-        now = time.time()
-        statuses: list[TaskStatus] = []
-        acks: list[Job] = []
-        later: list[tuple[Job, Outcome]] = []
-        for job, out in batch:
-            if job.settled:
-                continue
-            env = job.envelope
-            if out.kind == OK:
-                self._counters["succeeded"] += 1
-                if self.store_results:
-                    statuses.append(TaskStatus(id=env.id, state=TaskState.SUCCEEDED, name=env.name, queue=env.queue,
-                                               attempt=env.attempt, result=out.result, meta=env.meta,
-                                               started_at=out.started_at, finished_at=out.finished_at,
-                                               updated_at=now, worker=self.id))
-                acks.append(job)
-            else:
-                later.append((job, out))
-        deliveries = [j.delivery for j in acks]
-        if not (statuses and self._combined_settle and self._store_and_ack(statuses, deliveries)):
-            if statuses:
-                self._store(statuses)
-            if deliveries:
-                self._broker_call(self.broker.ack, deliveries)
-        if acks:
-            self._forget(acks)
-            if signals.task_succeeded.receivers or signals.task_postrun.receivers:
-                outs = {id(j): o for j, o in batch}
-                for j in acks:
-                    o = outs[id(j)]
-                    signals.task_succeeded.send(self, envelope=j.envelope, result=o.result,
-                                                runtime=o.finished_at - o.started_at)
-                    signals.task_postrun.send(self, envelope=j.envelope, status=TaskState.SUCCEEDED,
-                                              started_at=o.started_at, finished_at=o.finished_at)
-        for job, out in later:
-            self._settle_failure(job, out)
-        self._counters["processed"] += len(acks) + len(later)
-
-    def _settle_failure(self, job: Job, out: Outcome) -> None:
-        env = job.envelope
-        retryable = out.reason not in _NOT_RETRYABLE
-        if out.reason == "revoked":  # revoke --terminate stopped it
-            if self.store_results:
-                self._store([TaskStatus(id=env.id, state=TaskState.REVOKED, name=env.name, queue=env.queue,
-                                        attempt=env.attempt, reason="revoked", error=out.error, meta=env.meta,
-                                        started_at=out.started_at, finished_at=out.finished_at, worker=self.id)])
-            self._broker_call(self.broker.ack, [job.delivery])
-            self._counters["revoked"] += 1
-            if signals.task_revoked.receivers:
-                signals.task_revoked.send(self, envelope=env, reason="revoked")
-            self._forget([job])
-            return
-        if out.reason == "shutdown":
-            # asked to stop by a soft shutdown: give it back, do not count an attempt
-            self._broker_call(self.broker.nack, job.delivery, requeue=True)
-            self._forget([job])
-            return
-        if retryable and env.attempt < env.max_retries:
-            delay = out.countdown if out.countdown is not None else self.retry_strategy.next_delay(env.attempt)
-            not_before = time.time() + max(0.0, delay)
-            frame = with_delivery(job.delivery.frame, attempt=env.attempt + 1, not_before=not_before)
-            if self.store_results:
-                self._store([TaskStatus(id=env.id, state=TaskState.RETRYING, name=env.name, queue=env.queue,
-                                        attempt=env.attempt, error=out.error, error_type=out.error_type,
-                                        reason=out.reason, traceback=out.traceback, meta=env.meta,
-                                        started_at=out.started_at, finished_at=out.finished_at, worker=self.id)])
-            self._broker_call(self.broker.retry, job.delivery, frame, not_before)
-            self._counters["retried"] += 1
-            if signals.task_retry.receivers:
-                signals.task_retry.send(self, envelope=env, error=out.error, delay=delay)
-        else:
-            reason = out.reason or "error"
-            if self.store_results:
-                self._store([TaskStatus(id=env.id, state=TaskState.FAILED, name=env.name, queue=env.queue,
-                                        attempt=env.attempt, error=out.error, error_type=out.error_type,
-                                        reason=reason, traceback=out.traceback, meta=env.meta,
-                                        started_at=out.started_at, finished_at=out.finished_at, worker=self.id)])
-            self._broker_call(self.broker.dead_letter, job.delivery, reason)
-            self._counters["failed"] += 1
-            if signals.task_failed.receivers:
-                signals.task_failed.send(self, envelope=env, error=out.error, reason=reason)
-        if signals.task_postrun.receivers:
-            signals.task_postrun.send(self, envelope=env, status=TaskState.FAILED, started_at=out.started_at,
-                                      finished_at=out.finished_at)
-        self._forget([job])
-
     def _forget(self, jobs: list[Job]) -> None:
         with self._lock:
             for j in jobs:
@@ -554,51 +446,6 @@ class Worker:
             if self._fetcher_waiting:  # wake the fetcher only when it waits for room
                 self._lock.notify_all()
 
-    def _store_and_ack(self, statuses: list[TaskStatus], deliveries: list[Delivery]) -> bool:
-        """One round trip for results and acks where broker and backend share a store."""
-        delay = 0.05
-        while True:
-            try:
-                done = self.backend.store_many_and_ack(statuses, self.broker, deliveries)
-                if not done:
-                    self._combined_settle = False  # not the same store: never ask again
-                return done
-            except StemError as exc:
-                if self._stop_mode is ShutdownMode.HARD:
-                    raise
-                log.error("could not store %d results (%s); retrying", len(statuses), exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    def _store(self, statuses: list[TaskStatus]) -> None:
-        """Results must be durable before the ack: retry until stored or shutting down hard."""
-        delay = 0.05
-        while True:
-            try:
-                self.backend.store_many(statuses)
-                return
-            except StemError as exc:
-                if self._stop_mode is ShutdownMode.HARD:
-                    raise
-                log.error("could not store %d results (%s); retrying", len(statuses), exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    def _broker_call(self, fn, *args, **kwargs) -> None:
-        delay = 0.05
-        for _ in range(50):
-            try:
-                fn(*args, **kwargs)
-                return
-            except BrokerError as exc:
-                if self._stop_mode is ShutdownMode.HARD:
-                    break
-                log.error("broker call %s failed (%s); retrying", getattr(fn, "__name__", fn), exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        log.error("giving up on %s; the delivery will be redelivered after its lease", fn)
-
-    # -- housekeeping ---------------------------------------------------------------
     def _enforce_time_limits(self, now: float) -> None:
         for job in self._engine.running():
             if job.hard_deadline is not None and now >= job.hard_deadline and not job.settled:
@@ -641,7 +488,7 @@ class Worker:
         meta = dict(env.meta) if env else {}
         if data is not None:
             meta["progress_data"] = data
-        self._store([TaskStatus(id=task_id, state=TaskState.RUNNING, name=env.name if env else "",
+        self._settler.store([TaskStatus(id=task_id, state=TaskState.RUNNING, name=env.name if env else "",
                                 queue=env.queue if env else "", attempt=env.attempt if env else 0,
                                 meta=meta, progress=fraction, started_at=job.started_at if job else None,
                                 worker=self.id)])
@@ -717,7 +564,7 @@ class Worker:
         self.revoke_local(ids)
         reserved = self._engine.take_backlog(lambda job: job.envelope.id in ids)
         for job in reserved:
-            self._finish_unrun(job.delivery, job.envelope, TaskState.REVOKED, "revoked")
+            self._settler.finish_unrun(job.delivery, job.envelope, TaskState.REVOKED, "revoked")
         self._forget(reserved)
         terminated = []
         if terminate:
@@ -756,7 +603,7 @@ class Worker:
     def _requeue(self, jobs: list[Job]) -> None:
         for job in jobs:
             if not job.settled:
-                self._broker_call(self.broker.nack, job.delivery, requeue=True)
+                self._settler.broker_call(self.broker.nack, job.delivery, requeue=True)
         self._forget(jobs)
 
     def _hard_stop(self) -> None:
@@ -770,7 +617,7 @@ class Worker:
     def _settled_all(self) -> bool:
         batch = self._drain_done(0.0)
         if batch:
-            self._settle(batch)
+            self._settler.settle(batch)
         with self._lock:
             return not self._jobs
 

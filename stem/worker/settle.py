@@ -1,0 +1,193 @@
+"""Settling: turning each outcome into durable state, in the order at-least-once needs.
+
+Results are stored before the delivery is acked (in one round trip where
+broker and backend share a store); a retry (new frame with attempt + 1 and
+``not_before``) and its ack are one broker call, and so is dead-lettering.
+Failures of the store or the broker are retried with backoff, so a settled
+task is never forgotten while the process lives; if the process dies in
+between, the delivery comes back after its lease (a duplicate, never a loss).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ..brokers import Delivery
+from ..envelope import with_delivery
+from ..errors import BrokerError, StemError
+from ..results import TaskState, TaskStatus
+from ..signals import signals
+from .engine import Job
+from .execution import OK, Outcome
+from .lifecycle import ShutdownMode
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+__all__ = ["Settler"]
+
+log = logging.getLogger("stem.worker")
+
+# Failures that another attempt cannot fix.
+NOT_RETRYABLE = frozenset({"result-not-encodable", "poison", "decode-error", "unknown-task"})
+
+
+class Settler:
+    def __init__(self, worker: "Worker"):
+        self.w = worker
+
+    def dead_unrun(self, d: Delivery, reason: str, error: str, env=None) -> None:
+        log.warning("task %s dead-lettered: %s (%s)", d.task_id, reason, error)
+        if self.w.store_results:
+            self.store([TaskStatus(id=d.task_id, state=TaskState.DEAD, name=env.name if env else "",
+                                   queue=d.queue, attempt=env.attempt if env else 0, error=error, reason=reason,
+                                   finished_at=time.time(), worker=self.w.id)])
+        self.broker_call(self.w.broker.dead_letter, d, reason)
+        self.w._counters["dead_lettered"] += 1
+        if signals.task_dead_lettered.receivers:
+            signals.task_dead_lettered.send(self.w, task_id=d.task_id, queue=d.queue, reason=reason)
+
+    def finish_unrun(self, d: Delivery, env, state: TaskState, reason: str) -> None:
+        if self.w.store_results:
+            self.store([TaskStatus(id=env.id, state=state, name=env.name, queue=env.queue, attempt=env.attempt,
+                                   reason=reason, meta=env.meta, finished_at=time.time(), worker=self.w.id)])
+        self.broker_call(self.w.broker.ack, [d])
+        self.w._counters["revoked"] += 1
+        if signals.task_revoked.receivers:
+            signals.task_revoked.send(self.w, envelope=env, reason=reason)
+
+    # -- settling ---------------------------------------------------------------------
+    def settle(self, batch: list[tuple[Job, Outcome]]) -> None:
+        now = time.time()
+        statuses: list[TaskStatus] = []
+        acks: list[Job] = []
+        later: list[tuple[Job, Outcome]] = []
+        for job, out in batch:
+            if job.settled:
+                continue
+            env = job.envelope
+            if out.kind == OK:
+                self.w._counters["succeeded"] += 1
+                if self.w.store_results:
+                    statuses.append(TaskStatus(id=env.id, state=TaskState.SUCCEEDED, name=env.name, queue=env.queue,
+                                               attempt=env.attempt, result=out.result, meta=env.meta,
+                                               started_at=out.started_at, finished_at=out.finished_at,
+                                               updated_at=now, worker=self.w.id))
+                acks.append(job)
+            else:
+                later.append((job, out))
+        deliveries = [j.delivery for j in acks]
+        if not (statuses and self.w._combined_settle and self.store_and_ack(statuses, deliveries)):
+            if statuses:
+                self.store(statuses)
+            if deliveries:
+                self.broker_call(self.w.broker.ack, deliveries)
+        if acks:
+            self.w._forget(acks)
+            if signals.task_succeeded.receivers or signals.task_postrun.receivers:
+                outs = {id(j): o for j, o in batch}
+                for j in acks:
+                    o = outs[id(j)]
+                    signals.task_succeeded.send(self.w, envelope=j.envelope, result=o.result,
+                                                runtime=o.finished_at - o.started_at)
+                    signals.task_postrun.send(self.w, envelope=j.envelope, status=TaskState.SUCCEEDED,
+                                              started_at=o.started_at, finished_at=o.finished_at)
+        for job, out in later:
+            self.failure(job, out)
+        self.w._counters["processed"] += len(acks) + len(later)
+
+    def failure(self, job: Job, out: Outcome) -> None:
+        env = job.envelope
+        retryable = out.reason not in NOT_RETRYABLE
+        if out.reason == "revoked":  # revoke --terminate stopped it
+            if self.w.store_results:
+                self.store([TaskStatus(id=env.id, state=TaskState.REVOKED, name=env.name, queue=env.queue,
+                                       attempt=env.attempt, reason="revoked", error=out.error, meta=env.meta,
+                                       started_at=out.started_at, finished_at=out.finished_at, worker=self.w.id)])
+            self.broker_call(self.w.broker.ack, [job.delivery])
+            self.w._counters["revoked"] += 1
+            if signals.task_revoked.receivers:
+                signals.task_revoked.send(self.w, envelope=env, reason="revoked")
+            self.w._forget([job])
+            return
+        if out.reason == "shutdown":
+            # asked to stop by a soft shutdown: give it back, do not count an attempt
+            self.broker_call(self.w.broker.nack, job.delivery, requeue=True)
+            self.w._forget([job])
+            return
+        if retryable and env.attempt < env.max_retries:
+            delay = out.countdown if out.countdown is not None else self.w.retry_strategy.next_delay(env.attempt)
+            not_before = time.time() + max(0.0, delay)
+            frame = with_delivery(job.delivery.frame, attempt=env.attempt + 1, not_before=not_before)
+            if self.w.store_results:
+                self.store([TaskStatus(id=env.id, state=TaskState.RETRYING, name=env.name, queue=env.queue,
+                                       attempt=env.attempt, error=out.error, error_type=out.error_type,
+                                       reason=out.reason, traceback=out.traceback, meta=env.meta,
+                                       started_at=out.started_at, finished_at=out.finished_at, worker=self.w.id)])
+            self.broker_call(self.w.broker.retry, job.delivery, frame, not_before)
+            self.w._counters["retried"] += 1
+            if signals.task_retry.receivers:
+                signals.task_retry.send(self.w, envelope=env, error=out.error, delay=delay)
+        else:
+            reason = out.reason or "error"
+            if self.w.store_results:
+                self.store([TaskStatus(id=env.id, state=TaskState.FAILED, name=env.name, queue=env.queue,
+                                       attempt=env.attempt, error=out.error, error_type=out.error_type,
+                                       reason=reason, traceback=out.traceback, meta=env.meta,
+                                       started_at=out.started_at, finished_at=out.finished_at, worker=self.w.id)])
+            self.broker_call(self.w.broker.dead_letter, job.delivery, reason)
+            self.w._counters["failed"] += 1
+            if signals.task_failed.receivers:
+                signals.task_failed.send(self.w, envelope=env, error=out.error, reason=reason)
+        if signals.task_postrun.receivers:
+            signals.task_postrun.send(self.w, envelope=env, status=TaskState.FAILED, started_at=out.started_at,
+                                      finished_at=out.finished_at)
+        self.w._forget([job])
+
+    def store_and_ack(self, statuses: list[TaskStatus], deliveries: list[Delivery]) -> bool:
+        """One round trip for results and acks where broker and backend share a store."""
+        delay = 0.05
+        while True:
+            try:
+                done = self.w.backend.store_many_and_ack(statuses, self.w.broker, deliveries)
+                if not done:
+                    self.w._combined_settle = False  # not the same store: never ask again
+                return done
+            except StemError as exc:
+                if self.w._stop_mode is ShutdownMode.HARD:
+                    raise
+                log.error("could not store %d results (%s); retrying", len(statuses), exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def store(self, statuses: list[TaskStatus]) -> None:
+        """Results must be durable before the ack: retry until stored or shutting down hard."""
+        delay = 0.05
+        while True:
+            try:
+                self.w.backend.store_many(statuses)
+                return
+            except StemError as exc:
+                if self.w._stop_mode is ShutdownMode.HARD:
+                    raise
+                log.error("could not store %d results (%s); retrying", len(statuses), exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def broker_call(self, fn, *args, **kwargs) -> None:
+        delay = 0.05
+        for _ in range(50):
+            try:
+                fn(*args, **kwargs)
+                return
+            except BrokerError as exc:
+                if self.w._stop_mode is ShutdownMode.HARD:
+                    break
+                log.error("broker call %s failed (%s); retrying", getattr(fn, "__name__", fn), exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        log.error("giving up on %s; the delivery will be redelivered after its lease", fn)
+
+    # -- housekeeping ---------------------------------------------------------------
