@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..brokers import Delivery
 from ..envelope import with_delivery
-from ..errors import BrokerError, StemError
+from ..errors import StemError
 from ..results import TaskState, TaskStatus
 from ..signals import signals
 from .engine import Job
@@ -147,47 +147,43 @@ class Settler:
         self.w._forget([job])
 
     def store_and_ack(self, statuses: list[TaskStatus], deliveries: list[Delivery]) -> bool:
-        """One round trip for results and acks where broker and backend share a store."""
-        delay = 0.05
-        while True:
-            try:
-                done = self.w.backend.store_many_and_ack(statuses, self.w.broker, deliveries)
-                if not done:
-                    self.w._combined_settle = False  # not the same store: never ask again
-                return done
-            except StemError as exc:
-                if self.w._stop_mode is ShutdownMode.HARD:
-                    raise
-                log.error("could not store %d results (%s); retrying", len(statuses), exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        """One round trip for results and acks where broker and backend share a store;
+        False when they do not (then never asked again)."""
+        done = self.retrying(lambda: self.w.backend.store_many_and_ack(statuses, self.w.broker, deliveries),
+                             f"storing {len(statuses)} results with their acks")
+        if done is False:
+            self.w._combined_settle = False
+            return False
+        return True
 
     def store(self, statuses: list[TaskStatus]) -> None:
-        """Results must be durable before the ack: retry until stored or shutting down hard."""
-        delay = 0.05
-        while True:
-            try:
-                self.w.backend.store_many(statuses)
-                return
-            except StemError as exc:
-                if self.w._stop_mode is ShutdownMode.HARD:
-                    raise
-                log.error("could not store %d results (%s); retrying", len(statuses), exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        """Results must be durable before the ack: retried until stored (or a hard shutdown)."""
+        self.retrying(lambda: self.w.backend.store_many(statuses), f"storing {len(statuses)} results")
 
     def broker_call(self, fn, *args, **kwargs) -> None:
+        self.retrying(lambda: fn(*args, **kwargs), f"broker {getattr(fn, '__name__', fn)}")
+
+    def retrying(self, fn, what: str):
+        """Run ``fn`` until it succeeds, backing off; one error line per outage and one when it
+        recovers.  Under a hard shutdown it gives up (returns None): the delivery then comes
+        back after its lease, a duplicate at worst."""
         delay = 0.05
-        for _ in range(50):
+        failures = 0
+        while True:
             try:
-                fn(*args, **kwargs)
-                return
-            except BrokerError as exc:
+                result = fn()
+            except StemError as exc:
+                failures += 1
+                if failures == 1:
+                    log.error("%s failed (%s); retrying with backoff", what, exc)
+                else:
+                    log.debug("%s failed again (%s)", what, exc)
                 if self.w._stop_mode is ShutdownMode.HARD:
-                    break
-                log.error("broker call %s failed (%s); retrying", getattr(fn, "__name__", fn), exc)
+                    log.error("giving up on %s: hard shutdown; the delivery comes back after its lease", what)
+                    return None
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        log.error("giving up on %s; the delivery will be redelivered after its lease", fn)
-
-    # -- housekeeping ---------------------------------------------------------------
+            else:
+                if failures:
+                    log.warning("%s succeeded after %d failed attempts", what, failures)
+                return result
