@@ -42,7 +42,7 @@ class StemConfig:
     broker_url: str | None = None
     result_backend_url: str | None = None
     default_queue: str = "default"
-    prefetch_multiplier: int = 2
+    prefetch_multiplier: int = 4
     worker_queues: list[str] = dataclasses.field(default_factory=lambda: ["default"])
     worker_concurrency: int | None = None
     result_expires: float = 86400.0
@@ -88,7 +88,7 @@ class StemConfig:
             broker_url=env.get("STEM_BROKER_URL", "").strip() or None,
             result_backend_url=env.get("STEM_RESULT_BACKEND_URL", "").strip() or None,
             default_queue=default_queue,
-            prefetch_multiplier=_int(env, "STEM_PREFETCH_MULTIPLIER", 2),
+            prefetch_multiplier=_int(env, "STEM_PREFETCH_MULTIPLIER", 4),
             worker_queues=queues,
             worker_concurrency=_int(env, "STEM_WORKER_CONCURRENCY", None),
             result_expires=_float(env, "STEM_RESULT_EXPIRES", 86400.0),

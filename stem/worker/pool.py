@@ -49,6 +49,7 @@ CHANNEL_CAPACITY = 1 << 20
 STARTUP_TIMEOUT = 60.0
 MEMORY_CHECK_INTERVAL = 1.0
 MAX_STARTUP_FAILURES = 3
+EXIT_CHECK_INTERVAL = 0.05
 
 
 class PoolState(enum.Enum):
@@ -115,6 +116,7 @@ class ProcessEngine(Engine):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._startup_failures = 0
+        self._last_exit_check = 0.0
         self._replacements = 0
         self._replace_ms: deque[float] = deque(maxlen=64)
         self._error: str | None = None
@@ -306,9 +308,14 @@ class ProcessEngine(Engine):
         return True
 
     def _poll_once(self, timeout: float) -> None:
+        """Read every child with pending results; sleep on all doorbells only when none has any.
+
+        Exits are looked at when the zygote's socket or a sentinel said so, and at least
+        every EXIT_CHECK_INTERVAL while results keep flowing (then nobody sleeps in poll)."""
         with self._lock:
             children = [c for c in self._children.values() if c.state is not ChildState.DEAD]
         ready = [c for c in children if c.channel.pending_bytes()]
+        exit_hint = False
         if not ready:
             poller = select.poll()
             armed = []
@@ -319,26 +326,31 @@ class ProcessEngine(Engine):
                 armed.append(c)
                 poller.register(c.channel.fileno(), select.POLLIN)
             if not ready:
+                others = {}
                 if self._wake_r >= 0:
-                    poller.register(self._wake_r, select.POLLIN)
+                    others[self._wake_r] = "wake"
                 if self._zygote is not None and self._zygote.sock is not None:
-                    poller.register(self._zygote.fileno(), select.POLLIN)
+                    others[self._zygote.fileno()] = "exit"
                 for c in children:
                     if c.process is not None:
-                        poller.register(c.process.sentinel, select.POLLIN)
-                poller.poll(max(0, int(timeout * 1000)))
+                        others[c.process.sentinel] = "exit"
+                for fd in others:
+                    poller.register(fd, select.POLLIN)
+                for fd, _ in poller.poll(max(0, int(timeout * 1000))):
+                    kind = others.get(fd)
+                    if kind == "wake":
+                        _drain_pipe(self._wake_r)
+                    elif kind == "exit":
+                        exit_hint = True
             for c in armed:
                 c.channel.disarm_doorbell()
-            if self._wake_r >= 0:
-                try:
-                    while os.read(self._wake_r, 4096):
-                        pass
-                except (BlockingIOError, OSError):
-                    pass
             ready = [c for c in children if c.channel.pending_bytes()]
         for c in ready:
             self._read(c)
-        self._collect_exits(children)
+        now = time.monotonic()
+        if exit_hint or now - self._last_exit_check >= EXIT_CHECK_INTERVAL:
+            self._last_exit_check = now
+            self._collect_exits(children)
 
     def _read(self, child: _Child) -> None:
         for raw in child.channel.recv_many(1024):
@@ -583,6 +595,14 @@ def _rss(pid: int) -> int:
         _rss_samples.clear()
     _rss_samples[pid] = (now, rss)
     return rss
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
 
 
 def _kill(pid: int) -> None:

@@ -84,7 +84,7 @@ class Worker:
 
     def __init__(self, broker: Broker | str, backend: ResultBackend | str | None = None,
                  registry: TaskRegistry | None = None, queues: Sequence[str] | None = None,
-                 concurrency: int | None = None, prefetch_multiplier: int = 2, signer: Any = None,
+                 concurrency: int | None = None, prefetch_multiplier: int = 4, signer: Any = None,
                  retry_strategy: RetryStrategy | None = None, lifecycle: WorkerLifecycleConfig | None = None,
                  *, isolation: str = "process", heartbeat_interval: float = 10.0, worker_id: str | None = None,
                  store_results: bool = True, max_crash_redeliveries: int = 3, start_method: str | None = None,
@@ -121,6 +121,8 @@ class Worker:
         self.concurrency = concurrency
         self.prefetch_multiplier = prefetch_multiplier
         self.prefetch_limit = concurrency * prefetch_multiplier
+        # the fetcher refills once this many slots are free (or at once when nothing is held)
+        self._refill_at = max(1, self.prefetch_limit // 2)
         self.signer = signer
         self.retry_strategy = retry_strategy or ExponentialJitterRetryStrategy(base=0.5, max=60.0)
         self.lifecycle = lifecycle or WorkerLifecycleConfig()
@@ -291,7 +293,7 @@ class Worker:
             with self._lock:
                 free = self.prefetch_limit - len(self._jobs)
                 queues = [q for q in self.queues if q not in self._paused]
-                if free <= 0 or not queues:
+                if free < (self._refill_at if self._jobs else 1) or not queues:
                     self._fetcher_waiting = True
                     self._lock.wait(0.5)
                     self._fetcher_waiting = False
@@ -443,7 +445,9 @@ class Worker:
             for j in jobs:
                 j.settled = True
                 self._jobs.pop(j.seq, None)
-            if self._fetcher_waiting:  # wake the fetcher only when it waits for room
+            # Wake a waiting fetcher only once a batch worth of room is free: waking another
+            # thread of this process for every settled task costs more than the task.
+            if self._fetcher_waiting and self.prefetch_limit - len(self._jobs) >= self._refill_at:
                 self._lock.notify_all()
 
     def _enforce_time_limits(self, now: float) -> None:
@@ -587,6 +591,7 @@ class Worker:
                 self._engine.resize(delta)
                 self.concurrency = new
                 self.prefetch_limit = new * self.prefetch_multiplier
+                self._refill_at = max(1, self.prefetch_limit // 2)
                 self._lock.notify_all()
             return self.concurrency
 
