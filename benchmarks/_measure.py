@@ -18,7 +18,21 @@ from typing import Iterable, Sequence
 
 import psutil
 
-__all__ = ["TreeMeter", "cpu_seconds", "redis_server_pid", "redis_benchmark", "steady_rate", "median"]
+__all__ = ["source_revision", "TreeMeter", "cpu_seconds", "redis_server_pid", "redis_benchmark", "steady_rate", "median"]
+
+
+def source_revision() -> str | None:
+    """The checkout's commit, with "+dirty" when stem/ or _speedups/ have uncommitted changes."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "stem", "_speedups"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def cpu_seconds(proc: psutil.Process) -> float:

@@ -56,7 +56,7 @@ import psutil
 import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import TreeMeter, redis_benchmark, redis_server_pid, steady_rate  # noqa: E402
+from _measure import TreeMeter, redis_benchmark, redis_server_pid, source_revision, steady_rate  # noqa: E402
 
 import stem  # noqa: E402
 from stem import PayloadSigner, Stem, TaskOptions, TaskRegistry, Worker, WorkerLifecycleConfig  # noqa: E402
@@ -355,7 +355,7 @@ def run(cfg: Config) -> dict[str, Any]:
     progress = _Progress(cfg.progress)
     res: dict[str, Any] = {"config": dataclasses.asdict(cfg), "run_id": run_id, "stem": stem.__version__
                            if hasattr(stem, "__version__") else None,
-                           "implementation": getattr(stem, "IMPLEMENTATION", None),
+                           "implementation": getattr(stem, "IMPLEMENTATION", None), "revision": source_revision(),
                            "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}}
     handle = _WorkerHandle(cfg, run_id, broker, backend)
     expected = 0
@@ -390,6 +390,8 @@ def run(cfg: Config) -> dict[str, Any]:
             "supervisor_rss_max": max(s[1] for s in rss_samples),
             "children_rss_start": rss_samples[0][2], "children_rss_end": rss_samples[-1][2],
             "children_rss_max": max((max(s[2]) for s in rss_samples if s[2]), default=0),
+            # supervisor RSS at 0%, 10%, ..., 100% of the run's samples (every 0.5 s): flat or growing?
+            "supervisor_rss_timeline": [rss_samples[round(i * (len(rss_samples) - 1) / 10)][1] for i in range(11)],
             "note": ("in-process worker: the supervisor RSS includes the producer and the queue"
                      if handle.in_process else "worker process tree (supervisor, zygote, children)"),
         }
@@ -612,6 +614,8 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str]]:
         out += [("supervisor RSS start / end / max (MiB)",
                  f"{m['supervisor_rss_start'] / mb:.1f} / {m['supervisor_rss_end'] / mb:.1f} / "
                  f"{m['supervisor_rss_max'] / mb:.1f}"),
+                ("supervisor RSS at 0, 10, ..., 100% of the run (MiB)",
+                 " ".join(f"{x / mb:.1f}" for x in m.get("supervisor_rss_timeline", []))),
                 ("children RSS at end (MiB)", ", ".join(f"{x / mb:.1f}" for x in m["children_rss_end"]) or "-")]
     if c:
         detail = (f"{c.get('distinct_ids')} ids, {c.get('missing')} missing, {c.get('ran_twice')} twice"
@@ -624,9 +628,11 @@ def print_table(res: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
     cfg = res["config"]
-    title = (f"stem e2e: {cfg['tasks']:,} x bench.{cfg['task']}, payload {cfg['payload']}, broker {cfg['broker']}, "
+    runs = res.get("runs")
+    title = (f"{'median of %d runs: ' % runs if isinstance(runs, int) else ''}stem e2e: {cfg['tasks']:,} x bench.{cfg['task']}, payload {cfg['payload']}, broker {cfg['broker']}, "
              f"{cfg['isolation']} x{cfg['concurrency']}, signing {'on' if cfg['signing'] else 'off'}, "
-             f"results {'stored' if cfg['results'] else 'off'}, impl {res.get('implementation')}")
+             f"results {'stored' if cfg['results'] else 'off'}, impl {res.get('implementation')}, "
+             f"rev {res.get('revision')}")
     table = Table(title=title, title_justify="left")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -679,6 +685,7 @@ def _median_result(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Field-wise median of the numeric figures of several runs."""
     import statistics
     med: dict[str, Any] = {"config": results[0]["config"], "implementation": results[0].get("implementation"),
+                           "revision": results[0].get("revision"),
                            "runs": len(results)}
     for section in ("enqueue", "drain", "live", "memory"):
         if section not in results[0]:

@@ -219,8 +219,9 @@ def run(systems: list[str], *, base_url: str, tasks: int, concurrency: int, warm
     finally:
         if bar is not None:
             bar.stop()
+    from _measure import source_revision
     return {"config": {"tasks": tasks, "concurrency": concurrency, "warmup": warmup, "repeat": repeat,
-                       "redis_url": base_url, "cpus": os.cpu_count()},
+                       "redis_url": base_url, "cpus": os.cpu_count(), "stem_revision": source_revision()},
             "runs": runs, "summary": summarize(systems, runs)}
 
 
@@ -250,7 +251,8 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
     c = result["config"]
     t = Table(title=f"Live end to end: {c['tasks']:,} no-op tasks with one Redis INCR, {c['concurrency']} worker "
-                    f"processes, {c['cpus']} CPUs, median of {c['repeat']} run(s)", title_justify="left")
+                    f"processes, {c['cpus']} CPUs, median of {c['repeat']} run(s), stem rev {c.get('stem_revision')}",
+              title_justify="left")
     for col in ("system", "tasks/s", "each run", "steady", "worker CPU µs/task", "producer µs/task",
                 "redis µs/task", "stem's tasks/s / its", "its CPU / stem's"):
         t.add_column(col, justify="left" if col in ("system", "each run") else "right")
