@@ -398,11 +398,13 @@ def run(cfg: Config) -> dict[str, Any]:
         res["worker_final"] = handle.final
         res["check"] = _check(cfg, r, side_key, expected, handle)
     finally:
-        progress.close()
-        handle.stop()
-        producer.close()
-        _cleanup(cfg, run_id, r, broker, backend)
-        r.close()
+        try:
+            progress.close()
+            handle.stop()
+            producer.close()
+        finally:   # whatever failed above, the run's keys / file / schema go
+            _cleanup(cfg, run_id, r, broker, backend)
+            r.close()
     res["machine"]["load_avg_end"] = os.getloadavg()
     return res
 
