@@ -138,7 +138,7 @@ def make_registry(side_url: str, side_key: str) -> TaskRegistry:
 
 # -- building the adapters -------------------------------------------------------------------------
 
-def _adapters(cfg: Config, run_id: str, *, create: bool) -> tuple[Any, Any]:
+def _adapters(cfg: Config, run_id: str) -> tuple[Any, Any]:
     """(broker, backend) for this run's namespace / file / schema."""
     if cfg.broker == "memory":
         from stem.backends import InMemoryResultBackend
@@ -182,7 +182,7 @@ def _side_key(run_id: str) -> str:
 def _worker_process(cfg: Config, run_id: str) -> int:
     """``e2e.py --worker-process``: run a worker; report ``processed`` on stdout every 20 ms;
     stop on a line ``stop`` (or EOF) on stdin."""
-    broker, backend = _adapters(cfg, run_id, create=False)
+    broker, backend = _adapters(cfg, run_id)
     worker = _make_worker(cfg, run_id, broker, backend)
     out = sys.stdout
     stop = threading.Event()
@@ -350,7 +350,7 @@ def run(cfg: Config) -> dict[str, Any]:
     r = redis.Redis.from_url(cfg.redis_url)
     r.ping()
     redis_pid = redis_server_pid(r)
-    broker, backend = _adapters(cfg, run_id, create=True)
+    broker, backend = _adapters(cfg, run_id)
     producer = Stem(broker, backend if cfg.results else None, make_registry(cfg.redis_url, side_key), _signer(cfg))
     progress = _Progress(cfg.progress)
     res: dict[str, Any] = {"config": dataclasses.asdict(cfg), "run_id": run_id, "stem": stem.__version__
