@@ -152,6 +152,8 @@ class Worker:
         self._fetch_generation = 0
         self._control = None
         self._combined_settle = self.store_results
+        self._settle_thread: threading.Thread | None = None
+        self._settle_stop = threading.Event()
         self._revoked_cache: set[str] = set()
         self._revoked_checked = 0.0
         self._revoked: set[str] = set()
@@ -395,10 +397,21 @@ class Worker:
         last_heartbeat = time.monotonic()
         stop_started: float | None = None
         hard_started: float | None = None
+        settle_thread = None
+        if self._engine.poll(0.0):
+            # The engine turns on this thread; settling (a broker round trip) gets its own, so
+            # finished children get their next task while results are being stored, and
+            # outcomes pile up into bigger batches while one settle is in flight.
+            settle_thread = threading.Thread(target=self._settle_loop, name="stem-settle", daemon=True)
+            settle_thread.start()
+        self._settle_thread = settle_thread
         while True:
-            batch = self._drain_done(0.0 if self._engine.poll(0.05) else 0.05)
-            if batch:
-                self._settler.settle(batch)
+            if settle_thread is not None:
+                self._engine.poll(0.05)
+            else:
+                batch = self._drain_done(0.05)
+                if batch:
+                    self._settler.settle(batch)
             now = time.monotonic()
             if now - last_housekeeping >= 0.1:
                 last_housekeeping = now
@@ -425,6 +438,15 @@ class Worker:
                     for job in self._engine.running():
                         self._engine.interrupt(job, WorkerShutdown)
         self._finish_shutdown()
+
+    def _settle_loop(self) -> None:
+        while not (self._settle_stop.is_set() and self._done.empty()):
+            batch = self._drain_done(0.05)
+            if batch:
+                try:
+                    self._settler.settle(batch)
+                except Exception:  # noqa: BLE001 - never lose the settle thread; leases bring tasks back
+                    log.exception("settling %d outcomes failed", len(batch))
 
     def _drain_done(self, timeout: float) -> list[tuple[Job, Outcome]]:
         try:
@@ -620,6 +642,9 @@ class Worker:
         self._requeue(running)
 
     def _settled_all(self) -> bool:
+        if self._settle_thread is not None:
+            with self._lock:
+                return not self._jobs
         batch = self._drain_done(0.0)
         if batch:
             self._settler.settle(batch)
@@ -629,6 +654,9 @@ class Worker:
     def _finish_shutdown(self) -> None:
         if self._control is not None:
             self._control.stop()
+        if self._settle_thread is not None:
+            self._settle_stop.set()
+            self._settle_thread.join(self.lifecycle.force_shutdown_after)
         self._engine.stop(self.lifecycle.force_shutdown_after)
         if self.backend is not None:
             try:
