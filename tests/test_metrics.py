@@ -16,19 +16,13 @@ from stem.backends import InMemoryResultBackend
 from stem.brokers import InMemoryBroker
 from stem.errors import BrokerConnectionError, ConfigurationError
 from stem.retry import FixedRetryStrategy
+from .support import wait_until
 
 
 def lifecycle(**kw):
     return WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5, force_shutdown_after=5, **kw)
 
 
-def wait_until(predicate, timeout=30.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from stem import PayloadSigner, ShutdownMode, Stem, TaskOptions, TaskRegistry, T
 from stem.backends.redis import RedisResultBackend
 from stem.brokers.redis import RedisBroker
 from tests.test_redis_faults import redis_server  # noqa: F401  (fixture)
+from tests.support import wait_for as wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -145,13 +146,6 @@ def _producer(url, namespace, signed=True, **broker_kwargs) -> Stem:
     return Stem(broker, backend, _registry(url, namespace), signer)
 
 
-def wait_until(predicate, timeout, what, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def all_succeeded(stem: Stem, ids: list[str]) -> bool:

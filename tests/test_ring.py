@@ -33,6 +33,7 @@ from stem._native import FORCED_PURE
 from stem.errors import WorkerError
 from stem.worker import ring as ring_module
 from stem.worker.ring import Channel, ChannelHandle, wait_readable
+from .support import wait_for as wait_until
 
 SETTINGS = settings(deadline=None, max_examples=120,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -77,12 +78,6 @@ def check_frame(data: bytes) -> int:
     return seq
 
 
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.001)
 
 
 def flag(ch: Channel, ring_index: int, offset: int) -> int:

@@ -23,18 +23,12 @@ from stem.brokers.base import Message
 from stem.brokers.sqlite import SqliteBroker
 from stem.errors import BrokerConnectionError, BrokerError, ConfigurationError, StemError
 from stem.results import TaskState, TaskStatus
+from .support import wait_until
 
 FORK = multiprocessing.get_context("fork")
 Q = "mp"
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # -- multi-process helpers (shared with the Postgres tests) ---------------------------------

@@ -21,6 +21,7 @@ import pytest
 from stem import Stem, TaskRegistry, TaskState
 from stem.backends import from_url as backend_from_url
 from stem.brokers import from_url as broker_from_url
+from tests.support import wait_for as wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -125,13 +126,6 @@ def workers(tmp_path):
     w.close()
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def all_succeeded(stem: Stem, ids: list[str]) -> bool:

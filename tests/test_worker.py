@@ -14,17 +14,11 @@ from stem.backends import InMemoryResultBackend
 from stem.brokers import InMemoryBroker, Message
 from stem.errors import ConfigurationError
 from stem.retry import FixedRetryStrategy
+from .support import wait_until
 
 NO_SIGNALS = WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5, force_shutdown_after=5)
 
 
-def wait_until(predicate, timeout=20.0, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 @pytest.fixture(params=["inline", "process"])

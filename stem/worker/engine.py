@@ -18,7 +18,19 @@ if TYPE_CHECKING:
     from ..envelope import Envelope
     from .execution import Outcome
 
-__all__ = ["Job", "Engine", "RateLimiter"]
+__all__ = ["Job", "Engine", "RateLimiter", "take_matching"]
+
+
+def take_matching(backlog, predicate: "Callable[[Job], bool] | None") -> list["Job"]:
+    """Remove and return the jobs of ``backlog`` (a deque) matching ``predicate`` (all when None)."""
+    if predicate is None:
+        jobs = list(backlog)
+        backlog.clear()
+        return jobs
+    jobs = [j for j in backlog if predicate(j)]
+    for j in jobs:
+        backlog.remove(j)
+    return jobs
 
 
 class Job:

@@ -17,7 +17,7 @@ from typing import Callable
 from ..logs import run_in_task_context
 from ..signals import signals
 from ..task import TaskContext
-from .engine import Engine, Job, RateLimiter
+from .engine import Engine, Job, RateLimiter, take_matching
 from .execution import Outcome, run_handler
 
 __all__ = ["InlineEngine"]
@@ -114,13 +114,7 @@ class InlineEngine(Engine):
 
     def take_backlog(self, predicate=None) -> list[Job]:
         with self._cond:
-            jobs = [j for j in self._backlog if predicate is None or predicate(j)]
-            if predicate is None:
-                self._backlog.clear()
-            else:
-                for j in jobs:
-                    self._backlog.remove(j)
-            return jobs
+            return take_matching(self._backlog, predicate)
 
     def resize(self, delta: int) -> None:
         with self._cond:

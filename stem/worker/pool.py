@@ -30,7 +30,7 @@ from ..signals import signals
 from ..task import TaskOptions
 from .child import (ENQUEUE, FATAL, HEARTBEAT, PROGRESS, READY, RESULT, STOP, TASK, ChildExit, child_main,
                     spawn_entry)
-from .engine import Engine, Job, RateLimiter
+from .engine import Engine, Job, RateLimiter, take_matching
 from .execution import ERROR, Outcome
 from .ring import Channel
 from .zygote import Zygote
@@ -224,13 +224,7 @@ class ProcessEngine(Engine):
 
     def take_backlog(self, predicate=None) -> list[Job]:
         with self._lock:
-            jobs = [j for j in self._backlog if predicate is None or predicate(j)]
-            if predicate is None:
-                self._backlog.clear()
-            else:
-                for j in jobs:
-                    self._backlog.remove(j)
-            return jobs
+            return take_matching(self._backlog, predicate)
 
     def resize(self, delta: int) -> None:
         """Grow by forking children now; shrink by draining the idlest children (no replacement)."""

@@ -1,0 +1,23 @@
+"""Helpers shared by the tests: wait on a condition with a deadline, never sleep-and-hope."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (its last value)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition",
+             interval: float = 0.01) -> None:
+    """As ``wait_until``, but raise AssertionError naming ``what`` on timeout."""
+    if not wait_until(predicate, timeout, interval):
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
