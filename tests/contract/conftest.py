@@ -15,15 +15,21 @@ for path in sorted(pathlib.Path(__file__).parent.glob("adapters_*.py")):
     _BACKENDS.update(getattr(mod, "BACKENDS", {}))
 
 
-@pytest.fixture(params=sorted(_BROKERS))
-def make_broker(request):
+def _maker(factories, request):
+    """A factory building fresh adapters of the parametrized kind, all closed at teardown."""
     made = []
 
     def make(**kwargs):
-        b = _BROKERS[request.param](request, **kwargs)
-        made.append(b)
-        return b
+        adapter = factories[request.param](request, **kwargs)
+        made.append(adapter)
+        return adapter
 
+    return make, made
+
+
+@pytest.fixture(params=sorted(_BROKERS))
+def make_broker(request):
+    make, made = _maker(_BROKERS, request)
     yield make
     for b in made:
         b.close()
@@ -36,13 +42,7 @@ def broker(make_broker):
 
 @pytest.fixture(params=sorted(_BACKENDS))
 def make_backend(request):
-    made = []
-
-    def make(**kwargs):
-        b = _BACKENDS[request.param](request, **kwargs)
-        made.append(b)
-        return b
-
+    make, made = _maker(_BACKENDS, request)
     yield make
     for b in made:
         b.close()
