@@ -127,6 +127,8 @@ def test_revoke_terminate_stops_a_running_task_and_marks_it_revoked(cluster):
     w = cluster.start()
     tid = cluster.stem.enqueue("block")
     assert wait_until(lambda: cluster.journal.lines() == [tid], timeout=30)
+    # a heartbeat can miss a beat (SQLite busy): the broadcast targets workers it can see
+    assert wait_until(lambda: w.id in cluster.live(), timeout=30)
     replies = cluster.control.revoke(tid, terminate=True, timeout=10)
     assert replies and replies[0]["reply"]["terminated"] == [tid]
     status = cluster.stem.wait_for_task(tid, timeout=30)
@@ -166,6 +168,7 @@ def test_inspect_lists_running_and_reserved_tasks(cluster):
     second = cluster.stem.enqueue("block")
     assert wait_until(lambda: cluster.journal.lines() == [first], timeout=30)
     assert wait_until(lambda: w.stats()["in_flight"] == 2, timeout=30)
+    assert wait_until(lambda: w.id in cluster.live(), timeout=30)
     [reply] = cluster.control.inspect(timeout=10)
     running = reply["reply"]["running"]
     assert [r["id"] for r in running] == [first] and running[0]["name"] == "block"

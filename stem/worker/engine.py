@@ -98,6 +98,11 @@ class Engine(abc.ABC):
     def submit(self, job: Job) -> None:
         """Queue a job for the next free slot; never blocks."""
 
+    def submit_many(self, jobs: list[Job]) -> None:
+        """Queue a batch (engines override this to wake their slots once)."""
+        for job in jobs:
+            self.submit(job)
+
     @abc.abstractmethod
     def take_backlog(self, predicate: Callable[[Job], bool] | None = None) -> list[Job]:
         """Remove and return the jobs that have not started (all, or those matching ``predicate``)."""

@@ -54,9 +54,12 @@ class InlineEngine(Engine):
             self._threads.append(t)
 
     def submit(self, job: Job) -> None:
+        self.submit_many([job])
+
+    def submit_many(self, jobs: list[Job]) -> None:
         with self._cond:
-            self._backlog.append(job)
-            self._cond.notify()
+            self._backlog.extend(jobs)
+            self._cond.notify(len(jobs))
 
     def _next(self) -> Job | None:
         """Pick the first job whose rate limit allows it (with the lock held)."""

@@ -218,8 +218,11 @@ class ProcessEngine(Engine):
 
     # -- the Worker's side -------------------------------------------------------------------
     def submit(self, job: Job) -> None:
+        self.submit_many([job])
+
+    def submit_many(self, jobs: list[Job]) -> None:
         with self._lock:
-            self._backlog.append(job)
+            self._backlog.extend(jobs)
         self._wake()
 
     def take_backlog(self, predicate=None) -> list[Job]:

@@ -339,6 +339,7 @@ class Worker:
         """Verify, decode and route a batch (fetcher thread)."""
         now = time.time()
         jobs: list[Job] = []
+        accepted: list[tuple[Delivery, Any, Any]] = []
         with self._lock:
             revoked_local = set(self._revoked)
         revoked = self._revocations()
@@ -368,13 +369,16 @@ class Worker:
                 continue
             if signals.task_received.receivers:
                 signals.task_received.send(self, envelope=env, delivery=d)
-            with self._lock:
+            accepted.append((d, env, handler))
+        if not accepted:
+            return
+        with self._lock:  # one lock and one engine wake-up per batch, not per task
+            for d, env, handler in accepted:
                 self._seq += 1
                 job = Job(self._seq, d, env, handler)
                 self._jobs[job.seq] = job
-            jobs.append(job)
-        for job in jobs:
-            self._engine.submit(job)
+                jobs.append(job)
+        self._engine.submit_many(jobs)
 
     def _revocations(self) -> set[str]:
         """Persistent revocations, re-read at most every REVOKE_REFRESH seconds (the control
