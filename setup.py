@@ -14,7 +14,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 DEBUG = os.environ.get("STEM_DEBUG_BUILD") == "1"
-MODULES = ["codec", "signer", "ring"]
+MODULES = ["codec", "signer", "ring", "resp"]
 # Developers rebuilding one module while editing another: STEM_BUILD_ONLY=ring
 ONLY = [m for m in os.environ.get("STEM_BUILD_ONLY", "").split(",") if m]
 

@@ -16,6 +16,7 @@ _PURE_TWINS = {
     "codec": "stem._codec_py",
     "signer": "stem._signer_py",
     "ring": "stem._ring_py",
+    "resp": "stem._resp_py",
 }
 
 FORCED_PURE = os.environ.get("STEM_PURE", "") not in ("", "0")

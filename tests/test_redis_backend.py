@@ -165,3 +165,40 @@ def test_an_unreachable_server_is_a_backend_connection_error():
 def test_bad_arguments_are_configuration_errors(redis_url, kwargs):
     with pytest.raises(ConfigurationError):
         RedisResultBackend.from_url(redis_url, **kwargs)
+
+
+def test_store_and_ack_in_one_round_trip_survives_a_flushed_script_cache(backend, redis_url, namespace, raw,
+                                                                          monkeypatch):
+    from stem.brokers.base import Message
+    from stem.brokers.redis import RedisBroker
+    broker = RedisBroker.from_url(redis_url, namespace=namespace)
+    try:
+        broker.publish_many([Message(tid(), "q", b"f", 0, None, None) for _ in range(4)])
+        got = broker.consume(["q"], 4, 2.0)
+        assert len(got) == 4
+        raw.script_flush()
+        statuses = [TaskStatus(id=d.task_id, state=TaskState.SUCCEEDED, result=i) for i, d in enumerate(got)]
+        backend.ping()
+        calls = []
+        original = redis.connection.AbstractConnection.send_packed_command
+
+        def counting(conn, command, check_health=True):
+            calls.append(1)
+            return original(conn, command, check_health)
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+        assert backend.store_many_and_ack(statuses, broker, got) is True
+        monkeypatch.undo()
+        assert [backend.get(d.task_id).result for d in got] == [0, 1, 2, 3]
+        assert broker.stats("q") == ("q", 0, 0, 0, 0)
+        # one round trip, plus (only because the cache was flushed) the script loads and the resend
+        assert len(calls) >= 2
+        calls.clear()
+        broker.publish_many([Message(tid(), "q", b"f", 0, None, None)])
+        got = broker.consume(["q"], 1, 2.0)
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+        backend.store_many_and_ack([TaskStatus(id=got[0].task_id, state=TaskState.SUCCEEDED)], broker, got)
+        monkeypatch.undo()
+        assert len(calls) == 1
+    finally:
+        broker.close()

@@ -280,3 +280,14 @@ def test_bad_arguments_are_configuration_errors(redis_url, kwargs):
 def test_bad_url_is_a_configuration_error():
     with pytest.raises(ConfigurationError):
         RedisBroker.from_url("redis://127.0.0.1:notaport/0")
+
+
+def test_ack_survives_a_flushed_script_cache(make, raw):
+    """A Redis restart (or SCRIPT FLUSH) empties the script cache: the ack loads it again."""
+    broker = make()
+    broker.publish_many([msg() for _ in range(5)] + [msg(queue="other") for _ in range(3)])
+    got = consume_n(broker, 8, queues=(Q, "other"))
+    raw.script_flush()
+    broker.ack(got)
+    assert broker.stats(Q) == (Q, 0, 0, 0, 0)
+    assert broker.stats("other") == ("other", 0, 0, 0, 0)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import msgspec
 import redis
 
+from ..brokers._redis_pipe import execute, raise_first_error
 from ..brokers.redis import call_with_retry, release_client, shared_client, validate_namespace
 from ..errors import BackendConnectionError, BackendError, ConfigurationError
 from ..results import TaskStatus, decode_status, encode_status
@@ -89,24 +90,22 @@ class RedisResultBackend(ResultBackend):
     def store(self, status: TaskStatus) -> None:
         self.store_many((status,))
 
-    def store_many(self, statuses: Sequence[TaskStatus]) -> None:
-        if not statuses:
-            return
+    def _status_commands(self, statuses: Sequence[TaskStatus]) -> list[tuple]:
         px = _ms(self.result_expires)
+        prefix = self.namespace + ":{t:"
         commands = []
         for s in statuses:
             data = encode_status(s)
-            commands.append(("SET", self._status_key(s.id), data, "PX", px))
+            commands.append(("SET", f"{prefix}{s.id}}}:status", data, "PX", px))
             if s.is_terminal:
-                commands.append(("PUBLISH", self._channel(s.id), data))
+                commands.append(("PUBLISH", f"{prefix}{s.id}}}:done", data))
+        return commands
 
-        def send():
-            pipe = self._client.pipeline(transaction=False)
-            for c in commands:
-                pipe.execute_command(*c)
-            return pipe.execute()
-
-        self._call(send, "store")
+    def store_many(self, statuses: Sequence[TaskStatus]) -> None:
+        if not statuses:
+            return
+        commands = self._status_commands(statuses)
+        self._call(lambda: raise_first_error(execute(self._client, commands)), "store")
 
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> bool:
         """Store ``statuses`` and ack ``deliveries`` in one round trip when ``broker`` is a
@@ -114,35 +113,19 @@ class RedisResultBackend(ResultBackend):
         scripts (Redis runs one connection's commands in order, so the ack never lands
         without its result; a connection lost in between only redelivers).  Returns False,
         doing nothing, otherwise."""
-        from ..brokers.redis import N_LANES, RedisBroker
+        from ..brokers.redis import RedisBroker
         if not isinstance(broker, RedisBroker) or broker._client.connection_pool is not self._client.connection_pool:
             return False
-        px = _ms(self.result_expires)
-        commands = []
-        for st in statuses:
-            data = encode_status(st)
-            commands.append(("SET", self._status_key(st.id), data, "PX", px))
-            if st.is_terminal:
-                commands.append(("PUBLISH", self._channel(st.id), data))
-        by_queue: dict[str, list] = {}
-        for d in deliveries:
-            r = d.receipt
-            by_queue.setdefault(d.queue, []).extend((r.lane, r.entry_id))
-        script = broker._settle_script
+        commands = self._status_commands(statuses) + broker.ack_commands(deliveries)
 
         def send():
             for first in (True, False):
-                pipe = self._client.pipeline(transaction=False)
-                for c in commands:
-                    pipe.execute_command(*c)
-                for queue, pairs in by_queue.items():
-                    pipe.evalsha(script.sha, N_LANES + 3, *broker.queue_keys(queue), "ack", *pairs)
-                try:
-                    return pipe.execute()
-                except redis.exceptions.NoScriptError:  # Redis restarted: load, then run again (SETs repeat)
-                    if not first:
-                        raise
-                    self._client.script_load(script.script)
+                replies = execute(self._client, commands)
+                if first and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                    broker.load_scripts()   # Redis restarted: load, then run again (SETs repeat)
+                    continue
+                raise_first_error(replies)
+                return replies
 
         self._call(send, "store+ack")
         return True

@@ -66,6 +66,7 @@ from importlib import resources
 from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 from ..errors import BrokerConnectionError, BrokerError, ConfigurationError, StemError
+from ._redis_pipe import execute, execute_packed, pack_commands, raise_first_error
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
                    Message, QueueStats, validate_queue_name)
 
@@ -264,14 +265,8 @@ class RedisBroker(Broker):
                                  "p", priority, "v", vt_ms))
         if new_queues:
             commands.append(("SADD", self._queues_key, *new_queues))
-
-        def send():
-            pipe = self._client.pipeline(transaction=False)
-            for c in commands:
-                pipe.execute_command(*c)
-            return pipe.execute()
-
-        self._call(send, "publish")
+        packed = pack_commands(commands)
+        self._call(lambda: raise_first_error(execute_packed(self._client, packed, len(commands))), "publish")
         self._declared.update(new_queues)
 
     def _declare(self, queues: Sequence[str]) -> None:
@@ -341,29 +336,37 @@ class RedisBroker(Broker):
         keys = self.queue_keys(queue)
         return self._call(lambda: self._settle_script(keys=keys, args=args), args[0])
 
-    def ack(self, deliveries: Sequence[Delivery]) -> None:
+    def ack_commands(self, deliveries: Sequence[Delivery]) -> list[tuple]:
+        """The EVALSHA commands that ack ``deliveries`` (one per queue), for a pipeline."""
         by_queue: dict[str, list] = {}
         for d in deliveries:
             r = d.receipt
-            by_queue.setdefault(d.queue, []).extend((r.lane, r.entry_id))
-        if not by_queue:
-            return
-        if len(by_queue) == 1:
-            [(queue, pairs)] = by_queue.items()
-            self._settle(queue, ["ack", *pairs])
+            pairs = by_queue.get(d.queue)
+            if pairs is None:
+                pairs = by_queue[d.queue] = []
+            pairs.append(r.lane)
+            pairs.append(r.entry_id)
+        sha = self._settle_script.sha
+        return [("EVALSHA", sha, N_LANES + 3, *self.queue_keys(q), "ack", *pairs) for q, pairs in by_queue.items()]
+
+    def load_scripts(self) -> None:
+        """Load every script again (after a Redis restart emptied its script cache)."""
+        for script in (self._consume_script, self._settle_script, self._admin_script):
+            self._client.script_load(script.script)
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        commands = self.ack_commands(deliveries)
+        if not commands:
             return
 
         def send():
             for first in (True, False):
-                pipe = self._client.pipeline(transaction=False)
-                for queue, pairs in by_queue.items():
-                    pipe.evalsha(self._settle_script.sha, N_LANES + 3, *self.queue_keys(queue), "ack", *pairs)
-                try:
-                    return pipe.execute()
-                except redis.exceptions.NoScriptError:   # Redis restarted: load, then run again
-                    if not first:
-                        raise
-                    self._client.script_load(self._settle_script.script)
+                replies = execute(self._client, commands)
+                if first and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                    self.load_scripts()   # Redis restarted: load, then run again
+                    continue
+                raise_first_error(replies)
+                return replies
 
         self._call(send, "ack")
 
