@@ -479,16 +479,20 @@ class Worker:
             want = min(len(self._jobs), self._refill_at)
         if len(batch) >= want:
             return
+        # Nap and drain rather than block on the queue: a blocked get() would be woken (a
+        # futex round trip between threads) by every outcome the engine reports meanwhile.
         deadline = time.monotonic() + SETTLE_LINGER
-        get = self._done.get
+        get = self._done.get_nowait
         while len(batch) < want:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
+            time.sleep(min(remaining, SETTLE_LINGER / 4))
             try:
-                batch.append(get(timeout=remaining))
+                while len(batch) < _SETTLE_BATCH:
+                    batch.append(get())
             except queue.Empty:
-                return
+                pass
 
     def _forget(self, jobs: list[Job]) -> None:
         with self._lock:
