@@ -282,10 +282,11 @@ def test_bad_url_is_a_configuration_error():
         RedisBroker.from_url("redis://127.0.0.1:notaport/0")
 
 
-def test_ack_survives_a_flushed_script_cache(make, raw):
-    """A Redis restart (or SCRIPT FLUSH) empties the script cache: the ack loads it again."""
+def test_consume_and_ack_survive_a_flushed_script_cache(make, raw):
+    """A Redis restart (or SCRIPT FLUSH) empties the script cache: consume and ack load it again."""
     broker = make()
     broker.publish_many([msg() for _ in range(5)] + [msg(queue="other") for _ in range(3)])
+    raw.script_flush()
     got = consume_n(broker, 8, queues=(Q, "other"))
     raw.script_flush()
     broker.ack(got)

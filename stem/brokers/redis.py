@@ -311,8 +311,9 @@ class RedisBroker(Broker):
         vt_ms = _ms(self.default_visibility_timeout)
         for q in names[start:] + names[:start]:
             keys = self.queue_keys(q)
-            args = [consumer, max_count - len(out), vt_ms, self.max_deliveries, _DELAYED_MOVE_LIMIT]
-            reply = self._call(lambda: self._consume_script(keys=keys, args=args), "consume")
+            command = ("EVALSHA", self._consume_script.sha, N_LANES + 3, *keys, consumer, max_count - len(out),
+                       vt_ms, self.max_deliveries, _DELAYED_MOVE_LIMIT)
+            reply = self._call(lambda: self._run_script(command), "consume")
             n = reply[0]
             leased_at = time.time()
             for lane, entry_id, task_id, frame, d_vt_ms, count in reply[1:n + 1]:
@@ -330,6 +331,17 @@ class RedisBroker(Broker):
             for lane, last in enumerate(reply[4:4 + N_LANES]):
                 block_on[keys[lane]] = last.decode()
         return out, wake_in, block_on
+
+    def _run_script(self, command: tuple) -> Any:
+        """One EVALSHA through the lean pipeline (loading the scripts once if Redis lost them)."""
+        for first in (True, False):
+            [reply] = execute(self._client, [command])
+            if first and isinstance(reply, redis.exceptions.NoScriptError):
+                self.load_scripts()
+                continue
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+            return reply
 
     # -- settling ---------------------------------------------------------------------
     def _settle(self, queue: str, args: list) -> Any:
