@@ -46,8 +46,10 @@ FETCH_BLOCK_SECONDS = 0.25
 HEARTBEAT_MIN_TTL = 5.0
 # How often the fetcher re-reads the backend's persistent revocations.
 REVOKE_REFRESH = 1.0
-# How long the settle thread lets a small batch of outcomes grow while more are running.
-SETTLE_LINGER = 0.001
+# How long the settle thread lets a small batch of outcomes grow while more are running
+# (never while the fetcher waits for the slots it would free), and how often it looks.
+SETTLE_LINGER = 0.005
+SETTLE_NAP = 0.0005
 
 
 def load_registry(path: str) -> TaskRegistry:
@@ -471,23 +473,25 @@ class Worker:
 
     def _linger(self, batch: list[tuple[Job, Outcome]]) -> None:
         """Let a small batch grow for up to SETTLE_LINGER while more outcomes are on their
-        way: a settle round trip costs about the same for 2 outcomes as for 30, so settling
-        every outcome as it lands spends most of the supervisor's CPU on per-call overhead."""
+        way: a settle round trip (client and server) costs about the same for 2 outcomes as
+        for 16, so settling each outcome as it lands spends most of the supervisor's CPU on
+        per-call overhead.  It never holds up the fetcher: once settling this batch would
+        free enough slots for a refill that is waiting on them, the batch goes at once."""
         if SETTLE_LINGER <= 0:
             return
         with self._lock:
             want = min(len(self._jobs), self._refill_at)
-        if len(batch) >= want:
-            return
         # Nap and drain rather than block on the queue: a blocked get() would be woken (a
         # futex round trip between threads) by every outcome the engine reports meanwhile.
         deadline = time.monotonic() + SETTLE_LINGER
         get = self._done.get_nowait
         while len(batch) < want:
+            if self._fetcher_waiting and self.prefetch_limit - len(self._jobs) + len(batch) >= self._refill_at:
+                return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            time.sleep(min(remaining, SETTLE_LINGER / 4))
+            time.sleep(min(remaining, SETTLE_NAP))
             try:
                 while len(batch) < _SETTLE_BATCH:
                     batch.append(get())
