@@ -1,6 +1,7 @@
 """A child process: decode, run the handler, encode the outcome.  Nothing else.
 
-Messages are msgpack arrays over the channel's rings (``stem.worker.ring``):
+Messages are msgpack arrays over the channel's rings (``stem.worker.ring``),
+one tagged ``msgspec.Struct`` per kind below (the tag is the first element):
 
     supervisor -> child   [TASK, seq, frame]      run the frame's task
                           [STOP]                  finish what runs, then exit 0
@@ -33,14 +34,65 @@ from ..envelope import decode_frame
 from ..errors import DecodeError, EncodeError, SoftTimeLimitExceeded, UnknownTaskError, WorkerShutdown
 from ..logs import enter_task_context, run_in_task_context
 from ..task import TaskContext, TaskOptions, TaskRegistry
-from .execution import ERROR, Outcome, run_handler, run_handler_async
+from .execution import ERROR, Outcome, run_handler_async, run_sync_handler
 from .ring import Channel, ChannelHandle
 
 __all__ = ["ChildExit", "child_main", "TASK", "STOP", "READY", "RESULT", "HEARTBEAT", "PROGRESS", "ENQUEUE",
-           "FATAL"]
+           "FATAL", "Task", "Stop", "Ready", "Result", "Heartbeat", "Progress", "Enqueue", "Fatal",
+           "decode_to_child", "decode_from_child", "encode_message"]
 
 TASK, STOP = 0, 1
 READY, RESULT, HEARTBEAT, PROGRESS, ENQUEUE, FATAL = 0, 1, 2, 3, 4, 5
+
+
+# -- the messages (see the module docstring) ---------------------------------------------
+class Task(msgspec.Struct, array_like=True, tag=TASK):
+    seq: int
+    frame: bytes
+
+
+class Stop(msgspec.Struct, array_like=True, tag=STOP):
+    pass
+
+
+class Ready(msgspec.Struct, array_like=True, tag=READY):
+    pid: int
+
+
+class Result(msgspec.Struct, array_like=True, tag=RESULT):
+    seq: int
+    outcome: Outcome
+    rss: int = 0
+
+
+class Heartbeat(msgspec.Struct, array_like=True, tag=HEARTBEAT):
+    task_id: str
+
+
+class Progress(msgspec.Struct, array_like=True, tag=PROGRESS):
+    task_id: str
+    fraction: float
+    data: Any = None
+
+
+class Enqueue(msgspec.Struct, array_like=True, tag=ENQUEUE):
+    new_id: str
+    name: str
+    args: Any          # checked by the supervisor's producer, like any enqueue
+    options: Any
+    parent_id: str
+    root_id: str | None
+
+
+class Fatal(msgspec.Struct, array_like=True, tag=FATAL):
+    message: str
+
+
+encode_message = msgspec.msgpack.Encoder().encode
+#: supervisor side: bytes from a child -> Ready | Result | Heartbeat | Progress | Enqueue | Fatal
+decode_from_child = msgspec.msgpack.Decoder(Ready | Result | Heartbeat | Progress | Enqueue | Fatal).decode
+#: child side: bytes from the supervisor -> Task | Stop
+decode_to_child = msgspec.msgpack.Decoder(Task | Stop).decode
 
 
 class ChildExit(enum.IntEnum):
@@ -50,8 +102,8 @@ class ChildExit(enum.IntEnum):
     SUPERVISOR_GONE = 71   # the supervisor disappeared: nobody would store our results
 
 
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder().decode
+_encode = encode_message
+_ITIMER_REAL = signal.ITIMER_REAL
 
 
 class _ChildRuntime:
@@ -61,21 +113,21 @@ class _ChildRuntime:
         self.channel = channel
         self.registry = registry
 
-    def _send(self, msg: list) -> None:
+    def _send(self, msg) -> None:
         self.channel.send_wait([_encode(msg)], 30.0)
 
     def heartbeat(self, task_id: str) -> None:
-        self._send([HEARTBEAT, task_id])
+        self._send(Heartbeat(task_id))
 
     def progress(self, task_id: str, fraction: float, data: Any) -> None:
-        self._send([PROGRESS, task_id, fraction, data])
+        self._send(Progress(task_id, fraction, data))
 
     def enqueue(self, name: str, args, options: TaskOptions | None, parent: TaskContext) -> str:
         self.registry.get(name)  # an unknown name fails in the task, like a producer's enqueue
         new_id = uuid.uuid4().hex
         opts = None if options is None else msgspec.structs.asdict(options)
         try:
-            msg = _encode([ENQUEUE, new_id, name, args or {}, opts, parent.id, parent.root_id])
+            msg = _encode(Enqueue(new_id, name, args or {}, opts, parent.id, parent.root_id))
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             raise EncodeError(f"args of child task {name!r} cannot be encoded: {exc}") from None
         self.channel.send_wait([msg], 30.0)
@@ -95,6 +147,8 @@ class _Child:
         self.stopping = False
         self._proc = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # name -> (handler, is_async): the registry a child was forked with never changes
+        self._handlers: dict[str, tuple[Any, bool]] = {}
 
     def rss(self) -> int:
         if not self.measure_rss:
@@ -115,31 +169,37 @@ class _Child:
 
     # -- one task ---------------------------------------------------------------------
     def prepare(self, seq: int, frame: bytes):
-        """Decode and look up; returns (env, handler) or an error Outcome."""
+        """Decode and look up; returns (env, handler, is_async) or an error Outcome."""
         try:
             env = decode_frame(frame)
         except DecodeError as exc:
             return None, Outcome("", ERROR, None, str(exc), "DecodeError", None, "decode-error", None,
                                  time.time(), time.time())
-        try:
-            handler = self.registry.get(env.name)
-        except UnknownTaskError as exc:
-            return None, Outcome(env.id, ERROR, None, str(exc), "UnknownTaskError", None, "unknown-task", None,
-                                 time.time(), time.time())
-        return (env, handler), None
+        found = self._handlers.get(env.name)
+        if found is None:
+            try:
+                handler = self.registry.get(env.name)
+            except UnknownTaskError as exc:
+                return None, Outcome(env.id, ERROR, None, str(exc), "UnknownTaskError", None, "unknown-task",
+                                     None, time.time(), time.time())
+            found = self._handlers[env.name] = (handler, handler.is_async)
+        return (env, *found), None
 
     def context(self, env) -> TaskContext:
         return TaskContext(env.id, env.name, env.attempt, env.meta, env.headers, env.queue, env.max_retries,
                            env.root_id, self.runtime)
 
     def report(self, seq: int, out: Outcome) -> None:
+        rss = self.rss() if self.measure_rss else 0
         try:
-            payload = _encode([RESULT, seq, out, self.rss()])
+            payload = _encode(Result(seq, out, rss))
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             out = Outcome(out.task_id, ERROR, None,
                           f"task returned a value msgpack cannot encode ({type(out.result).__name__}): {exc}",
                           "EncodeError", None, "result-not-encodable", None, out.started_at, out.finished_at)
-            payload = _encode([RESULT, seq, out, self.rss()])
+            payload = _encode(Result(seq, out, rss))
+        if self.channel.send(payload):
+            return
         while not self.channel.send_wait([payload], 1.0):
             if not self.supervisor_alive():
                 os._exit(ChildExit.SUPERVISOR_GONE)
@@ -148,21 +208,23 @@ class _Child:
         prepared, error = self.prepare(seq, frame)
         if error is not None:
             return self.report(seq, error)
-        env, handler = prepared
+        env, handler, is_async = prepared
         ctx = self.context(env)
+        limit = env.soft_time_limit
         self.running = 1
-        if env.soft_time_limit:
-            signal.setitimer(signal.ITIMER_REAL, env.soft_time_limit)
+        if limit:  # no timer syscalls for the (common) task without a soft limit
+            signal.setitimer(_ITIMER_REAL, limit)
         try:
-            if handler.is_async:
+            if is_async:
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
                 out = run_in_task_context(env, self.worker_id, self._loop.run_until_complete,
                                           run_handler_async(handler, ctx, env.args, check_result=False))
             else:
-                out = run_in_task_context(env, self.worker_id, run_handler, handler, ctx, env.args, False)
+                out = run_in_task_context(env, self.worker_id, run_sync_handler, handler, ctx, env.args)
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            if limit:
+                signal.setitimer(_ITIMER_REAL, 0)
             self.running = 0
         self.report(seq, out)
 
@@ -177,10 +239,10 @@ class _Child:
                     return ChildExit.SUPERVISOR_GONE
                 continue
             for raw in msgs:
-                msg = _decode(raw)
-                if msg[0] == STOP:
+                msg = decode_to_child(raw)
+                if type(msg) is Stop:
                     return ChildExit.OK
-                self.run_sync(msg[1], msg[2])
+                self.run_sync(msg.seq, msg.frame)
 
     async def serve_async(self) -> int:
         """Up to ``child_concurrency`` tasks at once on one event loop (async handlers;
@@ -198,7 +260,7 @@ class _Child:
                 if error is not None:
                     self.report(seq, error)
                     return
-                env, handler = prepared
+                env, handler, _ = prepared
                 enter_task_context(env, self.worker_id)  # this asyncio task's own context
                 coro = run_handler_async(handler, self.context(env), env.args, check_result=False)
                 if env.soft_time_limit:
@@ -232,12 +294,12 @@ class _Child:
                         self.channel.disarm_doorbell()
                 continue
             for raw in msgs:
-                msg = _decode(raw)
-                if msg[0] == STOP:
+                msg = decode_to_child(raw)
+                if type(msg) is Stop:
                     stop = True
                     continue
                 await slots.acquire()
-                t = asyncio.ensure_future(run_one(msg[1], msg[2]))
+                t = asyncio.ensure_future(run_one(msg.seq, msg.frame))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
         loop.remove_reader(self.channel.fileno())
@@ -273,13 +335,13 @@ def child_main(handle: ChannelHandle, params: dict[str, Any], registry: TaskRegi
             registry = params["registry"]
         child = _Child(channel, registry, params)
         _install_child_signals(child)
-        channel.send_wait([_encode([READY, os.getpid()])], 10.0)
+        channel.send_wait([_encode(Ready(os.getpid()))], 10.0)
         return child.serve()
     except Exception as exc:  # noqa: BLE001 - the supervisor gets the reason, then we exit
         import traceback
         text = "".join(traceback.format_exception(exc))
         try:
-            channel.send_wait([_encode([FATAL, text])], 5.0)
+            channel.send_wait([_encode(Fatal(text))], 5.0)
         except Exception:  # noqa: BLE001
             pass
         return ChildExit.STARTUP_FAILED
@@ -299,7 +361,7 @@ def spawn_entry(handle: ChannelHandle, params: dict[str, Any], registry_ref: Any
         # tell the supervisor why, over the channel, then exit with the named code
         try:
             channel = Channel.attach(handle)
-            channel.send_wait([_encode([FATAL, f"cannot load the task registry: {exc!r}"])], 5.0)
+            channel.send_wait([_encode(Fatal(f"cannot load the task registry: {exc!r}"))], 5.0)
             channel.close()
         finally:
             os._exit(ChildExit.STARTUP_FAILED)

@@ -21,15 +21,13 @@ import threading
 import time
 from collections import deque
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable
-
-import msgspec
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from ..errors import WorkerError, WorkerShutdown
 from ..signals import signals
 from ..task import TaskOptions
-from .child import (ENQUEUE, FATAL, HEARTBEAT, PROGRESS, READY, RESULT, STOP, TASK, ChildExit, child_main,
-                    spawn_entry)
+from .child import (ChildExit, Enqueue, Fatal, Heartbeat, Progress, Ready, Result, Stop, Task, child_main,
+                    decode_from_child, encode_message, spawn_entry)
 from .engine import Engine, Job, RateLimiter, take_matching
 from .execution import ERROR, Outcome
 from .ring import Channel
@@ -42,8 +40,8 @@ __all__ = ["ProcessEngine", "PoolState", "ChildState"]
 
 log = logging.getLogger("stem.worker.pool")
 
-_encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder().decode
+_encode = encode_message
+_STOP = encode_message(Stop())
 
 CHANNEL_CAPACITY = 1 << 20
 STARTUP_TIMEOUT = 60.0
@@ -108,6 +106,11 @@ class ProcessEngine(Engine):
         self._lock = threading.RLock()
         self._backlog: deque[Job] = deque()
         self._children: dict[int, _Child] = {}
+        self._children_version = 0     # bumped (under the lock) whenever _children changes
+        self._poll_set: _PollSet | None = None
+        # True when _dispatch might start something: jobs came in or a slot freed since it
+        # last found nothing to do (written under the lock; read without it as a hint)
+        self._may_dispatch = True
         self._limiters: dict[str, RateLimiter] = {}
         self._crashes: dict[str, int] = {}
         self._zygote: Zygote | None = None
@@ -139,6 +142,7 @@ class ProcessEngine(Engine):
             self.state = PoolState.FAILED
             raise
         self.state = PoolState.RUNNING
+        self._may_dispatch = True
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -177,6 +181,7 @@ class ProcessEngine(Engine):
         child.forked_ns = t0
         with self._lock:
             self._children[pid] = child
+            self._children_version += 1
         signals.worker_child_init.send(self.worker, worker=self.worker, pid=pid)
         return child
 
@@ -187,7 +192,7 @@ class ProcessEngine(Engine):
             self.state = PoolState.STOPPING
             for child in self._children.values():
                 if child.state in (ChildState.READY, ChildState.STARTING, ChildState.DRAINING):
-                    self._send(child, [STOP])
+                    self._stop_child(child)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
@@ -201,6 +206,7 @@ class ProcessEngine(Engine):
         with self._lock:
             children = list(self._children.values())
             self._children.clear()
+            self._children_version += 1
         for child in children:
             _kill(child.pid)
             if child.process is not None:
@@ -223,6 +229,7 @@ class ProcessEngine(Engine):
     def submit_many(self, jobs: list[Job]) -> None:
         with self._lock:
             self._backlog.extend(jobs)
+            self._may_dispatch = True
         self._wake()
 
     def take_backlog(self, predicate=None) -> list[Job]:
@@ -233,6 +240,7 @@ class ProcessEngine(Engine):
         """Grow by forking children now; shrink by draining the idlest children (no replacement)."""
         with self._lock:
             self.concurrency += delta
+            self._may_dispatch = True
             if delta > 0:
                 for _ in range(delta):
                     self._spawn_child()
@@ -243,7 +251,7 @@ class ProcessEngine(Engine):
                 child.state = ChildState.DRAINING
                 child.recycle_reason = "shrink"
                 if not child.running:
-                    self._send(child, [STOP])
+                    self._stop_child(child)
         self._wake()
 
     def running(self) -> list[Job]:
@@ -298,49 +306,70 @@ class ProcessEngine(Engine):
         collect exits.  Outcomes go to ``report`` synchronously."""
         if self.state is PoolState.STOPPED:
             return False
-        self._dispatch()
+        if self._may_dispatch:
+            self._dispatch()
         self._poll_once(timeout)
-        self._dispatch()
-        self._check_memory()
+        if self._may_dispatch:
+            self._dispatch()
+        if self.max_memory is not None:
+            self._check_memory()
         return True
+
+    def _current_poll_set(self) -> "_PollSet":
+        """The children to watch and one ``select.poll`` over their doorbells, the wake-up
+        pipe and the exit sources; rebuilt only when a child comes or goes."""
+        ps = self._poll_set
+        if ps is not None and ps.version == self._children_version:
+            return ps
+        with self._lock:
+            version = self._children_version
+            children = [c for c in self._children.values() if c.state is not ChildState.DEAD]
+        kinds: dict[int, Any] = {}
+        for c in children:
+            kinds[c.channel.fileno()] = c.channel
+        if self._wake_r >= 0:
+            kinds[self._wake_r] = _WAKE
+        if self._zygote is not None and self._zygote.sock is not None:
+            kinds[self._zygote.fileno()] = _EXIT
+        for c in children:
+            if c.process is not None:
+                kinds[c.process.sentinel] = _EXIT
+        poller = select.poll()
+        for fd in kinds:
+            poller.register(fd, select.POLLIN)
+        ps = self._poll_set = _PollSet(version, children, poller, kinds)
+        return ps
 
     def _poll_once(self, timeout: float) -> None:
         """Read every child with pending results; sleep on all doorbells only when none has any.
 
         Exits are looked at when the zygote's socket or a sentinel said so, and at least
-        every EXIT_CHECK_INTERVAL while results keep flowing (then nobody sleeps in poll)."""
-        with self._lock:
-            children = [c for c in self._children.values() if c.state is not ChildState.DEAD]
+        every EXIT_CHECK_INTERVAL while results keep flowing (then nobody sleeps in poll).
+        Only the doorbells ``poll`` saw ringing are drained: one ``read`` per wake-up, not one
+        per child (a bell rung after ``poll`` returned just makes the next ``poll`` return)."""
+        ps = self._current_poll_set()
+        children = ps.children
         ready = [c for c in children if c.channel.pending_bytes()]
         exit_hint = False
         if not ready:
-            poller = select.poll()
             armed = []
             for c in children:
                 if not c.channel.arm_doorbell():
                     ready.append(c)
                     break
-                armed.append(c)
-                poller.register(c.channel.fileno(), select.POLLIN)
+                armed.append(c.channel)
             if not ready:
-                others = {}
-                if self._wake_r >= 0:
-                    others[self._wake_r] = "wake"
-                if self._zygote is not None and self._zygote.sock is not None:
-                    others[self._zygote.fileno()] = "exit"
-                for c in children:
-                    if c.process is not None:
-                        others[c.process.sentinel] = "exit"
-                for fd in others:
-                    poller.register(fd, select.POLLIN)
-                for fd, _ in poller.poll(max(0, int(timeout * 1000))):
-                    kind = others.get(fd)
-                    if kind == "wake":
-                        _drain_pipe(self._wake_r)
-                    elif kind == "exit":
+                kinds = ps.kinds
+                for fd, _ in ps.poller.poll(max(0, int(timeout * 1000))):
+                    kind = kinds.get(fd)
+                    if kind is _WAKE:
+                        _drain_pipe(fd)
+                    elif kind is _EXIT:
                         exit_hint = True
-            for c in armed:
-                c.channel.disarm_doorbell()
+                    elif kind is not None:
+                        kind.drain_doorbell()
+            for ch in armed:
+                ch.disarm_doorbell(drain=False)
             ready = [c for c in children if c.channel.pending_bytes()]
         for c in ready:
             self._read(c)
@@ -350,53 +379,67 @@ class ProcessEngine(Engine):
             self._collect_exits(children)
 
     def _read(self, child: _Child) -> None:
+        results = []
         for raw in child.channel.recv_many(1024):
-            msg = _decode(raw)
-            kind = msg[0]
-            if kind == RESULT:
-                self._on_result(child, msg[1], Outcome(*msg[2]), msg[3])
-            elif kind == READY:
+            msg = decode_from_child(raw)
+            kind = type(msg)
+            if kind is Result:
+                results.append(msg)
+            elif kind is Ready:
                 with self._lock:
                     if child.state is ChildState.STARTING:
                         child.state = ChildState.READY
+                        self._may_dispatch = True
                     child.ready_at = time.time()
                     self._startup_failures = 0
                     if child.forked_ns:
                         self._replace_ms.append((time.perf_counter_ns() - child.forked_ns) / 1e6)
                         child.forked_ns = 0
-            elif kind == HEARTBEAT:
-                self.worker._heartbeat_requests.put(msg[1])
-            elif kind == PROGRESS:
-                self.worker._progress(msg[1], msg[2], msg[3])
-            elif kind == ENQUEUE:
+            elif kind is Heartbeat:
+                self.worker._heartbeat_requests.put(msg.task_id)
+            elif kind is Progress:
+                self.worker._progress(msg.task_id, msg.fraction, msg.data)
+            elif kind is Enqueue:
                 self._enqueue_for_child(msg)
-            elif kind == FATAL:
-                child.fatal = msg[1]
-                log.error("child %d could not start: %s", child.pid, msg[1])
+            elif kind is Fatal:
+                child.fatal = msg.message
+                log.error("child %d could not start: %s", child.pid, msg.message)
+        if results:
+            self._on_results(child, results)
 
-    def _on_result(self, child: _Child, seq: int, outcome: Outcome, rss: int) -> None:
+    def _on_results(self, child: _Child, results: list[Result]) -> None:
+        """Free the slots of ``results`` (one lock for the batch), then report them."""
+        done = []
         with self._lock:
-            job = child.running.pop(seq, None)
-            child.tasks_done += 1
-            if rss:
-                child.rss = rss
+            running = child.running
+            for r in results:
+                job = running.pop(r.seq, None)
+                if job is not None:
+                    done.append((job, r.outcome))
+                if r.rss:
+                    child.rss = r.rss
+            child.tasks_done += len(results)
+            self._may_dispatch = True
             if child.state is ChildState.READY:
                 if self.max_tasks is not None and child.tasks_done >= self.max_tasks:
                     self._recycle(child, "max-tasks")
                 elif self.max_memory is not None and child.rss > self.max_memory:
                     self._recycle(child, "max-memory")
-            elif child.state is ChildState.DRAINING and not child.running:
-                self._send(child, [STOP])
-        if job is not None:
-            self._crashes.pop(job.envelope.id, None)
-            self._report(job, outcome)
+            elif child.state is ChildState.DRAINING and not running:
+                self._stop_child(child)
+        crashes = self._crashes
+        report = self._report
+        for job, outcome in done:
+            if crashes:
+                crashes.pop(job.envelope.id, None)
+            report(job, outcome)
 
     def _recycle(self, child: _Child, reason: str) -> None:
         """Stop giving ``child`` work; it exits after its running tasks, a new child takes the slot now."""
         child.state = ChildState.DRAINING
         child.recycle_reason = reason
         if not child.running:
-            self._send(child, [STOP])
+            self._stop_child(child)
         if self.state is PoolState.RUNNING:
             self._replace()
 
@@ -435,6 +478,7 @@ class ProcessEngine(Engine):
             orphans = list(child.running.values())
             child.running.clear()
             del self._children[pid]
+            self._children_version += 1
         self._drain_late_results(child)
         child.channel.close()
         if previous is ChildState.KILLED:
@@ -487,8 +531,9 @@ class ProcessEngine(Engine):
                             reason="poison")
         return _crashed(job, f"the child running it died (exit code {code})")
 
-    def _enqueue_for_child(self, msg: list) -> None:
-        _, new_id, name, args, opts, parent_id, root_id = msg
+    def _enqueue_for_child(self, msg: Enqueue) -> None:
+        new_id, name, args, opts, parent_id, root_id = (msg.new_id, msg.name, msg.args, msg.options,
+                                                        msg.parent_id, msg.root_id)
         try:
             options = TaskOptions(**opts) if opts else None
             parent = SimpleNamespace(id=parent_id, root_id=root_id or parent_id)
@@ -498,31 +543,40 @@ class ProcessEngine(Engine):
 
     # -- dispatch -------------------------------------------------------------------------
     def _dispatch(self) -> None:
+        """Hand backlog jobs to children with a free slot, fewest running first; a child
+        never gets more frames than it can start (``child_concurrency``)."""
+        started: list[Job] = []
         with self._lock:
-            if not self._backlog or self.state is not PoolState.RUNNING:
+            backlog = self._backlog
+            if self.state is not PoolState.RUNNING:
                 return
+            per_child = self.child_concurrency
             free = [c for c in self._children.values()
-                    if c.state is ChildState.READY and len(c.running) < self.child_concurrency]
+                    if c.state is ChildState.READY and len(c.running) < per_child] if backlog else None
             if not free:
+                self._may_dispatch = False
                 return
-            free.sort(key=lambda c: len(c.running))
-            now = time.monotonic()
+            if per_child > 1:
+                free.sort(key=_running_count)
+            now = None
             skipped: list[Job] = []
-            started: list[Job] = []
-            while self._backlog and free:
-                job = self._backlog.popleft()
+            while backlog and free:
+                job = backlog.popleft()
                 if job.settled:
                     continue
-                rate = job.handler.options.rate_limit
-                if rate is not None:
-                    limiter = self._limiters.get(job.handler.name)
+                options = job.handler.options
+                if options.rate_limit is not None:
+                    name = job.handler.name
+                    limiter = self._limiters.get(name)
                     if limiter is None:
-                        limiter = self._limiters[job.handler.name] = RateLimiter(job.handler.options.rate_per_second)
+                        limiter = self._limiters[name] = RateLimiter(options.rate_per_second)
+                    if now is None:
+                        now = time.monotonic()
                     if limiter.wait_time(now) > 0:
                         skipped.append(job)
                         continue
                 child = free[0]
-                if not child.channel.send(_encode([TASK, job.seq, job.delivery.frame])):
+                if not child.channel.send(_encode(Task(job.seq, job.delivery.frame))):
                     skipped.append(job)
                     free.pop(0)
                     continue
@@ -531,16 +585,19 @@ class ProcessEngine(Engine):
                 job.soft_deadline = None  # the child enforces its own soft limit
                 child.running[job.seq] = job
                 started.append(job)
-                if len(child.running) >= self.child_concurrency:
+                if len(child.running) >= per_child:
                     free.pop(0)
-            self._backlog.extendleft(reversed(skipped))
+            if skipped:
+                backlog.extendleft(reversed(skipped))
+            # rate-limited jobs wait while children idle: look again next turn
+            self._may_dispatch = bool(free and backlog)
         if signals.task_prerun.receivers:
             for job in started:
                 signals.task_prerun.send(self.worker, envelope=job.envelope, context=None)
 
-    def _send(self, child: _Child, msg: list) -> None:
+    def _stop_child(self, child: _Child) -> None:
         try:
-            child.channel.send(_encode(msg))
+            child.channel.send(_STOP)
         except Exception:  # noqa: BLE001 - a closed channel: the child is gone anyway
             pass
 
@@ -566,6 +623,21 @@ class ProcessEngine(Engine):
                         log.info("child %d is over max_memory_per_child mid-task (%d bytes); recycling after it",
                                  c.pid, c.rss)
                         self._recycle(c, "max-memory")
+
+
+_WAKE = "wake"   # poll set kinds besides a child's channel
+_EXIT = "exit"
+
+
+class _PollSet(NamedTuple):
+    version: int                 # ProcessEngine._children_version it was built from
+    children: list[_Child]
+    poller: Any                  # select.poll over every fd in kinds
+    kinds: dict[int, Any]        # fd -> the child's Channel, _WAKE or _EXIT
+
+
+def _running_count(child: _Child) -> int:
+    return len(child.running)
 
 
 def _crashed(job: Job, message: str, reason: str = "child-crashed") -> Outcome:
@@ -595,10 +667,10 @@ def _rss(pid: int) -> int:
 
 
 def _drain_pipe(fd: int) -> None:
+    """One read: more than 4 KiB of wake-ups left over just make the next poll return."""
     try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, OSError):
+        os.read(fd, 4096)
+    except OSError:
         pass
 
 

@@ -24,14 +24,15 @@ API::
     ch.recv_wait(timeout, max_n=1024) -> list[bytes]   # [] when the timeout passes
     ch.pending_bytes(), ch.free_bytes(), ch.capacity, ch.max_inline
     ch.fileno()                              # the incoming doorbell, for poll/selectors:
-    ch.arm_doorbell() -> bool; ch.disarm_doorbell()   # ...around your own select()
+    ch.arm_doorbell() -> bool; ch.disarm_doorbell(drain=True)   # ...around your own select()
+    ch.drain_doorbell()                      # ...after it reported fileno() readable
     wait_readable(channels, timeout) -> list[Channel]  # one thread serving N children
     ch.handle                                # small and picklable
     ch.close(); ch.unlink(); with Channel.create() as ch: ...
 
-``send``/``send_many``/``recv``/``recv_many`` are the ring's own (compiled)
-methods bound on the instance: no Python frame between the caller and the C
-loop.  Frames are any contiguous bytes-like object; received frames are
+``send``/``send_many``/``recv``/``recv_many``/``pending_bytes``/``arm_doorbell``
+are the ring's own (compiled) methods bound on the instance: no Python frame
+between the caller and the C loop.  Frames are any contiguous bytes-like object; received frames are
 ``bytes``.  Batch: one index store and at most one doorbell per call.
 
 Segment layout (native byte order; ring layout in ``stem/_ring_py.py``)::
@@ -447,14 +448,17 @@ class Channel:
         self.send_many = out.send_many
         self.recv = inn.recv
         self.recv_many = inn.recv_many
+        self.pending_bytes = inn.pending_bytes
+        self.arm_doorbell = inn.arm_recv
         self._resources = _Resources(owner=self._owner, name=name, capacity=capacity, shm=shm,
                                      mapping=mapping, fds=list(dict.fromkeys(bells)),
                                      rings=(out, inn))
         self._finalizer = weakref.finalize(self, self._resources.release)
         return self
 
-    # The four methods below are shadowed per instance by the ring's bound methods
-    # (see _open); they document the API and behave identically.
+    # send, send_many, recv, recv_many, pending_bytes and arm_doorbell are shadowed per
+    # instance by the ring's bound methods (see _open); these document the API and
+    # behave identically.
 
     def send(self, frame) -> bool:
         """Write one frame; False (nothing written) if it does not fit now."""
@@ -526,9 +530,19 @@ class Channel:
         """
         return self._in.arm_recv()
 
-    def disarm_doorbell(self) -> None:
-        """Undo ``arm_doorbell()`` and drain the doorbell, so the fd reads as quiet again."""
+    def disarm_doorbell(self, drain: bool = True) -> None:
+        """Undo ``arm_doorbell()`` and drain the doorbell, so the fd reads as quiet again.
+
+        ``drain=False`` when your selector said the fd is quiet (or you drained it with
+        ``drain_doorbell()``): it saves a ``read``.  A bell rung in between only makes
+        the next wait return at once, to find the frames.
+        """
         self._in.disarm_recv()
+        if drain:
+            _drain(self._bell_fd)
+
+    def drain_doorbell(self) -> None:
+        """Consume a ring of the doorbell (after your selector reported ``fileno()`` readable)."""
         _drain(self._bell_fd)
 
     def pending_bytes(self) -> int:
