@@ -34,7 +34,7 @@ The work is done by ``stem._speedups.codec`` (compiled) or its pure twin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import msgspec
 
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE", "Envelope", "FrameHeader", "HEADER_SIZE", "IMPLEMENTATION", "MAGIC",
     "WIRE_VERSION", "decode_body", "decode_frame", "decode_value", "encode_body", "encode_frame",
-    "encode_value", "read_header", "with_delivery",
+    "encode_value", "frame_encoder", "read_header", "with_delivery",
 ]
 
 WIRE_VERSION = 1
@@ -108,6 +108,20 @@ def encode_frame(env: Envelope, signer: PayloadSigner | None = None, *,
     msgpack cannot carry, a non-str key) or the frame would pass ``max_size``.
     """
     return _encode_frame(env, None if signer is None else getattr(signer, "_backend", signer), max_size)
+
+
+def frame_encoder(signer: PayloadSigner | None = None, *,
+                  max_size: int = DEFAULT_MAX_FRAME_SIZE) -> Callable[[Envelope], bytes]:
+    """``encode_frame`` with ``signer`` and ``max_size`` bound once, for a producer
+    that frames a whole batch: the per-call signer lookup and keyword handling
+    are a measurable part of a ~1 us encode.  Same bytes and errors as
+    :func:`encode_frame`."""
+    encode, backend = _encode_frame, None if signer is None else getattr(signer, "_backend", signer)
+
+    def encode_one(env: Envelope) -> bytes:
+        return encode(env, backend, max_size)
+
+    return encode_one
 
 
 def decode_frame(frame: bytes | memoryview, signer: PayloadSigner | None = None, *,

@@ -23,7 +23,8 @@ from stem import _codec_py, _signer_py, envelope
 from stem._native import FORCED_PURE
 from stem.envelope import (
     DEFAULT_MAX_FRAME_SIZE, HEADER_SIZE, MAGIC, WIRE_VERSION, Envelope, FrameHeader, decode_body,
-    decode_frame, decode_value, encode_body, encode_frame, encode_value, read_header, with_delivery,
+    decode_frame, decode_value, encode_body, encode_frame, encode_value, frame_encoder, read_header,
+    with_delivery,
 )
 from stem.errors import DecodeError, EncodeError, SignatureError
 from stem.signing import PayloadSigner
@@ -183,6 +184,16 @@ def test_any_object_with_sign_and_verify_can_sign_frames():
     frame = encode_frame(sample(), Reversed())
     assert read_header(frame).key_id == b"rev"
     assert decode_frame(frame, Reversed()) == sample()
+
+
+def test_a_frame_encoder_writes_the_bytes_encode_frame_writes(signer):
+    for env in (sample(), sample(args={}, headers={}, meta={}, expires_at=None)):
+        assert frame_encoder(signer)(env) == encode_frame(env, signer)
+        assert frame_encoder()(env) == encode_frame(env)
+    with pytest.raises(EncodeError, match="max_size"):
+        frame_encoder(signer, max_size=HEADER_SIZE + 10)(sample())
+    with pytest.raises(EncodeError):
+        frame_encoder(signer)(sample(args={"x": object()}))
 
 
 def test_signed_frame_decodes_without_a_signer(signer):

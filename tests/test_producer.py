@@ -177,3 +177,134 @@ def test_header_of_a_fresh_frame_has_attempt_zero(stem):
     stem.enqueue("noop")
     [d] = stem.broker.consume(["default"], 1, 1.0)
     assert read_header(d.frame).attempt == 0
+
+
+# ---- enqueue_many's batch path builds what enqueue builds ------------------------------
+
+FULL_OPTIONS = TaskOptions(queue="q1", priority=7, max_retries=4, expires=60.0, visibility_timeout=12.0,
+                           soft_time_limit=3.0, hard_time_limit=9.0)
+
+
+def test_envelope_fields_are_in_the_order_the_producer_builds_them_by_position():
+    from stem.envelope import Envelope
+    assert Envelope.__struct_fields__ == (
+        "id", "name", "args", "headers", "meta", "queue", "priority", "attempt", "max_retries",
+        "enqueued_at", "not_before", "expires_at", "visibility_timeout", "soft_time_limit",
+        "hard_time_limit", "parent_id", "root_id")
+
+
+@pytest.mark.parametrize("item", [
+    ("email.send", {"to": "a"}),
+    ("email.send", {"to": "a"}, FULL_OPTIONS),
+    ("email.send", {"to": "a"}, None),
+    ["email.send", {"to": "a"}, FULL_OPTIONS],
+    {"name": "email.send", "args": {"to": "a"}, "options": FULL_OPTIONS},
+])
+def test_enqueue_many_frames_every_item_shape_as_enqueue_does(stem, item):
+    options = item[2] if isinstance(item, (tuple, list)) and len(item) == 3 else (
+        item.get("options") if isinstance(item, dict) else None)
+    one = stem.enqueue("email.send", {"to": "a"}, options=options)
+    [many] = stem.enqueue_many([item])
+    queue = "mail" if options is None else "q1"
+    d1, d2 = stem.broker.consume([queue], 2, 1.0)
+    e1, e2 = decode_frame(d1.frame), decode_frame(d2.frame)
+    assert (e1.id, e2.id) == (one, many)
+    assert e2.enqueued_at == pytest.approx(e1.enqueued_at, abs=5)
+    assert e2.expires_at == (None if e1.expires_at is None else pytest.approx(e1.expires_at, abs=5))
+    same = dict(id=one, enqueued_at=e1.enqueued_at, expires_at=e1.expires_at)
+    assert msgspec_replace(e2, **same) == e1
+    if options is not None:
+        assert (e2.queue, e2.priority, e2.max_retries, e2.visibility_timeout, e2.soft_time_limit,
+                e2.hard_time_limit) == ("q1", 7, 4, 12.0, 3.0, 9.0)
+        assert e2.expires_at == pytest.approx(e2.enqueued_at + 60.0)
+        assert d2.visibility_timeout == 12.0
+
+
+def msgspec_replace(env, **changes):
+    import msgspec
+    return msgspec.structs.replace(env, **changes)
+
+
+def test_enqueue_many_ids_are_unique_uuid4_hex(stem):
+    import uuid
+    ids = stem.enqueue_many([("noop", {})] * 300 + [{"name": "noop"}, ["noop", None]])
+    assert len(set(ids)) == len(ids) == 302
+    for task_id in ids:
+        u = uuid.UUID(hex=task_id)
+        assert u.hex == task_id and u.version == 4 and u.variant == uuid.RFC_4122
+
+
+def test_enqueue_many_keeps_an_explicit_task_id(stem):
+    ids = stem.enqueue_many([("noop", {}), {"name": "noop", "task_id": "mine"}, ("noop", {})])
+    assert ids[1] == "mine" and len(set(ids)) == 3
+
+
+def test_enqueue_many_accepts_a_generator(stem):
+    ids = stem.enqueue_many(("noop", {"i": i}) for i in range(5))
+    assert len(ids) == 5 and stem.broker.stats("default").ready == 5
+
+
+def test_enqueue_many_resolves_each_name_and_options_pair_separately(stem):
+    stem.enqueue_many([("email.send", {"to": "a"}), ("email.send", {"to": "b"}, TaskOptions(queue="q2")),
+                       ("email.send", {"to": "c"}, TaskOptions(queue="q3", priority=2)), ("noop", {}),
+                       ("email.send", {"to": "d"}, TaskOptions(queue="q2")), ("email.send", {"to": "e"})])
+    assert [stem.broker.stats(q).ready for q in ("mail", "q2", "q3", "default")] == [2, 2, 1, 1]
+    [d] = stem.broker.consume(["q3"], 1, 1.0)
+    env = decode_frame(d.frame)
+    assert (env.priority, env.max_retries, d.visibility_timeout is not None) == (2, 2, True)
+
+
+def test_enqueue_many_sees_a_task_registered_after_an_earlier_batch(stem, registry):
+    with pytest.raises(UnknownTaskError):
+        stem.enqueue_many([("late", {})])
+    registry.task("late")(lambda ctx: None)
+    assert len(stem.enqueue_many([("late", {})])) == 1
+
+
+@pytest.mark.parametrize("bad, error, fragment", [
+    (("emial.send", {"to": "x"}), UnknownTaskError, "did you mean 'email.send'"),
+    (("email.send", {"to": object()}), EncodeError, "encode|object"),
+    (("email.send", ["not", "a", "dict"]), EncodeError, "dict"),
+    (("email.send", {1: "x"}), EncodeError, "str keys"),
+    (("email.send", {"to": "x", 2: "y"}), EncodeError, "str keys"),
+    (("email.send", {"to": "x"}, {"queue": "q"}), InvalidTaskOptionsError, "TaskOptions"),
+    (("email.send", {"to": "x"}, TaskOptions(unique=True)), InvalidTaskOptionsError, "unique"),
+    (("", {}), InvalidTaskOptionsError, "name"),
+    ((["email.send"], {}), InvalidTaskOptionsError, "name"),
+    ((["email.send"], {}, TaskOptions()), InvalidTaskOptionsError, "name"),
+    ((None, {}), InvalidTaskOptionsError, "name"),
+    (("email.send",), InvalidTaskOptionsError, "enqueue_many items"),
+    (("email.send", {}, None, None), InvalidTaskOptionsError, "enqueue_many items"),
+    ({"name": "email.send", "args": {"to": "x"}, "countdown": -1}, InvalidTaskOptionsError, "countdown"),
+    ({"name": "email.send", "args": {"to": "x"}, "task_id": ""}, InvalidTaskOptionsError, "task_id"),
+    ({"name": "email.send", "args": {"to": "x"}, "headers": {"a": 1}}, EncodeError, "headers"),
+    ({"args": {}}, InvalidTaskOptionsError, "no 'name'"),
+])
+def test_enqueue_many_rejects_a_bad_item_after_good_ones_and_publishes_nothing(stem, bad, error, fragment):
+    good = [("email.send", {"to": "a"}), ("email.send", {"to": "b"}, TaskOptions(queue="q2")), ("noop", {})]
+    with pytest.raises(error, match=fragment):
+        stem.enqueue_many(good + [bad] + good)
+    for q in ("mail", "default", "q2"):
+        assert stem.broker.stats(q).ready == 0
+
+
+def test_enqueue_many_gives_every_envelope_its_own_headers_and_meta(stem):
+    seen = []
+    receiver = signals.before_task_publish.connect(lambda s, envelope: seen.append(envelope))
+    try:
+        stem.enqueue_many([("noop", {})] * 3)
+    finally:
+        signals.before_task_publish.disconnect(receiver)
+    assert len({id(e.headers) for e in seen}) == 3 and len({id(e.meta) for e in seen}) == 3
+
+
+def test_before_publish_receivers_can_change_the_framed_envelope_in_a_batch(stem):
+    def add_header(sender, envelope):
+        envelope.headers = {**envelope.headers, "trace": envelope.id}
+    receiver = signals.before_task_publish.connect(add_header)
+    try:
+        ids = stem.enqueue_many([("noop", {}), ("noop", {})])
+    finally:
+        signals.before_task_publish.disconnect(receiver)
+    got = {decode_frame(d.frame).headers["trace"] for d in stem.broker.consume(["default"], 2, 1.0)}
+    assert got == set(ids)
