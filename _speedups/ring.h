@@ -74,4 +74,13 @@ static inline void stem_ring_bell(int fd) {
     }
 }
 
+/* Consume a doorbell's rings: one read of an eventfd (resets it to 0), or of
+ * up to 4 KiB of a pipe (more just make the next poll return at once).
+ * EAGAIN (rung by nobody after all) is harmless. */
+static inline void stem_drain_bell(int fd) {
+    char buf[4096];
+    ssize_t r = read(fd, buf, sizeof buf);
+    (void)r;
+}
+
 #endif

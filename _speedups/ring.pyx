@@ -13,8 +13,11 @@ A ring object is not thread-safe: one producer and one consumer, each
 calling only its own side's methods.
 """
 
+from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.bytes cimport (PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize,
                             PyBytes_GET_SIZE)
@@ -47,9 +50,20 @@ cdef extern from "ring.h" nogil:
     uint32_t stem_exchange_u32(uint32_t *p, uint32_t v)
     void stem_fence_seq_cst()
     void stem_ring_bell(int fd)
+    void stem_drain_bell(int fd)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    ctypedef unsigned long nfds_t
+    int poll(pollfd *fds, nfds_t nfds, int timeout)
+    enum:
+        POLLIN
 
 __all__ = [
-    "Ring", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
+    "Ring", "wait_rings", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
     "SPILL_BYTES", "MIN_CAPACITY", "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL",
 ]
 
@@ -72,6 +86,89 @@ def max_inline(capacity):
 def ring_bytes(capacity):
     """Bytes one ring of ``capacity`` data bytes occupies (control block included)."""
     return STEM_RING_CTRL_BYTES + capacity
+
+
+cdef int _poll_failed(int err) except -1:
+    """After poll() failed: EINTR runs the signal handlers (which may raise), anything else raises."""
+    if err == EINTR:
+        return PyErr_CheckSignals()
+    errno = err
+    PyErr_SetFromErrno(OSError)
+    return -1
+
+
+def wait_rings(list rings, list bells, list fds, int timeout_ms, list tags):
+    """Sleep on several rings' doorbells and on other fds with one poll(), without the GIL.
+
+    ``rings[i]`` (the reader side) is woken through ``bells[i]``; ``tags[i]``
+    is what to return for it.  When a ring has frames pending already, returns
+    at once.  Otherwise arms every ring, polls ``bells + fds`` for at most
+    ``timeout_ms`` (-1: no limit), drains the bells that rang and disarms.
+    Returns ``(tags of the rings with frames pending, fds that are readable)``;
+    ``fds`` are reported, never read.  Wake-ups can be spurious.
+    """
+    cdef Py_ssize_t nr = len(rings), nf = len(fds), i, armed = 0
+    cdef Ring ring
+    cdef pollfd stack_pfds[16]
+    cdef pollfd *pfds = stack_pfds
+    cdef int rc = 0, err = 0
+    if len(bells) != nr or len(tags) != nr:
+        raise ValueError("wait_rings needs one bell and one tag per ring")
+    for i in range(nr):
+        ring = <Ring?>rings[i]
+        ring._check_open()
+        if ring._has_pending():
+            return _pending_tags(rings, tags), []
+    try:
+        for i in range(nr):
+            ring = <Ring>rings[i]
+            if not ring._arm():
+                return _pending_tags(rings, tags), []
+            armed += 1
+        if nr + nf > 16:
+            pfds = <pollfd *>malloc((nr + nf) * sizeof(pollfd))
+            if pfds == NULL:
+                raise MemoryError()
+        for i in range(nr):
+            pfds[i].fd = bells[i]
+            pfds[i].events = POLLIN
+            pfds[i].revents = 0
+        for i in range(nf):
+            pfds[nr + i].fd = fds[i]
+            pfds[nr + i].events = POLLIN
+            pfds[nr + i].revents = 0
+        with nogil:
+            rc = poll(pfds, <nfds_t>(nr + nf), timeout_ms)
+            if rc < 0:
+                err = errno
+            elif rc > 0:
+                for i in range(nr):
+                    if pfds[i].revents:
+                        stem_drain_bell(pfds[i].fd)
+        fired = []
+        if rc > 0:
+            for i in range(nf):
+                if pfds[nr + i].revents:
+                    fired.append(fds[i])
+    finally:
+        for i in range(armed):
+            (<Ring>rings[i])._disarm()
+        if pfds != stack_pfds:
+            free(pfds)
+    if rc < 0:
+        _poll_failed(err)
+    return _pending_tags(rings, tags), fired
+
+
+cdef list _pending_tags(list rings, list tags):
+    cdef list out = []
+    cdef Ring ring
+    cdef Py_ssize_t i
+    for i in range(len(rings)):
+        ring = <Ring>rings[i]
+        if ring._open and ring._has_pending():
+            out.append(tags[i])
+    return out
 
 
 cdef inline uint64_t _record_bytes(uint64_t n) noexcept nogil:
@@ -433,6 +530,47 @@ cdef class Ring:
     def disarm_recv(self):
         self._check_open()
         stem_store_relaxed_u32(self._reader_waiting, 0)
+
+    cdef inline bint _has_pending(self) noexcept:
+        return stem_load_acquire_u64(self._tail) != stem_load_relaxed_u64(self._head)
+
+    cdef inline bint _arm(self) noexcept:
+        stem_store_relaxed_u32(self._reader_waiting, 1)
+        stem_fence_seq_cst()
+        if self._has_pending():
+            stem_store_relaxed_u32(self._reader_waiting, 0)
+            return False
+        return True
+
+    cdef inline void _disarm(self) noexcept:
+        if self._open:  # closed by its owner while we slept: nothing to undo
+            stem_store_relaxed_u32(self._reader_waiting, 0)
+
+    def wait(self, int bell_fd, int timeout_ms):
+        """Reader side: sleep until the writer rings ``bell_fd`` or ``timeout_ms`` passes.
+
+        arm_recv, poll(bell_fd) without the GIL, drain the bell if it rang,
+        disarm_recv: one call.  Returns at once when frames are pending.
+        True if frames are pending afterwards (wake-ups can be spurious).
+        """
+        cdef pollfd pfd
+        cdef int rc, err = 0
+        self._check_open()
+        if not self._arm():
+            return True
+        pfd.fd = bell_fd
+        pfd.events = POLLIN
+        pfd.revents = 0
+        with nogil:
+            rc = poll(&pfd, 1, timeout_ms)
+            if rc < 0:
+                err = errno
+            elif rc > 0:
+                stem_drain_bell(bell_fd)
+        self._disarm()
+        if rc < 0:
+            _poll_failed(err)
+        return self._open and self._has_pending()
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -64,13 +64,14 @@ calling only its own side's methods.
 from __future__ import annotations
 
 import os
+import select
 import sys
 import threading
 
 from stem.errors import DecodeError
 
 __all__ = [
-    "Ring", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
+    "Ring", "wait_rings", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
     "SPILL_BYTES", "MIN_CAPACITY", "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL",
 ]
 
@@ -102,6 +103,58 @@ def _ring_bell(fd: int) -> None:
             os.write(fd, _BELL)
         except OSError:  # pipe full (a wake-up is pending already) or peer gone
             pass
+
+
+def _drain_bell(fd: int) -> None:
+    try:
+        os.read(fd, 4096)
+    except OSError:  # rung by nobody after all
+        pass
+
+
+def wait_rings(rings, bells, fds, timeout_ms: int, tags):
+    """Sleep on several rings' doorbells and on other fds with one poll().
+
+    ``rings[i]`` (the reader side) is woken through ``bells[i]``; ``tags[i]``
+    is what to return for it.  When a ring has frames pending already, returns
+    at once.  Otherwise arms every ring, polls ``bells + fds`` for at most
+    ``timeout_ms`` (-1: no limit), drains the bells that rang and disarms.
+    Returns ``(tags of the rings with frames pending, fds that are readable)``;
+    ``fds`` are reported, never read.  Wake-ups can be spurious.
+    """
+    if len(bells) != len(rings) or len(tags) != len(rings):
+        raise ValueError("wait_rings needs one bell and one tag per ring")
+    if any(ring.closed for ring in rings):
+        raise ValueError("ring is closed")
+    if any(ring.pending_bytes() for ring in rings):
+        return _pending_tags(rings, tags), []
+    armed = []
+    fired = []
+    try:
+        for ring in rings:
+            if not ring.arm_recv():
+                return _pending_tags(rings, tags), []
+            armed.append(ring)
+        poller = select.poll()
+        for fd in bells:
+            poller.register(fd, select.POLLIN)
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        bell_set = set(bells)
+        for fd, _ in poller.poll(timeout_ms):
+            if fd in bell_set:
+                _drain_bell(fd)
+            else:
+                fired.append(fd)
+    finally:
+        for ring in armed:
+            if not ring.closed:
+                ring.disarm_recv()
+    return _pending_tags(rings, tags), [fd for fd in fds if fd in fired]
+
+
+def _pending_tags(rings, tags) -> list:
+    return [tag for ring, tag in zip(rings, tags) if not ring.closed and ring.pending_bytes()]
 
 
 def max_inline(capacity: int) -> int:
@@ -376,6 +429,27 @@ class Ring:
 
     def disarm_recv(self) -> None:
         self._w[_I_READER_WAITING] = 0
+
+    def wait(self, bell_fd: int, timeout_ms: int) -> bool:
+        """Reader side: sleep until the writer rings ``bell_fd`` or ``timeout_ms`` passes.
+
+        arm_recv, poll(bell_fd), drain the bell if it rang, disarm_recv: one
+        call.  Returns at once when frames are pending.  True if frames are
+        pending afterwards (wake-ups can be spurious).
+        """
+        if self._q is None:
+            raise ValueError("ring is closed")
+        if not self.arm_recv():
+            return True
+        try:
+            poller = select.poll()
+            poller.register(bell_fd, select.POLLIN)
+            if poller.poll(timeout_ms):
+                _drain_bell(bell_fd)
+        finally:
+            if self._q is not None:
+                self.disarm_recv()
+        return self._q is not None and self.pending_bytes() > 0
 
     # -- lifecycle -------------------------------------------------------------
 

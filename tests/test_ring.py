@@ -341,6 +341,120 @@ def test_a_writer_rings_the_doorbell_only_when_the_reader_announced_sleep(impl):
         os.close(fd)
 
 
+def test_ring_wait_sleeps_until_the_writer_rings_and_drains_the_bell(impl):
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    buf = bytearray(impl.ring_bytes(256))
+    w, r = impl.Ring(buf, 0, 256, reader_bell=fd), impl.Ring(buf, 0, 256)
+    try:
+        assert r.wait(fd, 0) is False                  # nothing pending, nothing rang
+        assert buf[128:132] == bytes(4)                # disarmed again
+        w.send(b"early")
+        assert r.wait(fd, 60_000) is True              # pending already: returns at once
+        assert r.recv() == b"early"
+        result = []
+        t = threading.Thread(target=lambda: result.append(r.wait(fd, 60_000)))
+        t.start()
+        wait_until(lambda: buf[128:132] != bytes(4), what="the reader armed its doorbell")
+        assert w.send(b"wake")
+        t.join(10)
+        assert result == [True] and r.recv() == b"wake"
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(fd)                        # the bell was drained
+        assert buf[128:132] == bytes(4)
+    finally:
+        w.close()
+        r.close()
+        os.close(fd)
+
+
+def test_wait_rings_returns_the_tags_of_rings_with_frames_and_the_readable_fds(impl):
+    bells = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3)]
+    other_r, other_w = os.pipe()
+    buf = bytearray(3 * impl.ring_bytes(256))
+    offsets = [i * impl.ring_bytes(256) for i in range(3)]
+    writers = [impl.Ring(buf, o, 256, reader_bell=b) for o, b in zip(offsets, bells)]
+    readers = [impl.Ring(buf, o, 256) for o in offsets]
+    tags = ["a", "b", "c"]
+    try:
+        assert impl.wait_rings(readers, bells, [other_r], 0, tags) == ([], [])
+        writers[2].send(b"x")
+        assert impl.wait_rings(readers, bells, [other_r], 60_000, tags) == (["c"], [])  # at once
+        readers[2].recv()
+        result = []
+        t = threading.Thread(target=lambda: result.append(impl.wait_rings(readers, bells, [other_r], 60_000, tags)))
+        t.start()
+        wait_until(lambda: all(buf[o + 128:o + 132] != bytes(4) for o in offsets), what="all rings armed")
+        writers[1].send(b"y")
+        t.join(10)
+        assert result == [(["b"], [])]
+        assert all(buf[o + 128:o + 132] == bytes(4) for o in offsets)   # all disarmed
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(bells[1])                                   # drained
+        readers[1].recv()
+        os.write(other_w, b"!")
+        assert impl.wait_rings(readers, bells, [other_r], 60_000, tags) == ([], [other_r])
+        assert os.read(other_r, 10) == b"!"                             # reported, never read
+        with pytest.raises(ValueError):
+            impl.wait_rings(readers, bells[:2], [], 0, tags)
+    finally:
+        for ring in writers + readers:
+            ring.close()
+        for fd in bells + [other_r, other_w]:
+            os.close(fd)
+
+
+def test_a_signal_handler_that_raises_interrupts_a_ring_wait(impl):
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    buf = bytearray(impl.ring_bytes(256))
+    r = impl.Ring(buf, 0, 256)
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Interrupted):
+            r.wait(fd, 60_000)
+        assert buf[128:132] == bytes(4)                # disarmed on the way out
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Interrupted):
+            impl.wait_rings([r], [fd], [], 60_000, ["r"])
+        assert buf[128:132] == bytes(4)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        r.close()
+        os.close(fd)
+
+
+def test_many_rings_and_fds_can_be_waited_on_at_once(impl):
+    n = 20  # more than the compiled build keeps on its stack
+    bells = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(n)]
+    buf = bytearray(n * impl.ring_bytes(64))
+    offsets = [i * impl.ring_bytes(64) for i in range(n)]
+    writers = [impl.Ring(buf, o, 64, reader_bell=b) for o, b in zip(offsets, bells)]
+    readers = [impl.Ring(buf, o, 64) for o in offsets]
+    try:
+        assert impl.wait_rings(readers, bells, bells[:3], 0, list(range(n))) == ([], [])
+        result = []
+        t = threading.Thread(target=lambda: result.append(
+            impl.wait_rings(readers, bells, [], 60_000, list(range(n)))))
+        t.start()
+        wait_until(lambda: all(buf[o + 128:o + 132] != bytes(4) for o in offsets), what="all rings armed")
+        writers[17].send(b"late")
+        t.join(10)
+        assert result == [([17], [])]
+    finally:
+        for ring in writers + readers:
+            ring.close()
+        for fd in bells:
+            os.close(fd)
+
+
 def test_a_reader_rings_a_writer_waiting_for_space(impl):
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     buf = bytearray(impl.ring_bytes(256))
@@ -481,6 +595,33 @@ def test_wait_readable_reports_only_the_channels_with_frames():
     finally:
         for ch in children + parents:
             ch.close()
+
+
+def test_a_channel_poller_reports_children_with_frames_and_other_fds():
+    parents = [Channel.create(capacity=4096) for _ in range(2)]
+    children = [Channel.attach(p.handle) for p in parents]
+    wake_r, wake_w = os.pipe()
+    try:
+        poller = ring_module.ChannelPoller(parents, fds=[wake_r], tags=["one", "two"])
+        assert poller.wait(0) == ([], [])
+        result = []
+        t = threading.Thread(target=lambda: result.append(poller.wait(30.0)))
+        t.start()
+        wait_until(lambda: all(flag(p, 1, READER_WAITING) for p in parents), what="all armed")
+        os.write(wake_w, b"x")
+        t.join(10)
+        assert result == [([], [wake_r])]
+        os.read(wake_r, 10)
+        children[0].send(b"r")
+        assert poller.wait(30.0) == (["one"], [])
+        assert all(flag(p, 1, READER_WAITING) == 0 for p in parents)
+        with pytest.raises(ValueError):
+            ring_module.ChannelPoller(parents, tags=["only one"])
+    finally:
+        for ch in children + parents:
+            ch.close()
+        os.close(wake_r)
+        os.close(wake_w)
 
 
 def test_the_doorbell_fileno_works_with_selectors():

@@ -15,7 +15,6 @@ import enum
 import functools
 import logging
 import os
-import select
 import signal
 import threading
 import time
@@ -30,7 +29,7 @@ from .child import (ChildExit, Enqueue, Fatal, Heartbeat, Progress, Ready, Resul
                     decode_from_child, encode_message, spawn_entry)
 from .engine import Engine, Job, RateLimiter, take_matching
 from .execution import ERROR, Outcome
-from .ring import Channel
+from .ring import Channel, ChannelPoller
 from .zygote import Zygote
 
 if TYPE_CHECKING:
@@ -316,67 +315,41 @@ class ProcessEngine(Engine):
         return True
 
     def _current_poll_set(self) -> "_PollSet":
-        """The children to watch and one ``select.poll`` over their doorbells, the wake-up
-        pipe and the exit sources; rebuilt only when a child comes or goes."""
+        """The children to watch and one poller over their doorbells, the wake-up pipe and
+        the exit sources (zygote socket, spawn sentinels); rebuilt only when a child comes or goes."""
         ps = self._poll_set
         if ps is not None and ps.version == self._children_version:
             return ps
         with self._lock:
             version = self._children_version
             children = [c for c in self._children.values() if c.state is not ChildState.DEAD]
-        kinds: dict[int, Any] = {}
-        for c in children:
-            kinds[c.channel.fileno()] = c.channel
-        if self._wake_r >= 0:
-            kinds[self._wake_r] = _WAKE
+        fds = [self._wake_r] if self._wake_r >= 0 else []
         if self._zygote is not None and self._zygote.sock is not None:
-            kinds[self._zygote.fileno()] = _EXIT
-        for c in children:
-            if c.process is not None:
-                kinds[c.process.sentinel] = _EXIT
-        poller = select.poll()
-        for fd in kinds:
-            poller.register(fd, select.POLLIN)
-        ps = self._poll_set = _PollSet(version, children, poller, kinds)
+            fds.append(self._zygote.fileno())
+        fds += [c.process.sentinel for c in children if c.process is not None]
+        poller = ChannelPoller([c.channel for c in children], fds, tags=children)
+        ps = self._poll_set = _PollSet(version, children, poller)
         return ps
 
     def _poll_once(self, timeout: float) -> None:
         """Read every child with pending results; sleep on all doorbells only when none has any.
 
         Exits are looked at when the zygote's socket or a sentinel said so, and at least
-        every EXIT_CHECK_INTERVAL while results keep flowing (then nobody sleeps in poll).
-        Only the doorbells ``poll`` saw ringing are drained: one ``read`` per wake-up, not one
-        per child (a bell rung after ``poll`` returned just makes the next ``poll`` return)."""
+        every EXIT_CHECK_INTERVAL while results keep flowing (then nobody sleeps in poll)."""
         ps = self._current_poll_set()
-        children = ps.children
-        ready = [c for c in children if c.channel.pending_bytes()]
+        ready, fired = ps.poller.wait(timeout)
         exit_hint = False
-        if not ready:
-            armed = []
-            for c in children:
-                if not c.channel.arm_doorbell():
-                    ready.append(c)
-                    break
-                armed.append(c.channel)
-            if not ready:
-                kinds = ps.kinds
-                for fd, _ in ps.poller.poll(max(0, int(timeout * 1000))):
-                    kind = kinds.get(fd)
-                    if kind is _WAKE:
-                        _drain_pipe(fd)
-                    elif kind is _EXIT:
-                        exit_hint = True
-                    elif kind is not None:
-                        kind.drain_doorbell()
-            for ch in armed:
-                ch.disarm_doorbell(drain=False)
-            ready = [c for c in children if c.channel.pending_bytes()]
+        for fd in fired:
+            if fd == self._wake_r:
+                _drain_pipe(fd)
+            else:
+                exit_hint = True
         for c in ready:
             self._read(c)
         now = time.monotonic()
         if exit_hint or now - self._last_exit_check >= EXIT_CHECK_INTERVAL:
             self._last_exit_check = now
-            self._collect_exits(children)
+            self._collect_exits(ps.children)
 
     def _read(self, child: _Child) -> None:
         results = []
@@ -625,15 +598,10 @@ class ProcessEngine(Engine):
                         self._recycle(c, "max-memory")
 
 
-_WAKE = "wake"   # poll set kinds besides a child's channel
-_EXIT = "exit"
-
-
 class _PollSet(NamedTuple):
     version: int                 # ProcessEngine._children_version it was built from
     children: list[_Child]
-    poller: Any                  # select.poll over every fd in kinds
-    kinds: dict[int, Any]        # fd -> the child's Channel, _WAKE or _EXIT
+    poller: ChannelPoller        # their channels (tagged with the child), wake pipe, exit sources
 
 
 def _running_count(child: _Child) -> int:

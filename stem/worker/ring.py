@@ -27,6 +27,7 @@ API::
     ch.arm_doorbell() -> bool; ch.disarm_doorbell(drain=True)   # ...around your own select()
     ch.drain_doorbell()                      # ...after it reported fileno() readable
     wait_readable(channels, timeout) -> list[Channel]  # one thread serving N children
+    ChannelPoller(channels, fds, tags).wait(timeout) -> (tags, fds)  # ...reusable, with other fds
     ch.handle                                # small and picklable
     ch.close(); ch.unlink(); with Channel.create() as ch: ...
 
@@ -123,7 +124,7 @@ Ring = _impl.Ring
 #: "cython" or "python": which ring implementation this process uses
 IMPLEMENTATION = "cython" if _impl.__name__ == "stem._speedups.ring" else "python"
 
-__all__ = ["Channel", "ChannelHandle", "wait_readable", "IMPLEMENTATION", "DEFAULT_CAPACITY",
+__all__ = ["Channel", "ChannelHandle", "ChannelPoller", "wait_readable", "IMPLEMENTATION", "DEFAULT_CAPACITY",
            "DEFAULT_BATCH"]
 
 DEFAULT_CAPACITY = 1 << 20
@@ -491,11 +492,7 @@ class Channel:
             return frames
         deadline = time.monotonic() + timeout
         while True:
-            if ring.arm_recv():
-                remaining = deadline - time.monotonic()
-                if remaining > 0 and self._poll.poll(_poll_ms(remaining)):
-                    _drain(self._bell_fd)
-                ring.disarm_recv()
+            ring.wait(self._bell_fd, _poll_ms(deadline - time.monotonic()))
             frames = ring.recv_many(max_n)
             if frames or time.monotonic() >= deadline:
                 return frames
@@ -596,32 +593,47 @@ class Channel:
                 f"owner={self.owner} {state}>")
 
 
+class ChannelPoller:
+    """One thread waiting on many channels (and other fds) with one ``poll()``.
+
+    Built once for a set of channels, reused for every wait::
+
+        poller = ChannelPoller(channels, fds=[wake_fd], tags=children)
+        ready, fired = poller.wait(0.05)   # tags of channels with frames, readable fds
+
+    ``wait`` returns at once when a channel has frames pending; otherwise it
+    arms every channel's doorbell and sleeps (without the GIL in the compiled
+    build) until a doorbell rings, one of ``fds`` is readable or ``timeout``
+    passes, drains the doorbells that rang and disarms.  ``fds`` are reported,
+    never read.  Wake-ups can be spurious.  ``tags`` (default: the channels)
+    are what ``wait`` returns for the channels.
+    """
+
+    __slots__ = ("channels", "fds", "_rings", "_bells", "_tags")
+
+    def __init__(self, channels, fds=(), tags=None):
+        self.channels = list(channels)
+        self.fds = list(fds)
+        self._rings = [ch._in for ch in self.channels]
+        self._bells = [ch._bell_fd for ch in self.channels]
+        self._tags = list(self.channels if tags is None else tags)
+        if len(self._tags) != len(self.channels):
+            raise ValueError("ChannelPoller needs one tag per channel")
+
+    def wait(self, timeout: float) -> tuple[list, list[int]]:
+        return _impl.wait_rings(self._rings, self._bells, self.fds, _poll_ms(timeout), self._tags)
+
+
 def wait_readable(channels, timeout: float) -> list[Channel]:
     """Block until some of ``channels`` have incoming frames, for at most ``timeout`` seconds.
 
     Returns those channels (``[]`` on timeout).  One thread can serve many
     children this way: every channel is armed, then one ``poll()`` sleeps on
-    all their doorbells.
+    all their doorbells (``ChannelPoller`` does one such wait, reusably).
     """
+    poller = ChannelPoller(channels)
     deadline = time.monotonic() + timeout
     while True:
-        ready = [ch for ch in channels if ch._in.pending_bytes()]
-        if ready:
+        ready, _ = poller.wait(deadline - time.monotonic())
+        if ready or time.monotonic() >= deadline:
             return ready
-        armed = []
-        for ch in channels:
-            if not ch.arm_doorbell():
-                break
-            armed.append(ch)
-        else:
-            remaining = deadline - time.monotonic()
-            if remaining > 0:
-                poller = select.poll()
-                for ch in armed:
-                    poller.register(ch._bell_fd, select.POLLIN)
-                for fd, _ in poller.poll(_poll_ms(remaining)):
-                    _drain(fd)
-        for ch in armed:
-            ch._in.disarm_recv()
-        if time.monotonic() >= deadline:
-            return [ch for ch in channels if ch._in.pending_bytes()]
