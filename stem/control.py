@@ -207,6 +207,11 @@ class ControlServer:
                 log.debug("control queue unreachable (%s)", exc)
                 self._stop.wait(backoff)
                 continue
+            except Exception:  # noqa: BLE001 - as in the fetcher: never let a bug stop the control plane
+                backoff = min(max(backoff * 2, 0.1), 5.0)
+                log.exception("control queue consume failed unexpectedly")
+                self._stop.wait(backoff)
+                continue
             for d in deliveries:
                 try:
                     self._serve(d)

@@ -86,3 +86,25 @@ def test_a_connection_lost_mid_pipeline_is_dropped_not_reused(client):
     assert _redis_pipe.execute(client, [("PING",)]) == [b"PONG"]
     [new_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
     assert new_id != conn_id
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("error, expected", [(ConnectionResetError(104, "Connection reset by peer"),
+                                              redis.ConnectionError),
+                                             (TimeoutError("timed out"), redis.TimeoutError)])
+def test_socket_errors_while_reading_become_redis_errors(client, monkeypatch, error, expected):
+    """An OSError from the socket (the server was killed) must surface as the redis error the
+    retry logic handles, never escape raw (it once killed the worker's fetcher thread)."""
+    from redis._parsers.hiredis import _HiredisParser
+    [first_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
+
+    def broken(self, *a, **k):
+        raise error
+
+    monkeypatch.setattr(_HiredisParser, "read_from_socket", broken)
+    with pytest.raises(expected):
+        _redis_pipe.execute(client, [("PING",)])
+    monkeypatch.undo()
+    assert _redis_pipe.execute(client, [("PING",)]) == [b"PONG"]
+    [new_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
+    assert new_id != first_id, "the connection that failed mid-reply went back to the pool"

@@ -422,3 +422,24 @@ def test_worker_rejects_bad_arguments(kwargs, fragment):
 def test_lifecycle_config_rejects_bad_values(kwargs):
     with pytest.raises(ConfigurationError):
         WorkerLifecycleConfig(**kwargs)
+
+
+def test_an_unexpected_error_in_consume_does_not_stop_fetching(env, monkeypatch, caplog):
+    """A bug-shaped exception (not a StemError) from the broker is logged and retried;
+    it once killed the fetcher thread and left a live worker that never fetched again."""
+    env.registry.task("add")(lambda ctx, a, b: a + b)
+    real = env.broker.consume
+    failures = []
+
+    def flaky(*a, **k):
+        if threading.current_thread().name == "stem-fetcher" and len(failures) < 2:
+            failures.append(1)
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real(*a, **k)
+
+    monkeypatch.setattr(env.broker, "consume", flaky)
+    env.worker().run_in_background()
+    task_id = env.stem.enqueue("add", {"a": 1, "b": 2})
+    assert env.stem.wait_for_task(task_id, timeout=20).result == 3
+    assert len(failures) == 2
+    assert "consume failed unexpectedly" in caplog.text

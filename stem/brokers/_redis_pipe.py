@@ -18,6 +18,7 @@ does.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Iterable, Sequence
 
 import redis
@@ -45,7 +46,12 @@ def _read_replies(conn: Any, n: int) -> list:
         while len(out) < n:
             reply = gets()
             if reply is _MORE or reply is False:
-                more()
+                try:
+                    more()
+                except socket.timeout as exc:   # what redis-py's read_response would raise
+                    raise redis.TimeoutError(f"Timeout reading from Redis: {exc}") from exc
+                except OSError as exc:          # e.g. ECONNRESET when the server is killed
+                    raise redis.ConnectionError(f"Error while reading from Redis: {exc}") from exc
                 continue
             if isinstance(reply, redis.ConnectionError):
                 raise reply

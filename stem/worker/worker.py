@@ -316,6 +316,11 @@ class Worker:
                 backoff = min(max(backoff * 2, 0.1), 5.0)
                 self._stop_requested.wait(backoff)
                 continue
+            except Exception:  # noqa: BLE001 - a bug in an adapter must not silently stop all fetching
+                log.exception("worker %s: consume failed unexpectedly; retrying with backoff", self.id)
+                backoff = min(max(backoff * 2, 0.1), 5.0)
+                self._stop_requested.wait(backoff)
+                continue
             with self._lock:
                 self._fetch_generation += 1
                 paused = set(self._paused)
