@@ -66,7 +66,7 @@ from importlib import resources
 from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 from ..errors import BrokerConnectionError, BrokerError, ConfigurationError, StemError
-from ._redis_pipe import execute, execute_packed, pack_commands, raise_first_error
+from ._redis_pipe import execute, raise_first_error
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
                    Message, QueueStats, validate_queue_name)
 
@@ -248,25 +248,27 @@ class RedisBroker(Broker):
         commands = []
         now = time.time()
         new_queues = []
+        lanes: dict[tuple[str, int], str] = {}
         for m in messages:
-            keys = self.queue_keys(m.queue)
-            if m.queue not in self._declared and m.queue not in new_queues:
-                new_queues.append(m.queue)
+            queue = m.queue
+            if queue not in self._declared and queue not in new_queues:
+                new_queues.append(queue)
             vt_ms = 0 if m.visibility_timeout is None else _ms(m.visibility_timeout)
             priority = int(m.priority)
-            frame = m.frame if isinstance(m.frame, bytes) else bytes(m.frame)
+            frame = m.frame if type(m.frame) is bytes else bytes(m.frame)
             if m.not_before is not None and m.not_before > now:
                 tid = m.task_id.encode()
                 member = b"%s %d %d %d %s%s" % (uuid.uuid4().hex[:16].encode(), priority, vt_ms,
                                                  len(tid), tid, frame)
-                commands.append(("ZADD", keys[N_LANES + 1], int(m.not_before * 1000), member))
+                commands.append(("ZADD", self.queue_keys(queue)[N_LANES + 1], int(m.not_before * 1000), member))
             else:
-                commands.append(("XADD", keys[_lane(priority)], "*", "t", m.task_id, "f", frame,
-                                 "p", priority, "v", vt_ms))
+                key = lanes.get((queue, priority))
+                if key is None:
+                    key = lanes[(queue, priority)] = self.queue_keys(queue)[_lane(priority)]
+                commands.append(("XADD", key, "*", "t", m.task_id, "f", frame, "p", priority, "v", vt_ms))
         if new_queues:
             commands.append(("SADD", self._queues_key, *new_queues))
-        packed = pack_commands(commands)
-        self._call(lambda: raise_first_error(execute_packed(self._client, packed, len(commands))), "publish")
+        self._call(lambda: raise_first_error(execute(self._client, commands)), "publish")
         self._declared.update(new_queues)
 
     def _declare(self, queues: Sequence[str]) -> None:
