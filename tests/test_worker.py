@@ -443,3 +443,49 @@ def test_an_unexpected_error_in_consume_does_not_stop_fetching(env, monkeypatch,
     assert env.stem.wait_for_task(task_id, timeout=20).result == 3
     assert len(failures) == 2
     assert "consume failed unexpectedly" in caplog.text
+
+
+def test_outcomes_are_held_briefly_and_handed_to_the_settle_thread_in_batches():
+    """The main loop's outbox: held while more outcomes are on their way, handed on at
+    once when it holds every unsettled job, half the prefetch window, the slots a waiting
+    fetcher needs, or when its linger passed (decisions only; no threads involved)."""
+    import collections
+    from stem.worker import worker as worker_mod
+    w = Worker(InMemoryBroker(), InMemoryResultBackend(), TaskRegistry(), concurrency=2, prefetch_multiplier=8,
+               isolation="inline", lifecycle=NO_SIGNALS)
+    w._outbox = collections.deque()
+    w._jobs = {i: object() for i in range(16)}          # 16 unsettled; the refill threshold is 8
+    assert w._refill_at == 8
+    batches = []
+
+    def report(n):
+        for i in range(n):
+            w._report(f"job{i}", f"outcome{i}")
+
+    def handed():
+        while not w._batches.empty():
+            batches.append(w._batches.get_nowait())
+        return [len(b) for b in batches]
+
+    report(3)
+    wait = w._flush_outbox(100.0)
+    assert handed() == [] and 0 < wait <= worker_mod.SETTLE_LINGER          # held: more are running
+    w._fetcher_waiting = True                     # 16 held + 3 settled would free 3 < 8 slots
+    assert w._flush_outbox(100.0) and handed() == []
+    report(5)                                     # 8 outcomes: half the window
+    w._flush_outbox(100.001)
+    assert handed() == [8]
+    w._fetcher_waiting = False
+    report(2)
+    w._flush_outbox(200.0)
+    assert handed() == [8]                        # held ...
+    w._flush_outbox(200.0 + worker_mod.SETTLE_LINGER)
+    assert handed() == [8, 2]                     # ... until the linger passed
+    w._jobs = {0: object()}
+    report(1)
+    w._flush_outbox(300.0)
+    assert handed() == [8, 2, 1]                  # every unsettled job's outcome is in: no wait
+    report(1)
+    w._jobs = {i: object() for i in range(16)}
+    w._flush_outbox(400.0, force=True)
+    assert handed() == [8, 2, 1, 1]               # shutdown: everything goes

@@ -10,6 +10,7 @@ processes).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -46,10 +47,9 @@ FETCH_BLOCK_SECONDS = 0.25
 HEARTBEAT_MIN_TTL = 5.0
 # How often the fetcher re-reads the backend's persistent revocations.
 REVOKE_REFRESH = 1.0
-# How long the settle thread lets a small batch of outcomes grow while more are running
-# (never while the fetcher waits for the slots it would free), and how often it looks.
+# How long finished outcomes may wait for more before they are settled as one batch
+# (never while the fetcher waits for the slots they would free): see _flush_outbox.
 SETTLE_LINGER = 0.005
-SETTLE_NAP = 0.0005
 
 
 def load_registry(path: str) -> TaskRegistry:
@@ -141,7 +141,10 @@ class Worker:
         self.control_enabled = control
         self._engine = engine or self._make_engine()
 
-        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: queue.SimpleQueue = queue.SimpleQueue()   # outcomes, when the main loop settles
+        self._outbox: collections.deque | None = None           # outcomes, when a settle thread does
+        self._batches: queue.SimpleQueue = queue.SimpleQueue()  # outbox -> settle thread, a list at a time
+        self._flush_at: float | None = None
         self._heartbeat_requests: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Condition()
         self._jobs: dict[int, Job] = {}          # every unsettled delivery this worker holds
@@ -403,7 +406,35 @@ class Worker:
         return self._revoked_cache
 
     def _report(self, job: Job, outcome: Outcome) -> None:
-        self._done.put((job, outcome))
+        outbox = self._outbox
+        if outbox is not None:
+            outbox.append((job, outcome))   # the main loop hands them on in batches
+        else:
+            self._done.put((job, outcome))
+
+    def _flush_outbox(self, now: float, force: bool = False) -> float:
+        """Hand the outcomes reported since the last flush to the settle thread as one batch,
+        or hold them up to SETTLE_LINGER while more are on their way: a settle round trip
+        (client and server) costs about the same for 2 outcomes as for 20, so settling each
+        outcome as it lands spends most of the supervisor's CPU on per-call overhead.  A
+        batch goes at once when it holds every unsettled job's outcome, half the prefetch
+        window, or the slots a waiting fetcher needs.  Runs on the main loop, which wakes for
+        every result anyway, so holding costs the settle thread no wake-ups.  Returns how long
+        the main loop may sleep before the next look."""
+        outbox = self._outbox
+        n = len(outbox)
+        if not n:
+            return 0.05
+        if self._flush_at is None:
+            self._flush_at = now + SETTLE_LINGER
+        jobs = len(self._jobs)
+        if not (force or now >= self._flush_at or n >= min(jobs, self._refill_at)
+                or (self._fetcher_waiting and self.prefetch_limit - jobs + n >= self._refill_at)):
+            return min(0.05, self._flush_at - now)
+        pop = outbox.popleft
+        self._batches.put([pop() for _ in range(n)])
+        self._flush_at = None
+        return 0.05
 
     def _main_loop(self) -> None:
         last_housekeeping = 0.0
@@ -415,12 +446,17 @@ class Worker:
             # The engine turns on this thread; settling (a broker round trip) gets its own, so
             # finished children get their next task while results are being stored, and
             # outcomes pile up into bigger batches while one settle is in flight.
+            self._outbox = collections.deque()
+            while not self._done.empty():
+                self._outbox.append(self._done.get_nowait())
             settle_thread = threading.Thread(target=self._settle_loop, name="stem-settle", daemon=True)
             settle_thread.start()
         self._settle_thread = settle_thread
+        wait = 0.05
         while True:
             if settle_thread is not None:
-                self._engine.poll(0.05)
+                self._engine.poll(wait)
+                wait = self._flush_outbox(time.monotonic(), self._stop_requested.is_set())
             else:
                 batch = self._drain_done(0.05)
                 if batch:
@@ -453,14 +489,20 @@ class Worker:
         self._finish_shutdown()
 
     def _settle_loop(self) -> None:
-        while not (self._settle_stop.is_set() and self._done.empty()):
-            batch = self._drain_done(0.05)
-            if batch:
-                self._linger(batch)
-                try:
-                    self._settler.settle(batch)
-                except Exception:  # noqa: BLE001 - never lose the settle thread; leases bring tasks back
-                    log.exception("settling %d outcomes failed", len(batch))
+        while not (self._settle_stop.is_set() and self._batches.empty()):
+            try:
+                batch = self._batches.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            try:
+                while len(batch) < _SETTLE_BATCH:   # batches that queued up while one settled
+                    batch += self._batches.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                self._settler.settle(batch)
+            except Exception:  # noqa: BLE001 - never lose the settle thread; leases bring tasks back
+                log.exception("settling %d outcomes failed", len(batch))
 
     def _drain_done(self, timeout: float) -> list[tuple[Job, Outcome]]:
         try:
@@ -475,33 +517,6 @@ class Worker:
         except queue.Empty:
             pass
         return batch
-
-    def _linger(self, batch: list[tuple[Job, Outcome]]) -> None:
-        """Let a small batch grow for up to SETTLE_LINGER while more outcomes are on their
-        way: a settle round trip (client and server) costs about the same for 2 outcomes as
-        for 16, so settling each outcome as it lands spends most of the supervisor's CPU on
-        per-call overhead.  It never holds up the fetcher: once settling this batch would
-        free enough slots for a refill that is waiting on them, the batch goes at once."""
-        if SETTLE_LINGER <= 0:
-            return
-        with self._lock:
-            want = min(len(self._jobs), self._refill_at)
-        # Nap and drain rather than block on the queue: a blocked get() would be woken (a
-        # futex round trip between threads) by every outcome the engine reports meanwhile.
-        deadline = time.monotonic() + SETTLE_LINGER
-        get = self._done.get_nowait
-        while len(batch) < want:
-            if self._fetcher_waiting and self.prefetch_limit - len(self._jobs) + len(batch) >= self._refill_at:
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            time.sleep(min(remaining, SETTLE_NAP))
-            try:
-                while len(batch) < _SETTLE_BATCH:
-                    batch.append(get())
-            except queue.Empty:
-                pass
 
     def _forget(self, jobs: list[Job]) -> None:
         with self._lock:
@@ -696,6 +711,7 @@ class Worker:
         if self._control is not None:
             self._control.stop()
         if self._settle_thread is not None:
+            self._flush_outbox(time.monotonic(), force=True)
             self._settle_stop.set()
             self._settle_thread.join(self.lifecycle.force_shutdown_after)
         self._engine.stop(self.lifecycle.force_shutdown_after)
