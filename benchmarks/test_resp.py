@@ -1,0 +1,83 @@
+"""RESP packing and the lean pipeline: compiled (``c``) vs pure twin (``py``), and redis-py.
+
+    .venv/bin/python -m pytest benchmarks/test_resp.py -p no:cacheprovider \
+        --benchmark-only --benchmark-group-by=group -q
+
+``pack settle batch``: what the worker writes to settle 32 tasks (a SET with
+PX and a PUBLISH per task, then the ack script) packed into one buffer by
+``stem._speedups.resp`` / ``stem._resp_py``, next to redis-py's own packer
+(``hiredis.pack_command`` per command, joined).  ``pack xadd batch``: 500
+XADDs of 200-byte frames (a producer's ``enqueue_many``).  ``pipeline 64
+SETs``: the round trip against the local Redis through
+``stem.brokers._redis_pipe.execute`` vs a redis-py ``Pipeline`` (wall time,
+server included; skipped when no Redis answers).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import uuid
+
+import hiredis
+import pytest
+import redis
+
+from stem import _resp_py
+
+TWINS = {"py": _resp_py}
+try:
+    TWINS["c"] = importlib.import_module("stem._speedups.resp")
+except ImportError:
+    pass
+
+SETTLE = ([("SET", f"stem:{{t:{uuid.uuid4().hex}}}:status", b"s" * 160, "PX", 86_400_000) for _ in range(32)]
+          + [("PUBLISH", f"stem:{{t:{uuid.uuid4().hex}}}:done", b"s" * 160) for _ in range(32)]
+          + [("EVALSHA", "a" * 40, 13, *[f"stem:{{q:bench}}:k{i}" for i in range(13)], "ack",
+              *[x for i in range(32) for x in (0, f"1764355200000-{i}")])])
+XADD = [("XADD", "stem:{q:bench}:lane:0", "*", "t", uuid.uuid4().hex, "f", b"f" * 200, "p", 0, "v", 0)
+        for _ in range(500)]
+
+
+def _hiredis(commands):
+    return b"".join(hiredis.pack_command(tuple(c)) for c in commands)
+
+
+@pytest.mark.parametrize("impl", [*TWINS, "redis-py"])
+@pytest.mark.parametrize("name, commands", [("settle batch", SETTLE), ("xadd batch", XADD)])
+def test_pack(benchmark, impl, name, commands):
+    benchmark.group = f"pack {name} ({len(commands)} commands)"
+    pack = _hiredis if impl == "redis-py" else TWINS[impl].pack_commands
+    out = benchmark(pack, commands)
+    assert out == _hiredis(commands)
+    benchmark.extra_info["us_per_command_median"] = benchmark.stats.stats.median * 1e6 / len(commands)
+
+
+@pytest.fixture(scope="module")
+def client():
+    c = redis.Redis.from_url(os.environ.get("STEM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    try:
+        c.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis for the pipeline bench: {exc}")
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("impl", ["lean", "redis-py"])
+def test_pipeline_64_sets(benchmark, client, impl):
+    from stem.brokers._redis_pipe import execute
+    benchmark.group = "pipeline 64 SETs (round trip, server included)"
+    keys = [f"stem-bench-resp:{i}" for i in range(64)]
+    commands = [("SET", k, b"v" * 160, "PX", 60_000) for k in keys]
+
+    def redis_py():
+        pipe = client.pipeline(transaction=False)
+        for c in commands:
+            pipe.execute_command(*c)
+        return pipe.execute()
+
+    run = (lambda: execute(client, commands)) if impl == "lean" else redis_py
+    replies = benchmark(run)
+    assert replies == [True] * 64 if impl == "redis-py" else replies == [b"OK"] * 64
+    client.delete(*keys)
