@@ -14,28 +14,18 @@ and pick another block function for the compiled path:
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
 
-from stem import _codec_py, _signer_py
+from benchmarks._twins import codec_builds
+
 from stem.envelope import Envelope, FrameHeader
 
 SECRET = b"benchmark-secret-0123456789abcdef"
 
 
-def _builds():
-    builds = {"py": (_codec_py, _signer_py)}
-    try:
-        builds["c"] = (importlib.import_module("stem._speedups.codec"),
-                       importlib.import_module("stem._speedups.signer"))
-    except ImportError:
-        pass
-    return builds
-
-
-BUILDS = _builds()
+BUILDS = codec_builds()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,13 +15,14 @@ compiled and the pure frame codec and signer, in one group.
 
 from __future__ import annotations
 
-import importlib
 from typing import Sequence
 
 import pytest
 
+from benchmarks._twins import codec_builds
+
 from stem import PayloadSigner, Stem, TaskOptions, TaskRegistry
-from stem import _codec_py, _signer_py, envelope
+from stem import envelope
 from stem.brokers import InMemoryBroker, Message
 from stem.envelope import Envelope, FrameHeader
 
@@ -36,17 +37,7 @@ class NullBroker(InMemoryBroker):
         pass
 
 
-def _builds():
-    builds = {"py": (_codec_py, _signer_py)}
-    try:
-        builds["c"] = (importlib.import_module("stem._speedups.codec"),
-                       importlib.import_module("stem._speedups.signer"))
-    except ImportError:
-        pass
-    return builds
-
-
-BUILDS = _builds()
+BUILDS = codec_builds()
 
 
 @pytest.fixture(params=["c", "py"])
