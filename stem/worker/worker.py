@@ -10,7 +10,6 @@ processes).
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import queue
@@ -35,21 +34,18 @@ from ..brokers.base import validate_queue_name
 from .engine import Engine, Job
 from .execution import ERROR, Outcome
 from .lifecycle import ShutdownMode, WorkerLifecycleConfig, install_signal_handlers
+from .outbox import MAX_BATCH, Outbox
 
 __all__ = ["Worker", "load_registry"]
 
 log = logging.getLogger("stem.worker")
 
-_SETTLE_BATCH = 512
 # How long one consume call may block: bounds shutdown latency and burst-idle detection.
 FETCH_BLOCK_SECONDS = 0.25
 # A heartbeat outlives a few missed beats even when the interval is short (busy machines).
 HEARTBEAT_MIN_TTL = 5.0
 # How often the fetcher re-reads the backend's persistent revocations.
 REVOKE_REFRESH = 1.0
-# How long finished outcomes may wait for more before they are settled as one batch
-# (never while the fetcher waits for the slots they would free): see _flush_outbox.
-SETTLE_LINGER = 0.005
 
 
 def load_registry(path: str) -> TaskRegistry:
@@ -142,9 +138,7 @@ class Worker:
         self._engine = engine or self._make_engine()
 
         self._done: queue.SimpleQueue = queue.SimpleQueue()   # outcomes, when the main loop settles
-        self._outbox: collections.deque | None = None           # outcomes, when a settle thread does
-        self._batches: queue.SimpleQueue = queue.SimpleQueue()  # outbox -> settle thread, a list at a time
-        self._flush_at: float | None = None
+        self._outbox: Outbox | None = None                      # outcomes, when a settle thread does
         self._heartbeat_requests: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Condition()
         self._jobs: dict[int, Job] = {}          # every unsettled delivery this worker holds
@@ -408,33 +402,14 @@ class Worker:
     def _report(self, job: Job, outcome: Outcome) -> None:
         outbox = self._outbox
         if outbox is not None:
-            outbox.append((job, outcome))   # the main loop hands them on in batches
+            outbox.put((job, outcome))   # the main loop hands them to the settle thread in batches
         else:
             self._done.put((job, outcome))
 
     def _flush_outbox(self, now: float, force: bool = False) -> float:
-        """Hand the outcomes reported since the last flush to the settle thread as one batch,
-        or hold them up to SETTLE_LINGER while more are on their way: a settle round trip
-        (client and server) costs about the same for 2 outcomes as for 20, so settling each
-        outcome as it lands spends most of the supervisor's CPU on per-call overhead.  A
-        batch goes at once when it holds every unsettled job's outcome, half the prefetch
-        window, or the slots a waiting fetcher needs.  Runs on the main loop, which wakes for
-        every result anyway, so holding costs the settle thread no wake-ups.  Returns how long
-        the main loop may sleep before the next look."""
-        outbox = self._outbox
-        n = len(outbox)
-        if not n:
-            return 0.05
-        if self._flush_at is None:
-            self._flush_at = now + SETTLE_LINGER
         jobs = len(self._jobs)
-        if not (force or now >= self._flush_at or n >= min(jobs, self._refill_at)
-                or (self._fetcher_waiting and self.prefetch_limit - jobs + n >= self._refill_at)):
-            return min(0.05, self._flush_at - now)
-        pop = outbox.popleft
-        self._batches.put([pop() for _ in range(n)])
-        self._flush_at = None
-        return 0.05
+        room = self.prefetch_limit - jobs if self._fetcher_waiting else None
+        return self._outbox.flush(now, unsettled=jobs, refill_at=self._refill_at, room=room, force=force)
 
     def _main_loop(self) -> None:
         last_housekeeping = 0.0
@@ -446,9 +421,9 @@ class Worker:
             # The engine turns on this thread; settling (a broker round trip) gets its own, so
             # finished children get their next task while results are being stored, and
             # outcomes pile up into bigger batches while one settle is in flight.
-            self._outbox = collections.deque()
+            self._outbox = Outbox()
             while not self._done.empty():
-                self._outbox.append(self._done.get_nowait())
+                self._outbox.put(self._done.get_nowait())
             settle_thread = threading.Thread(target=self._settle_loop, name="stem-settle", daemon=True)
             settle_thread.start()
         self._settle_thread = settle_thread
@@ -489,20 +464,18 @@ class Worker:
         self._finish_shutdown()
 
     def _settle_loop(self) -> None:
-        while not (self._settle_stop.is_set() and self._batches.empty()):
-            try:
-                batch = self._batches.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            try:
-                while len(batch) < _SETTLE_BATCH:   # batches that queued up while one settled
-                    batch += self._batches.get_nowait()
-            except queue.Empty:
-                pass
-            try:
-                self._settler.settle(batch)
-            except Exception:  # noqa: BLE001 - never lose the settle thread; leases bring tasks back
-                log.exception("settling %d outcomes failed", len(batch))
+        outbox = self._outbox
+        while True:
+            batch = outbox.get(0.05)
+            if batch:
+                try:
+                    self._settler.settle(batch)
+                except Exception:  # noqa: BLE001 - never lose the settle thread; leases bring tasks back
+                    log.exception("settling %d outcomes failed", len(batch))
+            elif self._settle_stop.is_set():
+                if outbox.empty():
+                    return
+                outbox.flush(time.monotonic(), unsettled=0, refill_at=1, force=True)   # late reports
 
     def _drain_done(self, timeout: float) -> list[tuple[Job, Outcome]]:
         try:
@@ -512,7 +485,7 @@ class Worker:
         batch = [first]
         get = self._done.get_nowait
         try:
-            while len(batch) < _SETTLE_BATCH:
+            while len(batch) < MAX_BATCH:
                 batch.append(get())
         except queue.Empty:
             pass
