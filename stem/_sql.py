@@ -221,13 +221,26 @@ class SqliteDatabase:
         conn = sqlite3.connect(target, timeout=self.busy_timeout, isolation_level=None,
                                check_same_thread=False)
         try:
+            # Switching the journal mode needs a lock that the busy timeout does not cover (a
+            # process opening the file while a worker writes got an immediate "database is
+            # locked"); once the file is in WAL mode, which persists, reading it is enough.
             if target != ":memory:":
-                conn.execute("PRAGMA journal_mode=WAL")
+                self._ensure_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _ensure_wal(self, conn: sqlite3.Connection) -> None:
+        deadline = time.monotonic() + self.busy_timeout
+        while conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as exc:   # another process is switching or writing
+                if "locked" not in str(exc).lower() or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     @contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
