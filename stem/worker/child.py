@@ -34,7 +34,7 @@ from ..envelope import decode_frame
 from ..errors import DecodeError, EncodeError, SoftTimeLimitExceeded, UnknownTaskError, WorkerShutdown
 from ..logs import enter_task_context, run_in_task_context
 from ..task import TaskContext, TaskOptions, TaskRegistry
-from .execution import ERROR, Outcome, run_handler_async, run_sync_handler
+from .execution import ERROR, Outcome, run_handler, run_handler_async
 from .ring import Channel, ChannelHandle
 
 __all__ = ["ChildExit", "child_main", "TASK", "STOP", "READY", "RESULT", "HEARTBEAT", "PROGRESS", "ENQUEUE",
@@ -147,8 +147,8 @@ class _Child:
         self.stopping = False
         self._proc = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # name -> (handler, is_async): the registry a child was forked with never changes
-        self._handlers: dict[str, tuple[Any, bool]] = {}
+        # name -> handler: the registry a child was forked with never changes
+        self._handlers: dict[str, Any] = {}
 
     def rss(self) -> int:
         if not self.measure_rss:
@@ -169,21 +169,20 @@ class _Child:
 
     # -- one task ---------------------------------------------------------------------
     def prepare(self, seq: int, frame: bytes):
-        """Decode and look up; returns (env, handler, is_async) or an error Outcome."""
+        """Decode and look up; returns (env, handler) or an error Outcome."""
         try:
             env = decode_frame(frame)
         except DecodeError as exc:
             return None, Outcome("", ERROR, None, str(exc), "DecodeError", None, "decode-error", None,
                                  time.time(), time.time())
-        found = self._handlers.get(env.name)
-        if found is None:
+        handler = self._handlers.get(env.name)
+        if handler is None:
             try:
-                handler = self.registry.get(env.name)
+                handler = self._handlers[env.name] = self.registry.get(env.name)
             except UnknownTaskError as exc:
                 return None, Outcome(env.id, ERROR, None, str(exc), "UnknownTaskError", None, "unknown-task",
                                      None, time.time(), time.time())
-            found = self._handlers[env.name] = (handler, handler.is_async)
-        return (env, *found), None
+        return (env, handler), None
 
     def context(self, env) -> TaskContext:
         return TaskContext(env.id, env.name, env.attempt, env.meta, env.headers, env.queue, env.max_retries,
@@ -208,20 +207,20 @@ class _Child:
         prepared, error = self.prepare(seq, frame)
         if error is not None:
             return self.report(seq, error)
-        env, handler, is_async = prepared
+        env, handler = prepared
         ctx = self.context(env)
         limit = env.soft_time_limit
         self.running = 1
         if limit:  # no timer syscalls for the (common) task without a soft limit
             signal.setitimer(_ITIMER_REAL, limit)
         try:
-            if is_async:
+            if handler.is_async:
                 if self._loop is None:
                     self._loop = asyncio.new_event_loop()
                 out = run_in_task_context(env, self.worker_id, self._loop.run_until_complete,
                                           run_handler_async(handler, ctx, env.args, check_result=False))
             else:
-                out = run_in_task_context(env, self.worker_id, run_sync_handler, handler, ctx, env.args)
+                out = run_in_task_context(env, self.worker_id, run_handler, handler, ctx, env.args, False)
         finally:
             if limit:
                 signal.setitimer(_ITIMER_REAL, 0)
@@ -260,7 +259,7 @@ class _Child:
                 if error is not None:
                     self.report(seq, error)
                     return
-                env, handler, _ = prepared
+                env, handler = prepared
                 enter_task_context(env, self.worker_id)  # this asyncio task's own context
                 coro = run_handler_async(handler, self.context(env), env.args, check_result=False)
                 if env.soft_time_limit:

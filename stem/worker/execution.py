@@ -16,7 +16,7 @@ import msgspec
 from ..errors import Retry, SoftTimeLimitExceeded, WorkerShutdown
 from ..task import TaskContext, TaskHandler
 
-__all__ = ["Outcome", "OK", "ERROR", "RETRY", "run_handler", "run_handler_async", "run_sync_handler"]
+__all__ = ["Outcome", "OK", "ERROR", "RETRY", "run_handler", "run_handler_async"]
 
 OK, ERROR, RETRY = 0, 1, 2
 
@@ -53,7 +53,7 @@ def _finish(task_id: str, result: Any, started: float, check_result: bool) -> Ou
             return Outcome(task_id, ERROR, None,
                            f"task returned a value msgpack cannot encode ({type(result).__name__}): {exc}",
                            "EncodeError", None, "result-not-encodable", None, started, time.time())
-    return Outcome(task_id, OK, result, started_at=started, finished_at=time.time())
+    return Outcome(task_id, OK, result, None, None, None, None, None, started, time.time())
 
 
 def _exception(task_id: str, exc: BaseException, started: float) -> Outcome:
@@ -79,17 +79,6 @@ def run_handler(handler: TaskHandler, ctx: TaskContext, args: dict[str, Any],
     except (Exception, Retry, SoftTimeLimitExceeded, WorkerShutdown) as exc:
         return _exception(ctx.id, exc, started)
     return _finish(ctx.id, result, started, check_result)
-
-
-def run_sync_handler(handler: TaskHandler, ctx: TaskContext, args: dict[str, Any]) -> Outcome:
-    """``run_handler`` for a handler known to be sync, whose result the caller encodes
-    (and checks) itself: the child's hot path."""
-    started = time.time()
-    try:
-        result = handler.run(ctx, **args)
-    except (Exception, Retry, SoftTimeLimitExceeded, WorkerShutdown) as exc:
-        return _exception(ctx.id, exc, started)
-    return Outcome(ctx.id, OK, result, None, None, None, None, None, started, time.time())
 
 
 async def run_handler_async(handler: TaskHandler, ctx: TaskContext, args: dict[str, Any],
