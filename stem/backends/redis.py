@@ -27,7 +27,6 @@ import time
 from typing import Any, Callable, Sequence, TypeVar
 
 import msgspec
-import redis
 
 from ..brokers._redis_pipe import execute, raise_first_error
 from ..brokers.redis import call_with_retry, release_client, shared_client, validate_namespace
@@ -92,13 +91,12 @@ class RedisResultBackend(ResultBackend):
 
     def _status_commands(self, statuses: Sequence[TaskStatus]) -> list[tuple]:
         px = _ms(self.result_expires)
-        prefix = self.namespace + ":{t:"
         commands = []
         for s in statuses:
             data = encode_status(s)
-            commands.append(("SET", f"{prefix}{s.id}}}:status", data, "PX", px))
+            commands.append(("SET", self._status_key(s.id), data, "PX", px))
             if s.is_terminal:
-                commands.append(("PUBLISH", f"{prefix}{s.id}}}:done", data))
+                commands.append(("PUBLISH", self._channel(s.id), data))
         return commands
 
     def store_many(self, statuses: Sequence[TaskStatus]) -> None:
@@ -117,17 +115,7 @@ class RedisResultBackend(ResultBackend):
         if not isinstance(broker, RedisBroker) or broker._client.connection_pool is not self._client.connection_pool:
             return False
         commands = self._status_commands(statuses) + broker.ack_commands(deliveries)
-
-        def send():
-            for first in (True, False):
-                replies = execute(self._client, commands)
-                if first and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-                    broker.load_scripts()   # Redis restarted: load, then run again (SETs repeat)
-                    continue
-                raise_first_error(replies)
-                return replies
-
-        self._call(send, "store+ack")
+        self._call(lambda: broker.run_commands(commands), "store+ack")
         return True
 
     def get(self, task_id: str) -> TaskStatus | None:

@@ -313,9 +313,9 @@ class RedisBroker(Broker):
         vt_ms = _ms(self.default_visibility_timeout)
         for q in names[start:] + names[:start]:
             keys = self.queue_keys(q)
-            command = ("EVALSHA", self._consume_script.sha, N_LANES + 3, *keys, consumer, max_count - len(out),
-                       vt_ms, self.max_deliveries, _DELAYED_MOVE_LIMIT)
-            reply = self._call(lambda: self._run_script(command), "consume")
+            command = self._evalsha(self._consume_script, q, consumer, max_count - len(out), vt_ms,
+                                    self.max_deliveries, _DELAYED_MOVE_LIMIT)
+            reply = self._call(lambda: self.run_commands([command])[0], "consume")
             n = reply[0]
             leased_at = time.time()
             for lane, entry_id, task_id, frame, d_vt_ms, count in reply[1:n + 1]:
@@ -334,21 +334,28 @@ class RedisBroker(Broker):
                 block_on[keys[lane]] = last.decode()
         return out, wake_in, block_on
 
-    def _run_script(self, command: tuple) -> Any:
-        """One EVALSHA through the lean pipeline (loading the scripts once if Redis lost them)."""
+    def _evalsha(self, script: Any, queue: str, *args: Any) -> tuple:
+        """The EVALSHA command that runs one of this broker's per-queue scripts on ``queue``."""
+        return ("EVALSHA", script.sha, N_LANES + 3, *self.queue_keys(queue), *args)
+
+    def run_commands(self, commands: Sequence[Sequence[Any]]) -> list:
+        """Run ``commands`` (which may hold this broker's EVALSHAs) as one pipeline and return
+        the replies.  A Redis restart empties its script cache: then the scripts are loaded
+        and the whole pipeline runs once more (what it holds is safe to repeat: SETs and
+        idempotent scripts).  The first error reply is raised."""
         for first in (True, False):
-            [reply] = execute(self._client, [command])
-            if first and isinstance(reply, redis.exceptions.NoScriptError):
+            replies = execute(self._client, commands)
+            if first and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
                 self.load_scripts()
                 continue
-            if isinstance(reply, redis.ResponseError):
-                raise reply
-            return reply
+            raise_first_error(replies)
+            return replies
+        raise AssertionError("unreachable")
 
     # -- settling ---------------------------------------------------------------------
     def _settle(self, queue: str, args: list) -> Any:
-        keys = self.queue_keys(queue)
-        return self._call(lambda: self._settle_script(keys=keys, args=args), args[0])
+        command = self._evalsha(self._settle_script, queue, *args)
+        return self._call(lambda: self.run_commands([command])[0], args[0])
 
     def ack_commands(self, deliveries: Sequence[Delivery]) -> list[tuple]:
         """The EVALSHA commands that ack ``deliveries`` (one per queue), for a pipeline."""
@@ -360,8 +367,7 @@ class RedisBroker(Broker):
                 pairs = by_queue[d.queue] = []
             pairs.append(r.lane)
             pairs.append(r.entry_id)
-        sha = self._settle_script.sha
-        return [("EVALSHA", sha, N_LANES + 3, *self.queue_keys(q), "ack", *pairs) for q, pairs in by_queue.items()]
+        return [self._evalsha(self._settle_script, q, "ack", *pairs) for q, pairs in by_queue.items()]
 
     def load_scripts(self) -> None:
         """Load every script again (after a Redis restart emptied its script cache)."""
@@ -370,19 +376,8 @@ class RedisBroker(Broker):
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         commands = self.ack_commands(deliveries)
-        if not commands:
-            return
-
-        def send():
-            for first in (True, False):
-                replies = execute(self._client, commands)
-                if first and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-                    self.load_scripts()   # Redis restarted: load, then run again
-                    continue
-                raise_first_error(replies)
-                return replies
-
-        self._call(send, "ack")
+        if commands:
+            self._call(lambda: self.run_commands(commands), "ack")
 
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         if not requeue:
@@ -411,8 +406,8 @@ class RedisBroker(Broker):
 
     # -- dead letters and admin -----------------------------------------------------
     def _admin(self, queue: str, *args: Any) -> Any:
-        keys = self.queue_keys(queue)
-        return self._call(lambda: self._admin_script(keys=keys, args=list(args)), str(args[0]))
+        command = self._evalsha(self._admin_script, queue, *args)
+        return self._call(lambda: self.run_commands([command])[0], str(args[0]))
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         key = self.queue_keys(queue)[N_LANES + 2]
