@@ -191,13 +191,10 @@ class Stem:
             if type(item) is tuple and (len(item) == 2 or len(item) == 3):
                 if len(item) == 2:
                     name, args = item
-                    try:
-                        template = templates[name]
-                    except (KeyError, TypeError):   # TypeError: an unhashable name, which _template rejects
-                        template = templates[name] = self._template(name, None, now)
+                    options = None
                 else:
                     name, args, options = item
-                    template = self._batch_template(templates, name, options, now)
+                template = self._batch_template(templates, name, options, now)
                 if args is None:
                     args = {}
                 elif type(args) is not dict or (args and not all(map(_is_str, args))):
