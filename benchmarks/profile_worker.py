@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_worker.py --tasks 30000            # fill, profile, summarize
     .venv/bin/python benchmarks/profile_worker.py --summarize /tmp/x.txt   # summarize a raw profile
+    .venv/bin/python benchmarks/profile_worker.py --cpu-split --prefetch-multiplier 16   # no sampler: CPU per thread
 
 Fills a fresh namespace with ``--tasks`` signed ``bench.incr`` tasks (no
 profiler), then runs one worker (process engine, ``--concurrency`` children,
@@ -11,6 +12,12 @@ only the thread holding the GIL), and prints for the
 supervisor and for the children: the share of samples per leaf function
 (self time) and per function anywhere on the stack (inclusive time).
 The namespace is deleted afterwards.
+
+``--cpu-split`` runs the same burst without a profiler, in this process, and
+prints CPU µs per task of the supervisor (and of each of its threads, read
+with psutil while it runs), of each child and of redis-server, the mean
+settle batch and consume batch, and Redis's ``INFO commandstats`` for the
+run (reset first: use a private server, ``--redis-url``, for clean counts).
 """
 
 from __future__ import annotations
@@ -61,6 +68,70 @@ def work(ns: str, concurrency: int, prefetch: int | None) -> None:
     worker.start(burst=True)
     s = worker.stats()
     print(f"processed {s['processed']} in {time.time() - t0:.1f}s", file=sys.stderr)
+
+
+def cpu_split(ns: str, tasks: int, concurrency: int, prefetch: int | None) -> str:
+    """CPU per task by process and supervisor thread, batch sizes and Redis command stats."""
+    import threading
+    import psutil
+    import redis
+    from stem import Worker, WorkerLifecycleConfig
+    broker, backend, registry, signer = _parts(ns)
+    kw = {} if prefetch is None else {"prefetch_multiplier": prefetch}
+    worker = Worker(broker, backend, registry, queues=["bench"], concurrency=concurrency, signer=signer,
+                    lifecycle=WorkerLifecycleConfig(install_signal_handlers=False), **kw)
+    settles: list[int] = []
+    consumes: list[int] = []
+    settle, consume = worker._settler.settle, broker.consume
+    worker._settler.settle = lambda batch: (settles.append(len(batch)), settle(batch))[1]
+    broker.consume = lambda *a, **k: (lambda got: (consumes.append(len(got)), got)[1])(consume(*a, **k))
+    r = redis.Redis.from_url(REDIS_URL)
+    r.config_resetstat()
+    server = psutil.Process(r.info("server")["process_id"])
+    me = psutil.Process()
+    threads0 = {t.id: t.user_time + t.system_time for t in me.threads()}
+    threads: dict[int, float] = {}
+    names: dict[int, str] = {}
+    children: dict[int, float] = {}
+
+    def sample() -> None:   # threads and children are gone once the worker stops: read them while it runs
+        while not worker._stopped.is_set():
+            for t in me.threads():
+                threads[t.id] = t.user_time + t.system_time
+            for t in threading.enumerate():
+                names[t.native_id] = t.name
+            for c in me.children(recursive=True):
+                try:
+                    ct = c.cpu_times()
+                    children[c.pid] = ct.user + ct.system
+                except psutil.Error:
+                    pass
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, name="sampler", daemon=True)
+    cpu0, rcpu0, t0 = me.cpu_times(), server.cpu_times(), time.time()
+    sampler.start()
+    worker.start(burst=True)
+    dt = time.time() - t0
+    cpu1, rcpu1 = me.cpu_times(), server.cpu_times()
+    per = 1e6 / tasks
+    out = [f"{tasks / dt:,.0f} tasks/s (burst, {concurrency} children, prefetch x{worker.prefetch_multiplier})",
+           f"supervisor process {(cpu1.user + cpu1.system - cpu0.user - cpu0.system) * per:.0f} µs/task "
+           "(includes the sampler thread below)"]
+    for tid, v in sorted(threads.items(), key=lambda kv: -kv[1]):
+        v -= threads0.get(tid, 0.0)
+        if v * per >= 1:
+            out.append(f"  thread {names.get(tid, tid)}: {v * per:.0f} µs/task")
+    for pid, v in sorted(children.items(), key=lambda kv: -kv[1]):
+        out.append(f"  child/zygote {pid}: {v * per:.0f} µs/task")
+    out.append(f"redis-server {(rcpu1.user + rcpu1.system - rcpu0.user - rcpu0.system) * per:.0f} µs/task")
+    out.append(f"settle calls {len(settles)}, mean batch {sum(settles) / max(1, len(settles)):.1f}; "
+               f"consume calls {len(consumes)}, mean batch {sum(consumes) / max(1, len(consumes)):.1f}")
+    out.append("redis commandstats (µs of server time per task): " + ", ".join(
+        f"{k.removeprefix('cmdstat_')} {v['usec'] / tasks:.2f}"
+        for k, v in sorted(r.info("commandstats").items(), key=lambda kv: -kv[1]["usec"])[:8]))
+    r.close()
+    return "\n".join(out)
 
 
 def summarize(path: str, top: int = 25) -> str:
@@ -119,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summarize", metavar="RAW", help="only summarize an existing raw profile")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--redis-url", default=None, help="default: $STEM_BENCH_REDIS_URL or redis://127.0.0.1:6379/0")
+    p.add_argument("--cpu-split", action="store_true", help="no profiler: CPU per thread/process, batch sizes")
     p.add_argument("--work", metavar="NAMESPACE", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     if ns.redis_url:
@@ -130,6 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if ns.work:
         work(ns.work, ns.concurrency, ns.prefetch_multiplier)
+        return 0
+    if ns.cpu_split:
+        import redis
+        namespace = f"stembench-split-{uuid.uuid4().hex[:8]}"
+        r = redis.Redis.from_url(REDIS_URL)
+        try:
+            fill(namespace, ns.tasks)
+            print(cpu_split(namespace, ns.tasks, ns.concurrency, ns.prefetch_multiplier))
+        finally:
+            keys = list(r.scan_iter(match=namespace + "*", count=1000))
+            for i in range(0, len(keys), 1000):
+                r.unlink(*keys[i:i + 1000])
         return 0
     pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(pyspy):
