@@ -11,7 +11,8 @@ only allocations are msgspec's body and the output frame.
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_FillInfo, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_Check, PyDict_Next
+from cpython.dict cimport PyDict_Check, PyDict_Next, PyDict_Size
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_Check
 from cpython.bool cimport PyBool_Check
 from cpython.long cimport PyLong_AsLongLong, PyLong_Check
@@ -24,8 +25,12 @@ from libc.string cimport memcpy
 cimport cython
 
 import msgspec
+import msgspec.structs
 
 from stem.errors import DecodeError, EncodeError, SignatureError
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 
 cdef extern from "signer_capi.h":
     const char *STEM_SIGNER_CAPI_NAME
@@ -232,6 +237,106 @@ cdef int _check_mapping(object d, str field, bint str_values) except -1:
     return 0
 
 
+cdef bytes _EMPTY_MAP = b"\x80"     # msgpack of {}
+
+
+cdef struct _Scratch:
+    unsigned char *data
+    Py_ssize_t capacity
+
+
+cdef int _scratch_reserve(_Scratch *s, Py_ssize_t need) except -1:
+    cdef unsigned char *p
+    if need <= s.capacity:
+        return 0
+    p = <unsigned char *>PyMem_Realloc(s.data, need * 2)
+    if p == NULL:
+        raise MemoryError()
+    s.data = p
+    s.capacity = need * 2
+    return 0
+
+
+cdef Py_ssize_t _str_header(unsigned char *out, Py_ssize_t n) noexcept:
+    """The msgpack str header for ``n`` UTF-8 bytes, in its smallest form (as msgspec writes it)."""
+    if n < 32:
+        out[0] = <unsigned char>(0xA0 | n)
+        return 1
+    if n < 0x100:
+        out[0] = 0xD9
+        out[1] = <unsigned char>n
+        return 2
+    if n < 0x10000:
+        out[0] = 0xDA
+        out[1] = <unsigned char>(n >> 8)
+        out[2] = <unsigned char>n
+        return 3
+    out[0] = 0xDB
+    out[1] = <unsigned char>(n >> 24)
+    out[2] = <unsigned char>(n >> 16)
+    out[3] = <unsigned char>(n >> 8)
+    out[4] = <unsigned char>n
+    return 5
+
+
+cdef bytes _frame(const unsigned char *body_p, Py_ssize_t body_len, object body, uint32_t attempt,
+                  uint64_t nb_bits, object signer, Py_ssize_t max_size):
+    """Sign ``body`` (``body_p``/``body_len``; ``body`` is the same bytes as an object, needed
+    only for a signer without the C API) and frame it."""
+    cdef unsigned char sig_buf[_MAX_SIG]
+    cdef const unsigned char *sig_p = NULL
+    cdef const unsigned char *kid_p = NULL
+    cdef Py_ssize_t kid_len = 0, sig_len = 0, total
+    cdef object kid = None, sig = None
+    cdef PyObject *kid_ref
+    cdef unsigned char *out_p
+    cdef bytes out
+    if signer is None:
+        pass
+    elif _signer_capi != NULL and Py_TYPE(signer) == _signer_capi.hmac_type:
+        kid_ref = _signer_capi.hmac_sign(<PyObject *>signer, body_p, body_len, sig_buf)
+        kid = <object>kid_ref
+        sig_p = sig_buf
+        sig_len = 32
+    else:
+        kid, sig = signer.sign(body)
+        if type(sig) is not bytes or not 1 <= PyBytes_GET_SIZE(sig) <= 255:
+            raise SignatureError(f"{type(signer).__name__}.sign returned a bad signature")
+        sig_p = <const unsigned char *>PyBytes_AS_STRING(sig)
+        sig_len = PyBytes_GET_SIZE(sig)
+    if kid is not None:
+        if type(kid) is not bytes or not 1 <= PyBytes_GET_SIZE(kid) <= 255:
+            raise SignatureError(f"{type(signer).__name__}.sign returned a bad key id")
+        kid_p = <const unsigned char *>PyBytes_AS_STRING(kid)
+        kid_len = PyBytes_GET_SIZE(kid)
+    if body_len > 0xFFFFFFFF:
+        raise EncodeError(f"task body of {body_len} bytes does not fit a frame")
+    total = _HEADER_SIZE + kid_len + sig_len + body_len
+    if total > max_size:
+        raise EncodeError(f"frame would be {total} bytes, more than max_size={max_size}; "
+                          "keep large payloads out of args (store them, pass a reference)")
+    out = PyBytes_FromStringAndSize(NULL, total)
+    out_p = <unsigned char *>PyBytes_AS_STRING(out)
+    out_p[0] = _MAGIC0
+    out_p[1] = _MAGIC1
+    out_p[2] = _VERSION
+    out_p[3] = 0
+    out_p[4] = <unsigned char>kid_len
+    out_p[5] = <unsigned char>sig_len
+    _put_u16(out_p + 6, 0)
+    _put_u32(out_p + 8, attempt)
+    _put_u32(out_p + 12, <uint32_t>body_len)
+    _put_f64_bits(out_p + 16, nb_bits)
+    out_p += _HEADER_SIZE
+    if kid_len:
+        memcpy(out_p, kid_p, kid_len)
+        out_p += kid_len
+        memcpy(out_p, sig_p, sig_len)
+        out_p += sig_len
+    memcpy(out_p, body_p, body_len)
+    return out
+
+
 cdef class FrameCodec:
     """Encodes and decodes frames of ``envelope_type`` (a msgspec Struct).
 
@@ -297,61 +402,84 @@ cdef class FrameCodec:
     def encode_frame(self, env, signer=None, Py_ssize_t max_size=DEFAULT_MAX_FRAME_SIZE):
         """Frame bytes for ``env``, signed by ``signer`` when given."""
         cdef bytes body = self.encode_body(env)
-        cdef uint32_t attempt = _attempt_of(env.attempt)
-        cdef uint64_t nb_bits = _not_before_bits(env.not_before)
-        cdef Py_ssize_t body_len = PyBytes_GET_SIZE(body)
-        cdef const unsigned char *body_p = <const unsigned char *>PyBytes_AS_STRING(body)
-        cdef unsigned char sig_buf[_MAX_SIG]
-        cdef const unsigned char *sig_p = NULL
-        cdef const unsigned char *kid_p = NULL
-        cdef Py_ssize_t kid_len = 0, sig_len = 0, total
-        cdef object kid = None, sig = None
-        cdef PyObject *kid_ref
-        cdef unsigned char *out_p
-        cdef bytes out
-        if signer is None:
-            pass
-        elif _signer_capi != NULL and Py_TYPE(signer) == _signer_capi.hmac_type:
-            kid_ref = _signer_capi.hmac_sign(<PyObject *>signer, body_p, body_len, sig_buf)
-            kid = <object>kid_ref
-            sig_p = sig_buf
-            sig_len = 32
-        else:
-            kid, sig = signer.sign(body)
-            if type(sig) is not bytes or not 1 <= PyBytes_GET_SIZE(sig) <= 255:
-                raise SignatureError(f"{type(signer).__name__}.sign returned a bad signature")
-            sig_p = <const unsigned char *>PyBytes_AS_STRING(sig)
-            sig_len = PyBytes_GET_SIZE(sig)
-        if kid is not None:
-            if type(kid) is not bytes or not 1 <= PyBytes_GET_SIZE(kid) <= 255:
-                raise SignatureError(f"{type(signer).__name__}.sign returned a bad key id")
-            kid_p = <const unsigned char *>PyBytes_AS_STRING(kid)
-            kid_len = PyBytes_GET_SIZE(kid)
-        if body_len > 0xFFFFFFFF:
-            raise EncodeError(f"task body of {body_len} bytes does not fit a frame")
-        total = _HEADER_SIZE + kid_len + sig_len + body_len
-        if total > max_size:
-            raise EncodeError(f"frame would be {total} bytes, more than max_size={max_size}; "
-                              "keep large payloads out of args (store them, pass a reference)")
-        out = PyBytes_FromStringAndSize(NULL, total)
-        out_p = <unsigned char *>PyBytes_AS_STRING(out)
-        out_p[0] = _MAGIC0
-        out_p[1] = _MAGIC1
-        out_p[2] = _VERSION
-        out_p[3] = 0
-        out_p[4] = <unsigned char>kid_len
-        out_p[5] = <unsigned char>sig_len
-        _put_u16(out_p + 6, 0)
-        _put_u32(out_p + 8, attempt)
-        _put_u32(out_p + 12, <uint32_t>body_len)
-        _put_f64_bits(out_p + 16, nb_bits)
-        out_p += _HEADER_SIZE
-        if kid_len:
-            memcpy(out_p, kid_p, kid_len)
-            out_p += kid_len
-            memcpy(out_p, sig_p, sig_len)
-            out_p += sig_len
-        memcpy(out_p, body_p, body_len)
+        return _frame(<const unsigned char *>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), body,
+                      _attempt_of(env.attempt), _not_before_bits(env.not_before), signer, max_size)
+
+    def encode_frames(self, env, list ids, list args_list, signer=None,
+                      Py_ssize_t max_size=DEFAULT_MAX_FRAME_SIZE):
+        """The frames of ``env`` with each (id, args) of ``zip(ids, args_list)`` put in,
+        byte for byte what ``encode_frame`` makes of each such envelope.
+
+        A producer's batch of one task name differs only in id and args, so the
+        envelope is encoded once and every body is spliced from the encoded
+        pieces in C (array header, id, name, args, the rest), then signed and
+        framed: no Envelope object and no full msgspec encode per task."""
+        cdef bytes tmpl, name_enc, args_enc
+        cdef Py_ssize_t n = len(ids), i, k, name_len, tail_len, id_len, args_len, body_len, hdr_len
+        cdef const unsigned char *t
+        cdef const char *id_p
+        cdef unsigned char id_hdr[5]
+        cdef unsigned char *body_p
+        cdef _Scratch scratch
+        cdef uint32_t attempt
+        cdef uint64_t nb_bits
+        cdef object args, body_obj
+        cdef list out
+        if len(args_list) != n:
+            raise ValueError(f"{n} ids for {len(args_list)} args")
+        tmpl = self.encode_body(msgspec.structs.replace(env, id="", args={}))
+        name_enc = self._encode(env.name)
+        t = <const unsigned char *>PyBytes_AS_STRING(tmpl)
+        name_len = PyBytes_GET_SIZE(name_enc)
+        k = 3 if t[0] == 0xDC else 1     # array16 or fixarray header
+        if (PyBytes_GET_SIZE(tmpl) < k + 2 + name_len or t[k] != 0xA0 or t[k + 1 + name_len] != 0x80
+                or tmpl[k + 1:k + 1 + name_len] != name_enc):   # not the layout splicing assumes
+            return [self.encode_frame(msgspec.structs.replace(env, id=i_, args=a_), signer, max_size)
+                    for i_, a_ in zip(ids, args_list)]
+        tail_len = PyBytes_GET_SIZE(tmpl) - (k + 2 + name_len)
+        attempt = _attempt_of(env.attempt)
+        nb_bits = _not_before_bits(env.not_before)
+        out = [None] * n
+        scratch.data = NULL
+        scratch.capacity = 0
+        try:
+            for i in range(n):
+                task_id = ids[i]
+                if not PyUnicode_Check(task_id):
+                    raise EncodeError(f"task id must be a str, got {type(task_id).__name__}")
+                id_p = PyUnicode_AsUTF8AndSize(task_id, &id_len)
+                hdr_len = _str_header(id_hdr, id_len)
+                args = args_list[i]
+                if PyDict_Check(args) and PyDict_Size(args) == 0:
+                    args_enc = _EMPTY_MAP
+                else:
+                    _check_mapping(args, "args", False)
+                    try:
+                        args_enc = self._encode(args)
+                    except _ENCODE_ERRORS as exc:
+                        raise EncodeError(f"cannot encode task {env.name!r}: {exc}; args and meta take "
+                                          "None, bool, int, float, str, bytes, list, dict and datetime") from exc
+                args_len = PyBytes_GET_SIZE(args_enc)
+                body_len = k + hdr_len + id_len + name_len + args_len + tail_len
+                _scratch_reserve(&scratch, body_len)
+                body_p = scratch.data
+                memcpy(body_p, t, k)
+                body_p += k
+                memcpy(body_p, id_hdr, hdr_len)
+                body_p += hdr_len
+                memcpy(body_p, id_p, id_len)
+                body_p += id_len
+                memcpy(body_p, PyBytes_AS_STRING(name_enc), name_len)
+                body_p += name_len
+                memcpy(body_p, PyBytes_AS_STRING(args_enc), args_len)
+                body_p += args_len
+                memcpy(body_p, t + k + 2 + name_len, tail_len)
+                body_obj = None
+                if signer is not None and not (_signer_capi != NULL and Py_TYPE(signer) == _signer_capi.hmac_type):
+                    body_obj = PyBytes_FromStringAndSize(<const char *>scratch.data, body_len)
+                out[i] = _frame(scratch.data, body_len, body_obj, attempt, nb_bits, signer, max_size)
+        finally:
+            PyMem_Free(scratch.data)
         return out
 
     def decode_frame(self, frame, signer=None, Py_ssize_t max_size=DEFAULT_MAX_FRAME_SIZE):

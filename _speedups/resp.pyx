@@ -7,12 +7,12 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcpy
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 
-__all__ = ["pack_command", "pack_commands"]
+__all__ = ["pack_command", "pack_commands", "pack_xadds", "scan_replies"]
 
 
 cdef struct Buf:
@@ -147,3 +147,137 @@ def pack_commands(commands) -> bytes:
 
 def pack_command(*args) -> bytes:
     return pack_commands((args,))
+
+
+def pack_xadds(key, list task_ids, list frames, priority, vt_ms) -> bytes:
+    """``XADD key * t <id> f <frame> p <priority> v <vt_ms>`` for each (id, frame) pair,
+    as one buffer: a batch of one lane as ``enqueue_many`` publishes it, without
+    a command tuple per task.  Same bytes as ``pack_commands`` of those commands."""
+    cdef Buf b, head, tail
+    cdef Py_ssize_t i, n = len(task_ids)
+    if len(frames) != n:
+        raise ValueError(f"{n} task ids for {len(frames)} frames")
+    b.data = head.data = tail.data = NULL
+    b.length = head.length = tail.length = 0
+    b.capacity = head.capacity = tail.capacity = 0
+    try:
+        _put_header(&head, 42, 11)
+        for a in (b"XADD", key, b"*", b"t"):
+            _put_arg(&head, a)
+        for a in (b"p", priority, b"v", vt_ms):
+            _put_arg(&tail, a)
+        for i in range(n):
+            _put(&b, head.data, head.length)
+            _put_arg(&b, task_ids[i])
+            _put_bulk(&b, "f", 1)
+            _put_arg(&b, frames[i])
+            _put(&b, tail.data, tail.length)
+        return PyBytes_FromStringAndSize(b.data, b.length)
+    finally:
+        PyMem_Free(b.data)
+        PyMem_Free(head.data)
+        PyMem_Free(tail.data)
+
+
+cdef Py_ssize_t _line_end(const char* p, Py_ssize_t pos, Py_ssize_t end) noexcept:
+    """Index of the "\\r" ending the line that starts at pos, or -1 when it is not all there."""
+    cdef const char* nl = <const char*> memchr(p + pos, 10, end - pos)
+    if nl == NULL:
+        return -1
+    if nl == p + pos or (nl - 1)[0] != 13:
+        return -2
+    return nl - 1 - p
+
+
+cdef long long _line_int(const char* p, Py_ssize_t start, Py_ssize_t stop) except? -3:
+    cdef long long v = 0
+    cdef bint neg = False
+    cdef Py_ssize_t i = start
+    if i < stop and p[i] == 45:
+        neg = True
+        i += 1
+    if i == stop:
+        raise ValueError("bad RESP reply: a length without digits")
+    while i < stop:
+        if not 48 <= p[i] <= 57:
+            raise ValueError("bad RESP reply: a length with a non-digit")
+        v = v * 10 + (p[i] - 48)
+        i += 1
+    return -v if neg else v
+
+
+cdef Py_ssize_t _skip_reply(const char* p, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t* err_start,
+                            Py_ssize_t* err_stop) except -2:
+    """The index just past the reply at pos, or -1 when it is not all in p[pos:end].  For an
+    error reply, err_start/err_stop get its message's bounds."""
+    cdef Py_ssize_t cr, stop
+    cdef long long n, i
+    cdef char kind
+    if pos >= end:
+        return -1
+    kind = p[pos]
+    cr = _line_end(p, pos + 1, end)
+    if cr == -1:
+        return -1
+    if cr == -2:
+        raise ValueError("bad RESP reply: a line not ended by CRLF")
+    stop = cr + 2
+    if kind in b"+:_,#(":
+        return stop
+    if kind == 45:                      # '-': an error reply
+        if err_start[0] < 0:
+            err_start[0] = pos + 1
+            err_stop[0] = cr
+        return stop
+    if kind in b"$=!":                  # bulk string (RESP3: verbatim, bulk error)
+        n = _line_int(p, pos + 1, cr)
+        if n < 0:
+            return stop
+        if end - stop < n + 2:
+            return -1
+        if kind == 33 and err_start[0] < 0:   # '!'
+            err_start[0] = stop
+            err_stop[0] = stop + n
+        return stop + n + 2
+    if kind in b"*~>%":                 # aggregates (RESP3 maps hold 2n replies)
+        n = _line_int(p, pos + 1, cr)
+        if kind == 37:
+            n *= 2
+        i = 0
+        while i < n:
+            stop = _skip_reply(p, stop, end, err_start, err_stop)
+            if stop == -1:
+                return -1
+            i += 1
+        return stop
+    raise ValueError(f"bad RESP reply: unknown type byte {kind!r}")
+
+
+def scan_replies(buf, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t want):
+    """Step over up to ``want`` complete replies in ``buf[pos:end]`` without building them.
+
+    Returns ``(pos, count, error)``: the index after the last complete reply,
+    how many were complete, and the message of the first error reply among
+    them as ``(index, bytes)`` (index counted from this call's first reply),
+    or None.  A reply cut at ``end`` is left for the next call."""
+    cdef Py_buffer view
+    cdef Py_ssize_t count = 0, nxt, err_start, err_stop
+    cdef object error = None
+    cdef const char* p
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        if not 0 <= pos <= end <= view.len:
+            raise ValueError(f"bad bounds {pos}:{end} for a buffer of {view.len} bytes")
+        p = <const char*> view.buf
+        while count < want:
+            err_start = -1
+            nxt = _skip_reply(p, pos, end, &err_start, &err_stop)
+            if nxt == -1:
+                break
+            if err_start >= 0 and error is None:
+                error = (count, PyBytes_FromStringAndSize(p + err_start, err_stop - err_start))
+            pos = nxt
+            count += 1
+    finally:
+        PyBuffer_Release(&view)
+    return pos, count, error

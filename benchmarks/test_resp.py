@@ -7,7 +7,12 @@
 PX and a PUBLISH per task, then the ack script) packed into one buffer by
 ``stem._speedups.resp`` / ``stem._resp_py``, next to redis-py's own packer
 (``hiredis.pack_command`` per command, joined).  ``pack xadd batch``: 500
-XADDs of 200-byte frames (a producer's ``enqueue_many``).  ``pipeline 64
+XADDs of 200-byte frames (a producer's ``enqueue_many`` of mixed items);
+``pack_xadds``: the same 500 XADDs from the lists a uniform ``enqueue_many``
+has (key, ids, frames), next to ``pack_commands`` of the command tuples
+(building the tuples included).  ``500 XADD replies``: stepping over them
+with ``scan_replies`` vs building each with hiredis's ``Reader.gets`` (what
+a pipeline read costs without the socket).  ``pipeline 64
 SETs``: the round trip against the local Redis through
 ``stem.brokers._redis_pipe.execute`` vs a redis-py ``Pipeline`` (wall time,
 server included; skipped when no Redis answers).
@@ -81,3 +86,42 @@ def test_pipeline_64_sets(benchmark, client, impl):
     replies = benchmark(run)
     assert replies == [True] * 64 if impl == "redis-py" else replies == [b"OK"] * 64
     client.delete(*keys)
+
+
+XADD_IDS = [c[4] for c in XADD]
+XADD_FRAMES = [c[6] for c in XADD]
+
+
+@pytest.mark.parametrize("impl", [*TWINS, "pack_commands"])
+def test_pack_xadds(benchmark, impl):
+    benchmark.group = "pack_xadds (500 XADD from key, ids, frames)"
+    key = XADD[0][1]
+    if impl == "pack_commands":
+        pack = TWINS.get("c", _resp_py).pack_commands
+
+        def run():
+            return pack([("XADD", key, "*", "t", i, "f", f, "p", 0, "v", 0) for i, f in zip(XADD_IDS, XADD_FRAMES)])
+    else:
+        def run():
+            return TWINS[impl].pack_xadds(key, XADD_IDS, XADD_FRAMES, 0, 0)
+    assert benchmark(run) == _hiredis(XADD)
+
+
+REPLIES = b"".join(b"$15\r\n1764355200000-%d\r\n" % (i % 10) for i in range(500))
+
+
+@pytest.mark.parametrize("impl", [*TWINS, "hiredis gets"])
+def test_step_over_replies(benchmark, impl):
+    benchmark.group = "500 XADD replies (no socket)"
+    if impl == "hiredis gets":
+        def run():
+            reader = hiredis.Reader()
+            reader.feed(REPLIES)
+            n = 0
+            while reader.gets() is not False:
+                n += 1
+            return n
+        assert benchmark(run) == 500
+    else:
+        scan = TWINS[impl].scan_replies
+        assert benchmark(scan, REPLIES, 0, len(REPLIES), 500) == (len(REPLIES), 500, None)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-__all__ = ["pack_command", "pack_commands"]
+__all__ = ["pack_command", "pack_commands", "pack_xadds", "scan_replies"]
 
 
 def _arg(a: Any) -> bytes:
@@ -50,3 +50,84 @@ def pack_commands(commands: Iterable[Sequence[Any]]) -> bytes:
 
 def pack_command(*args: Any) -> bytes:
     return pack_commands((args,))
+
+
+def pack_xadds(key: Any, task_ids: list, frames: list, priority: Any, vt_ms: Any) -> bytes:
+    """``XADD key * t <id> f <frame> p <priority> v <vt_ms>`` for each (id, frame) pair."""
+    if len(frames) != len(task_ids):
+        raise ValueError(f"{len(task_ids)} task ids for {len(frames)} frames")
+    return pack_commands(("XADD", key, "*", "t", task_id, "f", frame, "p", priority, "v", vt_ms)
+                         for task_id, frame in zip(task_ids, frames))
+
+
+def _line(buf: Any, pos: int, end: int) -> int:
+    """Index of the CR ending the line that starts at pos, or -1 when it is not all there."""
+    nl = buf.find(b"\n", pos, end)
+    if nl == -1:
+        return -1
+    if nl == pos or buf[nl - 1] != 13:
+        raise ValueError("bad RESP reply: a line not ended by CRLF")
+    return nl - 1
+
+
+def _length(buf: Any, start: int, stop: int) -> int:
+    text = bytes(buf[start:stop])
+    digits = text[1:] if text[:1] == b"-" else text
+    if not digits:
+        raise ValueError("bad RESP reply: a length without digits")
+    if not digits.isdigit():
+        raise ValueError("bad RESP reply: a length with a non-digit")
+    return int(text)
+
+
+def _skip(buf: Any, pos: int, end: int, err: list) -> int:
+    """The index just past the reply at pos, or -1 when it is not all in buf[pos:end];
+    an error reply's message bounds go into err (when it is empty)."""
+    if pos >= end:
+        return -1
+    kind = buf[pos:pos + 1]
+    cr = _line(buf, pos + 1, end)
+    if cr == -1:
+        return -1
+    stop = cr + 2
+    if kind in (b"+", b":", b"_", b",", b"#", b"("):
+        return stop
+    if kind == b"-":
+        err.append((pos + 1, cr))
+        return stop
+    if kind in (b"$", b"=", b"!"):
+        n = _length(buf, pos + 1, cr)
+        if n < 0:
+            return stop
+        if end - stop < n + 2:
+            return -1
+        if kind == b"!":
+            err.append((stop, stop + n))
+        return stop + n + 2
+    if kind in (b"*", b"~", b">", b"%"):
+        n = _length(buf, pos + 1, cr) * (2 if kind == b"%" else 1)
+        for _ in range(max(n, 0)):
+            stop = _skip(buf, stop, end, err)
+            if stop == -1:
+                return -1
+        return stop
+    raise ValueError(f"bad RESP reply: unknown type byte {kind[0]!r}")
+
+
+def scan_replies(buf: Any, pos: int, end: int, want: int) -> tuple[int, int, Any]:
+    """Step over up to ``want`` complete replies in ``buf[pos:end]`` without building them;
+    ``(pos, count, error)`` as the compiled twin returns."""
+    if not 0 <= pos <= end <= len(buf):
+        raise ValueError(f"bad bounds {pos}:{end} for a buffer of {len(buf)} bytes")
+    count, error = 0, None
+    while count < want:
+        err: list = []
+        nxt = _skip(buf, pos, end, err)
+        if nxt == -1:
+            break
+        if err and error is None:
+            start, stop = err[0]
+            error = (count, bytes(buf[start:stop]))
+        pos = nxt
+        count += 1
+    return pos, count, error

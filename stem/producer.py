@@ -10,7 +10,7 @@ from .backends import ResultBackend
 from .backends import from_url as backend_from_url
 from .brokers import Broker, Message
 from .brokers import from_url as broker_from_url
-from .envelope import Envelope, encode_frame, frame_encoder
+from .envelope import Envelope, encode_frame, encode_frames, frame_encoder
 from .errors import (ConfigurationError, EncodeError, InvalidTaskOptionsError, TaskTimeoutError)
 from .ids import new_task_id, new_task_ids
 from .results import TaskState, TaskStatus
@@ -180,6 +180,10 @@ class Stem:
         if not isinstance(items, (list, tuple)):
             items = list(items)
         now = time.time()
+        if items and not (signals.before_task_publish.receivers or signals.after_task_publish.receivers):
+            ids = self._publish_uniform(items, now)
+            if ids is not None:
+                return ids
         ids = new_task_ids(len(items))
         templates: dict[Any, _Template] = {}   # name, or (name, options), -> _Template
         encode = frame_encoder(self.signer)
@@ -235,6 +239,43 @@ class Stem:
             for env in envs:
                 signals.after_task_publish.send(self, envelope=env)
         return [e.id for e in envs]
+
+    def _publish_uniform(self, items: list | tuple, now: float) -> list[str] | None:
+        """The batch as one ``publish_frames`` call when every item is a tuple of the same
+        shape, task name and options (the common batch: one task over many args), or
+        None to take the general path.  No Envelope or Message per task: the frames are
+        spliced by ``encode_frames``.  Whatever the general path would reject (args not a
+        dict with str keys, values msgpack cannot carry) makes this return None before
+        anything is published, and the general path raises its usual error."""
+        first = items[0]
+        if type(first) is not tuple or not 2 <= len(first) <= 3:
+            return None
+        shape, name = len(first), first[0]
+        options = first[2] if shape == 3 else None
+        args_list = []
+        add = args_list.append
+        for item in items:
+            if type(item) is not tuple or len(item) != shape:
+                return None
+            n = item[0]
+            if (n is not name and (type(n) is not str or n != name)) or (shape == 3 and item[2] is not options):
+                return None
+            args = item[1]
+            if type(args) is not dict:
+                if args is not None:
+                    return None
+                args = {}
+            add(args)
+        queue, priority, max_retries, expires_at, visibility_timeout, soft, hard = self._template(name, options, now)
+        env = Envelope("", name, {}, {}, {}, queue, priority, 0, max_retries, now, None, expires_at,
+                       visibility_timeout, soft, hard, None, None)
+        ids = new_task_ids(len(args_list))
+        try:
+            frames = encode_frames(env, ids, args_list, self.signer)
+        except EncodeError:
+            return None
+        self.broker.publish_frames(queue, ids, frames, priority=priority, visibility_timeout=visibility_timeout)
+        return ids
 
     def _batch_template(self, templates: dict[Any, _Template], name: Any, options: Any, now: float) -> _Template:
         """``_template`` through the batch's cache.  Only a str name with None or a

@@ -549,3 +549,95 @@ def test_both_builds_report_encode_errors_alike(both):
                 b.codec.encode_frame(bad, b.signer)
             errors.append(str(info.value))
         assert errors[0] == errors[1]
+
+
+# ---- encode_frames: a batch of one task name, spliced --------------------------------------
+
+class _PySigner:
+    """A signer without the compiled C API: the codec calls its sign() with the body."""
+
+    def sign(self, body):
+        return b"py", hmac.new(SECRET, bytes(body), "sha256").digest()
+
+
+def _one_by_one(build, env, ids, args_list, signer, max_size=DEFAULT_MAX_FRAME_SIZE):
+    return [build.codec.encode_frame(msgspec.structs.replace(env, id=i, args=a), signer, max_size)
+            for i, a in zip(ids, args_list)]
+
+
+@SETTINGS
+@given(env=envelopes, data=st.data())
+def test_encode_frames_writes_what_encode_frame_writes_for_each_task(build, env, data):
+    ids = data.draw(st.lists(st.text(max_size=300), max_size=6))
+    args_list = data.draw(st.lists(st.dictionaries(st.text(max_size=10), values, max_size=4),
+                                   min_size=len(ids), max_size=len(ids)))
+    for signer in (None, build.signer, _PySigner()):
+        assert build.codec.encode_frames(env, ids, args_list, signer) == _one_by_one(build, env, ids, args_list,
+                                                                                     signer)
+
+
+def test_encode_frames_handles_every_msgpack_string_header_for_the_id(build):
+    ids = ["", "x" * 31, "x" * 32, "é" * 128, "y" * 300, "z" * 70_000]   # fixstr, str8, str16, str32
+    args_list = [{}, {"a": 1}, {}, {"b": [1, 2]}, {}, {"c": "d"}]
+    env = sample(attempt=2, not_before=7.5)
+    assert build.codec.encode_frames(env, ids, args_list, build.signer) == _one_by_one(build, env, ids, args_list,
+                                                                                       build.signer)
+
+
+def test_the_public_encode_frames_takes_a_payload_signer(signer):
+    env = sample()
+    frames = envelope.encode_frames(env, ["a", "b"], [{}, {"n": 1}], signer)
+    assert [decode_frame(f, signer) for f in frames] == [msgspec.structs.replace(env, id="a", args={}),
+                                                         msgspec.structs.replace(env, id="b", args={"n": 1})]
+
+
+@pytest.mark.parametrize("ids, args_list, error, message", [
+    (["a", 7], [{}, {}], EncodeError, "task id must be a str"),
+    (["a"], [{1: "x"}], EncodeError, "args keys must be str"),
+    (["a"], [{"x": object()}], EncodeError, "cannot encode task"),
+    (["a"], [[1, 2]], EncodeError, "args must be a dict"),
+    (["a", "b"], [{}], ValueError, "2 ids for 1 args"),
+])
+def test_encode_frames_rejects_what_encode_frame_rejects(build, ids, args_list, error, message):
+    with pytest.raises(error, match=message):
+        build.codec.encode_frames(sample(), ids, args_list, build.signer)
+
+
+def test_encode_frames_honours_max_size_and_checks_a_python_signer(build):
+    with pytest.raises(EncodeError, match="max_size"):
+        build.codec.encode_frames(sample(), ["a"], [{"x": "y" * 100}], None, HEADER_SIZE + 50)
+
+    class Bad:
+        def sign(self, body):
+            return b"k", "not bytes"
+
+    with pytest.raises(SignatureError, match="bad signature"):
+        build.codec.encode_frames(sample(), ["a"], [{}], Bad())
+
+
+def test_encode_frames_of_a_struct_laid_out_otherwise_encodes_each_envelope(build):
+    """The splice assumes id, name, args lead the array; any other layout takes the slow road."""
+    class Reordered(msgspec.Struct, array_like=True):
+        name: str
+        id: str
+        args: dict = {}
+        headers: dict = {}
+        meta: dict = {}
+        attempt: int = 0
+        not_before: float | None = None
+
+    class Keyed(msgspec.Struct):
+        id: str
+        name: str
+        args: dict = {}
+        headers: dict = {}
+        meta: dict = {}
+        attempt: int = 0
+        not_before: float | None = None
+
+    for kind in (Reordered, Keyed):
+        codec = type(build.codec)(kind, FrameHeader)
+        env = kind(name="t", id="", args={})
+        frames = codec.encode_frames(env, ["a", "b"], [{"x": 1}, {}], build.signer)
+        assert frames == [codec.encode_frame(msgspec.structs.replace(env, id=i, args=a), build.signer)
+                          for i, a in (("a", {"x": 1}), ("b", {}))]

@@ -308,3 +308,75 @@ def test_before_publish_receivers_can_change_the_framed_envelope_in_a_batch(stem
         signals.before_task_publish.disconnect(receiver)
     got = {decode_frame(d.frame).headers["trace"] for d in stem.broker.consume(["default"], 2, 1.0)}
     assert got == set(ids)
+
+
+# ---- the uniform batch: one name and options, spliced frames, one publish_frames call ------
+
+def _record_publishing(stem, monkeypatch):
+    calls = []
+    real_frames, real_many = stem.broker.publish_frames, stem.broker.publish_many
+    monkeypatch.setattr(stem.broker, "publish_frames",
+                        lambda q, ids, frames, **kw: (calls.append(("frames", q, len(ids), kw)),
+                                                      real_frames(q, ids, frames, **kw)))
+    monkeypatch.setattr(stem.broker, "publish_many",
+                        lambda ms: (calls.append(("many", len(ms))), real_many(ms)))
+    return calls
+
+
+@pytest.mark.parametrize("options", [None, FULL_OPTIONS])
+def test_a_uniform_batch_is_one_publish_frames_call_with_the_frames_enqueue_makes(stem, monkeypatch, options):
+    calls = _record_publishing(stem, monkeypatch)
+    name = "".join(["email", ".send"])   # equal to the registered name, not the same object
+    items = [(name, {"to": str(i)}) if options is None else (name, {"to": str(i)}, options) for i in range(50)]
+    items.append((name, None) if options is None else (name, None, options))
+    ids = stem.enqueue_many(items)
+    queue = "mail" if options is None else "q1"
+    # (the in-memory broker keeps Broker.publish_frames, which hands the batch to its publish_many)
+    assert calls == [("frames", queue, 51, {"priority": 0 if options is None else 7,
+                                            "visibility_timeout": None if options is None else 12.0}),
+                     ("many", 51)]
+    one = stem.enqueue("email.send", {"to": "0"}, options=options)
+    got = {d.task_id: decode_frame(d.frame) for d in stem.broker.consume([queue], 60, 1.0)}
+    assert list(got)[:51] == ids and len(set(ids)) == 51
+    reference = got[one]
+    for i, task_id in enumerate(ids):
+        env = got[task_id]
+        assert env.args == ({"to": str(i)} if i < 50 else {})
+        same = dict(id=reference.id, args=reference.args, enqueued_at=reference.enqueued_at,
+                    expires_at=reference.expires_at)
+        assert msgspec_replace(env, **same) == reference
+
+
+def test_batches_that_are_not_uniform_take_the_general_path(stem, monkeypatch):
+    calls = _record_publishing(stem, monkeypatch)
+    stem.enqueue_many([("noop", {}), ("noop", {}, None)])                                   # two shapes
+    stem.enqueue_many([("noop", {}), ("email.send", {"to": "x"})])                          # two names
+    stem.enqueue_many([("noop", {}, TaskOptions(queue="q2")), ("noop", {}, TaskOptions(queue="q2"))])  # two objects
+    stem.enqueue_many([("noop", {}), ["noop", {}]])                                        # a list item
+    assert [c[0] for c in calls] == ["many"] * 4
+    assert stem.broker.stats("q2").ready == 2
+
+
+@pytest.mark.parametrize("bad, error, fragment", [
+    (("email.send", {"to": object()}), EncodeError, "encode|object"),
+    (("email.send", ["not", "a", "dict"]), EncodeError, "dict"),
+    (("email.send", {1: "x"}), EncodeError, "str keys"),
+    (("email.send", {"to": "x", 2: "y"}), EncodeError, "str keys"),
+    (("email.send", {"to": "x" * 20_000_000}), EncodeError, "max_size"),
+])
+def test_a_bad_item_in_a_uniform_batch_raises_the_usual_error_and_publishes_nothing(stem, monkeypatch, bad,
+                                                                                     error, fragment):
+    calls = _record_publishing(stem, monkeypatch)
+    good = [("email.send", {"to": str(i)}) for i in range(5)]
+    with pytest.raises(error, match=fragment):
+        stem.enqueue_many(good + [bad] + good)
+    assert calls == [] and stem.broker.stats("mail").ready == 0
+
+
+def test_a_uniform_batch_checks_name_and_options_once_with_the_usual_errors(stem):
+    for items, error in (([("nope", {})] * 3, UnknownTaskError),
+                         ([("noop", {}, TaskOptions(unique=True))] * 2, InvalidTaskOptionsError),
+                         ([("", {})] * 2, InvalidTaskOptionsError)):
+        with pytest.raises(error):
+            stem.enqueue_many(items)
+    assert stem.broker.stats("default").ready == 0

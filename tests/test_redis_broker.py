@@ -292,3 +292,25 @@ def test_consume_and_ack_survive_a_flushed_script_cache(make, raw):
     broker.ack(got)
     assert broker.stats(Q) == (Q, 0, 0, 0, 0)
     assert broker.stats("other") == ("other", 0, 0, 0, 0)
+
+
+def test_publish_frames_is_one_round_trip_and_declares_the_queue_once(make, monkeypatch):
+    broker = make()
+    broker.ping()
+    trips = _RoundTrips(monkeypatch)
+    broker.publish_frames(Q, [uuid.uuid4().hex for _ in range(300)], [b"f"] * 300)
+    broker.publish_frames(Q, ["one"], [b"f"])
+    assert trips.count == 2
+    assert broker.stats(Q).ready == 301 and broker.queues() == [Q]
+
+
+def test_publish_frames_raises_an_error_reply_as_a_broker_error(make, raw, namespace):
+    from stem.errors import BrokerError
+    broker = make()
+    lane0 = broker.queue_keys(Q)[0]
+    raw.set(lane0, "not a stream")   # every XADD into it fails with WRONGTYPE
+    with pytest.raises(BrokerError, match="WRONGTYPE"):
+        broker.publish_frames(Q, ["a", "b"], [b"x", b"y"])
+    raw.delete(lane0)
+    broker.publish_frames(Q, ["c"], [b"z"])   # the connection is clean afterwards
+    assert [d.task_id for d in consume_n(broker, 1)] == ["c"]

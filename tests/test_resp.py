@@ -108,3 +108,153 @@ def test_socket_errors_while_reading_become_redis_errors(client, monkeypatch, er
     assert _redis_pipe.execute(client, [("PING",)]) == [b"PONG"]
     [new_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
     assert new_id != first_id, "the connection that failed mid-reply went back to the pool"
+
+
+# ---- XADD batches and stepping over replies -----------------------------------------------
+
+@pytest.mark.parametrize("mod", TWINS)
+@settings(max_examples=100, deadline=None)
+@given(pairs=st.lists(st.tuples(st.text(max_size=40), st.binary(max_size=300)), max_size=20),
+       key=st.text(min_size=1, max_size=30), priority=st.integers(-2 ** 63, 2 ** 63 - 1),
+       vt_ms=st.integers(0, 2 ** 40))
+def test_pack_xadds_matches_pack_commands(mod, pairs, key, priority, vt_ms):
+    ids, frames = [p[0] for p in pairs], [p[1] for p in pairs]
+    expected = b"".join(hiredis.pack_command(("XADD", key, "*", "t", i, "f", f, "p", priority, "v", vt_ms))
+                        for i, f in pairs)
+    assert mod.pack_xadds(key, ids, frames, priority, vt_ms) == expected
+
+
+@pytest.mark.parametrize("mod", TWINS)
+def test_pack_xadds_refuses_mismatched_lists_and_bad_arguments(mod):
+    with pytest.raises(ValueError, match="2 task ids for 1 frames"):
+        mod.pack_xadds("k", ["a", "b"], [b"f"], 0, 0)
+    with pytest.raises(TypeError, match="cannot send"):
+        mod.pack_xadds("k", [None], [b"f"], 0, 0)
+
+
+def _resp(value) -> bytes:
+    """RESP2 of a reply value: int, bytes, None (null bulk), list, ("+", str) or ("-", str)."""
+    if isinstance(value, tuple):
+        return f"{value[0]}{value[1]}\r\n".encode()
+    if isinstance(value, int):
+        return b":%d\r\n" % value
+    if isinstance(value, bytes):
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    if value is None:
+        return b"$-1\r\n"
+    return b"*%d\r\n" % len(value) + b"".join(_resp(v) for v in value)
+
+
+def _first_error(value) -> bytes | None:
+    """The message of the first error reply in ``value``, depth first, as the stream holds them."""
+    if isinstance(value, tuple):
+        return value[1].encode() if value[0] == "-" else None
+    if isinstance(value, list):
+        return next((e for e in map(_first_error, value) if e is not None), None)
+    return None
+
+
+words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz ERR-", max_size=20).map(str.strip).filter(bool)
+replies = st.recursive(st.integers(-2 ** 63, 2 ** 63 - 1) | st.binary(max_size=40) | st.none()
+                       | st.tuples(st.just("+"), words) | st.tuples(st.just("-"), words),
+                       lambda inner: st.lists(inner, max_size=4), max_leaves=12)
+
+
+@pytest.mark.parametrize("mod", TWINS)
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(replies, min_size=1, max_size=8), data=st.data())
+def test_scan_replies_counts_what_hiredis_reads_at_any_cut(mod, values, data):
+    """hiredis is the oracle: at any cut of the stream, the replies it can read are the ones
+    scan_replies steps over; the first error reply (nested ones too) is the one reported, with
+    the index of the top-level reply that holds it."""
+    buf = b"".join(_resp(v) for v in values)
+    cut = data.draw(st.integers(0, len(buf)))
+    reader = hiredis.Reader()
+    reader.feed(buf[:cut])
+    complete = []
+    while (r := reader.gets()) is not False:
+        complete.append(r)
+    pos, count, error = mod.scan_replies(buf, 0, cut, 100)
+    assert count == len(complete)
+    assert pos == len(b"".join(_resp(v) for v in values[:count]))
+    errors = [(i, e) for i, e in enumerate(map(_first_error, values[:count])) if e is not None]
+    assert error == (errors[0] if errors else None)
+    assert mod.scan_replies(buf, 0, len(buf), 100)[:2] == (len(buf), len(values))
+    # stepping over a prefix, then the rest, counts every reply once
+    first = mod.scan_replies(buf, 0, len(buf), 1)
+    rest = mod.scan_replies(buf, first[0], len(buf), 100)
+    assert first[1] + rest[1] == len(values) and rest[0] == len(buf)
+
+
+@pytest.mark.parametrize("mod", TWINS)
+@pytest.mark.parametrize("bad", [b"?what\r\n", b"+no crlf\n", b"$x\r\n", b"*-\r\n", b":1\r\n$3\r\nab"])
+def test_scan_replies_rejects_a_stream_that_is_not_resp(mod, bad):
+    if bad.endswith(b"ab"):   # merely cut short: not an error, the reply waits for more bytes
+        assert mod.scan_replies(bad, 0, len(bad), 5) == (4, 1, None)
+        return
+    with pytest.raises(ValueError, match="bad RESP reply"):
+        mod.scan_replies(bad, 0, len(bad), 5)
+
+
+@pytest.mark.parametrize("mod", TWINS)
+def test_scan_replies_checks_its_bounds_and_reads_buffers(mod):
+    with pytest.raises(ValueError, match="bad bounds"):
+        mod.scan_replies(b":1\r\n", 0, 9, 1)
+    assert mod.scan_replies(bytearray(b"+OK\r\n-ERR x\r\n"), 0, 13, 5) == (13, 2, (1, b"ERR x"))
+    assert mod.scan_replies(b"+OK\r\n-ERR x\r\n", 0, 12, 5) == (5, 1, None)
+    assert mod.scan_replies(b"+OK\r\n", 0, 5, 0) == (0, 0, None)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("hiredis_parser", [True, False])
+def test_execute_unread_reads_every_reply_and_raises_the_first_error(redis_url, hiredis_parser):
+    """Replies are stepped over, not built; an error among them is raised typed once all are
+    read, and the connection is left clean.  Without the hiredis parser (or while it holds
+    bytes) the replies are read the usual way, with the same outcome."""
+    from redis._parsers import _RESP2Parser
+    kwargs = {} if hiredis_parser else {"parser_class": _RESP2Parser}
+    client = redis.Redis.from_url(redis_url, **kwargs)
+    key = f"stem-test-resp:{uuid.uuid4().hex}"
+    big = b"v" * 200_000   # one reply larger than the read buffer
+    try:
+        packed = _redis_pipe.pack_commands([("SET", key, big, "PX", 10_000), ("GET", key)] * 3)
+        assert _redis_pipe.execute_unread(client, packed, 6) is None
+        packed = _redis_pipe.pack_commands([("GET", key), ("INCR", key), ("EVALSHA", "0" * 40, 0), ("PING",)])
+        with pytest.raises(redis.ResponseError) as info:
+            _redis_pipe.execute_unread(client, packed, 4)
+        assert not isinstance(info.value, redis.exceptions.NoScriptError)   # the first error, not the last
+        with pytest.raises(redis.exceptions.NoScriptError):
+            _redis_pipe.execute_unread(client, _redis_pipe.pack_commands([("EVALSHA", "0" * 40, 0)]), 1)
+        assert _redis_pipe.execute(client, [("PING",), ("ECHO", "x")]) == [b"PONG", b"x"]
+    finally:
+        client.delete(key)
+        client.close()
+
+
+@pytest.mark.redis
+def test_execute_unread_drops_a_connection_lost_mid_reply(client):
+    [conn_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
+    packed = _redis_pipe.pack_commands([("CLIENT", "KILL", "ID", conn_id, "SKIPME", "no"), ("PING",)])
+    with pytest.raises(redis.ConnectionError):
+        _redis_pipe.execute_unread(client, packed, 2)
+    [new_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
+    assert new_id != conn_id
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("error, expected", [(ConnectionResetError(104, "Connection reset by peer"),
+                                              redis.ConnectionError),
+                                             (TimeoutError("timed out"), redis.TimeoutError)])
+def test_socket_errors_while_stepping_over_replies_become_redis_errors(client, monkeypatch, error, expected):
+    import socket
+    [first_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
+
+    def broken(self, *a, **k):
+        raise error
+
+    monkeypatch.setattr(socket.socket, "recv_into", broken, raising=False)
+    with pytest.raises(expected):
+        _redis_pipe.execute_unread(client, _redis_pipe.pack_commands([("PING",)]), 1)
+    monkeypatch.undo()
+    [new_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
+    assert new_id != first_id, "the connection that failed mid-reply went back to the pool"

@@ -25,9 +25,14 @@ import redis
 
 from .. import _native
 
-__all__ = ["execute", "execute_packed", "pack_commands", "raise_first_error"]
+__all__ = ["execute", "execute_packed", "execute_unread", "pack_commands", "pack_xadds",
+           "raise_first_error"]
 
-pack_commands = _native.load("resp").pack_commands
+_resp = _native.load("resp")
+pack_commands = _resp.pack_commands
+pack_xadds = _resp.pack_xadds
+_scan_replies = _resp.scan_replies
+_READ_SIZE = 65536
 
 try:   # the hiredis parser's "need more bytes" marker (redis-py >= 5)
     from redis._parsers.hiredis import NOT_ENOUGH_DATA as _MORE
@@ -77,6 +82,66 @@ def execute_packed(client: "redis.Redis", packed: bytes, n: int) -> list:
         raise
     finally:
         pool.release(conn)
+
+
+def _skip_replies(conn: Any, n: int) -> Exception | None:
+    """Read ``n`` replies straight from the socket and step over them in C without
+    building them; the first error reply comes back typed (``parse_error``), else None.
+    Only while the connection's hiredis reader holds nothing: the bytes read here
+    never pass through it.  Otherwise the replies are read the usual way."""
+    parser = conn._parser
+    reader = getattr(parser, "_reader", None)
+    sock = conn._sock
+    if (_HiredisParser is None or type(parser) is not _HiredisParser or reader is None or sock is None
+            or reader.has_data()):
+        return next((r for r in _read_replies(conn, n) if isinstance(r, redis.ResponseError)), None)
+    buf = bytearray(_READ_SIZE)
+    pos = end = done = 0
+    error = None
+    while True:
+        try:
+            pos, count, err = _scan_replies(buf, pos, end, n - done)
+        except ValueError as exc:
+            raise redis.exceptions.InvalidResponse(str(exc)) from exc
+        if err is not None and error is None:
+            error = parser.parse_error(err[1].decode("utf-8", "replace"))
+        done += count
+        if done == n:
+            return error
+        if pos:   # keep the unfinished reply at the front
+            buf[:end - pos] = buf[pos:end]
+            end -= pos
+            pos = 0
+        if end == len(buf):   # one reply larger than the buffer
+            buf += bytes(len(buf))
+        try:
+            with memoryview(buf) as view, view[end:] as free:
+                got = sock.recv_into(free)
+        except socket.timeout as exc:
+            raise redis.TimeoutError(f"Timeout reading from Redis: {exc}") from exc
+        except OSError as exc:
+            raise redis.ConnectionError(f"Error while reading from Redis: {exc}") from exc
+        if not got:
+            raise redis.ConnectionError("Connection closed by server.")
+        end += got
+
+
+def execute_unread(client: "redis.Redis", packed: bytes, n: int) -> None:
+    """Send ``packed`` (``n`` commands) whose replies the caller does not need (a batch of
+    XADDs: their entry ids) and raise the first error reply among them, as
+    ``raise_first_error`` would; the ``n`` replies are read but never built."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command([packed], check_health=False)
+        error = _skip_replies(conn, n)
+    except BaseException:
+        conn.disconnect()   # never hand back a connection with replies still in flight
+        raise
+    finally:
+        pool.release(conn)
+    if error is not None:
+        raise error
 
 
 def execute(client: "redis.Redis", commands: Sequence[Sequence[Any]]) -> list:

@@ -119,6 +119,16 @@ class Broker(abc.ABC):
         for m in messages:
             self.publish(m)
 
+    def publish_frames(self, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], *,
+                       priority: int = 0, visibility_timeout: float | None = None) -> None:
+        """Store a batch of messages ready now that share queue, priority and visibility
+        timeout (``enqueue_many`` of one task name), in one round trip where the adapter
+        allows it.  Adapters may override it to skip the per-message ``Message`` objects."""
+        if len(task_ids) != len(frames):
+            raise ConfigurationError(f"publish_frames got {len(task_ids)} task ids for {len(frames)} frames")
+        self.publish_many([Message(t, queue, f, priority, None, visibility_timeout)
+                           for t, f in zip(task_ids, frames)])
+
     @abc.abstractmethod
     def consume(self, queues: Sequence[str], max_count: int, timeout: float,
                 *, consumer: str = "") -> list[Delivery]:

@@ -248,3 +248,27 @@ def test_publish_many_is_all_visible(broker):
     broker.publish_many([msg(str(i).encode()) for i in range(200)])
     s = broker.stats(Q)
     assert s.ready == 200
+
+
+def test_publish_frames_stores_one_ready_batch_with_its_routing(broker):
+    ids = [uuid.uuid4().hex for _ in range(120)]
+    frames = [b"f%d" % i for i in range(120)]
+    broker.publish_frames(Q, ids, frames, priority=3, visibility_timeout=42.0)
+    broker.publish_frames(Q, [], [])   # nothing to store is no error
+    assert broker.stats(Q).ready == 120
+    assert Q in broker.queues()
+    got = []
+    deadline = time.monotonic() + 10.0
+    while len(got) < 120 and time.monotonic() < deadline:
+        got += broker.consume([Q], 120 - len(got), 0.5)
+    assert sorted((d.task_id, bytes(d.frame)) for d in got) == sorted(zip(ids, frames))
+    assert {d.visibility_timeout for d in got} == {42.0}
+    broker.publish(msg(b"low"))
+    broker.publish_frames(Q, ["high"], [b"high"], priority=9)
+    assert bytes(consume_one(broker).frame) == b"high"   # the batch's priority counts
+
+
+def test_publish_frames_refuses_mismatched_lists(broker):
+    with pytest.raises(ConfigurationError, match="2 task ids for 1 frames"):
+        broker.publish_frames(Q, ["a", "b"], [b"x"])
+    assert broker.stats(Q).ready == 0
