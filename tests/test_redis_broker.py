@@ -314,3 +314,108 @@ def test_publish_frames_raises_an_error_reply_as_a_broker_error(make, raw, names
     raw.delete(lane0)
     broker.publish_frames(Q, ["c"], [b"z"])   # the connection is clean afterwards
     assert [d.task_id for d in consume_n(broker, 1)] == ["c"]
+
+
+# -- run_and_consume: settle commands and a consume in one round trip -------------------
+
+def test_run_and_consume_runs_the_settle_commands_then_leases_in_one_round_trip(make, raw, namespace, monkeypatch):
+    broker = make()
+    broker.publish_many([msg() for _ in range(6)])
+    first = consume_n(broker, 2)
+    trips = _RoundTrips(monkeypatch)
+    got = broker.run_and_consume(broker.ack_commands(first) + [("SET", f"{namespace}:marker", "1")], [Q], 3)
+    assert trips.count == 1
+    assert len(got) == 3 and not {d.task_id for d in got} & {d.task_id for d in first}
+    assert broker.stats(Q) == (Q, 1, 3, 0, 0)
+    assert raw.get(f"{namespace}:marker") == b"1"
+    broker.ack(got)
+    assert broker.stats(Q) == (Q, 1, 0, 0, 0)
+
+
+def test_run_and_consume_takes_one_queue_at_a_time_in_turn(make):
+    broker = make()
+    broker.publish_many([msg() for _ in range(2)] + [msg(queue="other") for _ in range(2)])
+    a = broker.run_and_consume([], [Q, "other"], 10)
+    b = broker.run_and_consume([], [Q, "other"], 10)
+    assert sorted([{d.queue for d in a}, {d.queue for d in b}]) == [{Q}, {"other"}]
+    assert len(a) == len(b) == 2
+
+
+def test_run_and_consume_after_a_flushed_script_cache_reloads_and_leases_once(make, raw):
+    broker = make()
+    broker.publish_many([msg() for _ in range(5)])
+    first = consume_n(broker, 2)
+    raw.script_flush()   # the consume answers NOSCRIPT: it did not run, so all of it is sent again
+    got = broker.run_and_consume(broker.ack_commands(first), [Q], 10)
+    assert len(got) == 3
+    assert broker.stats(Q) == (Q, 0, 3, 0, 0)
+
+
+def test_when_only_a_settle_script_answered_noscript_the_consume_is_not_sent_again(make, namespace, monkeypatch):
+    """The script cache emptied between the ack and the consume of one pipeline: the consume
+    ran, so only the settle commands go again (a second consume would lease twice)."""
+    import stem.brokers.redis as redis_broker
+    broker = make()
+    broker.publish_many([msg() for _ in range(8)])
+    first = consume_n(broker, 2)
+    real = redis_broker.execute
+    sent = []
+
+    def execute(client, commands):
+        sent.append(len(commands))
+        replies = real(client, commands)
+        if len(sent) == 1:   # the ack ran, but answer as if it had met an empty script cache
+            replies[0] = redis.exceptions.NoScriptError("NOSCRIPT No matching script.")
+        return replies
+
+    monkeypatch.setattr(redis_broker, "execute", execute)
+    got = broker.run_and_consume(broker.ack_commands(first), [Q], 3)
+    assert len(got) == 3
+    assert sent == [2, 1]   # the pipeline, then the ack alone
+    assert broker.stats(Q) == (Q, 3, 3, 0, 0)
+
+
+def test_a_failed_settle_command_gives_the_new_leases_back_and_raises(make, raw, namespace):
+    from stem.errors import BrokerError
+    broker = make()
+    broker.publish_many([msg() for _ in range(4)])
+    raw.set(f"{namespace}:not-a-list", "x")
+    with pytest.raises(BrokerError, match="WRONGTYPE"):
+        broker.run_and_consume([("LPUSH", f"{namespace}:not-a-list", "y")], [Q], 3)
+    assert broker.stats(Q).in_flight == 0
+    assert len(consume_n(broker, 4)) == 4   # the three given back come again at once
+
+
+def test_a_failed_consume_raises_after_the_settle_commands_ran(make, raw, namespace):
+    from stem.errors import BrokerError
+    broker = make()
+    broker.publish_many([msg()])
+    raw.delete(broker.queue_keys("broken")[0])
+    raw.set(broker.queue_keys("broken")[0], "x")   # a lane that is not a stream
+    with pytest.raises(BrokerError):
+        broker.run_and_consume([("SET", f"{namespace}:marker", "1")], ["broken"], 3)
+    assert raw.get(f"{namespace}:marker") == b"1"
+
+
+@pytest.mark.parametrize("when", ["before-sending", "after-the-consume-ran"])
+def test_a_lost_connection_is_not_retried_since_the_consume_may_have_run(make, monkeypatch, when):
+    import stem.brokers.redis as redis_broker
+    from stem.errors import BrokerConnectionError
+    broker = make(default_visibility_timeout=0.5)
+    broker.publish_many([msg() for _ in range(5)])
+    real = redis_broker.execute
+    calls = []
+
+    def execute(client, commands):
+        calls.append(1)
+        if when == "after-the-consume-ran":
+            real(client, commands)
+        raise redis.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(redis_broker, "execute", execute)
+    with pytest.raises(BrokerConnectionError):
+        broker.run_and_consume([], [Q], 3)
+    assert calls == [1]
+    monkeypatch.setattr(redis_broker, "execute", real)
+    assert broker.stats(Q).in_flight == (3 if when == "after-the-consume-ran" else 0)
+    assert len(consume_n(broker, 5)) == 5   # what the lost reply leased comes back after its lease

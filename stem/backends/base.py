@@ -48,6 +48,16 @@ class ResultBackend(abc.ABC):
         does nothing and returns False: the worker then stores, then acks."""
         return False
 
+    def store_many_ack_and_consume(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any],
+                                   queues: Sequence[str], max_count: int, consumer: str) -> list | None:
+        """``store_many_and_ack``, then lease up to ``max_count`` deliveries from ``queues``
+        for ``consumer`` (as ``broker.consume`` with no wait would), all in one round trip,
+        when ``broker`` lives in the same store; returns the new deliveries.  Tried once,
+        never retried (a retry might lease twice); on an error nothing of the consume is
+        left to the caller and it settles the usual way.  The default does nothing and
+        returns None: the worker then never asks again."""
+        return None
+
     @abc.abstractmethod
     def get(self, task_id: str) -> TaskStatus | None:
         """The latest status, or None when unknown or expired."""

@@ -111,12 +111,24 @@ class RedisResultBackend(ResultBackend):
         scripts (Redis runs one connection's commands in order, so the ack never lands
         without its result; a connection lost in between only redelivers).  Returns False,
         doing nothing, otherwise."""
-        from ..brokers.redis import RedisBroker
-        if not isinstance(broker, RedisBroker) or broker._client.connection_pool is not self._client.connection_pool:
+        if not self._shares_server(broker):
             return False
         commands = self._status_commands(statuses) + broker.ack_commands(deliveries)
         self._call(lambda: broker.run_commands(commands), "store+ack")
         return True
+
+    def store_many_ack_and_consume(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any],
+                                   queues: Sequence[str], max_count: int, consumer: str) -> list | None:
+        """The pipeline of ``store_many_and_ack`` with a consume script call after the acks
+        (``RedisBroker.run_and_consume``: tried once, errors raised as broker errors)."""
+        if not self._shares_server(broker):
+            return None
+        commands = self._status_commands(statuses) + broker.ack_commands(deliveries)
+        return broker.run_and_consume(commands, queues, max_count, consumer=consumer)
+
+    def _shares_server(self, broker: Any) -> bool:
+        from ..brokers.redis import RedisBroker
+        return isinstance(broker, RedisBroker) and broker._client.connection_pool is self._client.connection_pool
 
     def get(self, task_id: str) -> TaskStatus | None:
         data = self._call(lambda: self._client.get(self._status_key(task_id)), "get")

@@ -326,21 +326,11 @@ class RedisBroker(Broker):
         out: list[Delivery] = []
         wake_in = _MAX_BLOCK_S
         block_on: dict[str, str] = {}
-        start = self._rotate % len(names)
-        self._rotate += 1
-        vt_ms = _ms(self.default_visibility_timeout)
-        for q in names[start:] + names[:start]:
+        for q in self._rotation(names):
             keys = self.queue_keys(q)
-            command = self._evalsha(self._consume_script, q, consumer, max_count - len(out), vt_ms,
-                                    self.max_deliveries, _DELAYED_MOVE_LIMIT)
+            command = self._consume_command(q, consumer, max_count - len(out))
             reply = self._call(lambda: self.run_commands([command])[0], "consume")
-            n = reply[0]
-            leased_at = time.time()
-            for lane, entry_id, task_id, frame, d_vt_ms, count in reply[1:n + 1]:
-                entry_id = entry_id.decode()
-                out.append(Delivery(q, task_id.decode(), frame, _Receipt(int(lane), entry_id, consumer),
-                                    int(count), d_vt_ms / 1000.0, leased_at))
-            if n:
+            if self._read_leased(q, consumer, reply, out):
                 if len(out) >= max_count:
                     break
                 continue
@@ -351,6 +341,79 @@ class RedisBroker(Broker):
             for lane, last in enumerate(reply[4:4 + N_LANES]):
                 block_on[keys[lane]] = last.decode()
         return out, wake_in, block_on
+
+    def _rotation(self, names: list[str]) -> list[str]:
+        """``names`` starting one further on at each call: several queues take turns."""
+        start = self._rotate % len(names)
+        self._rotate += 1
+        return names[start:] + names[:start]
+
+    def _consume_command(self, queue: str, consumer: str, count: int) -> tuple:
+        return self._evalsha(self._consume_script, queue, consumer, count, _ms(self.default_visibility_timeout),
+                             self.max_deliveries, _DELAYED_MOVE_LIMIT)
+
+    def _read_leased(self, queue: str, consumer: str, reply: list, out: list[Delivery]) -> int:
+        """Append the deliveries a consume script's ``reply`` leased to ``out``; returns how many."""
+        n = reply[0]
+        leased_at = time.time()
+        for lane, entry_id, task_id, frame, d_vt_ms, count in reply[1:n + 1]:
+            out.append(Delivery(queue, task_id.decode(), frame, _Receipt(int(lane), entry_id.decode(), consumer),
+                                int(count), d_vt_ms / 1000.0, leased_at))
+        return n
+
+    def run_and_consume(self, commands: Sequence[Sequence[Any]], queues: Sequence[str], max_count: int,
+                        *, consumer: str = "") -> list[Delivery]:
+        """Run ``commands`` (settle commands: safe to repeat, as for ``run_commands``) and,
+        after them in the same pipeline, one consume of up to ``max_count`` deliveries
+        from the next of ``queues`` in turn (one queue: several need a round trip each).
+        Never blocks.  Tried once: a lost connection may have lost the reply of a consume
+        that ran, and a blind resend would lease again, so connection errors raise
+        ``BrokerConnectionError`` at once (what such a consume leased comes back after its
+        lease, as when a plain consume reply is lost) and the caller settles the usual way.
+
+        After a Redis restart emptied the script cache, the whole pipeline is sent again
+        only when the consume itself answered NOSCRIPT (it did not run); when it ran but
+        a settle script did not, only ``commands`` are sent again.  When a settle command
+        fails, the deliveries just leased are given back (requeued) before the error is
+        raised: the caller would not hold room for them."""
+        max_count = min(max_count, _MAX_COUNT)
+        consumer = self._consumer(consumer)
+        names = list(dict.fromkeys(queues))
+        self._declare(names)
+        queue = self._rotation(names)[0]
+        pipeline = [*commands, self._consume_command(queue, consumer, max_count)]
+
+        def send() -> list[Delivery]:
+            replies = execute(self._client, pipeline)
+            if isinstance(replies[-1], redis.exceptions.NoScriptError):
+                self.load_scripts()
+                replies = execute(self._client, pipeline)
+            *settled, reply = replies
+            out: list[Delivery] = []
+            if not isinstance(reply, redis.ResponseError):
+                self._read_leased(queue, consumer, reply, out)
+            try:
+                if any(isinstance(r, redis.exceptions.NoScriptError) for r in settled):
+                    settled = self.run_commands(commands)
+                raise_first_error(settled)
+            except BaseException:
+                self._give_back(out)
+                raise
+            raise_first_error((reply,))
+            return out
+
+        return call_with_retry(send, 1, "settle+consume")
+
+    def _give_back(self, deliveries: list[Delivery]) -> None:
+        """Best effort: end these leases now (``nack``); what fails comes back after its lease."""
+        if not deliveries:
+            return
+        try:
+            self.run_commands([self._evalsha(self._settle_script, d.queue, "requeue", d.receipt.lane,
+                                             d.receipt.entry_id) for d in deliveries])
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not give back %d deliveries (%s); they come back after their lease",
+                        len(deliveries), exc)
 
     def _evalsha(self, script: Any, queue: str, *args: Any) -> tuple:
         """The EVALSHA command that runs one of this broker's per-queue scripts on ``queue``."""

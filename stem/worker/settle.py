@@ -79,13 +79,16 @@ class Settler:
             else:
                 later.append((job, out))
         deliveries = [j.delivery for j in acks]
-        if not (statuses and self.w._combined_settle and self.store_and_ack(statuses, deliveries)):
-            if statuses:
-                self.store(statuses)
-            if deliveries:
-                self.broker_call(self.w.broker.ack, deliveries)
+        combined = bool(statuses) and self.w._combined_settle
+        if not (combined and self.store_ack_and_refill(statuses, acks)):
+            if not (combined and self.store_and_ack(statuses, deliveries)):
+                if statuses:
+                    self.store(statuses)
+                if deliveries:
+                    self.broker_call(self.w.broker.ack, deliveries)
+            if acks:
+                self.w._forget(acks)
         if acks:
-            self.w._forget(acks)
             if signals.task_succeeded.receivers or signals.task_postrun.receivers:
                 outs = {id(j): o for j, o in batch}
                 for j in acks:
@@ -145,6 +148,28 @@ class Settler:
             signals.task_postrun.send(self.w, envelope=env, status=TaskState.FAILED, started_at=out.started_at,
                                       finished_at=out.finished_at)
         self.w._forget([job])
+
+    def store_ack_and_refill(self, statuses: list[TaskStatus], acks: list[Job]) -> bool:
+        """When the fetcher waits for the room these acks free: store, ack and lease the
+        refill in one round trip (results before acks) and take the new deliveries in here
+        (``Worker._claim_refill``).  Tried once: False when not done, and the caller then
+        settles the usual way, retrying until it is durable."""
+        claim = self.w._claim_refill(acks)
+        if claim is None:
+            return False
+        queues, count = claim
+        leased = None
+        try:
+            leased = self.w.backend.store_many_ack_and_consume(statuses, self.w.broker, [j.delivery for j in acks],
+                                                               queues, count, self.w.id)
+            if leased is None:
+                self.w._refill_on_settle = False   # not this backend and broker: never asked again
+        except StemError as exc:
+            log.warning("storing %d results with their acks and a refill failed (%s); settling without "
+                        "the refill", len(statuses), exc)
+        finally:
+            self.w._end_refill(acks, leased)
+        return leased is not None
 
     def store_and_ack(self, statuses: list[TaskStatus], deliveries: list[Delivery]) -> bool:
         """One round trip for results and acks where broker and backend share a store;

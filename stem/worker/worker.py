@@ -2,10 +2,14 @@
 
 Threads: a *fetcher* leases deliveries (never more than ``concurrency *
 prefetch_multiplier`` unsettled), verifies and decodes them and hands jobs to
-the engine; the *main loop* settles outcomes in batches (``store_many`` then
-one ``ack``), retries and dead-letters, renews leases, enforces time limits
-and publishes heartbeats.  The engine runs the handlers (threads or child
-processes).
+the engine; the *main loop* turns the engine, renews leases, enforces time
+limits and publishes heartbeats; outcomes are settled in batches (results
+stored, then acked; retries and dead letters) by a *settle thread* with the
+process engine, else on the main loop.  When the fetcher waits for room that a
+settle batch frees, that settle round trip leases the refill too where the
+backend can (Redis: one pipeline), and the fetcher does not wake for it (see
+"refilling with a settle round trip" below).  The engine runs the handlers
+(threads or child processes).
 """
 
 from __future__ import annotations
@@ -149,8 +153,11 @@ class Worker:
         self._started = threading.Event()
         self._burst = False
         self._paused: set[str] = set()
-        self._fetcher_waiting = False
-        self._fetch_generation = 0
+        self._fetcher_waiting = False   # the fetcher waits for room (or for an unpaused queue)
+        self._consuming = False         # a consume is in flight (fetcher's or a settle refill's)
+        self._fetch_generation = 0      # + 1 each time a consume ends (pause() waits on it)
+        self._refilling = False         # the settle thread took the next consume over (_claim_refill)
+        self._refill_on_settle = True   # until the backend says it cannot consume with its settle
         self._control = None
         self._combined_settle = self.store_results
         self._settle_thread: threading.Thread | None = None
@@ -253,9 +260,8 @@ class Worker:
         with self._lock:
             self._paused.add(queue_name)
             generation = self._fetch_generation
-            if self._fetcher is not None and self._fetcher.is_alive():
-                self._lock.wait_for(lambda: self._fetch_generation > generation or self._stop_requested.is_set(),
-                                    timeout=FETCH_BLOCK_SECONDS * 4 + 1.0)
+            self._lock.wait_for(lambda: not self._consuming or self._fetch_generation > generation
+                                or self._stop_requested.is_set(), timeout=FETCH_BLOCK_SECONDS * 4 + 1.0)
 
     def resume(self, queue_name: str) -> None:
         with self._lock:
@@ -296,11 +302,13 @@ class Worker:
             with self._lock:
                 free = self.prefetch_limit - len(self._jobs)
                 queues = [q for q in self.queues if q not in self._paused]
-                if free < (self._refill_at if self._jobs else 1) or not queues:
+                if free < (self._refill_at if self._jobs else 1) or not queues or self._refilling:
                     self._fetcher_waiting = True
                     self._lock.wait(0.5)
                     self._fetcher_waiting = False
                     continue
+                self._consuming = True
+            deliveries = None
             try:
                 deliveries = self.broker.consume(queues, free, FETCH_BLOCK_SECONDS, consumer=self.id)
                 if backoff:
@@ -311,25 +319,77 @@ class Worker:
                 if not backoff:
                     log.error("worker %s: broker unreachable (%s); retrying with backoff", self.id, exc)
                 backoff = min(max(backoff * 2, 0.1), 5.0)
-                self._stop_requested.wait(backoff)
-                continue
             except Exception:  # noqa: BLE001 - a bug in an adapter must not silently stop all fetching
                 log.exception("worker %s: consume failed unexpectedly; retrying with backoff", self.id)
                 backoff = min(max(backoff * 2, 0.1), 5.0)
-                self._stop_requested.wait(backoff)
-                continue
             with self._lock:
                 self._fetch_generation += 1
+                self._consuming = False
                 paused = set(self._paused)
                 self._lock.notify_all()
-            if paused and deliveries:  # paused while this consume was in flight: give them back
-                for d in [d for d in deliveries if d.queue in paused]:
-                    self._settler.broker_call(self.broker.nack, d, requeue=True)
-                deliveries = [d for d in deliveries if d.queue not in paused]
+            if deliveries is None:
+                self._stop_requested.wait(backoff)
+                continue
+            deliveries = self._without_paused(deliveries, paused)
             if deliveries:
                 self._accept(deliveries)
             elif self._burst and self._idle():
                 self.shutdown_nowait(ShutdownMode.WARM)
+
+    def _without_paused(self, deliveries: list[Delivery], paused: set[str]) -> list[Delivery]:
+        """Give back what a consume in flight while its queue was paused brought."""
+        if paused and deliveries:
+            for d in [d for d in deliveries if d.queue in paused]:
+                self._settler.broker_call(self.broker.nack, d, requeue=True)
+            deliveries = [d for d in deliveries if d.queue not in paused]
+        return deliveries
+
+    # -- refilling with a settle round trip ---------------------------------------------
+    # With a backlog the fetcher mostly waits for room.  The settle round trip that frees
+    # the room can carry the refill too (Redis: store, ack, consume in one pipeline), so
+    # the settle thread takes that consume over and the fetcher does not wake for it.  The
+    # fetcher keeps what only it does: blocking consumes on empty queues, backoff on broker
+    # errors, burst-idle detection.  At most one consume is in flight (_consuming), so
+    # prefetch stays bounded and pause() / shutdown see every consume.
+
+    def _claim_refill(self, acks: list[Job]) -> tuple[list[str], int] | None:
+        """Before settling ``acks``: when the fetcher waits for the room they free (its own
+        threshold), take over its next consume.  Returns (queues, how many to lease), or
+        None: settle the usual way.  Pair with ``_end_refill``."""
+        with self._lock:
+            if (not self._refill_on_settle or not self._fetcher_waiting or self._consuming or self._refilling
+                    or self._stop_mode is not None):
+                return None
+            queues = [q for q in self.queues if q not in self._paused]
+            held = len(self._jobs) - sum(1 for j in acks if j.seq in self._jobs)
+            free = self.prefetch_limit - held
+            if not queues or free < (self._refill_at if held else 1):
+                return None
+            self._consuming = self._refilling = True
+            return queues, free
+
+    def _end_refill(self, acks: list[Job], leased: list[Delivery] | None) -> None:
+        """After ``_claim_refill``: when the round trip was done (``leased`` not None), forget
+        ``acks`` and take ``leased`` in; then hand fetching back, waking the fetcher only if
+        room for a refill is still free (the queue ran short) or someone waits."""
+        try:
+            with self._lock:
+                self._fetch_generation += 1
+                self._consuming = False
+                paused = set(self._paused)
+                if paused:
+                    self._lock.notify_all()   # a pause() may wait for this consume
+            if leased is not None:
+                self._forget(acks, wake=False)
+                leased = self._without_paused(leased, paused)
+                if leased:
+                    self._accept(leased)
+        finally:
+            with self._lock:
+                self._refilling = False
+                if self._stop_mode is not None or (self._fetcher_waiting and
+                                                   self.prefetch_limit - len(self._jobs) >= self._refill_at):
+                    self._lock.notify_all()
 
     def _idle(self) -> bool:
         with self._lock:
@@ -342,7 +402,7 @@ class Worker:
         return True
 
     def _accept(self, deliveries: list[Delivery]) -> None:
-        """Verify, decode and route a batch (fetcher thread)."""
+        """Verify, decode and route a batch (fetcher thread, or the settle thread's refill)."""
         now = time.time()
         jobs: list[Job] = []
         accepted: list[tuple[Delivery, Any, Any]] = []
@@ -491,14 +551,14 @@ class Worker:
             pass
         return batch
 
-    def _forget(self, jobs: list[Job]) -> None:
+    def _forget(self, jobs: list[Job], wake: bool = True) -> None:
         with self._lock:
             for j in jobs:
                 j.settled = True
                 self._jobs.pop(j.seq, None)
             # Wake a waiting fetcher only once a batch worth of room is free: waking another
             # thread of this process for every settled task costs more than the task.
-            if self._fetcher_waiting and self.prefetch_limit - len(self._jobs) >= self._refill_at:
+            if wake and self._fetcher_waiting and self.prefetch_limit - len(self._jobs) >= self._refill_at:
                 self._lock.notify_all()
 
     def _enforce_time_limits(self, now: float) -> None:
@@ -654,6 +714,8 @@ class Worker:
             self._lock.notify_all()
         if self._fetcher is not None:
             self._fetcher.join(5.0)
+        with self._lock:   # a refill started before the stop: its deliveries join the backlog first
+            self._lock.wait_for(lambda: not self._refilling, timeout=5.0)
         self._requeue(self._engine.take_backlog())
 
     def _requeue(self, jobs: list[Job]) -> None:
