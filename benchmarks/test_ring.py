@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import multiprocessing
-import os
 import statistics
 import time
 

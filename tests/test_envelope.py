@@ -617,25 +617,12 @@ def test_encode_frames_honours_max_size_and_checks_a_python_signer(build):
 
 def test_encode_frames_of_a_struct_laid_out_otherwise_encodes_each_envelope(build):
     """The splice assumes id, name, args lead the array; any other layout takes the slow road."""
-    class Reordered(msgspec.Struct, array_like=True):
-        name: str
-        id: str
-        args: dict = {}
-        headers: dict = {}
-        meta: dict = {}
-        attempt: int = 0
-        not_before: float | None = None
+    rest = [("args", dict, {}), ("headers", dict, {}), ("meta", dict, {}), ("attempt", int, 0),
+            ("not_before", float | None, None)]
+    reordered = msgspec.defstruct("Reordered", [("name", str), ("id", str), *rest], array_like=True)
+    keyed = msgspec.defstruct("Keyed", [("id", str), ("name", str), *rest])
 
-    class Keyed(msgspec.Struct):
-        id: str
-        name: str
-        args: dict = {}
-        headers: dict = {}
-        meta: dict = {}
-        attempt: int = 0
-        not_before: float | None = None
-
-    for kind in (Reordered, Keyed):
+    for kind in (reordered, keyed):
         codec = type(build.codec)(kind, FrameHeader)
         env = kind(name="t", id="", args={})
         frames = codec.encode_frames(env, ["a", "b"], [{"x": 1}, {}], build.signer)

@@ -77,33 +77,48 @@ def test_pipeline_returns_every_reply_in_order_with_errors_in_place(client):
     assert _redis_pipe.execute(client, [("PING",), ("ECHO", "x")]) == [b"PONG", b"x"]
 
 
+def _replies(client, commands):
+    return _redis_pipe.execute(client, commands)
+
+
+def _unread(client, commands):
+    return _redis_pipe.execute_unread(client, _redis_pipe.pack_commands(commands), len(commands))
+
+
+READERS = [pytest.param(_replies, id="replies"), pytest.param(_unread, id="unread")]
+# where each way of reading replies gets its bytes, for the tests that break the socket under it
+SOCKET_READ = {_replies: "redis._parsers.hiredis._HiredisParser.read_from_socket",
+               _unread: "socket.socket.recv_into"}
+
+
 @pytest.mark.redis
-def test_a_connection_lost_mid_pipeline_is_dropped_not_reused(client):
+@pytest.mark.parametrize("read", READERS)
+def test_a_connection_lost_mid_pipeline_is_dropped_not_reused(client, read):
     [conn_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
     # the server answers the KILL, then closes this very connection before the PING's reply
     with pytest.raises(redis.ConnectionError):
-        _redis_pipe.execute(client, [("CLIENT", "KILL", "ID", conn_id, "SKIPME", "no"), ("PING",)])
+        read(client, [("CLIENT", "KILL", "ID", conn_id, "SKIPME", "no"), ("PING",)])
     assert _redis_pipe.execute(client, [("PING",)]) == [b"PONG"]
     [new_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
     assert new_id != conn_id
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("read", READERS)
 @pytest.mark.parametrize("error, expected", [(ConnectionResetError(104, "Connection reset by peer"),
                                               redis.ConnectionError),
                                              (TimeoutError("timed out"), redis.TimeoutError)])
-def test_socket_errors_while_reading_become_redis_errors(client, monkeypatch, error, expected):
+def test_socket_errors_while_reading_become_redis_errors(client, monkeypatch, read, error, expected):
     """An OSError from the socket (the server was killed) must surface as the redis error the
     retry logic handles, never escape raw (it once killed the worker's fetcher thread)."""
-    from redis._parsers.hiredis import _HiredisParser
     [first_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
 
     def broken(self, *a, **k):
         raise error
 
-    monkeypatch.setattr(_HiredisParser, "read_from_socket", broken)
+    monkeypatch.setattr(SOCKET_READ[read], broken, raising=False)
     with pytest.raises(expected):
-        _redis_pipe.execute(client, [("PING",)])
+        read(client, [("PING",)])
     monkeypatch.undo()
     assert _redis_pipe.execute(client, [("PING",)]) == [b"PONG"]
     [new_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
@@ -229,32 +244,3 @@ def test_execute_unread_reads_every_reply_and_raises_the_first_error(redis_url, 
     finally:
         client.delete(key)
         client.close()
-
-
-@pytest.mark.redis
-def test_execute_unread_drops_a_connection_lost_mid_reply(client):
-    [conn_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
-    packed = _redis_pipe.pack_commands([("CLIENT", "KILL", "ID", conn_id, "SKIPME", "no"), ("PING",)])
-    with pytest.raises(redis.ConnectionError):
-        _redis_pipe.execute_unread(client, packed, 2)
-    [new_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
-    assert new_id != conn_id
-
-
-@pytest.mark.redis
-@pytest.mark.parametrize("error, expected", [(ConnectionResetError(104, "Connection reset by peer"),
-                                              redis.ConnectionError),
-                                             (TimeoutError("timed out"), redis.TimeoutError)])
-def test_socket_errors_while_stepping_over_replies_become_redis_errors(client, monkeypatch, error, expected):
-    import socket
-    [first_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
-
-    def broken(self, *a, **k):
-        raise error
-
-    monkeypatch.setattr(socket.socket, "recv_into", broken, raising=False)
-    with pytest.raises(expected):
-        _redis_pipe.execute_unread(client, _redis_pipe.pack_commands([("PING",)]), 1)
-    monkeypatch.undo()
-    [new_id] = _redis_pipe.execute(client, [("CLIENT", "ID")])
-    assert new_id != first_id, "the connection that failed mid-reply went back to the pool"
