@@ -1,9 +1,9 @@
 """The settle round trip that refills too (Redis): store, ack and consume in one pipeline.
 
 With a backlog the fetcher mostly waits for room; the settle thread then leases the
-refill in its own round trip and takes the deliveries in (``Worker._claim_refill``).
+refill in its own round trip and takes the deliveries in (``stem.worker.fetch``).
 These tests hold the semantics of the plain path on that one: results before acks,
-prefetch bound, pause, shutdown, burst, everything ``_accept`` decides, and every
+prefetch bound, pause, shutdown, burst, everything ``Fetcher.accept`` decides, and every
 failure falling back to the plain settle.
 """
 
@@ -253,7 +253,7 @@ def test_a_shutdown_during_a_refill_requeues_its_deliveries_and_no_refill_starts
     w = env.worker()
     stopped = threading.Event()
     late = []
-    real_claim = w._claim_refill
+    real_claim = w._fetcher.claim_refill
 
     def claim(acks):
         before = stopped.is_set()
@@ -262,7 +262,7 @@ def test_a_shutdown_during_a_refill_requeues_its_deliveries_and_no_refill_starts
             late.append(got)
         return got
 
-    monkeypatch.setattr(w, "_claim_refill", claim)
+    monkeypatch.setattr(w._fetcher, "claim_refill", claim)
     w.run_in_background()
     wait_for(lambda: w.stats()["succeeded"] >= 20, what="a first batch")
     gate.armed.set()
@@ -292,20 +292,20 @@ def test_a_shutdown_during_a_refill_requeues_its_deliveries_and_no_refill_starts
 
 
 def test_a_claim_is_never_granted_without_a_waiting_fetcher_or_room(env):
-    w = env.worker(concurrency=2, prefetch_multiplier=4)   # window 8, refill at 4
-    w._fetcher_waiting = True
+    w = env.worker(concurrency=2, prefetch_multiplier=4)            # window 8, refill at 4
+    w._fetcher.waiting = True
     jobs = [type("J", (), {"seq": i})() for i in range(8)]
     w._jobs = {j.seq: j for j in jobs}
-    assert w._claim_refill(jobs[:3]) is None              # 3 free < 4
-    assert w._claim_refill(jobs[:4]) == ([Q], 4)
-    assert w._claim_refill(jobs[:4]) is None              # one refill at a time
-    w._end_refill(jobs[:4], None)                          # failed: nothing forgotten, fetching handed back
-    assert len(w._jobs) == 8 and not w._consuming and not w._refilling
+    assert w._fetcher.claim_refill(jobs[:3]) is None                # 3 free < 4
+    assert w._fetcher.claim_refill(jobs[:4]) == ([Q], 4)
+    assert w._fetcher.claim_refill(jobs[:4]) is None                # one refill at a time
+    w._fetcher.end_refill(jobs[:4], None)                           # failed: nothing forgotten, fetching handed back
+    assert len(w._jobs) == 8 and not w._fetcher.consuming and not w._fetcher.refilling
     w.pause(Q)
-    assert w._claim_refill(jobs) is None                   # no unpaused queue
+    assert w._fetcher.claim_refill(jobs) is None                    # no unpaused queue
     w.resume(Q)
-    w._fetcher_waiting = False
-    assert w._claim_refill(jobs) is None                   # the fetcher is not waiting: its own consume
-    w._fetcher_waiting = True
+    w._fetcher.waiting = False
+    assert w._fetcher.claim_refill(jobs) is None                    # the fetcher is not waiting: its own consume
+    w._fetcher.waiting = True
     w.shutdown_nowait(ShutdownMode.WARM)
-    assert w._claim_refill(jobs) is None                   # stopping: no consume any more
+    assert w._fetcher.claim_refill(jobs) is None                    # stopping: no consume any more

@@ -152,9 +152,9 @@ class Settler:
     def store_ack_and_refill(self, statuses: list[TaskStatus], acks: list[Job]) -> bool:
         """When the fetcher waits for the room these acks free: store, ack and lease the
         refill in one round trip (results before acks) and take the new deliveries in here
-        (``Worker._claim_refill``).  Tried once: False when not done, and the caller then
+        (``Fetcher.claim_refill``).  Tried once: False when not done, and the caller then
         settles the usual way, retrying until it is durable."""
-        claim = self.w._claim_refill(acks)
+        claim = self.w._fetcher.claim_refill(acks)
         if claim is None:
             return False
         queues, count = claim
@@ -163,12 +163,12 @@ class Settler:
             leased = self.w.backend.store_many_ack_and_consume(statuses, self.w.broker, [j.delivery for j in acks],
                                                                queues, count, self.w.id)
             if leased is None:
-                self.w._refill_on_settle = False   # not this backend and broker: never asked again
+                self.w._fetcher.refill_on_settle = False   # not this backend and broker: never asked again
         except StemError as exc:
             log.warning("storing %d results with their acks and a refill failed (%s); settling without "
                         "the refill", len(statuses), exc)
         finally:
-            self.w._end_refill(acks, leased)
+            self.w._fetcher.end_refill(acks, leased)
         return leased is not None
 
     def store_and_ack(self, statuses: list[TaskStatus], deliveries: list[Delivery]) -> bool:

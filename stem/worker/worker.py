@@ -8,7 +8,7 @@ stored, then acked; retries and dead letters) by a *settle thread* with the
 process engine, else on the main loop.  When the fetcher waits for room that a
 settle batch frees, that settle round trip leases the refill too where the
 backend can (Redis: one pipeline), and the fetcher does not wake for it (see
-"refilling with a settle round trip" below).  The engine runs the handlers
+``stem.worker.fetch``).  The engine runs the handlers
 (threads or child processes).
 """
 
@@ -25,31 +25,27 @@ from typing import Any, Sequence
 
 from ..backends import ResultBackend
 from ..backends import from_url as backend_from_url
-from ..brokers import Broker, Delivery
+from ..brokers import Broker
 from ..brokers import from_url as broker_from_url
-from ..envelope import decode_frame
-from ..errors import (ConfigurationError, DecodeError, SignatureError, SoftTimeLimitExceeded,
-                      StemError, UnknownTaskError, WorkerShutdown)
+from ..errors import ConfigurationError, SoftTimeLimitExceeded, StemError, WorkerShutdown
 from ..results import TaskState, TaskStatus
 from ..retry import ExponentialJitterRetryStrategy, RetryStrategy
 from ..signals import signals
 from ..task import TaskContext, TaskRegistry
 from ..brokers.base import validate_queue_name
 from .engine import Engine, Job
+from .fetch import FETCH_BLOCK_SECONDS, Fetcher
 from .execution import ERROR, Outcome
 from .lifecycle import ShutdownMode, WorkerLifecycleConfig, install_signal_handlers
 from .outbox import MAX_BATCH, Outbox
+from .settle import Settler
 
 __all__ = ["Worker", "load_registry"]
 
 log = logging.getLogger("stem.worker")
 
-# How long one consume call may block: bounds shutdown latency and burst-idle detection.
-FETCH_BLOCK_SECONDS = 0.25
 # A heartbeat outlives a few missed beats even when the interval is short (busy machines).
 HEARTBEAT_MIN_TTL = 5.0
-# How often the fetcher re-reads the backend's persistent revocations.
-REVOKE_REFRESH = 1.0
 
 
 def load_registry(path: str) -> TaskRegistry:
@@ -153,28 +149,21 @@ class Worker:
         self._started = threading.Event()
         self._burst = False
         self._paused: set[str] = set()
-        self._fetcher_waiting = False   # the fetcher waits for room (or for an unpaused queue)
-        self._consuming = False         # a consume is in flight (fetcher's or a settle refill's)
-        self._fetch_generation = 0      # + 1 each time a consume ends (pause() waits on it)
-        self._refilling = False         # the settle thread took the next consume over (_claim_refill)
-        self._refill_on_settle = True   # until the backend says it cannot consume with its settle
         self._control = None
         self._combined_settle = self.store_results
         self._settle_thread: threading.Thread | None = None
         self._settle_stop = threading.Event()
-        self._revoked_cache: set[str] = set()
-        self._revoked_checked = 0.0
         self._revoked: set[str] = set()
         self._thread: threading.Thread | None = None
-        self._fetcher: threading.Thread | None = None
+        self._fetch_thread: threading.Thread | None = None
         self._started_at = time.time()
         self._counters = dict(received=0, processed=0, succeeded=0, failed=0, retried=0, revoked=0,
                               dead_lettered=0, broker_reconnects=0)
         self._stem = None
         self._error: BaseException | None = None
         self._runtime = _Runtime(self)
-        from .settle import Settler
         self._settler = Settler(self)
+        self._fetcher = Fetcher(self)
 
     # -- engine -------------------------------------------------------------------
     def _make_engine(self) -> Engine:
@@ -259,8 +248,9 @@ class Worker:
         """Stop fetching from ``queue_name``; returns once no fetch still includes it."""
         with self._lock:
             self._paused.add(queue_name)
-            generation = self._fetch_generation
-            self._lock.wait_for(lambda: not self._consuming or self._fetch_generation > generation
+            fetcher = self._fetcher
+            generation = fetcher.generation
+            self._lock.wait_for(lambda: not fetcher.consuming or fetcher.generation > generation
                                 or self._stop_requested.is_set(), timeout=FETCH_BLOCK_SECONDS * 4 + 1.0)
 
     def resume(self, queue_name: str) -> None:
@@ -282,8 +272,8 @@ class Worker:
             self._control = ControlServer(self)
             self._control.start()
         self._publish_heartbeat()  # visible (and controllable) before the first task runs
-        self._fetcher = threading.Thread(target=self._fetch_loop, name="stem-fetcher", daemon=True)
-        self._fetcher.start()
+        self._fetch_thread = threading.Thread(target=self._fetcher.run, name="stem-fetcher", daemon=True)
+        self._fetch_thread.start()
         self._started.set()
         signals.worker_ready.send(self, worker=self)
         log.info("worker %s ready: queues=%s concurrency=%d engine=%s", self.id, ",".join(self.queues),
@@ -295,170 +285,6 @@ class Worker:
             signals.worker_shutdown.send(self, worker=self)
             log.info("worker %s stopped", self.id)
 
-    # -- fetching ---------------------------------------------------------------------
-    def _fetch_loop(self) -> None:
-        backoff = 0.0
-        while not self._stop_requested.is_set():
-            with self._lock:
-                free = self.prefetch_limit - len(self._jobs)
-                queues = [q for q in self.queues if q not in self._paused]
-                if free < (self._refill_at if self._jobs else 1) or not queues or self._refilling:
-                    self._fetcher_waiting = True
-                    self._lock.wait(0.5)
-                    self._fetcher_waiting = False
-                    continue
-                self._consuming = True
-            deliveries = None
-            try:
-                deliveries = self.broker.consume(queues, free, FETCH_BLOCK_SECONDS, consumer=self.id)
-                if backoff:
-                    log.warning("worker %s: broker reachable again", self.id)
-                    self._counters["broker_reconnects"] += 1
-                backoff = 0.0
-            except StemError as exc:
-                if not backoff:
-                    log.error("worker %s: broker unreachable (%s); retrying with backoff", self.id, exc)
-                backoff = min(max(backoff * 2, 0.1), 5.0)
-            except Exception:  # noqa: BLE001 - a bug in an adapter must not silently stop all fetching
-                log.exception("worker %s: consume failed unexpectedly; retrying with backoff", self.id)
-                backoff = min(max(backoff * 2, 0.1), 5.0)
-            with self._lock:
-                self._fetch_generation += 1
-                self._consuming = False
-                paused = set(self._paused)
-                self._lock.notify_all()
-            if deliveries is None:
-                self._stop_requested.wait(backoff)
-                continue
-            deliveries = self._without_paused(deliveries, paused)
-            if deliveries:
-                self._accept(deliveries)
-            elif self._burst and self._idle():
-                self.shutdown_nowait(ShutdownMode.WARM)
-
-    def _without_paused(self, deliveries: list[Delivery], paused: set[str]) -> list[Delivery]:
-        """Give back what a consume in flight while its queue was paused brought."""
-        if paused and deliveries:
-            for d in [d for d in deliveries if d.queue in paused]:
-                self._settler.broker_call(self.broker.nack, d, requeue=True)
-            deliveries = [d for d in deliveries if d.queue not in paused]
-        return deliveries
-
-    # -- refilling with a settle round trip ---------------------------------------------
-    # With a backlog the fetcher mostly waits for room.  The settle round trip that frees
-    # the room can carry the refill too (Redis: store, ack, consume in one pipeline), so
-    # the settle thread takes that consume over and the fetcher does not wake for it.  The
-    # fetcher keeps what only it does: blocking consumes on empty queues, backoff on broker
-    # errors, burst-idle detection.  At most one consume is in flight (_consuming), so
-    # prefetch stays bounded and pause() / shutdown see every consume.
-
-    def _claim_refill(self, acks: list[Job]) -> tuple[list[str], int] | None:
-        """Before settling ``acks``: when the fetcher waits for the room they free (its own
-        threshold), take over its next consume.  Returns (queues, how many to lease), or
-        None: settle the usual way.  Pair with ``_end_refill``."""
-        with self._lock:
-            if (not self._refill_on_settle or not self._fetcher_waiting or self._consuming or self._refilling
-                    or self._stop_mode is not None):
-                return None
-            queues = [q for q in self.queues if q not in self._paused]
-            held = len(self._jobs) - sum(1 for j in acks if j.seq in self._jobs)
-            free = self.prefetch_limit - held
-            if not queues or free < (self._refill_at if held else 1):
-                return None
-            self._consuming = self._refilling = True
-            return queues, free
-
-    def _end_refill(self, acks: list[Job], leased: list[Delivery] | None) -> None:
-        """After ``_claim_refill``: when the round trip was done (``leased`` not None), forget
-        ``acks`` and take ``leased`` in; then hand fetching back, waking the fetcher only if
-        room for a refill is still free (the queue ran short) or someone waits."""
-        try:
-            with self._lock:
-                self._fetch_generation += 1
-                self._consuming = False
-                paused = set(self._paused)
-                if paused:
-                    self._lock.notify_all()   # a pause() may wait for this consume
-            if leased is not None:
-                self._forget(acks, wake=False)
-                leased = self._without_paused(leased, paused)
-                if leased:
-                    self._accept(leased)
-        finally:
-            with self._lock:
-                self._refilling = False
-                if self._stop_mode is not None or (self._fetcher_waiting and
-                                                   self.prefetch_limit - len(self._jobs) >= self._refill_at):
-                    self._lock.notify_all()
-
-    def _idle(self) -> bool:
-        with self._lock:
-            if self._jobs:
-                return False
-        for q in self.queues:
-            s = self.broker.stats(q)
-            if s.ready or s.in_flight or s.delayed:
-                return False
-        return True
-
-    def _accept(self, deliveries: list[Delivery]) -> None:
-        """Verify, decode and route a batch (fetcher thread, or the settle thread's refill)."""
-        now = time.time()
-        jobs: list[Job] = []
-        accepted: list[tuple[Delivery, Any, Any]] = []
-        with self._lock:
-            revoked_local = set(self._revoked)
-        revoked = self._revocations()
-        for d in deliveries:
-            self._counters["received"] += 1
-            try:
-                env = decode_frame(d.frame, self.signer)
-            except SignatureError as exc:
-                self._settler.dead_unrun(d, "signature-invalid", str(exc))
-                continue
-            except DecodeError as exc:
-                self._settler.dead_unrun(d, "decode-error", str(exc))
-                continue
-            if env.id in revoked or env.id in revoked_local:
-                self._settler.finish_unrun(d, env, TaskState.REVOKED, "revoked")
-                continue
-            if env.expires_at is not None and env.expires_at < now:
-                self._settler.finish_unrun(d, env, TaskState.REVOKED, "expired")
-                continue
-            try:
-                handler = self.registry.get(env.name)
-            except UnknownTaskError as exc:
-                self._settler.dead_unrun(d, "unknown-task", str(exc), env)
-                continue
-            if d.delivery_count > self.max_crash_redeliveries + 1 and self.isolation == "process":
-                self._settler.dead_unrun(d, "poison", f"delivered {d.delivery_count} times without finishing", env)
-                continue
-            if signals.task_received.receivers:
-                signals.task_received.send(self, envelope=env, delivery=d)
-            accepted.append((d, env, handler))
-        if not accepted:
-            return
-        with self._lock:  # one lock and one engine wake-up per batch, not per task
-            for d, env, handler in accepted:
-                self._seq += 1
-                job = Job(self._seq, d, env, handler)
-                self._jobs[job.seq] = job
-                jobs.append(job)
-        self._engine.submit_many(jobs)
-
-    def _revocations(self) -> set[str]:
-        """Persistent revocations, re-read at most every REVOKE_REFRESH seconds (the control
-        plane's revoke reaches a running worker at once; this covers producers' revokes and
-        workers started later, without a round trip per batch)."""
-        now = time.monotonic()
-        if self.backend is not None and now - self._revoked_checked >= REVOKE_REFRESH:
-            try:
-                self._revoked_cache = self.backend.revoked()
-                self._revoked_checked = now
-            except StemError as exc:
-                log.warning("could not read revocations (%s); using the last known set", exc)
-        return self._revoked_cache
-
     def _report(self, job: Job, outcome: Outcome) -> None:
         outbox = self._outbox
         if outbox is not None:
@@ -468,7 +294,7 @@ class Worker:
 
     def _flush_outbox(self, now: float, force: bool = False) -> float:
         jobs = len(self._jobs)
-        room = self.prefetch_limit - jobs if self._fetcher_waiting else None
+        room = self.prefetch_limit - jobs if self._fetcher.waiting else None
         return self._outbox.flush(now, unsettled=jobs, refill_at=self._refill_at, room=room, force=force)
 
     def _main_loop(self) -> None:
@@ -558,7 +384,7 @@ class Worker:
                 self._jobs.pop(j.seq, None)
             # Wake a waiting fetcher only once a batch worth of room is free: waking another
             # thread of this process for every settled task costs more than the task.
-            if wake and self._fetcher_waiting and self.prefetch_limit - len(self._jobs) >= self._refill_at:
+            if wake and self._fetcher.waiting and self.prefetch_limit - len(self._jobs) >= self._refill_at:
                 self._lock.notify_all()
 
     def _enforce_time_limits(self, now: float) -> None:
@@ -712,10 +538,10 @@ class Worker:
         log.info("worker %s: %s shutdown", self.id, mode.value)
         with self._lock:
             self._lock.notify_all()
-        if self._fetcher is not None:
-            self._fetcher.join(5.0)
+        if self._fetch_thread is not None:
+            self._fetch_thread.join(5.0)
         with self._lock:   # a refill started before the stop: its deliveries join the backlog first
-            self._lock.wait_for(lambda: not self._refilling, timeout=5.0)
+            self._lock.wait_for(lambda: not self._fetcher.refilling, timeout=5.0)
         self._requeue(self._engine.take_backlog())
 
     def _requeue(self, jobs: list[Job]) -> None:
