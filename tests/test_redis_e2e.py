@@ -267,6 +267,8 @@ def test_a_tampered_or_unsigned_frame_ends_in_the_dead_letter_queue(redis_url, n
     try:
         status = stem.wait_for_task(task_id, timeout=20)
         assert (status.state, status.reason) == (TaskState.DEAD, "signature-invalid")
+        # the DEAD status is stored before the dead-letter copy is made: wait for the copy
+        wait_until(lambda: broker.dead_letters("default"), what="the dead letter")
         [dl] = broker.dead_letters("default")
         assert (dl.task_id, dl.reason) == (task_id, "signature-invalid")
         assert broker.stats("default")[1:] == (0, 0, 0, 1)
