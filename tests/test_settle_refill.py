@@ -177,6 +177,39 @@ def test_a_backend_that_cannot_refill_is_asked_once_then_settles_the_usual_way(e
     assert asked == [1]
 
 
+def test_without_results_the_ack_round_trip_refills(env, monkeypatch, isolation):
+    """Fire-and-forget: no backend, so the broker acks and leases the refill in one round trip."""
+    env.count_consumes(monkeypatch)
+    ids = enqueue_backlog(env, 400)
+    w = Worker(env.broker, None, env.registry, concurrency=2, prefetch_multiplier=4, lifecycle=NO_SIGNALS,
+               isolation=isolation)
+    env.workers.append(w)
+    w.run_in_background(burst=True)
+    assert w.join(60)
+    assert (w.stats()["succeeded"], len(ids)) == (400, 400)
+    assert env.broker.stats(Q)[1:] == (0, 0, 0, 0)     # every delivery acked
+    assert sum(env.refills) > 200 and len(env.fetches) < len(env.refills)
+    assert max(env.held) <= w.prefetch_limit
+
+
+def test_a_broker_that_cannot_refill_is_asked_once_then_acks_the_usual_way(env, monkeypatch):
+    from stem.brokers.base import Broker
+    asked = []
+
+    def cannot(*a, **k):
+        asked.append(1)
+        return Broker.ack_and_consume(env.broker, *a, **k)
+
+    monkeypatch.setattr(env.broker, "ack_and_consume", cannot)
+    enqueue_backlog(env, 200)
+    w = Worker(env.broker, None, env.registry, concurrency=2, prefetch_multiplier=4, lifecycle=NO_SIGNALS)
+    env.workers.append(w)
+    w.run_in_background(burst=True)
+    assert w.join(60)
+    assert w.stats()["succeeded"] == 200 and env.broker.stats(Q)[1:] == (0, 0, 0, 0)
+    assert asked == [1]
+
+
 @pytest.mark.parametrize("when", ["before-sending", "after-the-consume-ran"])
 def test_a_failed_refill_round_trip_loses_no_result_and_no_ack_and_the_fetcher_takes_over(
         redis_url, namespace, monkeypatch, when, caplog):

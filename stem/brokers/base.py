@@ -144,6 +144,16 @@ class Broker(abc.ABC):
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Remove settled deliveries for good (batched)."""
 
+    def ack_and_consume(self, deliveries: Sequence[Delivery], queues: Sequence[str], max_count: int,
+                        *, consumer: str = "") -> list[Delivery] | None:
+        """``ack``, then lease up to ``max_count`` deliveries from ``queues`` (as ``consume``
+        with no wait would), in one round trip where the adapter can: a worker without
+        results refills its prefetch window with the round trip that acks.  Tried once,
+        never retried (a retry might lease twice); on an error nothing of it is left to
+        the caller, who acks the usual way.  The default does nothing and returns None:
+        the worker then never asks again."""
+        return None
+
     @abc.abstractmethod
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         """Give a delivery back: ``requeue`` makes it deliverable again at once

@@ -404,6 +404,11 @@ class RedisBroker(Broker):
 
         return call_with_retry(send, 1, "settle+consume")
 
+    def ack_and_consume(self, deliveries: Sequence[Delivery], queues: Sequence[str], max_count: int,
+                        *, consumer: str = "") -> list[Delivery]:
+        """The ack scripts and a consume in one pipeline (``run_and_consume``)."""
+        return self.run_and_consume(self.ack_commands(deliveries), queues, max_count, consumer=consumer)
+
     def _give_back(self, deliveries: list[Delivery]) -> None:
         """Best effort: end these leases now (``nack``); what fails comes back after its lease."""
         if not deliveries:

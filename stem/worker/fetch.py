@@ -8,8 +8,8 @@ dead-lettered, revoked and expired tasks end REVOKED) and hands jobs to
 the engine.
 
 With a backlog the fetcher mostly waits for room.  The settle round trip
-that frees the room can carry the refill too (Redis: store, ack, consume in
-one pipeline), so the settle thread takes that consume over
+that frees the room can carry the refill too (Redis: store when results are
+kept, ack, consume in one pipeline), so the settle thread takes that consume over
 (``claim_refill`` / ``end_refill``) and the fetcher does not wake for it.
 The fetcher keeps what only it does: blocking consumes on empty queues,
 backoff on broker errors, burst-idle detection.  At most one consume is in
@@ -52,7 +52,7 @@ class Fetcher:
         self.consuming = False          # a consume is in flight (the fetcher's or a settle refill's)
         self.generation = 0             # + 1 each time a consume ends (pause() waits on it)
         self.refilling = False          # the settle thread took the next consume over (claim_refill)
-        self.refill_on_settle = True    # until the backend says it cannot consume with its settle
+        self.refill_on_settle = True    # until the backend (or broker) says it cannot consume with its settle
         self._revoked_cache: set[str] = set()
         self._revoked_checked = 0.0
 

@@ -80,7 +80,7 @@ class Settler:
                 later.append((job, out))
         deliveries = [j.delivery for j in acks]
         combined = bool(statuses) and self.w._combined_settle
-        if not (combined and self.store_ack_and_refill(statuses, acks)):
+        if not (acks and (combined or not statuses) and self.settle_and_refill(statuses, acks)):
             if not (combined and self.store_and_ack(statuses, deliveries)):
                 if statuses:
                     self.store(statuses)
@@ -149,24 +149,29 @@ class Settler:
                                       finished_at=out.finished_at)
         self.w._forget([job])
 
-    def store_ack_and_refill(self, statuses: list[TaskStatus], acks: list[Job]) -> bool:
-        """When the fetcher waits for the room these acks free: store, ack and lease the
-        refill in one round trip (results before acks) and take the new deliveries in here
-        (``Fetcher.claim_refill``).  Tried once: False when not done, and the caller then
-        settles the usual way, retrying until it is durable."""
+    def settle_and_refill(self, statuses: list[TaskStatus], acks: list[Job]) -> bool:
+        """When the fetcher waits for the room these acks free: store (when there are
+        results), ack and lease the refill in one round trip (results before acks) and
+        take the new deliveries in here (``Fetcher.claim_refill``).  Tried once: False
+        when not done, and the caller then settles the usual way, retrying until it is
+        durable."""
         claim = self.w._fetcher.claim_refill(acks)
         if claim is None:
             return False
         queues, count = claim
+        deliveries = [j.delivery for j in acks]
         leased = None
         try:
-            leased = self.w.backend.store_many_ack_and_consume(statuses, self.w.broker, [j.delivery for j in acks],
-                                                               queues, count, self.w.id)
+            if statuses:
+                leased = self.w.backend.store_many_ack_and_consume(statuses, self.w.broker, deliveries, queues,
+                                                                   count, self.w.id)
+            else:
+                leased = self.w.broker.ack_and_consume(deliveries, queues, count, consumer=self.w.id)
             if leased is None:
-                self.w._fetcher.refill_on_settle = False   # not this backend and broker: never asked again
+                self.w._fetcher.refill_on_settle = False   # not this backend or broker: never asked again
         except StemError as exc:
-            log.warning("storing %d results with their acks and a refill failed (%s); settling without "
-                        "the refill", len(statuses), exc)
+            log.warning("settling %d outcomes with a refill failed (%s); settling without the refill",
+                        len(acks), exc)
         finally:
             self.w._fetcher.end_refill(acks, leased)
         return leased is not None
