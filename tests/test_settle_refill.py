@@ -18,7 +18,7 @@ from stem import (PayloadSigner, ShutdownMode, Stem, TaskOptions, TaskRegistry, 
                   WorkerLifecycleConfig, signals)
 from stem.backends.base import ResultBackend
 from stem.backends.redis import RedisResultBackend
-from stem.brokers.base import Message
+from stem.brokers.base import Broker, Message
 from stem.brokers.redis import RedisBroker
 from stem.errors import BrokerConnectionError
 from stem.retry import FixedRetryStrategy
@@ -47,12 +47,12 @@ class Env:
         self.refills: list[int] = []      # deliveries leased by each settle+consume round trip
         self.fetches: list[int] = []      # ... by each consume of the fetcher
 
-    def worker(self, **kw) -> Worker:
+    def worker(self, *, results: bool = True, **kw) -> Worker:
         kw.setdefault("concurrency", 2)
         kw.setdefault("prefetch_multiplier", 4)
         kw.setdefault("lifecycle", NO_SIGNALS)
         kw.setdefault("retry_strategy", FixedRetryStrategy(0.01))
-        w = Worker(self.broker, self.backend, self.registry, **kw)
+        w = Worker(self.broker, self.backend if results else None, self.registry, **kw)
         self.workers.append(w)
         return w
 
@@ -161,51 +161,37 @@ def test_accept_still_decides_for_refilled_deliveries(env, monkeypatch):
     free.close()
 
 
-def test_a_backend_that_cannot_refill_is_asked_once_then_settles_the_usual_way(env, monkeypatch):
-    asked = []
-
-    def cannot(*a, **k):
-        asked.append(1)
-        return ResultBackend.store_many_ack_and_consume(env.backend, *a, **k)
-
-    monkeypatch.setattr(env.backend, "store_many_ack_and_consume", cannot)
-    ids = enqueue_backlog(env, 200)
-    w = env.worker()
-    w.run_in_background(burst=True)
-    assert w.join(60)
-    assert_all_succeeded(env, ids)
-    assert asked == [1]
-
-
 def test_without_results_the_ack_round_trip_refills(env, monkeypatch, isolation):
     """Fire-and-forget: no backend, so the broker acks and leases the refill in one round trip."""
     env.count_consumes(monkeypatch)
-    ids = enqueue_backlog(env, 400)
-    w = Worker(env.broker, None, env.registry, concurrency=2, prefetch_multiplier=4, lifecycle=NO_SIGNALS,
-               isolation=isolation)
-    env.workers.append(w)
+    enqueue_backlog(env, 400)
+    w = env.worker(results=False, isolation=isolation)
     w.run_in_background(burst=True)
     assert w.join(60)
-    assert (w.stats()["succeeded"], len(ids)) == (400, 400)
+    assert w.stats()["succeeded"] == 400
     assert env.broker.stats(Q)[1:] == (0, 0, 0, 0)     # every delivery acked
     assert sum(env.refills) > 200 and len(env.fetches) < len(env.refills)
     assert max(env.held) <= w.prefetch_limit
 
 
-def test_a_broker_that_cannot_refill_is_asked_once_then_acks_the_usual_way(env, monkeypatch):
-    from stem.brokers.base import Broker
+@pytest.mark.parametrize("results", [True, False], ids=["backend", "broker"])
+def test_an_adapter_that_cannot_refill_is_asked_once_then_settles_the_usual_way(env, monkeypatch, results):
+    """With results the backend stores, acks and refills; without, the broker acks and refills."""
+    owner, name, base = ((env.backend, "store_many_ack_and_consume", ResultBackend) if results
+                         else (env.broker, "ack_and_consume", Broker))
     asked = []
 
     def cannot(*a, **k):
         asked.append(1)
-        return Broker.ack_and_consume(env.broker, *a, **k)
+        return getattr(base, name)(owner, *a, **k)
 
-    monkeypatch.setattr(env.broker, "ack_and_consume", cannot)
-    enqueue_backlog(env, 200)
-    w = Worker(env.broker, None, env.registry, concurrency=2, prefetch_multiplier=4, lifecycle=NO_SIGNALS)
-    env.workers.append(w)
+    monkeypatch.setattr(owner, name, cannot)
+    ids = enqueue_backlog(env, 200)
+    w = env.worker(results=results)
     w.run_in_background(burst=True)
     assert w.join(60)
+    if results:
+        assert_all_succeeded(env, ids)
     assert w.stats()["succeeded"] == 200 and env.broker.stats(Q)[1:] == (0, 0, 0, 0)
     assert asked == [1]
 
