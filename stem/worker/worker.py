@@ -7,9 +7,9 @@ limits and publishes heartbeats; outcomes are settled in batches (results
 stored, then acked; retries and dead letters) by a *settle thread* with the
 process engine, else on the main loop.  When the fetcher waits for room that a
 settle batch frees, that settle round trip leases the refill too where the
-backend can (Redis: one pipeline), and the fetcher does not wake for it (see
-``stem.worker.fetch``).  The engine runs the handlers
-(threads or child processes).
+backend (or, without results, the broker) can: Redis, one pipeline; the
+fetcher then does not wake for it (see ``stem.worker.fetch``).  The engine
+runs the handlers (threads or child processes).
 """
 
 from __future__ import annotations
