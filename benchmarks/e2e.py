@@ -597,6 +597,8 @@ def rows(res: dict[str, Any]) -> list[tuple[str, str]]:
             out += [(f"redis-benchmark -P 64 XADD, {e['frame_bytes']} B (req/s)", _fmt(xr)),
                     ("  enqueue_many / that", f"{e['many_per_s'] / xr:.0%}"),
                     ("redis-benchmark -P 64 -c 1 XADD (req/s)", _fmt(e.get("redis_benchmark_xadd_p64_c1_per_s")))]
+            if e.get("redis_benchmark_xadd_p64_c1_per_s"):   # one connection, as the producer uses
+                out.append(("  enqueue_many / that", f"{e['many_per_s'] / e['redis_benchmark_xadd_p64_c1_per_s']:.0%}"))
     if d:
         out += [("worker startup (s)", _fmt(d["startup_s"])),
                 ("drain from worker start (tasks/s)", _fmt(d["from_start_per_s"])),
