@@ -373,10 +373,15 @@ def test_a_bad_item_in_a_uniform_batch_raises_the_usual_error_and_publishes_noth
     assert calls == [] and stem.broker.stats("mail").ready == 0
 
 
-def test_a_uniform_batch_checks_name_and_options_once_with_the_usual_errors(stem):
+def test_a_uniform_batch_checks_name_and_options_once_with_the_usual_errors(stem, monkeypatch):
     for items, error in (([("nope", {})] * 3, UnknownTaskError),
                          ([("noop", {}, TaskOptions(unique=True))] * 2, InvalidTaskOptionsError),
                          ([("", {})] * 2, InvalidTaskOptionsError)):
         with pytest.raises(error):
             stem.enqueue_many(items)
     assert stem.broker.stats("default").ready == 0
+    checked = []
+    real = stem._template
+    monkeypatch.setattr(stem, "_template", lambda *a: (checked.append(a[0]), real(*a))[1])
+    stem.enqueue_many([("noop", {"i": i}) for i in range(100)])
+    assert checked == ["noop"]

@@ -222,12 +222,15 @@ def test_scan_replies_checks_its_bounds_and_reads_buffers(mod):
 
 @pytest.mark.redis
 @pytest.mark.parametrize("hiredis_parser", [True, False])
-def test_execute_unread_reads_every_reply_and_raises_the_first_error(redis_url, hiredis_parser):
+def test_execute_unread_reads_every_reply_and_raises_the_first_error(redis_url, monkeypatch, hiredis_parser):
     """Replies are stepped over, not built; an error among them is raised typed once all are
     read, and the connection is left clean.  Without the hiredis parser (or while it holds
     bytes) the replies are read the usual way, with the same outcome."""
     from redis._parsers import _RESP2Parser
     kwargs = {} if hiredis_parser else {"parser_class": _RESP2Parser}
+    scans = []
+    real_scan = _redis_pipe._scan_replies
+    monkeypatch.setattr(_redis_pipe, "_scan_replies", lambda *a: (scans.append(a[3]), real_scan(*a))[1])
     client = redis.Redis.from_url(redis_url, **kwargs)
     key = f"stem-test-resp:{uuid.uuid4().hex}"
     big = b"v" * 200_000   # one reply larger than the read buffer
@@ -241,6 +244,7 @@ def test_execute_unread_reads_every_reply_and_raises_the_first_error(redis_url, 
         with pytest.raises(redis.exceptions.NoScriptError):
             _redis_pipe.execute_unread(client, _redis_pipe.pack_commands([("EVALSHA", "0" * 40, 0)]), 1)
         assert _redis_pipe.execute(client, [("PING",), ("ECHO", "x")]) == [b"PONG", b"x"]
+        assert bool(scans) == hiredis_parser   # the raw socket path is the one taken with hiredis
     finally:
         client.delete(key)
         client.close()

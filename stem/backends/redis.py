@@ -113,7 +113,7 @@ class RedisResultBackend(ResultBackend):
         doing nothing, otherwise."""
         if not self._shares_server(broker):
             return False
-        commands = self._status_commands(statuses) + broker.ack_commands(deliveries)
+        commands = self._store_and_ack_commands(statuses, broker, deliveries)
         self._call(lambda: broker.run_commands(commands), "store+ack")
         return True
 
@@ -123,8 +123,12 @@ class RedisResultBackend(ResultBackend):
         (``RedisBroker.run_and_consume``: tried once, errors raised as broker errors)."""
         if not self._shares_server(broker):
             return None
-        commands = self._status_commands(statuses) + broker.ack_commands(deliveries)
-        return broker.run_and_consume(commands, queues, max_count, consumer=consumer)
+        return broker.run_and_consume(self._store_and_ack_commands(statuses, broker, deliveries), queues, max_count,
+                                      consumer=consumer)
+
+    def _store_and_ack_commands(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> list:
+        """The statuses' SETs first, then the broker's ack scripts: the order at-least-once needs."""
+        return self._status_commands(statuses) + broker.ack_commands(deliveries)
 
     def _shares_server(self, broker: Any) -> bool:
         from ..brokers.redis import RedisBroker

@@ -80,7 +80,9 @@ class Settler:
                 later.append((job, out))
         deliveries = [j.delivery for j in acks]
         combined = bool(statuses) and self.w._combined_settle
-        if not (acks and (combined or not statuses) and self.settle_and_refill(statuses, acks)):
+        # a refill can ride along when the results go in the same round trip, or there are none
+        can_refill = bool(acks) and (combined or not statuses)
+        if not (can_refill and self.settle_and_refill(statuses, acks, deliveries)):
             if not (combined and self.store_and_ack(statuses, deliveries)):
                 if statuses:
                     self.store(statuses)
@@ -149,7 +151,7 @@ class Settler:
                                       finished_at=out.finished_at)
         self.w._forget([job])
 
-    def settle_and_refill(self, statuses: list[TaskStatus], acks: list[Job]) -> bool:
+    def settle_and_refill(self, statuses: list[TaskStatus], acks: list[Job], deliveries: list[Delivery]) -> bool:
         """When the fetcher waits for the room these acks free: store (when there are
         results), ack and lease the refill in one round trip (results before acks) and
         take the new deliveries in here (``Fetcher.claim_refill``).  Tried once: False
@@ -159,7 +161,6 @@ class Settler:
         if claim is None:
             return False
         queues, count = claim
-        deliveries = [j.delivery for j in acks]
         leased = None
         try:
             if statuses:
