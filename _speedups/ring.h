@@ -37,6 +37,7 @@
 #define STEM_OFF_SPILL_SEQ       72   /* u64, producer-owned */
 #define STEM_OFF_READER_WAITING  128  /* u32 */
 #define STEM_OFF_WRITER_WAITING  192  /* u32 */
+#define STEM_OFF_CLAIM           200  /* u64, see Ring.offer/claim */
 
 static inline uint64_t stem_load_acquire_u64(const uint64_t *p) {
     return __atomic_load_n(p, __ATOMIC_ACQUIRE);
@@ -58,6 +59,10 @@ static inline void stem_store_relaxed_u32(uint32_t *p, uint32_t v) {
 }
 static inline uint32_t stem_exchange_u32(uint32_t *p, uint32_t v) {
     return __atomic_exchange_n(p, v, __ATOMIC_ACQ_REL);
+}
+/* Compare-and-swap: true when *p held `expected` and now holds `desired`. */
+static inline int stem_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 static inline void stem_fence_seq_cst(void) {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);

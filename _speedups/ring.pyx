@@ -40,6 +40,7 @@ cdef extern from "ring.h" nogil:
         STEM_OFF_SPILL_SEQ
         STEM_OFF_READER_WAITING
         STEM_OFF_WRITER_WAITING
+        STEM_OFF_CLAIM
     const long long STEM_RING_MAX_CAPACITY
     uint64_t stem_load_acquire_u64(const uint64_t *p)
     uint64_t stem_load_relaxed_u64(const uint64_t *p)
@@ -48,6 +49,7 @@ cdef extern from "ring.h" nogil:
     uint32_t stem_load_relaxed_u32(const uint32_t *p)
     void stem_store_relaxed_u32(uint32_t *p, uint32_t v)
     uint32_t stem_exchange_u32(uint32_t *p, uint32_t v)
+    int stem_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired)
     void stem_fence_seq_cst()
     void stem_ring_bell(int fd)
     void stem_drain_bell(int fd)
@@ -64,10 +66,12 @@ cdef extern from "<poll.h>" nogil:
 
 __all__ = [
     "Ring", "wait_rings", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
-    "SPILL_BYTES", "MIN_CAPACITY", "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL",
+    "SPILL_BYTES", "MIN_CAPACITY", "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL", "ATOMIC_CLAIM",
 ]
 
 LAYOUT_VERSION = 1
+#: ``claim`` is one atomic compare-and-swap, safe across processes
+ATOMIC_CLAIM = True
 CTRL_BYTES = STEM_RING_CTRL_BYTES
 HEADER_BYTES = STEM_RING_HEADER_BYTES
 SPILL_BYTES = STEM_RING_SPILL_BYTES
@@ -193,6 +197,7 @@ cdef class Ring:
     cdef uint64_t *_spill_seq
     cdef uint32_t *_reader_waiting
     cdef uint32_t *_writer_waiting
+    cdef uint64_t *_claim
     cdef uint64_t _cap
     cdef uint64_t _mask
     cdef uint64_t _max
@@ -233,6 +238,7 @@ cdef class Ring:
         self._spill_seq = <uint64_t *>(ctl + STEM_OFF_SPILL_SEQ)
         self._reader_waiting = <uint32_t *>(ctl + STEM_OFF_READER_WAITING)
         self._writer_waiting = <uint32_t *>(ctl + STEM_OFF_WRITER_WAITING)
+        self._claim = <uint64_t *>(ctl + STEM_OFF_CLAIM)
         self._data = ctl + STEM_RING_CTRL_BYTES
         self._cap = capacity
         self._mask = capacity - 1
@@ -572,6 +578,29 @@ cdef class Ring:
             _poll_failed(err)
         return self._open and self._has_pending()
 
+    # -- the claim word --------------------------------------------------------
+
+    def offer(self, uint64_t token):
+        """Producer: announce that the frame about to be sent under ``token`` (non-zero)
+        may be taken back.  Only one offer is open at a time: the caller offers again
+        only after ``claim`` settled the previous one (the word reads 0)."""
+        self._check_open()
+        if token == 0:
+            raise ValueError("a claim token must be non-zero")
+        stem_store_release_u64(self._claim, token)
+
+    def claim(self, uint64_t token):
+        """Either side: take the offered frame ``token`` (the consumer, to run it) or take
+        it back (the producer, to withdraw it).  One atomic compare-and-swap of the word
+        from ``token`` to 0, so exactly one of the two racing sides gets True."""
+        self._check_open()
+        return token != 0 and stem_cas_u64(self._claim, token, 0) != 0
+
+    def offered(self):
+        """The open offer's token, or 0 when none is open."""
+        self._check_open()
+        return stem_load_acquire_u64(self._claim)
+
     # -- lifecycle -------------------------------------------------------------
 
     def close(self):
@@ -581,4 +610,5 @@ cdef class Ring:
             self._data = NULL
             self._head = self._tail = self._spill_seen = self._spill_seq = NULL
             self._reader_waiting = self._writer_waiting = NULL
+            self._claim = NULL
             PyBuffer_Release(&self._view)

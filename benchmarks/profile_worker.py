@@ -85,6 +85,13 @@ def cpu_split(ns: str, tasks: int, concurrency: int, prefetch: int | None) -> st
     settle, consume = worker._settler.settle, broker.consume
     worker._settler.settle = lambda batch: (settles.append(len(batch)), settle(batch))[1]
     broker.consume = lambda *a, **k: (lambda got: (consumes.append(len(got)), got)[1])(consume(*a, **k))
+    offers: dict[str, int] = {}
+
+    def on_stopping(sender, **kw) -> None:   # the pool's counters, before it stops
+        offers.update((k, v) for k, v in worker._engine.info().items() if k.startswith("offers"))
+
+    from stem import signals
+    signals.worker_stopping.connect(on_stopping)
     r = redis.Redis.from_url(REDIS_URL)
     r.config_resetstat()
     server = psutil.Process(r.info("server")["process_id"])
@@ -127,6 +134,10 @@ def cpu_split(ns: str, tasks: int, concurrency: int, prefetch: int | None) -> st
     out.append(f"redis-server {(rcpu1.user + rcpu1.system - rcpu0.user - rcpu0.system) * per:.0f} µs/task")
     out.append(f"settle calls {len(settles)}, mean batch {sum(settles) / max(1, len(settles)):.1f}; "
                f"consume calls {len(consumes)}, mean batch {sum(consumes) / max(1, len(consumes)):.1f}")
+    if offers:
+        out.append(f"offers made {offers.get('offers_made', 0)}, taken back {offers.get('offers_withdrawn', 0)}"
+                   + ("" if offers.get("offers") else " (offers off)"))
+    signals.worker_stopping.disconnect(on_stopping)
     out.append("redis commandstats (µs of server time per task): " + ", ".join(
         f"{k.removeprefix('cmdstat_')} {v['usec'] / tasks:.2f}"
         for k, v in sorted(r.info("commandstats").items(), key=lambda kv: -kv[1]["usec"])[:8]))

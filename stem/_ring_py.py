@@ -12,6 +12,7 @@ Layout of one ring at ``offset`` (64-byte aligned) in a writable buffer::
            +  72  spill_seq       u64  seq of the last side-channel segment created (producer)
            + 128  reader_waiting  u32  "the reader is about to sleep on its doorbell"
            + 192  writer_waiting  u32  "the writer is about to sleep until space frees up"
+           + 200  claim           u64  token of the one frame offered for taking back, 0 = none
            + 256  data            ``capacity`` bytes (a power of two, 64 .. 2**31)
 
 head and tail are free-running counters (position = counter & (capacity - 1)),
@@ -72,7 +73,7 @@ from stem.errors import DecodeError
 
 __all__ = [
     "Ring", "wait_rings", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
-    "SPILL_BYTES", "MIN_CAPACITY", "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL",
+    "SPILL_BYTES", "MIN_CAPACITY", "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL", "ATOMIC_CLAIM",
 ]
 
 LAYOUT_VERSION = 1
@@ -86,6 +87,11 @@ KIND_DATA, KIND_PAD, KIND_SPILL = 0, 1, 2
 # indexes into the control block seen as u64 ('Q') and u32 ('I') arrays
 _Q_HEAD, _Q_SPILL_SEEN, _Q_TAIL, _Q_SPILL_SEQ = 0, 1, 8, 9
 _I_READER_WAITING, _I_WRITER_WAITING = 32, 48
+_Q_CLAIM = 25
+
+#: ``claim`` needs an atomic compare-and-swap across processes, which pure Python does not
+#: have: this twin reads and writes the word but cannot claim (the worker then never offers)
+ATOMIC_CLAIM = False
 
 _BELL = (1).to_bytes(8, sys.byteorder)
 _fence_lock = threading.Lock()
@@ -412,6 +418,23 @@ class Ring:
         if error is not None:
             raise error
         return out
+
+    # -- the claim word (see the compiled ring) ----------------------------------
+
+    def offer(self, token: int) -> None:
+        if self._q is None:
+            raise ValueError("ring is closed")
+        if token == 0:
+            raise ValueError("a claim token must be non-zero")
+        self._q[_Q_CLAIM] = token
+
+    def claim(self, token: int) -> bool:
+        raise NotImplementedError("claim needs an atomic compare-and-swap: use the compiled ring")
+
+    def offered(self) -> int:
+        if self._q is None:
+            raise ValueError("ring is closed")
+        return self._q[_Q_CLAIM]
 
     def arm_recv(self) -> bool:
         """Announce that the reader will sleep on its doorbell.

@@ -970,3 +970,78 @@ def test_a_child_killed_between_writing_and_publishing_a_side_channel_frame_leak
     finally:
         ch.close()
     assert not shm_names(ch.name)  # ...and the owner removed it
+
+
+# -- offers: the claim word ----------------------------------------------------------------
+
+
+def test_an_offer_is_claimed_by_exactly_one_side_and_reads_zero_once_settled(impl):
+    buf = bytearray(256 + 4096 + 64)
+    writer = make_ring(impl, buf, 4096)
+    reader = make_ring(impl, buf, 4096)
+    assert writer.offered() == 0
+    with pytest.raises(ValueError, match="non-zero"):
+        writer.offer(0)
+    writer.offer(7)
+    assert reader.offered() == 7
+    if not impl.ATOMIC_CLAIM:
+        with pytest.raises(NotImplementedError, match="compiled ring"):
+            reader.claim(7)
+        return
+    assert not reader.claim(6) and not reader.claim(0)   # another token: not this offer
+    assert reader.claim(7) and writer.offered() == 0
+    assert not writer.claim(7) and not reader.claim(7)   # settled: nobody wins it again
+    writer.offer(8)
+    assert writer.claim(8) and not reader.claim(8)      # withdrawn first: the reader loses
+    writer.close()
+    with pytest.raises(ValueError, match="closed"):
+        writer.offer(9)
+
+
+def test_both_builds_keep_the_claim_word_at_one_place():
+    mod = compiled_ring()
+    buf = bytearray(256 + 4096 + 64)
+    make_ring(_ring_py, buf, 4096).offer(0x1122334455667788)
+    assert make_ring(mod, buf, 4096).offered() == 0x1122334455667788
+    assert mod.ATOMIC_CLAIM and not _ring_py.ATOMIC_CLAIM
+
+
+def _claiming_child(handle, count):
+    with Channel.attach(handle) as ch:
+        won = []
+        seen = 0
+        while seen < count:
+            for raw in ch.recv_wait(5.0):
+                seen += 1
+                token = int.from_bytes(raw, "little")
+                if ch.claim(token):
+                    won.append(token)
+        ch.send_wait([struct.pack(f"<{len(won)}Q", *won)], 10.0)
+
+
+def test_a_racing_withdraw_and_claim_across_processes_give_each_offer_to_exactly_one_side():
+    compiled_ring()
+    if not Channel.can_offer:
+        pytest.skip("offers need the compiled ring's compare-and-swap; this run uses the pure twin")
+    count = 20_000
+    with Channel.create(capacity=64 * 1024) as ch:
+        proc = multiprocessing.get_context("fork").Process(target=_claiming_child, args=(ch.handle, count))
+        proc.start()
+        try:
+            withdrawn = []
+            for token in range(1, count + 1):
+                ch.offer(token)
+                assert ch.send_wait([token.to_bytes(8, "little")], 10.0) == 1
+                if token % 3 and ch.withdraw(token):   # race the child for two thirds of them
+                    withdrawn.append(token)
+                deadline = time.monotonic() + 10.0
+                while ch.offered():   # the child claims the rest; then the next offer
+                    assert time.monotonic() < deadline, f"offer {token} was never claimed"
+            [raw] = ch.recv_wait(30.0)
+        finally:
+            proc.join(30)
+        claimed = list(struct.unpack(f"<{len(raw) // 8}Q", raw))
+    assert proc.exitcode == 0
+    assert not set(claimed) & set(withdrawn)
+    assert sorted(claimed + withdrawn) == list(range(1, count + 1))
+    assert claimed and withdrawn   # both sides won some

@@ -5,6 +5,8 @@ one tagged ``msgspec.Struct`` per kind below (the tag is the first element):
 
     supervisor -> child   [TASK, seq, frame]      run the frame's task
                           [STOP]                  finish what runs, then exit 0
+                          [OFFER, seq, frame]     run it if ``channel.claim(seq)`` wins (the
+                                                  supervisor may take it back until then)
     child -> supervisor   [READY, pid]
                           [RESULT, seq, outcome, rss]   (rss: bytes, 0 when not measured)
                           [HEARTBEAT, task_id]
@@ -16,6 +18,11 @@ Soft time limits are the child's own business (a SIGALRM timer raises
 ``SoftTimeLimitExceeded`` inside the task), so a late signal can never hit the
 next task.  SIGUSR2 asks the running task to stop (``WorkerShutdown``: a soft
 shutdown).  SIGINT/SIGTERM/SIGQUIT are ignored: the supervisor decides.
+
+A child that runs one task at a time holds back each Result until it has
+looked at its ring once more and claimed an OFFER found there: when the
+supervisor reads the Result, the offer it made is settled (claimed or not),
+so it can offer the next one at once.
 """
 
 from __future__ import annotations
@@ -37,11 +44,11 @@ from ..task import TaskContext, TaskOptions, TaskRegistry
 from .execution import ERROR, Outcome, run_handler, run_handler_async
 from .ring import Channel, ChannelHandle
 
-__all__ = ["ChildExit", "child_main", "TASK", "STOP", "READY", "RESULT", "HEARTBEAT", "PROGRESS", "ENQUEUE",
-           "FATAL", "Task", "Stop", "Ready", "Result", "Heartbeat", "Progress", "Enqueue", "Fatal",
+__all__ = ["ChildExit", "child_main", "TASK", "STOP", "OFFER", "READY", "RESULT", "HEARTBEAT", "PROGRESS", "ENQUEUE",
+           "FATAL", "Task", "Stop", "Offer", "Ready", "Result", "Heartbeat", "Progress", "Enqueue", "Fatal",
            "decode_to_child", "decode_from_child", "encode_message"]
 
-TASK, STOP = 0, 1
+TASK, STOP, OFFER = 0, 1, 2
 READY, RESULT, HEARTBEAT, PROGRESS, ENQUEUE, FATAL = 0, 1, 2, 3, 4, 5
 
 
@@ -53,6 +60,11 @@ class Task(msgspec.Struct, array_like=True, tag=TASK):
 
 class Stop(msgspec.Struct, array_like=True, tag=STOP):
     pass
+
+
+class Offer(msgspec.Struct, array_like=True, tag=OFFER):
+    seq: int
+    frame: bytes
 
 
 class Ready(msgspec.Struct, array_like=True, tag=READY):
@@ -91,8 +103,8 @@ class Fatal(msgspec.Struct, array_like=True, tag=FATAL):
 encode_message = msgspec.msgpack.Encoder().encode
 #: supervisor side: bytes from a child -> Ready | Result | Heartbeat | Progress | Enqueue | Fatal
 decode_from_child = msgspec.msgpack.Decoder(Ready | Result | Heartbeat | Progress | Enqueue | Fatal).decode
-#: child side: bytes from the supervisor -> Task | Stop
-decode_to_child = msgspec.msgpack.Decoder(Task | Stop).decode
+#: child side: bytes from the supervisor -> Task | Stop | Offer
+decode_to_child = msgspec.msgpack.Decoder(Task | Stop | Offer).decode
 
 
 class ChildExit(enum.IntEnum):
@@ -189,6 +201,10 @@ class _Child:
                            env.root_id, self.runtime)
 
     def report(self, seq: int, out: Outcome) -> None:
+        self.send_result(self.result(seq, out))
+
+    def result(self, seq: int, out: Outcome) -> bytes:
+        """The encoded Result (an unencodable return value becomes an error outcome)."""
         rss = self.rss() if self.measure_rss else 0
         try:
             payload = _encode(Result(seq, out, rss))
@@ -197,16 +213,20 @@ class _Child:
                           f"task returned a value msgpack cannot encode ({type(out.result).__name__}): {exc}",
                           "EncodeError", None, "result-not-encodable", None, out.started_at, out.finished_at)
             payload = _encode(Result(seq, out, rss))
+        return payload
+
+    def send_result(self, payload: bytes) -> None:
         if self.channel.send(payload):
             return
         while not self.channel.send_wait([payload], 1.0):
             if not self.supervisor_alive():
                 os._exit(ChildExit.SUPERVISOR_GONE)
 
-    def run_sync(self, seq: int, frame: bytes) -> None:
+    def run_sync(self, seq: int, frame: bytes) -> bytes:
+        """Run one task; returns its encoded Result, for ``serve`` to send."""
         prepared, error = self.prepare(seq, frame)
         if error is not None:
-            return self.report(seq, error)
+            return self.result(seq, error)
         env, handler = prepared
         ctx = self.context(env)
         limit = env.soft_time_limit
@@ -225,23 +245,38 @@ class _Child:
             if limit:
                 signal.setitimer(_ITIMER_REAL, 0)
             self.running = 0
-        self.report(seq, out)
+        return self.result(seq, out)
 
     # -- loops ------------------------------------------------------------------------
     def serve(self) -> int:
         if self.concurrency > 1:
             return asyncio.run(self.serve_async())
+        channel = self.channel
+        held = None   # the last task's Result, sent once the ring was looked at again
         while True:
-            msgs = self.channel.recv_wait(1.0, 64)
-            if not msgs:
-                if not self.supervisor_alive():
-                    return ChildExit.SUPERVISOR_GONE
-                continue
+            if held is None:
+                msgs = channel.recv_wait(1.0, 64)
+                if not msgs:
+                    if not self.supervisor_alive():
+                        return ChildExit.SUPERVISOR_GONE
+                    continue
+            else:
+                msgs = channel.recv_many(64)
+                if not msgs:
+                    self.send_result(held)
+                    held = None
+                    continue
             for raw in msgs:
                 msg = decode_to_child(raw)
-                if type(msg) is Stop:
+                kind = type(msg)
+                if kind is Offer and not channel.claim(msg.seq):
+                    continue   # taken back: another child runs it
+                if held is not None:
+                    self.send_result(held)
+                    held = None
+                if kind is Stop:
                     return ChildExit.OK
-                self.run_sync(msg.seq, msg.frame)
+                held = self.run_sync(msg.seq, msg.frame)
 
     async def serve_async(self) -> int:
         """Up to ``child_concurrency`` tasks at once on one event loop (async handlers;
@@ -296,6 +331,8 @@ class _Child:
                 msg = decode_to_child(raw)
                 if type(msg) is Stop:
                     stop = True
+                    continue
+                if type(msg) is Offer and not self.channel.claim(msg.seq):
                     continue
                 await slots.acquire()
                 t = asyncio.ensure_future(run_one(msg.seq, msg.frame))

@@ -7,6 +7,18 @@ watches exits (reported by the zygote, or by ``spawn`` sentinels), recycles
 children (``max-tasks``, ``max-memory``) and replaces crashed or killed ones.
 No thread of its own: one fewer thread fighting for the GIL on the hot path.
 The fetcher thread only calls ``submit`` (which wakes ``poll``).
+
+Offers: a busy child that runs one task at a time is also sent its next task
+as an *offer* (``Channel.offer``), so when it finishes it starts the next at
+once instead of waiting for this thread to wake, read its Result and send
+the next frame -- on a short task that wait was a third of a child's time.
+An offer is not yet running: the child claims it when it starts it, and
+until then the pool takes it back (``Channel.withdraw``; one atomic word
+decides who wins) whenever a free child would otherwise idle, a child is
+recycled, stopped or killed, or the worker revokes or requeues its backlog.
+So an idle child still never waits behind a busy one.  A claimed offer runs
+from the moment the pool sees the claim (time limits start then).  The pure
+build has no atomic compare-and-swap and makes no offers.
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 from ..errors import WorkerError, WorkerShutdown
 from ..signals import signals
 from ..task import TaskOptions
-from .child import (ChildExit, Enqueue, Fatal, Heartbeat, Progress, Ready, Result, Stop, Task, child_main,
+from .child import (ChildExit, Enqueue, Fatal, Heartbeat, Offer, Progress, Ready, Result, Stop, Task, child_main,
                     decode_from_child, encode_message, spawn_entry)
 from .engine import Engine, Job, RateLimiter, take_matching
 from .execution import ERROR, Outcome
@@ -67,7 +79,7 @@ class ChildState(enum.Enum):
 
 
 class _Child:
-    __slots__ = ("pid", "channel", "state", "running", "tasks_done", "rss", "started_at", "ready_at",
+    __slots__ = ("pid", "channel", "state", "running", "offered", "tasks_done", "rss", "started_at", "ready_at",
                  "recycle_reason", "process", "fatal", "last_memory_check", "forked_ns")
 
     def __init__(self, pid: int, channel: Channel, process: Any = None):
@@ -75,6 +87,7 @@ class _Child:
         self.channel = channel
         self.state = ChildState.STARTING
         self.running: dict[int, Job] = {}
+        self.offered: Job | None = None   # sent as an offer, not claimed yet (as far as we saw)
         self.tasks_done = 0
         self.rss = 0
         self.started_at = time.time()
@@ -88,7 +101,7 @@ class _Child:
     def info(self) -> dict[str, Any]:
         return {"pid": self.pid, "state": self.state.value, "rss": self.rss or _rss(self.pid),
                 "tasks_done": self.tasks_done,
-                "running": len(self.running), "started_at": self.started_at}
+                "running": len(self.running), "offered": self.offered is not None, "started_at": self.started_at}
 
 
 class ProcessEngine(Engine):
@@ -111,6 +124,8 @@ class ProcessEngine(Engine):
         # last found nothing to do (written under the lock; read without it as a hint)
         self._may_dispatch = True
         self._limiters: dict[str, RateLimiter] = {}
+        self._offers = self.child_concurrency == 1 and Channel.can_offer
+        self._offers_made = self._offers_withdrawn = 0
         self._crashes: dict[str, int] = {}
         self._zygote: Zygote | None = None
         self._report: Callable[[Job, Outcome], None] | None = None
@@ -191,6 +206,7 @@ class ProcessEngine(Engine):
             self.state = PoolState.STOPPING
             for child in self._children.values():
                 if child.state in (ChildState.READY, ChildState.STARTING, ChildState.DRAINING):
+                    self._take_back_offer(child)
                     self._stop_child(child)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -232,8 +248,16 @@ class ProcessEngine(Engine):
         self._wake()
 
     def take_backlog(self, predicate=None) -> list[Job]:
+        """The backlog's jobs, and the offers the children have not claimed yet."""
         with self._lock:
-            return take_matching(self._backlog, predicate)
+            offers = []
+            for child in self._children.values():
+                job = child.offered
+                if job is not None and (predicate is None or predicate(job)):
+                    job = self._withdraw(child)
+                    if job is not None:
+                        offers.append(job)
+            return offers + take_matching(self._backlog, predicate)
 
     def resize(self, delta: int) -> None:
         """Grow by forking children now; shrink by draining the idlest children (no replacement)."""
@@ -249,12 +273,16 @@ class ProcessEngine(Engine):
             for child in ready[:-delta]:
                 child.state = ChildState.DRAINING
                 child.recycle_reason = "shrink"
+                self._take_back_offer(child)
                 if not child.running:
                     self._stop_child(child)
         self._wake()
 
     def running(self) -> list[Job]:
         with self._lock:
+            for c in self._children.values():
+                if c.offered is not None:
+                    self._offer_settled(c)
             return [j for c in self._children.values() for j in c.running.values()]
 
     def interrupt(self, job: Job, exc_type: type[BaseException]) -> None:
@@ -273,6 +301,7 @@ class ProcessEngine(Engine):
             child = job.slot
             if child is None or job.seq not in child.running:
                 return False
+            self._take_back_offer(child)   # claimed meanwhile: it joins the others below
             del child.running[job.seq]
             others = list(child.running.values())
             child.running.clear()
@@ -288,6 +317,8 @@ class ProcessEngine(Engine):
         with self._lock:
             return {"engine": "process", "start_method": self.start_method, "pool_state": self.state.value,
                     "children": [c.info() for c in self._children.values()], "backlog": len(self._backlog),
+                    "offers": self._offers, "offers_made": self._offers_made,
+                    "offers_withdrawn": self._offers_withdrawn,
                     "child_replacements": self._replacements,
                     "child_replace_ms": (sorted(self._replace_ms)[len(self._replace_ms) // 2]
                                          if self._replace_ms else None)}
@@ -384,6 +415,8 @@ class ProcessEngine(Engine):
         """Free the slots of ``results`` (one lock for the batch), then report them."""
         done = []
         with self._lock:
+            if child.offered is not None:
+                self._offer_settled(child)   # the child claims its offer before it reports
             running = child.running
             for r in results:
                 job = running.pop(r.seq, None)
@@ -411,6 +444,7 @@ class ProcessEngine(Engine):
         """Stop giving ``child`` work; it exits after its running tasks, a new child takes the slot now."""
         child.state = ChildState.DRAINING
         child.recycle_reason = reason
+        self._take_back_offer(child)
         if not child.running:
             self._stop_child(child)
         if self.state is PoolState.RUNNING:
@@ -447,6 +481,7 @@ class ProcessEngine(Engine):
             if child is None or child.state is ChildState.DEAD:
                 return
             previous = child.state
+            self._take_back_offer(child)   # unclaimed: it never ran; claimed: an orphan below
             child.state = ChildState.DEAD
             orphans = list(child.running.values())
             child.running.clear()
@@ -517,37 +552,36 @@ class ProcessEngine(Engine):
     # -- dispatch -------------------------------------------------------------------------
     def _dispatch(self) -> None:
         """Hand backlog jobs to children with a free slot, fewest running first; a child
-        never gets more frames than it can start (``child_concurrency``)."""
+        never gets more frames than it can start (``child_concurrency``), but for the one
+        offer a busy child may hold (see the module docstring)."""
         started: list[Job] = []
         with self._lock:
             backlog = self._backlog
             if self.state is not PoolState.RUNNING:
                 return
             per_child = self.child_concurrency
-            free = [c for c in self._children.values()
-                    if c.state is ChildState.READY and len(c.running) < per_child] if backlog else None
-            if not free:
+            children = self._children.values()
+            if self._offers:
+                for child in children:
+                    if child.offered is not None:
+                        self._offer_settled(child)
+            # a child with an open offer is about to claim it: not free
+            free = [c for c in children
+                    if c.state is ChildState.READY and len(c.running) < per_child and c.offered is None]
+            if free and not backlog and self._offers:
+                for child in children:   # an idle child runs what a busy one was offered
+                    if child.running:
+                        self._take_back_offer(child)
+            if not backlog:
                 self._may_dispatch = False
                 return
             if per_child > 1:
                 free.sort(key=_running_count)
-            now = None
             skipped: list[Job] = []
-            while backlog and free:
-                job = backlog.popleft()
-                if job.settled:
-                    continue
-                options = job.handler.options
-                if options.rate_limit is not None:
-                    name = job.handler.name
-                    limiter = self._limiters.get(name)
-                    if limiter is None:
-                        limiter = self._limiters[name] = RateLimiter(options.rate_per_second)
-                    if now is None:
-                        now = time.monotonic()
-                    if limiter.wait_time(now) > 0:
-                        skipped.append(job)
-                        continue
+            while free:
+                job = self._next_job(skipped)
+                if job is None:
+                    break
                 child = free[0]
                 if not child.channel.send(_encode(Task(job.seq, job.delivery.frame))):
                     skipped.append(job)
@@ -560,6 +594,8 @@ class ProcessEngine(Engine):
                 started.append(job)
                 if len(child.running) >= per_child:
                     free.pop(0)
+            if self._offers and backlog and not free:
+                self._offer(started, skipped)
             if skipped:
                 backlog.extendleft(reversed(skipped))
             # rate-limited jobs wait while children idle: look again next turn
@@ -567,6 +603,87 @@ class ProcessEngine(Engine):
         if signals.task_prerun.receivers:
             for job in started:
                 signals.task_prerun.send(self.worker, envelope=job.envelope, context=None)
+
+    def _next_job(self, skipped: list[Job]) -> Job | None:
+        """The backlog's next job that may start now (rate-limited ones go to ``skipped``)."""
+        backlog = self._backlog
+        while backlog:
+            job = backlog.popleft()
+            if job.settled:
+                continue
+            options = job.handler.options
+            if options.rate_limit is not None:
+                name = job.handler.name
+                limiter = self._limiters.get(name)
+                if limiter is None:
+                    limiter = self._limiters[name] = RateLimiter(options.rate_per_second)
+                if limiter.wait_time(time.monotonic()) > 0:
+                    skipped.append(job)
+                    continue
+            return job
+        return None
+
+    # -- offers (under the lock) -------------------------------------------------------------
+    def _offer(self, started: list[Job], skipped: list[Job]) -> None:
+        """Offer the next job to each busy child without an open offer (and with room
+        under ``max_tasks_per_child``)."""
+        max_tasks = self.max_tasks
+        for child in self._children.values():
+            if not (child.state is ChildState.READY and child.running and self._offer_settled(child)):
+                continue
+            if max_tasks is not None and child.tasks_done + len(child.running) >= max_tasks:
+                continue
+            job = self._next_job(skipped)
+            if job is None:
+                return
+            channel = child.channel
+            channel.offer(job.seq)
+            if not channel.send(_encode(Offer(job.seq, job.delivery.frame))):
+                channel.withdraw(job.seq)   # never sent: nobody can have claimed it
+                skipped.append(job)
+                continue
+            job.slot = child
+            child.offered = job
+            self._offers_made += 1
+            started.append(job)
+
+    def _offer_settled(self, child: _Child) -> bool:
+        """True when ``child`` has no open offer; a claimed one now runs."""
+        job = child.offered
+        if job is None:
+            return True
+        if child.channel.offered() == job.seq:
+            return False
+        self._claimed(child)
+        return True
+
+    def _claimed(self, child: _Child) -> None:
+        job = child.offered
+        child.offered = None
+        job.mark_started()
+        job.soft_deadline = None
+        child.running[job.seq] = job
+
+    def _withdraw(self, child: _Child) -> Job | None:
+        """Take ``child``'s offer back: the job, or None when the child claimed it first
+        (it then runs there)."""
+        job = child.offered
+        if job is None:
+            return None
+        if child.channel.withdraw(job.seq):
+            child.offered = None
+            job.slot = None
+            self._offers_withdrawn += 1
+            self._may_dispatch = True
+            return job
+        self._claimed(child)
+        return None
+
+    def _take_back_offer(self, child: _Child) -> None:
+        """Withdraw ``child``'s offer to the front of the backlog, if it has one unclaimed."""
+        job = self._withdraw(child)
+        if job is not None:
+            self._backlog.appendleft(job)
 
     def _stop_child(self, child: _Child) -> None:
         try:

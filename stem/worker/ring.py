@@ -28,6 +28,9 @@ API::
     ch.drain_doorbell()                      # ...after it reported fileno() readable
     wait_readable(channels, timeout) -> list[Channel]  # one thread serving N children
     ChannelPoller(channels, fds, tags).wait(timeout) -> (tags, fds)  # ...reusable, with other fds
+    ch.offer(token); ch.withdraw(token) -> bool; ch.offered() -> int   # the frames this side sends...
+    ch.claim(token) -> bool                  # ...and those it receives (see "Offers" below)
+    ch.can_offer                             # False on the pure twin (no atomic compare-and-swap)
     ch.handle                                # small and picklable
     ch.close(); ch.unlink(); with Channel.create() as ch: ...
 
@@ -64,6 +67,15 @@ reach a child either by inheritance (``fork``: the handle holds the numbers;
 handle is pickled (``spawn``/``forkserver``: the fds travel with the process
 start, as a ``multiprocessing.Pipe`` does; pickled at any other time they go
 through ``multiprocessing.resource_sharer``, which needs the sender alive).
+
+Offers: the sender may offer the next frame it sends under a non-zero token
+(``offer``, one open offer per direction), so that it can still take the frame
+back after sending it.  The receiver ``claim``s the frame before acting on it
+and skips it when the claim fails; the sender ``withdraw``s it the same way.
+Both are one atomic compare-and-swap of the ring's claim word from the token
+to 0, so exactly one side wins; the word reading 0 again tells the sender the
+offer is settled.  The supervisor uses it to give a busy child its next task
+early (see ``stem.worker.pool``).  Compiled ring only (``can_offer``).
 
 Side channel: a frame longer than ``max_inline`` (capacity/2 - 8) is written
 into its own shared-memory segment by the sender, which then publishes a
@@ -451,19 +463,41 @@ class Channel:
         self.recv_many = inn.recv_many
         self.pending_bytes = inn.pending_bytes
         self.arm_doorbell = inn.arm_recv
+        self.offer = out.offer
+        self.withdraw = out.claim
+        self.offered = out.offered
+        self.claim = inn.claim
         self._resources = _Resources(owner=self._owner, name=name, capacity=capacity, shm=shm,
                                      mapping=mapping, fds=list(dict.fromkeys(bells)),
                                      rings=(out, inn))
         self._finalizer = weakref.finalize(self, self._resources.release)
         return self
 
-    # send, send_many, recv, recv_many, pending_bytes and arm_doorbell are shadowed per
-    # instance by the ring's bound methods (see _open); these document the API and
+    # send, send_many, recv, recv_many, pending_bytes, arm_doorbell and the offer methods are
+    # shadowed per instance by the ring's bound methods (see _open); these document the API and
     # behave identically.
 
     def send(self, frame) -> bool:
         """Write one frame; False (nothing written) if it does not fit now."""
         return self._out.send(frame)
+
+    can_offer: bool = _impl.ATOMIC_CLAIM
+
+    def offer(self, token: int) -> None:
+        """Offer the next frame this side sends under ``token`` (see "Offers")."""
+        self._out.offer(token)
+
+    def withdraw(self, token: int) -> bool:
+        """Take back the offered frame ``token``: True when the peer had not claimed it."""
+        return self._out.claim(token)
+
+    def offered(self) -> int:
+        """The token of this side's open offer, 0 when the peer claimed it or none is open."""
+        return self._out.offered()
+
+    def claim(self, token: int) -> bool:
+        """Take the frame the peer offered under ``token``: False when it was withdrawn."""
+        return self._in.claim(token)
 
     def send_many(self, frames, start: int = 0) -> int:
         """Write ``frames[start:]`` (a list or tuple) in order until one does not fit.

@@ -1,0 +1,197 @@
+"""Offers: a busy child is sent its next task early and the pool can take it back.
+
+Each scenario blocks children on files the test creates, so what is running,
+what is offered and what is free is known at every step (no timing guesses).
+The pool's offers need the compiled ring; under the pure twin they are off,
+which the last test checks.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+
+import pytest
+
+from stem import ShutdownMode, TaskOptions, TaskState
+from stem.worker.ring import Channel
+
+from .support import wait_for
+from .test_pool import lifecycle, setup  # noqa: F401 - the fixture
+
+needs_offers = pytest.mark.skipif(not Channel.can_offer,
+                                  reason="offers need the compiled ring's compare-and-swap (pure build)")
+
+
+def _wait_file(path: str) -> None:
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.002)
+
+
+def _register(registry, tmp_path):
+    @registry.task("block")
+    def block(ctx, name):
+        open(tmp_path / f"{name}.started", "w").close()
+        _wait_file(str(tmp_path / f"{name}.go"))
+        return os.getpid()
+
+    @registry.task("mark")
+    def mark(ctx, name):
+        open(tmp_path / f"{name}.ran", "a").write(f"{os.getpid()}\n")
+        return os.getpid()
+
+    @registry.task("die")
+    def die(ctx):
+        open(tmp_path / "die.started", "w").close()
+        _wait_file(str(tmp_path / "die.go"))
+        os._exit(3)
+
+
+def _engine(w) -> dict:
+    return w._engine.info()
+
+
+@needs_offers
+def test_every_task_runs_once_and_most_start_from_an_offer(setup):
+    registry, stem, worker, _ = setup
+    registry.task("pid")(lambda ctx, i: (os.getpid(), i))
+    w = worker(concurrency=1)
+    w.run_in_background()
+    ids = stem.enqueue_many([("pid", {"i": i}) for i in range(300)])
+    statuses = [stem.wait_for_task(i, timeout=30) for i in ids]
+    assert [s.state for s in statuses] == [TaskState.SUCCEEDED] * 300
+    assert sorted(s.result[1] for s in statuses) == list(range(300))
+    assert all(s.attempt == 0 for s in statuses)
+    info = _engine(w)
+    assert info["offers"] is True
+    assert info["offers_made"] > 0
+
+
+@needs_offers
+def test_an_idle_child_takes_back_what_a_busy_child_was_offered(setup, tmp_path):
+    registry, stem, worker, _ = setup
+    _register(registry, tmp_path)
+    w = worker(concurrency=2)
+    w.run_in_background()
+    stem.enqueue("block", {"name": "a"})
+    stem.enqueue("block", {"name": "b"})
+    wait_for(lambda: (tmp_path / "a.started").exists() and (tmp_path / "b.started").exists(), what="both blocked")
+    first = stem.enqueue("mark", {"name": "m1"})
+    second = stem.enqueue("mark", {"name": "m2"})
+    wait_for(lambda: _engine(w)["offers_made"] >= 2, what="an offer to each busy child")
+    (tmp_path / "b.go").touch()   # b's child claims its own offer, runs it, then takes a's back
+    assert stem.wait_for_task(first, timeout=30).state is TaskState.SUCCEEDED
+    assert stem.wait_for_task(second, timeout=30).state is TaskState.SUCCEEDED
+    assert not (tmp_path / "a.go").exists()   # both ran while a's child was still blocked
+    assert _engine(w)["offers_withdrawn"] >= 1
+    (tmp_path / "a.go").touch()
+
+
+@needs_offers
+def test_an_offer_unclaimed_when_its_child_dies_runs_elsewhere_without_counting_a_crash(setup, tmp_path):
+    registry, stem, worker, _ = setup
+    _register(registry, tmp_path)
+    w = worker(concurrency=1)
+    w.run_in_background()
+    doomed = stem.enqueue("die")
+    wait_for(lambda: (tmp_path / "die.started").exists(), what="the task that kills its child to start")
+    offered = stem.enqueue("mark", {"name": "m"})
+    wait_for(lambda: _engine(w)["offers_made"] >= 1, what="the offer")
+    dying_pid = _engine(w)["children"][0]["pid"]
+    (tmp_path / "die.go").touch()
+    assert stem.wait_for_task(doomed, timeout=30).reason == "child-crashed"
+    status = stem.wait_for_task(offered, timeout=30)
+    assert status.state is TaskState.SUCCEEDED and status.attempt == 0
+    assert status.result != dying_pid
+    assert _engine(w)["offers_withdrawn"] >= 1
+
+
+@needs_offers
+def test_revoking_an_offered_task_takes_it_back_before_it_runs(setup, tmp_path):
+    registry, stem, worker, _ = setup
+    _register(registry, tmp_path)
+    w = worker(concurrency=1)
+    w.run_in_background()
+    stem.enqueue("block", {"name": "a"})
+    wait_for(lambda: (tmp_path / "a.started").exists(), what="the blocker")
+    offered = stem.enqueue("mark", {"name": "m"})
+    wait_for(lambda: _engine(w)["offers_made"] >= 1, what="the offer")
+    reply = w.revoke([offered])
+    assert reply["reserved_dropped"] == [offered]
+    (tmp_path / "a.go").touch()
+    assert stem.wait_for_task(offered, timeout=30).state is TaskState.REVOKED
+    after = stem.enqueue("mark", {"name": "after"})
+    assert stem.wait_for_task(after, timeout=30).state is TaskState.SUCCEEDED
+    assert not (tmp_path / "m.ran").exists()
+
+
+@needs_offers
+def test_an_offered_task_s_hard_time_limit_starts_when_it_is_claimed(setup, tmp_path):
+    registry, stem, worker, _ = setup
+    _register(registry, tmp_path)
+    registry.task("quick", options=TaskOptions(hard_time_limit=1))(lambda ctx: os.getpid())
+    w = worker(concurrency=1)
+    w.run_in_background()
+    stem.enqueue("block", {"name": "a"})
+    wait_for(lambda: (tmp_path / "a.started").exists(), what="the blocker")
+    quick = stem.enqueue("quick")
+    wait_for(lambda: _engine(w)["offers_made"] >= 1, what="the offer")
+    t0 = time.monotonic()
+    # waiting behind the blocker for longer than its limit must not count against it
+    wait_for(lambda: time.monotonic() - t0 > 1.5, what="the offer to outlive its limit", interval=0.05)
+    assert [j.envelope.id for j in w._engine.running()] != [quick]
+    (tmp_path / "a.go").touch()
+    status = stem.wait_for_task(quick, timeout=30)
+    assert status.state is TaskState.SUCCEEDED, status
+
+
+@needs_offers
+def test_no_child_runs_more_than_max_tasks_per_child_with_offers(setup):
+    registry, stem, worker, _ = setup
+    registry.task("pid")(lambda ctx: os.getpid())
+    worker(concurrency=2, lifecycle=lifecycle(max_tasks_per_child=3)).run_in_background()
+    ids = stem.enqueue_many([("pid", {})] * 60)
+    statuses = [stem.wait_for_task(i, timeout=60) for i in ids]
+    assert all(s.state is TaskState.SUCCEEDED for s in statuses)
+    per_child = collections.Counter(s.result for s in statuses)
+    assert max(per_child.values()) <= 3, per_child
+
+
+@needs_offers
+def test_a_warm_shutdown_requeues_an_unclaimed_offer_and_finishes_the_running_task(setup, tmp_path):
+    registry, stem, worker, broker = setup
+    _register(registry, tmp_path)
+    w = worker(concurrency=1)
+    w.run_in_background()
+    running = stem.enqueue("block", {"name": "a"})
+    wait_for(lambda: (tmp_path / "a.started").exists(), what="the blocker")
+    offered = stem.enqueue("mark", {"name": "m"})
+    wait_for(lambda: _engine(w)["offers_made"] >= 1, what="the offer")
+    w.shutdown_nowait("warm")
+    wait_for(lambda: _engine(w)["offers_withdrawn"] >= 1, what="the offer to be taken back")
+    (tmp_path / "a.go").touch()
+    assert stem.wait_for_task(running, timeout=30).state is TaskState.SUCCEEDED
+    wait_for(lambda: w._stopped.is_set(), what="the worker to stop")
+    assert not (tmp_path / "m.ran").exists()
+    assert stem.get_status(offered).state in (TaskState.PENDING, TaskState.QUEUED)
+    second = worker(concurrency=1)
+    second.run_in_background()
+    assert stem.wait_for_task(offered, timeout=30).state is TaskState.SUCCEEDED
+
+
+def test_the_pure_build_makes_no_offers(setup):
+    registry, stem, worker, _ = setup
+    registry.task("pid")(lambda ctx: os.getpid())
+    w = worker(concurrency=1)
+    w.run_in_background()
+    ids = stem.enqueue_many([("pid", {})] * 50)
+    assert all(stem.wait_for_task(i, timeout=30).state is TaskState.SUCCEEDED for i in ids)
+    info = _engine(w)
+    assert info["offers"] is Channel.can_offer
+    if not Channel.can_offer:
+        assert info["offers_made"] == 0
+    w.shutdown(ShutdownMode.WARM, timeout=15)
