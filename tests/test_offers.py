@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from stem import ShutdownMode, TaskOptions, TaskState
+from stem import ShutdownMode, TaskOptions, TaskState, signals
 from stem.worker.ring import Channel
 
 from .support import wait_for
@@ -75,6 +75,8 @@ def test_every_task_runs_once_and_most_start_from_an_offer(setup):
 def test_an_idle_child_takes_back_what_a_busy_child_was_offered(setup, tmp_path):
     registry, stem, worker, _ = setup
     _register(registry, tmp_path)
+    prerun = collections.Counter()
+    receiver = signals.task_prerun.connect(lambda sender, envelope, **kw: prerun.update([envelope.id]))
     w = worker(concurrency=2)
     w.run_in_background()
     stem.enqueue("block", {"name": "a"})
@@ -89,6 +91,8 @@ def test_an_idle_child_takes_back_what_a_busy_child_was_offered(setup, tmp_path)
     assert not (tmp_path / "a.go").exists()   # both ran while a's child was still blocked
     assert _engine(w)["offers_withdrawn"] >= 1
     (tmp_path / "a.go").touch()
+    signals.task_prerun.disconnect(receiver)
+    assert prerun[first] == prerun[second] == 1   # the offer taken back was announced only where it ran
 
 
 @needs_offers

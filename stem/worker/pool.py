@@ -126,6 +126,7 @@ class ProcessEngine(Engine):
         self._limiters: dict[str, RateLimiter] = {}
         self._offers = self.child_concurrency == 1 and Channel.can_offer
         self._offers_made = self._offers_withdrawn = 0
+        self._claimed_unannounced: list[Job] = []
         self._crashes: dict[str, int] = {}
         self._zygote: Zygote | None = None
         self._report: Callable[[Job, Outcome], None] | None = None
@@ -381,6 +382,8 @@ class ProcessEngine(Engine):
         if exit_hint or now - self._last_exit_check >= EXIT_CHECK_INTERVAL:
             self._last_exit_check = now
             self._collect_exits(ps.children)
+        if self._claimed_unannounced:   # before the outcomes read above reach the settle thread
+            self._announce_claimed()
 
     def _read(self, child: _Child) -> None:
         results = []
@@ -595,7 +598,7 @@ class ProcessEngine(Engine):
                 if len(child.running) >= per_child:
                     free.pop(0)
             if self._offers and backlog and not free:
-                self._offer(started, skipped)
+                self._offer(skipped)
             if skipped:
                 backlog.extendleft(reversed(skipped))
             # rate-limited jobs wait while children idle: look again next turn
@@ -624,7 +627,7 @@ class ProcessEngine(Engine):
         return None
 
     # -- offers (under the lock) -------------------------------------------------------------
-    def _offer(self, started: list[Job], skipped: list[Job]) -> None:
+    def _offer(self, skipped: list[Job]) -> None:
         """Offer the next job to each busy child without an open offer (and with room
         under ``max_tasks_per_child``)."""
         max_tasks = self.max_tasks
@@ -645,7 +648,6 @@ class ProcessEngine(Engine):
             job.slot = child
             child.offered = job
             self._offers_made += 1
-            started.append(job)
 
     def _offer_settled(self, child: _Child) -> bool:
         """True when ``child`` has no open offer; a claimed one now runs."""
@@ -663,6 +665,15 @@ class ProcessEngine(Engine):
         job.mark_started()
         job.soft_deadline = None
         child.running[job.seq] = job
+        if signals.task_prerun.receivers:
+            self._claimed_unannounced.append(job)
+
+    def _announce_claimed(self) -> None:
+        """``task_prerun`` for claimed offers (outside the lock; an offer taken back never ran)."""
+        with self._lock:
+            jobs, self._claimed_unannounced = self._claimed_unannounced, []
+        for job in jobs:
+            signals.task_prerun.send(self.worker, envelope=job.envelope, context=None)
 
     def _withdraw(self, child: _Child) -> Job | None:
         """Take ``child``'s offer back: the job, or None when the child claimed it first
