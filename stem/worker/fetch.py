@@ -138,8 +138,10 @@ class Fetcher:
                 if paused:
                     w._lock.notify_all()   # a pause() may wait for this consume
             if leased is not None:
-                w._forget(acks, wake=False)
+                # what a pause turned away goes back before the acks leave the in-flight count,
+                # so a worker that reads 0 in flight has nothing leased left in the broker
                 leased = self.without_paused(leased, paused)
+                w._forget(acks, wake=False)
                 if leased:
                     self.accept(leased)
         finally:
