@@ -8,17 +8,8 @@ children (``max-tasks``, ``max-memory``) and replaces crashed or killed ones.
 No thread of its own: one fewer thread fighting for the GIL on the hot path.
 The fetcher thread only calls ``submit`` (which wakes ``poll``).
 
-Offers: a busy child that runs one task at a time is also sent its next task
-as an *offer* (``Channel.offer``), so when it finishes it starts the next at
-once instead of waiting for this thread to wake, read its Result and send
-the next frame -- on a short task that wait was a third of a child's time.
-An offer is not yet running: the child claims it when it starts it, and
-until then the pool takes it back (``Channel.withdraw``; one atomic word
-decides who wins) whenever a free child would otherwise idle, a child is
-recycled, stopped or killed, or the worker revokes or requeues its backlog.
-So an idle child still never waits behind a busy one.  A claimed offer runs
-from the moment the pool sees the claim (time limits start then).  The pure
-build has no atomic compare-and-swap and makes no offers.
+The backlog and how it reaches the children (free slots, then offers to busy
+ones) are ``stem.worker.dispatch``.
 """
 
 from __future__ import annotations
@@ -37,9 +28,10 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 from ..errors import WorkerError, WorkerShutdown
 from ..signals import signals
 from ..task import TaskOptions
-from .child import (ChildExit, Enqueue, Fatal, Heartbeat, Offer, Progress, Ready, Result, Stop, Task, child_main,
+from .child import (ChildExit, Enqueue, Fatal, Heartbeat, Progress, Ready, Result, Stop, child_main,
                     decode_from_child, encode_message, spawn_entry)
-from .engine import Engine, Job, RateLimiter, take_matching
+from .dispatch import ChildState, Dispatcher
+from .engine import Engine, Job
 from .execution import ERROR, Outcome
 from .ring import Channel, ChannelPoller
 from .zygote import Zygote
@@ -68,14 +60,6 @@ class PoolState(enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
-
-
-class ChildState(enum.Enum):
-    STARTING = "starting"    # forked, not READY yet
-    READY = "ready"          # takes tasks
-    DRAINING = "draining"    # finishing its tasks, then exits (recycle)
-    KILLED = "killed"        # SIGKILL sent, waiting for the exit report
-    DEAD = "dead"
 
 
 class _Child:
@@ -116,17 +100,10 @@ class ProcessEngine(Engine):
             raise WorkerError(f"start_method must be 'fork' or 'spawn', got {self.start_method!r}")
         self.state = PoolState.CREATED
         self._lock = threading.RLock()
-        self._backlog: deque[Job] = deque()
         self._children: dict[int, _Child] = {}
         self._children_version = 0     # bumped (under the lock) whenever _children changes
         self._poll_set: _PollSet | None = None
-        # True when _dispatch might start something: jobs came in or a slot freed since it
-        # last found nothing to do (written under the lock; read without it as a hint)
-        self._may_dispatch = True
-        self._limiters: dict[str, RateLimiter] = {}
-        self._offers = self.child_concurrency == 1 and Channel.can_offer
-        self._offers_made = self._offers_withdrawn = 0
-        self._claimed_unannounced: list[Job] = []
+        self._dispatcher = Dispatcher(self)
         self._crashes: dict[str, int] = {}
         self._zygote: Zygote | None = None
         self._report: Callable[[Job, Outcome], None] | None = None
@@ -157,7 +134,7 @@ class ProcessEngine(Engine):
             self.state = PoolState.FAILED
             raise
         self.state = PoolState.RUNNING
-        self._may_dispatch = True
+        self._dispatcher.wanted = True
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -207,7 +184,7 @@ class ProcessEngine(Engine):
             self.state = PoolState.STOPPING
             for child in self._children.values():
                 if child.state in (ChildState.READY, ChildState.STARTING, ChildState.DRAINING):
-                    self._take_back_offer(child)
+                    self._dispatcher.take_back(child)
                     self._stop_child(child)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -244,27 +221,20 @@ class ProcessEngine(Engine):
 
     def submit_many(self, jobs: list[Job]) -> None:
         with self._lock:
-            self._backlog.extend(jobs)
-            self._may_dispatch = True
+            self._dispatcher.backlog.extend(jobs)
+            self._dispatcher.wanted = True
         self._wake()
 
     def take_backlog(self, predicate=None) -> list[Job]:
         """The backlog's jobs, and the offers the children have not claimed yet."""
         with self._lock:
-            offers = []
-            for child in self._children.values():
-                job = child.offered
-                if job is not None and (predicate is None or predicate(job)):
-                    job = self._withdraw(child)
-                    if job is not None:
-                        offers.append(job)
-            return offers + take_matching(self._backlog, predicate)
+            return self._dispatcher.take(self._children.values(), predicate)
 
     def resize(self, delta: int) -> None:
         """Grow by forking children now; shrink by draining the idlest children (no replacement)."""
         with self._lock:
             self.concurrency += delta
-            self._may_dispatch = True
+            self._dispatcher.wanted = True
             if delta > 0:
                 for _ in range(delta):
                     self._spawn_child()
@@ -274,7 +244,7 @@ class ProcessEngine(Engine):
             for child in ready[:-delta]:
                 child.state = ChildState.DRAINING
                 child.recycle_reason = "shrink"
-                self._take_back_offer(child)
+                self._dispatcher.take_back(child)
                 if not child.running:
                     self._stop_child(child)
         self._wake()
@@ -283,7 +253,7 @@ class ProcessEngine(Engine):
         with self._lock:
             for c in self._children.values():
                 if c.offered is not None:
-                    self._offer_settled(c)
+                    self._dispatcher.settled(c)
             return [j for c in self._children.values() for j in c.running.values()]
 
     def interrupt(self, job: Job, exc_type: type[BaseException]) -> None:
@@ -302,7 +272,7 @@ class ProcessEngine(Engine):
             child = job.slot
             if child is None or job.seq not in child.running:
                 return False
-            self._take_back_offer(child)   # claimed meanwhile: it joins the others below
+            self._dispatcher.take_back(child)   # claimed meanwhile: it joins the others below
             del child.running[job.seq]
             others = list(child.running.values())
             child.running.clear()
@@ -317,9 +287,9 @@ class ProcessEngine(Engine):
     def info(self) -> dict[str, Any]:
         with self._lock:
             return {"engine": "process", "start_method": self.start_method, "pool_state": self.state.value,
-                    "children": [c.info() for c in self._children.values()], "backlog": len(self._backlog),
-                    "offers": self._offers, "offers_made": self._offers_made,
-                    "offers_withdrawn": self._offers_withdrawn,
+                    "children": [c.info() for c in self._children.values()], "backlog": len(self._dispatcher.backlog),
+                    "offers": self._dispatcher.offers, "offers_made": self._dispatcher.offers_made,
+                    "offers_withdrawn": self._dispatcher.offers_withdrawn,
                     "child_replacements": self._replacements,
                     "child_replace_ms": (sorted(self._replace_ms)[len(self._replace_ms) // 2]
                                          if self._replace_ms else None)}
@@ -337,10 +307,10 @@ class ProcessEngine(Engine):
         collect exits.  Outcomes go to ``report`` synchronously."""
         if self.state is PoolState.STOPPED:
             return False
-        if self._may_dispatch:
+        if self._dispatcher.wanted:
             self._dispatch()
         self._poll_once(timeout)
-        if self._may_dispatch:
+        if self._dispatcher.wanted:
             self._dispatch()
         if self.max_memory is not None:
             self._check_memory()
@@ -382,8 +352,8 @@ class ProcessEngine(Engine):
         if exit_hint or now - self._last_exit_check >= EXIT_CHECK_INTERVAL:
             self._last_exit_check = now
             self._collect_exits(ps.children)
-        if self._claimed_unannounced:   # before the outcomes read above reach the settle thread
-            self._announce_claimed()
+        if self._dispatcher.unannounced:   # before the outcomes read above reach the settle thread
+            self._dispatcher.announce()
 
     def _read(self, child: _Child) -> None:
         results = []
@@ -396,7 +366,7 @@ class ProcessEngine(Engine):
                 with self._lock:
                     if child.state is ChildState.STARTING:
                         child.state = ChildState.READY
-                        self._may_dispatch = True
+                        self._dispatcher.wanted = True
                     child.ready_at = time.time()
                     self._startup_failures = 0
                     if child.forked_ns:
@@ -419,7 +389,7 @@ class ProcessEngine(Engine):
         done = []
         with self._lock:
             if child.offered is not None:
-                self._offer_settled(child)   # the child claims its offer before it reports
+                self._dispatcher.settled(child)   # the child claims its offer before it reports
             running = child.running
             for r in results:
                 job = running.pop(r.seq, None)
@@ -428,7 +398,7 @@ class ProcessEngine(Engine):
                 if r.rss:
                     child.rss = r.rss
             child.tasks_done += len(results)
-            self._may_dispatch = True
+            self._dispatcher.wanted = True
             if child.state is ChildState.READY:
                 if self.max_tasks is not None and child.tasks_done >= self.max_tasks:
                     self._recycle(child, "max-tasks")
@@ -447,7 +417,7 @@ class ProcessEngine(Engine):
         """Stop giving ``child`` work; it exits after its running tasks, a new child takes the slot now."""
         child.state = ChildState.DRAINING
         child.recycle_reason = reason
-        self._take_back_offer(child)
+        self._dispatcher.take_back(child)
         if not child.running:
             self._stop_child(child)
         if self.state is PoolState.RUNNING:
@@ -484,7 +454,7 @@ class ProcessEngine(Engine):
             if child is None or child.state is ChildState.DEAD:
                 return
             previous = child.state
-            self._take_back_offer(child)   # unclaimed: it never ran; claimed: an orphan below
+            self._dispatcher.take_back(child)   # unclaimed: it never ran; claimed: an orphan below
             child.state = ChildState.DEAD
             orphans = list(child.running.values())
             child.running.clear()
@@ -554,147 +524,13 @@ class ProcessEngine(Engine):
 
     # -- dispatch -------------------------------------------------------------------------
     def _dispatch(self) -> None:
-        """Hand backlog jobs to children with a free slot, fewest running first; a child
-        never gets more frames than it can start (``child_concurrency``), but for the one
-        offer a busy child may hold (see the module docstring)."""
-        started: list[Job] = []
         with self._lock:
-            backlog = self._backlog
             if self.state is not PoolState.RUNNING:
                 return
-            per_child = self.child_concurrency
-            children = self._children.values()
-            if self._offers:
-                for child in children:
-                    if child.offered is not None:
-                        self._offer_settled(child)
-            # a child with an open offer is about to claim it: not free
-            free = [c for c in children
-                    if c.state is ChildState.READY and len(c.running) < per_child and c.offered is None]
-            if free and not backlog and self._offers:
-                for child in children:   # an idle child runs what a busy one was offered
-                    if child.running:
-                        self._take_back_offer(child)
-            if not backlog:
-                self._may_dispatch = False
-                return
-            if per_child > 1:
-                free.sort(key=_running_count)
-            skipped: list[Job] = []
-            while free:
-                job = self._next_job(skipped)
-                if job is None:
-                    break
-                child = free[0]
-                if not child.channel.send(_encode(Task(job.seq, job.delivery.frame))):
-                    skipped.append(job)
-                    free.pop(0)
-                    continue
-                job.slot = child
-                job.mark_started()
-                job.soft_deadline = None  # the child enforces its own soft limit
-                child.running[job.seq] = job
-                started.append(job)
-                if len(child.running) >= per_child:
-                    free.pop(0)
-            if self._offers and backlog and not free:
-                self._offer(skipped)
-            if skipped:
-                backlog.extendleft(reversed(skipped))
-            # rate-limited jobs wait while children idle: look again next turn
-            self._may_dispatch = bool(free and backlog)
-        if signals.task_prerun.receivers:
+            started = self._dispatcher.dispatch(self._children.values())
+        if started and signals.task_prerun.receivers:
             for job in started:
                 signals.task_prerun.send(self.worker, envelope=job.envelope, context=None)
-
-    def _next_job(self, skipped: list[Job]) -> Job | None:
-        """The backlog's next job that may start now (rate-limited ones go to ``skipped``)."""
-        backlog = self._backlog
-        while backlog:
-            job = backlog.popleft()
-            if job.settled:
-                continue
-            options = job.handler.options
-            if options.rate_limit is not None:
-                name = job.handler.name
-                limiter = self._limiters.get(name)
-                if limiter is None:
-                    limiter = self._limiters[name] = RateLimiter(options.rate_per_second)
-                if limiter.wait_time(time.monotonic()) > 0:
-                    skipped.append(job)
-                    continue
-            return job
-        return None
-
-    # -- offers (under the lock) -------------------------------------------------------------
-    def _offer(self, skipped: list[Job]) -> None:
-        """Offer the next job to each busy child without an open offer (and with room
-        under ``max_tasks_per_child``)."""
-        max_tasks = self.max_tasks
-        for child in self._children.values():
-            if not (child.state is ChildState.READY and child.running and self._offer_settled(child)):
-                continue
-            if max_tasks is not None and child.tasks_done + len(child.running) >= max_tasks:
-                continue
-            job = self._next_job(skipped)
-            if job is None:
-                return
-            channel = child.channel
-            channel.offer(job.seq)
-            if not channel.send(_encode(Offer(job.seq, job.delivery.frame))):
-                channel.withdraw(job.seq)   # never sent: nobody can have claimed it
-                skipped.append(job)
-                continue
-            job.slot = child
-            child.offered = job
-            self._offers_made += 1
-
-    def _offer_settled(self, child: _Child) -> bool:
-        """True when ``child`` has no open offer; a claimed one now runs."""
-        job = child.offered
-        if job is None:
-            return True
-        if child.channel.offered() == job.seq:
-            return False
-        self._claimed(child)
-        return True
-
-    def _claimed(self, child: _Child) -> None:
-        job = child.offered
-        child.offered = None
-        job.mark_started()
-        job.soft_deadline = None
-        child.running[job.seq] = job
-        if signals.task_prerun.receivers:
-            self._claimed_unannounced.append(job)
-
-    def _announce_claimed(self) -> None:
-        """``task_prerun`` for claimed offers (outside the lock; an offer taken back never ran)."""
-        with self._lock:
-            jobs, self._claimed_unannounced = self._claimed_unannounced, []
-        for job in jobs:
-            signals.task_prerun.send(self.worker, envelope=job.envelope, context=None)
-
-    def _withdraw(self, child: _Child) -> Job | None:
-        """Take ``child``'s offer back: the job, or None when the child claimed it first
-        (it then runs there)."""
-        job = child.offered
-        if job is None:
-            return None
-        if child.channel.withdraw(job.seq):
-            child.offered = None
-            job.slot = None
-            self._offers_withdrawn += 1
-            self._may_dispatch = True
-            return job
-        self._claimed(child)
-        return None
-
-    def _take_back_offer(self, child: _Child) -> None:
-        """Withdraw ``child``'s offer to the front of the backlog, if it has one unclaimed."""
-        job = self._withdraw(child)
-        if job is not None:
-            self._backlog.appendleft(job)
 
     def _stop_child(self, child: _Child) -> None:
         try:
@@ -730,10 +566,6 @@ class _PollSet(NamedTuple):
     version: int                 # ProcessEngine._children_version it was built from
     children: list[_Child]
     poller: ChannelPoller        # their channels (tagged with the child), wake pipe, exit sources
-
-
-def _running_count(child: _Child) -> int:
-    return len(child.running)
 
 
 def _crashed(job: Job, message: str, reason: str = "child-crashed") -> Outcome:

@@ -1,0 +1,215 @@
+"""How the process pool's backlog reaches its children: free slots first, then offers.
+
+A child never gets more frames than it can start (``child_concurrency``), so
+an idle child never waits behind a busy one -- with one exception, the offer.
+
+Offers: a busy child that runs one task at a time is also sent its next task
+as an *offer* (``Channel.offer``), so when it finishes it starts the next at
+once instead of waiting for the supervisor's main thread to wake, read its
+Result and send the next frame -- on a short task that wait was a third of a
+child's time.  An offer is not yet running: the child claims it when it
+starts it, and until then the pool takes it back (``Channel.withdraw``; one
+atomic word decides who wins) whenever a free child would otherwise idle, a
+child is recycled, stopped or killed, or the worker revokes or requeues its
+backlog.  So an idle child still never waits behind a busy one.  A claimed
+offer runs from the moment the pool sees the claim (its time limits start
+then, and ``task_prerun`` is sent then).  The pure build has no atomic
+compare-and-swap and makes no offers.
+
+Every method runs under the pool's lock, but ``announce``.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ..signals import signals
+from .child import Offer, Task, encode_message
+from .engine import Job, RateLimiter, take_matching
+from .ring import Channel
+
+if TYPE_CHECKING:
+    from .pool import ProcessEngine
+
+__all__ = ["ChildState", "Dispatcher"]
+
+_encode = encode_message
+
+
+class ChildState(enum.Enum):
+    STARTING = "starting"    # forked, not READY yet
+    READY = "ready"          # takes tasks
+    DRAINING = "draining"    # finishing its tasks, then exits (recycle)
+    KILLED = "killed"        # SIGKILL sent, waiting for the exit report
+    DEAD = "dead"
+
+
+class Dispatcher:
+    """The pool's backlog, its rate limiters and the children's offers."""
+
+    def __init__(self, pool: "ProcessEngine"):
+        self.pool = pool
+        self.backlog: deque[Job] = deque()
+        # True when dispatch might start something: jobs came in or a slot freed since it
+        # last found nothing to do (written under the lock; read without it as a hint)
+        self.wanted = True
+        self.limiters: dict[str, RateLimiter] = {}
+        self.offers = pool.child_concurrency == 1 and Channel.can_offer
+        self.offers_made = self.offers_withdrawn = 0
+        self.unannounced: list[Job] = []   # claimed offers not yet announced (task_prerun)
+
+    def dispatch(self, children) -> list[Job]:
+        """Hand backlog jobs to free children, fewest running first, then offer the next
+        ones to busy children.  Returns the jobs sent as tasks (for ``task_prerun``)."""
+        started: list[Job] = []
+        backlog = self.backlog
+        per_child = self.pool.child_concurrency
+        if self.offers:
+            for child in children:
+                if child.offered is not None:
+                    self.settled(child)
+        # a child with an open offer is about to claim it: not free
+        free = [c for c in children
+                if c.state is ChildState.READY and len(c.running) < per_child and c.offered is None]
+        if free and not backlog and self.offers:
+            for child in children:   # an idle child runs what a busy one was offered
+                if child.running:
+                    self.take_back(child)
+        if not backlog:
+            self.wanted = False
+            return started
+        if per_child > 1:
+            free.sort(key=_running_count)
+        skipped: list[Job] = []
+        while free:
+            job = self.next_job(skipped)
+            if job is None:
+                break
+            child = free[0]
+            if not child.channel.send(_encode(Task(job.seq, job.delivery.frame))):
+                skipped.append(job)
+                free.pop(0)
+                continue
+            job.slot = child
+            job.mark_started()
+            job.soft_deadline = None  # the child enforces its own soft limit
+            child.running[job.seq] = job
+            started.append(job)
+            if len(child.running) >= per_child:
+                free.pop(0)
+        if self.offers and backlog and not free:
+            self.offer(children, skipped)
+        if skipped:
+            backlog.extendleft(reversed(skipped))
+        # rate-limited jobs wait while children idle: look again next turn
+        self.wanted = bool(free and backlog)
+        return started
+
+    def next_job(self, skipped: list[Job]) -> Job | None:
+        """The backlog's next job that may start now (rate-limited ones go to ``skipped``)."""
+        backlog = self.backlog
+        while backlog:
+            job = backlog.popleft()
+            if job.settled:
+                continue
+            options = job.handler.options
+            if options.rate_limit is not None:
+                name = job.handler.name
+                limiter = self.limiters.get(name)
+                if limiter is None:
+                    limiter = self.limiters[name] = RateLimiter(options.rate_per_second)
+                if limiter.wait_time(time.monotonic()) > 0:
+                    skipped.append(job)
+                    continue
+            return job
+        return None
+
+    def take(self, children, predicate=None) -> list[Job]:
+        """The backlog's jobs, and the offers the children have not claimed yet (all, or
+        those matching ``predicate``)."""
+        offers = []
+        for child in children:
+            job = child.offered
+            if job is not None and (predicate is None or predicate(job)):
+                job = self.withdraw(child)
+                if job is not None:
+                    offers.append(job)
+        return offers + take_matching(self.backlog, predicate)
+
+    # -- offers ------------------------------------------------------------------------------
+    def offer(self, children, skipped: list[Job]) -> None:
+        """Offer the next job to each busy child without an open offer (and with room
+        under ``max_tasks_per_child``)."""
+        max_tasks = self.pool.max_tasks
+        for child in children:
+            if not (child.state is ChildState.READY and child.running and self.settled(child)):
+                continue
+            if max_tasks is not None and child.tasks_done + len(child.running) >= max_tasks:
+                continue
+            job = self.next_job(skipped)
+            if job is None:
+                return
+            channel = child.channel
+            channel.offer(job.seq)
+            if not channel.send(_encode(Offer(job.seq, job.delivery.frame))):
+                channel.withdraw(job.seq)   # never sent: nobody can have claimed it
+                skipped.append(job)
+                continue
+            job.slot = child
+            child.offered = job
+            self.offers_made += 1
+
+    def settled(self, child: Any) -> bool:
+        """True when ``child`` has no open offer; a claimed one now runs."""
+        job = child.offered
+        if job is None:
+            return True
+        if child.channel.offered() == job.seq:
+            return False
+        self._claimed(child)
+        return True
+
+    def withdraw(self, child: Any) -> Job | None:
+        """Take ``child``'s offer back: the job, or None when the child claimed it first
+        (it then runs there)."""
+        job = child.offered
+        if job is None:
+            return None
+        if child.channel.withdraw(job.seq):
+            child.offered = None
+            job.slot = None
+            self.offers_withdrawn += 1
+            self.wanted = True
+            return job
+        self._claimed(child)
+        return None
+
+    def take_back(self, child: Any) -> None:
+        """Withdraw ``child``'s offer to the front of the backlog, if it has one unclaimed."""
+        job = self.withdraw(child)
+        if job is not None:
+            self.backlog.appendleft(job)
+
+    def _claimed(self, child: Any) -> None:
+        job = child.offered
+        child.offered = None
+        job.mark_started()
+        job.soft_deadline = None
+        child.running[job.seq] = job
+        if signals.task_prerun.receivers:
+            self.unannounced.append(job)
+
+    def announce(self) -> None:
+        """``task_prerun`` for claimed offers, outside the lock (an offer taken back never
+        ran, so it is announced only where it is claimed)."""
+        with self.pool._lock:
+            jobs, self.unannounced = self.unannounced, []
+        for job in jobs:
+            signals.task_prerun.send(self.pool.worker, envelope=job.envelope, context=None)
+
+
+def _running_count(child: Any) -> int:
+    return len(child.running)
