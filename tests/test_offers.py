@@ -14,7 +14,9 @@ import time
 
 import pytest
 
-from stem import ShutdownMode, TaskOptions, TaskState, signals
+from stem import ShutdownMode, Stem, TaskOptions, TaskRegistry, TaskState, signals
+from stem.brokers import InMemoryBroker
+from stem.worker import child as child_module
 from stem.worker.ring import Channel
 
 from .support import wait_for
@@ -199,3 +201,52 @@ def test_the_pure_build_makes_no_offers(setup):
     if not Channel.can_offer:
         assert info["offers_made"] == 0
     w.shutdown(ShutdownMode.WARM, timeout=15)
+
+
+class _ScriptedChannel:
+    """A child's channel that replays the supervisor's side and records what the child does."""
+
+    def __init__(self, batches, claims):
+        self.batches = list(batches)
+        self.claims = claims
+        self.log: list[tuple] = []
+
+    def _next(self):
+        return self.batches.pop(0) if self.batches else []
+
+    def recv_wait(self, timeout, max_n=64):
+        self.log.append(("recv_wait",))
+        return self._next()
+
+    def recv_many(self, max_n):
+        self.log.append(("recv_many",))
+        return self._next()
+
+    def claim(self, seq):
+        self.log.append(("claim", seq))
+        return self.claims[seq]
+
+    def send(self, payload):
+        msg = child_module.decode_from_child(payload)
+        self.log.append(("result", msg.seq))
+        return True
+
+
+def test_a_child_claims_the_offer_in_its_ring_before_it_reports_the_task_before_it():
+    registry = TaskRegistry()
+    registry.task("noop")(lambda ctx: None)
+    broker = InMemoryBroker()
+    Stem(broker, None, registry).enqueue("noop")
+    frame = broker.consume(["default"], 1, 1.0, consumer="t")[0].frame
+    enc = child_module.encode_message
+    channel = _ScriptedChannel(
+        [[enc(child_module.Task(1, frame))],          # runs 1
+         [enc(child_module.Offer(2, frame))],         # claimed, then 1's result goes out, then 2 runs
+         [enc(child_module.Offer(3, frame))],         # taken back by the supervisor: skipped
+         [],                                          # nothing more: 2's result goes out now
+         [enc(child_module.Stop())]],
+        claims={2: True, 3: False})
+    child = child_module._Child(channel, registry, {"supervisor_pid": os.getpid()})
+    assert child.serve() == child_module.ChildExit.OK
+    assert channel.log == [("recv_wait",), ("recv_many",), ("claim", 2), ("result", 1),
+                           ("recv_many",), ("claim", 3), ("recv_many",), ("result", 2), ("recv_wait",)]
