@@ -41,6 +41,7 @@ cdef extern from "ring.h" nogil:
         STEM_OFF_READER_WAITING
         STEM_OFF_WRITER_WAITING
         STEM_OFF_CLAIM
+        STEM_CLAIM_SLOTS
     const long long STEM_RING_MAX_CAPACITY
     uint64_t stem_load_acquire_u64(const uint64_t *p)
     uint64_t stem_load_relaxed_u64(const uint64_t *p)
@@ -67,11 +68,14 @@ cdef extern from "<poll.h>" nogil:
 __all__ = [
     "Ring", "wait_rings", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
     "SPILL_BYTES", "MIN_CAPACITY", "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL", "ATOMIC_CLAIM",
+    "CLAIM_SLOTS",
 ]
 
 LAYOUT_VERSION = 1
 #: ``claim`` is one atomic compare-and-swap, safe across processes
 ATOMIC_CLAIM = True
+#: offers open at once per ring (one claim word each)
+CLAIM_SLOTS = STEM_CLAIM_SLOTS
 CTRL_BYTES = STEM_RING_CTRL_BYTES
 HEADER_BYTES = STEM_RING_HEADER_BYTES
 SPILL_BYTES = STEM_RING_SPILL_BYTES
@@ -580,26 +584,31 @@ cdef class Ring:
 
     # -- the claim word --------------------------------------------------------
 
-    def offer(self, uint64_t token):
-        """Producer: announce that the frame about to be sent under ``token`` (non-zero)
-        may be taken back.  Only one offer is open at a time: the caller offers again
-        only after ``claim`` settled the previous one (the word reads 0)."""
+    cdef inline uint64_t *_slot(self, int slot) except NULL:
         self._check_open()
+        if slot < 0 or slot >= STEM_CLAIM_SLOTS:
+            raise ValueError(f"claim slot must be in [0, {STEM_CLAIM_SLOTS}), got {slot}")
+        return self._claim + slot
+
+    def offer(self, uint64_t token, int slot=0):
+        """Producer: announce that the frame about to be sent under ``token`` (non-zero)
+        may be taken back.  One offer per slot is open at a time: the caller offers in a
+        slot again only after ``claim`` settled its previous one (the word reads 0)."""
+        cdef uint64_t *word = self._slot(slot)
         if token == 0:
             raise ValueError("a claim token must be non-zero")
-        stem_store_release_u64(self._claim, token)
+        stem_store_release_u64(word, token)
 
-    def claim(self, uint64_t token):
+    def claim(self, uint64_t token, int slot=0):
         """Either side: take the offered frame ``token`` (the consumer, to run it) or take
-        it back (the producer, to withdraw it).  One atomic compare-and-swap of the word
-        from ``token`` to 0, so exactly one of the two racing sides gets True."""
-        self._check_open()
-        return token != 0 and stem_cas_u64(self._claim, token, 0) != 0
+        it back (the producer, to withdraw it).  One atomic compare-and-swap of the slot's
+        word from ``token`` to 0, so exactly one of the two racing sides gets True."""
+        cdef uint64_t *word = self._slot(slot)
+        return token != 0 and stem_cas_u64(word, token, 0) != 0
 
-    def offered(self):
-        """The open offer's token, or 0 when none is open."""
-        self._check_open()
-        return stem_load_acquire_u64(self._claim)
+    def offered(self, int slot=0):
+        """The slot's open offer's token, or 0 when none is open."""
+        return stem_load_acquire_u64(self._slot(slot))
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -12,7 +12,7 @@ Layout of one ring at ``offset`` (64-byte aligned) in a writable buffer::
            +  72  spill_seq       u64  seq of the last side-channel segment created (producer)
            + 128  reader_waiting  u32  "the reader is about to sleep on its doorbell"
            + 192  writer_waiting  u32  "the writer is about to sleep until space frees up"
-           + 200  claim           u64  token of the one frame offered for taking back, 0 = none
+           + 200  claim           u64[2]  per slot: token of a frame offered for taking back, 0 = none
            + 256  data            ``capacity`` bytes (a power of two, 64 .. 2**31)
 
 head and tail are free-running counters (position = counter & (capacity - 1)),
@@ -74,6 +74,7 @@ from stem.errors import DecodeError
 __all__ = [
     "Ring", "wait_rings", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
     "SPILL_BYTES", "MIN_CAPACITY", "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL", "ATOMIC_CLAIM",
+    "CLAIM_SLOTS",
 ]
 
 LAYOUT_VERSION = 1
@@ -92,6 +93,7 @@ _Q_CLAIM = 25
 #: ``claim`` needs an atomic compare-and-swap across processes, which pure Python does not
 #: have: this twin reads and writes the word but cannot claim (the worker then never offers)
 ATOMIC_CLAIM = False
+CLAIM_SLOTS = 2
 
 _BELL = (1).to_bytes(8, sys.byteorder)
 _fence_lock = threading.Lock()
@@ -421,20 +423,25 @@ class Ring:
 
     # -- the claim word (see the compiled ring) ----------------------------------
 
-    def offer(self, token: int) -> None:
+    def _slot(self, slot: int) -> int:
         if self._q is None:
             raise ValueError("ring is closed")
+        if not 0 <= slot < CLAIM_SLOTS:
+            raise ValueError(f"claim slot must be in [0, {CLAIM_SLOTS}), got {slot}")
+        return _Q_CLAIM + slot
+
+    def offer(self, token: int, slot: int = 0) -> None:
+        index = self._slot(slot)
         if token == 0:
             raise ValueError("a claim token must be non-zero")
-        self._q[_Q_CLAIM] = token
+        self._q[index] = token
 
-    def claim(self, token: int) -> bool:
+    def claim(self, token: int, slot: int = 0) -> bool:
+        self._slot(slot)
         raise NotImplementedError("claim needs an atomic compare-and-swap: use the compiled ring")
 
-    def offered(self) -> int:
-        if self._q is None:
-            raise ValueError("ring is closed")
-        return self._q[_Q_CLAIM]
+    def offered(self, slot: int = 0) -> int:
+        return self._q[self._slot(slot)]
 
     def arm_recv(self) -> bool:
         """Announce that the reader will sleep on its doorbell.

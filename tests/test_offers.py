@@ -222,8 +222,8 @@ class _ScriptedChannel:
         self.log.append(("recv_many",))
         return self._next()
 
-    def claim(self, seq):
-        self.log.append(("claim", seq))
+    def claim(self, seq, slot):
+        self.log.append(("claim", seq, slot))
         return self.claims[seq]
 
     def send(self, payload):
@@ -241,12 +241,12 @@ def test_a_child_claims_the_offer_in_its_ring_before_it_reports_the_task_before_
     enc = child_module.encode_message
     channel = _ScriptedChannel(
         [[enc(child_module.Task(1, frame))],          # runs 1
-         [enc(child_module.Offer(2, frame))],         # claimed, then 1's result goes out, then 2 runs
-         [enc(child_module.Offer(3, frame))],         # taken back by the supervisor: skipped
+         [enc(child_module.Offer(2, frame, 0))],      # claimed, then 1's result goes out, then 2 runs
+         [enc(child_module.Offer(3, frame, 1))],      # taken back by the supervisor: skipped
          [],                                          # nothing more: 2's result goes out now
          [enc(child_module.Stop())]],
         claims={2: True, 3: False})
     child = child_module._Child(channel, registry, {"supervisor_pid": os.getpid()})
     assert child.serve() == child_module.ChildExit.OK
-    assert channel.log == [("recv_wait",), ("recv_many",), ("claim", 2), ("result", 1),
-                           ("recv_many",), ("claim", 3), ("recv_many",), ("result", 2), ("recv_wait",)]
+    assert channel.log == [("recv_wait",), ("recv_many",), ("claim", 2, 0), ("result", 1),
+                           ("recv_many",), ("claim", 3, 1), ("recv_many",), ("result", 2), ("recv_wait",)]

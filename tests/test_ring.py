@@ -993,6 +993,13 @@ def test_an_offer_is_claimed_by_exactly_one_side_and_reads_zero_once_settled(imp
     assert not writer.claim(7) and not reader.claim(7)   # settled: nobody wins it again
     writer.offer(8)
     assert writer.claim(8) and not reader.claim(8)      # withdrawn first: the reader loses
+    writer.offer(10, slot=0)                            # slots are independent words
+    writer.offer(11, slot=1)
+    assert (writer.offered(0), writer.offered(1)) == (10, 11)
+    assert not reader.claim(11, slot=0) and reader.claim(11, slot=1) and reader.claim(10, slot=0)
+    for bad in (-1, impl.CLAIM_SLOTS):
+        with pytest.raises(ValueError, match="slot"):
+            writer.offer(12, slot=bad)
     writer.close()
     with pytest.raises(ValueError, match="closed"):
         writer.offer(9)
@@ -1002,8 +1009,11 @@ def test_both_builds_keep_the_claim_word_at_one_place():
     mod = compiled_ring()
     buf = bytearray(256 + 4096 + 64)
     make_ring(_ring_py, buf, 4096).offer(0x1122334455667788)
+    make_ring(_ring_py, buf, 4096).offer(0x99, slot=1)
     assert make_ring(mod, buf, 4096).offered() == 0x1122334455667788
+    assert make_ring(mod, buf, 4096).offered(1) == 0x99
     assert mod.ATOMIC_CLAIM and not _ring_py.ATOMIC_CLAIM
+    assert mod.CLAIM_SLOTS == _ring_py.CLAIM_SLOTS == 2
 
 
 def _claiming_child(handle, count):

@@ -5,8 +5,8 @@ one tagged ``msgspec.Struct`` per kind below (the tag is the first element):
 
     supervisor -> child   [TASK, seq, frame]      run the frame's task
                           [STOP]                  finish what runs, then exit 0
-                          [OFFER, seq, frame]     run it if ``channel.claim(seq)`` wins (the
-                                                  supervisor may take it back until then)
+                          [OFFER, seq, frame, slot]   run it if ``channel.claim(seq, slot)``
+                                                  wins (the supervisor may take it back until then)
     child -> supervisor   [READY, pid]
                           [RESULT, seq, outcome, rss]   (rss: bytes, 0 when not measured)
                           [HEARTBEAT, task_id]
@@ -20,9 +20,9 @@ next task.  SIGUSR2 asks the running task to stop (``WorkerShutdown``: a soft
 shutdown).  SIGINT/SIGTERM/SIGQUIT are ignored: the supervisor decides.
 
 A child that runs one task at a time holds back each Result until it has
-looked at its ring once more and claimed an OFFER found there: when the
-supervisor reads the Result, the offer it made is settled (claimed or not),
-so it can offer the next one at once.
+looked at its ring once more and claimed the next OFFER found there: when
+the supervisor reads the Result, that offer is settled (claimed or not), so
+it can offer another at once.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class Stop(msgspec.Struct, array_like=True, tag=STOP):
 class Offer(msgspec.Struct, array_like=True, tag=OFFER):
     seq: int
     frame: bytes
+    slot: int = 0
 
 
 class Ready(msgspec.Struct, array_like=True, tag=READY):
@@ -269,7 +270,7 @@ class _Child:
             for raw in msgs:
                 msg = decode_to_child(raw)
                 kind = type(msg)
-                if kind is Offer and not channel.claim(msg.seq):
+                if kind is Offer and not channel.claim(msg.seq, msg.slot):
                     continue   # taken back: another child runs it
                 if held is not None:
                     self.send_result(held)
@@ -332,7 +333,7 @@ class _Child:
                 if type(msg) is Stop:
                     stop = True
                     continue
-                if type(msg) is Offer and not self.channel.claim(msg.seq):
+                if type(msg) is Offer and not self.channel.claim(msg.seq, msg.slot):
                     continue
                 await slots.acquire()
                 t = asyncio.ensure_future(run_one(msg.seq, msg.frame))

@@ -3,11 +3,13 @@
 A child never gets more frames than it can start (``child_concurrency``), so
 an idle child never waits behind a busy one -- with one exception, the offer.
 
-Offers: a busy child that runs one task at a time is also sent its next task
-as an *offer* (``Channel.offer``), so when it finishes it starts the next at
+Offers: a busy child that runs one task at a time is also sent its next
+tasks -- up to ``OFFER_DEPTH`` -- as *offers* (``Channel.offer``, one claim
+slot each), so when it finishes it starts the next at
 once instead of waiting for the supervisor's main thread to wake, read its
 Result and send the next frame -- on a short task that wait was a third of a
-child's time.  An offer is not yet running: the child claims it when it
+child's time; two deep, a late supervisor turn (the GIL, the scheduler)
+rarely leaves a child without one.  An offer is not yet running: the child claims it when it
 starts it, and until then the pool takes it back (``Channel.withdraw``; one
 atomic word decides who wins) whenever a free child would otherwise idle, a
 child is recycled, stopped or killed, or the worker revokes or requeues its
@@ -34,9 +36,12 @@ from .ring import Channel
 if TYPE_CHECKING:
     from .pool import ProcessEngine
 
-__all__ = ["ChildState", "Dispatcher"]
+__all__ = ["ChildState", "Dispatcher", "OFFER_DEPTH"]
 
 _encode = encode_message
+
+#: offers a busy child may hold at once
+OFFER_DEPTH = min(2, Channel.claim_slots)
 
 
 class ChildState(enum.Enum):
@@ -69,11 +74,11 @@ class Dispatcher:
         per_child = self.pool.child_concurrency
         if self.offers:
             for child in children:
-                if child.offered is not None:
+                if child.offers:
                     self.settled(child)
         # a child with an open offer is about to claim it: not free
         free = [c for c in children
-                if c.state is ChildState.READY and len(c.running) < per_child and c.offered is None]
+                if c.state is ChildState.READY and len(c.running) < per_child and not c.offers]
         if free and not backlog and self.offers:
             for child in children:   # an idle child runs what a busy one was offered
                 if child.running:
@@ -132,70 +137,72 @@ class Dispatcher:
         those matching ``predicate``)."""
         offers = []
         for child in children:
-            job = child.offered
-            if job is not None and (predicate is None or predicate(job)):
-                job = self.withdraw(child)
-                if job is not None:
-                    offers.append(job)
+            for slot, job in list(child.offers.items()):
+                if predicate is None or predicate(job):
+                    if self.withdraw(child, slot):
+                        offers.append(job)
+        offers.sort(key=_seq)
         return offers + take_matching(self.backlog, predicate)
 
     # -- offers ------------------------------------------------------------------------------
     def offer(self, children, skipped: list[Job]) -> None:
-        """Offer the next job to each busy child without an open offer (and with room
-        under ``max_tasks_per_child``)."""
+        """Fill the free claim slots of each busy child, up to ``OFFER_DEPTH`` offers (and
+        within ``max_tasks_per_child``)."""
         max_tasks = self.pool.max_tasks
         for child in children:
-            if not (child.state is ChildState.READY and child.running and self.settled(child)):
+            if not (child.state is ChildState.READY and child.running):
                 continue
-            if max_tasks is not None and child.tasks_done + len(child.running) >= max_tasks:
-                continue
-            job = self.next_job(skipped)
-            if job is None:
-                return
-            channel = child.channel
-            channel.offer(job.seq)
-            if not channel.send(_encode(Offer(job.seq, job.delivery.frame))):
-                channel.withdraw(job.seq)   # never sent: nobody can have claimed it
-                skipped.append(job)
-                continue
-            job.slot = child
-            child.offered = job
-            self.offers_made += 1
+            if child.offers:
+                self.settled(child)
+            offers = child.offers
+            while len(offers) < OFFER_DEPTH:
+                if max_tasks is not None and child.tasks_done + len(child.running) + len(offers) >= max_tasks:
+                    break
+                job = self.next_job(skipped)
+                if job is None:
+                    return
+                slot = 0 if 0 not in offers else 1
+                channel = child.channel
+                channel.offer(job.seq, slot)
+                if not channel.send(_encode(Offer(job.seq, job.delivery.frame, slot))):
+                    channel.withdraw(job.seq, slot)   # never sent: nobody can have claimed it
+                    skipped.append(job)
+                    break
+                job.slot = child
+                offers[slot] = job
+                self.offers_made += 1
 
     def settled(self, child: Any) -> bool:
-        """True when ``child`` has no open offer; a claimed one now runs."""
-        job = child.offered
-        if job is None:
-            return True
-        if child.channel.offered() == job.seq:
-            return False
-        self._claimed(child)
-        return True
+        """True when ``child`` has no open offer; the claimed ones now run."""
+        channel = child.channel
+        for slot, job in list(child.offers.items()):
+            if channel.offered(slot) != job.seq:
+                self._claimed(child, slot)
+        return not child.offers
 
-    def withdraw(self, child: Any) -> Job | None:
-        """Take ``child``'s offer back: the job, or None when the child claimed it first
-        (it then runs there)."""
-        job = child.offered
-        if job is None:
-            return None
-        if child.channel.withdraw(job.seq):
-            child.offered = None
+    def withdraw(self, child: Any, slot: int) -> bool:
+        """Take the offer in ``child``'s ``slot`` back: False when the child claimed it
+        first (it then runs there)."""
+        job = child.offers[slot]
+        if child.channel.withdraw(job.seq, slot):
+            del child.offers[slot]
             job.slot = None
             self.offers_withdrawn += 1
             self.wanted = True
-            return job
-        self._claimed(child)
-        return None
+            return True
+        self._claimed(child, slot)
+        return False
 
     def take_back(self, child: Any) -> None:
-        """Withdraw ``child``'s offer to the front of the backlog, if it has one unclaimed."""
-        job = self.withdraw(child)
-        if job is not None:
-            self.backlog.appendleft(job)
+        """Withdraw ``child``'s unclaimed offers to the front of the backlog, in order."""
+        if not child.offers:
+            return
+        back = [job for slot, job in list(child.offers.items()) if self.withdraw(child, slot)]
+        back.sort(key=_seq)
+        self.backlog.extendleft(reversed(back))
 
-    def _claimed(self, child: Any) -> None:
-        job = child.offered
-        child.offered = None
+    def _claimed(self, child: Any, slot: int) -> None:
+        job = child.offers.pop(slot)
         job.mark_started()
         job.soft_deadline = None
         child.running[job.seq] = job
@@ -213,3 +220,7 @@ class Dispatcher:
 
 def _running_count(child: Any) -> int:
     return len(child.running)
+
+
+def _seq(job: Job) -> int:
+    return job.seq

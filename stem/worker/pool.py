@@ -63,7 +63,7 @@ class PoolState(enum.Enum):
 
 
 class _Child:
-    __slots__ = ("pid", "channel", "state", "running", "offered", "tasks_done", "rss", "started_at", "ready_at",
+    __slots__ = ("pid", "channel", "state", "running", "offers", "tasks_done", "rss", "started_at", "ready_at",
                  "recycle_reason", "process", "fatal", "last_memory_check", "forked_ns")
 
     def __init__(self, pid: int, channel: Channel, process: Any = None):
@@ -71,7 +71,7 @@ class _Child:
         self.channel = channel
         self.state = ChildState.STARTING
         self.running: dict[int, Job] = {}
-        self.offered: Job | None = None   # sent as an offer, not claimed yet (as far as we saw)
+        self.offers: dict[int, Job] = {}   # claim slot -> job offered, not claimed yet (as far as we saw)
         self.tasks_done = 0
         self.rss = 0
         self.started_at = time.time()
@@ -85,7 +85,7 @@ class _Child:
     def info(self) -> dict[str, Any]:
         return {"pid": self.pid, "state": self.state.value, "rss": self.rss or _rss(self.pid),
                 "tasks_done": self.tasks_done,
-                "running": len(self.running), "offered": self.offered is not None, "started_at": self.started_at}
+                "running": len(self.running), "offered": len(self.offers), "started_at": self.started_at}
 
 
 class ProcessEngine(Engine):
@@ -252,7 +252,7 @@ class ProcessEngine(Engine):
     def running(self) -> list[Job]:
         with self._lock:
             for c in self._children.values():
-                if c.offered is not None:
+                if c.offers:
                     self._dispatcher.settled(c)
             return [j for c in self._children.values() for j in c.running.values()]
 
@@ -388,8 +388,8 @@ class ProcessEngine(Engine):
         """Free the slots of ``results`` (one lock for the batch), then report them."""
         done = []
         with self._lock:
-            if child.offered is not None:
-                self._dispatcher.settled(child)   # the child claims its offer before it reports
+            if child.offers:
+                self._dispatcher.settled(child)   # the child claims its next offer before it reports
             running = child.running
             for r in results:
                 job = running.pop(r.seq, None)

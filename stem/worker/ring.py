@@ -28,8 +28,8 @@ API::
     ch.drain_doorbell()                      # ...after it reported fileno() readable
     wait_readable(channels, timeout) -> list[Channel]  # one thread serving N children
     ChannelPoller(channels, fds, tags).wait(timeout) -> (tags, fds)  # ...reusable, with other fds
-    ch.offer(token); ch.withdraw(token) -> bool; ch.offered() -> int   # the frames this side sends...
-    ch.claim(token) -> bool                  # ...and those it receives (see "Offers" below)
+    ch.offer(token, slot); ch.withdraw(token, slot) -> bool; ch.offered(slot) -> int   # frames it sends...
+    ch.claim(token, slot) -> bool            # ...and those it receives (see "Offers" below)
     ch.can_offer                             # False on the pure twin (no atomic compare-and-swap)
     ch.handle                                # small and picklable
     ch.close(); ch.unlink(); with Channel.create() as ch: ...
@@ -69,10 +69,11 @@ start, as a ``multiprocessing.Pipe`` does; pickled at any other time they go
 through ``multiprocessing.resource_sharer``, which needs the sender alive).
 
 Offers: the sender may offer the next frame it sends under a non-zero token
-(``offer``, one open offer per direction), so that it can still take the frame
+(``offer``, one open offer per claim slot and direction; ``CLAIM_SLOTS``
+slots), so that it can still take the frame
 back after sending it.  The receiver ``claim``s the frame before acting on it
 and skips it when the claim fails; the sender ``withdraw``s it the same way.
-Both are one atomic compare-and-swap of the ring's claim word from the token
+Both are one atomic compare-and-swap of the slot's claim word from the token
 to 0, so exactly one side wins; the word reading 0 again tells the sender the
 offer is settled.  The supervisor uses it to give a busy child its next task
 early (see ``stem.worker.pool``).  Compiled ring only (``can_offer``).
@@ -482,22 +483,23 @@ class Channel:
         return self._out.send(frame)
 
     can_offer: bool = _impl.ATOMIC_CLAIM
+    claim_slots: int = _impl.CLAIM_SLOTS
 
-    def offer(self, token: int) -> None:
-        """Offer the next frame this side sends under ``token`` (see "Offers")."""
-        self._out.offer(token)
+    def offer(self, token: int, slot: int = 0) -> None:
+        """Offer the next frame this side sends under ``token`` in ``slot`` (see "Offers")."""
+        self._out.offer(token, slot)
 
-    def withdraw(self, token: int) -> bool:
+    def withdraw(self, token: int, slot: int = 0) -> bool:
         """Take back the offered frame ``token``: True when the peer had not claimed it."""
-        return self._out.claim(token)
+        return self._out.claim(token, slot)
 
-    def offered(self) -> int:
-        """The token of this side's open offer, 0 when the peer claimed it or none is open."""
-        return self._out.offered()
+    def offered(self, slot: int = 0) -> int:
+        """The token of this side's open offer in ``slot``, 0 when the peer claimed it or none is open."""
+        return self._out.offered(slot)
 
-    def claim(self, token: int) -> bool:
-        """Take the frame the peer offered under ``token``: False when it was withdrawn."""
-        return self._in.claim(token)
+    def claim(self, token: int, slot: int = 0) -> bool:
+        """Take the frame the peer offered under ``token`` in ``slot``: False when it was withdrawn."""
+        return self._in.claim(token, slot)
 
     def send_many(self, frames, start: int = 0) -> int:
         """Write ``frames[start:]`` (a list or tuple) in order until one does not fit.
