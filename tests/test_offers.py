@@ -57,6 +57,20 @@ def _engine(w) -> dict:
     return w._engine.info()
 
 
+def _one_busy_child_with_an_offer(setup, tmp_path, first=("block", {"name": "a"}), started="a.started",
+                                  offer=("mark", {"name": "m"})):
+    """One child running ``first`` (blocked until the test creates its file) and holding
+    ``offer``: (stem, worker, first's id, the offer's id)."""
+    registry, stem, worker, _ = setup
+    w = worker(concurrency=1)
+    w.run_in_background()
+    running = stem.enqueue(*first)
+    wait_for(lambda: (tmp_path / started).exists(), what=f"{first[0]} to start")
+    offered = stem.enqueue(*offer)
+    wait_for(lambda: _engine(w)["offers_made"] >= 1, what="the offer")
+    return stem, w, running, offered
+
+
 @needs_offers
 def test_every_task_runs_once_and_most_start_from_an_offer(setup):
     registry, stem, worker, _ = setup
@@ -99,14 +113,8 @@ def test_an_idle_child_takes_back_what_a_busy_child_was_offered(setup, tmp_path)
 
 @needs_offers
 def test_an_offer_unclaimed_when_its_child_dies_runs_elsewhere_without_counting_a_crash(setup, tmp_path):
-    registry, stem, worker, _ = setup
-    _register(registry, tmp_path)
-    w = worker(concurrency=1)
-    w.run_in_background()
-    doomed = stem.enqueue("die")
-    wait_for(lambda: (tmp_path / "die.started").exists(), what="the task that kills its child to start")
-    offered = stem.enqueue("mark", {"name": "m"})
-    wait_for(lambda: _engine(w)["offers_made"] >= 1, what="the offer")
+    _register(setup[0], tmp_path)
+    stem, w, doomed, offered = _one_busy_child_with_an_offer(setup, tmp_path, ("die",), "die.started")
     dying_pid = _engine(w)["children"][0]["pid"]
     (tmp_path / "die.go").touch()
     assert stem.wait_for_task(doomed, timeout=30).reason == "child-crashed"
@@ -118,14 +126,8 @@ def test_an_offer_unclaimed_when_its_child_dies_runs_elsewhere_without_counting_
 
 @needs_offers
 def test_revoking_an_offered_task_takes_it_back_before_it_runs(setup, tmp_path):
-    registry, stem, worker, _ = setup
-    _register(registry, tmp_path)
-    w = worker(concurrency=1)
-    w.run_in_background()
-    stem.enqueue("block", {"name": "a"})
-    wait_for(lambda: (tmp_path / "a.started").exists(), what="the blocker")
-    offered = stem.enqueue("mark", {"name": "m"})
-    wait_for(lambda: _engine(w)["offers_made"] >= 1, what="the offer")
+    _register(setup[0], tmp_path)
+    stem, w, _, offered = _one_busy_child_with_an_offer(setup, tmp_path)
     reply = w.revoke([offered])
     assert reply["reserved_dropped"] == [offered]
     (tmp_path / "a.go").touch()
@@ -137,15 +139,10 @@ def test_revoking_an_offered_task_takes_it_back_before_it_runs(setup, tmp_path):
 
 @needs_offers
 def test_an_offered_task_s_hard_time_limit_starts_when_it_is_claimed(setup, tmp_path):
-    registry, stem, worker, _ = setup
+    registry = setup[0]
     _register(registry, tmp_path)
     registry.task("quick", options=TaskOptions(hard_time_limit=1))(lambda ctx: os.getpid())
-    w = worker(concurrency=1)
-    w.run_in_background()
-    stem.enqueue("block", {"name": "a"})
-    wait_for(lambda: (tmp_path / "a.started").exists(), what="the blocker")
-    quick = stem.enqueue("quick")
-    wait_for(lambda: _engine(w)["offers_made"] >= 1, what="the offer")
+    stem, w, _, quick = _one_busy_child_with_an_offer(setup, tmp_path, offer=("quick",))
     t0 = time.monotonic()
     # waiting behind the blocker for longer than its limit must not count against it
     wait_for(lambda: time.monotonic() - t0 > 1.5, what="the offer to outlive its limit", interval=0.05)
@@ -169,14 +166,8 @@ def test_no_child_runs_more_than_max_tasks_per_child_with_offers(setup):
 
 @needs_offers
 def test_a_warm_shutdown_requeues_an_unclaimed_offer_and_finishes_the_running_task(setup, tmp_path):
-    registry, stem, worker, broker = setup
-    _register(registry, tmp_path)
-    w = worker(concurrency=1)
-    w.run_in_background()
-    running = stem.enqueue("block", {"name": "a"})
-    wait_for(lambda: (tmp_path / "a.started").exists(), what="the blocker")
-    offered = stem.enqueue("mark", {"name": "m"})
-    wait_for(lambda: _engine(w)["offers_made"] >= 1, what="the offer")
+    _register(setup[0], tmp_path)
+    stem, w, running, offered = _one_busy_child_with_an_offer(setup, tmp_path)
     w.shutdown_nowait("warm")
     wait_for(lambda: _engine(w)["offers_withdrawn"] >= 1, what="the offer to be taken back")
     (tmp_path / "a.go").touch()
@@ -184,8 +175,7 @@ def test_a_warm_shutdown_requeues_an_unclaimed_offer_and_finishes_the_running_ta
     wait_for(lambda: w._stopped.is_set(), what="the worker to stop")
     assert not (tmp_path / "m.ran").exists()
     assert stem.get_status(offered).state in (TaskState.PENDING, TaskState.QUEUED)
-    second = worker(concurrency=1)
-    second.run_in_background()
+    setup[2](concurrency=1).run_in_background()
     assert stem.wait_for_task(offered, timeout=30).state is TaskState.SUCCEEDED
 
 
