@@ -179,6 +179,40 @@ def test_a_warm_shutdown_requeues_an_unclaimed_offer_and_finishes_the_running_ta
     assert stem.wait_for_task(offered, timeout=30).state is TaskState.SUCCEEDED
 
 
+@needs_offers
+@pytest.mark.timeout(120)
+def test_offers_lose_and_repeat_nothing_under_crashes_recycling_and_revokes(setup, tmp_path):
+    registry, stem, worker, _ = setup
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    @registry.task("work", options=TaskOptions(max_retries=2))
+    def work(ctx, i):
+        if i % 23 == 0 and ctx.attempt == 0:
+            os._exit(1)                 # kills its child, maybe holding offers: retried
+        if i % 7 == 0:
+            time.sleep(0.003)           # a longer one: offers wait behind it, idle children take them
+        os.close(os.open(marks / ctx.id, os.O_CREAT | os.O_EXCL | os.O_WRONLY))   # a second run raises
+        return i
+
+    w = worker(concurrency=2, lifecycle=lifecycle(max_tasks_per_child=25))
+    w.run_in_background()
+    ids = stem.enqueue_many([("work", {"i": i}) for i in range(600)])
+    revoked = set(ids[400:430])
+    w.revoke(sorted(revoked))
+    statuses = {i: stem.wait_for_task(i, timeout=60) for i in ids}
+    for n, task_id in enumerate(ids):
+        status = statuses[task_id]
+        if task_id in revoked and status.state is TaskState.REVOKED:
+            assert not (marks / task_id).exists()
+        else:
+            assert status.state is TaskState.SUCCEEDED and status.result == n, (n, status)
+    succeeded = {i for i, s in statuses.items() if s.state is TaskState.SUCCEEDED}
+    assert {p.name for p in marks.iterdir()} == succeeded
+    info = _engine(w)
+    assert info["offers_made"] > 100 and info["offers_withdrawn"] > 0 and info["child_replacements"] >= 20
+
+
 def test_the_pure_build_makes_no_offers(setup):
     registry, stem, worker, _ = setup
     registry.task("pid")(lambda ctx: os.getpid())
