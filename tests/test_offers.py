@@ -180,6 +180,43 @@ def test_a_warm_shutdown_requeues_an_unclaimed_offer_and_finishes_the_running_ta
 
 
 @needs_offers
+def test_results_the_child_wrote_before_it_died_still_count(setup, tmp_path, monkeypatch):
+    """A child reports a task after it claimed the next offer; if that one kills it, its
+    reports may still sit in the ring when the pool handles the exit.  The pool here reads
+    nothing until then, so the exit always finds them there."""
+    from stem.worker.pool import ProcessEngine
+    registry, stem, worker, _ = setup
+    _register(registry, tmp_path)
+    registry.task("die_now", options=TaskOptions(max_retries=0))(lambda ctx: os._exit(1))
+    unread = {"hold": False, "draining": False}
+    read, drain = ProcessEngine._read, ProcessEngine._drain_late_results
+
+    def held_read(self, child):
+        if not unread["hold"] or unread["draining"]:
+            read(self, child)
+
+    def drain_then_read_again(self, child):
+        unread["draining"] = True
+        try:
+            drain(self, child)
+        finally:
+            unread["hold"] = unread["draining"] = False
+
+    monkeypatch.setattr(ProcessEngine, "_read", held_read)
+    monkeypatch.setattr(ProcessEngine, "_drain_late_results", drain_then_read_again)
+    _, w, blocker, first = _one_busy_child_with_an_offer(setup, tmp_path)
+    doomed = stem.enqueue("die_now")
+    wait_for(lambda: _engine(w)["offers_made"] >= 2, what="both offered to the busy child")
+    unread["hold"] = True
+    (tmp_path / "a.go").touch()   # block ends, m runs, die_now kills the child: all before a read
+    assert stem.wait_for_task(doomed, timeout=30).reason == "child-crashed"
+    for task_id in (blocker, first):
+        status = stem.wait_for_task(task_id, timeout=30)
+        assert status.state is TaskState.SUCCEEDED and status.attempt == 0, status
+    assert (tmp_path / "m.ran").read_text().count("\n") == 1
+
+
+@needs_offers
 @pytest.mark.timeout(120)
 def test_offers_lose_and_repeat_nothing_under_crashes_recycling_and_revokes(setup, tmp_path):
     registry, stem, worker, _ = setup

@@ -454,13 +454,14 @@ class ProcessEngine(Engine):
             if child is None or child.state is ChildState.DEAD:
                 return
             previous = child.state
-            self._dispatcher.take_back(child)   # unclaimed: it never ran; claimed: an orphan below
+            self._dispatcher.take_back(child)   # unclaimed: it never ran; claimed: running below
             child.state = ChildState.DEAD
-            orphans = list(child.running.values())
-            child.running.clear()
             del self._children[pid]
             self._children_version += 1
-        self._drain_late_results(child)
+        self._drain_late_results(child)   # what it finished before dying is not an orphan
+        with self._lock:
+            orphans = list(child.running.values())
+            child.running.clear()
         child.channel.close()
         if previous is ChildState.KILLED:
             reason = child.recycle_reason or "killed"
@@ -493,7 +494,8 @@ class ProcessEngine(Engine):
             self._replace()
 
     def _drain_late_results(self, child: _Child) -> None:
-        """Results the child wrote before dying still count."""
+        """Results the child wrote before dying still count (a child reports a task after
+        it claimed its next offer, which may be what kills it)."""
         try:
             if child.channel.pending_bytes():
                 self._read(child)
