@@ -102,11 +102,13 @@ def check_killed_consumers_leases_are_redelivered(url: str, kwargs: dict, broker
     leased, hoard_out = FORK.Event(), FORK.Queue()
     hoarder = FORK.Process(target=_hoarder, args=(url, kwargs, 50, leased, hoard_out), daemon=True)
     hoarder.start()
+    # the hoarder leases first: survivors started with it could drain the queue before it
+    # got its n, and it would wait for them forever
+    assert leased.wait(20), "the hoarder never leased its messages"
+    _, held = hoard_out.get(timeout=10)
     procs, stop, out = start_consumers(url, kwargs, 2)
     try:
-        assert leased.wait(20), "the hoarder never leased its messages"
-        _, held = hoard_out.get(timeout=10)
-        os.kill(hoarder.pid, signal.SIGKILL)       # mid-run: the survivors are consuming
+        os.kill(hoarder.pid, signal.SIGKILL)       # the survivors are starting on the rest
         hoarder.join(10)
         assert wait_until(lambda: drained(broker), timeout=40), broker.stats(Q)
     finally:
