@@ -40,7 +40,7 @@ from typing import Any, NamedTuple, Sequence
 from ..errors import ConfigurationError
 
 __all__ = ["Broker", "Message", "Delivery", "DeadLetter", "QueueStats", "validate_queue_name",
-           "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES"]
+           "check_frame_batch", "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES"]
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
 DEFAULT_MAX_DELIVERIES = 5
@@ -52,6 +52,14 @@ def validate_queue_name(name: str) -> str:
         raise ConfigurationError(
             f"bad queue name {name!r}: use 1-128 characters from A-Z a-z 0-9 _ . : -")
     return name
+
+
+def check_frame_batch(task_ids: Sequence[str], frames: Sequence[bytes]) -> int:
+    """``publish_frames``' arguments must pair up; returns how many messages they make."""
+    n = len(task_ids)
+    if len(frames) != n:
+        raise ConfigurationError(f"publish_frames got {n} task ids for {len(frames)} frames")
+    return n
 
 
 class Message(NamedTuple):
@@ -124,8 +132,7 @@ class Broker(abc.ABC):
         """Store a batch of messages ready now that share queue, priority and visibility
         timeout (``enqueue_many`` of one task name), in one round trip where the adapter
         allows it.  Adapters may override it to skip the per-message ``Message`` objects."""
-        if len(task_ids) != len(frames):
-            raise ConfigurationError(f"publish_frames got {len(task_ids)} task ids for {len(frames)} frames")
+        check_frame_batch(task_ids, frames)
         self.publish_many([Message(t, queue, f, priority, None, visibility_timeout)
                            for t, f in zip(task_ids, frames)])
 

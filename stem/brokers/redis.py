@@ -68,7 +68,7 @@ from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 from ..errors import BrokerConnectionError, BrokerError, ConfigurationError, StemError
 from ._redis_pipe import execute, execute_unread, pack_commands, pack_xadds, raise_first_error
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
-                   Message, QueueStats, validate_queue_name)
+                   Message, QueueStats, check_frame_batch, validate_queue_name)
 
 try:
     import redis
@@ -185,6 +185,11 @@ def _lane(priority: int) -> int:
     return min(max(int(priority), 0), N_LANES - 1)
 
 
+def _as_list(items: Sequence) -> list:
+    """The C packer takes lists; the producer already passes lists (no copy then)."""
+    return items if type(items) is list else list(items)
+
+
 def _ms(seconds: float) -> int:
     return max(int(round(seconds * 1000)), 1)
 
@@ -275,14 +280,13 @@ class RedisBroker(Broker):
                        priority: int = 0, visibility_timeout: float | None = None) -> None:
         """One lane's XADDs packed in C in one buffer; their replies (entry ids) are stepped
         over in C, not built, and only an error among them is raised."""
-        n = len(task_ids)
-        if len(frames) != n:
-            raise ConfigurationError(f"publish_frames got {n} task ids for {len(frames)} frames")
+        n = check_frame_batch(task_ids, frames)
         if not n:
             return
         priority = int(priority)
         vt_ms = 0 if visibility_timeout is None else _ms(visibility_timeout)
-        packed = pack_xadds(self.queue_keys(queue)[_lane(priority)], list(task_ids), list(frames), priority, vt_ms)
+        packed = pack_xadds(self.queue_keys(queue)[_lane(priority)], _as_list(task_ids), _as_list(frames),
+                            priority, vt_ms)
         declare = queue not in self._declared
         if declare:
             packed += pack_commands((("SADD", self._queues_key, queue),))

@@ -147,13 +147,11 @@ class Dispatcher:
     # -- offers ------------------------------------------------------------------------------
     def offer(self, children, skipped: list[Job]) -> None:
         """Fill the free claim slots of each busy child, up to ``OFFER_DEPTH`` offers (and
-        within ``max_tasks_per_child``)."""
+        within ``max_tasks_per_child``).  ``dispatch`` settled their offers just before."""
         max_tasks = self.pool.max_tasks
         for child in children:
             if not (child.state is ChildState.READY and child.running):
                 continue
-            if child.offers:
-                self.settled(child)
             offers = child.offers
             while len(offers) < OFFER_DEPTH:
                 if max_tasks is not None and child.tasks_done + len(child.running) + len(offers) >= max_tasks:

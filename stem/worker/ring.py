@@ -68,15 +68,15 @@ handle is pickled (``spawn``/``forkserver``: the fds travel with the process
 start, as a ``multiprocessing.Pipe`` does; pickled at any other time they go
 through ``multiprocessing.resource_sharer``, which needs the sender alive).
 
-Offers: the sender may offer the next frame it sends under a non-zero token
-(``offer``, one open offer per claim slot and direction; ``CLAIM_SLOTS``
-slots), so that it can still take the frame
-back after sending it.  The receiver ``claim``s the frame before acting on it
-and skips it when the claim fails; the sender ``withdraw``s it the same way.
-Both are one atomic compare-and-swap of the slot's claim word from the token
-to 0, so exactly one side wins; the word reading 0 again tells the sender the
-offer is settled.  The supervisor uses it to give a busy child its next task
-early (see ``stem.worker.pool``).  Compiled ring only (``can_offer``).
+Offers: the sender may offer a frame it sends under a non-zero token and a
+claim slot (``offer``; ``claim_slots`` slots, one open offer each), so that
+it can still take the frame back after sending it.  The receiver ``claim``s
+the frame before acting on it and skips it when the claim fails; the sender
+``withdraw``s it the same way.  Both are one atomic compare-and-swap of the
+slot's claim word from the token to 0, so exactly one side wins; the word
+reading 0 again tells the sender the offer is settled.  The supervisor uses
+it to give a busy child its next tasks early (``stem.worker.dispatch``).
+Compiled ring only (``can_offer``).
 
 Side channel: a frame longer than ``max_inline`` (capacity/2 - 8) is written
 into its own shared-memory segment by the sender, which then publishes a
