@@ -43,6 +43,7 @@ from ..logs import enter_task_context, run_in_task_context
 from ..task import TaskContext, TaskOptions, TaskRegistry
 from .execution import ERROR, Outcome, run_handler, run_handler_async
 from .ring import Channel, ChannelHandle
+from .sched import normal_policy
 
 __all__ = ["ChildExit", "child_main", "TASK", "STOP", "OFFER", "READY", "RESULT", "HEARTBEAT", "PROGRESS", "ENQUEUE",
            "FATAL", "Task", "Stop", "Offer", "Ready", "Result", "Heartbeat", "Progress", "Enqueue", "Fatal",
@@ -368,6 +369,8 @@ def child_main(handle: ChannelHandle, params: dict[str, Any], registry: TaskRegi
         print(f"stem child {os.getpid()}: cannot attach its channel: {exc}", file=sys.stderr)
         return ChildExit.STARTUP_FAILED
     try:
+        if params.get("normal_policy"):
+            normal_policy()
         if registry is None:
             registry = params["registry"]
         child = _Child(channel, registry, params)

@@ -6,7 +6,9 @@ busy one), reads outcomes from every child's ring with one ``poll()``,
 watches exits (reported by the zygote, or by ``spawn`` sentinels), recycles
 children (``max-tasks``, ``max-memory``) and replaces crashed or killed ones.
 No thread of its own: one fewer thread fighting for the GIL on the hot path.
-The fetcher thread only calls ``submit`` (which wakes ``poll``).
+The fetcher thread only calls ``submit`` (which wakes ``poll``).  Once the
+children are up, the thread that turns the pool yields the CPU to them
+(``SCHED_BATCH`` on Linux, until the pool stops; see ``stem.worker.sched``).
 
 The backlog and how it reaches the children (free slots, then offers to busy
 ones) are ``stem.worker.dispatch``.
@@ -34,6 +36,7 @@ from .dispatch import ChildState, Dispatcher
 from .engine import Engine, Job
 from .execution import ERROR, Outcome
 from .ring import Channel, ChannelPoller
+from .sched import restore, yield_to_children
 from .zygote import Zygote
 
 if TYPE_CHECKING:
@@ -115,6 +118,7 @@ class ProcessEngine(Engine):
         self._replacements = 0
         self._replace_ms: deque[float] = deque(maxlen=64)
         self._error: str | None = None
+        self._yielding_tid: int | None = None
         self._params = {"measure_rss": self.max_memory is not None, "child_concurrency": self.child_concurrency,
                         "supervisor_pid": os.getpid(), "worker_id": worker.id}
 
@@ -135,6 +139,9 @@ class ProcessEngine(Engine):
             raise
         self.state = PoolState.RUNNING
         self._dispatcher.wanted = True
+        self._yielding_tid = yield_to_children()
+        if self._yielding_tid is not None:
+            self._params["normal_policy"] = True   # spawned children do not inherit the yielding
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -196,6 +203,8 @@ class ProcessEngine(Engine):
 
     def _teardown(self, timeout: float) -> None:
         self.state = PoolState.STOPPED
+        restore(self._yielding_tid)
+        self._yielding_tid = None
         with self._lock:
             children = list(self._children.values())
             self._children.clear()

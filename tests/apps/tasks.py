@@ -30,3 +30,9 @@ def sleep(ctx, seconds, marker=None):
 @registry.task("apps.fail", options=TaskOptions(max_retries=0))
 def fail(ctx):
     raise RuntimeError("planned failure")
+
+
+@registry.task("apps.sched_policy")
+def sched_policy(ctx):
+    """The child's scheduling policy (the supervisor's thread yields; its children must not)."""
+    return os.sched_getscheduler(0)
