@@ -100,27 +100,33 @@ def cpu_split(ns: str, tasks: int, concurrency: int, prefetch: int | None) -> st
     threads: dict[int, float] = {}
     names: dict[int, str] = {}
     children: dict[int, float] = {}
+    switches0 = {t.id: _thread_switches(t.id) for t in me.threads()}
+    switches: dict[int, int] = {}   # voluntary context switches (sleeps) per thread / child
 
     def sample() -> None:   # threads and children are gone once the worker stops: read them while it runs
         while not worker._stopped.is_set():
             for t in me.threads():
                 threads[t.id] = t.user_time + t.system_time
+                switches[t.id] = _thread_switches(t.id)
             for t in threading.enumerate():
                 names[t.native_id] = t.name
             for c in me.children(recursive=True):
                 try:
                     ct = c.cpu_times()
                     children[c.pid] = ct.user + ct.system
+                    switches[c.pid] = c.num_ctx_switches().voluntary
                 except psutil.Error:
                     pass
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, name="sampler", daemon=True)
+    rsw0 = server.num_ctx_switches().voluntary
     cpu0, rcpu0, t0 = me.cpu_times(), server.cpu_times(), time.time()
     sampler.start()
     worker.start(burst=True)
     dt = time.time() - t0
     cpu1, rcpu1 = me.cpu_times(), server.cpu_times()
+    rsw1 = server.num_ctx_switches().voluntary
     per = 1e6 / tasks
     out = [f"{tasks / dt:,.0f} tasks/s (burst, {concurrency} children, prefetch x{worker.prefetch_multiplier})",
            f"supervisor process {(cpu1.user + cpu1.system - cpu0.user - cpu0.system) * per:.0f} µs/task "
@@ -128,10 +134,12 @@ def cpu_split(ns: str, tasks: int, concurrency: int, prefetch: int | None) -> st
     for tid, v in sorted(threads.items(), key=lambda kv: -kv[1]):
         v -= threads0.get(tid, 0.0)
         if v * per >= 1:
-            out.append(f"  thread {names.get(tid, tid)}: {v * per:.0f} µs/task")
+            out.append(f"  thread {names.get(tid, tid)}: {v * per:.0f} µs/task, "
+                       f"{(switches.get(tid, 0) - switches0.get(tid, 0)) / tasks:.2f} sleeps/task")
     for pid, v in sorted(children.items(), key=lambda kv: -kv[1]):
-        out.append(f"  child/zygote {pid}: {v * per:.0f} µs/task")
-    out.append(f"redis-server {(rcpu1.user + rcpu1.system - rcpu0.user - rcpu0.system) * per:.0f} µs/task")
+        out.append(f"  child/zygote {pid}: {v * per:.0f} µs/task, {switches.get(pid, 0) / tasks:.2f} sleeps/task")
+    out.append(f"redis-server {(rcpu1.user + rcpu1.system - rcpu0.user - rcpu0.system) * per:.0f} µs/task, "
+               f"{(rsw1 - rsw0) / tasks:.2f} sleeps/task")
     out.append(f"settle calls {len(settles)}, mean batch {sum(settles) / max(1, len(settles)):.1f}; "
                f"consume calls {len(consumes)}, mean batch {sum(consumes) / max(1, len(consumes)):.1f}")
     if offers:
@@ -143,6 +151,18 @@ def cpu_split(ns: str, tasks: int, concurrency: int, prefetch: int | None) -> st
         for k, v in sorted(r.info("commandstats").items(), key=lambda kv: -kv[1]["usec"])[:8]))
     r.close()
     return "\n".join(out)
+
+
+def _thread_switches(tid: int) -> int:
+    """Voluntary context switches of one of this process's threads (each is a sleep and a wake-up)."""
+    try:
+        with open(f"/proc/self/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def summarize(path: str, top: int = 25) -> str:
