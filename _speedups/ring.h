@@ -38,7 +38,7 @@
 #define STEM_OFF_READER_WAITING  128  /* u32 */
 #define STEM_OFF_WRITER_WAITING  192  /* u32 */
 #define STEM_OFF_CLAIM           200  /* u64[STEM_CLAIM_SLOTS], see Ring.offer/claim */
-#define STEM_CLAIM_SLOTS         2
+#define STEM_CLAIM_SLOTS         4
 
 static inline uint64_t stem_load_acquire_u64(const uint64_t *p) {
     return __atomic_load_n(p, __ATOMIC_ACQUIRE);

@@ -12,7 +12,7 @@ Layout of one ring at ``offset`` (64-byte aligned) in a writable buffer::
            +  72  spill_seq       u64  seq of the last side-channel segment created (producer)
            + 128  reader_waiting  u32  "the reader is about to sleep on its doorbell"
            + 192  writer_waiting  u32  "the writer is about to sleep until space frees up"
-           + 200  claim           u64[2]  per slot: token of a frame offered for taking back, 0 = none
+           + 200  claim           u64[4]  per slot: token of a frame offered for taking back, 0 = none
            + 256  data            ``capacity`` bytes (a power of two, 64 .. 2**31)
 
 head and tail are free-running counters (position = counter & (capacity - 1)),
@@ -93,7 +93,7 @@ _Q_CLAIM = 25
 #: ``claim`` needs an atomic compare-and-swap across processes, which pure Python does not
 #: have: this twin reads and writes the word but cannot claim (the worker then never offers)
 ATOMIC_CLAIM = False
-CLAIM_SLOTS = 2
+CLAIM_SLOTS = 4
 
 _BELL = (1).to_bytes(8, sys.byteorder)
 _fence_lock = threading.Lock()

@@ -1010,10 +1010,12 @@ def test_both_builds_keep_the_claim_word_at_one_place():
     buf = bytearray(256 + 4096 + 64)
     make_ring(_ring_py, buf, 4096).offer(0x1122334455667788)
     make_ring(_ring_py, buf, 4096).offer(0x99, slot=1)
+    make_ring(_ring_py, buf, 4096).offer(0xAB, slot=3)
     assert make_ring(mod, buf, 4096).offered() == 0x1122334455667788
     assert make_ring(mod, buf, 4096).offered(1) == 0x99
+    assert make_ring(mod, buf, 4096).offered(3) == 0xAB
     assert mod.ATOMIC_CLAIM and not _ring_py.ATOMIC_CLAIM
-    assert mod.CLAIM_SLOTS == _ring_py.CLAIM_SLOTS == 2
+    assert mod.CLAIM_SLOTS == _ring_py.CLAIM_SLOTS == 4
 
 
 def _claiming_child(handle, count):
