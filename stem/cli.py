@@ -130,6 +130,8 @@ def main() -> None:
 @click.option("--max-tasks-per-child", type=click.IntRange(1), default=None)
 @click.option("--max-memory-per-child", type=SizeParam(), default=None, help="e.g. 200MB, 1GiB")
 @click.option("--heartbeat-interval", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
+@click.option("--no-yield-cpu", is_flag=True,
+              help="keep the supervisor's default CPU scheduling (lower latency when children saturate the CPUs)")
 @click.option("--loglevel", "-l", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
@@ -137,8 +139,8 @@ def main() -> None:
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="address for --metrics-port")
 @click.pass_context
 def worker(ctx, registry_path, broker_url, backend_url, no_results, queues, concurrency, prefetch_multiplier,
-           isolation, max_tasks_per_child, max_memory_per_child, heartbeat_interval, loglevel, log_format,
-           metrics_port, metrics_addr):
+           isolation, max_tasks_per_child, max_memory_per_child, heartbeat_interval, no_yield_cpu, loglevel,
+           log_format, metrics_port, metrics_addr):
     """Run a worker (or, with a subcommand, control running workers)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -159,7 +161,7 @@ def worker(ctx, registry_path, broker_url, backend_url, no_results, queues, conc
         w = Worker(env.broker, env.backend, registry_path, queues=queue_list,
                    concurrency=concurrency or env.config.worker_concurrency,
                    prefetch_multiplier=prefetch_multiplier or env.config.prefetch_multiplier, signer=env.signer,
-                   isolation=isolation, heartbeat_interval=heartbeat_interval,
+                   isolation=isolation, heartbeat_interval=heartbeat_interval, yield_cpu=not no_yield_cpu,
                    lifecycle=WorkerLifecycleConfig(max_tasks_per_child=max_tasks_per_child,
                                                    max_memory_per_child=max_memory_per_child))
         if metrics_port:

@@ -10,7 +10,9 @@ import pytest
 from stem import Stem, Worker, signals
 from stem.backends import InMemoryResultBackend
 from stem.brokers import InMemoryBroker
+from stem.errors import ConfigurationError
 
+from .test_cli import Workers
 from .test_pool import lifecycle
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_BATCH is Linux's")
@@ -84,3 +86,29 @@ def test_a_refused_switch_changes_nothing_and_the_worker_runs(own_policy, monkey
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
     children, pool_thread = run_burst(registry)
     assert children == [os.SCHED_OTHER] * 4 and set(pool_thread) == {os.SCHED_OTHER}
+
+
+def test_yield_cpu_false_keeps_the_default_policy(own_policy):
+    from tests.apps.tasks import registry
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    children, pool_thread = run_burst(registry, yield_cpu=False)
+    assert children == [os.SCHED_OTHER] * 4 and set(pool_thread) == {os.SCHED_OTHER}
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_yield_cpu_must_be_a_bool(bad):
+    from tests.apps.tasks import registry
+    with pytest.raises(ConfigurationError, match="yield_cpu"):
+        Worker(InMemoryBroker(), InMemoryResultBackend(), registry, isolation="process", yield_cpu=bad)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("flag, expected", [((), os.SCHED_BATCH), (("--no-yield-cpu",), os.SCHED_OTHER)])
+def test_the_cli_worker_yields_unless_told_not_to(tmp_path, flag, expected):
+    workers = Workers(f"sqlite:///{tmp_path / 'stem.db'}", str(tmp_path))
+    try:
+        proc = workers.start(*flag)
+        workers.wait_live(1)   # the pool is up: the main thread has switched (or not)
+        assert os.sched_getscheduler(proc.pid) == expected, workers.logs()
+    finally:
+        workers.stop()

@@ -139,7 +139,7 @@ class ProcessEngine(Engine):
             raise
         self.state = PoolState.RUNNING
         self._dispatcher.wanted = True
-        self._yielding_tid = yield_to_children()
+        self._yielding_tid = yield_to_children() if self.worker.yield_cpu else None
         if self._yielding_tid is not None:
             self._params["normal_policy"] = True   # spawned children do not inherit the yielding
 

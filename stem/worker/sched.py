@@ -13,6 +13,12 @@ On ``make bench-peers`` (2 CPUs, tasks of one Redis INCR) this gave about a
 tenth more tasks per second and a quarter less CPU in that thread (see
 benchmarks/README.md).
 
+The price is latency when the children keep every CPU busy: the thread then
+waits for a scheduler tick, so results and next tasks move up to a tick
+later (10 ms CPU-bound tasks on both CPUs: ~0.15 ms more from enqueue to
+finish at p50, ~1.5 ms at p90, same throughput).  ``Worker(yield_cpu=False)``
+(``stem worker --no-yield-cpu``) keeps the default policy.
+
 Only a thread under the default policy is switched (a worker started under
 ``chrt`` keeps what it was given), threads it starts afterwards inherit the
 policy (the settle thread: also supervisor bookkeeping), and the switch is
