@@ -9,9 +9,9 @@ it exists to feed.  ``SCHED_BATCH`` keeps the thread's fair share of the CPU
 or at the next scheduler tick, and by then it usually finds several results
 to handle in one turn.  Nothing the pool does needs sub-millisecond reaction
 while every CPU is busy; when a CPU is idle the thread runs at once anyway.
-On ``make bench-peers`` (2 CPUs, tasks of one Redis INCR) this gave about a
-tenth more tasks per second and a quarter less CPU in that thread (see
-benchmarks/README.md).
+On the peers benchmark (2 CPUs, tasks of one Redis INCR) this gave 8-24%
+more tasks per second, and a fifth to a quarter less CPU in that thread
+(see benchmarks/README.md).
 
 The price is latency when the children keep every CPU busy: the thread then
 waits for a scheduler tick, so results and next tasks move up to a tick
@@ -21,7 +21,7 @@ finish at p50, ~1.5 ms at p90, same throughput).  ``Worker(yield_cpu=False)``
 
 Only a thread under the default policy is switched (a worker started under
 ``chrt`` keeps what it was given), threads it starts afterwards inherit the
-policy (the settle thread: also supervisor bookkeeping), and the switch is
+policy (the settle, fetcher and control threads: supervisor bookkeeping too), and the switch is
 undone when the pool stops, since a library user's thread is theirs.
 Children started from a yielding thread (``start_method="spawn"``) go back
 to the default policy first thing (``normal_policy``).  Where the call is
