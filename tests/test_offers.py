@@ -112,6 +112,37 @@ def test_an_idle_child_takes_back_what_a_busy_child_was_offered(setup, tmp_path)
 
 
 @needs_offers
+def test_an_idle_child_takes_back_only_what_it_can_start_the_oldest_offer(setup, tmp_path):
+    from stem.worker.dispatch import OFFER_DEPTH
+    registry, stem, worker, _ = setup
+
+    @registry.task("hold")
+    def hold(ctx, name):
+        (tmp_path / f"{name}.started").write_text(str(os.getpid()))
+        _wait_file(str(tmp_path / f"{name}.go"))
+
+    w = worker(concurrency=2, prefetch_multiplier=16)   # room for every task without a refill wait
+    w.run_in_background()
+    for name in ("a", "b"):
+        stem.enqueue("hold", {"name": name})
+    wait_for(lambda: (tmp_path / "a.started").exists() and (tmp_path / "b.started").exists(), what="both held")
+    queued = stem.enqueue_many([("hold", {"name": f"q{i}"}) for i in range(OFFER_DEPTH)])
+    wait_for(lambda: _engine(w)["offers_made"] >= OFFER_DEPTH, what="the offers")
+    children = {c["pid"]: c["offered"] for c in _engine(w)["children"]}
+    holder = next(pid for pid, n in children.items() if n == OFFER_DEPTH)   # one child got them all
+    idle = next(n for n in ("a", "b") if int((tmp_path / f"{n}.started").read_text()) != holder)
+    (tmp_path / f"{idle}.go").touch()
+    wait_for(lambda: (tmp_path / "q0.started").exists(), what="the oldest offer to start on the idle child")
+    info = _engine(w)
+    assert int((tmp_path / "q0.started").read_text()) != holder
+    assert info["offers_withdrawn"] == 1 and info["offers_made"] == OFFER_DEPTH   # the rest stayed where they were
+    assert {c["pid"]: c["offered"] for c in info["children"]}[holder] == OFFER_DEPTH - 1
+    for name in ["a", "b"] + [f"q{i}" for i in range(OFFER_DEPTH)]:
+        (tmp_path / f"{name}.go").touch()
+    assert all(stem.wait_for_task(i, timeout=30).state is TaskState.SUCCEEDED for i in queued)
+
+
+@needs_offers
 def test_an_offer_unclaimed_when_its_child_dies_runs_elsewhere_without_counting_a_crash(setup, tmp_path):
     _register(setup[0], tmp_path)
     stem, w, doomed, offered = _one_busy_child_with_an_offer(setup, tmp_path, ("die",), "die.started")

@@ -81,10 +81,8 @@ class Dispatcher:
         # a child with an open offer is about to claim it: not free
         free = [c for c in children
                 if c.state is ChildState.READY and len(c.running) < per_child and not c.offers]
-        if free and not backlog and self.offers:
-            for child in children:   # an idle child runs what a busy one was offered
-                if child.running:
-                    self.take_back(child)
+        if free and not backlog and self.offers:   # an idle child runs what a busy one was offered
+            self.take_back_oldest(children, sum(per_child - len(c.running) for c in free))
         if not backlog:
             self.wanted = False
             return started
@@ -199,6 +197,21 @@ class Dispatcher:
             return
         back = [job for slot, job in list(child.offers.items()) if self.withdraw(child, slot)]
         back.sort(key=_seq)
+        self.backlog.extendleft(reversed(back))
+
+    def take_back_oldest(self, children, n: int) -> None:
+        """Withdraw up to ``n`` unclaimed offers of busy children, oldest first, to the front
+        of the backlog: as many as the idle children can start; the others stay offered
+        (taking all back re-sent them to the same busy children)."""
+        open_offers = sorted((job.seq, child, slot) for child in children if child.running
+                             for slot, job in child.offers.items())
+        back = []
+        for _, child, slot in open_offers:
+            if len(back) >= n:
+                break
+            job = child.offers[slot]
+            if self.withdraw(child, slot):
+                back.append(job)
         self.backlog.extendleft(reversed(back))
 
     def _claimed(self, child: Any, slot: int) -> None:
