@@ -78,3 +78,13 @@ def test_peers_bare_loop_and_stem_drive_and_summarize():
     assert rows["stem"]["stem_speedup"] == pytest.approx(1.0)
     assert rows["bare"]["per_s"] > 0 and rows["bare"]["worker_cpu_us"] > 0
     assert rows["stem"]["extra_runs"] == 0
+
+
+@needs_redis
+@pytest.mark.parametrize("yield_cpu", [True, False])
+def test_cpu_latency_reports_latencies_and_leaves_nothing_behind(yield_cpu):
+    import redis
+    import cpu_latency
+    line = cpu_latency.run(REDIS_URL, yield_cpu, tasks=8, ms=1.0, concurrency=1)
+    assert line.startswith(f"yield_cpu={'on' if yield_cpu else 'off'}: 8 x 1 ms tasks") and "p90" in line
+    assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(match="stembench-lat-*"))

@@ -15,8 +15,9 @@ more tasks per second, and a fifth to a quarter less CPU in that thread
 
 The price is latency when the children keep every CPU busy: the thread then
 waits for a scheduler tick, so results and next tasks move up to a tick
-later (10 ms CPU-bound tasks on both CPUs: ~0.15 ms more from enqueue to
-finish at p50, ~1.5 ms at p90, same throughput).  ``Worker(yield_cpu=False)``
+later (``benchmarks/cpu_latency.py``, 10 ms CPU-bound tasks on both CPUs:
+p50 about the same, p90 1.5-2.5 ms later from enqueue to finish, the same
+throughput).  ``Worker(yield_cpu=False)``
 (``stem worker --no-yield-cpu``) keeps the default policy.
 
 Only a thread under the default policy is switched (a worker started under

@@ -138,7 +138,7 @@ class Worker:
         self.start_method = start_method
         self.child_concurrency = child_concurrency
         # the process pool's thread runs under SCHED_BATCH (stem.worker.sched): more throughput on
-        # busy machines, ~1 ms more latency at p90 when the children keep every CPU busy
+        # busy machines, 1.5-2.5 ms more latency at p90 when the children keep every CPU busy
         self.yield_cpu = yield_cpu
         self.control_enabled = control
         self._engine = engine or self._make_engine()
