@@ -100,6 +100,7 @@ def cpu_split(ns: str, tasks: int, concurrency: int, prefetch: int | None) -> st
     threads: dict[int, float] = {}
     names: dict[int, str] = {}
     children: dict[int, float] = {}
+    children_sys: dict[int, float] = {}
     switches0 = {t.id: _thread_switches(t.id) for t in me.threads()}
     switches: dict[int, int] = {}   # voluntary context switches (sleeps) per thread / child
 
@@ -114,6 +115,7 @@ def cpu_split(ns: str, tasks: int, concurrency: int, prefetch: int | None) -> st
                 try:
                     ct = c.cpu_times()
                     children[c.pid] = ct.user + ct.system
+                    children_sys[c.pid] = ct.system
                     switches[c.pid] = c.num_ctx_switches().voluntary
                 except psutil.Error:
                     pass
@@ -130,15 +132,17 @@ def cpu_split(ns: str, tasks: int, concurrency: int, prefetch: int | None) -> st
     per = 1e6 / tasks
     out = [f"{tasks / dt:,.0f} tasks/s (burst, {concurrency} children, prefetch x{worker.prefetch_multiplier})",
            f"supervisor process {(cpu1.user + cpu1.system - cpu0.user - cpu0.system) * per:.0f} µs/task "
-           "(includes the sampler thread below)"]
+           f"({(cpu1.system - cpu0.system) * per:.0f} in the kernel; includes the sampler thread below)"]
     for tid, v in sorted(threads.items(), key=lambda kv: -kv[1]):
         v -= threads0.get(tid, 0.0)
         if v * per >= 1:
             out.append(f"  thread {names.get(tid, tid)}: {v * per:.0f} µs/task, "
                        f"{(switches.get(tid, 0) - switches0.get(tid, 0)) / tasks:.2f} sleeps/task")
     for pid, v in sorted(children.items(), key=lambda kv: -kv[1]):
-        out.append(f"  child/zygote {pid}: {v * per:.0f} µs/task, {switches.get(pid, 0) / tasks:.2f} sleeps/task")
-    out.append(f"redis-server {(rcpu1.user + rcpu1.system - rcpu0.user - rcpu0.system) * per:.0f} µs/task, "
+        out.append(f"  child/zygote {pid}: {v * per:.0f} µs/task ({children_sys.get(pid, 0.0) * per:.0f} in the kernel), "
+                   f"{switches.get(pid, 0) / tasks:.2f} sleeps/task")
+    out.append(f"redis-server {(rcpu1.user + rcpu1.system - rcpu0.user - rcpu0.system) * per:.0f} µs/task "
+               f"({(rcpu1.system - rcpu0.system) * per:.0f} in the kernel), "
                f"{(rsw1 - rsw0) / tasks:.2f} sleeps/task")
     out.append(f"settle calls {len(settles)}, mean batch {sum(settles) / max(1, len(settles)):.1f}; "
                f"consume calls {len(consumes)}, mean batch {sum(consumes) / max(1, len(consumes)):.1f}")
