@@ -125,7 +125,11 @@ def main() -> None:
 @click.option("--no-results", is_flag=True, help="do not store results (fire-and-forget)")
 @click.option("-Q", "--queues", default=None, help="comma-separated queues (default: $STEM_WORKER_QUEUES or default)")
 @click.option("-c", "--concurrency", type=click.IntRange(1), default=None, help="child processes (default: CPUs)")
-@click.option("--prefetch-multiplier", type=click.IntRange(1), default=None)
+@click.option("--prefetch-multiplier", type=click.IntRange(1), default=None,
+              help="tasks leased per child (default: $STEM_PREFETCH_MULTIPLIER or 4)")
+@click.option("--max-prefetch-multiplier", type=click.IntRange(1), default=None,
+              help="the most tasks per child the window widens to while tasks are short "
+                   "(default: $STEM_MAX_PREFETCH_MULTIPLIER or 64; the same as --prefetch-multiplier: a fixed window)")
 @click.option("--isolation", type=click.Choice(["process", "inline"]), default="process", show_default=True)
 @click.option("--max-tasks-per-child", type=click.IntRange(1), default=None)
 @click.option("--max-memory-per-child", type=SizeParam(), default=None, help="e.g. 200MB, 1GiB")
@@ -139,7 +143,7 @@ def main() -> None:
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="address for --metrics-port")
 @click.pass_context
 def worker(ctx, registry_path, broker_url, backend_url, no_results, queues, concurrency, prefetch_multiplier,
-           isolation, max_tasks_per_child, max_memory_per_child, heartbeat_interval, no_yield_cpu, loglevel,
+           max_prefetch_multiplier, isolation, max_tasks_per_child, max_memory_per_child, heartbeat_interval, no_yield_cpu, loglevel,
            log_format, metrics_port, metrics_addr):
     """Run a worker (or, with a subcommand, control running workers)."""
     if ctx.invoked_subcommand is not None:
@@ -160,7 +164,9 @@ def worker(ctx, registry_path, broker_url, backend_url, no_results, queues, conc
             env.backend.ping()
         w = Worker(env.broker, env.backend, registry_path, queues=queue_list,
                    concurrency=concurrency or env.config.worker_concurrency,
-                   prefetch_multiplier=prefetch_multiplier or env.config.prefetch_multiplier, signer=env.signer,
+                   prefetch_multiplier=prefetch_multiplier or env.config.prefetch_multiplier,
+                   max_prefetch_multiplier=max_prefetch_multiplier or env.config.max_prefetch_multiplier,
+                   signer=env.signer,
                    isolation=isolation, heartbeat_interval=heartbeat_interval, yield_cpu=not no_yield_cpu,
                    lifecycle=WorkerLifecycleConfig(max_tasks_per_child=max_tasks_per_child,
                                                    max_memory_per_child=max_memory_per_child))

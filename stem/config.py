@@ -43,6 +43,7 @@ class StemConfig:
     result_backend_url: str | None = None
     default_queue: str = "default"
     prefetch_multiplier: int = 4
+    max_prefetch_multiplier: int | None = None   # None: 64 (stem.worker.window)
     worker_queues: list[str] = dataclasses.field(default_factory=lambda: ["default"])
     worker_concurrency: int | None = None
     result_expires: float = 86400.0
@@ -89,6 +90,7 @@ class StemConfig:
             result_backend_url=env.get("STEM_RESULT_BACKEND_URL", "").strip() or None,
             default_queue=default_queue,
             prefetch_multiplier=_int(env, "STEM_PREFETCH_MULTIPLIER", 4),
+            max_prefetch_multiplier=_int(env, "STEM_MAX_PREFETCH_MULTIPLIER", None),
             worker_queues=queues,
             worker_concurrency=_int(env, "STEM_WORKER_CONCURRENCY", None),
             result_expires=_float(env, "STEM_RESULT_EXPIRES", 86400.0),

@@ -107,6 +107,12 @@ def test_bad_size_string_is_a_usage_error(sqlite_url):
     assert "bad size" in proc.stderr
 
 
+def test_a_max_prefetch_multiplier_below_the_multiplier_fails_cleanly(sqlite_url):
+    proc = stem("worker", "-A", "tests.apps.tasks:registry", "--broker", sqlite_url, "--prefetch-multiplier", "4",
+                "--max-prefetch-multiplier", "2", check=1)
+    assert "max_prefetch_multiplier must be an integer >= prefetch_multiplier (4), got 2" in proc.stderr
+
+
 def test_unreachable_broker_fails_with_a_message_not_a_traceback():
     t0 = time.monotonic()
     proc = stem("worker", "-A", "tests.apps.tasks:registry", "--broker", "redis://127.0.0.1:1/0", check=1,

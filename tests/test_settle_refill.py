@@ -50,6 +50,9 @@ class Env:
     def worker(self, *, results: bool = True, **kw) -> Worker:
         kw.setdefault("concurrency", 2)
         kw.setdefault("prefetch_multiplier", 4)
+        # a fixed window: these tests count refills of a known size (the window that follows run
+        # times is tested on its own below and in test_window.py)
+        kw.setdefault("max_prefetch_multiplier", kw["prefetch_multiplier"])
         kw.setdefault("lifecycle", NO_SIGNALS)
         kw.setdefault("retry_strategy", FixedRetryStrategy(0.01))
         w = Worker(self.broker, self.backend if results else None, self.registry, **kw)
@@ -194,6 +197,18 @@ def test_an_adapter_that_cannot_refill_is_asked_once_then_settles_the_usual_way(
         assert_all_succeeded(env, ids)
     assert w.stats()["succeeded"] == 200 and env.broker.stats(Q)[1:] == (0, 0, 0, 0)
     assert asked == [1]
+
+
+def test_a_window_that_widens_for_short_tasks_bounds_what_the_refills_lease(env, monkeypatch, isolation):
+    env.count_consumes(monkeypatch)
+    ids = enqueue_backlog(env, 2000)
+    w = env.worker(isolation=isolation, prefetch_multiplier=1, max_prefetch_multiplier=8)
+    w.run_in_background(burst=True)
+    assert w.join(60)
+    assert_all_succeeded(env, ids)
+    assert sum(env.refills) > 1000                    # the settle round trips still lease most of it
+    assert 2 < max(env.held) <= 16                    # wider than 2 x 1, never wider than 2 x 8
+    assert w.stats()["succeeded"] == 2000
 
 
 @pytest.mark.parametrize("when", ["before-sending", "after-the-consume-ran"])

@@ -60,6 +60,7 @@ class Settler:
 
     # -- settling ---------------------------------------------------------------------
     def settle(self, batch: list[tuple[Job, Outcome]]) -> None:
+        self.w._observe_run_times(batch)
         now = time.time()
         statuses: list[TaskStatus] = []
         acks: list[Job] = []

@@ -1,7 +1,7 @@
 """``Worker``: consume, dispatch to an engine, settle (store result, then ack).
 
-Threads: a *fetcher* leases deliveries (never more than ``concurrency *
-prefetch_multiplier`` unsettled), verifies and decodes them and hands jobs to
+Threads: a *fetcher* leases deliveries (never more than ``concurrency`` times
+the prefetch window's tasks per child unsettled: ``stem.worker.window``), verifies and decodes them and hands jobs to
 the engine; the *main loop* turns the engine, renews leases, enforces time
 limits and publishes heartbeats; outcomes are settled in batches (results
 stored, then acked; retries and dead letters) by a *settle thread* with the
@@ -39,6 +39,7 @@ from .execution import ERROR, Outcome
 from .lifecycle import ShutdownMode, WorkerLifecycleConfig, install_signal_handlers
 from .outbox import MAX_BATCH, Outbox
 from .settle import Settler
+from .window import DEFAULT_MAX_MULTIPLIER, PrefetchWindow
 
 __all__ = ["Worker", "load_registry"]
 
@@ -89,7 +90,7 @@ class Worker:
                  *, isolation: str = "process", heartbeat_interval: float = 10.0, worker_id: str | None = None,
                  store_results: bool = True, max_crash_redeliveries: int = 3, start_method: str | None = None,
                  child_concurrency: int = 1, engine: Engine | None = None, control: bool = True,
-                 yield_cpu: bool = True):
+                 yield_cpu: bool = True, max_prefetch_multiplier: int | None = None):
         self.registry_ref = registry if isinstance(registry, str) else None
         if isinstance(registry, str):
             registry = load_registry(registry)
@@ -111,6 +112,12 @@ class Worker:
                             ("max_crash_redeliveries", max_crash_redeliveries)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
+        if max_prefetch_multiplier is None:
+            max_prefetch_multiplier = max(DEFAULT_MAX_MULTIPLIER, prefetch_multiplier)
+        elif (isinstance(max_prefetch_multiplier, bool) or not isinstance(max_prefetch_multiplier, int)
+              or max_prefetch_multiplier < prefetch_multiplier):
+            raise ConfigurationError(f"max_prefetch_multiplier must be an integer >= prefetch_multiplier "
+                                     f"({prefetch_multiplier}), got {max_prefetch_multiplier!r}")
         if not heartbeat_interval > 0:
             raise ConfigurationError(f"heartbeat_interval must be > 0 seconds, got {heartbeat_interval!r}")
         if retry_strategy is not None and not isinstance(retry_strategy, RetryStrategy):
@@ -123,6 +130,8 @@ class Worker:
             raise ConfigurationError(f"isolation must be 'process' or 'inline', got {isolation!r}")
         self.concurrency = concurrency
         self.prefetch_multiplier = prefetch_multiplier
+        self.max_prefetch_multiplier = max_prefetch_multiplier
+        self._window = PrefetchWindow(prefetch_multiplier, max_prefetch_multiplier)
         self.prefetch_limit = concurrency * prefetch_multiplier
         # the fetcher refills once this many slots are free (or at once when nothing is held)
         self._refill_at = max(1, self.prefetch_limit // 2)
@@ -533,10 +542,20 @@ class Worker:
             if delta:
                 self._engine.resize(delta)
                 self.concurrency = new
-                self.prefetch_limit = new * self.prefetch_multiplier
-                self._refill_at = max(1, self.prefetch_limit // 2)
-                self._lock.notify_all()
+                self._set_prefetch_limit()
             return self.concurrency
+
+    def _observe_run_times(self, batch: list[tuple[Job, Outcome]]) -> None:
+        """Before settling ``batch``: let the prefetch window follow its run times."""
+        if self._window.observe(batch):
+            with self._lock:
+                self._set_prefetch_limit()
+
+    def _set_prefetch_limit(self) -> None:
+        """Under the lock: the window for the current concurrency; the fetcher looks again."""
+        self.prefetch_limit = self.concurrency * self._window.per_child
+        self._refill_at = max(1, self.prefetch_limit // 2)
+        self._lock.notify_all()
 
     # -- shutdown -------------------------------------------------------------------
     def _begin_shutdown(self, mode: ShutdownMode) -> None:
