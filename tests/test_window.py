@@ -37,6 +37,16 @@ def test_the_window_holds_about_its_work_per_child_and_never_less_than_its_floor
     assert w.per_child == 4
 
 
+def test_jitter_in_run_times_does_not_move_the_window():
+    w = PrefetchWindow(4, 64)
+    w.observe(_ran(0.001))
+    assert w.per_child == 10
+    assert w.observe(_ran(0.0008)) is False and w.per_child == 10    # 12.5: within half again
+    assert w.observe(_ran(0.0013)) is False and w.per_child == 10    # 7.7
+    assert w.observe(_ran(0.0006)) is True and w.per_child == 17     # 16.7: half again and more
+    assert w.observe(_ran(0.0011)) is True and w.per_child == 9
+
+
 def test_tasks_that_never_ran_do_not_move_the_window():
     w = PrefetchWindow(4, 64)
     unrun = [(None, Outcome("t", OK))] * 8      # no start: nothing to learn from

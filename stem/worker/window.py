@@ -13,8 +13,8 @@ So the window follows the tasks' run times: it holds about
 ``prefetch_multiplier`` tasks per child nor more than
 ``max_prefetch_multiplier``.  What a worker holds beyond its floor is then a
 few milliseconds of work, however long the tasks are.  Each settle batch
-sets it again from that batch's mean run time, so it narrows as soon as the
-tasks get longer.
+sets it again from that batch's mean run time (when that moves it by half
+again or more), so it narrows as soon as the tasks get longer.
 """
 
 from __future__ import annotations
@@ -59,7 +59,10 @@ class PrefetchWindow:
             per_child = self.cap
         else:
             per_child = max(self.floor, round(WORK_PER_CHILD / mean))
-        if per_child == self.per_child:
+        current = self.per_child
+        # Run times jitter from batch to batch: move only on a change of half again or more
+        # (each move costs the fetcher a wake-up when the window grows).
+        if per_child * 2 < current * 3 and current * 2 < per_child * 3:
             return False
         self.per_child = per_child
         return True

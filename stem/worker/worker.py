@@ -543,6 +543,7 @@ class Worker:
                 self._engine.resize(delta)
                 self.concurrency = new
                 self._set_prefetch_limit()
+                self._lock.notify_all()
             return self.concurrency
 
     def _observe_run_times(self, batch: list[tuple[Job, Outcome]]) -> None:
@@ -552,10 +553,13 @@ class Worker:
                 self._set_prefetch_limit()
 
     def _set_prefetch_limit(self) -> None:
-        """Under the lock: the window for the current concurrency; the fetcher looks again."""
-        self.prefetch_limit = self.concurrency * self._window.per_child
-        self._refill_at = max(1, self.prefetch_limit // 2)
-        self._lock.notify_all()
+        """Under the lock: the window for the current concurrency; a wider one wakes the fetcher."""
+        limit = self.concurrency * self._window.per_child
+        wider = limit > self.prefetch_limit
+        self.prefetch_limit = limit
+        self._refill_at = max(1, limit // 2)
+        if wider:
+            self._lock.notify_all()
 
     # -- shutdown -------------------------------------------------------------------
     def _begin_shutdown(self, mode: ShutdownMode) -> None:
