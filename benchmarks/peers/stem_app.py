@@ -19,7 +19,7 @@ from stem.brokers.redis import RedisBroker
 NAMESPACE = "bench-stem"
 PREFETCH = int(os.environ.get("BENCH_STEM_PREFETCH", "16")) or None
 SETTINGS = ("1 supervisor x N children, signing on (HMAC-SHA256), results stored, acks after the result, "
-            f"prefetch_multiplier={PREFETCH or 'default'}")
+            f"prefetch_multiplier={PREFETCH or 'default'} (the window widens to 64 per child while tasks are short)")
 SIGNER = PayloadSigner({"bench": b"stem-benchmark-signing-key-0123456789"})
 
 registry = TaskRegistry()
