@@ -143,8 +143,8 @@ def main() -> None:
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="address for --metrics-port")
 @click.pass_context
 def worker(ctx, registry_path, broker_url, backend_url, no_results, queues, concurrency, prefetch_multiplier,
-           max_prefetch_multiplier, isolation, max_tasks_per_child, max_memory_per_child, heartbeat_interval, no_yield_cpu, loglevel,
-           log_format, metrics_port, metrics_addr):
+           max_prefetch_multiplier, isolation, max_tasks_per_child, max_memory_per_child, heartbeat_interval,
+           no_yield_cpu, loglevel, log_format, metrics_port, metrics_addr):
     """Run a worker (or, with a subcommand, control running workers)."""
     if ctx.invoked_subcommand is not None:
         return

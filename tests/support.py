@@ -21,3 +21,18 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
     """As ``wait_until``, but raise AssertionError naming ``what`` on timeout."""
     if not wait_until(predicate, timeout, interval):
         raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def record_peak_in_flight(broker, queue: str = "default") -> list[int]:
+    """Wrap ``broker.consume`` so that ``peak[0]`` is the most deliveries of ``queue`` in flight
+    right after any consume (what the prefetch window let the worker lease)."""
+    peak = [0]
+    real_consume = broker.consume
+
+    def consume(*a, **kw):
+        out = real_consume(*a, **kw)
+        peak[0] = max(peak[0], broker.stats(queue).in_flight)
+        return out
+
+    broker.consume = consume
+    return peak

@@ -13,7 +13,7 @@ from stem.brokers import InMemoryBroker
 from stem.worker.execution import OK, Outcome
 from stem.worker.window import DEFAULT_MAX_MULTIPLIER, WORK_PER_CHILD, PrefetchWindow
 
-from .support import wait_for
+from .support import record_peak_in_flight, wait_for
 from .test_worker import env, isolation  # noqa: F401 - the fixtures
 
 
@@ -81,15 +81,7 @@ def test_short_tasks_widen_the_workers_window_and_long_ones_narrow_it_again(env)
 
 def test_a_widened_window_still_bounds_the_leases(env):
     env.registry.task("noop")(lambda ctx: None)
-    peak = [0]
-    real_consume = env.broker.consume
-
-    def consume(*a, **kw):
-        out = real_consume(*a, **kw)
-        peak[0] = max(peak[0], env.broker.stats("default").in_flight)
-        return out
-
-    env.broker.consume = consume
+    peak = record_peak_in_flight(env.broker)
     env.stem.enqueue_many([("noop", {})] * 2000)
     w = env.worker(concurrency=2, prefetch_multiplier=1, max_prefetch_multiplier=8)
     w.run_in_background(burst=True)

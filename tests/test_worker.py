@@ -14,7 +14,7 @@ from stem.backends import InMemoryResultBackend
 from stem.brokers import InMemoryBroker, Message
 from stem.errors import ConfigurationError
 from stem.retry import FixedRetryStrategy
-from .support import wait_until
+from .support import record_peak_in_flight, wait_until
 
 NO_SIGNALS = WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5, force_shutdown_after=5)
 
@@ -279,15 +279,7 @@ def test_concurrency_bounds_running_tasks_and_prefetch_bounds_leases(env, journa
         time.sleep(0.005)
         journal.add(f"end {time.monotonic()}")
 
-    max_in_flight = [0]
-    real_consume = env.broker.consume
-
-    def consume(*a, **kw):
-        out = real_consume(*a, **kw)
-        max_in_flight[0] = max(max_in_flight[0], env.broker.stats("default").in_flight)
-        return out
-
-    env.broker.consume = consume
+    max_in_flight = record_peak_in_flight(env.broker)
     env.stem.enqueue_many([("busy", {})] * 200)
     w = env.worker(concurrency=3, prefetch_multiplier=2)
     w.run_in_background(burst=True)

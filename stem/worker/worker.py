@@ -1,8 +1,8 @@
 """``Worker``: consume, dispatch to an engine, settle (store result, then ack).
 
 Threads: a *fetcher* leases deliveries (never more than ``concurrency`` times
-the prefetch window's tasks per child unsettled: ``stem.worker.window``), verifies and decodes them and hands jobs to
-the engine; the *main loop* turns the engine, renews leases, enforces time
+the prefetch window unsettled: ``stem.worker.window``), verifies and decodes
+them and hands jobs to the engine; the *main loop* turns the engine, renews leases, enforces time
 limits and publishes heartbeats; outcomes are settled in batches (results
 stored, then acked; retries and dead letters) by a *settle thread* with the
 process engine, else on the main loop.  When the fetcher waits for room that a
@@ -543,23 +543,24 @@ class Worker:
                 self._engine.resize(delta)
                 self.concurrency = new
                 self._set_prefetch_limit()
-                self._lock.notify_all()
+                self._lock.notify_all()   # also for a narrower window: the engine's slots changed
             return self.concurrency
 
     def _observe_run_times(self, batch: list[tuple[Job, Outcome]]) -> None:
-        """Before settling ``batch``: let the prefetch window follow its run times."""
+        """Before settling ``batch``: let the prefetch window follow its run times (a wider
+        window wakes the fetcher; a narrower one only makes it wait longer)."""
         if self._window.observe(batch):
             with self._lock:
-                self._set_prefetch_limit()
+                if self._set_prefetch_limit():
+                    self._lock.notify_all()
 
-    def _set_prefetch_limit(self) -> None:
-        """Under the lock: the window for the current concurrency; a wider one wakes the fetcher."""
+    def _set_prefetch_limit(self) -> bool:
+        """Under the lock: the window for the current concurrency.  True when it grew."""
         limit = self.concurrency * self._window.per_child
         wider = limit > self.prefetch_limit
         self.prefetch_limit = limit
         self._refill_at = max(1, limit // 2)
-        if wider:
-            self._lock.notify_all()
+        return wider
 
     # -- shutdown -------------------------------------------------------------------
     def _begin_shutdown(self, mode: ShutdownMode) -> None:
