@@ -34,9 +34,8 @@ test-pure: venv
 
 # The stress runs left out of `make test` (each has a bounded twin there): a million
 # parked Postgres rows, a Redis kill and restart in the middle of 5,000 tasks.
-test-slow: build
-	STEM_EXPECT_COMPILED=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)
-	STEM_PURE=1 $(PY) -m pytest -m slow $(PYTEST_ARGS)
+test-slow:
+	$(MAKE) test PYTEST_ARGS="-m slow $(PYTEST_ARGS)"
 
 bench-micro: build
 	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-only --benchmark-group-by=group -q

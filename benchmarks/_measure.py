@@ -18,7 +18,8 @@ from typing import Iterable, Sequence
 
 import psutil
 
-__all__ = ["source_revision", "TreeMeter", "cpu_seconds", "redis_server_pid", "redis_benchmark", "steady_rate", "median"]
+__all__ = ["source_revision", "TreeMeter", "cpu_seconds", "redis_server_pid", "redis_benchmark", "steady_rate", "median",
+           "drop_keys"]
 
 
 def source_revision() -> str | None:
@@ -140,3 +141,11 @@ def wait_until(predicate, timeout: float, interval: float = 0.01) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+def drop_keys(client, match: str) -> None:
+    """Unlink every key matching ``match`` (a run's namespace), in chunks: a benchmark
+    leaves nothing behind on a shared Redis."""
+    keys = list(client.scan_iter(match=match, count=1000))
+    for i in range(0, len(keys), 1000):
+        client.unlink(*keys[i:i + 1000])

@@ -16,6 +16,9 @@ import sys
 import time
 import uuid
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _measure import drop_keys  # noqa: E402
 from stem import Stem, TaskOptions, TaskRegistry, Worker, WorkerLifecycleConfig
 from stem.backends.redis import RedisResultBackend
 from stem.brokers.redis import RedisBroker
@@ -50,9 +53,7 @@ def run(url: str, yield_cpu: bool, tasks: int, ms: float, concurrency: int) -> s
         total = time.time() - t0
     finally:
         worker.shutdown(timeout=30)
-        keys = list(broker._client.scan_iter(match=ns + "*", count=1000))
-        for i in range(0, len(keys), 1000):
-            broker._client.unlink(*keys[i:i + 1000])
+        drop_keys(broker._client, ns + "*")
     lat = sorted((s.finished_at - t) * 1000 for s, t in zip(done, sent))
 
     def pct(p: float) -> float:

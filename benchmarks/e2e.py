@@ -56,7 +56,8 @@ import psutil
 import redis
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import TreeMeter, redis_benchmark, redis_server_pid, source_revision, steady_rate  # noqa: E402
+from _measure import (TreeMeter, drop_keys, redis_benchmark, redis_server_pid, source_revision,  # noqa: E402
+                      steady_rate)
 
 import stem  # noqa: E402
 from stem import PayloadSigner, Stem, TaskOptions, TaskRegistry, Worker, WorkerLifecycleConfig  # noqa: E402
@@ -557,9 +558,7 @@ def _cleanup(cfg: Config, run_id: str, r: redis.Redis, broker, backend) -> None:
             closeable.close()
         except Exception:  # noqa: BLE001
             pass
-    keys = list(r.scan_iter(match=f"stembench-{run_id}*", count=1000))
-    for i in range(0, len(keys), 1000):
-        r.unlink(*keys[i:i + 1000])
+    drop_keys(r, f"stembench-{run_id}*")
     if cfg.broker == "sqlite":
         base = os.path.join(tempfile.gettempdir(), f"stembench-{run_id}.db")
         for suffix in ("", "-wal", "-shm", "-journal"):

@@ -35,6 +35,8 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _measure import drop_keys  # noqa: E402
+
 REDIS_URL = os.environ.get("STEM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -246,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             fill(namespace, ns.tasks)
             print(cpu_split(namespace, ns.tasks, ns.concurrency, ns.prefetch_multiplier))
         finally:
-            keys = list(r.scan_iter(match=namespace + "*", count=1000))
-            for i in range(0, len(keys), 1000):
-                r.unlink(*keys[i:i + 1000])
+            drop_keys(r, namespace + "*")
         return 0
     pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(pyspy):
@@ -268,9 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             work_argv += ["--prefetch-multiplier", str(ns.prefetch_multiplier)]
         subprocess.run(argv + ["--"] + work_argv, check=True)
     finally:
-        keys = list(r.scan_iter(match=namespace + "*", count=1000))
-        for i in range(0, len(keys), 1000):
-            r.unlink(*keys[i:i + 1000])
+        drop_keys(r, namespace + "*")
     print(f"raw profile: {raw}")
     print(summarize(raw, ns.top))
     return 0

@@ -21,12 +21,16 @@ import shutil
 import subprocess
 import sys
 import time
+import os
 import uuid
 from urllib.parse import urlsplit
 
 import redis
 
-import stem
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import stem  # noqa: E402
+from _measure import drop_keys  # noqa: E402
 from stem import PayloadSigner, Stem, TaskRegistry, Worker, WorkerLifecycleConfig
 from stem.backends.redis import RedisResultBackend
 from stem.brokers.redis import RedisBroker
@@ -107,9 +111,7 @@ def run(url: str, tasks: int, concurrency: int, isolation: str = "process", brea
     finally:
         producer.close()
         client = redis.Redis.from_url(url)
-        keys = list(client.scan_iter(match=namespace + ":*", count=5000))
-        for i in range(0, len(keys), 5000):
-            client.delete(*keys[i:i + 5000])
+        drop_keys(client, namespace + ":*")
         client.close()
 
 

@@ -132,9 +132,8 @@ class Worker:
         self.prefetch_multiplier = prefetch_multiplier
         self.max_prefetch_multiplier = max_prefetch_multiplier
         self._window = PrefetchWindow(prefetch_multiplier, max_prefetch_multiplier)
-        self.prefetch_limit = concurrency * prefetch_multiplier
-        # the fetcher refills once this many slots are free (or at once when nothing is held)
-        self._refill_at = max(1, self.prefetch_limit // 2)
+        self.prefetch_limit = 0
+        self._set_prefetch_limit()   # and _refill_at
         self.signer = signer
         self.retry_strategy = retry_strategy or ExponentialJitterRetryStrategy(base=0.5, max=60.0)
         self.lifecycle = lifecycle or WorkerLifecycleConfig()
@@ -555,7 +554,8 @@ class Worker:
                     self._lock.notify_all()
 
     def _set_prefetch_limit(self) -> bool:
-        """Under the lock: the window for the current concurrency.  True when it grew."""
+        """Under the lock: the window for the current concurrency, and the free slots at which
+        the fetcher refills (half of it; at once when nothing is held).  True when it grew."""
         limit = self.concurrency * self._window.per_child
         wider = limit > self.prefetch_limit
         self.prefetch_limit = limit
