@@ -87,19 +87,19 @@ class Env:
         self.stem.close()
         self.broker.close()
         self.backend.close()
+        import redis
+        client = redis.Redis.from_url(self.url)   # results outlive the test by a day otherwise
+        keys = list(client.scan_iter(match=self.namespace + ":*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 @pytest.fixture
 def env(redis_url, namespace):
-    import redis
     e = Env(redis_url, namespace)
     yield e
     e.close()
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=namespace + ":*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def enqueue_backlog(env, n):
