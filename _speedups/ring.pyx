@@ -384,6 +384,18 @@ cdef class Ring:
         self._publish_tail(next_tail)
         return True
 
+    def send_quiet(self, frame):
+        """``send`` without the doorbell: the frame is published, but a sleeping reader is
+        not woken for it (it sees it at its next look, woken by a later ``send`` or its
+        timeout).  For a writer that knows the reader has no need to act on it yet."""
+        cdef uint64_t tail, next_tail
+        self._check_open()
+        tail = stem_load_relaxed_u64(self._tail)
+        if not self._write(frame, tail, &next_tail):
+            return False
+        stem_store_release_u64(self._tail, next_tail)
+        return True
+
     def send_many(self, frames, Py_ssize_t start=0):
         """Write ``frames[start:]`` in order until one does not fit; return how many were written.
 

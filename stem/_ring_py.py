@@ -267,6 +267,12 @@ class Ring:
         """Write one frame; False (and nothing written) if it does not fit now."""
         return self.send_many((frame,)) == 1
 
+    def send_quiet(self, frame) -> bool:
+        """``send`` without the doorbell: the frame is published, but a sleeping reader is
+        not woken for it (it sees it at its next look, woken by a later ``send`` or its
+        timeout).  For a writer that knows the reader has no need to act on it yet."""
+        return self._send((frame,), 0, False) == 1
+
     def send_many(self, frames, start: int = 0) -> int:
         """Write ``frames[start:]`` in order until one does not fit; return how many were written.
 
@@ -275,6 +281,9 @@ class Ring:
         before it are published and counted; the error is raised when that
         frame comes first.
         """
+        return self._send(frames, start, True)
+
+    def _send(self, frames, start: int, bell: bool) -> int:
         q = self._q
         if q is None:
             raise ValueError("ring is closed")
@@ -329,6 +338,8 @@ class Ring:
                 raise
         if tail != start_tail:
             q[_Q_TAIL] = tail
+            if not bell:
+                return i - start
             _full_fence()
             w = self._w
             if w[_I_READER_WAITING]:

@@ -323,6 +323,13 @@ class _ScriptedChannel:
         self.log.append(("result", msg.seq))
         return True
 
+    def send_quiet(self, payload):
+        self.log.append(("quiet", child_module.decode_from_child(payload).seq))
+        return True
+
+    def pending_bytes(self):
+        return 1 if self.batches and self.batches[0] else 0
+
 
 def test_a_child_claims_the_offer_in_its_ring_before_it_reports_the_task_before_it():
     registry = TaskRegistry()
@@ -342,3 +349,62 @@ def test_a_child_claims_the_offer_in_its_ring_before_it_reports_the_task_before_
     assert child.serve() == child_module.ChildExit.OK
     assert channel.log == [("recv_wait",), ("recv_many",), ("claim", 2, 0), ("result", 1),
                            ("recv_many",), ("claim", 3, 1), ("recv_many",), ("result", 2), ("recv_wait",)]
+
+
+def test_a_child_sends_a_short_task_s_result_quietly_while_two_tasks_wait_behind_the_next():
+    registry = TaskRegistry()
+    registry.task("noop")(lambda ctx: None)
+    registry.task("slow")(lambda ctx: time.sleep(2 * child_module.QUIET_RUN_LIMIT))
+    broker = InMemoryBroker()
+    producer = Stem(broker, None, registry)
+    producer.enqueue("noop")
+    producer.enqueue("slow")
+    noop, slow = (d.frame for d in broker.consume(["default"], 2, 1.0, consumer="t"))
+    enc = child_module.encode_message
+
+    def offer(seq, frame=noop):
+        return enc(child_module.Offer(seq, frame, seq % 4))
+
+    assert child_module.QUIET_AHEAD == 2
+    channel = _ScriptedChannel(
+        [[enc(child_module.Task(1, noop))],
+         [offer(2), offer(3, slow), offer(4), offer(5), offer(6)],
+         [offer(7)],
+         [],
+         [enc(child_module.Stop())]],
+        claims={seq: True for seq in range(2, 8)})
+    child = child_module._Child(channel, registry, {"supervisor_pid": os.getpid()})
+    assert child.serve() == child_module.ChildExit.OK
+    assert channel.log == [
+        ("recv_wait",), ("recv_many",),
+        ("claim", 2, 2), ("quiet", 1),     # 3, 4, 5 and 6 wait behind 2
+        ("claim", 3, 3), ("quiet", 2),
+        ("claim", 4, 0), ("result", 3),    # 3 ran long: it always rings
+        ("claim", 5, 1), ("quiet", 4),     # one waits behind 5 in this batch, more in the ring
+        ("claim", 6, 2), ("result", 5),    # nothing behind 6 in this batch: ring, the queue runs low
+        ("recv_many",), ("claim", 7, 3), ("result", 6),
+        ("recv_many",), ("result", 7), ("recv_wait",)]
+
+
+@needs_offers
+def test_a_quiet_result_is_reported_while_the_task_after_it_still_runs(setup, tmp_path):
+    """m1's Result goes out without the doorbell (b, m3 and m4 wait behind b), then b
+    blocks: the supervisor still reads it on its own, not only at the next doorbell."""
+    registry, stem, worker, _ = setup
+    _register(registry, tmp_path)
+    w = worker(concurrency=1, prefetch_multiplier=8)   # room for one running task and four offers
+    w.run_in_background()
+    first = stem.enqueue("block", {"name": "a"})
+    wait_for(lambda: (tmp_path / "a.started").exists(), what="a to start")
+    m1 = stem.enqueue("mark", {"name": "m1"})
+    b = stem.enqueue("block", {"name": "b"})
+    rest = [stem.enqueue("mark", {"name": f"m{i}"}) for i in (3, 4)]
+    wait_for(lambda: _engine(w)["offers_made"] >= 4, what="four offers to the busy child")
+    (tmp_path / "a.go").touch()
+    wait_for(lambda: (tmp_path / "b.started").exists(), what="b to start")
+    assert stem.wait_for_task(first, timeout=30).state is TaskState.SUCCEEDED
+    assert stem.wait_for_task(m1, timeout=10).state is TaskState.SUCCEEDED
+    assert not stem.get_status(b).is_terminal
+    (tmp_path / "b.go").touch()
+    assert all(stem.wait_for_task(i, timeout=30).state is TaskState.SUCCEEDED for i in [b, *rest])
+    w.shutdown(ShutdownMode.WARM, timeout=15)

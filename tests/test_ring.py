@@ -341,6 +341,33 @@ def test_a_writer_rings_the_doorbell_only_when_the_reader_announced_sleep(impl):
         os.close(fd)
 
 
+def test_a_quiet_send_publishes_without_ringing_and_the_next_send_rings(impl):
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    buf = bytearray(impl.ring_bytes(256))
+    w, r = impl.Ring(buf, 0, 256, reader_bell=fd), impl.Ring(buf, 0, 256)
+    try:
+        def rung() -> bool:
+            try:
+                return os.eventfd_read(fd) > 0
+            except BlockingIOError:
+                return False
+
+        assert r.arm_recv()                                     # the reader is about to sleep
+        assert w.send_quiet(b"quiet") and not rung()            # published, nobody woken
+        assert r.pending_bytes() > 0
+        assert w.send(b"loud") and rung()                       # the flag was still set
+        assert r.recv_many(10) == [b"quiet", b"loud"]
+        n = 0
+        while w.send_quiet(b"x" * 100):
+            n += 1
+        assert n > 0 and not rung()
+        assert r.recv_many(100) == [b"x" * 100] * n             # the one that did not fit left nothing
+    finally:
+        w.close()
+        r.close()
+        os.close(fd)
+
+
 def test_ring_wait_sleeps_until_the_writer_rings_and_drains_the_bell(impl):
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     buf = bytearray(impl.ring_bytes(256))

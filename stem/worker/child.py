@@ -50,6 +50,14 @@ __all__ = ["ChildExit", "child_main", "TASK", "STOP", "OFFER", "READY", "RESULT"
            "decode_to_child", "decode_from_child", "encode_message"]
 
 TASK, STOP, OFFER = 0, 1, 2
+#: A child running a stream of short offered tasks sends a Result without waking the
+#: supervisor while at least QUIET_AHEAD more tasks wait in its ring behind the one it
+#: starts: the supervisor has nothing to do for it yet, and it reads the quiet Results
+#: with the next one that rings (the child's own, when its queue runs low, or another
+#: child's), or at its next timeout.  A sleep and wake-up costs about as much CPU as a
+#: short task's share of the supervisor; tasks of QUIET_RUN_LIMIT seconds or more always ring.
+QUIET_AHEAD = 2
+QUIET_RUN_LIMIT = 0.001
 READY, RESULT, HEARTBEAT, PROGRESS, ENQUEUE, FATAL = 0, 1, 2, 3, 4, 5
 
 
@@ -217,8 +225,9 @@ class _Child:
             payload = _encode(Result(seq, out, rss))
         return payload
 
-    def send_result(self, payload: bytes) -> None:
-        if self.channel.send(payload):
+    def send_result(self, payload: bytes, quiet: bool = False) -> None:
+        """Send a Result; ``quiet`` does not wake a sleeping supervisor for it (``serve``)."""
+        if (self.channel.send_quiet if quiet else self.channel.send)(payload):
             return
         while not self.channel.send_wait([payload], 1.0):
             if not self.supervisor_alive():
@@ -254,7 +263,9 @@ class _Child:
         if self.concurrency > 1:
             return asyncio.run(self.serve_async())
         channel = self.channel
+        clock = time.monotonic
         held = None   # the last task's Result, sent once the ring was looked at again
+        short = False   # that task ran for less than QUIET_RUN_LIMIT
         while True:
             if held is None:
                 msgs = channel.recv_wait(1.0, 64)
@@ -268,17 +279,22 @@ class _Child:
                     self.send_result(held)
                     held = None
                     continue
-            for raw in msgs:
+            last = len(msgs) - 1
+            for i, raw in enumerate(msgs):
                 msg = decode_to_child(raw)
                 kind = type(msg)
                 if kind is Offer and not channel.claim(msg.seq, msg.slot):
                     continue   # taken back: another child runs it
                 if held is not None:
-                    self.send_result(held)
+                    ahead = last - i
+                    self.send_result(held, short and (ahead >= QUIET_AHEAD or
+                                                      (ahead == QUIET_AHEAD - 1 and channel.pending_bytes() > 0)))
                     held = None
                 if kind is Stop:
                     return ChildExit.OK
+                started = clock()
                 held = self.run_sync(msg.seq, msg.frame)
+                short = clock() - started < QUIET_RUN_LIMIT
 
     async def serve_async(self) -> int:
         """Up to ``child_concurrency`` tasks at once on one event loop (async handlers;

@@ -17,6 +17,7 @@ API::
                 ch.send_wait([run(task)], timeout=5.0)
 
     ch.send(frame) -> bool                   # False if it does not fit now; nothing written
+    ch.send_quiet(frame) -> bool             # the same, without ringing the peer's doorbell
     ch.send_many(frames, start=0) -> int     # how many of frames[start:] were written, in order
     ch.send_wait(frames, timeout) -> int     # the same, sleeping while the ring is full
     ch.recv() -> bytes | None
@@ -459,6 +460,7 @@ class Channel:
         self._poll.register(my_read, select.POLLIN)
         # the ring's own methods, bound: no Python frame on the hot path
         self.send = out.send
+        self.send_quiet = out.send_quiet
         self.send_many = out.send_many
         self.recv = inn.recv
         self.recv_many = inn.recv_many
