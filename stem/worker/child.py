@@ -22,7 +22,8 @@ shutdown).  SIGINT/SIGTERM/SIGQUIT are ignored: the supervisor decides.
 A child that runs one task at a time holds back each Result until it has
 looked at its ring once more and claimed the next OFFER found there: when
 the supervisor reads the Result, that offer is settled (claimed or not), so
-it can offer another at once.
+it can offer another at once.  The Result of a short task goes out without
+waking the supervisor while more offers wait (``QUIET_AHEAD`` below).
 """
 
 from __future__ import annotations
