@@ -10,6 +10,7 @@ Every test checks that no segment it created is left in /dev/shm.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import multiprocessing
@@ -318,40 +319,40 @@ def test_a_side_channel_frame_that_cannot_be_read_is_reported_once_not_forever(i
     r.close()
 
 
-def test_a_writer_rings_the_doorbell_only_when_the_reader_announced_sleep(impl):
+@contextlib.contextmanager
+def _belled_ring(impl):
+    """A writer and a reader of one 256-byte ring, the reader's doorbell an eventfd, and
+    ``rung()``: did the writer ring it since the last look."""
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     buf = bytearray(impl.ring_bytes(256))
     w, r = impl.Ring(buf, 0, 256, reader_bell=fd), impl.Ring(buf, 0, 256)
-    try:
-        def rung() -> bool:
-            try:
-                return os.eventfd_read(fd) > 0
-            except BlockingIOError:
-                return False
 
-        assert w.send(b"busy") and not rung()          # nobody sleeps: no system call
-        assert not r.arm_recv()                        # something pending: do not sleep
-        assert r.recv() == b"busy" and r.arm_recv()    # empty: the reader may sleep
-        assert w.send_many([b"x", b"y"]) == 2 and rung()
-        assert w.send(b"z") and not rung()             # the flag was cleared by the first ring
-        r.disarm_recv()
+    def rung() -> bool:
+        try:
+            return os.eventfd_read(fd) > 0
+        except BlockingIOError:
+            return False
+
+    try:
+        yield w, r, rung
     finally:
         w.close()
         r.close()
         os.close(fd)
 
 
-def test_a_quiet_send_publishes_without_ringing_and_the_next_send_rings(impl):
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    buf = bytearray(impl.ring_bytes(256))
-    w, r = impl.Ring(buf, 0, 256, reader_bell=fd), impl.Ring(buf, 0, 256)
-    try:
-        def rung() -> bool:
-            try:
-                return os.eventfd_read(fd) > 0
-            except BlockingIOError:
-                return False
+def test_a_writer_rings_the_doorbell_only_when_the_reader_announced_sleep(impl):
+    with _belled_ring(impl) as (w, r, rung):
+        assert w.send(b"busy") and not rung()          # nobody sleeps: no system call
+        assert not r.arm_recv()                        # something pending: do not sleep
+        assert r.recv() == b"busy" and r.arm_recv()    # empty: the reader may sleep
+        assert w.send_many([b"x", b"y"]) == 2 and rung()
+        assert w.send(b"z") and not rung()             # the flag was cleared by the first ring
+        r.disarm_recv()
 
+
+def test_a_quiet_send_publishes_without_ringing_and_the_next_send_rings(impl):
+    with _belled_ring(impl) as (w, r, rung):
         assert r.arm_recv()                                     # the reader is about to sleep
         assert w.send_quiet(b"quiet") and not rung()            # published, nobody woken
         assert r.pending_bytes() > 0
@@ -362,10 +363,6 @@ def test_a_quiet_send_publishes_without_ringing_and_the_next_send_rings(impl):
             n += 1
         assert n > 0 and not rung()
         assert r.recv_many(100) == [b"x" * 100] * n             # the one that did not fit left nothing
-    finally:
-        w.close()
-        r.close()
-        os.close(fd)
 
 
 def test_ring_wait_sleeps_until_the_writer_rings_and_drains_the_bell(impl):
