@@ -149,3 +149,17 @@ def drop_keys(client, match: str) -> None:
     keys = list(client.scan_iter(match=match, count=1000))
     for i in range(0, len(keys), 1000):
         client.unlink(*keys[i:i + 1000])
+
+
+def machine_probe_ms(loops: int = 1_000_000) -> float:
+    """Milliseconds for a fixed pure-Python loop: how fast this machine runs right now.
+
+    A shared VM's speed drifts (the same loop took 293 to 505 ms within minutes
+    on the benchmark VM), and every system's figures move with it; recorded
+    beside each run, it tells a slow run of the machine from a slow system."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(loops):
+        total += i
+    return (time.perf_counter() - start) * 1000.0
+

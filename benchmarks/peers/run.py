@@ -49,6 +49,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))   # benchmarks/_measure.py
 sys.path.insert(0, HERE)
 
+from _measure import machine_probe_ms, source_revision  # noqa: E402
+
 # system -> (app module, Redis db)
 SYSTEMS: dict[str, tuple[str, int]] = {
     "stem": ("stem_app", 15),
@@ -202,6 +204,7 @@ def run(systems: list[str], *, base_url: str, tasks: int, concurrency: int, warm
             for system in order:
                 if bar is not None:
                     bar.update(overall, description=f"run {rep + 1}/{repeat}: {system}")
+                probe_ms = machine_probe_ms()
                 argv = [sys.executable, os.path.abspath(__file__), "--drive", system, "--redis-url", base_url,
                         "--tasks", str(tasks), "--concurrency", str(concurrency), "--warmup", str(warmup),
                         "--timeout", str(timeout)]
@@ -213,13 +216,13 @@ def run(systems: list[str], *, base_url: str, tasks: int, concurrency: int, warm
                 else:
                     res = json.loads(out.stdout.strip().splitlines()[-1])
                     res["repeat"] = rep
+                    res["probe_ms"] = probe_ms
                     runs.append(res)
                 if bar is not None:
                     bar.advance(overall)
     finally:
         if bar is not None:
             bar.stop()
-    from _measure import source_revision
     return {"config": {"tasks": tasks, "concurrency": concurrency, "warmup": warmup, "repeat": repeat,
                        "redis_url": base_url, "cpus": os.cpu_count(), "stem_revision": source_revision()},
             "runs": runs, "summary": summarize(systems, runs)}
@@ -242,8 +245,24 @@ def summarize(systems: list[str], runs: list[dict[str, Any]]) -> list[dict[str, 
                "errors": [r["error"] for r in runs if r["system"] == s and "error" in r]}
         row["stem_speedup"] = stem_rate / row["per_s"] if stem_rate and row["per_s"] else None
         row["cpu_vs_stem"] = row["worker_cpu_us"] / stem_cpu if stem_cpu and row["worker_cpu_us"] else None
+        row["paired_speedup"] = paired(runs, s, "per_s", stem_over_it=True)
+        row["paired_cpu_vs_stem"] = paired(runs, s, "worker_cpu_us", stem_over_it=False)
+        row["probe_ms"] = [r.get("probe_ms") for r in ok]
         rows.append(row)
     return rows
+
+
+def paired(runs: list[dict[str, Any]], system: str, key: str, *, stem_over_it: bool) -> float | None:
+    """The median over repeats of the ratio between stem's run and ``system``'s run of the
+    same repeat (stem's / its, or its / stem's): runs of one repeat are minutes apart, not
+    the whole benchmark, so a drift of the machine's speed cancels out more of the ratio."""
+    by_rep: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if "error" not in r and r.get(key) and r["system"] in ("stem", system):
+            by_rep.setdefault(r["repeat"], {})[r["system"]] = r[key]
+    ratios = [(v["stem"] / v[system] if stem_over_it else v[system] / v["stem"])
+              for v in by_rep.values() if "stem" in v and system in v]
+    return statistics.median(ratios) if ratios else None
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -254,19 +273,29 @@ def print_table(result: dict[str, Any]) -> None:
                     f"processes, {c['cpus']} CPUs, median of {c['repeat']} run(s), stem rev {c.get('stem_revision')}",
               title_justify="left")
     for col in ("system", "tasks/s", "each run", "steady", "worker CPU µs/task", "producer µs/task",
-                "redis µs/task", "stem's tasks/s / its", "its CPU / stem's"):
+                "redis µs/task", "stem's tasks/s / its (per repeat)", "its CPU / stem's (per repeat)"):
         t.add_column(col, justify="left" if col in ("system", "each run") else "right")
 
     def f(v, d=0):
         return "-" if v is None else f"{v:,.{d}f}"
 
+    def ratio(v, per_repeat):
+        if v is None:
+            return "-"
+        return f"{v:.2f}x" + ("" if per_repeat is None or c["repeat"] < 2 else f" ({per_repeat:.2f}x)")
+
     for row in result["summary"]:
         t.add_row(row["system"], f(row["per_s"]), " ".join(f"{x:,.0f}" for x in row["per_s_runs"]) or "-",
                   f(row["steady_per_s"]), f(row["worker_cpu_us"]), f(row["producer_cpu_us"]), f(row["redis_cpu_us"]),
-                  "-" if row["stem_speedup"] is None else f"{row['stem_speedup']:.2f}x",
-                  "-" if row["cpu_vs_stem"] is None else f"{row['cpu_vs_stem']:.2f}x")
+                  ratio(row["stem_speedup"], row.get("paired_speedup")),
+                  ratio(row["cpu_vs_stem"], row.get("paired_cpu_vs_stem")))
     console = Console(width=max(Console().width, 140))
     console.print(t)
+    probes = [p for row in result["summary"] for p in row.get("probe_ms") or [] if p is not None]
+    if probes:
+        console.print(f"  Ratios: of the medians, and in brackets the median of the ratios within each repeat. "
+                      f"Machine probe before each run (ms for a fixed Python loop; higher is a slower machine): "
+                      f"{min(probes):.0f}-{max(probes):.0f}", highlight=False)
     for row in result["summary"]:
         console.print(f"  {row['system']}: {row['settings'] or '-'}"
                       + (f"  ERRORS: {row['errors']}" if row["errors"] else "")
@@ -290,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.show:
         with open(ns.show) as f:
-            print_table(json.load(f))
+            result = json.load(f)
+        # summarized again: a file saved by an older run.py gets the newer columns
+        result["summary"] = summarize([row["system"] for row in result["summary"]], result["runs"])
+        print_table(result)
         return 0
     if ns.drive:
         res = drive(ns.drive, ns.redis_url, ns.tasks, ns.concurrency, ns.warmup, ns.timeout)
