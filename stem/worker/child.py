@@ -55,12 +55,12 @@ READY, RESULT, HEARTBEAT, PROGRESS, ENQUEUE, FATAL = 0, 1, 2, 3, 4, 5
 
 #: A child running a stream of short offered tasks sends a Result without waking the
 #: supervisor while at least QUIET_AHEAD more tasks wait in its ring behind the one it
-#: starts: the supervisor has nothing to do for it yet, and reads the quiet Results with
-#: the next one that rings (this child's, when its queue runs low, or another child's) or
-#: at its next timeout (at most 50 ms).  A wake-up costs the supervisor about as much CPU
-#: as the rest of its work for a short task (benchmarks/README.md); a task that ran
-#: QUIET_RUN_LIMIT seconds or more always rings.  With QUIET_AHEAD = 1 the children ran
-#: dry waiting for their next offers (fewer tasks per second).
+#: starts: the supervisor has nothing to do for it yet, and reads the quiet Results
+#: with the next one that rings (this child's, when its queue runs low, or another
+#: child's) or at its next timeout (at most ``outbox.IDLE_WAIT``, 50 ms).  A wake-up
+#: costs the supervisor about as much CPU as the rest of its work for a short task
+#: (benchmarks/README.md); a task that ran QUIET_RUN_LIMIT seconds or more always rings.
+#: With QUIET_AHEAD = 1 the children ran dry waiting for their next offers.
 QUIET_AHEAD = 2
 QUIET_RUN_LIMIT = 0.001
 
