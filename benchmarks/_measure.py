@@ -18,8 +18,8 @@ from typing import Iterable, Sequence
 
 import psutil
 
-__all__ = ["source_revision", "TreeMeter", "cpu_seconds", "redis_server_pid", "redis_benchmark", "steady_rate", "median",
-           "drop_keys"]
+__all__ = ["source_revision", "TreeMeter", "cpu_seconds", "redis_server_pid", "redis_benchmark", "steady_rate",
+           "median", "drop_keys", "machine_probe_ms"]
 
 
 def source_revision() -> str | None:
