@@ -154,7 +154,7 @@ def drop_keys(client, match: str) -> None:
 def machine_probe_ms(loops: int = 1_000_000) -> float:
     """Milliseconds for a fixed pure-Python loop: how fast this machine runs right now.
 
-    A shared VM's speed drifts (the same loop took 293 to 505 ms within minutes
+    A shared VM's speed drifts (this loop read 36-70 ms across one bench-peers run
     on the benchmark VM), and every system's figures move with it; recorded
     beside each run, it tells a slow run of the machine from a slow system."""
     start = time.perf_counter()

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-import os
 import uuid
 from urllib.parse import urlsplit
 

@@ -23,6 +23,13 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
         raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def drop_namespace(client, namespace: str) -> None:
+    """Delete every Redis key of ``namespace``: a test's results would outlive it by a day."""
+    keys = list(client.scan_iter(match=namespace + ":*", count=1000))
+    for i in range(0, len(keys), 1000):
+        client.delete(*keys[i:i + 1000])
+
+
 def record_peak_in_flight(broker, queue: str = "default") -> list[int]:
     """Wrap ``broker.consume`` so that ``peak[0]`` is the most deliveries of ``queue`` in flight
     right after any consume (what the prefetch window let the worker lease)."""

@@ -16,6 +16,8 @@ from stem.backends.redis import RedisResultBackend
 from stem.errors import BackendConnectionError, ConfigurationError
 from stem.results import TaskState, TaskStatus
 
+from .support import drop_namespace
+
 pytestmark = pytest.mark.redis
 
 
@@ -23,9 +25,7 @@ pytestmark = pytest.mark.redis
 def raw(redis_url, namespace):
     client = redis.Redis.from_url(redis_url)
     yield client
-    keys = list(client.scan_iter(match=namespace + ":*", count=1000))
-    if keys:
-        client.delete(*keys)
+    drop_namespace(client, namespace)
     client.close()
 
 

@@ -16,6 +16,8 @@ from stem.brokers.base import Message
 from stem.brokers.redis import N_LANES, RedisBroker
 from stem.errors import ConfigurationError
 
+from .support import drop_namespace
+
 pytestmark = pytest.mark.redis
 Q = "jobs"
 
@@ -28,9 +30,7 @@ def msg(frame: bytes = b"frame", *, queue: str = Q, priority: int = 0, not_befor
 def raw(redis_url, namespace):
     client = redis.Redis.from_url(redis_url)
     yield client
-    keys = list(client.scan_iter(match=namespace + ":*", count=1000))
-    if keys:
-        client.delete(*keys)
+    drop_namespace(client, namespace)
     client.close()
 
 

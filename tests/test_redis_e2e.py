@@ -25,7 +25,7 @@ from stem import PayloadSigner, ShutdownMode, Stem, TaskOptions, TaskRegistry, T
 from stem.backends.redis import RedisResultBackend
 from stem.brokers.redis import RedisBroker
 from tests.test_redis_faults import redis_server  # noqa: F401  (fixture)
-from tests.support import wait_for as wait_until
+from tests.support import drop_namespace, wait_for as wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -133,9 +133,7 @@ def procs(tmp_path):
 def cleanup(redis_url, namespace):
     yield
     client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=namespace + ":*", count=1000))
-    if keys:
-        client.delete(*keys)
+    drop_namespace(client, namespace)
     client.close()
 
 

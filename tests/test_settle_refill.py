@@ -22,7 +22,7 @@ from stem.brokers.base import Broker, Message
 from stem.brokers.redis import RedisBroker
 from stem.errors import BrokerConnectionError
 from stem.retry import FixedRetryStrategy
-from .support import wait_for
+from .support import drop_namespace, wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -88,10 +88,8 @@ class Env:
         self.broker.close()
         self.backend.close()
         import redis
-        client = redis.Redis.from_url(self.url)   # results outlive the test by a day otherwise
-        keys = list(client.scan_iter(match=self.namespace + ":*", count=1000))
-        if keys:
-            client.delete(*keys)
+        client = redis.Redis.from_url(self.url)
+        drop_namespace(client, self.namespace)
         client.close()
 
 

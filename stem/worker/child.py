@@ -237,11 +237,11 @@ class _Child:
             if not self.supervisor_alive():
                 os._exit(ChildExit.SUPERVISOR_GONE)
 
-    def run_sync(self, seq: int, frame: bytes) -> bytes:
-        """Run one task; returns its encoded Result, for ``serve`` to send."""
+    def run_sync(self, seq: int, frame: bytes) -> tuple[bytes, float]:
+        """Run one task; returns its encoded Result, for ``serve`` to send, and how long it ran."""
         prepared, error = self.prepare(seq, frame)
         if error is not None:
-            return self.result(seq, error)
+            return self.result(seq, error), 0.0
         env, handler = prepared
         ctx = self.context(env)
         limit = env.soft_time_limit
@@ -260,14 +260,13 @@ class _Child:
             if limit:
                 signal.setitimer(_ITIMER_REAL, 0)
             self.running = 0
-        return self.result(seq, out)
+        return self.result(seq, out), out.finished_at - out.started_at
 
     # -- loops ------------------------------------------------------------------------
     def serve(self) -> int:
         if self.concurrency > 1:
             return asyncio.run(self.serve_async())
         channel = self.channel
-        clock = time.monotonic
         held = None   # the last task's Result, sent once the ring was looked at again
         short = False   # that task ran for less than QUIET_RUN_LIMIT
         while True:
@@ -296,9 +295,8 @@ class _Child:
                     held = None
                 if kind is Stop:
                     return ChildExit.OK
-                started = clock()
-                held = self.run_sync(msg.seq, msg.frame)
-                short = clock() - started < QUIET_RUN_LIMIT
+                held, ran = self.run_sync(msg.seq, msg.frame)
+                short = ran < QUIET_RUN_LIMIT
 
     async def serve_async(self) -> int:
         """Up to ``child_concurrency`` tasks at once on one event loop (async handlers;

@@ -129,8 +129,6 @@ class Worker:
         if isolation not in ("inline", "process"):
             raise ConfigurationError(f"isolation must be 'process' or 'inline', got {isolation!r}")
         self.concurrency = concurrency
-        self.prefetch_multiplier = prefetch_multiplier
-        self.max_prefetch_multiplier = max_prefetch_multiplier
         self._window = PrefetchWindow(prefetch_multiplier, max_prefetch_multiplier)
         self.prefetch_limit = 0
         self._set_prefetch_limit()   # and _refill_at
@@ -544,6 +542,16 @@ class Worker:
                 self._set_prefetch_limit()
                 self._lock.notify_all()   # also for a narrower window: the engine's slots changed
             return self.concurrency
+
+    @property
+    def prefetch_multiplier(self) -> int:
+        """The fewest tasks per child the prefetch window holds (its floor)."""
+        return self._window.floor
+
+    @property
+    def max_prefetch_multiplier(self) -> int:
+        """The most tasks per child the prefetch window widens to (its cap)."""
+        return self._window.cap
 
     def _observe_run_times(self, batch: list[tuple[Job, Outcome]]) -> None:
         """Before settling ``batch``: let the prefetch window follow its run times (a wider

@@ -5,13 +5,13 @@ import uuid
 
 import redis
 
+from ..support import drop_namespace
+
 
 def _cleanup(url: str, namespace: str) -> None:
     client = redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match=namespace + ":*", count=1000))
-        if keys:
-            client.delete(*keys)
+        drop_namespace(client, namespace)
     finally:
         client.close()
 
