@@ -622,6 +622,16 @@ cdef class Ring:
         """The slot's open offer's token, or 0 when none is open."""
         return stem_load_acquire_u64(self._slot(slot))
 
+    def open_slots(self):
+        """A bit per slot whose offer is still open (its word is not 0): one call tells
+        the producer whether any of its offers was claimed since it last looked."""
+        self._check_open()
+        cdef int mask = 0, slot
+        for slot in range(STEM_CLAIM_SLOTS):
+            if stem_load_acquire_u64(self._claim + slot) != 0:
+                mask |= 1 << slot
+        return mask
+
     # -- lifecycle -------------------------------------------------------------
 
     def close(self):

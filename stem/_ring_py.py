@@ -454,6 +454,11 @@ class Ring:
     def offered(self, slot: int = 0) -> int:
         return self._q[self._slot(slot)]
 
+    def open_slots(self) -> int:
+        self._slot(0)   # raises when closed
+        q = self._q
+        return sum(1 << slot for slot in range(CLAIM_SLOTS) if q[_Q_CLAIM + slot])
+
     def arm_recv(self) -> bool:
         """Announce that the reader will sleep on its doorbell.
 

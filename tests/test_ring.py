@@ -1007,7 +1007,7 @@ def test_an_offer_is_claimed_by_exactly_one_side_and_reads_zero_once_settled(imp
     with pytest.raises(ValueError, match="non-zero"):
         writer.offer(0)
     writer.offer(7)
-    assert reader.offered() == 7
+    assert reader.offered() == 7 and reader.open_slots() == 1
     if not impl.ATOMIC_CLAIM:
         with pytest.raises(NotImplementedError, match="compiled ring"):
             reader.claim(7)
@@ -1017,16 +1017,22 @@ def test_an_offer_is_claimed_by_exactly_one_side_and_reads_zero_once_settled(imp
     assert not writer.claim(7) and not reader.claim(7)   # settled: nobody wins it again
     writer.offer(8)
     assert writer.claim(8) and not reader.claim(8)      # withdrawn first: the reader loses
+    assert writer.open_slots() == 0
     writer.offer(10, slot=0)                            # slots are independent words
     writer.offer(11, slot=1)
     assert (writer.offered(0), writer.offered(1)) == (10, 11)
-    assert not reader.claim(11, slot=0) and reader.claim(11, slot=1) and reader.claim(10, slot=0)
+    assert writer.open_slots() == 0b11
+    assert not reader.claim(11, slot=0) and reader.claim(11, slot=1)
+    assert writer.open_slots() == 0b01                  # one call sees which was claimed
+    assert reader.claim(10, slot=0) and writer.open_slots() == 0
     for bad in (-1, impl.CLAIM_SLOTS):
         with pytest.raises(ValueError, match="slot"):
             writer.offer(12, slot=bad)
     writer.close()
     with pytest.raises(ValueError, match="closed"):
         writer.offer(9)
+    with pytest.raises(ValueError, match="closed"):
+        writer.open_slots()
 
 
 def test_both_builds_keep_the_claim_word_at_one_place():
@@ -1038,6 +1044,7 @@ def test_both_builds_keep_the_claim_word_at_one_place():
     assert make_ring(mod, buf, 4096).offered() == 0x1122334455667788
     assert make_ring(mod, buf, 4096).offered(1) == 0x99
     assert make_ring(mod, buf, 4096).offered(3) == 0xAB
+    assert make_ring(mod, buf, 4096).open_slots() == make_ring(_ring_py, buf, 4096).open_slots() == 0b1011
     assert mod.ATOMIC_CLAIM and not _ring_py.ATOMIC_CLAIM
     assert mod.CLAIM_SLOTS == _ring_py.CLAIM_SLOTS == 4
 

@@ -159,7 +159,9 @@ class Dispatcher:
                 job = self.next_job(skipped)
                 if job is None:
                     return
-                slot = next(s for s in range(OFFER_DEPTH) if s not in offers)
+                slot = 0
+                while slot in offers:   # the lowest free one (fewer than OFFER_DEPTH are used)
+                    slot += 1
                 channel = child.channel
                 channel.offer(job.seq, slot)
                 if not channel.send(_encode(Offer(job.seq, job.delivery.frame, slot))):
@@ -171,12 +173,17 @@ class Dispatcher:
                 self.offers_made += 1
 
     def settled(self, child: Any) -> bool:
-        """True when ``child`` has no open offer; the claimed ones now run."""
-        channel = child.channel
-        for slot, job in list(child.offers.items()):
-            if channel.offered(slot) != job.seq:
+        """True when ``child`` has no open offer; the claimed ones now run.
+
+        Every slot still open holds one of ``child.offers`` (an offer leaves the dict when
+        withdrawn or seen claimed), so as many open slots as offers means none was claimed:
+        one look at the ring, no per-slot calls, on the pool's most frequent question."""
+        offers = child.offers
+        open_slots = child.channel.open_slots()
+        if open_slots.bit_count() != len(offers):
+            for slot in [s for s in offers if not open_slots >> s & 1]:
                 self._claimed(child, slot)
-        return not child.offers
+        return not offers
 
     def withdraw(self, child: Any, slot: int) -> bool:
         """Take the offer in ``child``'s ``slot`` back: False when the child claimed it

@@ -30,6 +30,7 @@ API::
     wait_readable(channels, timeout) -> list[Channel]  # one thread serving N children
     ChannelPoller(channels, fds, tags).wait(timeout) -> (tags, fds)  # ...reusable, with other fds
     ch.offer(token, slot); ch.withdraw(token, slot) -> bool; ch.offered(slot) -> int   # frames it sends...
+    ch.open_slots() -> int                   # ...a bit per slot still offered
     ch.claim(token, slot) -> bool            # ...and those it receives (see "Offers" below)
     ch.can_offer                             # False on the pure twin (no atomic compare-and-swap)
     ch.handle                                # small and picklable
@@ -469,6 +470,7 @@ class Channel:
         self.offer = out.offer
         self.withdraw = out.claim
         self.offered = out.offered
+        self.open_slots = out.open_slots
         self.claim = inn.claim
         self._resources = _Resources(owner=self._owner, name=name, capacity=capacity, shm=shm,
                                      mapping=mapping, fds=list(dict.fromkeys(bells)),
@@ -498,6 +500,11 @@ class Channel:
     def offered(self, slot: int = 0) -> int:
         """The token of this side's open offer in ``slot``, 0 when the peer claimed it or none is open."""
         return self._out.offered(slot)
+
+    def open_slots(self) -> int:
+        """A bit per claim slot whose offer (this side's) is still open: ``offered`` for
+        every slot in one call."""
+        return self._out.open_slots()
 
     def claim(self, token: int, slot: int = 0) -> bool:
         """Take the frame the peer offered under ``token`` in ``slot``: False when it was withdrawn."""
