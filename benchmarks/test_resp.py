@@ -15,7 +15,9 @@ with ``scan_replies`` vs building each with hiredis's ``Reader.gets`` (what
 a pipeline read costs without the socket).  ``pipeline 64
 SETs``: the round trip against the local Redis through
 ``stem.brokers._redis_pipe.execute`` vs a redis-py ``Pipeline`` (wall time,
-server included; skipped when no Redis answers).
+server included; skipped when no Redis answers).  ``settle pipeline``: 64
+replies only checked for errors and the last one built, by ``execute_last``
+(stepped over in C) vs ``execute`` (each built by hiredis), round trip.
 """
 
 from __future__ import annotations
@@ -85,6 +87,28 @@ def test_pipeline_64_sets(benchmark, client, impl):
     run = (lambda: execute(client, commands)) if impl == "lean" else redis_py
     replies = benchmark(run)
     assert replies == [True] * 64 if impl == "redis-py" else replies == [b"OK"] * 64
+    client.delete(*keys)
+
+
+@pytest.mark.parametrize("impl", ["execute_last", "execute"])
+def test_settle_pipeline_replies(benchmark, client, impl):
+    """A settle round trip's replies: 32 SETs and 32 PUBLISHes stepped over in C before the
+    last reply (``execute_last``, what ``run_and_consume`` sends) vs every reply built and
+    checked (``execute``, what it sent before)."""
+    from stem.brokers._redis_pipe import execute_last, execute_packed, raise_first_error
+    benchmark.group = "settle pipeline: 64 replies to check, the last one built (round trip)"
+    keys = [f"stem-bench-resp:{i}" for i in range(32)]
+    commands = ([("SET", k, b"v" * 160, "PX", 60_000) for k in keys] + [("PUBLISH", k, b"v" * 160) for k in keys]
+                + [("ECHO", "last")])
+    packed = TWINS.get("c", _resp_py).pack_commands(commands)
+
+    def built():
+        *settled, last = execute_packed(client, packed, len(commands))
+        raise_first_error(settled)
+        return None, last
+
+    run = (lambda: execute_last(client, packed, len(commands))) if impl == "execute_last" else built
+    assert benchmark(run) == (None, b"last")
     client.delete(*keys)
 
 

@@ -358,16 +358,21 @@ def test_when_only_a_settle_script_answered_noscript_the_consume_is_not_sent_aga
     broker = make()
     broker.publish_many([msg() for _ in range(8)])
     first = consume_n(broker, 2)
-    real = redis_broker.execute
+    real, real_last = redis_broker.execute, redis_broker.execute_last
     sent = []
+
+    def execute_last(client, packed, n):
+        sent.append(n)
+        error, reply = real_last(client, packed, n)
+        assert error is None
+        # the ack ran, but answer as if it had met an empty script cache
+        return redis.exceptions.NoScriptError("NOSCRIPT No matching script."), reply
 
     def execute(client, commands):
         sent.append(len(commands))
-        replies = real(client, commands)
-        if len(sent) == 1:   # the ack ran, but answer as if it had met an empty script cache
-            replies[0] = redis.exceptions.NoScriptError("NOSCRIPT No matching script.")
-        return replies
+        return real(client, commands)
 
+    monkeypatch.setattr(redis_broker, "execute_last", execute_last)
     monkeypatch.setattr(redis_broker, "execute", execute)
     got = broker.run_and_consume(broker.ack_commands(first), [Q], 3)
     assert len(got) == 3
@@ -403,19 +408,19 @@ def test_a_lost_connection_is_not_retried_since_the_consume_may_have_run(make, m
     from stem.errors import BrokerConnectionError
     broker = make(default_visibility_timeout=0.5)
     broker.publish_many([msg() for _ in range(5)])
-    real = redis_broker.execute
+    real = redis_broker.execute_last
     calls = []
 
-    def execute(client, commands):
+    def execute_last(client, packed, n):
         calls.append(1)
         if when == "after-the-consume-ran":
-            real(client, commands)
+            real(client, packed, n)
         raise redis.ConnectionError("Connection reset by peer")
 
-    monkeypatch.setattr(redis_broker, "execute", execute)
+    monkeypatch.setattr(redis_broker, "execute_last", execute_last)
     with pytest.raises(BrokerConnectionError):
         broker.run_and_consume([], [Q], 3)
     assert calls == [1]
-    monkeypatch.setattr(redis_broker, "execute", real)
+    monkeypatch.setattr(redis_broker, "execute_last", real)
     assert broker.stats(Q).in_flight == (3 if when == "after-the-consume-ran" else 0)
     assert len(consume_n(broker, 5)) == 5   # what the lost reply leased comes back after its lease

@@ -248,3 +248,35 @@ def test_execute_unread_reads_every_reply_and_raises_the_first_error(redis_url, 
     finally:
         client.delete(key)
         client.close()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("hiredis_parser", [True, False])
+def test_execute_last_builds_only_the_last_reply_and_returns_the_first_error(redis_url, monkeypatch,
+                                                                             hiredis_parser):
+    """The replies before the last are stepped over (an error among them comes back typed,
+    not raised); the last one is built, also when its bytes arrived with the ones stepped
+    over, and the connection is left clean."""
+    from redis._parsers import _RESP2Parser
+    kwargs = {} if hiredis_parser else {"parser_class": _RESP2Parser}
+    scans = []
+    real_scan = _redis_pipe._scan_replies
+    monkeypatch.setattr(_redis_pipe, "_scan_replies", lambda *a: (scans.append(a[3]), real_scan(*a))[1])
+    client = redis.Redis.from_url(redis_url, socket_timeout=10, **kwargs)   # a lost reply fails, never hangs
+    key = f"stem-test-resp:{uuid.uuid4().hex}"
+    big = b"v" * 200_000   # one reply larger than the read buffer
+    try:
+        packed = _redis_pipe.pack_commands([("SET", key, big, "PX", 10_000), ("GET", key), ("LRANGE", key + ":l", 0, -1),
+                                            ("RPUSH", key + ":l", "a", "b"), ("LRANGE", key + ":l", 0, -1)])
+        assert _redis_pipe.execute_last(client, packed, 5) == (None, [b"a", b"b"])
+        packed = _redis_pipe.pack_commands([("PING",), ("INCR", key), ("EVALSHA", "0" * 40, 0), ("ECHO", "last")])
+        error, last = _redis_pipe.execute_last(client, packed, 4)
+        assert isinstance(error, redis.ResponseError) and "not an integer" in str(error)   # the first one
+        assert last == b"last"
+        error, last = _redis_pipe.execute_last(client, _redis_pipe.pack_commands([("EVALSHA", "0" * 40, 0)]), 1)
+        assert error is None and isinstance(last, redis.exceptions.NoScriptError)   # the last is returned as is
+        assert _redis_pipe.execute(client, [("PING",), ("ECHO", "x")]) == [b"PONG", b"x"]
+        assert bool(scans) == hiredis_parser
+    finally:
+        client.delete(key, key + ":l")
+        client.close()

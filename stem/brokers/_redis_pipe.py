@@ -25,7 +25,7 @@ import redis
 
 from .. import _native
 
-__all__ = ["execute", "execute_packed", "execute_unread", "pack_commands", "pack_xadds",
+__all__ = ["execute", "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds",
            "raise_first_error"]
 
 _resp = _native.load("resp")
@@ -88,7 +88,8 @@ def _skip_replies(conn: Any, n: int) -> Exception | None:
     """Read ``n`` replies straight from the socket and step over them in C without
     building them; the first error reply comes back typed (``parse_error``), else None.
     Only while the connection's hiredis reader holds nothing: the bytes read here
-    never pass through it.  Otherwise the replies are read the usual way."""
+    pass through it only when they run past the ``n``-th reply (fed to it, for the
+    replies after).  Otherwise the replies are read the usual way."""
     parser = conn._parser
     reader = getattr(parser, "_reader", None)
     sock = conn._sock
@@ -107,6 +108,8 @@ def _skip_replies(conn: Any, n: int) -> Exception | None:
             error = parser.parse_error(err[1].decode("utf-8", "replace"))
         done += count
         if done == n:
+            if pos < end:   # the start of the replies after these
+                reader.feed(bytes(buf[pos:end]))
             return error
         if pos:   # keep the unfinished reply at the front
             buf[:end - pos] = buf[pos:end]
@@ -142,6 +145,24 @@ def execute_unread(client: "redis.Redis", packed: bytes, n: int) -> None:
         pool.release(conn)
     if error is not None:
         raise error
+
+
+def execute_last(client: "redis.Redis", packed: bytes, n: int) -> tuple[Exception | None, Any]:
+    """Send ``packed`` (``n`` commands) and build only the last reply: the first ``n - 1``
+    (a settle pipeline's SETs, PUBLISHes and ack scripts before its consume) are stepped
+    over in C.  Returns (their first error reply, typed, or None; the last reply)."""
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command([packed], check_health=False)
+        error = _skip_replies(conn, n - 1)
+        last = _read_replies(conn, 1)[0]
+    except BaseException:
+        conn.disconnect()   # never hand back a connection with replies still in flight
+        raise
+    finally:
+        pool.release(conn)
+    return error, last
 
 
 def execute(client: "redis.Redis", commands: Sequence[Sequence[Any]]) -> list:

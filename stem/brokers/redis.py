@@ -66,7 +66,7 @@ from importlib import resources
 from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
 from ..errors import BrokerConnectionError, BrokerError, ConfigurationError, StemError
-from ._redis_pipe import execute, execute_unread, pack_commands, pack_xadds, raise_first_error
+from ._redis_pipe import execute, execute_last, execute_unread, pack_commands, pack_xadds, raise_first_error
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
                    Message, QueueStats, check_frame_batch, validate_queue_name)
 
@@ -386,20 +386,22 @@ class RedisBroker(Broker):
         self._declare(names)
         queue = self._rotation(names)[0]
         pipeline = [*commands, self._consume_command(queue, consumer, max_count)]
+        packed = pack_commands(pipeline)
 
         def send() -> list[Delivery]:
-            replies = execute(self._client, pipeline)
-            if isinstance(replies[-1], redis.exceptions.NoScriptError):
+            # the settle commands' replies are only checked for an error: never built
+            error, reply = execute_last(self._client, packed, len(pipeline))
+            if isinstance(reply, redis.exceptions.NoScriptError):
                 self.load_scripts()
-                replies = execute(self._client, pipeline)
-            *settled, reply = replies
+                error, reply = execute_last(self._client, packed, len(pipeline))
             out: list[Delivery] = []
             if not isinstance(reply, redis.ResponseError):
                 self._read_leased(queue, consumer, reply, out)
             try:
-                if any(isinstance(r, redis.exceptions.NoScriptError) for r in settled):
-                    settled = self.run_commands(commands)
-                raise_first_error(settled)
+                if isinstance(error, redis.exceptions.NoScriptError):
+                    self.run_commands(commands)   # loads the scripts; raises the first error left
+                elif error is not None:
+                    raise error
             except BaseException:
                 self._give_back(out)
                 raise
