@@ -117,6 +117,16 @@ class _Ed25519Signer:
                 "the frame was altered or signed with another key") from None
 
 
+def _mapping(value: Any, what: str) -> Mapping:
+    """``value`` as a mapping of key id to bytes: a bare secret is the usual slip."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{what} must map key ids to secret bytes, e.g. {{'k1': secret}}; "
+                                 f"got {type(value).__name__}")
+    return value
+
+
 class PayloadSigner:
     """Signs and verifies frame bodies with a set of keys identified by id.
 
@@ -135,9 +145,9 @@ class PayloadSigner:
         algorithm = algorithm.strip().lower() if isinstance(algorithm, str) else algorithm
         if algorithm not in ALGORITHMS:
             raise ConfigurationError(f"unknown signing algorithm {algorithm!r}; choose one of {ALGORITHMS}")
-        keys = {_check_key_id(k): _check_secret(k, v, "signing key") for k, v in dict(keys or {}).items()}
+        keys = {_check_key_id(k): _check_secret(k, v, "signing key") for k, v in _mapping(keys, "keys").items()}
         public = {_check_key_id(k): _check_secret(k, v, "public key")
-                  for k, v in dict(public_keys or {}).items()}
+                  for k, v in _mapping(public_keys, "public_keys").items()}
         if not keys and not public:
             raise ConfigurationError("PayloadSigner needs at least one key "
                                      "(STEM_SIGNING_KEYS=id:base64[,id2:base64])")

@@ -125,6 +125,8 @@ def test_active_key_must_be_one_of_the_keys():
     ({"k": "c2VjcmV0"}, "parse_keys"),
     ({"k": 12345678901234567}, "must be bytes"),
     ({}, "at least one key"),
+    (NEW, "keys must map key ids to secret bytes"),         # a bare secret, the usual slip
+    ([("k", NEW)], "keys must map key ids to secret bytes"),
 ])
 def test_bad_keys_raise_configuration_error_naming_the_fix(keys, message):
     with pytest.raises(ConfigurationError, match=message):
@@ -134,6 +136,11 @@ def test_bad_keys_raise_configuration_error_naming_the_fix(keys, message):
 def test_unknown_algorithm_is_a_configuration_error():
     with pytest.raises(ConfigurationError, match="hmac-sha256"):
         PayloadSigner({"k": NEW}, algorithm="md5")
+
+
+def test_public_keys_must_be_a_mapping_too():
+    with pytest.raises(ConfigurationError, match="public_keys must map key ids"):
+        PayloadSigner({}, algorithm="ed25519", public_keys=b"x" * 32)
 
 
 def test_public_keys_are_refused_for_hmac():
