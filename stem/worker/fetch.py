@@ -172,8 +172,8 @@ class Fetcher:
         with w._lock:
             revoked_local = set(w._revoked)
         revoked = self.revocations()
+        w._counters["received"] += len(deliveries)
         for d in deliveries:
-            w._counters["received"] += 1
             try:
                 env = decode_frame(d.frame, w.signer)
             except SignatureError as exc:

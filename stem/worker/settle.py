@@ -60,25 +60,29 @@ class Settler:
 
     # -- settling ---------------------------------------------------------------------
     def settle(self, batch: list[tuple[Job, Outcome]]) -> None:
-        self.w._observe_run_times(batch)
+        w = self.w
+        w._observe_run_times(batch)
         now = time.time()
         statuses: list[TaskStatus] = []
         acks: list[Job] = []
         later: list[tuple[Job, Outcome]] = []
+        store = w.store_results
+        worker_id = w.id
+        succeeded = TaskState.SUCCEEDED
         for job, out in batch:
             if job.settled:
                 continue
-            env = job.envelope
             if out.kind == OK:
-                self.w._counters["succeeded"] += 1
-                if self.w.store_results:
-                    statuses.append(TaskStatus(id=env.id, state=TaskState.SUCCEEDED, name=env.name, queue=env.queue,
+                if store:
+                    env = job.envelope
+                    statuses.append(TaskStatus(id=env.id, state=succeeded, name=env.name, queue=env.queue,
                                                attempt=env.attempt, result=out.result, meta=env.meta,
                                                started_at=out.started_at, finished_at=out.finished_at,
-                                               updated_at=now, worker=self.w.id))
+                                               updated_at=now, worker=worker_id))
                 acks.append(job)
             else:
                 later.append((job, out))
+        w._counters["succeeded"] += len(acks)
         deliveries = [j.delivery for j in acks]
         combined = bool(statuses) and self.w._combined_settle
         # a refill can ride along when the results go in the same round trip, or there are none
