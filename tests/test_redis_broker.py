@@ -424,3 +424,21 @@ def test_a_lost_connection_is_not_retried_since_the_consume_may_have_run(make, m
     monkeypatch.setattr(redis_broker, "execute_last", real)
     assert broker.stats(Q).in_flight == (3 if when == "after-the-consume-ran" else 0)
     assert len(consume_n(broker, 5)) == 5   # what the lost reply leased comes back after its lease
+
+
+def test_entries_are_read_by_field_name_whatever_order_they_were_written_in(make, raw, namespace):
+    """The consume script reads the fields by position when an entry has the order every
+    XADD of stem writes (t, f, p, v), and by name otherwise (an entry added by hand or by
+    another tool): both give the same delivery."""
+    broker = make(default_visibility_timeout=30.0)
+    broker.publish(msg(b"usual", vt=2.0))
+    broker.publish(msg(b"default-vt"))
+    lane0 = broker.queue_keys(Q)[0]
+    raw.xadd(lane0, {"v": 3000, "f": b"by-hand", "p": 0, "t": "hand-id"})
+    raw.xadd(lane0, {"f": b"no-vt", "t": "hand-id-2"})
+    got = consume_n(broker, 4)
+    assert [(d.frame, d.visibility_timeout) for d in got] == [
+        (b"usual", 2.0), (b"default-vt", 30.0), (b"by-hand", 3.0), (b"no-vt", 30.0)]
+    assert [d.task_id for d in got][2:] == ["hand-id", "hand-id-2"]
+    broker.ack(got)
+    assert broker.stats(Q).in_flight == 0

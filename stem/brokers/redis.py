@@ -360,7 +360,8 @@ class RedisBroker(Broker):
         """Append the deliveries a consume script's ``reply`` leased to ``out``; returns how many."""
         n = reply[0]
         leased_at = time.time()
-        for lane, entry_id, task_id, frame, d_vt_ms, count in reply[1:n + 1]:
+        values = iter(reply[1:6 * n + 1])   # six per delivery, flat
+        for lane, entry_id, task_id, frame, d_vt_ms, count in zip(values, values, values, values, values, values):
             out.append(Delivery(queue, task_id.decode(), frame, _Receipt(int(lane), entry_id.decode(), consumer),
                                 int(count), d_vt_ms / 1000.0, leased_at))
         return n

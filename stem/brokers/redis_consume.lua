@@ -8,15 +8,23 @@
 -- Every delivery gets its lease record in this same script, so no crash can leave a
 -- PEL entry that nobody would reclaim.
 -- Returns {n, d1..dn, next_delayed_ms, next_lease_ms, now_ms, last_id_lane0..9} where each
--- delivery d is {lane, entry id, task id, frame, vt ms, delivery count}; the next_* times
--- are -1 when there is none; the last ids (ids to XREAD BLOCK from) come only when n == 0.
+-- delivery d is six values in a row (flat): lane, entry id, task id, frame, vt ms, delivery
+-- count; the next_* times are -1 when there is none; the last ids (ids to XREAD BLOCK from) come only when n == 0.
 local consumer = ARGV[1]
 local count = tonumber(ARGV[2])
 local default_vt = tonumber(ARGV[3])
 local max_deliveries = tonumber(ARGV[4])
 local move_limit = tonumber(ARGV[5])
 local now = now_ms()
-local out = {}
+-- the reply, flat: out[1] = n, then six values per delivery (no table per delivery)
+local out = {0}
+local n = 0
+
+local function deliver(lane, id, t, f, vt, deliveries)
+  local i = #out
+  out[i + 1], out[i + 2], out[i + 3], out[i + 4], out[i + 5], out[i + 6] = lane, id, t, f, vt, deliveries
+  n = n + 1
+end
 
 local function vt_of(h)
   local v = tonumber(h.v) or 0
@@ -57,7 +65,7 @@ for _, member in ipairs(expired) do
       local h = fields_of(claimed[1][2])
       local vt = vt_of(h)
       redis.call('ZADD', LEASES, now + vt, member)
-      out[#out + 1] = {lane, id, h.t, h.f, vt, tonumber(pend[1][4]) + 1}
+      deliver(lane, id, h.t, h.f, vt, tonumber(pend[1][4]) + 1)
     end
   end
 end
@@ -67,42 +75,48 @@ local high_lanes = {}
 for lane = 1, NLANES - 1 do high_lanes[lane] = KEYS[lane + 1] end
 local any_high = redis.call('EXISTS', unpack(high_lanes)) > 0
 for lane = NLANES - 1, 0, -1 do
-  if #out >= count then break end
+  if n >= count then break end
   local key = KEYS[lane + 1]
   if (lane == 0 or any_high) and redis.call('EXISTS', key) == 1 then
-    local r = redis.pcall('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count - #out, 'STREAMS', key, '>')
+    local r = redis.pcall('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count - n, 'STREAMS', key, '>')
     if is_err(r) then
       redis.pcall('XGROUP', 'CREATE', key, GROUP, '0')
-      r = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count - #out, 'STREAMS', key, '>')
+      r = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count - n, 'STREAMS', key, '>')
     end
     if r then
       local leases = {}
       for _, e in ipairs(r[1][2]) do
-        local h = fields_of(e[2])
-        local vt = vt_of(h)
-        leases[#leases + 1] = now + vt
+        local f = e[2]
+        local t, frame, v
+        if f[1] == 't' and f[3] == 'f' and f[7] == 'v' then   -- the order every XADD writes
+          t, frame, v = f[2], f[4], tonumber(f[8]) or 0
+          if v <= 0 then v = default_vt end
+        else
+          local h = fields_of(f)
+          t, frame, v = h.t, h.f, vt_of(h)
+        end
+        leases[#leases + 1] = now + v
         leases[#leases + 1] = lane .. '|' .. e[1]
-        out[#out + 1] = {lane, e[1], h.t, h.f, vt, 1}
+        deliver(lane, e[1], t, frame, v, 1)
       end
       if #leases > 0 then redis.call('ZADD', LEASES, unpack(leases)) end
     end
   end
 end
 
-local reply = {#out}
-for _, d in ipairs(out) do reply[#reply + 1] = d end
-if #out > 0 then return reply end
+out[1] = n
+if n > 0 then return out end
 
 local function first_score(key)
   local r = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   if #r == 0 then return -1 end
   return tonumber(r[2])
 end
-reply[#reply + 1] = first_score(DELAYED)
-reply[#reply + 1] = first_score(LEASES)
-reply[#reply + 1] = now
+out[#out + 1] = first_score(DELAYED)
+out[#out + 1] = first_score(LEASES)
+out[#out + 1] = now
 for lane = 0, NLANES - 1 do
   local last = redis.call('XREVRANGE', KEYS[lane + 1], '+', '-', 'COUNT', 1)
-  if #last == 0 then reply[#reply + 1] = '0-0' else reply[#reply + 1] = last[1][1] end
+  if #last == 0 then out[#out + 1] = '0-0' else out[#out + 1] = last[1][1] end
 end
-return reply
+return out
