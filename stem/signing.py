@@ -117,14 +117,18 @@ class _Ed25519Signer:
                 "the frame was altered or signed with another key") from None
 
 
-def _mapping(value: Any, what: str) -> Mapping:
-    """``value`` as a mapping of key id to bytes: a bare secret is the usual slip."""
+def _mapping(value: Any, what: str) -> dict:
+    """``value`` (a mapping, or pairs) as a dict of key id to secret: a bare secret in its
+    place is the usual slip, and says so."""
     if value is None:
         return {}
-    if not isinstance(value, Mapping):
+    try:
+        if isinstance(value, (bytes, bytearray, memoryview, str)):
+            raise TypeError
+        return dict(value)
+    except (TypeError, ValueError):
         raise ConfigurationError(f"{what} must map key ids to secret bytes, e.g. {{'k1': secret}}; "
-                                 f"got {type(value).__name__}")
-    return value
+                                 f"got {type(value).__name__}") from None
 
 
 class PayloadSigner:

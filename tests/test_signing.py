@@ -126,7 +126,9 @@ def test_active_key_must_be_one_of_the_keys():
     ({"k": 12345678901234567}, "must be bytes"),
     ({}, "at least one key"),
     (NEW, "keys must map key ids to secret bytes"),         # a bare secret, the usual slip
-    ([("k", NEW)], "keys must map key ids to secret bytes"),
+    ("c2VjcmV0", "keys must map key ids to secret bytes"),
+    (12345, "keys must map key ids to secret bytes"),
+    ([NEW], "keys must map key ids to secret bytes"),        # not pairs
 ])
 def test_bad_keys_raise_configuration_error_naming_the_fix(keys, message):
     with pytest.raises(ConfigurationError, match=message):
@@ -136,6 +138,10 @@ def test_bad_keys_raise_configuration_error_naming_the_fix(keys, message):
 def test_unknown_algorithm_is_a_configuration_error():
     with pytest.raises(ConfigurationError, match="hmac-sha256"):
         PayloadSigner({"k": NEW}, algorithm="md5")
+
+
+def test_keys_may_be_given_as_pairs():
+    assert PayloadSigner([("k", NEW)]).key_ids == PayloadSigner({"k": NEW}).key_ids
 
 
 def test_public_keys_must_be_a_mapping_too():

@@ -9,7 +9,8 @@
 -- PEL entry that nobody would reclaim.
 -- Returns {n, d1..dn, next_delayed_ms, next_lease_ms, now_ms, last_id_lane0..9} where each
 -- delivery d is six values in a row (flat): lane, entry id, task id, frame, vt ms, delivery
--- count; the next_* times are -1 when there is none; the last ids (ids to XREAD BLOCK from) come only when n == 0.
+-- count; the next_* times are -1 when there is none; the last ids (ids to XREAD BLOCK
+-- from) come only when n == 0.
 local consumer = ARGV[1]
 local count = tonumber(ARGV[2])
 local default_vt = tonumber(ARGV[3])
