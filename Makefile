@@ -25,6 +25,7 @@ demo: build
 test: build
 	STEM_EXPECT_COMPILED=1 $(PY) -m pytest $(PYTEST_ARGS)
 	STEM_PURE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks/test_harness_smoke.py -p no:cacheprovider -q
 
 test-compiled: build
 	STEM_EXPECT_COMPILED=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -1,9 +1,13 @@
 """A tiny run of each benchmark harness, so they do not rot between measuring sessions.
 
-Not in the default test run (``testpaths = ["tests"]``), and skipped under
-``make bench-micro`` (``--benchmark-only``).  Run it with
+Not in the default test run (``testpaths = ["tests"]``): ``make test`` runs it once at
+the end, on the compiled build; skipped under ``make bench-micro``
+(``--benchmark-only``).  Alone:
 
     .venv/bin/python -m pytest benchmarks/test_harness_smoke.py -p no:cacheprovider -q
+
+Without Redis the tests that need it skip, unless ``STEM_REQUIRE_SERVICES=1`` (CI): then
+they fail.
 """
 
 from __future__ import annotations
@@ -31,7 +35,17 @@ def _redis_up() -> bool:
         return False
 
 
-needs_redis = pytest.mark.skipif(not _redis_up(), reason="needs Redis at 127.0.0.1:6379")
+REQUIRE_SERVICES = os.environ.get("STEM_REQUIRE_SERVICES", "") not in ("", "0")
+
+
+needs_redis = (pytest.mark.usefixtures("_redis_required") if REQUIRE_SERVICES
+               else pytest.mark.skipif(not _redis_up(), reason="needs Redis at 127.0.0.1:6379"))
+
+
+@pytest.fixture
+def _redis_required():
+    if not _redis_up():
+        pytest.fail("STEM_REQUIRE_SERVICES=1 and no Redis answers at 127.0.0.1:6379")
 
 
 @needs_redis
