@@ -35,7 +35,7 @@ def _redis_up() -> bool:
         return False
 
 
-REQUIRE_SERVICES = os.environ.get("STEM_REQUIRE_SERVICES", "") not in ("", "0")
+REQUIRE_SERVICES = os.environ.get("STEM_REQUIRE_SERVICES") == "1"   # as tests/conftest.py reads it
 
 
 needs_redis = (pytest.mark.usefixtures("_redis_required") if REQUIRE_SERVICES

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import uuid
+from types import SimpleNamespace
 
 import hiredis
 import pytest
@@ -220,63 +221,57 @@ def test_scan_replies_checks_its_bounds_and_reads_buffers(mod):
     assert mod.scan_replies(b"+OK\r\n", 0, 5, 0) == (0, 0, None)
 
 
-@pytest.mark.redis
-@pytest.mark.parametrize("hiredis_parser", [True, False])
-def test_execute_unread_reads_every_reply_and_raises_the_first_error(redis_url, monkeypatch, hiredis_parser):
-    """Replies are stepped over, not built; an error among them is raised typed once all are
-    read, and the connection is left clean.  Without the hiredis parser (or while it holds
-    bytes) the replies are read the usual way, with the same outcome."""
+@pytest.fixture(params=[True, False], ids=["hiredis", "resp2-parser"])
+def piped(request, redis_url, monkeypatch):
+    """A client with the hiredis parser or redis-py's own, a fresh key, a value larger than
+    the read buffer, and the list of ``scan_replies`` calls (the raw socket path is the one
+    taken with hiredis).  Every key under the fresh one is deleted afterwards."""
     from redis._parsers import _RESP2Parser
-    kwargs = {} if hiredis_parser else {"parser_class": _RESP2Parser}
-    scans = []
-    real_scan = _redis_pipe._scan_replies
-    monkeypatch.setattr(_redis_pipe, "_scan_replies", lambda *a: (scans.append(a[3]), real_scan(*a))[1])
-    client = redis.Redis.from_url(redis_url, **kwargs)
-    key = f"stem-test-resp:{uuid.uuid4().hex}"
-    big = b"v" * 200_000   # one reply larger than the read buffer
-    try:
-        packed = _redis_pipe.pack_commands([("SET", key, big, "PX", 10_000), ("GET", key)] * 3)
-        assert _redis_pipe.execute_unread(client, packed, 6) is None
-        packed = _redis_pipe.pack_commands([("GET", key), ("INCR", key), ("EVALSHA", "0" * 40, 0), ("PING",)])
-        with pytest.raises(redis.ResponseError) as info:
-            _redis_pipe.execute_unread(client, packed, 4)
-        assert not isinstance(info.value, redis.exceptions.NoScriptError)   # the first error, not the last
-        with pytest.raises(redis.exceptions.NoScriptError):
-            _redis_pipe.execute_unread(client, _redis_pipe.pack_commands([("EVALSHA", "0" * 40, 0)]), 1)
-        assert _redis_pipe.execute(client, [("PING",), ("ECHO", "x")]) == [b"PONG", b"x"]
-        assert bool(scans) == hiredis_parser   # the raw socket path is the one taken with hiredis
-    finally:
-        client.delete(key)
-        client.close()
-
-
-@pytest.mark.redis
-@pytest.mark.parametrize("hiredis_parser", [True, False])
-def test_execute_last_builds_only_the_last_reply_and_returns_the_first_error(redis_url, monkeypatch,
-                                                                             hiredis_parser):
-    """The replies before the last are stepped over (an error among them comes back typed,
-    not raised); the last one is built, also when its bytes arrived with the ones stepped
-    over, and the connection is left clean."""
-    from redis._parsers import _RESP2Parser
+    hiredis_parser = request.param
     kwargs = {} if hiredis_parser else {"parser_class": _RESP2Parser}
     scans = []
     real_scan = _redis_pipe._scan_replies
     monkeypatch.setattr(_redis_pipe, "_scan_replies", lambda *a: (scans.append(a[3]), real_scan(*a))[1])
     client = redis.Redis.from_url(redis_url, socket_timeout=10, **kwargs)   # a lost reply fails, never hangs
     key = f"stem-test-resp:{uuid.uuid4().hex}"
-    big = b"v" * 200_000   # one reply larger than the read buffer
-    try:
-        packed = _redis_pipe.pack_commands([("SET", key, big, "PX", 10_000), ("GET", key), ("LRANGE", key + ":l", 0, -1),
-                                            ("RPUSH", key + ":l", "a", "b"), ("LRANGE", key + ":l", 0, -1)])
-        assert _redis_pipe.execute_last(client, packed, 5) == (None, [b"a", b"b"])
-        packed = _redis_pipe.pack_commands([("PING",), ("INCR", key), ("EVALSHA", "0" * 40, 0), ("ECHO", "last")])
-        error, last = _redis_pipe.execute_last(client, packed, 4)
-        assert isinstance(error, redis.ResponseError) and "not an integer" in str(error)   # the first one
-        assert last == b"last"
-        error, last = _redis_pipe.execute_last(client, _redis_pipe.pack_commands([("EVALSHA", "0" * 40, 0)]), 1)
-        assert error is None and isinstance(last, redis.exceptions.NoScriptError)   # the last is returned as is
-        assert _redis_pipe.execute(client, [("PING",), ("ECHO", "x")]) == [b"PONG", b"x"]
-        assert bool(scans) == hiredis_parser
-    finally:
-        client.delete(key, key + ":l")
-        client.close()
+    yield SimpleNamespace(client=client, key=key, big=b"v" * 200_000, scans=scans, hiredis=hiredis_parser)
+    client.delete(*client.scan_iter(match=key + "*"))
+    client.close()
+
+
+@pytest.mark.redis
+def test_execute_unread_reads_every_reply_and_raises_the_first_error(piped):
+    """Replies are stepped over, not built; an error among them is raised typed once all are
+    read, and the connection is left clean.  Without the hiredis parser (or while it holds
+    bytes) the replies are read the usual way, with the same outcome."""
+    client, key = piped.client, piped.key
+    packed = _redis_pipe.pack_commands([("SET", key, piped.big, "PX", 10_000), ("GET", key)] * 3)
+    assert _redis_pipe.execute_unread(client, packed, 6) is None
+    packed = _redis_pipe.pack_commands([("GET", key), ("INCR", key), ("EVALSHA", "0" * 40, 0), ("PING",)])
+    with pytest.raises(redis.ResponseError) as info:
+        _redis_pipe.execute_unread(client, packed, 4)
+    assert not isinstance(info.value, redis.exceptions.NoScriptError)   # the first error, not the last
+    with pytest.raises(redis.exceptions.NoScriptError):
+        _redis_pipe.execute_unread(client, _redis_pipe.pack_commands([("EVALSHA", "0" * 40, 0)]), 1)
+    assert _redis_pipe.execute(client, [("PING",), ("ECHO", "x")]) == [b"PONG", b"x"]
+    assert bool(piped.scans) == piped.hiredis
+
+
+@pytest.mark.redis
+def test_execute_last_builds_only_the_last_reply_and_returns_the_first_error(piped):
+    """The replies before the last are stepped over (an error among them comes back typed,
+    not raised); the last one is built, also when its bytes arrived with the ones stepped
+    over, and the connection is left clean."""
+    client, key = piped.client, piped.key
+    packed = _redis_pipe.pack_commands([("SET", key, piped.big, "PX", 10_000), ("GET", key),
+                                        ("LRANGE", key + ":l", 0, -1), ("RPUSH", key + ":l", "a", "b"),
+                                        ("LRANGE", key + ":l", 0, -1)])
+    assert _redis_pipe.execute_last(client, packed, 5) == (None, [b"a", b"b"])
+    packed = _redis_pipe.pack_commands([("PING",), ("INCR", key), ("EVALSHA", "0" * 40, 0), ("ECHO", "last")])
+    error, last = _redis_pipe.execute_last(client, packed, 4)
+    assert isinstance(error, redis.ResponseError) and "not an integer" in str(error)   # the first one
+    assert last == b"last"
+    error, last = _redis_pipe.execute_last(client, _redis_pipe.pack_commands([("EVALSHA", "0" * 40, 0)]), 1)
+    assert error is None and isinstance(last, redis.exceptions.NoScriptError)   # the last is returned as is
+    assert _redis_pipe.execute(client, [("PING",), ("ECHO", "x")]) == [b"PONG", b"x"]
+    assert bool(piped.scans) == piped.hiredis

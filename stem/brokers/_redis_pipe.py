@@ -19,7 +19,7 @@ does.
 from __future__ import annotations
 
 import socket
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import redis
 
@@ -33,6 +33,7 @@ pack_commands = _resp.pack_commands
 pack_xadds = _resp.pack_xadds
 _scan_replies = _resp.scan_replies
 _READ_SIZE = 65536
+_T = TypeVar("_T")
 
 try:   # the hiredis parser's "need more bytes" marker (redis-py >= 5)
     from redis._parsers.hiredis import NOT_ENOUGH_DATA as _MORE
@@ -70,18 +71,23 @@ def _read_replies(conn: Any, n: int) -> list:
     return out
 
 
-def execute_packed(client: "redis.Redis", packed: bytes, n: int) -> list:
-    """Send ``packed`` (``n`` commands) on one pooled connection; return the ``n`` replies."""
+def _round_trip(client: "redis.Redis", packed: bytes, read: Callable[[Any], _T]) -> _T:
+    """Send ``packed`` on one pooled connection and return ``read(conn)`` (its replies)."""
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
         conn.send_packed_command([packed], check_health=False)
-        return _read_replies(conn, n)
+        return read(conn)
     except BaseException:
         conn.disconnect()   # never hand back a connection with replies still in flight
         raise
     finally:
         pool.release(conn)
+
+
+def execute_packed(client: "redis.Redis", packed: bytes, n: int) -> list:
+    """Send ``packed`` (``n`` commands) on one pooled connection; return the ``n`` replies."""
+    return _round_trip(client, packed, lambda conn: _read_replies(conn, n))
 
 
 def _skip_replies(conn: Any, n: int) -> Exception | None:
@@ -133,16 +139,7 @@ def execute_unread(client: "redis.Redis", packed: bytes, n: int) -> None:
     """Send ``packed`` (``n`` commands) whose replies the caller does not need (a batch of
     XADDs: their entry ids) and raise the first error reply among them, as
     ``raise_first_error`` would; the ``n`` replies are read but never built."""
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_packed_command([packed], check_health=False)
-        error = _skip_replies(conn, n)
-    except BaseException:
-        conn.disconnect()   # never hand back a connection with replies still in flight
-        raise
-    finally:
-        pool.release(conn)
+    error = _round_trip(client, packed, lambda conn: _skip_replies(conn, n))
     if error is not None:
         raise error
 
@@ -151,18 +148,7 @@ def execute_last(client: "redis.Redis", packed: bytes, n: int) -> tuple[Exceptio
     """Send ``packed`` (``n`` commands) and build only the last reply: the first ``n - 1``
     (a settle pipeline's SETs, PUBLISHes and ack scripts before its consume) are stepped
     over in C.  Returns (their first error reply, typed, or None; the last reply)."""
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_packed_command([packed], check_health=False)
-        error = _skip_replies(conn, n - 1)
-        last = _read_replies(conn, 1)[0]
-    except BaseException:
-        conn.disconnect()   # never hand back a connection with replies still in flight
-        raise
-    finally:
-        pool.release(conn)
-    return error, last
+    return _round_trip(client, packed, lambda conn: (_skip_replies(conn, n - 1), _read_replies(conn, 1)[0]))
 
 
 def execute(client: "redis.Redis", commands: Sequence[Sequence[Any]]) -> list:

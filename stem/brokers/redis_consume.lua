@@ -22,7 +22,7 @@ local out = {0}
 local n = 0
 
 local function deliver(lane, id, t, f, vt, deliveries)
-  local i = #out
+  local i = 1 + 6 * n
   out[i + 1], out[i + 2], out[i + 3], out[i + 4], out[i + 5], out[i + 6] = lane, id, t, f, vt, deliveries
   n = n + 1
 end
