@@ -10,6 +10,7 @@ one through its parent's.
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -24,7 +25,6 @@ __all__ = ["source_revision", "TreeMeter", "cpu_seconds", "redis_server_pid", "r
 
 def source_revision() -> str | None:
     """The checkout's commit, with "+dirty" when stem/ or _speedups/ have uncommitted changes."""
-    import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -63,7 +63,13 @@ class TreeMeter:
         return total
 
     def cpu_split(self) -> tuple[float, float]:
-        """(CPU seconds of the root process, of all its descendants)."""
+        """(CPU seconds of the root process, of all its descendants).
+
+        When the root is this process (an in-process worker), its own CPU comes
+        from ``time.process_time()``: the kernel's tick-rounded times (10 ms)
+        would make "process CPU minus the producer thread's" (nanoseconds) come
+        out negative over a short phase.
+        """
         root = kids = 0.0
         for p in self.procs():
             try:
@@ -72,7 +78,7 @@ class TreeMeter:
                 continue
             if p.pid == self.root.pid:
                 t = p.cpu_times()
-                root += t.user + t.system
+                root += time.process_time() if p.pid == os.getpid() else t.user + t.system
                 kids += t.children_user + t.children_system
             else:
                 kids += c

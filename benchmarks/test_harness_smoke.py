@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -123,3 +124,16 @@ def test_cpu_latency_reports_latencies_and_leaves_nothing_behind(yield_cpu):
     line = cpu_latency.run(REDIS_URL, yield_cpu, tasks=8, ms=1.0, concurrency=1)
     assert line.startswith(f"yield_cpu={'on' if yield_cpu else 'off'}: 8 x 1 ms tasks") and "p90" in line
     assert not list(redis.Redis.from_url(REDIS_URL).scan_iter(match="stembench-lat-*"))
+
+
+def test_in_process_cpu_is_not_rounded_to_clock_ticks():
+    """The in-process worker's CPU is process CPU minus the producer thread's: both must use one clock."""
+    from _measure import TreeMeter
+    meter = TreeMeter(os.getpid())
+    root0, _ = meter.cpu_split()
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < 0.002:   # 2 ms of CPU: under one 10 ms tick
+        pass
+    burnt = time.thread_time() - t0
+    root1, _ = meter.cpu_split()
+    assert root1 - root0 >= burnt
