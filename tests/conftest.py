@@ -44,6 +44,20 @@ def redis_url() -> str:
 
 
 @pytest.fixture
+def redis_own_db_url(redis_url):
+    """Redis db 9 of the test server, emptied before and after: for what runs in stem's
+    default namespace (the CLI, the examples), which a test cannot rename.  Tests run
+    one at a time, so one db serves them all."""
+    import redis
+    url = redis_url.rsplit("/", 1)[0] + "/9"
+    with redis.Redis.from_url(url) as r:
+        r.flushdb()
+    yield url
+    with redis.Redis.from_url(url) as r:
+        r.flushdb()
+
+
+@pytest.fixture
 def postgres_url() -> str:
     from urllib.parse import urlsplit
     u = urlsplit(POSTGRES_URL)
@@ -52,9 +66,23 @@ def postgres_url() -> str:
 
 
 @pytest.fixture
-def namespace() -> str:
-    """A key/schema namespace no other test uses."""
-    return "stemtest_" + uuid.uuid4().hex[:12]
+def namespace(request):
+    """A key/schema namespace no other test uses; on Redis, its keys go when the test ends
+    (queues, lanes, control streams and revocations have no expiry)."""
+    ns = "stemtest_" + uuid.uuid4().hex[:12]
+    yield ns
+    if "redis_url" in request.fixturenames:
+        drop_redis_keys(REDIS_URL, ns + ":*")
+
+
+def drop_redis_keys(url: str, pattern: str) -> int:
+    """Delete the keys matching ``pattern``; how many went."""
+    import redis
+    with redis.Redis.from_url(url) as r:
+        keys = list(r.scan_iter(match=pattern, count=1000))
+        if keys:
+            r.unlink(*keys)
+    return len(keys)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -204,17 +204,8 @@ def test_two_workers_on_sqlite_ping_revoke_and_shutdown(sqlite_url, tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_two_workers_on_redis_ping_revoke_and_shutdown(redis_url, tmp_path):
-    # a database of its own keeps the namespaces other tests use untouched
-    import redis
-    url = redis_url.rsplit("/", 1)[0] + "/9"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    try:
-        _two_workers_scenario(url, str(tmp_path))
-    finally:
-        client.flushdb()
-        client.close()
+def test_two_workers_on_redis_ping_revoke_and_shutdown(redis_own_db_url, tmp_path):
+    _two_workers_scenario(redis_own_db_url, str(tmp_path))
 
 
 @pytest.mark.timeout(240)

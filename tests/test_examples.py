@@ -36,8 +36,9 @@ def test_retries_and_signals_example():
 
 
 @pytest.mark.timeout(120)
-def test_redis_producer_and_worker_examples(redis_url, namespace):
-    env = {"STEM_BROKER_URL": redis_url}
+def test_redis_producer_and_worker_examples(redis_own_db_url):
+    # the examples run in the default namespace: a db of its own, so they never meet other keys
+    env = {"STEM_BROKER_URL": redis_own_db_url}
     worker = subprocess.Popen([sys.executable, os.path.join(EXAMPLES, "worker_redis.py")], cwd=EXAMPLES,
                               env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
