@@ -72,17 +72,19 @@ def namespace(request):
     ns = "stemtest_" + uuid.uuid4().hex[:12]
     yield ns
     if "redis_url" in request.fixturenames:
-        drop_redis_keys(REDIS_URL, ns + ":*")
+        import redis
+        try:
+            drop_redis_keys(REDIS_URL, ns + ":*")
+        except redis.ConnectionError:   # the test skipped (no Redis) before it wrote anything
+            pass
 
 
-def drop_redis_keys(url: str, pattern: str) -> int:
-    """Delete the keys matching ``pattern``; how many went."""
+def drop_redis_keys(url: str, pattern: str) -> None:
     import redis
     with redis.Redis.from_url(url) as r:
         keys = list(r.scan_iter(match=pattern, count=1000))
         if keys:
             r.unlink(*keys)
-    return len(keys)
 
 
 @pytest.fixture(scope="session", autouse=True)
