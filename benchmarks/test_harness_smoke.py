@@ -23,30 +23,17 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "peers"))
 
 import e2e  # noqa: E402
+from tests.conftest import require_service  # noqa: E402  (the suite's rule for services)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def _redis_up() -> bool:
-    import redis
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping()
-        return True
-    except redis.RedisError:
-        return False
-
-
-REQUIRE_SERVICES = os.environ.get("STEM_REQUIRE_SERVICES") == "1"   # as tests/conftest.py reads it
-
-
-needs_redis = (pytest.mark.usefixtures("_redis_required") if REQUIRE_SERVICES
-               else pytest.mark.skipif(not _redis_up(), reason="needs Redis at 127.0.0.1:6379"))
-
-
 @pytest.fixture
-def _redis_required():
-    if not _redis_up():
-        pytest.fail("STEM_REQUIRE_SERVICES=1 and no Redis answers at 127.0.0.1:6379")
+def _redis():
+    require_service("Redis", "127.0.0.1", 6379)   # skips, or fails under STEM_REQUIRE_SERVICES=1
+
+
+needs_redis = pytest.mark.usefixtures("_redis")
 
 
 @needs_redis

@@ -73,18 +73,12 @@ def namespace(request):
     yield ns
     if "redis_url" in request.fixturenames:
         import redis
+        from .support import drop_namespace
         try:
-            drop_redis_keys(REDIS_URL, ns + ":*")
+            with redis.Redis.from_url(REDIS_URL) as r:
+                drop_namespace(r, ns)
         except redis.ConnectionError:   # the test skipped (no Redis) before it wrote anything
             pass
-
-
-def drop_redis_keys(url: str, pattern: str) -> None:
-    import redis
-    with redis.Redis.from_url(url) as r:
-        keys = list(r.scan_iter(match=pattern, count=1000))
-        if keys:
-            r.unlink(*keys)
 
 
 @pytest.fixture(scope="session", autouse=True)

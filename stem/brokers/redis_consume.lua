@@ -27,8 +27,9 @@ local function deliver(lane, id, t, f, vt, deliveries)
   n = n + 1
 end
 
-local function vt_of(h)
-  local v = tonumber(h.v) or 0
+-- an entry's visibility timeout field (ms; missing or 0: the queue's default)
+local function vt_of(v)
+  v = tonumber(v) or 0
   if v <= 0 then v = default_vt end
   return v
 end
@@ -64,7 +65,7 @@ for _, member in ipairs(expired) do
       settle(lane, id)  -- the entry was deleted under its PEL record
     else
       local h = fields_of(claimed[1][2])
-      local vt = vt_of(h)
+      local vt = vt_of(h.v)
       redis.call('ZADD', LEASES, now + vt, member)
       deliver(lane, id, h.t, h.f, vt, tonumber(pend[1][4]) + 1)
     end
@@ -90,11 +91,10 @@ for lane = NLANES - 1, 0, -1 do
         local f = e[2]
         local t, frame, v
         if f[1] == 't' and f[3] == 'f' and f[7] == 'v' then   -- the order every XADD writes
-          t, frame, v = f[2], f[4], tonumber(f[8]) or 0
-          if v <= 0 then v = default_vt end
+          t, frame, v = f[2], f[4], vt_of(f[8])
         else
           local h = fields_of(f)
-          t, frame, v = h.t, h.f, vt_of(h)
+          t, frame, v = h.t, h.f, vt_of(h.v)
         end
         leases[#leases + 1] = now + v
         leases[#leases + 1] = lane .. '|' .. e[1]

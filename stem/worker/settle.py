@@ -84,7 +84,7 @@ class Settler:
                 later.append((job, out))
         w._counters["succeeded"] += len(acks)
         deliveries = [j.delivery for j in acks]
-        combined = bool(statuses) and self.w._combined_settle
+        combined = bool(statuses) and w._combined_settle
         # a refill can ride along when the results go in the same round trip, or there are none
         can_refill = bool(acks) and (combined or not statuses)
         if not (can_refill and self.settle_and_refill(statuses, acks, deliveries)):
@@ -92,9 +92,9 @@ class Settler:
                 if statuses:
                     self.store(statuses)
                 if deliveries:
-                    self.broker_call(self.w.broker.ack, deliveries)
+                    self.broker_call(w.broker.ack, deliveries)
             if acks:
-                self.w._forget(acks)
+                w._forget(acks)
         if acks:
             if signals.task_succeeded.receivers or signals.task_postrun.receivers:
                 outs = {id(j): o for j, o in batch}
@@ -106,7 +106,7 @@ class Settler:
                                               started_at=o.started_at, finished_at=o.finished_at)
         for job, out in later:
             self.failure(job, out)
-        self.w._counters["processed"] += len(acks) + len(later)
+        w._counters["processed"] += len(acks) + len(later)
 
     def failure(self, job: Job, out: Outcome) -> None:
         env = job.envelope
