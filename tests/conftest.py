@@ -16,6 +16,9 @@ import pytest
 REQUIRE_SERVICES = os.environ.get("STEM_REQUIRE_SERVICES") == "1"
 REDIS_URL = os.environ.get("STEM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("STEM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# The Redis db the CLI and example tests own (they run in stem's default namespace); two test
+# runs at once on one server (two checkouts) each need their own.
+REDIS_OWN_DB = int(os.environ.get("STEM_TEST_REDIS_OWN_DB", "9"))
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -45,11 +48,11 @@ def redis_url() -> str:
 
 @pytest.fixture
 def redis_own_db_url(redis_url):
-    """Redis db 9 of the test server, emptied before and after: for what runs in stem's
-    default namespace (the CLI, the examples), which a test cannot rename.  Tests run
-    one at a time, so one db serves them all."""
+    """Redis db 9 (``STEM_TEST_REDIS_OWN_DB``) of the test server, emptied before and after:
+    for what runs in stem's default namespace (the CLI, the examples), which a test cannot
+    rename.  Tests run one at a time, so one db serves them all."""
     import redis
-    url = redis_url.rsplit("/", 1)[0] + "/9"
+    url = redis_url.rsplit("/", 1)[0] + f"/{REDIS_OWN_DB}"
     with redis.Redis.from_url(url) as r:
         r.flushdb()
     yield url
