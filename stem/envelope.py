@@ -75,6 +75,9 @@ class Envelope(msgspec.Struct, array_like=True):
     hard_time_limit: float | None = None
     parent_id: str | None = None
     root_id: str | None = None
+    # option fields its producer left unset (it had no registry and was not told):
+    # the worker fills them from its handler (``stem.worker.execution.apply_handler_options``)
+    unset_options: list[str] = msgspec.field(default_factory=list)
 
 
 class FrameHeader(NamedTuple):

@@ -15,10 +15,14 @@ record as ``task_id``, ``task_name``, ``task_attempt`` and ``worker_id``
 lines say which task wrote them.  :func:`configure` puts the filter on its
 handler; add it to your own handlers (or use it in ``dictConfig``) otherwise.
 
-No log line per task at INFO: at tens of thousands of tasks per second it
-would cost more than the task.  ``configure(level="DEBUG")`` (or
-:func:`log_task_events`) connects signal receivers that log each task's
-received / started / succeeded / failed / retried lines on ``stem.task``.
+Per-task lines go to ``stem.task``, at the levels operators expect: a
+retry is a WARNING with its reason, a failure an ERROR with the traceback, a
+dead letter an ERROR with its reason, a success one INFO line with its run
+time (the worker writes these as it settles; silence them with
+``logging.getLogger("stem.task").setLevel(logging.WARNING)`` or
+``stem worker -l WARNING`` when tens of thousands of tasks a second make the
+INFO lines cost more than the tasks).  ``configure(level="DEBUG")`` (or
+:func:`log_task_events`) adds each task's received / started / revoked lines.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import traceback
 from typing import IO, Any, Callable, NamedTuple
 
 __all__ = ["configure", "TaskContextFilter", "JsonFormatter", "TextFormatter", "TaskLogContext", "current_task",
-           "run_in_task_context", "enter_task_context", "add_task_hook", "remove_task_hook", "log_task_events"]
+           "run_in_task_context", "enter_task_context", "task_extra", "add_task_hook", "remove_task_hook", "log_task_events"]
 
 task_log = logging.getLogger("stem.task")
 
@@ -219,45 +223,32 @@ def configure(level: int | str = "INFO", fmt: str = "text", *, stream: IO[str] |
 
 
 # -- per-task DEBUG lines, from the signals ---------------------------------------------
-def _extra(env: Any) -> dict[str, Any]:
+def task_extra(env: Any) -> dict[str, Any]:
     return {"task_id": env.id, "task_name": env.name, "task_attempt": env.attempt, "queue": env.queue}
 
 
 def _on_received(sender, envelope, **kw) -> None:
-    task_log.debug("received %s[%s] from %s", envelope.name, envelope.id, envelope.queue, extra=_extra(envelope))
+    task_log.debug("received %s[%s] from %s", envelope.name, envelope.id, envelope.queue, extra=task_extra(envelope))
 
 
 def _on_prerun(sender, envelope, **kw) -> None:
     task_log.debug("started %s[%s] attempt %d", envelope.name, envelope.id, envelope.attempt,
-                   extra=_extra(envelope))
-
-
-def _on_succeeded(sender, envelope, runtime=None, **kw) -> None:
-    task_log.debug("succeeded %s[%s] in %.6fs", envelope.name, envelope.id, runtime or 0.0, extra=_extra(envelope))
-
-
-def _on_retry(sender, envelope, error=None, delay=None, **kw) -> None:
-    task_log.debug("retrying %s[%s] in %.3fs: %s", envelope.name, envelope.id, delay or 0.0, error,
-                   extra=_extra(envelope))
-
-
-def _on_failed(sender, envelope, error=None, reason=None, **kw) -> None:
-    task_log.debug("failed %s[%s] (%s): %s", envelope.name, envelope.id, reason, error, extra=_extra(envelope))
+                   extra=task_extra(envelope))
 
 
 def _on_revoked(sender, envelope, reason=None, **kw) -> None:
-    task_log.debug("revoked %s[%s] (%s)", envelope.name, envelope.id, reason, extra=_extra(envelope))
+    task_log.debug("revoked %s[%s] (%s)", envelope.name, envelope.id, reason, extra=task_extra(envelope))
 
 
 def _receivers():
     from .signals import signals
     return ((signals.task_received, _on_received), (signals.task_prerun, _on_prerun),
-            (signals.task_succeeded, _on_succeeded), (signals.task_retry, _on_retry),
-            (signals.task_failed, _on_failed), (signals.task_revoked, _on_revoked))
+            (signals.task_revoked, _on_revoked))
 
 
 def log_task_events(enabled: bool = True) -> None:
-    """Connect (or disconnect) the receivers that log one DEBUG line per task event on ``stem.task``."""
+    """Connect (or disconnect) the receivers that log a DEBUG line when a task is received,
+    started or revoked, on ``stem.task`` (outcomes are logged by the worker as it settles)."""
     for signal, receiver in _receivers():
         if enabled:
             signal.connect(receiver)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any, Iterable, NamedTuple, Sequence
 
@@ -15,7 +16,7 @@ from .errors import (ConfigurationError, EncodeError, InvalidTaskOptionsError, T
 from .ids import new_task_id, new_task_ids
 from .results import TaskState, TaskStatus
 from .signals import signals
-from .task import DEFAULT_OPTIONS, TaskOptions, TaskRegistry
+from .task import DEFAULT_OPTIONS, HANDLER_FILLED, TaskOptions, TaskRegistry
 
 __all__ = ["Stem", "AsyncStem"]
 
@@ -31,12 +32,27 @@ class _Template(NamedTuple):
     visibility_timeout: float | None
     soft_time_limit: float | None
     hard_time_limit: float | None
+    unset: list[str]                 # Envelope.unset_options: [] when the producer knows the handler
 
 
 _ITEM_KEYS = frozenset({"args", "options", "meta", "headers", "countdown", "eta", "task_id"})
 _is_str = str.__instancecheck__       # all(map(_is_str, keys)): the str-key check without a Python frame per key
 # Message((...)) through tuple.__new__: a NamedTuple's own __new__ is a Python function (~0.2 us a call)
 _new_tuple = tuple.__new__
+
+
+_NONE_UNSET: list[str] = []
+_ALL_UNSET = list(HANDLER_FILLED)
+
+
+@functools.lru_cache(maxsize=256)
+def _unset_options(options: TaskOptions) -> list[str]:
+    return [f for f in HANDLER_FILLED if getattr(options, f) is None]
+
+
+def _unset_fields(options: TaskOptions | None) -> list[str]:
+    """The handler-filled fields ``options`` leaves unset (shared lists: never mutated)."""
+    return _ALL_UNSET if options is None else _unset_options(options)
 
 
 def _checked_args(name: str, args: Any) -> dict[str, Any]:
@@ -106,13 +122,20 @@ class Stem:
             raise InvalidTaskOptionsError(f"task name must be a non-empty string, got {name!r}")
         if options is not None and not isinstance(options, TaskOptions):
             raise InvalidTaskOptionsError(f"options must be a TaskOptions, got {options!r}")
+        if options is not None and (options.autoretry_for is not None or options.retry_backoff is not None):
+            raise InvalidTaskOptionsError(
+                f"task {name!r}: autoretry_for and retry_backoff are options of the handler "
+                "(@registry.task(..., options=TaskOptions(...))), not of one enqueue")
         opts = self._resolve(name, options)
         if opts.unique:
             raise InvalidTaskOptionsError(
                 f"task {name!r}: unique=True is not supported yet; deduplicate with an explicit task_id")
+        # Without the registry the handler's options are unknown here: what the caller did not
+        # set travels as unset, and the worker that runs the handler fills it in.
+        unset = _NONE_UNSET if self.registry is not None else _unset_fields(options)
         return _Template(opts.queue, opts.priority, opts.max_retries,
                          None if opts.expires is None else now + opts.expires,
-                         opts.visibility_timeout, opts.soft_time_limit, opts.hard_time_limit)
+                         opts.visibility_timeout, opts.soft_time_limit, opts.hard_time_limit, unset)
 
     def _build(self, name: str, args: dict[str, Any] | None, options: TaskOptions | None,
                meta: dict[str, Any] | None, headers: dict[str, str] | None, countdown: float | None,
@@ -120,7 +143,7 @@ class Stem:
                template: _Template | None = None) -> tuple[Envelope, Message]:
         """Validate one task (everything ``enqueue`` accepts) and frame it.  ``template``,
         when given, is ``_template(name, options, now)`` already made by the caller."""
-        queue, priority, max_retries, expires_at, visibility_timeout, soft, hard = (
+        queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset = (
             self._template(name, options, now) if template is None else template)
         args = _checked_args(name, args)
         if meta is not None and not isinstance(meta, dict):
@@ -146,7 +169,7 @@ class Stem:
         # positional: Envelope's field order is its wire format and never changes
         env = Envelope(task_id, name, args, headers or {}, meta or {}, queue, priority, 0, max_retries, now,
                        not_before, expires_at, visibility_timeout, soft, hard,
-                       None if parent is None else parent.id, None if parent is None else parent.root_id)
+                       None if parent is None else parent.id, None if parent is None else parent.root_id, unset)
         if signals.before_task_publish.receivers:
             signals.before_task_publish.send(self, envelope=env)
         frame = encode_frame(env, self.signer)
@@ -203,9 +226,9 @@ class Stem:
                     args = {}
                 elif type(args) is not dict or (args and not all(map(_is_str, args))):
                     args = _checked_args(name, args)
-                queue, priority, max_retries, expires_at, visibility_timeout, soft, hard = template
+                queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset = template
                 env = Envelope(task_id, name, args, {}, {}, queue, priority, 0, max_retries, now, None,
-                               expires_at, visibility_timeout, soft, hard, None, None)
+                               expires_at, visibility_timeout, soft, hard, None, None, unset)
                 if before.receivers:
                     before.send(self, envelope=env)
                 add_env(env)
@@ -266,9 +289,10 @@ class Stem:
                     return None
                 args = {}
             add(args)
-        queue, priority, max_retries, expires_at, visibility_timeout, soft, hard = self._template(name, options, now)
+        queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset = (
+            self._template(name, options, now))
         env = Envelope("", name, {}, {}, {}, queue, priority, 0, max_retries, now, None, expires_at,
-                       visibility_timeout, soft, hard, None, None)
+                       visibility_timeout, soft, hard, None, None, unset)
         ids = new_task_ids(len(args_list))
         try:
             frames = encode_frames(env, ids, args_list, self.signer)

@@ -41,7 +41,13 @@ def _positive(name: str, value: Any) -> None:
 class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Per-task settings.  ``None`` means "not set here": options given to
     ``enqueue`` override the handler's, which override the defaults
-    (``resolved()``).  Durations are float seconds."""
+    (``merged()``).  Durations are float seconds.
+
+    Retries: a task that raises is retried up to ``max_retries`` times.  With
+    ``autoretry_for`` (an exception class or a tuple of them) only those
+    exceptions are retried; any other fails at once.  ``retry_backoff`` (base
+    seconds) and ``retry_backoff_max`` give the task its own exponential
+    backoff with jitter instead of the worker's retry strategy."""
 
     queue: str | None = None
     max_retries: int | None = None
@@ -55,6 +61,10 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     acks_late: bool | None = None
     isolation: str | None = None
     expires: float | None = None
+    # the handler's own retry policy (options of a handler, not of one enqueue)
+    autoretry_for: tuple[type[BaseException], ...] | None = None
+    retry_backoff: float | None = None
+    retry_backoff_max: float | None = None
 
     def __post_init__(self) -> None:
         if self.queue is not None and (not isinstance(self.queue, str) or not _QUEUE_NAME.match(self.queue)):
@@ -84,6 +94,25 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
                 raise InvalidTaskOptionsError(f"{name} must be True or False, got {v!r}")
         if self.unique_for is not None and not self.unique:
             raise InvalidTaskOptionsError("unique_for needs unique=True")
+        if self.autoretry_for is not None:
+            kinds = self.autoretry_for
+            if isinstance(kinds, type):
+                kinds = (kinds,)
+                msgspec.structs.force_setattr(self, "autoretry_for", kinds)
+            if not isinstance(kinds, tuple) or not all(
+                    isinstance(k, type) and issubclass(k, BaseException) for k in kinds):
+                raise InvalidTaskOptionsError(
+                    f"autoretry_for must be an exception class or a tuple of them, got {self.autoretry_for!r}")
+        if self.retry_backoff is not None and (isinstance(self.retry_backoff, bool) or not isinstance(
+                self.retry_backoff, (int, float)) or not 0 <= self.retry_backoff < float("inf")):
+            raise InvalidTaskOptionsError(f"retry_backoff must be seconds >= 0, got {self.retry_backoff!r}")
+        _positive("retry_backoff_max", self.retry_backoff_max)
+        if self.retry_backoff_max is not None and self.retry_backoff is None:
+            raise InvalidTaskOptionsError("retry_backoff_max needs retry_backoff")
+        if (self.retry_backoff_max is not None and self.retry_backoff is not None
+                and self.retry_backoff_max < self.retry_backoff):
+            raise InvalidTaskOptionsError(
+                f"retry_backoff_max ({self.retry_backoff_max}) must be >= retry_backoff ({self.retry_backoff})")
 
     def merged(self, fallback: "TaskOptions | None") -> "TaskOptions":
         """These options, with unset fields taken from ``fallback``."""
@@ -97,6 +126,10 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     def rate_per_second(self) -> float | None:
         return None if self.rate_limit is None else parse_rate_limit(self.rate_limit)
 
+
+#: The option fields a producer without the registry leaves for the worker to fill from
+#: its handler when the caller did not set them (``Envelope.unset_options``).
+HANDLER_FILLED = ("max_retries", "soft_time_limit", "hard_time_limit", "visibility_timeout", "expires")
 
 DEFAULT_OPTIONS = TaskOptions(queue="default", max_retries=0, priority=0, acks_late=True)
 

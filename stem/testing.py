@@ -24,9 +24,18 @@ from .errors import TaskFailedError
 from .producer import Stem
 from .results import TaskState, TaskStatus
 from .task import TaskContext, TaskRegistry
-from .worker.execution import OK, run_handler
+from .worker.execution import OK, Outcome, run_handler
+from .worker.child import Result, decode_from_child, encode_message
+from .worker.settle import NOT_RETRYABLE
 
 __all__ = ["EagerStem"]
+
+
+def _as_a_worker_sees_it(out: Outcome) -> Outcome:
+    """The outcome after the trip a worker's takes (child -> supervisor, msgpack): a
+    result comes back as a real worker returns it (a datetime or a Decimal as str, a
+    tuple as a list), so a unit test sees what production sees."""
+    return decode_from_child(encode_message(Result(0, out))).outcome
 
 
 class _EagerRuntime:
@@ -73,13 +82,13 @@ class EagerStem(Stem):
         for attempt in range(env.max_retries + 1):
             ctx = TaskContext(env.id, env.name, attempt, env.meta, env.headers, env.queue, env.max_retries,
                               env.root_id, self._runtime)
-            out = run_handler(handler, ctx, env.args)
+            out = _as_a_worker_sees_it(run_handler(handler, ctx, env.args))
             if out.kind == OK:
                 self.backend.store(TaskStatus(id=env.id, state=TaskState.SUCCEEDED, name=env.name,
                                               queue=env.queue, attempt=attempt, result=out.result, meta=env.meta,
                                               started_at=out.started_at, finished_at=out.finished_at))
                 return
-            if out.reason == "result-not-encodable":
+            if out.reason in NOT_RETRYABLE or not out.retryable:
                 break
         status = TaskStatus(id=env.id, state=TaskState.FAILED, name=env.name, queue=env.queue, attempt=attempt,
                             error=out.error, error_type=out.error_type, reason=out.reason or "error",

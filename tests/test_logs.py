@@ -261,25 +261,41 @@ def test_configure_rejects_unknown_formats_and_levels(restore_logger):
         stem_logs.configure("LOUD", logger=restore_logger)
 
 
-def test_no_per_task_lines_at_info_and_one_per_event_at_debug(stack, restore_logger):
+def test_task_outcomes_are_logged_at_the_levels_operators_expect(stack, restore_logger):
     stack.registry.task("noop")(lambda ctx: None)
+
+    def boom(ctx):
+        raise ValueError("no luck")
+
+    stack.registry.task("boom", options=TaskOptions(max_retries=1))(boom)
     stream = io.StringIO()
     stem_logs.configure("INFO", "json", stream=stream, logger="stem.task")
-    restore_logger_obj = logging.getLogger("stem.task")
+    task_logger = logging.getLogger("stem.task")
     try:
-        w = stack.worker("inline")
-        stack.stem.wait_for_task(stack.stem.enqueue("noop"), timeout=20)
-        assert stream.getvalue() == ""
+        stack.worker("inline")
+        ok = stack.stem.enqueue("noop")
+        stack.stem.wait_for_task(ok, timeout=20)
+        bad = stack.stem.enqueue("boom")
+        assert stack.stem.wait_for_task(bad, timeout=20).state.value == "FAILED"
+        assert wait_until(lambda: "failed (error)" in stream.getvalue())
+        events = [json.loads(line) for line in stream.getvalue().splitlines()]
+        by_task = {tid: [(e["level"], e["message"]) for e in events if e["task_id"] == tid] for tid in (ok, bad)}
+        assert by_task[ok] == [("INFO", f"task noop[{ok}] succeeded in " + by_task[ok][0][1].rsplit(" ", 1)[1])]
+        (retry_level, retry), (fail_level, failed) = by_task[bad]
+        assert retry_level == "WARNING" and "failed (ValueError: no luck); retry 1 of 1" in retry
+        assert fail_level == "ERROR" and f"task boom[{bad}] failed (error): ValueError: no luck" in failed
+        assert "Traceback (most recent call last)" in failed and 'raise ValueError("no luck")' in failed
 
+        stream.truncate(0)
+        stream.seek(0)
         stem_logs.configure("DEBUG", "json", stream=stream, logger="stem.task")
         tid = stack.stem.enqueue("noop")
         stack.stem.wait_for_task(tid, timeout=20)
-        assert wait_until(lambda: '"succeeded' in stream.getvalue())
+        assert wait_until(lambda: "succeeded" in stream.getvalue())
         events = [json.loads(line) for line in stream.getvalue().splitlines()]
-        assert [e["message"].split()[0] for e in events] == ["received", "started", "succeeded"]
+        assert [e["message"].split()[0] for e in events] == ["received", "started", "task"]
         assert all(e["task_id"] == tid and e["task_name"] == "noop" for e in events)
-        assert w.stats()["succeeded"] == 2
     finally:
-        for h in list(restore_logger_obj.handlers):
-            restore_logger_obj.removeHandler(h)
-        restore_logger_obj.setLevel(logging.NOTSET)
+        for h in list(task_logger.handlers):
+            task_logger.removeHandler(h)
+        task_logger.setLevel(logging.NOTSET)

@@ -99,21 +99,24 @@ def test_hard_time_limit_kills_the_child_and_fails_the_task_while_others_run(set
     assert stem.wait_for_task(stem.enqueue("add", {"a": 1, "b": 1}), timeout=30).result == 2
 
 
-def test_a_task_that_kills_its_child_is_retried(setup):
-    registry, stem, worker, _ = setup
+def test_a_task_whose_child_is_killed_from_outside_is_redelivered_without_using_a_retry(setup, tmp_path):
+    registry, stem, worker, broker = setup
+    marker = str(tmp_path / "killed-once")
 
-    @registry.task("crash.once", options=TaskOptions(max_retries=1))
-    def crash_once(ctx):
-        if ctx.attempt == 0:
-            os._exit(1)
+    @registry.task("oom.victim", options=TaskOptions(max_retries=0))
+    def victim(ctx):
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)   # as the OOM killer does
         return "survived"
 
     worker().run_in_background()
-    status = stem.wait_for_task(stem.enqueue("crash.once"), timeout=30)
-    assert status.state is TaskState.SUCCEEDED and status.attempt == 1 and status.result == "survived"
+    status = stem.wait_for_task(stem.enqueue("oom.victim"), timeout=30)
+    assert status.state is TaskState.SUCCEEDED and status.attempt == 0 and status.result == "survived"
+    assert broker.dead_letters("default") == []
 
 
-def test_a_task_that_kills_its_child_without_retries_fails_as_child_crashed(setup):
+def test_a_task_that_keeps_killing_its_child_ends_dead_as_poison_while_others_run(setup):
     registry, stem, worker, broker = setup
 
     @registry.task("crash", options=TaskOptions(max_retries=0))
@@ -124,18 +127,67 @@ def test_a_task_that_kills_its_child_without_retries_fails_as_child_crashed(setu
     worker().run_in_background()
     tid = stem.enqueue("crash")
     status = stem.wait_for_task(tid, timeout=30)
-    assert status.state is TaskState.FAILED and status.reason == "child-crashed"
-    assert [d.reason for d in broker.dead_letters("default")] == ["child-crashed"]
+    assert status.state is TaskState.DEAD and status.reason == "poison" and status.attempt == 0
+    assert [d.reason for d in broker.dead_letters("default")] == ["poison"]
     assert stem.wait_for_task(stem.enqueue("add", {"a": 2, "b": 3}), timeout=30).result == 5
 
 
-def test_a_task_that_keeps_crashing_children_is_dead_lettered_as_poison(setup):
+def test_crashes_do_not_use_up_retries_and_poison_comes_after_max_crash_redeliveries(setup, tmp_path):
     registry, stem, worker, broker = setup
-    registry.task("poison", options=TaskOptions(max_retries=10))(lambda ctx: os._exit(3))
+    runs = tmp_path / "runs"
+
+    @registry.task("poison", options=TaskOptions(max_retries=10))
+    def poison(ctx):
+        with open(runs, "a") as f:
+            f.write(f"{ctx.attempt}\n")
+        os._exit(3)
+
     worker(max_crash_redeliveries=3).run_in_background()
     status = stem.wait_for_task(stem.enqueue("poison"), timeout=30)
-    assert status.state is TaskState.FAILED and status.reason == "poison" and status.attempt == 2
+    assert status.state is TaskState.DEAD and status.reason == "poison" and status.attempt == 0
+    assert runs.read_text().split() == ["0", "0", "0"]
     assert [d.reason for d in broker.dead_letters("default")] == ["poison"]
+
+
+def test_a_child_task_that_cannot_be_published_fails_the_task_that_enqueued_it(setup):
+    from stem.errors import BrokerError
+    registry, stem, worker, broker = setup
+    registry.task("child.task")(lambda ctx: "child ran")
+    registry.task("parent.task")(lambda ctx: ctx.enqueue("child.task"))
+    real_publish = broker.publish
+
+    def publish(message):
+        if message.task_id != parent_id:
+            raise BrokerError("the broker refused it")
+        real_publish(message)
+
+    parent_id = "parent-1"
+    broker.publish = publish
+    worker().run_in_background()
+    stem.enqueue("parent.task", task_id=parent_id)
+    status = stem.wait_for_task(parent_id, timeout=30)
+    assert status.state is TaskState.FAILED and status.reason == "enqueue-failed"
+    assert "child.task" in status.error and "the broker refused it" in status.error
+
+
+def test_a_verify_only_worker_fails_a_task_that_enqueues_instead_of_returning_an_id_for_nothing(setup):
+    pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    from stem import PayloadSigner
+    registry, _, worker, broker = setup
+    seed = b"\x07" * 32
+    public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    signing = PayloadSigner({"k1": seed}, algorithm="ed25519")
+    verify_only = PayloadSigner({}, public_keys={"k1": public}, algorithm="ed25519")
+    registry.task("child.task")(lambda ctx: None)
+    registry.task("parent.task")(lambda ctx: ctx.enqueue("child.task"))
+    stem = Stem(broker, setup[1].backend, registry, signing)
+    worker(signer=verify_only).run_in_background()
+    status = stem.wait_for_task(stem.enqueue("parent.task"), timeout=30)
+    assert status.state is TaskState.FAILED and status.error_type == "ConfigurationError"
+    assert "no signing key" in status.error
+    assert broker.stats("default").ready == 0
 
 
 def test_a_handler_that_blocks_forever_ends_with_its_hard_limit(setup):

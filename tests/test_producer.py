@@ -190,7 +190,7 @@ def test_envelope_fields_are_in_the_order_the_producer_builds_them_by_position()
     assert Envelope.__struct_fields__ == (
         "id", "name", "args", "headers", "meta", "queue", "priority", "attempt", "max_retries",
         "enqueued_at", "not_before", "expires_at", "visibility_timeout", "soft_time_limit",
-        "hard_time_limit", "parent_id", "root_id")
+        "hard_time_limit", "parent_id", "root_id", "unset_options")
 
 
 @pytest.mark.parametrize("item", [

@@ -33,3 +33,22 @@ def test_eager_stem_validates_like_the_real_producer():
     stem = EagerStem(TaskRegistry())
     with pytest.raises(UnknownTaskError):
         stem.enqueue("missing")
+
+
+def test_eager_results_come_back_as_a_real_worker_returns_them():
+    import datetime
+    import decimal
+    registry = TaskRegistry()
+    registry.task("typed")(lambda ctx: {"when": datetime.date(2026, 12, 7), "price": decimal.Decimal("1.50"),
+                                        "pair": (1, 2)})
+    stem = EagerStem(registry)
+    assert stem.wait_for_task(stem.enqueue("typed")).result == {"when": "2026-12-07", "price": "1.50",
+                                                                 "pair": [1, 2]}
+
+
+def test_eager_arguments_that_do_not_fit_fail_once_as_bad_arguments():
+    registry = TaskRegistry()
+    registry.task("greet", options=TaskOptions(max_retries=3))(lambda ctx, name: name)
+    stem = EagerStem(registry)
+    status = stem.wait_for_task(stem.enqueue("greet", {"nmae": "x"}), timeout=1)
+    assert status.state is TaskState.FAILED and status.reason == "bad-arguments" and status.attempt == 0

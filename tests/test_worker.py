@@ -435,3 +435,135 @@ def test_an_unexpected_error_in_consume_does_not_stop_fetching(env, monkeypatch,
     assert env.stem.wait_for_task(task_id, timeout=20).result == 3
     assert len(failures) == 2
     assert "consume failed unexpectedly" in caplog.text
+
+
+# -- who decides a task's options (issue: options applied by the producer only) ------------------
+def test_a_producer_without_the_registry_gets_the_handlers_retries_applied_by_the_worker(env, journal):
+    @env.registry.task("flaky.remote", options=TaskOptions(max_retries=2))
+    def flaky(ctx):
+        journal.add(ctx.attempt)
+        raise RuntimeError("down")
+
+    env.worker().run_in_background()
+    free = Stem(env.broker, env.backend)        # a service that does not import the tasks
+    status = env.stem.wait_for_task(free.enqueue("flaky.remote"), timeout=20)
+    assert status.state is TaskState.FAILED and status.attempt == 2
+    assert journal.lines() == ["0", "1", "2"]
+    # what the caller sets explicitly still wins over the handler
+    status = env.stem.wait_for_task(free.enqueue("flaky.remote", options=TaskOptions(max_retries=0)), timeout=20)
+    assert status.state is TaskState.FAILED and status.attempt == 0
+
+
+def test_a_producer_without_the_registry_gets_the_handlers_hard_time_limit_enforced(env, isolation):
+    if isolation != "process":
+        pytest.skip("hard time limits kill a child process")
+    env.registry.task("hard.limit", options=TaskOptions(hard_time_limit=0.5))(lambda ctx, seconds: time.sleep(seconds))
+    env.worker().run_in_background()
+    free = Stem(env.broker, env.backend)
+    t0 = time.monotonic()
+    status = env.stem.wait_for_task(free.enqueue("hard.limit", {"seconds": 20}), timeout=15)
+    assert status.state is TaskState.FAILED and status.reason == "hard-time-limit"
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_task_on_another_queue_than_its_handlers_runs_with_the_handlers_options_and_a_warning(env, caplog):
+    env.registry.task("report.build", options=TaskOptions(queue="reports", max_retries=1))(
+        lambda ctx: 1 / 0)
+    env.worker(queues=["default", "reports"]).run_in_background()
+    free = Stem(env.broker, env.backend)
+    status = env.stem.wait_for_task(free.enqueue("report.build"), timeout=20)
+    assert status.state is TaskState.FAILED and status.attempt == 1 and status.queue == "default"
+    assert "arrived on queue 'default' but its handler's queue is 'reports'" in caplog.text
+
+
+def test_apply_handler_options_fills_only_what_the_producer_left_unset():
+    from stem.envelope import Envelope
+    from stem.task import FunctionTaskHandler
+    from stem.worker.execution import apply_handler_options
+    handler = FunctionTaskHandler(lambda ctx: None, "t", TaskOptions(max_retries=3, soft_time_limit=1.0,
+                                                                      visibility_timeout=90.0, expires=5.0))
+    env = Envelope(id="a", name="t", max_retries=0, enqueued_at=100.0, soft_time_limit=2.0,
+                   unset_options=["max_retries", "visibility_timeout", "expires", "hard_time_limit"])
+    assert apply_handler_options(env, handler) is True
+    assert (env.max_retries, env.soft_time_limit, env.visibility_timeout, env.expires_at, env.hard_time_limit) == (
+        3, 2.0, 90.0, 105.0, None)
+    decided = Envelope(id="b", name="t", max_retries=0)
+    assert apply_handler_options(decided, handler) is False and decided.max_retries == 0
+
+
+def test_arguments_that_do_not_fit_the_function_fail_at_once_as_bad_arguments(env):
+    env.registry.task("greet", options=TaskOptions(max_retries=3))(lambda ctx, name: f"hi {name}")
+
+    @env.registry.task("typo.inside", options=TaskOptions(max_retries=1))
+    def typo_inside(ctx):
+        return len(5)   # a TypeError of the task's own: an ordinary error, retried
+
+    env.worker().run_in_background()
+    status = env.stem.wait_for_task(env.stem.enqueue("greet", {"nmae": "x"}), timeout=20)
+    assert status.state is TaskState.FAILED and status.reason == "bad-arguments" and status.attempt == 0
+    assert "nmae" in status.error
+    status = env.stem.wait_for_task(env.stem.enqueue("typo.inside"), timeout=20)
+    assert status.state is TaskState.FAILED and status.reason == "error" and status.attempt == 1
+
+
+def test_autoretry_for_retries_only_the_exceptions_it_names(env, journal):
+    @env.registry.task("fetch.page", options=TaskOptions(max_retries=2, autoretry_for=(ConnectionError, KeyError),
+                                                         retry_backoff=0.01))
+    def fetch_page(ctx, error):
+        journal.add(f"{error}:{ctx.attempt}")
+        raise {"conn": ConnectionResetError, "value": ValueError}[error]("x")
+
+    env.worker().run_in_background()
+    retried = env.stem.wait_for_task(env.stem.enqueue("fetch.page", {"error": "conn"}), timeout=20)
+    assert retried.state is TaskState.FAILED and retried.attempt == 2
+    failed = env.stem.wait_for_task(env.stem.enqueue("fetch.page", {"error": "value"}), timeout=20)
+    assert failed.state is TaskState.FAILED and failed.attempt == 0 and failed.error_type == "ValueError"
+    assert sorted(journal.lines()) == ["conn:0", "conn:1", "conn:2", "value:0"]
+
+
+def test_a_handlers_retry_backoff_replaces_the_workers_strategy():
+    from stem.task import FunctionTaskHandler
+    from stem.worker.engine import Job
+    from stem.envelope import Envelope
+    from stem.worker.settle import Settler
+    handler = FunctionTaskHandler(lambda ctx: None, "t", TaskOptions(retry_backoff=2.0, retry_backoff_max=5.0))
+    w = Worker(InMemoryBroker(), InMemoryResultBackend(), TaskRegistry(), retry_strategy=FixedRetryStrategy(0.01),
+               isolation="inline")
+    settler = Settler(w)
+    delays = [settler.retry_delay(Job(1, None, Envelope(id="a", name="t", attempt=n), handler)) for n in range(4)]
+    assert 1.5 <= delays[0] <= 2.0 and 3.0 <= delays[1] <= 4.0 and 3.75 <= delays[2] <= 5.0 and delays[3] <= 5.0
+    plain = FunctionTaskHandler(lambda ctx: None, "p", TaskOptions())
+    assert settler.retry_delay(Job(2, None, Envelope(id="b", name="p"), plain)) == 0.01
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"autoretry_for": "ValueError"}, "autoretry_for"),
+    ({"autoretry_for": (ValueError, int)}, "autoretry_for"),
+    ({"retry_backoff": -1}, "retry_backoff"),
+    ({"retry_backoff_max": 5.0}, "needs retry_backoff"),
+    ({"retry_backoff": 10.0, "retry_backoff_max": 5.0}, "must be >= retry_backoff"),
+])
+def test_task_options_reject_bad_retry_policies(kwargs, fragment):
+    from stem.errors import InvalidTaskOptionsError
+    with pytest.raises(InvalidTaskOptionsError, match=fragment):
+        TaskOptions(**kwargs)
+
+
+def test_autoretry_for_takes_a_single_class_and_is_refused_at_enqueue(env):
+    assert TaskOptions(autoretry_for=KeyError).autoretry_for == (KeyError,)
+    from stem.errors import InvalidTaskOptionsError
+    env.registry.task("noop")(lambda ctx: None)
+    with pytest.raises(InvalidTaskOptionsError, match="options of the handler"):
+        env.stem.enqueue("noop", options=TaskOptions(autoretry_for=KeyError))
+    assert env.broker.stats("default").ready == 0
+
+
+def test_every_dead_letter_path_of_the_worker_stores_a_dead_status(env):
+    from stem.envelope import Envelope, encode_frame
+    env.registry.task("noop")(lambda ctx: None)
+    env.broker.publish(Message("garbage", "default", b"not a frame at all"))
+    env.broker.publish(Message("unknown", "default", encode_frame(Envelope(id="unknown", name="nobody.home"))))
+    env.worker().run_in_background()
+    for tid, reason in (("garbage", "decode-error"), ("unknown", "unknown-task")):
+        status = env.stem.wait_for_task(tid, timeout=20)
+        assert status.state is TaskState.DEAD and status.reason == reason

@@ -39,10 +39,10 @@ from typing import Any
 import msgspec
 
 from ..envelope import decode_frame
-from ..errors import DecodeError, EncodeError, SoftTimeLimitExceeded, UnknownTaskError, WorkerShutdown
+from ..errors import ConfigurationError, DecodeError, EncodeError, SoftTimeLimitExceeded, UnknownTaskError, WorkerShutdown
 from ..logs import enter_task_context, run_in_task_context
 from ..task import TaskContext, TaskOptions, TaskRegistry
-from .execution import ERROR, Outcome, run_handler, run_handler_async
+from .execution import ERROR, Outcome, apply_handler_options, run_handler, run_handler_async
 from .ring import Channel, ChannelHandle
 from .sched import normal_policy
 
@@ -135,9 +135,10 @@ _ITIMER_REAL = signal.ITIMER_REAL
 class _ChildRuntime:
     """``ctx.heartbeat/progress/enqueue`` from inside a child: messages to the supervisor."""
 
-    def __init__(self, channel: Channel, registry: TaskRegistry):
+    def __init__(self, channel: Channel, registry: TaskRegistry, can_sign: bool = True):
         self.channel = channel
         self.registry = registry
+        self.can_sign = can_sign
 
     def _send(self, msg) -> None:
         self.channel.send_wait([_encode(msg)], 30.0)
@@ -150,6 +151,10 @@ class _ChildRuntime:
 
     def enqueue(self, name: str, args, options: TaskOptions | None, parent: TaskContext) -> str:
         self.registry.get(name)  # an unknown name fails in the task, like a producer's enqueue
+        if not self.can_sign:
+            raise ConfigurationError(
+                f"cannot enqueue {name!r} from a task: this worker verifies signatures but has no signing key "
+                "(STEM_SIGNING_PUBLIC_KEYS only); give it a private key (STEM_SIGNING_KEYS) to let tasks enqueue")
         new_id = uuid.uuid4().hex
         opts = None if options is None else msgspec.structs.asdict(options)
         try:
@@ -164,7 +169,7 @@ class _Child:
     def __init__(self, channel: Channel, registry: TaskRegistry, params: dict[str, Any]):
         self.channel = channel
         self.registry = registry
-        self.runtime = _ChildRuntime(channel, registry)
+        self.runtime = _ChildRuntime(channel, registry, bool(params.get("can_sign", True)))
         self.measure_rss = bool(params.get("measure_rss"))
         self.concurrency = int(params.get("child_concurrency", 1))
         self.supervisor_pid = int(params["supervisor_pid"])
@@ -208,6 +213,8 @@ class _Child:
             except UnknownTaskError as exc:
                 return None, Outcome(env.id, ERROR, None, str(exc), "UnknownTaskError", None, "unknown-task",
                                      None, time.time(), time.time())
+        if env.unset_options:
+            apply_handler_options(env, handler)   # as the supervisor did: its soft limit is ours to keep
         return (env, handler), None
 
     def context(self, env) -> TaskContext:

@@ -30,6 +30,7 @@ from ..errors import DecodeError, SignatureError, StemError, UnknownTaskError
 from ..results import TaskState
 from ..signals import signals
 from .engine import Job
+from .execution import apply_handler_options
 from .lifecycle import ShutdownMode
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class Fetcher:
         self.refilling = False          # the settle thread took the next consume over (claim_refill)
         self.refill_on_settle = True    # until the backend (or broker) says it cannot consume with its settle
         self._revoked_cache: set[str] = set()
+        self._misrouted: set[tuple[str, str]] = set()
         self._revoked_checked = 0.0
 
     def run(self) -> None:
@@ -169,6 +171,7 @@ class Fetcher:
         now = time.time()
         jobs: list[Job] = []
         accepted: list[tuple[Delivery, Any, Any]] = []
+        renew_now: set[int] = set()   # deliveries whose lease must move to the handler's timeout
         with w._lock:
             revoked_local = set(w._revoked)
         revoked = self.revocations()
@@ -185,13 +188,18 @@ class Fetcher:
             if env.id in revoked or env.id in revoked_local:
                 settler.finish_unrun(d, env, TaskState.REVOKED, "revoked")
                 continue
-            if env.expires_at is not None and env.expires_at < now:
-                settler.finish_unrun(d, env, TaskState.REVOKED, "expired")
-                continue
             try:
                 handler = w.registry.get(env.name)
             except UnknownTaskError as exc:
                 settler.dead_unrun(d, "unknown-task", str(exc), env)
+                continue
+            if env.unset_options and apply_handler_options(env, handler):
+                d.visibility_timeout = env.visibility_timeout
+                renew_now.add(id(d))
+            if handler.options.queue is not None and handler.options.queue != env.queue:
+                self.warn_misrouted(env, handler)
+            if env.expires_at is not None and env.expires_at < now:
+                settler.finish_unrun(d, env, TaskState.REVOKED, "expired")
                 continue
             if d.delivery_count > w.max_crash_redeliveries + 1 and w.isolation == "process":
                 settler.dead_unrun(d, "poison", f"delivered {d.delivery_count} times without finishing", env)
@@ -205,9 +213,21 @@ class Fetcher:
             for d, env, handler in accepted:
                 w._seq += 1
                 job = Job(w._seq, d, env, handler)
+                if renew_now and id(d) in renew_now:
+                    job.extended_at = 0.0   # the main loop renews it at its next turn
                 w._jobs[job.seq] = job
                 jobs.append(job)
         w._engine.submit_many(jobs)
+
+    def warn_misrouted(self, env: Any, handler: Any) -> None:
+        """A task published to another queue than its handler's (by a producer without
+        the registry): it runs with the handler's settings; say so once per pair."""
+        key = (env.name, env.queue)
+        if key not in self._misrouted:
+            self._misrouted.add(key)
+            log.warning("task %s arrived on queue %r but its handler's queue is %r (a producer without the "
+                        "registry?); running it here with the handler's options", env.name, env.queue,
+                        handler.options.queue)
 
     def revocations(self) -> set[str]:
         """Persistent revocations, re-read at most every REVOKE_REFRESH seconds (the control

@@ -108,6 +108,7 @@ class ProcessEngine(Engine):
         self._poll_set: _PollSet | None = None
         self._dispatcher = Dispatcher(self)
         self._crashes: dict[str, int] = {}
+        self._enqueue_failures: dict[str, str] = {}   # task id -> why a child task it enqueued was not
         self._zygote: Zygote | None = None
         self._report: Callable[[Job, Outcome], None] | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -120,7 +121,9 @@ class ProcessEngine(Engine):
         self._error: str | None = None
         self._yielding_tid: int | None = None
         self._params = {"measure_rss": self.max_memory is not None, "child_concurrency": self.child_concurrency,
-                        "supervisor_pid": os.getpid(), "worker_id": worker.id}
+                        "supervisor_pid": os.getpid(), "worker_id": worker.id,
+                        # a verify-only worker (public keys only) cannot sign what its tasks enqueue
+                        "can_sign": worker.signer is None or _can_sign(worker.signer)}
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, report: Callable[[Job, Outcome], None]) -> None:
@@ -417,9 +420,15 @@ class ProcessEngine(Engine):
                 self._stop_child(child)
         crashes = self._crashes
         report = self._report
+        failures = self._enqueue_failures
         for job, outcome in done:
             if crashes:
                 crashes.pop(job.envelope.id, None)
+            if failures:
+                failed = failures.pop(job.envelope.id, None)
+                if failed is not None and outcome.kind != ERROR:
+                    outcome = Outcome(job.envelope.id, ERROR, None, failed, "EnqueueError", None, "enqueue-failed",
+                                      None, outcome.started_at, outcome.finished_at)
             report(job, outcome)
 
     def _recycle(self, child: _Child, reason: str) -> None:
@@ -517,21 +526,25 @@ class ProcessEngine(Engine):
         self._crashes[task_id] = crashes
         if len(self._crashes) > 10_000:
             self._crashes.pop(next(iter(self._crashes)))
-        limit = self.worker.max_crash_redeliveries
-        if crashes >= limit and job.envelope.max_retries >= limit:
+        if crashes >= self.worker.max_crash_redeliveries:
             return _crashed(job, f"crashed its child {crashes} times (exit code {code}); dead-lettered as poison",
                             reason="poison")
         return _crashed(job, f"the child running it died (exit code {code})")
 
     def _enqueue_for_child(self, msg: Enqueue) -> None:
+        """Publish a task a running task enqueued (``ctx.enqueue``).  The child got its id
+        at once; if it cannot be published, the task that asked fails (its Result follows
+        this message on the same ring, ``_on_results``): never an id for nothing."""
         new_id, name, args, opts, parent_id, root_id = (msg.new_id, msg.name, msg.args, msg.options,
                                                         msg.parent_id, msg.root_id)
         try:
             options = TaskOptions(**opts) if opts else None
             parent = SimpleNamespace(id=parent_id, root_id=root_id or parent_id)
             self.worker._producer().enqueue(name, args, options=options, task_id=new_id, parent=parent)
-        except Exception:  # noqa: BLE001
-            log.exception("could not enqueue child task %s (%s) for task %s", new_id, name, parent_id)
+        except Exception as exc:  # noqa: BLE001 - any failure fails the parent, with the reason
+            log.error("could not enqueue child task %s (%s) for task %s: %s", new_id, name, parent_id, exc)
+            self._enqueue_failures[parent_id] = (f"its child task {name!r} ({new_id}) could not be enqueued: "
+                                                 f"{type(exc).__name__}: {exc}")
 
     # -- dispatch -------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -577,6 +590,11 @@ class _PollSet(NamedTuple):
     version: int                 # ProcessEngine._children_version it was built from
     children: list[_Child]
     poller: ChannelPoller        # their channels (tagged with the child), wake pipe, exit sources
+
+
+def _can_sign(signer: Any) -> bool:
+    """``PayloadSigner.can_sign``; any other signer object is taken to sign."""
+    return bool(getattr(signer, "can_sign", True))
 
 
 def _crashed(job: Job, message: str, reason: str = "child-crashed") -> Outcome:

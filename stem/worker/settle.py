@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 from ..brokers import Delivery
 from ..envelope import with_delivery
 from ..errors import StemError
+from ..logs import task_extra
 from ..results import TaskState, TaskStatus
+from ..retry import ExponentialJitterRetryStrategy
 from ..signals import signals
 from .engine import Job
 from .execution import OK, Outcome
@@ -30,8 +32,18 @@ __all__ = ["Settler"]
 
 log = logging.getLogger("stem.worker")
 
-# Failures that another attempt cannot fix.
-NOT_RETRYABLE = frozenset({"result-not-encodable", "poison", "decode-error", "unknown-task"})
+task_log = logging.getLogger("stem.task")
+
+#: Dead-letter reasons of a task that never ran to an outcome of its own: it ends DEAD.
+DEAD_REASONS = frozenset({"poison", "decode-error", "unknown-task", "signature-invalid", "max-deliveries"})
+#: Failures that another attempt cannot fix.
+NOT_RETRYABLE = DEAD_REASONS | {"result-not-encodable", "bad-arguments"}
+#: ``retry_backoff_max`` when a handler gives only ``retry_backoff``.
+DEFAULT_BACKOFF_MAX = 600.0
+
+
+def _label(env) -> str:
+    return f"{env.name}[{env.id}]"
 
 
 class Settler:
@@ -39,7 +51,9 @@ class Settler:
         self.w = worker
 
     def dead_unrun(self, d: Delivery, reason: str, error: str, env=None) -> None:
-        log.warning("task %s dead-lettered: %s (%s)", d.task_id, reason, error)
+        task_log.error("task %s dead-lettered without running: %s (%s)",
+                       _label(env) if env is not None else d.task_id, reason, error,
+                       extra=task_extra(env) if env is not None else None)
         if self.w.store_results:
             self.store([TaskStatus(id=d.task_id, state=TaskState.DEAD, name=env.name if env else "",
                                    queue=d.queue, attempt=env.attempt if env else 0, error=error, reason=reason,
@@ -50,6 +64,7 @@ class Settler:
             signals.task_dead_lettered.send(self.w, task_id=d.task_id, queue=d.queue, reason=reason)
 
     def finish_unrun(self, d: Delivery, env, state: TaskState, reason: str) -> None:
+        task_log.info("task %s %s without running (%s)", _label(env), state.value, reason, extra=task_extra(env))
         if self.w.store_results:
             self.store([TaskStatus(id=env.id, state=state, name=env.name, queue=env.queue, attempt=env.attempt,
                                    reason=reason, meta=env.meta, finished_at=time.time(), worker=self.w.id)])
@@ -96,6 +111,12 @@ class Settler:
             if acks:
                 w._forget(acks)
         if acks:
+            if task_log.isEnabledFor(logging.INFO):
+                outs = {id(j): o for j, o in batch}
+                for j in acks:
+                    o = outs[id(j)]
+                    task_log.info("task %s succeeded in %.3fs", _label(j.envelope), o.finished_at - o.started_at,
+                                  extra=task_extra(j.envelope))
             if signals.task_succeeded.receivers or signals.task_postrun.receivers:
                 outs = {id(j): o for j, o in batch}
                 for j in acks:
@@ -110,51 +131,79 @@ class Settler:
 
     def failure(self, job: Job, out: Outcome) -> None:
         env = job.envelope
-        retryable = out.reason not in NOT_RETRYABLE
-        if out.reason == "revoked":  # revoke --terminate stopped it
-            if self.w.store_results:
+        reason = out.reason or "error"
+        w = self.w
+        if reason == "revoked":  # revoke --terminate stopped it
+            task_log.warning("task %s revoked while running (terminated)", _label(env), extra=task_extra(env))
+            if w.store_results:
                 self.store([TaskStatus(id=env.id, state=TaskState.REVOKED, name=env.name, queue=env.queue,
                                        attempt=env.attempt, reason="revoked", error=out.error, meta=env.meta,
-                                       started_at=out.started_at, finished_at=out.finished_at, worker=self.w.id)])
-            self.broker_call(self.w.broker.ack, [job.delivery])
-            self.w._counters["revoked"] += 1
+                                       started_at=out.started_at, finished_at=out.finished_at, worker=w.id)])
+            self.broker_call(w.broker.ack, [job.delivery])
+            w._counters["revoked"] += 1
             if signals.task_revoked.receivers:
-                signals.task_revoked.send(self.w, envelope=env, reason="revoked")
-            self.w._forget([job])
+                signals.task_revoked.send(w, envelope=env, reason="revoked")
+            w._forget([job])
             return
-        if out.reason == "shutdown":
-            # asked to stop by a soft shutdown: give it back, do not count an attempt
-            self.broker_call(self.w.broker.nack, job.delivery, requeue=True)
-            self.w._forget([job])
+        if reason in ("shutdown", "child-crashed"):
+            # Asked to stop by a soft shutdown, or its process was killed from outside (the OOM
+            # killer, kill -9): not the task's own failure.  Give it back without counting an
+            # attempt; the delivery count (broker) and the pool's crash count still make a task
+            # that keeps killing its child poison (dead-lettered, never retried forever).
+            if reason == "child-crashed":
+                task_log.warning("task %s: %s; redelivering it (not counted against max_retries)",
+                                 _label(env), out.error, extra=task_extra(env))
+            self.broker_call(w.broker.nack, job.delivery, requeue=True)
+            w._forget([job])
             return
+        retryable = out.retryable and reason not in NOT_RETRYABLE
         if retryable and env.attempt < env.max_retries:
-            delay = out.countdown if out.countdown is not None else self.w.retry_strategy.next_delay(env.attempt)
+            delay = out.countdown if out.countdown is not None else self.retry_delay(job)
             not_before = time.time() + max(0.0, delay)
             frame = with_delivery(job.delivery.frame, attempt=env.attempt + 1, not_before=not_before)
-            if self.w.store_results:
+            task_log.warning("task %s failed (%s: %s); retry %d of %d in %.2fs", _label(env), out.error_type,
+                             out.error, env.attempt + 1, env.max_retries, delay, extra=task_extra(env))
+            if w.store_results:
                 self.store([TaskStatus(id=env.id, state=TaskState.RETRYING, name=env.name, queue=env.queue,
                                        attempt=env.attempt, error=out.error, error_type=out.error_type,
                                        reason=out.reason, traceback=out.traceback, meta=env.meta,
-                                       started_at=out.started_at, finished_at=out.finished_at, worker=self.w.id)])
-            self.broker_call(self.w.broker.retry, job.delivery, frame, not_before)
-            self.w._counters["retried"] += 1
+                                       started_at=out.started_at, finished_at=out.finished_at, worker=w.id)])
+            self.broker_call(w.broker.retry, job.delivery, frame, not_before)
+            w._counters["retried"] += 1
             if signals.task_retry.receivers:
-                signals.task_retry.send(self.w, envelope=env, error=out.error, delay=delay)
+                signals.task_retry.send(w, envelope=env, error=out.error, delay=delay)
         else:
-            reason = out.reason or "error"
-            if self.w.store_results:
-                self.store([TaskStatus(id=env.id, state=TaskState.FAILED, name=env.name, queue=env.queue,
+            dead = reason in DEAD_REASONS
+            state = TaskState.DEAD if dead else TaskState.FAILED
+            task_log.error("task %s %s (%s): %s: %s%s", _label(env), "dead-lettered" if dead else "failed", reason,
+                           out.error_type, out.error, "\n" + out.traceback.rstrip() if out.traceback else "",
+                           extra=task_extra(env))
+            if w.store_results:
+                self.store([TaskStatus(id=env.id, state=state, name=env.name, queue=env.queue,
                                        attempt=env.attempt, error=out.error, error_type=out.error_type,
                                        reason=reason, traceback=out.traceback, meta=env.meta,
-                                       started_at=out.started_at, finished_at=out.finished_at, worker=self.w.id)])
-            self.broker_call(self.w.broker.dead_letter, job.delivery, reason)
-            self.w._counters["failed"] += 1
-            if signals.task_failed.receivers:
-                signals.task_failed.send(self.w, envelope=env, error=out.error, reason=reason)
+                                       started_at=out.started_at, finished_at=out.finished_at, worker=w.id)])
+            self.broker_call(w.broker.dead_letter, job.delivery, reason)
+            w._counters["dead_lettered" if dead else "failed"] += 1
+            if dead:
+                if signals.task_dead_lettered.receivers:
+                    signals.task_dead_lettered.send(w, task_id=env.id, queue=env.queue, reason=reason)
+            elif signals.task_failed.receivers:
+                signals.task_failed.send(w, envelope=env, error=out.error, reason=reason)
         if signals.task_postrun.receivers:
-            signals.task_postrun.send(self.w, envelope=env, status=TaskState.FAILED, started_at=out.started_at,
+            signals.task_postrun.send(w, envelope=env, status=TaskState.FAILED, started_at=out.started_at,
                                       finished_at=out.finished_at)
-        self.w._forget([job])
+        w._forget([job])
+
+    def retry_delay(self, job: Job) -> float:
+        """Seconds before the next attempt: the handler's own backoff, else the worker's strategy."""
+        options = job.handler.options
+        attempt = job.envelope.attempt
+        if options.retry_backoff is not None:
+            cap = options.retry_backoff_max if options.retry_backoff_max is not None else DEFAULT_BACKOFF_MAX
+            return ExponentialJitterRetryStrategy(options.retry_backoff, max(cap, options.retry_backoff)).next_delay(
+                attempt)
+        return self.w.retry_strategy.next_delay(attempt)
 
     def settle_and_refill(self, statuses: list[TaskStatus], acks: list[Job], deliveries: list[Delivery]) -> bool:
         """When the fetcher waits for the room these acks free: store (when there are
