@@ -112,7 +112,7 @@ class InlineEngine(Engine):
             outcome = run_handler(job.handler, ctx, env.args)
         except BaseException as exc:  # an async exception landing outside the handler
             from .execution import _exception
-            outcome = _exception(env.id, exc, time.time())
+            outcome = _exception(exc, time.time(), job.handler, ctx, env.args)
         return outcome
 
     def take_backlog(self, predicate=None) -> list[Job]:
