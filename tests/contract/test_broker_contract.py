@@ -11,9 +11,9 @@ import pytest
 from stem import ShutdownMode, Stem, TaskRegistry, TaskState, Worker, WorkerLifecycleConfig
 from stem.backends.memory import InMemoryResultBackend
 from stem.brokers.base import Message
-from stem.errors import ConfigurationError
+from stem.errors import BrokerConnectionError, ConfigurationError
 
-from ..support import wait_until
+from ..support import wait_for, wait_until
 
 Q = "contract"
 
@@ -369,3 +369,28 @@ def test_a_task_whose_leases_keep_expiring_ends_dead_with_reason_max_deliveries(
     assert stem.get_status(task_id).state is TaskState.DEAD
     assert dead_letter_of(broker, task_id).reason == "max-deliveries"
     assert ran == []
+
+
+def test_a_worker_that_dies_between_the_dead_status_and_the_dead_letter_leaves_no_task_pending(make_broker,
+                                                                                                worker_env):
+    """The poison cap's crash window: the DEAD status goes in first; a delivery the worker could not
+    dead-letter any more comes back after its lease, and the next worker dead-letters it."""
+    worker_env.registry.task("never.runs")(lambda ctx: None)
+    broker = make_broker(max_deliveries=1, default_visibility_timeout=0.5)
+    stem = Stem(broker, worker_env.backend, worker_env.registry)
+    task_id = stem.enqueue("never.runs")
+    assert consume_one(broker, ("default",), timeout=10.0).delivery_count == 1   # lease left to expire
+
+    def lost(delivery, reason):
+        raise BrokerConnectionError("the worker dies before its dead letter is made")
+
+    broker.dead_letter = lost
+    first = worker_env.worker(broker)
+    wait_for(lambda: stem.get_status(task_id).state is TaskState.DEAD, what="the DEAD status")
+    assert first.shutdown(ShutdownMode.HARD, timeout=15)
+    del broker.dead_letter
+    assert broker.dead_letters("default") == []
+    worker_env.worker(broker)
+    assert dead_letter_of(broker, task_id).reason == "max-deliveries"
+    status = stem.get_status(task_id)
+    assert (status.state, status.reason) == (TaskState.DEAD, "max-deliveries")
