@@ -25,6 +25,9 @@ local now = now_ms()
 -- the reply, flat: out[1] = n, then six values per delivery (no table per delivery)
 local out = {0}
 local n = 0
+local BURY_LIMIT = 1000
+local buried = 0    -- entries without a task id dead-lettered by step (3)
+local read_to = {}  -- lane -> the last id step (3) read there, when it stopped at BURY_LIMIT
 
 local function deliver(lane, id, t, f, vt, deliveries)
   local i = 1 + 6 * n
@@ -93,9 +96,10 @@ for lane = NLANES - 1, 0, -1 do
   local key = KEYS[lane + 1]
   if (lane == 0 or any_high) and redis.call('EXISTS', key) == 1 then
     -- read again only when an entry was dead-lettered from a full batch (else the lane is drained
-    -- or n reached count): a bad entry never leaves the good ones behind it for the next call
+    -- or n reached count): bad entries never leave the good ones behind them for the next call
+    -- (up to BURY_LIMIT of them per call, which bounds how long the script can run)
     local want = count - n
-    while want > 0 do
+    while want > 0 and buried < BURY_LIMIT do
       local r = redis.pcall('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', want, 'STREAMS', key, '>')
       if is_err(r) then
         redis.pcall('XGROUP', 'CREATE', key, GROUP, '0')
@@ -112,7 +116,10 @@ for lane = NLANES - 1, 0, -1 do
         else
           local h = fields_of(f)
           t, frame, v = h.t, h.f or '', vt_of(h.v)
-          if t == nil then bury(lane, e[1], h, 'decode-error', now) end
+          if t == nil then
+            bury(lane, e[1], h, 'decode-error', now)
+            buried = buried + 1
+          end
         end
         if t ~= nil then
           leases[#leases + 1] = now + v
@@ -122,6 +129,7 @@ for lane = NLANES - 1, 0, -1 do
       end
       if #leases > 0 then redis.call('ZADD', LEASES, unpack(leases)) end
       if #entries < want then break end
+      read_to[lane] = entries[#entries][1]
       want = count - n
     end
   end
@@ -139,7 +147,11 @@ out[#out + 1] = first_score(DELAYED)
 out[#out + 1] = first_score(LEASES)
 out[#out + 1] = now
 for lane = 0, NLANES - 1 do
-  local last = redis.call('XREVRANGE', KEYS[lane + 1], '+', '-', 'COUNT', 1)
-  if #last == 0 then out[#out + 1] = '0-0' else out[#out + 1] = last[1][1] end
+  if buried >= BURY_LIMIT and read_to[lane] then
+    out[#out + 1] = read_to[lane]   -- unread entries follow: the client's XREAD returns at once
+  else
+    local last = redis.call('XREVRANGE', KEYS[lane + 1], '+', '-', 'COUNT', 1)
+    if #last == 0 then out[#out + 1] = '0-0' else out[#out + 1] = last[1][1] end
+  end
 end
 return out
