@@ -362,3 +362,20 @@ def test_results_and_acks_settle_in_one_transaction_when_broker_and_backend_shar
         assert backend.store_many_and_ack(statuses, other, []) is False       # not this database
     finally:
         other.close()
+
+
+def test_rows_written_by_hand_with_garbage_or_empty_frames_are_delivered_with_their_neighbours(pg_url, namespace,
+                                                                                             broker):
+    broker.publish(Message("first", Q, b"x"))
+    with psycopg.connect(pg_url.split("?")[0], autocommit=True) as conn:   # every column it can leave out, left out
+        conn.execute(f'INSERT INTO "{namespace}".stem_jobs (queue, task_id, available_at, frame) '
+                     "VALUES (%s, 'garbage', 0, %s), (%s, 'empty', 0, '')", (Q, b"\x00\xa7S\xff", Q))
+    broker.publish(Message("last", Q, b"y"))
+    got = broker.consume([Q], 10, 0)
+    assert [(d.task_id, bytes(d.frame), d.delivery_count) for d in got] == [
+        ("first", b"x", 1), ("garbage", b"\x00\xa7S\xff", 1), ("empty", b"", 1), ("last", b"y", 1)]
+    assert {d.visibility_timeout for d in got} == {broker.default_visibility_timeout}
+    for d in got[1:3]:
+        broker.dead_letter(d, "decode-error")
+    assert [(dl.task_id, dl.reason) for dl in broker.dead_letters(Q)] == [("garbage", "decode-error"),
+                                                                           ("empty", "decode-error")]

@@ -16,7 +16,7 @@ from stem.brokers.base import Message
 from stem.brokers.redis import N_LANES, RedisBroker
 from stem.errors import ConfigurationError
 
-from .support import drop_namespace
+from .support import drop_namespace, wait_until
 
 pytestmark = pytest.mark.redis
 Q = "jobs"
@@ -154,15 +154,17 @@ def test_a_long_lease_extension_never_creates_a_second_copy(make, raw, namespace
     assert raw.xlen(lane) == 0
 
 
-def test_leases_expiring_past_max_deliveries_go_to_the_dead_letter_queue(make):
+def test_leases_expiring_past_max_deliveries_are_reclaimed_with_their_count_for_the_consumer(make, raw, namespace):
     broker = make(max_deliveries=2, default_visibility_timeout=0.3)
     m = msg(b"poison")
     broker.publish(m)
-    assert consume_n(broker, 1)[0].delivery_count == 1
-    assert consume_n(broker, 1)[0].delivery_count == 2
-    deadline = time.monotonic() + 5
-    while not broker.dead_letters(Q) and time.monotonic() < deadline:
-        assert broker.consume([Q], 1, 0.5) == []
+    counts = [consume_n(broker, 1, consumer=f"c{i}")[0].delivery_count for i in range(4)]
+    assert counts == [1, 2, 3, 4]                  # XCLAIM counts on past the cap; nothing is buried
+    [p] = raw.xpending_range(f"{namespace}:{{q:{Q}}}:lane:0", "stem", "-", "+", 10)
+    assert (p["consumer"], p["times_delivered"]) == (b"c3", 4)
+    assert broker.dead_letters(Q) == []
+    d = consume_n(broker, 1)[0]
+    broker.dead_letter(d, "max-deliveries")       # what the worker does
     [dl] = broker.dead_letters(Q)
     assert (dl.reason, dl.task_id, bytes(dl.frame)) == ("max-deliveries", m.task_id, b"poison")
     assert broker.stats(Q)[1:] == (0, 0, 0, 1)
@@ -442,3 +444,172 @@ def test_entries_are_read_by_field_name_whatever_order_they_were_written_in(make
     assert [d.task_id for d in got][2:] == ["hand-id", "hand-id-2"]
     broker.ack(got)
     assert broker.stats(Q).in_flight == 0
+
+
+# -- entries the consume script cannot read (written by hand, by an old stem, by a bug) ---------
+
+def _lane0(namespace: str) -> str:
+    return f"{namespace}:{{q:{Q}}}:lane:0"
+
+
+def _lease_by_hand(raw, namespace: str, *, ack: bool = False) -> list[str]:
+    """Lease every entry of lane 0 as a consumer gone long ago would have (PEL + an expired lease
+    record); ``ack`` takes them out of the PEL again, as a stray XACK would.  Returns their ids."""
+    lane = _lane0(namespace)
+    raw.xgroup_create(lane, "stem", id="0", mkstream=True)
+    [(_, entries)] = raw.xreadgroup("stem", "gone", {lane: ">"})
+    ids = [e[0].decode() for e in entries]
+    raw.zadd(f"{namespace}:{{q:{Q}}}:leases", {f"0|{i}": 0 for i in ids})
+    if ack:
+        raw.xack(lane, "stem", *ids)
+    return ids
+
+
+def test_entries_without_a_task_id_are_dead_lettered_and_never_hold_back_the_entries_after_them(make, raw, namespace):
+    broker = make()
+    before = [msg(b"a%d" % i) for i in range(3)]
+    after = [msg(b"b%d" % i) for i in range(3)]
+    broker.publish_many(before)
+    raw.xadd(_lane0(namespace), {"x": "y"})                      # no field stem knows
+    raw.xadd(_lane0(namespace), {"f": b"frame-only", "p": 0})    # a frame but no task id
+    broker.publish_many(after)
+    got = broker.consume([Q], 10, 0)                             # one call: the whole batch
+    assert [d.task_id for d in got] == [m.task_id for m in before + after]
+    assert [dl.reason for dl in broker.dead_letters(Q)] == ["decode-error", "decode-error"]
+    assert [(dl.task_id, bytes(dl.frame)) for dl in broker.dead_letters(Q)] == [("", b""), ("", b"frame-only")]
+    assert broker.stats(Q)[1:] == (0, 6, 0, 2)
+    broker.ack(got)
+    assert raw.xlen(_lane0(namespace)) == 0 and raw.zcard(f"{namespace}:{{q:{Q}}}:leases") == 0
+
+
+def test_an_entry_without_a_frame_is_delivered_with_an_empty_one(make, raw, namespace):
+    broker = make()
+    raw.xadd(_lane0(namespace), {"t": "no-frame"})
+    broker.publish(msg(b"next"))
+    got = broker.consume([Q], 10, 0)
+    assert [(d.task_id, bytes(d.frame)) for d in got[:1]] == [("no-frame", b"")]
+    assert len(got) == 2 and got[0].visibility_timeout == broker.default_visibility_timeout
+
+
+def test_a_batch_filled_by_bad_entries_does_not_leave_the_good_one_behind_it_for_later(make, raw, namespace):
+    broker = make()
+    for _ in range(3):
+        raw.xadd(_lane0(namespace), {"bad": "entry"})
+    m = msg(b"good")
+    broker.publish(m)
+    t0 = time.monotonic()
+    assert [d.task_id for d in broker.consume([Q], 1, 5.0)] == [m.task_id]
+    assert time.monotonic() - t0 < 0.5                            # not after a blocking tick
+    assert broker.stats(Q).dead == 3
+
+
+def test_thousands_of_bad_entries_are_cleared_in_bounded_script_runs_without_a_blocking_tick(make, raw, namespace):
+    broker = make()
+    lane = _lane0(namespace)
+    pipe = raw.pipeline(transaction=False)
+    for i in range(2500):
+        pipe.xadd(lane, {"bad": i})
+    pipe.execute()
+    m = msg(b"good")
+    broker.publish(m)
+    runs = []
+    real = broker.run_commands
+    broker.run_commands = lambda commands: runs.append(1) or real(commands)
+    t0 = time.monotonic()
+    assert [d.task_id for d in broker.consume([Q], 10, 5.0)] == [m.task_id]
+    assert time.monotonic() - t0 < 0.9                            # no XREAD waited out its block
+    assert len(runs) == 3                                         # at most 1000 buried per script run
+    assert broker.stats(Q).dead == 2500
+
+
+@pytest.mark.parametrize("acked", [False, True], ids=["expired-lease", "lease-without-pel-entry"])
+def test_an_expired_lease_of_an_entry_without_a_task_id_is_dead_lettered_and_its_neighbours_redelivered(
+        make, raw, namespace, acked):
+    broker = make()
+    first, last = msg(b"first"), msg(b"last")
+    broker.publish(first)
+    raw.xadd(_lane0(namespace), {"f": b"orphan"})
+    broker.publish(last)
+    _lease_by_hand(raw, namespace, ack=acked)
+    got = broker.consume([Q], 10, 0)
+    assert [(d.task_id, bytes(d.frame)) for d in got] == [(first.task_id, b"first"), (last.task_id, b"last")]
+    # re-delivered from the PEL (count 2), or, outside the PEL, put back as new entries (count 1)
+    assert {d.delivery_count for d in got} == ({1} if acked else {2})
+    [dl] = broker.dead_letters(Q)
+    assert (dl.reason, dl.task_id, bytes(dl.frame)) == ("decode-error", "", b"orphan")
+    broker.ack(got)
+    assert broker.stats(Q)[1:] == (0, 0, 0, 1)
+
+
+def test_a_delayed_member_that_does_not_unpack_goes_to_the_dead_letters_not_nowhere(make, raw, namespace):
+    broker = make()
+    broker.publish(msg(b"due", not_before=time.time() + 0.2))
+    delayed = f"{namespace}:{{q:{Q}}}:delayed"
+    raw.zadd(delayed, {b"not a packed message": 0, b"abc 0 0 99 too-short": 0})
+    got = consume_n(broker, 1)
+    assert bytes(got[0].frame) == b"due"
+    dead = broker.dead_letters(Q)
+    assert sorted(bytes(dl.frame) for dl in dead) == [b"abc 0 0 99 too-short", b"not a packed message"]
+    assert {dl.reason for dl in dead} == {"decode-error"} and raw.zcard(delayed) == 0
+
+
+def test_a_task_id_that_is_not_utf8_does_not_fail_the_batch(make, raw, namespace):
+    broker = make()
+    broker.publish(msg(b"one"))
+    raw.xadd(_lane0(namespace), {"t": b"\xff\xfe", "f": b"bytes", "p": 0, "v": 0})
+    broker.publish(msg(b"three"))
+    got = broker.consume([Q], 10, 0)
+    assert [bytes(d.frame) for d in got] == [b"one", b"bytes", b"three"]
+    assert got[1].task_id == "\ufffd\ufffd"
+    broker.dead_letter(got[1], "decode-error")
+    assert broker.dead_letters(Q)[0].task_id == "\ufffd\ufffd"
+
+
+def test_an_entry_written_without_priority_or_visibility_timeout_can_be_retried_and_replayed(make, raw, namespace):
+    broker = make()
+    raw.xadd(_lane0(namespace), {"t": "bare", "f": b"v1"})
+    d = consume_n(broker, 1)[0]
+    broker.retry(d, b"v2", None)
+    d = consume_n(broker, 1)[0]
+    assert (d.task_id, bytes(d.frame), d.delivery_count) == ("bare", b"v2", 1)
+    broker.retry(d, b"v3", time.time() + 0.2)
+    d = consume_n(broker, 1)[0]
+    assert (d.task_id, bytes(d.frame)) == ("bare", b"v3")
+    broker.dead_letter(d, "error")
+    assert broker.replay(Q) == 1
+    assert (consume_n(broker, 1)[0].task_id, broker.stats(Q).dead) == ("bare", 0)
+
+
+def test_a_worker_runs_the_tasks_around_a_malformed_entry_at_once_and_dead_letters_it(redis_url, namespace, raw):
+    """Before: the entry cut the consume reply short, and the tasks after it in the batch waited
+    out their visibility timeout (again and again, until max-deliveries)."""
+    from stem import ShutdownMode, Stem, TaskRegistry, TaskState, Worker, WorkerLifecycleConfig
+    from stem.backends.redis import RedisResultBackend
+    registry = TaskRegistry()
+    registry.task("add")(lambda ctx, a, b: a + b)
+    broker = RedisBroker.from_url(redis_url, namespace=namespace, default_visibility_timeout=30.0)
+    backend = RedisResultBackend.from_url(redis_url, namespace=namespace)
+    stem = Stem(broker, backend, registry)
+    lane = f"{namespace}:{{q:default}}:lane:0"
+    ids = [stem.enqueue("add", {"a": i, "b": 1}) for i in range(3)]
+    raw.xadd(lane, {"x": "no task id, no frame"})
+    raw.xadd(lane, {"t": "no-frame"})
+    ids += [stem.enqueue("add", {"a": i, "b": 1}) for i in range(3, 6)]
+    worker = Worker(broker, backend, registry, concurrency=2,
+                    lifecycle=WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5,
+                                                    force_shutdown_after=5)).run_in_background()
+    try:
+        t0 = time.monotonic()
+        statuses = [stem.wait_for_task(i, timeout=10) for i in ids]
+        assert time.monotonic() - t0 < 10                          # a third of the visibility timeout
+        assert [(s.state, s.result) for s in statuses] == [(TaskState.SUCCEEDED, i + 1) for i in range(6)]
+        status = stem.wait_for_task("no-frame", timeout=10)       # has a task id: the worker dead-letters it
+        assert (status.state, status.reason) == (TaskState.DEAD, "decode-error")
+        assert wait_until(lambda: broker.stats("default").dead == 2)
+        assert sorted((dl.task_id, dl.reason) for dl in broker.dead_letters("default")) == [
+            ("", "decode-error"), ("no-frame", "decode-error")]
+        assert broker.stats("default")[1:3] == (0, 0)
+    finally:
+        worker.shutdown(ShutdownMode.HARD, timeout=15)
+        broker.close()
+        backend.close()

@@ -453,3 +453,56 @@ def test_results_and_acks_settle_in_one_transaction_when_broker_and_backend_shar
         broker.close()
         backend.close()
         other.close()
+
+
+# -- rows the worker cannot read -------------------------------------------------------------
+def _insert_by_hand(path: str, queue: str, rows) -> None:
+    """(task id, frame) rows as a hand-written INSERT (or another program) may leave them: SQLite
+    keeps any type, and every column that has a default is left out."""
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.executemany("INSERT INTO stem_messages (queue, task_id, available_at, frame) VALUES (?, ?, 0, ?)",
+                             [(queue, *row) for row in rows])
+    finally:
+        conn.close()
+
+
+def test_rows_of_any_type_written_by_hand_are_delivered_as_text_ids_and_byte_frames(db_url, tmp_path):
+    broker = broker_from_url(db_url)
+    try:
+        broker.publish(Message("first", Q, b"x"))
+        _insert_by_hand(str(tmp_path / "stem.db"), Q, [("text-frame", "a text frame"), (b"\xff\xfe", b"blob id"),
+                                                   (42, 4.5)])
+        broker.publish(Message("last", Q, b"y"))
+        got = broker.consume([Q], 10, 0)
+        assert [(d.task_id, d.frame) for d in got] == [
+            ("first", b"x"), ("text-frame", b"a text frame"), ("\ufffd\ufffd", b"blob id"), ("42", b"4.5"),
+            ("last", b"y")]
+        assert all(type(d.frame) is bytes and type(d.task_id) is str for d in got)
+    finally:
+        broker.close()
+
+
+def test_a_worker_dead_letters_a_text_frame_written_by_hand_and_runs_the_tasks_around_it(db_url, tmp_path):
+    """Before: the str frame raised TypeError in the worker, which lost the rest of the batch."""
+    from stem import ShutdownMode, Stem, TaskRegistry, Worker, WorkerLifecycleConfig
+    registry = TaskRegistry()
+    registry.task("add")(lambda ctx, a, b: a + b)
+    broker, backend = broker_from_url(db_url), backend_from_url(db_url)
+    stem = Stem(broker, backend, registry)
+    ids = [stem.enqueue("add", {"a": i, "b": 1}) for i in range(2)]
+    _insert_by_hand(str(tmp_path / "stem.db"), "default", [("by-hand", "not a frame")])
+    ids += [stem.enqueue("add", {"a": i, "b": 1}) for i in range(2, 4)]
+    worker = Worker(broker, backend, registry, concurrency=2, isolation="inline",
+                    lifecycle=WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5,
+                                                    force_shutdown_after=5)).run_in_background()
+    try:
+        assert [stem.wait_for_task(i, timeout=20).result for i in ids] == [1, 2, 3, 4]
+        status = stem.wait_for_task("by-hand", timeout=20)
+        assert (status.state, status.reason) == (TaskState.DEAD, "decode-error")
+        assert wait_until(lambda: [d.reason for d in broker.dead_letters("default")] == ["decode-error"])
+    finally:
+        worker.shutdown(ShutdownMode.HARD, timeout=15)
+        broker.close()
+        backend.close()

@@ -13,9 +13,19 @@ Delivery semantics, identical on every adapter (``tests/contract`` proves it):
   delivered again, to any consumer, with ``delivery_count`` + 1.
 * **Leases renew in place.**  ``extend`` pushes the lease deadline out; it never
   creates a second copy of the message.
-* **Poison cap.**  A message whose next delivery would exceed
-  ``max_deliveries`` is moved to the dead-letter queue with reason
-  ``max-deliveries`` instead of being delivered.
+* **Poison cap.**  ``consume`` never buries a message: one whose
+  ``delivery_count`` passed ``max_deliveries`` (its leases kept expiring) is
+  leased and returned like any other, and the consumer must dead-letter it
+  with reason ``max-deliveries`` without running it.  The worker
+  (``stem.worker.fetch``) stores the task's DEAD status first, then calls
+  ``dead_letter``: a crash in between only delivers it once more, whereas a
+  broker that buried it itself would leave the status PENDING for good.
+* **Nothing blocks the queue.**  A message the consumer cannot read (a
+  garbage frame, a row or entry written by hand) is delivered like any other,
+  for the consumer to dead-letter with reason ``decode-error``; it never keeps
+  the messages after it from being delivered.  What an adapter cannot hand
+  over at all (a Redis entry without a task id) it dead-letters itself, with
+  reason ``decode-error``, keeping whatever fields it has.
 * **Atomic settle.**  ``retry`` (schedule the new frame + remove the old
   delivery) and ``dead_letter`` (copy to DLQ + remove) are each one atomic
   step: a crash in between can duplicate a task, never lose it.  Settling a
@@ -144,7 +154,8 @@ class Broker(abc.ABC):
         Waits up to ``timeout`` seconds for the first one (without busy
         polling where the adapter can block), then returns what is there.
         Returns [] on timeout.  ``consumer`` names the worker for adapters that
-        track owners (Redis consumer groups).
+        track owners (Redis consumer groups).  Deliveries past ``max_deliveries``
+        come back too (see "Poison cap"): check ``delivery_count`` first.
         """
 
     @abc.abstractmethod

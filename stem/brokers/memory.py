@@ -1,7 +1,7 @@
 """The in-memory broker: a real adapter for one process (tests, demos, embedding).
 
 Same semantics as the networked brokers (leases, redelivery, delays,
-priorities, poison cap, DLQ), held in heaps under one condition variable, so
+priorities, delivery counts for the consumer's poison cap, DLQ), held in heaps under one condition variable, so
 ``consume`` sleeps until a message is due instead of polling.
 """
 
@@ -144,10 +144,7 @@ class InMemoryBroker(Broker):
             if best is None:
                 break
             _, _, rec = heapq.heappop(best)
-            rec.delivery_count += 1
-            if rec.delivery_count > self.max_deliveries:
-                self._dead(rec, "max-deliveries", now)
-                continue
+            rec.delivery_count += 1   # past max_deliveries too: the consumer dead-letters it
             receipt = next(self._receipts)
             lease_end = now + rec.visibility_timeout
             self._in_flight[receipt] = (rec, lease_end)

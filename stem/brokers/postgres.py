@@ -10,9 +10,9 @@ argument; default ``public``).  Needs psycopg 3 (``pip install
   that expired (``stem_jobs_waiting``) -- each ``FOR UPDATE SKIP LOCKED``;
   the best ``max_count`` of them are leased (``available_at = now +`` the
   row's own visibility timeout, else the consuming broker's default;
-  ``delivery_count + 1``) with ``UPDATE ...
-  RETURNING``; a row past ``max_deliveries`` moves to the DLQ in the same
-  statement.  Expired leases need no sweeper: the claim itself reclaims them.
+  ``delivery_count + 1``) with ``UPDATE ... RETURNING``, past
+  ``max_deliveries`` too (the consumer dead-letters those).  Expired leases
+  need no sweeper: the claim itself reclaims them.
 * **Publish** is one ``INSERT ... SELECT FROM unnest(...)`` round trip for a
   whole batch, with ``pg_notify`` in the same statement (so in the same
   transaction: a consumer is woken only once the rows are visible).
@@ -77,26 +77,14 @@ def _queries(s: str) -> dict[str, str]:
                         ORDER BY priority DESC, id LIMIT %(n)s
                         FOR UPDATE SKIP LOCKED) due_again
                 ) c
-                ORDER BY c.priority DESC, c.id LIMIT %(n)s),
-            poison AS (
-                DELETE FROM {jobs} j USING cand
-                WHERE j.id = cand.id AND j.delivery_count >= %(max)s
-                RETURNING j.id, j.queue, j.task_id, j.priority, j.visibility_timeout, j.frame),
-            dead AS (
-                INSERT INTO {dead} ({_DEAD_COLUMNS})
-                SELECT queue, task_id, 'max-deliveries', {NOW}, priority, visibility_timeout, frame
-                FROM poison ORDER BY id),
-            claimed AS (
-                UPDATE {jobs} j
-                SET state = 2, delivery_count = j.delivery_count + 1,
-                    available_at = {NOW} + coalesce(j.visibility_timeout, %(vt)s)
-                FROM cand
-                WHERE j.id = cand.id AND j.delivery_count < %(max)s
-                RETURNING j.id, j.queue, j.task_id, j.frame, j.delivery_count,
-                          coalesce(j.visibility_timeout, %(vt)s), cand.priority)
-            SELECT * FROM claimed
-            UNION ALL  -- a last row with id NULL counts the poisoned rows, so consume claims again at once
-            SELECT NULL, NULL, NULL, NULL, count(*)::int4, NULL, NULL FROM poison HAVING count(*) > 0""",
+                ORDER BY c.priority DESC, c.id LIMIT %(n)s)
+            UPDATE {jobs} j
+            SET state = 2, delivery_count = j.delivery_count + 1,
+                available_at = {NOW} + coalesce(j.visibility_timeout, %(vt)s)
+            FROM cand
+            WHERE j.id = cand.id
+            RETURNING j.id, j.queue, j.task_id, j.frame, j.delivery_count,
+                      coalesce(j.visibility_timeout, %(vt)s), cand.priority""",
         "next_due": f"""
             SELECT min(w.available_at) - {NOW}
             FROM unnest(%s::text[]) AS q(name) CROSS JOIN LATERAL (
@@ -244,11 +232,9 @@ class PostgresBroker(Broker):
         deadline = time.monotonic() + max(timeout, 0.0)
         while not self._closed:
             seen = self._seen(queues)
-            out, poisoned = self._claim(queues, max_count)
+            out = self._claim(queues, max_count)
             if out:
                 return out
-            if poisoned:
-                continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -266,15 +252,12 @@ class PostgresBroker(Broker):
                     self._cond.wait(wait)
         return []
 
-    def _claim(self, queues: list[str], max_count: int) -> tuple[list[Delivery], int]:
-        params = {"queues": queues, "n": max_count, "max": self.max_deliveries,
-                  "vt": self.default_visibility_timeout}
+    def _claim(self, queues: list[str], max_count: int) -> list[Delivery]:
+        params = {"queues": queues, "n": max_count, "vt": self.default_visibility_timeout}
         rows = self._fast.run(lambda conn: conn.execute(self._sql["claim"], params, binary=True).fetchall())
         now = time.time()
-        poisoned = sum(r[4] for r in rows if r[0] is None)
-        rows = [r for r in rows if r[0] is not None]
         rows.sort(key=lambda r: (-r[6], r[0]))
-        return [Delivery(r[1], r[2], r[3], r[0], r[4], r[5], now) for r in rows], poisoned
+        return [Delivery(r[1], r[2], r[3], r[0], r[4], r[5], now) for r in rows]
 
     # -- settling ---------------------------------------------------------------------
     def ack(self, deliveries: Sequence[Delivery]) -> None:

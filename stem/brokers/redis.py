@@ -12,9 +12,11 @@ How the contract in ``stem.brokers.base`` maps onto Redis:
 
 * ``consume`` runs one Lua script per queue that moves due delayed messages,
   re-delivers expired leases (``XCLAIM`` to this consumer, which counts the
-  delivery; past ``max_deliveries`` the entry is dead-lettered instead) and
+  delivery, past ``max_deliveries`` too: the consumer dead-letters those) and
   reads new entries (``XREADGROUP ... COUNT n >``), writing each lease record
-  in the same script.  ``XREADGROUP`` cannot block inside a script, so when
+  in the same script.  An entry it cannot deliver (no task id) is
+  dead-lettered there with reason ``decode-error``, never left in the way of
+  the entries after it.  ``XREADGROUP`` cannot block inside a script, so when
   nothing is there the client blocks with ``XREAD BLOCK`` (no side effects)
   on every lane from its last id, at most ``_MAX_BLOCK_S`` at a time, and
   runs the script again when something arrives.  A blocking ``XREADGROUP``
@@ -354,16 +356,19 @@ class RedisBroker(Broker):
 
     def _consume_command(self, queue: str, consumer: str, count: int) -> tuple:
         return self._evalsha(self._consume_script, queue, consumer, count, _ms(self.default_visibility_timeout),
-                             self.max_deliveries, _DELAYED_MOVE_LIMIT)
+                             _DELAYED_MOVE_LIMIT)
 
     def _read_leased(self, queue: str, consumer: str, reply: list, out: list[Delivery]) -> int:
-        """Append the deliveries a consume script's ``reply`` leased to ``out``; returns how many."""
+        """Append the deliveries a consume script's ``reply`` leased to ``out``; returns how many.
+        A task id that is not UTF-8 (an entry written by hand) is read with replacement
+        characters: raising here would drop the whole batch, leased, on the floor."""
         n = reply[0]
         leased_at = time.time()
         values = iter(reply[1:6 * n + 1])   # six per delivery, flat
         for lane, entry_id, task_id, frame, d_vt_ms, count in zip(values, values, values, values, values, values):
-            out.append(Delivery(queue, task_id.decode(), frame, _Receipt(int(lane), entry_id.decode(), consumer),
-                                int(count), d_vt_ms / 1000.0, leased_at))
+            out.append(Delivery(queue, task_id.decode("utf-8", "replace"), frame,
+                                _Receipt(int(lane), entry_id.decode(), consumer), int(count), d_vt_ms / 1000.0,
+                                leased_at))
         return n
 
     def run_and_consume(self, commands: Sequence[Sequence[Any]], queues: Sequence[str], max_count: int,
@@ -508,9 +513,10 @@ class RedisBroker(Broker):
             return []
         entries = self._call(lambda: self._client.xrange(key, "-", "+", count=limit), "dead_letters")
         out = []
-        for entry_id, fields in entries:
-            out.append(DeadLetter(entry_id.decode(), fields[b"t"].decode(), queue, fields[b"r"].decode(),
-                                  int(fields[b"at"]) / 1000.0, fields[b"f"]))
+        for entry_id, fields in entries:   # every field read leniently: a dead letter may be a bad entry's
+            out.append(DeadLetter(entry_id.decode(), fields.get(b"t", b"").decode("utf-8", "replace"), queue,
+                                  fields.get(b"r", b"").decode("utf-8", "replace"),
+                                  int(fields.get(b"at", 0)) / 1000.0, fields.get(b"f", b"")))
         return out
 
     def replay(self, queue: str, ids: Sequence[str] | None = None) -> int:

@@ -66,7 +66,7 @@ if op == 'replay' then
   end
   for _, e in ipairs(entries) do
     local h = fields_of(e[2])
-    add_ready(h.t, h.f, h.p, h.v)
+    add_ready(h.t or '', h.f or '', h.p, h.v)
     redis.call('XDEL', DEAD, e[1])
   end
   return #entries

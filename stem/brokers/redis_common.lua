@@ -18,6 +18,11 @@
 --                               "<nonce> <priority> <vt-ms> <len(task id)> <task id><frame>".
 --   N:{q:Q}:dead        STREAM  dead letters: t, f, p, v as above, r = reason, at = failed_at (ms).
 --
+-- A lane entry without t (task id) cannot be delivered: consume dead-letters it with reason
+-- "decode-error"; one without f is delivered with an empty frame (the consumer dead-letters
+-- it under its task id).  A delayed member that does not unpack goes to the dead letters
+-- whole, as f.
+--
 -- Every per-queue script gets the same KEYS:
 --   KEYS[1..10] = lanes 0..9, KEYS[11] = leases, KEYS[12] = delayed, KEYS[13] = dead.
 
@@ -54,8 +59,9 @@ local function read_entry(lane, id)
   return fields_of(r[1][2])
 end
 
+-- p and v may be missing (an entry written by hand): lane 0, the consumer's default
 local function add_ready(t, f, p, v)
-  return redis.call('XADD', KEYS[lane_of(p) + 1], '*', 't', t, 'f', f, 'p', p, 'v', v)
+  return redis.call('XADD', KEYS[lane_of(p) + 1], '*', 't', t, 'f', f, 'p', p or 0, 'v', v or 0)
 end
 
 local function pack_delayed(nonce, t, f, p, v)
@@ -66,6 +72,7 @@ local function unpack_delayed(m)
   local _, stop, _, p, v, tl = string.find(m, '^(%S+) (%-?%d+) (%d+) (%d+) ')
   if stop == nil then return nil end
   tl = tonumber(tl)
+  if stop + tl > #m then return nil end
   return string.sub(m, stop + 1, stop + tl), string.sub(m, stop + tl + 1), p, v
 end
 
@@ -77,9 +84,14 @@ local function settle(lane, id)
   redis.call('ZREM', LEASES, lane .. '|' .. id)
 end
 
-local function bury(lane, id, h, reason, now)
+-- A dead letter keeps what the message has: a missing field is stored empty (t, f) or 0 (p, v).
+local function add_dead(h, reason, now)
   redis.call('XADD', DEAD, '*', 't', h.t or '', 'f', h.f or '', 'p', h.p or 0, 'v', h.v or 0,
              'r', reason, 'at', now)
+end
+
+local function bury(lane, id, h, reason, now)
+  add_dead(h, reason, now)
   settle(lane, id)
 end
 

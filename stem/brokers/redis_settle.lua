@@ -61,9 +61,9 @@ if op == 'retry' then
   local frame, not_before = ARGV[4], tonumber(ARGV[5])
   settle(lane, id)
   if not_before > now_ms() then
-    redis.call('ZADD', DELAYED, not_before, pack_delayed(ARGV[6], h.t, frame, h.p, h.v))
+    redis.call('ZADD', DELAYED, not_before, pack_delayed(ARGV[6], h.t or '', frame, h.p or 0, h.v or 0))
   else
-    add_ready(h.t, frame, h.p, h.v)
+    add_ready(h.t or '', frame, h.p, h.v)
   end
   return 1
 end

@@ -10,8 +10,9 @@ schema lives in ``stem/_sql.py``.
   leases of the consumed queues go back to ready (state 0), then the best
   ``max_count`` ready rows (priority, then id = age) are leased with
   ``UPDATE ... RETURNING`` for their own visibility timeout (a message
-  without one: the consuming broker's ``default_visibility_timeout``).  A row whose
-  next delivery would pass ``max_deliveries`` moves to the DLQ instead.
+  without one: the consuming broker's ``default_visibility_timeout``), past
+  ``max_deliveries`` too (the consumer dead-letters those).  Task id and frame
+  come back as text and bytes whatever a hand-written row holds.
 * **Settle.**  ``ack`` deletes rows (batched); ``retry`` deletes the row and
   inserts the new frame in one transaction; ``dead_letter`` copies then
   deletes in one transaction.  Receipts are row ids, never reused
@@ -136,11 +137,9 @@ class SqliteBroker(Broker):
                     next_due = None
                     check_first = False
             if not check_first:
-                out, poisoned = self._claim(queues, max_count)
+                out = self._claim(queues, max_count)
                 if out:
                     return out
-                if poisoned:
-                    continue
                 check_first = True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -167,34 +166,35 @@ class SqliteBroker(Broker):
                     next_due = due
         return ready, next_due
 
-    def _claim(self, queues: list[str], max_count: int) -> tuple[list[Delivery], int]:
+    def _claim(self, queues: list[str], max_count: int) -> list[Delivery]:
         with self._db.write() as conn:
             now = time.time()
             conn.execute(f"UPDATE stem_messages SET state = 0 WHERE queue IN ({_marks(len(queues))}) "
                          "AND state <> 0 AND available_at <= ?", (*queues, now))
-            candidates: list[tuple[int, int, int]] = []
+            candidates: list[tuple[int, int]] = []
             for q in queues:
                 candidates += conn.execute(
-                    "SELECT id, priority, delivery_count FROM stem_messages WHERE queue = ? AND state = 0 "
+                    "SELECT id, priority FROM stem_messages WHERE queue = ? AND state = 0 "
                     "ORDER BY priority DESC, id LIMIT ?", (q, max_count)).fetchall()
             if len(queues) > 1:
                 candidates.sort(key=lambda c: (-c[1], c[0]))
                 del candidates[max_count:]
-            poison = [c[0] for c in candidates if c[2] >= self.max_deliveries]
-            if poison:
-                self._dead(conn, poison, "max-deliveries", now)
-            take = [c[0] for c in candidates if c[2] < self.max_deliveries]
-            if not take:
-                return [], len(poison)
+            if not candidates:
+                return []
+            take = [c[0] for c in candidates]
             vt = self.default_visibility_timeout
+            # SQLite keeps what a hand-written row holds (text in the frame column, a blob that
+            # is not UTF-8 as task id): both are read as bytes, so no row can fail the whole
+            # claim or reach the worker as anything but bytes it can dead-letter
             rows = conn.execute(
                 "UPDATE stem_messages SET state = 2, delivery_count = delivery_count + 1, "
                 f"available_at = ? + coalesce(visibility_timeout, ?) WHERE id IN ({_marks(len(take))}) "
-                "RETURNING id, queue, task_id, frame, delivery_count, coalesce(visibility_timeout, ?)",
+                "RETURNING id, queue, CAST(task_id AS BLOB), CAST(frame AS BLOB), delivery_count, "
+                "coalesce(visibility_timeout, ?)",
                 (now, vt, *take, vt)).fetchall()
         order = {i: n for n, i in enumerate(take)}
         rows.sort(key=lambda r: order[r[0]])
-        return [Delivery(r[1], r[2], r[3], r[0], r[4], r[5], now) for r in rows], len(poison)
+        return [Delivery(r[1], r[2].decode("utf-8", "replace"), r[3], r[0], r[4], r[5], now) for r in rows]
 
     # -- settling ---------------------------------------------------------------------
     def ack(self, deliveries: Sequence[Delivery]) -> None:

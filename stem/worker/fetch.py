@@ -46,6 +46,14 @@ FETCH_BLOCK_SECONDS = 0.25
 REVOKE_REFRESH = 1.0
 
 
+def _decoded_or_none(d: Delivery, signer: Any):
+    """The delivery's envelope (for the task name in its DEAD status), or None: never raises."""
+    try:
+        return decode_frame(d.frame, signer)
+    except Exception:  # noqa: BLE001 - best effort: the delivery is dead-lettered either way
+        return None
+
+
 class Fetcher:
     def __init__(self, worker: "Worker"):
         self.w = worker
@@ -176,7 +184,13 @@ class Fetcher:
             revoked_local = set(w._revoked)
         revoked = self.revocations()
         w._counters["received"] += len(deliveries)
+        max_deliveries = w.broker.max_deliveries
         for d in deliveries:
+            if d.delivery_count > max_deliveries:
+                # the broker's poison cap (base.Broker): the DEAD status goes in before the dead letter
+                settler.dead_unrun(d, "max-deliveries", f"delivered {d.delivery_count} times, more than the "
+                                   f"broker's max_deliveries={max_deliveries}", _decoded_or_none(d, w.signer))
+                continue
             try:
                 env = decode_frame(d.frame, w.signer)
             except SignatureError as exc:

@@ -8,8 +8,12 @@ import uuid
 
 import pytest
 
+from stem import ShutdownMode, Stem, TaskRegistry, TaskState, Worker, WorkerLifecycleConfig
+from stem.backends.memory import InMemoryResultBackend
 from stem.brokers.base import Message
-from stem.errors import ConfigurationError
+from stem.errors import BrokerConnectionError, ConfigurationError
+
+from ..support import wait_for, wait_until
 
 Q = "contract"
 
@@ -191,14 +195,43 @@ def test_nack_without_requeue_dead_letters_as_rejected(broker):
     assert dl.reason == "rejected"
 
 
-def test_message_past_max_deliveries_goes_to_dead_letters(make_broker):
+def test_a_message_past_max_deliveries_is_delivered_with_its_count_for_the_consumer_to_dead_letter(make_broker):
     broker = make_broker(max_deliveries=2)
-    broker.publish(msg(vt=60))
+    m = msg(b"poison", vt=60)
+    broker.publish(m)
     broker.nack(consume_one(broker), requeue=True)
     broker.nack(consume_one(broker), requeue=True)
-    assert broker.consume([Q], 1, 0.5) == []
+    third = consume_one(broker, timeout=2.0)
+    assert (third.task_id, bytes(third.frame), third.delivery_count) == (m.task_id, b"poison", 3)
+    assert broker.dead_letters(Q) == []          # the broker buries nothing by itself
+    broker.dead_letter(third, "max-deliveries")
     [dl] = broker.dead_letters(Q)
-    assert dl.reason == "max-deliveries"
+    assert (dl.task_id, dl.reason, bytes(dl.frame)) == (m.task_id, "max-deliveries", b"poison")
+    assert broker.stats(Q)[1:] == (0, 0, 0, 1)
+
+
+def test_leases_that_keep_expiring_past_max_deliveries_are_still_delivered_never_buried(make_broker):
+    """A consumer that dies before it dead-letters a delivery past the cap only gets it back."""
+    broker = make_broker(max_deliveries=1, default_visibility_timeout=0.3)
+    m = msg(b"expiring")
+    broker.publish(m)
+    counts = [consume_one(broker, timeout=10.0).delivery_count for _ in range(3)]   # never settled
+    assert counts == [1, 2, 3]
+    assert broker.dead_letters(Q) == []
+    assert broker.stats(Q).dead == 0
+
+
+def test_garbage_and_empty_frames_between_valid_ones_are_delivered_with_them(broker):
+    frames = [b"valid-1", b"\x00garbage\xff", b"", b"valid-2", b"\xa7S\x01", b"valid-3"]
+    sent = [msg(f) for f in frames]
+    broker.publish_many(sent)
+    got = broker.consume([Q], 10, 5.0)
+    while len(got) < len(frames):
+        more = broker.consume([Q], 10, 2.0)
+        assert more, f"only {len(got)} of {len(frames)} delivered"
+        got += more
+    assert [(d.task_id, bytes(d.frame)) for d in got] == [(m.task_id, m.frame) for m in sent]
+    assert broker.stats(Q)[1:] == (0, len(frames), 0, 0)
 
 
 def test_consume_from_several_queues(broker):
@@ -272,3 +305,92 @@ def test_publish_frames_refuses_mismatched_lists(broker):
     with pytest.raises(ConfigurationError, match="2 task ids for 1 frames"):
         broker.publish_frames(Q, ["a", "b"], [b"x"])
     assert broker.stats(Q).ready == 0
+
+
+# -- with a real worker: what the consumer side of the contract needs -------------------------
+@pytest.fixture
+def worker_env():
+    """A registry, an in-memory result backend and a factory of in-process workers (all stopped at
+    the end) on the broker under test."""
+    workers = []
+
+    class Env:
+        registry = TaskRegistry()
+        backend = InMemoryResultBackend()
+
+        def worker(self, broker):
+            w = Worker(broker, self.backend, self.registry, concurrency=2, isolation="inline",
+                       lifecycle=WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5,
+                                                       force_shutdown_after=5))
+            workers.append(w)
+            return w.run_in_background()
+
+    yield Env()
+    for w in workers:
+        w.shutdown(ShutdownMode.HARD, timeout=15)
+
+
+def dead_letter_of(broker, task_id, queue="default", timeout=10.0):
+    """The DEAD status is stored before the dead-letter copy is made: wait for the copy."""
+    found = []
+    assert wait_until(lambda: found.extend(d for d in broker.dead_letters(queue) if d.task_id == task_id)
+                      or found, timeout=timeout), f"{task_id} never reached the dead letters"
+    return found[0]
+
+
+def test_a_worker_dead_letters_garbage_frames_as_decode_error_and_runs_the_tasks_around_them(broker, worker_env):
+    worker_env.registry.task("add")(lambda ctx, a, b: a + b)
+    stem = Stem(broker, worker_env.backend, worker_env.registry)
+    ids = [stem.enqueue("add", {"a": i, "b": 1}) for i in range(3)]
+    broker.publish_many([Message("garbage", "default", b"\x00not a frame\xff"), Message("empty", "default", b"")])
+    ids += [stem.enqueue("add", {"a": i, "b": 1}) for i in range(3, 6)]
+    worker_env.worker(broker)
+    assert [stem.wait_for_task(i, timeout=20).result for i in ids] == [i + 1 for i in range(6)]
+    for bad in ("garbage", "empty"):
+        status = stem.wait_for_task(bad, timeout=20)
+        assert (status.state, status.reason) == (TaskState.DEAD, "decode-error")
+        assert dead_letter_of(broker, bad).reason == "decode-error"
+
+
+def test_a_task_whose_leases_keep_expiring_ends_dead_with_reason_max_deliveries(make_broker, worker_env):
+    """A consumer that never settles (a worker killed each time) holds the task past the cap; the
+    next worker stores its DEAD status, then dead-letters it, and never runs it."""
+    ran = []
+    worker_env.registry.task("never.runs")(lambda ctx: ran.append(ctx.id))
+    broker = make_broker(max_deliveries=2, default_visibility_timeout=0.3)
+    stem = Stem(broker, worker_env.backend, worker_env.registry)
+    task_id = stem.enqueue("never.runs")
+    for n in (1, 2):
+        assert consume_one(broker, ("default",), timeout=10.0).delivery_count == n   # lease left to expire
+    worker_env.worker(broker)
+    status = stem.wait_for_task(task_id, timeout=20)
+    assert (status.state, status.reason, status.name) == (TaskState.DEAD, "max-deliveries", "never.runs")
+    assert "max_deliveries=2" in status.error
+    assert stem.get_status(task_id).state is TaskState.DEAD
+    assert dead_letter_of(broker, task_id).reason == "max-deliveries"
+    assert ran == []
+
+
+def test_a_worker_that_dies_between_the_dead_status_and_the_dead_letter_leaves_no_task_pending(make_broker,
+                                                                                                worker_env):
+    """The poison cap's crash window: the DEAD status goes in first; a delivery the worker could not
+    dead-letter any more comes back after its lease, and the next worker dead-letters it."""
+    worker_env.registry.task("never.runs")(lambda ctx: None)
+    broker = make_broker(max_deliveries=1, default_visibility_timeout=0.5)
+    stem = Stem(broker, worker_env.backend, worker_env.registry)
+    task_id = stem.enqueue("never.runs")
+    assert consume_one(broker, ("default",), timeout=10.0).delivery_count == 1   # lease left to expire
+
+    def lost(delivery, reason):
+        raise BrokerConnectionError("the worker dies before its dead letter is made")
+
+    broker.dead_letter = lost
+    first = worker_env.worker(broker)
+    wait_for(lambda: stem.get_status(task_id).state is TaskState.DEAD, what="the DEAD status")
+    assert first.shutdown(ShutdownMode.HARD, timeout=15)
+    del broker.dead_letter
+    assert broker.dead_letters("default") == []
+    worker_env.worker(broker)
+    assert dead_letter_of(broker, task_id).reason == "max-deliveries"
+    status = stem.get_status(task_id)
+    assert (status.state, status.reason) == (TaskState.DEAD, "max-deliveries")
