@@ -3,8 +3,12 @@ lets a missing compiled build pass quietly."""
 
 from __future__ import annotations
 
+import ast
+import fnmatch
 import importlib
+import inspect
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -136,3 +140,75 @@ def test_no_test_file_picks_a_build_on_its_own():
                  if path.name != "conftest.py" and pattern.search(path.read_text())]
     assert not offenders, f"use the twin/compiled_twin fixtures of tests/conftest.py in {offenders}"
 
+
+# ---- stubs of the compiled modules ------------------------------------------------------
+
+STUBS = Path(_native.__file__).parent / "_speedups"
+
+
+def _public(body: list[ast.stmt]) -> dict[str, ast.stmt]:
+    """The public names a module or class body of a stub defines."""
+    names: dict[str, ast.stmt] = {}
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names[node.name] = node
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names[node.target.id] = node
+        elif isinstance(node, ast.Assign):
+            names.update((t.id, node) for t in node.targets if isinstance(t, ast.Name))
+    return {name: node for name, node in names.items() if not name.startswith("_")}
+
+
+def _stub_parameters(node: ast.FunctionDef) -> list[tuple[str, str]]:
+    a = node.args
+    params = [(p.arg, "POSITIONAL_ONLY") for p in a.posonlyargs] + [(p.arg, "POSITIONAL_OR_KEYWORD") for p in a.args]
+    params += [(a.vararg.arg, "VAR_POSITIONAL")] if a.vararg else []
+    params += [(p.arg, "KEYWORD_ONLY") for p in a.kwonlyargs]
+    params += [(a.kwarg.arg, "VAR_KEYWORD")] if a.kwarg else []
+    return [p for p in params if p[0] != "self"]
+
+
+def _parameters(func) -> list[tuple[str, str]]:
+    return [(p.name, p.kind.name) for p in inspect.signature(func).parameters.values() if p.name != "self"]
+
+
+def _is_property(node: ast.FunctionDef) -> bool:
+    return any(isinstance(d, ast.Name) and d.id == "property" for d in node.decorator_list)
+
+
+@pytest.mark.parametrize("name", _native.MODULES)
+def test_each_compiled_modules_stub_has_the_pure_twins_names_and_parameters(name):
+    """The stub describes the compiled module; the pure twin is the reference for its API."""
+    pure = _native.pure(name)
+    stub = _public(ast.parse((STUBS / f"{name}.pyi").read_text()).body)
+    assert sorted(stub) == sorted(pure.__all__)
+    for attr, node in stub.items():
+        ref = getattr(pure, attr)
+        if isinstance(node, ast.FunctionDef):
+            assert _stub_parameters(node) == _parameters(ref), f"{name}.{attr}"
+        elif isinstance(node, ast.ClassDef):
+            members = _public(node.body)
+            assert sorted(members) == sorted(m for m in dir(ref) if not m.startswith("_")), f"{name}.{attr}"
+            for member, mnode in members.items():
+                if isinstance(mnode, ast.FunctionDef) and not _is_property(mnode):
+                    assert _stub_parameters(mnode) == _parameters(getattr(ref, member)), f"{name}.{attr}.{member}"
+            [init] = [n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"]
+            assert _stub_parameters(init) == _parameters(ref.__init__), f"{name}.{attr}.__init__"
+
+
+@pytest.mark.parametrize("name", _native.MODULES)
+def test_both_builds_export_the_same_names(compiled_twin, name):
+    compiled, pure = getattr(compiled_twin, name), _native.pure(name)
+    assert sorted(compiled.__all__) == sorted(pure.__all__)
+    for attr in pure.__all__:
+        c, py = getattr(compiled, attr), getattr(pure, attr)
+        if isinstance(py, type):
+            assert {m for m in dir(c) if not m.startswith("_")} == {m for m in dir(py) if not m.startswith("_")}
+
+
+def test_the_stubs_are_package_data():
+    config = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "stem._speedups" in config["packages"]
+    globs = config["package-data"]["stem._speedups"]
+    for name in _native.MODULES:
+        assert any(fnmatch.fnmatch(f"{name}.pyi", g) for g in globs), name
