@@ -165,7 +165,7 @@ def _stub_parameters(node: ast.FunctionDef) -> list[tuple[str, str]]:
     params += [(a.vararg.arg, "VAR_POSITIONAL")] if a.vararg else []
     params += [(p.arg, "KEYWORD_ONLY") for p in a.kwonlyargs]
     params += [(a.kwarg.arg, "VAR_KEYWORD")] if a.kwarg else []
-    return [p for p in params if p[0] != "self"]
+    return [p for p in params if p[0] not in ("self", "cls")]
 
 
 def _parameters(func) -> list[tuple[str, str]]:
@@ -180,8 +180,11 @@ def _is_property(node: ast.FunctionDef) -> bool:
 def test_each_compiled_modules_stub_has_the_pure_twins_names_and_parameters(name):
     """The stub describes the compiled module; the pure twin is the reference for its API."""
     pure = _native.pure(name)
-    stub = _public(ast.parse((STUBS / f"{name}.pyi").read_text()).body)
+    module = ast.parse((STUBS / f"{name}.pyi").read_text())
+    stub = _public(module.body)
     assert sorted(stub) == sorted(pure.__all__)
+    [stub_all] = [n.value for n in module.body if isinstance(n, ast.Assign) and n.targets[0].id == "__all__"]
+    assert sorted(ast.literal_eval(stub_all)) == sorted(pure.__all__)
     for attr, node in stub.items():
         ref = getattr(pure, attr)
         if isinstance(node, ast.FunctionDef):
@@ -192,8 +195,8 @@ def test_each_compiled_modules_stub_has_the_pure_twins_names_and_parameters(name
             for member, mnode in members.items():
                 if isinstance(mnode, ast.FunctionDef) and not _is_property(mnode):
                     assert _stub_parameters(mnode) == _parameters(getattr(ref, member)), f"{name}.{attr}.{member}"
-            [init] = [n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"]
-            assert _stub_parameters(init) == _parameters(ref.__init__), f"{name}.{attr}.__init__"
+            [init] = [n for n in node.body if isinstance(n, ast.FunctionDef) and n.name in ("__init__", "__new__")]
+            assert _stub_parameters(init) == _parameters(ref.__init__), f"{name}.{attr}.{init.name}"
 
 
 @pytest.mark.parametrize("name", _native.MODULES)

@@ -5,6 +5,8 @@
 
 from typing import Any, Callable, Final, Protocol
 
+__all__ = ["DEFAULT_MAX_FRAME_SIZE", "FrameCodec", "HEADER_SIZE", "MAGIC", "WIRE_VERSION"]
+
 _Buffer = bytes | bytearray | memoryview
 
 class _Signer(Protocol):

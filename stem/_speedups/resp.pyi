@@ -3,6 +3,8 @@ pure twin ``stem._resp_py``.  ``tests/test_build.py`` checks these names against
 
 from collections.abc import Iterable, Sequence
 
+__all__ = ["pack_command", "pack_commands", "pack_xadds", "scan_replies"]
+
 # bool and None are refused (TypeError), as redis-py refuses them
 _Arg = bytes | str | int | float | bytearray | memoryview
 _Buffer = bytes | bytearray | memoryview

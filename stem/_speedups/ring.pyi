@@ -3,7 +3,14 @@ as the pure twin ``stem._ring_py``, whose docstring documents them.
 ``tests/test_build.py`` checks these names against the twin's."""
 
 from collections.abc import Callable, Sequence
-from typing import Final, TypeVar
+from typing import Final, Self, TypeVar
+
+__all__ = [
+    "Ring", "wait_rings", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
+    "SPILL_BYTES", "MIN_CAPACITY", "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL", "ATOMIC_CLAIM",
+    "CLAIM_SLOTS", "OFF_HEAD", "OFF_SPILL_SEEN", "OFF_TAIL", "OFF_SPILL_SEQ", "OFF_READER_WAITING",
+    "OFF_WRITER_WAITING", "OFF_CLAIM",
+]
 
 _Buffer = bytes | bytearray | memoryview
 _T = TypeVar("_T")
@@ -33,10 +40,11 @@ def wait_rings(rings: list[Ring], bells: list[int], fds: list[int], timeout_ms: 
                tags: list[_T]) -> tuple[list[_T], list[int]]: ...
 
 class Ring:
-    def __init__(self, buffer: bytearray | memoryview, offset: int, capacity: int, *,
-                 reader_bell: int = -1, writer_bell: int = -1,
-                 spill: Callable[[int, _Buffer], object] | None = None,
-                 unspill: Callable[[int, int], bytes] | None = None) -> None: ...
+    # built by __cinit__ (the type's tp_new), hence __new__ rather than __init__
+    def __new__(cls, buffer: bytearray | memoryview, offset: int, capacity: int, *,
+                reader_bell: int = -1, writer_bell: int = -1,
+                spill: Callable[[int, _Buffer], object] | None = None,
+                unspill: Callable[[int, int], bytes] | None = None) -> Self: ...
     @property
     def capacity(self) -> int: ...
     @property

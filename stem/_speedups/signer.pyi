@@ -2,7 +2,10 @@
 ``stem._signer_py``.  ``tests/test_build.py`` checks these names against the twin's."""
 
 from collections.abc import Mapping
-from typing import ClassVar, Final
+from typing import ClassVar, Final, final
+
+__all__ = ["HmacSigner", "SHA256_BACKEND", "SHA256_BACKENDS", "SIGNATURE_SIZE", "constant_time_equal",
+           "hmac_sha256", "sha256"]
 
 _Buffer = bytes | bytearray | memoryview
 
@@ -10,6 +13,7 @@ SHA256_BACKEND: Final[str]
 SHA256_BACKENDS: Final[tuple[str, ...]]
 SIGNATURE_SIZE: Final[int]
 
+@final
 class HmacSigner:
     algorithm: ClassVar[str]
     signature_size: ClassVar[int]
