@@ -5,7 +5,7 @@ Same API and byte-identical frames; the public face is ``stem.envelope``
 (read its docstring for the frame layout).  A whole frame is encoded (and
 signed) or verified (and decoded) in one call: the header is parsed and
 written in C, HMAC-SHA256 runs in place through the signer's C API
-(``signer_capi.h``) when the signer is the compiled ``HmacSigner``, and the
+(``signer_capi.h``, declared in ``signer_capi.pxd``) when the signer is the compiled ``HmacSigner``, and the
 only allocations are msgspec's body and the output frame.
 """
 
@@ -24,6 +24,8 @@ from libc.string cimport memcpy
 
 cimport cython
 
+from signer_capi cimport STEM_SIGNER_CAPI_NAME, STEM_SIGNER_CAPI_VERSION, StemSignerCAPI
+
 import msgspec
 import msgspec.structs
 
@@ -32,15 +34,7 @@ from stem.errors import DecodeError, EncodeError, SignatureError
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 
-cdef extern from "signer_capi.h":
-    const char *STEM_SIGNER_CAPI_NAME
-    int STEM_SIGNER_CAPI_VERSION
-    ctypedef struct StemSignerCAPI:
-        int version
-        PyTypeObject *hmac_type
-        PyObject *(*hmac_sign)(PyObject *, const unsigned char *, Py_ssize_t, unsigned char *) except NULL
-        int (*hmac_verify)(PyObject *, const unsigned char *, Py_ssize_t, const unsigned char *,
-                           Py_ssize_t, const unsigned char *, Py_ssize_t) except -1
+__all__ = ["DEFAULT_MAX_FRAME_SIZE", "FrameCodec", "HEADER_SIZE", "MAGIC", "WIRE_VERSION"]
 
 MAGIC = b"\xa7S"
 WIRE_VERSION = 1

@@ -5,7 +5,7 @@ Same API as the twin (``HmacSigner``, ``sha256``, ``hmac_sha256``,
 ``constant_time_equal``, ``SHA256_BACKEND``), byte-identical signatures.
 The speed comes from ``sha256.h``: SHA-NI when the CPU has it, and each key's
 ipad/opad midstates computed once, so one HMAC costs the message blocks plus
-one.  ``_C_API`` (see ``signer_capi.h``) lets the compiled codec sign and
+one.  ``_C_API`` (``signer_capi.h``, declared in ``signer_capi.pxd``) lets the compiled codec sign and
 verify a frame in place.
 """
 
@@ -18,6 +18,8 @@ from libc.stdint cimport uint8_t, uint32_t
 from libc.string cimport memcmp, memset
 
 cimport cython
+
+from signer_capi cimport STEM_SIGNER_CAPI_NAME, STEM_SIGNER_CAPI_VERSION, StemSignerCAPI
 
 from stem.errors import ConfigurationError, SignatureError
 
@@ -34,16 +36,8 @@ cdef extern from "sha256.h":
     void stem_hmac_sha256(const stem_hmac_key *hk, const uint8_t *msg, size_t len, uint8_t *out) noexcept nogil
     int stem_ct_equal(const uint8_t *a, const uint8_t *b, size_t n) noexcept nogil
 
-cdef extern from "signer_capi.h":
-    const char *STEM_SIGNER_CAPI_NAME
-    int STEM_SIGNER_CAPI_VERSION
-    int STEM_HMAC_SIZE
-    ctypedef struct StemSignerCAPI:
-        int version
-        PyTypeObject *hmac_type
-        PyObject *(*hmac_sign)(PyObject *, const unsigned char *, Py_ssize_t, unsigned char *) except NULL
-        int (*hmac_verify)(PyObject *, const unsigned char *, Py_ssize_t, const unsigned char *,
-                           Py_ssize_t, const unsigned char *, Py_ssize_t) except -1
+__all__ = ["HmacSigner", "SHA256_BACKEND", "SHA256_BACKENDS", "SIGNATURE_SIZE", "constant_time_equal",
+           "hmac_sha256", "sha256"]
 
 SHA256_BACKEND = stem_sha256_select().decode("ascii")
 # Every block function this CPU runs, fastest first.

@@ -5,7 +5,8 @@
  * a compiled codec signs and verifies a frame in place, without building the
  * (key id, signature) tuple and bytes objects of the Python-level API.  A codec
  * built without the signer (or given any other signer object) falls back to
- * the Python methods sign()/verify().
+ * the Python methods sign()/verify().  Cython sees this header through
+ * signer_capi.pxd, the one declaration both .pyx files cimport.
  */
 #ifndef STEM_SIGNER_CAPI_H
 #define STEM_SIGNER_CAPI_H

@@ -22,7 +22,6 @@ replies only checked for errors and the last one built, by ``execute_last``
 
 from __future__ import annotations
 
-import importlib
 import os
 import uuid
 
@@ -30,13 +29,10 @@ import hiredis
 import pytest
 import redis
 
+from benchmarks._twins import builds
 from stem import _resp_py
 
-TWINS = {"py": _resp_py}
-try:
-    TWINS["c"] = importlib.import_module("stem._speedups.resp")
-except ImportError:
-    pass
+TWINS = {build: resp for build, (resp,) in builds("resp").items()}
 
 SETTLE = ([("SET", f"stem:{{t:{uuid.uuid4().hex}}}:status", b"s" * 160, "PX", 86_400_000) for _ in range(32)]
           + [("PUBLISH", f"stem:{{t:{uuid.uuid4().hex}}}:done", b"s" * 160) for _ in range(32)]

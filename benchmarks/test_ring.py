@@ -31,13 +31,13 @@ Results and the machine: benchmarks/README.md ("Ring transport").
 from __future__ import annotations
 
 import contextlib
-import importlib
 import multiprocessing
 import statistics
 import time
 
 import pytest
 
+from benchmarks import _twins as twins
 from stem import _ring_py
 from stem.worker import ring as ring_module
 from stem.worker.ring import Channel
@@ -48,13 +48,6 @@ BATCH = 64
 ROUNDS = 3
 CAPACITY = 1 << 20
 CTX = multiprocessing.get_context("fork")
-
-
-def _compiled():
-    try:
-        return importlib.import_module("stem._speedups.ring")
-    except ImportError:
-        return None
 
 
 @contextlib.contextmanager
@@ -205,7 +198,7 @@ def _time_pipe(n, batched) -> float:
 
 def transports():
     """name -> (messages per round, function(n) -> seconds); N sized for ~0.3-1 s each."""
-    compiled = _compiled()
+    compiled = twins.compiled("ring")
     table = {}
     if compiled is not None:
         table["ring c"] = (2_000_000, lambda n: _time_ring(compiled, n, name="ring c"))
@@ -296,7 +289,7 @@ def measure_wakeup(bursts: int = 500, pause: float = 0.002) -> dict[str, tuple[f
     """(median, p99) microseconds from the writer's send to the sleeping reader holding the frame."""
     runs = {"Pipe x64": lambda: _latency_pipe(bursts, pause),
             "ring py": lambda: _latency_ring(_ring_py, bursts, pause)}
-    compiled = _compiled()
+    compiled = twins.compiled("ring")
     if compiled is not None:
         runs = {"ring c": lambda: _latency_ring(compiled, bursts, pause), **runs}
     out = {}

@@ -17,7 +17,8 @@ from .worker import ShutdownMode, Worker, WorkerLifecycleConfig
 
 __version__ = "0.1.0"
 
-#: "cython" when the compiled hot path is loaded, "python" for the pure twins.
+#: "cython" when every hot-path module runs compiled, "python" otherwise; ``stem._native``
+#: decides and reports per module too.
 IMPLEMENTATION = _native.implementation()
 
 __all__ = [

@@ -74,7 +74,8 @@ from stem.errors import DecodeError
 __all__ = [
     "Ring", "wait_rings", "max_inline", "ring_bytes", "LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES",
     "SPILL_BYTES", "MIN_CAPACITY", "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL", "ATOMIC_CLAIM",
-    "CLAIM_SLOTS",
+    "CLAIM_SLOTS", "OFF_HEAD", "OFF_SPILL_SEEN", "OFF_TAIL", "OFF_SPILL_SEQ", "OFF_READER_WAITING",
+    "OFF_WRITER_WAITING", "OFF_CLAIM",
 ]
 
 LAYOUT_VERSION = 1
@@ -85,10 +86,19 @@ MIN_CAPACITY = 64
 MAX_CAPACITY = 1 << 31  # record lengths are u32
 KIND_DATA, KIND_PAD, KIND_SPILL = 0, 1, 2
 
-# indexes into the control block seen as u64 ('Q') and u32 ('I') arrays
-_Q_HEAD, _Q_SPILL_SEEN, _Q_TAIL, _Q_SPILL_SEQ = 0, 1, 8, 9
-_I_READER_WAITING, _I_WRITER_WAITING = 32, 48
-_Q_CLAIM = 25
+# byte offsets inside the control block (the layout above; ``_speedups/ring.h`` has the same)
+OFF_HEAD = 0
+OFF_SPILL_SEEN = 8
+OFF_TAIL = 64
+OFF_SPILL_SEQ = 72
+OFF_READER_WAITING = 128
+OFF_WRITER_WAITING = 192
+OFF_CLAIM = 200
+
+# the same as indexes into the control block seen as u64 ('Q') and u32 ('I') arrays
+_Q_HEAD, _Q_SPILL_SEEN, _Q_TAIL, _Q_SPILL_SEQ = OFF_HEAD // 8, OFF_SPILL_SEEN // 8, OFF_TAIL // 8, OFF_SPILL_SEQ // 8
+_I_READER_WAITING, _I_WRITER_WAITING = OFF_READER_WAITING // 4, OFF_WRITER_WAITING // 4
+_Q_CLAIM = OFF_CLAIM // 8
 
 #: ``claim`` needs an atomic compare-and-swap across processes, which pure Python does not
 #: have: this twin reads and writes the word but cannot claim (the worker then never offers)

@@ -92,7 +92,8 @@ class FrameHeader(NamedTuple):
 
 
 _module = _native.load("codec")
-IMPLEMENTATION = "cython" if _module.__name__.startswith("stem._speedups.") else "python"
+#: "cython" or "python": which codec build this process runs (``stem._native`` decides)
+IMPLEMENTATION = _native.implementation("codec")
 _codec = _module.FrameCodec(Envelope, FrameHeader)
 if (_module.WIRE_VERSION, _module.MAGIC, _module.HEADER_SIZE) != (WIRE_VERSION, MAGIC, HEADER_SIZE):
     raise ImportError(f"{_module.__name__} speaks another wire format; rebuild stem (make build)")

@@ -36,7 +36,8 @@ ED25519_KEY_SIZE = 32
 MAX_KEY_ID_LENGTH = 64
 
 _hmac = _native.load("signer")
-IMPLEMENTATION = "cython" if _hmac.__name__.startswith("stem._speedups.") else "python"
+#: "cython" or "python": which HMAC signer build this process runs (``stem._native`` decides)
+IMPLEMENTATION = _native.implementation("signer")
 
 
 def _check_key_id(key_id: Any) -> str:

@@ -1,4 +1,14 @@
-"""Shared fixtures: which build is loaded, and reachable services.
+"""Shared fixtures: both builds of the hot path, and reachable services.
+
+Builds (as multidict does): ``twin`` runs a test once on the compiled modules
+(id ``c``) and once on their pure twins (id ``py``), side by side in one
+process, whichever build stem itself selected; ``compiled_twin`` is the
+compiled build alone, for what only it has and for cross-checks against the
+twin.  When the compiled build does not load, its tests skip with a reason --
+and fail under ``STEM_EXPECT_COMPILED=1`` (``make test`` sets it for the
+compiled run), so a broken build never passes quietly.
+``compiled_ring_in_use`` guards tests of what only the compiled ring the
+worker selected can do (offers).
 
 A test that needs Redis or PostgreSQL pings first and skips with a reason when
 the server is absent, except under ``STEM_REQUIRE_SERVICES=1`` (CI), where a
@@ -10,15 +20,84 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
 
 import pytest
 
+EXPECT_COMPILED = os.environ.get("STEM_EXPECT_COMPILED") == "1"
 REQUIRE_SERVICES = os.environ.get("STEM_REQUIRE_SERVICES") == "1"
 REDIS_URL = os.environ.get("STEM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("STEM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 # The Redis db the CLI and example tests own (they run in stem's default namespace); two test
 # runs at once on one server (two checkouts) each need their own.
 REDIS_OWN_DB = int(os.environ.get("STEM_TEST_REDIS_OWN_DB", "9"))
+
+
+@dataclass(frozen=True)
+class Twin:
+    """One build of the hot path, a module per name in ``_native.MODULES``."""
+
+    id: str   # "c" or "py"
+    codec: ModuleType
+    signer: ModuleType
+    ring: ModuleType
+    resp: ModuleType
+
+
+def load_twin(twin_id: str, *, expect_compiled: bool = EXPECT_COMPILED,
+              import_compiled: Callable[[str], ModuleType] | None = None) -> Twin:
+    """The build ``twin_id`` ("c" or "py"); "c" skips the test when it does not load, or
+    fails it when ``expect_compiled``.  ``import_compiled`` stands in for
+    ``_native.compiled`` (the tests of this function)."""
+    from stem import _native
+    import_compiled = import_compiled or _native.compiled
+    if twin_id == "py":
+        return Twin("py", **{name: _native.pure(name) for name in _native.MODULES})
+    if twin_id != "c":
+        raise ValueError(f"twin id is 'c' or 'py', got {twin_id!r}")
+    try:
+        modules = {name: import_compiled(name) for name in _native.MODULES}
+    except ImportError as exc:
+        if expect_compiled:
+            pytest.fail(f"STEM_EXPECT_COMPILED=1 but the compiled build does not load ({exc}); "
+                        "run `make build`", pytrace=False)
+        pytest.skip(f"the compiled build does not load ({exc}); only the pure twin is tested "
+                    "(make build)")
+    return Twin("c", **modules)
+
+
+@pytest.fixture(scope="module", params=["c", "py"])
+def twin(request) -> Twin:
+    """Each build of the hot path in turn: compiled (``c``), then pure (``py``)."""
+    return load_twin(request.param)
+
+
+@pytest.fixture(scope="module")
+def compiled_twin() -> Twin:
+    """The compiled build alone (the pure one is ``_native.pure(name)``, always there)."""
+    return load_twin("c")
+
+
+def require_compiled_in_use(name: str, *, expect_compiled: bool = EXPECT_COMPILED) -> None:
+    """Skip unless stem itself runs the compiled ``name`` (``_native.implementation``); fail
+    instead when the compiled build was expected and did not load."""
+    from stem import _native
+    if _native.implementation(name) == _native.COMPILED:
+        return
+    if _native.FORCED_PURE:
+        pytest.skip(f"STEM_PURE=1: stem runs the pure {name} twin, which cannot do this")
+    if expect_compiled:
+        pytest.fail(f"STEM_EXPECT_COMPILED=1 but stem runs the pure {name} twin; run `make build`",
+                    pytrace=False)
+    pytest.skip(f"the compiled {name} does not load; stem runs the pure twin (make build)")
+
+
+@pytest.fixture
+def compiled_ring_in_use() -> None:
+    """For what only the compiled ring can do (offers: an atomic compare-and-swap)."""
+    require_compiled_in_use("ring")
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -2,16 +2,14 @@
 
 Three layers: the public ``stem.envelope`` API on whichever build is selected;
 properties (hypothesis) run on both builds in one process through the
-``build`` fixture (ids ``c``/``py``); cross-checks that the compiled and pure
+``twin`` fixture of conftest.py (ids ``c``/``py``); cross-checks that the compiled and pure
 codecs write identical bytes and read each other's frames.
 """
 
 from __future__ import annotations
 
 import hmac
-import importlib
 import math
-import os
 import struct
 
 import msgspec
@@ -20,7 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stem import _codec_py, _signer_py, envelope
-from stem._native import FORCED_PURE
 from stem.envelope import (
     DEFAULT_MAX_FRAME_SIZE, HEADER_SIZE, MAGIC, WIRE_VERSION, Envelope, FrameHeader, decode_body,
     decode_frame, decode_value, encode_body, encode_frame, encode_value, frame_encoder, read_header,
@@ -37,17 +34,6 @@ SETTINGS = settings(deadline=None, max_examples=100,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-def compiled_module(name: str):
-    """``stem._speedups.<name>``; skipped when not built, failed when STEM_EXPECT_COMPILED=1."""
-    try:
-        return importlib.import_module(f"stem._speedups.{name}")
-    except ImportError as exc:
-        if os.environ.get("STEM_EXPECT_COMPILED") == "1":
-            pytest.fail(f"STEM_EXPECT_COMPILED=1 but stem._speedups.{name} does not load ({exc}); "
-                        "run `make build`", pytrace=False)
-        pytest.skip(f"stem._speedups.{name} is not built (make build); only the pure twin is tested")
-
-
 class Build:
     def __init__(self, name, codec_module, signer_module):
         self.name = name
@@ -56,16 +42,15 @@ class Build:
         self.signer_module = signer_module
 
 
-@pytest.fixture(scope="module", params=["c", "py"])
-def build(request) -> Build:
-    if request.param == "py":
-        return Build("py", _codec_py, _signer_py)
-    return Build("c", compiled_module("codec"), compiled_module("signer"))
+@pytest.fixture(scope="module")
+def build(twin) -> Build:
+    """A codec and signer of each build in turn (``twin``: ``c``, then ``py``)."""
+    return Build(twin.id, twin.codec, twin.signer)
 
 
 @pytest.fixture(scope="module")
-def both() -> tuple[Build, Build]:
-    return Build("c", compiled_module("codec"), compiled_module("signer")), Build("py", _codec_py, _signer_py)
+def both(compiled_twin) -> tuple[Build, Build]:
+    return Build("c", compiled_twin.codec, compiled_twin.signer), Build("py", _codec_py, _signer_py)
 
 
 @pytest.fixture
@@ -386,18 +371,6 @@ def test_a_body_missing_trailing_fields_from_an_older_stem_gets_the_defaults():
     fields = list(msgspec.structs.astuple(sample()))[:5]
     env = decode_frame(raw_frame(msgspec.msgpack.encode(fields)))
     assert (env.id, env.queue, env.root_id) == (sample().id, "default", None)
-
-
-def test_implementation_matches_the_selector():
-    assert envelope.IMPLEMENTATION in ("cython", "python")
-    if FORCED_PURE:
-        assert envelope.IMPLEMENTATION == "python"
-
-
-def test_compiled_codec_is_loaded_when_expected():
-    if os.environ.get("STEM_EXPECT_COMPILED") != "1" or FORCED_PURE:
-        pytest.skip("compiled build not expected (STEM_EXPECT_COMPILED unset or STEM_PURE=1)")
-    assert envelope.IMPLEMENTATION == "cython", "STEM_EXPECT_COMPILED=1 but the codec is pure; make build"
 
 
 # ---- properties, on both builds -------------------------------------------------------

@@ -1,8 +1,7 @@
-"""RESP packing (compiled and pure twins, hiredis as the oracle) and the lean pipeline."""
+"""RESP packing (both builds through the ``twin`` fixture, hiredis as the oracle) and the lean pipeline."""
 
 from __future__ import annotations
 
-import importlib
 import uuid
 from types import SimpleNamespace
 
@@ -12,47 +11,36 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stem import _resp_py
 from stem.brokers import _redis_pipe
-
-TWINS = [pytest.param(_resp_py, id="py")]
-try:
-    TWINS.append(pytest.param(importlib.import_module("stem._speedups.resp"), id="c"))
-except ImportError:  # the pure run (or a build without a compiler) has no compiled module
-    pass
 
 args = st.one_of(st.binary(max_size=300), st.text(max_size=100),
                  st.integers(min_value=-2 ** 80, max_value=2 ** 80),
                  st.floats(allow_nan=False, allow_infinity=False))
 
 
-@pytest.mark.parametrize("mod", TWINS)
 @settings(max_examples=200, deadline=None)
 @given(commands=st.lists(st.lists(args, min_size=1, max_size=8).map(tuple), min_size=1, max_size=10))
-def test_packing_matches_hiredis(mod, commands):
-    assert mod.pack_commands(commands) == b"".join(hiredis.pack_command(c) for c in commands)
+def test_packing_matches_hiredis(twin, commands):
+    assert twin.resp.pack_commands(commands) == b"".join(hiredis.pack_command(c) for c in commands)
 
 
-@pytest.mark.parametrize("mod", TWINS)
-def test_edges_and_buffers(mod):
+def test_edges_and_buffers(twin):
     cmd = ("X", 0, -1, 2 ** 63 - 1, -2 ** 63, 2 ** 64, 1.5, "é", b"", "")
-    assert mod.pack_command(*cmd) == hiredis.pack_command(cmd)
-    assert mod.pack_command(bytearray(b"ab"), memoryview(b"cd")) == hiredis.pack_command((b"ab", b"cd"))
+    assert twin.resp.pack_command(*cmd) == hiredis.pack_command(cmd)
+    assert twin.resp.pack_command(bytearray(b"ab"), memoryview(b"cd")) == hiredis.pack_command((b"ab", b"cd"))
     big = b"x" * 100_000   # past the first buffer growth
-    assert mod.pack_commands([("SET", "k", big)] * 3) == hiredis.pack_command(("SET", "k", big)) * 3
+    assert twin.resp.pack_commands([("SET", "k", big)] * 3) == hiredis.pack_command(("SET", "k", big)) * 3
 
 
-@pytest.mark.parametrize("mod", TWINS)
 @pytest.mark.parametrize("bad", [None, True, object(), ["list"]])
-def test_unsendable_arguments_are_type_errors(mod, bad):
+def test_unsendable_arguments_are_type_errors(twin, bad):
     with pytest.raises(TypeError, match="cannot send"):
-        mod.pack_command("SET", "k", bad)
+        twin.resp.pack_command("SET", "k", bad)
 
 
-@pytest.mark.parametrize("mod", TWINS)
-def test_an_empty_command_is_refused(mod):
+def test_an_empty_command_is_refused(twin):
     with pytest.raises(ValueError):
-        mod.pack_commands([()])
+        twin.resp.pack_commands([()])
 
 
 @pytest.fixture
@@ -128,24 +116,22 @@ def test_socket_errors_while_reading_become_redis_errors(client, monkeypatch, re
 
 # ---- XADD batches and stepping over replies -----------------------------------------------
 
-@pytest.mark.parametrize("mod", TWINS)
 @settings(max_examples=100, deadline=None)
 @given(pairs=st.lists(st.tuples(st.text(max_size=40), st.binary(max_size=300)), max_size=20),
        key=st.text(min_size=1, max_size=30), priority=st.integers(-2 ** 63, 2 ** 63 - 1),
        vt_ms=st.integers(0, 2 ** 40))
-def test_pack_xadds_matches_pack_commands(mod, pairs, key, priority, vt_ms):
+def test_pack_xadds_matches_pack_commands(twin, pairs, key, priority, vt_ms):
     ids, frames = [p[0] for p in pairs], [p[1] for p in pairs]
     expected = b"".join(hiredis.pack_command(("XADD", key, "*", "t", i, "f", f, "p", priority, "v", vt_ms))
                         for i, f in pairs)
-    assert mod.pack_xadds(key, ids, frames, priority, vt_ms) == expected
+    assert twin.resp.pack_xadds(key, ids, frames, priority, vt_ms) == expected
 
 
-@pytest.mark.parametrize("mod", TWINS)
-def test_pack_xadds_refuses_mismatched_lists_and_bad_arguments(mod):
+def test_pack_xadds_refuses_mismatched_lists_and_bad_arguments(twin):
     with pytest.raises(ValueError, match="2 task ids for 1 frames"):
-        mod.pack_xadds("k", ["a", "b"], [b"f"], 0, 0)
+        twin.resp.pack_xadds("k", ["a", "b"], [b"f"], 0, 0)
     with pytest.raises(TypeError, match="cannot send"):
-        mod.pack_xadds("k", [None], [b"f"], 0, 0)
+        twin.resp.pack_xadds("k", [None], [b"f"], 0, 0)
 
 
 def _resp(value) -> bytes:
@@ -176,10 +162,9 @@ replies = st.recursive(st.integers(-2 ** 63, 2 ** 63 - 1) | st.binary(max_size=4
                        lambda inner: st.lists(inner, max_size=4), max_leaves=12)
 
 
-@pytest.mark.parametrize("mod", TWINS)
 @settings(max_examples=200, deadline=None)
 @given(values=st.lists(replies, min_size=1, max_size=8), data=st.data())
-def test_scan_replies_counts_what_hiredis_reads_at_any_cut(mod, values, data):
+def test_scan_replies_counts_what_hiredis_reads_at_any_cut(twin, values, data):
     """hiredis is the oracle: at any cut of the stream, the replies it can read are the ones
     scan_replies steps over; the first error reply (nested ones too) is the one reported, with
     the index of the top-level reply that holds it."""
@@ -190,35 +175,33 @@ def test_scan_replies_counts_what_hiredis_reads_at_any_cut(mod, values, data):
     complete = []
     while (r := reader.gets()) is not False:
         complete.append(r)
-    pos, count, error = mod.scan_replies(buf, 0, cut, 100)
+    pos, count, error = twin.resp.scan_replies(buf, 0, cut, 100)
     assert count == len(complete)
     assert pos == len(b"".join(_resp(v) for v in values[:count]))
     errors = [(i, e) for i, e in enumerate(map(_first_error, values[:count])) if e is not None]
     assert error == (errors[0] if errors else None)
-    assert mod.scan_replies(buf, 0, len(buf), 100)[:2] == (len(buf), len(values))
+    assert twin.resp.scan_replies(buf, 0, len(buf), 100)[:2] == (len(buf), len(values))
     # stepping over a prefix, then the rest, counts every reply once
-    first = mod.scan_replies(buf, 0, len(buf), 1)
-    rest = mod.scan_replies(buf, first[0], len(buf), 100)
+    first = twin.resp.scan_replies(buf, 0, len(buf), 1)
+    rest = twin.resp.scan_replies(buf, first[0], len(buf), 100)
     assert first[1] + rest[1] == len(values) and rest[0] == len(buf)
 
 
-@pytest.mark.parametrize("mod", TWINS)
 @pytest.mark.parametrize("bad", [b"?what\r\n", b"+no crlf\n", b"$x\r\n", b"*-\r\n", b":1\r\n$3\r\nab"])
-def test_scan_replies_rejects_a_stream_that_is_not_resp(mod, bad):
+def test_scan_replies_rejects_a_stream_that_is_not_resp(twin, bad):
     if bad.endswith(b"ab"):   # merely cut short: not an error, the reply waits for more bytes
-        assert mod.scan_replies(bad, 0, len(bad), 5) == (4, 1, None)
+        assert twin.resp.scan_replies(bad, 0, len(bad), 5) == (4, 1, None)
         return
     with pytest.raises(ValueError, match="bad RESP reply"):
-        mod.scan_replies(bad, 0, len(bad), 5)
+        twin.resp.scan_replies(bad, 0, len(bad), 5)
 
 
-@pytest.mark.parametrize("mod", TWINS)
-def test_scan_replies_checks_its_bounds_and_reads_buffers(mod):
+def test_scan_replies_checks_its_bounds_and_reads_buffers(twin):
     with pytest.raises(ValueError, match="bad bounds"):
-        mod.scan_replies(b":1\r\n", 0, 9, 1)
-    assert mod.scan_replies(bytearray(b"+OK\r\n-ERR x\r\n"), 0, 13, 5) == (13, 2, (1, b"ERR x"))
-    assert mod.scan_replies(b"+OK\r\n-ERR x\r\n", 0, 12, 5) == (5, 1, None)
-    assert mod.scan_replies(b"+OK\r\n", 0, 5, 0) == (0, 0, None)
+        twin.resp.scan_replies(b":1\r\n", 0, 9, 1)
+    assert twin.resp.scan_replies(bytearray(b"+OK\r\n-ERR x\r\n"), 0, 13, 5) == (13, 2, (1, b"ERR x"))
+    assert twin.resp.scan_replies(b"+OK\r\n-ERR x\r\n", 0, 12, 5) == (5, 1, None)
+    assert twin.resp.scan_replies(b"+OK\r\n", 0, 5, 0) == (0, 0, None)
 
 
 @pytest.fixture(params=[True, False], ids=["hiredis", "resp2-parser"])

@@ -1,7 +1,7 @@
 """The shared-memory ring and the supervisor <-> child channel built on it.
 
 Three layers: the ring itself on both builds in one process (the ``impl``
-fixture, ids ``c``/``py``) and across builds on one buffer (compiled writer,
+fixture: the ring of conftest's ``twin``, ids ``c``/``py``) and across builds on one buffer (compiled writer,
 pure reader and the reverse); the ``Channel`` on whichever build
 ``stem.worker.ring`` selected, in one process; and the channel across real
 processes (``fork`` and ``spawn``), including children that die mid-write.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib
 import multiprocessing
 import os
 import pickle
@@ -30,7 +29,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stem import _ring_py
-from stem._native import FORCED_PURE
 from stem.errors import WorkerError
 from stem.worker import ring as ring_module
 from stem.worker.ring import Channel, ChannelHandle, wait_readable
@@ -40,24 +38,12 @@ SETTINGS = settings(deadline=None, max_examples=120,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 SEGMENT_PREFIX = f"stmr_{os.getpid():x}_"
 SHM_DIR = "/dev/shm"
-# byte offsets inside a channel segment (see the layout in stem/worker/ring.py and stem/_ring_py.py)
-SEGMENT_HEADER = 64
-READER_WAITING = 128
-WRITER_WAITING = 192
+# the doorbell flags inside a ring's control block (both builds agree: see the layout test)
+READER_WAITING = _ring_py.OFF_READER_WAITING
+WRITER_WAITING = _ring_py.OFF_WRITER_WAITING
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def compiled_ring():
-    """``stem._speedups.ring``; skipped when not built, failed when STEM_EXPECT_COMPILED=1."""
-    try:
-        return importlib.import_module("stem._speedups.ring")
-    except ImportError as exc:
-        if os.environ.get("STEM_EXPECT_COMPILED") == "1":
-            pytest.fail(f"STEM_EXPECT_COMPILED=1 but stem._speedups.ring does not load ({exc}); "
-                        "run `make build`", pytrace=False)
-        pytest.skip("stem._speedups.ring is not built (make build); only the pure twin is tested")
 
 
 def shm_names(prefix: str = SEGMENT_PREFIX) -> set[str]:
@@ -84,8 +70,13 @@ def check_frame(data: bytes) -> int:
 def flag(ch: Channel, ring_index: int, offset: int) -> int:
     """Read a doorbell flag of ring 0 (tasks) or 1 (results) straight from the segment."""
     buf = ch._resources.shm.buf if ch._resources.shm is not None else ch._resources.mapping
-    base = SEGMENT_HEADER + ring_index * (_ring_py.CTRL_BYTES + ch.capacity)
+    base = ring_module.SEGMENT_HEADER_BYTES + ring_index * _ring_py.ring_bytes(ch.capacity)
     return struct.unpack_from("=I", buf, base + offset)[0]
+
+
+def reader_flag(impl, buf, offset: int = 0) -> int:
+    """The ``reader_waiting`` flag of the ring at ``offset`` in ``buf``."""
+    return struct.unpack_from("=I", buf, offset + impl.OFF_READER_WAITING)[0]
 
 
 def open_fds() -> set[int]:
@@ -101,15 +92,16 @@ def no_segment_is_left_in_dev_shm():
     assert not leaked, f"segments left in /dev/shm: {sorted(leaked)}"
 
 
-@pytest.fixture(scope="module", params=["c", "py"])
-def impl(request):
-    return compiled_ring() if request.param == "c" else _ring_py
+@pytest.fixture(scope="module")
+def impl(twin):
+    """The ring of each build in turn (``twin``: ``c``, then ``py``)."""
+    return twin.ring
 
 
-@pytest.fixture(params=[("c", "py"), ("py", "c")], ids=["c-writes-py-reads", "py-writes-c-reads"])
-def writer_reader(request):
-    mods = {"c": compiled_ring(), "py": _ring_py}
-    return mods[request.param[0]], mods[request.param[1]]
+@pytest.fixture(params=["c-writes-py-reads", "py-writes-c-reads"])
+def writer_reader(request, compiled_twin):
+    c, py = compiled_twin.ring, _ring_py
+    return (c, py) if request.param == "c-writes-py-reads" else (py, c)
 
 
 class SpillStore:
@@ -171,12 +163,24 @@ def run_ops(writer, reader, capacity, ops):
 # -- the ring, both builds ---------------------------------------------------------------
 
 
-def test_both_builds_agree_on_the_layout_constants(impl):
-    for name in ("LAYOUT_VERSION", "CTRL_BYTES", "HEADER_BYTES", "SPILL_BYTES", "MIN_CAPACITY",
-                 "MAX_CAPACITY", "KIND_DATA", "KIND_PAD", "KIND_SPILL"):
-        assert getattr(impl, name) == getattr(_ring_py, name), name
-    assert impl.max_inline(4096) == _ring_py.max_inline(4096) == 2040
-    assert impl.ring_bytes(4096) == 4096 + 256
+def test_both_builds_export_the_same_layout_constants_and_offsets(compiled_twin):
+    c = compiled_twin.ring
+    constants = [name for name in _ring_py.__all__ if name.isupper() and name != "ATOMIC_CLAIM"]
+    assert {"CTRL_BYTES", "OFF_HEAD", "OFF_SPILL_SEEN", "OFF_TAIL", "OFF_SPILL_SEQ", "OFF_READER_WAITING",
+            "OFF_WRITER_WAITING", "OFF_CLAIM", "CLAIM_SLOTS"} <= set(constants)
+    assert {name: getattr(c, name) for name in constants} == {name: getattr(_ring_py, name) for name in constants}
+    assert c.max_inline(4096) == _ring_py.max_inline(4096) == 2040
+    assert c.ring_bytes(4096) == _ring_py.ring_bytes(4096) == 4096 + 256
+
+
+def test_the_control_block_offsets_fit_the_control_block():
+    """Each word in its place: head and tail on cache lines of their own, the claim words
+    after the flags, all inside ``CTRL_BYTES``."""
+    r = _ring_py
+    assert r.OFF_HEAD % 64 == r.OFF_TAIL % 64 == r.OFF_READER_WAITING % 64 == r.OFF_WRITER_WAITING % 64 == 0
+    assert r.OFF_HEAD < r.OFF_SPILL_SEEN < r.OFF_TAIL < r.OFF_SPILL_SEQ < r.OFF_READER_WAITING
+    assert r.OFF_WRITER_WAITING + 4 <= r.OFF_CLAIM and r.OFF_CLAIM % 8 == 0
+    assert r.OFF_CLAIM + 8 * r.CLAIM_SLOTS <= r.CTRL_BYTES
 
 
 @SETTINGS
@@ -371,20 +375,20 @@ def test_ring_wait_sleeps_until_the_writer_rings_and_drains_the_bell(impl):
     w, r = impl.Ring(buf, 0, 256, reader_bell=fd), impl.Ring(buf, 0, 256)
     try:
         assert r.wait(fd, 0) is False                  # nothing pending, nothing rang
-        assert buf[128:132] == bytes(4)                # disarmed again
+        assert reader_flag(impl, buf) == 0                # disarmed again
         w.send(b"early")
         assert r.wait(fd, 60_000) is True              # pending already: returns at once
         assert r.recv() == b"early"
         result = []
         t = threading.Thread(target=lambda: result.append(r.wait(fd, 60_000)))
         t.start()
-        wait_until(lambda: buf[128:132] != bytes(4), what="the reader armed its doorbell")
+        wait_until(lambda: reader_flag(impl, buf) != 0, what="the reader armed its doorbell")
         assert w.send(b"wake")
         t.join(10)
         assert result == [True] and r.recv() == b"wake"
         with pytest.raises(BlockingIOError):
             os.eventfd_read(fd)                        # the bell was drained
-        assert buf[128:132] == bytes(4)
+        assert reader_flag(impl, buf) == 0
     finally:
         w.close()
         r.close()
@@ -407,11 +411,11 @@ def test_wait_rings_returns_the_tags_of_rings_with_frames_and_the_readable_fds(i
         result = []
         t = threading.Thread(target=lambda: result.append(impl.wait_rings(readers, bells, [other_r], 60_000, tags)))
         t.start()
-        wait_until(lambda: all(buf[o + 128:o + 132] != bytes(4) for o in offsets), what="all rings armed")
+        wait_until(lambda: all(reader_flag(impl, buf, o) != 0 for o in offsets), what="all rings armed")
         writers[1].send(b"y")
         t.join(10)
         assert result == [(["b"], [])]
-        assert all(buf[o + 128:o + 132] == bytes(4) for o in offsets)   # all disarmed
+        assert all(reader_flag(impl, buf, o) == 0 for o in offsets)   # all disarmed
         with pytest.raises(BlockingIOError):
             os.eventfd_read(bells[1])                                   # drained
         readers[1].recv()
@@ -443,11 +447,11 @@ def test_a_signal_handler_that_raises_interrupts_a_ring_wait(impl):
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         with pytest.raises(Interrupted):
             r.wait(fd, 60_000)
-        assert buf[128:132] == bytes(4)                # disarmed on the way out
+        assert reader_flag(impl, buf) == 0                # disarmed on the way out
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         with pytest.raises(Interrupted):
             impl.wait_rings([r], [fd], [], 60_000, ["r"])
-        assert buf[128:132] == bytes(4)
+        assert reader_flag(impl, buf) == 0
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -468,7 +472,7 @@ def test_many_rings_and_fds_can_be_waited_on_at_once(impl):
         t = threading.Thread(target=lambda: result.append(
             impl.wait_rings(readers, bells, [], 60_000, list(range(n)))))
         t.start()
-        wait_until(lambda: all(buf[o + 128:o + 132] != bytes(4) for o in offsets), what="all rings armed")
+        wait_until(lambda: all(reader_flag(impl, buf, o) != 0 for o in offsets), what="all rings armed")
         writers[17].send(b"late")
         t.join(10)
         assert result == [([17], [])]
@@ -497,15 +501,6 @@ def test_a_reader_rings_a_writer_waiting_for_space(impl):
 
 
 # -- the channel, in one process ----------------------------------------------------------
-
-
-def test_the_selected_build_is_reported_and_compiled_when_expected():
-    assert ring_module.IMPLEMENTATION in ("cython", "python")
-    if FORCED_PURE:
-        assert ring_module.IMPLEMENTATION == "python"
-    elif os.environ.get("STEM_EXPECT_COMPILED") == "1":
-        assert ring_module.IMPLEMENTATION == "cython", (
-            "STEM_EXPECT_COMPILED=1 but stem._speedups.ring did not load; run `make build`")
 
 
 def test_a_channel_carries_frames_both_ways():
@@ -889,19 +884,17 @@ def test_100k_frames_each_way_keep_their_order_and_content_across_processes(meth
         assert ch.pending_bytes() == 0 and not shm_names(ch.name + "_")
 
 
-def _other_build_echo_child(handle, count, other):
-    ring_module.Ring = (_ring_py if other == "py" else importlib.import_module(
-        "stem._speedups.ring")).Ring
+def _other_build_echo_child(handle, count, ring_class):
+    ring_module.Ring = ring_class
     _echo_child(handle, count)
 
 
-def test_a_child_on_the_other_build_shares_the_channel():
-    compiled_ring()
-    other = "c" if ring_module.IMPLEMENTATION == "python" else "py"
+def test_a_child_on_the_other_build_shares_the_channel(compiled_twin):
+    other = compiled_twin.ring if ring_module.Ring is _ring_py.Ring else _ring_py
     frames = [frame(i, 12 + i % 200) for i in range(20_000)] + [frame(20_000, 30_000)]
     with Channel.create(capacity=16 * 1024) as ch:
         proc = multiprocessing.get_context("fork").Process(
-            target=_other_build_echo_child, args=(ch.handle, len(frames), other))
+            target=_other_build_echo_child, args=(ch.handle, len(frames), other.Ring))
         proc.start()
         try:
             _pump(ch, frames)
@@ -1035,8 +1028,8 @@ def test_an_offer_is_claimed_by_exactly_one_side_and_reads_zero_once_settled(imp
         writer.open_slots()
 
 
-def test_both_builds_keep_the_claim_word_at_one_place():
-    mod = compiled_ring()
+def test_both_builds_keep_the_claim_word_at_one_place(compiled_twin):
+    mod = compiled_twin.ring
     buf = bytearray(256 + 4096 + 64)
     make_ring(_ring_py, buf, 4096).offer(0x1122334455667788)
     make_ring(_ring_py, buf, 4096).offer(0x99, slot=1)
@@ -1062,10 +1055,8 @@ def _claiming_child(handle, count):
         ch.send_wait([struct.pack(f"<{len(won)}Q", *won)], 10.0)
 
 
+@pytest.mark.usefixtures("compiled_ring_in_use")
 def test_a_racing_withdraw_and_claim_across_processes_give_each_offer_to_exactly_one_side():
-    compiled_ring()
-    if not Channel.can_offer:
-        pytest.skip("offers need the compiled ring's compare-and-swap; this run uses the pure twin")
     count = 20_000
     with Channel.create(capacity=64 * 1024) as ch:
         proc = multiprocessing.get_context("fork").Process(target=_claiming_child, args=(ch.handle, count))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import importlib
 import os
 import sys
 from types import SimpleNamespace
@@ -15,8 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stem import _signer_py, signing
-from stem._native import FORCED_PURE
+from stem import _signer_py
 from stem.envelope import Envelope, decode_frame, encode_frame, read_header, with_delivery
 from stem.errors import ConfigurationError, SignatureError
 from stem.signing import PayloadSigner, parse_keys
@@ -27,25 +25,10 @@ SETTINGS = settings(deadline=None, max_examples=200,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-def compiled_signer():
-    """``stem._speedups.signer``; skipped when not built, failed when STEM_EXPECT_COMPILED=1."""
-    try:
-        return importlib.import_module("stem._speedups.signer")
-    except ImportError as exc:
-        if os.environ.get("STEM_EXPECT_COMPILED") == "1":
-            pytest.fail(f"STEM_EXPECT_COMPILED=1 but stem._speedups.signer does not load ({exc}); "
-                        "run `make build`", pytrace=False)
-        pytest.skip("stem._speedups.signer is not built (make build); only the pure twin is tested")
-
-
 @pytest.fixture(scope="module")
-def csigner():
-    return compiled_signer()
-
-
-@pytest.fixture(scope="module", params=["c", "py"])
-def signer_module(request):
-    return _signer_py if request.param == "py" else compiled_signer()
+def csigner(compiled_twin):
+    """The compiled signer (``compiled_twin`` fails or skips when it is not built)."""
+    return compiled_twin.signer
 
 
 def task(**kw) -> Envelope:
@@ -168,18 +151,6 @@ def test_key_id_boundaries_of_1_and_64_characters_are_accepted():
 def test_keys_longer_than_a_block_are_hashed_as_rfc_2104_says():
     long_key = bytes(range(200))
     assert PayloadSigner({"k": long_key}).sign(b"x")[1] == hmac.digest(long_key, b"x", "sha256")
-
-
-def test_implementation_matches_the_selector():
-    assert signing.IMPLEMENTATION in ("cython", "python")
-    if FORCED_PURE:
-        assert signing.IMPLEMENTATION == "python"
-
-
-def test_compiled_signer_is_loaded_when_expected():
-    if os.environ.get("STEM_EXPECT_COMPILED") != "1" or FORCED_PURE:
-        pytest.skip("compiled build not expected (STEM_EXPECT_COMPILED unset or STEM_PURE=1)")
-    assert signing.IMPLEMENTATION == "cython", "STEM_EXPECT_COMPILED=1 but the signer is pure; make build"
 
 
 # ---- from_config, maybe, parse_keys ------------------------------------------------
@@ -345,15 +316,15 @@ def test_an_unknown_sha256_backend_is_refused(csigner):
 
 @SETTINGS
 @given(key=st.binary(min_size=1, max_size=200), data=st.binary(max_size=2000))
-def test_hmac_sha256_matches_the_hmac_module(signer_module, key, data):
-    assert signer_module.hmac_sha256(key, data) == hmac.digest(key, data, "sha256")
+def test_hmac_sha256_matches_the_hmac_module(twin, key, data):
+    assert twin.signer.hmac_sha256(key, data) == hmac.digest(key, data, "sha256")
 
 
 @SETTINGS
 @given(a=st.binary(max_size=40), b=st.binary(max_size=40))
-def test_constant_time_equal_agrees_with_equality(signer_module, a, b):
-    assert signer_module.constant_time_equal(a, b) is (a == b)
-    assert signer_module.constant_time_equal(a, a)
+def test_constant_time_equal_agrees_with_equality(twin, a, b):
+    assert twin.signer.constant_time_equal(a, b) is (a == b)
+    assert twin.signer.constant_time_equal(a, a)
 
 
 def test_sha256_backend_is_named(csigner):
@@ -396,16 +367,16 @@ def test_both_signers_reject_alike(csigner, kid, sig, message):
     assert msgs[0] == msgs[1]
 
 
-def test_a_signer_without_an_active_key_only_verifies(signer_module):
-    verifier = signer_module.HmacSigner({b"k": NEW})
+def test_a_signer_without_an_active_key_only_verifies(twin):
+    verifier = twin.signer.HmacSigner({b"k": NEW})
     assert not verifier.can_sign
     verifier.verify(b"k", hmac.digest(NEW, b"b", "sha256"), b"b")
     with pytest.raises(SignatureError, match="only verify"):
         verifier.sign(b"b")
 
 
-def test_low_level_signer_rejects_non_bytes_keys(signer_module):
+def test_low_level_signer_rejects_non_bytes_keys(twin):
     with pytest.raises(ConfigurationError):
-        signer_module.HmacSigner({"k": NEW}, None)
+        twin.signer.HmacSigner({"k": NEW}, None)
     with pytest.raises(ConfigurationError):
-        signer_module.HmacSigner({}, None)
+        twin.signer.HmacSigner({}, None)

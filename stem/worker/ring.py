@@ -136,8 +136,8 @@ from stem.errors import WorkerError
 _impl = _native.load("ring")
 #: the ring class in use: ``stem._speedups.ring.Ring`` or ``stem._ring_py.Ring``
 Ring = _impl.Ring
-#: "cython" or "python": which ring implementation this process uses
-IMPLEMENTATION = "cython" if _impl.__name__ == "stem._speedups.ring" else "python"
+#: "cython" or "python": which ring implementation this process uses (``stem._native`` decides)
+IMPLEMENTATION = _native.implementation("ring")
 
 __all__ = ["Channel", "ChannelHandle", "ChannelPoller", "wait_readable", "IMPLEMENTATION", "DEFAULT_CAPACITY",
            "DEFAULT_BATCH"]
@@ -148,10 +148,8 @@ DEFAULT_BATCH = 1024
 
 _MAGIC = b"STEMRING"
 _HEADER = struct.Struct("=8sIIQQ")
-_HEADER_BYTES = 64
-# where the side-channel counters sit inside a ring's control block (see stem/_ring_py.py)
-_OFF_SPILL_SEEN = 8
-_OFF_SPILL_SEQ = 72
+#: bytes before ring 0 in a channel segment (the segment layout in this docstring)
+SEGMENT_HEADER_BYTES = 64
 _COUNTER = struct.Struct("=Q")
 _NAME_PREFIX = "stmr_"
 _RING_LETTERS = ("t", "r")  # ring 0: tasks, ring 1: results
@@ -162,11 +160,11 @@ _SIDES = ("parent", "child")
 
 
 def _segment_bytes(capacity: int) -> int:
-    return _HEADER_BYTES + 2 * _impl.ring_bytes(capacity)
+    return SEGMENT_HEADER_BYTES + 2 * _impl.ring_bytes(capacity)
 
 
 def _ring_offset(index: int, capacity: int) -> int:
-    return _HEADER_BYTES + index * _impl.ring_bytes(capacity)
+    return SEGMENT_HEADER_BYTES + index * _impl.ring_bytes(capacity)
 
 
 def _round_capacity(capacity: int) -> int:
@@ -224,8 +222,9 @@ def _sweep_spills(buf, name: str, capacity: int) -> None:
     most = capacity // _impl.SPILL_BYTES + 2  # more records than that cannot be in flight
     for index, letter in enumerate(_RING_LETTERS):
         offset = _ring_offset(index, capacity)
-        (seen,) = _COUNTER.unpack_from(buf, offset + _OFF_SPILL_SEEN)
-        (created,) = _COUNTER.unpack_from(buf, offset + _OFF_SPILL_SEQ)
+        # the side-channel counters in the ring's control block (layout: stem/_ring_py.py)
+        (seen,) = _COUNTER.unpack_from(buf, offset + _impl.OFF_SPILL_SEEN)
+        (created,) = _COUNTER.unpack_from(buf, offset + _impl.OFF_SPILL_SEQ)
         for seq in range(max(seen, created - most) + 1, created + 1):
             _unlink_quietly(f"{name}_{letter}{seq:x}")
 
