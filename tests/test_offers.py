@@ -149,7 +149,7 @@ def test_an_offer_unclaimed_when_its_child_dies_runs_elsewhere_without_counting_
     stem, w, doomed, offered = _one_busy_child_with_an_offer(setup, tmp_path, ("die",), "die.started")
     dying_pid = _engine(w)["children"][0]["pid"]
     (tmp_path / "die.go").touch()
-    assert stem.wait_for_task(doomed, timeout=30).reason == "child-crashed"
+    assert stem.wait_for_task(doomed, timeout=30).reason == "poison"   # it kills every child it runs in
     status = stem.wait_for_task(offered, timeout=30)
     assert status.state is TaskState.SUCCEEDED and status.attempt == 0
     assert status.result != dying_pid
@@ -241,7 +241,7 @@ def test_results_the_child_wrote_before_it_died_still_count(setup, tmp_path, mon
     wait_for(lambda: _engine(w)["offers_made"] >= 2, what="both offered to the busy child")
     unread["hold"] = True
     (tmp_path / "a.go").touch()   # block ends, m runs, die_now kills the child: all before a read
-    assert stem.wait_for_task(doomed, timeout=30).reason == "child-crashed"
+    assert stem.wait_for_task(doomed, timeout=30).reason == "poison"   # it kills every child it runs in
     for task_id in (blocker, first):
         status = stem.wait_for_task(task_id, timeout=30)
         assert status.state is TaskState.SUCCEEDED and status.attempt == 0, status
@@ -257,8 +257,9 @@ def test_offers_lose_and_repeat_nothing_under_crashes_recycling_and_revokes(setu
 
     @registry.task("work", options=TaskOptions(max_retries=2))
     def work(ctx, i):
-        if i % 23 == 0 and ctx.attempt == 0:
-            os._exit(1)                 # kills its child, maybe holding offers: retried
+        if i % 23 == 0 and not os.path.exists(marks / f"crashed-{ctx.id}"):
+            open(marks / f"crashed-{ctx.id}", "w").close()
+            os._exit(1)                 # kills its child, maybe holding offers: redelivered
         if i % 7 == 0:
             time.sleep(0.003)           # a longer one: offers wait behind it, idle children take them
         os.close(os.open(marks / ctx.id, os.O_CREAT | os.O_EXCL | os.O_WRONLY))   # a second run raises
@@ -277,7 +278,7 @@ def test_offers_lose_and_repeat_nothing_under_crashes_recycling_and_revokes(setu
         else:
             assert status.state is TaskState.SUCCEEDED and status.result == n, (n, status)
     succeeded = {i for i, s in statuses.items() if s.state is TaskState.SUCCEEDED}
-    assert {p.name for p in marks.iterdir()} == succeeded
+    assert {p.name for p in marks.iterdir() if not p.name.startswith("crashed-")} == succeeded
     info = _engine(w)
     assert info["offers_made"] > 100 and info["offers_withdrawn"] > 0 and info["child_replacements"] >= 20
 
