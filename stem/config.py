@@ -168,6 +168,7 @@ class StemConfig:
         if algorithm and not (keys or public):
             raise ConfigurationError(cls._no_keys("STEM_SIGNING_ALGORITHM", algorithm))
         default_queue = get("STEM_DEFAULT_QUEUE") or "default"
+        _queue("STEM_DEFAULT_QUEUE", default_queue)
         queues_raw = get("STEM_WORKER_QUEUES")
         queues = [q.strip() for q in queues_raw.split(",")] if queues_raw else [default_queue]
         if queues_raw and not any(queues):
@@ -200,7 +201,11 @@ class StemConfig:
             return PayloadSigner(self.signing_keys, self.signing_active_key, self.signing_algorithm,
                                  self.signing_public_keys or None)
         except ConfigurationError as exc:
-            raise ConfigurationError(f"STEM_SIGNING_*: {exc}") from None
+            given = [name for name, value in (("STEM_SIGNING_KEYS", self.signing_keys),
+                                              ("STEM_SIGNING_PUBLIC_KEYS", self.signing_public_keys),
+                                              ("STEM_SIGNING_ACTIVE_KEY", self.signing_active_key)) if value]
+            raise ConfigurationError(f"{' with '.join(given)} (STEM_SIGNING_ALGORITHM={self.signing_algorithm}): "
+                                     f"{exc}") from None
 
     def broker(self, **kwargs):
         """The broker for ``broker_url`` (ConfigurationError when unset)."""

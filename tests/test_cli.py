@@ -36,6 +36,26 @@ def stem_json(*args, **kw):
     return json.loads(proc.stdout)
 
 
+def invoke(*args, env=None, input=None):
+    """The ``stem`` command in this process (click's CliRunner): what a subprocess would
+    print and exit with, in milliseconds.  Every STEM_* variable the config reads is
+    unset unless ``env`` sets it."""
+    from click.testing import CliRunner
+
+    from stem.cli import main
+    from stem.config import VARIABLES
+    environ = {var: None for var in VARIABLES}
+    environ.update(env or {})
+    return CliRunner().invoke(main, [str(a) for a in args], env=environ, input=input)
+
+
+def strict_json(text):
+    """``json.loads`` that fails on NaN and Infinity, as every JSON parser but Python's does."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
 class Workers:
     """Worker subprocesses with their output in log files (a full pipe would block them)."""
 
