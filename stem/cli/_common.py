@@ -69,8 +69,10 @@ class Env:
         self.fallback = self.broker_url is None
         if self.fallback:
             self.broker_url = DEFAULT_SQLITE
-        self.backend_url = None if no_results else (
-            backend_url or group_backend or self.config.result_backend_url or self.broker_url)
+        explicit_backend = backend_url or group_backend or self.config.result_backend_url
+        self.backend_url = None if no_results else (explicit_backend or self.broker_url)
+        self._backend_fallback = self.fallback and not explicit_backend
+        self._announced = False
         self._broker = self._backend = None
 
     def __enter__(self) -> "Env":
@@ -80,9 +82,11 @@ class Env:
         self.close()
 
     def announce_fallback(self) -> None:
-        """Say on stderr that no broker was configured and the embedded SQLite file is used."""
-        click.echo(f"stem: no broker configured (--broker, STEM_BROKER_URL); using the embedded SQLite "
-                   f"file {os.path.abspath('stem.db')}", err=True)
+        """Say on stderr (once) that no broker was configured and the embedded SQLite file is used."""
+        if not self._announced:
+            self._announced = True
+            click.echo(f"stem: no broker configured (--broker, STEM_BROKER_URL); using the embedded SQLite "
+                       f"file {os.path.abspath('stem.db')}", err=True)
 
     @property
     def broker(self):
@@ -97,6 +101,8 @@ class Env:
     def backend(self):
         if self._backend is None and self.backend_url:
             from ..backends import from_url
+            if self._backend_fallback:
+                self.announce_fallback()
             self._backend = from_url(self.backend_url, result_expires=self.config.result_expires)
         return self._backend
 
