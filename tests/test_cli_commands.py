@@ -300,6 +300,8 @@ def test_enqueue_takes_a_task_id_meta_and_args_from_a_file_or_stdin(url, tmp_pat
                                                                               (True, 1, {"trace": "x"})]
     missing = invoke("enqueue", "apps.add", "--args", "@/no/such/file.json", "--broker", url)
     assert missing.exit_code == 2 and "cannot read" in missing.output
+    twice = invoke("enqueue", "apps.add", "--args", "-", "--meta", "-", "--broker", url, input="{}")
+    assert twice.exit_code == 2 and "stdin is already read" in twice.output
 
 
 def test_help_texts_cover_every_enqueue_option_and_the_worker_limits():

@@ -146,6 +146,10 @@ class JsonObject(click.ParamType):
             return value
         source = "inline"
         if value == "-":
+            if ctx is not None and ctx.meta.get("stem.stdin_read"):
+                self.fail("stdin is already read by another option: give this one inline or as @FILE", param, ctx)
+            if ctx is not None:
+                ctx.meta["stem.stdin_read"] = True
             value, source = sys.stdin.read(), "stdin"
         elif value.startswith("@"):
             path = value[1:]
