@@ -182,7 +182,7 @@ def test_a_status_table_for_many_workers_stays_usable_at_80_columns(url):
     assert result.exit_code == 0
     for i in range(3):
         assert f"{WORKER_ID}-{i}" in result.stdout
-    assert "not shown at 80 columns" in result.stdout
+    assert "hidden at 80 columns: " in result.stdout
     _narrow(result.stdout)
 
 

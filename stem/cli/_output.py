@@ -92,7 +92,7 @@ def fit_table(columns: Sequence[Col], rows: Iterable[Sequence[Any]], out: Any, *
         dropped.append(columns[i].name)
     notes = [caption] if caption else []
     if dropped:
-        notes.append(f"not shown at {out.width} columns: {', '.join(dropped)} (a wider terminal or --json shows them)")
+        notes.append(f"hidden at {out.width} columns: {', '.join(dropped)} (--json shows all)")
     table.caption = "\n".join(notes) or None
     return table
 
@@ -132,7 +132,7 @@ def text(value: Any) -> str:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value).decode("utf-8", "backslashreplace")
     if isinstance(value, float):
-        return f"{value:g}" if math.isfinite(value) else dumps(value).strip('"')
+        return str(value) if math.isfinite(value) else dumps(value).strip('"')
     if isinstance(value, dict):
         return ", ".join(f"{k}: {text(v)}" for k, v in value.items()) or "-"
     if isinstance(value, (list, tuple, set, frozenset)):

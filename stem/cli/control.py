@@ -185,7 +185,8 @@ def _status_table(rows: list[dict], out):
         queues = ",".join(r["queues"]) + (f" (paused: {','.join(r['paused'])})" if r["paused"] else "")
         children = ", ".join(f"{c['pid']} ({mib(c['rss'])})" if c["rss"] else str(c["pid"])
                              for c in r["children"]) or "-"
-        cells.append([r["id"], r["state"], duration(r["last_heartbeat_age"]), queues, r["host"], r["pid"],
+        age = r["last_heartbeat_age"]
+        cells.append([r["id"], r["state"], "-" if age is None else duration(age) + " ago", queues, r["host"], r["pid"],
                       r["concurrency"], r["in_flight"], f"{r['processed']:,}", f"{r['failed']:,}", children])
     caption = None if rows else "no live workers (none has published a heartbeat to this backend)"
     return fit_table(_STATUS_COLS, cells, out, title="stem workers", caption=caption)
