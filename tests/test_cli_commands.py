@@ -4,12 +4,10 @@ commands Celery and RQ users look for, credentials masked."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import threading
-import time
 from types import SimpleNamespace
 
 import pytest

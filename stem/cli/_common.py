@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 import click
 
 from ..errors import ConfigurationError, EncodeError, InvalidTaskOptionsError, StemError, UnknownTaskError
-from ..redact import mask_url, mask_urls
+from ..redact import mask_urls
 from ._params import Url
 
 __all__ = ["DEFAULT_SQLITE", "EXIT_FAILURE", "EXIT_USAGE", "CommandError", "fail", "translate", "Env",
@@ -123,10 +123,6 @@ class Env:
         from ..control import Control
         return Control(self.broker, self.require_backend("the control plane (it finds workers by heartbeat)"),
                        self.signer)
-
-    def describe(self) -> str:
-        """The broker URL as it may be shown (password masked)."""
-        return mask_url(self.broker_url)
 
     def close(self) -> None:
         for obj in (self._broker, self._backend):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import re
 import sys
 from typing import Any
