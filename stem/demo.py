@@ -8,6 +8,7 @@ from typing import Callable
 from . import IMPLEMENTATION, Stem, TaskOptions, TaskRegistry, TaskState, Worker, WorkerLifecycleConfig
 from .backends import from_url as backend_from_url
 from .brokers import from_url as broker_from_url
+from .redact import mask_url
 
 registry = TaskRegistry()
 
@@ -54,7 +55,7 @@ def run_demo(tasks: int = 10_000, concurrency: int = 2, broker_url: str = "memor
     finally:
         worker.shutdown(timeout=30)
     return {
-        "tasks": tasks, "implementation": IMPLEMENTATION, "broker": broker.url, "isolation": isolation,
+        "tasks": tasks, "implementation": IMPLEMENTATION, "broker": mask_url(broker.url), "isolation": isolation,
         "concurrency": concurrency, "states": states, "retried": stats["retried"],
         "enqueue_seconds": enqueued - t0, "process_seconds": done - enqueued,
         "enqueue_per_second": tasks / max(enqueued - t0, 1e-9),

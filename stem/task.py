@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import re
 from typing import Any, Callable, Iterator, Protocol
 
@@ -34,8 +35,8 @@ def parse_rate_limit(text: str) -> float:
 def _positive(name: str, value: Any) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise InvalidTaskOptionsError(f"{name} must be a positive number of seconds, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise InvalidTaskOptionsError(f"{name} must be a positive, finite number of seconds, got {value!r}")
 
 
 class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -36,6 +36,26 @@ def stem_json(*args, **kw):
     return json.loads(proc.stdout)
 
 
+def invoke(*args, env=None, input=None):
+    """The ``stem`` command in this process (click's CliRunner): what a subprocess would
+    print and exit with, in milliseconds.  Every STEM_* variable the config reads is
+    unset unless ``env`` sets it."""
+    from click.testing import CliRunner
+
+    from stem.cli import main
+    from stem.config import VARIABLES
+    environ = {var: None for var in VARIABLES}
+    environ.update(env or {})
+    return CliRunner().invoke(main, [str(a) for a in args], env=environ, input=input)
+
+
+def strict_json(text):
+    """``json.loads`` that fails on NaN and Infinity, as every JSON parser but Python's does."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
 class Workers:
     """Worker subprocesses with their output in log files (a full pipe would block them)."""
 
@@ -98,7 +118,7 @@ def test_worker_without_a_registry_is_a_usage_error():
 
 
 def test_worker_with_a_bad_registry_path_fails_cleanly(sqlite_url):
-    proc = stem("worker", "-A", "no_such_module:registry", "--broker", sqlite_url, check=1)
+    proc = stem("worker", "-A", "no_such_module:registry", "--broker", sqlite_url, check=2)
     assert "cannot load the task registry" in proc.stderr
 
 
@@ -109,7 +129,7 @@ def test_bad_size_string_is_a_usage_error(sqlite_url):
 
 def test_a_max_prefetch_multiplier_below_the_multiplier_fails_cleanly(sqlite_url):
     proc = stem("worker", "-A", "tests.apps.tasks:registry", "--broker", sqlite_url, "--prefetch-multiplier", "4",
-                "--max-prefetch-multiplier", "2", check=1)
+                "--max-prefetch-multiplier", "2", check=2)
     assert "max_prefetch_multiplier must be an integer >= prefetch_multiplier (4), got 2" in proc.stderr
 
 
@@ -126,7 +146,7 @@ def test_enqueue_rejects_bad_json_args(sqlite_url):
 
 
 def test_enqueue_validates_the_name_against_a_registry(sqlite_url):
-    proc = stem("enqueue", "apps.ad", "-A", "tests.apps.tasks:registry", "--broker", sqlite_url, check=1)
+    proc = stem("enqueue", "apps.ad", "-A", "tests.apps.tasks:registry", "--broker", sqlite_url, check=2)
     assert "did you mean 'apps.add'" in proc.stderr
 
 
@@ -179,7 +199,9 @@ def _two_workers_scenario(url, logdir):
         # a revoked task never runs, also on a worker that starts after the revoke
         queued = stem_json("enqueue", "apps.add", "--args", '{"a": 1, "b": 1}', "--queue", "later",
                            "--broker", url)["id"]
-        stem("worker", "revoke", queued, "--broker", url, "--timeout", "5", check=0)
+        # a queued task has no status yet: --force says that is expected
+        stem("worker", "revoke", queued, "--broker", url, "--timeout", "5", check=1)
+        stem("worker", "revoke", queued, "--force", "--broker", url, "--timeout", "5", check=0)
         workers.start("-Q", "later")
         status = stem_json("enqueue", "apps.add", "--args", '{"a": 2, "b": 2}', "--queue", "later", "--wait",
                            "--broker", url, "--timeout", "60")
