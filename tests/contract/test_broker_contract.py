@@ -272,3 +272,42 @@ def test_publish_frames_refuses_mismatched_lists(broker):
     with pytest.raises(ConfigurationError, match="2 task ids for 1 frames"):
         broker.publish_frames(Q, ["a", "b"], [b"x"])
     assert broker.stats(Q).ready == 0
+
+
+def test_delete_queue_drops_every_message_its_dead_letters_and_its_name(broker):
+    other = "contract-other"
+    broker.publish(msg(b"ready"))
+    broker.publish(msg(b"delayed", not_before=time.time() + 3600))
+    broker.publish(msg(b"leased"))
+    broker.publish(msg(b"dead"))
+    broker.publish(msg(b"kept", queue=other))
+    leased = broker.consume([Q], 2, 5.0)
+    assert len(leased) == 2
+    broker.dead_letter(leased[1], "boom")
+    assert Q in broker.queues() and broker.dead_letters(Q)
+    broker.delete_queue(Q)
+    assert Q not in broker.queues() and other in broker.queues()
+    assert broker.dead_letters(Q) == []
+    assert broker.consume([Q], 10, 0.2) == []
+    broker.ack([leased[0]])               # settling a delivery of a deleted queue is a no-op
+    broker.nack(leased[0], requeue=True)
+    s = broker.stats(Q)
+    assert (s.ready, s.in_flight, s.delayed, s.dead) == (0, 0, 0, 0)
+    assert bytes(consume_one(broker, queues=(other,)).frame) == b"kept"
+    broker.delete_queue(Q)                # idempotent
+
+
+def test_a_deleted_queue_starts_afresh_on_the_next_publish(broker):
+    broker.publish(msg(b"old"))
+    consume_one(broker)
+    broker.delete_queue(Q)
+    broker.publish(msg(b"new"))
+    assert Q in broker.queues()
+    d = consume_one(broker)
+    assert bytes(d.frame) == b"new" and d.delivery_count == 1
+    broker.ack([d])
+
+
+def test_delete_queue_rejects_a_bad_queue_name(broker):
+    with pytest.raises(ConfigurationError, match="bad queue name"):
+        broker.delete_queue("no spaces allowed")
