@@ -331,6 +331,7 @@ class ControlServer:
         self._thread = threading.Thread(target=self._loop, name="stem-control", daemon=True)
         self._replied: dict[str, float] = {}     # reply queues this worker wrote to -> their expiry
         self._next_sweep = 0.0                   # monotonic; the first sweep runs at start
+        self._orphans: set[str] = set()          # control queues without a heartbeat at the last sweep
 
     def start(self) -> None:
         self._thread.start()
@@ -364,23 +365,29 @@ class ControlServer:
                 log.exception("control queue consume failed unexpectedly")
                 self._stop.wait(backoff)
                 continue
+            if not deliveries:
+                continue
+            try:
+                # at most once: a command is acked before it runs (a redelivery could only reach a
+                # dead worker's queue, and no command should run twice), and so before its reply
+                broker.ack(deliveries)
+            except StemError as exc:
+                log.debug("could not ack control commands (%s)", exc)
             for d in deliveries:
                 try:
                     self._serve(d)
                 except Exception:  # noqa: BLE001 - a bad command never kills the control thread
                     log.exception("control command failed")
-                finally:
-                    try:
-                        broker.ack([d])
-                    except StemError:
-                        pass
 
     def sweep(self) -> int:
-        """Delete the reply queues nobody uses any more: those in the broker's registry whose
-        expiry passed ``SWEEP_GRACE_S`` ago, and those this worker wrote to (which also frees
-        what its broker client remembers of them).  Returns how many it deleted."""
+        """Delete the control plane's queues nobody uses any more: reply queues in the broker's
+        registry whose expiry passed ``SWEEP_GRACE_S`` ago, those this worker wrote to (which
+        also frees what its broker client remembers of them), and control queues of workers
+        without a heartbeat at this sweep and the one before (a worker that crashed; one whose
+        heartbeat only lapsed loses nothing it would have served, and its next command
+        recreates the queue).  Returns how many it deleted."""
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
-        broker = self.worker.broker
+        broker, backend = self.worker.broker, self.worker.backend
         cutoff = time.time() - SWEEP_GRACE_S
         try:
             names = broker.queues()
@@ -389,6 +396,20 @@ class ControlServer:
             names = []
         stale = {q for q in names if (_reply_queue_expiry(q) or cutoff) < cutoff}
         stale.update(q for q, expiry in self._replied.items() if expiry < cutoff)
+        control_queues = [q for q in names if q.startswith(_COMMAND_PREFIX) and q != self.queue]
+        orphans: set[str] = set()
+        if control_queues and backend is not None:
+            try:
+                live = {control_queue(h["worker_id"]) for h in backend.heartbeats()}
+            except StemError as exc:
+                log.debug("could not read heartbeats to sweep control queues (%s)", exc)
+                orphans = self._orphans
+            else:
+                orphans = {q for q in control_queues if q not in live}
+                # only one that had no heartbeat at the previous sweep too: a worker that is starting
+                # has its queue before its first heartbeat
+                stale.update(orphans & self._orphans)
+        self._orphans = orphans
         deleted = 0
         for q in sorted(stale):
             try:
