@@ -257,3 +257,56 @@ def test_a_reply_signed_with_an_unknown_key_is_refused(memory_stack):
     other = PayloadSigner({"ed": bytes(range(1, 33))}, algorithm="ed25519")
     assert _ping_fake(memory_stack, private, other) == []
     assert _ping_fake(memory_stack, HMAC, OTHER_HMAC) == []
+
+
+# -- the proof column: databases made by an older stem are upgraded --------------------------------
+def _v1_sqlite(path: str) -> None:
+    import sqlite3
+    from stem._sql import MIGRATIONS
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE stem_schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+        for statement in MIGRATIONS[1]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO stem_schema_version VALUES (1, 0)")
+        conn.execute("INSERT INTO stem_revocations VALUES ('old', ?)", (time.time() + 60,))
+    conn.close()
+
+
+def test_a_version_1_sqlite_database_gains_revocation_proofs(tmp_path):
+    from stem.backends.sqlite import SqliteResultBackend
+    from stem.revocation import sign_proofs
+    path = str(tmp_path / "v1.db")
+    _v1_sqlite(path)
+    backend = SqliteResultBackend(path)
+    try:
+        assert backend.revoked(["old"]) == {"old"} and backend.revocation_proofs(["old"]) == {}
+        backend.revoke(["new"], proofs=sign_proofs(["new"], time.time() + 60, HMAC))
+        assert set(backend.revocation_proofs(["old", "new"])) == {"new"}
+    finally:
+        backend.close()
+
+
+def test_a_version_1_postgres_schema_gains_revocation_proofs(postgres_url, namespace):
+    import psycopg
+    from stem.backends.postgres import PostgresResultBackend
+    from stem.brokers._pg_schema import MIGRATIONS
+    from stem.revocation import sign_proofs
+    s = f'"{namespace}"'
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {s}")
+        conn.execute(f"CREATE TABLE {s}.stem_schema_version (version integer PRIMARY KEY, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        for statement in MIGRATIONS[1]:
+            conn.execute(statement.format(s=s))
+        conn.execute(f"INSERT INTO {s}.stem_schema_version (version) VALUES (1)")
+        conn.execute(f"INSERT INTO {s}.stem_revocations VALUES ('old', extract(epoch FROM now()) + 60)")
+    backend = PostgresResultBackend(postgres_url, schema=namespace)
+    try:
+        assert backend.revoked(["old"]) == {"old"} and backend.revocation_proofs(["old"]) == {}
+        backend.revoke(["new"], proofs=sign_proofs(["new"], time.time() + 60, HMAC))
+        assert set(backend.revocation_proofs(["old", "new"])) == {"new"}
+    finally:
+        backend.close()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
