@@ -248,10 +248,35 @@ def stats(broker_url, backend_url, workers, timeout, as_json):
                  render=lambda d: _console().print(_replies_table("stats", d, cols)))
 
 
+def _inspect_registered(broker_url, backend_url, workers, timeout, as_json):
+    """``stem worker inspect registered``: each worker's tasks with the options it runs them with."""
+    def render(data):
+        from rich.table import Table
+        table = Table(title="registered")
+        for col in ("worker", "task", "queue", "max retries", "soft limit s", "hard limit s", "rate limit"):
+            table.add_column(col)
+        for r in data:
+            if "error" in r:
+                table.add_row(r["worker"], "error: " + r["error"], "", "", "", "", "")
+                continue
+            for t in r["reply"]:
+                table.add_row(r["worker"], t["name"], t["queue"], str(t["max_retries"]),
+                              *("" if t[k] is None else str(t[k]) for k in ("soft_time_limit", "hard_time_limit",
+                                                                            "rate_limit")))
+        _console().print(table)
+    _run_control(broker_url, backend_url, "registered", workers=workers, timeout=timeout, as_json=as_json,
+                 render=render)
+
+
 @worker.command()
+@click.argument("what", type=click.Choice(["tasks", "registered"]), default="tasks")
 @_control_command
-def inspect(broker_url, backend_url, workers, timeout, as_json):
-    """Running and reserved tasks (ids, names, start times, child pids) and revocations."""
+def inspect(what, broker_url, backend_url, workers, timeout, as_json):
+    """Running and reserved tasks (ids, names, start times, child pids) and revocations;
+    `inspect registered`: each worker's tasks and their options."""
+    if what == "registered":
+        return _inspect_registered(broker_url, backend_url, workers, timeout, as_json)
+
     def render(data):
         from rich.table import Table
         table = Table(title="inspect")

@@ -91,8 +91,12 @@ def test_healthcheck_and_inspect_registered_reach_a_verify_only_ed25519_worker(t
                           interval=0.2), (tmp_path / "worker.log").read_text()
         health = stem("worker", "healthcheck", "--timeout", "10")
         assert health.returncode == 0 and "healthy: 1 of 1" in health.stdout, (health.stdout, health.stderr)
-        [reply] = json.loads(stem("worker", "inspect", "registered", "--timeout", "10", "--json").stdout)
+        registered = stem("worker", "inspect", "registered", "--timeout", "10", "--json")
+        assert registered.returncode == 0, (registered.stdout, registered.stderr)
+        [reply] = json.loads(registered.stdout)
         assert {"apps.add", "apps.fail"} <= {t["name"] for t in reply["reply"]}
+        table = stem("worker", "inspect", "registered", "--timeout", "10")
+        assert table.returncode == 0 and "apps.add" in table.stdout and "default" in table.stdout
         unsigned = stem("worker", "healthcheck", "--timeout", "1", env=ENV)      # no keys: refused by the worker
         assert unsigned.returncode == 1
     finally:
