@@ -198,9 +198,12 @@ class Control:
         except (SignatureError, DecodeError) as exc:
             log.warning("ignored a control reply that failed verification: %s", exc)
             return None
-        if env.name != _REPLY_NAME or env.meta.get("request_id") != request_id or not isinstance(env.args, dict):
+        args = env.args
+        if (env.name != _REPLY_NAME or env.meta.get("request_id") != request_id or not isinstance(args, dict)
+                or not isinstance(args.get("worker"), str)
+                or ("reply" not in args and not isinstance(args.get("error"), str))):
             return None
-        return dict(env.args), is_signed
+        return dict(args), is_signed
 
     # -- the commands -----------------------------------------------------------------
     def ping(self, workers=None, timeout: float = 2.0):
@@ -278,6 +281,13 @@ def _shutdown(w: "Worker", args: dict[str, Any]) -> dict[str, Any]:
     return {"shutdown": mode}      # the control server stops the worker once this reply is out
 
 
+def _revoke(w: "Worker", args: dict[str, Any]) -> dict[str, Any]:
+    ids = args.get("ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+        raise ControlError(f"revoke needs a list of task ids, got {ids!r}")
+    return w.revoke(ids, terminate=bool(args.get("terminate")))
+
+
 def _pause_or_resume(pause: bool) -> Callable[["Worker", dict[str, Any]], dict[str, Any]]:
     def handle(w: "Worker", args: dict[str, Any]) -> dict[str, Any]:
         queue = args.get("queue")
@@ -302,7 +312,7 @@ WORKER_COMMANDS: dict[str, Callable[["Worker", dict[str, Any]], Any]] = {
     "stats": lambda w, args: w.stats(),
     "inspect": lambda w, args: w.inspect(),
     "registered": lambda w, args: registered_tasks(w.registry),
-    "revoke": lambda w, args: w.revoke(args.get("ids") or [], terminate=bool(args.get("terminate"))),
+    "revoke": _revoke,
     "shutdown": _shutdown,
     "pause": _pause_or_resume(True),
     "resume": _pause_or_resume(False),
