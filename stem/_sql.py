@@ -3,7 +3,7 @@
 One file holds the broker's and the backend's tables; ``migrate`` creates them
 (idempotent, versioned in ``stem_schema_version``, inside one ``BEGIN
 IMMEDIATE`` transaction so concurrent processes serialise on SQLite's write
-lock).  Schema, version 1::
+lock).  Schema, version 2::
 
     stem_messages       id INTEGER PRIMARY KEY AUTOINCREMENT  -- age order; never reused, so a
                                                               -- stale receipt cannot hit a new row
@@ -20,7 +20,7 @@ lock).  Schema, version 1::
     stem_queues         name PRIMARY KEY
     stem_results        task_id PRIMARY KEY, state, expires_at, data (msgpack TaskStatus); ix expires_at
     stem_heartbeats     worker_id PRIMARY KEY, seen_at, expires_at, data (msgpack dict)
-    stem_revocations    task_id PRIMARY KEY, expires_at
+    stem_revocations    task_id PRIMARY KEY, expires_at, proof (signed frame or NULL; version 2)
 
 Connections: one per thread (``threading.local``) in WAL mode with a busy
 timeout and ``synchronous=NORMAL`` (a committed transaction survives a crash
@@ -46,7 +46,7 @@ from .errors import ConfigurationError, StemError
 
 __all__ = ["SqliteDatabase", "parse_sqlite_url", "SCHEMA_VERSION", "Wake"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -85,6 +85,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             expires_at REAL NOT NULL,
             data BLOB NOT NULL)""",
         "CREATE TABLE stem_revocations (task_id TEXT PRIMARY KEY, expires_at REAL NOT NULL) WITHOUT ROWID",
+    ),
+    2: (
+        "ALTER TABLE stem_revocations ADD COLUMN proof BLOB",
     ),
 }
 

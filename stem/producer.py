@@ -16,6 +16,7 @@ from .envelope import Envelope, encode_frame, encode_frames, frame_encoder
 from .errors import (ConfigurationError, EncodeError, InvalidTaskOptionsError, TaskTimeoutError)
 from .ids import new_task_id, new_task_ids
 from .results import TaskState, TaskStatus
+from .revocation import store_revocations
 from .signals import signals
 from .task import _TASK_NAME, DEFAULT_OPTIONS, HANDLER_FILLED, TaskOptions, TaskRegistry
 
@@ -348,9 +349,11 @@ class Stem:
         return status
 
     def revoke(self, task_ids: str | Sequence[str], expires: float | None = None) -> None:
-        """Persistently mark tasks as revoked: a worker skips them (now or when it starts later)."""
+        """Persistently mark tasks as revoked: a worker skips them (now or when it starts later).
+        With a signer, each revocation carries a signed proof (``stem.revocation``), without
+        which workers that verify ignore it; a verify-only signer cannot revoke."""
         ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
-        self._require_backend().revoke(ids, expires)
+        store_revocations(self._require_backend(), ids, expires, self.signer)
 
     def close(self) -> None:
         self.broker.close()

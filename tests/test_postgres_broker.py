@@ -90,10 +90,11 @@ def test_concurrent_migrations_from_several_processes_apply_each_version_once(po
     results = [out.get(timeout=30) for _ in procs]
     for p in procs:
         p.join(10)
-    assert results == [1] * 6
+    from stem.brokers._pg_schema import SCHEMA_VERSION
+    assert results == [SCHEMA_VERSION] * 6
     with psycopg.connect(postgres_url) as conn:
         rows = conn.execute(f'SELECT version FROM "{namespace}".stem_schema_version').fetchall()
-    assert rows == [(1,)]
+    assert rows == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
 
 
 # -- wake-ups -------------------------------------------------------------------------------

@@ -12,8 +12,14 @@ way everywhere (``tests/contract`` proves it).
   into PENDING).
 * Heartbeats are per worker id and vanish ``ttl`` seconds after the last put,
   so a dead worker disappears by itself.
+* ``store_if_not_terminal`` is the conditional form of ``store`` for the
+  statuses a worker writes while a task runs (RUNNING, progress): atomically
+  per id, it never replaces a terminal status, so a late RUNNING cannot hide
+  a result that landed first.
 * Revocations are persistent (until ``expires``) so a worker that starts after
-  the revoke still honours it.
+  the revoke still honours it.  Each may carry a *proof* (``stem.revocation``:
+  a frame signed by whoever revoked, naming the id); a worker with a signer
+  honours only revocations whose proof verifies.
 """
 
 from __future__ import annotations
@@ -21,11 +27,38 @@ from __future__ import annotations
 import abc
 from typing import Any, Sequence
 
+from ..errors import ConfigurationError
 from ..results import TaskStatus
 
-__all__ = ["ResultBackend", "DEFAULT_RESULT_EXPIRES"]
+__all__ = ["ResultBackend", "DEFAULT_RESULT_EXPIRES", "TERMINAL_STATE_NAMES", "check_non_terminal",
+           "check_proofs"]
 
 DEFAULT_RESULT_EXPIRES = 86400.0
+TERMINAL_STATE_NAMES = ("SUCCEEDED", "FAILED", "REVOKED", "DEAD")
+
+
+def check_non_terminal(statuses: Sequence[TaskStatus]) -> Sequence[TaskStatus]:
+    """``store_if_not_terminal``'s argument: non-terminal statuses only."""
+    for s in statuses:
+        if not isinstance(s, TaskStatus):
+            raise ConfigurationError(f"store_if_not_terminal takes TaskStatus objects, got {s!r}")
+        if s.is_terminal:
+            raise ConfigurationError(f"store_if_not_terminal is for running statuses; task {s.id} is "
+                                     f"{s.state.value}: store a terminal status with store()")
+    return statuses
+
+
+def check_proofs(task_ids: Sequence[str], proofs: Sequence[bytes] | None) -> list[bytes | None]:
+    """``revoke``'s proofs, one per id (all None when not given)."""
+    if proofs is None:
+        return [None] * len(task_ids)
+    proofs = list(proofs)
+    if len(proofs) != len(task_ids):
+        raise ConfigurationError(f"revoke got {len(proofs)} proofs for {len(task_ids)} task ids: give one per id")
+    for p in proofs:
+        if p is not None and not isinstance(p, (bytes, bytearray, memoryview)):
+            raise ConfigurationError(f"a revocation proof is bytes (a signed frame), got {type(p).__name__}")
+    return [None if p is None else bytes(p) for p in proofs]
 
 
 class ResultBackend(abc.ABC):
@@ -59,6 +92,14 @@ class ResultBackend(abc.ABC):
         return None
 
     @abc.abstractmethod
+    def store_if_not_terminal(self, statuses: Sequence[TaskStatus]) -> None:
+        """Upsert each of ``statuses`` only where the stored status of its id is absent (or
+        expired) or not terminal, atomically per id: whatever order a worker's RUNNING or
+        progress write and the task's result reach the backend in, the result stays.
+        Non-terminal statuses only (ConfigurationError otherwise: use ``store``, which also
+        wakes waiters); never wakes a ``wait``.  One round trip where the adapter allows it."""
+
+    @abc.abstractmethod
     def get(self, task_id: str) -> TaskStatus | None:
         """The latest status, or None when unknown or expired."""
 
@@ -89,12 +130,23 @@ class ResultBackend(abc.ABC):
 
     # -- revocations ------------------------------------------------------------
     @abc.abstractmethod
-    def revoke(self, task_ids: Sequence[str], expires: float | None = None) -> None:
-        """Remember that these ids must not run (for ``expires`` seconds, default ``result_expires``)."""
+    def revoke(self, task_ids: Sequence[str], expires: float | None = None,
+               proofs: Sequence[bytes | None] | None = None) -> None:
+        """Remember that these ids must not run (for ``expires`` seconds, default ``result_expires``).
+
+        ``proofs`` (one per id, in order; see ``stem.revocation``) are stored with them and
+        expire with them; revoking an id again replaces its expiry and its proof (without
+        proofs: drops the one stored before)."""
 
     @abc.abstractmethod
     def revoked(self, task_ids: Sequence[str] | None = None) -> set[str]:
-        """The revoked ids among ``task_ids`` (all live revocations when None)."""
+        """The revoked ids among ``task_ids`` (all live revocations when None), proven or not."""
+
+    @abc.abstractmethod
+    def revocation_proofs(self, task_ids: Sequence[str]) -> dict[str, bytes]:
+        """The proofs stored with the live revocations among ``task_ids`` (an id revoked
+        without a proof, or not revoked, is absent).  Workers ask only for ids they have
+        not checked yet, so the once-a-second ``revoked()`` stays the only steady read."""
 
     # -- misc -------------------------------------------------------------------
     def close(self) -> None:

@@ -11,7 +11,7 @@ import time
 from typing import Any, Sequence
 
 from ..results import TaskStatus
-from .base import DEFAULT_RESULT_EXPIRES, ResultBackend
+from .base import DEFAULT_RESULT_EXPIRES, ResultBackend, check_non_terminal, check_proofs
 
 __all__ = ["InMemoryResultBackend"]
 
@@ -23,7 +23,7 @@ class InMemoryResultBackend(ResultBackend):
         self._cond = threading.Condition(threading.Lock())
         self._statuses: dict[str, tuple[TaskStatus, float]] = {}
         self._heartbeats: dict[str, tuple[dict[str, Any], float]] = {}
-        self._revoked: dict[str, float] = {}
+        self._revoked: dict[str, tuple[float, bytes | None]] = {}   # id -> (until, proof)
         self._stores = 0
 
     @classmethod
@@ -43,6 +43,16 @@ class InMemoryResultBackend(ResultBackend):
                 if self._stores > len(self._statuses) // 2:
                     self._expire(time.time())
             self._cond.notify_all()
+
+    def store_if_not_terminal(self, statuses: Sequence[TaskStatus]) -> None:
+        check_non_terminal(statuses)
+        now = time.time()
+        expires = now + self.result_expires
+        with self._cond:
+            for s in statuses:
+                current = self._get(s.id, now)
+                if current is None or not current.is_terminal:
+                    self._statuses[s.id] = (s, expires)
 
     def _expire(self, now: float) -> None:
         self._stores = 0
@@ -100,17 +110,29 @@ class InMemoryResultBackend(ResultBackend):
         with self._cond:
             self._heartbeats.pop(worker_id, None)
 
-    def revoke(self, task_ids: Sequence[str], expires: float | None = None) -> None:
+    def revoke(self, task_ids: Sequence[str], expires: float | None = None,
+               proofs: Sequence[bytes | None] | None = None) -> None:
+        task_ids = list(task_ids)
+        checked = check_proofs(task_ids, proofs)
         until = time.time() + (self.result_expires if expires is None else expires)
         with self._cond:
-            for t in task_ids:
-                self._revoked[t] = until
+            for t, proof in zip(task_ids, checked):
+                self._revoked[t] = (until, proof)
+
+    def _live_revocations(self) -> dict[str, tuple[float, bytes | None]]:
+        now = time.time()
+        for k in [k for k, (exp, _) in self._revoked.items() if exp <= now]:
+            del self._revoked[k]
+        return self._revoked
 
     def revoked(self, task_ids: Sequence[str] | None = None) -> set[str]:
-        now = time.time()
         with self._cond:
-            for k in [k for k, exp in self._revoked.items() if exp <= now]:
-                del self._revoked[k]
+            live = self._live_revocations()
             if task_ids is None:
-                return set(self._revoked)
-            return {t for t in task_ids if t in self._revoked}
+                return set(live)
+            return {t for t in task_ids if t in live}
+
+    def revocation_proofs(self, task_ids: Sequence[str]) -> dict[str, bytes]:
+        with self._cond:
+            live = self._live_revocations()
+            return {t: live[t][1] for t in task_ids if t in live and live[t][1] is not None}

@@ -25,7 +25,8 @@ from ..brokers._pg_schema import (DURABLE, FAST, NOW, Listener, PgConnections, p
                                  quote_schema, reset_in_child)
 from ..errors import BackendConnectionError, BackendError, ConfigurationError
 from ..results import TaskStatus, decode_status, encode_status
-from .base import DEFAULT_RESULT_EXPIRES, ResultBackend
+from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, check_non_terminal,
+                   check_proofs)
 
 __all__ = ["PostgresResultBackend"]
 
@@ -53,6 +54,12 @@ def _queries(s: str) -> dict[str, str]:
     results = f"{s}.stem_results"
     return {
         "store": _store_sql(s),
+        "store_if_not_terminal": f"""
+            INSERT INTO {results} AS r (task_id, state, expires_at, data)
+            SELECT t, st, {NOW} + %s, d FROM unnest(%s::text[], %s::text[], %s::bytea[]) AS m(t, st, d)
+            ON CONFLICT (task_id) DO UPDATE
+            SET state = EXCLUDED.state, expires_at = EXCLUDED.expires_at, data = EXCLUDED.data
+            WHERE r.state NOT IN ({', '.join(repr(n) for n in TERMINAL_STATE_NAMES)}) OR r.expires_at <= {NOW}""",
         "get": f"SELECT data FROM {results} WHERE task_id = %s AND expires_at > {NOW}",
         "get_many": f"SELECT task_id, data FROM {results} WHERE task_id = ANY(%s::text[]) AND expires_at > {NOW}",
         "forget": f"DELETE FROM {results} WHERE task_id = %s",
@@ -69,9 +76,12 @@ def _queries(s: str) -> dict[str, str]:
             SELECT worker_id, seen_at, data FROM {s}.stem_heartbeats WHERE expires_at > {NOW} ORDER BY worker_id""",
         "remove_heartbeat": f"DELETE FROM {s}.stem_heartbeats WHERE worker_id = %s",
         "revoke": f"""
-            INSERT INTO {s}.stem_revocations (task_id, expires_at)
-            SELECT unnest(%s::text[]), {NOW} + %s
-            ON CONFLICT (task_id) DO UPDATE SET expires_at = EXCLUDED.expires_at""",
+            INSERT INTO {s}.stem_revocations (task_id, expires_at, proof)
+            SELECT t, {NOW} + %s, p FROM unnest(%s::text[], %s::bytea[]) AS m(t, p)
+            ON CONFLICT (task_id) DO UPDATE SET expires_at = EXCLUDED.expires_at, proof = EXCLUDED.proof""",
+        "revocation_proofs": f"""
+            SELECT task_id, proof FROM {s}.stem_revocations
+            WHERE task_id = ANY(%s::text[]) AND expires_at > {NOW} AND proof IS NOT NULL""",
         "revoked_all": f"SELECT task_id FROM {s}.stem_revocations WHERE expires_at > {NOW}",
         "revoked": f"""
             SELECT task_id FROM {s}.stem_revocations WHERE task_id = ANY(%s::text[]) AND expires_at > {NOW}""",
@@ -181,6 +191,19 @@ class PostgresResultBackend(ResultBackend):
         self._pg.run(lambda conn: conn.execute(sql, params))
         return True
 
+    def store_if_not_terminal(self, statuses: Sequence[TaskStatus]) -> None:
+        """One upsert whose update applies only over a non-terminal (or expired) row; Postgres
+        re-checks that condition on the row it locked, so it holds against a concurrent
+        terminal store.  On the fast connection: losing a RUNNING status in a server crash
+        costs nothing a terminal status needs."""
+        if not check_non_terminal(statuses):
+            return
+        latest = {s.id: s for s in statuses}        # one upsert may not touch a row twice
+        ids = list(latest)
+        params = (self.result_expires, ids, [latest[i].state.value for i in ids],
+                  [encode_status(latest[i]) for i in ids])
+        self._fast.run(lambda conn: conn.execute(self._sql["store_if_not_terminal"], params))
+
     def get(self, task_id: str) -> TaskStatus | None:
         row = self._fast.run(lambda conn: conn.execute(self._sql["get"], (task_id,), binary=True).fetchone())
         return None if row is None else decode_status(row[0])
@@ -237,11 +260,22 @@ class PostgresResultBackend(ResultBackend):
         self._fast.run(lambda conn: conn.execute(self._sql["remove_heartbeat"], (worker_id,)))
 
     # -- revocations ------------------------------------------------------------------
-    def revoke(self, task_ids: Sequence[str], expires: float | None = None) -> None:
-        ids = list(dict.fromkeys(task_ids))
-        if ids:
+    def revoke(self, task_ids: Sequence[str], expires: float | None = None,
+               proofs: Sequence[bytes | None] | None = None) -> None:
+        task_ids = list(task_ids)
+        latest = dict(zip(task_ids, check_proofs(task_ids, proofs)))   # one upsert may not touch a row twice
+        if latest:
             ttl = float(self.result_expires if expires is None else expires)
-            self._pg.run(lambda conn: conn.execute(self._sql["revoke"], (ids, ttl)))
+            params = (ttl, list(latest), list(latest.values()))
+            self._pg.run(lambda conn: conn.execute(self._sql["revoke"], params))
+
+    def revocation_proofs(self, task_ids: Sequence[str]) -> dict[str, bytes]:
+        ids = list(task_ids)
+        if not ids:
+            return {}
+        rows = self._fast.run(lambda conn: conn.execute(self._sql["revocation_proofs"], (ids,),
+                                                        binary=True).fetchall())
+        return {t: bytes(p) for t, p in rows}
 
     def revoked(self, task_ids: Sequence[str] | None = None) -> set[str]:
         if task_ids is None:

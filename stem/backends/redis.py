@@ -8,13 +8,17 @@ Key schema (N = namespace, default "stem"; "{...}" are Redis Cluster hash tags):
     N:{hb}:index        ZSET     worker id -> expiry (ms); lists heartbeats without KEYS,
                                  pruned on every read
     N:{revoked}         ZSET     task id -> revoked-until (ms), pruned on every read and write
+    N:{revoked}:p:ID    STRING   the revocation's proof (stem.revocation), PX until revoked-until;
+                                 absent for a revocation stored without one
     N:{g:ID}:...        reserved for group/chord counters
 
 ``wait`` subscribes to the task's channel, waits for the SUBSCRIBE confirmation,
 then reads the status: a terminal store that lands after the read is published
 to a channel it already listens on, and one that landed before is what the
 read returns, so nothing is missed and nothing polls.  ``store_many`` is one
-pipelined round trip (SET + PUBLISH for each terminal status).
+pipelined round trip (SET + PUBLISH for each terminal status);
+``store_if_not_terminal`` one pipeline of one small script call per status
+(each touches one key, so it works on Redis Cluster too).
 
 Connections come from the process-wide pool shared with ``RedisBroker``
 (``stem.brokers.redis.shared_client``); redis errors become
@@ -27,18 +31,61 @@ import time
 from typing import Any, Callable, Sequence, TypeVar
 
 import msgspec
+import redis
 
 from ..brokers._redis_pipe import execute, raise_first_error
 from ..brokers.redis import call_with_retry, release_client, shared_client, validate_namespace
 from ..errors import BackendConnectionError, BackendError, ConfigurationError
 from ..results import TaskStatus, decode_status, encode_status
-from .base import DEFAULT_RESULT_EXPIRES, ResultBackend
+from .base import DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, check_non_terminal, check_proofs
 
 __all__ = ["RedisResultBackend"]
 
 _T = TypeVar("_T")
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(dict).decode
+_CHUNK = 1000
+
+# KEYS[1] = a status key; ARGV[1] = the encoded status, ARGV[2] = PX (ms).  SET unless the stored
+# status is terminal.  Redis's cmsgpack cannot read msgpack bin values (a result may hold bytes),
+# so the state is read from the head of the record: encode_status writes a map whose first two
+# entries are "id" and "state" (TaskStatus's first fields, never omitted).  A record this cannot
+# read is left alone: a conditional store must never replace a result it cannot see.
+_STORE_IF_NOT_TERMINAL = """
+local terminal = {%s}
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local pos = 1
+  local function str()
+    local c = string.byte(cur, pos)
+    local len, start
+    if c == nil then return nil end
+    if c >= 0xa0 and c <= 0xbf then len, start = c - 0xa0, pos + 1
+    elseif c == 0xd9 then len, start = string.byte(cur, pos + 1), pos + 2
+    elseif c == 0xda then
+      local a, b = string.byte(cur, pos + 1, pos + 2)
+      len, start = a * 256 + b, pos + 3
+    elseif c == 0xdb then
+      local a, b, d, e = string.byte(cur, pos + 1, pos + 4)
+      len, start = ((a * 256 + b) * 256 + d) * 256 + e, pos + 5
+    else return nil end
+    if len == nil then return nil end
+    pos = start + len
+    return string.sub(cur, start, start + len - 1)
+  end
+  local head = string.byte(cur, 1)
+  if head == nil then return 0 end
+  if head >= 0x80 and head <= 0x8f then pos = 2
+  elseif head == 0xde then pos = 4
+  elseif head == 0xdf then pos = 6
+  else return 0 end
+  if str() ~= 'id' or str() == nil or str() ~= 'state' then return 0 end
+  local state = str()
+  if state == nil or terminal[state] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+""" % ", ".join(f"{name} = true" for name in TERMINAL_STATE_NAMES)
 
 
 def _seconds(name: str, value: Any) -> float:
@@ -67,6 +114,7 @@ class RedisResultBackend(ResultBackend):
         ns = self.namespace
         self._hb_index = f"{ns}:{{hb}}:index"
         self._revoked_key = f"{ns}:{{revoked}}"
+        self._store_if_not_terminal = self._client.register_script(_STORE_IF_NOT_TERMINAL)
         self._closed = False
 
     @classmethod
@@ -78,6 +126,9 @@ class RedisResultBackend(ResultBackend):
 
     def _channel(self, task_id: str) -> str:
         return f"{self.namespace}:{{t:{task_id}}}:done"
+
+    def _proof_key(self, task_id: str) -> str:
+        return f"{self._revoked_key}:p:{task_id}"
 
     def _hb_key(self, worker_id: str) -> str:
         return f"{self.namespace}:{{hb}}:w:{worker_id}"
@@ -104,6 +155,22 @@ class RedisResultBackend(ResultBackend):
             return
         commands = self._status_commands(statuses)
         self._call(lambda: raise_first_error(execute(self._client, commands)), "store")
+
+    def store_if_not_terminal(self, statuses: Sequence[TaskStatus]) -> None:
+        if not check_non_terminal(statuses):
+            return
+        px = _ms(self.result_expires)
+        sha = self._store_if_not_terminal.sha
+        commands = [("EVALSHA", sha, 1, self._status_key(s.id), encode_status(s), px) for s in statuses]
+
+        def send():
+            replies = execute(self._client, commands)
+            if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                self._client.script_load(self._store_if_not_terminal.script)   # after a restart: the
+                replies = execute(self._client, commands)                   # script is idempotent
+            raise_first_error(replies)
+
+        self._call(send, "store_if_not_terminal")
 
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> bool:
         """Store ``statuses`` and ack ``deliveries`` in one round trip when ``broker`` is a
@@ -221,19 +288,22 @@ class RedisResultBackend(ResultBackend):
         self._call(send, "remove_heartbeat")
 
     # -- revocations ----------------------------------------------------------------------
-    def revoke(self, task_ids: Sequence[str], expires: float | None = None) -> None:
-        if not task_ids:
+    def revoke(self, task_ids: Sequence[str], expires: float | None = None,
+               proofs: Sequence[bytes | None] | None = None) -> None:
+        """ZADD (the latest revoke sets the expiry, as on every adapter) and each proof's SET
+        (or DEL, for a revoke without one) with the same deadline, in one round trip."""
+        task_ids = list(task_ids)
+        latest = dict(zip(task_ids, check_proofs(task_ids, proofs)))
+        if not latest:
             return
         now = time.time()
         until_ms = int((now + (self.result_expires if expires is None else float(expires))) * 1000)
-
-        def send():
-            pipe = self._client.pipeline(transaction=False)
-            pipe.zadd(self._revoked_key, {t: until_ms for t in task_ids}, gt=True)
-            pipe.zremrangebyscore(self._revoked_key, "-inf", int(now * 1000))
-            return pipe.execute()
-
-        self._call(send, "revoke")
+        commands: list[tuple] = [("ZADD", self._revoked_key, *(x for t in latest for x in (until_ms, t))),
+                                 ("ZREMRANGEBYSCORE", self._revoked_key, "-inf", int(now * 1000))]
+        for t, proof in latest.items():
+            commands.append(("DEL", self._proof_key(t)) if proof is None else
+                            ("SET", self._proof_key(t), proof, "PXAT", until_ms))
+        self._call(lambda: raise_first_error(execute(self._client, commands)), "revoke")
 
     def revoked(self, task_ids: Sequence[str] | None = None) -> set[str]:
         now_ms = int(time.time() * 1000)
@@ -250,6 +320,15 @@ class RedisResultBackend(ResultBackend):
             return set()
         scores = self._call(lambda: self._client.zmscore(self._revoked_key, ids), "revoked")
         return {t for t, s in zip(ids, scores) if s is not None and s > now_ms}
+
+    def revocation_proofs(self, task_ids: Sequence[str]) -> dict[str, bytes]:
+        ids = list(task_ids)
+        out: dict[str, bytes] = {}
+        for i in range(0, len(ids), _CHUNK):
+            chunk = ids[i:i + _CHUNK]
+            found = self._call(lambda: self._client.mget([self._proof_key(t) for t in chunk]), "revocation_proofs")
+            out.update((t, p) for t, p in zip(chunk, found) if p is not None)
+        return out
 
     # -- misc -------------------------------------------------------------------------------
     def ping(self) -> None:

@@ -19,7 +19,8 @@ import msgspec
 from .._sql import SqliteDatabase, parse_sqlite_url
 from ..errors import BackendConnectionError, BackendError, ConfigurationError
 from ..results import TaskStatus, decode_status, encode_status
-from .base import DEFAULT_RESULT_EXPIRES, ResultBackend
+from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, check_non_terminal,
+                   check_proofs)
 
 __all__ = ["SqliteResultBackend"]
 
@@ -27,6 +28,13 @@ _POLL_MIN_S = 0.005
 _POLL_MAX_S = 0.1
 _SWEEP_EVERY_S = 60.0
 _CHUNK = 500
+
+_STORE_IF_NOT_TERMINAL = (
+    "INSERT INTO stem_results (task_id, state, expires_at, data) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, expires_at = excluded.expires_at, "
+    "data = excluded.data "
+    f"WHERE stem_results.state NOT IN ({', '.join(repr(s) for s in TERMINAL_STATE_NAMES)}) "
+    "OR stem_results.expires_at <= ?")
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(dict).decode
@@ -98,6 +106,16 @@ class SqliteResultBackend(ResultBackend):
             for table in ("stem_results", "stem_heartbeats", "stem_revocations"):
                 conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
 
+    def store_if_not_terminal(self, statuses: Sequence[TaskStatus]) -> None:
+        """One transaction: an upsert whose update applies only over a non-terminal (or expired) row."""
+        if not check_non_terminal(statuses):
+            return
+        now = time.time()
+        expires = now + self.result_expires
+        with self._db.write() as conn:
+            conn.executemany(_STORE_IF_NOT_TERMINAL,
+                             [(s.id, s.state.value, expires, encode_status(s), now) for s in statuses])
+
     def get(self, task_id: str) -> TaskStatus | None:
         with self._db.connection() as conn:
             row = conn.execute("SELECT data FROM stem_results WHERE task_id = ? AND expires_at > ?",
@@ -155,12 +173,16 @@ class SqliteResultBackend(ResultBackend):
             conn.execute("DELETE FROM stem_heartbeats WHERE worker_id = ?", (worker_id,))
 
     # -- revocations ------------------------------------------------------------------
-    def revoke(self, task_ids: Sequence[str], expires: float | None = None) -> None:
+    def revoke(self, task_ids: Sequence[str], expires: float | None = None,
+               proofs: Sequence[bytes | None] | None = None) -> None:
+        task_ids = list(task_ids)
+        checked = check_proofs(task_ids, proofs)
         until = time.time() + (self.result_expires if expires is None else expires)
         with self._db.write() as conn:
-            conn.executemany("INSERT INTO stem_revocations (task_id, expires_at) VALUES (?, ?) "
-                             "ON CONFLICT (task_id) DO UPDATE SET expires_at = excluded.expires_at",
-                             [(t, until) for t in task_ids])
+            conn.executemany("INSERT INTO stem_revocations (task_id, expires_at, proof) VALUES (?, ?, ?) "
+                             "ON CONFLICT (task_id) DO UPDATE SET expires_at = excluded.expires_at, "
+                             "proof = excluded.proof",
+                             [(t, until, p) for t, p in zip(task_ids, checked)])
 
     def revoked(self, task_ids: Sequence[str] | None = None) -> set[str]:
         now = time.time()
@@ -176,6 +198,18 @@ class SqliteResultBackend(ResultBackend):
                     f"SELECT task_id FROM stem_revocations WHERE task_id IN ({','.join('?' * len(chunk))}) "
                     "AND expires_at > ?", (*chunk, now)))
             return out
+
+    def revocation_proofs(self, task_ids: Sequence[str]) -> dict[str, bytes]:
+        ids = list(task_ids)
+        out: dict[str, bytes] = {}
+        now = time.time()
+        with self._db.connection() as conn:
+            for i in range(0, len(ids), _CHUNK):
+                chunk = ids[i:i + _CHUNK]
+                out.update(conn.execute(
+                    f"SELECT task_id, proof FROM stem_revocations WHERE task_id IN ({','.join('?' * len(chunk))}) "
+                    "AND expires_at > ? AND proof IS NOT NULL", (*chunk, now)))
+        return out
 
     # -- misc -------------------------------------------------------------------------
     def ping(self) -> None:

@@ -1,7 +1,7 @@
 """PostgreSQL plumbing shared by ``PostgresBroker`` and ``PostgresResultBackend``.
 
 Schema (every table in the schema given by ``?schema=`` / ``schema=``, default
-``public``), version 1, created by ``migrate`` under
+``public``), version 2, created by ``migrate`` under
 ``pg_advisory_xact_lock(hashtext('stem-migrate:<schema>'))`` so processes that
 start together apply each version once::
 
@@ -20,7 +20,7 @@ start together apply each version once::
     stem_queues          name PRIMARY KEY
     stem_results         task_id PRIMARY KEY, state, expires_at, data bytea (msgpack TaskStatus)
     stem_heartbeats      UNLOGGED; worker_id PRIMARY KEY, seen_at, expires_at, data
-    stem_revocations     task_id PRIMARY KEY, expires_at
+    stem_revocations     task_id PRIMARY KEY, expires_at, proof bytea (signed frame or NULL; version 2)
 
 Acked rows are deleted, so ``stem_jobs`` holds only live messages; the
 partial indexes hold only the rows a claim or a wake-up looks at.
@@ -67,7 +67,7 @@ __all__ = ["import_psycopg", "parse_postgres_url", "PgConnections", "Listener", 
 log = logging.getLogger("stem.broker.postgres")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
 DURABLE = {"plan_cache_mode": "force_generic_plan"}
 FAST = {**DURABLE, "synchronous_commit": "off", "enable_bitmapscan": "off", "enable_seqscan": "off"}
@@ -113,6 +113,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             expires_at double precision NOT NULL,
             data bytea NOT NULL)""",
         "CREATE TABLE {s}.stem_revocations (task_id text PRIMARY KEY, expires_at double precision NOT NULL)",
+    ),
+    2: (
+        "ALTER TABLE {s}.stem_revocations ADD COLUMN proof bytea",
     ),
 }
 

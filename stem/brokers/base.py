@@ -212,6 +212,15 @@ class Broker(abc.ABC):
         """Drop the queue's DLQ. Returns the count."""
 
     @abc.abstractmethod
+    def delete_queue(self, queue: str) -> None:
+        """Drop ``queue`` for good: its messages in every state (ready, delayed, in flight),
+        its dead letters, every key or row the adapter keeps for it, and its name in
+        ``queues()``.  Idempotent.  For queues nobody uses any more, such as the control
+        plane's one-off reply queues: a delivery of it still held settles as a no-op, and a
+        later publish or consume starts the queue afresh (a consumer blocked on it at that
+        moment may see an error once, then carries on)."""
+
+    @abc.abstractmethod
     def stats(self, queue: str) -> QueueStats:
         """Counts without scanning every key or row (O(1) or index-backed)."""
 

@@ -236,6 +236,13 @@ class InMemoryBroker(Broker):
             q.dead.clear()
             return n
 
+    def delete_queue(self, queue: str) -> None:
+        validate_queue_name(queue)
+        with self._cond:
+            self._queues.pop(queue, None)
+            for receipt in [r for r, (rec, _) in self._in_flight.items() if rec.queue == queue]:
+                del self._in_flight[receipt]       # its entry in _leases is skipped when popped
+
     def stats(self, queue: str) -> QueueStats:
         with self._cond:
             self._promote(time.time())

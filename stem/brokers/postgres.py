@@ -141,6 +141,9 @@ def _queries(s: str) -> dict[str, str]:
                    (SELECT count(*) FROM {jobs} WHERE queue = %(q)s AND state <> 0 AND available_at > {NOW}
                         AND state = 1),
                    (SELECT count(*) FROM {dead} WHERE queue = %(q)s)""",
+        "delete_queue": f"""
+            WITH j AS (DELETE FROM {jobs} WHERE queue = %(q)s), d AS (DELETE FROM {dead} WHERE queue = %(q)s)
+            DELETE FROM {s}.stem_queues WHERE name = %(q)s""",
         "register": f"INSERT INTO {s}.stem_queues (name) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
         "queues": f"SELECT name FROM {s}.stem_queues ORDER BY name",
     }
@@ -311,6 +314,13 @@ class PostgresBroker(Broker):
     def purge_dead_letters(self, queue: str) -> int:
         validate_queue_name(queue)
         return self._pg.run(lambda conn: conn.execute(self._sql["purge_dead"], (queue,)).rowcount)
+
+    def delete_queue(self, queue: str) -> None:
+        validate_queue_name(queue)
+        self._pg.run(lambda conn: conn.execute(self._sql["delete_queue"], {"q": queue}))
+        self._known_queues.discard(queue)
+        with self._cond:
+            self._generation.pop(queue, None)
 
     def stats(self, queue: str) -> QueueStats:
         validate_queue_name(queue)

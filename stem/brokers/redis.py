@@ -547,6 +547,14 @@ class RedisBroker(Broker):
 
         return int(self._call(send, "purge_dead_letters"))
 
+    def delete_queue(self, queue: str) -> None:
+        """DEL of the queue's keys (one slot) and SREM from the registry, in one pipeline."""
+        keys = self.queue_keys(queue)
+        commands = [("DEL", *keys), ("SREM", self._queues_key, queue)]
+        self._call(lambda: raise_first_error(execute(self._client, commands)), "delete_queue")
+        self._keys.pop(queue, None)
+        self._declared.discard(queue)
+
     def stats(self, queue: str) -> QueueStats:
         ready, in_flight, delayed, dead = self._admin(queue, "stats")
         return QueueStats(queue, int(ready), int(in_flight), int(delayed), int(dead))

@@ -283,6 +283,14 @@ class SqliteBroker(Broker):
         with self._db.write() as conn:
             return conn.execute("DELETE FROM stem_dead_letters WHERE queue = ?", (queue,)).rowcount
 
+    def delete_queue(self, queue: str) -> None:
+        validate_queue_name(queue)
+        with self._db.write() as conn:
+            conn.execute("DELETE FROM stem_messages WHERE queue = ?", (queue,))
+            conn.execute("DELETE FROM stem_dead_letters WHERE queue = ?", (queue,))
+            conn.execute("DELETE FROM stem_queues WHERE name = ?", (queue,))
+        self._known_queues.discard(queue)
+
     def stats(self, queue: str) -> QueueStats:
         validate_queue_name(queue)
         now = time.time()

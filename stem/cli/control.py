@@ -79,10 +79,35 @@ def stats(broker_url, backend_url, workers, timeout, as_json):
                  render=lambda d: print_table(cols, _errors_first(d, cells, len(cols))))
 
 
+def _inspect_registered(broker_url, backend_url, workers, timeout, as_json):
+    """``stem worker inspect registered``: each worker's tasks with the options it runs them with."""
+    def render(data):
+        out = console()
+        cols = [Col("task", key=True), Col("queue"), Col("max retries", "right", drop=3),
+                Col("soft limit s", "right", drop=1), Col("hard limit s", "right", drop=2), Col("rate limit", drop=4)]
+        for r in data:
+            if "error" in r:
+                out.print(f"{r['worker']}: error: {r['error']}")
+                continue
+            out.print(f"{r['worker']}: {len(r['reply'])} task(s)")
+            rows = [[t["name"], t["queue"], t["max_retries"],
+                     *("-" if t[k] is None else t[k] for k in ("soft_time_limit", "hard_time_limit", "rate_limit"))]
+                    for t in r["reply"]]
+            if rows:
+                out.print(fit_table(cols, rows, out))
+    _run_control(broker_url, backend_url, "registered", workers=workers, timeout=timeout, as_json=as_json,
+                 render=render)
+
+
 @worker.command()
+@click.argument("what", type=click.Choice(["tasks", "registered"]), default="tasks")
 @_control_command
-def inspect(broker_url, backend_url, workers, timeout, as_json):
-    """Running and reserved tasks (ids, names, start times, child pids) and revocations."""
+def inspect(what, broker_url, backend_url, workers, timeout, as_json):
+    """Running and reserved tasks (ids, names, start times, child pids) and revocations;
+    `inspect registered`: each worker's tasks and the options it runs them with."""
+    if what == "registered":
+        return _inspect_registered(broker_url, backend_url, workers, timeout, as_json)
+
     def render(data):
         out = console()
         cols = [Col("state"), Col("task id", key=True), Col("name"), Col("started", drop=2), Col("pid", "right", drop=1)]

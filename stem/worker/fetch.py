@@ -246,12 +246,20 @@ class Fetcher:
     def revocations(self) -> set[str]:
         """Persistent revocations, re-read at most every REVOKE_REFRESH seconds (the control
         plane's revoke reaches a running worker at once; this covers producers' revokes and
-        workers started later, without a round trip per batch)."""
+        workers started later, without a round trip per batch).  With a signer, only those
+        whose signed proof verifies (``stem.revocation``; checked once per id, then cached)."""
         now = time.monotonic()
         backend = self.w.backend
         if backend is not None and now - self._revoked_checked >= REVOKE_REFRESH:
             try:
-                self._revoked_cache = backend.revoked()
+                revoked = backend.revoked()
+                if self.w.signer is not None:
+                    check = getattr(self, "_revocation_check", None)
+                    if check is None:
+                        from ..revocation import RevocationCheck
+                        check = self._revocation_check = RevocationCheck(self.w.signer)
+                    revoked = check.honoured(backend, revoked)
+                self._revoked_cache = revoked
                 self._revoked_checked = now
             except StemError as exc:
                 log.warning("could not read revocations (%s); using the last known set", exc)

@@ -484,32 +484,16 @@ class Worker:
 
     # -- control plane ----------------------------------------------------------------
     def control(self, command: str, args: dict[str, Any]) -> Any:
-        """Serve one control command (called by the control thread); see ``stem.control``."""
-        from ..errors import ControlError
-        if command == "ping":
-            return {"pong": True, "host": self.hostname, "pid": os.getpid(), "queues": list(self.queues)}
-        if command == "stats":
-            return self.stats()
-        if command == "inspect":
-            return self.inspect()
-        if command == "revoke":
-            return self.revoke(args.get("ids") or [], terminate=bool(args.get("terminate")))
-        if command == "shutdown":
-            mode = args.get("mode", "warm")
-            if mode not in ("warm", "soft", "hard"):
-                raise ControlError(f"bad shutdown mode {mode!r}")
-            return {"shutdown": mode}
-        if command in ("pause", "resume"):
-            queue_name = args.get("queue")
-            if queue_name not in self.queues:
-                raise ControlError(f"this worker does not consume {queue_name!r} (queues: {', '.join(self.queues)})")
-            (self.pause if command == "pause" else self.resume)(queue_name)
-            return {"paused": sorted(self._paused)}
-        if command in ("pool_grow", "pool_shrink"):
-            n = int(args.get("n", 1))
-            delta = n if command == "pool_grow" else -n
-            return {"concurrency": self.resize(delta)}
-        raise ControlError(f"unknown control command {command!r}")
+        """Serve one control command (called by the control thread): the handlers are the
+        table ``stem.control.WORKER_COMMANDS``."""
+        from ..control import serve_command
+        return serve_command(self, command, args)
+
+    @property
+    def paused_queues(self) -> list[str]:
+        """The queues ``pause`` stopped on this worker, sorted."""
+        with self._lock:
+            return sorted(self._paused)
 
     def revoke(self, task_ids: Sequence[str], *, terminate: bool = False) -> dict[str, Any]:
         """Skip these tasks here: reserved ones at once, running ones too with ``terminate``."""

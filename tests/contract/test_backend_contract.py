@@ -136,3 +136,106 @@ def test_revocations_expire(backend):
     backend.revoke([a], expires=1)
     assert backend.revoked([a]) == {a}
     assert wait_until(lambda: backend.revoked([a]) == set(), timeout=10.0)
+
+
+def test_store_if_not_terminal_stores_a_running_status_when_none_is_there(backend):
+    i = tid()
+    backend.store_if_not_terminal([TaskStatus(id=i, state=TaskState.RUNNING, progress=0.5)])
+    got = backend.get(i)
+    assert got.state is TaskState.RUNNING and got.progress == 0.5
+
+
+def test_store_if_not_terminal_replaces_a_non_terminal_status(backend):
+    i = tid()
+    backend.store(TaskStatus(id=i, state=TaskState.QUEUED))
+    backend.store_if_not_terminal([TaskStatus(id=i, state=TaskState.RUNNING, progress=0.25)])
+    assert backend.get(i).progress == 0.25
+
+
+def test_store_if_not_terminal_never_replaces_a_terminal_status(backend):
+    ids = {state: tid() for state in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.REVOKED, TaskState.DEAD)}
+    backend.store_many([TaskStatus(id=i, state=state, result=b"\x00bytes" if state is TaskState.SUCCEEDED else None)
+                        for state, i in ids.items()])
+    fresh = tid()
+    backend.store_if_not_terminal([TaskStatus(id=i, state=TaskState.RUNNING) for i in ids.values()]
+                                  + [TaskStatus(id=fresh, state=TaskState.RUNNING)])
+    assert {state: backend.get(i).state for state, i in ids.items()} == {s: s for s in ids}
+    assert backend.get(ids[TaskState.SUCCEEDED]).result == b"\x00bytes"
+    assert backend.get(fresh).state is TaskState.RUNNING
+
+
+def test_store_if_not_terminal_reads_the_state_behind_long_task_ids(backend):
+    ids = [tid()[:20], tid() + "x" * 40, tid() + "y" * 300]      # msgpack fixstr, str8 and str16 ids
+    backend.store_many([TaskStatus(id=i, state=TaskState.SUCCEEDED) for i in ids])
+    backend.store_if_not_terminal([TaskStatus(id=i, state=TaskState.RUNNING) for i in ids])
+    assert [backend.get(i).state for i in ids] == [TaskState.SUCCEEDED] * 3
+    backend.store_many([TaskStatus(id=i, state=TaskState.QUEUED) for i in ids])
+    backend.store_if_not_terminal([TaskStatus(id=i, state=TaskState.RUNNING) for i in ids])
+    assert [backend.get(i).state for i in ids] == [TaskState.RUNNING] * 3
+
+
+def test_store_if_not_terminal_refuses_terminal_statuses(backend):
+    import pytest
+    from stem.errors import ConfigurationError
+    i = tid()
+    with pytest.raises(ConfigurationError, match="use store|with store"):
+        backend.store_if_not_terminal([TaskStatus(id=i, state=TaskState.SUCCEEDED)])
+    assert backend.get(i) is None
+
+
+def test_store_if_not_terminal_does_not_wake_a_waiter(backend):
+    i = tid()
+    backend.store_if_not_terminal([TaskStatus(id=i, state=TaskState.RUNNING)])
+    t0 = time.monotonic()
+    got = backend.wait(i, 0.3)
+    assert got.state is TaskState.RUNNING and time.monotonic() - t0 >= 0.2
+
+
+def test_racing_conditional_running_stores_never_hide_the_result(backend):
+    i = tid()
+    backend.store(TaskStatus(id=i, state=TaskState.RUNNING))
+    stop = threading.Event()
+
+    def spam():
+        while not stop.is_set():
+            backend.store_if_not_terminal([TaskStatus(id=i, state=TaskState.RUNNING, progress=0.1)])
+
+    t = threading.Thread(target=spam)
+    t.start()
+    try:
+        time.sleep(0.05)
+        backend.store(TaskStatus(id=i, state=TaskState.SUCCEEDED, result=1))
+        time.sleep(0.1)
+    finally:
+        stop.set()
+        t.join()
+    assert backend.get(i).state is TaskState.SUCCEEDED
+
+
+def test_revocations_keep_their_proofs_and_a_revoke_without_one_drops_it(backend):
+    a, b, c = tid(), tid(), tid()
+    backend.revoke([a, b, c], proofs=[b"proof-a", None, b"proof-c"])
+    assert backend.revoked([a, b, c]) == {a, b, c}
+    assert backend.revocation_proofs([a, b, c, tid()]) == {a: b"proof-a", c: b"proof-c"}
+    backend.revoke([c])
+    assert backend.revocation_proofs([a, c]) == {a: b"proof-a"}
+    backend.revoke([a], proofs=[b"newer"])
+    assert backend.revocation_proofs([a]) == {a: b"newer"}
+
+
+def test_revocation_proofs_expire_with_their_revocation(backend):
+    a = tid()
+    backend.revoke([a], expires=1, proofs=[b"p"])
+    assert backend.revocation_proofs([a]) == {a: b"p"}
+    assert wait_until(lambda: backend.revocation_proofs([a]) == {} and backend.revoked([a]) == set(), timeout=10.0)
+
+
+def test_revoke_needs_one_proof_per_id(backend):
+    import pytest
+    from stem.errors import ConfigurationError
+    a = tid()
+    with pytest.raises(ConfigurationError, match="one per id"):
+        backend.revoke([a, tid()], proofs=[b"only one"])
+    with pytest.raises(ConfigurationError, match="bytes"):
+        backend.revoke([a], proofs=["text"])
+    assert backend.revoked([a]) == set()

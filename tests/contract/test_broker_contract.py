@@ -394,3 +394,42 @@ def test_a_worker_that_dies_between_the_dead_status_and_the_dead_letter_leaves_n
     assert dead_letter_of(broker, task_id).reason == "max-deliveries"
     status = stem.get_status(task_id)
     assert (status.state, status.reason) == (TaskState.DEAD, "max-deliveries")
+
+
+def test_delete_queue_drops_every_message_its_dead_letters_and_its_name(broker):
+    other = "contract-other"
+    broker.publish(msg(b"ready"))
+    broker.publish(msg(b"delayed", not_before=time.time() + 3600))
+    broker.publish(msg(b"leased"))
+    broker.publish(msg(b"dead"))
+    broker.publish(msg(b"kept", queue=other))
+    leased = broker.consume([Q], 2, 5.0)
+    assert len(leased) == 2
+    broker.dead_letter(leased[1], "boom")
+    assert Q in broker.queues() and broker.dead_letters(Q)
+    broker.delete_queue(Q)
+    assert Q not in broker.queues() and other in broker.queues()
+    assert broker.dead_letters(Q) == []
+    assert broker.consume([Q], 10, 0.2) == []
+    broker.ack([leased[0]])               # settling a delivery of a deleted queue is a no-op
+    broker.nack(leased[0], requeue=True)
+    s = broker.stats(Q)
+    assert (s.ready, s.in_flight, s.delayed, s.dead) == (0, 0, 0, 0)
+    assert bytes(consume_one(broker, queues=(other,)).frame) == b"kept"
+    broker.delete_queue(Q)                # idempotent
+
+
+def test_a_deleted_queue_starts_afresh_on_the_next_publish(broker):
+    broker.publish(msg(b"old"))
+    consume_one(broker)
+    broker.delete_queue(Q)
+    broker.publish(msg(b"new"))
+    assert Q in broker.queues()
+    d = consume_one(broker)
+    assert bytes(d.frame) == b"new" and d.delivery_count == 1
+    broker.ack([d])
+
+
+def test_delete_queue_rejects_a_bad_queue_name(broker):
+    with pytest.raises(ConfigurationError, match="bad queue name"):
+        broker.delete_queue("no spaces allowed")
