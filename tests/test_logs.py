@@ -299,3 +299,20 @@ def test_task_outcomes_are_logged_at_the_levels_operators_expect(stack, restore_
         for h in list(task_logger.handlers):
             task_logger.removeHandler(h)
         task_logger.setLevel(logging.NOTSET)
+
+
+def test_the_startup_line_names_version_broker_without_password_queues_and_tasks(caplog):
+    import stem as stem_pkg
+    registry = TaskRegistry()
+    registry.task("email.send")(lambda ctx: None)
+    registry.task("report.build")(lambda ctx: None)
+    broker = InMemoryBroker(url="memory://user:hunter2@startup-line")
+    w = Worker(broker, InMemoryResultBackend(), registry, queues=["default", "reports"], concurrency=1,
+               isolation="inline", lifecycle=NO_SIGNALS)
+    with caplog.at_level(logging.INFO, logger="stem.worker"):
+        w.run_in_background()
+        w.shutdown(timeout=20)
+    [line] = [r.getMessage() for r in caplog.records if " ready: " in r.getMessage()]
+    assert f"stem {stem_pkg.__version__} worker {w.id} ready" in line
+    assert "hunter2" not in line and "memory://user:***@startup-line" in line
+    assert "queues=default,reports" in line and "tasks (2): email.send, report.build" in line

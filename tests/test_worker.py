@@ -567,3 +567,84 @@ def test_every_dead_letter_path_of_the_worker_stores_a_dead_status(env):
     for tid, reason in (("garbage", "decode-error"), ("unknown", "unknown-task")):
         status = env.stem.wait_for_task(tid, timeout=20)
         assert status.state is TaskState.DEAD and status.reason == reason
+
+
+# -- running statuses: started, progress (stem.worker.progress) ---------------------------------
+def test_a_long_task_without_progress_calls_is_visible_as_running(env, journal):
+    go = journal.flag("go")
+    env.registry.task("long")(lambda ctx: wait_flag(go) and "done")
+    env.worker().run_in_background()
+    tid = env.stem.enqueue("long")
+    assert wait_until(lambda: env.stem.get_status(tid).state is TaskState.RUNNING, timeout=10)
+    running = env.stem.get_status(tid)
+    assert running.started_at is not None and running.worker is not None and running.progress is None
+    set_flag(go)
+    assert env.stem.wait_for_task(tid, timeout=20).result == "done"
+
+
+class _SlowProgressBackend(InMemoryResultBackend):
+    """Every write of a RUNNING status takes 200 ms (a slow store), and is counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.progress_writes = 0
+
+    def _slow(self, statuses):
+        if any(s.state is TaskState.RUNNING for s in statuses):
+            self.progress_writes += 1
+            time.sleep(0.2)
+
+    def store_many(self, statuses):   # store() goes through here
+        self._slow(statuses)
+        super().store_many(statuses)
+
+    def store_if_not_terminal(self, statuses):
+        self._slow(statuses)
+        super().store_if_not_terminal(statuses)
+
+
+def test_progress_calls_are_coalesced_and_never_hold_back_other_tasks_results(isolation, journal):
+    registry, broker, backend = TaskRegistry(), InMemoryBroker(), _SlowProgressBackend()
+    go = journal.flag("go")
+
+    @registry.task("chatty")
+    def chatty(ctx):
+        for i in range(200):
+            ctx.progress(i / 200)
+        wait_flag(go)
+        return "done"
+
+    registry.task("noop")(lambda ctx: None)
+    stem = Stem(broker, backend, registry)
+    w = Worker(broker, backend, registry, concurrency=2, isolation=isolation, lifecycle=NO_SIGNALS)
+    w.run_in_background()
+    try:
+        t0 = time.monotonic()
+        chatty_id = stem.enqueue("chatty")
+        assert wait_until(lambda: backend.get(chatty_id) is not None, timeout=10)   # its progress is stored
+        ids = stem.enqueue_many([("noop", {})] * 50)
+        assert all(stem.wait_for_task(i, timeout=20).succeeded for i in ids)
+        elapsed = time.monotonic() - t0
+        # 200 progress calls, written at most once per FLUSH_INTERVAL (0.25 s), not once each
+        assert backend.progress_writes <= elapsed / 0.25 + 2
+        set_flag(go)
+        assert stem.wait_for_task(chatty_id, timeout=20).result == "done"
+    finally:
+        w.shutdown(ShutdownMode.HARD, timeout=15)
+
+
+def test_a_late_progress_note_never_turns_a_finished_task_back_to_running():
+    from stem.envelope import Envelope
+    from stem.results import TaskStatus
+    from stem.worker.progress import StatusBoard
+    backend = InMemoryResultBackend()
+    board = StatusBoard(backend, "w1")
+    env = Envelope(id="t1", name="noop")
+    board.progress(env, time.time(), 0.9, None)
+    backend.store(TaskStatus(id="t1", state=TaskState.SUCCEEDED, result=1))   # the result wins the race
+    board.flush(time.monotonic(), force=True)
+    assert backend.get("t1").state is TaskState.SUCCEEDED
+    board.started(Envelope(id="t2", name="noop"), time.time())
+    board.forget(["t2"])                                                        # settled meanwhile
+    board.flush(time.monotonic(), force=True)
+    assert backend.get("t2") is None

@@ -37,7 +37,7 @@ class Job:
     """One delivery on its way through the worker."""
 
     __slots__ = ("seq", "delivery", "envelope", "handler", "received_at", "started_at", "extended_at",
-                 "soft_deadline", "hard_deadline", "interrupted", "settled", "slot", "thread_ident")
+                 "soft_deadline", "hard_deadline", "interrupted", "settled", "slot", "thread_ident", "noted_running")
 
     def __init__(self, seq: int, delivery: "Delivery", envelope: "Envelope", handler: TaskHandler):
         self.seq = seq
@@ -53,6 +53,7 @@ class Job:
         self.settled = False
         self.slot: Any = None
         self.thread_ident: int | None = None
+        self.noted_running = False   # a RUNNING status was noted for it (stem.worker.progress)
 
     def mark_started(self) -> None:
         self.started_at = time.time()

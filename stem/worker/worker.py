@@ -28,7 +28,7 @@ from ..backends import from_url as backend_from_url
 from ..brokers import Broker
 from ..brokers import from_url as broker_from_url
 from ..errors import ConfigurationError, SoftTimeLimitExceeded, StemError, WorkerShutdown
-from ..results import TaskState, TaskStatus
+from ..results import TaskState
 from ..retry import ExponentialJitterRetryStrategy, RetryStrategy
 from ..signals import signals
 from ..task import TaskContext, TaskRegistry
@@ -38,6 +38,7 @@ from .fetch import FETCH_BLOCK_SECONDS, Fetcher
 from .execution import ERROR, Outcome
 from .lifecycle import ShutdownMode, WorkerLifecycleConfig, install_signal_handlers
 from .outbox import MAX_BATCH, Outbox
+from .progress import STARTED_AFTER, StatusBoard
 from .settle import Settler
 from .window import DEFAULT_MAX_MULTIPLIER, PrefetchWindow
 
@@ -174,6 +175,7 @@ class Worker:
         self._stem = None
         self._error: BaseException | None = None
         self._runtime = _Runtime(self)
+        self._board = StatusBoard(self.backend, self.id) if self.store_results else None
         self._settler = Settler(self)
         self._fetcher = Fetcher(self)
 
@@ -288,8 +290,15 @@ class Worker:
         self._fetch_thread.start()
         self._started.set()
         signals.worker_ready.send(self, worker=self)
-        log.info("worker %s ready: queues=%s concurrency=%d engine=%s", self.id, ",".join(self.queues),
-                 self.concurrency, self.isolation)
+        if log.isEnabledFor(logging.INFO):
+            from .. import __version__
+            from ..redact import mask_url
+            names = self.registry.names()
+            log.info("stem %s worker %s ready: broker=%s backend=%s queues=%s concurrency=%d engine=%s "
+                     "tasks (%d): %s", __version__, self.id, mask_url(self.broker.url or type(self.broker).__name__),
+                     mask_url(self.backend.url or type(self.backend).__name__) if self.store_results else "none",
+                     ",".join(self.queues), self.concurrency, self.isolation, len(names),
+                     ", ".join(names[:50]) + (" ..." if len(names) > 50 else ""))
         try:
             self._main_loop()
         finally:
@@ -339,7 +348,10 @@ class Worker:
                 last_housekeeping = now
                 self._enforce_time_limits(now)
                 self._renew_leases(now)
+                self._note_long_running()
                 self._engine.tick()
+            if settle_thread is None and self._board is not None:
+                self._board.flush(now)
             if now - last_heartbeat >= self.heartbeat_interval:
                 last_heartbeat = now
                 self._publish_heartbeat()
@@ -363,6 +375,7 @@ class Worker:
 
     def _settle_loop(self) -> None:
         outbox = self._outbox
+        board = self._board
         while True:
             batch = outbox.get(0.05)
             if batch:
@@ -370,6 +383,8 @@ class Worker:
                     self._settler.settle(batch)
                 except Exception:  # noqa: BLE001 - never lose the settle thread; leases bring tasks back
                     log.exception("settling %d outcomes failed", len(batch))
+            if board is not None:
+                board.flush(time.monotonic())
             elif self._settle_stop.is_set():
                 if outbox.empty():
                     return
@@ -390,6 +405,8 @@ class Worker:
         return batch
 
     def _forget(self, jobs: list[Job], wake: bool = True) -> None:
+        if self._board is not None:
+            self._board.forget([j.envelope.id for j in jobs])
         with self._lock:
             for j in jobs:
                 j.settled = True
@@ -432,19 +449,24 @@ class Worker:
             log.warning("could not renew %d leases (%s)", len(due), exc)
 
     def _progress(self, task_id: str, fraction: float, data: Any) -> None:
+        """``ctx.progress()``: renew the lease now, note the status for the next flush."""
         self._heartbeat_requests.put(task_id)
-        if not self.store_results:
+        if self._board is None:
             return
         with self._lock:
             job = next((j for j in self._jobs.values() if j.envelope.id == task_id), None)
-        env = job.envelope if job else None
-        meta = dict(env.meta) if env else {}
-        if data is not None:
-            meta["progress_data"] = data
-        self._settler.store([TaskStatus(id=task_id, state=TaskState.RUNNING, name=env.name if env else "",
-                                queue=env.queue if env else "", attempt=env.attempt if env else 0,
-                                meta=meta, progress=fraction, started_at=job.started_at if job else None,
-                                worker=self.id)])
+        if job is not None:
+            self._board.progress(job.envelope, job.started_at, fraction, data)
+
+    def _note_long_running(self) -> None:
+        """Tasks running for STARTED_AFTER seconds get a RUNNING status (short ones none)."""
+        if self._board is None:
+            return
+        started_before = time.time() - STARTED_AFTER
+        for job in self._engine.running():
+            if not job.noted_running and job.started_at is not None and job.started_at <= started_before:
+                job.noted_running = True
+                self._board.started(job.envelope, job.started_at)
 
     def _publish_heartbeat(self) -> None:
         data = self.stats()
