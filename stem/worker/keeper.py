@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from ..errors import WorkerError
 from .ring import ChannelHandle
-from .zygote import GONE, Zygote
+from .zygote import GONE, Zygote, ZygoteGone
 
 __all__ = ["ZygoteKeeper", "MAX_ZYGOTE_DEATHS", "ZYGOTE_DEATH_WINDOW", "signal_pidfd", "exited_pidfds",
            "wait_pidfds"]
@@ -69,9 +69,10 @@ class ZygoteKeeper:
         return zygote.fileno() if zygote is not None and not zygote.gone else None
 
     def fork(self, handle: ChannelHandle, params: dict[str, Any]) -> tuple[int, int | None]:
-        if self.zygote is None:
-            raise WorkerError("no zygote to fork a child from (it died and could not be replaced)")
-        return self.zygote.fork(handle, params)
+        zygote = self.zygote   # (the pool's thread may replace it meanwhile)
+        if zygote is None:
+            raise ZygoteGone("no zygote to fork a child from (it died; a new one is not started yet)")
+        return zygote.fork(handle, params)
 
     def events(self) -> tuple[list[tuple[int, int]], str | None]:
         """The exits the zygote reported (pid, exit code), and what became of it:

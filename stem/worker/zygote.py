@@ -148,9 +148,13 @@ class Zygote:
             child.close()
         try:
             process.stdin.write(boot)   # read at once by the zygote's first line
-            process.stdin.close()
         except OSError:   # it died already: its socket says so
             pass
+        finally:
+            try:
+                process.stdin.close()
+            except OSError:
+                pass
         zygote = cls()
         zygote._process = process
         zygote.pid = process.pid
@@ -201,8 +205,6 @@ class Zygote:
                     break
                 if msg is GONE:
                     break    # _mark_gone queued it
-                if msg[0] == "ready":
-                    self.ready = self.was_ready = True
                 self._events.append(msg)
             out, self._events = self._events, []
             return out
@@ -227,7 +229,10 @@ class Zygote:
             _close_all(fds)
             self._mark_gone()
             return GONE, []
-        return pickle.loads(data), fds
+        msg = pickle.loads(data)
+        if msg[0] == "ready":   # (fork() may read it, when asked to fork by then)
+            self.ready = self.was_ready = True
+        return msg, fds
 
     def _mark_gone(self) -> None:
         """Under the lock: stop reading; the owner learns it from ``events()`` (GONE, once)."""
