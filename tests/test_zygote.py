@@ -281,8 +281,7 @@ def test_a_worker_whose_zygote_died_does_not_spin_and_sigterm_stops_it():
         zygote = int(out.wait("ZYGOTE", 30).split()[1])
         orphans = [c.pid for c in psutil.Process(zygote).children()]
         os.kill(zygote, signal.SIGKILL)
-        out.wait(f"the zygote process (pid {zygote}) died", 10)
-        out.wait("is ready", 30)
+        wait_for(lambda: gone(zygote), 10, "the zygote to die")
         supervisor = psutil.Process(proc.pid)
         before = supervisor.cpu_times()
         window = time.monotonic()
@@ -290,6 +289,7 @@ def test_a_worker_whose_zygote_died_does_not_spin_and_sigterm_stops_it():
         after = supervisor.cpu_times()
         busy = (after.user + after.system) - (before.user + before.system)
         assert busy < 0.25 * (time.monotonic() - window), f"the supervisor used {busy:.2f}s of CPU in 1s"
+        out.wait(f"the zygote process (pid {zygote}) died", 10)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         out.wait("EXITED", 5)
