@@ -308,6 +308,12 @@ class ProcessEngine(Engine):
         self._wake()
         return True
 
+    @property
+    def error(self) -> str | None:
+        """Why the pool asked the worker to stop (hard), if it did: children that cannot
+        start, a dead zygote that cannot be replaced."""
+        return self._error
+
     def info(self) -> dict[str, Any]:
         with self._lock:
             keeper = self._keeper

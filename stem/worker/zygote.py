@@ -38,13 +38,22 @@ needs goes through it.
   script that starts a worker without an ``if __name__ == "__main__"`` guard
   would start a second worker inside the zygote.  So a registry object whose
   tasks live in the main script cannot be loaded there: give the worker its
-  ``module:attribute`` path.
-- The worker stops instead (hard: running tasks killed and requeued, exit with
-  the reason logged) when that cannot work: no pidfds (not Linux, or a kernel
-  before 5.3: then the orphans are killed by pid at once, while known alive,
-  and their tasks fail as crashed), a registry that cannot be pickled or
-  loaded in a fresh interpreter, a new zygote that dies before it is ready or
-  is not ready within ``STARTUP_TIMEOUT``, or zygotes that keep dying.
+  ``module:attribute`` path.  Not one spawned child per replacement either
+  (``start_method="spawn"``): it needs the registry loaded the same way, and
+  a zygote keeps every later replacement a fork.
+- The worker stops instead (hard: running tasks killed and requeued; the
+  reason logged and kept as the pool's ``error``) when that cannot work: no
+  pidfds (not Linux, or a kernel before 5.3: then the orphans are killed by
+  pid at once, while known alive, and their tasks fail as crashed), a
+  registry that cannot be pickled or loaded in a fresh interpreter, a new
+  zygote that dies before it is ready or is not ready within
+  ``STARTUP_TIMEOUT``, or zygotes that keep dying (``keeper.MAX_ZYGOTE_DEATHS``).
+
+Known gaps: a child forked just before the zygote died, whose pid never
+reached the supervisor, idles until the supervisor exits (it then notices
+and exits); children of a new zygote do not inherit what the supervisor set
+up at run time (logging handlers, ``stem.tracing.install()``, task hooks),
+as with ``start_method="spawn"``.
 
 Nothing here can spin on a dead socket: the first EOF or error marks the
 zygote gone and is reported once; nothing reads the socket after that, and
