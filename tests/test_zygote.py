@@ -300,3 +300,48 @@ def test_a_worker_whose_zygote_died_does_not_spin_and_sigterm_stops_it():
             proc.kill()
             proc.wait()
         out.join(10)
+
+
+# -- a new zygote that cannot serve ------------------------------------------------------------------
+def test_a_new_zygote_that_cannot_load_the_registry_stops_the_worker_with_its_reason(stack, caplog, monkeypatch):
+    broker, backend, worker = stack
+    monkeypatch.setenv("STEM_TEST_REGISTRY_PID", str(os.getpid()))   # imports here, nowhere else
+    w = worker("tests.apps.parent_only:registry")
+    w.run_in_background()
+    with caplog.at_level(logging.ERROR, logger="stem.worker.pool"):
+        kill_zygote(w)
+        assert w.join(20), "the worker did not stop"
+    assert "exited (code 1) before it was ready: cannot load the task registry" in caplog.text
+    assert "broken on purpose" in caplog.text
+    assert w.stats()["pool_state"] == "stopped"
+
+
+def test_a_new_zygote_that_is_not_ready_in_time_is_killed_and_the_worker_stops(stack, caplog, monkeypatch):
+    import stem.worker.pool
+    import stem.worker.zygote
+    broker, backend, worker = stack
+    monkeypatch.setattr(stem.worker.pool, "STARTUP_TIMEOUT", 2.0)
+    w = worker("tests.test_zygote:registry")
+    w.run_in_background()
+    monkeypatch.setattr(stem.worker.zygote, "_BOOT", "import time; time.sleep(600)")   # never says ready
+    with caplog.at_level(logging.ERROR, logger="stem.worker.pool"):
+        first = w.stats()["zygote_pid"]
+        kill_zygote(w)
+        wait_for(lambda: w.stats()["zygote_pid"] not in (None, first), 10, "a new zygote")
+        hung = w.stats()["zygote_pid"]
+        assert w.join(20), "the worker did not stop"
+    assert "the new zygote process did not get ready within 2s" in caplog.text
+    assert gone(hung)
+
+
+def test_zygotes_that_keep_dying_stop_the_worker(stack, caplog):
+    broker, backend, worker = stack
+    w = worker("tests.test_zygote:registry")
+    w.run_in_background()
+    with caplog.at_level(logging.INFO, logger="stem.worker.pool"):
+        for deaths in (1, 2):
+            kill_zygote(w)
+            wait_for(lambda: caplog.text.count("is ready") == deaths, 30, f"new zygote #{deaths}")
+        kill_zygote(w)
+        assert w.join(20), "the worker did not stop"
+    assert "the zygote process died 3 times within 60s" in caplog.text

@@ -132,8 +132,8 @@ class ZygoteKeeper:
         """Give up a new zygote that did not get ready in time: the reason."""
         zygote, self.zygote = self.zygote, None
         if zygote is not None:
-            zygote.close()
-        return f"the new zygote process did not get ready within {self._startup_timeout:.0f}s"
+            zygote.close(timeout=0)   # alive, but of no use: killed
+        return f"the new zygote process did not get ready within {self._startup_timeout:g}s"
 
     def stop(self, timeout: float) -> None:
         if self.zygote is not None:
