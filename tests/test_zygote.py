@@ -49,6 +49,11 @@ def crash_once(ctx):
     return os.getppid()
 
 
+@registry.task("zygote.policy")
+def policy(ctx):
+    return os.sched_getscheduler(0)
+
+
 @registry.task("zygote.hold", options=TaskOptions(max_retries=1))
 def hold(ctx, marker):
     """Runs while ``marker`` exists."""
@@ -175,6 +180,8 @@ def test_a_child_that_dies_after_its_zygote_is_seen_through_its_pidfd_and_its_ta
     assert status.result == w.stats()["zygote_pid"] != old   # the retry ran in a child of the new zygote
     assert f"child {orphan} exited (crash, code unknown: its zygote died)" in caplog.text
     assert w.stats()["pool_state"] == "running"
+    # the supervisor's thread yields the CPU (SCHED_BATCH); the new zygote's children do not
+    assert stem.wait_for_task(stem.enqueue("zygote.policy"), timeout=30).result == os.SCHED_OTHER
 
 
 # -- when recovery cannot work: a hard stop with the reason ---------------------------------------

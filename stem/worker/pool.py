@@ -470,13 +470,14 @@ class ProcessEngine(Engine):
 
     def _add_child(self) -> None:
         """Start a child now, or once the new zygote is ready (the first one died)."""
-        with self._lock:
-            if self._keeper is not None and not self._keeper.ready:
+        if self._keeper is not None and not self._keeper.ready:
+            with self._lock:
                 self._owed += 1
-                return
-            try:
-                self._spawn_child()
-            except ZygoteGone:   # _collect_exits hears of it too, and starts a new one
+            return
+        try:
+            self._spawn_child()
+        except ZygoteGone:   # _collect_exits hears of it too, and starts a new one
+            with self._lock:
                 self._owed += 1
 
     def _collect_exits(self, children: list[_Child]) -> None:
@@ -498,7 +499,10 @@ class ProcessEngine(Engine):
         elif status == "ready":
             self._zygote_ready()
         elif status == "late":
-            self._give_up(self._keeper.late())
+            reason = self._keeper.late()
+            with self._lock:
+                self._children_version += 1   # stop polling its socket
+            self._give_up(reason)
 
     # -- when the zygote dies (why this way: stem.worker.zygote) -------------------------------
     def _zygote_gone(self) -> None:
