@@ -184,6 +184,18 @@ def test_a_child_that_dies_after_its_zygote_is_seen_through_its_pidfd_and_its_ta
     assert stem.wait_for_task(stem.enqueue("zygote.policy"), timeout=30).result == os.SCHED_OTHER
 
 
+def test_the_control_plane_still_shuts_down_a_worker_whose_zygote_died(stack):
+    from stem.control import Control
+    broker, backend, worker = stack
+    w = worker("tests.test_zygote:registry", heartbeat_interval=0.2)
+    w.run_in_background()
+    zygote, _ = kill_zygote(w)
+    wait_for(lambda: gone(zygote), 10, "the zygote to die")
+    replies = Control(broker, backend).shutdown("warm", workers=[w.id], timeout=10)
+    assert [r["reply"] for r in replies] == [{"shutdown": "warm"}]
+    assert w.join(15), "the worker did not stop"
+
+
 # -- when recovery cannot work: a hard stop with the reason ---------------------------------------
 def test_a_registry_a_fresh_process_cannot_load_makes_the_worker_requeue_and_stop(stack, caplog, tmp_path):
     broker, backend, worker = stack
