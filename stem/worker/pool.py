@@ -3,8 +3,10 @@
 The Worker's main thread turns the pool (``poll``): it hands jobs from the
 backlog to children with a free slot (so an idle child never waits behind a
 busy one), reads outcomes from every child's ring with one ``poll()``,
-watches exits (reported by the zygote, or by ``spawn`` sentinels), recycles
-children (``max-tasks``, ``max-memory``) and replaces crashed or killed ones.
+watches exits (reported by the zygote, by ``spawn`` sentinels, or, once
+the zygote died, by the orphaned children's pidfds), recycles children
+(``max-tasks``, ``max-memory``) and replaces crashed or killed ones (from a
+new zygote when the first one died: see ``stem.worker.zygote``).
 No thread of its own: one fewer thread fighting for the GIL on the hot path.
 The fetcher thread only calls ``submit`` (which wakes ``poll``).  Once the
 children are up, the thread that turns the pool yields the CPU to them
@@ -37,7 +39,8 @@ from .engine import Engine, Job
 from .execution import ERROR, Outcome
 from .ring import Channel, ChannelPoller
 from .sched import restore, yield_to_children
-from .zygote import Zygote
+from .keeper import ZygoteKeeper, exited_pidfds, signal_pidfd, wait_pidfds
+from .zygote import ZygoteGone
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -67,10 +70,11 @@ class PoolState(enum.Enum):
 
 class _Child:
     __slots__ = ("pid", "channel", "state", "running", "offers", "tasks_done", "rss", "started_at", "ready_at",
-                 "recycle_reason", "process", "fatal", "last_memory_check", "forked_ns")
+                 "recycle_reason", "process", "fatal", "last_memory_check", "forked_ns", "pidfd")
 
-    def __init__(self, pid: int, channel: Channel, process: Any = None):
+    def __init__(self, pid: int, channel: Channel, process: Any = None, pidfd: int | None = None):
         self.pid = pid
+        self.pidfd = pidfd              # from the zygote (Linux); closed, under the lock, when it exits
         self.channel = channel
         self.state = ChildState.STARTING
         self.running: dict[int, Job] = {}
@@ -109,7 +113,9 @@ class ProcessEngine(Engine):
         self._dispatcher = Dispatcher(self)
         self._crashes: dict[str, int] = {}
         self._enqueue_failures: dict[str, str] = {}   # task id -> why a child task it enqueued was not
-        self._zygote: Zygote | None = None
+        self._keeper: ZygoteKeeper | None = None    # with start_method "fork"
+        self._owed = 0                  # children to fork once a new zygote is ready
+        self._adopted: dict[int, _Child] = {}   # children of a dead zygote: exits seen on their pidfds
         self._report: Callable[[Job, Outcome], None] | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -130,8 +136,11 @@ class ProcessEngine(Engine):
         self._report = report
         self.state = PoolState.STARTING
         if self.start_method == "fork":
-            self._zygote = Zygote(functools.partial(child_main, registry=self.worker.registry))
-            self._zygote.start()
+            self._keeper = ZygoteKeeper(functools.partial(child_main, registry=self.worker.registry),
+                                        self.worker.registry_ref or self.worker.registry,
+                                        startup_timeout=STARTUP_TIMEOUT,
+                                        normal_policy=lambda: bool(self._params.get("normal_policy")))
+            self._keeper.start()
         try:
             for _ in range(self.concurrency):
                 self._spawn_child()
@@ -164,9 +173,10 @@ class ProcessEngine(Engine):
     def _spawn_child(self) -> _Child:
         t0 = time.perf_counter_ns()
         channel = Channel.create(CHANNEL_CAPACITY)
+        pidfd = None
         try:
-            if self._zygote is not None:
-                pid = self._zygote.fork(channel.handle, self._params)
+            if self._keeper is not None:
+                pid, pidfd = self._keeper.fork(channel.handle, self._params)
                 process = None
             else:
                 import multiprocessing
@@ -179,7 +189,7 @@ class ProcessEngine(Engine):
         except BaseException:
             channel.close()
             raise
-        child = _Child(pid, channel, process)
+        child = _Child(pid, channel, process, pidfd)
         child.forked_ns = t0
         with self._lock:
             self._children[pid] = child
@@ -212,14 +222,19 @@ class ProcessEngine(Engine):
             children = list(self._children.values())
             self._children.clear()
             self._children_version += 1
+            for child in children:
+                _signal_child(child, signal.SIGKILL)
+            adopted = [c.pidfd for c in children if c.pid in self._adopted and c.pidfd is not None]
+            self._adopted.clear()
         for child in children:
-            _kill(child.pid)
             if child.process is not None:
                 child.process.join(timeout)
-        if self._zygote is not None:
-            self._zygote.stop(timeout)
+        wait_pidfds(adopted, timeout)   # not ours to reap: just see them gone
+        if self._keeper is not None:
+            self._keeper.stop(timeout)
         for child in children:
             child.channel.close()
+            _close_pidfd(child)
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -249,7 +264,7 @@ class ProcessEngine(Engine):
             self._dispatcher.wanted = True
             if delta > 0:
                 for _ in range(delta):
-                    self._spawn_child()
+                    self._add_child()
                 return
             ready = sorted((c for c in self._children.values() if c.state is ChildState.READY),
                            key=lambda c: len(c.running))
@@ -277,7 +292,7 @@ class ProcessEngine(Engine):
             child = job.slot
             if child is not None and job.seq in child.running:
                 job.interrupted = True
-                _signal(child.pid, signal.SIGUSR2)
+                _signal_child(child, signal.SIGUSR2)
 
     def kill(self, job: Job, reason: str) -> bool:
         with self._lock:
@@ -290,15 +305,24 @@ class ProcessEngine(Engine):
             child.running.clear()
             child.state = ChildState.KILLED
             child.recycle_reason = reason
-            _kill(child.pid)
+            _signal_child(child, signal.SIGKILL)
         for other in others:  # other coroutines of the same child die with it
             self._report(other, _crashed(other, "child killed while running another task"))
         self._wake()
         return True
 
+    @property
+    def error(self) -> str | None:
+        """Why the pool asked the worker to stop (hard), if it did: children that cannot
+        start, a dead zygote that cannot be replaced."""
+        return self._error
+
     def info(self) -> dict[str, Any]:
         with self._lock:
+            keeper = self._keeper
             return {"engine": "process", "start_method": self.start_method, "pool_state": self.state.value,
+                    "zygote_pid": keeper.pid if keeper is not None else None,
+                    "zygote_deaths": keeper.deaths if keeper is not None else 0,
                     "children": [c.info() for c in self._children.values()], "backlog": len(self._dispatcher.backlog),
                     "offers": self._dispatcher.offers, "offers_made": self._dispatcher.offers_made,
                     "offers_withdrawn": self._dispatcher.offers_withdrawn,
@@ -337,10 +361,13 @@ class ProcessEngine(Engine):
         with self._lock:
             version = self._children_version
             children = [c for c in self._children.values() if c.state is not ChildState.DEAD]
+            adopted = [c.pidfd for c in children if c.pid in self._adopted]
+            zygote_fd = self._keeper.fileno() if self._keeper is not None else None
         fds = [self._wake_r] if self._wake_r >= 0 else []
-        if self._zygote is not None and self._zygote.sock is not None:
-            fds.append(self._zygote.fileno())
+        if zygote_fd is not None:
+            fds.append(zygote_fd)
         fds += [c.process.sentinel for c in children if c.process is not None]
+        fds += adopted
         poller = ChannelPoller([c.channel for c in children], fds, tags=children)
         ps = self._poll_set = _PollSet(version, children, poller)
         return ps
@@ -443,30 +470,97 @@ class ProcessEngine(Engine):
 
     def _replace(self) -> None:
         try:
-            self._spawn_child()
+            self._add_child()
             self._replacements += 1
         except WorkerError as exc:
             log.error("could not start a replacement child: %s", exc)
             self._error = str(exc)
             self.worker.shutdown_nowait("hard")
 
+    def _add_child(self) -> None:
+        """Start a child now, or once the new zygote is ready (the first one died)."""
+        if self._keeper is not None and not self._keeper.ready:
+            with self._lock:
+                self._owed += 1
+            return
+        try:
+            self._spawn_child()
+        except ZygoteGone:   # _collect_exits hears of it too, and starts a new one
+            with self._lock:
+                self._owed += 1
+
     def _collect_exits(self, children: list[_Child]) -> None:
-        exited: list[tuple[int, int]] = []
-        if self._zygote is not None:
-            for event in self._zygote.events():
-                if event[0] == "exited":
-                    exited.append((event[1], event[2]))
-                elif event[0] == "zygote-gone" and self.state is PoolState.RUNNING:
-                    self._error = "the zygote process died"
-                    log.error("the zygote process died; stopping the worker")
-                    self.worker.shutdown_nowait("hard")
+        exited: list[tuple[int, int | None]] = []
+        status = None
+        if self._keeper is not None:
+            exited, status = self._keeper.events()
         for c in children:
             if c.process is not None and c.process.exitcode is not None and c.state is not ChildState.DEAD:
                 exited.append((c.pid, c.process.exitcode))
+        if self._adopted:
+            with self._lock:
+                adopted = {c.pidfd: c.pid for c in self._adopted.values()}
+            exited += [(adopted[fd], None) for fd in exited_pidfds(list(adopted))]
         for pid, code in exited:
             self._on_exit(pid, code)
+        if status == "gone":
+            self._zygote_gone()
+        elif status == "ready":
+            self._zygote_ready()
+        elif status == "late":
+            reason = self._keeper.late()
+            with self._lock:
+                self._children_version += 1   # stop polling its socket
+            self._give_up(reason)
 
-    def _on_exit(self, pid: int, code: int) -> None:
+    # -- when the zygote dies (why this way: stem.worker.zygote) -------------------------------
+    def _zygote_gone(self) -> None:
+        """Keep the dead zygote's children (their pidfds tell their exits from now on) and
+        start a new zygote for the next ones; or, when that cannot work, stop the worker."""
+        with self._lock:
+            live = [c for c in self._children.values() if c.state is not ChildState.DEAD and c.process is None]
+            blind = [c for c in live if c.pidfd is None]
+            self._adopted.update((c.pid, c) for c in live if c.pidfd is not None)
+            self._children_version += 1
+        for c in blind:   # no pidfd to see their exits by: kill them while they are known alive
+            with self._lock:
+                _signal_child(c, signal.SIGKILL)
+            self._on_exit(c.pid, -signal.SIGKILL)
+        stopping = self.state not in (PoolState.STARTING, PoolState.RUNNING) or self._error is not None
+        try:
+            pid, code = self._keeper.bury()
+            if stopping:
+                log.warning("the zygote process (pid %s) exited (code %s) while the worker stops", pid, code)
+                return
+            if blind:
+                raise WorkerError(f"the zygote process (pid {pid}) died (exit code {code}); without pidfds "
+                                  f"(Linux 5.3+) its children cannot be watched, so {len(blind)} were killed")
+            zygote = self._keeper.succeed()
+        except WorkerError as exc:
+            if not stopping:
+                self._give_up(str(exc))
+            return
+        log.error("the zygote process (pid %s) died (exit code %s); its %d children keep running, "
+                  "a new zygote (pid %s) starts the next ones", pid, code, len(live) - len(blind), zygote.pid)
+        with self._lock:
+            self._children_version += 1   # poll the new zygote's socket
+
+    def _zygote_ready(self) -> None:
+        with self._lock:
+            owed, self._owed = self._owed, 0
+        log.info("the new zygote process (pid %s) is ready; starting %d children", self._keeper.pid, owed)
+        if self.state in (PoolState.STARTING, PoolState.RUNNING):
+            for _ in range(owed):
+                self._replace()
+
+    def _give_up(self, reason: str) -> None:
+        """Stop the worker (hard: running tasks are killed and requeued) with ``reason``."""
+        self._error = reason
+        log.error("%s; stopping the worker", reason)
+        self.worker.shutdown_nowait("hard")
+
+    def _on_exit(self, pid: int, code: int | None) -> None:
+        """``code`` None: unknown (an orphan of a dead zygote)."""
         with self._lock:
             child = self._children.get(pid)
             if child is None or child.state is ChildState.DEAD:
@@ -475,17 +569,21 @@ class ProcessEngine(Engine):
             self._dispatcher.take_back(child)   # unclaimed: it never ran; claimed: running below
             child.state = ChildState.DEAD
             del self._children[pid]
+            self._adopted.pop(pid, None)
             self._children_version += 1
         self._drain_late_results(child)   # what it finished before dying is not an orphan
         with self._lock:
             orphans = list(child.running.values())
             child.running.clear()
+            _close_pidfd(child)
         child.channel.close()
+        # an exit code lost with the zygote: a child that held no task exited when asked, if asked
+        stopped = code == ChildExit.OK or (code is None and not orphans)
         if previous is ChildState.KILLED:
             reason = child.recycle_reason or "killed"
-        elif previous is ChildState.DRAINING and code == ChildExit.OK:
+        elif previous is ChildState.DRAINING and stopped:
             reason = child.recycle_reason or "recycled"
-        elif self.state is not PoolState.RUNNING and code == ChildExit.OK:
+        elif self.state is not PoolState.RUNNING and stopped:
             reason = "shutdown"
         elif code == ChildExit.STARTUP_FAILED or previous is ChildState.STARTING:
             reason = "startup-failed"
@@ -493,7 +591,8 @@ class ProcessEngine(Engine):
             reason = "crash"
         if reason != "shutdown":
             log.log(logging.WARNING if reason in ("crash", "startup-failed") else logging.INFO,
-                    "child %d exited (%s, code %s)", pid, reason, code)
+                    "child %d exited (%s, code %s)", pid, reason,
+                    "unknown: its zygote died" if code is None else code)
         signals.worker_child_shutdown.send(self.worker, worker=self.worker, pid=pid, reason=reason, exitcode=code)
         for job in orphans:
             self._report(job, self._crash_outcome(job, code))
@@ -508,8 +607,8 @@ class ProcessEngine(Engine):
                 log.error("children keep failing to start; stopping the worker: %s", self._error)
                 self.worker.shutdown_nowait("hard")
                 return
-        if previous is not ChildState.DRAINING:  # a drained child was replaced when it was recycled
-            self._replace()
+        if previous is not ChildState.DRAINING and self._error is None:
+            self._replace()   # (a drained child was replaced when it was recycled)
 
     def _drain_late_results(self, child: _Child) -> None:
         """Results the child wrote before dying still count (a child reports a task after
@@ -631,12 +730,23 @@ def _drain_pipe(fd: int) -> None:
         pass
 
 
-def _kill(pid: int) -> None:
-    _signal(pid, signal.SIGKILL)
+def _signal_child(child: _Child, sig: int) -> None:
+    """Under the pool's lock (which guards ``child.pidfd``): signal that very process, through
+    its pidfd when it has one (once reaped, its pid may name another process)."""
+    if child.pidfd is not None:
+        signal_pidfd(child.pidfd, sig)
+    elif child.state is not ChildState.DEAD:
+        try:
+            os.kill(child.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _close_pidfd(child: _Child) -> None:
+    """Under the pool's lock."""
+    if child.pidfd is not None:
+        try:
+            os.close(child.pidfd)
+        except OSError:
+            pass
+        child.pidfd = None
