@@ -42,9 +42,10 @@ def parent(ctx):
     return os.getppid()
 
 
-@registry.task("zygote.crash_once", options=TaskOptions(max_retries=1))
-def crash_once(ctx):
-    if ctx.attempt == 0:
+@registry.task("zygote.crash_once")
+def crash_once(ctx, marker):
+    if not os.path.exists(marker):   # killed once from outside: redelivered (not a retry)
+        open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
     return os.getppid()
 
@@ -167,7 +168,8 @@ def test_killing_the_zygote_mid_run_of_6000_tasks_loses_none_and_the_worker_keep
     assert broker.stats("default").in_flight == 0
 
 
-def test_a_child_that_dies_after_its_zygote_is_seen_through_its_pidfd_and_its_task_retried(stack, caplog):
+def test_a_child_that_dies_after_its_zygote_is_seen_through_its_pidfd_and_its_task_redelivered(stack, caplog,
+                                                                                                tmp_path):
     broker, backend, worker = stack
     stem = Stem(broker, backend, registry)
     w = worker("tests.test_zygote:registry", concurrency=1)
@@ -175,9 +177,10 @@ def test_a_child_that_dies_after_its_zygote_is_seen_through_its_pidfd_and_its_ta
     with caplog.at_level(logging.INFO, logger="stem.worker.pool"):
         old, (orphan,) = kill_zygote(w)
         wait_for(lambda: "is ready" in caplog.text, 30, "the new zygote")
-        status = stem.wait_for_task(stem.enqueue("zygote.crash_once"), timeout=30)
-    assert status.state is TaskState.SUCCEEDED and status.attempt == 1
-    assert status.result == w.stats()["zygote_pid"] != old   # the retry ran in a child of the new zygote
+        status = stem.wait_for_task(stem.enqueue("zygote.crash_once", {"marker": str(tmp_path / "crashed")}),
+                                    timeout=30)
+    assert status.state is TaskState.SUCCEEDED and status.attempt == 0
+    assert status.result == w.stats()["zygote_pid"] != old   # the redelivery ran in a child of the new zygote
     assert f"child {orphan} exited (crash, code unknown: its zygote died)" in caplog.text
     assert w.stats()["pool_state"] == "running"
     # the supervisor's thread yields the CPU (SCHED_BATCH); the new zygote's children do not
@@ -240,8 +243,8 @@ def test_without_pidfds_the_orphans_are_killed_and_the_worker_stops(stack, caplo
     assert len(children) == 2 and all(gone(pid) for pid in children)
     marker.unlink()
     worker("tests.test_zygote:registry").run_in_background()
-    status = stem.wait_for_task(task_id, timeout=30)   # its child was killed: retried
-    assert status.state is TaskState.SUCCEEDED and status.attempt == 1
+    status = stem.wait_for_task(task_id, timeout=30)   # its child was killed: redelivered, no retry used
+    assert status.state is TaskState.SUCCEEDED and status.attempt == 0
 
 
 # -- a real worker process: no spinning, and signals still work ------------------------------------
@@ -364,3 +367,5 @@ def test_zygotes_that_keep_dying_stop_the_worker(stack, caplog):
         kill_zygote(w)
         assert w.join(20), "the worker did not stop"
     assert "the zygote process died 3 times within 60s" in caplog.text
+    from stem.errors import WorkerError
+    assert isinstance(w.error, WorkerError) and "died 3 times" in str(w.error)   # start() raises it: exit 1

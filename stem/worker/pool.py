@@ -626,9 +626,9 @@ class ProcessEngine(Engine):
         if len(self._crashes) > 10_000:
             self._crashes.pop(next(iter(self._crashes)))
         if crashes >= self.worker.max_crash_redeliveries:
-            return _crashed(job, f"crashed its child {crashes} times (exit code {code}); dead-lettered as poison",
+            return _crashed(job, f"crashed its child {crashes} times ({_exit_text(code)}); dead-lettered as poison",
                             reason="poison")
-        return _crashed(job, f"the child running it died (exit code {code})")
+        return _crashed(job, f"the child running it died ({_exit_text(code)})")
 
     def _enqueue_for_child(self, msg: Enqueue) -> None:
         """Publish a task a running task enqueued (``ctx.enqueue``).  The child got its id
@@ -689,6 +689,18 @@ class _PollSet(NamedTuple):
     version: int                 # ProcessEngine._children_version it was built from
     children: list[_Child]
     poller: ChannelPoller        # their channels (tagged with the child), wake pipe, exit sources
+
+
+def _exit_text(code: int | None) -> str:
+    """A child's exit as words; None: an orphan of a dead zygote, whose exit code nobody saw."""
+    if code is None:
+        return "exit code unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit code {code}"
 
 
 def _can_sign(signer: Any) -> bool:

@@ -27,7 +27,7 @@ from ..backends import ResultBackend
 from ..backends import from_url as backend_from_url
 from ..brokers import Broker
 from ..brokers import from_url as broker_from_url
-from ..errors import ConfigurationError, SoftTimeLimitExceeded, StemError, WorkerShutdown
+from ..errors import ConfigurationError, SoftTimeLimitExceeded, StemError, WorkerError, WorkerShutdown
 from ..results import TaskState
 from ..retry import ExponentialJitterRetryStrategy, RetryStrategy
 from ..signals import signals
@@ -233,6 +233,12 @@ class Worker:
             self._started.set()
             self._stopped.set()
 
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped a worker run in the background other than a shutdown request (the
+        engine giving up, a crash); ``start()`` raises it instead."""
+        return self._error
+
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the worker to stop; True if it did."""
         stopped = self._stopped.wait(timeout)
@@ -305,6 +311,9 @@ class Worker:
             self._stopped.set()
             signals.worker_shutdown.send(self, worker=self)
             log.info("worker %s stopped", self.id)
+        error = getattr(self._engine, "error", None)
+        if error:   # the engine gave up (children or zygotes keep dying): not a clean stop
+            raise WorkerError(f"worker {self.id} stopped: {error}")
 
     def _report(self, job: Job, outcome: Outcome) -> None:
         outbox = self._outbox
