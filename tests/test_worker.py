@@ -648,3 +648,12 @@ def test_a_late_progress_note_never_turns_a_finished_task_back_to_running():
     board.forget(["t2"])                                                        # settled meanwhile
     board.flush(time.monotonic(), force=True)
     assert backend.get("t2") is None
+
+
+def test_a_worker_storing_results_stops_without_waiting_out_its_force_shutdown_deadline(env):
+    env.registry.task("noop")(lambda ctx: None)
+    w = env.worker(lifecycle=WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=60,
+                                                   force_shutdown_after=60))
+    w.run_in_background()
+    assert env.stem.wait_for_task(env.stem.enqueue("noop"), timeout=20).succeeded
+    assert w.shutdown(timeout=10), "the worker still runs: its settle thread did not stop"

@@ -387,13 +387,13 @@ class Worker:
         board = self._board
         while True:
             batch = outbox.get(0.05)
+            if board is not None:
+                board.flush(time.monotonic())
             if batch:
                 try:
                     self._settler.settle(batch)
                 except Exception:  # noqa: BLE001 - never lose the settle thread; leases bring tasks back
                     log.exception("settling %d outcomes failed", len(batch))
-            if board is not None:
-                board.flush(time.monotonic())
             elif self._settle_stop.is_set():
                 if outbox.empty():
                     return
