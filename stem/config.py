@@ -10,10 +10,10 @@ default queue is the worker's).  An empty variable counts as unset.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from typing import Any, Mapping
 
+from . import _checks as checks
 from .errors import ConfigurationError
 from .redact import mask_url
 
@@ -66,8 +66,7 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
 
 
 def _queue(name: str, value: Any) -> None:
-    from .task import _QUEUE_NAME
-    if not isinstance(value, str) or not _QUEUE_NAME.fullmatch(value):
+    if not isinstance(value, str) or not checks.QUEUE_NAME.fullmatch(value):
         raise ConfigurationError(f"{name}: bad queue name {value!r}: {_QUEUE_RULE}")
 
 
@@ -90,12 +89,12 @@ class StemConfig:
 
     broker_url: str | None = None
     result_backend_url: str | None = None
-    default_queue: str = "default"
-    prefetch_multiplier: int = 4
+    default_queue: str = checks.DEFAULT_QUEUE
+    prefetch_multiplier: int = checks.DEFAULT_PREFETCH_MULTIPLIER
     max_prefetch_multiplier: int | None = None   # None: 64 (stem.worker.window)
     worker_queues: list[str] = dataclasses.field(default_factory=lambda: ["default"])
     worker_concurrency: int | None = None
-    result_expires: float = 86400.0
+    result_expires: float = checks.DEFAULT_RESULT_EXPIRES
     signing_algorithm: str = "hmac-sha256"
     signing_keys: dict[str, bytes] = dataclasses.field(default_factory=dict)
     signing_public_keys: dict[str, bytes] = dataclasses.field(default_factory=dict)
@@ -116,10 +115,9 @@ class StemConfig:
                       " (STEM_PREFETCH_MULTIPLIER)")
         if self.worker_concurrency is not None:
             _at_least("STEM_WORKER_CONCURRENCY", self.worker_concurrency, 1)
-        expires = self.result_expires
-        if isinstance(expires, bool) or not isinstance(expires, (int, float)) or not (
-                math.isfinite(expires) and expires > 0):
-            raise ConfigurationError(f"STEM_RESULT_EXPIRES={expires!r} must be a finite number of seconds > 0")
+        if not checks.is_number(self.result_expires) or not self.result_expires > 0:
+            raise ConfigurationError(f"STEM_RESULT_EXPIRES={self.result_expires!r} must be a finite number of "
+                                     "seconds > 0")
         self._check_signing()
 
     def _check_signing(self) -> None:
@@ -167,7 +165,7 @@ class StemConfig:
         algorithm = get("STEM_SIGNING_ALGORITHM").lower()
         if algorithm and not (keys or public):
             raise ConfigurationError(cls._no_keys("STEM_SIGNING_ALGORITHM", algorithm))
-        default_queue = get("STEM_DEFAULT_QUEUE") or "default"
+        default_queue = get("STEM_DEFAULT_QUEUE") or checks.DEFAULT_QUEUE
         _queue("STEM_DEFAULT_QUEUE", default_queue)
         queues_raw = get("STEM_WORKER_QUEUES")
         queues = [q.strip() for q in queues_raw.split(",")] if queues_raw else [default_queue]
@@ -180,11 +178,11 @@ class StemConfig:
             broker_url=get("STEM_BROKER_URL") or None,
             result_backend_url=get("STEM_RESULT_BACKEND_URL") or None,
             default_queue=default_queue,
-            prefetch_multiplier=_int(env, "STEM_PREFETCH_MULTIPLIER", 4),
+            prefetch_multiplier=_int(env, "STEM_PREFETCH_MULTIPLIER", checks.DEFAULT_PREFETCH_MULTIPLIER),
             max_prefetch_multiplier=_int(env, "STEM_MAX_PREFETCH_MULTIPLIER", None),
             worker_queues=queues,
             worker_concurrency=_int(env, "STEM_WORKER_CONCURRENCY", None),
-            result_expires=_float(env, "STEM_RESULT_EXPIRES", 86400.0),
+            result_expires=_float(env, "STEM_RESULT_EXPIRES", checks.DEFAULT_RESULT_EXPIRES),
             signing_algorithm=algorithm or "hmac-sha256",
             signing_keys=keys,
             signing_public_keys=public,

@@ -48,6 +48,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .backends.base import ResultBackend
+from . import _checks as checks
 from .brokers.base import Broker, Message
 from .envelope import Envelope, decode_frame, encode_frame, read_header
 from .errors import ConfigurationError, ControlError, DecodeError, SignatureError, StemError
@@ -140,8 +141,7 @@ class Control:
         ``worker`` and ``reply`` (or ``error``)."""
         if command not in COMMANDS:
             raise ControlError(f"unknown control command {command!r}; known: {', '.join(COMMANDS)}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ControlError(f"timeout must be > 0 seconds, got {timeout!r}")
+        checks.seconds("timeout", timeout, error=ControlError)
         self._require_signing_key()
         targets = self._targets(workers)
         if not targets:
@@ -254,9 +254,7 @@ class Control:
 
 
 def _count(n: Any) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ControlError(f"n must be an integer >= 1, got {n!r}")
-    return n
+    return checks.integer("n", n, error=ControlError)
 
 
 # -- what a worker does for each command -----------------------------------------------------
@@ -300,10 +298,7 @@ def _pause_or_resume(pause: bool) -> Callable[["Worker", dict[str, Any]], dict[s
 
 def _resize(sign: int) -> Callable[["Worker", dict[str, Any]], dict[str, Any]]:
     def handle(w: "Worker", args: dict[str, Any]) -> dict[str, Any]:
-        n = args.get("n", 1)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ControlError(f"n must be an integer >= 1, got {n!r}")
-        return {"concurrency": w.resize(sign * n)}
+        return {"concurrency": w.resize(sign * _count(args.get("n", 1)))}
     return handle
 
 

@@ -43,6 +43,7 @@ import time
 from bisect import bisect_left
 from typing import TYPE_CHECKING, Any, Iterable
 
+from . import _checks as checks
 from .errors import ConfigurationError
 from .results import TaskState
 from .signals import signals
@@ -360,8 +361,7 @@ def start_http_server(port: int, addr: str = "127.0.0.1", registry: "CollectorRe
     pc = _prometheus()
     if registry is None:
         registry = install().registry
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ConfigurationError(f"metrics port must be an integer in 0..65535, got {port!r}")
+    checks.integer("metrics port", port, minimum=0, maximum=65535)
     try:
         httpd, thread = pc.start_http_server(port, addr=addr, registry=registry)
     except OSError as exc:

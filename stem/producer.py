@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import math
 import time
 from typing import Any, Iterable, NamedTuple, Sequence
 
+from . import _checks as checks
 from .backends import ResultBackend
 from .backends import from_url as backend_from_url
 from .brokers import Broker, Message
@@ -18,7 +18,7 @@ from .ids import new_task_id, new_task_ids
 from .results import TaskState, TaskStatus
 from .revocation import store_revocations
 from .signals import signals
-from .task import _TASK_NAME, DEFAULT_OPTIONS, HANDLER_FILLED, TaskOptions, TaskRegistry
+from .task import DEFAULT_OPTIONS, HANDLER_FILLED, TaskOptions, TaskRegistry
 
 __all__ = ["Stem", "AsyncStem"]
 
@@ -110,9 +110,7 @@ class Stem:
         if opts is None:
             # checked here, once per (name, options) this producer meets: a name a worker's
             # registry could never hold would only be dead-lettered later
-            if not _TASK_NAME.fullmatch(name):
-                raise InvalidTaskOptionsError(
-                    f"bad task name {name!r}: start with a letter or _, then letters, digits, _ . : - (max 200)")
+            checks.task_name(name, error=InvalidTaskOptionsError)
             opts = (options or TaskOptions()).merged(None if handler is None else handler.options)
             opts = opts.merged(self.defaults)
             if len(self._resolved) >= 1024:
@@ -162,11 +160,9 @@ class Stem:
         if countdown is not None and eta is not None:
             raise InvalidTaskOptionsError("give countdown or eta, not both")
         if countdown is not None:
-            if isinstance(countdown, bool) or not isinstance(countdown, (int, float)) or not 0 <= countdown < math.inf:
-                raise InvalidTaskOptionsError(f"countdown must be a finite number of seconds >= 0, got {countdown!r}")
-            not_before = now + countdown
+            not_before = now + checks.seconds("countdown", countdown, inclusive=True, error=InvalidTaskOptionsError)
         elif eta is not None:
-            if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
+            if not checks.is_number(eta):
                 raise InvalidTaskOptionsError(f"eta must be finite epoch seconds (float), got {eta!r}")
             not_before = float(eta)
         if task_id is None:
@@ -340,9 +336,8 @@ class Stem:
         """Block until the task is SUCCEEDED, FAILED, REVOKED or DEAD and return its
         status; raise ``TaskTimeoutError`` after ``timeout`` seconds.  Works from any
         process that can reach the backend."""
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < math.inf:
-            raise InvalidTaskOptionsError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
-        status = self._require_backend().wait(task_id, float(timeout))
+        timeout = checks.seconds("timeout", timeout, inclusive=True, error=InvalidTaskOptionsError)
+        status = self._require_backend().wait(task_id, timeout)
         if status is None or not status.is_terminal:
             state = "unknown" if status is None else status.state.value
             raise TaskTimeoutError(f"task {task_id} did not finish within {timeout}s (state: {state})")

@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+from . import _checks as checks
 from .envelope import Envelope, decode_frame, encode_frames
 from .errors import ConfigurationError, DecodeError, SignatureError
 
@@ -65,9 +66,7 @@ def store_revocations(backend: Any, task_ids: Sequence[str], expires: float | No
     ids = list(task_ids)
     if not all(isinstance(i, str) and i for i in ids):
         raise ConfigurationError(f"task ids to revoke are non-empty str, got {task_ids!r}")
-    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))
-                                or not expires > 0):
-        raise ConfigurationError(f"expires must be a number of seconds > 0 (or None), got {expires!r}")
+    checks.optional_seconds("expires", expires)
     if not ids:
         return
     if signer is None:

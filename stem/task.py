@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 import re
 from typing import Any, Callable, Iterator, Protocol
 
 import msgspec
 
+from . import _checks as checks
 from .errors import DuplicateTaskError, InvalidTaskOptionsError, Retry, UnknownTaskError
 
 __all__ = ["TaskOptions", "TaskContext", "TaskHandler", "FunctionTaskHandler", "TaskRegistry",
@@ -18,8 +18,6 @@ __all__ = ["TaskOptions", "TaskContext", "TaskHandler", "FunctionTaskHandler", "
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _PER = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
         "h": 3600.0, "hour": 3600.0}
-_TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,199}$")
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 MAX_PRIORITY = 9
 
 
@@ -30,13 +28,6 @@ def parse_rate_limit(text: str) -> float:
         raise InvalidTaskOptionsError(
             f"bad rate_limit {text!r}: use '<count>/<s|m|h>', e.g. '10/s' or '100/m'")
     return float(m.group(1)) / _PER[m.group(2)]
-
-
-def _positive(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise InvalidTaskOptionsError(f"{name} must be a positive, finite number of seconds, got {value!r}")
 
 
 class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -68,31 +59,25 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     retry_backoff_max: float | None = None
 
     def __post_init__(self) -> None:
-        if self.queue is not None and (not isinstance(self.queue, str) or not _QUEUE_NAME.match(self.queue)):
-            raise InvalidTaskOptionsError(
-                f"bad queue name {self.queue!r}: use 1-128 characters from A-Z a-z 0-9 _ . : -")
-        if self.max_retries is not None and (
-                isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int)
-                or self.max_retries < 0):
-            raise InvalidTaskOptionsError(f"max_retries must be an integer >= 0, got {self.max_retries!r}")
+        if self.queue is not None:
+            checks.queue_name(self.queue, error=InvalidTaskOptionsError)
+        if self.max_retries is not None:
+            checks.integer("max_retries", self.max_retries, minimum=0, error=InvalidTaskOptionsError)
         for name in ("soft_time_limit", "hard_time_limit", "visibility_timeout", "unique_for", "expires"):
-            _positive(name, getattr(self, name))
+            checks.optional_seconds(name, getattr(self, name), error=InvalidTaskOptionsError)
         if (self.soft_time_limit is not None and self.hard_time_limit is not None
                 and self.soft_time_limit >= self.hard_time_limit):
             raise InvalidTaskOptionsError(
                 f"soft_time_limit ({self.soft_time_limit}) must be below hard_time_limit ({self.hard_time_limit})")
-        if self.priority is not None and (
-                isinstance(self.priority, bool) or not isinstance(self.priority, int)
-                or not 0 <= self.priority <= MAX_PRIORITY):
-            raise InvalidTaskOptionsError(f"priority must be an integer 0..{MAX_PRIORITY}, got {self.priority!r}")
+        if self.priority is not None:
+            checks.integer("priority", self.priority, minimum=0, maximum=MAX_PRIORITY, error=InvalidTaskOptionsError)
         if self.rate_limit is not None:
             parse_rate_limit(self.rate_limit)
         if self.isolation is not None and self.isolation not in ("process", "inline"):
             raise InvalidTaskOptionsError(f"isolation must be 'process' or 'inline', got {self.isolation!r}")
         for name in ("unique", "acks_late"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, bool):
-                raise InvalidTaskOptionsError(f"{name} must be True or False, got {v!r}")
+            if getattr(self, name) is not None:
+                checks.flag(name, getattr(self, name), error=InvalidTaskOptionsError)
         if self.unique_for is not None and not self.unique:
             raise InvalidTaskOptionsError("unique_for needs unique=True")
         if self.autoretry_for is not None:
@@ -104,10 +89,8 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
                     isinstance(k, type) and issubclass(k, BaseException) for k in kinds):
                 raise InvalidTaskOptionsError(
                     f"autoretry_for must be an exception class or a tuple of them, got {self.autoretry_for!r}")
-        if self.retry_backoff is not None and (isinstance(self.retry_backoff, bool) or not isinstance(
-                self.retry_backoff, (int, float)) or not 0 <= self.retry_backoff < float("inf")):
-            raise InvalidTaskOptionsError(f"retry_backoff must be seconds >= 0, got {self.retry_backoff!r}")
-        _positive("retry_backoff_max", self.retry_backoff_max)
+        checks.optional_seconds("retry_backoff", self.retry_backoff, inclusive=True, error=InvalidTaskOptionsError)
+        checks.optional_seconds("retry_backoff_max", self.retry_backoff_max, error=InvalidTaskOptionsError)
         if self.retry_backoff_max is not None and self.retry_backoff is None:
             raise InvalidTaskOptionsError("retry_backoff_max needs retry_backoff")
         if (self.retry_backoff_max is not None and self.retry_backoff is not None
@@ -246,9 +229,7 @@ class TaskRegistry:
         if not isinstance(handler, TaskHandler):
             raise InvalidTaskOptionsError(f"{handler!r} is not a TaskHandler")
         name = handler.name
-        if not isinstance(name, str) or not _TASK_NAME.match(name):
-            raise InvalidTaskOptionsError(
-                f"bad task name {name!r}: start with a letter or _, then letters, digits, _ . : - (max 200)")
+        checks.task_name(name, error=InvalidTaskOptionsError)
         if not isinstance(handler.options, TaskOptions):
             raise InvalidTaskOptionsError(f"task {name!r}: options must be a TaskOptions")
         if name in self._handlers:

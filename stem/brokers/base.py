@@ -43,10 +43,10 @@ Delivery semantics, identical on every adapter (``tests/contract`` proves it):
 from __future__ import annotations
 
 import abc
-import re
 import time
 from typing import Any, NamedTuple, Sequence
 
+from .. import _checks as checks
 from ..errors import ConfigurationError
 
 __all__ = ["Broker", "Message", "Delivery", "DeadLetter", "QueueStats", "validate_queue_name",
@@ -54,14 +54,10 @@ __all__ = ["Broker", "Message", "Delivery", "DeadLetter", "QueueStats", "validat
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
 DEFAULT_MAX_DELIVERIES = 5
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
 
 def validate_queue_name(name: str) -> str:
-    if not isinstance(name, str) or not _QUEUE_NAME.match(name):
-        raise ConfigurationError(
-            f"bad queue name {name!r}: use 1-128 characters from A-Z a-z 0-9 _ . : -")
-    return name
+    return checks.queue_name(name)
 
 
 def check_frame_batch(task_ids: Sequence[str], frames: Sequence[bytes]) -> int:

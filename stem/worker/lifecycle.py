@@ -16,6 +16,7 @@ import signal
 import threading
 from typing import Callable
 
+from .. import _checks as checks
 from ..errors import ConfigurationError
 
 __all__ = ["ShutdownMode", "WorkerLifecycleConfig", "install_signal_handlers"]
@@ -46,14 +47,12 @@ class WorkerLifecycleConfig:
     max_memory_per_child: int | None = None   # bytes of RSS
 
     def __post_init__(self) -> None:
+        checks.flag("install_signal_handlers", self.install_signal_handlers)
         for name in ("soft_grace_period", "force_shutdown_after"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigurationError(f"{name} must be seconds >= 0, got {v!r}")
+            checks.seconds(name, getattr(self, name), inclusive=True)
         for name in ("max_tasks_per_child", "max_memory_per_child"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise ConfigurationError(f"{name} must be a positive integer or None, got {v!r}")
+            if getattr(self, name) is not None:
+                checks.integer(name, getattr(self, name))
 
 
 def install_signal_handlers(request_shutdown: Callable[[ShutdownMode], None]) -> Callable[[], None]:
