@@ -39,8 +39,8 @@ import pytest
 
 from benchmarks import _twins as twins
 from stem import _ring_py
-from stem.worker import ring as ring_module
-from stem.worker.ring import Channel
+from stem.worker import channel as ring_module
+from stem.worker.channel import Channel
 
 FRAME = bytes(range(256)) + bytes(44)  # 300 bytes
 assert len(FRAME) == 300

@@ -12,7 +12,7 @@ pure-Python twin (``stem._codec_py`` ...).  A stem module that needs one calls
 ``implementation(name)`` reports the choice per module and ``implementation()``
 overall ("cython" only when every module is compiled); the public
 ``IMPLEMENTATION`` constants of ``stem``, ``stem.envelope``, ``stem.signing``
-and ``stem.worker.ring`` are read from here.  ``compiled(name)`` and
+and ``stem.worker.channel`` are read from here.  ``compiled(name)`` and
 ``pure(name)`` import one build without choosing, for the tests and benches
 that run both side by side.
 """

@@ -2,7 +2,7 @@
 
 Same API and byte-for-byte the same memory layout as ``stem._speedups.ring``:
 a compiled writer and a pure reader (or the reverse) can share one ring.
-``stem.worker.ring`` picks one of the two and builds channels out of them.
+``stem.worker.channel`` picks one of the two and builds channels out of them.
 
 Layout of one ring at ``offset`` (64-byte aligned) in a writable buffer::
 
@@ -32,7 +32,7 @@ Records are 8-byte aligned and never split::
   ``u64 seq | u64 frame length`` and the frame itself sits in a separate
   shared-memory segment that the ``spill(seq, frame)`` callback wrote and the
   ``unspill(seq, length) -> bytes`` callback reads and removes (see
-  ``stem.worker.ring`` for names and cleanup).  The producer stores
+  ``stem.worker.channel`` for names and cleanup).  The producer stores
   ``spill_seq`` before calling ``spill``; the consumer stores ``spill_seen``
   after ``unspill`` returned, so the owner can remove the orphans of a dead
   peer: every seq in ``(spill_seen, spill_seq]``.

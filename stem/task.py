@@ -10,10 +10,10 @@ from typing import Any, Callable, Iterator, Protocol
 import msgspec
 
 from . import _checks as checks
-from .errors import DuplicateTaskError, InvalidTaskOptionsError, Retry, UnknownTaskError
+from .errors import ConfigurationError, DuplicateTaskError, InvalidTaskOptionsError, Retry, UnknownTaskError
 
 __all__ = ["TaskOptions", "TaskContext", "TaskHandler", "FunctionTaskHandler", "TaskRegistry",
-           "parse_rate_limit"]
+           "parse_rate_limit", "load_registry"]
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _PER = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
@@ -169,7 +169,6 @@ class TaskContext:
                 options: TaskOptions | None = None) -> str:
         """Enqueue a child task (its parent_id is this task, its root_id this task's root)."""
         if self._runtime is None:
-            from .errors import ConfigurationError
             raise ConfigurationError("this TaskContext is not attached to a worker; cannot enqueue")
         return self._runtime.enqueue(name, args, options, self)
 
@@ -281,3 +280,18 @@ class TaskRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._handlers)
+
+
+def load_registry(path: str) -> TaskRegistry:
+    """Import ``"package.module:attribute"`` (attribute defaults to ``registry``)."""
+    import importlib
+    module, _, attr = path.partition(":")
+    try:
+        obj = importlib.import_module(module)
+        for part in (attr or "registry").split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"cannot load the task registry {path!r}: {exc}") from exc
+    if not isinstance(obj, TaskRegistry):
+        raise ConfigurationError(f"{path!r} is a {type(obj).__name__}, not a TaskRegistry")
+    return obj

@@ -25,7 +25,7 @@ from .producer import Stem
 from .results import TaskState, TaskStatus
 from .task import TaskContext, TaskRegistry
 from .worker.execution import OK, Outcome, run_handler
-from .worker.child import Result, decode_from_child, encode_message
+from .worker.protocol import Result, decode_from_child, encode_message
 from .worker.settle import NOT_RETRYABLE
 
 __all__ = ["EagerStem"]

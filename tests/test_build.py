@@ -15,7 +15,7 @@ import pytest
 
 import stem
 from stem import _native, envelope, signing
-from stem.worker import ring as worker_ring
+from stem.worker import channel as worker_ring
 
 from .conftest import EXPECT_COMPILED, load_twin, require_compiled_in_use
 

@@ -17,7 +17,8 @@ import pytest
 from stem import ShutdownMode, Stem, TaskOptions, TaskRegistry, TaskState, signals
 from stem.brokers import InMemoryBroker
 from stem.worker import child as child_module
-from stem.worker.ring import Channel
+from stem.worker import protocol
+from stem.worker.channel import Channel
 
 from .support import wait_for
 from .test_pool import lifecycle, setup  # noqa: F401 - the fixture
@@ -216,7 +217,7 @@ def test_results_the_child_wrote_before_it_died_still_count(setup, tmp_path, mon
     """A child reports a task after it claimed the next offer; if that one kills it, its
     reports may still sit in the ring when the pool handles the exit.  The pool here reads
     nothing until then, so the exit always finds them there."""
-    from stem.worker.pool import ProcessEngine
+    from stem.worker.process_engine import ProcessEngine
     registry, stem, worker, _ = setup
     _register(registry, tmp_path)
     registry.task("die_now", options=TaskOptions(max_retries=0))(lambda ctx: os._exit(1))
@@ -321,12 +322,12 @@ class _ScriptedChannel:
         return self.claims[seq]
 
     def send(self, payload):
-        msg = child_module.decode_from_child(payload)
+        msg = protocol.decode_from_child(payload)
         self.log.append(("result", msg.seq))
         return True
 
     def send_quiet(self, payload):
-        self.log.append(("quiet", child_module.decode_from_child(payload).seq))
+        self.log.append(("quiet", protocol.decode_from_child(payload).seq))
         return True
 
     def pending_bytes(self):
@@ -339,16 +340,16 @@ def test_a_child_claims_the_offer_in_its_ring_before_it_reports_the_task_before_
     broker = InMemoryBroker()
     Stem(broker, None, registry).enqueue("noop")
     frame = broker.consume(["default"], 1, 1.0, consumer="t")[0].frame
-    enc = child_module.encode_message
+    enc = protocol.encode_message
     channel = _ScriptedChannel(
-        [[enc(child_module.Task(1, frame))],          # runs 1
-         [enc(child_module.Offer(2, frame, 0))],      # claimed, then 1's result goes out, then 2 runs
-         [enc(child_module.Offer(3, frame, 1))],      # taken back by the supervisor: skipped
+        [[enc(protocol.Task(1, frame))],          # runs 1
+         [enc(protocol.Offer(2, frame, 0))],      # claimed, then 1's result goes out, then 2 runs
+         [enc(protocol.Offer(3, frame, 1))],      # taken back by the supervisor: skipped
          [],                                          # nothing more: 2's result goes out now
-         [enc(child_module.Stop())]],
+         [enc(protocol.Stop())]],
         claims={2: True, 3: False})
-    child = child_module._Child(channel, registry, {"supervisor_pid": os.getpid()})
-    assert child.serve() == child_module.ChildExit.OK
+    child = child_module.ChildProcess(channel, registry, {"supervisor_pid": os.getpid()})
+    assert child.serve() == protocol.ChildExit.OK
     assert channel.log == [("recv_wait",), ("recv_many",), ("claim", 2, 0), ("result", 1),
                            ("recv_many",), ("claim", 3, 1), ("recv_many",), ("result", 2), ("recv_wait",)]
 
@@ -362,21 +363,21 @@ def test_a_child_sends_a_short_task_s_result_quietly_while_two_tasks_wait_behind
     producer.enqueue("noop")
     producer.enqueue("slow")
     noop, slow = (d.frame for d in broker.consume(["default"], 2, 1.0, consumer="t"))
-    enc = child_module.encode_message
+    enc = protocol.encode_message
 
     def offer(seq, frame=noop):
-        return enc(child_module.Offer(seq, frame, seq % 4))
+        return enc(protocol.Offer(seq, frame, seq % 4))
 
     assert child_module.QUIET_AHEAD == 2
     channel = _ScriptedChannel(
-        [[enc(child_module.Task(1, noop))],
+        [[enc(protocol.Task(1, noop))],
          [offer(2), offer(3, slow), offer(4), offer(5), offer(6)],
          [offer(7)],
          [],
-         [enc(child_module.Stop())]],
+         [enc(protocol.Stop())]],
         claims={seq: True for seq in range(2, 8)})
-    child = child_module._Child(channel, registry, {"supervisor_pid": os.getpid()})
-    assert child.serve() == child_module.ChildExit.OK
+    child = child_module.ChildProcess(channel, registry, {"supervisor_pid": os.getpid()})
+    assert child.serve() == protocol.ChildExit.OK
     assert channel.log == [
         ("recv_wait",), ("recv_many",),
         ("claim", 2, 2), ("quiet", 1),     # 3, 4, 5 and 6 wait behind 2

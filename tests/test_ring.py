@@ -3,7 +3,7 @@
 Three layers: the ring itself on both builds in one process (the ``impl``
 fixture: the ring of conftest's ``twin``, ids ``c``/``py``) and across builds on one buffer (compiled writer,
 pure reader and the reverse); the ``Channel`` on whichever build
-``stem.worker.ring`` selected, in one process; and the channel across real
+``stem.worker.channel`` selected, in one process; and the channel across real
 processes (``fork`` and ``spawn``), including children that die mid-write.
 Every test checks that no segment it created is left in /dev/shm.
 """
@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 
 from stem import _ring_py
 from stem.errors import WorkerError
-from stem.worker import ring as ring_module
-from stem.worker.ring import Channel, ChannelHandle, wait_readable
+from stem.worker import channel as ring_module
+from stem.worker.channel import Channel, ChannelHandle, wait_readable
 from .support import wait_for as wait_until
 
 SETTINGS = settings(deadline=None, max_examples=120,
@@ -750,7 +750,7 @@ def test_a_forked_copy_of_the_owner_never_unlinks_the_segment():
 
 CHILD_WITH_OWN_TRACKER = """
 import sys
-from stem.worker.ring import Channel, ChannelHandle
+from stem.worker.channel import Channel, ChannelHandle
 name, cap, bell_p, bell_c = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 ch = Channel.attach(ChannelHandle(name, cap, (bell_p, bell_p, bell_c, bell_c)), keep_name=True)
 assert ch.recv() == b"task"
@@ -789,7 +789,7 @@ def test_attaching_removes_the_name_and_spends_the_handle():
 
 SUPERVISOR_IN_ITS_OWN_SESSION = """
 import multiprocessing, sys, time
-from stem.worker.ring import Channel
+from stem.worker.channel import Channel
 
 def child(handle):
     with Channel.attach(handle) as ch:

@@ -20,7 +20,7 @@ from stem import ShutdownMode, Stem, TaskOptions, TaskRegistry, TaskState, Worke
 from stem.backends import InMemoryResultBackend
 from stem.brokers import InMemoryBroker
 from stem.retry import FixedRetryStrategy
-from stem.worker.ring import Channel
+from stem.worker.channel import Channel
 from stem.worker.zygote import GONE, Zygote, ZygoteGone
 
 from .support import wait_for, wait_until
@@ -154,7 +154,7 @@ def test_killing_the_zygote_mid_run_of_6000_tasks_loses_none_and_the_worker_keep
     w.run_in_background()
     ids = stem.enqueue_many([("zygote.noop", {})] * 6000)
     wait_for(lambda: w.stats()["succeeded"] >= 1500, 60, "1,500 tasks to succeed")
-    with caplog.at_level(logging.ERROR, logger="stem.worker.pool"):
+    with caplog.at_level(logging.ERROR, logger="stem.worker.process_engine"):
         old, _ = kill_zygote(w)
         wait_for(lambda: w.stats()["succeeded"] >= 6000, 90, "every task to succeed")
     assert [stem.get_status(i).state for i in ids] == [TaskState.SUCCEEDED] * 6000
@@ -174,7 +174,7 @@ def test_a_child_that_dies_after_its_zygote_is_seen_through_its_pidfd_and_its_ta
     stem = Stem(broker, backend, registry)
     w = worker("tests.test_zygote:registry", concurrency=1)
     w.run_in_background()
-    with caplog.at_level(logging.INFO, logger="stem.worker.pool"):
+    with caplog.at_level(logging.INFO, logger="stem.worker.process_engine"):
         old, (orphan,) = kill_zygote(w)
         wait_for(lambda: "is ready" in caplog.text, 30, "the new zygote")
         status = stem.wait_for_task(stem.enqueue("zygote.crash_once", {"marker": str(tmp_path / "crashed")}),
@@ -211,7 +211,7 @@ def test_a_registry_a_fresh_process_cannot_load_makes_the_worker_requeue_and_sto
     w.run_in_background()
     task_id = stem.enqueue("zygote.local_hold", {"marker": str(marker)})
     wait_for(lambda: w.stats()["running"] == 1, 20, "the task to run")
-    with caplog.at_level(logging.ERROR, logger="stem.worker.pool"):
+    with caplog.at_level(logging.ERROR, logger="stem.worker.process_engine"):
         _, children = kill_zygote(w)
         t0 = time.monotonic()
         assert w.join(15), "the worker did not stop"
@@ -234,7 +234,7 @@ def test_without_pidfds_the_orphans_are_killed_and_the_worker_stops(stack, caplo
     w.run_in_background()
     task_id = stem.enqueue("zygote.hold", {"marker": str(marker)})
     wait_for(lambda: w.stats()["running"] == 1, 20, "the task to run")
-    with caplog.at_level(logging.ERROR, logger="stem.worker.pool"):
+    with caplog.at_level(logging.ERROR, logger="stem.worker.process_engine"):
         _, children = kill_zygote(w)
         t0 = time.monotonic()
         assert w.join(15), "the worker did not stop"
@@ -330,7 +330,7 @@ def test_a_new_zygote_that_cannot_load_the_registry_stops_the_worker_with_its_re
     monkeypatch.setenv("STEM_TEST_REGISTRY_PID", str(os.getpid()))   # imports here, nowhere else
     w = worker("tests.apps.parent_only:registry")
     w.run_in_background()
-    with caplog.at_level(logging.ERROR, logger="stem.worker.pool"):
+    with caplog.at_level(logging.ERROR, logger="stem.worker.process_engine"):
         kill_zygote(w)
         assert w.join(20), "the worker did not stop"
     assert "exited (code 1) before it was ready: cannot load the task registry" in caplog.text
@@ -339,14 +339,14 @@ def test_a_new_zygote_that_cannot_load_the_registry_stops_the_worker_with_its_re
 
 
 def test_a_new_zygote_that_is_not_ready_in_time_is_killed_and_the_worker_stops(stack, caplog, monkeypatch):
-    import stem.worker.pool
+    import stem.worker.process_engine
     import stem.worker.zygote
     broker, backend, worker = stack
-    monkeypatch.setattr(stem.worker.pool, "STARTUP_TIMEOUT", 2.0)
+    monkeypatch.setattr(stem.worker.process_engine, "STARTUP_TIMEOUT", 2.0)
     w = worker("tests.test_zygote:registry")
     w.run_in_background()
     monkeypatch.setattr(stem.worker.zygote, "_BOOT", "import time; time.sleep(600)")   # never says ready
-    with caplog.at_level(logging.ERROR, logger="stem.worker.pool"):
+    with caplog.at_level(logging.ERROR, logger="stem.worker.process_engine"):
         first = w.stats()["zygote_pid"]
         kill_zygote(w)
         wait_for(lambda: w.stats()["zygote_pid"] not in (None, first), 10, "a new zygote")
@@ -360,7 +360,7 @@ def test_zygotes_that_keep_dying_stop_the_worker(stack, caplog):
     broker, backend, worker = stack
     w = worker("tests.test_zygote:registry")
     w.run_in_background()
-    with caplog.at_level(logging.INFO, logger="stem.worker.pool"):
+    with caplog.at_level(logging.INFO, logger="stem.worker.process_engine"):
         for deaths in (1, 2):
             kill_zygote(w)
             wait_for(lambda: caplog.text.count("is ready") == deaths, 30, f"new zygote #{deaths}")

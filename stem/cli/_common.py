@@ -134,7 +134,7 @@ def load_app(path: str, paths: tuple[str, ...] = ()):
     """The TaskRegistry at ``path`` ('module:attribute'), importable from the current
     directory and the ``--path`` directories, as Celery, RQ and Dramatiq do (a console
     script's sys.path does not hold the working directory)."""
-    from ..worker.worker import load_registry
+    from ..task import load_registry
     cwd = os.getcwd()
     for directory in [cwd, *reversed([os.path.abspath(p) for p in paths])]:
         if directory not in sys.path:

@@ -1,18 +1,6 @@
 """A child process: decode, run the handler, encode the outcome.  Nothing else.
 
-Messages are msgpack arrays over the channel's rings (``stem.worker.ring``),
-one tagged ``msgspec.Struct`` per kind below (the tag is the first element):
-
-    supervisor -> child   [TASK, seq, frame]      run the frame's task
-                          [STOP]                  finish what runs, then exit 0
-                          [OFFER, seq, frame, slot]   run it if ``channel.claim(seq, slot)``
-                                                  wins (the supervisor may take it back until then)
-    child -> supervisor   [READY, pid]
-                          [RESULT, seq, outcome, rss]   (rss: bytes, 0 when not measured)
-                          [HEARTBEAT, task_id]
-                          [PROGRESS, task_id, fraction, data]
-                          [ENQUEUE, new_id, name, args, options, parent_id, root_id]
-                          [FATAL, message]        could not start (then exit EXIT_STARTUP_FAILED)
+What travels between the supervisor and a child is ``stem.worker.protocol``.
 
 Soft time limits are the child's own business (a SIGALRM timer raises
 ``SoftTimeLimitExceeded`` inside the task), so a late signal can never hit the
@@ -29,7 +17,6 @@ waking the supervisor while more offers wait (``QUIET_AHEAD`` below).
 from __future__ import annotations
 
 import asyncio
-import enum
 import os
 import signal
 import time
@@ -41,17 +28,14 @@ import msgspec
 from ..envelope import decode_frame
 from ..errors import ConfigurationError, DecodeError, EncodeError, SoftTimeLimitExceeded, UnknownTaskError, WorkerShutdown
 from ..logs import enter_task_context, run_in_task_context
-from ..task import TaskContext, TaskOptions, TaskRegistry
+from ..task import TaskContext, TaskOptions, TaskRegistry, load_registry
 from .execution import ERROR, Outcome, apply_handler_options, run_handler, run_handler_async
-from .ring import Channel, ChannelHandle
+from .channel import Channel, ChannelHandle
+from .protocol import (ChildExit, Enqueue, Fatal, Heartbeat, Offer, Progress, Ready, Result, Stop,
+                       decode_to_child, encode_message)
 from .sched import normal_policy
 
-__all__ = ["ChildExit", "child_main", "TASK", "STOP", "OFFER", "READY", "RESULT", "HEARTBEAT", "PROGRESS", "ENQUEUE",
-           "FATAL", "Task", "Stop", "Offer", "Ready", "Result", "Heartbeat", "Progress", "Enqueue", "Fatal",
-           "decode_to_child", "decode_from_child", "encode_message"]
-
-TASK, STOP, OFFER = 0, 1, 2
-READY, RESULT, HEARTBEAT, PROGRESS, ENQUEUE, FATAL = 0, 1, 2, 3, 4, 5
+__all__ = ["child_main", "spawn_entry", "ChildProcess", "QUIET_AHEAD", "QUIET_RUN_LIMIT"]
 
 #: A child running a stream of short offered tasks sends a Result without waking the
 #: supervisor while at least QUIET_AHEAD more tasks wait in its ring behind the one it
@@ -63,69 +47,6 @@ READY, RESULT, HEARTBEAT, PROGRESS, ENQUEUE, FATAL = 0, 1, 2, 3, 4, 5
 #: With QUIET_AHEAD = 1 the children ran dry waiting for their next offers.
 QUIET_AHEAD = 2
 QUIET_RUN_LIMIT = 0.001
-
-
-# -- the messages (see the module docstring) ---------------------------------------------
-class Task(msgspec.Struct, array_like=True, tag=TASK):
-    seq: int
-    frame: bytes
-
-
-class Stop(msgspec.Struct, array_like=True, tag=STOP):
-    pass
-
-
-class Offer(msgspec.Struct, array_like=True, tag=OFFER):
-    seq: int
-    frame: bytes
-    slot: int = 0
-
-
-class Ready(msgspec.Struct, array_like=True, tag=READY):
-    pid: int
-
-
-class Result(msgspec.Struct, array_like=True, tag=RESULT):
-    seq: int
-    outcome: Outcome
-    rss: int = 0
-
-
-class Heartbeat(msgspec.Struct, array_like=True, tag=HEARTBEAT):
-    task_id: str
-
-
-class Progress(msgspec.Struct, array_like=True, tag=PROGRESS):
-    task_id: str
-    fraction: float
-    data: Any = None
-
-
-class Enqueue(msgspec.Struct, array_like=True, tag=ENQUEUE):
-    new_id: str
-    name: str
-    args: Any          # checked by the supervisor's producer, like any enqueue
-    options: Any
-    parent_id: str
-    root_id: str | None
-
-
-class Fatal(msgspec.Struct, array_like=True, tag=FATAL):
-    message: str
-
-
-encode_message = msgspec.msgpack.Encoder().encode
-#: supervisor side: bytes from a child -> Ready | Result | Heartbeat | Progress | Enqueue | Fatal
-decode_from_child = msgspec.msgpack.Decoder(Ready | Result | Heartbeat | Progress | Enqueue | Fatal).decode
-#: child side: bytes from the supervisor -> Task | Stop | Offer
-decode_to_child = msgspec.msgpack.Decoder(Task | Stop | Offer).decode
-
-
-class ChildExit(enum.IntEnum):
-    """Exit codes a child uses on purpose; anything else (or a signal) is a crash."""
-    OK = 0                 # asked to stop (recycle or shutdown)
-    STARTUP_FAILED = 70    # could not attach or load the registry: do not respawn in a loop
-    SUPERVISOR_GONE = 71   # the supervisor disappeared: nobody would store our results
 
 
 _encode = encode_message
@@ -165,7 +86,7 @@ class _ChildRuntime:
         return new_id
 
 
-class _Child:
+class ChildProcess:
     def __init__(self, channel: Channel, registry: TaskRegistry, params: dict[str, Any]):
         self.channel = channel
         self.registry = registry
@@ -369,7 +290,7 @@ class _Child:
         return ChildExit.OK
 
 
-def _install_child_signals(child: _Child) -> None:
+def _install_child_signals(child: ChildProcess) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -398,7 +319,7 @@ def child_main(handle: ChannelHandle, params: dict[str, Any], registry: TaskRegi
             normal_policy()
         if registry is None:
             registry = params["registry"]
-        child = _Child(channel, registry, params)
+        child = ChildProcess(channel, registry, params)
         _install_child_signals(child)
         channel.send_wait([_encode(Ready(os.getpid()))], 10.0)
         return child.serve()
@@ -434,7 +355,4 @@ def spawn_entry(handle: ChannelHandle, params: dict[str, Any], registry_ref: Any
 
 
 def _load_registry(ref: Any) -> TaskRegistry:
-    if isinstance(ref, TaskRegistry):
-        return ref
-    from .worker import load_registry
-    return load_registry(str(ref))
+    return ref if isinstance(ref, TaskRegistry) else load_registry(str(ref))

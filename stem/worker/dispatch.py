@@ -31,12 +31,12 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..signals import signals
-from .child import Offer, Task, encode_message
+from .protocol import Offer, Task, encode_message
 from .engine import Job, RateLimiter, take_matching
-from .ring import Channel
+from .channel import Channel
 
 if TYPE_CHECKING:
-    from .pool import ProcessEngine
+    from .process_engine import ProcessEngine
 
 __all__ = ["ChildState", "Dispatcher", "OFFER_DEPTH"]
 

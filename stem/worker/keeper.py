@@ -18,7 +18,7 @@ from collections import deque
 from typing import Any, Callable
 
 from ..errors import WorkerError
-from .ring import ChannelHandle
+from .channel import ChannelHandle
 from .zygote import GONE, Zygote, ZygoteGone
 
 __all__ = ["ZygoteKeeper", "MAX_ZYGOTE_DEATHS", "ZYGOTE_DEATH_WINDOW", "signal_pidfd", "exited_pidfds",

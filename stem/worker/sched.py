@@ -37,7 +37,7 @@ import threading
 
 __all__ = ["yield_to_children", "restore", "normal_policy"]
 
-log = logging.getLogger("stem.worker.pool")
+log = logging.getLogger("stem.worker.process_engine")
 
 _BATCH = getattr(os, "SCHED_BATCH", None)
 _OTHER = getattr(os, "SCHED_OTHER", None)

@@ -31,7 +31,7 @@ from ..errors import ConfigurationError, SoftTimeLimitExceeded, StemError, Worke
 from ..results import TaskState
 from ..retry import ExponentialJitterRetryStrategy, RetryStrategy
 from ..signals import signals
-from ..task import TaskContext, TaskRegistry
+from ..task import TaskContext, TaskRegistry, load_registry
 from ..brokers.base import validate_queue_name
 from .engine import Engine, Job
 from .fetch import FETCH_BLOCK_SECONDS, Fetcher
@@ -42,27 +42,12 @@ from .progress import STARTED_AFTER, StatusBoard
 from .settle import Settler
 from .window import DEFAULT_MAX_MULTIPLIER, PrefetchWindow
 
-__all__ = ["Worker", "load_registry"]
+__all__ = ["Worker"]
 
 log = logging.getLogger("stem.worker")
 
 # A heartbeat outlives a few missed beats even when the interval is short (busy machines).
 HEARTBEAT_MIN_TTL = 5.0
-
-
-def load_registry(path: str) -> TaskRegistry:
-    """Import ``"package.module:attribute"`` (attribute defaults to ``registry``)."""
-    import importlib
-    module, _, attr = path.partition(":")
-    try:
-        obj = importlib.import_module(module)
-        for part in (attr or "registry").split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigurationError(f"cannot load the task registry {path!r}: {exc}") from exc
-    if not isinstance(obj, TaskRegistry):
-        raise ConfigurationError(f"{path!r} is a {type(obj).__name__}, not a TaskRegistry")
-    return obj
 
 
 class _Runtime:
@@ -184,7 +169,7 @@ class Worker:
         if self.isolation == "inline":
             from .inline import InlineEngine
             return InlineEngine(self.concurrency, self._context, worker_id=self.id)
-        from .pool import ProcessEngine
+        from .process_engine import ProcessEngine
         return ProcessEngine(self)
 
     def _context(self, job: Job) -> TaskContext:

@@ -79,7 +79,7 @@ import warnings
 from typing import Any, Callable
 
 from ..errors import WorkerError
-from .ring import ChannelHandle
+from .channel import ChannelHandle
 
 __all__ = ["Zygote", "ZygoteGone", "GONE"]
 
@@ -425,13 +425,12 @@ def spawned_main(fd: int, boot: dict[str, Any]) -> None:
 
 
 def _load_registry(registry: str | bytes):
-    from ..task import TaskRegistry
+    from ..task import TaskRegistry, load_registry
     if isinstance(registry, bytes):
         loaded = pickle.loads(registry)
         if not isinstance(loaded, TaskRegistry):
             raise TypeError(f"expected a TaskRegistry, got {type(loaded).__name__}")
         return loaded
-    from .worker import load_registry
     return load_registry(registry)
 
 

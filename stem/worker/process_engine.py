@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 from ..errors import WorkerError, WorkerShutdown
 from ..signals import signals
 from ..task import TaskOptions
-from .child import (ChildExit, Enqueue, Fatal, Heartbeat, Progress, Ready, Result, Stop, child_main,
-                    decode_from_child, encode_message, spawn_entry)
+from .child import child_main, spawn_entry
+from .protocol import (ChildExit, Enqueue, Fatal, Heartbeat, Progress, Ready, Result, Stop, decode_from_child,
+                       encode_message)
 from .dispatch import ChildState, Dispatcher
 from .engine import Engine, Job
 from .execution import ERROR, Outcome
-from .ring import Channel, ChannelPoller
+from .channel import Channel, ChannelPoller
 from .sched import restore, yield_to_children
 from .keeper import ZygoteKeeper, exited_pidfds, signal_pidfd, wait_pidfds
 from .zygote import ZygoteGone
@@ -45,9 +46,9 @@ from .zygote import ZygoteGone
 if TYPE_CHECKING:
     from .worker import Worker
 
-__all__ = ["ProcessEngine", "PoolState", "ChildState"]
+__all__ = ["ProcessEngine", "PoolState", "ChildState", "ChildSlot"]
 
-log = logging.getLogger("stem.worker.pool")
+log = logging.getLogger("stem.worker.process_engine")
 
 _encode = encode_message
 _STOP = encode_message(Stop())
@@ -68,7 +69,10 @@ class PoolState(enum.Enum):
     FAILED = "failed"
 
 
-class _Child:
+class ChildSlot:
+    """The supervisor's side of one child process: its channel, state and running jobs
+    (the child's own side is ``stem.worker.child.ChildProcess``)."""
+
     __slots__ = ("pid", "channel", "state", "running", "offers", "tasks_done", "rss", "started_at", "ready_at",
                  "recycle_reason", "process", "fatal", "last_memory_check", "forked_ns", "pidfd")
 
@@ -107,7 +111,7 @@ class ProcessEngine(Engine):
             raise WorkerError(f"start_method must be 'fork' or 'spawn', got {self.start_method!r}")
         self.state = PoolState.CREATED
         self._lock = threading.RLock()
-        self._children: dict[int, _Child] = {}
+        self._children: dict[int, ChildSlot] = {}
         self._children_version = 0     # bumped (under the lock) whenever _children changes
         self._poll_set: _PollSet | None = None
         self._dispatcher = Dispatcher(self)
@@ -115,7 +119,7 @@ class ProcessEngine(Engine):
         self._enqueue_failures: dict[str, str] = {}   # task id -> why a child task it enqueued was not
         self._keeper: ZygoteKeeper | None = None    # with start_method "fork"
         self._owed = 0                  # children to fork once a new zygote is ready
-        self._adopted: dict[int, _Child] = {}   # children of a dead zygote: exits seen on their pidfds
+        self._adopted: dict[int, ChildSlot] = {}   # children of a dead zygote: exits seen on their pidfds
         self._report: Callable[[Job, Outcome], None] | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -170,7 +174,7 @@ class ProcessEngine(Engine):
             if time.monotonic() > deadline:
                 raise WorkerError(f"worker children did not start within {STARTUP_TIMEOUT}s")
 
-    def _spawn_child(self) -> _Child:
+    def _spawn_child(self) -> ChildSlot:
         t0 = time.perf_counter_ns()
         channel = Channel.create(CHANNEL_CAPACITY)
         pidfd = None
@@ -189,7 +193,7 @@ class ProcessEngine(Engine):
         except BaseException:
             channel.close()
             raise
-        child = _Child(pid, channel, process, pidfd)
+        child = ChildSlot(pid, channel, process, pidfd)
         child.forked_ns = t0
         with self._lock:
             self._children[pid] = child
@@ -394,7 +398,7 @@ class ProcessEngine(Engine):
         if self._dispatcher.unannounced:   # before the outcomes read above reach the settle thread
             self._dispatcher.announce()
 
-    def _read(self, child: _Child) -> None:
+    def _read(self, child: ChildSlot) -> None:
         results = []
         for raw in child.channel.recv_many(1024):
             msg = decode_from_child(raw)
@@ -423,7 +427,7 @@ class ProcessEngine(Engine):
         if results:
             self._on_results(child, results)
 
-    def _on_results(self, child: _Child, results: list[Result]) -> None:
+    def _on_results(self, child: ChildSlot, results: list[Result]) -> None:
         """Free the slots of ``results`` (one lock for the batch), then report them."""
         done = []
         with self._lock:
@@ -458,7 +462,7 @@ class ProcessEngine(Engine):
                                       None, outcome.started_at, outcome.finished_at)
             report(job, outcome)
 
-    def _recycle(self, child: _Child, reason: str) -> None:
+    def _recycle(self, child: ChildSlot, reason: str) -> None:
         """Stop giving ``child`` work; it exits after its running tasks, a new child takes the slot now."""
         child.state = ChildState.DRAINING
         child.recycle_reason = reason
@@ -489,7 +493,7 @@ class ProcessEngine(Engine):
             with self._lock:
                 self._owed += 1
 
-    def _collect_exits(self, children: list[_Child]) -> None:
+    def _collect_exits(self, children: list[ChildSlot]) -> None:
         exited: list[tuple[int, int | None]] = []
         status = None
         if self._keeper is not None:
@@ -610,7 +614,7 @@ class ProcessEngine(Engine):
         if previous is not ChildState.DRAINING and self._error is None:
             self._replace()   # (a drained child was replaced when it was recycled)
 
-    def _drain_late_results(self, child: _Child) -> None:
+    def _drain_late_results(self, child: ChildSlot) -> None:
         """Results the child wrote before dying still count (a child reports a task after
         it claimed its next offer, which may be what kills it)."""
         try:
@@ -655,7 +659,7 @@ class ProcessEngine(Engine):
             for job in started:
                 signals.task_prerun.send(self.worker, envelope=job.envelope, context=None)
 
-    def _stop_child(self, child: _Child) -> None:
+    def _stop_child(self, child: ChildSlot) -> None:
         try:
             child.channel.send(_STOP)
         except Exception:  # noqa: BLE001 - a closed channel: the child is gone anyway
@@ -687,7 +691,7 @@ class ProcessEngine(Engine):
 
 class _PollSet(NamedTuple):
     version: int                 # ProcessEngine._children_version it was built from
-    children: list[_Child]
+    children: list[ChildSlot]
     poller: ChannelPoller        # their channels (tagged with the child), wake pipe, exit sources
 
 
@@ -742,7 +746,7 @@ def _drain_pipe(fd: int) -> None:
         pass
 
 
-def _signal_child(child: _Child, sig: int) -> None:
+def _signal_child(child: ChildSlot, sig: int) -> None:
     """Under the pool's lock (which guards ``child.pidfd``): signal that very process, through
     its pidfd when it has one (once reaped, its pid may name another process)."""
     if child.pidfd is not None:
@@ -754,7 +758,7 @@ def _signal_child(child: _Child, sig: int) -> None:
             pass
 
 
-def _close_pidfd(child: _Child) -> None:
+def _close_pidfd(child: ChildSlot) -> None:
     """Under the pool's lock."""
     if child.pidfd is not None:
         try:
