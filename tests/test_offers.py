@@ -21,7 +21,7 @@ from stem.worker import protocol
 from stem.worker.channel import Channel
 
 from .support import wait_for
-from .test_pool import lifecycle, setup  # noqa: F401 - the fixture
+from .test_process_engine import lifecycle, setup  # noqa: F401 - the fixture
 
 # offers need the compiled ring's compare-and-swap: skipped on the pure twin, failed when the
 # compiled build was expected (STEM_EXPECT_COMPILED=1) and did not load

@@ -13,7 +13,7 @@ from stem.brokers import InMemoryBroker
 from stem.errors import ConfigurationError
 
 from .test_cli import Workers
-from .test_pool import lifecycle
+from .test_process_engine import lifecycle
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_BATCH is Linux's")
 
