@@ -45,7 +45,7 @@ import re
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from .backends.base import ResultBackend
 from . import _checks as checks
@@ -56,10 +56,7 @@ from .revocation import store_revocations
 from .signals import signals
 from .task import DEFAULT_OPTIONS, TaskRegistry
 
-if TYPE_CHECKING:
-    from .worker.worker import Worker
-
-__all__ = ["Control", "ControlServer", "COMMANDS", "COMMAND_TTL", "WORKER_COMMANDS", "control_queue",
+__all__ = ["Control", "ControlServer", "Controllable", "COMMANDS", "COMMAND_TTL", "WORKER_COMMANDS", "control_queue",
            "is_internal_queue", "registered_tasks", "reply_queue", "serve_command"]
 
 log = logging.getLogger("stem.control")
@@ -257,6 +254,34 @@ def _count(n: Any) -> int:
     return checks.integer("n", n, error=ControlError)
 
 
+class Controllable(Protocol):
+    """What the control plane needs of a worker (``stem.worker.Worker`` is one).  The
+    worker starts a ``ControlServer`` with itself as the target; this module never
+    imports the worker."""
+
+    id: str
+    hostname: str
+    queues: list[str]
+    registry: TaskRegistry
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def inspect(self) -> dict[str, Any]: ...
+
+    def revoke(self, task_ids: Sequence[str], *, terminate: bool = False) -> dict[str, Any]: ...
+
+    def pause(self, queue_name: str) -> None: ...
+
+    def resume(self, queue_name: str) -> None: ...
+
+    @property
+    def paused_queues(self) -> list[str]: ...
+
+    def resize(self, delta: int) -> int: ...
+
+    def shutdown_nowait(self, mode: Any = ...) -> None: ...
+
+
 # -- what a worker does for each command -----------------------------------------------------
 def registered_tasks(registry: TaskRegistry) -> list[dict[str, Any]]:
     """Every task of ``registry`` by name, with its options as the worker applies them
@@ -268,26 +293,26 @@ def registered_tasks(registry: TaskRegistry) -> list[dict[str, Any]]:
     return out
 
 
-def _ping(w: "Worker", args: dict[str, Any]) -> dict[str, Any]:
+def _ping(w: "Controllable", args: dict[str, Any]) -> dict[str, Any]:
     return {"pong": True, "host": w.hostname, "pid": os.getpid(), "queues": list(w.queues)}
 
 
-def _shutdown(w: "Worker", args: dict[str, Any]) -> dict[str, Any]:
+def _shutdown(w: "Controllable", args: dict[str, Any]) -> dict[str, Any]:
     mode = args.get("mode", "warm")
     if mode not in ("warm", "soft", "hard"):
         raise ControlError(f"bad shutdown mode {mode!r}")
     return {"shutdown": mode}      # the control server stops the worker once this reply is out
 
 
-def _revoke(w: "Worker", args: dict[str, Any]) -> dict[str, Any]:
+def _revoke(w: "Controllable", args: dict[str, Any]) -> dict[str, Any]:
     ids = args.get("ids")
     if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
         raise ControlError(f"revoke needs a list of task ids, got {ids!r}")
     return w.revoke(ids, terminate=bool(args.get("terminate")))
 
 
-def _pause_or_resume(pause: bool) -> Callable[["Worker", dict[str, Any]], dict[str, Any]]:
-    def handle(w: "Worker", args: dict[str, Any]) -> dict[str, Any]:
+def _pause_or_resume(pause: bool) -> Callable[["Controllable", dict[str, Any]], dict[str, Any]]:
+    def handle(w: "Controllable", args: dict[str, Any]) -> dict[str, Any]:
         queue = args.get("queue")
         if queue not in w.queues:
             raise ControlError(f"this worker does not consume {queue!r} (queues: {', '.join(w.queues)})")
@@ -296,13 +321,13 @@ def _pause_or_resume(pause: bool) -> Callable[["Worker", dict[str, Any]], dict[s
     return handle
 
 
-def _resize(sign: int) -> Callable[["Worker", dict[str, Any]], dict[str, Any]]:
-    def handle(w: "Worker", args: dict[str, Any]) -> dict[str, Any]:
+def _resize(sign: int) -> Callable[["Controllable", dict[str, Any]], dict[str, Any]]:
+    def handle(w: "Controllable", args: dict[str, Any]) -> dict[str, Any]:
         return {"concurrency": w.resize(sign * _count(args.get("n", 1)))}
     return handle
 
 
-WORKER_COMMANDS: dict[str, Callable[["Worker", dict[str, Any]], Any]] = {
+WORKER_COMMANDS: dict[str, Callable[["Controllable", dict[str, Any]], Any]] = {
     "ping": _ping,
     "stats": lambda w, args: w.stats(),
     "inspect": lambda w, args: w.inspect(),
@@ -317,8 +342,8 @@ WORKER_COMMANDS: dict[str, Callable[["Worker", dict[str, Any]], Any]] = {
 COMMANDS = tuple(WORKER_COMMANDS)
 
 
-def serve_command(worker: "Worker", command: str, args: dict[str, Any]) -> Any:
-    """Run one control command on ``worker`` (``Worker.control``)."""
+def serve_command(worker: "Controllable", command: str, args: dict[str, Any]) -> Any:
+    """Run one control command on ``worker`` (the table ``WORKER_COMMANDS``)."""
     handler = WORKER_COMMANDS.get(command)
     if handler is None:
         raise ControlError(f"unknown control command {command!r}")
@@ -329,9 +354,13 @@ def serve_command(worker: "Worker", command: str, args: dict[str, Any]) -> Any:
 class ControlServer:
     """The worker side: a thread serving the worker's control queue (and sweeping stale reply queues)."""
 
-    def __init__(self, worker: "Worker"):
-        self.worker = worker
-        self.queue = control_queue(worker.id)
+    def __init__(self, *, broker: Broker, backend: ResultBackend | None, signer: Any, target: "Controllable"):
+        self.broker = broker
+        self.backend = backend
+        self.signer = signer
+        self.target = target
+        self.worker_id = target.id
+        self.queue = control_queue(target.id)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="stem-control", daemon=True)
         self._replied: dict[str, float] = {}     # reply queues this worker wrote to -> their expiry
@@ -347,18 +376,18 @@ class ControlServer:
         if self._thread.is_alive():
             self._thread.join(timeout)
         try:
-            self.worker.broker.delete_queue(self.queue)
+            self.broker.delete_queue(self.queue)
         except StemError as exc:
             log.debug("could not delete control queue %s (%s)", self.queue, exc)
 
     def _loop(self) -> None:
-        broker = self.worker.broker
+        broker = self.broker
         backoff = 0.0
         while not self._stop.is_set():
             if time.monotonic() >= self._next_sweep:
                 self.sweep()
             try:
-                deliveries = broker.consume([self.queue], 16, 0.5, consumer=self.worker.id)
+                deliveries = broker.consume([self.queue], 16, 0.5, consumer=self.worker_id)
                 backoff = 0.0
             except StemError as exc:
                 backoff = min(max(backoff * 2, 0.1), 5.0)
@@ -392,7 +421,7 @@ class ControlServer:
         heartbeat only lapsed loses nothing it would have served, and its next command
         recreates the queue).  Returns how many it deleted."""
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
-        broker, backend = self.worker.broker, self.worker.backend
+        broker, backend = self.broker, self.backend
         cutoff = time.time() - SWEEP_GRACE_S
         try:
             names = broker.queues()
@@ -427,9 +456,9 @@ class ControlServer:
         return deleted
 
     def _serve(self, delivery) -> None:
-        w = self.worker
+        w = self.target
         try:
-            env = decode_frame(delivery.frame, w.signer)
+            env = decode_frame(delivery.frame, self.signer)
         except (SignatureError, DecodeError) as exc:
             log.warning("ignored a control command that failed verification: %s", exc)
             return
@@ -446,7 +475,7 @@ class ControlServer:
         if signals.control_command_received.receivers:
             signals.control_command_received.send(w, command=command, arguments=env.args)
         try:
-            reply = {"worker": w.id, "reply": w.control(command, env.args)}
+            reply = {"worker": w.id, "reply": serve_command(w, command, env.args)}
         except StemError as exc:
             reply = {"worker": w.id, "error": str(exc)}
         if signals.control_command_completed.receivers:
@@ -459,15 +488,15 @@ class ControlServer:
 
     def _reply(self, reply_to: str, request_id: Any, reply: dict[str, Any]) -> None:
         """Publish ``reply``: signed when this worker can sign, unsigned when it holds public keys only."""
-        w = self.worker
+        w = self.target
         now = time.time()
         out = Envelope(id=uuid.uuid4().hex, name=_REPLY_NAME, args=reply, meta={"request_id": request_id},
                        queue=reply_to, enqueued_at=now, expires_at=now + COMMAND_TTL)
-        signer = w.signer if _can_sign(w.signer) else None
+        signer = self.signer if _can_sign(self.signer) else None
         try:
             frame = encode_frame(out, signer)
         except StemError as exc:     # e.g. a reply msgpack cannot carry: answer with the error instead
             out.args = {"worker": w.id, "error": f"the reply could not be encoded: {exc}"}
             frame = encode_frame(out, signer)
-        w.broker.publish(Message(out.id, reply_to, frame, 9, None, COMMAND_TTL))
+        self.broker.publish(Message(out.id, reply_to, frame, 9, None, COMMAND_TTL))
         self._replied[reply_to] = _reply_queue_expiry(reply_to) or now + COMMAND_TTL

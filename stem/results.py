@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["TaskState", "TaskStatus", "TaskResult", "TERMINAL_STATES", "encode_status", "decode_status"]
+__all__ = ["TaskState", "TaskStatus", "TaskResult", "TERMINAL_STATES", "Reason", "encode_status", "decode_status"]
 
 
 class TaskState(str, enum.Enum):
@@ -27,6 +27,32 @@ class TaskState(str, enum.Enum):
 
 
 TERMINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.REVOKED, TaskState.DEAD})
+
+
+class Reason(enum.StrEnum):
+    """Why a task did not simply succeed: ``TaskStatus.reason`` and dead-letter reasons.
+
+    A ``StrEnum``: each member equals (and hashes as) its string, which is what is
+    stored and what brokers write (``status.reason == Reason.POISON`` and
+    ``status.reason == "poison"`` are the same test)."""
+
+    ERROR = "error"                          # the task raised (retried up to max_retries)
+    RETRY = "retry"                          # ctx.retry() asked for another attempt
+    BAD_ARGUMENTS = "bad-arguments"          # its arguments do not fit the function: not retried
+    RESULT_NOT_ENCODABLE = "result-not-encodable"
+    SOFT_TIME_LIMIT = "soft-time-limit"
+    HARD_TIME_LIMIT = "hard-time-limit"
+    ENQUEUE_FAILED = "enqueue-failed"        # a task it enqueued could not be published
+    SHUTDOWN = "shutdown"                    # stopped by a soft shutdown: given back, not an attempt
+    CHILD_CRASHED = "child-crashed"          # its process was killed from outside: redelivered
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    POISON = "poison"                        # it kept killing the processes that ran it
+    MAX_DELIVERIES = "max-deliveries"        # delivered more than the broker's max_deliveries times
+    DECODE_ERROR = "decode-error"            # a frame nobody can read
+    SIGNATURE_INVALID = "signature-invalid"
+    UNKNOWN_TASK = "unknown-task"            # no handler of that name on the worker
+    REJECTED = "rejected"                    # nack(requeue=False)
 
 
 class TaskStatus(msgspec.Struct, omit_defaults=True):
@@ -57,6 +83,13 @@ class TaskStatus(msgspec.Struct, omit_defaults=True):
     @property
     def succeeded(self) -> bool:
         return self.state is TaskState.SUCCEEDED
+
+    @classmethod
+    def of(cls, envelope: Any, state: TaskState, **fields: Any) -> "TaskStatus":
+        """The status of ``envelope``'s task in ``state``: id, name, queue, attempt and meta
+        from the envelope, the rest from ``fields``."""
+        return cls(id=envelope.id, state=state, name=envelope.name, queue=envelope.queue,
+                   attempt=envelope.attempt, meta=envelope.meta, **fields)
 
 
 TaskResult = TaskStatus

@@ -349,3 +349,20 @@ def test_sigquit_kills_children_and_requeues_so_a_new_worker_completes_them():
     assert result["ready_after_stop"] == 4
     assert result["states"] == ["PENDING"] * 4
     assert result["finished_later"] == ["SUCCEEDED"] * 4
+
+
+def test_workers_that_are_never_started_hold_no_file_descriptors():
+    import gc
+    broker, backend = InMemoryBroker(), InMemoryResultBackend()
+    registry = TaskRegistry()
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    workers = [Worker(broker, backend, registry, concurrency=2, isolation="process", lifecycle=lifecycle())
+               for _ in range(50)]
+    assert len(os.listdir("/proc/self/fd")) == before
+    for w in workers:
+        assert w.shutdown(timeout=1)   # stopping one that never ran is a no-op, twice too
+        assert w.shutdown(timeout=1)
+    del workers
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,6 +23,8 @@ from stem.brokers.base import Broker, Message
 from stem.brokers.redis import RedisBroker
 from stem.errors import BrokerConnectionError
 from stem.retry import FixedRetryStrategy
+from stem.worker.state import ConsumeTurn, WorkerState
+from stem.worker.window import PrefetchWindow
 from .support import drop_namespace, wait_for
 
 pytestmark = pytest.mark.redis
@@ -285,16 +288,16 @@ def test_a_shutdown_during_a_refill_requeues_its_deliveries_and_no_refill_starts
     w = env.worker()
     stopped = threading.Event()
     late = []
-    real_claim = w._fetcher.claim_refill
+    real_claim = ConsumeTurn.settle_claim
 
-    def claim(acks):
+    def claim(turn, acks):
         before = stopped.is_set()
-        got = real_claim(acks)
+        got = real_claim(turn, acks)
         if before and got is not None:
             late.append(got)
         return got
 
-    monkeypatch.setattr(w._fetcher, "claim_refill", claim)
+    monkeypatch.setattr(ConsumeTurn, "settle_claim", claim)
     w.run_in_background()
     wait_for(lambda: w.stats()["succeeded"] >= 20, what="a first batch")
     gate.armed.set()
@@ -323,21 +326,21 @@ def test_a_shutdown_during_a_refill_requeues_its_deliveries_and_no_refill_starts
     assert_all_succeeded(env, ids)
 
 
-def test_a_claim_is_never_granted_without_a_waiting_fetcher_or_room(env):
-    w = env.worker(concurrency=2, prefetch_multiplier=4)            # window 8, refill at 4
-    w._fetcher.waiting = True
-    jobs = [type("J", (), {"seq": i})() for i in range(8)]
-    w._jobs = {j.seq: j for j in jobs}
-    assert w._fetcher.claim_refill(jobs[:3]) is None                # 3 free < 4
-    assert w._fetcher.claim_refill(jobs[:4]) == ([Q], 4)
-    assert w._fetcher.claim_refill(jobs[:4]) is None                # one refill at a time
-    w._fetcher.end_refill(jobs[:4], None)                           # failed: nothing forgotten, fetching handed back
-    assert len(w._jobs) == 8 and not w._fetcher.consuming and not w._fetcher.refilling
-    w.pause(Q)
-    assert w._fetcher.claim_refill(jobs) is None                    # no unpaused queue
-    w.resume(Q)
-    w._fetcher.waiting = False
-    assert w._fetcher.claim_refill(jobs) is None                    # the fetcher is not waiting: its own consume
-    w._fetcher.waiting = True
-    w.shutdown_nowait(ShutdownMode.WARM)
-    assert w._fetcher.claim_refill(jobs) is None                    # stopping: no consume any more
+def test_a_claim_is_never_granted_without_a_waiting_fetcher_or_room():
+    state = WorkerState(queues=[Q], concurrency=2, window=PrefetchWindow(4, 4))   # window 8, refill at 4
+    turn = state.turn
+    jobs = state.admit([(SimpleNamespace(), SimpleNamespace(id=f"t{i}"), None, False) for i in range(8)])
+    turn.waiting = True
+    assert turn.settle_claim(jobs[:3]) is None                # 3 free < 4
+    assert turn.settle_claim(jobs[:4]) == ([Q], 4)
+    assert turn.settle_claim(jobs[:4]) is None                # one refill at a time
+    turn.settle_release(None)                                 # failed: nothing forgotten, fetching handed back
+    assert state.held() == 8 and not turn.consuming and not turn.refilling
+    state.pause(Q, timeout=1)
+    assert turn.settle_claim(jobs) is None                    # no unpaused queue
+    state.resume(Q)
+    turn.waiting = False
+    assert turn.settle_claim(jobs) is None                    # the fetcher is not waiting: its own consume
+    turn.waiting = True
+    state.request_stop(ShutdownMode.WARM)
+    assert turn.settle_claim(jobs) is None                    # stopping: no consume any more

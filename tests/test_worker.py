@@ -522,18 +522,11 @@ def test_autoretry_for_retries_only_the_exceptions_it_names(env, journal):
 
 
 def test_a_handlers_retry_backoff_replaces_the_workers_strategy():
-    from stem.task import FunctionTaskHandler
-    from stem.worker.engine import Job
-    from stem.envelope import Envelope
-    from stem.worker.settle import Settler
-    handler = FunctionTaskHandler(lambda ctx: None, "t", TaskOptions(retry_backoff=2.0, retry_backoff_max=5.0))
-    w = Worker(InMemoryBroker(), InMemoryResultBackend(), TaskRegistry(), retry_strategy=FixedRetryStrategy(0.01),
-               isolation="inline")
-    settler = Settler(w)
-    delays = [settler.retry_delay(Job(1, None, Envelope(id="a", name="t", attempt=n), handler)) for n in range(4)]
+    from stem.worker.settle import retry_delay
+    options = TaskOptions(retry_backoff=2.0, retry_backoff_max=5.0)
+    delays = [retry_delay(options, n, FixedRetryStrategy(0.01)) for n in range(4)]
     assert 1.5 <= delays[0] <= 2.0 and 3.0 <= delays[1] <= 4.0 and 3.75 <= delays[2] <= 5.0 and delays[3] <= 5.0
-    plain = FunctionTaskHandler(lambda ctx: None, "p", TaskOptions())
-    assert settler.retry_delay(Job(2, None, Envelope(id="b", name="p"), plain)) == 0.01
+    assert retry_delay(TaskOptions(), 0, FixedRetryStrategy(0.01)) == 0.01
 
 
 @pytest.mark.parametrize("kwargs, fragment", [

@@ -28,8 +28,9 @@ import msgspec
 from ..envelope import decode_frame
 from ..errors import ConfigurationError, DecodeError, EncodeError, SoftTimeLimitExceeded, UnknownTaskError, WorkerShutdown
 from ..logs import enter_task_context, run_in_task_context
+from ..results import Reason
 from ..task import TaskContext, TaskOptions, TaskRegistry, load_registry
-from .execution import ERROR, Outcome, apply_handler_options, run_handler, run_handler_async
+from .execution import Outcome, apply_handler_options, run_handler, run_handler_async
 from .channel import Channel, ChannelHandle
 from .protocol import (ChildExit, Enqueue, Fatal, Heartbeat, Offer, Progress, Ready, Result, Stop,
                        decode_to_child, encode_message)
@@ -125,15 +126,14 @@ class ChildProcess:
         try:
             env = decode_frame(frame)
         except DecodeError as exc:
-            return None, Outcome("", ERROR, None, str(exc), "DecodeError", None, "decode-error", None,
-                                 time.time(), time.time())
+            return None, Outcome.failed("", Reason.DECODE_ERROR, str(exc), "DecodeError", retryable=False)
         handler = self._handlers.get(env.name)
         if handler is None:
             try:
                 handler = self._handlers[env.name] = self.registry.get(env.name)
             except UnknownTaskError as exc:
-                return None, Outcome(env.id, ERROR, None, str(exc), "UnknownTaskError", None, "unknown-task",
-                                     None, time.time(), time.time())
+                return None, Outcome.failed(env.id, Reason.UNKNOWN_TASK, str(exc), "UnknownTaskError",
+                                            retryable=False)
         if env.unset_options:
             apply_handler_options(env, handler)   # as the supervisor did: its soft limit is ours to keep
         return (env, handler), None
@@ -151,9 +151,10 @@ class ChildProcess:
         try:
             payload = _encode(Result(seq, out, rss))
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
-            out = Outcome(out.task_id, ERROR, None,
-                          f"task returned a value msgpack cannot encode ({type(out.result).__name__}): {exc}",
-                          "EncodeError", None, "result-not-encodable", None, out.started_at, out.finished_at)
+            out = Outcome.failed(out.task_id, Reason.RESULT_NOT_ENCODABLE,
+                                 f"task returned a value msgpack cannot encode ({type(out.result).__name__}): {exc}",
+                                 "EncodeError", started_at=out.started_at, finished_at=out.finished_at,
+                                 retryable=False)
             payload = _encode(Result(seq, out, rss))
         return payload
 
@@ -251,8 +252,8 @@ class ChildProcess:
                         out = await asyncio.wait_for(coro, env.soft_time_limit)
                     except asyncio.TimeoutError:
                         exc = SoftTimeLimitExceeded(f"soft time limit of {env.soft_time_limit}s exceeded")
-                        out = Outcome(env.id, ERROR, None, str(exc), "SoftTimeLimitExceeded", None,
-                                      "soft-time-limit", None, started, time.time())
+                        out = Outcome.failed(env.id, Reason.SOFT_TIME_LIMIT, str(exc), "SoftTimeLimitExceeded",
+                                             started_at=started)
                 else:
                     out = await coro
                 self.report(seq, out)

@@ -235,7 +235,7 @@ class Dispatcher:
         with self.pool._lock:
             jobs, self.unannounced = self.unannounced, []
         for job in jobs:
-            signals.task_prerun.send(self.pool.worker, envelope=job.envelope, context=None)
+            signals.task_prerun.send(self.pool.hooks.sender, envelope=job.envelope, context=None)
 
 
 def _running_count(child: Any) -> int:

@@ -8,6 +8,7 @@ engine's backlog until a slot is free, so a busy slot never starves an idle one.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from ..envelope import Envelope
     from .execution import Outcome
 
-__all__ = ["Job", "Engine", "RateLimiter", "take_matching"]
+__all__ = ["Job", "Engine", "EngineHooks", "RateLimiter", "take_matching"]
 
 
 def take_matching(backlog, predicate: "Callable[[Job], bool] | None") -> list["Job"]:
@@ -31,6 +32,17 @@ def take_matching(backlog, predicate: "Callable[[Job], bool] | None") -> list["J
     for j in jobs:
         backlog.remove(j)
     return jobs
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineHooks:
+    """What an engine calls back into; the Worker supplies them (an engine never holds it)."""
+
+    heartbeat: Callable[[str], None]              # a task asked for its lease to be renewed now
+    progress: Callable[[str, float, Any], None]   # ctx.progress() of a running task
+    enqueue: Callable[..., str]                   # ctx.enqueue() in a child: (name, args, options, task_id, parent)
+    stop: Callable[[str], None]                   # the engine cannot go on: request this shutdown mode
+    sender: Any = None                            # what the engine's signals are sent from
 
 
 class Job:

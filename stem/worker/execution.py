@@ -7,6 +7,7 @@ successes, errors, retries and time limits the same way.
 from __future__ import annotations
 
 import asyncio
+import enum
 import inspect
 import time
 import traceback
@@ -15,18 +16,30 @@ from typing import Any
 import msgspec
 
 from ..errors import Retry, SoftTimeLimitExceeded, WorkerShutdown
+from ..results import Reason
 from ..task import FunctionTaskHandler, TaskContext, TaskHandler
 
-__all__ = ["Outcome", "OK", "ERROR", "RETRY", "run_handler", "run_handler_async", "apply_handler_options"]
+__all__ = ["Outcome", "OutcomeKind", "OK", "ERROR", "RETRY", "run_handler", "run_handler_async",
+           "apply_handler_options"]
 
-OK, ERROR, RETRY = 0, 1, 2
+
+class OutcomeKind(enum.IntEnum):
+    """What an attempt came to (an int on the wire between child and supervisor)."""
+    OK = 0
+    ERROR = 1
+    RETRY = 2
+
+
+OK, ERROR, RETRY = OutcomeKind.OK, OutcomeKind.ERROR, OutcomeKind.RETRY
 
 
 class Outcome(msgspec.Struct, array_like=True):
-    """What happened to one attempt.  ``reason`` is a short word for failures
-    (``error``, ``bad-arguments``, ``soft-time-limit``, ``result-not-encodable``,
-    ``shutdown`` ...).  ``retryable`` is False for an exception the handler's
-    ``autoretry_for`` does not name: it fails at once, whatever ``max_retries`` says."""
+    """What happened to one attempt; built by the named constructors below.
+
+    ``reason`` is a ``stem.results.Reason`` for anything but a success.
+    ``retryable`` is False for a failure another attempt cannot fix (arguments
+    that do not fit, an exception the handler's ``autoretry_for`` does not name):
+    it fails at once, whatever ``max_retries`` says."""
 
     task_id: str
     kind: int
@@ -39,6 +52,33 @@ class Outcome(msgspec.Struct, array_like=True):
     started_at: float = 0.0
     finished_at: float = 0.0
     retryable: bool = True
+
+    @classmethod
+    def ok(cls, task_id: str, result: Any, started_at: float, finished_at: float) -> "Outcome":
+        return cls(task_id, OK, result, None, None, None, None, None, started_at, finished_at)
+
+    @classmethod
+    def failed(cls, task_id: str, reason: str, error: str, error_type: str, *, traceback: str | None = None,
+               started_at: float | None = None, finished_at: float | None = None,
+               retryable: bool = True) -> "Outcome":
+        now = time.time()
+        return cls(task_id, ERROR, None, error, error_type, traceback, reason, None,
+                   now if started_at is None else started_at, now if finished_at is None else finished_at,
+                   retryable)
+
+    @classmethod
+    def raised(cls, task_id: str, exc: BaseException, reason: str, started_at: float, *,
+               retryable: bool = True) -> "Outcome":
+        """The outcome of an attempt that raised ``exc``, with its traceback."""
+        return cls.failed(task_id, reason, str(exc) or type(exc).__name__, type(exc).__name__,
+                          traceback="".join(traceback.format_exception(exc)), started_at=started_at,
+                          retryable=retryable)
+
+    @classmethod
+    def retry(cls, task_id: str, countdown: float | None, why: str | None, started_at: float) -> "Outcome":
+        """``ctx.retry()``: run again after ``countdown`` seconds (None: the retry policy's delay)."""
+        return cls(task_id, RETRY, None, why or "retry requested", "Retry", None, Reason.RETRY, countdown,
+                   started_at, time.time())
 
 
 def apply_handler_options(env: Any, handler: TaskHandler) -> bool:
@@ -66,20 +106,15 @@ def apply_handler_options(env: Any, handler: TaskHandler) -> bool:
 _check_encoder = msgspec.msgpack.Encoder()
 
 
-def _error(task_id: str, exc: BaseException, reason: str, started: float) -> Outcome:
-    return Outcome(task_id, ERROR, None, str(exc) or type(exc).__name__, type(exc).__name__,
-                   "".join(traceback.format_exception(exc)), reason, None, started, time.time())
-
-
 def _finish(task_id: str, result: Any, started: float, check_result: bool) -> Outcome:
     if check_result:
         try:
             _check_encoder.encode(result)
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
-            return Outcome(task_id, ERROR, None,
-                           f"task returned a value msgpack cannot encode ({type(result).__name__}): {exc}",
-                           "EncodeError", None, "result-not-encodable", None, started, time.time())
-    return Outcome(task_id, OK, result, None, None, None, None, None, started, time.time())
+            return Outcome.failed(task_id, Reason.RESULT_NOT_ENCODABLE,
+                                  f"task returned a value msgpack cannot encode ({type(result).__name__}): {exc}",
+                                  "EncodeError", started_at=started, retryable=False)
+    return Outcome.ok(task_id, result, started, time.time())
 
 
 def _bad_arguments(exc: BaseException, handler: TaskHandler, ctx: TaskContext, args: dict[str, Any]) -> bool:
@@ -102,21 +137,16 @@ def _exception(exc: BaseException, started: float, handler: TaskHandler, ctx: Ta
                args: dict[str, Any]) -> Outcome:
     task_id = ctx.id
     if isinstance(exc, Retry):
-        return Outcome(task_id, RETRY, None, exc.reason or "retry requested", "Retry", None, "retry",
-                       exc.countdown, started, time.time())
+        return Outcome.retry(task_id, exc.countdown, exc.reason, started)
     if isinstance(exc, SoftTimeLimitExceeded):
-        return _error(task_id, exc, "soft-time-limit", started)
+        return Outcome.raised(task_id, exc, Reason.SOFT_TIME_LIMIT, started)
     if isinstance(exc, WorkerShutdown):
-        return _error(task_id, exc, "shutdown", started)
+        return Outcome.raised(task_id, exc, Reason.SHUTDOWN, started)
     if _bad_arguments(exc, handler, ctx, args):
-        out = _error(task_id, exc, "bad-arguments", started)
-        out.retryable = False
-        return out
-    out = _error(task_id, exc, "error", started)
+        return Outcome.raised(task_id, exc, Reason.BAD_ARGUMENTS, started, retryable=False)
     autoretry = handler.options.autoretry_for
-    if autoretry is not None and not isinstance(exc, autoretry):
-        out.retryable = False
-    return out
+    return Outcome.raised(task_id, exc, Reason.ERROR, started,
+                          retryable=autoretry is None or isinstance(exc, autoretry))
 
 
 def run_handler(handler: TaskHandler, ctx: TaskContext, args: dict[str, Any],

@@ -1,40 +1,37 @@
 """Fetching: leasing deliveries within the prefetch window and taking them in.
 
-The *fetcher* thread leases deliveries while fewer than ``prefetch_limit``
-are unsettled (a refill waits until ``_refill_at`` slots are free, or for
-one slot when nothing is held), verifies and decodes them (``accept``:
-bad signatures, undecodable frames, unknown tasks and poison are
-dead-lettered, revoked and expired tasks end REVOKED) and hands jobs to
-the engine.
+The *fetcher* thread leases deliveries while fewer than the prefetch limit
+are unsettled (``WorkerState``; a refill waits until half the window is free,
+or for one slot when nothing is held) and takes them in (``accept``): it
+verifies and decodes each one; a bad signature, an unreadable frame, an
+unknown task, poison and deliveries past the broker's cap are dead-lettered
+(a DEAD status first), revoked and expired tasks end REVOKED, the rest
+become jobs for the engine.
 
 With a backlog the fetcher mostly waits for room.  The settle round trip
-that frees the room can carry the refill too (Redis: store when results are
-kept, ack, consume in one pipeline), so the settle thread takes that consume over
-(``claim_refill`` / ``end_refill``) and the fetcher does not wake for it.
-The fetcher keeps what only it does: blocking consumes on empty queues,
-backoff on broker errors, burst-idle detection.  At most one consume is in
-flight (``consuming``), so prefetch stays bounded and ``Worker.pause`` and
-the shutdown see every consume.  All state is read and written under the
-worker's lock.
+that frees the room can carry the refill too (``ConsumeTurn``), and then the
+fetcher does not wake for it.  It keeps what only it does: blocking consumes
+on empty queues, backoff on broker errors, burst-idle detection.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from ..brokers import Delivery
+from ..brokers import Broker, Delivery
 from ..envelope import decode_frame
 from ..errors import DecodeError, SignatureError, StemError, UnknownTaskError
-from ..results import TaskState
+from ..results import Reason, TaskState
 from ..signals import signals
-from .engine import Job
+from ..task import TaskRegistry
+from .engine import Engine
 from .execution import apply_handler_options
-from .lifecycle import ShutdownMode
+from .state import WorkerState
 
 if TYPE_CHECKING:
-    from .worker import Worker
+    from .settle import Settler
 
 __all__ = ["Fetcher", "FETCH_BLOCK_SECONDS"]
 
@@ -44,6 +41,8 @@ log = logging.getLogger("stem.worker")
 FETCH_BLOCK_SECONDS = 0.25
 # How often the fetcher re-reads the backend's persistent revocations.
 REVOKE_REFRESH = 1.0
+# How long the fetcher sleeps at most while it waits for room (it is woken when room frees).
+ROOM_WAIT = 0.5
 
 
 def _decoded_or_none(d: Delivery, signer: Any):
@@ -55,183 +54,141 @@ def _decoded_or_none(d: Delivery, signer: Any):
 
 
 class Fetcher:
-    def __init__(self, worker: "Worker"):
-        self.w = worker
-        self.waiting = False            # the fetcher thread waits for room (or for an unpaused queue)
-        self.consuming = False          # a consume is in flight (the fetcher's or a settle refill's)
-        self.generation = 0             # + 1 each time a consume ends (pause() waits on it)
-        self.refilling = False          # the settle thread took the next consume over (claim_refill)
-        self.refill_on_settle = True    # until the backend (or broker) says it cannot consume with its settle
+    def __init__(self, *, state: WorkerState, broker: Broker, backend: Any, signer: Any, registry: TaskRegistry,
+                 engine: Engine, settler: "Settler", consumer: str, isolation: str, max_crash_redeliveries: int,
+                 sender: Any = None):
+        self.state = state
+        self.broker = broker
+        self.backend = backend
+        self.signer = signer
+        self.registry = registry
+        self.engine = engine
+        self.settler = settler
+        self.consumer = consumer
+        self.isolation = isolation
+        self.max_crash_redeliveries = max_crash_redeliveries
+        self.sender = sender            # what signals are sent from (the Worker)
         self._revoked_cache: set[str] = set()
-        self._misrouted: set[tuple[str, str]] = set()
         self._revoked_checked = 0.0
+        self._revocation_check = None
+        self._misrouted: set[tuple[str, str]] = set()
 
-    def run(self) -> None:
-        """The fetcher thread."""
-        w = self.w
-        lock = w._lock
+    def run(self, on_idle: Callable[[], None] | None = None) -> None:
+        """The fetcher thread.  ``on_idle`` (burst mode) is called once the queues are empty
+        and nothing is held."""
+        state, turn = self.state, self.state.turn
         backoff = 0.0
-        while not w._stop_requested.is_set():
-            with lock:
-                free = w.prefetch_limit - len(w._jobs)
-                queues = [q for q in w.queues if q not in w._paused]
-                if free < (w._refill_at if w._jobs else 1) or not queues or self.refilling:
-                    self.waiting = True
-                    lock.wait(0.5)
-                    self.waiting = False
-                    continue
-                self.consuming = True
+        while not state.stopping():
+            claim = turn.fetcher_turn(ROOM_WAIT)
+            if claim is None:
+                continue
+            queues, free = claim
             deliveries = None
             try:
-                deliveries = w.broker.consume(queues, free, FETCH_BLOCK_SECONDS, consumer=w.id)
+                deliveries = self.broker.consume(queues, free, FETCH_BLOCK_SECONDS, consumer=self.consumer)
                 if backoff:
-                    log.warning("worker %s: broker reachable again", w.id)
-                    w._counters["broker_reconnects"] += 1
+                    log.warning("worker %s: broker reachable again", self.consumer)
+                    state.count("broker_reconnects")
                 backoff = 0.0
             except StemError as exc:
                 if not backoff:
-                    log.error("worker %s: broker unreachable (%s); retrying with backoff", w.id, exc)
+                    log.error("worker %s: broker unreachable (%s); retrying with backoff", self.consumer, exc)
                 backoff = min(max(backoff * 2, 0.1), 5.0)
             except Exception:  # noqa: BLE001 - a bug in an adapter must not silently stop all fetching
-                log.exception("worker %s: consume failed unexpectedly; retrying with backoff", w.id)
+                log.exception("worker %s: consume failed unexpectedly; retrying with backoff", self.consumer)
                 backoff = min(max(backoff * 2, 0.1), 5.0)
-            with lock:
-                self.generation += 1
-                self.consuming = False
-                paused = set(w._paused)
-                lock.notify_all()
+            paused = turn.fetcher_done()
             if deliveries is None:
-                w._stop_requested.wait(backoff)
+                state.wait_for_stop(backoff)
                 continue
             deliveries = self.without_paused(deliveries, paused)
             if deliveries:
                 self.accept(deliveries)
-            elif w._burst and self.idle():
-                w.shutdown_nowait(ShutdownMode.WARM)
+            elif on_idle is not None and self.idle():
+                on_idle()
 
     def without_paused(self, deliveries: list[Delivery], paused: set[str]) -> list[Delivery]:
         """Give back what a consume in flight while its queue was paused brought."""
         if paused and deliveries:
             for d in [d for d in deliveries if d.queue in paused]:
-                self.w._settler.broker_call(self.w.broker.nack, d, requeue=True)
+                self.settler.broker_call(self.broker.nack, d, requeue=True)
             deliveries = [d for d in deliveries if d.queue not in paused]
         return deliveries
 
-    # -- refilling with a settle round trip -----------------------------------------------
-    def claim_refill(self, acks: list[Job]) -> tuple[list[str], int] | None:
-        """Before settling ``acks``: when the fetcher waits for the room they free (its own
-        threshold), take over its next consume.  Returns (queues, how many to lease), or
-        None: settle the usual way.  Pair with ``end_refill``."""
-        w = self.w
-        with w._lock:
-            if (not self.refill_on_settle or not self.waiting or self.consuming or self.refilling
-                    or w._stop_mode is not None):
-                return None
-            queues = [q for q in w.queues if q not in w._paused]
-            held = len(w._jobs) - sum(1 for j in acks if j.seq in w._jobs)
-            free = w.prefetch_limit - held
-            if not queues or free < (w._refill_at if held else 1):
-                return None
-            self.consuming = self.refilling = True
-            return queues, free
+    def take_refill(self, leased: list[Delivery], paused: set[str], settled: list) -> None:
+        """Deliveries a settle round trip leased (``ConsumeTurn.settle_release``): what a pause
+        turned away goes back before the settled jobs leave the in-flight count (so a worker
+        that reads 0 in flight has nothing leased left in the broker), then the rest come in."""
+        leased = self.without_paused(leased, paused)
+        self.settler.forget(settled, wake=False)
+        if leased:
+            self.accept(leased)
 
-    def end_refill(self, acks: list[Job], leased: list[Delivery] | None) -> None:
-        """After ``claim_refill``: when the round trip was done (``leased`` not None), forget
-        ``acks`` and take ``leased`` in; then hand fetching back, waking the fetcher only if
-        room for a refill is still free (the queue ran short) or someone waits."""
-        w = self.w
-        try:
-            with w._lock:
-                self.generation += 1
-                self.consuming = False
-                paused = set(w._paused)
-                if paused:
-                    w._lock.notify_all()   # a pause() may wait for this consume
-            if leased is not None:
-                # what a pause turned away goes back before the acks leave the in-flight count,
-                # so a worker that reads 0 in flight has nothing leased left in the broker
-                leased = self.without_paused(leased, paused)
-                w._forget(acks, wake=False)
-                if leased:
-                    self.accept(leased)
-        finally:
-            with w._lock:
-                self.refilling = False
-                if w._stop_mode is not None or (self.waiting and w.prefetch_limit - len(w._jobs) >= w._refill_at):
-                    w._lock.notify_all()
-
-    # -- taking deliveries in ------------------------------------------------------------------
     def idle(self) -> bool:
-        w = self.w
-        with w._lock:
-            if w._jobs:
-                return False
-        for q in w.queues:
-            s = w.broker.stats(q)
+        """Nothing held and nothing left in the queues (burst mode's end)."""
+        if self.state.held():
+            return False
+        for q in self.state.queues:
+            s = self.broker.stats(q)
             if s.ready or s.in_flight or s.delayed:
                 return False
         return True
 
+    # -- taking deliveries in ------------------------------------------------------------------
     def accept(self, deliveries: list[Delivery]) -> None:
         """Verify, decode and route a batch (fetcher thread, or the settle thread's refill)."""
-        w = self.w
-        settler = w._settler
+        settler = self.settler
+        signer = self.signer
         now = time.time()
-        jobs: list[Job] = []
-        accepted: list[tuple[Delivery, Any, Any]] = []
-        renew_now: set[int] = set()   # deliveries whose lease must move to the handler's timeout
-        with w._lock:
-            revoked_local = set(w._revoked)
+        accepted: list[tuple[Delivery, Any, Any, bool]] = []
+        revoked_local = self.state.revoked_locally()
         revoked = self.revocations()
-        w._counters["received"] += len(deliveries)
-        max_deliveries = w.broker.max_deliveries
+        self.state.count("received", len(deliveries))
+        max_deliveries = self.broker.max_deliveries
+        poison_after = self.max_crash_redeliveries + 1 if self.isolation == "process" else None
         for d in deliveries:
             if d.delivery_count > max_deliveries:
                 # the broker's poison cap (base.Broker): the DEAD status goes in before the dead letter
-                settler.dead_unrun(d, "max-deliveries", f"delivered {d.delivery_count} times, more than the "
-                                   f"broker's max_deliveries={max_deliveries}", _decoded_or_none(d, w.signer))
+                settler.dead_unrun(d, Reason.MAX_DELIVERIES, f"delivered {d.delivery_count} times, more than the "
+                                   f"broker's max_deliveries={max_deliveries}", _decoded_or_none(d, signer))
                 continue
             try:
-                env = decode_frame(d.frame, w.signer)
+                env = decode_frame(d.frame, signer)
             except SignatureError as exc:
-                settler.dead_unrun(d, "signature-invalid", str(exc))
+                settler.dead_unrun(d, Reason.SIGNATURE_INVALID, str(exc))
                 continue
             except DecodeError as exc:
-                settler.dead_unrun(d, "decode-error", str(exc))
+                settler.dead_unrun(d, Reason.DECODE_ERROR, str(exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - whatever a frame does, it never stops the fetcher
+                log.exception("decoding delivery %s failed unexpectedly", d.task_id)
+                settler.dead_unrun(d, Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}")
                 continue
             if env.id in revoked or env.id in revoked_local:
-                settler.finish_unrun(d, env, TaskState.REVOKED, "revoked")
+                settler.finish_unrun(d, env, TaskState.REVOKED, Reason.REVOKED)
                 continue
             try:
-                handler = w.registry.get(env.name)
+                handler = self.registry.get(env.name)
             except UnknownTaskError as exc:
-                settler.dead_unrun(d, "unknown-task", str(exc), env)
+                settler.dead_unrun(d, Reason.UNKNOWN_TASK, str(exc), env)
                 continue
+            renew_now = False
             if env.unset_options and apply_handler_options(env, handler):
                 d.visibility_timeout = env.visibility_timeout
-                renew_now.add(id(d))
+                renew_now = True
             if handler.options.queue is not None and handler.options.queue != env.queue:
                 self.warn_misrouted(env, handler)
             if env.expires_at is not None and env.expires_at < now:
-                settler.finish_unrun(d, env, TaskState.REVOKED, "expired")
+                settler.finish_unrun(d, env, TaskState.REVOKED, Reason.EXPIRED)
                 continue
-            if d.delivery_count > w.max_crash_redeliveries + 1 and w.isolation == "process":
-                settler.dead_unrun(d, "poison", f"delivered {d.delivery_count} times without finishing", env)
+            if poison_after is not None and d.delivery_count > poison_after:
+                settler.dead_unrun(d, Reason.POISON, f"delivered {d.delivery_count} times without finishing", env)
                 continue
             if signals.task_received.receivers:
-                signals.task_received.send(w, envelope=env, delivery=d)
-            accepted.append((d, env, handler))
-        if not accepted:
-            return
-        with w._lock:  # one lock and one engine wake-up per batch, not per task
-            for d, env, handler in accepted:
-                w._seq += 1
-                job = Job(w._seq, d, env, handler)
-                if renew_now and id(d) in renew_now:
-                    job.extended_at = 0.0   # the main loop renews it at its next turn
-                w._jobs[job.seq] = job
-                jobs.append(job)
-        w._engine.submit_many(jobs)
+                signals.task_received.send(self.sender, envelope=env, delivery=d)
+            accepted.append((d, env, handler, renew_now))
+        if accepted:
+            self.engine.submit_many(self.state.admit(accepted))   # one lock, one engine wake-up per batch
 
     def warn_misrouted(self, env: Any, handler: Any) -> None:
         """A task published to another queue than its handler's (by a producer without
@@ -249,16 +206,15 @@ class Fetcher:
         workers started later, without a round trip per batch).  With a signer, only those
         whose signed proof verifies (``stem.revocation``; checked once per id, then cached)."""
         now = time.monotonic()
-        backend = self.w.backend
+        backend = self.backend
         if backend is not None and now - self._revoked_checked >= REVOKE_REFRESH:
             try:
                 revoked = backend.revoked()
-                if self.w.signer is not None:
-                    check = getattr(self, "_revocation_check", None)
-                    if check is None:
+                if self.signer is not None:
+                    if self._revocation_check is None:
                         from ..revocation import RevocationCheck
-                        check = self._revocation_check = RevocationCheck(self.w.signer)
-                    revoked = check.honoured(backend, revoked)
+                        self._revocation_check = RevocationCheck(self.signer)
+                    revoked = self._revocation_check.honoured(backend, revoked)
                 self._revoked_cache = revoked
                 self._revoked_checked = now
             except StemError as exc:

@@ -27,24 +27,22 @@ import threading
 import time
 from collections import deque
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
+from ..results import Reason
 from ..errors import WorkerError, WorkerShutdown
 from ..signals import signals
-from ..task import TaskOptions
+from ..task import TaskOptions, TaskRegistry
 from .child import child_main, spawn_entry
 from .protocol import (ChildExit, Enqueue, Fatal, Heartbeat, Progress, Ready, Result, Stop, decode_from_child,
                        encode_message)
 from .dispatch import ChildState, Dispatcher
-from .engine import Engine, Job
+from .engine import Engine, EngineHooks, Job
 from .execution import ERROR, Outcome
 from .channel import Channel, ChannelPoller
 from .sched import restore, yield_to_children
 from .keeper import ZygoteKeeper, exited_pidfds, signal_pidfd, wait_pidfds
 from .zygote import ZygoteGone
-
-if TYPE_CHECKING:
-    from .worker import Worker
 
 __all__ = ["ProcessEngine", "PoolState", "ChildState", "ChildSlot"]
 
@@ -100,13 +98,23 @@ class ChildSlot:
 
 
 class ProcessEngine(Engine):
-    def __init__(self, worker: "Worker"):
-        self.worker = worker
-        self.concurrency = worker.concurrency
-        self.child_concurrency = worker.child_concurrency
-        self.max_tasks = worker.lifecycle.max_tasks_per_child
-        self.max_memory = worker.lifecycle.max_memory_per_child
-        self.start_method = worker.start_method or ("fork" if hasattr(os, "fork") else "spawn")
+    """``concurrency`` child processes, each fed through its own channel (see the module docstring)."""
+
+    def __init__(self, *, registry: TaskRegistry, registry_ref: str | None = None, concurrency: int,
+                 hooks: EngineHooks, worker_id: str, child_concurrency: int = 1,
+                 max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None,
+                 max_crash_redeliveries: int = 3, start_method: str | None = None, yield_cpu: bool = True,
+                 can_sign: bool = True):
+        self.registry = registry
+        self.registry_ref = registry_ref   # "module:attribute": how a fresh interpreter loads the registry
+        self.concurrency = concurrency
+        self.child_concurrency = child_concurrency
+        self.max_tasks = max_tasks_per_child
+        self.max_memory = max_memory_per_child
+        self.max_crash_redeliveries = max_crash_redeliveries
+        self.yield_cpu = yield_cpu
+        self.hooks = hooks
+        self.start_method = start_method or ("fork" if hasattr(os, "fork") else "spawn")
         if self.start_method not in ("fork", "spawn"):
             raise WorkerError(f"start_method must be 'fork' or 'spawn', got {self.start_method!r}")
         self.state = PoolState.CREATED
@@ -121,9 +129,7 @@ class ProcessEngine(Engine):
         self._owed = 0                  # children to fork once a new zygote is ready
         self._adopted: dict[int, ChildSlot] = {}   # children of a dead zygote: exits seen on their pidfds
         self._report: Callable[[Job, Outcome], None] | None = None
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wake_r = self._wake_w = -1   # the wake-up pipe: opened by start(), closed by stop()
         self._startup_failures = 0
         self._last_exit_check = 0.0
         self._replacements = 0
@@ -131,17 +137,22 @@ class ProcessEngine(Engine):
         self._error: str | None = None
         self._yielding_tid: int | None = None
         self._params = {"measure_rss": self.max_memory is not None, "child_concurrency": self.child_concurrency,
-                        "supervisor_pid": os.getpid(), "worker_id": worker.id,
+                        "supervisor_pid": os.getpid(), "worker_id": worker_id,
                         # a verify-only worker (public keys only) cannot sign what its tasks enqueue
-                        "can_sign": worker.signer is None or _can_sign(worker.signer)}
+                        "can_sign": can_sign}
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, report: Callable[[Job, Outcome], None]) -> None:
+        if self.state is not PoolState.CREATED:
+            raise WorkerError(f"this process engine was started already ({self.state.value})")
         self._report = report
         self.state = PoolState.STARTING
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         if self.start_method == "fork":
-            self._keeper = ZygoteKeeper(functools.partial(child_main, registry=self.worker.registry),
-                                        self.worker.registry_ref or self.worker.registry,
+            self._keeper = ZygoteKeeper(functools.partial(child_main, registry=self.registry),
+                                        self.registry_ref or self.registry,
                                         startup_timeout=STARTUP_TIMEOUT,
                                         normal_policy=lambda: bool(self._params.get("normal_policy")))
             self._keeper.start()
@@ -155,7 +166,7 @@ class ProcessEngine(Engine):
             raise
         self.state = PoolState.RUNNING
         self._dispatcher.wanted = True
-        self._yielding_tid = yield_to_children() if self.worker.yield_cpu else None
+        self._yielding_tid = yield_to_children() if self.yield_cpu else None
         if self._yielding_tid is not None:
             self._params["normal_policy"] = True   # spawned children do not inherit the yielding
 
@@ -186,7 +197,7 @@ class ProcessEngine(Engine):
                 import multiprocessing
                 ctx = multiprocessing.get_context("spawn")
                 process = ctx.Process(target=spawn_entry, args=(channel.handle, self._params,
-                                                                        self.worker.registry_ref or self.worker.registry),
+                                                                        self.registry_ref or self.registry),
                                       daemon=True, name="stem-child")
                 process.start()
                 pid = process.pid
@@ -198,7 +209,7 @@ class ProcessEngine(Engine):
         with self._lock:
             self._children[pid] = child
             self._children_version += 1
-        signals.worker_child_init.send(self.worker, worker=self.worker, pid=pid)
+        signals.worker_child_init.send(self.hooks.sender, worker=self.hooks.sender, pid=pid)
         return child
 
     def stop(self, timeout: float) -> None:
@@ -416,9 +427,9 @@ class ProcessEngine(Engine):
                         self._replace_ms.append((time.perf_counter_ns() - child.forked_ns) / 1e6)
                         child.forked_ns = 0
             elif kind is Heartbeat:
-                self.worker._heartbeat_requests.put(msg.task_id)
+                self.hooks.heartbeat(msg.task_id)
             elif kind is Progress:
-                self.worker._progress(msg.task_id, msg.fraction, msg.data)
+                self.hooks.progress(msg.task_id, msg.fraction, msg.data)
             elif kind is Enqueue:
                 self._enqueue_for_child(msg)
             elif kind is Fatal:
@@ -458,8 +469,8 @@ class ProcessEngine(Engine):
             if failures:
                 failed = failures.pop(job.envelope.id, None)
                 if failed is not None and outcome.kind != ERROR:
-                    outcome = Outcome(job.envelope.id, ERROR, None, failed, "EnqueueError", None, "enqueue-failed",
-                                      None, outcome.started_at, outcome.finished_at)
+                    outcome = Outcome.failed(job.envelope.id, Reason.ENQUEUE_FAILED, failed, "EnqueueError",
+                                             started_at=outcome.started_at, finished_at=outcome.finished_at)
             report(job, outcome)
 
     def _recycle(self, child: ChildSlot, reason: str) -> None:
@@ -479,7 +490,7 @@ class ProcessEngine(Engine):
         except WorkerError as exc:
             log.error("could not start a replacement child: %s", exc)
             self._error = str(exc)
-            self.worker.shutdown_nowait("hard")
+            self.hooks.stop("hard")
 
     def _add_child(self) -> None:
         """Start a child now, or once the new zygote is ready (the first one died)."""
@@ -561,7 +572,7 @@ class ProcessEngine(Engine):
         """Stop the worker (hard: running tasks are killed and requeued) with ``reason``."""
         self._error = reason
         log.error("%s; stopping the worker", reason)
-        self.worker.shutdown_nowait("hard")
+        self.hooks.stop("hard")
 
     def _on_exit(self, pid: int, code: int | None) -> None:
         """``code`` None: unknown (an orphan of a dead zygote)."""
@@ -597,7 +608,8 @@ class ProcessEngine(Engine):
             log.log(logging.WARNING if reason in ("crash", "startup-failed") else logging.INFO,
                     "child %d exited (%s, code %s)", pid, reason,
                     "unknown: its zygote died" if code is None else code)
-        signals.worker_child_shutdown.send(self.worker, worker=self.worker, pid=pid, reason=reason, exitcode=code)
+        signals.worker_child_shutdown.send(self.hooks.sender, worker=self.hooks.sender, pid=pid, reason=reason,
+                                           exitcode=code)
         for job in orphans:
             self._report(job, self._crash_outcome(job, code))
         if self.state is not PoolState.RUNNING:
@@ -609,7 +621,7 @@ class ProcessEngine(Engine):
             if self._startup_failures >= MAX_STARTUP_FAILURES:
                 self._error = child.fatal or f"children keep failing to start (exit code {code})"
                 log.error("children keep failing to start; stopping the worker: %s", self._error)
-                self.worker.shutdown_nowait("hard")
+                self.hooks.stop("hard")
                 return
         if previous is not ChildState.DRAINING and self._error is None:
             self._replace()   # (a drained child was replaced when it was recycled)
@@ -629,9 +641,9 @@ class ProcessEngine(Engine):
         self._crashes[task_id] = crashes
         if len(self._crashes) > 10_000:
             self._crashes.pop(next(iter(self._crashes)))
-        if crashes >= self.worker.max_crash_redeliveries:
+        if crashes >= self.max_crash_redeliveries:
             return _crashed(job, f"crashed its child {crashes} times ({_exit_text(code)}); dead-lettered as poison",
-                            reason="poison")
+                            reason=Reason.POISON)
         return _crashed(job, f"the child running it died ({_exit_text(code)})")
 
     def _enqueue_for_child(self, msg: Enqueue) -> None:
@@ -643,7 +655,7 @@ class ProcessEngine(Engine):
         try:
             options = TaskOptions(**opts) if opts else None
             parent = SimpleNamespace(id=parent_id, root_id=root_id or parent_id)
-            self.worker._producer().enqueue(name, args, options=options, task_id=new_id, parent=parent)
+            self.hooks.enqueue(name, args, options, new_id, parent)
         except Exception as exc:  # noqa: BLE001 - any failure fails the parent, with the reason
             log.error("could not enqueue child task %s (%s) for task %s: %s", new_id, name, parent_id, exc)
             self._enqueue_failures[parent_id] = (f"its child task {name!r} ({new_id}) could not be enqueued: "
@@ -657,7 +669,7 @@ class ProcessEngine(Engine):
             started = self._dispatcher.dispatch(self._children.values())
         if started and signals.task_prerun.receivers:
             for job in started:
-                signals.task_prerun.send(self.worker, envelope=job.envelope, context=None)
+                signals.task_prerun.send(self.hooks.sender, envelope=job.envelope, context=None)
 
     def _stop_child(self, child: ChildSlot) -> None:
         try:
@@ -707,14 +719,8 @@ def _exit_text(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _can_sign(signer: Any) -> bool:
-    """``PayloadSigner.can_sign``; any other signer object is taken to sign."""
-    return bool(getattr(signer, "can_sign", True))
-
-
-def _crashed(job: Job, message: str, reason: str = "child-crashed") -> Outcome:
-    return Outcome(job.envelope.id, ERROR, None, message, "ChildCrashed", None, reason, None,
-                   job.started_at or time.time(), time.time())
+def _crashed(job: Job, message: str, reason: str = Reason.CHILD_CRASHED) -> Outcome:
+    return Outcome.failed(job.envelope.id, reason, message, "ChildCrashed", started_at=job.started_at)
 
 
 _rss_samples: dict[int, tuple[float, int]] = {}

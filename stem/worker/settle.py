@@ -12,34 +12,43 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
-from ..brokers import Delivery
+from ..brokers import Broker, Delivery
 from ..envelope import with_delivery
 from ..errors import StemError
 from ..logs import task_extra
-from ..results import TaskState, TaskStatus
-from ..retry import ExponentialJitterRetryStrategy
+from ..results import Reason, TaskState, TaskStatus
+from ..retry import ExponentialJitterRetryStrategy, RetryStrategy
 from ..signals import signals
 from .engine import Job
 from .execution import OK, Outcome
 from .lifecycle import ShutdownMode
+from .progress import StatusBoard
+from .state import WorkerState
 
-if TYPE_CHECKING:
-    from .worker import Worker
-
-__all__ = ["Settler"]
+__all__ = ["Settler", "DEAD_REASONS", "NOT_RETRYABLE", "retry_delay"]
 
 log = logging.getLogger("stem.worker")
-
 task_log = logging.getLogger("stem.task")
 
 #: Dead-letter reasons of a task that never ran to an outcome of its own: it ends DEAD.
-DEAD_REASONS = frozenset({"poison", "decode-error", "unknown-task", "signature-invalid", "max-deliveries"})
+DEAD_REASONS = frozenset({Reason.POISON, Reason.DECODE_ERROR, Reason.UNKNOWN_TASK, Reason.SIGNATURE_INVALID,
+                          Reason.MAX_DELIVERIES})
 #: Failures that another attempt cannot fix.
-NOT_RETRYABLE = DEAD_REASONS | {"result-not-encodable", "bad-arguments"}
+NOT_RETRYABLE = DEAD_REASONS | {Reason.RESULT_NOT_ENCODABLE, Reason.BAD_ARGUMENTS}
 #: ``retry_backoff_max`` when a handler gives only ``retry_backoff``.
 DEFAULT_BACKOFF_MAX = 600.0
+
+
+def retry_delay(options: Any, attempt: int, fallback: RetryStrategy) -> float:
+    """Seconds before attempt ``attempt + 1``: the handler's own backoff (``retry_backoff``,
+    ``retry_backoff_max``), else the worker's strategy."""
+    if options.retry_backoff is not None:
+        cap = options.retry_backoff_max if options.retry_backoff_max is not None else DEFAULT_BACKOFF_MAX
+        return ExponentialJitterRetryStrategy(options.retry_backoff, max(cap, options.retry_backoff)).next_delay(
+            attempt)
+    return fallback.next_delay(attempt)
 
 
 def _label(env) -> str:
@@ -47,59 +56,79 @@ def _label(env) -> str:
 
 
 class Settler:
-    def __init__(self, worker: "Worker"):
-        self.w = worker
+    """Stores outcomes and settles deliveries (the settle thread, or the main loop without one)."""
+
+    def __init__(self, *, state: WorkerState, broker: Broker, backend: Any, worker_id: str, store_results: bool,
+                 retry_strategy: RetryStrategy, board: StatusBoard | None,
+                 take_in: Callable[[list[Delivery], set[str], list[Job]], None], sender: Any = None):
+        self.state = state
+        self.broker = broker
+        self.backend = backend
+        self.worker_id = worker_id
+        self.store_results = store_results
+        self.retry_strategy = retry_strategy
+        self.board = board
+        self.take_in = take_in          # leased deliveries of a refill -> the fetcher (see settle_and_refill)
+        self.sender = sender            # what signals are sent from (the Worker)
+        self.combined = store_results   # store and ack in one round trip, until the store says it cannot
+
+    def forget(self, jobs: list[Job], *, wake: bool = True) -> None:
+        """These jobs are settled: their running notes and their place in the window go."""
+        if self.board is not None:
+            self.board.forget([j.envelope.id for j in jobs])
+        self.state.forget(jobs, wake=wake)
 
     def dead_unrun(self, d: Delivery, reason: str, error: str, env=None) -> None:
+        """Dead-letter a delivery that never ran (a DEAD status first)."""
+        reason = str(reason)   # a plain str for the stores (a Reason is one, by value)
         task_log.error("task %s dead-lettered without running: %s (%s)",
                        _label(env) if env is not None else d.task_id, reason, error,
                        extra=task_extra(env) if env is not None else None)
-        if self.w.store_results:
+        if self.store_results:
             self.store([TaskStatus(id=d.task_id, state=TaskState.DEAD, name=env.name if env else "",
                                    queue=d.queue, attempt=env.attempt if env else 0, error=error, reason=reason,
-                                   finished_at=time.time(), worker=self.w.id)])
-        self.broker_call(self.w.broker.dead_letter, d, reason)
-        self.w._counters["dead_lettered"] += 1
+                                   finished_at=time.time(), worker=self.worker_id)])
+        self.broker_call(self.broker.dead_letter, d, reason)
+        self.state.count("dead_lettered")
         if signals.task_dead_lettered.receivers:
-            signals.task_dead_lettered.send(self.w, task_id=d.task_id, queue=d.queue, reason=reason)
+            signals.task_dead_lettered.send(self.sender, task_id=d.task_id, queue=d.queue, reason=reason)
 
     def finish_unrun(self, d: Delivery, env, state: TaskState, reason: str) -> None:
+        """End a delivery that will not run (revoked, expired) in ``state``."""
+        reason = str(reason)
         task_log.info("task %s %s without running (%s)", _label(env), state.value, reason, extra=task_extra(env))
-        if self.w.store_results:
-            self.store([TaskStatus(id=env.id, state=state, name=env.name, queue=env.queue, attempt=env.attempt,
-                                   reason=reason, meta=env.meta, finished_at=time.time(), worker=self.w.id)])
-        self.broker_call(self.w.broker.ack, [d])
-        self.w._counters["revoked"] += 1
+        if self.store_results:
+            self.store([TaskStatus.of(env, state, reason=reason, finished_at=time.time(), worker=self.worker_id)])
+        self.broker_call(self.broker.ack, [d])
+        self.state.count("revoked")
         if signals.task_revoked.receivers:
-            signals.task_revoked.send(self.w, envelope=env, reason=reason)
+            signals.task_revoked.send(self.sender, envelope=env, reason=reason)
 
     # -- settling ---------------------------------------------------------------------
     def settle(self, batch: list[tuple[Job, Outcome]]) -> None:
-        w = self.w
-        w._observe_run_times(batch)
+        state = self.state
+        state.observe_run_times(batch)
         now = time.time()
         statuses: list[TaskStatus] = []
         acks: list[Job] = []
         later: list[tuple[Job, Outcome]] = []
-        store = w.store_results
-        worker_id = w.id
-        succeeded = TaskState.SUCCEEDED
+        store = self.store_results
+        worker_id = self.worker_id
+        of, succeeded = TaskStatus.of, TaskState.SUCCEEDED
         for job, out in batch:
             if job.settled:
                 continue
             if out.kind == OK:
                 if store:
-                    env = job.envelope
-                    statuses.append(TaskStatus(id=env.id, state=succeeded, name=env.name, queue=env.queue,
-                                               attempt=env.attempt, result=out.result, meta=env.meta,
-                                               started_at=out.started_at, finished_at=out.finished_at,
-                                               updated_at=now, worker=worker_id))
+                    statuses.append(of(job.envelope, succeeded, result=out.result, started_at=out.started_at,
+                                       finished_at=out.finished_at, updated_at=now, worker=worker_id))
                 acks.append(job)
             else:
                 later.append((job, out))
-        w._counters["succeeded"] += len(acks)
+        if acks:   # counted before the results are stored: whoever sees a result sees it counted
+            state.count("succeeded", len(acks))
         deliveries = [j.delivery for j in acks]
-        combined = bool(statuses) and w._combined_settle
+        combined = bool(statuses) and self.combined
         # a refill can ride along when the results go in the same round trip, or there are none
         can_refill = bool(acks) and (combined or not statuses)
         if not (can_refill and self.settle_and_refill(statuses, acks, deliveries)):
@@ -107,54 +136,58 @@ class Settler:
                 if statuses:
                     self.store(statuses)
                 if deliveries:
-                    self.broker_call(w.broker.ack, deliveries)
+                    self.broker_call(self.broker.ack, deliveries)
             if acks:
-                w._forget(acks)
+                self.forget(acks)
         if acks:
-            if task_log.isEnabledFor(logging.INFO):
-                outs = {id(j): o for j, o in batch}
-                for j in acks:
-                    o = outs[id(j)]
-                    task_log.info("task %s succeeded in %.3fs", _label(j.envelope), o.finished_at - o.started_at,
-                                  extra=task_extra(j.envelope))
-            if signals.task_succeeded.receivers or signals.task_postrun.receivers:
-                outs = {id(j): o for j, o in batch}
-                for j in acks:
-                    o = outs[id(j)]
-                    signals.task_succeeded.send(self.w, envelope=j.envelope, result=o.result,
-                                                runtime=o.finished_at - o.started_at)
-                    signals.task_postrun.send(self.w, envelope=j.envelope, status=TaskState.SUCCEEDED,
-                                              started_at=o.started_at, finished_at=o.finished_at)
+            self._announce_successes(batch, acks)
         for job, out in later:
             self.failure(job, out)
-        w._counters["processed"] += len(acks) + len(later)
+        state.count("processed", len(acks) + len(later))
+
+    def _announce_successes(self, batch: list[tuple[Job, Outcome]], acks: list[Job]) -> None:
+        """The INFO lines and the signals of a batch's successes (nothing when nobody listens)."""
+        logged = task_log.isEnabledFor(logging.INFO)
+        signalled = signals.task_succeeded.receivers or signals.task_postrun.receivers
+        if not (logged or signalled):
+            return
+        outs = {id(j): o for j, o in batch}
+        for j in acks:
+            o = outs[id(j)]
+            if logged:
+                task_log.info("task %s succeeded in %.3fs", _label(j.envelope), o.finished_at - o.started_at,
+                              extra=task_extra(j.envelope))
+            if signalled:
+                signals.task_succeeded.send(self.sender, envelope=j.envelope, result=o.result,
+                                            runtime=o.finished_at - o.started_at)
+                signals.task_postrun.send(self.sender, envelope=j.envelope, status=TaskState.SUCCEEDED,
+                                          started_at=o.started_at, finished_at=o.finished_at)
 
     def failure(self, job: Job, out: Outcome) -> None:
         env = job.envelope
-        reason = out.reason or "error"
-        w = self.w
-        if reason == "revoked":  # revoke --terminate stopped it
+        reason = str(out.reason or Reason.ERROR)   # a plain str for the stores (a Reason is one, by value)
+        if reason == Reason.REVOKED:  # revoke --terminate stopped it
             task_log.warning("task %s revoked while running (terminated)", _label(env), extra=task_extra(env))
-            if w.store_results:
-                self.store([TaskStatus(id=env.id, state=TaskState.REVOKED, name=env.name, queue=env.queue,
-                                       attempt=env.attempt, reason="revoked", error=out.error, meta=env.meta,
-                                       started_at=out.started_at, finished_at=out.finished_at, worker=w.id)])
-            self.broker_call(w.broker.ack, [job.delivery])
-            w._counters["revoked"] += 1
+            if self.store_results:
+                self.store([TaskStatus.of(env, TaskState.REVOKED, reason=Reason.REVOKED, error=out.error,
+                                          started_at=out.started_at, finished_at=out.finished_at,
+                                          worker=self.worker_id)])
+            self.broker_call(self.broker.ack, [job.delivery])
+            self.state.count("revoked")
             if signals.task_revoked.receivers:
-                signals.task_revoked.send(w, envelope=env, reason="revoked")
-            w._forget([job])
+                signals.task_revoked.send(self.sender, envelope=env, reason=Reason.REVOKED)
+            self.forget([job])
             return
-        if reason in ("shutdown", "child-crashed"):
+        if reason in (Reason.SHUTDOWN, Reason.CHILD_CRASHED):
             # Asked to stop by a soft shutdown, or its process was killed from outside (the OOM
             # killer, kill -9): not the task's own failure.  Give it back without counting an
             # attempt; the delivery count (broker) and the pool's crash count still make a task
             # that keeps killing its child poison (dead-lettered, never retried forever).
-            if reason == "child-crashed":
+            if reason == Reason.CHILD_CRASHED:
                 task_log.warning("task %s: %s; redelivering it (not counted against max_retries)",
                                  _label(env), out.error, extra=task_extra(env))
-            self.broker_call(w.broker.nack, job.delivery, requeue=True)
-            w._forget([job])
+            self.broker_call(self.broker.nack, job.delivery, requeue=True)
+            self.forget([job])
             return
         retryable = out.retryable and reason not in NOT_RETRYABLE
         if retryable and env.attempt < env.max_retries:
@@ -163,87 +196,79 @@ class Settler:
             frame = with_delivery(job.delivery.frame, attempt=env.attempt + 1, not_before=not_before)
             task_log.warning("task %s failed (%s: %s); retry %d of %d in %.2fs", _label(env), out.error_type,
                              out.error, env.attempt + 1, env.max_retries, delay, extra=task_extra(env))
-            if w.store_results:
-                self.store([TaskStatus(id=env.id, state=TaskState.RETRYING, name=env.name, queue=env.queue,
-                                       attempt=env.attempt, error=out.error, error_type=out.error_type,
-                                       reason=out.reason, traceback=out.traceback, meta=env.meta,
-                                       started_at=out.started_at, finished_at=out.finished_at, worker=w.id)])
-            self.broker_call(w.broker.retry, job.delivery, frame, not_before)
-            w._counters["retried"] += 1
+            if self.store_results:
+                self.store([TaskStatus.of(env, TaskState.RETRYING, error=out.error, error_type=out.error_type,
+                                          reason=out.reason, traceback=out.traceback, started_at=out.started_at,
+                                          finished_at=out.finished_at, worker=self.worker_id)])
+            self.broker_call(self.broker.retry, job.delivery, frame, not_before)
+            self.state.count("retried")
             if signals.task_retry.receivers:
-                signals.task_retry.send(w, envelope=env, error=out.error, delay=delay)
+                signals.task_retry.send(self.sender, envelope=env, error=out.error, delay=delay)
+            final = TaskState.RETRYING
         else:
             dead = reason in DEAD_REASONS
-            state = TaskState.DEAD if dead else TaskState.FAILED
+            final = TaskState.DEAD if dead else TaskState.FAILED
             task_log.error("task %s %s (%s): %s: %s%s", _label(env), "dead-lettered" if dead else "failed", reason,
                            out.error_type, out.error, "\n" + out.traceback.rstrip() if out.traceback else "",
                            extra=task_extra(env))
-            if w.store_results:
-                self.store([TaskStatus(id=env.id, state=state, name=env.name, queue=env.queue,
-                                       attempt=env.attempt, error=out.error, error_type=out.error_type,
-                                       reason=reason, traceback=out.traceback, meta=env.meta,
-                                       started_at=out.started_at, finished_at=out.finished_at, worker=w.id)])
-            self.broker_call(w.broker.dead_letter, job.delivery, reason)
-            w._counters["dead_lettered" if dead else "failed"] += 1
+            if self.store_results:
+                self.store([TaskStatus.of(env, final, error=out.error, error_type=out.error_type, reason=reason,
+                                          traceback=out.traceback, started_at=out.started_at,
+                                          finished_at=out.finished_at, worker=self.worker_id)])
+            self.broker_call(self.broker.dead_letter, job.delivery, reason)
+            self.state.count("dead_lettered" if dead else "failed")
             if dead:
                 if signals.task_dead_lettered.receivers:
-                    signals.task_dead_lettered.send(w, task_id=env.id, queue=env.queue, reason=reason)
+                    signals.task_dead_lettered.send(self.sender, task_id=env.id, queue=env.queue, reason=reason)
             elif signals.task_failed.receivers:
-                signals.task_failed.send(w, envelope=env, error=out.error, reason=reason)
+                signals.task_failed.send(self.sender, envelope=env, error=out.error, reason=reason)
         if signals.task_postrun.receivers:
-            signals.task_postrun.send(w, envelope=env, status=TaskState.FAILED, started_at=out.started_at,
+            signals.task_postrun.send(self.sender, envelope=env, status=final, started_at=out.started_at,
                                       finished_at=out.finished_at)
-        w._forget([job])
+        self.forget([job])
 
     def retry_delay(self, job: Job) -> float:
-        """Seconds before the next attempt: the handler's own backoff, else the worker's strategy."""
-        options = job.handler.options
-        attempt = job.envelope.attempt
-        if options.retry_backoff is not None:
-            cap = options.retry_backoff_max if options.retry_backoff_max is not None else DEFAULT_BACKOFF_MAX
-            return ExponentialJitterRetryStrategy(options.retry_backoff, max(cap, options.retry_backoff)).next_delay(
-                attempt)
-        return self.w.retry_strategy.next_delay(attempt)
+        return retry_delay(job.handler.options, job.envelope.attempt, self.retry_strategy)
 
     def settle_and_refill(self, statuses: list[TaskStatus], acks: list[Job], deliveries: list[Delivery]) -> bool:
         """When the fetcher waits for the room these acks free: store (when there are
         results), ack and lease the refill in one round trip (results before acks) and
-        take the new deliveries in here (``Fetcher.claim_refill``).  Tried once: False
-        when not done, and the caller then settles the usual way, retrying until it is
-        durable."""
-        claim = self.w._fetcher.claim_refill(acks)
+        take the new deliveries in here (``ConsumeTurn``).  Tried once: False when not
+        done, and the caller then settles the usual way, retrying until it is durable."""
+        turn = self.state.turn
+        claim = turn.settle_claim(acks)
         if claim is None:
             return False
         queues, count = claim
         leased = None
         try:
             if statuses:
-                leased = self.w.backend.store_many_ack_and_consume(statuses, self.w.broker, deliveries, queues,
-                                                                   count, self.w.id)
+                leased = self.backend.store_many_ack_and_consume(statuses, self.broker, deliveries, queues, count,
+                                                                 self.worker_id)
             else:
-                leased = self.w.broker.ack_and_consume(deliveries, queues, count, consumer=self.w.id)
+                leased = self.broker.ack_and_consume(deliveries, queues, count, consumer=self.worker_id)
             if leased is None:
-                self.w._fetcher.refill_on_settle = False   # not this backend or broker: never asked again
+                turn.refill_unsupported()   # not this backend or broker: never asked again
         except StemError as exc:
             log.warning("settling %d outcomes with a refill failed (%s); settling without the refill",
                         len(acks), exc)
         finally:
-            self.w._fetcher.end_refill(acks, leased)
+            turn.settle_release(None if leased is None else lambda paused: self.take_in(leased, paused, acks))
         return leased is not None
 
     def store_and_ack(self, statuses: list[TaskStatus], deliveries: list[Delivery]) -> bool:
         """One round trip for results and acks where broker and backend share a store;
         False when they do not (then never asked again)."""
-        done = self.retrying(lambda: self.w.backend.store_many_and_ack(statuses, self.w.broker, deliveries),
+        done = self.retrying(lambda: self.backend.store_many_and_ack(statuses, self.broker, deliveries),
                              f"storing {len(statuses)} results with their acks")
         if done is False:
-            self.w._combined_settle = False
+            self.combined = False
             return False
         return True
 
     def store(self, statuses: list[TaskStatus]) -> None:
         """Results must be durable before the ack: retried until stored (or a hard shutdown)."""
-        self.retrying(lambda: self.w.backend.store_many(statuses), f"storing {len(statuses)} results")
+        self.retrying(lambda: self.backend.store_many(statuses), f"storing {len(statuses)} results")
 
     def broker_call(self, fn, *args, **kwargs) -> None:
         self.retrying(lambda: fn(*args, **kwargs), f"broker {getattr(fn, '__name__', fn)}")
@@ -263,7 +288,7 @@ class Settler:
                     log.error("%s failed (%s); retrying with backoff", what, exc)
                 else:
                     log.debug("%s failed again (%s)", what, exc)
-                if self.w._stop_mode is ShutdownMode.HARD:
+                if self.state.stop_mode is ShutdownMode.HARD:
                     log.error("giving up on %s: hard shutdown; the delivery comes back after its lease", what)
                     return None
                 time.sleep(delay)
