@@ -22,9 +22,18 @@ build: venv
 demo: build
 	$(PY) -m stem.cli demo
 
+# The compiled build and the pure twin run at once (most of a test's time is spent waiting on
+# worker processes and servers), each with a Redis db of its own for what runs in stem's
+# default namespace; each log is printed when its run ends, and either failing fails the target.
 test: build
-	STEM_EXPECT_COMPILED=1 $(PY) -m pytest $(PYTEST_ARGS)
-	STEM_PURE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	@rm -f .test-compiled.log .test-pure.log; \
+	STEM_EXPECT_COMPILED=1 STEM_TEST_REDIS_OWN_DB=9 $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) \
+		> .test-compiled.log 2>&1 & compiled=$$!; \
+	STEM_PURE=1 STEM_TEST_REDIS_OWN_DB=8 $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) \
+		> .test-pure.log 2>&1 & pure=$$!; \
+	wait $$compiled; c=$$?; echo "== compiled build (exit $$c)"; cat .test-compiled.log; \
+	wait $$pure; p=$$?; echo "== pure-Python twins, STEM_PURE=1 (exit $$p)"; cat .test-pure.log; \
+	test $$c -eq 0 -a $$p -eq 0
 	$(PY) -m pytest benchmarks/test_harness_smoke.py -p no:cacheprovider -q
 
 test-compiled: build
