@@ -22,7 +22,7 @@ from .brokers.memory import InMemoryBroker
 from .envelope import Envelope, decode_frame
 from .errors import TaskFailedError
 from .producer import Stem
-from .results import TaskState, TaskStatus
+from .results import Reason, TaskState, TaskStatus
 from .task import TaskContext, TaskRegistry
 from .worker.execution import OK, Outcome, run_handler
 from .worker.protocol import Result, decode_from_child, encode_message
@@ -80,20 +80,19 @@ class EagerStem(Stem):
     def _run(self, env: Envelope) -> None:
         handler = self.registry.get(env.name)
         for attempt in range(env.max_retries + 1):
+            env.attempt = attempt
             ctx = TaskContext(env.id, env.name, attempt, env.meta, env.headers, env.queue, env.max_retries,
                               env.root_id, self._runtime)
             out = _as_a_worker_sees_it(run_handler(handler, ctx, env.args))
             if out.kind == OK:
-                self.backend.store(TaskStatus(id=env.id, state=TaskState.SUCCEEDED, name=env.name,
-                                              queue=env.queue, attempt=attempt, result=out.result, meta=env.meta,
-                                              started_at=out.started_at, finished_at=out.finished_at))
+                self.backend.store(TaskStatus.of(env, TaskState.SUCCEEDED, result=out.result,
+                                                 started_at=out.started_at, finished_at=out.finished_at))
                 return
             if out.reason in NOT_RETRYABLE or not out.retryable:
                 break
-        status = TaskStatus(id=env.id, state=TaskState.FAILED, name=env.name, queue=env.queue, attempt=attempt,
-                            error=out.error, error_type=out.error_type, reason=out.reason or "error",
-                            traceback=out.traceback, meta=env.meta, started_at=out.started_at,
-                            finished_at=out.finished_at)
+        status = TaskStatus.of(env, TaskState.FAILED, error=out.error, error_type=out.error_type,
+                               reason=str(out.reason or Reason.ERROR), traceback=out.traceback,
+                               started_at=out.started_at, finished_at=out.finished_at)
         self.backend.store(status)
         if self.raise_errors:
             raise TaskFailedError(f"task {env.name} [{env.id}] failed: {out.error_type}: {out.error}\n"

@@ -80,6 +80,7 @@ class StatusBoard:
                         len(statuses), exc)
 
     def _status(self, env: Any, started_at: float | None, fraction: float | None, meta: dict) -> TaskStatus:
-        return TaskStatus(id=env.id, state=TaskState.RUNNING, name=env.name, queue=env.queue, attempt=env.attempt,
-                          meta=meta, progress=fraction, started_at=started_at, updated_at=time.time(),
-                          worker=self._worker_id)
+        status = TaskStatus.of(env, TaskState.RUNNING, progress=fraction, started_at=started_at,
+                               updated_at=time.time(), worker=self._worker_id)
+        status.meta = meta
+        return status
