@@ -19,7 +19,7 @@ from ..errors import Retry, SoftTimeLimitExceeded, WorkerShutdown
 from ..results import Reason
 from ..task import FunctionTaskHandler, TaskContext, TaskHandler
 
-__all__ = ["Outcome", "OutcomeKind", "OK", "ERROR", "RETRY", "run_handler", "run_handler_async",
+__all__ = ["Outcome", "OutcomeKind", "OK", "ERROR", "RETRY", "run_handler", "run_handler_async", "outcome_of_exception",
            "apply_handler_options"]
 
 
@@ -133,8 +133,9 @@ def _bad_arguments(exc: BaseException, handler: TaskHandler, ctx: TaskContext, a
     return False
 
 
-def _exception(exc: BaseException, started: float, handler: TaskHandler, ctx: TaskContext,
-               args: dict[str, Any]) -> Outcome:
+def outcome_of_exception(exc: BaseException, started: float, handler: TaskHandler, ctx: TaskContext,
+                         args: dict[str, Any]) -> Outcome:
+    """What an attempt that raised ``exc`` came to (a retry, a limit, bad arguments, an error)."""
     task_id = ctx.id
     if isinstance(exc, Retry):
         return Outcome.retry(task_id, exc.countdown, exc.reason, started)
@@ -159,7 +160,7 @@ def run_handler(handler: TaskHandler, ctx: TaskContext, args: dict[str, Any],
         else:
             result = handler.run(ctx, **args)
     except (Exception, Retry, SoftTimeLimitExceeded, WorkerShutdown) as exc:
-        return _exception(exc, started, handler, ctx, args)
+        return outcome_of_exception(exc, started, handler, ctx, args)
     return _finish(ctx.id, result, started, check_result)
 
 
@@ -173,6 +174,6 @@ async def run_handler_async(handler: TaskHandler, ctx: TaskContext, args: dict[s
         else:
             result = await asyncio.get_running_loop().run_in_executor(None, lambda: handler.run(ctx, **args))
     except (Exception, Retry, SoftTimeLimitExceeded, WorkerShutdown) as exc:
-        return _exception(exc, started, handler, ctx, args)
+        return outcome_of_exception(exc, started, handler, ctx, args)
     return _finish(ctx.id, result, started, check_result)
 

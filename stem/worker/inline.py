@@ -18,7 +18,7 @@ from ..logs import run_in_task_context
 from ..signals import signals
 from ..task import TaskContext
 from .engine import Engine, Job, RateLimiter, take_matching
-from .execution import Outcome, run_handler
+from .execution import Outcome, outcome_of_exception, run_handler
 
 __all__ = ["InlineEngine"]
 
@@ -111,8 +111,7 @@ class InlineEngine(Engine):
                 signals.task_prerun.send(self, envelope=env, context=ctx)
             outcome = run_handler(job.handler, ctx, env.args)
         except BaseException as exc:  # an async exception landing outside the handler
-            from .execution import _exception
-            outcome = _exception(exc, time.time(), job.handler, ctx, env.args)
+            outcome = outcome_of_exception(exc, time.time(), job.handler, ctx, env.args)
         return outcome
 
     def take_backlog(self, predicate=None) -> list[Job]:
