@@ -2,8 +2,8 @@
 
 Same API, byte-identical signatures.  Not a strawman: each key's ipad/opad
 midstates are hashlib objects built once, so one HMAC is two ``copy()`` calls
-and the message blocks (2.4x faster than ``hmac.digest`` on OpenSSL 3, whose
-one-shot HMAC sets the key up on every call), and the comparison is
+and the message blocks (faster than ``hmac.digest`` on OpenSSL 3, whose
+one-shot HMAC sets the key up on every call: benchmarks/README.md), and the comparison is
 ``hmac.compare_digest``.
 """
 

@@ -1,8 +1,8 @@
 """A lean Redis pipeline for the hot paths: pack a batch in C, one write, read the replies.
 
-redis-py's ``Pipeline`` costs ~15-20 µs of Python per command (argument
-encoding, per-command bookkeeping, response callbacks), more than Redis
-spends running a SET or an XADD.  Here a batch is packed into one buffer by
+redis-py's ``Pipeline`` spends more Python per command (argument encoding,
+per-command bookkeeping, response callbacks) than Redis spends running a SET
+or an XADD (figures: ``benchmarks/README.md``, "Redis").  Here a batch is packed into one buffer by
 ``stem._speedups.resp`` (or its pure twin), written with one
 ``send_packed_command`` on a connection borrowed from the client's pool, and
 the replies are pulled straight from the connection's hiredis reader.

@@ -10,8 +10,7 @@ once instead of waiting for the supervisor's main thread to wake, read its
 Result and send the next frame -- on a short task that wait was a third of a
 child's time; four deep, a late supervisor turn (the GIL, the scheduler,
 a supervisor that yields the CPU to its children: ``stem.worker.sched``)
-rarely leaves a child without one (four against two: 8,683-9,433 against
-7,224-8,466 tasks/s on the peers benchmark, ``benchmarks/README.md``).  An offer is not yet running: the child claims it when it
+rarely leaves a child without one (four against two: ``benchmarks/README.md``).  An offer is not yet running: the child claims it when it
 starts it, and until then the pool takes it back (``Channel.withdraw``; one
 atomic word decides who wins) whenever a free child would otherwise idle, a
 child is recycled, stopped or killed, or the worker revokes or requeues its

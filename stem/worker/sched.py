@@ -9,15 +9,12 @@ it exists to feed.  ``SCHED_BATCH`` keeps the thread's fair share of the CPU
 or at the next scheduler tick, and by then it usually finds several results
 to handle in one turn.  Nothing the pool does needs sub-millisecond reaction
 while every CPU is busy; when a CPU is idle the thread runs at once anyway.
-On the peers benchmark (2 CPUs, tasks of one Redis INCR) this gave 8-24%
-more tasks per second, and a fifth to a quarter less CPU in that thread
-(see benchmarks/README.md).
+On the peers benchmark it gave more tasks per second for less CPU in that
+thread (benchmarks/README.md).
 
 The price is latency when the children keep every CPU busy: the thread then
 waits for a scheduler tick, so results and next tasks move up to a tick
-later (``benchmarks/cpu_latency.py``, 10 ms CPU-bound tasks on both CPUs:
-p50 about the same, p90 1.5-2.5 ms later from enqueue to finish, the same
-throughput).  ``Worker(yield_cpu=False)``
+later (``benchmarks/cpu_latency.py`` measures it; figures in benchmarks/README.md).  ``Worker(yield_cpu=False)``
 (``stem worker --no-yield-cpu``) keeps the default policy.
 
 Only a thread under the default policy is switched (a worker started under

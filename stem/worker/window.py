@@ -3,8 +3,7 @@
 A refill is leased once half the window has finished, in a settle round trip
 that takes about a millisecond.  With tasks of microseconds a window of
 ``prefetch_multiplier`` (4) tasks per child empties long before the refill
-lands, and the children wait: no-op tasks ran at 7-8k tasks/s with 4 per
-child and at 20-25k with 64 on the benchmark VM (``benchmarks/README.md``).
+lands, and the children wait (``benchmarks/README.md``, "the prefetch window").
 A wide window has its price with long tasks: a worker holds tasks that other
 workers could start.
 
