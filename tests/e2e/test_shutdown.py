@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from stem import TaskState
 from tests.support import all_succeeded
 
 IDLE = (0, 0, 0, 0)
@@ -29,7 +28,7 @@ def test_sigterm_lets_the_running_tasks_finish_and_the_worker_process_exits_zero
     assert worker.returncode is None, "the worker exited with its tasks still running\n" + worker.output()
     gate.touch()
     assert worker.popen.wait(30) == 0, worker.output()
-    assert all_succeeded(stem.backend, ids)
+    assert all_succeeded(stem.backend, ids), [stem.get_status(i).state for i in ids]
     assert ledger.ran() == {i: 1 for i in ids}
     assert stem.broker.stats("default")[1:] == IDLE
 
