@@ -233,8 +233,9 @@ class Fleet:
     group), whatever the test did, and prints each process's output (pytest shows it when the
     test failed)."""
 
-    def __init__(self, directory: pathlib.Path):
+    def __init__(self, directory: pathlib.Path, stop_timeout: float = 15.0):
         self.dir = pathlib.Path(directory)
+        self.stop_timeout = stop_timeout      # what ``close`` gives a SIGTERM before SIGKILL
         self.dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[WorkerProcess] = []
         self.workers: list[Any] = []
@@ -315,7 +316,7 @@ class Fleet:
         for p in self.procs:
             if p.popen.poll() is None:
                 p.send(signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + self.stop_timeout
         for worker in self.workers:
             worker.join(max(0.1, deadline - time.monotonic()))
         for p in self.procs:
