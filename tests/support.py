@@ -1,9 +1,29 @@
-"""Helpers shared by the tests: wait on a condition with a deadline, never sleep-and-hope."""
+"""Helpers shared by the tests: wait on a condition with a deadline (never sleep-and-hope), and
+the end-to-end harness: a store by URL (``Store``), worker processes and in-process workers that
+are always cleaned up (``Fleet``), what the tasks of ``tests.apps.e2e`` ran (``Ledger``), and a
+private PostgreSQL cluster to restart (``private_postgres_cluster``)."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import glob
+import json
+import os
+import pathlib
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
-from typing import Callable
+from typing import Any, Callable, Iterator, Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+E2E_REGISTRY = "tests.apps.e2e:registry"
+READY = "E2E-READY"      # what tests/apps/e2e_worker.py prints once its worker is ready
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.01) -> bool:
@@ -43,3 +63,342 @@ def record_peak_in_flight(broker, queue: str = "default") -> list[int]:
 
     broker.consume = consume
     return peak
+
+
+# -- a store ------------------------------------------------------------------------------------
+class Store:
+    """One test's broker and result backend, by URL: the producer, in-process workers and worker
+    processes each open their own (``options`` go to both ``from_url`` calls: a Redis namespace).
+    ``close`` closes every adapter opened through it, then runs the ``on_close`` cleanups (drop
+    the namespace or schema).  ``memory://NAME`` gives one shared instance per process: its first
+    ``broker(...)`` call decides the broker's options."""
+
+    def __init__(self, kind: str, url: str, options: dict[str, Any] | None = None):
+        self.kind, self.url, self.options = kind, url, dict(options or {})
+        self.opened: list[Any] = []
+        self.cleanups: list[Callable[[], None]] = []
+
+    def __repr__(self) -> str:
+        return f"Store({self.kind!r}, {self.url!r}, {self.options!r})"
+
+    @property
+    def in_process_only(self) -> bool:
+        """An in-memory store cannot be shared with another process."""
+        return self.kind == "memory"
+
+    def broker(self, **kwargs: Any):
+        from stem.brokers import from_url
+        broker = from_url(self.url, **self.options, **kwargs)
+        self.opened.append(broker)
+        return broker
+
+    def backend(self, **kwargs: Any):
+        from stem.backends import from_url
+        backend = from_url(self.url, **self.options, **kwargs)
+        self.opened.append(backend)
+        return backend
+
+    def producer(self, signer: Any = None, **broker_kwargs: Any):
+        """A ``Stem`` over this store that knows the tasks of ``tests.apps.e2e``."""
+        from stem import Stem
+        from tests.apps.e2e import registry
+        return Stem(self.broker(**broker_kwargs), self.backend(), registry, signer)
+
+    def config(self) -> dict[str, Any]:
+        """What a worker process needs to open this store (JSON)."""
+        if self.in_process_only:
+            raise AssertionError(f"{self.url} lives in this process: a worker process cannot open it")
+        return {"url": self.url, "options": self.options}
+
+    def on_close(self, cleanup: Callable[[], None]) -> None:
+        self.cleanups.append(cleanup)
+
+    def close(self) -> None:
+        for adapter in reversed(self.opened):
+            with contextlib.suppress(Exception):   # closed already (Stem.close), or its server is gone
+                adapter.close()
+        self.opened.clear()
+        for cleanup in self.cleanups:
+            cleanup()
+        self.cleanups.clear()
+
+
+def all_succeeded(backend, ids: Sequence[str]) -> bool:
+    """Every task of ``ids`` is SUCCEEDED (statuses read in batches of 1000)."""
+    from stem import TaskState
+    for i in range(0, len(ids), 1000):
+        if not all(s is not None and s.state is TaskState.SUCCEEDED for s in backend.get_many(ids[i:i + 1000])):
+            return False
+    return True
+
+
+# -- what ran -----------------------------------------------------------------------------------
+class Ledger:
+    """The directory ``tests.apps.e2e.effect`` writes to: one file per (worker, child process)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = pathlib.Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def _files(self) -> list[pathlib.Path]:
+        return list(self.path.glob("ran-*"))
+
+    def ran(self) -> collections.Counter:
+        """task id -> how many times it ran, over every process."""
+        counts: collections.Counter = collections.Counter()
+        for f in self._files():
+            counts.update(line for line in f.read_text().split("\n") if line)
+        return counts
+
+    def total(self) -> int:
+        """How many runs, over every process."""
+        return sum(f.read_text().count("\n") for f in self._files())
+
+    def by_worker(self) -> dict[str, int]:
+        """worker label -> how many runs its processes made."""
+        counts: collections.Counter = collections.Counter()
+        for f in self._files():
+            counts[f.name.split("-")[1]] += f.read_text().count("\n")
+        return dict(counts)
+
+    def twice(self) -> list[str]:
+        return [task_id for task_id, n in self.ran().items() if n > 1]
+
+
+# -- workers ------------------------------------------------------------------------------------
+def _killpg(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+class WorkerProcess:
+    """One process the fleet started, in its own session (its children die with it), its
+    output in a file (a full pipe would block it)."""
+
+    def __init__(self, label: str, popen: subprocess.Popen, log: pathlib.Path):
+        self.label, self.popen, self.log = label, popen, log
+        self.worker_id: str | None = None
+        self.expect_exit = False      # set by kill/send/stop: its exit is not a failure
+
+    def __repr__(self) -> str:
+        return f"WorkerProcess({self.label!r}, pid={self.pid}, returncode={self.popen.poll()})"
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def lines(self, text: str) -> list[str]:
+        return [line for line in self.output().splitlines() if text in line]
+
+    def send(self, sig: int) -> None:
+        """Signal the worker itself (SIGTERM: warm shutdown, SIGINT: soft, SIGQUIT: hard)."""
+        self.expect_exit = True
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.send_signal(sig)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (the worker, its zygote and children) and reap it."""
+        self.expect_exit = True
+        _killpg(self.pid)
+        self.popen.wait(10)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """``sig``, then its exit code; SIGKILL and fail when it has not exited within ``timeout``."""
+        self.send(sig)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.label} did not exit within {timeout}s of signal {sig}:\n"
+                                 f"{self.output()[-5000:]}") from None
+
+    def exited_unexpectedly(self) -> bool:
+        return not self.expect_exit and self.popen.poll() is not None
+
+
+class Fleet:
+    """The workers of one test: processes (``process``, ``start``) and in-process workers
+    (``in_process``).  ``wait_for`` fails at once, with the output, when a process exits that
+    no test step stopped; ``close`` stops everything (SIGTERM, then SIGKILL of each process
+    group), whatever the test did, and prints each process's output (pytest shows it when the
+    test failed)."""
+
+    def __init__(self, directory: pathlib.Path, stop_timeout: float = 15.0):
+        self.dir = pathlib.Path(directory)
+        self.stop_timeout = stop_timeout      # what ``close`` gives a SIGTERM before SIGKILL
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[WorkerProcess] = []
+        self.workers: list[Any] = []
+        self.closed = False
+
+    def start(self, argv: Sequence[str], *, label: str | None = None, env: dict[str, str] | None = None,
+              ready: str | None = None, timeout: float = 30.0) -> WorkerProcess:
+        """Run ``argv`` (cwd: the repository root, which is on its PYTHONPATH); with ``ready``,
+        return once a line of its output holds that text, failing after ``timeout`` seconds or
+        when it exits first."""
+        label = label or f"w{len(self.procs)}"
+        log = self.dir / f"{label}.log"
+        environ = {**os.environ, **(env or {}), "STEM_E2E_WORKER": label,
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        with open(log, "wb") as out:
+            popen = subprocess.Popen(list(argv), cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        proc = WorkerProcess(label, popen, log)
+        self.procs.append(proc)
+        if ready is not None:
+            self.wait_for(lambda: proc.lines(ready), timeout, f"{label} to print {ready!r}")
+        return proc
+
+    def process(self, store: Store, *, concurrency: int = 2, visibility_timeout: float | None = None,
+                signing_key: bytes | None = None, queues: Sequence[str] | None = None,
+                label: str | None = None, timeout: float = 30.0) -> WorkerProcess:
+        """A worker process (``tests/apps/e2e_worker.py``) on ``store``, running the tasks of
+        ``tests.apps.e2e``; returns once it is ready."""
+        config = {**store.config(), "concurrency": concurrency, "visibility_timeout": visibility_timeout,
+                  "signing_key": signing_key.hex() if signing_key else None, "queues": list(queues or [])}
+        proc = self.start([sys.executable, "-m", "tests.apps.e2e_worker", json.dumps(config)], label=label,
+                          ready=READY, timeout=timeout)
+        proc.worker_id = proc.lines(READY)[0].split()[-1]
+        return proc
+
+    def in_process(self, store: Store, *, concurrency: int = 1, visibility_timeout: float | None = None,
+                   signer: Any = None, **worker_kwargs: Any):
+        """A ``Worker`` in this process on ``store`` (``run_in_background``), shut down (hard)
+        by ``close``."""
+        from stem import Worker, WorkerLifecycleConfig
+        broker_kwargs = {"default_visibility_timeout": visibility_timeout} if visibility_timeout else {}
+        worker_kwargs.setdefault("lifecycle", WorkerLifecycleConfig(install_signal_handlers=False,
+                                                                    soft_grace_period=5, force_shutdown_after=5))
+        worker = Worker(store.broker(**broker_kwargs), store.backend(), E2E_REGISTRY, concurrency=concurrency,
+                        signer=signer, **worker_kwargs)
+        self.workers.append(worker)
+        return worker.run_in_background()
+
+    def unexpected_exits(self) -> list[WorkerProcess]:
+        return [p for p in self.procs if p.exited_unexpectedly()]
+
+    def wait_for(self, predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition",
+                 interval: float = 0.02) -> None:
+        """``wait_for`` that also fails as soon as a process exits that was not told to."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if predicate():
+                return
+            dead = self.unexpected_exits()
+            if dead:
+                raise AssertionError(f"while waiting for {what}: " + "; ".join(
+                    f"{p.label} exited with code {p.returncode}" for p in dead) + "\n" + self.logs())
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
+            time.sleep(interval)
+
+    def logs(self, tail: int = 4000) -> str:
+        return "\n".join(f"--- {p.label} (pid {p.pid}, exit {p.returncode}) ---\n{p.output()[-tail:]}"
+                         for p in self.procs)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        from stem import ShutdownMode
+        for worker in self.workers:            # all at once: each takes a fetch round to stop
+            worker.shutdown_nowait(ShutdownMode.HARD)
+        for p in self.procs:
+            if p.popen.poll() is None:
+                p.send(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        for worker in self.workers:
+            worker.join(max(0.1, deadline - time.monotonic()))
+        for p in self.procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            _killpg(p.pid)        # a straggler, or its zygote and children left behind
+            p.popen.wait(10)
+        if self.procs:
+            print(self.logs())
+
+
+# -- a private PostgreSQL cluster ------------------------------------------------------------------
+def _pg_bindir() -> str | None:
+    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if os.path.exists(os.path.join(candidate, "initdb")):
+            return candidate
+    found = shutil.which("initdb")
+    return os.path.dirname(found) if found else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateCluster:
+    """A PostgreSQL cluster of one test (initdb on a free port), to stop and start under load."""
+
+    def __init__(self, bindir: str, root: str, as_user: list[str]):
+        self.bindir, self.root, self.as_user = bindir, root, as_user
+        self.data = os.path.join(root, "data")
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str, timeout: float = 60) -> None:
+        subprocess.run([*self.as_user, os.path.join(self.bindir, args[0]), *args[1:]], check=True,
+                       timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def init(self) -> None:
+        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+
+    def start(self) -> None:
+        import psycopg
+        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.root, "log"), "-w", "-t", "30", "-o",
+                  f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with psycopg.connect(self.url, connect_timeout=2):
+                    return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "30", "stop")
+
+
+@contextlib.contextmanager
+def private_postgres_cluster(require: bool = False) -> Iterator[PrivateCluster]:
+    """A started ``PrivateCluster``, removed afterwards; skips the test without initdb (fails
+    it instead with ``require``: STEM_REQUIRE_SERVICES=1)."""
+    import pytest
+    bindir = _pg_bindir()
+    if bindir is None:
+        if require:
+            pytest.fail("initdb not found and STEM_REQUIRE_SERVICES=1", pytrace=False)
+        pytest.skip("initdb not found (install postgresql)")
+    root = tempfile.mkdtemp(prefix="stem-pg-")
+    as_user: list[str] = []
+    if os.geteuid() == 0:        # initdb refuses to run as root
+        pw = pwd.getpwnam("postgres")
+        os.chown(root, pw.pw_uid, pw.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    cluster = PrivateCluster(bindir, root, as_user)
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            cluster.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)

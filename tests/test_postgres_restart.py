@@ -2,14 +2,6 @@
 
 from __future__ import annotations
 
-import glob
-import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 import uuid
 
 import pytest
@@ -17,81 +9,18 @@ import pytest
 from stem.brokers import from_url as broker_from_url
 from stem.brokers.base import Message
 from tests.conftest import REQUIRE_SERVICES
+from tests.support import private_postgres_cluster
 from tests.test_sqlite_broker import Q, drained, start_consumers, stop_consumers, wait_until
 
 psycopg = pytest.importorskip("psycopg")
 pytestmark = pytest.mark.postgres
 
 
-def _bindir() -> str | None:
-    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if os.path.exists(os.path.join(candidate, "initdb")):
-            return candidate
-    found = shutil.which("initdb")
-    return os.path.dirname(found) if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrivateCluster:
-    def __init__(self, bindir: str, root: str, as_user: list[str]):
-        self.bindir, self.root, self.as_user = bindir, root, as_user
-        self.data = os.path.join(root, "data")
-        self.port = _free_port()
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, *args: str, timeout: float = 60) -> None:
-        subprocess.run([*self.as_user, os.path.join(self.bindir, args[0]), *args[1:]], check=True,
-                       timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def init(self) -> None:
-        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-
-    def start(self) -> None:
-        self._run("pg_ctl", "-D", self.data, "-l", os.path.join(self.root, "log"), "-w", "-t", "30", "-o",
-                  f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with psycopg.connect(self.url, connect_timeout=2):
-                    return
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self, mode: str = "fast") -> None:
-        self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "30", "stop")
-
-
 @pytest.fixture
 def private_postgres():
-    bindir = _bindir()
-    if bindir is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("initdb not found and STEM_REQUIRE_SERVICES=1", pytrace=False)
-        pytest.skip("initdb not found (install postgresql)")
-    root = tempfile.mkdtemp(prefix="stem-pg-")
-    as_user: list[str] = []
-    if os.geteuid() == 0:        # initdb refuses to run as root
-        pw = pwd.getpwnam("postgres")
-        os.chown(root, pw.pw_uid, pw.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    cluster = PrivateCluster(bindir, root, as_user)
-    try:
-        cluster.init()
-        cluster.start()
+    """A PostgreSQL cluster of the test's own (tests/support.py)."""
+    with private_postgres_cluster(require=REQUIRE_SERVICES) as cluster:
         yield cluster
-    finally:
-        try:
-            cluster.stop("immediate")
-        except subprocess.SubprocessError:
-            pass
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.timeout(120)

@@ -1,0 +1,46 @@
+"""The tasks of the end-to-end suite (``tests/e2e/``), importable by every process.
+
+Each run of ``e2e.effect`` appends its task id to a file of the ``ledger`` directory named
+after the worker process that ran it (``STEM_E2E_WORKER``, which the harness sets and the
+worker's children inherit) and the child's pid: "ran exactly once" is then checked against
+what ran (``tests.support.Ledger``), not against the worker's word, and a file outlives a
+SIGKILL of the worker, a broker restart and a lost result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from stem import TaskRegistry
+
+registry = TaskRegistry()
+
+
+def record(ledger: str, task_id: str) -> None:
+    """One line per run; O_APPEND keeps lines whole across processes."""
+    worker = os.environ.get("STEM_E2E_WORKER", "inproc")
+    fd = os.open(os.path.join(ledger, f"ran-{worker}-{os.getpid()}"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{task_id}\n".encode())
+    finally:
+        os.close(fd)
+
+
+@registry.task("e2e.effect")
+def effect(ctx, n, ledger, sleep=0.0, hold=None):
+    """Record the run, then take ``sleep`` seconds, or (``hold``: a path) wait until that file
+    exists (at most 60 s): a test holds tasks running for as long as a step needs."""
+    record(ledger, ctx.id)
+    if sleep:
+        time.sleep(sleep)
+    if hold:
+        deadline = time.monotonic() + 60.0
+        while not os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return n
+
+
+@registry.task("e2e.add")
+def add(ctx, a, b):
+    return a + b
