@@ -36,7 +36,7 @@ import traceback
 from typing import IO, Any, Callable, NamedTuple
 
 __all__ = ["configure", "TaskContextFilter", "JsonFormatter", "TextFormatter", "TaskLogContext", "current_task",
-           "run_in_task_context", "enter_task_context", "task_extra", "add_task_hook", "remove_task_hook", "log_task_events"]
+           "run_in_task_context", "enter_task_context", "task_extra", "add_task_hook", "remove_task_hook", "task_hooks", "log_task_events", "unconfigure"]
 
 task_log = logging.getLogger("stem.task")
 
@@ -110,6 +110,11 @@ def add_task_hook(hook: Callable[[Any], None]) -> None:
 def remove_task_hook(hook: Callable[[Any], None]) -> None:
     global _hooks
     _hooks = tuple(h for h in _hooks if h != hook)   # == : bound methods are new objects each time
+
+
+def task_hooks() -> tuple[Callable[[Any], None], ...]:
+    """The hooks ``add_task_hook`` registered, in order."""
+    return _hooks
 
 
 # -- records ----------------------------------------------------------------------------
@@ -220,6 +225,15 @@ def configure(level: int | str = "INFO", fmt: str = "text", *, stream: IO[str] |
     _handler = (target, handler)
     log_task_events(level <= logging.DEBUG)
     return handler
+
+
+def unconfigure() -> None:
+    """Undo ``configure``: remove the handler it installed and the per-task DEBUG lines."""
+    global _handler
+    if _handler is not None:
+        _handler[0].removeHandler(_handler[1])
+        _handler = None
+    log_task_events(False)
 
 
 # -- per-task DEBUG lines, from the signals ---------------------------------------------

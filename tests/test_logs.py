@@ -126,7 +126,7 @@ def test_a_raising_task_hook_is_logged_and_the_task_still_runs(caplog):
         stem_logs.remove_task_hook(broken)
     assert out == 42
     assert "hook bug" in caplog.text
-    assert stem_logs._hooks == ()
+    assert stem_logs.task_hooks() == ()
 
 
 # -- child processes (process engine) ----------------------------------------------------------
@@ -233,11 +233,8 @@ def restore_logger():
     """configure() on a private logger; the handler it installs is removed afterwards."""
     name = f"stemtest.cfg.{time.monotonic_ns()}"
     yield name
-    logger = logging.getLogger(name)
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-    stem_logs._handler = None
-    stem_logs.log_task_events(False)
+    stem_logs.unconfigure()
+    assert logging.getLogger(name).handlers == []
 
 
 def test_configure_json_writes_json_and_replaces_its_own_handler(restore_logger):

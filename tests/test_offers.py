@@ -56,7 +56,8 @@ def _register(registry, tmp_path):
 
 
 def _engine(w) -> dict:
-    return w._engine.info()
+    """The engine's part of the worker's stats (offers made and withdrawn, children)."""
+    return w.stats()
 
 
 def _one_busy_child_with_an_offer(setup, tmp_path, first=("block", {"name": "a"}), started="a.started",
@@ -179,7 +180,7 @@ def test_an_offered_task_s_hard_time_limit_starts_when_it_is_claimed(setup, tmp_
     t0 = time.monotonic()
     # waiting behind the blocker for longer than its limit must not count against it
     wait_for(lambda: time.monotonic() - t0 > 1.5, what="the offer to outlive its limit", interval=0.05)
-    assert quick not in {j.envelope.id for j in w._engine.running()}   # offered, not running
+    assert quick not in {t["id"] for t in w.inspect()["running"]}   # offered, not running
     (tmp_path / "a.go").touch()
     status = stem.wait_for_task(quick, timeout=30)
     assert status.state is TaskState.SUCCEEDED, status
@@ -205,7 +206,7 @@ def test_a_warm_shutdown_requeues_an_unclaimed_offer_and_finishes_the_running_ta
     wait_for(lambda: _engine(w)["offers_withdrawn"] >= 1, what="the offer to be taken back")
     (tmp_path / "a.go").touch()
     assert stem.wait_for_task(running, timeout=30).state is TaskState.SUCCEEDED
-    wait_for(lambda: w._stopped.is_set(), what="the worker to stop")
+    assert w.join(20), "the worker did not stop"
     assert not (tmp_path / "m.ran").exists()
     assert stem.get_status(offered).state in (TaskState.PENDING, TaskState.QUEUED)
     setup[2](concurrency=1).run_in_background()

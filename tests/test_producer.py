@@ -380,8 +380,8 @@ def test_a_uniform_batch_checks_name_and_options_once_with_the_usual_errors(stem
         with pytest.raises(error):
             stem.enqueue_many(items)
     assert stem.broker.stats("default").ready == 0
-    checked = []
-    real = stem._template
-    monkeypatch.setattr(stem, "_template", lambda *a: (checked.append(a[0]), real(*a))[1])
+    looked_up = []
+    real = stem.registry.get
+    monkeypatch.setattr(stem.registry, "get", lambda name: (looked_up.append(name), real(name))[1])
     stem.enqueue_many([("noop", {"i": i}) for i in range(100)])
-    assert checked == ["noop"]
+    assert looked_up == ["noop"]

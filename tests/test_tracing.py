@@ -194,10 +194,11 @@ def test_without_a_current_span_the_publish_span_starts_a_trace(stack, otel):
 def test_install_is_idempotent_and_uninstall_removes_receivers_and_hook(otel):
     tracing = stem_tracing.installed()
     assert stem_tracing.install() is tracing
-    assert tracing._attach_parent in stem_logs._hooks
+    hooks = stem_logs.task_hooks()
+    assert len(hooks) == 1 and getattr(hooks[0], "__self__", None) is tracing
     stem_tracing.uninstall()
     assert stem_tracing.installed() is None
-    assert tracing._attach_parent not in stem_logs._hooks
+    assert stem_logs.task_hooks() == ()
     assert all(r.__self__ is not tracing for sig in signals for r in sig.receivers if hasattr(r, "__self__"))
 
 
