@@ -363,3 +363,19 @@ def test_autoscale_is_visible_in_status_and_metrics_and_pool_grow_and_shrink_sti
     finally:
         metrics.disconnect()
         w.shutdown(ShutdownMode.HARD, timeout=20)
+
+
+def test_a_shrink_right_after_a_grow_retires_children_that_are_still_starting():
+    registry = TaskRegistry()
+    registry.task("pid")(lambda ctx: os.getpid())
+    broker, backend = InMemoryBroker(), InMemoryResultBackend()
+    w = Worker(broker, backend, registry, concurrency=1, lifecycle=NO_SIGNALS)
+    w.run_in_background()
+    try:
+        assert w.resize(2) == 3
+        assert w.resize(-2) == 1   # the two new children have not said ready yet
+        wait_for(lambda: len(w.stats()["children"]) == 1, what="one child left")
+        stem = Stem(broker, backend, registry)
+        assert stem.wait_for_task(stem.enqueue("pid"), timeout=30).state is TaskState.SUCCEEDED
+    finally:
+        w.shutdown(ShutdownMode.HARD, timeout=20)
