@@ -379,3 +379,33 @@ def test_a_shrink_right_after_a_grow_retires_children_that_are_still_starting():
         assert stem.wait_for_task(stem.enqueue("pid"), timeout=30).state is TaskState.SUCCEEDED
     finally:
         w.shutdown(ShutdownMode.HARD, timeout=20)
+
+
+def test_both_status_tables_show_the_range_and_the_last_resize_or_what_holds_a_grow_back():
+    import io
+
+    from rich.console import Console
+
+    from stem.cli.control import _status_table
+
+    from .test_status import heartbeat, render
+
+    now = time.time()
+    backend = InMemoryResultBackend()
+    backend.put_heartbeat("w-grew", heartbeat(concurrency=5, autoscale={
+        "min": 2, "max": 8, "last": "grow", "at": now - 4.0, "from": 4, "to": 5, "reason": "x", "grows": 3,
+        "shrinks": 0, "held_back": None}), ttl=60)
+    backend.put_heartbeat("w-held", heartbeat(host="h2", concurrency=3, autoscale={
+        "min": 2, "max": 8, "last": "grow", "at": now - 9.0, "grows": 1, "shrinks": 0, "held_back": "memory"}),
+        ttl=60)
+    backend.put_heartbeat("w-fixed", heartbeat(host="h3", concurrency=2), ttl=60)
+    rows = stem_status.worker_rows(backend, now=now)
+    assert [r["autoscale"] and r["autoscale"]["max"] for r in rows] == [8, 8, None]
+    assert [stem_status.concurrency_text(r, now) for r in rows] == [
+        "5 (2-8, grew 4.0s ago)", "3 (2-8, held back: memory)", "2"]
+    text = render(stem_status.render_table(rows, now=now))
+    assert "5 (2-8, grew 4.0s ago)" in text and "3 (2-8, held back: memory)" in text
+    out = Console(record=True, width=220, file=io.StringIO())
+    out.print(_status_table(rows, out))
+    cli_text = out.export_text()
+    assert "(2-8, grew" in cli_text and "(2-8, held back: memory)" in cli_text
