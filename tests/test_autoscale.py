@@ -68,6 +68,9 @@ POLICY_CASES = {
              **FAST), 2, []),
     "a_backlog_below_backlog_per_child_changes_nothing": (
         dict(phases=[(5.0, "all", 3)], concurrency=4, min_concurrency=2, **FAST), 4, []),
+    "a_backlog_after_a_long_busy_spell_without_one_grows_once_the_windows_mean_reaches_it": (
+        dict(phases=[(20.0, "all", 0), (1.25, "all", 4)], concurrency=2, min_concurrency=2, **FAST), 3,
+        [(20.75, 1)]),
     "busy_slots_without_a_backlog_change_nothing": (
         dict(phases=[(5.0, "all", 0)], concurrency=2, min_concurrency=2, **FAST), 2, []),
     "a_sustained_backlog_grows_one_step_per_window_up_to_max": (

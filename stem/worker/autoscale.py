@@ -9,8 +9,8 @@ wait for a slot (prefetched, offered, in the engine's backlog).  Nothing else
 is measured: the counts are already there.
 
 - **Grow** by ``scale_up_step`` children once no slot was free for
-  ``grow_after`` seconds and the deliveries waiting meanwhile averaged at least
-  ``backlog_per_child`` per child; never more children than deliveries waited
+  ``grow_after`` seconds and the deliveries waiting over the last ``grow_after``
+  seconds averaged at least ``backlog_per_child`` per child; never more children than deliveries waited
   on average, never above ``max_concurrency``, never past the memory headroom
   (what the machine has available, less a reserve of ``MEMORY_RESERVE`` of its
   RAM, must hold the new children at the size of the current ones, or at
@@ -43,6 +43,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, NamedTuple
 
 from .. import _checks as checks
@@ -128,8 +129,8 @@ class AutoscalePolicy:
         self._clock = clock
         self._headroom = headroom or (lambda n: n)
         self._busy_since: float | None = None   # since when no slot was free
+        self._window: deque[tuple[float, int]] = deque()   # (when, waiting) of the last grow_after seconds
         self._waiting_sum = 0
-        self._samples = 0
         self._free_since: float | None = None   # since when a slot was free at every sample
         self._changed_at: float | None = None
         self.held_back: str | None = None        # why the pool does not grow though its backlog calls for it
@@ -138,8 +139,11 @@ class AutoscalePolicy:
         """Take one sample; a resize to apply now, or None."""
         now = self._clock()
         cfg = self.config
+        window = self._window
         if sample.free > 0:
             self._busy_since = None
+            window.clear()
+            self._waiting_sum = 0
             self.held_back = None
             if self._free_since is None:
                 self._free_since = now
@@ -147,14 +151,15 @@ class AutoscalePolicy:
             self._free_since = None
             if self._busy_since is None:
                 self._busy_since = now
-                self._waiting_sum = self._samples = 0
+            window.append((now, sample.waiting))
             self._waiting_sum += sample.waiting
-            self._samples += 1
+            while window[0][0] < now - cfg.grow_after:   # a long busy spell without a backlog is forgotten
+                self._waiting_sum -= window.popleft()[1]
         if self._changed_at is not None and now - self._changed_at < cfg.cooldown:
             return None
         c = sample.concurrency
         if self._busy_since is not None and now - self._busy_since >= cfg.grow_after and c < cfg.max_concurrency:
-            mean = self._waiting_sum / self._samples
+            mean = self._waiting_sum / len(window)
             if mean >= cfg.backlog_per_child * c:
                 want = min(cfg.scale_up_step, cfg.max_concurrency - c, math.ceil(mean))
                 n = min(want, self._headroom(want))
@@ -179,6 +184,8 @@ class AutoscalePolicy:
         the policy's shrinks, a slot still free at the next samples retires the next child)."""
         self._changed_at = self._clock()
         self._busy_since = None
+        self._window.clear()
+        self._waiting_sum = 0
         if delta > 0 or manual:
             self._free_since = None
 
