@@ -230,6 +230,8 @@ def test_stem_worker_refuses_a_concurrency_outside_autoscale_before_connecting(m
 
 
 def test_stem_worker_autoscale_reaches_the_worker(monkeypatch):
+    import stem.logs
+    import stem.tracing
     import stem.worker
     seen = {}
 
@@ -241,6 +243,9 @@ def test_stem_worker_autoscale_reaches_the_worker(monkeypatch):
             seen["burst"] = burst
 
     monkeypatch.setattr(stem.worker, "Worker", FakeWorker)
+    # the test process's logging and signal receivers stay as they are
+    monkeypatch.setattr(stem.logs, "configure", lambda *a, **kw: None)
+    monkeypatch.setattr(stem.tracing, "install_if_available", lambda *a, **kw: False)
     assert _invoke("--autoscale", "8,2", "--burst").exit_code == 0
     assert seen["autoscale"] == WorkerAutoscaleConfig(8, 2) and seen["concurrency"] is None
     assert _invoke("--autoscale", "6").exit_code == 0
