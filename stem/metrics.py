@@ -25,6 +25,8 @@ Metrics (``task``, ``queue``, ``reason`` and ``worker`` are labels)::
     stem_worker_in_flight{worker}                  deliveries held (prefetched + running)
     stem_worker_running{worker}                    tasks running now
     stem_worker_concurrency{worker}
+    stem_worker_autoscale_resizes_total{worker,direction}  the autoscaler's grows and shrinks
+                                                   (``autoscale``; manual resizes not counted)
     stem_worker_prefetch_limit{worker}
     stem_worker_children{worker}                   child processes (process engine)
     stem_child_rss_bytes{worker,pid}               resident memory of each child
@@ -101,6 +103,8 @@ class _WorkerCollector:
                                 labels=["worker", "pid"])
         reconnects = CounterMetricFamily("stem_broker_reconnects", "Broker outages the worker recovered from.",
                                          labels=["worker"])
+        resizes = CounterMetricFamily("stem_worker_autoscale_resizes", "Pool resizes the autoscaler made, by "
+                                      "direction (grow, shrink).", labels=["worker", "direction"])
         with self._lock:
             workers = list(self._workers.values())
         for w in workers:
@@ -117,9 +121,14 @@ class _WorkerCollector:
             for child in s.get("children") or ():
                 rss.add_metric([wid, str(child.get("pid"))], float(child.get("rss") or 0))
             reconnects.add_metric([wid], float(s.get("broker_reconnects", 0)))
+            autoscale = s.get("autoscale")
+            if autoscale:
+                resizes.add_metric([wid, "grow"], float(autoscale.get("grows", 0)))
+                resizes.add_metric([wid, "shrink"], float(autoscale.get("shrinks", 0)))
         yield from g.values()
         yield rss
         yield reconnects
+        yield resizes
 
 
 class _Series:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
-__all__ = ["worker_rows", "snapshot", "render_table", "StatusBoard", "watch", "LOST_AFTER_BEATS",
+__all__ = ["worker_rows", "snapshot", "render_table", "concurrency_text", "StatusBoard", "watch", "LOST_AFTER_BEATS",
            "DEFAULT_HEARTBEAT_INTERVAL"]
 
 LOST_AFTER_BEATS = 3
@@ -39,6 +39,7 @@ def _row(hb: dict[str, Any], now: float, default_interval: float) -> dict[str, A
         "paused": list(hb.get("paused") or ()),
         "isolation": hb.get("isolation"),
         "concurrency": hb.get("concurrency"),
+        "autoscale": _autoscale(hb.get("autoscale")),
         "in_flight": hb.get("in_flight", 0),
         "running": hb.get("running", 0),
         "processed": hb.get("processed", 0),
@@ -55,11 +56,21 @@ def _row(hb: dict[str, Any], now: float, default_interval: float) -> dict[str, A
     }
 
 
+def _autoscale(data: Any) -> dict[str, Any] | None:
+    """The heartbeat's ``autoscale`` (bounds and the last resize), or None when it is off."""
+    if not isinstance(data, dict):
+        return None
+    return {key: data.get(key) for key in ("min", "max", "last", "at", "from", "to", "reason", "grows", "shrinks",
+                                           "held_back")}
+
+
 def worker_rows(backend: Any, *, now: float | None = None,
                 default_interval: float = DEFAULT_HEARTBEAT_INTERVAL) -> list[dict[str, Any]]:
     """One JSON-able dict per worker listed in ``backend.heartbeats()``, sorted by host and id.
 
-    Keys: id, host, pid, queues, paused, isolation, concurrency, in_flight,
+    Keys: id, host, pid, queues, paused, isolation, concurrency, autoscale (None, or min,
+    max, last ("grow", "shrink" or None), at (epoch seconds), from, to, reason, grows,
+    shrinks and held_back: "memory" while the headroom stops a grow), in_flight,
     running, processed, succeeded, failed, retried, children (pid, state, rss,
     tasks_done, running), rss (sum of the children's), uptime,
     heartbeat_interval, last_heartbeat_age (seconds), state ("alive" or
@@ -96,11 +107,29 @@ def _age(seconds: float | None) -> str:
     return f"{seconds // 3600:.0f}h{(seconds % 3600) // 60:02.0f}m"
 
 
-def render_table(rows: Iterable[dict[str, Any]], *, title: str = "stem workers"):
+def concurrency_text(row: dict[str, Any], now: float | None = None) -> str:
+    """A row's (or a ``stats()`` reply's) concurrency: ``3``, or with autoscale
+    ``3 (2-8, grew 4.0s ago)`` (``held back: memory`` while the headroom stops a grow)."""
+    now = time.time() if now is None else now
+    text = str(row["concurrency"] or "")
+    scale = row.get("autoscale")
+    if not scale:
+        return text
+    detail = f"{scale['min']}-{scale['max']}"
+    if scale.get("held_back"):
+        detail += f", held back: {scale['held_back']}"
+    elif scale.get("last") and scale.get("at") is not None:
+        verb = "grew" if scale["last"] == "grow" else "shrank"
+        detail += f", {verb} {_age(max(0.0, now - float(scale['at'])))} ago"
+    return f"{text} ({detail})"
+
+
+def render_table(rows: Iterable[dict[str, Any]], *, title: str = "stem workers", now: float | None = None):
     """A rich ``Table`` of :func:`worker_rows` rows; lost workers in red."""
     from rich.table import Table
     from rich.text import Text
 
+    now = time.time() if now is None else now
     table = Table(title=title, expand=False)
     for name, justify in (("worker", "left"), ("host", "left"), ("pid", "right"), ("queues", "left"),
                           ("conc.", "right"), ("in-flight", "right"), ("processed", "right"), ("failed", "right"),
@@ -115,7 +144,7 @@ def render_table(rows: Iterable[dict[str, Any]], *, title: str = "stem workers")
         if r["paused"]:
             queues += f" (paused: {','.join(r['paused'])})"
         state = Text("lost", style="bold red") if r["lost"] else Text("alive", style="green")
-        table.add_row(str(r["id"]), str(r["host"] or ""), str(r["pid"] or ""), queues, str(r["concurrency"] or ""),
+        table.add_row(str(r["id"]), str(r["host"] or ""), str(r["pid"] or ""), queues, concurrency_text(r, now),
                       str(r["in_flight"]), f"{r['processed']:,}", f"{r['failed']:,}", children,
                       _age(r["last_heartbeat_age"]), state, style="red" if r["lost"] else None)
     if not n:
@@ -152,7 +181,7 @@ class StatusBoard:
         return rows
 
     def table(self, now: float | None = None):
-        return render_table(self.rows(now))
+        return render_table(self.rows(now), now=now)
 
 
 def watch(backend: Any, *, refresh: float = 1.0, console: Any = None, iterations: int | None = None) -> None:

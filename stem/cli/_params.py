@@ -15,7 +15,7 @@ import click
 from ..config import check_url
 from ..errors import ConfigurationError
 
-__all__ = ["parse_size", "SizeParam", "Seconds", "QueueName", "QueueList", "Url", "JsonObject", "When",
+__all__ = ["parse_size", "SizeParam", "AutoscaleRange", "Seconds", "QueueName", "QueueList", "Url", "JsonObject", "When",
            "AppPath", "NonEmpty", "loads_json"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
@@ -47,6 +47,27 @@ class SizeParam(click.ParamType):
             return value
         try:
             return parse_size(value)
+        except ConfigurationError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class AutoscaleRange(click.ParamType):
+    """``MAX,MIN`` (Celery's order) or ``MAX`` (the minimum is then 1): a ``WorkerAutoscaleConfig``."""
+
+    name = "max,min"
+
+    def convert(self, value, param, ctx):
+        from ..worker.autoscale import WorkerAutoscaleConfig
+        if isinstance(value, WorkerAutoscaleConfig):
+            return value
+        parts = [p.strip() for p in str(value).split(",")]
+        if len(parts) > 2 or not all(p.isdigit() for p in parts):
+            self.fail(f"{value!r} is not MAX,MIN: give two whole numbers, the most and the fewest children, "
+                      "e.g. --autoscale 8,2", param, ctx)
+        high = int(parts[0])
+        low = int(parts[1]) if len(parts) == 2 else 1
+        try:
+            return WorkerAutoscaleConfig(max_concurrency=high, min_concurrency=low)
         except ConfigurationError as exc:
             self.fail(str(exc), param, ctx)
 

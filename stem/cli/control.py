@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import click
 
+from ..status import concurrency_text
 from ._common import EXIT_FAILURE, USAGE_ERRORS, Env, connection_options, fail
 from ._output import Col, ago, console, duration, emit, fit_table, print_table, text
 from ._params import QueueName, Seconds
@@ -72,7 +73,7 @@ def stats(broker_url, backend_url, workers, timeout, as_json):
 
     def cells(r):
         return [f"{r['processed']:,}", f"{r['succeeded']:,}", f"{r['failed']:,}", f"{r['retried']:,}",
-                r["in_flight"], r["concurrency"],
+                r["in_flight"], concurrency_text(r),
                 ", ".join(f"{c['pid']}: {c['rss'] / 2**20:.0f}" for c in r.get("children", [])) or "-",
                 duration(r.get("uptime"))]
     _run_control(broker_url, backend_url, "stats", workers=workers, timeout=timeout, as_json=as_json,
@@ -212,7 +213,7 @@ def _status_table(rows: list[dict], out):
                              for c in r["children"]) or "-"
         age = r["last_heartbeat_age"]
         cells.append([r["id"], r["state"], "-" if age is None else duration(age) + " ago", queues, r["host"], r["pid"],
-                      r["concurrency"], r["in_flight"], f"{r['processed']:,}", f"{r['failed']:,}", children])
+                      concurrency_text(r), r["in_flight"], f"{r['processed']:,}", f"{r['failed']:,}", children])
     caption = None if rows else "no live workers (none has published a heartbeat to this backend)"
     return fit_table(_STATUS_COLS, cells, out, title="stem workers", caption=caption)
 

@@ -6,7 +6,7 @@ import click
 from click.core import ParameterSource
 
 from ._common import Env, connection_options, load_app, remember_group_urls
-from ._params import AppPath, NonEmpty, QueueList, Seconds, SizeParam
+from ._params import AppPath, AutoscaleRange, NonEmpty, QueueList, Seconds, SizeParam
 
 __all__ = ["worker"]
 
@@ -19,7 +19,7 @@ ISOLATION_HELP = (
     "parallelism (one GIL), and crash isolation: a task that calls os._exit or crashes the interpreter takes "
     "the worker down, and its tasks come back only after their visibility timeout")
 # options of the group that only mean something when it runs a worker
-_RUN_ONLY = ("registry_path", "paths", "no_results", "queues", "concurrency", "prefetch_multiplier",
+_RUN_ONLY = ("registry_path", "paths", "no_results", "queues", "concurrency", "autoscale", "prefetch_multiplier",
              "max_prefetch_multiplier", "isolation", "max_tasks_per_child", "max_memory_per_child",
              "heartbeat_interval", "no_yield_cpu", "loglevel", "log_format", "metrics_port", "metrics_addr",
              "burst", "name")
@@ -35,7 +35,11 @@ _RUN_ONLY = ("registry_path", "paths", "no_results", "queues", "concurrency", "p
 @click.option("-Q", "--queues", type=QueueList(), default=None, metavar="Q1,Q2",
               help="comma-separated queues (default: $STEM_WORKER_QUEUES, else $STEM_DEFAULT_QUEUE, else default)")
 @click.option("-c", "--concurrency", type=click.IntRange(1), default=None,
-              help="child processes (default: $STEM_WORKER_CONCURRENCY, else one per CPU)")
+              help="child processes (default: $STEM_WORKER_CONCURRENCY, else one per CPU; with --autoscale, "
+                   "its minimum)")
+@click.option("--autoscale", type=AutoscaleRange(), default=None, metavar="MAX,MIN",
+              help="grow the pool up to MAX children under a sustained backlog, shrink it down to MIN when "
+                   "children stay idle (e.g. 8,2; -c, if given, is where it starts)")
 @click.option("--prefetch-multiplier", type=click.IntRange(1), default=None,
               help="tasks leased per child (default: $STEM_PREFETCH_MULTIPLIER or 4)")
 @click.option("--max-prefetch-multiplier", type=click.IntRange(1), default=None,
@@ -61,9 +65,9 @@ _RUN_ONLY = ("registry_path", "paths", "no_results", "queues", "concurrency", "p
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="serve Prometheus /metrics")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="address for --metrics-port")
 @click.pass_context
-def worker(ctx, registry_path, paths, broker_url, backend_url, no_results, queues, concurrency, prefetch_multiplier,
-           max_prefetch_multiplier, isolation, max_tasks_per_child, max_memory_per_child, heartbeat_interval,
-           no_yield_cpu, burst, name, loglevel, log_format, metrics_port, metrics_addr):
+def worker(ctx, registry_path, paths, broker_url, backend_url, no_results, queues, concurrency, autoscale,
+           prefetch_multiplier, max_prefetch_multiplier, isolation, max_tasks_per_child, max_memory_per_child,
+           heartbeat_interval, no_yield_cpu, burst, name, loglevel, log_format, metrics_port, metrics_addr):
     """Run a worker: stem worker -A myapp.tasks:registry.
 
     With a subcommand, control running workers instead (stem worker ping); --broker and
@@ -84,14 +88,17 @@ def worker(ctx, registry_path, paths, broker_url, backend_url, no_results, queue
     from ..worker import Worker, WorkerLifecycleConfig
     with Env(broker_url, backend_url, no_results=no_results) as env:
         config = env.config
+        concurrency = concurrency or config.worker_concurrency
+        prefetch_multiplier = prefetch_multiplier or config.prefetch_multiplier
+        if autoscale is not None:
+            _check_autoscale(autoscale, concurrency, prefetch_multiplier)
         load_app(registry_path, paths)   # import errors surface here, with the --path hint
         logs.configure(loglevel.upper(), log_format)
         env.broker.ping()
         if env.backend is not None:
             env.backend.ping()
         w = Worker(env.broker, env.backend, registry_path, queues=queues or config.worker_queues,
-                   concurrency=concurrency or config.worker_concurrency,
-                   prefetch_multiplier=prefetch_multiplier or config.prefetch_multiplier,
+                   concurrency=concurrency, autoscale=autoscale, prefetch_multiplier=prefetch_multiplier,
                    max_prefetch_multiplier=max_prefetch_multiplier or config.max_prefetch_multiplier,
                    signer=env.signer, isolation=isolation, heartbeat_interval=heartbeat_interval,
                    yield_cpu=not no_yield_cpu, worker_id=name,
@@ -104,3 +111,17 @@ def worker(ctx, registry_path, paths, broker_url, backend_url, no_results, queue
         from .. import tracing
         tracing.install_if_available()
         w.start(burst=burst)
+
+
+def _check_autoscale(autoscale, concurrency: int | None, prefetch_multiplier: int) -> None:
+    """Before anything connects: -c within --autoscale, and a prefetch window that shows a backlog."""
+    low, high = autoscale.min_concurrency, autoscale.max_concurrency
+    if concurrency is not None and not low <= concurrency <= high:
+        raise click.UsageError(f"-c/--concurrency {concurrency} (or $STEM_WORKER_CONCURRENCY) is outside "
+                               f"--autoscale {high},{low}: leave it out (the pool starts at {low}) or give one "
+                               "within the range")
+    from ..errors import ConfigurationError
+    try:
+        autoscale.check_window(prefetch_multiplier)
+    except ConfigurationError as exc:
+        raise click.UsageError(f"--autoscale: {exc} (--prefetch-multiplier)") from None

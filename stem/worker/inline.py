@@ -162,5 +162,6 @@ class InlineEngine(Engine):
 
     def info(self) -> dict:
         with self._cond:
+            self._threads = [t for t in self._threads if t.is_alive()]   # retired by a shrink: gone
             return {"engine": "inline", "threads": len(self._threads), "backlog": len(self._backlog),
                     "running": len(self._running)}

@@ -273,7 +273,9 @@ class ProcessEngine(Engine):
             return self._dispatcher.take(self._children.values(), predicate)
 
     def resize(self, delta: int) -> None:
-        """Grow by forking children now; shrink by draining the idlest children (no replacement)."""
+        """Grow by forking children now; shrink by draining the idlest children (no replacement):
+        ones still starting first (a grow just before), then idle ones, busy ones last (they
+        exit after their running tasks)."""
         with self._lock:
             self.concurrency += delta
             self._dispatcher.wanted = True
@@ -281,9 +283,9 @@ class ProcessEngine(Engine):
                 for _ in range(delta):
                     self._add_child()
                 return
-            ready = sorted((c for c in self._children.values() if c.state is ChildState.READY),
-                           key=lambda c: len(c.running))
-            for child in ready[:-delta]:
+            live = sorted((c for c in self._children.values() if c.state in (ChildState.READY, ChildState.STARTING)),
+                          key=lambda c: (len(c.running), c.state is ChildState.READY))
+            for child in live[:-delta]:
                 child.state = ChildState.DRAINING
                 child.recycle_reason = "shrink"
                 self._dispatcher.take_back(child)

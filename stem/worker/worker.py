@@ -9,8 +9,8 @@ threads), the running-status board (``progress``) and the control server
 
 The main loop (the thread that calls ``start``) turns the process engine,
 hands outcomes to the settle thread in batches (``outbox``), and does the
-housekeeping: time limits, lease renewals, RUNNING notes, heartbeats, and
-the shutdown sequence (``lifecycle``).
+housekeeping: time limits, lease renewals, RUNNING notes, heartbeats,
+autoscaling (``autoscale``), and the shutdown sequence (``lifecycle``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from ..task import TaskContext, TaskOptions, TaskRegistry, load_registry
 from .engine import Engine, EngineHooks, Job
 from .execution import Outcome
 from .fetch import FETCH_BLOCK_SECONDS, Fetcher
+from .autoscale import Autoscaler, WorkerAutoscaleConfig, autoscale_config
 from .lifecycle import ShutdownMode, WorkerLifecycleConfig, install_signal_handlers
 from .outbox import MAX_BATCH, Outbox
 from .progress import STARTED_AFTER, StatusBoard
@@ -81,7 +82,7 @@ class Worker:
                  isolation: str = "process", heartbeat_interval: float = 10.0, worker_id: str | None = None,
                  store_results: bool = True, max_crash_redeliveries: int = 3, start_method: str | None = None,
                  child_concurrency: int = 1, engine: Engine | None = None, control: bool = True,
-                 yield_cpu: bool = True):
+                 yield_cpu: bool = True, autoscale: tuple[int, int] | WorkerAutoscaleConfig | None = None):
         self.registry_ref = registry if isinstance(registry, str) else None
         if isinstance(registry, str):
             registry = load_registry(registry)
@@ -95,8 +96,18 @@ class Worker:
             raise ConfigurationError(f"backend must be a ResultBackend, a URL or None, got {backend!r}")
         self.registry = registry
         self.queues = [checks.queue_name(q) for q in (queues or [checks.DEFAULT_QUEUE])]
-        concurrency = checks.integer("concurrency", (os.cpu_count() or 1) if concurrency is None else concurrency)
+        self.autoscale = autoscale_config(autoscale)
+        if concurrency is None:
+            concurrency = self.autoscale.min_concurrency if self.autoscale else (os.cpu_count() or 1)
+        concurrency = checks.integer("concurrency", concurrency)
         checks.integer("prefetch_multiplier", prefetch_multiplier)
+        if self.autoscale is not None:
+            lo, hi = self.autoscale.min_concurrency, self.autoscale.max_concurrency
+            if not lo <= concurrency <= hi:
+                raise ConfigurationError(f"concurrency {concurrency} is outside autoscale's range {lo}..{hi}: "
+                                         "leave concurrency out (the pool starts at the minimum) or give one "
+                                         "within the range")
+            self.autoscale.check_window(prefetch_multiplier)
         if max_prefetch_multiplier is None:
             max_prefetch_multiplier = max(DEFAULT_MAX_MULTIPLIER, prefetch_multiplier)
         elif (isinstance(max_prefetch_multiplier, bool) or not isinstance(max_prefetch_multiplier, int)
@@ -140,6 +151,7 @@ class Worker:
                                 registry=registry, engine=self._engine, settler=self._settler, consumer=self.id,
                                 isolation=isolation, max_crash_redeliveries=self.max_crash_redeliveries,
                                 sender=self)
+        self._autoscaler = self._make_autoscaler() if self.autoscale is not None else None
         self._control = None
         self._stem = None
         self._stopped = threading.Event()
@@ -174,6 +186,18 @@ class Worker:
                              max_crash_redeliveries=self.max_crash_redeliveries, start_method=self.start_method,
                              yield_cpu=self.yield_cpu,
                              can_sign=self.signer is None or bool(getattr(self.signer, "can_sign", True)))
+
+    def _make_autoscaler(self) -> Autoscaler:
+        engine, state = self._engine, self._state
+
+        def child_rss() -> list[int]:
+            return [int(c.get("rss") or 0) for c in engine.info().get("children") or ()]
+
+        return Autoscaler(self.autoscale, concurrency=lambda: state.concurrency,
+                          slots_per_child=getattr(engine, "child_concurrency", 1), held=state.held,
+                          running=lambda: len(engine.running()),
+                          resize=lambda delta: state.resize(delta, engine.resize), child_rss=child_rss,
+                          max_memory_per_child=self.lifecycle.max_memory_per_child)
 
     def _producer(self):
         """The producer that publishes what tasks enqueue (made on first use)."""
@@ -376,6 +400,8 @@ class Worker:
                 self._renew_leases(now)
                 self._note_long_running()
                 self._engine.tick()
+                if self._autoscaler is not None and not state.stopping():
+                    self._autoscaler.tick()
             if settle_thread is None and self._board is not None:
                 self._board.flush(now)
             if now - last_heartbeat >= self.heartbeat_interval:
@@ -488,6 +514,7 @@ class Worker:
             "concurrency": state.concurrency, "prefetch_limit": state.prefetch_limit, "isolation": self.isolation,
             "in_flight": state.held(), "running": len(self._engine.running()), "paused": state.paused(),
             "heartbeat_interval": self.heartbeat_interval,
+            "autoscale": self._autoscaler.info() if self._autoscaler is not None else None,
             **state.counters(), "uptime": time.time() - self._started_at, **self._engine.info(),
         }
 
@@ -525,7 +552,10 @@ class Worker:
                 "terminated": terminated}
 
     def resize(self, delta: int) -> int:
-        """Grow or shrink the pool by ``delta`` slots (never below 1); returns the new concurrency."""
+        """Grow or shrink the pool by ``delta`` slots (never below 1); returns the new concurrency.
+        With autoscale the bounds do not apply here, and the autoscaler's windows restart."""
+        if self._autoscaler is not None:
+            return self._autoscaler.resize(delta)
         return self._state.resize(delta, self._engine.resize)
 
     # -- shutdown -------------------------------------------------------------------
