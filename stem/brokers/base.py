@@ -43,6 +43,7 @@ Delivery semantics, identical on every adapter (``tests/contract`` proves it):
 from __future__ import annotations
 
 import abc
+import operator
 import time
 from typing import Any, NamedTuple, Sequence
 
@@ -123,6 +124,13 @@ class Broker(abc.ABC):
     url: str = ""
     default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    _store: Any = None
+
+    #: The store this broker keeps its queues in (a ``stem.stores.base.Store``), or None (the
+    #: memory broker): a result backend in the same store stores results and acks in one round
+    #: trip or transaction (``ResultBackend.shares_store_with``).  Read-only; its getter is C
+    #: (no Python frame), as it is read on every settle round trip.
+    store = property(operator.attrgetter("_store"))
 
     @abc.abstractmethod
     def publish(self, message: Message) -> None:
