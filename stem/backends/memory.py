@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+from .. import _checks as checks
 from ..results import TaskStatus
 from .base import DEFAULT_RESULT_EXPIRES, ResultBackend, check_non_terminal, check_proofs
 
@@ -19,7 +20,7 @@ __all__ = ["InMemoryResultBackend"]
 class InMemoryResultBackend(ResultBackend):
     def __init__(self, *, result_expires: float = DEFAULT_RESULT_EXPIRES, url: str = "memory://"):
         self.url = url
-        self.result_expires = float(result_expires)
+        self.result_expires = checks.seconds("result_expires", result_expires)
         self._cond = threading.Condition(threading.Lock())
         self._statuses: dict[str, tuple[TaskStatus, float]] = {}
         self._heartbeats: dict[str, tuple[dict[str, Any], float]] = {}

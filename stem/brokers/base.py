@@ -51,7 +51,7 @@ from .. import _checks as checks
 from ..errors import ConfigurationError
 
 __all__ = ["Broker", "Message", "Delivery", "DeadLetter", "QueueStats", "validate_queue_name",
-           "check_frame_batch", "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES"]
+           "check_frame_batch", "check_consume", "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES"]
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
 DEFAULT_MAX_DELIVERIES = 5
@@ -59,6 +59,16 @@ DEFAULT_MAX_DELIVERIES = 5
 
 def validate_queue_name(name: str) -> str:
     return checks.queue_name(name)
+
+
+def check_consume(queues: Sequence[str], max_count: int) -> list[str]:
+    """``consume``'s arguments: the queue names (checked, each once, in order), and a
+    ``max_count`` that is an integer >= 1."""
+    checks.integer("max_count", max_count)
+    names = list(dict.fromkeys(validate_queue_name(q) for q in queues))
+    if not names:
+        raise ConfigurationError("consume needs at least one queue")
+    return names
 
 
 def check_frame_batch(task_ids: Sequence[str], frames: Sequence[bytes]) -> int:

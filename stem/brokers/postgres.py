@@ -43,7 +43,7 @@ from ..stores.local import after_fork_in_child
 from ..stores.postgres import PostgresStore, parse_postgres_url
 from ..stores.postgres_schema import NOW, quote_schema
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
-                   Message, QueueStats, validate_queue_name)
+                   Message, QueueStats, check_consume, validate_queue_name)
 
 __all__ = ["PostgresBroker", "migrate"]
 
@@ -230,9 +230,7 @@ class PostgresBroker(Broker):
     # -- consuming --------------------------------------------------------------------
     def consume(self, queues: Sequence[str], max_count: int, timeout: float,
                 *, consumer: str = "") -> list[Delivery]:
-        queues = list(dict.fromkeys(validate_queue_name(q) for q in queues))
-        if not queues or max_count < 1:
-            return []
+        queues = check_consume(queues, max_count)
         self._register(queues)
         deadline = time.monotonic() + max(timeout, 0.0)
         while not self._closed:

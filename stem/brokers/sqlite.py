@@ -34,7 +34,7 @@ from ..errors import ConfigurationError
 from ..stores.base import BROKER_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
-                   Message, QueueStats, validate_queue_name)
+                   Message, QueueStats, check_consume, validate_queue_name)
 
 __all__ = ["SqliteBroker", "migrate"]
 
@@ -119,9 +119,7 @@ class SqliteBroker(Broker):
     # -- consuming --------------------------------------------------------------------
     def consume(self, queues: Sequence[str], max_count: int, timeout: float,
                 *, consumer: str = "") -> list[Delivery]:
-        queues = list(dict.fromkeys(validate_queue_name(q) for q in queues))
-        if not queues or max_count < 1:
-            return []
+        queues = check_consume(queues, max_count)
         if any(q not in self._known_queues for q in queues):
             with self._store.write() as conn:
                 self._register(conn, queues)

@@ -66,12 +66,11 @@ def _run_hooks() -> None:
 class _Slot:
     """One thread's connection; closed when the thread ends, in the process that opened it."""
 
-    __slots__ = ("conn", "pid", "close_conn", "__weakref__")
+    __slots__ = ("conn", "pid", "__weakref__")
 
-    def __init__(self, conn: Any, close_conn: Callable[[Any], None]):
+    def __init__(self, conn: Any):
         self.conn = conn
         self.pid = os.getpid()
-        self.close_conn = close_conn
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
@@ -81,7 +80,7 @@ class _Slot:
             _INHERITED.append(conn)
             return
         try:
-            self.close_conn(conn)
+            conn.close()
         except Exception:      # noqa: BLE001 - closing a broken connection
             pass
 
@@ -91,13 +90,11 @@ class _Slot:
 
 class PerThread(Generic[C]):
     """One connection per thread and process: ``open()`` makes it on first use (or when
-    ``usable(conn)`` says the one held is done for), ``close_conn(conn)`` ends it when its
+    ``usable(conn)`` says the one held is done for); it is closed (``conn.close()``) when its
     thread ends, on ``discard`` or on ``close``."""
 
-    def __init__(self, open: Callable[[], C], close_conn: Callable[[C], None],
-                 usable: Callable[[C], bool] | None = None):
+    def __init__(self, open: Callable[[], C], usable: Callable[[C], bool] | None = None):
         self._open = open
-        self._close_conn = close_conn
         self._usable = usable
         self._start()
         after_fork_in_child(self._start)
@@ -119,7 +116,7 @@ class PerThread(Generic[C]):
             return slot.conn
         if slot is not None:
             slot.close()
-        slot = _Slot(self._open(), self._close_conn)
+        slot = _Slot(self._open())
         self._local.slot = slot
         with self._lock:
             self._slots.add(slot)

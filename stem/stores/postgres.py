@@ -116,7 +116,7 @@ class PgSessions:
     def __init__(self, store: "PostgresStore", settings: dict[str, str]):
         self._store = store
         self.settings = dict(settings)
-        self._threads: PerThread[Any] = PerThread(self.connect, _close, usable=_usable)
+        self._threads: PerThread[Any] = PerThread(self.connect, usable=_usable)
 
     def connect(self, *, prepare: bool = True) -> Any:
         """A new autocommit connection with these settings (not held for a thread)."""
@@ -167,10 +167,6 @@ class PgSessions:
 
     def close(self) -> None:
         self._threads.close()
-
-
-def _close(conn: Any) -> None:
-    conn.close()
 
 
 def _usable(conn: Any) -> bool:

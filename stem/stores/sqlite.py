@@ -134,7 +134,7 @@ class SqliteStore(Store):
         if self.path is None:
             self._memory = self._open(":memory:")
         else:
-            self._threads = PerThread(lambda: self._open(self.path), sqlite3.Connection.close)
+            self._threads = PerThread(lambda: self._open(self.path))
 
     def _new_locks(self) -> None:
         """At construction and in a forked child (a lock held by another thread at fork time
