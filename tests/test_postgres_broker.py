@@ -237,6 +237,8 @@ def test_schema_comes_from_the_url_or_the_argument(postgres_url):
     assert broker_from_url(postgres_url).schema == "public"
     with pytest.raises(ConfigurationError, match="schema"):
         broker_from_url(f"{postgres_url}?schema=bad-name;drop")
+    with pytest.raises(ConfigurationError, match="schema"):
+        broker_from_url(postgres_url, schema="trailing_newline\n")
 
 
 def test_a_forked_child_never_touches_the_parents_session(pg_url, broker):

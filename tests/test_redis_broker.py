@@ -271,7 +271,8 @@ def test_a_forked_child_opens_its_own_connection(make, raw):
     assert broker.store.client.client_id() == parent_id   # the parent's connection still works
 
 
-@pytest.mark.parametrize("kwargs", [dict(namespace="has{brace}"), dict(namespace=""),
+@pytest.mark.parametrize("kwargs", [dict(namespace="has{brace}"), dict(namespace=""), dict(namespace="stem\n"),
+                                    dict(namespace="x" * 65), dict(socket_connect_timeout=float("nan")),
                                     dict(default_visibility_timeout=0), dict(max_deliveries=0),
                                     dict(max_deliveries=1.5), dict(socket_timeout=1.0),
                                     dict(retry_attempts=0)])
