@@ -85,8 +85,9 @@ class ResultBackend(abc.ABC):
 
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> bool:
         """Store ``statuses`` and ack ``deliveries`` together (one transaction or one
-        round trip) when ``broker`` lives in the same store (``shares_store_with``); True if done.  The default
-        does nothing and returns False: the worker then stores, then acks."""
+        round trip) when ``broker`` lives in the same store (``shares_store_with``); True
+        if done.  The default does nothing and returns False: the worker then stores, then
+        acks."""
         return False
 
     def store_many_ack_and_consume(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any],

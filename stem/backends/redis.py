@@ -175,6 +175,7 @@ class RedisResultBackend(ResultBackend):
     def _store_and_ack_commands(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> list:
         """The statuses' SETs first, then the broker's ack scripts: the order at-least-once needs."""
         return self._status_commands(statuses) + broker.ack_commands(deliveries)
+
     def get(self, task_id: str) -> TaskStatus | None:
         data = self._call(lambda: self._client.get(self._status_key(task_id)), "get")
         return None if data is None else decode_status(data)

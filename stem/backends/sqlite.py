@@ -1,8 +1,9 @@
 """The SQLite result backend: statuses, heartbeats and revocations in one file.
 
 Same URLs as the SQLite broker (they may share the file; the tables are
-separate, see ``stem/stores/sqlite_schema.py``).  Statuses are msgpack ``TaskStatus`` blobs
-with an ``expires_at``; expired rows read as None and are deleted now and then.
+separate, see ``stem/stores/sqlite_schema.py``).  Statuses are msgpack
+``TaskStatus`` blobs with an ``expires_at``; expired rows read as None and are
+deleted now and then.
 
 ``wait`` cannot block on a notification (SQLite has none): it re-reads the
 row by primary key, every 5 ms at first and backing off to 100 ms; a ``store``
@@ -18,9 +19,9 @@ import msgspec
 
 from .. import _checks as checks
 from ..errors import ConfigurationError
+from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
-from ..results import TaskStatus, decode_status, encode_status
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, check_non_terminal,
                    check_proofs)
 
@@ -79,8 +80,8 @@ class SqliteResultBackend(ResultBackend):
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any,
                            deliveries: Sequence[Any]) -> bool:
         """Store ``statuses`` and ack ``deliveries`` in one transaction when ``broker`` keeps its
-        queues in this file (``shares_store_with``); returns True.  Otherwise does nothing and returns False:
-        the caller stores, then acks."""
+        queues in this file (``shares_store_with``); returns True.  Otherwise does nothing and
+        returns False: the caller stores, then acks."""
         if not self.shares_store_with(broker):
             return False
         ids = [d.receipt for d in deliveries]

@@ -102,7 +102,6 @@ def _as_list(items: Sequence) -> list:
     return items if type(items) is list else list(items)
 
 
-
 class RedisBroker(Broker):
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str = "stem",
                  default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
