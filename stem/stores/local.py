@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import types
 import weakref
 from typing import Any, Callable, Generic, TypeVar
 
@@ -42,7 +43,7 @@ def after_fork_in_child(callback: Callable[[], None]) -> None:
         if not _registered and hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_run_hooks)
             _registered = True
-        if hasattr(callback, "__self__"):
+        if isinstance(callback, types.MethodType):
             key = object()
             _hooks[key] = weakref.WeakMethod(callback, lambda _ref, key=key: _hooks.pop(key, None))
         else:
@@ -52,7 +53,7 @@ def after_fork_in_child(callback: Callable[[], None]) -> None:
 def _run_hooks() -> None:
     global _hooks_lock
     _hooks_lock = threading.Lock()
-    for key, hook in list(_hooks.items()):
+    for key, hook in _hooks.copy().items():    # copied in C: a weakref callback may drop a key
         fn = hook() if isinstance(hook, weakref.WeakMethod) else hook
         if fn is None:
             _hooks.pop(key, None)

@@ -145,12 +145,12 @@ class RedisStore(Store):
                 log.debug("Redis %s failed (%s); attempt %d of %d", what, exc, attempt, attempts)
                 if attempt == attempts:
                     raise self.errors.connection_error(
-                        f"Redis at {self.label} unreachable during {what} after {attempts} attempt"
-                        f"{'s' if attempts > 1 else ''}: {exc}") from exc
+                        f"Redis unreachable during {what} after {attempts} attempt{'s' if attempts > 1 else ''} "
+                        f"({self.label}): {exc}") from exc
                 backoff = backoff or Backoff()
                 time.sleep(backoff.next())
             except REDIS_ERRORS as exc:
-                raise self.errors.error(f"Redis error during {what}: {exc}") from exc
+                raise self.errors.error(f"Redis error during {what} ({self.label}): {exc}") from exc
         raise AssertionError("unreachable")
 
     # -- scripts and pipelines ---------------------------------------------------------
