@@ -96,6 +96,7 @@ class InMemoryResultBackend(ResultBackend):
             self._statuses.pop(task_id, None)
 
     def put_heartbeat(self, worker_id: str, data: dict[str, Any], ttl: float) -> None:
+        ttl = checks.seconds("ttl", ttl)
         now = time.time()
         with self._cond:
             self._heartbeats[worker_id] = ({**data, "worker_id": worker_id, "seen_at": now}, now + ttl)
@@ -113,6 +114,7 @@ class InMemoryResultBackend(ResultBackend):
 
     def revoke(self, task_ids: Sequence[str], expires: float | None = None,
                proofs: Sequence[bytes | None] | None = None) -> None:
+        expires = checks.optional_seconds("expires", expires)
         task_ids = list(task_ids)
         checked = check_proofs(task_ids, proofs)
         until = time.time() + (self.result_expires if expires is None else expires)

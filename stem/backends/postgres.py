@@ -250,8 +250,9 @@ class PostgresResultBackend(ResultBackend):
 
     # -- heartbeats -------------------------------------------------------------------
     def put_heartbeat(self, worker_id: str, data: dict[str, Any], ttl: float) -> None:
+        ttl = checks.seconds("ttl", ttl)
         blob = _encode(data)
-        self._fast.run(lambda conn: conn.execute(self._sql["put_heartbeat"], (worker_id, float(ttl), blob)))
+        self._fast.run(lambda conn: conn.execute(self._sql["put_heartbeat"], (worker_id, ttl, blob)))
 
     def heartbeats(self) -> list[dict[str, Any]]:
         rows = self._fast.run(lambda conn: conn.execute(self._sql["heartbeats"], binary=True).fetchall())
@@ -263,6 +264,7 @@ class PostgresResultBackend(ResultBackend):
     # -- revocations ------------------------------------------------------------------
     def revoke(self, task_ids: Sequence[str], expires: float | None = None,
                proofs: Sequence[bytes | None] | None = None) -> None:
+        expires = checks.optional_seconds("expires", expires)
         task_ids = list(task_ids)
         latest = dict(zip(task_ids, check_proofs(task_ids, proofs)))   # one upsert may not touch a row twice
         if latest:

@@ -267,6 +267,7 @@ class RedisResultBackend(ResultBackend):
                proofs: Sequence[bytes | None] | None = None) -> None:
         """ZADD (the latest revoke sets the expiry, as on every adapter) and each proof's SET
         (or DEL, for a revoke without one) with the same deadline, in one round trip."""
+        expires = checks.optional_seconds("expires", expires)
         task_ids = list(task_ids)
         latest = dict(zip(task_ids, check_proofs(task_ids, proofs)))
         if not latest:

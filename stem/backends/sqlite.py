@@ -154,6 +154,7 @@ class SqliteResultBackend(ResultBackend):
 
     # -- heartbeats -------------------------------------------------------------------
     def put_heartbeat(self, worker_id: str, data: dict[str, Any], ttl: float) -> None:
+        ttl = checks.seconds("ttl", ttl)
         now = time.time()
         with self._store.write() as conn:
             conn.execute("INSERT INTO stem_heartbeats (worker_id, seen_at, expires_at, data) VALUES (?, ?, ?, ?) "
@@ -174,6 +175,7 @@ class SqliteResultBackend(ResultBackend):
     # -- revocations ------------------------------------------------------------------
     def revoke(self, task_ids: Sequence[str], expires: float | None = None,
                proofs: Sequence[bytes | None] | None = None) -> None:
+        expires = checks.optional_seconds("expires", expires)
         task_ids = list(task_ids)
         checked = check_proofs(task_ids, proofs)
         until = time.time() + (self.result_expires if expires is None else expires)
