@@ -53,7 +53,7 @@ def run(url: str, yield_cpu: bool, tasks: int, ms: float, concurrency: int) -> s
         total = time.time() - t0
     finally:
         worker.shutdown(timeout=30)
-        drop_keys(broker._client, ns + "*")
+        drop_keys(broker.store.client, ns + "*")
     lat = sorted((s.finished_at - t) * 1000 for s, t in zip(done, sent))
 
     def pct(p: float) -> float:

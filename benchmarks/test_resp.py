@@ -14,7 +14,7 @@ has (key, ids, frames), next to ``pack_commands`` of the command tuples
 with ``scan_replies`` vs building each with hiredis's ``Reader.gets`` (what
 a pipeline read costs without the socket).  ``pipeline 64
 SETs``: the round trip against the local Redis through
-``stem.brokers._redis_pipe.execute`` vs a redis-py ``Pipeline`` (wall time,
+``stem.stores.redis_pipe.execute`` vs a redis-py ``Pipeline`` (wall time,
 server included; skipped when no Redis answers).  ``settle pipeline``: 64
 replies only checked for errors and the last one built, by ``execute_last``
 (stepped over in C) vs ``execute`` (each built by hiredis), round trip.
@@ -69,7 +69,7 @@ def client():
 
 @pytest.mark.parametrize("impl", ["lean", "redis-py"])
 def test_pipeline_64_sets(benchmark, client, impl):
-    from stem.brokers._redis_pipe import execute
+    from stem.stores.redis_pipe import execute
     benchmark.group = "pipeline 64 SETs (round trip, server included)"
     keys = [f"stem-bench-resp:{i}" for i in range(64)]
     commands = [("SET", k, b"v" * 160, "PX", 60_000) for k in keys]
@@ -91,7 +91,7 @@ def test_settle_pipeline_replies(benchmark, client, impl):
     """A settle round trip's replies: 32 SETs and 32 PUBLISHes stepped over in C before the
     last reply (``execute_last``, what ``run_and_consume`` sends) vs every reply built and
     checked (``execute``, what it sent before)."""
-    from stem.brokers._redis_pipe import execute_last, execute_packed, raise_first_error
+    from stem.stores.redis_pipe import execute_last, execute_packed, raise_first_error
     benchmark.group = "settle pipeline: 64 replies to check, the last one built (round trip)"
     keys = [f"stem-bench-resp:{i}" for i in range(32)]
     commands = ([("SET", k, b"v" * 160, "PX", 60_000) for k in keys] + [("PUBLISH", k, b"v" * 160) for k in keys]

@@ -262,7 +262,7 @@ def test_a_reply_signed_with_an_unknown_key_is_refused(memory_stack):
 # -- the proof column: databases made by an older stem are upgraded --------------------------------
 def _v1_sqlite(path: str) -> None:
     import sqlite3
-    from stem._sql import MIGRATIONS
+    from stem.stores.sqlite_schema import MIGRATIONS
     conn = sqlite3.connect(path)
     with conn:
         conn.execute("CREATE TABLE stem_schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
@@ -290,7 +290,7 @@ def test_a_version_1_sqlite_database_gains_revocation_proofs(tmp_path):
 def test_a_version_1_postgres_schema_gains_revocation_proofs(postgres_url, namespace):
     import psycopg
     from stem.backends.postgres import PostgresResultBackend
-    from stem.brokers._pg_schema import MIGRATIONS
+    from stem.stores.postgres_schema import MIGRATIONS
     from stem.revocation import sign_proofs
     s = f'"{namespace}"'
     with psycopg.connect(postgres_url, autocommit=True) as conn:

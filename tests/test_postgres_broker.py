@@ -53,8 +53,8 @@ def backend(pg_url):
     b.close()
 
 
-def backend_pids(holder) -> set[int]:
-    return {s.conn.info.backend_pid for s in list(holder._slots) if s.conn is not None and not s.conn.closed}
+def backend_pids(sessions) -> set[int]:
+    return {c.info.backend_pid for c in sessions.connections() if not c.closed}
 
 
 def terminate(url: str, pids) -> None:
@@ -90,7 +90,7 @@ def test_concurrent_migrations_from_several_processes_apply_each_version_once(po
     results = [out.get(timeout=30) for _ in procs]
     for p in procs:
         p.join(10)
-    from stem.brokers._pg_schema import SCHEMA_VERSION
+    from stem.stores.postgres_schema import SCHEMA_VERSION
     assert results == [SCHEMA_VERSION] * 6
     with psycopg.connect(postgres_url) as conn:
         rows = conn.execute(f'SELECT version FROM "{namespace}".stem_schema_version').fetchall()
@@ -173,7 +173,7 @@ def test_wait_never_misses_a_status_stored_while_it_starts_listening(pg_url, bac
 def test_a_lost_connection_is_reestablished_by_the_next_call(postgres_url, broker):
     broker.publish(Message("a", Q, b"x"))
     [d] = broker.consume([Q], 1, 5.0)
-    terminate(postgres_url, backend_pids(broker._pg) | backend_pids(broker._fast))
+    terminate(postgres_url, backend_pids(broker.store.durable) | backend_pids(broker.store.fast))
     broker.ack([d])                                   # reconnects by itself
     broker.publish(Message("b", Q, b"y"))
     assert [x.task_id for x in broker.consume([Q], 1, 5.0)] == ["b"]
@@ -233,15 +233,17 @@ def test_a_clear_error_when_psycopg_is_missing(monkeypatch):
 def test_schema_comes_from_the_url_or_the_argument(postgres_url):
     assert broker_from_url(f"{postgres_url}?schema=abc").schema == "abc"
     b = broker_from_url(f"{postgres_url}?schema=abc&connect_timeout=3", schema="xyz")
-    assert b.schema == "xyz" and "schema" not in b._pg.conninfo and "connect_timeout=3" in b._pg.conninfo
+    assert b.schema == "xyz" and "schema" not in b.store.conninfo and "connect_timeout=3" in b.store.conninfo
     assert broker_from_url(postgres_url).schema == "public"
     with pytest.raises(ConfigurationError, match="schema"):
         broker_from_url(f"{postgres_url}?schema=bad-name;drop")
+    with pytest.raises(ConfigurationError, match="schema"):
+        broker_from_url(postgres_url, schema="trailing_newline\n")
 
 
 def test_a_forked_child_never_touches_the_parents_session(pg_url, broker):
     broker.publish(Message("parent-1", Q, b"p"))
-    pids_before = backend_pids(broker._pg)
+    pids_before = backend_pids(broker.store.durable)
     out = FORK.Queue()
 
     def child(out=out):
@@ -257,7 +259,7 @@ def test_a_forked_child_never_touches_the_parents_session(pg_url, broker):
     assert out.get(timeout=20) == "ok"
     p.join(10)
     broker.publish(Message("parent-2", Q, b"p"))
-    assert backend_pids(broker._pg) == pids_before, "the parent had to reconnect: the child broke its session"
+    assert backend_pids(broker.store.durable) == pids_before, "the parent had to reconnect: the child broke its session"
     got = []
     while len(got) < 3:
         got += broker.consume([Q], 3, 5.0)

@@ -234,7 +234,7 @@ def test_url_dispatch_builds_a_redis_broker_with_options(redis_url, namespace, r
 def test_rediss_url_uses_tls_connections():
     broker = RedisBroker.from_url("rediss://127.0.0.1:6380/0", namespace="tls")
     try:
-        assert broker._client.connection_pool.connection_class is redis.SSLConnection
+        assert broker.store.client.connection_pool.connection_class is redis.SSLConnection
     finally:
         broker.close()
 
@@ -245,7 +245,8 @@ def test_brokers_with_the_same_url_share_one_pool(redis_url, namespace):
     b = RedisBroker.from_url(redis_url, namespace=namespace + "b")
     c = RedisResultBackend.from_url(redis_url, namespace=namespace)
     try:
-        assert a._client.connection_pool is b._client.connection_pool is c._client.connection_pool
+        assert a.store.client.connection_pool is b.store.client.connection_pool
+        assert c.shares_store_with(a) and c.shares_store_with(b)
     finally:
         a.close(), b.close(), c.close()
 
@@ -254,12 +255,12 @@ def test_brokers_with_the_same_url_share_one_pool(redis_url, namespace):
 def test_a_forked_child_opens_its_own_connection(make, raw):
     broker = make()
     broker.ping()
-    parent_id = broker._client.client_id()
+    parent_id = broker.store.client.client_id()
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         try:
-            os.write(w, str(broker._client.client_id()).encode())
+            os.write(w, str(broker.store.client.client_id()).encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -267,10 +268,11 @@ def test_a_forked_child_opens_its_own_connection(make, raw):
     os.close(r)
     os.waitpid(pid, 0)
     assert child_id and child_id != parent_id
-    assert broker._client.client_id() == parent_id   # the parent's connection still works
+    assert broker.store.client.client_id() == parent_id   # the parent's connection still works
 
 
-@pytest.mark.parametrize("kwargs", [dict(namespace="has{brace}"), dict(namespace=""),
+@pytest.mark.parametrize("kwargs", [dict(namespace="has{brace}"), dict(namespace=""), dict(namespace="stem\n"),
+                                    dict(namespace="x" * 65), dict(socket_connect_timeout=float("nan")),
                                     dict(default_visibility_timeout=0), dict(max_deliveries=0),
                                     dict(max_deliveries=1.5), dict(socket_timeout=1.0),
                                     dict(retry_attempts=0)])
@@ -357,10 +359,11 @@ def test_when_only_a_settle_script_answered_noscript_the_consume_is_not_sent_aga
     """The script cache emptied between the ack and the consume of one pipeline: the consume
     ran, so only the settle commands go again (a second consume would lease twice)."""
     import stem.brokers.redis as redis_broker
+    import stem.stores.redis as redis_store
     broker = make()
     broker.publish_many([msg() for _ in range(8)])
     first = consume_n(broker, 2)
-    real, real_last = redis_broker.execute, redis_broker.execute_last
+    real, real_last = redis_store.execute, redis_broker.execute_last
     sent = []
 
     def execute_last(client, packed, n):
@@ -375,7 +378,7 @@ def test_when_only_a_settle_script_answered_noscript_the_consume_is_not_sent_aga
         return real(client, commands)
 
     monkeypatch.setattr(redis_broker, "execute_last", execute_last)
-    monkeypatch.setattr(redis_broker, "execute", execute)
+    monkeypatch.setattr(redis_store, "execute", execute)
     got = broker.run_and_consume(broker.ack_commands(first), [Q], 3)
     assert len(got) == 3
     assert sent == [2, 1]   # the pipeline, then the ack alone
@@ -503,7 +506,8 @@ def test_a_batch_filled_by_bad_entries_does_not_leave_the_good_one_behind_it_for
     assert broker.stats(Q).dead == 3
 
 
-def test_thousands_of_bad_entries_are_cleared_in_bounded_script_runs_without_a_blocking_tick(make, raw, namespace):
+def test_thousands_of_bad_entries_are_cleared_in_bounded_script_runs_without_a_blocking_tick(make, raw, namespace,
+                                                                                            monkeypatch):
     broker = make()
     lane = _lane0(namespace)
     pipe = raw.pipeline(transaction=False)
@@ -513,8 +517,8 @@ def test_thousands_of_bad_entries_are_cleared_in_bounded_script_runs_without_a_b
     m = msg(b"good")
     broker.publish(m)
     runs = []
-    real = broker.run_commands
-    broker.run_commands = lambda commands: runs.append(1) or real(commands)
+    real = broker.store.run
+    monkeypatch.setattr(broker.store, "run", lambda commands: runs.append(1) or real(commands))
     t0 = time.monotonic()
     assert [d.task_id for d in broker.consume([Q], 10, 5.0)] == [m.task_id]
     assert time.monotonic() - t0 < 0.9                            # no XREAD waited out its block

@@ -11,7 +11,7 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stem.brokers import _redis_pipe
+from stem.stores import redis_pipe as _redis_pipe
 
 args = st.one_of(st.binary(max_size=300), st.text(max_size=100),
                  st.integers(min_value=-2 ** 80, max_value=2 ** 80),

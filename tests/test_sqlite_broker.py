@@ -176,7 +176,7 @@ def test_migrating_twice_is_idempotent_and_keeps_data(tmp_path):
         with sqlite3.connect(path) as raw:
             versions = raw.execute("SELECT version FROM stem_schema_version").fetchall()
         raw.close()
-        from stem._sql import SCHEMA_VERSION
+        from stem.stores.sqlite_schema import SCHEMA_VERSION
         assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
         assert broker.stats(Q).ready == 1
     finally:
@@ -199,7 +199,7 @@ def test_concurrent_migrations_from_several_processes_agree(db_url):
     results = [out.get(timeout=30) for _ in procs]
     for p in procs:
         p.join(10)
-    from stem._sql import SCHEMA_VERSION
+    from stem.stores.sqlite_schema import SCHEMA_VERSION
     assert results == [SCHEMA_VERSION] * 4
 
 
@@ -254,7 +254,7 @@ def test_url_forms(tmp_path, monkeypatch):
     try:
         rel.ping()
         assert (tmp_path / "relative.db").exists()
-        assert rel._db.busy_timeout == 2.5
+        assert rel.store.busy_timeout == 2.5
     finally:
         rel.close()
     absolute = broker_from_url(f"sqlite:///{tmp_path / 'abs.db'}")
@@ -371,7 +371,7 @@ def test_connections_of_finished_threads_are_closed(db_url):
             t.start()
         for t in threads:
             t.join()
-        assert wait_until(lambda: len(broker._db._slots) <= 1, timeout=5)
+        assert wait_until(lambda: broker.store.connections() <= 1, timeout=5)
     finally:
         broker.close()
 
@@ -434,7 +434,7 @@ def test_a_forked_child_does_not_inherit_a_lock_held_by_another_thread(db_url):
             broker.publish(Message("child", Q, b"y"))
             assert len(broker.consume([Q], 2, 5.0)) == 2
 
-        assert fork_while_held(broker._db.wake.cond, child) == "ok"
+        assert fork_while_held(broker.store.wake.cond, child) == "ok"
     finally:
         broker.close()
 

@@ -27,13 +27,13 @@ from __future__ import annotations
 import abc
 from typing import Any, Sequence
 
+from .._checks import DEFAULT_RESULT_EXPIRES
 from ..errors import ConfigurationError
 from ..results import TaskStatus
 
 __all__ = ["ResultBackend", "DEFAULT_RESULT_EXPIRES", "TERMINAL_STATE_NAMES", "check_non_terminal",
            "check_proofs"]
 
-DEFAULT_RESULT_EXPIRES = 86400.0
 TERMINAL_STATE_NAMES = ("SUCCEEDED", "FAILED", "REVOKED", "DEAD")
 
 
@@ -64,6 +64,14 @@ def check_proofs(task_ids: Sequence[str], proofs: Sequence[bytes] | None) -> lis
 class ResultBackend(abc.ABC):
     url: str = ""
     result_expires: float = DEFAULT_RESULT_EXPIRES
+    _store: Any = None      # the adapter's stem.stores.base.Store, if it has one
+
+    def shares_store_with(self, broker: Any) -> bool:
+        """True when ``broker`` keeps its queues in this backend's store (``broker.store``:
+        one Redis pool, one SQLite file, one Postgres database), so that results and acks
+        can go together (``store_many_and_ack``)."""
+        mine, theirs = self._store, getattr(broker, "store", None)
+        return mine is not None and theirs is not None and mine.same_store(theirs)
 
     # -- statuses ---------------------------------------------------------------
     @abc.abstractmethod
@@ -77,8 +85,9 @@ class ResultBackend(abc.ABC):
 
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> bool:
         """Store ``statuses`` and ack ``deliveries`` together (one transaction or one
-        round trip) when ``broker`` lives in the same store; True if done.  The default
-        does nothing and returns False: the worker then stores, then acks."""
+        round trip) when ``broker`` lives in the same store (``shares_store_with``); True
+        if done.  The default does nothing and returns False: the worker then stores, then
+        acks."""
         return False
 
     def store_many_ack_and_consume(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any],

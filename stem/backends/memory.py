@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+from .. import _checks as checks
 from ..results import TaskStatus
 from .base import DEFAULT_RESULT_EXPIRES, ResultBackend, check_non_terminal, check_proofs
 
@@ -19,7 +20,7 @@ __all__ = ["InMemoryResultBackend"]
 class InMemoryResultBackend(ResultBackend):
     def __init__(self, *, result_expires: float = DEFAULT_RESULT_EXPIRES, url: str = "memory://"):
         self.url = url
-        self.result_expires = float(result_expires)
+        self.result_expires = checks.seconds("result_expires", result_expires)
         self._cond = threading.Condition(threading.Lock())
         self._statuses: dict[str, tuple[TaskStatus, float]] = {}
         self._heartbeats: dict[str, tuple[dict[str, Any], float]] = {}
@@ -95,6 +96,7 @@ class InMemoryResultBackend(ResultBackend):
             self._statuses.pop(task_id, None)
 
     def put_heartbeat(self, worker_id: str, data: dict[str, Any], ttl: float) -> None:
+        ttl = checks.seconds("ttl", ttl)
         now = time.time()
         with self._cond:
             self._heartbeats[worker_id] = ({**data, "worker_id": worker_id, "seen_at": now}, now + ttl)
@@ -112,6 +114,7 @@ class InMemoryResultBackend(ResultBackend):
 
     def revoke(self, task_ids: Sequence[str], expires: float | None = None,
                proofs: Sequence[bytes | None] | None = None) -> None:
+        expires = checks.optional_seconds("expires", expires)
         task_ids = list(task_ids)
         checked = check_proofs(task_ids, proofs)
         until = time.time() + (self.result_expires if expires is None else expires)

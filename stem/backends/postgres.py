@@ -1,6 +1,6 @@
 """The PostgreSQL result backend: statuses with expiry, heartbeats, revocations.
 
-Same URLs and schema as the Postgres broker (``stem/brokers/_pg_schema.py``).
+Same URLs and schema as the Postgres broker (``stem/stores/postgres_schema.py``).
 ``store_many`` is one upsert statement over ``unnest(...)`` that also calls
 ``pg_notify('stem.<schema>.results', '<id>,<id>,...')`` for the terminal
 statuses, so the notification leaves with the commit.
@@ -21,10 +21,12 @@ from typing import Any, Sequence
 
 import msgspec
 
-from ..brokers._pg_schema import (DURABLE, FAST, NOW, Listener, PgConnections, parse_postgres_url,
-                                 quote_schema, reset_in_child)
-from ..errors import BackendConnectionError, BackendError, ConfigurationError
+from .. import _checks as checks
 from ..results import TaskStatus, decode_status, encode_status
+from ..stores.base import BACKEND_ERRORS
+from ..stores.local import after_fork_in_child
+from ..stores.postgres import PostgresStore, parse_postgres_url
+from ..stores.postgres_schema import NOW, quote_schema
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, check_non_terminal,
                    check_proofs)
 
@@ -107,22 +109,20 @@ class PostgresResultBackend(ResultBackend):
     def __init__(self, conninfo: str = "postgresql://localhost/postgres", *, schema: str | None = None,
                  result_expires: float = DEFAULT_RESULT_EXPIRES, reconnect_timeout: float = 10.0,
                  url: str | None = None):
-        if result_expires <= 0:
-            raise ConfigurationError("result_expires must be > 0 seconds")
+        self.result_expires = checks.seconds("result_expires", result_expires)
         conninfo, schema = parse_postgres_url(conninfo, schema)
         self.url = url or conninfo
         self.schema = schema
-        self.result_expires = float(result_expires)
-        self._pg = PgConnections(conninfo, schema, who="PostgresResultBackend", error=BackendError,
-                                 connection_error=BackendConnectionError, reconnect_timeout=reconnect_timeout,
-                                 settings=DURABLE)
-        self._fast = self._pg.sibling(FAST)        # reads and heartbeats; see _pg_schema
+        self._store = PostgresStore(conninfo, schema, who="PostgresResultBackend", errors=BACKEND_ERRORS,
+                                    reconnect_timeout=reconnect_timeout)
+        self._pg = self._store.durable
+        self._fast = self._store.fast        # reads and heartbeats; see stem.stores.postgres
         self._sql = _queries(quote_schema(schema))
         self.channel = f"stem.{schema}.results"
         self._waiters: dict[str, set[threading.Event]] = {}
         self._new_locks()
-        reset_in_child(self)
-        self._listener = Listener(self._pg, self.channel, self._on_notify, self._on_reset)
+        after_fork_in_child(self._new_locks)
+        self._listener = self._store.listener(self.channel, self._on_notify, self._on_reset)
         self._next_sweep = 0.0
         self._store_and_ack_sql: dict[str, str] = {}
 
@@ -132,10 +132,11 @@ class PostgresResultBackend(ResultBackend):
 
     def migrate(self) -> int:
         """Create or upgrade the schema (idempotent, advisory-locked; also done on first use)."""
-        return self._pg.migrate()
+        return self._store.migrate()
 
     # -- wake-ups ---------------------------------------------------------------------
     def _new_locks(self) -> None:
+        """At construction and in a forked child (where another thread may have held it)."""
         self._waiters_lock = threading.Lock()
         self._waiters = {}          # a forked child has no waiters
 
@@ -173,18 +174,18 @@ class PostgresResultBackend(ResultBackend):
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any,
                            deliveries: Sequence[Any]) -> bool:
         """Store ``statuses`` and ack ``deliveries`` in one transaction (one statement, one durable
-        commit) when ``broker`` is a ``PostgresBroker`` on this database; returns True.  Otherwise
-        does nothing and returns False: the caller stores, then acks."""
-        from ..brokers.postgres import PostgresBroker
-        if not isinstance(broker, PostgresBroker) or broker._pg.identity != self._pg.identity:
+        commit) when ``broker`` keeps its queues in this database (``shares_store_with``); returns
+        True.  Otherwise does nothing and returns False: the caller stores, then acks."""
+        if not self.shares_store_with(broker):
             return False
         latest = {s.id: s for s in statuses}
         ids = list(latest)
         terminal = [i for i, s in latest.items() if s.is_terminal]
-        sql = self._store_and_ack_sql.get(broker.schema)
+        schema = broker.store.schema
+        sql = self._store_and_ack_sql.get(schema)
         if sql is None:
-            sql = self._store_and_ack_sql[broker.schema] = _store_sql(
-                quote_schema(self.schema), f"{quote_schema(broker.schema)}.stem_jobs")
+            sql = self._store_and_ack_sql[schema] = _store_sql(
+                quote_schema(self.schema), f"{quote_schema(schema)}.stem_jobs")
         params = (self.result_expires, ids, [latest[i].state.value for i in ids],
                   [encode_status(latest[i]) for i in ids], [d.receipt for d in deliveries], self.channel,
                   _payloads(terminal))
@@ -249,8 +250,9 @@ class PostgresResultBackend(ResultBackend):
 
     # -- heartbeats -------------------------------------------------------------------
     def put_heartbeat(self, worker_id: str, data: dict[str, Any], ttl: float) -> None:
+        ttl = checks.seconds("ttl", ttl)
         blob = _encode(data)
-        self._fast.run(lambda conn: conn.execute(self._sql["put_heartbeat"], (worker_id, float(ttl), blob)))
+        self._fast.run(lambda conn: conn.execute(self._sql["put_heartbeat"], (worker_id, ttl, blob)))
 
     def heartbeats(self) -> list[dict[str, Any]]:
         rows = self._fast.run(lambda conn: conn.execute(self._sql["heartbeats"], binary=True).fetchall())
@@ -262,6 +264,7 @@ class PostgresResultBackend(ResultBackend):
     # -- revocations ------------------------------------------------------------------
     def revoke(self, task_ids: Sequence[str], expires: float | None = None,
                proofs: Sequence[bytes | None] | None = None) -> None:
+        expires = checks.optional_seconds("expires", expires)
         task_ids = list(task_ids)
         latest = dict(zip(task_ids, check_proofs(task_ids, proofs)))   # one upsert may not touch a row twice
         if latest:
@@ -294,5 +297,4 @@ class PostgresResultBackend(ResultBackend):
     def close(self) -> None:
         self._listener.stop()
         self._on_reset()
-        self._pg.close()
-        self._fast.close()
+        self._store.close()

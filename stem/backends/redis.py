@@ -20,9 +20,10 @@ pipelined round trip (SET + PUBLISH for each terminal status);
 ``store_if_not_terminal`` one pipeline of one small script call per status
 (each touches one key, so it works on Redis Cluster too).
 
-Connections come from the process-wide pool shared with ``RedisBroker``
-(``stem.brokers.redis.shared_client``); redis errors become
-``BackendConnectionError`` / ``BackendError``.
+Connections come from the process-wide pool of the URL, shared with
+``RedisBroker`` (``stem.stores.redis``); redis errors become
+``BackendConnectionError`` / ``BackendError``.  With a broker on the same
+pool (``shares_store_with``), results and acks go in one pipeline.
 """
 
 from __future__ import annotations
@@ -31,12 +32,11 @@ import time
 from typing import Any, Callable, Sequence, TypeVar
 
 import msgspec
-import redis
 
-from ..brokers._redis_pipe import execute, raise_first_error
-from ..brokers.redis import call_with_retry, release_client, shared_client, validate_namespace
-from ..errors import BackendConnectionError, BackendError, ConfigurationError
+from .. import _checks as checks
 from ..results import TaskStatus, decode_status, encode_status
+from ..stores.base import BACKEND_ERRORS
+from ..stores.redis import RedisStore, execute, raise_first_error, validate_namespace
 from .base import DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, check_non_terminal, check_proofs
 
 __all__ = ["RedisResultBackend"]
@@ -88,34 +88,21 @@ return 1
 """ % ", ".join(f"{name} = true" for name in TERMINAL_STATE_NAMES)
 
 
-def _seconds(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigurationError(f"{name} must be a number of seconds > 0, got {value!r}")
-    return float(value)
-
-
-def _ms(seconds: float) -> int:
-    return max(int(round(seconds * 1000)), 1)
-
-
 class RedisResultBackend(ResultBackend):
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str = "stem",
                  result_expires: float = DEFAULT_RESULT_EXPIRES, socket_timeout: float = 5.0,
                  socket_connect_timeout: float = 2.0, retry_attempts: int = 4):
         self.url = url
         self.namespace = validate_namespace(namespace)
-        self.result_expires = _seconds("result_expires", result_expires)
-        _seconds("socket_timeout", socket_timeout)
-        _seconds("socket_connect_timeout", socket_connect_timeout)
-        if isinstance(retry_attempts, bool) or not isinstance(retry_attempts, int) or retry_attempts < 1:
-            raise ConfigurationError(f"retry_attempts must be an integer >= 1, got {retry_attempts!r}")
-        self.retry_attempts = retry_attempts
-        self._client = shared_client(url, socket_timeout, socket_connect_timeout)
+        self.result_expires = checks.seconds("result_expires", result_expires)
+        self._store = RedisStore(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
+                                 retry_attempts=retry_attempts, errors=BACKEND_ERRORS)
+        self.retry_attempts = self._store.retry_attempts
+        self._client = self._store.client
         ns = self.namespace
         self._hb_index = f"{ns}:{{hb}}:index"
         self._revoked_key = f"{ns}:{{revoked}}"
-        self._store_if_not_terminal = self._client.register_script(_STORE_IF_NOT_TERMINAL)
-        self._closed = False
+        self._store_if_not_terminal = self._store.script(_STORE_IF_NOT_TERMINAL)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisResultBackend":
@@ -134,14 +121,14 @@ class RedisResultBackend(ResultBackend):
         return f"{self.namespace}:{{hb}}:w:{worker_id}"
 
     def _call(self, fn: Callable[[], _T], what: str) -> _T:
-        return call_with_retry(fn, self.retry_attempts, what, BackendConnectionError, BackendError)
+        return self._store.call(fn, what)
 
     # -- statuses ---------------------------------------------------------------------
     def store(self, status: TaskStatus) -> None:
         self.store_many((status,))
 
     def _status_commands(self, statuses: Sequence[TaskStatus]) -> list[tuple]:
-        px = _ms(self.result_expires)
+        px = checks.ms(self.result_expires)
         commands = []
         for s in statuses:
             data = encode_status(s)
@@ -159,18 +146,10 @@ class RedisResultBackend(ResultBackend):
     def store_if_not_terminal(self, statuses: Sequence[TaskStatus]) -> None:
         if not check_non_terminal(statuses):
             return
-        px = _ms(self.result_expires)
+        px = checks.ms(self.result_expires)
         sha = self._store_if_not_terminal.sha
         commands = [("EVALSHA", sha, 1, self._status_key(s.id), encode_status(s), px) for s in statuses]
-
-        def send():
-            replies = execute(self._client, commands)
-            if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-                self._client.script_load(self._store_if_not_terminal.script)   # after a restart: the
-                replies = execute(self._client, commands)                   # script is idempotent
-            raise_first_error(replies)
-
-        self._call(send, "store_if_not_terminal")
+        self._call(lambda: self._store.run(commands), "store_if_not_terminal")   # the script is idempotent
 
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> bool:
         """Store ``statuses`` and ack ``deliveries`` in one round trip when ``broker`` is a
@@ -178,17 +157,17 @@ class RedisResultBackend(ResultBackend):
         scripts (Redis runs one connection's commands in order, so the ack never lands
         without its result; a connection lost in between only redelivers).  Returns False,
         doing nothing, otherwise."""
-        if not self._shares_server(broker):
+        if not self.shares_store_with(broker):
             return False
         commands = self._store_and_ack_commands(statuses, broker, deliveries)
-        self._call(lambda: broker.run_commands(commands), "store+ack")
+        self._call(lambda: broker.store.run(commands), "store+ack")
         return True
 
     def store_many_ack_and_consume(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any],
                                    queues: Sequence[str], max_count: int, consumer: str) -> list | None:
         """The pipeline of ``store_many_and_ack`` with a consume script call after the acks
         (``RedisBroker.run_and_consume``: tried once, errors raised as broker errors)."""
-        if not self._shares_server(broker):
+        if not self.shares_store_with(broker):
             return None
         return broker.run_and_consume(self._store_and_ack_commands(statuses, broker, deliveries), queues, max_count,
                                       consumer=consumer)
@@ -196,10 +175,6 @@ class RedisResultBackend(ResultBackend):
     def _store_and_ack_commands(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> list:
         """The statuses' SETs first, then the broker's ack scripts: the order at-least-once needs."""
         return self._status_commands(statuses) + broker.ack_commands(deliveries)
-
-    def _shares_server(self, broker: Any) -> bool:
-        from ..brokers.redis import RedisBroker
-        return isinstance(broker, RedisBroker) and broker._client.connection_pool is self._client.connection_pool
 
     def get(self, task_id: str) -> TaskStatus | None:
         data = self._call(lambda: self._client.get(self._status_key(task_id)), "get")
@@ -251,13 +226,13 @@ class RedisResultBackend(ResultBackend):
 
     # -- heartbeats ---------------------------------------------------------------------
     def put_heartbeat(self, worker_id: str, data: dict[str, Any], ttl: float) -> None:
-        ttl = _seconds("ttl", ttl)
+        ttl = checks.seconds("ttl", ttl)
         now = time.time()
         payload = _encode({**data, "worker_id": worker_id, "seen_at": now})
 
         def send():
             pipe = self._client.pipeline(transaction=False)
-            pipe.set(self._hb_key(worker_id), payload, px=_ms(ttl))
+            pipe.set(self._hb_key(worker_id), payload, px=checks.ms(ttl))
             pipe.zadd(self._hb_index, {worker_id: int((now + ttl) * 1000)})
             pipe.zremrangebyscore(self._hb_index, "-inf", int(now * 1000))
             return pipe.execute()
@@ -292,6 +267,7 @@ class RedisResultBackend(ResultBackend):
                proofs: Sequence[bytes | None] | None = None) -> None:
         """ZADD (the latest revoke sets the expiry, as on every adapter) and each proof's SET
         (or DEL, for a revoke without one) with the same deadline, in one round trip."""
+        expires = checks.optional_seconds("expires", expires)
         task_ids = list(task_ids)
         latest = dict(zip(task_ids, check_proofs(task_ids, proofs)))
         if not latest:
@@ -335,7 +311,4 @@ class RedisResultBackend(ResultBackend):
         self._call(self._client.ping, "ping")
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        release_client(self._client)
+        self._store.close()

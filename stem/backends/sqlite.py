@@ -1,8 +1,9 @@
 """The SQLite result backend: statuses, heartbeats and revocations in one file.
 
 Same URLs as the SQLite broker (they may share the file; the tables are
-separate, see ``stem/_sql.py``).  Statuses are msgpack ``TaskStatus`` blobs
-with an ``expires_at``; expired rows read as None and are deleted now and then.
+separate, see ``stem/stores/sqlite_schema.py``).  Statuses are msgpack
+``TaskStatus`` blobs with an ``expires_at``; expired rows read as None and are
+deleted now and then.
 
 ``wait`` cannot block on a notification (SQLite has none): it re-reads the
 row by primary key, every 5 ms at first and backing off to 100 ms; a ``store``
@@ -16,9 +17,11 @@ from typing import Any, Sequence
 
 import msgspec
 
-from .._sql import SqliteDatabase, parse_sqlite_url
-from ..errors import BackendConnectionError, BackendError, ConfigurationError
+from .. import _checks as checks
+from ..errors import ConfigurationError
 from ..results import TaskStatus, decode_status, encode_status
+from ..stores.base import BACKEND_ERRORS
+from ..stores.sqlite import SqliteStore, parse_sqlite_url
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, check_non_terminal,
                    check_proofs)
 
@@ -45,12 +48,9 @@ class SqliteResultBackend(ResultBackend):
                  busy_timeout: float = 10.0, url: str | None = None):
         if path == ":memory:":
             path = None
-        if result_expires <= 0:
-            raise ConfigurationError("result_expires must be > 0 seconds")
+        self.result_expires = checks.seconds("result_expires", result_expires)
+        self._store = SqliteStore(path, busy_timeout=busy_timeout, errors=BACKEND_ERRORS)
         self.url = url or ("sqlite://" if path is None else f"sqlite:///{path}")
-        self.result_expires = float(result_expires)
-        self._db = SqliteDatabase(path, busy_timeout=busy_timeout, error=BackendError,
-                                  connection_error=BackendConnectionError)
         self._next_sweep = time.monotonic() + _SWEEP_EVERY_S
 
     @classmethod
@@ -64,7 +64,7 @@ class SqliteResultBackend(ResultBackend):
 
     def migrate(self) -> int:
         """Create or upgrade the tables (idempotent; also done on first use).  Returns the version."""
-        return self._db.migrate()
+        return self._store.migrate()
 
     # -- statuses ---------------------------------------------------------------------
     def store(self, status: TaskStatus) -> None:
@@ -73,28 +73,27 @@ class SqliteResultBackend(ResultBackend):
     def store_many(self, statuses: Sequence[TaskStatus]) -> None:
         if not statuses:
             return
-        with self._db.write() as conn:
-            self._store(conn, statuses)
-        self._db.wake.notify()
+        with self._store.write() as conn:
+            self._upsert(conn, statuses)
+        self._store.wake.notify()
 
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any,
                            deliveries: Sequence[Any]) -> bool:
-        """Store ``statuses`` and ack ``deliveries`` in one transaction when ``broker`` is a
-        ``SqliteBroker`` on this file; returns True.  Otherwise does nothing and returns False:
-        the caller stores, then acks."""
-        from ..brokers.sqlite import SqliteBroker
-        if not isinstance(broker, SqliteBroker) or broker._db.path is None or broker._db.path != self._db.path:
+        """Store ``statuses`` and ack ``deliveries`` in one transaction when ``broker`` keeps its
+        queues in this file (``shares_store_with``); returns True.  Otherwise does nothing and
+        returns False: the caller stores, then acks."""
+        if not self.shares_store_with(broker):
             return False
         ids = [d.receipt for d in deliveries]
-        with self._db.write() as conn:
-            self._store(conn, statuses)
+        with self._store.write() as conn:
+            self._upsert(conn, statuses)
             for i in range(0, len(ids), _CHUNK):
                 chunk = ids[i:i + _CHUNK]
                 conn.execute(f"DELETE FROM stem_messages WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-        self._db.wake.notify()
+        self._store.wake.notify()
         return True
 
-    def _store(self, conn, statuses: Sequence[TaskStatus]) -> None:
+    def _upsert(self, conn, statuses: Sequence[TaskStatus]) -> None:
         now = time.time()
         expires = now + self.result_expires
         rows = [(s.id, s.state.value, expires, encode_status(s)) for s in statuses]
@@ -112,12 +111,12 @@ class SqliteResultBackend(ResultBackend):
             return
         now = time.time()
         expires = now + self.result_expires
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             conn.executemany(_STORE_IF_NOT_TERMINAL,
                              [(s.id, s.state.value, expires, encode_status(s), now) for s in statuses])
 
     def get(self, task_id: str) -> TaskStatus | None:
-        with self._db.connection() as conn:
+        with self._store.connection() as conn:
             row = conn.execute("SELECT data FROM stem_results WHERE task_id = ? AND expires_at > ?",
                                (task_id, time.time())).fetchone()
         return None if row is None else decode_status(row[0])
@@ -126,7 +125,7 @@ class SqliteResultBackend(ResultBackend):
         ids = list(task_ids)
         found: dict[str, TaskStatus] = {}
         now = time.time()
-        with self._db.connection() as conn:
+        with self._store.connection() as conn:
             for i in range(0, len(ids), _CHUNK):
                 chunk = ids[i:i + _CHUNK]
                 for task_id, data in conn.execute(
@@ -139,46 +138,48 @@ class SqliteResultBackend(ResultBackend):
         deadline = time.monotonic() + max(timeout, 0.0)
         poll = _POLL_MIN_S
         while True:
-            seen = self._db.wake.seq
+            seen = self._store.wake.seq
             status = self.get(task_id)
             if status is not None and status.is_terminal:
                 return status
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return status
-            self._db.wake.wait(seen, min(remaining, poll))
+            self._store.wake.wait(seen, min(remaining, poll))
             poll = min(poll * 2, _POLL_MAX_S)
 
     def forget(self, task_id: str) -> None:
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             conn.execute("DELETE FROM stem_results WHERE task_id = ?", (task_id,))
 
     # -- heartbeats -------------------------------------------------------------------
     def put_heartbeat(self, worker_id: str, data: dict[str, Any], ttl: float) -> None:
+        ttl = checks.seconds("ttl", ttl)
         now = time.time()
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             conn.execute("INSERT INTO stem_heartbeats (worker_id, seen_at, expires_at, data) VALUES (?, ?, ?, ?) "
                          "ON CONFLICT (worker_id) DO UPDATE SET seen_at = excluded.seen_at, "
                          "expires_at = excluded.expires_at, data = excluded.data",
                          (worker_id, now, now + ttl, _encode(data)))
 
     def heartbeats(self) -> list[dict[str, Any]]:
-        with self._db.connection() as conn:
+        with self._store.connection() as conn:
             rows = conn.execute("SELECT worker_id, seen_at, data FROM stem_heartbeats WHERE expires_at > ? "
                                 "ORDER BY worker_id", (time.time(),)).fetchall()
         return [{**_decode(data), "worker_id": worker_id, "seen_at": seen_at} for worker_id, seen_at, data in rows]
 
     def remove_heartbeat(self, worker_id: str) -> None:
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             conn.execute("DELETE FROM stem_heartbeats WHERE worker_id = ?", (worker_id,))
 
     # -- revocations ------------------------------------------------------------------
     def revoke(self, task_ids: Sequence[str], expires: float | None = None,
                proofs: Sequence[bytes | None] | None = None) -> None:
+        expires = checks.optional_seconds("expires", expires)
         task_ids = list(task_ids)
         checked = check_proofs(task_ids, proofs)
         until = time.time() + (self.result_expires if expires is None else expires)
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             conn.executemany("INSERT INTO stem_revocations (task_id, expires_at, proof) VALUES (?, ?, ?) "
                              "ON CONFLICT (task_id) DO UPDATE SET expires_at = excluded.expires_at, "
                              "proof = excluded.proof",
@@ -186,7 +187,7 @@ class SqliteResultBackend(ResultBackend):
 
     def revoked(self, task_ids: Sequence[str] | None = None) -> set[str]:
         now = time.time()
-        with self._db.connection() as conn:
+        with self._store.connection() as conn:
             if task_ids is None:
                 return {r[0] for r in conn.execute(
                     "SELECT task_id FROM stem_revocations WHERE expires_at > ?", (now,))}
@@ -203,7 +204,7 @@ class SqliteResultBackend(ResultBackend):
         ids = list(task_ids)
         out: dict[str, bytes] = {}
         now = time.time()
-        with self._db.connection() as conn:
+        with self._store.connection() as conn:
             for i in range(0, len(ids), _CHUNK):
                 chunk = ids[i:i + _CHUNK]
                 out.update(conn.execute(
@@ -213,9 +214,9 @@ class SqliteResultBackend(ResultBackend):
 
     # -- misc -------------------------------------------------------------------------
     def ping(self) -> None:
-        with self._db.connection() as conn:
+        with self._store.connection() as conn:
             conn.execute("SELECT 1").fetchone()
 
     def close(self) -> None:
-        self._db.wake.notify()
-        self._db.close()
+        self._store.wake.notify()
+        self._store.close()

@@ -27,4 +27,4 @@ def __getattr__(name: str) -> Any:
 def from_url(url: str, **kwargs: Any) -> Broker:
     """The broker for ``url``; ``memory://NAME`` gives the same instance per NAME in one process."""
     return _adapters.from_url("broker", "stem.brokers", "Broker", url, _memory_instances,
-                              lambda u: InMemoryBroker(url=u, **kwargs), lambda b: not b._closed, kwargs)
+                              lambda u: InMemoryBroker(url=u, **kwargs), lambda b: not b.closed, kwargs)

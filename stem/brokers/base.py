@@ -43,6 +43,7 @@ Delivery semantics, identical on every adapter (``tests/contract`` proves it):
 from __future__ import annotations
 
 import abc
+import operator
 import time
 from typing import Any, NamedTuple, Sequence
 
@@ -50,7 +51,7 @@ from .. import _checks as checks
 from ..errors import ConfigurationError
 
 __all__ = ["Broker", "Message", "Delivery", "DeadLetter", "QueueStats", "validate_queue_name",
-           "check_frame_batch", "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES"]
+           "check_frame_batch", "check_consume", "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES"]
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
 DEFAULT_MAX_DELIVERIES = 5
@@ -58,6 +59,16 @@ DEFAULT_MAX_DELIVERIES = 5
 
 def validate_queue_name(name: str) -> str:
     return checks.queue_name(name)
+
+
+def check_consume(queues: Sequence[str], max_count: int) -> list[str]:
+    """``consume``'s arguments: the queue names (checked, each once, in order), and a
+    ``max_count`` that is an integer >= 1."""
+    checks.integer("max_count", max_count)
+    names = list(dict.fromkeys(validate_queue_name(q) for q in queues))
+    if not names:
+        raise ConfigurationError("consume needs at least one queue")
+    return names
 
 
 def check_frame_batch(task_ids: Sequence[str], frames: Sequence[bytes]) -> int:
@@ -123,6 +134,13 @@ class Broker(abc.ABC):
     url: str = ""
     default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    _store: Any = None
+
+    #: The store this broker keeps its queues in (a ``stem.stores.base.Store``), or None (the
+    #: memory broker): a result backend in the same store stores results and acks in one round
+    #: trip or transaction (``ResultBackend.shares_store_with``).  Read-only; its getter is C
+    #: (no Python frame), as it is read on every settle round trip.
+    store = property(operator.attrgetter("_store"))
 
     @abc.abstractmethod
     def publish(self, message: Message) -> None:

@@ -15,8 +15,9 @@ import uuid
 from collections import OrderedDict
 from typing import Sequence
 
+from .. import _checks as checks
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
-                   Message, QueueStats, validate_queue_name)
+                   Message, QueueStats, check_consume, validate_queue_name)
 
 __all__ = ["InMemoryBroker"]
 
@@ -47,8 +48,8 @@ class InMemoryBroker(Broker):
     def __init__(self, *, default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
                  max_deliveries: int = DEFAULT_MAX_DELIVERIES, url: str = "memory://"):
         self.url = url
-        self.default_visibility_timeout = float(default_visibility_timeout)
-        self.max_deliveries = int(max_deliveries)
+        self.default_visibility_timeout = checks.seconds("default_visibility_timeout", default_visibility_timeout)
+        self.max_deliveries = checks.integer("max_deliveries", max_deliveries)
         self._cond = threading.Condition(threading.Lock())
         self._queues: dict[str, _Queue] = {}
         self._seq = itertools.count()
@@ -115,6 +116,7 @@ class InMemoryBroker(Broker):
     # -- consuming ----------------------------------------------------------------
     def consume(self, queues: Sequence[str], max_count: int, timeout: float,
                 *, consumer: str = "") -> list[Delivery]:
+        queues = check_consume(queues, max_count)
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._cond:
             for name in queues:
@@ -253,6 +255,11 @@ class InMemoryBroker(Broker):
     def queues(self) -> list[str]:
         with self._cond:
             return sorted(self._queues)
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` was called (``from_url`` then makes a new one for the name)."""
+        return self._closed
 
     def close(self) -> None:
         with self._cond:

@@ -2,7 +2,8 @@
 
 URL: ``postgresql://user@host:port/db?schema=name`` (or the ``schema=``
 argument; default ``public``).  Needs psycopg 3 (``pip install
-'stem-queue[postgres]'``).  Schema and channels: ``stem/brokers/_pg_schema.py``.
+'stem-queue[postgres]'``).  Schema and channels: ``stem/stores/postgres_schema.py``;
+connections, retries and error translation: ``stem/stores/postgres.py``.
 
 * **Claim** (one statement, autocommit): for each consumed queue, the best
   ready rows (``stem_jobs_ready``: priority, then id = age) and the best rows
@@ -35,11 +36,14 @@ import threading
 import time
 from typing import Any, Sequence
 
-from ..errors import BrokerConnectionError, BrokerError, ConfigurationError
-from ._pg_schema import (DURABLE, FAST, NOW, Listener, PgConnections, parse_postgres_url, quote_schema,
-                         reset_in_child)
+from .. import _checks as checks
+from ..errors import ConfigurationError
+from ..stores.base import BROKER_ERRORS
+from ..stores.local import after_fork_in_child
+from ..stores.postgres import PostgresStore, parse_postgres_url
+from ..stores.postgres_schema import NOW, quote_schema
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
-                   Message, QueueStats, validate_queue_name)
+                   Message, QueueStats, check_consume, validate_queue_name)
 
 __all__ = ["PostgresBroker", "migrate"]
 
@@ -154,24 +158,21 @@ class PostgresBroker(Broker):
                  default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
                  max_deliveries: int = DEFAULT_MAX_DELIVERIES, reconnect_timeout: float = 10.0,
                  url: str | None = None):
-        if default_visibility_timeout <= 0 or max_deliveries < 1:
-            raise ConfigurationError("default_visibility_timeout must be > 0 and max_deliveries >= 1")
+        self.default_visibility_timeout = checks.seconds("default_visibility_timeout", default_visibility_timeout)
+        self.max_deliveries = checks.integer("max_deliveries", max_deliveries)
         conninfo, schema = parse_postgres_url(conninfo, schema)
         self.url = url or conninfo
         self.schema = schema
-        self.default_visibility_timeout = float(default_visibility_timeout)
-        self.max_deliveries = int(max_deliveries)
-        self._pg = PgConnections(conninfo, schema, who="PostgresBroker", error=BrokerError,
-                                 connection_error=BrokerConnectionError, reconnect_timeout=reconnect_timeout,
-                                 settings=DURABLE)
-        self._fast = self._pg.sibling(FAST)
+        self._store = PostgresStore(conninfo, schema, who="PostgresBroker", errors=BROKER_ERRORS,
+                                    reconnect_timeout=reconnect_timeout)
+        self._pg, self._fast = self._store.durable, self._store.fast
         self._sql = _queries(quote_schema(schema))
         self.channel = f"stem.{schema}.jobs"
         self._generation: dict[str, int] = {}
         self._resets = 0
         self._new_locks()
-        reset_in_child(self)
-        self._listener = Listener(self._pg, self.channel, self._on_notify, self._on_reset)
+        after_fork_in_child(self._new_locks)
+        self._listener = self._store.listener(self.channel, self._on_notify, self._on_reset)
         self._known_queues: set[str] = set()
         self._closed = False
 
@@ -181,10 +182,11 @@ class PostgresBroker(Broker):
 
     def migrate(self) -> int:
         """Create or upgrade the schema (idempotent, advisory-locked; also done on first use)."""
-        return self._pg.migrate()
+        return self._store.migrate()
 
     # -- wake-ups -------------------------------------------------------------------
     def _new_locks(self) -> None:
+        """At construction and in a forked child (where another thread may have held it)."""
         self._cond = threading.Condition(threading.Lock())
 
     def _on_notify(self, queue: str) -> None:
@@ -228,9 +230,7 @@ class PostgresBroker(Broker):
     # -- consuming --------------------------------------------------------------------
     def consume(self, queues: Sequence[str], max_count: int, timeout: float,
                 *, consumer: str = "") -> list[Delivery]:
-        queues = list(dict.fromkeys(validate_queue_name(q) for q in queues))
-        if not queues or max_count < 1:
-            return []
+        queues = check_consume(queues, max_count)
         self._register(queues)
         deadline = time.monotonic() + max(timeout, 0.0)
         while not self._closed:
@@ -338,8 +338,7 @@ class PostgresBroker(Broker):
         self._listener.stop()
         with self._cond:
             self._cond.notify_all()
-        self._pg.close()
-        self._fast.close()
+        self._store.close()
 
 
 def migrate(url: str, *, schema: str | None = None) -> int:

@@ -47,39 +47,31 @@ Where Redis differs from the in-memory reference (all allowed by the protocol):
   that still has pending entries: that drops them from the PEL (the consume
   script re-adds such stranded entries when their lease expires).
 
-Connections: one ``redis.ConnectionPool`` per URL and options in a process,
-shared by brokers and result backends; redis-py resets a pool in a forked
-child (it checks the pid), so a child never reuses its parent's sockets.
-Every call runs under socket timeouts and a bounded retry with backoff, then
-raises ``BrokerConnectionError``.
+Connections, retries, scripts and error translation are the store's
+(``stem.stores.redis``, shared as ``broker.store`` with a result backend on the
+same pool); every call runs under socket timeouts and a bounded retry with
+backoff, then raises ``BrokerConnectionError``.
 """
 
 from __future__ import annotations
 
-import os
 import logging
-import random
-import re
+import os
 import socket
-import threading
 import time
 import uuid
 from importlib import resources
 from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
-from ..errors import BrokerConnectionError, BrokerError, ConfigurationError, StemError
-from ._redis_pipe import execute, execute_last, execute_unread, pack_commands, pack_xadds, raise_first_error
+from .. import _checks as checks
+from ..errors import ConfigurationError, StemError
+from ..stores.base import BROKER_ERRORS
+from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_unread,
+                            pack_commands, pack_xadds, raise_first_error, validate_namespace)
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
                    Message, QueueStats, check_frame_batch, validate_queue_name)
 
-try:
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-except ImportError as exc:  # pragma: no cover - redis is a core dependency
-    raise ImportError("RedisBroker needs redis-py: pip install 'redis[hiredis]'") from exc
-
-__all__ = ["RedisBroker", "shared_client", "release_client", "validate_namespace", "call_with_retry"]
+__all__ = ["RedisBroker", "N_LANES"]
 
 log = logging.getLogger("stem.broker.redis")
 
@@ -87,89 +79,7 @@ N_LANES = 10
 _MAX_BLOCK_S = 1.0          # longest single XREAD BLOCK; bounds the latency of delayed/nacked messages
 _DELAYED_MOVE_LIMIT = 1000  # due delayed messages moved per consume script call
 _MAX_COUNT = 1000
-_NAMESPACE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _T = TypeVar("_T")
-
-# -- connection pools (shared with stem.backends.redis) ---------------------------
-
-_pools_lock = threading.Lock()
-_pools: dict[tuple, list] = {}   # key -> [client, refcount]
-
-
-def _after_fork_in_child() -> None:
-    # a fork while another thread held the lock must not leave it locked in the child;
-    # the pools themselves reset in the child on first use (redis-py checks the pid)
-    global _pools_lock
-    _pools_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def validate_namespace(namespace: str) -> str:
-    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
-        raise ConfigurationError(
-            f"bad Redis namespace {namespace!r}: use 1-64 characters from A-Z a-z 0-9 _ . : -")
-    return namespace
-
-
-def _positive(name: str, value: Any, *, minimum: float = 0.0, integer: bool = False) -> float:
-    ok_type = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_type) or not value > minimum:
-        kind = "an integer" if integer else "a number"
-        raise ConfigurationError(f"{name} must be {kind} > {minimum}, got {value!r}")
-    return value
-
-
-def shared_client(url: str, socket_timeout: float, connect_timeout: float) -> "redis.Redis":
-    """The process-wide client for ``url``: one pool per (url, timeouts).  Pair with ``release_client``."""
-    key = (url, float(socket_timeout), float(connect_timeout))
-    with _pools_lock:
-        entry = _pools.get(key)
-        if entry is None:
-            try:
-                pool = redis.ConnectionPool.from_url(
-                    url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
-                    socket_keepalive=True, retry=Retry(NoBackoff(), 1))
-            except (ValueError, TypeError) as exc:
-                raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
-            entry = _pools[key] = [redis.Redis(connection_pool=pool), 0]
-        entry[1] += 1
-        return entry[0]
-
-
-def release_client(client: "redis.Redis") -> None:
-    with _pools_lock:
-        for key, entry in list(_pools.items()):
-            if entry[0] is client:
-                entry[1] -= 1
-                if entry[1] <= 0:
-                    del _pools[key]
-                    client.connection_pool.disconnect()
-                return
-
-
-def call_with_retry(fn: Callable[[], _T], attempts: int, what: str,
-                    connection_error: type[StemError] = BrokerConnectionError,
-                    other_error: type[StemError] = BrokerError) -> _T:
-    """Run ``fn``; retry connection failures and timeouts ``attempts`` - 1 times with
-    capped, jittered backoff, then raise ``connection_error``.  Any other redis error
-    becomes ``other_error`` at once.  Callers only ever see ``StemError``."""
-    delay = 0.05
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.debug("Redis %s failed (%s); attempt %d of %d", what, exc, attempt + 1, attempts)
-            if attempt == attempts - 1:
-                raise connection_error(
-                    f"Redis unreachable during {what} after {attempts} attempts: {exc}") from exc
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 1.0)
-        except redis.RedisError as exc:
-            raise other_error(f"Redis error during {what}: {exc}") from exc
-    raise AssertionError("unreachable")
 
 
 def _load_script(name: str) -> str:
@@ -192,10 +102,6 @@ def _as_list(items: Sequence) -> list:
     return items if type(items) is list else list(items)
 
 
-def _ms(seconds: float) -> int:
-    return max(int(round(seconds * 1000)), 1)
-
-
 class RedisBroker(Broker):
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str = "stem",
                  default_visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
@@ -203,16 +109,16 @@ class RedisBroker(Broker):
                  socket_connect_timeout: float = 2.0, retry_attempts: int = 4):
         self.url = url
         self.namespace = validate_namespace(namespace)
-        self.default_visibility_timeout = float(_positive("default_visibility_timeout",
-                                                          default_visibility_timeout))
-        self.max_deliveries = int(_positive("max_deliveries", max_deliveries, integer=True))
-        _positive("socket_timeout", socket_timeout, minimum=2 * _MAX_BLOCK_S)
-        _positive("socket_connect_timeout", socket_connect_timeout)
-        self.retry_attempts = int(_positive("retry_attempts", retry_attempts, integer=True))
-        self._client = shared_client(url, socket_timeout, socket_connect_timeout)
-        self._consume_script = self._client.register_script(_load_script("redis_consume.lua"))
-        self._settle_script = self._client.register_script(_load_script("redis_settle.lua"))
-        self._admin_script = self._client.register_script(_load_script("redis_admin.lua"))
+        self.default_visibility_timeout = checks.seconds("default_visibility_timeout", default_visibility_timeout)
+        self.max_deliveries = checks.integer("max_deliveries", max_deliveries)
+        checks.seconds("socket_timeout", socket_timeout, minimum=2 * _MAX_BLOCK_S)   # above one XREAD BLOCK
+        self._store = RedisStore(url, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
+                                 retry_attempts=retry_attempts, errors=BROKER_ERRORS)
+        self.retry_attempts = self._store.retry_attempts
+        self._client = self._store.client
+        self._consume_script = self._store.script(_load_script("redis_consume.lua"))
+        self._settle_script = self._store.script(_load_script("redis_settle.lua"))
+        self._admin_script = self._store.script(_load_script("redis_admin.lua"))
         self._declared: set[str] = set()
         self._keys: dict[str, list[str]] = {}
         self._instance = uuid.uuid4().hex[:8]
@@ -240,7 +146,7 @@ class RedisBroker(Broker):
         return f"{self.namespace}:queues"
 
     def _call(self, fn: Callable[[], _T], what: str) -> _T:
-        return call_with_retry(fn, self.retry_attempts, what)
+        return self._store.call(fn, what)
 
     def _consumer(self, consumer: str) -> str:
         return consumer or f"{socket.gethostname()}:{os.getpid()}:{self._instance}"
@@ -260,7 +166,7 @@ class RedisBroker(Broker):
             queue = m.queue
             if queue not in self._declared and queue not in new_queues:
                 new_queues.append(queue)
-            vt_ms = 0 if m.visibility_timeout is None else _ms(m.visibility_timeout)
+            vt_ms = 0 if m.visibility_timeout is None else checks.ms(m.visibility_timeout)
             priority = int(m.priority)
             frame = m.frame if type(m.frame) is bytes else bytes(m.frame)
             if m.not_before is not None and m.not_before > now:
@@ -286,7 +192,7 @@ class RedisBroker(Broker):
         if not n:
             return
         priority = int(priority)
-        vt_ms = 0 if visibility_timeout is None else _ms(visibility_timeout)
+        vt_ms = 0 if visibility_timeout is None else checks.ms(visibility_timeout)
         packed = pack_xadds(self.queue_keys(queue)[_lane(priority)], _as_list(task_ids), _as_list(frames),
                             priority, vt_ms)
         declare = queue not in self._declared
@@ -304,8 +210,7 @@ class RedisBroker(Broker):
     # -- consuming --------------------------------------------------------------------
     def consume(self, queues: Sequence[str], max_count: int, timeout: float,
                 *, consumer: str = "") -> list[Delivery]:
-        if isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1:
-            raise ConfigurationError(f"max_count must be an integer >= 1, got {max_count!r}")
+        checks.integer("max_count", max_count)
         names = list(dict.fromkeys(queues))
         if not names:
             raise ConfigurationError("consume needs at least one queue")
@@ -335,7 +240,7 @@ class RedisBroker(Broker):
         for q in self._rotation(names):
             keys = self.queue_keys(q)
             command = self._consume_command(q, consumer, max_count - len(out))
-            reply = self._call(lambda: self.run_commands([command])[0], "consume")
+            reply = self._call(lambda: self._store.run([command])[0], "consume")
             if self._read_leased(q, consumer, reply, out):
                 if len(out) >= max_count:
                     break
@@ -355,8 +260,8 @@ class RedisBroker(Broker):
         return names[start:] + names[:start]
 
     def _consume_command(self, queue: str, consumer: str, count: int) -> tuple:
-        return self._evalsha(self._consume_script, queue, consumer, count, _ms(self.default_visibility_timeout),
-                             _DELAYED_MOVE_LIMIT)
+        return self._evalsha(self._consume_script, queue, consumer, count,
+                             checks.ms(self.default_visibility_timeout), _DELAYED_MOVE_LIMIT)
 
     def _read_leased(self, queue: str, consumer: str, reply: list, out: list[Delivery]) -> int:
         """Append the deliveries a consume script's ``reply`` leased to ``out``; returns how many.
@@ -373,7 +278,7 @@ class RedisBroker(Broker):
 
     def run_and_consume(self, commands: Sequence[Sequence[Any]], queues: Sequence[str], max_count: int,
                         *, consumer: str = "") -> list[Delivery]:
-        """Run ``commands`` (settle commands: safe to repeat, as for ``run_commands``) and,
+        """Run ``commands`` (settle commands: safe to repeat, as for ``store.run``) and,
         after them in the same pipeline, one consume of up to ``max_count`` deliveries
         from the next of ``queues`` in turn (one queue: several need a round trip each).
         Never blocks.  Tried once: a lost connection may have lost the reply of a consume
@@ -397,15 +302,15 @@ class RedisBroker(Broker):
         def send() -> list[Delivery]:
             # the settle commands' replies are only checked for an error: never built
             error, reply = execute_last(self._client, packed, len(pipeline))
-            if isinstance(reply, redis.exceptions.NoScriptError):
-                self.load_scripts()
+            if isinstance(reply, NoScriptError):
+                self._store.load_scripts()
                 error, reply = execute_last(self._client, packed, len(pipeline))
             out: list[Delivery] = []
-            if not isinstance(reply, redis.ResponseError):
+            if not isinstance(reply, ReplyError):
                 self._read_leased(queue, consumer, reply, out)
             try:
-                if isinstance(error, redis.exceptions.NoScriptError):
-                    self.run_commands(commands)   # loads the scripts; raises the first error left
+                if isinstance(error, NoScriptError):
+                    self._store.run(commands)   # loads the scripts; raises the first error left
                 elif error is not None:
                     raise error
             except BaseException:
@@ -414,7 +319,7 @@ class RedisBroker(Broker):
             raise_first_error((reply,))
             return out
 
-        return call_with_retry(send, 1, "settle+consume")
+        return self._store.call(send, "settle+consume", attempts=1)
 
     def ack_and_consume(self, deliveries: Sequence[Delivery], queues: Sequence[str], max_count: int,
                         *, consumer: str = "") -> list[Delivery]:
@@ -425,10 +330,11 @@ class RedisBroker(Broker):
         """Best effort: end these leases now (``nack``); what fails comes back after its lease."""
         if not deliveries:
             return
+        commands = [self._evalsha(self._settle_script, d.queue, "requeue", d.receipt.lane, d.receipt.entry_id)
+                     for d in deliveries]
         try:
-            self.run_commands([self._evalsha(self._settle_script, d.queue, "requeue", d.receipt.lane,
-                                             d.receipt.entry_id) for d in deliveries])
-        except (redis.RedisError, OSError) as exc:
+            self._store.call(lambda: self._store.run(commands), "give back", attempts=1)
+        except StemError as exc:
             log.warning("could not give back %d deliveries (%s); they come back after their lease",
                         len(deliveries), exc)
 
@@ -436,24 +342,10 @@ class RedisBroker(Broker):
         """The EVALSHA command that runs one of this broker's per-queue scripts on ``queue``."""
         return ("EVALSHA", script.sha, N_LANES + 3, *self.queue_keys(queue), *args)
 
-    def run_commands(self, commands: Sequence[Sequence[Any]]) -> list:
-        """Run ``commands`` (which may hold this broker's EVALSHAs) as one pipeline and return
-        the replies.  A Redis restart empties its script cache: then the scripts are loaded
-        and the whole pipeline runs once more (what it holds is safe to repeat: SETs and
-        idempotent scripts).  The first error reply is raised."""
-        for first in (True, False):
-            replies = execute(self._client, commands)
-            if first and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-                self.load_scripts()
-                continue
-            raise_first_error(replies)
-            return replies
-        raise AssertionError("unreachable")
-
     # -- settling ---------------------------------------------------------------------
     def _settle(self, queue: str, args: list) -> Any:
         command = self._evalsha(self._settle_script, queue, *args)
-        return self._call(lambda: self.run_commands([command])[0], args[0])
+        return self._call(lambda: self._store.run([command])[0], args[0])
 
     def ack_commands(self, deliveries: Sequence[Delivery]) -> list[tuple]:
         """The EVALSHA commands that ack ``deliveries`` (one per queue), for a pipeline."""
@@ -467,15 +359,10 @@ class RedisBroker(Broker):
             pairs.append(r.entry_id)
         return [self._evalsha(self._settle_script, q, "ack", *pairs) for q, pairs in by_queue.items()]
 
-    def load_scripts(self) -> None:
-        """Load every script again (after a Redis restart emptied its script cache)."""
-        for script in (self._consume_script, self._settle_script, self._admin_script):
-            self._client.script_load(script.script)
-
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         commands = self.ack_commands(deliveries)
         if commands:
-            self._call(lambda: self.run_commands(commands), "ack")
+            self._call(lambda: self._store.run(commands), "ack")
 
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         if not requeue:
@@ -498,14 +385,14 @@ class RedisBroker(Broker):
         for d in deliveries:
             r = d.receipt
             vt = visibility_timeout or d.visibility_timeout
-            groups.setdefault((d.queue, r.consumer), []).extend((r.lane, r.entry_id, _ms(vt)))
+            groups.setdefault((d.queue, r.consumer), []).extend((r.lane, r.entry_id, checks.ms(vt)))
         for (queue, consumer), triples in groups.items():
             self._settle(queue, ["extend", consumer, *triples])
 
     # -- dead letters and admin -----------------------------------------------------
     def _admin(self, queue: str, *args: Any) -> Any:
         command = self._evalsha(self._admin_script, queue, *args)
-        return self._call(lambda: self.run_commands([command])[0], str(args[0]))
+        return self._call(lambda: self._store.run([command])[0], str(args[0]))
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         key = self.queue_keys(queue)[N_LANES + 2]
@@ -567,7 +454,5 @@ class RedisBroker(Broker):
         self._call(self._client.ping, "ping")
 
     def close(self) -> None:
-        if self._closed:
-            return
         self._closed = True
-        release_client(self._client)
+        self._store.close()

@@ -3,7 +3,8 @@
 URLs: ``sqlite:///stem.db`` (relative to the current directory),
 ``sqlite:////var/lib/stem.db`` (absolute), ``sqlite://`` (in memory, one
 process).  Options in the query string: ``busy_timeout`` (seconds).  The
-schema lives in ``stem/_sql.py``.
+schema lives in ``stem/stores/sqlite_schema.py``, connections and error
+translation in ``stem/stores/sqlite.py``.
 
 * **Claim.**  One ``BEGIN IMMEDIATE`` transaction (SQLite's write lock, so
   claims from every process are serialised): due delayed rows and expired
@@ -28,10 +29,12 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from .._sql import SqliteDatabase, parse_sqlite_url
-from ..errors import BrokerConnectionError, BrokerError, ConfigurationError
+from .. import _checks as checks
+from ..errors import ConfigurationError
+from ..stores.base import BROKER_ERRORS
+from ..stores.sqlite import SqliteStore, parse_sqlite_url
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
-                   Message, QueueStats, validate_queue_name)
+                   Message, QueueStats, check_consume, validate_queue_name)
 
 __all__ = ["SqliteBroker", "migrate"]
 
@@ -56,13 +59,10 @@ class SqliteBroker(Broker):
         """``path`` None or ``":memory:"`` is an in-memory database for this process."""
         if path == ":memory:":
             path = None
-        if default_visibility_timeout <= 0 or max_deliveries < 1:
-            raise ConfigurationError("default_visibility_timeout must be > 0 and max_deliveries >= 1")
+        self.default_visibility_timeout = checks.seconds("default_visibility_timeout", default_visibility_timeout)
+        self.max_deliveries = checks.integer("max_deliveries", max_deliveries)
+        self._store = SqliteStore(path, busy_timeout=busy_timeout, errors=BROKER_ERRORS)
         self.url = url or ("sqlite://" if path is None else f"sqlite:///{path}")
-        self.default_visibility_timeout = float(default_visibility_timeout)
-        self.max_deliveries = int(max_deliveries)
-        self._db = SqliteDatabase(path, busy_timeout=busy_timeout, error=BrokerError,
-                                  connection_error=BrokerConnectionError)
         self._known_queues: set[str] = set()
         self._closed = False
 
@@ -77,7 +77,7 @@ class SqliteBroker(Broker):
 
     def migrate(self) -> int:
         """Create or upgrade the tables (idempotent; also done on first use).  Returns the version."""
-        return self._db.migrate()
+        return self._store.migrate()
 
     # -- helpers --------------------------------------------------------------------
     def _register(self, conn, names) -> None:
@@ -111,25 +111,23 @@ class SqliteBroker(Broker):
             validate_queue_name(name)
         now = time.time()
         rows = [self._row(m, now) for m in messages]
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             self._register(conn, {m.queue for m in messages})
             conn.executemany(_INSERT, rows)
-        self._db.wake.notify()
+        self._store.wake.notify()
 
     # -- consuming --------------------------------------------------------------------
     def consume(self, queues: Sequence[str], max_count: int, timeout: float,
                 *, consumer: str = "") -> list[Delivery]:
-        queues = list(dict.fromkeys(validate_queue_name(q) for q in queues))
-        if not queues or max_count < 1:
-            return []
+        queues = check_consume(queues, max_count)
         if any(q not in self._known_queues for q in queues):
-            with self._db.write() as conn:
+            with self._store.write() as conn:
                 self._register(conn, queues)
         deadline = time.monotonic() + max(timeout, 0.0)
         poll = _POLL_MIN_S
         check_first = False
         while not self._closed:
-            seen = self._db.wake.seq
+            seen = self._store.wake.seq
             next_due = None
             if check_first:
                 ready, next_due = self._probe(queues)
@@ -147,15 +145,15 @@ class SqliteBroker(Broker):
             sleep = min(remaining, poll)
             if next_due is not None:
                 sleep = min(sleep, max(next_due - time.time(), 0.001))
-            self._db.wake.wait(seen, sleep)
-            poll = _POLL_MIN_S if self._db.wake.seq != seen else min(poll * 2, _POLL_MAX_S)
+            self._store.wake.wait(seen, sleep)
+            poll = _POLL_MIN_S if self._store.wake.seq != seen else min(poll * 2, _POLL_MAX_S)
         return []
 
     def _probe(self, queues: list[str]) -> tuple[bool, float | None]:
         """(any ready row?, earliest due time of delayed/leased rows) -- reads only, no write lock."""
         ready = False
         next_due = None
-        with self._db.connection() as conn:
+        with self._store.connection() as conn:
             for q in queues:
                 if not ready and conn.execute(
                         "SELECT 1 FROM stem_messages WHERE queue = ? AND state = 0 LIMIT 1", (q,)).fetchone():
@@ -167,7 +165,7 @@ class SqliteBroker(Broker):
         return ready, next_due
 
     def _claim(self, queues: list[str], max_count: int) -> list[Delivery]:
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             now = time.time()
             conn.execute(f"UPDATE stem_messages SET state = 0 WHERE queue IN ({_marks(len(queues))}) "
                          "AND state <> 0 AND available_at <= ?", (*queues, now))
@@ -201,14 +199,14 @@ class SqliteBroker(Broker):
         ids = [d.receipt for d in deliveries]
         if not ids:
             return
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             for i in range(0, len(ids), _CHUNK):
                 chunk = ids[i:i + _CHUNK]
                 conn.execute(f"DELETE FROM stem_messages WHERE id IN ({_marks(len(chunk))})", chunk)
 
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         now = time.time()
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             if requeue:
                 conn.execute("UPDATE stem_messages SET state = 0, available_at = ? WHERE id = ? AND state = 2",
                              (now, delivery.receipt))
@@ -216,11 +214,11 @@ class SqliteBroker(Broker):
                               (delivery.receipt,)).fetchone():
                 self._dead(conn, [delivery.receipt], "rejected", now)
         if requeue:
-            self._db.wake.notify()
+            self._store.wake.notify()
 
     def retry(self, delivery: Delivery, frame: bytes, not_before: float | None) -> None:
         now = time.time()
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             old = conn.execute("DELETE FROM stem_messages WHERE id = ? RETURNING queue, task_id, priority, "
                                "visibility_timeout", (delivery.receipt,)).fetchone()
             if old is None:
@@ -228,24 +226,24 @@ class SqliteBroker(Broker):
             delayed = not_before is not None and not_before > now
             conn.execute(_INSERT, (old[0], old[1], old[2], DELAYED if delayed else READY,
                                    not_before if delayed else now, old[3], bytes(frame)))
-        self._db.wake.notify()
+        self._store.wake.notify()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             self._dead(conn, [delivery.receipt], reason, time.time())
 
     def extend(self, deliveries: Sequence[Delivery], visibility_timeout: float | None = None) -> None:
         if not deliveries:
             return
         now = time.time()
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             conn.executemany("UPDATE stem_messages SET available_at = ? WHERE id = ? AND state = 2",
                              [(now + (visibility_timeout or d.visibility_timeout), d.receipt) for d in deliveries])
 
     # -- dead letters and admin -------------------------------------------------------
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         validate_queue_name(queue)
-        with self._db.connection() as conn:
+        with self._store.connection() as conn:
             rows = conn.execute("SELECT id, task_id, queue, reason, failed_at, frame FROM stem_dead_letters "
                                 "WHERE queue = ? ORDER BY id LIMIT ?", (queue, max(limit, 0))).fetchall()
         return [DeadLetter(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
@@ -253,7 +251,7 @@ class SqliteBroker(Broker):
     def replay(self, queue: str, ids: Sequence[str] | None = None) -> int:
         validate_queue_name(queue)
         now = time.time()
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             if ids is None:
                 where, params = "queue = ?", (queue,)
             else:
@@ -270,22 +268,22 @@ class SqliteBroker(Broker):
                 f"WHERE {where} ORDER BY id", (now, *params)).rowcount
             conn.execute(f"DELETE FROM stem_dead_letters WHERE {where}", params)
         if moved:
-            self._db.wake.notify()
+            self._store.wake.notify()
         return moved
 
     def purge(self, queue: str) -> int:
         validate_queue_name(queue)
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             return conn.execute("DELETE FROM stem_messages WHERE queue = ? AND state IN (0, 1)", (queue,)).rowcount
 
     def purge_dead_letters(self, queue: str) -> int:
         validate_queue_name(queue)
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             return conn.execute("DELETE FROM stem_dead_letters WHERE queue = ?", (queue,)).rowcount
 
     def delete_queue(self, queue: str) -> None:
         validate_queue_name(queue)
-        with self._db.write() as conn:
+        with self._store.write() as conn:
             conn.execute("DELETE FROM stem_messages WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM stem_dead_letters WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM stem_queues WHERE name = ?", (queue,))
@@ -294,7 +292,7 @@ class SqliteBroker(Broker):
     def stats(self, queue: str) -> QueueStats:
         validate_queue_name(queue)
         now = time.time()
-        with self._db.connection() as conn:
+        with self._store.connection() as conn:
             row = conn.execute(
                 "SELECT (SELECT count(*) FROM stem_messages WHERE queue = ?1 AND state = 0),"
                 " (SELECT count(*) FROM stem_messages WHERE queue = ?1 AND state <> 0 AND available_at <= ?2),"
@@ -306,17 +304,17 @@ class SqliteBroker(Broker):
         return QueueStats(queue, row[0] + row[1], row[2], row[3], row[4])
 
     def queues(self) -> list[str]:
-        with self._db.connection() as conn:
+        with self._store.connection() as conn:
             return [r[0] for r in conn.execute("SELECT name FROM stem_queues ORDER BY name")]
 
     def ping(self) -> None:
-        with self._db.connection() as conn:
+        with self._store.connection() as conn:
             conn.execute("SELECT 1").fetchone()
 
     def close(self) -> None:
         self._closed = True
-        self._db.wake.notify()
-        self._db.close()
+        self._store.wake.notify()
+        self._store.close()
 
 
 def migrate(url: str) -> int:

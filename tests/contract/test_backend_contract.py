@@ -6,6 +6,9 @@ import threading
 import time
 import uuid
 
+import pytest
+
+from stem.errors import ConfigurationError
 from stem.results import TaskState, TaskStatus
 
 
@@ -239,3 +242,23 @@ def test_revoke_needs_one_proof_per_id(backend):
     with pytest.raises(ConfigurationError, match="bytes"):
         backend.revoke([a], proofs=["text"])
     assert backend.revoked([a]) == set()
+
+
+@pytest.mark.parametrize("result_expires", [0, -1.0, True, float("inf"), "60"])
+def test_a_backend_refuses_a_bad_result_expires_with_a_configuration_error(make_backend, result_expires):
+    with pytest.raises(ConfigurationError, match="result_expires"):
+        make_backend(result_expires=result_expires)
+
+
+@pytest.mark.parametrize("ttl", [0, -5, float("nan"), True, "30"])
+def test_put_heartbeat_refuses_a_ttl_that_is_not_positive_seconds(backend, ttl):
+    with pytest.raises(ConfigurationError, match="ttl"):
+        backend.put_heartbeat("w-bad", {"pid": 1}, ttl=ttl)
+    assert backend.heartbeats() == []
+
+
+@pytest.mark.parametrize("expires", [0, -1.0, float("inf"), False, "60"])
+def test_revoke_refuses_an_expiry_that_is_not_positive_seconds(backend, expires):
+    with pytest.raises(ConfigurationError, match="expires"):
+        backend.revoke([tid()], expires=expires)
+    assert backend.revoked() == set()

@@ -433,3 +433,24 @@ def test_a_deleted_queue_starts_afresh_on_the_next_publish(broker):
 def test_delete_queue_rejects_a_bad_queue_name(broker):
     with pytest.raises(ConfigurationError, match="bad queue name"):
         broker.delete_queue("no spaces allowed")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(default_visibility_timeout=0), dict(default_visibility_timeout=True),
+    dict(default_visibility_timeout=float("nan")), dict(default_visibility_timeout="30"),
+    dict(max_deliveries=0), dict(max_deliveries=2.5), dict(max_deliveries=True)],
+    ids=["vt-zero", "vt-bool", "vt-nan", "vt-str", "max-zero", "max-float", "max-bool"])
+def test_a_broker_refuses_bad_settings_with_a_configuration_error(make_broker, kwargs):
+    with pytest.raises(ConfigurationError, match=next(iter(kwargs))):
+        make_broker(**kwargs)
+
+
+@pytest.mark.parametrize("max_count", [0, -1, 2.0, True])
+def test_consume_refuses_a_max_count_that_is_not_a_positive_integer(broker, max_count):
+    with pytest.raises(ConfigurationError, match="max_count"):
+        broker.consume([Q], max_count, 0)
+
+
+def test_consume_refuses_an_empty_list_of_queues(broker):
+    with pytest.raises(ConfigurationError, match="at least one queue"):
+        broker.consume([], 1, 0)

@@ -10,7 +10,7 @@ the replies are pulled straight from the connection's hiredis reader.
 The connection handling stays redis-py's: the pool hands out a checked
 connection, a socket error or timeout disconnects it (so it is never reused
 mid-reply) and surfaces as ``redis.ConnectionError``/``TimeoutError``, which
-``call_with_retry`` retries.  Error replies are returned in place (as
+``RedisStore.call`` retries.  Error replies are returned in place (as
 redis-py's typed exceptions, e.g. ``NoScriptError``); ``raise_first_error``
 raises the first one after every reply was read, as ``Pipeline.execute``
 does.
@@ -25,6 +25,11 @@ import redis
 
 from .. import _native
 
+try:
+    from hiredis import Reader as _Reader
+except ImportError:  # pragma: no cover - redis[hiredis] is a core dependency
+    _Reader = None
+
 __all__ = ["execute", "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds",
            "raise_first_error"]
 
@@ -37,16 +42,15 @@ _T = TypeVar("_T")
 
 try:   # the hiredis parser's "need more bytes" marker (redis-py >= 5)
     from redis._parsers.hiredis import NOT_ENOUGH_DATA as _MORE
-    from redis._parsers.hiredis import _HiredisParser
 except ImportError:  # pragma: no cover - older or newer redis-py: use the generic reader
-    _MORE, _HiredisParser = None, None
+    _MORE, _Reader = None, None
 
 
 def _read_replies(conn: Any, n: int) -> list:
     parser = conn._parser
-    reader = getattr(parser, "_reader", None)
+    reader = getattr(parser, "_reader", None)   # a hiredis Reader behind redis-py's hiredis parser
     out: list = []
-    if _HiredisParser is not None and type(parser) is _HiredisParser and reader is not None:
+    if _Reader is not None and type(reader) is _Reader:
         gets = reader.gets
         more = parser.read_from_socket
         while len(out) < n:
@@ -99,8 +103,7 @@ def _skip_replies(conn: Any, n: int) -> Exception | None:
     parser = conn._parser
     reader = getattr(parser, "_reader", None)
     sock = conn._sock
-    if (_HiredisParser is None or type(parser) is not _HiredisParser or reader is None or sock is None
-            or reader.has_data()):
+    if _Reader is None or type(reader) is not _Reader or sock is None or reader.has_data():
         return next((r for r in _read_replies(conn, n) if isinstance(r, redis.ResponseError)), None)
     buf = bytearray(_READ_SIZE)
     pos = end = done = 0

@@ -1,0 +1,119 @@
+"""stem's Postgres tables, their notification channels and their migrations.
+
+Every table lives in the schema given by ``?schema=`` / ``schema=`` (default
+``public``).  Version 2, created by ``migrate`` under
+``pg_advisory_xact_lock(hashtext('stem-migrate:<schema>'))`` so processes that
+start together apply each version once::
+
+    stem_schema_version  version PRIMARY KEY, applied_at
+    stem_jobs            id bigint identity PRIMARY KEY   -- age order; never reused
+                         queue, task_id, priority, frame bytea
+                         state          0 ready | 1 delayed | 2 leased
+                         available_at   epoch s (server clock): delayed -> not_before,
+                                        leased -> lease deadline, ready -> publish time
+                         visibility_timeout (s; NULL: the consuming broker's default),
+                         delivery_count
+        stem_jobs_ready    (queue, priority DESC, id)     WHERE state = 0    -- claims
+        stem_jobs_waiting  (queue, available_at, state)   WHERE state <> 0   -- due, expired, stats
+    stem_dead_letters    id identity, queue, task_id, reason, failed_at, priority,
+                         visibility_timeout, frame;  (queue, id)
+    stem_queues          name PRIMARY KEY
+    stem_results         task_id PRIMARY KEY, state, expires_at, data bytea (msgpack TaskStatus)
+    stem_heartbeats      UNLOGGED; worker_id PRIMARY KEY, seen_at, expires_at, data
+    stem_revocations     task_id PRIMARY KEY, expires_at, proof bytea (signed frame or NULL; version 2)
+
+Acked rows are deleted, so ``stem_jobs`` holds only live messages; the
+partial indexes hold only the rows a claim or a wake-up looks at.
+
+Notification channels: ``stem.<schema>.jobs`` (payload: a queue name, sent in
+the publishing transaction) and ``stem.<schema>.results`` (payload: task ids
+of terminal statuses, comma-separated, sent in the storing transaction).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..errors import ConfigurationError
+
+__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema"]
+
+SCHEMA_VERSION = 2
+NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
+
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE {s}.stem_jobs (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            queue text NOT NULL,
+            task_id text NOT NULL,
+            priority integer NOT NULL DEFAULT 0,
+            state smallint NOT NULL DEFAULT 0,
+            available_at double precision NOT NULL,
+            visibility_timeout double precision,
+            delivery_count integer NOT NULL DEFAULT 0,
+            frame bytea NOT NULL
+        ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,
+                autovacuum_vacuum_insert_scale_factor = 0.02)""",
+        "CREATE INDEX stem_jobs_ready ON {s}.stem_jobs (queue, priority DESC, id) WHERE state = 0",
+        "CREATE INDEX stem_jobs_waiting ON {s}.stem_jobs (queue, available_at, state) WHERE state <> 0",
+        """CREATE TABLE {s}.stem_dead_letters (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            queue text NOT NULL,
+            task_id text NOT NULL,
+            reason text NOT NULL,
+            failed_at double precision NOT NULL,
+            priority integer NOT NULL DEFAULT 0,
+            visibility_timeout double precision,
+            frame bytea NOT NULL)""",
+        "CREATE INDEX stem_dead_letters_queue ON {s}.stem_dead_letters (queue, id)",
+        "CREATE TABLE {s}.stem_queues (name text PRIMARY KEY)",
+        """CREATE TABLE {s}.stem_results (
+            task_id text PRIMARY KEY,
+            state text NOT NULL,
+            expires_at double precision NOT NULL,
+            data bytea NOT NULL
+        ) WITH (fillfactor = 90)""",
+        "CREATE INDEX stem_results_expires ON {s}.stem_results (expires_at)",
+        """CREATE UNLOGGED TABLE {s}.stem_heartbeats (
+            worker_id text PRIMARY KEY,
+            seen_at double precision NOT NULL,
+            expires_at double precision NOT NULL,
+            data bytea NOT NULL)""",
+        "CREATE TABLE {s}.stem_revocations (task_id text PRIMARY KEY, expires_at double precision NOT NULL)",
+    ),
+    2: (
+        "ALTER TABLE {s}.stem_revocations ADD COLUMN proof bytea",
+    ),
+}
+
+
+def quote_schema(schema: str) -> str:
+    if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
+        raise ConfigurationError(
+            f"bad Postgres schema name {schema!r}: use a letter or _ then up to 47 of A-Z a-z 0-9 _")
+    return f'"{schema}"'
+
+
+def migrate(conn: Any, schema: str) -> int:
+    """Create or upgrade stem's tables in ``schema``; idempotent and safe to run concurrently."""
+    s = quote_schema(schema)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"stem-migrate:{schema}",), prepare=False)
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}", prepare=False)
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {s}.stem_schema_version (version integer PRIMARY KEY, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())", prepare=False)
+        current = conn.execute(f"SELECT coalesce(max(version), 0) FROM {s}.stem_schema_version",
+                               prepare=False).fetchone()[0]
+        if current > SCHEMA_VERSION:
+            raise ConfigurationError(f"Postgres schema {schema!r} has stem schema version {current}, newer than "
+                                     f"this stem's {SCHEMA_VERSION}: upgrade stem-queue")
+        for version in sorted(MIGRATIONS):
+            if version > current:
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement.format(s=s), prepare=False)
+                conn.execute(f"INSERT INTO {s}.stem_schema_version (version) VALUES (%s)", (version,),
+                             prepare=False)
+    return SCHEMA_VERSION

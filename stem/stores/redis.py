@@ -1,0 +1,184 @@
+"""Redis as stem's brokers and backends use it: one pool per URL, bounded retries, Lua scripts, errors translated.
+
+Connections: one ``redis.ConnectionPool`` per (URL, timeouts) in a process,
+shared by every ``RedisStore`` made for it (brokers and result backends) and
+disconnected when the last one closes.  redis-py resets a pool in a forked
+child (it checks the pid), so a child never reuses its parent's sockets; the
+registry's lock is made anew in a child (``stem.stores.local``).
+
+Calls: ``RedisStore.call`` runs one call under the socket timeouts and
+retries connection failures and timeouts with capped, jittered backoff
+(``retry_attempts`` in all), then raises the user's connection error
+(``BrokerConnectionError`` or ``BackendConnectionError``); any other error of
+redis-py becomes ``BrokerError`` / ``BackendError`` at once.  Callers never
+see a redis-py exception.
+
+Scripts: ``RedisStore.script`` registers a Lua script (EVALSHA by its sha);
+``run`` sends a pipeline and, when Redis answers NOSCRIPT (a restart or
+``SCRIPT FLUSH`` emptied its script cache), loads this store's scripts and
+sends the pipeline once more.  The hot paths pipeline through
+``stem.stores.redis_pipe`` (re-exported here).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Sequence, TypeVar
+
+try:
+    import redis
+    import redis.exceptions
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - redis is a core dependency
+    raise ImportError("stem's Redis broker and backend need redis-py: pip install 'redis[hiredis]'") from exc
+
+from .. import _checks as checks
+from ..errors import ConfigurationError
+from ..redact import mask_url
+from .base import BROKER_ERRORS, Backoff, Store, StoreErrors
+from .local import after_fork_in_child
+from .redis_pipe import execute, execute_last, execute_packed, execute_unread, pack_commands, pack_xadds, \
+    raise_first_error
+
+__all__ = ["RedisStore", "validate_namespace", "REDIS_ERRORS", "ReplyError", "NoScriptError", "execute",
+           "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds", "raise_first_error"]
+
+log = logging.getLogger("stem.stores.redis")
+T = TypeVar("T")
+
+#: An error reply in place among a pipeline's replies, and the one a missing script gets.
+ReplyError = redis.ResponseError
+NoScriptError = redis.exceptions.NoScriptError
+
+#: Every error class redis-py defines: most derive from ``RedisError``, a few (the pool's
+#: ``ChildDeadlockedError``, the cluster client's) straight from ``Exception``.
+REDIS_ERRORS: tuple[type[Exception], ...] = tuple(
+    {redis.RedisError, *(v for v in vars(redis.exceptions).values()
+                         if isinstance(v, type) and issubclass(v, Exception) and not issubclass(v, redis.RedisError))})
+#: What is retried, then raised as the connection error.
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+def validate_namespace(namespace: str) -> str:
+    """A key prefix: 1-64 characters from A-Z a-z 0-9 _ . : - (no braces: they are hash tags)."""
+    if not isinstance(namespace, str) or not checks.QUEUE_NAME.fullmatch(namespace) or len(namespace) > 64:
+        raise ConfigurationError(
+            f"bad Redis namespace {namespace!r}: use 1-64 characters from A-Z a-z 0-9 _ . : -")
+    return namespace
+
+
+# -- one pool per URL and timeouts -------------------------------------------------------
+
+_pools_lock = threading.Lock()
+_pools: dict[tuple[str, float, float], list] = {}   # key -> [client, users]
+
+
+def _new_pools_lock() -> None:
+    global _pools_lock
+    _pools_lock = threading.Lock()
+
+
+def _acquire(url: str, socket_timeout: float, connect_timeout: float) -> "redis.Redis":
+    after_fork_in_child(_new_pools_lock)
+    key = (url, socket_timeout, connect_timeout)
+    with _pools_lock:
+        entry = _pools.get(key)
+        if entry is None:
+            try:
+                pool = redis.ConnectionPool.from_url(
+                    url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+                    socket_keepalive=True, retry=Retry(NoBackoff(), 1))
+            except (ValueError, TypeError) as exc:
+                raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {exc}") from exc
+            entry = _pools[key] = [redis.Redis(connection_pool=pool), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release(client: "redis.Redis") -> None:
+    with _pools_lock:
+        for key, entry in list(_pools.items()):
+            if entry[0] is client:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del _pools[key]
+                    client.connection_pool.disconnect()
+                return
+
+
+class RedisStore(Store):
+    """One adapter's connections to one Redis server: the process-wide pool of its URL, its
+    scripts, and its calls with retries and error translation."""
+
+    def __init__(self, url: str, *, socket_timeout: float = 5.0, socket_connect_timeout: float = 2.0,
+                 retry_attempts: int = 4, errors: StoreErrors = BROKER_ERRORS):
+        if not isinstance(url, str):
+            raise ConfigurationError(f"a Redis URL is a string (redis://host:port/db), got {url!r}")
+        self.url = url
+        self.socket_timeout = checks.seconds("socket_timeout", socket_timeout)
+        self.socket_connect_timeout = checks.seconds("socket_connect_timeout", socket_connect_timeout)
+        self.retry_attempts = checks.integer("retry_attempts", retry_attempts)
+        self.errors = errors
+        self.label = mask_url(url)
+        #: The pooled redis-py client (shared with every store of this URL and timeouts).
+        self.client: redis.Redis = _acquire(url, self.socket_timeout, self.socket_connect_timeout)
+        self._scripts: list[Any] = []
+        self._closed = False
+
+    def same_store(self, other: Store) -> bool:
+        return isinstance(other, RedisStore) and other.client.connection_pool is self.client.connection_pool
+
+    # -- calls -----------------------------------------------------------------------
+    def call(self, fn: Callable[[], T], what: str, attempts: int | None = None) -> T:
+        """Run ``fn``; retry connection failures and timeouts (``attempts`` in all, default
+        ``retry_attempts``) with capped, jittered backoff, then raise the connection error.
+        Any other redis-py error becomes the user's error at once."""
+        attempts = self.retry_attempts if attempts is None else attempts
+        backoff = None
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except _UNREACHABLE as exc:
+                log.debug("Redis %s failed (%s); attempt %d of %d", what, exc, attempt, attempts)
+                if attempt == attempts:
+                    raise self.errors.connection_error(
+                        f"Redis unreachable during {what} after {attempts} attempt{'s' if attempts > 1 else ''} "
+                        f"({self.label}): {exc}") from exc
+                backoff = backoff or Backoff()
+                time.sleep(backoff.next())
+            except REDIS_ERRORS as exc:
+                raise self.errors.error(f"Redis error during {what} ({self.label}): {exc}") from exc
+        raise AssertionError("unreachable")
+
+    # -- scripts and pipelines ---------------------------------------------------------
+    def script(self, source: str) -> Any:
+        """Register a Lua script (its ``sha`` for EVALSHA); ``load_scripts`` loads it again."""
+        script = self.client.register_script(source)
+        self._scripts.append(script)
+        return script
+
+    def load_scripts(self) -> None:
+        """Load every script of this store (after a Redis restart emptied the script cache)."""
+        for script in self._scripts:
+            self.client.script_load(script.script)
+
+    def run(self, commands: Sequence[Sequence[Any]]) -> list:
+        """Send ``commands`` (which may hold this store's EVALSHAs) as one pipeline and return
+        the replies, raising the first error reply.  When a script was missing, the scripts
+        are loaded and the whole pipeline is sent once more: its commands must be safe to
+        repeat (SETs, idempotent scripts).  Raw redis-py errors: run it inside ``call``."""
+        replies = execute(self.client, commands)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            self.load_scripts()
+            replies = execute(self.client, commands)
+        raise_first_error(replies)
+        return replies
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _release(self.client)
