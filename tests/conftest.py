@@ -18,6 +18,7 @@ missing service fails the test.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import uuid
 from dataclasses import dataclass
@@ -28,6 +29,14 @@ import pytest
 
 EXPECT_COMPILED = os.environ.get("STEM_EXPECT_COMPILED") == "1"
 REQUIRE_SERVICES = os.environ.get("STEM_REQUIRE_SERVICES") == "1"
+
+# `make test` runs the two builds as background jobs, which a shell starts with SIGINT and
+# SIGQUIT ignored; every program a test starts would inherit that (a Python one would then
+# never raise KeyboardInterrupt).  A handler here is reset to the default by exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 REDIS_URL = os.environ.get("STEM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("STEM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 # The Redis db the CLI and example tests own (they run in stem's default namespace); two test
