@@ -38,6 +38,30 @@ Delivery semantics, identical on every adapter (``tests/contract`` proves it):
   each queue in its own cluster slot and takes them in turn).
 * **Delayed messages** (``not_before`` in the future) stay in the broker, not
   in worker memory, and become deliverable when due.
+
+Keys (``publish_keyed``), the primitive under unique tasks, idempotent ids,
+schedules and canvas callbacks; identical on every adapter too:
+
+* **Claim and publish are one step.**  A keyed message is published only if
+  its key (scoped to the message's queue) is free, and the key is recorded
+  with the message's task id as its owner and ``ttl`` as its longest life, in
+  the same Lua script or transaction (memory: under the lock).  There is never
+  a key without its message nor a keyed message without its key; a publish
+  that fails leaves neither.  A key whose owner republishes (a producer that
+  retries after a lost reply) answers with the owner's own id: published once.
+* **Release is owner-checked and rides the terminal settle.**  ``ack``,
+  ``dead_letter``, ``nack(requeue=False)`` and ``purge`` release the keys of
+  the messages they remove, in the same step, and only where the stored owner
+  is that message's task id (a key that expired and was claimed by another
+  task is left alone).  ``linger`` > 0 keeps the key that many seconds more
+  instead of deleting it (an explicit task id stays refused while its result
+  lives).  ``retry``, ``nack(requeue=True)``, ``extend`` and lease expiry keep
+  the key: the task is not over.  No reaper: a key held by a task that never
+  ends (its messages purged by hand, its broker data edited) expires after
+  ``ttl``.
+* **Replay claims again.**  ``replay`` of a dead letter that had a key claims
+  it anew (owner: its task id, the ``ttl`` it was published with); an entry
+  whose key another task holds meanwhile stays in the DLQ and is not counted.
 """
 
 from __future__ import annotations
@@ -50,11 +74,14 @@ from typing import Any, NamedTuple, Sequence
 from .. import _checks as checks
 from ..errors import ConfigurationError
 
-__all__ = ["Broker", "Message", "Delivery", "DeadLetter", "QueueStats", "validate_queue_name",
-           "check_frame_batch", "check_consume", "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES"]
+__all__ = ["Broker", "Message", "Keyed", "Delivery", "DeadLetter", "QueueStats", "validate_queue_name",
+           "check_frame_batch", "check_consume", "check_keyed", "DEFAULT_VISIBILITY_TIMEOUT",
+           "DEFAULT_MAX_DELIVERIES", "MAX_KEY_LENGTH"]
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
 DEFAULT_MAX_DELIVERIES = 5
+#: The longest key ``publish_keyed`` takes (characters).
+MAX_KEY_LENGTH = 512
 
 
 def validate_queue_name(name: str) -> str:
@@ -79,6 +106,22 @@ def check_frame_batch(task_ids: Sequence[str], frames: Sequence[bytes]) -> int:
     return n
 
 
+def check_keyed(items: Sequence["Keyed"]) -> list["Keyed"]:
+    """``publish_keyed``'s argument: Keyed items, each with a non-empty str key of at most
+    ``MAX_KEY_LENGTH`` characters, a ``ttl`` > 0 and a ``linger`` >= 0 (seconds)."""
+    out = list(items)
+    for item in out:
+        if not isinstance(item, Keyed) or not isinstance(item.message, Message):
+            raise ConfigurationError(f"publish_keyed takes Keyed(message, key, ttl) items, got {item!r}")
+        if not isinstance(item.key, str) or not 0 < len(item.key) <= MAX_KEY_LENGTH:
+            raise ConfigurationError(f"a key must be a non-empty string of at most {MAX_KEY_LENGTH} "
+                                     f"characters, got {item.key!r}")
+        checks.seconds("ttl", item.ttl)
+        checks.seconds("linger", item.linger, inclusive=True)
+        validate_queue_name(item.message.queue)
+    return out
+
+
 class Message(NamedTuple):
     """One frame to publish."""
     task_id: str
@@ -89,15 +132,24 @@ class Message(NamedTuple):
     visibility_timeout: float | None = None  # seconds; None = the broker default
 
 
+class Keyed(NamedTuple):
+    """One message to publish only if ``key`` is free in its queue (see "Keys" above)."""
+    message: Message
+    key: str
+    ttl: float               # seconds: the key's longest life, whatever becomes of the task
+    linger: float = 0.0      # seconds the key stays after the terminal settle (0: deleted then)
+
+
 class Delivery:
-    """One leased copy of a message.  ``receipt`` is the adapter's own handle."""
+    """One leased copy of a message.  ``receipt`` is the adapter's own handle; ``key`` the
+    key it was published under (``publish_keyed``), or None."""
 
     __slots__ = ("queue", "task_id", "frame", "receipt", "delivery_count", "visibility_timeout",
-                 "leased_at")
+                 "leased_at", "key")
 
     def __init__(self, queue: str, task_id: str, frame: bytes, receipt: Any,
                  delivery_count: int = 1, visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
-                 leased_at: float | None = None):
+                 leased_at: float | None = None, key: str | None = None):
         self.queue = queue
         self.task_id = task_id
         self.frame = frame
@@ -105,10 +157,12 @@ class Delivery:
         self.delivery_count = delivery_count
         self.visibility_timeout = visibility_timeout
         self.leased_at = time.time() if leased_at is None else leased_at
+        self.key = key
 
     def __repr__(self) -> str:
+        key = "" if self.key is None else f", key={self.key!r}"
         return (f"Delivery(queue={self.queue!r}, task_id={self.task_id!r}, "
-                f"delivery_count={self.delivery_count}, receipt={self.receipt!r})")
+                f"delivery_count={self.delivery_count}, receipt={self.receipt!r}{key})")
 
 
 class DeadLetter(NamedTuple):
@@ -118,6 +172,7 @@ class DeadLetter(NamedTuple):
     reason: str
     failed_at: float
     frame: bytes
+    key: str | None = None   # the key it was published under; released when it was dead-lettered
 
 
 class QueueStats(NamedTuple):
@@ -159,6 +214,27 @@ class Broker(abc.ABC):
         check_frame_batch(task_ids, frames)
         self.publish_many([Message(t, queue, f, priority, None, visibility_timeout)
                            for t, f in zip(task_ids, frames)])
+
+    @abc.abstractmethod
+    def publish_keyed(self, items: Sequence[Keyed]) -> list[str | None]:
+        """Publish each item only if its key is free in its queue, claiming the key for the
+        item's task id (see "Keys"), all in one round trip per queue where the adapter can.
+
+        Returns, in order, None for each item published, or the task id holding the key for
+        each item refused (nothing of it was stored).  Items are taken in order, so a key
+        twice in one batch publishes the first and answers the second with the first's id.
+        An item whose key its own task id already holds answers with that id (it was
+        published before: a producer's retry after a lost reply publishes nothing twice)."""
+
+    @abc.abstractmethod
+    def release_key(self, queue: str, key: str, owner: str) -> bool:
+        """Delete ``key`` of ``queue`` now if ``owner`` holds it (``unique_until="started"``:
+        the worker frees the key when the task starts); True if it was deleted.  The message
+        keeps its key name, and its terminal settle then finds nothing of its own to release."""
+
+    @abc.abstractmethod
+    def key_owner(self, queue: str, key: str) -> str | None:
+        """The task id holding ``key`` of ``queue``, or None when the key is free."""
 
     @abc.abstractmethod
     def consume(self, queues: Sequence[str], max_count: int, timeout: float,

@@ -16,16 +16,17 @@ from collections import OrderedDict
 from typing import Sequence
 
 from .. import _checks as checks
-from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
-                   Message, QueueStats, check_consume, validate_queue_name)
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
+                   Message, QueueStats, check_consume, check_keyed, validate_queue_name)
 
 __all__ = ["InMemoryBroker"]
 
 
 class _Record:
-    __slots__ = ("task_id", "queue", "frame", "priority", "visibility_timeout", "delivery_count", "seq")
+    __slots__ = ("task_id", "queue", "frame", "priority", "visibility_timeout", "delivery_count", "seq",
+                 "key", "ttl", "linger")
 
-    def __init__(self, task_id, queue, frame, priority, visibility_timeout, seq):
+    def __init__(self, task_id, queue, frame, priority, visibility_timeout, seq, key=None, ttl=0.0, linger=0.0):
         self.task_id = task_id
         self.queue = queue
         self.frame = frame
@@ -33,15 +34,25 @@ class _Record:
         self.visibility_timeout = visibility_timeout
         self.delivery_count = 0
         self.seq = seq
+        self.key = key
+        self.ttl = ttl
+        self.linger = linger
+
+    def successor(self, frame: bytes, seq: int) -> "_Record":
+        """The record a retry publishes in its place: a new attempt under the same key."""
+        return _Record(self.task_id, self.queue, bytes(frame), self.priority, self.visibility_timeout, seq,
+                       self.key, self.ttl, self.linger)
 
 
 class _Queue:
-    __slots__ = ("ready", "delayed", "dead")
+    __slots__ = ("ready", "delayed", "dead", "keys", "dead_keys")
 
     def __init__(self):
         self.ready: list[tuple[int, int, _Record]] = []        # (-priority, seq, rec)
         self.delayed: list[tuple[float, int, _Record]] = []    # (not_before, seq, rec)
         self.dead: OrderedDict[str, DeadLetter] = OrderedDict()
+        self.keys: dict[str, tuple[str, float]] = {}           # key -> (owner task id, expires at)
+        self.dead_keys: dict[str, tuple[float, float]] = {}     # DLQ entry id -> (ttl, linger) of its key
 
 
 class InMemoryBroker(Broker):
@@ -98,7 +109,32 @@ class InMemoryBroker(Broker):
 
     def _dead(self, rec: _Record, reason: str, now: float) -> None:
         entry_id = uuid.uuid4().hex
-        self._q(rec.queue).dead[entry_id] = DeadLetter(entry_id, rec.task_id, rec.queue, reason, now, rec.frame)
+        q = self._q(rec.queue)
+        q.dead[entry_id] = DeadLetter(entry_id, rec.task_id, rec.queue, reason, now, rec.frame, rec.key)
+        if rec.key is not None:
+            q.dead_keys[entry_id] = (rec.ttl, rec.linger)
+        self._release(rec, now)
+
+    def _holder(self, q: _Queue, key: str, now: float) -> str | None:
+        held = q.keys.get(key)
+        if held is None:
+            return None
+        if held[1] <= now:
+            del q.keys[key]
+            return None
+        return held[0]
+
+    def _release(self, rec: _Record, now: float) -> None:
+        """The terminal settle's release: owner-checked; a lingering key stays ``linger`` more."""
+        if rec.key is None:
+            return
+        q = self._q(rec.queue)
+        if self._holder(q, rec.key, now) != rec.task_id:
+            return
+        if rec.linger > 0:
+            q.keys[rec.key] = (rec.task_id, now + rec.linger)
+        else:
+            del q.keys[rec.key]
 
     # -- publishing ---------------------------------------------------------------
     def publish(self, message: Message) -> None:
@@ -112,6 +148,39 @@ class InMemoryBroker(Broker):
                               m.visibility_timeout or self.default_visibility_timeout, next(self._seq))
                 self._push(rec, m.not_before, now)
             self._cond.notify_all()
+
+    def publish_keyed(self, items: Sequence[Keyed]) -> list[str | None]:
+        items = check_keyed(items)
+        now = time.time()
+        out: list[str | None] = []
+        with self._cond:
+            for key, m, ttl, linger in ((i.key, i.message, i.ttl, i.linger) for i in items):
+                q = self._q(m.queue)
+                holder = self._holder(q, key, now)
+                if holder is not None:
+                    out.append(holder)
+                    continue
+                rec = _Record(m.task_id, m.queue, bytes(m.frame), m.priority,
+                              m.visibility_timeout or self.default_visibility_timeout, next(self._seq),
+                              key, ttl, linger)
+                self._push(rec, m.not_before, now)
+                q.keys[key] = (m.task_id, now + ttl)       # after the push: a failed one claims nothing
+                out.append(None)
+            self._cond.notify_all()
+        return out
+
+    def release_key(self, queue: str, key: str, owner: str) -> bool:
+        now = time.time()
+        with self._cond:
+            q = self._q(queue)
+            if self._holder(q, key, now) != owner:
+                return False
+            del q.keys[key]
+            return True
+
+    def key_owner(self, queue: str, key: str) -> str | None:
+        with self._cond:
+            return self._holder(self._q(queue), key, time.time())
 
     # -- consuming ----------------------------------------------------------------
     def consume(self, queues: Sequence[str], max_count: int, timeout: float,
@@ -152,7 +221,7 @@ class InMemoryBroker(Broker):
             self._in_flight[receipt] = (rec, lease_end)
             heapq.heappush(self._leases, (lease_end, receipt))
             out.append(Delivery(rec.queue, rec.task_id, rec.frame, receipt, rec.delivery_count,
-                                rec.visibility_timeout, now))
+                                rec.visibility_timeout, now, rec.key))
         return out
 
     # -- settling -----------------------------------------------------------------
@@ -161,9 +230,12 @@ class InMemoryBroker(Broker):
         return None if entry is None else entry[0]
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
+        now = time.time()
         with self._cond:
             for d in deliveries:
-                self._in_flight.pop(d.receipt, None)
+                entry = self._in_flight.pop(d.receipt, None)
+                if entry is not None:
+                    self._release(entry[0], now)
 
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         now = time.time()
@@ -183,9 +255,7 @@ class InMemoryBroker(Broker):
             old = self._settle(delivery)
             if old is None:
                 return
-            rec = _Record(old.task_id, old.queue, bytes(frame), old.priority, old.visibility_timeout,
-                          next(self._seq))
-            self._push(rec, not_before, now)
+            self._push(old.successor(frame, next(self._seq)), not_before, now)
             self._cond.notify_all()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
@@ -214,19 +284,33 @@ class InMemoryBroker(Broker):
         now = time.time()
         with self._cond:
             q = self._q(queue)
-            keys = list(q.dead) if ids is None else [i for i in ids if i in q.dead]
-            for key in keys:
-                dl = q.dead.pop(key)
-                rec = _Record(dl.task_id, queue, dl.frame, 0, self.default_visibility_timeout, next(self._seq))
+            entries = list(q.dead) if ids is None else [i for i in ids if i in q.dead]
+            moved = 0
+            for entry_id in entries:
+                dl = q.dead[entry_id]
+                ttl, linger = q.dead_keys.get(entry_id, (0.0, 0.0))
+                if dl.key is not None:
+                    holder = self._holder(q, dl.key, now)
+                    if holder is not None and holder != dl.task_id:
+                        continue                      # another task holds the key: stays dead
+                    q.keys[dl.key] = (dl.task_id, now + ttl)
+                del q.dead[entry_id]
+                q.dead_keys.pop(entry_id, None)
+                rec = _Record(dl.task_id, queue, dl.frame, 0, self.default_visibility_timeout, next(self._seq),
+                              dl.key, ttl, linger)
                 self._push(rec, None, now)
-            if keys:
+                moved += 1
+            if moved:
                 self._cond.notify_all()
-            return len(keys)
+            return moved
 
     def purge(self, queue: str) -> int:
         with self._cond:
             q = self._q(queue)
             n = len(q.ready) + len(q.delayed)
+            now = time.time()
+            for *_, rec in q.ready + q.delayed:
+                self._release(rec, now)
             q.ready.clear()
             q.delayed.clear()
             return n
@@ -236,6 +320,7 @@ class InMemoryBroker(Broker):
             q = self._q(queue)
             n = len(q.dead)
             q.dead.clear()
+            q.dead_keys.clear()
             return n
 
     def delete_queue(self, queue: str) -> None:

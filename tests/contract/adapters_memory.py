@@ -9,10 +9,13 @@ any service test.
 
 from stem.backends.memory import InMemoryResultBackend
 from stem.brokers.memory import InMemoryBroker
+from stem.errors import StemError
 
 
 def _broker(request, **kwargs):
-    return InMemoryBroker(**kwargs)
+    broker = InMemoryBroker(**kwargs)
+    broker.contract_break_publish = _break_publish(broker)
+    return broker
 
 
 def _backend(request, **kwargs):
@@ -21,3 +24,16 @@ def _backend(request, **kwargs):
 
 BROKERS = {"memory": _broker}
 BACKENDS = {"memory": _backend}
+
+
+def _break_publish(broker):
+    """Publishing to the named queue fails after the key would be claimed."""
+    push = broker._push
+
+    def brk(queue):
+        def failing_push(rec, not_before, now):
+            if rec.queue == queue:
+                raise StemError(f"injected: publishing to {queue} fails")
+            push(rec, not_before, now)
+        broker._push = failing_push
+    return brk
