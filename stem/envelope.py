@@ -78,6 +78,8 @@ class Envelope(msgspec.Struct, array_like=True):
     # option fields its producer left unset (it had no registry and was not told):
     # the worker fills them from its handler (``stem.worker.execution.apply_handler_options``)
     unset_options: list[str] = msgspec.field(default_factory=list)
+    # "started": the worker frees the task's unique key when the task starts (``TaskOptions.unique_until``)
+    unique_until: str | None = None
 
 
 class FrameHeader(NamedTuple):

@@ -4,7 +4,8 @@
     ├── ConfigurationError           bad STEM_* value, bad URL, bad constructor argument
     ├── TaskError
     │   ├── UnknownTaskError          enqueue of a name nobody registered
-    │   ├── DuplicateTaskError        two handlers under one name
+    │   ├── DuplicateHandlerError     two handlers under one name
+    │   ├── DuplicateTaskError        enqueue(on_duplicate="raise") of a task whose key is held
     │   ├── InvalidTaskOptionsError   a TaskOptions value out of range
     │   ├── EncodeError               args/result msgpack cannot encode
     │   └── TaskFailedError           raised by helpers that wait for a result that failed
@@ -30,7 +31,7 @@ boundary, so callers only ever catch ``StemError``.
 from __future__ import annotations
 
 __all__ = [
-    "StemError", "ConfigurationError", "TaskError", "UnknownTaskError", "DuplicateTaskError",
+    "StemError", "ConfigurationError", "TaskError", "UnknownTaskError", "DuplicateHandlerError", "DuplicateTaskError",
     "InvalidTaskOptionsError", "EncodeError", "TaskFailedError", "DecodeError", "SignatureError",
     "BrokerError", "BrokerConnectionError", "BackendError", "BackendConnectionError",
     "TaskTimeoutError", "WorkerError", "ControlError", "SoftTimeLimitExceeded", "Retry",
@@ -54,8 +55,20 @@ class UnknownTaskError(TaskError, LookupError):
     pass
 
 
+class DuplicateHandlerError(TaskError):
+    """A second handler registered under a name the registry already holds."""
+
+
 class DuplicateTaskError(TaskError):
-    pass
+    """The task was not published: ``existing_id`` (a task queued, running or, for an
+    explicit id, still stored) holds its unique key or its id."""
+
+    def __init__(self, message: str, existing_id: str):
+        super().__init__(message)
+        self.existing_id = existing_id
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.existing_id))
 
 
 class InvalidTaskOptionsError(TaskError, ValueError):

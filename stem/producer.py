@@ -11,18 +11,43 @@ from . import _checks as checks
 from .backends import ResultBackend
 from .backends import from_url as backend_from_url
 from .brokers import Broker, Message
+from .brokers.base import Keyed
 from .brokers import from_url as broker_from_url
 from .envelope import Envelope, encode_frame, encode_frames, frame_encoder
-from .errors import (ConfigurationError, EncodeError, InvalidTaskOptionsError, TaskTimeoutError)
+from ._checks import DEFAULT_RESULT_EXPIRES
+from .errors import (ConfigurationError, DuplicateTaskError, EncodeError, InvalidTaskOptionsError,
+                     TaskTimeoutError)
 from .ids import new_task_id, new_task_ids
+from .keys import id_key, id_ttl, unique_key, unique_ttl
 from .results import TaskState, TaskStatus
 from .revocation import store_revocations
 from .signals import signals
 from .task import DEFAULT_OPTIONS, HANDLER_FILLED, TaskOptions, TaskRegistry
 
-__all__ = ["Stem", "AsyncStem"]
+__all__ = ["Stem", "AsyncStem", "BatchIds", "ON_DUPLICATE"]
 
 EnqueueItem = tuple  # (name, args) | (name, args, options)
+
+#: What ``enqueue(on_duplicate=...)`` takes: return the holder's id, or raise DuplicateTaskError.
+ON_DUPLICATE = ("return", "raise")
+
+
+class BatchIds(list):
+    """``enqueue_many``'s ids, in the order of the items.  ``duplicates`` holds the indexes
+    of the items that published nothing: their id is that of the task holding their
+    unique key (or their explicit id)."""
+
+    duplicates: list[int]
+
+    def __init__(self, ids: Iterable[str] = (), duplicates: Iterable[int] = ()):
+        super().__init__(ids)
+        self.duplicates = list(duplicates)
+
+
+class _Unique(NamedTuple):
+    key: Any                 # TaskOptions.unique_key
+    unique_for: float | None
+    until_started: bool
 
 
 class _Template(NamedTuple):
@@ -35,6 +60,7 @@ class _Template(NamedTuple):
     soft_time_limit: float | None
     hard_time_limit: float | None
     unset: list[str]                 # Envelope.unset_options: [] when the producer knows the handler
+    unique: _Unique | None
 
 
 _ITEM_KEYS = frozenset({"args", "options", "meta", "headers", "countdown", "eta", "task_id"})
@@ -132,23 +158,26 @@ class Stem:
                 f"task {name!r}: autoretry_for and retry_backoff are options of the handler "
                 "(@registry.task(..., options=TaskOptions(...))), not of one enqueue")
         opts = self._resolve(name, options)
-        if opts.unique:
-            raise InvalidTaskOptionsError(
-                f"task {name!r}: unique=True is not supported yet; deduplicate with an explicit task_id")
+        unique = (_Unique(opts.unique_key, opts.unique_for, opts.unique_until == "started")
+                  if opts.unique else None)
         # Without the registry the handler's options are unknown here: what the caller did not
         # set travels as unset, and the worker that runs the handler fills it in.
         unset = _NONE_UNSET if self.registry is not None else _unset_fields(options)
         return _Template(opts.queue, opts.priority, opts.max_retries,
                          None if opts.expires is None else now + opts.expires,
-                         opts.visibility_timeout, opts.soft_time_limit, opts.hard_time_limit, unset)
+                         opts.visibility_timeout, opts.soft_time_limit, opts.hard_time_limit, unset, unique)
 
     def _build(self, name: str, args: dict[str, Any] | None, options: TaskOptions | None,
                meta: dict[str, Any] | None, headers: dict[str, str] | None, countdown: float | None,
                eta: float | None, task_id: str | None, parent: Any, now: float,
-               template: _Template | None = None) -> tuple[Envelope, Message]:
-        """Validate one task (everything ``enqueue`` accepts) and frame it.  ``template``,
-        when given, is ``_template(name, options, now)`` already made by the caller."""
-        queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset = (
+               template: _Template | None = None, explicit_id: bool | None = None,
+               ) -> tuple[Envelope, Message, Keyed | None]:
+        """Validate one task (everything ``enqueue`` accepts) and frame it, with the key to
+        publish it under (a unique task, an explicit id) or None.  ``template``, when
+        given, is ``_template(name, options, now)`` already made by the caller; ``explicit_id``
+        says whether ``task_id`` is the caller's (an idempotency key) or made for the batch
+        (default: whether ``task_id`` was given)."""
+        queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique = (
             self._template(name, options, now) if template is None else template)
         args = _checked_args(name, args)
         if meta is not None and not isinstance(meta, dict):
@@ -165,37 +194,70 @@ class Stem:
             if not checks.is_number(eta):
                 raise InvalidTaskOptionsError(f"eta must be finite epoch seconds (float), got {eta!r}")
             not_before = float(eta)
+        if explicit_id is None:
+            explicit_id = task_id is not None
         if task_id is None:
             task_id = new_task_id()
         elif not isinstance(task_id, str) or not 0 < len(task_id) <= 200:
             raise InvalidTaskOptionsError(f"task_id must be a non-empty string of at most 200 chars, got {task_id!r}")
+        delay = 0.0 if not_before is None else not_before - now
+        if unique is not None:
+            key: str | None = unique_key(name, queue, args, unique.key)
+            ttl, linger = unique_ttl(unique.unique_for, delay), 0.0
+        elif explicit_id:
+            key, ttl = id_key(task_id), id_ttl(delay)
+            linger = DEFAULT_RESULT_EXPIRES if self.backend is None else self.backend.result_expires
+        else:
+            key = None
         # positional: Envelope's field order is its wire format and never changes
         env = Envelope(task_id, name, args, headers or {}, meta or {}, queue, priority, 0, max_retries, now,
                        not_before, expires_at, visibility_timeout, soft, hard,
-                       None if parent is None else parent.id, None if parent is None else parent.root_id, unset)
+                       None if parent is None else parent.id, None if parent is None else parent.root_id, unset,
+                       "started" if unique is not None and unique.until_started else None)
         if signals.before_task_publish.receivers:
             signals.before_task_publish.send(self, envelope=env)
         frame = encode_frame(env, self.signer)
-        return env, _new_tuple(Message, (task_id, queue, frame, priority, not_before, visibility_timeout))
+        message = _new_tuple(Message, (task_id, queue, frame, priority, not_before, visibility_timeout))
+        return env, message, None if key is None else Keyed(message, key, ttl, linger)
 
     # -- publishing ---------------------------------------------------------------
     def enqueue(self, name: str, args: dict[str, Any] | None = None, *, options: TaskOptions | None = None,
                 meta: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
                 countdown: float | None = None, eta: float | None = None, task_id: str | None = None,
-                parent: Any = None) -> str:
+                parent: Any = None, on_duplicate: str = "return") -> str:
         """Publish one task and return its id.  Everything is validated first:
-        a bad name, bad args or bad options raise before anything is published."""
-        env, message = self._build(name, args, options, meta, headers, countdown, eta, task_id, parent,
-                                   time.time())
-        self.broker.publish(message)
+        a bad name, bad args or bad options raise before anything is published.
+
+        A unique task (``TaskOptions(unique=True)``) or one with an explicit ``task_id`` is
+        published only if its key is free; a duplicate publishes nothing and returns the id
+        of the task that holds the key, or raises ``DuplicateTaskError`` (carrying that id)
+        with ``on_duplicate="raise"``."""
+        if on_duplicate not in ON_DUPLICATE:
+            raise InvalidTaskOptionsError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
+        env, message, keyed = self._build(name, args, options, meta, headers, countdown, eta, task_id, parent,
+                                          time.time())
+        if keyed is None:
+            self.broker.publish(message)
+        else:
+            holder = self.broker.publish_keyed((keyed,))[0]
+            if _is_duplicate(holder, env.id, task_id is not None):
+                if on_duplicate == "raise":
+                    raise DuplicateTaskError(f"task {name!r} was not published: task {holder} holds its "
+                                             f"{'id' if keyed.key.startswith('id:') else 'unique key'}", holder)
+                return holder
         if signals.after_task_publish.receivers:
             signals.after_task_publish.send(self, envelope=env)
         return env.id
 
-    def enqueue_many(self, items: Iterable[EnqueueItem | dict[str, Any]]) -> list[str]:
+    def enqueue_many(self, items: Iterable[EnqueueItem | dict[str, Any]]) -> BatchIds:
         """Publish a batch in one broker round trip.  Items are ``(name, args)``,
         ``(name, args, options)`` or dicts of ``enqueue`` keyword arguments.
         All items are validated before any is published.
+
+        Unique items and items with an explicit ``task_id`` are published under their keys,
+        in one more round trip per queue, duplicates inside the batch included: the ids
+        come back in order, a duplicate's being its holder's, and ``.duplicates`` lists the
+        indexes of the items that published nothing.
 
         This is the producer's hot loop (its per-task CPU bounds a producer's
         rate), so tuple items take an inlined copy of ``_build`` that skips what
@@ -209,7 +271,7 @@ class Stem:
         if items and not (signals.before_task_publish.receivers or signals.after_task_publish.receivers):
             ids = self._publish_uniform(items, now)
             if ids is not None:
-                return ids
+                return BatchIds(ids)
         ids = new_task_ids(len(items))
         templates: dict[Any, _Template] = {}   # name, or (name, options), -> _Template
         encode = frame_encoder(self.signer)
@@ -217,6 +279,7 @@ class Stem:
         envs: list[Envelope] = []
         messages: list[Message] = []
         add_env, add_message = envs.append, messages.append
+        keyed: list[tuple[int, Keyed, bool]] = []     # (index, item, explicit id)
         for item, task_id in zip(items, ids):
             if type(item) is tuple and (len(item) == 2 or len(item) == 3):
                 if len(item) == 2:
@@ -225,11 +288,17 @@ class Stem:
                 else:
                     name, args, options = item
                 template = self._batch_template(templates, name, options, now)
+                if template.unique is not None:
+                    env, m, k = self._build(name, args, options, None, None, None, None, task_id, None, now,
+                                            template, explicit_id=False)
+                    keyed.append((len(envs), k, False))
+                    add_env(env)
+                    continue
                 if args is None:
                     args = {}
                 elif type(args) is not dict or (args and not all(map(_is_str, args))):
                     args = _checked_args(name, args)
-                queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset = template
+                queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, _ = template
                 env = Envelope(task_id, name, args, {}, {}, queue, priority, 0, max_retries, now, None,
                                expires_at, visibility_timeout, soft, hard, None, None, unset)
                 if before.receivers:
@@ -247,24 +316,40 @@ class Stem:
                 if unknown:
                     raise InvalidTaskOptionsError(f"enqueue_many item has unknown keys {sorted(unknown)}")
                 options, given_id = kw.get("options"), kw.get("task_id")
-                env, m = self._build(name, kw.get("args"), options, kw.get("meta"), kw.get("headers"),
-                                     kw.get("countdown"), kw.get("eta"), task_id if given_id is None else given_id,
-                                     None, now, self._batch_template(templates, name, options, now))
+                env, m, k = self._build(name, kw.get("args"), options, kw.get("meta"), kw.get("headers"),
+                                        kw.get("countdown"), kw.get("eta"),
+                                        task_id if given_id is None else given_id,
+                                        None, now, self._batch_template(templates, name, options, now),
+                                        explicit_id=given_id is not None)
+                explicit = given_id is not None
             elif isinstance(item, (tuple, list)) and len(item) in (2, 3):
                 options = item[2] if len(item) == 3 else None
-                env, m = self._build(item[0], item[1], options, None, None, None, None, task_id, None, now,
-                                     self._batch_template(templates, item[0], options, now))
+                env, m, k = self._build(item[0], item[1], options, None, None, None, None, task_id, None, now,
+                                        self._batch_template(templates, item[0], options, now), explicit_id=False)
+                explicit = False
             else:
                 raise InvalidTaskOptionsError(
                     f"enqueue_many items are (name, args), (name, args, options) or dicts; got {item!r}")
+            if k is not None:
+                keyed.append((len(envs), k, explicit))
+            else:
+                add_message(m)
             add_env(env)
-            add_message(m)
         if messages:
             self.broker.publish_many(messages)
+        ids = BatchIds(e.id for e in envs)
+        if keyed:
+            holders = self.broker.publish_keyed([k for _, k, _ in keyed])
+            for (index, _, explicit), holder in zip(keyed, holders):
+                if _is_duplicate(holder, ids[index], explicit):
+                    ids[index] = holder
+                    ids.duplicates.append(index)
         if signals.after_task_publish.receivers:
-            for env in envs:
-                signals.after_task_publish.send(self, envelope=env)
-        return [e.id for e in envs]
+            skip = set(ids.duplicates)
+            for i, env in enumerate(envs):
+                if i not in skip:
+                    signals.after_task_publish.send(self, envelope=env)
+        return ids
 
     def _publish_uniform(self, items: list | tuple, now: float) -> list[str] | None:
         """The batch as one ``publish_frames`` call when every item is a tuple of the same
@@ -292,8 +377,10 @@ class Stem:
                     return None
                 args = {}
             add(args)
-        queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset = (
+        queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique = (
             self._template(name, options, now))
+        if unique is not None:
+            return None                       # keyed: the general path publishes it under its keys
         env = Envelope("", name, {}, {}, {}, queue, priority, 0, max_retries, now, None, expires_at,
                        visibility_timeout, soft, hard, None, None, unset)
         ids = new_task_ids(len(args_list))
@@ -362,6 +449,14 @@ class Stem:
         self.close()
 
 
+def _is_duplicate(holder: str | None, own_id: str, explicit_id: bool) -> bool:
+    """Whether ``publish_keyed``'s answer means "not published".  Its own id answers a
+    publish whose key it already held: a generated id is never reused, so that is a retry
+    of this very publish (published once); an explicit id holding its own key is a task
+    enqueued earlier under that id, and this enqueue is its duplicate."""
+    return holder is not None and (holder != own_id or explicit_id)
+
+
 class AsyncStem:
     """Awaitable twin of ``Stem`` for asyncio services.
 
@@ -378,7 +473,7 @@ class AsyncStem:
     async def enqueue(self, name: str, args: dict[str, Any] | None = None, **kwargs: Any) -> str:
         return await self._run(self.sync.enqueue, name, args, **kwargs)
 
-    async def enqueue_many(self, items) -> list[str]:
+    async def enqueue_many(self, items) -> BatchIds:
         return await self._run(self.sync.enqueue_many, list(items))
 
     async def get_status(self, task_id: str) -> TaskStatus:

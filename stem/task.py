@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator, Protocol
 import msgspec
 
 from . import _checks as checks
-from .errors import ConfigurationError, DuplicateTaskError, InvalidTaskOptionsError, Retry, UnknownTaskError
+from .errors import ConfigurationError, DuplicateHandlerError, InvalidTaskOptionsError, Retry, UnknownTaskError
 
 __all__ = ["TaskOptions", "TaskContext", "TaskHandler", "FunctionTaskHandler", "TaskRegistry",
            "parse_rate_limit", "load_registry"]
@@ -50,6 +50,8 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     rate_limit: str | None = None
     unique: bool | None = None
     unique_for: float | None = None
+    unique_key: Any = None            # tuple of argument names, or a callable of the args dict
+    unique_until: str | None = None   # "finished" (default) or "started"
     acks_late: bool | None = None
     isolation: str | None = None
     expires: float | None = None
@@ -78,8 +80,19 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
         for name in ("unique", "acks_late"):
             if getattr(self, name) is not None:
                 checks.flag(name, getattr(self, name), error=InvalidTaskOptionsError)
-        if self.unique_for is not None and not self.unique:
-            raise InvalidTaskOptionsError("unique_for needs unique=True")
+        for name in ("unique_for", "unique_key", "unique_until"):
+            if getattr(self, name) is not None and not self.unique:
+                raise InvalidTaskOptionsError(f"{name} needs unique=True")
+        if self.unique_until is not None and self.unique_until not in UNIQUE_UNTIL:
+            raise InvalidTaskOptionsError(f"unique_until must be one of {UNIQUE_UNTIL}, got {self.unique_until!r}")
+        if self.unique_key is not None and not callable(self.unique_key):
+            names = self.unique_key
+            if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names or not all(
+                    isinstance(n, str) and n for n in names):
+                raise InvalidTaskOptionsError(
+                    "unique_key must be a non-empty list of argument names or a callable of the args, "
+                    f"got {names!r}")
+            msgspec.structs.force_setattr(self, "unique_key", tuple(names))   # hashable, like the rest
         if self.autoretry_for is not None:
             kinds = self.autoretry_for
             if isinstance(kinds, type):
@@ -110,6 +123,9 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     def rate_per_second(self) -> float | None:
         return None if self.rate_limit is None else parse_rate_limit(self.rate_limit)
 
+
+#: What ``TaskOptions.unique_until`` takes: the key is held until the task ends, or until it starts.
+UNIQUE_UNTIL = ("finished", "started")
 
 #: The option fields a producer without the registry leaves for the worker to fill from
 #: its handler when the caller did not set them (``Envelope.unset_options``).
@@ -232,7 +248,7 @@ class TaskRegistry:
         if not isinstance(handler.options, TaskOptions):
             raise InvalidTaskOptionsError(f"task {name!r}: options must be a TaskOptions")
         if name in self._handlers:
-            raise DuplicateTaskError(f"task {name!r} is already registered ({self._handlers[name]!r})")
+            raise DuplicateHandlerError(f"task {name!r} is already registered ({self._handlers[name]!r})")
         self._handlers[name] = handler
         return handler
 

@@ -61,9 +61,11 @@ class EagerStem(Stem):
         self._runtime = _EagerRuntime(self)
 
     def enqueue(self, name: str, args: dict[str, Any] | None = None, **kwargs: Any) -> str:
-        env, message = self._build(name, args, kwargs.get("options"), kwargs.get("meta"), kwargs.get("headers"),
-                                   kwargs.get("countdown"), kwargs.get("eta"), kwargs.get("task_id"),
-                                   kwargs.get("parent"), time.time())
+        # no broker, so no key: each task ends before the next enqueue, and a unique one
+        # would have released its key by then anyway
+        env, message, _ = self._build(name, args, kwargs.get("options"), kwargs.get("meta"), kwargs.get("headers"),
+                                      kwargs.get("countdown"), kwargs.get("eta"), kwargs.get("task_id"),
+                                      kwargs.get("parent"), time.time())
         self._run(decode_frame(message.frame, self.signer))
         return env.id
 

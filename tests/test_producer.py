@@ -55,8 +55,10 @@ def test_enqueue_options_override_the_handlers(stem):
     (lambda s: s.enqueue("email.send", {"to": "x"}, meta=[1]), EncodeError, "meta"),
     (lambda s: s.enqueue("email.send", {"to": "x"}, headers={"a": 1}), EncodeError, "headers"),
     (lambda s: s.enqueue("email.send", {"to": "x"}, task_id=""), InvalidTaskOptionsError, "task_id"),
-    (lambda s: s.enqueue("email.send", {"to": "x"}, options=TaskOptions(unique=True)), InvalidTaskOptionsError,
-     "unique"),
+    (lambda s: s.enqueue("email.send", {"to": "x"}, options=TaskOptions(unique=True, unique_key=["cc"])),
+     InvalidTaskOptionsError, "unique_key"),
+    (lambda s: s.enqueue("email.send", {"to": "x"}, on_duplicate="ignore"), InvalidTaskOptionsError,
+     "on_duplicate"),
     (lambda s: s.enqueue("", {}), InvalidTaskOptionsError, "name"),
 ])
 def test_bad_input_raises_and_publishes_nothing(stem, call, error, fragment):
@@ -190,7 +192,7 @@ def test_envelope_fields_are_in_the_order_the_producer_builds_them_by_position()
     assert Envelope.__struct_fields__ == (
         "id", "name", "args", "headers", "meta", "queue", "priority", "attempt", "max_retries",
         "enqueued_at", "not_before", "expires_at", "visibility_timeout", "soft_time_limit",
-        "hard_time_limit", "parent_id", "root_id", "unset_options")
+        "hard_time_limit", "parent_id", "root_id", "unset_options", "unique_until")
 
 
 @pytest.mark.parametrize("item", [
@@ -268,7 +270,8 @@ def test_enqueue_many_sees_a_task_registered_after_an_earlier_batch(stem, regist
     (("email.send", {1: "x"}), EncodeError, "str keys"),
     (("email.send", {"to": "x", 2: "y"}), EncodeError, "str keys"),
     (("email.send", {"to": "x"}, {"queue": "q"}), InvalidTaskOptionsError, "TaskOptions"),
-    (("email.send", {"to": "x"}, TaskOptions(unique=True)), InvalidTaskOptionsError, "unique"),
+    (("email.send", {"to": "x"}, TaskOptions(unique=True, unique_key=["cc"])), InvalidTaskOptionsError,
+     "unique_key"),
     (("", {}), InvalidTaskOptionsError, "name"),
     ((["email.send"], {}), InvalidTaskOptionsError, "name"),
     ((["email.send"], {}, TaskOptions()), InvalidTaskOptionsError, "name"),
@@ -375,7 +378,8 @@ def test_a_bad_item_in_a_uniform_batch_raises_the_usual_error_and_publishes_noth
 
 def test_a_uniform_batch_checks_name_and_options_once_with_the_usual_errors(stem, monkeypatch):
     for items, error in (([("nope", {})] * 3, UnknownTaskError),
-                         ([("noop", {}, TaskOptions(unique=True))] * 2, InvalidTaskOptionsError),
+                         ([("noop", {}, TaskOptions(unique=True, unique_key=lambda a: a["x"]))] * 2,
+                          InvalidTaskOptionsError),
                          ([("", {})] * 2, InvalidTaskOptionsError)):
         with pytest.raises(error):
             stem.enqueue_many(items)

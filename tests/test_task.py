@@ -9,7 +9,7 @@ import pytest
 
 from stem import (ExponentialJitterRetryStrategy, StemConfig, TaskContext, TaskHandler, TaskOptions, TaskRegistry,
                   signals)
-from stem.errors import (ConfigurationError, DuplicateTaskError, InvalidTaskOptionsError, Retry, StemError,
+from stem.errors import (ConfigurationError, DuplicateHandlerError, InvalidTaskOptionsError, Retry, StemError,
                          UnknownTaskError)
 from stem.signals import Signal
 
@@ -74,7 +74,7 @@ def test_registry_registers_functions_and_classes():
 def test_duplicate_task_names_are_an_error():
     registry = TaskRegistry()
     registry.task("a")(lambda ctx: None)
-    with pytest.raises(DuplicateTaskError, match="'a' is already registered"):
+    with pytest.raises(DuplicateHandlerError, match="'a' is already registered"):
         registry.task("a")(lambda ctx: None)
 
 
