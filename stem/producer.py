@@ -288,7 +288,8 @@ class Stem:
                 else:
                     name, args, options = item
                 template = self._batch_template(templates, name, options, now)
-                if template.unique is not None:
+                queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique = template
+                if unique is not None:
                     env, m, k = self._build(name, args, options, None, None, None, None, task_id, None, now,
                                             template, explicit_id=False)
                     keyed.append((len(envs), k, False))
@@ -298,7 +299,6 @@ class Stem:
                     args = {}
                 elif type(args) is not dict or (args and not all(map(_is_str, args))):
                     args = _checked_args(name, args)
-                queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, _ = template
                 env = Envelope(task_id, name, args, {}, {}, queue, priority, 0, max_retries, now, None,
                                expires_at, visibility_timeout, soft, hard, None, None, unset)
                 if before.receivers:
