@@ -302,6 +302,21 @@ def test_enqueue_takes_a_task_id_meta_and_args_from_a_file_or_stdin(url, tmp_pat
     assert twice.exit_code == 2 and "stdin is already read" in twice.output
 
 
+def test_enqueue_unique_and_a_repeated_task_id_publish_once_and_print_the_holder(url):
+    first = invoke("enqueue", "apps.add", "--args", '{"a": 1, "b": 2}', "--unique", "--broker", url)
+    assert first.exit_code == 0, first.output
+    again = invoke("enqueue", "apps.add", "--args", '{"b": 2, "a": 1}', "--unique", "--json", "--broker", url)
+    assert again.exit_code == 0, again.output
+    assert strict_json(again.stdout) == {"id": first.stdout.strip(), "duplicate": True}
+    assert "duplicate: nothing published" in again.stderr
+    assert invoke("enqueue", "apps.add", "--task-id", "order-7", "--broker", url).stdout == "order-7\n"
+    assert invoke("enqueue", "apps.add", "--task-id", "order-7", "--broker", url).stdout == "order-7\n"
+    with _broker(url) as broker:
+        assert broker.stats("default").ready == 2
+    bad = invoke("enqueue", "apps.add", "--unique-for", "60", "--broker", url)
+    assert bad.exit_code == 2 and "--unique-for needs --unique" in bad.output
+
+
 def test_help_texts_cover_every_enqueue_option_and_the_worker_limits():
     import click
 

@@ -31,7 +31,13 @@ _JSON_FORMS = "a JSON object, @FILE to read it from a file, or - to read it from
 @click.option("--max-retries", type=click.IntRange(0), default=None,
               help="retries after a failure (default: the task's own, else 0)")
 @click.option("--task-id", type=NonEmpty(), default=None, metavar="ID",
-              help="the task's id, instead of a random one (at most 200 characters)")
+              help="the task's id, instead of a random one (at most 200 characters); a task with "
+                   "this id still queued, running or stored is not published twice")
+@click.option("--unique", is_flag=True,
+              help="publish nothing if a task of NAME with the same args is queued or running "
+                   "(see README, Unique tasks); the id printed is then that task's")
+@click.option("--unique-for", type=Seconds(0), default=None, metavar="SECONDS",
+              help="with --unique: the key's safety lifetime after the task is due (default 3600)")
 @click.option("-A", "--app", "registry_path", type=AppPath(), default=None, metavar="MODULE:REGISTRY",
               help="check NAME against this registry and use the task's own options (queue, retries, ...)")
 @click.option("--path", "paths", multiple=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
@@ -42,23 +48,31 @@ _JSON_FORMS = "a JSON object, @FILE to read it from a file, or - to read it from
               help="seconds --wait waits before giving up (exit 1; the task keeps its course)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (with --wait the id goes to stderr first)")
 @connection_options
-def enqueue(name, args, meta, queue, countdown, eta, priority, max_retries, task_id, registry_path, paths, wait,
-            timeout, as_json, broker_url, backend_url):
+def enqueue(name, args, meta, queue, countdown, eta, priority, max_retries, task_id, unique, unique_for,
+            registry_path, paths, wait, timeout, as_json, broker_url, backend_url):
     """Enqueue task NAME and print its id (and, with --wait, its outcome)."""
-    from ..errors import TaskTimeoutError
+    from ..errors import DuplicateTaskError, TaskTimeoutError
     from ..task import TaskOptions
     if countdown is not None and eta is not None:
         raise click.UsageError("give --countdown or --eta, not both")
+    if unique_for is not None and not unique:
+        raise click.UsageError("--unique-for needs --unique")
     with Env(broker_url, backend_url) as env:
         registry = load_app(registry_path, paths) if registry_path else None
         stem = env.producer(registry)
         if wait:
             env.require_backend("--wait")
-        options = TaskOptions(queue=queue, priority=priority, max_retries=max_retries)
-        task_id = stem.enqueue(name, args, options=options, meta=meta, countdown=countdown, eta=eta,
-                               task_id=task_id)
+        options = TaskOptions(queue=queue, priority=priority, max_retries=max_retries,
+                              unique=True if unique else None, unique_for=unique_for)
+        duplicate = False
+        try:
+            task_id = stem.enqueue(name, args, options=options, meta=meta, countdown=countdown, eta=eta,
+                                   task_id=task_id, on_duplicate="raise")
+        except DuplicateTaskError as exc:
+            task_id, duplicate = exc.existing_id, True
+            click.echo(f"duplicate: nothing published; task {task_id} holds the key", err=True)
         if not wait:
-            emit({"id": task_id}, as_json, lambda d: click.echo(task_id))
+            emit({"id": task_id, "duplicate": duplicate}, as_json, lambda d: click.echo(task_id))
             return
         # the id before the wait: a Ctrl-C while waiting must not lose it
         click.echo(f"enqueued {task_id}" if as_json else task_id, err=as_json)
