@@ -171,7 +171,7 @@ class Stem:
                meta: dict[str, Any] | None, headers: dict[str, str] | None, countdown: float | None,
                eta: float | None, task_id: str | None, parent: Any, now: float,
                template: _Template | None = None, explicit_id: bool | None = None,
-               ) -> tuple[Envelope, Message, Keyed | None]:
+               idempotent_for: float | None = None) -> tuple[Envelope, Message, Keyed | None]:
         """Validate one task (everything ``enqueue`` accepts) and frame it, with the key to
         publish it under (a unique task, an explicit id) or None.  ``template``, when
         given, is ``_template(name, options, now)`` already made by the caller; ``explicit_id``
@@ -206,7 +206,8 @@ class Stem:
             ttl, linger = unique_ttl(unique.unique_for, delay), 0.0
         elif explicit_id:
             key, ttl = id_key(task_id), id_ttl(delay)
-            linger = DEFAULT_RESULT_EXPIRES if self.backend is None else self.backend.result_expires
+            linger = (idempotent_for if idempotent_for is not None else
+                      DEFAULT_RESULT_EXPIRES if self.backend is None else self.backend.result_expires)
         else:
             key = None
         # positional: Envelope's field order is its wire format and never changes
@@ -224,18 +225,23 @@ class Stem:
     def enqueue(self, name: str, args: dict[str, Any] | None = None, *, options: TaskOptions | None = None,
                 meta: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
                 countdown: float | None = None, eta: float | None = None, task_id: str | None = None,
-                parent: Any = None, on_duplicate: str = "return") -> str:
+                parent: Any = None, on_duplicate: str = "return", idempotent_for: float | None = None) -> str:
         """Publish one task and return its id.  Everything is validated first:
         a bad name, bad args or bad options raise before anything is published.
 
         A unique task (``TaskOptions(unique=True)``) or one with an explicit ``task_id`` is
         published only if its key is free; a duplicate publishes nothing and returns the id
         of the task that holds the key, or raises ``DuplicateTaskError`` (carrying that id)
-        with ``on_duplicate="raise"``."""
+        with ``on_duplicate="raise"``.  An explicit id stays refused ``idempotent_for`` seconds
+        after its task ends (default: the backend's ``result_expires``, as long as its result)."""
         if on_duplicate not in ON_DUPLICATE:
             raise InvalidTaskOptionsError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
+        if idempotent_for is not None:
+            checks.seconds("idempotent_for", idempotent_for, inclusive=True, error=InvalidTaskOptionsError)
+            if task_id is None:
+                raise InvalidTaskOptionsError("idempotent_for needs an explicit task_id")
         env, message, keyed = self._build(name, args, options, meta, headers, countdown, eta, task_id, parent,
-                                          time.time())
+                                          time.time(), idempotent_for=idempotent_for)
         if keyed is None:
             self.broker.publish(message)
         else:

@@ -136,6 +136,17 @@ def test_an_explicit_task_id_is_an_idempotency_key_that_outlives_the_task_by_the
     assert published(broker) == 0
 
 
+def test_idempotent_for_sets_how_long_an_explicit_id_outlives_its_task(stem, broker, monkeypatch):
+    calls = keyed_calls(broker, monkeypatch)
+    stem.enqueue("plain", {}, task_id="sched:x:1000", idempotent_for=7200)
+    assert calls[0][0].linger == 7200
+    with pytest.raises(InvalidTaskOptionsError, match="explicit task_id"):
+        stem.enqueue("plain", {}, idempotent_for=10)
+    with pytest.raises(InvalidTaskOptionsError, match="idempotent_for"):
+        stem.enqueue("plain", {}, task_id="y", idempotent_for=-1)
+    assert published(broker) == 1
+
+
 def test_generated_ids_publish_without_keys(stem, broker, monkeypatch):
     calls = keyed_calls(broker, monkeypatch)
     stem.enqueue("plain", {})
