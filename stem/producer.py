@@ -255,6 +255,25 @@ class Stem:
             signals.after_task_publish.send(self, envelope=env)
         return env.id
 
+    def enqueue_child(self, name: str, args: dict[str, Any] | None, *, options: TaskOptions | None,
+                      task_id: str, parent: Any) -> str:
+        """Publish what a running task enqueued (``ctx.enqueue`` in a worker's child).  The
+        child made ``task_id`` itself, to answer the task at once, so it is not an
+        idempotency key the way a caller's ``task_id`` is.  A unique task still goes under
+        its unique key; if that is held, nothing is published and the holder's id is
+        returned (the id the child answered never runs)."""
+        env, message, keyed = self._build(name, args, options, None, None, None, None, task_id, parent,
+                                          time.time(), explicit_id=False)
+        if keyed is None:
+            self.broker.publish(message)
+        else:
+            holder = self.broker.publish_keyed((keyed,))[0]
+            if _is_duplicate(holder, env.id, False):
+                return holder
+        if signals.after_task_publish.receivers:
+            signals.after_task_publish.send(self, envelope=env)
+        return env.id
+
     def enqueue_many(self, items: Iterable[EnqueueItem | dict[str, Any]]) -> BatchIds:
         """Publish a batch in one broker round trip.  Items are ``(name, args)``,
         ``(name, args, options)`` or dicts of ``enqueue`` keyword arguments.

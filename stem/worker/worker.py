@@ -207,7 +207,7 @@ class Worker:
         return self._stem
 
     def _enqueue_for_child(self, name: str, args: Any, options: TaskOptions | None, task_id: str, parent: Any) -> str:
-        return self._producer().enqueue(name, args, options=options, task_id=task_id, parent=parent)
+        return self._producer().enqueue_child(name, args, options=options, task_id=task_id, parent=parent)
 
     def _renew_soon(self, task_id: str) -> None:
         """A task asked (heartbeat, progress) for its lease to be renewed at the next turn."""
