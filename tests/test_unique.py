@@ -255,3 +255,14 @@ def test_a_key_released_by_the_terminal_settle_lets_the_next_enqueue_publish(ste
     broker.ack([d])
     b = stem.enqueue("report.build", {"account": 1, "day": "d"})
     assert b != a and published(broker) == 1
+
+
+def test_enqueue_child_publishes_the_childs_id_without_a_key_and_unique_tasks_under_theirs(stem, broker,
+                                                                                          monkeypatch):
+    calls = keyed_calls(broker, monkeypatch)
+    assert stem.enqueue_child("plain", {}, options=None, task_id="c" * 32, parent=None) == "c" * 32
+    assert calls == []
+    a = stem.enqueue("report.build", {"account": 1, "day": "d"})
+    assert stem.enqueue_child("report.build", {"account": 1, "day": "d"}, options=None, task_id="d" * 32,
+                              parent=None) == a
+    assert published(broker) == 2
