@@ -137,3 +137,32 @@ def test_the_fused_result_and_ack_releases_keys_as_the_brokers_ack_does(shared_u
     finally:
         broker.close()
         backend.close()
+
+
+def _key_rows(url: str) -> list[str]:
+    """Every row of stem_keys, expired or not."""
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url[len("sqlite:///"):]) as raw:
+            rows = raw.execute("SELECT key FROM stem_keys ORDER BY key").fetchall()
+        raw.close()
+        return [r[0] for r in rows]
+    import psycopg
+    base, schema = url.split("?schema=")
+    with psycopg.connect(base, autocommit=True) as conn:
+        return [r[0] for r in conn.execute(f'SELECT key FROM "{schema}".stem_keys ORDER BY key').fetchall()]
+
+
+def test_publish_keyed_sweeps_expired_keys_now_and_then(shared_url):
+    from tests.support import wait_for
+    broker = broker_from_url(shared_url)
+    try:
+        short = Keyed(Message(uuid.uuid4().hex, Q, b"x"), "short", 0.2)
+        assert broker.publish_keyed([short]) == [None]
+        wait_for(lambda: broker.key_owner(Q, "short") is None, 10.0, what="the short key to expire")
+        assert broker.publish_keyed([keyed("later")]) == [None]
+        assert _key_rows(shared_url) == ["later", "short"]      # expired, not yet swept: reads as free
+        broker._next_key_sweep = 0.0                           # the minute since the last sweep is up
+        assert broker.publish_keyed([keyed("latest")]) == [None]
+        assert _key_rows(shared_url) == ["later", "latest"]
+    finally:
+        broker.close()
