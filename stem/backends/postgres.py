@@ -180,8 +180,9 @@ class PostgresResultBackend(ResultBackend):
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any,
                            deliveries: Sequence[Any]) -> bool:
         """Store ``statuses`` and ack ``deliveries`` (releasing their keys, as the broker's ack does)
-        in one transaction (one statement, one durable commit) when ``broker`` keeps its queues in this database (``shares_store_with``); returns
-        True.  Otherwise does nothing and returns False: the caller stores, then acks."""
+        in one transaction (one statement, one durable commit) when ``broker`` keeps its queues in
+        this database (``shares_store_with``); returns True.  Otherwise does nothing and returns
+        False: the caller stores, then acks."""
         if not self.shares_store_with(broker):
             return False
         latest = {s.id: s for s in statuses}

@@ -20,15 +20,16 @@ connections, retries and error translation: ``stem/stores/postgres.py``.
 * **Settle**: ``ack`` is one ``DELETE ... WHERE id = ANY(...)``; ``retry``
   (delete + insert) and ``dead_letter`` (delete + copy) are single statements
   with data-modifying CTEs, hence atomic.
-* **Keys**: ``publish_keyed`` is one pipelined round trip per batch (BEGIN,
-  two statements, COMMIT): the first claims every distinct key of the batch
-  with ``INSERT INTO stem_keys ... ON CONFLICT DO UPDATE ... WHERE
-  expires_at <= now`` (keys in sorted order, so concurrent batches lock them
-  alike) and inserts the messages of the keys it claimed, in batch order, in
-  the same statement; the second reads the holders of the keys it did not
-  claim -- a later statement sees the committed holder, which the first left
-  locked.  A later duplicate in the batch takes its first occurrence's
-  answer.  The terminal settles release keys in their own statement
+* **Keys**: ``publish_keyed`` is one statement (one round trip, one
+  transaction) per batch: ``INSERT INTO stem_keys ... ON CONFLICT DO
+  UPDATE`` claims each distinct key of the batch (in key order, so
+  concurrent batches lock them alike) where it is expired, and rewrites a
+  live key with its own values, so that ``RETURNING`` names the holder even
+  when it committed after the statement's snapshot; ``claimed_in`` (the
+  claiming transaction's id) tells a claim from a live key, the owner's own
+  included.  The same statement inserts the messages of the keys it claimed,
+  in batch order.  A later duplicate in the batch takes its first
+  occurrence's answer.  The terminal settles release keys in their own statement
   (``stem.stores.postgres_schema.release_ctes``): a keyed ack, dead letter,
   reject, purge, delete_queue, and the backend's fused result+ack; an ack
   without keyed deliveries runs the plain delete.  ``retry`` copies the key
@@ -73,10 +74,7 @@ _DEAD_COLUMNS = f"queue, task_id, reason, failed_at, priority, visibility_timeou
 def _queries(s: str) -> dict[str, str]:
     jobs, dead, keys = f"{s}.stem_jobs", f"{s}.stem_dead_letters", f"{s}.stem_keys"
     due = f"CASE WHEN m.nb > {NOW} THEN 1 ELSE 0 END, CASE WHEN m.nb > {NOW} THEN m.nb ELSE {NOW} END"
-    claim_key = f"""
-        INSERT INTO {keys} AS k (queue, key, owner, expires_at) {{source}}
-        ON CONFLICT (queue, key) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
-        WHERE k.expires_at <= {NOW}{{also}}"""
+    free = f"k.expires_at <= {NOW}"
     return {
         "publish": f"""
             WITH ins AS (
@@ -86,27 +84,39 @@ def _queries(s: str) -> dict[str, str]:
                      WITH ORDINALITY AS m(q, t, p, nb, v, f, n)
                 ORDER BY m.n)
             SELECT pg_notify(%s, q) FROM unnest(%s::text[]) AS q""",
-        # the batch's distinct keys; rows conflicting with a live key are left locked, not updated
+        # the batch's distinct keys, in key order (concurrent batches lock them alike); a live
+        # key is "updated" to itself, so that RETURNING names its holder (claimed_in: who won)
         "publish_keyed": f"""
             WITH m AS (
                 SELECT * FROM unnest(%(q)s::text[], %(k)s::text[], %(t)s::text[], %(ttl)s::float8[],
                                      %(lg)s::float8[], %(p)s::int4[], %(nb)s::float8[], %(v)s::float8[],
                                      %(f)s::bytea[])
                      WITH ORDINALITY AS m(q, k, t, ttl, lg, p, nb, v, f, n)),
-            claimed AS ({claim_key.format(source=f"SELECT q, k, t, {NOW} + ttl FROM m ORDER BY q, k", also="")}
-                RETURNING k.queue, k.key),
+            claimed AS (
+                INSERT INTO {keys} AS k (queue, key, owner, expires_at, claimed_in)
+                SELECT q, k, t, {NOW} + ttl, txid_current() FROM m ORDER BY q, k
+                ON CONFLICT (queue, key) DO UPDATE SET
+                    owner = CASE WHEN {free} THEN EXCLUDED.owner ELSE k.owner END,
+                    expires_at = CASE WHEN {free} THEN EXCLUDED.expires_at ELSE k.expires_at END,
+                    claimed_in = CASE WHEN {free} THEN EXCLUDED.claimed_in ELSE k.claimed_in END
+                RETURNING k.queue, k.key, k.owner, k.claimed_in = txid_current() AS won),
             ins AS (
                 INSERT INTO {jobs} ({_COLUMNS}, {_KEY_COLUMNS})
                 SELECT m.q, m.t, m.p, {due}, m.v, m.f, m.k, m.ttl, m.lg
                 FROM m JOIN claimed c ON c.queue = m.q AND c.key = m.k
-                ORDER BY m.n
-                RETURNING queue, key)
-            SELECT queue, key, pg_notify(%(ch)s, queue) FROM ins""",
-        "key_holders": f"""
-            SELECT k.queue, k.key, k.owner FROM unnest(%s::text[], %s::text[]) AS m(q, k)
-            JOIN {keys} k ON k.queue = m.q AND k.key = m.k""",
-        "reclaim": claim_key.format(source="VALUES (%s, %s, %s, " + NOW + " + %s)",
-                                    also=" OR k.owner = EXCLUDED.owner") + " RETURNING 1",
+                WHERE c.won
+                ORDER BY m.n)
+            SELECT queue, key, CASE WHEN won THEN NULL ELSE owner END,
+                   CASE WHEN won THEN pg_notify(%(ch)s, queue) END
+            FROM claimed""",
+        # replay's claim: where the key is free or the entry's own task holds it
+        "reclaim": f"""
+            INSERT INTO {keys} AS k (queue, key, owner, expires_at, claimed_in)
+            VALUES (%s, %s, %s, {NOW} + %s, txid_current())
+            ON CONFLICT (queue, key) DO UPDATE
+            SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at, claimed_in = EXCLUDED.claimed_in
+            WHERE {free} OR k.owner = EXCLUDED.owner
+            RETURNING 1""",
         "release_key": f"DELETE FROM {keys} WHERE queue = %s AND key = %s AND owner = %s AND expires_at > {NOW}",
         "key_owner": f"SELECT owner FROM {keys} WHERE queue = %s AND key = %s AND expires_at > {NOW}",
         "sweep_keys": f"""
@@ -174,11 +184,12 @@ def _queries(s: str) -> dict[str, str]:
         "dead_letters": f"""
             SELECT id, task_id, queue, reason, failed_at, frame, key FROM {dead}
             WHERE queue = %s ORDER BY id LIMIT %s""",
-        # replay: (queue, ids or NULL for all); the keyed entries, locked, to claim again in order
+        # replay: (queue, ids or NULL for all); the keyed entries, locked, to claim again in key
+        # order (as publish_keyed locks keys), each key's entries in DLQ order
         "replay_keyed": f"""
             SELECT id, task_id, key, key_ttl FROM {dead}
             WHERE queue = %s AND (%s::int8[] IS NULL OR id = ANY(%s::int8[])) AND key IS NOT NULL
-            ORDER BY id FOR UPDATE""",
+            ORDER BY key, id FOR UPDATE""",
         # then (queue, ids or NULL, ids left in the DLQ, channel, queue)
         "replay": f"""
             WITH d AS (DELETE FROM {dead}
@@ -299,31 +310,20 @@ class PostgresBroker(Broker):
         msgs = [i.message for i in batch]
         queues = list(dict.fromkeys(m.queue for m in msgs))
         self._register(queues)
-        qs, ks = [m.queue for m in msgs], [i.key for i in batch]
-        params = {"q": qs, "k": ks, "t": [m.task_id for m in msgs], "ttl": [float(i.ttl) for i in batch],
+        params = {"q": [m.queue for m in msgs], "k": [i.key for i in batch], "t": [m.task_id for m in msgs],
+                  "ttl": [float(i.ttl) for i in batch],
                   "lg": [float(i.linger) for i in batch], "p": [int(m.priority) for m in msgs],
                   "nb": [m.not_before for m in msgs],
                   "v": [float(m.visibility_timeout) if m.visibility_timeout else None for m in msgs],
                   "f": [bytes(m.frame) for m in msgs], "ch": self.channel}
-
-        def claim(conn):
-            with conn.pipeline():                   # one round trip: BEGIN, both statements, COMMIT
-                with conn.transaction():
-                    won = conn.execute(self._sql["publish_keyed"], params)
-                    holders = conn.execute(self._sql["key_holders"], (qs, ks))
-            return won.fetchall(), holders.fetchall()
-
-        won, holders = self._pg.run(claim)
-        claimed = {(r[0], r[1]) for r in won}
-        holder = {(r[0], r[1]): r[2] for r in holders}
+        rows = self._pg.run(lambda conn: conn.execute(self._sql["publish_keyed"], params).fetchall())
+        holder = {(r[0], r[1]): r[2] for r in rows}        # None: claimed by this call
         out: list[str | None] = []
         for n, item in enumerate(items):
             qk = (item.message.queue, item.key)
-            if qk in claimed:
-                out.append(None if first[qk] == n else items[first[qk]].message.task_id)
-            else:
-                out.append(holder[qk])
-        for q in {q for q, _ in claimed}:
+            held = holder[qk]
+            out.append(held if held is not None or first[qk] == n else items[first[qk]].message.task_id)
+        for q in {q for (q, _), held in holder.items() if held is None}:
             self._on_notify(q)
         if time.monotonic() >= self._next_key_sweep:
             self._next_key_sweep = time.monotonic() + _KEY_SWEEP_EVERY_S
@@ -407,8 +407,9 @@ class PostgresBroker(Broker):
         return [DeadLetter(str(r[0]), r[1], r[2], r[3], r[4], bytes(r[5]), r[6]) for r in rows]
 
     def replay(self, queue: str, ids: Sequence[str] | None = None) -> int:
-        """One transaction: the keyed entries' keys are claimed again in DLQ order (owner: the
-        entry's task id, its ttl); those whose key another task holds stay; the rest move."""
+        """One transaction: the keyed entries' keys are claimed again (owner: the entry's task
+        id, its ttl), each key by its entries in DLQ order; those whose key another task holds
+        stay; the rest move."""
         validate_queue_name(queue)
         wanted = None
         if ids is not None:

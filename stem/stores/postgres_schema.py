@@ -23,7 +23,9 @@ any older version upgrades in place::
     stem_dead_letters    id identity, queue, task_id, reason, failed_at, priority,
                          visibility_timeout, frame, key, key_ttl, key_linger;  (queue, id)
     stem_keys            (queue, key) PRIMARY KEY, owner (task id), expires_at (epoch s, server
-                         clock; a row whose expires_at passed is free);  (expires_at)  (version 3)
+                         clock; a row whose expires_at passed is free), claimed_in (txid_current()
+                         of the claiming transaction: publish_keyed's RETURNING tells its own
+                         claims from live keys by it);  (expires_at)  (version 3)
     stem_queues          name PRIMARY KEY
     stem_results         task_id PRIMARY KEY, state, expires_at, data bytea (msgpack TaskStatus)
     stem_heartbeats      UNLOGGED; worker_id PRIMARY KEY, seen_at, expires_at, data
@@ -100,6 +102,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             key text NOT NULL,
             owner text NOT NULL,
             expires_at double precision NOT NULL,
+            claimed_in bigint NOT NULL,
             PRIMARY KEY (queue, key))""",
         "CREATE INDEX stem_keys_expires ON {s}.stem_keys (expires_at)",
         *(f"ALTER TABLE {{s}}.{table} ADD COLUMN key text, ADD COLUMN key_ttl double precision, "
@@ -109,17 +112,23 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 
 def release_ctes(s: str, removed: str) -> str:
-    """Two data-modifying CTEs (``freed``, ``lingered``; to follow a comma) releasing the keys of
+    """Three CTEs (``held``, ``freed``, ``lingered``; to follow a comma) releasing the keys of
     the message rows that CTE ``removed`` returns (columns queue, task_id, key, key_linger): the
     terminal settle's release, owner-checked (a key that expired and was claimed by another task
-    is left alone); a positive linger keeps the key that much longer instead of deleting it."""
+    is left alone); a positive linger keeps the key that much longer instead of deleting it.
+    ``held`` locks the keys in key order, as ``publish_keyed`` claims them, so that a settle and
+    a publish over the same keys queue up instead of deadlocking."""
     return f"""
+        held AS (
+            SELECT k.queue, k.key, k.owner, r.key_linger FROM {s}.stem_keys k
+            JOIN {removed} r ON k.queue = r.queue AND k.key = r.key AND k.owner = r.task_id
+            ORDER BY k.queue, k.key FOR UPDATE OF k),
         freed AS (
-            DELETE FROM {s}.stem_keys k USING {removed} r
-            WHERE k.queue = r.queue AND k.key = r.key AND k.owner = r.task_id AND coalesce(r.key_linger, 0) <= 0),
+            DELETE FROM {s}.stem_keys k USING held h
+            WHERE k.queue = h.queue AND k.key = h.key AND k.owner = h.owner AND coalesce(h.key_linger, 0) <= 0),
         lingered AS (
-            UPDATE {s}.stem_keys k SET expires_at = {NOW} + r.key_linger FROM {removed} r
-            WHERE k.queue = r.queue AND k.key = r.key AND k.owner = r.task_id AND r.key_linger > 0
+            UPDATE {s}.stem_keys k SET expires_at = {NOW} + h.key_linger FROM held h
+            WHERE k.queue = h.queue AND k.key = h.key AND k.owner = h.owner AND h.key_linger > 0
                 AND k.expires_at > {NOW})"""
 
 
