@@ -17,6 +17,8 @@ from stem.backends.redis import RedisResultBackend
 from stem.brokers.base import Keyed, Message
 from stem.brokers.redis import N_LANES, RedisBroker
 
+from stem.errors import BrokerError, ConfigurationError
+
 from .support import drop_namespace, wait_for
 
 pytestmark = pytest.mark.redis
@@ -203,6 +205,27 @@ def test_replay_of_everything_steps_over_entries_whose_key_is_held_by_another_ta
     broker.dead_letter(next(d for d in broker.consume([Q], 700, 5.0) if d.key == "free"), "poison")
     assert broker.replay(Q) == 1
     assert len(broker.dead_letters(Q, 1000)) == 600
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda b: b.key_owner(Q, 7), id="key_owner-int-key"),
+    pytest.param(lambda b: b.key_owner(Q, ""), id="key_owner-empty-key"),
+    pytest.param(lambda b: b.key_owner("bad queue", "k"), id="key_owner-bad-queue"),
+    pytest.param(lambda b: b.release_key(Q, "k" * 513, "t"), id="release_key-long-key"),
+    pytest.param(lambda b: b.release_key(Q, "k", None), id="release_key-no-owner"),
+])
+def test_key_owner_and_release_key_refuse_bad_arguments(broker, call):
+    with pytest.raises(ConfigurationError):
+        call(broker)
+
+
+def test_publish_keyed_translates_a_redis_error_and_leaves_no_key_for_the_failing_item(broker, raw):
+    raw.set(broker.queue_keys(Q)[N_LANES + 1], "not a sorted set")
+    with pytest.raises(BrokerError, match="WRONGTYPE"):
+        broker.publish_keyed([keyed("ready"), keyed("delayed", not_before=time.time() + 60)])
+    assert broker.key_owner(Q, "ready") is not None            # before the failing one: published
+    assert broker.key_owner(Q, "delayed") is None
+    assert raw.xlen(broker.queue_keys(Q)[0]) == 1
 
 
 # -- the fused settle round trip (results + ack + refill) releases keys ----------------------

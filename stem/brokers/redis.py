@@ -78,7 +78,7 @@ from ..stores.base import BROKER_ERRORS
 from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_unread,
                             pack_commands, pack_xadds, raise_first_error, validate_namespace)
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
-                   Message, QueueStats, check_frame_batch, check_keyed, validate_queue_name)
+                   MAX_KEY_LENGTH, Message, QueueStats, check_frame_batch, check_keyed, validate_queue_name)
 
 __all__ = ["RedisBroker", "N_LANES"]
 
@@ -105,6 +105,12 @@ class _Receipt(NamedTuple):
 
 def _lane(priority: int) -> int:
     return min(max(int(priority), 0), N_LANES - 1)
+
+
+def _check_key(key: Any) -> None:
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise ConfigurationError(f"a key must be a non-empty string of at most {MAX_KEY_LENGTH} "
+                                 f"characters, got {key!r}")
 
 
 def _as_list(items: Sequence) -> list:
@@ -260,10 +266,14 @@ class RedisBroker(Broker):
                 m.frame if type(m.frame) is bytes else bytes(m.frame))
 
     def release_key(self, queue: str, key: str, owner: str) -> bool:
+        _check_key(key)
+        if not isinstance(owner, str):
+            raise ConfigurationError(f"an owner is a task id (str), got {owner!r}")
         return bool(self._call(lambda: self._store.run(
             [self._evalsha(self._keys_script, queue, "release", key, owner)])[0], "release_key"))
 
     def key_owner(self, queue: str, key: str) -> str | None:
+        _check_key(key)
         name = self.key_name(queue, key)
         owner = self._call(lambda: self._client.get(name), "key_owner")
         return None if owner is None else owner.decode("utf-8", "replace")
