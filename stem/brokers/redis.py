@@ -103,6 +103,14 @@ class _Receipt(NamedTuple):
     consumer: str
 
 
+class _KeyedReceipt(NamedTuple):
+    """A keyed delivery's receipt: the linger its ack passes on to the release."""
+    lane: int
+    entry_id: str
+    consumer: str
+    linger_ms: int
+
+
 def _lane(priority: int) -> int:
     return min(max(int(priority), 0), N_LANES - 1)
 
@@ -352,9 +360,11 @@ class RedisBroker(Broker):
             out.append(Delivery(queue, task_id.decode("utf-8", "replace"), frame,
                                 _Receipt(int(lane), entry_id.decode(), consumer), int(count), d_vt_ms / 1000.0,
                                 leased_at))
-        if n and len(reply) > 6 * n + 1:   # (i, key) pairs of the keyed ones
-            for j in range(6 * n + 1, len(reply), 2):
-                out[first + reply[j] - 1].key = reply[j + 1].decode("utf-8", "replace")
+        if n and len(reply) > 6 * n + 1:   # (i, key, linger ms) of the keyed ones
+            for j in range(6 * n + 1, len(reply), 3):
+                d = out[first + reply[j] - 1]
+                d.key = reply[j + 1].decode("utf-8", "replace")
+                d.receipt = _KeyedReceipt(*d.receipt, reply[j + 2])
         return n
 
     def run_and_consume(self, commands: Sequence[Sequence[Any]], queues: Sequence[str], max_count: int,
@@ -430,8 +440,8 @@ class RedisBroker(Broker):
 
     def ack_commands(self, deliveries: Sequence[Delivery]) -> list[tuple]:
         """The EVALSHA commands that ack ``deliveries`` (one per queue), for a pipeline.  A
-        queue's keyed deliveries go after its others ("ackk"): the script reads their
-        entries to release their keys, and the others are acked as "ack" acks them."""
+        queue's keyed deliveries go after its others ("ackk"), with what the script needs
+        to release their keys; the others are acked as "ack" acks them."""
         by_queue: dict[str, list] = {}
         keyed: dict[str, list] | None = None
         for d in deliveries:
@@ -445,7 +455,8 @@ class RedisBroker(Broker):
             else:
                 if keyed is None:
                     keyed = {}
-                keyed.setdefault(d.queue, []).extend((r.lane, r.entry_id))
+                keyed.setdefault(d.queue, []).extend((r.lane, r.entry_id, d.key, d.task_id,
+                                                      getattr(r, "linger_ms", 0)))
         if keyed is None:
             return [self._evalsha(self._settle_script, q, "ack", *pairs) for q, pairs in by_queue.items()]
         return [self._evalsha(self._settle_script, q, "ack", *pairs) if q not in keyed else

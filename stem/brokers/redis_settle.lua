@@ -2,9 +2,9 @@
 --   KEYS: the per-queue layout (see redis_common.lua)
 --   ARGV[1] operation, then per operation:
 --     ack         lane1, id1, lane2, id2, ...              -> number of entries removed
---     ackk        m, then m (lane, id) pairs as for ack, then (lane, id) pairs of keyed
---                 deliveries, whose entries are read to release their keys (owner-checked)
---                                                           -> number of entries removed
+--     ackk        m, then m (lane, id) pairs as for ack, then (lane, id, key, task id,
+--                 linger ms) of each keyed delivery, whose key is released (owner-checked,
+--                 batched) when this ack removed its entry  -> number of entries removed
 --     requeue     lane, id                                  -> 1 when the lease was found
 --     extend      consumer, then lane, id, vt-ms triples    -> number of leases renewed
 --     retry       lane, id, frame, not_before-ms (-1 = now), nonce -> 1, or 0 when already settled
@@ -31,18 +31,42 @@ if op == 'ack' or op == 'ackk' then
     n = n + redis.call('XDEL', KEYS[lane + 1], unpack(list))
     redis.pcall('XACK', KEYS[lane + 1], GROUP, unpack(list))
   end
-  if #members > 0 then redis.call('ZREM', LEASES, unpack(members)) end
   if op == 'ackk' then
-    -- keyed: one at a time, releasing the key only when this ack removed the entry
-    local now = now_ms()
-    for i = last + 1, #ARGV, 2 do
+    -- keyed: XDEL one at a time (a key is released only when this ack removed its entry: a
+    -- stale ack must not free a key that a replay claimed again), the rest batched
+    local acked, names, keys, owners, lingers = {}, {}, {}, {}, {}
+    for i = last + 1, #ARGV, 5 do
       local lane, id = tonumber(ARGV[i]), ARGV[i + 1]
-      local h = read_entry(lane, id)
-      if h ~= nil then n = n + 1 end
-      settle(lane, id)
-      if h ~= nil then release(h.k, h.t, h.kl, now) end
+      members[#members + 1] = lane .. '|' .. id
+      acked[lane] = acked[lane] or {}
+      table.insert(acked[lane], id)
+      if redis.call('XDEL', KEYS[lane + 1], id) == 1 then
+        n = n + 1
+        keys[#keys + 1], owners[#owners + 1], lingers[#lingers + 1] = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+        names[#names + 1] = key_name(ARGV[i + 2])
+      end
+    end
+    for lane, list in pairs(acked) do redis.pcall('XACK', KEYS[lane + 1], GROUP, unpack(list)) end
+    if #names > 0 then
+      local held = redis.call('MGET', unpack(names))
+      local drop, dropped = {}, {}
+      local now = now_ms()
+      for j = 1, #names do
+        if held[j] == owners[j] then
+          if (tonumber(lingers[j]) or 0) > 0 then
+            release(keys[j], owners[j], lingers[j], now)
+          else
+            drop[#drop + 1], dropped[#dropped + 1] = names[j], keys[j]
+          end
+        end
+      end
+      if #drop > 0 then
+        redis.call('DEL', unpack(drop))
+        redis.call('ZREM', KEYIDX, unpack(dropped))
+      end
     end
   end
+  if #members > 0 then redis.call('ZREM', LEASES, unpack(members)) end
   return n
 end
 
