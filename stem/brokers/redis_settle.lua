@@ -2,18 +2,25 @@
 --   KEYS: the per-queue layout (see redis_common.lua)
 --   ARGV[1] operation, then per operation:
 --     ack         lane1, id1, lane2, id2, ...              -> number of entries removed
+--     ackk        m, then m (lane, id) pairs as for ack, then (lane, id) pairs of keyed
+--                 deliveries, whose entries are read to release their keys (owner-checked)
+--                                                           -> number of entries removed
 --     requeue     lane, id                                  -> 1 when the lease was found
 --     extend      consumer, then lane, id, vt-ms triples    -> number of leases renewed
 --     retry       lane, id, frame, not_before-ms (-1 = now), nonce -> 1, or 0 when already settled
 --     dead        lane, id, reason                          -> 1, or 0 when already settled
+-- A keyed message's key is released by ack/ackk and dead (owner-checked, see release in
+-- redis_common.lua) and kept by requeue, extend and retry.
 -- A delivery is "not yet settled" while its stream entry exists: every settle XDELs it, so
 -- settling a stale delivery (its lease expired and it was delivered again) is idempotent.
 local op = ARGV[1]
 
-if op == 'ack' then
+if op == 'ack' or op == 'ackk' then
   -- variadic XACK/XDEL per lane and one ZREM: three calls for a whole batch
+  local first, last = 2, #ARGV
+  if op == 'ackk' then first, last = 3, 2 + 2 * tonumber(ARGV[2]) end
   local ids, members = {}, {}
-  for i = 2, #ARGV, 2 do
+  for i = first, last, 2 do
     local lane = tonumber(ARGV[i])
     ids[lane] = ids[lane] or {}
     table.insert(ids[lane], ARGV[i + 1])
@@ -25,6 +32,17 @@ if op == 'ack' then
     redis.pcall('XACK', KEYS[lane + 1], GROUP, unpack(list))
   end
   if #members > 0 then redis.call('ZREM', LEASES, unpack(members)) end
+  if op == 'ackk' then
+    -- keyed: one at a time, releasing the key only when this ack removed the entry
+    local now = now_ms()
+    for i = last + 1, #ARGV, 2 do
+      local lane, id = tonumber(ARGV[i]), ARGV[i + 1]
+      local h = read_entry(lane, id)
+      if h ~= nil then n = n + 1 end
+      settle(lane, id)
+      if h ~= nil then release(h.k, h.t, h.kl, now) end
+    end
+  end
   return n
 end
 
@@ -60,10 +78,12 @@ end
 if op == 'retry' then
   local frame, not_before = ARGV[4], tonumber(ARGV[5])
   settle(lane, id)
+  -- a keyed message's new attempt keeps its key (the task is not over)
   if not_before > now_ms() then
-    redis.call('ZADD', DELAYED, not_before, pack_delayed(ARGV[6], h.t or '', frame, h.p or 0, h.v or 0))
+    redis.call('ZADD', DELAYED, not_before,
+               pack_delayed(ARGV[6], h.t or '', frame, h.p or 0, h.v or 0, h.k, h.kt, h.kl))
   else
-    add_ready(h.t or '', frame, h.p, h.v)
+    add_ready(h.t or '', frame, h.p, h.v, h.k, h.kt, h.kl)
   end
   return 1
 end
