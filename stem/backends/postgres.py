@@ -26,7 +26,7 @@ from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.local import after_fork_in_child
 from ..stores.postgres import PostgresStore, parse_postgres_url
-from ..stores.postgres_schema import NOW, quote_schema
+from ..stores.postgres_schema import NOW, quote_schema, release_ctes
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, check_non_terminal,
                    check_proofs)
 
@@ -40,9 +40,15 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(dict).decode
 
 
-def _store_sql(s: str, ack_from: str | None = None) -> str:
-    """Upsert statuses, notify the terminal ones; with ``ack_from`` (a jobs table) also delete acked rows."""
-    ack = f", acked AS (DELETE FROM {ack_from} WHERE id = ANY(%s::int8[]))" if ack_from else ""
+def _store_sql(s: str, ack_schema: str | None = None, keyed: bool = False) -> str:
+    """Upsert statuses, notify the terminal ones; with ``ack_schema`` (the broker's, quoted) also
+    delete acked rows of its jobs table, and with ``keyed`` release their keys as the broker's ack does."""
+    ack = ""
+    if ack_schema and keyed:
+        ack = (f", acked AS (DELETE FROM {ack_schema}.stem_jobs WHERE id = ANY(%s::int8[]) "
+               f"RETURNING queue, task_id, key, key_linger), {release_ctes(ack_schema, 'acked')}")
+    elif ack_schema:
+        ack = f", acked AS (DELETE FROM {ack_schema}.stem_jobs WHERE id = ANY(%s::int8[]))"
     return f"""
         WITH up AS (
             INSERT INTO {s}.stem_results (task_id, state, expires_at, data)
@@ -124,7 +130,7 @@ class PostgresResultBackend(ResultBackend):
         after_fork_in_child(self._new_locks)
         self._listener = self._store.listener(self.channel, self._on_notify, self._on_reset)
         self._next_sweep = 0.0
-        self._store_and_ack_sql: dict[str, str] = {}
+        self._store_and_ack_sql: dict[tuple[str, bool], str] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "PostgresResultBackend":
@@ -173,19 +179,19 @@ class PostgresResultBackend(ResultBackend):
 
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any,
                            deliveries: Sequence[Any]) -> bool:
-        """Store ``statuses`` and ack ``deliveries`` in one transaction (one statement, one durable
-        commit) when ``broker`` keeps its queues in this database (``shares_store_with``); returns
+        """Store ``statuses`` and ack ``deliveries`` (releasing their keys, as the broker's ack does)
+        in one transaction (one statement, one durable commit) when ``broker`` keeps its queues in this database (``shares_store_with``); returns
         True.  Otherwise does nothing and returns False: the caller stores, then acks."""
         if not self.shares_store_with(broker):
             return False
         latest = {s.id: s for s in statuses}
         ids = list(latest)
         terminal = [i for i, s in latest.items() if s.is_terminal]
-        schema = broker.store.schema
-        sql = self._store_and_ack_sql.get(schema)
+        variant = (broker.store.schema, any(d.key is not None for d in deliveries))
+        sql = self._store_and_ack_sql.get(variant)
         if sql is None:
-            sql = self._store_and_ack_sql[schema] = _store_sql(
-                quote_schema(self.schema), f"{quote_schema(schema)}.stem_jobs")
+            sql = self._store_and_ack_sql[variant] = _store_sql(quote_schema(self.schema), quote_schema(variant[0]),
+                                                                variant[1])
         params = (self.result_expires, ids, [latest[i].state.value for i in ids],
                   [encode_status(latest[i]) for i in ids], [d.receipt for d in deliveries], self.channel,
                   _payloads(terminal))

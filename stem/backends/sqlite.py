@@ -22,6 +22,7 @@ from ..errors import ConfigurationError
 from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
+from ..stores.sqlite_schema import settle_acked
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, check_non_terminal,
                    check_proofs)
 
@@ -79,17 +80,14 @@ class SqliteResultBackend(ResultBackend):
 
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any,
                            deliveries: Sequence[Any]) -> bool:
-        """Store ``statuses`` and ack ``deliveries`` in one transaction when ``broker`` keeps its
-        queues in this file (``shares_store_with``); returns True.  Otherwise does nothing and
+        """Store ``statuses`` and ack ``deliveries`` (releasing their keys, as the broker's ack does)
+        in one transaction when ``broker`` keeps its queues in this file (``shares_store_with``); returns True.  Otherwise does nothing and
         returns False: the caller stores, then acks."""
         if not self.shares_store_with(broker):
             return False
-        ids = [d.receipt for d in deliveries]
         with self._store.write() as conn:
             self._upsert(conn, statuses)
-            for i in range(0, len(ids), _CHUNK):
-                chunk = ids[i:i + _CHUNK]
-                conn.execute(f"DELETE FROM stem_messages WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+            settle_acked(conn, deliveries, time.time())       # keyed ones release their keys here too
         self._store.wake.notify()
         return True
 

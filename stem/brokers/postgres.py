@@ -20,6 +20,20 @@ connections, retries and error translation: ``stem/stores/postgres.py``.
 * **Settle**: ``ack`` is one ``DELETE ... WHERE id = ANY(...)``; ``retry``
   (delete + insert) and ``dead_letter`` (delete + copy) are single statements
   with data-modifying CTEs, hence atomic.
+* **Keys**: ``publish_keyed`` is one pipelined round trip per batch (BEGIN,
+  two statements, COMMIT): the first claims every distinct key of the batch
+  with ``INSERT INTO stem_keys ... ON CONFLICT DO UPDATE ... WHERE
+  expires_at <= now`` (keys in sorted order, so concurrent batches lock them
+  alike) and inserts the messages of the keys it claimed, in batch order, in
+  the same statement; the second reads the holders of the keys it did not
+  claim -- a later statement sees the committed holder, which the first left
+  locked.  A later duplicate in the batch takes its first occurrence's
+  answer.  The terminal settles release keys in their own statement
+  (``stem.stores.postgres_schema.release_ctes``): a keyed ack, dead letter,
+  reject, purge, delete_queue, and the backend's fused result+ack; an ack
+  without keyed deliveries runs the plain delete.  ``retry`` copies the key
+  columns; ``replay`` claims again in one transaction.  Expired keys are
+  swept by ``publish_keyed`` now and then (and overwritten by any claim).
 * **Waiting**: a per-broker listener thread LISTENs on ``stem.<schema>.jobs``;
   an idle ``consume`` sleeps on a condition variable until a notification for
   one of its queues, the next due time of a delayed row or lease, or its
@@ -41,21 +55,28 @@ from ..errors import ConfigurationError
 from ..stores.base import BROKER_ERRORS
 from ..stores.local import after_fork_in_child
 from ..stores.postgres import PostgresStore, parse_postgres_url
-from ..stores.postgres_schema import NOW, quote_schema
-from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
-                   Message, QueueStats, check_consume, validate_queue_name)
+from ..stores.postgres_schema import NOW, quote_schema, release_ctes
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
+                   Message, QueueStats, check_consume, check_keyed, validate_queue_name)
 
 __all__ = ["PostgresBroker", "migrate"]
 
 _FALLBACK_POLL_S = 1.0       # only while the listener is reconnecting
+_KEY_SWEEP_EVERY_S = 60.0
+_KEY_SWEEP_ROWS = 10_000
 
 _COLUMNS = "queue, task_id, priority, state, available_at, visibility_timeout, frame"
-_DEAD_COLUMNS = "queue, task_id, reason, failed_at, priority, visibility_timeout, frame"
+_KEY_COLUMNS = "key, key_ttl, key_linger"
+_DEAD_COLUMNS = f"queue, task_id, reason, failed_at, priority, visibility_timeout, frame, {_KEY_COLUMNS}"
 
 
 def _queries(s: str) -> dict[str, str]:
-    jobs, dead = f"{s}.stem_jobs", f"{s}.stem_dead_letters"
+    jobs, dead, keys = f"{s}.stem_jobs", f"{s}.stem_dead_letters", f"{s}.stem_keys"
     due = f"CASE WHEN m.nb > {NOW} THEN 1 ELSE 0 END, CASE WHEN m.nb > {NOW} THEN m.nb ELSE {NOW} END"
+    claim_key = f"""
+        INSERT INTO {keys} AS k (queue, key, owner, expires_at) {{source}}
+        ON CONFLICT (queue, key) DO UPDATE SET owner = EXCLUDED.owner, expires_at = EXCLUDED.expires_at
+        WHERE k.expires_at <= {NOW}{{also}}"""
     return {
         "publish": f"""
             WITH ins AS (
@@ -65,6 +86,32 @@ def _queries(s: str) -> dict[str, str]:
                      WITH ORDINALITY AS m(q, t, p, nb, v, f, n)
                 ORDER BY m.n)
             SELECT pg_notify(%s, q) FROM unnest(%s::text[]) AS q""",
+        # the batch's distinct keys; rows conflicting with a live key are left locked, not updated
+        "publish_keyed": f"""
+            WITH m AS (
+                SELECT * FROM unnest(%(q)s::text[], %(k)s::text[], %(t)s::text[], %(ttl)s::float8[],
+                                     %(lg)s::float8[], %(p)s::int4[], %(nb)s::float8[], %(v)s::float8[],
+                                     %(f)s::bytea[])
+                     WITH ORDINALITY AS m(q, k, t, ttl, lg, p, nb, v, f, n)),
+            claimed AS ({claim_key.format(source=f"SELECT q, k, t, {NOW} + ttl FROM m ORDER BY q, k", also="")}
+                RETURNING k.queue, k.key),
+            ins AS (
+                INSERT INTO {jobs} ({_COLUMNS}, {_KEY_COLUMNS})
+                SELECT m.q, m.t, m.p, {due}, m.v, m.f, m.k, m.ttl, m.lg
+                FROM m JOIN claimed c ON c.queue = m.q AND c.key = m.k
+                ORDER BY m.n
+                RETURNING queue, key)
+            SELECT queue, key, pg_notify(%(ch)s, queue) FROM ins""",
+        "key_holders": f"""
+            SELECT k.queue, k.key, k.owner FROM unnest(%s::text[], %s::text[]) AS m(q, k)
+            JOIN {keys} k ON k.queue = m.q AND k.key = m.k""",
+        "reclaim": claim_key.format(source="VALUES (%s, %s, %s, " + NOW + " + %s)",
+                                    also=" OR k.owner = EXCLUDED.owner") + " RETURNING 1",
+        "release_key": f"DELETE FROM {keys} WHERE queue = %s AND key = %s AND owner = %s AND expires_at > {NOW}",
+        "key_owner": f"SELECT owner FROM {keys} WHERE queue = %s AND key = %s AND expires_at > {NOW}",
+        "sweep_keys": f"""
+            DELETE FROM {keys} WHERE (queue, key) IN (
+                SELECT queue, key FROM {keys} WHERE expires_at <= {NOW} LIMIT %s FOR UPDATE SKIP LOCKED)""",
         "claim": f"""
             WITH cand AS (
                 SELECT c.id, c.priority
@@ -88,29 +135,35 @@ def _queries(s: str) -> dict[str, str]:
             FROM cand
             WHERE j.id = cand.id
             RETURNING j.id, j.queue, j.task_id, j.frame, j.delivery_count,
-                      coalesce(j.visibility_timeout, %(vt)s), cand.priority""",
+                      coalesce(j.visibility_timeout, %(vt)s), cand.priority, j.key""",
         "next_due": f"""
             SELECT min(w.available_at) - {NOW}
             FROM unnest(%s::text[]) AS q(name) CROSS JOIN LATERAL (
                 SELECT available_at FROM {jobs} WHERE queue = q.name AND state <> 0
                 ORDER BY available_at LIMIT 1) w""",
         "ack": f"DELETE FROM {jobs} WHERE id = ANY(%s::int8[])",
+        "ack_keyed": f"""
+            WITH d AS (DELETE FROM {jobs} WHERE id = ANY(%s::int8[]) RETURNING queue, task_id, key, key_linger),
+            {release_ctes(s, "d")}
+            SELECT 1""",
         "requeue": f"""
             WITH u AS (UPDATE {jobs} SET state = 0, available_at = {NOW} WHERE id = %s AND state = 2 RETURNING queue)
             SELECT pg_notify(%s, queue) FROM u""",
         "reject": f"""
-            WITH d AS (DELETE FROM {jobs} WHERE id = %s AND state = 2 RETURNING *)
+            WITH d AS (DELETE FROM {jobs} WHERE id = %s AND state = 2 RETURNING *), {release_ctes(s, "d")}
             INSERT INTO {dead} ({_DEAD_COLUMNS})
-            SELECT queue, task_id, 'rejected', {NOW}, priority, visibility_timeout, frame FROM d""",
+            SELECT queue, task_id, 'rejected', {NOW}, priority, visibility_timeout, frame, {_KEY_COLUMNS} FROM d""",
         "dead_letter": f"""
-            WITH d AS (DELETE FROM {jobs} WHERE id = %s RETURNING *)
+            WITH d AS (DELETE FROM {jobs} WHERE id = %s RETURNING *), {release_ctes(s, "d")}
             INSERT INTO {dead} ({_DEAD_COLUMNS})
-            SELECT queue, task_id, %s, {NOW}, priority, visibility_timeout, frame FROM d""",
+            SELECT queue, task_id, %s, {NOW}, priority, visibility_timeout, frame, {_KEY_COLUMNS} FROM d""",
         "retry": f"""
-            WITH old AS (DELETE FROM {jobs} WHERE id = %s RETURNING queue, task_id, priority, visibility_timeout),
+            WITH old AS (DELETE FROM {jobs} WHERE id = %s
+                         RETURNING queue, task_id, priority, visibility_timeout, {_KEY_COLUMNS}),
             ins AS (
-                INSERT INTO {jobs} ({_COLUMNS})
-                SELECT old.queue, old.task_id, old.priority, {due}, old.visibility_timeout, %s
+                INSERT INTO {jobs} ({_COLUMNS}, {_KEY_COLUMNS})
+                SELECT old.queue, old.task_id, old.priority, {due}, old.visibility_timeout, %s,
+                       old.key, old.key_ttl, old.key_linger
                 FROM old, (SELECT %s::float8 AS nb) m
                 RETURNING queue)
             SELECT pg_notify(%s, queue) FROM ins""",
@@ -119,23 +172,29 @@ def _queries(s: str) -> dict[str, str]:
             FROM unnest(%s::int8[], %s::float8[]) AS m(id, vt)
             WHERE j.id = m.id AND j.state = 2""",
         "dead_letters": f"""
-            SELECT id, task_id, queue, reason, failed_at, frame FROM {dead}
+            SELECT id, task_id, queue, reason, failed_at, frame, key FROM {dead}
             WHERE queue = %s ORDER BY id LIMIT %s""",
+        # replay: (queue, ids or NULL for all); the keyed entries, locked, to claim again in order
+        "replay_keyed": f"""
+            SELECT id, task_id, key, key_ttl FROM {dead}
+            WHERE queue = %s AND (%s::int8[] IS NULL OR id = ANY(%s::int8[])) AND key IS NOT NULL
+            ORDER BY id FOR UPDATE""",
+        # then (queue, ids or NULL, ids left in the DLQ, channel, queue)
         "replay": f"""
-            WITH d AS (DELETE FROM {dead} WHERE queue = %s AND id = ANY(%s::int8[]) RETURNING *),
+            WITH d AS (DELETE FROM {dead}
+                       WHERE queue = %s AND (%s::int8[] IS NULL OR id = ANY(%s::int8[]))
+                           AND NOT id = ANY(%s::int8[])
+                       RETURNING *),
             ins AS (
-                INSERT INTO {jobs} ({_COLUMNS})
-                SELECT queue, task_id, priority, 0, {NOW}, visibility_timeout, frame FROM d ORDER BY id
+                INSERT INTO {jobs} ({_COLUMNS}, {_KEY_COLUMNS})
+                SELECT queue, task_id, priority, 0, {NOW}, visibility_timeout, frame, {_KEY_COLUMNS}
+                FROM d ORDER BY id
                 RETURNING 1)
             SELECT (SELECT count(*) FROM ins), pg_notify(%s, %s)""",
-        "replay_all": f"""
-            WITH d AS (DELETE FROM {dead} WHERE queue = %s RETURNING *),
-            ins AS (
-                INSERT INTO {jobs} ({_COLUMNS})
-                SELECT queue, task_id, priority, 0, {NOW}, visibility_timeout, frame FROM d ORDER BY id
-                RETURNING 1)
-            SELECT (SELECT count(*) FROM ins), pg_notify(%s, %s)""",
-        "purge": f"DELETE FROM {jobs} WHERE queue = %s AND state IN (0, 1)",
+        "purge": f"""
+            WITH d AS (DELETE FROM {jobs} WHERE queue = %s AND state IN (0, 1) RETURNING queue, task_id, key,
+                       key_linger), {release_ctes(s, "d")}
+            SELECT count(*) FROM d""",
         "purge_dead": f"DELETE FROM {dead} WHERE queue = %s",
         "stats": f"""
             SELECT (SELECT count(*) FROM {jobs} WHERE queue = %(q)s AND state = 0),
@@ -146,7 +205,8 @@ def _queries(s: str) -> dict[str, str]:
                         AND state = 1),
                    (SELECT count(*) FROM {dead} WHERE queue = %(q)s)""",
         "delete_queue": f"""
-            WITH j AS (DELETE FROM {jobs} WHERE queue = %(q)s), d AS (DELETE FROM {dead} WHERE queue = %(q)s)
+            WITH j AS (DELETE FROM {jobs} WHERE queue = %(q)s), d AS (DELETE FROM {dead} WHERE queue = %(q)s),
+            k AS (DELETE FROM {keys} WHERE queue = %(q)s)
             DELETE FROM {s}.stem_queues WHERE name = %(q)s""",
         "register": f"INSERT INTO {s}.stem_queues (name) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
         "queues": f"SELECT name FROM {s}.stem_queues ORDER BY name",
@@ -174,6 +234,7 @@ class PostgresBroker(Broker):
         after_fork_in_child(self._new_locks)
         self._listener = self._store.listener(self.channel, self._on_notify, self._on_reset)
         self._known_queues: set[str] = set()
+        self._next_key_sweep = time.monotonic() + _KEY_SWEEP_EVERY_S
         self._closed = False
 
     @classmethod
@@ -227,6 +288,57 @@ class PostgresBroker(Broker):
         for q in queues:            # consumers of this instance need not wait for the round trip
             self._on_notify(q)
 
+    def publish_keyed(self, items: Sequence[Keyed]) -> list[str | None]:
+        items = check_keyed(items)
+        if not items:
+            return []
+        first: dict[tuple[str, str], int] = {}      # (queue, key) -> index of its first item
+        for n, item in enumerate(items):
+            first.setdefault((item.message.queue, item.key), n)
+        batch = [items[n] for n in first.values()]
+        msgs = [i.message for i in batch]
+        queues = list(dict.fromkeys(m.queue for m in msgs))
+        self._register(queues)
+        qs, ks = [m.queue for m in msgs], [i.key for i in batch]
+        params = {"q": qs, "k": ks, "t": [m.task_id for m in msgs], "ttl": [float(i.ttl) for i in batch],
+                  "lg": [float(i.linger) for i in batch], "p": [int(m.priority) for m in msgs],
+                  "nb": [m.not_before for m in msgs],
+                  "v": [float(m.visibility_timeout) if m.visibility_timeout else None for m in msgs],
+                  "f": [bytes(m.frame) for m in msgs], "ch": self.channel}
+
+        def claim(conn):
+            with conn.pipeline():                   # one round trip: BEGIN, both statements, COMMIT
+                with conn.transaction():
+                    won = conn.execute(self._sql["publish_keyed"], params)
+                    holders = conn.execute(self._sql["key_holders"], (qs, ks))
+            return won.fetchall(), holders.fetchall()
+
+        won, holders = self._pg.run(claim)
+        claimed = {(r[0], r[1]) for r in won}
+        holder = {(r[0], r[1]): r[2] for r in holders}
+        out: list[str | None] = []
+        for n, item in enumerate(items):
+            qk = (item.message.queue, item.key)
+            if qk in claimed:
+                out.append(None if first[qk] == n else items[first[qk]].message.task_id)
+            else:
+                out.append(holder[qk])
+        for q in {q for q, _ in claimed}:
+            self._on_notify(q)
+        if time.monotonic() >= self._next_key_sweep:
+            self._next_key_sweep = time.monotonic() + _KEY_SWEEP_EVERY_S
+            self._fast.run(lambda conn: conn.execute(self._sql["sweep_keys"], (_KEY_SWEEP_ROWS,)))
+        return out
+
+    def release_key(self, queue: str, key: str, owner: str) -> bool:
+        validate_queue_name(queue)
+        return self._pg.run(lambda conn: conn.execute(self._sql["release_key"], (queue, key, owner)).rowcount) > 0
+
+    def key_owner(self, queue: str, key: str) -> str | None:
+        validate_queue_name(queue)
+        row = self._fast.run(lambda conn: conn.execute(self._sql["key_owner"], (queue, key)).fetchone())
+        return None if row is None else row[0]
+
     # -- consuming --------------------------------------------------------------------
     def consume(self, queues: Sequence[str], max_count: int, timeout: float,
                 *, consumer: str = "") -> list[Delivery]:
@@ -260,13 +372,14 @@ class PostgresBroker(Broker):
         rows = self._fast.run(lambda conn: conn.execute(self._sql["claim"], params, binary=True).fetchall())
         now = time.time()
         rows.sort(key=lambda r: (-r[6], r[0]))
-        return [Delivery(r[1], r[2], r[3], r[0], r[4], r[5], now) for r in rows]
+        return [Delivery(r[1], r[2], r[3], r[0], r[4], r[5], now, r[7]) for r in rows]
 
     # -- settling ---------------------------------------------------------------------
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         ids = [d.receipt for d in deliveries]
         if ids:
-            self._fast.run(lambda conn: conn.execute(self._sql["ack"], (ids,)))
+            sql = self._sql["ack_keyed" if any(d.key is not None for d in deliveries) else "ack"]
+            self._fast.run(lambda conn: conn.execute(sql, (ids,)))
 
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         if requeue:
@@ -291,25 +404,32 @@ class PostgresBroker(Broker):
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         validate_queue_name(queue)
         rows = self._fast.run(lambda conn: conn.execute(self._sql["dead_letters"], (queue, max(limit, 0))).fetchall())
-        return [DeadLetter(str(r[0]), r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+        return [DeadLetter(str(r[0]), r[1], r[2], r[3], r[4], bytes(r[5]), r[6]) for r in rows]
 
     def replay(self, queue: str, ids: Sequence[str] | None = None) -> int:
+        """One transaction: the keyed entries' keys are claimed again in DLQ order (owner: the
+        entry's task id, its ttl); those whose key another task holds stay; the rest move."""
         validate_queue_name(queue)
-        if ids is None:
-            row = self._pg.run(lambda conn: conn.execute(self._sql["replay_all"], (queue, self.channel, queue))
-                               .fetchone())
-        else:
+        wanted = None
+        if ids is not None:
             try:
                 wanted = [int(i) for i in ids]
             except ValueError:
                 raise ConfigurationError(f"bad dead-letter id in {list(ids)!r}") from None
-            row = self._pg.run(lambda conn: conn.execute(self._sql["replay"], (queue, wanted, self.channel, queue))
-                               .fetchone())
-        return int(row[0])
+
+        def move(conn) -> int:
+            with conn.transaction():
+                held = [entry_id for entry_id, task_id, key, ttl
+                        in conn.execute(self._sql["replay_keyed"], (queue, wanted, wanted)).fetchall()
+                        if conn.execute(self._sql["reclaim"], (queue, key, task_id, ttl or 0.0)).fetchone() is None]
+                return int(conn.execute(self._sql["replay"], (queue, wanted, wanted, held, self.channel, queue))
+                           .fetchone()[0])
+
+        return self._pg.run(move)
 
     def purge(self, queue: str) -> int:
         validate_queue_name(queue)
-        return self._pg.run(lambda conn: conn.execute(self._sql["purge"], (queue,)).rowcount)
+        return int(self._pg.run(lambda conn: conn.execute(self._sql["purge"], (queue,)).fetchone()[0]))
 
     def purge_dead_letters(self, queue: str) -> int:
         validate_queue_name(queue)

@@ -18,6 +18,17 @@ translation in ``stem/stores/sqlite.py``.
   inserts the new frame in one transaction; ``dead_letter`` copies then
   deletes in one transaction.  Receipts are row ids, never reused
   (AUTOINCREMENT).
+* **Keys.**  ``publish_keyed`` runs one write transaction per batch: for each
+  item in order, an upsert into ``stem_keys`` that takes the key only where
+  it is absent or expired (``ON CONFLICT DO UPDATE ... WHERE expires_at <=
+  now RETURNING``), then the message row (carrying key, ttl and linger) only
+  if it did; a refused item reads the holder.  The write lock makes the claim
+  race-free across processes, and a failing insert rolls the claim back.  The
+  terminal settles (ack, dead letter, reject, purge, delete_queue, and the
+  backend's fused result+ack) release keys in their own transaction through
+  ``stem.stores.sqlite_schema.release_keys``; retry copies the key columns to
+  the new row; replay claims again.  Expired keys are swept by publish_keyed
+  now and then (and overwritten by any claim meanwhile).
 * **Waiting.**  SQLite has no notifications.  An idle ``consume`` re-checks
   with a cheap indexed read (no write lock) every 5 ms, backing off to 50 ms,
   and never sleeps past the next due time; a publish in the same process wakes
@@ -33,18 +44,28 @@ from .. import _checks as checks
 from ..errors import ConfigurationError
 from ..stores.base import BROKER_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
-from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
-                   Message, QueueStats, check_consume, validate_queue_name)
+from ..stores.sqlite_schema import release_keys, settle_acked
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
+                   Message, QueueStats, check_consume, check_keyed, validate_queue_name)
 
 __all__ = ["SqliteBroker", "migrate"]
 
 READY, DELAYED, LEASED = 0, 1, 2
-_CHUNK = 500            # ids per IN (...) list
 _POLL_MIN_S = 0.005
 _POLL_MAX_S = 0.05
+_KEY_SWEEP_EVERY_S = 60.0
+_KEY_SWEEP_ROWS = 10_000
 
 _INSERT = ("INSERT INTO stem_messages (queue, task_id, priority, state, available_at, visibility_timeout, frame) "
            "VALUES (?, ?, ?, ?, ?, ?, ?)")
+_INSERT_KEYED = ("INSERT INTO stem_messages (queue, task_id, priority, state, available_at, visibility_timeout, "
+                 "frame, key, key_ttl, key_linger) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# takes the key where it is absent or expired; returns a row only then
+_CLAIM = ("INSERT INTO stem_keys (queue, key, owner, expires_at) VALUES (?, ?, ?, ?) "
+          "ON CONFLICT (queue, key) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at "
+          "WHERE stem_keys.expires_at <= ? RETURNING 1")
+# replay's claim: also where the entry's own task still holds the key
+_RECLAIM = _CLAIM.replace("RETURNING", "OR stem_keys.owner = excluded.owner RETURNING")
 
 
 def _marks(n: int) -> str:
@@ -64,6 +85,7 @@ class SqliteBroker(Broker):
         self._store = SqliteStore(path, busy_timeout=busy_timeout, errors=BROKER_ERRORS)
         self.url = url or ("sqlite://" if path is None else f"sqlite:///{path}")
         self._known_queues: set[str] = set()
+        self._next_key_sweep = time.monotonic() + _KEY_SWEEP_EVERY_S
         self._closed = False
 
     @classmethod
@@ -95,10 +117,13 @@ class SqliteBroker(Broker):
     @staticmethod
     def _dead(conn, ids: Sequence[int], reason: str, now: float) -> None:
         conn.execute(
-            "INSERT INTO stem_dead_letters (queue, task_id, reason, failed_at, priority, visibility_timeout, frame) "
-            f"SELECT queue, task_id, ?, ?, priority, visibility_timeout, frame FROM stem_messages "
-            f"WHERE id IN ({_marks(len(ids))}) ORDER BY id", (reason, now, *ids))
-        conn.execute(f"DELETE FROM stem_messages WHERE id IN ({_marks(len(ids))})", tuple(ids))
+            "INSERT INTO stem_dead_letters (queue, task_id, reason, failed_at, priority, visibility_timeout, frame, "
+            "key, key_ttl, key_linger) SELECT queue, task_id, ?, ?, priority, visibility_timeout, frame, key, "
+            f"key_ttl, key_linger FROM stem_messages WHERE id IN ({_marks(len(ids))}) ORDER BY id",
+            (reason, now, *ids))
+        rows = conn.execute(f"DELETE FROM stem_messages WHERE id IN ({_marks(len(ids))}) "
+                            "RETURNING queue, task_id, key, key_linger", tuple(ids)).fetchall()
+        release_keys(conn, rows, now)
 
     # -- publishing -------------------------------------------------------------------
     def publish(self, message: Message) -> None:
@@ -115,6 +140,43 @@ class SqliteBroker(Broker):
             self._register(conn, {m.queue for m in messages})
             conn.executemany(_INSERT, rows)
         self._store.wake.notify()
+
+    def publish_keyed(self, items: Sequence[Keyed]) -> list[str | None]:
+        items = check_keyed(items)
+        if not items:
+            return []
+        out: list[str | None] = []
+        with self._store.write() as conn:
+            now = time.time()
+            self._register(conn, {i.message.queue for i in items})
+            for item in items:
+                m = item.message
+                if conn.execute(_CLAIM, (m.queue, item.key, m.task_id, now + item.ttl, now)).fetchone() is None:
+                    out.append(conn.execute("SELECT owner FROM stem_keys WHERE queue = ? AND key = ?",
+                                            (m.queue, item.key)).fetchone()[0])
+                    continue
+                conn.execute(_INSERT_KEYED, (*self._row(m, now), item.key, float(item.ttl), float(item.linger)))
+                out.append(None)
+            if time.monotonic() >= self._next_key_sweep:
+                self._next_key_sweep = time.monotonic() + _KEY_SWEEP_EVERY_S
+                conn.execute("DELETE FROM stem_keys WHERE (queue, key) IN (SELECT queue, key FROM stem_keys "
+                             "WHERE expires_at <= ? LIMIT ?)", (now, _KEY_SWEEP_ROWS))
+        if None in out:
+            self._store.wake.notify()
+        return out
+
+    def release_key(self, queue: str, key: str, owner: str) -> bool:
+        validate_queue_name(queue)
+        with self._store.write() as conn:
+            return conn.execute("DELETE FROM stem_keys WHERE queue = ? AND key = ? AND owner = ? AND expires_at > ?",
+                                (queue, key, owner, time.time())).rowcount > 0
+
+    def key_owner(self, queue: str, key: str) -> str | None:
+        validate_queue_name(queue)
+        with self._store.connection() as conn:
+            row = conn.execute("SELECT owner FROM stem_keys WHERE queue = ? AND key = ? AND expires_at > ?",
+                               (queue, key, time.time())).fetchone()
+        return None if row is None else row[0]
 
     # -- consuming --------------------------------------------------------------------
     def consume(self, queues: Sequence[str], max_count: int, timeout: float,
@@ -188,21 +250,18 @@ class SqliteBroker(Broker):
                 "UPDATE stem_messages SET state = 2, delivery_count = delivery_count + 1, "
                 f"available_at = ? + coalesce(visibility_timeout, ?) WHERE id IN ({_marks(len(take))}) "
                 "RETURNING id, queue, CAST(task_id AS BLOB), CAST(frame AS BLOB), delivery_count, "
-                "coalesce(visibility_timeout, ?)",
+                "coalesce(visibility_timeout, ?), key",
                 (now, vt, *take, vt)).fetchall()
         order = {i: n for n, i in enumerate(take)}
         rows.sort(key=lambda r: order[r[0]])
-        return [Delivery(r[1], r[2].decode("utf-8", "replace"), r[3], r[0], r[4], r[5], now) for r in rows]
+        return [Delivery(r[1], r[2].decode("utf-8", "replace"), r[3], r[0], r[4], r[5], now, r[6]) for r in rows]
 
     # -- settling ---------------------------------------------------------------------
     def ack(self, deliveries: Sequence[Delivery]) -> None:
-        ids = [d.receipt for d in deliveries]
-        if not ids:
+        if not deliveries:
             return
         with self._store.write() as conn:
-            for i in range(0, len(ids), _CHUNK):
-                chunk = ids[i:i + _CHUNK]
-                conn.execute(f"DELETE FROM stem_messages WHERE id IN ({_marks(len(chunk))})", chunk)
+            settle_acked(conn, deliveries, time.time())
 
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         now = time.time()
@@ -220,12 +279,12 @@ class SqliteBroker(Broker):
         now = time.time()
         with self._store.write() as conn:
             old = conn.execute("DELETE FROM stem_messages WHERE id = ? RETURNING queue, task_id, priority, "
-                               "visibility_timeout", (delivery.receipt,)).fetchone()
+                               "visibility_timeout, key, key_ttl, key_linger", (delivery.receipt,)).fetchone()
             if old is None:
                 return
             delayed = not_before is not None and not_before > now
-            conn.execute(_INSERT, (old[0], old[1], old[2], DELAYED if delayed else READY,
-                                   not_before if delayed else now, old[3], bytes(frame)))
+            conn.execute(_INSERT_KEYED, (old[0], old[1], old[2], DELAYED if delayed else READY,
+                                         not_before if delayed else now, old[3], bytes(frame), *old[4:]))
         self._store.wake.notify()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
@@ -244,9 +303,9 @@ class SqliteBroker(Broker):
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         validate_queue_name(queue)
         with self._store.connection() as conn:
-            rows = conn.execute("SELECT id, task_id, queue, reason, failed_at, frame FROM stem_dead_letters "
+            rows = conn.execute("SELECT id, task_id, queue, reason, failed_at, frame, key FROM stem_dead_letters "
                                 "WHERE queue = ? ORDER BY id LIMIT ?", (queue, max(limit, 0))).fetchall()
-        return [DeadLetter(str(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+        return [DeadLetter(str(r[0]), r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
 
     def replay(self, queue: str, ids: Sequence[str] | None = None) -> int:
         validate_queue_name(queue)
@@ -262,18 +321,37 @@ class SqliteBroker(Broker):
                 if not wanted:
                     return 0
                 where, params = f"queue = ? AND id IN ({_marks(len(wanted))})", (queue, *wanted)
+            held = self._reclaim(conn, queue, where, params, now)
+            if held:            # entries whose key another task holds stay in the DLQ
+                where, params = f"{where} AND id NOT IN ({_marks(len(held))})", (*params, *held)
             moved = conn.execute(
                 "INSERT INTO stem_messages (queue, task_id, priority, state, available_at, visibility_timeout, "
-                f"frame) SELECT queue, task_id, priority, 0, ?, visibility_timeout, frame FROM stem_dead_letters "
-                f"WHERE {where} ORDER BY id", (now, *params)).rowcount
+                "frame, key, key_ttl, key_linger) SELECT queue, task_id, priority, 0, ?, visibility_timeout, frame, "
+                f"key, key_ttl, key_linger FROM stem_dead_letters WHERE {where} ORDER BY id",
+                (now, *params)).rowcount
             conn.execute(f"DELETE FROM stem_dead_letters WHERE {where}", params)
         if moved:
             self._store.wake.notify()
         return moved
 
+    @staticmethod
+    def _reclaim(conn, queue: str, where: str, params: tuple, now: float) -> list[int]:
+        """Claim again, in DLQ order, the keys of the keyed entries about to be replayed (owner:
+        the entry's task id, its ttl); returns the ids of those whose key another task holds."""
+        held = []
+        for entry_id, task_id, key, ttl in conn.execute(
+                f"SELECT id, task_id, key, key_ttl FROM stem_dead_letters WHERE {where} AND key IS NOT NULL "
+                "ORDER BY id", params).fetchall():
+            if conn.execute(_RECLAIM, (queue, key, task_id, now + (ttl or 0.0), now)).fetchone() is None:
+                held.append(entry_id)
+        return held
+
     def purge(self, queue: str) -> int:
         validate_queue_name(queue)
         with self._store.write() as conn:
+            release_keys(conn, conn.execute(
+                "SELECT queue, task_id, key, key_linger FROM stem_messages WHERE queue = ? AND state IN (0, 1) "
+                "AND key IS NOT NULL", (queue,)).fetchall(), time.time())
             return conn.execute("DELETE FROM stem_messages WHERE queue = ? AND state IN (0, 1)", (queue,)).rowcount
 
     def purge_dead_letters(self, queue: str) -> int:
@@ -286,6 +364,7 @@ class SqliteBroker(Broker):
         with self._store.write() as conn:
             conn.execute("DELETE FROM stem_messages WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM stem_dead_letters WHERE queue = ?", (queue,))
+            conn.execute("DELETE FROM stem_keys WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM stem_queues WHERE name = ?", (queue,))
         self._known_queues.discard(queue)
 

@@ -1,9 +1,12 @@
-"""stem's Postgres tables, their notification channels and their migrations.
+"""stem's Postgres tables, their notification channels, their migrations, and the key release
+that the broker's settles and the backend's fused result+ack share.
 
 Every table lives in the schema given by ``?schema=`` / ``schema=`` (default
-``public``).  Version 2, created by ``migrate`` under
+``public``).  Version 3, created by ``migrate`` under
 ``pg_advisory_xact_lock(hashtext('stem-migrate:<schema>'))`` so processes that
-start together apply each version once::
+start together apply each version once; each version adds to the last (new
+tables, ``ADD COLUMN`` of nullable columns: no table rewrite), so a schema of
+any older version upgrades in place::
 
     stem_schema_version  version PRIMARY KEY, applied_at
     stem_jobs            id bigint identity PRIMARY KEY   -- age order; never reused
@@ -13,10 +16,14 @@ start together apply each version once::
                                         leased -> lease deadline, ready -> publish time
                          visibility_timeout (s; NULL: the consuming broker's default),
                          delivery_count
+                         key, key_ttl, key_linger  (publish_keyed's key, NULL: none; its ttl and
+                                                   linger in seconds; version 3)
         stem_jobs_ready    (queue, priority DESC, id)     WHERE state = 0    -- claims
         stem_jobs_waiting  (queue, available_at, state)   WHERE state <> 0   -- due, expired, stats
     stem_dead_letters    id identity, queue, task_id, reason, failed_at, priority,
-                         visibility_timeout, frame;  (queue, id)
+                         visibility_timeout, frame, key, key_ttl, key_linger;  (queue, id)
+    stem_keys            (queue, key) PRIMARY KEY, owner (task id), expires_at (epoch s, server
+                         clock; a row whose expires_at passed is free);  (expires_at)  (version 3)
     stem_queues          name PRIMARY KEY
     stem_results         task_id PRIMARY KEY, state, expires_at, data bytea (msgpack TaskStatus)
     stem_heartbeats      UNLOGGED; worker_id PRIMARY KEY, seen_at, expires_at, data
@@ -37,9 +44,9 @@ from typing import Any
 
 from ..errors import ConfigurationError
 
-__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema"]
+__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema", "release_ctes"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
@@ -87,7 +94,33 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (
         "ALTER TABLE {s}.stem_revocations ADD COLUMN proof bytea",
     ),
+    3: (
+        """CREATE TABLE {s}.stem_keys (
+            queue text NOT NULL,
+            key text NOT NULL,
+            owner text NOT NULL,
+            expires_at double precision NOT NULL,
+            PRIMARY KEY (queue, key))""",
+        "CREATE INDEX stem_keys_expires ON {s}.stem_keys (expires_at)",
+        *(f"ALTER TABLE {{s}}.{table} ADD COLUMN key text, ADD COLUMN key_ttl double precision, "
+          "ADD COLUMN key_linger double precision" for table in ("stem_jobs", "stem_dead_letters")),
+    ),
 }
+
+
+def release_ctes(s: str, removed: str) -> str:
+    """Two data-modifying CTEs (``freed``, ``lingered``; to follow a comma) releasing the keys of
+    the message rows that CTE ``removed`` returns (columns queue, task_id, key, key_linger): the
+    terminal settle's release, owner-checked (a key that expired and was claimed by another task
+    is left alone); a positive linger keeps the key that much longer instead of deleting it."""
+    return f"""
+        freed AS (
+            DELETE FROM {s}.stem_keys k USING {removed} r
+            WHERE k.queue = r.queue AND k.key = r.key AND k.owner = r.task_id AND coalesce(r.key_linger, 0) <= 0),
+        lingered AS (
+            UPDATE {s}.stem_keys k SET expires_at = {NOW} + r.key_linger FROM {removed} r
+            WHERE k.queue = r.queue AND k.key = r.key AND k.owner = r.task_id AND r.key_linger > 0
+                AND k.expires_at > {NOW})"""
 
 
 def quote_schema(schema: str) -> str:

@@ -1,8 +1,11 @@
-"""stem's SQLite tables and their migrations (one file holds the broker's and the backend's).
+"""stem's SQLite tables, their migrations, and the settle statements broker and backend share.
 
-``migrate`` creates or upgrades them: idempotent, versioned in
-``stem_schema_version``, inside one ``BEGIN IMMEDIATE`` transaction so
-concurrent processes serialise on SQLite's write lock.  Schema, version 2::
+One file holds the broker's and the backend's tables.  ``migrate`` creates or
+upgrades them: idempotent, versioned in ``stem_schema_version``, inside one
+``BEGIN IMMEDIATE`` transaction so concurrent processes serialise on SQLite's
+write lock; each version adds to the last (``ALTER TABLE ... ADD COLUMN``,
+new tables), so a file of any older version upgrades in place.  Schema,
+version 3::
 
     stem_messages       id INTEGER PRIMARY KEY AUTOINCREMENT  -- age order; never reused, so a
                                                               -- stale receipt cannot hit a new row
@@ -12,26 +15,35 @@ concurrent processes serialise on SQLite's write lock.  Schema, version 2::
                         visibility_timeout  seconds, the message's own (NULL: the consuming
                                             broker's default_visibility_timeout)
                         delivery_count
+                        key, key_ttl, key_linger   -- publish_keyed's key (NULL: none), its ttl and
+                                                   -- linger in seconds (version 3)
         ix ready    (queue, priority DESC, id)        WHERE state = 0    -- claims, in order
         ix waiting  (queue, available_at, state)      WHERE state <> 0   -- due / expired, stats
     stem_dead_letters   id AUTOINCREMENT, queue, task_id, reason, failed_at, priority,
-                        visibility_timeout, frame;  ix (queue, id)
+                        visibility_timeout, frame, key, key_ttl, key_linger;  ix (queue, id)
+    stem_keys           (queue, key) PRIMARY KEY, owner (task id), expires_at;  ix expires_at
+                        -- a row whose expires_at passed is free (version 3)
     stem_queues         name PRIMARY KEY
     stem_results        task_id PRIMARY KEY, state, expires_at, data (msgpack TaskStatus); ix expires_at
     stem_heartbeats     worker_id PRIMARY KEY, seen_at, expires_at, data (msgpack dict)
     stem_revocations    task_id PRIMARY KEY, expires_at, proof (signed frame or NULL; version 2)
+
+``settle_acked`` and ``release_keys`` are the ack and the key release that the
+broker's ``ack`` and the backend's fused result+ack transaction both run.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from typing import Any, Sequence
 
 from ..errors import ConfigurationError
 
-__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate"]
+__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+_CHUNK = 500            # ids per IN (...) list
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -74,7 +86,49 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: (
         "ALTER TABLE stem_revocations ADD COLUMN proof BLOB",
     ),
+    3: (
+        """CREATE TABLE stem_keys (
+            queue TEXT NOT NULL,
+            key TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (queue, key)) WITHOUT ROWID""",
+        "CREATE INDEX stem_keys_expires ON stem_keys (expires_at)",
+        *(f"ALTER TABLE {table} ADD COLUMN {column}"
+          for table in ("stem_messages", "stem_dead_letters")
+          for column in ("key TEXT", "key_ttl REAL", "key_linger REAL")),
+    ),
 }
+
+
+def release_keys(conn: sqlite3.Connection, rows: Sequence[tuple], now: float) -> None:
+    """The terminal settle's release, for removed message rows given as (queue, task_id, key,
+    key_linger): owner-checked (a key that expired and was claimed by another task is left
+    alone); a positive linger keeps the key that much longer instead of deleting it."""
+    gone = [(q, k, t) for q, t, k, linger in rows if k is not None and not linger]
+    stay = [(now + linger, q, k, t, now) for q, t, k, linger in rows if k is not None and linger]
+    if gone:
+        conn.executemany("DELETE FROM stem_keys WHERE queue = ? AND key = ? AND owner = ?", gone)
+    if stay:
+        conn.executemany("UPDATE stem_keys SET expires_at = ? WHERE queue = ? AND key = ? AND owner = ? "
+                         "AND expires_at > ?", stay)
+
+
+def settle_acked(conn: sqlite3.Connection, deliveries: Sequence[Any], now: float) -> None:
+    """Delete the rows of acked ``deliveries`` inside the caller's transaction, releasing the keys
+    of the keyed ones.  A delivery without a key costs what it did before keys existed."""
+    plain: list[int] = []
+    keyed: list[int] = []
+    for d in deliveries:
+        (plain if d.key is None else keyed).append(d.receipt)
+    for i in range(0, len(plain), _CHUNK):
+        chunk = plain[i:i + _CHUNK]
+        conn.execute(f"DELETE FROM stem_messages WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+    for i in range(0, len(keyed), _CHUNK):
+        chunk = keyed[i:i + _CHUNK]
+        rows = conn.execute(f"DELETE FROM stem_messages WHERE id IN ({','.join('?' * len(chunk))}) "
+                            "RETURNING queue, task_id, key, key_linger", chunk).fetchall()
+        release_keys(conn, rows, now)
 
 
 def migrate(conn: sqlite3.Connection, label: str) -> int:

@@ -1,4 +1,8 @@
-"""Contract-suite factories for the Postgres adapters: each instance in its own schema, dropped afterwards."""
+"""Contract-suite factories for the Postgres adapters: each instance in its own schema, dropped afterwards.
+
+Brokers get ``contract_break_publish`` (a trigger that raises on the insert of a job row for
+the named queue, so ``publish_keyed`` fails after its key upsert, in the same transaction) and
+a ``contract_recipe`` (another process connects to the same schema)."""
 
 import uuid
 
@@ -16,10 +20,29 @@ def _schema(request) -> tuple[str, str]:
     return url, schema
 
 
+def _break_publish(broker, url, schema):
+    def brk(queue):
+        import psycopg
+        broker.migrate()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"""
+                CREATE FUNCTION "{schema}".stem_contract_break() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF NEW.queue = '{queue}' THEN RAISE EXCEPTION 'injected: publishing to {queue} fails'; END IF;
+                    RETURN NEW;
+                END $$""")
+            conn.execute(f'CREATE TRIGGER stem_contract_break BEFORE INSERT ON "{schema}".stem_jobs '
+                         f'FOR EACH ROW EXECUTE FUNCTION "{schema}".stem_contract_break()')
+    return brk
+
+
 def _broker(request, **kwargs):
     from stem.brokers.postgres import PostgresBroker
     url, schema = _schema(request)
-    return PostgresBroker(url, schema=schema, **kwargs)
+    broker = PostgresBroker(url, schema=schema, **kwargs)
+    broker.contract_break_publish = _break_publish(broker, url, schema)
+    broker.contract_recipe = (PostgresBroker, (url,), {"schema": schema, **kwargs})
+    return broker
 
 
 def _backend(request, **kwargs):

@@ -1,4 +1,8 @@
-"""Contract-suite factories for the SQLite adapters: a fresh file per test (and the in-memory URL)."""
+"""Contract-suite factories for the SQLite adapters: a fresh file per test (and the in-memory URL).
+
+Brokers get ``contract_break_publish`` (a trigger that aborts the insert of a message row for
+the named queue, so ``publish_keyed`` fails after its key upsert), and the file-based one a
+``contract_recipe`` (another process opens the same file)."""
 
 from stem.backends.sqlite import SqliteResultBackend
 from stem.brokers.sqlite import SqliteBroker
@@ -8,12 +12,27 @@ def _file(request, name: str) -> str:
     return str(request.getfixturevalue("tmp_path") / name)
 
 
+def _break_publish(broker):
+    def brk(queue):
+        with broker.store.write() as conn:
+            conn.execute(f"CREATE TRIGGER stem_contract_break BEFORE INSERT ON stem_messages "
+                         f"WHEN NEW.queue = '{queue}' BEGIN SELECT RAISE(ABORT, 'injected: publishing to "
+                         f"{queue} fails'); END")
+    return brk
+
+
 def _broker(request, **kwargs):
-    return SqliteBroker(_file(request, "broker.db"), **kwargs)
+    path = _file(request, "broker.db")
+    broker = SqliteBroker(path, **kwargs)
+    broker.contract_break_publish = _break_publish(broker)
+    broker.contract_recipe = (SqliteBroker, (path,), kwargs)
+    return broker
 
 
 def _memory_broker(request, **kwargs):
-    return SqliteBroker.from_url("sqlite://", **kwargs)
+    broker = SqliteBroker.from_url("sqlite://", **kwargs)
+    broker.contract_break_publish = _break_publish(broker)
+    return broker
 
 
 def _backend(request, **kwargs):
