@@ -75,10 +75,11 @@ class Outcome(msgspec.Struct, array_like=True):
                           retryable=retryable)
 
     @classmethod
-    def expired(cls, task_id: str, expires_at: float, started_at: float | None = None) -> "Outcome":
-        """The task's deadline passed before its handler ran (it ends REVOKED, ``expired``)."""
-        return cls.failed(task_id, Reason.EXPIRED, f"expired at {expires_at:.3f} before it ran", "Expired",
-                          started_at=started_at, retryable=False)
+    def expired(cls, task_id: str, expires_at: float) -> "Outcome":
+        """The task's deadline passed before its handler ran (it ends REVOKED, ``expired``).
+        No start time: it never ran (the prefetch window skips it)."""
+        return cls(task_id, ERROR, None, f"expired at {expires_at:.3f} before it ran", "Expired", None,
+                   Reason.EXPIRED, None, 0.0, time.time(), False)
 
     @classmethod
     def retry(cls, task_id: str, countdown: float | None, why: str | None, started_at: float) -> "Outcome":

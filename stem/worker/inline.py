@@ -91,6 +91,8 @@ class InlineEngine(Engine):
                     del backlog[i]
                     return job
                 wait = w if wait is None else min(wait, w)
+                if job.envelope.expires_at is not None:   # wake to end it when its deadline passes
+                    wait = min(wait, max(0.0, job.envelope.expires_at - wall) + 0.001)
                 i += 1
             if expired:
                 return None
@@ -124,7 +126,7 @@ class InlineEngine(Engine):
     def _run(self, job: Job) -> Outcome:
         env = job.envelope
         if is_expired(env, time.time()):   # as a child checks just before the handler
-            return Outcome.expired(env.id, env.expires_at, job.started_at)
+            return Outcome.expired(env.id, env.expires_at)
         ctx = self._make_context(job)
         try:
             if signals.task_prerun.receivers:
