@@ -30,7 +30,7 @@ from ..errors import ConfigurationError, DecodeError, EncodeError, SoftTimeLimit
 from ..logs import enter_task_context, run_in_task_context
 from ..results import Reason
 from ..task import TaskContext, TaskOptions, TaskRegistry, load_registry
-from .execution import Outcome, apply_handler_options, run_handler, run_handler_async
+from .execution import Outcome, apply_handler_options, is_expired, run_handler, run_handler_async
 from .channel import Channel, ChannelHandle
 from .protocol import (ChildExit, Enqueue, Fatal, Heartbeat, Offer, Progress, Ready, Result, Stop,
                        decode_to_child, encode_message)
@@ -122,7 +122,8 @@ class ChildProcess:
 
     # -- one task ---------------------------------------------------------------------
     def prepare(self, seq: int, frame: bytes):
-        """Decode and look up; returns (env, handler) or an error Outcome."""
+        """Decode, look up and check the deadline; returns (env, handler) or an error Outcome
+        (an expired task's says so: the supervisor settles it REVOKED, ``expired``)."""
         try:
             env = decode_frame(frame)
         except DecodeError as exc:
@@ -136,6 +137,8 @@ class ChildProcess:
                                             retryable=False)
         if env.unset_options:
             apply_handler_options(env, handler)   # as the supervisor did: its soft limit is ours to keep
+        if is_expired(env, time.time()):   # it may have waited in the ring (an offer) past its deadline
+            return None, Outcome.expired(env.id, env.expires_at)
         return (env, handler), None
 
     def context(self, env) -> TaskContext:

@@ -66,6 +66,7 @@ class Dispatcher:
         self.offers = pool.child_concurrency == 1 and Channel.can_offer
         self.offers_made = self.offers_withdrawn = 0
         self.unannounced: list[Job] = []   # claimed offers not yet announced (task_prerun)
+        self.expired: list[Job] = []       # found past their deadline: reported by the pool, unrun
 
     def dispatch(self, children) -> list[Job]:
         """Hand backlog jobs to free children, fewest running first, then offer the next
@@ -112,12 +113,22 @@ class Dispatcher:
         self.wanted = bool(free and backlog)
         return started
 
+    def take_expired(self) -> list[Job]:
+        """The jobs ``next_job`` found past their deadline since the last call."""
+        jobs, self.expired = self.expired, []
+        return jobs
+
     def next_job(self, skipped: list[Job]) -> Job | None:
-        """The backlog's next job that may start now (rate-limited ones go to ``skipped``)."""
+        """The backlog's next job that may start now (rate-limited ones go to ``skipped``,
+        ones past their deadline to ``expired``: a backlog can outlast ``expires``)."""
         backlog = self.backlog
         while backlog:
             job = backlog.popleft()
             if job.settled:
+                continue
+            expires_at = job.envelope.expires_at
+            if expires_at is not None and expires_at < time.time():
+                self.expired.append(job)
                 continue
             options = job.handler.options
             if options.rate_limit is not None:

@@ -49,7 +49,8 @@ class Job:
     """One delivery on its way through the worker."""
 
     __slots__ = ("seq", "delivery", "envelope", "handler", "received_at", "started_at", "extended_at",
-                 "soft_deadline", "hard_deadline", "interrupted", "settled", "slot", "thread_ident", "noted_running")
+                 "soft_deadline", "hard_deadline", "interrupted", "settled", "slot", "thread_ident", "noted_running",
+                 "key_released")
 
     def __init__(self, seq: int, delivery: "Delivery", envelope: "Envelope", handler: TaskHandler):
         self.seq = seq
@@ -66,6 +67,7 @@ class Job:
         self.slot: Any = None
         self.thread_ident: int | None = None
         self.noted_running = False   # a RUNNING status was noted for it (stem.worker.progress)
+        self.key_released = False    # its unique key was handed to be released at its start
 
     def mark_started(self) -> None:
         self.started_at = time.time()

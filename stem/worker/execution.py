@@ -20,7 +20,7 @@ from ..results import Reason
 from ..task import FunctionTaskHandler, TaskContext, TaskHandler
 
 __all__ = ["Outcome", "OutcomeKind", "OK", "ERROR", "RETRY", "run_handler", "run_handler_async", "outcome_of_exception",
-           "apply_handler_options"]
+           "apply_handler_options", "is_expired"]
 
 
 class OutcomeKind(enum.IntEnum):
@@ -75,6 +75,13 @@ class Outcome(msgspec.Struct, array_like=True):
                           retryable=retryable)
 
     @classmethod
+    def expired(cls, task_id: str, expires_at: float) -> "Outcome":
+        """The task's deadline passed before its handler ran (it ends REVOKED, ``expired``).
+        No start time: it never ran (the prefetch window skips it)."""
+        return cls(task_id, ERROR, None, f"expired at {expires_at:.3f} before it ran", "Expired", None,
+                   Reason.EXPIRED, None, 0.0, time.time(), False)
+
+    @classmethod
     def retry(cls, task_id: str, countdown: float | None, why: str | None, started_at: float) -> "Outcome":
         """``ctx.retry()``: run again after ``countdown`` seconds (None: the retry policy's delay)."""
         return cls(task_id, RETRY, None, why or "retry requested", "Retry", None, Reason.RETRY, countdown,
@@ -101,6 +108,13 @@ def apply_handler_options(env: Any, handler: TaskHandler) -> bool:
                 vt_changed = value != env.visibility_timeout
             setattr(env, field, value)
     return vt_changed
+
+
+def is_expired(env: Any, now: float) -> bool:
+    """Whether ``env``'s deadline (``expires``) passed at ``now`` (epoch seconds).  Checked
+    wherever a task may wait: intake, dispatch, the child before the handler, a retry."""
+    expires_at = env.expires_at
+    return expires_at is not None and expires_at < now
 
 
 _check_encoder = msgspec.msgpack.Encoder()

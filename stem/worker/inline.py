@@ -18,7 +18,7 @@ from ..logs import run_in_task_context
 from ..signals import signals
 from ..task import TaskContext
 from .engine import Engine, Job, RateLimiter, take_matching
-from .execution import Outcome, outcome_of_exception, run_handler
+from .execution import Outcome, is_expired, outcome_of_exception, run_handler
 
 __all__ = ["InlineEngine"]
 
@@ -61,40 +61,60 @@ class InlineEngine(Engine):
             self._backlog.extend(jobs)
             self._cond.notify(len(jobs))
 
-    def _next(self) -> Job | None:
-        """Pick the first job whose rate limit allows it (with the lock held)."""
+    def _next(self, expired: list[Job]) -> Job | None:
+        """Pick the first job whose rate limit allows it (with the lock held).  Jobs past
+        their deadline go to ``expired`` instead, and then it returns None at once, for the
+        slot to report them; otherwise None means the slot retires."""
+        backlog = self._backlog
         while not self._stopping:
             if self._retire:
                 self._retire -= 1
                 return None
-            now = time.monotonic()
+            now, wall = time.monotonic(), time.time()
             wait = None
-            for i, job in enumerate(self._backlog):
+            i = 0
+            while i < len(backlog):
+                job = backlog[i]
+                if is_expired(job.envelope, wall):
+                    del backlog[i]
+                    expired.append(job)
+                    continue
                 rate = job.handler.options.rate_limit
                 if rate is None:
-                    del self._backlog[i]
+                    del backlog[i]
                     return job
                 limiter = self._limiters.get(job.handler.name)
                 if limiter is None:
                     limiter = self._limiters[job.handler.name] = RateLimiter(job.handler.options.rate_per_second)
                 w = limiter.wait_time(now)
                 if w == 0.0:
-                    del self._backlog[i]
+                    del backlog[i]
                     return job
                 wait = w if wait is None else min(wait, w)
+                if job.envelope.expires_at is not None:   # wake to end it when its deadline passes
+                    wait = min(wait, max(0.0, job.envelope.expires_at - wall) + 0.001)
+                i += 1
+            if expired:
+                return None
             self._cond.wait(wait)
         return None
 
     def _slot(self) -> None:
         me = threading.get_ident()
         while True:
+            expired: list[Job] = []
             with self._cond:
-                job = self._next()
-                if job is None:
-                    return
-                job.thread_ident = me
-                job.mark_started()
-                self._running[job.seq] = job
+                job = self._next(expired)
+                if job is not None:
+                    job.thread_ident = me
+                    job.mark_started()
+                    self._running[job.seq] = job
+            for late in expired:   # waited in the backlog past their deadline: never run
+                self._report(late, Outcome.expired(late.envelope.id, late.envelope.expires_at))
+            if job is None:
+                if expired:
+                    continue
+                return
             outcome = run_in_task_context(job.envelope, self.worker_id, self._run, job)
             with self._cond:
                 self._running.pop(job.seq, None)
@@ -104,8 +124,10 @@ class InlineEngine(Engine):
                 self._report(job, outcome)
 
     def _run(self, job: Job) -> Outcome:
-        ctx = self._make_context(job)
         env = job.envelope
+        if is_expired(env, time.time()):   # as a child checks just before the handler
+            return Outcome.expired(env.id, env.expires_at)
+        ctx = self._make_context(job)
         try:
             if signals.task_prerun.receivers:
                 signals.task_prerun.send(self, envelope=env, context=ctx)

@@ -669,6 +669,10 @@ class ProcessEngine(Engine):
             if self.state is not PoolState.RUNNING:
                 return
             started = self._dispatcher.dispatch(self._children.values())
+            expired = self._dispatcher.take_expired() if self._dispatcher.expired else None
+        if expired:
+            for job in expired:   # never sent to a child: they end REVOKED, expired
+                self._report(job, Outcome.expired(job.envelope.id, job.envelope.expires_at))
         if started and signals.task_prerun.receivers:
             for job in started:
                 signals.task_prerun.send(self.hooks.sender, envelope=job.envelope, context=None)

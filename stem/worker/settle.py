@@ -168,15 +168,11 @@ class Settler:
         reason = str(out.reason or Reason.ERROR)   # a plain str for the stores (a Reason is one, by value)
         if reason == Reason.REVOKED:  # revoke --terminate stopped it
             task_log.warning("task %s revoked while running (terminated)", _label(env), extra=task_extra(env))
-            if self.store_results:
-                self.store([TaskStatus.of(env, TaskState.REVOKED, reason=Reason.REVOKED, error=out.error,
-                                          started_at=out.started_at, finished_at=out.finished_at,
-                                          worker=self.worker_id)])
-            self.broker_call(self.broker.ack, [job.delivery])
-            self.state.count("revoked")
-            if signals.task_revoked.receivers:
-                signals.task_revoked.send(self.sender, envelope=env, reason=Reason.REVOKED)
-            self.forget([job])
+            self.revoked(job, Reason.REVOKED, out, started_at=out.started_at)
+            return
+        if reason == Reason.EXPIRED:  # past its deadline in the backlog, or in the child before the handler
+            task_log.info("task %s revoked without running (expired)", _label(env), extra=task_extra(env))
+            self.revoked(job, Reason.EXPIRED)
             return
         if reason in (Reason.SHUTDOWN, Reason.CHILD_CRASHED):
             # Asked to stop by a soft shutdown, or its process was killed from outside (the OOM
@@ -190,9 +186,17 @@ class Settler:
             self.forget([job])
             return
         retryable = out.retryable and reason not in NOT_RETRYABLE
+        not_before = None
         if retryable and env.attempt < env.max_retries:
             delay = out.countdown if out.countdown is not None else self.retry_delay(job)
             not_before = time.time() + max(0.0, delay)
+        if not_before is not None and env.expires_at is not None and not_before > env.expires_at:
+            # never retried past its deadline: the retry would only be revoked when it came
+            task_log.warning("task %s failed (%s: %s); not retried: the retry would be due after its deadline "
+                             "(expires)", _label(env), out.error_type, out.error, extra=task_extra(env))
+            self.revoked(job, Reason.EXPIRED, out, started_at=out.started_at, forget=False)
+            final = TaskState.REVOKED
+        elif not_before is not None:
             frame = with_delivery(job.delivery.frame, attempt=env.attempt + 1, not_before=not_before)
             task_log.warning("task %s failed (%s: %s); retry %d of %d in %.2fs", _label(env), out.error_type,
                              out.error, env.attempt + 1, env.max_retries, delay, extra=task_extra(env))
@@ -226,6 +230,43 @@ class Settler:
             signals.task_postrun.send(self.sender, envelope=env, status=final, started_at=out.started_at,
                                       finished_at=out.finished_at)
         self.forget([job])
+
+    def revoked(self, job: Job, reason: str, out: Outcome | None = None, *, started_at: float | None = None,
+                forget: bool = True) -> None:
+        """End a job REVOKED with ``reason`` (the error of ``out``, when it ran) and ack its
+        delivery, which releases its key."""
+        env = job.envelope
+        if self.store_results:
+            self.store([TaskStatus.of(env, TaskState.REVOKED, reason=str(reason),
+                                      error=out.error if out is not None else None,
+                                      error_type=out.error_type if out is not None else None,
+                                      started_at=started_at,
+                                      finished_at=out.finished_at if out is not None else time.time(),
+                                      worker=self.worker_id)])
+        self.broker_call(self.broker.ack, [job.delivery])
+        self.state.count("revoked")
+        if signals.task_revoked.receivers:
+            signals.task_revoked.send(self.sender, envelope=env, reason=str(reason))
+        if forget:
+            self.forget([job])
+
+    def release_keys(self, jobs: list[Job]) -> None:
+        """Free the unique keys of tasks that started (``unique_until="started"``), owner-checked.
+        Best effort: a failed release is logged and left to the terminal settle, whose ack
+        releases the key anyway (still owner-checked)."""
+        release = self.broker.release_key
+        for job in jobs:
+            if job.settled:   # ended meanwhile: its ack released the key
+                continue
+            d = job.delivery
+            try:
+                release(d.queue, d.key, d.task_id)
+            except StemError as exc:
+                log.warning("could not release the unique key of task %s at its start (%s); it is released "
+                            "when the task ends", d.task_id, exc)
+            except Exception:  # noqa: BLE001 - a bug in an adapter must not stop the settle thread
+                log.exception("could not release the unique key of task %s at its start; it is released "
+                              "when the task ends", d.task_id)
 
     def retry_delay(self, job: Job) -> float:
         return retry_delay(job.handler.options, job.envelope.attempt, self.retry_strategy)

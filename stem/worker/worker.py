@@ -139,6 +139,7 @@ class Worker:
                                   window=PrefetchWindow(prefetch_multiplier, max_prefetch_multiplier))
         self._renewals: queue.SimpleQueue = queue.SimpleQueue()   # task ids whose lease is renewed now
         self._done: queue.SimpleQueue = queue.SimpleQueue()        # outcomes, when the main loop settles
+        self._key_releases: queue.SimpleQueue = queue.SimpleQueue()  # started jobs whose key goes (settle thread)
         self._outbox: Outbox | None = None                           # outcomes, when a settle thread does
         self._board = StatusBoard(self.backend, self.id) if self.store_results else None
         self._engine = engine or self._make_engine(concurrency)
@@ -399,6 +400,7 @@ class Worker:
                 self._enforce_time_limits(now)
                 self._renew_leases(now)
                 self._note_long_running()
+                self._release_started_keys(settle_thread is not None)
                 self._engine.tick()
                 if self._autoscaler is not None and not state.stopping():
                     self._autoscaler.tick()
@@ -432,6 +434,8 @@ class Worker:
             batch = outbox.get(0.05)
             if board is not None:
                 board.flush(time.monotonic())
+            if not self._key_releases.empty():
+                self._settler.release_keys(self._take_key_releases())
             if batch:
                 try:
                     self._settler.settle(batch)
@@ -494,6 +498,29 @@ class Worker:
             if not job.noted_running and job.started_at is not None and job.started_at <= started_before:
                 job.noted_running = True
                 self._board.started(job.envelope, job.started_at)
+
+    def _release_started_keys(self, on_settle_thread: bool) -> None:
+        """Tasks with ``unique_until="started"`` that started since the last look: their keys
+        are released off the pool's thread (by the settle thread, batched), once per delivery.
+        A task that ends before the next look has its key released by its ack instead."""
+        started = [j for j in self._engine.running()
+                   if not j.key_released and j.envelope.unique_until == "started" and j.delivery.key is not None]
+        if not started:
+            return
+        for job in started:
+            job.key_released = True
+        if on_settle_thread:
+            self._key_releases.put(started)   # the settle thread looks at least every 50 ms
+        else:
+            self._settler.release_keys(started)
+
+    def _take_key_releases(self) -> list[Job]:
+        jobs: list[Job] = []
+        try:
+            while True:
+                jobs += self._key_releases.get_nowait()
+        except queue.Empty:
+            return jobs
 
     def _publish_heartbeat(self) -> None:
         data = self.stats()
