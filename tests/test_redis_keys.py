@@ -258,10 +258,10 @@ def test_a_worker_with_a_redis_backend_on_the_broker_store_releases_keys_in_its_
         now = time.time()
         items = []
         for i in range(20):
-            _, message = app._build("add", {"a": i, "b": 1}, None, None, None, None, None, None, None, now)
+            _, message, _ = app._build("add", {"a": i, "b": 1}, None, None, None, None, None, None, None, now)
             items.append(Keyed(message, f"sum:{i}", 60.0))
         assert broker.publish_keyed(items) == [None] * 20
-        _, failing = app._build("bad", {}, None, None, None, None, None, None, None, now)
+        _, failing, _ = app._build("bad", {}, None, None, None, None, None, None, None, now)
         assert broker.publish_keyed([Keyed(failing, "bad", 60.0)]) == [None]
         worker.run_in_background(burst=True)
         assert worker.join(60)
