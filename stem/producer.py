@@ -364,11 +364,28 @@ class Stem:
             self.broker.publish_many(messages)
         ids = BatchIds(e.id for e in envs)
         if keyed:
-            holders = self.broker.publish_keyed([k for _, k, _ in keyed])
-            for (index, _, explicit), holder in zip(keyed, holders):
+            # A key twice in the batch: only its first item goes to the broker (which would
+            # answer the others with the first's id anyway); no frame is sent for nothing.
+            first: dict[tuple[str, str], int] = {}
+            sent: list[tuple[int, Keyed, bool]] = []
+            repeats: list[tuple[int, int]] = []            # (index, index of the key's first item)
+            for entry in keyed:
+                index, k, _ = entry
+                seen = first.setdefault((k.message.queue, k.key), index)
+                if seen == index:
+                    sent.append(entry)
+                else:
+                    repeats.append((index, seen))
+            holders = self.broker.publish_keyed([k for _, k, _ in sent])
+            for (index, _, explicit), holder in zip(sent, holders):
                 if _is_duplicate(holder, ids[index], explicit):
                     ids[index] = holder
                     ids.duplicates.append(index)
+            for index, seen in repeats:
+                ids[index] = ids[seen]
+                ids.duplicates.append(index)
+            if repeats:
+                ids.duplicates.sort()
         if signals.after_task_publish.receivers:
             skip = set(ids.duplicates)
             for i, env in enumerate(envs):

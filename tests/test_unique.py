@@ -176,7 +176,7 @@ def test_enqueue_many_resolves_duplicates_in_order_in_one_keyed_call(stem, broke
     calls.clear()
     items = [("report.build", {"account": i // 2, "day": "d"}) for i in range(10)]
     ids = stem.enqueue_many(items)
-    assert len(calls) == 1 and len(calls[0]) == 10
+    assert len(calls) == 1 and len(calls[0]) == 5        # a key's repeats in the batch are not sent
     assert ids.duplicates == [0, 1, 3, 5, 7, 9]
     assert ids[0] == ids[1] == held
     assert [ids[i] for i in (3, 5, 7, 9)] == [ids[i] for i in (2, 4, 6, 8)]

@@ -80,6 +80,7 @@ __all__ = ["Broker", "Message", "Keyed", "Delivery", "DeadLetter", "QueueStats",
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
 DEFAULT_MAX_DELIVERIES = 5
+_INF = float("inf")
 #: The longest key ``publish_keyed`` takes (characters).
 MAX_KEY_LENGTH = 512
 
@@ -110,15 +111,26 @@ def check_keyed(items: Sequence["Keyed"]) -> list["Keyed"]:
     """``publish_keyed``'s argument: Keyed items, each with a non-empty str key of at most
     ``MAX_KEY_LENGTH`` characters, a ``ttl`` > 0 and a ``linger`` >= 0 (seconds)."""
     out = list(items)
+    queues: set[str] = set()
     for item in out:
-        if not isinstance(item, Keyed) or not isinstance(item.message, Message):
-            raise ConfigurationError(f"publish_keyed takes Keyed(message, key, ttl) items, got {item!r}")
-        if not isinstance(item.key, str) or not 0 < len(item.key) <= MAX_KEY_LENGTH:
+        if type(item) is not Keyed or type(item[0]) is not Message:
+            if not isinstance(item, Keyed) or not isinstance(item.message, Message):
+                raise ConfigurationError(f"publish_keyed takes Keyed(message, key, ttl) items, got {item!r}")
+        message, key, ttl, linger = item
+        if type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH:
             raise ConfigurationError(f"a key must be a non-empty string of at most {MAX_KEY_LENGTH} "
-                                     f"characters, got {item.key!r}")
-        checks.seconds("ttl", item.ttl)
-        checks.seconds("linger", item.linger, inclusive=True)
-        validate_queue_name(item.message.queue)
+                                     f"characters, got {key!r}")
+        # the common case (floats in range) without a call per number; the checks say what is wrong
+        if not (type(ttl) is float and 0.0 < ttl < _INF):
+            checks.seconds("ttl", ttl)
+        if not (type(linger) is float and 0.0 <= linger < _INF):
+            checks.seconds("linger", linger, inclusive=True)
+        queue = message.queue
+        if type(queue) is not str:
+            validate_queue_name(queue)            # raises: not a name
+        queues.add(queue)
+    for queue in queues:
+        validate_queue_name(queue)
     return out
 
 
