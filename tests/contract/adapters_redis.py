@@ -1,5 +1,6 @@
 """Contract-suite factories for the Redis adapters: each instance gets its own namespace,
-and its keys are deleted (SCAN on the namespace prefix) when the suite closes it."""
+and its keys are deleted (SCAN on the namespace prefix) when the suite closes it.  Backends
+get a ``contract_recipe`` (another process or connection reaches the same namespace)."""
 
 import uuid
 
@@ -38,7 +39,9 @@ def _backend(request, **kwargs):
     from stem.backends.redis import RedisResultBackend
     url = request.getfixturevalue("redis_url")
     namespace = "stemtest_" + uuid.uuid4().hex[:12]
-    return _closing(RedisResultBackend.from_url(url, namespace=namespace, **kwargs), url, namespace)
+    backend = _closing(RedisResultBackend.from_url(url, namespace=namespace, **kwargs), url, namespace)
+    backend.contract_recipe = (RedisResultBackend.from_url, (url,), {"namespace": namespace, **kwargs})
+    return backend
 
 
 BROKERS = {"redis": _broker}
