@@ -157,6 +157,11 @@ class Stem:
             raise InvalidTaskOptionsError(
                 f"task {name!r}: autoretry_for and retry_backoff are options of the handler "
                 "(@registry.task(..., options=TaskOptions(...))), not of one enqueue")
+        if options is not None and options.rate_limit is not None:
+            # the worker limits by the handler's rate; one enqueue's would be silently ignored
+            raise InvalidTaskOptionsError(
+                f"task {name!r}: rate_limit is an option of the handler "
+                "(@registry.task(..., options=TaskOptions(rate_limit=...))); one enqueue cannot set it")
         opts = self._resolve(name, options)
         unique = (_Unique(opts.unique_key, opts.unique_for, opts.unique_until == "started")
                   if opts.unique else None)
