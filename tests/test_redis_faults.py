@@ -16,8 +16,8 @@ import pytest
 import redis
 
 from stem.backends.redis import RedisResultBackend
-from stem.brokers.base import Message
-from stem.brokers.redis import RedisBroker
+from stem.brokers.base import Keyed, Message
+from stem.brokers.redis import N_LANES, RedisBroker
 from stem.errors import BackendConnectionError, BrokerConnectionError
 from stem.results import TaskState, TaskStatus
 from tests.conftest import REQUIRE_SERVICES
@@ -205,3 +205,114 @@ def test_results_survive_kill_9_and_a_wait_in_progress_fails_fast(redis_server):
         assert backend.get("done").result == 42
     finally:
         backend.close()
+
+
+def _keys_and_messages(client, broker, queue) -> tuple[dict[str, str], dict[str, str]]:
+    """What the server holds for ``queue``: {key: owner} of the held keys, and {key: task id}
+    of the keyed messages not yet settled (lane entries and delayed members)."""
+    prefix = broker.key_name(queue, "")
+    held = {name.decode()[len(prefix):]: client.get(name).decode()
+            for name in client.scan_iter(match=prefix + "*", count=1000)}
+    messages: dict[str, str] = {}
+    keys = broker.queue_keys(queue)
+    for lane in keys[:N_LANES]:
+        for _, fields in client.xrange(lane):
+            if b"k" in fields:
+                assert fields[b"k"].decode() not in messages, "two messages under one key"
+                messages[fields[b"k"].decode()] = fields[b"t"].decode()
+    for member in client.zrange(keys[N_LANES + 1], 0, -1):
+        head, _, rest = member.partition(b" ")
+        if head.startswith(b"K"):
+            _p, _v, _kt, _kl, kn, tn, body = rest.split(b" ", 6)
+            key, tid = body[:int(kn)].decode(), body[int(kn):int(kn) + int(tn)].decode()
+            assert key not in messages, "two messages under one key"
+            messages[key] = tid
+    return held, messages
+
+
+def _keyed(key: str, **kw) -> Keyed:
+    return Keyed(msg(b"keyed", **kw), key, 600.0)
+
+
+def test_keys_and_their_messages_survive_kill_9_together(redis_server):
+    """appendfsync always: what publish_keyed and ack answered survives a SIGKILL, and the
+    scripts' effects are whole in the AOF, so no key outlives its message nor the reverse."""
+    broker = RedisBroker.from_url(redis_server.url, namespace="f", default_visibility_timeout=60.0)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        assert broker.publish_keyed([_keyed(f"k{i}") for i in range(30)]) == [None] * 30
+        assert broker.publish_keyed([_keyed(f"d{i}", not_before=time.time() + 600) for i in range(10)]) == [None] * 10
+        acked = broker.consume([Q], 10, 5.0)
+        broker.ack(acked)
+        in_flight = broker.consume([Q], 5, 5.0)
+        assert len(acked) == 10 and len(in_flight) == 5
+        before = _keys_and_messages(client, broker, Q)
+
+        redis_server.kill()
+        redis_server.start()
+
+        held, messages = _keys_and_messages(client, broker, Q)
+        assert (held, messages) == before
+        assert held == messages                        # every key has its message and the reverse
+        assert set(held) == {f"k{i}" for i in range(10, 30)} | {f"d{i}" for i in range(10)}
+        assert not {d.key for d in acked} & set(held)
+        dupes = [_keyed(k) for k in sorted(held)]
+        assert broker.publish_keyed(dupes) == [held[k] for k in sorted(held)]   # still refused
+        assert broker.publish_keyed([_keyed(d.key) for d in acked]) == [None] * 10
+    finally:
+        broker.close()
+        client.close()
+
+
+def test_a_kill_9_in_the_middle_of_keyed_publishes_leaves_no_key_without_its_message(redis_server):
+    """The server dies while a producer publishes keyed batches as fast as it can (and a
+    consumer acks): after the restart, keys and messages still pair up one to one."""
+    broker = RedisBroker.from_url(redis_server.url, namespace="f", retry_attempts=1)
+    consumer = RedisBroker.from_url(redis_server.url, namespace="f", retry_attempts=1, socket_timeout=3.0)
+    client = redis.Redis.from_url(redis_server.url)
+    stop = threading.Event()
+    published = [0]
+
+    def produce():
+        i = 0
+        while not stop.is_set():
+            try:
+                broker.publish_keyed([_keyed(f"p{i + j}", not_before=time.time() + 600 if j % 3 == 0 else None)
+                                      for j in range(200)])
+                published[0] += 200
+            except BrokerConnectionError:
+                return
+            i += 200
+
+    def consume():
+        while not stop.is_set():
+            try:
+                consumer.ack(consumer.consume([Q], 50, 0.2))
+            except BrokerConnectionError:
+                return
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while published[0] < 2000 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert published[0] >= 2000, "the producer did not get going"
+        redis_server.kill()                            # in the middle of the stream of publishes
+        stop.set()
+        for t in threads:
+            t.join(20)
+        redis_server.start()
+        held, messages = _keys_and_messages(client, broker, Q)
+        assert held == messages
+        assert len(held) >= 1
+        key = sorted(held)[0]
+        assert broker.publish_keyed([_keyed(key)]) == [held[key]]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(20)
+        broker.close()
+        consumer.close()
+        client.close()

@@ -5,8 +5,9 @@ Key schema, lanes and lease records are documented in the header of
 with its KEYS/ARGV.  In short, per queue Q under namespace N, all in the
 cluster slot of the hash tag ``{q:Q}``: ten priority lanes
 ``N:{q:Q}:lane:0..9`` (priority clamped to 0-9, lane 9 read first), a lease
-index ``N:{q:Q}:leases``, the delayed set ``N:{q:Q}:delayed`` and the
-dead-letter stream ``N:{q:Q}:dead``.
+index ``N:{q:Q}:leases``, the delayed set ``N:{q:Q}:delayed``, the
+dead-letter stream ``N:{q:Q}:dead``, and for keyed messages one string
+``N:{q:Q}:key:K`` per held key and their index ``N:{q:Q}:keys``.
 
 How the contract in ``stem.brokers.base`` maps onto Redis:
 
@@ -28,6 +29,14 @@ How the contract in ``stem.brokers.base`` maps onto Redis:
   time reset, delivery count untouched): one copy, always.
 * ``ack``/``retry``/``dead_letter``/``nack`` are one script call each
   (``ack`` batches every delivery of a queue into one call).
+* Keys (``publish_keyed``): one ``redis_keys.lua`` call per queue (per 2,000
+  items, every call in one pipeline) checks each key and publishes, then
+  claims (``SET PX``).  A keyed entry carries its key, ttl and linger, which
+  the scripts that end it read to release the key (owner-checked) in the
+  same call: ``ack`` (the keyed deliveries of a batch are read one by one;
+  an ack without keyed deliveries is the script it always was), the
+  dead-letter paths, ``purge`` and ``delete_queue``; retry and the consume
+  script carry them on to the next entry.
 * Consumer groups lost with the data (a restart without persistence) are
   recreated at id 0 by the consume script.
 
@@ -68,8 +77,8 @@ from ..errors import ConfigurationError, StemError
 from ..stores.base import BROKER_ERRORS
 from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_unread,
                             pack_commands, pack_xadds, raise_first_error, validate_namespace)
-from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery,
-                   Message, QueueStats, check_frame_batch, validate_queue_name)
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
+                   MAX_KEY_LENGTH, Message, QueueStats, check_frame_batch, check_keyed, validate_queue_name)
 
 __all__ = ["RedisBroker", "N_LANES"]
 
@@ -79,6 +88,7 @@ N_LANES = 10
 _MAX_BLOCK_S = 1.0          # longest single XREAD BLOCK; bounds the latency of delayed/nacked messages
 _DELAYED_MOVE_LIMIT = 1000  # due delayed messages moved per consume script call
 _MAX_COUNT = 1000
+_KEYED_CHUNK = 2000         # publish_keyed items per script call (the calls share one pipeline)
 _T = TypeVar("_T")
 
 
@@ -93,8 +103,22 @@ class _Receipt(NamedTuple):
     consumer: str
 
 
+class _KeyedReceipt(NamedTuple):
+    """A keyed delivery's receipt: the linger its ack passes on to the release."""
+    lane: int
+    entry_id: str
+    consumer: str
+    linger_ms: int
+
+
 def _lane(priority: int) -> int:
     return min(max(int(priority), 0), N_LANES - 1)
+
+
+def _check_key(key: Any) -> None:
+    if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_LENGTH:
+        raise ConfigurationError(f"a key must be a non-empty string of at most {MAX_KEY_LENGTH} "
+                                 f"characters, got {key!r}")
 
 
 def _as_list(items: Sequence) -> list:
@@ -119,6 +143,7 @@ class RedisBroker(Broker):
         self._consume_script = self._store.script(_load_script("redis_consume.lua"))
         self._settle_script = self._store.script(_load_script("redis_settle.lua"))
         self._admin_script = self._store.script(_load_script("redis_admin.lua"))
+        self._keys_script = self._store.script(_load_script("redis_keys.lua"))
         self._declared: set[str] = set()
         self._keys: dict[str, list[str]] = {}
         self._instance = uuid.uuid4().hex[:8]
@@ -140,6 +165,10 @@ class RedisBroker(Broker):
                                                                    base + "dead"]
             self._keys[queue] = keys
         return keys
+
+    def key_name(self, queue: str, key: str) -> str:
+        """The Redis key that holds ``key`` of ``queue`` (``publish_keyed``)."""
+        return f"{self.queue_keys(queue)[N_LANES + 2][:-4]}key:{key}"
 
     @property
     def _queues_key(self) -> str:
@@ -200,6 +229,62 @@ class RedisBroker(Broker):
             packed += pack_commands((("SADD", self._queues_key, queue),))
         self._call(lambda: execute_unread(self._client, packed, n + declare), "publish")
         self._declared.add(queue)
+
+    def publish_keyed(self, items: Sequence[Keyed]) -> list[str | None]:
+        """One ``redis_keys.lua`` call per queue (per ``_KEYED_CHUNK`` items), all of them
+        in one pipeline.  Sent again as a whole after a lost connection: what the first
+        send published then answers with its own task id (published once)."""
+        items = check_keyed(items)
+        if not items:
+            return []
+        now = time.time()
+        by_queue: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            by_queue.setdefault(item.message.queue, []).append(i)
+        commands: list[tuple] = []
+        spans: list[list[int]] = []
+        for queue, positions in by_queue.items():
+            for start in range(0, len(positions), _KEYED_CHUNK):
+                span = positions[start:start + _KEYED_CHUNK]
+                args: list[Any] = []
+                for i in span:
+                    args.extend(self._keyed_args(items[i], now))
+                commands.append(self._evalsha(self._keys_script, queue, "publish", *args))
+                spans.append(span)
+        new_queues = [q for q in by_queue if q not in self._declared]
+        if new_queues:
+            commands.append(("SADD", self._queues_key, *new_queues))
+        replies = self._call(lambda: self._store.run(commands), "publish_keyed")
+        self._declared.update(new_queues)
+        out: list[str | None] = [None] * len(items)
+        for span, reply in zip(spans, replies):
+            for j in range(0, len(reply), 2):
+                out[span[reply[j]]] = reply[j + 1].decode("utf-8", "replace")
+        return out
+
+    @staticmethod
+    def _keyed_args(item: Keyed, now: float) -> tuple:
+        """The nine script arguments of one item (see ``redis_keys.lua``)."""
+        m = item.message
+        vt_ms = 0 if m.visibility_timeout is None else checks.ms(m.visibility_timeout)
+        linger_ms = checks.ms(item.linger) if item.linger > 0 else 0
+        delayed = m.not_before is not None and m.not_before > now
+        return (item.key, m.task_id, checks.ms(item.ttl), linger_ms, int(m.priority), vt_ms,
+                int(m.not_before * 1000) if delayed else -1, uuid.uuid4().hex[:16] if delayed else "",
+                m.frame if type(m.frame) is bytes else bytes(m.frame))
+
+    def release_key(self, queue: str, key: str, owner: str) -> bool:
+        _check_key(key)
+        if not isinstance(owner, str):
+            raise ConfigurationError(f"an owner is a task id (str), got {owner!r}")
+        return bool(self._call(lambda: self._store.run(
+            [self._evalsha(self._keys_script, queue, "release", key, owner)])[0], "release_key"))
+
+    def key_owner(self, queue: str, key: str) -> str | None:
+        _check_key(key)
+        name = self.key_name(queue, key)
+        owner = self._call(lambda: self._client.get(name), "key_owner")
+        return None if owner is None else owner.decode("utf-8", "replace")
 
     def _declare(self, queues: Sequence[str]) -> None:
         new = [q for q in queues if q not in self._declared]
@@ -269,11 +354,17 @@ class RedisBroker(Broker):
         characters: raising here would drop the whole batch, leased, on the floor."""
         n = reply[0]
         leased_at = time.time()
+        first = len(out)
         values = iter(reply[1:6 * n + 1])   # six per delivery, flat
         for lane, entry_id, task_id, frame, d_vt_ms, count in zip(values, values, values, values, values, values):
             out.append(Delivery(queue, task_id.decode("utf-8", "replace"), frame,
                                 _Receipt(int(lane), entry_id.decode(), consumer), int(count), d_vt_ms / 1000.0,
                                 leased_at))
+        if n and len(reply) > 6 * n + 1:   # (i, key, linger ms) of the keyed ones
+            for j in range(6 * n + 1, len(reply), 3):
+                d = out[first + reply[j] - 1]
+                d.key = reply[j + 1].decode("utf-8", "replace")
+                d.receipt = _KeyedReceipt(*d.receipt, reply[j + 2])
         return n
 
     def run_and_consume(self, commands: Sequence[Sequence[Any]], queues: Sequence[str], max_count: int,
@@ -348,16 +439,29 @@ class RedisBroker(Broker):
         return self._call(lambda: self._store.run([command])[0], args[0])
 
     def ack_commands(self, deliveries: Sequence[Delivery]) -> list[tuple]:
-        """The EVALSHA commands that ack ``deliveries`` (one per queue), for a pipeline."""
+        """The EVALSHA commands that ack ``deliveries`` (one per queue), for a pipeline.  A
+        queue's keyed deliveries go after its others ("ackk"), with what the script needs
+        to release their keys; the others are acked as "ack" acks them."""
         by_queue: dict[str, list] = {}
+        keyed: dict[str, list] | None = None
         for d in deliveries:
             r = d.receipt
             pairs = by_queue.get(d.queue)
             if pairs is None:
                 pairs = by_queue[d.queue] = []
-            pairs.append(r.lane)
-            pairs.append(r.entry_id)
-        return [self._evalsha(self._settle_script, q, "ack", *pairs) for q, pairs in by_queue.items()]
+            if d.key is None:
+                pairs.append(r.lane)
+                pairs.append(r.entry_id)
+            else:
+                if keyed is None:
+                    keyed = {}
+                keyed.setdefault(d.queue, []).extend((r.lane, r.entry_id, d.key, d.task_id,
+                                                      getattr(r, "linger_ms", 0)))
+        if keyed is None:
+            return [self._evalsha(self._settle_script, q, "ack", *pairs) for q, pairs in by_queue.items()]
+        return [self._evalsha(self._settle_script, q, "ack", *pairs) if q not in keyed else
+                self._evalsha(self._settle_script, q, "ackk", len(pairs) // 2, *pairs, *keyed[q])
+                for q, pairs in by_queue.items()]
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         commands = self.ack_commands(deliveries)
@@ -401,23 +505,27 @@ class RedisBroker(Broker):
         entries = self._call(lambda: self._client.xrange(key, "-", "+", count=limit), "dead_letters")
         out = []
         for entry_id, fields in entries:   # every field read leniently: a dead letter may be a bad entry's
+            key = fields.get(b"k")
             out.append(DeadLetter(entry_id.decode(), fields.get(b"t", b"").decode("utf-8", "replace"), queue,
                                   fields.get(b"r", b"").decode("utf-8", "replace"),
-                                  int(fields.get(b"at", 0)) / 1000.0, fields.get(b"f", b"")))
+                                  int(fields.get(b"at", 0)) / 1000.0, fields.get(b"f", b""),
+                                  None if key is None else key.decode("utf-8", "replace")))
         return out
 
     def replay(self, queue: str, ids: Sequence[str] | None = None) -> int:
         batch = 500
         moved = 0
-        if ids is None:
+        if ids is None:   # entries left behind (their key held by another task) are stepped over
+            start = "-"
             while True:
-                n = self._admin(queue, "replay", batch)
+                n, scanned, last = self._admin(queue, "replay", batch, start)
                 moved += n
-                if n < batch:
+                if scanned < batch:
                     return moved
+                start = "(" + last.decode()
         ids = list(ids)
         for i in range(0, len(ids), batch):
-            moved += self._admin(queue, "replay", batch, *ids[i:i + batch])
+            moved += self._admin(queue, "replay_ids", *ids[i:i + batch])
         return moved
 
     def purge(self, queue: str) -> int:
@@ -435,10 +543,10 @@ class RedisBroker(Broker):
         return int(self._call(send, "purge_dead_letters"))
 
     def delete_queue(self, queue: str) -> None:
-        """DEL of the queue's keys (one slot) and SREM from the registry, in one pipeline."""
-        keys = self.queue_keys(queue)
-        commands = [("DEL", *keys), ("SREM", self._queues_key, queue)]
-        self._call(lambda: raise_first_error(execute(self._client, commands)), "delete_queue")
+        """The admin script's "delete" (every key of the queue, its held keys too, one slot)
+        and SREM from the registry, in one pipeline."""
+        commands = [self._evalsha(self._admin_script, queue, "delete"), ("SREM", self._queues_key, queue)]
+        self._call(lambda: self._store.run(commands), "delete_queue")
         self._keys.pop(queue, None)
         self._declared.discard(queue)
 

@@ -4,10 +4,16 @@
 --     stats                    -> {ready, in_flight, delayed, dead}, O(lanes + log n):
 --                                 ready = undelivered + expired leases + due delayed
 --     purge                    -> number of undelivered and delayed messages dropped
---                                 (in-flight entries stay); O(dropped)
---     replay  limit [ids...]   -> number of dead letters moved back to their lane, due now,
---                                 as new entries (fresh delivery count); without ids the
---                                 oldest `limit` ones (the client loops until fewer come back)
+--                                 (in-flight entries stay), their keys released; O(dropped)
+--     replay  limit start      -> {moved, scanned, last id scanned}: dead letters from
+--                                 `start` (an XRANGE start: "-" or "(id"), at most `limit`,
+--                                 moved back to their lane, due now, as new entries (fresh
+--                                 delivery count); the client goes on from the last id
+--                                 while `scanned` == `limit`
+--     replay_ids  id...        -> number of those dead letters moved back
+--     delete                   -> 1: every key of the queue dropped, its held keys too
+-- A keyed dead letter is moved back only while its key is free or held by its own task
+-- id, and claims it again (its ttl as published); else it stays in the dead letters.
 local op = ARGV[1]
 local now = now_ms()
 
@@ -22,7 +28,17 @@ if op == 'stats' then
 end
 
 if op == 'purge' then
+  -- only a queue with keys (its index exists) reads what it drops, to release their keys
+  local keyed = redis.call('EXISTS', KEYIDX) == 1
   local n = redis.call('ZCARD', DELAYED)
+  if keyed then
+    for _, m in ipairs(redis.call('ZRANGE', DELAYED, 0, -1)) do
+      if string.byte(m, 1) == 75 then   -- 'K': a keyed member
+        local t, _, _, _, k, _, kl = unpack_delayed(m)
+        release(k, t, kl, now)
+      end
+    end
+  end
   redis.call('DEL', DELAYED)
   for lane = 0, NLANES - 1 do
     local key = KEYS[lane + 1]
@@ -35,18 +51,24 @@ if op == 'purge' then
           if info['name'] == GROUP then last = info['last-delivered-id'] end
         end
       end
-      if last == nil then
+      if last == nil and not keyed then
         -- nobody read this lane yet, so nothing of it is in flight
         n = n + redis.call('XLEN', key)
         redis.call('DEL', key)
       else
+        local start = '-'
+        if last ~= nil then start = '(' .. last end
         while true do
-          local batch = redis.call('XRANGE', key, '(' .. last, '+', 'COUNT', 500)
+          local batch = redis.call('XRANGE', key, start, '+', 'COUNT', 500)
           if #batch == 0 then break end
           for _, e in ipairs(batch) do
             n = n + redis.call('XDEL', key, e[1])
+            if keyed then
+              local h = fields_of(e[2])
+              release(h.k, h.t, h.kl, now)
+            end
           end
-          last = batch[#batch][1]
+          start = '(' .. batch[#batch][1]
         end
       end
     end
@@ -54,22 +76,50 @@ if op == 'purge' then
   return n
 end
 
-if op == 'replay' then
-  local entries = {}
-  if #ARGV == 2 then
-    entries = redis.call('XRANGE', DEAD, '-', '+', 'COUNT', tonumber(ARGV[2]))
+-- Move one dead letter back (1), or leave it while another task holds its key (0).  A key
+-- is claimed again only with what it needs (a task id and a ttl); else the entry goes back
+-- without its key.
+local function replay_entry(e)
+  local h = fields_of(e[2])
+  local k, kt = h.k, tonumber(h.kt) or 0
+  if k ~= nil and h.t ~= nil and h.t ~= '' and kt > 0 then
+    local holder = redis.call('GET', key_name(k))
+    if holder and holder ~= h.t then return 0 end
+    claim(k, h.t, kt, now)
   else
-    for i = 3, #ARGV do
-      local r = redis.call('XRANGE', DEAD, ARGV[i], ARGV[i])
-      if #r > 0 then entries[#entries + 1] = r[1] end
-    end
+    k = nil
   end
-  for _, e in ipairs(entries) do
-    local h = fields_of(e[2])
-    add_ready(h.t or '', h.f or '', h.p, h.v)
-    redis.call('XDEL', DEAD, e[1])
+  add_ready(h.t or '', h.f or '', h.p, h.v, k, h.kt, h.kl)
+  redis.call('XDEL', DEAD, e[1])
+  return 1
+end
+
+if op == 'replay' then
+  local entries = redis.call('XRANGE', DEAD, ARGV[3], '+', 'COUNT', tonumber(ARGV[2]))
+  local moved = 0
+  for _, e in ipairs(entries) do moved = moved + replay_entry(e) end
+  if #entries == 0 then return {0, 0, ''} end
+  return {moved, #entries, entries[#entries][1]}
+end
+
+if op == 'replay_ids' then
+  local moved = 0
+  for i = 2, #ARGV do
+    local r = redis.call('XRANGE', DEAD, ARGV[i], ARGV[i])
+    if #r > 0 then moved = moved + replay_entry(r[1]) end
   end
-  return #entries
+  return moved
+end
+
+if op == 'delete' then
+  local held = redis.call('ZRANGE', KEYIDX, 0, -1)
+  for i = 1, #held, 500 do
+    local names = {}
+    for j = i, math.min(i + 499, #held) do names[#names + 1] = key_name(held[j]) end
+    redis.call('DEL', unpack(names))
+  end
+  redis.call('DEL', KEYIDX, unpack(KEYS))
+  return 1
 end
 
 return redis.error_reply('unknown admin operation ' .. tostring(op))

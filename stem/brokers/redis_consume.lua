@@ -16,7 +16,8 @@
 -- Returns {n, d1..dn, next_delayed_ms, next_lease_ms, now_ms, last_id_lane0..9} where each
 -- delivery d is six values in a row (flat): lane, entry id, task id, frame, vt ms, delivery
 -- count; the next_* times are -1 when there is none; the last ids (ids to XREAD BLOCK
--- from) come only when n == 0.
+-- from) come only when n == 0.  When n > 0 and some deliveries are keyed, triples (i, key,
+-- linger ms) follow the deliveries instead: delivery i (1-based) carries that key.
 local consumer = ARGV[1]
 local count = tonumber(ARGV[2])
 local default_vt = tonumber(ARGV[3])
@@ -28,11 +29,16 @@ local n = 0
 local BURY_LIMIT = 1000
 local buried = 0    -- entries without a task id dead-lettered by step (3)
 local read_to = {}  -- lane -> the last id step (3) read there, when it stopped at BURY_LIMIT
+local keyed = {}   -- (i, key, linger) triples of the keyed deliveries, flat
 
-local function deliver(lane, id, t, f, vt, deliveries)
+local function deliver(lane, id, t, f, vt, deliveries, k, kl)
   local i = 1 + 6 * n
   out[i + 1], out[i + 2], out[i + 3], out[i + 4], out[i + 5], out[i + 6] = lane, id, t, f, vt, deliveries
   n = n + 1
+  if k then
+    local j = #keyed
+    keyed[j + 1], keyed[j + 2], keyed[j + 3] = n, k, tonumber(kl) or 0
+  end
 end
 
 -- an entry's visibility timeout field (ms; missing or 0: the queue's default)
@@ -45,8 +51,8 @@ end
 -- (1) delayed -> ready
 local due = redis.call('ZRANGEBYSCORE', DELAYED, '-inf', now, 'LIMIT', 0, move_limit)
 for _, m in ipairs(due) do
-  local t, f, p, v = unpack_delayed(m)
-  if t ~= nil then add_ready(t, f, p, v) else add_dead({f = m}, 'decode-error', now) end
+  local t, f, p, v, k, kt, kl = unpack_delayed(m)
+  if t ~= nil then add_ready(t, f, p, v, k, kt, kl) else add_dead({f = m}, 'decode-error', now) end
   redis.call('ZREM', DELAYED, m)
 end
 
@@ -67,7 +73,7 @@ for _, member in ipairs(expired) do
     elseif h.t == nil then
       bury(lane, id, h, 'decode-error', now)
     else
-      add_ready(h.t, h.f or '', h.p, h.v)
+      add_ready(h.t, h.f or '', h.p, h.v, h.k, h.kt, h.kl)
       settle(lane, id)
     end
   else
@@ -81,7 +87,7 @@ for _, member in ipairs(expired) do
       else
         local vt = vt_of(h.v)
         redis.call('ZADD', LEASES, now + vt, member)
-        deliver(lane, id, h.t, h.f or '', vt, tonumber(pend[1][4]) + 1)
+        deliver(lane, id, h.t, h.f or '', vt, tonumber(pend[1][4]) + 1, h.k, h.kl)
       end
     end
   end
@@ -110,12 +116,13 @@ for lane = NLANES - 1, 0, -1 do
       local leases = {}
       for _, e in ipairs(entries) do
         local f = e[2]
-        local t, frame, v
+        local t, frame, v, k, kl
         if f[1] == 't' and f[3] == 'f' and f[7] == 'v' then   -- the order every XADD writes
           t, frame, v = f[2], f[4], vt_of(f[8])
+          if f[9] == 'k' then k, kl = f[10], f[14] end
         else
           local h = fields_of(f)
-          t, frame, v = h.t, h.f or '', vt_of(h.v)
+          t, frame, v, k, kl = h.t, h.f or '', vt_of(h.v), h.k, h.kl
           if t == nil then
             bury(lane, e[1], h, 'decode-error', now)
             buried = buried + 1
@@ -124,7 +131,7 @@ for lane = NLANES - 1, 0, -1 do
         if t ~= nil then
           leases[#leases + 1] = now + v
           leases[#leases + 1] = lane .. '|' .. e[1]
-          deliver(lane, e[1], t, frame, v, 1)
+          deliver(lane, e[1], t, frame, v, 1, k, kl)
         end
       end
       if #leases > 0 then redis.call('ZADD', LEASES, unpack(leases)) end
@@ -136,7 +143,10 @@ for lane = NLANES - 1, 0, -1 do
 end
 
 out[1] = n
-if n > 0 then return out end
+if n > 0 then
+  for i = 1, #keyed do out[#out + 1] = keyed[i] end
+  return out
+end
 
 local function first_score(key)
   local r = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')

@@ -2,18 +2,25 @@
 --   KEYS: the per-queue layout (see redis_common.lua)
 --   ARGV[1] operation, then per operation:
 --     ack         lane1, id1, lane2, id2, ...              -> number of entries removed
+--     ackk        m, then m (lane, id) pairs as for ack, then (lane, id, key, task id,
+--                 linger ms) of each keyed delivery, whose key is released (owner-checked,
+--                 batched) when this ack removed its entry  -> number of entries removed
 --     requeue     lane, id                                  -> 1 when the lease was found
 --     extend      consumer, then lane, id, vt-ms triples    -> number of leases renewed
 --     retry       lane, id, frame, not_before-ms (-1 = now), nonce -> 1, or 0 when already settled
 --     dead        lane, id, reason                          -> 1, or 0 when already settled
+-- A keyed message's key is released by ack/ackk and dead (owner-checked, see release in
+-- redis_common.lua) and kept by requeue, extend and retry.
 -- A delivery is "not yet settled" while its stream entry exists: every settle XDELs it, so
 -- settling a stale delivery (its lease expired and it was delivered again) is idempotent.
 local op = ARGV[1]
 
-if op == 'ack' then
+if op == 'ack' or op == 'ackk' then
   -- variadic XACK/XDEL per lane and one ZREM: three calls for a whole batch
+  local first, last = 2, #ARGV
+  if op == 'ackk' then first, last = 3, 2 + 2 * tonumber(ARGV[2]) end
   local ids, members = {}, {}
-  for i = 2, #ARGV, 2 do
+  for i = first, last, 2 do
     local lane = tonumber(ARGV[i])
     ids[lane] = ids[lane] or {}
     table.insert(ids[lane], ARGV[i + 1])
@@ -23,6 +30,41 @@ if op == 'ack' then
   for lane, list in pairs(ids) do
     n = n + redis.call('XDEL', KEYS[lane + 1], unpack(list))
     redis.pcall('XACK', KEYS[lane + 1], GROUP, unpack(list))
+  end
+  if op == 'ackk' then
+    -- keyed: XDEL one at a time (a key is released only when this ack removed its entry: a
+    -- stale ack must not free a key that a replay claimed again), the rest batched
+    local acked, names, keys, owners, lingers = {}, {}, {}, {}, {}
+    for i = last + 1, #ARGV, 5 do
+      local lane, id = tonumber(ARGV[i]), ARGV[i + 1]
+      members[#members + 1] = lane .. '|' .. id
+      acked[lane] = acked[lane] or {}
+      table.insert(acked[lane], id)
+      if redis.call('XDEL', KEYS[lane + 1], id) == 1 then
+        n = n + 1
+        keys[#keys + 1], owners[#owners + 1], lingers[#lingers + 1] = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+        names[#names + 1] = key_name(ARGV[i + 2])
+      end
+    end
+    for lane, list in pairs(acked) do redis.pcall('XACK', KEYS[lane + 1], GROUP, unpack(list)) end
+    if #names > 0 then
+      local held = redis.call('MGET', unpack(names))
+      local drop, dropped = {}, {}
+      local now = now_ms()
+      for j = 1, #names do
+        if held[j] == owners[j] then
+          if (tonumber(lingers[j]) or 0) > 0 then
+            release(keys[j], owners[j], lingers[j], now)
+          else
+            drop[#drop + 1], dropped[#dropped + 1] = names[j], keys[j]
+          end
+        end
+      end
+      if #drop > 0 then
+        redis.call('DEL', unpack(drop))
+        redis.call('ZREM', KEYIDX, unpack(dropped))
+      end
+    end
   end
   if #members > 0 then redis.call('ZREM', LEASES, unpack(members)) end
   return n
@@ -60,10 +102,12 @@ end
 if op == 'retry' then
   local frame, not_before = ARGV[4], tonumber(ARGV[5])
   settle(lane, id)
+  -- a keyed message's new attempt keeps its key (the task is not over)
   if not_before > now_ms() then
-    redis.call('ZADD', DELAYED, not_before, pack_delayed(ARGV[6], h.t or '', frame, h.p or 0, h.v or 0))
+    redis.call('ZADD', DELAYED, not_before,
+               pack_delayed(ARGV[6], h.t or '', frame, h.p or 0, h.v or 0, h.k, h.kt, h.kl))
   else
-    add_ready(h.t or '', frame, h.p, h.v)
+    add_ready(h.t or '', frame, h.p, h.v, h.k, h.kt, h.kl)
   end
   return 1
 end

@@ -1,5 +1,10 @@
 """Contract-suite factories for the Redis adapters: each instance gets its own namespace,
-and its keys are deleted (SCAN on the namespace prefix) when the suite closes it."""
+and its keys are deleted (SCAN on the namespace prefix) when the suite closes it.
+
+A broker also gets the keys suite's two hooks: ``contract_recipe`` (the same URL and
+namespace, for the producers of the process race) and ``contract_break_publish``, which
+turns the queue's lane 0 and delayed set into strings, so its XADD and ZADD fail with
+WRONGTYPE inside the publish script."""
 
 import uuid
 
@@ -31,7 +36,24 @@ def _broker(request, **kwargs):
     from stem.brokers.redis import RedisBroker
     url = request.getfixturevalue("redis_url")
     namespace = "stemtest_" + uuid.uuid4().hex[:12]
-    return _closing(RedisBroker.from_url(url, namespace=namespace, **kwargs), url, namespace)
+    broker = _closing(RedisBroker.from_url(url, namespace=namespace, **kwargs), url, namespace)
+    broker.contract_recipe = (RedisBroker.from_url, (url,), {"namespace": namespace, **kwargs})
+    broker.contract_break_publish = _break_publish(broker, url)
+    return broker
+
+
+def _break_publish(broker, url):
+    from stem.brokers.redis import N_LANES
+
+    def brk(queue):
+        keys = broker.queue_keys(queue)
+        client = redis.Redis.from_url(url)
+        try:
+            client.set(keys[0], "not a stream")
+            client.set(keys[N_LANES + 1], "not a sorted set")
+        finally:
+            client.close()
+    return brk
 
 
 def _backend(request, **kwargs):
