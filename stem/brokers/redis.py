@@ -33,10 +33,11 @@ How the contract in ``stem.brokers.base`` maps onto Redis:
   items, every call in one pipeline) checks each key and publishes, then
   claims (``SET PX``).  A keyed entry carries its key, ttl and linger, which
   the scripts that end it read to release the key (owner-checked) in the
-  same call: ``ack`` (the keyed deliveries of a batch are read one by one;
-  an ack without keyed deliveries is the script it always was), the
-  dead-letter paths, ``purge`` and ``delete_queue``; retry and the consume
-  script carry them on to the next entry.
+  same call: ``ack`` (a keyed delivery brings its key, owner and linger
+  from the consume reply, and its entry is XDELed alone so only an ack that
+  removed it releases; an ack without keyed deliveries is the script it
+  always was), the dead-letter paths, ``purge`` and ``delete_queue``; retry
+  and the consume script carry them on to the next entry.
 * Consumer groups lost with the data (a restart without persistence) are
   recreated at id 0 by the consume script.
 
