@@ -17,10 +17,14 @@ from typing import Any
 from .errors import ConfigurationError, StemError
 
 __all__ = ["QUEUE_NAME", "TASK_NAME", "DEFAULT_QUEUE", "DEFAULT_RESULT_EXPIRES", "DEFAULT_PREFETCH_MULTIPLIER",
-           "is_number", "seconds", "optional_seconds", "integer", "flag", "queue_name", "task_name", "ms"]
+           "SCHEDULE_ID", "is_number", "seconds", "optional_seconds", "integer", "flag", "queue_name", "task_name",
+           "schedule_id", "ms"]
 
 #: Queue names: 1-128 characters, safe in Redis keys, SQL values and file names.
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+#: Schedule ids: the same alphabet and length as queue names (they become Redis keys, SQL values
+#: and parts of run ids).
+SCHEDULE_ID = QUEUE_NAME
 #: Task names: a letter or _, then letters, digits and _ . : - (200 at most).
 TASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:\-]{0,199}")
 
@@ -33,8 +37,12 @@ DEFAULT_PREFETCH_MULTIPLIER = 4
 
 def is_number(value: Any) -> bool:
     """An int or a float that is finite; never a bool."""
-    return (not isinstance(value, bool) and isinstance(value, (int, float))
-            and math.isfinite(value))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:           # an int too large for a float
+        return False
 
 
 def seconds(name: str, value: Any, *, minimum: float = 0.0, inclusive: bool = False,
@@ -79,6 +87,12 @@ def task_name(name: Any, *, error: type[StemError] = ConfigurationError) -> str:
         raise error(f"bad task name {name!r}: start with a letter or _, then letters, digits, _ . : - "
                     "(max 200)")
     return name
+
+
+def schedule_id(value: Any, *, error: type[StemError] = ConfigurationError) -> str:
+    if not isinstance(value, str) or not SCHEDULE_ID.fullmatch(value):
+        raise error(f"bad schedule id {value!r}: use 1-128 characters from A-Z a-z 0-9 _ . : -")
+    return value
 
 
 def ms(value: float) -> int:

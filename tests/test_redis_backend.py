@@ -138,6 +138,29 @@ def test_heartbeats_are_indexed_without_keys_and_pruned(backend, raw, namespace)
     assert raw.zrange(index, 0, -1) == [b"w2"]
 
 
+def test_schedule_records_are_hash_tagged_hashes_indexed_in_a_set_without_expiry(backend, raw, namespace):
+    backend.put_schedule("nightly", b"def")
+    backend.mark_fired("code-only", 1_700_000_000.5, "sched:code-only:1700000000500")
+    record, index = f"{namespace}:{{sched}}:s:nightly", f"{namespace}:{{sched}}:index"
+    assert raw.smembers(index) == {b"nightly", b"code-only"}
+    assert raw.hgetall(record) == {b"def": b"def", b"paused": b"0", b"updated_at": raw.hget(record, "updated_at")}
+    for key in (record, index, f"{namespace}:{{sched}}:s:code-only"):
+        assert raw.ttl(key) == -1          # records never expire
+    assert all(k.startswith(f"{namespace}:{{sched}}:".encode()) for k in raw.keys(f"{namespace}:*"))
+    assert backend.remove_schedule("nightly") is True
+    assert raw.smembers(index) == {b"code-only"} and not raw.exists(record)
+
+
+def test_schedule_writes_survive_a_flushed_script_cache(backend, raw):
+    backend.put_schedule("s", None)
+    raw.script_flush()
+    backend.mark_fired("s", 10.0, "r10")
+    raw.script_flush()
+    assert backend.pause_schedule("s", True) is True
+    r = backend.schedule_records(["s"])["s"]
+    assert (r.paused, r.last_fired, r.last_run_id) == (True, 10.0, "r10")
+
+
 def test_url_dispatch_builds_a_redis_backend(redis_url, namespace):
     b = backend_from_url(redis_url, namespace=namespace, result_expires=60)
     try:

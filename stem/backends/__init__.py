@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _adapters
-from .base import ResultBackend
+from .base import ResultBackend, ScheduleRecord
 from .memory import InMemoryResultBackend
 
-__all__ = ["ResultBackend", "InMemoryResultBackend", "RedisResultBackend", "PostgresResultBackend",
+__all__ = ["ResultBackend", "ScheduleRecord", "InMemoryResultBackend", "RedisResultBackend", "PostgresResultBackend",
            "SqliteResultBackend", "from_url"]
 
 _memory_instances: dict[str, InMemoryResultBackend] = {}

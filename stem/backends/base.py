@@ -20,19 +20,27 @@ way everywhere (``tests/contract`` proves it).
   the revoke still honours it.  Each may carry a *proof* (``stem.revocation``:
   a frame signed by whoever revoked, naming the id); a worker with a signer
   honours only revocations whose proof verifies.
+* Schedule records (``ScheduleRecord``, one per schedule id) are what
+  schedulers share: a schedule's stored definition (for schedules added at run
+  time), its paused flag and the newest fire time any scheduler published.
+  They never expire.  ``mark_fired`` only moves ``last_fired`` forward,
+  atomically, so schedulers racing on one schedule (or a slow one, late with
+  an old fire time) cannot rewind it.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
+from .. import _checks as checks
 from .._checks import DEFAULT_RESULT_EXPIRES
 from ..errors import ConfigurationError
 from ..results import TaskStatus
 
-__all__ = ["ResultBackend", "DEFAULT_RESULT_EXPIRES", "TERMINAL_STATE_NAMES", "check_non_terminal",
-           "check_proofs"]
+__all__ = ["ResultBackend", "ScheduleRecord", "DEFAULT_RESULT_EXPIRES", "TERMINAL_STATE_NAMES",
+           "check_non_terminal", "check_proofs", "check_schedule_ids", "check_definition", "check_fired",
+           "RUN_ID_MAX"]
 
 TERMINAL_STATE_NAMES = ("SUCCEEDED", "FAILED", "REVOKED", "DEAD")
 
@@ -59,6 +67,55 @@ def check_proofs(task_ids: Sequence[str], proofs: Sequence[bytes] | None) -> lis
         if p is not None and not isinstance(p, (bytes, bytearray, memoryview)):
             raise ConfigurationError(f"a revocation proof is bytes (a signed frame), got {type(p).__name__}")
     return [None if p is None else bytes(p) for p in proofs]
+
+
+#: The longest run id ``mark_fired`` takes: a task id's limit (``Stem.enqueue``'s ``task_id``).
+RUN_ID_MAX = 200
+
+
+class ScheduleRecord(NamedTuple):
+    """What a backend keeps for one schedule (``ResultBackend.schedule_records``)."""
+
+    id: str
+    #: ``Schedule.to_dict()`` as msgpack, for a schedule added at run time; None for a record
+    #: that only holds the state of a schedule declared in code.
+    definition: bytes | None
+    paused: bool
+    #: The newest fire time any scheduler published (epoch seconds); None before the first run.
+    last_fired: float | None
+    #: The run id published for ``last_fired`` (None with it).
+    last_run_id: str | None
+    #: When the record last changed (epoch seconds; the server's clock on Postgres).
+    updated_at: float
+
+
+def check_schedule_ids(ids: Sequence[str] | None) -> list[str] | None:
+    """``schedule_records``'s argument: None (all) or a sequence of schedule ids (not one str)."""
+    if ids is None:
+        return None
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ConfigurationError(f"schedule_records takes a sequence of schedule ids or None, got {ids!r}")
+    return [checks.schedule_id(i) for i in ids]
+
+
+def check_definition(definition: Any) -> bytes | None:
+    """``put_schedule``'s definition: bytes (msgpack of ``Schedule.to_dict()``) or None."""
+    if definition is None:
+        return None
+    if not isinstance(definition, (bytes, bytearray, memoryview)):
+        raise ConfigurationError(f"a schedule definition is bytes (msgpack of Schedule.to_dict()) or None, "
+                                 f"got {type(definition).__name__}")
+    return bytes(definition)
+
+
+def check_fired(schedule_id: Any, fire_time: Any, run_id: Any) -> tuple[str, float, str]:
+    """``mark_fired``'s arguments: a schedule id, a finite fire time, a run id (a task id)."""
+    checks.schedule_id(schedule_id)
+    if not checks.is_number(fire_time):
+        raise ConfigurationError(f"fire_time must be finite epoch seconds, got {fire_time!r}")
+    if not isinstance(run_id, str) or not 0 < len(run_id) <= RUN_ID_MAX:
+        raise ConfigurationError(f"run_id must be a non-empty string of at most {RUN_ID_MAX} chars, got {run_id!r}")
+    return schedule_id, float(fire_time), run_id
 
 
 class ResultBackend(abc.ABC):
@@ -156,6 +213,39 @@ class ResultBackend(abc.ABC):
         """The proofs stored with the live revocations among ``task_ids`` (an id revoked
         without a proof, or not revoked, is absent).  Workers ask only for ids they have
         not checked yet, so the once-a-second ``revoked()`` stays the only steady read."""
+
+    # -- schedule records ---------------------------------------------------------
+    # Every argument is checked (``check_*`` above: ConfigurationError) before the store is
+    # touched, so a bad call stores nothing.
+
+    @abc.abstractmethod
+    def schedule_records(self, ids: Sequence[str] | None = None) -> dict[str, ScheduleRecord]:
+        """The records of ``ids`` (absent ones are left out), or every record when None; by id.
+        Listing every record reads an index of ids, never a scan of the whole store."""
+
+    @abc.abstractmethod
+    def put_schedule(self, schedule_id: str, definition: bytes | None) -> None:
+        """Create the record or replace its definition, keeping its state (``paused``,
+        ``last_fired``, ``last_run_id``): re-adding a schedule neither resumes it nor makes it
+        fire again.  ``definition`` None leaves a state-only record (a schedule in code)."""
+
+    @abc.abstractmethod
+    def remove_schedule(self, schedule_id: str) -> bool:
+        """Delete the record, state included; True if there was one."""
+
+    @abc.abstractmethod
+    def pause_schedule(self, schedule_id: str, paused: bool) -> bool:
+        """Set the paused flag, atomically; True if that changed it (a missing record counts
+        as not paused).  A missing record is created without a definition, so a schedule
+        declared in code can be paused (or resumed) before any scheduler fired it."""
+
+    @abc.abstractmethod
+    def mark_fired(self, schedule_id: str, fire_time: float, run_id: str) -> None:
+        """Record that ``run_id``, the run for ``fire_time``, was published.  Atomically:
+        ``last_fired`` becomes ``max(stored, fire_time)`` and never goes back, however many
+        schedulers race or however late one is; ``last_run_id`` changes only together with
+        ``last_fired`` (a fire time not newer than the stored one changes nothing).  A missing
+        record is created (not paused, no definition).  Durable as the adapter is."""
 
     # -- misc -------------------------------------------------------------------
     def close(self) -> None:

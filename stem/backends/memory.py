@@ -1,4 +1,4 @@
-"""The in-memory result backend: statuses, heartbeats and revocations for one process.
+"""The in-memory result backend: statuses, heartbeats, revocations and schedule records for one process.
 
 ``wait`` sleeps on a condition variable that ``store`` notifies, so a waiter
 wakes the moment the worker stores a terminal status.
@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from .. import _checks as checks
 from ..results import TaskStatus
-from .base import DEFAULT_RESULT_EXPIRES, ResultBackend, check_non_terminal, check_proofs
+from .base import (DEFAULT_RESULT_EXPIRES, ResultBackend, ScheduleRecord, check_definition, check_fired,
+                   check_non_terminal, check_proofs, check_schedule_ids)
 
 __all__ = ["InMemoryResultBackend"]
 
@@ -26,6 +27,7 @@ class InMemoryResultBackend(ResultBackend):
         self._heartbeats: dict[str, tuple[dict[str, Any], float]] = {}
         self._revoked: dict[str, tuple[float, bytes | None]] = {}   # id -> (until, proof)
         self._stores = 0
+        self._schedules: dict[str, ScheduleRecord] = {}
 
     @classmethod
     def from_url(cls, url: str = "memory://", **kwargs) -> "InMemoryResultBackend":
@@ -57,6 +59,7 @@ class InMemoryResultBackend(ResultBackend):
 
     def _expire(self, now: float) -> None:
         self._stores = 0
+        self._schedules: dict[str, ScheduleRecord] = {}
         dead = [k for k, (_, exp) in self._statuses.items() if exp <= now]
         for k in dead:
             del self._statuses[k]
@@ -139,3 +142,47 @@ class InMemoryResultBackend(ResultBackend):
         with self._cond:
             live = self._live_revocations()
             return {t: live[t][1] for t in task_ids if t in live and live[t][1] is not None}
+
+    # -- schedule records ---------------------------------------------------------------
+    def schedule_records(self, ids: Sequence[str] | None = None) -> dict[str, ScheduleRecord]:
+        wanted = check_schedule_ids(ids)
+        with self._cond:
+            if wanted is None:
+                return dict(self._schedules)
+            return {i: self._schedules[i] for i in wanted if i in self._schedules}
+
+    def _record(self, schedule_id: str, now: float) -> ScheduleRecord:
+        return self._schedules.get(schedule_id) or ScheduleRecord(schedule_id, None, False, None, None, now)
+
+    def put_schedule(self, schedule_id: str, definition: bytes | None) -> None:
+        checks.schedule_id(schedule_id)
+        definition = check_definition(definition)
+        now = time.time()
+        with self._cond:
+            self._schedules[schedule_id] = self._record(schedule_id, now)._replace(definition=definition,
+                                                                                    updated_at=now)
+
+    def remove_schedule(self, schedule_id: str) -> bool:
+        checks.schedule_id(schedule_id)
+        with self._cond:
+            return self._schedules.pop(schedule_id, None) is not None
+
+    def pause_schedule(self, schedule_id: str, paused: bool) -> bool:
+        checks.schedule_id(schedule_id)
+        checks.flag("paused", paused)
+        now = time.time()
+        with self._cond:
+            record = self._schedules.get(schedule_id)
+            if record is not None and record.paused == paused:
+                return False
+            self._schedules[schedule_id] = self._record(schedule_id, now)._replace(paused=paused, updated_at=now)
+            return paused or record is not None
+
+    def mark_fired(self, schedule_id: str, fire_time: float, run_id: str) -> None:
+        schedule_id, fire_time, run_id = check_fired(schedule_id, fire_time, run_id)
+        now = time.time()
+        with self._cond:
+            record = self._record(schedule_id, now)
+            if schedule_id not in self._schedules or record.last_fired is None or record.last_fired < fire_time:
+                self._schedules[schedule_id] = record._replace(last_fired=fire_time, last_run_id=run_id,
+                                                               updated_at=now)

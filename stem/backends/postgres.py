@@ -1,4 +1,4 @@
-"""The PostgreSQL result backend: statuses with expiry, heartbeats, revocations.
+"""The PostgreSQL result backend: statuses with expiry, heartbeats, revocations, schedule records.
 
 Same URLs and schema as the Postgres broker (``stem/stores/postgres_schema.py``).
 ``store_many`` is one upsert statement over ``unnest(...)`` that also calls
@@ -11,6 +11,11 @@ listener is listening, *then* reads the row -- a status stored before that
 read is seen by the read, one stored after it is announced to the listener --
 and sleeps until its id is announced or the timeout passes.  No polling while
 the listener is connected; while it reconnects, waiters re-read once a second.
+
+Schedule records are rows of ``stem_schedules``, written on the durable
+sessions (read on the fast ones); ``mark_fired`` is one upsert whose update applies only over an
+older fire time, which Postgres re-checks on the row it locked, so racing
+schedulers serialise on the row and ``last_fired`` never goes back.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from ..stores.base import BACKEND_ERRORS
 from ..stores.local import after_fork_in_child
 from ..stores.postgres import PostgresStore, parse_postgres_url
 from ..stores.postgres_schema import NOW, quote_schema, release_ctes
-from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, check_non_terminal,
-                   check_proofs)
+from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
+                   check_fired, check_non_terminal, check_proofs, check_schedule_ids)
 
 __all__ = ["PostgresResultBackend"]
 
@@ -93,6 +98,29 @@ def _queries(s: str) -> dict[str, str]:
         "revoked_all": f"SELECT task_id FROM {s}.stem_revocations WHERE expires_at > {NOW}",
         "revoked": f"""
             SELECT task_id FROM {s}.stem_revocations WHERE task_id = ANY(%s::text[]) AND expires_at > {NOW}""",
+        **_schedule_queries(s),
+    }
+
+
+def _schedule_queries(s: str) -> dict[str, str]:
+    schedules = f"{s}.stem_schedules"
+    columns = "id, definition, paused, last_fired, last_run_id, updated_at"
+    return {
+        "schedules_all": f"SELECT {columns} FROM {schedules}",
+        "schedules": f"SELECT {columns} FROM {schedules} WHERE id = ANY(%s::text[])",
+        "put_schedule": f"""
+            INSERT INTO {schedules} (id, definition, updated_at) VALUES (%s, %s, {NOW})
+            ON CONFLICT (id) DO UPDATE SET definition = EXCLUDED.definition, updated_at = EXCLUDED.updated_at""",
+        "remove_schedule": f"DELETE FROM {schedules} WHERE id = %s",
+        "create_schedule": f"""
+            INSERT INTO {schedules} (id, updated_at) VALUES (%s, {NOW}) ON CONFLICT (id) DO NOTHING""",
+        "pause_schedule": f"""
+            UPDATE {schedules} SET paused = %s, updated_at = {NOW} WHERE id = %s AND paused <> %s""",
+        "mark_fired": f"""
+            INSERT INTO {schedules} AS r (id, last_fired, last_run_id, updated_at) VALUES (%s, %s, %s, {NOW})
+            ON CONFLICT (id) DO UPDATE
+            SET last_fired = EXCLUDED.last_fired, last_run_id = EXCLUDED.last_run_id, updated_at = EXCLUDED.updated_at
+            WHERE r.last_fired IS NULL OR r.last_fired < EXCLUDED.last_fired""",
     }
 
 
@@ -296,6 +324,45 @@ class PostgresResultBackend(ResultBackend):
                 return set()
             rows = self._fast.run(lambda conn: conn.execute(self._sql["revoked"], (ids,)).fetchall())
         return {r[0] for r in rows}
+
+    # -- schedule records ---------------------------------------------------------------
+    def schedule_records(self, ids: Sequence[str] | None = None) -> dict[str, ScheduleRecord]:
+        wanted = check_schedule_ids(ids)
+        if wanted is None:
+            rows = self._fast.run(lambda conn: conn.execute(self._sql["schedules_all"], binary=True).fetchall())
+        elif not wanted:
+            return {}
+        else:
+            rows = self._fast.run(lambda conn: conn.execute(self._sql["schedules"], (wanted,),
+                                                            binary=True).fetchall())
+        return {r[0]: ScheduleRecord(r[0], None if r[1] is None else bytes(r[1]), r[2], r[3], r[4], r[5])
+                for r in rows}
+
+    def put_schedule(self, schedule_id: str, definition: bytes | None) -> None:
+        checks.schedule_id(schedule_id)
+        definition = check_definition(definition)
+        self._pg.run(lambda conn: conn.execute(self._sql["put_schedule"], (schedule_id, definition)))
+
+    def remove_schedule(self, schedule_id: str) -> bool:
+        checks.schedule_id(schedule_id)
+        return self._pg.run(lambda conn: conn.execute(self._sql["remove_schedule"], (schedule_id,)).rowcount) > 0
+
+    def pause_schedule(self, schedule_id: str, paused: bool) -> bool:
+        """One transaction: create the record if missing, then flip the flag where it differs
+        (the UPDATE re-checks that on the row it locks, so of two racing pauses one changes it)."""
+        checks.schedule_id(schedule_id)
+        checks.flag("paused", paused)
+
+        def pause(conn) -> int:
+            with conn.transaction():
+                conn.execute(self._sql["create_schedule"], (schedule_id,))
+                return conn.execute(self._sql["pause_schedule"], (paused, schedule_id, paused)).rowcount
+
+        return self._pg.run(pause) > 0
+
+    def mark_fired(self, schedule_id: str, fire_time: float, run_id: str) -> None:
+        schedule_id, fire_time, run_id = check_fired(schedule_id, fire_time, run_id)
+        self._pg.run(lambda conn: conn.execute(self._sql["mark_fired"], (schedule_id, fire_time, run_id)))
 
     # -- misc -------------------------------------------------------------------------
     def ping(self) -> None:

@@ -1,4 +1,4 @@
-"""The Redis result backend: statuses with a TTL, pub/sub wake-ups, heartbeats, revocations.
+"""The Redis result backend: statuses with a TTL, pub/sub wake-ups, heartbeats, revocations, schedules.
 
 Key schema (N = namespace, default "stem"; "{...}" are Redis Cluster hash tags):
 
@@ -10,6 +10,10 @@ Key schema (N = namespace, default "stem"; "{...}" are Redis Cluster hash tags):
     N:{revoked}         ZSET     task id -> revoked-until (ms), pruned on every read and write
     N:{revoked}:p:ID    STRING   the revocation's proof (stem.revocation), PX until revoked-until;
                                  absent for a revocation stored without one
+    N:{sched}:index     SET      every schedule id with a record (lists them without SCAN)
+    N:{sched}:s:ID      HASH     a schedule record: def (msgpack Schedule.to_dict(); absent for a
+                                 schedule in code), paused "0"|"1", last_fired (float, absent
+                                 before the first run), last_run_id, updated_at; no expiry
     N:{g:ID}:...        reserved for group/chord counters
 
 ``wait`` subscribes to the task's channel, waits for the SUBSCRIBE confirmation,
@@ -18,7 +22,9 @@ to a channel it already listens on, and one that landed before is what the
 read returns, so nothing is missed and nothing polls.  ``store_many`` is one
 pipelined round trip (SET + PUBLISH for each terminal status);
 ``store_if_not_terminal`` one pipeline of one small script call per status
-(each touches one key, so it works on Redis Cluster too).
+(each touches one key, so it works on Redis Cluster too).  Schedule records
+change only through ``_SCHEDULE``, one script call per change, which keeps a
+record and the index together (both under the ``{sched}`` hash tag).
 
 Connections come from the process-wide pool of the URL, shared with
 ``RedisBroker`` (``stem.stores.redis``); redis errors become
@@ -37,7 +43,8 @@ from .. import _checks as checks
 from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.redis import RedisStore, execute, raise_first_error, validate_namespace
-from .base import DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, check_non_terminal, check_proofs
+from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
+                   check_fired, check_non_terminal, check_proofs, check_schedule_ids)
 
 __all__ = ["RedisResultBackend"]
 
@@ -87,6 +94,50 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """ % ", ".join(f"{name} = true" for name in TERMINAL_STATE_NAMES)
 
+# KEYS[1] = N:{sched}:s:ID, KEYS[2] = N:{sched}:index; ARGV[1] = the op, ARGV[2] = ID,
+# ARGV[3] = now (epoch s), then per op:
+#   put    ARGV[4] = "1" with a definition in ARGV[5], "0" for none; keeps the state fields
+#   pause  ARGV[4] = "1" | "0"; returns 1 if the flag changed (a missing record is not paused)
+#   fired  ARGV[4] = fire time, ARGV[5] = run id; last_fired and last_run_id move together and
+#          only forward (Lua compares the numbers: a float's repr reads back exactly)
+#   remove returns 1 if there was a record
+# Every op but remove creates a missing record (not paused) and indexes its id.
+_SCHEDULE = """
+local op, id, now = ARGV[1], ARGV[2], ARGV[3]
+if op == 'remove' then
+  redis.call('SREM', KEYS[2], id)
+  return redis.call('DEL', KEYS[1])
+end
+local created = redis.call('HSETNX', KEYS[1], 'paused', '0')
+redis.call('SADD', KEYS[2], id)
+if op == 'put' then
+  if ARGV[4] == '1' then redis.call('HSET', KEYS[1], 'def', ARGV[5]) else redis.call('HDEL', KEYS[1], 'def') end
+elseif op == 'pause' then
+  local was = redis.call('HGET', KEYS[1], 'paused')
+  if was == ARGV[4] then
+    if created == 1 then redis.call('HSET', KEYS[1], 'updated_at', now) end
+    return 0
+  end
+  redis.call('HSET', KEYS[1], 'paused', ARGV[4])
+elseif op == 'fired' then
+  local last = redis.call('HGET', KEYS[1], 'last_fired')
+  if last and tonumber(last) >= tonumber(ARGV[4]) then return 0 end
+  redis.call('HSET', KEYS[1], 'last_fired', ARGV[4], 'last_run_id', ARGV[5])
+else
+  return redis.error_reply('unknown schedule op ' .. op)
+end
+redis.call('HSET', KEYS[1], 'updated_at', now)
+return 1
+"""
+
+
+def _schedule_record(schedule_id: str, fields: dict[bytes, bytes]) -> ScheduleRecord:
+    last = fields.get(b"last_fired")
+    run_id = fields.get(b"last_run_id")
+    return ScheduleRecord(schedule_id, fields.get(b"def"), fields.get(b"paused") == b"1",
+                          None if last is None else float(last), None if run_id is None else run_id.decode(),
+                          float(fields.get(b"updated_at", 0.0)))
+
 
 class RedisResultBackend(ResultBackend):
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str = "stem",
@@ -103,6 +154,8 @@ class RedisResultBackend(ResultBackend):
         self._hb_index = f"{ns}:{{hb}}:index"
         self._revoked_key = f"{ns}:{{revoked}}"
         self._store_if_not_terminal = self._store.script(_STORE_IF_NOT_TERMINAL)
+        self._schedule = self._store.script(_SCHEDULE)
+        self._schedule_index = f"{ns}:{{sched}}:index"
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisResultBackend":
@@ -119,6 +172,9 @@ class RedisResultBackend(ResultBackend):
 
     def _hb_key(self, worker_id: str) -> str:
         return f"{self.namespace}:{{hb}}:w:{worker_id}"
+
+    def _schedule_key(self, schedule_id: str) -> str:
+        return f"{self.namespace}:{{sched}}:s:{schedule_id}"
 
     def _call(self, fn: Callable[[], _T], what: str) -> _T:
         return self._store.call(fn, what)
@@ -305,6 +361,48 @@ class RedisResultBackend(ResultBackend):
             found = self._call(lambda: self._client.mget([self._proof_key(t) for t in chunk]), "revocation_proofs")
             out.update((t, p) for t, p in zip(chunk, found) if p is not None)
         return out
+
+    # -- schedule records -----------------------------------------------------------------
+    def schedule_records(self, ids: Sequence[str] | None = None) -> dict[str, ScheduleRecord]:
+        wanted = check_schedule_ids(ids)
+
+        def send() -> dict[str, ScheduleRecord]:
+            names = wanted
+            if names is None:
+                names = sorted(m.decode() for m in self._client.smembers(self._schedule_index))
+            out: dict[str, ScheduleRecord] = {}
+            for i in range(0, len(names), _CHUNK):
+                chunk = names[i:i + _CHUNK]
+                pipe = self._client.pipeline(transaction=False)
+                for n in chunk:
+                    pipe.hgetall(self._schedule_key(n))
+                out.update((n, _schedule_record(n, h)) for n, h in zip(chunk, pipe.execute()) if h)
+            return out
+
+        return self._call(send, "schedule_records")
+
+    def _schedule_op(self, op: str, schedule_id: str, *args: Any) -> int:
+        command = ("EVALSHA", self._schedule.sha, 2, self._schedule_key(schedule_id), self._schedule_index, op,
+                   schedule_id, repr(time.time()), *args)
+        return self._call(lambda: self._store.run([command])[0], f"{op}_schedule")
+
+    def put_schedule(self, schedule_id: str, definition: bytes | None) -> None:
+        checks.schedule_id(schedule_id)
+        definition = check_definition(definition)
+        self._schedule_op("put", schedule_id, *(("0",) if definition is None else ("1", definition)))
+
+    def remove_schedule(self, schedule_id: str) -> bool:
+        checks.schedule_id(schedule_id)
+        return self._schedule_op("remove", schedule_id) > 0
+
+    def pause_schedule(self, schedule_id: str, paused: bool) -> bool:
+        checks.schedule_id(schedule_id)
+        checks.flag("paused", paused)
+        return self._schedule_op("pause", schedule_id, "1" if paused else "0") > 0
+
+    def mark_fired(self, schedule_id: str, fire_time: float, run_id: str) -> None:
+        schedule_id, fire_time, run_id = check_fired(schedule_id, fire_time, run_id)
+        self._schedule_op("fired", schedule_id, repr(fire_time), run_id)
 
     # -- misc -------------------------------------------------------------------------------
     def ping(self) -> None:

@@ -1,4 +1,4 @@
-"""The SQLite result backend: statuses, heartbeats and revocations in one file.
+"""The SQLite result backend: statuses, heartbeats, revocations and schedule records in one file.
 
 Same URLs as the SQLite broker (they may share the file; the tables are
 separate, see ``stem/stores/sqlite_schema.py``).  Statuses are msgpack
@@ -23,8 +23,8 @@ from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
 from ..stores.sqlite_schema import settle_acked
-from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, check_non_terminal,
-                   check_proofs)
+from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
+                   check_fired, check_non_terminal, check_proofs, check_schedule_ids)
 
 __all__ = ["SqliteResultBackend"]
 
@@ -39,6 +39,15 @@ _STORE_IF_NOT_TERMINAL = (
     "data = excluded.data "
     f"WHERE stem_results.state NOT IN ({', '.join(repr(s) for s in TERMINAL_STATE_NAMES)}) "
     "OR stem_results.expires_at <= ?")
+
+_SCHEDULE_COLUMNS = "id, definition, paused, last_fired, last_run_id, updated_at"
+# The update applies only over an older (or no) fire time: last_fired never goes back, and
+# last_run_id moves with it in the same row write.
+_MARK_FIRED = (
+    "INSERT INTO stem_schedules (id, last_fired, last_run_id, updated_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET last_fired = excluded.last_fired, last_run_id = excluded.last_run_id, "
+    "updated_at = excluded.updated_at "
+    "WHERE stem_schedules.last_fired IS NULL OR stem_schedules.last_fired < excluded.last_fired")
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(dict).decode
@@ -209,6 +218,49 @@ class SqliteResultBackend(ResultBackend):
                     f"SELECT task_id, proof FROM stem_revocations WHERE task_id IN ({','.join('?' * len(chunk))}) "
                     "AND expires_at > ? AND proof IS NOT NULL", (*chunk, now)))
         return out
+
+    # -- schedule records ---------------------------------------------------------------
+    def schedule_records(self, ids: Sequence[str] | None = None) -> dict[str, ScheduleRecord]:
+        wanted = check_schedule_ids(ids)
+        with self._store.connection() as conn:
+            if wanted is None:
+                rows = conn.execute(f"SELECT {_SCHEDULE_COLUMNS} FROM stem_schedules").fetchall()
+            else:
+                rows = []
+                for i in range(0, len(wanted), _CHUNK):
+                    chunk = wanted[i:i + _CHUNK]
+                    rows += conn.execute(f"SELECT {_SCHEDULE_COLUMNS} FROM stem_schedules "
+                                         f"WHERE id IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+        return {r[0]: ScheduleRecord(r[0], r[1], bool(r[2]), r[3], r[4], r[5]) for r in rows}
+
+    def put_schedule(self, schedule_id: str, definition: bytes | None) -> None:
+        checks.schedule_id(schedule_id)
+        definition = check_definition(definition)
+        with self._store.write() as conn:
+            conn.execute("INSERT INTO stem_schedules (id, definition, updated_at) VALUES (?, ?, ?) "
+                         "ON CONFLICT (id) DO UPDATE SET definition = excluded.definition, "
+                         "updated_at = excluded.updated_at", (schedule_id, definition, time.time()))
+
+    def remove_schedule(self, schedule_id: str) -> bool:
+        checks.schedule_id(schedule_id)
+        with self._store.write() as conn:
+            return conn.execute("DELETE FROM stem_schedules WHERE id = ?", (schedule_id,)).rowcount > 0
+
+    def pause_schedule(self, schedule_id: str, paused: bool) -> bool:
+        """One write transaction: create the record if missing, then flip the flag if it differs."""
+        checks.schedule_id(schedule_id)
+        checks.flag("paused", paused)
+        now = time.time()
+        with self._store.write() as conn:
+            conn.execute("INSERT INTO stem_schedules (id, updated_at) VALUES (?, ?) ON CONFLICT (id) DO NOTHING",
+                         (schedule_id, now))
+            return conn.execute("UPDATE stem_schedules SET paused = ?, updated_at = ? WHERE id = ? AND paused <> ?",
+                                (int(paused), now, schedule_id, int(paused))).rowcount > 0
+
+    def mark_fired(self, schedule_id: str, fire_time: float, run_id: str) -> None:
+        schedule_id, fire_time, run_id = check_fired(schedule_id, fire_time, run_id)
+        with self._store.write() as conn:
+            conn.execute(_MARK_FIRED, (schedule_id, fire_time, run_id, time.time()))
 
     # -- misc -------------------------------------------------------------------------
     def ping(self) -> None:

@@ -2,7 +2,7 @@
 that the broker's settles and the backend's fused result+ack share.
 
 Every table lives in the schema given by ``?schema=`` / ``schema=`` (default
-``public``).  Version 3, created by ``migrate`` under
+``public``).  Version 4, created by ``migrate`` under
 ``pg_advisory_xact_lock(hashtext('stem-migrate:<schema>'))`` so processes that
 start together apply each version once; each version adds to the last (new
 tables, ``ADD COLUMN`` of nullable columns: no table rewrite), so a schema of
@@ -30,6 +30,9 @@ any older version upgrades in place::
     stem_results         task_id PRIMARY KEY, state, expires_at, data bytea (msgpack TaskStatus)
     stem_heartbeats      UNLOGGED; worker_id PRIMARY KEY, seen_at, expires_at, data
     stem_revocations     task_id PRIMARY KEY, expires_at, proof bytea (signed frame or NULL; version 2)
+    stem_schedules       id PRIMARY KEY, definition bytea (msgpack Schedule.to_dict() or NULL: a
+                         schedule in code), paused boolean, last_fired (epoch s or NULL),
+                         last_run_id, updated_at (epoch s, server clock); no expiry (version 4)
 
 Acked rows are deleted, so ``stem_jobs`` holds only live messages; the
 partial indexes hold only the rows a claim or a wake-up looks at.
@@ -48,7 +51,7 @@ from ..errors import ConfigurationError
 
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema", "release_ctes"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
@@ -107,6 +110,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX stem_keys_expires ON {s}.stem_keys (expires_at)",
         *(f"ALTER TABLE {{s}}.{table} ADD COLUMN key text, ADD COLUMN key_ttl double precision, "
           "ADD COLUMN key_linger double precision" for table in ("stem_jobs", "stem_dead_letters")),
+    ),
+    4: (
+        """CREATE TABLE {s}.stem_schedules (
+            id text PRIMARY KEY,
+            definition bytea,
+            paused boolean NOT NULL DEFAULT false,
+            last_fired double precision,
+            last_run_id text,
+            updated_at double precision NOT NULL)""",
     ),
 }
 

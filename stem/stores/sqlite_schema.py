@@ -5,7 +5,7 @@ upgrades them: idempotent, versioned in ``stem_schema_version``, inside one
 ``BEGIN IMMEDIATE`` transaction so concurrent processes serialise on SQLite's
 write lock; each version adds to the last (``ALTER TABLE ... ADD COLUMN``,
 new tables), so a file of any older version upgrades in place.  Schema,
-version 3::
+version 4::
 
     stem_messages       id INTEGER PRIMARY KEY AUTOINCREMENT  -- age order; never reused, so a
                                                               -- stale receipt cannot hit a new row
@@ -27,6 +27,9 @@ version 3::
     stem_results        task_id PRIMARY KEY, state, expires_at, data (msgpack TaskStatus); ix expires_at
     stem_heartbeats     worker_id PRIMARY KEY, seen_at, expires_at, data (msgpack dict)
     stem_revocations    task_id PRIMARY KEY, expires_at, proof (signed frame or NULL; version 2)
+    stem_schedules      id PRIMARY KEY, definition (msgpack Schedule.to_dict() or NULL: a schedule
+                        in code), paused 0|1, last_fired (epoch s or NULL), last_run_id, updated_at
+                        -- no expiry (version 4)
 
 ``settle_acked`` and ``release_keys`` are the ack and the key release that the
 broker's ``ack`` and the backend's fused result+ack transaction both run.
@@ -42,7 +45,7 @@ from ..errors import ConfigurationError
 
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _CHUNK = 500            # ids per IN (...) list
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -97,6 +100,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         *(f"ALTER TABLE {table} ADD COLUMN {column}"
           for table in ("stem_messages", "stem_dead_letters")
           for column in ("key TEXT", "key_ttl REAL", "key_linger REAL")),
+    ),
+    4: (
+        """CREATE TABLE stem_schedules (
+            id TEXT PRIMARY KEY,
+            definition BLOB,
+            paused INTEGER NOT NULL DEFAULT 0,
+            last_fired REAL,
+            last_run_id TEXT,
+            updated_at REAL NOT NULL) WITHOUT ROWID""",
     ),
 }
 

@@ -2,7 +2,7 @@
 
 Brokers get ``contract_break_publish`` (a trigger that raises on the insert of a job row for
 the named queue, so ``publish_keyed`` fails after its key upsert, in the same transaction) and
-a ``contract_recipe`` (another process connects to the same schema)."""
+a ``contract_recipe`` (another process connects to the same schema); so do backends."""
 
 import uuid
 
@@ -48,7 +48,9 @@ def _broker(request, **kwargs):
 def _backend(request, **kwargs):
     from stem.backends.postgres import PostgresResultBackend
     url, schema = _schema(request)
-    return PostgresResultBackend(url, schema=schema, **kwargs)
+    backend = PostgresResultBackend(url, schema=schema, **kwargs)
+    backend.contract_recipe = (PostgresResultBackend, (url,), {"schema": schema, **kwargs})
+    return backend
 
 
 BROKERS = {"postgres": _broker}

@@ -4,7 +4,8 @@ and its keys are deleted (SCAN on the namespace prefix) when the suite closes it
 A broker also gets the keys suite's two hooks: ``contract_recipe`` (the same URL and
 namespace, for the producers of the process race) and ``contract_break_publish``, which
 turns the queue's lane 0 and delayed set into strings, so its XADD and ZADD fail with
-WRONGTYPE inside the publish script."""
+WRONGTYPE inside the publish script.  Backends get a ``contract_recipe`` too (another
+process or connection reaches the same namespace)."""
 
 import uuid
 
@@ -60,7 +61,9 @@ def _backend(request, **kwargs):
     from stem.backends.redis import RedisResultBackend
     url = request.getfixturevalue("redis_url")
     namespace = "stemtest_" + uuid.uuid4().hex[:12]
-    return _closing(RedisResultBackend.from_url(url, namespace=namespace, **kwargs), url, namespace)
+    backend = _closing(RedisResultBackend.from_url(url, namespace=namespace, **kwargs), url, namespace)
+    backend.contract_recipe = (RedisResultBackend.from_url, (url,), {"namespace": namespace, **kwargs})
+    return backend
 
 
 BROKERS = {"redis": _broker}

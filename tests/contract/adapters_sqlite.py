@@ -2,7 +2,7 @@
 
 Brokers get ``contract_break_publish`` (a trigger that aborts the insert of a message row for
 the named queue, so ``publish_keyed`` fails after its key upsert), and the file-based one a
-``contract_recipe`` (another process opens the same file)."""
+``contract_recipe`` (another process opens the same file); so does the backend."""
 
 from stem.backends.sqlite import SqliteResultBackend
 from stem.brokers.sqlite import SqliteBroker
@@ -36,7 +36,10 @@ def _memory_broker(request, **kwargs):
 
 
 def _backend(request, **kwargs):
-    return SqliteResultBackend(_file(request, "backend.db"), **kwargs)
+    path = _file(request, "backend.db")
+    backend = SqliteResultBackend(path, **kwargs)
+    backend.contract_recipe = (SqliteResultBackend, (path,), kwargs)
+    return backend
 
 
 BROKERS = {"sqlite": _broker, "sqlite-memory": _memory_broker}
