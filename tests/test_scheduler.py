@@ -345,6 +345,14 @@ def test_a_stored_schedule_of_a_task_the_registry_lacks_logs_and_leaves_the_othe
     assert any("feed.pol" in r.getMessage() and "did you mean" in r.getMessage() for r in caplog.records)
 
 
+def test_schedule_records_survive_the_memory_backends_sweep_of_expired_statuses(world):
+    s = Schedule("r", task="report.build", spec=every(10))
+    Scheduler(world, [s]).run_once(T0)
+    world.backend.store_many([TaskStatus(id=str(i), state=TaskState.SUCCEEDED) for i in range(5000)])
+    world.backend.store_many([TaskStatus(id=f"more-{i}", state=TaskState.SUCCEEDED) for i in range(3000)])
+    assert world.backend.schedule_records()["r"].last_fired == T0
+
+
 def test_definitions_round_trip_and_garbage_is_refused():
     s = Schedule("x", task="a.b", spec=cron("30 2 * * *", tz="Europe/Berlin"), args={"k": [1, 2]}, jitter=3)
     assert decode_definition(encode_definition(s)) == s
