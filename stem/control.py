@@ -111,8 +111,9 @@ class Control:
         self._unsigned_replies = getattr(signer, "algorithm", None) == "ed25519"
 
     def workers(self) -> list[dict[str, Any]]:
-        """Live workers, from their heartbeats."""
-        return sorted(self.backend.heartbeats(), key=lambda h: h["worker_id"])
+        """Live workers, from their heartbeats (schedulers' heartbeats left out: they take no commands)."""
+        return sorted((h for h in self.backend.heartbeats() if h.get("kind", "worker") == "worker"),
+                      key=lambda h: h["worker_id"])
 
     def _targets(self, workers: Sequence[str] | None) -> list[str]:
         live = [h["worker_id"] for h in self.workers()]

@@ -31,6 +31,13 @@ Metrics (``task``, ``queue``, ``reason`` and ``worker`` are labels)::
     stem_worker_children{worker}                   child processes (process engine)
     stem_child_rss_bytes{worker,pid}               resident memory of each child
     stem_broker_reconnects_total{worker}           broker outages the worker recovered from
+    stem_schedule_runs_fired_total{schedule}       runs this process's schedulers published
+                                                   (``schedule_fired``; a run another scheduler
+                                                   published first is not counted)
+    stem_schedule_runs_caught_up_total{schedule}   of those, misfires fired late (catch-up)
+    stem_schedule_runs_skipped_total{schedule,reason}  runs settled unpublished (``schedule_skipped``):
+                                                   misfire, overlap, paused; every scheduler
+                                                   counts the runs it skipped itself
 
 Workers are picked up from ``worker_init`` / ``worker_heartbeat`` and dropped at
 ``worker_shutdown`` (or pass them to :func:`install`).  The registry is a
@@ -210,6 +217,13 @@ class StemMetrics:
                                         registry=r)
         self.recycles = pc.Counter("stem_child_recycles", "Child processes replaced, by reason.", ["reason"],
                                    registry=r)
+        self.schedule_fired = pc.Counter("stem_schedule_runs_fired", "Schedule runs this process published.",
+                                         ["schedule"], registry=r)
+        self.schedule_caught_up = pc.Counter("stem_schedule_runs_caught_up", "Schedule runs published late: "
+                                             "misfires fired by the catch-up policy.", ["schedule"], registry=r)
+        self.schedule_skipped = pc.Counter("stem_schedule_runs_skipped", "Schedule runs settled without being "
+                                           "published, by reason (misfire, overlap, paused).",
+                                           ["schedule", "reason"], registry=r)
         r.register(_TaskCollector(self))
         self.collector = _WorkerCollector()
         r.register(self.collector)
@@ -219,6 +233,7 @@ class StemMetrics:
             (signals.task_revoked, self._on_revoked), (signals.task_dead_lettered, self._on_dead_lettered),
             (signals.worker_child_shutdown, self._on_child_shutdown), (signals.worker_init, self._on_worker),
             (signals.worker_heartbeat, self._on_worker), (signals.worker_shutdown, self._on_worker_shutdown),
+            (signals.schedule_fired, self._on_schedule_fired), (signals.schedule_skipped, self._on_schedule_skipped),
         )
 
     def connect(self, workers: Iterable[Any] = ()) -> None:
@@ -288,6 +303,15 @@ class StemMetrics:
     def _on_child_shutdown(self, sender, reason=None, **kw) -> None:
         if reason != "shutdown":
             self.recycles.labels(reason or "unknown").inc()
+
+    def _on_schedule_fired(self, sender, schedule=None, late=False, **kw) -> None:
+        sid = getattr(schedule, "id", "")
+        self.schedule_fired.labels(sid).inc()
+        if late:
+            self.schedule_caught_up.labels(sid).inc()
+
+    def _on_schedule_skipped(self, sender, schedule=None, fire_times=(), reason=None, **kw) -> None:
+        self.schedule_skipped.labels(getattr(schedule, "id", ""), reason or "").inc(len(fire_times))
 
     def _on_worker(self, sender, worker=None, **kw) -> None:
         if worker is not None:

@@ -83,6 +83,10 @@ class StemSignals:
         self.task_dead_lettered = s("task_dead_lettered", "task_id, queue, reason")
         self.control_command_received = s("control_command_received", "command, arguments")
         self.control_command_completed = s("control_command_completed", "command, reply")
+        # sent by a Scheduler (the sender): a run it published (late: a misfire caught up), and
+        # runs it settled without publishing (reason: "misfire", "overlap" or "paused")
+        self.schedule_fired = s("schedule_fired", "schedule, fire_time, run_id, late")
+        self.schedule_skipped = s("schedule_skipped", "schedule, fire_times, reason")
 
     def __iter__(self):
         return (v for v in vars(self).values() if isinstance(v, Signal))

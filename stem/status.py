@@ -1,5 +1,8 @@
 """Live worker status from the heartbeat store (what ``stem worker status`` shows).
 
+Schedulers (``stem.scheduler``) put heartbeats too, with ``kind: "scheduler"``:
+they are listed beside the workers, with their own counters.
+
 Every worker publishes its ``stats()`` to the result backend every
 ``heartbeat_interval`` seconds; ``backend.heartbeats()`` lists those that have
 not expired.  :func:`worker_rows` turns them into one JSON-able row per
@@ -33,6 +36,7 @@ def _row(hb: dict[str, Any], now: float, default_interval: float) -> dict[str, A
     lost = age is None or age > LOST_AFTER_BEATS * interval
     return {
         "id": hb.get("worker_id") or hb.get("id"),
+        "kind": hb.get("kind") or "worker",
         "host": hb.get("host"),
         "pid": hb.get("pid"),
         "queues": list(hb.get("queues") or ()),
@@ -53,7 +57,12 @@ def _row(hb: dict[str, Any], now: float, default_interval: float) -> dict[str, A
         "last_heartbeat_age": age,
         "state": "lost" if lost else "alive",
         "lost": lost,
+        **({key: hb.get(key, 0) for key in _SCHEDULER_KEYS} if hb.get("kind") == "scheduler" else {}),
     }
+
+
+# what a scheduler's heartbeat adds (stem.scheduler.Scheduler.stats)
+_SCHEDULER_KEYS = ("schedules", "tick", "last_pass_at", "fired", "duplicates", "skipped", "caught_up", "errors")
 
 
 def _autoscale(data: Any) -> dict[str, Any] | None:
@@ -68,7 +77,9 @@ def worker_rows(backend: Any, *, now: float | None = None,
                 default_interval: float = DEFAULT_HEARTBEAT_INTERVAL) -> list[dict[str, Any]]:
     """One JSON-able dict per worker listed in ``backend.heartbeats()``, sorted by host and id.
 
-    Keys: id, host, pid, queues, paused, isolation, concurrency, autoscale (None, or min,
+    Keys: id, kind ("worker", or "scheduler" for a ``stem beat`` or a worker's ``--beat``
+    scheduler, whose row also has schedules, tick, last_pass_at, fired, duplicates, skipped,
+    caught_up and errors), host, pid, queues, paused, isolation, concurrency, autoscale (None, or min,
     max, last ("grow", "shrink" or None), at (epoch seconds), from, to, reason, grows,
     shrinks and held_back: "memory" while the headroom stops a grow), in_flight,
     running, processed, succeeded, failed, retried, children (pid, state, rss,
@@ -138,6 +149,13 @@ def render_table(rows: Iterable[dict[str, Any]], *, title: str = "stem workers",
     n = 0
     for r in rows:
         n += 1
+        if r.get("kind") == "scheduler":
+            state = Text("lost", style="bold red") if r["lost"] else Text("alive", style="green")
+            table.add_row(str(r["id"]), str(r["host"] or ""), str(r["pid"] or ""),
+                          f"scheduler: {r['schedules']} schedule(s)", "-", "-", f"{r['fired']:,}",
+                          f"{r['errors']:,}", "-", _age(r["last_heartbeat_age"]), state,
+                          style="red" if r["lost"] else None)
+            continue
         children = ", ".join(f"{c['pid']} ({_bytes(c['rss'])})" if c["rss"] else str(c["pid"])
                              for c in r["children"]) or "-"
         queues = ",".join(r["queues"])

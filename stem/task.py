@@ -236,6 +236,7 @@ class TaskRegistry:
 
     def __init__(self) -> None:
         self._handlers: dict[str, TaskHandler] = {}
+        self._schedules: dict[str, Any] = {}
 
     def register(self, handler: TaskHandler) -> TaskHandler:
         if isinstance(handler, type):
@@ -269,6 +270,28 @@ class TaskRegistry:
             return fn
 
         return decorate
+
+    def schedule(self, schedule: Any) -> Any:
+        """Declare a periodic task (a ``stem.schedules.Schedule``) run by ``stem beat`` and
+        ``stem worker --beat`` with this registry; returns it.  Its task must be registered
+        here first (a schedule of a task no worker of this registry could run is a typo),
+        and its id must be new."""
+        from .schedules import Schedule
+        if not isinstance(schedule, Schedule):
+            raise InvalidTaskOptionsError(f"registry.schedule takes a Schedule (stem.schedules), got {schedule!r}")
+        if schedule.task not in self._handlers:
+            raise UnknownTaskError(f"schedule {schedule.id!r}: {self._unknown_message(schedule.task)} "
+                                   "(register the task before its schedule)")
+        if schedule.id in self._schedules:
+            raise ConfigurationError(f"a schedule with id {schedule.id!r} is already declared "
+                                     f"(task {self._schedules[schedule.id].task!r}): schedule ids must be unique")
+        self._schedules[schedule.id] = schedule
+        return schedule
+
+    @property
+    def schedules(self) -> list[Any]:
+        """The schedules declared with ``schedule()``, in declaration order."""
+        return list(self._schedules.values())
 
     def get(self, name: str) -> TaskHandler:
         try:

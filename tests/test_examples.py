@@ -48,3 +48,10 @@ def test_redis_producer_and_worker_examples(redis_own_db_url):
         worker.terminate()
         _, err = worker.communicate(timeout=60)
     assert worker.returncode == 0, err
+
+
+def test_schedules_example():
+    out = run("schedules.py")
+    assert "published 290 runs" in out and "290 runs succeeded" in out
+    assert "nightly-report ran for 2026-03-29T03:00:00+02:00" in out      # 02:30 skipped by the jump: once, at 03:00
+    assert "nightly-report ran for 2026-03-30T02:30:00+02:00" in out

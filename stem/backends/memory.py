@@ -59,7 +59,6 @@ class InMemoryResultBackend(ResultBackend):
 
     def _expire(self, now: float) -> None:
         self._stores = 0
-        self._schedules: dict[str, ScheduleRecord] = {}
         dead = [k for k, (_, exp) in self._statuses.items() if exp <= now]
         for k in dead:
             del self._statuses[k]

@@ -208,11 +208,16 @@ def _status_table(rows: list[dict], out):
         return f"{n / 2**20:.0f} MiB"
     cells = []
     for r in rows:
+        age = r["last_heartbeat_age"]
+        beat = "-" if age is None else duration(age) + " ago"
+        if r.get("kind") == "scheduler":   # processed: runs it published; failed: passes or schedules in error
+            cells.append([r["id"], r["state"], beat, f"scheduler: {r['schedules']} schedule(s)", r["host"], r["pid"],
+                          "-", "-", f"{r['fired']:,}", f"{r['errors']:,}", "-"])
+            continue
         queues = ",".join(r["queues"]) + (f" (paused: {','.join(r['paused'])})" if r["paused"] else "")
         children = ", ".join(f"{c['pid']} ({mib(c['rss'])})" if c["rss"] else str(c["pid"])
                              for c in r["children"]) or "-"
-        age = r["last_heartbeat_age"]
-        cells.append([r["id"], r["state"], "-" if age is None else duration(age) + " ago", queues, r["host"], r["pid"],
+        cells.append([r["id"], r["state"], beat, queues, r["host"], r["pid"],
                       concurrency_text(r), r["in_flight"], f"{r['processed']:,}", f"{r['failed']:,}", children])
     caption = None if rows else "no live workers (none has published a heartbeat to this backend)"
     return fit_table(_STATUS_COLS, cells, out, title="stem workers", caption=caption)
@@ -223,7 +228,8 @@ def _status_table(rows: list[dict], out):
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--watch", is_flag=True, help="refresh live until Ctrl-C")
 def status(broker_url, backend_url, as_json, watch):
-    """Live workers from their heartbeats (lost ones flagged)."""
+    """Live workers and schedulers from their heartbeats (lost ones flagged); a scheduler's
+    processed column counts the runs it published."""
     from .. import status as st
     with Env(broker_url, backend_url) as env:
         backend = env.require_backend("stem worker status (it reads heartbeats)")

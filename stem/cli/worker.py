@@ -22,7 +22,7 @@ ISOLATION_HELP = (
 _RUN_ONLY = ("registry_path", "paths", "no_results", "queues", "concurrency", "autoscale", "prefetch_multiplier",
              "max_prefetch_multiplier", "isolation", "max_tasks_per_child", "max_memory_per_child",
              "heartbeat_interval", "no_yield_cpu", "loglevel", "log_format", "metrics_port", "metrics_addr",
-             "burst", "name")
+             "burst", "name", "beat")
 
 
 @click.group(invoke_without_command=True)
@@ -57,6 +57,9 @@ _RUN_ONLY = ("registry_path", "paths", "no_results", "queues", "concurrency", "a
 @click.option("--no-yield-cpu", is_flag=True,
               help="keep the supervisor's default CPU scheduling (lower latency when children saturate the CPUs)")
 @click.option("--burst", is_flag=True, help="exit once the queues are empty (for cron jobs and tests)")
+@click.option("--beat", is_flag=True,
+              help="also run a scheduler for the registry's schedules (and the stored ones), stopped with the "
+                   "worker; safe on every worker: each run is published once however many fire it")
 @click.option("-n", "--name", type=NonEmpty(), default=None, metavar="ID",
               help="this worker's id, as the control plane shows it (default: HOST:PID:RANDOM)")
 @click.option("--loglevel", "-l", default="INFO", show_default=True,
@@ -67,7 +70,7 @@ _RUN_ONLY = ("registry_path", "paths", "no_results", "queues", "concurrency", "a
 @click.pass_context
 def worker(ctx, registry_path, paths, broker_url, backend_url, no_results, queues, concurrency, autoscale,
            prefetch_multiplier, max_prefetch_multiplier, isolation, max_tasks_per_child, max_memory_per_child,
-           heartbeat_interval, no_yield_cpu, burst, name, loglevel, log_format, metrics_port, metrics_addr):
+           heartbeat_interval, no_yield_cpu, burst, beat, name, loglevel, log_format, metrics_port, metrics_addr):
     """Run a worker: stem worker -A myapp.tasks:registry.
 
     With a subcommand, control running workers instead (stem worker ping); --broker and
@@ -84,6 +87,12 @@ def worker(ctx, registry_path, paths, broker_url, backend_url, no_results, queue
         return
     if not registry_path:
         raise click.UsageError("give the task registry to serve: stem worker -A package.module:registry")
+    if beat and no_results:
+        raise click.UsageError("--beat needs the result backend (schedules keep their records there): "
+                               "drop --no-results")
+    if beat and burst:
+        raise click.UsageError("--beat and --burst do not go together: a burst worker exits when its queues "
+                               "are empty, a scheduler runs on")
     from .. import logs
     from ..worker import Worker, WorkerLifecycleConfig
     with Env(broker_url, backend_url, no_results=no_results) as env:
@@ -101,7 +110,7 @@ def worker(ctx, registry_path, paths, broker_url, backend_url, no_results, queue
                    concurrency=concurrency, autoscale=autoscale, prefetch_multiplier=prefetch_multiplier,
                    max_prefetch_multiplier=max_prefetch_multiplier or config.max_prefetch_multiplier,
                    signer=env.signer, isolation=isolation, heartbeat_interval=heartbeat_interval,
-                   yield_cpu=not no_yield_cpu, worker_id=name,
+                   yield_cpu=not no_yield_cpu, worker_id=name, beat=beat,
                    lifecycle=WorkerLifecycleConfig(max_tasks_per_child=max_tasks_per_child,
                                                    max_memory_per_child=max_memory_per_child))
         if metrics_port:

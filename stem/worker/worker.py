@@ -82,7 +82,8 @@ class Worker:
                  isolation: str = "process", heartbeat_interval: float = 10.0, worker_id: str | None = None,
                  store_results: bool = True, max_crash_redeliveries: int = 3, start_method: str | None = None,
                  child_concurrency: int = 1, engine: Engine | None = None, control: bool = True,
-                 yield_cpu: bool = True, autoscale: tuple[int, int] | WorkerAutoscaleConfig | None = None):
+                 yield_cpu: bool = True, autoscale: tuple[int, int] | WorkerAutoscaleConfig | None = None,
+                 beat: bool = False):
         self.registry_ref = registry if isinstance(registry, str) else None
         if isinstance(registry, str):
             registry = load_registry(registry)
@@ -132,6 +133,13 @@ class Worker:
         self.hostname = socket.gethostname()
         self.id = worker_id or f"{self.hostname}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.store_results = store_results and self.backend is not None
+        # beat: a Scheduler thread firing the registry's schedules (and the stored ones) while the
+        # worker runs; safe on every worker, since each run is published once however many fire it
+        self.beat = checks.flag("beat", beat)
+        if self.beat and self.backend is None:
+            raise ConfigurationError("beat=True needs a result backend: the scheduler keeps each schedule's "
+                                     "record there")
+        self._scheduler = None
         self.start_method = start_method
         self.control_enabled = control
 
@@ -332,12 +340,18 @@ class Worker:
         self._fetch_thread = threading.Thread(target=self._fetcher.run, args=(on_idle,), name="stem-fetcher",
                                               daemon=True)
         self._fetch_thread.start()
+        if self.beat:
+            from ..scheduler import Scheduler
+            self._scheduler = Scheduler(self._producer(), self.registry.schedules, scheduler_id=f"{self.id}:beat",
+                                        heartbeat_interval=self.heartbeat_interval).run_in_background()
         self._started.set()
         signals.worker_ready.send(self, worker=self)
         self._log_ready()
         try:
             self._main_loop()
         finally:
+            if self._scheduler is not None:   # also when the main loop died
+                self._scheduler.stop_nowait()
             self._stopped.set()
             signals.worker_shutdown.send(self, worker=self)
             log.info("worker %s stopped", self.id)
@@ -589,6 +603,8 @@ class Worker:
     def _begin_shutdown(self, mode: ShutdownMode) -> None:
         signals.worker_stopping.send(self, worker=self, mode=mode)
         log.info("worker %s: %s shutdown", self.id, mode.value)
+        if self._scheduler is not None:   # first: a stopping worker publishes no more runs
+            self._scheduler.stop(5.0)
         self._state.wake_all()
         if self._fetch_thread is not None:
             self._fetch_thread.join(5.0)
