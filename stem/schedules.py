@@ -360,6 +360,11 @@ class Schedule:
             if self.options.unique:
                 raise _bad(f"schedule {self.id!r}: options with unique=True are refused; each run is "
                            "already published once under its run id")
+            handler_only = [f for f in ("rate_limit", "autoretry_for", "retry_backoff", "retry_backoff_max")
+                            if getattr(self.options, f) is not None]
+            if handler_only:
+                raise _bad(f"schedule {self.id!r}: {', '.join(handler_only)} are options of the handler "
+                           "(@registry.task(..., options=...)), which its runs get; one enqueue cannot set them")
             if self.queue is not None and self.options.queue is not None and self.queue != self.options.queue:
                 raise _bad(f"schedule {self.id!r}: queue={self.queue!r} and options.queue="
                            f"{self.options.queue!r} disagree; give one")

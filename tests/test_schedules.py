@@ -373,7 +373,7 @@ def test_a_full_schedule_round_trips_through_a_dict_and_msgpack():
         args={"day": "yesterday", "accounts": [1, 2], "opts": {"pdf": True}, "blob": b"\x00\x01"},
         queue="reports",
         options=TaskOptions(priority=7, max_retries=3, expires=600, soft_time_limit=30, hard_time_limit=60,
-                            visibility_timeout=120, rate_limit="10/m", acks_late=False),
+                            visibility_timeout=120, acks_late=False),
         jitter=12.5, start_at=B, end_at=B + 86400 * 365, catch_up="all", max_catch_up=7, overlap="queue_one")
     stored = msgspec.msgpack.encode(schedule.to_dict())
     again = Schedule.from_dict(msgspec.msgpack.decode(stored))
@@ -383,10 +383,11 @@ def test_a_full_schedule_round_trips_through_a_dict_and_msgpack():
         assert Schedule.from_dict(msgspec.msgpack.decode(msgspec.msgpack.encode(minimal.to_dict()))) == minimal
 
 
-def test_options_that_cannot_be_stored_are_refused_by_to_dict():
-    schedule = Schedule("p", "t", every(60), options=TaskOptions(autoretry_for=(ConnectionError,)))
-    with pytest.raises(InvalidTaskOptionsError, match="autoretry_for"):
-        schedule.to_dict()
+@pytest.mark.parametrize("options", [TaskOptions(autoretry_for=(ConnectionError,)), TaskOptions(rate_limit="1/s"),
+                                     TaskOptions(retry_backoff=1.0)])
+def test_options_of_the_handler_are_refused_as_enqueue_refuses_them(options):
+    with pytest.raises(InvalidTaskOptionsError, match="options of the handler"):
+        Schedule("p", "t", every(60), options=options)
 
 
 BAD_DEFINITIONS = [
