@@ -23,7 +23,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -132,6 +132,22 @@ def redis_url() -> str:
     u = urlsplit(REDIS_URL)
     require_service("Redis", u.hostname or "127.0.0.1", u.port or 6379)
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def private_redis_url(tmp_path_factory) -> Iterator[str]:
+    """A redis-server of this test run alone, for tests that change the whole server (SCRIPT
+    FLUSH empties every client's script cache, the other build's run included)."""
+    import shutil
+
+    from .support import RedisServer
+    if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer(tmp_path_factory.mktemp("private-redis")).start()
+    yield server.url
+    server.kill()
 
 
 @pytest.fixture

@@ -30,6 +30,22 @@ def raw(redis_url, namespace):
 
 
 @pytest.fixture
+def private_raw(private_redis_url, namespace):
+    """``raw`` on a server of this run alone: for the tests that flush its script cache."""
+    client = redis.Redis.from_url(private_redis_url)
+    yield client
+    drop_namespace(client, namespace)
+    client.close()
+
+
+@pytest.fixture
+def private_backend(private_redis_url, namespace, private_raw):
+    b = RedisResultBackend.from_url(private_redis_url, namespace=namespace, result_expires=600)
+    yield b
+    b.close()
+
+
+@pytest.fixture
 def backend(redis_url, namespace, raw):
     b = RedisResultBackend.from_url(redis_url, namespace=namespace, result_expires=600)
     yield b
@@ -151,7 +167,8 @@ def test_schedule_records_are_hash_tagged_hashes_indexed_in_a_set_without_expiry
     assert raw.smembers(index) == {b"code-only"} and not raw.exists(record)
 
 
-def test_schedule_writes_survive_a_flushed_script_cache(backend, raw):
+def test_schedule_writes_survive_a_flushed_script_cache(private_backend, private_raw):
+    backend, raw = private_backend, private_raw
     backend.put_schedule("s", None)
     raw.script_flush()
     backend.mark_fired("s", 10.0, "r10")
@@ -190,8 +207,9 @@ def test_bad_arguments_are_configuration_errors(redis_url, kwargs):
         RedisResultBackend.from_url(redis_url, **kwargs)
 
 
-def test_store_and_ack_in_one_round_trip_survives_a_flushed_script_cache(backend, redis_url, namespace, raw,
-                                                                          monkeypatch):
+def test_store_and_ack_in_one_round_trip_survives_a_flushed_script_cache(private_backend, private_redis_url,
+                                                                          namespace, private_raw, monkeypatch):
+    backend, redis_url, raw = private_backend, private_redis_url, private_raw
     from stem.brokers.base import Message
     from stem.brokers.redis import RedisBroker
     broker = RedisBroker.from_url(redis_url, namespace=namespace)

@@ -35,6 +35,30 @@ def raw(redis_url, namespace):
 
 
 @pytest.fixture
+def private_raw(private_redis_url, namespace):
+    """``raw`` on a server of this run alone: for the tests that flush its script cache."""
+    client = redis.Redis.from_url(private_redis_url)
+    yield client
+    drop_namespace(client, namespace)
+    client.close()
+
+
+@pytest.fixture
+def private_make(private_redis_url, namespace, private_raw):
+    made = []
+
+    def make(**kwargs):
+        kwargs.setdefault("namespace", namespace)
+        b = RedisBroker.from_url(private_redis_url, **kwargs)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.close()
+
+
+@pytest.fixture
 def make(redis_url, namespace, raw):
     made = []
 
@@ -286,7 +310,8 @@ def test_bad_url_is_a_configuration_error():
         RedisBroker.from_url("redis://127.0.0.1:notaport/0")
 
 
-def test_consume_and_ack_survive_a_flushed_script_cache(make, raw):
+def test_consume_and_ack_survive_a_flushed_script_cache(private_make, private_raw):
+    make, raw = private_make, private_raw
     """A Redis restart (or SCRIPT FLUSH) empties the script cache: consume and ack load it again."""
     broker = make()
     broker.publish_many([msg() for _ in range(5)] + [msg(queue="other") for _ in range(3)])
@@ -345,7 +370,8 @@ def test_run_and_consume_takes_one_queue_at_a_time_in_turn(make):
     assert len(a) == len(b) == 2
 
 
-def test_run_and_consume_after_a_flushed_script_cache_reloads_and_leases_once(make, raw):
+def test_run_and_consume_after_a_flushed_script_cache_reloads_and_leases_once(private_make, private_raw):
+    make, raw = private_make, private_raw
     broker = make()
     broker.publish_many([msg() for _ in range(5)])
     first = consume_n(broker, 2)

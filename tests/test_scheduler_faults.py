@@ -237,7 +237,7 @@ def test_a_redis_killed_and_restarted_under_the_schedulers_publishes_no_run_twic
     from stem.backends import from_url as backend_from_url
     from stem.brokers import from_url as broker_from_url
 
-    from .test_redis_faults import RedisServer
+    from .support import RedisServer
     (tmp_path / "redis").mkdir()
     server = RedisServer(tmp_path / "redis").start()
     beats = Beats(server.url, tmp_path, 3)

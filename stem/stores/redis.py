@@ -168,10 +168,12 @@ class RedisStore(Store):
     def run(self, commands: Sequence[Sequence[Any]]) -> list:
         """Send ``commands`` (which may hold this store's EVALSHAs) as one pipeline and return
         the replies, raising the first error reply.  When a script was missing, the scripts
-        are loaded and the whole pipeline is sent once more: its commands must be safe to
+        are loaded and the whole pipeline is sent again (up to three times): its commands must be safe to
         repeat (SETs, idempotent scripts).  Raw redis-py errors: run it inside ``call``."""
         replies = execute(self.client, commands)
-        if any(isinstance(r, NoScriptError) for r in replies):
+        for _ in range(3):   # a cache emptied again between the load and the resend: load again
+            if not any(isinstance(r, NoScriptError) for r in replies):
+                break
             self.load_scripts()
             replies = execute(self.client, commands)
         raise_first_error(replies)
