@@ -247,18 +247,7 @@ class Stem:
                 raise InvalidTaskOptionsError("idempotent_for needs an explicit task_id")
         env, message, keyed = self._build(name, args, options, meta, headers, countdown, eta, task_id, parent,
                                           time.time(), idempotent_for=idempotent_for)
-        if keyed is None:
-            self.broker.publish(message)
-        else:
-            holder = self.broker.publish_keyed((keyed,))[0]
-            if _is_duplicate(holder, env.id, task_id is not None):
-                if on_duplicate == "raise":
-                    raise DuplicateTaskError(f"task {name!r} was not published: task {holder} holds its "
-                                             f"{'id' if keyed.key.startswith('id:') else 'unique key'}", holder)
-                return holder
-        if signals.after_task_publish.receivers:
-            signals.after_task_publish.send(self, envelope=env)
-        return env.id
+        return self._publish_one(env, message, keyed, task_id is not None, on_duplicate == "raise")
 
     def enqueue_child(self, name: str, args: dict[str, Any] | None, *, options: TaskOptions | None,
                       task_id: str, parent: Any) -> str:
@@ -269,11 +258,19 @@ class Stem:
         returned (the id the child answered never runs)."""
         env, message, keyed = self._build(name, args, options, None, None, None, None, task_id, parent,
                                           time.time(), explicit_id=False)
+        return self._publish_one(env, message, keyed, False, False)
+
+    def _publish_one(self, env: Envelope, message: Message, keyed: Keyed | None, explicit_id: bool,
+                     raise_duplicate: bool) -> str:
+        """Publish one built task (under its key, if it has one); its id, or the holder's."""
         if keyed is None:
             self.broker.publish(message)
         else:
             holder = self.broker.publish_keyed((keyed,))[0]
-            if _is_duplicate(holder, env.id, False):
+            if _is_duplicate(holder, env.id, explicit_id):
+                if raise_duplicate:
+                    raise DuplicateTaskError(f"task {env.name!r} was not published: task {holder} holds its "
+                                             f"{'id' if keyed.key.startswith('id:') else 'unique key'}", holder)
                 return holder
         if signals.after_task_publish.receivers:
             signals.after_task_publish.send(self, envelope=env)
