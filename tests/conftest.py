@@ -151,6 +151,30 @@ def private_redis_url(tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture
+def raw(redis_url, namespace):
+    """A plain redis-py client on the test server; the test's namespace is dropped afterwards."""
+    import redis
+
+    from .support import drop_namespace
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    drop_namespace(client, namespace)
+    client.close()
+
+
+@pytest.fixture
+def private_raw(private_redis_url, namespace):
+    """``raw`` on a server of this run alone: for the tests that flush its script cache."""
+    import redis
+
+    from .support import drop_namespace
+    client = redis.Redis.from_url(private_redis_url)
+    yield client
+    drop_namespace(client, namespace)
+    client.close()
+
+
+@pytest.fixture
 def redis_own_db_url(redis_url):
     """Redis db 9 (``STEM_TEST_REDIS_OWN_DB``) of the test server, emptied before and after:
     for what runs in stem's default namespace (the CLI, the examples), which a test cannot

@@ -22,23 +22,6 @@ pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
-def raw(redis_url, namespace):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    drop_namespace(client, namespace)
-    client.close()
-
-
-@pytest.fixture
-def private_raw(private_redis_url, namespace):
-    """``raw`` on a server of this run alone: for the tests that flush its script cache."""
-    client = redis.Redis.from_url(private_redis_url)
-    yield client
-    drop_namespace(client, namespace)
-    client.close()
-
-
-@pytest.fixture
 def private_backend(private_redis_url, namespace, private_raw):
     b = RedisResultBackend.from_url(private_redis_url, namespace=namespace, result_expires=600)
     yield b

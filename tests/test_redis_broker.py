@@ -27,23 +27,6 @@ def msg(frame: bytes = b"frame", *, queue: str = Q, priority: int = 0, not_befor
 
 
 @pytest.fixture
-def raw(redis_url, namespace):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    drop_namespace(client, namespace)
-    client.close()
-
-
-@pytest.fixture
-def private_raw(private_redis_url, namespace):
-    """``raw`` on a server of this run alone: for the tests that flush its script cache."""
-    client = redis.Redis.from_url(private_redis_url)
-    yield client
-    drop_namespace(client, namespace)
-    client.close()
-
-
-@pytest.fixture
 def private_make(private_redis_url, namespace, private_raw):
     made = []
 

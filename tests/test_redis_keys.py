@@ -32,14 +32,6 @@ def keyed(key: str, *, task_id: str | None = None, queue: str = Q, ttl: float = 
 
 
 @pytest.fixture
-def raw(redis_url, namespace):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    drop_namespace(client, namespace)
-    client.close()
-
-
-@pytest.fixture
 def broker(redis_url, namespace, raw):
     b = RedisBroker.from_url(redis_url, namespace=namespace)
     yield b
