@@ -93,8 +93,10 @@ class TaskStatus(msgspec.Struct, omit_defaults=True):
     def of(cls, envelope: Any, state: TaskState, **fields: Any) -> "TaskStatus":
         """The status of ``envelope``'s task in ``state``: id, name, queue, attempt, meta and
         ttl (``ttl_of``) from the envelope, the rest from ``fields``."""
+        # ttl_of inlined for the common case (no failure_ttl): this runs once per settled task
+        ttl = envelope.result_ttl if envelope.failure_ttl is None else ttl_of(envelope, state)
         return cls(id=envelope.id, state=state, name=envelope.name, queue=envelope.queue,
-                   attempt=envelope.attempt, meta=envelope.meta, ttl=ttl_of(envelope, state), **fields)
+                   attempt=envelope.attempt, meta=envelope.meta, ttl=ttl, **fields)
 
 
 def ttl_of(envelope: Any, state: TaskState) -> float | None:
