@@ -80,6 +80,11 @@ class Envelope(msgspec.Struct, array_like=True):
     unset_options: list[str] = msgspec.field(default_factory=list)
     # "started": the worker frees the task's unique key when the task starts (``TaskOptions.unique_until``)
     unique_until: str | None = None
+    # TaskOptions.result_ttl / failure_ttl / ignore_result; None: not set by the producer
+    # (the worker takes its handler's, ``stem.worker.execution.apply_result_options``)
+    result_ttl: float | None = None
+    failure_ttl: float | None = None
+    ignore_result: bool | None = None
 
 
 class FrameHeader(NamedTuple):

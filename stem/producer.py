@@ -61,6 +61,9 @@ class _Template(NamedTuple):
     hard_time_limit: float | None
     unset: list[str]                 # Envelope.unset_options: [] when the producer knows the handler
     unique: _Unique | None
+    result_ttl: float | None         # None: not set (the worker takes its handler's)
+    failure_ttl: float | None
+    ignore_result: bool | None
 
 
 _ITEM_KEYS = frozenset({"args", "options", "meta", "headers", "countdown", "eta", "task_id"})
@@ -170,7 +173,8 @@ class Stem:
         unset = _NONE_UNSET if self.registry is not None else _unset_fields(options)
         return _Template(opts.queue, opts.priority, opts.max_retries,
                          None if opts.expires is None else now + opts.expires,
-                         opts.visibility_timeout, opts.soft_time_limit, opts.hard_time_limit, unset, unique)
+                         opts.visibility_timeout, opts.soft_time_limit, opts.hard_time_limit, unset, unique,
+                         opts.result_ttl, opts.failure_ttl, opts.ignore_result)
 
     def _build(self, name: str, args: dict[str, Any] | None, options: TaskOptions | None,
                meta: dict[str, Any] | None, headers: dict[str, str] | None, countdown: float | None,
@@ -182,8 +186,8 @@ class Stem:
         given, is ``_template(name, options, now)`` already made by the caller; ``explicit_id``
         says whether ``task_id`` is the caller's (an idempotency key) or made for the batch
         (default: whether ``task_id`` was given)."""
-        queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique = (
-            self._template(name, options, now) if template is None else template)
+        (queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique,
+         result_ttl, failure_ttl, ignore_result) = self._template(name, options, now) if template is None else template
         args = _checked_args(name, args)
         if meta is not None and not isinstance(meta, dict):
             raise EncodeError(f"meta must be a dict, got {type(meta).__name__}")
@@ -211,7 +215,8 @@ class Stem:
             ttl, linger = unique_ttl(unique.unique_for, delay), 0.0
         elif explicit_id:
             key, ttl = id_key(task_id), id_ttl(delay)
-            linger = (idempotent_for if idempotent_for is not None else
+            # the id stays refused as long as its result lives
+            linger = (idempotent_for if idempotent_for is not None else result_ttl if result_ttl is not None else
                       DEFAULT_RESULT_EXPIRES if self.backend is None else self.backend.result_expires)
         else:
             key = None
@@ -219,7 +224,8 @@ class Stem:
         env = Envelope(task_id, name, args, headers or {}, meta or {}, queue, priority, 0, max_retries, now,
                        not_before, expires_at, visibility_timeout, soft, hard,
                        None if parent is None else parent.id, None if parent is None else parent.root_id, unset,
-                       "started" if unique is not None and unique.until_started else None)
+                       "started" if unique is not None and unique.until_started else None,
+                       result_ttl, failure_ttl, ignore_result)
         if signals.before_task_publish.receivers:
             signals.before_task_publish.send(self, envelope=env)
         frame = encode_frame(env, self.signer)
@@ -238,7 +244,9 @@ class Stem:
         published only if its key is free; a duplicate publishes nothing and returns the id
         of the task that holds the key, or raises ``DuplicateTaskError`` (carrying that id)
         with ``on_duplicate="raise"``.  An explicit id stays refused ``idempotent_for`` seconds
-        after its task ends (default: the backend's ``result_expires``, as long as its result)."""
+        after its task ends (default: as long as its result lives: the task's ``result_ttl``
+        when this producer knows it, from ``options`` or the registry's handler, else the
+        backend's ``result_expires``)."""
         if on_duplicate not in ON_DUPLICATE:
             raise InvalidTaskOptionsError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
         if idempotent_for is not None:
@@ -315,7 +323,8 @@ class Stem:
                 else:
                     name, args, options = item
                 template = self._batch_template(templates, name, options, now)
-                queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique = template
+                (queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique,
+                 result_ttl, failure_ttl, ignore_result) = template
                 if unique is not None:
                     env, m, k = self._build(name, args, options, None, None, None, None, task_id, None, now,
                                             template, explicit_id=False)
@@ -327,7 +336,8 @@ class Stem:
                 elif type(args) is not dict or (args and not all(map(_is_str, args))):
                     args = _checked_args(name, args)
                 env = Envelope(task_id, name, args, {}, {}, queue, priority, 0, max_retries, now, None,
-                               expires_at, visibility_timeout, soft, hard, None, None, unset)
+                               expires_at, visibility_timeout, soft, hard, None, None, unset, None,
+                               result_ttl, failure_ttl, ignore_result)
                 if before.receivers:
                     before.send(self, envelope=env)
                 add_env(env)
@@ -421,12 +431,12 @@ class Stem:
                     return None
                 args = {}
             add(args)
-        queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique = (
-            self._template(name, options, now))
+        (queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique,
+         result_ttl, failure_ttl, ignore_result) = self._template(name, options, now)
         if unique is not None:
             return None                       # keyed: the general path publishes it under its keys
         env = Envelope("", name, {}, {}, {}, queue, priority, 0, max_retries, now, None, expires_at,
-                       visibility_timeout, soft, hard, None, None, unset)
+                       visibility_timeout, soft, hard, None, None, unset, None, result_ttl, failure_ttl, ignore_result)
         ids = new_task_ids(len(args_list))
         try:
             frames = encode_frames(env, ids, args_list, self.signer)

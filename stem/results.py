@@ -8,7 +8,8 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["TaskState", "TaskStatus", "TaskResult", "TERMINAL_STATES", "Reason", "encode_status", "decode_status"]
+__all__ = ["TaskState", "TaskStatus", "TaskResult", "TERMINAL_STATES", "Reason", "encode_status", "decode_status",
+           "ttl_of"]
 
 
 class TaskState(str, enum.Enum):
@@ -57,7 +58,10 @@ class Reason(enum.StrEnum):
 
 class TaskStatus(msgspec.Struct, omit_defaults=True):
     """What a backend knows about one task; ``reason`` is a short machine word
-    (``hard-time-limit``, ``child-crashed``, ``signature-invalid`` ...)."""
+    (``hard-time-limit``, ``child-crashed``, ``signature-invalid`` ...).
+
+    ``ttl``: how many seconds the backend keeps this status from when it is stored
+    (None: the backend's ``result_expires``); the rule is in ``stem.backends.base``."""
 
     id: str
     state: TaskState
@@ -75,6 +79,7 @@ class TaskStatus(msgspec.Struct, omit_defaults=True):
     finished_at: float | None = None
     updated_at: float = msgspec.field(default_factory=time.time)
     worker: str | None = None
+    ttl: float | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -86,10 +91,25 @@ class TaskStatus(msgspec.Struct, omit_defaults=True):
 
     @classmethod
     def of(cls, envelope: Any, state: TaskState, **fields: Any) -> "TaskStatus":
-        """The status of ``envelope``'s task in ``state``: id, name, queue, attempt and meta
-        from the envelope, the rest from ``fields``."""
+        """The status of ``envelope``'s task in ``state``: id, name, queue, attempt, meta and
+        ttl (``ttl_of``) from the envelope, the rest from ``fields``."""
+        # ttl_of inlined for the common case (no failure_ttl): this runs once per settled task
+        ttl = envelope.result_ttl if envelope.failure_ttl is None else ttl_of(envelope, state)
         return cls(id=envelope.id, state=state, name=envelope.name, queue=envelope.queue,
-                   attempt=envelope.attempt, meta=envelope.meta, **fields)
+                   attempt=envelope.attempt, meta=envelope.meta, ttl=ttl, **fields)
+
+
+def ttl_of(envelope: Any, state: TaskState) -> float | None:
+    """The lifetime a status of ``envelope``'s task in ``state`` asks for: ``result_ttl``
+    for SUCCEEDED, ``failure_ttl`` (else ``result_ttl``) for FAILED, DEAD and REVOKED, the
+    longer of the two for a status the task passes through (the backend keeps those at
+    least ``result_expires`` anyway).  None: the task set neither."""
+    result_ttl, failure_ttl = envelope.result_ttl, envelope.failure_ttl
+    if failure_ttl is None or state is TaskState.SUCCEEDED:
+        return result_ttl
+    if state in TERMINAL_STATES or result_ttl is None:
+        return failure_ttl
+    return max(result_ttl, failure_ttl)
 
 
 TaskResult = TaskStatus

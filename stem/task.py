@@ -39,7 +39,14 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     ``autoretry_for`` (an exception class or a tuple of them) only those
     exceptions are retried; any other fails at once.  ``retry_backoff`` (base
     seconds) and ``retry_backoff_max`` give the task its own exponential
-    backoff with jitter instead of the worker's retry strategy."""
+    backoff with jitter instead of the worker's retry strategy.
+
+    Results: a SUCCEEDED status lives ``result_ttl`` seconds in the result
+    backend, a FAILED, DEAD or REVOKED one ``failure_ttl`` (default: the
+    result's lifetime); unset, the backend's ``result_expires``.  With
+    ``ignore_result=True`` the worker stores no status for a success (nor any
+    RUNNING, progress or RETRYING status), so ``wait_for_task`` on the task times
+    out; its failures are still stored."""
 
     queue: str | None = None
     max_retries: int | None = None
@@ -59,13 +66,18 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     autoretry_for: tuple[type[BaseException], ...] | None = None
     retry_backoff: float | None = None
     retry_backoff_max: float | None = None
+    # how long its statuses live in the result backend, and whether a success stores one
+    result_ttl: float | None = None
+    failure_ttl: float | None = None
+    ignore_result: bool | None = None
 
     def __post_init__(self) -> None:
         if self.queue is not None:
             checks.queue_name(self.queue, error=InvalidTaskOptionsError)
         if self.max_retries is not None:
             checks.integer("max_retries", self.max_retries, minimum=0, error=InvalidTaskOptionsError)
-        for name in ("soft_time_limit", "hard_time_limit", "visibility_timeout", "unique_for", "expires"):
+        for name in ("soft_time_limit", "hard_time_limit", "visibility_timeout", "unique_for", "expires",
+                     "result_ttl", "failure_ttl"):
             checks.optional_seconds(name, getattr(self, name), error=InvalidTaskOptionsError)
         if (self.soft_time_limit is not None and self.hard_time_limit is not None
                 and self.soft_time_limit >= self.hard_time_limit):
@@ -77,7 +89,7 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
             parse_rate_limit(self.rate_limit)
         if self.isolation is not None and self.isolation not in ("process", "inline"):
             raise InvalidTaskOptionsError(f"isolation must be 'process' or 'inline', got {self.isolation!r}")
-        for name in ("unique", "acks_late"):
+        for name in ("unique", "acks_late", "ignore_result"):
             if getattr(self, name) is not None:
                 checks.flag(name, getattr(self, name), error=InvalidTaskOptionsError)
         for name in ("unique_for", "unique_key", "unique_until"):
@@ -128,8 +140,15 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 UNIQUE_UNTIL = ("finished", "started")
 
 #: The option fields a producer without the registry leaves for the worker to fill from
-#: its handler when the caller did not set them (``Envelope.unset_options``).
+#: its handler when the caller did not set them (``Envelope.unset_options``): those the
+#: producer would otherwise fill with a default, so the worker could not tell "not set".
 HANDLER_FILLED = ("max_retries", "soft_time_limit", "hard_time_limit", "visibility_timeout", "expires")
+
+#: The result options (``result_ttl``, ``failure_ttl``, ``ignore_result``) have no default,
+#: so they need no ``unset_options`` entry: their Envelope fields hold None when neither
+#: the enqueue nor (with the registry) the handler set them, and the worker fills every
+#: None from its handler (``stem.worker.execution.apply_result_options``).
+RESULT_OPTIONS = ("result_ttl", "failure_ttl", "ignore_result")
 
 DEFAULT_OPTIONS = TaskOptions(queue="default", max_retries=0, priority=0, acks_late=True)
 

@@ -87,6 +87,8 @@ class EagerStem(Stem):
                               env.root_id, self._runtime)
             out = _as_a_worker_sees_it(run_handler(handler, ctx, env.args))
             if out.kind == OK:
+                if env.ignore_result:
+                    return
                 self.backend.store(TaskStatus.of(env, TaskState.SUCCEEDED, result=out.result,
                                                  started_at=out.started_at, finished_at=out.finished_at))
                 return

@@ -382,3 +382,22 @@ def test_rows_written_by_hand_with_garbage_or_empty_frames_are_delivered_with_th
         broker.dead_letter(d, "decode-error")
     assert [(dl.task_id, dl.reason) for dl in broker.dead_letters(Q)] == [("garbage", "decode-error"),
                                                                            ("empty", "decode-error")]
+
+
+def test_the_fused_store_and_ack_gives_each_status_its_own_expiry(pg_url, broker, namespace):
+    import psycopg
+    backend = backend_from_url(pg_url, result_expires=600)
+    try:
+        broker.publish_many([Message(f"t{i}", Q, b"x") for i in range(3)])
+        ds = broker.consume([Q], 3, 5.0)
+        statuses = [TaskStatus(id=d.task_id, state=TaskState.SUCCEEDED, ttl=t) for d, t in zip(ds, (30, 7200, None))]
+        assert backend.store_many_and_ack(statuses, broker, ds) is True
+        backend.store_if_not_terminal([TaskStatus(id="running", state=TaskState.RUNNING, ttl=30)])
+        with psycopg.connect(pg_url.split("?")[0], autocommit=True) as conn:
+            left = dict(conn.execute(f'SELECT task_id, expires_at - extract(epoch FROM now()) '
+                                     f'FROM "{namespace}".stem_results').fetchall())
+        for task_id, ttl in zip([d.task_id for d in ds] + ["running"], (30, 7200, 600, 600)):
+            assert ttl - 5 < left[task_id] <= ttl + 1, (task_id, left)
+        assert broker.stats(Q)[1:4] == (0, 0, 0)
+    finally:
+        backend.close()

@@ -226,3 +226,35 @@ def test_store_and_ack_in_one_round_trip_survives_a_flushed_script_cache(private
         assert len(calls) == 1
     finally:
         broker.close()
+
+
+def test_each_status_gets_its_own_px_on_every_store_path(backend, raw, namespace, redis_url):
+    """TaskStatus.ttl becomes the key's PX in the same pipeline: store_many, the fused store+ack
+    and store+ack+consume, and store_if_not_terminal (at least result_expires for a RUNNING)."""
+    from stem.brokers.base import Message
+    from stem.brokers.redis import RedisBroker
+
+    def pttl(i):
+        return raw.pttl(f"{namespace}:{{t:{i}}}:status")
+
+    a, b = tid(), tid()
+    backend.store_many([TaskStatus(id=a, state=TaskState.SUCCEEDED, ttl=30), TaskStatus(id=b, state=TaskState.FAILED)])
+    assert 25_000 < pttl(a) <= 30_000 and 590_000 < pttl(b) <= 600_000
+    short, long = tid(), tid()
+    backend.store_if_not_terminal([TaskStatus(id=short, state=TaskState.RUNNING, ttl=30),
+                                   TaskStatus(id=long, state=TaskState.RUNNING, ttl=3600)])
+    assert 590_000 < pttl(short) <= 600_000 and 3_590_000 < pttl(long) <= 3_600_000
+    broker = RedisBroker.from_url(redis_url, namespace=namespace)
+    try:
+        broker.publish_many([Message(tid(), "q", b"f", 0, None, None) for _ in range(4)])
+        got = broker.consume(["q"], 2, 2.0)
+        assert backend.store_many_and_ack([TaskStatus(id=got[0].task_id, state=TaskState.SUCCEEDED, ttl=40),
+                                           TaskStatus(id=got[1].task_id, state=TaskState.DEAD, ttl=7200)],
+                                          broker, got) is True
+        assert 35_000 < pttl(got[0].task_id) <= 40_000 and 7_190_000 < pttl(got[1].task_id) <= 7_200_000
+        more = broker.consume(["q"], 1, 2.0)
+        leased = backend.store_many_ack_and_consume([TaskStatus(id=more[0].task_id, state=TaskState.SUCCEEDED,
+                                                                ttl=50)], broker, more, ["q"], 1, "c")
+        assert len(leased) == 1 and 45_000 < pttl(more[0].task_id) <= 50_000
+    finally:
+        broker.close()

@@ -508,3 +508,25 @@ def test_a_worker_dead_letters_a_text_frame_written_by_hand_and_runs_the_tasks_a
         worker.shutdown(ShutdownMode.HARD, timeout=15)
         broker.close()
         backend.close()
+
+
+def test_the_fused_store_and_ack_gives_each_status_its_own_expiry(db_url, tmp_path):
+    broker, backend = broker_from_url(db_url), backend_from_url(db_url, result_expires=600)
+    try:
+        broker.publish_many([Message(f"t{i}", Q, b"x") for i in range(3)])
+        ds = broker.consume([Q], 3, 5.0)
+        ttls = [30.0, 7200.0, None]
+        statuses = [TaskStatus(id=d.task_id, state=TaskState.SUCCEEDED, ttl=t) for d, t in zip(ds, ttls)]
+        now = time.time()
+        assert backend.store_many_and_ack(statuses, broker, ds) is True
+        conn = sqlite3.connect(str(tmp_path / "stem.db"))
+        try:
+            left = dict(conn.execute("SELECT task_id, expires_at - ? FROM stem_results", (now,)).fetchall())
+        finally:
+            conn.close()
+        for d, ttl in zip(ds, (30.0, 7200.0, 600.0)):
+            assert ttl - 5 < left[d.task_id] <= ttl + 1, (d.task_id, left)
+        assert broker.stats(Q)[1:4] == (0, 0, 0)
+    finally:
+        broker.close()
+        backend.close()

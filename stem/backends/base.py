@@ -7,9 +7,18 @@ way everywhere (``tests/contract`` proves it).
 * ``store`` is an upsert of the whole status.  A terminal status wakes every
   ``wait`` on that id, in any process that can reach the backend, without the
   waiter busy-polling (condition variables, pub/sub, LISTEN/NOTIFY ...).
-* Statuses expire after ``result_expires`` seconds (default one day); an
-  expired or unknown id reads as ``None`` (``Stem.get_status`` turns that
-  into PENDING).
+* Each status carries its own lifetime, ``TaskStatus.ttl`` (seconds from the
+  store; the worker sets it from the task's ``result_ttl``/``failure_ttl``,
+  ``stem.results.ttl_of``), and the backend applies it to that status alone,
+  in the same write (``status_ttl``): a terminal status lives ``ttl`` seconds,
+  a status a task passes through (RUNNING, RETRYING ...) ``max(ttl,
+  result_expires)``, so a short result lifetime never drops it before the
+  result replaces it; without a ``ttl``, ``result_expires`` (default one
+  day).  Every path that stores (``store``, ``store_many``, the fused
+  store+ack ones, ``store_if_not_terminal``) follows this rule; a ``ttl``
+  that is not finite seconds > 0 is refused (ConfigurationError) before
+  anything of the call is stored.  An expired or unknown id reads as
+  ``None`` (``Stem.get_status`` turns that into PENDING).
 * Heartbeats are per worker id and vanish ``ttl`` seconds after the last put,
   so a dead worker disappears by itself.
 * ``store_if_not_terminal`` is the conditional form of ``store`` for the
@@ -36,13 +45,25 @@ from typing import Any, NamedTuple, Sequence
 from .. import _checks as checks
 from .._checks import DEFAULT_RESULT_EXPIRES
 from ..errors import ConfigurationError
-from ..results import TaskStatus
+from ..results import TERMINAL_STATES, TaskStatus
 
 __all__ = ["ResultBackend", "ScheduleRecord", "DEFAULT_RESULT_EXPIRES", "TERMINAL_STATE_NAMES",
-           "check_non_terminal", "check_proofs", "check_schedule_ids", "check_definition", "check_fired",
+           "status_ttl", "check_non_terminal", "check_proofs", "check_schedule_ids", "check_definition", "check_fired",
            "RUN_ID_MAX"]
 
 TERMINAL_STATE_NAMES = ("SUCCEEDED", "FAILED", "REVOKED", "DEAD")
+
+
+def status_ttl(status: TaskStatus, result_expires: float) -> float:
+    """Seconds ``status`` lives once stored, by the rule above (ConfigurationError for a
+    ``ttl`` that is not finite seconds > 0)."""
+    ttl = status.ttl
+    if ttl is None:
+        return result_expires
+    if not checks.is_number(ttl) or ttl <= 0:
+        raise ConfigurationError(f"TaskStatus.ttl of task {status.id} must be a finite number of seconds > 0 "
+                                 f"or None (the backend's result_expires), got {ttl!r}")
+    return float(ttl) if status.state in TERMINAL_STATES else max(float(ttl), result_expires)
 
 
 def check_non_terminal(statuses: Sequence[TaskStatus]) -> Sequence[TaskStatus]:
@@ -133,7 +154,8 @@ class ResultBackend(abc.ABC):
     # -- statuses ---------------------------------------------------------------
     @abc.abstractmethod
     def store(self, status: TaskStatus) -> None:
-        """Upsert ``status``; durable (as the adapter is) when this returns."""
+        """Upsert ``status``, to live ``status_ttl(status, result_expires)`` seconds from now;
+        durable (as the adapter is) when this returns."""
 
     def store_many(self, statuses: Sequence[TaskStatus]) -> None:
         """Upsert a batch in one round trip where the adapter allows it."""

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from .. import _checks as checks
 from ..results import TaskStatus
 from .base import (DEFAULT_RESULT_EXPIRES, ResultBackend, ScheduleRecord, check_definition, check_fired,
-                   check_non_terminal, check_proofs, check_schedule_ids)
+                   check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
 __all__ = ["InMemoryResultBackend"]
 
@@ -37,10 +37,11 @@ class InMemoryResultBackend(ResultBackend):
         self.store_many((status,))
 
     def store_many(self, statuses: Sequence[TaskStatus]) -> None:
-        expires = time.time() + self.result_expires
+        now, default = time.time(), self.result_expires
+        entries = [(s, now + status_ttl(s, default)) for s in statuses]   # checked before any is stored
         with self._cond:
-            for s in statuses:
-                self._statuses[s.id] = (s, expires)
+            for entry in entries:
+                self._statuses[entry[0].id] = entry
             if len(self._statuses) > 4096:
                 self._stores += len(statuses)
                 if self._stores > len(self._statuses) // 2:
@@ -49,13 +50,13 @@ class InMemoryResultBackend(ResultBackend):
 
     def store_if_not_terminal(self, statuses: Sequence[TaskStatus]) -> None:
         check_non_terminal(statuses)
-        now = time.time()
-        expires = now + self.result_expires
+        now, default = time.time(), self.result_expires
+        entries = [(s, now + status_ttl(s, default)) for s in statuses]
         with self._cond:
-            for s in statuses:
-                current = self._get(s.id, now)
+            for entry in entries:
+                current = self._get(entry[0].id, now)
                 if current is None or not current.is_terminal:
-                    self._statuses[s.id] = (s, expires)
+                    self._statuses[entry[0].id] = entry
 
     def _expire(self, now: float) -> None:
         self._stores = 0

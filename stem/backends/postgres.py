@@ -33,7 +33,7 @@ from ..stores.local import after_fork_in_child
 from ..stores.postgres import PostgresStore, parse_postgres_url
 from ..stores.postgres_schema import NOW, quote_schema, release_ctes
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
-                   check_fired, check_non_terminal, check_proofs, check_schedule_ids)
+                   check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
 __all__ = ["PostgresResultBackend"]
 
@@ -57,7 +57,8 @@ def _store_sql(s: str, ack_schema: str | None = None, keyed: bool = False) -> st
     return f"""
         WITH up AS (
             INSERT INTO {s}.stem_results (task_id, state, expires_at, data)
-            SELECT t, st, {NOW} + %s, d FROM unnest(%s::text[], %s::text[], %s::bytea[]) AS m(t, st, d)
+            SELECT t, st, {NOW} + x, d FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::float8[])
+                AS m(t, st, d, x)
             ON CONFLICT (task_id) DO UPDATE
             SET state = EXCLUDED.state, expires_at = EXCLUDED.expires_at, data = EXCLUDED.data){ack}
         SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p"""
@@ -69,7 +70,8 @@ def _queries(s: str) -> dict[str, str]:
         "store": _store_sql(s),
         "store_if_not_terminal": f"""
             INSERT INTO {results} AS r (task_id, state, expires_at, data)
-            SELECT t, st, {NOW} + %s, d FROM unnest(%s::text[], %s::text[], %s::bytea[]) AS m(t, st, d)
+            SELECT t, st, {NOW} + x, d FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::float8[])
+                AS m(t, st, d, x)
             ON CONFLICT (task_id) DO UPDATE
             SET state = EXCLUDED.state, expires_at = EXCLUDED.expires_at, data = EXCLUDED.data
             WHERE r.state NOT IN ({', '.join(repr(n) for n in TERMINAL_STATE_NAMES)}) OR r.expires_at <= {NOW}""",
@@ -196,14 +198,20 @@ class PostgresResultBackend(ResultBackend):
         if not statuses:
             return
         latest = {s.id: s for s in statuses}        # one upsert may not touch a row twice
-        ids = list(latest)
         terminal = [i for i, s in latest.items() if s.is_terminal]
-        params = (self.result_expires, ids, [latest[i].state.value for i in ids],
-                  [encode_status(latest[i]) for i in ids], self.channel, _payloads(terminal))
+        params = (*self._rows(latest), self.channel, _payloads(terminal))
         self._pg.run(lambda conn: conn.execute(self._sql["store"], params))
         if time.monotonic() >= self._next_sweep:
             self._next_sweep = time.monotonic() + _SWEEP_EVERY_S
             self._pg.run(lambda conn: conn.execute(self._sql["sweep"]))
+
+    def _rows(self, latest: dict[str, TaskStatus]) -> tuple[list, list, list, list]:
+        """The upsert's columns (ids, states, encoded statuses, lifetimes: ``status_ttl`` per
+        row), made before anything is sent: a status the rule refuses stores nothing."""
+        default = self.result_expires
+        statuses = latest.values()
+        return (list(latest), [s.state.value for s in statuses], [encode_status(s) for s in statuses],
+                [status_ttl(s, default) for s in statuses])
 
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any,
                            deliveries: Sequence[Any]) -> bool:
@@ -214,16 +222,13 @@ class PostgresResultBackend(ResultBackend):
         if not self.shares_store_with(broker):
             return False
         latest = {s.id: s for s in statuses}
-        ids = list(latest)
         terminal = [i for i, s in latest.items() if s.is_terminal]
         variant = (broker.store.schema, any(d.key is not None for d in deliveries))
         sql = self._store_and_ack_sql.get(variant)
         if sql is None:
             sql = self._store_and_ack_sql[variant] = _store_sql(quote_schema(self.schema), quote_schema(variant[0]),
                                                                 variant[1])
-        params = (self.result_expires, ids, [latest[i].state.value for i in ids],
-                  [encode_status(latest[i]) for i in ids], [d.receipt for d in deliveries], self.channel,
-                  _payloads(terminal))
+        params = (*self._rows(latest), [d.receipt for d in deliveries], self.channel, _payloads(terminal))
         self._pg.run(lambda conn: conn.execute(sql, params))
         return True
 
@@ -235,9 +240,7 @@ class PostgresResultBackend(ResultBackend):
         if not check_non_terminal(statuses):
             return
         latest = {s.id: s for s in statuses}        # one upsert may not touch a row twice
-        ids = list(latest)
-        params = (self.result_expires, ids, [latest[i].state.value for i in ids],
-                  [encode_status(latest[i]) for i in ids])
+        params = self._rows(latest)
         self._fast.run(lambda conn: conn.execute(self._sql["store_if_not_terminal"], params))
 
     def get(self, task_id: str) -> TaskStatus | None:

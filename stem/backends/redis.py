@@ -2,7 +2,8 @@
 
 Key schema (N = namespace, default "stem"; "{...}" are Redis Cluster hash tags):
 
-    N:{t:ID}:status     STRING   msgpack TaskStatus (stem.results.encode_status), PX result_expires
+    N:{t:ID}:status     STRING   msgpack TaskStatus (stem.results.encode_status), PX its own
+                                 lifetime (base.status_ttl: TaskStatus.ttl, else result_expires)
     N:{t:ID}:done       channel  a terminal store PUBLISHes the encoded status here
     N:{hb}:w:WORKER     STRING   msgpack heartbeat dict, PX ttl (a dead worker's key expires)
     N:{hb}:index        ZSET     worker id -> expiry (ms); lists heartbeats without KEYS,
@@ -44,7 +45,7 @@ from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.redis import RedisStore, execute, raise_first_error, validate_namespace
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
-                   check_fired, check_non_terminal, check_proofs, check_schedule_ids)
+                   check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
 __all__ = ["RedisResultBackend"]
 
@@ -184,11 +185,16 @@ class RedisResultBackend(ResultBackend):
         self.store_many((status,))
 
     def _status_commands(self, statuses: Sequence[TaskStatus]) -> list[tuple]:
-        px = checks.ms(self.result_expires)
+        """SET (PX: the status's own lifetime, ``status_ttl``) and, for a terminal status,
+        PUBLISH; all made before any is sent, so a refused ttl sends nothing."""
+        default = self.result_expires
+        px = checks.ms(default)
+        ms = checks.ms
         commands = []
         for s in statuses:
             data = encode_status(s)
-            commands.append(("SET", self._status_key(s.id), data, "PX", px))
+            commands.append(("SET", self._status_key(s.id), data, "PX",
+                             px if s.ttl is None else ms(status_ttl(s, default))))
             if s.is_terminal:
                 commands.append(("PUBLISH", self._channel(s.id), data))
         return commands
@@ -202,9 +208,10 @@ class RedisResultBackend(ResultBackend):
     def store_if_not_terminal(self, statuses: Sequence[TaskStatus]) -> None:
         if not check_non_terminal(statuses):
             return
-        px = checks.ms(self.result_expires)
+        default = self.result_expires
         sha = self._store_if_not_terminal.sha
-        commands = [("EVALSHA", sha, 1, self._status_key(s.id), encode_status(s), px) for s in statuses]
+        commands = [("EVALSHA", sha, 1, self._status_key(s.id), encode_status(s), checks.ms(status_ttl(s, default)))
+                    for s in statuses]
         self._call(lambda: self._store.run(commands), "store_if_not_terminal")   # the script is idempotent
 
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> bool:

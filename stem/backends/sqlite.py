@@ -24,7 +24,7 @@ from ..stores.base import BACKEND_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
 from ..stores.sqlite_schema import settle_acked
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
-                   check_fired, check_non_terminal, check_proofs, check_schedule_ids)
+                   check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
 __all__ = ["SqliteResultBackend"]
 
@@ -83,8 +83,9 @@ class SqliteResultBackend(ResultBackend):
     def store_many(self, statuses: Sequence[TaskStatus]) -> None:
         if not statuses:
             return
+        rows = self._rows(statuses)
         with self._store.write() as conn:
-            self._upsert(conn, statuses)
+            self._upsert(conn, rows)
         self._store.wake.notify()
 
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any,
@@ -94,16 +95,21 @@ class SqliteResultBackend(ResultBackend):
         returns True.  Otherwise does nothing and returns False: the caller stores, then acks."""
         if not self.shares_store_with(broker):
             return False
+        rows = self._rows(statuses)
         with self._store.write() as conn:
-            self._upsert(conn, statuses)
+            self._upsert(conn, rows)
             settle_acked(conn, deliveries, time.time())       # keyed ones release their keys here too
         self._store.wake.notify()
         return True
 
-    def _upsert(self, conn, statuses: Sequence[TaskStatus]) -> None:
+    def _rows(self, statuses: Sequence[TaskStatus]) -> list[tuple]:
+        """The upsert's rows, each with its own expiry (``status_ttl``), made before the
+        transaction: a status the rule refuses stores nothing of the call."""
+        now, default = time.time(), self.result_expires
+        return [(s.id, s.state.value, now + status_ttl(s, default), encode_status(s)) for s in statuses]
+
+    def _upsert(self, conn, rows: list[tuple]) -> None:
         now = time.time()
-        expires = now + self.result_expires
-        rows = [(s.id, s.state.value, expires, encode_status(s)) for s in statuses]
         conn.executemany("INSERT INTO stem_results (task_id, state, expires_at, data) VALUES (?, ?, ?, ?) "
                          "ON CONFLICT (task_id) DO UPDATE SET state = excluded.state, "
                          "expires_at = excluded.expires_at, data = excluded.data", rows)
@@ -116,11 +122,10 @@ class SqliteResultBackend(ResultBackend):
         """One transaction: an upsert whose update applies only over a non-terminal (or expired) row."""
         if not check_non_terminal(statuses):
             return
-        now = time.time()
-        expires = now + self.result_expires
+        now, default = time.time(), self.result_expires
+        rows = [(s.id, s.state.value, now + status_ttl(s, default), encode_status(s), now) for s in statuses]
         with self._store.write() as conn:
-            conn.executemany(_STORE_IF_NOT_TERMINAL,
-                             [(s.id, s.state.value, expires, encode_status(s), now) for s in statuses])
+            conn.executemany(_STORE_IF_NOT_TERMINAL, rows)
 
     def get(self, task_id: str) -> TaskStatus | None:
         with self._store.connection() as conn:

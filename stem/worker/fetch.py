@@ -27,7 +27,7 @@ from ..results import Reason, TaskState
 from ..signals import signals
 from ..task import TaskRegistry
 from .engine import Engine
-from .execution import apply_handler_options
+from .execution import apply_handler_options, apply_result_options, check_result_options
 from .state import WorkerState
 
 if TYPE_CHECKING:
@@ -164,7 +164,14 @@ class Fetcher:
                 log.exception("decoding delivery %s failed unexpectedly", d.task_id)
                 settler.dead_unrun(d, Reason.DECODE_ERROR, f"{type(exc).__name__}: {exc}")
                 continue
+            if env.result_ttl is not None or env.failure_ttl is not None:
+                problem = check_result_options(env)
+                if problem is not None:
+                    settler.dead_unrun(d, Reason.DECODE_ERROR, problem, env)
+                    continue
             if env.id in revoked or env.id in revoked_local:
+                if env.name in self.registry:   # its REVOKED status lives as its handler says
+                    apply_result_options(env, self.registry.get(env.name).options)
                 settler.finish_unrun(d, env, TaskState.REVOKED, Reason.REVOKED)
                 continue
             try:
@@ -172,6 +179,7 @@ class Fetcher:
             except UnknownTaskError as exc:
                 settler.dead_unrun(d, Reason.UNKNOWN_TASK, str(exc), env)
                 continue
+            apply_result_options(env, handler.options)
             renew_now = False
             if env.unset_options and apply_handler_options(env, handler):
                 d.visibility_timeout = env.visibility_timeout

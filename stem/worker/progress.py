@@ -13,7 +13,10 @@ queue depends on none of it.  So it never delays a result:
   batches, and forgets what a terminal settle superseded;
 * the write is conditional (``ResultBackend.store_if_not_terminal``), so a
   late RUNNING never turns SUCCEEDED back into RUNNING, whatever the order;
-* a failed write is logged and dropped: the next note carries the latest.
+* a failed write is logged and dropped: the next note carries the latest;
+* a task with ``ignore_result`` gets none: a success would leave it behind.
+  Its lifetime otherwise is the longer of the task's own (``ttl_of``), and
+  the backend keeps it at least ``result_expires``.
 """
 
 from __future__ import annotations
@@ -45,12 +48,16 @@ class StatusBoard:
 
     def started(self, envelope: Any, started_at: float | None) -> None:
         """Note that this task runs (unless a progress note already says more)."""
+        if envelope.ignore_result:
+            return
         with self._lock:
             if envelope.id not in self._pending:
                 self._pending[envelope.id] = self._status(envelope, started_at, None, envelope.meta)
 
     def progress(self, envelope: Any, started_at: float | None, fraction: float, data: Any) -> None:
         """Note the task's latest progress (replacing any earlier note)."""
+        if envelope.ignore_result:
+            return
         meta = dict(envelope.meta)
         if data is not None:
             meta["progress_data"] = data

@@ -18,11 +18,11 @@ from ..brokers import Broker, Delivery
 from ..envelope import with_delivery
 from ..errors import StemError
 from ..logs import task_extra
-from ..results import Reason, TaskState, TaskStatus
+from ..results import Reason, TaskState, TaskStatus, ttl_of
 from ..retry import ExponentialJitterRetryStrategy, RetryStrategy
 from ..signals import signals
 from .engine import Job
-from .execution import OK, Outcome
+from .execution import OK, Outcome, check_result_options
 from .lifecycle import ShutdownMode
 from .progress import StatusBoard
 from .state import WorkerState
@@ -85,9 +85,12 @@ class Settler:
                        _label(env) if env is not None else d.task_id, reason, error,
                        extra=task_extra(env) if env is not None else None)
         if self.store_results:
+            if env is not None:
+                check_result_options(env)   # a lifetime the backend would refuse falls back to its default
             self.store([TaskStatus(id=d.task_id, state=TaskState.DEAD, name=env.name if env else "",
                                    queue=d.queue, attempt=env.attempt if env else 0, error=error, reason=reason,
-                                   finished_at=time.time(), worker=self.worker_id)])
+                                   finished_at=time.time(), worker=self.worker_id,
+                                   ttl=ttl_of(env, TaskState.DEAD) if env is not None else None)])
         self.broker_call(self.broker.dead_letter, d, reason)
         self.state.count("dead_lettered")
         if signals.task_dead_lettered.receivers:
@@ -119,7 +122,7 @@ class Settler:
             if job.settled:
                 continue
             if out.kind == OK:
-                if store:
+                if store and not job.envelope.ignore_result:
                     statuses.append(of(job.envelope, succeeded, result=out.result, started_at=out.started_at,
                                        finished_at=out.finished_at, updated_at=now, worker=worker_id))
                 acks.append(job)
@@ -200,10 +203,14 @@ class Settler:
             frame = with_delivery(job.delivery.frame, attempt=env.attempt + 1, not_before=not_before)
             task_log.warning("task %s failed (%s: %s); retry %d of %d in %.2fs", _label(env), out.error_type,
                              out.error, env.attempt + 1, env.max_retries, delay, extra=task_extra(env))
-            if self.store_results:
-                self.store([TaskStatus.of(env, TaskState.RETRYING, error=out.error, error_type=out.error_type,
-                                          reason=out.reason, traceback=out.traceback, started_at=out.started_at,
-                                          finished_at=out.finished_at, worker=self.worker_id)])
+            if self.store_results and not env.ignore_result:
+                # a success would leave nothing behind of an ignore_result task: neither does a retry
+                status = TaskStatus.of(env, TaskState.RETRYING, error=out.error, error_type=out.error_type,
+                                       reason=out.reason, traceback=out.traceback, started_at=out.started_at,
+                                       finished_at=out.finished_at, worker=self.worker_id)
+                # kept until the retry is due, and a lifetime beyond (a countdown may pass result_expires)
+                status.ttl = max(delay, 0.0) + max(status.ttl or 0.0, self.backend.result_expires)
+                self.store([status])
             self.broker_call(self.broker.retry, job.delivery, frame, not_before)
             self.state.count("retried")
             if signals.task_retry.receivers:

@@ -262,3 +262,73 @@ def test_revoke_refuses_an_expiry_that_is_not_positive_seconds(backend, expires)
     with pytest.raises(ConfigurationError, match="expires"):
         backend.revoke([tid()], expires=expires)
     assert backend.revoked() == set()
+
+
+# -- lifetimes per status (TaskStatus.ttl, base.status_ttl) -------------------------------------
+def test_a_status_with_a_short_ttl_expires_while_one_without_lives_the_backend_default(backend):
+    short, default = tid(), tid()
+    backend.store_many([TaskStatus(id=short, state=TaskState.SUCCEEDED, result=1, ttl=0.3),
+                        TaskStatus(id=default, state=TaskState.SUCCEEDED, result=2)])
+    assert backend.get(short).ttl == 0.3                     # the lifetime is part of the record
+    assert wait_until(lambda: backend.get(short) is None, timeout=10.0)
+    assert backend.get(default).result == 2                  # result_expires: a day
+
+
+def test_a_status_with_a_long_ttl_outlives_the_backend_default(make_backend):
+    backend = make_backend(result_expires=0.5)
+    long, default = tid(), tid()
+    backend.store(TaskStatus(id=long, state=TaskState.FAILED, error="boom", ttl=3600))
+    backend.store(TaskStatus(id=default, state=TaskState.SUCCEEDED))
+    assert wait_until(lambda: backend.get(default) is None, timeout=10.0)
+    assert backend.get(long).error == "boom"
+    assert backend.get_many([long, default])[0].state is TaskState.FAILED
+
+
+def test_failures_live_failure_ttl_and_successes_result_ttl(backend):
+    from stem.envelope import Envelope
+    env = Envelope(tid(), "t", result_ttl=3600.0, failure_ttl=0.3)
+    failed = TaskStatus.of(env, TaskState.FAILED, error="boom")
+    dead = TaskStatus.of(Envelope(tid(), "t", result_ttl=3600.0, failure_ttl=0.3), TaskState.DEAD)
+    ok = TaskStatus.of(Envelope(tid(), "t", result_ttl=3600.0, failure_ttl=0.3), TaskState.SUCCEEDED, result=1)
+    assert (failed.ttl, dead.ttl, ok.ttl) == (0.3, 0.3, 3600.0)
+    backend.store_many([failed, dead, ok])
+    assert wait_until(lambda: backend.get_many([failed.id, dead.id]) == [None, None], timeout=10.0)
+    assert backend.get(ok.id).result == 1
+
+
+def test_a_failure_without_failure_ttl_lives_result_ttl(backend):
+    from stem.envelope import Envelope
+    failed = TaskStatus.of(Envelope(tid(), "t", result_ttl=0.3), TaskState.REVOKED, reason="revoked")
+    assert failed.ttl == 0.3
+    backend.store(failed)
+    assert wait_until(lambda: backend.get(failed.id) is None, timeout=10.0)
+
+
+@pytest.mark.parametrize("how", ["store", "store_if_not_terminal"])
+def test_a_status_a_task_passes_through_lives_at_least_result_expires_whatever_its_ttl(backend, how):
+    running, clock = tid(), tid()
+    status = TaskStatus(id=running, state=TaskState.RUNNING, progress=0.5, ttl=0.3)
+    if how == "store":
+        backend.store(status)
+    else:
+        backend.store_if_not_terminal([status])
+    backend.store(TaskStatus(id=clock, state=TaskState.SUCCEEDED, ttl=0.3))   # the same ttl, terminal
+    assert wait_until(lambda: backend.get(clock) is None, timeout=10.0)
+    assert backend.get(running).progress == 0.5                               # result_expires: a day
+
+
+def test_a_terminal_status_replaces_a_running_one_with_its_own_lifetime(backend):
+    i = tid()
+    backend.store_if_not_terminal([TaskStatus(id=i, state=TaskState.RUNNING, ttl=3600)])
+    backend.store(TaskStatus(id=i, state=TaskState.SUCCEEDED, ttl=0.3))
+    assert wait_until(lambda: backend.get(i) is None, timeout=10.0)
+
+
+@pytest.mark.parametrize("ttl", [0, -1.0, float("nan"), float("inf"), True, "60"])
+@pytest.mark.parametrize("how", ["store_many", "store_if_not_terminal"])
+def test_a_bad_status_ttl_is_refused_and_nothing_of_the_call_is_stored(backend, ttl, how):
+    good, bad = tid(), tid()
+    state = TaskState.SUCCEEDED if how == "store_many" else TaskState.RUNNING
+    with pytest.raises(ConfigurationError, match="ttl"):
+        getattr(backend, how)([TaskStatus(id=good, state=state), TaskStatus(id=bad, state=state, ttl=ttl)])
+    assert backend.get_many([good, bad]) == [None, None]
