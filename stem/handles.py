@@ -24,8 +24,11 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import pickle
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Generic, NamedTuple, ParamSpec, Protocol, Self, TypeVar
+from types import MappingProxyType
+from typing import (TYPE_CHECKING, Any, Callable, Coroutine, Generic, Mapping, NamedTuple, ParamSpec, Protocol, Self,
+                    TypeVar)
 
 from .errors import InvalidTaskOptionsError, TaskFailedError
 from .results import TaskState, TaskStatus
@@ -33,7 +36,7 @@ from .results import TaskState, TaskStatus
 if TYPE_CHECKING:
     from .task import FunctionTaskHandler, TaskContext, TaskOptions
 
-__all__ = ["TaskHandle", "SyncTaskHandle", "AsyncTaskHandle", "TaskRef", "AsyncTaskRef", "CallOptions", "published_function"]
+__all__ = ["TaskHandle", "SyncTaskHandle", "AsyncTaskHandle", "TaskRef", "AsyncTaskRef", "published_function"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -77,22 +80,7 @@ def _params_of(fn: Callable[..., Any]) -> _Params:
     return _Params(tuple(positional), frozenset(keyword), frozenset(required), var_keyword, tuple(positional_only))
 
 
-class CallOptions(NamedTuple):
-    """What ``TaskHandle.with_options`` binds: ``Stem.enqueue``'s keyword arguments (None: not set)."""
-    options: "TaskOptions | None" = None
-    meta: dict[str, Any] | None = None
-    headers: dict[str, str] | None = None
-    countdown: float | None = None
-    eta: float | None = None
-    task_id: str | None = None
-    on_duplicate: str | None = None
-    idempotent_for: float | None = None
-
-    def enqueue_kwargs(self) -> dict[str, Any]:
-        return {k: v for k, v in self._asdict().items() if v is not None}
-
-
-_NO_OPTIONS = CallOptions()
+_NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
 
 
 class TaskHandle(Generic[P, R]):
@@ -108,14 +96,16 @@ class TaskHandle(Generic[P, R]):
     fn: Callable[..., Any]
     __qualname__: str
 
-    def __init__(self, handler: "FunctionTaskHandler", call_options: CallOptions = _NO_OPTIONS):
+    def __init__(self, handler: "FunctionTaskHandler"):
+        # first: it copies the function's __dict__, which must not override what follows
+        functools.update_wrapper(self, handler.fn)  # type: ignore[arg-type]  # __name__, __doc__, __wrapped__
         self.handler = handler
         self.fn = handler.fn
         self.name: str = handler.name
-        self.call_options = call_options
+        #: the keyword arguments ``Stem.call`` gives ``enqueue`` (bound by ``with_options``)
+        self.enqueue_options: Mapping[str, Any] = _NO_OPTIONS
         self._params = _params_of(handler.fn)
         self._registered = self                      # what with_options copies: pickled by reference
-        functools.update_wrapper(self, handler.fn)  # type: ignore[arg-type]  # __name__, __doc__, __wrapped__: inspect sees fn
 
     @property
     def stem_handler(self) -> "FunctionTaskHandler":
@@ -130,10 +120,12 @@ class TaskHandle(Generic[P, R]):
         arguments (``stem.call(send.with_options(countdown=5), to="a@b")``); what is given
         here replaces what this handle bound, the rest is kept.  Checked when called, by
         ``enqueue``, before anything is published."""
-        given = CallOptions(options, meta, headers, countdown, eta, task_id, on_duplicate, idempotent_for)
+        given = {"options": options, "meta": meta, "headers": headers, "countdown": countdown, "eta": eta,
+                 "task_id": task_id, "on_duplicate": on_duplicate, "idempotent_for": idempotent_for}
         bound = object.__new__(type(self))
         bound.__dict__.update(self.__dict__)     # the parameters were read once, at registration
-        bound.call_options = self.call_options._replace(**given.enqueue_kwargs())
+        bound.enqueue_options = MappingProxyType(
+            {**self.enqueue_options, **{k: v for k, v in given.items() if v is not None}})
         return bound
 
     def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +136,14 @@ class TaskHandle(Generic[P, R]):
             raise InvalidTaskOptionsError(
                 f"task {self.name!r} cannot be called by name: its parameters {list(params.positional_only)} "
                 "are positional-only, and handlers are called fn(ctx, **args)")
+        if not params.var_keyword:
+            for key in kwargs:
+                if key not in params.keyword:
+                    close = difflib.get_close_matches(key, sorted(params.keyword), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise InvalidTaskOptionsError(
+                        f"task {self.name!r} has no argument {key!r}{hint} "
+                        f"(it takes: {', '.join(sorted(params.keyword)) or 'none'})")
         if args:
             if len(args) > len(params.positional):
                 raise InvalidTaskOptionsError(
@@ -156,14 +156,6 @@ class TaskHandle(Generic[P, R]):
             out.update(kwargs)
         else:
             out = kwargs
-        if not params.var_keyword:
-            for key in out:
-                if key not in params.keyword:
-                    close = difflib.get_close_matches(key, sorted(params.keyword), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
-                    raise InvalidTaskOptionsError(
-                        f"task {self.name!r} has no argument {key!r}{hint} "
-                        f"(it takes: {', '.join(sorted(params.keyword)) or 'none'})")
         if not params.required <= out.keys():
             missing = sorted(params.required - out.keys())
             raise InvalidTaskOptionsError(f"task {self.name!r} is missing argument(s) {missing}")
@@ -172,11 +164,14 @@ class TaskHandle(Generic[P, R]):
     def __reduce__(self) -> Any:
         if self._registered is self:
             # by reference, as a function: module.qualname must be this handle (pickle checks)
-            return self.__qualname__
-        return _rebind, (self._registered, self.call_options)
+            name = getattr(self, "__qualname__", None)
+            if name is None:
+                raise pickle.PicklingError(f"{self!r} wraps a callable without a __qualname__: it cannot be pickled")
+            return name
+        return _rebind, (self._registered, dict(self.enqueue_options))
 
     def __repr__(self) -> str:
-        bound = f", {self.call_options.enqueue_kwargs()}" if self.call_options != _NO_OPTIONS else ""
+        bound = f", {dict(self.enqueue_options)}" if self.enqueue_options else ""
         return f"<TaskHandle {self.name!r}{bound}>"
 
 
@@ -194,8 +189,8 @@ class AsyncTaskHandle(TaskHandle[P, R]):
         return self.fn(ctx, *args, **kwargs)
 
 
-def _rebind(handle: TaskHandle[P, R], call_options: CallOptions) -> TaskHandle[P, R]:
-    return handle.with_options(**call_options._asdict())
+def _rebind(handle: TaskHandle[P, R], enqueue_options: dict[str, Any]) -> TaskHandle[P, R]:
+    return handle.with_options(**enqueue_options)
 
 
 def published_function(fn: Callable[..., Any]) -> Any:

@@ -260,8 +260,7 @@ class Stem:
         options come from the handle (``send.with_options(countdown=5)``), never from
         keywords here, which all belong to the task."""
         args_dict = _handle_arguments(handle, args, kwargs)
-        return TaskRef(self, self.enqueue(handle.name, args_dict, **handle.call_options.enqueue_kwargs()),
-                       handle.name)
+        return TaskRef(self, self.enqueue(handle.name, args_dict, **handle.enqueue_options), handle.name)
 
     def enqueue_child(self, name: str, args: dict[str, Any] | None, *, options: TaskOptions | None,
                       task_id: str, parent: Any) -> str:
@@ -542,7 +541,7 @@ class AsyncStem:
     async def call(self, handle: TaskHandle[P, R], /, *args: P.args, **kwargs: P.kwargs) -> AsyncTaskRef[R]:
         """``Stem.call``, awaited: the arguments are checked here, before the enqueue is awaited."""
         args_dict = _handle_arguments(handle, args, kwargs)
-        task_id = await self.enqueue(handle.name, args_dict, **handle.call_options.enqueue_kwargs())
+        task_id = await self.enqueue(handle.name, args_dict, **handle.enqueue_options)
         return AsyncTaskRef(self, task_id, handle.name)
 
     async def enqueue_many(self, items) -> BatchIds:

@@ -221,7 +221,7 @@ def test_the_string_name_api_is_unchanged(stem, workers):
 def test_a_handle_pickles_by_reference_and_a_bound_one_keeps_its_options():
     assert pickle.loads(pickle.dumps(add)) is add
     bound = pickle.loads(pickle.dumps(add.with_options(countdown=3, meta={"m": 1})))
-    assert bound.handler is add.handler and bound.call_options == add.with_options(countdown=3, meta={"m": 1}).call_options
+    assert bound.handler is add.handler and dict(bound.enqueue_options) == {"countdown": 3, "meta": {"m": 1}}
 
 
 def test_a_registry_of_handles_pickles_with_its_functions():
