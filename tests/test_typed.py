@@ -165,6 +165,15 @@ def test_task_ref_result_raises_task_failed_error_for_a_revoked_task(stem, worke
     assert info.value.status.state is TaskState.REVOKED
 
 
+def test_task_ref_result_raises_task_failed_error_for_a_dead_lettered_task(stem, workers):
+    elsewhere = TaskRegistry().task("only.elsewhere")(lambda ctx: None)
+    ref = Stem(stem.broker, stem.backend).call(elsewhere)      # no registry here: the worker's lacks it
+    start_worker(stem, workers)
+    with pytest.raises(TaskFailedError, match=r"only.elsewhere .*dead-lettered \(unknown-task\)") as info:
+        ref.result(timeout=20)
+    assert info.value.status.state is TaskState.DEAD
+
+
 def test_task_ref_result_raises_task_timeout_error_when_the_task_does_not_end(stem):
     ref = stem.call(add, 1)                        # no worker: it stays queued
     with pytest.raises(TaskTimeoutError, match=ref.id):
