@@ -7,6 +7,7 @@ results land in a result backend.  See README.md and DESIGN.md.
 from . import _native
 from .config import StemConfig
 from .errors import StemError
+from .handles import AsyncTaskRef, TaskHandle, TaskRef
 from .producer import AsyncStem, Stem
 from .results import TaskResult, TaskState, TaskStatus
 from .retry import ExponentialJitterRetryStrategy, RetryStrategy
@@ -23,7 +24,7 @@ IMPLEMENTATION = _native.implementation()
 
 __all__ = [
     "Stem", "AsyncStem", "Worker", "TaskRegistry", "TaskOptions", "TaskContext", "TaskHandler",
-    "FunctionTaskHandler", "TaskState", "TaskStatus", "TaskResult", "StemConfig", "PayloadSigner",
+    "FunctionTaskHandler", "TaskHandle", "TaskRef", "AsyncTaskRef", "TaskState", "TaskStatus", "TaskResult", "StemConfig", "PayloadSigner",
     "RetryStrategy", "ExponentialJitterRetryStrategy", "WorkerLifecycleConfig", "ShutdownMode",
     "signals", "StemSignals", "StemError", "IMPLEMENTATION", "__version__",
 ]

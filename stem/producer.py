@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, ParamSpec, Sequence, TypeVar
 
 from . import _checks as checks
 from .backends import ResultBackend
@@ -17,6 +17,7 @@ from .envelope import Envelope, encode_frame, encode_frames, frame_encoder
 from ._checks import DEFAULT_RESULT_EXPIRES
 from .errors import (ConfigurationError, DuplicateTaskError, EncodeError, InvalidTaskOptionsError,
                      TaskTimeoutError)
+from .handles import AsyncTaskRef, TaskHandle, TaskRef
 from .ids import new_task_id, new_task_ids
 from .keys import id_key, id_ttl, unique_key, unique_ttl
 from .results import TaskState, TaskStatus
@@ -27,6 +28,8 @@ from .task import DEFAULT_OPTIONS, HANDLER_FILLED, TaskOptions, TaskRegistry
 __all__ = ["Stem", "AsyncStem", "BatchIds", "ON_DUPLICATE"]
 
 EnqueueItem = tuple  # (name, args) | (name, args, options)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: What ``enqueue(on_duplicate=...)`` takes: return the holder's id, or raise DuplicateTaskError.
 ON_DUPLICATE = ("return", "raise")
@@ -256,6 +259,16 @@ class Stem:
         env, message, keyed = self._build(name, args, options, meta, headers, countdown, eta, task_id, parent,
                                           time.time(), idempotent_for=idempotent_for)
         return self._publish_one(env, message, keyed, task_id is not None, on_duplicate == "raise")
+
+    def call(self, handle: TaskHandle[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskRef[R]:
+        """Publish a call of a typed handle (what ``@registry.task`` returns) and return its
+        ``TaskRef``: ``stem.call(send, "a@b", subject="hi")``.  Positional arguments go
+        under the function's parameter names; a name or a count the function could not
+        take raises ``InvalidTaskOptionsError`` before anything is published.  Enqueue
+        options come from the handle (``send.with_options(countdown=5)``), never from
+        keywords here, which all belong to the task."""
+        args_dict = _handle_arguments(handle, args, kwargs)
+        return TaskRef(self, self.enqueue(handle.name, args_dict, **handle.enqueue_options), handle.name)
 
     def enqueue_child(self, name: str, args: dict[str, Any] | None, *, options: TaskOptions | None,
                       task_id: str, parent: Any) -> str:
@@ -503,6 +516,14 @@ class Stem:
         self.close()
 
 
+def _handle_arguments(handle: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(handle, TaskHandle):
+        raise InvalidTaskOptionsError(
+            f"call() takes a task handle (what @registry.task returns), got {handle!r}; "
+            "a task known by name is published with enqueue(name, args)")
+    return handle.arguments(args, kwargs)
+
+
 def _is_duplicate(holder: str | None, own_id: str, explicit_id: bool) -> bool:
     """Whether ``publish_keyed``'s answer means "not published".  Its own id answers a
     publish whose key it already held: a generated id is never reused, so that is a retry
@@ -526,6 +547,12 @@ class AsyncStem:
 
     async def enqueue(self, name: str, args: dict[str, Any] | None = None, **kwargs: Any) -> str:
         return await self._run(self.sync.enqueue, name, args, **kwargs)
+
+    async def call(self, handle: TaskHandle[P, R], /, *args: P.args, **kwargs: P.kwargs) -> AsyncTaskRef[R]:
+        """``Stem.call``, awaited: the arguments are checked here, before the enqueue is awaited."""
+        args_dict = _handle_arguments(handle, args, kwargs)
+        task_id = await self.enqueue(handle.name, args_dict, **handle.enqueue_options)
+        return AsyncTaskRef(self, task_id, handle.name)
 
     async def enqueue_many(self, items) -> BatchIds:
         return await self._run(self.sync.enqueue_many, list(items))

@@ -5,15 +5,19 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Concatenate, Coroutine, Iterator, ParamSpec, Protocol, TypeVar, overload
 
 import msgspec
 
 from . import _checks as checks
 from .errors import ConfigurationError, DuplicateHandlerError, InvalidTaskOptionsError, Retry, UnknownTaskError
+from .handles import AsyncTaskHandle, SyncTaskHandle, TaskHandle, published_function
 
 __all__ = ["TaskOptions", "TaskContext", "TaskHandler", "FunctionTaskHandler", "TaskRegistry",
            "parse_rate_limit", "load_registry"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
 _PER = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
@@ -246,8 +250,28 @@ class FunctionTaskHandler(TaskHandler):
     def run(self, ctx: TaskContext, **args: Any) -> Any:
         return self.fn(ctx, **args)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # after @registry.task the function's module holds its handle under its name, where
+        # pickle looks the function up; the handle pickles by reference and gives it back
+        return {**self.__dict__, "fn": published_function(self.fn)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        fn = state["fn"]
+        self.__dict__.update(state, fn=fn.fn if isinstance(fn, TaskHandle) else fn)
+
     def __repr__(self) -> str:
         return f"FunctionTaskHandler({self.name!r})"
+
+
+class TaskDecorator(Protocol):
+    """What ``registry.task("name", options=...)`` returns: the decorator proper."""
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]],  # type: ignore[overload-overlap]
+                 /) -> AsyncTaskHandle[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[Concatenate[TaskContext, P], R], /) -> SyncTaskHandle[P, R]: ...
 
 
 class TaskRegistry:
@@ -272,21 +296,35 @@ class TaskRegistry:
         self._handlers[name] = handler
         return handler
 
-    def task(self, name: str | Callable[..., Any] | None = None, *, options: TaskOptions | None = None):
+    @overload
+    def task(self, name: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]], *,  # type: ignore[overload-overlap]
+             options: TaskOptions | None = None) -> AsyncTaskHandle[P, R]: ...
+
+    @overload
+    def task(self, name: Callable[Concatenate[TaskContext, P], R], *,
+             options: TaskOptions | None = None) -> SyncTaskHandle[P, R]: ...
+
+    @overload
+    def task(self, name: str | None = None, *, options: TaskOptions | None = None) -> "TaskDecorator": ...
+
+    def task(self, name: Any = None, *, options: TaskOptions | None = None) -> Any:
         """Decorator: ``@registry.task("email.send", options=TaskOptions(max_retries=2))``.
 
-        Returns the function unchanged (so it stays callable in unit tests);
-        its handler is at ``fn.stem_handler``."""
+        Returns a ``TaskHandle`` (``stem.handles``): still callable exactly as the
+        function (unit tests keep calling ``fn(ctx, ...)``), typed from its signature
+        for ``stem.call(handle, ...)``.  The handler is ``handle.handler`` (and, as
+        before, ``fn.stem_handler`` on the function itself)."""
         if callable(name):
-            return self.task()(name)
+            return self.task(options=options)(name)
 
-        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-            handler = self.register(FunctionTaskHandler(fn, name, options))
+        def decorate(fn: Callable[..., Any]) -> TaskHandle[Any, Any]:
+            handler = FunctionTaskHandler(fn, name, options)
+            self.register(handler)
             try:
                 fn.stem_handler = handler  # type: ignore[attr-defined]
             except (AttributeError, TypeError):
                 pass
-            return fn
+            return AsyncTaskHandle(handler) if handler.is_async else SyncTaskHandle(handler)
 
         return decorate
 

@@ -3,7 +3,7 @@ import stem
 
 def test_public_names_are_exactly_the_documented_ones():
     expected = {"Stem", "AsyncStem", "Worker", "TaskRegistry", "TaskOptions", "TaskContext", "TaskHandler",
-                "FunctionTaskHandler", "TaskState", "TaskStatus", "TaskResult", "StemConfig", "PayloadSigner",
+                "FunctionTaskHandler", "TaskHandle", "TaskRef", "AsyncTaskRef", "TaskState", "TaskStatus", "TaskResult", "StemConfig", "PayloadSigner",
                 "RetryStrategy", "ExponentialJitterRetryStrategy", "WorkerLifecycleConfig", "ShutdownMode",
                 "signals", "StemSignals", "StemError", "IMPLEMENTATION", "__version__"}
     assert set(stem.__all__) == expected
