@@ -146,8 +146,8 @@ class WaitHub:
         self._lock = self._given_lock if self._given_lock is not None else threading.Lock()
         self._work = threading.Condition(self._lock)          # the reader's
         self._waiters: dict[str, set[Waiter]] = {}
-        self._dirty: set[str] = set()
-        self._changed: set[str] = set()
+        self._dirty: dict[str, None] = {}      # ordered sets: ids are read in the order they came
+        self._changed: dict[str, None] = {}
         self._down: dict[str, tuple[float, StemError]] = {}
         self._reader: threading.Thread | None = None
         self._stop = threading.Event()
@@ -173,9 +173,9 @@ class WaitHub:
                 raise BackendError(f"the result backend ({self.label}) is closed")
             self._add_locked(waiter)
             if self._on_change is not None:
-                self._changed.update(ids)
+                self._changed.update(dict.fromkeys(ids))
             else:
-                self._dirty.update(ids)
+                self._dirty.update(dict.fromkeys(ids))
                 self._work.notify()
             self._start_reader_locked()
         if self._on_change is not None:
@@ -207,9 +207,9 @@ class WaitHub:
 
     def _drop_locked(self, task_id: str) -> None:
         del self._waiters[task_id]
-        self._dirty.discard(task_id)
+        self._dirty.pop(task_id, None)
         if self._on_change is not None:
-            self._changed.add(task_id)
+            self._changed[task_id] = None
 
     def _changes_made(self) -> None:
         if self._on_change is not None and self._changed:
@@ -277,8 +277,10 @@ class WaitHub:
     def _offer_read(self, ids: list[str], statuses: Iterable[TaskStatus]) -> None:
         """A read of ``ids`` found ``statuses``: offer them, and tell the waiters of the ids
         not found that their first read is done."""
+        position = {i: n for n, i in enumerate(ids)}
+        found = sorted(statuses, key=lambda s: position.get(s.id, 0))     # as asked, not as stored
         with self._lock:
-            self.offer_locked(statuses)
+            self.offer_locked(found)
             for i in ids:
                 for w in self._waiters.get(i, ()):
                     if i in w.unseen:
@@ -298,7 +300,7 @@ class WaitHub:
     def take_changes(self) -> list[tuple[str, bool]]:
         """The ids added or dropped since the last call, each with whether it is waited on now."""
         with self._lock:
-            changed, self._changed = self._changed, set()
+            changed, self._changed = self._changed, {}
             return [(i, i in self._waiters) for i in changed]
 
     def confirmed(self, ids: Iterable[str]) -> None:
@@ -312,14 +314,14 @@ class WaitHub:
     def _mark(self, ids: Iterable[str]) -> None:
         with self._lock:
             before = len(self._dirty)
-            self._dirty.update(i for i in ids if i in self._waiters)
+            self._dirty.update(dict.fromkeys(i for i in ids if i in self._waiters))
             if len(self._dirty) != before:
                 self._work.notify()
 
     def reset(self) -> None:
         """The source (re)connected or may have missed announcements: re-read every waited id."""
         with self._lock:
-            self._dirty.update(self._waiters)
+            self._dirty.update(dict.fromkeys(self._waiters))
             self._work.notify()
 
     def kick(self) -> None:
@@ -370,7 +372,7 @@ class WaitHub:
             now = time.monotonic()
             interval = self._poll() if self._waiters else None
             if interval is not None and now >= self._polled_at + interval:
-                self._dirty.update(self._waiters)
+                self._dirty.update(dict.fromkeys(self._waiters))
             if self._dirty:
                 if len(self._dirty) >= len(self._waiters):
                     self._polled_at = now
@@ -397,7 +399,7 @@ class WaitHub:
                         self._offer_read(chunk, read(chunk))
             except StemError as exc:
                 with self._lock:
-                    self._dirty.update(i for i in ids if i in self._waiters)
+                    self._dirty.update(dict.fromkeys(i for i in ids if i in self._waiters))
                 self.down("reader", exc)
                 log.debug("stem: reading waited statuses failed (%s); retrying", exc)
                 backoff = backoff or Backoff()
@@ -407,7 +409,7 @@ class WaitHub:
             except Exception:    # noqa: BLE001 - the reader must outlive a bug in one read
                 log.exception("stem: reading waited statuses failed")
                 with self._lock:
-                    self._dirty.update(i for i in ids if i in self._waiters)
+                    self._dirty.update(dict.fromkeys(i for i in ids if i in self._waiters))
                 if self._stop.wait(1.0):
                     return
                 continue
