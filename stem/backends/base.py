@@ -41,7 +41,7 @@ from .. import _checks as checks
 from .._checks import DEFAULT_RESULT_EXPIRES
 from ..errors import ConfigurationError
 from ..results import TaskStatus
-from .waiting import WATCH, Waiter, WaitHub, check_wait, watch_statuses
+from .waiting import WATCH, Waiter, WaitHub, Watch, check_wait
 
 __all__ = ["ResultBackend", "ScheduleRecord", "DEFAULT_RESULT_EXPIRES", "TERMINAL_STATE_NAMES",
            "check_non_terminal", "check_proofs", "check_schedule_ids", "check_definition", "check_fired",
@@ -231,7 +231,7 @@ class ResultBackend(abc.ABC):
         if not ids:
             return iter(())
         waiter = self._open_wait(ids, WATCH, False, deadline)
-        return watch_statuses(self._waits, waiter, deadline)
+        return Watch(self._waits, waiter, deadline)
 
     @abc.abstractmethod
     def forget(self, task_id: str) -> None:

@@ -28,6 +28,7 @@ waiters of that id only.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -39,7 +40,7 @@ from ..results import TaskState, TaskStatus
 from ..stores.base import Backoff
 from ..stores.local import after_fork_in_child
 
-__all__ = ["RETURN_WHEN", "EXCEPTION_STATES", "WATCH", "Waiter", "WaitHub", "check_wait", "TASK_ID_MAX"]
+__all__ = ["RETURN_WHEN", "EXCEPTION_STATES", "WATCH", "Waiter", "WaitHub", "check_wait", "TASK_ID_MAX", "Watch"]
 
 log = logging.getLogger("stem.backends")
 
@@ -433,17 +434,37 @@ class WaitHub:
             reader.join(5.0)
 
 
-def watch_statuses(hub: WaitHub, waiter: Waiter, deadline: float) -> Iterator[TaskStatus]:
-    """Yield each terminal status as it arrives; stop when all came or at ``deadline``
-    (the waiter is closed when the iterator ends or is dropped)."""
-    try:
-        while waiter.pending or waiter.fresh:
-            got = hub.take(waiter, deadline)
-            if not got:
-                if time.monotonic() >= deadline or not waiter.pending:
-                    return
-                continue
-            yield from got
-    finally:
-        hub.close(waiter)
+class Watch(Iterator[TaskStatus]):
+    """What ``ResultBackend.watch`` returns: each terminal status as it arrives, until every id
+    came or the deadline passed.  Its waiter is closed when it ends, on ``close()``, or when
+    the iterator is dropped, started or not."""
 
+    def __init__(self, hub: WaitHub, waiter: Waiter, deadline: float):
+        self._hub = hub
+        self._waiter = waiter
+        self._deadline = deadline
+        self._ready: collections.deque[TaskStatus] = collections.deque()
+        self._closed = False
+
+    def __next__(self) -> TaskStatus:
+        while not self._ready:
+            if self._closed:
+                raise StopIteration
+            try:
+                got = self._hub.take(self._waiter, self._deadline)
+            except BaseException:
+                self.close()
+                raise
+            if not got and (time.monotonic() >= self._deadline or not self._waiter.pending):
+                self.close()
+                raise StopIteration
+            self._ready.extend(got)
+        return self._ready.popleft()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._hub.close(self._waiter)
+
+    def __del__(self) -> None:
+        self.close()

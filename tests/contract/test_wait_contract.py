@@ -202,3 +202,11 @@ def test_bad_arguments_raise_a_configuration_error_before_waiting(backend, args)
     if len(args) == 2:
         with pytest.raises(ConfigurationError):
             backend.watch(*args)             # at the call, not at the first next()
+
+
+def test_a_watch_dropped_before_its_first_next_unregisters_its_ids(backend):
+    a = tid()
+    it = backend.watch([a], 20.0)
+    assert a in backend._waits.waited_ids()
+    del it
+    assert backend._waits.waited_ids() == []
