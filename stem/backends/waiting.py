@@ -100,22 +100,38 @@ class Waiter:
             return bool(self.done)
         if self.mode == "FIRST_EXCEPTION":
             return self.failed
-        if self.mode == WATCH:
-            return bool(self.fresh)
+        if self.mode == WATCH:       # what the first reads found is handed out at once, in input order
+            return bool(self.fresh) and not self.unseen
         return False
 
     def arrive(self, status: TaskStatus) -> None:
         if status.id not in self.pending:
             return
         self.pending.discard(status.id)
-        self.unseen.discard(status.id)
         self.done[status.id] = status
         if self.mode == WATCH:
             self.fresh.append(status)
         if status.state in EXCEPTION_STATES:
             self.failed = True
+        if status.id in self.unseen:
+            self.unseen.discard(status.id)
+            if not self.unseen and self.mode == WATCH and len(self.fresh) > 1:
+                self._sort_fresh()     # the end of the first reads: nothing was handed out yet
         if self.satisfied:
             self.cond.notify()
+
+    def seen(self, task_id: str) -> None:
+        """The first read of ``task_id`` since this waiter registered is done."""
+        if task_id in self.unseen:
+            self.unseen.discard(task_id)
+            if not self.unseen:
+                if self.mode == WATCH and len(self.fresh) > 1:
+                    self._sort_fresh()
+                self.cond.notify()
+
+    def _sort_fresh(self) -> None:
+        position = {i: n for n, i in enumerate(self.ids)}
+        self.fresh.sort(key=lambda s: position[s.id])
 
 
 class WaitHub:
@@ -284,10 +300,7 @@ class WaitHub:
             self.offer_locked(found)
             for i in ids:
                 for w in self._waiters.get(i, ()):
-                    if i in w.unseen:
-                        w.unseen.discard(i)
-                        if not w.unseen:
-                            w.cond.notify()
+                    w.seen(i)
         self._changes_made()
 
     def waited_ids(self) -> list[str]:
