@@ -110,7 +110,14 @@ class BackendConnectionError(BackendError, ConnectionError):
 
 
 class TaskTimeoutError(StemError, TimeoutError):
-    pass
+    """A wait ended at its timeout; ``pending`` holds the ids still unfinished (``as_completed``)."""
+
+    def __init__(self, message: str, pending: list[str] | None = None):
+        super().__init__(message)
+        self.pending = list(pending or [])
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.pending))
 
 
 class WorkerError(StemError):

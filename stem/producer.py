@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+<<<<<<< HEAD
 from typing import Any, Iterable, NamedTuple, ParamSpec, Sequence, TypeVar
+=======
+from typing import Any, AsyncIterator, Iterable, Iterator, NamedTuple, Sequence
+>>>>>>> wait
 
 from . import _checks as checks
 from .backends import ResultBackend
+from .backends.waiting import check_wait
 from .backends import from_url as backend_from_url
 from .brokers import Broker, Message
 from .brokers.base import Keyed
@@ -25,7 +30,7 @@ from .revocation import store_revocations
 from .signals import signals
 from .task import DEFAULT_OPTIONS, HANDLER_FILLED, TaskOptions, TaskRegistry
 
-__all__ = ["Stem", "AsyncStem", "BatchIds", "ON_DUPLICATE"]
+__all__ = ["Stem", "AsyncStem", "BatchIds", "WaitResult", "ON_DUPLICATE"]
 
 EnqueueItem = tuple  # (name, args) | (name, args, options)
 P = ParamSpec("P")
@@ -497,6 +502,25 @@ class Stem:
             raise TaskTimeoutError(f"task {task_id} did not finish within {timeout}s (state: {state})")
         return status
 
+    def wait_many(self, task_ids: Iterable[str], timeout: float = 30.0, return_when: str = "ALL") -> WaitResult:
+        """Wait on many tasks at once: until every one is terminal (``"ALL"``), one is
+        (``"FIRST_COMPLETED"``), one FAILED, DEAD or REVOKED (``"FIRST_EXCEPTION"``; or all are
+        terminal), or ``timeout`` seconds pass.  Returns ``WaitResult(done, pending)``: the
+        terminal statuses found by id, and the other ids in input order; never raises on the
+        timeout.  Any number of waits share the backend's connections (one pub/sub listener
+        on Redis, one LISTEN on Postgres).  Bad arguments raise ``InvalidTaskOptionsError``."""
+        ids, timeout, return_when = check_wait(task_ids, timeout, return_when, error=InvalidTaskOptionsError)
+        done = self._require_backend().wait_many(ids, timeout, return_when)
+        return WaitResult(done, [i for i in ids if i not in done])
+
+    def as_completed(self, task_ids: Iterable[str], timeout: float = 30.0) -> Iterator[TaskStatus]:
+        """Yield each task's terminal status as it finishes (those already finished first),
+        each id once; raise ``TaskTimeoutError`` naming the ids still pending when ``timeout``
+        seconds (from this call) pass first.  Arguments are checked here, not at the first
+        ``next``."""
+        ids, timeout, _ = check_wait(task_ids, timeout, error=InvalidTaskOptionsError)
+        return _as_completed(self._require_backend().watch(ids, timeout), ids, timeout)
+
     def revoke(self, task_ids: str | Sequence[str], expires: float | None = None) -> None:
         """Persistently mark tasks as revoked: a worker skips them (now or when it starts later).
         With a signer, each revocation carries a signed proof (``stem.revocation``), without
@@ -532,6 +556,27 @@ def _is_duplicate(holder: str | None, own_id: str, explicit_id: bool) -> bool:
     return holder is not None and (holder != own_id or explicit_id)
 
 
+class WaitResult(NamedTuple):
+    """What ``Stem.wait_many`` returns."""
+
+    #: The terminal statuses found, by task id (in the order they were found).
+    done: dict[str, TaskStatus]
+    #: The ids without a terminal status when the wait ended, in input order.
+    pending: list[str]
+
+
+def _as_completed(statuses: Iterator[TaskStatus], ids: list[str], timeout: float) -> Iterator[TaskStatus]:
+    pending = dict.fromkeys(ids)
+    for status in statuses:
+        pending.pop(status.id, None)
+        yield status
+    if pending:
+        shown = list(pending)[:10]
+        more = f" and {len(pending) - len(shown)} more" if len(pending) > len(shown) else ""
+        raise TaskTimeoutError(f"{len(pending)} of {len(ids)} tasks did not finish within {timeout}s: "
+                               f"{', '.join(shown)}{more}", pending=list(pending))
+
+
 class AsyncStem:
     """Awaitable twin of ``Stem`` for asyncio services.
 
@@ -562,6 +607,18 @@ class AsyncStem:
 
     async def wait_for_task(self, task_id: str, timeout: float = 30.0) -> TaskStatus:
         return await self._run(self.sync.wait_for_task, task_id, timeout)
+
+    async def wait_many(self, task_ids: Iterable[str], timeout: float = 30.0,
+                        return_when: str = "ALL") -> WaitResult:
+        ids, timeout, return_when = check_wait(task_ids, timeout, return_when, error=InvalidTaskOptionsError)
+        return await self._run(self.sync.wait_many, ids, timeout, return_when)
+
+    async def as_completed(self, task_ids: Iterable[str], timeout: float = 30.0) -> AsyncIterator[TaskStatus]:
+        """``Stem.as_completed`` as an async iterator (each step waits in the executor)."""
+        statuses = await self._run(self.sync.as_completed, list(task_ids), timeout)
+        done = object()
+        while (status := await self._run(next, statuses, done)) is not done:
+            yield status
 
     async def revoke(self, task_ids, expires: float | None = None) -> None:
         return await self._run(self.sync.revoke, task_ids, expires)

@@ -278,7 +278,7 @@ def test_a_forked_child_does_not_inherit_a_lock_held_by_another_thread(broker, b
         assert len(got) == 1 and backend.wait("c", 5.0).state is TaskState.SUCCEEDED
 
     assert fork_while_held(broker._cond, child) == "ok"
-    assert fork_while_held(backend._waiters_lock, child) == "ok"
+    assert fork_while_held(backend._waits.lock, child) == "ok"
 
 
 # -- table size and claim speed -------------------------------------------------------------

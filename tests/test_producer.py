@@ -392,3 +392,91 @@ def test_a_uniform_batch_checks_name_and_options_once_with_the_usual_errors(stem
     monkeypatch.setattr(stem.registry, "get", lambda name: (looked_up.append(name), real(name))[1])
     stem.enqueue_many([("noop", {"i": i}) for i in range(100)])
     assert looked_up == ["noop"]
+
+
+# -- waiting on many ---------------------------------------------------------------------------
+def _done(stem, *ids, state=TaskState.SUCCEEDED):
+    stem.backend.store_many([TaskStatus(id=i, state=state, result=i) for i in ids])
+
+
+def test_wait_many_returns_done_by_id_and_pending_in_input_order(stem):
+    _done(stem, "b", "d")
+    result = stem.wait_many(["c", "b", "a", "d", "c"], timeout=0.2)
+    assert set(result.done) == {"b", "d"} and result.done["b"].result == "b"
+    assert result.pending == ["c", "a"]                   # input order, the duplicate once
+    assert result == (result.done, result.pending)        # a NamedTuple
+
+
+def test_wait_many_never_raises_on_its_timeout(stem):
+    t0 = time.monotonic()
+    assert stem.wait_many(["never"], timeout=0.3) == ({}, ["never"])
+    assert time.monotonic() - t0 >= 0.25
+
+
+def test_wait_many_passes_return_when_to_the_backend(stem):
+    _done(stem, "x", state=TaskState.DEAD)
+    assert stem.wait_many(["x", "y"], timeout=20, return_when="FIRST_EXCEPTION").pending == ["y"]
+    assert stem.wait_many(["x", "y"], timeout=20, return_when="FIRST_COMPLETED").pending == ["y"]
+
+
+def test_as_completed_yields_each_status_then_raises_naming_the_pending_ids(stem):
+    _done(stem, "a", "c")
+    got = []
+    with pytest.raises(TaskTimeoutError, match="1 of 3 tasks did not finish within 0.3s: b") as info:
+        for status in stem.as_completed(["a", "b", "c"], timeout=0.3):
+            got.append(status.id)
+    assert got == ["a", "c"] and info.value.pending == ["b"]
+
+
+def test_as_completed_ends_quietly_when_every_task_finished(stem):
+    _done(stem, "a")
+    it = stem.as_completed(["a", "b"], timeout=20)
+    assert next(it).id == "a"
+    _done(stem, "b")
+    assert [s.id for s in it] == ["b"]
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: s.wait_many("abc"),                          # one id as a string
+    lambda s: s.wait_many([1]),
+    lambda s: s.wait_many(["a", None]),
+    lambda s: s.wait_many(["a"], timeout=-1),
+    lambda s: s.wait_many(["a"], timeout=float("inf")),
+    lambda s: s.wait_many(["a"], return_when="first_completed"),
+    lambda s: s.as_completed("abc"),
+    lambda s: s.as_completed([b"a"]),
+    lambda s: s.as_completed(["a"], timeout=-0.5),
+])
+def test_waits_check_every_argument_before_waiting(stem, call, monkeypatch):
+    touched = []
+    monkeypatch.setattr(stem.backend, "wait_many", lambda *a, **k: touched.append(a))
+    monkeypatch.setattr(stem.backend, "watch", lambda *a, **k: touched.append(a))
+    with pytest.raises(InvalidTaskOptionsError):
+        call(stem)
+    assert touched == []
+
+
+def test_a_fire_and_forget_producer_cannot_wait_on_many():
+    s = Stem(broker=InMemoryBroker(), backend=None)
+    with pytest.raises(ConfigurationError):
+        s.wait_many(["a"])
+    with pytest.raises(ConfigurationError):
+        s.as_completed(["a"])                               # at the call, not at the first next()
+
+
+def test_async_stem_waits_on_many(stem):
+    _done(stem, "a")
+
+    async def main():
+        astem = AsyncStem(stem)
+        result = await astem.wait_many(["a", "b"], timeout=0.2)
+        _done(stem, "b")
+        seen = [s.id async for s in astem.as_completed(["a", "b"], timeout=20)]
+        with pytest.raises(TaskTimeoutError):
+            [s async for s in astem.as_completed(["a", "never"], timeout=0.2)]
+        with pytest.raises(InvalidTaskOptionsError):
+            await astem.wait_many(["a"], return_when="SOME")
+        return result, seen
+
+    result, seen = asyncio.run(main())
+    assert result.pending == ["b"] and seen == ["a", "b"]

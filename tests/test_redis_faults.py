@@ -134,7 +134,8 @@ def test_a_consumer_blocked_in_xread_survives_the_restart(redis_server):
 
 
 def test_results_survive_kill_9_and_a_wait_in_progress_fails_fast(redis_server):
-    backend = RedisResultBackend.from_url(redis_server.url, namespace="f")
+    # a wait outlives a short outage (test_wait_shared.py); it fails once it lasts reconnect_timeout
+    backend = RedisResultBackend.from_url(redis_server.url, namespace="f", reconnect_timeout=2.0)
     try:
         backend.store(TaskStatus(id="done", state=TaskState.SUCCEEDED, result=42))
         outcome: list = []

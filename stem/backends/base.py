@@ -19,6 +19,9 @@ way everywhere (``tests/contract`` proves it).
   that is not finite seconds > 0 is refused (ConfigurationError) before
   anything of the call is stored.  An expired or unknown id reads as
   ``None`` (``Stem.get_status`` turns that into PENDING).
+* ``wait``, ``wait_many`` and ``watch`` block on those wake-ups through one
+  ``WaitHub`` per backend instance (``stem.backends.waiting``): any number of
+  concurrent waits in a process use a constant number of connections.
 * Heartbeats are per worker id and vanish ``ttl`` seconds after the last put,
   so a dead worker disappears by itself.
 * ``store_if_not_terminal`` is the conditional form of ``store`` for the
@@ -40,12 +43,14 @@ way everywhere (``tests/contract`` proves it).
 from __future__ import annotations
 
 import abc
-from typing import Any, NamedTuple, Sequence
+import time
+from typing import Any, Iterator, NamedTuple, Sequence
 
 from .. import _checks as checks
 from .._checks import DEFAULT_RESULT_EXPIRES
 from ..errors import ConfigurationError
 from ..results import TERMINAL_STATES, TaskStatus
+from .waiting import WATCH, Waiter, WaitHub, Watch, check_wait
 
 __all__ = ["ResultBackend", "ScheduleRecord", "DEFAULT_RESULT_EXPIRES", "TERMINAL_STATE_NAMES",
            "status_ttl", "check_non_terminal", "check_proofs", "check_schedule_ids", "check_definition", "check_fired",
@@ -194,10 +199,61 @@ class ResultBackend(abc.ABC):
     def get_many(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
         return [self.get(t) for t in task_ids]
 
-    @abc.abstractmethod
+    # -- waiting (stem.backends.waiting: one hub per instance, shared by every waiter) --------
+    #: The adapter's ``WaitHub``; it decides how ids are read and how stores are announced.
+    _waits: WaitHub
+
+    def _open_wait(self, ids: list[str], mode: str, keep_latest: bool, deadline: float) -> Waiter:
+        """Register a waiter on ``ids`` (then they are read): the adapter's hook."""
+        return self._waits.open(ids, mode, keep_latest)
+
     def wait(self, task_id: str, timeout: float) -> TaskStatus | None:
-        """Block until the task reaches a terminal state (return it) or
-        ``timeout`` seconds pass (return the latest status, possibly None)."""
+        """Block until the task reaches a terminal state (return it) or ``timeout`` seconds
+        pass (return the latest status the wait saw, possibly None).  ``wait_many`` of one id."""
+        ids, timeout, _ = check_wait([task_id], timeout)
+        deadline = time.monotonic() + timeout
+        waiter = self._open_wait(ids, "ALL", True, deadline)
+        try:
+            self._waits.wait(waiter, deadline)
+        finally:
+            self._waits.close(waiter)
+        return waiter.done.get(task_id) or waiter.latest or None
+
+    def wait_many(self, task_ids: Sequence[str], timeout: float, return_when: str = "ALL") -> dict[str, TaskStatus]:
+        """Block until ``return_when`` holds for ``task_ids`` or ``timeout`` seconds pass, and
+        return the terminal statuses found by then (by id, in the order they were found;
+        ids without one are left out).  ``"ALL"``: every id is terminal;
+        ``"FIRST_COMPLETED"``: at least one is; ``"FIRST_EXCEPTION"``: one is FAILED, DEAD
+        or REVOKED, or all are terminal.  Statuses stored before the call are found (the
+        ids are registered, then read); any number of concurrent waits in the process
+        share one notification connection and one reader (``stem.backends.waiting``).
+        Bad arguments raise ``ConfigurationError`` before anything is waited on; an
+        unreachable backend, ``BackendConnectionError``."""
+        ids, timeout, mode = check_wait(task_ids, timeout, return_when)
+        if not ids:
+            return {}
+        deadline = time.monotonic() + timeout
+        waiter = self._open_wait(ids, mode, False, deadline)
+        try:
+            self._waits.wait(waiter, deadline)
+        finally:
+            self._waits.close(waiter)
+        return dict(waiter.done)
+
+    def watch(self, task_ids: Sequence[str], timeout: float) -> Iterator[TaskStatus]:
+        """Yield the terminal status of each of ``task_ids`` as it is found (each id once,
+        those already terminal first, in input order), and stop when every id came or
+        ``timeout`` seconds after the call: at the timeout the iterator simply ends, so the
+        caller tells what is still pending by the ids it did not get (``Stem.as_completed``
+        raises ``TaskTimeoutError`` naming them).  The arguments are checked, and the ids
+        registered, by the call itself, not by the first ``next``; dropping the iterator
+        unregisters them."""
+        ids, timeout, _ = check_wait(task_ids, timeout)
+        deadline = time.monotonic() + timeout
+        if not ids:
+            return iter(())
+        waiter = self._open_wait(ids, WATCH, False, deadline)
+        return Watch(self._waits, waiter, deadline)
 
     @abc.abstractmethod
     def forget(self, task_id: str) -> None:

@@ -1,7 +1,9 @@
 """The in-memory result backend: statuses, heartbeats, revocations and schedule records for one process.
 
-``wait`` sleeps on a condition variable that ``store`` notifies, so a waiter
-wakes the moment the worker stores a terminal status.
+Waits register under the backend's lock and read there too (``WaitHub`` in
+inline mode, on the same lock); ``store`` hands each status to the waiters of
+its id under that lock, so a waiter wakes the moment the worker stores a
+terminal status, and only the waiters of that id wake.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any, Sequence
 
 from .. import _checks as checks
 from ..results import TaskStatus
+from .waiting import Waiter, WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, ResultBackend, ScheduleRecord, check_definition, check_fired,
                    check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
@@ -23,6 +26,7 @@ class InMemoryResultBackend(ResultBackend):
         self.url = url
         self.result_expires = checks.seconds("result_expires", result_expires)
         self._cond = threading.Condition(threading.Lock())
+        self._waits = WaitHub(name="memory", read=None, lock=self._cond, label=url)
         self._statuses: dict[str, tuple[TaskStatus, float]] = {}
         self._heartbeats: dict[str, tuple[dict[str, Any], float]] = {}
         self._revoked: dict[str, tuple[float, bytes | None]] = {}   # id -> (until, proof)
@@ -46,7 +50,7 @@ class InMemoryResultBackend(ResultBackend):
                 self._stores += len(statuses)
                 if self._stores > len(self._statuses) // 2:
                     self._expire(time.time())
-            self._cond.notify_all()
+            self._waits.offer_locked(statuses)
 
     def store_if_not_terminal(self, statuses: Sequence[TaskStatus]) -> None:
         check_non_terminal(statuses)
@@ -82,17 +86,13 @@ class InMemoryResultBackend(ResultBackend):
         with self._cond:
             return [self._get(t, now) for t in task_ids]
 
-    def wait(self, task_id: str, timeout: float) -> TaskStatus | None:
-        deadline = time.monotonic() + max(timeout, 0.0)
+    def _open_wait(self, ids: list[str], mode: str, keep_latest: bool, deadline: float) -> Waiter:
+        """Register and read under the lock ``store`` holds to announce: nothing falls between."""
+        now = time.time()
         with self._cond:
-            while True:
-                status = self._get(task_id, time.time())
-                if status is not None and status.is_terminal:
-                    return status
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return status
-                self._cond.wait(remaining)
+            waiter = self._waits.open(ids, mode, keep_latest)
+            self._waits.offer_locked([s for s in (self._get(i, now) for i in ids) if s is not None])
+        return waiter
 
     def forget(self, task_id: str) -> None:
         with self._cond:

@@ -5,12 +5,15 @@ Same URLs and schema as the Postgres broker (``stem/stores/postgres_schema.py``)
 ``pg_notify('stem.<schema>.results', '<id>,<id>,...')`` for the terminal
 statuses, so the notification leaves with the commit.
 
-``wait`` from any process: a listener thread (started by the first ``wait``)
-LISTENs on the results channel; a waiter registers its id, makes sure the
-listener is listening, *then* reads the row -- a status stored before that
-read is seen by the read, one stored after it is announced to the listener --
-and sleeps until its id is announced or the timeout passes.  No polling while
-the listener is connected; while it reconnects, waiters re-read once a second.
+Waits from any process: a listener thread (started by the first wait) LISTENs
+on the results channel, one connection for the whole backend instance.  A
+waiter makes sure the listener is listening, registers its ids with the
+backend's ``WaitHub`` (``stem.backends.waiting``), *then* the hub's reader
+reads them -- a status stored before that read is seen by the read, one
+stored after it is announced to the listener, whose notification names the
+ids the reader then reads (in one query per batch).  No polling while the
+listener is connected; while it reconnects, the reader re-reads every waited
+id once a second, and once more when it is back.
 
 Schedule records are rows of ``stem_schedules``, written on the durable
 sessions (read on the fast ones); ``mark_fired`` is one upsert whose update applies only over an
@@ -20,7 +23,6 @@ schedulers serialise on the row and ``last_fired`` never goes back.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any, Sequence
 
@@ -29,9 +31,9 @@ import msgspec
 from .. import _checks as checks
 from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
-from ..stores.local import after_fork_in_child
 from ..stores.postgres import PostgresStore, parse_postgres_url
 from ..stores.postgres_schema import NOW, quote_schema, release_ctes
+from .waiting import Waiter, WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
@@ -155,10 +157,9 @@ class PostgresResultBackend(ResultBackend):
         self._fast = self._store.fast        # reads and heartbeats; see stem.stores.postgres
         self._sql = _queries(quote_schema(schema))
         self.channel = f"stem.{schema}.results"
-        self._waiters: dict[str, set[threading.Event]] = {}
-        self._new_locks()
-        after_fork_in_child(self._new_locks)
         self._listener = self._store.listener(self.channel, self._on_notify, self._on_reset)
+        self._waits = WaitHub(name=f"postgres-{schema}", read=self._read_found, label=self._store.label,
+                              poll=lambda: None if self._listener.listening else _FALLBACK_POLL_S)
         self._next_sweep = 0.0
         self._store_and_ack_sql: dict[tuple[str, bool], str] = {}
 
@@ -171,24 +172,18 @@ class PostgresResultBackend(ResultBackend):
         return self._store.migrate()
 
     # -- wake-ups ---------------------------------------------------------------------
-    def _new_locks(self) -> None:
-        """At construction and in a forked child (where another thread may have held it)."""
-        self._waiters_lock = threading.Lock()
-        self._waiters = {}          # a forked child has no waiters
-
     def _on_notify(self, payload: str) -> None:
-        with self._waiters_lock:
-            if not self._waiters:
-                return
-            for task_id in payload.split(","):
-                for ev in self._waiters.get(task_id, ()):
-                    ev.set()
+        if self._waits.has_waiters():
+            self._waits.mark(payload.split(","))
 
     def _on_reset(self) -> None:
-        with self._waiters_lock:
-            for events in self._waiters.values():
-                for ev in events:
-                    ev.set()
+        """The listener (re)connected or lost its connection: re-read, and poll while it is down."""
+        self._waits.reset()
+
+    def _open_wait(self, ids: list[str], mode: str, keep_latest: bool, deadline: float) -> Waiter:
+        """Listening first (or, if it cannot within a few seconds, polling until it does)."""
+        self._listener.ensure(min(5.0, max(deadline - time.monotonic(), 0.0)))
+        return self._waits.open(ids, mode, keep_latest)
 
     # -- statuses ---------------------------------------------------------------------
     def store(self, status: TaskStatus) -> None:
@@ -255,33 +250,11 @@ class PostgresResultBackend(ResultBackend):
         found = {t: decode_status(d) for t, d in rows}
         return [found.get(t) for t in ids]
 
-    def wait(self, task_id: str, timeout: float) -> TaskStatus | None:
-        deadline = time.monotonic() + max(timeout, 0.0)
-        status = self.get(task_id)
-        if (status is not None and status.is_terminal) or timeout <= 0:
-            return status
-        event = threading.Event()
-        with self._waiters_lock:
-            self._waiters.setdefault(task_id, set()).add(event)
-        try:
-            listening = self._listener.ensure(min(5.0, max(deadline - time.monotonic(), 0.0)))
-            while True:
-                event.clear()
-                status = self.get(task_id)
-                if status is not None and status.is_terminal:
-                    return status
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return status
-                event.wait(remaining if listening else min(remaining, _FALLBACK_POLL_S))
-                listening = self._listener.listening
-        finally:
-            with self._waiters_lock:
-                events = self._waiters.get(task_id)
-                if events is not None:
-                    events.discard(event)
-                    if not events:
-                        del self._waiters[task_id]
+    def _read_found(self, task_ids: Sequence[str]) -> list[TaskStatus]:
+        """The stored statuses among ``task_ids`` (the hub's reads: one query)."""
+        rows = self._fast.run(lambda conn: conn.execute(self._sql["get_many"], (list(task_ids),),
+                                                        binary=True).fetchall())
+        return [decode_status(d) for _, d in rows]
 
     def forget(self, task_id: str) -> None:
         self._pg.run(lambda conn: conn.execute(self._sql["forget"], (task_id,)))
@@ -373,5 +346,5 @@ class PostgresResultBackend(ResultBackend):
 
     def close(self) -> None:
         self._listener.stop()
-        self._on_reset()
+        self._waits.stop()
         self._store.close()

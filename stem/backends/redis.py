@@ -17,10 +17,15 @@ Key schema (N = namespace, default "stem"; "{...}" are Redis Cluster hash tags):
                                  before the first run), last_run_id, updated_at; no expiry
     N:{g:ID}:...        reserved for group/chord counters
 
-``wait`` subscribes to the task's channel, waits for the SUBSCRIBE confirmation,
-then reads the status: a terminal store that lands after the read is published
-to a channel it already listens on, and one that landed before is what the
-read returns, so nothing is missed and nothing polls.  ``store_many`` is one
+Waits (``wait``, ``wait_many``, ``watch``) share one pub/sub connection per
+backend instance (``stem.backends.redis_listen``): a waiter registers its ids
+with the backend's ``WaitHub``, the listener thread SUBSCRIBEs their channels,
+and once a subscription is confirmed the hub's reader reads the id (pipelined
+GETs on one pooled connection): a terminal store that lands after the read is
+published to a channel already listened on, and one that landed before is what
+the read returns, so nothing is missed and nothing polls.  With the command
+connection that is two connections for any number of concurrent waits in the
+process.  ``store_many`` is one
 pipelined round trip (SET + PUBLISH for each terminal status);
 ``store_if_not_terminal`` one pipeline of one small script call per status
 (each touches one key, so it works on Redis Cluster too).  Schedule records
@@ -44,6 +49,8 @@ from .. import _checks as checks
 from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.redis import RedisStore, execute, raise_first_error, validate_namespace
+from .redis_listen import Subscriber
+from .waiting import WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
@@ -53,6 +60,7 @@ _T = TypeVar("_T")
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(dict).decode
 _CHUNK = 1000
+_FALLBACK_POLL_S = 1.0     # the waits' re-read interval while the pub/sub connection is down
 
 # KEYS[1] = a status key; ARGV[1] = the encoded status, ARGV[2] = PX (ms).  SET unless the stored
 # status is terminal.  Redis's cmsgpack cannot read msgpack bin values (a result may hold bytes),
@@ -143,7 +151,10 @@ def _schedule_record(schedule_id: str, fields: dict[bytes, bytes]) -> ScheduleRe
 class RedisResultBackend(ResultBackend):
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str = "stem",
                  result_expires: float = DEFAULT_RESULT_EXPIRES, socket_timeout: float = 5.0,
-                 socket_connect_timeout: float = 2.0, retry_attempts: int = 4):
+                 socket_connect_timeout: float = 2.0, retry_attempts: int = 4, reconnect_timeout: float = 10.0):
+        """``reconnect_timeout``: how long a wait survives losing Redis (the listener keeps
+        reconnecting; a wait whose backend stays unreachable that long raises
+        ``BackendConnectionError``)."""
         self.url = url
         self.namespace = validate_namespace(namespace)
         self.result_expires = checks.seconds("result_expires", result_expires)
@@ -157,6 +168,12 @@ class RedisResultBackend(ResultBackend):
         self._store_if_not_terminal = self._store.script(_STORE_IF_NOT_TERMINAL)
         self._schedule = self._store.script(_SCHEDULE)
         self._schedule_index = f"{ns}:{{sched}}:index"
+        self.reconnect_timeout = checks.seconds("reconnect_timeout", reconnect_timeout)
+        self._waits = WaitHub(name=f"redis-{ns}", read=self._read_found, label=self._store.label,
+                              poll=lambda: None if self._subscriber.listening else _FALLBACK_POLL_S,
+                              on_change=lambda: self._subscriber.kick(), fail_after=self.reconnect_timeout)
+        self._subscriber = Subscriber(client=self._client, hub=self._waits, channel=self._channel,
+                                      prefix=f"{ns}:{{t:", suffix="}:done", label=self._store.label)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisResultBackend":
@@ -256,33 +273,17 @@ class RedisResultBackend(ResultBackend):
 
         return [None if d is None else decode_status(d) for d in self._call(send, "get_many")]
 
-    def wait(self, task_id: str, timeout: float) -> TaskStatus | None:
-        deadline = time.monotonic() + max(float(timeout), 0.0)
-        channel = self._channel(task_id)
+    def _read_found(self, task_ids: Sequence[str]) -> list[TaskStatus]:
+        """The stored statuses among ``task_ids``: one pipeline of GETs (the hub's reads)."""
+        commands = [("GET", self._status_key(t)) for t in task_ids]
 
-        def listen() -> TaskStatus | None:
-            pubsub = self._client.pubsub()
-            try:
-                pubsub.subscribe(channel)
-                while True:   # the confirmation: from here on no publish can be missed
-                    msg = pubsub.get_message(timeout=max(deadline - time.monotonic(), 0.05))
-                    if msg is not None and msg["type"] == "subscribe":
-                        break
-                    if msg is None and time.monotonic() >= deadline:
-                        return self.get(task_id)
-                status = self.get(task_id)
-                while status is None or not status.is_terminal:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    msg = pubsub.get_message(timeout=min(remaining, 1.0))
-                    if msg is not None and msg["type"] == "message":
-                        status = decode_status(msg["data"])
-                return status
-            finally:
-                pubsub.close()
+        def send() -> list:
+            replies = execute(self._client, commands)
+            raise_first_error(replies)
+            return replies
 
-        return self._call(listen, "wait")
+        replies = self._call(send, "wait")
+        return [decode_status(d) for d in replies if d is not None]
 
     def forget(self, task_id: str) -> None:
         self._call(lambda: self._client.delete(self._status_key(task_id)), "forget")
@@ -416,4 +417,6 @@ class RedisResultBackend(ResultBackend):
         self._call(self._client.ping, "ping")
 
     def close(self) -> None:
+        self._subscriber.stop()
+        self._waits.stop()
         self._store.close()

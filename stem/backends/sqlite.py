@@ -5,9 +5,11 @@ separate, see ``stem/stores/sqlite_schema.py``).  Statuses are msgpack
 ``TaskStatus`` blobs with an ``expires_at``; expired rows read as None and are
 deleted now and then.
 
-``wait`` cannot block on a notification (SQLite has none): it re-reads the
-row by primary key, every 5 ms at first and backing off to 100 ms; a ``store``
-in the same process wakes it at once through a condition variable.
+Waits cannot block on a notification (SQLite has none): one reader thread per
+backend instance (the ``WaitHub``'s, ``stem.backends.waiting``) re-reads every
+waited id in one query (``json_each`` of the ids, any number) every
+``_POLL_S``, for all the instance's waiters at once; a ``store`` through this
+instance has it read at once.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
 from ..stores.sqlite_schema import settle_acked
+from .waiting import WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
 __all__ = ["SqliteResultBackend"]
 
-_POLL_MIN_S = 0.005
-_POLL_MAX_S = 0.1
+_POLL_S = 0.05
 _SWEEP_EVERY_S = 60.0
 _CHUNK = 500
 
@@ -50,6 +52,7 @@ _MARK_FIRED = (
     "WHERE stem_schedules.last_fired IS NULL OR stem_schedules.last_fired < excluded.last_fired")
 
 _encode = msgspec.msgpack.Encoder().encode
+_json_ids = msgspec.json.Encoder().encode
 _decode = msgspec.msgpack.Decoder(dict).decode
 
 
@@ -62,6 +65,7 @@ class SqliteResultBackend(ResultBackend):
         self._store = SqliteStore(path, busy_timeout=busy_timeout, errors=BACKEND_ERRORS)
         self.url = url or ("sqlite://" if path is None else f"sqlite:///{path}")
         self._next_sweep = time.monotonic() + _SWEEP_EVERY_S
+        self._waits = WaitHub(name="sqlite", read=self._read_found, poll=lambda: _POLL_S, label=self._store.label)
 
     @classmethod
     def from_url(cls, url: str = "sqlite://", **kwargs: Any) -> "SqliteResultBackend":
@@ -86,7 +90,12 @@ class SqliteResultBackend(ResultBackend):
         rows = self._rows(statuses)
         with self._store.write() as conn:
             self._upsert(conn, rows)
+        self._stored()
+
+    def _stored(self) -> None:
         self._store.wake.notify()
+        if self._waits.has_waiters():
+            self._waits.reset()
 
     def store_many_and_ack(self, statuses: Sequence[TaskStatus], broker: Any,
                            deliveries: Sequence[Any]) -> bool:
@@ -99,7 +108,7 @@ class SqliteResultBackend(ResultBackend):
         with self._store.write() as conn:
             self._upsert(conn, rows)
             settle_acked(conn, deliveries, time.time())       # keyed ones release their keys here too
-        self._store.wake.notify()
+        self._stored()
         return True
 
     def _rows(self, statuses: Sequence[TaskStatus]) -> list[tuple]:
@@ -146,19 +155,13 @@ class SqliteResultBackend(ResultBackend):
                     found[task_id] = decode_status(data)
         return [found.get(t) for t in ids]
 
-    def wait(self, task_id: str, timeout: float) -> TaskStatus | None:
-        deadline = time.monotonic() + max(timeout, 0.0)
-        poll = _POLL_MIN_S
-        while True:
-            seen = self._store.wake.seq
-            status = self.get(task_id)
-            if status is not None and status.is_terminal:
-                return status
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return status
-            self._store.wake.wait(seen, min(remaining, poll))
-            poll = min(poll * 2, _POLL_MAX_S)
+    def _read_found(self, task_ids: Sequence[str]) -> list[TaskStatus]:
+        """The stored statuses among ``task_ids``, in one query however many (the hub's reads)."""
+        with self._store.connection() as conn:
+            rows = conn.execute("SELECT r.data FROM json_each(?) AS w JOIN stem_results AS r "
+                                "ON r.task_id = w.value WHERE r.expires_at > ?",
+                                (_json_ids(list(task_ids)).decode(), time.time())).fetchall()
+        return [decode_status(d) for (d,) in rows]
 
     def forget(self, task_id: str) -> None:
         with self._store.write() as conn:
@@ -273,5 +276,6 @@ class SqliteResultBackend(ResultBackend):
             conn.execute("SELECT 1").fetchone()
 
     def close(self) -> None:
+        self._waits.stop()
         self._store.wake.notify()
         self._store.close()
