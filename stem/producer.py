@@ -5,11 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-<<<<<<< HEAD
-from typing import Any, Iterable, NamedTuple, ParamSpec, Sequence, TypeVar
-=======
-from typing import Any, AsyncIterator, Iterable, Iterator, NamedTuple, Sequence
->>>>>>> wait
+from typing import Any, AsyncIterator, Iterable, Iterator, NamedTuple, ParamSpec, Sequence, TypeVar
 
 from . import _checks as checks
 from .backends import ResultBackend
