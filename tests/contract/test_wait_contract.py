@@ -32,6 +32,18 @@ def failed(i: str) -> TaskStatus:
     return TaskStatus(id=i, state=TaskState.FAILED, error="boom")
 
 
+_TIMERS: list[threading.Timer] = []
+
+
+@pytest.fixture(autouse=True)
+def _join_stores(backend):
+    """Every ``store_later`` ends before the backend is closed (and its schema dropped): a
+    store still running then fails in its thread."""
+    yield
+    while _TIMERS:
+        _TIMERS.pop().join(30)
+
+
 def store_later(backend, statuses, delay: float = 0.2) -> dict:
     """Store ``statuses`` from a timer thread; ``at["t"]`` is when the store began."""
     at: dict = {}
@@ -41,6 +53,7 @@ def store_later(backend, statuses, delay: float = 0.2) -> dict:
         backend.store_many(statuses)
 
     timer = threading.Timer(delay, go)
+    _TIMERS.append(timer)
     timer.start()
     at["timer"] = timer
     return at
