@@ -138,40 +138,51 @@ def redis_url() -> str:
 def private_redis_url(tmp_path_factory) -> Iterator[str]:
     """A redis-server of this test run alone, for tests that change the whole server (SCRIPT
     FLUSH empties every client's script cache, the other build's run included)."""
-    import shutil
-
     from .support import RedisServer
-    if shutil.which("redis-server") is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
-        pytest.skip("redis-server is not on PATH")
+    _require_redis_server()
     server = RedisServer(tmp_path_factory.mktemp("private-redis")).start()
     yield server.url
     server.kill()
 
 
-@pytest.fixture
-def raw(redis_url, namespace):
-    """A plain redis-py client on the test server; the test's namespace is dropped afterwards."""
+def _raw_client(url: str, namespace: str):
     import redis
 
     from .support import drop_namespace
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(url)
     yield client
     drop_namespace(client, namespace)
     client.close()
+
+
+@pytest.fixture
+def raw(redis_url, namespace):
+    """A plain redis-py client on the test server; the test's namespace is dropped afterwards."""
+    yield from _raw_client(redis_url, namespace)
 
 
 @pytest.fixture
 def private_raw(private_redis_url, namespace):
     """``raw`` on a server of this run alone: for the tests that flush its script cache."""
-    import redis
+    yield from _raw_client(private_redis_url, namespace)
 
-    from .support import drop_namespace
-    client = redis.Redis.from_url(private_redis_url)
-    yield client
-    drop_namespace(client, namespace)
-    client.close()
+
+def _require_redis_server() -> None:
+    import shutil
+    if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
+        pytest.skip("redis-server is not on PATH")
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A redis-server of this test alone (appendfsync always), for tests that kill it."""
+    from .support import RedisServer
+    _require_redis_server()
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture
