@@ -138,51 +138,40 @@ def redis_url() -> str:
 def private_redis_url(tmp_path_factory) -> Iterator[str]:
     """A redis-server of this test run alone, for tests that change the whole server (SCRIPT
     FLUSH empties every client's script cache, the other build's run included)."""
+    import shutil
+
     from .support import RedisServer
-    _require_redis_server()
+    if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
+        pytest.skip("redis-server is not on PATH")
     server = RedisServer(tmp_path_factory.mktemp("private-redis")).start()
     yield server.url
     server.kill()
 
 
-def _raw_client(url: str, namespace: str):
+@pytest.fixture
+def raw(redis_url, namespace):
+    """A plain redis-py client on the test server; the test's namespace is dropped afterwards."""
     import redis
 
     from .support import drop_namespace
-    client = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(redis_url)
     yield client
     drop_namespace(client, namespace)
     client.close()
 
 
 @pytest.fixture
-def raw(redis_url, namespace):
-    """A plain redis-py client on the test server; the test's namespace is dropped afterwards."""
-    yield from _raw_client(redis_url, namespace)
-
-
-@pytest.fixture
 def private_raw(private_redis_url, namespace):
     """``raw`` on a server of this run alone: for the tests that flush its script cache."""
-    yield from _raw_client(private_redis_url, namespace)
+    import redis
 
-
-def _require_redis_server() -> None:
-    import shutil
-    if shutil.which("redis-server") is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
-        pytest.skip("redis-server is not on PATH")
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    """A redis-server of this test alone (appendfsync always), for tests that kill it."""
-    from .support import RedisServer
-    _require_redis_server()
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.kill()
+    from .support import drop_namespace
+    client = redis.Redis.from_url(private_redis_url)
+    yield client
+    drop_namespace(client, namespace)
+    client.close()
 
 
 @pytest.fixture

@@ -27,6 +27,17 @@ pytestmark = pytest.mark.redis
 Q = "faults"
 
 
+@pytest.fixture
+def redis_server(tmp_path):
+    if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()
+
+
 def msg(frame: bytes, **kw) -> Message:
     return Message(uuid.uuid4().hex, Q, frame, **kw)
 

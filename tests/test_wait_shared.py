@@ -106,6 +106,17 @@ def test_waiters_survive_the_listener_connection_being_killed(named):
     assert set(out) == set(ids)
 
 
+@pytest.fixture
+def redis_server(tmp_path):
+    if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()
+
+
 def test_waiters_get_statuses_stored_after_a_redis_restart(redis_server):
     backend = RedisResultBackend.from_url(redis_server.url, namespace="w")
     try:
