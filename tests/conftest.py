@@ -150,6 +150,22 @@ def private_redis_url(tmp_path_factory) -> Iterator[str]:
     server.kill()
 
 
+@pytest.fixture(scope="session")
+def sentinel_setup(tmp_path_factory):
+    """A master, a replica and a sentinel of this test run alone (tests/support.py), shared by
+    the tests that only read and write through it; a test that fails over starts its own."""
+    import shutil
+
+    from .support import SentinelSetup
+    if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
+        pytest.skip("redis-server is not on PATH")
+    setup = SentinelSetup(tmp_path_factory.mktemp("sentinel")).start()
+    yield setup
+    setup.stop()
+
+
 @pytest.fixture
 def raw(redis_url, namespace):
     """A plain redis-py client on the test server; the test's namespace is dropped afterwards."""
