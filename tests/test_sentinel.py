@@ -14,7 +14,7 @@ from stem.errors import BrokerError, ConfigurationError
 from stem.redact import mask_url
 from stem.stores.redis import RedisStore
 from stem.stores.redis_sentinel import parse_sentinel_url
-from tests.support import SentinelSetup, wait_for
+from tests.support import wait_for
 
 
 # -- the URL ---------------------------------------------------------------------------
@@ -100,16 +100,6 @@ def test_without_sentinel_a_readonly_reply_is_an_error_at_once(redis_url):
 
 
 # -- failovers -------------------------------------------------------------------------------
-@pytest.fixture
-def own_sentinel(tmp_path):
-    import shutil
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH")   # conftest's sentinel_setup fails under STEM_REQUIRE_SERVICES
-    setup = SentinelSetup(tmp_path / "sentinel").start()
-    yield setup
-    setup.stop()
-
-
 def _msg(i: int, queue: str = "q") -> Message:
     return Message(f"t{i}", queue, b"frame-%d" % i)
 

@@ -8,22 +8,11 @@ a failover."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from tests.support import SentinelSetup, Store, all_succeeded
+from tests.support import Store, all_succeeded
 
 IDLE = (0, 0, 0, 0)
-
-
-@pytest.fixture
-def sentinel(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH")
-    setup = SentinelSetup(tmp_path / "sentinel").start()
-    yield setup
-    setup.stop()
 
 
 def failover_mid_run(sentinel, fleet, ledger, n: int) -> None:
@@ -50,12 +39,12 @@ def failover_mid_run(sentinel, fleet, ledger, n: int) -> None:
 
 @pytest.mark.redis
 @pytest.mark.timeout(180)
-def test_a_worker_process_follows_a_sentinel_failover_and_every_task_succeeds(sentinel, fleet, ledger):
-    failover_mid_run(sentinel, fleet, ledger, 1000)
+def test_a_worker_process_follows_a_sentinel_failover_and_every_task_succeeds(own_sentinel, fleet, ledger):
+    failover_mid_run(own_sentinel, fleet, ledger, 1000)
 
 
 @pytest.mark.redis
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_worker_process_follows_a_sentinel_failover_mid_5000_task_run(sentinel, fleet, ledger):
-    failover_mid_run(sentinel, fleet, ledger, 5000)
+def test_a_worker_process_follows_a_sentinel_failover_mid_5000_task_run(own_sentinel, fleet, ledger):
+    failover_mid_run(own_sentinel, fleet, ledger, 5000)
