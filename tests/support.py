@@ -404,12 +404,6 @@ def private_postgres_cluster(require: bool = False) -> Iterator[PrivateCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisServer:
     """A private redis-server: ``start`` polls until it answers (with a deadline), ``kill`` is SIGKILL."""
 
