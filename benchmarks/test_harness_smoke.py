@@ -105,6 +105,18 @@ def test_peers_bare_loop_and_stem_drive_and_summarize():
 
 
 @needs_redis
+def test_peers_single_enqueue_mode_drives_every_task_through_the_one_task_call():
+    import run as peers
+    res = peers.run(["stem", "bare"], base_url="redis://127.0.0.1:6379", tasks=1000, concurrency=2, warmup=20,
+                    repeat=1, timeout=45, progress=False, producer_mode="single")
+    assert not [r for r in res["runs"] if "error" in r], res["runs"]
+    assert res["config"]["producer"] == "single"
+    rows = {r["system"]: r for r in res["summary"]}
+    assert rows["stem"]["extra_runs"] == 0 and rows["bare"]["per_s"] > 0
+    assert rows["stem"]["producer_cpu_us"] > 0
+
+
+@needs_redis
 @pytest.mark.parametrize("yield_cpu", [True, False])
 def test_cpu_latency_reports_latencies_and_leaves_nothing_behind(yield_cpu):
     import redis
