@@ -377,8 +377,11 @@ async def schedule_action(dash: Dashboard, request: Request) -> Response:
     if verb not in ("pause", "resume"):
         raise _Failure(404, f"no schedule action {verb!r}")
     fields = await dash.action_form(request)
-    rows = await _threaded(views.schedule_rows, dash.backend, dash.code_schedules, upcoming=0)
-    if sid not in {r["id"] for r in rows}:
+    try:
+        stored = await _threaded(dash.backend.schedule_records, [sid])
+    except ConfigurationError as exc:
+        raise _Failure(400, str(exc)) from None
+    if sid not in stored and sid not in {s.id for s in dash.code_schedules}:
         raise _Failure(404, f"no schedule {sid!r}")
     asked = dash.confirm(request, fields, f"{verb.capitalize()} schedule {sid!r}?")
     if asked is not None:
