@@ -71,12 +71,6 @@
     var y = function (v) { return top + (H - top - bottom) * (1 - v / max); };
     chart.appendChild(svg("line", {x1: 0, y1: y(0), x2: W, y2: y(0), "class": "axis"}));
     chart.appendChild(svg("line", {x1: 0, y1: y(max), x2: W, y2: y(max), "class": "grid"}));
-    var label = svg("text", {x: 4, y: top + 10, "class": "label"});
-    label.textContent = fmt(max) + "/s";
-    chart.appendChild(label);
-    var axis = svg("text", {x: 4, y: H - 4, "class": "label"});
-    axis.textContent = "-5 min";
-    chart.appendChild(axis);
     ["ok", "bad"].forEach(function (key) {
       var pts = history.map(function (p) { return x(p.t).toFixed(1) + "," + y(p[key]).toFixed(1); });
       if (pts.length) { chart.appendChild(svg("polyline", {points: pts.join(" "), "class": "line " + key})); }
@@ -84,7 +78,10 @@
     chart.setAttribute("data-points", String(history.length));
     var last = history[history.length - 1];
     var now_el = document.getElementById("chart-now");
-    if (now_el && last) { now_el.textContent = "now: " + fmt(last.ok) + " ok/s, " + fmt(last.bad) + " failed/s"; }
+    if (now_el && last) {
+      now_el.textContent = "now: " + fmt(last.ok) + " ok/s, " + fmt(last.bad) + " failed/s; top line: " +
+        fmt(max) + "/s; left edge: 5 min ago";
+    }
   }
 
   function reload() {
