@@ -565,3 +565,83 @@ def test_the_dashboard_keeps_nothing_between_two_apps(stores):
         for w in data["workers"]:
             w.pop("last_heartbeat_age")
     assert first == second
+
+
+def test_a_bad_schedule_id_is_refused(stores):
+    broker, backend = stores
+    client = client_of(app(broker, backend))
+    assert post_action(client, "/workers", "/schedules/bad%20id!/pause", {}).status_code == 400
+
+
+def test_app_says_how_to_install_a_missing_extra(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jinja2" else real(name, *a))
+    with pytest.raises(ConfigurationError, match=r"jinja2: pip install 'stem-queue\[dashboard\]'"):
+        app(InMemoryBroker(), InMemoryResultBackend())
+
+
+# -- the command ------------------------------------------------------------------------------------------------
+def _run_cli(*args: str, **env):
+    from click.testing import CliRunner
+
+    from stem.cli import main
+    return CliRunner().invoke(main, ["dashboard", *args], env=env)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--host", "0.0.0.0"], "--auth USER:PASSWORD or --token"),
+    (["--auth", "a:b", "--token", "t" * 10], "not both"),
+    (["--auth", "nocolon"], "USER:PASSWORD"),
+    (["--auth", ":pw"], "USER:PASSWORD"),
+    (["--port", "70000"], "70000"),
+])
+def test_the_command_refuses_a_bad_command_line(args, message):
+    result = _run_cli("--broker", "memory://cli-dash", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_the_command_says_how_to_install_uvicorn(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    result = _run_cli("--broker", "memory://cli-dash")
+    assert result.exit_code == 2 and "stem-queue[dashboard]" in result.output
+
+
+def test_the_command_serves_the_dashboard_behind_its_token(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from .support import free_port
+    port, token = free_port(), "tok-" + uuid.uuid4().hex
+    log = open(tmp_path / "dashboard.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "stem", "dashboard", "--broker", "memory://served", "--port",
+                             str(port), "--token", token], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "STEM_BROKER_URL": ""})
+    log.close()
+    try:
+        def listening() -> bool:
+            assert proc.poll() is None, (tmp_path / "dashboard.log").read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return True
+            except OSError:
+                return False
+        wait_for(listening, 30, "the dashboard to listen")
+        url = f"http://127.0.0.1:{port}/"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        assert refused.value.code == 401
+        refused.value.close()
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 200 and b"Throughput" in r.read()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    assert "stem dashboard on http://127.0.0.1:" in (tmp_path / "dashboard.log").read_text()
