@@ -144,6 +144,8 @@ def test_task_page_shows_the_status_and_renders_a_script_result_as_text(stores):
                              result={"html": SCRIPT}, started_at=now - 2.5, finished_at=now - 0.5,
                              worker="host-a:1:x", progress=1.0, meta={"by": SCRIPT}))
     html = client_of(app(broker, backend)).get("/tasks/t-ok").text
+    backend.store(TaskStatus(id="odd?id#1", state=TaskState.SUCCEEDED, name="echo", queue="default", result=1))
+    assert client_of(app(broker, backend)).get("/tasks/odd%3Fid%231").status_code == 200
     assert SCRIPT not in html
     assert ESCAPED in html
     assert "SUCCEEDED" in html and "echo" in html and "host-a:1:x" in html
@@ -186,6 +188,8 @@ def test_task_search_redirects_and_refuses_bad_ids(stores):
     r = client.get("/tasks", params={"id": "abc"}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/tasks/abc"
     assert client.get("/tasks").status_code == 200
+    r = client.get("/tasks", params={"id": "a?b#c%d"}, follow_redirects=False)
+    assert r.headers["location"] == "/tasks/a%3Fb%23c%25d"
     assert client.get("/tasks", params={"id": "has space"}).status_code == 400
     assert client.get("/tasks/" + "x" * 201).status_code == 400
     r = client.get("/tasks/no-such-task")

@@ -19,6 +19,7 @@ import math
 import pathlib
 import time
 from typing import Any, Callable, Sequence
+from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
@@ -216,7 +217,7 @@ def task_search(dash: Dashboard, request: Request) -> Response:
         views.check_task_id(task_id)
     except ConfigurationError as exc:
         raise _Failure(400, str(exc)) from None
-    return RedirectResponse(f"{request.scope.get('root_path', '')}/tasks/{task_id}", status_code=303)
+    return RedirectResponse(f"{request.scope.get('root_path', '')}/tasks/{quote(task_id, safe='/')}", status_code=303)
 
 
 def task_page(dash: Dashboard, request: Request) -> Response:
@@ -336,7 +337,7 @@ async def revoke_action(dash: Dashboard, request: Request) -> Response:
                        message=f"revocation stored; {len(replies)} live worker(s) told",
                        replies=[{"worker": r.get("worker"), "error": r.get("error"),
                                  "reply": views.dumps(r.get("reply"))} for r in replies],
-                       back=f"{request.scope.get('root_path', '')}/tasks/{task_id}")
+                       back=f"{request.scope.get('root_path', '')}/tasks/{quote(task_id, safe='/')}")
 
 
 async def replay_action(dash: Dashboard, request: Request) -> Response:
