@@ -1,5 +1,5 @@
 """The web dashboard through Starlette's TestClient: every page, every action and every way
-a request is refused, on the memory adapters and on Redis.  The browser suite
+a request is refused, on the memory adapters, SQLite and Redis.  The browser suite
 (``test_dashboard_browser.py``) drives the same app in a real Chromium."""
 
 from __future__ import annotations
@@ -40,11 +40,17 @@ ACTIONS = [("/workers/pause", {"queue": "default"}), ("/workers/resume", {"queue
            ("/schedules/nightly/pause", {}), ("/schedules/nightly/resume", {})]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def stores(request):
-    """(broker, backend): the memory adapters, or Redis under a namespace of the test's own."""
+    """(broker, backend): the memory adapters, one SQLite file, or Redis under a namespace of the
+    test's own."""
     if request.param == "memory":
         broker, backend = InMemoryBroker(), InMemoryResultBackend()
+    elif request.param == "sqlite":
+        from stem.backends import from_url as backend_from_url
+        from stem.brokers import from_url as broker_from_url
+        url = f"sqlite:///{request.getfixturevalue('tmp_path') / 'stem.db'}"
+        broker, backend = broker_from_url(url), backend_from_url(url)
     else:
         from stem.backends import RedisResultBackend
         from stem.brokers import RedisBroker
