@@ -529,6 +529,9 @@ def test_the_app_mounts_under_a_prefix_of_a_users_asgi_app(stores):
     assert 'href="/ops/stem/workers"' in html and 'src="/ops/stem/static/dashboard.js"' in html
     assert 'data-src="/ops/stem/overview/live"' in html
     assert client.get("/ops/stem/static/dashboard.js").status_code == 200
+    r = post_action(client, "/ops/stem/dead-letters/default", "/ops/stem/dead-letters/default/purge", {},
+                    confirmed=False)
+    assert 'action="/ops/stem/dead-letters/default/purge" id="confirm"' in r.text
     r = post_action(client, "/ops/stem/dead-letters/default", "/ops/stem/dead-letters/default/purge", {})
     assert r.status_code == 200 and broker.stats("default").dead == 0
 
