@@ -1,5 +1,5 @@
 """The web dashboard through Starlette's TestClient: every page, every action and every way
-a request is refused, on the memory adapters, SQLite and Redis.  The browser suite
+a request is refused, on the memory adapters, SQLite, Redis and Postgres.  The browser suite
 (``test_dashboard_browser.py``) drives the same app in a real Chromium."""
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ ACTIONS = [("/workers/pause", {"queue": "default"}), ("/workers/resume", {"queue
            ("/schedules/nightly/pause", {}), ("/schedules/nightly/resume", {})]
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgres"])
 def stores(request):
-    """(broker, backend): the memory adapters, one SQLite file, or Redis under a namespace of the
-    test's own."""
+    """(broker, backend): the memory adapters, one SQLite file, Redis under a namespace of the
+    test's own, or a Postgres schema of its own (dropped afterwards)."""
     if request.param == "memory":
         broker, backend = InMemoryBroker(), InMemoryResultBackend()
     elif request.param == "sqlite":
@@ -51,12 +51,24 @@ def stores(request):
         from stem.brokers import from_url as broker_from_url
         url = f"sqlite:///{request.getfixturevalue('tmp_path') / 'stem.db'}"
         broker, backend = broker_from_url(url), backend_from_url(url)
-    else:
+    elif request.param == "redis":
         from stem.backends import RedisResultBackend
         from stem.brokers import RedisBroker
         url = request.getfixturevalue("redis_url")
         ns = request.getfixturevalue("namespace")
         broker, backend = RedisBroker(url, namespace=ns), RedisResultBackend(url, namespace=ns)
+    else:
+        from stem.backends.postgres import PostgresResultBackend
+        from stem.brokers.postgres import PostgresBroker
+        url = request.getfixturevalue("postgres_url")
+        schema = f"{request.getfixturevalue('namespace')}_dash"
+
+        def drop():
+            import psycopg
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        request.addfinalizer(drop)
+        broker, backend = PostgresBroker(url, schema=schema), PostgresResultBackend(url, schema=schema)
     yield broker, backend
     broker.close()
     backend.close()
