@@ -670,3 +670,24 @@ def test_the_command_serves_the_dashboard_behind_its_token(tmp_path):
         proc.terminate()
         proc.wait(15)
     assert "stem dashboard on http://127.0.0.1:" in (tmp_path / "dashboard.log").read_text()
+
+
+def test_the_templates_and_static_files_ship_with_the_package():
+    import fnmatch
+    import pathlib
+    import tomllib
+    root = pathlib.Path(__file__).resolve().parent.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    setuptools = config["tool"]["setuptools"]
+    assert "stem.dashboard" in setuptools["packages"]
+    globs = setuptools["package-data"]["stem.dashboard"]
+    package = root / "stem" / "dashboard"
+    files = [p.relative_to(package).as_posix() for p in package.rglob("*")
+             if p.is_file() and p.suffix != ".py" and "__pycache__" not in p.parts]
+    assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), files
+    extras = config["project"]["optional-dependencies"]
+
+    def names(requirements):
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+    # make test (which installs .[dev]) runs the dashboard's tests
+    assert names(extras["dashboard"]) <= names(extras["dev"])

@@ -22,12 +22,13 @@ from .views import Redactor, default_redact
 
 __all__ = ["app", "default_redact", "Redactor"]
 
-_MISSING = ("starlette", "jinja2", "multipart")
+# the modules of the extra (python-multipart is ``python_multipart``, ``multipart`` before 0.0.13)
+_NEEDED = (("starlette",), ("jinja2",), ("python_multipart", "multipart"))
 
 
 def _require_extra() -> None:
     import importlib.util
-    missing = [m for m in _MISSING if importlib.util.find_spec(m) is None]
+    missing = [names[0] for names in _NEEDED if all(importlib.util.find_spec(n) is None for n in names)]
     if missing:
         raise ConfigurationError(f"the dashboard needs {', '.join(missing)}: pip install 'stem-queue[dashboard]'")
 
