@@ -27,6 +27,8 @@ __all__ = ["Redactor", "default_redact", "overview", "queue_rows", "task_view", 
 
 #: The most dead letters one page lists (the count above it says how many there are).
 DEAD_LETTER_PAGE = 500
+#: The most dead letters of its queue the task page reads to find a task's frame (oldest first).
+_DLQ_SCAN = 10_000
 #: A task id the task page accepts: what stem's ids and explicit ids are made of, bounded.
 _TASK_ID = re.compile(r"[\x21-\x7e]{1,200}")
 #: Argument and meta names whose values the default redaction hides.
@@ -121,7 +123,7 @@ def _find_dead_letter(broker: Any, queue: str, task_id: str) -> Any:
         dead = broker.stats(queue).dead
         if not dead:
             return None
-        return next((dl for dl in broker.dead_letters(queue, min(dead, 10_000)) if dl.task_id == task_id), None)
+        return next((dl for dl in broker.dead_letters(queue, min(dead, _DLQ_SCAN)) if dl.task_id == task_id), None)
     except StemError:
         return None
 
@@ -134,7 +136,10 @@ def task_view(broker: Any, backend: Any, task_id: str, redact: Redactor) -> dict
     status = backend.get(task_id) if backend is not None else None
     frame = None
     dead = None
-    queues = [status.queue] if status is not None and status.queue else []
+    # only a task that ended FAILED or DEAD has a copy in the dead-letter queue: the others
+    # do not cost a read of it (up to _DLQ_SCAN entries)
+    queues = [status.queue] if status is not None and status.queue and status.state.name in ("FAILED", "DEAD") \
+        else []
     for q in queues:
         dead = _find_dead_letter(broker, q, task_id)
         if dead is not None:
