@@ -219,3 +219,87 @@ def test_a_per_worker_rate_still_spaces_tasks_in_the_worker():
     finally:
         worker.shutdown("hard")
         broker.close()
+
+
+# -- visible: stem queues, metrics, worker inspect ------------------------------------------------
+def _throttled_backlog(name: str):
+    """A memory broker (shared by its URL in this process) with 1 leased and 5 throttled tasks
+    of one tenant, and 2 throttled of another."""
+    from stem.brokers import from_url
+    broker = from_url(f"memory://{name}")
+    stem = Stem(broker, None)
+    opts = TaskOptions(rate_limit="1/m", rate_key=["tenant"], concurrency_limit=5)
+    stem.enqueue_many([("sync", {"tenant": "a"}, opts)] * 6 + [("sync", {"tenant": "b"}, opts)] * 2)
+    leased = broker.consume(["default"], 10, 0)
+    assert len(leased) == 2                       # one token per tenant
+    return broker
+
+
+def test_stem_queues_shows_throttled_counts_and_lanes():
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from stem.cli import main
+    broker = _throttled_backlog("lim-cli")
+    try:
+        result = CliRunner().invoke(main, ["queues", "--broker", "memory://lim-cli", "--json"])
+        assert result.exit_code == 0, result.output
+        (row,) = _json.loads(result.output)
+        assert (row["queue"], row["ready"], row["in_flight"], row["throttled"]) == ("default", 0, 2, 6)
+        assert [(lane["rate_key"], lane["waiting"], lane["running"]) for lane in row["lanes"]] == [
+            ("sync[tenant='a']", 5, 2), ("sync[tenant='b']", 1, 2)]
+        broker = _throttled_backlog("lim-cli-table")   # the command closed the first one
+        table = CliRunner().invoke(main, ["queues", "--broker", "memory://lim-cli-table"], terminal_width=200)
+        assert table.exit_code == 0, table.output
+        assert "throttled" in table.output and "limit lanes" in table.output and "sync[tenant='a']" in table.output
+    finally:
+        broker.close()
+
+
+def test_metrics_expose_throttled_counts_per_queue_and_lane():
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import generate_latest
+
+    from stem import metrics as stem_metrics
+    broker = _throttled_backlog("lim-metrics")
+
+    class FakeWorker:                             # what the collector reads of a worker
+        id, queues = "w-lim", ["default"]
+
+        def __init__(self, broker):
+            self.broker = broker
+
+        def stats(self):
+            return {"id": self.id, "routed_limited": 3}
+
+    m = stem_metrics.StemMetrics()
+    m.collector.track(FakeWorker(broker))
+    try:
+        text = generate_latest(m.registry).decode()
+        assert 'stem_queue_throttled{queue="default"} 6.0' in text
+        assert ('stem_lane_waiting{concurrency_key="sync",queue="default",rate_key="sync[tenant=\'a\']"} 5.0'
+                in text)
+        assert 'stem_lane_running{concurrency_key="sync",queue="default",rate_key="sync[tenant=\'b\']"} 2.0' in text
+        assert 'stem_tasks_routed_limited_total{worker="w-lim"} 3.0' in text
+    finally:
+        broker.close()
+
+
+def test_throttled_tasks_are_never_reserved_by_a_worker():
+    registry = TaskRegistry()
+    registry.task("slow.api", options=TaskOptions(rate_limit="1/m"))(lambda ctx: None)
+    broker, backend = InMemoryBroker(), InMemoryResultBackend()
+    worker = Worker(broker, backend, registry, concurrency=2, isolation="inline").run_in_background()
+    try:
+        stem = Stem(broker, backend, registry)
+        first, *rest = stem.enqueue_many([("slow.api", {})] * 20)
+        assert stem.wait_for_task(first, timeout=20).succeeded
+        wait_for(lambda: broker.stats("default").in_flight == 0, 10, "the first one settled")
+        report = worker.inspect()
+        assert report["reserved"] == [] and report["running"] == []
+        assert worker.stats()["in_flight"] == 0
+        assert broker.stats("default").throttled == 19
+    finally:
+        worker.shutdown("hard")
+        broker.close()
