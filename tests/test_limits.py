@@ -303,3 +303,19 @@ def test_throttled_tasks_are_never_reserved_by_a_worker():
     finally:
         worker.shutdown("hard")
         broker.close()
+
+
+def test_a_burst_worker_waits_for_throttled_tasks_before_it_calls_the_queues_empty():
+    registry = TaskRegistry()
+    registry.task("paced", options=TaskOptions(rate_limit="4/s"))(lambda ctx: None)
+    broker, backend = InMemoryBroker(), InMemoryResultBackend()
+    stem = Stem(broker, backend, registry)
+    ids = stem.enqueue_many([("paced", {})] * 6)
+    worker = Worker(broker, backend, registry, concurrency=2, isolation="inline")
+    worker.run_in_background(burst=True)
+    try:
+        assert worker.join(30)
+        assert all(backend.get(i).succeeded for i in ids)
+        assert broker.stats("default").throttled == 0
+    finally:
+        broker.close()

@@ -340,6 +340,21 @@ def test_replay_of_a_slot_limited_dead_letter_is_leased_with_its_limit(broker):
     assert d.limit == limit and d.delivery_count == 1
 
 
+def test_a_limited_dead_letter_left_in_the_dlq_by_a_held_key_keeps_its_limit_for_a_later_replay(broker):
+    limit = rate("kept")
+    broker.publish_keyed([Keyed(msg(limit), "k", 60.0)])
+    broker.dead_letter(one(broker, timeout=0), "boom")       # spends the key's one token
+    newer = Keyed(msg(), "k", 60.0)
+    assert broker.publish_keyed([newer]) == [None]
+    assert broker.replay(Q) == 0                             # the key is held: it stays dead
+    d = one(broker, timeout=0)
+    assert d.task_id == newer.message.task_id
+    broker.ack([d])
+    assert broker.replay(Q) == 1
+    assert take(broker) == []                                # back in its lane, still throttled
+    assert broker.stats(Q).throttled == 1
+
+
 def test_purge_drops_lane_messages_and_counts_them(broker):
     broker.publish_many([msg(rate()), msg(rate()), msg(slots()), msg(), msg(rate(), not_before=time.time() + 60)])
     assert broker.purge(Q) == 5
