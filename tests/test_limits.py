@@ -153,6 +153,9 @@ def test_an_enqueue_time_per_worker_rate_is_refused_and_publishes_nothing(stack)
         stem.enqueue("plain", options=TaskOptions(rate_limit="1/s", rate_scope="worker"))
     with pytest.raises(InvalidTaskOptionsError, match="names"):
         stem.enqueue_many([("plain", {}), ("tenant.sync", {"region": "x"})])
+    registry.task("local", options=TaskOptions(rate_limit="1/s", rate_scope="worker"))(lambda ctx: None)
+    with pytest.raises(InvalidTaskOptionsError, match="an enqueue's rate_limit would be ignored"):
+        stem.enqueue("local", options=TaskOptions(rate_limit="5/s"))
     assert broker.stats("default")[1:] == (0, 0, 0, 0, 0)
 
 
