@@ -48,7 +48,7 @@ from stem.backends.memory import InMemoryResultBackend  # noqa: E402
 from stem.brokers.base import Limit, Message  # noqa: E402
 
 REDIS_URL = os.environ.get("STEM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-THROTTLED = TaskOptions(rate_limit="1/h", rate_key="bench-backlog")
+THROTTLED = TaskOptions(rate_limit="1/h", rate_key="bench-backlog", burst=1)
 BACKLOG_LIMIT = Limit("bench-backlog", 1 / 3600, 1)
 Q = "limits-bench"
 
@@ -144,7 +144,7 @@ def _latencies(broker, n: int, interval: float) -> list[float]:
 
 def _publish_backlog(broker, n: int) -> None:
     stem = Stem(broker, None)
-    opts = TaskOptions(queue=Q, rate_limit="1/h", rate_key="bench-backlog")
+    opts = TaskOptions(queue=Q, rate_limit="1/h", rate_key="bench-backlog", burst=1)
     for i in range(0, n, 5000):
         stem.enqueue_many([("bench.throttled", {"i": j}, opts) for j in range(i, min(n, i + 5000))])
 

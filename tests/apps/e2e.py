@@ -60,7 +60,7 @@ def rated(ctx, ledger):
 
 @registry.task("e2e.rated50", options=TaskOptions(rate_limit="50/s"))
 def rated50(ctx):
-    """Globally limited to 50/s (burst 1): returns when it started (the acceptance run)."""
+    """Globally limited to 50/s (the default burst, 6): returns when it started (the acceptance run)."""
     return time.time()
 
 
