@@ -105,7 +105,7 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
             checks.integer("priority", self.priority, minimum=0, maximum=MAX_PRIORITY, error=InvalidTaskOptionsError)
         if self.rate_limit is not None or self.concurrency_limit is not None or self.rate_key is not None \
                 or self.burst is not None or self.rate_scope is not None or self.concurrency_key is not None:
-            from .limits import check_limit_options
+            from .limit_options import check_limit_options
             check_limit_options(self)
         if self.isolation is not None and self.isolation not in ("process", "inline"):
             raise InvalidTaskOptionsError(f"isolation must be 'process' or 'inline', got {self.isolation!r}")

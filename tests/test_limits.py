@@ -47,6 +47,11 @@ def test_bad_limit_options_are_refused_when_the_options_are_made(kwargs, fragmen
     assert issubclass(InvalidTaskOptionsError, StemError)
 
 
+def test_the_option_layer_and_the_brokers_agree_on_the_longest_key():
+    from stem import limit_options
+    assert limit_options.MAX_KEY_LENGTH == MAX_KEY_LENGTH
+
+
 def test_a_list_key_is_stored_as_a_tuple_and_the_options_stay_hashable():
     opts = TaskOptions(rate_limit="1/s", rate_key=["tenant", "region"], concurrency_limit=2,
                        concurrency_key=["tenant"])

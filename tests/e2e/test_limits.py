@@ -84,7 +84,8 @@ def test_acceptance_1000_tasks_at_50_per_second_on_3_workers_of_2_children_take_
     excess = sliding_excess(starts, rate, burst)
     span = starts[-1] - starts[0]
     expected = (n - burst) / rate
-    print(f"{process_store.kind}: {n} tasks in {span:.2f}s (expected {expected:.2f}s), worst window excess {excess:.2f}")
+    print(f"{process_store.kind}: {n} tasks in {span:.2f}s (expected {expected:.2f}s), "
+          f"worst window excess {excess:.2f}")
     assert excess <= 5.0, f"{excess:.1f} more starts than 50*T + {burst} in some window"
     assert abs(span - expected) <= expected * 0.05, f"{n} tasks at 50/s took {span:.2f}s, not {expected:.2f}s +- 5%"
 
