@@ -62,6 +62,47 @@ schedules and canvas callbacks; identical on every adapter too:
 * **Replay claims again.**  ``replay`` of a dead letter that had a key claims
   it anew (owner: its task id, the ``ttl`` it was published with); an entry
   whose key another task holds meanwhile stays in the DLQ and is not counted.
+
+Limits (``Message.limit``), rate and concurrency limits enforced before a lease; identical on
+every adapter too (``tests/contract/test_limits_contract.py``):
+
+* **Lanes.**  A message with a ``limit`` is stored in its queue's lane for the limit's
+  (``rate_key``, ``concurrency_key``) pair (``lane_of``), not with the queue's other ready
+  messages; keys are scoped to the queue.  Within a lane: higher priority first, then
+  first-published first.  A delayed limited message enters its lane when due.
+* **Leased only within the limit.**  ``consume`` leases a lane's message only when its rate
+  bucket has a token and its concurrency key has a free slot, at the moment of the lease;
+  otherwise the message stays where it is: not leased, not counted as in flight, its
+  ``delivery_count`` unchanged (so throttling never brings it nearer the poison cap, and the
+  worker never sees it).  ``QueueStats.throttled`` counts the messages in lanes.
+* **Rate: GCRA per ``rate_key``.**  ``rate`` leases per second, at most ``burst`` at once
+  after an idle spell: over any window of ``w`` seconds at most ``burst + rate * w`` leases
+  of one key.  The bucket is one stored "theoretical arrival time" per key, advanced by
+  ``1/rate`` per lease; the clock is the broker's (Redis ``TIME``, SQL ``now()``, the
+  process's clock for memory), never the worker's.  Messages of one key may carry different
+  rates (a deploy changed it): each lease uses its own message's.
+* **Concurrency: slots per ``concurrency_key``.**  A lease takes a slot (task id -> lease
+  deadline); at most ``concurrency`` live slots per key.  ``ack``, ``dead_letter``, ``nack``
+  and ``retry`` free the delivery's slot in the same step; ``extend`` moves its deadline; a
+  lease that expires stops holding its slot at its deadline (a killed worker's slots come
+  back by themselves), and its message goes back to its lane, to be leased again under the
+  limit.
+* **Fair and non-blocking.**  Each ``consume`` first serves the due lanes of its queues
+  round robin, one message per lane per turn, as far as tokens and slots allow, then the
+  queue's unlimited messages: a busy key cannot starve another, and throttled messages
+  never delay unlimited ones (they are never read by the unlimited path).
+* **Sleeps until the next token.**  A blocking ``consume`` waits at most until the earliest
+  moment a throttled lane of its queues gets a token (or a slot's lease deadline), not
+  until its whole ``timeout``, and never spins.
+* **Settles keep the limit.**  ``retry`` publishes the successor into the same lane (after
+  its ``not_before``); ``nack(requeue=True)`` puts the message back into its lane;
+  ``replay`` of a limited dead letter puts it back into its lane; ``purge`` drops lane
+  messages too (and counts them); ``delete_queue`` drops lanes, buckets and slots.
+* **Routing after the fact.**  ``route_limited(delivery, limit)`` moves a leased delivery
+  that came without a limit (its producer did not know the task's options) into its lane,
+  atomically, keeping its frame (a slot it held is freed): the worker
+  does this once instead of running it.  Routing is not a delivery: the next lease of the
+  message has the same ``delivery_count`` as the routed delivery had.  ``lane_stats(queue)`` lists the lanes with their waiting and running counts.
 """
 
 from __future__ import annotations
@@ -74,9 +115,9 @@ from typing import Any, NamedTuple, Sequence
 from .. import _checks as checks
 from ..errors import ConfigurationError
 
-__all__ = ["Broker", "Message", "Keyed", "Delivery", "DeadLetter", "QueueStats", "validate_queue_name",
-           "check_frame_batch", "check_consume", "check_keyed", "DEFAULT_VISIBILITY_TIMEOUT",
-           "DEFAULT_MAX_DELIVERIES", "MAX_KEY_LENGTH"]
+__all__ = ["Broker", "Message", "Keyed", "Limit", "LaneStats", "Delivery", "DeadLetter", "QueueStats",
+           "validate_queue_name", "check_frame_batch", "check_consume", "check_keyed", "check_limit",
+           "lane_of", "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES", "MAX_KEY_LENGTH"]
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
 DEFAULT_MAX_DELIVERIES = 5
@@ -134,6 +175,47 @@ def check_keyed(items: Sequence["Keyed"]) -> list["Keyed"]:
     return out
 
 
+class Limit(NamedTuple):
+    """The limits one message is leased under (see "Limits" above), resolved from the task's
+    options and its arguments by the producer (``stem.limits``), or by the worker for a
+    producer that did not know the task.  At least one of the two keys is set."""
+    rate_key: str | None = None          # the GCRA bucket's key; None: no rate limit
+    rate: float = 0.0                    # leases per second (> 0 when rate_key is set)
+    burst: int = 1                       # leases at once after an idle spell (>= 1)
+    concurrency_key: str | None = None   # the slots' key; None: no concurrency limit
+    concurrency: int = 0                 # live leases at most (>= 1 when concurrency_key is set)
+
+
+def check_limit(limit: Limit) -> Limit:
+    """A ``Limit`` as the brokers take it: keys non-empty strings of at most
+    ``MAX_KEY_LENGTH`` characters, at least one of them set, and the numbers that go with
+    each set key in range."""
+    if type(limit) is not Limit:
+        raise ConfigurationError(f"a message's limit must be a Limit, got {limit!r}")
+    rate_key, rate, burst, concurrency_key, concurrency = limit
+    if rate_key is None and concurrency_key is None:
+        raise ConfigurationError("a Limit needs a rate_key, a concurrency_key or both")
+    for name, key in (("rate_key", rate_key), ("concurrency_key", concurrency_key)):
+        if key is not None and (type(key) is not str or not 0 < len(key) <= MAX_KEY_LENGTH):
+            raise ConfigurationError(f"a limit's {name} must be a non-empty string of at most "
+                                     f"{MAX_KEY_LENGTH} characters, got {key!r}")
+    if rate_key is not None:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < _INF:
+            raise ConfigurationError(f"a limit's rate must be a number of leases per second > 0, got {rate!r}")
+        checks.integer("burst", burst)
+    if concurrency_key is not None:
+        checks.integer("concurrency", concurrency)
+    return limit
+
+
+def lane_of(limit: Limit) -> str:
+    """The name of the lane a limited message waits in: one per (rate_key, concurrency_key)
+    pair, unambiguous whatever characters the keys hold."""
+    rate_key = "" if limit.rate_key is None else limit.rate_key
+    concurrency_key = "" if limit.concurrency_key is None else limit.concurrency_key
+    return f"{len(rate_key)}:{rate_key}|{concurrency_key}"
+
+
 class Message(NamedTuple):
     """One frame to publish."""
     task_id: str
@@ -142,6 +224,7 @@ class Message(NamedTuple):
     priority: int = 0
     not_before: float | None = None          # epoch seconds; None or past = deliverable now
     visibility_timeout: float | None = None  # seconds; None = the broker default
+    limit: Limit | None = None               # leased only within this limit (see "Limits")
 
 
 class Keyed(NamedTuple):
@@ -154,14 +237,15 @@ class Keyed(NamedTuple):
 
 class Delivery:
     """One leased copy of a message.  ``receipt`` is the adapter's own handle; ``key`` the
-    key it was published under (``publish_keyed``), or None."""
+    key it was published under (``publish_keyed``), or None; ``limit`` the limit it was
+    leased under (its concurrency slot is freed when it is settled), or None."""
 
     __slots__ = ("queue", "task_id", "frame", "receipt", "delivery_count", "visibility_timeout",
-                 "leased_at", "key")
+                 "leased_at", "key", "limit")
 
     def __init__(self, queue: str, task_id: str, frame: bytes, receipt: Any,
                  delivery_count: int = 1, visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
-                 leased_at: float | None = None, key: str | None = None):
+                 leased_at: float | None = None, key: str | None = None, limit: Limit | None = None):
         self.queue = queue
         self.task_id = task_id
         self.frame = frame
@@ -170,6 +254,7 @@ class Delivery:
         self.visibility_timeout = visibility_timeout
         self.leased_at = time.time() if leased_at is None else leased_at
         self.key = key
+        self.limit = limit
 
     def __repr__(self) -> str:
         key = "" if self.key is None else f", key={self.key!r}"
@@ -193,6 +278,16 @@ class QueueStats(NamedTuple):
     in_flight: int   # leased, not yet settled
     delayed: int     # not_before in the future
     dead: int        # in the dead-letter queue
+    throttled: int = 0   # due, waiting in a lane for a token or a slot (see "Limits")
+
+
+class LaneStats(NamedTuple):
+    """One lane of limited messages (``Broker.lane_stats``)."""
+    queue: str
+    rate_key: str | None
+    concurrency_key: str | None
+    waiting: int     # messages in the lane, not leased
+    running: int     # live concurrency slots of concurrency_key (0 without one)
 
 
 class Broker(abc.ABC):
@@ -295,6 +390,19 @@ class Broker(abc.ABC):
     def extend(self, deliveries: Sequence[Delivery], visibility_timeout: float | None = None) -> None:
         """Renew leases: each lease now ends ``visibility_timeout`` (default: the
         delivery's own) seconds from now.  Never creates a second copy."""
+
+    @abc.abstractmethod
+    def route_limited(self, delivery: Delivery, limit: Limit) -> None:
+        """Move a leased delivery that came without a limit into the lane of ``limit``, in one
+        atomic step, keeping its frame; its next lease has the routed delivery's
+        ``delivery_count`` (see "Limits": routing after the fact).  ``limit`` is checked
+        (``check_limit``) before anything moves.  A delivery already settled (its lease expired
+        and it was delivered again) is left alone."""
+
+    @abc.abstractmethod
+    def lane_stats(self, queue: str, limit: int = 100) -> list[LaneStats]:
+        """Up to ``limit`` lanes of ``queue`` that have waiting messages or running slots,
+        the most waiting first."""
 
     @abc.abstractmethod
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
