@@ -78,10 +78,16 @@ local function serve_lanes()
     if m then enlane(m, now) else add_dead({f = s}, 'decode-error', now) end
     redis.call('ZREM', LDELAYED, s)
   end
-  -- an expired lease's message goes back into its lane, its delivery count kept
+  -- an expired lease's message goes back into its lane, its delivery count kept, behind the
+  -- messages waiting there (a new id: a message whose worker keeps dying holds no lane's head)
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', LLEASES, '-inf', now, 'LIMIT', 0, LEXPIRE_LIMIT)) do
     local m, s = lsettle(id, now)
-    if m then enlane(m, now) elseif s then add_dead({f = s}, 'decode-error', now) end
+    if m then
+      lnew_id(m, now)
+      enlane(m, now)
+    elseif s then
+      add_dead({f = s}, 'decode-error', now)
+    end
   end
   local hi = now
   local last = tonumber(redis.call('GET', LTURN))

@@ -5,7 +5,7 @@
 --     publish  ten values per message: task id, frame, priority, vt ms, not_before ms (-1: ready
 --              now), rate key ("" none), rate, burst, concurrency key ("" none), concurrency
 --              -> number of messages published
---     route    lane, entry id, consumer, delivery count, rate key, rate, burst, concurrency key,
+--     route    lane, entry id, consumer, its delivery count (the next lease has it again), rate key, rate, burst, concurrency key,
 --              concurrency -> 1 when the delivery was moved into the limit's lane, 0 when it was
 --              no longer leased by `consumer` (already settled, or re-delivered to another)
 --     lanes    limit -> flat (lane, waiting, running) for up to `limit` lanes, the most waiting
@@ -59,7 +59,7 @@ if op == 'route' then
     m = lmessage(h.t, h.f, h.p, h.v, h.k, h.kt, h.kl)
     lnew_id(m, now)
   end
-  m.d = count
+  m.d = math.max(count - 1, 0)   -- routing is not a delivery: the next lease has `count` again
   m.rk, m.rate, m.burst, m.ck, m.conc = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
   enlane(m, now)
   lnotify()
