@@ -130,7 +130,10 @@ local function wake(c, now)
 end
 
 local function free_slot(c, id, now)
-  if c ~= '' and redis.call('ZREM', lslots_key(c), id) == 1 then wake(c, now) end
+  if c ~= '' and redis.call('ZREM', lslots_key(c), id) == 1 then
+    wake(c, now)
+    if redis.call('EXISTS', lslots_key(c)) == 0 then redis.call('ZREM', LKEYS, 'c' .. c) end
+  end
 end
 
 -- Keep C's slots (and its waiting lanes) at least until `at`, and index them for delete_queue.

@@ -1,0 +1,168 @@
+"""Limit lanes on Redis beyond the shared contract (``tests/contract/test_limits_contract.py``):
+where throttled messages live (never in a stream, so never in the PEL), that their bookkeeping
+does not pile up, what the scripts do with members written by hand, the hash tag of every key,
+round-robin turns inside one consume, and a flushed script cache."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from redis.crc import key_slot
+
+from stem.brokers.base import Keyed, Limit, Message
+from stem.brokers.redis import N_LANES, RedisBroker
+
+from .support import wait_for
+
+pytestmark = pytest.mark.redis
+Q = "lim"
+CLOSED = Limit(rate_key="closed", rate=0.01, burst=1)      # one token, the next 100 s later
+
+
+def msg(limit: Limit | None = None, *, queue: str = Q, frame: bytes = b"frame", vt: float | None = None,
+        not_before: float | None = None) -> Message:
+    return Message(uuid.uuid4().hex, queue, frame, 0, not_before, vt, limit)
+
+
+@pytest.fixture
+def broker(redis_url, namespace, raw):
+    b = RedisBroker.from_url(redis_url, namespace=namespace)
+    yield b
+    b.close()
+
+
+def base(broker: RedisBroker, queue: str = Q) -> str:
+    return broker.queue_keys(queue)[N_LANES + 2][:-4]     # "N:{q:Q}:"
+
+
+def namespace_keys(raw, namespace: str) -> list[str]:
+    return sorted(k.decode() for k in raw.scan_iter(match=f"{namespace}:*", count=1000))
+
+
+def test_throttled_and_limited_deliveries_are_never_in_a_stream_or_the_pel(broker, raw):
+    broker.publish_many([msg(CLOSED) for _ in range(3)])
+    got = broker.consume([Q], 10, 0)
+    assert len(got) == 1 and got[0].limit == CLOSED
+    for lane_key in broker.queue_keys(Q)[:N_LANES]:
+        assert raw.exists(lane_key) == 0            # no stream entry, so no XPENDING entry either
+    assert raw.zcard(broker.queue_keys(Q)[N_LANES]) == 0     # nor a plain lease record
+    assert raw.hlen(base(broker) + "lflight") == 1
+    assert broker.stats(Q).throttled == 2
+
+
+def test_a_plain_consumes_pel_holds_only_unlimited_deliveries(broker, raw):
+    broker.publish_many([msg(CLOSED), msg(), msg(CLOSED)])
+    got = broker.consume([Q], 10, 0, consumer="w1")
+    assert sorted(d.limit is None for d in got) == [False, True]
+    pending = raw.xpending(broker.queue_keys(Q)[0], "stem")
+    assert pending["pending"] == 1
+    assert pending["consumers"] == [{"name": b"w1", "pending": 1}]
+
+
+def test_lanes_slots_and_buckets_do_not_pile_up(broker, raw, namespace):
+    limit = Limit(rate_key="fast", rate=50.0, burst=1, concurrency_key="pool", concurrency=2)
+    broker.publish_many([msg(limit) for _ in range(6)])
+    done = 0
+    deadline = time.monotonic() + 20
+    while done < 6 and time.monotonic() < deadline:
+        got = broker.consume([Q], 10, 1.0)
+        broker.ack(got)
+        done += len(got)
+    assert done == 6
+    b = base(broker)
+    left = set(namespace_keys(raw, namespace))
+    # the lanes, their index and sizes, the leases and slots went with the last message
+    for gone in ("llanes", "lsizes", "lleases", "lflight", "lslots:pool", "llane:4:fast|pool"):
+        assert b + gone not in left, (gone, left)
+    # the bucket lives until its TAT (at most one interval, 20 ms, after the last lease)
+    ttl = raw.pttl(b + "lrate:fast")
+    assert ttl <= 100
+    wait_for(lambda: raw.exists(b + "lrate:fast") == 0, timeout=5, what="the idle bucket to expire")
+    broker.publish(msg(Limit(concurrency_key="other", concurrency=1)))
+    broker.ack(broker.consume([Q], 10, 0))          # a consume that serves a lane prunes the index
+    # what is left of the queue's limits: its counter, its last turn (PX 60 s), its wake-up stream
+    left = {k[len(b):] for k in namespace_keys(raw, namespace) if k.startswith(b + "l")}
+    assert left == {"lseq", "lturn", "lnotify"}, left
+
+
+def test_a_lane_member_that_does_not_unpack_is_dead_lettered_and_the_lane_goes_on(broker, raw):
+    good = msg(Limit(concurrency_key="c", concurrency=5))
+    broker.publish(good)
+    lane = base(broker) + "llane:0:|c"
+    assert raw.zcard(lane) == 1
+    raw.zadd(lane, {b"garbage, not a packed message": 0})       # ahead of the good one
+    raw.zincrby(base(broker) + "lsizes", 1, "0:|c")
+    got = broker.consume([Q], 10, 0)
+    assert [d.task_id for d in got] == [good.task_id]
+    dead = broker.dead_letters(Q)
+    assert [(d.reason, d.frame) for d in dead] == [("decode-error", b"garbage, not a packed message")]
+    broker.ack(got)
+    assert raw.exists(lane) == 0 and broker.stats(Q).throttled == 0
+
+
+def test_a_lease_record_that_does_not_unpack_is_dead_lettered_when_it_expires(broker, raw):
+    broker.publish(msg(Limit(concurrency_key="c", concurrency=1), vt=0.2))
+    d = broker.consume([Q], 1, 0)[0]
+    raw.hset(base(broker) + "lflight", d.receipt.entry_id, b"mangled")
+    wait_for(lambda: broker.consume([Q], 1, 0) == [] and broker.stats(Q).in_flight == 0, timeout=10,
+             what="the expired lease handled")
+    assert [x.reason for x in broker.dead_letters(Q)] == ["decode-error"]
+    broker.ack([d])                                  # its record is gone: a no-op
+
+
+def test_every_key_of_a_limited_queue_shares_the_queues_hash_slot(broker, raw, namespace):
+    limit = Limit(rate_key="t{1}", rate=0.01, burst=1, concurrency_key="a}b{", concurrency=1)
+    broker.publish_many([msg(limit), msg(limit, not_before=time.time() + 60), msg(CLOSED), msg(CLOSED)])
+    broker.publish_keyed([Keyed(msg(CLOSED), "k", 60.0)])
+    got = broker.consume([Q], 10, 0)
+    broker.dead_letter(got[0], "boom")
+    broker.replay(Q)
+    keys = namespace_keys(raw, namespace)
+    slots = {key_slot(k.encode()) for k in keys if not k.endswith(":queues")}
+    assert len(keys) > 8 and slots == {key_slot(f"{{q:{Q}}}".encode())}, keys
+
+
+def test_one_consume_serves_its_lanes_in_turns(broker):
+    fast = {name: Limit(rate_key=name, rate=1000.0, burst=100) for name in "abc"}
+    for name in "abc":
+        broker.publish_many([msg(fast[name]) for _ in range(4)])
+    got = broker.consume([Q], 9, 0)
+    assert "".join(d.limit.rate_key for d in got) == "abcabcabc"
+    more = broker.consume([Q], 2, 0) + broker.consume([Q], 1, 0)
+    assert "".join(d.limit.rate_key for d in more) == "abc"
+
+
+def test_a_limited_publish_after_a_flushed_script_cache_writes_the_plain_messages_once(
+        private_redis_url, namespace, private_raw):
+    b = RedisBroker.from_url(private_redis_url, namespace=namespace)
+    try:
+        private_raw.script_flush()
+        b.publish_many([msg(), msg(CLOSED), msg()])
+        s = b.stats(Q)
+        assert (s.ready, s.throttled) == (2, 1)
+        private_raw.script_flush()
+        got = b.consume([Q], 10, 0)
+        assert sorted(d.limit is None for d in got) == [False, True, True]
+        private_raw.script_flush()
+        b.ack(got)
+        assert b.stats(Q)[:6] == (Q, 0, 0, 0, 0, 0)
+    finally:
+        b.close()
+
+
+def test_a_limited_delivery_is_acked_in_the_fused_results_round_trip(broker, redis_url, namespace):
+    from stem.backends.redis import RedisResultBackend
+    backend = RedisResultBackend.from_url(redis_url, namespace=namespace)
+    try:
+        limit = Limit(concurrency_key="fused", concurrency=1)
+        broker.publish_many([msg(limit), msg(limit)])
+        d = broker.consume([Q], 10, 0)
+        assert len(d) == 1
+        refill = broker.run_and_consume(broker.ack_commands(d), [Q], 10)
+        assert len(refill) == 1 and refill[0].limit == limit      # the ack freed the slot first
+        broker.ack(refill)
+        assert broker.lane_stats(Q) == []
+    finally:
+        backend.close()
