@@ -166,3 +166,87 @@ def test_a_limited_delivery_is_acked_in_the_fused_results_round_trip(broker, red
         assert broker.lane_stats(Q) == []
     finally:
         backend.close()
+
+
+def _consumers(redis_url, namespace, n, work):
+    """``n`` brokers (each its own instance, as separate workers have), each in a thread
+    running ``work(broker)`` until it returns; joined with a deadline."""
+    import threading
+    brokers = [RedisBroker.from_url(redis_url, namespace=namespace) for _ in range(n)]
+    errors: list[BaseException] = []
+
+    def run(b):
+        try:
+            work(b)
+        except BaseException as exc:   # reported by the test, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(b,)) for b in brokers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for b in brokers:
+        b.close()
+    assert not any(t.is_alive() for t in threads), "a consumer did not finish within 60 s"
+    assert not errors, errors
+
+
+def test_a_rate_key_holds_across_several_consumers(broker, redis_url, namespace):
+    per_second, burst, total = 20.0, 3, 60
+    limit = Limit(rate_key="shared-api", rate=per_second, burst=burst)
+    broker.publish_many([msg(limit) for _ in range(total)])
+    import threading
+    lock = threading.Lock()
+    stamps: list[float] = []
+
+    def work(b):
+        while True:
+            with lock:
+                if len(stamps) >= total:
+                    return
+            got = b.consume([Q], 5, 0.5)
+            now = time.monotonic()
+            with lock:
+                stamps.extend(now for _ in got)
+            b.ack(got)
+
+    _consumers(redis_url, namespace, 3, work)
+    stamps.sort()
+    assert len(stamps) == total
+    # never faster than the bucket: the first burst at once, then one per 1/rate
+    assert stamps[-1] - stamps[0] >= (total - burst) / per_second - 0.1
+    # any window of the (client-side) return times: at most burst + rate * w, with one lease of
+    # slack for the time between a lease in Redis and its reply reaching the thread
+    for i in range(total):
+        for j in range(i, total):
+            assert j - i + 1 <= burst + per_second * (stamps[j] - stamps[i]) + 1, (i, j)
+
+
+def test_a_concurrency_key_holds_across_several_consumers(broker, redis_url, namespace):
+    limit = Limit(concurrency_key="db", concurrency=2)
+    total = 30
+    broker.publish_many([msg(limit) for _ in range(total)])
+    import threading
+    lock = threading.Lock()
+    state = {"running": 0, "peak": 0, "done": 0}
+
+    def work(b):
+        while True:
+            with lock:
+                if state["done"] >= total:
+                    return
+            got = b.consume([Q], 3, 0.5)
+            with lock:   # counted after the lease and until before the ack: never more than held
+                state["running"] += len(got)
+                state["peak"] = max(state["peak"], state["running"])
+            time.sleep(0.01)                     # the task's work
+            with lock:
+                state["running"] -= len(got)
+                state["done"] += len(got)
+            b.ack(got)
+
+    _consumers(redis_url, namespace, 3, work)
+    assert state["done"] == total
+    assert state["peak"] <= 2
+    assert broker.lane_stats(Q) == []

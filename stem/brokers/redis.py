@@ -38,6 +38,16 @@ How the contract in ``stem.brokers.base`` maps onto Redis:
   removed it releases; an ack without keyed deliveries is the script it
   always was), the dead-letter paths, ``purge`` and ``delete_queue``; retry
   and the consume script carry them on to the next entry.
+* Limits (``Message.limit``): a limited message waits in a limit lane (sorted
+  sets, never a stream; schema in ``redis_llanes.lua``) and is leased by the
+  consume script only when its rate key's GCRA bucket has a token and its
+  concurrency key a free slot, lanes round robin before the plain entries; a
+  queue without lanes pays one ``EXISTS`` per consume.  Such a delivery's
+  receipt has lane -1 (``redis_limits.LIMITED_LANE``); the settle script
+  frees its slot in the same call.  Publishing, ``route_limited`` and
+  ``lane_stats`` go through ``redis_limits.lua``; a consumer blocked in
+  ``XREAD`` also watches the queue's ``lnotify`` stream, written when a lane
+  gets a message or a slot frees up.
 * Consumer groups lost with the data (a restart without persistence) are
   recreated at id 0 by the consume script.
 

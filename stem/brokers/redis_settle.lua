@@ -135,6 +135,9 @@ end
 
 local lane, id = tonumber(ARGV[2]), ARGV[3]
 if lane < 0 then
+  if op ~= 'retry' and op ~= 'dead' then
+    return redis.error_reply('unknown settle operation ' .. tostring(op))
+  end
   local now = now_ms()
   local m, s = lsettle(id, now)
   if not s then return 0 end
@@ -151,11 +154,9 @@ if lane < 0 then
       enlane(m, now)
       lnotify()
     end
-  elseif op == 'dead' then
+  else
     add_dead_limited(m, ARGV[4], now)
     if m.k ~= '' then release(m.k, m.t, m.kl, now) end
-  else
-    return redis.error_reply('unknown settle operation ' .. tostring(op))
   end
   return 1
 end
