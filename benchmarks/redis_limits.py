@@ -7,13 +7,16 @@ and after, and beside a throttled backlog, all in one run.
 Each round publishes ``--tasks`` plain messages (``publish_frames``), then drains them with
 ``consume(batch)`` + ``ack`` of what it got, one broker, one thread; the figure is messages
 per second of the drain (wall clock), the median of ``--repeat`` rounds, and the p99 of one
-consume call.  Rounds of the variants alternate, so drift hits them alike:
+consume call.  Rounds of the variants alternate (each round starting with the next one), so drift hits them
+alike:
 
 * ``after``: this checkout's scripts, on a queue that never had a limit;
 * ``before``: the consume and settle scripts of git revision ``--baseline`` (default: the
   commit the limits work started from) loaded in place of this checkout's, same queue kind;
 * ``backlog``: this checkout, on a queue that also holds ``--backlog`` throttled messages
-  (one closed lane per 1,000 of them), which every consume of it passes by.
+  (one closed lane per 1,000 of them), which every consume of it passes by;
+* ``limited``: for scale, the same drain of messages that all carry a limit that never
+  throttles them (ten rate keys at 10^6/s, round robin), i.e. the cost of the limit path.
 
 The ratios ``after / before`` and ``backlog / after`` are printed with the figures.
 """
@@ -53,12 +56,20 @@ def baseline_broker(url: str, namespace: str, rev: str) -> RedisBroker:
     return broker
 
 
-def drain_round(broker: RedisBroker, queue: str, tasks: int, batch: int) -> tuple[float, list[float]]:
-    """Publish ``tasks`` plain messages, then consume + ack exactly that many (never asking an
+OPEN = [Limit(rate_key=f"open-{i}", rate=1e6, burst=1000000) for i in range(10)]
+
+
+def drain_round(broker: RedisBroker, queue: str, tasks: int, batch: int,
+                limited: bool = False) -> tuple[float, list[float]]:
+    """Publish ``tasks`` messages, then consume + ack exactly that many (never asking an
     empty queue: the baseline scripts' empty reply lacks what this checkout reads then)."""
     ids = [uuid.uuid4().hex for _ in range(tasks)]
     for i in range(0, tasks, 2000):
-        broker.publish_frames(queue, ids[i:i + 2000], [b"x" * 200] * len(ids[i:i + 2000]))
+        if limited:
+            broker.publish_many([Message(t, queue, b"x" * 200, limit=OPEN[j % len(OPEN)])
+                                 for j, t in enumerate(ids[i:i + 2000])])
+        else:
+            broker.publish_frames(queue, ids[i:i + 2000], [b"x" * 200] * len(ids[i:i + 2000]))
     calls: list[float] = []
     left = tasks
     start = time.perf_counter()
@@ -100,24 +111,25 @@ def main() -> None:
             break
         after.ack(spent)
     results: dict[str, tuple[list[float], list[float]]] = {"after": ([], []), "before": ([], []),
-                                                            "backlog": ([], [])}
+                                                            "backlog": ([], []), "limited": ([], [])}
     try:
-        for _ in range(args.repeat):
-            for name, broker, queue in (("after", after, "plain-a"), ("before", before, "plain-b"),
-                                        ("backlog", after, "backlog")):
-                rate, calls = drain_round(broker, queue, args.tasks, args.batch)
+        variants = [("after", after, "plain-a"), ("before", before, "plain-b"), ("backlog", after, "backlog"),
+                    ("limited", after, "limited")]
+        for r in range(args.repeat):
+            for name, broker, queue in variants[r % 4:] + variants[:r % 4]:   # each goes first in turn
+                rate, calls = drain_round(broker, queue, args.tasks, args.batch, name == "limited")
                 results[name][0].append(rate)
                 results[name][1].extend(calls)
         throttled = after.stats("backlog").throttled
     finally:
-        for q in ("plain-a", "plain-b", "backlog"):
+        for q in ("plain-a", "plain-b", "backlog", "limited"):
             after.delete_queue(q)
         after.close()
         before.close()
     med = {name: statistics.median(r[0]) for name, r in results.items()}
     print(f"consume({args.batch}) + ack of {args.tasks} plain messages, median of {args.repeat} rounds; "
           f"backlog: {throttled} throttled in {len(closed)} lanes; baseline scripts: {args.baseline}")
-    for name in ("before", "after", "backlog"):
+    for name in ("before", "after", "backlog", "limited"):
         print(f"  {name:8s} {med[name]:10,.0f} msg/s   p99 consume call {p99(results[name][1]) * 1e3:6.3f} ms")
     print(f"  after/before {med['after'] / med['before']:.3f}   backlog/after {med['backlog'] / med['after']:.3f}")
 
