@@ -250,3 +250,92 @@ def test_a_concurrency_key_holds_across_several_consumers(broker, redis_url, nam
     assert state["done"] == total
     assert state["peak"] <= 2
     assert broker.lane_stats(Q) == []
+
+
+@pytest.mark.parametrize("event", ["publish", "ack frees a slot", "nack requeues", "retry", "route"])
+def test_a_blocked_consume_wakes_at_once_for_what_makes_a_lane_eligible(redis_url, namespace, raw, monkeypatch,
+                                                                        event):
+    """Without the lnotify stream a blocked consumer would only look again at its next tick;
+    with ticks of 30 s, returning within 10 s shows the stream woke it."""
+    import threading
+
+    import stem.brokers.redis as redis_broker
+    producer = RedisBroker.from_url(redis_url, namespace=namespace)
+    monkeypatch.setattr(redis_broker, "_MAX_BLOCK_S", 30.0)
+    waiter = RedisBroker.from_url(redis_url, namespace=namespace, socket_timeout=70.0)
+    blocking = threading.Event()
+    execute_command = waiter._client.execute_command
+
+    def spy(*args, **kwargs):
+        if args[0] == "XREAD":   # its consume script ran and found nothing: what follows must wake it
+            blocking.set()
+        return execute_command(*args, **kwargs)
+
+    monkeypatch.setattr(waiter._client, "execute_command", spy)
+    try:
+        one_slot = Limit(concurrency_key="slot", concurrency=1)
+        held = None
+        if event in ("ack frees a slot", "nack requeues", "retry"):
+            producer.publish_many([msg(one_slot, vt=60.0), msg(one_slot, vt=60.0)])
+            held = producer.consume([Q], 1, 0)[0]
+        elif event == "route":
+            producer.publish(msg())
+            held = producer.consume([Q], 1, 0)[0]
+        out: list = []
+        t = threading.Thread(target=lambda: out.extend(waiter.consume([Q], 1, 25.0)))
+        t.start()
+        assert blocking.wait(10), "the consumer never came to block"
+        start = time.monotonic()
+        if event == "publish":
+            producer.publish(msg(one_slot))
+        elif event == "ack frees a slot":
+            producer.ack([held])
+        elif event == "nack requeues":
+            producer.nack(held, requeue=True)
+        elif event == "retry":
+            producer.retry(held, b"again", None)
+        else:
+            producer.route_limited(held, one_slot)
+        t.join(20.0)
+        assert not t.is_alive() and len(out) == 1, out
+        assert time.monotonic() - start < 10.0
+        assert out[0].limit == one_slot
+    finally:
+        producer.close()
+        waiter.close()
+
+
+def test_route_limited_moves_a_limited_delivery_to_another_lane_and_frees_its_slot(broker):
+    old, new = Limit(concurrency_key="old", concurrency=1), Limit(rate_key="new", rate=1000.0, burst=10)
+    broker.publish_many([msg(old), msg(old)])
+    d = broker.consume([Q], 10, 0)
+    assert len(d) == 1
+    broker.route_limited(d[0], new)
+    got = broker.consume([Q], 10, 0)
+    assert sorted((x.limit.rate_key or "", x.delivery_count) for x in got) == [("", 1), ("new", 1)]
+    assert {(s.rate_key, s.concurrency_key) for s in broker.lane_stats(Q)} == {(None, "old")}
+
+
+def test_keys_of_limited_messages_are_released_by_purge_dead_letter_and_delete_queue(broker):
+    def publish(key, **kw):
+        assert broker.publish_keyed([Keyed(msg(CLOSED, **kw), key, 60.0)]) == [None]
+
+    publish("waiting")
+    publish("delayed", not_before=time.time() + 60)
+    assert broker.purge(Q) == 2
+    assert broker.key_owner(Q, "waiting") is None and broker.key_owner(Q, "delayed") is None
+    publish("leased")
+    d = broker.consume([Q], 1, 0)[0]
+    broker.dead_letter(d, "boom")
+    assert broker.key_owner(Q, "leased") is None
+    assert [dl.key for dl in broker.dead_letters(Q)] == ["leased"]
+    publish("kept")
+    broker.delete_queue(Q)
+    assert broker.key_owner(Q, "kept") is None
+
+
+def test_lane_stats_refuses_a_bad_limit(broker):
+    from stem.errors import ConfigurationError
+    for bad in (0, -1, "10", 1.5):
+        with pytest.raises(ConfigurationError):
+            broker.lane_stats(Q, bad)

@@ -46,9 +46,10 @@ local function lrate_key(r) return BASE .. 'lrate:' .. r end
 local function lslots_key(c) return BASE .. 'lslots:' .. c end
 local function lwait_key(c) return BASE .. 'lwait:' .. c end
 
+-- (integers written with %d: Lua's own number format turns 15 digits into an exponent)
 local function lpack(m)
-  return m.id .. ' ' .. m.p .. ' ' .. m.v .. ' ' .. m.d .. ' ' .. m.kt .. ' ' .. m.kl .. ' ' .. m.rate .. ' '
-         .. m.burst .. ' ' .. m.conc .. ' ' .. #m.k .. ' ' .. #m.rk .. ' ' .. #m.ck .. ' ' .. #m.t .. ' '
+  return m.id .. string.format(' %d %d %d %d %d ', m.p, m.v, m.d, m.kt, m.kl) .. m.rate
+         .. string.format(' %d %d %d %d %d %d ', m.burst, m.conc, #m.k, #m.rk, #m.ck, #m.t)
          .. m.k .. m.rk .. m.ck .. m.t .. m.f
 end
 
