@@ -32,12 +32,12 @@ if op == 'stats' then
   local due = redis.call('ZCOUNT', DELAYED, '-inf', now)
   local delayed = redis.call('ZCARD', DELAYED) - due
   local in_flight, throttled = pending - expired, 0
-  if redis.call('EXISTS', LSIZES, LLEASES, LDELAYED) > 0 then
-    local lexpired = redis.call('ZCOUNT', LLEASES, '-inf', now)
-    local ldue = redis.call('ZCOUNT', LDELAYED, '-inf', now)
-    in_flight = in_flight + redis.call('ZCARD', LLEASES) - lexpired
-    delayed = delayed + redis.call('ZCARD', LDELAYED) - ldue
-    throttled = (tonumber(redis.call('ZSCORE', LSIZES, '')) or 0) + lexpired + ldue
+  if redis.call('EXISTS', L.LSIZES, L.LLEASES, L.LDELAYED) > 0 then
+    local lexpired = redis.call('ZCOUNT', L.LLEASES, '-inf', now)
+    local ldue = redis.call('ZCOUNT', L.LDELAYED, '-inf', now)
+    in_flight = in_flight + redis.call('ZCARD', L.LLEASES) - lexpired
+    delayed = delayed + redis.call('ZCARD', L.LDELAYED) - ldue
+    throttled = (tonumber(redis.call('ZSCORE', L.LSIZES, '')) or 0) + lexpired + ldue
   end
   return {total - pending + expired + due, in_flight, delayed, redis.call('XLEN', DEAD), throttled}
 end
@@ -60,18 +60,18 @@ if op == 'purge' then
     for _, m in ipairs(members) do
       n = n + 1
       if keyed then
-        local l = lunpack(m)
+        local l = L.lunpack(m)
         if l and l.k ~= '' then release(l.k, l.t, l.kl, now) end
       end
     end
   end
-  for _, lane in ipairs(redis.call('ZRANGE', LLANES, 0, -1)) do
-    local key = llane_key(lane)
+  for _, lane in ipairs(redis.call('ZRANGE', L.LLANES, 0, -1)) do
+    local key = L.llane_key(lane)
     if keyed then drop_limited(redis.call('ZRANGE', key, 0, -1)) else n = n + redis.call('ZCARD', key) end
     redis.call('DEL', key)
   end
-  if keyed then drop_limited(redis.call('ZRANGE', LDELAYED, 0, -1)) else n = n + redis.call('ZCARD', LDELAYED) end
-  redis.call('DEL', LLANES, LSIZES, LDELAYED, LTURN)
+  if keyed then drop_limited(redis.call('ZRANGE', L.LDELAYED, 0, -1)) else n = n + redis.call('ZCARD', L.LDELAYED) end
+  redis.call('DEL', L.LLANES, L.LSIZES, L.LDELAYED, L.LTURN)
   for lane = 0, NLANES - 1 do
     local key = KEYS[lane + 1]
     if redis.call('EXISTS', key) == 1 then
@@ -123,12 +123,12 @@ local function replay_entry(e)
   end
   local rk, ck = h.lrk or '', h.lck or ''
   if (rk ~= '' and (tonumber(h.lr) or 0) > 0) or (ck ~= '' and (tonumber(h.lc) or 0) >= 1) then
-    local m = lmessage(h.t, h.f, h.p, h.v, k, h.kt, h.kl, rk, h.lr, h.lb, ck, h.lc)
+    local m = L.lmessage(h.t, h.f, h.p, h.v, k, h.kt, h.kl, rk, h.lr, h.lb, ck, h.lc)
     if (tonumber(h.lr) or 0) <= 0 then m.rk = '' end
     if (tonumber(h.lc) or 0) < 1 then m.ck = '' end
-    lnew_id(m, now)
-    enlane(m, now)
-    lnotify()
+    L.lnew_id(m, now)
+    L.enlane(m, now)
+    L.lnotify()
   else
     add_ready(h.t or '', h.f or '', h.p, h.v, k, h.kt, h.kl)
   end
@@ -161,20 +161,20 @@ if op == 'delete' then
     redis.call('DEL', unpack(names))
   end
   local limit_keys = {}
-  for _, member in ipairs(redis.call('ZRANGE', LKEYS, 0, -1)) do
+  for _, member in ipairs(redis.call('ZRANGE', L.LKEYS, 0, -1)) do
     local kind, name = string.sub(member, 1, 1), string.sub(member, 2)
     if kind == 'r' then
-      limit_keys[#limit_keys + 1] = lrate_key(name)
+      limit_keys[#limit_keys + 1] = L.lrate_key(name)
     else
-      limit_keys[#limit_keys + 1] = lslots_key(name)
-      limit_keys[#limit_keys + 1] = lwait_key(name)
+      limit_keys[#limit_keys + 1] = L.lslots_key(name)
+      limit_keys[#limit_keys + 1] = L.lwait_key(name)
     end
   end
-  for _, lane in ipairs(redis.call('ZRANGE', LLANES, 0, -1)) do limit_keys[#limit_keys + 1] = llane_key(lane) end
+  for _, lane in ipairs(redis.call('ZRANGE', L.LLANES, 0, -1)) do limit_keys[#limit_keys + 1] = L.llane_key(lane) end
   for i = 1, #limit_keys, 500 do
     redis.call('DEL', unpack(limit_keys, i, math.min(i + 499, #limit_keys)))
   end
-  redis.call('DEL', LLANES, LSIZES, LDELAYED, LLEASES, LFLIGHT, LKEYS, LSEQ, LTURN, LNOTIFY)
+  redis.call('DEL', L.LLANES, L.LSIZES, L.LDELAYED, L.LLEASES, L.LFLIGHT, L.LKEYS, L.LSEQ, L.LTURN, L.LNOTIFY)
   redis.call('DEL', KEYIDX, unpack(KEYS))
   return 1
 end

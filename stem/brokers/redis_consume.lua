@@ -72,50 +72,50 @@ end
 -- drops a member that does not unpack: so the loop ends.  A lane served gets the next turn,
 -- after every lane still due: one message per lane per turn, oldest-eligible first.
 local function serve_lanes()
-  local due_l = redis.call('ZRANGEBYSCORE', LDELAYED, '-inf', now, 'LIMIT', 0, move_limit)
+  local due_l = redis.call('ZRANGEBYSCORE', L.LDELAYED, '-inf', now, 'LIMIT', 0, move_limit)
   for _, s in ipairs(due_l) do
-    local m = lunpack(s)
-    if m then enlane(m, now) else add_dead({f = s}, 'decode-error', now) end
-    redis.call('ZREM', LDELAYED, s)
+    local m = L.lunpack(s)
+    if m then L.enlane(m, now) else add_dead({f = s}, 'decode-error', now) end
+    redis.call('ZREM', L.LDELAYED, s)
   end
   -- an expired lease's message goes back into its lane, its delivery count kept, behind the
   -- messages waiting there (a new id: a message whose worker keeps dying holds no lane's head)
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', LLEASES, '-inf', now, 'LIMIT', 0, LEXPIRE_LIMIT)) do
-    local m, s = lsettle(id, now)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', L.LLEASES, '-inf', now, 'LIMIT', 0, LEXPIRE_LIMIT)) do
+    local m, s = L.lsettle(id, now)
     if m then
-      lnew_id(m, now)
-      enlane(m, now)
+      L.lnew_id(m, now)
+      L.enlane(m, now)
     elseif s then
       add_dead({f = s}, 'decode-error', now)
     end
   end
   local hi = now
-  local last = tonumber(redis.call('GET', LTURN))
+  local last = tonumber(redis.call('GET', L.LTURN))
   if last and last > hi then hi = last end
   local served = false
   local visits = 0
   while n < count and visits < LVISIT_LIMIT do
-    local r = redis.call('ZRANGEBYSCORE', LLANES, '-inf', hi, 'LIMIT', 0, 1)
+    local r = redis.call('ZRANGEBYSCORE', L.LLANES, '-inf', hi, 'LIMIT', 0, 1)
     if #r == 0 then break end
     visits = visits + 1
     local lane = r[1]
-    local head = redis.call('ZRANGE', llane_key(lane), 0, 0)
+    local head = redis.call('ZRANGE', L.llane_key(lane), 0, 0)
     if #head == 0 then   -- a lane emptied by hand: its bookkeeping goes
-      redis.call('ZREM', LLANES, lane)
-      redis.call('ZREM', LSIZES, lane)
+      redis.call('ZREM', L.LLANES, lane)
+      redis.call('ZREM', L.LSIZES, lane)
     else
-      local m = lunpack(head[1])
+      local m = L.lunpack(head[1])
       if m == nil then
         add_dead({f = head[1]}, 'decode-error', now)
-        delane(lane, head[1])
+        L.delane(lane, head[1])
       else
-        local wait = blocked_until(m, lane, now)
+        local wait = L.blocked_until(m, lane, now)
         if wait then
           if wait <= hi then wait = hi + LTURN_STEP end
-          redis.call('ZADD', LLANES, wait, lane)
+          redis.call('ZADD', L.LLANES, wait, lane)
         else
           local vt = vt_of(m.v)
-          llease(m, lane, head[1], now, vt)
+          L.llease(m, lane, head[1], now, vt)
           hi = hi + LTURN_STEP
           served = true
           local k = nil
@@ -124,22 +124,23 @@ local function serve_lanes()
           local j = #keyed
           keyed[j + 1], keyed[j + 2], keyed[j + 3], keyed[j + 4], keyed[j + 5], keyed[j + 6] =
             -n, m.rk, m.rate, m.burst, m.ck, m.conc
-          if redis.call('ZSCORE', LSIZES, lane) then   -- messages left: the lane's next turn
-            local at = blocked_until(m, lane, now) or hi
+          if redis.call('ZSCORE', L.LSIZES, lane) then   -- messages left: the lane's next turn
+            local at = L.blocked_until(m, lane, now) or hi
             if at < hi then at = hi end
-            redis.call('ZADD', LLANES, at, lane)
+            redis.call('ZADD', L.LLANES, at, lane)
           end
         end
       end
     end
   end
   if served then
-    redis.call('SET', LTURN, string.format('%.4f', hi), 'PX', 60000)
-    redis.call('ZREMRANGEBYSCORE', LKEYS, '-inf', now)
+    redis.call('SET', L.LTURN, string.format('%.4f', hi), 'PX', 60000)
+    redis.call('ZREMRANGEBYSCORE', L.LKEYS, '-inf', now)
   end
 end
 
-local limited = redis.call('EXISTS', LLANES, LLEASES, LDELAYED) > 0
+-- (the key names written out: L's helpers are built only for a queue that has limits)
+local limited = redis.call('EXISTS', BASE .. 'llanes', BASE .. 'lleases', BASE .. 'ldelayed') > 0
 if limited then serve_lanes() end
 
 -- (2) expired leases
@@ -242,7 +243,7 @@ end
 out[#out + 1] = first_score(DELAYED)
 local next_lease = first_score(LEASES)
 if limited then
-  for _, key in ipairs({LLANES, LLEASES, LDELAYED}) do
+  for _, key in ipairs({L.LLANES, L.LLEASES, L.LDELAYED}) do
     local t = first_score(key)
     if t >= 0 and (next_lease < 0 or t < next_lease) then next_lease = math.ceil(t) end
   end
@@ -257,6 +258,6 @@ for lane = 0, NLANES - 1 do
     if #last == 0 then out[#out + 1] = '0-0' else out[#out + 1] = last[1][1] end
   end
 end
-local notified = redis.call('XREVRANGE', LNOTIFY, '+', '-', 'COUNT', 1)
+local notified = redis.call('XREVRANGE', BASE .. 'lnotify', '+', '-', 'COUNT', 1)
 if #notified == 0 then out[#out + 1] = '0-0' else out[#out + 1] = notified[1][1] end
 return out

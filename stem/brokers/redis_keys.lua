@@ -32,13 +32,13 @@ if op == 'publish' or op == 'publishl' then
     else
       local kt, kl, p, v, at = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], tonumber(ARGV[i + 6])
       if stride == 14 and (ARGV[i + 9] ~= '' or ARGV[i + 12] ~= '') then
-        local m = lmessage(t, ARGV[i + 8], p, v, k, kt, kl, ARGV[i + 9], ARGV[i + 10], ARGV[i + 11],
+        local m = L.lmessage(t, ARGV[i + 8], p, v, k, kt, kl, ARGV[i + 9], ARGV[i + 10], ARGV[i + 11],
                            ARGV[i + 12], ARGV[i + 13])
-        lnew_id(m, now)
+        L.lnew_id(m, now)
         if at > now then
-          redis.call('ZADD', LDELAYED, at, lpack(m))
+          redis.call('ZADD', L.LDELAYED, at, L.lpack(m))
         else
-          enlane(m, now)
+          L.enlane(m, now)
           notify = true
         end
       elseif at < 0 then
@@ -49,7 +49,7 @@ if op == 'publish' or op == 'publishl' then
       claim(k, t, kt, now)
     end
   end
-  if notify then lnotify() end
+  if notify then L.lnotify() end
   return out
 end
 

@@ -17,18 +17,18 @@ local now = now_ms()
 if op == 'publish' then
   local ready = 0
   for i = 2, #ARGV, 10 do
-    local m = lmessage(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], '', 0, 0,
+    local m = L.lmessage(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], '', 0, 0,
                        ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], ARGV[i + 9])
-    lnew_id(m, now)
+    L.lnew_id(m, now)
     local at = tonumber(ARGV[i + 4])
     if at > now then
-      redis.call('ZADD', LDELAYED, at, lpack(m))
+      redis.call('ZADD', L.LDELAYED, at, L.lpack(m))
     else
-      enlane(m, now)
+      L.enlane(m, now)
       ready = ready + 1
     end
   end
-  if ready > 0 then lnotify() end
+  if ready > 0 then L.lnotify() end
   return (#ARGV - 1) / 10
 end
 
@@ -37,7 +37,7 @@ if op == 'route' then
   local m
   if lane < 0 then   -- already under a limit: moved to the new one's lane
     local s
-    m, s = lsettle(id, now)
+    m, s = L.lsettle(id, now)
     if not s then return 0 end
     if m == nil then
       add_dead({f = s}, 'decode-error', now)
@@ -56,13 +56,13 @@ if op == 'route' then
       return 0
     end
     settle(lane, id)
-    m = lmessage(h.t, h.f, h.p, h.v, h.k, h.kt, h.kl)
-    lnew_id(m, now)
+    m = L.lmessage(h.t, h.f, h.p, h.v, h.k, h.kt, h.kl)
+    L.lnew_id(m, now)
   end
   m.d = math.max(count - 1, 0)   -- routing is not a delivery: the next lease has `count` again
   m.rk, m.rate, m.burst, m.ck, m.conc = ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9], tonumber(ARGV[10])
-  enlane(m, now)
-  lnotify()
+  L.enlane(m, now)
+  L.lnotify()
   return 1
 end
 
@@ -70,11 +70,11 @@ if op == 'lanes' then
   local limit = tonumber(ARGV[2])
   local out, seen = {}, {}
   local function running(lane)
-    local _, c = lane_keys(lane)
+    local _, c = L.lane_keys(lane)
     if c == '' then return 0 end
-    return redis.call('ZCOUNT', lslots_key(c), '(' .. now, '+inf')
+    return redis.call('ZCOUNT', L.lslots_key(c), '(' .. now, '+inf')
   end
-  local top = redis.call('ZREVRANGE', LSIZES, 0, limit, 'WITHSCORES')
+  local top = redis.call('ZREVRANGE', L.LSIZES, 0, limit, 'WITHSCORES')
   for i = 1, #top, 2 do
     local lane = top[i]
     if lane ~= '' and #out < 3 * limit then
@@ -83,10 +83,10 @@ if op == 'lanes' then
     end
   end
   if #out < 3 * limit then
-    for _, s in ipairs(redis.call('HVALS', LFLIGHT)) do
-      local m = lunpack(s)
+    for _, s in ipairs(redis.call('HVALS', L.LFLIGHT)) do
+      local m = L.lunpack(s)
       if m and m.ck ~= '' then
-        local lane = lane_name(m)
+        local lane = L.lane_name(m)
         if not seen[lane] and #out < 3 * limit then
           seen[lane] = true
           local r = running(lane)

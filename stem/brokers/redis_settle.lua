@@ -41,7 +41,7 @@ if op == 'ack' or op == 'ackk' then
   if limited then
     local now = now_ms()
     for _, id in ipairs(limited) do
-      local m, s = lsettle(id, now)
+      local m, s = L.lsettle(id, now)
       if s then n = n + 1 end
       if m and m.k ~= '' then release(m.k, m.t, m.kl, now) end
     end
@@ -92,10 +92,10 @@ end
 if op == 'requeue' then
   if tonumber(ARGV[2]) < 0 then
     local now = now_ms()
-    local m, s = lsettle(ARGV[3], now)
+    local m, s = L.lsettle(ARGV[3], now)
     if m then
-      enlane(m, now)
-      lnotify()
+      L.enlane(m, now)
+      L.lnotify()
     elseif s then
       add_dead({f = s}, 'decode-error', now)
     end
@@ -114,12 +114,12 @@ if op == 'extend' then
     local lane, id = tonumber(ARGV[i]), ARGV[i + 1]
     local member = lane .. '|' .. id
     if lane < 0 then
-      if redis.call('ZSCORE', LLEASES, id) then
+      if redis.call('ZSCORE', L.LLEASES, id) then
         local deadline = now + tonumber(ARGV[i + 2])
-        redis.call('ZADD', LLEASES, 'XX', deadline, id)
-        local m = lunpack(redis.call('HGET', LFLIGHT, id) or '')
-        if m and m.ck ~= '' and redis.call('ZADD', lslots_key(m.ck), 'XX', 'CH', deadline, id) == 1 then
-          keep_slots(m.ck, deadline)
+        redis.call('ZADD', L.LLEASES, 'XX', deadline, id)
+        local m = L.lunpack(redis.call('HGET', L.LFLIGHT, id) or '')
+        if m and m.ck ~= '' and redis.call('ZADD', L.lslots_key(m.ck), 'XX', 'CH', deadline, id) == 1 then
+          L.keep_slots(m.ck, deadline)
         end
         n = n + 1
       end
@@ -139,7 +139,7 @@ if lane < 0 then
     return redis.error_reply('unknown settle operation ' .. tostring(op))
   end
   local now = now_ms()
-  local m, s = lsettle(id, now)
+  local m, s = L.lsettle(id, now)
   if not s then return 0 end
   if m == nil then
     add_dead({f = s}, 'decode-error', now)
@@ -147,15 +147,15 @@ if lane < 0 then
     -- a new attempt: fresh id (a later place in its lane) and delivery count, same limit and key
     local not_before = tonumber(ARGV[5])
     m.f, m.d = ARGV[4], 0
-    lnew_id(m, now)
+    L.lnew_id(m, now)
     if not_before > now then
-      redis.call('ZADD', LDELAYED, not_before, lpack(m))
+      redis.call('ZADD', L.LDELAYED, not_before, L.lpack(m))
     else
-      enlane(m, now)
-      lnotify()
+      L.enlane(m, now)
+      L.lnotify()
     end
   else
-    add_dead_limited(m, ARGV[4], now)
+    L.add_dead_limited(m, ARGV[4], now)
     if m.k ~= '' then release(m.k, m.t, m.kl, now) end
   end
   return 1
