@@ -2,7 +2,7 @@
 and after, and beside a throttled backlog, all in one run.
 
     .venv/bin/python benchmarks/redis_limits.py [--url redis://127.0.0.1:6379/0] [--tasks 20000]
-        [--batch 50] [--repeat 5] [--backlog 100000] [--baseline REV]
+        [--batch 50] [--repeat 5] [--backlog 100000] [--baseline REV] [--server-side]
 
 Each round publishes ``--tasks`` plain messages (``publish_frames``), then drains them with
 ``consume(batch)`` + ``ack`` of what it got, one broker, one thread; the figure is messages
@@ -18,7 +18,11 @@ alike:
 * ``limited``: for scale, the same drain of messages that all carry a limit that never
   throttles them (ten rate keys at 10^6/s, round robin), i.e. the cost of the limit path.
 
-The ratios ``after / before`` and ``backlog / after`` are printed with the figures.
+The ratios ``after / before`` and ``backlog / after`` are printed with the figures.  On a
+shared machine the client-side rates swing by tens of percent between rounds; with
+``--server-side`` (only against a Redis server of your own: it runs ``CONFIG RESETSTAT``
+before every round) the Redis-side microseconds per script call (``INFO commandstats``,
+consume and ack calls together) are printed too, which the client's noise does not reach.
 """
 
 from __future__ import annotations
@@ -95,6 +99,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--backlog", type=int, default=100000)
     ap.add_argument("--baseline", default=BASELINE)
+    ap.add_argument("--server-side", action="store_true",
+                    help="CONFIG RESETSTAT before each round and report Redis-side us per script call")
     args = ap.parse_args()
 
     namespace = "bench_limits_" + uuid.uuid4().hex[:8]
@@ -112,12 +118,21 @@ def main() -> None:
         after.ack(spent)
     results: dict[str, tuple[list[float], list[float]]] = {"after": ([], []), "before": ([], []),
                                                             "backlog": ([], []), "limited": ([], [])}
+    server_us: dict[str, list[float]] = {name: [] for name in results}
+    admin = None
+    if args.server_side:
+        import redis
+        admin = redis.Redis.from_url(args.url)
     try:
         variants = [("after", after, "plain-a"), ("before", before, "plain-b"), ("backlog", after, "backlog"),
                     ("limited", after, "limited")]
         for r in range(args.repeat):
             for name, broker, queue in variants[r % 4:] + variants[:r % 4]:   # each goes first in turn
+                if admin is not None:
+                    admin.config_resetstat()
                 rate, calls = drain_round(broker, queue, args.tasks, args.batch, name == "limited")
+                if admin is not None:
+                    server_us[name].append(admin.info("commandstats")["cmdstat_evalsha"]["usec_per_call"])
                 results[name][0].append(rate)
                 results[name][1].extend(calls)
         throttled = after.stats("backlog").throttled
@@ -132,6 +147,11 @@ def main() -> None:
     for name in ("before", "after", "backlog", "limited"):
         print(f"  {name:8s} {med[name]:10,.0f} msg/s   p99 consume call {p99(results[name][1]) * 1e3:6.3f} ms")
     print(f"  after/before {med['after'] / med['before']:.3f}   backlog/after {med['backlog'] / med['after']:.3f}")
+    if admin is not None:
+        us = {name: statistics.median(v) for name, v in server_us.items()}
+        print("  Redis-side us per script call (median): " + "  ".join(f"{n} {us[n]:.1f}" for n in us)
+              + f"   after/before {us['after'] / us['before']:.3f}   backlog/after {us['backlog'] / us['after']:.3f}")
+        admin.close()
 
 
 if __name__ == "__main__":
