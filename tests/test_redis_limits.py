@@ -339,3 +339,50 @@ def test_lane_stats_refuses_a_bad_limit(broker):
     for bad in (0, -1, "10", 1.5):
         with pytest.raises(ConfigurationError):
             broker.lane_stats(Q, bad)
+
+
+def test_lanes_buckets_and_slots_survive_a_kill_9_of_redis(tmp_path):
+    """With appendfsync always, what a limit holds survives a SIGKILL of the server: the
+    throttled messages stay in their lanes, a spent bucket stays spent, a held slot stays
+    held until its lease ends, and then its message comes back under the limit."""
+    import shutil
+
+    from stem.errors import BrokerConnectionError
+    from tests.conftest import REQUIRE_SERVICES
+    from tests.support import RedisServer
+    if shutil.which("redis-server") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer(tmp_path).start()
+    broker = RedisBroker.from_url(server.url, namespace="lim")
+    try:
+        slot = Limit(concurrency_key="one", concurrency=1)
+        held_msg, waiting_msg = msg(slot, vt=2.0), msg(slot, vt=2.0)
+        broker.publish_many([held_msg, waiting_msg, msg(CLOSED), msg(CLOSED)])
+        got = broker.consume([Q], 10, 0)
+        assert sorted(d.task_id for d in got if d.limit == slot) == [held_msg.task_id]
+        assert sum(d.limit == CLOSED for d in got) == 1          # the closed bucket's one token
+        before = broker.stats(Q)
+        assert (before.in_flight, before.throttled) == (2, 2)
+
+        server.kill()
+        with pytest.raises(BrokerConnectionError):
+            broker.consume([Q], 1, 0)
+        server.start()                                  # an empty script cache: NOSCRIPT, reloaded
+
+        assert broker.stats(Q)[1:6] == before[1:6]
+        assert broker.consume([Q], 10, 0) == []         # the slot is still held, the bucket still spent
+        back = []
+        deadline = time.monotonic() + 20
+        while not back and time.monotonic() < deadline:
+            back = broker.consume([Q], 10, 1.0)         # the slot's lease (2 s) runs out
+        # the expired delivery went back behind the waiting one, which takes the freed slot
+        assert [(d.task_id, d.delivery_count, d.limit) for d in back] == [(waiting_msg.task_id, 1, slot)]
+        after = broker.stats(Q)
+        assert (after.in_flight, after.throttled) == (2, 2)          # one slot at a time, still
+        assert {(x.rate_key, x.concurrency_key): (x.waiting, x.running) for x in broker.lane_stats(Q)} == {
+            (None, "one"): (1, 1), ("closed", None): (1, 0)}
+    finally:
+        broker.close()
+        server.kill()
