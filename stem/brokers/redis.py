@@ -57,9 +57,15 @@ Where Redis differs from the in-memory reference (all allowed by the protocol):
   queues takes them in turn (rotating the first), not merged by priority,
   since each queue lives in its own cluster slot.  Re-deliveries of expired
   or nacked leases come before fresh entries of the same queue.
-* A consumer blocked in ``consume`` wakes at once for a new ready entry;
+* A consumer blocked in ``consume`` wakes at once for a new ready entry (and
+  for a limit lane that gets a message or a slot: the ``lnotify`` stream);
   for a delayed message or a nack published while it blocks it wakes at its
   next tick (at most ``_MAX_BLOCK_S``), since those do not touch the streams.
+  A wake time the consume script reported (a token, a delayed message, a
+  lease's end) is kept to the ms: Redis times a ``BLOCK`` out only on its
+  server tick (100 ms at the default ``hz``), so the client blocks until
+  ``_BLOCK_SLACK_S`` before it and sleeps the rest (a new entry in that last
+  stretch waits for it).
 * ``purge`` drops undelivered and delayed messages; entries whose lease
   expired (counted as ready by ``stats``) stay until redelivered.
 * Each consumer name stays in the group's consumer list (``XINFO
@@ -99,6 +105,7 @@ log = logging.getLogger("stem.broker.redis")
 
 N_LANES = 10
 _MAX_BLOCK_S = 1.0          # longest single XREAD BLOCK; bounds the latency of delayed/nacked messages
+_BLOCK_SLACK_S = 0.1        # how late Redis may time a BLOCK out (its server tick at the default hz 10)
 _DELAYED_MOVE_LIMIT = 1000  # due delayed messages moved per consume script call
 _MAX_COUNT = 1000
 _KEYED_CHUNK = 2000         # publish_keyed items per script call (the calls share one pipeline)
@@ -364,9 +371,22 @@ class RedisBroker(Broker):
             if remaining <= 0:
                 return out
             block = min(remaining, _MAX_BLOCK_S, wake_in)
-            self._call(lambda: self._client.execute_command(
-                "XREAD", "COUNT", 1, "BLOCK", max(int(block * 1000), 1), "STREAMS",
-                *block_on.keys(), *block_on.values()), "consume (block)")
+            # a wake time (a limit lane's next token or slot, a delayed message, a lease's end)
+            # or the caller's deadline is kept to the ms: Redis times a BLOCK out only on its
+            # server tick (up to _BLOCK_SLACK_S late), so the last stretch is slept here
+            precise = block < _MAX_BLOCK_S
+            wake_at = time.monotonic() + block
+            xread_s = block - _BLOCK_SLACK_S if precise else block
+            if xread_s >= 0.001:
+                woke = self._call(lambda: self._client.execute_command(
+                    "XREAD", "COUNT", 1, "BLOCK", int(xread_s * 1000), "STREAMS",
+                    *block_on.keys(), *block_on.values()), "consume (block)")
+                if woke:
+                    continue
+            if precise:
+                pause = wake_at - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
 
     def _consume_once(self, names: list[str], max_count: int,
                       consumer: str) -> tuple[list[Delivery], float, dict[str, str]]:
