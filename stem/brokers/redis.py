@@ -371,10 +371,11 @@ class RedisBroker(Broker):
             if remaining <= 0:
                 return out
             block = min(remaining, _MAX_BLOCK_S, wake_in)
-            # a wake time (a limit lane's next token or slot, a delayed message, a lease's end)
-            # or the caller's deadline is kept to the ms: Redis times a BLOCK out only on its
-            # server tick (up to _BLOCK_SLACK_S late), so the last stretch is slept here
-            precise = block < _MAX_BLOCK_S
+            # a wake time the script reported (a limit lane's next token or slot, a delayed
+            # message, a lease's end) is kept to the ms: Redis times a BLOCK out only on its
+            # server tick (up to _BLOCK_SLACK_S late), so the last stretch is slept here.  The
+            # caller's deadline is not: a late return costs nothing, a blind stretch would.
+            precise = wake_in < _MAX_BLOCK_S and wake_in <= remaining
             wake_at = time.monotonic() + block
             xread_s = block - _BLOCK_SLACK_S if precise else block
             if xread_s >= 0.001:
