@@ -215,7 +215,7 @@ def test_store_and_ack_in_one_round_trip_survives_a_flushed_script_cache(private
         assert backend.store_many_and_ack(statuses, broker, got) is True
         monkeypatch.undo()
         assert [backend.get(d.task_id).result for d in got] == [0, 1, 2, 3]
-        assert broker.stats("q") == ("q", 0, 0, 0, 0)
+        assert broker.stats("q") == ("q", 0, 0, 0, 0, 0)
         # one round trip, plus (only because the cache was flushed) the script loads and the resend
         assert len(calls) >= 2
         calls.clear()

@@ -99,7 +99,7 @@ def test_ack_of_a_batch_is_one_round_trip(make, monkeypatch):
     trips = _RoundTrips(monkeypatch)
     broker.ack(got)
     assert trips.count == 1
-    assert broker.stats(Q) == (Q, 0, 0, 0, 0)
+    assert broker.stats(Q) == (Q, 0, 0, 0, 0, 0)
 
 
 def test_every_key_of_a_queue_is_under_the_namespace_and_one_hash_slot(make, raw, namespace):
@@ -187,7 +187,7 @@ def test_settling_a_stale_delivery_never_adds_a_copy(make):
     broker.retry(stale, b"v2", None)              # the message is already settled
     broker.dead_letter(stale, "late")
     broker.nack(stale)
-    assert broker.stats(Q) == (Q, 0, 0, 0, 0)
+    assert broker.stats(Q) == (Q, 0, 0, 0, 0, 0)
     assert broker.consume([Q], 1, 0.5) == []
 
 
@@ -212,7 +212,7 @@ def test_a_lost_consumer_group_is_recreated_and_nothing_is_lost(make, raw, names
     got = consume_n(broker, 2)
     assert sorted(bytes(d.frame) for d in got) == [b"1", b"2"]
     broker.ack(got + [first])
-    assert broker.stats(Q) == (Q, 0, 0, 0, 0)
+    assert broker.stats(Q) == (Q, 0, 0, 0, 0, 0)
 
 
 def test_blocked_consume_wakes_for_a_delayed_message_published_by_someone_else(make):
@@ -302,8 +302,8 @@ def test_consume_and_ack_survive_a_flushed_script_cache(private_make, private_ra
     got = consume_n(broker, 8, queues=(Q, "other"))
     raw.script_flush()
     broker.ack(got)
-    assert broker.stats(Q) == (Q, 0, 0, 0, 0)
-    assert broker.stats("other") == ("other", 0, 0, 0, 0)
+    assert broker.stats(Q) == (Q, 0, 0, 0, 0, 0)
+    assert broker.stats("other") == ("other", 0, 0, 0, 0, 0)
 
 
 def test_publish_frames_is_one_round_trip_and_declares_the_queue_once(make, monkeypatch):
@@ -338,10 +338,10 @@ def test_run_and_consume_runs_the_settle_commands_then_leases_in_one_round_trip(
     got = broker.run_and_consume(broker.ack_commands(first) + [("SET", f"{namespace}:marker", "1")], [Q], 3)
     assert trips.count == 1
     assert len(got) == 3 and not {d.task_id for d in got} & {d.task_id for d in first}
-    assert broker.stats(Q) == (Q, 1, 3, 0, 0)
+    assert broker.stats(Q) == (Q, 1, 3, 0, 0, 0)
     assert raw.get(f"{namespace}:marker") == b"1"
     broker.ack(got)
-    assert broker.stats(Q) == (Q, 1, 0, 0, 0)
+    assert broker.stats(Q) == (Q, 1, 0, 0, 0, 0)
 
 
 def test_run_and_consume_takes_one_queue_at_a_time_in_turn(make):
@@ -361,7 +361,7 @@ def test_run_and_consume_after_a_flushed_script_cache_reloads_and_leases_once(pr
     raw.script_flush()   # the consume answers NOSCRIPT: it did not run, so all of it is sent again
     got = broker.run_and_consume(broker.ack_commands(first), [Q], 10)
     assert len(got) == 3
-    assert broker.stats(Q) == (Q, 0, 3, 0, 0)
+    assert broker.stats(Q) == (Q, 0, 3, 0, 0, 0)
 
 
 def test_when_only_a_settle_script_answered_noscript_the_consume_is_not_sent_again(make, namespace, monkeypatch):
@@ -391,7 +391,7 @@ def test_when_only_a_settle_script_answered_noscript_the_consume_is_not_sent_aga
     got = broker.run_and_consume(broker.ack_commands(first), [Q], 3)
     assert len(got) == 3
     assert sent == [2, 1]   # the pipeline, then the ack alone
-    assert broker.stats(Q) == (Q, 3, 3, 0, 0)
+    assert broker.stats(Q) == (Q, 3, 3, 0, 0, 0)
 
 
 def test_a_failed_settle_command_gives_the_new_leases_back_and_raises(make, raw, namespace):

@@ -38,6 +38,16 @@ How the contract in ``stem.brokers.base`` maps onto Redis:
   removed it releases; an ack without keyed deliveries is the script it
   always was), the dead-letter paths, ``purge`` and ``delete_queue``; retry
   and the consume script carry them on to the next entry.
+* Limits (``Message.limit``): a limited message waits in a limit lane (sorted
+  sets, never a stream; schema in ``redis_llanes.lua``) and is leased by the
+  consume script only when its rate key's GCRA bucket has a token and its
+  concurrency key a free slot, lanes round robin before the plain entries; a
+  queue without lanes pays one ``EXISTS`` per consume.  Such a delivery's
+  receipt has lane -1 (``redis_limits.LIMITED_LANE``); the settle script
+  frees its slot in the same call.  Publishing, ``route_limited`` and
+  ``lane_stats`` go through ``redis_limits.lua``; a consumer blocked in
+  ``XREAD`` also watches the queue's ``lnotify`` stream, written when a lane
+  gets a message or a slot frees up.
 * Consumer groups lost with the data (a restart without persistence) are
   recreated at id 0 by the consume script.
 
@@ -47,9 +57,15 @@ Where Redis differs from the in-memory reference (all allowed by the protocol):
   queues takes them in turn (rotating the first), not merged by priority,
   since each queue lives in its own cluster slot.  Re-deliveries of expired
   or nacked leases come before fresh entries of the same queue.
-* A consumer blocked in ``consume`` wakes at once for a new ready entry;
+* A consumer blocked in ``consume`` wakes at once for a new ready entry (and
+  for a limit lane that gets a message or a slot: the ``lnotify`` stream);
   for a delayed message or a nack published while it blocks it wakes at its
   next tick (at most ``_MAX_BLOCK_S``), since those do not touch the streams.
+  A wake time the consume script reported (a token, a delayed message, a
+  lease's end) is kept to the ms: Redis times a ``BLOCK`` out only on its
+  server tick (100 ms at the default ``hz``), so the client blocks until
+  ``_BLOCK_SLACK_S`` before it and sleeps the rest (a new entry in that last
+  stretch waits for it).
 * ``purge`` drops undelivered and delayed messages; entries whose lease
   expired (counted as ready by ``stats``) stay until redelivered.
 * Each consumer name stays in the group's consumer list (``XINFO
@@ -79,7 +95,9 @@ from ..stores.base import BROKER_ERRORS
 from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_unread,
                             pack_commands, pack_xadds, raise_first_error, validate_namespace)
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
-                   MAX_KEY_LENGTH, Message, QueueStats, check_frame_batch, check_keyed, validate_queue_name)
+                   LaneStats, Limit, MAX_KEY_LENGTH, Message, QueueStats, check_frame_batch, check_keyed,
+                   validate_queue_name)
+from .redis_limits import LIMITED_LANE, NO_LIMIT_ARGS, limit_args, publish_args, read_lane_stats, read_limit
 
 __all__ = ["RedisBroker", "N_LANES"]
 
@@ -87,15 +105,17 @@ log = logging.getLogger("stem.broker.redis")
 
 N_LANES = 10
 _MAX_BLOCK_S = 1.0          # longest single XREAD BLOCK; bounds the latency of delayed/nacked messages
+_BLOCK_SLACK_S = 0.1        # how late Redis may time a BLOCK out (its server tick at the default hz 10)
 _DELAYED_MOVE_LIMIT = 1000  # due delayed messages moved per consume script call
 _MAX_COUNT = 1000
 _KEYED_CHUNK = 2000         # publish_keyed items per script call (the calls share one pipeline)
+_LIMITED_CHUNK = 2000       # limited messages per publish script call (the calls share one pipeline)
 _T = TypeVar("_T")
 
 
 def _load_script(name: str) -> str:
     pkg = resources.files("stem.brokers")
-    return pkg.joinpath("redis_common.lua").read_text() + "\n" + pkg.joinpath(name).read_text()
+    return "\n".join(pkg.joinpath(part).read_text() for part in ("redis_common.lua", "redis_llanes.lua", name))
 
 
 class _Receipt(NamedTuple):
@@ -145,6 +165,7 @@ class RedisBroker(Broker):
         self._settle_script = self._store.script(_load_script("redis_settle.lua"))
         self._admin_script = self._store.script(_load_script("redis_admin.lua"))
         self._keys_script = self._store.script(_load_script("redis_keys.lua"))
+        self._limits_script = self._store.script(_load_script("redis_limits.lua"))
         self._declared: set[str] = set()
         self._keys: dict[str, list[str]] = {}
         self._instance = uuid.uuid4().hex[:8]
@@ -166,6 +187,10 @@ class RedisBroker(Broker):
                                                                    base + "dead"]
             self._keys[queue] = keys
         return keys
+
+    def notify_key(self, queue: str) -> str:
+        """The stream a limit lane's publish or freed slot writes to, to wake blocked consumers."""
+        return f"{self.queue_keys(queue)[N_LANES + 2][:-4]}lnotify"
 
     def key_name(self, queue: str, key: str) -> str:
         """The Redis key that holds ``key`` of ``queue`` (``publish_keyed``)."""
@@ -192,10 +217,17 @@ class RedisBroker(Broker):
         now = time.time()
         new_queues = []
         lanes: dict[tuple[str, int], str] = {}
+        limited: dict[str, list] | None = None
         for m in messages:
             queue = m.queue
             if queue not in self._declared and queue not in new_queues:
                 new_queues.append(queue)
+            if m.limit is not None:   # into its limit lane, by the limits script
+                if limited is None:
+                    limited = {}
+                self.queue_keys(queue)
+                limited.setdefault(queue, []).append(publish_args(m, now))
+                continue
             vt_ms = 0 if m.visibility_timeout is None else checks.ms(m.visibility_timeout)
             priority = int(m.priority)
             frame = m.frame if type(m.frame) is bytes else bytes(m.frame)
@@ -209,10 +241,28 @@ class RedisBroker(Broker):
                 if key is None:
                     key = lanes[(queue, priority)] = self.queue_keys(queue)[_lane(priority)]
                 commands.append(("XADD", key, "*", "t", m.task_id, "f", frame, "p", priority, "v", vt_ms))
+        if limited is not None:
+            for queue, items in limited.items():
+                for start in range(0, len(items), _LIMITED_CHUNK):
+                    args = [v for item in items[start:start + _LIMITED_CHUNK] for v in item]
+                    commands.append(self._evalsha(self._limits_script, queue, "publish", *args))
         if new_queues:
             commands.append(("SADD", self._queues_key, *new_queues))
-        self._call(lambda: raise_first_error(execute(self._client, commands)), "publish")
+        if limited is None:
+            self._call(lambda: raise_first_error(execute(self._client, commands)), "publish")
+        else:
+            self._call(lambda: self._run_once(commands), "publish")
         self._declared.update(new_queues)
+
+    def _run_once(self, commands: list) -> None:
+        """Run ``commands`` (XADDs beside script calls) and raise the first error reply; after a
+        NOSCRIPT (Redis lost its script cache) only the script calls that did not run are sent
+        again, so no XADD is written twice."""
+        replies = execute(self._client, commands)
+        missing = [c for c, r in zip(commands, replies) if isinstance(r, NoScriptError)]
+        if missing:
+            self._store.run(missing)
+        raise_first_error(r for r in replies if not isinstance(r, NoScriptError))
 
     def publish_frames(self, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], *,
                        priority: int = 0, visibility_timeout: float | None = None) -> None:
@@ -248,9 +298,16 @@ class RedisBroker(Broker):
             for start in range(0, len(positions), _KEYED_CHUNK):
                 span = positions[start:start + _KEYED_CHUNK]
                 args: list[Any] = []
-                for i in span:
-                    args.extend(self._keyed_args(items[i], now))
-                commands.append(self._evalsha(self._keys_script, queue, "publish", *args))
+                if any(items[i].message.limit is not None for i in span):
+                    for i in span:
+                        limit = items[i].message.limit
+                        args.extend(self._keyed_args(items[i], now))
+                        args.extend(NO_LIMIT_ARGS if limit is None else limit_args(limit))
+                    commands.append(self._evalsha(self._keys_script, queue, "publishl", *args))
+                else:
+                    for i in span:
+                        args.extend(self._keyed_args(items[i], now))
+                    commands.append(self._evalsha(self._keys_script, queue, "publish", *args))
                 spans.append(span)
         new_queues = [q for q in by_queue if q not in self._declared]
         if new_queues:
@@ -314,9 +371,23 @@ class RedisBroker(Broker):
             if remaining <= 0:
                 return out
             block = min(remaining, _MAX_BLOCK_S, wake_in)
-            self._call(lambda: self._client.execute_command(
-                "XREAD", "COUNT", 1, "BLOCK", max(int(block * 1000), 1), "STREAMS",
-                *block_on.keys(), *block_on.values()), "consume (block)")
+            # a wake time the script reported (a limit lane's next token or slot, a delayed
+            # message, a lease's end) is kept to the ms: Redis times a BLOCK out only on its
+            # server tick (up to _BLOCK_SLACK_S late), so the last stretch is slept here.  The
+            # caller's deadline is not: a late return costs nothing, a blind stretch would.
+            precise = wake_in < _MAX_BLOCK_S and wake_in <= remaining
+            wake_at = time.monotonic() + block
+            xread_s = block - _BLOCK_SLACK_S if precise else block
+            if xread_s >= 0.001:
+                woke = self._call(lambda: self._client.execute_command(
+                    "XREAD", "COUNT", 1, "BLOCK", int(xread_s * 1000), "STREAMS",
+                    *block_on.keys(), *block_on.values()), "consume (block)")
+                if woke:
+                    continue
+            if precise:
+                pause = wake_at - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
 
     def _consume_once(self, names: list[str], max_count: int,
                       consumer: str) -> tuple[list[Delivery], float, dict[str, str]]:
@@ -337,6 +408,7 @@ class RedisBroker(Broker):
                     wake_in = min(wake_in, max((t - now) / 1000.0, 0.001))
             for lane, last in enumerate(reply[4:4 + N_LANES]):
                 block_on[keys[lane]] = last.decode()
+            block_on[self.notify_key(q)] = reply[4 + N_LANES].decode()
         return out, wake_in, block_on
 
     def _rotation(self, names: list[str]) -> list[str]:
@@ -361,11 +433,17 @@ class RedisBroker(Broker):
             out.append(Delivery(queue, task_id.decode("utf-8", "replace"), frame,
                                 _Receipt(int(lane), entry_id.decode(), consumer), int(count), d_vt_ms / 1000.0,
                                 leased_at))
-        if n and len(reply) > 6 * n + 1:   # (i, key, linger ms) of the keyed ones
-            for j in range(6 * n + 1, len(reply), 3):
-                d = out[first + reply[j] - 1]
+        j, end = 6 * n + 1, len(reply)
+        while n and j < end:   # (i, key, linger ms) of the keyed ones, (-i, limit) of the limited ones
+            i = reply[j]
+            if i > 0:
+                d = out[first + i - 1]
                 d.key = reply[j + 1].decode("utf-8", "replace")
                 d.receipt = _KeyedReceipt(*d.receipt, reply[j + 2])
+                j += 3
+            else:
+                out[first - i - 1].limit = read_limit(*reply[j + 1:j + 6])
+                j += 6
         return n
 
     def run_and_consume(self, commands: Sequence[Sequence[Any]], queues: Sequence[str], max_count: int,
@@ -450,7 +528,7 @@ class RedisBroker(Broker):
             pairs = by_queue.get(d.queue)
             if pairs is None:
                 pairs = by_queue[d.queue] = []
-            if d.key is None:
+            if d.key is None or r.lane == LIMITED_LANE:   # a limited one's key rides in its record
                 pairs.append(r.lane)
                 pairs.append(r.entry_id)
             else:
@@ -493,6 +571,21 @@ class RedisBroker(Broker):
             groups.setdefault((d.queue, r.consumer), []).extend((r.lane, r.entry_id, checks.ms(vt)))
         for (queue, consumer), triples in groups.items():
             self._settle(queue, ["extend", consumer, *triples])
+
+    # -- limits -----------------------------------------------------------------------
+    def route_limited(self, delivery: Delivery, limit: Limit) -> None:
+        """``redis_limits.lua``'s "route": the entry leaves its stream (and the PEL) and enters
+        the limit's lane in one call, only while this delivery's consumer still holds it."""
+        args = limit_args(limit)
+        r = delivery.receipt
+        self._call(lambda: self._store.run([self._evalsha(
+            self._limits_script, delivery.queue, "route", r.lane, r.entry_id, r.consumer,
+            int(delivery.delivery_count), *args)])[0], "route_limited")
+
+    def lane_stats(self, queue: str, limit: int = 100) -> list[LaneStats]:
+        checks.integer("limit", limit)
+        command = self._evalsha(self._limits_script, queue, "lanes", limit)
+        return read_lane_stats(queue, self._call(lambda: self._store.run([command])[0], "lane_stats"))
 
     # -- dead letters and admin -----------------------------------------------------
     def _admin(self, queue: str, *args: Any) -> Any:
@@ -552,8 +645,8 @@ class RedisBroker(Broker):
         self._declared.discard(queue)
 
     def stats(self, queue: str) -> QueueStats:
-        ready, in_flight, delayed, dead = self._admin(queue, "stats")
-        return QueueStats(queue, int(ready), int(in_flight), int(delayed), int(dead))
+        ready, in_flight, delayed, dead, throttled = self._admin(queue, "stats")
+        return QueueStats(queue, int(ready), int(in_flight), int(delayed), int(dead), int(throttled))
 
     def queues(self) -> list[str]:
         names = self._call(lambda: self._client.smembers(self._queues_key), "queues")

@@ -1,8 +1,11 @@
 -- admin: stats, purge and replay of one queue.
 --   KEYS: the per-queue layout (see redis_common.lua)
 --   ARGV[1] operation, then per operation:
---     stats                    -> {ready, in_flight, delayed, dead}, O(lanes + log n):
---                                 ready = undelivered + expired leases + due delayed
+--     stats                    -> {ready, in_flight, delayed, dead, throttled}, O(lanes + log n):
+--                                 ready = undelivered + expired leases + due delayed;
+--                                 limited messages (redis_llanes.lua): in lanes, due in ldelayed
+--                                 or with an expired lease are throttled, the rest in flight or
+--                                 delayed
 --     purge                    -> number of undelivered and delayed messages dropped
 --                                 (in-flight entries stay), their keys released; O(dropped)
 --     replay  limit start      -> {moved, scanned, last id scanned}: dead letters from
@@ -11,9 +14,13 @@
 --                                 delivery count); the client goes on from the last id
 --                                 while `scanned` == `limit`
 --     replay_ids  id...        -> number of those dead letters moved back
---     delete                   -> 1: every key of the queue dropped, its held keys too
+--     delete                   -> 1: every key of the queue dropped, its held keys too, and
+--                                 its limit lanes, buckets and slots (from lkeys, no SCAN)
 -- A keyed dead letter is moved back only while its key is free or held by its own task
 -- id, and claims it again (its ttl as published); else it stays in the dead letters.
+-- A limited dead letter (it has lrk/lck) goes back into its limit lane, a new message.
+-- purge drops the limit lanes and the delayed limited messages too (counted); limited
+-- deliveries in flight stay, as in-flight entries do.
 local op = ARGV[1]
 local now = now_ms()
 
@@ -24,7 +31,15 @@ if op == 'stats' then
   local expired = redis.call('ZCOUNT', LEASES, '-inf', now)
   local due = redis.call('ZCOUNT', DELAYED, '-inf', now)
   local delayed = redis.call('ZCARD', DELAYED) - due
-  return {total - pending + expired + due, pending - expired, delayed, redis.call('XLEN', DEAD)}
+  local in_flight, throttled = pending - expired, 0
+  if redis.call('EXISTS', L.LSIZES, L.LLEASES, L.LDELAYED) > 0 then
+    local lexpired = redis.call('ZCOUNT', L.LLEASES, '-inf', now)
+    local ldue = redis.call('ZCOUNT', L.LDELAYED, '-inf', now)
+    in_flight = in_flight + redis.call('ZCARD', L.LLEASES) - lexpired
+    delayed = delayed + redis.call('ZCARD', L.LDELAYED) - ldue
+    throttled = (tonumber(redis.call('ZSCORE', L.LSIZES, '')) or 0) + lexpired + ldue
+  end
+  return {total - pending + expired + due, in_flight, delayed, redis.call('XLEN', DEAD), throttled}
 end
 
 if op == 'purge' then
@@ -40,6 +55,23 @@ if op == 'purge' then
     end
   end
   redis.call('DEL', DELAYED)
+  -- limit lanes and delayed limited messages
+  local function drop_limited(members)
+    for _, m in ipairs(members) do
+      n = n + 1
+      if keyed then
+        local l = L.lunpack(m)
+        if l and l.k ~= '' then release(l.k, l.t, l.kl, now) end
+      end
+    end
+  end
+  for _, lane in ipairs(redis.call('ZRANGE', L.LLANES, 0, -1)) do
+    local key = L.llane_key(lane)
+    if keyed then drop_limited(redis.call('ZRANGE', key, 0, -1)) else n = n + redis.call('ZCARD', key) end
+    redis.call('DEL', key)
+  end
+  if keyed then drop_limited(redis.call('ZRANGE', L.LDELAYED, 0, -1)) else n = n + redis.call('ZCARD', L.LDELAYED) end
+  redis.call('DEL', L.LLANES, L.LSIZES, L.LDELAYED, L.LTURN)
   for lane = 0, NLANES - 1 do
     local key = KEYS[lane + 1]
     if redis.call('EXISTS', key) == 1 then
@@ -89,7 +121,17 @@ local function replay_entry(e)
   else
     k = nil
   end
-  add_ready(h.t or '', h.f or '', h.p, h.v, k, h.kt, h.kl)
+  local rk, ck = h.lrk or '', h.lck or ''
+  if (rk ~= '' and (tonumber(h.lr) or 0) > 0) or (ck ~= '' and (tonumber(h.lc) or 0) >= 1) then
+    local m = L.lmessage(h.t, h.f, h.p, h.v, k, h.kt, h.kl, rk, h.lr, h.lb, ck, h.lc)
+    if (tonumber(h.lr) or 0) <= 0 then m.rk = '' end
+    if (tonumber(h.lc) or 0) < 1 then m.ck = '' end
+    L.lnew_id(m, now)
+    L.enlane(m, now)
+    L.lnotify()
+  else
+    add_ready(h.t or '', h.f or '', h.p, h.v, k, h.kt, h.kl)
+  end
   redis.call('XDEL', DEAD, e[1])
   return 1
 end
@@ -118,6 +160,21 @@ if op == 'delete' then
     for j = i, math.min(i + 499, #held) do names[#names + 1] = key_name(held[j]) end
     redis.call('DEL', unpack(names))
   end
+  local limit_keys = {}
+  for _, member in ipairs(redis.call('ZRANGE', L.LKEYS, 0, -1)) do
+    local kind, name = string.sub(member, 1, 1), string.sub(member, 2)
+    if kind == 'r' then
+      limit_keys[#limit_keys + 1] = L.lrate_key(name)
+    else
+      limit_keys[#limit_keys + 1] = L.lslots_key(name)
+      limit_keys[#limit_keys + 1] = L.lwait_key(name)
+    end
+  end
+  for _, lane in ipairs(redis.call('ZRANGE', L.LLANES, 0, -1)) do limit_keys[#limit_keys + 1] = L.llane_key(lane) end
+  for i = 1, #limit_keys, 500 do
+    redis.call('DEL', unpack(limit_keys, i, math.min(i + 499, #limit_keys)))
+  end
+  redis.call('DEL', L.LLANES, L.LSIZES, L.LDELAYED, L.LLEASES, L.LFLIGHT, L.LKEYS, L.LSEQ, L.LTURN, L.LNOTIFY)
   redis.call('DEL', KEYIDX, unpack(KEYS))
   return 1
 end

@@ -2,7 +2,9 @@
 --   KEYS: the per-queue layout (see redis_common.lua)
 --   ARGV[1] consumer name   ARGV[2] COUNT   ARGV[3] default visibility timeout (ms)
 --   ARGV[4] how many due delayed messages to move at most
--- Steps: (1) move due delayed messages to their lane; (2) re-deliver entries whose
+-- Steps: (1) move due delayed messages to their lane; (L) when the queue has limit lanes
+-- (one EXISTS tells), move its due delayed limited messages and expired limited leases into
+-- their lanes, then serve the due lanes round robin (see serve_lanes); (2) re-deliver entries whose
 -- lease passed (XCLAIM to this consumer, which counts the delivery); (3) XREADGROUP ">"
 -- lane by lane, highest first.  Every delivery gets its lease record in this same script,
 -- so no crash can leave a PEL entry that nobody would reclaim.
@@ -16,8 +18,13 @@
 -- Returns {n, d1..dn, next_delayed_ms, next_lease_ms, now_ms, last_id_lane0..9} where each
 -- delivery d is six values in a row (flat): lane, entry id, task id, frame, vt ms, delivery
 -- count; the next_* times are -1 when there is none; the last ids (ids to XREAD BLOCK
--- from) come only when n == 0.  When n > 0 and some deliveries are keyed, triples (i, key,
--- linger ms) follow the deliveries instead: delivery i (1-based) carries that key.
+-- from) come only when n == 0, followed by the last id of the queue's lnotify stream.
+-- next_lease_ms is the earliest of the lease deadlines, limited ones too, the time the next
+-- limit lane gets a token or a slot, and the next delayed limited message.
+-- When n > 0 and some deliveries are keyed or limited, what they carry follows the
+-- deliveries instead: triples (i, key, linger ms) for keyed delivery i (1-based), and six
+-- values (-i, rate key, rate, burst, concurrency key, concurrency) for limited delivery i
+-- (its lane is -1, its entry id the lflight id; keys "" when the limit has none).
 local consumer = ARGV[1]
 local count = tonumber(ARGV[2])
 local default_vt = tonumber(ARGV[3])
@@ -29,7 +36,10 @@ local n = 0
 local BURY_LIMIT = 1000
 local buried = 0    -- entries without a task id dead-lettered by step (3)
 local read_to = {}  -- lane -> the last id step (3) read there, when it stopped at BURY_LIMIT
-local keyed = {}   -- (i, key, linger) triples of the keyed deliveries, flat
+local keyed = {}   -- (i, key, linger) triples of the keyed deliveries, (-i, limit...) of limited ones, flat
+local LVISIT_LIMIT = 1000   -- limit lanes looked at per call (bounds the script's time)
+local LEXPIRE_LIMIT = 1000  -- expired limited leases put back per call
+local LTURN_STEP = 1 / 1024 -- ms between two turns of round robin (exact at today's ms in a double)
 
 local function deliver(lane, id, t, f, vt, deliveries, k, kl)
   local i = 1 + 6 * n
@@ -55,6 +65,83 @@ for _, m in ipairs(due) do
   if t ~= nil then add_ready(t, f, p, v, k, kt, kl) else add_dead({f = m}, 'decode-error', now) end
   redis.call('ZREM', DELAYED, m)
 end
+
+-- (L) limit lanes.  A lane is due while its score <= hi (now, or the last turn given when that
+-- is later: turns are fractions of a ms apart).  Each visit of a lane either leases its first
+-- message, or rescores the lane past hi (blocked: at the time it gets a token or a slot), or
+-- drops a member that does not unpack: so the loop ends.  A lane served gets the next turn,
+-- after every lane still due: one message per lane per turn, oldest-eligible first.
+local function serve_lanes()
+  local due_l = redis.call('ZRANGEBYSCORE', L.LDELAYED, '-inf', now, 'LIMIT', 0, move_limit)
+  for _, s in ipairs(due_l) do
+    local m = L.lunpack(s)
+    if m then L.enlane(m, now) else add_dead({f = s}, 'decode-error', now) end
+    redis.call('ZREM', L.LDELAYED, s)
+  end
+  -- an expired lease's message goes back into its lane, its delivery count kept, behind the
+  -- messages waiting there (a new id: a message whose worker keeps dying holds no lane's head)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', L.LLEASES, '-inf', now, 'LIMIT', 0, LEXPIRE_LIMIT)) do
+    local m, s = L.lsettle(id, now)
+    if m then
+      L.lnew_id(m, now)
+      L.enlane(m, now)
+    elseif s then
+      add_dead({f = s}, 'decode-error', now)
+    end
+  end
+  local hi = now
+  local last = tonumber(redis.call('GET', L.LTURN))
+  if last and last > hi then hi = last end
+  local served = false
+  local visits = 0
+  while n < count and visits < LVISIT_LIMIT do
+    local r = redis.call('ZRANGEBYSCORE', L.LLANES, '-inf', hi, 'LIMIT', 0, 1)
+    if #r == 0 then break end
+    visits = visits + 1
+    local lane = r[1]
+    local head = redis.call('ZRANGE', L.llane_key(lane), 0, 0)
+    if #head == 0 then   -- a lane emptied by hand: its bookkeeping goes
+      redis.call('ZREM', L.LLANES, lane)
+      redis.call('ZREM', L.LSIZES, lane)
+    else
+      local m = L.lunpack(head[1])
+      if m == nil then
+        add_dead({f = head[1]}, 'decode-error', now)
+        L.delane(lane, head[1])
+      else
+        local wait = L.blocked_until(m, lane, now)
+        if wait then
+          if wait <= hi then wait = hi + LTURN_STEP end
+          redis.call('ZADD', L.LLANES, wait, lane)
+        else
+          local vt = vt_of(m.v)
+          L.llease(m, lane, head[1], now, vt)
+          hi = hi + LTURN_STEP
+          served = true
+          local k = nil
+          if m.k ~= '' then k = m.k end
+          deliver(-1, m.id, m.t, m.f, vt, m.d, k, m.kl)
+          local j = #keyed
+          keyed[j + 1], keyed[j + 2], keyed[j + 3], keyed[j + 4], keyed[j + 5], keyed[j + 6] =
+            -n, m.rk, m.rate, m.burst, m.ck, m.conc
+          if redis.call('ZSCORE', L.LSIZES, lane) then   -- messages left: the lane's next turn
+            local at = L.blocked_until(m, lane, now) or hi
+            if at < hi then at = hi end
+            redis.call('ZADD', L.LLANES, at, lane)
+          end
+        end
+      end
+    end
+  end
+  if served then
+    redis.call('SET', L.LTURN, string.format('%.4f', hi), 'PX', 60000)
+    redis.call('ZREMRANGEBYSCORE', L.LKEYS, '-inf', now)
+  end
+end
+
+-- (the key names written out: L's helpers are built only for a queue that has limits)
+local limited = redis.call('EXISTS', BASE .. 'llanes', BASE .. 'lleases', BASE .. 'ldelayed') > 0
+if limited then serve_lanes() end
 
 -- (2) expired leases
 local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, count)
@@ -154,7 +241,14 @@ local function first_score(key)
   return tonumber(r[2])
 end
 out[#out + 1] = first_score(DELAYED)
-out[#out + 1] = first_score(LEASES)
+local next_lease = first_score(LEASES)
+if limited then
+  for _, key in ipairs({L.LLANES, L.LLEASES, L.LDELAYED}) do
+    local t = first_score(key)
+    if t >= 0 and (next_lease < 0 or t < next_lease) then next_lease = math.ceil(t) end
+  end
+end
+out[#out + 1] = next_lease
 out[#out + 1] = now
 for lane = 0, NLANES - 1 do
   if buried >= BURY_LIMIT and read_to[lane] then
@@ -164,4 +258,6 @@ for lane = 0, NLANES - 1 do
     if #last == 0 then out[#out + 1] = '0-0' else out[#out + 1] = last[1][1] end
   end
 end
+local notified = redis.call('XREVRANGE', BASE .. 'lnotify', '+', '-', 'COUNT', 1)
+if #notified == 0 then out[#out + 1] = '0-0' else out[#out + 1] = notified[1][1] end
 return out
