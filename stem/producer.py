@@ -233,7 +233,7 @@ class Stem:
         if signals.before_task_publish.receivers:
             signals.before_task_publish.send(self, envelope=env)
         frame = encode_frame(env, self.signer)
-        message = _new_tuple(Message, (task_id, queue, frame, priority, not_before, visibility_timeout))
+        message = _new_tuple(Message, (task_id, queue, frame, priority, not_before, visibility_timeout, None))
         return env, message, None if key is None else Keyed(message, key, ttl, linger)
 
     # -- publishing ---------------------------------------------------------------
@@ -355,7 +355,7 @@ class Stem:
                 if before.receivers:
                     before.send(self, envelope=env)
                 add_env(env)
-                add_message(_new_tuple(Message, (task_id, queue, encode(env), priority, None, visibility_timeout)))
+                add_message(_new_tuple(Message, (task_id, queue, encode(env), priority, None, visibility_timeout, None)))
                 continue
             if isinstance(item, dict):
                 kw = dict(item)
