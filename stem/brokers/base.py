@@ -100,8 +100,9 @@ every adapter too (``tests/contract/test_limits_contract.py``):
   messages too (and counts them); ``delete_queue`` drops lanes, buckets and slots.
 * **Routing after the fact.**  ``route_limited(delivery, limit)`` moves a leased delivery
   that came without a limit (its producer did not know the task's options) into its lane,
-  atomically, keeping its frame and delivery count: the worker does this once instead of
-  running it.  ``lane_stats(queue)`` lists the lanes with their waiting and running counts.
+  atomically, keeping its frame and its slot-free state (a slot it held is freed): the worker
+  does this once instead of running it.  Routing is not a delivery: the next lease of the
+  message has the same ``delivery_count`` as the routed delivery had.  ``lane_stats(queue)`` lists the lanes with their waiting and running counts.
 """
 
 from __future__ import annotations
@@ -393,9 +394,10 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def route_limited(self, delivery: Delivery, limit: Limit) -> None:
         """Move a leased delivery that came without a limit into the lane of ``limit``, in one
-        atomic step, keeping its frame and delivery count (see "Limits": routing after the
-        fact).  A delivery already settled (its lease expired and it was delivered again) is
-        left alone."""
+        atomic step, keeping its frame; its next lease has the routed delivery's
+        ``delivery_count`` (see "Limits": routing after the fact).  ``limit`` is checked
+        (``check_limit``) before anything moves.  A delivery already settled (its lease expired
+        and it was delivered again) is left alone."""
 
     @abc.abstractmethod
     def lane_stats(self, queue: str, limit: int = 100) -> list[LaneStats]:
