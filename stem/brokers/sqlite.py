@@ -393,7 +393,9 @@ class SqliteBroker(Broker):
                 return
             if delivery.limit is not None:
                 left_lanes(conn, [(old[0], old[9], old[10])], now)
-            self._enter(conn, [(old[0], old[1], old[2], READY, now, old[3], old[4], *old[5:9], *limit_values(limit))])
+            # routing is not a delivery: the next lease counts as the routed one did
+            self._enter(conn, [(old[0], old[1], old[2], READY, now, old[3], old[4], *old[5:8], old[8] - 1,
+                                *limit_values(limit))])
         self._store.wake.notify()
 
     # -- dead letters and admin -------------------------------------------------------
@@ -555,7 +557,7 @@ class _SqliteLanes(_lanes.LaneOps):
 
     def head(self, queue, lane, rate_key, concurrency_key, now):
         row = self.conn.execute("SELECT id, rate, burst, concurrency FROM stem_lane_messages WHERE queue = ? "
-                                "AND lane = ? AND state = 0 ORDER BY priority DESC, id LIMIT 1", (queue, lane)).fetchone()
+                                "AND lane = ? AND state = 0 ORDER BY priority DESC, available_at, id LIMIT 1", (queue, lane)).fetchone()
         if row is None:
             return None
         tat = live = first = None

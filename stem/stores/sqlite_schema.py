@@ -131,7 +131,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             burst INTEGER,
             concurrency_key TEXT,
             concurrency INTEGER)""",
-        "CREATE INDEX stem_lane_messages_head ON stem_lane_messages (queue, lane, priority DESC, id) WHERE state = 0",
+        "CREATE INDEX stem_lane_messages_head ON stem_lane_messages (queue, lane, priority DESC, available_at, id) WHERE state = 0",
         "CREATE INDEX stem_lane_messages_waiting ON stem_lane_messages (queue, lane, available_at) WHERE state <> 0",
         "CREATE INDEX stem_lane_messages_slots ON stem_lane_messages (queue, concurrency_key, available_at) "
         "WHERE state = 2",
