@@ -111,7 +111,21 @@ def serve(ops: LaneOps, queues: Sequence[str], max_count: int) -> tuple[list[Del
             if until is not None:
                 result[lane] = ("blocked", until)
                 continue
-            out.append(ops.lease(row_id, queue, rate_key, new_tat, now))
+            delivery = ops.lease(row_id, queue, rate_key, new_tat, now)
+            out.append(delivery)
+            # blocked from now on? then say so now, rather than leave the lane due for the next
+            # consume to find that out (which would cost the unlimited path its one-statement claim)
+            after = None
+            if concurrency_key is not None and live + 1 >= concurrency:
+                deadline = now + delivery.visibility_timeout
+                after = deadline if first_deadline is None else min(first_deadline, deadline)
+            if rate_key is not None:
+                wait, _ = gcra_wait(new_tat, now, rate, burst)
+                if wait > _EPS:
+                    after = max(after or now, now + wait)
+            if after is not None:
+                result[lane] = ("blocked", after)
+                continue
             result[lane] = ("served", now)
             turn.append(lane)
         active = turn
