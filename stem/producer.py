@@ -355,7 +355,8 @@ class Stem:
                 if before.receivers:
                     before.send(self, envelope=env)
                 add_env(env)
-                add_message(_new_tuple(Message, (task_id, queue, encode(env), priority, None, visibility_timeout, None)))
+                add_message(_new_tuple(Message, (task_id, queue, encode(env), priority, None, visibility_timeout,
+                                                 None)))
                 continue
             if isinstance(item, dict):
                 kw = dict(item)

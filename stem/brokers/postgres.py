@@ -35,10 +35,21 @@ connections, retries and error translation: ``stem/stores/postgres.py``.
   without keyed deliveries runs the plain delete.  ``retry`` copies the key
   columns; ``replay`` claims again in one transaction.  Expired keys are
   swept by ``publish_keyed`` now and then (and overwritten by any claim).
+* **Limits** (schema version 5; ``docs/design.md``, "Brokers and backends"): a
+  limited message is a row of ``stem_lane_jobs``, which the unlimited claim
+  never reads; the claim statement only probes ``stem_lanes`` for a due lane
+  of its queues and, when there is one, leases nothing and answers with a row
+  of NULLs: the consume then serves the lanes in one transaction
+  (``stem.brokers._lanes``, ``_PgLanes``: lanes locked ``FOR UPDATE SKIP
+  LOCKED``, their rate and concurrency keys by advisory locks taken without
+  waiting, time from ``now()``), then claims the unlimited rows.  Settles of
+  lane jobs free their slot in the same statement and wake the lanes waiting
+  on it (``postgres_schema.wake_ctes``, with a notification).
 * **Waiting**: a per-broker listener thread LISTENs on ``stem.<schema>.jobs``;
   an idle ``consume`` sleeps on a condition variable until a notification for
-  one of its queues, the next due time of a delayed row or lease, or its
-  timeout -- no polling while the listener is up.
+  one of its queues, the next due time of a delayed row or lease or of a
+  lane (its next token or slot), or its timeout -- no polling while the
+  listener is up.
 * **Errors**: psycopg errors become ``BrokerError``; lost connections are
   re-established by the next call, retrying for up to ``reconnect_timeout``
   seconds before ``BrokerConnectionError``.  A publish retried after a

@@ -29,10 +29,19 @@ translation in ``stem/stores/sqlite.py``.
   ``stem.stores.sqlite_schema.release_keys``; retry copies the key columns to
   the new row; replay claims again.  Expired keys are swept by publish_keyed
   now and then (and overwritten by any claim meanwhile).
+* **Limits** (schema version 5; ``docs/design.md``, "Brokers and backends").  A
+  limited message is a row of ``stem_lane_messages``, never read by the
+  unlimited claim; the claim's transaction first probes ``stem_lanes`` for a
+  due lane of its queues and, if there is one, serves the lanes
+  (``stem.brokers._lanes``) before the unlimited rows.  Buckets are rows of
+  ``stem_buckets`` (one TAT per queue and rate key), slots are the leased lane
+  rows.  The clock is the process's: SQLite has none of its own, and the
+  processes sharing a file share the machine's.
 * **Waiting.**  SQLite has no notifications.  An idle ``consume`` re-checks
   with a cheap indexed read (no write lock) every 5 ms, backing off to 50 ms,
   and never sleeps past the next due time; a publish in the same process wakes
-  it at once through a condition variable.
+  it at once through a condition variable.  It also never sleeps past the
+  earliest ``next_eligible`` of its queues' lanes (the next token or slot).
 """
 
 from __future__ import annotations
@@ -44,11 +53,11 @@ from .. import _checks as checks
 from ..errors import ConfigurationError
 from ..stores.base import BROKER_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
-from ..stores.sqlite_schema import (LIMIT_COLUMNS, enter_lanes, left_lanes, limit_values, release_keys,
-                                    settle_acked)
+from ..stores.sqlite_schema import LIMIT_COLUMNS, enter_lanes, left_lanes, release_keys, settle_acked
 from . import _lanes
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed, LaneStats,
-                   Limit, Message, QueueStats, check_consume, check_keyed, check_limit, validate_queue_name)
+                   Limit, Message, QueueStats, check_consume, check_keyed, check_limit, lane_of,
+                   validate_queue_name)
 
 __all__ = ["SqliteBroker", "migrate"]
 
@@ -74,6 +83,12 @@ _INSERT_LANE = f"INSERT INTO stem_lane_messages ({_LANE_COLUMNS}) VALUES ({','.j
 _LANE_RETURNING = ("id, queue, CAST(task_id AS BLOB), CAST(frame AS BLOB), delivery_count, "
                    f"coalesce(visibility_timeout, ?), key, {LIMIT_COLUMNS}")
 _BUCKET_SWEEP_EVERY_S = 60.0
+
+
+def limit_values(limit: Limit) -> tuple:
+    """A message's ``Limit`` as the values of its row's (lane, *LIMIT_COLUMNS)."""
+    return (lane_of(limit), limit.rate_key, float(limit.rate), int(limit.burst), limit.concurrency_key,
+            int(limit.concurrency))
 
 
 def _marks(n: int) -> str:
@@ -556,8 +571,9 @@ class _SqliteLanes(_lanes.LaneOps):
                           "AND available_at <= ?", (queue, lane, now))
 
     def head(self, queue, lane, rate_key, concurrency_key, now):
-        row = self.conn.execute("SELECT id, rate, burst, concurrency FROM stem_lane_messages WHERE queue = ? "
-                                "AND lane = ? AND state = 0 ORDER BY priority DESC, available_at, id LIMIT 1", (queue, lane)).fetchone()
+        row = self.conn.execute("SELECT id, rate, burst, concurrency FROM stem_lane_messages WHERE queue = ? AND lane = ? "
+                                "AND state = 0 ORDER BY priority DESC, available_at, id LIMIT 1",
+                                (queue, lane)).fetchone()
         if row is None:
             return None
         tat = live = first = None

@@ -2,7 +2,7 @@
 that the broker's settles and the backend's fused result+ack share.
 
 Every table lives in the schema given by ``?schema=`` / ``schema=`` (default
-``public``).  Version 4, created by ``migrate`` under
+``public``).  Version 5, created by ``migrate`` under
 ``pg_advisory_xact_lock(hashtext('stem-migrate:<schema>'))`` so processes that
 start together apply each version once; each version adds to the last (new
 tables, ``ADD COLUMN`` of nullable columns: no table rewrite), so a schema of
@@ -33,6 +33,19 @@ any older version upgrades in place::
     stem_schedules       id PRIMARY KEY, definition bytea (msgpack Schedule.to_dict() or NULL: a
                          schedule in code), paused boolean, last_fired (epoch s or NULL),
                          last_run_id, updated_at (epoch s, server clock); no expiry (version 4)
+    stem_lane_jobs       the jobs with a limit (version 5): the columns of stem_jobs, plus lane
+                         (``lane_of``), rate_key, rate, burst, concurrency_key, concurrency;
+                         state 0 waiting in its lane | 1 delayed | 2 leased (a live slot while
+                         available_at, its lease deadline, is in the future)
+        stem_lane_jobs_head     (queue, lane, priority DESC, available_at, id)  WHERE state = 0
+        stem_lane_jobs_waiting  (queue, lane, available_at)                    WHERE state <> 0
+        stem_lane_jobs_slots    (queue, concurrency_key, available_at)         WHERE state = 2
+    stem_lanes           (queue, lane) PRIMARY KEY, rate_key, concurrency_key, next_eligible
+                         (epoch s, server clock: the earliest moment it may lease or change),
+                         blocked (next_eligible is a throttle time);  (queue, next_eligible),
+                         (queue, concurrency_key)
+    stem_buckets         (queue, rate_key) PRIMARY KEY, tat (GCRA theoretical arrival time);  (tat)
+    stem_dead_letters    + lane and the limit columns (version 5): replay restores the lane
 
 Acked rows are deleted, so ``stem_jobs`` holds only live messages; the
 partial indexes hold only the rows a claim or a wake-up looks at.

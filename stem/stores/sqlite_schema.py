@@ -5,7 +5,7 @@ upgrades them: idempotent, versioned in ``stem_schema_version``, inside one
 ``BEGIN IMMEDIATE`` transaction so concurrent processes serialise on SQLite's
 write lock; each version adds to the last (``ALTER TABLE ... ADD COLUMN``,
 new tables), so a file of any older version upgrades in place.  Schema,
-version 4::
+version 5::
 
     stem_messages       id INTEGER PRIMARY KEY AUTOINCREMENT  -- age order; never reused, so a
                                                               -- stale receipt cannot hit a new row
@@ -30,9 +30,22 @@ version 4::
     stem_schedules      id PRIMARY KEY, definition (msgpack Schedule.to_dict() or NULL: a schedule
                         in code), paused 0|1, last_fired (epoch s or NULL), last_run_id, updated_at
                         -- no expiry (version 4)
+    stem_lane_messages  the messages with a limit (version 5): the columns of stem_messages, plus
+                        lane (``lane_of``), rate_key, rate, burst, concurrency_key, concurrency;
+                        state 0 waiting in its lane | 1 delayed | 2 leased (a live slot while
+                        available_at, its lease deadline, is in the future)
+        ix head     (queue, lane, priority DESC, available_at, id)  WHERE state = 0
+        ix waiting  (queue, lane, available_at)                    WHERE state <> 0
+        ix slots    (queue, concurrency_key, available_at)         WHERE state = 2
+    stem_lanes          (queue, lane) PRIMARY KEY, rate_key, concurrency_key, next_eligible (epoch s:
+                        the earliest moment it may lease or change), blocked (0|1: next_eligible
+                        is a throttle time);  ix (queue, next_eligible), ix (queue, concurrency_key)
+    stem_buckets        (queue, rate_key) PRIMARY KEY, tat (GCRA theoretical arrival time);  ix tat
+    stem_dead_letters   + lane and the limit columns (version 5): replay restores the lane
 
-``settle_acked`` and ``release_keys`` are the ack and the key release that the
-broker's ``ack`` and the backend's fused result+ack transaction both run.
+``settle_acked``, ``release_keys`` and ``left_lanes`` are the ack, the key release and
+the slot release that the broker's ``ack`` and the backend's fused result+ack
+transaction both run.  Times are the process's clock (SQLite has none of its own).
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ from typing import Any, Sequence
 from ..errors import ConfigurationError
 
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys", "enter_lanes", "left_lanes",
-           "limit_values", "LIMIT_COLUMNS"]
+           "LIMIT_COLUMNS"]
 
 SCHEMA_VERSION = 5
 _CHUNK = 500            # ids per IN (...) list
@@ -131,7 +144,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             burst INTEGER,
             concurrency_key TEXT,
             concurrency INTEGER)""",
-        "CREATE INDEX stem_lane_messages_head ON stem_lane_messages (queue, lane, priority DESC, available_at, id) WHERE state = 0",
+        "CREATE INDEX stem_lane_messages_head ON stem_lane_messages (queue, lane, priority DESC, available_at, id) "
+        "WHERE state = 0",
         "CREATE INDEX stem_lane_messages_waiting ON stem_lane_messages (queue, lane, available_at) WHERE state <> 0",
         "CREATE INDEX stem_lane_messages_slots ON stem_lane_messages (queue, concurrency_key, available_at) "
         "WHERE state = 2",
@@ -159,13 +173,6 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 #: The limit columns of a lane message (and of a dead letter that had a limit), in ``Limit`` order.
 LIMIT_COLUMNS = "rate_key, rate, burst, concurrency_key, concurrency"
-
-
-def limit_values(limit: Any) -> tuple:
-    """A message's ``Limit`` as the values of (lane, *LIMIT_COLUMNS)."""
-    from ..brokers.base import lane_of
-    return (lane_of(limit), limit.rate_key, float(limit.rate), int(limit.burst), limit.concurrency_key,
-            int(limit.concurrency))
 
 
 def enter_lanes(conn: sqlite3.Connection, entries: Sequence[tuple]) -> None:
