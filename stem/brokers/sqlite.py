@@ -571,7 +571,8 @@ class _SqliteLanes(_lanes.LaneOps):
                           "AND available_at <= ?", (queue, lane, now))
 
     def head(self, queue, lane, rate_key, concurrency_key, now):
-        row = self.conn.execute("SELECT id, rate, burst, concurrency FROM stem_lane_messages WHERE queue = ? AND lane = ? "
+        row = self.conn.execute("SELECT id, rate, burst, concurrency FROM stem_lane_messages "
+                                "WHERE queue = ? AND lane = ? "
                                 "AND state = 0 ORDER BY priority DESC, available_at, id LIMIT 1",
                                 (queue, lane)).fetchone()
         if row is None:
