@@ -21,6 +21,7 @@ from .errors import (ConfigurationError, DuplicateTaskError, EncodeError, Invali
 from .handles import AsyncTaskRef, TaskHandle, TaskRef
 from .ids import new_task_id, new_task_ids
 from .keys import id_key, id_ttl, unique_key, unique_ttl
+from .limits import LIMIT_FIELDS, has_global_limit, limit_resolver
 from .results import TaskState, TaskStatus
 from .revocation import store_revocations
 from .signals import signals
@@ -68,6 +69,7 @@ class _Template(NamedTuple):
     result_ttl: float | None         # None: not set (the worker takes its handler's)
     failure_ttl: float | None
     ignore_result: bool | None
+    limit: Any = None                # (args, headers) -> Limit (stem.limits), or None: not limited
 
 
 _ITEM_KEYS = frozenset({"args", "options", "meta", "headers", "countdown", "eta", "task_id"})
@@ -77,6 +79,7 @@ _new_tuple = tuple.__new__
 
 
 _NONE_UNSET: list[str] = []
+_NO_HEADERS: dict[str, str] = {}
 _ALL_UNSET = list(HANDLER_FILLED)
 
 
@@ -164,11 +167,12 @@ class Stem:
             raise InvalidTaskOptionsError(
                 f"task {name!r}: autoretry_for and retry_backoff are options of the handler "
                 "(@registry.task(..., options=TaskOptions(...))), not of one enqueue")
-        if options is not None and options.rate_limit is not None:
-            # the worker limits by the handler's rate; one enqueue's would be silently ignored
+        if options is not None and options.rate_scope == "worker":
+            # a per-worker bucket is read from the worker's handler: one message cannot carry it
             raise InvalidTaskOptionsError(
-                f"task {name!r}: rate_limit is an option of the handler "
-                "(@registry.task(..., options=TaskOptions(rate_limit=...))); one enqueue cannot set it")
+                f"task {name!r}: rate_scope='worker' is an option of the handler "
+                "(@registry.task(..., options=TaskOptions(rate_limit=..., rate_scope='worker'))); "
+                "an enqueue's rate_limit is global (it travels with the message)")
         opts = self._resolve(name, options)
         unique = (_Unique(opts.unique_key, opts.unique_for, opts.unique_until == "started")
                   if opts.unique else None)
@@ -178,7 +182,8 @@ class Stem:
         return _Template(opts.queue, opts.priority, opts.max_retries,
                          None if opts.expires is None else now + opts.expires,
                          opts.visibility_timeout, opts.soft_time_limit, opts.hard_time_limit, unset, unique,
-                         opts.result_ttl, opts.failure_ttl, opts.ignore_result)
+                         opts.result_ttl, opts.failure_ttl, opts.ignore_result,
+                         limit_resolver(name, opts) if has_global_limit(opts) else None)
 
     def _build(self, name: str, args: dict[str, Any] | None, options: TaskOptions | None,
                meta: dict[str, Any] | None, headers: dict[str, str] | None, countdown: float | None,
@@ -191,7 +196,8 @@ class Stem:
         says whether ``task_id`` is the caller's (an idempotency key) or made for the batch
         (default: whether ``task_id`` was given)."""
         (queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique,
-         result_ttl, failure_ttl, ignore_result) = self._template(name, options, now) if template is None else template
+         result_ttl, failure_ttl, ignore_result, limit_of) = (self._template(name, options, now) if template is None
+                                                              else template)
         args = _checked_args(name, args)
         if meta is not None and not isinstance(meta, dict):
             raise EncodeError(f"meta must be a dict, got {type(meta).__name__}")
@@ -232,8 +238,9 @@ class Stem:
                        result_ttl, failure_ttl, ignore_result)
         if signals.before_task_publish.receivers:
             signals.before_task_publish.send(self, envelope=env)
+        limit = None if limit_of is None else limit_of(args, env.headers)
         frame = encode_frame(env, self.signer)
-        message = _new_tuple(Message, (task_id, queue, frame, priority, not_before, visibility_timeout, None))
+        message = _new_tuple(Message, (task_id, queue, frame, priority, not_before, visibility_timeout, limit))
         return env, message, None if key is None else Keyed(message, key, ttl, linger)
 
     # -- publishing ---------------------------------------------------------------
@@ -269,7 +276,10 @@ class Stem:
         options come from the handle (``send.with_options(countdown=5)``), never from
         keywords here, which all belong to the task."""
         args_dict = _handle_arguments(handle, args, kwargs)
-        return TaskRef(self, self.enqueue(handle.name, args_dict, **handle.enqueue_options), handle.name)
+        enqueue_options = handle.enqueue_options
+        if self.registry is None or handle.name not in self.registry:
+            enqueue_options = _with_handler_limits(handle, enqueue_options)
+        return TaskRef(self, self.enqueue(handle.name, args_dict, **enqueue_options), handle.name)
 
     def enqueue_child(self, name: str, args: dict[str, Any] | None, *, options: TaskOptions | None,
                       task_id: str, parent: Any) -> str:
@@ -338,7 +348,7 @@ class Stem:
                     name, args, options = item
                 template = self._batch_template(templates, name, options, now)
                 (queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique,
-                 result_ttl, failure_ttl, ignore_result) = template
+                 result_ttl, failure_ttl, ignore_result, limit_of) = template
                 if unique is not None:
                     env, m, k = self._build(name, args, options, None, None, None, None, task_id, None, now,
                                             template, explicit_id=False)
@@ -356,7 +366,7 @@ class Stem:
                     before.send(self, envelope=env)
                 add_env(env)
                 add_message(_new_tuple(Message, (task_id, queue, encode(env), priority, None, visibility_timeout,
-                                                 None)))
+                                                 None if limit_of is None else limit_of(args, _NO_HEADERS))))
                 continue
             if isinstance(item, dict):
                 kw = dict(item)
@@ -447,9 +457,9 @@ class Stem:
                 args = {}
             add(args)
         (queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique,
-         result_ttl, failure_ttl, ignore_result) = self._template(name, options, now)
-        if unique is not None:
-            return None                       # keyed: the general path publishes it under its keys
+         result_ttl, failure_ttl, ignore_result, limit_of) = self._template(name, options, now)
+        if unique is not None or limit_of is not None:
+            return None                       # keyed or limited: the general path publishes it
         env = Envelope("", name, {}, {}, {}, queue, priority, 0, max_retries, now, None, expires_at,
                        visibility_timeout, soft, hard, None, None, unset, None, result_ttl, failure_ttl, ignore_result)
         ids = new_task_ids(len(args_list))
@@ -545,6 +555,25 @@ def _handle_arguments(handle: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     return handle.arguments(args, kwargs)
 
 
+def _with_handler_limits(handle: Any, enqueue_options: Any) -> Any:
+    """A typed handle knows its handler's options even when the producer's registry does not:
+    its limits travel with the call (the rest stays the worker's to fill)."""
+    limits = _limit_options(handle.handler.options)
+    if limits is None:
+        return enqueue_options
+    given = enqueue_options.get("options")
+    return {**enqueue_options, "options": limits if given is None else given.merged(limits)}
+
+
+@functools.lru_cache(maxsize=256)
+def _limit_options(options: TaskOptions) -> TaskOptions | None:
+    """The limit fields of a handler's ``options`` alone, or None when it has no global limit."""
+    if not has_global_limit(options):
+        return None
+    fields = LIMIT_FIELDS if options.rate_scope != "worker" else ("concurrency_limit", "concurrency_key")
+    return TaskOptions(**{f: getattr(options, f) for f in fields if getattr(options, f) is not None})
+
+
 def _is_duplicate(holder: str | None, own_id: str, explicit_id: bool) -> bool:
     """Whether ``publish_keyed``'s answer means "not published".  Its own id answers a
     publish whose key it already held: a generated id is never reused, so that is a retry
@@ -593,7 +622,10 @@ class AsyncStem:
     async def call(self, handle: TaskHandle[P, R], /, *args: P.args, **kwargs: P.kwargs) -> AsyncTaskRef[R]:
         """``Stem.call``, awaited: the arguments are checked here, before the enqueue is awaited."""
         args_dict = _handle_arguments(handle, args, kwargs)
-        task_id = await self.enqueue(handle.name, args_dict, **handle.enqueue_options)
+        enqueue_options = handle.enqueue_options
+        if self.sync.registry is None or handle.name not in self.sync.registry:
+            enqueue_options = _with_handler_limits(handle, enqueue_options)
+        task_id = await self.enqueue(handle.name, args_dict, **enqueue_options)
         return AsyncTaskRef(self, task_id, handle.name)
 
     async def enqueue_many(self, items) -> BatchIds:

@@ -360,8 +360,10 @@ class Schedule:
             if self.options.unique:
                 raise _bad(f"schedule {self.id!r}: options with unique=True are refused; each run is "
                            "already published once under its run id")
-            handler_only = [f for f in ("rate_limit", "autoretry_for", "retry_backoff", "retry_backoff_max")
-                            if getattr(self.options, f) is not None]
+            # a global rate_limit travels with each run (stem.limits); a per-worker one cannot
+            handler_only = [f for f in ("rate_scope", "autoretry_for", "retry_backoff", "retry_backoff_max")
+                            if getattr(self.options, f) is not None and
+                            (f != "rate_scope" or self.options.rate_scope == "worker")]
             if handler_only:
                 raise _bad(f"schedule {self.id!r}: {', '.join(handler_only)} are options of the handler "
                            "(@registry.task(..., options=...)), which its runs get; one enqueue cannot set them")

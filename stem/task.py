@@ -50,7 +50,15 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     result's lifetime); unset, the backend's ``result_expires``.  With
     ``ignore_result=True`` the worker stores no status for a success (nor any
     RUNNING, progress or RETRYING status), so ``wait_for_task`` on the task times
-    out; its failures are still stored."""
+    out; its failures are still stored.
+
+    Limits (``stem.limits``, enforced by the broker before a lease, for the whole cluster):
+    ``rate_limit`` ("10/s", "100/m", "1000/h") with ``burst`` (leases at once after an idle
+    spell, default 1) per ``rate_key``; ``concurrency_limit`` tasks running at once per
+    ``concurrency_key``.  A key is a str (shared by every task naming it), a list of argument
+    names (one key per value: the task name and those values) or a callable ``(args,
+    headers) -> str``; unset, the task name.  ``rate_scope="worker"`` instead keeps a token
+    bucket in each worker process (no key, no burst)."""
 
     queue: str | None = None
     max_retries: int | None = None
@@ -59,6 +67,11 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     visibility_timeout: float | None = None
     priority: int | None = None
     rate_limit: str | None = None
+    rate_key: Any = None              # str, list of argument names, or callable (args, headers) -> str
+    burst: int | None = None          # leases at once after an idle spell (default 1)
+    rate_scope: str | None = None     # "global" (default) or "worker"
+    concurrency_limit: int | None = None
+    concurrency_key: Any = None       # as rate_key
     unique: bool | None = None
     unique_for: float | None = None
     unique_key: Any = None            # tuple of argument names, or a callable of the args dict
@@ -89,8 +102,10 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
                 f"soft_time_limit ({self.soft_time_limit}) must be below hard_time_limit ({self.hard_time_limit})")
         if self.priority is not None:
             checks.integer("priority", self.priority, minimum=0, maximum=MAX_PRIORITY, error=InvalidTaskOptionsError)
-        if self.rate_limit is not None:
-            parse_rate_limit(self.rate_limit)
+        if self.rate_limit is not None or self.concurrency_limit is not None or self.rate_key is not None \
+                or self.burst is not None or self.rate_scope is not None or self.concurrency_key is not None:
+            from .limits import check_limit_options
+            check_limit_options(self)
         if self.isolation is not None and self.isolation not in ("process", "inline"):
             raise InvalidTaskOptionsError(f"isolation must be 'process' or 'inline', got {self.isolation!r}")
         for name in ("unique", "acks_late", "ignore_result"):

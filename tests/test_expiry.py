@@ -61,7 +61,7 @@ def _terminal(env, tid, timeout=20.0):
 
 
 def test_tasks_that_expire_in_the_backlog_behind_a_rate_limit_end_revoked_unrun(env, journal):
-    @env.registry.task("limited", options=TaskOptions(rate_limit="1/s"))
+    @env.registry.task("limited", options=TaskOptions(rate_limit="1/s", rate_scope="worker"))
     def limited(ctx):
         journal.add(f"{ctx.id} {time.time()!r}")
 

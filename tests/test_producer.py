@@ -59,8 +59,10 @@ def test_enqueue_options_override_the_handlers(stem):
      InvalidTaskOptionsError, "unique_key"),
     (lambda s: s.enqueue("email.send", {"to": "x"}, on_duplicate="ignore"), InvalidTaskOptionsError,
      "on_duplicate"),
-    (lambda s: s.enqueue("email.send", {"to": "x"}, options=TaskOptions(rate_limit="1/s")), InvalidTaskOptionsError,
-     "rate_limit is an option of the handler"),
+    (lambda s: s.enqueue("email.send", {"to": "x"}, options=TaskOptions(rate_limit="1/s", rate_scope="worker")),
+     InvalidTaskOptionsError, "rate_scope='worker' is an option of the handler"),
+    (lambda s: s.enqueue("email.send", {"to": "x"}, options=TaskOptions(rate_limit="1/s", rate_key=["nope"])),
+     InvalidTaskOptionsError, "rate_key of task 'email.send' names"),
     (lambda s: s.enqueue("", {}), InvalidTaskOptionsError, "name"),
 ])
 def test_bad_input_raises_and_publishes_nothing(stem, call, error, fragment):

@@ -156,7 +156,7 @@ def test_a_long_lease_extension_never_creates_a_second_copy(make, raw, namespace
     assert raw.xlen(lane) == 1
     [p] = raw.xpending_range(lane, "stem", "-", "+", 10)
     assert (p["consumer"], p["times_delivered"]) == (b"runner", 1)
-    assert broker.stats(Q)[1:] == (0, 1, 0, 0)
+    assert broker.stats(Q)[1:5] == (0, 1, 0, 0)
     broker.ack([d])
     assert raw.xlen(lane) == 0
 
@@ -174,7 +174,7 @@ def test_leases_expiring_past_max_deliveries_are_reclaimed_with_their_count_for_
     broker.dead_letter(d, "max-deliveries")       # what the worker does
     [dl] = broker.dead_letters(Q)
     assert (dl.reason, dl.task_id, bytes(dl.frame)) == ("max-deliveries", m.task_id, b"poison")
-    assert broker.stats(Q)[1:] == (0, 0, 0, 1)
+    assert broker.stats(Q)[1:5] == (0, 0, 0, 1)
 
 
 def test_settling_a_stale_delivery_never_adds_a_copy(make):
@@ -489,7 +489,7 @@ def test_entries_without_a_task_id_are_dead_lettered_and_never_hold_back_the_ent
     assert [d.task_id for d in got] == [m.task_id for m in before + after]
     assert [dl.reason for dl in broker.dead_letters(Q)] == ["decode-error", "decode-error"]
     assert [(dl.task_id, bytes(dl.frame)) for dl in broker.dead_letters(Q)] == [("", b""), ("", b"frame-only")]
-    assert broker.stats(Q)[1:] == (0, 6, 0, 2)
+    assert broker.stats(Q)[1:5] == (0, 6, 0, 2)
     broker.ack(got)
     assert raw.xlen(_lane0(namespace)) == 0 and raw.zcard(f"{namespace}:{{q:{Q}}}:leases") == 0
 
@@ -551,7 +551,7 @@ def test_an_expired_lease_of_an_entry_without_a_task_id_is_dead_lettered_and_its
     [dl] = broker.dead_letters(Q)
     assert (dl.reason, dl.task_id, bytes(dl.frame)) == ("decode-error", "", b"orphan")
     broker.ack(got)
-    assert broker.stats(Q)[1:] == (0, 0, 0, 1)
+    assert broker.stats(Q)[1:5] == (0, 0, 0, 1)
 
 
 def test_a_delayed_member_that_does_not_unpack_goes_to_the_dead_letters_not_nowhere(make, raw, namespace):

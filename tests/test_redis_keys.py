@@ -133,7 +133,7 @@ def test_an_ack_batch_of_keyed_and_plain_deliveries_removes_all_and_releases_the
     got = broker.consume([Q], 10, 5.0)
     assert sorted(d.key or "" for d in got) == [""] * 5 + [f"k{i}" for i in range(5)]
     broker.ack(got)
-    assert broker.stats(Q)[1:] == (0, 0, 0, 0)
+    assert broker.stats(Q)[1:5] == (0, 0, 0, 0)
     assert all(broker.key_owner(Q, f"k{i}") is None for i in range(5))
 
 

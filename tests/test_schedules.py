@@ -383,7 +383,7 @@ def test_a_full_schedule_round_trips_through_a_dict_and_msgpack():
         assert Schedule.from_dict(msgspec.msgpack.decode(msgspec.msgpack.encode(minimal.to_dict()))) == minimal
 
 
-@pytest.mark.parametrize("options", [TaskOptions(autoretry_for=(ConnectionError,)), TaskOptions(rate_limit="1/s"),
+@pytest.mark.parametrize("options", [TaskOptions(autoretry_for=(ConnectionError,)), TaskOptions(rate_limit="1/s", rate_scope="worker"),
                                      TaskOptions(retry_backoff=1.0)])
 def test_options_of_the_handler_are_refused_as_enqueue_refuses_them(options):
     with pytest.raises(InvalidTaskOptionsError, match="options of the handler"):

@@ -111,7 +111,7 @@ def assert_all_succeeded(env, ids):
     for i, tid in enumerate(ids):
         status = env.stem.wait_for_task(tid, timeout=30)
         assert status.state is TaskState.SUCCEEDED and status.result == i + 1, (tid, status)
-    assert env.broker.stats(Q)[1:] == (0, 0, 0, 0)
+    assert env.broker.stats(Q)[1:5] == (0, 0, 0, 0)
 
 
 def test_with_a_backlog_the_settle_round_trip_refills_and_the_fetcher_stays_asleep(env, monkeypatch, isolation):
@@ -173,7 +173,7 @@ def test_without_results_the_ack_round_trip_refills(env, monkeypatch, isolation)
     w.run_in_background(burst=True)
     assert w.join(60)
     assert w.stats()["succeeded"] == 400
-    assert env.broker.stats(Q)[1:] == (0, 0, 0, 0)     # every delivery acked
+    assert env.broker.stats(Q)[1:5] == (0, 0, 0, 0)     # every delivery acked
     assert sum(env.refills) > 200 and len(env.fetches) < len(env.refills)
     assert max(env.held) <= w.prefetch_limit
 
@@ -196,7 +196,7 @@ def test_an_adapter_that_cannot_refill_is_asked_once_then_settles_the_usual_way(
     assert w.join(60)
     if results:
         assert_all_succeeded(env, ids)
-    assert w.stats()["succeeded"] == 200 and env.broker.stats(Q)[1:] == (0, 0, 0, 0)
+    assert w.stats()["succeeded"] == 200 and env.broker.stats(Q)[1:5] == (0, 0, 0, 0)
     assert asked == [1]
 
 

@@ -100,7 +100,7 @@ every adapter too (``tests/contract/test_limits_contract.py``):
   messages too (and counts them); ``delete_queue`` drops lanes, buckets and slots.
 * **Routing after the fact.**  ``route_limited(delivery, limit)`` moves a leased delivery
   that came without a limit (its producer did not know the task's options) into its lane,
-  atomically, keeping its frame and its slot-free state (a slot it held is freed): the worker
+  atomically, keeping its frame (a slot it held is freed): the worker
   does this once instead of running it.  Routing is not a delivery: the next lease of the
   message has the same ``delivery_count`` as the routed delivery had.  ``lane_stats(queue)`` lists the lanes with their waiting and running counts.
 """

@@ -131,7 +131,8 @@ class Dispatcher:
                 self.expired.append(job)
                 continue
             options = job.handler.options
-            if options.rate_limit is not None:
+            if options.rate_scope == "worker" and options.rate_limit is not None:
+                # the opt-in per-worker bucket; a global limit was kept by the broker already
                 name = job.handler.name
                 limiter = self.limiters.get(name)
                 if limiter is None:

@@ -80,7 +80,9 @@ class Job:
 
 
 class RateLimiter:
-    """Token bucket per task name: ``rate`` tasks per second, bursts of up to max(1, rate)."""
+    """Token bucket per task name: ``rate`` tasks per second, bursts of up to max(1, rate).  Only for
+    ``TaskOptions(rate_scope="worker")``: a global rate limit (the default) is the broker's, which
+    never leases a throttled task (``stem.limits``)."""
 
     __slots__ = ("rate", "capacity", "tokens", "updated")
 

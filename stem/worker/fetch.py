@@ -8,6 +8,12 @@ unknown task, poison and deliveries past the broker's cap are dead-lettered
 (a DEAD status first), revoked and expired tasks end REVOKED, the rest
 become jobs for the engine.
 
+A delivery that came without a limit (its producer did not know the task's options) whose
+handler has a global rate or concurrency limit is not run: it goes back to the broker, into
+the lane of the limit the handler resolves (``Broker.route_limited``), once; it is leased
+again under the limit and then runs.  Routing is not an attempt, never a retry, never a dead
+letter (``stem.limits``).
+
 With a backlog the fetcher mostly waits for room.  The settle round trip
 that frees the room can carry the refill too (``ConsumeTurn``), and then the
 fetcher does not wake for it.  It keeps what only it does: blocking consumes
@@ -22,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..brokers import Broker, Delivery
 from ..envelope import decode_frame
-from ..errors import DecodeError, SignatureError, StemError, UnknownTaskError
+from ..errors import DecodeError, InvalidTaskOptionsError, SignatureError, StemError, UnknownTaskError
+from ..limits import limit_resolver
 from ..results import Reason, TaskState
 from ..signals import signals
 from ..task import TaskRegistry
@@ -189,6 +196,8 @@ class Fetcher:
             if env.expires_at is not None and env.expires_at < now:
                 settler.finish_unrun(d, env, TaskState.REVOKED, Reason.EXPIRED)
                 continue
+            if d.limit is None and self.route(d, env, handler):
+                continue
             if poison_after is not None and d.delivery_count > poison_after:
                 settler.dead_unrun(d, Reason.POISON, f"delivered {d.delivery_count} times without finishing", env)
                 continue
@@ -197,6 +206,22 @@ class Fetcher:
             accepted.append((d, env, handler, renew_now))
         if accepted:
             self.engine.submit_many(self.state.admit(accepted))   # one lock, one engine wake-up per batch
+
+    def route(self, d: Delivery, env: Any, handler: Any) -> bool:
+        """Send a delivery without a limit whose handler has a global one into its lane
+        instead of running it (True); False: run it (no global limit)."""
+        resolver = limit_resolver(handler.name, handler.options)
+        if resolver is None:
+            return False
+        try:
+            limit = resolver(env.args, env.headers)
+        except InvalidTaskOptionsError as exc:
+            # a producer with the registry would have refused it at enqueue
+            self.settler.dead_unrun(d, Reason.BAD_ARGUMENTS, f"its limit's key cannot be made: {exc}", env)
+            return True
+        self.settler.broker_call(self.broker.route_limited, d, limit)
+        self.state.count("routed_limited")
+        return True
 
     def warn_misrouted(self, env: Any, handler: Any) -> None:
         """A task published to another queue than its handler's (by a producer without

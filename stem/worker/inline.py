@@ -79,8 +79,8 @@ class InlineEngine(Engine):
                     del backlog[i]
                     expired.append(job)
                     continue
-                rate = job.handler.options.rate_limit
-                if rate is None:
+                options = job.handler.options
+                if options.rate_limit is None or options.rate_scope != "worker":   # global: the broker's
                     del backlog[i]
                     return job
                 limiter = self._limiters.get(job.handler.name)

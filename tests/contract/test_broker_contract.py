@@ -207,7 +207,7 @@ def test_a_message_past_max_deliveries_is_delivered_with_its_count_for_the_consu
     broker.dead_letter(third, "max-deliveries")
     [dl] = broker.dead_letters(Q)
     assert (dl.task_id, dl.reason, bytes(dl.frame)) == (m.task_id, "max-deliveries", b"poison")
-    assert broker.stats(Q)[1:] == (0, 0, 0, 1)
+    assert broker.stats(Q)[1:5] == (0, 0, 0, 1)
 
 
 def test_leases_that_keep_expiring_past_max_deliveries_are_still_delivered_never_buried(make_broker):
@@ -231,7 +231,7 @@ def test_garbage_and_empty_frames_between_valid_ones_are_delivered_with_them(bro
         assert more, f"only {len(got)} of {len(frames)} delivered"
         got += more
     assert [(d.task_id, bytes(d.frame)) for d in got] == [(m.task_id, m.frame) for m in sent]
-    assert broker.stats(Q)[1:] == (0, len(frames), 0, 0)
+    assert broker.stats(Q)[1:5] == (0, len(frames), 0, 0)
 
 
 def test_consume_from_several_queues(broker):

@@ -228,6 +228,7 @@ def test_an_expired_lease_frees_its_slot_and_its_message_goes_back_to_its_lane(b
             assert broker.stats(Q).in_flight == 1, "more than one slot lived at once"
             seen.setdefault(d.task_id, d.delivery_count)
             assert d.limit == limit            # not leaked as unlimited: it came back from its lane
+            broker.ack([d])
     assert set(seen) == {a.task_id, b.task_id}
     assert seen[a.task_id] == 2                     # the expiry counted as a delivery, as usual
 

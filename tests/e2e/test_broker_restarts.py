@@ -29,7 +29,7 @@ def redis_restart_mid_run(redis_server, fleet, ledger, n: int) -> None:
         fleet.wait_for(lambda: all_succeeded(stem.backend, ids), 120, "every task SUCCEEDED after the restart",
                        interval=0.2)
         assert set(ledger.ran()) == set(ids)
-        fleet.wait_for(lambda: stem.broker.stats("default")[1:] == IDLE, 30, "the queue to drain")
+        fleet.wait_for(lambda: stem.broker.stats("default")[1:5] == IDLE, 30, "the queue to drain")
         assert worker.returncode is None, "the worker died instead of resuming"
     finally:
         fleet.close()
@@ -66,7 +66,7 @@ def test_worker_processes_resume_after_a_postgres_restart_and_every_task_succeed
         fleet.wait_for(lambda: all_succeeded(stem.backend, ids + more), 120, "every task SUCCEEDED")
         assert all(p.returncode is None for p in fleet.procs), "a worker died instead of resuming"
         assert set(ledger.ran()) == set(ids + more)
-        assert stem.broker.stats("default")[1:] == IDLE
+        assert stem.broker.stats("default")[1:5] == IDLE
     finally:
         fleet.close()
         store.close()

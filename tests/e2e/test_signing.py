@@ -35,4 +35,4 @@ def test_a_tampered_or_unsigned_frame_ends_in_the_dead_letter_queue(store, fleet
     wait_for(lambda: stem.broker.dead_letters("default"), what="the dead letter")
     [dead] = stem.broker.dead_letters("default")
     assert (dead.task_id, dead.reason) == (task_id, "signature-invalid")
-    assert stem.broker.stats("default")[1:] == (0, 0, 0, 1)
+    assert stem.broker.stats("default")[1:5] == (0, 0, 0, 1)
