@@ -31,6 +31,14 @@ Metrics (``task``, ``queue``, ``reason`` and ``worker`` are labels)::
     stem_worker_children{worker}                   child processes (process engine)
     stem_child_rss_bytes{worker,pid}               resident memory of each child
     stem_broker_reconnects_total{worker}           broker outages the worker recovered from
+    stem_tasks_routed_limited_total{worker}        deliveries without a limit sent into their lane
+                                                   instead of run (``stem.limits``)
+    stem_queue_throttled{queue}                    tasks waiting in the broker for a token or a
+                                                   slot (read from the broker at scrape time, for
+                                                   the queues of the tracked workers)
+    stem_lane_waiting{queue,rate_key,concurrency_key}  per limit lane (at most 100 per queue,
+    stem_lane_running{queue,rate_key,concurrency_key}  the most waiting first): throttled tasks,
+                                                   and live concurrency slots of its key
     stem_schedule_runs_fired_total{schedule}       runs this process's schedulers published
                                                    (``schedule_fired``; a run another scheduler
                                                    published first is not counted)
@@ -112,8 +120,17 @@ class _WorkerCollector:
                                          labels=["worker"])
         resizes = CounterMetricFamily("stem_worker_autoscale_resizes", "Pool resizes the autoscaler made, by "
                                       "direction (grow, shrink).", labels=["worker", "direction"])
+        routed = CounterMetricFamily("stem_tasks_routed_limited", "Deliveries without a limit sent into their "
+                                     "limit's lane instead of run.", labels=["worker"])
+        throttled = GaugeMetricFamily("stem_queue_throttled", "Tasks waiting in the broker for a rate token or "
+                                      "a concurrency slot (never leased, never reserved).", labels=["queue"])
+        lane_labels = ["queue", "rate_key", "concurrency_key"]
+        waiting = GaugeMetricFamily("stem_lane_waiting", "Throttled tasks per limit lane.", labels=lane_labels)
+        running = GaugeMetricFamily("stem_lane_running", "Live concurrency slots of the lane's key.",
+                                    labels=lane_labels)
         with self._lock:
             workers = list(self._workers.values())
+        self._collect_lanes(workers, throttled, waiting, running)
         for w in workers:
             try:
                 s = w.stats()
@@ -132,10 +149,30 @@ class _WorkerCollector:
             if autoscale:
                 resizes.add_metric([wid, "grow"], float(autoscale.get("grows", 0)))
                 resizes.add_metric([wid, "shrink"], float(autoscale.get("shrinks", 0)))
+            routed.add_metric([wid], float(s.get("routed_limited", 0)))
         yield from g.values()
-        yield rss
-        yield reconnects
-        yield resizes
+        yield from (rss, reconnects, resizes, routed, throttled, waiting, running)
+
+    @staticmethod
+    def _collect_lanes(workers: list[Any], throttled: Any, waiting: Any, running: Any) -> None:
+        """The throttled counts and lanes of the tracked workers' queues, each queue once (two
+        round trips per queue, at scrape time only)."""
+        seen: set[str] = set()
+        for w in workers:
+            broker = getattr(w, "broker", None)
+            for queue in getattr(w, "queues", ()) or ():
+                if broker is None or queue in seen:
+                    continue
+                seen.add(queue)
+                try:
+                    stats, lanes = broker.stats(queue), broker.lane_stats(queue)
+                except Exception:  # noqa: BLE001 - a broker outage must not fail the scrape
+                    continue
+                throttled.add_metric([queue], float(stats.throttled))
+                for lane in lanes:
+                    labels = [queue, lane.rate_key or "", lane.concurrency_key or ""]
+                    waiting.add_metric(labels, float(lane.waiting))
+                    running.add_metric(labels, float(lane.running))
 
 
 class _Series:

@@ -154,14 +154,34 @@ def result(task_id, wait, timeout, as_json, broker_url, backend_url):
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--all", "show_all", is_flag=True, help="include the control plane's own queues")
 def queues(broker_url, backend_url, as_json, show_all):
-    """Depth, in-flight, delayed and dead counts per queue."""
+    """Depth, in-flight, delayed, throttled and dead counts per queue, then the lanes of
+    limited tasks (``stem.limits``): per rate / concurrency key, how many wait and run.
+
+    Throttled tasks wait in the broker for a token or a slot: they are not in flight, and
+    no worker holds (reserves) them."""
     from ..control import is_internal_queue
     with Env(broker_url, backend_url) as env:
-        rows = [env.broker.stats(q)._asdict() for q in env.broker.queues() if show_all or not is_internal_queue(q)]
-    cols = [Col("queue", key=True)] + [Col(c, "right") for c in ("ready", "in_flight", "delayed", "dead")]
-    emit(rows, as_json, lambda d: print_table(
-        cols, [[r["queue"], r["ready"], r["in_flight"], r["delayed"], r["dead"]] for r in d], title="queues",
-        empty="no queues yet (a queue appears once a task is published to it or a worker consumes it)"))
+        rows = []
+        for q in env.broker.queues():
+            if show_all or not is_internal_queue(q):
+                row = env.broker.stats(q)._asdict()
+                row["lanes"] = [lane._asdict() for lane in env.broker.lane_stats(q)]
+                rows.append(row)
+    cols = [Col("queue", key=True)] + [Col(c, "right") for c in ("ready", "in_flight", "delayed", "throttled", "dead")]
+
+    def render(d):
+        print_table(cols, [[r["queue"], r["ready"], r["in_flight"], r["delayed"], r["throttled"], r["dead"]]
+                           for r in d], title="queues",
+                    empty="no queues yet (a queue appears once a task is published to it or a worker consumes it)")
+        lanes = [(r["queue"], lane) for r in d for lane in r["lanes"]]
+        if lanes:
+            from rich.markup import escape        # keys hold brackets: "report[tenant='a']"
+            print_table([Col("queue", key=True), Col("rate_key", key=True), Col("concurrency_key", key=True),
+                         Col("waiting", "right"), Col("running", "right")],
+                        [[q, escape(lane["rate_key"] or "-"), escape(lane["concurrency_key"] or "-"), lane["waiting"],
+                          lane["running"]]
+                         for q, lane in lanes], title="limit lanes")
+    emit(rows, as_json, render)
 
 
 @click.command()
@@ -170,14 +190,14 @@ def queues(broker_url, backend_url, as_json, show_all):
 @click.option("--json", "as_json", is_flag=True)
 @connection_options
 def purge(queue, yes, as_json, broker_url, backend_url):
-    """Delete every ready and delayed task of QUEUE for good.
+    """Delete every ready, delayed and throttled task of QUEUE for good.
 
     Tasks running now are not touched; dead letters stay (stem dlq purge).
     """
     with Env(broker_url, backend_url) as env:
         stats = env.broker.stats(queue)
-        if not yes and not click.confirm(f"delete {stats.ready} ready and {stats.delayed} delayed task(s) of "
-                                         f"queue {queue!r} for good?", default=False):
+        if not yes and not click.confirm(f"delete {stats.ready} ready, {stats.delayed} delayed and {stats.throttled} "
+                                         f"throttled task(s) of queue {queue!r} for good?", default=False):
             fail("nothing purged")
         purged = env.broker.purge(queue)
     emit({"queue": queue, "purged": purged}, as_json, lambda d: click.echo(f"purged {purged} task(s) from {queue}"))

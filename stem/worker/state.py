@@ -28,8 +28,9 @@ from .window import PrefetchWindow
 __all__ = ["WorkerState", "ConsumeTurn", "COUNTERS"]
 
 #: The counters a worker keeps (``stats()``, the heartbeat, metrics).
+#: ``routed_limited``: deliveries sent into their limit's lane instead of run (``stem.limits``).
 COUNTERS = ("received", "processed", "succeeded", "failed", "retried", "revoked", "dead_lettered",
-            "broker_reconnects")
+            "broker_reconnects", "routed_limited")
 
 
 class ConsumeTurn:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from stem import TaskRegistry
+from stem import TaskOptions, TaskRegistry
 
 registry = TaskRegistry()
 
@@ -44,3 +44,45 @@ def effect(ctx, n, ledger, sleep=0.0, hold=None):
 @registry.task("e2e.add")
 def add(ctx, a, b):
     return a + b
+
+
+# -- limits (tests/e2e/test_limits.py) ------------------------------------------------------------
+#: what the limits tests measure against
+RATED_RATE, RATED_BURST, SLOTS = 2.0, 2, 2
+
+
+@registry.task("e2e.rated", options=TaskOptions(rate_limit="2/s", burst=RATED_BURST))
+def rated(ctx, ledger):
+    """Globally limited to 2/s (burst 2): returns when it started."""
+    record(ledger, ctx.id)
+    return time.time()
+
+
+@registry.task("e2e.throttled_fragile", options=TaskOptions(rate_limit="5/s", max_retries=0,
+                                                            visibility_timeout=1.0))
+def throttled_fragile(ctx):
+    """No retry, a short lease, a queue far fuller than its rate: throttling must never fail it."""
+    return ctx.attempt
+
+
+@registry.task("e2e.slotted", options=TaskOptions(concurrency_limit=SLOTS, concurrency_key="e2e-slots"))
+def slotted(ctx, ledger, hold=None):
+    """At most two run at once across the cluster: writes its start and end times."""
+    worker = os.environ.get("STEM_E2E_WORKER", "inproc")
+    path = os.path.join(ledger, f"slots-{worker}-{os.getpid()}")
+
+    def line(what: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{ctx.id} {what} {time.time()!r}\n".encode())
+        finally:
+            os.close(fd)
+
+    line("start")
+    record(ledger, ctx.id)
+    if hold:
+        deadline = time.monotonic() + 60.0
+        while not os.path.exists(hold) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    line("end")
+    return ctx.id
