@@ -9,7 +9,7 @@ and after (same run, interleaved), and after with a throttled backlog in the sam
 Both versions run in one process (the old package imported as ``stem_before``), each broker on
 a file or schema of its own; a round publishes ``chunk`` plain messages to each and times
 draining them with ``consume(max_count=10)`` + ``ack`` (one thread), the variants taking turns
-(order alternating each round), so that the load of a shared machine hits them alike.
+(the order rotating each round), so that the load of a shared machine hits them alike.
 "after+backlog" first got ``backlog`` limited messages in the same queue under one rate key at
 0.001/s (one leased, the rest throttled for the whole run).  Printed: median msgs/s of each,
 and the throughput ratios (median of the per-round ratios, and of the totals).
@@ -98,7 +98,8 @@ def main() -> None:
             run_chunk(broker, msg, 200)                      # warm up: connections, statements
         times: dict[str, list[float]] = {name: [] for name in made}
         for r in range(args.rounds):
-            order = list(made) if r % 2 == 0 else list(reversed(made))
+            names = list(made)
+            order = names[r % len(names):] + names[:r % len(names)]     # each variant in each place alike
             for name in order:
                 broker, msg, _ = made[name]
                 times[name].append(run_chunk(broker, msg, args.chunk))

@@ -38,8 +38,10 @@ connections, retries and error translation: ``stem/stores/postgres.py``.
 * **Limits** (schema version 5; ``docs/design.md``, "Brokers and backends"): a
   limited message is a row of ``stem_lane_jobs``, which the unlimited claim
   never reads; the claim statement only probes ``stem_lanes`` for a due lane
-  of its queues and, when there is one, leases nothing and answers with a row
-  of NULLs: the consume then serves the lanes in one transaction
+  of its queues (a one-time filter) and, when there is one, leases nothing: a
+  consume whose claim found nothing asks why (``after_empty_claim``: a due
+  lane, a ready row, the next due time, in one query, the one an idle
+  consume ran anyway) and, for a due lane, serves the lanes in one transaction
   (``stem.brokers._lanes``, ``_PgLanes``: lanes locked ``FOR UPDATE SKIP
   LOCKED``, their rate and concurrency keys by advisory locks taken without
   waiting, time from ``now()``), then claims the unlimited rows.  Settles of
@@ -214,25 +216,28 @@ def _queries(s: str) -> dict[str, str]:
             DELETE FROM {keys} WHERE (queue, key) IN (
                 SELECT queue, key FROM {keys} WHERE expires_at <= {NOW} LIMIT %s FOR UPDATE SKIP LOCKED)""",
         # the unlimited claim, behind the one step it pays for limits: an index probe of the
-        # lanes table; when a lane of the queues is due it leases nothing and answers with one
-        # row of NULLs, and the consume serves the lanes first (``_lanes.serve``)
-        "claim": f"""
-            WITH lanes_due AS (
-                SELECT EXISTS (
-                    SELECT 1 FROM unnest(%(queues)s::text[]) AS q(name) CROSS JOIN LATERAL (
-                        SELECT 1 FROM {lanes} WHERE queue = q.name AND next_eligible <= {NOW} LIMIT 1) l) AS due),
-            leased AS ({claim.format(guard="WHERE NOT (SELECT due FROM lanes_due)")})
-            SELECT * FROM leased
-            UNION ALL
-            SELECT NULL::int8, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM lanes_due WHERE due""",
+        # lanes table (a one-time filter); when a lane of the queues is due it leases nothing,
+        # and the consume, finding nothing, asks "after_empty_claim" and serves the lanes first
+        "claim": claim.format(guard=f"""
+                WHERE NOT EXISTS (
+                    SELECT 1 FROM unnest(%(queues)s::text[]) AS lq(name) CROSS JOIN LATERAL (
+                        SELECT 1 FROM {lanes} WHERE queue = lq.name AND next_eligible <= {NOW} LIMIT 1) l)"""),
         "claim_plain": claim.format(guard=""),
-        "next_due": f"""
-            SELECT min(w.available_at) - {NOW}
-            FROM unnest(%s::text[]) AS q(name) CROSS JOIN LATERAL (
-                (SELECT available_at FROM {jobs} WHERE queue = q.name AND state <> 0
-                 ORDER BY available_at LIMIT 1)
-                UNION ALL
-                (SELECT next_eligible FROM {lanes} WHERE queue = q.name ORDER BY next_eligible LIMIT 1)) w""",
+        # after a claim that leased nothing: (a lane is due, an unlimited row is ready or due,
+        # seconds until the next delayed row, lease deadline or lane is due)
+        "after_empty_claim": f"""
+            SELECT EXISTS (
+                       SELECT 1 FROM unnest(%(queues)s::text[]) AS q(name) CROSS JOIN LATERAL (
+                           SELECT 1 FROM {lanes} WHERE queue = q.name AND next_eligible <= {NOW} LIMIT 1) l),
+                   EXISTS (
+                       SELECT 1 FROM unnest(%(queues)s::text[]) AS q(name) CROSS JOIN LATERAL (
+                           SELECT 1 FROM {jobs} WHERE queue = q.name AND state = 0 LIMIT 1) r),
+                   (SELECT min(w.available_at) - {NOW}
+                    FROM unnest(%(queues)s::text[]) AS q(name) CROSS JOIN LATERAL (
+                        (SELECT available_at FROM {jobs} WHERE queue = q.name AND state <> 0
+                         ORDER BY available_at LIMIT 1)
+                        UNION ALL
+                        (SELECT next_eligible FROM {lanes} WHERE queue = q.name ORDER BY next_eligible LIMIT 1)) w)""",
         "ack": f"DELETE FROM {jobs} WHERE id = ANY(%s::int8[])",
         "ack_keyed": f"""
             WITH d AS (DELETE FROM {jobs} WHERE id = ANY(%s::int8[]) RETURNING queue, task_id, key, key_linger),
@@ -607,7 +612,7 @@ class PostgresBroker(Broker):
         deadline = time.monotonic() + max(timeout, 0.0)
         while not self._closed:
             seen = self._seen(queues)
-            out, contended = self._claim(queues, max_count)
+            out, contended, next_due = self._claim(queues, max_count)
             if out:
                 return out
             remaining = deadline - time.monotonic()
@@ -617,7 +622,6 @@ class PostgresBroker(Broker):
             if not listening and self._listener.ensure(min(2.0, remaining)):
                 continue        # listening from now on: claim again, a publish may have come first
             # the next due time of a delayed row or lease, or of a lane (its next token or slot)
-            next_due = self._fast.run(lambda conn: conn.execute(self._sql["next_due"], (queues,)).fetchone()[0])
             wait = remaining
             if next_due is not None:
                 wait = min(wait, max(next_due, 0.001))
@@ -630,22 +634,36 @@ class PostgresBroker(Broker):
                     self._cond.wait(wait)
         return []
 
-    def _claim(self, queues: list[str], max_count: int) -> tuple[list[Delivery], bool]:
-        """(the deliveries leased, whether a due lane was skipped because another consume held it)."""
+    def _claim(self, queues: list[str], max_count: int) -> tuple[list[Delivery], bool, float | None]:
+        """(the deliveries leased, whether a due lane was skipped because another consume held
+        it, and when nothing was leased: seconds until something of the queues is next due)."""
         params = {"queues": queues, "n": max_count, "vt": self.default_visibility_timeout}
-        rows = self._fast.run(lambda conn: conn.execute(self._sql["claim"], params, binary=True).fetchall())
-        out: list[Delivery] = []
-        contended = False
-        if rows and rows[-1][0] is None:        # a lane is due: lanes first, then the rest
-            out, contended = self._fast.run(lambda conn: self._serve(conn, queues, max_count))
-            rows = []
-            if len(out) < max_count:
-                params["n"] = max_count - len(out)
-                rows = self._fast.run(lambda conn: conn.execute(self._sql["claim_plain"], params,
-                                                                binary=True).fetchall())
+        for _ in range(3):
+            rows = self._fast.run(lambda conn: conn.execute(self._sql["claim"], params, binary=True).fetchall())
+            if rows:
+                return self._deliveries(rows), False, None
+            # nothing: idle, or a lane is due (the claim then leases nothing: lanes come first)
+            lanes_due, ready, next_due = self._fast.run(
+                lambda conn: conn.execute(self._sql["after_empty_claim"], params).fetchone())
+            if lanes_due:
+                out, contended = self._fast.run(lambda conn: self._serve(conn, queues, max_count))
+                rows = []
+                if len(out) < max_count:
+                    params["n"] = max_count - len(out)
+                    rows = self._fast.run(lambda conn: conn.execute(self._sql["claim_plain"], params,
+                                                                    binary=True).fetchall())
+                # nothing leased from a due lane: look again at once (or, held elsewhere, soon)
+                return out + self._deliveries(rows), contended, None if out or rows or contended else 0.0
+            if not ready and (next_due is None or next_due > 0):
+                return [], False, next_due
+            # a lane was due when the claim ran and no longer is: claim again
+        return [], False, 0.0
+
+    @staticmethod
+    def _deliveries(rows: list) -> list[Delivery]:
         now = time.time()
         rows.sort(key=lambda r: (-r[6], r[0]))
-        return out + [Delivery(r[1], r[2], r[3], r[0], r[4], r[5], now, r[7]) for r in rows], contended
+        return [Delivery(r[1], r[2], r[3], r[0], r[4], r[5], now, r[7]) for r in rows]
 
     def _serve(self, conn, queues: list[str], max_count: int) -> tuple[list[Delivery], bool]:
         with conn.transaction():
