@@ -18,7 +18,8 @@ Two measurements per broker, each a ratio of two figures taken in the same run:
    is the broker module of git revision ``--before`` (default: the ``limits`` branch, the
    contract without any adapter work), loaded beside the current one; "after" is the current
    module, on an empty queue and with ``--backlog`` throttled messages waiting in a lane of
-   the same queue.  Rounds alternate before / after / after+backlog; medians, and ratios.
+   the same queue.  Rounds rotate which of before / after / after+backlog goes first (a full
+   collection before each); medians and bests, and their ratios.
 
 The machine is shared (see benchmarks/README.md): absolute figures move, the ratios are what
 is compared.
@@ -27,6 +28,7 @@ is compared.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -46,7 +48,7 @@ from stem.backends.memory import InMemoryResultBackend  # noqa: E402
 from stem.brokers.base import Limit, Message  # noqa: E402
 
 REDIS_URL = os.environ.get("STEM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-THROTTLED = TaskOptions(rate_limit="1/h", rate_key="bench-backlog")
+THROTTLED = TaskOptions(rate_limit="1/h", rate_key="bench-backlog", burst=1)
 BACKLOG_LIMIT = Limit("bench-backlog", 1 / 3600, 1)
 Q = "limits-bench"
 
@@ -142,7 +144,7 @@ def _latencies(broker, n: int, interval: float) -> list[float]:
 
 def _publish_backlog(broker, n: int) -> None:
     stem = Stem(broker, None)
-    opts = TaskOptions(queue=Q, rate_limit="1/h", rate_key="bench-backlog")
+    opts = TaskOptions(queue=Q, rate_limit="1/h", rate_key="bench-backlog", burst=1)
     for i in range(0, n, 5000):
         stem.enqueue_many([("bench.throttled", {"i": j}, opts) for j in range(i, min(n, i + 5000))])
 
@@ -210,10 +212,11 @@ def path(kind: str, args) -> dict:
                              for _ in range(args.backlog)])
         loaded.consume([Q], 1, 0)                  # spend the lane's one token: it stays throttled
         runs = {"before": [], "after": [], "after_backlog": []}
-        for _ in range(args.rounds):
-            runs["before"].append(_cycle(before, args.path_messages))
-            runs["after"].append(_cycle(after, args.path_messages))
-            runs["after_backlog"].append(_cycle(loaded, args.path_messages))
+        variants = [("before", before), ("after", after), ("after_backlog", loaded)]
+        for i in range(args.rounds):
+            for name, broker in variants[i % 3:] + variants[:i % 3]:     # each goes first in turn
+                gc.collect()                                            # no collection owed to another
+                runs[name].append(_cycle(broker, args.path_messages))
         assert loaded.stats(Q).throttled == args.backlog - 1
     finally:
         for b, ns in zip((before, after, loaded), namespaces):

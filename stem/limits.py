@@ -6,6 +6,10 @@ enforces them before it leases a message (see "Limits" in ``stem.brokers.base``)
 holds for the whole cluster, a throttled task never holds a lease, never counts against a
 worker's prefetch and never uses up an attempt.
 
+``burst`` is how many leases one key may take at once after an idle spell; unset, one plus
+a tenth of a second's worth of tokens (``default_burst``), so that workers waking a little
+late for each token still keep the rate.
+
 A key (``rate_key`` / ``concurrency_key``) is one of:
 
 * a ``str``: the key as given.  Tasks that name the same key share one bucket (or one set of
@@ -35,79 +39,14 @@ import msgspec
 
 from .brokers.base import MAX_KEY_LENGTH, Limit
 from .errors import InvalidTaskOptionsError
+from .limit_options import (BURST_SLACK_SECONDS, LIMIT_FIELDS, RATE_SCOPES, check_limit_options, default_burst,
+                            has_global_limit, worker_rate)
 
-__all__ = ["RATE_SCOPES", "check_limit_options", "limit_resolver", "resolve_limit", "has_global_limit",
-           "worker_rate"]
-
-#: What ``TaskOptions.rate_scope`` takes: one bucket for the cluster (default), or one per worker.
-RATE_SCOPES = ("global", "worker")
-
-#: The options a limit is made of (a producer that sets any of them resolves a Limit).
-LIMIT_FIELDS = ("rate_limit", "rate_key", "burst", "rate_scope", "concurrency_limit", "concurrency_key")
+__all__ = ["RATE_SCOPES", "LIMIT_FIELDS", "BURST_SLACK_SECONDS", "check_limit_options", "limit_resolver",
+           "resolve_limit", "has_global_limit", "worker_rate", "default_burst"]
 
 _canonical = msgspec.msgpack.Encoder(order="sorted").encode
 _SCALARS = (str, int, float, bool, type(None))
-
-
-def _check_key(field: str, key: Any, options: Any) -> Any:
-    """A key option as stored: a str, a tuple of argument names, or a callable."""
-    if key is None or callable(key):
-        return key
-    if isinstance(key, str):
-        if not 0 < len(key) <= MAX_KEY_LENGTH:
-            raise InvalidTaskOptionsError(f"{field} must be a non-empty string of at most {MAX_KEY_LENGTH} "
-                                          f"characters, a list of argument names or a callable, got {key!r}")
-        return key
-    if isinstance(key, (list, tuple)) and key and all(isinstance(n, str) and n for n in key):
-        if len(set(key)) != len(key):
-            raise InvalidTaskOptionsError(f"{field} names an argument twice: {list(key)!r}")
-        return tuple(key)
-    raise InvalidTaskOptionsError(f"{field} must be a string, a non-empty list of argument names or a "
-                                  f"callable (args, headers) -> str, got {key!r}")
-
-
-def check_limit_options(options: Any) -> None:
-    """``TaskOptions.__post_init__``'s part for limits: bad values raise
-    ``InvalidTaskOptionsError`` when the options are made (at definition time).  A list key
-    is stored as a tuple (options stay hashable)."""
-    from . import _checks as checks
-    from .task import parse_rate_limit
-    rate_limit = options.rate_limit
-    if rate_limit is not None:
-        parse_rate_limit(rate_limit)
-    for name in ("rate_key", "burst", "rate_scope"):
-        if getattr(options, name) is not None and rate_limit is None:
-            raise InvalidTaskOptionsError(f"{name} needs rate_limit")
-    if options.rate_scope is not None and options.rate_scope not in RATE_SCOPES:
-        raise InvalidTaskOptionsError(f"rate_scope must be one of {RATE_SCOPES}, got {options.rate_scope!r}")
-    if options.burst is not None:
-        checks.integer("burst", options.burst, minimum=1, error=InvalidTaskOptionsError)
-    if options.rate_scope == "worker" and (options.rate_key is not None or options.burst is not None):
-        raise InvalidTaskOptionsError(
-            "rate_key and burst are options of a global rate limit; rate_scope='worker' is one token "
-            "bucket per worker process and task name")
-    if options.concurrency_limit is not None:
-        checks.integer("concurrency_limit", options.concurrency_limit, minimum=1, error=InvalidTaskOptionsError)
-    elif options.concurrency_key is not None:
-        raise InvalidTaskOptionsError("concurrency_key needs concurrency_limit")
-    for field in ("rate_key", "concurrency_key"):
-        value = getattr(options, field)
-        checked = _check_key(field, value, options)
-        if checked is not value:
-            msgspec.structs.force_setattr(options, field, checked)
-
-
-def has_global_limit(options: Any) -> bool:
-    """Whether the broker limits this task (a global rate limit, a concurrency limit)."""
-    return (options.concurrency_limit is not None
-            or (options.rate_limit is not None and options.rate_scope != "worker"))
-
-
-def worker_rate(options: Any) -> float | None:
-    """The per-worker token bucket's rate (tasks per second) when ``rate_scope="worker"``."""
-    if options.rate_limit is None or options.rate_scope != "worker":
-        return None
-    return options.rate_per_second
 
 
 def _render(value: Any) -> str | None:
@@ -169,7 +108,7 @@ def limit_resolver(name: str, options: Any) -> Callable[[dict, dict], Limit] | N
     rate_of = None
     if options.rate_limit is not None and options.rate_scope != "worker":
         rate = options.rate_per_second
-        burst = 1 if options.burst is None else options.burst
+        burst = default_burst(rate) if options.burst is None else options.burst
         rate_of = _key_maker("rate_key", name, options.rate_key)
     concurrency = options.concurrency_limit
     concurrency_of = None if concurrency is None else _key_maker("concurrency_key", name, options.concurrency_key)

@@ -174,6 +174,10 @@ class Stem:
                 "(@registry.task(..., options=TaskOptions(rate_limit=..., rate_scope='worker'))); "
                 "an enqueue's rate_limit is global (it travels with the message)")
         opts = self._resolve(name, options)
+        if options is not None and options.rate_limit is not None and opts.rate_scope == "worker":
+            raise InvalidTaskOptionsError(
+                f"task {name!r}: its handler's rate limit is per worker (rate_scope='worker'), which the "
+                "worker reads from the handler; an enqueue's rate_limit would be ignored")
         unique = (_Unique(opts.unique_key, opts.unique_for, opts.unique_until == "started")
                   if opts.unique else None)
         # Without the registry the handler's options are unknown here: what the caller did not

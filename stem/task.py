@@ -54,7 +54,8 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 
     Limits (``stem.limits``, enforced by the broker before a lease, for the whole cluster):
     ``rate_limit`` ("10/s", "100/m", "1000/h") with ``burst`` (leases at once after an idle
-    spell, default 1) per ``rate_key``; ``concurrency_limit`` tasks running at once per
+    spell; default: one plus a tenth of a second's worth, ``stem.limits.default_burst``) per
+    ``rate_key``; ``concurrency_limit`` tasks running at once per
     ``concurrency_key``.  A key is a str (shared by every task naming it), a list of argument
     names (one key per value: the task name and those values) or a callable ``(args,
     headers) -> str``; unset, the task name.  ``rate_scope="worker"`` instead keeps a token
@@ -68,7 +69,7 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     priority: int | None = None
     rate_limit: str | None = None
     rate_key: Any = None              # str, list of argument names, or callable (args, headers) -> str
-    burst: int | None = None          # leases at once after an idle spell (default 1)
+    burst: int | None = None          # leases at once after an idle spell (default: stem.limits.default_burst)
     rate_scope: str | None = None     # "global" (default) or "worker"
     concurrency_limit: int | None = None
     concurrency_key: Any = None       # as rate_key
@@ -104,7 +105,7 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
             checks.integer("priority", self.priority, minimum=0, maximum=MAX_PRIORITY, error=InvalidTaskOptionsError)
         if self.rate_limit is not None or self.concurrency_limit is not None or self.rate_key is not None \
                 or self.burst is not None or self.rate_scope is not None or self.concurrency_key is not None:
-            from .limits import check_limit_options
+            from .limit_options import check_limit_options
             check_limit_options(self)
         if self.isolation is not None and self.isolation not in ("process", "inline"):
             raise InvalidTaskOptionsError(f"isolation must be 'process' or 'inline', got {self.isolation!r}")

@@ -254,7 +254,7 @@ def test_purge_asks_first_and_deletes_the_queued_tasks(url):
     for _ in range(2):
         _enqueue(url, "apps.add")
     declined = invoke("purge", "default", "--broker", url, input="n\n")
-    assert declined.exit_code == 1 and "delete 2 ready and 0 delayed" in declined.output
+    assert declined.exit_code == 1 and "delete 2 ready, 0 delayed and 0 throttled" in declined.output
     purged = invoke("purge", "default", "--yes", "--json", "--broker", url)
     assert strict_json(purged.stdout) == {"queue": "default", "purged": 2}
     with _broker(url) as broker:

@@ -47,6 +47,11 @@ def test_bad_limit_options_are_refused_when_the_options_are_made(kwargs, fragmen
     assert issubclass(InvalidTaskOptionsError, StemError)
 
 
+def test_the_option_layer_and_the_brokers_agree_on_the_longest_key():
+    from stem import limit_options
+    assert limit_options.MAX_KEY_LENGTH == MAX_KEY_LENGTH
+
+
 def test_a_list_key_is_stored_as_a_tuple_and_the_options_stay_hashable():
     opts = TaskOptions(rate_limit="1/s", rate_key=["tenant", "region"], concurrency_limit=2,
                        concurrency_key=["tenant"])
@@ -56,15 +61,22 @@ def test_a_list_key_is_stored_as_a_tuple_and_the_options_stay_hashable():
 
 def test_keys_static_by_argument_by_callable_and_by_default():
     args, headers = {"tenant": "acme", "n": 3}, {"account": "a-1"}
-    assert resolve_limit("t", TaskOptions(rate_limit="10/s"), args) == Limit("t", 10.0, 1)
+    assert resolve_limit("t", TaskOptions(rate_limit="10/s"), args) == Limit("t", 10.0, 2)   # default burst
     assert resolve_limit("t", TaskOptions(rate_limit="10/s", rate_key="stripe", burst=5), args) == \
         Limit("stripe", 10.0, 5)
     assert resolve_limit("t", TaskOptions(rate_limit="120/m", rate_key=["tenant"]), args) == \
-        Limit("t[tenant='acme']", 2.0, 1)
+        Limit("t[tenant='acme']", 2.0, 2)
     by_header = TaskOptions(concurrency_limit=3, concurrency_key=lambda a, h: "acct:" + h["account"])
     assert resolve_limit("t", by_header, args, headers) == Limit(None, 0.0, 1, "acct:a-1", 3)
     both = TaskOptions(rate_limit="1/s", concurrency_limit=2, concurrency_key=["n"])
-    assert resolve_limit("t", both, args) == Limit("t", 1.0, 1, "t[n=3]", 2)
+    assert resolve_limit("t", both, args) == Limit("t", 1.0, 2, "t[n=3]", 2)
+
+
+def test_the_default_burst_is_one_plus_a_tenth_of_a_seconds_worth():
+    from stem.limits import default_burst
+    assert [default_burst(r) for r in (1 / 3600, 1.0, 10.0, 10.5, 50.0, 100.0)] == [2, 2, 2, 3, 6, 11]
+    assert resolve_limit("t", TaskOptions(rate_limit="50/s"), {}).burst == 6
+    assert resolve_limit("t", TaskOptions(rate_limit="50/s", burst=1), {}).burst == 1
 
 
 def test_argument_keys_hash_values_without_a_short_readable_form():
@@ -99,7 +111,8 @@ def test_a_key_that_cannot_be_made_raises_a_clear_error(opts, args, fragment):
 def stack():
     registry = TaskRegistry()
     registry.task("plain")(lambda ctx: None)
-    registry.task("tenant.sync", options=TaskOptions(rate_limit="1/s", rate_key=["tenant"]))(lambda ctx, tenant: None)
+    registry.task("tenant.sync", options=TaskOptions(rate_limit="1/s", rate_key=["tenant"], burst=1))(
+        lambda ctx, tenant: None)
     registry.task("one.at.a.time", options=TaskOptions(concurrency_limit=1, unique=True))(lambda ctx, n: n)
     broker = InMemoryBroker()
     yield registry, broker, Stem(broker, None, registry)
@@ -137,8 +150,8 @@ def test_enqueue_many_and_unique_tasks_carry_their_limits(stack):
 
 def test_an_enqueue_time_rate_limit_travels_and_is_honoured(stack):
     registry, broker, stem = stack
-    stem.enqueue("plain", options=TaskOptions(rate_limit="1/m", rate_key="shared"))
-    stem.enqueue("plain", options=TaskOptions(rate_limit="1/m", rate_key="shared"))
+    stem.enqueue("plain", options=TaskOptions(rate_limit="1/m", rate_key="shared", burst=1))
+    stem.enqueue("plain", options=TaskOptions(rate_limit="1/m", rate_key="shared", burst=1))
     assert limits_of(broker) == [Limit("shared", 1 / 60, 1)]
     assert broker.stats("default").throttled == 1
     # without the registry too: the options given are all the producer knows
@@ -153,6 +166,9 @@ def test_an_enqueue_time_per_worker_rate_is_refused_and_publishes_nothing(stack)
         stem.enqueue("plain", options=TaskOptions(rate_limit="1/s", rate_scope="worker"))
     with pytest.raises(InvalidTaskOptionsError, match="names"):
         stem.enqueue_many([("plain", {}), ("tenant.sync", {"region": "x"})])
+    registry.task("local", options=TaskOptions(rate_limit="1/s", rate_scope="worker"))(lambda ctx: None)
+    with pytest.raises(InvalidTaskOptionsError, match="an enqueue's rate_limit would be ignored"):
+        stem.enqueue("local", options=TaskOptions(rate_limit="5/s"))
     assert broker.stats("default")[1:] == (0, 0, 0, 0, 0)
 
 
@@ -191,7 +207,7 @@ def test_the_worker_routes_a_delivery_without_a_limit_once_and_runs_it_under_the
         statuses = [bare.wait_for_task(i, timeout=20) for i in ids]
         starts = sorted(s.result for s in statuses)
         assert all(s.attempt == 0 for s in statuses)
-        assert starts[-1] - starts[0] >= 1.5 * 0.9       # 1 then 2/s: the 4th starts 1.5 s after the 1st
+        assert starts[-1] - starts[0] >= 1.0 * 0.9       # 2 (the default burst) then 2/s: the 4th 1 s later
         assert worker.stats()["routed_limited"] == 4
         # a key the producer could not make either: dead-lettered once, with why
         bad = bare.enqueue("bad.key")
@@ -228,7 +244,7 @@ def _throttled_backlog(name: str):
     from stem.brokers import from_url
     broker = from_url(f"memory://{name}")
     stem = Stem(broker, None)
-    opts = TaskOptions(rate_limit="1/m", rate_key=["tenant"], concurrency_limit=5)
+    opts = TaskOptions(rate_limit="1/m", rate_key=["tenant"], burst=1, concurrency_limit=5)
     stem.enqueue_many([("sync", {"tenant": "a"}, opts)] * 6 + [("sync", {"tenant": "b"}, opts)] * 2)
     leased = broker.consume(["default"], 10, 0)
     assert len(leased) == 2                       # one token per tenant
@@ -288,7 +304,7 @@ def test_metrics_expose_throttled_counts_per_queue_and_lane():
 
 def test_throttled_tasks_are_never_reserved_by_a_worker():
     registry = TaskRegistry()
-    registry.task("slow.api", options=TaskOptions(rate_limit="1/m"))(lambda ctx: None)
+    registry.task("slow.api", options=TaskOptions(rate_limit="1/m", burst=1))(lambda ctx: None)
     broker, backend = InMemoryBroker(), InMemoryResultBackend()
     worker = Worker(broker, backend, registry, concurrency=2, isolation="inline").run_in_background()
     try:
@@ -302,4 +318,20 @@ def test_throttled_tasks_are_never_reserved_by_a_worker():
         assert broker.stats("default").throttled == 19
     finally:
         worker.shutdown("hard")
+        broker.close()
+
+
+def test_a_burst_worker_waits_for_throttled_tasks_before_it_calls_the_queues_empty():
+    registry = TaskRegistry()
+    registry.task("paced", options=TaskOptions(rate_limit="4/s"))(lambda ctx: None)
+    broker, backend = InMemoryBroker(), InMemoryResultBackend()
+    stem = Stem(broker, backend, registry)
+    ids = stem.enqueue_many([("paced", {})] * 6)
+    worker = Worker(broker, backend, registry, concurrency=2, isolation="inline")
+    worker.run_in_background(burst=True)
+    try:
+        assert worker.join(30)
+        assert all(backend.get(i).succeeded for i in ids)
+        assert broker.stats("default").throttled == 0
+    finally:
         broker.close()

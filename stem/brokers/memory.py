@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import operator
 import threading
 import time
 import uuid
@@ -55,6 +56,7 @@ class _Record:
 
 
 _INF = float("inf")
+_LIMIT_OF = operator.itemgetter(6)          # Message.limit
 # a lease may start when the bucket's TAT is this much past the burst allowance (float rounding:
 # epoch seconds have a resolution of about 2.4e-7), and a blocked lane is scheduled at least
 # this much after now (so one consume never tries it twice)
@@ -244,15 +246,18 @@ class InMemoryBroker(Broker):
         self.publish_many((message,))
 
     def publish_many(self, messages: Sequence[Message]) -> None:
-        for m in messages:
-            if m.limit is not None:
-                check_limit(m.limit)                    # every one before any is stored
+        limits = list(map(_LIMIT_OF, messages))         # C speed: the unlimited path pays ~10 ns a message
+        if limits.count(None) != len(limits):
+            for limit in limits:
+                if limit is not None:
+                    check_limit(limit)                  # every one before any is stored
         now = time.time()
         with self._cond:
-            for m in messages:
+            for m, limit in zip(messages, limits):
                 rec = _Record(m.task_id, m.queue, bytes(m.frame), m.priority,
-                              m.visibility_timeout or self.default_visibility_timeout, next(self._seq),
-                              limit=m.limit)
+                              m.visibility_timeout or self.default_visibility_timeout, next(self._seq))
+                if limit is not None:
+                    rec.limit = limit
                 self._push(rec, m.not_before, now)
             self._cond.notify_all()
 
@@ -521,7 +526,7 @@ class InMemoryBroker(Broker):
             for entry_id in entries:
                 dl = q.dead[entry_id]
                 ttl, linger = q.dead_keys.get(entry_id, (0.0, 0.0))
-                limit = q.dead_limits.pop(entry_id, None)
+                limit = q.dead_limits.get(entry_id)
                 if dl.key is not None:
                     holder = self._holder(q, dl.key, now)
                     if holder is not None and holder != dl.task_id:
@@ -529,6 +534,7 @@ class InMemoryBroker(Broker):
                     q.keys[dl.key] = (dl.task_id, now + ttl)
                 del q.dead[entry_id]
                 q.dead_keys.pop(entry_id, None)
+                q.dead_limits.pop(entry_id, None)
                 rec = _Record(dl.task_id, queue, dl.frame, 0, self.default_visibility_timeout, next(self._seq),
                               dl.key, ttl, linger, limit)
                 self._push(rec, None, now)

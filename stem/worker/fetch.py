@@ -137,7 +137,7 @@ class Fetcher:
             return False
         for q in self.state.queues:
             s = self.broker.stats(q)
-            if s.ready or s.in_flight or s.delayed:
+            if s.ready or s.in_flight or s.delayed or s.throttled:
                 return False
         return True
 

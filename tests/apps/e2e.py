@@ -58,6 +58,12 @@ def rated(ctx, ledger):
     return time.time()
 
 
+@registry.task("e2e.rated50", options=TaskOptions(rate_limit="50/s"))
+def rated50(ctx):
+    """Globally limited to 50/s (the default burst, 6): returns when it started (the acceptance run)."""
+    return time.time()
+
+
 @registry.task("e2e.throttled_fragile", options=TaskOptions(rate_limit="5/s", max_retries=0,
                                                             visibility_timeout=1.0))
 def throttled_fragile(ctx):

@@ -116,6 +116,25 @@ def test_a_rate_key_leases_at_most_burst_plus_rate_times_the_window(broker):
     assert count >= burst + per_second * elapsed * 0.5, "the bucket refilled far below its rate"
 
 
+def test_a_blocking_consumer_keeps_up_with_the_rate(broker):
+    """One consumer that blocks between tokens gets them at the rate, not later: 40 leases at
+    20/s (burst 1) take 1.95 s, and a broker that wakes late for each token falls behind."""
+    per_second, n = 20.0, 40
+    limit = rate("pace", per_second)
+    broker.publish_many([msg(limit) for _ in range(n)])
+    leased = 0
+    start = time.monotonic()
+    while leased < n and time.monotonic() - start < 30.0:
+        got = take(broker, 1, 5.0)
+        leased += len(got)
+        broker.ack(got)
+    elapsed = time.monotonic() - start
+    expected = (n - 1) / per_second
+    assert leased == n
+    assert elapsed >= expected * 0.9, f"{n} leases in {elapsed:.2f}s: faster than {per_second}/s"
+    assert elapsed <= expected * 1.15 + 0.3, f"{n} leases at {per_second}/s took {elapsed:.2f}s, not {expected:.2f}s"
+
+
 def test_messages_of_one_rate_key_share_its_bucket_across_lanes(broker):
     # same rate key, two concurrency keys: two lanes, one bucket
     a = Limit(rate_key="shared", rate=CLOSED, burst=1, concurrency_key="a", concurrency=5)
@@ -338,6 +357,21 @@ def test_replay_of_a_slot_limited_dead_letter_is_leased_with_its_limit(broker):
     broker.replay(Q)
     d = one(broker, timeout=0)
     assert d.limit == limit and d.delivery_count == 1
+
+
+def test_a_limited_dead_letter_left_in_the_dlq_by_a_held_key_keeps_its_limit_for_a_later_replay(broker):
+    limit = rate("kept")
+    broker.publish_keyed([Keyed(msg(limit), "k", 60.0)])
+    broker.dead_letter(one(broker, timeout=0), "boom")       # spends the key's one token
+    newer = Keyed(msg(), "k", 60.0)
+    assert broker.publish_keyed([newer]) == [None]
+    assert broker.replay(Q) == 0                             # the key is held: it stays dead
+    d = one(broker, timeout=0)
+    assert d.task_id == newer.message.task_id
+    broker.ack([d])
+    assert broker.replay(Q) == 1
+    assert take(broker) == []                                # back in its lane, still throttled
+    assert broker.stats(Q).throttled == 1
 
 
 def test_purge_drops_lane_messages_and_counts_them(broker):
