@@ -340,3 +340,64 @@ def test_the_postgres_unlimited_claim_keeps_its_plan_with_lanes_in_the_schema(po
         import psycopg
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
+
+
+@pytest.mark.postgres
+def test_a_lane_whose_key_another_consume_holds_delays_neither_it_nor_the_unlimited_messages(postgres_url,
+                                                                                             namespace):
+    """The lane is due, so the claim leases nothing; its key is held (as by a consume of another
+    process in its transaction): the consume still leases the unlimited messages, and the lane's
+    message as soon as the key is free."""
+    import psycopg
+    url = f"{postgres_url}?schema={namespace}"
+    broker = broker_from_url(url)
+    try:
+        limited = lim_msg(Limit("tenant", 10.0, 1))
+        plain = [lim_msg(None) for _ in range(3)]
+        broker.publish_many([limited, *plain])
+        key = f"stem-rate:{namespace}:{len(Q)}:{Q}:tenant"
+        with psycopg.connect(postgres_url, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
+            got = broker.consume([Q], 10, 5.0)
+            assert sorted(d.task_id for d in got) == sorted(m.task_id for m in plain)
+            assert broker.stats(Q).throttled == 1
+            t0 = time.monotonic()
+            assert broker.consume([Q], 10, 0.3) == []          # looked again, still held: nothing
+            assert time.monotonic() - t0 >= 0.25
+        [d] = broker.consume([Q], 10, 5.0)                     # the session ended: the key is free
+        assert (d.task_id, d.limit) == (limited.task_id, limited.limit)
+    finally:
+        broker.close()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
+
+
+@pytest.mark.postgres
+def test_a_settle_that_frees_a_slot_wakes_a_consumer_of_another_broker_at_once(postgres_url, namespace):
+    """A consumer blocked on a full concurrency key sleeps until the slot's lease deadline (60 s
+    here), unless a settle frees the slot: its notification wakes it at once."""
+    import psycopg
+    url = f"{postgres_url}?schema={namespace}"
+    holder, waiter = broker_from_url(url), broker_from_url(url)
+    try:
+        limit = Limit(concurrency_key="acct", concurrency=1)
+        first, second = lim_msg(limit, visibility_timeout=60.0), lim_msg(limit, visibility_timeout=60.0)
+        holder.publish_many([first, second])
+        [d] = holder.consume([Q], 10, 5.0)
+        got: list = []
+        t = threading.Thread(target=lambda: got.extend(waiter.consume([Q], 10, 30.0)), daemon=True)
+        t.start()
+        # asleep on its condition (nothing is due for 60 s), listening
+        wait_for(lambda: waiter._listener.listening and len(waiter._cond._waiters) == 1, 10.0,
+                 what="the waiter to sleep")
+        assert got == []
+        t0 = time.monotonic()
+        holder.ack([d])
+        t.join(10.0)
+        assert [x.task_id for x in got] == [second.task_id]
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        holder.close()
+        waiter.close()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
