@@ -32,7 +32,7 @@ from .. import _checks as checks
 from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.postgres import PostgresStore, parse_postgres_url
-from ..stores.postgres_schema import NOW, quote_schema, release_ctes
+from ..stores.postgres_schema import NOW, quote_schema, release_ctes, wake_ctes
 from .waiting import Waiter, WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
@@ -47,10 +47,31 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(dict).decode
 
 
-def _store_sql(s: str, ack_schema: str | None = None, keyed: bool = False) -> str:
+def _store_sql(s: str, ack_schema: str | None = None, keyed: bool = False, limited: bool = False) -> str:
     """Upsert statuses, notify the terminal ones; with ``ack_schema`` (the broker's, quoted) also
-    delete acked rows of its jobs table, and with ``keyed`` release their keys as the broker's ack does."""
+    delete acked rows of its jobs table, and with ``keyed`` release their keys as the broker's ack
+    does; with ``limited`` also delete acked rows of its lane jobs (a second id array), freeing
+    their slots and waking the lanes that wait on them (a notification on the broker's channel,
+    the last parameter), as the broker's ack does."""
     ack = ""
+    if ack_schema and limited:
+        ack = (f", acked AS (DELETE FROM {ack_schema}.stem_jobs WHERE id = ANY(%s::int8[]) "
+               f"RETURNING queue, task_id, key, key_linger), "
+               f"lane_acked AS (DELETE FROM {ack_schema}.stem_lane_jobs WHERE id = ANY(%s::int8[]) "
+               f"RETURNING queue, task_id, key, key_linger, lane, concurrency_key), "
+               f"removed AS (SELECT queue, task_id, key, key_linger FROM acked UNION ALL "
+               f"SELECT queue, task_id, key, key_linger FROM lane_acked), "
+               f"{release_ctes(ack_schema, 'removed')}, {wake_ctes(ack_schema, 'lane_acked')}")
+        return f"""
+        WITH up AS (
+            INSERT INTO {s}.stem_results (task_id, state, expires_at, data)
+            SELECT t, st, {NOW} + x, d FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::float8[])
+                AS m(t, st, d, x)
+            ON CONFLICT (task_id) DO UPDATE
+            SET state = EXCLUDED.state, expires_at = EXCLUDED.expires_at, data = EXCLUDED.data){ack}
+        SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p
+        UNION ALL
+        SELECT pg_notify(%s, queue) FROM (SELECT DISTINCT queue FROM woken) w"""
     if ack_schema and keyed:
         ack = (f", acked AS (DELETE FROM {ack_schema}.stem_jobs WHERE id = ANY(%s::int8[]) "
                f"RETURNING queue, task_id, key, key_linger), {release_ctes(ack_schema, 'acked')}")
@@ -161,7 +182,7 @@ class PostgresResultBackend(ResultBackend):
         self._waits = WaitHub(name=f"postgres-{schema}", read=self._read_found, label=self._store.label,
                               poll=lambda: None if self._listener.listening else _FALLBACK_POLL_S)
         self._next_sweep = 0.0
-        self._store_and_ack_sql: dict[tuple[str, bool], str] = {}
+        self._store_and_ack_sql: dict[tuple[str, bool, bool], str] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "PostgresResultBackend":
@@ -218,12 +239,19 @@ class PostgresResultBackend(ResultBackend):
             return False
         latest = {s.id: s for s in statuses}
         terminal = [i for i, s in latest.items() if s.is_terminal]
-        variant = (broker.store.schema, any(d.key is not None for d in deliveries))
+        schema = broker.store.schema
+        if any(d.limit is not None for d in deliveries):       # their slots are freed in the same statement
+            variant = (schema, True, True)
+            params = (*self._rows(latest), [d.receipt for d in deliveries if d.limit is None],
+                      [d.receipt for d in deliveries if d.limit is not None], self.channel, _payloads(terminal),
+                      f"stem.{schema}.jobs")
+        else:
+            variant = (schema, any(d.key is not None for d in deliveries), False)
+            params = (*self._rows(latest), [d.receipt for d in deliveries], self.channel, _payloads(terminal))
         sql = self._store_and_ack_sql.get(variant)
         if sql is None:
             sql = self._store_and_ack_sql[variant] = _store_sql(quote_schema(self.schema), quote_schema(variant[0]),
-                                                                variant[1])
-        params = (*self._rows(latest), [d.receipt for d in deliveries], self.channel, _payloads(terminal))
+                                                                variant[1], variant[2])
         self._pg.run(lambda conn: conn.execute(sql, params))
         return True
 

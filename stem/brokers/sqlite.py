@@ -29,10 +29,19 @@ translation in ``stem/stores/sqlite.py``.
   ``stem.stores.sqlite_schema.release_keys``; retry copies the key columns to
   the new row; replay claims again.  Expired keys are swept by publish_keyed
   now and then (and overwritten by any claim meanwhile).
+* **Limits** (schema version 5; ``docs/design.md``, "Brokers and backends").  A
+  limited message is a row of ``stem_lane_messages``, never read by the
+  unlimited claim; the claim's transaction first probes ``stem_lanes`` for a
+  due lane of its queues and, if there is one, serves the lanes
+  (``stem.brokers._lanes``) before the unlimited rows.  Buckets are rows of
+  ``stem_buckets`` (one TAT per queue and rate key), slots are the leased lane
+  rows.  The clock is the process's: SQLite has none of its own, and the
+  processes sharing a file share the machine's.
 * **Waiting.**  SQLite has no notifications.  An idle ``consume`` re-checks
   with a cheap indexed read (no write lock) every 5 ms, backing off to 50 ms,
   and never sleeps past the next due time; a publish in the same process wakes
-  it at once through a condition variable.
+  it at once through a condition variable.  It also never sleeps past the
+  earliest ``next_eligible`` of its queues' lanes (the next token or slot).
 """
 
 from __future__ import annotations
@@ -44,9 +53,11 @@ from .. import _checks as checks
 from ..errors import ConfigurationError
 from ..stores.base import BROKER_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
-from ..stores.sqlite_schema import release_keys, settle_acked
-from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
-                   Message, QueueStats, check_consume, check_keyed, validate_queue_name)
+from ..stores.sqlite_schema import LIMIT_COLUMNS, enter_lanes, left_lanes, release_keys, settle_acked
+from . import _lanes
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed, LaneStats,
+                   Limit, Message, QueueStats, check_consume, check_keyed, check_limit, lane_of,
+                   validate_queue_name)
 
 __all__ = ["SqliteBroker", "migrate"]
 
@@ -66,6 +77,18 @@ _CLAIM = ("INSERT INTO stem_keys (queue, key, owner, expires_at) VALUES (?, ?, ?
           "WHERE stem_keys.expires_at <= ? RETURNING 1")
 # replay's claim: also where the entry's own task still holds the key
 _RECLAIM = _CLAIM.replace("RETURNING", "OR stem_keys.owner = excluded.owner RETURNING")
+_LANE_COLUMNS = ("queue, task_id, priority, state, available_at, visibility_timeout, frame, key, key_ttl, key_linger, "
+                 f"delivery_count, lane, {LIMIT_COLUMNS}")
+_INSERT_LANE = f"INSERT INTO stem_lane_messages ({_LANE_COLUMNS}) VALUES ({','.join('?' * 17)})"
+_LANE_RETURNING = ("id, queue, CAST(task_id AS BLOB), CAST(frame AS BLOB), delivery_count, "
+                   f"coalesce(visibility_timeout, ?), key, {LIMIT_COLUMNS}")
+_BUCKET_SWEEP_EVERY_S = 60.0
+
+
+def limit_values(limit: Limit) -> tuple:
+    """A message's ``Limit`` as the values of its row's (lane, *LIMIT_COLUMNS)."""
+    return (lane_of(limit), limit.rate_key, float(limit.rate), int(limit.burst), limit.concurrency_key,
+            int(limit.concurrency))
 
 
 def _marks(n: int) -> str:
@@ -86,6 +109,7 @@ class SqliteBroker(Broker):
         self.url = url or ("sqlite://" if path is None else f"sqlite:///{path}")
         self._known_queues: set[str] = set()
         self._next_key_sweep = time.monotonic() + _KEY_SWEEP_EVERY_S
+        self._next_bucket_sweep = 0.0
         self._closed = False
 
     @classmethod
@@ -115,15 +139,26 @@ class SqliteBroker(Broker):
                 float(m.visibility_timeout) if m.visibility_timeout else None, bytes(m.frame))
 
     @staticmethod
-    def _dead(conn, ids: Sequence[int], reason: str, now: float) -> None:
+    def _dead(conn, ids: Sequence[int], reason: str, now: float, limited: bool = False) -> None:
+        if not limited:
+            conn.execute(
+                "INSERT INTO stem_dead_letters (queue, task_id, reason, failed_at, priority, visibility_timeout, "
+                "frame, key, key_ttl, key_linger) SELECT queue, task_id, ?, ?, priority, visibility_timeout, frame, "
+                f"key, key_ttl, key_linger FROM stem_messages WHERE id IN ({_marks(len(ids))}) ORDER BY id",
+                (reason, now, *ids))
+            rows = conn.execute(f"DELETE FROM stem_messages WHERE id IN ({_marks(len(ids))}) "
+                                "RETURNING queue, task_id, key, key_linger", tuple(ids)).fetchall()
+            release_keys(conn, rows, now)
+            return
         conn.execute(
             "INSERT INTO stem_dead_letters (queue, task_id, reason, failed_at, priority, visibility_timeout, frame, "
-            "key, key_ttl, key_linger) SELECT queue, task_id, ?, ?, priority, visibility_timeout, frame, key, "
-            f"key_ttl, key_linger FROM stem_messages WHERE id IN ({_marks(len(ids))}) ORDER BY id",
-            (reason, now, *ids))
-        rows = conn.execute(f"DELETE FROM stem_messages WHERE id IN ({_marks(len(ids))}) "
-                            "RETURNING queue, task_id, key, key_linger", tuple(ids)).fetchall()
-        release_keys(conn, rows, now)
+            f"key, key_ttl, key_linger, lane, {LIMIT_COLUMNS}) SELECT queue, task_id, ?, ?, priority, "
+            f"visibility_timeout, frame, key, key_ttl, key_linger, lane, {LIMIT_COLUMNS} FROM stem_lane_messages "
+            f"WHERE id IN ({_marks(len(ids))}) ORDER BY id", (reason, now, *ids))
+        rows = conn.execute(f"DELETE FROM stem_lane_messages WHERE id IN ({_marks(len(ids))}) "
+                            "RETURNING queue, task_id, key, key_linger, lane, concurrency_key", tuple(ids)).fetchall()
+        release_keys(conn, [r[:4] for r in rows], now)
+        left_lanes(conn, [(r[0], r[4], r[5]) for r in rows], now)
 
     # -- publishing -------------------------------------------------------------------
     def publish(self, message: Message) -> None:
@@ -135,16 +170,34 @@ class SqliteBroker(Broker):
         for name in {m.queue for m in messages}:
             validate_queue_name(name)
         now = time.time()
+        limited = [m for m in messages if m.limit is not None]
+        if limited:
+            for m in limited:
+                check_limit(m.limit)
+            messages = [m for m in messages if m.limit is None]
         rows = [self._row(m, now) for m in messages]
         with self._store.write() as conn:
-            self._register(conn, {m.queue for m in messages})
-            conn.executemany(_INSERT, rows)
+            self._register(conn, {m.queue for m in messages} | {m.queue for m in limited})
+            if rows:
+                conn.executemany(_INSERT, rows)
+            if limited:
+                self._enter(conn, [(*self._row(m, now), None, None, None, 0, *limit_values(m.limit))
+                                   for m in limited])
         self._store.wake.notify()
+
+    @staticmethod
+    def _enter(conn, rows: Sequence[tuple]) -> None:
+        """Insert lane messages (``_INSERT_LANE`` rows) and make their lanes due as they come due."""
+        conn.executemany(_INSERT_LANE, rows)
+        enter_lanes(conn, [(r[0], r[11], r[12], r[15], r[4]) for r in rows])
 
     def publish_keyed(self, items: Sequence[Keyed]) -> list[str | None]:
         items = check_keyed(items)
         if not items:
             return []
+        for item in items:
+            if item.message.limit is not None:
+                check_limit(item.message.limit)
         out: list[str | None] = []
         with self._store.write() as conn:
             now = time.time()
@@ -155,7 +208,11 @@ class SqliteBroker(Broker):
                     out.append(conn.execute("SELECT owner FROM stem_keys WHERE queue = ? AND key = ?",
                                             (m.queue, item.key)).fetchone()[0])
                     continue
-                conn.execute(_INSERT_KEYED, (*self._row(m, now), item.key, float(item.ttl), float(item.linger)))
+                if m.limit is None:
+                    conn.execute(_INSERT_KEYED, (*self._row(m, now), item.key, float(item.ttl), float(item.linger)))
+                else:
+                    self._enter(conn, [(*self._row(m, now), item.key, float(item.ttl), float(item.linger), 0,
+                                        *limit_values(m.limit))])
                 out.append(None)
             if time.monotonic() >= self._next_key_sweep:
                 self._next_key_sweep = time.monotonic() + _KEY_SWEEP_EVERY_S
@@ -212,7 +269,8 @@ class SqliteBroker(Broker):
         return []
 
     def _probe(self, queues: list[str]) -> tuple[bool, float | None]:
-        """(any ready row?, earliest due time of delayed/leased rows) -- reads only, no write lock."""
+        """(any ready row?, earliest due time of delayed/leased rows and of lanes) -- reads only,
+        no write lock."""
         ready = False
         next_due = None
         with self._store.connection() as conn:
@@ -220,15 +278,27 @@ class SqliteBroker(Broker):
                 if not ready and conn.execute(
                         "SELECT 1 FROM stem_messages WHERE queue = ? AND state = 0 LIMIT 1", (q,)).fetchone():
                     ready = True
-                due = conn.execute("SELECT min(available_at) FROM stem_messages WHERE queue = ? AND state <> 0",
-                                   (q,)).fetchone()[0]
-                if due is not None and (next_due is None or due < next_due):
-                    next_due = due
+                for due, in conn.execute(
+                        "SELECT min(available_at) FROM stem_messages WHERE queue = ?1 AND state <> 0 "
+                        "UNION ALL SELECT min(next_eligible) FROM stem_lanes WHERE queue = ?1", (q,)).fetchall():
+                    if due is not None and (next_due is None or due < next_due):
+                        next_due = due
         return ready, next_due
 
     def _claim(self, queues: list[str], max_count: int) -> list[Delivery]:
         with self._store.write() as conn:
             now = time.time()
+            out: list[Delivery] = []
+            # the one step the unlimited path pays for limits: an index probe of the lanes table
+            if conn.execute(f"SELECT 1 FROM stem_lanes WHERE queue IN ({_marks(len(queues))}) "
+                            "AND next_eligible <= ? LIMIT 1", (*queues, now)).fetchone() is not None:
+                out, _ = _lanes.serve(_SqliteLanes(conn, now, self.default_visibility_timeout), queues, max_count)
+                if time.monotonic() >= self._next_bucket_sweep:
+                    self._next_bucket_sweep = time.monotonic() + _BUCKET_SWEEP_EVERY_S
+                    conn.execute("DELETE FROM stem_buckets WHERE tat < ?", (now,))
+                max_count -= len(out)
+                if max_count <= 0:
+                    return out
             conn.execute(f"UPDATE stem_messages SET state = 0 WHERE queue IN ({_marks(len(queues))}) "
                          "AND state <> 0 AND available_at <= ?", (*queues, now))
             candidates: list[tuple[int, int]] = []
@@ -240,7 +310,7 @@ class SqliteBroker(Broker):
                 candidates.sort(key=lambda c: (-c[1], c[0]))
                 del candidates[max_count:]
             if not candidates:
-                return []
+                return out
             take = [c[0] for c in candidates]
             vt = self.default_visibility_timeout
             # SQLite keeps what a hand-written row holds (text in the frame column, a blob that
@@ -254,7 +324,8 @@ class SqliteBroker(Broker):
                 (now, vt, *take, vt)).fetchall()
         order = {i: n for n, i in enumerate(take)}
         rows.sort(key=lambda r: order[r[0]])
-        return [Delivery(r[1], r[2].decode("utf-8", "replace"), r[3], r[0], r[4], r[5], now, r[6]) for r in rows]
+        return out + [Delivery(r[1], r[2].decode("utf-8", "replace"), r[3], r[0], r[4], r[5], now, r[6])
+                      for r in rows]
 
     # -- settling ---------------------------------------------------------------------
     def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -265,39 +336,82 @@ class SqliteBroker(Broker):
 
     def nack(self, delivery: Delivery, *, requeue: bool = True) -> None:
         now = time.time()
+        limited = delivery.limit is not None
+        table = "stem_lane_messages" if limited else "stem_messages"
         with self._store.write() as conn:
             if requeue:
-                conn.execute("UPDATE stem_messages SET state = 0, available_at = ? WHERE id = ? AND state = 2",
-                             (now, delivery.receipt))
-            elif conn.execute("SELECT 1 FROM stem_messages WHERE id = ? AND state = 2",
-                              (delivery.receipt,)).fetchone():
-                self._dead(conn, [delivery.receipt], "rejected", now)
-        if requeue:
+                if not limited:
+                    conn.execute("UPDATE stem_messages SET state = 0, available_at = ? WHERE id = ? AND state = 2",
+                                 (now, delivery.receipt))
+                else:
+                    row = conn.execute("UPDATE stem_lane_messages SET state = 0, available_at = ? WHERE id = ? "
+                                       "AND state = 2 RETURNING queue, lane, rate_key, concurrency_key",
+                                       (now, delivery.receipt)).fetchone()
+                    if row is not None:
+                        left_lanes(conn, [(row[0], row[1], row[3])], now)
+                        enter_lanes(conn, [(*row, now)])
+            elif conn.execute(f"SELECT 1 FROM {table} WHERE id = ? AND state = 2", (delivery.receipt,)).fetchone():
+                self._dead(conn, [delivery.receipt], "rejected", now, limited)
+        if requeue or limited:
             self._store.wake.notify()
 
     def retry(self, delivery: Delivery, frame: bytes, not_before: float | None) -> None:
         now = time.time()
         with self._store.write() as conn:
-            old = conn.execute("DELETE FROM stem_messages WHERE id = ? RETURNING queue, task_id, priority, "
-                               "visibility_timeout, key, key_ttl, key_linger", (delivery.receipt,)).fetchone()
-            if old is None:
-                return
             delayed = not_before is not None and not_before > now
-            conn.execute(_INSERT_KEYED, (old[0], old[1], old[2], DELAYED if delayed else READY,
-                                         not_before if delayed else now, old[3], bytes(frame), *old[4:]))
+            state, due = (DELAYED, not_before) if delayed else (READY, now)
+            if delivery.limit is not None:
+                old = conn.execute(f"DELETE FROM stem_lane_messages WHERE id = ? RETURNING queue, task_id, priority, "
+                                   f"visibility_timeout, key, key_ttl, key_linger, lane, {LIMIT_COLUMNS}",
+                                   (delivery.receipt,)).fetchone()
+                if old is None:
+                    return
+                left_lanes(conn, [(old[0], old[7], old[11])], now)
+                self._enter(conn, [(old[0], old[1], old[2], state, due, old[3], bytes(frame), *old[4:7], 0, *old[7:])])
+            else:
+                old = conn.execute("DELETE FROM stem_messages WHERE id = ? RETURNING queue, task_id, priority, "
+                                   "visibility_timeout, key, key_ttl, key_linger", (delivery.receipt,)).fetchone()
+                if old is None:
+                    return
+                conn.execute(_INSERT_KEYED, (old[0], old[1], old[2], state, due, old[3], bytes(frame), *old[4:]))
         self._store.wake.notify()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         with self._store.write() as conn:
-            self._dead(conn, [delivery.receipt], reason, time.time())
+            self._dead(conn, [delivery.receipt], reason, time.time(), delivery.limit is not None)
+        if delivery.limit is not None:
+            self._store.wake.notify()
 
     def extend(self, deliveries: Sequence[Delivery], visibility_timeout: float | None = None) -> None:
         if not deliveries:
             return
         now = time.time()
+        plain = [(now + (visibility_timeout or d.visibility_timeout), d.receipt) for d in deliveries if d.limit is None]
+        limited = [(now + (visibility_timeout or d.visibility_timeout), d.receipt) for d in deliveries
+                   if d.limit is not None]
         with self._store.write() as conn:
-            conn.executemany("UPDATE stem_messages SET available_at = ? WHERE id = ? AND state = 2",
-                             [(now + (visibility_timeout or d.visibility_timeout), d.receipt) for d in deliveries])
+            if plain:
+                conn.executemany("UPDATE stem_messages SET available_at = ? WHERE id = ? AND state = 2", plain)
+            if limited:
+                conn.executemany("UPDATE stem_lane_messages SET available_at = ? WHERE id = ? AND state = 2", limited)
+
+    def route_limited(self, delivery: Delivery, limit: Limit) -> None:
+        check_limit(limit)
+        now = time.time()
+        source = "stem_lane_messages" if delivery.limit is not None else "stem_messages"
+        with self._store.write() as conn:
+            old = conn.execute(f"DELETE FROM {source} WHERE id = ? AND state = 2 AND delivery_count = ? RETURNING "
+                               "queue, task_id, priority, visibility_timeout, frame, key, key_ttl, key_linger, "
+                               "delivery_count" + (", lane, concurrency_key" if delivery.limit is not None else ""),
+                               (delivery.receipt, delivery.delivery_count)).fetchone()
+            if old is None:
+                return
+            if delivery.limit is not None:
+                left_lanes(conn, [(old[0], old[9], old[10])], now)
+            # routing is not a delivery: the next lease counts as the routed one did
+            self._enter(conn, [(old[0], old[1], old[2], READY, now, old[3], old[4], *old[5:8], old[8] - 1,
+                                *limit_values(limit))])
+        self._store.wake.notify()
 
     # -- dead letters and admin -------------------------------------------------------
     def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
@@ -327,8 +441,16 @@ class SqliteBroker(Broker):
             moved = conn.execute(
                 "INSERT INTO stem_messages (queue, task_id, priority, state, available_at, visibility_timeout, "
                 "frame, key, key_ttl, key_linger) SELECT queue, task_id, priority, 0, ?, visibility_timeout, frame, "
-                f"key, key_ttl, key_linger FROM stem_dead_letters WHERE {where} ORDER BY id",
+                f"key, key_ttl, key_linger FROM stem_dead_letters WHERE {where} AND lane IS NULL ORDER BY id",
                 (now, *params)).rowcount
+            # a limited dead letter goes back into its lane
+            lane_rows = conn.execute(
+                "SELECT queue, task_id, priority, 0, ?, visibility_timeout, frame, key, key_ttl, key_linger, 0, "
+                f"lane, {LIMIT_COLUMNS} FROM stem_dead_letters WHERE {where} AND lane IS NOT NULL ORDER BY id",
+                (now, *params)).fetchall()
+            if lane_rows:
+                self._enter(conn, lane_rows)
+                moved += len(lane_rows)
             conn.execute(f"DELETE FROM stem_dead_letters WHERE {where}", params)
         if moved:
             self._store.wake.notify()
@@ -348,11 +470,18 @@ class SqliteBroker(Broker):
 
     def purge(self, queue: str) -> int:
         validate_queue_name(queue)
+        now = time.time()
         with self._store.write() as conn:
             release_keys(conn, conn.execute(
                 "SELECT queue, task_id, key, key_linger FROM stem_messages WHERE queue = ? AND state IN (0, 1) "
-                "AND key IS NOT NULL", (queue,)).fetchall(), time.time())
-            return conn.execute("DELETE FROM stem_messages WHERE queue = ? AND state IN (0, 1)", (queue,)).rowcount
+                "AND key IS NOT NULL", (queue,)).fetchall(), now)
+            count = conn.execute("DELETE FROM stem_messages WHERE queue = ? AND state IN (0, 1)", (queue,)).rowcount
+            rows = conn.execute("DELETE FROM stem_lane_messages WHERE queue = ? AND state IN (0, 1) "
+                                "RETURNING queue, task_id, key, key_linger, lane", (queue,)).fetchall()
+            if rows:
+                release_keys(conn, [r[:4] for r in rows], now)
+                left_lanes(conn, [(queue, lane, None) for lane in {r[4] for r in rows}], now)
+            return count + len(rows)
 
     def purge_dead_letters(self, queue: str) -> int:
         validate_queue_name(queue)
@@ -365,6 +494,9 @@ class SqliteBroker(Broker):
             conn.execute("DELETE FROM stem_messages WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM stem_dead_letters WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM stem_keys WHERE queue = ?", (queue,))
+            conn.execute("DELETE FROM stem_lane_messages WHERE queue = ?", (queue,))
+            conn.execute("DELETE FROM stem_lanes WHERE queue = ?", (queue,))
+            conn.execute("DELETE FROM stem_buckets WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM stem_queues WHERE name = ?", (queue,))
         self._known_queues.discard(queue)
 
@@ -379,8 +511,28 @@ class SqliteBroker(Broker):
                 "  AND state = 2),"
                 " (SELECT count(*) FROM stem_messages WHERE queue = ?1 AND state <> 0 AND available_at > ?2"
                 "  AND state = 1),"
-                " (SELECT count(*) FROM stem_dead_letters WHERE queue = ?1)", (queue, now)).fetchone()
-        return QueueStats(queue, row[0] + row[1], row[2], row[3], row[4])
+                " (SELECT count(*) FROM stem_dead_letters WHERE queue = ?1),"
+                # lane messages: waiting (and those due again) are throttled; the others leased or delayed
+                " (SELECT count(*) FROM stem_lane_messages WHERE queue = ?1 AND state = 0),"
+                " (SELECT count(*) FROM stem_lane_messages WHERE queue = ?1 AND state <> 0 AND available_at <= ?2),"
+                " (SELECT count(*) FROM stem_lane_messages WHERE queue = ?1 AND state <> 0 AND available_at > ?2"
+                "  AND state = 2),"
+                " (SELECT count(*) FROM stem_lane_messages WHERE queue = ?1 AND state <> 0 AND available_at > ?2"
+                "  AND state = 1)", (queue, now)).fetchone()
+        return QueueStats(queue, row[0] + row[1], row[2] + row[7], row[3] + row[8], row[4], row[5] + row[6])
+
+    def lane_stats(self, queue: str, limit: int = 100) -> list[LaneStats]:
+        validate_queue_name(queue)
+        now = time.time()
+        with self._store.connection() as conn:
+            rows = conn.execute(
+                "SELECT lane, rate_key, concurrency_key, sum(state = 0 OR available_at <= ?2) AS waiting, "
+                " (SELECT count(*) FROM stem_lane_messages s WHERE s.queue = ?1 AND s.concurrency_key = "
+                "  m.concurrency_key AND s.state = 2 AND s.available_at > ?2) AS running "
+                "FROM stem_lane_messages m WHERE queue = ?1 GROUP BY lane "
+                "HAVING waiting > 0 OR running > 0 ORDER BY waiting DESC, lane LIMIT ?3",
+                (queue, now, max(limit, 0))).fetchall()
+        return [LaneStats(queue, r[1], r[2], r[3], r[4]) for r in rows]
 
     def queues(self) -> list[str]:
         with self._store.connection() as conn:
@@ -394,6 +546,69 @@ class SqliteBroker(Broker):
         self._closed = True
         self._store.wake.notify()
         self._store.close()
+
+
+def _lane_delivery(r: tuple, now: float) -> Delivery:
+    """A Delivery from a lane row as ``_LANE_RETURNING`` reads it."""
+    return Delivery(r[1], r[2].decode("utf-8", "replace"), r[3], r[0], r[4], r[5], now, r[6],
+                    Limit(r[7], float(r[8]), int(r[9]), r[10], int(r[11])))
+
+
+class _SqliteLanes(_lanes.LaneOps):
+    """``stem.brokers._lanes``' statements for SQLite, inside the claim's write transaction (the
+    write lock serialises every claim and settle, so nothing more is locked)."""
+
+    def __init__(self, conn, now: float, vt: float):
+        self.conn, self.now, self.vt = conn, now, vt
+
+    def due_lanes(self, queues, limit):
+        return self.now, self.conn.execute(
+            f"SELECT queue, lane, rate_key, concurrency_key FROM stem_lanes WHERE queue IN ({_marks(len(queues))}) "
+            "AND next_eligible <= ? ORDER BY next_eligible, queue, lane LIMIT ?", (*queues, self.now, limit)).fetchall()
+
+    def promote(self, queue, lane, now):
+        self.conn.execute("UPDATE stem_lane_messages SET state = 0 WHERE queue = ? AND lane = ? AND state <> 0 "
+                          "AND available_at <= ?", (queue, lane, now))
+
+    def head(self, queue, lane, rate_key, concurrency_key, now):
+        row = self.conn.execute("SELECT id, rate, burst, concurrency FROM stem_lane_messages "
+                                "WHERE queue = ? AND lane = ? "
+                                "AND state = 0 ORDER BY priority DESC, available_at, id LIMIT 1",
+                                (queue, lane)).fetchone()
+        if row is None:
+            return None
+        tat = live = first = None
+        if rate_key is not None:
+            found = self.conn.execute("SELECT tat FROM stem_buckets WHERE queue = ? AND rate_key = ?",
+                                      (queue, rate_key)).fetchone()
+            tat = None if found is None else found[0]
+        if concurrency_key is not None:
+            live, first = self.conn.execute(
+                "SELECT count(*), min(available_at) FROM stem_lane_messages WHERE queue = ? AND concurrency_key = ? "
+                "AND state = 2 AND available_at > ?", (queue, concurrency_key, now)).fetchone()
+        return row[0], row[1], row[2], row[3], tat, live or 0, first
+
+    def lease(self, row_id, queue, rate_key, tat, now):
+        r = self.conn.execute(
+            "UPDATE stem_lane_messages SET state = 2, delivery_count = delivery_count + 1, "
+            f"available_at = ? + coalesce(visibility_timeout, ?) WHERE id = ? RETURNING {_LANE_RETURNING}",
+            (now, self.vt, row_id, self.vt)).fetchone()
+        if tat is not None:
+            self.conn.execute("INSERT INTO stem_buckets (queue, rate_key, tat) VALUES (?, ?, ?) "
+                              "ON CONFLICT (queue, rate_key) DO UPDATE SET tat = excluded.tat", (queue, rate_key, tat))
+        return _lane_delivery(r, now)
+
+    def reschedule(self, queue, lane, next_eligible, blocked):
+        self.conn.execute("UPDATE stem_lanes SET next_eligible = ?, blocked = ? WHERE queue = ? AND lane = ?",
+                          (next_eligible, int(blocked), queue, lane))
+
+    def idle(self, queue, lane):
+        due = self.conn.execute("SELECT min(available_at) FROM stem_lane_messages WHERE queue = ? AND lane = ? "
+                                "AND state <> 0", (queue, lane)).fetchone()[0]
+        if due is None:
+            self.conn.execute("DELETE FROM stem_lanes WHERE queue = ? AND lane = ?", (queue, lane))
+        else:
+            self.reschedule(queue, lane, due, False)
 
 
 def migrate(url: str) -> int:

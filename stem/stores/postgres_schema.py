@@ -2,7 +2,7 @@
 that the broker's settles and the backend's fused result+ack share.
 
 Every table lives in the schema given by ``?schema=`` / ``schema=`` (default
-``public``).  Version 4, created by ``migrate`` under
+``public``).  Version 5, created by ``migrate`` under
 ``pg_advisory_xact_lock(hashtext('stem-migrate:<schema>'))`` so processes that
 start together apply each version once; each version adds to the last (new
 tables, ``ADD COLUMN`` of nullable columns: no table rewrite), so a schema of
@@ -33,6 +33,19 @@ any older version upgrades in place::
     stem_schedules       id PRIMARY KEY, definition bytea (msgpack Schedule.to_dict() or NULL: a
                          schedule in code), paused boolean, last_fired (epoch s or NULL),
                          last_run_id, updated_at (epoch s, server clock); no expiry (version 4)
+    stem_lane_jobs       the jobs with a limit (version 5): the columns of stem_jobs, plus lane
+                         (``lane_of``), rate_key, rate, burst, concurrency_key, concurrency;
+                         state 0 waiting in its lane | 1 delayed | 2 leased (a live slot while
+                         available_at, its lease deadline, is in the future)
+        stem_lane_jobs_head     (queue, lane, priority DESC, available_at, id)  WHERE state = 0
+        stem_lane_jobs_waiting  (queue, lane, available_at)                    WHERE state <> 0
+        stem_lane_jobs_slots    (queue, concurrency_key, available_at)         WHERE state = 2
+    stem_lanes           (queue, lane) PRIMARY KEY, rate_key, concurrency_key, next_eligible
+                         (epoch s, server clock: the earliest moment it may lease or change),
+                         blocked (next_eligible is a throttle time);  (queue, next_eligible),
+                         (queue, concurrency_key)
+    stem_buckets         (queue, rate_key) PRIMARY KEY, tat (GCRA theoretical arrival time);  (tat)
+    stem_dead_letters    + lane and the limit columns (version 5): replay restores the lane
 
 Acked rows are deleted, so ``stem_jobs`` holds only live messages; the
 partial indexes hold only the rows a claim or a wake-up looks at.
@@ -49,9 +62,10 @@ from typing import Any
 
 from ..errors import ConfigurationError
 
-__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema", "release_ctes"]
+__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema", "release_ctes", "wake_ctes",
+           "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
@@ -120,7 +134,79 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             last_run_id text,
             updated_at double precision NOT NULL)""",
     ),
+    5: (
+        """CREATE TABLE {s}.stem_lane_jobs (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            queue text NOT NULL,
+            task_id text NOT NULL,
+            priority integer NOT NULL DEFAULT 0,
+            state smallint NOT NULL DEFAULT 0,
+            available_at double precision NOT NULL,
+            visibility_timeout double precision,
+            delivery_count integer NOT NULL DEFAULT 0,
+            frame bytea NOT NULL,
+            key text,
+            key_ttl double precision,
+            key_linger double precision,
+            lane text NOT NULL,
+            rate_key text,
+            rate double precision,
+            burst integer,
+            concurrency_key text,
+            concurrency integer
+        ) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02,
+                autovacuum_vacuum_insert_scale_factor = 0.02)""",
+        "CREATE INDEX stem_lane_jobs_head ON {s}.stem_lane_jobs (queue, lane, priority DESC, available_at, id) "
+        "WHERE state = 0",
+        "CREATE INDEX stem_lane_jobs_waiting ON {s}.stem_lane_jobs (queue, lane, available_at) WHERE state <> 0",
+        "CREATE INDEX stem_lane_jobs_slots ON {s}.stem_lane_jobs (queue, concurrency_key, available_at) "
+        "WHERE state = 2",
+        """CREATE TABLE {s}.stem_lanes (
+            queue text NOT NULL,
+            lane text NOT NULL,
+            rate_key text,
+            concurrency_key text,
+            next_eligible double precision NOT NULL,
+            blocked boolean NOT NULL DEFAULT false,
+            PRIMARY KEY (queue, lane)
+        ) WITH (fillfactor = 50)""",
+        "CREATE INDEX stem_lanes_due ON {s}.stem_lanes (queue, next_eligible)",
+        "CREATE INDEX stem_lanes_concurrency ON {s}.stem_lanes (queue, concurrency_key)",
+        """CREATE TABLE {s}.stem_buckets (
+            queue text NOT NULL,
+            rate_key text NOT NULL,
+            tat double precision NOT NULL,
+            PRIMARY KEY (queue, rate_key)
+        ) WITH (fillfactor = 50)""",
+        "CREATE INDEX stem_buckets_tat ON {s}.stem_buckets (tat)",
+        "ALTER TABLE {s}.stem_dead_letters ADD COLUMN lane text, ADD COLUMN rate_key text, "
+        "ADD COLUMN rate double precision, ADD COLUMN burst integer, ADD COLUMN concurrency_key text, "
+        "ADD COLUMN concurrency integer",
+    ),
 }
+
+#: The limit columns of a lane job (and of a dead letter that had a limit), in ``Limit`` order.
+LIMIT_COLUMNS = "rate_key, rate, burst, concurrency_key, concurrency"
+
+
+def wake_ctes(s: str, left: str) -> str:
+    """Two CTEs (``woken_lanes``, ``woken``; to follow a comma) for lane jobs that left their
+    lease or their lane, which CTE ``left`` returns (columns queue, lane, concurrency_key): the
+    lanes waiting on those concurrency keys are due now (a slot may be free), and so is each
+    job's own lane unless it is ``blocked`` (a consume then drops it if it is empty).  ``woken``
+    returns the queue of each lane made due, for a notification.  The lanes are locked in key
+    order, as every settle locks them, so that two settles queue up instead of deadlocking."""
+    return f"""
+        woken_lanes AS (
+            SELECT l.queue, l.lane FROM {s}.stem_lanes l
+            JOIN (SELECT DISTINCT queue, lane, concurrency_key FROM {left}) r ON l.queue = r.queue
+                AND (l.concurrency_key = r.concurrency_key OR (l.lane = r.lane AND NOT l.blocked))
+            WHERE l.next_eligible > {NOW}
+            ORDER BY l.queue, l.lane FOR UPDATE OF l),
+        woken AS (
+            UPDATE {s}.stem_lanes l SET next_eligible = {NOW}, blocked = false FROM woken_lanes w
+            WHERE l.queue = w.queue AND l.lane = w.lane
+            RETURNING l.queue)"""
 
 
 def release_ctes(s: str, removed: str) -> str:

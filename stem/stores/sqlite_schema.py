@@ -5,7 +5,7 @@ upgrades them: idempotent, versioned in ``stem_schema_version``, inside one
 ``BEGIN IMMEDIATE`` transaction so concurrent processes serialise on SQLite's
 write lock; each version adds to the last (``ALTER TABLE ... ADD COLUMN``,
 new tables), so a file of any older version upgrades in place.  Schema,
-version 4::
+version 5::
 
     stem_messages       id INTEGER PRIMARY KEY AUTOINCREMENT  -- age order; never reused, so a
                                                               -- stale receipt cannot hit a new row
@@ -30,9 +30,22 @@ version 4::
     stem_schedules      id PRIMARY KEY, definition (msgpack Schedule.to_dict() or NULL: a schedule
                         in code), paused 0|1, last_fired (epoch s or NULL), last_run_id, updated_at
                         -- no expiry (version 4)
+    stem_lane_messages  the messages with a limit (version 5): the columns of stem_messages, plus
+                        lane (``lane_of``), rate_key, rate, burst, concurrency_key, concurrency;
+                        state 0 waiting in its lane | 1 delayed | 2 leased (a live slot while
+                        available_at, its lease deadline, is in the future)
+        ix head     (queue, lane, priority DESC, available_at, id)  WHERE state = 0
+        ix waiting  (queue, lane, available_at)                    WHERE state <> 0
+        ix slots    (queue, concurrency_key, available_at)         WHERE state = 2
+    stem_lanes          (queue, lane) PRIMARY KEY, rate_key, concurrency_key, next_eligible (epoch s:
+                        the earliest moment it may lease or change), blocked (0|1: next_eligible
+                        is a throttle time);  ix (queue, next_eligible), ix (queue, concurrency_key)
+    stem_buckets        (queue, rate_key) PRIMARY KEY, tat (GCRA theoretical arrival time);  ix tat
+    stem_dead_letters   + lane and the limit columns (version 5): replay restores the lane
 
-``settle_acked`` and ``release_keys`` are the ack and the key release that the
-broker's ``ack`` and the backend's fused result+ack transaction both run.
+``settle_acked``, ``release_keys`` and ``left_lanes`` are the ack, the key release and
+the slot release that the broker's ``ack`` and the backend's fused result+ack
+transaction both run.  Times are the process's clock (SQLite has none of its own).
 """
 
 from __future__ import annotations
@@ -43,9 +56,10 @@ from typing import Any, Sequence
 
 from ..errors import ConfigurationError
 
-__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys"]
+__all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys", "enter_lanes", "left_lanes",
+           "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _CHUNK = 500            # ids per IN (...) list
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -110,7 +124,88 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             last_run_id TEXT,
             updated_at REAL NOT NULL) WITHOUT ROWID""",
     ),
+    5: (
+        """CREATE TABLE stem_lane_messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            queue TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            priority INTEGER NOT NULL DEFAULT 0,
+            state INTEGER NOT NULL DEFAULT 0,
+            available_at REAL NOT NULL,
+            visibility_timeout REAL,
+            delivery_count INTEGER NOT NULL DEFAULT 0,
+            frame BLOB NOT NULL,
+            key TEXT,
+            key_ttl REAL,
+            key_linger REAL,
+            lane TEXT NOT NULL,
+            rate_key TEXT,
+            rate REAL,
+            burst INTEGER,
+            concurrency_key TEXT,
+            concurrency INTEGER)""",
+        "CREATE INDEX stem_lane_messages_head ON stem_lane_messages (queue, lane, priority DESC, available_at, id) "
+        "WHERE state = 0",
+        "CREATE INDEX stem_lane_messages_waiting ON stem_lane_messages (queue, lane, available_at) WHERE state <> 0",
+        "CREATE INDEX stem_lane_messages_slots ON stem_lane_messages (queue, concurrency_key, available_at) "
+        "WHERE state = 2",
+        """CREATE TABLE stem_lanes (
+            queue TEXT NOT NULL,
+            lane TEXT NOT NULL,
+            rate_key TEXT,
+            concurrency_key TEXT,
+            next_eligible REAL NOT NULL,
+            blocked INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (queue, lane)) WITHOUT ROWID""",
+        "CREATE INDEX stem_lanes_due ON stem_lanes (queue, next_eligible)",
+        "CREATE INDEX stem_lanes_concurrency ON stem_lanes (queue, concurrency_key)",
+        """CREATE TABLE stem_buckets (
+            queue TEXT NOT NULL,
+            rate_key TEXT NOT NULL,
+            tat REAL NOT NULL,
+            PRIMARY KEY (queue, rate_key)) WITHOUT ROWID""",
+        "CREATE INDEX stem_buckets_tat ON stem_buckets (tat)",
+        *(f"ALTER TABLE stem_dead_letters ADD COLUMN {column}"
+          for column in ("lane TEXT", "rate_key TEXT", "rate REAL", "burst INTEGER", "concurrency_key TEXT",
+                         "concurrency INTEGER")),
+    ),
 }
+
+#: The limit columns of a lane message (and of a dead letter that had a limit), in ``Limit`` order.
+LIMIT_COLUMNS = "rate_key, rate, burst, concurrency_key, concurrency"
+
+
+def enter_lanes(conn: sqlite3.Connection, entries: Sequence[tuple]) -> None:
+    """Messages entered lanes, given as (queue, lane, rate_key, concurrency_key, due time): each
+    lane is created, or made due by the earliest of them unless it is ``blocked`` (messages wait
+    in it already, and its score is the throttle time: a newcomer cannot be leased sooner)."""
+    earliest: dict[tuple, list] = {}
+    for queue, lane, rate_key, concurrency_key, due in entries:
+        seen = earliest.get((queue, lane))
+        if seen is None:
+            earliest[(queue, lane)] = [queue, lane, rate_key, concurrency_key, due]
+        elif due < seen[4]:
+            seen[4] = due
+    conn.executemany(
+        "INSERT INTO stem_lanes (queue, lane, rate_key, concurrency_key, next_eligible, blocked) "
+        "VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (queue, lane) DO UPDATE SET next_eligible = excluded.next_eligible "
+        "WHERE NOT stem_lanes.blocked AND stem_lanes.next_eligible > excluded.next_eligible",
+        list(earliest.values()))
+
+
+def left_lanes(conn: sqlite3.Connection, rows: Sequence[tuple], now: float) -> None:
+    """Lane messages left their lease or their lane (settled, requeued, purged), given as (queue,
+    lane, concurrency_key): the lanes waiting on those concurrency keys are due now (a slot may
+    be free), and lanes left without any message are dropped."""
+    keys = {(q, k) for q, _, k in rows if k is not None}
+    if keys:
+        conn.executemany("UPDATE stem_lanes SET next_eligible = ?, blocked = 0 WHERE queue = ? AND concurrency_key = ? "
+                         "AND next_eligible > ?", [(now, q, k, now) for q, k in keys])
+    conn.executemany(
+        "DELETE FROM stem_lanes WHERE queue = ?1 AND lane = ?2 "
+        "AND NOT EXISTS (SELECT 1 FROM stem_lane_messages WHERE queue = ?1 AND lane = ?2 AND state = 0) "
+        "AND NOT EXISTS (SELECT 1 FROM stem_lane_messages WHERE queue = ?1 AND lane = ?2 AND state <> 0)",
+        list({(q, lane) for q, lane, _ in rows}))
 
 
 def release_keys(conn: sqlite3.Connection, rows: Sequence[tuple], now: float) -> None:
@@ -128,11 +223,16 @@ def release_keys(conn: sqlite3.Connection, rows: Sequence[tuple], now: float) ->
 
 def settle_acked(conn: sqlite3.Connection, deliveries: Sequence[Any], now: float) -> None:
     """Delete the rows of acked ``deliveries`` inside the caller's transaction, releasing the keys
-    of the keyed ones.  A delivery without a key costs what it did before keys existed."""
+    of the keyed ones and the slots of the limited ones.  A delivery without a key or a limit
+    costs what it did before keys existed."""
     plain: list[int] = []
     keyed: list[int] = []
+    limited: list[int] = []
     for d in deliveries:
-        (plain if d.key is None else keyed).append(d.receipt)
+        if d.limit is not None:
+            limited.append(d.receipt)
+        else:
+            (plain if d.key is None else keyed).append(d.receipt)
     for i in range(0, len(plain), _CHUNK):
         chunk = plain[i:i + _CHUNK]
         conn.execute(f"DELETE FROM stem_messages WHERE id IN ({','.join('?' * len(chunk))})", chunk)
@@ -141,6 +241,12 @@ def settle_acked(conn: sqlite3.Connection, deliveries: Sequence[Any], now: float
         rows = conn.execute(f"DELETE FROM stem_messages WHERE id IN ({','.join('?' * len(chunk))}) "
                             "RETURNING queue, task_id, key, key_linger", chunk).fetchall()
         release_keys(conn, rows, now)
+    for i in range(0, len(limited), _CHUNK):
+        chunk = limited[i:i + _CHUNK]
+        rows = conn.execute(f"DELETE FROM stem_lane_messages WHERE id IN ({','.join('?' * len(chunk))}) "
+                            "RETURNING queue, task_id, key, key_linger, lane, concurrency_key", chunk).fetchall()
+        release_keys(conn, [r[:4] for r in rows], now)
+        left_lanes(conn, [(r[0], r[4], r[5]) for r in rows], now)
 
 
 def migrate(conn: sqlite3.Connection, label: str) -> int:
