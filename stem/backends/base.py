@@ -50,6 +50,7 @@ from .. import _checks as checks
 from .._checks import DEFAULT_RESULT_EXPIRES
 from ..errors import ConfigurationError
 from ..results import TERMINAL_STATES, TaskStatus
+from .groups import GroupRecord
 from .waiting import WATCH, Waiter, WaitHub, Watch, check_wait
 
 __all__ = ["ResultBackend", "ScheduleRecord", "DEFAULT_RESULT_EXPIRES", "TERMINAL_STATE_NAMES",
@@ -324,6 +325,53 @@ class ResultBackend(abc.ABC):
         schedulers race or however late one is; ``last_run_id`` changes only together with
         ``last_fired`` (a fire time not newer than the stored one changes nothing).  A missing
         record is created (not paused, no definition).  Durable as the adapter is."""
+
+    # -- group records (stem.backends.groups; what stem.canvas counts on) ------------------
+    # Not abstract: an adapter without them refuses canvases (ConfigurationError) and
+    # nothing else.  The four adapters of stem implement all of them (tests/contract).
+
+    def _no_groups(self) -> ConfigurationError:
+        return ConfigurationError(f"{type(self).__name__} keeps no group records: canvases (group, chord, "
+                                  "chunks) need a backend that does (memory, sqlite, redis, postgres)")
+
+    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float) -> bool:
+        """Create the record of ``group_id``, unsealed, expecting ``expected`` members; True
+        if created, False if a record of that id exists (then nothing changes: a redelivered
+        chain step that launches a group launches it once)."""
+        raise self._no_groups()
+
+    def group_seal(self, group_id: str) -> "GroupRecord | None":
+        """Seal the record (atomically with the counters, so a member finishing at the same
+        moment and the seal cannot both miss completion) and return it; None if unknown.  A
+        record complete by the seal starts its ``ttl`` here."""
+        raise self._no_groups()
+
+    def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
+                     outcome: bytes) -> "GroupRecord | None":
+        """Count ``member_id`` finished (``ok``: succeeded, else failed) and keep ``outcome``
+        at ``index``, unless it was counted before (then nothing changes); atomically, O(1)
+        work, and return the record as it is after the call (None for an unknown or expired
+        group: nothing is created).  The call that completes the record starts its ``ttl``."""
+        raise self._no_groups()
+
+    def group_get(self, group_id: str) -> "GroupRecord | None":
+        """The record, or None when unknown or expired."""
+        raise self._no_groups()
+
+    def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
+        """The outcomes at indexes ``start``..``stop - 1`` (None where a member has not
+        finished): one page of results, one round trip."""
+        raise self._no_groups()
+
+    def group_failed_members(self, group_id: str, limit: int = 100) -> list[str]:
+        """Up to ``limit`` ids of the members counted as failed (sorted)."""
+        raise self._no_groups()
+
+    def group_interrupt_unsealed(self, now: float | None = None) -> list["GroupRecord"]:
+        """Mark every record still unsealed past its ``seal_by`` interrupted (its ``ttl``
+        starts) and return those this call marked: a producer that died between creating a
+        group and sealing it leaves no group waiting forever."""
+        raise self._no_groups()
 
     # -- misc -------------------------------------------------------------------
     def close(self) -> None:

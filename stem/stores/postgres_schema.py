@@ -33,6 +33,10 @@ any older version upgrades in place::
     stem_schedules       id PRIMARY KEY, definition bytea (msgpack Schedule.to_dict() or NULL: a
                          schedule in code), paused boolean, last_fired (epoch s or NULL),
                          last_run_id, updated_at (epoch s, server clock); no expiry (version 4)
+    stem_groups          id PRIMARY KEY, expected, sealed, finished, succeeded, failed, interrupted, data,
+                         created_at, seal_by, ttl, expires_at (NULL until complete or interrupted);
+                         (seal_by) WHERE unsealed  (version 5, stem.backends.groups)
+    stem_group_members   (group_id, member_id) PRIMARY KEY, idx, ok, outcome; (group_id, idx)
 
 Acked rows are deleted, so ``stem_jobs`` holds only live messages; the
 partial indexes hold only the rows a claim or a wake-up looks at.
@@ -51,7 +55,7 @@ from ..errors import ConfigurationError
 
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema", "release_ctes"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
@@ -119,6 +123,31 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             last_fired double precision,
             last_run_id text,
             updated_at double precision NOT NULL)""",
+    ),
+    5: (
+        """CREATE TABLE {s}.stem_groups (
+            id text PRIMARY KEY,
+            expected integer NOT NULL,
+            sealed boolean NOT NULL DEFAULT false,
+            finished integer NOT NULL DEFAULT 0,
+            succeeded integer NOT NULL DEFAULT 0,
+            failed integer NOT NULL DEFAULT 0,
+            interrupted boolean NOT NULL DEFAULT false,
+            data bytea NOT NULL,
+            created_at double precision NOT NULL,
+            seal_by double precision NOT NULL,
+            ttl double precision NOT NULL,
+            expires_at double precision)""",
+        "CREATE INDEX stem_groups_unsealed ON {s}.stem_groups (seal_by) WHERE NOT sealed AND NOT interrupted",
+        "CREATE INDEX stem_groups_expires ON {s}.stem_groups (expires_at) WHERE expires_at IS NOT NULL",
+        """CREATE TABLE {s}.stem_group_members (
+            group_id text NOT NULL,
+            member_id text NOT NULL,
+            idx integer NOT NULL,
+            ok boolean NOT NULL,
+            outcome bytea NOT NULL,
+            PRIMARY KEY (group_id, member_id))""",
+        "CREATE INDEX stem_group_members_idx ON {s}.stem_group_members (group_id, idx)",
     ),
 }
 

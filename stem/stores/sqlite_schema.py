@@ -5,7 +5,7 @@ upgrades them: idempotent, versioned in ``stem_schema_version``, inside one
 ``BEGIN IMMEDIATE`` transaction so concurrent processes serialise on SQLite's
 write lock; each version adds to the last (``ALTER TABLE ... ADD COLUMN``,
 new tables), so a file of any older version upgrades in place.  Schema,
-version 4::
+version 5::
 
     stem_messages       id INTEGER PRIMARY KEY AUTOINCREMENT  -- age order; never reused, so a
                                                               -- stale receipt cannot hit a new row
@@ -30,6 +30,11 @@ version 4::
     stem_schedules      id PRIMARY KEY, definition (msgpack Schedule.to_dict() or NULL: a schedule
                         in code), paused 0|1, last_fired (epoch s or NULL), last_run_id, updated_at
                         -- no expiry (version 4)
+    stem_groups         id PRIMARY KEY, expected, sealed, finished, succeeded, failed, interrupted,
+                        data, created_at, seal_by, ttl, expires_at (NULL until complete or
+                        interrupted: a group never expires in flight); ix unsealed (seal_by)
+                        (version 5, stem.backends.groups)
+    stem_group_members  (group_id, member_id) PRIMARY KEY, idx, ok, outcome; ix (group_id, idx)
 
 ``settle_acked`` and ``release_keys`` are the ack and the key release that the
 broker's ``ack`` and the backend's fused result+ack transaction both run.
@@ -45,7 +50,7 @@ from ..errors import ConfigurationError
 
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 _CHUNK = 500            # ids per IN (...) list
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -109,6 +114,31 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             last_fired REAL,
             last_run_id TEXT,
             updated_at REAL NOT NULL) WITHOUT ROWID""",
+    ),
+    5: (
+        """CREATE TABLE stem_groups (
+            id TEXT PRIMARY KEY,
+            expected INTEGER NOT NULL,
+            sealed INTEGER NOT NULL DEFAULT 0,
+            finished INTEGER NOT NULL DEFAULT 0,
+            succeeded INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            interrupted INTEGER NOT NULL DEFAULT 0,
+            data BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            seal_by REAL NOT NULL,
+            ttl REAL NOT NULL,
+            expires_at REAL) WITHOUT ROWID""",
+        "CREATE INDEX stem_groups_unsealed ON stem_groups (seal_by) WHERE sealed = 0 AND interrupted = 0",
+        "CREATE INDEX stem_groups_expires ON stem_groups (expires_at) WHERE expires_at IS NOT NULL",
+        """CREATE TABLE stem_group_members (
+            group_id TEXT NOT NULL,
+            member_id TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            ok INTEGER NOT NULL,
+            outcome BLOB NOT NULL,
+            PRIMARY KEY (group_id, member_id)) WITHOUT ROWID""",
+        "CREATE INDEX stem_group_members_idx ON stem_group_members (group_id, idx)",
     ),
 }
 
