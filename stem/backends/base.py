@@ -157,6 +157,12 @@ class ResultBackend(abc.ABC):
         mine, theirs = self._store, getattr(broker, "store", None)
         return mine is not None and theirs is not None and mine.same_store(theirs)
 
+    def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
+        """``(url, options)`` that open another instance on this same store from another
+        process (``stem.backends.from_url(url, **options)``), or None when no other process
+        can reach it (in-memory).  A worker's children read chord results through it."""
+        return None
+
     # -- statuses ---------------------------------------------------------------
     @abc.abstractmethod
     def store(self, status: TaskStatus) -> None:

@@ -245,6 +245,9 @@ class PostgresResultBackend(ResultBackend):
         self._listener.ensure(min(5.0, max(deadline - time.monotonic(), 0.0)))
         return self._waits.open(ids, mode, keep_latest)
 
+    def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
+        return (self.url, {"schema": self.schema})
+
     # -- statuses ---------------------------------------------------------------------
     def store(self, status: TaskStatus) -> None:
         self.store_many((status,))

@@ -269,6 +269,9 @@ class RedisResultBackend(ResultBackend):
     def _call(self, fn: Callable[[], _T], what: str) -> _T:
         return self._store.call(fn, what)
 
+    def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
+        return (self.url, {"namespace": self.namespace})
+
     # -- statuses ---------------------------------------------------------------------
     def store(self, status: TaskStatus) -> None:
         self.store_many((status,))

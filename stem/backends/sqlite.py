@@ -96,6 +96,9 @@ class SqliteResultBackend(ResultBackend):
         """Create or upgrade the tables (idempotent; also done on first use).  Returns the version."""
         return self._store.migrate()
 
+    def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
+        return None if self.url in ("sqlite://", "sqlite:///:memory:") else (self.url, {})
+
     # -- statuses ---------------------------------------------------------------------
     def store(self, status: TaskStatus) -> None:
         self.store_many((status,))
