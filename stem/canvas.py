@@ -256,10 +256,12 @@ class Runner:
     producer (``Stem``) with a backend: the caller's in ``apply``, the worker's own when
     it continues a canvas."""
 
-    def __init__(self, stem: Any, *, creation_timeout: float = 600.0):
+    def __init__(self, stem: Any, *, creation_timeout: float = 600.0, revoke_here: Any = None):
         self.stem = stem
         self.backend = stem._require_backend()
         self.creation_timeout = creation_timeout
+        # a worker's own revoke: also skips what this worker already holds (fail_fast)
+        self.revoke_here = revoke_here
 
     # -- launching ------------------------------------------------------------------------
     def launch(self, node: dict[str, Any], node_id: str, up: dict | None, prev: dict[str, Any], keyed: bool) -> None:
@@ -362,7 +364,10 @@ class Runner:
         if not ok and policy != "continue":
             self.fail(record, data)
             if policy == "fail_fast" and record.failed == 1:
-                self.stem.revoke([f"{record.id}.{i}" for i in range(record.expected)])
+                ids = [f"{record.id}.{i}" for i in range(record.expected)]
+                self.stem.revoke(ids)
+                if self.revoke_here is not None:
+                    self.revoke_here(ids)
             return
         if record.complete:
             self.completed(record, data)

@@ -228,7 +228,7 @@ class Worker:
         if self._runner is None:
             from ..canvas import Runner
             from ..producer import Stem
-            self._runner = Runner(Stem(self.broker, self.backend, None, self.signer))
+            self._runner = Runner(Stem(self.broker, self.backend, None, self.signer), revoke_here=self.revoke)
         return self._runner
 
     def _sweep_groups(self) -> None:
