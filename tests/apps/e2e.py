@@ -44,3 +44,17 @@ def effect(ctx, n, ledger, sleep=0.0, hold=None):
 @registry.task("e2e.add")
 def add(ctx, a, b):
     return a + b
+
+
+@registry.task("e2e.collect")
+def collect(ctx, ledger=None):
+    """A chord callback: records its run, returns the members' results (``ctx.previous``) as a list."""
+    if ledger:
+        record(ledger, ctx.id)
+    return list(ctx.previous)
+
+
+@registry.task("e2e.die")
+def die(ctx):
+    """Kills the process that runs it (a poison task: it ends DEAD after the crash redeliveries)."""
+    os.kill(os.getpid(), 9)
