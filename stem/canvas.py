@@ -324,6 +324,27 @@ class Runner:
         if up is not None:
             self.report(up, env.id, status, None)
 
+    def finished_many(self, ended: list[tuple[Any, TaskStatus]], store: list[TaskStatus]) -> None:
+        """``finished`` for a batch, which also stores ``store`` (their statuses to keep): the
+        statuses and the group members' counts in one backend step (``store_and_record``),
+        then the chain steps carried on."""
+        members, chained = [], []
+        for env, status in ended:
+            up = (env.canvas or {}).get("up")
+            if up is None:
+                continue
+            if "g" in up:
+                ok = status.state is TaskState.SUCCEEDED
+                members.append((up["g"], env.id, int(env.id.rsplit(".", 1)[1]), ok, _outcome(status, status.result)))
+            else:
+                chained.append((up, env.id, status))
+        records = self.backend.store_and_record(store, members)
+        for record, item in zip(records, members):
+            if record is not None:
+                self.recorded(record, item[3])
+        for up, task_id, status in chained:
+            self.report(up, task_id, status, None)
+
     def report(self, up: dict, member_id: str, status: TaskStatus, group_ref: str | None) -> None:
         ok = status.state is TaskState.SUCCEEDED
         if "g" in up:
@@ -505,19 +526,25 @@ def apply(stem: Any, canvas: Any, *, creation_timeout: float = 600.0, canvas_id:
     return CanvasHandle(stem, canvas_id, kind, len(node["s"]) if kind == "chain" else None)
 
 
-def _check_names(stem: Any, node: dict) -> None:
+def _check_names(stem: Any, node: dict, seen: set | None = None) -> None:
     """Every task name (known to the producer's registry, when it has one) and every
-    option, before anything is published."""
+    option, before anything is published; each distinct (name, options) once."""
+    seen = set() if seen is None else seen
     kind = node["t"]
     if kind == "s":
+        options = node["o"]
+        key = (node["n"], None if options is None else _encode(options))
+        if key in seen:
+            return
+        seen.add(key)
         if stem.registry is not None:
             stem.registry.get(node["n"])
-        stem._template(node["n"], _options_of(node["o"]), time.time())
+        stem._template(node["n"], _options_of(options), time.time())
     elif kind == "c":
         for step in node["s"]:
-            _check_names(stem, step)
+            _check_names(stem, step, seen)
     else:
         for m in node["m"]:
-            _check_names(stem, m)
+            _check_names(stem, m, seen)
         if node.get("b") is not None:
-            _check_names(stem, node["b"])
+            _check_names(stem, node["b"], seen)

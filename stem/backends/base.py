@@ -360,6 +360,21 @@ class ResultBackend(abc.ABC):
         group: nothing is created).  The call that completes the record starts its ``ttl``."""
         raise self._no_groups()
 
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list["GroupRecord | None"]:
+        """``group_record`` of each ``(group_id, member_id, index, ok, outcome)``, in order, in
+        one round trip where the adapter allows it (a worker settles a batch of members at
+        once); each item as atomic as ``group_record`` alone."""
+        return [self.group_record(*item) for item in items]
+
+    def store_and_record(self, statuses: Sequence[TaskStatus],
+                         members: Sequence[tuple[str, str, int, bool, bytes]]) -> list["GroupRecord | None"]:
+        """``store_many(statuses)`` then ``group_record_many(members)``, in one round trip (one
+        transaction on SQL) where the adapter allows it: a canvas member's status and its
+        count in its group land in the same step, before the worker acks it."""
+        if statuses:
+            self.store_many(statuses)
+        return self.group_record_many(members) if members else []
+
     def group_get(self, group_id: str) -> "GroupRecord | None":
         """The record, or None when unknown or expired."""
         raise self._no_groups()

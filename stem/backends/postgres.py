@@ -420,6 +420,31 @@ class PostgresResultBackend(ResultBackend):
         params = {"g": group_id, "m": member_id, "i": index, "ok": bool(ok), "o": outcome}
         return _group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_record"], params).fetchone()))
 
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+        return self.store_and_record((), items)
+
+    def store_and_record(self, statuses: Sequence[TaskStatus],
+                         members: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+        """One transaction, pipelined: the statuses' upsert (and NOTIFY, sent at commit), then
+        one statement per member."""
+        checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
+        store = None
+        if statuses:
+            latest = {s.id: s for s in statuses}
+            terminal = [i for i, s in latest.items() if s.is_terminal]
+            store = (*self._rows(latest), self.channel, _payloads(terminal))
+        sql = self._sql["group_record"]
+
+        def send(conn) -> list:
+            with conn.transaction(), conn.pipeline():
+                if store is not None:
+                    conn.execute(self._sql["store"], store)
+                cursors = [conn.execute(sql, {"g": g, "m": m, "i": i, "ok": bool(ok), "o": o})
+                           for g, m, i, o, ok in checked]
+            return [c.fetchone() for c in cursors]
+
+        return [_group_row(r) for r in self._pg.run(send)]   # each statement idempotent: safe to resend
+
     def group_get(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)
         return _group_row(self._fast.run(lambda conn: conn.execute(self._sql["group_get"], (group_id,)).fetchone()))

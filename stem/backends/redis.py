@@ -515,6 +515,27 @@ class RedisResultBackend(ResultBackend):
         return _group_record(group_id, self._group_script(self._group_record, group_id, member_id, index,
                                                           "1" if ok else "0", outcome))
 
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+        return self.store_and_record((), items)
+
+    def store_and_record(self, statuses: Sequence[TaskStatus],
+                         members: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+        """One pipeline: the statuses' SETs (and PUBLISHes), then one script call per member."""
+        checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
+        commands = self._status_commands(statuses) if statuses else []
+        first = len(commands)
+        sha = self._group_record.sha
+        keys: dict[str, tuple[str, str, str, str]] = {}      # a batch's members mostly share a group
+        for g, m, i, o, ok in checked:
+            k = keys.get(g)
+            if k is None:
+                k = keys[g] = self._group_keys(g)
+            commands.append(("EVALSHA", sha, 4, *k, m, i, "1" if ok else "0", o))
+        if not commands:
+            return []
+        replies = self._call(lambda: self._store.run(commands), "store_and_record")   # idempotent: safe to resend
+        return [_group_record(item[0], r) for item, r in zip(checked, replies[first:])]
+
     def group_get(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)
         meta = self._group_keys(group_id)[0]

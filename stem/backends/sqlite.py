@@ -270,21 +270,40 @@ class SqliteResultBackend(ResultBackend):
 
     def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
                      outcome: bytes) -> GroupRecord | None:
-        group_id, member_id, index, outcome = check_member(group_id, member_id, index, outcome)
+        return self.group_record_many([(group_id, member_id, index, ok, outcome)])[0]
+
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+        return self.store_and_record((), items)
+
+    def store_and_record(self, statuses: Sequence[TaskStatus],
+                         members: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+        """One write transaction: the statuses, then the members' counts."""
+        checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
+        rows = self._rows(statuses) if statuses else []
         now = time.time()
         with self._store.write() as conn:
-            row = conn.execute(_LIVE_GROUP, (group_id, now)).fetchone()
-            if row is None:
-                return None
-            added = conn.execute("INSERT INTO stem_group_members (group_id, member_id, idx, ok, outcome) "
-                                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                                 (group_id, member_id, index, int(ok), outcome)).rowcount
-            if not added:
-                return _group_row(row)
-            conn.execute("UPDATE stem_groups SET finished = finished + 1, succeeded = succeeded + ?, "
-                         "failed = failed + ? WHERE id = ?", (int(ok), int(not ok), group_id))
-            conn.execute(_COMPLETE_GROUP, (now, group_id))
-            return _group_row(conn.execute(_LIVE_GROUP, (group_id, now)).fetchone())
+            if rows:
+                self._upsert(conn, rows)
+            out = [self._record_member(conn, now, *item) for item in checked]
+        if rows:
+            self._stored()
+        return out
+
+    @staticmethod
+    def _record_member(conn, now: float, group_id: str, member_id: str, index: int, outcome: bytes,
+                       ok: bool) -> GroupRecord | None:
+        row = conn.execute(_LIVE_GROUP, (group_id, now)).fetchone()
+        if row is None:
+            return None
+        added = conn.execute("INSERT INTO stem_group_members (group_id, member_id, idx, ok, outcome) "
+                             "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                             (group_id, member_id, index, int(ok), outcome)).rowcount
+        if not added:
+            return _group_row(row)
+        conn.execute("UPDATE stem_groups SET finished = finished + 1, succeeded = succeeded + ?, "
+                     "failed = failed + ? WHERE id = ?", (int(ok), int(not ok), group_id))
+        conn.execute(_COMPLETE_GROUP, (now, group_id))
+        return _group_row(conn.execute(_LIVE_GROUP, (group_id, now)).fetchone())
 
     def group_get(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)

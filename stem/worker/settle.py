@@ -186,25 +186,46 @@ class Settler:
                 self.forget(acks)
         if acks:
             self._announce_successes(batch, acks)
-        for job, out in in_canvas:
-            self.canvas_success(job, out, now)
+        if in_canvas:
+            self.canvas_successes(in_canvas, now)
         for job, out in later:
             self.failure(job, out)
         state.count("processed", len(acks) + len(later) + len(in_canvas))
 
-    def canvas_success(self, job: Job, out: Outcome, now: float) -> None:
-        """A success of a canvas task: stored, carried on (recorded in its group, next step
-        started), then acked."""
-        env = job.envelope
-        status = TaskStatus.of(env, TaskState.SUCCEEDED, result=out.result, started_at=out.started_at,
-                               finished_at=out.finished_at, updated_at=now, worker=self.worker_id)
-        self.state.count("succeeded")
-        if self.store_results and not env.ignore_result:
-            self.store([status])
-        self.canvas_finished(env, status)
-        self.broker_call(self.broker.ack, [job.delivery])
-        self.forget([job])
-        self._announce_successes([(job, out)], [job])
+    def canvas_successes(self, done: list[tuple[Job, Outcome]], now: float) -> None:
+        """The successes of canvas tasks in a batch: stored, carried on (recorded in their
+        groups: one round trip for the batch; next chain steps started), then acked."""
+        of, succeeded, worker_id = TaskStatus.of, TaskState.SUCCEEDED, self.worker_id
+        ended = [(job.envelope, of(job.envelope, succeeded, result=out.result, started_at=out.started_at,
+                                   finished_at=out.finished_at, updated_at=now, worker=worker_id))
+                 for job, out in done]
+        jobs = [job for job, _ in done]
+        self.state.count("succeeded", len(jobs))
+        statuses = [status for env, status in ended if not env.ignore_result] if self.store_results else []
+        if self.canvas is None:
+            if statuses:
+                self.store(statuses)
+        else:
+            def carry_on() -> None:
+                try:
+                    self.canvas().finished_many(ended, statuses)
+                except ConfigurationError as exc:   # not an outage: retrying cannot help
+                    log.error("cannot carry %d canvas tasks on: %s", len(ended), exc)
+                    if statuses:
+                        self.store(statuses)
+
+            try:
+                self.retrying(carry_on, f"storing {len(ended)} results of canvas tasks and carrying them on")
+            except Exception:  # noqa: BLE001 - a bug here must not stop the settle thread
+                log.exception("carrying the canvas of %d tasks on failed", len(ended))
+                if statuses:
+                    self.store(statuses)
+        deliveries = [job.delivery for job in jobs]
+        # the acks (and the refill the fetcher waits for) in one round trip where the broker can
+        if not self.settle_and_refill([], jobs, deliveries):
+            self.broker_call(self.broker.ack, deliveries)
+            self.forget(jobs)
+        self._announce_successes(done, jobs)
 
     def _announce_successes(self, batch: list[tuple[Job, Outcome]], acks: list[Job]) -> None:
         """The INFO lines and the signals of a batch's successes (nothing when nobody listens)."""

@@ -89,15 +89,26 @@ def test_a_poison_member_ends_the_chord_failed_and_wakes_its_waiters(process_sto
 def _dropping_acks(broker, dropped: set[str]):
     """The broker's ack, except that the first ack of each task is lost: as if the worker died
     after recording the member and before acking it (its lease then expires: redelivered)."""
-    real = broker.ack
+    real, real_and_consume = broker.ack, broker.ack_and_consume
+
+    def kept(deliveries):
+        out = [d for d in deliveries if d.task_id in dropped]
+        dropped.update(d.task_id for d in deliveries)
+        return out
 
     def ack(deliveries):
-        kept = [d for d in deliveries if d.task_id in dropped]
-        dropped.update(d.task_id for d in deliveries)
-        if kept:
-            real(kept)
+        deliveries = kept(deliveries)
+        if deliveries:
+            real(deliveries)
+
+    def ack_and_consume(deliveries, *args, **kwargs):
+        out = real_and_consume([d for d in deliveries if d.task_id in dropped], *args, **kwargs)
+        if out is not None:          # None: not done (the worker then acks the usual way)
+            dropped.update(d.task_id for d in deliveries)
+        return out
 
     broker.ack = ack
+    broker.ack_and_consume = ack_and_consume
 
 
 @pytest.mark.timeout(180)
