@@ -125,3 +125,13 @@ def test_in_process_cpu_is_not_rounded_to_clock_ticks():
     burnt = time.thread_time() - t0
     root1, _ = meter.cpu_split()
     assert root1 - root0 >= burnt
+
+
+@needs_redis
+def test_chord_benchmark_runs_both_rounds_and_checks_the_callback():
+    from benchmarks import chord as chord_bench
+    url = f"redis://127.0.0.1:6379/{os.environ.get('STEM_TEST_REDIS_OWN_DB', '0')}"
+    res = chord_bench.run(url, 300, 2, "inline", 1)
+    assert res["n"] == 300 and res["rounds"] == 1
+    assert res["enqueue_ratio"] > 0 and res["worker_cpu_ratio"] > 0
+    assert res["chord"]["enqueue_us_per_task"] > 0

@@ -23,7 +23,7 @@ How it runs (docs/design.md, "Canvas"):
   the sealing producer) runs the completion: the chord's callback is published under
   its id key (the chord's id), so two completions publish it once.
 * Ids are deterministic: a group's members are ``<group id>.<index>``, a chain's steps
-  ``<chain id>.<k>`` and its last step the chain id itself, a chord's callback the
+  ``<chain id>.s<k>`` and its last step the chain id itself, a chord's callback the
   chord id.  So a canvas's id is the id of the task whose status is its outcome, and
   ``wait`` is ``wait_for_task`` on it.
 """
@@ -159,10 +159,21 @@ class chord:
             header = group(header)
         self.header = header
         self.body = _node(body, "a chord's callback")
+        if _ends_in_group(self.body):
+            # the callback runs under the chord's id, which the chord's own group record holds
+            raise InvalidTaskOptionsError(
+                "a chord's callback cannot end in a group or chord (it runs under the chord's id, the "
+                "id of the chord's own group): give it a signature, or a chain whose last step is one")
         self.on_failure = on_failure
 
     def node(self) -> dict[str, Any]:
         return {**self.header.node(), "b": self.body, "f": self.on_failure}
+
+
+def _ends_in_group(node: dict) -> bool:
+    if node["t"] == "g":
+        return True
+    return node["t"] == "c" and _ends_in_group(node["s"][-1])
 
 
 class chunks:
@@ -275,7 +286,7 @@ class Runner:
             if len(steps) == 1:
                 self.launch(steps[0], node_id, up, prev, keyed)
             else:
-                self.launch(steps[0], f"{node_id}.0", {"c": node_id, "k": 1, "r": steps[1:], "u": up}, prev, keyed)
+                self.launch(steps[0], f"{node_id}.s0", {"c": node_id, "k": 1, "r": steps[1:], "u": up}, prev, keyed)
         elif kind == "g":
             self._group(node, node_id, up, prev)
         else:
@@ -338,9 +349,9 @@ class Runner:
                 members.append((up["g"], env.id, int(env.id.rsplit(".", 1)[1]), ok, _outcome(status, status.result)))
             else:
                 chained.append((up, env.id, status))
-        records = self.backend.store_and_record(store, members)
+        records = self.backend.store_and_record(store, members, brief=True)
         for record, item in zip(records, members):
-            if record is not None:
+            if record is not None and record is not True:     # True: counted, nothing to do
                 self.recorded(record, item[3])
         for up, task_id, status in chained:
             self.report(up, task_id, status, None)
@@ -369,7 +380,7 @@ class Runner:
         if len(rest) == 1:
             self.launch(rest[0], chain_id, up["u"], prev, keyed=True)
         else:
-            self.launch(rest[0], f"{chain_id}.{k}", {"c": chain_id, "k": k + 1, "r": rest[1:], "u": up["u"]}, prev,
+            self.launch(rest[0], f"{chain_id}.s{k}", {"c": chain_id, "k": k + 1, "r": rest[1:], "u": up["u"]}, prev,
                         keyed=True)
 
     def data(self, record: Any) -> dict[str, Any]:
@@ -483,7 +494,7 @@ class CanvasHandle:
         if self.kind in ("group", "chord"):
             return list(GroupResults(backend, self.id))
         if self.kind == "chain" and self.steps:
-            ids = [f"{self.id}.{k}" for k in range(self.steps - 1)] + [self.id]
+            ids = [f"{self.id}.s{k}" for k in range(self.steps - 1)] + [self.id]
             return [None if s is None else s.result for s in backend.get_many(ids)]
         status = backend.get(self.id)
         return [None if status is None else status.result]
@@ -497,7 +508,7 @@ class CanvasHandle:
                 return Progress(0, 0)
             return Progress(record.finished, record.expected)
         if self.kind == "chain" and self.steps:
-            ids = [f"{self.id}.{k}" for k in range(self.steps - 1)] + [self.id]
+            ids = [f"{self.id}.s{k}" for k in range(self.steps - 1)] + [self.id]
             return Progress(sum(1 for s in backend.get_many(ids) if s is not None and s.is_terminal), self.steps)
         status = backend.get(self.id)
         return Progress(int(status is not None and status.is_terminal), 1)

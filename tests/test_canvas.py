@@ -156,6 +156,14 @@ def test_a_chord_in_a_chain_in_a_group_runs_each_part_in_order(env):
     assert h.results() == [113, 113, 113]          # (1+5) + (1+6) = 13, then + 100
 
 
+def test_a_chord_callback_can_be_a_chain_with_a_group_inside(env):
+    env.worker(concurrency=4)
+    callback = chain(sig("total"), group([sig("add", {"a": 1}), sig("add", {"a": 2})]), sig("total"))
+    h = env.stem.apply(chord(group(sig("add", {"a": i}) for i in range(4)), callback))
+    assert h.get(20) == (6 + 1) + (6 + 2)
+    assert h.results() == [0, 1, 2, 3]
+
+
 def test_a_group_step_hands_the_next_step_its_results(env):
     env.worker()
     h = env.stem.apply(chain(group(sig("add", {"a": i}) for i in range(4)), sig("total")))
@@ -205,7 +213,7 @@ def test_a_failed_chain_step_stops_the_chain_and_says_which_step(env):
     status = h.wait(20)
     assert status.state is TaskState.FAILED and status.reason == "chain-step-failed"
     assert "step 1" in status.error and "boom 2" in status.error
-    assert status.result == {"step": 1, "task_id": f"{h.id}.1"}
+    assert status.result == {"step": 1, "task_id": f"{h.id}.s1"}
 
 
 def test_revoked_and_expired_members_count_so_the_chord_ends(env):
@@ -303,6 +311,9 @@ def test_async_apply(env):
     (lambda: chain("add"), "takes signatures"),
     (lambda: chord(group(), sig("add"), on_failure="later"), "on_failure"),
     (lambda: chunks("count", [1], 0), "size"),
+    (lambda: chord(group([sig("add")]), group([sig("add")])), "cannot end in a group"),
+    (lambda: chord(group([sig("add")]), chain(sig("add"), chord(group([sig("add")]), sig("total")))),
+     "cannot end in a group"),
     (lambda: sig("", {}), "non-empty"),
     (lambda: sig("add", {1: 2}), "str keys"),
     (lambda: sig("add", options={"queue": "x"}), "TaskOptions"),

@@ -366,11 +366,13 @@ class ResultBackend(abc.ABC):
         once); each item as atomic as ``group_record`` alone."""
         return [self.group_record(*item) for item in items]
 
-    def store_and_record(self, statuses: Sequence[TaskStatus],
-                         members: Sequence[tuple[str, str, int, bool, bytes]]) -> list["GroupRecord | None"]:
+    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+                         brief: bool = False) -> list["GroupRecord | bool | None"]:
         """``store_many(statuses)`` then ``group_record_many(members)``, in one round trip (one
         transaction on SQL) where the adapter allows it: a canvas member's status and its
-        count in its group land in the same step, before the worker acks it."""
+        count in its group land in the same step, before the worker acks it.  ``brief``: a
+        member that succeeded and left its group incomplete may be answered True instead
+        of the record (the common case, with nothing for the caller to do: less to send)."""
         if statuses:
             self.store_many(statuses)
         return self.group_record_many(members) if members else []

@@ -423,8 +423,8 @@ class PostgresResultBackend(ResultBackend):
     def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
         return self.store_and_record((), items)
 
-    def store_and_record(self, statuses: Sequence[TaskStatus],
-                         members: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+                         brief: bool = False) -> list[GroupRecord | bool | None]:
         """One transaction, pipelined: the statuses' upsert (and NOTIFY, sent at commit), then
         one statement per member."""
         checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]

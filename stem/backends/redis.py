@@ -91,11 +91,12 @@ redis.call('HSET', KEYS[1], 'sealed', '1')
 finish_if_complete()
 return record()
 """
-# ARGV: member id, index, ok ("1"|"0"), outcome
+# ARGV: member id, index, ok ("1"|"0"), outcome, brief ("1": answer 1 instead of the record for a
+# success that leaves the group incomplete: the common case, with nothing for the caller to do)
 _GROUP_RECORD = _GROUP_COMMON + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
-  redis.call('HINCRBY', KEYS[1], 'finished', 1)
+  local finished = redis.call('HINCRBY', KEYS[1], 'finished', 1)
   if ARGV[3] == '1' then
     redis.call('HINCRBY', KEYS[1], 'succeeded', 1)
   else
@@ -104,6 +105,10 @@ if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
   end
   redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
   finish_if_complete()
+  if ARGV[5] == '1' and ARGV[3] == '1' then
+    local v = redis.call('HMGET', KEYS[1], 'sealed', 'expected')
+    if v[1] ~= '1' or finished < tonumber(v[2]) then return 1 end
+  end
 end
 return record()
 """
@@ -513,13 +518,13 @@ class RedisResultBackend(ResultBackend):
                      outcome: bytes) -> GroupRecord | None:
         group_id, member_id, index, outcome = check_member(group_id, member_id, index, outcome)
         return _group_record(group_id, self._group_script(self._group_record, group_id, member_id, index,
-                                                          "1" if ok else "0", outcome))
+                                                          "1" if ok else "0", outcome, "0"))
 
     def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
         return self.store_and_record((), items)
 
-    def store_and_record(self, statuses: Sequence[TaskStatus],
-                         members: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+                         brief: bool = False) -> list[GroupRecord | bool | None]:
         """One pipeline: the statuses' SETs (and PUBLISHes), then one script call per member."""
         checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
         commands = self._status_commands(statuses) if statuses else []
@@ -530,11 +535,11 @@ class RedisResultBackend(ResultBackend):
             k = keys.get(g)
             if k is None:
                 k = keys[g] = self._group_keys(g)
-            commands.append(("EVALSHA", sha, 4, *k, m, i, "1" if ok else "0", o))
+            commands.append(("EVALSHA", sha, 4, *k, m, i, "1" if ok else "0", o, "1" if brief else "0"))
         if not commands:
             return []
         replies = self._call(lambda: self._store.run(commands), "store_and_record")   # idempotent: safe to resend
-        return [_group_record(item[0], r) for item, r in zip(checked, replies[first:])]
+        return [True if r == 1 else _group_record(item[0], r) for item, r in zip(checked, replies[first:])]
 
     def group_get(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)

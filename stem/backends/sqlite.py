@@ -275,8 +275,8 @@ class SqliteResultBackend(ResultBackend):
     def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
         return self.store_and_record((), items)
 
-    def store_and_record(self, statuses: Sequence[TaskStatus],
-                         members: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+                         brief: bool = False) -> list[GroupRecord | bool | None]:
         """One write transaction: the statuses, then the members' counts."""
         checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
         rows = self._rows(statuses) if statuses else []

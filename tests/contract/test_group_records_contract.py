@@ -152,3 +152,19 @@ def test_unsealed_groups_past_their_deadline_are_interrupted_once(backend):
 def test_bad_arguments_are_refused_before_anything_is_stored(backend, call):
     with pytest.raises(ConfigurationError):
         call(backend)
+
+
+def test_store_and_record_stores_then_counts_and_may_answer_briefly(backend):
+    from stem.results import TaskState, TaskStatus
+    g = make(backend, 2)
+    backend.group_seal(g)
+    s0 = TaskStatus(id=f"{g}.0", state=TaskState.SUCCEEDED, result=1)
+    out = backend.store_and_record([s0], [(g, f"{g}.0", 0, True, b"one")], brief=True)
+    assert out[0] is True or (isinstance(out[0], GroupRecord) and out[0].finished == 1)
+    assert backend.get(f"{g}.0").result == 1
+    [done] = backend.store_and_record([], [(g, f"{g}.1", 1, True, b"two")], brief=True)
+    assert isinstance(done, GroupRecord) and done.complete        # completion is always answered in full
+    h = make(backend, 2)
+    [failed] = backend.store_and_record([], [(h, f"{h}.0", 0, False, b"x")], brief=True)
+    assert isinstance(failed, GroupRecord) and failed.failed == 1  # so is a failure
+    assert backend.store_and_record([], [("g-unknown", "g-unknown.0", 0, True, b"")], brief=True) == [None]
