@@ -156,3 +156,19 @@ def test_a_crash_between_members_published_and_sealed_ends_the_group_creation_in
     wait_for(lambda: backend.group_get(record.id).finished == 5, 30, "the members to be counted anyway")
     assert record.id not in ledger.ran()
 
+
+
+@pytest.mark.timeout(120)
+def test_a_chord_in_a_chain_in_a_group_runs_on_every_store(store, fleet):
+    from stem.canvas import chain
+    if store.in_process_only:
+        fleet.in_process(store, concurrency=2, isolation="inline")
+    else:
+        fleet.process(store)
+    stem = store.producer()
+    inner = chord(group([Signature("e2e.add", {"a": 1, "b": 1}), Signature("e2e.add", {"a": 2, "b": 2})]),
+                  Signature("e2e.collect"))
+    h = stem.apply(group(chain(Signature("e2e.add", {"a": i, "b": 1}), inner) for i in range(3)))
+    status = h.wait(90)
+    assert status.state is TaskState.SUCCEEDED, status
+    assert h.results() == [[2, 4]] * 3
