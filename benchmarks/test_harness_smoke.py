@@ -140,6 +140,16 @@ def test_in_process_cpu_is_not_rounded_to_clock_ticks():
 
 
 @needs_redis
+def test_chord_benchmark_runs_both_rounds_and_checks_the_callback():
+    from benchmarks import chord as chord_bench
+    url = f"redis://127.0.0.1:6379/{os.environ.get('STEM_TEST_REDIS_OWN_DB', '0')}"
+    res = chord_bench.run(url, 300, 2, "inline", 1)
+    assert res["n"] == 300 and res["rounds"] == 1
+    assert res["enqueue_ratio"] > 0 and res["worker_cpu_ratio"] > 0
+    assert res["chord"]["enqueue_us_per_task"] > 0
+
+
+@needs_redis
 def test_dashboard_render_bench_times_every_page():
     pytest.importorskip("starlette", reason="the dashboard extra is not installed")
     import dashboard_render

@@ -85,6 +85,9 @@ class Envelope(msgspec.Struct, array_like=True):
     result_ttl: float | None = None
     failure_ttl: float | None = None
     ignore_result: bool | None = None
+    # its place in a canvas (stem.canvas): where it reports when it ends, the chain steps
+    # still to run, its predecessor's result; None for a task outside any canvas
+    canvas: dict[str, Any] | None = None
 
 
 class FrameHeader(NamedTuple):

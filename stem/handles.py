@@ -34,6 +34,7 @@ from .errors import InvalidTaskOptionsError, TaskFailedError
 from .results import TaskState, TaskStatus
 
 if TYPE_CHECKING:
+    from .canvas import Signature
     from .task import FunctionTaskHandler, TaskContext, TaskOptions
 
 __all__ = ["TaskHandle", "SyncTaskHandle", "AsyncTaskHandle", "TaskRef", "AsyncTaskRef", "published_function"]
@@ -128,9 +129,23 @@ class TaskHandle(Generic[P, R]):
             {**self.enqueue_options, **{k: v for k, v in given.items() if v is not None}})
         return bound
 
-    def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def s(self, *args: Any, previous_as: str | None = None, **kwargs: Any) -> "Signature":
+        """A signature of this task for a canvas (``stem.canvas``): ``chain(fetch.s(url),
+        parse.s())``.  The arguments are checked by name as ``call`` checks them, except
+        that a required one may be left to ``previous_as`` (the predecessor's result,
+        given under that name) or to the canvas; the options bound by ``with_options``
+        come along."""
+        from .canvas import Signature
+        out = self.arguments(args, kwargs, complete=False)
+        if previous_as is not None and previous_as not in self._params.keyword and not self._params.var_keyword:
+            raise InvalidTaskOptionsError(f"task {self.name!r} has no argument {previous_as!r} to take the "
+                                          "previous result")
+        return Signature(self.name, dict(out), self.enqueue_options.get("options"), previous_as=previous_as)
+
+    def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any], complete: bool = True) -> dict[str, Any]:
         """The args dict of a call (positional arguments under their parameter names);
-        ``InvalidTaskOptionsError`` for what the function could not be called with."""
+        ``InvalidTaskOptionsError`` for what the function could not be called with
+        (``complete=False``: required arguments may be missing)."""
         params = self._params
         if params.positional_only:
             raise InvalidTaskOptionsError(
@@ -156,7 +171,7 @@ class TaskHandle(Generic[P, R]):
             out.update(kwargs)
         else:
             out = kwargs
-        if not params.required <= out.keys():
+        if complete and not params.required <= out.keys():
             missing = sorted(params.required - out.keys())
             raise InvalidTaskOptionsError(f"task {self.name!r} is missing argument(s) {missing}")
         return out

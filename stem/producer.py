@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from typing import Any, AsyncIterator, Iterable, Iterator, NamedTuple, ParamSpec, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, NamedTuple, ParamSpec, Sequence, TypeVar
 
 from . import _checks as checks
 from .backends import ResultBackend
@@ -28,6 +28,9 @@ from .signals import signals
 from .task import DEFAULT_OPTIONS, HANDLER_FILLED, TaskOptions, TaskRegistry
 
 __all__ = ["Stem", "AsyncStem", "BatchIds", "WaitResult", "ON_DUPLICATE"]
+
+if TYPE_CHECKING:
+    from .canvas import CanvasHandle
 
 EnqueueItem = tuple  # (name, args) | (name, args, options)
 P = ParamSpec("P")
@@ -193,7 +196,7 @@ class Stem:
                meta: dict[str, Any] | None, headers: dict[str, str] | None, countdown: float | None,
                eta: float | None, task_id: str | None, parent: Any, now: float,
                template: _Template | None = None, explicit_id: bool | None = None,
-               idempotent_for: float | None = None) -> tuple[Envelope, Message, Keyed | None]:
+               idempotent_for: float | None = None, canvas: dict | None = None) -> tuple[Envelope, Message, Keyed | None]:
         """Validate one task (everything ``enqueue`` accepts) and frame it, with the key to
         publish it under (a unique task, an explicit id) or None.  ``template``, when
         given, is ``_template(name, options, now)`` already made by the caller; ``explicit_id``
@@ -239,7 +242,7 @@ class Stem:
                        not_before, expires_at, visibility_timeout, soft, hard,
                        None if parent is None else parent.id, None if parent is None else parent.root_id, unset,
                        "started" if unique is not None and unique.until_started else None,
-                       result_ttl, failure_ttl, ignore_result)
+                       result_ttl, failure_ttl, ignore_result, canvas)
         if signals.before_task_publish.receivers:
             signals.before_task_publish.send(self, envelope=env)
         limit = None if limit_of is None else limit_of(args, env.headers)
@@ -491,6 +494,55 @@ class Stem:
         templates[key] = template
         return template
 
+    # -- canvases (stem.canvas) ----------------------------------------------------------
+    def apply(self, canvas: Any, *, creation_timeout: float = 600.0) -> "CanvasHandle":
+        """Start a canvas (a ``Signature``, ``chain``, ``group``, ``chord`` or ``chunks`` of
+        ``stem.canvas``) and return its handle: ``.id`` (usable from any process through
+        ``canvas_handle``), ``.wait(timeout)``, ``.results()``, ``.progress()``.  A group left
+        unsealed ``creation_timeout`` seconds (this producer died while publishing its
+        members) ends FAILED ``creation-interrupted``."""
+        from .canvas import apply
+        return apply(self, canvas, creation_timeout=creation_timeout)
+
+    def canvas_handle(self, canvas_id: str) -> "CanvasHandle":
+        """The handle of a canvas started anywhere, by its id."""
+        from .canvas import CanvasHandle
+        return CanvasHandle.from_id(self, canvas_id)
+
+    def _publish_node(self, name: str, args: dict[str, Any] | None, options: TaskOptions | None, task_id: str,
+                      canvas: dict | None, keyed: bool) -> None:
+        """One task of a canvas under ``task_id``; ``keyed``: under its id key, so publishing
+        it again (a redelivered chain step, a second last member) publishes nothing."""
+        env, message, key = self._build(name, args, options, None, None, None, None, task_id, None, time.time(),
+                                        explicit_id=keyed, canvas=canvas)
+        if keyed and key is not None:
+            self.broker.publish_keyed([key])
+        else:
+            self.broker.publish(message)
+        if signals.after_task_publish.receivers:
+            signals.after_task_publish.send(self, envelope=env)
+
+    def _publish_members(self, name: str, options: TaskOptions | None, ids: list[str], args_list: list[dict],
+                         canvas: dict) -> None:
+        """A group's members of one task name and options, on ``enqueue_many``'s fast path:
+        the envelope (canvas place included: members differ only in id and args) is encoded
+        once and the frames are spliced."""
+        now = time.time()
+        (queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique,
+         result_ttl, failure_ttl, ignore_result) = self._template(name, options, now)
+        env = Envelope("", name, {}, {}, {}, queue, priority, 0, max_retries, now, None, expires_at,
+                       visibility_timeout, soft, hard, None, None, unset, None, result_ttl, failure_ttl, ignore_result,
+                       canvas)
+        if signals.before_task_publish.receivers or signals.after_task_publish.receivers or unique is not None:
+            messages = [self._build(name, a, options, None, None, None, None, i, None, now, explicit_id=False,
+                                    canvas=canvas)[1] for i, a in zip(ids, args_list)]
+            self.broker.publish_many(messages)
+            return
+        for a in args_list:
+            _checked_args(name, a)
+        frames = encode_frames(env, ids, args_list, self.signer)
+        self.broker.publish_frames(queue, ids, frames, priority=priority, visibility_timeout=visibility_timeout)
+
     # -- results ------------------------------------------------------------------
     def _require_backend(self) -> ResultBackend:
         if self.backend is None:
@@ -652,6 +704,10 @@ class AsyncStem:
         done = object()
         while (status := await self._run(next, statuses, done)) is not done:
             yield status
+
+    async def apply(self, canvas: Any, *, creation_timeout: float = 600.0) -> "CanvasHandle":
+        """``Stem.apply`` in the executor (the canvas is checked there, before anything is published)."""
+        return await self._run(self.sync.apply, canvas, creation_timeout=creation_timeout)
 
     async def revoke(self, task_ids, expires: float | None = None) -> None:
         return await self._run(self.sync.revoke, task_ids, expires)

@@ -183,16 +183,18 @@ class TaskRuntime(Protocol):
     def enqueue(self, name: str, args: dict[str, Any] | None, options: TaskOptions | None,
                 parent: "TaskContext") -> str: ...
 
+    def group_results(self, group_id: str) -> Any: ...
+
 
 class TaskContext:
     """Handed to every handler as its first argument."""
 
     __slots__ = ("id", "name", "attempt", "meta", "headers", "queue", "max_retries", "root_id",
-                 "_runtime")
+                 "_runtime", "_canvas")
 
     def __init__(self, id: str, name: str, attempt: int = 0, meta: dict | None = None,
                  headers: dict | None = None, queue: str = "default", max_retries: int = 0,
-                 root_id: str | None = None, runtime: TaskRuntime | None = None):
+                 root_id: str | None = None, runtime: TaskRuntime | None = None, canvas: dict | None = None):
         self.id = id
         self.name = name
         self.attempt = attempt
@@ -202,6 +204,23 @@ class TaskContext:
         self.max_retries = max_retries
         self.root_id = root_id or id
         self._runtime = runtime
+        self._canvas = canvas
+
+    @property
+    def previous(self) -> Any:
+        """The predecessor's result in a canvas (``stem.canvas``): a chain step's is the
+        step before's result; a chord callback's (or the step after a group's) the
+        members' results as a sequence in input order, read from the result backend
+        page by page as it is iterated (``stem.canvas.GroupResults``).  None outside
+        a canvas, or for the first step."""
+        canvas = self._canvas
+        if not canvas:
+            return None
+        if "pg" in canvas:
+            if self._runtime is None:
+                raise ConfigurationError("this TaskContext is not attached to a worker; cannot read group results")
+            return self._runtime.group_results(canvas["pg"])
+        return canvas.get("pv")
 
     def heartbeat(self) -> None:
         """Tell the worker this task is alive: extends the delivery's lease now."""
@@ -365,6 +384,13 @@ class TaskRegistry:
     def schedules(self) -> list[Any]:
         """The schedules declared with ``schedule()``, in declaration order."""
         return list(self._schedules.values())
+
+    def signature(self, name: str, args: dict[str, Any] | None = None, options: TaskOptions | None = None, *,
+                  previous_as: str | None = None) -> Any:
+        """A ``stem.canvas.Signature`` of task ``name`` (which must be registered here)."""
+        from .canvas import Signature
+        self.get(name)
+        return Signature(name, args, options, previous_as=previous_as)
 
     def get(self, name: str) -> TaskHandler:
         try:

@@ -55,3 +55,9 @@ def test_schedules_example():
     assert "published 290 runs" in out and "290 runs succeeded" in out
     assert "nightly-report ran for 2026-03-29T03:00:00+02:00" in out      # 02:30 skipped by the jump: once, at 03:00
     assert "nightly-report ran for 2026-03-30T02:30:00+02:00" in out
+
+
+def test_batch_sales_report_example_chunks_and_chord():
+    out = run("batch_sales_report.py", timeout=120)
+    assert "20000 order lines in 40 chunks" in out and "40 of 40 done" in out
+    assert "over 40 chunks (matches the order lines)" in out

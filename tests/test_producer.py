@@ -197,7 +197,7 @@ def test_envelope_fields_are_in_the_order_the_producer_builds_them_by_position()
         "id", "name", "args", "headers", "meta", "queue", "priority", "attempt", "max_retries",
         "enqueued_at", "not_before", "expires_at", "visibility_timeout", "soft_time_limit",
         "hard_time_limit", "parent_id", "root_id", "unset_options", "unique_until", "result_ttl", "failure_ttl",
-        "ignore_result")
+        "ignore_result", "canvas")
 
 
 @pytest.mark.parametrize("item", [

@@ -50,6 +50,7 @@ from .. import _checks as checks
 from .._checks import DEFAULT_RESULT_EXPIRES
 from ..errors import ConfigurationError
 from ..results import TERMINAL_STATES, TaskStatus
+from .groups import GroupRecord
 from .waiting import WATCH, Waiter, WaitHub, Watch, check_wait
 
 __all__ = ["ResultBackend", "ScheduleRecord", "DEFAULT_RESULT_EXPIRES", "TERMINAL_STATE_NAMES",
@@ -155,6 +156,12 @@ class ResultBackend(abc.ABC):
         can go together (``store_many_and_ack``)."""
         mine, theirs = self._store, getattr(broker, "store", None)
         return mine is not None and theirs is not None and mine.same_store(theirs)
+
+    def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
+        """``(url, options)`` that open another instance on this same store from another
+        process (``stem.backends.from_url(url, **options)``), or None when no other process
+        can reach it (in-memory).  A worker's children read chord results through it."""
+        return None
 
     # -- statuses ---------------------------------------------------------------
     @abc.abstractmethod
@@ -324,6 +331,70 @@ class ResultBackend(abc.ABC):
         schedulers race or however late one is; ``last_run_id`` changes only together with
         ``last_fired`` (a fire time not newer than the stored one changes nothing).  A missing
         record is created (not paused, no definition).  Durable as the adapter is."""
+
+    # -- group records (stem.backends.groups; what stem.canvas counts on) ------------------
+    # Not abstract: an adapter without them refuses canvases (ConfigurationError) and
+    # nothing else.  The four adapters of stem implement all of them (tests/contract).
+
+    def _no_groups(self) -> ConfigurationError:
+        return ConfigurationError(f"{type(self).__name__} keeps no group records: canvases (group, chord, "
+                                  "chunks) need a backend that does (memory, sqlite, redis, postgres)")
+
+    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float) -> bool:
+        """Create the record of ``group_id``, unsealed, expecting ``expected`` members; True
+        if created, False if a record of that id exists (then nothing changes: a redelivered
+        chain step that launches a group launches it once)."""
+        raise self._no_groups()
+
+    def group_seal(self, group_id: str) -> "GroupRecord | None":
+        """Seal the record (atomically with the counters, so a member finishing at the same
+        moment and the seal cannot both miss completion) and return it; None if unknown.  A
+        record complete by the seal starts its ``ttl`` here."""
+        raise self._no_groups()
+
+    def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
+                     outcome: bytes) -> "GroupRecord | None":
+        """Count ``member_id`` finished (``ok``: succeeded, else failed) and keep ``outcome``
+        at ``index``, unless it was counted before (then nothing changes); atomically, O(1)
+        work, and return the record as it is after the call (None for an unknown or expired
+        group: nothing is created).  The call that completes the record starts its ``ttl``."""
+        raise self._no_groups()
+
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list["GroupRecord | None"]:
+        """``group_record`` of each ``(group_id, member_id, index, ok, outcome)``, in order, in
+        one round trip where the adapter allows it (a worker settles a batch of members at
+        once); each item as atomic as ``group_record`` alone."""
+        return [self.group_record(*item) for item in items]
+
+    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+                         brief: bool = False) -> list["GroupRecord | bool | None"]:
+        """``store_many(statuses)`` then ``group_record_many(members)``, in one round trip (one
+        transaction on SQL) where the adapter allows it: a canvas member's status and its
+        count in its group land in the same step, before the worker acks it.  ``brief``: a
+        member that succeeded and left its group incomplete may be answered True instead
+        of the record (the common case, with nothing for the caller to do: less to send)."""
+        if statuses:
+            self.store_many(statuses)
+        return self.group_record_many(members) if members else []
+
+    def group_get(self, group_id: str) -> "GroupRecord | None":
+        """The record, or None when unknown or expired."""
+        raise self._no_groups()
+
+    def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
+        """The outcomes at indexes ``start``..``stop - 1`` (None where a member has not
+        finished): one page of results, one round trip."""
+        raise self._no_groups()
+
+    def group_failed_members(self, group_id: str, limit: int = 100) -> list[str]:
+        """Up to ``limit`` ids of the members counted as failed (sorted)."""
+        raise self._no_groups()
+
+    def group_interrupt_unsealed(self, now: float | None = None) -> list["GroupRecord"]:
+        """Mark every record still unsealed past its ``seal_by`` interrupted (its ``ttl``
+        starts) and return those this call marked: a producer that died between creating a
+        group and sealing it leaves no group waiting forever."""
+        raise self._no_groups()
 
     # -- misc -------------------------------------------------------------------
     def close(self) -> None:

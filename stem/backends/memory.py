@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from .. import _checks as checks
 from ..results import TaskStatus
+from .groups import GroupRecord, check_create, check_group_id, check_member
 from .waiting import Waiter, WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, ResultBackend, ScheduleRecord, check_definition, check_fired,
                    check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
@@ -32,6 +33,7 @@ class InMemoryResultBackend(ResultBackend):
         self._revoked: dict[str, tuple[float, bytes | None]] = {}   # id -> (until, proof)
         self._stores = 0
         self._schedules: dict[str, ScheduleRecord] = {}
+        self._groups: dict[str, _Group] = {}
 
     @classmethod
     def from_url(cls, url: str = "memory://", **kwargs) -> "InMemoryResultBackend":
@@ -186,3 +188,105 @@ class InMemoryResultBackend(ResultBackend):
             if schedule_id not in self._schedules or record.last_fired is None or record.last_fired < fire_time:
                 self._schedules[schedule_id] = record._replace(last_fired=fire_time, last_run_id=run_id,
                                                                updated_at=now)
+
+    # -- group records -------------------------------------------------------------------
+    def _group(self, group_id: str, now: float) -> "_Group | None":
+        g = self._groups.get(group_id)
+        if g is not None and g.expires_at is not None and g.expires_at <= now:
+            del self._groups[group_id]
+            return None
+        return g
+
+    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float) -> bool:
+        group_id, expected, data, seal_by, ttl = check_create(group_id, expected, data, seal_by, ttl)
+        now = time.time()
+        with self._cond:
+            if self._group(group_id, now) is not None:
+                return False
+            self._groups[group_id] = _Group(group_id, expected, data, now, seal_by, ttl)
+            return True
+
+    def group_seal(self, group_id: str) -> GroupRecord | None:
+        check_group_id(group_id)
+        now = time.time()
+        with self._cond:
+            g = self._group(group_id, now)
+            if g is None:
+                return None
+            g.sealed = True
+            g.maybe_complete(now)
+            return g.record()
+
+    def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
+                     outcome: bytes) -> GroupRecord | None:
+        group_id, member_id, index, outcome = check_member(group_id, member_id, index, outcome)
+        now = time.time()
+        with self._cond:
+            g = self._group(group_id, now)
+            if g is None:
+                return None
+            if member_id not in g.done:
+                g.done.add(member_id)
+                g.outcomes[index] = outcome
+                if ok:
+                    g.succeeded += 1
+                else:
+                    g.failed_ids.add(member_id)
+                g.maybe_complete(now)
+            return g.record()
+
+    def group_get(self, group_id: str) -> GroupRecord | None:
+        check_group_id(group_id)
+        with self._cond:
+            g = self._group(group_id, time.time())
+            return None if g is None else g.record()
+
+    def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
+        check_group_id(group_id)
+        with self._cond:
+            g = self._group(group_id, time.time())
+            if g is None:
+                return [None] * max(0, stop - start)
+            return [g.outcomes.get(i) for i in range(start, stop)]
+
+    def group_failed_members(self, group_id: str, limit: int = 100) -> list[str]:
+        check_group_id(group_id)
+        with self._cond:
+            g = self._group(group_id, time.time())
+            return [] if g is None else sorted(g.failed_ids)[:limit]
+
+    def group_interrupt_unsealed(self, now: float | None = None) -> list[GroupRecord]:
+        now = time.time() if now is None else now
+        out = []
+        with self._cond:
+            for g in list(self._groups.values()):
+                if self._group(g.id, now) is None:
+                    continue
+                if not g.sealed and not g.interrupted and g.seal_by < now:
+                    g.interrupted = True
+                    g.expires_at = now + g.ttl
+                    out.append(g.record())
+        return out
+
+
+class _Group:
+    __slots__ = ("id", "expected", "data", "created_at", "seal_by", "ttl", "sealed", "interrupted", "done",
+                 "failed_ids", "succeeded", "outcomes", "expires_at")
+
+    def __init__(self, group_id: str, expected: int, data: bytes, created_at: float, seal_by: float, ttl: float):
+        self.id, self.expected, self.data, self.created_at, self.seal_by, self.ttl = (
+            group_id, expected, data, created_at, seal_by, ttl)
+        self.sealed = self.interrupted = False
+        self.done: set[str] = set()
+        self.failed_ids: set[str] = set()
+        self.succeeded = 0
+        self.outcomes: dict[int, bytes] = {}
+        self.expires_at: float | None = None      # set when complete: a group never expires in flight
+
+    def maybe_complete(self, now: float) -> None:
+        if self.expires_at is None and self.sealed and len(self.done) >= self.expected:
+            self.expires_at = now + self.ttl
+
+    def record(self) -> GroupRecord:
+        return GroupRecord(self.id, self.expected, self.sealed, len(self.done), self.succeeded, len(self.failed_ids),
+                           self.interrupted, self.data, self.created_at, self.seal_by)

@@ -33,6 +33,7 @@ from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.postgres import PostgresStore, parse_postgres_url
 from ..stores.postgres_schema import NOW, quote_schema, release_ctes, wake_ctes
+from .groups import GroupRecord, check_create, check_group_id, check_member
 from .waiting import Waiter, WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
@@ -124,7 +125,66 @@ def _queries(s: str) -> dict[str, str]:
         "revoked": f"""
             SELECT task_id FROM {s}.stem_revocations WHERE task_id = ANY(%s::text[]) AND expires_at > {NOW}""",
         **_schedule_queries(s),
+        **_group_queries(s),
     }
+
+
+_GROUP_COLUMNS = "id, expected, sealed, finished, succeeded, failed, interrupted, data, created_at, seal_by"
+
+
+def _group_queries(s: str) -> dict[str, str]:
+    """One statement each (autocommit: each is its own transaction).  Counters change only in
+    UPDATEs, which Postgres re-evaluates on the latest row version it locked: a member's
+    count and a seal racing on one record see each other, so one of them sees it complete."""
+    groups, members = f"{s}.stem_groups", f"{s}.stem_group_members"
+    cols = _GROUP_COLUMNS
+    tcols = ", ".join(f"t.{c}" for c in cols.split(", "))
+    live = f"(expires_at IS NULL OR expires_at > {NOW})"
+    return {
+        "group_create": f"""
+            WITH gone AS (DELETE FROM {groups} WHERE id = %(g)s AND expires_at <= {NOW} RETURNING id),
+            gone_members AS (DELETE FROM {members} WHERE group_id IN (SELECT id FROM gone))
+            INSERT INTO {groups} (id, expected, data, created_at, seal_by, ttl)
+            SELECT %(g)s, %(n)s, %(d)s, {NOW}, %(by)s, %(ttl)s
+            WHERE NOT EXISTS (SELECT 1 FROM {groups} WHERE id = %(g)s AND {live})
+            ON CONFLICT (id) DO NOTHING""",
+        "group_seal": f"""
+            UPDATE {groups} t SET sealed = true,
+                expires_at = CASE WHEN t.expires_at IS NULL AND t.finished >= t.expected THEN {NOW} + t.ttl
+                             ELSE t.expires_at END
+            WHERE t.id = %(g)s AND (t.expires_at IS NULL OR t.expires_at > {NOW}) RETURNING {tcols}""",
+        "group_record": f"""
+            WITH g AS (SELECT id FROM {groups} WHERE id = %(g)s AND {live}),
+            ins AS (INSERT INTO {members} (group_id, member_id, idx, ok, outcome)
+                    SELECT id, %(m)s, %(i)s, %(ok)s, %(o)s FROM g ON CONFLICT DO NOTHING RETURNING ok),
+            up AS (UPDATE {groups} t SET finished = t.finished + 1, succeeded = t.succeeded + ins.ok::int,
+                       failed = t.failed + (NOT ins.ok)::int,
+                       expires_at = CASE WHEN t.expires_at IS NULL AND t.sealed AND t.finished + 1 >= t.expected
+                                    THEN {NOW} + t.ttl ELSE t.expires_at END
+                   FROM ins WHERE t.id = %(g)s RETURNING {tcols})
+            SELECT {cols} FROM up
+            UNION ALL
+            SELECT {cols} FROM {groups} WHERE id = %(g)s AND EXISTS (SELECT 1 FROM g)
+                AND NOT EXISTS (SELECT 1 FROM ins)""",
+        "group_get": f"SELECT {cols} FROM {groups} WHERE id = %s AND {live}",
+        "group_outcomes": f"""
+            SELECT idx, outcome FROM {members} WHERE group_id = %s AND idx >= %s AND idx < %s""",
+        "group_failed": f"""
+            SELECT member_id FROM {members} WHERE group_id = %s AND NOT ok ORDER BY member_id LIMIT %s""",
+        "group_interrupt": f"""
+            UPDATE {groups} t SET interrupted = true, expires_at = {NOW} + t.ttl
+            WHERE NOT t.sealed AND NOT t.interrupted AND t.seal_by < %s RETURNING {tcols}""",
+        "group_sweep": f"""
+            WITH gone AS (DELETE FROM {groups} WHERE expires_at <= {NOW} RETURNING id)
+            DELETE FROM {members} WHERE group_id IN (SELECT id FROM gone)""",
+    }
+
+
+def _group_row(row: Any) -> GroupRecord | None:
+    if row is None:
+        return None
+    return GroupRecord(row[0], row[1], bool(row[2]), row[3], row[4], row[5], bool(row[6]), bytes(row[7]),
+                       float(row[8]), float(row[9]))
 
 
 def _schedule_queries(s: str) -> dict[str, str]:
@@ -205,6 +265,9 @@ class PostgresResultBackend(ResultBackend):
         """Listening first (or, if it cannot within a few seconds, polling until it does)."""
         self._listener.ensure(min(5.0, max(deadline - time.monotonic(), 0.0)))
         return self._waits.open(ids, mode, keep_latest)
+
+    def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
+        return (self.url, {"schema": self.schema})
 
     # -- statuses ---------------------------------------------------------------------
     def store(self, status: TaskStatus) -> None:
@@ -369,6 +432,73 @@ class PostgresResultBackend(ResultBackend):
         self._pg.run(lambda conn: conn.execute(self._sql["mark_fired"], (schedule_id, fire_time, run_id)))
 
     # -- misc -------------------------------------------------------------------------
+    # -- group records -------------------------------------------------------------------
+    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float) -> bool:
+        group_id, expected, data, seal_by, ttl = check_create(group_id, expected, data, seal_by, ttl)
+        params = {"g": group_id, "n": expected, "d": data, "by": seal_by, "ttl": ttl}
+        return self._pg.run(lambda conn: conn.execute(self._sql["group_create"], params).rowcount) == 1
+
+    def group_seal(self, group_id: str) -> GroupRecord | None:
+        check_group_id(group_id)
+        return _group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_seal"], {"g": group_id}).fetchone()))
+
+    def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
+                     outcome: bytes) -> GroupRecord | None:
+        group_id, member_id, index, outcome = check_member(group_id, member_id, index, outcome)
+        params = {"g": group_id, "m": member_id, "i": index, "ok": bool(ok), "o": outcome}
+        return _group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_record"], params).fetchone()))
+
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+        return self.store_and_record((), items)
+
+    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+                         brief: bool = False) -> list[GroupRecord | bool | None]:
+        """One transaction, pipelined: the statuses' upsert (and NOTIFY, sent at commit), then
+        one statement per member."""
+        checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
+        store = None
+        if statuses:
+            latest = {s.id: s for s in statuses}
+            terminal = [i for i, s in latest.items() if s.is_terminal]
+            store = (*self._rows(latest), self.channel, _payloads(terminal))
+        sql = self._sql["group_record"]
+
+        def send(conn) -> list:
+            with conn.transaction(), conn.pipeline():
+                if store is not None:
+                    conn.execute(self._sql["store"], store)
+                cursors = [conn.execute(sql, {"g": g, "m": m, "i": i, "ok": bool(ok), "o": o})
+                           for g, m, i, o, ok in checked]
+            return [c.fetchone() for c in cursors]
+
+        return [_group_row(r) for r in self._pg.run(send)]   # each statement idempotent: safe to resend
+
+    def group_get(self, group_id: str) -> GroupRecord | None:
+        check_group_id(group_id)
+        return _group_row(self._fast.run(lambda conn: conn.execute(self._sql["group_get"], (group_id,)).fetchone()))
+
+    def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
+        check_group_id(group_id)
+        out: list[bytes | None] = [None] * max(0, stop - start)
+        if not out or self.group_get(group_id) is None:
+            return out
+        rows = self._fast.run(lambda conn: conn.execute(self._sql["group_outcomes"], (group_id, start, stop),
+                                                        binary=True).fetchall())
+        for idx, outcome in rows:
+            out[idx - start] = bytes(outcome)
+        return out
+
+    def group_failed_members(self, group_id: str, limit: int = 100) -> list[str]:
+        check_group_id(group_id)
+        return [r[0] for r in self._fast.run(lambda conn: conn.execute(self._sql["group_failed"],
+                                                                       (group_id, limit)).fetchall())]
+
+    def group_interrupt_unsealed(self, now: float | None = None) -> list[GroupRecord]:
+        now = time.time() if now is None else now
+        rows = self._pg.run(lambda conn: conn.execute(self._sql["group_interrupt"], (now,)).fetchall())
+        self._pg.run(lambda conn: conn.execute(self._sql["group_sweep"]))
+        return [r for r in map(_group_row, rows) if r is not None]
+
     def ping(self) -> None:
         self._pg.run(lambda conn: conn.execute("SELECT 1").fetchone())
 

@@ -15,7 +15,14 @@ Key schema (N = namespace, default "stem"; "{...}" are Redis Cluster hash tags):
     N:{sched}:s:ID      HASH     a schedule record: def (msgpack Schedule.to_dict(); absent for a
                                  schedule in code), paused "0"|"1", last_fired (float, absent
                                  before the first run), last_run_id, updated_at; no expiry
-    N:{g:ID}:...        reserved for group/chord counters
+    N:{g:ID}:meta       HASH     a group record (stem.backends.groups): expected, sealed, finished,
+                                 succeeded, failed, interrupted ("0"|"1" / counts), data, created_at,
+                                 seal_by, ttl_ms; no expiry until complete (or interrupted), then
+                                 PX ttl_ms on all four keys, set by the script that completes it
+    N:{g:ID}:done       SET      the finished member ids (a member counts once)
+    N:{g:ID}:res        HASH     member index -> its outcome bytes
+    N:{g:ID}:failed     SET      the failed member ids
+    N:{groups}:unsealed ZSET     group id -> seal_by (epoch s) of groups not sealed yet (the sweep's index)
 
 Waits (``wait``, ``wait_many``, ``watch``) share one pub/sub connection per
 backend instance (``stem.backends.redis_listen``): a waiter registers its ids
@@ -50,11 +57,76 @@ from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.redis import RedisStore, execute, raise_first_error, validate_namespace
 from .redis_listen import Subscriber
+from .groups import GroupRecord, check_create, check_group_id, check_member
 from .waiting import WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
 __all__ = ["RedisResultBackend"]
+
+# Group record scripts: KEYS = meta, done, res, failed of one group (one hash tag).
+_GROUP_FIELDS = ("expected", "sealed", "finished", "succeeded", "failed", "interrupted", "data", "created_at",
+                 "seal_by")
+_GROUP_COMMON = """
+local function finish_if_complete()
+  local v = redis.call('HMGET', KEYS[1], 'sealed', 'finished', 'expected', 'ttl_ms', 'interrupted')
+  if (v[5] == '1' or (v[1] == '1' and tonumber(v[2]) >= tonumber(v[3]))) and redis.call('PTTL', KEYS[1]) == -1 then
+    for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], v[4]) end
+  end
+end
+local function record()
+  return redis.call('HMGET', KEYS[1], %s)
+end
+""" % ", ".join(repr(f) for f in _GROUP_FIELDS)
+# ARGV: expected, data, created_at, seal_by, ttl_ms
+_GROUP_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'expected', ARGV[1], 'sealed', '0', 'finished', '0', 'succeeded', '0', 'failed', '0',
+           'interrupted', '0', 'data', ARGV[2], 'created_at', ARGV[3], 'seal_by', ARGV[4], 'ttl_ms', ARGV[5])
+return 1
+"""
+_GROUP_SEAL = _GROUP_COMMON + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'sealed', '1')
+finish_if_complete()
+return record()
+"""
+# ARGV: member id, index, ok ("1"|"0"), outcome, brief ("1": answer 1 instead of the record for a
+# success that leaves the group incomplete: the common case, with nothing for the caller to do)
+_GROUP_RECORD = _GROUP_COMMON + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
+  local finished = redis.call('HINCRBY', KEYS[1], 'finished', 1)
+  if ARGV[3] == '1' then
+    redis.call('HINCRBY', KEYS[1], 'succeeded', 1)
+  else
+    redis.call('HINCRBY', KEYS[1], 'failed', 1)
+    redis.call('SADD', KEYS[4], ARGV[1])
+  end
+  redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
+  finish_if_complete()
+  if ARGV[5] == '1' and ARGV[3] == '1' then
+    local v = redis.call('HMGET', KEYS[1], 'sealed', 'expected')
+    if v[1] ~= '1' or finished < tonumber(v[2]) then return 1 end
+  end
+end
+return record()
+"""
+# ARGV: now
+_GROUP_INTERRUPT = _GROUP_COMMON + """
+local v = redis.call('HMGET', KEYS[1], 'sealed', 'interrupted', 'seal_by')
+if not v[1] or v[1] == '1' or v[2] == '1' or tonumber(v[3]) >= tonumber(ARGV[1]) then return false end
+redis.call('HSET', KEYS[1], 'interrupted', '1')
+finish_if_complete()
+return record()
+"""
+
+
+def _group_record(group_id: str, v: list) -> "GroupRecord | None":
+    if not v or v[0] is None:
+        return None
+    return GroupRecord(group_id, int(v[0]), v[1] == b"1", int(v[2]), int(v[3]), int(v[4]), v[5] == b"1",
+                       bytes(v[6]), float(v[7]), float(v[8]))
 
 _T = TypeVar("_T")
 _encode = msgspec.msgpack.Encoder().encode
@@ -168,6 +240,11 @@ class RedisResultBackend(ResultBackend):
         self._store_if_not_terminal = self._store.script(_STORE_IF_NOT_TERMINAL)
         self._schedule = self._store.script(_SCHEDULE)
         self._schedule_index = f"{ns}:{{sched}}:index"
+        self._group_create = self._store.script(_GROUP_CREATE)
+        self._group_seal = self._store.script(_GROUP_SEAL)
+        self._group_record = self._store.script(_GROUP_RECORD)
+        self._group_interrupt = self._store.script(_GROUP_INTERRUPT)
+        self._unsealed = f"{ns}:{{groups}}:unsealed"
         self.reconnect_timeout = checks.seconds("reconnect_timeout", reconnect_timeout)
         self._waits = WaitHub(name=f"redis-{ns}", read=self._read_found, label=self._store.label,
                               poll=lambda: None if self._subscriber.listening else _FALLBACK_POLL_S,
@@ -196,6 +273,9 @@ class RedisResultBackend(ResultBackend):
 
     def _call(self, fn: Callable[[], _T], what: str) -> _T:
         return self._store.call(fn, what)
+
+    def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
+        return (self.url, {"namespace": self.namespace})
 
     # -- statuses ---------------------------------------------------------------------
     def store(self, status: TaskStatus) -> None:
@@ -411,6 +491,86 @@ class RedisResultBackend(ResultBackend):
     def mark_fired(self, schedule_id: str, fire_time: float, run_id: str) -> None:
         schedule_id, fire_time, run_id = check_fired(schedule_id, fire_time, run_id)
         self._schedule_op("fired", schedule_id, repr(fire_time), run_id)
+
+    # -- group records -------------------------------------------------------------------
+    def _group_keys(self, group_id: str) -> tuple[str, str, str, str]:
+        base = f"{self.namespace}:{{g:{group_id}}}"
+        return f"{base}:meta", f"{base}:done", f"{base}:res", f"{base}:failed"
+
+    def _group_script(self, script: Any, group_id: str, *args: Any) -> Any:
+        command = ("EVALSHA", script.sha, 4, *self._group_keys(group_id), *args)
+        return self._call(lambda: self._store.run([command])[0], "group")
+
+    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float) -> bool:
+        group_id, expected, data, seal_by, ttl = check_create(group_id, expected, data, seal_by, ttl)
+        # indexed first: a record the sweep cannot find would be the one that waits forever
+        self._call(lambda: self._client.zadd(self._unsealed, {group_id: seal_by}), "group_create")
+        return self._group_script(self._group_create, group_id, expected, data, repr(time.time()), repr(seal_by),
+                                  checks.ms(ttl)) == 1
+
+    def group_seal(self, group_id: str) -> GroupRecord | None:
+        check_group_id(group_id)
+        record = _group_record(group_id, self._group_script(self._group_seal, group_id))
+        self._call(lambda: self._client.zrem(self._unsealed, group_id), "group_seal")
+        return record
+
+    def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
+                     outcome: bytes) -> GroupRecord | None:
+        group_id, member_id, index, outcome = check_member(group_id, member_id, index, outcome)
+        return _group_record(group_id, self._group_script(self._group_record, group_id, member_id, index,
+                                                          "1" if ok else "0", outcome, "0"))
+
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+        return self.store_and_record((), items)
+
+    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+                         brief: bool = False) -> list[GroupRecord | bool | None]:
+        """One pipeline: the statuses' SETs (and PUBLISHes), then one script call per member."""
+        checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
+        commands = self._status_commands(statuses) if statuses else []
+        first = len(commands)
+        sha = self._group_record.sha
+        keys: dict[str, tuple[str, str, str, str]] = {}      # a batch's members mostly share a group
+        for g, m, i, o, ok in checked:
+            k = keys.get(g)
+            if k is None:
+                k = keys[g] = self._group_keys(g)
+            commands.append(("EVALSHA", sha, 4, *k, m, i, "1" if ok else "0", o, "1" if brief else "0"))
+        if not commands:
+            return []
+        replies = self._call(lambda: self._store.run(commands), "store_and_record")   # idempotent: safe to resend
+        return [True if r == 1 else _group_record(item[0], r) for item, r in zip(checked, replies[first:])]
+
+    def group_get(self, group_id: str) -> GroupRecord | None:
+        check_group_id(group_id)
+        meta = self._group_keys(group_id)[0]
+        return _group_record(group_id, self._call(lambda: self._client.hmget(meta, _GROUP_FIELDS), "group_get"))
+
+    def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
+        check_group_id(group_id)
+        if stop <= start:
+            return []
+        res = self._group_keys(group_id)[2]
+        return self._call(lambda: self._client.hmget(res, list(range(start, stop))), "group_outcomes")
+
+    def group_failed_members(self, group_id: str, limit: int = 100) -> list[str]:
+        check_group_id(group_id)
+        failed = self._group_keys(group_id)[3]
+        ids = self._call(lambda: self._client.smembers(failed), "group_failed_members")
+        return sorted(i.decode() for i in ids)[:limit]
+
+    def group_interrupt_unsealed(self, now: float | None = None) -> list[GroupRecord]:
+        now = time.time() if now is None else now
+        ids = [i.decode() for i in self._call(lambda: self._client.zrangebyscore(self._unsealed, "-inf", now),
+                                              "group_interrupt_unsealed")]
+        out = []
+        for group_id in ids:
+            record = _group_record(group_id, self._group_script(self._group_interrupt, group_id, repr(now)))
+            if record is not None:
+                out.append(record)
+        if ids:
+            self._call(lambda: self._client.zrem(self._unsealed, *ids), "group_interrupt_unsealed")
+        return out
 
     # -- misc -------------------------------------------------------------------------------
     def ping(self) -> None:

@@ -25,6 +25,7 @@ from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
 from ..stores.sqlite_schema import settle_acked
+from .groups import GroupRecord, check_create, check_group_id, check_member
 from .waiting import WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
@@ -50,6 +51,21 @@ _MARK_FIRED = (
     "ON CONFLICT (id) DO UPDATE SET last_fired = excluded.last_fired, last_run_id = excluded.last_run_id, "
     "updated_at = excluded.updated_at "
     "WHERE stem_schedules.last_fired IS NULL OR stem_schedules.last_fired < excluded.last_fired")
+
+_GROUP_COLUMNS = "id, expected, sealed, finished, succeeded, failed, interrupted, data, created_at, seal_by"
+# a record lives until its expires_at, which is NULL (forever) until it is complete or interrupted
+_LIVE_GROUP = f"SELECT {_GROUP_COLUMNS} FROM stem_groups WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)"
+# starts the ttl of a record that just became complete (and of no other)
+_COMPLETE_GROUP = ("UPDATE stem_groups SET expires_at = ? + ttl WHERE id = ? AND expires_at IS NULL "
+                   "AND sealed = 1 AND finished >= expected")
+
+
+def _group_row(row: tuple | None) -> GroupRecord | None:
+    if row is None:
+        return None
+    return GroupRecord(row[0], row[1], bool(row[2]), row[3], row[4], row[5], bool(row[6]), bytes(row[7]), row[8],
+                       row[9])
+
 
 _encode = msgspec.msgpack.Encoder().encode
 _json_ids = msgspec.json.Encoder().encode
@@ -79,6 +95,9 @@ class SqliteResultBackend(ResultBackend):
     def migrate(self) -> int:
         """Create or upgrade the tables (idempotent; also done on first use).  Returns the version."""
         return self._store.migrate()
+
+    def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
+        return None if self.url in ("sqlite://", "sqlite:///:memory:") else (self.url, {})
 
     # -- statuses ---------------------------------------------------------------------
     def store(self, status: TaskStatus) -> None:
@@ -225,6 +244,105 @@ class SqliteResultBackend(ResultBackend):
                 out.update(conn.execute(
                     f"SELECT task_id, proof FROM stem_revocations WHERE task_id IN ({','.join('?' * len(chunk))}) "
                     "AND expires_at > ? AND proof IS NOT NULL", (*chunk, now)))
+        return out
+
+    # -- group records (one write transaction each) -------------------------------------
+    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float) -> bool:
+        group_id, expected, data, seal_by, ttl = check_create(group_id, expected, data, seal_by, ttl)
+        now = time.time()
+        with self._store.write() as conn:
+            conn.execute("DELETE FROM stem_groups WHERE id = ? AND expires_at <= ?", (group_id, now))
+            cur = conn.execute("INSERT INTO stem_groups (id, expected, data, created_at, seal_by, ttl) "
+                               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                               (group_id, expected, data, now, seal_by, ttl))
+            if cur.rowcount == 1:     # an expired record's members go with it
+                conn.execute("DELETE FROM stem_group_members WHERE group_id = ?", (group_id,))
+            return cur.rowcount == 1
+
+    def group_seal(self, group_id: str) -> GroupRecord | None:
+        check_group_id(group_id)
+        now = time.time()
+        with self._store.write() as conn:
+            if conn.execute("UPDATE stem_groups SET sealed = 1 WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)",
+                            (group_id, now)).rowcount:
+                conn.execute(_COMPLETE_GROUP, (now, group_id))
+            return _group_row(conn.execute(_LIVE_GROUP, (group_id, now)).fetchone())
+
+    def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
+                     outcome: bytes) -> GroupRecord | None:
+        return self.group_record_many([(group_id, member_id, index, ok, outcome)])[0]
+
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+        return self.store_and_record((), items)
+
+    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+                         brief: bool = False) -> list[GroupRecord | bool | None]:
+        """One write transaction: the statuses, then the members' counts."""
+        checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
+        rows = self._rows(statuses) if statuses else []
+        now = time.time()
+        with self._store.write() as conn:
+            if rows:
+                self._upsert(conn, rows)
+            out = [self._record_member(conn, now, *item) for item in checked]
+        if rows:
+            self._stored()
+        return out
+
+    @staticmethod
+    def _record_member(conn, now: float, group_id: str, member_id: str, index: int, outcome: bytes,
+                       ok: bool) -> GroupRecord | None:
+        row = conn.execute(_LIVE_GROUP, (group_id, now)).fetchone()
+        if row is None:
+            return None
+        added = conn.execute("INSERT INTO stem_group_members (group_id, member_id, idx, ok, outcome) "
+                             "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                             (group_id, member_id, index, int(ok), outcome)).rowcount
+        if not added:
+            return _group_row(row)
+        conn.execute("UPDATE stem_groups SET finished = finished + 1, succeeded = succeeded + ?, "
+                     "failed = failed + ? WHERE id = ?", (int(ok), int(not ok), group_id))
+        conn.execute(_COMPLETE_GROUP, (now, group_id))
+        return _group_row(conn.execute(_LIVE_GROUP, (group_id, now)).fetchone())
+
+    def group_get(self, group_id: str) -> GroupRecord | None:
+        check_group_id(group_id)
+        with self._store.connection() as conn:
+            return _group_row(conn.execute(_LIVE_GROUP, (group_id, time.time())).fetchone())
+
+    def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
+        check_group_id(group_id)
+        out: list[bytes | None] = [None] * max(0, stop - start)
+        if not out or self.group_get(group_id) is None:
+            return out
+        with self._store.connection() as conn:
+            for idx, outcome in conn.execute("SELECT idx, outcome FROM stem_group_members WHERE group_id = ? "
+                                             "AND idx >= ? AND idx < ?", (group_id, start, stop)):
+                out[idx - start] = bytes(outcome)
+        return out
+
+    def group_failed_members(self, group_id: str, limit: int = 100) -> list[str]:
+        check_group_id(group_id)
+        with self._store.connection() as conn:
+            return [r[0] for r in conn.execute("SELECT member_id FROM stem_group_members WHERE group_id = ? "
+                                               "AND ok = 0 ORDER BY member_id LIMIT ?", (group_id, limit))]
+
+    def group_interrupt_unsealed(self, now: float | None = None) -> list[GroupRecord]:
+        now = time.time() if now is None else now
+        with self._store.write() as conn:
+            ids = [r[0] for r in conn.execute("SELECT id FROM stem_groups WHERE sealed = 0 AND interrupted = 0 "
+                                              "AND seal_by < ?", (now,))]
+            out = []
+            for group_id in ids:
+                conn.execute("UPDATE stem_groups SET interrupted = 1, expires_at = ? + ttl WHERE id = ?",
+                             (now, group_id))
+                out.append(_group_row(conn.execute(f"SELECT {_GROUP_COLUMNS} FROM stem_groups WHERE id = ?",
+                                                   (group_id,)).fetchone()))
+            # completed records past their lifetime go, with their members
+            dead = [r[0] for r in conn.execute("SELECT id FROM stem_groups WHERE expires_at <= ?", (now,))]
+            for group_id in dead:
+                conn.execute("DELETE FROM stem_group_members WHERE group_id = ?", (group_id,))
+                conn.execute("DELETE FROM stem_groups WHERE id = ?", (group_id,))
         return out
 
     # -- schedule records ---------------------------------------------------------------

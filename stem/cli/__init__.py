@@ -22,6 +22,7 @@ from ..errors import StemError
 from ._common import translate
 from ._params import parse_size
 from . import control as _control  # noqa: F401  (adds the subcommands of `stem worker`)
+from .canvas import group
 from .dashboard import dashboard
 from .dlq import dlq
 from .schedule import beat, schedule
@@ -53,5 +54,6 @@ def main() -> None:
     """
 
 
-for _command in (worker, beat, schedule, enqueue, result, queues, purge, dlq, dashboard, migrate, demo, bench):
+for _command in (worker, beat, schedule, enqueue, result, queues, purge, group, dlq, dashboard, migrate, demo,
+                 bench):
     main.add_command(_command)

@@ -47,9 +47,14 @@ _JSON_FORMS = "a JSON object, @FILE to read it from a file, or - to read it from
 @click.option("--timeout", type=Seconds(0), default=30.0, show_default=True,
               help="seconds --wait waits before giving up (exit 1; the task keeps its course)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON (with --wait the id goes to stderr first)")
+@click.option("--chunks", "chunks_file", type=click.Path(allow_dash=True), default=None, metavar="FILE",
+              help="a chunked job: the items of this JSON-lines file (one JSON value a line, - for stdin), "
+                   "NAME called with items=[...] of --size items each, as one group (stem.canvas.chunks); "
+                   "prints the group's id, and with --wait shows a progress bar")
+@click.option("--size", type=click.IntRange(1), default=100, show_default=True, help="items per task, with --chunks")
 @connection_options
 def enqueue(name, args, meta, queue, countdown, eta, priority, max_retries, task_id, unique, unique_for,
-            registry_path, paths, wait, timeout, as_json, broker_url, backend_url):
+            registry_path, paths, wait, timeout, as_json, chunks_file, size, broker_url, backend_url):
     """Enqueue task NAME and print its id (and, with --wait, its outcome)."""
     from ..errors import DuplicateTaskError, TaskTimeoutError
     from ..task import TaskOptions
@@ -57,13 +62,23 @@ def enqueue(name, args, meta, queue, countdown, eta, priority, max_retries, task
         raise click.UsageError("give --countdown or --eta, not both")
     if unique_for is not None and not unique:
         raise click.UsageError("--unique-for needs --unique")
+    if chunks_file is not None:
+        clash = [flag for flag, given in (("--args", args), ("--meta", meta), ("--countdown", countdown),
+                                          ("--eta", eta), ("--task-id", task_id), ("--unique", unique)) if given]
+        if clash:
+            raise click.UsageError(f"--chunks does not go with {', '.join(clash)}: each chunk task is called "
+                                   "with items=[...] alone")
     with Env(broker_url, backend_url) as env:
         registry = load_app(registry_path, paths) if registry_path else None
         stem = env.producer(registry)
-        if wait:
-            env.require_backend("--wait")
+        if wait or chunks_file is not None:
+            env.require_backend("--chunks" if chunks_file is not None else "--wait")
         options = TaskOptions(queue=queue, priority=priority, max_retries=max_retries,
                               unique=True if unique else None, unique_for=unique_for)
+        if chunks_file is not None:
+            from .canvas import enqueue_chunks
+            enqueue_chunks(env, stem, name, chunks_file, size, options, wait, timeout, as_json)
+            return
         duplicate = False
         try:
             task_id = stem.enqueue(name, args, options=options, meta=meta, countdown=countdown, eta=eta,

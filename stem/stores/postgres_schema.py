@@ -2,7 +2,7 @@
 that the broker's settles and the backend's fused result+ack share.
 
 Every table lives in the schema given by ``?schema=`` / ``schema=`` (default
-``public``).  Version 5, created by ``migrate`` under
+``public``).  Version 6, created by ``migrate`` under
 ``pg_advisory_xact_lock(hashtext('stem-migrate:<schema>'))`` so processes that
 start together apply each version once; each version adds to the last (new
 tables, ``ADD COLUMN`` of nullable columns: no table rewrite), so a schema of
@@ -46,6 +46,10 @@ any older version upgrades in place::
                          (queue, concurrency_key)
     stem_buckets         (queue, rate_key) PRIMARY KEY, tat (GCRA theoretical arrival time);  (tat)
     stem_dead_letters    + lane and the limit columns (version 5): replay restores the lane
+    stem_groups          id PRIMARY KEY, expected, sealed, finished, succeeded, failed, interrupted, data,
+                         created_at, seal_by, ttl, expires_at (NULL until complete or interrupted);
+                         (seal_by) WHERE unsealed  (version 6, stem.backends.groups)
+    stem_group_members   (group_id, member_id) PRIMARY KEY, idx, ok, outcome; (group_id, idx)
 
 Acked rows are deleted, so ``stem_jobs`` holds only live messages; the
 partial indexes hold only the rows a claim or a wake-up looks at.
@@ -65,7 +69,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema", "release_ctes", "wake_ctes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
@@ -182,6 +186,31 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE {s}.stem_dead_letters ADD COLUMN lane text, ADD COLUMN rate_key text, "
         "ADD COLUMN rate double precision, ADD COLUMN burst integer, ADD COLUMN concurrency_key text, "
         "ADD COLUMN concurrency integer",
+    ),
+    6: (
+        """CREATE TABLE {s}.stem_groups (
+            id text PRIMARY KEY,
+            expected integer NOT NULL,
+            sealed boolean NOT NULL DEFAULT false,
+            finished integer NOT NULL DEFAULT 0,
+            succeeded integer NOT NULL DEFAULT 0,
+            failed integer NOT NULL DEFAULT 0,
+            interrupted boolean NOT NULL DEFAULT false,
+            data bytea NOT NULL,
+            created_at double precision NOT NULL,
+            seal_by double precision NOT NULL,
+            ttl double precision NOT NULL,
+            expires_at double precision)""",
+        "CREATE INDEX stem_groups_unsealed ON {s}.stem_groups (seal_by) WHERE NOT sealed AND NOT interrupted",
+        "CREATE INDEX stem_groups_expires ON {s}.stem_groups (expires_at) WHERE expires_at IS NOT NULL",
+        """CREATE TABLE {s}.stem_group_members (
+            group_id text NOT NULL,
+            member_id text NOT NULL,
+            idx integer NOT NULL,
+            ok boolean NOT NULL,
+            outcome bytea NOT NULL,
+            PRIMARY KEY (group_id, member_id))""",
+        "CREATE INDEX stem_group_members_idx ON {s}.stem_group_members (group_id, idx)",
     ),
 }
 

@@ -5,7 +5,7 @@ upgrades them: idempotent, versioned in ``stem_schema_version``, inside one
 ``BEGIN IMMEDIATE`` transaction so concurrent processes serialise on SQLite's
 write lock; each version adds to the last (``ALTER TABLE ... ADD COLUMN``,
 new tables), so a file of any older version upgrades in place.  Schema,
-version 5::
+version 6::
 
     stem_messages       id INTEGER PRIMARY KEY AUTOINCREMENT  -- age order; never reused, so a
                                                               -- stale receipt cannot hit a new row
@@ -42,6 +42,11 @@ version 5::
                         is a throttle time);  ix (queue, next_eligible), ix (queue, concurrency_key)
     stem_buckets        (queue, rate_key) PRIMARY KEY, tat (GCRA theoretical arrival time);  ix tat
     stem_dead_letters   + lane and the limit columns (version 5): replay restores the lane
+    stem_groups         id PRIMARY KEY, expected, sealed, finished, succeeded, failed, interrupted,
+                        data, created_at, seal_by, ttl, expires_at (NULL until complete or
+                        interrupted: a group never expires in flight); ix unsealed (seal_by)
+                        (version 6, stem.backends.groups)
+    stem_group_members  (group_id, member_id) PRIMARY KEY, idx, ok, outcome; ix (group_id, idx)
 
 ``settle_acked``, ``release_keys`` and ``left_lanes`` are the ack, the key release and
 the slot release that the broker's ``ack`` and the backend's fused result+ack
@@ -59,7 +64,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys", "enter_lanes", "left_lanes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 _CHUNK = 500            # ids per IN (...) list
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -168,6 +173,31 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         *(f"ALTER TABLE stem_dead_letters ADD COLUMN {column}"
           for column in ("lane TEXT", "rate_key TEXT", "rate REAL", "burst INTEGER", "concurrency_key TEXT",
                          "concurrency INTEGER")),
+    ),
+    6: (
+        """CREATE TABLE stem_groups (
+            id TEXT PRIMARY KEY,
+            expected INTEGER NOT NULL,
+            sealed INTEGER NOT NULL DEFAULT 0,
+            finished INTEGER NOT NULL DEFAULT 0,
+            succeeded INTEGER NOT NULL DEFAULT 0,
+            failed INTEGER NOT NULL DEFAULT 0,
+            interrupted INTEGER NOT NULL DEFAULT 0,
+            data BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            seal_by REAL NOT NULL,
+            ttl REAL NOT NULL,
+            expires_at REAL) WITHOUT ROWID""",
+        "CREATE INDEX stem_groups_unsealed ON stem_groups (seal_by) WHERE sealed = 0 AND interrupted = 0",
+        "CREATE INDEX stem_groups_expires ON stem_groups (expires_at) WHERE expires_at IS NOT NULL",
+        """CREATE TABLE stem_group_members (
+            group_id TEXT NOT NULL,
+            member_id TEXT NOT NULL,
+            idx INTEGER NOT NULL,
+            ok INTEGER NOT NULL,
+            outcome BLOB NOT NULL,
+            PRIMARY KEY (group_id, member_id)) WITHOUT ROWID""",
+        "CREATE INDEX stem_group_members_idx ON stem_group_members (group_id, idx)",
     ),
 }
 

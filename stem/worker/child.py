@@ -57,10 +57,28 @@ _ITIMER_REAL = signal.ITIMER_REAL
 class _ChildRuntime:
     """``ctx.heartbeat/progress/enqueue`` from inside a child: messages to the supervisor."""
 
-    def __init__(self, channel: Channel, registry: TaskRegistry, can_sign: bool = True):
+    def __init__(self, channel: Channel, registry: TaskRegistry, can_sign: bool = True,
+                 backend_recipe: Any = None):
         self.channel = channel
         self.registry = registry
         self.can_sign = can_sign
+        self.backend_recipe = backend_recipe
+        self._backend = None
+
+    def group_results(self, group_id: str):
+        """A chord callback's ``ctx.previous``: read from the result backend by this child
+        (its own connection, opened on first use), page by page."""
+        from ..canvas import GroupResults
+        if self._backend is None:
+            if not self.backend_recipe:
+                raise ConfigurationError(
+                    "a chord callback reads its members' results from the result backend, which a child "
+                    "process cannot reach (an in-memory backend): run the worker with isolation='inline', "
+                    "or use a backend processes share (sqlite file, redis, postgres)")
+            from ..backends import from_url
+            url, options = self.backend_recipe
+            self._backend = from_url(url, **options)
+        return GroupResults(self._backend, group_id)
 
     def _send(self, msg) -> None:
         self.channel.send_wait([_encode(msg)], 30.0)
@@ -91,7 +109,7 @@ class ChildProcess:
     def __init__(self, channel: Channel, registry: TaskRegistry, params: dict[str, Any]):
         self.channel = channel
         self.registry = registry
-        self.runtime = _ChildRuntime(channel, registry, bool(params.get("can_sign", True)))
+        self.runtime = _ChildRuntime(channel, registry, bool(params.get("can_sign", True)), params.get("backend_recipe"))
         self.measure_rss = bool(params.get("measure_rss"))
         self.concurrency = int(params.get("child_concurrency", 1))
         self.supervisor_pid = int(params["supervisor_pid"])
@@ -143,7 +161,7 @@ class ChildProcess:
 
     def context(self, env) -> TaskContext:
         return TaskContext(env.id, env.name, env.attempt, env.meta, env.headers, env.queue, env.max_retries,
-                           env.root_id, self.runtime)
+                           env.root_id, self.runtime, env.canvas)
 
     def report(self, seq: int, out: Outcome) -> None:
         self.send_result(self.result(seq, out))

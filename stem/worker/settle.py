@@ -15,8 +15,8 @@ import time
 from typing import Any, Callable
 
 from ..brokers import Broker, Delivery
-from ..envelope import with_delivery
-from ..errors import StemError
+from ..envelope import decode_frame, with_delivery
+from ..errors import ConfigurationError, StemError
 from ..logs import task_extra
 from ..results import Reason, TaskState, TaskStatus, ttl_of
 from ..retry import ExponentialJitterRetryStrategy, RetryStrategy
@@ -51,6 +51,14 @@ def retry_delay(options: Any, attempt: int, fallback: RetryStrategy) -> float:
     return fallback.next_delay(attempt)
 
 
+def _unverified(frame: bytes) -> Any:
+    """The envelope in a frame whose signature or body failed the checks, or None."""
+    try:
+        return decode_frame(frame, None)
+    except Exception:  # noqa: BLE001 - best effort
+        return None
+
+
 def _label(env) -> str:
     return f"{env.name}[{env.id}]"
 
@@ -60,7 +68,8 @@ class Settler:
 
     def __init__(self, *, state: WorkerState, broker: Broker, backend: Any, worker_id: str, store_results: bool,
                  retry_strategy: RetryStrategy, board: StatusBoard | None,
-                 take_in: Callable[[list[Delivery], set[str], list[Job]], None], sender: Any = None):
+                 take_in: Callable[[list[Delivery], set[str], list[Job]], None], sender: Any = None,
+                 canvas: Callable[[], Any] | None = None):
         self.state = state
         self.broker = broker
         self.backend = backend
@@ -71,6 +80,24 @@ class Settler:
         self.take_in = take_in          # leased deliveries of a refill -> the fetcher (see settle_and_refill)
         self.sender = sender            # what signals are sent from (the Worker)
         self.combined = store_results   # store and ack in one round trip, until the store says it cannot
+        self.canvas = canvas            # -> the stem.canvas.Runner carrying canvases on (None: no backend)
+
+    def canvas_finished(self, env: Any, status: TaskStatus) -> None:
+        """A task of a canvas reached ``status``: record it in its group (or start the next
+        chain step) before its delivery is acked, retried like a store.  Every call is
+        idempotent, so a crash before the ack only repeats it on the redelivery."""
+        if self.canvas is None or not env.canvas:
+            return
+        def carry_on() -> None:
+            try:
+                self.canvas().finished(env, status)
+            except ConfigurationError as exc:   # not an outage: retrying cannot help
+                log.error("cannot carry the canvas of task %s on: %s", env.id, exc)
+
+        try:
+            self.retrying(carry_on, f"carrying the canvas of task {env.id} on")
+        except Exception:  # noqa: BLE001 - a bug here must not stop the settle thread
+            log.exception("carrying the canvas of task %s on failed", env.id)
 
     def forget(self, jobs: list[Job], *, wake: bool = True) -> None:
         """These jobs are settled: their running notes and their place in the window go."""
@@ -84,13 +111,21 @@ class Settler:
         task_log.error("task %s dead-lettered without running: %s (%s)",
                        _label(env) if env is not None else d.task_id, reason, error,
                        extra=task_extra(env) if env is not None else None)
+        if env is not None:
+            check_result_options(env)   # a lifetime the backend would refuse falls back to its default
+        status = TaskStatus(id=d.task_id, state=TaskState.DEAD, name=env.name if env else "",
+                            queue=d.queue, attempt=env.attempt if env else 0, error=error, reason=reason,
+                            finished_at=time.time(), worker=self.worker_id,
+                            ttl=ttl_of(env, TaskState.DEAD) if env is not None else None)
         if self.store_results:
-            if env is not None:
-                check_result_options(env)   # a lifetime the backend would refuse falls back to its default
-            self.store([TaskStatus(id=d.task_id, state=TaskState.DEAD, name=env.name if env else "",
-                                   queue=d.queue, attempt=env.attempt if env else 0, error=error, reason=reason,
-                                   finished_at=time.time(), worker=self.worker_id,
-                                   ttl=ttl_of(env, TaskState.DEAD) if env is not None else None)])
+            self.store([status])
+        if self.canvas is not None:
+            # a frame that failed its check still counts DEAD in its group, or the group would
+            # wait forever; read unverified for that alone (it can only fail a group, never
+            # make it succeed)
+            member = env if env is not None else _unverified(d.frame)
+            if member is not None and member.id == d.task_id:
+                self.canvas_finished(member, status)
         self.broker_call(self.broker.dead_letter, d, reason)
         self.state.count("dead_lettered")
         if signals.task_dead_lettered.receivers:
@@ -100,8 +135,11 @@ class Settler:
         """End a delivery that will not run (revoked, expired) in ``state``."""
         reason = str(reason)
         task_log.info("task %s %s without running (%s)", _label(env), state.value, reason, extra=task_extra(env))
+        status = TaskStatus.of(env, state, reason=reason, finished_at=time.time(), worker=self.worker_id)
         if self.store_results:
-            self.store([TaskStatus.of(env, state, reason=reason, finished_at=time.time(), worker=self.worker_id)])
+            self.store([status])
+        if env.canvas:
+            self.canvas_finished(env, status)
         self.broker_call(self.broker.ack, [d])
         self.state.count("revoked")
         if signals.task_revoked.receivers:
@@ -118,10 +156,14 @@ class Settler:
         store = self.store_results
         worker_id = self.worker_id
         of, succeeded = TaskStatus.of, TaskState.SUCCEEDED
+        in_canvas: list[tuple[Job, Outcome]] = []
         for job, out in batch:
             if job.settled:
                 continue
             if out.kind == OK:
+                if job.envelope.canvas is not None:
+                    in_canvas.append((job, out))
+                    continue
                 if store and not job.envelope.ignore_result:
                     statuses.append(of(job.envelope, succeeded, result=out.result, started_at=out.started_at,
                                        finished_at=out.finished_at, updated_at=now, worker=worker_id))
@@ -144,9 +186,46 @@ class Settler:
                 self.forget(acks)
         if acks:
             self._announce_successes(batch, acks)
+        if in_canvas:
+            self.canvas_successes(in_canvas, now)
         for job, out in later:
             self.failure(job, out)
-        state.count("processed", len(acks) + len(later))
+        state.count("processed", len(acks) + len(later) + len(in_canvas))
+
+    def canvas_successes(self, done: list[tuple[Job, Outcome]], now: float) -> None:
+        """The successes of canvas tasks in a batch: stored, carried on (recorded in their
+        groups: one round trip for the batch; next chain steps started), then acked."""
+        of, succeeded, worker_id = TaskStatus.of, TaskState.SUCCEEDED, self.worker_id
+        ended = [(job.envelope, of(job.envelope, succeeded, result=out.result, started_at=out.started_at,
+                                   finished_at=out.finished_at, updated_at=now, worker=worker_id))
+                 for job, out in done]
+        jobs = [job for job, _ in done]
+        self.state.count("succeeded", len(jobs))
+        statuses = [status for env, status in ended if not env.ignore_result] if self.store_results else []
+        if self.canvas is None:
+            if statuses:
+                self.store(statuses)
+        else:
+            def carry_on() -> None:
+                try:
+                    self.canvas().finished_many(ended, statuses)
+                except ConfigurationError as exc:   # not an outage: retrying cannot help
+                    log.error("cannot carry %d canvas tasks on: %s", len(ended), exc)
+                    if statuses:
+                        self.store(statuses)
+
+            try:
+                self.retrying(carry_on, f"storing {len(ended)} results of canvas tasks and carrying them on")
+            except Exception:  # noqa: BLE001 - a bug here must not stop the settle thread
+                log.exception("carrying the canvas of %d tasks on failed", len(ended))
+                if statuses:
+                    self.store(statuses)
+        deliveries = [job.delivery for job in jobs]
+        # the acks (and the refill the fetcher waits for) in one round trip where the broker can
+        if not self.settle_and_refill([], jobs, deliveries):
+            self.broker_call(self.broker.ack, deliveries)
+            self.forget(jobs)
+        self._announce_successes(done, jobs)
 
     def _announce_successes(self, batch: list[tuple[Job, Outcome]], acks: list[Job]) -> None:
         """The INFO lines and the signals of a batch's successes (nothing when nobody listens)."""
@@ -222,10 +301,13 @@ class Settler:
             task_log.error("task %s %s (%s): %s: %s%s", _label(env), "dead-lettered" if dead else "failed", reason,
                            out.error_type, out.error, "\n" + out.traceback.rstrip() if out.traceback else "",
                            extra=task_extra(env))
+            status = TaskStatus.of(env, final, error=out.error, error_type=out.error_type, reason=reason,
+                                   traceback=out.traceback, started_at=out.started_at,
+                                   finished_at=out.finished_at, worker=self.worker_id)
             if self.store_results:
-                self.store([TaskStatus.of(env, final, error=out.error, error_type=out.error_type, reason=reason,
-                                          traceback=out.traceback, started_at=out.started_at,
-                                          finished_at=out.finished_at, worker=self.worker_id)])
+                self.store([status])
+            if env.canvas:
+                self.canvas_finished(env, status)
             self.broker_call(self.broker.dead_letter, job.delivery, reason)
             self.state.count("dead_lettered" if dead else "failed")
             if dead:
@@ -243,13 +325,16 @@ class Settler:
         """End a job REVOKED with ``reason`` (the error of ``out``, when it ran) and ack its
         delivery, which releases its key."""
         env = job.envelope
+        status = TaskStatus.of(env, TaskState.REVOKED, reason=str(reason),
+                               error=out.error if out is not None else None,
+                               error_type=out.error_type if out is not None else None,
+                               started_at=started_at,
+                               finished_at=out.finished_at if out is not None else time.time(),
+                               worker=self.worker_id)
         if self.store_results:
-            self.store([TaskStatus.of(env, TaskState.REVOKED, reason=str(reason),
-                                      error=out.error if out is not None else None,
-                                      error_type=out.error_type if out is not None else None,
-                                      started_at=started_at,
-                                      finished_at=out.finished_at if out is not None else time.time(),
-                                      worker=self.worker_id)])
+            self.store([status])
+        if env.canvas:
+            self.canvas_finished(env, status)
         self.broker_call(self.broker.ack, [job.delivery])
         self.state.count("revoked")
         if signals.task_revoked.receivers:

@@ -70,6 +70,10 @@ class _Runtime:
     def enqueue(self, name, args, options, parent) -> str:
         return self._worker._producer().enqueue(name, args, options=options, parent=parent)
 
+    def group_results(self, group_id: str):
+        from ..canvas import GroupResults
+        return GroupResults(self._worker.backend, group_id)
+
 
 class Worker:
     """Runs registered tasks from ``queues`` (DESIGN.md, "Worker engine"; README, "Semantics")."""
@@ -154,6 +158,7 @@ class Worker:
         self._settler = Settler(state=self._state, broker=self.broker, backend=self.backend, worker_id=self.id,
                                 store_results=self.store_results, retry_strategy=self.retry_strategy,
                                 board=self._board, sender=self,
+                                canvas=self._canvas_runner if self.store_results else None,
                                 take_in=lambda leased, paused, settled: self._fetcher.take_refill(
                                     leased, paused, settled))
         self._fetcher = Fetcher(state=self._state, broker=self.broker, backend=self.backend, signer=signer,
@@ -163,6 +168,7 @@ class Worker:
         self._autoscaler = self._make_autoscaler() if self.autoscale is not None else None
         self._control = None
         self._stem = None
+        self._runner = None
         self._stopped = threading.Event()
         self._started = threading.Event()
         self._thread: threading.Thread | None = None
@@ -182,7 +188,7 @@ class Worker:
             def context(job: Job) -> TaskContext:
                 env = job.envelope
                 return TaskContext(env.id, env.name, env.attempt, env.meta, env.headers, env.queue, env.max_retries,
-                                   env.root_id, runtime)
+                                   env.root_id, runtime, env.canvas)
 
             return InlineEngine(concurrency, context, worker_id=self.id)
         from .process_engine import ProcessEngine
@@ -194,7 +200,8 @@ class Worker:
                              max_memory_per_child=self.lifecycle.max_memory_per_child,
                              max_crash_redeliveries=self.max_crash_redeliveries, start_method=self.start_method,
                              yield_cpu=self.yield_cpu,
-                             can_sign=self.signer is None or bool(getattr(self.signer, "can_sign", True)))
+                             can_sign=self.signer is None or bool(getattr(self.signer, "can_sign", True)),
+                             backend_recipe=self.backend.reopen_recipe() if self.backend is not None else None)
 
     def _make_autoscaler(self) -> Autoscaler:
         engine, state = self._engine, self._state
@@ -214,6 +221,29 @@ class Worker:
             from ..producer import Stem
             self._stem = Stem(self.broker, self.backend, self.registry, self.signer)
         return self._stem
+
+    def _canvas_runner(self):
+        """What carries canvases on (``stem.canvas.Runner``), made on first use.  Its producer
+        has no registry: a callback or next step may run on workers with other handlers."""
+        if self._runner is None:
+            from ..canvas import Runner
+            from ..producer import Stem
+            self._runner = Runner(Stem(self.broker, self.backend, None, self.signer), revoke_here=self.revoke)
+        return self._runner
+
+    def _sweep_groups(self) -> None:
+        """End the groups their producers left unsealed past their deadline (each worker
+        looks, once a heartbeat; the backend marks each group once)."""
+        try:
+            n = self._canvas_runner().sweep()
+        except StemError as exc:
+            log.warning("could not sweep unsealed groups (%s)", exc)
+            return
+        except Exception:  # noqa: BLE001 - never stops the heartbeat
+            log.exception("sweeping unsealed groups failed")
+            return
+        if n:
+            log.warning("%d group(s) were never sealed by their producer: ended FAILED creation-interrupted", n)
 
     def _enqueue_for_child(self, name: str, args: Any, options: TaskOptions | None, task_id: str, parent: Any) -> str:
         return self._producer().enqueue_child(name, args, options=options, task_id=task_id, parent=parent)
@@ -543,6 +573,8 @@ class Worker:
                 self.backend.put_heartbeat(self.id, data, ttl=max(self.heartbeat_interval * 3, HEARTBEAT_MIN_TTL))
             except StemError as exc:
                 log.warning("could not publish heartbeat (%s)", exc)
+            if self.store_results:
+                self._sweep_groups()
         if signals.worker_heartbeat.receivers:
             signals.worker_heartbeat.send(self, worker=self, heartbeat=data)
 

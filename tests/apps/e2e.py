@@ -92,3 +92,16 @@ def slotted(ctx, ledger, hold=None):
             time.sleep(0.01)
     line("end")
     return ctx.id
+
+@registry.task("e2e.collect")
+def collect(ctx, ledger=None):
+    """A chord callback: records its run, returns the members' results (``ctx.previous``) as a list."""
+    if ledger:
+        record(ledger, ctx.id)
+    return list(ctx.previous)
+
+
+@registry.task("e2e.die")
+def die(ctx):
+    """Kills the process that runs it (a poison task: it ends DEAD after the crash redeliveries)."""
+    os.kill(os.getpid(), 9)
