@@ -529,11 +529,12 @@ class Stem:
         once and the frames are spliced."""
         now = time.time()
         (queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique,
-         result_ttl, failure_ttl, ignore_result) = self._template(name, options, now)
+         result_ttl, failure_ttl, ignore_result, limit) = self._template(name, options, now)
         env = Envelope("", name, {}, {}, {}, queue, priority, 0, max_retries, now, None, expires_at,
                        visibility_timeout, soft, hard, None, None, unset, None, result_ttl, failure_ttl, ignore_result,
                        canvas)
-        if signals.before_task_publish.receivers or signals.after_task_publish.receivers or unique is not None:
+        if (signals.before_task_publish.receivers or signals.after_task_publish.receivers or unique is not None
+                or limit is not None):   # each member's own Message (its limit from its args)
             messages = [self._build(name, a, options, None, None, None, None, i, None, now, explicit_id=False,
                                     canvas=canvas)[1] for i, a in zip(ids, args_list)]
             self.broker.publish_many(messages)
