@@ -36,6 +36,17 @@ R = TypeVar("R")
 ON_DUPLICATE = ("return", "raise")
 
 
+class _Plan(NamedTuple):
+    """A checked, framed ``enqueue_many`` batch, not yet published (``Stem._plan_many``)."""
+    ids: "BatchIds"                      # in item order; duplicates are filled in by _finish_many
+    envs: list[Envelope]                 # [] for a uniform batch (no Envelope per task)
+    messages: list[Message]              # publish_many
+    keyed: list[Keyed]                   # publish_keyed, one per distinct key
+    sent: list[tuple[int, bool]]         # each keyed item's (index, explicit id)
+    repeats: list[tuple[int, int]]       # (index, index of the item holding the same key)
+    frames: tuple | None                 # publish_frames(*frames): a uniform batch
+
+
 class BatchIds(list):
     """``enqueue_many``'s ids, in the order of the items.  ``duplicates`` holds the indexes
     of the items that published nothing: their id is that of the task holding their
@@ -251,15 +262,24 @@ class Stem:
         after its task ends (default: as long as its result lives: the task's ``result_ttl``
         when this producer knows it, from ``options`` or the registry's handler, else the
         backend's ``result_expires``)."""
+        env, message, keyed = self._prepare_one(name, args, options, meta, headers, countdown, eta, task_id,
+                                                parent, on_duplicate, idempotent_for)
+        return self._publish_one(env, message, keyed, task_id is not None, on_duplicate == "raise")
+
+    def _prepare_one(self, name: str, args: Any, options: Any, meta: Any, headers: Any, countdown: Any, eta: Any,
+                     task_id: Any, parent: Any, on_duplicate: Any,
+                     idempotent_for: Any) -> tuple[Envelope, Message, Keyed | None]:
+        """Everything ``enqueue`` does before the broker: its checks and ``_build`` (the
+        envelope, its signed frame, its key).  ``AsyncStem`` calls it too, so both producers
+        accept and refuse the same calls with the same errors."""
         if on_duplicate not in ON_DUPLICATE:
             raise InvalidTaskOptionsError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
         if idempotent_for is not None:
             checks.seconds("idempotent_for", idempotent_for, inclusive=True, error=InvalidTaskOptionsError)
             if task_id is None:
                 raise InvalidTaskOptionsError("idempotent_for needs an explicit task_id")
-        env, message, keyed = self._build(name, args, options, meta, headers, countdown, eta, task_id, parent,
-                                          time.time(), idempotent_for=idempotent_for)
-        return self._publish_one(env, message, keyed, task_id is not None, on_duplicate == "raise")
+        return self._build(name, args, options, meta, headers, countdown, eta, task_id, parent,
+                           time.time(), idempotent_for=idempotent_for)
 
     def call(self, handle: TaskHandle[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskRef[R]:
         """Publish a call of a typed handle (what ``@registry.task`` returns) and return its
@@ -287,13 +307,20 @@ class Stem:
         """Publish one built task (under its key, if it has one); its id, or the holder's."""
         if keyed is None:
             self.broker.publish(message)
+            holder = None
         else:
             holder = self.broker.publish_keyed((keyed,))[0]
-            if _is_duplicate(holder, env.id, explicit_id):
-                if raise_duplicate:
-                    raise DuplicateTaskError(f"task {env.name!r} was not published: task {holder} holds its "
-                                             f"{'id' if keyed.key.startswith('id:') else 'unique key'}", holder)
-                return holder
+        return self._published_one(env, keyed, holder, explicit_id, raise_duplicate)
+
+    def _published_one(self, env: Envelope, keyed: Keyed | None, holder: str | None, explicit_id: bool,
+                       raise_duplicate: bool) -> str:
+        """What ``enqueue`` answers once the broker answered ``holder`` (``publish_keyed``'s
+        reply; None for a plain publish): the id, the holder's, or ``DuplicateTaskError``."""
+        if keyed is not None and _is_duplicate(holder, env.id, explicit_id):
+            if raise_duplicate:
+                raise DuplicateTaskError(f"task {env.name!r} was not published: task {holder} holds its "
+                                         f"{'id' if keyed.key.startswith('id:') else 'unique key'}", holder)
+            return holder  # type: ignore[return-value]
         if signals.after_task_publish.receivers:
             signals.after_task_publish.send(self, envelope=env)
         return env.id
@@ -314,13 +341,24 @@ class Stem:
         ``_template`` per distinct (name, options) in the batch, ids from one
         ``new_task_ids`` call, the Envelope built by position.  It checks the
         same things in the same order and raises the same errors as ``_build``."""
+        plan = self._plan_many(items)
+        if plan.frames is not None:
+            queue, ids, frames, priority, vt = plan.frames
+            self.broker.publish_frames(queue, ids, frames, priority=priority, visibility_timeout=vt)
+        if plan.messages:
+            self.broker.publish_many(plan.messages)
+        return self._finish_many(plan, self.broker.publish_keyed(plan.keyed) if plan.keyed else [])
+
+    def _plan_many(self, items: Iterable[EnqueueItem | dict[str, Any]]) -> "_Plan":
+        """Everything ``enqueue_many`` does before the broker: every item checked and framed,
+        nothing published.  ``AsyncStem`` publishes the same plan."""
         if not isinstance(items, (list, tuple)):
             items = list(items)
         now = time.time()
         if items and not (signals.before_task_publish.receivers or signals.after_task_publish.receivers):
-            ids = self._publish_uniform(items, now)
-            if ids is not None:
-                return BatchIds(ids)
+            uniform = self._uniform_frames(items, now)
+            if uniform is not None:
+                return _Plan(BatchIds(uniform[1]), [], [], [], [], [], uniform)
         ids = new_task_ids(len(items))
         templates: dict[Any, _Template] = {}   # name, or (name, options), -> _Template
         encode = frame_encoder(self.signer)
@@ -386,41 +424,44 @@ class Stem:
             else:
                 add_message(m)
             add_env(env)
-        if messages:
-            self.broker.publish_many(messages)
-        ids = BatchIds(e.id for e in envs)
-        if keyed:
-            # A key twice in the batch: only its first item goes to the broker (which would
-            # answer the others with the first's id anyway); no frame is sent for nothing.
-            first: dict[tuple[str, str], int] = {}
-            sent: list[tuple[int, Keyed, bool]] = []
-            repeats: list[tuple[int, int]] = []            # (index, index of the key's first item)
-            for entry in keyed:
-                index, k, _ = entry
-                seen = first.setdefault((k.message.queue, k.key), index)
-                if seen == index:
-                    sent.append(entry)
-                else:
-                    repeats.append((index, seen))
-            holders = self.broker.publish_keyed([k for _, k, _ in sent])
-            for (index, _, explicit), holder in zip(sent, holders):
-                if _is_duplicate(holder, ids[index], explicit):
-                    ids[index] = holder
-                    ids.duplicates.append(index)
-            for index, seen in repeats:
-                ids[index] = ids[seen]
+        # A key twice in the batch: only its first item goes to the broker (which would
+        # answer the others with the first's id anyway); no frame is sent for nothing.
+        first: dict[tuple[str, str], int] = {}
+        sent: list[tuple[int, Keyed, bool]] = []
+        repeats: list[tuple[int, int]] = []            # (index, index of the key's first item)
+        for entry in keyed:
+            index, k, _ = entry
+            seen = first.setdefault((k.message.queue, k.key), index)
+            if seen == index:
+                sent.append(entry)
+            else:
+                repeats.append((index, seen))
+        return _Plan(BatchIds(e.id for e in envs), envs, messages, [k for _, k, _ in sent],
+                     [(index, explicit) for index, _, explicit in sent], repeats, None)
+
+    def _finish_many(self, plan: "_Plan", holders: Sequence[str | None]) -> BatchIds:
+        """``enqueue_many``'s answer once the broker stored ``plan`` and answered its keyed
+        items with ``holders`` (``publish_keyed``'s reply)."""
+        ids = plan.ids
+        for (index, explicit), holder in zip(plan.sent, holders):
+            if _is_duplicate(holder, ids[index], explicit):
+                ids[index] = holder  # type: ignore[assignment]
                 ids.duplicates.append(index)
-            if repeats:
-                ids.duplicates.sort()
+        for index, seen in plan.repeats:
+            ids[index] = ids[seen]
+            ids.duplicates.append(index)
+        if plan.repeats:
+            ids.duplicates.sort()
         if signals.after_task_publish.receivers:
             skip = set(ids.duplicates)
-            for i, env in enumerate(envs):
+            for i, env in enumerate(plan.envs):
                 if i not in skip:
                     signals.after_task_publish.send(self, envelope=env)
         return ids
 
-    def _publish_uniform(self, items: list | tuple, now: float) -> list[str] | None:
-        """The batch as one ``publish_frames`` call when every item is a tuple of the same
+    def _uniform_frames(self, items: list | tuple, now: float) -> tuple | None:
+        """The batch as the arguments of one ``publish_frames`` call (queue, ids, frames,
+        priority, visibility timeout) when every item is a tuple of the same
         shape, task name and options (the common batch: one task over many args), or
         None to take the general path.  No Envelope or Message per task: the frames are
         spliced by ``encode_frames``.  Whatever the general path would reject (args not a
@@ -456,8 +497,7 @@ class Stem:
             frames = encode_frames(env, ids, args_list, self.signer)
         except EncodeError:
             return None
-        self.broker.publish_frames(queue, ids, frames, priority=priority, visibility_timeout=visibility_timeout)
-        return ids
+        return queue, ids, frames, priority, visibility_timeout
 
     def _batch_template(self, templates: dict[Any, _Template], name: Any, options: Any, now: float) -> _Template:
         """``_template`` through the batch's cache.  Only a str name with None or a
