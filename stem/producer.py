@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
-from typing import Any, AsyncIterator, Iterable, Iterator, NamedTuple, ParamSpec, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, NamedTuple, ParamSpec, Sequence, TypeVar
 
 from . import _checks as checks
 from .backends import ResultBackend
@@ -18,7 +17,7 @@ from .envelope import Envelope, encode_frame, encode_frames, frame_encoder
 from ._checks import DEFAULT_RESULT_EXPIRES
 from .errors import (ConfigurationError, DuplicateTaskError, EncodeError, InvalidTaskOptionsError,
                      TaskTimeoutError)
-from .handles import AsyncTaskRef, TaskHandle, TaskRef
+from .handles import TaskHandle, TaskRef
 from .ids import new_task_id, new_task_ids
 from .keys import id_key, id_ttl, unique_key, unique_ttl
 from .results import TaskState, TaskStatus
@@ -26,7 +25,7 @@ from .revocation import store_revocations
 from .signals import signals
 from .task import DEFAULT_OPTIONS, HANDLER_FILLED, TaskOptions, TaskRegistry
 
-__all__ = ["Stem", "AsyncStem", "BatchIds", "WaitResult", "ON_DUPLICATE"]
+__all__ = ["Stem", "BatchIds", "WaitResult", "ON_DUPLICATE"]
 
 EnqueueItem = tuple  # (name, args) | (name, args, options)
 P = ParamSpec("P")
@@ -607,57 +606,12 @@ def _as_completed(statuses: Iterator[TaskStatus], ids: list[str], timeout: float
         pending.pop(status.id, None)
         yield status
     if pending:
-        shown = list(pending)[:10]
-        more = f" and {len(pending) - len(shown)} more" if len(pending) > len(shown) else ""
-        raise TaskTimeoutError(f"{len(pending)} of {len(ids)} tasks did not finish within {timeout}s: "
-                               f"{', '.join(shown)}{more}", pending=list(pending))
+        raise _as_completed_timeout(pending, ids, timeout)
 
 
-class AsyncStem:
-    """Awaitable twin of ``Stem`` for asyncio services.
-
-    Each call runs the blocking client in the default executor, so the event
-    loop never blocks on a broker round trip."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        self.sync = args[0] if args and isinstance(args[0], Stem) else Stem(*args, **kwargs)
-
-    async def _run(self, fn, *args, **kwargs):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
-
-    async def enqueue(self, name: str, args: dict[str, Any] | None = None, **kwargs: Any) -> str:
-        return await self._run(self.sync.enqueue, name, args, **kwargs)
-
-    async def call(self, handle: TaskHandle[P, R], /, *args: P.args, **kwargs: P.kwargs) -> AsyncTaskRef[R]:
-        """``Stem.call``, awaited: the arguments are checked here, before the enqueue is awaited."""
-        args_dict = _handle_arguments(handle, args, kwargs)
-        task_id = await self.enqueue(handle.name, args_dict, **handle.enqueue_options)
-        return AsyncTaskRef(self, task_id, handle.name)
-
-    async def enqueue_many(self, items) -> BatchIds:
-        return await self._run(self.sync.enqueue_many, list(items))
-
-    async def get_status(self, task_id: str) -> TaskStatus:
-        return await self._run(self.sync.get_status, task_id)
-
-    async def wait_for_task(self, task_id: str, timeout: float = 30.0) -> TaskStatus:
-        return await self._run(self.sync.wait_for_task, task_id, timeout)
-
-    async def wait_many(self, task_ids: Iterable[str], timeout: float = 30.0,
-                        return_when: str = "ALL") -> WaitResult:
-        ids, timeout, return_when = check_wait(task_ids, timeout, return_when, error=InvalidTaskOptionsError)
-        return await self._run(self.sync.wait_many, ids, timeout, return_when)
-
-    async def as_completed(self, task_ids: Iterable[str], timeout: float = 30.0) -> AsyncIterator[TaskStatus]:
-        """``Stem.as_completed`` as an async iterator (each step waits in the executor)."""
-        statuses = await self._run(self.sync.as_completed, list(task_ids), timeout)
-        done = object()
-        while (status := await self._run(next, statuses, done)) is not done:
-            yield status
-
-    async def revoke(self, task_ids, expires: float | None = None) -> None:
-        return await self._run(self.sync.revoke, task_ids, expires)
-
-    async def close(self) -> None:
-        await self._run(self.sync.close)
+def _as_completed_timeout(pending: dict[str, Any], ids: list[str], timeout: float) -> TaskTimeoutError:
+    """``as_completed``'s error (sync and async) naming the ids still ``pending``."""
+    shown = list(pending)[:10]
+    more = f" and {len(pending) - len(shown)} more" if len(pending) > len(shown) else ""
+    return TaskTimeoutError(f"{len(pending)} of {len(ids)} tasks did not finish within {timeout}s: "
+                            f"{', '.join(shown)}{more}", pending=list(pending))

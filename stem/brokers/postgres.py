@@ -291,32 +291,54 @@ class PostgresBroker(Broker):
         for q in queues:
             validate_queue_name(q)
         self._register(queues)
-        params = ([m.queue for m in messages], [m.task_id for m in messages], [int(m.priority) for m in messages],
-                  [m.not_before for m in messages],
-                  [float(m.visibility_timeout) if m.visibility_timeout else None for m in messages],
-                  [bytes(m.frame) for m in messages], self.channel, queues)
+        params = self.publish_params(messages, queues)
         self._pg.run(lambda conn: conn.execute(self._sql["publish"], params))
         for q in queues:            # consumers of this instance need not wait for the round trip
             self._on_notify(q)
+
+    def publish_params(self, messages: Sequence[Message], queues: list[str]) -> tuple:
+        """The parameters of the publish statement (``sql("publish")``) for ``messages`` of ``queues``."""
+        return ([m.queue for m in messages], [m.task_id for m in messages], [int(m.priority) for m in messages],
+                [m.not_before for m in messages],
+                [float(m.visibility_timeout) if m.visibility_timeout else None for m in messages],
+                [bytes(m.frame) for m in messages], self.channel, queues)
+
+    def sql(self, name: str) -> str:
+        """One of this broker's statements (for the async producer, ``stem.brokers.postgres_async``)."""
+        return self._sql[name]
 
     def publish_keyed(self, items: Sequence[Keyed]) -> list[str | None]:
         items = check_keyed(items)
         if not items:
             return []
+        params, first, queues = self.keyed_params(items)
+        self._register(queues)
+        rows = self._pg.run(lambda conn: conn.execute(self._sql["publish_keyed"], params).fetchall())
+        out = self.keyed_holders(items, first, rows)
+        if time.monotonic() >= self._next_key_sweep:
+            self._next_key_sweep = time.monotonic() + _KEY_SWEEP_EVERY_S
+            self._fast.run(lambda conn: conn.execute(self._sql["sweep_keys"], (_KEY_SWEEP_ROWS,)))
+        return out
+
+    def keyed_params(self, items: list[Keyed]) -> tuple[dict[str, Any], dict[tuple[str, str], int], list[str]]:
+        """``publish_keyed``'s statement parameters for checked ``items``, the index of each
+        key's first item, and the queues (to register)."""
         first: dict[tuple[str, str], int] = {}      # (queue, key) -> index of its first item
         for n, item in enumerate(items):
             first.setdefault((item.message.queue, item.key), n)
         batch = [items[n] for n in first.values()]
         msgs = [i.message for i in batch]
         queues = list(dict.fromkeys(m.queue for m in msgs))
-        self._register(queues)
         params = {"q": [m.queue for m in msgs], "k": [i.key for i in batch], "t": [m.task_id for m in msgs],
                   "ttl": [float(i.ttl) for i in batch],
                   "lg": [float(i.linger) for i in batch], "p": [int(m.priority) for m in msgs],
                   "nb": [m.not_before for m in msgs],
                   "v": [float(m.visibility_timeout) if m.visibility_timeout else None for m in msgs],
                   "f": [bytes(m.frame) for m in msgs], "ch": self.channel}
-        rows = self._pg.run(lambda conn: conn.execute(self._sql["publish_keyed"], params).fetchall())
+        return params, first, queues
+
+    def keyed_holders(self, items: list[Keyed], first: dict[tuple[str, str], int], rows: list) -> list[str | None]:
+        """``publish_keyed``'s answer from the rows of its statement."""
         holder = {(r[0], r[1]): r[2] for r in rows}        # None: claimed by this call
         out: list[str | None] = []
         for n, item in enumerate(items):
@@ -325,9 +347,6 @@ class PostgresBroker(Broker):
             out.append(held if held is not None or first[qk] == n else items[first[qk]].message.task_id)
         for q in {q for (q, _), held in holder.items() if held is None}:
             self._on_notify(q)
-        if time.monotonic() >= self._next_key_sweep:
-            self._next_key_sweep = time.monotonic() + _KEY_SWEEP_EVERY_S
-            self._fast.run(lambda conn: conn.execute(self._sql["sweep_keys"], (_KEY_SWEEP_ROWS,)))
         return out
 
     def release_key(self, queue: str, key: str, owner: str) -> bool:

@@ -1,0 +1,220 @@
+"""What ``AsyncStem`` reads from ``RedisResultBackend``, on asyncio: statuses, waits, revokes.
+
+Keys, channels and commands are the sync backend's (``status_key``,
+``done_channel``, ``revoke_commands``); the round trips go through an
+``AsyncRedisStore`` -- the producer's own command connection when broker and
+backend are the same Redis (``shares_store_with``).
+
+Waits: one pub/sub connection per ``AsyncStem``, held by one listener task
+(started by the first wait), kept in step with the ids its ``AsyncWaitHub``
+waits on, as ``stem.backends.redis_listen`` does for threads: SUBSCRIBE /
+UNSUBSCRIBE of up to ``_BATCH`` channels a command; each subscribe
+confirmation has the hub read the id (a terminal store after the read is
+published on a channel already listened on); each message is offered as it
+is.  On a lost connection the listener reports the hub down (waiters then
+re-read once a second, and fail after ``reconnect_timeout``), reconnects with
+capped backoff, subscribes every waited id again and so has them all re-read.
+With the command connection, that is two connections to Redis for any number
+of enqueues and waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Any, Sequence
+
+from ..errors import BackendConnectionError, StemError
+from ..results import TaskStatus, decode_status
+from ..stores.base import BACKEND_ERRORS, Backoff
+from ..stores.redis import REDIS_ERRORS, pack_commands, raise_first_error
+from ..stores.redis_async import AsyncRedisStore
+from .redis import RedisResultBackend
+from .waiting_async import AsyncWaitHub
+
+__all__ = ["AsyncRedisResults"]
+
+log = logging.getLogger("stem.backends.redis")
+
+_BATCH = 5000
+_PING_EVERY_S = 30.0
+_FALLBACK_POLL_S = 1.0
+
+
+class AsyncRedisResults:
+    """``backend``'s reads and revokes over ``store`` (an ``AsyncRedisStore`` on its server)."""
+
+    def __init__(self, backend: RedisResultBackend, store: AsyncRedisStore | None = None):
+        self.backend = backend
+        self.store = store or AsyncRedisStore(backend.url, retry_attempts=backend.retry_attempts,
+                                              errors=BACKEND_ERRORS)
+        self._own_store = store is None
+        self.hub = AsyncWaitHub(read=self.read_found, label=self.store.label,
+                                poll=lambda: None if self._listener.listening else _FALLBACK_POLL_S,
+                                on_change=lambda: self._listener.kick(), fail_after=backend.reconnect_timeout)
+        ns = backend.namespace
+        self._listener = _Listener(store=self.store, hub=self.hub, channel=backend.done_channel,
+                                   prefix=f"{ns}:{{t:", suffix="}:done", label=self.store.label)
+
+    async def _run(self, commands: list[tuple], what: str) -> list:
+        async def send() -> list:
+            replies = await self.store.execute(commands)
+            raise_first_error(replies)
+            return replies
+        return await self.store.call(send, what, errors=BACKEND_ERRORS)
+
+    async def get(self, task_id: str) -> TaskStatus | None:
+        data = (await self._run([("GET", self.backend.status_key(task_id))], "get"))[0]
+        return None if data is None else decode_status(data)
+
+    async def read_found(self, task_ids: Sequence[str]) -> list[TaskStatus]:
+        """The stored statuses among ``task_ids``: one pipeline of GETs (the hub's reads)."""
+        replies = await self._run([("GET", self.backend.status_key(t)) for t in task_ids], "wait")
+        return [decode_status(d) for d in replies if d is not None]
+
+    async def revoke(self, task_ids: Sequence[str], expires: float | None,
+                     proofs: Sequence[bytes | None] | None) -> None:
+        commands = self.backend.revoke_commands(task_ids, expires, proofs)
+        if commands:
+            await self._run(commands, "revoke")
+
+    async def close(self) -> None:
+        await self._listener.stop()
+        await self.hub.stop()
+        if self._own_store:
+            await self.store.close()
+
+
+class _Listener:
+    """The pub/sub task of one ``AsyncRedisResults`` (see the module docstring)."""
+
+    def __init__(self, *, store: AsyncRedisStore, hub: AsyncWaitHub, channel: Any, prefix: str, suffix: str,
+                 label: str):
+        self._store = store
+        self._hub = hub
+        self._channel = channel
+        self._prefix = prefix.encode()
+        self._suffix = suffix.encode()
+        self._label = label
+        self._task: asyncio.Task | None = None
+        self._changes = asyncio.Event()
+        self._stopped = False
+        self.listening = False
+
+    def kick(self) -> None:
+        if self._stopped:
+            return
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="stem-aio-redis-listener")
+        self._changes.set()
+
+    async def _run(self) -> None:
+        backoff = Backoff()
+        failing = False
+        while not self._stopped:
+            conn = self._store.new_connection()
+            sender: asyncio.Task | None = None
+            try:
+                await conn.connect()
+                subscribed: set[bytes] = set()
+                self.listening = True
+                self._hub.up("listener")
+                if failing:
+                    log.warning("stem: Redis wait listener reconnected (%s)", self._label)
+                failing = False
+                backoff = Backoff()
+                self._hub.take_changes()      # a new connection subscribes every waited id anyway
+                await self._sync(conn, subscribed, [(i, True) for i in self._hub.waited_ids()])
+                sender = asyncio.get_running_loop().create_task(self._send_loop(conn, subscribed))
+                await self._read_loop(conn, sender)
+            except (*REDIS_ERRORS, OSError, ValueError) as exc:
+                if self._stopped:
+                    break
+                (log.debug if failing else log.warning)(
+                    "stem: Redis wait listener lost its connection (%s): %s; reconnecting", self._label, exc)
+                failing = True
+                self._hub.down("listener", BackendConnectionError(
+                    f"Redis unreachable while waiting for results ({self._label}): {exc}"))
+            finally:
+                self.listening = False
+                self._hub.kick()              # the reader polls while nothing is announced
+                if sender is not None:
+                    sender.cancel()
+                    await asyncio.gather(sender, return_exceptions=True)
+                await asyncio.shield(_disconnect(conn))
+            await asyncio.sleep(backoff.next())
+
+    async def _send_loop(self, conn: Any, subscribed: set[bytes]) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._changes.wait(), _PING_EVERY_S)
+            except TimeoutError:
+                await conn.send_packed_command([pack_commands([("PING",)])], check_health=False)
+                continue
+            self._changes.clear()
+            await self._sync(conn, subscribed, self._hub.take_changes())
+
+    async def _read_loop(self, conn: Any, sender: asyncio.Task) -> None:
+        read = asyncio.ensure_future(conn.read_response(timeout=math.inf, disconnect_on_error=False,
+                                                        push_request=True))
+        while True:
+            done, _ = await asyncio.wait({read, sender}, return_when=asyncio.FIRST_COMPLETED)
+            if sender in done:               # it only ends on an error: raise it
+                read.cancel()
+                sender.result()
+                raise OSError("the pub/sub sender stopped")
+            self._handle(read.result())
+            read = asyncio.ensure_future(conn.read_response(timeout=math.inf, disconnect_on_error=False,
+                                                            push_request=True))
+
+    def _handle(self, reply: Any) -> None:
+        if not isinstance(reply, (list, tuple)) or len(reply) < 3:
+            return                            # PONG
+        kind = reply[0]
+        if kind == b"message":
+            try:
+                self._hub.offer([decode_status(reply[2])])
+            except (StemError, ValueError, TypeError) as exc:
+                log.warning("stem: ignored a message on %r that is no task status: %s", reply[1], exc)
+        elif kind == b"subscribe":
+            self._hub.confirmed([self._task_id(reply[1])])
+
+    async def _sync(self, conn: Any, subscribed: set[bytes], changes: list[tuple[str, bool]]) -> None:
+        to_sub: list[bytes] = []
+        to_unsub: list[bytes] = []
+        ready: list[str] = []
+        for task_id, wanted in changes:
+            ch = self._channel(task_id).encode()
+            if wanted:
+                if ch in subscribed:
+                    ready.append(task_id)
+                else:
+                    subscribed.add(ch)
+                    to_sub.append(ch)
+            elif ch in subscribed:
+                subscribed.discard(ch)
+                to_unsub.append(ch)
+        commands = [(command, *channels[i:i + _BATCH]) for command, channels in
+                    (("SUBSCRIBE", to_sub), ("UNSUBSCRIBE", to_unsub)) for i in range(0, len(channels), _BATCH)]
+        if commands:
+            await conn.send_packed_command([pack_commands(commands)], check_health=False)
+        if ready:
+            self._hub.confirmed(ready)
+
+    def _task_id(self, channel: bytes) -> str:
+        return channel[len(self._prefix):len(channel) - len(self._suffix)].decode()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _disconnect(conn: Any) -> None:
+    try:
+        await conn.disconnect()
+    except Exception:  # noqa: BLE001 - a broken socket may fail to close; it is gone either way
+        pass
