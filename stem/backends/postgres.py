@@ -163,6 +163,11 @@ class PostgresResultBackend(ResultBackend):
         self._next_sweep = 0.0
         self._store_and_ack_sql: dict[tuple[str, bool], str] = {}
 
+    @property
+    def pg_store(self) -> PostgresStore:
+        """The ``PostgresStore`` (what a broker calls ``store``; here ``store`` stores a status)."""
+        return self._store
+
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "PostgresResultBackend":
         return cls(url, url=url, **kwargs)

@@ -32,12 +32,12 @@ _FALLBACK_POLL_S = 1.0
 class AsyncPostgresResults:
     def __init__(self, backend: PostgresResultBackend):
         self.backend = backend
-        self.session = AsyncPgSession(backend.store, BACKEND_ERRORS)
+        self.session = AsyncPgSession(backend.pg_store, BACKEND_ERRORS)
         self._listening = False
         self._task: asyncio.Task | None = None
         self.hub = AsyncWaitHub(read=self.read_found, label=self.session.label, on_change=self._ensure_listening,
                                 poll=lambda: None if self._listening else _FALLBACK_POLL_S,
-                                fail_after=backend.store.reconnect_timeout)
+                                fail_after=backend.pg_store.reconnect_timeout)
 
     async def get(self, task_id: str) -> TaskStatus | None:
         async def send(conn: Any) -> Any:

@@ -98,26 +98,50 @@ class _Listener:
         self._suffix = suffix.encode()
         self._label = label
         self._task: asyncio.Task | None = None
-        self._changes = asyncio.Event()
+        self._conn: Any = None                # while connected and subscribed
+        self._subscribed: set[bytes] = set()
+        self._sending = False
+        self._broken = False
         self._stopped = False
         self.listening = False
 
     def kick(self) -> None:
+        """The hub has changes: start the task, or send them on the live connection."""
         if self._stopped:
             return
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="stem-aio-redis-listener")
-        self._changes.set()
+        elif self._conn is not None and not self._sending:
+            self._sending = True
+            asyncio.get_running_loop().call_soon(self._send_changes)
+
+    def _send_changes(self) -> None:
+        """Every change of this loop iteration in one write (a subscribe is one more command on
+        the listener's connection; the replies come back through its read loop)."""
+        self._sending = False
+        conn = self._conn
+        if conn is None:
+            return                     # the next connection subscribes every waited id anyway
+        commands, ready = self._sync_commands(self._hub.take_changes())
+        if commands:
+            try:
+                conn._writer.write(pack_commands(commands))      # redis-py keeps it private, as the sync pipe does
+            except (AttributeError, OSError, RuntimeError) as exc:
+                log.debug("stem: Redis wait listener could not send its subscriptions: %s", exc)
+                self._broken = True
+        if ready:
+            self._hub.confirmed(ready)
 
     async def _run(self) -> None:
         backoff = Backoff()
         failing = False
         while not self._stopped:
             conn = self._store.new_connection()
-            sender: asyncio.Task | None = None
+            read: asyncio.Future | None = None
             try:
                 await conn.connect()
-                subscribed: set[bytes] = set()
+                self._subscribed = set()
+                self._broken = False
                 self.listening = True
                 self._hub.up("listener")
                 if failing:
@@ -125,9 +149,23 @@ class _Listener:
                 failing = False
                 backoff = Backoff()
                 self._hub.take_changes()      # a new connection subscribes every waited id anyway
-                await self._sync(conn, subscribed, [(i, True) for i in self._hub.waited_ids()])
-                sender = asyncio.get_running_loop().create_task(self._send_loop(conn, subscribed))
-                await self._read_loop(conn, sender)
+                commands, ready = self._sync_commands([(i, True) for i in self._hub.waited_ids()])
+                if commands:
+                    await conn.send_packed_command([pack_commands(commands)], check_health=False)
+                if ready:
+                    self._hub.confirmed(ready)
+                self._conn = conn
+                self._send_changes()          # what changed while it connected
+                while not self._broken:
+                    read = asyncio.ensure_future(conn.read_response(timeout=math.inf, disconnect_on_error=False,
+                                                                    push_request=True))
+                    while not read.done():
+                        finished, _ = await asyncio.wait({read}, timeout=_PING_EVERY_S)
+                        if not finished:      # idle: prove the peer is alive
+                            await conn.send_packed_command([pack_commands([("PING",)])], check_health=False)
+                    reply, read = read.result(), None
+                    self._handle(reply)
+                raise OSError("the pub/sub connection broke while sending")
             except (*REDIS_ERRORS, OSError, ValueError) as exc:
                 if self._stopped:
                     break
@@ -137,36 +175,14 @@ class _Listener:
                 self._hub.down("listener", BackendConnectionError(
                     f"Redis unreachable while waiting for results ({self._label}): {exc}"))
             finally:
+                self._conn = None
                 self.listening = False
                 self._hub.kick()              # the reader polls while nothing is announced
-                if sender is not None:
-                    sender.cancel()
-                    await asyncio.gather(sender, return_exceptions=True)
+                if read is not None:
+                    read.cancel()
+                    await asyncio.gather(read, return_exceptions=True)
                 await asyncio.shield(_disconnect(conn))
             await asyncio.sleep(backoff.next())
-
-    async def _send_loop(self, conn: Any, subscribed: set[bytes]) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._changes.wait(), _PING_EVERY_S)
-            except TimeoutError:
-                await conn.send_packed_command([pack_commands([("PING",)])], check_health=False)
-                continue
-            self._changes.clear()
-            await self._sync(conn, subscribed, self._hub.take_changes())
-
-    async def _read_loop(self, conn: Any, sender: asyncio.Task) -> None:
-        read = asyncio.ensure_future(conn.read_response(timeout=math.inf, disconnect_on_error=False,
-                                                        push_request=True))
-        while True:
-            done, _ = await asyncio.wait({read, sender}, return_when=asyncio.FIRST_COMPLETED)
-            if sender in done:               # it only ends on an error: raise it
-                read.cancel()
-                sender.result()
-                raise OSError("the pub/sub sender stopped")
-            self._handle(read.result())
-            read = asyncio.ensure_future(conn.read_response(timeout=math.inf, disconnect_on_error=False,
-                                                            push_request=True))
 
     def _handle(self, reply: Any) -> None:
         if not isinstance(reply, (list, tuple)) or len(reply) < 3:
@@ -180,7 +196,10 @@ class _Listener:
         elif kind == b"subscribe":
             self._hub.confirmed([self._task_id(reply[1])])
 
-    async def _sync(self, conn: Any, subscribed: set[bytes], changes: list[tuple[str, bool]]) -> None:
+    def _sync_commands(self, changes: list[tuple[str, bool]]) -> tuple[list[tuple], list[str]]:
+        """The (UN)SUBSCRIBE commands ``changes`` call for, and the ids already subscribed
+        (to read now)."""
+        subscribed = self._subscribed
         to_sub: list[bytes] = []
         to_unsub: list[bytes] = []
         ready: list[str] = []
@@ -197,10 +216,7 @@ class _Listener:
                 to_unsub.append(ch)
         commands = [(command, *channels[i:i + _BATCH]) for command, channels in
                     (("SUBSCRIBE", to_sub), ("UNSUBSCRIBE", to_unsub)) for i in range(0, len(channels), _BATCH)]
-        if commands:
-            await conn.send_packed_command([pack_commands(commands)], check_health=False)
-        if ready:
-            self._hub.confirmed(ready)
+        return commands, ready
 
     def _task_id(self, channel: bytes) -> str:
         return channel[len(self._prefix):len(channel) - len(self._suffix)].decode()

@@ -36,12 +36,23 @@ from ..results import TaskStatus
 from ..stores.base import Backoff
 from .waiting import Waiter
 
-__all__ = ["AsyncWaitHub", "AsyncWaiter"]
+__all__ = ["AsyncWaitHub", "AsyncWaiter", "wait_event"]
 
 log = logging.getLogger("stem.backends")
 
 _READ_CHUNK = 1000
 _FIRST_READ_GRACE_S = 10.0
+
+
+async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for ``event`` at most ``timeout`` seconds (None: no limit); whether it was set.
+    (``asyncio.timeout``, not ``wait_for``: no inner task, so a cancel lands at once.)"""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return False
 
 
 class _Wake:
@@ -139,10 +150,7 @@ class AsyncWaitHub:
                 waiter.error = self._down_error()
                 break
             event.clear()
-            try:
-                await asyncio.wait_for(event.wait(), (until if fail_at is None else min(until, fail_at)) - now)
-            except TimeoutError:
-                pass
+            await wait_event(event, (until if fail_at is None else min(until, fail_at)) - now)
         if waiter.error is not None:
             raise waiter.error
 
@@ -263,10 +271,7 @@ class AsyncWaitHub:
                 self._dirty.clear()
                 return ids, polled_at
             work.clear()
-            try:
-                await asyncio.wait_for(work.wait(), None if interval is None else polled_at + interval - now)
-            except TimeoutError:
-                pass
+            await wait_event(work, None if interval is None else polled_at + interval - now)
 
     async def _read_loop(self) -> None:
         backoff: Backoff | None = None
