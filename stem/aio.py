@@ -49,7 +49,7 @@ from .backends.waiting_async import AsyncWaitHub
 from .brokers.base import Keyed, Message
 from .errors import BrokerError, ConfigurationError, InvalidTaskOptionsError, TaskTimeoutError
 from .handles import AsyncTaskRef, TaskHandle
-from .producer import BatchIds, Stem, WaitResult, _as_completed_timeout, _handle_arguments
+from .producer import BatchIds, Stem, WaitResult, as_completed_timeout, handle_arguments
 from .results import TaskState, TaskStatus
 from .revocation import revocation_args
 
@@ -126,7 +126,7 @@ class AsyncStem:
 
     async def call(self, handle: TaskHandle[P, R], /, *args: P.args, **kwargs: P.kwargs) -> AsyncTaskRef[R]:
         """``Stem.call``, awaited: the arguments are checked here, before the enqueue is awaited."""
-        args_dict = _handle_arguments(handle, args, kwargs)
+        args_dict = handle_arguments(handle, args, kwargs)
         task_id = await self.enqueue(handle.name, args_dict, **handle.enqueue_options)
         return AsyncTaskRef(self, task_id, handle.name)
 
@@ -214,7 +214,7 @@ class AsyncStem:
             finally:
                 hub.close(waiter)
         if pending:
-            raise _as_completed_timeout(pending, ids, timeout)
+            raise as_completed_timeout(pending, ids, timeout)
 
     async def revoke(self, task_ids: str | Sequence[str], expires: float | None = None) -> None:
         """``Stem.revoke``, awaited (signed proofs when the producer has a signer)."""

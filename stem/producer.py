@@ -287,7 +287,7 @@ class Stem:
         take raises ``InvalidTaskOptionsError`` before anything is published.  Enqueue
         options come from the handle (``send.with_options(countdown=5)``), never from
         keywords here, which all belong to the task."""
-        args_dict = _handle_arguments(handle, args, kwargs)
+        args_dict = handle_arguments(handle, args, kwargs)
         return TaskRef(self, self.enqueue(handle.name, args_dict, **handle.enqueue_options), handle.name)
 
     def enqueue_child(self, name: str, args: dict[str, Any] | None, *, options: TaskOptions | None,
@@ -575,7 +575,7 @@ class Stem:
         self.close()
 
 
-def _handle_arguments(handle: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def handle_arguments(handle: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(handle, TaskHandle):
         raise InvalidTaskOptionsError(
             f"call() takes a task handle (what @registry.task returns), got {handle!r}; "
@@ -606,10 +606,10 @@ def _as_completed(statuses: Iterator[TaskStatus], ids: list[str], timeout: float
         pending.pop(status.id, None)
         yield status
     if pending:
-        raise _as_completed_timeout(pending, ids, timeout)
+        raise as_completed_timeout(pending, ids, timeout)
 
 
-def _as_completed_timeout(pending: dict[str, Any], ids: list[str], timeout: float) -> TaskTimeoutError:
+def as_completed_timeout(pending: dict[str, Any], ids: list[str], timeout: float) -> TaskTimeoutError:
     """``as_completed``'s error (sync and async) naming the ids still ``pending``."""
     shown = list(pending)[:10]
     more = f" and {len(pending) - len(shown)} more" if len(pending) > len(shown) else ""
