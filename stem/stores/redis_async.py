@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - older or newer redis-py: one read_resp
 
 from .redis import REDIS_ERRORS, NoScriptError, pack_commands, raise_first_error
 
-__all__ = ["AsyncRedisStore"]
+__all__ = ["AsyncRedisStore", "HIREDIS_READER", "HIREDIS_MORE"]
 
 log = logging.getLogger("stem.stores.redis")
 T = TypeVar("T")
@@ -78,6 +78,11 @@ async def _read_replies(conn: Any, n: int) -> list:
         except redis.ResponseError as exc:
             out.append(exc)
     return out
+
+
+#: hiredis's reader class and redis-py's "need more bytes" marker (None without them), for the
+#: pub/sub listener that reads replies the same way.
+HIREDIS_READER, HIREDIS_MORE = _Reader, _MORE
 
 
 class AsyncRedisStore:
