@@ -35,7 +35,7 @@ import redis
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from stem import AsyncStem, TaskRegistry, TaskState, TaskStatus  # noqa: E402
+from stem import AsyncStem, TaskRegistry  # noqa: E402
 from stem.backends import RedisResultBackend  # noqa: E402
 from stem.brokers import RedisBroker  # noqa: E402
 
@@ -98,6 +98,21 @@ class LagProbe:
         return f"p50 {p(0.5):.2f} ms, p99 {p(0.99):.2f} ms, max {lags[-1] * 1000:.2f} ms ({len(lags)} samples)"
 
 
+_STORE = """
+import sys
+from stem import TaskState, TaskStatus
+from stem.backends import RedisResultBackend
+url, ns, ids = sys.argv[1], sys.argv[2], sys.argv[3:]
+backend = RedisResultBackend(url, namespace=ns)
+backend.store_many([TaskStatus(id=i, state=TaskState.SUCCEEDED, result=1) for i in ids])
+backend.close()
+"""
+
+
+async def _nop(i: int) -> int:
+    return i
+
+
 async def one_round(url: str, n: int, probe_client: redis.Redis) -> dict:
     ns = f"bench{os.getpid()}x{time.monotonic_ns() % 10**6}"
     broker, backend = RedisBroker(url, namespace=ns), RedisResultBackend(url, namespace=ns)
@@ -112,6 +127,9 @@ async def one_round(url: str, n: int, probe_client: redis.Redis) -> dict:
         for i in range(n):
             await stem.enqueue("bench.echo", {"i": i})
         out["serial_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        await asyncio.gather(*(_nop(i) for i in range(n)))     # asyncio's own cost of a gathered coroutine
+        out["nop_s"] = time.perf_counter() - t
 
         probe = LagProbe()
         probe.start()
@@ -125,8 +143,8 @@ async def one_round(url: str, n: int, probe_client: redis.Redis) -> dict:
         await asyncio.sleep(1.0)
         out["connections"] = int(probe_client.info("clients")["connected_clients"]) - 1
         probe.phase("delivery")
-        await asyncio.to_thread(backend.store_many, [TaskStatus(id=i, state=TaskState.SUCCEEDED, result=1)
-                                                     for i in ids])
+        # the results land from another process (as a worker's would): no GIL shared with the loop
+        await asyncio.to_thread(subprocess.run, [sys.executable, "-c", _STORE, url, ns, *ids], check=True)
         await waits
         probe.phase("after")
         await probe.stop()
@@ -158,6 +176,10 @@ def main() -> None:
                     print(f"round {r + 1}: gathered {g:,.0f}/s ({res['gather_round_trips']} round trips), "
                           f"one after another {s:,.0f}/s, ratio {g / s:.1f}x; "
                           f"connections {res['connections']}")
+                    print(f"    per task: gathered {res['gather_s'] / args.tasks * 1e6:.1f} us, one after another "
+                          f"{res['serial_s'] / args.tasks * 1e6:.1f} us; a gathered no-op coroutine "
+                          f"{res['nop_s'] / args.tasks * 1e6:.1f} us (ceiling of the ratio: "
+                          f"{res['serial_s'] / res['nop_s']:.1f}x)")
                     for phase, text in res["lag"].items():
                         print(f"    loop lag, {phase:8s}: {text}")
         finally:
