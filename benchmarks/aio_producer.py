@@ -8,8 +8,9 @@ nothing else shares the server), all figures from one run:
 2. Event-loop lag while 10,000 ``wait_for_task`` calls are pending: a ticker coroutine
    asks for 1 ms sleeps and records how late each wakes (p50 / p99 / max), split into
    the registration phase (10,000 subscribes and their first reads) and the steady
-   pending phase; then the results land (one pipeline of 10,000 SET+PUBLISH) and the
-   lag while they are delivered is recorded too.
+   pending phase; then the results land (one pipeline of 10,000 SET+PUBLISH, from another
+   process) and the lag while they are delivered is recorded too.  A baseline phase (the
+   ticker alone, nothing pending) shows what the machine itself adds.
 3. Connections to Redis while all of it runs (``connected_clients`` minus the probe).
 
     .venv/bin/python benchmarks/aio_producer.py [--tasks 10000] [--rounds 3]
@@ -133,6 +134,8 @@ async def one_round(url: str, n: int, probe_client: redis.Redis) -> dict:
 
         probe = LagProbe()
         probe.start()
+        probe.phase("baseline")                  # nothing pending: the machine's own noise
+        await asyncio.sleep(1.0)
         probe.phase("register")
         waits = asyncio.gather(*(stem.wait_for_task(i, timeout=120) for i in ids))
         hub = stem._results.hub
@@ -148,7 +151,7 @@ async def one_round(url: str, n: int, probe_client: redis.Redis) -> dict:
         await waits
         probe.phase("after")
         await probe.stop()
-        out["lag"] = {k: probe.summary(k) for k in ("register", "pending", "delivery")}
+        out["lag"] = {k: probe.summary(k) for k in ("baseline", "register", "pending", "delivery")}
         out["pending_p99_ms"] = sorted(probe.series["pending"])[int(0.99 * len(probe.series["pending"]))] * 1000
     keys = list(probe_client.scan_iter(f"{ns}:*", count=1000))
     for i in range(0, len(keys), 1000):

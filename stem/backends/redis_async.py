@@ -41,7 +41,7 @@ log = logging.getLogger("stem.backends.redis")
 
 _BATCH = 5000
 _PING_EVERY_S = 30.0
-_YIELD_EVERY = 500         # replies handled before the listener lets the loop run
+_YIELD_EVERY = 100         # replies handled before the listener lets the loop run
 _FALLBACK_POLL_S = 1.0
 
 
