@@ -144,6 +144,14 @@ async def one_round(url: str, n: int, probe_client: redis.Redis) -> dict:
         await asyncio.sleep(0.2)
         probe.phase("pending")
         await asyncio.sleep(1.0)
+        latencies = []
+        for i in range(200):                     # an unrelated enqueue while every wait is pending
+            t = time.perf_counter()
+            await stem.enqueue("bench.echo", {"i": i})
+            latencies.append(time.perf_counter() - t)
+        latencies.sort()
+        out["enqueue_while_pending"] = (f"enqueue while {n} waits pend: median {latencies[100] * 1e6:.0f} us, "
+                                        f"max {latencies[-1] * 1e6:.0f} us")
         out["connections"] = int(probe_client.info("clients")["connected_clients"]) - 1
         probe.phase("delivery")
         # the results land from another process (as a worker's would): no GIL shared with the loop
@@ -183,6 +191,7 @@ def main() -> None:
                           f"{res['serial_s'] / args.tasks * 1e6:.1f} us; a gathered no-op coroutine "
                           f"{res['nop_s'] / args.tasks * 1e6:.1f} us (ceiling of the ratio: "
                           f"{res['serial_s'] / res['nop_s']:.1f}x)")
+                    print(f"    {res['enqueue_while_pending']}")
                     for phase, text in res["lag"].items():
                         print(f"    loop lag, {phase:8s}: {text}")
         finally:
