@@ -301,7 +301,9 @@ def _adapters(stem: Stem, local: Callable[[], concurrent.futures.Executor]) -> t
     """(publisher, results) for ``stem``'s broker and backend: native where there is a native
     async client, on the ``local`` executor otherwise.  Broker and backend on one Redis share
     one command connection."""
+    from .backends.postgres import PostgresResultBackend
     from .backends.redis import RedisResultBackend
+    from .brokers.postgres import PostgresBroker
     from .brokers.redis import RedisBroker
     broker, backend = stem.broker, stem.backend
     publisher: Any
@@ -312,7 +314,7 @@ def _adapters(stem: Stem, local: Callable[[], concurrent.futures.Executor]) -> t
         if isinstance(backend, RedisResultBackend):
             from .backends.redis_async import AsyncRedisResults
             results = AsyncRedisResults(backend, publisher.store if backend.shares_store_with(broker) else None)
-    elif _is_postgres(broker):
+    elif isinstance(broker, PostgresBroker):
         from .brokers.postgres_async import AsyncPostgresPublisher
         publisher = AsyncPostgresPublisher(broker)
     else:
@@ -321,17 +323,12 @@ def _adapters(stem: Stem, local: Callable[[], concurrent.futures.Executor]) -> t
         if isinstance(backend, RedisResultBackend):
             from .backends.redis_async import AsyncRedisResults
             results = AsyncRedisResults(backend)
-        elif _is_postgres(backend):
+        elif isinstance(backend, PostgresResultBackend):
             from .backends.postgres_async import AsyncPostgresResults
             results = AsyncPostgresResults(backend)
         else:
             results = _LocalResults(backend, local)
     return publisher, results
-
-
-def _is_postgres(adapter: Any) -> bool:
-    module = type(adapter).__module__
-    return module in ("stem.brokers.postgres", "stem.backends.postgres")
 
 
 class _LocalPublisher:
