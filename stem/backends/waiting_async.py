@@ -307,6 +307,11 @@ class AsyncWaitHub:
                 backoff = backoff or Backoff()
                 await asyncio.sleep(backoff.next())
                 continue
+            except Exception:    # noqa: BLE001 - the reader must outlive a bug in one read
+                log.exception("stem: reading waited statuses failed")
+                self._dirty.update(dict.fromkeys(i for i in ids if i in self._waiters))
+                await asyncio.sleep(1.0)
+                continue
             backoff = None
             self.up("reader")
 
