@@ -426,7 +426,8 @@ class RedisResultBackend(ResultBackend):
 
     # -- misc -------------------------------------------------------------------------------
     def ping(self) -> None:
-        self._call(self._client.ping, "ping")
+        """One PING on the connection round trips use (it connects it, if need be)."""
+        self._call(lambda: raise_first_error(execute(self._client, [("PING",)])), "ping")
 
     def close(self) -> None:
         self._subscriber.stop()

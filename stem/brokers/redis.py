@@ -588,7 +588,8 @@ class RedisBroker(Broker):
         return sorted(n.decode() for n in names)
 
     def ping(self) -> None:
-        self._call(self._client.ping, "ping")
+        """One PING on the connection round trips use (it connects it, if need be)."""
+        self._call(lambda: raise_first_error(execute(self._client, [("PING",)])), "ping")
 
     def close(self) -> None:
         self._closed = True
