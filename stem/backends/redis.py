@@ -426,8 +426,7 @@ class RedisResultBackend(ResultBackend):
 
     # -- misc -------------------------------------------------------------------------------
     def ping(self) -> None:
-        """One PING on the connection round trips use (it connects it, if need be)."""
-        self._call(lambda: raise_first_error(execute(self._client, [("PING",)])), "ping")
+        self._call(self._client.ping, "ping")
 
     def close(self) -> None:
         self._subscriber.stop()

@@ -588,8 +588,7 @@ class RedisBroker(Broker):
         return sorted(n.decode() for n in names)
 
     def ping(self) -> None:
-        """One PING on the connection round trips use (it connects it, if need be)."""
-        self._call(lambda: raise_first_error(execute(self._client, [("PING",)])), "ping")
+        self._call(self._client.ping, "ping")
 
     def close(self) -> None:
         self._closed = True

@@ -41,8 +41,8 @@ from ..errors import ConfigurationError
 from ..redact import mask_url
 from .base import BROKER_ERRORS, Backoff, Store, StoreErrors
 from .local import after_fork_in_child
-from .redis_pipe import dedicate, execute, execute_last, execute_packed, execute_unread, pack_commands, pack_xadds, \
-    raise_first_error, undedicate
+from .redis_pipe import execute, execute_last, execute_packed, execute_unread, pack_commands, pack_xadds, \
+    raise_first_error
 
 __all__ = ["RedisStore", "validate_namespace", "REDIS_ERRORS", "ReplyError", "NoScriptError", "execute",
            "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds", "raise_first_error"]
@@ -95,7 +95,6 @@ def _acquire(url: str, socket_timeout: float, connect_timeout: float) -> "redis.
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {exc}") from exc
             entry = _pools[key] = [redis.Redis(connection_pool=pool), 0]
-            dedicate(pool)
         entry[1] += 1
         return entry[0]
 
@@ -107,7 +106,6 @@ def _release(client: "redis.Redis") -> None:
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del _pools[key]
-                    undedicate(client.connection_pool)
                     client.connection_pool.disconnect()
                 return
 

@@ -22,10 +22,7 @@ does.
 
 from __future__ import annotations
 
-import os
 import socket
-import threading
-import weakref
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import redis
@@ -37,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is a core dependency
     _Reader = None
 
-__all__ = ["dedicate", "undedicate", "execute", "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds",
+__all__ = ["execute", "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds",
            "raise_first_error"]
 
 _resp = _native.load("resp")
@@ -82,60 +79,9 @@ def _read_replies(conn: Any, n: int) -> list:
     return out
 
 
-class _Dedicated:
-    """One connection of a pool's server kept outside the pool, for the round trips that find
-    it free: no checkout and release (with their locks and hooks) around each one.  A round
-    trip that finds it busy (another thread's) takes a pooled connection as before, so no
-    caller waits on another.  Made anew in a forked child (its ``pid``)."""
-
-    __slots__ = ("lock", "conn", "pid")
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.conn: Any = None
-        self.pid = 0
-
-    def close(self) -> None:
-        with self.lock:
-            conn, self.conn = self.conn, None
-            if conn is not None and self.pid == os.getpid():
-                conn.disconnect()
-
-
-_dedicated: "weakref.WeakKeyDictionary[Any, _Dedicated]" = weakref.WeakKeyDictionary()
-
-
-def dedicate(pool: Any) -> None:
-    """Give ``pool``'s round trips a dedicated connection (``RedisStore`` does, per pool)."""
-    _dedicated.setdefault(pool, _Dedicated())
-
-
-def undedicate(pool: Any) -> None:
-    """Close ``pool``'s dedicated connection (before the pool is disconnected)."""
-    d = _dedicated.pop(pool, None)
-    if d is not None:
-        d.close()
-
-
 def _round_trip(client: "redis.Redis", packed: bytes, read: Callable[[Any], _T]) -> _T:
-    """Send ``packed`` on the pool's dedicated connection when it is free, else on a pooled
-    one, and return ``read(conn)`` (its replies)."""
+    """Send ``packed`` on one pooled connection and return ``read(conn)`` (its replies)."""
     pool = client.connection_pool
-    d = _dedicated.get(pool)
-    if d is not None and d.lock.acquire(False):
-        try:
-            conn = d.conn
-            if conn is None or d.pid != os.getpid():
-                conn = d.conn = pool.connection_class(**pool.connection_kwargs)
-                d.pid = os.getpid()
-            try:
-                conn.send_packed_command([packed], check_health=False)
-                return read(conn)
-            except BaseException:
-                conn.disconnect()   # never reuse a connection with replies still in flight
-                raise
-        finally:
-            d.lock.release()
     conn = pool.get_connection()
     try:
         conn.send_packed_command([packed], check_health=False)
