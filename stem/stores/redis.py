@@ -2,8 +2,7 @@
 
 Connections: one ``redis.ConnectionPool`` per (URL, timeouts) in a process,
 shared by every ``RedisStore`` made for it (brokers and result backends) and
-disconnected when the last one closes, with one dedicated connection beside
-it for the pipelined round trips that find it free (``stem.stores.redis_pipe``).  redis-py resets a pool in a forked
+disconnected when the last one closes.  redis-py resets a pool in a forked
 child (it checks the pid), so a child never reuses its parent's sockets; the
 registry's lock is made anew in a child (``stem.stores.local``).
 

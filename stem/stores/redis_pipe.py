@@ -4,16 +4,12 @@ redis-py's ``Pipeline`` spends more Python per command (argument encoding,
 per-command bookkeeping, response callbacks) than Redis spends running a SET
 or an XADD (figures: ``benchmarks/README.md``, "Redis").  Here a batch is packed into one buffer by
 ``stem._speedups.resp`` (or its pure twin), written with one
-``send_packed_command``, and the replies are pulled straight from the
-connection's hiredis reader.
+``send_packed_command`` on a connection borrowed from the client's pool, and
+the replies are pulled straight from the connection's hiredis reader.
 
-The connection: each pool ``RedisStore`` makes has one dedicated connection
-(``dedicate``), taken by a round trip that finds it free (a non-blocking
-lock), which saves the pool's checkout and release around every call; a round
-trip that finds it busy borrows a pooled connection, so no thread waits on
-another.  A socket error or timeout disconnects the connection used (so it
-is never reused mid-reply; the next round trip connects again) and surfaces
-as ``redis.ConnectionError``/``TimeoutError``, which
+The connection handling stays redis-py's: the pool hands out a checked
+connection, a socket error or timeout disconnects it (so it is never reused
+mid-reply) and surfaces as ``redis.ConnectionError``/``TimeoutError``, which
 ``RedisStore.call`` retries.  Error replies are returned in place (as
 redis-py's typed exceptions, e.g. ``NoScriptError``); ``raise_first_error``
 raises the first one after every reply was read, as ``Pipeline.execute``
