@@ -105,6 +105,18 @@ def test_peers_bare_loop_and_stem_drive_and_summarize():
 
 
 @needs_redis
+def test_peers_single_enqueue_mode_drives_every_task_through_the_one_task_call():
+    import run as peers
+    res = peers.run(["stem", "bare"], base_url="redis://127.0.0.1:6379", tasks=1000, concurrency=2, warmup=20,
+                    repeat=1, timeout=45, progress=False, producer_mode="single")
+    assert not [r for r in res["runs"] if "error" in r], res["runs"]
+    assert res["config"]["producer"] == "single"
+    rows = {r["system"]: r for r in res["summary"]}
+    assert rows["stem"]["extra_runs"] == 0 and rows["bare"]["per_s"] > 0
+    assert rows["stem"]["producer_cpu_us"] > 0
+
+
+@needs_redis
 @pytest.mark.parametrize("yield_cpu", [True, False])
 def test_cpu_latency_reports_latencies_and_leaves_nothing_behind(yield_cpu):
     import redis
@@ -125,3 +137,12 @@ def test_in_process_cpu_is_not_rounded_to_clock_ticks():
     burnt = time.thread_time() - t0
     root1, _ = meter.cpu_split()
     assert root1 - root0 >= burnt
+
+
+@needs_redis
+def test_dashboard_render_bench_times_every_page():
+    pytest.importorskip("starlette", reason="the dashboard extra is not installed")
+    import dashboard_render
+    res = dashboard_render.run(REDIS_URL, workers=3, queues=5, renders=2)
+    assert set(res["pages"]) == set(dashboard_render.PAGES)
+    assert all(f["median_ms"] > 0 and f["bytes"] > 0 for f in res["pages"].values())

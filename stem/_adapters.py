@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import importlib
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
 
 # scheme -> the module suffix both packages use for that adapter
 SCHEMES = {"redis": "redis", "rediss": "redis", "unix": "redis",
+           "redis+sentinel": "redis", "rediss+sentinel": "redis",
            "postgres": "postgres", "postgresql": "postgres", "sqlite": "sqlite"}
-URL_FORMS = "memory://, sqlite:///path, redis://host:port/db or postgresql://user@host/db"
+URL_FORMS = ("memory://, sqlite:///path, redis://host:port/db, redis+sentinel://host:port[,host:port]/service/db "
+             "or postgresql://user@host/db")
 
 
 def lazy_class(package: str, lazy: dict[str, str], name: str) -> Any:
@@ -30,7 +31,7 @@ def from_url(kind: str, package: str, class_suffix: str, url: str, memory: dict[
              make_memory: Callable[[str], Any], reuse: Callable[[Any], bool], kwargs: dict[str, Any]) -> Any:
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(f"bad {kind} URL {url!r}: expected {URL_FORMS}")
-    scheme = urlsplit(url).scheme.lower()
+    scheme = url.partition("://")[0].lower()   # not urlsplit: it raises on an unbalanced "["
     if scheme == "memory":
         key = url[len("memory://"):]
         inst = memory.get(key)

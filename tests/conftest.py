@@ -23,7 +23,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -134,44 +134,77 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-@pytest.fixture(scope="session")
-def private_redis_url(tmp_path_factory) -> Iterator[str]:
-    """A redis-server of this test run alone, for tests that change the whole server (SCRIPT
-    FLUSH empties every client's script cache, the other build's run included)."""
+def require_redis_server() -> None:
+    """Skip (fail under ``STEM_REQUIRE_SERVICES=1``) when there is no redis-server to start."""
     import shutil
-
-    from .support import RedisServer
     if shutil.which("redis-server") is None:
         if REQUIRE_SERVICES:
             pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
         pytest.skip("redis-server is not on PATH")
+
+
+@pytest.fixture(scope="session")
+def private_redis_url(tmp_path_factory) -> Iterator[str]:
+    """A redis-server of this test run alone, for tests that change the whole server (SCRIPT
+    FLUSH empties every client's script cache, the other build's run included)."""
+    from .support import RedisServer
+    require_redis_server()
     server = RedisServer(tmp_path_factory.mktemp("private-redis")).start()
     yield server.url
     server.kill()
 
 
+@pytest.fixture(scope="session")
+def sentinel_setup(tmp_path_factory):
+    """A master, a replica and a sentinel of this test run alone (tests/support.py), shared by
+    the tests that only read and write through it; a test that fails over starts its own."""
+    from .support import SentinelSetup
+    require_redis_server()
+    setup = SentinelSetup(tmp_path_factory.mktemp("sentinel")).start()
+    yield setup
+    setup.stop()
+
+
 @pytest.fixture
-def raw(redis_url, namespace):
-    """A plain redis-py client on the test server; the test's namespace is dropped afterwards."""
+def own_sentinel(tmp_path):
+    """A master, a replica and a sentinel of this test alone: for a test that fails over."""
+    from .support import SentinelSetup
+    require_redis_server()
+    setup = SentinelSetup(tmp_path / "sentinel").start()
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A redis-server of this test alone (tests/support.py ``RedisServer``), to kill and restart."""
+    from .support import RedisServer
+    require_redis_server()
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()
+
+
+def _namespace_client(url: str, namespace: str) -> Iterator[Any]:
     import redis
 
     from .support import drop_namespace
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(url)
     yield client
     drop_namespace(client, namespace)
     client.close()
+
+
+@pytest.fixture
+def raw(redis_url, namespace):
+    """A plain redis-py client on the test server; the test's namespace is dropped afterwards."""
+    yield from _namespace_client(redis_url, namespace)
 
 
 @pytest.fixture
 def private_raw(private_redis_url, namespace):
     """``raw`` on a server of this run alone: for the tests that flush its script cache."""
-    import redis
-
-    from .support import drop_namespace
-    client = redis.Redis.from_url(private_redis_url)
-    yield client
-    drop_namespace(client, namespace)
-    client.close()
+    yield from _namespace_client(private_redis_url, namespace)
 
 
 @pytest.fixture

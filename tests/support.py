@@ -404,18 +404,13 @@ def private_postgres_cluster(require: bool = False) -> Iterator[PrivateCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisServer:
     """A private redis-server: ``start`` polls until it answers (with a deadline), ``kill`` is SIGKILL."""
 
-    def __init__(self, directory, port: int | None = None):
+    def __init__(self, directory, port: int | None = None, args: Sequence[str] = ()):
         self.dir = str(directory)
         self.port = port or free_port()
+        self.args = list(args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -427,7 +422,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes", "--appendfsync", "always", "--dir", self.dir,
-             "--logfile", os.path.join(self.dir, "redis.log")],
+             "--logfile", os.path.join(self.dir, "redis.log"), *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while True:
@@ -454,3 +449,91 @@ class RedisServer:
     def restart(self) -> "RedisServer":
         self.kill()
         return self.start()
+
+
+class SentinelSetup:
+    """A Redis master, one replica and one sentinel (quorum 1) of the test's own, on free
+    ports: ``url`` is the ``redis+sentinel://`` URL of its service; ``failover_by_kill``
+    SIGKILLs the master and returns once the sentinel names the promoted replica."""
+
+    SERVICE = "stemmaster"
+
+    def __init__(self, directory):
+        self.dir = pathlib.Path(directory)
+        (self.dir / "master").mkdir(parents=True, exist_ok=True)
+        (self.dir / "replica").mkdir(parents=True, exist_ok=True)
+        (self.dir / "sentinel").mkdir(parents=True, exist_ok=True)
+        self.master = RedisServer(self.dir / "master")
+        self.replica = RedisServer(self.dir / "replica",
+                                   args=["--replicaof", "127.0.0.1", str(self.master.port)])
+        self.sentinel_port = free_port()
+        self.sentinel: subprocess.Popen | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.SERVICE}/{db}"
+
+    def _sentinel_client(self):
+        import redis
+        return redis.Redis(port=self.sentinel_port, socket_timeout=2, socket_connect_timeout=2,
+                           decode_responses=True)
+
+    def master_port(self) -> int | None:
+        import redis
+        try:
+            with self._sentinel_client() as client:
+                addr = client.execute_command("SENTINEL", "get-master-addr-by-name", self.SERVICE)
+        except (redis.ConnectionError, redis.TimeoutError):
+            return None
+        return int(addr[1]) if addr else None
+
+    def _replica_known(self) -> bool:
+        import redis
+        try:
+            with self._sentinel_client() as client:
+                replicas = client.execute_command("SENTINEL", "replicas", self.SERVICE)
+        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
+            return False
+        for entry in replicas:
+            fields = dict(zip(entry[::2], entry[1::2])) if isinstance(entry, list) else entry
+            if (int(fields.get("port", 0)) == self.replica.port and "s_down" not in fields.get("flags", "")
+                    and fields.get("master-link-status") == "ok"):
+                return True
+        return False
+
+    def start(self, timeout: float = 30.0) -> "SentinelSetup":
+        self.master.start()
+        self.replica.start()
+        conf = self.dir / "sentinel" / "sentinel.conf"
+        conf.write_text(
+            f"port {self.sentinel_port}\nbind 127.0.0.1\ndir {self.dir / 'sentinel'}\n"
+            f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {self.SERVICE} 500\n"
+            f"sentinel failover-timeout {self.SERVICE} 5000\n"
+            f"sentinel parallel-syncs {self.SERVICE} 1\n")
+        self.sentinel = subprocess.Popen(
+            ["redis-server", str(conf), "--sentinel", "--logfile", str(self.dir / "sentinel" / "sentinel.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.master_port() == self.master.port and self._replica_known(), timeout,
+                 "the sentinel to know the master and its replica")
+        return self
+
+    def wait_replicated(self, timeout: float = 30.0) -> None:
+        """Return once the replica has every write the master took so far (WAIT 1)."""
+        import redis
+        with redis.Redis(port=self.master.port, socket_timeout=timeout + 5) as client:
+            acked = client.execute_command("WAIT", 1, int(timeout * 1000))
+        if acked < 1:
+            raise AssertionError(f"the replica did not catch up within {timeout}s")
+
+    def failover_by_kill(self, timeout: float = 60.0) -> None:
+        self.master.kill()
+        wait_for(lambda: self.master_port() == self.replica.port, timeout,
+                 "the sentinel to promote the replica")
+
+    def stop(self) -> None:
+        if self.sentinel is not None and self.sentinel.poll() is None:
+            self.sentinel.kill()
+            self.sentinel.wait(10)
+        self.sentinel = None
+        self.replica.kill()
+        self.master.kill()

@@ -3,11 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -20,22 +15,10 @@ from stem.brokers.base import Keyed, Message
 from stem.brokers.redis import N_LANES, RedisBroker
 from stem.errors import BackendConnectionError, BrokerConnectionError
 from stem.results import TaskState, TaskStatus
-from tests.conftest import REQUIRE_SERVICES
-from tests.support import RedisServer, free_port as _free_port
+from tests.support import free_port as _free_port
 
 pytestmark = pytest.mark.redis
 Q = "faults"
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    if shutil.which("redis-server") is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
-        pytest.skip("redis-server is not on PATH")
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.kill()
 
 
 def msg(frame: bytes, **kw) -> Message:

@@ -3,7 +3,6 @@ the number of waits; a lost or restarted server), SQLite (one poller per backend
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 import uuid
@@ -15,9 +14,7 @@ from stem.backends.redis import RedisResultBackend
 from stem.backends.sqlite import SqliteResultBackend
 from stem.errors import BackendConnectionError
 from stem.results import TaskState, TaskStatus
-from tests.conftest import REQUIRE_SERVICES
 from tests.support import drop_namespace, wait_for
-from tests.test_redis_faults import RedisServer
 
 
 def tid() -> str:
@@ -104,17 +101,6 @@ def test_waiters_survive_the_listener_connection_being_killed(named):
     storer.store_many([ok(i) for i in ids[25:]])                      # announced on the new connection
     t.join(30)
     assert set(out) == set(ids)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    if shutil.which("redis-server") is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
-        pytest.skip("redis-server is not on PATH")
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.kill()
 
 
 def test_waiters_get_statuses_stored_after_a_redis_restart(redis_server):

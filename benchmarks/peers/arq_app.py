@@ -58,3 +58,15 @@ def produce(n: int) -> None:
             await pool.close()
 
     asyncio.run(go())
+
+
+def produce_single(n: int) -> None:
+    async def go():
+        pool = await create_pool(REDIS, default_queue_name=QUEUE)
+        try:
+            for _ in range(n):
+                await pool.enqueue_job("incr")
+        finally:
+            await pool.close()
+
+    asyncio.run(go())

@@ -51,5 +51,12 @@ def produce(n: int) -> None:
         r.rpush(KEY, *([frame] * k))
 
 
+def produce_single(n: int) -> None:
+    r = client()
+    frame = msgspec.msgpack.encode(["incr", {}])
+    for _ in range(n):
+        r.rpush(KEY, frame)
+
+
 if __name__ == "__main__":
     sys.exit(loop())

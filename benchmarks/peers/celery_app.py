@@ -35,3 +35,8 @@ def produce(n: int) -> None:
     with app.producer_or_acquire() as producer:
         for _ in range(n):
             incr.apply_async(producer=producer)
+
+
+def produce_single(n: int) -> None:
+    for _ in range(n):
+        incr.delay()

@@ -27,3 +27,9 @@ def produce(n: int) -> None:
     q = Queue(QUEUE, connection=Redis.from_url(REDIS_URL))
     for k in chunks(n, 500):
         q.enqueue_many([Queue.prepare_data(incr, result_ttl=0) for _ in range(k)])
+
+
+def produce_single(n: int) -> None:
+    q = Queue(QUEUE, connection=Redis.from_url(REDIS_URL))
+    for _ in range(n):
+        q.enqueue(incr, result_ttl=0)

@@ -14,8 +14,11 @@ each system, in a fresh driver process:
    processes (arq, the bare loop);
 2. warm-up: ``--warmup`` tasks, waited for (the worker is up and connected);
 3. measured, end to end with producer and worker live together: a producer
-   thread in the driver enqueues ``--tasks`` tasks with the system's fastest
-   client API while the worker runs them; the clock runs from the first
+   thread in the driver enqueues ``--tasks`` tasks while the worker runs them,
+   with the system's fastest client API (``--producer batch``, the default:
+   batches where the system has them) or with its ordinary single-task call,
+   one task at a time, as a service enqueues (``--producer single``: each
+   app's ``produce_single``); the clock runs from the first
    enqueue until the counter shows every task done.  CPU over the same
    window: the worker tree (psutil: every process of the worker and its
    descendants, reaped children included), the producer thread
@@ -66,7 +69,8 @@ NEEDS = {"celery": "celery", "dramatiq": "dramatiq", "rq": "rq", "arq": "arq", "
 
 # -- the driver: one system, in its own process -------------------------------------------------------
 
-def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int, timeout: float) -> dict[str, Any]:
+def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int, timeout: float,
+          producer_mode: str = "batch") -> dict[str, Any]:
     import psutil
     import redis
     from _measure import TreeMeter, redis_server_pid, steady_rate
@@ -80,6 +84,7 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
         raise SystemExit(f"Redis db {db} (for {system}) is not empty ({r.dbsize()} keys); "
                          f"the benchmark deletes every key of it afterwards, so it must start empty")
     app = importlib.import_module(module)
+    produce = app.produce_single if producer_mode == "single" else app.produce
     from _common import COUNTER
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p))
     separate = getattr(app, "PROCESSES_ARE_SEPARATE", False)
@@ -119,7 +124,7 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
         def producer() -> None:
             try:
                 t = time.thread_time()
-                app.produce(tasks)
+                produce(tasks)
                 box["cpu"] = time.thread_time() - t
                 box["t"] = time.time()
             except BaseException as exc:  # noqa: BLE001
@@ -187,7 +192,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 # -- the runner ---------------------------------------------------------------------------------------
 
 def run(systems: list[str], *, base_url: str, tasks: int, concurrency: int, warmup: int, repeat: int,
-        timeout: float, progress: bool = True) -> dict[str, Any]:
+        timeout: float, progress: bool = True, producer_mode: str = "batch") -> dict[str, Any]:
     """Every system ``repeat`` times (rotated order); returns runs and per-system medians."""
     runs: list[dict[str, Any]] = []
     bar = None
@@ -207,7 +212,7 @@ def run(systems: list[str], *, base_url: str, tasks: int, concurrency: int, warm
                 probe_ms = machine_probe_ms()
                 argv = [sys.executable, os.path.abspath(__file__), "--drive", system, "--redis-url", base_url,
                         "--tasks", str(tasks), "--concurrency", str(concurrency), "--warmup", str(warmup),
-                        "--timeout", str(timeout)]
+                        "--timeout", str(timeout), "--producer", producer_mode]
                 out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 300)
                 if out.returncode != 0:
                     sys.stderr.write(out.stderr[-6000:])
@@ -224,6 +229,7 @@ def run(systems: list[str], *, base_url: str, tasks: int, concurrency: int, warm
         if bar is not None:
             bar.stop()
     return {"config": {"tasks": tasks, "concurrency": concurrency, "warmup": warmup, "repeat": repeat,
+                       "producer": producer_mode,
                        "redis_url": base_url, "cpus": os.cpu_count(), "stem_revision": source_revision()},
             "runs": runs, "summary": summarize(systems, runs)}
 
@@ -269,7 +275,8 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
     c = result["config"]
-    t = Table(title=f"Live end to end: {c['tasks']:,} no-op tasks with one Redis INCR, {c['concurrency']} worker "
+    mode = "one enqueue per task" if c.get("producer") == "single" else "batched enqueues"
+    t = Table(title=f"Live end to end ({mode}): {c['tasks']:,} no-op tasks with one Redis INCR, {c['concurrency']} worker "
                     f"processes, {c['cpus']} CPUs, median of {c['repeat']} run(s), stem rev {c.get('stem_revision')}",
               title_justify="left")
     for col in ("system", "tasks/s", "each run", "steady", "worker CPU µs/task", "producer µs/task",
@@ -312,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per system and run")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="host and port; each system uses its own db")
+    p.add_argument("--producer", choices=("batch", "single"), default="batch",
+                   help="batch: each system's fastest enqueue API; single: one ordinary enqueue call per task")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--show", metavar="JSON", help="print the table of a result saved with --json")
@@ -325,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(result)
         return 0
     if ns.drive:
-        res = drive(ns.drive, ns.redis_url, ns.tasks, ns.concurrency, ns.warmup, ns.timeout)
+        res = drive(ns.drive, ns.redis_url, ns.tasks, ns.concurrency, ns.warmup, ns.timeout, ns.producer)
         print(json.dumps(res))
         return 0
     systems = [s.strip() for s in ns.systems.split(",") if s.strip()]
@@ -336,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         p.error(f"{', '.join(missing)} not installed: .venv/bin/pip install -e '.[bench]' (or make bench-peers)")
     result = run(systems, base_url=ns.redis_url, tasks=ns.tasks, concurrency=ns.concurrency, warmup=ns.warmup,
-                 repeat=ns.repeat, timeout=ns.timeout, progress=ns.progress and sys.stderr.isatty())
+                 repeat=ns.repeat, timeout=ns.timeout, progress=ns.progress and sys.stderr.isatty(),
+                 producer_mode=ns.producer)
     if ns.json:
         print(json.dumps(result, indent=2))
     else:

@@ -47,6 +47,17 @@ def produce(n: int) -> None:
         _producer.enqueue_many(items[:k])
 
 
+def produce_single(n: int) -> None:
+    """One ``Stem.enqueue`` per task, as a service enqueues (``--producer single``)."""
+    global _producer
+    if _producer is None:
+        _producer = Stem(RedisBroker(REDIS_URL, namespace=NAMESPACE),
+                         RedisResultBackend(REDIS_URL, namespace=NAMESPACE), registry, SIGNER)
+    enqueue = _producer.enqueue
+    for _ in range(n):
+        enqueue("bench.incr")
+
+
 def main(n: int) -> int:
     kw = {} if PREFETCH is None else {"prefetch_multiplier": PREFETCH}
     worker = Worker(RedisBroker(REDIS_URL, namespace=NAMESPACE), RedisResultBackend(REDIS_URL, namespace=NAMESPACE),

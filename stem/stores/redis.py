@@ -40,6 +40,7 @@ from ..errors import ConfigurationError
 from ..redact import mask_url
 from .base import BROKER_ERRORS, Backoff, Store, StoreErrors
 from .local import after_fork_in_child
+from .redis_sentinel import is_sentinel_url, is_stale_master, sentinel_pool
 from .redis_pipe import execute, execute_last, execute_packed, execute_unread, pack_commands, pack_xadds, \
     raise_first_error
 
@@ -88,9 +89,13 @@ def _acquire(url: str, socket_timeout: float, connect_timeout: float) -> "redis.
         entry = _pools.get(key)
         if entry is None:
             try:
-                pool = redis.ConnectionPool.from_url(
-                    url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
-                    socket_keepalive=True, retry=Retry(NoBackoff(), 1))
+                if is_sentinel_url(url):
+                    pool = sentinel_pool(url, socket_timeout=socket_timeout,
+                                         socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 1))
+                else:
+                    pool = redis.ConnectionPool.from_url(
+                        url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+                        socket_keepalive=True, retry=Retry(NoBackoff(), 1))
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {exc}") from exc
             entry = _pools[key] = [redis.Redis(connection_pool=pool), 0]
@@ -127,6 +132,8 @@ class RedisStore(Store):
         self.client: redis.Redis = _acquire(url, self.socket_timeout, self.socket_connect_timeout)
         self._scripts: list[Any] = []
         self._closed = False
+        #: Behind Sentinel a READONLY reply means a failover moved the master: retried.
+        self._sentinel = is_sentinel_url(url)
 
     def same_store(self, other: Store) -> bool:
         return isinstance(other, RedisStore) and other.client.connection_pool is self.client.connection_pool
@@ -150,7 +157,18 @@ class RedisStore(Store):
                 backoff = backoff or Backoff()
                 time.sleep(backoff.next())
             except REDIS_ERRORS as exc:
-                raise self.errors.error(f"Redis error during {what} ({self.label}): {exc}") from exc
+                if not (self._sentinel and is_stale_master(exc)):
+                    raise self.errors.error(f"Redis error during {what} ({self.label}): {exc}") from exc
+                # a pooled connection still reaches the old master: drop them all, so the
+                # next one asks the sentinels where the master is now
+                log.debug("Redis %s reached a former master (%s); attempt %d of %d", what, exc, attempt, attempts)
+                self.client.connection_pool.disconnect()
+                if attempt == attempts:
+                    raise self.errors.connection_error(
+                        f"Redis master not reachable during {what} after {attempts} attempts "
+                        f"({self.label}): {exc}") from exc
+                backoff = backoff or Backoff()
+                time.sleep(backoff.next())
         raise AssertionError("unreachable")
 
     # -- scripts and pipelines ---------------------------------------------------------

@@ -14,41 +14,45 @@ import redis
 from ..support import drop_namespace
 
 
-def _cleanup(url: str, namespace: str) -> None:
-    client = redis.Redis.from_url(url)
+def _cleanup(raw_url: str, namespace: str) -> None:
+    client = redis.Redis.from_url(raw_url)
     try:
         drop_namespace(client, namespace)
     finally:
         client.close()
 
 
-def _closing(obj, url, namespace):
+def _closing(obj, raw_url, namespace):
     close = obj.close
 
     def close_and_clean():
         close()
-        _cleanup(url, namespace)
+        _cleanup(raw_url, namespace)
 
     obj.close = close_and_clean
     return obj
 
 
-def _broker(request, **kwargs):
-    from stem.brokers.redis import RedisBroker
-    url = request.getfixturevalue("redis_url")
-    namespace = "stemtest_" + uuid.uuid4().hex[:12]
-    broker = _closing(RedisBroker.from_url(url, namespace=namespace, **kwargs), url, namespace)
-    broker.contract_recipe = (RedisBroker.from_url, (url,), {"namespace": namespace, **kwargs})
-    broker.contract_break_publish = _break_publish(broker, url)
-    return broker
+def broker_factory(urls):
+    """A broker factory over ``urls(request) -> (stem's URL, a plain redis:// URL of the same
+    data)``: the plain one is the cleanup's and the fault hooks' (a Sentinel URL is stem's only)."""
+    def make(request, **kwargs):
+        from stem.brokers.redis import RedisBroker
+        url, raw_url = urls(request)
+        namespace = "stemtest_" + uuid.uuid4().hex[:12]
+        broker = _closing(RedisBroker.from_url(url, namespace=namespace, **kwargs), raw_url, namespace)
+        broker.contract_recipe = (RedisBroker.from_url, (url,), {"namespace": namespace, **kwargs})
+        broker.contract_break_publish = _break_publish(broker, raw_url)
+        return broker
+    return make
 
 
-def _break_publish(broker, url):
+def _break_publish(broker, raw_url):
     from stem.brokers.redis import N_LANES
 
     def brk(queue):
         keys = broker.queue_keys(queue)
-        client = redis.Redis.from_url(url)
+        client = redis.Redis.from_url(raw_url)
         try:
             client.set(keys[0], "not a stream")
             client.set(keys[N_LANES + 1], "not a sorted set")
@@ -57,14 +61,21 @@ def _break_publish(broker, url):
     return brk
 
 
-def _backend(request, **kwargs):
-    from stem.backends.redis import RedisResultBackend
+def backend_factory(urls):
+    def make(request, **kwargs):
+        from stem.backends.redis import RedisResultBackend
+        url, raw_url = urls(request)
+        namespace = "stemtest_" + uuid.uuid4().hex[:12]
+        backend = _closing(RedisResultBackend.from_url(url, namespace=namespace, **kwargs), raw_url, namespace)
+        backend.contract_recipe = (RedisResultBackend.from_url, (url,), {"namespace": namespace, **kwargs})
+        return backend
+    return make
+
+
+def _plain(request):
     url = request.getfixturevalue("redis_url")
-    namespace = "stemtest_" + uuid.uuid4().hex[:12]
-    backend = _closing(RedisResultBackend.from_url(url, namespace=namespace, **kwargs), url, namespace)
-    backend.contract_recipe = (RedisResultBackend.from_url, (url,), {"namespace": namespace, **kwargs})
-    return backend
+    return url, url
 
 
-BROKERS = {"redis": _broker}
-BACKENDS = {"redis": _backend}
+BROKERS = {"redis": broker_factory(_plain)}
+BACKENDS = {"redis": backend_factory(_plain)}

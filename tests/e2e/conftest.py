@@ -15,7 +15,6 @@ import pytest
 
 from tests.conftest import REQUIRE_SERVICES
 from tests.support import Fleet, Ledger, Store, drop_namespace, private_postgres_cluster
-from tests.test_redis_faults import redis_server  # noqa: F401  (fixture: a redis-server of the test's own)
 
 PROCESS_KINDS = [pytest.param("sqlite"), pytest.param("redis", marks=pytest.mark.redis),
                  pytest.param("postgres", marks=pytest.mark.postgres)]
