@@ -22,7 +22,7 @@ from stem.errors import (BackendError, BrokerConnectionError, ConfigurationError
 from stem.keys import id_key
 from stem.revocation import verify_proof
 
-from .support import RedisServer, wait_until
+from .support import wait_until
 
 registry = TaskRegistry()
 
@@ -368,17 +368,6 @@ def test_an_async_stem_is_bound_to_the_loop_of_its_first_call():
 
 # -- Redis: connections and restarts ---------------------------------------------------------
 
-@pytest.fixture
-def redis_server(tmp_path, private_redis_url):
-    """A redis-server of this test alone (it is killed and restarted)."""
-    import shutil
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH")
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.kill()
-
-
 def _redis_pair(url: str, namespace: str, **kwargs):
     from stem.backends import RedisResultBackend
     from stem.brokers import RedisBroker
@@ -472,3 +461,18 @@ def _stores(backend, status) -> bool:
         return True
     except Exception:   # noqa: BLE001 - the server is still coming back
         return False
+
+
+def test_behind_sentinel_the_async_producer_runs_the_sync_adapters_on_its_executor(sentinel_setup, namespace):
+    broker, backend = _redis_pair(sentinel_setup.url(), namespace)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            tid = await s.enqueue("aio.add", {"x": 1})
+            ids = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(50)))
+            asyncio.get_running_loop().call_later(0.1, lambda: backend.store(done(tid, 1)))
+            status = await s.wait_for_task(tid, timeout=10)
+            return tid, ids, status, broker.stats("default").ready
+
+    tid, ids, status, ready = run(main())
+    assert status.result == 1 and len(set(ids)) == 50 and ready == 51
