@@ -8,7 +8,8 @@ from . import _native
 from .config import StemConfig
 from .errors import StemError
 from .handles import AsyncTaskRef, TaskHandle, TaskRef
-from .producer import AsyncStem, Stem
+from .aio import AsyncStem
+from .producer import Stem
 from .results import TaskResult, TaskState, TaskStatus
 from .retry import ExponentialJitterRetryStrategy, RetryStrategy
 from .signals import StemSignals, signals

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable, Iterator, NamedTuple, ParamSpec, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, NamedTuple, ParamSpec, Sequence, TypeVar
 
 from . import _checks as checks
 from .backends import ResultBackend
@@ -18,7 +17,7 @@ from .envelope import Envelope, encode_frame, encode_frames, frame_encoder
 from ._checks import DEFAULT_RESULT_EXPIRES
 from .errors import (ConfigurationError, DuplicateTaskError, EncodeError, InvalidTaskOptionsError,
                      TaskTimeoutError)
-from .handles import AsyncTaskRef, TaskHandle, TaskRef
+from .handles import TaskHandle, TaskRef
 from .ids import new_task_id, new_task_ids
 from .keys import id_key, id_ttl, unique_key, unique_ttl
 from .limits import LIMIT_FIELDS, has_global_limit, limit_resolver
@@ -27,7 +26,7 @@ from .revocation import store_revocations
 from .signals import signals
 from .task import DEFAULT_OPTIONS, HANDLER_FILLED, TaskOptions, TaskRegistry
 
-__all__ = ["Stem", "AsyncStem", "BatchIds", "WaitResult", "ON_DUPLICATE"]
+__all__ = ["Stem", "BatchIds", "WaitResult", "ON_DUPLICATE"]
 
 if TYPE_CHECKING:
     from .canvas import CanvasHandle
@@ -38,6 +37,17 @@ R = TypeVar("R")
 
 #: What ``enqueue(on_duplicate=...)`` takes: return the holder's id, or raise DuplicateTaskError.
 ON_DUPLICATE = ("return", "raise")
+
+
+class _Plan(NamedTuple):
+    """A checked, framed ``enqueue_many`` batch, not yet published (``Stem._plan_many``)."""
+    ids: "BatchIds"                      # in item order; duplicates are filled in by _finish_many
+    envs: list[Envelope]                 # [] for a uniform batch (no Envelope per task)
+    messages: list[Message]              # publish_many
+    keyed: list[Keyed]                   # publish_keyed, one per distinct key
+    sent: list[tuple[int, bool]]         # each keyed item's (index, explicit id)
+    repeats: list[tuple[int, int]]       # (index, index of the item holding the same key)
+    frames: tuple | None                 # publish_frames(*frames): a uniform batch
 
 
 class BatchIds(list):
@@ -265,15 +275,24 @@ class Stem:
         after its task ends (default: as long as its result lives: the task's ``result_ttl``
         when this producer knows it, from ``options`` or the registry's handler, else the
         backend's ``result_expires``)."""
+        env, message, keyed = self._prepare_one(name, args, options, meta, headers, countdown, eta, task_id,
+                                                parent, on_duplicate, idempotent_for)
+        return self._publish_one(env, message, keyed, task_id is not None, on_duplicate == "raise")
+
+    def _prepare_one(self, name: str, args: Any, options: Any, meta: Any, headers: Any, countdown: Any, eta: Any,
+                     task_id: Any, parent: Any, on_duplicate: Any,
+                     idempotent_for: Any) -> tuple[Envelope, Message, Keyed | None]:
+        """Everything ``enqueue`` does before the broker: its checks and ``_build`` (the
+        envelope, its signed frame, its key).  ``AsyncStem`` calls it too, so both producers
+        accept and refuse the same calls with the same errors."""
         if on_duplicate not in ON_DUPLICATE:
             raise InvalidTaskOptionsError(f"on_duplicate must be one of {ON_DUPLICATE}, got {on_duplicate!r}")
         if idempotent_for is not None:
             checks.seconds("idempotent_for", idempotent_for, inclusive=True, error=InvalidTaskOptionsError)
             if task_id is None:
                 raise InvalidTaskOptionsError("idempotent_for needs an explicit task_id")
-        env, message, keyed = self._build(name, args, options, meta, headers, countdown, eta, task_id, parent,
-                                          time.time(), idempotent_for=idempotent_for)
-        return self._publish_one(env, message, keyed, task_id is not None, on_duplicate == "raise")
+        return self._build(name, args, options, meta, headers, countdown, eta, task_id, parent,
+                           time.time(), idempotent_for=idempotent_for)
 
     def call(self, handle: TaskHandle[P, R], /, *args: P.args, **kwargs: P.kwargs) -> TaskRef[R]:
         """Publish a call of a typed handle (what ``@registry.task`` returns) and return its
@@ -282,10 +301,10 @@ class Stem:
         take raises ``InvalidTaskOptionsError`` before anything is published.  Enqueue
         options come from the handle (``send.with_options(countdown=5)``), never from
         keywords here, which all belong to the task."""
-        args_dict = _handle_arguments(handle, args, kwargs)
+        args_dict = handle_arguments(handle, args, kwargs)
         enqueue_options = handle.enqueue_options
         if self.registry is None or handle.name not in self.registry:
-            enqueue_options = _with_handler_limits(handle, enqueue_options)
+            enqueue_options = with_handler_limits(handle, enqueue_options)
         return TaskRef(self, self.enqueue(handle.name, args_dict, **enqueue_options), handle.name)
 
     def enqueue_child(self, name: str, args: dict[str, Any] | None, *, options: TaskOptions | None,
@@ -304,13 +323,20 @@ class Stem:
         """Publish one built task (under its key, if it has one); its id, or the holder's."""
         if keyed is None:
             self.broker.publish(message)
+            holder = None
         else:
             holder = self.broker.publish_keyed((keyed,))[0]
-            if _is_duplicate(holder, env.id, explicit_id):
-                if raise_duplicate:
-                    raise DuplicateTaskError(f"task {env.name!r} was not published: task {holder} holds its "
-                                             f"{'id' if keyed.key.startswith('id:') else 'unique key'}", holder)
-                return holder
+        return self._published_one(env, keyed, holder, explicit_id, raise_duplicate)
+
+    def _published_one(self, env: Envelope, keyed: Keyed | None, holder: str | None, explicit_id: bool,
+                       raise_duplicate: bool) -> str:
+        """What ``enqueue`` answers once the broker answered ``holder`` (``publish_keyed``'s
+        reply; None for a plain publish): the id, the holder's, or ``DuplicateTaskError``."""
+        if keyed is not None and _is_duplicate(holder, env.id, explicit_id):
+            if raise_duplicate:
+                raise DuplicateTaskError(f"task {env.name!r} was not published: task {holder} holds its "
+                                         f"{'id' if keyed.key.startswith('id:') else 'unique key'}", holder)
+            return holder  # type: ignore[return-value]
         if signals.after_task_publish.receivers:
             signals.after_task_publish.send(self, envelope=env)
         return env.id
@@ -331,13 +357,24 @@ class Stem:
         ``_template`` per distinct (name, options) in the batch, ids from one
         ``new_task_ids`` call, the Envelope built by position.  It checks the
         same things in the same order and raises the same errors as ``_build``."""
+        plan = self._plan_many(items)
+        if plan.frames is not None:
+            queue, ids, frames, priority, vt = plan.frames
+            self.broker.publish_frames(queue, ids, frames, priority=priority, visibility_timeout=vt)
+        if plan.messages:
+            self.broker.publish_many(plan.messages)
+        return self._finish_many(plan, self.broker.publish_keyed(plan.keyed) if plan.keyed else [])
+
+    def _plan_many(self, items: Iterable[EnqueueItem | dict[str, Any]]) -> "_Plan":
+        """Everything ``enqueue_many`` does before the broker: every item checked and framed,
+        nothing published.  ``AsyncStem`` publishes the same plan."""
         if not isinstance(items, (list, tuple)):
             items = list(items)
         now = time.time()
         if items and not (signals.before_task_publish.receivers or signals.after_task_publish.receivers):
-            ids = self._publish_uniform(items, now)
-            if ids is not None:
-                return BatchIds(ids)
+            uniform = self._uniform_frames(items, now)
+            if uniform is not None:
+                return _Plan(BatchIds(uniform[1]), [], [], [], [], [], uniform)
         ids = new_task_ids(len(items))
         templates: dict[Any, _Template] = {}   # name, or (name, options), -> _Template
         encode = frame_encoder(self.signer)
@@ -404,41 +441,44 @@ class Stem:
             else:
                 add_message(m)
             add_env(env)
-        if messages:
-            self.broker.publish_many(messages)
-        ids = BatchIds(e.id for e in envs)
-        if keyed:
-            # A key twice in the batch: only its first item goes to the broker (which would
-            # answer the others with the first's id anyway); no frame is sent for nothing.
-            first: dict[tuple[str, str], int] = {}
-            sent: list[tuple[int, Keyed, bool]] = []
-            repeats: list[tuple[int, int]] = []            # (index, index of the key's first item)
-            for entry in keyed:
-                index, k, _ = entry
-                seen = first.setdefault((k.message.queue, k.key), index)
-                if seen == index:
-                    sent.append(entry)
-                else:
-                    repeats.append((index, seen))
-            holders = self.broker.publish_keyed([k for _, k, _ in sent])
-            for (index, _, explicit), holder in zip(sent, holders):
-                if _is_duplicate(holder, ids[index], explicit):
-                    ids[index] = holder
-                    ids.duplicates.append(index)
-            for index, seen in repeats:
-                ids[index] = ids[seen]
+        # A key twice in the batch: only its first item goes to the broker (which would
+        # answer the others with the first's id anyway); no frame is sent for nothing.
+        first: dict[tuple[str, str], int] = {}
+        sent: list[tuple[int, Keyed, bool]] = []
+        repeats: list[tuple[int, int]] = []            # (index, index of the key's first item)
+        for entry in keyed:
+            index, k, _ = entry
+            seen = first.setdefault((k.message.queue, k.key), index)
+            if seen == index:
+                sent.append(entry)
+            else:
+                repeats.append((index, seen))
+        return _Plan(BatchIds(e.id for e in envs), envs, messages, [k for _, k, _ in sent],
+                     [(index, explicit) for index, _, explicit in sent], repeats, None)
+
+    def _finish_many(self, plan: "_Plan", holders: Sequence[str | None]) -> BatchIds:
+        """``enqueue_many``'s answer once the broker stored ``plan`` and answered its keyed
+        items with ``holders`` (``publish_keyed``'s reply)."""
+        ids = plan.ids
+        for (index, explicit), holder in zip(plan.sent, holders):
+            if _is_duplicate(holder, ids[index], explicit):
+                ids[index] = holder  # type: ignore[assignment]
                 ids.duplicates.append(index)
-            if repeats:
-                ids.duplicates.sort()
+        for index, seen in plan.repeats:
+            ids[index] = ids[seen]
+            ids.duplicates.append(index)
+        if plan.repeats:
+            ids.duplicates.sort()
         if signals.after_task_publish.receivers:
             skip = set(ids.duplicates)
-            for i, env in enumerate(envs):
+            for i, env in enumerate(plan.envs):
                 if i not in skip:
                     signals.after_task_publish.send(self, envelope=env)
         return ids
 
-    def _publish_uniform(self, items: list | tuple, now: float) -> list[str] | None:
-        """The batch as one ``publish_frames`` call when every item is a tuple of the same
+    def _uniform_frames(self, items: list | tuple, now: float) -> tuple | None:
+        """The batch as the arguments of one ``publish_frames`` call (queue, ids, frames,
+        priority, visibility timeout) when every item is a tuple of the same
         shape, task name and options (the common batch: one task over many args), or
         None to take the general path.  No Envelope or Message per task: the frames are
         spliced by ``encode_frames``.  Whatever the general path would reject (args not a
@@ -474,8 +514,7 @@ class Stem:
             frames = encode_frames(env, ids, args_list, self.signer)
         except EncodeError:
             return None
-        self.broker.publish_frames(queue, ids, frames, priority=priority, visibility_timeout=visibility_timeout)
-        return ids
+        return queue, ids, frames, priority, visibility_timeout
 
     def _batch_template(self, templates: dict[Any, _Template], name: Any, options: Any, now: float) -> _Template:
         """``_template`` through the batch's cache.  Only a str name with None or a
@@ -604,7 +643,7 @@ class Stem:
         self.close()
 
 
-def _handle_arguments(handle: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def handle_arguments(handle: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(handle, TaskHandle):
         raise InvalidTaskOptionsError(
             f"call() takes a task handle (what @registry.task returns), got {handle!r}; "
@@ -612,7 +651,7 @@ def _handle_arguments(handle: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     return handle.arguments(args, kwargs)
 
 
-def _with_handler_limits(handle: Any, enqueue_options: Any) -> Any:
+def with_handler_limits(handle: Any, enqueue_options: Any) -> Any:
     """A typed handle knows its handler's options even when the producer's registry does not:
     its limits travel with the call (the rest stays the worker's to fill)."""
     limits = _limit_options(handle.handler.options)
@@ -654,64 +693,12 @@ def _as_completed(statuses: Iterator[TaskStatus], ids: list[str], timeout: float
         pending.pop(status.id, None)
         yield status
     if pending:
-        shown = list(pending)[:10]
-        more = f" and {len(pending) - len(shown)} more" if len(pending) > len(shown) else ""
-        raise TaskTimeoutError(f"{len(pending)} of {len(ids)} tasks did not finish within {timeout}s: "
-                               f"{', '.join(shown)}{more}", pending=list(pending))
+        raise as_completed_timeout(pending, ids, timeout)
 
 
-class AsyncStem:
-    """Awaitable twin of ``Stem`` for asyncio services.
-
-    Each call runs the blocking client in the default executor, so the event
-    loop never blocks on a broker round trip."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        self.sync = args[0] if args and isinstance(args[0], Stem) else Stem(*args, **kwargs)
-
-    async def _run(self, fn, *args, **kwargs):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
-
-    async def enqueue(self, name: str, args: dict[str, Any] | None = None, **kwargs: Any) -> str:
-        return await self._run(self.sync.enqueue, name, args, **kwargs)
-
-    async def call(self, handle: TaskHandle[P, R], /, *args: P.args, **kwargs: P.kwargs) -> AsyncTaskRef[R]:
-        """``Stem.call``, awaited: the arguments are checked here, before the enqueue is awaited."""
-        args_dict = _handle_arguments(handle, args, kwargs)
-        enqueue_options = handle.enqueue_options
-        if self.sync.registry is None or handle.name not in self.sync.registry:
-            enqueue_options = _with_handler_limits(handle, enqueue_options)
-        task_id = await self.enqueue(handle.name, args_dict, **enqueue_options)
-        return AsyncTaskRef(self, task_id, handle.name)
-
-    async def enqueue_many(self, items) -> BatchIds:
-        return await self._run(self.sync.enqueue_many, list(items))
-
-    async def get_status(self, task_id: str) -> TaskStatus:
-        return await self._run(self.sync.get_status, task_id)
-
-    async def wait_for_task(self, task_id: str, timeout: float = 30.0) -> TaskStatus:
-        return await self._run(self.sync.wait_for_task, task_id, timeout)
-
-    async def wait_many(self, task_ids: Iterable[str], timeout: float = 30.0,
-                        return_when: str = "ALL") -> WaitResult:
-        ids, timeout, return_when = check_wait(task_ids, timeout, return_when, error=InvalidTaskOptionsError)
-        return await self._run(self.sync.wait_many, ids, timeout, return_when)
-
-    async def as_completed(self, task_ids: Iterable[str], timeout: float = 30.0) -> AsyncIterator[TaskStatus]:
-        """``Stem.as_completed`` as an async iterator (each step waits in the executor)."""
-        statuses = await self._run(self.sync.as_completed, list(task_ids), timeout)
-        done = object()
-        while (status := await self._run(next, statuses, done)) is not done:
-            yield status
-
-    async def apply(self, canvas: Any, *, creation_timeout: float = 600.0) -> "CanvasHandle":
-        """``Stem.apply`` in the executor (the canvas is checked there, before anything is published)."""
-        return await self._run(self.sync.apply, canvas, creation_timeout=creation_timeout)
-
-    async def revoke(self, task_ids, expires: float | None = None) -> None:
-        return await self._run(self.sync.revoke, task_ids, expires)
-
-    async def close(self) -> None:
-        await self._run(self.sync.close)
+def as_completed_timeout(pending: dict[str, Any], ids: list[str], timeout: float) -> TaskTimeoutError:
+    """``as_completed``'s error (sync and async) naming the ids still ``pending``."""
+    shown = list(pending)[:10]
+    more = f" and {len(pending) - len(shown)} more" if len(pending) > len(shown) else ""
+    return TaskTimeoutError(f"{len(pending)} of {len(ids)} tasks did not finish within {timeout}s: "
+                            f"{', '.join(shown)}{more}", pending=list(pending))

@@ -32,7 +32,7 @@ from . import _checks as checks
 from .envelope import Envelope, decode_frame, encode_frames
 from .errors import ConfigurationError, DecodeError, SignatureError
 
-__all__ = ["PROOF_NAME", "RECHECK_REFUSED_S", "RevocationCheck", "sign_proofs", "store_revocations",
+__all__ = ["PROOF_NAME", "RECHECK_REFUSED_S", "RevocationCheck", "sign_proofs", "store_revocations", "revocation_args",
            "verify_proof"]
 
 log = logging.getLogger("stem.control")
@@ -63,21 +63,30 @@ def verify_proof(task_id: str, proof: bytes | None, signer: Any, now: float | No
 
 def store_revocations(backend: Any, task_ids: Sequence[str], expires: float | None, signer: Any) -> None:
     """Store a persistent revoke of ``task_ids``: with a proof per id when ``signer`` is set."""
+    args = revocation_args(backend.result_expires, task_ids, expires, signer)
+    if args is not None:
+        backend.revoke(*args)
+
+
+def revocation_args(result_expires: float, task_ids: Sequence[str], expires: float | None,
+                    signer: Any) -> tuple[list[str], float | None, list[bytes] | None] | None:
+    """The checked arguments of ``ResultBackend.revoke`` (ids, expires, proofs: signed when
+    ``signer`` is set), or None when there is nothing to revoke.  Shared by ``Stem.revoke``
+    and ``AsyncStem.revoke``."""
     ids = list(task_ids)
     if not all(isinstance(i, str) and i for i in ids):
         raise ConfigurationError(f"task ids to revoke are non-empty str, got {task_ids!r}")
     checks.optional_seconds("expires", expires)
     if not ids:
-        return
+        return None
     if signer is None:
-        backend.revoke(ids, expires)
-        return
+        return ids, expires, None
     if not getattr(signer, "can_sign", True):
         raise ConfigurationError("revoking with signing on needs a signing key, and this signer holds public keys "
                                  "only: revoke from a process that has STEM_SIGNING_KEYS (workers that verify "
                                  "would ignore an unsigned revoke)")
-    until = time.time() + (backend.result_expires if expires is None else float(expires))
-    backend.revoke(ids, expires, proofs=sign_proofs(ids, until, signer))
+    until = time.time() + (result_expires if expires is None else float(expires))
+    return ids, expires, sign_proofs(ids, until, signer)
 
 
 class RevocationCheck:

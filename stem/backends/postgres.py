@@ -244,6 +244,11 @@ class PostgresResultBackend(ResultBackend):
         self._next_sweep = 0.0
         self._store_and_ack_sql: dict[tuple[str, bool, bool], str] = {}
 
+    @property
+    def pg_store(self) -> PostgresStore:
+        """The ``PostgresStore`` (what a broker calls ``store``; here ``store`` stores a status)."""
+        return self._store
+
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "PostgresResultBackend":
         return cls(url, url=url, **kwargs)
@@ -366,13 +371,24 @@ class PostgresResultBackend(ResultBackend):
     # -- revocations ------------------------------------------------------------------
     def revoke(self, task_ids: Sequence[str], expires: float | None = None,
                proofs: Sequence[bytes | None] | None = None) -> None:
+        params = self.revoke_params(task_ids, expires, proofs)
+        if params is not None:
+            self._pg.run(lambda conn: conn.execute(self._sql["revoke"], params))
+
+    def revoke_params(self, task_ids: Sequence[str], expires: float | None = None,
+                      proofs: Sequence[bytes | None] | None = None) -> tuple | None:
+        """``revoke``'s statement parameters (checked), or None for no ids."""
         expires = checks.optional_seconds("expires", expires)
         task_ids = list(task_ids)
         latest = dict(zip(task_ids, check_proofs(task_ids, proofs)))   # one upsert may not touch a row twice
-        if latest:
-            ttl = float(self.result_expires if expires is None else expires)
-            params = (ttl, list(latest), list(latest.values()))
-            self._pg.run(lambda conn: conn.execute(self._sql["revoke"], params))
+        if not latest:
+            return None
+        ttl = float(self.result_expires if expires is None else expires)
+        return (ttl, list(latest), list(latest.values()))
+
+    def sql(self, name: str) -> str:
+        """One of this backend's statements (for the async producer, ``stem.backends.postgres_async``)."""
+        return self._sql[name]
 
     def revocation_proofs(self, task_ids: Sequence[str]) -> dict[str, bytes]:
         ids = list(task_ids)

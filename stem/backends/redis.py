@@ -259,8 +259,13 @@ class RedisResultBackend(ResultBackend):
     def _status_key(self, task_id: str) -> str:
         return f"{self.namespace}:{{t:{task_id}}}:status"
 
+    #: The key of a task's status and the channel its terminal status is published on.
+    status_key = _status_key
+
     def _channel(self, task_id: str) -> str:
         return f"{self.namespace}:{{t:{task_id}}}:done"
+
+    done_channel = _channel
 
     def _proof_key(self, task_id: str) -> str:
         return f"{self._revoked_key}:p:{task_id}"
@@ -411,11 +416,18 @@ class RedisResultBackend(ResultBackend):
                proofs: Sequence[bytes | None] | None = None) -> None:
         """ZADD (the latest revoke sets the expiry, as on every adapter) and each proof's SET
         (or DEL, for a revoke without one) with the same deadline, in one round trip."""
+        commands = self.revoke_commands(task_ids, expires, proofs)
+        if commands:
+            self._call(lambda: raise_first_error(execute(self._client, commands)), "revoke")
+
+    def revoke_commands(self, task_ids: Sequence[str], expires: float | None = None,
+                        proofs: Sequence[bytes | None] | None = None) -> list[tuple]:
+        """``revoke``'s commands (checked; [] for no ids), for ``revoke`` and the async producer."""
         expires = checks.optional_seconds("expires", expires)
         task_ids = list(task_ids)
         latest = dict(zip(task_ids, check_proofs(task_ids, proofs)))
         if not latest:
-            return
+            return []
         now = time.time()
         until_ms = int((now + (self.result_expires if expires is None else float(expires))) * 1000)
         commands: list[tuple] = [("ZADD", self._revoked_key, *(x for t in latest for x in (until_ms, t))),
@@ -423,7 +435,7 @@ class RedisResultBackend(ResultBackend):
         for t, proof in latest.items():
             commands.append(("DEL", self._proof_key(t)) if proof is None else
                             ("SET", self._proof_key(t), proof, "PXAT", until_ms))
-        self._call(lambda: raise_first_error(execute(self._client, commands)), "revoke")
+        return commands
 
     def revoked(self, task_ids: Sequence[str] | None = None) -> set[str]:
         now_ms = int(time.time() * 1000)

@@ -85,12 +85,17 @@ class Waiter:
         self.done: dict[str, TaskStatus] = {}        # in arrival order
         self.fresh: list[TaskStatus] = []             # arrived, not yet taken (watch)
         self.mode = mode
-        self.cond = threading.Condition(lock)
+        self.cond = self._new_cond(lock)
         self.error: StemError | None = None
         self.since = time.monotonic()
         self.failed = False                           # a FAILED/DEAD/REVOKED arrived
         #: the newest non-terminal status seen (a one-id ``wait`` returns it at its timeout)
         self.latest: TaskStatus | None = None if keep_latest else False   # type: ignore[assignment]
+
+    @staticmethod
+    def _new_cond(lock: Any) -> Any:
+        """What ``arrive`` and ``seen`` notify (the asyncio hub's waiters wake a future instead)."""
+        return threading.Condition(lock)
 
     @property
     def satisfied(self) -> bool:

@@ -520,19 +520,11 @@ class PostgresBroker(Broker):
                 check_limit(m.limit)
             messages = [m for m in messages if m.limit is None]
         self._register(queues)
-        params = ([m.queue for m in messages], [m.task_id for m in messages], [int(m.priority) for m in messages],
-                  [m.not_before for m in messages],
-                  [float(m.visibility_timeout) if m.visibility_timeout else None for m in messages],
-                  [bytes(m.frame) for m in messages], self.channel, queues)
+        params = self.publish_params(messages, queues)
         if not limited:
             self._pg.run(lambda conn: conn.execute(self._sql["publish"], params))
         else:
-            lane_params = {**self._lane_arrays(limited), "q": [m.queue for m in limited],
-                           "t": [m.task_id for m in limited], "p": [int(m.priority) for m in limited],
-                           "nb": [m.not_before for m in limited],
-                           "v": [float(m.visibility_timeout) if m.visibility_timeout else None for m in limited],
-                           "f": [bytes(m.frame) for m in limited], "ch": self.channel,
-                           "queues": list(dict.fromkeys(m.queue for m in limited))}
+            lane_params = self.lane_publish_params(limited)
 
             def publish(conn) -> None:
                 with conn.transaction():
@@ -543,6 +535,27 @@ class PostgresBroker(Broker):
             self._pg.run(publish)
         for q in queues:            # consumers of this instance need not wait for the round trip
             self._on_notify(q)
+
+    def publish_params(self, messages: Sequence[Message], queues: list[str]) -> tuple:
+        """The parameters of the publish statement (``sql("publish")``) for unlimited
+        ``messages`` of ``queues``."""
+        return ([m.queue for m in messages], [m.task_id for m in messages], [int(m.priority) for m in messages],
+                [m.not_before for m in messages],
+                [float(m.visibility_timeout) if m.visibility_timeout else None for m in messages],
+                [bytes(m.frame) for m in messages], self.channel, queues)
+
+    def lane_publish_params(self, limited: Sequence[Message]) -> dict[str, Any]:
+        """The parameters of ``sql("publish_lanes")`` for ``limited`` messages (limits checked)."""
+        return {**self._lane_arrays(limited), "q": [m.queue for m in limited],
+                "t": [m.task_id for m in limited], "p": [int(m.priority) for m in limited],
+                "nb": [m.not_before for m in limited],
+                "v": [float(m.visibility_timeout) if m.visibility_timeout else None for m in limited],
+                "f": [bytes(m.frame) for m in limited], "ch": self.channel,
+                "queues": list(dict.fromkeys(m.queue for m in limited))}
+
+    def sql(self, name: str) -> str:
+        """One of this broker's statements (for the async producer, ``stem.brokers.postgres_async``)."""
+        return self._sql[name]
 
     @staticmethod
     def _lane_arrays(messages: Sequence[Message]) -> dict[str, list]:
@@ -559,6 +572,19 @@ class PostgresBroker(Broker):
         items = check_keyed(items)
         if not items:
             return []
+        params, first, queues, statement = self.keyed_params(items)
+        self._register(queues)
+        rows = self._pg.run(lambda conn: conn.execute(self._sql[statement], params).fetchall())
+        out = self.keyed_holders(items, first, rows)
+        if time.monotonic() >= self._next_key_sweep:
+            self._next_key_sweep = time.monotonic() + _KEY_SWEEP_EVERY_S
+            self._fast.run(lambda conn: conn.execute(self._sql["sweep_keys"], (_KEY_SWEEP_ROWS,)))
+        return out
+
+    def keyed_params(self, items: list[Keyed]) -> tuple[dict[str, Any], dict[tuple[str, str], int], list[str], str]:
+        """``publish_keyed``'s statement parameters for checked ``items``, the index of each
+        key's first item, the queues (to register), and the statement's name (``sql``: the
+        lanes' variant when a message has a limit)."""
         first: dict[tuple[str, str], int] = {}      # (queue, key) -> index of its first item
         for n, item in enumerate(items):
             first.setdefault((item.message.queue, item.key), n)
@@ -570,18 +596,20 @@ class PostgresBroker(Broker):
                 check_limit(m.limit)
                 limited = True
         queues = list(dict.fromkeys(m.queue for m in msgs))
-        self._register(queues)
         params = {"q": [m.queue for m in msgs], "k": [i.key for i in batch], "t": [m.task_id for m in msgs],
                   "ttl": [float(i.ttl) for i in batch],
                   "lg": [float(i.linger) for i in batch], "p": [int(m.priority) for m in msgs],
                   "nb": [m.not_before for m in msgs],
                   "v": [float(m.visibility_timeout) if m.visibility_timeout else None for m in msgs],
                   "f": [bytes(m.frame) for m in msgs], "ch": self.channel}
-        sql = self._sql["publish_keyed"]
+        statement = "publish_keyed"
         if limited:
             params.update(self._lane_arrays(msgs))
-            sql = self._sql["publish_keyed_lanes"]
-        rows = self._pg.run(lambda conn: conn.execute(sql, params).fetchall())
+            statement = "publish_keyed_lanes"
+        return params, first, queues, statement
+
+    def keyed_holders(self, items: list[Keyed], first: dict[tuple[str, str], int], rows: list) -> list[str | None]:
+        """``publish_keyed``'s answer from the rows of its statement."""
         holder = {(r[0], r[1]): r[2] for r in rows}        # None: claimed by this call
         out: list[str | None] = []
         for n, item in enumerate(items):
@@ -590,9 +618,6 @@ class PostgresBroker(Broker):
             out.append(held if held is not None or first[qk] == n else items[first[qk]].message.task_id)
         for q in {q for (q, _), held in holder.items() if held is None}:
             self._on_notify(q)
-        if time.monotonic() >= self._next_key_sweep:
-            self._next_key_sweep = time.monotonic() + _KEY_SWEEP_EVERY_S
-            self._fast.run(lambda conn: conn.execute(self._sql["sweep_keys"], (_KEY_SWEEP_ROWS,)))
         return out
 
     def release_key(self, queue: str, key: str, owner: str) -> bool:

@@ -213,6 +213,19 @@ class RedisBroker(Broker):
     def publish_many(self, messages: Sequence[Message]) -> None:
         if not messages:
             return
+        commands, new_queues = self.publish_commands(messages)
+        # limited messages come last, before the SADD: their lanes are written by a script
+        if commands[-2 if new_queues else -1][0] != "EVALSHA":
+            self._call(lambda: raise_first_error(execute(self._client, commands)), "publish")
+        else:
+            self._call(lambda: self._run_once(commands), "publish")
+        self._declared.update(new_queues)
+
+    def publish_commands(self, messages: Sequence[Message]) -> tuple[list[tuple], list[str]]:
+        """The commands that publish ``messages`` (an XADD or a ZADD each, then a SADD of
+        the queues this broker has not declared yet), and those queues: to pass to
+        ``declared`` once the commands ran.  ``publish_many`` and the async producer
+        (``stem.brokers.redis_async``) send them."""
         commands = []
         now = time.time()
         new_queues = []
@@ -248,11 +261,11 @@ class RedisBroker(Broker):
                     commands.append(self._evalsha(self._limits_script, queue, "publish", *args))
         if new_queues:
             commands.append(("SADD", self._queues_key, *new_queues))
-        if limited is None:
-            self._call(lambda: raise_first_error(execute(self._client, commands)), "publish")
-        else:
-            self._call(lambda: self._run_once(commands), "publish")
-        self._declared.update(new_queues)
+        return commands, new_queues
+
+    def declared(self, queues: Sequence[str]) -> None:
+        """Record that ``queues`` are in the registry set (their SADD ran)."""
+        self._declared.update(queues)
 
     def _run_once(self, commands: list) -> None:
         """Run ``commands`` (XADDs beside script calls) and raise the first error reply; after a
@@ -288,6 +301,14 @@ class RedisBroker(Broker):
         items = check_keyed(items)
         if not items:
             return []
+        commands, spans, new_queues = self.keyed_commands(items)
+        replies = self._call(lambda: self._store.run(commands), "publish_keyed")
+        self._declared.update(new_queues)
+        return self.keyed_holders(len(items), spans, replies)
+
+    def keyed_commands(self, items: Sequence[Keyed]) -> tuple[list[tuple], list[list[int]], list[str]]:
+        """``publish_keyed``'s pipeline for checked ``items``: the script calls, the item
+        positions each call carries (for ``keyed_holders``), the queues to declare."""
         now = time.time()
         by_queue: dict[str, list[int]] = {}
         for i, item in enumerate(items):
@@ -312,9 +333,12 @@ class RedisBroker(Broker):
         new_queues = [q for q in by_queue if q not in self._declared]
         if new_queues:
             commands.append(("SADD", self._queues_key, *new_queues))
-        replies = self._call(lambda: self._store.run(commands), "publish_keyed")
-        self._declared.update(new_queues)
-        out: list[str | None] = [None] * len(items)
+        return commands, spans, new_queues
+
+    @staticmethod
+    def keyed_holders(n: int, spans: list[list[int]], replies: Sequence[Any]) -> list[str | None]:
+        """``publish_keyed``'s answer from the replies of ``keyed_commands``' pipeline."""
+        out: list[str | None] = [None] * n
         for span, reply in zip(spans, replies):
             for j in range(0, len(reply), 2):
                 out[span[reply[j]]] = reply[j + 1].decode("utf-8", "replace")
@@ -507,6 +531,11 @@ class RedisBroker(Broker):
         except StemError as exc:
             log.warning("could not give back %d deliveries (%s); they come back after their lease",
                         len(deliveries), exc)
+
+    def script_sources(self) -> list[str]:
+        """The Lua sources of this broker's scripts (an async client loads them after NOSCRIPT)."""
+        return [self._consume_script.script, self._settle_script.script, self._admin_script.script,
+                self._keys_script.script, self._limits_script.script]
 
     def _evalsha(self, script: Any, queue: str, *args: Any) -> tuple:
         """The EVALSHA command that runs one of this broker's per-queue scripts on ``queue``."""

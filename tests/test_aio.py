@@ -1,0 +1,478 @@
+"""AsyncStem on every adapter: what it publishes and reads, its errors, group commit, waits, restarts.
+
+Each test is a plain function that runs its coroutine with ``asyncio.run`` (no
+plugin).  ``kind`` runs a test on memory, SQLite, Redis and Postgres; the
+Redis-only tests count round trips and connections, and restart a private
+redis-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import pytest
+
+from stem import AsyncStem, PayloadSigner, Stem, TaskContext, TaskOptions, TaskRegistry, TaskState, TaskStatus
+from stem.envelope import decode_frame
+from stem.errors import (BackendError, BrokerConnectionError, ConfigurationError, DuplicateTaskError, EncodeError,
+                         InvalidTaskOptionsError, TaskTimeoutError, UnknownTaskError)
+from stem.keys import id_key
+from stem.revocation import verify_proof
+
+from .support import wait_until
+
+registry = TaskRegistry()
+
+
+@registry.task("aio.add")
+def add(ctx: TaskContext, x: int, y: int = 0) -> int:
+    return x + y
+
+
+@registry.task("aio.unique", options=TaskOptions(unique=True, unique_for=60.0))
+def unique_task(ctx: TaskContext, k: int) -> None:
+    return None
+
+
+KINDS = ["memory", "sqlite", "redis", "postgres"]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def adapters(request, kind, tmp_path, namespace):
+    """(broker, backend) of ``kind``, each in a namespace, schema or file of its own."""
+    if kind == "memory":
+        from stem.backends import InMemoryResultBackend
+        from stem.brokers import InMemoryBroker
+        pair = InMemoryBroker(), InMemoryResultBackend()
+    elif kind == "sqlite":
+        from stem.backends.sqlite import SqliteResultBackend
+        from stem.brokers.sqlite import SqliteBroker
+        pair = SqliteBroker(str(tmp_path / "q.db")), SqliteResultBackend(str(tmp_path / "r.db"))
+    elif kind == "redis":
+        from stem.backends import RedisResultBackend
+        from stem.brokers import RedisBroker
+        url = request.getfixturevalue("redis_url")
+        request.getfixturevalue("raw")          # drops the namespace afterwards
+        pair = RedisBroker(url, namespace=namespace), RedisResultBackend(url, namespace=namespace)
+    else:
+        from stem.backends.postgres import PostgresResultBackend
+        from stem.brokers.postgres import PostgresBroker
+        url = request.getfixturevalue("postgres_url")
+        schema = f"{namespace}_{uuid.uuid4().hex[:6]}"
+
+        def drop():
+            import psycopg
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+        request.addfinalizer(drop)
+        pair = PostgresBroker(url, schema=schema), PostgresResultBackend(url, schema=schema)
+    yield pair
+    for a in pair:
+        a.close()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def done(task_id: str, result=None, state=TaskState.SUCCEEDED) -> TaskStatus:
+    return TaskStatus(id=task_id, state=state, result=result)
+
+
+# -- publishing -------------------------------------------------------------------------
+
+def test_enqueue_publishes_the_frame_the_sync_producer_builds(adapters):
+    broker, backend = adapters
+    signer = PayloadSigner({"k1": b"k" * 32}, "k1")
+
+    async def main():
+        async with AsyncStem(broker, backend, registry, signer) as s:
+            tid = await s.enqueue("aio.add", {"x": 1}, meta={"m": 1}, headers={"h": "v"})
+            return tid, broker.consume(["default"], 10, 2.0)
+
+    tid, [d] = run(main())
+    env = decode_frame(d.frame, signer)        # signed with the producer's key: verifies
+    assert (env.id, env.name, env.args, env.meta, env.headers) == (tid, "aio.add", {"x": 1}, {"m": 1}, {"h": "v"})
+
+
+def test_call_enqueues_a_typed_handle_and_its_ref_waits_for_the_result(adapters):
+    broker, backend = adapters
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            ref = await s.call(add, 2, y=3)
+            [d] = broker.consume(["default"], 1, 2.0)
+            assert decode_frame(d.frame).args == {"x": 2, "y": 3}
+            backend.store(done(ref.id, 5))
+            return await ref.result(timeout=5)
+
+    assert run(main()) == 5
+
+
+def test_enqueue_many_publishes_a_batch_in_one_round_trip_with_keyed_items(adapters, kind):
+    broker, backend = adapters
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            plain = await s.enqueue_many([("aio.add", {"x": i}) for i in range(50)])
+            before = s.round_trips
+            mixed = await s.enqueue_many([("aio.add", {"x": 1}), ("aio.unique", {"k": 1}), ("aio.unique", {"k": 1}),
+                                          {"name": "aio.add", "args": {"x": 2}, "task_id": "explicit-1"}])
+            return plain, mixed, s.round_trips - before, broker.stats("default").ready
+
+    plain, mixed, trips, ready = run(main())
+    assert len(set(plain)) == 50
+    assert mixed[2] == mixed[1] and mixed.duplicates == [2] and mixed[3] == "explicit-1"
+    assert trips == 1
+    assert ready == 53
+
+
+def test_concurrent_enqueues_share_round_trips_and_each_returns_once_stored(adapters, kind):
+    broker, backend = adapters
+    n = 300
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            async def one(i):
+                tid = await s.enqueue("aio.add", {"x": i}, task_id=f"t-{i}")
+                # its id comes back only once its task is stored (the key is claimed with it)
+                return tid, broker.key_owner("default", id_key(tid))
+
+            got = await asyncio.gather(*(one(i) for i in range(n)))
+            plain = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(n)))
+            return got, plain, s.round_trips, broker.stats("default").ready
+
+    got, plain, trips, ready = run(main())
+    assert all(owner == tid for tid, owner in got)
+    assert len(set(plain)) == n
+    assert trips <= 4, f"{2 * n} concurrent enqueues took {trips} round trips"
+    assert ready == 2 * n
+
+
+def test_unique_and_explicit_id_enqueues_keep_their_semantics(adapters):
+    broker, backend = adapters
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            ids = await asyncio.gather(*(s.enqueue("aio.unique", {"k": 7}) for _ in range(5)))
+            with pytest.raises(DuplicateTaskError) as e:
+                await s.enqueue("aio.unique", {"k": 7}, on_duplicate="raise")
+            first = await s.enqueue("aio.add", {"x": 1}, task_id="order-1")
+            again = await s.enqueue("aio.add", {"x": 1}, task_id="order-1")
+            with pytest.raises(DuplicateTaskError):
+                await s.enqueue("aio.add", {"x": 1}, task_id="order-1", on_duplicate="raise")
+            return ids, e.value, first, again, broker.stats("default").ready
+
+    ids, error, first, again, ready = run(main())
+    assert len(set(ids)) == 1 and error.existing_id == ids[0]
+    assert first == again == "order-1"
+    assert ready == 2
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda s: s.enqueue("aio.nope"), UnknownTaskError),
+    (lambda s: s.enqueue("aio.add", {"x": object()}), EncodeError),
+    (lambda s: s.enqueue("aio.add", ["x"]), EncodeError),
+    (lambda s: s.enqueue("aio.add", {"x": 1}, countdown=-1), InvalidTaskOptionsError),
+    (lambda s: s.enqueue("aio.add", {"x": 1}, on_duplicate="maybe"), InvalidTaskOptionsError),
+    (lambda s: s.enqueue("aio.add", {"x": 1}, options=TaskOptions(rate_limit="1/s")), InvalidTaskOptionsError),
+    (lambda s: s.enqueue_many([("aio.add", {"x": 1}), ("aio.nope", {})]), UnknownTaskError),
+    (lambda s: s.call(add, 1, z=2), InvalidTaskOptionsError),
+    (lambda s: s.wait_for_task("", timeout=1), InvalidTaskOptionsError),
+    (lambda s: s.wait_for_task("a", timeout=-1), InvalidTaskOptionsError),
+    (lambda s: s.wait_many(["a"], return_when="SOMETIMES"), InvalidTaskOptionsError),
+    (lambda s: s.wait_many("abc"), InvalidTaskOptionsError),
+    (lambda s: s.get_status(""), InvalidTaskOptionsError),
+    (lambda s: s.revoke([""]), ConfigurationError),
+])
+def test_bad_input_is_refused_before_anything_is_queued(adapters, call, error):
+    broker, backend = adapters
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            with pytest.raises(error):
+                await call(s)
+            return broker.stats("default").ready
+
+    assert run(main()) == 0
+
+
+def test_as_completed_checks_its_arguments_at_the_call(adapters):
+    broker, backend = adapters
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            with pytest.raises(InvalidTaskOptionsError):
+                s.as_completed(["a"], timeout=float("nan"))
+
+    run(main())
+
+
+def test_results_need_a_backend():
+    from stem.brokers import InMemoryBroker
+
+    async def main():
+        async with AsyncStem(InMemoryBroker()) as s:
+            await s.enqueue("any.name")
+            for call in (s.get_status("a"), s.wait_for_task("a", 1), s.wait_many(["a"], 1), s.revoke("a")):
+                with pytest.raises(ConfigurationError):
+                    await call
+            with pytest.raises(ConfigurationError):
+                s.as_completed(["a"])
+
+    run(main())
+
+
+# -- results --------------------------------------------------------------------------------
+
+def test_get_status_is_pending_until_a_status_is_stored(adapters):
+    broker, backend = adapters
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            first = await s.get_status("t1")
+            backend.store(done("t1", 42))
+            return first, await s.get_status("t1")
+
+    first, second = run(main())
+    assert first.state is TaskState.PENDING
+    assert second.state is TaskState.SUCCEEDED and second.result == 42
+
+
+def test_wait_for_task_returns_a_result_stored_before_or_after_the_call(adapters):
+    broker, backend = adapters
+    backend.store(done("early", 1))
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            early = await s.wait_for_task("early", timeout=5)
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.2, lambda: backend.store(done("late", 2)))
+            late = await s.wait_for_task("late", timeout=10)
+            backend.store(TaskStatus(id="running", state=TaskState.RUNNING))
+            with pytest.raises(TaskTimeoutError, match="RUNNING"):
+                await s.wait_for_task("running", timeout=0.2)
+            return early.result, late.result
+
+    assert run(main()) == (1, 2)
+
+
+def test_wait_many_and_as_completed_follow_the_sync_producer(adapters):
+    broker, backend = adapters
+    backend.store_many([done("a", 1), done("b", state=TaskState.FAILED)])
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            first = await s.wait_many(["a", "c"], timeout=5, return_when="FIRST_COMPLETED")
+            failed = await s.wait_many(["c", "b"], timeout=5, return_when="FIRST_EXCEPTION")
+            timed_out = await s.wait_many(["a", "c"], timeout=0.2)
+            asyncio.get_running_loop().call_later(0.2, lambda: backend.store(done("c", 3)))
+            seen = [st.id async for st in s.as_completed(["c", "a", "b"], timeout=10)]
+            with pytest.raises(TaskTimeoutError) as e:
+                async for _ in s.as_completed(["a", "never"], timeout=0.2):
+                    pass
+            return first, failed, timed_out, seen, e.value
+
+    first, failed, timed_out, seen, error = run(main())
+    assert list(first.done) == ["a"] and first.pending == ["c"]
+    assert list(failed.done) == ["b"] and failed.pending == ["c"]
+    assert list(timed_out.done) == ["a"] and timed_out.pending == ["c"]
+    assert seen == ["a", "b", "c"]                  # those already finished first, in input order
+    assert error.pending == ["never"]
+
+
+def test_many_pending_waits_finish_when_their_results_land(adapters):
+    broker, backend = adapters
+    ids = [f"w{i}" for i in range(200)]
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            waits = asyncio.gather(*(s.wait_for_task(i, timeout=20) for i in ids))
+            asyncio.get_running_loop().call_later(0.3, lambda: backend.store_many([done(i, i) for i in ids]))
+            return [st.result for st in await waits]
+
+    assert run(main()) == ids
+
+
+def test_a_cancelled_wait_leaves_no_waiter_behind(adapters, kind):
+    broker, backend = adapters
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            task = asyncio.ensure_future(s.wait_for_task("stuck", timeout=30))
+            await asyncio.sleep(0.2)
+            hub = s._results.hub
+            assert hub.waited_ids() == ["stuck"]
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert not hub.has_waiters()
+            if kind == "redis":          # and the channel is unsubscribed
+                channel = backend.done_channel("stuck")
+                deadline = time.monotonic() + 5
+                while broker.store.client.pubsub_numsub(channel)[0][1] and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                assert broker.store.client.pubsub_numsub(channel)[0][1] == 0
+            # the hub still serves new waits
+            backend.store(done("next", 1))
+            return (await s.wait_for_task("next", timeout=5)).result
+
+    assert run(main()) == 1
+
+
+def test_close_ends_pending_waits_with_backend_error(adapters):
+    broker, backend = adapters
+
+    async def main():
+        s = AsyncStem(broker, backend, registry)
+        task = asyncio.ensure_future(s.wait_for_task("stuck", timeout=30))
+        await asyncio.sleep(0.2)
+        await s.close()
+        with pytest.raises(BackendError):
+            await task
+
+    run(main())
+
+
+def test_revoke_stores_a_signed_revocation(adapters):
+    broker, backend = adapters
+    signer = PayloadSigner({"k1": b"k" * 32}, "k1")
+
+    async def main():
+        async with AsyncStem(broker, backend, registry, signer) as s:
+            await s.revoke(["r1", "r2"], expires=60)
+            await s.revoke("r3")
+            return backend.revoked(["r1", "r2", "r3", "r4"]), backend.revocation_proofs(["r1"])
+
+    revoked, proofs = run(main())
+    assert revoked == {"r1", "r2", "r3"}
+    assert verify_proof("r1", proofs["r1"], signer) is not None
+
+
+def test_an_async_stem_is_bound_to_the_loop_of_its_first_call():
+    from stem.brokers import InMemoryBroker
+    s = AsyncStem(InMemoryBroker())
+    run(s.enqueue("a.b"))
+    with pytest.raises(ConfigurationError, match="event loop"):
+        run(s.enqueue("a.b"))
+
+
+# -- Redis: connections and restarts ---------------------------------------------------------
+
+def _redis_pair(url: str, namespace: str, **kwargs):
+    from stem.backends import RedisResultBackend
+    from stem.brokers import RedisBroker
+    return RedisBroker(url, namespace=namespace, **kwargs), RedisResultBackend(url, namespace=namespace)
+
+
+def test_enqueues_and_waits_use_two_redis_connections(redis_server, namespace):
+    import redis
+    broker, backend = _redis_pair(redis_server.url, namespace)
+    probe = redis.Redis.from_url(redis_server.url)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            ids = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(2000)))
+            waits = asyncio.gather(*(s.wait_for_task(i, timeout=20) for i in ids))
+            await asyncio.sleep(0.3)
+            during = int(probe.info("clients")["connected_clients"]) - 1
+            backend.store_many([done(i, 1) for i in ids])
+            await waits
+            await s.get_status(ids[0])
+            await s.revoke(ids[0])
+            return during
+
+    assert run(main()) <= 2       # the command connection and the pub/sub one (the probe excluded)
+    probe.close()
+
+
+def test_enqueue_retries_through_a_redis_restart_as_the_sync_producer_does(redis_server, namespace):
+    broker, backend = _redis_pair(redis_server.url, namespace, retry_attempts=6)
+    sync = Stem(broker, backend, registry)
+
+    def restart_soon():
+        redis_server.kill()
+        time.sleep(0.3)
+        redis_server.start()
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            await s.enqueue("aio.add", {"x": 0})
+            t = threading.Thread(target=restart_soon)
+            t.start()
+            await asyncio.sleep(0.05)
+            tid = await s.enqueue("aio.add", {"x": 1})       # retried until the server is back
+            await asyncio.to_thread(t.join)
+            t = threading.Thread(target=restart_soon)       # the sync producer, the same way
+            t.start()
+            await asyncio.sleep(0.05)
+            sync_tid = sync.enqueue("aio.add", {"x": 2})
+            await asyncio.to_thread(t.join)
+            return tid, sync_tid, {d.task_id for d in broker.consume(["default"], 10, 2.0)}
+
+    tid, sync_tid, ids = run(main())
+    assert {tid, sync_tid} <= ids
+
+
+def test_enqueue_raises_the_sync_producers_error_when_redis_stays_down(redis_server, namespace):
+    broker, backend = _redis_pair(redis_server.url, namespace, retry_attempts=2)
+    sync = Stem(broker, backend, registry)
+    redis_server.kill()
+    with pytest.raises(BrokerConnectionError) as sync_error:
+        sync.enqueue("aio.add", {"x": 1})
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            results = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(20)),
+                                           return_exceptions=True)
+            return results
+
+    results = run(main())
+    assert all(isinstance(r, BrokerConnectionError) for r in results)
+    assert str(results[0]).split(" after ")[0] == str(sync_error.value).split(" after ")[0]
+
+
+def test_a_wait_pending_across_a_redis_restart_gets_its_result(redis_server, namespace):
+    broker, backend = _redis_pair(redis_server.url, namespace)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            task = asyncio.ensure_future(s.wait_for_task("across", timeout=30))
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(redis_server.restart)
+            assert await asyncio.to_thread(wait_until, lambda: _stores(backend, done("across", 9)), 10)
+            return (await task).result
+
+    assert run(main()) == 9
+
+
+def _stores(backend, status) -> bool:
+    try:
+        backend.store(status)
+        return True
+    except Exception:   # noqa: BLE001 - the server is still coming back
+        return False
+
+
+def test_behind_sentinel_the_async_producer_runs_the_sync_adapters_on_its_executor(sentinel_setup, namespace):
+    broker, backend = _redis_pair(sentinel_setup.url(), namespace)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            tid = await s.enqueue("aio.add", {"x": 1})
+            ids = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(50)))
+            asyncio.get_running_loop().call_later(0.1, lambda: backend.store(done(tid, 1)))
+            status = await s.wait_for_task(tid, timeout=10)
+            return tid, ids, status, broker.stats("default").ready
+
+    tid, ids, status, ready = run(main())
+    assert status.result == 1 and len(set(ids)) == 50 and ready == 51
