@@ -184,7 +184,7 @@ def test_unique_and_explicit_id_enqueues_keep_their_semantics(adapters):
     (lambda s: s.enqueue("aio.add", ["x"]), EncodeError),
     (lambda s: s.enqueue("aio.add", {"x": 1}, countdown=-1), InvalidTaskOptionsError),
     (lambda s: s.enqueue("aio.add", {"x": 1}, on_duplicate="maybe"), InvalidTaskOptionsError),
-    (lambda s: s.enqueue("aio.add", {"x": 1}, options=TaskOptions(rate_limit="1/s")), InvalidTaskOptionsError),
+    (lambda s: s.enqueue("aio.add", {"x": 1}, options=TaskOptions(rate_limit="1/s", rate_scope="worker")), InvalidTaskOptionsError),
     (lambda s: s.enqueue_many([("aio.add", {"x": 1}), ("aio.nope", {})]), UnknownTaskError),
     (lambda s: s.call(add, 1, z=2), InvalidTaskOptionsError),
     (lambda s: s.wait_for_task("", timeout=1), InvalidTaskOptionsError),
@@ -476,3 +476,28 @@ def test_behind_sentinel_the_async_producer_runs_the_sync_adapters_on_its_execut
 
     tid, ids, status, ready = run(main())
     assert status.result == 1 and len(set(ids)) == 50 and ready == 51
+
+
+@registry.task("aio.limited", options=TaskOptions(rate_limit="1/h", rate_key=["tenant"]))
+def limited(ctx: TaskContext, tenant: str) -> str:
+    return tenant
+
+
+def test_limited_tasks_go_into_their_lanes_on_every_async_path(adapters):
+    """enqueue (coalesced), enqueue_many and a keyed enqueue of a rate-limited task: each
+    waits in its lane (throttled), none among the ready messages."""
+    broker, backend = adapters
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            await asyncio.gather(*(s.enqueue("aio.limited", {"tenant": t}) for t in ("a", "b", "a")))
+            await s.enqueue_many([("aio.limited", {"tenant": "c"}), ("aio.add", {"x": 1})])
+            await s.enqueue("aio.limited", {"tenant": "d"}, task_id="limited-explicit")
+            await s.call(limited, tenant="e")
+
+    run(main())
+    stats = broker.stats("default")
+    assert (stats.ready, stats.throttled) == (1, 6)
+    lanes = {lane.rate_key: lane.waiting for lane in broker.lane_stats("default")}
+    assert lanes == {"aio.limited[tenant='a']": 2, "aio.limited[tenant='b']": 1, "aio.limited[tenant='c']": 1,
+                     "aio.limited[tenant='d']": 1, "aio.limited[tenant='e']": 1}
