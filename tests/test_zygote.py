@@ -369,3 +369,29 @@ def test_zygotes_that_keep_dying_stop_the_worker(stack, caplog):
     assert "the zygote process died 3 times within 60s" in caplog.text
     from stem.errors import WorkerError
     assert isinstance(w.error, WorkerError) and "died 3 times" in str(w.error)   # start() raises it: exit 1
+
+
+# -- a process with many descriptors ---------------------------------------------------------------
+def test_a_worker_runs_tasks_in_a_process_whose_descriptors_run_past_1024(stack):
+    """The zygote, forked from a process with descriptors numbered past select()'s limit,
+    waits with poll: its children run tasks (select() raised 'filedescriptor out of range'
+    and the worker crashed on start)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit of open files is {hard}: no descriptor past 1024 to test with")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = []
+    try:
+        while not held or held[-1] <= 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        broker, backend, worker = stack
+        stem = Stem(broker, backend, registry)
+        w = worker()
+        w.run_in_background()
+        task_id = stem.enqueue("zygote.noop")
+        assert stem.wait_for_task(task_id, timeout=30).state is TaskState.SUCCEEDED
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -130,7 +130,10 @@ class Subscriber:
             sock = conn._sock       # redis-py keeps it private; as stem.stores.redis_pipe reads it
             if sock is None:
                 raise redis.ConnectionError("the pub/sub connection was closed")
-            readable, _, _ = select.select([sock, self._wake_r], [], [], _PING_EVERY_S)
+            poller = select.poll()   # not select: a process's descriptors may run past 1024
+            poller.register(sock, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+            readable = {fd for fd, _ in poller.poll(_PING_EVERY_S * 1000)}
             if self._wake_r in readable:
                 try:
                     os.read(self._wake_r, 4096)

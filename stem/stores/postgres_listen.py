@@ -107,8 +107,11 @@ class Listener:
     def _pump(self, conn: Any) -> None:
         pgconn = conn.pgconn
         fd = pgconn.socket
+        poller = select.poll()      # not select: a process's descriptors may run past 1024
+        poller.register(fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while not self._stop.is_set():
-            readable, _, _ = select.select([fd, self._wake_r], [], [], 30.0)
+            readable = {ready for ready, _ in poller.poll(30_000)}
             if self._wake_r in readable:
                 try:
                     os.read(self._wake_r, 512)

@@ -295,8 +295,14 @@ class Zygote:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *a: None)
         children: set[int] = set()
+        # poll, not select: the zygote inherits its parent's descriptors, which in a busy
+        # process run past select's limit of 1024
+        poller = select.poll()
+        sock_fd = sock.fileno()
+        poller.register(sock_fd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
         while True:
-            readable, _, _ = select.select([sock, wake_r], [], [], 1.0)
+            readable = {fd for fd, _ in poller.poll(1000)}
             if wake_r in readable:
                 try:
                     while os.read(wake_r, 512):
@@ -315,7 +321,7 @@ class Zygote:
                     sock.send(pickle.dumps(("exited", pid, os.waitstatus_to_exitcode(status))))
                 except OSError:
                     pass
-            if sock not in readable:
+            if sock_fd not in readable:
                 continue
             try:
                 data, fds, _, _ = socket.recv_fds(sock, _MAX_MSG, 16)
