@@ -401,3 +401,21 @@ def test_the_fused_store_and_ack_gives_each_status_its_own_expiry(pg_url, broker
         assert broker.stats(Q)[1:4] == (0, 0, 0)
     finally:
         backend.close()
+
+
+def test_closing_adapters_that_never_listened_leaves_no_descriptor_open(pg_url):
+    """A broker and a backend made and closed without a blocking consume or a wait (their
+    listener never started) leave none of their descriptors behind (the listener's wake-up
+    pipe leaked two a time)."""
+    import os
+    from stem.brokers import from_url as broker_from_url
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        broker = broker_from_url(pg_url)
+        broker.stats("q")
+        broker.close()
+        broker.close()                      # twice: closes nothing numbered anew since
+        backend = backend_from_url(pg_url)
+        backend.get("some-id")
+        backend.close()
+    assert len(os.listdir("/proc/self/fd")) - before <= 2     # the driver may keep one socket to reuse

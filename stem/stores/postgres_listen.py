@@ -129,7 +129,9 @@ class Listener:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._pid == os.getpid():
+        if not self._pid:                   # never started: only the pipe made at construction
+            self._close_pipe()
+        elif self._pid == os.getpid():
             try:
                 os.write(self._wake_w, b"x")
             except OSError:
@@ -137,8 +139,15 @@ class Listener:
             thread = self._thread
             if thread is not None and thread is not threading.current_thread():
                 thread.join(5.0)
-            for fd in (self._wake_r, self._wake_w):
+            self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        """Close the wake-up pipe once (a second ``stop`` must not close descriptors that
+        were numbered anew since)."""
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+        self._wake_r = self._wake_w = -1
