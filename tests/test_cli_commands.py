@@ -352,3 +352,16 @@ def test_ctrl_c_leaves_status_watch_with_exit_0(url):
         reader.join(10)
         proc.stdout.close()
     assert "Traceback" not in "".join(seen)
+
+
+def test_inspect_shows_the_queues_paused_on_each_worker(live):
+    assert invoke("worker", "pause", "default", "--broker", live.url, "--timeout", "10").exit_code == 0
+    try:
+        out = invoke("worker", "inspect", "--broker", live.url, "--json", "--timeout", "10")
+        assert out.exit_code == 0 and json.loads(out.stdout)[0]["reply"]["paused"] == ["default"], out.output
+        text = invoke("worker", "inspect", "--broker", live.url, "--timeout", "10")
+        assert "paused: default" in text.stdout, text.output
+    finally:
+        invoke("worker", "resume", "default", "--broker", live.url, "--timeout", "10")
+    out = invoke("worker", "inspect", "--broker", live.url, "--json", "--timeout", "10")
+    assert json.loads(out.stdout)[0]["reply"]["paused"] == []

@@ -205,7 +205,7 @@ def test_failed_tasks_are_dead_letters_and_replay_makes_them_succeed(cluster, pa
     assert "fixed" in page.inner_text("#task-result")
 
 
-def test_a_queue_paused_from_the_page_is_paused_in_the_workers_stats(cluster, page):
+def test_a_queue_paused_from_the_page_is_reported_by_stem_worker_inspect(cluster, page):
     worker = cluster.workers[0]
     page.goto(cluster.site + "/workers")
     row = page.locator(f"tr[data-worker='{worker}']")
@@ -215,7 +215,7 @@ def test_a_queue_paused_from_the_page_is_paused_in_the_workers_stats(cluster, pa
     assert "1 worker(s) answered" in _confirm(page)
 
     def paused() -> list[str]:
-        run = subprocess.run([sys.executable, "-m", "stem", "worker", "stats", "--broker", cluster.url, "--json",
+        run = subprocess.run([sys.executable, "-m", "stem", "worker", "inspect", "--broker", cluster.url, "--json",
                               "-w", worker], cwd=ROOT, capture_output=True, text=True, timeout=30)
         assert run.returncode == 0, run.stderr
         return json.loads(run.stdout)[0]["reply"]["paused"]

@@ -104,7 +104,8 @@ def _inspect_registered(broker_url, backend_url, workers, timeout, as_json):
 @click.argument("what", type=click.Choice(["tasks", "registered"]), default="tasks")
 @_control_command
 def inspect(what, broker_url, backend_url, workers, timeout, as_json):
-    """Running and reserved tasks (ids, names, start times, child pids) and revocations;
+    """Running and reserved tasks (ids, names, start times, child pids), revocations and
+    paused queues;
     `inspect registered`: each worker's tasks and the options it runs them with."""
     if what == "registered":
         return _inspect_registered(broker_url, backend_url, workers, timeout, as_json)
@@ -119,8 +120,10 @@ def inspect(what, broker_url, backend_url, workers, timeout, as_json):
             rep = r["reply"]
             rows = [[state, t["id"], t["name"], ago(t["started_at"]) if t["started_at"] else "-", t["pid"]]
                     for state in ("running", "reserved") for t in rep[state]]
+            paused = rep.get("paused") or []
             out.print(f"{r['worker']}: {len(rep['running'])} running, {len(rep['reserved'])} reserved, "
-                      f"{len(rep.get('revoked', []))} revoked")
+                      f"{len(rep.get('revoked', []))} revoked"
+                      + (f", paused: {', '.join(paused)}" if paused else ""))
             if rows:
                 out.print(fit_table(cols, rows, out))
     _run_control(broker_url, backend_url, "inspect", workers=workers, timeout=timeout, as_json=as_json,

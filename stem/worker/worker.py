@@ -592,7 +592,7 @@ class Worker:
         }
 
     def inspect(self) -> dict[str, Any]:
-        """Running and reserved tasks (for the control plane)."""
+        """Running and reserved tasks, and the queues paused here (for the control plane)."""
         running = {j.seq for j in self._engine.running()}
 
         def row(j: Job) -> dict[str, Any]:
@@ -602,7 +602,8 @@ class Worker:
         jobs = self._state.jobs()
         return {"running": [row(j) for j in jobs if j.seq in running],
                 "reserved": [row(j) for j in jobs if j.seq not in running],
-                "revoked": sorted(self._state.revoked_locally())}
+                "revoked": sorted(self._state.revoked_locally()),
+                "paused": self.paused_queues}
 
     def revoke(self, task_ids: Sequence[str], *, terminate: bool = False) -> dict[str, Any]:
         """Skip these tasks here: reserved ones at once, running ones too with ``terminate``."""
