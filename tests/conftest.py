@@ -165,6 +165,27 @@ def sentinel_setup(tmp_path_factory):
     setup.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A Redis Cluster of three primaries of this test run alone (tests/support.py
+    ``ClusterSetup``), shared by the tests that only read and write on it."""
+    from .support import ClusterSetup
+    require_redis_server()
+    setup = ClusterSetup(tmp_path_factory.mktemp("cluster"), masters=3, replicas=0).start()
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path):
+    """Three primaries with a replica each, of this test alone: for a test that fails over."""
+    from .support import ClusterSetup
+    require_redis_server()
+    setup = ClusterSetup(tmp_path / "cluster", masters=3, replicas=1).start()
+    yield setup
+    setup.stop()
+
+
 @pytest.fixture
 def own_sentinel(tmp_path):
     """A master, a replica and a sentinel of this test alone: for a test that fails over."""

@@ -40,6 +40,7 @@ pool (``shares_store_with``), results and acks go in one pipeline.
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -48,7 +49,7 @@ import msgspec
 from .. import _checks as checks
 from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
-from ..stores.redis import RedisStore, execute, raise_first_error, validate_namespace
+from ..stores.redis import BARRIER, RedisStore, execute, raise_first_error, validate_namespace
 from .redis_listen import Subscriber
 from .waiting import WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
@@ -172,8 +173,17 @@ class RedisResultBackend(ResultBackend):
         self._waits = WaitHub(name=f"redis-{ns}", read=self._read_found, label=self._store.label,
                               poll=lambda: None if self._subscriber.listening else _FALLBACK_POLL_S,
                               on_change=lambda: self._subscriber.kick(), fail_after=self.reconnect_timeout)
-        self._subscriber = Subscriber(client=self._client, hub=self._waits, channel=self._channel,
+        self._subscriber = Subscriber(pool=self._listen_pool, hub=self._waits, channel=self._channel,
                                       prefix=f"{ns}:{{t:", suffix="}:done", label=self._store.label)
+
+    def _listen_pool(self) -> Any:
+        """The pool the wait listener takes its connection from.  On a Redis Cluster, a
+        random primary's: a PUBLISH on any node reaches the subscribers of every node (the
+        cluster bus carries it), so one connection serves every slot; after a lost
+        connection the next one may be another node."""
+        if not self._store.cluster:
+            return self._client.connection_pool
+        return self._client.get_redis_connection(random.choice(self._client.get_primaries())).connection_pool
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisResultBackend":
@@ -253,8 +263,14 @@ class RedisResultBackend(ResultBackend):
                                       consumer=consumer)
 
     def _store_and_ack_commands(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> list:
-        """The statuses' SETs first, then the broker's ack scripts: the order at-least-once needs."""
-        return self._status_commands(statuses) + broker.ack_commands(deliveries)
+        """The statuses' SETs first, then the broker's ack scripts: the order at-least-once needs.
+        On a Redis Cluster a ``BARRIER`` between them keeps that order across nodes."""
+        statuses_part, acks = self._status_commands(statuses), broker.ack_commands(deliveries)
+        if self._store.cluster and statuses_part and acks:
+            # results and acks live in other slots, maybe on other nodes: the acks are sent
+            # once every result has answered OK (stem.stores.redis_cluster, "Phases")
+            return [*statuses_part, BARRIER, *acks]
+        return statuses_part + acks
 
     def get(self, task_id: str) -> TaskStatus | None:
         data = self._call(lambda: self._client.get(self._status_key(task_id)), "get")

@@ -314,9 +314,26 @@ class RedisBroker(Broker):
             if remaining <= 0:
                 return out
             block = min(remaining, _MAX_BLOCK_S, wake_in)
+            if self._store.cluster:
+                self._block_by_slot(block_on, block)
+                continue
             self._call(lambda: self._client.execute_command(
                 "XREAD", "COUNT", 1, "BLOCK", max(int(block * 1000), 1), "STREAMS",
                 *block_on.keys(), *block_on.values()), "consume (block)")
+
+    def _block_by_slot(self, block_on: dict[str, str], block: float) -> None:
+        """On a Redis Cluster one XREAD reads the lanes of one queue only (a command's keys
+        share a slot): the queues take turns, each blocking for its share of ``block``, and
+        the first that has an entry ends the wait."""
+        by_queue: dict[str, dict[str, str]] = {}
+        for key, last in block_on.items():
+            by_queue.setdefault(key[:key.index("}") + 1], {})[key] = last
+        share = max(int(block * 1000) // len(by_queue), 1)
+        for lanes in by_queue.values():
+            if self._call(lambda: self._client.execute_command(
+                    "XREAD", "COUNT", 1, "BLOCK", share, "STREAMS", *lanes.keys(), *lanes.values()),
+                    "consume (block)"):
+                return
 
     def _consume_once(self, names: list[str], max_count: int,
                       consumer: str) -> tuple[list[Delivery], float, dict[str, str]]:

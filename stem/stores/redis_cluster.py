@@ -48,7 +48,7 @@ from redis.crc import key_slot
 
 from ..errors import ConfigurationError
 from ..redact import mask_url
-from .redis_pipe import _read_replies, pack_commands
+from .redis_pipe import read_replies, pack_commands
 
 __all__ = ["BARRIER", "CLUSTER_SCHEMES", "ClusterURL", "StemCluster", "cluster_client", "is_cluster_url",
            "is_cluster_transient", "parse_cluster_url", "split_packed"]
@@ -320,7 +320,7 @@ class StemCluster(RedisCluster):
             while sent:
                 pool, conn, members, n = sent[0]
                 node = None
-                got = _read_replies(conn, n)
+                got = read_replies(conn, n)
                 sent.pop(0)
                 pool.release(conn)
                 if n != len(members):   # drop the ASKING replies

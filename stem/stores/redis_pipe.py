@@ -34,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is a core dependency
     _Reader = None
 
-__all__ = ["execute", "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds",
+__all__ = ["execute", "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds", "read_replies",
            "raise_first_error"]
 
 _resp = _native.load("resp")
@@ -51,7 +51,9 @@ except ImportError:  # pragma: no cover - older or newer redis-py: use the gener
     _MORE, _Reader = None, None
 
 
-def _read_replies(conn: Any, n: int) -> list:
+def read_replies(conn: Any, n: int) -> list:
+    """The next ``n`` replies on ``conn`` (error replies in place, typed); a socket error or
+    timeout raises redis-py's ConnectionError / TimeoutError."""
     parser = conn._parser
     reader = getattr(parser, "_reader", None)   # a hiredis Reader behind redis-py's hiredis parser
     out: list = []
@@ -98,7 +100,7 @@ def execute_packed(client: "redis.Redis", packed: bytes, n: int) -> list:
     """Send ``packed`` (``n`` commands) on one pooled connection; return the ``n`` replies."""
     if type(client) is not _Redis and hasattr(client, "stem_execute"):   # a cluster: by slot
         return client.stem_execute(packed, n)
-    return _round_trip(client, packed, lambda conn: _read_replies(conn, n))
+    return _round_trip(client, packed, lambda conn: read_replies(conn, n))
 
 
 def _skip_replies(conn: Any, n: int) -> Exception | None:
@@ -111,7 +113,7 @@ def _skip_replies(conn: Any, n: int) -> Exception | None:
     reader = getattr(parser, "_reader", None)
     sock = conn._sock
     if _Reader is None or type(reader) is not _Reader or sock is None or reader.has_data():
-        return next((r for r in _read_replies(conn, n) if isinstance(r, redis.ResponseError)), None)
+        return next((r for r in read_replies(conn, n) if isinstance(r, redis.ResponseError)), None)
     buf = bytearray(_READ_SIZE)
     pos = end = done = 0
     error = None
@@ -164,7 +166,7 @@ def execute_last(client: "redis.Redis", packed: bytes, n: int) -> tuple[Exceptio
     if type(client) is not _Redis and hasattr(client, "stem_execute"):   # a cluster: by slot
         replies = client.stem_execute(packed, n)
         return next((r for r in replies[:-1] if isinstance(r, redis.ResponseError)), None), replies[-1]
-    return _round_trip(client, packed, lambda conn: (_skip_replies(conn, n - 1), _read_replies(conn, 1)[0]))
+    return _round_trip(client, packed, lambda conn: (_skip_replies(conn, n - 1), read_replies(conn, 1)[0]))
 
 
 def execute(client: "redis.Redis", commands: Sequence[Sequence[Any]]) -> list:
