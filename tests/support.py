@@ -348,6 +348,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free too (so P <= 55535)."""
+    import random
+    for _ in range(200):
+        port = random.randrange(20000, 45000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class PrivateCluster:
     """A PostgreSQL cluster of one test (initdb on a free port), to stop and start under load."""
 
@@ -558,7 +573,7 @@ class ClusterSetup:
         for i in range(masters * (1 + replicas)):
             d = self.dir / f"node{i}"
             d.mkdir(parents=True, exist_ok=True)
-            self.nodes.append(RedisServer(d, args=[
+            self.nodes.append(RedisServer(d, port=free_cluster_port(), args=[
                 "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
                 "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0",
                 "--appendonly", "no", "--appendfsync", "everysec"]))
@@ -617,16 +632,19 @@ class ClusterSetup:
         return next(n for n in self.nodes if n.port == node.port)
 
     def wait_replicated(self, timeout: float = 30.0) -> None:
-        """Return once every replica has every write its primary took so far."""
+        """Return once every replica has every write its primary took before this call."""
+        wanted: dict[int, int] = {}
+        for node in self.live():
+            info = self._info(node, "replication")
+            if info.get("role") == "master" and int(info.get("connected_slaves", 0)):
+                wanted[node.port] = int(info["master_repl_offset"])
+
         def caught_up() -> bool:
             for node in self.live():
-                info = self._info(node, "replication")
-                if info.get("role") != "master" or not int(info.get("connected_slaves", 0)):
-                    continue
-                offset = int(info["master_repl_offset"])
-                replica = self._raw_info_line(node, "slave0")
-                if replica is None or int(replica.get("offset", -1)) < offset:
-                    return False
+                if node.port in wanted:
+                    replica = self._raw_info_line(node, "slave0")
+                    if replica is None or int(replica.get("offset", -1)) < wanted[node.port]:
+                        return False
             return True
         wait_for(caught_up, timeout, "the replicas to catch up")
 
