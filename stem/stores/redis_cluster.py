@@ -48,7 +48,8 @@ from redis.crc import key_slot
 
 from ..errors import ConfigurationError
 from ..redact import mask_url
-from .redis_pipe import read_replies, pack_commands
+from .. import _native
+from .redis_pipe import pack_commands, read_replies
 
 __all__ = ["BARRIER", "CLUSTER_SCHEMES", "ClusterURL", "StemCluster", "cluster_client", "is_cluster_url",
            "is_cluster_transient", "parse_cluster_url", "split_packed"]
@@ -60,8 +61,7 @@ _DEFAULT_PORT = 6379
 #: The pipeline entry that orders what comes after it behind what came before (module docstring).
 BARRIER: tuple = ("STEM.BARRIER",)
 _BARRIER_NAME = BARRIER[0].encode()
-_SCRIPT_CALLS = (b"EVALSHA", b"EVAL", b"EVALSHA_RO", b"EVAL_RO", b"FCALL", b"FCALL_RO")
-_KEYLESS = (b"PING", b"SCRIPT", b"INFO", b"TIME", b"ECHO")
+_command_keys = _native.load("resp").command_keys
 _ASKING = pack_commands([("ASKING",)])
 _MAX_REDIRECTS = 5
 _TRYAGAIN_WAIT_S = 0.05
@@ -163,36 +163,16 @@ def is_cluster_transient(exc: BaseException) -> bool:
 # -- splitting a packed pipeline ------------------------------------------------------------
 def split_packed(buf: bytes) -> list[tuple[int, int, Any]]:
     """(start, end, key) of each command of a packed pipeline (``pack_commands``): the key
-    that routes it (the first key of a script call; None for a keyless command) or
-    ``BARRIER``."""
+    that routes it (the first key of a script call, else the first argument; None for a
+    one-word command) or ``BARRIER``.  The scan is ``command_keys`` of ``stem._speedups.resp``
+    (or its pure twin)."""
     out: list[tuple[int, int, Any]] = []
-    find = buf.find
-    pos, end = 0, len(buf)
-    while pos < end:
-        if buf[pos] != 42:   # '*'
-            raise ValueError(f"not a packed Redis command at byte {pos}")
-        nl = find(b"\r\n", pos)
-        argc = int(buf[pos + 1:nl])
-        p = nl + 2
-        head: list[bytes] = []
-        for i in range(argc):
-            nl = find(b"\r\n", p)
-            ln = int(buf[p + 1:nl])
-            s = nl + 2
-            if i < 4:
-                head.append(buf[s:s + ln])
-            p = s + ln + 2
-        name = head[0].upper()
-        if name == _BARRIER_NAME:
-            key: Any = BARRIER
-        elif name in _SCRIPT_CALLS:
-            key = head[3] if len(head) > 3 and head[2] != b"0" else None
-        elif name in _KEYLESS or len(head) < 2:
-            key = None
-        else:
-            key = head[1]
-        out.append((pos, p, key))
-        pos = p
+    start = 0
+    for end, name, key in _command_keys(buf):
+        if key is None and name == _BARRIER_NAME:
+            key = BARRIER
+        out.append((start, end, key))
+        start = end
     return out
 
 
