@@ -13,7 +13,7 @@ from stem.backends import from_url as backend_from_url
 from stem.brokers import from_url as broker_from_url
 from stem.brokers.base import Message
 from stem.config import check_url
-from stem.errors import BrokerConnectionError, ConfigurationError
+from stem.errors import BrokerConnectionError, BrokerError, ConfigurationError
 from stem.redact import mask_url
 from stem.stores.redis import BARRIER, RedisStore, execute, execute_last, execute_unread, pack_commands
 from stem.stores.redis_cluster import parse_cluster_url, split_packed
@@ -218,6 +218,61 @@ def test_a_consume_over_queues_of_several_slots_blocks_and_wakes_for_any_of_them
         for q in [f"q{i}" for i in range(6)]:
             broker.delete_queue(q)
         broker.close()
+
+
+@pytest.mark.redis
+def test_scripts_missing_from_the_primaries_are_loaded_again_on_every_one(redis_cluster):
+    broker = broker_from_url(redis_cluster.url(), namespace="stemtest-noscript")
+    raw = redis_cluster.client()
+    try:
+        queues = [f"q{i}" for i in range(6)]
+        broker.publish_many([_msg(i, queues[i % 6]) for i in range(60)])
+        for node in raw.get_primaries():      # as after a restart without persistence
+            raw.get_redis_connection(node).script_flush()
+        got = broker.consume(queues, 100, 0.5)
+        while len(got) < 60:
+            got += broker.consume(queues, 100, 0.5)
+        broker.ack(got)
+        assert [broker.stats(q)[1:4] for q in queues] == [(0, 0, 0)] * 6
+    finally:
+        for q in [f"q{i}" for i in range(6)]:
+            broker.delete_queue(q)
+        broker.close()
+        raw.close()
+
+
+def _flaky(exc: Exception, times: int):
+    calls = []
+
+    def fn():
+        calls.append(1)
+        if len(calls) <= times:
+            raise exc
+        return "ok"
+    return fn, calls
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("exc", [redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
+                                 redis.exceptions.TryAgainError("TRYAGAIN"),
+                                 redis.exceptions.SlotNotCoveredError("Slot 7 not covered")])
+def test_on_a_cluster_the_errors_of_slots_changing_hands_are_retried_after_a_fresh_slot_map(redis_cluster, exc):
+    store = RedisStore(redis_cluster.url(), retry_attempts=3)
+    try:
+        fn, calls = _flaky(exc, 2)
+        assert store.call(fn, "test") == "ok" and len(calls) == 3
+        assert store.client._stem_stale      # the next raw pipeline loads the slot map first
+        assert store.run([("PING",)]) == [b"PONG"] and not store.client._stem_stale
+        fn, calls = _flaky(exc, 99)
+        with pytest.raises(BrokerConnectionError, match="slots unavailable"):
+            store.call(fn, "test")
+        assert len(calls) == 3
+        fn, calls = _flaky(redis.ResponseError("WRONGTYPE"), 1)
+        with pytest.raises(BrokerError, match="WRONGTYPE"):   # any other error at once
+            store.call(fn, "test")
+        assert len(calls) == 1
+    finally:
+        store.close()
 
 
 # -- failover ------------------------------------------------------------------------------
