@@ -231,17 +231,24 @@ class StemCluster(RedisCluster):
         redirections, store the replies; True when one of them is an error."""
         asks: dict[int, tuple[str, int]] = {}
         pending = indices
+        failed = redirected = False
         for _ in range(_MAX_REDIRECTS):
             if not pending:
                 break
             groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+            route: dict[Any, ClusterNode] = {}   # key -> its primary, for this round
             for i in pending:
                 addr = asks.get(i)
-                node = self.nodes_manager.get_node(*addr) if addr else None
-                if node is None and addr:
-                    node = ClusterNode(*addr)
-                    self.nodes_manager.nodes_cache[node.name] = node
-                node = node or self._primary_for(spans[i][2])
+                if addr:
+                    node = self.nodes_manager.get_node(*addr)
+                    if node is None:
+                        node = ClusterNode(*addr)
+                        self.nodes_manager.nodes_cache[node.name] = node
+                else:
+                    key = spans[i][2]
+                    node = route.get(key)
+                    if node is None:
+                        node = route[key] = self._primary_for(key)
                 entry = groups.get(node.name)
                 if entry is None:
                     entry = groups[node.name] = (node, [])
@@ -251,6 +258,10 @@ class StemCluster(RedisCluster):
             wait = False
             asks = {}
             for i, r in got:
+                replies[i] = r
+                if not isinstance(r, redis.ResponseError):
+                    continue
+                failed = True
                 if isinstance(r, redis.exceptions.MovedError):
                     self._fill_host(r, i, groups)
                     self.nodes_manager.move_slot(r)
@@ -262,10 +273,14 @@ class StemCluster(RedisCluster):
                 elif isinstance(r, redis.exceptions.TryAgainError):
                     wait = True
                     redo.append(i)
-                replies[i] = r
+            if not redo:
+                break
+            redirected = True   # the redirected ones are sent again: their last replies count
             pending = sorted(redo)
-            if wait and pending:
+            if wait:
                 time.sleep(_TRYAGAIN_WAIT_S)
+        if not redirected:
+            return failed
         return any(isinstance(replies[i], redis.ResponseError) for i in indices)
 
     @staticmethod
@@ -286,17 +301,23 @@ class StemCluster(RedisCluster):
             for node, members in groups.values():
                 pool = self.get_redis_connection(node).connection_pool
                 conn = pool.get_connection()
-                parts = []
-                n = 0
-                for i in members:
-                    if i in asks:
-                        parts.append(_ASKING)
+                first, last = members[0], members[-1]
+                if not asks and last - first + 1 == len(members):   # a run of the pipeline: one slice
+                    n = len(members)
+                    buf = packed if n == len(spans) else packed[spans[first][0]:spans[last][1]]
+                else:
+                    parts = []
+                    n = 0
+                    for i in members:
+                        if i in asks:
+                            parts.append(_ASKING)
+                            n += 1
+                        start, end, _ = spans[i]
+                        parts.append(packed[start:end])
                         n += 1
-                    start, end, _ = spans[i]
-                    parts.append(packed[start:end])
-                    n += 1
+                    buf = b"".join(parts)
                 sent.append((pool, conn, members, n))
-                conn.send_packed_command([b"".join(parts)], check_health=False)
+                conn.send_packed_command([buf], check_health=False)
             while sent:
                 pool, conn, members, n = sent[0]
                 node = None
