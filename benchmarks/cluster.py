@@ -11,7 +11,12 @@ and each of ``--repeat`` rounds (median reported):
   result backend) in batches of 1,000, every batch spread round robin over ``--queues``
   queues (whose hash tags land on every primary);
 * consume+ack: then P processes each loop ``consume(all queues, 100)`` + ``ack`` until
-  every task was acked.
+  every task was acked;
+* worker (once per round, not per P): ``--tasks`` no-op tasks enqueued with a result
+  backend on the same URL, then one ``Worker`` (process engine, ``--concurrency``
+  children, all the queues) drains them in burst mode, storing every result: the
+  fused settle path (results, then acks and the refill consume; on the cluster the
+  acks wait behind a ``BARRIER`` for the results).
 
 Rates are tasks per second of wall clock, from the moment every process is ready to the
 moment the last one is done.  The namespace is fresh per round; the servers are killed
@@ -32,7 +37,8 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from stem import Stem, TaskOptions, TaskRegistry  # noqa: E402
+from stem import Stem, TaskOptions, TaskRegistry, Worker, WorkerLifecycleConfig  # noqa: E402
+from stem.backends import from_url as backend_from_url  # noqa: E402
 from stem.brokers import from_url  # noqa: E402
 from tests.support import ClusterSetup, RedisServer  # noqa: E402
 
@@ -117,12 +123,39 @@ def one_round(url: str, tasks: int, queues: list[str], procs: int) -> tuple[floa
     return per * procs / enq, per * procs / deq
 
 
+def worker_round(url: str, tasks: int, queues: list[str], concurrency: int) -> float:
+    """Tasks per second one Worker drains, results stored (see the module docstring)."""
+    ns = "benchw_" + uuid.uuid4().hex[:8]
+    broker, backend = from_url(url, namespace=ns), backend_from_url(url, namespace=ns)
+    stem = Stem(broker, backend, registry)
+    options = [TaskOptions(queue=q) for q in queues]
+    try:
+        for start in range(0, tasks, 1000):
+            stem.enqueue_many([("noop", {}, options[i % len(options)]) for i in range(start, min(tasks, start + 1000))])
+        worker = Worker(broker, backend, registry, queues=queues, concurrency=concurrency,
+                        lifecycle=WorkerLifecycleConfig(install_signal_handlers=False))
+        t0 = time.perf_counter()
+        worker.run_in_background(burst=True)
+        if not worker.join(600):
+            raise SystemExit("the worker did not drain the queues within 600 s")
+        elapsed = time.perf_counter() - t0
+        if worker.stats()["succeeded"] != tasks:
+            raise SystemExit(f"the worker ran {worker.stats()['succeeded']} of {tasks}")
+        for q in queues:
+            broker.delete_queue(q)
+        return tasks / elapsed
+    finally:
+        stem.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", type=int, default=20000)
     ap.add_argument("--queues", type=int, default=8)
     ap.add_argument("--procs", default="1,2")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=2, help="the worker's children")
+    ap.add_argument("--no-worker", action="store_true", help="skip the worker phase")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     procs_list = [int(p) for p in args.procs.split(",")]
@@ -142,6 +175,14 @@ def main() -> None:
         if not args.json:
             print(f"{len(queues)} queues on {len(spread)} of 3 primaries; {args.tasks} tasks per round", flush=True)
         targets = {"single": f"redis://127.0.0.1:{single.port}/0", "cluster": cluster.url()}
+        if not args.no_worker:
+            for name, url in targets.items():
+                rate = statistics.median(worker_round(url, args.tasks, queues, args.concurrency)
+                                         for _ in range(args.repeat))
+                results[f"{name} worker"] = {"worker_per_s": rate}
+                if not args.json:
+                    print(f"{name:8} worker (concurrency {args.concurrency}, results stored): {rate:>9,.0f} tasks/s",
+                          flush=True)
         for procs in procs_list:
             for name, url in targets.items():
                 rounds = [one_round(url, args.tasks, queues, procs) for _ in range(args.repeat)]
