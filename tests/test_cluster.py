@@ -303,3 +303,36 @@ def test_a_broker_carries_on_through_a_primary_kill_and_loses_no_replicated_mess
         assert all(broker.stats(q)[1:4] == (0, 0, 0) for q in queues)
     finally:
         broker.close()
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(120)
+def test_a_wait_survives_a_kill_of_the_primary_its_listener_subscribed_on(own_cluster):
+    import threading
+    from stem.results import TaskState, TaskStatus
+    waiter = backend_from_url(own_cluster.url(), namespace="failover", reconnect_timeout=60.0)
+    writer = backend_from_url(own_cluster.url(), namespace="failover")
+    try:
+        got: list = []
+        thread = threading.Thread(target=lambda: got.append(waiter.wait("task-1", 60.0)))
+        thread.start()
+        channel = "failover:{t:task-1}:done"
+
+        def listening_node():
+            for node in own_cluster.live():
+                with redis.Redis(port=node.port, socket_timeout=2) as c:
+                    if dict(c.pubsub_numsub(channel)).get(channel.encode()):
+                        return node
+            return None
+        wait_for(listening_node, 20, "the listener to subscribe")
+        node = listening_node()
+        with own_cluster.client() as raw:   # a key of that node's slots, to name it
+            key = next(k for k in (f"probe{i}" for i in range(10000))
+                       if raw.get_node_from_key(k).port == node.port)
+        own_cluster.failover_by_kill(key)
+        writer.store(TaskStatus(id="task-1", state=TaskState.SUCCEEDED, result=42))
+        thread.join(60)
+        assert not thread.is_alive() and got[0] is not None and got[0].result == 42
+    finally:
+        waiter.close()
+        writer.close()
