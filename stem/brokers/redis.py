@@ -50,6 +50,8 @@ Where Redis differs from the in-memory reference (all allowed by the protocol):
 * A consumer blocked in ``consume`` wakes at once for a new ready entry;
   for a delayed message or a nack published while it blocks it wakes at its
   next tick (at most ``_MAX_BLOCK_S``), since those do not touch the streams.
+  On a Redis Cluster one ``XREAD`` cannot span queues (slots): the queues
+  take turns, each blocked on for its share of the tick (``_block_by_slot``).
 * ``purge`` drops undelivered and delayed messages; entries whose lease
   expired (counted as ready by ``stats``) stay until redelivered.
 * Each consumer name stays in the group's consumer list (``XINFO
