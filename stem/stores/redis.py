@@ -18,6 +18,11 @@ Scripts: ``RedisStore.script`` registers a Lua script (EVALSHA by its sha);
 ``SCRIPT FLUSH`` emptied its script cache), loads this store's scripts and
 sends the pipeline once more.  The hot paths pipeline through
 ``stem.stores.redis_pipe`` (re-exported here).
+
+URLs: ``redis://``, ``rediss://``, ``unix://``; ``redis+sentinel://`` (the pool asks the
+sentinels for the master: ``stem.stores.redis_sentinel``); ``redis+cluster://`` (the
+client is a ``StemCluster``, whose pipelines ``redis_pipe`` splits by slot:
+``stem.stores.redis_cluster``).
 """
 
 from __future__ import annotations
@@ -137,7 +142,8 @@ class RedisStore(Store):
         self.retry_attempts = checks.integer("retry_attempts", retry_attempts)
         self.errors = errors
         self.label = mask_url(url)
-        #: The pooled redis-py client (shared with every store of this URL and timeouts).
+        #: The pooled redis-py client (shared with every store of this URL and timeouts); a
+        #: ``StemCluster`` (a ``redis.cluster.RedisCluster``) for a ``redis+cluster://`` URL.
         try:
             self.client: redis.Redis = _acquire(url, self.socket_timeout, self.socket_connect_timeout)
         except _UNREACHABLE as exc:   # a cluster reads its slot map at once
