@@ -336,3 +336,27 @@ def test_a_wait_survives_a_kill_of_the_primary_its_listener_subscribed_on(own_cl
     finally:
         waiter.close()
         writer.close()
+
+
+@pytest.mark.redis
+def test_the_cli_takes_a_cluster_url_for_broker_and_backend(redis_cluster):
+    import json
+    from stem.results import TaskState, TaskStatus
+    from tests.support import drop_namespace
+    from tests.test_cli import invoke
+    url = redis_cluster.url()
+    broker = broker_from_url(url)            # stem's default namespace: the CLI's
+    backend = backend_from_url(url)
+    try:
+        broker.publish_many([_msg(i, q) for i, q in enumerate(["alpha", "beta", "gamma"] * 2)])
+        backend.store(TaskStatus(id="cli-task", state=TaskState.SUCCEEDED, result="done"))
+        out = invoke("queues", "--json", env={"STEM_BROKER_URL": url})
+        assert out.exit_code == 0, out.output
+        assert {r["queue"]: r["ready"] for r in json.loads(out.output)} == {"alpha": 2, "beta": 2, "gamma": 2}
+        out = invoke("result", "cli-task", "--json", env={"STEM_BROKER_URL": url, "STEM_RESULT_BACKEND_URL": url})
+        assert out.exit_code == 0 and json.loads(out.output)["result"] == "done", out.output
+    finally:
+        broker.close()
+        backend.close()
+        with redis_cluster.client() as raw:
+            drop_namespace(raw, "stem")
