@@ -206,13 +206,16 @@ def test_a_consume_over_queues_of_several_slots_blocks_and_wakes_for_any_of_them
     try:
         queues = [f"q{i}" for i in range(6)]
         assert len({redis_cluster.client().get_node_from_key(broker.queue_keys(q)[0]).name for q in queues}) > 1
-        broker.consume(queues, 10, 0.0)           # the queues exist; nothing to lease
+        start = time.monotonic()   # every queue is blocked on at once, not one after another
+        assert broker.consume(queues, 10, 0.3) == [] and time.monotonic() - start < 1.0
         timer = threading.Timer(0.3, lambda: broker.publish(Message("late", "q4", b"f")))
         timer.start()
         start = time.monotonic()
         got = broker.consume(queues, 10, 5.0)
         assert [d.task_id for d in got] == ["late"] and time.monotonic() - start < 2.5
         broker.ack(got)
+        broker.publish(Message("next", "q1", b"f"))   # the connections dropped mid-wait are not reused
+        assert [d.task_id for d in broker.consume(queues, 10, 1.0)] == ["next"]
     finally:
         broker.delete_queue("q4")
         for q in [f"q{i}" for i in range(6)]:

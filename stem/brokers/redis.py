@@ -50,8 +50,8 @@ Where Redis differs from the in-memory reference (all allowed by the protocol):
 * A consumer blocked in ``consume`` wakes at once for a new ready entry;
   for a delayed message or a nack published while it blocks it wakes at its
   next tick (at most ``_MAX_BLOCK_S``), since those do not touch the streams.
-  On a Redis Cluster one ``XREAD`` cannot span queues (slots): the queues
-  take turns, each blocked on for its share of the tick (``_block_by_slot``).
+  On a Redis Cluster one ``XREAD`` cannot span queues (slots): one blocking
+  XREAD per queue, all at once on connections of their own (``_block_by_slot``).
 * ``purge`` drops undelivered and delayed messages; entries whose lease
   expired (counted as ready by ``stats``) stay until redelivered.
 * Each consumer name stays in the group's consumer list (``XINFO
@@ -325,17 +325,15 @@ class RedisBroker(Broker):
 
     def _block_by_slot(self, block_on: dict[str, str], block: float) -> None:
         """On a Redis Cluster one XREAD reads the lanes of one queue only (a command's keys
-        share a slot): the queues take turns, each blocking for its share of ``block``, and
-        the first that has an entry ends the wait."""
+        share a slot): one XREAD BLOCK per queue, all sent at once on connections of their
+        own (``StemCluster.stem_block_any``); the first that has an entry ends the wait."""
         by_queue: dict[str, dict[str, str]] = {}
         for key, last in block_on.items():
             by_queue.setdefault(key[:key.index("}") + 1], {})[key] = last
-        share = max(int(block * 1000) // len(by_queue), 1)
-        for lanes in by_queue.values():
-            if self._call(lambda: self._client.execute_command(
-                    "XREAD", "COUNT", 1, "BLOCK", share, "STREAMS", *lanes.keys(), *lanes.values()),
-                    "consume (block)"):
-                return
+        ms = max(int(block * 1000), 1)
+        commands = [(next(iter(lanes)), ("XREAD", "COUNT", 1, "BLOCK", ms, "STREAMS", *lanes.keys(), *lanes.values()))
+                    for lanes in by_queue.values()]
+        self._call(lambda: self._client.stem_block_any(commands, block + 1.0), "consume (block)")
 
     def _consume_once(self, names: list[str], max_count: int,
                       consumer: str) -> tuple[list[Delivery], float, dict[str, str]]:

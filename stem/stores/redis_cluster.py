@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import random
+import select
 import time
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
@@ -224,7 +225,7 @@ class StemCluster(RedisCluster):
     def _primary_for(self, key: Any) -> ClusterNode:
         if key is None:
             return self.get_default_node() or random.choice(self.get_primaries())
-        return self.nodes_manager.get_node_from_slot(key_slot(key))
+        return self.nodes_manager.get_node_from_slot(key_slot(key.encode() if type(key) is str else key))
 
     def _run_phase(self, packed: bytes, spans: list, indices: list[int], replies: list) -> bool:
         """Send ``indices`` (each node's commands in one write, every node at once), follow
@@ -336,6 +337,48 @@ class StemCluster(RedisCluster):
                 self.stem_refresh_later()
             raise
         return out
+
+    def stem_block_any(self, commands: list[tuple[Any, tuple]], wait_s: float) -> bool:
+        """Wait on several blocking commands of different slots at once (a blocking consume
+        over queues in several slots: one ``XREAD BLOCK`` per queue).  ``commands`` are
+        (routing key, command) pairs; each is sent on a connection of its own to its slot's
+        primary, all at once, and this returns as soon as one answers with something (True)
+        or once all answered nil (False; or ``wait_s`` passed).  The connections still
+        blocked then are dropped, which ends their wait on the server: they are never
+        handed back with a reply in flight."""
+        if self._stem_stale:
+            self.stem_refresh()
+        opened: list[tuple[Any, Any]] = []
+        try:
+            for key, command in commands:
+                pool = self.get_redis_connection(self._primary_for(key)).connection_pool
+                conn = pool.get_connection()
+                opened.append((pool, conn))
+                conn.send_packed_command([pack_commands([command])], check_health=False)
+            waiting = {conn._sock: (pool, conn) for pool, conn in opened}   # as redis_pipe reads it
+            deadline = time.monotonic() + wait_s
+            while waiting:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                readable, _, _ = select.select(list(waiting), [], [], left)
+                for sock in readable:
+                    pool, conn = waiting.pop(sock)
+                    reply = read_replies(conn, 1)[0]
+                    opened.remove((pool, conn))
+                    pool.release(conn)
+                    if isinstance(reply, redis.ResponseError):
+                        raise reply
+                    if reply:
+                        return True
+            return False
+        except _UNREACHABLE:
+            self.stem_refresh_later()
+            raise
+        finally:
+            for pool, conn in opened:
+                conn.disconnect()
+                pool.release(conn)
 
     def close(self) -> None:
         try:
