@@ -31,11 +31,14 @@ answered, and not at all when one of those answered an error (they answer
 
 A connection error or timeout on a node asks for a fresh slot map, which the
 next call (``RedisStore.call`` retries it with backoff) loads first.
+
+Blocking reads cannot span slots either: ``stem_block_any`` sends one blocking
+command per slot at once, each on a connection of its own, and returns on the
+first answer (the broker's wait for new entries on several queues).
 """
 
 from __future__ import annotations
 
-import logging
 import random
 import select
 import time
@@ -47,15 +50,13 @@ import redis.exceptions
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
+from .. import _native
 from ..errors import ConfigurationError
 from ..redact import mask_url
-from .. import _native
 from .redis_pipe import pack_commands, read_replies
 
 __all__ = ["BARRIER", "CLUSTER_SCHEMES", "ClusterURL", "StemCluster", "cluster_client", "is_cluster_url",
            "is_cluster_transient", "parse_cluster_url", "split_packed"]
-
-log = logging.getLogger("stem.stores.redis")
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 _DEFAULT_PORT = 6379
