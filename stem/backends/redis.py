@@ -36,6 +36,12 @@ Connections come from the process-wide pool of the URL, shared with
 ``RedisBroker`` (``stem.stores.redis``); redis errors become
 ``BackendConnectionError`` / ``BackendError``.  With a broker on the same
 pool (``shares_store_with``), results and acks go in one pipeline.
+
+On a Redis Cluster (``redis+cluster://``) every script and multi-key command
+here stays in one slot (a status key; ``{hb}``, ``{revoked}``, ``{sched}``);
+the settle pipeline puts a ``BARRIER`` between the results and the acks (the
+acks are sent once every result answered), and the wait listener subscribes on
+one random primary (``_listen_pool``): PUBLISH reaches every node.
 """
 
 from __future__ import annotations
