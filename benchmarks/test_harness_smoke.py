@@ -137,3 +137,12 @@ def test_in_process_cpu_is_not_rounded_to_clock_ticks():
     burnt = time.thread_time() - t0
     root1, _ = meter.cpu_split()
     assert root1 - root0 >= burnt
+
+
+@needs_redis
+def test_dashboard_render_bench_times_every_page():
+    pytest.importorskip("starlette", reason="the dashboard extra is not installed")
+    import dashboard_render
+    res = dashboard_render.run(REDIS_URL, workers=3, queues=5, renders=2)
+    assert set(res["pages"]) == set(dashboard_render.PAGES)
+    assert all(f["median_ms"] > 0 and f["bytes"] > 0 for f in res["pages"].values())

@@ -2,7 +2,7 @@
 
 One module per command group: ``worker`` (run a worker), ``control`` (its
 subcommands that talk to running workers), ``schedule`` (``stem beat`` and
-``stem schedule ...``), ``tasks`` (enqueue, result, queues, purge), ``dlq``,
+``stem schedule ...``), ``tasks`` (enqueue, result, queues, purge), ``dlq``, ``dashboard`` (serve the web dashboard),
 ``tools`` (migrate, demo, bench).  ``_common`` holds the one
 configuration path every command takes (``Env``) and the exit codes,
 ``_params`` the option types, ``_output`` how results are printed.
@@ -22,6 +22,7 @@ from ..errors import StemError
 from ._common import translate
 from ._params import parse_size
 from . import control as _control  # noqa: F401  (adds the subcommands of `stem worker`)
+from .dashboard import dashboard
 from .dlq import dlq
 from .schedule import beat, schedule
 from .tasks import enqueue, purge, queues, result
@@ -52,5 +53,5 @@ def main() -> None:
     """
 
 
-for _command in (worker, beat, schedule, enqueue, result, queues, purge, dlq, migrate, demo, bench):
+for _command in (worker, beat, schedule, enqueue, result, queues, purge, dlq, dashboard, migrate, demo, bench):
     main.add_command(_command)
