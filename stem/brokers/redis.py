@@ -316,14 +316,18 @@ class RedisBroker(Broker):
             if remaining <= 0:
                 return out
             block = min(remaining, _MAX_BLOCK_S, wake_in)
-            if self._store.cluster:
-                self._block_by_slot(block_on, block)
-                continue
-            self._call(lambda: self._client.execute_command(
-                "XREAD", "COUNT", 1, "BLOCK", max(int(block * 1000), 1), "STREAMS",
-                *block_on.keys(), *block_on.values()), "consume (block)")
+            self._xread_block(block_on, block)
 
-    def _block_by_slot(self, block_on: dict[str, str], block: float) -> None:
+    def _xread_block(self, block_on: dict[str, str], block: float) -> bool:
+        """XREAD BLOCK (no side effects) on the lanes ``block_on`` names, from their last ids,
+        for up to ``block`` seconds; True when an entry arrived."""
+        if self._store.cluster:
+            return self._block_by_slot(block_on, block)
+        return bool(self._call(lambda: self._client.execute_command(
+            "XREAD", "COUNT", 1, "BLOCK", max(int(block * 1000), 1), "STREAMS",
+            *block_on.keys(), *block_on.values()), "consume (block)"))
+
+    def _block_by_slot(self, block_on: dict[str, str], block: float) -> bool:
         """On a Redis Cluster one XREAD reads the lanes of one queue only (a command's keys
         share a slot): one XREAD BLOCK per queue, all sent at once on connections of their
         own (``StemCluster.stem_block_any``); the first that has an entry ends the wait."""
@@ -333,7 +337,7 @@ class RedisBroker(Broker):
         ms = max(int(block * 1000), 1)
         commands = [(next(iter(lanes)), ("XREAD", "COUNT", 1, "BLOCK", ms, "STREAMS", *lanes.keys(), *lanes.values()))
                     for lanes in by_queue.values()]
-        self._call(lambda: self._client.stem_block_any(commands, block + 1.0), "consume (block)")
+        return self._call(lambda: self._client.stem_block_any(commands, block + 1.0), "consume (block)")
 
     def _consume_once(self, names: list[str], max_count: int,
                       consumer: str) -> tuple[list[Delivery], float, dict[str, str]]:
