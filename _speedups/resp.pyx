@@ -7,12 +7,12 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 
-__all__ = ["pack_command", "pack_commands", "pack_xadds", "scan_replies"]
+__all__ = ["command_keys", "pack_command", "pack_commands", "pack_xadds", "scan_replies"]
 
 
 cdef struct Buf:
@@ -281,3 +281,79 @@ def scan_replies(buf, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t want):
     finally:
         PyBuffer_Release(&view)
     return pos, count, error
+
+
+cdef bint _is_script_call(const char* p, Py_ssize_t n) noexcept:
+    """EVAL, EVALSHA, EVAL_RO, EVALSHA_RO, FCALL or FCALL_RO, in any case."""
+    cdef char u[10]
+    cdef Py_ssize_t i
+    if n < 4 or n > 10:
+        return False
+    for i in range(n):
+        u[i] = p[i] - 32 if 97 <= p[i] <= 122 else p[i]
+    if n == 4:
+        return memcmp(u, b"EVAL", 4) == 0
+    if n == 5:
+        return memcmp(u, b"FCALL", 5) == 0
+    if n == 7:
+        return memcmp(u, b"EVALSHA", 7) == 0 or memcmp(u, b"EVAL_RO", 7) == 0
+    if n == 8:
+        return memcmp(u, b"FCALL_RO", 8) == 0
+    if n == 10:
+        return memcmp(u, b"EVALSHA_RO", 10) == 0
+    return False
+
+
+def command_keys(buf):
+    """``(end, name, key)`` for each command of a packed pipeline (``pack_commands``): the
+    index just past it, its name as sent, and the key that routes it on a Redis Cluster --
+    the first key of a script call (EVAL*, FCALL*; None without keys), else the first
+    argument (None for a one-word command)."""
+    cdef Py_buffer view
+    cdef const char* p
+    cdef Py_ssize_t pos = 0, end, cr, s, argc, i, n
+    cdef Py_ssize_t starts[4]
+    cdef Py_ssize_t lens[4]
+    cdef list out = []
+    cdef object key
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        p = <const char*> view.buf
+        end = view.len
+        while pos < end:
+            if p[pos] != 42:   # '*'
+                raise ValueError(f"not a packed Redis command at byte {pos}")
+            cr = _line_end(p, pos + 1, end)
+            if cr < 0:
+                raise ValueError("a packed Redis command cut short")
+            argc = _line_int(p, pos + 1, cr)
+            if argc < 1:
+                raise ValueError("an empty packed Redis command")
+            pos = cr + 2
+            for i in range(argc):
+                if pos >= end or p[pos] != 36:   # '$'
+                    raise ValueError(f"not a bulk string argument at byte {pos}")
+                cr = _line_end(p, pos + 1, end)
+                if cr < 0:
+                    raise ValueError("a packed Redis command cut short")
+                n = _line_int(p, pos + 1, cr)
+                s = cr + 2
+                if n < 0 or s + n + 2 > end:
+                    raise ValueError("a packed Redis command cut short")
+                if i < 4:
+                    starts[i] = s
+                    lens[i] = n
+                pos = s + n + 2
+            if _is_script_call(p + starts[0], lens[0]):
+                if argc > 3 and not (lens[2] == 1 and p[starts[2]] == 48):
+                    key = PyBytes_FromStringAndSize(p + starts[3], lens[3])
+                else:
+                    key = None
+            elif argc > 1:
+                key = PyBytes_FromStringAndSize(p + starts[1], lens[1])
+            else:
+                key = None
+            out.append((pos, PyBytes_FromStringAndSize(p + starts[0], lens[0]), key))
+    finally:
+        PyBuffer_Release(&view)
+    return out

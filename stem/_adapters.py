@@ -14,10 +14,10 @@ from .errors import ConfigurationError
 
 # scheme -> the module suffix both packages use for that adapter
 SCHEMES = {"redis": "redis", "rediss": "redis", "unix": "redis",
-           "redis+sentinel": "redis", "rediss+sentinel": "redis",
+           "redis+sentinel": "redis", "rediss+sentinel": "redis", "redis+cluster": "redis", "rediss+cluster": "redis",
            "postgres": "postgres", "postgresql": "postgres", "sqlite": "sqlite"}
-URL_FORMS = ("memory://, sqlite:///path, redis://host:port/db, redis+sentinel://host:port[,host:port]/service/db "
-             "or postgresql://user@host/db")
+URL_FORMS = ("memory://, sqlite:///path, redis://host:port/db, redis+sentinel://host:port[,host:port]/service/db, "
+             "redis+cluster://host:port[,host:port]/ or postgresql://user@host/db")
 
 
 def lazy_class(package: str, lazy: dict[str, str], name: str) -> Any:

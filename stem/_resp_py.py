@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-__all__ = ["pack_command", "pack_commands", "pack_xadds", "scan_replies"]
+__all__ = ["command_keys", "pack_command", "pack_commands", "pack_xadds", "scan_replies"]
 
 
 def _arg(a: Any) -> bytes:
@@ -131,3 +131,48 @@ def scan_replies(buf: Any, pos: int, end: int, want: int) -> tuple[int, int, Any
         pos = nxt
         count += 1
     return pos, count, error
+
+
+_SCRIPT_CALLS = (b"EVAL", b"EVALSHA", b"EVAL_RO", b"EVALSHA_RO", b"FCALL", b"FCALL_RO")
+
+
+def command_keys(buf: Any) -> list[tuple[int, bytes, Any]]:
+    """``(end, name, key)`` for each command of a packed pipeline, as the compiled twin
+    returns: the index just past it, its name as sent, and the key that routes it on a
+    Redis Cluster (the first key of a script call, else the first argument; or None)."""
+    if type(buf) is not bytes:
+        buf = bytes(buf)
+    out: list[tuple[int, bytes, Any]] = []
+    find = buf.find
+    pos, end = 0, len(buf)
+    while pos < end:
+        if buf[pos] != 42:   # '*'
+            raise ValueError(f"not a packed Redis command at byte {pos}")
+        nl = find(b"\r\n", pos)
+        if nl < 0:
+            raise ValueError("a packed Redis command cut short")
+        argc = int(buf[pos + 1:nl])   # int() refuses what is not a number (ValueError)
+        if argc < 1:
+            raise ValueError("an empty packed Redis command")
+        p = nl + 2
+        head: list[bytes] = []
+        for i in range(argc):
+            if p >= end or buf[p] != 36:   # '$'
+                raise ValueError(f"not a bulk string argument at byte {p}")
+            nl = find(b"\r\n", p)
+            if nl < 0:
+                raise ValueError("a packed Redis command cut short")
+            n = int(buf[p + 1:nl])
+            s = nl + 2
+            if n < 0 or s + n + 2 > end:
+                raise ValueError("a packed Redis command cut short")
+            if i < 4:
+                head.append(buf[s:s + n])
+            p = s + n + 2
+        if head[0].upper() in _SCRIPT_CALLS:
+            key = head[3] if argc > 3 and head[2] != b"0" else None
+        else:
+            key = head[1] if argc > 1 else None
+        out.append((p, head[0], key))
+        pos = p
+    return out

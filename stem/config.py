@@ -25,10 +25,11 @@ VARIABLES = (
     "STEM_RESULT_EXPIRES", "STEM_SIGNING_ALGORITHM", "STEM_SIGNING_KEYS", "STEM_SIGNING_PUBLIC_KEYS",
     "STEM_SIGNING_ACTIVE_KEY",
 )
-URL_SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "postgres",
-               "postgresql")
+URL_SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster",
+               "rediss+cluster", "postgres", "postgresql")
 URL_FORMS = ("memory://NAME, sqlite:///path/stem.db, redis://[:password@]host:6379/0, rediss://..., "
              "unix:///path/redis.sock, redis+sentinel://host:26379[,host:port...]/service_name/0, "
+             "redis+cluster://host:6379[,host:port...]/, "
              "postgresql://user[:password]@host/db (or postgres://)")
 _QUEUE_RULE = "use 1-128 characters from A-Z a-z 0-9 _ . : -"
 

@@ -134,13 +134,15 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-def require_redis_server() -> None:
-    """Skip (fail under ``STEM_REQUIRE_SERVICES=1``) when there is no redis-server to start."""
+def require_redis_server(*programs: str) -> None:
+    """Skip (fail under ``STEM_REQUIRE_SERVICES=1``) when there is no redis-server to start
+    (or another of ``programs``, e.g. redis-cli for a cluster)."""
     import shutil
-    if shutil.which("redis-server") is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("redis-server is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
-        pytest.skip("redis-server is not on PATH")
+    for program in ("redis-server", *programs):
+        if shutil.which(program) is None:
+            if REQUIRE_SERVICES:
+                pytest.fail(f"{program} is not on PATH and STEM_REQUIRE_SERVICES=1", pytrace=False)
+            pytest.skip(f"{program} is not on PATH")
 
 
 @pytest.fixture(scope="session")
@@ -161,6 +163,27 @@ def sentinel_setup(tmp_path_factory):
     from .support import SentinelSetup
     require_redis_server()
     setup = SentinelSetup(tmp_path_factory.mktemp("sentinel")).start()
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A Redis Cluster of three primaries of this test run alone (tests/support.py
+    ``ClusterSetup``), shared by the tests that only read and write on it."""
+    from .support import ClusterSetup
+    require_redis_server("redis-cli")
+    setup = ClusterSetup(tmp_path_factory.mktemp("cluster"), masters=3, replicas=0).start()
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture
+def own_cluster(tmp_path):
+    """Three primaries with a replica each, of this test alone: for a test that fails over."""
+    from .support import ClusterSetup
+    require_redis_server("redis-cli")
+    setup = ClusterSetup(tmp_path / "cluster", masters=3, replicas=1).start()
     yield setup
     setup.stop()
 

@@ -44,8 +44,13 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
 
 
 def drop_namespace(client, namespace: str) -> None:
-    """Delete every Redis key of ``namespace``: a test's results would outlive it by a day."""
+    """Delete every Redis key of ``namespace``: a test's results would outlive it by a day.
+    On a cluster client, SCAN covers every primary and each key is deleted on its own node."""
     keys = list(client.scan_iter(match=namespace + ":*", count=1000))
+    if hasattr(client, "get_primaries"):
+        for key in keys:
+            client.delete(key)
+        return
     for i in range(0, len(keys), 1000):
         client.delete(*keys[i:i + 1000])
 
@@ -343,6 +348,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free too (so P <= 55535)."""
+    import random
+    for _ in range(200):
+        port = random.randrange(20000, 45000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class PrivateCluster:
     """A PostgreSQL cluster of one test (initdb on a free port), to stop and start under load."""
 
@@ -537,3 +557,130 @@ class SentinelSetup:
         self.sentinel = None
         self.replica.kill()
         self.master.kill()
+
+
+class ClusterSetup:
+    """A Redis Cluster of the test's own: ``masters`` primaries with ``replicas`` replicas
+    each, on free ports, made with ``redis-cli --cluster create``; ``start`` returns once every
+    node says ``cluster_state:ok`` and every replica is in sync.  ``url`` is its
+    ``redis+cluster://`` URL; ``failover_by_kill`` SIGKILLs the primary of a key's slot and
+    returns once its replica took the slot over."""
+
+    def __init__(self, directory, masters: int = 3, replicas: int = 0):
+        self.dir = pathlib.Path(directory)
+        self.masters, self.replicas = masters, replicas
+        self.nodes: list[RedisServer] = []
+        for i in range(masters * (1 + replicas)):
+            d = self.dir / f"node{i}"
+            d.mkdir(parents=True, exist_ok=True)
+            self.nodes.append(RedisServer(d, port=free_cluster_port(), args=[
+                "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+                "--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0",
+                "--appendonly", "no", "--appendfsync", "everysec"]))
+
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2]) + "/"
+
+    def client(self):
+        """A plain redis-py cluster client (the tests' view of the data, and their cleanup)."""
+        from redis.cluster import RedisCluster
+        return RedisCluster(host="127.0.0.1", port=self.live()[0].port, socket_timeout=5)
+
+    def live(self) -> list[RedisServer]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def _info(self, node: RedisServer, section: str) -> dict[str, str]:
+        import redis
+        with redis.Redis(port=node.port, socket_timeout=2, socket_connect_timeout=2, decode_responses=True) as c:
+            text = c.execute_command("CLUSTER", "INFO") if section == "cluster" else None
+            if text is None:
+                return {k: str(v) for k, v in c.info(section).items()}
+        return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+    def _healthy(self) -> bool:
+        import redis
+        try:
+            for node in self.live():
+                if self._info(node, "cluster").get("cluster_state") != "ok":
+                    return False
+                info = self._info(node, "replication")
+                if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                    return False
+            with self.client() as c:
+                masters = {n.port for n in self.live()
+                           if self._info(n, "replication").get("role") == "master"}
+                return len(masters) >= self.masters and len(c.get_primaries()) == self.masters
+        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError):
+            return False
+
+    def start(self, timeout: float = 60.0) -> "ClusterSetup":
+        for node in self.nodes:
+            node.start()
+        done = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                               "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout}{done.stderr}")
+        wait_for(self._healthy, timeout, "the cluster to say cluster_state:ok with every replica in sync")
+        return self
+
+    def primary_of(self, key: str) -> RedisServer:
+        """The node that serves ``key``'s slot now."""
+        with self.client() as c:
+            node = c.get_node_from_key(key)
+        return next(n for n in self.nodes if n.port == node.port)
+
+    def wait_replicated(self, timeout: float = 30.0) -> None:
+        """Return once every replica has every write its primary took before this call."""
+        wanted: dict[int, int] = {}
+        for node in self.live():
+            info = self._info(node, "replication")
+            if info.get("role") == "master" and int(info.get("connected_slaves", 0)):
+                wanted[node.port] = int(info["master_repl_offset"])
+
+        def caught_up() -> bool:
+            for node in self.live():
+                if node.port in wanted:
+                    replica = self._raw_info_line(node, "slave0")
+                    if replica is None or int(replica.get("offset", -1)) < wanted[node.port]:
+                        return False
+            return True
+        wait_for(caught_up, timeout, "the replicas to catch up")
+
+    def _raw_info_line(self, node: RedisServer, name: str) -> dict[str, str] | None:
+        import redis
+        with redis.Redis(port=node.port, socket_timeout=2, decode_responses=True) as c:
+            value = c.info("replication").get(name)
+        return value if isinstance(value, dict) else None
+
+    def failover_by_kill(self, key: str, timeout: float = 60.0) -> RedisServer:
+        """SIGKILL the primary of ``key``'s slot; return it once another node serves the slot
+        and the cluster is ok again."""
+        victim = self.primary_of(key)
+        victim.kill()
+
+        def promoted() -> bool:
+            import redis
+            try:
+                return self.primary_of(key).port != victim.port and all(
+                    self._info(n, "cluster").get("cluster_state") == "ok" for n in self.live())
+            except (redis.RedisError, redis.exceptions.RedisClusterException, OSError, StopIteration):
+                return False
+        wait_for(promoted, timeout, "a replica to take over the killed primary's slots")
+        return victim
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+
+
+def raw_client(url: str):
+    """A plain redis-py client on what ``url`` names: a ``RedisCluster`` for a
+    ``redis+cluster://`` URL (its first node), else ``redis.Redis``."""
+    import redis
+    if url.startswith("redis+cluster://"):
+        from redis.cluster import RedisCluster
+        host, _, port = url[len("redis+cluster://"):].split(",")[0].rstrip("/").rpartition(":")
+        return RedisCluster(host=host, port=int(port), socket_timeout=5)
+    return redis.Redis.from_url(url)

@@ -258,3 +258,29 @@ def test_execute_last_builds_only_the_last_reply_and_returns_the_first_error(pip
     assert error is None and isinstance(last, redis.exceptions.NoScriptError)   # the last is returned as is
     assert _redis_pipe.execute(client, [("PING",), ("ECHO", "x")]) == [b"PONG", b"x"]
     assert bool(piped.scans) == piped.hiredis
+
+
+def test_command_keys_names_each_packed_command_and_the_key_that_routes_it(twin):
+    commands = [("EVALSHA", "f" * 40, 2, "k1", "k2", "a"), ("evalsha", "f", 0, "x"), ("PING",),
+                ("SET", "a", b"\r\n$9\r\n"), ("STEM.BARRIER",), ("fcall_ro", "fn", 1, "kk"), ("EVAL", "s", 1),
+                ("XADD", b"{q:x}:lane:0", "*", "t", "id", "f", b"\x00" * 70000)]
+    packed = hiredis_pack(commands)
+    got = twin.resp.command_keys(packed)
+    assert [(name, key) for _, name, key in got] == [
+        (b"EVALSHA", b"k1"), (b"evalsha", None), (b"PING", None), (b"SET", b"a"), (b"STEM.BARRIER", None),
+        (b"fcall_ro", b"kk"), (b"EVAL", None), (b"XADD", b"{q:x}:lane:0")]
+    ends = [0] + [end for end, _, _ in got]
+    assert [packed[a:b] for a, b in zip(ends, ends[1:])] == [hiredis.pack_command(c) for c in commands]
+    assert twin.resp.command_keys(memoryview(packed)) == got
+    assert twin.resp.command_keys(b"") == []
+
+
+@pytest.mark.parametrize("bad", [b"+OK\r\n", b"*2\r\n$3\r\nSET\r\n", b"*1\r\n$9\r\nSET\r\n", b"*1\r\n:3\r\n",
+                                 b"*0\r\n", b"*x\r\n"])
+def test_command_keys_refuses_what_is_not_a_whole_packed_pipeline(twin, bad):
+    with pytest.raises(ValueError):
+        twin.resp.command_keys(bad)
+
+
+def hiredis_pack(commands) -> bytes:
+    return b"".join(hiredis.pack_command(c) for c in commands)

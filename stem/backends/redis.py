@@ -43,10 +43,17 @@ Connections come from the process-wide pool of the URL, shared with
 ``RedisBroker`` (``stem.stores.redis``); redis errors become
 ``BackendConnectionError`` / ``BackendError``.  With a broker on the same
 pool (``shares_store_with``), results and acks go in one pipeline.
+
+On a Redis Cluster (``redis+cluster://``) every script and multi-key command
+here stays in one slot (a status key; ``{hb}``, ``{revoked}``, ``{sched}``);
+the settle pipeline puts a ``BARRIER`` between the results and the acks (the
+acks are sent once every result answered), and the wait listener subscribes on
+one random primary (``_listen_pool``): PUBLISH reaches every node.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -55,7 +62,7 @@ import msgspec
 from .. import _checks as checks
 from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
-from ..stores.redis import RedisStore, execute, raise_first_error, validate_namespace
+from ..stores.redis import BARRIER, RedisStore, execute, raise_first_error, validate_namespace
 from .redis_listen import Subscriber
 from .groups import GroupRecord, check_create, check_group_id, check_member
 from .waiting import WaitHub
@@ -249,8 +256,17 @@ class RedisResultBackend(ResultBackend):
         self._waits = WaitHub(name=f"redis-{ns}", read=self._read_found, label=self._store.label,
                               poll=lambda: None if self._subscriber.listening else _FALLBACK_POLL_S,
                               on_change=lambda: self._subscriber.kick(), fail_after=self.reconnect_timeout)
-        self._subscriber = Subscriber(client=self._client, hub=self._waits, channel=self._channel,
+        self._subscriber = Subscriber(pool=self._listen_pool, hub=self._waits, channel=self._channel,
                                       prefix=f"{ns}:{{t:", suffix="}:done", label=self._store.label)
+
+    def _listen_pool(self) -> Any:
+        """The pool the wait listener takes its connection from.  On a Redis Cluster, a
+        random primary's: a PUBLISH on any node reaches the subscribers of every node (the
+        cluster bus carries it), so one connection serves every slot; after a lost
+        connection the next one may be another node."""
+        if not self._store.cluster:
+            return self._client.connection_pool
+        return self._client.get_redis_connection(random.choice(self._client.get_primaries())).connection_pool
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisResultBackend":
@@ -338,8 +354,14 @@ class RedisResultBackend(ResultBackend):
                                       consumer=consumer)
 
     def _store_and_ack_commands(self, statuses: Sequence[TaskStatus], broker: Any, deliveries: Sequence[Any]) -> list:
-        """The statuses' SETs first, then the broker's ack scripts: the order at-least-once needs."""
-        return self._status_commands(statuses) + broker.ack_commands(deliveries)
+        """The statuses' SETs first, then the broker's ack scripts: the order at-least-once needs.
+        On a Redis Cluster a ``BARRIER`` between them keeps that order across nodes."""
+        statuses_part, acks = self._status_commands(statuses), broker.ack_commands(deliveries)
+        if self._store.cluster and statuses_part and acks:
+            # results and acks live in other slots, maybe on other nodes: the acks are sent
+            # once every result has answered OK (stem.stores.redis_cluster, "Phases")
+            return [*statuses_part, BARRIER, *acks]
+        return statuses_part + acks
 
     def get(self, task_id: str) -> TaskStatus | None:
         data = self._call(lambda: self._client.get(self._status_key(task_id)), "get")
@@ -537,9 +559,12 @@ class RedisResultBackend(ResultBackend):
 
     def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
                          brief: bool = False) -> list[GroupRecord | bool | None]:
-        """One pipeline: the statuses' SETs (and PUBLISHes), then one script call per member."""
+        """One pipeline: the statuses' SETs (and PUBLISHes), then one script call per member
+        (on a Redis Cluster, after a ``BARRIER``: every status answered before a count)."""
         checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
         commands = self._status_commands(statuses) if statuses else []
+        if commands and self._store.cluster:
+            commands.append(BARRIER)      # on a cluster too: the statuses are stored before the counts
         first = len(commands)
         sha = self._group_record.sha
         keys: dict[str, tuple[str, str, str, str]] = {}      # a batch's members mostly share a group

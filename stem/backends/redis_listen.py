@@ -48,10 +48,12 @@ _PING_EVERY_S = 30.0
 class Subscriber:
     """The pub/sub thread of one backend instance (see the module docstring)."""
 
-    def __init__(self, *, client: "redis.Redis", hub: WaitHub, channel: Callable[[str], str], prefix: str,
+    def __init__(self, *, pool: Callable[[], Any], hub: WaitHub, channel: Callable[[str], str], prefix: str,
                  suffix: str, label: str):
-        """``channel(id)`` names an id's channel, which is ``prefix + id + suffix``."""
-        self._pool = client.connection_pool
+        """``channel(id)`` names an id's channel, which is ``prefix + id + suffix``; ``pool()``
+        is the connection pool to take the connection from (asked again at each reconnect:
+        on a Redis Cluster it may name another node)."""
+        self._pools = pool
         self._hub = hub
         self._channel = channel
         self._prefix = prefix.encode()
@@ -94,9 +96,10 @@ class Subscriber:
         backoff = Backoff()
         failing = False
         while not self._stop.is_set():
-            conn = None
+            conn = pool = None
             try:
-                conn = self._pool.get_connection()
+                pool = self._pools()
+                conn = pool.get_connection()
                 subscribed: set[bytes] = set()
                 self.listening = True
                 self._hub.up("listener")
@@ -120,7 +123,7 @@ class Subscriber:
                 self._hub.kick()                 # the reader polls while nothing is announced
                 if conn is not None:
                     conn.disconnect()
-                    self._pool.release(conn)
+                    pool.release(conn)
             self._stop.wait(backoff.next())
 
     def _pump(self, conn: Any, subscribed: set[bytes]) -> None:

@@ -66,6 +66,8 @@ Where Redis differs from the in-memory reference (all allowed by the protocol):
   server tick (100 ms at the default ``hz``), so the client blocks until
   ``_BLOCK_SLACK_S`` before it and sleeps the rest (a new entry in that last
   stretch waits for it).
+  On a Redis Cluster one ``XREAD`` cannot span queues (slots): one blocking
+  XREAD per queue, all at once on connections of their own (``_block_by_slot``).
 * ``purge`` drops undelivered and delayed messages; entries whose lease
   expired (counted as ready by ``stats``) stay until redelivered.
 * Each consumer name stays in the group's consumer list (``XINFO
@@ -403,15 +405,33 @@ class RedisBroker(Broker):
             wake_at = time.monotonic() + block
             xread_s = block - _BLOCK_SLACK_S if precise else block
             if xread_s >= 0.001:
-                woke = self._call(lambda: self._client.execute_command(
-                    "XREAD", "COUNT", 1, "BLOCK", int(xread_s * 1000), "STREAMS",
-                    *block_on.keys(), *block_on.values()), "consume (block)")
-                if woke:
+                if self._xread_block(block_on, xread_s):
                     continue
             if precise:
                 pause = wake_at - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
+
+    def _xread_block(self, block_on: dict[str, str], block: float) -> bool:
+        """XREAD BLOCK (no side effects) on the lanes ``block_on`` names, from their last ids,
+        for up to ``block`` seconds; True when an entry arrived."""
+        if self._store.cluster:
+            return self._block_by_slot(block_on, block)
+        return bool(self._call(lambda: self._client.execute_command(
+            "XREAD", "COUNT", 1, "BLOCK", max(int(block * 1000), 1), "STREAMS",
+            *block_on.keys(), *block_on.values()), "consume (block)"))
+
+    def _block_by_slot(self, block_on: dict[str, str], block: float) -> bool:
+        """On a Redis Cluster one XREAD reads the lanes of one queue only (a command's keys
+        share a slot): one XREAD BLOCK per queue, all sent at once on connections of their
+        own (``StemCluster.stem_block_any``); the first that has an entry ends the wait."""
+        by_queue: dict[str, dict[str, str]] = {}
+        for key, last in block_on.items():
+            by_queue.setdefault(key[:key.index("}") + 1], {})[key] = last
+        ms = max(int(block * 1000), 1)
+        commands = [(next(iter(lanes)), ("XREAD", "COUNT", 1, "BLOCK", ms, "STREAMS", *lanes.keys(), *lanes.values()))
+                    for lanes in by_queue.values()]
+        return self._call(lambda: self._client.stem_block_any(commands, block + 1.0), "consume (block)")
 
     def _consume_once(self, names: list[str], max_count: int,
                       consumer: str) -> tuple[list[Delivery], float, dict[str, str]]:

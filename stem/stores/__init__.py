@@ -4,6 +4,8 @@
     local.py             connections per thread and process; the one fork hook of the stores
     redis.py             RedisStore: one pool per URL, bounded retries, Lua scripts, errors translated
     redis_pipe.py        the lean Redis pipeline of the hot paths (packed in C, replies read raw)
+    redis_sentinel.py    redis+sentinel:// URLs: the pool of the master the sentinels name
+    redis_cluster.py     redis+cluster:// URLs: the cluster client, pipelines split by slot
     sqlite.py            SqliteStore: connections per thread, WAL, busy timeout, errors translated
     sqlite_schema.py     SQLite tables and their migrations
     postgres.py          PostgresStore: durable and fast sessions, reconnects, errors translated

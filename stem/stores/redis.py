@@ -18,6 +18,11 @@ Scripts: ``RedisStore.script`` registers a Lua script (EVALSHA by its sha);
 ``SCRIPT FLUSH`` emptied its script cache), loads this store's scripts and
 sends the pipeline once more.  The hot paths pipeline through
 ``stem.stores.redis_pipe`` (re-exported here).
+
+URLs: ``redis://``, ``rediss://``, ``unix://``; ``redis+sentinel://`` (the pool asks the
+sentinels for the master: ``stem.stores.redis_sentinel``); ``redis+cluster://`` (the
+client is a ``StemCluster``, whose pipelines ``redis_pipe`` splits by slot:
+``stem.stores.redis_cluster``).
 """
 
 from __future__ import annotations
@@ -40,11 +45,12 @@ from ..errors import ConfigurationError
 from ..redact import mask_url
 from .base import BROKER_ERRORS, Backoff, Store, StoreErrors
 from .local import after_fork_in_child
+from .redis_cluster import BARRIER, cluster_client, is_cluster_transient, is_cluster_url
 from .redis_sentinel import is_sentinel_url, is_stale_master, sentinel_pool
 from .redis_pipe import execute, execute_last, execute_packed, execute_unread, pack_commands, pack_xadds, \
     raise_first_error
 
-__all__ = ["RedisStore", "validate_namespace", "REDIS_ERRORS", "ReplyError", "NoScriptError", "execute",
+__all__ = ["BARRIER", "RedisStore", "validate_namespace", "REDIS_ERRORS", "ReplyError", "NoScriptError", "execute",
            "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds", "raise_first_error"]
 
 log = logging.getLogger("stem.stores.redis")
@@ -89,6 +95,11 @@ def _acquire(url: str, socket_timeout: float, connect_timeout: float) -> "redis.
         entry = _pools.get(key)
         if entry is None:
             try:
+                if is_cluster_url(url):
+                    client = cluster_client(url, socket_timeout=socket_timeout,
+                                            socket_connect_timeout=connect_timeout)
+                    entry = _pools[key] = [client, 1]
+                    return client
                 if is_sentinel_url(url):
                     pool = sentinel_pool(url, socket_timeout=socket_timeout,
                                          socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 1))
@@ -110,7 +121,10 @@ def _release(client: "redis.Redis") -> None:
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del _pools[key]
-                    client.connection_pool.disconnect()
+                    if is_cluster_url(key[0]):
+                        client.close()
+                    else:
+                        client.connection_pool.disconnect()
                 return
 
 
@@ -128,15 +142,24 @@ class RedisStore(Store):
         self.retry_attempts = checks.integer("retry_attempts", retry_attempts)
         self.errors = errors
         self.label = mask_url(url)
-        #: The pooled redis-py client (shared with every store of this URL and timeouts).
-        self.client: redis.Redis = _acquire(url, self.socket_timeout, self.socket_connect_timeout)
+        #: The pooled redis-py client (shared with every store of this URL and timeouts); a
+        #: ``StemCluster`` (a ``redis.cluster.RedisCluster``) for a ``redis+cluster://`` URL.
+        try:
+            self.client: redis.Redis = _acquire(url, self.socket_timeout, self.socket_connect_timeout)
+        except _UNREACHABLE as exc:   # a cluster reads its slot map at once
+            raise errors.connection_error(f"Redis unreachable ({self.label}): {exc}") from exc
         self._scripts: list[Any] = []
         self._closed = False
         #: Behind Sentinel a READONLY reply means a failover moved the master: retried.
         self._sentinel = is_sentinel_url(url)
+        #: A Redis Cluster (``stem.stores.redis_cluster``): pipelines are split by slot, and
+        #: the errors of slots changing hands (CLUSTERDOWN, TRYAGAIN...) are retried after a
+        #: fresh slot map.  Callers put ``BARRIER`` in a pipeline whose order matters
+        #: across slots only when this is true.
+        self.cluster = is_cluster_url(url)
 
     def same_store(self, other: Store) -> bool:
-        return isinstance(other, RedisStore) and other.client.connection_pool is self.client.connection_pool
+        return isinstance(other, RedisStore) and other.client is self.client
 
     # -- calls -----------------------------------------------------------------------
     def call(self, fn: Callable[[], T], what: str, attempts: int | None = None) -> T:
@@ -150,6 +173,8 @@ class RedisStore(Store):
                 return fn()
             except _UNREACHABLE as exc:
                 log.debug("Redis %s failed (%s); attempt %d of %d", what, exc, attempt, attempts)
+                if self.cluster:
+                    self.client.stem_refresh_later()
                 if attempt == attempts:
                     raise self.errors.connection_error(
                         f"Redis unreachable during {what} after {attempts} attempt{'s' if attempts > 1 else ''} "
@@ -157,6 +182,17 @@ class RedisStore(Store):
                 backoff = backoff or Backoff()
                 time.sleep(backoff.next())
             except REDIS_ERRORS as exc:
+                if self.cluster and is_cluster_transient(exc):
+                    # a failover or a resharding moves slots: a fresh slot map, then again
+                    log.debug("Redis %s met a cluster change (%s); attempt %d of %d", what, exc, attempt, attempts)
+                    self.client.stem_refresh_later()
+                    if attempt == attempts:
+                        raise self.errors.connection_error(
+                            f"Redis Cluster slots unavailable during {what} after {attempts} attempts "
+                            f"({self.label}): {exc}") from exc
+                    backoff = backoff or Backoff()
+                    time.sleep(backoff.next())
+                    continue
                 if not (self._sentinel and is_stale_master(exc)):
                     raise self.errors.error(f"Redis error during {what} ({self.label}): {exc}") from exc
                 # a pooled connection still reaches the old master: drop them all, so the

@@ -14,6 +14,10 @@ mid-reply) and surfaces as ``redis.ConnectionError``/``TimeoutError``, which
 redis-py's typed exceptions, e.g. ``NoScriptError``); ``raise_first_error``
 raises the first one after every reply was read, as ``Pipeline.execute``
 does.
+
+A Redis Cluster client (``stem.stores.redis_cluster.StemCluster``) gets the same calls: each
+function hands the packed pipeline to its ``stem_execute``, which splits it by slot (the
+single-Redis path pays one type check for it).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is a core dependency
     _Reader = None
 
-__all__ = ["execute", "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds",
+__all__ = ["execute", "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds", "read_replies",
            "raise_first_error"]
 
 _resp = _native.load("resp")
@@ -38,6 +42,7 @@ pack_commands = _resp.pack_commands
 pack_xadds = _resp.pack_xadds
 _scan_replies = _resp.scan_replies
 _READ_SIZE = 65536
+_Redis = redis.Redis
 _T = TypeVar("_T")
 
 try:   # the hiredis parser's "need more bytes" marker (redis-py >= 5)
@@ -46,7 +51,9 @@ except ImportError:  # pragma: no cover - older or newer redis-py: use the gener
     _MORE, _Reader = None, None
 
 
-def _read_replies(conn: Any, n: int) -> list:
+def read_replies(conn: Any, n: int) -> list:
+    """The next ``n`` replies on ``conn`` (error replies in place, typed); a socket error or
+    timeout raises redis-py's ConnectionError / TimeoutError."""
     parser = conn._parser
     reader = getattr(parser, "_reader", None)   # a hiredis Reader behind redis-py's hiredis parser
     out: list = []
@@ -91,7 +98,9 @@ def _round_trip(client: "redis.Redis", packed: bytes, read: Callable[[Any], _T])
 
 def execute_packed(client: "redis.Redis", packed: bytes, n: int) -> list:
     """Send ``packed`` (``n`` commands) on one pooled connection; return the ``n`` replies."""
-    return _round_trip(client, packed, lambda conn: _read_replies(conn, n))
+    if type(client) is not _Redis and hasattr(client, "stem_execute"):   # a cluster: by slot
+        return client.stem_execute(packed, n)
+    return _round_trip(client, packed, lambda conn: read_replies(conn, n))
 
 
 def _skip_replies(conn: Any, n: int) -> Exception | None:
@@ -104,7 +113,7 @@ def _skip_replies(conn: Any, n: int) -> Exception | None:
     reader = getattr(parser, "_reader", None)
     sock = conn._sock
     if _Reader is None or type(reader) is not _Reader or sock is None or reader.has_data():
-        return next((r for r in _read_replies(conn, n) if isinstance(r, redis.ResponseError)), None)
+        return next((r for r in read_replies(conn, n) if isinstance(r, redis.ResponseError)), None)
     buf = bytearray(_READ_SIZE)
     pos = end = done = 0
     error = None
@@ -142,6 +151,9 @@ def execute_unread(client: "redis.Redis", packed: bytes, n: int) -> None:
     """Send ``packed`` (``n`` commands) whose replies the caller does not need (a batch of
     XADDs: their entry ids) and raise the first error reply among them, as
     ``raise_first_error`` would; the ``n`` replies are read but never built."""
+    if type(client) is not _Redis and hasattr(client, "stem_execute"):   # a cluster: by slot
+        raise_first_error(client.stem_execute(packed, n))
+        return
     error = _round_trip(client, packed, lambda conn: _skip_replies(conn, n))
     if error is not None:
         raise error
@@ -151,7 +163,10 @@ def execute_last(client: "redis.Redis", packed: bytes, n: int) -> tuple[Exceptio
     """Send ``packed`` (``n`` commands) and build only the last reply: the first ``n - 1``
     (a settle pipeline's SETs, PUBLISHes and ack scripts before its consume) are stepped
     over in C.  Returns (their first error reply, typed, or None; the last reply)."""
-    return _round_trip(client, packed, lambda conn: (_skip_replies(conn, n - 1), _read_replies(conn, 1)[0]))
+    if type(client) is not _Redis and hasattr(client, "stem_execute"):   # a cluster: by slot
+        replies = client.stem_execute(packed, n)
+        return next((r for r in replies[:-1] if isinstance(r, redis.ResponseError)), None), replies[-1]
+    return _round_trip(client, packed, lambda conn: (_skip_replies(conn, n - 1), read_replies(conn, 1)[0]))
 
 
 def execute(client: "redis.Redis", commands: Sequence[Sequence[Any]]) -> list:

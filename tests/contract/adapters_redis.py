@@ -9,13 +9,11 @@ process or connection reaches the same namespace)."""
 
 import uuid
 
-import redis
-
-from ..support import drop_namespace
+from ..support import drop_namespace, raw_client
 
 
 def _cleanup(raw_url: str, namespace: str) -> None:
-    client = redis.Redis.from_url(raw_url)
+    client = raw_client(raw_url)
     try:
         drop_namespace(client, namespace)
     finally:
@@ -34,8 +32,9 @@ def _closing(obj, raw_url, namespace):
 
 
 def broker_factory(urls):
-    """A broker factory over ``urls(request) -> (stem's URL, a plain redis:// URL of the same
-    data)``: the plain one is the cleanup's and the fault hooks' (a Sentinel URL is stem's only)."""
+    """A broker factory over ``urls(request) -> (stem's URL, a plain URL of the same data)``:
+    the plain one is the cleanup's and the fault hooks' (a Sentinel URL is stem's only; a
+    Cluster URL serves both, ``raw_client`` makes it a redis-py ``RedisCluster``)."""
     def make(request, **kwargs):
         from stem.brokers.redis import RedisBroker
         url, raw_url = urls(request)
@@ -52,7 +51,7 @@ def _break_publish(broker, raw_url):
 
     def brk(queue):
         keys = broker.queue_keys(queue)
-        client = redis.Redis.from_url(raw_url)
+        client = raw_client(raw_url)
         try:
             client.set(keys[0], "not a stream")
             client.set(keys[N_LANES + 1], "not a sorted set")

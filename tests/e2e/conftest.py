@@ -2,7 +2,7 @@
 with its adapters), the fleet of workers of a test, and the ledger of what ran.
 
 ``store`` is every kind (``memory`` too: for what runs in one process); ``process_store`` the
-kinds a worker process can share (SQLite, Redis, PostgreSQL).  Each store is the test's own: a
+kinds a worker process can share (SQLite, Redis, a Redis Cluster, PostgreSQL).  Each store is the test's own: a
 file, a Redis namespace or a PostgreSQL schema, removed afterwards, and its workers are stopped
 before it is.
 """
@@ -14,9 +14,10 @@ import uuid
 import pytest
 
 from tests.conftest import REQUIRE_SERVICES
-from tests.support import Fleet, Ledger, Store, drop_namespace, private_postgres_cluster
+from tests.support import Fleet, Ledger, Store, drop_namespace, private_postgres_cluster, raw_client
 
 PROCESS_KINDS = [pytest.param("sqlite"), pytest.param("redis", marks=pytest.mark.redis),
+                 pytest.param("cluster", marks=pytest.mark.redis),
                  pytest.param("postgres", marks=pytest.mark.postgres)]
 KINDS = [pytest.param("memory"), *PROCESS_KINDS]
 
@@ -37,6 +38,16 @@ def make_store(kind: str, request) -> Store:
                 drop_namespace(client, name)
 
         store.on_close(drop)
+        return store
+    if kind == "cluster":   # the session's 3-primary Redis Cluster
+        url = request.getfixturevalue("redis_cluster").url()
+        store = Store("redis", url, {"namespace": name})
+
+        def drop_cluster() -> None:
+            with raw_client(url) as client:
+                drop_namespace(client, name)
+
+        store.on_close(drop_cluster)
         return store
     if kind == "postgres":
         psycopg = pytest.importorskip("psycopg")
