@@ -133,7 +133,9 @@ def test_revoked_dead_lettered_and_recycled_counts(metrics, stack):
     blind = Stem(stack.broker, stack.backend)            # no registry: can publish unknown names
     blind.enqueue("no.such.task")
     ids = [stack.stem.enqueue("work") for _ in range(12)]
-    stack.worker(lifecycle=lifecycle(max_tasks_per_child=5))
+    # one child: it runs all 12 and is recycled after the 5th and the 10th (with two, a
+    # 4/8 split recycles only once)
+    stack.worker(concurrency=1, lifecycle=lifecycle(max_tasks_per_child=5))
     for tid in ids:
         stack.stem.wait_for_task(tid, timeout=30)
     assert wait_until(lambda: value(scrape(metrics.server), "stem_tasks_succeeded_total", task="work",

@@ -8,6 +8,8 @@ import time
 
 import click
 
+from ..errors import TaskTimeoutError
+
 from ._common import EXIT_FAILURE, Env, connection_options, fail
 from ._output import dumps, emit
 
@@ -100,7 +102,11 @@ def enqueue_chunks(env: Env, stem, name: str, path: str, size: int, options, wai
             if done >= total or time.monotonic() >= deadline:
                 break
             time.sleep(0.2)
-    final = stem.get_status(handle.id)
+    # every chunk counted: the group's own status is stored just after the last count
+    try:
+        final = stem.wait_for_task(handle.id, timeout=max(deadline - time.monotonic(), 1.0))
+    except TaskTimeoutError:
+        final = stem.get_status(handle.id)
     data = _group_data(stem, handle.id)
     emit(data, as_json, _print_group)
     if final.state.value != "SUCCEEDED":
