@@ -1,0 +1,1 @@
+"""Durable workflows: multi-step functions whose progress survives crashes (see docs/design.md)."""

@@ -1,0 +1,316 @@
+"""The workflow store: what a durable workflow's progress is kept in, on every result backend.
+
+A run is a workflow invocation.  Its progress is a **journal** of durable calls
+numbered by position (0, 1, 2 ... as the workflow function reaches them), and an
+**inbox** of events sent to it.  The engine (``stem.workflows.engine``) rebuilds
+a run by re-running the function from the top and matching each durable call
+against the journal; the store only keeps records and enforces the rules that
+make that safe when activations race, stall or die:
+
+* **claiming fences.**  ``claim`` is a compare-and-set that bumps the run's
+  ``epoch`` and hands it a lease.  Every later write of that activation
+  (``append``, ``renew``, ``park``, ``finish``, ``attention``,
+  ``continue_as_new``) names its epoch and is refused once another activation
+  has claimed the run: a stalled executor (SIGSTOP, GC pause) that comes back
+  after its lease expired can change nothing.
+* **the journal is append-only.**  ``append`` writes position ``len(journal)``
+  only (no gaps, no overwrite): the first writer wins and no stored entry ever
+  changes after its first commit.  Only ``reset`` (an operator's act, or
+  ``continue_as_new``) removes entries, and it bumps the epoch too.
+* **events are never lost.**  ``send`` stores an event and bumps the run's
+  ``inbox_count`` in one step; ``park`` is refused (``"inbox"``) when the count
+  moved since the activation read it, so an event that arrives between the
+  activation's last look and its parking wakes it instead of waiting forever.
+  Duplicates by ``(run, event_id)`` are stored once.
+* **nothing is stranded.**  A run that needs an activation is always visible to
+  ``due``: created but never claimed (``PENDING`` with ``wake_at``), parked on a
+  timer that is due, parked with unread events, or ``RUNNING`` with an expired
+  lease.  A due marker is only replaced by the claim that acts on it.
+
+Times are the engine's clock (``now`` arguments, injectable for tests), never the
+server's, so a store agrees with the engine about when a sleep is due.
+
+Every mutating operation is one transaction, one Lua script, or one critical
+section: a crash leaves either all of it or none.  Payloads (input, outputs,
+errors, event payloads, ``waiting``) are bytes the engine encodes; the store
+never looks inside them.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import Any, Literal, NamedTuple, Sequence
+
+from ..errors import ConfigurationError
+
+__all__ = [
+    "PENDING", "RUNNING", "PARKED", "NEEDS_ATTENTION", "SUCCEEDED", "FAILED", "CANCELLED", "TERMINAL", "STATUSES",
+    "RunRecord", "JournalEntry", "Event", "WorkflowStore", "ParkOutcome", "RUN_ID_MAX", "check_run_id",
+    "check_payload", "check_time", "check_epoch", "check_text", "check_limit", "check_position", "open_store",
+]
+
+#: created (or reset, or continued as new), not yet claimed
+PENDING = "PENDING"
+#: claimed by one activation, whose lease has not expired (or has: then ``due`` lists it)
+RUNNING = "RUNNING"
+#: suspended: on a timer (``wake_at``), an event (``waiting``), a called task or a child run
+PARKED = "PARKED"
+#: its code no longer matches its journal: visible, never retried in a loop; ``reset`` recovers it
+NEEDS_ATTENTION = "NEEDS_ATTENTION"
+SUCCEEDED = "SUCCEEDED"
+FAILED = "FAILED"
+CANCELLED = "CANCELLED"
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+STATUSES = frozenset({PENDING, RUNNING, PARKED, NEEDS_ATTENTION}) | TERMINAL
+
+#: Run ids become task ids (the run's status is mirrored under it) with a suffix: keep room for it.
+RUN_ID_MAX = 160
+
+ParkOutcome = Literal["parked", "inbox", "fenced"]
+
+
+class RunRecord(NamedTuple):
+    id: str
+    name: str
+    version: str
+    input: bytes
+    status: str
+    #: bumped by every claim, reset, cancel and continue_as_new: the fence of every write
+    epoch: int
+    owner: str | None
+    lease_until: float | None
+    #: when a PENDING or PARKED run is due (None: no timer; it waits for an event, a task or a child)
+    wake_at: float | None
+    #: what a PARKED run waits for (the engine's bytes), None otherwise
+    waiting: bytes | None
+    #: the id of the task (``ctx.call``) or child run it waits on, for the sweeper's checks
+    waits_for: str | None
+    #: events stored for the run so far (the seq of the newest one)
+    inbox_count: int
+    #: ``inbox_count`` as the activation that parked the run had read it
+    inbox_seen: int
+    parent: str | None
+    result: bytes | None
+    error: bytes | None
+    #: why a run is NEEDS_ATTENTION (position and both calls), None otherwise
+    attention: str | None
+    #: how many times the run continued as new
+    generation: int
+    created_at: float
+    updated_at: float
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class JournalEntry(NamedTuple):
+    position: int
+    #: "step", "call", "sleep", "wait", "child", "now", "uuid", "patch", ... (the engine's names)
+    kind: str
+    name: str
+    output: bytes | None
+    error: bytes | None
+    attempt: int
+    #: the epoch of the activation that wrote it
+    epoch: int
+    created_at: float
+
+
+class Event(NamedTuple):
+    #: 1, 2, 3 ... per run, in the order the store accepted them (FIFO per topic follows)
+    seq: int
+    topic: str
+    event_id: str
+    payload: bytes
+    created_at: float
+
+
+def check_run_id(run_id: object) -> str:
+    if not isinstance(run_id, str) or not 0 < len(run_id) <= RUN_ID_MAX:
+        raise ConfigurationError(f"a run id is a non-empty string of at most {RUN_ID_MAX} chars, got {run_id!r}")
+    return run_id
+
+
+def check_payload(name: str, value: object, *, optional: bool = True) -> bytes | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if not isinstance(value, bytes):
+        raise ConfigurationError(f"{name} is bytes{' or None' if optional else ''}, got {type(value).__name__}")
+    return value
+
+
+def check_time(name: str, value: object, *, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigurationError(f"{name} is a finite number of seconds, got {value!r}")
+    return float(value)
+
+
+def check_epoch(epoch: object) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ConfigurationError(f"an epoch is an int >= 0, got {epoch!r}")
+    return epoch
+
+
+def check_text(name: str, value: object, *, limit: int = 200, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        raise ConfigurationError(f"{name} is a non-empty string of at most {limit} chars, got {value!r}")
+    return value
+
+
+def check_limit(limit: object) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigurationError(f"a limit is an int >= 1, got {limit!r}")
+    return limit
+
+
+def check_position(position: object) -> int:
+    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+        raise ConfigurationError(f"a journal position is an int >= 0, got {position!r}")
+    return position
+
+
+class WorkflowStore(abc.ABC):
+    """Runs, their journals and their inboxes.  Every argument is checked (``check_*`` above:
+    ConfigurationError) before the store is touched, so a bad call stores nothing."""
+
+    # -- runs ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def create(self, run_id: str, name: str, version: str, input: bytes, *, now: float,
+               parent: str | None = None) -> tuple[bool, RunRecord]:
+        """Create a PENDING run (epoch 0, ``wake_at=now``: due until claimed) unless one with the
+        id exists.  Returns (created, the record now stored): a second start is a no-op that
+        returns the first run, whatever its input."""
+
+    @abc.abstractmethod
+    def get(self, run_id: str) -> RunRecord | None:
+        ...
+
+    @abc.abstractmethod
+    def runs(self, *, status: str | None = None, name: str | None = None, limit: int = 100,
+             after: str | None = None) -> list[RunRecord]:
+        """Runs ordered by id, at most ``limit``, with an id greater than ``after`` (paging)."""
+
+    # -- one activation: claim, journal, renew, then exactly one of park/finish/attention ------
+    @abc.abstractmethod
+    def claim(self, run_id: str, owner: str, *, now: float, lease: float) -> RunRecord | None:
+        """Compare-and-set: a run PENDING, PARKED, or RUNNING with ``lease_until <= now`` becomes
+        RUNNING under ``owner`` until ``now + lease`` with ``epoch + 1`` (returned).  None when
+        the run is absent, terminal, NEEDS_ATTENTION or held by a live lease.  ``wake_at`` and
+        ``waiting`` are cleared: the lease is the due marker from here on."""
+
+    @abc.abstractmethod
+    def renew(self, run_id: str, epoch: int, *, now: float, lease: float) -> bool:
+        """Extend the lease of the RUNNING run claimed at ``epoch`` to ``now + lease``.
+        False when fenced (another claim, a reset, a cancel) or no longer RUNNING."""
+
+    @abc.abstractmethod
+    def journal(self, run_id: str) -> list[JournalEntry]:
+        """The run's entries by position (as integers: 2 before 10)."""
+
+    @abc.abstractmethod
+    def append(self, run_id: str, epoch: int, position: int, kind: str, name: str, *,
+               output: bytes | None = None, error: bytes | None = None, attempt: int = 1,
+               now: float) -> bool:
+        """Append the entry at ``position`` if the run is RUNNING at ``epoch`` and ``position``
+        is the journal's length.  False otherwise (fenced, or the position is taken: the
+        first writer won); nothing is changed then."""
+
+    @abc.abstractmethod
+    def park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
+             waits_for: str | None, inbox_seen: int, now: float) -> ParkOutcome:
+        """Suspend the RUNNING run claimed at ``epoch``: PARKED, no owner or lease, ``wake_at``,
+        ``waiting``, ``waits_for`` and ``inbox_seen`` stored.  ``"inbox"`` (nothing changed, the
+        run stays RUNNING under its lease) when ``inbox_count != inbox_seen``: an event arrived
+        that the activation has not read.  ``"fenced"`` when the epoch is stale or the run is no
+        longer RUNNING."""
+
+    @abc.abstractmethod
+    def finish(self, run_id: str, epoch: int, status: str, *, result: bytes | None = None,
+               error: bytes | None = None, now: float) -> bool:
+        """End the RUNNING run claimed at ``epoch``: SUCCEEDED (with ``result``) or FAILED (with
+        ``error``).  When the run has a parent, the same step sends the parent an event (topic
+        ``"__child__"``, event id this run's id, payload empty), so a parent parked on it becomes
+        due even if the engine dies before waking it.  False when fenced."""
+
+    @abc.abstractmethod
+    def attention(self, run_id: str, epoch: int, reason: str, *, now: float) -> bool:
+        """Park the RUNNING run claimed at ``epoch`` as NEEDS_ATTENTION with ``reason``.
+        False when fenced."""
+
+    @abc.abstractmethod
+    def continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: Sequence[int],
+                        now: float) -> bool:
+        """Restart the RUNNING run claimed at ``epoch`` with ``input``: its journal and the events
+        whose seqs are in ``drop_events`` (those it consumed) are deleted, ``generation + 1``,
+        ``epoch + 1``, PENDING due now.  False when fenced."""
+
+    # -- operators --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def cancel(self, run_id: str, *, now: float) -> RunRecord | None:
+        """A run not yet terminal becomes CANCELLED (``epoch + 1``: the activation that holds it,
+        if any, is fenced out; its parent is sent ``"__child__"`` as by ``finish``).  Returns the
+        record after; None when absent; a terminal run is returned unchanged."""
+
+    @abc.abstractmethod
+    def reset(self, run_id: str, to_position: int, *, now: float) -> RunRecord | None:
+        """Delete the entries at ``to_position`` and after, ``epoch + 1``, PENDING due now, no
+        owner, attention/result/error cleared.  Any status may be reset (NEEDS_ATTENTION to
+        resume, FAILED or CANCELLED to retry).  None when absent."""
+
+    # -- events -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def send(self, run_id: str, topic: str, event_id: str, payload: bytes, *,
+             now: float) -> tuple[bool, RunRecord | None]:
+        """Store an event for the run (seq = ``inbox_count + 1``) unless the run already has one
+        with ``event_id``.  Returns (stored, the run after); (False, None) when the run is absent.
+        A terminal run takes no events: (False, record)."""
+
+    @abc.abstractmethod
+    def events(self, run_id: str, topic: str | None = None, after_seq: int = 0,
+               limit: int = 100) -> list[Event]:
+        """Events of ``topic`` (or every topic) with ``seq > after_seq``, oldest first."""
+
+    # -- the sweeper -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def due(self, *, now: float, limit: int = 500) -> list[tuple[str, str]]:
+        """Runs that need an activation, as (run id, reason): ``"start"`` (PENDING, ``wake_at <=
+        now``), ``"timer"`` (PARKED, ``wake_at <= now``), ``"inbox"`` (PARKED, ``inbox_count >
+        inbox_seen``), ``"lease"`` (RUNNING, ``lease_until <= now``).  At most ``limit``; a run is
+        listed once, with the first reason that applies in that order.  Listing changes nothing."""
+
+    @abc.abstractmethod
+    def parked_on(self, *, limit: int = 500, after: str | None = None) -> list[tuple[str, str]]:
+        """PARKED runs with ``waits_for`` set, as (run id, waits_for), ordered by run id after
+        ``after``: the sweeper checks the tasks they wait on in pages."""
+
+    # -- misc -------------------------------------------------------------------------------
+    def close(self) -> None:
+        pass
+
+
+def open_store(backend: Any) -> WorkflowStore:
+    """The workflow store that lives beside ``backend`` (same database, file or server)."""
+    from ..backends.memory import InMemoryResultBackend
+    if isinstance(backend, InMemoryResultBackend):
+        from .store_memory import MemoryWorkflowStore
+        return MemoryWorkflowStore.for_backend(backend)
+    kind = type(backend).__module__.rsplit(".", 1)[-1]
+    if kind == "sqlite":
+        from .store_sql import SQLiteWorkflowStore
+        return SQLiteWorkflowStore.for_backend(backend)
+    if kind == "postgres":
+        from .store_sql import PostgresWorkflowStore
+        return PostgresWorkflowStore.for_backend(backend)
+    if kind == "redis":
+        from .store_redis import RedisWorkflowStore
+        return RedisWorkflowStore.for_backend(backend)
+    raise ConfigurationError(f"workflows need a memory, SQLite, Postgres or Redis result backend, "
+                             f"not {type(backend).__name__}")
