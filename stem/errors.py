@@ -17,7 +17,14 @@
     │   └── BackendConnectionError
     ├── TaskTimeoutError              wait_for_task gave up (also TimeoutError)
     ├── WorkerError                   the worker cannot start or run (bad registry, dead children)
-    └── ControlError                  a control command failed or was malformed
+    ├── ControlError                  a control command failed or was malformed
+    └── WorkflowError                 durable workflows (stem.workflows)
+        ├── UnknownWorkflowError      start of a workflow name nobody registered (also LookupError)
+        ├── RunNotFoundError          a run id the workflow store does not hold (also LookupError)
+        ├── RunFinishedError          an event sent to a run that already ended
+        ├── StepFailedError           raised into a workflow: a step failed after its retries
+        ├── CallFailedError           raised into a workflow: a ctx.call task ended without success
+        └── ChildFailedError          raised into a workflow: a child run ended without success
 
     BaseException (so user code's ``except Exception`` cannot swallow them)
     ├── SoftTimeLimitExceeded         raised inside a task that passed its soft time limit
@@ -35,7 +42,8 @@ __all__ = [
     "InvalidTaskOptionsError", "EncodeError", "TaskFailedError", "DecodeError", "SignatureError",
     "BrokerError", "BrokerConnectionError", "BackendError", "BackendConnectionError",
     "TaskTimeoutError", "WorkerError", "ControlError", "SoftTimeLimitExceeded", "Retry",
-    "WorkerShutdown",
+    "WorkerShutdown", "WorkflowError", "UnknownWorkflowError", "RunNotFoundError", "RunFinishedError",
+    "StepFailedError", "CallFailedError", "ChildFailedError",
 ]
 
 
@@ -126,6 +134,52 @@ class WorkerError(StemError):
 
 class ControlError(StemError):
     pass
+
+
+class WorkflowError(StemError):
+    """Root of the durable workflows' errors (``stem.workflows``)."""
+
+
+class UnknownWorkflowError(WorkflowError, LookupError):
+    pass
+
+
+class RunNotFoundError(WorkflowError, LookupError):
+    pass
+
+
+class RunFinishedError(WorkflowError):
+    """The run ended (SUCCEEDED, FAILED or CANCELLED): it takes no more events."""
+
+
+class _RaisedIntoWorkflow(WorkflowError):
+    """What a durable call raises into the workflow when the work it stands for failed: the
+    same type and text on the first run and on every replay (the original exception is only
+    its ``__cause__`` the first time), so a workflow's ``except`` behaves the same way each
+    time.  ``error_type`` and ``error`` describe the original failure."""
+
+    def __init__(self, message: str, name: str = "", position: int = -1, error_type: str | None = None,
+                 error: str | None = None):
+        super().__init__(message)
+        self.name = name
+        self.position = position
+        self.error_type = error_type
+        self.error = error
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.name, self.position, self.error_type, self.error))
+
+
+class StepFailedError(_RaisedIntoWorkflow):
+    """A step raised on its last attempt (or returned what cannot be recorded)."""
+
+
+class CallFailedError(_RaisedIntoWorkflow):
+    """A task run by ``ctx.call`` ended FAILED, DEAD or REVOKED."""
+
+
+class ChildFailedError(_RaisedIntoWorkflow):
+    """A child run ended FAILED or CANCELLED."""
 
 
 class SoftTimeLimitExceeded(BaseException):

@@ -143,7 +143,7 @@ class PayloadSigner:
     cannot sign (``can_sign`` is False).
     """
 
-    __slots__ = ("_backend", "algorithm", "active_key", "key_ids")
+    __slots__ = ("_backend", "algorithm", "active_key", "key_ids", "_recipe")
 
     def __init__(self, keys: Mapping[str, bytes], active_key: str | None = None,
                  algorithm: str = "hmac-sha256", public_keys: Mapping[str, bytes] | None = None):
@@ -194,6 +194,11 @@ class PayloadSigner:
         self.algorithm = algorithm
         self.active_key = active_key
         self.key_ids = tuple(keys) + tuple(public)
+        # what pickling rebuilds it from (a worker hands its signer to its children this way)
+        self._recipe = (keys, active_key, algorithm, public)
+
+    def __reduce__(self) -> tuple:
+        return (PayloadSigner, self._recipe)
 
     @classmethod
     def from_config(cls, config: Any) -> PayloadSigner:

@@ -185,6 +185,8 @@ class TaskRuntime(Protocol):
 
     def group_results(self, group_id: str) -> Any: ...
 
+    def producer(self) -> Any: ...
+
 
 class TaskContext:
     """Handed to every handler as its first argument."""
@@ -245,6 +247,17 @@ class TaskContext:
         if self._runtime is None:
             raise ConfigurationError("this TaskContext is not attached to a worker; cannot enqueue")
         return self._runtime.enqueue(name, args, options, self)
+
+    def producer(self) -> Any:
+        """A producer (``stem.Stem``, without a registry) on the broker, result backend and
+        signer of the worker running this task, for what ``enqueue`` does not cover
+        (explicit ids, countdowns, reading statuses).  In a worker's child it opens its own
+        connections on first use, which needs a broker and a backend other processes can
+        reach (not ``memory://``)."""
+        producer = getattr(self._runtime, "producer", None)
+        if producer is None:
+            raise ConfigurationError("this TaskContext is not attached to a worker; it has no producer")
+        return producer()
 
     def __repr__(self) -> str:
         return f"TaskContext(id={self.id!r}, name={self.name!r}, attempt={self.attempt})"

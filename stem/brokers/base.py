@@ -304,6 +304,12 @@ class Broker(abc.ABC):
     #: (no Python frame), as it is read on every settle round trip.
     store = property(operator.attrgetter("_store"))
 
+    def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
+        """``(url, options)`` that open another instance on this same broker from another
+        process (``stem.brokers.from_url(url, **options)``), or None when no other process
+        can reach it (in-memory).  A worker's children publish through it (``ctx.producer()``)."""
+        return None
+
     @abc.abstractmethod
     def publish(self, message: Message) -> None:
         """Store one message durably (as durable as the adapter is) before returning."""

@@ -472,6 +472,9 @@ class PostgresBroker(Broker):
         self._next_bucket_sweep = 0.0
         self._closed = False
 
+    def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
+        return (self.url, {"schema": self.schema})
+
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "PostgresBroker":
         return cls(url, url=url, **kwargs)

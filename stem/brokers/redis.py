@@ -174,6 +174,9 @@ class RedisBroker(Broker):
         self._rotate = 0
         self._closed = False
 
+    def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
+        return (self.url, {"namespace": self.namespace})
+
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> "RedisBroker":
         return cls(url, **kwargs)

@@ -112,6 +112,9 @@ class SqliteBroker(Broker):
         self._next_bucket_sweep = 0.0
         self._closed = False
 
+    def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
+        return None if self.url in ("sqlite://", "sqlite:///:memory:") else (self.url, {})
+
     @classmethod
     def from_url(cls, url: str = "sqlite://", **kwargs: Any) -> "SqliteBroker":
         path, options = parse_sqlite_url(url)

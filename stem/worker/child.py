@@ -58,27 +58,52 @@ class _ChildRuntime:
     """``ctx.heartbeat/progress/enqueue`` from inside a child: messages to the supervisor."""
 
     def __init__(self, channel: Channel, registry: TaskRegistry, can_sign: bool = True,
-                 backend_recipe: Any = None):
+                 backend_recipe: Any = None, broker_recipe: Any = None, signer: Any = None):
         self.channel = channel
         self.registry = registry
         self.can_sign = can_sign
         self.backend_recipe = backend_recipe
+        self.broker_recipe = broker_recipe
+        self.signer = signer
         self._backend = None
+        self._producer = None
+
+    def _open_backend(self, why: str):
+        if self._backend is None:
+            if not self.backend_recipe:
+                raise ConfigurationError(
+                    f"{why} the result backend, which a child process cannot reach (an in-memory backend): "
+                    "run the worker with isolation='inline', or use a backend processes share (sqlite file, "
+                    "redis, postgres)")
+            from ..backends import from_url
+            url, options = self.backend_recipe
+            self._backend = from_url(url, **options)
+        return self._backend
 
     def group_results(self, group_id: str):
         """A chord callback's ``ctx.previous``: read from the result backend by this child
         (its own connection, opened on first use), page by page."""
         from ..canvas import GroupResults
-        if self._backend is None:
-            if not self.backend_recipe:
+        return GroupResults(self._open_backend("a chord callback reads its members' results from"), group_id)
+
+    def producer(self):
+        """``ctx.producer()`` in a child: its own connections to the worker's broker and backend
+        (opened on first use, kept for the child's life), signing with the worker's signer."""
+        if self._producer is None:
+            if not self.broker_recipe:
                 raise ConfigurationError(
-                    "a chord callback reads its members' results from the result backend, which a child "
-                    "process cannot reach (an in-memory backend): run the worker with isolation='inline', "
-                    "or use a backend processes share (sqlite file, redis, postgres)")
-            from ..backends import from_url
-            url, options = self.backend_recipe
-            self._backend = from_url(url, **options)
-        return GroupResults(self._backend, group_id)
+                    "a task's producer publishes to the broker, which a child process cannot reach (an "
+                    "in-memory broker): run the worker with isolation='inline', or use a broker processes "
+                    "share (sqlite file, redis, postgres)")
+            if self.signer is not None and not self.can_sign:
+                raise ConfigurationError("this worker verifies signatures but has no signing key: a task's "
+                                         "producer could not sign what it publishes")
+            backend = self._open_backend("a task's producer reads and writes")
+            from ..brokers import from_url
+            from ..producer import Stem
+            url, options = self.broker_recipe
+            self._producer = Stem(from_url(url, **options), backend, None, self.signer)
+        return self._producer
 
     def _send(self, msg) -> None:
         self.channel.send_wait([_encode(msg)], 30.0)
@@ -109,7 +134,8 @@ class ChildProcess:
     def __init__(self, channel: Channel, registry: TaskRegistry, params: dict[str, Any]):
         self.channel = channel
         self.registry = registry
-        self.runtime = _ChildRuntime(channel, registry, bool(params.get("can_sign", True)), params.get("backend_recipe"))
+        self.runtime = _ChildRuntime(channel, registry, bool(params.get("can_sign", True)), params.get("backend_recipe"),
+                                     params.get("broker_recipe"), params.get("signer"))
         self.measure_rss = bool(params.get("measure_rss"))
         self.concurrency = int(params.get("child_concurrency", 1))
         self.supervisor_pid = int(params["supervisor_pid"])

@@ -104,7 +104,8 @@ class ProcessEngine(Engine):
                  hooks: EngineHooks, worker_id: str, child_concurrency: int = 1,
                  max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None,
                  max_crash_redeliveries: int = 3, start_method: str | None = None, yield_cpu: bool = True,
-                 can_sign: bool = True, backend_recipe: Any = None):
+                 can_sign: bool = True, backend_recipe: Any = None, broker_recipe: Any = None,
+                 signer: Any = None):
         self.registry = registry
         self.registry_ref = registry_ref   # "module:attribute": how a fresh interpreter loads the registry
         self.concurrency = concurrency
@@ -141,7 +142,9 @@ class ProcessEngine(Engine):
                         # a verify-only worker (public keys only) cannot sign what its tasks enqueue
                         "can_sign": can_sign,
                         # where a chord callback's child reads its members' results (stem.canvas)
-                        "backend_recipe": backend_recipe}
+                        "backend_recipe": backend_recipe,
+                        # what a task's ctx.producer() publishes with (workflow activations: stem.workflows)
+                        "broker_recipe": broker_recipe, "signer": signer}
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, report: Callable[[Job, Outcome], None]) -> None:

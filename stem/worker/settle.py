@@ -21,6 +21,7 @@ from ..logs import task_extra
 from ..results import Reason, TaskState, TaskStatus, ttl_of
 from ..retry import ExponentialJitterRetryStrategy, RetryStrategy
 from ..signals import signals
+from ..workflows.wake import RUN_HEADER
 from .engine import Job
 from .execution import OK, Outcome, check_result_options
 from .lifecycle import ShutdownMode
@@ -69,7 +70,7 @@ class Settler:
     def __init__(self, *, state: WorkerState, broker: Broker, backend: Any, worker_id: str, store_results: bool,
                  retry_strategy: RetryStrategy, board: StatusBoard | None,
                  take_in: Callable[[list[Delivery], set[str], list[Job]], None], sender: Any = None,
-                 canvas: Callable[[], Any] | None = None):
+                 canvas: Callable[[], Any] | None = None, workflows: Callable[[], Any] | None = None):
         self.state = state
         self.broker = broker
         self.backend = backend
@@ -81,6 +82,20 @@ class Settler:
         self.sender = sender            # what signals are sent from (the Worker)
         self.combined = store_results   # store and ack in one round trip, until the store says it cannot
         self.canvas = canvas            # -> the stem.canvas.Runner carrying canvases on (None: no backend)
+        self.workflows = workflows      # -> the stem.workflows.wake.CallNotifier (None: no backend)
+
+    def workflow_tasks_ended(self, envs: list[Any]) -> None:
+        """Tasks run by a workflow's ``ctx.call`` (their ``RUN_HEADER``) ended and their statuses
+        are stored: ring their runs' doorbells.  Best effort: the workflows' sweeper finds the
+        ended tasks of parked runs in the backend if this process dies first."""
+        if self.workflows is None:
+            return
+        called = [env for env in envs if env is not None and env.headers and RUN_HEADER in env.headers]
+        if called:
+            try:
+                self.workflows().finished(called)
+            except Exception:  # noqa: BLE001 - a bug here must not stop the settle thread
+                log.exception("could not tell %d workflow runs that their tasks ended", len(called))
 
     def canvas_finished(self, env: Any, status: TaskStatus) -> None:
         """A task of a canvas reached ``status``: record it in its group (or start the next
@@ -127,6 +142,8 @@ class Settler:
             if member is not None and member.id == d.task_id:
                 self.canvas_finished(member, status)
         self.broker_call(self.broker.dead_letter, d, reason)
+        if env is not None:
+            self.workflow_tasks_ended([env])
         self.state.count("dead_lettered")
         if signals.task_dead_lettered.receivers:
             signals.task_dead_lettered.send(self.sender, task_id=d.task_id, queue=d.queue, reason=reason)
@@ -141,6 +158,7 @@ class Settler:
         if env.canvas:
             self.canvas_finished(env, status)
         self.broker_call(self.broker.ack, [d])
+        self.workflow_tasks_ended([env])
         self.state.count("revoked")
         if signals.task_revoked.receivers:
             signals.task_revoked.send(self.sender, envelope=env, reason=reason)
@@ -186,6 +204,8 @@ class Settler:
                 self.forget(acks)
         if acks:
             self._announce_successes(batch, acks)
+            if self.workflows is not None:
+                self.workflow_tasks_ended([j.envelope for j in acks])
         if in_canvas:
             self.canvas_successes(in_canvas, now)
         for job, out in later:
@@ -309,6 +329,7 @@ class Settler:
             if env.canvas:
                 self.canvas_finished(env, status)
             self.broker_call(self.broker.dead_letter, job.delivery, reason)
+            self.workflow_tasks_ended([env])
             self.state.count("dead_lettered" if dead else "failed")
             if dead:
                 if signals.task_dead_lettered.receivers:
@@ -336,6 +357,7 @@ class Settler:
         if env.canvas:
             self.canvas_finished(env, status)
         self.broker_call(self.broker.ack, [job.delivery])
+        self.workflow_tasks_ended([env])
         self.state.count("revoked")
         if signals.task_revoked.receivers:
             signals.task_revoked.send(self.sender, envelope=env, reason=str(reason))

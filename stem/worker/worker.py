@@ -74,6 +74,9 @@ class _Runtime:
         from ..canvas import GroupResults
         return GroupResults(self._worker.backend, group_id)
 
+    def producer(self):
+        return self._worker._plain_producer()
+
 
 class Worker:
     """Runs registered tasks from ``queues`` (DESIGN.md, "Worker engine"; README, "Semantics")."""
@@ -159,6 +162,7 @@ class Worker:
                                 store_results=self.store_results, retry_strategy=self.retry_strategy,
                                 board=self._board, sender=self,
                                 canvas=self._canvas_runner if self.store_results else None,
+                                workflows=self._call_notifier if self.store_results else None,
                                 take_in=lambda leased, paused, settled: self._fetcher.take_refill(
                                     leased, paused, settled))
         self._fetcher = Fetcher(state=self._state, broker=self.broker, backend=self.backend, signer=signer,
@@ -168,7 +172,10 @@ class Worker:
         self._autoscaler = self._make_autoscaler() if self.autoscale is not None else None
         self._control = None
         self._stem = None
+        self._plain = None
         self._runner = None
+        self._notifier = None
+        self._wf_sweeper = None
         self._stopped = threading.Event()
         self._started = threading.Event()
         self._thread: threading.Thread | None = None
@@ -201,7 +208,8 @@ class Worker:
                              max_crash_redeliveries=self.max_crash_redeliveries, start_method=self.start_method,
                              yield_cpu=self.yield_cpu,
                              can_sign=self.signer is None or bool(getattr(self.signer, "can_sign", True)),
-                             backend_recipe=self.backend.reopen_recipe() if self.backend is not None else None)
+                             backend_recipe=self.backend.reopen_recipe() if self.backend is not None else None,
+                             broker_recipe=self.broker.reopen_recipe(), signer=self.signer)
 
     def _make_autoscaler(self) -> Autoscaler:
         engine, state = self._engine, self._state
@@ -222,14 +230,48 @@ class Worker:
             self._stem = Stem(self.broker, self.backend, self.registry, self.signer)
         return self._stem
 
+    def _plain_producer(self):
+        """A producer without the registry (made on first use), for what the worker publishes
+        on others' behalf: canvas callbacks and next steps, workflow wake-ups and called
+        tasks, which may run on workers with other handlers."""
+        if self._plain is None:
+            from ..producer import Stem
+            self._plain = Stem(self.broker, self.backend, None, self.signer)
+        return self._plain
+
     def _canvas_runner(self):
-        """What carries canvases on (``stem.canvas.Runner``), made on first use.  Its producer
-        has no registry: a callback or next step may run on workers with other handlers."""
+        """What carries canvases on (``stem.canvas.Runner``), made on first use."""
         if self._runner is None:
             from ..canvas import Runner
-            from ..producer import Stem
-            self._runner = Runner(Stem(self.broker, self.backend, None, self.signer), revoke_here=self.revoke)
+            self._runner = Runner(self._plain_producer(), revoke_here=self.revoke)
         return self._runner
+
+    def _call_notifier(self):
+        """What tells a workflow run that a task it called ended (``stem.workflows.wake``), made
+        on first use: any worker may run a called task, whatever its registry."""
+        if self._notifier is None:
+            from ..workflows.store import open_store
+            from ..workflows.wake import CallNotifier
+            store = None
+
+            def store_of():
+                nonlocal store
+                if store is None:
+                    store = open_store(self.backend)
+                return store
+
+            self._notifier = CallNotifier(store=store_of, producer=self._plain_producer())
+        return self._notifier
+
+    def _start_workflow_sweeper(self) -> None:
+        """A registry with workflows (``stem.workflows.Workflows``) gets its sweeper here."""
+        from ..workflows.wake import ACTIVATE
+        if self.backend is None or ACTIVATE not in self.registry:
+            return
+        workflows = getattr(self.registry.get(ACTIVATE), "workflows", None)
+        if workflows is None:
+            return
+        self._wf_sweeper = workflows.sweeper(self._plain_producer()).start()
 
     def _sweep_groups(self) -> None:
         """End the groups their producers left unsealed past their deadline (each worker
@@ -366,6 +408,7 @@ class Worker:
             self._control = ControlServer(broker=self.broker, backend=self.backend, signer=self.signer, target=self)
             self._control.start()
         self._publish_heartbeat()  # visible (and controllable) before the first task runs
+        self._start_workflow_sweeper()
         on_idle = (lambda: self.shutdown_nowait(ShutdownMode.WARM)) if burst else None
         self._fetch_thread = threading.Thread(target=self._fetcher.run, args=(on_idle,), name="stem-fetcher",
                                               daemon=True)
@@ -382,6 +425,8 @@ class Worker:
         finally:
             if self._scheduler is not None:   # also when the main loop died
                 self._scheduler.stop_nowait()
+            if self._wf_sweeper is not None:
+                self._wf_sweeper.stop(0.0)
             self._stopped.set()
             signals.worker_shutdown.send(self, worker=self)
             log.info("worker %s stopped", self.id)
@@ -638,6 +683,8 @@ class Worker:
         log.info("worker %s: %s shutdown", self.id, mode.value)
         if self._scheduler is not None:   # first: a stopping worker publishes no more runs
             self._scheduler.stop(5.0)
+        if self._wf_sweeper is not None:
+            self._wf_sweeper.stop(5.0)
         self._state.wake_all()
         if self._fetch_thread is not None:
             self._fetch_thread.join(5.0)

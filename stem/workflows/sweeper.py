@@ -1,0 +1,108 @@
+"""The sweeper: every worker of a registry with workflows wakes the runs that are due.
+
+Nothing is stranded by a crash between a store write and the publish that should
+follow it, because the store lists every run that needs an activation
+(``WorkflowStore.due``: a new run never claimed, a parked run whose timer is due or
+whose inbox has unread events, a running run whose lease expired) and the sweeper
+publishes a keyed wake for each (``stem.workflows.wake``: duplicates across workers and
+sweeps collapse).  It never deletes or changes anything in the store: a due marker is
+only replaced by the claim of the activation that acts on it.
+
+Every ``PARKED_ON_EVERY`` sweeps it also pages through the runs parked on a called task
+or a child (``WorkflowStore.parked_on``) and reads those ids' statuses in the result
+backend: an ended one whose doorbell was lost (the worker died between storing the
+task's status and sending the ``__call__`` event) gets the event and a wake now.
+
+Runs on a daemon thread of its own (``start``/``stop``), every ``interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from ..errors import StemError
+from . import clock
+from .store import PARKED, WorkflowStore
+from .wake import CALL_TOPIC, publish_wake
+
+__all__ = ["Sweeper", "PARKED_ON_EVERY", "DUE_LIMIT", "PAGE"]
+
+log = logging.getLogger("stem.workflows")
+
+#: The parked-on pass runs once every this many sweeps.
+PARKED_ON_EVERY = 6
+#: Due runs woken per sweep at most (the rest at the next).
+DUE_LIMIT = 500
+#: Runs per page of the parked-on pass.
+PAGE = 500
+
+
+class Sweeper:
+    def __init__(self, *, store: WorkflowStore, producer: Any, queue: str, interval: float):
+        self.store = store
+        self.producer = producer
+        self.queue = queue
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sweeps = 0
+
+    def sweep(self, *, parked_on: bool = True) -> int:
+        """One sweep; returns how many wakes it published (collapsed ones not counted)."""
+        woken = 0
+        store = self.store
+        for run_id, reason in store.due(now=clock.now(), limit=DUE_LIMIT):
+            run = store.get(run_id)
+            if run is None or run.terminal:
+                continue
+            woken += publish_wake(self.producer, run_id, run.epoch, reason, self.queue)
+        if parked_on:
+            woken += self._parked_on()
+        return woken
+
+    def _parked_on(self) -> int:
+        woken = 0
+        store, backend = self.store, self.producer.backend
+        after = None
+        while True:
+            page = store.parked_on(limit=PAGE, after=after)
+            if not page:
+                break
+            statuses = backend.get_many([waits_for for _, waits_for in page])
+            for (run_id, waits_for), status in zip(page, statuses):
+                if status is None or not status.is_terminal:
+                    continue
+                _, run = store.send(run_id, CALL_TOPIC, waits_for, b"", now=clock.now())
+                if run is not None and run.status == PARKED:
+                    woken += publish_wake(self.producer, run_id, run.epoch, "done", self.queue)
+            if len(page) < PAGE:
+                break
+            after = page[-1][0]
+        return woken
+
+    # -- the thread ------------------------------------------------------------------------
+    def start(self) -> "Sweeper":
+        self._thread = threading.Thread(target=self._loop, name="stem-wf-sweeper", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sweeps += 1
+            try:
+                n = self.sweep(parked_on=self._sweeps % PARKED_ON_EVERY == 0)
+            except StemError as exc:
+                log.warning("the workflow sweep failed (%s); trying again in %.1fs", exc, self.interval)
+                continue
+            except Exception:  # noqa: BLE001 - the sweeper must outlive a bug in one sweep
+                log.exception("the workflow sweep failed")
+                continue
+            if n:
+                log.info("workflow sweep: woke %d run(s)", n)
