@@ -2,7 +2,8 @@
 
 One module per command group: ``worker`` (run a worker), ``control`` (its
 subcommands that talk to running workers), ``schedule`` (``stem beat`` and
-``stem schedule ...``), ``tasks`` (enqueue, result, queues, purge), ``dlq``, ``dashboard`` (serve the web dashboard),
+``stem schedule ...``), ``tasks`` (enqueue, result, queues, purge), ``dlq``, ``workflows`` (``stem wf ...``),
+``dashboard`` (serve the web dashboard),
 ``tools`` (migrate, demo, bench).  ``_common`` holds the one
 configuration path every command takes (``Env``) and the exit codes,
 ``_params`` the option types, ``_output`` how results are printed.
@@ -29,6 +30,7 @@ from .schedule import beat, schedule
 from .tasks import enqueue, purge, queues, result
 from .tools import bench, demo, migrate
 from .worker import worker
+from .workflows import wf
 
 __all__ = ["main", "parse_size"]
 
@@ -54,6 +56,6 @@ def main() -> None:
     """
 
 
-for _command in (worker, beat, schedule, enqueue, result, queues, purge, group, dlq, dashboard, migrate, demo,
+for _command in (worker, beat, schedule, enqueue, result, queues, purge, group, dlq, wf, dashboard, migrate, demo,
                  bench):
     main.add_command(_command)

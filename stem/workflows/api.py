@@ -202,8 +202,10 @@ class Workflows:
             import inspect
             if inspect.iscoroutinefunction(f):
                 raise ConfigurationError(f"step {f.__qualname__!r} is async: steps are plain functions")
-            step_name = name if name is not None else f"{f.__module__}.{f.__qualname__}"
-            checks.task_name(step_name, error=ConfigurationError)
+            step_name = name if name is not None else f"{f.__module__}.{f.__qualname__.replace('<locals>.', '')}"
+            if not isinstance(step_name, str) or not 0 < len(step_name) <= 200:
+                raise ConfigurationError(f"a step name is a non-empty string of at most 200 chars, got {step_name!r}"
+                                         + ("" if name is not None else ": give the step a name="))
             if step_name in self._steps:
                 raise ConfigurationError(f"a step named {step_name!r} is already declared: give one a name=")
             step = Step(f, step_name, retry or DEFAULT_RETRY)

@@ -5,7 +5,8 @@ follow it, because the store lists every run that needs an activation
 (``WorkflowStore.due``: a new run never claimed, a parked run whose timer is due or
 whose inbox has unread events, a running run whose lease expired) and the sweeper
 publishes a keyed wake for each (``stem.workflows.wake``: duplicates across workers and
-sweeps collapse).  It never deletes or changes anything in the store: a due marker is
+sweeps collapse).  A due timer is left to the delayed wake its parking published until
+it is overdue by a sweep interval.  It never deletes or changes anything in the store: a due marker is
 only replaced by the claim of the activation that acts on it.
 
 Every ``PARKED_ON_EVERY`` sweeps it also pages through the runs parked on a called task
@@ -53,10 +54,17 @@ class Sweeper:
         """One sweep; returns how many wakes it published (collapsed ones not counted)."""
         woken = 0
         store = self.store
-        for run_id, reason in store.due(now=clock.now(), limit=DUE_LIMIT):
+        now = clock.now()
+        for run_id, reason in store.due(now=now, limit=DUE_LIMIT):
             run = store.get(run_id)
             if run is None or run.terminal:
                 continue
+            if reason == "timer":
+                # the parking published a delayed wake due then: only a timer overdue by a sweep
+                # interval (that wake was lost, or the broker's clock is not the workflows') is woken
+                if run.wake_at is None or run.wake_at > now - self.interval:
+                    continue
+                reason = "overdue"
             woken += publish_wake(self.producer, run_id, run.epoch, reason, self.queue)
         if parked_on:
             woken += self._parked_on()

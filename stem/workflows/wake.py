@@ -9,7 +9,9 @@ Every wake-up is a keyed publish under an explicit id, ``wfa:<run>:<epoch>:<why>
   gets fresh ids that a stale wake still queued cannot shadow;
 * ``why`` is one letter (``WHY``): a timer's delayed wake (``t``) and an event's
   immediate one (``e``) of the same parking are different tasks, so the delayed one
-  cannot swallow the immediate one.
+  cannot swallow the immediate one; nor can it swallow the sweeper's wake of an overdue
+  timer (``o``), which covers a lost delayed wake and a broker whose clock disagrees
+  with the workflows' clock.
 
 Wake ids are published with ``idempotent_for=0``: the key goes with the activation's
 terminal settle, so a later wake of the same parking (the sweeper's, after a
@@ -50,7 +52,7 @@ CALL_TOPIC = "__call__"
 CHILD_TOPIC = "__child__"
 SYSTEM_TOPICS = (CALL_TOPIC, CHILD_TOPIC)
 #: Why a run is woken -> the letter of its wake id.
-WHY = {"start": "s", "timer": "t", "inbox": "e", "lease": "l", "done": "c", "reset": "r"}
+WHY = {"start": "s", "timer": "t", "inbox": "e", "lease": "l", "done": "c", "reset": "r", "overdue": "o"}
 
 
 def wake_id(run_id: str, epoch: int, why: str) -> str:
