@@ -152,10 +152,12 @@ def test_runs_are_listed_by_id_filtered_by_status_and_name_and_paged(wf_store):
     assert wf_store.runs(after="r11") == []
 
 
-def test_run_ids_sort_as_strings_not_as_numbers(wf_store):
-    for r in ("10", "9", "100", "1"):
+def test_run_ids_sort_as_python_sorts_strings_not_as_numbers_nor_by_a_locale(wf_store):
+    ids = ["10", "9", "100", "1", "a-b", "ab", "a_b", "B", "b", "é", "z", "Z-1", "ä"]
+    for r in ids:
         started(wf_store, r)
-    assert [r.id for r in wf_store.runs()] == ["1", "10", "100", "9"]
+    assert [r.id for r in wf_store.runs()] == sorted(ids)
+    assert [r.id for r in wf_store.runs(after="a-b", limit=3)] == sorted(ids)[sorted(ids).index("a-b") + 1:][:3]
 
 
 # -- claim ------------------------------------------------------------------------------------
