@@ -3,7 +3,7 @@
 ``CONFIG`` is JSON (``tests.support.Processes.worker`` writes it): ``url`` and ``options``
 (the store, as ``stem.brokers.from_url``/``stem.backends.from_url`` take them; a Redis
 namespace is an option, not part of the URL), ``visibility_timeout``, ``concurrency``,
-``signing_key`` (hex, or null), ``queues``.  It prints ``E2E-READY <worker id>`` once the
+``signing_key`` (hex, or null), ``queues``, ``registry`` (default ``tests.apps.e2e:registry``).  It prints ``E2E-READY <worker id>`` once the
 worker is ready (``signals.worker_ready``), logs at INFO to stdout, stops on SIGTERM (warm),
 SIGINT (soft) and SIGQUIT (hard), and exits 1 when the worker stopped with an error.
 """
@@ -28,7 +28,7 @@ def main(config: dict) -> int:
         broker_options["default_visibility_timeout"] = float(config["visibility_timeout"])
     key = config.get("signing_key")
     worker = Worker(broker_from_url(config["url"], **broker_options), backend_from_url(config["url"], **options),
-                    "tests.apps.e2e:registry", queues=config.get("queues") or None,
+                    config.get("registry") or "tests.apps.e2e:registry", queues=config.get("queues") or None,
                     concurrency=int(config.get("concurrency", 2)),
                     signer=PayloadSigner({"k1": bytes.fromhex(key)}) if key else None,
                     heartbeat_interval=float(config.get("heartbeat_interval", 1.0)),
