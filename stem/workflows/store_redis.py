@@ -47,7 +47,8 @@ from ..errors import ConfigurationError
 from ..stores.base import BACKEND_ERRORS
 from ..stores.redis import RedisStore, validate_namespace
 from .store import (FAILED, STATUSES, SUCCEEDED, Event, JournalEntry, ParkOutcome, RunRecord, WorkflowStore,
-                    check_epoch, check_limit, check_payload, check_position, check_run_id, check_text, check_time)
+                    check_epoch, check_limit, check_payload, check_position, check_run_id, check_seqs, check_text,
+                    check_time)
 
 __all__ = ["RedisWorkflowStore", "SHARDS"]
 
@@ -217,11 +218,10 @@ class RedisWorkflowStore(WorkflowStore):
              after: str | None = None) -> list[RunRecord]:
         if status is not None and status not in STATUSES:
             raise ConfigurationError(f"a run status is one of {sorted(STATUSES)}, got {status!r}")
+        check_text("a workflow name", name, optional=True)
         check_limit(limit)
-        if name is not None and not isinstance(name, str):
-            raise ConfigurationError(f"a workflow name is a string, got {name!r}")
-        if after is not None and not isinstance(after, str):
-            raise ConfigurationError(f"after is a run id, got {after!r}")
+        if after is not None:
+            check_run_id(after)
         # every shard's first ``limit`` matches (the global first ``limit`` are among them)
         found: list[list[tuple[str, list]]] = [[] for _ in self._bases]
         cursors: list[str | None] = [after or ""] * len(self._bases)
@@ -324,7 +324,7 @@ class RedisWorkflowStore(WorkflowStore):
         check_run_id(run_id)
         check_epoch(epoch)
         data = check_payload("input", input, optional=False)
-        drop = sorted({check_position(seq) for seq in drop_events})
+        drop = sorted(check_seqs("drop_events", drop_events))
         now = check_time("now", now)
         return self._run(self._keys(run_id), "continue", run_id, repr(now), epoch, data, *drop) == 1
 
@@ -400,8 +400,8 @@ class RedisWorkflowStore(WorkflowStore):
 
     def parked_on(self, *, limit: int = 500, after: str | None = None) -> list[tuple[str, str]]:
         check_limit(limit)
-        if after is not None and not isinstance(after, str):
-            raise ConfigurationError(f"after is a run id, got {after!r}")
+        if after is not None:
+            check_run_id(after)
         found: list[tuple[str, str]] = []
         for flat in self._each_shard("parked_on", "", "", after or "", limit):
             found.extend((bytes(flat[i]).decode(), bytes(flat[i + 1]).decode()) for i in range(0, len(flat), 2))
