@@ -332,6 +332,39 @@ def test_bad_arguments_store_nothing(store, raw):
     assert store.get("r") is None and store.runs() == []
 
 
+def test_the_largest_limits_positions_and_seqs_are_answered_not_refused_by_redis(store):
+    """Lua numbers are doubles: a limit or position of 2**63 - 1 must never reach a Redis
+    command as a number (it would print as 9.2233720368547758e+18 and be refused)."""
+    big = 2**63 - 1
+    rec = store.claim(store.create("r", "wf", "1", b"", now=T0)[1].id, "w", now=T0, lease=30)
+    assert store.append("r", rec.epoch, 0, "step", "a", now=T0)
+    assert store.due(now=T0 + 60, limit=big) == [("r", "lease")]
+    assert store.runs(limit=big)[0].id == "r" and store.runs(name="wf", limit=big)[0].id == "r"
+    assert store.parked_on(limit=big) == [] and store.events("r", "t", after_seq=big, limit=big) == []
+    assert not store.append("r", rec.epoch, big, "step", "b", now=T0)
+    assert store.park("r", rec.epoch, wake_at=None, waiting=None, waits_for=None, inbox_seen=big,
+                      now=T0) == "inbox"
+    assert not store.continue_as_new("r", big, b"", drop_events=[big], now=T0)
+    assert store.reset("r", big, now=T0).status == PENDING and len(store.journal("r")) == 1
+
+
+def test_a_script_cache_emptied_under_the_store_is_loaded_again(private_redis_url):
+    """A restart or SCRIPT FLUSH empties the cache: the call that met NOSCRIPT (which ran
+    nothing) is sent again once the scripts are loaded."""
+    namespace = "stemtest_" + uuid.uuid4().hex[:12]
+    s = RedisWorkflowStore.from_url(private_redis_url, namespace=namespace)
+    try:
+        s.create("r", "wf", "1", b"", now=T0)
+        with redis.Redis.from_url(private_redis_url) as r:
+            r.script_flush()
+        rec = s.claim("r", "w", now=T0, lease=30)
+        assert rec.epoch == 1 and s.get("r").epoch == 1
+    finally:
+        s.close()
+        with redis.Redis.from_url(private_redis_url) as r:
+            drop_namespace(r, namespace)
+
+
 # -- a server killed mid-sequence -------------------------------------------------------------
 def test_a_server_killed_mid_sequence_loses_no_acknowledged_write_and_strands_no_run(redis_server):
     """A driver runs activations (create, claim, append, park on a timer or an event, send,

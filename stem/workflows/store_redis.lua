@@ -232,7 +232,11 @@ elseif op == 'reset' then
   local st = redis.call('HGET', K.run, 'status')
   if not st then return false end
   local keep = tonumber(ARGV[4])
-  if keep == 0 then redis.call('DEL', K.journal) else redis.call('LTRIM', K.journal, 0, keep - 1) end
+  if keep == 0 then
+    redis.call('DEL', K.journal)
+  elseif keep < redis.call('LLEN', K.journal) then   -- past the end: nothing to cut
+    redis.call('LTRIM', K.journal, 0, keep - 1)
+  end
   redis.call('HINCRBY', K.run, 'epoch', 1)
   redis.call('HSET', K.run, 'status', 'PENDING', 'wake_at', NOW, 'updated_at', NOW)
   clear('owner', 'lease_until', 'waiting', 'waits_for', 'result', 'error', 'attention')
@@ -272,7 +276,7 @@ elseif op == 'due' then
     if reason then out[#out + 1] = {id, reason, got[i + 1]} end
   end
   local notes = {}
-  local pending = redis.call('ZRANGE', NOTIFY, 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
+  local pending = redis.call('ZRANGEBYSCORE', NOTIFY, '-inf', '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[4])
   for i = 1, #pending, 2 do
     local p = redis.call('HMGET', BASE .. 'r:' .. pending[i], 'parent', 'pbase')
     if p[1] then notes[#notes + 1] = {pending[i], pending[i + 1], p[1], p[2]} end
