@@ -156,3 +156,10 @@ def test_dashboard_render_bench_times_every_page():
     res = dashboard_render.run(REDIS_URL, workers=3, queues=5, renders=2)
     assert set(res["pages"]) == set(dashboard_render.PAGES)
     assert all(f["median_ms"] > 0 and f["bytes"] > 0 for f in res["pages"].values())
+
+
+@needs_redis
+def test_wf_store_redis_bench_times_a_round_of_activations_and_a_sweep():
+    import wf_store_redis
+    calls, activations, due_ms = wf_store_redis.one_round(REDIS_URL, runs=20, steps=2)
+    assert calls == pytest.approx(activations * 4) and due_ms > 0
