@@ -1,4 +1,4 @@
-"""Durable workflows end to end: worker processes over a store they share (SQLite, Postgres) run
+"""Durable workflows end to end: worker processes over a store they share (SQLite, Postgres, Redis) run
 a workflow with a step, a called task, a two-day sleep under the injectable clock, an event wait
 and a child run; a child process killed mid-step, and every worker killed during a sleep, leave
 runs that complete with the same outputs."""
@@ -22,7 +22,8 @@ DAY = 86400.0
 EXPECTED = {"charge": "ch-42", "total": 42, "shipped": "shipped-42", "review": {"stars": 5}, "doubled": 84}
 
 
-@pytest.fixture(params=[pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=[pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("redis", marks=pytest.mark.redis)])
 def wf_store(request, fleet):
     store = make_store(request.param, request)
     yield store
