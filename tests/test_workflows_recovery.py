@@ -341,8 +341,8 @@ def test_patched_lets_runs_started_under_the_old_code_and_the_new_code_both_comp
 
 
 # -- crashes at every point of an activation ---------------------------------------------------
-def _crash_app():
-    app = App(lease=1.0)
+def _crash_app(store=None):
+    app = App(lease=1.0, store=store)
     ledger, note = _ledger()
 
     @app.wf.step(name="a")
@@ -382,10 +382,24 @@ POINTS = ["before-a-step-body", "mid-body", "after-the-body-before-the-append", 
           "after-parking-before-the-timer-is-published", "after-completion-before-the-mirror", "before-the-ack"]
 
 
+@pytest.fixture(params=[pytest.param("memory"), pytest.param("sqlite"),
+                        pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("redis", marks=pytest.mark.redis)])
+def any_store(request):
+    """None (the memory store), or a ``tests.support.Store`` of the test's own."""
+    if request.param == "memory":
+        yield None
+        return
+    from tests.e2e.conftest import make_store
+    store = make_store(request.param, request)
+    yield store
+    store.close()
+
+
 @pytest.mark.parametrize("point", POINTS)
 def test_a_crash_at_each_point_of_an_activation_leaves_a_run_that_completes_with_the_same_outputs(
-        point, wf_clock, monkeypatch):
-    app, ledger, step_a = _crash_app()
+        point, any_store, wf_clock, monkeypatch):
+    app, ledger, step_a = _crash_app(any_store)
     armed = {"on": True}
 
     def crash_once():

@@ -23,12 +23,13 @@ class App:
     """A registry with workflows over one memory broker and backend (shared by every worker
     and producer of the test)."""
 
-    def __init__(self, **options: Any):
+    def __init__(self, *, store: Any = None, **options: Any):
+        """``store``: a ``tests.support.Store`` to run on (default: a memory broker and backend)."""
         options.setdefault("sweep_interval", 0.05)
         self.registry = TaskRegistry()
         self.wf = Workflows(self.registry, **options)
-        self.broker = InMemoryBroker()
-        self.backend = InMemoryResultBackend()
+        self.broker = InMemoryBroker() if store is None else store.broker()
+        self.backend = InMemoryResultBackend() if store is None else store.backend()
         self.stem = Stem(self.broker, self.backend, self.registry)
         self.store = self.wf.store_for(self.backend)
 

@@ -134,8 +134,8 @@ class ChildProcess:
     def __init__(self, channel: Channel, registry: TaskRegistry, params: dict[str, Any]):
         self.channel = channel
         self.registry = registry
-        self.runtime = _ChildRuntime(channel, registry, bool(params.get("can_sign", True)), params.get("backend_recipe"),
-                                     params.get("broker_recipe"), params.get("signer"))
+        self.runtime = _ChildRuntime(channel, registry, bool(params.get("can_sign", True)),
+                                     params.get("backend_recipe"), params.get("broker_recipe"), params.get("signer"))
         self.measure_rss = bool(params.get("measure_rss"))
         self.concurrency = int(params.get("child_concurrency", 1))
         self.supervisor_pid = int(params["supervisor_pid"])
