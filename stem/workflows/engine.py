@@ -151,9 +151,13 @@ def activate(*, workflows: Any, store: WorkflowStore, producer: Any, run_id: str
         mirror(backend, claimed, queue)
     lease = Lease(store, run_id, claimed.epoch, workflows.lease).start()
     try:
-        return _passes(workflows, store, producer, definition, claimed, lease)
+        outcome = _passes(workflows, store, producer, definition, claimed, lease)
     finally:
         lease.stop()
+    if outcome == "fenced":
+        log.warning("run %s: the activation of epoch %d was fenced out (another activation claimed the run after "
+                    "this one outlived its lease); it changed nothing more", run_id, claimed.epoch)
+    return outcome
 
 
 def _passes(workflows: Any, store: WorkflowStore, producer: Any, definition: Any, run: RunRecord,

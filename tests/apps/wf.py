@@ -53,3 +53,18 @@ def order(ctx, ledger, order_id, hold=None, sleep_days=2):
     review = ctx.wait("review", timeout=timedelta(days=7))
     doubled = ctx.start_child("wf.double", {"ledger": ledger, "n": total}).result()
     return {"charge": charged, "total": total, "shipped": shipped, "review": review, "doubled": doubled}
+
+
+@wf.step(name="wf.pid")
+def pid_step(ctx, ledger, hold):
+    record(ledger, f"pid {os.getpid()}")
+    deadline = time.monotonic() + 60.0
+    while not os.path.exists(hold) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getpid()
+
+
+@wf.workflow("wf.zombie")
+def zombie(ctx, ledger, hold):
+    """A step whose output names the process that ran it: a stored entry that changed would show."""
+    return pid_step(ctx, ledger, hold)

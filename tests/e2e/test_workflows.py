@@ -105,3 +105,36 @@ def test_a_two_day_sleep_survives_killing_every_worker_and_wakes_once(wf_store, 
     status = stem.wait_for_task("nap-42", timeout=60)
     assert status.state is TaskState.SUCCEEDED and status.result == EXPECTED
     assert _counts(ledger, "ship") == 1 and _counts(ledger, "charge") == 1
+
+
+def test_a_child_stopped_mid_step_past_its_lease_is_fenced_out_when_it_resumes(wf_store, fleet, ledger, tmp_path):
+    for _ in range(2):
+        fleet.process(wf_store, registry=WF_REGISTRY, concurrency=2)
+    stem = _producer(wf_store)
+    store = wfapp.wf.store_for(stem.backend)
+    hold = tmp_path / "hold"
+    wfapp.wf.start(stem, "wf.zombie", {"ledger": str(ledger), "hold": str(hold)}, run_id="zombie")
+    fleet.wait_for(lambda: _counts(ledger, "pid") == 1, 60, "the step to start")
+    [line] = [line for line in ledger.ran() if line.startswith("pid")]
+    stalled = int(line.split()[1])
+    os.kill(stalled, signal.SIGSTOP)                       # executor A stops mid-step ...
+    try:
+        epoch = store.get("zombie").epoch
+        hold.touch()
+        # ... its lease runs out, the sweeper wakes the run, executor B claims it and finishes it
+        status = stem.wait_for_task("zombie", timeout=60)
+        assert status.state is TaskState.SUCCEEDED and status.result != stalled
+        assert store.get("zombie").epoch > epoch
+        journal = store.journal("zombie")
+        record = store.get("zombie")
+    finally:
+        os.kill(stalled, signal.SIGCONT)                   # A resumes: its step returns ...
+    # ... and its append is refused: it leaves nothing behind (it ends its activation quietly)
+    fleet.wait_for(lambda: any("run zombie: the activation of epoch" in p.output() and "was fenced out" in p.output()
+                               for p in fleet.procs), 20, "A's activation to end fenced out")
+    deadline = time.monotonic() + 3 * wfapp.wf.lease
+    while time.monotonic() < deadline:
+        assert store.journal("zombie") == journal and store.get("zombie") == record
+        time.sleep(0.05)
+    assert stem.get_status("zombie").result == status.result
+    assert _counts(ledger, "pid") == 2
