@@ -68,3 +68,20 @@ def pid_step(ctx, ledger, hold):
 def zombie(ctx, ledger, hold):
     """A step whose output names the process that ran it: a stored entry that changed would show."""
     return pid_step(ctx, ledger, hold)
+
+
+@wf.step(name="wf.note")
+def note(ctx, ledger, what):
+    record(ledger, f"{what} {ctx.idempotency_key}")
+    time.sleep(0.05)          # long enough for a random kill to land mid-step now and then
+    return what
+
+
+@wf.workflow("wf.small")
+def small(ctx, ledger, n):
+    """What the stress run starts by the hundred: steps, a short real sleep, a called task."""
+    a = note(ctx, ledger, "a")
+    ctx.sleep(0.2)
+    total = ctx.call("wf.add", {"a": n, "b": 1})
+    b = note(ctx, ledger, "b")
+    return [a, total, b]
