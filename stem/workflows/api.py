@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import uuid
+import weakref
 from typing import Any, Callable, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from .. import _checks as checks
@@ -178,7 +179,7 @@ class Workflows:
         self._versions: dict[str, dict[str, WorkflowDef[Any, Any]]] = {}
         self._latest: dict[str, WorkflowDef[Any, Any]] = {}
         self._steps: dict[str, Step[Any, Any]] = {}
-        self._stores: dict[int, tuple[Any, WorkflowStore]] = {}
+        self._stores: "weakref.WeakKeyDictionary[Any, WorkflowStore]" = weakref.WeakKeyDictionary()
         registry.register(ActivationHandler(self))
 
     # -- declaring ---------------------------------------------------------------------------
@@ -267,10 +268,10 @@ class Workflows:
         """The workflow store beside ``backend`` (opened once per backend)."""
         if backend is None:
             raise ConfigurationError("workflows need a result backend (their runs are stored beside its results)")
-        got = self._stores.get(id(backend))
-        if got is None or got[0] is not backend:
-            got = self._stores[id(backend)] = (backend, open_store(backend))
-        return got[1]
+        store = self._stores.get(backend)
+        if store is None:
+            store = self._stores[backend] = open_store(backend)
+        return store
 
     # -- producers --------------------------------------------------------------------------
     def start(self, stem: Any, workflow: Any, input: dict[str, Any] | None = None, *,
