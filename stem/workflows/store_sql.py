@@ -41,6 +41,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence, TypeVar
 
 from ..errors import ConfigurationError
+from ..stores.postgres_schema import quote_schema
 from .store import (CANCELLED, FAILED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, STATUSES, SUCCEEDED, TERMINAL,
                     Event, JournalEntry, ParkOutcome, RunRecord, WorkflowStore, check_epoch, check_limit,
                     check_payload, check_position, check_run_id, check_seqs, check_text, check_time)
@@ -83,8 +84,8 @@ SQL = {
     "attention": f"UPDATE {{runs}} SET status = '{NEEDS_ATTENTION}', {_RELEASED}, attention = ?, updated_at = ? "
                  f"WHERE {_HELD}",
     "continue_as_new": f"UPDATE {{runs}} SET input = ?, status = '{PENDING}', epoch = epoch + 1, owner = NULL, "
-                       f"lease_until = NULL, wake_at = ?, waiting = NULL, waits_for = NULL, generation = generation + 1, journal_length = 0, updated_at = ? "
-                       f"WHERE {_HELD}",
+                       f"lease_until = NULL, wake_at = ?, waiting = NULL, waits_for = NULL, "
+                       f"generation = generation + 1, journal_length = 0, updated_at = ? WHERE {_HELD}",
     "drop_journal": "DELETE FROM {journal} WHERE run_id = ? AND position >= ?",
     "drop_event": "DELETE FROM {events} WHERE run_id = ? AND seq = ?",
     "cancel": f"UPDATE {{runs}} SET status = '{CANCELLED}', epoch = epoch + 1, {_RELEASED}, updated_at = ? "
@@ -413,13 +414,12 @@ class SQLiteWorkflowStore(SqlWorkflowStore):
 
 
 class PostgresWorkflowStore(SqlWorkflowStore):
-    """In the schema of a ``PostgresResultBackend``: writes on its durable sessions, each in
-    one transaction; reads on its fast ones."""
+    """In the schema of a ``PostgresResultBackend``: writes on its durable sessions (``park``
+    and ``renew`` on its fast ones), each one transaction; reads on its fast sessions."""
 
     mark = "%s"
 
     def __init__(self, store: Any):
-        from ..stores.postgres_schema import quote_schema
         self._store = store
         s = quote_schema(store.schema)
         names = dict(runs=f"{s}.stem_wf_runs", journal=f"{s}.stem_wf_journal", events=f"{s}.stem_wf_events")
