@@ -83,6 +83,11 @@ class SqliteResultBackend(ResultBackend):
         self._next_sweep = time.monotonic() + _SWEEP_EVERY_S
         self._waits = WaitHub(name="sqlite", read=self._read_found, poll=lambda: _POLL_S, label=self._store.label)
 
+    @property
+    def sqlite_store(self) -> SqliteStore:
+        """The ``SqliteStore`` of the file (the workflow store lives in it too)."""
+        return self._store
+
     @classmethod
     def from_url(cls, url: str = "sqlite://", **kwargs: Any) -> "SqliteResultBackend":
         path, options = parse_sqlite_url(url)

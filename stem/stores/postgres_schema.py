@@ -2,7 +2,7 @@
 that the broker's settles and the backend's fused result+ack share.
 
 Every table lives in the schema given by ``?schema=`` / ``schema=`` (default
-``public``).  Version 6, created by ``migrate`` under
+``public``).  Version 7, created by ``migrate`` under
 ``pg_advisory_xact_lock(hashtext('stem-migrate:<schema>'))`` so processes that
 start together apply each version once; each version adds to the last (new
 tables, ``ADD COLUMN`` of nullable columns: no table rewrite), so a schema of
@@ -50,6 +50,17 @@ any older version upgrades in place::
                          created_at, seal_by, ttl, expires_at (NULL until complete or interrupted);
                          (seal_by) WHERE unsealed  (version 6, stem.backends.groups)
     stem_group_members   (group_id, member_id) PRIMARY KEY, idx, ok, outcome; (group_id, idx)
+    stem_wf_runs         id (COLLATE "C": ordered as Python orders str) PRIMARY KEY, the RunRecord
+                         columns (stem.workflows.store; times are the engine's clock, not the
+                         server's), journal_length (the next append's position), due_at
+                         (generated: wake_at of a PENDING run, lease_until of a RUNNING one, wake_at
+                         of a PARKED one or -Infinity while it has unread events, else NULL);
+                         (due_at) WHERE due_at IS NOT NULL, (id) WHERE status = 'PARKED' AND
+                         waits_for IS NOT NULL, (status, id)  (version 7, stem.workflows.store_sql)
+    stem_wf_journal      (run_id, position bigint) PRIMARY KEY, kind, name, output, error, attempt,
+                         epoch, created_at
+    stem_wf_events       (run_id, seq) PRIMARY KEY, UNIQUE (run_id, event_id), topic, payload,
+                         created_at;  (run_id, topic, seq)
 
 Acked rows are deleted, so ``stem_jobs`` holds only live messages; the
 partial indexes hold only the rows a claim or a wake-up looks at.
@@ -69,7 +80,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema", "release_ctes", "wake_ctes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
@@ -211,6 +222,59 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             outcome bytea NOT NULL,
             PRIMARY KEY (group_id, member_id))""",
         "CREATE INDEX stem_group_members_idx ON {s}.stem_group_members (group_id, idx)",
+    ),
+    7: (
+        """CREATE TABLE {s}.stem_wf_runs (
+            id text COLLATE "C" PRIMARY KEY,
+            name text NOT NULL,
+            version text NOT NULL,
+            input bytea NOT NULL,
+            status text NOT NULL,
+            epoch bigint NOT NULL,
+            owner text,
+            lease_until double precision,
+            wake_at double precision,
+            waiting bytea,
+            waits_for text,
+            inbox_count bigint NOT NULL DEFAULT 0,
+            inbox_seen bigint NOT NULL DEFAULT 0,
+            parent text,
+            result bytea,
+            error bytea,
+            attention text,
+            generation bigint NOT NULL DEFAULT 0,
+            created_at double precision NOT NULL,
+            updated_at double precision NOT NULL,
+            journal_length bigint NOT NULL DEFAULT 0,
+            due_at double precision GENERATED ALWAYS AS (CASE status WHEN 'PENDING' THEN wake_at
+                WHEN 'RUNNING' THEN lease_until
+                WHEN 'PARKED' THEN CASE WHEN inbox_count > inbox_seen THEN '-Infinity'::float8 ELSE wake_at END
+                END) STORED)""",
+        "CREATE INDEX stem_wf_runs_due ON {s}.stem_wf_runs (due_at) WHERE due_at IS NOT NULL",
+        "CREATE INDEX stem_wf_runs_parked_on ON {s}.stem_wf_runs (id) "
+        "WHERE status = 'PARKED' AND waits_for IS NOT NULL",
+        "CREATE INDEX stem_wf_runs_status ON {s}.stem_wf_runs (status, id)",
+        """CREATE TABLE {s}.stem_wf_journal (
+            run_id text NOT NULL,
+            position bigint NOT NULL,
+            kind text NOT NULL,
+            name text NOT NULL,
+            output bytea,
+            error bytea,
+            attempt bigint NOT NULL,
+            epoch bigint NOT NULL,
+            created_at double precision NOT NULL,
+            PRIMARY KEY (run_id, position))""",
+        """CREATE TABLE {s}.stem_wf_events (
+            run_id text NOT NULL,
+            seq bigint NOT NULL,
+            topic text NOT NULL,
+            event_id text NOT NULL,
+            payload bytea NOT NULL,
+            created_at double precision NOT NULL,
+            PRIMARY KEY (run_id, seq),
+            UNIQUE (run_id, event_id))""",
+        "CREATE INDEX stem_wf_events_topic ON {s}.stem_wf_events (run_id, topic, seq)",
     ),
 }
 

@@ -5,7 +5,7 @@ upgrades them: idempotent, versioned in ``stem_schema_version``, inside one
 ``BEGIN IMMEDIATE`` transaction so concurrent processes serialise on SQLite's
 write lock; each version adds to the last (``ALTER TABLE ... ADD COLUMN``,
 new tables), so a file of any older version upgrades in place.  Schema,
-version 6::
+version 7::
 
     stem_messages       id INTEGER PRIMARY KEY AUTOINCREMENT  -- age order; never reused, so a
                                                               -- stale receipt cannot hit a new row
@@ -47,6 +47,17 @@ version 6::
                         interrupted: a group never expires in flight); ix unsealed (seal_by)
                         (version 6, stem.backends.groups)
     stem_group_members  (group_id, member_id) PRIMARY KEY, idx, ok, outcome; ix (group_id, idx)
+    stem_wf_runs        id PRIMARY KEY, the RunRecord columns (stem.workflows.store), journal_length
+                        (the next append's position), due_at (generated: wake_at of a PENDING run,
+                        lease_until of a RUNNING one, wake_at of a PARKED one or minus infinity
+                        while it has unread events, else NULL)  (version 7, stem.workflows.store_sql)
+        ix due        (due_at)  WHERE due_at IS NOT NULL                     -- the sweeper's due
+        ix parked_on  (id)      WHERE status = 'PARKED' AND waits_for IS NOT NULL
+        ix status     (status, id)                                          -- listing by status
+    stem_wf_journal     (run_id, position INTEGER) PRIMARY KEY, kind, name, output, error, attempt,
+                        epoch, created_at
+    stem_wf_events      (run_id, seq) PRIMARY KEY, UNIQUE (run_id, event_id), topic, payload,
+                        created_at;  ix (run_id, topic, seq)
 
 ``settle_acked``, ``release_keys`` and ``left_lanes`` are the ack, the key release and
 the slot release that the broker's ``ack`` and the backend's fused result+ack
@@ -64,7 +75,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys", "enter_lanes", "left_lanes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 _CHUNK = 500            # ids per IN (...) list
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -198,6 +209,58 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             outcome BLOB NOT NULL,
             PRIMARY KEY (group_id, member_id)) WITHOUT ROWID""",
         "CREATE INDEX stem_group_members_idx ON stem_group_members (group_id, idx)",
+    ),
+    7: (
+        # due_at: when the run next needs an activation (-9e999 is minus infinity: unread events)
+        """CREATE TABLE stem_wf_runs (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            version TEXT NOT NULL,
+            input BLOB NOT NULL,
+            status TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            owner TEXT,
+            lease_until REAL,
+            wake_at REAL,
+            waiting BLOB,
+            waits_for TEXT,
+            inbox_count INTEGER NOT NULL DEFAULT 0,
+            inbox_seen INTEGER NOT NULL DEFAULT 0,
+            parent TEXT,
+            result BLOB,
+            error BLOB,
+            attention TEXT,
+            generation INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            journal_length INTEGER NOT NULL DEFAULT 0,
+            due_at REAL GENERATED ALWAYS AS (CASE status WHEN 'PENDING' THEN wake_at
+                WHEN 'RUNNING' THEN lease_until
+                WHEN 'PARKED' THEN CASE WHEN inbox_count > inbox_seen THEN -9e999 ELSE wake_at END END) STORED)""",
+        "CREATE INDEX stem_wf_runs_due ON stem_wf_runs (due_at) WHERE due_at IS NOT NULL",
+        "CREATE INDEX stem_wf_runs_parked_on ON stem_wf_runs (id) WHERE status = 'PARKED' AND waits_for IS NOT NULL",
+        "CREATE INDEX stem_wf_runs_status ON stem_wf_runs (status, id)",
+        """CREATE TABLE stem_wf_journal (
+            run_id TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            output BLOB,
+            error BLOB,
+            attempt INTEGER NOT NULL,
+            epoch INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (run_id, position))""",
+        """CREATE TABLE stem_wf_events (
+            run_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            topic TEXT NOT NULL,
+            event_id TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (run_id, seq),
+            UNIQUE (run_id, event_id))""",
+        "CREATE INDEX stem_wf_events_topic ON stem_wf_events (run_id, topic, seq)",
     ),
 }
 

@@ -46,8 +46,9 @@ from ..errors import ConfigurationError
 
 __all__ = [
     "PENDING", "RUNNING", "PARKED", "NEEDS_ATTENTION", "SUCCEEDED", "FAILED", "CANCELLED", "TERMINAL", "STATUSES",
-    "RunRecord", "JournalEntry", "Event", "WorkflowStore", "ParkOutcome", "RUN_ID_MAX", "check_run_id",
-    "check_payload", "check_time", "check_epoch", "check_text", "check_limit", "check_position", "open_store",
+    "RunRecord", "JournalEntry", "Event", "WorkflowStore", "ParkOutcome", "RUN_ID_MAX", "INT_MAX", "check_run_id",
+    "check_payload", "check_time", "check_epoch", "check_text", "check_limit", "check_position", "check_seqs",
+    "open_store",
 ]
 
 #: created (or reset, or continued as new), not yet claimed
@@ -143,16 +144,27 @@ def check_payload(name: str, value: object, *, optional: bool = True) -> bytes |
     return value
 
 
+#: Epochs, positions, seqs and limits are 64-bit signed integers in every store (SQL BIGINT, Redis).
+INT_MAX = 2**63 - 1
+
+
+def _finite(value: object) -> bool:
+    try:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    except OverflowError:            # an int past float's range
+        return False
+
+
 def check_time(name: str, value: object, *, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise ConfigurationError(f"{name} is a finite number of seconds, got {value!r}")
     return float(value)
 
 
 def check_epoch(epoch: object) -> int:
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= INT_MAX:
         raise ConfigurationError(f"an epoch is an int >= 0, got {epoch!r}")
     return epoch
 
@@ -166,15 +178,24 @@ def check_text(name: str, value: object, *, limit: int = 200, optional: bool = F
 
 
 def check_limit(limit: object) -> int:
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= INT_MAX:
         raise ConfigurationError(f"a limit is an int >= 1, got {limit!r}")
     return limit
 
 
 def check_position(position: object) -> int:
-    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+    if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position <= INT_MAX:
         raise ConfigurationError(f"a journal position is an int >= 0, got {position!r}")
     return position
+
+
+def check_seqs(name: str, values: object) -> frozenset[int]:
+    if isinstance(values, (str, bytes, bytearray)) or not isinstance(values, (list, tuple, set, frozenset, range)):
+        raise ConfigurationError(f"{name} is a list of event seqs, got {type(values).__name__}")
+    for seq in values:
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= INT_MAX:
+            raise ConfigurationError(f"{name}: an event seq is an int >= 0, got {seq!r}")
+    return frozenset(values)
 
 
 class WorkflowStore(abc.ABC):

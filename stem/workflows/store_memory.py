@@ -12,7 +12,7 @@ from typing import Sequence
 
 from .store import (CANCELLED, FAILED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, STATUSES, SUCCEEDED, Event,
                     JournalEntry, ParkOutcome, RunRecord, WorkflowStore, check_epoch, check_limit, check_payload,
-                    check_position, check_run_id, check_text, check_time)
+                    check_position, check_run_id, check_seqs, check_text, check_time)
 from ..errors import ConfigurationError
 
 __all__ = ["MemoryWorkflowStore"]
@@ -63,7 +63,10 @@ class MemoryWorkflowStore(WorkflowStore):
              after: str | None = None) -> list[RunRecord]:
         if status is not None and status not in STATUSES:
             raise ConfigurationError(f"a run status is one of {sorted(STATUSES)}, got {status!r}")
+        check_text("a workflow name", name, optional=True)
         check_limit(limit)
+        if after is not None:
+            check_run_id(after)
         with self._lock:
             got = sorted((r for r in self._runs.values()
                           if (status is None or r.status == status) and (name is None or r.name == name)
@@ -160,7 +163,7 @@ class MemoryWorkflowStore(WorkflowStore):
         if parent is None or parent.terminal:
             return
         events = self._events[parent.id]
-        if any(e.event_id == run.id and e.topic == "__child__" for e in events):
+        if any(e.event_id == run.id for e in events):     # (run, event id) is stored once, whatever the topic
             return
         seq = parent.inbox_count + 1
         events.append(Event(seq, "__child__", run.id, b"", now))
@@ -203,7 +206,7 @@ class MemoryWorkflowStore(WorkflowStore):
         check_run_id(run_id)
         check_epoch(epoch)
         data = check_payload("input", input, optional=False)
-        drop = {check_position(seq) for seq in drop_events}
+        drop = check_seqs("drop_events", drop_events)
         now = check_time("now", now)
         with self._lock:
             run = self._held(run_id, epoch)
@@ -294,6 +297,8 @@ class MemoryWorkflowStore(WorkflowStore):
 
     def parked_on(self, *, limit: int = 500, after: str | None = None) -> list[tuple[str, str]]:
         check_limit(limit)
+        if after is not None:
+            check_run_id(after)
         with self._lock:
             got = sorted((r.id, r.waits_for) for r in self._runs.values()
                          if r.status == PARKED and r.waits_for is not None and (after is None or r.id > after))

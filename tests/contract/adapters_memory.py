@@ -1,8 +1,10 @@
 """Contract-suite factories for the in-memory adapters.
 
-Every ``adapters_*.py`` module beside this one exposes ``BROKERS`` and
-``BACKENDS``: name -> factory(request, **kwargs) returning a fresh, isolated
-instance (the suite closes it).  A factory that needs a server calls the
+Every ``adapters_*.py`` module beside this one exposes ``BROKERS``,
+``BACKENDS`` and ``WORKFLOW_STORES``: name -> factory(request, **kwargs)
+returning a fresh, isolated (empty) instance (the suite closes it).  A
+workflow store shared across processes carries ``contract_recipe``:
+``(factory, args, kwargs)`` opening the same store in another process.  A factory that needs a server calls the
 matching fixture through ``request.getfixturevalue`` so it skips/fails like
 any service test.
 """
@@ -10,6 +12,7 @@ any service test.
 from stem.backends.memory import InMemoryResultBackend
 from stem.brokers.memory import InMemoryBroker
 from stem.errors import StemError
+from stem.workflows.store_memory import MemoryWorkflowStore
 
 
 def _broker(request, **kwargs):
@@ -24,6 +27,7 @@ def _backend(request, **kwargs):
 
 BROKERS = {"memory": _broker}
 BACKENDS = {"memory": _backend}
+WORKFLOW_STORES = {"memory": lambda request, **kwargs: MemoryWorkflowStore.for_backend(_backend(request, **kwargs))}
 
 
 def _break_publish(broker):

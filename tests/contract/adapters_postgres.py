@@ -2,7 +2,8 @@
 
 Brokers get ``contract_break_publish`` (a trigger that raises on the insert of a job row for
 the named queue, so ``publish_keyed`` fails after its key upsert, in the same transaction) and
-a ``contract_recipe`` (another process connects to the same schema); so do backends."""
+a ``contract_recipe`` (another process connects to the same schema); so do backends and the
+workflow store (``open_postgres_workflow_store``: a backend on the schema and the store beside it)."""
 
 import uuid
 
@@ -55,3 +56,24 @@ def _backend(request, **kwargs):
 
 BROKERS = {"postgres": _broker}
 BACKENDS = {"postgres": _backend}
+
+
+def open_postgres_workflow_store(url: str, schema: str):
+    """The workflow store beside a Postgres backend on ``schema``; closing the store closes the
+    backend too."""
+    from stem.backends.postgres import PostgresResultBackend
+    from stem.workflows.store import open_store
+    backend = PostgresResultBackend(url, schema=schema)
+    store = open_store(backend)
+    store.close = backend.close
+    return store
+
+
+def _workflow_store(request):
+    url, schema = _schema(request)
+    store = open_postgres_workflow_store(url, schema)
+    store.contract_recipe = (open_postgres_workflow_store, (url, schema), {})
+    return store
+
+
+WORKFLOW_STORES = {"postgres": _workflow_store}

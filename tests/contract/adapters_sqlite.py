@@ -2,10 +2,12 @@
 
 Brokers get ``contract_break_publish`` (a trigger that aborts the insert of a message row for
 the named queue, so ``publish_keyed`` fails after its key upsert), and the file-based one a
-``contract_recipe`` (another process opens the same file); so does the backend."""
+``contract_recipe`` (another process opens the same file); so do the backend and the workflow
+store (``open_sqlite_workflow_store``: a backend on the file and the store beside it)."""
 
 from stem.backends.sqlite import SqliteResultBackend
 from stem.brokers.sqlite import SqliteBroker
+from stem.workflows.store import open_store
 
 
 def _file(request, name: str) -> str:
@@ -44,3 +46,23 @@ def _backend(request, **kwargs):
 
 BROKERS = {"sqlite": _broker, "sqlite-memory": _memory_broker}
 BACKENDS = {"sqlite": _backend}
+
+
+def open_sqlite_workflow_store(path: str | None):
+    """The workflow store beside a SQLite backend on ``path`` (None: in memory); closing the
+    store closes the backend too."""
+    backend = SqliteResultBackend(path)
+    store = open_store(backend)
+    store.close = backend.close
+    return store
+
+
+def _workflow_store(request):
+    path = _file(request, "workflows.db")
+    store = open_sqlite_workflow_store(path)
+    store.contract_recipe = (open_sqlite_workflow_store, (path,), {})
+    return store
+
+
+WORKFLOW_STORES = {"sqlite": _workflow_store,
+                   "sqlite-memory": lambda request: open_sqlite_workflow_store(None)}

@@ -9,10 +9,12 @@ import pytest
 
 _BROKERS: dict = {}
 _BACKENDS: dict = {}
+_WORKFLOW_STORES: dict = {}
 for path in sorted(pathlib.Path(__file__).parent.glob("adapters_*.py")):
     mod = importlib.import_module(f"tests.contract.{path.stem}")
     _BROKERS.update(getattr(mod, "BROKERS", {}))
     _BACKENDS.update(getattr(mod, "BACKENDS", {}))
+    _WORKFLOW_STORES.update(getattr(mod, "WORKFLOW_STORES", {}))
 
 
 def _maker(factories, request):
@@ -51,3 +53,16 @@ def make_backend(request):
 @pytest.fixture
 def backend(make_backend):
     return make_backend()
+
+
+@pytest.fixture(params=sorted(_WORKFLOW_STORES))
+def make_wf_store(request):
+    make, made = _maker(_WORKFLOW_STORES, request)
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def wf_store(make_wf_store):
+    return make_wf_store()
