@@ -170,3 +170,10 @@ def test_wf_store_bench_activates_every_run_and_times_due(adapters, procs, capsy
     assert [(line.split()[0], line.split()[1]) for line in lines] == [(a, f"procs={p}:") for a, p in expected]
     assert all("activations/s" in line for line in lines)
     assert all("due ms" in line for line in lines if "procs=1:" in line)
+
+
+@needs_redis
+def test_wf_store_redis_bench_times_a_round_of_activations_and_a_sweep():
+    import wf_store_redis
+    calls, activations, due_ms = wf_store_redis.one_round(REDIS_URL, runs=20, steps=2)
+    assert calls == pytest.approx(activations * 4) and due_ms > 0

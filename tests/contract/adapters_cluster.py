@@ -3,7 +3,7 @@
 (``redis_cluster`` in tests/conftest.py).  Cleanup and the fault hooks reach the keys with a
 plain redis-py ``RedisCluster`` (``tests.support.raw_client``)."""
 
-from .adapters_redis import backend_factory, broker_factory
+from .adapters_redis import backend_factory, broker_factory, workflow_store_factory
 
 
 def _on_cluster(request):
@@ -13,3 +13,4 @@ def _on_cluster(request):
 
 BROKERS = {"cluster": broker_factory(_on_cluster)}
 BACKENDS = {"cluster": backend_factory(_on_cluster)}
+WORKFLOW_STORES = {"cluster": workflow_store_factory(_on_cluster)}

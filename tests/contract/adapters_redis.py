@@ -5,7 +5,9 @@ A broker also gets the keys suite's two hooks: ``contract_recipe`` (the same URL
 namespace, for the producers of the process race) and ``contract_break_publish``, which
 turns the queue's lane 0 and delayed set into strings, so its XADD and ZADD fail with
 WRONGTYPE inside the publish script.  Backends get a ``contract_recipe`` too (another
-process or connection reaches the same namespace)."""
+process or connection reaches the same namespace).  A workflow store lives beside a backend of
+its own (``RedisWorkflowStore.for_backend``); its ``contract_recipe`` opens the same store (URL
+and namespace) in another process, and closing it closes the backend and drops the keys."""
 
 import uuid
 
@@ -71,6 +73,20 @@ def backend_factory(urls):
     return make
 
 
+def workflow_store_factory(urls):
+    def make(request, **kwargs):
+        from stem.backends.redis import RedisResultBackend
+        from stem.workflows.store_redis import RedisWorkflowStore
+        url, raw_url = urls(request)
+        namespace = "stemtest_" + uuid.uuid4().hex[:12]
+        backend = RedisResultBackend.from_url(url, namespace=namespace, **kwargs)
+        store = RedisWorkflowStore.for_backend(backend)
+        store.close = _closing(backend, raw_url, namespace).close
+        store.contract_recipe = (RedisWorkflowStore.from_url, (url,), {"namespace": namespace})
+        return store
+    return make
+
+
 def _plain(request):
     url = request.getfixturevalue("redis_url")
     return url, url
@@ -78,3 +94,4 @@ def _plain(request):
 
 BROKERS = {"redis": broker_factory(_plain)}
 BACKENDS = {"redis": backend_factory(_plain)}
+WORKFLOW_STORES = {"redis": workflow_store_factory(_plain)}

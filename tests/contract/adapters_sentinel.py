@@ -2,7 +2,7 @@
 factories as ``adapters_redis``, on a ``redis+sentinel://`` URL of the session's own master,
 replica and sentinel (``sentinel_setup`` in tests/conftest.py)."""
 
-from .adapters_redis import backend_factory, broker_factory
+from .adapters_redis import backend_factory, broker_factory, workflow_store_factory
 
 
 def _through_sentinel(request):
@@ -12,3 +12,4 @@ def _through_sentinel(request):
 
 BROKERS = {"sentinel": broker_factory(_through_sentinel)}
 BACKENDS = {"sentinel": backend_factory(_through_sentinel)}
+WORKFLOW_STORES = {"sentinel": workflow_store_factory(_through_sentinel)}
