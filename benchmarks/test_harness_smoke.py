@@ -158,6 +158,20 @@ def test_dashboard_render_bench_times_every_page():
     assert all(f["median_ms"] > 0 and f["bytes"] > 0 for f in res["pages"].values())
 
 
+@pytest.mark.parametrize("adapters, procs", [("memory,sqlite", "1,2"), ("postgres", "1,2")])
+def test_wf_store_bench_activates_every_run_and_times_due(adapters, procs, capsys):
+    if adapters == "postgres":
+        require_service("PostgreSQL", "127.0.0.1", 5432)
+    import wf_store
+    wf_store.main(["--runs", "30", "--steps", "2", "--rounds", "1", "--procs", procs, "--terminal", "100",
+                   "--adapters", adapters])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "procs=" in line]
+    expected = [(a, p) for a in adapters.split(",") for p in procs.split(",") if not (a == "memory" and p != "1")]
+    assert [(line.split()[0], line.split()[1]) for line in lines] == [(a, f"procs={p}:") for a, p in expected]
+    assert all("activations/s" in line for line in lines)
+    assert all("due ms" in line for line in lines if "procs=1:" in line)
+
+
 @needs_redis
 def test_wf_store_redis_bench_times_a_round_of_activations_and_a_sweep():
     import wf_store_redis

@@ -22,12 +22,18 @@ two writers of one position serialise on the run row and the second finds the le
 Times are the ``now`` the caller passes, never the database server's clock.
 
 The SQL is shared where the dialects agree: statements are written once with ``?``
-placeholders and ``{runs}``-style table names, and each dialect formats them.  Postgres runs
-its writes on the backend's durable sessions (a claim lost in a server crash could let a
-reconnecting activation write under an epoch handed out again) and its reads on the fast
-ones; a statement retried after a connection loss may find its own committed effect (a
-claim then answers None and the lease runs out, an append answers False, a send
-"duplicate"): each of those is one the engine already handles.
+placeholders and ``{runs}``-style table names, and each dialect formats them.
+
+Postgres: an operation of one statement (create, claim, renew, append, park, attention) is
+its own transaction, with no BEGIN/COMMIT round trips.  Writes commit on the backend's
+durable sessions (``synchronous_commit`` on): a claim lost in a server crash would hand its
+epoch out again to a second activation, a lost append would let a step's recorded value
+change, a lost send would lose an event.  ``park`` and ``renew`` commit on the fast sessions
+without waiting for the disk: losing one leaves the run RUNNING under a lease that runs out,
+and the sweeper activates it again (the next durable commit flushes them anyway).  Reads run
+on the fast sessions.  A statement retried after a connection loss may find its own committed
+effect: a claim then answers None (its lease runs out), an append False, a send "duplicate";
+the engine handles each as it handles a lost race.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence, TypeVar
 
 from ..errors import ConfigurationError
+from ..stores.postgres_schema import quote_schema
 from .store import (CANCELLED, FAILED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, STATUSES, SUCCEEDED, TERMINAL,
                     Event, JournalEntry, ParkOutcome, RunRecord, WorkflowStore, check_epoch, check_limit,
                     check_payload, check_position, check_run_id, check_seqs, check_text, check_time)
@@ -77,8 +84,8 @@ SQL = {
     "attention": f"UPDATE {{runs}} SET status = '{NEEDS_ATTENTION}', {_RELEASED}, attention = ?, updated_at = ? "
                  f"WHERE {_HELD}",
     "continue_as_new": f"UPDATE {{runs}} SET input = ?, status = '{PENDING}', epoch = epoch + 1, owner = NULL, "
-                       f"lease_until = NULL, wake_at = ?, waiting = NULL, waits_for = NULL, generation = generation + 1, journal_length = 0, updated_at = ? "
-                       f"WHERE {_HELD}",
+                       f"lease_until = NULL, wake_at = ?, waiting = NULL, waits_for = NULL, "
+                       f"generation = generation + 1, journal_length = 0, updated_at = ? WHERE {_HELD}",
     "drop_journal": "DELETE FROM {journal} WHERE run_id = ? AND position >= ?",
     "drop_event": "DELETE FROM {events} WHERE run_id = ? AND seq = ?",
     "cancel": f"UPDATE {{runs}} SET status = '{CANCELLED}', epoch = epoch + 1, {_RELEASED}, updated_at = ? "
@@ -118,8 +125,10 @@ def _run(row: Sequence[Any]) -> RunRecord:
 
 
 class SqlWorkflowStore(WorkflowStore):
-    """The operations, over a dialect's statements (``sql``) and its transactions (``_write``,
-    ``_read``: ``fn(conn)`` with ``conn.execute(statement, params)`` in one transaction)."""
+    """The operations, over a dialect's statements (``sql``) and its transactions: ``_write``,
+    ``_one`` and ``_read`` run ``fn(conn)`` (``conn.execute(statement, params)``) in one
+    transaction; ``_one``'s ``fn`` runs one statement, which ``lazy`` lets commit without
+    waiting for the disk where that can only cost a repeated activation (see ``PostgresWorkflowStore``)."""
 
     sql: dict[str, str]
     #: the dialect's placeholder
@@ -127,6 +136,9 @@ class SqlWorkflowStore(WorkflowStore):
 
     def _write(self, fn: Callable[[Any], T]) -> T:
         raise NotImplementedError
+
+    def _one(self, fn: Callable[[Any], T], *, lazy: bool = False) -> T:
+        return self._write(fn)
 
     def _read(self, fn: Callable[[Any], T]) -> T:
         raise NotImplementedError
@@ -148,13 +160,11 @@ class SqlWorkflowStore(WorkflowStore):
         if parent is not None:
             check_run_id(parent)
 
-        def create(conn) -> tuple[bool, RunRecord]:
-            row = conn.execute(self.sql["create"], (run_id, name, version, data, now, parent, now, now)).fetchall()
-            if row:
-                return True, _run(row[0])
-            return False, _run(conn.execute(self.sql["get"], (run_id,)).fetchone())
-
-        return self._write(create)
+        params = (run_id, name, version, data, now, parent, now, now)
+        rows = self._one(lambda conn: conn.execute(self.sql["create"], params).fetchall())
+        if rows:
+            return True, _run(rows[0])
+        return False, self.get(run_id)   # type: ignore[return-value]   # runs are never deleted
 
     def get(self, run_id: str) -> RunRecord | None:
         check_run_id(run_id)
@@ -179,8 +189,8 @@ class SqlWorkflowStore(WorkflowStore):
         check_text("an owner", owner)
         now = check_time("now", now)
         lease = check_time("lease", lease)
-        rows = self._write(lambda conn: conn.execute(self.sql["claim"], (owner, now + lease, now, run_id,
-                                                                         now)).fetchall())
+        rows = self._one(lambda conn: conn.execute(self.sql["claim"], (owner, now + lease, now, run_id,
+                                                                       now)).fetchall())
         return _run(rows[0]) if rows else None
 
     def renew(self, run_id: str, epoch: int, *, now: float, lease: float) -> bool:
@@ -188,7 +198,8 @@ class SqlWorkflowStore(WorkflowStore):
         check_epoch(epoch)
         now = check_time("now", now)
         lease = check_time("lease", lease)
-        return self._write(lambda conn: conn.execute(self.sql["renew"], (now + lease, now, run_id, epoch)).rowcount) > 0
+        params = (now + lease, now, run_id, epoch)
+        return self._one(lambda conn: conn.execute(self.sql["renew"], params).rowcount, lazy=True) > 0
 
     def journal(self, run_id: str) -> list[JournalEntry]:
         check_run_id(run_id)
@@ -229,7 +240,7 @@ class SqlWorkflowStore(WorkflowStore):
         check_position(inbox_seen)
         now = check_time("now", now)
         params = (wake_at, waiting, waits_for, inbox_seen, now, run_id, epoch, inbox_seen)
-        if self._write(lambda conn: conn.execute(self.sql["park"], params).rowcount) > 0:
+        if self._one(lambda conn: conn.execute(self.sql["park"], params).rowcount, lazy=True) > 0:
             return "parked"
         # Refused: still held at this epoch means the inbox moved (an epoch never comes back, so a
         # run held now was held when the park looked); anything else is a fence.
@@ -278,7 +289,8 @@ class SqlWorkflowStore(WorkflowStore):
         check_epoch(epoch)
         check_text("a reason", reason, limit=4000)
         now = check_time("now", now)
-        return self._write(lambda conn: conn.execute(self.sql["attention"], (reason, now, run_id, epoch)).rowcount) > 0
+        params = (reason, now, run_id, epoch)
+        return self._one(lambda conn: conn.execute(self.sql["attention"], params).rowcount) > 0
 
     def continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: Sequence[int],
                         now: float) -> bool:
@@ -355,7 +367,8 @@ class SqlWorkflowStore(WorkflowStore):
     def due(self, *, now: float, limit: int = 500) -> list[tuple[str, str]]:
         now = check_time("now", now)
         check_limit(limit)
-        return [(r[0], r[1]) for r in self._read(lambda conn: conn.execute(self.sql["due"], (now, now, limit)).fetchall())]
+        rows = self._read(lambda conn: conn.execute(self.sql["due"], (now, now, limit)).fetchall())
+        return [(r[0], r[1]) for r in rows]
 
     def parked_on(self, *, limit: int = 500, after: str | None = None) -> list[tuple[str, str]]:
         check_limit(limit)
@@ -401,13 +414,12 @@ class SQLiteWorkflowStore(SqlWorkflowStore):
 
 
 class PostgresWorkflowStore(SqlWorkflowStore):
-    """In the schema of a ``PostgresResultBackend``: writes on its durable sessions, each in
-    one transaction; reads on its fast ones."""
+    """In the schema of a ``PostgresResultBackend``: writes on its durable sessions (``park``
+    and ``renew`` on its fast ones), each one transaction; reads on its fast sessions."""
 
     mark = "%s"
 
     def __init__(self, store: Any):
-        from ..stores.postgres_schema import quote_schema
         self._store = store
         s = quote_schema(store.schema)
         names = dict(runs=f"{s}.stem_wf_runs", journal=f"{s}.stem_wf_journal", events=f"{s}.stem_wf_events")
@@ -424,7 +436,11 @@ class PostgresWorkflowStore(SqlWorkflowStore):
 
     def _append(self, run_id: str, epoch: int, position: int, entry: tuple) -> bool:
         params = (run_id, epoch, position, *entry[1:])
-        return self._store.durable.run(lambda conn: conn.execute(self.sql["append"], params).rowcount) > 0
+        return self._one(lambda conn: conn.execute(self.sql["append"], params).rowcount) > 0
+
+    def _one(self, fn: Callable[[Any], T], *, lazy: bool = False) -> T:
+        """One statement, its own transaction (autocommit); ``lazy``: on the fast sessions."""
+        return (self._store.fast if lazy else self._store.durable).run(fn)
 
     def _write(self, fn: Callable[[Any], T]) -> T:
         def tx(conn) -> T:
