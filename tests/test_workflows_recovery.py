@@ -475,6 +475,38 @@ def test_a_crash_at_each_point_of_an_activation_leaves_a_run_that_completes_with
     assert [e.kind for e in app.journal("c")] == ["step", "sleep", "step"]
 
 
+# -- outages ----------------------------------------------------------------------------------
+def test_an_outage_under_a_durable_call_stops_the_activation_and_never_reaches_the_workflow(wf_clock, monkeypatch):
+    from stem.errors import BrokerConnectionError
+    app = App(lease=1.0)
+
+    @app.registry.task("remote.thing")
+    def thing(ctx):
+        return "thing"
+
+    @app.wf.workflow("outage")
+    def outage(ctx):
+        try:
+            return ctx.call("remote.thing")
+        except Exception as exc:  # noqa: BLE001 - what the test is about: it must not see the outage
+            return f"saw {type(exc).__name__}"
+
+    app.wf.start(app.stem, "outage", run_id="o")
+    real = app.broker.publish_keyed
+
+    def down(items):
+        raise BrokerConnectionError("the broker is down")
+
+    monkeypatch.setattr(app.broker, "publish_keyed", down)
+    with pytest.raises(BrokerConnectionError):
+        app.activate("o")                     # the activation's task fails (and is retried)
+    assert app.run("o").status == "RUNNING" and app.kinds("o") == [("call", "remote.thing")]
+    monkeypatch.setattr(app.broker, "publish_keyed", real)
+    wf_clock.advance(1.5)                     # its lease runs out: the sweeper wakes it
+    with app.worker():
+        assert app.stem.wait_for_task("o", timeout=20).result == "thing"
+
+
 # -- what the sweeper finds -------------------------------------------------------------------------
 def test_the_sweeper_wakes_a_run_whose_start_was_never_published(app):
     @app.wf.workflow("quiet")

@@ -26,16 +26,17 @@ takes it over whatever the function returns.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
 import uuid
 from datetime import timedelta
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from .. import _checks as checks
-from ..errors import (CallFailedError, ChildFailedError, ConfigurationError, EncodeError, StepFailedError,
-                      WorkflowError)
+from ..errors import (BackendError, BrokerError, CallFailedError, ChildFailedError, ConfigurationError, EncodeError,
+                      StepFailedError, WorkflowError)
 from ..results import TaskState
 from ..task import TaskOptions
 from . import clock
@@ -44,8 +45,8 @@ from .store import PENDING, RUN_ID_MAX, SUCCEEDED, JournalEntry, RunRecord, Work
 from .wake import CALL_TOPIC, QUEUE_HEADER, RUN_HEADER, SYSTEM_TOPICS, plain_producer, publish_wake
 
 __all__ = ["WorkflowContext", "ChildRun", "Limits", "Services", "PassState", "EngineSignal", "Suspend", "Fenced",
-           "Attention", "Fail", "ContinueAsNew", "seconds_of", "call_id", "child_id", "check_topic", "check_size",
-           "input_bytes", "run_step"]
+           "Attention", "Fail", "ContinueAsNew", "Outage", "seconds_of", "call_id", "child_id", "check_topic",
+           "check_size", "input_bytes", "run_step"]
 
 
 class Limits(NamedTuple):
@@ -88,6 +89,16 @@ class Fail(EngineSignal):
     def __init__(self, error_type: str, message: str):
         super().__init__(message)
         self.error = {"type": error_type, "message": message, "traceback": None}
+
+
+class Outage(EngineSignal):
+    """The store, the broker or the backend failed under a durable call: the activation stops
+    (and its task is retried) without the workflow ever seeing an infrastructure error, which
+    it could mistake for its own failure."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
 
 
 class ContinueAsNew(EngineSignal):
@@ -255,6 +266,14 @@ class WorkflowContext:
         self._s.pending = signal
         raise signal
 
+    @contextlib.contextmanager
+    def _shielded(self) -> Iterator[None]:
+        """The engine's own store, broker and backend calls: an outage there is ``Outage``."""
+        try:
+            yield
+        except (BrokerError, BackendError) as exc:
+            self._raise(Outage(exc))
+
     def _next(self, kind: str, name: str) -> tuple[int, JournalEntry | None]:
         """The next position and its entry (None: first time), after the checks every
         durable call makes."""
@@ -284,8 +303,10 @@ class WorkflowContext:
     def _append(self, p: int, kind: str, name: str, *, output: bytes | None = None, error: bytes | None = None,
                 attempt: int = 1) -> None:
         now = clock.now()
-        if not self._s.services.store.append(self._s.run.id, self._s.epoch, p, kind, name, output=output, error=error,
-                                           attempt=attempt, now=now):
+        with self._shielded():
+            ok = self._s.services.store.append(self._s.run.id, self._s.epoch, p, kind, name, output=output,
+                                               error=error, attempt=attempt, now=now)
+        if not ok:
             self._raise(Fenced())
         self._s.journal.append(JournalEntry(p, kind, name, output, error, attempt, self._s.epoch, now))
 
@@ -383,7 +404,9 @@ class WorkflowContext:
         if done is not None:
             got = decode(done.output)
             return None if got.get("seq") is None else decode(got["payload"])
-        events = self._s.services.store.events(self._s.run.id, topic, after_seq=self._s.consumed.get(topic, 0), limit=1)
+        with self._shielded():
+            events = self._s.services.store.events(self._s.run.id, topic, after_seq=self._s.consumed.get(topic, 0),
+                                                   limit=1)
         if events:
             event = events[0]
             self._append(q, "wait.result", topic, output=encode({"seq": event.seq, "payload": event.payload}))
@@ -417,12 +440,14 @@ class WorkflowContext:
             task_id = decode(arm.output)["id"]
         q, done = self._next("call.result", name)
         if done is None:
-            status = self._s.services.producer.backend.get(task_id)
+            with self._shielded():
+                status = self._s.services.producer.backend.get(task_id)
             if status is not None and status.is_terminal:
                 done = self._record_call(q, name, status)
             else:
                 if status is None:      # not published yet (or lost): publish; refused if it is queued
-                    self._publish_call(name, args, options, task_id)
+                    with self._shielded():
+                        self._publish_call(name, args, options, task_id)
                 self._raise(Suspend(wake_at=None, waits_for=task_id,
                                     waiting={"kind": "call", "position": q, "task": name, "id": task_id}))
         if done.error is not None:
@@ -473,11 +498,13 @@ class WorkflowContext:
         if arm is None:
             run_id = child_id(self._s.run.id, p, self._s.epoch)
             self._append(p, "child", name, output=encode({"id": run_id}))
-            self._ensure_child(run_id, name, version, data)
+            with self._shielded():
+                self._ensure_child(run_id, name, version, data)
         else:
             run_id = decode(arm.output)["id"]
             if p == self._s.start_len - 1:     # the last entry: the crash may have been before the child was made
-                self._ensure_child(run_id, name, version, data)
+                with self._shielded():
+                    self._ensure_child(run_id, name, version, data)
         return ChildRun(self, run_id, name, p)
 
     def _ensure_child(self, run_id: str, name: str, version: str, data: bytes) -> None:
@@ -492,7 +519,8 @@ class WorkflowContext:
     def _child_result(self, child: "ChildRun") -> Any:
         q, done = self._next("child.result", child.workflow)
         if done is None:
-            run = self._s.services.store.get(child.id)
+            with self._shielded():
+                run = self._s.services.store.get(child.id)
             if run is None:
                 self._raise(Fail("ChildMissing", f"child run {child.id} started at position {child.position} "
                                                  "is not in the store"))

@@ -36,7 +36,7 @@ from typing import Any
 from ..errors import EncodeError, StemError
 from . import clock
 from .codec import decode, encode, encode_error, error_of, roundtrip
-from .context import (Attention, ContinueAsNew, EngineSignal, Fail, Fenced, PassState, Services, Suspend,
+from .context import (Attention, ContinueAsNew, EngineSignal, Fail, Fenced, Outage, PassState, Services, Suspend,
                       WorkflowContext, check_size)
 from .mirror import mirror, mirror_if_missing
 from .store import FAILED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, SUCCEEDED, RunRecord, WorkflowStore
@@ -170,6 +170,9 @@ def _passes(workflows: Any, store: WorkflowStore, producer: Any, definition: Any
         inbox_seen = run.inbox_count
         state = PassState(run=run, epoch=epoch, journal=journal, services=services)
         outcome = _run_function(definition.fn, state)
+        if isinstance(outcome, Outage):
+            # the activation's task fails and is retried; the run waits under its lease meanwhile
+            raise outcome.error
         if isinstance(outcome, Suspend):
             got = store.park(run.id, epoch, wake_at=outcome.wake_at, waiting=encode(outcome.waiting),
                              waits_for=outcome.waits_for, inbox_seen=inbox_seen, now=clock.now())
