@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from stem import Stem, TaskRegistry
+from stem import Stem, TaskOptions, TaskRegistry
 from stem.brokers import InMemoryBroker
 from stem.errors import (ConfigurationError, DuplicateHandlerError, EncodeError, RunFinishedError, RunNotFoundError,
                          StemError, StepFailedError, UnknownWorkflowError, WorkflowError)
@@ -157,6 +157,7 @@ def test_send_refuses_bad_input_unknown_and_finished_runs(app):
     (lambda ctx: ctx.call("t", [1]), "EncodeError", "dict with str keys"),
     (lambda ctx: ctx.call("t", {"x": object()}), "EncodeError", "msgpack"),
     (lambda ctx: ctx.call("t", options={"queue": "q"}), "ConfigurationError", "TaskOptions"),
+    (lambda ctx: ctx.call("t", options=TaskOptions(unique=True)), "ConfigurationError", "unique options"),
     (lambda ctx: ctx.start_child("nope"), "UnknownWorkflowError", "unknown workflow"),
     (lambda ctx: ctx.start_child(3.5), "ConfigurationError", "workflow name"),
     (lambda ctx: ctx.start_child("w", ["x"]), "EncodeError", "dict with str keys"),
@@ -281,3 +282,14 @@ def test_the_signer_pickles_with_its_keys_for_a_worker_s_children():
     key_id, signature = copy.sign(b"body")
     signer.verify(key_id, signature, b"body")
     assert copy.key_ids == ("k1",) and copy.active_key == "k1"
+
+
+def test_a_registry_with_workflows_pickles_for_a_spawned_child_by_reference():
+    import pickle
+
+    from tests.apps import wf as wfapp
+    copy = pickle.loads(pickle.dumps(wfapp.registry))
+    workflows = copy.get("stem.wf.activate").workflows
+    assert workflows.definition("wf.order", "1") is wfapp.order
+    assert workflows.queue == wfapp.wf.queue and workflows.limits == wfapp.wf.limits
+    assert pickle.loads(pickle.dumps(wfapp.charge)) is wfapp.charge

@@ -309,6 +309,13 @@ class Workflows:
         return Sweeper(store=self.store_for(producer.backend), producer=producer, queue=self.queue,
                        interval=self.sweep_interval)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # a registry pickled for a spawned child or zygote carries this; its stores are the process's own
+        return {k: v for k, v in self.__dict__.items() if k != "_stores"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _stores=weakref.WeakKeyDictionary())
+
     def __repr__(self) -> str:
         return f"<Workflows queue={self.queue!r} workflows={self.names()}>"
 

@@ -432,6 +432,9 @@ class WorkflowContext:
         encode(args, f"the args of {name!r}")
         if options is not None and not isinstance(options, TaskOptions):
             raise ConfigurationError(f"options must be a TaskOptions, got {options!r}")
+        if options is not None and options.unique:
+            raise ConfigurationError(f"ctx.call({name!r}) publishes its task under an id of its own (its idempotency "
+                                     "key): unique options would make it wait on another task's id")
         p, arm = self._next("call", name)
         if arm is None:
             task_id = call_id(self._s.run.id, p, self._s.epoch)
