@@ -138,3 +138,49 @@ def test_a_child_stopped_mid_step_past_its_lease_is_fenced_out_when_it_resumes(w
         time.sleep(0.05)
     assert stem.get_status("zombie").result == status.result
     assert _counts(ledger, "pid") == 2
+
+
+def _two_day_sleep_across_restarts(store_, restart, fleet, ledger, wf_clock) -> None:
+    try:
+        first = fleet.process(store_, registry=WF_REGISTRY, concurrency=1)
+        stem = _producer(store_)
+        store = wfapp.wf.store_for(stem.backend)
+        wfapp.wf.start(stem, "wf.order", {"ledger": str(ledger), "order_id": "42"}, run_id="restart-42")
+        fleet.wait_for(lambda: _waiting(store, "restart-42") == "sleep", 60, "the run to sleep")
+        first.kill()                                   # every worker ...
+        restart()                                      # ... the broker and the store (one server) ...
+        fleet.process(store_, registry=WF_REGISTRY, concurrency=1)     # ... and a new worker
+        deadline = time.monotonic() + 5 * wfapp.wf.sweep_interval
+        while time.monotonic() < deadline:             # never early
+            assert _waiting(store, "restart-42") == "sleep" and _counts(ledger, "ship") == 0
+            time.sleep(0.05)
+        wf_clock.advance(2 * DAY + 1)
+        fleet.wait_for(lambda: _waiting(store, "restart-42") == "wait", 60, "the run to wake once and wait")
+        wfapp.wf.send(stem, "restart-42", "review", {"stars": 5}, event_id="rv")
+        status = stem.wait_for_task("restart-42", timeout=60)
+        assert status.state is TaskState.SUCCEEDED and status.result == EXPECTED
+        assert _counts(ledger, "ship") == 1 and _counts(ledger, "charge") == 1
+    finally:
+        fleet.close()
+        store_.close()
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(120)
+def test_a_two_day_sleep_survives_a_restart_of_redis_and_of_every_worker(redis_server, fleet, ledger, wf_clock):
+    from tests.support import Store
+    _two_day_sleep_across_restarts(Store("redis", redis_server.url, {"namespace": "wf"}), redis_server.restart,
+                                   fleet, ledger, wf_clock)
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(150)
+def test_a_two_day_sleep_survives_a_restart_of_postgres_and_of_every_worker(private_postgres, fleet, ledger,
+                                                                             wf_clock):
+    from tests.support import Store
+
+    def restart() -> None:
+        private_postgres.stop("immediate")
+        private_postgres.start()
+
+    _two_day_sleep_across_restarts(Store("postgres", private_postgres.url), restart, fleet, ledger, wf_clock)
