@@ -61,3 +61,9 @@ def test_batch_sales_report_example_chunks_and_chord():
     out = run("batch_sales_report.py", timeout=120)
     assert "20000 order lines in 40 chunks" in out and "40 of 40 done" in out
     assert "over 40 chunks (matches the order lines)" in out
+
+
+def test_workflow_example_runs_an_order_through_every_durable_call():
+    out = run("workflow_order.py", timeout=120)
+    assert ("order-42: SUCCEEDED {'charge': 'ch_42_999', 'parcel': 'parcel-42', 'review': {'stars': 5}, "
+            "'points': 10}") in out
