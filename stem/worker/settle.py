@@ -205,7 +205,9 @@ class Settler:
         if acks:
             self._announce_successes(batch, acks)
             if self.workflows is not None:
-                self.workflow_tasks_ended([j.envelope for j in acks])
+                called = [j.envelope for j in acks if j.envelope.headers and RUN_HEADER in j.envelope.headers]
+                if called:
+                    self.workflow_tasks_ended(called)
         if in_canvas:
             self.canvas_successes(in_canvas, now)
         for job, out in later:
