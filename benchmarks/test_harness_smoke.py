@@ -177,3 +177,10 @@ def test_wf_store_redis_bench_times_a_round_of_activations_and_a_sweep():
     import wf_store_redis
     calls, activations, due_ms = wf_store_redis.one_round(REDIS_URL, runs=20, steps=2)
     assert calls == pytest.approx(activations * 4) and due_ms > 0
+
+
+def test_wf_runs_bench_finishes_every_run_of_both_workflows(capsys):
+    import wf_runs
+    wf_runs.main(["--runs", "5", "--stores", "sqlite"])
+    out = capsys.readouterr().out
+    assert "two.steps" in out and "step.sleep.step" in out and out.count("5 runs: started") == 2

@@ -93,14 +93,14 @@ def stores(kinds: list[str], redis_url: str, postgres_url: str):
                 conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--stores", default="sqlite,redis,postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for name in ("two.steps", "step.sleep.step"):
         for kind, broker, backend in stores(args.stores.split(","), args.redis_url, args.postgres_url):
             started, finished = measure(broker, backend, name, args.runs, args.concurrency)
