@@ -108,7 +108,7 @@ def wf_store(request, fleet):
 
 @pytest.mark.timeout(300)
 def test_runs_under_random_kills_all_end_succeeded_and_none_is_ever_stranded(wf_store, fleet, ledger):
-    _stress(wf_store, fleet, ledger, runs=80, kill_for=20.0)
+    _stress(wf_store, fleet, ledger, runs=40, kill_for=8.0)
 
 
 @pytest.mark.slow
