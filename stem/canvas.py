@@ -277,7 +277,8 @@ class Runner:
     # -- launching ------------------------------------------------------------------------
     def launch(self, node: dict[str, Any], node_id: str, up: dict | None, prev: dict[str, Any], keyed: bool) -> None:
         """Start ``node`` under ``node_id``; it reports to ``up``; ``prev`` is its place's
-        predecessor fields (``pv`` / ``pg``), possibly empty."""
+        predecessor fields (``pv`` / ``pg``), possibly empty; ``rl`` with ``pg``: this node is
+        the reader of that group, which it releases (``group_release``) when it ends."""
         kind = node["t"]
         if kind == "s":
             self._signature(node, node_id, up, prev, keyed)
@@ -305,10 +306,17 @@ class Runner:
     def _group(self, node: dict, group_id: str, up: dict | None, prev: dict) -> None:
         members = node["m"]
         data = {"up": up, "b": node.get("b"), "f": node.get("f", "fail"), "n": len(members)}
+        if prev.get("rl"):
+            # this group reads its predecessor group (each member gets its results): that one is
+            # released when this one ends, not when its first member does
+            data["rl"] = prev["pg"]
+            prev = {"pg": prev["pg"]}
         signed = encode_frame(Envelope(group_id, _GROUP_TASK, data), self.stem.signer)
-        ttl = self.backend.result_expires
+        # held: a reader comes after it ends (the callback, the next chain step), and its lifetime
+        # starts when that reader ends (stem.backends.groups)
+        held = data["b"] is not None or (up is not None and "c" in up)
         if not self.backend.group_create(group_id, len(members), signed, seal_by=time.time() + self.creation_timeout,
-                                         ttl=ttl):
+                                         ttl=self.backend.result_expires, held=held):
             return      # launched before (a redelivered step): that launch publishes and seals
         self._members(members, group_id, prev)
         record = self.backend.group_seal(group_id)
@@ -331,22 +339,29 @@ class Runner:
     def finished(self, env: Any, status: TaskStatus) -> None:
         """Task ``env`` (of a canvas) reached terminal ``status``: report it where it belongs.
         Idempotent: a redelivered task reports again and changes nothing."""
-        up = (env.canvas or {}).get("up")
+        canvas = env.canvas or {}
+        up = canvas.get("up")
         if up is not None:
             self.report(up, env.id, status, None)
+        if canvas.get("rl"):
+            self.backend.group_release(canvas["pg"], status.ttl)
 
     def finished_many(self, ended: list[tuple[Any, TaskStatus]], store: list[TaskStatus]) -> None:
         """``finished`` for a batch, which also stores ``store`` (their statuses to keep): the
         statuses and the group members' counts in one backend step (``store_and_record``),
         then the chain steps carried on."""
-        members, chained = [], []
+        members, chained, readers = [], [], []
         for env, status in ended:
-            up = (env.canvas or {}).get("up")
+            canvas = env.canvas or {}
+            if canvas.get("rl"):
+                readers.append((canvas["pg"], status.ttl))
+            up = canvas.get("up")
             if up is None:
                 continue
             if "g" in up:
                 ok = status.state is TaskState.SUCCEEDED
-                members.append((up["g"], env.id, int(env.id.rsplit(".", 1)[1]), ok, _outcome(status, status.result)))
+                members.append((up["g"], env.id, int(env.id.rsplit(".", 1)[1]), ok, _outcome(status, status.result),
+                                status.ttl))
             else:
                 chained.append((up, env.id, status))
         records = self.backend.store_and_record(store, members, brief=True)
@@ -355,6 +370,8 @@ class Runner:
                 self.recorded(record, item[3])
         for up, task_id, status in chained:
             self.report(up, task_id, status, None)
+        for group_id, ttl in readers:
+            self.backend.group_release(group_id, ttl)
 
     def report(self, up: dict, member_id: str, status: TaskStatus, group_ref: str | None) -> None:
         ok = status.state is TaskState.SUCCEEDED
@@ -362,7 +379,7 @@ class Runner:
             group_id = up["g"]
             index = int(member_id.rsplit(".", 1)[1])
             value = {"group": group_ref} if group_ref is not None else status.result
-            record = self.backend.group_record(group_id, member_id, index, ok, _outcome(status, value))
+            record = self.backend.group_record(group_id, member_id, index, ok, _outcome(status, value), status.ttl)
             if record is not None:
                 self.recorded(record, ok)
             return
@@ -376,7 +393,7 @@ class Runner:
             if up["u"] is not None:
                 self.report(up["u"], chain_id, failed, None)
             return
-        prev = {"pg": group_ref} if group_ref is not None else {"pv": status.result}
+        prev = {"pg": group_ref, "rl": 1} if group_ref is not None else {"pv": status.result}
         if len(rest) == 1:
             self.launch(rest[0], chain_id, up["u"], prev, keyed=True)
         else:
@@ -408,12 +425,16 @@ class Runner:
         data = self.data(record) if data is None else data
         if record.failed and data["f"] != "continue":
             self.fail(record, data)
-        elif data.get("b") is not None:
-            self.launch(data["b"], record.id, data["up"], {"pg": record.id}, keyed=True)
+            return
+        if data.get("rl"):
+            self.backend.group_release(data["rl"], record.ttl)
+        if data.get("b") is not None:
+            self.launch(data["b"], record.id, data["up"], {"pg": record.id, "rl": 1}, keyed=True)
         else:
+            # the group's own status lives as long as its record (its members' results)
             done = TaskStatus(id=record.id, state=TaskState.SUCCEEDED, result={"group": record.id,
                                                                                "size": record.expected},
-                              finished_at=time.time())
+                              finished_at=time.time(), ttl=record.ttl)
             self.backend.store(done)
             if data["up"] is not None:
                 self.report(data["up"], record.id, done, record.id)
@@ -426,7 +447,11 @@ class Runner:
                  f"{f' and {more} more' if more > 0 else ''}" if reason == "dependency-failed" else
                  f"the group was not sealed by its deadline (its producer stopped while publishing the members)")
         status = TaskStatus(id=record.id, state=TaskState.FAILED, reason=reason, error=error,
-                            result={"failed": failed}, finished_at=time.time())
+                            result={"failed": failed}, finished_at=time.time(), ttl=record.ttl)
+        if record.held:
+            self.backend.group_release(record.id, record.ttl)    # its reader will never come
+        if data.get("rl") and (record.complete or record.interrupted):
+            self.backend.group_release(data["rl"], record.ttl)   # every member that read it ended
         self.backend.store(status)
         if data["up"] is not None:
             self.report(data["up"], record.id, status, None)

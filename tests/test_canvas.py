@@ -342,3 +342,58 @@ def test_tasks_outside_a_canvas_carry_nothing_of_it(env):
     assert env.stem.wait_for_task(task_id, 20).result == 1
     ids = env.stem.enqueue_many([("add", {"a": i}) for i in range(3)])
     assert [env.stem.wait_for_task(i, 20).result for i in ids] == [0, 1, 2]
+
+
+# -- group record lifetime: as long as the results, never before the reader ran ------------------
+def _gone(env, group_id) -> bool:
+    return env.backend.group_get(group_id) is None
+
+
+def test_a_group_and_its_own_status_live_as_long_as_its_members_results(env):
+    env.worker()
+    short = TaskOptions(result_ttl=0.4)
+    h = env.stem.apply(group(sig("add", {"a": i}, options=short) for i in range(3)))
+    assert h.wait(20).state is TaskState.SUCCEEDED
+    assert env.backend.group_get(h.id).ttl == 0.4      # the members', not result_expires (a day)
+    assert h.results() == [0, 1, 2]
+    wait_for(lambda: _gone(env, h.id) and env.backend.get(h.id) is None, 10,
+             "the record and the group's status to expire with the results")
+
+
+def test_a_chord_record_outlives_short_member_results_until_its_callback_ran(env):
+    env.worker()                                      # runs the members; the callback's queue waits
+    members = group(sig("add", {"a": i}, options=TaskOptions(result_ttl=0.2)) for i in range(4))
+    callback = sig("listed", options=TaskOptions(queue="later", result_ttl=0.6))
+    h = env.stem.apply(chord(members, callback))
+    wait_for(lambda: h.progress().done == 4, 20, "the members to end")
+    time.sleep(0.5)                                   # past the members' lifetime: the callback waits
+    assert env.backend.group_get(h.id).held
+    env.worker(queues=["later"])
+    assert h.get(20) == [0, 1, 2, 3]                  # read from the record, still there
+    record = env.backend.group_get(h.id)
+    assert (record.held, record.ttl) == (False, 0.6)  # released, as long as the callback's result
+    assert h.results() == [0, 1, 2, 3]
+    wait_for(lambda: _gone(env, h.id), 10, "the released record to expire")
+
+
+def test_a_failed_chord_releases_its_record_the_callback_never_reads(env):
+    env.worker()
+    short = TaskOptions(result_ttl=0.3)
+    h = env.stem.apply(chord(group([sig("add", {"a": 1}, options=short), sig("boom", options=short)]),
+                             sig("total")))
+    assert h.wait(20).reason == "dependency-failed"
+    wait_for(lambda: _gone(env, h.id), 10, "the failed chord's record to expire")
+
+
+def test_a_group_read_by_the_next_group_is_kept_until_that_group_ends(env):
+    env.worker()
+    first = group(sig("add", {"a": i}, options=TaskOptions(result_ttl=0.2)) for i in range(3))
+    second = group(sig("total", options=TaskOptions(queue="later", result_ttl=0.3)) for _ in range(2))
+    h = env.stem.apply(chain(first, second))
+    wait_for(lambda: env.backend.group_get(f"{h.id}.s0") is not None
+             and env.backend.group_get(f"{h.id}.s0").finished == 3, 20, "the first group to end")
+    time.sleep(0.4)
+    env.worker(queues=["later"], concurrency=1)       # one second member at a time: each reads it
+    assert h.wait(20).state is TaskState.SUCCEEDED
+    assert list(GroupResults(env.backend, h.id)) == [3, 3]   # each read the first group whole
+    wait_for(lambda: _gone(env, f"{h.id}.s0"), 10, "the first group's record to expire once read")

@@ -16,9 +16,11 @@ Key schema (N = namespace, default "stem"; "{...}" are Redis Cluster hash tags):
                                  schedule in code), paused "0"|"1", last_fired (float, absent
                                  before the first run), last_run_id, updated_at; no expiry
     N:{g:ID}:meta       HASH     a group record (stem.backends.groups): expected, sealed, finished,
-                                 succeeded, failed, interrupted ("0"|"1" / counts), data, created_at,
-                                 seal_by, ttl_ms; no expiry until complete (or interrupted), then
-                                 PX ttl_ms on all four keys, set by the script that completes it
+                                 succeeded, failed, interrupted, held ("0"|"1" / counts), data,
+                                 created_at, seal_by, ttl_ms (its lifetime once ended: each member's
+                                 script extends it); no expiry until it ended (complete and not held,
+                                 or interrupted; a held one at its release), then PX ttl_ms on all
+                                 four keys, set by the script that ends it
     N:{g:ID}:done       SET      the finished member ids (a member counts once)
     N:{g:ID}:res        HASH     member index -> its outcome bytes
     N:{g:ID}:failed     SET      the failed member ids
@@ -64,7 +66,7 @@ from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.redis import BARRIER, RedisStore, execute, raise_first_error, validate_namespace
 from .redis_listen import Subscriber
-from .groups import GroupRecord, check_create, check_group_id, check_member
+from .groups import GroupRecord, check_create, check_group_id, check_lifetime, check_member
 from .waiting import WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
@@ -73,33 +75,48 @@ __all__ = ["RedisResultBackend"]
 
 # Group record scripts: KEYS = meta, done, res, failed of one group (one hash tag).
 _GROUP_FIELDS = ("expected", "sealed", "finished", "succeeded", "failed", "interrupted", "data", "created_at",
-                 "seal_by")
+                 "seal_by", "ttl_ms", "held")
 _GROUP_COMMON = """
-local function finish_if_complete()
-  local v = redis.call('HMGET', KEYS[1], 'sealed', 'finished', 'expected', 'ttl_ms', 'interrupted')
-  if (v[5] == '1' or (v[1] == '1' and tonumber(v[2]) >= tonumber(v[3]))) and redis.call('PTTL', KEYS[1]) == -1 then
+local function ended(v)
+  return v[5] == '1' or (v[1] == '1' and tonumber(v[2]) >= tonumber(v[3]))
+end
+-- start the lifetime of a record that ended (complete and not held, or interrupted), once
+local function end_if_done()
+  local v = redis.call('HMGET', KEYS[1], 'sealed', 'finished', 'expected', 'ttl_ms', 'interrupted', 'held')
+  if ended(v) and (v[6] ~= '1' or v[5] == '1') and redis.call('PTTL', KEYS[1]) == -1 then
     for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], v[4]) end
+  end
+end
+-- a key written after the lifetime started (a late member of an interrupted record) expires with it
+local function expire_with_meta()
+  local left = redis.call('PTTL', KEYS[1])
+  if left > 0 then
+    for i = 2, 4 do
+      if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], left) end
+    end
   end
 end
 local function record()
   return redis.call('HMGET', KEYS[1], %s)
 end
 """ % ", ".join(repr(f) for f in _GROUP_FIELDS)
-# ARGV: expected, data, created_at, seal_by, ttl_ms
+# ARGV: expected, data, created_at, seal_by, ttl_ms, held ("1"|"0")
 _GROUP_CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'expected', ARGV[1], 'sealed', '0', 'finished', '0', 'succeeded', '0', 'failed', '0',
-           'interrupted', '0', 'data', ARGV[2], 'created_at', ARGV[3], 'seal_by', ARGV[4], 'ttl_ms', ARGV[5])
+           'interrupted', '0', 'data', ARGV[2], 'created_at', ARGV[3], 'seal_by', ARGV[4], 'ttl_ms', ARGV[5],
+           'held', ARGV[6])
 return 1
 """
 _GROUP_SEAL = _GROUP_COMMON + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], 'sealed', '1')
-finish_if_complete()
+end_if_done()
 return record()
 """
 # ARGV: member id, index, ok ("1"|"0"), outcome, brief ("1": answer 1 instead of the record for a
-# success that leaves the group incomplete: the common case, with nothing for the caller to do)
+# success that leaves the group incomplete: the common case, with nothing for the caller to do),
+# ttl_ms (the member's result lifetime: the first member's replaces the creation's, then the longest)
 _GROUP_RECORD = _GROUP_COMMON + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
@@ -111,11 +128,27 @@ if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
     redis.call('SADD', KEYS[4], ARGV[1])
   end
   redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
-  finish_if_complete()
+  local ttl = tonumber(ARGV[6])
+  if finished == 1 or ttl > tonumber(redis.call('HGET', KEYS[1], 'ttl_ms')) then
+    redis.call('HSET', KEYS[1], 'ttl_ms', ARGV[6])
+  end
+  end_if_done()
+  expire_with_meta()
   if ARGV[5] == '1' and ARGV[3] == '1' then
     local v = redis.call('HMGET', KEYS[1], 'sealed', 'expected')
     if v[1] ~= '1' or finished < tonumber(v[2]) then return 1 end
   end
+end
+return record()
+"""
+# ARGV: ttl_ms (the reader's result lifetime)
+_GROUP_RELEASE = _GROUP_COMMON + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local v = redis.call('HMGET', KEYS[1], 'sealed', 'finished', 'expected', 'ttl_ms', 'interrupted')
+local ttl = math.max(tonumber(v[4]), tonumber(ARGV[1]))
+redis.call('HSET', KEYS[1], 'held', '0', 'ttl_ms', ttl)
+if ended(v) then
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 return record()
 """
@@ -124,7 +157,7 @@ _GROUP_INTERRUPT = _GROUP_COMMON + """
 local v = redis.call('HMGET', KEYS[1], 'sealed', 'interrupted', 'seal_by')
 if not v[1] or v[1] == '1' or v[2] == '1' or tonumber(v[3]) >= tonumber(ARGV[1]) then return false end
 redis.call('HSET', KEYS[1], 'interrupted', '1')
-finish_if_complete()
+end_if_done()
 return record()
 """
 
@@ -133,7 +166,7 @@ def _group_record(group_id: str, v: list) -> "GroupRecord | None":
     if not v or v[0] is None:
         return None
     return GroupRecord(group_id, int(v[0]), v[1] == b"1", int(v[2]), int(v[3]), int(v[4]), v[5] == b"1",
-                       bytes(v[6]), float(v[7]), float(v[8]))
+                       bytes(v[6]), float(v[7]), float(v[8]), int(v[9]) / 1000, v[10] == b"1")
 
 _T = TypeVar("_T")
 _encode = msgspec.msgpack.Encoder().encode
@@ -250,6 +283,7 @@ class RedisResultBackend(ResultBackend):
         self._group_create = self._store.script(_GROUP_CREATE)
         self._group_seal = self._store.script(_GROUP_SEAL)
         self._group_record = self._store.script(_GROUP_RECORD)
+        self._group_release = self._store.script(_GROUP_RELEASE)
         self._group_interrupt = self._store.script(_GROUP_INTERRUPT)
         self._unsealed = f"{ns}:{{groups}}:unsealed"
         self.reconnect_timeout = checks.seconds("reconnect_timeout", reconnect_timeout)
@@ -535,12 +569,13 @@ class RedisResultBackend(ResultBackend):
         command = ("EVALSHA", script.sha, 4, *self._group_keys(group_id), *args)
         return self._call(lambda: self._store.run([command])[0], "group")
 
-    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float) -> bool:
-        group_id, expected, data, seal_by, ttl = check_create(group_id, expected, data, seal_by, ttl)
+    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float,
+                     held: bool = False) -> bool:
+        group_id, expected, data, seal_by, ttl, held = check_create(group_id, expected, data, seal_by, ttl, held)
         # indexed first: a record the sweep cannot find would be the one that waits forever
         self._call(lambda: self._client.zadd(self._unsealed, {group_id: seal_by}), "group_create")
         return self._group_script(self._group_create, group_id, expected, data, repr(time.time()), repr(seal_by),
-                                  checks.ms(ttl)) == 1
+                                  checks.ms(ttl), "1" if held else "0") == 1
 
     def group_seal(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)
@@ -549,34 +584,44 @@ class RedisResultBackend(ResultBackend):
         return record
 
     def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
-                     outcome: bytes) -> GroupRecord | None:
-        group_id, member_id, index, outcome = check_member(group_id, member_id, index, outcome)
+                     outcome: bytes, ttl: float | None = None) -> GroupRecord | None:
+        group_id, member_id, index, outcome, ttl = check_member(group_id, member_id, index, outcome, ttl,
+                                                                self.result_expires)
         return _group_record(group_id, self._group_script(self._group_record, group_id, member_id, index,
-                                                          "1" if ok else "0", outcome, "0"))
+                                                          "1" if ok else "0", outcome, "0", checks.ms(ttl)))
 
-    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes, float | None]]
+                          ) -> list[GroupRecord | None]:
         return self.store_and_record((), items)
 
-    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+    def store_and_record(self, statuses: Sequence[TaskStatus],
+                         members: Sequence[tuple[str, str, int, bool, bytes, float | None]],
                          brief: bool = False) -> list[GroupRecord | bool | None]:
         """One pipeline: the statuses' SETs (and PUBLISHes), then one script call per member
         (on a Redis Cluster, after a ``BARRIER``: every status answered before a count)."""
-        checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
+        default = self.result_expires
+        checked = [check_member(g, m, i, o, t, default) + (ok,) for g, m, i, ok, o, t in members]
         commands = self._status_commands(statuses) if statuses else []
         if commands and self._store.cluster:
             commands.append(BARRIER)      # on a cluster too: the statuses are stored before the counts
         first = len(commands)
         sha = self._group_record.sha
         keys: dict[str, tuple[str, str, str, str]] = {}      # a batch's members mostly share a group
-        for g, m, i, o, ok in checked:
+        ms = checks.ms
+        for g, m, i, o, t, ok in checked:
             k = keys.get(g)
             if k is None:
                 k = keys[g] = self._group_keys(g)
-            commands.append(("EVALSHA", sha, 4, *k, m, i, "1" if ok else "0", o, "1" if brief else "0"))
+            commands.append(("EVALSHA", sha, 4, *k, m, i, "1" if ok else "0", o, "1" if brief else "0", ms(t)))
         if not commands:
             return []
         replies = self._call(lambda: self._store.run(commands), "store_and_record")   # idempotent: safe to resend
         return [True if r == 1 else _group_record(item[0], r) for item, r in zip(checked, replies[first:])]
+
+    def group_release(self, group_id: str, ttl: float | None = None) -> GroupRecord | None:
+        check_group_id(group_id)
+        ttl = check_lifetime(ttl, self.result_expires)
+        return _group_record(group_id, self._group_script(self._group_release, group_id, checks.ms(ttl)))
 
     def group_get(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)

@@ -47,8 +47,9 @@ any older version upgrades in place::
     stem_buckets         (queue, rate_key) PRIMARY KEY, tat (GCRA theoretical arrival time);  (tat)
     stem_dead_letters    + lane and the limit columns (version 5): replay restores the lane
     stem_groups          id PRIMARY KEY, expected, sealed, finished, succeeded, failed, interrupted, data,
-                         created_at, seal_by, ttl, expires_at (NULL until complete or interrupted);
-                         (seal_by) WHERE unsealed  (version 6, stem.backends.groups)
+                         created_at, seal_by, ttl, expires_at (NULL until it ended, and was released
+                         when held); (seal_by) WHERE unsealed  (version 6, stem.backends.groups);
+                         held (version 7)
     stem_group_members   (group_id, member_id) PRIMARY KEY, idx, ok, outcome; (group_id, idx)
 
 Acked rows are deleted, so ``stem_jobs`` holds only live messages; the
@@ -69,7 +70,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema", "release_ctes", "wake_ctes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
@@ -211,6 +212,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             outcome bytea NOT NULL,
             PRIMARY KEY (group_id, member_id))""",
         "CREATE INDEX stem_group_members_idx ON {s}.stem_group_members (group_id, idx)",
+    ),
+    7: (
+        "ALTER TABLE {s}.stem_groups ADD COLUMN held boolean NOT NULL DEFAULT false",
     ),
 }
 

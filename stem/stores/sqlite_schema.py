@@ -43,9 +43,9 @@ version 6::
     stem_buckets        (queue, rate_key) PRIMARY KEY, tat (GCRA theoretical arrival time);  ix tat
     stem_dead_letters   + lane and the limit columns (version 5): replay restores the lane
     stem_groups         id PRIMARY KEY, expected, sealed, finished, succeeded, failed, interrupted,
-                        data, created_at, seal_by, ttl, expires_at (NULL until complete or
-                        interrupted: a group never expires in flight); ix unsealed (seal_by)
-                        (version 6, stem.backends.groups)
+                        data, created_at, seal_by, ttl, expires_at (NULL until it ended, and was
+                        released when held: a group never expires in flight); ix unsealed
+                        (seal_by) (version 6, stem.backends.groups); held 0|1 (version 7)
     stem_group_members  (group_id, member_id) PRIMARY KEY, idx, ok, outcome; ix (group_id, idx)
 
 ``settle_acked``, ``release_keys`` and ``left_lanes`` are the ack, the key release and
@@ -64,7 +64,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys", "enter_lanes", "left_lanes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 _CHUNK = 500            # ids per IN (...) list
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -198,6 +198,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             outcome BLOB NOT NULL,
             PRIMARY KEY (group_id, member_id)) WITHOUT ROWID""",
         "CREATE INDEX stem_group_members_idx ON stem_group_members (group_id, idx)",
+    ),
+    7: (
+        "ALTER TABLE stem_groups ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
     ),
 }
 
