@@ -315,25 +315,49 @@ class Runner:
         # held: a reader comes after it ends (the callback, the next chain step), and its lifetime
         # starts when that reader ends (stem.backends.groups)
         held = data["b"] is not None or (up is not None and "c" in up)
-        if not self.backend.group_create(group_id, len(members), signed, seal_by=time.time() + self.creation_timeout,
-                                         ttl=self.backend.result_expires, held=held):
+        seal_by, ttl = time.time() + self.creation_timeout, self.backend.result_expires
+        canvas = {"up": {"g": group_id}, **prev}
+        ids = [f"{group_id}.{i}" for i in range(len(members))]
+        batch = self._batch(members, ids, canvas)
+        if batch is not None:
+            # one task name and options: record and members in one transaction where the
+            # store allows it (stem.backends.base, group_publish), never left unsealed
+            queue, frames, priority, visibility_timeout = batch
+            created = self.backend.group_publish(group_id, len(members), signed, seal_by=seal_by, ttl=ttl, held=held,
+                                                 broker=self.stem.broker, queue=queue, task_ids=ids, frames=frames,
+                                                 priority=priority, visibility_timeout=visibility_timeout)
+            if created is not None:
+                return  # False: launched before (a redelivered step), which published it all
+        # else created unsealed, members published, then sealed: a producer that dies in
+        # between leaves a record the workers' sweep ends FAILED creation-interrupted
+        if not self.backend.group_create(group_id, len(members), signed, seal_by=seal_by, ttl=ttl, held=held):
             return      # launched before (a redelivered step): that launch publishes and seals
-        self._members(members, group_id, prev)
+        if batch is not None:
+            queue, frames, priority, visibility_timeout = batch
+            self.stem.broker.publish_frames(queue, ids, frames, priority=priority,
+                                            visibility_timeout=visibility_timeout)
+        else:
+            self._members(members, group_id, ids, canvas, prev)
         record = self.backend.group_seal(group_id)
         if record is not None and record.complete:
             self.completed(record)
 
-    def _members(self, members: list[dict], group_id: str, prev: dict) -> None:
-        canvas = {"up": {"g": group_id}, **prev}
-        first = members[0] if members else None
-        uniform = first is not None and first["t"] == "s" and not first.get("p") and all(
-            m["t"] == "s" and m["n"] == first["n"] and m["o"] == first["o"] and not m.get("p") for m in members)
-        if uniform:
-            ids = [f"{group_id}.{i}" for i in range(len(members))]
-            self.stem._publish_members(first["n"], _options_of(first["o"]), ids, [m["a"] for m in members], canvas)
+    def _batch(self, members: list[dict], ids: list[str], canvas: dict) -> tuple | None:
+        """The members as one ``publish_frames`` batch (``Stem._member_frames``) when they are
+        signatures of one task name and options, else None."""
+        first = _uniform(members)
+        if first is None:
+            return None
+        return self.stem._member_frames(first["n"], _options_of(first["o"]), ids, [m["a"] for m in members], canvas)
+
+    def _members(self, members: list[dict], group_id: str, ids: list[str], canvas: dict, prev: dict) -> None:
+        """The members that are not one ``publish_frames`` batch."""
+        first = _uniform(members)
+        if first is not None:      # each its own Message (publish signals, unique keys, limits)
+            self.stem._publish_messages(first["n"], _options_of(first["o"]), ids, [m["a"] for m in members], canvas)
             return
         for i, m in enumerate(members):
-            self.launch(m, f"{group_id}.{i}", {"g": group_id}, prev, keyed=False)
+            self.launch(m, ids[i], {"g": group_id}, prev, keyed=False)
 
     # -- carrying on ---------------------------------------------------------------------
     def finished(self, env: Any, status: TaskStatus) -> None:
@@ -464,6 +488,16 @@ class Runner:
         return len(records)
 
 
+def _uniform(members: list[dict]) -> dict | None:
+    """The first member when every member is a signature of one task name and options (none
+    taking its predecessor as an argument), else None."""
+    first = members[0] if members else None
+    if first is not None and first["t"] == "s" and not first.get("p") and all(
+            m["t"] == "s" and m["n"] == first["n"] and m["o"] == first["o"] and not m.get("p") for m in members):
+        return first
+    return None
+
+
 # -- handles ---------------------------------------------------------------------------------
 class Progress(NamedTuple):
     done: int
@@ -547,6 +581,7 @@ def apply(stem: Any, canvas: Any, *, creation_timeout: float = 600.0, canvas_id:
     from . import _checks as checks
     creation_timeout = checks.seconds("creation_timeout", creation_timeout, error=InvalidTaskOptionsError)
     node = _node(canvas, "apply")
+    explicit = canvas_id is not None
     if canvas_id is None:
         canvas_id = _new_id()
     elif not isinstance(canvas_id, str) or not 0 < len(canvas_id) <= MAX_ID:
@@ -557,7 +592,8 @@ def apply(stem: Any, canvas: Any, *, creation_timeout: float = 600.0, canvas_id:
     except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
         raise InvalidTaskOptionsError(f"a canvas's args must be msgpack values: {exc}") from None
     runner = Runner(stem, creation_timeout=creation_timeout)
-    runner.launch(node, canvas_id, None, {}, keyed=False)
+    # a given id is an idempotency key: a first task published keyed, a group created once
+    runner.launch(node, canvas_id, None, {}, keyed=explicit)
     kind = {"s": "task", "c": "chain", "g": "chord" if node.get("b") is not None else "group"}[node["t"]]
     return CanvasHandle(stem, canvas_id, kind, len(node["s"]) if kind == "chain" else None)
 

@@ -397,3 +397,16 @@ def test_a_group_read_by_the_next_group_is_kept_until_that_group_ends(env):
     assert h.wait(20).state is TaskState.SUCCEEDED
     assert list(GroupResults(env.backend, h.id)) == [3, 3]   # each read the first group whole
     wait_for(lambda: _gone(env, f"{h.id}.s0"), 10, "the first group's record to expire once read")
+
+
+def test_applying_a_canvas_id_again_starts_nothing_twice(env):
+    builds = {"again-chain": lambda: chain(sig("add", {"a": 1}), sig("add", {"a": 2})),
+              "again-chord": lambda: chord(group(sig("add", {"a": i}) for i in range(3)), sig("total")),
+              "again-task": lambda: sig("add", {"a": 5})}
+    for canvas_id, build in builds.items():
+        first = env.stem.apply(build(), canvas_id=canvas_id)
+        again = env.stem.apply(build(), canvas_id=canvas_id)
+        assert first.id == again.id == canvas_id
+    assert env.broker.stats("default").ready == 1 + 3 + 1        # each canvas's first tasks, once
+    env.worker()
+    assert [env.stem.canvas_handle(c).get(20) for c in builds] == [3, 3, 5]

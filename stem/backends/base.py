@@ -349,6 +349,19 @@ class ResultBackend(abc.ABC):
         starts at ``group_release`` (``stem.backends.groups``)."""
         raise self._no_groups()
 
+    def group_publish(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float, held: bool,
+                      broker: Any, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], priority: int = 0,
+                      visibility_timeout: float | None = None) -> bool | None:
+        """Create the record already sealed and publish its members (``broker.publish_frames``'
+        batch, ``expected`` of them) in one transaction, where ``broker`` lives in this
+        backend's store and the store allows it (one SQLite file, one Postgres database, one
+        Redis server: not a Redis Cluster, where the record and the queue are in different
+        slots).  True: created and published, together; False: a record of that id existed,
+        nothing was published; None: not here, nothing was done (the caller creates,
+        publishes and seals, and the sweep covers a crash in between).  A producer killed
+        during the call leaves both or neither."""
+        return None
+
     def group_seal(self, group_id: str) -> "GroupRecord | None":
         """Seal the record (atomically with the counters, so a member finishing at the same
         moment and the seal cannot both miss completion) and return it; None if unknown.  A

@@ -145,8 +145,8 @@ def _group_queries(s: str) -> dict[str, str]:
         "group_create": f"""
             WITH gone AS (DELETE FROM {groups} WHERE id = %(g)s AND expires_at <= {NOW} RETURNING id),
             gone_members AS (DELETE FROM {members} WHERE group_id IN (SELECT id FROM gone))
-            INSERT INTO {groups} (id, expected, data, created_at, seal_by, ttl, held)
-            SELECT %(g)s, %(n)s, %(d)s, {NOW}, %(by)s, %(ttl)s, %(held)s
+            INSERT INTO {groups} (id, expected, sealed, data, created_at, seal_by, ttl, held)
+            SELECT %(g)s, %(n)s, %(sealed)s, %(d)s, {NOW}, %(by)s, %(ttl)s, %(held)s
             WHERE NOT EXISTS (SELECT 1 FROM {groups} WHERE id = %(g)s AND {live})
             ON CONFLICT (id) DO NOTHING""",
         "group_seal": f"""
@@ -461,8 +461,37 @@ class PostgresResultBackend(ResultBackend):
     def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float,
                      held: bool = False) -> bool:
         group_id, expected, data, seal_by, ttl, held = check_create(group_id, expected, data, seal_by, ttl, held)
-        params = {"g": group_id, "n": expected, "d": data, "by": seal_by, "ttl": ttl, "held": held}
+        params = {"g": group_id, "n": expected, "d": data, "by": seal_by, "ttl": ttl, "held": held, "sealed": False}
         return self._pg.run(lambda conn: conn.execute(self._sql["group_create"], params).rowcount) == 1
+
+    def group_publish(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float, held: bool,
+                      broker: Any, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], priority: int = 0,
+                      visibility_timeout: float | None = None) -> bool | None:
+        """One transaction: the record, sealed, then the broker's publish statement (its
+        NOTIFY goes out at the commit)."""
+        if getattr(broker, "frames_params", None) is None or not self.shares_store_with(broker):
+            return None
+        group_id, expected, data, seal_by, ttl, held = check_create(group_id, expected, data, seal_by, ttl, held)
+        publish = broker.frames_params(queue, task_ids, frames, priority=priority,
+                                       visibility_timeout=visibility_timeout)
+        if publish is None:
+            return None
+        params = {"g": group_id, "n": expected, "d": data, "by": seal_by, "ttl": ttl, "held": held, "sealed": True}
+        create, statement = self._sql["group_create"], broker.sql("publish")
+
+        def send(conn) -> bool:
+            # sent again as a whole after a lost connection: a commit that landed then reads
+            # as the record existing (False), and the members were published by it
+            with conn.transaction():
+                if conn.execute(create, params).rowcount != 1:
+                    return False
+                conn.execute(statement, publish)
+            return True
+
+        created = self._pg.run(send)
+        if created:
+            broker.published(queue)
+        return created
 
     def group_seal(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)

@@ -20,7 +20,8 @@ Key schema (N = namespace, default "stem"; "{...}" are Redis Cluster hash tags):
                                  created_at, seal_by, ttl_ms (its lifetime once ended: each member's
                                  script extends it); no expiry until it ended (complete and not held,
                                  or interrupted; a held one at its release), then PX ttl_ms on all
-                                 four keys, set by the script that ends it
+                                 four keys, set by the script that ends it; token: which
+                                 group_publish transaction created it (absent otherwise)
     N:{g:ID}:done       SET      the finished member ids (a member counts once)
     N:{g:ID}:res        HASH     member index -> its outcome bytes
     N:{g:ID}:failed     SET      the failed member ids
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from typing import Any, Callable, Sequence, TypeVar
 
 import msgspec
@@ -64,14 +66,18 @@ import msgspec
 from .. import _checks as checks
 from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
-from ..stores.redis import BARRIER, RedisStore, execute, raise_first_error, validate_namespace
+from ..stores.redis import (BARRIER, RedisStore, execute, execute_watched, pack_commands, raise_first_error,
+                            validate_namespace)
 from .redis_listen import Subscriber
 from .groups import GroupRecord, check_create, check_group_id, check_lifetime, check_member
 from .waiting import WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
-__all__ = ["RedisResultBackend"]
+__all__ = ["RedisResultBackend", "ATOMIC_MAX"]
+
+#: The largest group ``group_publish`` creates with its members in one ``MULTI``/``EXEC``.
+ATOMIC_MAX = 1000
 
 # Group record scripts: KEYS = meta, done, res, failed of one group (one hash tag).
 _GROUP_FIELDS = ("expected", "sealed", "finished", "succeeded", "failed", "interrupted", "data", "created_at",
@@ -576,6 +582,47 @@ class RedisResultBackend(ResultBackend):
         self._call(lambda: self._client.zadd(self._unsealed, {group_id: seal_by}), "group_create")
         return self._group_script(self._group_create, group_id, expected, data, repr(time.time()), repr(seal_by),
                                   checks.ms(ttl), "1" if held else "0") == 1
+
+    def group_publish(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float, held: bool,
+                      broker: Any, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], priority: int = 0,
+                      visibility_timeout: float | None = None) -> bool | None:
+        """``WATCH`` the record's key; if it is absent, one ``MULTI``: the record (an ``HSET``,
+        sealed, with a token of this call), the broker's packed XADDs, ``EXEC``, then an
+        ``HGET`` of the token, which says whether this call's transaction ran (an ``EXEC``
+        that another creation of the same id aborted ran nothing).  A producer killed before
+        its ``EXEC`` reached Redis leaves nothing: Redis discards the queued commands.  Up to
+        ``ATOMIC_MAX`` members: an ``EXEC`` holds the whole server while it runs (every
+        other client waits), about 2 ms per 1,000 XADDs, so a larger group is created,
+        published and sealed in steps (None), and the sweep covers a crash in between."""
+        pack = getattr(broker, "pack_frames", None)
+        if (pack is None or len(task_ids) > ATOMIC_MAX or self._store.cluster
+                or not self.shares_store_with(broker)):
+            return None
+        group_id, expected, data, seal_by, ttl, held = check_create(group_id, expected, data, seal_by, ttl, held)
+        packed, n = pack(queue, task_ids, frames, priority=priority, visibility_timeout=visibility_timeout)
+        if not n:
+            return None
+        meta = self._group_keys(group_id)[0]
+        token = uuid.uuid4().hex
+        head = pack_commands((("MULTI",), (
+            "HSET", meta, "expected", expected, "sealed", "1", "finished", "0", "succeeded", "0", "failed", "0",
+            "interrupted", "0", "data", data, "created_at", repr(time.time()), "seal_by", repr(seal_by),
+            "ttl_ms", checks.ms(ttl), "held", "1" if held else "0", "token", token)))
+        tail = pack_commands((("EXEC",), ("HGET", meta, "token")))
+        count = 2 + n + 2
+
+        def send() -> bool:
+            # sent again as a whole after a lost connection: a transaction that ran then finds
+            # the record (False), and the members were published by it
+            fresh, error, mine = execute_watched(self._client, meta, head + packed + tail, count)
+            if error is not None:
+                raise error
+            return fresh and mine == token.encode()
+
+        created = self._call(send, "group_publish")
+        if created:
+            broker.declared([queue])
+        return created
 
     def group_seal(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)

@@ -266,6 +266,26 @@ class SqliteResultBackend(ResultBackend):
                 conn.execute("DELETE FROM stem_group_members WHERE group_id = ?", (group_id,))
             return cur.rowcount == 1
 
+    def group_publish(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float, held: bool,
+                      broker: Any, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], priority: int = 0,
+                      visibility_timeout: float | None = None) -> bool | None:
+        """One write transaction: the record, sealed, and the broker's rows of the members."""
+        publish_in = getattr(broker, "publish_frames_in", None)
+        if publish_in is None or not self.shares_store_with(broker):
+            return None
+        group_id, expected, data, seal_by, ttl, held = check_create(group_id, expected, data, seal_by, ttl, held)
+        now = time.time()
+        with self._store.write() as conn:
+            conn.execute("DELETE FROM stem_groups WHERE id = ? AND expires_at <= ?", (group_id, now))
+            if conn.execute("INSERT INTO stem_groups (id, expected, sealed, data, created_at, seal_by, ttl, held) "
+                            "VALUES (?, ?, 1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                            (group_id, expected, data, now, seal_by, ttl, int(held))).rowcount != 1:
+                return False
+            conn.execute("DELETE FROM stem_group_members WHERE group_id = ?", (group_id,))
+            publish_in(conn, queue, task_ids, frames, priority=priority, visibility_timeout=visibility_timeout)
+        broker.store.wake.notify()
+        return True
+
     def group_seal(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)
         now = time.time()

@@ -47,11 +47,12 @@ from .base import BROKER_ERRORS, Backoff, Store, StoreErrors
 from .local import after_fork_in_child
 from .redis_cluster import BARRIER, cluster_client, is_cluster_transient, is_cluster_url
 from .redis_sentinel import is_sentinel_url, is_stale_master, sentinel_pool
-from .redis_pipe import execute, execute_last, execute_packed, execute_unread, pack_commands, pack_xadds, \
-    raise_first_error
+from .redis_pipe import execute, execute_last, execute_packed, execute_unread, execute_watched, pack_commands, \
+    pack_xadds, raise_first_error
 
 __all__ = ["BARRIER", "RedisStore", "validate_namespace", "REDIS_ERRORS", "ReplyError", "NoScriptError", "execute",
-           "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds", "raise_first_error"]
+           "execute_last", "execute_packed", "execute_unread", "execute_watched", "pack_commands", "pack_xadds",
+           "raise_first_error"]
 
 log = logging.getLogger("stem.stores.redis")
 T = TypeVar("T")
