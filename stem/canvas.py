@@ -210,7 +210,9 @@ def _outcome(status: TaskStatus, value: Any) -> bytes:
     return _encode([1, value] if ok else [0, status.id, status.state.value, status.reason, status.error])
 
 
-def _value(raw: bytes | None) -> Any:
+def outcome_value(raw: bytes | None) -> Any:
+    """A member's result as a reader gets it from its stored outcome: its value, or a
+    ``MemberFailure``; None for a member not ended."""
     if raw is None:
         return None
     item = _decode(raw)
@@ -241,7 +243,7 @@ class GroupResults(Sequence):
         if self._page[0] != page:
             start = page * PAGE
             raws = self.backend.group_outcomes(self.group_id, start, min(start + PAGE, self.size))
-            self._page = (page, [_value(r) for r in raws])
+            self._page = (page, [outcome_value(r) for r in raws])
         return self._page[1]
 
     def __getitem__(self, index):  # type: ignore[override]

@@ -301,7 +301,7 @@ def test_async_apply(env):
 
     async def main():
         h = await AsyncStem(env.stem).apply(chain(sig("add", {"a": 1}), sig("add", {"a": 1})))
-        return h.get(20)
+        return await h.get(20)
 
     assert asyncio.run(main()) == 2
 

@@ -38,7 +38,7 @@ from .waiting import Waiter, WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
-__all__ = ["PostgresResultBackend"]
+__all__ = ["PostgresResultBackend", "group_row"]
 
 _SWEEP_EVERY_S = 60.0
 _FALLBACK_POLL_S = 1.0
@@ -189,7 +189,8 @@ def _group_queries(s: str) -> dict[str, str]:
     }
 
 
-def _group_row(row: Any) -> GroupRecord | None:
+def group_row(row: Any) -> GroupRecord | None:
+    """The record in a row of ``sql("group_get")`` (or a group statement), None for no row."""
     if row is None:
         return None
     return GroupRecord(row[0], row[1], bool(row[2]), row[3], row[4], row[5], bool(row[6]), bytes(row[7]),
@@ -495,14 +496,14 @@ class PostgresResultBackend(ResultBackend):
 
     def group_seal(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)
-        return _group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_seal"], {"g": group_id}).fetchone()))
+        return group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_seal"], {"g": group_id}).fetchone()))
 
     def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
                      outcome: bytes, ttl: float | None = None) -> GroupRecord | None:
         group_id, member_id, index, outcome, ttl = check_member(group_id, member_id, index, outcome, ttl,
                                                                 self.result_expires)
         params = {"g": group_id, "m": member_id, "i": index, "ok": bool(ok), "o": outcome, "t": ttl}
-        return _group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_record"], params).fetchone()))
+        return group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_record"], params).fetchone()))
 
     def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes, float | None]]
                           ) -> list[GroupRecord | None]:
@@ -530,16 +531,16 @@ class PostgresResultBackend(ResultBackend):
                            for g, m, i, o, t, ok in checked]
             return [c.fetchone() for c in cursors]
 
-        return [_group_row(r) for r in self._pg.run(send)]   # each statement idempotent: safe to resend
+        return [group_row(r) for r in self._pg.run(send)]   # each statement idempotent: safe to resend
 
     def group_release(self, group_id: str, ttl: float | None = None) -> GroupRecord | None:
         check_group_id(group_id)
         params = {"g": group_id, "t": check_lifetime(ttl, self.result_expires)}
-        return _group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_release"], params).fetchone()))
+        return group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_release"], params).fetchone()))
 
     def group_get(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)
-        return _group_row(self._fast.run(lambda conn: conn.execute(self._sql["group_get"], (group_id,)).fetchone()))
+        return group_row(self._fast.run(lambda conn: conn.execute(self._sql["group_get"], (group_id,)).fetchone()))
 
     def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
         check_group_id(group_id)
@@ -561,7 +562,7 @@ class PostgresResultBackend(ResultBackend):
         now = time.time() if now is None else now
         rows = self._pg.run(lambda conn: conn.execute(self._sql["group_interrupt"], (now,)).fetchall())
         self._pg.run(lambda conn: conn.execute(self._sql["group_sweep"]))
-        return [r for r in map(_group_row, rows) if r is not None]
+        return [r for r in map(group_row, rows) if r is not None]
 
     def ping(self) -> None:
         self._pg.run(lambda conn: conn.execute("SELECT 1").fetchone())

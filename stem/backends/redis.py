@@ -74,7 +74,7 @@ from .waiting import WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
-__all__ = ["RedisResultBackend", "ATOMIC_MAX"]
+__all__ = ["RedisResultBackend", "ATOMIC_MAX", "group_record_of"]
 
 #: The largest group ``group_publish`` creates with its members in one ``MULTI``/``EXEC``.
 ATOMIC_MAX = 1000
@@ -168,7 +168,8 @@ return record()
 """
 
 
-def _group_record(group_id: str, v: list) -> "GroupRecord | None":
+def group_record_of(group_id: str, v: list) -> "GroupRecord | None":
+    """The record in the reply to ``group_get_command`` (or a group script), None if absent."""
     if not v or v[0] is None:
         return None
     return GroupRecord(group_id, int(v[0]), v[1] == b"1", int(v[2]), int(v[3]), int(v[4]), v[5] == b"1",
@@ -626,7 +627,7 @@ class RedisResultBackend(ResultBackend):
 
     def group_seal(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)
-        record = _group_record(group_id, self._group_script(self._group_seal, group_id))
+        record = group_record_of(group_id, self._group_script(self._group_seal, group_id))
         self._call(lambda: self._client.zrem(self._unsealed, group_id), "group_seal")
         return record
 
@@ -634,7 +635,7 @@ class RedisResultBackend(ResultBackend):
                      outcome: bytes, ttl: float | None = None) -> GroupRecord | None:
         group_id, member_id, index, outcome, ttl = check_member(group_id, member_id, index, outcome, ttl,
                                                                 self.result_expires)
-        return _group_record(group_id, self._group_script(self._group_record, group_id, member_id, index,
+        return group_record_of(group_id, self._group_script(self._group_record, group_id, member_id, index,
                                                           "1" if ok else "0", outcome, "0", checks.ms(ttl)))
 
     def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes, float | None]]
@@ -663,24 +664,34 @@ class RedisResultBackend(ResultBackend):
         if not commands:
             return []
         replies = self._call(lambda: self._store.run(commands), "store_and_record")   # idempotent: safe to resend
-        return [True if r == 1 else _group_record(item[0], r) for item, r in zip(checked, replies[first:])]
+        return [True if r == 1 else group_record_of(item[0], r) for item, r in zip(checked, replies[first:])]
 
     def group_release(self, group_id: str, ttl: float | None = None) -> GroupRecord | None:
         check_group_id(group_id)
         ttl = check_lifetime(ttl, self.result_expires)
-        return _group_record(group_id, self._group_script(self._group_release, group_id, checks.ms(ttl)))
+        return group_record_of(group_id, self._group_script(self._group_release, group_id, checks.ms(ttl)))
 
     def group_get(self, group_id: str) -> GroupRecord | None:
+        command = self.group_get_command(group_id)
+        return group_record_of(group_id, self._call(lambda: self._client.hmget(command[1], command[2:]), "group_get"))
+
+    def group_get_command(self, group_id: str) -> tuple:
+        """``group_get``'s command (``group_record_of`` reads its reply): the async producer
+        sends it too (``stem.backends.redis_async``)."""
         check_group_id(group_id)
-        meta = self._group_keys(group_id)[0]
-        return _group_record(group_id, self._call(lambda: self._client.hmget(meta, _GROUP_FIELDS), "group_get"))
+        return ("HMGET", self._group_keys(group_id)[0], *_GROUP_FIELDS)
 
     def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
-        check_group_id(group_id)
         if stop <= start:
+            check_group_id(group_id)
             return []
-        res = self._group_keys(group_id)[2]
-        return self._call(lambda: self._client.hmget(res, list(range(start, stop))), "group_outcomes")
+        command = self.group_outcomes_command(group_id, start, stop)
+        return self._call(lambda: self._client.hmget(command[1], command[2:]), "group_outcomes")
+
+    def group_outcomes_command(self, group_id: str, start: int, stop: int) -> tuple:
+        """``group_outcomes``' command (``stop > start``), for the async producer too."""
+        check_group_id(group_id)
+        return ("HMGET", self._group_keys(group_id)[2], *range(start, stop))
 
     def group_failed_members(self, group_id: str, limit: int = 100) -> list[str]:
         check_group_id(group_id)
@@ -694,7 +705,7 @@ class RedisResultBackend(ResultBackend):
                                               "group_interrupt_unsealed")]
         out = []
         for group_id in ids:
-            record = _group_record(group_id, self._group_script(self._group_interrupt, group_id, repr(now)))
+            record = group_record_of(group_id, self._group_script(self._group_interrupt, group_id, repr(now)))
             if record is not None:
                 out.append(record)
         if ids:
