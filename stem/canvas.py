@@ -67,6 +67,8 @@ def _options_dict(name: str, options: TaskOptions | None) -> dict[str, Any] | No
     if not isinstance(options, TaskOptions):
         raise InvalidTaskOptionsError(f"signature {name!r}: options must be a TaskOptions, got {options!r}")
     out = {f: getattr(options, f) for f in options.__struct_fields__ if getattr(options, f) is not None}
+    if options.unique:
+        raise InvalidTaskOptionsError(_not_unique(name))
     if callable(out.get("unique_key")) or "autoretry_for" in out or "retry_backoff" in out:
         raise InvalidTaskOptionsError(
             f"signature {name!r}: options of a canvas step travel in messages; a callable unique_key, "
@@ -74,6 +76,14 @@ def _options_dict(name: str, options: TaskOptions | None) -> dict[str, Any] | No
     if isinstance(out.get("unique_key"), tuple):
         out["unique_key"] = list(out["unique_key"])
     return out
+
+
+def _not_unique(name: str, where: str = "its options") -> str:
+    return (f"signature {name!r}: a task of a canvas cannot be unique ({where} set unique=True): its id "
+            "(member G.i, step C.sk, callback C) already makes every run of it one task, and a key shared "
+            "with tasks outside the canvas would make it a duplicate whose result the canvas never gets, "
+            "leaving its chord to wait.  For a canvas started once, give apply(..., canvas_id=...); to run "
+            "a unique handler in a canvas, give the signature TaskOptions(unique=False)")
 
 
 def _options_of(data: dict[str, Any] | None) -> TaskOptions | None:
@@ -613,7 +623,8 @@ def _check_names(stem: Any, node: dict, seen: set | None = None) -> None:
         seen.add(key)
         if stem.registry is not None:
             stem.registry.get(node["n"])
-        stem._template(node["n"], _options_of(options), time.time())
+        if stem._template(node["n"], _options_of(options), time.time()).unique is not None:
+            raise InvalidTaskOptionsError(_not_unique(node["n"], "its handler's options"))
     elif kind == "c":
         for step in node["s"]:
             _check_names(stem, step, seen)

@@ -51,6 +51,10 @@ def build_registry() -> TaskRegistry:
     def named(ctx, value=None, extra: int = 0):
         return {"value": value, "extra": extra}
 
+    @registry.task("once", options=TaskOptions(unique=True, unique_for=60))
+    def once(ctx, n: int = 0) -> int:
+        return n
+
     @registry.task("slow")
     def slow(ctx, n: int = 0, seconds: float = 0.3):
         time.sleep(seconds)
@@ -317,7 +321,9 @@ def test_async_apply(env):
     (lambda: sig("", {}), "non-empty"),
     (lambda: sig("add", {1: 2}), "str keys"),
     (lambda: sig("add", options={"queue": "x"}), "TaskOptions"),
-    (lambda: sig("add", options=TaskOptions(unique=True, unique_key=lambda a: 1)), "callable"),
+    (lambda: sig("add", options=TaskOptions(unique=True, unique_key=lambda a: 1)), "cannot be unique"),
+    (lambda: sig("add", options=TaskOptions(unique=True)), "cannot be unique"),
+    (lambda: chunks("count", [1, 2], 1, options=TaskOptions(unique=True, unique_for=60)), "cannot be unique"),
 ])
 def test_bad_canvases_are_refused_when_built(build, match):
     with pytest.raises(InvalidTaskOptionsError, match=match):
@@ -410,3 +416,30 @@ def test_applying_a_canvas_id_again_starts_nothing_twice(env):
     assert env.broker.stats("default").ready == 1 + 3 + 1        # each canvas's first tasks, once
     env.worker()
     assert [env.stem.canvas_handle(c).get(20) for c in builds] == [3, 3, 5]
+
+
+# -- unique tasks: refused in a canvas, at apply ------------------------------------------------
+@pytest.mark.parametrize("build", [
+    lambda: group([sig("add", {"a": 1}), sig("once", {"n": 1})]),
+    lambda: chord(group([sig("add", {"a": 1})]), sig("once")),
+    lambda: chain(sig("add", {"a": 1}), sig("once", {"n": 2})),
+    lambda: chunks("once", [1, 2, 3], 2),
+])
+def test_a_unique_handler_in_a_canvas_is_refused_at_apply_before_anything_is_published(env, build):
+    from stem.errors import StemError
+    with pytest.raises(InvalidTaskOptionsError, match="cannot be unique.*unique=False") as refused:
+        env.stem.apply(build())
+    assert isinstance(refused.value, StemError)
+    assert "'once'" in str(refused.value) and "canvas_id" in str(refused.value)
+    assert env.broker.stats("default").ready == 0
+    assert env.stem.enqueue("once", {"n": 1}) == env.stem.enqueue("once", {"n": 1})   # still unique outside
+
+
+def test_a_unique_handler_opted_out_runs_in_a_canvas_without_its_key(env):
+    env.worker()
+    opted_out = TaskOptions(unique=False)
+    # two canvases with the same args: neither is a duplicate of the other
+    a = env.stem.apply(group(sig("once", {"n": i}, options=opted_out) for i in range(3)))
+    b = env.stem.apply(group(sig("once", {"n": i}, options=opted_out) for i in range(3)))
+    assert a.wait(20).state is b.wait(20).state is TaskState.SUCCEEDED
+    assert a.results() == b.results() == [0, 1, 2]
