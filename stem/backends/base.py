@@ -393,7 +393,9 @@ class ResultBackend(abc.ABC):
         transaction on SQL) where the adapter allows it: a canvas member's status and its
         count in its group land in the same step, before the worker acks it.  ``brief``: a
         member that succeeded and left its group incomplete may be answered True instead
-        of the record (the common case, with nothing for the caller to do: less to send)."""
+        of the record (the common case, with nothing for the caller to do: less to send),
+        and when every member is a success, those of one group may be counted together, the
+        record (if any) answered to the last of them and True to the others."""
         if statuses:
             self.store_many(statuses)
         return self.group_record_many(members) if members else []

@@ -39,6 +39,7 @@ from ..errors import ConfigurationError
 
 __all__ = ["GroupRecord", "check_group_id", "check_member", "check_create", "check_lifetime", "GROUP_ID_MAX"]
 
+_INF = float("inf")
 #: The longest group id: a task id's limit (members are ``<group id>.<index>``, also task ids).
 GROUP_ID_MAX = 180
 
@@ -84,6 +85,11 @@ def check_lifetime(ttl: object, default: float) -> float:
 def check_member(group_id: object, member_id: object, index: object, outcome: object, ttl: object,
                  default: float) -> tuple[str, str, int, bytes, float]:
     """One member's record: ``ttl`` is its result's lifetime (None: ``default``)."""
+    # the worker's settle checks every member it records: the common case in a few type tests
+    if (type(group_id) is str and 0 < len(group_id) <= GROUP_ID_MAX and type(member_id) is str and member_id
+            and type(index) is int and index >= 0 and type(outcome) is bytes
+            and (ttl is None or (type(ttl) is float and 0.0 < ttl < _INF))):
+        return group_id, member_id, index, outcome, default if ttl is None else ttl
     check_group_id(group_id)
     if not isinstance(member_id, str) or not member_id:
         raise ConfigurationError(f"a member id is a non-empty string, got {member_id!r}")

@@ -120,30 +120,37 @@ redis.call('HSET', KEYS[1], 'sealed', '1')
 end_if_done()
 return record()
 """
-# ARGV: member id, index, ok ("1"|"0"), outcome, brief ("1": answer 1 instead of the record for a
-# success that leaves the group incomplete: the common case, with nothing for the caller to do),
-# ttl_ms (the member's result lifetime: the first member's replaces the creation's, then the longest)
+# ARGV: brief ("1": answer 1 instead of the record when every member of the call is new, succeeded,
+# and the group is still incomplete: the common case, with nothing for the caller to do), then per
+# member: id, index, ok ("1"|"0"), outcome, ttl_ms (its result lifetime: the first member's replaces
+# the creation's, then the longest).  A worker records a batch's successes of one group in one call.
 _GROUP_RECORD = _GROUP_COMMON + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
-  local finished = redis.call('HINCRBY', KEYS[1], 'finished', 1)
-  if ARGV[3] == '1' then
-    redis.call('HINCRBY', KEYS[1], 'succeeded', 1)
+local quiet = ARGV[1] == '1'
+local finished = 0
+for i = 2, #ARGV, 5 do
+  if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
+    finished = redis.call('HINCRBY', KEYS[1], 'finished', 1)
+    if ARGV[i + 2] == '1' then
+      redis.call('HINCRBY', KEYS[1], 'succeeded', 1)
+    else
+      redis.call('HINCRBY', KEYS[1], 'failed', 1)
+      redis.call('SADD', KEYS[4], ARGV[i])
+      quiet = false
+    end
+    redis.call('HSET', KEYS[3], ARGV[i + 1], ARGV[i + 3])
+    if finished == 1 or tonumber(ARGV[i + 4]) > tonumber(redis.call('HGET', KEYS[1], 'ttl_ms')) then
+      redis.call('HSET', KEYS[1], 'ttl_ms', ARGV[i + 4])
+    end
   else
-    redis.call('HINCRBY', KEYS[1], 'failed', 1)
-    redis.call('SADD', KEYS[4], ARGV[1])
+    quiet = false
   end
-  redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
-  local ttl = tonumber(ARGV[6])
-  if finished == 1 or ttl > tonumber(redis.call('HGET', KEYS[1], 'ttl_ms')) then
-    redis.call('HSET', KEYS[1], 'ttl_ms', ARGV[6])
-  end
-  end_if_done()
-  expire_with_meta()
-  if ARGV[5] == '1' and ARGV[3] == '1' then
-    local v = redis.call('HMGET', KEYS[1], 'sealed', 'expected')
-    if v[1] ~= '1' or finished < tonumber(v[2]) then return 1 end
-  end
+end
+end_if_done()
+expire_with_meta()
+if quiet then
+  local v = redis.call('HMGET', KEYS[1], 'sealed', 'expected')
+  if v[1] ~= '1' or finished < tonumber(v[2]) then return 1 end
 end
 return record()
 """
@@ -635,8 +642,8 @@ class RedisResultBackend(ResultBackend):
                      outcome: bytes, ttl: float | None = None) -> GroupRecord | None:
         group_id, member_id, index, outcome, ttl = check_member(group_id, member_id, index, outcome, ttl,
                                                                 self.result_expires)
-        return group_record_of(group_id, self._group_script(self._group_record, group_id, member_id, index,
-                                                          "1" if ok else "0", outcome, "0", checks.ms(ttl)))
+        return group_record_of(group_id, self._group_script(self._group_record, group_id, "0", member_id, index,
+                                                          "1" if ok else "0", outcome, checks.ms(ttl)))
 
     def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes, float | None]]
                           ) -> list[GroupRecord | None]:
@@ -645,8 +652,10 @@ class RedisResultBackend(ResultBackend):
     def store_and_record(self, statuses: Sequence[TaskStatus],
                          members: Sequence[tuple[str, str, int, bool, bytes, float | None]],
                          brief: bool = False) -> list[GroupRecord | bool | None]:
-        """One pipeline: the statuses' SETs (and PUBLISHes), then one script call per member
-        (on a Redis Cluster, after a ``BARRIER``: every status answered before a count)."""
+        """One pipeline: the statuses' SETs (and PUBLISHes), then the counts (on a Redis
+        Cluster, after a ``BARRIER``: every status answered before a count).  ``brief``: the
+        successes of one group are counted in one script call, whose answer goes to the last
+        of them (True to the others); otherwise one call per member."""
         default = self.result_expires
         checked = [check_member(g, m, i, o, t, default) + (ok,) for g, m, i, ok, o, t in members]
         commands = self._status_commands(statuses) if statuses else []
@@ -654,17 +663,38 @@ class RedisResultBackend(ResultBackend):
             commands.append(BARRIER)      # on a cluster too: the statuses are stored before the counts
         first = len(commands)
         sha = self._group_record.sha
-        keys: dict[str, tuple[str, str, str, str]] = {}      # a batch's members mostly share a group
         ms = checks.ms
-        for g, m, i, o, t, ok in checked:
-            k = keys.get(g)
-            if k is None:
-                k = keys[g] = self._group_keys(g)
-            commands.append(("EVALSHA", sha, 4, *k, m, i, "1" if ok else "0", o, "1" if brief else "0", ms(t)))
+        calls: list[tuple[str, list[int]]] = []         # (group id, positions in checked) per script call
+        if brief and all(item[5] for item in checked):   # a worker's successes: one call per group
+            by_group: dict[str, list[int]] = {}
+            for n, item in enumerate(checked):
+                by_group.setdefault(item[0], []).append(n)
+            calls = list(by_group.items())
+        else:
+            calls = [(item[0], [n]) for n, item in enumerate(checked)]
+        flag = "1" if brief else "0"
+        for g, positions in calls:
+            args: list[Any] = []
+            for n in positions:
+                _, m, i, o, t, ok = checked[n]
+                args += (m, i, "1" if ok else "0", o, ms(t))
+            commands.append(("EVALSHA", sha, 4, *self._group_keys(g), flag, *args))
         if not commands:
             return []
-        replies = self._call(lambda: self._store.run(commands), "store_and_record")   # idempotent: safe to resend
-        return [True if r == 1 else group_record_of(item[0], r) for item, r in zip(checked, replies[first:])]
+        # idempotent: safe to resend; the statuses' replies are stepped over, not built
+        if self._store.cluster:
+            replies = self._call(lambda: self._store.run(commands), "store_and_record")[first:]
+        else:
+            replies = self._call(lambda: self._store.run_tail(commands, len(calls)), "store_and_record")
+        out: list[GroupRecord | bool | None] = [True] * len(checked)
+        for (g, positions), reply in zip(calls, replies):
+            record = True if reply == 1 else group_record_of(g, reply)
+            if record is None:                           # no such group: none of them counted
+                for n in positions:
+                    out[n] = None
+            else:
+                out[positions[-1]] = record
+        return out
 
     def group_release(self, group_id: str, ttl: float | None = None) -> GroupRecord | None:
         check_group_id(group_id)

@@ -34,8 +34,8 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is a core dependency
     _Reader = None
 
-__all__ = ["execute", "execute_last", "execute_packed", "execute_unread", "execute_watched", "pack_commands",
-           "pack_xadds", "read_replies", "raise_first_error"]
+__all__ = ["execute", "execute_last", "execute_packed", "execute_tail", "execute_unread", "execute_watched",
+           "pack_commands", "pack_xadds", "read_replies", "raise_first_error"]
 
 _resp = _native.load("resp")
 pack_commands = _resp.pack_commands
@@ -167,6 +167,16 @@ def execute_last(client: "redis.Redis", packed: bytes, n: int) -> tuple[Exceptio
         replies = client.stem_execute(packed, n)
         return next((r for r in replies[:-1] if isinstance(r, redis.ResponseError)), None), replies[-1]
     return _round_trip(client, packed, lambda conn: (_skip_replies(conn, n - 1), read_replies(conn, 1)[0]))
+
+
+def execute_tail(client: "redis.Redis", packed: bytes, n: int, keep: int) -> tuple[Exception | None, list]:
+    """``execute_last`` for the last ``keep`` replies: the first ``n - keep`` (a settle's SETs
+    and PUBLISHes before its group counts) are stepped over in C.  Returns (their first
+    error reply, typed, or None; the last ``keep`` replies, errors in place)."""
+    if type(client) is not _Redis and hasattr(client, "stem_execute"):   # a cluster: by slot
+        replies = client.stem_execute(packed, n)
+        return next((r for r in replies[:n - keep] if isinstance(r, redis.ResponseError)), None), replies[n - keep:]
+    return _round_trip(client, packed, lambda conn: (_skip_replies(conn, n - keep), read_replies(conn, keep)))
 
 
 def execute_watched(client: "redis.Redis", key: str, packed: bytes, n: int) -> tuple[bool, Exception | None, Any]:

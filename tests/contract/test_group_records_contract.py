@@ -227,3 +227,19 @@ def test_an_interrupted_group_expires_held_or_not_and_a_late_member_goes_with_it
     wait_for(lambda: backend.group_get(g) is None, timeout=5, what="the interrupted group to expire")
     assert backend.group_outcomes(g, 0, 3) == [None, None, None]    # the late outcome went with it
     assert backend.group_failed_members(g) == []
+
+
+def test_a_batch_of_successes_counts_each_once_and_answers_completion_once(backend):
+    g = make(backend, 3)
+    backend.group_seal(g)
+    first = backend.store_and_record([], [(g, f"{g}.0", 0, True, b"a", None), (g, f"{g}.1", 1, True, b"b", None)],
+                                     brief=True)
+    assert all(r is True or (isinstance(r, GroupRecord) and not r.complete) for r in first)
+    # a redelivered member beside the last one: counted once, the completion answered (to the last)
+    out = backend.store_and_record([], [(g, f"{g}.1", 1, True, b"b", None), (g, f"{g}.2", 2, True, b"c", None)],
+                                   brief=True)
+    assert isinstance(out[-1], GroupRecord) and out[-1].complete and out[-1].finished == 3
+    assert all(r is True or isinstance(r, GroupRecord) for r in out)
+    assert backend.group_outcomes(g, 0, 3) == [b"a", b"b", b"c"]
+    assert backend.store_and_record([], [("g-none", "g-none.0", 0, True, b"", None),
+                                         ("g-none", "g-none.1", 1, True, b"", None)], brief=True) == [None, None]
