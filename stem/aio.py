@@ -47,6 +47,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, ParamSpec, Sequence, 
 
 from .backends.waiting import WATCH, check_wait
 from .backends.waiting_async import AsyncWaitHub
+from .canvas_aio import AsyncCanvasHandle
 from .brokers.base import Keyed, Message
 from .errors import BrokerError, ConfigurationError, InvalidTaskOptionsError, TaskTimeoutError
 from .handles import AsyncTaskRef, TaskHandle
@@ -220,13 +221,27 @@ class AsyncStem:
         if pending:
             raise as_completed_timeout(pending, ids, timeout)
 
-    async def apply(self, canvas: Any, *, creation_timeout: float = 600.0) -> Any:
-        """``Stem.apply`` on this producer's executor: the canvas is checked and published
-        there (a canvas publishes group records and members in several steps, which the
-        coalesced path does not carry).  Returns the same ``CanvasHandle``, whose ``wait``
-        blocks: await ``wait_for_task(handle.id)`` instead."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._local(), lambda: self.sync.apply(canvas, creation_timeout=creation_timeout))
+    async def apply(self, canvas: Any, *, creation_timeout: float = 600.0,
+                    canvas_id: str | None = None) -> AsyncCanvasHandle:
+        """``Stem.apply``, awaited; returns an ``AsyncCanvasHandle`` (``await h.wait()``,
+        ``await h.results()``, ``await h.status()``, ``await h.progress()``), whose waits and
+        reads go through this producer's async clients.  Starting the canvas itself runs the
+        sync producer on this producer's executor: a group is created, its members published
+        and it is sealed through the sync backend's group operations, once per canvas (the
+        members of one task in one batch), which the coalesced path does not carry."""
+        handle = await asyncio.get_running_loop().run_in_executor(
+            self._local(), lambda: self.sync.apply(canvas, creation_timeout=creation_timeout, canvas_id=canvas_id))
+        return AsyncCanvasHandle(self, handle.id, handle.kind, handle.steps)
+
+    async def canvas_handle(self, canvas_id: str) -> AsyncCanvasHandle:
+        """The handle of a canvas started anywhere, by its id (``Stem.canvas_handle``)."""
+        return await AsyncCanvasHandle.from_id(self, canvas_id)
+
+    def _group_reads(self) -> Any:
+        """What ``AsyncCanvasHandle`` reads statuses and group records through (the results
+        adapter: native on Redis and Postgres)."""
+        self._ready()
+        return self._require_results()
 
     async def revoke(self, task_ids: str | Sequence[str], expires: float | None = None) -> None:
         """``Stem.revoke``, awaited (signed proofs when the producer has a signer)."""
@@ -387,6 +402,15 @@ class _LocalResults:
 
     async def read_found(self, task_ids: list[str]) -> list[TaskStatus]:
         return [s for s in await self._run(self.backend.get_many, task_ids) if s is not None]
+
+    async def get_many(self, task_ids: list[str]) -> list[TaskStatus | None]:
+        return await self._run(self.backend.get_many, task_ids)
+
+    async def group_get(self, group_id: str) -> Any:
+        return await self._run(self.backend.group_get, group_id)
+
+    async def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
+        return await self._run(self.backend.group_outcomes, group_id, start, stop)
 
     async def revoke(self, task_ids: list[str], expires: float | None, proofs: Any) -> None:
         await self._run(lambda: self.backend.revoke(task_ids, expires, proofs=proofs))

@@ -67,6 +67,8 @@ def _options_dict(name: str, options: TaskOptions | None) -> dict[str, Any] | No
     if not isinstance(options, TaskOptions):
         raise InvalidTaskOptionsError(f"signature {name!r}: options must be a TaskOptions, got {options!r}")
     out = {f: getattr(options, f) for f in options.__struct_fields__ if getattr(options, f) is not None}
+    if options.unique:
+        raise InvalidTaskOptionsError(_not_unique(name))
     if callable(out.get("unique_key")) or "autoretry_for" in out or "retry_backoff" in out:
         raise InvalidTaskOptionsError(
             f"signature {name!r}: options of a canvas step travel in messages; a callable unique_key, "
@@ -74,6 +76,14 @@ def _options_dict(name: str, options: TaskOptions | None) -> dict[str, Any] | No
     if isinstance(out.get("unique_key"), tuple):
         out["unique_key"] = list(out["unique_key"])
     return out
+
+
+def _not_unique(name: str, where: str = "its options") -> str:
+    return (f"signature {name!r}: a task of a canvas cannot be unique ({where} set unique=True): its id "
+            "(member G.i, step C.sk, callback C) already makes every run of it one task, and a key shared "
+            "with tasks outside the canvas would make it a duplicate whose result the canvas never gets, "
+            "leaving its chord to wait.  For a canvas started once, give apply(..., canvas_id=...); to run "
+            "a unique handler in a canvas, give the signature TaskOptions(unique=False)")
 
 
 def _options_of(data: dict[str, Any] | None) -> TaskOptions | None:
@@ -210,7 +220,9 @@ def _outcome(status: TaskStatus, value: Any) -> bytes:
     return _encode([1, value] if ok else [0, status.id, status.state.value, status.reason, status.error])
 
 
-def _value(raw: bytes | None) -> Any:
+def outcome_value(raw: bytes | None) -> Any:
+    """A member's result as a reader gets it from its stored outcome: its value, or a
+    ``MemberFailure``; None for a member not ended."""
     if raw is None:
         return None
     item = _decode(raw)
@@ -241,7 +253,7 @@ class GroupResults(Sequence):
         if self._page[0] != page:
             start = page * PAGE
             raws = self.backend.group_outcomes(self.group_id, start, min(start + PAGE, self.size))
-            self._page = (page, [_value(r) for r in raws])
+            self._page = (page, [outcome_value(r) for r in raws])
         return self._page[1]
 
     def __getitem__(self, index):  # type: ignore[override]
@@ -277,7 +289,8 @@ class Runner:
     # -- launching ------------------------------------------------------------------------
     def launch(self, node: dict[str, Any], node_id: str, up: dict | None, prev: dict[str, Any], keyed: bool) -> None:
         """Start ``node`` under ``node_id``; it reports to ``up``; ``prev`` is its place's
-        predecessor fields (``pv`` / ``pg``), possibly empty."""
+        predecessor fields (``pv`` / ``pg``), possibly empty; ``rl`` with ``pg``: this node is
+        the reader of that group, which it releases (``group_release``) when it ends."""
         kind = node["t"]
         if kind == "s":
             self._signature(node, node_id, up, prev, keyed)
@@ -305,48 +318,86 @@ class Runner:
     def _group(self, node: dict, group_id: str, up: dict | None, prev: dict) -> None:
         members = node["m"]
         data = {"up": up, "b": node.get("b"), "f": node.get("f", "fail"), "n": len(members)}
+        if prev.get("rl"):
+            # this group reads its predecessor group (each member gets its results): that one is
+            # released when this one ends, not when its first member does
+            data["rl"] = prev["pg"]
+            prev = {"pg": prev["pg"]}
         signed = encode_frame(Envelope(group_id, _GROUP_TASK, data), self.stem.signer)
-        ttl = self.backend.result_expires
-        if not self.backend.group_create(group_id, len(members), signed, seal_by=time.time() + self.creation_timeout,
-                                         ttl=ttl):
+        # held: a reader comes after it ends (the callback, the next chain step), and its lifetime
+        # starts when that reader ends (stem.backends.groups)
+        held = data["b"] is not None or (up is not None and "c" in up)
+        seal_by, ttl = time.time() + self.creation_timeout, self.backend.result_expires
+        canvas = {"up": {"g": group_id}, **prev}
+        ids = [f"{group_id}.{i}" for i in range(len(members))]
+        batch = self._batch(members, ids, canvas)
+        if batch is not None:
+            # one task name and options: record and members in one transaction where the
+            # store allows it (stem.backends.base, group_publish), never left unsealed
+            queue, frames, priority, visibility_timeout = batch
+            created = self.backend.group_publish(group_id, len(members), signed, seal_by=seal_by, ttl=ttl, held=held,
+                                                 broker=self.stem.broker, queue=queue, task_ids=ids, frames=frames,
+                                                 priority=priority, visibility_timeout=visibility_timeout)
+            if created is not None:
+                return  # False: launched before (a redelivered step), which published it all
+        # else created unsealed, members published, then sealed: a producer that dies in
+        # between leaves a record the workers' sweep ends FAILED creation-interrupted
+        if not self.backend.group_create(group_id, len(members), signed, seal_by=seal_by, ttl=ttl, held=held):
             return      # launched before (a redelivered step): that launch publishes and seals
-        self._members(members, group_id, prev)
+        if batch is not None:
+            queue, frames, priority, visibility_timeout = batch
+            self.stem.broker.publish_frames(queue, ids, frames, priority=priority,
+                                            visibility_timeout=visibility_timeout)
+        else:
+            self._members(members, group_id, ids, canvas, prev)
         record = self.backend.group_seal(group_id)
         if record is not None and record.complete:
             self.completed(record)
 
-    def _members(self, members: list[dict], group_id: str, prev: dict) -> None:
-        canvas = {"up": {"g": group_id}, **prev}
-        first = members[0] if members else None
-        uniform = first is not None and first["t"] == "s" and not first.get("p") and all(
-            m["t"] == "s" and m["n"] == first["n"] and m["o"] == first["o"] and not m.get("p") for m in members)
-        if uniform:
-            ids = [f"{group_id}.{i}" for i in range(len(members))]
-            self.stem._publish_members(first["n"], _options_of(first["o"]), ids, [m["a"] for m in members], canvas)
+    def _batch(self, members: list[dict], ids: list[str], canvas: dict) -> tuple | None:
+        """The members as one ``publish_frames`` batch (``Stem._member_frames``) when they are
+        signatures of one task name and options, else None."""
+        first = _uniform(members)
+        if first is None:
+            return None
+        return self.stem._member_frames(first["n"], _options_of(first["o"]), ids, [m["a"] for m in members], canvas)
+
+    def _members(self, members: list[dict], group_id: str, ids: list[str], canvas: dict, prev: dict) -> None:
+        """The members that are not one ``publish_frames`` batch."""
+        first = _uniform(members)
+        if first is not None:      # each its own Message (publish signals, unique keys, limits)
+            self.stem._publish_messages(first["n"], _options_of(first["o"]), ids, [m["a"] for m in members], canvas)
             return
         for i, m in enumerate(members):
-            self.launch(m, f"{group_id}.{i}", {"g": group_id}, prev, keyed=False)
+            self.launch(m, ids[i], {"g": group_id}, prev, keyed=False)
 
     # -- carrying on ---------------------------------------------------------------------
     def finished(self, env: Any, status: TaskStatus) -> None:
         """Task ``env`` (of a canvas) reached terminal ``status``: report it where it belongs.
         Idempotent: a redelivered task reports again and changes nothing."""
-        up = (env.canvas or {}).get("up")
+        canvas = env.canvas or {}
+        up = canvas.get("up")
         if up is not None:
             self.report(up, env.id, status, None)
+        if canvas.get("rl"):
+            self.backend.group_release(canvas["pg"], status.ttl)
 
     def finished_many(self, ended: list[tuple[Any, TaskStatus]], store: list[TaskStatus]) -> None:
         """``finished`` for a batch, which also stores ``store`` (their statuses to keep): the
         statuses and the group members' counts in one backend step (``store_and_record``),
         then the chain steps carried on."""
-        members, chained = [], []
+        members, chained, readers = [], [], []
         for env, status in ended:
-            up = (env.canvas or {}).get("up")
+            canvas = env.canvas or {}
+            if canvas.get("rl"):
+                readers.append((canvas["pg"], status.ttl))
+            up = canvas.get("up")
             if up is None:
                 continue
             if "g" in up:
                 ok = status.state is TaskState.SUCCEEDED
-                members.append((up["g"], env.id, int(env.id.rsplit(".", 1)[1]), ok, _outcome(status, status.result)))
+                members.append((up["g"], env.id, int(env.id.rsplit(".", 1)[1]), ok, _outcome(status, status.result),
+                                status.ttl))
             else:
                 chained.append((up, env.id, status))
         records = self.backend.store_and_record(store, members, brief=True)
@@ -355,6 +406,8 @@ class Runner:
                 self.recorded(record, item[3])
         for up, task_id, status in chained:
             self.report(up, task_id, status, None)
+        for group_id, ttl in readers:
+            self.backend.group_release(group_id, ttl)
 
     def report(self, up: dict, member_id: str, status: TaskStatus, group_ref: str | None) -> None:
         ok = status.state is TaskState.SUCCEEDED
@@ -362,7 +415,7 @@ class Runner:
             group_id = up["g"]
             index = int(member_id.rsplit(".", 1)[1])
             value = {"group": group_ref} if group_ref is not None else status.result
-            record = self.backend.group_record(group_id, member_id, index, ok, _outcome(status, value))
+            record = self.backend.group_record(group_id, member_id, index, ok, _outcome(status, value), status.ttl)
             if record is not None:
                 self.recorded(record, ok)
             return
@@ -376,7 +429,7 @@ class Runner:
             if up["u"] is not None:
                 self.report(up["u"], chain_id, failed, None)
             return
-        prev = {"pg": group_ref} if group_ref is not None else {"pv": status.result}
+        prev = {"pg": group_ref, "rl": 1} if group_ref is not None else {"pv": status.result}
         if len(rest) == 1:
             self.launch(rest[0], chain_id, up["u"], prev, keyed=True)
         else:
@@ -408,12 +461,16 @@ class Runner:
         data = self.data(record) if data is None else data
         if record.failed and data["f"] != "continue":
             self.fail(record, data)
-        elif data.get("b") is not None:
-            self.launch(data["b"], record.id, data["up"], {"pg": record.id}, keyed=True)
+            return
+        if data.get("rl"):
+            self.backend.group_release(data["rl"], record.ttl)
+        if data.get("b") is not None:
+            self.launch(data["b"], record.id, data["up"], {"pg": record.id, "rl": 1}, keyed=True)
         else:
+            # the group's own status lives as long as its record (its members' results)
             done = TaskStatus(id=record.id, state=TaskState.SUCCEEDED, result={"group": record.id,
                                                                                "size": record.expected},
-                              finished_at=time.time())
+                              finished_at=time.time(), ttl=record.ttl)
             self.backend.store(done)
             if data["up"] is not None:
                 self.report(data["up"], record.id, done, record.id)
@@ -426,7 +483,11 @@ class Runner:
                  f"{f' and {more} more' if more > 0 else ''}" if reason == "dependency-failed" else
                  f"the group was not sealed by its deadline (its producer stopped while publishing the members)")
         status = TaskStatus(id=record.id, state=TaskState.FAILED, reason=reason, error=error,
-                            result={"failed": failed}, finished_at=time.time())
+                            result={"failed": failed}, finished_at=time.time(), ttl=record.ttl)
+        if record.held:
+            self.backend.group_release(record.id, record.ttl)    # its reader will never come
+        if data.get("rl") and (record.complete or record.interrupted):
+            self.backend.group_release(data["rl"], record.ttl)   # every member that read it ended
         self.backend.store(status)
         if data["up"] is not None:
             self.report(data["up"], record.id, status, None)
@@ -437,6 +498,16 @@ class Runner:
         for record in records:
             self.fail(record, self.data(record), "creation-interrupted")
         return len(records)
+
+
+def _uniform(members: list[dict]) -> dict | None:
+    """The first member when every member is a signature of one task name and options (none
+    taking its predecessor as an argument), else None."""
+    first = members[0] if members else None
+    if first is not None and first["t"] == "s" and not first.get("p") and all(
+            m["t"] == "s" and m["n"] == first["n"] and m["o"] == first["o"] and not m.get("p") for m in members):
+        return first
+    return None
 
 
 # -- handles ---------------------------------------------------------------------------------
@@ -522,6 +593,7 @@ def apply(stem: Any, canvas: Any, *, creation_timeout: float = 600.0, canvas_id:
     from . import _checks as checks
     creation_timeout = checks.seconds("creation_timeout", creation_timeout, error=InvalidTaskOptionsError)
     node = _node(canvas, "apply")
+    explicit = canvas_id is not None
     if canvas_id is None:
         canvas_id = _new_id()
     elif not isinstance(canvas_id, str) or not 0 < len(canvas_id) <= MAX_ID:
@@ -532,7 +604,8 @@ def apply(stem: Any, canvas: Any, *, creation_timeout: float = 600.0, canvas_id:
     except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
         raise InvalidTaskOptionsError(f"a canvas's args must be msgpack values: {exc}") from None
     runner = Runner(stem, creation_timeout=creation_timeout)
-    runner.launch(node, canvas_id, None, {}, keyed=False)
+    # a given id is an idempotency key: a first task published keyed, a group created once
+    runner.launch(node, canvas_id, None, {}, keyed=explicit)
     kind = {"s": "task", "c": "chain", "g": "chord" if node.get("b") is not None else "group"}[node["t"]]
     return CanvasHandle(stem, canvas_id, kind, len(node["s"]) if kind == "chain" else None)
 
@@ -550,7 +623,8 @@ def _check_names(stem: Any, node: dict, seen: set | None = None) -> None:
         seen.add(key)
         if stem.registry is not None:
             stem.registry.get(node["n"])
-        stem._template(node["n"], _options_of(options), time.time())
+        if stem._template(node["n"], _options_of(options), time.time()).unique is not None:
+            raise InvalidTaskOptionsError(_not_unique(node["n"], "its handler's options"))
     elif kind == "c":
         for step in node["s"]:
             _check_names(stem, step, seen)

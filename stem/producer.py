@@ -534,14 +534,15 @@ class Stem:
         return template
 
     # -- canvases (stem.canvas) ----------------------------------------------------------
-    def apply(self, canvas: Any, *, creation_timeout: float = 600.0) -> "CanvasHandle":
+    def apply(self, canvas: Any, *, creation_timeout: float = 600.0, canvas_id: str | None = None) -> "CanvasHandle":
         """Start a canvas (a ``Signature``, ``chain``, ``group``, ``chord`` or ``chunks`` of
         ``stem.canvas``) and return its handle: ``.id`` (usable from any process through
         ``canvas_handle``), ``.wait(timeout)``, ``.results()``, ``.progress()``.  A group left
         unsealed ``creation_timeout`` seconds (this producer died while publishing its
-        members) ends FAILED ``creation-interrupted``."""
+        members) ends FAILED ``creation-interrupted``.  ``canvas_id`` (default: a new one)
+        makes the call idempotent: applying the same id again starts nothing twice."""
         from .canvas import apply
-        return apply(self, canvas, creation_timeout=creation_timeout)
+        return apply(self, canvas, creation_timeout=creation_timeout, canvas_id=canvas_id)
 
     def canvas_handle(self, canvas_id: str) -> "CanvasHandle":
         """The handle of a canvas started anywhere, by its id."""
@@ -561,27 +562,34 @@ class Stem:
         if signals.after_task_publish.receivers:
             signals.after_task_publish.send(self, envelope=env)
 
-    def _publish_members(self, name: str, options: TaskOptions | None, ids: list[str], args_list: list[dict],
-                         canvas: dict) -> None:
-        """A group's members of one task name and options, on ``enqueue_many``'s fast path:
-        the envelope (canvas place included: members differ only in id and args) is encoded
-        once and the frames are spliced."""
+    def _publish_messages(self, name: str, options: TaskOptions | None, ids: list[str], args_list: list[dict],
+                          canvas: dict) -> None:
+        """A group's members of one task name and options that ``_member_frames`` does not
+        batch: each its own ``Message`` (its key, its limit from its args), one publish."""
+        now = time.time()
+        messages = [self._build(name, a, options, None, None, None, None, i, None, now, explicit_id=False,
+                                canvas=canvas)[1] for i, a in zip(ids, args_list)]
+        self.broker.publish_many(messages)
+
+    def _member_frames(self, name: str, options: TaskOptions | None, ids: list[str], args_list: list[dict],
+                       canvas: dict) -> tuple[str, list[bytes], int, float | None] | None:
+        """A group's members of one task name and options on ``enqueue_many``'s fast path: the
+        envelope (canvas place included: members differ only in id and args) is encoded once
+        and the frames are spliced; (queue, frames, priority, visibility timeout).  None when
+        each member needs its own ``Message`` (publish signals, a unique key, a limit from
+        its args)."""
         now = time.time()
         (queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique,
          result_ttl, failure_ttl, ignore_result, limit) = self._template(name, options, now)
+        if (signals.before_task_publish.receivers or signals.after_task_publish.receivers or unique is not None
+                or limit is not None):
+            return None
         env = Envelope("", name, {}, {}, {}, queue, priority, 0, max_retries, now, None, expires_at,
                        visibility_timeout, soft, hard, None, None, unset, None, result_ttl, failure_ttl, ignore_result,
                        canvas)
-        if (signals.before_task_publish.receivers or signals.after_task_publish.receivers or unique is not None
-                or limit is not None):   # each member's own Message (its limit from its args)
-            messages = [self._build(name, a, options, None, None, None, None, i, None, now, explicit_id=False,
-                                    canvas=canvas)[1] for i, a in zip(ids, args_list)]
-            self.broker.publish_many(messages)
-            return
         for a in args_list:
             _checked_args(name, a)
-        frames = encode_frames(env, ids, args_list, self.signer)
-        self.broker.publish_frames(queue, ids, frames, priority=priority, visibility_timeout=visibility_timeout)
+        return queue, encode_frames(env, ids, args_list, self.signer), priority, visibility_timeout
 
     # -- results ------------------------------------------------------------------
     def _require_backend(self) -> ResultBackend:

@@ -149,6 +149,9 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
             return self
         changes = {f: getattr(fallback, f) for f in self.__struct_fields__
                    if getattr(self, f) is None and getattr(fallback, f) is not None}
+        if self.unique is False:     # opted out of the fallback's unique: its key settings go with it
+            for f in ("unique_for", "unique_key", "unique_until"):
+                changes.pop(f, None)
         return msgspec.structs.replace(self, **changes) if changes else self
 
     @property

@@ -501,3 +501,115 @@ def test_limited_tasks_go_into_their_lanes_on_every_async_path(adapters):
     lanes = {lane.rate_key: lane.waiting for lane in broker.lane_stats("default")}
     assert lanes == {"aio.limited[tenant='a']": 2, "aio.limited[tenant='b']": 1, "aio.limited[tenant='c']": 1,
                      "aio.limited[tenant='d']": 1, "aio.limited[tenant='e']": 1}
+
+
+# -- canvases: AsyncStem.apply's handle ------------------------------------------------------------
+@registry.task("aio.total")
+def total(ctx: TaskContext) -> int:
+    return sum(ctx.previous)
+
+
+@registry.task("aio.boom")
+def boom(ctx: TaskContext) -> None:
+    raise ValueError("boom")
+
+
+def _canvas_worker(broker, backend):
+    from stem import Worker, WorkerLifecycleConfig
+    worker = Worker(broker, backend, registry, concurrency=2, isolation="inline",
+                    lifecycle=WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5,
+                                                    force_shutdown_after=5))
+    worker.run_in_background()
+    return worker
+
+
+def _no_sync_reads(backend, monkeypatch):
+    """On Redis and Postgres the async handle must not touch the sync backend's reads."""
+    def refused(*a, **kw):
+        raise AssertionError("an async canvas handle read through the sync backend")
+
+    for name in ("group_get", "group_outcomes", "get", "get_many"):
+        monkeypatch.setattr(backend, name, refused)
+
+
+def test_apply_returns_an_async_handle_that_waits_and_reads_natively(adapters, kind, monkeypatch):
+    from stem.canvas import Signature, chain, chord, group
+    from stem.canvas_aio import AsyncCanvasHandle
+    broker, backend = adapters
+    mine = backend                     # the producer's backend; on Redis and Postgres one of its own,
+    if kind in ("redis", "postgres"):  # whose sync reads are then refused (the worker keeps its own)
+        from stem.backends import from_url
+        url, options = backend.reopen_recipe()
+        mine = from_url(url, **options)
+
+    async def main():
+        s = AsyncStem(broker, mine, registry)
+        worker = _canvas_worker(broker, backend)
+        try:
+            h = await s.apply(chord(group(Signature("aio.add", {"x": i}) for i in range(5)), Signature("aio.total")))
+            c = await s.apply(chain(Signature("aio.add", {"x": 1}), Signature("aio.add", {"x": 2}, previous_as="y")))
+            g = await s.apply(group(Signature("aio.add", {"x": i, "y": 1}) for i in range(3)))
+            assert isinstance(h, AsyncCanvasHandle) and (h.kind, c.kind, g.kind) == ("chord", "chain", "group")
+            if kind in ("redis", "postgres"):
+                _no_sync_reads(mine, monkeypatch)      # from here on: the async clients alone
+            assert (await h.wait(20)).state is TaskState.SUCCEEDED
+            assert await h.get(5) == 10 and await h.results() == [0, 1, 2, 3, 4]
+            assert await c.get(20) == 3 and await c.results() == [1, 3]
+            assert await g.results(timeout=20) == [1, 2, 3]
+            assert str(await h.progress()) == "5 of 5 done" and await c.progress() == (2, 2)
+            assert (await g.status()).state is TaskState.SUCCEEDED
+            again = await s.canvas_handle(h.id)
+            assert again.kind == "chord" and await again.results() == [0, 1, 2, 3, 4]
+            task = await s.canvas_handle(c.id)
+            assert task.kind == "task" and await task.results() == [3] and await task.progress() == (1, 1)
+        finally:
+            _stop(worker)
+            monkeypatch.undo()
+            await s.close()
+
+    run(main())
+
+
+def _stop(worker) -> None:
+    from stem import ShutdownMode
+    worker.shutdown(ShutdownMode.HARD, timeout=15)
+
+
+def test_an_async_handle_reports_failures_timeouts_and_gone_results(adapters):
+    from stem.canvas import MemberFailure, Signature, chord, group
+    from stem.canvas_aio import AsyncCanvasHandle
+    from stem.errors import StemError, TaskFailedError
+    broker, backend = adapters
+
+    async def main():
+        s = AsyncStem(broker, backend, registry)
+        worker = None
+        try:
+            pending = await s.apply(group([Signature("aio.add", {"x": 1})]))
+            with pytest.raises(TaskTimeoutError):
+                await pending.wait(0.2)                  # no worker yet
+            assert (await pending.status()).state is TaskState.PENDING
+            assert await pending.progress() == (0, 1)
+            worker = _canvas_worker(broker, backend)
+            failed = await s.apply(chord(group([Signature("aio.add", {"x": 1}), Signature("aio.boom")]),
+                                         Signature("aio.total")))
+            with pytest.raises(TaskFailedError, match="dependency-failed"):
+                await failed.get(20)
+            deadline = time.monotonic() + 20
+            while (await failed.progress()).done < 2:    # the chord failed at its first failure
+                assert time.monotonic() < deadline, "the other member did not end"
+                await asyncio.sleep(0.02)
+            results = await failed.results()
+            assert results[0] == 1 and isinstance(results[1], MemberFailure)
+            with pytest.raises(InvalidTaskOptionsError):
+                await s.canvas_handle("")
+            gone = await s.canvas_handle("no-such-canvas")
+            assert gone.kind == "task" and await gone.results() == [None]
+            with pytest.raises(StemError, match="unknown or expired"):
+                await AsyncCanvasHandle(s, "no-such-group", "group").results()
+        finally:
+            if worker is not None:
+                _stop(worker)
+            await s.close()
+
+    run(main())

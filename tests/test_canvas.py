@@ -51,6 +51,10 @@ def build_registry() -> TaskRegistry:
     def named(ctx, value=None, extra: int = 0):
         return {"value": value, "extra": extra}
 
+    @registry.task("once", options=TaskOptions(unique=True, unique_for=60))
+    def once(ctx, n: int = 0) -> int:
+        return n
+
     @registry.task("slow")
     def slow(ctx, n: int = 0, seconds: float = 0.3):
         time.sleep(seconds)
@@ -301,7 +305,7 @@ def test_async_apply(env):
 
     async def main():
         h = await AsyncStem(env.stem).apply(chain(sig("add", {"a": 1}), sig("add", {"a": 1})))
-        return h.get(20)
+        return await h.get(20)
 
     assert asyncio.run(main()) == 2
 
@@ -317,7 +321,9 @@ def test_async_apply(env):
     (lambda: sig("", {}), "non-empty"),
     (lambda: sig("add", {1: 2}), "str keys"),
     (lambda: sig("add", options={"queue": "x"}), "TaskOptions"),
-    (lambda: sig("add", options=TaskOptions(unique=True, unique_key=lambda a: 1)), "callable"),
+    (lambda: sig("add", options=TaskOptions(unique=True, unique_key=lambda a: 1)), "cannot be unique"),
+    (lambda: sig("add", options=TaskOptions(unique=True)), "cannot be unique"),
+    (lambda: chunks("count", [1, 2], 1, options=TaskOptions(unique=True, unique_for=60)), "cannot be unique"),
 ])
 def test_bad_canvases_are_refused_when_built(build, match):
     with pytest.raises(InvalidTaskOptionsError, match=match):
@@ -342,3 +348,98 @@ def test_tasks_outside_a_canvas_carry_nothing_of_it(env):
     assert env.stem.wait_for_task(task_id, 20).result == 1
     ids = env.stem.enqueue_many([("add", {"a": i}) for i in range(3)])
     assert [env.stem.wait_for_task(i, 20).result for i in ids] == [0, 1, 2]
+
+
+# -- group record lifetime: as long as the results, never before the reader ran ------------------
+def _gone(env, group_id) -> bool:
+    return env.backend.group_get(group_id) is None
+
+
+def test_a_group_and_its_own_status_live_as_long_as_its_members_results(env):
+    env.worker()
+    short = TaskOptions(result_ttl=0.4)
+    h = env.stem.apply(group(sig("add", {"a": i}, options=short) for i in range(3)))
+    assert h.wait(20).state is TaskState.SUCCEEDED
+    assert env.backend.group_get(h.id).ttl == 0.4      # the members', not result_expires (a day)
+    assert h.results() == [0, 1, 2]
+    wait_for(lambda: _gone(env, h.id) and env.backend.get(h.id) is None, 10,
+             "the record and the group's status to expire with the results")
+
+
+def test_a_chord_record_outlives_short_member_results_until_its_callback_ran(env):
+    env.worker()                                      # runs the members; the callback's queue waits
+    members = group(sig("add", {"a": i}, options=TaskOptions(result_ttl=0.2)) for i in range(4))
+    callback = sig("listed", options=TaskOptions(queue="later", result_ttl=0.6))
+    h = env.stem.apply(chord(members, callback))
+    wait_for(lambda: h.progress().done == 4, 20, "the members to end")
+    time.sleep(0.5)                                   # past the members' lifetime: the callback waits
+    assert env.backend.group_get(h.id).held
+    env.worker(queues=["later"])
+    assert h.get(20) == [0, 1, 2, 3]                  # read from the record, still there
+    record = env.backend.group_get(h.id)
+    assert (record.held, record.ttl) == (False, 0.6)  # released, as long as the callback's result
+    assert h.results() == [0, 1, 2, 3]
+    wait_for(lambda: _gone(env, h.id), 10, "the released record to expire")
+
+
+def test_a_failed_chord_releases_its_record_the_callback_never_reads(env):
+    env.worker()
+    short = TaskOptions(result_ttl=0.3)
+    h = env.stem.apply(chord(group([sig("add", {"a": 1}, options=short), sig("boom", options=short)]),
+                             sig("total")))
+    assert h.wait(20).reason == "dependency-failed"
+    wait_for(lambda: _gone(env, h.id), 10, "the failed chord's record to expire")
+
+
+def test_a_group_read_by_the_next_group_is_kept_until_that_group_ends(env):
+    env.worker()
+    first = group(sig("add", {"a": i}, options=TaskOptions(result_ttl=0.2)) for i in range(3))
+    second = group(sig("total", options=TaskOptions(queue="later", result_ttl=0.3)) for _ in range(2))
+    h = env.stem.apply(chain(first, second))
+    wait_for(lambda: env.backend.group_get(f"{h.id}.s0") is not None
+             and env.backend.group_get(f"{h.id}.s0").finished == 3, 20, "the first group to end")
+    time.sleep(0.4)
+    env.worker(queues=["later"], concurrency=1)       # one second member at a time: each reads it
+    assert h.wait(20).state is TaskState.SUCCEEDED
+    assert list(GroupResults(env.backend, h.id)) == [3, 3]   # each read the first group whole
+    wait_for(lambda: _gone(env, f"{h.id}.s0"), 10, "the first group's record to expire once read")
+
+
+def test_applying_a_canvas_id_again_starts_nothing_twice(env):
+    builds = {"again-chain": lambda: chain(sig("add", {"a": 1}), sig("add", {"a": 2})),
+              "again-chord": lambda: chord(group(sig("add", {"a": i}) for i in range(3)), sig("total")),
+              "again-task": lambda: sig("add", {"a": 5})}
+    for canvas_id, build in builds.items():
+        first = env.stem.apply(build(), canvas_id=canvas_id)
+        again = env.stem.apply(build(), canvas_id=canvas_id)
+        assert first.id == again.id == canvas_id
+    assert env.broker.stats("default").ready == 1 + 3 + 1        # each canvas's first tasks, once
+    env.worker()
+    assert [env.stem.canvas_handle(c).get(20) for c in builds] == [3, 3, 5]
+
+
+# -- unique tasks: refused in a canvas, at apply ------------------------------------------------
+@pytest.mark.parametrize("build", [
+    lambda: group([sig("add", {"a": 1}), sig("once", {"n": 1})]),
+    lambda: chord(group([sig("add", {"a": 1})]), sig("once")),
+    lambda: chain(sig("add", {"a": 1}), sig("once", {"n": 2})),
+    lambda: chunks("once", [1, 2, 3], 2),
+])
+def test_a_unique_handler_in_a_canvas_is_refused_at_apply_before_anything_is_published(env, build):
+    from stem.errors import StemError
+    with pytest.raises(InvalidTaskOptionsError, match="cannot be unique.*unique=False") as refused:
+        env.stem.apply(build())
+    assert isinstance(refused.value, StemError)
+    assert "'once'" in str(refused.value) and "canvas_id" in str(refused.value)
+    assert env.broker.stats("default").ready == 0
+    assert env.stem.enqueue("once", {"n": 1}) == env.stem.enqueue("once", {"n": 1})   # still unique outside
+
+
+def test_a_unique_handler_opted_out_runs_in_a_canvas_without_its_key(env):
+    env.worker()
+    opted_out = TaskOptions(unique=False)
+    # two canvases with the same args: neither is a duplicate of the other
+    a = env.stem.apply(group(sig("once", {"n": i}, options=opted_out) for i in range(3)))
+    b = env.stem.apply(group(sig("once", {"n": i}, options=opted_out) for i in range(3)))
+    assert a.wait(20).state is b.wait(20).state is TaskState.SUCCEEDED
+    assert a.results() == b.results() == [0, 1, 2]

@@ -66,6 +66,16 @@ def test_a_duplicate_publishes_nothing_and_returns_the_holders_id(stem, broker):
     assert broker.key_owner("default", unique_key("report.build", "default", {"account": 1, "day": "2026-12-07"})) == a
 
 
+def test_unique_false_opts_one_enqueue_out_of_its_handlers_key(stem, broker):
+    """The handler's unique_for (and unique_key, unique_until) go with its unique=True."""
+    args = {"account": 1, "day": "2026-12-07"}
+    a = stem.enqueue("report.build", args, options=TaskOptions(unique=False))
+    b = stem.enqueue("report.build", args, options=TaskOptions(unique=False))
+    assert a != b and published(broker) == 2
+    assert broker.key_owner("default", unique_key("report.build", "default", args)) is None
+    assert stem.enqueue("report.build", args) == stem.enqueue("report.build", args)   # the handler's, unchanged
+
+
 def test_headers_and_meta_never_count_but_args_name_and_queue_do(stem, broker):
     a = stem.enqueue("report.build", {"account": 1, "day": "d"}, headers={"trace": "1"}, meta={"r": 1})
     assert stem.enqueue("report.build", {"account": 1, "day": "d"}, headers={"trace": "2"}, meta={"r": 2}) == a

@@ -135,7 +135,7 @@ def test_a_version_6_sqlite_file_upgrades_in_place_and_takes_runs(tmp_path):
         assert store.create("r", "n", "1", b"", now=T0)[0]
         with sqlite3.connect(path) as raw:
             assert raw.execute("SELECT version FROM stem_schema_version ORDER BY 1").fetchall() == [
-                (v,) for v in range(1, 8)]
+                (v,) for v in range(1, sqlite_schema.SCHEMA_VERSION + 1)]
             assert raw.execute("SELECT task_id FROM stem_results").fetchall() == [("old",)]
         raw.close()
     finally:
@@ -160,7 +160,7 @@ def test_a_version_6_postgres_schema_upgrades_in_place_and_takes_runs(postgres_u
         assert store.create("r", "n", "1", b"", now=T0)[0]
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             assert conn.execute(f"SELECT version FROM {s}.stem_schema_version ORDER BY 1").fetchall() == [
-                (v,) for v in range(1, 8)]
+                (v,) for v in range(1, postgres_schema.SCHEMA_VERSION + 1)]
             assert conn.execute(
                 "SELECT collation_name FROM information_schema.columns WHERE table_schema = %s "
                 "AND table_name = 'stem_wf_runs' AND column_name = 'id'", (namespace,)).fetchone() == ("C",)

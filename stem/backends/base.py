@@ -340,42 +340,72 @@ class ResultBackend(abc.ABC):
         return ConfigurationError(f"{type(self).__name__} keeps no group records: canvases (group, chord, "
                                   "chunks) need a backend that does (memory, sqlite, redis, postgres)")
 
-    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float) -> bool:
+    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float,
+                     held: bool = False) -> bool:
         """Create the record of ``group_id``, unsealed, expecting ``expected`` members; True
         if created, False if a record of that id exists (then nothing changes: a redelivered
-        chain step that launches a group launches it once)."""
+        chain step that launches a group launches it once).  ``ttl``: its lifetime once ended
+        if no member ever sets one; ``held``: a reader comes after its end, its lifetime
+        starts at ``group_release`` (``stem.backends.groups``)."""
         raise self._no_groups()
+
+    def group_publish(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float, held: bool,
+                      broker: Any, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], priority: int = 0,
+                      visibility_timeout: float | None = None) -> bool | None:
+        """Create the record already sealed and publish its members (``broker.publish_frames``'
+        batch, ``expected`` of them) in one transaction, where ``broker`` lives in this
+        backend's store and the store allows it (one SQLite file, one Postgres database, one
+        Redis server: not a Redis Cluster, where the record and the queue are in different
+        slots).  True: created and published, together; False: a record of that id existed,
+        nothing was published; None: not here, nothing was done (the caller creates,
+        publishes and seals, and the sweep covers a crash in between).  A producer killed
+        during the call leaves both or neither."""
+        return None
 
     def group_seal(self, group_id: str) -> "GroupRecord | None":
         """Seal the record (atomically with the counters, so a member finishing at the same
         moment and the seal cannot both miss completion) and return it; None if unknown.  A
-        record complete by the seal starts its ``ttl`` here."""
+        record complete by the seal (and not held) starts its lifetime here."""
         raise self._no_groups()
 
     def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
-                     outcome: bytes) -> "GroupRecord | None":
+                     outcome: bytes, ttl: float | None = None) -> "GroupRecord | None":
         """Count ``member_id`` finished (``ok``: succeeded, else failed) and keep ``outcome``
         at ``index``, unless it was counted before (then nothing changes); atomically, O(1)
         work, and return the record as it is after the call (None for an unknown or expired
-        group: nothing is created).  The call that completes the record starts its ``ttl``."""
+        group: nothing is created).  ``ttl``: the member's result lifetime (None:
+        ``result_expires``), which the record's lifetime is extended to (the first member
+        recorded replaces the creation's).  The call that completes the record (not held)
+        starts its lifetime; on a record already ended, what it adds expires with it."""
         raise self._no_groups()
 
-    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list["GroupRecord | None"]:
-        """``group_record`` of each ``(group_id, member_id, index, ok, outcome)``, in order, in
-        one round trip where the adapter allows it (a worker settles a batch of members at
-        once); each item as atomic as ``group_record`` alone."""
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes, float | None]]
+                          ) -> list["GroupRecord | None"]:
+        """``group_record`` of each ``(group_id, member_id, index, ok, outcome, ttl)``, in
+        order, in one round trip where the adapter allows it (a worker settles a batch of
+        members at once); each item as atomic as ``group_record`` alone."""
         return [self.group_record(*item) for item in items]
 
-    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+    def store_and_record(self, statuses: Sequence[TaskStatus],
+                         members: Sequence[tuple[str, str, int, bool, bytes, float | None]],
                          brief: bool = False) -> list["GroupRecord | bool | None"]:
         """``store_many(statuses)`` then ``group_record_many(members)``, in one round trip (one
         transaction on SQL) where the adapter allows it: a canvas member's status and its
         count in its group land in the same step, before the worker acks it.  ``brief``: a
         member that succeeded and left its group incomplete may be answered True instead
-        of the record (the common case, with nothing for the caller to do: less to send)."""
+        of the record (the common case, with nothing for the caller to do: less to send),
+        and when every member is a success, those of one group may be counted together, the
+        record (if any) answered to the last of them and True to the others."""
         if statuses:
             self.store_many(statuses)
         return self.group_record_many(members) if members else []
+
+    def group_release(self, group_id: str, ttl: float | None = None) -> "GroupRecord | None":
+        """The reader of a held record is done (or will never come: the chord failed): the
+        record is no longer held, its lifetime becomes at least ``ttl`` (the reader's result
+        lifetime; None: ``result_expires``) and, if the record ended, starts now (again, if it
+        had started).  Idempotent; returns the record, None if unknown or expired."""
+        raise self._no_groups()
 
     def group_get(self, group_id: str) -> "GroupRecord | None":
         """The record, or None when unknown or expired."""
@@ -391,8 +421,8 @@ class ResultBackend(abc.ABC):
         raise self._no_groups()
 
     def group_interrupt_unsealed(self, now: float | None = None) -> list["GroupRecord"]:
-        """Mark every record still unsealed past its ``seal_by`` interrupted (its ``ttl``
-        starts) and return those this call marked: a producer that died between creating a
+        """Mark every record still unsealed past its ``seal_by`` interrupted (its lifetime
+        starts, held or not: no reader will come) and return those this call marked: a producer that died between creating a
         group and sealing it leaves no group waiting forever."""
         raise self._no_groups()
 

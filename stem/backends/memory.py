@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from .. import _checks as checks
 from ..results import TaskStatus
-from .groups import GroupRecord, check_create, check_group_id, check_member
+from .groups import GroupRecord, check_create, check_group_id, check_lifetime, check_member
 from .waiting import Waiter, WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, ResultBackend, ScheduleRecord, check_definition, check_fired,
                    check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
@@ -197,13 +197,14 @@ class InMemoryResultBackend(ResultBackend):
             return None
         return g
 
-    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float) -> bool:
-        group_id, expected, data, seal_by, ttl = check_create(group_id, expected, data, seal_by, ttl)
+    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float,
+                     held: bool = False) -> bool:
+        group_id, expected, data, seal_by, ttl, held = check_create(group_id, expected, data, seal_by, ttl, held)
         now = time.time()
         with self._cond:
             if self._group(group_id, now) is not None:
                 return False
-            self._groups[group_id] = _Group(group_id, expected, data, now, seal_by, ttl)
+            self._groups[group_id] = _Group(group_id, expected, data, now, seal_by, ttl, held)
             return True
 
     def group_seal(self, group_id: str) -> GroupRecord | None:
@@ -214,25 +215,41 @@ class InMemoryResultBackend(ResultBackend):
             if g is None:
                 return None
             g.sealed = True
-            g.maybe_complete(now)
+            g.maybe_end(now)
             return g.record()
 
     def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
-                     outcome: bytes) -> GroupRecord | None:
-        group_id, member_id, index, outcome = check_member(group_id, member_id, index, outcome)
+                     outcome: bytes, ttl: float | None = None) -> GroupRecord | None:
+        group_id, member_id, index, outcome, ttl = check_member(group_id, member_id, index, outcome, ttl,
+                                                                self.result_expires)
         now = time.time()
         with self._cond:
             g = self._group(group_id, now)
             if g is None:
                 return None
             if member_id not in g.done:
+                g.ttl = ttl if not g.done else max(g.ttl, ttl)
                 g.done.add(member_id)
                 g.outcomes[index] = outcome
                 if ok:
                     g.succeeded += 1
                 else:
                     g.failed_ids.add(member_id)
-                g.maybe_complete(now)
+                g.maybe_end(now)
+            return g.record()
+
+    def group_release(self, group_id: str, ttl: float | None = None) -> GroupRecord | None:
+        check_group_id(group_id)
+        ttl = check_lifetime(ttl, self.result_expires)
+        now = time.time()
+        with self._cond:
+            g = self._group(group_id, now)
+            if g is None:
+                return None
+            g.held = False
+            g.ttl = max(g.ttl, ttl)
+            if g.ended:
+                g.expires_at = now + g.ttl
             return g.record()
 
     def group_get(self, group_id: str) -> GroupRecord | None:
@@ -264,29 +281,34 @@ class InMemoryResultBackend(ResultBackend):
                     continue
                 if not g.sealed and not g.interrupted and g.seal_by < now:
                     g.interrupted = True
-                    g.expires_at = now + g.ttl
+                    g.expires_at = now + g.ttl      # held or not: no reader will come
                     out.append(g.record())
         return out
 
 
 class _Group:
-    __slots__ = ("id", "expected", "data", "created_at", "seal_by", "ttl", "sealed", "interrupted", "done",
+    __slots__ = ("id", "expected", "data", "created_at", "seal_by", "ttl", "held", "sealed", "interrupted", "done",
                  "failed_ids", "succeeded", "outcomes", "expires_at")
 
-    def __init__(self, group_id: str, expected: int, data: bytes, created_at: float, seal_by: float, ttl: float):
-        self.id, self.expected, self.data, self.created_at, self.seal_by, self.ttl = (
-            group_id, expected, data, created_at, seal_by, ttl)
+    def __init__(self, group_id: str, expected: int, data: bytes, created_at: float, seal_by: float, ttl: float,
+                 held: bool):
+        self.id, self.expected, self.data, self.created_at, self.seal_by, self.ttl, self.held = (
+            group_id, expected, data, created_at, seal_by, ttl, held)
         self.sealed = self.interrupted = False
         self.done: set[str] = set()
         self.failed_ids: set[str] = set()
         self.succeeded = 0
         self.outcomes: dict[int, bytes] = {}
-        self.expires_at: float | None = None      # set when complete: a group never expires in flight
+        self.expires_at: float | None = None      # set when it ends: a group never expires in flight
 
-    def maybe_complete(self, now: float) -> None:
-        if self.expires_at is None and self.sealed and len(self.done) >= self.expected:
+    @property
+    def ended(self) -> bool:
+        return self.interrupted or (self.sealed and len(self.done) >= self.expected)
+
+    def maybe_end(self, now: float) -> None:
+        if self.expires_at is None and not self.held and self.ended:
             self.expires_at = now + self.ttl
 
     def record(self) -> GroupRecord:
         return GroupRecord(self.id, self.expected, self.sealed, len(self.done), self.succeeded, len(self.failed_ids),
-                           self.interrupted, self.data, self.created_at, self.seal_by)
+                           self.interrupted, self.data, self.created_at, self.seal_by, self.ttl, self.held)

@@ -33,12 +33,12 @@ from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.postgres import PostgresStore, parse_postgres_url
 from ..stores.postgres_schema import NOW, quote_schema, release_ctes, wake_ctes
-from .groups import GroupRecord, check_create, check_group_id, check_member
+from .groups import GroupRecord, check_create, check_group_id, check_lifetime, check_member
 from .waiting import Waiter, WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
-__all__ = ["PostgresResultBackend"]
+__all__ = ["PostgresResultBackend", "group_row"]
 
 _SWEEP_EVERY_S = 60.0
 _FALLBACK_POLL_S = 1.0
@@ -129,7 +129,8 @@ def _queries(s: str) -> dict[str, str]:
     }
 
 
-_GROUP_COLUMNS = "id, expected, sealed, finished, succeeded, failed, interrupted, data, created_at, seal_by"
+_GROUP_COLUMNS = ("id, expected, sealed, finished, succeeded, failed, interrupted, data, created_at, seal_by, ttl, "
+                  "held")
 
 
 def _group_queries(s: str) -> dict[str, str]:
@@ -144,14 +145,14 @@ def _group_queries(s: str) -> dict[str, str]:
         "group_create": f"""
             WITH gone AS (DELETE FROM {groups} WHERE id = %(g)s AND expires_at <= {NOW} RETURNING id),
             gone_members AS (DELETE FROM {members} WHERE group_id IN (SELECT id FROM gone))
-            INSERT INTO {groups} (id, expected, data, created_at, seal_by, ttl)
-            SELECT %(g)s, %(n)s, %(d)s, {NOW}, %(by)s, %(ttl)s
+            INSERT INTO {groups} (id, expected, sealed, data, created_at, seal_by, ttl, held)
+            SELECT %(g)s, %(n)s, %(sealed)s, %(d)s, {NOW}, %(by)s, %(ttl)s, %(held)s
             WHERE NOT EXISTS (SELECT 1 FROM {groups} WHERE id = %(g)s AND {live})
             ON CONFLICT (id) DO NOTHING""",
         "group_seal": f"""
             UPDATE {groups} t SET sealed = true,
-                expires_at = CASE WHEN t.expires_at IS NULL AND t.finished >= t.expected THEN {NOW} + t.ttl
-                             ELSE t.expires_at END
+                expires_at = CASE WHEN t.expires_at IS NULL AND NOT t.held AND t.finished >= t.expected
+                             THEN {NOW} + t.ttl ELSE t.expires_at END
             WHERE t.id = %(g)s AND (t.expires_at IS NULL OR t.expires_at > {NOW}) RETURNING {tcols}""",
         "group_record": f"""
             WITH g AS (SELECT id FROM {groups} WHERE id = %(g)s AND {live}),
@@ -159,13 +160,21 @@ def _group_queries(s: str) -> dict[str, str]:
                     SELECT id, %(m)s, %(i)s, %(ok)s, %(o)s FROM g ON CONFLICT DO NOTHING RETURNING ok),
             up AS (UPDATE {groups} t SET finished = t.finished + 1, succeeded = t.succeeded + ins.ok::int,
                        failed = t.failed + (NOT ins.ok)::int,
-                       expires_at = CASE WHEN t.expires_at IS NULL AND t.sealed AND t.finished + 1 >= t.expected
-                                    THEN {NOW} + t.ttl ELSE t.expires_at END
+                       ttl = CASE WHEN t.finished = 0 THEN %(t)s ELSE greatest(t.ttl, %(t)s) END,
+                       expires_at = CASE WHEN t.expires_at IS NULL AND NOT t.held AND t.sealed
+                                         AND t.finished + 1 >= t.expected
+                                    THEN {NOW} + CASE WHEN t.finished = 0 THEN %(t)s ELSE greatest(t.ttl, %(t)s) END
+                                    ELSE t.expires_at END
                    FROM ins WHERE t.id = %(g)s RETURNING {tcols})
             SELECT {cols} FROM up
             UNION ALL
             SELECT {cols} FROM {groups} WHERE id = %(g)s AND EXISTS (SELECT 1 FROM g)
                 AND NOT EXISTS (SELECT 1 FROM ins)""",
+        "group_release": f"""
+            UPDATE {groups} t SET held = false, ttl = greatest(t.ttl, %(t)s),
+                expires_at = CASE WHEN t.interrupted OR (t.sealed AND t.finished >= t.expected)
+                             THEN {NOW} + greatest(t.ttl, %(t)s) END
+            WHERE t.id = %(g)s AND (t.expires_at IS NULL OR t.expires_at > {NOW}) RETURNING {tcols}""",
         "group_get": f"SELECT {cols} FROM {groups} WHERE id = %s AND {live}",
         "group_outcomes": f"""
             SELECT idx, outcome FROM {members} WHERE group_id = %s AND idx >= %s AND idx < %s""",
@@ -180,11 +189,12 @@ def _group_queries(s: str) -> dict[str, str]:
     }
 
 
-def _group_row(row: Any) -> GroupRecord | None:
+def group_row(row: Any) -> GroupRecord | None:
+    """The record in a row of ``sql("group_get")`` (or a group statement), None for no row."""
     if row is None:
         return None
     return GroupRecord(row[0], row[1], bool(row[2]), row[3], row[4], row[5], bool(row[6]), bytes(row[7]),
-                       float(row[8]), float(row[9]))
+                       float(row[8]), float(row[9]), float(row[10]), bool(row[11]))
 
 
 def _schedule_queries(s: str) -> dict[str, str]:
@@ -449,29 +459,63 @@ class PostgresResultBackend(ResultBackend):
 
     # -- misc -------------------------------------------------------------------------
     # -- group records -------------------------------------------------------------------
-    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float) -> bool:
-        group_id, expected, data, seal_by, ttl = check_create(group_id, expected, data, seal_by, ttl)
-        params = {"g": group_id, "n": expected, "d": data, "by": seal_by, "ttl": ttl}
+    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float,
+                     held: bool = False) -> bool:
+        group_id, expected, data, seal_by, ttl, held = check_create(group_id, expected, data, seal_by, ttl, held)
+        params = {"g": group_id, "n": expected, "d": data, "by": seal_by, "ttl": ttl, "held": held, "sealed": False}
         return self._pg.run(lambda conn: conn.execute(self._sql["group_create"], params).rowcount) == 1
+
+    def group_publish(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float, held: bool,
+                      broker: Any, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], priority: int = 0,
+                      visibility_timeout: float | None = None) -> bool | None:
+        """One transaction: the record, sealed, then the broker's publish statement (its
+        NOTIFY goes out at the commit)."""
+        if getattr(broker, "frames_params", None) is None or not self.shares_store_with(broker):
+            return None
+        group_id, expected, data, seal_by, ttl, held = check_create(group_id, expected, data, seal_by, ttl, held)
+        publish = broker.frames_params(queue, task_ids, frames, priority=priority,
+                                       visibility_timeout=visibility_timeout)
+        if publish is None:
+            return None
+        params = {"g": group_id, "n": expected, "d": data, "by": seal_by, "ttl": ttl, "held": held, "sealed": True}
+        create, statement = self._sql["group_create"], broker.sql("publish")
+
+        def send(conn) -> bool:
+            # sent again as a whole after a lost connection: a commit that landed then reads
+            # as the record existing (False), and the members were published by it
+            with conn.transaction():
+                if conn.execute(create, params).rowcount != 1:
+                    return False
+                conn.execute(statement, publish)
+            return True
+
+        created = self._pg.run(send)
+        if created:
+            broker.published(queue)
+        return created
 
     def group_seal(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)
-        return _group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_seal"], {"g": group_id}).fetchone()))
+        return group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_seal"], {"g": group_id}).fetchone()))
 
     def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
-                     outcome: bytes) -> GroupRecord | None:
-        group_id, member_id, index, outcome = check_member(group_id, member_id, index, outcome)
-        params = {"g": group_id, "m": member_id, "i": index, "ok": bool(ok), "o": outcome}
-        return _group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_record"], params).fetchone()))
+                     outcome: bytes, ttl: float | None = None) -> GroupRecord | None:
+        group_id, member_id, index, outcome, ttl = check_member(group_id, member_id, index, outcome, ttl,
+                                                                self.result_expires)
+        params = {"g": group_id, "m": member_id, "i": index, "ok": bool(ok), "o": outcome, "t": ttl}
+        return group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_record"], params).fetchone()))
 
-    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes, float | None]]
+                          ) -> list[GroupRecord | None]:
         return self.store_and_record((), items)
 
-    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+    def store_and_record(self, statuses: Sequence[TaskStatus],
+                         members: Sequence[tuple[str, str, int, bool, bytes, float | None]],
                          brief: bool = False) -> list[GroupRecord | bool | None]:
         """One transaction, pipelined: the statuses' upsert (and NOTIFY, sent at commit), then
         one statement per member."""
-        checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
+        default = self.result_expires
+        checked = [check_member(g, m, i, o, t, default) + (ok,) for g, m, i, ok, o, t in members]
         store = None
         if statuses:
             latest = {s.id: s for s in statuses}
@@ -483,15 +527,20 @@ class PostgresResultBackend(ResultBackend):
             with conn.transaction(), conn.pipeline():
                 if store is not None:
                     conn.execute(self._sql["store"], store)
-                cursors = [conn.execute(sql, {"g": g, "m": m, "i": i, "ok": bool(ok), "o": o})
-                           for g, m, i, o, ok in checked]
+                cursors = [conn.execute(sql, {"g": g, "m": m, "i": i, "ok": bool(ok), "o": o, "t": t})
+                           for g, m, i, o, t, ok in checked]
             return [c.fetchone() for c in cursors]
 
-        return [_group_row(r) for r in self._pg.run(send)]   # each statement idempotent: safe to resend
+        return [group_row(r) for r in self._pg.run(send)]   # each statement idempotent: safe to resend
+
+    def group_release(self, group_id: str, ttl: float | None = None) -> GroupRecord | None:
+        check_group_id(group_id)
+        params = {"g": group_id, "t": check_lifetime(ttl, self.result_expires)}
+        return group_row(self._pg.run(lambda conn: conn.execute(self._sql["group_release"], params).fetchone()))
 
     def group_get(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)
-        return _group_row(self._fast.run(lambda conn: conn.execute(self._sql["group_get"], (group_id,)).fetchone()))
+        return group_row(self._fast.run(lambda conn: conn.execute(self._sql["group_get"], (group_id,)).fetchone()))
 
     def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
         check_group_id(group_id)
@@ -513,7 +562,7 @@ class PostgresResultBackend(ResultBackend):
         now = time.time() if now is None else now
         rows = self._pg.run(lambda conn: conn.execute(self._sql["group_interrupt"], (now,)).fetchall())
         self._pg.run(lambda conn: conn.execute(self._sql["group_sweep"]))
-        return [r for r in map(_group_row, rows) if r is not None]
+        return [r for r in map(group_row, rows) if r is not None]
 
     def ping(self) -> None:
         self._pg.run(lambda conn: conn.execute("SELECT 1").fetchone())

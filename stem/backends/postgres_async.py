@@ -1,6 +1,7 @@
-"""What ``AsyncStem`` reads from ``PostgresResultBackend``, on asyncio: statuses, waits, revokes.
+"""What ``AsyncStem`` reads from ``PostgresResultBackend``, on asyncio: statuses, waits, revokes,
+group records (for ``stem.canvas_aio``).
 
-Statements are the sync backend's (``sql``, ``revoke_params``); the connection
+Statements are the sync backend's (``sql``, ``revoke_params``, ``group_row``); the connection
 is an ``AsyncPgSession`` (``stem.stores.postgres_async``).  Waits: one LISTEN
 connection per ``AsyncStem`` on the backend's results channel, held by one
 task started by the first wait: once it listens, the hub reads every waited
@@ -20,7 +21,8 @@ from ..errors import BackendConnectionError
 from ..results import TaskStatus, decode_status
 from ..stores.base import BACKEND_ERRORS, Backoff
 from ..stores.postgres_async import AsyncPgSession
-from .postgres import PostgresResultBackend
+from .groups import GroupRecord, check_group_id
+from .postgres import PostgresResultBackend, group_row
 from .waiting_async import AsyncWaitHub
 
 __all__ = ["AsyncPostgresResults"]
@@ -49,6 +51,30 @@ class AsyncPostgresResults:
         async def send(conn: Any) -> list:
             return await (await conn.execute(self.backend.sql("get_many"), (list(task_ids),), binary=True)).fetchall()
         return [decode_status(d) for _, d in await self.session.run(send)]
+
+    async def get_many(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
+        found = {s.id: s for s in await self.read_found(task_ids)} if task_ids else {}
+        return [found.get(t) for t in task_ids]
+
+    async def group_get(self, group_id: str) -> GroupRecord | None:
+        check_group_id(group_id)
+
+        async def send(conn: Any) -> Any:
+            return await (await conn.execute(self.backend.sql("group_get"), (group_id,))).fetchone()
+        return group_row(await self.session.run(send))
+
+    async def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
+        """As the sync backend's: nothing of an expired record (its rows go with it later)."""
+        out: list[bytes | None] = [None] * max(0, stop - start)
+        if not out or await self.group_get(group_id) is None:
+            return out
+
+        async def send(conn: Any) -> list:
+            return await (await conn.execute(self.backend.sql("group_outcomes"), (group_id, start, stop),
+                                             binary=True)).fetchall()
+        for idx, outcome in await self.session.run(send):
+            out[idx - start] = bytes(outcome)
+        return out
 
     async def revoke(self, task_ids: Sequence[str], expires: float | None,
                      proofs: Sequence[bytes | None] | None) -> None:

@@ -16,9 +16,12 @@ Key schema (N = namespace, default "stem"; "{...}" are Redis Cluster hash tags):
                                  schedule in code), paused "0"|"1", last_fired (float, absent
                                  before the first run), last_run_id, updated_at; no expiry
     N:{g:ID}:meta       HASH     a group record (stem.backends.groups): expected, sealed, finished,
-                                 succeeded, failed, interrupted ("0"|"1" / counts), data, created_at,
-                                 seal_by, ttl_ms; no expiry until complete (or interrupted), then
-                                 PX ttl_ms on all four keys, set by the script that completes it
+                                 succeeded, failed, interrupted, held ("0"|"1" / counts), data,
+                                 created_at, seal_by, ttl_ms (its lifetime once ended: each member's
+                                 script extends it); no expiry until it ended (complete and not held,
+                                 or interrupted; a held one at its release), then PX ttl_ms on all
+                                 four keys, set by the script that ends it; token: which
+                                 group_publish transaction created it (absent otherwise)
     N:{g:ID}:done       SET      the finished member ids (a member counts once)
     N:{g:ID}:res        HASH     member index -> its outcome bytes
     N:{g:ID}:failed     SET      the failed member ids
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from typing import Any, Callable, Sequence, TypeVar
 
 import msgspec
@@ -62,60 +66,102 @@ import msgspec
 from .. import _checks as checks
 from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
-from ..stores.redis import BARRIER, RedisStore, execute, raise_first_error, validate_namespace
+from ..stores.redis import (BARRIER, RedisStore, execute, execute_watched, pack_commands, raise_first_error,
+                            validate_namespace)
 from .redis_listen import Subscriber
-from .groups import GroupRecord, check_create, check_group_id, check_member
+from .groups import GroupRecord, check_create, check_group_id, check_lifetime, check_member
 from .waiting import WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
 
-__all__ = ["RedisResultBackend"]
+__all__ = ["RedisResultBackend", "ATOMIC_MAX", "group_record_of"]
+
+#: The largest group ``group_publish`` creates with its members in one ``MULTI``/``EXEC``.
+ATOMIC_MAX = 1000
 
 # Group record scripts: KEYS = meta, done, res, failed of one group (one hash tag).
 _GROUP_FIELDS = ("expected", "sealed", "finished", "succeeded", "failed", "interrupted", "data", "created_at",
-                 "seal_by")
+                 "seal_by", "ttl_ms", "held")
 _GROUP_COMMON = """
-local function finish_if_complete()
-  local v = redis.call('HMGET', KEYS[1], 'sealed', 'finished', 'expected', 'ttl_ms', 'interrupted')
-  if (v[5] == '1' or (v[1] == '1' and tonumber(v[2]) >= tonumber(v[3]))) and redis.call('PTTL', KEYS[1]) == -1 then
+local function ended(v)
+  return v[5] == '1' or (v[1] == '1' and tonumber(v[2]) >= tonumber(v[3]))
+end
+-- start the lifetime of a record that ended (complete and not held, or interrupted), once
+local function end_if_done()
+  local v = redis.call('HMGET', KEYS[1], 'sealed', 'finished', 'expected', 'ttl_ms', 'interrupted', 'held')
+  if ended(v) and (v[6] ~= '1' or v[5] == '1') and redis.call('PTTL', KEYS[1]) == -1 then
     for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], v[4]) end
+  end
+end
+-- a key written after the lifetime started (a late member of an interrupted record) expires with it
+local function expire_with_meta()
+  local left = redis.call('PTTL', KEYS[1])
+  if left > 0 then
+    for i = 2, 4 do
+      if redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], left) end
+    end
   end
 end
 local function record()
   return redis.call('HMGET', KEYS[1], %s)
 end
 """ % ", ".join(repr(f) for f in _GROUP_FIELDS)
-# ARGV: expected, data, created_at, seal_by, ttl_ms
+# ARGV: expected, data, created_at, seal_by, ttl_ms, held ("1"|"0")
 _GROUP_CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'expected', ARGV[1], 'sealed', '0', 'finished', '0', 'succeeded', '0', 'failed', '0',
-           'interrupted', '0', 'data', ARGV[2], 'created_at', ARGV[3], 'seal_by', ARGV[4], 'ttl_ms', ARGV[5])
+           'interrupted', '0', 'data', ARGV[2], 'created_at', ARGV[3], 'seal_by', ARGV[4], 'ttl_ms', ARGV[5],
+           'held', ARGV[6])
 return 1
 """
 _GROUP_SEAL = _GROUP_COMMON + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSET', KEYS[1], 'sealed', '1')
-finish_if_complete()
+end_if_done()
 return record()
 """
-# ARGV: member id, index, ok ("1"|"0"), outcome, brief ("1": answer 1 instead of the record for a
-# success that leaves the group incomplete: the common case, with nothing for the caller to do)
+# ARGV: brief ("1": answer 1 instead of the record when every member of the call is new, succeeded,
+# and the group is still incomplete: the common case, with nothing for the caller to do), then per
+# member: id, index, ok ("1"|"0"), outcome, ttl_ms (its result lifetime: the first member's replaces
+# the creation's, then the longest).  A worker records a batch's successes of one group in one call.
 _GROUP_RECORD = _GROUP_COMMON + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-if redis.call('SADD', KEYS[2], ARGV[1]) == 1 then
-  local finished = redis.call('HINCRBY', KEYS[1], 'finished', 1)
-  if ARGV[3] == '1' then
-    redis.call('HINCRBY', KEYS[1], 'succeeded', 1)
+local quiet = ARGV[1] == '1'
+local finished = 0
+for i = 2, #ARGV, 5 do
+  if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
+    finished = redis.call('HINCRBY', KEYS[1], 'finished', 1)
+    if ARGV[i + 2] == '1' then
+      redis.call('HINCRBY', KEYS[1], 'succeeded', 1)
+    else
+      redis.call('HINCRBY', KEYS[1], 'failed', 1)
+      redis.call('SADD', KEYS[4], ARGV[i])
+      quiet = false
+    end
+    redis.call('HSET', KEYS[3], ARGV[i + 1], ARGV[i + 3])
+    if finished == 1 or tonumber(ARGV[i + 4]) > tonumber(redis.call('HGET', KEYS[1], 'ttl_ms')) then
+      redis.call('HSET', KEYS[1], 'ttl_ms', ARGV[i + 4])
+    end
   else
-    redis.call('HINCRBY', KEYS[1], 'failed', 1)
-    redis.call('SADD', KEYS[4], ARGV[1])
+    quiet = false
   end
-  redis.call('HSET', KEYS[3], ARGV[2], ARGV[4])
-  finish_if_complete()
-  if ARGV[5] == '1' and ARGV[3] == '1' then
-    local v = redis.call('HMGET', KEYS[1], 'sealed', 'expected')
-    if v[1] ~= '1' or finished < tonumber(v[2]) then return 1 end
-  end
+end
+end_if_done()
+expire_with_meta()
+if quiet then
+  local v = redis.call('HMGET', KEYS[1], 'sealed', 'expected')
+  if v[1] ~= '1' or finished < tonumber(v[2]) then return 1 end
+end
+return record()
+"""
+# ARGV: ttl_ms (the reader's result lifetime)
+_GROUP_RELEASE = _GROUP_COMMON + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local v = redis.call('HMGET', KEYS[1], 'sealed', 'finished', 'expected', 'ttl_ms', 'interrupted')
+local ttl = math.max(tonumber(v[4]), tonumber(ARGV[1]))
+redis.call('HSET', KEYS[1], 'held', '0', 'ttl_ms', ttl)
+if ended(v) then
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ttl) end
 end
 return record()
 """
@@ -124,16 +170,17 @@ _GROUP_INTERRUPT = _GROUP_COMMON + """
 local v = redis.call('HMGET', KEYS[1], 'sealed', 'interrupted', 'seal_by')
 if not v[1] or v[1] == '1' or v[2] == '1' or tonumber(v[3]) >= tonumber(ARGV[1]) then return false end
 redis.call('HSET', KEYS[1], 'interrupted', '1')
-finish_if_complete()
+end_if_done()
 return record()
 """
 
 
-def _group_record(group_id: str, v: list) -> "GroupRecord | None":
+def group_record_of(group_id: str, v: list) -> "GroupRecord | None":
+    """The record in the reply to ``group_get_command`` (or a group script), None if absent."""
     if not v or v[0] is None:
         return None
     return GroupRecord(group_id, int(v[0]), v[1] == b"1", int(v[2]), int(v[3]), int(v[4]), v[5] == b"1",
-                       bytes(v[6]), float(v[7]), float(v[8]))
+                       bytes(v[6]), float(v[7]), float(v[8]), int(v[9]) / 1000, v[10] == b"1")
 
 _T = TypeVar("_T")
 _encode = msgspec.msgpack.Encoder().encode
@@ -250,6 +297,7 @@ class RedisResultBackend(ResultBackend):
         self._group_create = self._store.script(_GROUP_CREATE)
         self._group_seal = self._store.script(_GROUP_SEAL)
         self._group_record = self._store.script(_GROUP_RECORD)
+        self._group_release = self._store.script(_GROUP_RELEASE)
         self._group_interrupt = self._store.script(_GROUP_INTERRUPT)
         self._unsealed = f"{ns}:{{groups}}:unsealed"
         self.reconnect_timeout = checks.seconds("reconnect_timeout", reconnect_timeout)
@@ -535,60 +583,145 @@ class RedisResultBackend(ResultBackend):
         command = ("EVALSHA", script.sha, 4, *self._group_keys(group_id), *args)
         return self._call(lambda: self._store.run([command])[0], "group")
 
-    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float) -> bool:
-        group_id, expected, data, seal_by, ttl = check_create(group_id, expected, data, seal_by, ttl)
+    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float,
+                     held: bool = False) -> bool:
+        group_id, expected, data, seal_by, ttl, held = check_create(group_id, expected, data, seal_by, ttl, held)
         # indexed first: a record the sweep cannot find would be the one that waits forever
         self._call(lambda: self._client.zadd(self._unsealed, {group_id: seal_by}), "group_create")
         return self._group_script(self._group_create, group_id, expected, data, repr(time.time()), repr(seal_by),
-                                  checks.ms(ttl)) == 1
+                                  checks.ms(ttl), "1" if held else "0") == 1
+
+    def group_publish(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float, held: bool,
+                      broker: Any, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], priority: int = 0,
+                      visibility_timeout: float | None = None) -> bool | None:
+        """``WATCH`` the record's key; if it is absent, one ``MULTI``: the record (an ``HSET``,
+        sealed, with a token of this call), the broker's packed XADDs, ``EXEC``, then an
+        ``HGET`` of the token, which says whether this call's transaction ran (an ``EXEC``
+        that another creation of the same id aborted ran nothing).  A producer killed before
+        its ``EXEC`` reached Redis leaves nothing: Redis discards the queued commands.  Up to
+        ``ATOMIC_MAX`` members: an ``EXEC`` holds the whole server while it runs (every
+        other client waits), about 2 ms per 1,000 XADDs, so a larger group is created,
+        published and sealed in steps (None), and the sweep covers a crash in between."""
+        pack = getattr(broker, "pack_frames", None)
+        if (pack is None or len(task_ids) > ATOMIC_MAX or self._store.cluster
+                or not self.shares_store_with(broker)):
+            return None
+        group_id, expected, data, seal_by, ttl, held = check_create(group_id, expected, data, seal_by, ttl, held)
+        packed, n = pack(queue, task_ids, frames, priority=priority, visibility_timeout=visibility_timeout)
+        if not n:
+            return None
+        meta = self._group_keys(group_id)[0]
+        token = uuid.uuid4().hex
+        head = pack_commands((("MULTI",), (
+            "HSET", meta, "expected", expected, "sealed", "1", "finished", "0", "succeeded", "0", "failed", "0",
+            "interrupted", "0", "data", data, "created_at", repr(time.time()), "seal_by", repr(seal_by),
+            "ttl_ms", checks.ms(ttl), "held", "1" if held else "0", "token", token)))
+        tail = pack_commands((("EXEC",), ("HGET", meta, "token")))
+        count = 2 + n + 2
+
+        def send() -> bool:
+            # sent again as a whole after a lost connection: a transaction that ran then finds
+            # the record (False), and the members were published by it
+            fresh, error, mine = execute_watched(self._client, meta, head + packed + tail, count)
+            if error is not None:
+                raise error
+            return fresh and mine == token.encode()
+
+        created = self._call(send, "group_publish")
+        if created:
+            broker.declared([queue])
+        return created
 
     def group_seal(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)
-        record = _group_record(group_id, self._group_script(self._group_seal, group_id))
+        record = group_record_of(group_id, self._group_script(self._group_seal, group_id))
         self._call(lambda: self._client.zrem(self._unsealed, group_id), "group_seal")
         return record
 
     def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
-                     outcome: bytes) -> GroupRecord | None:
-        group_id, member_id, index, outcome = check_member(group_id, member_id, index, outcome)
-        return _group_record(group_id, self._group_script(self._group_record, group_id, member_id, index,
-                                                          "1" if ok else "0", outcome, "0"))
+                     outcome: bytes, ttl: float | None = None) -> GroupRecord | None:
+        group_id, member_id, index, outcome, ttl = check_member(group_id, member_id, index, outcome, ttl,
+                                                                self.result_expires)
+        return group_record_of(group_id, self._group_script(self._group_record, group_id, "0", member_id, index,
+                                                          "1" if ok else "0", outcome, checks.ms(ttl)))
 
-    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes, float | None]]
+                          ) -> list[GroupRecord | None]:
         return self.store_and_record((), items)
 
-    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+    def store_and_record(self, statuses: Sequence[TaskStatus],
+                         members: Sequence[tuple[str, str, int, bool, bytes, float | None]],
                          brief: bool = False) -> list[GroupRecord | bool | None]:
-        """One pipeline: the statuses' SETs (and PUBLISHes), then one script call per member
-        (on a Redis Cluster, after a ``BARRIER``: every status answered before a count)."""
-        checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
+        """One pipeline: the statuses' SETs (and PUBLISHes), then the counts (on a Redis
+        Cluster, after a ``BARRIER``: every status answered before a count).  ``brief``: the
+        successes of one group are counted in one script call, whose answer goes to the last
+        of them (True to the others); otherwise one call per member."""
+        default = self.result_expires
+        checked = [check_member(g, m, i, o, t, default) + (ok,) for g, m, i, ok, o, t in members]
         commands = self._status_commands(statuses) if statuses else []
         if commands and self._store.cluster:
             commands.append(BARRIER)      # on a cluster too: the statuses are stored before the counts
         first = len(commands)
         sha = self._group_record.sha
-        keys: dict[str, tuple[str, str, str, str]] = {}      # a batch's members mostly share a group
-        for g, m, i, o, ok in checked:
-            k = keys.get(g)
-            if k is None:
-                k = keys[g] = self._group_keys(g)
-            commands.append(("EVALSHA", sha, 4, *k, m, i, "1" if ok else "0", o, "1" if brief else "0"))
+        ms = checks.ms
+        calls: list[tuple[str, list[int]]] = []         # (group id, positions in checked) per script call
+        if brief and all(item[5] for item in checked):   # a worker's successes: one call per group
+            by_group: dict[str, list[int]] = {}
+            for n, item in enumerate(checked):
+                by_group.setdefault(item[0], []).append(n)
+            calls = list(by_group.items())
+        else:
+            calls = [(item[0], [n]) for n, item in enumerate(checked)]
+        flag = "1" if brief else "0"
+        for g, positions in calls:
+            args: list[Any] = []
+            for n in positions:
+                _, m, i, o, t, ok = checked[n]
+                args += (m, i, "1" if ok else "0", o, ms(t))
+            commands.append(("EVALSHA", sha, 4, *self._group_keys(g), flag, *args))
         if not commands:
             return []
-        replies = self._call(lambda: self._store.run(commands), "store_and_record")   # idempotent: safe to resend
-        return [True if r == 1 else _group_record(item[0], r) for item, r in zip(checked, replies[first:])]
+        # idempotent: safe to resend; the statuses' replies are stepped over, not built
+        if self._store.cluster:
+            replies = self._call(lambda: self._store.run(commands), "store_and_record")[first:]
+        else:
+            replies = self._call(lambda: self._store.run_tail(commands, len(calls)), "store_and_record")
+        out: list[GroupRecord | bool | None] = [True] * len(checked)
+        for (g, positions), reply in zip(calls, replies):
+            record = True if reply == 1 else group_record_of(g, reply)
+            if record is None:                           # no such group: none of them counted
+                for n in positions:
+                    out[n] = None
+            else:
+                out[positions[-1]] = record
+        return out
+
+    def group_release(self, group_id: str, ttl: float | None = None) -> GroupRecord | None:
+        check_group_id(group_id)
+        ttl = check_lifetime(ttl, self.result_expires)
+        return group_record_of(group_id, self._group_script(self._group_release, group_id, checks.ms(ttl)))
 
     def group_get(self, group_id: str) -> GroupRecord | None:
+        command = self.group_get_command(group_id)
+        return group_record_of(group_id, self._call(lambda: self._client.hmget(command[1], command[2:]), "group_get"))
+
+    def group_get_command(self, group_id: str) -> tuple:
+        """``group_get``'s command (``group_record_of`` reads its reply): the async producer
+        sends it too (``stem.backends.redis_async``)."""
         check_group_id(group_id)
-        meta = self._group_keys(group_id)[0]
-        return _group_record(group_id, self._call(lambda: self._client.hmget(meta, _GROUP_FIELDS), "group_get"))
+        return ("HMGET", self._group_keys(group_id)[0], *_GROUP_FIELDS)
 
     def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
-        check_group_id(group_id)
         if stop <= start:
+            check_group_id(group_id)
             return []
-        res = self._group_keys(group_id)[2]
-        return self._call(lambda: self._client.hmget(res, list(range(start, stop))), "group_outcomes")
+        command = self.group_outcomes_command(group_id, start, stop)
+        return self._call(lambda: self._client.hmget(command[1], command[2:]), "group_outcomes")
+
+    def group_outcomes_command(self, group_id: str, start: int, stop: int) -> tuple:
+        """``group_outcomes``' command (``stop > start``), for the async producer too."""
+        check_group_id(group_id)
+        return ("HMGET", self._group_keys(group_id)[2], *range(start, stop))
 
     def group_failed_members(self, group_id: str, limit: int = 100) -> list[str]:
         check_group_id(group_id)
@@ -602,7 +735,7 @@ class RedisResultBackend(ResultBackend):
                                               "group_interrupt_unsealed")]
         out = []
         for group_id in ids:
-            record = _group_record(group_id, self._group_script(self._group_interrupt, group_id, repr(now)))
+            record = group_record_of(group_id, self._group_script(self._group_interrupt, group_id, repr(now)))
             if record is not None:
                 out.append(record)
         if ids:

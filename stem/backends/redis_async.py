@@ -1,7 +1,9 @@
-"""What ``AsyncStem`` reads from ``RedisResultBackend``, on asyncio: statuses, waits, revokes.
+"""What ``AsyncStem`` reads from ``RedisResultBackend``, on asyncio: statuses, waits, revokes,
+group records (for ``stem.canvas_aio``).
 
 Keys, channels and commands are the sync backend's (``status_key``,
-``done_channel``, ``revoke_commands``); the round trips go through an
+``done_channel``, ``revoke_commands``, ``group_get_command``,
+``group_outcomes_command``); the round trips go through an
 ``AsyncRedisStore`` -- the producer's own command connection when broker and
 backend are the same Redis (``shares_store_with``).
 
@@ -32,7 +34,8 @@ from ..results import TaskStatus, decode_status
 from ..stores.base import BACKEND_ERRORS, Backoff
 from ..stores.redis import REDIS_ERRORS, pack_commands, raise_first_error
 from ..stores.redis_async import HIREDIS_MORE as _MORE, HIREDIS_READER as _Reader, AsyncRedisStore
-from .redis import RedisResultBackend
+from .groups import GroupRecord
+from .redis import RedisResultBackend, group_record_of
 from .waiting_async import AsyncWaitHub
 
 __all__ = ["AsyncRedisResults"]
@@ -75,6 +78,21 @@ class AsyncRedisResults:
         """The stored statuses among ``task_ids``: one pipeline of GETs (the hub's reads)."""
         replies = await self._run([("GET", self.backend.status_key(t)) for t in task_ids], "wait")
         return [decode_status(d) for d in replies if d is not None]
+
+    async def get_many(self, task_ids: Sequence[str]) -> list[TaskStatus | None]:
+        if not task_ids:
+            return []
+        replies = await self._run([("GET", self.backend.status_key(t)) for t in task_ids], "get_many")
+        return [None if d is None else decode_status(d) for d in replies]
+
+    async def group_get(self, group_id: str) -> GroupRecord | None:
+        reply = (await self._run([self.backend.group_get_command(group_id)], "group_get"))[0]
+        return group_record_of(group_id, reply)
+
+    async def group_outcomes(self, group_id: str, start: int, stop: int) -> list[bytes | None]:
+        if stop <= start:
+            return []
+        return (await self._run([self.backend.group_outcomes_command(group_id, start, stop)], "group_outcomes"))[0]
 
     async def revoke(self, task_ids: Sequence[str], expires: float | None,
                      proofs: Sequence[bytes | None] | None) -> None:

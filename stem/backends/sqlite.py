@@ -25,7 +25,7 @@ from ..results import TaskStatus, decode_status, encode_status
 from ..stores.base import BACKEND_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
 from ..stores.sqlite_schema import settle_acked
-from .groups import GroupRecord, check_create, check_group_id, check_member
+from .groups import GroupRecord, check_create, check_group_id, check_lifetime, check_member
 from .waiting import WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
@@ -52,19 +52,25 @@ _MARK_FIRED = (
     "updated_at = excluded.updated_at "
     "WHERE stem_schedules.last_fired IS NULL OR stem_schedules.last_fired < excluded.last_fired")
 
-_GROUP_COLUMNS = "id, expected, sealed, finished, succeeded, failed, interrupted, data, created_at, seal_by"
-# a record lives until its expires_at, which is NULL (forever) until it is complete or interrupted
+_GROUP_COLUMNS = ("id, expected, sealed, finished, succeeded, failed, interrupted, data, created_at, seal_by, ttl, "
+                  "held")
+# a record lives until its expires_at, which is NULL (forever) until it ended (and was released)
 _LIVE_GROUP = f"SELECT {_GROUP_COLUMNS} FROM stem_groups WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)"
-# starts the ttl of a record that just became complete (and of no other)
+# starts the lifetime of a record that just became complete, unless held (and of no other)
 _COMPLETE_GROUP = ("UPDATE stem_groups SET expires_at = ? + ttl WHERE id = ? AND expires_at IS NULL "
-                   "AND sealed = 1 AND finished >= expected")
+                   "AND held = 0 AND sealed = 1 AND finished >= expected")
+# the reader is done: not held, the lifetime at least the reader's, (re)started if it ended
+_RELEASE_GROUP = ("UPDATE stem_groups SET held = 0, ttl = max(ttl, :ttl), "
+                  "expires_at = CASE WHEN interrupted = 1 OR (sealed = 1 AND finished >= expected) "
+                  "THEN :now + max(ttl, :ttl) END "
+                  "WHERE id = :g AND (expires_at IS NULL OR expires_at > :now)")
 
 
 def _group_row(row: tuple | None) -> GroupRecord | None:
     if row is None:
         return None
     return GroupRecord(row[0], row[1], bool(row[2]), row[3], row[4], row[5], bool(row[6]), bytes(row[7]), row[8],
-                       row[9])
+                       row[9], row[10], bool(row[11]))
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -252,17 +258,38 @@ class SqliteResultBackend(ResultBackend):
         return out
 
     # -- group records (one write transaction each) -------------------------------------
-    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float) -> bool:
-        group_id, expected, data, seal_by, ttl = check_create(group_id, expected, data, seal_by, ttl)
+    def group_create(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float,
+                     held: bool = False) -> bool:
+        group_id, expected, data, seal_by, ttl, held = check_create(group_id, expected, data, seal_by, ttl, held)
         now = time.time()
         with self._store.write() as conn:
             conn.execute("DELETE FROM stem_groups WHERE id = ? AND expires_at <= ?", (group_id, now))
-            cur = conn.execute("INSERT INTO stem_groups (id, expected, data, created_at, seal_by, ttl) "
-                               "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                               (group_id, expected, data, now, seal_by, ttl))
+            cur = conn.execute("INSERT INTO stem_groups (id, expected, data, created_at, seal_by, ttl, held) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                               (group_id, expected, data, now, seal_by, ttl, int(held)))
             if cur.rowcount == 1:     # an expired record's members go with it
                 conn.execute("DELETE FROM stem_group_members WHERE group_id = ?", (group_id,))
             return cur.rowcount == 1
+
+    def group_publish(self, group_id: str, expected: int, data: bytes, *, seal_by: float, ttl: float, held: bool,
+                      broker: Any, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], priority: int = 0,
+                      visibility_timeout: float | None = None) -> bool | None:
+        """One write transaction: the record, sealed, and the broker's rows of the members."""
+        publish_in = getattr(broker, "publish_frames_in", None)
+        if publish_in is None or not self.shares_store_with(broker):
+            return None
+        group_id, expected, data, seal_by, ttl, held = check_create(group_id, expected, data, seal_by, ttl, held)
+        now = time.time()
+        with self._store.write() as conn:
+            conn.execute("DELETE FROM stem_groups WHERE id = ? AND expires_at <= ?", (group_id, now))
+            if conn.execute("INSERT INTO stem_groups (id, expected, sealed, data, created_at, seal_by, ttl, held) "
+                            "VALUES (?, ?, 1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                            (group_id, expected, data, now, seal_by, ttl, int(held))).rowcount != 1:
+                return False
+            conn.execute("DELETE FROM stem_group_members WHERE group_id = ?", (group_id,))
+            publish_in(conn, queue, task_ids, frames, priority=priority, visibility_timeout=visibility_timeout)
+        broker.store.wake.notify()
+        return True
 
     def group_seal(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)
@@ -274,16 +301,19 @@ class SqliteResultBackend(ResultBackend):
             return _group_row(conn.execute(_LIVE_GROUP, (group_id, now)).fetchone())
 
     def group_record(self, group_id: str, member_id: str, index: int, ok: bool,
-                     outcome: bytes) -> GroupRecord | None:
-        return self.group_record_many([(group_id, member_id, index, ok, outcome)])[0]
+                     outcome: bytes, ttl: float | None = None) -> GroupRecord | None:
+        return self.group_record_many([(group_id, member_id, index, ok, outcome, ttl)])[0]
 
-    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes]]) -> list[GroupRecord | None]:
+    def group_record_many(self, items: Sequence[tuple[str, str, int, bool, bytes, float | None]]
+                          ) -> list[GroupRecord | None]:
         return self.store_and_record((), items)
 
-    def store_and_record(self, statuses: Sequence[TaskStatus], members: Sequence[tuple[str, str, int, bool, bytes]],
+    def store_and_record(self, statuses: Sequence[TaskStatus],
+                         members: Sequence[tuple[str, str, int, bool, bytes, float | None]],
                          brief: bool = False) -> list[GroupRecord | bool | None]:
         """One write transaction: the statuses, then the members' counts."""
-        checked = [check_member(g, m, i, o) + (ok,) for g, m, i, ok, o in members]
+        default = self.result_expires
+        checked = [check_member(g, m, i, o, t, default) + (ok,) for g, m, i, ok, o, t in members]
         rows = self._rows(statuses) if statuses else []
         now = time.time()
         with self._store.write() as conn:
@@ -295,7 +325,7 @@ class SqliteResultBackend(ResultBackend):
         return out
 
     @staticmethod
-    def _record_member(conn, now: float, group_id: str, member_id: str, index: int, outcome: bytes,
+    def _record_member(conn, now: float, group_id: str, member_id: str, index: int, outcome: bytes, ttl: float,
                        ok: bool) -> GroupRecord | None:
         row = conn.execute(_LIVE_GROUP, (group_id, now)).fetchone()
         if row is None:
@@ -306,9 +336,18 @@ class SqliteResultBackend(ResultBackend):
         if not added:
             return _group_row(row)
         conn.execute("UPDATE stem_groups SET finished = finished + 1, succeeded = succeeded + ?, "
-                     "failed = failed + ? WHERE id = ?", (int(ok), int(not ok), group_id))
+                     "failed = failed + ?, ttl = CASE WHEN finished = 0 THEN ? ELSE max(ttl, ?) END WHERE id = ?",
+                     (int(ok), int(not ok), ttl, ttl, group_id))
         conn.execute(_COMPLETE_GROUP, (now, group_id))
         return _group_row(conn.execute(_LIVE_GROUP, (group_id, now)).fetchone())
+
+    def group_release(self, group_id: str, ttl: float | None = None) -> GroupRecord | None:
+        check_group_id(group_id)
+        ttl = check_lifetime(ttl, self.result_expires)
+        now = time.time()
+        with self._store.write() as conn:
+            conn.execute(_RELEASE_GROUP, {"g": group_id, "ttl": ttl, "now": now})
+            return _group_row(conn.execute(_LIVE_GROUP, (group_id, now)).fetchone())
 
     def group_get(self, group_id: str) -> GroupRecord | None:
         check_group_id(group_id)

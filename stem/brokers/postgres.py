@@ -72,7 +72,8 @@ from ..stores.postgres import PostgresStore, parse_postgres_url
 from ..stores.postgres_schema import LIMIT_COLUMNS, NOW, quote_schema, release_ctes, wake_ctes
 from . import _lanes
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed, LaneStats,
-                   Limit, Message, QueueStats, check_consume, check_keyed, check_limit, lane_of, validate_queue_name)
+                   Limit, Message, QueueStats, check_consume, check_frame_batch, check_keyed, check_limit, lane_of,
+                   validate_queue_name)
 
 __all__ = ["PostgresBroker", "migrate"]
 
@@ -538,6 +539,34 @@ class PostgresBroker(Broker):
             self._pg.run(publish)
         for q in queues:            # consumers of this instance need not wait for the round trip
             self._on_notify(q)
+
+    def publish_frames(self, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], *,
+                       priority: int = 0, visibility_timeout: float | None = None) -> None:
+        params = self.frames_params(queue, task_ids, frames, priority=priority, visibility_timeout=visibility_timeout)
+        if params is None:
+            return
+        self._pg.run(lambda conn: conn.execute(self._sql["publish"], params))
+        self.published(queue)
+
+    def frames_params(self, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], *,
+                      priority: int = 0, visibility_timeout: float | None = None) -> tuple | None:
+        """The parameters of the publish statement (``sql("publish")``) for a ``publish_frames``
+        batch, the queue registered; None for an empty batch.  A result backend on this
+        database runs the statement in the transaction that creates a group (then calls
+        ``published``)."""
+        n = check_frame_batch(task_ids, frames)
+        if not n:
+            return None
+        validate_queue_name(queue)
+        self._register([queue])
+        vt = float(visibility_timeout) if visibility_timeout else None
+        return ([queue] * n, list(task_ids), [int(priority)] * n, [None] * n, [vt] * n, [bytes(f) for f in frames],
+                self.channel, [queue])
+
+    def published(self, queue: str) -> None:
+        """Messages of ``queue`` were committed: this instance's consumers need not wait for
+        the notification's round trip."""
+        self._on_notify(queue)
 
     def publish_params(self, messages: Sequence[Message], queues: list[str]) -> tuple:
         """The parameters of the publish statement (``sql("publish")``) for unlimited

@@ -286,9 +286,20 @@ class RedisBroker(Broker):
                        priority: int = 0, visibility_timeout: float | None = None) -> None:
         """One lane's XADDs packed in C in one buffer; their replies (entry ids) are stepped
         over in C, not built, and only an error among them is raised."""
-        n = check_frame_batch(task_ids, frames)
+        packed, n = self.pack_frames(queue, task_ids, frames, priority=priority, visibility_timeout=visibility_timeout)
         if not n:
             return
+        self._call(lambda: execute_unread(self._client, packed, n), "publish")
+        self.declared([queue])
+
+    def pack_frames(self, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], *,
+                    priority: int = 0, visibility_timeout: float | None = None) -> tuple[bytes, int]:
+        """``publish_frames``' commands packed (the XADDs, and the SADD of a queue this broker
+        has not declared yet) and how many: a result backend on this server sends them in
+        the transaction that creates a group (then calls ``declared([queue])``)."""
+        n = check_frame_batch(task_ids, frames)
+        if not n:
+            return b"", 0
         priority = int(priority)
         vt_ms = 0 if visibility_timeout is None else checks.ms(visibility_timeout)
         packed = pack_xadds(self.queue_keys(queue)[_lane(priority)], _as_list(task_ids), _as_list(frames),
@@ -296,8 +307,7 @@ class RedisBroker(Broker):
         declare = queue not in self._declared
         if declare:
             packed += pack_commands((("SADD", self._queues_key, queue),))
-        self._call(lambda: execute_unread(self._client, packed, n + declare), "publish")
-        self._declared.add(queue)
+        return packed, n + declare
 
     def publish_keyed(self, items: Sequence[Keyed]) -> list[str | None]:
         """One ``redis_keys.lua`` call per queue (per ``_KEYED_CHUNK`` items), all of them

@@ -56,7 +56,7 @@ from ..stores.sqlite import SqliteStore, parse_sqlite_url
 from ..stores.sqlite_schema import LIMIT_COLUMNS, enter_lanes, left_lanes, release_keys, settle_acked
 from . import _lanes
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed, LaneStats,
-                   Limit, Message, QueueStats, check_consume, check_keyed, check_limit, lane_of,
+                   Limit, Message, QueueStats, check_consume, check_frame_batch, check_keyed, check_limit, lane_of,
                    validate_queue_name)
 
 __all__ = ["SqliteBroker", "migrate"]
@@ -187,6 +187,30 @@ class SqliteBroker(Broker):
                 self._enter(conn, [(*self._row(m, now), None, None, None, 0, *limit_values(m.limit))
                                    for m in limited])
         self._store.wake.notify()
+
+    def publish_frames(self, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], *,
+                       priority: int = 0, visibility_timeout: float | None = None) -> None:
+        if not check_frame_batch(task_ids, frames):
+            return
+        validate_queue_name(queue)
+        with self._store.write() as conn:
+            self.publish_frames_in(conn, queue, task_ids, frames, priority=priority,
+                                   visibility_timeout=visibility_timeout)
+        self._store.wake.notify()
+
+    def publish_frames_in(self, conn: Any, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], *,
+                          priority: int = 0, visibility_timeout: float | None = None) -> None:
+        """``publish_frames``' rows, written on ``conn`` inside the write transaction its
+        caller holds on this file (a result backend creating a group with its members, so
+        that both commit together or neither does); the caller wakes consumers
+        (``store.wake.notify()``) once it committed."""
+        check_frame_batch(task_ids, frames)
+        validate_queue_name(queue)
+        now = time.time()
+        priority = int(priority)
+        vt = float(visibility_timeout) if visibility_timeout else None
+        self._register(conn, (queue,))
+        conn.executemany(_INSERT, [(queue, t, priority, READY, now, vt, bytes(f)) for t, f in zip(task_ids, frames)])
 
     @staticmethod
     def _enter(conn, rows: Sequence[tuple]) -> None:

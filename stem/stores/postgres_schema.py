@@ -2,7 +2,7 @@
 that the broker's settles and the backend's fused result+ack share.
 
 Every table lives in the schema given by ``?schema=`` / ``schema=`` (default
-``public``).  Version 7, created by ``migrate`` under
+``public``).  Version 8, created by ``migrate`` under
 ``pg_advisory_xact_lock(hashtext('stem-migrate:<schema>'))`` so processes that
 start together apply each version once; each version adds to the last (new
 tables, ``ADD COLUMN`` of nullable columns: no table rewrite), so a schema of
@@ -47,8 +47,9 @@ any older version upgrades in place::
     stem_buckets         (queue, rate_key) PRIMARY KEY, tat (GCRA theoretical arrival time);  (tat)
     stem_dead_letters    + lane and the limit columns (version 5): replay restores the lane
     stem_groups          id PRIMARY KEY, expected, sealed, finished, succeeded, failed, interrupted, data,
-                         created_at, seal_by, ttl, expires_at (NULL until complete or interrupted);
-                         (seal_by) WHERE unsealed  (version 6, stem.backends.groups)
+                         created_at, seal_by, ttl, expires_at (NULL until it ended, and was released
+                         when held); (seal_by) WHERE unsealed  (version 6, stem.backends.groups);
+                         held (version 8)
     stem_group_members   (group_id, member_id) PRIMARY KEY, idx, ok, outcome; (group_id, idx)
     stem_wf_runs         id (COLLATE "C": ordered as Python orders str) PRIMARY KEY, the RunRecord
                          columns (stem.workflows.store; times are the engine's clock, not the
@@ -80,7 +81,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema", "release_ctes", "wake_ctes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
@@ -275,6 +276,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (run_id, seq),
             UNIQUE (run_id, event_id))""",
         "CREATE INDEX stem_wf_events_topic ON {s}.stem_wf_events (run_id, topic, seq)",
+    ),
+    8: (
+        "ALTER TABLE {s}.stem_groups ADD COLUMN held boolean NOT NULL DEFAULT false",
     ),
 }
 

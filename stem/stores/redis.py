@@ -47,11 +47,12 @@ from .base import BROKER_ERRORS, Backoff, Store, StoreErrors
 from .local import after_fork_in_child
 from .redis_cluster import BARRIER, cluster_client, is_cluster_transient, is_cluster_url
 from .redis_sentinel import is_sentinel_url, is_stale_master, sentinel_pool
-from .redis_pipe import execute, execute_last, execute_packed, execute_unread, pack_commands, pack_xadds, \
-    raise_first_error
+from .redis_pipe import execute, execute_last, execute_packed, execute_tail, execute_unread, execute_watched, \
+    pack_commands, pack_xadds, raise_first_error
 
 __all__ = ["BARRIER", "RedisStore", "validate_namespace", "REDIS_ERRORS", "ReplyError", "NoScriptError", "execute",
-           "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds", "raise_first_error"]
+           "execute_last", "execute_packed", "execute_tail", "execute_unread", "execute_watched", "pack_commands",
+           "pack_xadds", "raise_first_error"]
 
 log = logging.getLogger("stem.stores.redis")
 T = TypeVar("T")
@@ -232,6 +233,25 @@ class RedisStore(Store):
             replies = execute(self.client, commands)
         raise_first_error(replies)
         return replies
+
+    def run_tail(self, commands: Sequence[Sequence[Any]], keep: int) -> list:
+        """``run``, building only the last ``keep`` replies (the ones before are stepped over in
+        C, and only an error among them is raised): a settle's statuses, then its group
+        counts.  Not on a Redis Cluster (a ``BARRIER`` needs ``run``)."""
+        packed, n = pack_commands(commands), len(commands)
+        for _ in range(3):   # a cache emptied again between the load and the resend: load again
+            error, tail = execute_tail(self.client, packed, n, keep)
+            if error is None and not any(isinstance(r, NoScriptError) for r in tail):
+                break
+            if error is not None and not isinstance(error, NoScriptError):
+                raise error
+            self.load_scripts()
+        else:
+            error, tail = execute_tail(self.client, packed, n, keep)
+        if error is not None:
+            raise error
+        raise_first_error(tail)
+        return tail
 
     def close(self) -> None:
         if self._closed:

@@ -34,8 +34,8 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is a core dependency
     _Reader = None
 
-__all__ = ["execute", "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds", "read_replies",
-           "raise_first_error"]
+__all__ = ["execute", "execute_last", "execute_packed", "execute_tail", "execute_unread", "execute_watched",
+           "pack_commands", "pack_xadds", "read_replies", "raise_first_error"]
 
 _resp = _native.load("resp")
 pack_commands = _resp.pack_commands
@@ -167,6 +167,47 @@ def execute_last(client: "redis.Redis", packed: bytes, n: int) -> tuple[Exceptio
         replies = client.stem_execute(packed, n)
         return next((r for r in replies[:-1] if isinstance(r, redis.ResponseError)), None), replies[-1]
     return _round_trip(client, packed, lambda conn: (_skip_replies(conn, n - 1), read_replies(conn, 1)[0]))
+
+
+def execute_tail(client: "redis.Redis", packed: bytes, n: int, keep: int) -> tuple[Exception | None, list]:
+    """``execute_last`` for the last ``keep`` replies: the first ``n - keep`` (a settle's SETs
+    and PUBLISHes before its group counts) are stepped over in C.  Returns (their first
+    error reply, typed, or None; the last ``keep`` replies, errors in place)."""
+    if type(client) is not _Redis and hasattr(client, "stem_execute"):   # a cluster: by slot
+        replies = client.stem_execute(packed, n)
+        return next((r for r in replies[:n - keep] if isinstance(r, redis.ResponseError)), None), replies[n - keep:]
+    return _round_trip(client, packed, lambda conn: (_skip_replies(conn, n - keep), read_replies(conn, keep)))
+
+
+def execute_watched(client: "redis.Redis", key: str, packed: bytes, n: int) -> tuple[bool, Exception | None, Any]:
+    """Optimistic transaction on one connection: ``WATCH key``; if ``key`` exists, ``UNWATCH``
+    and return (False, None, None); else send ``packed`` (``n`` commands: a ``MULTI`` ...
+    ``EXEC`` and what follows it) and return (True, the first error reply among the first
+    ``n - 1``, typed, or None; the last reply, built).  An ``EXEC`` that a change of ``key``
+    aborted replies null: the caller's last command tells it what happened.  Not on a
+    Redis Cluster (a transaction there stays in one slot)."""
+    def run(conn: Any) -> tuple[bool, Exception | None, Any]:
+        watch = pack_commands((("WATCH", key), ("EXISTS", key)))
+        conn.send_packed_command([watch], check_health=False)
+        ok, exists = read_replies(conn, 2)
+        if isinstance(ok, Exception):
+            raise ok
+        if exists:
+            conn.send_packed_command([pack_commands((("UNWATCH",),))], check_health=False)
+            read_replies(conn, 1)
+            return False, None, None
+        conn.send_packed_command([packed], check_health=False)
+        return True, _skip_replies(conn, n - 1), read_replies(conn, 1)[0]
+
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        return run(conn)
+    except BaseException:
+        conn.disconnect()   # never hand back a connection with replies in flight or a WATCH held
+        raise
+    finally:
+        pool.release(conn)
 
 
 def execute(client: "redis.Redis", commands: Sequence[Sequence[Any]]) -> list:

@@ -5,7 +5,7 @@ upgrades them: idempotent, versioned in ``stem_schema_version``, inside one
 ``BEGIN IMMEDIATE`` transaction so concurrent processes serialise on SQLite's
 write lock; each version adds to the last (``ALTER TABLE ... ADD COLUMN``,
 new tables), so a file of any older version upgrades in place.  Schema,
-version 7::
+version 8::
 
     stem_messages       id INTEGER PRIMARY KEY AUTOINCREMENT  -- age order; never reused, so a
                                                               -- stale receipt cannot hit a new row
@@ -43,9 +43,9 @@ version 7::
     stem_buckets        (queue, rate_key) PRIMARY KEY, tat (GCRA theoretical arrival time);  ix tat
     stem_dead_letters   + lane and the limit columns (version 5): replay restores the lane
     stem_groups         id PRIMARY KEY, expected, sealed, finished, succeeded, failed, interrupted,
-                        data, created_at, seal_by, ttl, expires_at (NULL until complete or
-                        interrupted: a group never expires in flight); ix unsealed (seal_by)
-                        (version 6, stem.backends.groups)
+                        data, created_at, seal_by, ttl, expires_at (NULL until it ended, and was
+                        released when held: a group never expires in flight); ix unsealed
+                        (seal_by) (version 6, stem.backends.groups); held 0|1 (version 8)
     stem_group_members  (group_id, member_id) PRIMARY KEY, idx, ok, outcome; ix (group_id, idx)
     stem_wf_runs        id PRIMARY KEY, the RunRecord columns (stem.workflows.store), journal_length
                         (the next append's position), due_at (generated: wake_at of a PENDING run,
@@ -75,7 +75,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys", "enter_lanes", "left_lanes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 _CHUNK = 500            # ids per IN (...) list
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -261,6 +261,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (run_id, seq),
             UNIQUE (run_id, event_id))""",
         "CREATE INDEX stem_wf_events_topic ON stem_wf_events (run_id, topic, seq)",
+    ),
+    8: (
+        "ALTER TABLE stem_groups ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
     ),
 }
 

@@ -19,9 +19,11 @@ def gid() -> str:
     return "g-" + uuid.uuid4().hex[:12]
 
 
-def make(backend, n: int, *, seal_by: float | None = None, ttl: float = 60.0, data: bytes = b"d") -> str:
+def make(backend, n: int, *, seal_by: float | None = None, ttl: float = 60.0, data: bytes = b"d",
+         held: bool = False) -> str:
     g = gid()
-    assert backend.group_create(g, n, data, seal_by=time.time() + 60 if seal_by is None else seal_by, ttl=ttl)
+    assert backend.group_create(g, n, data, seal_by=time.time() + 60 if seal_by is None else seal_by, ttl=ttl,
+                                held=held)
     return g
 
 
@@ -29,8 +31,8 @@ def test_a_new_record_is_unsealed_with_nothing_finished(backend):
     g = make(backend, 3, data=b"\x00payload")
     r = backend.group_get(g)
     assert isinstance(r, GroupRecord)
-    assert (r.id, r.expected, r.sealed, r.finished, r.succeeded, r.failed, r.interrupted, r.data) == (
-        g, 3, False, 0, 0, 0, False, b"\x00payload")
+    assert (r.id, r.expected, r.sealed, r.finished, r.succeeded, r.failed, r.interrupted, r.data, r.ttl, r.held) == (
+        g, 3, False, 0, 0, 0, False, b"\x00payload", 60.0, False)
     assert not r.complete
     assert backend.group_get("g-absent") is None
 
@@ -114,17 +116,6 @@ def test_concurrent_last_members_see_completion_and_count_once(backend):
     assert completions and all(c == n for c in completions)
 
 
-def test_a_group_never_expires_in_flight_and_expires_after_completion(backend):
-    g = make(backend, 2, ttl=0.3)
-    backend.group_record(g, f"{g}.0", 0, True, b"a")
-    time.sleep(0.5)                      # longer than its ttl, but the group is not complete
-    assert backend.group_get(g).finished == 1
-    backend.group_seal(g)
-    assert backend.group_record(g, f"{g}.1", 1, True, b"b").complete
-    wait_for(lambda: backend.group_get(g) is None, timeout=5, what="the completed group to expire")
-    assert backend.group_record(g, f"{g}.1", 1, True, b"b") is None     # a late redelivery creates nothing
-
-
 def test_unsealed_groups_past_their_deadline_are_interrupted_once(backend):
     late = make(backend, 2, seal_by=time.time() - 1, ttl=60.0)
     sealed = make(backend, 2, seal_by=time.time() - 1)
@@ -144,6 +135,11 @@ def test_unsealed_groups_past_their_deadline_are_interrupted_once(backend):
     lambda b: b.group_create("g", 1, "text", seal_by=time.time(), ttl=1.0),
     lambda b: b.group_create("g", 1, b"", seal_by=float("nan"), ttl=1.0),
     lambda b: b.group_create("g", 1, b"", seal_by=time.time(), ttl=0),
+    lambda b: b.group_create("g", 1, b"", seal_by=time.time(), ttl=1.0, held="yes"),
+    lambda b: b.group_record("g", "g.0", 0, True, b"", 0),
+    lambda b: b.group_record("g", "g.0", 0, True, b"", float("inf")),
+    lambda b: b.group_release("g", -1.0),
+    lambda b: b.group_release("", 1.0),
     lambda b: b.group_record("g", "", 0, True, b""),
     lambda b: b.group_record("g", "g.0", -1, True, b""),
     lambda b: b.group_record("g", "g.0", 0, True, "text"),
@@ -159,12 +155,91 @@ def test_store_and_record_stores_then_counts_and_may_answer_briefly(backend):
     g = make(backend, 2)
     backend.group_seal(g)
     s0 = TaskStatus(id=f"{g}.0", state=TaskState.SUCCEEDED, result=1)
-    out = backend.store_and_record([s0], [(g, f"{g}.0", 0, True, b"one")], brief=True)
+    out = backend.store_and_record([s0], [(g, f"{g}.0", 0, True, b"one", None)], brief=True)
     assert out[0] is True or (isinstance(out[0], GroupRecord) and out[0].finished == 1)
     assert backend.get(f"{g}.0").result == 1
-    [done] = backend.store_and_record([], [(g, f"{g}.1", 1, True, b"two")], brief=True)
+    [done] = backend.store_and_record([], [(g, f"{g}.1", 1, True, b"two", 30.0)], brief=True)
     assert isinstance(done, GroupRecord) and done.complete        # completion is always answered in full
     h = make(backend, 2)
-    [failed] = backend.store_and_record([], [(h, f"{h}.0", 0, False, b"x")], brief=True)
+    [failed] = backend.store_and_record([], [(h, f"{h}.0", 0, False, b"x", None)], brief=True)
     assert isinstance(failed, GroupRecord) and failed.failed == 1  # so is a failure
-    assert backend.store_and_record([], [("g-unknown", "g-unknown.0", 0, True, b"")], brief=True) == [None]
+    assert backend.store_and_record([], [("g-unknown", "g-unknown.0", 0, True, b"", None)], brief=True) == [None]
+
+
+# -- lifetime: as long as the members' results, never in flight (stem.backends.groups) -----------
+def test_the_first_member_replaces_the_creation_lifetime_and_later_ones_extend_it(make_backend):
+    backend = make_backend(result_expires=50.0)
+    g = make(backend, 4, ttl=3600.0)
+    assert backend.group_record(g, f"{g}.0", 0, True, b"a", 5.0).ttl == 5.0      # not the creation's 3600
+    assert backend.group_record(g, f"{g}.1", 1, True, b"b", 20.0).ttl == 20.0    # the longest result
+    assert backend.group_record(g, f"{g}.2", 2, False, b"c", 1.0).ttl == 20.0
+    assert backend.group_record(g, f"{g}.2", 2, False, b"c", 99.0).ttl == 20.0   # a repeat changes nothing
+    assert backend.group_record(g, f"{g}.3", 3, True, b"d").ttl == 50.0           # None: result_expires
+
+
+def test_a_completed_group_expires_with_its_members_short_results_and_never_in_flight(backend):
+    g = make(backend, 2, ttl=3600.0)                  # the creation's lifetime would keep it an hour
+    backend.group_record(g, f"{g}.0", 0, True, b"a", 0.3)
+    time.sleep(0.6)                                   # past every lifetime, but not complete: kept
+    assert backend.group_get(g).finished == 1
+    assert backend.group_seal(g).finished == 1        # sealed, still one member to go: kept
+    time.sleep(0.6)
+    assert backend.group_outcomes(g, 0, 2) == [b"a", None]
+    done = backend.group_record(g, f"{g}.1", 1, True, b"b", 0.3)
+    assert done.complete and done.ttl == 0.3
+    wait_for(lambda: backend.group_get(g) is None, timeout=5, what="the group to expire with its results")
+    assert backend.group_outcomes(g, 0, 2) == [None, None]
+    assert backend.group_record(g, f"{g}.1", 1, True, b"b", 0.3) is None      # a late redelivery creates nothing
+
+
+def test_a_held_group_outlives_its_end_until_its_reader_releases_it(backend):
+    g = make(backend, 1, held=True)
+    backend.group_seal(g)
+    r = backend.group_record(g, f"{g}.0", 0, True, b"a", 0.2)
+    assert r.complete and r.held
+    time.sleep(0.5)                                   # the callback waits in a backlog: still readable
+    assert backend.group_outcomes(g, 0, 1) == [b"a"]
+    r = backend.group_release(g, 0.4)                 # the reader is done: lives as long as its result
+    assert (r.held, r.ttl) == (False, 0.4)
+    assert backend.group_get(g) is not None
+    wait_for(lambda: backend.group_get(g) is None, timeout=5, what="the released group to expire")
+    assert backend.group_release(g, 1.0) is None
+
+
+def test_a_release_before_the_end_lets_the_group_expire_when_it_ends(backend):
+    g = make(backend, 1, held=True)
+    r = backend.group_release(g, 0.2)                 # the chord failed: its callback never comes
+    assert not r.held and r.ttl == 60.0               # at least the reader's, never shorter
+    time.sleep(0.4)
+    assert backend.group_get(g) is not None           # released, but in flight: kept
+    backend.group_record(g, f"{g}.0", 0, False, b"x", 0.2)
+    assert backend.group_seal(g).complete
+    wait_for(lambda: backend.group_get(g) is None, timeout=5, what="the group to expire once ended")
+
+
+def test_an_interrupted_group_expires_held_or_not_and_a_late_member_goes_with_it(backend):
+    g = make(backend, 3, seal_by=time.time() - 1, ttl=0.5, held=True)
+    [marked] = [r for r in backend.group_interrupt_unsealed() if r.id == g]
+    assert marked.interrupted
+    # a member published before its producer died ends after the interruption
+    late = backend.group_record(g, f"{g}.1", 1, True, b"late", 0.5)
+    assert late is not None and late.finished == 1
+    wait_for(lambda: backend.group_get(g) is None, timeout=5, what="the interrupted group to expire")
+    assert backend.group_outcomes(g, 0, 3) == [None, None, None]    # the late outcome went with it
+    assert backend.group_failed_members(g) == []
+
+
+def test_a_batch_of_successes_counts_each_once_and_answers_completion_once(backend):
+    g = make(backend, 3)
+    backend.group_seal(g)
+    first = backend.store_and_record([], [(g, f"{g}.0", 0, True, b"a", None), (g, f"{g}.1", 1, True, b"b", None)],
+                                     brief=True)
+    assert all(r is True or (isinstance(r, GroupRecord) and not r.complete) for r in first)
+    # a redelivered member beside the last one: counted once, the completion answered (to the last)
+    out = backend.store_and_record([], [(g, f"{g}.1", 1, True, b"b", None), (g, f"{g}.2", 2, True, b"c", None)],
+                                   brief=True)
+    assert isinstance(out[-1], GroupRecord) and out[-1].complete and out[-1].finished == 3
+    assert all(r is True or isinstance(r, GroupRecord) for r in out)
+    assert backend.group_outcomes(g, 0, 3) == [b"a", b"b", b"c"]
+    assert backend.store_and_record([], [("g-none", "g-none.0", 0, True, b"", None),
+                                         ("g-none", "g-none.1", 1, True, b"", None)], brief=True) == [None, None]
