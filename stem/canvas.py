@@ -42,7 +42,7 @@ from .results import TaskState, TaskStatus
 from .task import TaskOptions
 
 __all__ = ["Signature", "chain", "group", "chord", "chunks", "CanvasHandle", "GroupResults", "MemberFailure",
-           "Progress", "ON_FAILURE", "apply"]
+           "Progress", "ON_FAILURE", "apply", "Lineage", "next_step_id"]
 
 #: What ``chord(on_failure=...)`` takes.
 ON_FAILURE = ("fail", "continue", "fail_fast")
@@ -69,10 +69,10 @@ def _options_dict(name: str, options: TaskOptions | None) -> dict[str, Any] | No
     out = {f: getattr(options, f) for f in options.__struct_fields__ if getattr(options, f) is not None}
     if options.unique:
         raise InvalidTaskOptionsError(_not_unique(name))
-    if callable(out.get("unique_key")) or "autoretry_for" in out or "retry_backoff" in out:
+    if callable(out.get("unique_key")) or "autoretry_for" in out or "retry_backoff" in out or "redact" in out:
         raise InvalidTaskOptionsError(
             f"signature {name!r}: options of a canvas step travel in messages; a callable unique_key, "
-            "autoretry_for and retry_backoff cannot (set them on the handler)")
+            "autoretry_for, retry_backoff and redact cannot (set them on the handler)")
     if isinstance(out.get("unique_key"), tuple):
         out["unique_key"] = list(out["unique_key"])
     return out
@@ -274,6 +274,24 @@ class GroupResults(Sequence):
 
 
 # -- running (the producer's apply and the worker's continuations share it) ----------------------
+class Lineage(NamedTuple):
+    """The parent and root a launched task's envelope names (``Envelope.parent_id`` /
+    ``root_id``; read as ``Stem._build``'s ``parent``): a chain step's parent is the step
+    or group before it, every task's root the canvas's id."""
+
+    id: str | None = None
+    root_id: str | None = None
+
+
+def next_step_id(canvas: dict[str, Any] | None) -> str | None:
+    """The id of the chain step a task's success starts (steps are ``<chain>.s<k>``, the last
+    the chain's own id), or None when the task is no chain step."""
+    up = None if canvas is None else canvas.get("up")
+    if not up or "c" not in up:
+        return None
+    return up["c"] if len(up["r"]) == 1 else f"{up['c']}.s{up['k']}"
+
+
 class Runner:
     """Launches canvas nodes and carries them on when their tasks end.  ``stem`` is a
     producer (``Stem``) with a backend: the caller's in ``apply``, the worker's own when
@@ -287,25 +305,28 @@ class Runner:
         self.revoke_here = revoke_here
 
     # -- launching ------------------------------------------------------------------------
-    def launch(self, node: dict[str, Any], node_id: str, up: dict | None, prev: dict[str, Any], keyed: bool) -> None:
+    def launch(self, node: dict[str, Any], node_id: str, up: dict | None, prev: dict[str, Any], keyed: bool,
+               line: Lineage = Lineage()) -> None:
         """Start ``node`` under ``node_id``; it reports to ``up``; ``prev`` is its place's
         predecessor fields (``pv`` / ``pg``), possibly empty; ``rl`` with ``pg``: this node is
-        the reader of that group, which it releases (``group_release``) when it ends."""
+        the reader of that group, which it releases (``group_release``) when it ends; ``line``
+        the parent and root its tasks' envelopes name (for the dashboard's links)."""
         kind = node["t"]
         if kind == "s":
-            self._signature(node, node_id, up, prev, keyed)
+            self._signature(node, node_id, up, prev, keyed, line)
         elif kind == "c":
             steps = node["s"]
             if len(steps) == 1:
-                self.launch(steps[0], node_id, up, prev, keyed)
+                self.launch(steps[0], node_id, up, prev, keyed, line)
             else:
-                self.launch(steps[0], f"{node_id}.s0", {"c": node_id, "k": 1, "r": steps[1:], "u": up}, prev, keyed)
+                self.launch(steps[0], f"{node_id}.s0", {"c": node_id, "k": 1, "r": steps[1:], "u": up}, prev, keyed,
+                            line)
         elif kind == "g":
-            self._group(node, node_id, up, prev)
+            self._group(node, node_id, up, prev, line)
         else:
             raise ConfigurationError(f"unknown canvas node {kind!r}")
 
-    def _signature(self, node: dict, node_id: str, up: dict | None, prev: dict, keyed: bool) -> None:
+    def _signature(self, node: dict, node_id: str, up: dict | None, prev: dict, keyed: bool, line: Lineage) -> None:
         args = node["a"]
         if node.get("p"):
             value = prev.get("pv")
@@ -313,11 +334,12 @@ class Runner:
                 value = list(GroupResults(self.backend, prev["pg"]))
             args = {**args, node["p"]: value}
         canvas = {"up": up, **prev} if (up is not None or prev) else None
-        self.stem._publish_node(node["n"], args, _options_of(node["o"]), node_id, canvas, keyed)
+        self.stem._publish_node(node["n"], args, _options_of(node["o"]), node_id, canvas, keyed, line)
 
-    def _group(self, node: dict, group_id: str, up: dict | None, prev: dict) -> None:
+    def _group(self, node: dict, group_id: str, up: dict | None, prev: dict, line: Lineage) -> None:
         members = node["m"]
-        data = {"up": up, "b": node.get("b"), "f": node.get("f", "fail"), "n": len(members)}
+        # "rt": the canvas's root, for the tasks its completion starts (absent in older records)
+        data = {"up": up, "b": node.get("b"), "f": node.get("f", "fail"), "n": len(members), "rt": line.root_id}
         if prev.get("rl"):
             # this group reads its predecessor group (each member gets its results): that one is
             # released when this one ends, not when its first member does
@@ -330,7 +352,7 @@ class Runner:
         seal_by, ttl = time.time() + self.creation_timeout, self.backend.result_expires
         canvas = {"up": {"g": group_id}, **prev}
         ids = [f"{group_id}.{i}" for i in range(len(members))]
-        batch = self._batch(members, ids, canvas)
+        batch = self._batch(members, ids, canvas, line)
         if batch is not None:
             # one task name and options: record and members in one transaction where the
             # store allows it (stem.backends.base, group_publish), never left unsealed
@@ -349,27 +371,30 @@ class Runner:
             self.stem.broker.publish_frames(queue, ids, frames, priority=priority,
                                             visibility_timeout=visibility_timeout)
         else:
-            self._members(members, group_id, ids, canvas, prev)
+            self._members(members, group_id, ids, canvas, prev, line)
         record = self.backend.group_seal(group_id)
         if record is not None and record.complete:
             self.completed(record)
 
-    def _batch(self, members: list[dict], ids: list[str], canvas: dict) -> tuple | None:
+    def _batch(self, members: list[dict], ids: list[str], canvas: dict, line: Lineage) -> tuple | None:
         """The members as one ``publish_frames`` batch (``Stem._member_frames``) when they are
         signatures of one task name and options, else None."""
         first = _uniform(members)
         if first is None:
             return None
-        return self.stem._member_frames(first["n"], _options_of(first["o"]), ids, [m["a"] for m in members], canvas)
+        return self.stem._member_frames(first["n"], _options_of(first["o"]), ids, [m["a"] for m in members], canvas,
+                                        line)
 
-    def _members(self, members: list[dict], group_id: str, ids: list[str], canvas: dict, prev: dict) -> None:
+    def _members(self, members: list[dict], group_id: str, ids: list[str], canvas: dict, prev: dict,
+                 line: Lineage) -> None:
         """The members that are not one ``publish_frames`` batch."""
         first = _uniform(members)
         if first is not None:      # each its own Message (publish signals, unique keys, limits)
-            self.stem._publish_messages(first["n"], _options_of(first["o"]), ids, [m["a"] for m in members], canvas)
+            self.stem._publish_messages(first["n"], _options_of(first["o"]), ids, [m["a"] for m in members], canvas,
+                                        line)
             return
         for i, m in enumerate(members):
-            self.launch(m, ids[i], {"g": group_id}, prev, keyed=False)
+            self.launch(m, ids[i], {"g": group_id}, prev, keyed=False, line=line)
 
     # -- carrying on ---------------------------------------------------------------------
     def finished(self, env: Any, status: TaskStatus) -> None:
@@ -378,7 +403,7 @@ class Runner:
         canvas = env.canvas or {}
         up = canvas.get("up")
         if up is not None:
-            self.report(up, env.id, status, None)
+            self.report(up, env.id, status, None, env.root_id)
         if canvas.get("rl"):
             self.backend.group_release(canvas["pg"], status.ttl)
 
@@ -399,17 +424,21 @@ class Runner:
                 members.append((up["g"], env.id, int(env.id.rsplit(".", 1)[1]), ok, _outcome(status, status.result),
                                 status.ttl))
             else:
-                chained.append((up, env.id, status))
+                chained.append((up, env.id, status, env.root_id))
         records = self.backend.store_and_record(store, members, brief=True)
         for record, item in zip(records, members):
             if record is not None and record is not True:     # True: counted, nothing to do
                 self.recorded(record, item[3])
-        for up, task_id, status in chained:
-            self.report(up, task_id, status, None)
+        for up, task_id, status, root_id in chained:
+            self.report(up, task_id, status, None, root_id)
         for group_id, ttl in readers:
             self.backend.group_release(group_id, ttl)
 
-    def report(self, up: dict, member_id: str, status: TaskStatus, group_ref: str | None) -> None:
+    def report(self, up: dict, member_id: str, status: TaskStatus, group_ref: str | None,
+               root_id: str | None = None) -> None:
+        """``member_id`` (a task, or a group: ``group_ref``) ended in ``status``: count it in
+        its group, or carry its chain on (the next step's parent is ``member_id``, its root
+        ``root_id``)."""
         ok = status.state is TaskState.SUCCEEDED
         if "g" in up:
             group_id = up["g"]
@@ -427,14 +456,16 @@ class Runner:
                                 result={"step": k - 1, "task_id": member_id}, finished_at=time.time())
             self.backend.store(failed)
             if up["u"] is not None:
-                self.report(up["u"], chain_id, failed, None)
+                self.report(up["u"], chain_id, failed, None, root_id)
             return
         prev = {"pg": group_ref, "rl": 1} if group_ref is not None else {"pv": status.result}
+        step_id = next_step_id({"up": up})
+        line = Lineage(member_id, root_id)
         if len(rest) == 1:
-            self.launch(rest[0], chain_id, up["u"], prev, keyed=True)
+            self.launch(rest[0], step_id, up["u"], prev, keyed=True, line=line)
         else:
-            self.launch(rest[0], f"{chain_id}.s{k}", {"c": chain_id, "k": k + 1, "r": rest[1:], "u": up["u"]}, prev,
-                        keyed=True)
+            self.launch(rest[0], step_id, {"c": chain_id, "k": k + 1, "r": rest[1:], "u": up["u"]}, prev,
+                        keyed=True, line=line)
 
     def data(self, record: Any) -> dict[str, Any]:
         """A group's description, verified as any frame is (a worker with a signer accepts
@@ -465,7 +496,9 @@ class Runner:
         if data.get("rl"):
             self.backend.group_release(data["rl"], record.ttl)
         if data.get("b") is not None:
-            self.launch(data["b"], record.id, data["up"], {"pg": record.id, "rl": 1}, keyed=True)
+            # the callback runs under the group's own id: its predecessor is ``pg``, not a parent
+            self.launch(data["b"], record.id, data["up"], {"pg": record.id, "rl": 1}, keyed=True,
+                        line=Lineage(None, data.get("rt")))
         else:
             # the group's own status lives as long as its record (its members' results)
             done = TaskStatus(id=record.id, state=TaskState.SUCCEEDED, result={"group": record.id,
@@ -473,7 +506,7 @@ class Runner:
                               finished_at=time.time(), ttl=record.ttl)
             self.backend.store(done)
             if data["up"] is not None:
-                self.report(data["up"], record.id, done, record.id)
+                self.report(data["up"], record.id, done, record.id, data.get("rt"))
 
     def fail(self, record: Any, data: dict[str, Any], reason: str = "dependency-failed") -> None:
         """End the group (or chord) FAILED: its waiters wake, the callback never runs."""
@@ -490,7 +523,7 @@ class Runner:
             self.backend.group_release(data["rl"], record.ttl)   # every member that read it ended
         self.backend.store(status)
         if data["up"] is not None:
-            self.report(data["up"], record.id, status, None)
+            self.report(data["up"], record.id, status, None, data.get("rt"))
 
     def sweep(self) -> int:
         """End the groups their producers left unsealed past the deadline; how many."""
@@ -605,7 +638,7 @@ def apply(stem: Any, canvas: Any, *, creation_timeout: float = 600.0, canvas_id:
         raise InvalidTaskOptionsError(f"a canvas's args must be msgpack values: {exc}") from None
     runner = Runner(stem, creation_timeout=creation_timeout)
     # a given id is an idempotency key: a first task published keyed, a group created once
-    runner.launch(node, canvas_id, None, {}, keyed=explicit)
+    runner.launch(node, canvas_id, None, {}, keyed=explicit, line=Lineage(None, canvas_id))
     kind = {"s": "task", "c": "chain", "g": "chord" if node.get("b") is not None else "group"}[node["t"]]
     return CanvasHandle(stem, canvas_id, kind, len(node["s"]) if kind == "chain" else None)
 

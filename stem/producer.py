@@ -176,9 +176,10 @@ class Stem:
             raise InvalidTaskOptionsError(f"task name must be a non-empty string, got {name!r}")
         if options is not None and not isinstance(options, TaskOptions):
             raise InvalidTaskOptionsError(f"options must be a TaskOptions, got {options!r}")
-        if options is not None and (options.autoretry_for is not None or options.retry_backoff is not None):
+        if options is not None and (options.autoretry_for is not None or options.retry_backoff is not None
+                                    or options.redact is not None):
             raise InvalidTaskOptionsError(
-                f"task {name!r}: autoretry_for and retry_backoff are options of the handler "
+                f"task {name!r}: autoretry_for, retry_backoff and redact are options of the handler "
                 "(@registry.task(..., options=TaskOptions(...))), not of one enqueue")
         if options is not None and options.rate_scope == "worker":
             # a per-worker bucket is read from the worker's handler: one message cannot carry it
@@ -550,10 +551,11 @@ class Stem:
         return CanvasHandle.from_id(self, canvas_id)
 
     def _publish_node(self, name: str, args: dict[str, Any] | None, options: TaskOptions | None, task_id: str,
-                      canvas: dict | None, keyed: bool) -> None:
+                      canvas: dict | None, keyed: bool, line: Any = None) -> None:
         """One task of a canvas under ``task_id``; ``keyed``: under its id key, so publishing
-        it again (a redelivered chain step, a second last member) publishes nothing."""
-        env, message, key = self._build(name, args, options, None, None, None, None, task_id, None, time.time(),
+        it again (a redelivered chain step, a second last member) publishes nothing.
+        ``line``: its parent and root (``stem.canvas.Lineage``)."""
+        env, message, key = self._build(name, args, options, None, None, None, None, task_id, line, time.time(),
                                         explicit_id=keyed, canvas=canvas)
         if keyed and key is not None:
             self.broker.publish_keyed([key])
@@ -563,16 +565,17 @@ class Stem:
             signals.after_task_publish.send(self, envelope=env)
 
     def _publish_messages(self, name: str, options: TaskOptions | None, ids: list[str], args_list: list[dict],
-                          canvas: dict) -> None:
+                          canvas: dict, line: Any = None) -> None:
         """A group's members of one task name and options that ``_member_frames`` does not
-        batch: each its own ``Message`` (its key, its limit from its args), one publish."""
+        batch: each its own ``Message`` (its key, its limit from its args), one publish;
+        ``line``: their parent and root (``stem.canvas.Lineage``)."""
         now = time.time()
-        messages = [self._build(name, a, options, None, None, None, None, i, None, now, explicit_id=False,
+        messages = [self._build(name, a, options, None, None, None, None, i, line, now, explicit_id=False,
                                 canvas=canvas)[1] for i, a in zip(ids, args_list)]
         self.broker.publish_many(messages)
 
     def _member_frames(self, name: str, options: TaskOptions | None, ids: list[str], args_list: list[dict],
-                       canvas: dict) -> tuple[str, list[bytes], int, float | None] | None:
+                       canvas: dict, line: Any = None) -> tuple[str, list[bytes], int, float | None] | None:
         """A group's members of one task name and options on ``enqueue_many``'s fast path: the
         envelope (canvas place included: members differ only in id and args) is encoded once
         and the frames are spliced; (queue, frames, priority, visibility timeout).  None when
@@ -585,7 +588,8 @@ class Stem:
                 or limit is not None):
             return None
         env = Envelope("", name, {}, {}, {}, queue, priority, 0, max_retries, now, None, expires_at,
-                       visibility_timeout, soft, hard, None, None, unset, None, result_ttl, failure_ttl, ignore_result,
+                       visibility_timeout, soft, hard, None if line is None else line.id,
+                       None if line is None else line.root_id, unset, None, result_ttl, failure_ttl, ignore_result,
                        canvas)
         for a in args_list:
             _checked_args(name, a)

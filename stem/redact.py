@@ -1,4 +1,4 @@
-"""Credentials out of what stem prints: ``mask_url`` for one URL, ``mask_urls`` for a message.
+"""Secrets out of what stem shows: URLs (``mask_url``, ``mask_urls``) and task arguments (``shown_args``).
 
 Broker and backend URLs carry passwords (``redis://:secret@host``,
 ``postgresql://user:pw@host/db?password=...``); anything shown to a person or
@@ -6,13 +6,25 @@ written to a log goes through here first.  Parsing is by hand, not
 ``urllib.parse``: a URL malformed enough to be in an error message is still
 masked (``urlsplit`` raises on some of those), and a password holding ``/``,
 ``?`` or ``@`` is still hidden whole.
+
+A task's arguments are kept for display (``TaskStatus.args``, the dashboard's
+task page, ``stem result``) only as ``shown_args`` makes them: the values of
+secret-looking names hidden (``redact_names``; at any depth), or what the task's
+own ``TaskOptions(redact=...)`` says, and cut to ``ARGS_SHOWN_BYTES`` so a task
+with a large payload does not copy it into every status.  The worker calls it
+once per task; when the frame it came in is already that small (``size_hint``)
+nothing is measured, so a task with small arguments pays one walk of them.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any, Callable, Collection
 
-__all__ = ["mask_url", "mask_urls", "MASK"]
+import msgspec
+
+__all__ = ["mask_url", "mask_urls", "MASK", "ARGS_SHOWN_BYTES", "TRUNCATED", "is_secret_name", "redact_names",
+           "shown_args"]
 
 MASK = "***"
 # query parameters that carry a secret (libpq: password, sslpassword; redis-py: password)
@@ -67,3 +79,126 @@ def mask_urls(text: str) -> str:
     if not isinstance(text, str) or "://" not in text:
         return text
     return _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0)), text)
+
+
+# -- task arguments -------------------------------------------------------------------------------
+#: The most msgpack bytes of a task's arguments a status keeps for display; above it, values are cut.
+ARGS_SHOWN_BYTES = 1024
+#: What every cut value says (a string ending ``[truncated: N bytes]``, or a key ``"…"`` for the
+#: arguments left out).
+TRUNCATED = "truncated"
+#: Argument names whose values are hidden unless a task's ``redact`` callable says otherwise.
+_SECRET_NAME = re.compile(r"(?i)(pass(word|wd)?|secret|token|api[_-]?key|auth(orization)?|credential|"
+                          r"private[_-]?key|cookie|session)")
+_secret_names: dict[str, bool] = {}   # name -> secret?  (a worker sees few distinct names: cached)
+_PART = 128          # a value up to this size is kept whole in cut arguments, while room is left
+_KEEP_CHARS = 64     # how much of a long string cut arguments keep
+_encode = msgspec.msgpack.Encoder().encode
+
+#: ``TaskOptions.redact``: argument names to hide (besides the secret-looking ones), or a
+#: callable ``args -> dict | None`` whose result is what is shown (None: nothing).
+RedactRule = Collection[str] | Callable[[dict[str, Any]], Any] | None
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an argument or meta name looks like it holds a secret (password, token,
+    secret, api_key, authorization, credential, private_key, cookie, session)."""
+    hit = _secret_names.get(name)
+    if hit is None:
+        hit = _SECRET_NAME.search(name) is not None
+        if len(_secret_names) < 4096:
+            _secret_names[name] = hit
+    return hit
+
+
+def redact_names(value: Any, names: Collection[str] = ()) -> Any:
+    """``value`` with the value of every dict key that is in ``names`` or looks like a
+    secret (``is_secret_name``) replaced by ``***``, at any depth (dicts, lists, tuples).
+    Returns ``value`` itself when nothing was hidden."""
+    if isinstance(value, dict):
+        out, changed = {}, False
+        for k, v in value.items():
+            if isinstance(k, str) and (k in names or is_secret_name(k)):
+                shown: Any = MASK
+            else:
+                shown = redact_names(v, names)
+            changed = changed or shown is not v
+            out[k] = shown
+        return out if changed else value
+    if isinstance(value, (list, tuple)):
+        items = [redact_names(v, names) for v in value]
+        return items if any(a is not b for a, b in zip(items, value)) else value
+    return value
+
+
+def _cut(value: Any, size: int) -> str:
+    if isinstance(value, str):
+        return f"{value[:_KEEP_CHARS]}… [{TRUNCATED}: {size:,} bytes]"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"[{TRUNCATED}: {size:,} bytes of binary data]"
+    return f"[{TRUNCATED}: {type(value).__name__} of {size:,} bytes]"
+
+
+def _truncated(args: dict[str, Any], names: Collection[str] | None, limit: int) -> dict[str, Any]:
+    """``args`` cut to about ``limit`` bytes: small values whole (and redacted, unless
+    ``names`` is None: a callable's output is shown as it is), larger ones cut, and once
+    the room is used up one ``"…"`` entry saying how many arguments were left out."""
+    out: dict[str, Any] = {}
+    room = limit
+    for i, (k, v) in enumerate(args.items()):
+        if room <= 0:
+            out["…"] = f"[{TRUNCATED}: {len(args) - i} more arguments]"
+            break
+        key = k if len(k) <= _KEEP_CHARS else k[:_KEEP_CHARS] + "…"
+        if names is not None and (k in names or is_secret_name(k)):
+            shown: Any = MASK
+            room -= len(key) + 4
+        else:
+            size = len(_encode(v))
+            if size <= min(_PART, room):
+                shown = v if names is None else redact_names(v, names)
+                room -= len(key) + size
+            else:
+                shown = _cut(v, size)
+                room -= len(key) + len(shown) + 3
+        out[key] = shown
+    return out
+
+
+def shown_args(args: dict[str, Any], rule: RedactRule = None, *, limit: int = ARGS_SHOWN_BYTES,
+               size_hint: int | None = None) -> dict[str, Any] | None:
+    """What of a task's ``args`` may be shown and kept for display: with ``rule`` None or a
+    collection of names, the values of those names and of secret-looking ones hidden at
+    any depth (``redact_names``); with a callable, its result (a dict, or None for
+    nothing), never the arguments it hid.  Either way cut to about ``limit`` msgpack
+    bytes, each cut value saying so (``TRUNCATED``).  ``size_hint``: an upper bound of
+    the arguments' encoded size already known (the frame's length), which spares the
+    measuring when it is within ``limit``.
+
+    A callable that raises, or returns something that is not a dict of msgpack values
+    with str keys, shows one ``"…"`` entry saying so: a bad hook never leaks the
+    arguments and never fails the task."""
+    if callable(rule):
+        try:
+            shown = rule(dict(args))
+        except Exception as exc:  # noqa: BLE001 - a broken hook hides the arguments, never fails the task
+            return {"…": f"[hidden: the task's redact hook raised {type(exc).__name__}]"}
+        if shown is None:
+            return None
+        if not isinstance(shown, dict) or not all(isinstance(k, str) for k in shown):
+            return {"…": f"[hidden: the task's redact hook returned a {type(shown).__name__}, not a dict "
+                         "with str keys]"}
+        try:
+            size = len(_encode(shown))
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+            return {"…": "[hidden: the task's redact hook returned values msgpack cannot carry]"}
+        return shown if size <= limit else _truncated(shown, None, limit)
+    names: Collection[str] = rule or ()
+    if not args:
+        return {}
+    if size_hint is None or size_hint > limit:
+        size = len(_encode(args))
+        if size > limit:
+            return _truncated(args, names, limit)
+    shown = redact_names(args, names)
+    return dict(shown) if shown is args else shown

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 __all__ = ["TaskState", "TaskStatus", "TaskResult", "TERMINAL_STATES", "Reason", "encode_status", "decode_status",
-           "ttl_of"]
+           "ttl_of", "MAX_CHILDREN"]
 
 
 class TaskState(str, enum.Enum):
@@ -61,7 +61,22 @@ class TaskStatus(msgspec.Struct, omit_defaults=True):
     (``hard-time-limit``, ``child-crashed``, ``signature-invalid`` ...).
 
     ``ttl``: how many seconds the backend keeps this status from when it is stored
-    (None: the backend's ``result_expires``); the rule is in ``stem.backends.base``."""
+    (None: the backend's ``result_expires``); the rule is in ``stem.backends.base``.
+
+    Where the task came from, copied from its envelope by the worker (None in statuses
+    stored before stem kept them, and in the statuses of groups and chains):
+    ``enqueued_at``, ``parent_id`` / ``root_id`` (the task that enqueued it, and the
+    first task of that line; for a canvas task, the step before it and the canvas),
+    ``group_id`` (the group or chord it is a member of), ``children`` (what it started:
+    tasks it enqueued with ``ctx.enqueue``, the next step of its chain; at most
+    ``MAX_CHILDREN``) and ``args``, its arguments as they may be shown: secret-looking
+    and ``TaskOptions(redact=...)`` values hidden, large values cut
+    (``stem.redact.shown_args``).  Never the arguments the task ran with.
+
+    The fields travel by name (a msgpack map, defaults left out), so a status stored by
+    an older stem reads with these as None, and an older stem reading a newer status
+    ignores the names it does not know.  New fields go at the end: the Redis backend
+    reads ``state`` from the head of the record."""
 
     id: str
     state: TaskState
@@ -80,6 +95,12 @@ class TaskStatus(msgspec.Struct, omit_defaults=True):
     updated_at: float = msgspec.field(default_factory=time.time)
     worker: str | None = None
     ttl: float | None = None
+    enqueued_at: float | None = None
+    parent_id: str | None = None
+    root_id: str | None = None
+    group_id: str | None = None
+    children: list[str] | None = None
+    args: dict[str, Any] | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -91,12 +112,26 @@ class TaskStatus(msgspec.Struct, omit_defaults=True):
 
     @classmethod
     def of(cls, envelope: Any, state: TaskState, **fields: Any) -> "TaskStatus":
-        """The status of ``envelope``'s task in ``state``: id, name, queue, attempt, meta and
-        ttl (``ttl_of``) from the envelope, the rest from ``fields``."""
+        """The status of ``envelope``'s task in ``state``: id, name, queue, attempt, meta, ttl
+        (``ttl_of``), enqueue time, parent, root and group from the envelope, the rest (the
+        shown ``args`` and ``children`` among them) from ``fields``."""
         # ttl_of inlined for the common case (no failure_ttl): this runs once per settled task
         ttl = envelope.result_ttl if envelope.failure_ttl is None else ttl_of(envelope, state)
+        canvas = envelope.canvas
         return cls(id=envelope.id, state=state, name=envelope.name, queue=envelope.queue,
-                   attempt=envelope.attempt, meta=envelope.meta, ttl=ttl, **fields)
+                   attempt=envelope.attempt, meta=envelope.meta, ttl=ttl, enqueued_at=envelope.enqueued_at or None,
+                   parent_id=envelope.parent_id, root_id=envelope.root_id,
+                   group_id=None if canvas is None else _group_of(canvas), **fields)
+
+
+#: The most ids ``TaskStatus.children`` keeps (a task that enqueues more lists the first ones).
+MAX_CHILDREN = 100
+
+
+def _group_of(canvas: dict[str, Any]) -> str | None:
+    """The group a canvas task is a member of (``stem.canvas``: its ``up`` names it)."""
+    up = canvas.get("up")
+    return up.get("g") if isinstance(up, dict) else None
 
 
 def ttl_of(envelope: Any, state: TaskState) -> float | None:

@@ -59,7 +59,15 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     ``concurrency_key``.  A key is a str (shared by every task naming it), a list of argument
     names (one key per value: the task name and those values) or a callable ``(args,
     headers) -> str``; unset, the task name.  ``rate_scope="worker"`` instead keeps a token
-    bucket in each worker process (no key, no burst)."""
+    bucket in each worker process (no key, no burst).
+
+    Display: the worker keeps a task's arguments in its statuses for the dashboard and
+    ``stem result`` (``TaskStatus.args``), with the values of secret-looking names
+    (password, token, api_key, ...) hidden and large values cut (``stem.redact``).
+    ``redact`` (an option of the handler) hides more: a list of argument names (hidden at
+    any depth, besides the secret-looking ones), or a callable ``args -> dict | None``
+    whose result is what is kept instead (None: no arguments at all; it replaces the
+    name rule, and must not change ``args``)."""
 
     queue: str | None = None
     max_retries: int | None = None
@@ -88,6 +96,8 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     result_ttl: float | None = None
     failure_ttl: float | None = None
     ignore_result: bool | None = None
+    # what statuses and the dashboard show of the args (an option of the handler)
+    redact: Any = None                # tuple of argument names, or a callable args -> dict | None
 
     def __post_init__(self) -> None:
         if self.queue is not None:
@@ -125,6 +135,15 @@ class TaskOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
                     "unique_key must be a non-empty list of argument names or a callable of the args, "
                     f"got {names!r}")
             msgspec.structs.force_setattr(self, "unique_key", tuple(names))   # hashable, like the rest
+        if self.redact is not None and not callable(self.redact):
+            names = self.redact
+            if isinstance(names, str) or not isinstance(names, (list, tuple, set, frozenset)) or not all(
+                    isinstance(n, str) and n for n in names):
+                raise InvalidTaskOptionsError(
+                    "redact must be a list of argument names or a callable args -> dict | None, "
+                    f"got {names!r}")
+            msgspec.structs.force_setattr(self, "redact", tuple(sorted(names) if isinstance(names, (set, frozenset))
+                                                                else names))
         if self.autoretry_for is not None:
             kinds = self.autoretry_for
             if isinstance(kinds, type):

@@ -22,6 +22,7 @@ from .brokers.memory import InMemoryBroker
 from .envelope import Envelope, decode_frame
 from .errors import TaskFailedError
 from .producer import Stem
+from .redact import shown_args
 from .results import Reason, TaskState, TaskStatus
 from .task import TaskContext, TaskRegistry
 from .worker.execution import OK, Outcome, run_handler
@@ -90,13 +91,15 @@ class EagerStem(Stem):
                 if env.ignore_result:
                     return
                 self.backend.store(TaskStatus.of(env, TaskState.SUCCEEDED, result=out.result,
-                                                 started_at=out.started_at, finished_at=out.finished_at))
+                                                 started_at=out.started_at, finished_at=out.finished_at,
+                                                 args=shown_args(env.args, handler.options.redact)))
                 return
             if out.reason in NOT_RETRYABLE or not out.retryable:
                 break
         status = TaskStatus.of(env, TaskState.FAILED, error=out.error, error_type=out.error_type,
                                reason=str(out.reason or Reason.ERROR), traceback=out.traceback,
-                               started_at=out.started_at, finished_at=out.finished_at)
+                               started_at=out.started_at, finished_at=out.finished_at,
+                               args=shown_args(env.args, handler.options.redact))
         self.backend.store(status)
         if self.raise_errors:
             raise TaskFailedError(f"task {env.name} [{env.id}] failed: {out.error_type}: {out.error}\n"

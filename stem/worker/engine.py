@@ -12,6 +12,8 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..redact import shown_args
+from ..results import MAX_CHILDREN
 from ..task import TaskHandler
 
 if TYPE_CHECKING:
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     from .execution import Outcome
 
 __all__ = ["Job", "Engine", "EngineHooks", "RateLimiter", "take_matching"]
+
+_UNSET: Any = object()
 
 
 def take_matching(backlog, predicate: "Callable[[Job], bool] | None") -> list["Job"]:
@@ -50,7 +54,7 @@ class Job:
 
     __slots__ = ("seq", "delivery", "envelope", "handler", "received_at", "started_at", "extended_at",
                  "soft_deadline", "hard_deadline", "interrupted", "settled", "slot", "thread_ident", "noted_running",
-                 "key_released")
+                 "key_released", "children", "_shown")
 
     def __init__(self, seq: int, delivery: "Delivery", envelope: "Envelope", handler: TaskHandler):
         self.seq = seq
@@ -68,6 +72,25 @@ class Job:
         self.thread_ident: int | None = None
         self.noted_running = False   # a RUNNING status was noted for it (stem.worker.progress)
         self.key_released = False    # its unique key was handed to be released at its start
+        self.children: list[str] | None = None   # ids of the tasks it enqueued (ctx.enqueue), the first MAX_CHILDREN
+        self._shown: Any = _UNSET
+
+    def shown_args(self) -> dict[str, Any] | None:
+        """Its arguments as its statuses keep them (``stem.redact.shown_args`` under its
+        handler's ``redact``), worked out once: a RUNNING and a terminal status share it."""
+        shown = self._shown
+        if shown is _UNSET:
+            shown = self._shown = shown_args(self.envelope.args, self.handler.options.redact,
+                                             size_hint=len(self.delivery.frame))
+        return shown
+
+    def add_child(self, task_id: str) -> None:
+        """A task it enqueued (``ctx.enqueue``), for its statuses' ``children``."""
+        children = self.children
+        if children is None:
+            self.children = [task_id]
+        elif len(children) < MAX_CHILDREN:
+            children.append(task_id)
 
     def mark_started(self) -> None:
         self.started_at = time.time()

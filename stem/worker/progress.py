@@ -46,22 +46,25 @@ class StatusBoard:
         self._lock = threading.Lock()
         self._next_flush = 0.0
 
-    def started(self, envelope: Any, started_at: float | None) -> None:
-        """Note that this task runs (unless a progress note already says more)."""
+    def started(self, envelope: Any, started_at: float | None, *, args: dict | None = None,
+                children: list[str] | None = None) -> None:
+        """Note that this task runs (unless a progress note already says more); ``args``
+        and ``children`` as its statuses show them (``Job.shown_args``, ``Job.children``)."""
         if envelope.ignore_result:
             return
         with self._lock:
             if envelope.id not in self._pending:
-                self._pending[envelope.id] = self._status(envelope, started_at, None, envelope.meta)
+                self._pending[envelope.id] = self._status(envelope, started_at, None, envelope.meta, args, children)
 
-    def progress(self, envelope: Any, started_at: float | None, fraction: float, data: Any) -> None:
+    def progress(self, envelope: Any, started_at: float | None, fraction: float, data: Any, *,
+                 args: dict | None = None, children: list[str] | None = None) -> None:
         """Note the task's latest progress (replacing any earlier note)."""
         if envelope.ignore_result:
             return
         meta = dict(envelope.meta)
         if data is not None:
             meta["progress_data"] = data
-        status = self._status(envelope, started_at, fraction, meta)
+        status = self._status(envelope, started_at, fraction, meta, args, children)
         with self._lock:
             self._pending[envelope.id] = status
 
@@ -86,8 +89,10 @@ class StatusBoard:
             log.warning("could not store the progress of %d running tasks (%s); the next note retries",
                         len(statuses), exc)
 
-    def _status(self, env: Any, started_at: float | None, fraction: float | None, meta: dict) -> TaskStatus:
+    def _status(self, env: Any, started_at: float | None, fraction: float | None, meta: dict, args: dict | None,
+                children: list[str] | None) -> TaskStatus:
         status = TaskStatus.of(env, TaskState.RUNNING, progress=fraction, started_at=started_at,
-                               updated_at=time.time(), worker=self._worker_id)
+                               updated_at=time.time(), worker=self._worker_id, args=args,
+                               children=None if children is None else list(children))
         status.meta = meta
         return status

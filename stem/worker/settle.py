@@ -15,10 +15,12 @@ import time
 from typing import Any, Callable
 
 from ..brokers import Broker, Delivery
+from ..canvas import next_step_id
 from ..envelope import decode_frame, with_delivery
 from ..errors import ConfigurationError, StemError
 from ..logs import task_extra
-from ..results import Reason, TaskState, TaskStatus, ttl_of
+from ..redact import shown_args
+from ..results import Reason, TaskState, TaskStatus
 from ..retry import ExponentialJitterRetryStrategy, RetryStrategy
 from ..signals import signals
 from ..workflows.wake import RUN_HEADER
@@ -64,13 +66,23 @@ def _label(env) -> str:
     return f"{env.name}[{env.id}]"
 
 
+def _with_next_step(job: Job) -> list[str] | None:
+    """A canvas task's children on success: what it enqueued, and the chain step its
+    success starts (``stem.canvas.next_step_id``)."""
+    step = next_step_id(job.envelope.canvas)
+    if step is None:
+        return job.children
+    return [*(job.children or ()), step]
+
+
 class Settler:
     """Stores outcomes and settles deliveries (the settle thread, or the main loop without one)."""
 
     def __init__(self, *, state: WorkerState, broker: Broker, backend: Any, worker_id: str, store_results: bool,
                  retry_strategy: RetryStrategy, board: StatusBoard | None,
                  take_in: Callable[[list[Delivery], set[str], list[Job]], None], sender: Any = None,
-                 canvas: Callable[[], Any] | None = None, workflows: Callable[[], Any] | None = None):
+                 canvas: Callable[[], Any] | None = None, workflows: Callable[[], Any] | None = None,
+                 registry: Any = None):
         self.state = state
         self.broker = broker
         self.backend = backend
@@ -83,6 +95,7 @@ class Settler:
         self.combined = store_results   # store and ack in one round trip, until the store says it cannot
         self.canvas = canvas            # -> the stem.canvas.Runner carrying canvases on (None: no backend)
         self.workflows = workflows      # -> the stem.workflows.wake.CallNotifier (None: no backend)
+        self.registry = registry        # the handlers' redact options, for tasks that end without a Job
 
     def workflow_tasks_ended(self, envs: list[Any]) -> None:
         """Tasks run by a workflow's ``ctx.call`` (their ``RUN_HEADER``) ended and their statuses
@@ -96,6 +109,14 @@ class Settler:
                 self.workflows().finished(called)
             except Exception:  # noqa: BLE001 - a bug here must not stop the settle thread
                 log.exception("could not tell %d workflow runs that their tasks ended", len(called))
+
+    def shown_args(self, env: Any, d: Delivery) -> dict[str, Any] | None:
+        """The shown arguments (``Job.shown_args``) of a task that ends without running: its
+        handler's ``redact`` when this worker has the handler, else the default rule."""
+        handler = None
+        if self.registry is not None and env.name in self.registry:
+            handler = self.registry.get(env.name)
+        return shown_args(env.args, None if handler is None else handler.options.redact, size_hint=len(d.frame))
 
     def canvas_finished(self, env: Any, status: TaskStatus) -> None:
         """A task of a canvas reached ``status``: record it in its group (or start the next
@@ -128,10 +149,13 @@ class Settler:
                        extra=task_extra(env) if env is not None else None)
         if env is not None:
             check_result_options(env)   # a lifetime the backend would refuse falls back to its default
-        status = TaskStatus(id=d.task_id, state=TaskState.DEAD, name=env.name if env else "",
-                            queue=d.queue, attempt=env.attempt if env else 0, error=error, reason=reason,
-                            finished_at=time.time(), worker=self.worker_id,
-                            ttl=ttl_of(env, TaskState.DEAD) if env is not None else None)
+        if env is not None:
+            status = TaskStatus.of(env, TaskState.DEAD, error=error, reason=reason, finished_at=time.time(),
+                                   worker=self.worker_id, args=self.shown_args(env, d))
+            status.queue = d.queue
+        else:
+            status = TaskStatus(id=d.task_id, state=TaskState.DEAD, queue=d.queue, error=error, reason=reason,
+                                finished_at=time.time(), worker=self.worker_id)
         if self.store_results:
             self.store([status])
         if self.canvas is not None:
@@ -152,7 +176,8 @@ class Settler:
         """End a delivery that will not run (revoked, expired) in ``state``."""
         reason = str(reason)
         task_log.info("task %s %s without running (%s)", _label(env), state.value, reason, extra=task_extra(env))
-        status = TaskStatus.of(env, state, reason=reason, finished_at=time.time(), worker=self.worker_id)
+        status = TaskStatus.of(env, state, reason=reason, finished_at=time.time(), worker=self.worker_id,
+                               args=self.shown_args(env, d))
         if self.store_results:
             self.store([status])
         if env.canvas:
@@ -184,7 +209,8 @@ class Settler:
                     continue
                 if store and not job.envelope.ignore_result:
                     statuses.append(of(job.envelope, succeeded, result=out.result, started_at=out.started_at,
-                                       finished_at=out.finished_at, updated_at=now, worker=worker_id))
+                                       finished_at=out.finished_at, updated_at=now, worker=worker_id,
+                                       args=job.shown_args(), children=job.children))
                 acks.append(job)
             else:
                 later.append((job, out))
@@ -219,7 +245,8 @@ class Settler:
         groups: one round trip for the batch; next chain steps started), then acked."""
         of, succeeded, worker_id = TaskStatus.of, TaskState.SUCCEEDED, self.worker_id
         ended = [(job.envelope, of(job.envelope, succeeded, result=out.result, started_at=out.started_at,
-                                   finished_at=out.finished_at, updated_at=now, worker=worker_id))
+                                   finished_at=out.finished_at, updated_at=now, worker=worker_id,
+                                   args=job.shown_args(), children=_with_next_step(job)))
                  for job, out in done]
         jobs = [job for job, _ in done]
         self.state.count("succeeded", len(jobs))
@@ -308,7 +335,8 @@ class Settler:
                 # a success would leave nothing behind of an ignore_result task: neither does a retry
                 status = TaskStatus.of(env, TaskState.RETRYING, error=out.error, error_type=out.error_type,
                                        reason=out.reason, traceback=out.traceback, started_at=out.started_at,
-                                       finished_at=out.finished_at, worker=self.worker_id)
+                                       finished_at=out.finished_at, worker=self.worker_id,
+                                       args=job.shown_args(), children=job.children)
                 # kept until the retry is due, and a lifetime beyond (a countdown may pass result_expires)
                 status.ttl = max(delay, 0.0) + max(status.ttl or 0.0, self.backend.result_expires)
                 self.store([status])
@@ -325,7 +353,8 @@ class Settler:
                            extra=task_extra(env))
             status = TaskStatus.of(env, final, error=out.error, error_type=out.error_type, reason=reason,
                                    traceback=out.traceback, started_at=out.started_at,
-                                   finished_at=out.finished_at, worker=self.worker_id)
+                                   finished_at=out.finished_at, worker=self.worker_id,
+                                   args=job.shown_args(), children=job.children)
             if self.store_results:
                 self.store([status])
             if env.canvas:
@@ -353,7 +382,7 @@ class Settler:
                                error_type=out.error_type if out is not None else None,
                                started_at=started_at,
                                finished_at=out.finished_at if out is not None else time.time(),
-                               worker=self.worker_id)
+                               worker=self.worker_id, args=job.shown_args(), children=job.children)
         if self.store_results:
             self.store([status])
         if env.canvas:

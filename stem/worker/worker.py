@@ -68,7 +68,9 @@ class _Runtime:
         self._worker._progress(task_id, fraction, data)
 
     def enqueue(self, name, args, options, parent) -> str:
-        return self._worker._producer().enqueue(name, args, options=options, parent=parent)
+        task_id = self._worker._producer().enqueue(name, args, options=options, parent=parent)
+        self._worker._note_child(parent.id, task_id)
+        return task_id
 
     def group_results(self, group_id: str):
         from ..canvas import GroupResults
@@ -160,7 +162,7 @@ class Worker:
         self._engine = engine or self._make_engine(concurrency)
         self._settler = Settler(state=self._state, broker=self.broker, backend=self.backend, worker_id=self.id,
                                 store_results=self.store_results, retry_strategy=self.retry_strategy,
-                                board=self._board, sender=self,
+                                board=self._board, sender=self, registry=self.registry,
                                 canvas=self._canvas_runner if self.store_results else None,
                                 workflows=self._call_notifier if self.store_results else None,
                                 take_in=lambda leased, paused, settled: self._fetcher.take_refill(
@@ -288,7 +290,17 @@ class Worker:
             log.warning("%d group(s) were never sealed by their producer: ended FAILED creation-interrupted", n)
 
     def _enqueue_for_child(self, name: str, args: Any, options: TaskOptions | None, task_id: str, parent: Any) -> str:
-        return self._producer().enqueue_child(name, args, options=options, task_id=task_id, parent=parent)
+        task_id = self._producer().enqueue_child(name, args, options=options, task_id=task_id, parent=parent)
+        self._note_child(parent.id, task_id)
+        return task_id
+
+    def _note_child(self, parent_id: str, task_id: str) -> None:
+        """A running task enqueued ``task_id``: its statuses list it (``TaskStatus.children``).
+        Called before the task's outcome can be settled (the child's ENQUEUE comes before its
+        RESULT on the same ring; the inline thread enqueues before it returns)."""
+        job = self._state.job_for(parent_id)
+        if job is not None:
+            job.add_child(task_id)
 
     def _renew_soon(self, task_id: str) -> None:
         """A task asked (heartbeat, progress) for its lease to be renewed at the next turn."""
@@ -301,7 +313,8 @@ class Worker:
             return
         job = self._state.job_for(task_id)
         if job is not None:
-            self._board.progress(job.envelope, job.started_at, fraction, data)
+            self._board.progress(job.envelope, job.started_at, fraction, data, args=job.shown_args(),
+                                 children=job.children)
 
     # -- running --------------------------------------------------------------------
     def start(self, *, burst: bool = False) -> None:
@@ -586,7 +599,7 @@ class Worker:
         for job in self._engine.running():
             if not job.noted_running and job.started_at is not None and job.started_at <= started_before:
                 job.noted_running = True
-                self._board.started(job.envelope, job.started_at)
+                self._board.started(job.envelope, job.started_at, args=job.shown_args(), children=job.children)
 
     def _release_started_keys(self, on_settle_thread: bool) -> None:
         """Tasks with ``unique_until="started"`` that started since the last look: their keys

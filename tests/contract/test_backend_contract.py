@@ -34,6 +34,45 @@ def test_stored_status_reads_back_with_every_field(backend):
     assert got == s
 
 
+def full_status(i: str, state: TaskState, **fields) -> TaskStatus:
+    """A status with every field set (more than 15: a msgpack map16), as a worker stores a
+    failed canvas task that enqueued children."""
+    values = dict(name="report.build", queue="reports", attempt=3, result={"partial": [1, 2]}, error="boom",
+                  error_type="ValueError", reason="error", traceback="Traceback ...", meta={"trace": "x"},
+                  progress=0.75, started_at=10.5, finished_at=12.25, updated_at=12.5, worker="host:1:w", ttl=3600.0,
+                  enqueued_at=9.75, parent_id="parent-1", root_id="root-1", group_id="grp-1",
+                  children=["child-1", "child-2"], args={"account": 7, "password": "***", "rows": [1, 2, 3]})
+    values.update(fields)
+    return TaskStatus(id=i, state=state, **values)
+
+
+def test_where_a_task_came_from_and_its_shown_arguments_read_back(backend):
+    one, many, running = tid(), tid(), tid()
+    backend.store(full_status(one, TaskState.FAILED))
+    backend.store_many([full_status(many, TaskState.SUCCEEDED, error=None, error_type=None, reason=None,
+                                    traceback=None)])
+    backend.store_if_not_terminal([full_status(running, TaskState.RUNNING, result=None, error=None)])
+    for i, state in ((one, TaskState.FAILED), (many, TaskState.SUCCEEDED), (running, TaskState.RUNNING)):
+        got = backend.get(i)
+        assert got.state is state
+        assert (got.enqueued_at, got.parent_id, got.root_id, got.group_id, got.children, got.args) == (
+            9.75, "parent-1", "root-1", "grp-1", ["child-1", "child-2"],
+            {"account": 7, "password": "***", "rows": [1, 2, 3]})
+    assert backend.get(one) == full_status(one, TaskState.FAILED)
+    assert backend.get_many([many])[0] == backend.get(many)
+
+
+def test_store_if_not_terminal_never_replaces_a_terminal_status_with_every_field_set(backend):
+    ids = {state: tid() for state in (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.REVOKED, TaskState.DEAD)}
+    backend.store_many([full_status(i, state) for state, i in ids.items()])
+    backend.store_if_not_terminal([full_status(i, TaskState.RUNNING) for i in ids.values()])
+    assert {state: backend.get(i).state for state, i in ids.items()} == {s: s for s in ids}
+    queued = tid()
+    backend.store(full_status(queued, TaskState.QUEUED))
+    backend.store_if_not_terminal([full_status(queued, TaskState.RUNNING, progress=0.9)])
+    assert (backend.get(queued).state, backend.get(queued).progress) == (TaskState.RUNNING, 0.9)
+
+
 def test_failed_status_keeps_error_and_reason(backend):
     s = TaskStatus(id=tid(), state=TaskState.FAILED, error="boom", error_type="ValueError",
                    reason="hard-time-limit", traceback="Traceback ...")
