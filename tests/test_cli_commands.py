@@ -275,6 +275,41 @@ def test_result_shows_state_error_and_traceback(url):
     assert invoke("result", "nope", "--wait", "--timeout", "0.2", "--broker", url).exit_code == 1
 
 
+def test_result_shows_where_a_task_came_from_and_the_arguments_the_worker_kept(url):
+    with _backend(url) as backend:
+        backend.store(TaskStatus(id="t-kid", state=TaskState.SUCCEEDED, name="apps.add", result=3,
+                                 enqueued_at=1_700_000_000.0, started_at=1_700_000_002.0, parent_id="t-dad",
+                                 root_id="t-grandpa", group_id="g-1", children=["c-1", "c-2"],
+                                 args={"a": 1, "password": "***"}))
+    shown = invoke("result", "t-kid", "--broker", url)
+    assert shown.exit_code == 0, shown.output
+    for row in ("enqueued  20", "parent    t-dad", "root      t-grandpa", "group     g-1", "children  c-1 c-2",
+                'args      {"a": 1, "password": "***"}'):
+        assert row in shown.stdout, shown.stdout
+    data = strict_json(invoke("result", "t-kid", "--json", "--broker", url).stdout)
+    assert data["args"] == {"a": 1, "password": "***"} and data["children"] == ["c-1", "c-2"]
+
+
+def test_dlq_show_hides_secret_arguments_and_with_the_app_the_tasks_own(live):
+    task_id = _enqueue(live.url, "apps.fail_pay", {"card": "4111-1111", "password": "hunter2", "cents": 125})
+    wait_for(lambda: json.loads(invoke("dlq", "list", "--json", "--broker", live.url).stdout), timeout=30,
+             what="the dead letter")
+    [row] = json.loads(invoke("dlq", "list", "--json", "--broker", live.url).stdout)
+    assert row["task_id"] == task_id
+    plain = invoke("dlq", "show", row["id"], "--broker", live.url)
+    assert plain.exit_code == 0, plain.output
+    assert "hunter2" not in plain.stdout and plain.stdout.count("4111-1111") == 1   # the frame's, name rule only
+    with_app = invoke("dlq", "show", row["id"], "-A", "tests.apps.tasks:registry", "--broker", live.url)
+    assert with_app.exit_code == 0, with_app.output
+    assert "hunter2" not in with_app.stdout and "4111-1111" not in with_app.stdout
+    data = strict_json(invoke("dlq", "show", row["id"], "--json", "--broker", live.url).stdout)
+    assert data["args"] == {"card": "4111-1111", "password": "***", "cents": 125}  # the frame: the name rule
+    assert data["status"]["args"] == {"card": "***", "password": "***", "cents": 125}
+    data = strict_json(invoke("dlq", "show", row["id"], "--json", "-A", "tests.apps.tasks:registry", "--broker",
+                              live.url).stdout)
+    assert data["args"] == {"card": "***", "password": "***", "cents": 125}
+
+
 @pytest.mark.parametrize("eta", ["2099-01-01T00:00:00", "2099-01-01T00:00:00+00:00", "4070908800"])
 def test_enqueue_eta_takes_iso_8601_or_epoch_seconds(eta, url):
     result = invoke("enqueue", "apps.add", "--eta", eta, "--broker", url)

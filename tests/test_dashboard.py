@@ -17,14 +17,14 @@ from starlette.applications import Starlette  # noqa: E402
 from starlette.routing import Mount  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from stem import PayloadSigner, TaskRegistry, Worker  # noqa: E402
+from stem import PayloadSigner, TaskOptions, TaskRegistry, Worker, WorkerLifecycleConfig  # noqa: E402
 from stem.backends import InMemoryResultBackend  # noqa: E402
 from stem.brokers import InMemoryBroker  # noqa: E402
 from stem.brokers.base import Message  # noqa: E402
 from stem.dashboard import app, default_redact  # noqa: E402
 from stem.envelope import Envelope, encode_frame  # noqa: E402
 from stem.errors import BrokerConnectionError, ConfigurationError  # noqa: E402
-from stem.results import TaskState, TaskStatus  # noqa: E402
+from stem.results import TaskState, TaskStatus, encode_status  # noqa: E402
 from stem.scheduler import encode_definition  # noqa: E402
 from stem.schedules import Schedule, every  # noqa: E402
 from stem.status import worker_rows  # noqa: E402
@@ -193,6 +193,89 @@ def test_task_page_of_a_dead_letter_shows_its_arguments_redacted(stores):
         return "(hidden for " + name + ")"
     html = client_of(app(broker, backend, redact=hide_everything)).get(f"/tasks/{tid}").text
     assert "a@b.c" not in html and "(hidden for mail.send)" in html
+
+
+def test_task_page_shows_where_a_task_came_from_and_the_arguments_the_worker_kept(stores):
+    broker, backend = stores
+    now = time.time()
+    backend.store(TaskStatus(id="t-kid", state=TaskState.SUCCEEDED, name="mail.send", queue="default", result=1,
+                             enqueued_at=now - 10.0, started_at=now - 4.0, finished_at=now - 3.5,
+                             parent_id="t-dad", root_id="t-grandpa", group_id="g-1", children=["c-1", "odd?c#2"],
+                             args={"to": "a@b.c", "password": "***", "body": SCRIPT}))
+    client = client_of(app(broker, backend))
+    html = client.get("/tasks/t-kid").text
+    enqueued = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now - 10.0))
+    assert re.search(rf'id="task-enqueued">{enqueued} UTC<', html)
+    assert 'id="task-waited">6.0 s<' in html and 'id="task-ran">500 ms<' in html
+    for link in ("/tasks/t-dad", "/tasks/t-grandpa", "/tasks/g-1", "/tasks/c-1", "/tasks/odd%3Fc%232"):
+        assert f'href="{link}"' in html, link
+    assert 'id="task-args"' in html and "a@b.c" in html and ESCAPED in html and SCRIPT not in html
+    # the app's own redact runs over what the worker kept
+    html = client_of(app(broker, backend, redact=lambda name, value: f"hidden by the app for {name}")).get(
+        "/tasks/t-kid").text
+    assert "a@b.c" not in html and "hidden by the app for mail.send" in html
+
+
+def test_a_status_without_kept_arguments_says_why(stores):
+    broker, backend = stores
+    backend.store(TaskStatus(id="t-old", state=TaskState.SUCCEEDED, name="job", result=1))         # an older stem
+    backend.store(TaskStatus(id="t-hid", state=TaskState.SUCCEEDED, name="job", result=1, enqueued_at=time.time()))
+    client = client_of(app(broker, backend))
+    assert "stored for a group or chain, or by a stem that did not keep" in client.get("/tasks/t-old").text
+    assert "the task&#39;s redact hook hides them" in client.get("/tasks/t-hid").text
+
+
+def test_a_group_page_lists_its_members_and_a_member_links_to_its_group(stores):
+    broker, backend = stores
+    data = encode_frame(Envelope("g-7", "stem.canvas.group", {"up": None, "b": {"t": "s"}, "f": "fail", "n": 60}))
+    assert backend.group_create("g-7", 60, data, seal_by=time.time() + 600, ttl=3600)
+    backend.group_seal("g-7")
+    backend.group_record("g-7", "g-7.0", 0, True, b"\x92\x01\x01")
+    backend.group_record("g-7", "g-7.1", 1, False, b"\x92\x01\x01")
+    backend.store(TaskStatus(id="g-7.0", state=TaskState.SUCCEEDED, name="part", result=1, group_id="g-7",
+                             root_id="g-7", enqueued_at=time.time()))
+    client = client_of(app(broker, backend))
+    html = client.get("/tasks/g-7").text            # the chord's callback has no status yet
+    assert 'id="task-state">PENDING<' in html and "Chord members" in html
+    assert 'id="task-group-counts">2 of 60 finished (1 succeeded, 1 failed)' in html
+    assert 'href="/tasks/g-7.0"' in html and 'href="/tasks/g-7.49"' in html and 'href="/tasks/g-7.50"' not in html
+    assert "and 10 more" in html
+    member = client.get("/tasks/g-7.0").text
+    assert 'id="task-group" href="/tasks/g-7"' in member
+
+
+def test_arguments_read_from_a_dead_letter_get_the_tasks_own_redact_with_a_registry(stores):
+    broker, backend = stores
+    tid = dead_letter(broker, "default", "pay", {"card": "4111-1111", "password": "hunter2", "n": 1})
+    # a FAILED status without kept arguments (an older stem's): the page reads the frame
+    backend.store(TaskStatus(id=tid, state=TaskState.FAILED, name="pay", queue="default", error="boom"))
+    registry = TaskRegistry()
+    registry.task("pay", options=TaskOptions(redact=["card"]))(lambda ctx, **kw: None)
+    html = client_of(app(broker, backend)).get(f"/tasks/{tid}").text
+    assert "4111-1111" in html and "hunter2" not in html          # without the registry: the name rule only
+    html = client_of(app(broker, backend, registry=registry)).get(f"/tasks/{tid}").text
+    assert "4111-1111" not in html and "hunter2" not in html and 'id="task-args"' in html
+
+
+def test_a_secret_a_task_hides_never_reaches_the_stored_status_or_the_page():
+    """End to end on the memory adapters: a worker runs the task, the page renders it."""
+    registry = TaskRegistry()
+    registry.task("pay", options=TaskOptions(redact=["card"]))(lambda ctx, **kw: "paid")
+    broker, backend = InMemoryBroker(), InMemoryResultBackend()
+    worker = Worker(broker, backend, registry, concurrency=1, isolation="inline",
+                    lifecycle=WorkerLifecycleConfig(install_signal_handlers=False))
+    worker.run_in_background()
+    try:
+        from stem import Stem
+        stem = Stem(broker, backend, registry)
+        task_id = stem.enqueue("pay", {"card": "4111-1111", "api_token": "hunter2", "cents": 125})
+        assert stem.wait_for_task(task_id, timeout=20).succeeded
+    finally:
+        worker.shutdown(timeout=10)
+    stored = encode_status(backend.get(task_id))
+    assert b"4111-1111" not in stored and b"hunter2" not in stored
+    html = client_of(app(broker, backend, redact=lambda name, value: value)).get(f"/tasks/{task_id}").text
+    assert "4111-1111" not in html and "hunter2" not in html and "125" in html and "***" in html
 
 
 def test_default_redact_hides_secret_names_at_any_depth():

@@ -31,6 +31,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCRIPT = "<script>window.__pwned = 1</script><b id='bold'>bold</b>"
+CARD, SECRET = "4111-1111-1111-1111", "hunter2-never-shown"
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
 
@@ -64,7 +65,9 @@ class Cluster:
         from stem.brokers import RedisBroker
 
         from .apps.dashboard_tasks import registry
+        import redis
         self.broker, self.backend = RedisBroker(url), RedisResultBackend(url)
+        self.redis = redis.Redis.from_url(url)
         self.stem = Stem(self.broker, self.backend, registry)
 
     def _spawn(self, *args: str, log: str) -> subprocess.Popen:
@@ -113,6 +116,7 @@ class Cluster:
                 proc.wait(5)
         self.broker.close()
         self.backend.close()
+        self.redis.close()
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +245,51 @@ def test_task_page_by_id_shows_the_result_and_a_script_as_text(cluster, page, tm
     assert SCRIPT in page.inner_text("#task-result")           # shown as text...
     assert page.evaluate("window.__pwned === undefined")         # ...never run
     assert page.locator("#bold").count() == 0                    # ...nor parsed as markup
+    assert SCRIPT in page.inner_text("#task-args")               # the arguments too
+
+
+def test_task_page_shows_the_enqueue_time_the_arguments_redacted_and_a_chains_links(cluster, page, tmp_path):
+    from stem.canvas import chain
+
+    from .apps.dashboard_tasks import registry
+    sig = registry.signature
+    handle = cluster.stem.apply(chain(sig("dash.pay", {"card": CARD, "password": SECRET, "cents": 125}),
+                                      sig("dash.echo", {"value": "shipped"})))
+    assert handle.get(timeout=20) == "shipped"
+    first = f"{handle.id}.s0"
+    page.goto(f"{cluster.site}/tasks/{first}")
+    assert page.inner_text("#task-state") == "SUCCEEDED"
+    enqueued = cluster.backend.get(first).enqueued_at
+    assert page.inner_text("#task-enqueued") == time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(enqueued))
+    assert page.inner_text("#task-waited") != "-"
+    args = json.loads(page.inner_text("#task-args"))
+    assert args == {"card": "***", "password": "***", "cents": 125}      # shown as redacted
+    assert CARD not in page.content() and SECRET not in page.content()
+    assert CARD.encode() not in cluster.redis.get(cluster.backend.status_key(first))   # nor stored
     _screenshot(page, "dashboard-task.png", tmp_path)
+    page.click(f"#task-children a:text-is('{handle.id}')")             # the next step
+    page.wait_for_selector("#task-parent")
+    assert page.inner_text("#task-id") == handle.id and "shipped" in page.inner_text("#task-result")
+    page.click("#task-parent")                                           # and back
+    page.wait_for_selector("#task-args")
+    assert page.inner_text("#task-id") == first
+
+
+def test_a_chord_members_page_links_to_its_group_and_the_group_lists_its_members(cluster, page):
+    from stem.canvas import chord, group
+
+    from .apps.dashboard_tasks import registry
+    sig = registry.signature
+    handle = cluster.stem.apply(chord(group(sig("dash.echo", {"value": i}) for i in range(3)),
+                                      sig("dash.echo", {"value": "all done"})))
+    assert handle.get(timeout=20) == "all done"
+    page.goto(f"{cluster.site}/tasks/{handle.id}.1")
+    assert json.loads(page.inner_text("#task-args")) == {"value": 1}
+    page.click("#task-group")
+    page.wait_for_selector("#task-members")
+    assert page.inner_text("#task-id") == handle.id and "all done" in page.inner_text("#task-result")
+    assert page.inner_text("#task-group-counts").startswith("3 of 3 finished (3 succeeded, 0 failed)")
+    assert page.locator("#task-members a").all_inner_texts() == [f"{handle.id}.{i}" for i in range(3)]
 
 
 def test_read_only_shows_no_buttons_and_refuses_actions(cluster, page):

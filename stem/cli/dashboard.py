@@ -31,7 +31,8 @@ def _loopback(host: str) -> bool:
               help="a bearer token, at least 8 characters (default: $STEM_DASHBOARD_TOKEN); browsers log in at /login")
 @click.option("--read-only", is_flag=True, help="show no action and refuse every one")
 @click.option("-A", "--app", "registry_path", default=None, metavar="MODULE:REGISTRY",
-              help="a TaskRegistry whose code-declared schedules the schedules page lists")
+              help="a TaskRegistry whose code-declared schedules the schedules page lists, and whose tasks' "
+                   "TaskOptions(redact=...) hide arguments read from dead letters")
 @click.option("--path", "paths", multiple=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
               help="also import -A from DIR (repeatable)")
 @click.option("--insecure-public", is_flag=True,

@@ -6,9 +6,9 @@ from typing import Any
 
 import click
 
-from ._common import Env, connection_options, fail
+from ._common import Env, connection_options, fail, load_app
 from ._output import Col, ago, dumps, emit, local_time, print_table, text
-from ._params import QueueName
+from ._params import AppPath, QueueName
 
 __all__ = ["dlq"]
 
@@ -28,9 +28,14 @@ def _queue_names(env: Env, queue: str | None) -> list[str]:
     return [queue] if queue else [q for q in env.broker.queues() if not is_internal_queue(q)]
 
 
-def _peek(frame: bytes, signer: Any) -> dict[str, Any]:
+def _peek(frame: bytes, signer: Any, registry: Any = None) -> dict[str, Any]:
     """What a dead frame holds, decoded without verifying it (it may be why it died), and
-    what its signature says when this command has keys to check it."""
+    what its signature says when this command has keys to check it.  Its arguments as
+    ``stem.redact.shown_args`` shows them (secret-looking names hidden, and with the
+    ``registry`` the task's own ``TaskOptions(redact=...)``), never cut."""
+    import sys
+
+    from ..redact import shown_args
     from ..envelope import decode_frame, read_header
     from ..errors import DecodeError, SignatureError
     try:
@@ -49,7 +54,9 @@ def _peek(frame: bytes, signer: Any) -> dict[str, Any]:
             signature = f"signed with key {key_id}; valid"
         except (SignatureError, DecodeError) as exc:
             signature = f"signed with key {key_id}; INVALID: {exc}"
-    return {"decoded": True, "name": env.name, "args": env.args, "meta": env.meta, "headers": env.headers,
+    rule = registry.get(env.name).options.redact if registry is not None and env.name in registry else None
+    return {"decoded": True, "name": env.name, "args": shown_args(env.args, rule, limit=sys.maxsize),
+            "meta": env.meta, "headers": env.headers,
             "attempt": env.attempt, "max_retries": env.max_retries, "enqueued_at": env.enqueued_at,
             "signature": signature}
 
@@ -86,11 +93,19 @@ def dlq_list(queue, limit, as_json, broker_url, backend_url):
 @click.argument("entry_id")
 @click.option("--queue", "-q", type=QueueName(), default=None, help="look only in this queue (default: all)")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("-A", "--app", "registry_path", type=AppPath(), default=None, metavar="MODULE:REGISTRY",
+              help="the TaskRegistry whose tasks' TaskOptions(redact=...) hide arguments (secret-looking "
+                   "names are hidden without it too)")
+@click.option("--path", "paths", multiple=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="also import -A from DIR (repeatable)")
 @connection_options
-def dlq_show(entry_id, queue, as_json, broker_url, backend_url):
+def dlq_show(entry_id, queue, as_json, registry_path, paths, broker_url, backend_url):
     """One dead letter: the task (name, args, meta, attempt), why it died, and the error and
-    traceback its status holds in the result backend."""
+    traceback its status holds in the result backend.  Argument values whose names look
+    like secrets (password, token, api_key, ...) show as ***, and so do those the task's
+    TaskOptions(redact=...) hides when -A names its registry."""
     import msgspec
+    registry = load_app(registry_path, paths) if registry_path else None
     with Env(broker_url, backend_url) as env:
         found = None
         for q in _queue_names(env, queue):
@@ -103,7 +118,7 @@ def dlq_show(entry_id, queue, as_json, broker_url, backend_url):
                  " (stem dlq list shows the ids)")
         status = env.backend.get(found.task_id) if env.backend is not None else None
         data = {"id": found.id, "task_id": found.task_id, "queue": found.queue, "reason": found.reason,
-                "failed_at": found.failed_at, "size": len(found.frame), **_peek(found.frame, env.signer),
+                "failed_at": found.failed_at, "size": len(found.frame), **_peek(found.frame, env.signer, registry),
                 "status": None if status is None else msgspec.to_builtins(status)}
     emit(data, as_json, _print_entry)
 

@@ -115,11 +115,18 @@ def _outcome(status) -> str:
 
 
 def _print_status(d: dict) -> None:
+    children = d.get("children") or []
     rows = [("id", d["id"]), ("state", d["state"]), ("name", d.get("name")), ("queue", d.get("queue")),
             ("attempt", None if d["state"] == "PENDING" else d.get("attempt", 0)), ("worker", d.get("worker")),
+            ("enqueued", local_time(d["enqueued_at"]) if d.get("enqueued_at") else None),
             ("started", local_time(d["started_at"]) if d.get("started_at") else None),
             ("finished", local_time(d["finished_at"]) if d.get("finished_at") else None),
-            ("progress", d.get("progress")), ("meta", dumps(d["meta"]) if d.get("meta") else None)]
+            ("progress", d.get("progress")),
+            ("parent", d.get("parent_id")), ("root", d.get("root_id") if d.get("root_id") != d["id"] else None),
+            ("group", d.get("group_id")), ("children", " ".join(children) if children else None),
+            # what the worker kept: secret-looking and TaskOptions(redact=...) values already hidden
+            ("args", dumps(d["args"]) if d.get("args") is not None else None),
+            ("meta", dumps(d["meta"]) if d.get("meta") else None)]
     if d["state"] == "SUCCEEDED":
         rows.append(("result", dumps(d.get("result"))))
     rows += [("error", d.get("error")), ("reason", d.get("reason"))]

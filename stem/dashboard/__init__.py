@@ -33,6 +33,13 @@ def _require_extra() -> None:
         raise ConfigurationError(f"the dashboard needs {', '.join(missing)}: pip install 'stem-queue[dashboard]'")
 
 
+def _rule_of(registry: Any) -> Any:
+    """``name -> TaskOptions.redact`` of the registry's handler (None for a task it lacks)."""
+    def rule_of(name: str) -> Any:
+        return registry.get(name).options.redact if name in registry else None
+    return rule_of
+
+
 def app(broker: Any, backend: Any = None, *, signer: Any = None, registry: Any = None,
         auth: tuple[str, str] | str | None = None, token: str | None = None, read_only: bool = False,
         redact: Redactor = default_redact, secret: bytes | None = None, refresh_s: float = 2.0,
@@ -46,9 +53,12 @@ def app(broker: Any, backend: Any = None, *, signer: Any = None, registry: Any =
     schedules page lists beside the stored ones.  ``auth``: ``(user, password)`` or
     ``"user:password"`` for HTTP basic; ``token``: a bearer token (not both).
     ``read_only``: hide and refuse every action.  ``redact(task_name, value)``: what the
-    task page shows of a task's arguments and meta (default: ``default_redact`` hides
-    values whose key looks like a secret).  ``secret``: the key of the CSRF tokens
-    (default: random per process, so a restart only asks for a reload of open forms).
+    task page shows of a task's arguments and meta, over what the worker kept (it already
+    hid what the task's ``TaskOptions(redact=...)`` and the secret-looking names say;
+    default: ``default_redact``, the name rule again, which also covers meta).  With a
+    ``registry``, arguments read from a dead letter's frame get the task's own ``redact``
+    too.  ``secret``: the key of the CSRF tokens (default: random per process, so a
+    restart only asks for a reload of open forms).
     """
     _require_extra()
     from ..backends import ResultBackend
@@ -93,5 +103,5 @@ def app(broker: Any, backend: Any = None, *, signer: Any = None, registry: Any =
     schedules: Iterable[Any] = getattr(registry, "schedules", ()) if registry is not None else ()
     dash = Dashboard(broker, backend, signer=signer, code_schedules=list(schedules), read_only=bool(read_only),
                      redact=redact, csrf=security.Csrf(secret), refresh_s=float(refresh_s), title=str(title),
-                     owned=owned)
+                     owned=owned, rule_of=None if registry is None else _rule_of(registry))
     return build_app(dash, auth=auth, token=token)

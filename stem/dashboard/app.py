@@ -78,13 +78,14 @@ class Dashboard:
 
     def __init__(self, broker: Any, backend: Any, *, signer: Any, code_schedules: Sequence[Any],
                  read_only: bool, redact: views.Redactor, csrf: security.Csrf, refresh_s: float,
-                 title: str, owned: Sequence[Any]):
+                 title: str, owned: Sequence[Any], rule_of: views.RuleOf | None = None):
         self.broker = broker
         self.backend = backend
         self.signer = signer
         self.code_schedules = list(code_schedules)
         self.read_only = read_only
         self.redact = redact
+        self.rule_of = rule_of      # a task's TaskOptions.redact, for arguments read from a dead letter
         self.csrf = csrf
         self.refresh_s = refresh_s
         self.title = title
@@ -223,7 +224,7 @@ def task_search(dash: Dashboard, request: Request) -> Response:
 def task_page(dash: Dashboard, request: Request) -> Response:
     task_id = request.path_params["task_id"]
     try:
-        task = views.task_view(dash.broker, dash.backend, task_id, dash.redact)
+        task = views.task_view(dash.broker, dash.backend, task_id, dash.redact, dash.rule_of)
     except ConfigurationError as exc:
         raise _Failure(400, str(exc)) from None
     if task is None:

@@ -12,7 +12,6 @@ browser (``static/dashboard.js``) from the counters each read carries.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from typing import Any, Callable, Iterable
@@ -20,9 +19,10 @@ from typing import Any, Callable, Iterable
 from ..control import is_internal_queue
 from ..envelope import decode_frame, read_header
 from ..errors import ConfigurationError, DecodeError, StemError
+from ..redact import MASK, redact_names, shown_args
 from ..status import worker_rows
 
-__all__ = ["Redactor", "default_redact", "overview", "queue_rows", "task_view", "dead_letter_view",
+__all__ = ["Redactor", "RuleOf", "default_redact", "overview", "queue_rows", "task_view", "dead_letter_view",
            "schedule_rows", "check_task_id", "dumps", "DEAD_LETTER_PAGE"]
 
 #: The most dead letters one page lists (the count above it says how many there are).
@@ -31,25 +31,25 @@ DEAD_LETTER_PAGE = 500
 _DLQ_SCAN = 10_000
 #: A task id the task page accepts: what stem's ids and explicit ids are made of, bounded.
 _TASK_ID = re.compile(r"[\x21-\x7e]{1,200}")
-#: Argument and meta names whose values the default redaction hides.
-_SECRET_NAME = re.compile(r"(?i)(pass(word|wd)?|secret|token|api[_-]?key|auth(orization)?|credential|"
-                          r"private[_-]?key|cookie|session)")
-REDACTED = "***"
+REDACTED = MASK
 
-#: ``redact(task_name, args) -> args``: what the task page shows of a task's arguments and meta.
+#: ``redact(task_name, args) -> args``: what the task page shows of a task's arguments and meta,
+#: applied over what the worker kept (``TaskStatus.args``, already redacted as the task's
+#: ``TaskOptions(redact=...)`` says).
 Redactor = Callable[[str, Any], Any]
+#: ``rule_of(task_name)``: the task's ``TaskOptions.redact`` (from the app's registry), for
+#: arguments the page reads from a dead letter's frame instead of a status.
+RuleOf = Callable[[str], Any]
+#: Members of a group the task page links to (the count says how many there are).
+GROUP_MEMBERS_SHOWN = 50
 
 
 def default_redact(task_name: str, args: Any) -> Any:
     """Hide the value of every key (at any depth) whose name looks like a secret
-    (password, token, secret, api_key, authorization, ...).  Pass your own
-    ``redact`` to ``stem.dashboard.app`` for anything else."""
-    if isinstance(args, dict):
-        return {k: (REDACTED if isinstance(k, str) and _SECRET_NAME.search(k) else default_redact(task_name, v))
-                for k, v in args.items()}
-    if isinstance(args, (list, tuple)):
-        return [default_redact(task_name, v) for v in args]
-    return args
+    (password, token, secret, api_key, authorization, ...: ``stem.redact.is_secret_name``).
+    Pass your own ``redact`` to ``stem.dashboard.app`` for anything else, or give the task
+    ``TaskOptions(redact=...)``, which the worker applies before it stores anything."""
+    return redact_names(args)
 
 
 def dumps(value: Any) -> str:
@@ -115,7 +115,7 @@ def _peek(frame: bytes) -> dict[str, Any] | None:
         return None
     return {"name": env.name, "args": env.args, "meta": env.meta, "attempt": env.attempt,
             "max_retries": env.max_retries, "enqueued_at": env.enqueued_at or None, "parent_id": env.parent_id,
-            "root_id": env.root_id, "queue": env.queue}
+            "root_id": env.root_id, "queue": env.queue, "size": len(frame)}
 
 
 def _find_dead_letter(broker: Any, queue: str, task_id: str) -> Any:
@@ -128,10 +128,42 @@ def _find_dead_letter(broker: Any, queue: str, task_id: str) -> Any:
         return None
 
 
-def task_view(broker: Any, backend: Any, task_id: str, redact: Redactor) -> dict[str, Any] | None:
-    """The task page: its status in the backend and, when its frame is still in the broker's
-    dead-letter queue, what the frame says (arguments, enqueue time, parent and root).
-    None when the backend has no status and no dead letter holds it."""
+def _group(backend: Any, task_id: str) -> dict[str, Any] | None:
+    """The group (or chord) record under ``task_id``: a chord's callback and a group's own
+    status share their id with it.  Its members are ``<id>.<index>`` (``stem.canvas``)."""
+    try:
+        record = backend.group_get(task_id)
+    except StemError:      # a backend without group records, or an id no group may have
+        return None
+    if record is None:
+        return None
+    try:
+        chord = decode_frame(record.data).args.get("b") is not None
+    except (DecodeError, AttributeError):
+        chord = None
+    shown = min(record.expected, GROUP_MEMBERS_SHOWN)
+    return {"kind": "chord" if chord else "group" if chord is not None else "group or chord",
+            "expected": record.expected, "finished": record.finished, "succeeded": record.succeeded,
+            "failed": record.failed, "sealed": record.sealed, "interrupted": record.interrupted,
+            "members": [f"{task_id}.{i}" for i in range(shown)], "more": record.expected - shown}
+
+
+def _args_note(status: Any, frame: dict[str, Any] | None) -> str:
+    """Why the page shows no arguments."""
+    if status is not None and status.enqueued_at is not None:
+        return "not kept: the task's redact hook hides them"
+    if status is not None:
+        return ("not kept in this status (stored for a group or chain, or by a stem that did not keep "
+                "arguments); shown while the task's frame is in the dead-letter queue")
+    return "no status yet"
+
+
+def task_view(broker: Any, backend: Any, task_id: str, redact: Redactor,
+              rule_of: RuleOf | None = None) -> dict[str, Any] | None:
+    """The task page: its status in the backend (arguments as the worker kept them, enqueue
+    time, parent, root, children, group) and, when its frame is still in the broker's
+    dead-letter queue, what the frame says (arguments, redacted by ``rule_of(name)``, for a
+    status that has none).  None when the backend has no status and no dead letter holds it."""
     check_task_id(task_id)
     status = backend.get(task_id) if backend is not None else None
     frame = None
@@ -145,56 +177,57 @@ def task_view(broker: Any, backend: Any, task_id: str, redact: Redactor) -> dict
         if dead is not None:
             frame = _peek(dead.frame)
             break
-    if status is None and frame is None:
+    group = _group(backend, task_id) if backend is not None else None
+    if status is None and frame is None and group is None:
         return None
-    name = status.name if status is not None and status.name else (frame or {}).get("name") or ""
-    meta = dict(status.meta) if status is not None else dict((frame or {}).get("meta") or {})
-    enqueued_at = (frame or {}).get("enqueued_at") or _number(meta.get("enqueued_at"))
-    started_at = status.started_at if status is not None else None
-    finished_at = status.finished_at if status is not None else None
+    f = frame or {}
+    s: Any = status
+    name = s.name if s is not None and s.name else f.get("name") or ""
+    meta = dict(s.meta) if s is not None else dict(f.get("meta") or {})
+    enqueued_at = (s.enqueued_at if s is not None else None) or f.get("enqueued_at")
+    started_at = s.started_at if s is not None else None
+    finished_at = s.finished_at if s is not None else None
+    if s is not None and s.args is not None:
+        args: Any = s.args
+    elif frame is not None:
+        args = shown_args(f["args"], None if rule_of is None else rule_of(name), size_hint=f["size"])
+    else:
+        args = None
     view: dict[str, Any] = {
         "id": task_id,
-        "state": status.state.name if status is not None else "DEAD",
+        "state": s.state.name if s is not None else "DEAD" if frame is not None else "PENDING",
         "name": name,
-        "queue": (status.queue if status is not None else "") or (frame or {}).get("queue") or "",
-        "attempt": status.attempt if status is not None else (frame or {}).get("attempt", 0),
-        "max_retries": (frame or {}).get("max_retries"),
+        "queue": (s.queue if s is not None else "") or f.get("queue") or "",
+        "attempt": s.attempt if s is not None else f.get("attempt", 0),
+        "max_retries": f.get("max_retries"),
         "enqueued_at": enqueued_at,
         "started_at": started_at,
         "finished_at": finished_at,
-        "updated_at": status.updated_at if status is not None else None,
+        "updated_at": s.updated_at if s is not None else None,
         "wait_s": started_at - enqueued_at if started_at and enqueued_at else None,
         "run_s": finished_at - started_at if finished_at and started_at else None,
-        "worker": status.worker if status is not None else None,
-        "progress": status.progress if status is not None else None,
-        "reason": (status.reason if status is not None else None) or (dead.reason if dead is not None else None),
-        "error": status.error if status is not None else None,
-        "error_type": status.error_type if status is not None else None,
-        "traceback": status.traceback if status is not None else None,
-        "has_result": status is not None and status.state.name == "SUCCEEDED",
-        "result": dumps(status.result) if status is not None else None,
+        "worker": s.worker if s is not None else None,
+        "progress": s.progress if s is not None else None,
+        "reason": (s.reason if s is not None else None) or (dead.reason if dead is not None else None),
+        "error": s.error if s is not None else None,
+        "error_type": s.error_type if s is not None else None,
+        "traceback": s.traceback if s is not None else None,
+        "has_result": s is not None and s.state.name == "SUCCEEDED",
+        "result": dumps(s.result) if s is not None else None,
         "meta": dumps(redact(name, meta)) if meta else None,
-        "args": dumps(redact(name, frame["args"])) if frame is not None else None,
-        "parent_id": (frame or {}).get("parent_id") or _text(meta.get("parent_id")),
-        "root_id": (frame or {}).get("root_id") or _text(meta.get("root_id")),
-        "children": [c for c in (meta.get("children") or ()) if isinstance(c, str)]
-        if isinstance(meta.get("children"), list) else [],
-        "group_id": _text(meta.get("group_id")),
+        "args": None if args is None else dumps(redact(name, args)),
+        "args_note": None if args is not None else _args_note(s, frame),
+        "parent_id": (s.parent_id if s is not None else None) or f.get("parent_id"),
+        "root_id": (s.root_id if s is not None else None) or f.get("root_id"),
+        "children": list((s.children if s is not None else None) or ()),
+        "group_id": s.group_id if s is not None else None,
+        "group": group,
         "dead_letter": None if dead is None else {"id": dead.id, "queue": dead.queue, "reason": dead.reason,
                                                   "failed_at": dead.failed_at},
     }
     if view["root_id"] == task_id:
         view["root_id"] = None
     return view
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value) else None
-
-
-def _text(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
 
 
 # -- dead letters -------------------------------------------------------------------------------

@@ -20,3 +20,9 @@ def flaky(ctx, flag):
     if not os.path.exists(flag):
         raise RuntimeError(f"{flag} is not there yet")
     return "fixed"
+
+
+@registry.task("dash.pay", options=TaskOptions(redact=["card"]))
+def pay(ctx, card, password, cents):
+    """Arguments to hide: ``password`` by the name rule, ``card`` by the task's own ``redact``."""
+    return {"charged": cents}

@@ -32,6 +32,12 @@ def fail(ctx):
     raise RuntimeError("planned failure")
 
 
+@registry.task("apps.fail_pay", options=TaskOptions(max_retries=0, redact=["card"]))
+def fail_pay(ctx, card, password, cents):
+    """Fails with arguments to hide: ``password`` by the name rule, ``card`` by its own redact."""
+    raise RuntimeError("card declined")
+
+
 @registry.task("apps.sched_policy")
 def sched_policy(ctx):
     """The child's scheduling policy (the supervisor's thread yields; its children must not)."""
