@@ -114,19 +114,29 @@ def is_secret_name(name: str) -> bool:
 def redact_names(value: Any, names: Collection[str] = ()) -> Any:
     """``value`` with the value of every dict key that is in ``names`` or looks like a
     secret (``is_secret_name``) replaced by ``***``, at any depth (dicts, lists, tuples).
-    Returns ``value`` itself when nothing was hidden."""
+    Returns ``value`` itself when nothing was hidden (most arguments: one pass over their
+    keys, the name check cached)."""
     if isinstance(value, dict):
-        out, changed = {}, False
+        out = None
+        known = _secret_names.get
         for k, v in value.items():
-            if isinstance(k, str) and (k in names or is_secret_name(k)):
+            secret = known(k)
+            if secret is None:
+                secret = isinstance(k, str) and is_secret_name(k)
+            if secret or k in names:
                 shown: Any = MASK
-            else:
+            elif isinstance(v, (dict, list, tuple)):
                 shown = redact_names(v, names)
-            changed = changed or shown is not v
+                if shown is v:
+                    continue
+            else:
+                continue
+            if out is None:
+                out = dict(value)
             out[k] = shown
-        return out if changed else value
+        return value if out is None else out
     if isinstance(value, (list, tuple)):
-        items = [redact_names(v, names) for v in value]
+        items = [redact_names(v, names) if isinstance(v, (dict, list, tuple)) else v for v in value]
         return items if any(a is not b for a, b in zip(items, value)) else value
     return value
 
@@ -137,6 +147,18 @@ def _cut(value: Any, size: int) -> str:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return f"[{TRUNCATED}: {size:,} bytes of binary data]"
     return f"[{TRUNCATED}: {type(value).__name__} of {size:,} bytes]"
+
+
+def _size(value: Any) -> int:
+    """The msgpack size of ``value``; for str and bytes from their length (a large argument
+    is most often one long string or blob: no second encoding of it)."""
+    if isinstance(value, (bytes, bytearray)):
+        n = len(value)
+        return n + (2 if n < 256 else 3 if n < 65536 else 5)
+    if isinstance(value, str) and value.isascii():
+        n = len(value)
+        return n + (1 if n < 32 else 2 if n < 256 else 3 if n < 65536 else 5)
+    return len(_encode(value))
 
 
 def _truncated(args: dict[str, Any], names: Collection[str] | None, limit: int) -> dict[str, Any]:
@@ -154,7 +176,7 @@ def _truncated(args: dict[str, Any], names: Collection[str] | None, limit: int) 
             shown: Any = MASK
             room -= len(key) + 4
         else:
-            size = len(_encode(v))
+            size = _size(v)
             if size <= min(_PART, room):
                 shown = v if names is None else redact_names(v, names)
                 room -= len(key) + size
@@ -169,7 +191,8 @@ def shown_args(args: dict[str, Any], rule: RedactRule = None, *, limit: int = AR
                size_hint: int | None = None) -> dict[str, Any] | None:
     """What of a task's ``args`` may be shown and kept for display: with ``rule`` None or a
     collection of names, the values of those names and of secret-looking ones hidden at
-    any depth (``redact_names``); with a callable, its result (a dict, or None for
+    any depth (``redact_names``: ``args`` itself when nothing is hidden, as a status's
+    ``meta`` is the envelope's); with a callable, its result (a dict, or None for
     nothing), never the arguments it hid.  Either way cut to about ``limit`` msgpack
     bytes, each cut value saying so (``TRUNCATED``).  ``size_hint``: an upper bound of
     the arguments' encoded size already known (the frame's length), which spares the
@@ -194,11 +217,10 @@ def shown_args(args: dict[str, Any], rule: RedactRule = None, *, limit: int = AR
             return {"…": "[hidden: the task's redact hook returned values msgpack cannot carry]"}
         return shown if size <= limit else _truncated(shown, None, limit)
     names: Collection[str] = rule or ()
-    if not args:
-        return {}
     if size_hint is None or size_hint > limit:
+        if not args:
+            return args
         size = len(_encode(args))
         if size > limit:
             return _truncated(args, names, limit)
-    shown = redact_names(args, names)
-    return dict(shown) if shown is args else shown
+    return redact_names(args, names)

@@ -4,6 +4,8 @@ still read, and newer ones read in an older stem."""
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import pytest
 
@@ -11,7 +13,7 @@ from stem import Stem, TaskOptions, TaskRegistry
 from stem.backends import InMemoryResultBackend
 from stem.brokers import InMemoryBroker
 from stem.errors import InvalidTaskOptionsError
-from stem.redact import ARGS_SHOWN_BYTES, MASK, TRUNCATED, is_secret_name, redact_names, shown_args
+from stem.redact import ARGS_SHOWN_BYTES, MASK, TRUNCATED, is_secret_name, shown_args
 from stem.results import TaskState, TaskStatus, decode_status, encode_status
 
 SECRET = "hunter2-do-not-show"
@@ -38,12 +40,12 @@ def test_named_arguments_are_hidden_besides_the_secret_looking_ones():
     assert shown == {"card": MASK, "order": {"card": MASK, "id": 7}, "token": MASK, "n": 1}
 
 
-def test_arguments_with_nothing_to_hide_are_a_copy_and_no_arguments_are_an_empty_dict():
-    args = {"a": 1, "b": [1, 2]}
-    shown = shown_args(args)
-    assert shown == args and shown is not args
+def test_arguments_with_nothing_to_hide_are_kept_as_they_are_without_a_copy():
+    args = {"a": 1, "b": [1, {"c": (2, 3)}]}
+    assert shown_args(args) is args and shown_args(args, size_hint=10) is args
     assert shown_args({}) == {}
-    assert redact_names(args) is args            # nothing hidden: the value itself
+    hidden = shown_args({"a": 1, "b": [1, {"token": 2}]})
+    assert hidden == {"a": 1, "b": [1, {"token": MASK}]}
 
 
 @pytest.mark.parametrize("name, secret", [("password", True), ("db_passwd", True), ("API-Key", True),
@@ -186,6 +188,26 @@ def test_an_older_stem_reads_a_new_status_and_ignores_the_new_fields():
     assert (old.id, old.state, old.error) == ("t1", TaskState.FAILED, "boom")
 
 
+def test_of_and_succeeded_with_fill_every_field_as_keywords_would():
+    """They build a status by position: a field added or moved must not shift the others."""
+    from stem.envelope import Envelope
+    env = Envelope("t1", "n", {"a": 1}, {}, {"m": 1}, "q", 0, 2, 0, 5.0, parent_id="p", root_id="r",
+                   result_ttl=60.0, canvas={"up": {"g": "grp"}})
+    expected = TaskStatus(id="t1", state=TaskState.SUCCEEDED, name="n", queue="q", attempt=2, result=[1],
+                          meta={"m": 1}, started_at=6.0, finished_at=7.0, updated_at=8.0, worker="w", ttl=60.0,
+                          enqueued_at=5.0, parent_id="p", root_id="r", group_id="grp", children=["c"],
+                          args={"a": 1})
+    assert TaskStatus.succeeded_with(env, [1], 6.0, 7.0, 8.0, "w", {"a": 1}, ["c"]) == expected
+    assert TaskStatus.of(env, TaskState.SUCCEEDED, result=[1], started_at=6.0, finished_at=7.0, updated_at=8.0,
+                         worker="w", args={"a": 1}, children=["c"]) == expected
+    failed = TaskStatus.of(env, TaskState.FAILED, error="boom", reason="error")
+    assert (failed.error, failed.reason, failed.ttl, failed.group_id, failed.args) == ("boom", "error", 60.0, "grp",
+                                                                                         None)
+    assert abs(failed.updated_at - time.time()) < 5
+    with pytest.raises(AttributeError):
+        TaskStatus.of(env, TaskState.FAILED, no_such_field=1)
+
+
 def test_a_status_with_every_field_still_opens_with_id_and_state():
     """The Redis backend's conditional store reads the state from the head of the record."""
     status = TaskStatus(id="t1", state=TaskState.FAILED, name="n", queue="q", attempt=1, result=1, error="e",
@@ -198,3 +220,10 @@ def test_a_status_with_every_field_still_opens_with_id_and_state():
     assert keys[:2] == ["id", "state"] and keys[-6:] == ["enqueued_at", "parent_id", "root_id", "group_id",
                                                          "children", "args"]
     assert decode_status(data) == status
+
+
+@pytest.mark.parametrize("value", ["", "a" * 31, "a" * 32, "a" * 255, "a" * 256, "a" * 65535, "a" * 65536, "é" * 40,
+                                   b"", b"x" * 255, b"x" * 256, b"x" * 70_000, [1, "two"], {"k": 1.5}, None])
+def test_the_sizes_a_cut_reports_are_the_msgpack_sizes(value):
+    from stem.redact import _size
+    assert _size(value) == encoded_size(value)

@@ -198,7 +198,7 @@ class Settler:
         later: list[tuple[Job, Outcome]] = []
         store = self.store_results
         worker_id = self.worker_id
-        of, succeeded = TaskStatus.of, TaskState.SUCCEEDED
+        succeeded_with = TaskStatus.succeeded_with
         in_canvas: list[tuple[Job, Outcome]] = []
         for job, out in batch:
             if job.settled:
@@ -208,9 +208,8 @@ class Settler:
                     in_canvas.append((job, out))
                     continue
                 if store and not job.envelope.ignore_result:
-                    statuses.append(of(job.envelope, succeeded, result=out.result, started_at=out.started_at,
-                                       finished_at=out.finished_at, updated_at=now, worker=worker_id,
-                                       args=job.shown_args(), children=job.children))
+                    statuses.append(succeeded_with(job.envelope, out.result, out.started_at, out.finished_at, now,
+                                                   worker_id, job.shown_args(), job.children))
                 acks.append(job)
             else:
                 later.append((job, out))
@@ -243,10 +242,9 @@ class Settler:
     def canvas_successes(self, done: list[tuple[Job, Outcome]], now: float) -> None:
         """The successes of canvas tasks in a batch: stored, carried on (recorded in their
         groups: one round trip for the batch; next chain steps started), then acked."""
-        of, succeeded, worker_id = TaskStatus.of, TaskState.SUCCEEDED, self.worker_id
-        ended = [(job.envelope, of(job.envelope, succeeded, result=out.result, started_at=out.started_at,
-                                   finished_at=out.finished_at, updated_at=now, worker=worker_id,
-                                   args=job.shown_args(), children=_with_next_step(job)))
+        succeeded_with, worker_id = TaskStatus.succeeded_with, self.worker_id
+        ended = [(job.envelope, succeeded_with(job.envelope, out.result, out.started_at, out.finished_at, now,
+                                               worker_id, job.shown_args(), _with_next_step(job)))
                  for job, out in done]
         jobs = [job for job, _ in done]
         self.state.count("succeeded", len(jobs))
