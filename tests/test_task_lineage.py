@@ -14,7 +14,7 @@ from stem import ShutdownMode, Stem, TaskOptions, TaskRegistry, TaskState, Worke
 from stem.backends import InMemoryResultBackend
 from stem.brokers import InMemoryBroker
 from stem.canvas import chain, chord, group
-from stem.redact import MASK, TRUNCATED
+from stem.redact import ARGS_SHOWN_BYTES, MASK, TRUNCATED
 from stem.results import encode_status
 from stem.retry import FixedRetryStrategy
 from stem.testing import EagerStem
@@ -79,7 +79,7 @@ def test_large_arguments_are_cut_in_the_status_with_a_marker(env):
     status = env.stem.wait_for_task(env.stem.enqueue("load", {"blob": "x" * 200_000, "id": 9}), timeout=20)
     assert status.result == 200_000                       # the task had all of it
     assert status.args["id"] == 9 and TRUNCATED in status.args["blob"] and "200,005 bytes" in status.args["blob"]
-    assert len(encode_status(status)) < 2048
+    assert len(encode_status(status)) < ARGS_SHOWN_BYTES + 1024
 
 
 def test_a_callable_redact_decides_what_the_status_keeps(env):
