@@ -14,6 +14,7 @@ import pytest
 from stem import Stem, TaskState
 from stem.limits import default_burst
 from tests.apps.e2e import RATED_BURST, RATED_RATE, SLOTS
+from tests.e2e.conftest import KINDS
 from tests.support import all_succeeded
 
 
@@ -43,8 +44,22 @@ def workers(store, fleet, n_workers: int, concurrency: int) -> None:
             fleet.process(store, concurrency=concurrency, label=f"w{i}")
 
 
+def _rate_cases() -> list:
+    """The producer knows the tasks' limits on every store.  When it does not, the worker
+    routes each delivery into its lane (``Broker.route_limited``, whose contract every adapter
+    passes in tests/contract/test_limits_contract.py): on Redis by default, on the other
+    stores under ``make test-slow`` (each costs ~10 s of rate-bound waiting)."""
+    cases = []
+    for p in KINDS:
+        kind = p.values[0]
+        cases.append(pytest.param(kind, True, marks=p.marks, id=f"{kind}-producer-knows"))
+        cases.append(pytest.param(kind, False, marks=p.marks if kind == "redis" else [*p.marks, pytest.mark.slow],
+                                  id=f"{kind}-worker-routes"))
+    return cases
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("knows_options", [True, False], ids=["producer-knows", "worker-routes"])
+@pytest.mark.parametrize("store, knows_options", _rate_cases(), indirect=["store"])
 def test_workers_together_keep_one_global_rate(store, fleet, ledger, knows_options):
     """3 workers x 2 slots (4 in one process on memory) share a 2/s limit: in every window T at
     most 2*T + burst start (plus one for the jitter between a lease and the task's start), and
@@ -91,10 +106,12 @@ def test_acceptance_1000_tasks_at_50_per_second_on_3_workers_of_2_children_take_
 
 
 @pytest.mark.timeout(120)
-def test_a_task_without_retries_is_never_failed_or_dead_lettered_by_throttling(store, fleet):
-    """40 tasks with max_retries=0 and a 1 s lease behind a 5/s limit: they wait in the broker,
-    not in a worker, so no lease expires, no attempt is spent, nothing is dead-lettered."""
-    n = 40
+@pytest.mark.parametrize("n", [20, pytest.param(40, marks=pytest.mark.slow)])
+def test_a_task_without_retries_is_never_failed_or_dead_lettered_by_throttling(store, fleet, n):
+    """n tasks with max_retries=0 and a 1 s lease behind a 5/s limit: the last ones wait
+    (n - 1) / 5 s, several leases long, in the broker, not in a worker, so no lease expires,
+    no attempt is spent, nothing is dead-lettered.  20 by default (~4 s of waiting), 40
+    under ``make test-slow``."""
     workers(store, fleet, 2, 4)
     stem = store.producer()
     ids = stem.enqueue_many([("e2e.throttled_fragile", {})] * n)
