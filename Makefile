@@ -43,7 +43,8 @@ test-pure: venv
 	STEM_PURE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # The stress runs left out of `make test` (each has a bounded twin there): a million
-# parked Postgres rows, a Redis kill and restart in the middle of 5,000 tasks.
+# parked Postgres rows, a Redis kill and restart in the middle of 5,000 tasks, a chord of
+# 1,000 members; and cross-products whose guarantees default cases check (README, "Two commands").
 test-slow:
 	$(MAKE) test PYTEST_ARGS="-m slow $(PYTEST_ARGS)"
 

@@ -178,6 +178,36 @@ def redis_cluster(tmp_path_factory):
     setup.stop()
 
 
+@pytest.fixture(scope="session")
+def warm_redis_cluster(redis_cluster):
+    """``redis_cluster``, with stem's client of its URL held open for the session: stem pools
+    one client per URL in a process and closes it with its last user, so a test's brokers and
+    backends would otherwise each start one (a connection and ``CLUSTER SLOTS``) and close it
+    again.  For the tests that make many short-lived adapters (the contract suite)."""
+    from stem.stores.redis import RedisStore
+    keeper = RedisStore(redis_cluster.url())
+    yield redis_cluster
+    keeper.close()
+
+
+@pytest.fixture(scope="session")
+def raw_clients():
+    """``raw_client(url)`` made once per URL for the session (a ``RedisCluster`` reads its slot
+    map when made): for cleanups and fault hooks that run after every test."""
+    from .support import raw_client
+    clients: dict[str, Any] = {}
+
+    def get(url: str) -> Any:
+        client = clients.get(url)
+        if client is None:
+            client = clients[url] = raw_client(url)
+        return client
+
+    yield get
+    for client in clients.values():
+        client.close()
+
+
 @pytest.fixture
 def own_cluster(tmp_path):
     """Three primaries with a replica each, of this test alone: for a test that fails over."""

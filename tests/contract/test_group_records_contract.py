@@ -114,6 +114,7 @@ def test_concurrent_last_members_see_completion_and_count_once(backend):
     assert completions and all(c == n for c in completions)
 
 
+@pytest.mark.waits
 def test_a_group_never_expires_in_flight_and_expires_after_completion(backend):
     g = make(backend, 2, ttl=0.3)
     backend.group_record(g, f"{g}.0", 0, True, b"a")
