@@ -83,6 +83,15 @@ def twin(request) -> Twin:
     return load_twin(request.param)
 
 
+def pytest_collection_modifyitems(items):
+    """Mark ``both_builds`` the tests that load both builds themselves (``twin``,
+    ``compiled_twin``): they test the same modules whatever ``STEM_PURE`` selects, so
+    ``make test`` runs them in its compiled run only (``-m 'not both_builds'`` in the pure one)."""
+    for item in items:
+        if {"twin", "compiled_twin"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.both_builds)
+
+
 @pytest.fixture(scope="module")
 def compiled_twin() -> Twin:
     """The compiled build alone (the pure one is ``_native.pure(name)``, always there)."""
