@@ -25,13 +25,14 @@ demo: build
 # The compiled build and the pure twin run at once (most of a test's time is spent waiting on
 # worker processes and servers), each with a Redis db of its own for what runs in stem's
 # default namespace; each log is printed when its run ends, and either failing fails the target.
-# The tests that load both builds side by side (marked both_builds) test the same modules in
-# either run: the pure run leaves them to the compiled one (a PYTEST_ARGS -m comes later and wins).
+# The tests whose outcome does not depend on the selected build (marked build_independent: they
+# load both builds side by side, or read the source) would test the same thing in either run:
+# the pure run leaves them to the compiled one (a PYTEST_ARGS -m comes later and wins).
 test: build
 	@rm -f .test-compiled.log .test-pure.log; \
 	STEM_EXPECT_COMPILED=1 STEM_TEST_REDIS_OWN_DB=9 $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) \
 		> .test-compiled.log 2>&1 & compiled=$$!; \
-	STEM_PURE=1 STEM_TEST_REDIS_OWN_DB=8 $(PY) -m pytest -p no:cacheprovider -m "not slow and not both_builds" \
+	STEM_PURE=1 STEM_TEST_REDIS_OWN_DB=8 $(PY) -m pytest -p no:cacheprovider -m "not slow and not build_independent" \
 		$(PYTEST_ARGS) > .test-pure.log 2>&1 & pure=$$!; \
 	wait $$compiled; c=$$?; echo "== compiled build (exit $$c)"; cat .test-compiled.log; \
 	wait $$pure; p=$$?; echo "== pure-Python twins, STEM_PURE=1 (exit $$p)"; cat .test-pure.log; \

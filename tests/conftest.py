@@ -84,12 +84,13 @@ def twin(request) -> Twin:
 
 
 def pytest_collection_modifyitems(items):
-    """Mark ``both_builds`` the tests that load both builds themselves (``twin``,
+    """Mark ``build_independent`` the tests that load both builds themselves (``twin``,
     ``compiled_twin``): they test the same modules whatever ``STEM_PURE`` selects, so
-    ``make test`` runs them in its compiled run only (``-m 'not both_builds'`` in the pure one)."""
+    ``make test`` runs them in its compiled run only (``-m 'not build_independent'`` in the
+    pure one)."""
     for item in items:
         if {"twin", "compiled_twin"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.both_builds)
+            item.add_marker(pytest.mark.build_independent)
 
 
 @pytest.fixture(scope="module")
