@@ -18,6 +18,11 @@ SETs``: the round trip against the local Redis through
 server included; skipped when no Redis answers).  ``settle pipeline``: 64
 replies only checked for errors and the last one built, by ``execute_last``
 (stepped over in C) vs ``execute`` (each built by hiredis), round trip.
+``command_keys``: what a Redis Cluster pipeline costs before it is routed
+(``stem.stores.redis_cluster``): the packed settle batch and the xadd batch
+split into (end, name, routing key) per command, compiled vs pure twin;
+``extra_info["us_per_command_median"]``, and the c/py ratio of the medians
+printed at the end of the module's run.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import redis
 
 from benchmarks._twins import builds
 from stem import _resp_py
+from stem.stores.redis_cluster import BARRIER
 
 TWINS = {build: resp for build, (resp,) in builds("resp").items()}
 
@@ -145,3 +151,36 @@ def test_step_over_replies(benchmark, impl):
     else:
         scan = TWINS[impl].scan_replies
         assert benchmark(scan, REPLIES, 0, len(REPLIES), 500) == (len(REPLIES), 500, None)
+
+
+_KEYS_MEDIANS: dict[tuple[str, str], float] = {}
+
+
+@pytest.fixture(scope="module")
+def keys_ratio(request):
+    """Prints each batch's ``command_keys`` c/py ratio from this run's medians."""
+    yield _KEYS_MEDIANS
+    lines = [f"command_keys {name}: c {_KEYS_MEDIANS[(name, 'c')]:.3f} us/command, "
+             f"py {_KEYS_MEDIANS[(name, 'py')]:.3f} us/command, "
+             f"py/c {_KEYS_MEDIANS[(name, 'py')] / _KEYS_MEDIANS[(name, 'c')]:.1f}x"
+             for name in dict.fromkeys(n for n, _ in _KEYS_MEDIANS) if (name, "c") in _KEYS_MEDIANS
+             and (name, "py") in _KEYS_MEDIANS]
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if lines:
+        with capture.global_and_fixture_disabled():     # shown without -s, as capsys.disabled() does
+            print("\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("impl", [*TWINS])
+@pytest.mark.parametrize("name, commands", [("settle batch", SETTLE[:64] + [BARRIER] + SETTLE[64:]),
+                                            ("xadd batch", XADD)])
+def test_command_keys(benchmark, keys_ratio, impl, name, commands):
+    benchmark.group = f"command_keys: split a packed {name} by routing key ({len(commands)} commands)"
+    packed = TWINS.get("c", _resp_py).pack_commands(commands)
+    split = benchmark(TWINS[impl].command_keys, packed)
+    assert [key for _, _, key in split] == [
+        None if c is BARRIER else (c[3] if c[0] == "EVALSHA" else c[1]).encode() for c in commands]
+    assert split[-1][0] == len(packed)
+    per_command = benchmark.stats.stats.median * 1e6 / len(commands)
+    benchmark.extra_info["us_per_command_median"] = per_command
+    keys_ratio[(name, impl)] = per_command

@@ -83,6 +83,16 @@ def twin(request) -> Twin:
     return load_twin(request.param)
 
 
+def pytest_collection_modifyitems(items):
+    """Mark ``build_independent`` the tests that load both builds themselves (``twin``,
+    ``compiled_twin``): they test the same modules whatever ``STEM_PURE`` selects, so
+    ``make test`` runs them in its compiled run only (``-m 'not build_independent'`` in the
+    pure one)."""
+    for item in items:
+        if {"twin", "compiled_twin"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.build_independent)
+
+
 @pytest.fixture(scope="module")
 def compiled_twin() -> Twin:
     """The compiled build alone (the pure one is ``_native.pure(name)``, always there)."""
@@ -176,6 +186,36 @@ def redis_cluster(tmp_path_factory):
     setup = ClusterSetup(tmp_path_factory.mktemp("cluster"), masters=3, replicas=0).start()
     yield setup
     setup.stop()
+
+
+@pytest.fixture(scope="session")
+def warm_redis_cluster(redis_cluster):
+    """``redis_cluster``, with stem's client of its URL held open for the session: stem pools
+    one client per URL in a process and closes it with its last user, so a test's brokers and
+    backends would otherwise each start one (a connection and ``CLUSTER SLOTS``) and close it
+    again.  For the tests that make many short-lived adapters (the contract suite)."""
+    from stem.stores.redis import RedisStore
+    keeper = RedisStore(redis_cluster.url())
+    yield redis_cluster
+    keeper.close()
+
+
+@pytest.fixture(scope="session")
+def raw_clients():
+    """``raw_client(url)`` made once per URL for the session (a ``RedisCluster`` reads its slot
+    map when made): for cleanups and fault hooks that run after every test."""
+    from .support import raw_client
+    clients: dict[str, Any] = {}
+
+    def get(url: str) -> Any:
+        client = clients.get(url)
+        if client is None:
+            client = clients[url] = raw_client(url)
+        return client
+
+    yield get
+    for client in clients.values():
+        client.close()
 
 
 @pytest.fixture

@@ -14,6 +14,9 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.build_independent   # reads the source: the same in either build's run
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "stem"
 

@@ -154,6 +154,31 @@ def test_a_limited_publish_after_a_flushed_script_cache_writes_the_plain_message
         b.close()
 
 
+def test_publish_commands_say_whether_they_hold_a_script_call(broker):
+    """What ``publish_many`` picks its runner by: a script call may answer NOSCRIPT, and then
+    only the calls that did not run may be sent again."""
+    delayed = msg(not_before=time.time() + 60)
+    for batch, scripted in [([msg()], False), ([delayed], False), ([msg(CLOSED)], True),
+                            ([msg(), msg(CLOSED), delayed], True), ([msg(CLOSED, queue="other"), msg()], True)]:
+        commands, _, says = broker.publish_commands(batch)
+        assert says is scripted
+        assert any(c[0] == "EVALSHA" for c in commands) is scripted
+
+
+def test_a_limited_publish_to_a_declared_queue_after_a_flushed_script_cache_writes_once(
+        private_redis_url, namespace, private_raw):
+    """The queue is declared (no SADD in the pipeline): the script call is its last command."""
+    b = RedisBroker.from_url(private_redis_url, namespace=namespace)
+    try:
+        b.publish_many([msg()])
+        private_raw.script_flush()
+        b.publish_many([msg(), msg(CLOSED)])
+        s = b.stats(Q)
+        assert (s.ready, s.throttled) == (2, 1)
+    finally:
+        b.close()
+
+
 def test_a_limited_delivery_is_acked_in_the_fused_results_round_trip(broker, redis_url, namespace):
     from stem.backends.redis import RedisResultBackend
     backend = RedisResultBackend.from_url(redis_url, namespace=namespace)

@@ -18,7 +18,7 @@ import pytest
 
 from .support import ROOT
 
-pytestmark = pytest.mark.typecheck
+pytestmark = [pytest.mark.typecheck, pytest.mark.build_independent]   # mypy reads the source
 
 TYPING = ROOT / "tests" / "typing"
 EXPECTED = re.compile(r"#\s*E:\s*([a-z-]+)")

@@ -118,11 +118,15 @@ class Waiter:
             self.fresh.append(status)
         if status.state in EXCEPTION_STATES:
             self.failed = True
+        first_reads_done = False
         if status.id in self.unseen:
             self.unseen.discard(status.id)
-            if not self.unseen and self.mode == WATCH and len(self.fresh) > 1:
+            first_reads_done = not self.unseen
+            if first_reads_done and self.mode == WATCH and len(self.fresh) > 1:
                 self._sort_fresh()     # the end of the first reads: nothing was handed out yet
-        if self.satisfied:
+        # the end of the first reads wakes the waiter as ``seen`` does: it slept past its
+        # deadline for them, and must now see that deadline, not sleep out the grace
+        if first_reads_done or self.satisfied:
             self.cond.notify()
 
     def seen(self, task_id: str) -> None:

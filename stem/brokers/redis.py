@@ -218,19 +218,20 @@ class RedisBroker(Broker):
     def publish_many(self, messages: Sequence[Message]) -> None:
         if not messages:
             return
-        commands, new_queues = self.publish_commands(messages)
-        # limited messages come last, before the SADD: their lanes are written by a script
-        if commands[-2 if new_queues else -1][0] != "EVALSHA":
-            self._call(lambda: raise_first_error(execute(self._client, commands)), "publish")
-        else:
+        commands, new_queues, scripted = self.publish_commands(messages)
+        if scripted:      # a NOSCRIPT must not write the plain messages twice
             self._call(lambda: self._run_once(commands), "publish")
+        else:
+            self._call(lambda: raise_first_error(execute(self._client, commands)), "publish")
         self._declared.update(new_queues)
 
-    def publish_commands(self, messages: Sequence[Message]) -> tuple[list[tuple], list[str]]:
-        """The commands that publish ``messages`` (an XADD or a ZADD each, then a SADD of
-        the queues this broker has not declared yet), and those queues: to pass to
-        ``declared`` once the commands ran.  ``publish_many`` and the async producer
-        (``stem.brokers.redis_async``) send them."""
+    def publish_commands(self, messages: Sequence[Message]) -> tuple[list[tuple], list[str], bool]:
+        """The commands that publish ``messages`` (an XADD or a ZADD each, a limits script
+        call per queue of limited messages, then a SADD of the queues this broker has not
+        declared yet); those queues, to pass to ``declared`` once the commands ran; and
+        whether any command is a script call (then a NOSCRIPT reply is possible: send them
+        with ``_run_once``, or a runner that retries only the calls that did not run).
+        ``publish_many`` and the async producer (``stem.brokers.redis_async``) send them."""
         commands = []
         now = time.time()
         new_queues = []
@@ -266,7 +267,7 @@ class RedisBroker(Broker):
                     commands.append(self._evalsha(self._limits_script, queue, "publish", *args))
         if new_queues:
             commands.append(("SADD", self._queues_key, *new_queues))
-        return commands, new_queues
+        return commands, new_queues, limited is not None
 
     def declared(self, queues: Sequence[str]) -> None:
         """Record that ``queues`` are in the registry set (their SADD ran)."""

@@ -38,7 +38,7 @@ class AsyncRedisPublisher:
         commands: list[Any] = []
         new_queues: list[str] = []
         if messages:
-            commands, new_queues = self.broker.publish_commands(messages)
+            commands, new_queues, _ = self.broker.publish_commands(messages)
         spans: list[list[int]] = []
         first_keyed = len(commands)
         if keyed:

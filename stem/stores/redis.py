@@ -19,7 +19,8 @@ Scripts: ``RedisStore.script`` registers a Lua script (EVALSHA by its sha);
 sends the pipeline once more.  The hot paths pipeline through
 ``stem.stores.redis_pipe`` (re-exported here).
 
-URLs: ``redis://``, ``rediss://``, ``unix://``; ``redis+sentinel://`` (the pool asks the
+URLs: ``redis://``, ``rediss://``, ``unix://`` (their query options checked first:
+``stem.stores.redis_urls``); ``redis+sentinel://`` (the pool asks the
 sentinels for the master: ``stem.stores.redis_sentinel``); ``redis+cluster://`` (the
 client is a ``StemCluster``, whose pipelines ``redis_pipe`` splits by slot:
 ``stem.stores.redis_cluster``).
@@ -47,6 +48,7 @@ from .base import BROKER_ERRORS, Backoff, Store, StoreErrors
 from .local import after_fork_in_child
 from .redis_cluster import BARRIER, cluster_client, is_cluster_transient, is_cluster_url
 from .redis_sentinel import is_sentinel_url, is_stale_master, sentinel_pool
+from .redis_urls import check_plain_options
 from .redis_pipe import execute, execute_last, execute_packed, execute_tail, execute_unread, execute_watched, \
     pack_commands, pack_xadds, raise_first_error
 
@@ -105,6 +107,7 @@ def _acquire(url: str, socket_timeout: float, connect_timeout: float) -> "redis.
                     pool = sentinel_pool(url, socket_timeout=socket_timeout,
                                          socket_connect_timeout=connect_timeout, retry=Retry(NoBackoff(), 1))
                 else:
+                    check_plain_options(url)
                     pool = redis.ConnectionPool.from_url(
                         url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
                         socket_keepalive=True, retry=Retry(NoBackoff(), 1))

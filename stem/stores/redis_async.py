@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover - older or newer redis-py: one read_resp
     _MORE, _Reader = None, None
 
 from .redis import REDIS_ERRORS, NoScriptError, pack_commands, raise_first_error
+from .redis_urls import check_plain_options
 
 __all__ = ["AsyncRedisStore", "HIREDIS_READER", "HIREDIS_MORE"]
 
@@ -96,6 +97,7 @@ class AsyncRedisStore:
         self.label = mask_url(url)
         self.retry_attempts = checks.integer("retry_attempts", retry_attempts)
         self.errors = errors
+        check_plain_options(url)
         try:
             # only for its parsed connection arguments: connections are made and owned here
             pool = redis.asyncio.ConnectionPool.from_url(

@@ -43,7 +43,7 @@ import random
 import select
 import time
 from typing import Any, NamedTuple
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import redis
 import redis.exceptions
@@ -54,6 +54,7 @@ from .. import _native
 from ..errors import ConfigurationError
 from ..redact import mask_url
 from .redis_pipe import pack_commands, read_replies
+from .redis_urls import AddressError, parse_addresses, split_authority
 
 __all__ = ["BARRIER", "CLUSTER_SCHEMES", "ClusterURL", "StemCluster", "cluster_client", "is_cluster_url",
            "is_cluster_transient", "parse_cluster_url", "split_packed"]
@@ -85,24 +86,6 @@ def _bad(url: str, why: str) -> ConfigurationError:
                               "(expected redis+cluster://host:port[,host:port...]/)")
 
 
-def _host_port(item: str, url: str) -> tuple[str, int]:
-    host, port = item, str(_DEFAULT_PORT)
-    if item.startswith("["):                     # [::1]:6379
-        end = item.find("]")
-        if end < 0:
-            raise _bad(url, f"unclosed '[' in {item!r}")
-        host, rest = item[1:end], item[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise _bad(url, f"bad address {item!r}")
-            port = rest[1:]
-    elif ":" in item:
-        host, _, port = item.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise _bad(url, f"bad address {item!r}")
-    return host, int(port)
-
-
 def parse_cluster_url(url: str) -> ClusterURL:
     """The parts of a Cluster URL, checked: at least one node, db 0 only, no options."""
     if not isinstance(url, str):
@@ -114,13 +97,11 @@ def parse_cluster_url(url: str) -> ClusterURL:
     scheme = parts.scheme.lower()
     if scheme not in CLUSTER_SCHEMES:
         raise ConfigurationError(f"not a Redis Cluster URL: {mask_url(url)!r}")
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
-    nodes = [_host_port(item.strip(), url) for item in hosts.split(",") if item.strip()]
+    username, password, hosts = split_authority(parts.netloc)
+    try:
+        nodes = parse_addresses(hosts, _DEFAULT_PORT)
+    except AddressError as exc:
+        raise _bad(url, str(exc)) from None
     if not nodes:
         raise _bad(url, "no node address")
     path = [p for p in parts.path.split("/") if p]

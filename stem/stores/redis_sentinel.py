@@ -26,6 +26,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 from .. import _checks as checks
 from ..errors import ConfigurationError
 from ..redact import mask_url
+from .redis_urls import AddressError, parse_addresses, split_authority
 
 __all__ = ["SENTINEL_SCHEMES", "SentinelURL", "is_sentinel_url", "parse_sentinel_url", "sentinel_pool",
            "is_stale_master"]
@@ -52,25 +53,6 @@ def is_sentinel_url(url: str) -> bool:
     return url.partition("://")[0].lower() in SENTINEL_SCHEMES
 
 
-def _host_port(item: str, url: str) -> tuple[str, int]:
-    host, port = item, str(_DEFAULT_PORT)
-    if item.startswith("["):                     # [::1]:26379
-        end = item.find("]")
-        if end < 0:
-            raise ConfigurationError(f"bad Sentinel URL {mask_url(url)!r}: unclosed '[' in {item!r}")
-        host, rest = item[1:end], item[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise ConfigurationError(f"bad Sentinel URL {mask_url(url)!r}: bad address {item!r}")
-            port = rest[1:]
-    elif ":" in item:
-        host, _, port = item.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigurationError(f"bad Sentinel URL {mask_url(url)!r}: bad address {item!r} "
-                                 "(expected host:port)")
-    return host, int(port)
-
-
 def parse_sentinel_url(url: str) -> SentinelURL:
     """The parts of a Sentinel URL, checked: at least one sentinel, a service name, a db
     number, only known options."""
@@ -81,13 +63,11 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     scheme = parts.scheme.lower()
     if scheme not in SENTINEL_SCHEMES:
         raise ConfigurationError(f"not a Sentinel URL: {mask_url(url)!r}")
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    username = password = None
-    if at:
-        user, colon, secret = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(secret) if colon else None
-    sentinels = [_host_port(item.strip(), url) for item in hosts.split(",") if item.strip()]
+    username, password, hosts = split_authority(parts.netloc)
+    try:
+        sentinels = parse_addresses(hosts, _DEFAULT_PORT)
+    except AddressError as exc:
+        raise ConfigurationError(f"bad Sentinel URL {mask_url(url)!r}: {exc} (expected host:port)") from None
     if not sentinels:
         raise ConfigurationError(f"bad Sentinel URL {mask_url(url)!r}: no sentinel address "
                                  "(expected redis+sentinel://host:port[,host:port...]/service_name/db)")

@@ -1,5 +1,6 @@
 """Contract-suite factories for the Redis adapters: each instance gets its own namespace,
-and its keys are deleted (SCAN on the namespace prefix) when the suite closes it.
+and its keys are deleted (SCAN on the namespace prefix, with the session's plain client of
+the server) when the suite closes it.
 
 A broker also gets the keys suite's two hooks: ``contract_recipe`` (the same URL and
 namespace, for the producers of the process race) and ``contract_break_publish``, which
@@ -11,23 +12,16 @@ and namespace) in another process, and closing it closes the backend and drops t
 
 import uuid
 
-from ..support import drop_namespace, raw_client
 
-
-def _cleanup(raw_url: str, namespace: str) -> None:
-    client = raw_client(raw_url)
-    try:
-        drop_namespace(client, namespace)
-    finally:
-        client.close()
-
-
-def _closing(obj, raw_url, namespace):
+def _closing(obj, raw, namespace):
+    """``obj`` whose ``close`` also drops its namespace, with ``raw`` (the session's plain
+    client: ``raw_clients`` in tests/conftest.py)."""
+    from ..support import drop_namespace
     close = obj.close
 
     def close_and_clean():
         close()
-        _cleanup(raw_url, namespace)
+        drop_namespace(raw, namespace)
 
     obj.close = close_and_clean
     return obj
@@ -40,25 +34,22 @@ def broker_factory(urls):
     def make(request, **kwargs):
         from stem.brokers.redis import RedisBroker
         url, raw_url = urls(request)
+        raw = request.getfixturevalue("raw_clients")(raw_url)
         namespace = "stemtest_" + uuid.uuid4().hex[:12]
-        broker = _closing(RedisBroker.from_url(url, namespace=namespace, **kwargs), raw_url, namespace)
+        broker = _closing(RedisBroker.from_url(url, namespace=namespace, **kwargs), raw, namespace)
         broker.contract_recipe = (RedisBroker.from_url, (url,), {"namespace": namespace, **kwargs})
-        broker.contract_break_publish = _break_publish(broker, raw_url)
+        broker.contract_break_publish = _break_publish(broker, raw)
         return broker
     return make
 
 
-def _break_publish(broker, raw_url):
+def _break_publish(broker, raw):
     from stem.brokers.redis import N_LANES
 
     def brk(queue):
         keys = broker.queue_keys(queue)
-        client = raw_client(raw_url)
-        try:
-            client.set(keys[0], "not a stream")
-            client.set(keys[N_LANES + 1], "not a sorted set")
-        finally:
-            client.close()
+        raw.set(keys[0], "not a stream")
+        raw.set(keys[N_LANES + 1], "not a sorted set")
     return brk
 
 
@@ -66,8 +57,9 @@ def backend_factory(urls):
     def make(request, **kwargs):
         from stem.backends.redis import RedisResultBackend
         url, raw_url = urls(request)
+        raw = request.getfixturevalue("raw_clients")(raw_url)
         namespace = "stemtest_" + uuid.uuid4().hex[:12]
-        backend = _closing(RedisResultBackend.from_url(url, namespace=namespace, **kwargs), raw_url, namespace)
+        backend = _closing(RedisResultBackend.from_url(url, namespace=namespace, **kwargs), raw, namespace)
         backend.contract_recipe = (RedisResultBackend.from_url, (url,), {"namespace": namespace, **kwargs})
         return backend
     return make

@@ -13,3 +13,5 @@ def _through_sentinel(request):
 BROKERS = {"sentinel": broker_factory(_through_sentinel)}
 BACKENDS = {"sentinel": backend_factory(_through_sentinel)}
 WORKFLOW_STORES = {"sentinel": workflow_store_factory(_through_sentinel)}
+#: The ``waits`` cases run through Sentinel under ``-m slow`` only (tests/contract/conftest.py).
+WAITS_ARE_SLOW = ("sentinel",)

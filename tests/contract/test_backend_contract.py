@@ -124,6 +124,7 @@ def test_wait_returns_at_once_for_an_already_finished_task(backend):
     assert backend.wait(i, 5.0).state is TaskState.FAILED
 
 
+@pytest.mark.waits
 def test_wait_times_out_with_the_latest_non_terminal_status(backend):
     i = tid()
     backend.store(TaskStatus(id=i, state=TaskState.RUNNING))
@@ -141,6 +142,7 @@ def test_forget_drops_the_status(backend):
     assert backend.get(i) is None
 
 
+@pytest.mark.waits
 def test_statuses_expire_after_result_expires(make_backend):
     backend = make_backend(result_expires=1)
     i = tid()
@@ -160,6 +162,7 @@ def test_heartbeats_are_listed_and_removed(backend):
     assert "w-1" not in {b["worker_id"] for b in backend.heartbeats()}
 
 
+@pytest.mark.waits
 def test_heartbeat_disappears_after_its_ttl(backend):
     backend.put_heartbeat("w-ttl", {"pid": 3}, ttl=1)
     assert any(b["worker_id"] == "w-ttl" for b in backend.heartbeats())
@@ -173,6 +176,7 @@ def test_revocations_are_remembered(backend):
     assert {a, b} <= backend.revoked()
 
 
+@pytest.mark.waits
 def test_revocations_expire(backend):
     a = tid()
     backend.revoke([a], expires=1)
@@ -225,6 +229,7 @@ def test_store_if_not_terminal_refuses_terminal_statuses(backend):
     assert backend.get(i) is None
 
 
+@pytest.mark.waits
 def test_store_if_not_terminal_does_not_wake_a_waiter(backend):
     i = tid()
     backend.store_if_not_terminal([TaskStatus(id=i, state=TaskState.RUNNING)])
@@ -265,6 +270,7 @@ def test_revocations_keep_their_proofs_and_a_revoke_without_one_drops_it(backend
     assert backend.revocation_proofs([a]) == {a: b"newer"}
 
 
+@pytest.mark.waits
 def test_revocation_proofs_expire_with_their_revocation(backend):
     a = tid()
     backend.revoke([a], expires=1, proofs=[b"p"])
@@ -304,6 +310,7 @@ def test_revoke_refuses_an_expiry_that_is_not_positive_seconds(backend, expires)
 
 
 # -- lifetimes per status (TaskStatus.ttl, base.status_ttl) -------------------------------------
+@pytest.mark.waits
 def test_a_status_with_a_short_ttl_expires_while_one_without_lives_the_backend_default(backend):
     short, default = tid(), tid()
     backend.store_many([TaskStatus(id=short, state=TaskState.SUCCEEDED, result=1, ttl=0.3),
@@ -313,6 +320,7 @@ def test_a_status_with_a_short_ttl_expires_while_one_without_lives_the_backend_d
     assert backend.get(default).result == 2                  # result_expires: a day
 
 
+@pytest.mark.waits
 def test_a_status_with_a_long_ttl_outlives_the_backend_default(make_backend):
     backend = make_backend(result_expires=0.5)
     long, default = tid(), tid()
@@ -323,6 +331,7 @@ def test_a_status_with_a_long_ttl_outlives_the_backend_default(make_backend):
     assert backend.get_many([long, default])[0].state is TaskState.FAILED
 
 
+@pytest.mark.waits
 def test_failures_live_failure_ttl_and_successes_result_ttl(backend):
     from stem.envelope import Envelope
     env = Envelope(tid(), "t", result_ttl=3600.0, failure_ttl=0.3)
@@ -335,6 +344,7 @@ def test_failures_live_failure_ttl_and_successes_result_ttl(backend):
     assert backend.get(ok.id).result == 1
 
 
+@pytest.mark.waits
 def test_a_failure_without_failure_ttl_lives_result_ttl(backend):
     from stem.envelope import Envelope
     failed = TaskStatus.of(Envelope(tid(), "t", result_ttl=0.3), TaskState.REVOKED, reason="revoked")
@@ -343,6 +353,7 @@ def test_a_failure_without_failure_ttl_lives_result_ttl(backend):
     assert wait_until(lambda: backend.get(failed.id) is None, timeout=10.0)
 
 
+@pytest.mark.waits
 @pytest.mark.parametrize("how", ["store", "store_if_not_terminal"])
 def test_a_status_a_task_passes_through_lives_at_least_result_expires_whatever_its_ttl(backend, how):
     running, clock = tid(), tid()
@@ -356,6 +367,7 @@ def test_a_status_a_task_passes_through_lives_at_least_result_expires_whatever_i
     assert backend.get(running).progress == 0.5                               # result_expires: a day
 
 
+@pytest.mark.waits
 def test_a_terminal_status_replaces_a_running_one_with_its_own_lifetime(backend):
     i = tid()
     backend.store_if_not_terminal([TaskStatus(id=i, state=TaskState.RUNNING, ttl=3600)])

@@ -63,6 +63,7 @@ def test_unacked_delivery_is_redelivered_after_visibility_timeout(broker):
     assert broker.stats(Q).in_flight == 0
 
 
+@pytest.mark.waits
 def test_broker_default_visibility_timeout_applies_when_message_has_none(make_broker):
     broker = make_broker(default_visibility_timeout=0.5)
     broker.publish(msg())
@@ -71,6 +72,7 @@ def test_broker_default_visibility_timeout_applies_when_message_has_none(make_br
     assert again.delivery_count == 2
 
 
+@pytest.mark.waits
 def test_extended_lease_is_not_redelivered_and_leaves_one_copy(broker):
     broker.publish(msg(vt=1.0))
     d = consume_one(broker)
@@ -107,6 +109,7 @@ def test_consume_returns_at_most_max_count(broker):
     assert broker.stats(Q).ready + broker.stats(Q).in_flight == 10
 
 
+@pytest.mark.waits
 def test_delayed_message_is_held_until_due(broker):
     due = time.time() + 1.0
     broker.publish(msg(b"later", not_before=due))
@@ -210,6 +213,7 @@ def test_a_message_past_max_deliveries_is_delivered_with_its_count_for_the_consu
     assert broker.stats(Q)[1:5] == (0, 0, 0, 1)
 
 
+@pytest.mark.waits
 def test_leases_that_keep_expiring_past_max_deliveries_are_still_delivered_never_buried(make_broker):
     """A consumer that dies before it dead-letters a delivery past the cap only gets it back."""
     broker = make_broker(max_deliveries=1, default_visibility_timeout=0.3)
@@ -352,6 +356,7 @@ def test_a_worker_dead_letters_garbage_frames_as_decode_error_and_runs_the_tasks
         assert dead_letter_of(broker, bad).reason == "decode-error"
 
 
+@pytest.mark.waits
 def test_a_task_whose_leases_keep_expiring_ends_dead_with_reason_max_deliveries(make_broker, worker_env):
     """A consumer that never settles (a worker killed each time) holds the task past the cap; the
     next worker stores its DEAD status, then dead-letters it, and never runs it."""
@@ -371,6 +376,7 @@ def test_a_task_whose_leases_keep_expiring_ends_dead_with_reason_max_deliveries(
     assert ran == []
 
 
+@pytest.mark.waits
 def test_a_worker_that_dies_between_the_dead_status_and_the_dead_letter_leaves_no_task_pending(make_broker,
                                                                                                 worker_env):
     """The poison cap's crash window: the DEAD status goes in first; a delivery the worker could not

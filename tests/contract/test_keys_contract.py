@@ -94,6 +94,7 @@ def test_ack_releases_the_key_and_a_new_publish_takes_it(broker):
     assert one(broker).task_id == again.message.task_id
 
 
+@pytest.mark.waits
 def test_a_lingering_key_outlives_the_ack_by_linger_then_frees_itself(broker):
     item = keyed(linger=0.6)
     broker.publish_keyed([item])
@@ -104,6 +105,7 @@ def test_a_lingering_key_outlives_the_ack_by_linger_then_frees_itself(broker):
     assert broker.publish_keyed([keyed()]) == [None]
 
 
+@pytest.mark.waits
 def test_retry_nack_requeue_and_lease_expiry_keep_the_key(broker):
     item = keyed(vt=0.5)
     tid = item.message.task_id
@@ -125,6 +127,7 @@ def test_retry_nack_requeue_and_lease_expiry_keep_the_key(broker):
     assert broker.key_owner(Q, "k") is None
 
 
+@pytest.mark.waits
 def test_a_delayed_keyed_message_holds_its_key_until_it_runs_and_ends(broker):
     item = keyed(not_before=time.time() + 0.5)
     broker.publish_keyed([item])
@@ -213,6 +216,7 @@ def test_release_key_is_owner_checked_and_a_late_ack_spares_the_next_owner(broke
     assert broker.key_owner(Q, "k") == second.message.task_id
 
 
+@pytest.mark.waits
 def test_a_key_expires_after_its_ttl_whatever_became_of_the_task(broker):
     first = keyed(ttl=0.5)
     broker.publish_keyed([first])

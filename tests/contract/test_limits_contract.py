@@ -52,6 +52,7 @@ def lanes(broker, queue: str = Q) -> dict[tuple[str | None, str | None], tuple[i
 
 
 # -- lanes and throttling -------------------------------------------------------------------------
+@pytest.mark.waits
 def test_a_throttled_message_is_never_leased_and_its_delivery_count_is_unchanged(broker):
     limit = rate("api", per_second=0.5)            # one token now, the next 2 s later
     first, second = msg(limit), msg(limit)
@@ -91,6 +92,7 @@ def test_within_a_lane_higher_priority_first_then_first_published(broker):
     assert order == [high.task_id, high2.task_id, low.task_id]
 
 
+@pytest.mark.waits
 def test_a_delayed_limited_message_enters_its_lane_when_due(broker):
     broker.publish(msg(rate(), not_before=time.time() + 0.5))
     s = broker.stats(Q)
@@ -101,6 +103,7 @@ def test_a_delayed_limited_message_enters_its_lane_when_due(broker):
 
 
 # -- rate: GCRA ------------------------------------------------------------------------------------
+@pytest.mark.waits
 def test_a_rate_key_leases_at_most_burst_plus_rate_times_the_window(broker):
     per_second, burst = 5.0, 3
     limit = rate("gcra", per_second, burst)
@@ -116,6 +119,7 @@ def test_a_rate_key_leases_at_most_burst_plus_rate_times_the_window(broker):
     assert count >= burst + per_second * elapsed * 0.5, "the bucket refilled far below its rate"
 
 
+@pytest.mark.waits
 def test_a_blocking_consumer_keeps_up_with_the_rate(broker):
     """One consumer that blocks between tokens gets them at the rate, not later: 40 leases at
     20/s (burst 1) take 1.95 s, and a broker that wakes late for each token falls behind."""
@@ -222,6 +226,7 @@ def test_every_settle_frees_the_slot(broker, how):
     assert take(broker) == []                       # and taken again
 
 
+@pytest.mark.waits
 def test_extend_moves_the_slots_deadline(broker):
     limit = slots("long", 1)
     broker.publish_many([msg(limit, vt=0.5), msg(limit, vt=0.5)])
@@ -234,6 +239,7 @@ def test_extend_moves_the_slots_deadline(broker):
     assert len(take(broker)) == 1
 
 
+@pytest.mark.waits
 def test_an_expired_lease_frees_its_slot_and_its_message_goes_back_to_its_lane(broker):
     limit = slots("crash", 1)
     a, b = msg(limit, vt=0.5), msg(limit, vt=0.5)
@@ -252,6 +258,7 @@ def test_an_expired_lease_frees_its_slot_and_its_message_goes_back_to_its_lane(b
     assert seen[a.task_id] == 2                     # the expiry counted as a delivery, as usual
 
 
+@pytest.mark.waits
 def test_an_expired_lease_goes_back_to_its_lane_not_to_the_ready_messages(broker):
     limit = rate("closed")                          # its one token is spent by the first lease
     m = msg(limit, vt=0.5)
@@ -319,6 +326,7 @@ def test_retry_publishes_the_successor_into_the_same_lane(broker):
     assert lanes(broker) == {("retry", None): (1, 0)}
 
 
+@pytest.mark.waits
 def test_a_delayed_retry_enters_the_lane_when_due(broker):
     limit = slots("retry-later", 1)
     broker.publish(msg(limit))

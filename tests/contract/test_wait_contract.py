@@ -83,6 +83,7 @@ def test_a_status_stored_while_waiting_wakes_the_waiter_without_a_polling_delay(
     assert woke - at["t"] < WAKE_BOUND_S
 
 
+@pytest.mark.waits
 def test_wait_returns_the_latest_non_terminal_status_at_its_timeout(backend):
     a = tid()
     backend.store(TaskStatus(id=a, state=TaskState.RUNNING))
@@ -91,6 +92,7 @@ def test_wait_returns_the_latest_non_terminal_status_at_its_timeout(backend):
     assert time.monotonic() - t0 >= 0.25
 
 
+@pytest.mark.waits
 def test_all_waits_for_every_id(backend):
     a, b, c = tid(), tid(), tid()
     backend.store(ok(a))
@@ -114,6 +116,7 @@ def test_first_completed_returns_once_one_is_terminal(backend):
     assert time.monotonic() - at["t"] < WAKE_BOUND_S
 
 
+@pytest.mark.waits
 def test_first_exception_returns_on_the_first_failure_or_when_all_are_done(backend):
     a, b, c = tid(), tid(), tid()
     backend.store(ok(a))
@@ -141,6 +144,7 @@ def test_watch_yields_each_id_once_in_completion_order(backend):
     assert seen == order
 
 
+@pytest.mark.waits
 def test_watch_stops_at_its_timeout_with_what_came(backend):
     a, b = tid(), tid()
     backend.store(ok(a))

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from tests.conftest import REQUIRE_SERVICES
-from tests.support import Fleet, Ledger, Store, drop_namespace, private_postgres_cluster, raw_client
+from tests.support import Fleet, Ledger, Store, drop_namespace, private_postgres_cluster
 
 PROCESS_KINDS = [pytest.param("sqlite"), pytest.param("redis", marks=pytest.mark.redis),
                  pytest.param("cluster", marks=pytest.mark.redis),
@@ -40,12 +40,12 @@ def make_store(kind: str, request) -> Store:
         store.on_close(drop)
         return store
     if kind == "cluster":   # the session's 3-primary Redis Cluster
-        url = request.getfixturevalue("redis_cluster").url()
+        url = request.getfixturevalue("warm_redis_cluster").url()
+        raw = request.getfixturevalue("raw_clients")(url)
         store = Store("redis", url, {"namespace": name})
 
         def drop_cluster() -> None:
-            with raw_client(url) as client:
-                drop_namespace(client, name)
+            drop_namespace(raw, name)
 
         store.on_close(drop_cluster)
         return store

@@ -14,6 +14,7 @@ import pytest
 from stem import Stem, TaskState
 from stem.limits import default_burst
 from tests.apps.e2e import RATED_BURST, RATED_RATE, SLOTS
+from tests.e2e.conftest import KINDS
 from tests.support import all_succeeded
 
 
@@ -43,8 +44,26 @@ def workers(store, fleet, n_workers: int, concurrency: int) -> None:
             fleet.process(store, concurrency=concurrency, label=f"w{i}")
 
 
+def _rate_cases() -> list:
+    """Each case costs ~9 s of rate-bound waiting, so the default run keeps one per guarantee
+    and ``make test-slow`` runs the rest.  Worker processes sharing one rate, the producer
+    knowing the limits: on the three stores of their own code (SQLite, Redis, PostgreSQL);
+    the cluster runs Redis's scripts, and in-process workers on memory share one broker
+    whose rate the contract suite checks (tests/contract/test_limits_contract.py).  The
+    worker routing each delivery into its lane (``Broker.route_limited``, in the contract
+    suite on every adapter): on Redis."""
+    default = {(True, "sqlite"), (True, "redis"), (True, "postgres"), (False, "redis")}
+    cases = []
+    for p in KINDS:
+        kind = p.values[0]
+        for knows, label in ((True, "producer-knows"), (False, "worker-routes")):
+            marks = p.marks if (knows, kind) in default else [*p.marks, pytest.mark.slow]
+            cases.append(pytest.param(kind, knows, marks=marks, id=f"{kind}-{label}"))
+    return cases
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("knows_options", [True, False], ids=["producer-knows", "worker-routes"])
+@pytest.mark.parametrize("store, knows_options", _rate_cases(), indirect=["store"])
 def test_workers_together_keep_one_global_rate(store, fleet, ledger, knows_options):
     """3 workers x 2 slots (4 in one process on memory) share a 2/s limit: in every window T at
     most 2*T + burst start (plus one for the jitter between a lease and the task's start), and
@@ -91,10 +110,12 @@ def test_acceptance_1000_tasks_at_50_per_second_on_3_workers_of_2_children_take_
 
 
 @pytest.mark.timeout(120)
-def test_a_task_without_retries_is_never_failed_or_dead_lettered_by_throttling(store, fleet):
-    """40 tasks with max_retries=0 and a 1 s lease behind a 5/s limit: they wait in the broker,
-    not in a worker, so no lease expires, no attempt is spent, nothing is dead-lettered."""
-    n = 40
+@pytest.mark.parametrize("n", [20, pytest.param(40, marks=pytest.mark.slow)])
+def test_a_task_without_retries_is_never_failed_or_dead_lettered_by_throttling(store, fleet, n):
+    """n tasks with max_retries=0 and a 1 s lease behind a 5/s limit: the last ones wait
+    (n - 1) / 5 s, several leases long, in the broker, not in a worker, so no lease expires,
+    no attempt is spent, nothing is dead-lettered.  20 by default (~4 s of waiting), 40
+    under ``make test-slow``."""
     workers(store, fleet, 2, 4)
     stem = store.producer()
     ids = stem.enqueue_many([("e2e.throttled_fragile", {})] * n)
