@@ -70,10 +70,11 @@ def workflow_store_factory(urls):
         from stem.backends.redis import RedisResultBackend
         from stem.workflows.store_redis import RedisWorkflowStore
         url, raw_url = urls(request)
+        raw = request.getfixturevalue("raw_clients")(raw_url)
         namespace = "stemtest_" + uuid.uuid4().hex[:12]
         backend = RedisResultBackend.from_url(url, namespace=namespace, **kwargs)
         store = RedisWorkflowStore.for_backend(backend)
-        store.close = _closing(backend, raw_url, namespace).close
+        store.close = _closing(backend, raw, namespace).close
         store.contract_recipe = (RedisWorkflowStore.from_url, (url,), {"namespace": namespace})
         return store
     return make
