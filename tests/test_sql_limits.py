@@ -181,7 +181,7 @@ def test_an_emptied_lane_and_an_idle_bucket_do_not_stay(shared_url):
                                + ("strftime('%s', 'now')" if shared_url.startswith("sqlite")
                                   else "extract(epoch FROM now())")) == [(0,)], 5.0, what="the TAT to pass")
         broker._next_bucket_sweep = 0.0           # the minute since the last sweep is up
-        broker.publish(lim_msg(Limit(rate_key="other", rate=50.0, burst=1)))
+        broker.publish(lim_msg(Limit(rate_key="other", rate=1.0, burst=1)))   # its TAT a second ahead: live at the sweep
         assert len(broker.consume([Q], 10, 5.0)) == 1
         assert [r[0] for r in _rows(shared_url, "SELECT rate_key FROM stem_buckets")] == ["other"]
     finally:

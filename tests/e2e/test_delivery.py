@@ -37,7 +37,8 @@ def two_workers_run_each_task_once(store, fleet, ledger, n: int) -> None:
     assert ledger.twice() == [], "tasks ran twice with nothing crashing"
     by_worker = ledger.by_worker()
     assert set(by_worker) == {"a", "b"} and min(by_worker.values()) > 0, by_worker
-    assert stem.broker.stats("default")[1:5] == IDLE
+    # a status is stored before its ack (result, then ack): the queue empties a moment after
+    fleet.wait_for(lambda: stem.broker.stats("default")[1:5] == IDLE, 10, "the last ack")
 
 
 @pytest.mark.timeout(150)
@@ -73,7 +74,8 @@ def test_a_killed_workers_tasks_are_completed_by_another_worker_after_the_visibi
     held = concurrency * 4
     twice = ledger.twice()
     assert len(twice) <= held, f"{len(twice)} tasks ran twice; only the victim's unsettled ones (<= {held}) may"
-    assert stem.broker.stats("default")[1:5] == IDLE
+    # a status is stored before its ack (result, then ack): the queue empties a moment after
+    fleet.wait_for(lambda: stem.broker.stats("default")[1:5] == IDLE, 10, "the last ack")
 
 
 @pytest.mark.timeout(60)
@@ -86,4 +88,5 @@ def test_a_long_task_runs_exactly_once_while_its_lease_is_renewed(store, fleet, 
     status = stem.wait_for_task(task_id, timeout=30)
     assert status.state is TaskState.SUCCEEDED and status.result == 7
     assert ledger.ran() == {task_id: 1}
-    assert stem.broker.stats("default")[1:5] == IDLE
+    # a status is stored before its ack (result, then ack): the queue empties a moment after
+    fleet.wait_for(lambda: stem.broker.stats("default")[1:5] == IDLE, 10, "the last ack")
