@@ -4,6 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PYTEST_ARGS ?=
+# Each build's run is spread over two pytest-xdist workers, a test file each at a time
+# (module fixtures stay shared); TEST_WORKERS=0 runs each build in one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: venv build demo test test-compiled test-pure test-slow bench-micro bench-peers bench-e2e clean
 
@@ -30,10 +34,10 @@ demo: build
 # the pure run leaves them to the compiled one (a PYTEST_ARGS -m comes later and wins).
 test: build
 	@rm -f .test-compiled.log .test-pure.log; \
-	STEM_EXPECT_COMPILED=1 STEM_TEST_REDIS_OWN_DB=9 $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) \
+	STEM_EXPECT_COMPILED=1 STEM_TEST_REDIS_OWN_DB=9 $(PY) -m pytest -p no:cacheprovider $(XDIST) $(PYTEST_ARGS) \
 		> .test-compiled.log 2>&1 & compiled=$$!; \
 	STEM_PURE=1 STEM_TEST_REDIS_OWN_DB=8 $(PY) -m pytest -p no:cacheprovider -m "not slow and not build_independent" \
-		$(PYTEST_ARGS) > .test-pure.log 2>&1 & pure=$$!; \
+		$(XDIST) $(PYTEST_ARGS) > .test-pure.log 2>&1 & pure=$$!; \
 	wait $$compiled; c=$$?; echo "== compiled build (exit $$c)"; cat .test-compiled.log; \
 	wait $$pure; p=$$?; echo "== pure-Python twins, STEM_PURE=1 (exit $$p)"; cat .test-pure.log; \
 	test $$c -eq 0 -a $$p -eq 0

@@ -41,7 +41,11 @@ REDIS_URL = os.environ.get("STEM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("STEM_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 # The Redis db the CLI and example tests own (they run in stem's default namespace); two test
 # runs at once on one server (two checkouts) each need their own.
-REDIS_OWN_DB = int(os.environ.get("STEM_TEST_REDIS_OWN_DB", "9"))
+# Under pytest-xdist each worker (gw0, gw1, ...) is such a run too: worker N takes the db 2N
+# above the run's (make test: the compiled build 9 and 11, the pure twin 8 and 10).
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+REDIS_OWN_DB = int(os.environ.get("STEM_TEST_REDIS_OWN_DB", "9")) + (
+    2 * int(_XDIST_WORKER[2:]) if _XDIST_WORKER.startswith("gw") else 0)
 
 
 @dataclass(frozen=True)
