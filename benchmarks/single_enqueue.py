@@ -6,13 +6,18 @@ time per task, for:
 * ``stem.enqueue("bench.echo", {"i": i})``: checks, envelope, signed frame (signing on),
   XADD, reply; the task name known to the registry;
 * the same XADD (same key, same fields, a frame of the same size) written straight to a
-  socket, its reply read with one ``recv`` -- the floor any client pays.
+  socket, its reply read with one ``recv`` -- the floor any client pays;
+* with ``--baseline DIR`` (a checkout of stem, e.g. ``git archive main``, built): the same
+  ``enqueue`` calls by that checkout's stem, in a child process, between the rounds of
+  this one, for a before/after ratio from one run; and for both, ``enqueue_many`` of
+  500 tasks (CPU per task), so a change of the single path is seen not to slow the batch.
 
-Rounds alternate the two (3 by default), each ``--tasks`` calls; the median round is shown
-with the ratios.  A private redis-server is started, so other work on the shared one does
-not move the figures.
+Rounds alternate (3 by default), each ``--tasks`` calls; within a round stem and the raw
+XADD alternate in blocks of 500 calls, so a change of the machine's load between them
+moves both.  The median round is shown with the ratios.  A private redis-server is started, so other work on the shared one does not
+move the figures.
 
-    .venv/bin/python benchmarks/single_enqueue.py [--tasks 20000] [--rounds 3] [--profile]
+    .venv/bin/python benchmarks/single_enqueue.py [--tasks 20000] [--rounds 3] [--profile] [--baseline DIR]
 
 Figures: benchmarks/README.md, "Single enqueue".
 """
@@ -34,7 +39,8 @@ import time
 
 import redis
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# a child measuring a baseline checkout imports that checkout's stem (``--child``)
+sys.path.insert(0, os.environ.get("STEM_BENCH_CHECKOUT") or os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from stem import PayloadSigner, Stem, TaskRegistry  # noqa: E402
 from stem.backends import RedisResultBackend  # noqa: E402
@@ -77,59 +83,144 @@ def measure(fn, n: int) -> tuple[float, float]:
     return (time.process_time() - c) / n * 1e6, (time.perf_counter() - w) / n * 1e6
 
 
+MANY = 500   # tasks per enqueue_many call
+
+
+def producer(url: str) -> tuple[Stem, dict]:
+    """A producer on ``url`` (signing on) and its measured calls: "single" (one enqueue per
+    call) and "many" (one ``enqueue_many`` of ``MANY`` per call; per task)."""
+    signer = PayloadSigner({"k1": b"k" * 32}, "k1")
+    stem = Stem(RedisBroker(url, namespace="bench"), RedisResultBackend(url, namespace="bench"), registry, signer)
+    stem.enqueue("bench.echo", {"i": 0})
+    items = [("bench.echo", {"i": i}) for i in range(MANY)]
+
+    def single(n: int) -> tuple[float, float]:
+        return measure(lambda i: stem.enqueue("bench.echo", {"i": i}), n)
+
+    def many(n: int) -> tuple[float, float]:
+        cpu, wall = measure(lambda i: stem.enqueue_many(items), max(1, n // MANY))
+        return cpu / MANY, wall / MANY
+
+    return stem, {"single": single, "many": many}
+
+
+def child(url: str) -> None:
+    """``--child``: measure on request, one line in ("single N"), one line out ("cpu wall")."""
+    stem, calls = producer(url)
+    redis.Redis.from_url(url).delete(*stem.broker.queue_keys("default"))
+    for line in sys.stdin:
+        what, n = line.split()
+        cpu, wall = calls[what](int(n))
+        print(f"{cpu} {wall}", flush=True)
+
+
+class Baseline:
+    """A baseline checkout's producer in a child process."""
+
+    def __init__(self, checkout: str, url: str):
+        env = dict(os.environ, STEM_BENCH_CHECKOUT=os.path.abspath(checkout))
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", url], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, what: str, n: int) -> tuple[float, float]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{what} {n}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the baseline child died")
+        cpu, wall = line.split()
+        return float(cpu), float(wall)
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one stem round")
+    parser.add_argument("--baseline", metavar="DIR", help="a built checkout of stem to measure in the same run")
+    parser.add_argument("--child", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
     if shutil.which("redis-server") is None:
         sys.exit("redis-server is not on PATH")
     import stem as stem_pkg
     with tempfile.TemporaryDirectory() as d:
         proc, port = start_redis(d)
+        baseline = None
         try:
             url = f"redis://127.0.0.1:{port}/0"
-            signer = PayloadSigner({"k1": b"k" * 32}, "k1")
-            stem = Stem(RedisBroker(url, namespace="bench"), RedisResultBackend(url, namespace="bench"),
-                        registry, signer)
-            stem.enqueue("bench.echo", {"i": 0})
+            stem, calls = producer(url)
             key = stem.broker.queue_keys("default")[0]
             frame_len = len(redis.Redis(port=port).xrange(key, count=1)[0][1][b"f"])
             xadd = pack_commands([("XADD", key, "*", "t", "0" * 32, "f", b"x" * frame_len, "p", 0, "v", 0)])
             sock = socket.create_connection(("127.0.0.1", port))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if args.baseline:
+                baseline = Baseline(args.baseline, url)
 
             def raw(i: int) -> None:
                 sock.sendall(xadd)
                 if not sock.recv(256).startswith(b"$"):
                     raise RuntimeError("XADD failed")
 
-            def enqueue(i: int) -> None:
-                stem.enqueue("bench.echo", {"i": i})
+            trim = redis.Redis(port=port)
+            def interleaved(n: int) -> tuple[tuple[float, float], tuple[float, float]]:
+                """stem and raw in alternating blocks of 500 calls, so both see the same load."""
+                totals = [0.0, 0.0, 0.0, 0.0]
+                for _ in range(max(1, n // 500)):
+                    for j, fn in enumerate((lambda: calls["single"](500), lambda: measure(raw, 500))):
+                        cpu, wall = fn()
+                        totals[2 * j] += cpu
+                        totals[2 * j + 1] += wall
+                blocks = max(1, n // 500)
+                return (totals[0] / blocks, totals[1] / blocks), (totals[2] / blocks, totals[3] / blocks)
 
             rows = []
             for _ in range(args.rounds):
-                s_cpu, s_wall = measure(enqueue, args.tasks)
-                r_cpu, r_wall = measure(raw, args.tasks)
-                rows.append((s_cpu, s_wall, r_cpu, r_wall))
+                s_row, r_row = interleaved(args.tasks)
+                row = {"stem": s_row, "raw": r_row}
+                if baseline is not None:
+                    row["base"] = baseline("single", args.tasks)
+                    row["many"] = calls["many"](args.tasks)
+                    row["base_many"] = baseline("many", args.tasks)
+                trim.delete(key)
+                rows.append(row)
             print(f"stem build: {stem_pkg.IMPLEMENTATION}; {args.tasks} calls a round, frame {frame_len} B, "
-                  f"signing on")
-            for n, (s_cpu, s_wall, r_cpu, r_wall) in enumerate(rows, 1):
-                print(f"round {n}: stem.enqueue {s_cpu:.1f} us CPU, {s_wall:.1f} us wall | raw XADD "
-                      f"{r_cpu:.1f} us CPU, {r_wall:.1f} us wall | wall ratio {s_wall / r_wall:.2f}x, "
-                      f"stem CPU - raw CPU {s_cpu - r_cpu:.1f} us")
-            med = sorted(rows, key=lambda r: r[1])[len(rows) // 2]
-            print(f"median round: producer CPU {med[0]:.1f} us (raw {med[2]:.1f}), wall {med[1]:.1f} us "
-                  f"(raw {med[3]:.1f}), wall ratio {med[1] / med[3]:.2f}x; "
-                  f"CPU median of rounds {statistics.median(r[0] for r in rows):.1f} us")
+                  f"signing on" + (f"; baseline {args.baseline}" if baseline else ""))
+            for n, row in enumerate(rows, 1):
+                (s_cpu, s_wall), (r_cpu, r_wall) = row["stem"], row["raw"]
+                line = (f"round {n}: stem.enqueue {s_cpu:.1f} us CPU, {s_wall:.1f} us wall | raw XADD "
+                        f"{r_cpu:.1f} us CPU, {r_wall:.1f} us wall | wall ratio {s_wall / r_wall:.2f}x")
+                if "base" in row:
+                    b_cpu, b_wall = row["base"]
+                    line += (f" | baseline {b_cpu:.1f} us CPU, {b_wall:.1f} us wall, ratio {b_wall / r_wall:.2f}x; "
+                             f"after/before wall {s_wall / b_wall:.2f}x CPU {s_cpu / b_cpu:.2f}x | enqueue_many "
+                             f"CPU/task {row['many'][0]:.2f} us (baseline {row['base_many'][0]:.2f}, "
+                             f"{row['many'][0] / row['base_many'][0]:.2f}x)")
+                print(line)
+            med = sorted(rows, key=lambda r: r["stem"][1])[len(rows) // 2]
+            print(f"median round: producer CPU {med['stem'][0]:.1f} us (raw {med['raw'][0]:.1f}), wall "
+                  f"{med['stem'][1]:.1f} us (raw {med['raw'][1]:.1f}), wall ratio {med['stem'][1] / med['raw'][1]:.2f}x; "
+                  f"CPU median of rounds {statistics.median(r['stem'][0] for r in rows):.1f} us; wall ratio median "
+                  f"{statistics.median(r['stem'][1] / r['raw'][1] for r in rows):.2f}x"
+                  + (f", baseline's {statistics.median(r['base'][1] / r['raw'][1] for r in rows):.2f}x"
+                     if baseline else ""))
             if args.profile:
                 prof = cProfile.Profile()
-                prof.runcall(measure, enqueue, args.tasks)
+                prof.runcall(calls["single"], args.tasks)
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
             sock.close()
             stem.close()
         finally:
+            if baseline is not None:
+                baseline.close()
             proc.send_signal(signal.SIGKILL)
             proc.wait()
 

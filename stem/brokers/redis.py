@@ -94,8 +94,9 @@ from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 from .. import _checks as checks
 from ..errors import ConfigurationError, StemError
 from ..stores.base import BROKER_ERRORS
-from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_unread,
-                            pack_commands, pack_xadds, raise_first_error, validate_namespace)
+from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_one,
+                            execute_unread, pack_commands, pack_xadds, raise_first_error, validate_namespace)
+from ..stores.redis_pipe import pack_command as _pack_command
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
                    LaneStats, Limit, MAX_KEY_LENGTH, Message, QueueStats, check_frame_batch, check_keyed,
                    validate_queue_name)
@@ -169,6 +170,7 @@ class RedisBroker(Broker):
         self._keys_script = self._store.script(_load_script("redis_keys.lua"))
         self._limits_script = self._store.script(_load_script("redis_limits.lua"))
         self._declared: set[str] = set()
+        self._xadd_heads: dict[str, list[tuple[bytes, bytes]]] = {}   # publish's: by declared queue
         self._keys: dict[str, list[str]] = {}
         self._instance = uuid.uuid4().hex[:8]
         self._rotate = 0
@@ -210,7 +212,36 @@ class RedisBroker(Broker):
 
     # -- publishing -------------------------------------------------------------------
     def publish(self, message: Message) -> None:
-        self.publish_many((message,))
+        """One message.  A ready one without a limit, of priority 0-9, to a declared queue (a
+        service's single ``enqueue``) is one XADD spliced from the lane's pre-packed head and
+        tail (``_xadd_parts``) and sent as it is, with none of ``publish_many``'s command
+        lists; anything else goes through ``publish_many``."""
+        parts = self._xadd_heads.get(message.queue)
+        priority = message.priority
+        if (parts is None or message.limit is not None or message.not_before is not None
+                or type(priority) is not int or not 0 <= priority < N_LANES):
+            self.publish_many((message,))
+            if parts is None and message.queue in self._declared:
+                self._xadd_heads[message.queue] = self._xadd_parts(message.queue)
+            return
+        vt = message.visibility_timeout
+        frame = message.frame
+        tid = message.task_id.encode()
+        head, tail = parts[priority]
+        packed = b"%s$%d\r\n%s\r\n$1\r\nf\r\n$%d\r\n%s\r\n%s" % (
+            head, len(tid), tid, len(frame), frame,
+            tail if vt is None else _pack_command("p", priority, "v", checks.ms(vt))[4:])
+        self._store.call(lambda: execute_one(self._client, packed, True), "publish")
+
+    def _xadd_parts(self, queue: str) -> list[tuple[bytes, bytes]]:
+        """Per lane of ``queue``: the packed XADD up to its task id, and from its priority
+        on without a visibility timeout -- what ``publish`` splices a frame between."""
+        keys = self.queue_keys(queue)
+        parts = []
+        for priority in range(N_LANES):
+            head = _pack_command("XADD", keys[priority], "*", "t")
+            parts.append((b"*11" + head[head.index(b"\r\n"):], _pack_command("p", priority, "v", 0)[4:]))
+        return parts
 
     def publish_many(self, messages: Sequence[Message]) -> None:
         if not messages:
@@ -692,6 +723,7 @@ class RedisBroker(Broker):
         self._call(lambda: self._store.run(commands), "delete_queue")
         self._keys.pop(queue, None)
         self._declared.discard(queue)
+        self._xadd_heads.pop(queue, None)
 
     def stats(self, queue: str) -> QueueStats:
         ready, in_flight, delayed, dead, throttled = self._admin(queue, "stats")

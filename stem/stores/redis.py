@@ -2,7 +2,8 @@
 
 Connections: one ``redis.ConnectionPool`` per (URL, timeouts) in a process,
 shared by every ``RedisStore`` made for it (brokers and result backends) and
-disconnected when the last one closes.  redis-py resets a pool in a forked
+disconnected when the last one closes; one of its connections stays checked out
+for the round trips that find it free (``stem.stores.redis_dedicated``).  redis-py resets a pool in a forked
 child (it checks the pid), so a child never reuses its parent's sockets; the
 registry's lock is made anew in a child (``stem.stores.local``).
 
@@ -46,12 +47,14 @@ from ..redact import mask_url
 from .base import BROKER_ERRORS, Backoff, Store, StoreErrors
 from .local import after_fork_in_child
 from .redis_cluster import BARRIER, cluster_client, is_cluster_transient, is_cluster_url
+from .redis_dedicated import dedicate, undedicate
 from .redis_sentinel import is_sentinel_url, is_stale_master, sentinel_pool
-from .redis_pipe import execute, execute_last, execute_packed, execute_unread, pack_commands, pack_xadds, \
+from .redis_pipe import execute, execute_last, execute_one, execute_packed, execute_unread, pack_commands, pack_xadds, \
     raise_first_error
 
 __all__ = ["BARRIER", "RedisStore", "validate_namespace", "REDIS_ERRORS", "ReplyError", "NoScriptError", "execute",
-           "execute_last", "execute_packed", "execute_unread", "pack_commands", "pack_xadds", "raise_first_error"]
+           "execute_last", "execute_one", "execute_packed", "execute_unread", "pack_commands", "pack_xadds",
+           "raise_first_error"]
 
 log = logging.getLogger("stem.stores.redis")
 T = TypeVar("T")
@@ -110,6 +113,7 @@ def _acquire(url: str, socket_timeout: float, connect_timeout: float) -> "redis.
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {exc}") from exc
             entry = _pools[key] = [redis.Redis(connection_pool=pool), 0]
+            dedicate(pool)
         entry[1] += 1
         return entry[0]
 
@@ -124,6 +128,7 @@ def _release(client: "redis.Redis") -> None:
                     if is_cluster_url(key[0]):
                         client.close()
                     else:
+                        undedicate(client.connection_pool)
                         client.connection_pool.disconnect()
                 return
 
