@@ -7,6 +7,8 @@ time per task, for:
   XADD, reply; the task name known to the registry;
 * the same XADD (same key, same fields, a frame of the same size) written straight to a
   socket, its reply read with one ``recv`` -- the floor any client pays;
+* with ``--threads``: 8 threads of one process, each enqueueing one task at a time
+  (tasks/s and CPU per task: their round trips are shared, ``stem.stores.redis_group``);
 * with ``--baseline DIR`` (a checkout of stem, e.g. ``git archive main``, built): the same
   ``enqueue`` calls by that checkout's stem, in a child process, between the rounds of
   this one, for a before/after ratio from one run; and for both, ``enqueue_many`` of
@@ -35,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import redis
@@ -84,6 +87,7 @@ def measure(fn, n: int) -> tuple[float, float]:
 
 
 MANY = 500   # tasks per enqueue_many call
+THREADS = 8  # --threads: threads enqueueing at once
 
 
 def producer(url: str) -> tuple[Stem, dict]:
@@ -98,10 +102,28 @@ def producer(url: str) -> tuple[Stem, dict]:
         return measure(lambda i: stem.enqueue("bench.echo", {"i": i}), n)
 
     def many(n: int) -> tuple[float, float]:
-        cpu, wall = measure(lambda i: stem.enqueue_many(items), max(1, n // MANY))
+        cpu, wall = measure(lambda i: stem.enqueue_many(items), max(20, 4 * n // MANY))
         return cpu / MANY, wall / MANY
 
-    return stem, {"single": single, "many": many}
+    def threads(n: int) -> tuple[float, float]:
+        """``THREADS`` threads, each enqueueing one task at a time (n in all): per task."""
+        per = max(1, n // THREADS)
+        go = threading.Barrier(THREADS + 1)
+
+        def run() -> None:
+            go.wait()
+            for i in range(per):
+                stem.enqueue("bench.echo", {"i": i})
+        workers = [threading.Thread(target=run) for _ in range(THREADS)]
+        for t in workers:
+            t.start()
+        c, w = time.process_time(), time.perf_counter()
+        go.wait()
+        for t in workers:
+            t.join()
+        return (time.process_time() - c) / (per * THREADS) * 1e6, (time.perf_counter() - w) / (per * THREADS) * 1e6
+
+    return stem, {"single": single, "many": many, "threads": threads}
 
 
 def child(url: str) -> None:
@@ -143,6 +165,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="print a cProfile of one stem round")
     parser.add_argument("--baseline", metavar="DIR", help="a built checkout of stem to measure in the same run")
+    parser.add_argument("--threads", action="store_true",
+                        help=f"also {THREADS} threads enqueueing one task at a time each (tasks/s)")
     parser.add_argument("--child", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -171,25 +195,33 @@ def main() -> None:
                     raise RuntimeError("XADD failed")
 
             trim = redis.Redis(port=port)
-            def interleaved(n: int) -> tuple[tuple[float, float], tuple[float, float]]:
-                """stem and raw in alternating blocks of 500 calls, so both see the same load."""
-                totals = [0.0, 0.0, 0.0, 0.0]
-                for _ in range(max(1, n // 500)):
-                    for j, fn in enumerate((lambda: calls["single"](500), lambda: measure(raw, 500))):
-                        cpu, wall = fn()
-                        totals[2 * j] += cpu
-                        totals[2 * j + 1] += wall
+            def interleaved(n: int) -> list[tuple[float, float]]:
+                """stem, raw (and the baseline) in alternating blocks of 500 calls, so all see
+                the same load: (CPU, wall) per call of each."""
+                fns = [lambda: calls["single"](500), lambda: measure(raw, 500)]
+                if baseline is not None:
+                    fns.append(lambda: baseline("single", 500))
+                totals = [[0.0, 0.0] for _ in fns]
                 blocks = max(1, n // 500)
-                return (totals[0] / blocks, totals[1] / blocks), (totals[2] / blocks, totals[3] / blocks)
+                for _ in range(blocks):
+                    for total, fn in zip(totals, fns):
+                        cpu, wall = fn()
+                        total[0] += cpu
+                        total[1] += wall
+                return [(cpu / blocks, wall / blocks) for cpu, wall in totals]
 
             rows = []
             for _ in range(args.rounds):
-                s_row, r_row = interleaved(args.tasks)
-                row = {"stem": s_row, "raw": r_row}
+                measured = interleaved(args.tasks)
+                row = {"stem": measured[0], "raw": measured[1]}
                 if baseline is not None:
-                    row["base"] = baseline("single", args.tasks)
+                    row["base"] = measured[2]
                     row["many"] = calls["many"](args.tasks)
                     row["base_many"] = baseline("many", args.tasks)
+                if args.threads:
+                    row["threads"] = calls["threads"](args.tasks)
+                    if baseline is not None:
+                        row["base_threads"] = baseline("threads", args.tasks)
                 trim.delete(key)
                 rows.append(row)
             print(f"stem build: {stem_pkg.IMPLEMENTATION}; {args.tasks} calls a round, frame {frame_len} B, "
@@ -204,6 +236,12 @@ def main() -> None:
                              f"after/before wall {s_wall / b_wall:.2f}x CPU {s_cpu / b_cpu:.2f}x | enqueue_many "
                              f"CPU/task {row['many'][0]:.2f} us (baseline {row['base_many'][0]:.2f}, "
                              f"{row['many'][0] / row['base_many'][0]:.2f}x)")
+                if "threads" in row:
+                    line += f" | {THREADS} threads: {1e6 / row['threads'][1]:,.0f} tasks/s, {row['threads'][0]:.1f} us CPU/task"
+                    if "base_threads" in row:
+                        line += (f" (baseline {1e6 / row['base_threads'][1]:,.0f} tasks/s, "
+                                 f"{row['base_threads'][0]:.1f} us CPU/task; after/before "
+                                 f"{row['base_threads'][1] / row['threads'][1]:.2f}x)")
                 print(line)
             med = sorted(rows, key=lambda r: r["stem"][1])[len(rows) // 2]
             print(f"median round: producer CPU {med['stem'][0]:.1f} us (raw {med['raw'][0]:.1f}), wall "

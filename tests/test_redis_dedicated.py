@@ -79,8 +79,9 @@ def test_a_spliced_xadd_is_the_packed_command_byte_for_byte(redis_url, namespace
     try:
         sent = []
         import stem.brokers.redis as module
-        real = module.execute_one
-        monkeypatch.setattr(module, "execute_one", lambda c, packed, r=False: (sent.append(packed), real(c, packed, r))[1])
+        real = module._group_execute_one
+        monkeypatch.setattr(module, "_group_execute_one",
+                            lambda c, packed, r=False: (sent.append(packed), real(c, packed, r))[1])
         for m in (Message("a" * 32, "q", b"f1"), Message("b" * 32, "q", b"\r\n" * 10, 9),
                   Message("id-\u00e9", "q", bytearray(b"x" * 300), 3, None, 12.5)):
             broker.publish(m)   # the first declares the queue (publish_many); then spliced

@@ -132,6 +132,7 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
 
         cpu0 = sum(m.cpu() for m in meters)
         rc0 = psutil.Process(redis_pid).cpu_times() if redis_pid else None
+        r.config_resetstat()   # commands per task: INFO commandstats over the window
         th = threading.Thread(target=producer, name="producer")
         samples: list[tuple[float, int]] = []
         t0 = time.time()
@@ -139,6 +140,7 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
         t_done = wait_count(c0 + tasks, timeout, samples)
         cpu = sum(m.cpu() for m in meters) - cpu0
         rc1 = psutil.Process(redis_pid).cpu_times() if redis_pid else None
+        commands = _commands(r.info("commandstats"), polls=len(samples))
         th.join()
         if "error" in box:
             raise box["error"]
@@ -153,6 +155,8 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
             "producer_s": box["t"] - t0,
             "redis_cpu_us": ((rc1.user + rc1.system - rc0.user - rc0.system) / tasks * 1e6) if rc0 else None,
             "worker_rss_mib": rss[0] / 2 ** 20, "extra_runs": extra, "load_avg": os.getloadavg()[0],
+            "redis_commands_per_task": sum(commands.values()) / tasks,
+            "redis_commands": {k: round(v / tasks, 3) for k, v in sorted(commands.items(), key=lambda kv: -kv[1])},
         }
     except BaseException:
         log.flush()
@@ -166,6 +170,16 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
             r.unlink(*keys[i:i + 1000])
         log.close()
         os.unlink(log.name)
+
+
+def _commands(stats: dict[str, Any], polls: int) -> dict[str, int]:
+    """Calls per command since CONFIG RESETSTAT, less the driver's own (its counter polls:
+    one GET each, and this INFO).  Server-wide: meaningful on a Redis of the benchmark alone."""
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    calls["get"] = calls.get("get", 0) - polls
+    calls["info"] = calls.get("info", 0) - 1
+    calls.pop("config|resetstat", None)
+    return {k: v for k, v in calls.items() if v > 0}
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -247,8 +261,12 @@ def summarize(systems: list[str], runs: list[dict[str, Any]]) -> list[dict[str, 
                "per_s": med(s, "per_s"), "per_s_runs": [r["per_s"] for r in ok],
                "steady_per_s": med(s, "steady_per_s"), "worker_cpu_us": med(s, "worker_cpu_us"),
                "producer_cpu_us": med(s, "producer_cpu_us"), "redis_cpu_us": med(s, "redis_cpu_us"),
+               "redis_commands_per_task": med(s, "redis_commands_per_task"),
+               "redis_commands": ok[0].get("redis_commands") if ok else None,
                "extra_runs": max((r["extra_runs"] for r in ok), default=None),
                "errors": [r["error"] for r in runs if r["system"] == s and "error" in r]}
+        parts = [row["worker_cpu_us"], row["producer_cpu_us"], row["redis_cpu_us"]]
+        row["total_cpu_us"] = sum(parts) if None not in parts else None   # type: ignore[arg-type]
         row["stem_speedup"] = stem_rate / row["per_s"] if stem_rate and row["per_s"] else None
         row["cpu_vs_stem"] = row["worker_cpu_us"] / stem_cpu if stem_cpu and row["worker_cpu_us"] else None
         row["paired_speedup"] = paired(runs, s, "per_s", stem_over_it=True)
@@ -280,7 +298,8 @@ def print_table(result: dict[str, Any]) -> None:
                     f"processes, {c['cpus']} CPUs, median of {c['repeat']} run(s), stem rev {c.get('stem_revision')}",
               title_justify="left")
     for col in ("system", "tasks/s", "each run", "steady", "worker CPU µs/task", "producer µs/task",
-                "redis µs/task", "stem's tasks/s / its (per repeat)", "its CPU / stem's (per repeat)"):
+                "redis µs/task", "total CPU µs/task", "redis cmds/task", "stem's tasks/s / its (per repeat)",
+                "its CPU / stem's (per repeat)"):
         t.add_column(col, justify="left" if col in ("system", "each run") else "right")
 
     def f(v, d=0):
@@ -294,6 +313,7 @@ def print_table(result: dict[str, Any]) -> None:
     for row in result["summary"]:
         t.add_row(row["system"], f(row["per_s"]), " ".join(f"{x:,.0f}" for x in row["per_s_runs"]) or "-",
                   f(row["steady_per_s"]), f(row["worker_cpu_us"]), f(row["producer_cpu_us"]), f(row["redis_cpu_us"]),
+                  f(row.get("total_cpu_us")), f(row.get("redis_commands_per_task"), 2),
                   ratio(row["stem_speedup"], row.get("paired_speedup")),
                   ratio(row["cpu_vs_stem"], row.get("paired_cpu_vs_stem")))
     console = Console(width=max(Console().width, 140))
@@ -303,6 +323,11 @@ def print_table(result: dict[str, Any]) -> None:
         console.print(f"  Ratios: of the medians, and in brackets the median of the ratios within each repeat. "
                       f"Machine probe before each run (ms for a fixed Python loop; higher is a slower machine): "
                       f"{min(probes):.0f}-{max(probes):.0f}", highlight=False)
+    for row in result["summary"]:
+        cmds = row.get("redis_commands") or {}
+        if cmds:
+            console.print(f"  {row['system']} Redis commands per task (first run): "
+                          + ", ".join(f"{k} {v:g}" for k, v in list(cmds.items())[:8]), highlight=False)
     for row in result["summary"]:
         console.print(f"  {row['system']}: {row['settings'] or '-'}"
                       + (f"  ERRORS: {row['errors']}" if row["errors"] else "")

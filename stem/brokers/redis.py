@@ -94,8 +94,8 @@ from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 from .. import _checks as checks
 from ..errors import ConfigurationError, StemError
 from ..stores.base import BROKER_ERRORS
-from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_one,
-                            execute_unread, pack_commands, pack_xadds, raise_first_error, validate_namespace)
+from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_unread, pack_commands, pack_xadds, raise_first_error, validate_namespace)
+from ..stores.redis_group import execute_one as _group_execute_one
 from ..stores.redis_pipe import pack_command as _pack_command
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
                    LaneStats, Limit, MAX_KEY_LENGTH, Message, QueueStats, check_frame_batch, check_keyed,
@@ -215,7 +215,8 @@ class RedisBroker(Broker):
         """One message.  A ready one without a limit, of priority 0-9, to a declared queue (a
         service's single ``enqueue``) is one XADD spliced from the lane's pre-packed head and
         tail (``_xadd_parts``) and sent as it is, with none of ``publish_many``'s command
-        lists; anything else goes through ``publish_many``."""
+        lists, its round trip shared with the threads publishing at the same time
+        (``stem.stores.redis_group``); anything else goes through ``publish_many``."""
         parts = self._xadd_heads.get(message.queue)
         priority = message.priority
         if (parts is None or message.limit is not None or message.not_before is not None
@@ -231,7 +232,7 @@ class RedisBroker(Broker):
         packed = b"%s$%d\r\n%s\r\n$1\r\nf\r\n$%d\r\n%s\r\n%s" % (
             head, len(tid), tid, len(frame), frame,
             tail if vt is None else _pack_command("p", priority, "v", checks.ms(vt))[4:])
-        self._store.call(lambda: execute_one(self._client, packed, True), "publish")
+        self._store.call(lambda: _group_execute_one(self._client, packed, True), "publish")
 
     def _xadd_parts(self, queue: str) -> list[tuple[bytes, bytes]]:
         """Per lane of ``queue``: the packed XADD up to its task id, and from its priority

@@ -48,6 +48,7 @@ from .base import BROKER_ERRORS, Backoff, Store, StoreErrors
 from .local import after_fork_in_child
 from .redis_cluster import BARRIER, cluster_client, is_cluster_transient, is_cluster_url
 from .redis_dedicated import dedicate, undedicate
+from .redis_group import forget as forget_group
 from .redis_sentinel import is_sentinel_url, is_stale_master, sentinel_pool
 from .redis_pipe import execute, execute_last, execute_one, execute_packed, execute_unread, pack_commands, pack_xadds, \
     raise_first_error
@@ -129,6 +130,7 @@ def _release(client: "redis.Redis") -> None:
                         client.close()
                     else:
                         undedicate(client.connection_pool)
+                        forget_group(client.connection_pool)
                         client.connection_pool.disconnect()
                 return
 
