@@ -626,3 +626,25 @@ def test_a_worker_runs_the_tasks_around_a_malformed_entry_at_once_and_dead_lette
         worker.shutdown(ShutdownMode.HARD, timeout=15)
         broker.close()
         backend.close()
+
+
+def test_an_empty_refill_answers_without_wake_times_or_last_ids(make, monkeypatch):
+    """The settle pipeline's refill never blocks: its empty reply is ``[0]`` alone (the blocking
+    consume's empty reply still carries the wake times and the eleven last ids)."""
+    import stem.brokers.redis as redis_broker
+    broker = make()
+    replies = []
+    real_last = redis_broker.execute_last
+
+    def execute_last(client, packed, n):
+        error, reply = real_last(client, packed, n)
+        replies.append(reply)
+        return error, reply
+    monkeypatch.setattr(redis_broker, "execute_last", execute_last)
+    assert broker.run_and_consume([], [Q], 10) == []
+    assert replies == [[0]]
+    broker.publish_many([msg() for _ in range(2)])
+    assert len(broker.run_and_consume([], [Q], 10)) == 2
+    command = broker._consume_command(Q, "c", 5)
+    reply = broker.store.run([command])[0]
+    assert reply[0] == 0 and len(reply) == 4 + N_LANES + 1

@@ -65,17 +65,27 @@ SYSTEMS: dict[str, tuple[str, int]] = {
     "celery": ("celery_app", 9),
 }
 NEEDS = {"celery": "celery", "dramatiq": "dramatiq", "rq": "rq", "arq": "arq", "huey": "huey"}
+#: ``--stem-baseline DIR``: stem's app on another checkout of stem (its driver and worker import
+#: stem from DIR), for a before/after from one run; not in the default list.
+BASELINE = "stem-base"
+BASELINE_ENTRY = ("stem_app", 8)
+DEFAULT_SYSTEMS = list(SYSTEMS)
 
 
 # -- the driver: one system, in its own process -------------------------------------------------------
 
 def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int, timeout: float,
-          producer_mode: str = "batch") -> dict[str, Any]:
+          producer_mode: str = "batch", monitor: bool = False, rate: float = 0.0) -> dict[str, Any]:
     import psutil
     import redis
     from _measure import TreeMeter, redis_server_pid, steady_rate
 
-    module, db = SYSTEMS[system]
+    module, db = SYSTEMS[system] if system != BASELINE else BASELINE_ENTRY
+    pythonpath = [HERE]
+    if system == BASELINE:
+        checkout = os.environ["STEM_BENCH_BASELINE"]
+        sys.path.insert(0, checkout)
+        pythonpath.insert(0, checkout)
     url = f"{base_url.rstrip('/')}/{db}"
     os.environ["BENCH_REDIS_URL"] = url
     os.environ["BENCH_PYTHON"] = sys.executable
@@ -85,8 +95,16 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
                          f"the benchmark deletes every key of it afterwards, so it must start empty")
     app = importlib.import_module(module)
     produce = app.produce_single if producer_mode == "single" else app.produce
+    if rate:   # one task at a time, paced: the worker settles them as they come
+        def produce(n: int, one=app.produce_single) -> None:
+            start = time.monotonic()
+            for i in range(n):
+                one(1)
+                ahead = start + (i + 1) / rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
     from _common import COUNTER
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (*pythonpath, os.environ.get("PYTHONPATH")) if p))
     separate = getattr(app, "PROCESSES_ARE_SEPARATE", False)
     argvs = ([app.worker_argv(1)] * getattr(app, "PROCESSES", concurrency) if separate
              else [app.worker_argv(concurrency)])
@@ -133,6 +151,7 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
         cpu0 = sum(m.cpu() for m in meters)
         rc0 = psutil.Process(redis_pid).cpu_times() if redis_pid else None
         r.config_resetstat()   # commands per task: INFO commandstats over the window
+        watcher = _Monitor(url) if monitor else None
         th = threading.Thread(target=producer, name="producer")
         samples: list[tuple[float, int]] = []
         t0 = time.time()
@@ -141,6 +160,7 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
         cpu = sum(m.cpu() for m in meters) - cpu0
         rc1 = psutil.Process(redis_pid).cpu_times() if redis_pid else None
         commands = _commands(r.info("commandstats"), polls=len(samples))
+        top_level = watcher.stop(polls=len(samples)) if watcher is not None else None
         th.join()
         if "error" in box:
             raise box["error"]
@@ -157,6 +177,10 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
             "worker_rss_mib": rss[0] / 2 ** 20, "extra_runs": extra, "load_avg": os.getloadavg()[0],
             "redis_commands_per_task": sum(commands.values()) / tasks,
             "redis_commands": {k: round(v / tasks, 3) for k, v in sorted(commands.items(), key=lambda kv: -kv[1])},
+            **({} if top_level is None else {
+                "client_commands_per_task": sum(top_level.values()) / tasks,
+                "client_commands": {k: round(v / tasks, 3)
+                                    for k, v in sorted(top_level.items(), key=lambda kv: -kv[1])}}),
         }
     except BaseException:
         log.flush()
@@ -170,6 +194,51 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
             r.unlink(*keys[i:i + 1000])
         log.close()
         os.unlink(log.name)
+
+
+class _Monitor:
+    """``--monitor``: the commands clients send (MONITOR lines not from a script), by name,
+    over the measured window.  MONITOR costs the server CPU: its runs' CPU figures are not
+    comparable with runs without it."""
+
+    def __init__(self, url: str):
+        import redis
+        self.calls: dict[str, int] = {}
+        self.client = redis.Redis.from_url(url)
+        self.mon = self.client.monitor()
+        self.mon.__enter__()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn = self.mon.connection
+        while not self.stopping.is_set():
+            try:
+                if not conn.can_read(timeout=0.2):
+                    continue
+                line = conn.read_response()
+            except Exception:   # noqa: BLE001 - the connection closed at stop
+                return
+            text = line.decode(errors="replace") if isinstance(line, bytes) else str(line)
+            if "[" not in text or " lua]" in text:
+                continue
+            name = text.split("] ", 1)[1].split(" ", 1)[0].strip('"').lower()
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+    def stop(self, polls: int) -> dict[str, int]:
+        self.stopping.set()
+        self.thread.join(5)
+        try:
+            self.mon.__exit__(None, None, None)
+        except Exception:   # noqa: BLE001
+            pass
+        self.client.close()
+        calls = dict(self.calls)
+        calls["get"] = calls.get("get", 0) - polls
+        for own in ("info", "config"):
+            calls[own] = calls.get(own, 0) - 1
+        return {k: v for k, v in calls.items() if v > 0}
 
 
 def _commands(stats: dict[str, Any], polls: int) -> dict[str, int]:
@@ -206,7 +275,8 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 # -- the runner ---------------------------------------------------------------------------------------
 
 def run(systems: list[str], *, base_url: str, tasks: int, concurrency: int, warmup: int, repeat: int,
-        timeout: float, progress: bool = True, producer_mode: str = "batch") -> dict[str, Any]:
+        timeout: float, progress: bool = True, producer_mode: str = "batch", monitor: bool = False,
+        rate: float = 0.0) -> dict[str, Any]:
     """Every system ``repeat`` times (rotated order); returns runs and per-system medians."""
     runs: list[dict[str, Any]] = []
     bar = None
@@ -226,7 +296,8 @@ def run(systems: list[str], *, base_url: str, tasks: int, concurrency: int, warm
                 probe_ms = machine_probe_ms()
                 argv = [sys.executable, os.path.abspath(__file__), "--drive", system, "--redis-url", base_url,
                         "--tasks", str(tasks), "--concurrency", str(concurrency), "--warmup", str(warmup),
-                        "--timeout", str(timeout), "--producer", producer_mode]
+                        "--timeout", str(timeout), "--producer", producer_mode, "--rate", str(rate)] + (
+                            ["--monitor"] if monitor else [])
                 out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 300)
                 if out.returncode != 0:
                     sys.stderr.write(out.stderr[-6000:])
@@ -243,7 +314,7 @@ def run(systems: list[str], *, base_url: str, tasks: int, concurrency: int, warm
         if bar is not None:
             bar.stop()
     return {"config": {"tasks": tasks, "concurrency": concurrency, "warmup": warmup, "repeat": repeat,
-                       "producer": producer_mode,
+                       "producer": producer_mode, "rate": rate, "monitor": monitor,
                        "redis_url": base_url, "cpus": os.cpu_count(), "stem_revision": source_revision()},
             "runs": runs, "summary": summarize(systems, runs)}
 
@@ -262,6 +333,8 @@ def summarize(systems: list[str], runs: list[dict[str, Any]]) -> list[dict[str, 
                "steady_per_s": med(s, "steady_per_s"), "worker_cpu_us": med(s, "worker_cpu_us"),
                "producer_cpu_us": med(s, "producer_cpu_us"), "redis_cpu_us": med(s, "redis_cpu_us"),
                "redis_commands_per_task": med(s, "redis_commands_per_task"),
+               "client_commands_per_task": med(s, "client_commands_per_task"),
+               "client_commands": ok[0].get("client_commands") if ok else None,
                "redis_commands": ok[0].get("redis_commands") if ok else None,
                "extra_runs": max((r["extra_runs"] for r in ok), default=None),
                "errors": [r["error"] for r in runs if r["system"] == s and "error" in r]}
@@ -326,8 +399,12 @@ def print_table(result: dict[str, Any]) -> None:
     for row in result["summary"]:
         cmds = row.get("redis_commands") or {}
         if cmds:
-            console.print(f"  {row['system']} Redis commands per task (first run): "
+            console.print(f"  {row['system']} Redis commands per task, script calls included (first run): "
                           + ", ".join(f"{k} {v:g}" for k, v in list(cmds.items())[:8]), highlight=False)
+        sent = row.get("client_commands") or {}
+        if sent:
+            console.print(f"  {row['system']} commands sent per task ({row['client_commands_per_task']:.2f}; MONITOR): "
+                          + ", ".join(f"{k} {v:g}" for k, v in list(sent.items())[:8]), highlight=False)
     for row in result["summary"]:
         console.print(f"  {row['system']}: {row['settings'] or '-'}"
                       + (f"  ERRORS: {row['errors']}" if row["errors"] else "")
@@ -337,7 +414,14 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="peers/run.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from: " + ", ".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help="comma-separated, from: " + ", ".join(SYSTEMS) + f" (and {BASELINE} with --stem-baseline)")
+    p.add_argument("--stem-baseline", metavar="DIR",
+                   help=f"a built checkout of stem, run as system {BASELINE} beside this one (before/after)")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="tasks/s: one enqueue at a time, paced (the live path with tasks arriving one by one)")
+    p.add_argument("--monitor", action="store_true",
+                   help="count the commands clients send (MONITOR; inflates Redis CPU: compare counts, not CPU)")
     p.add_argument("--tasks", type=int, default=10_000)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--warmup", type=int, default=200)
@@ -359,11 +443,16 @@ def main(argv: list[str] | None = None) -> int:
         print_table(result)
         return 0
     if ns.drive:
-        res = drive(ns.drive, ns.redis_url, ns.tasks, ns.concurrency, ns.warmup, ns.timeout, ns.producer)
+        res = drive(ns.drive, ns.redis_url, ns.tasks, ns.concurrency, ns.warmup, ns.timeout, ns.producer,
+                    ns.monitor, ns.rate)
         print(json.dumps(res))
         return 0
     systems = [s.strip() for s in ns.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS]
+    if ns.stem_baseline:
+        os.environ["STEM_BENCH_BASELINE"] = os.path.abspath(ns.stem_baseline)
+        if BASELINE not in systems:
+            systems.insert(systems.index("stem") + 1 if "stem" in systems else 0, BASELINE)
+    unknown = [s for s in systems if s not in SYSTEMS and not (s == BASELINE and ns.stem_baseline)]
     if unknown:
         p.error(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
     missing = [s for s in systems if s in NEEDS and importlib.util.find_spec(NEEDS[s]) is None]
@@ -371,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{', '.join(missing)} not installed: .venv/bin/pip install -e '.[bench]' (or make bench-peers)")
     result = run(systems, base_url=ns.redis_url, tasks=ns.tasks, concurrency=ns.concurrency, warmup=ns.warmup,
                  repeat=ns.repeat, timeout=ns.timeout, progress=ns.progress and sys.stderr.isatty(),
-                 producer_mode=ns.producer)
+                 producer_mode=ns.producer, monitor=ns.monitor, rate=ns.rate)
     if ns.json:
         print(json.dumps(result, indent=2))
     else:

@@ -493,9 +493,11 @@ class RedisBroker(Broker):
         self._rotate += 1
         return names[start:] + names[:start]
 
-    def _consume_command(self, queue: str, consumer: str, count: int) -> tuple:
+    def _consume_command(self, queue: str, consumer: str, count: int, block: bool = True) -> tuple:
+        """The consume script's call; ``block=False`` when the caller will not block on an
+        empty reply (then it carries no wake times and no last ids)."""
         return self._evalsha(self._consume_script, queue, consumer, count,
-                             checks.ms(self.default_visibility_timeout), _DELAYED_MOVE_LIMIT)
+                             checks.ms(self.default_visibility_timeout), _DELAYED_MOVE_LIMIT, 1 if block else 0)
 
     def _read_leased(self, queue: str, consumer: str, reply: list, out: list[Delivery]) -> int:
         """Append the deliveries a consume script's ``reply`` leased to ``out``; returns how many.
@@ -542,7 +544,7 @@ class RedisBroker(Broker):
         names = list(dict.fromkeys(queues))
         self._declare(names)
         queue = self._rotation(names)[0]
-        pipeline = [*commands, self._consume_command(queue, consumer, max_count)]
+        pipeline = [*commands, self._consume_command(queue, consumer, max_count, block=False)]
         packed = pack_commands(pipeline)
 
         def send() -> list[Delivery]:

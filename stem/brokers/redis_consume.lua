@@ -2,6 +2,9 @@
 --   KEYS: the per-queue layout (see redis_common.lua)
 --   ARGV[1] consumer name   ARGV[2] COUNT   ARGV[3] default visibility timeout (ms)
 --   ARGV[4] how many due delayed messages to move at most
+--   ARGV[5] "0": the caller will not block when nothing comes (the refill in a settle
+--           pipeline), so an empty reply is {0} alone, without the wake times and the
+--           last ids (two ZRANGEs and eleven XREVRANGEs); absent or "1": all of it
 -- Steps: (1) move due delayed messages to their lane; (L) when the queue has limit lanes
 -- (one EXISTS tells), move its due delayed limited messages and expired limited leases into
 -- their lanes, then serve the due lanes round robin (see serve_lanes); (2) re-deliver entries whose
@@ -234,6 +237,7 @@ if n > 0 then
   for i = 1, #keyed do out[#out + 1] = keyed[i] end
   return out
 end
+if ARGV[5] == '0' then return out end   -- a consume that will not block: no wake times, no last ids
 
 local function first_score(key)
   local r = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')

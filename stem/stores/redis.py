@@ -85,6 +85,7 @@ def validate_namespace(namespace: str) -> str:
 
 _pools_lock = threading.Lock()
 _pools: dict[tuple[str, float, float], list] = {}   # key -> [client, users]
+_client_scripts: dict[int, dict[str, str]] = {}   # id(client) -> sha -> source, of every store on it
 
 
 def _new_pools_lock() -> None:
@@ -126,6 +127,7 @@ def _release(client: "redis.Redis") -> None:
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del _pools[key]
+                    _client_scripts.pop(id(client), None)
                     if is_cluster_url(key[0]):
                         client.close()
                     else:
@@ -219,12 +221,18 @@ class RedisStore(Store):
         """Register a Lua script (its ``sha`` for EVALSHA); ``load_scripts`` loads it again."""
         script = self.client.register_script(source)
         self._scripts.append(script)
+        with _pools_lock:
+            _client_scripts.setdefault(id(self.client), {})[script.sha] = script.script
         return script
 
     def load_scripts(self) -> None:
-        """Load every script of this store (after a Redis restart emptied the script cache)."""
-        for script in self._scripts:
-            self.client.script_load(script.script)
+        """Load every script of every store on this client (after a Redis restart emptied
+        the script cache): a pipeline one store sends may hold another's script calls (the
+        backend's results in the broker's settle pipeline)."""
+        with _pools_lock:
+            sources = list(_client_scripts.get(id(self.client), {}).values())
+        for source in sources or [s.script for s in self._scripts]:
+            self.client.script_load(source)
 
     def run(self, commands: Sequence[Sequence[Any]]) -> list:
         """Send ``commands`` (which may hold this store's EVALSHAs) as one pipeline and return
