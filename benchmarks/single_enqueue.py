@@ -87,14 +87,22 @@ def measure(fn, n: int) -> tuple[float, float]:
 
 
 MANY = 500   # tasks per enqueue_many call
+PG_SCHEMA = "stem_bench_single"
 THREADS = 8  # --threads: threads enqueueing at once
 
 
 def producer(url: str) -> tuple[Stem, dict]:
     """A producer on ``url`` (signing on) and its measured calls: "single" (one enqueue per
-    call) and "many" (one ``enqueue_many`` of ``MANY`` per call; per task)."""
+    call) and "many" (one ``enqueue_many`` of ``MANY`` per call; per task).  A postgresql://
+    URL: a PostgresBroker in schema ``PG_SCHEMA``, fire-and-forget."""
     signer = PayloadSigner({"k1": b"k" * 32}, "k1")
-    stem = Stem(RedisBroker(url, namespace="bench"), RedisResultBackend(url, namespace="bench"), registry, signer)
+    if url.startswith("postgres"):
+        from stem.brokers.postgres import PostgresBroker
+        stem = Stem(PostgresBroker(url, schema=os.environ.get("STEM_BENCH_PG_SCHEMA", PG_SCHEMA)), None, registry,
+                    signer)
+    else:
+        stem = Stem(RedisBroker(url, namespace="bench"), RedisResultBackend(url, namespace="bench"), registry,
+                    signer)
     stem.enqueue("bench.echo", {"i": 0})
     items = [("bench.echo", {"i": i}) for i in range(MANY)]
 
@@ -129,7 +137,8 @@ def producer(url: str) -> tuple[Stem, dict]:
 def child(url: str) -> None:
     """``--child``: measure on request, one line in ("single N"), one line out ("cpu wall")."""
     stem, calls = producer(url)
-    redis.Redis.from_url(url).delete(*stem.broker.queue_keys("default"))
+    if not url.startswith("postgres"):
+        redis.Redis.from_url(url).delete(*stem.broker.queue_keys("default"))
     for line in sys.stdin:
         what, n = line.split()
         cpu, wall = calls[what](int(n))
@@ -139,8 +148,8 @@ def child(url: str) -> None:
 class Baseline:
     """A baseline checkout's producer in a child process."""
 
-    def __init__(self, checkout: str, url: str):
-        env = dict(os.environ, STEM_BENCH_CHECKOUT=os.path.abspath(checkout))
+    def __init__(self, checkout: str, url: str, **env_vars: str):
+        env = dict(os.environ, STEM_BENCH_CHECKOUT=os.path.abspath(checkout), **env_vars)
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", url], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -167,10 +176,15 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="DIR", help="a built checkout of stem to measure in the same run")
     parser.add_argument("--threads", action="store_true",
                         help=f"also {THREADS} threads enqueueing one task at a time each (tasks/s)")
+    parser.add_argument("--postgres", metavar="URL",
+                        help="measure on Postgres instead (a raw prepared INSERT of the row beside it)")
     parser.add_argument("--child", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child)
+        return
+    if args.postgres:
+        postgres_main(args)
         return
     if shutil.which("redis-server") is None:
         sys.exit("redis-server is not on PATH")
@@ -261,6 +275,54 @@ def main() -> None:
                 baseline.close()
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+
+
+def postgres_main(args: argparse.Namespace) -> None:
+    """``--postgres URL``: stem.enqueue on a PostgresBroker (durable commit) against the same
+    row INSERTed by psycopg with a prepared statement on an autocommit connection, in blocks
+    of 200 alternating (and the baseline's, in a schema of its own)."""
+    import uuid
+
+    import psycopg
+    import stem as stem_pkg
+    run = uuid.uuid4().hex[:8]
+    schema, base_schema = f"{PG_SCHEMA}_{run}", f"{PG_SCHEMA}_base_{run}"
+    os.environ["STEM_BENCH_PG_SCHEMA"] = schema
+    stem, calls = producer(args.postgres)
+    baseline = Baseline(args.baseline, args.postgres, STEM_BENCH_PG_SCHEMA=base_schema) if args.baseline else None
+    raw = psycopg.connect(args.postgres, autocommit=True, prepare_threshold=0)
+    try:
+        raw.execute(f"CREATE TABLE {schema}.raw_rows (queue text, task_id text, priority int4, frame bytea)")
+        frame = b"x" * 145
+        insert = f"INSERT INTO {schema}.raw_rows VALUES (%s, %s, %s, %s)"
+        fns = [lambda: calls["single"](200),
+               lambda: measure(lambda i: raw.execute(insert, ("default", "0" * 32, 0, frame)), 200)]
+        if baseline is not None:
+            fns.append(lambda: baseline("single", 200))
+        print(f"stem build: {stem_pkg.IMPLEMENTATION}; Postgres, {args.tasks} calls a round, signing on"
+              + (f"; baseline {args.baseline}" if baseline else ""))
+        for n in range(1, args.rounds + 1):
+            totals = [[0.0, 0.0] for _ in fns]
+            blocks = max(1, args.tasks // 200)
+            for _ in range(blocks):
+                for total, fn in zip(totals, fns):
+                    cpu, wall = fn()
+                    total[0] += cpu / blocks
+                    total[1] += wall / blocks
+            line = (f"round {n}: stem.enqueue {totals[0][0]:.0f} us CPU, {totals[0][1]:.0f} us wall | raw prepared "
+                    f"INSERT {totals[1][0]:.0f} us CPU, {totals[1][1]:.0f} us wall | wall ratio "
+                    f"{totals[0][1] / totals[1][1]:.2f}x")
+            if baseline is not None:
+                line += (f" | baseline {totals[2][0]:.0f} us CPU, {totals[2][1]:.0f} us wall; after/before CPU "
+                         f"{totals[0][0] / totals[2][0]:.2f}x wall {totals[0][1] / totals[2][1]:.2f}x")
+            print(line)
+    finally:
+        if baseline is not None:
+            baseline.close()
+        stem.close()
+        for s in (schema, base_schema):
+            raw.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
+        raw.close()
 
 
 if __name__ == "__main__":
