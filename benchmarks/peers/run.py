@@ -150,7 +150,7 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
 
         cpu0 = sum(m.cpu() for m in meters)
         rc0 = psutil.Process(redis_pid).cpu_times() if redis_pid else None
-        r.config_resetstat()   # commands per task: INFO commandstats over the window
+        stats0 = r.info("commandstats")   # commands per task: INFO commandstats over the window
         watcher = _Monitor(url) if monitor else None
         th = threading.Thread(target=producer, name="producer")
         samples: list[tuple[float, int]] = []
@@ -159,7 +159,7 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
         t_done = wait_count(c0 + tasks, timeout, samples)
         cpu = sum(m.cpu() for m in meters) - cpu0
         rc1 = psutil.Process(redis_pid).cpu_times() if redis_pid else None
-        commands = _commands(r.info("commandstats"), polls=len(samples))
+        commands = _commands(stats0, r.info("commandstats"), polls=len(samples))
         top_level = watcher.stop(polls=len(samples)) if watcher is not None else None
         th.join()
         if "error" in box:
@@ -236,18 +236,18 @@ class _Monitor:
         self.client.close()
         calls = dict(self.calls)
         calls["get"] = calls.get("get", 0) - polls
-        for own in ("info", "config"):
-            calls[own] = calls.get(own, 0) - 1
+        calls["info"] = calls.get("info", 0) - 1
         return {k: v for k, v in calls.items() if v > 0}
 
 
-def _commands(stats: dict[str, Any], polls: int) -> dict[str, int]:
-    """Calls per command since CONFIG RESETSTAT, less the driver's own (its counter polls:
-    one GET each, and this INFO).  Server-wide: meaningful on a Redis of the benchmark alone."""
-    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+def _commands(before: dict[str, Any], after: dict[str, Any], polls: int) -> dict[str, int]:
+    """Calls per command between two INFO commandstats, less the driver's own (its counter
+    polls: one GET each, and the second INFO).  Server-wide: meaningful on a Redis of the
+    benchmark alone (``--redis-url``); nothing is reset, so a shared server is left as it was."""
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) - int(before.get(name, {}).get("calls", 0))
+             for name, v in after.items()}
     calls["get"] = calls.get("get", 0) - polls
     calls["info"] = calls.get("info", 0) - 1
-    calls.pop("config|resetstat", None)
     return {k: v for k, v in calls.items() if v > 0}
 
 
@@ -417,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                    help="comma-separated, from: " + ", ".join(SYSTEMS) + f" (and {BASELINE} with --stem-baseline)")
     p.add_argument("--stem-baseline", metavar="DIR",
-                   help=f"a built checkout of stem, run as system {BASELINE} beside this one (before/after)")
+                   help=f"a built checkout of stem, run as system {BASELINE} beside this one (before/after), in "
+                        f"db {BASELINE_ENTRY[1]}: give a --redis-url of the benchmark's own")
     p.add_argument("--rate", type=float, default=0.0,
                    help="tasks/s: one enqueue at a time, paced (the live path with tasks arriving one by one)")
     p.add_argument("--monitor", action="store_true",
