@@ -231,3 +231,71 @@ def test_a_child_forked_while_a_leader_is_in_flight_starts_with_no_leader(redis_
         assert not redis_group._groups[client.connection_pool].busy
     finally:
         broker.close()
+
+
+class _Wake:
+    """A slot's wake lock that raises KeyboardInterrupt, as Ctrl-C does to a main thread waiting
+    in ``acquire``: at once ("now": nobody handed it anything), or once woken ("after": it was
+    just handed the lead)."""
+
+    def __init__(self, real, mode: str):
+        self.real, self.mode = real, mode
+
+    def acquire(self, *a):
+        if self.mode == "now":
+            raise KeyboardInterrupt
+        got = self.real.acquire(*a)
+        if self.mode == "after":
+            raise KeyboardInterrupt
+        return got
+
+    def release(self):
+        self.real.release()
+
+
+@pytest.mark.parametrize("when", ["now", "after"])
+def test_a_caller_interrupted_in_its_wait_leaves_no_one_stuck(redis_url, namespace, monkeypatch, when):
+    broker = RedisBroker(redis_url, namespace=namespace)
+    client = broker._client
+    try:
+        gate = _Gate(monkeypatch)
+        got: dict[int, object] = {}
+        modes = [when, "normal", "normal"]
+
+        class Slot(redis_group._Slot):
+            __slots__ = ()
+
+            def __init__(self, packed):
+                super().__init__(packed)
+                self.wake = _Wake(self.wake, modes.pop(0))
+        monkeypatch.setattr(redis_group, "_Slot", Slot)
+
+        def call(i: int) -> None:
+            try:
+                got[i] = redis_group.execute_one(client, pack_command("ECHO", f"r{i}"))
+            except KeyboardInterrupt as exc:
+                got[i] = exc
+
+        threads = _run(1, call)
+        assert gate.entered.wait(10)
+        threads += _run(1, lambda i: call(1))
+        if when == "now":
+            wait_for(lambda: 1 in got, 10, "the first follower interrupted")
+        else:
+            wait_for(lambda: _pending(client) == 1, 10, "the first follower queued")
+        threads += _run(1, lambda i: call(2))
+        wait_for(lambda: _pending(client) == (1 if when == "now" else 2), 10, "the second follower queued")
+        threads += _run(1, lambda i: call(3))
+        wait_for(lambda: _pending(client) == (2 if when == "now" else 3), 10, "the third follower queued")
+        gate.open()
+        for t in threads:
+            t.join(30)
+            assert not t.is_alive()
+        assert got[0] == b"r0" and isinstance(got[1], KeyboardInterrupt)
+        assert got[2] == b"r2" and got[3] == b"r3"
+        # interrupted before anyone took it: withdrawn; handed the lead: it still sent all three
+        assert gate.sizes == ([1, 2] if when == "now" else [1, 3])
+        g = redis_group._groups[client.connection_pool]
+        assert not g.busy and not g.pending
+    finally:
+        broker.close()

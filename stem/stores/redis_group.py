@@ -27,6 +27,9 @@ How (``execute_one``, per connection pool):
   (``stem.stores.redis_dedicated``), else on a pooled one, as every stem pipeline.
 * After a fork the child starts with no leader and nothing pending (a parent's
   thread may have been flushing at the moment of the fork).
+* A caller interrupted while it waits (KeyboardInterrupt) withdraws its command
+  if nobody took it yet; if it had just been handed the lead, it still sends
+  what waits and hands on before the interruption goes up.
 
 A Redis Cluster client sends each command on its own (``stem_execute`` routes by
 slot).
@@ -52,7 +55,7 @@ _ResponseError = redis.ResponseError
 class _Slot:
     """One waiting caller: its command, and what the round trip brought it."""
 
-    __slots__ = ("packed", "wake", "reply", "error", "done")
+    __slots__ = ("packed", "wake", "reply", "error", "done", "lead")
 
     def __init__(self, packed: bytes):
         self.packed = packed
@@ -61,6 +64,7 @@ class _Slot:
         self.reply: Any = None
         self.error: BaseException | None = None
         self.done = False
+        self.lead = False            # handed the lead (set under the group's lock)
 
 
 class _Group:
@@ -116,7 +120,11 @@ def execute_one(client: "redis.Redis", packed: bytes, raise_error: bool = False)
             return _execute_one(client, packed, raise_error)
         finally:
             _hand_on(g)
-    slot.wake.acquire()
+    try:
+        slot.wake.acquire()
+    except BaseException:            # interrupted while waiting (KeyboardInterrupt in the main thread)
+        _abandon(client, g, slot)
+        raise
     if not slot.done:                # handed the lead: send everything pending
         try:
             _flush(client, g)
@@ -166,7 +174,23 @@ def _hand_on(g: _Group) -> None:
     with g.lock:
         if g.pending:
             nxt = g.pending[0]
+            nxt.lead = True
         else:
             g.busy = False
             return
     nxt.wake.release()
+
+
+def _abandon(client: "redis.Redis", g: _Group, slot: _Slot) -> None:
+    """A caller interrupted in its wait: a command not handed to anyone yet is withdrawn
+    (never sent); one handed the lead still flushes what waits behind it and hands on, so
+    no caller is left waiting for a leader that is gone."""
+    with g.lock:
+        if not slot.lead and not slot.done:
+            g.pending.remove(slot)
+            return
+    if slot.lead and not slot.done:
+        try:
+            _flush(client, g)
+        finally:
+            _hand_on(g)
