@@ -299,3 +299,35 @@ def test_a_caller_interrupted_in_its_wait_leaves_no_one_stuck(redis_url, namespa
         assert not g.busy and not g.pending
     finally:
         broker.close()
+
+
+def test_an_interruption_of_the_sending_thread_reaches_the_others_as_a_connection_error(
+        redis_url, namespace, monkeypatch):
+    broker = RedisBroker(redis_url, namespace=namespace)
+    client = broker._client
+    try:
+        gate = _Gate(monkeypatch)
+        monkeypatch.setattr(redis_group, "execute_packed",
+                            lambda c, p, n: (_ for _ in ()).throw(KeyboardInterrupt()))
+        got: dict[int, BaseException] = {}
+
+        def call(i: int) -> None:
+            try:
+                redis_group.execute_one(client, pack_command("PING"))
+            except BaseException as exc:
+                got[i] = exc
+
+        leader = _run(1, call)
+        assert gate.entered.wait(10)
+        followers = []
+        for i in (1, 2, 3):      # in order: the first queued leads the flush
+            followers += _run(1, lambda _, i=i: call(i))
+            wait_for(lambda i=i: _pending(client) == i, 10, f"follower {i} queued")
+        gate.open()
+        for t in leader + followers:
+            t.join(30)
+        assert 0 not in got and isinstance(got[1], KeyboardInterrupt)
+        assert all(isinstance(got[i], redis.ConnectionError) and isinstance(got[i].__cause__, KeyboardInterrupt)
+                   for i in (2, 3))
+    finally:
+        broker.close()

@@ -22,7 +22,8 @@ How (``execute_one``, per connection pool):
   (raised for that caller alone; the others in the pipeline go on), or, when the
   round trip itself failed (a connection error, a timeout), that error -- every
   command of a failed round trip is in doubt, and each caller's ``RedisStore.call``
-  retries its own command as it would have alone.
+  retries its own command as it would have alone (an interruption of the thread
+  sending it reaches the others as a connection error too).
 * The round trip goes on the pool's dedicated connection when it is free
   (``stem.stores.redis_dedicated``), else on a pooled one, as every stem pipeline.
 * After a fork the child starts with no leader and nothing pending (a parent's
@@ -161,6 +162,14 @@ def _flush(client: "redis.Redis", g: _Group) -> None:
 
 
 def _own_copy(exc: BaseException) -> BaseException:
+    """``exc`` for another caller of the same round trip.  An interruption of the thread
+    that sent it (KeyboardInterrupt, SystemExit) is that thread's: the others get a
+    connection error (their commands' fate is unknown, as after a lost connection, and
+    ``RedisStore.call`` retries them)."""
+    if not isinstance(exc, Exception):
+        error = redis.ConnectionError(f"the shared round trip was interrupted ({type(exc).__name__})")
+        error.__cause__ = exc
+        return error
     try:
         copy = type(exc)(*exc.args)
     except Exception:   # an exception type that cannot be made from its args
