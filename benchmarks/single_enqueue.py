@@ -15,11 +15,13 @@ time per task, for:
   500 tasks (CPU per task), so a change of the single path is seen not to slow the batch.
 
 Rounds alternate (3 by default), each ``--tasks`` calls; within a round stem and the raw
-XADD alternate in blocks of 500 calls, so a change of the machine's load between them
-moves both.  The median round is shown with the ratios.  A private redis-server is started, so other work on the shared one does not
-move the figures.
+XADD (and the baseline) alternate in blocks of 500 calls, so a change of the machine's
+load between them moves all of them.  The median round is shown with the ratios.  A
+private redis-server is started, so other work on the shared one does not move the
+figures.  ``--postgres URL`` measures a PostgresBroker instead (``postgres_main``).
 
-    .venv/bin/python benchmarks/single_enqueue.py [--tasks 20000] [--rounds 3] [--profile] [--baseline DIR]
+    .venv/bin/python benchmarks/single_enqueue.py [--tasks 20000] [--rounds 3] [--profile] [--threads]
+                                                  [--baseline DIR] [--postgres URL]
 
 Figures: benchmarks/README.md, "Single enqueue".
 """
@@ -251,7 +253,8 @@ def main() -> None:
                              f"CPU/task {row['many'][0]:.2f} us (baseline {row['base_many'][0]:.2f}, "
                              f"{row['many'][0] / row['base_many'][0]:.2f}x)")
                 if "threads" in row:
-                    line += f" | {THREADS} threads: {1e6 / row['threads'][1]:,.0f} tasks/s, {row['threads'][0]:.1f} us CPU/task"
+                    line += (f" | {THREADS} threads: {1e6 / row['threads'][1]:,.0f} tasks/s, "
+                             f"{row['threads'][0]:.1f} us CPU/task")
                     if "base_threads" in row:
                         line += (f" (baseline {1e6 / row['base_threads'][1]:,.0f} tasks/s, "
                                  f"{row['base_threads'][0]:.1f} us CPU/task; after/before "
@@ -259,7 +262,8 @@ def main() -> None:
                 print(line)
             med = sorted(rows, key=lambda r: r["stem"][1])[len(rows) // 2]
             print(f"median round: producer CPU {med['stem'][0]:.1f} us (raw {med['raw'][0]:.1f}), wall "
-                  f"{med['stem'][1]:.1f} us (raw {med['raw'][1]:.1f}), wall ratio {med['stem'][1] / med['raw'][1]:.2f}x; "
+                  f"{med['stem'][1]:.1f} us (raw {med['raw'][1]:.1f}), "
+                  f"wall ratio {med['stem'][1] / med['raw'][1]:.2f}x; "
                   f"CPU median of rounds {statistics.median(r['stem'][0] for r in rows):.1f} us; wall ratio median "
                   f"{statistics.median(r['stem'][1] / r['raw'][1] for r in rows):.2f}x"
                   + (f", baseline's {statistics.median(r['base'][1] / r['raw'][1] for r in rows):.2f}x"

@@ -100,7 +100,8 @@ from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 from .. import _checks as checks
 from ..errors import ConfigurationError, StemError
 from ..stores.base import BROKER_ERRORS
-from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_unread, pack_commands, pack_xadds, raise_first_error, validate_namespace)
+from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_unread,
+                            pack_commands, pack_xadds, raise_first_error, validate_namespace)
 from ..stores.redis_group import execute_one as _group_execute_one
 from ..stores.redis_pipe import pack_command as _pack_command
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,

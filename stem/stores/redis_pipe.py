@@ -37,7 +37,8 @@ try:
 except ImportError:  # pragma: no cover - redis[hiredis] is a core dependency
     _Reader = None
 
-__all__ = ["execute", "execute_last", "execute_one", "execute_packed", "execute_unread", "pack_commands", "pack_xadds", "read_replies",
+__all__ = ["execute", "execute_last", "execute_one", "execute_packed", "execute_unread", "pack_commands", "pack_xadds",
+           "read_replies",
            "raise_first_error"]
 
 _resp = _native.load("resp")
