@@ -184,3 +184,40 @@ def test_wf_runs_bench_finishes_every_run_of_both_workflows(capsys):
     wf_runs.main(["--runs", "5", "--stores", "sqlite"])
     out = capsys.readouterr().out
     assert "two.steps" in out and "step.sleep.step" in out and out.count("5 runs: started") == 2
+
+
+def test_peers_paced_single_producer_counts_redis_commands_and_runs_a_baseline_checkout(tmp_path):
+    """``--rate`` paces the one-task producer, the commands per task come from INFO commandstats
+    (no reset), and ``--stem-baseline`` runs stem from another checkout (this one, here); on a
+    redis-server of this test alone (stem-base's db 8 belongs to the main test run elsewhere)."""
+    import shutil
+    import run as peers
+    from tests.support import RedisServer
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer(tmp_path).start()
+    os.environ["STEM_BENCH_BASELINE"] = os.path.dirname(HERE)
+    try:
+        res = peers.run(["stem", peers.BASELINE], base_url=f"redis://127.0.0.1:{server.port}", tasks=300,
+                        concurrency=2, warmup=20, repeat=1, timeout=45, progress=False, producer_mode="single",
+                        rate=400.0, monitor=True)
+    finally:
+        os.environ.pop("STEM_BENCH_BASELINE", None)
+        server.kill()
+    assert not [r for r in res["runs"] if "error" in r], res["runs"]
+    for run in res["runs"]:
+        assert run["per_s"] <= 400 * 1.1                       # paced
+        assert run["redis_commands"].get("xadd", 0) >= 1.0      # one XADD a task, at least
+        assert run["client_commands"].get("xadd", 0) >= 1.0 and run["client_commands_per_task"] >= 2
+
+
+def test_single_enqueue_harness_runs_every_mode_against_a_baseline():
+    import shutil
+    import subprocess
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    out = subprocess.run([sys.executable, os.path.join(HERE, "single_enqueue.py"), "--tasks", "1000", "--rounds", "1",
+                          "--threads", "--baseline", os.path.dirname(HERE)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "wall ratio" in out.stdout and "after/before" in out.stdout and "8 threads" in out.stdout

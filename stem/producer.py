@@ -140,6 +140,8 @@ class Stem:
         self.signer = signer
         self.defaults = TaskOptions(queue=default_queue).merged(DEFAULT_OPTIONS)
         self._resolved: dict[tuple, TaskOptions] = {}
+        #: name -> (its handler or None, its _Template without options, its expires): ``_template``
+        self._named: dict[str, tuple[Any, _Template, float | None]] = {}
 
     @classmethod
     def from_config(cls, config, registry: TaskRegistry | None = None) -> "Stem":
@@ -149,10 +151,10 @@ class Stem:
                    default_queue=config.default_queue)
 
     # -- building -----------------------------------------------------------------
-    def _resolve(self, name: str, options: TaskOptions | None) -> TaskOptions:
+    def _resolve(self, name: str, options: TaskOptions | None) -> tuple[TaskOptions, Any]:
         """enqueue options > handler options > defaults, merged once per (name, options):
         each merge builds (and validates) a new TaskOptions, which is most of a producer's
-        per-task cost when done for every task of a batch."""
+        per-task cost when done for every task of a batch.  With the handler (or None)."""
         handler = self.registry.get(name) if self.registry is not None else None
         key = (name, options, None if handler is None else id(handler))
         opts = self._resolved.get(key)
@@ -165,13 +167,19 @@ class Stem:
             if len(self._resolved) >= 1024:
                 self._resolved.clear()
             self._resolved[key] = opts
-        return opts
+        return opts, handler
 
     def _template(self, name: str, options: TaskOptions | None, now: float) -> _Template:
         """Check ``name`` and ``options`` and resolve them into the Envelope fields they
         decide at ``now``.  ``enqueue_many`` keeps one per (name, options) for the batch,
         so the checks, the registry lookup and the merge run once per distinct pair, not
-        once per task."""
+        once per task; a name enqueued without options keeps its template in this producer
+        for the single ``enqueue`` (while its handler is the same)."""
+        if options is None:
+            hit = self._named.get(name) if type(name) is str else None
+            if hit is not None and (self.registry is None or self.registry.get(name) is hit[0]):
+                template, expires = hit[1], hit[2]
+                return template if expires is None else template._replace(expires_at=now + expires)
         if not isinstance(name, str) or not name:
             raise InvalidTaskOptionsError(f"task name must be a non-empty string, got {name!r}")
         if options is not None and not isinstance(options, TaskOptions):
@@ -187,7 +195,7 @@ class Stem:
                 f"task {name!r}: rate_scope='worker' is an option of the handler "
                 "(@registry.task(..., options=TaskOptions(rate_limit=..., rate_scope='worker'))); "
                 "an enqueue's rate_limit is global (it travels with the message)")
-        opts = self._resolve(name, options)
+        opts, handler = self._resolve(name, options)
         if options is not None and options.rate_limit is not None and opts.rate_scope == "worker":
             raise InvalidTaskOptionsError(
                 f"task {name!r}: its handler's rate limit is per worker (rate_scope='worker'), which the "
@@ -197,11 +205,16 @@ class Stem:
         # Without the registry the handler's options are unknown here: what the caller did not
         # set travels as unset, and the worker that runs the handler fills it in.
         unset = _NONE_UNSET if self.registry is not None else _unset_fields(options)
-        return _Template(opts.queue, opts.priority, opts.max_retries,
-                         None if opts.expires is None else now + opts.expires,
-                         opts.visibility_timeout, opts.soft_time_limit, opts.hard_time_limit, unset, unique,
-                         opts.result_ttl, opts.failure_ttl, opts.ignore_result,
-                         limit_resolver(name, opts) if has_global_limit(opts) else None)
+        template = _Template(opts.queue, opts.priority, opts.max_retries,
+                             None if opts.expires is None else now + opts.expires,
+                             opts.visibility_timeout, opts.soft_time_limit, opts.hard_time_limit, unset, unique,
+                             opts.result_ttl, opts.failure_ttl, opts.ignore_result,
+                             limit_resolver(name, opts) if has_global_limit(opts) else None)
+        if options is None:
+            if len(self._named) >= 1024:
+                self._named.clear()
+            self._named[name] = (handler, template, opts.expires)
+        return template
 
     def _build(self, name: str, args: dict[str, Any] | None, options: TaskOptions | None,
                meta: dict[str, Any] | None, headers: dict[str, str] | None, countdown: float | None,

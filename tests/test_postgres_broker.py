@@ -419,3 +419,25 @@ def test_closing_adapters_that_never_listened_leaves_no_descriptor_open(pg_url):
         backend.get("some-id")
         backend.close()
     assert len(os.listdir("/proc/self/fd")) - before <= 2     # the driver may keep one socket to reuse
+
+
+def test_a_single_publish_writes_the_row_publish_many_writes(broker, pg_url, postgres_url, namespace, monkeypatch):
+    """``publish`` of one unlimited message to a registered queue is ``publish_one`` (scalar
+    parameters); its rows match ``publish_many``'s, ready and delayed alike."""
+    broker.publish_many([Message("seed", Q, b"s")])          # registers the queue
+    sent = []
+    real = broker._pg.run
+    monkeypatch.setattr(broker._pg, "run", lambda fn: (sent.append(fn), real(fn))[1])
+    now = time.time()
+    for tag, nb, vt, prio in (("ready", None, None, 3), ("later", now + 60, 12.5, 0)):
+        broker.publish(Message(f"one-{tag}", Q, b"frame-" + tag.encode(), prio, nb, vt))
+        broker.publish_many([Message(f"many-{tag}", Q, b"frame-" + tag.encode(), prio, nb, vt)])
+    assert len(sent) == 4
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        rows = {r[0]: r[1:] for r in conn.execute(
+            f'SELECT task_id, queue, priority, state, round(available_at)::bigint, '
+            f'visibility_timeout, frame FROM "{namespace}".stem_jobs WHERE task_id LIKE %s', ("%-%",))}
+    for tag in ("ready", "later"):
+        assert rows[f"one-{tag}"] == rows[f"many-{tag}"]
+    assert rows["one-later"][2] == 1 and rows["one-ready"][2] == 0     # delayed / ready
+

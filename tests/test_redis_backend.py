@@ -259,3 +259,58 @@ def test_each_status_gets_its_own_px_on_every_store_path(backend, raw, namespace
         assert len(leased) == 1 and 45_000 < pttl(more[0].task_id) <= 50_000
     finally:
         broker.close()
+
+
+def test_a_batch_of_statuses_is_one_command_that_stores_all_and_publishes_the_terminal_ones(backend, raw, namespace):
+    ids = [tid() for _ in range(3)]
+    statuses = [TaskStatus(id=ids[0], state=TaskState.SUCCEEDED, result=1),
+                TaskStatus(id=ids[1], state=TaskState.RUNNING),
+                TaskStatus(id=ids[2], state=TaskState.FAILED, error="boom", ttl=30.0)]
+    commands = backend._status_commands(statuses)
+    assert len(commands) == 1 and commands[0][0] == "EVALSHA"
+    sub = raw.pubsub()
+    sub.subscribe(*[backend.done_channel(i) for i in ids])
+    for _ in ids:                                   # the three subscribe confirmations
+        assert sub.get_message(timeout=5)["type"] == "subscribe"
+    backend.store_many(statuses)
+    got = []
+    while len(got) < 2:
+        m = sub.get_message(timeout=5)
+        assert m is not None, got
+        got.append((m["channel"].decode(), m["data"]))
+    assert sub.get_message(timeout=0.2) is None     # the RUNNING status is not published
+    sub.close()
+    assert got == [(backend.done_channel(i), raw.get(f"{namespace}:{{t:{i}}}:status")) for i in (ids[0], ids[2])]
+    assert [backend.get(i).state for i in ids] == [TaskState.SUCCEEDED, TaskState.RUNNING, TaskState.FAILED]
+    assert 29_000 < raw.pttl(f"{namespace}:{{t:{ids[2]}}}:status") <= 30_000
+    assert raw.pttl(f"{namespace}:{{t:{ids[1]}}}:status") > backend.result_expires * 1000 - 5_000
+
+
+def test_more_statuses_than_one_call_takes_are_split(backend, monkeypatch):
+    import stem.backends.redis as module
+    monkeypatch.setattr(module, "_STATUSES_PER_CALL", 2)
+    statuses = [TaskStatus(id=tid(), state=TaskState.SUCCEEDED, result=i) for i in range(5)]
+    assert len(backend._status_commands(statuses)) == 3
+    backend.store_many(statuses)
+    assert [backend.get(s.id).result for s in statuses] == list(range(5))
+
+
+def test_settle_and_refill_after_a_flushed_script_cache_store_every_result(private_backend, private_redis_url,
+                                                                           namespace, private_raw):
+    """The results' script is the backend's, sent in the broker's pipeline: the NOSCRIPT it
+    meets there loads it too."""
+    from stem.brokers.base import Message
+    from stem.brokers.redis import RedisBroker
+    backend, raw = private_backend, private_raw
+    broker = RedisBroker.from_url(private_redis_url, namespace=namespace)
+    try:
+        broker.publish_many([Message(tid(), "q", b"f", 0, None, None) for _ in range(6)])
+        got = broker.consume(["q"], 3, 2.0)
+        raw.script_flush()
+        statuses = [TaskStatus(id=d.task_id, state=TaskState.SUCCEEDED, result=i) for i, d in enumerate(got)]
+        more = backend.store_many_ack_and_consume(statuses, broker, got, ["q"], 10, "c")
+        assert more is not None and len(more) == 3
+        assert [backend.get(s.id).result for s in statuses] == [0, 1, 2]
+        assert broker.stats("q")[1:3] == (0, 3)     # the three settled are acked; three leased
+    finally:
+        broker.close()

@@ -626,3 +626,126 @@ def test_a_worker_runs_the_tasks_around_a_malformed_entry_at_once_and_dead_lette
         worker.shutdown(ShutdownMode.HARD, timeout=15)
         broker.close()
         backend.close()
+
+
+def test_an_empty_refill_answers_without_wake_times_or_last_ids(make, monkeypatch):
+    """The settle pipeline's refill never blocks: its empty reply is ``[0]`` alone (the blocking
+    consume's empty reply still carries the wake times and the eleven last ids)."""
+    import stem.brokers.redis as redis_broker
+    broker = make()
+    replies = []
+    real_last = redis_broker.execute_last
+
+    def execute_last(client, packed, n):
+        error, reply = real_last(client, packed, n)
+        replies.append(reply)
+        return error, reply
+    monkeypatch.setattr(redis_broker, "execute_last", execute_last)
+    assert broker.run_and_consume([], [Q], 10) == []
+    assert replies == [[0]]
+    broker.publish_many([msg() for _ in range(2)])
+    assert len(broker.run_and_consume([], [Q], 10)) == 2
+    command = broker._consume_command(Q, "c", 5)
+    reply = broker.store.run([command])[0]
+    assert reply[0] == 0 and len(reply) == 4 + N_LANES + 1
+
+
+class _Calls:
+    """Counts a broker's consume script rounds (``_consume_once``) and flags each XREAD BLOCK."""
+
+    def __init__(self, broker, monkeypatch):
+        self.consumes = 0
+        self.blocking = threading.Event()
+        real_once, real_block = broker._consume_once, broker._xread_block
+
+        def once(*a, **k):
+            self.consumes += 1
+            return real_once(*a, **k)
+
+        def block(*a, **k):
+            self.blocking.set()
+            return real_block(*a, **k)
+        monkeypatch.setattr(broker, "_consume_once", once)
+        monkeypatch.setattr(broker, "_xread_block", block)
+
+
+def test_after_a_consume_that_drained_the_queue_the_next_blocks_at_once(make, monkeypatch):
+    broker, publisher = make(), make()
+    publisher.publish_many([msg() for _ in range(2)])
+    assert len(broker.consume([Q], 10, 5.0)) == 2            # drained: 2 of 10
+    calls = _Calls(broker, monkeypatch)
+    late = msg(b"late")
+    t = threading.Thread(target=lambda: (calls.blocking.wait(10), publisher.publish(late)))
+    t.start()
+    got = broker.consume([Q], 10, 10.0)
+    t.join(10)
+    assert [d.task_id for d in got] == [late.task_id]
+    assert calls.consumes == 1                               # the one after the wake, none before the block
+
+
+def test_a_consume_that_filled_its_count_asks_again_before_blocking(make, monkeypatch):
+    broker = make()
+    broker.publish_many([msg() for _ in range(3)])
+    assert len(broker.consume([Q], 2, 5.0)) == 2             # not drained
+    calls = _Calls(broker, monkeypatch)
+    assert len(broker.consume([Q], 2, 5.0)) == 1
+    assert calls.consumes == 1 and not calls.blocking.is_set()
+
+
+def test_armed_ids_another_consumer_moved_past_cost_one_more_round_not_a_message(make, monkeypatch):
+    a, b = make(), make()
+    a.publish_many([msg()])
+    assert len(a.consume([Q], 10, 5.0, consumer="a")) == 1   # armed
+    a.publish(msg(b"taken"))
+    assert len(b.consume([Q], 10, 5.0, consumer="b")) == 1   # taken by b after a armed
+    calls = _Calls(a, monkeypatch)
+    t0 = time.monotonic()
+    assert a.consume([Q], 10, 1.0, consumer="a") == []       # woke at once, asked, then blocked
+    # one round after the wake that found nothing, one when the block ran out: no spinning
+    assert time.monotonic() - t0 >= 0.8 and calls.consumes == 2
+    fresh = msg(b"fresh")
+    t = threading.Thread(target=lambda: (time.sleep(0.2), b.publish(fresh)))
+    t.start()
+    got = a.consume([Q], 10, 10.0, consumer="a")
+    t.join(10)
+    assert [d.task_id for d in got] == [fresh.task_id]
+
+
+def test_a_delayed_message_published_after_arming_is_late_by_at_most_one_block(make):
+    broker = make()
+    broker.publish_many([msg()])
+    assert len(broker.consume([Q], 10, 5.0)) == 1            # armed, nothing delayed yet
+    due = time.time() + 0.3
+    broker.publish(msg(b"later", not_before=due))
+    got = broker.consume([Q], 10, 5.0)
+    assert [d.frame for d in got] == [b"later"] and time.time() - due < 1.0 + 0.5
+
+
+def test_keyed_deliveries_of_a_drained_queue_keep_their_keys(make):
+    from stem.brokers.base import Keyed
+    broker = make()
+    items = [Keyed(msg(b"k%d" % i), f"key-{i}", 60.0) for i in range(2)]
+    assert broker.publish_keyed(items) == [None, None]
+    got = broker.consume([Q], 10, 5.0)
+    assert sorted(d.key for d in got) == ["key-0", "key-1"]
+    assert broker._armed                                     # drained: armed with its block info
+    broker.ack(got)
+    assert broker.stats(Q)[1:4] == (0, 0, 0)
+
+
+@pytest.mark.parametrize("armed", [False, True])
+def test_a_blocked_consumer_wakes_for_a_high_lane_that_did_not_exist(make, monkeypatch, armed):
+    """Lanes 1-9 that do not exist are blocked on from 0-0 without a lookup: the first entry of
+    one still wakes the consumer (whether it blocked after an empty consume or armed)."""
+    broker, publisher = make(), make()
+    if armed:
+        publisher.publish_many([msg()])
+        assert len(broker.consume([Q], 10, 5.0)) == 1
+    calls = _Calls(broker, monkeypatch)
+    high = msg(b"urgent", priority=7)
+    t = threading.Thread(target=lambda: (calls.blocking.wait(10), publisher.publish(high)))
+    t.start()
+    t0 = time.monotonic()
+    got = broker.consume([Q], 10, 10.0)
+    t.join(10)
+    assert [d.task_id for d in got] == [high.task_id] and time.monotonic() - t0 < 5.0

@@ -65,17 +65,27 @@ SYSTEMS: dict[str, tuple[str, int]] = {
     "celery": ("celery_app", 9),
 }
 NEEDS = {"celery": "celery", "dramatiq": "dramatiq", "rq": "rq", "arq": "arq", "huey": "huey"}
+#: ``--stem-baseline DIR``: stem's app on another checkout of stem (its driver and worker import
+#: stem from DIR), for a before/after from one run; not in the default list.
+BASELINE = "stem-base"
+BASELINE_ENTRY = ("stem_app", 8)
+DEFAULT_SYSTEMS = list(SYSTEMS)
 
 
 # -- the driver: one system, in its own process -------------------------------------------------------
 
 def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int, timeout: float,
-          producer_mode: str = "batch") -> dict[str, Any]:
+          producer_mode: str = "batch", monitor: bool = False, rate: float = 0.0) -> dict[str, Any]:
     import psutil
     import redis
     from _measure import TreeMeter, redis_server_pid, steady_rate
 
-    module, db = SYSTEMS[system]
+    module, db = SYSTEMS[system] if system != BASELINE else BASELINE_ENTRY
+    pythonpath = [HERE]
+    if system == BASELINE:
+        checkout = os.environ["STEM_BENCH_BASELINE"]
+        sys.path.insert(0, checkout)
+        pythonpath.insert(0, checkout)
     url = f"{base_url.rstrip('/')}/{db}"
     os.environ["BENCH_REDIS_URL"] = url
     os.environ["BENCH_PYTHON"] = sys.executable
@@ -85,8 +95,16 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
                          f"the benchmark deletes every key of it afterwards, so it must start empty")
     app = importlib.import_module(module)
     produce = app.produce_single if producer_mode == "single" else app.produce
+    if rate:   # one task at a time, paced: the worker settles them as they come
+        def produce(n: int, one=app.produce_single) -> None:
+            start = time.monotonic()
+            for i in range(n):
+                one(1)
+                ahead = start + (i + 1) / rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
     from _common import COUNTER
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH")) if p))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (*pythonpath, os.environ.get("PYTHONPATH")) if p))
     separate = getattr(app, "PROCESSES_ARE_SEPARATE", False)
     argvs = ([app.worker_argv(1)] * getattr(app, "PROCESSES", concurrency) if separate
              else [app.worker_argv(concurrency)])
@@ -132,6 +150,8 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
 
         cpu0 = sum(m.cpu() for m in meters)
         rc0 = psutil.Process(redis_pid).cpu_times() if redis_pid else None
+        stats0 = r.info("commandstats")   # commands per task: INFO commandstats over the window
+        watcher = _Monitor(url) if monitor else None
         th = threading.Thread(target=producer, name="producer")
         samples: list[tuple[float, int]] = []
         t0 = time.time()
@@ -139,6 +159,8 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
         t_done = wait_count(c0 + tasks, timeout, samples)
         cpu = sum(m.cpu() for m in meters) - cpu0
         rc1 = psutil.Process(redis_pid).cpu_times() if redis_pid else None
+        commands = _commands(stats0, r.info("commandstats"), polls=len(samples))
+        top_level = watcher.stop(polls=len(samples)) if watcher is not None else None
         th.join()
         if "error" in box:
             raise box["error"]
@@ -153,6 +175,12 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
             "producer_s": box["t"] - t0,
             "redis_cpu_us": ((rc1.user + rc1.system - rc0.user - rc0.system) / tasks * 1e6) if rc0 else None,
             "worker_rss_mib": rss[0] / 2 ** 20, "extra_runs": extra, "load_avg": os.getloadavg()[0],
+            "redis_commands_per_task": sum(commands.values()) / tasks,
+            "redis_commands": {k: round(v / tasks, 3) for k, v in sorted(commands.items(), key=lambda kv: -kv[1])},
+            **({} if top_level is None else {
+                "client_commands_per_task": sum(top_level.values()) / tasks,
+                "client_commands": {k: round(v / tasks, 3)
+                                    for k, v in sorted(top_level.items(), key=lambda kv: -kv[1])}}),
         }
     except BaseException:
         log.flush()
@@ -166,6 +194,61 @@ def drive(system: str, base_url: str, tasks: int, concurrency: int, warmup: int,
             r.unlink(*keys[i:i + 1000])
         log.close()
         os.unlink(log.name)
+
+
+class _Monitor:
+    """``--monitor``: the commands clients send (MONITOR lines not from a script), by name,
+    over the measured window.  MONITOR costs the server CPU: its runs' CPU figures are not
+    comparable with runs without it."""
+
+    def __init__(self, url: str):
+        import redis
+        self.calls: dict[str, int] = {}
+        self.client = redis.Redis.from_url(url)
+        self.mon = self.client.monitor()
+        self.mon.__enter__()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn = self.mon.connection
+        while not self.stopping.is_set():
+            try:
+                if not conn.can_read(timeout=0.2):
+                    continue
+                line = conn.read_response()
+            except Exception:   # noqa: BLE001 - the connection closed at stop
+                return
+            text = line.decode(errors="replace") if isinstance(line, bytes) else str(line)
+            if "[" not in text or " lua]" in text:
+                continue
+            name = text.split("] ", 1)[1].split(" ", 1)[0].strip('"').lower()
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+    def stop(self, polls: int) -> dict[str, int]:
+        self.stopping.set()
+        self.thread.join(5)
+        try:
+            self.mon.__exit__(None, None, None)
+        except Exception:   # noqa: BLE001
+            pass
+        self.client.close()
+        calls = dict(self.calls)
+        calls["get"] = calls.get("get", 0) - polls
+        calls["info"] = calls.get("info", 0) - 1
+        return {k: v for k, v in calls.items() if v > 0}
+
+
+def _commands(before: dict[str, Any], after: dict[str, Any], polls: int) -> dict[str, int]:
+    """Calls per command between two INFO commandstats, less the driver's own (its counter
+    polls: one GET each, and the second INFO).  Server-wide: meaningful on a Redis of the
+    benchmark alone (``--redis-url``); nothing is reset, so a shared server is left as it was."""
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) - int(before.get(name, {}).get("calls", 0))
+             for name, v in after.items()}
+    calls["get"] = calls.get("get", 0) - polls
+    calls["info"] = calls.get("info", 0) - 1
+    return {k: v for k, v in calls.items() if v > 0}
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -192,7 +275,8 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 # -- the runner ---------------------------------------------------------------------------------------
 
 def run(systems: list[str], *, base_url: str, tasks: int, concurrency: int, warmup: int, repeat: int,
-        timeout: float, progress: bool = True, producer_mode: str = "batch") -> dict[str, Any]:
+        timeout: float, progress: bool = True, producer_mode: str = "batch", monitor: bool = False,
+        rate: float = 0.0) -> dict[str, Any]:
     """Every system ``repeat`` times (rotated order); returns runs and per-system medians."""
     runs: list[dict[str, Any]] = []
     bar = None
@@ -212,7 +296,8 @@ def run(systems: list[str], *, base_url: str, tasks: int, concurrency: int, warm
                 probe_ms = machine_probe_ms()
                 argv = [sys.executable, os.path.abspath(__file__), "--drive", system, "--redis-url", base_url,
                         "--tasks", str(tasks), "--concurrency", str(concurrency), "--warmup", str(warmup),
-                        "--timeout", str(timeout), "--producer", producer_mode]
+                        "--timeout", str(timeout), "--producer", producer_mode, "--rate", str(rate)] + (
+                            ["--monitor"] if monitor else [])
                 out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 300)
                 if out.returncode != 0:
                     sys.stderr.write(out.stderr[-6000:])
@@ -229,7 +314,7 @@ def run(systems: list[str], *, base_url: str, tasks: int, concurrency: int, warm
         if bar is not None:
             bar.stop()
     return {"config": {"tasks": tasks, "concurrency": concurrency, "warmup": warmup, "repeat": repeat,
-                       "producer": producer_mode,
+                       "producer": producer_mode, "rate": rate, "monitor": monitor,
                        "redis_url": base_url, "cpus": os.cpu_count(), "stem_revision": source_revision()},
             "runs": runs, "summary": summarize(systems, runs)}
 
@@ -247,8 +332,14 @@ def summarize(systems: list[str], runs: list[dict[str, Any]]) -> list[dict[str, 
                "per_s": med(s, "per_s"), "per_s_runs": [r["per_s"] for r in ok],
                "steady_per_s": med(s, "steady_per_s"), "worker_cpu_us": med(s, "worker_cpu_us"),
                "producer_cpu_us": med(s, "producer_cpu_us"), "redis_cpu_us": med(s, "redis_cpu_us"),
+               "redis_commands_per_task": med(s, "redis_commands_per_task"),
+               "client_commands_per_task": med(s, "client_commands_per_task"),
+               "client_commands": ok[0].get("client_commands") if ok else None,
+               "redis_commands": ok[0].get("redis_commands") if ok else None,
                "extra_runs": max((r["extra_runs"] for r in ok), default=None),
                "errors": [r["error"] for r in runs if r["system"] == s and "error" in r]}
+        parts = [row["worker_cpu_us"], row["producer_cpu_us"], row["redis_cpu_us"]]
+        row["total_cpu_us"] = sum(parts) if None not in parts else None   # type: ignore[arg-type]
         row["stem_speedup"] = stem_rate / row["per_s"] if stem_rate and row["per_s"] else None
         row["cpu_vs_stem"] = row["worker_cpu_us"] / stem_cpu if stem_cpu and row["worker_cpu_us"] else None
         row["paired_speedup"] = paired(runs, s, "per_s", stem_over_it=True)
@@ -280,7 +371,8 @@ def print_table(result: dict[str, Any]) -> None:
                     f"processes, {c['cpus']} CPUs, median of {c['repeat']} run(s), stem rev {c.get('stem_revision')}",
               title_justify="left")
     for col in ("system", "tasks/s", "each run", "steady", "worker CPU µs/task", "producer µs/task",
-                "redis µs/task", "stem's tasks/s / its (per repeat)", "its CPU / stem's (per repeat)"):
+                "redis µs/task", "total CPU µs/task", "redis cmds/task", "stem's tasks/s / its (per repeat)",
+                "its CPU / stem's (per repeat)"):
         t.add_column(col, justify="left" if col in ("system", "each run") else "right")
 
     def f(v, d=0):
@@ -294,6 +386,7 @@ def print_table(result: dict[str, Any]) -> None:
     for row in result["summary"]:
         t.add_row(row["system"], f(row["per_s"]), " ".join(f"{x:,.0f}" for x in row["per_s_runs"]) or "-",
                   f(row["steady_per_s"]), f(row["worker_cpu_us"]), f(row["producer_cpu_us"]), f(row["redis_cpu_us"]),
+                  f(row.get("total_cpu_us")), f(row.get("redis_commands_per_task"), 2),
                   ratio(row["stem_speedup"], row.get("paired_speedup")),
                   ratio(row["cpu_vs_stem"], row.get("paired_cpu_vs_stem")))
     console = Console(width=max(Console().width, 140))
@@ -304,6 +397,15 @@ def print_table(result: dict[str, Any]) -> None:
                       f"Machine probe before each run (ms for a fixed Python loop; higher is a slower machine): "
                       f"{min(probes):.0f}-{max(probes):.0f}", highlight=False)
     for row in result["summary"]:
+        cmds = row.get("redis_commands") or {}
+        if cmds:
+            console.print(f"  {row['system']} Redis commands per task, script calls included (first run): "
+                          + ", ".join(f"{k} {v:g}" for k, v in list(cmds.items())[:8]), highlight=False)
+        sent = row.get("client_commands") or {}
+        if sent:
+            console.print(f"  {row['system']} commands sent per task ({row['client_commands_per_task']:.2f}; MONITOR): "
+                          + ", ".join(f"{k} {v:g}" for k, v in list(sent.items())[:8]), highlight=False)
+    for row in result["summary"]:
         console.print(f"  {row['system']}: {row['settings'] or '-'}"
                       + (f"  ERRORS: {row['errors']}" if row["errors"] else "")
                       + (f"  ({row['extra_runs']} tasks ran more than once)" if row["extra_runs"] else ""),
@@ -312,7 +414,15 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="peers/run.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, from: " + ", ".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help="comma-separated, from: " + ", ".join(SYSTEMS) + f" (and {BASELINE} with --stem-baseline)")
+    p.add_argument("--stem-baseline", metavar="DIR",
+                   help=f"a built checkout of stem, run as system {BASELINE} beside this one (before/after), in "
+                        f"db {BASELINE_ENTRY[1]}: give a --redis-url of the benchmark's own")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="tasks/s: one enqueue at a time, paced (the live path with tasks arriving one by one)")
+    p.add_argument("--monitor", action="store_true",
+                   help="count the commands clients send (MONITOR; inflates Redis CPU: compare counts, not CPU)")
     p.add_argument("--tasks", type=int, default=10_000)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--warmup", type=int, default=200)
@@ -334,11 +444,16 @@ def main(argv: list[str] | None = None) -> int:
         print_table(result)
         return 0
     if ns.drive:
-        res = drive(ns.drive, ns.redis_url, ns.tasks, ns.concurrency, ns.warmup, ns.timeout, ns.producer)
+        res = drive(ns.drive, ns.redis_url, ns.tasks, ns.concurrency, ns.warmup, ns.timeout, ns.producer,
+                    ns.monitor, ns.rate)
         print(json.dumps(res))
         return 0
     systems = [s.strip() for s in ns.systems.split(",") if s.strip()]
-    unknown = [s for s in systems if s not in SYSTEMS]
+    if ns.stem_baseline:
+        os.environ["STEM_BENCH_BASELINE"] = os.path.abspath(ns.stem_baseline)
+        if BASELINE not in systems:
+            systems.insert(systems.index("stem") + 1 if "stem" in systems else 0, BASELINE)
+    unknown = [s for s in systems if s not in SYSTEMS and not (s == BASELINE and ns.stem_baseline)]
     if unknown:
         p.error(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
     missing = [s for s in systems if s in NEEDS and importlib.util.find_spec(NEEDS[s]) is None]
@@ -346,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{', '.join(missing)} not installed: .venv/bin/pip install -e '.[bench]' (or make bench-peers)")
     result = run(systems, base_url=ns.redis_url, tasks=ns.tasks, concurrency=ns.concurrency, warmup=ns.warmup,
                  repeat=ns.repeat, timeout=ns.timeout, progress=ns.progress and sys.stderr.isatty(),
-                 producer_mode=ns.producer)
+                 producer_mode=ns.producer, monitor=ns.monitor, rate=ns.rate)
     if ns.json:
         print(json.dumps(result, indent=2))
     else:

@@ -193,6 +193,24 @@ _FALLBACK_POLL_S = 1.0     # the waits' re-read interval while the pub/sub conne
 # so the state is read from the head of the record: encode_status writes a map whose first two
 # entries are "id" and "state" (TaskStatus's first fields, never omitted).  A record this cannot
 # read is left alone: a conditional store must never replace a result it cannot see.
+#: Store statuses in one call (a single Redis; a Cluster sends SET + PUBLISH per status): KEYS
+#: are status keys (N:{t:ID}:status), ARGV two per key: the encoded status, and its PX in ms,
+#: negated for a terminal status, which is also PUBLISHed on N:{t:ID}:done.  One command
+#: instead of one or two per status, and a terminal status's bytes sent once, not twice.
+_STORE_STATUSES = """
+for i = 1, #KEYS do
+  local data, px = ARGV[2 * i - 1], tonumber(ARGV[2 * i])
+  if px < 0 then
+    redis.call('SET', KEYS[i], data, 'PX', -px)
+    redis.call('PUBLISH', string.sub(KEYS[i], 1, -7) .. 'done', data)
+  else
+    redis.call('SET', KEYS[i], data, 'PX', px)
+  end
+end
+return #KEYS
+"""
+_STATUSES_PER_CALL = 500
+
 _STORE_IF_NOT_TERMINAL = """
 local terminal = {%s}
 local cur = redis.call('GET', KEYS[1])
@@ -291,6 +309,7 @@ class RedisResultBackend(ResultBackend):
         ns = self.namespace
         self._hb_index = f"{ns}:{{hb}}:index"
         self._revoked_key = f"{ns}:{{revoked}}"
+        self._store_statuses = self._store.script(_STORE_STATUSES)
         self._store_if_not_terminal = self._store.script(_STORE_IF_NOT_TERMINAL)
         self._schedule = self._store.script(_SCHEDULE)
         self._schedule_index = f"{ns}:{{sched}}:index"
@@ -352,10 +371,26 @@ class RedisResultBackend(ResultBackend):
 
     def _status_commands(self, statuses: Sequence[TaskStatus]) -> list[tuple]:
         """SET (PX: the status's own lifetime, ``status_ttl``) and, for a terminal status,
-        PUBLISH; all made before any is sent, so a refused ttl sends nothing."""
+        PUBLISH; all made before any is sent, so a refused ttl sends nothing.  On a single
+        Redis one ``_STORE_STATUSES`` call per 500 statuses does both (the settle pipeline's
+        results in one command); on a Cluster, whose statuses live in many slots, each is
+        its own SET (+ PUBLISH)."""
         default = self.result_expires
         px = checks.ms(default)
         ms = checks.ms
+        if not self._store.cluster:
+            sha = self._store_statuses.sha
+            commands = []
+            for start in range(0, len(statuses), _STATUSES_PER_CALL):
+                chunk = statuses[start:start + _STATUSES_PER_CALL]
+                keys, args = [], []
+                for s in chunk:
+                    keys.append(self._status_key(s.id))
+                    ttl = px if s.ttl is None else ms(status_ttl(s, default))
+                    args.append(encode_status(s))
+                    args.append(-ttl if s.is_terminal else ttl)
+                commands.append(("EVALSHA", sha, len(keys), *keys, *args))
+            return commands
         commands = []
         for s in statuses:
             data = encode_status(s)
@@ -369,7 +404,7 @@ class RedisResultBackend(ResultBackend):
         if not statuses:
             return
         commands = self._status_commands(statuses)
-        self._call(lambda: raise_first_error(execute(self._client, commands)), "store")
+        self._call(lambda: self._store.run(commands), "store")   # SETs and PUBLISHes: safe to resend
 
     def store_if_not_terminal(self, statuses: Sequence[TaskStatus]) -> None:
         if not check_non_terminal(statuses):

@@ -189,6 +189,14 @@ def _queries(s: str) -> dict[str, str]:
                      WITH ORDINALITY AS m(q, t, p, nb, v, f, n)
                 ORDER BY m.n)
             SELECT pg_notify(%s, q) FROM unnest(%s::text[]) AS q""",
+        # one unlimited message (a single enqueue): scalar parameters, no arrays to build and unnest
+        "publish_one": f"""
+            WITH m AS (SELECT %s::text AS q, %s::text AS t, %s::int4 AS p, %s::float8 AS nb, %s::float8 AS v,
+                              %s::bytea AS f),
+            ins AS (
+                INSERT INTO {jobs} ({_COLUMNS})
+                SELECT m.q, m.t, m.p, {due}, m.v, m.f FROM m)
+            SELECT pg_notify(%s, m.q) FROM m""",
         "publish_keyed": _publish_keyed(s, due, free, limited=False),
         "publish_keyed_lanes": _publish_keyed(s, due, free, limited=True),
         "publish_lanes": f"""
@@ -510,7 +518,18 @@ class PostgresBroker(Broker):
 
     # -- publishing -------------------------------------------------------------------
     def publish(self, message: Message) -> None:
-        self.publish_many((message,))
+        """One message.  An unlimited one to a queue this broker registered (a single
+        ``enqueue``) is ``publish_one``: the statement of ``publish_many`` for one row, with
+        scalar parameters (prepared, like every statement here: one round trip)."""
+        queue = message.queue
+        if message.limit is not None or queue not in self._known_queues:
+            self.publish_many((message,))
+            return
+        vt = message.visibility_timeout
+        params = (queue, message.task_id, int(message.priority), message.not_before,
+                  float(vt) if vt else None, bytes(message.frame), self.channel)
+        self._pg.run(lambda conn: conn.execute(self._sql["publish_one"], params))
+        self._on_notify(queue)
 
     def publish_many(self, messages: Sequence[Message]) -> None:
         if not messages:

@@ -20,7 +20,12 @@ How the contract in ``stem.brokers.base`` maps onto Redis:
   the entries after it.  ``XREADGROUP`` cannot block inside a script, so when
   nothing is there the client blocks with ``XREAD BLOCK`` (no side effects)
   on every lane from its last id, at most ``_MAX_BLOCK_S`` at a time, and
-  runs the script again when something arrives.  A blocking ``XREADGROUP``
+  runs the script again when something arrives.  A consume that leased some
+  entries and drained every queue (fewer than asked, nothing buried, no limit
+  lanes) gets the same block info with its deliveries, so the next consume
+  blocks at once instead of first asking the script for nothing (the live
+  path: a worker woken by each task as it arrives); lanes that do not exist
+  are blocked on from 0-0 without a lookup.  A blocking ``XREADGROUP``
   outside a script would leave a window between the read and the lease
   record in which a crash strands the entry in the PEL forever.
 * A message without its own visibility timeout is leased for the consuming
@@ -60,7 +65,8 @@ Where Redis differs from the in-memory reference (all allowed by the protocol):
 * A consumer blocked in ``consume`` wakes at once for a new ready entry (and
   for a limit lane that gets a message or a slot: the ``lnotify`` stream);
   for a delayed message or a nack published while it blocks it wakes at its
-  next tick (at most ``_MAX_BLOCK_S``), since those do not touch the streams.
+  next tick (at most ``_MAX_BLOCK_S``), since those do not touch the streams
+  (nor do they when published after the draining consume that armed the block).
   A wake time the consume script reported (a token, a delayed message, a
   lease's end) is kept to the ms: Redis times a ``BLOCK`` out only on its
   server tick (100 ms at the default ``hz``), so the client blocks until
@@ -96,6 +102,8 @@ from ..errors import ConfigurationError, StemError
 from ..stores.base import BROKER_ERRORS
 from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_unread,
                             pack_commands, pack_xadds, raise_first_error, validate_namespace)
+from ..stores.redis_group import execute_one as _group_execute_one
+from ..stores.redis_pipe import pack_command as _pack_command
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
                    LaneStats, Limit, MAX_KEY_LENGTH, Message, QueueStats, check_frame_batch, check_keyed,
                    validate_queue_name)
@@ -110,6 +118,7 @@ _MAX_BLOCK_S = 1.0          # longest single XREAD BLOCK; bounds the latency of 
 _BLOCK_SLACK_S = 0.1        # how late Redis may time a BLOCK out (its server tick at the default hz 10)
 _DELAYED_MOVE_LIMIT = 1000  # due delayed messages moved per consume script call
 _MAX_COUNT = 1000
+_BLOCK_INFO = 3 + N_LANES + 1   # a consume reply's block info: two wake times, now, the lanes' ids, lnotify's
 _KEYED_CHUNK = 2000         # publish_keyed items per script call (the calls share one pipeline)
 _LIMITED_CHUNK = 2000       # limited messages per publish script call (the calls share one pipeline)
 _T = TypeVar("_T")
@@ -169,6 +178,10 @@ class RedisBroker(Broker):
         self._keys_script = self._store.script(_load_script("redis_keys.lua"))
         self._limits_script = self._store.script(_load_script("redis_limits.lua"))
         self._declared: set[str] = set()
+        self._xadd_heads: dict[str, list[tuple[bytes, bytes]]] = {}   # publish's: by declared queue
+        #: (queues, consumer) -> (block_on, wake_at): what the last consume, which drained every
+        #: queue, says to block on; the next consume blocks at once (``consume``)
+        self._armed: dict[tuple, tuple[dict[str, str], float]] = {}
         self._keys: dict[str, list[str]] = {}
         self._instance = uuid.uuid4().hex[:8]
         self._rotate = 0
@@ -213,7 +226,37 @@ class RedisBroker(Broker):
 
     # -- publishing -------------------------------------------------------------------
     def publish(self, message: Message) -> None:
-        self.publish_many((message,))
+        """One message.  A ready one without a limit, of priority 0-9, to a declared queue (a
+        service's single ``enqueue``) is one XADD spliced from the lane's pre-packed head and
+        tail (``_xadd_parts``) and sent as it is, with none of ``publish_many``'s command
+        lists, its round trip shared with the threads publishing at the same time
+        (``stem.stores.redis_group``); anything else goes through ``publish_many``."""
+        parts = self._xadd_heads.get(message.queue)
+        priority = message.priority
+        if (parts is None or message.limit is not None or message.not_before is not None
+                or type(priority) is not int or not 0 <= priority < N_LANES):
+            self.publish_many((message,))
+            if parts is None and message.queue in self._declared:
+                self._xadd_heads[message.queue] = self._xadd_parts(message.queue)
+            return
+        vt = message.visibility_timeout
+        frame = message.frame
+        tid = message.task_id.encode()
+        head, tail = parts[priority]
+        packed = b"%s$%d\r\n%s\r\n$1\r\nf\r\n$%d\r\n%s\r\n%s" % (
+            head, len(tid), tid, len(frame), frame,
+            tail if vt is None else _pack_command("p", priority, "v", checks.ms(vt))[4:])
+        self._store.call(lambda: _group_execute_one(self._client, packed, True), "publish")
+
+    def _xadd_parts(self, queue: str) -> list[tuple[bytes, bytes]]:
+        """Per lane of ``queue``: the packed XADD up to its task id, and from its priority
+        on without a visibility timeout -- what ``publish`` splices a frame between."""
+        keys = self.queue_keys(queue)
+        parts = []
+        for priority in range(N_LANES):
+            head = _pack_command("XADD", keys[priority], "*", "t")
+            parts.append((b"*11" + head[head.index(b"\r\n"):], _pack_command("p", priority, "v", 0)[4:]))
+        return parts
 
     def publish_many(self, messages: Sequence[Message]) -> None:
         if not messages:
@@ -403,10 +446,21 @@ class RedisBroker(Broker):
         consumer = self._consumer(consumer)
         self._declare(names)
         deadline = time.monotonic() + max(float(timeout), 0.0)
+        key = (tuple(names), consumer)
+        armed = self._armed.pop(key, None) if timeout > 0 else None
+        out: list[Delivery] = []
         while True:
-            out, wake_in, block_on = self._consume_once(names, max_count, consumer)
-            if out or self._closed:
-                return out
+            if armed is None:
+                out, wake_in, block_on, drained = self._consume_once(names, max_count, consumer,
+                                                                     2 if timeout > 0 else 0)
+                if out or self._closed:
+                    if drained:      # every queue was drained: the next consume blocks at once
+                        self._armed[key] = (block_on, time.monotonic() + wake_in)
+                    return out
+            else:                    # the last consume drained every queue: no need to ask again
+                block_on, wake_at = armed
+                armed = None
+                wake_in = min(max(wake_at - time.monotonic(), 0.001), _MAX_BLOCK_S)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return out
@@ -447,27 +501,40 @@ class RedisBroker(Broker):
                     for lanes in by_queue.values()]
         return self._call(lambda: self._client.stem_block_any(commands, block + 1.0), "consume (block)")
 
-    def _consume_once(self, names: list[str], max_count: int,
-                      consumer: str) -> tuple[list[Delivery], float, dict[str, str]]:
+    def _consume_once(self, names: list[str], max_count: int, consumer: str,
+                      mode: int = 1) -> tuple[list[Delivery], float, dict[str, str], bool]:
+        """One consume script call per queue (in turn, up to ``max_count`` deliveries): the
+        deliveries, and what to block on when they are none -- the shortest wake time and
+        the ids of every queue's lanes.  ``mode`` is the script's ARGV[5]; with 2 a queue
+        that leased some and was drained reports its block info too, and the last value
+        says whether every queue did (then the caller may block at once next time)."""
         out: list[Delivery] = []
         wake_in = _MAX_BLOCK_S
         block_on: dict[str, str] = {}
+        drained = mode == 2
         for q in self._rotation(names):
             keys = self.queue_keys(q)
-            command = self._consume_command(q, consumer, max_count - len(out))
+            command = self._consume_command(q, consumer, max_count - len(out), mode)
             reply = self._call(lambda: self._store.run([command])[0], "consume")
             if self._read_leased(q, consumer, reply, out):
-                if len(out) >= max_count:
-                    break
+                if reply[0] > 0:     # leased, and not drained (or not asked to say)
+                    drained = False
+                    if len(out) >= max_count:
+                        break
+                    continue
+                info = len(reply) - _BLOCK_INFO   # drained: the block info closes the reply
+            elif mode == 0:          # the caller will not block: the reply is [0] alone
                 continue
-            next_delayed, next_lease, now = reply[1], reply[2], reply[3]
+            else:
+                info = 1
+            next_delayed, next_lease, now = reply[info], reply[info + 1], reply[info + 2]
             for t in (next_delayed, next_lease):
                 if t >= 0:
                     wake_in = min(wake_in, max((t - now) / 1000.0, 0.001))
-            for lane, last in enumerate(reply[4:4 + N_LANES]):
+            for lane, last in enumerate(reply[info + 3:info + 3 + N_LANES]):
                 block_on[keys[lane]] = last.decode()
-            block_on[self.notify_key(q)] = reply[4 + N_LANES].decode()
-        return out, wake_in, block_on
+            block_on[self.notify_key(q)] = reply[info + 3 + N_LANES].decode()
+        return out, wake_in, block_on, drained and bool(out)
 
     def _rotation(self, names: list[str]) -> list[str]:
         """``names`` starting one further on at each call: several queues take turns."""
@@ -475,15 +542,21 @@ class RedisBroker(Broker):
         self._rotate += 1
         return names[start:] + names[:start]
 
-    def _consume_command(self, queue: str, consumer: str, count: int) -> tuple:
+    def _consume_command(self, queue: str, consumer: str, count: int, mode: int = 1) -> tuple:
+        """The consume script's call.  ``mode`` (its ARGV[5]): 1, an empty reply carries the
+        wake times and last ids; 0, not (the caller will not block); 2, a drained queue's
+        reply carries them after its deliveries too (``consume``'s arming)."""
         return self._evalsha(self._consume_script, queue, consumer, count,
-                             checks.ms(self.default_visibility_timeout), _DELAYED_MOVE_LIMIT)
+                             checks.ms(self.default_visibility_timeout), _DELAYED_MOVE_LIMIT, mode)
 
     def _read_leased(self, queue: str, consumer: str, reply: list, out: list[Delivery]) -> int:
         """Append the deliveries a consume script's ``reply`` leased to ``out``; returns how many.
         A task id that is not UTF-8 (an entry written by hand) is read with replacement
         characters: raising here would drop the whole batch, leased, on the floor."""
         n = reply[0]
+        end = len(reply)
+        if n < 0:               # drained (mode 2): the block info closes the reply
+            n, end = -n, end - _BLOCK_INFO
         leased_at = time.time()
         first = len(out)
         values = iter(reply[1:6 * n + 1])   # six per delivery, flat
@@ -491,7 +564,7 @@ class RedisBroker(Broker):
             out.append(Delivery(queue, task_id.decode("utf-8", "replace"), frame,
                                 _Receipt(int(lane), entry_id.decode(), consumer), int(count), d_vt_ms / 1000.0,
                                 leased_at))
-        j, end = 6 * n + 1, len(reply)
+        j = 6 * n + 1
         while n and j < end:   # (i, key, linger ms) of the keyed ones, (-i, limit) of the limited ones
             i = reply[j]
             if i > 0:
@@ -524,7 +597,7 @@ class RedisBroker(Broker):
         names = list(dict.fromkeys(queues))
         self._declare(names)
         queue = self._rotation(names)[0]
-        pipeline = [*commands, self._consume_command(queue, consumer, max_count)]
+        pipeline = [*commands, self._consume_command(queue, consumer, max_count, 0)]
         packed = pack_commands(pipeline)
 
         def send() -> list[Delivery]:
@@ -706,6 +779,7 @@ class RedisBroker(Broker):
         self._call(lambda: self._store.run(commands), "delete_queue")
         self._keys.pop(queue, None)
         self._declared.discard(queue)
+        self._xadd_heads.pop(queue, None)
 
     def stats(self, queue: str) -> QueueStats:
         ready, in_flight, delayed, dead, throttled = self._admin(queue, "stats")

@@ -2,6 +2,12 @@
 --   KEYS: the per-queue layout (see redis_common.lua)
 --   ARGV[1] consumer name   ARGV[2] COUNT   ARGV[3] default visibility timeout (ms)
 --   ARGV[4] how many due delayed messages to move at most
+--   ARGV[5] "0": the caller will not block when nothing comes (the refill in a settle
+--           pipeline), so an empty reply is {0} alone, without the wake times and the
+--           last ids (two ZRANGEs and eleven XREVRANGEs); absent or "1": all of it;
+--           "2": also when the queue (without limit lanes) was drained -- fewer than COUNT
+--           leased and nothing buried: then the reply starts with -n and the block info
+--           (the fourteen values an empty reply carries) follows the deliveries' data
 -- Steps: (1) move due delayed messages to their lane; (L) when the queue has limit lanes
 -- (one EXISTS tells), move its due delayed limited messages and expired limited leases into
 -- their lanes, then serve the due lanes round robin (see serve_lanes); (2) re-deliver entries whose
@@ -15,7 +21,8 @@
 -- redis_common.lua): an entry without a task id, a delayed member that does not unpack.
 -- Nothing in the reply is ever nil: a nil would end the reply there, and the deliveries
 -- after it would be leased but never handed over.
--- Returns {n, d1..dn, next_delayed_ms, next_lease_ms, now_ms, last_id_lane0..9} where each
+-- Returns {n, d1..dn, next_delayed_ms, next_lease_ms, now_ms, last_id_lane0..9} (but see
+-- ARGV[5]) where each
 -- delivery d is six values in a row (flat): lane, entry id, task id, frame, vt ms, delivery
 -- count; the next_* times are -1 when there is none; the last ids (ids to XREAD BLOCK
 -- from) come only when n == 0, followed by the last id of the queue's lnotify stream.
@@ -229,35 +236,49 @@ for lane = NLANES - 1, 0, -1 do
   end
 end
 
-out[1] = n
-if n > 0 then
-  for i = 1, #keyed do out[#out + 1] = keyed[i] end
-  return out
-end
-
 local function first_score(key)
   local r = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   if #r == 0 then return -1 end
   return tonumber(r[2])
 end
-out[#out + 1] = first_score(DELAYED)
-local next_lease = first_score(LEASES)
-if limited then
-  for _, key in ipairs({L.LLANES, L.LLEASES, L.LDELAYED}) do
-    local t = first_score(key)
-    if t >= 0 and (next_lease < 0 or t < next_lease) then next_lease = math.ceil(t) end
+
+-- what a client blocks on: wake times, then the ids to XREAD BLOCK from
+local function block_info()
+  out[#out + 1] = first_score(DELAYED)
+  local next_lease = first_score(LEASES)
+  if limited then
+    for _, key in ipairs({L.LLANES, L.LLEASES, L.LDELAYED}) do
+      local t = first_score(key)
+      if t >= 0 and (next_lease < 0 or t < next_lease) then next_lease = math.ceil(t) end
+    end
   end
-end
-out[#out + 1] = next_lease
-out[#out + 1] = now
-for lane = 0, NLANES - 1 do
-  if buried >= BURY_LIMIT and read_to[lane] then
-    out[#out + 1] = read_to[lane]   -- unread entries follow: the client's XREAD returns at once
-  else
-    local last = redis.call('XREVRANGE', KEYS[lane + 1], '+', '-', 'COUNT', 1)
-    if #last == 0 then out[#out + 1] = '0-0' else out[#out + 1] = last[1][1] end
+  out[#out + 1] = next_lease
+  out[#out + 1] = now
+  for lane = 0, NLANES - 1 do
+    if buried >= BURY_LIMIT and read_to[lane] then
+      out[#out + 1] = read_to[lane]   -- unread entries follow: the client's XREAD returns at once
+    elseif lane > 0 and not any_high then
+      out[#out + 1] = '0-0'           -- no such stream (the EXISTS of step 3): nothing to look up
+    else
+      local last = redis.call('XREVRANGE', KEYS[lane + 1], '+', '-', 'COUNT', 1)
+      if #last == 0 then out[#out + 1] = '0-0' else out[#out + 1] = last[1][1] end
+    end
   end
+  local notified = redis.call('XREVRANGE', BASE .. 'lnotify', '+', '-', 'COUNT', 1)
+  if #notified == 0 then out[#out + 1] = '0-0' else out[#out + 1] = notified[1][1] end
 end
-local notified = redis.call('XREVRANGE', BASE .. 'lnotify', '+', '-', 'COUNT', 1)
-if #notified == 0 then out[#out + 1] = '0-0' else out[#out + 1] = notified[1][1] end
+
+out[1] = n
+if n > 0 then
+  for i = 1, #keyed do out[#out + 1] = keyed[i] end
+  if ARGV[5] == '2' and n < count and not limited and buried == 0 then
+    -- drained: nothing more to lease now, so the block info comes along (n negated), and the
+    -- client's next consume can block at once instead of asking again for nothing
+    out[1] = -n
+    block_info()
+  end
+  return out
+end
+if ARGV[5] == '0' then return out end   -- a consume that will not block: no wake times, no last ids
+block_info()
 return out

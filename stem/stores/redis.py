@@ -2,7 +2,8 @@
 
 Connections: one ``redis.ConnectionPool`` per (URL, timeouts) in a process,
 shared by every ``RedisStore`` made for it (brokers and result backends) and
-disconnected when the last one closes.  redis-py resets a pool in a forked
+disconnected when the last one closes; one of its connections stays checked out
+for the round trips that find it free (``stem.stores.redis_dedicated``).  redis-py resets a pool in a forked
 child (it checks the pid), so a child never reuses its parent's sockets; the
 registry's lock is made anew in a child (``stem.stores.local``).
 
@@ -47,14 +48,16 @@ from ..redact import mask_url
 from .base import BROKER_ERRORS, Backoff, Store, StoreErrors
 from .local import after_fork_in_child
 from .redis_cluster import BARRIER, cluster_client, is_cluster_transient, is_cluster_url
+from .redis_dedicated import dedicate, undedicate
+from .redis_group import forget as forget_group
 from .redis_sentinel import is_sentinel_url, is_stale_master, sentinel_pool
 from .redis_urls import check_plain_options
-from .redis_pipe import execute, execute_last, execute_packed, execute_tail, execute_unread, execute_watched, \
-    pack_commands, pack_xadds, raise_first_error
+from .redis_pipe import execute, execute_last, execute_one, execute_packed, execute_tail, execute_unread, \
+    execute_watched, pack_commands, pack_xadds, raise_first_error
 
 __all__ = ["BARRIER", "RedisStore", "validate_namespace", "REDIS_ERRORS", "ReplyError", "NoScriptError", "execute",
-           "execute_last", "execute_packed", "execute_tail", "execute_unread", "execute_watched", "pack_commands",
-           "pack_xadds", "raise_first_error"]
+           "execute_last", "execute_one", "execute_packed", "execute_tail", "execute_unread", "execute_watched",
+           "pack_commands", "pack_xadds", "raise_first_error"]
 
 log = logging.getLogger("stem.stores.redis")
 T = TypeVar("T")
@@ -84,6 +87,7 @@ def validate_namespace(namespace: str) -> str:
 
 _pools_lock = threading.Lock()
 _pools: dict[tuple[str, float, float], list] = {}   # key -> [client, users]
+_client_scripts: dict[int, dict[str, str]] = {}   # id(client) -> sha -> source, of every store on it
 
 
 def _new_pools_lock() -> None:
@@ -114,6 +118,7 @@ def _acquire(url: str, socket_timeout: float, connect_timeout: float) -> "redis.
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {exc}") from exc
             entry = _pools[key] = [redis.Redis(connection_pool=pool), 0]
+            dedicate(pool)
         entry[1] += 1
         return entry[0]
 
@@ -125,9 +130,12 @@ def _release(client: "redis.Redis") -> None:
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del _pools[key]
+                    _client_scripts.pop(id(client), None)
                     if is_cluster_url(key[0]):
                         client.close()
                     else:
+                        undedicate(client.connection_pool)
+                        forget_group(client.connection_pool)
                         client.connection_pool.disconnect()
                 return
 
@@ -216,12 +224,18 @@ class RedisStore(Store):
         """Register a Lua script (its ``sha`` for EVALSHA); ``load_scripts`` loads it again."""
         script = self.client.register_script(source)
         self._scripts.append(script)
+        with _pools_lock:
+            _client_scripts.setdefault(id(self.client), {})[script.sha] = script.script
         return script
 
     def load_scripts(self) -> None:
-        """Load every script of this store (after a Redis restart emptied the script cache)."""
-        for script in self._scripts:
-            self.client.script_load(script.script)
+        """Load every script of every store on this client (after a Redis restart emptied
+        the script cache): a pipeline one store sends may hold another's script calls (the
+        backend's results in the broker's settle pipeline)."""
+        with _pools_lock:
+            sources = list(_client_scripts.get(id(self.client), {}).values())
+        for source in sources or [s.script for s in self._scripts]:
+            self.client.script_load(source)
 
     def run(self, commands: Sequence[Sequence[Any]]) -> list:
         """Send ``commands`` (which may hold this store's EVALSHAs) as one pipeline and return

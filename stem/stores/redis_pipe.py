@@ -4,8 +4,10 @@ redis-py's ``Pipeline`` spends more Python per command (argument encoding,
 per-command bookkeeping, response callbacks) than Redis spends running a SET
 or an XADD (figures: ``benchmarks/README.md``, "Redis").  Here a batch is packed into one buffer by
 ``stem._speedups.resp`` (or its pure twin), written with one
-``send_packed_command`` on a connection borrowed from the client's pool, and
-the replies are pulled straight from the connection's hiredis reader.
+``send_packed_command`` on the pool's dedicated connection (checked out once and
+kept: ``stem.stores.redis_dedicated``) or, when another thread holds that one, on a
+connection borrowed from the pool, and the replies are pulled straight from the
+connection's hiredis reader.
 
 The connection handling stays redis-py's: the pool hands out a checked
 connection, a socket error or timeout disconnects it (so it is never reused
@@ -28,17 +30,19 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import redis
 
 from .. import _native
+from .redis_dedicated import dedicated as _dedicated_of
 
 try:
     from hiredis import Reader as _Reader
 except ImportError:  # pragma: no cover - redis[hiredis] is a core dependency
     _Reader = None
 
-__all__ = ["execute", "execute_last", "execute_packed", "execute_tail", "execute_unread", "execute_watched",
-           "pack_commands", "pack_xadds", "read_replies", "raise_first_error"]
+__all__ = ["execute", "execute_last", "execute_one", "execute_packed", "execute_tail", "execute_unread",
+           "execute_watched", "pack_commands", "pack_xadds", "read_replies", "raise_first_error"]
 
 _resp = _native.load("resp")
 pack_commands = _resp.pack_commands
+pack_command = _resp.pack_command
 pack_xadds = _resp.pack_xadds
 _scan_replies = _resp.scan_replies
 _READ_SIZE = 65536
@@ -83,8 +87,22 @@ def read_replies(conn: Any, n: int) -> list:
 
 
 def _round_trip(client: "redis.Redis", packed: bytes, read: Callable[[Any], _T]) -> _T:
-    """Send ``packed`` on one pooled connection and return ``read(conn)`` (its replies)."""
+    """Send ``packed`` on the pool's dedicated connection when it is free
+    (``stem.stores.redis_dedicated``), else on a pooled one, and return ``read(conn)`` (its
+    replies)."""
     pool = client.connection_pool
+    d = _dedicated_of(pool)
+    if d is not None and d.lock.acquire(False):
+        try:
+            conn = d.connection()
+            try:
+                conn.send_packed_command([packed], check_health=False)
+                return read(conn)
+            except BaseException:
+                d.drop()   # never reuse a connection with replies still in flight
+                raise
+        finally:
+            d.lock.release()
     conn = pool.get_connection()
     try:
         conn.send_packed_command([packed], check_health=False)
@@ -101,6 +119,63 @@ def execute_packed(client: "redis.Redis", packed: bytes, n: int) -> list:
     if type(client) is not _Redis and hasattr(client, "stem_execute"):   # a cluster: by slot
         return client.stem_execute(packed, n)
     return _round_trip(client, packed, lambda conn: read_replies(conn, n))
+
+
+def _read_one(conn: Any) -> Any:
+    return read_replies(conn, 1)[0]
+
+
+def _send_read_one(conn: Any, packed: bytes) -> Any:
+    """``send_packed_command`` and ``read_replies(conn, 1)[0]`` with their frames and checks
+    folded into one (a single enqueue's round trip): the same errors."""
+    sock = conn._sock
+    try:
+        sock.sendall(packed)
+    except socket.timeout as exc:
+        raise redis.TimeoutError(f"Timeout writing to Redis: {exc}") from exc
+    except OSError as exc:
+        raise redis.ConnectionError(f"Error while writing to Redis: {exc}") from exc
+    parser = conn._parser
+    reader = getattr(parser, "_reader", None)
+    if _Reader is None or type(reader) is not _Reader:
+        return read_replies(conn, 1)[0]
+    reply = reader.gets()
+    while reply is _MORE or reply is False:
+        try:
+            parser.read_from_socket()
+        except socket.timeout as exc:
+            raise redis.TimeoutError(f"Timeout reading from Redis: {exc}") from exc
+        except OSError as exc:
+            raise redis.ConnectionError(f"Error while reading from Redis: {exc}") from exc
+        reply = reader.gets()
+    if isinstance(reply, redis.ConnectionError):
+        raise reply
+    return reply
+
+
+def execute_one(client: "redis.Redis", packed: bytes, raise_error: bool = False) -> Any:
+    """Send one packed command; return its reply: an error reply in place (typed), or
+    raised with ``raise_error``.  On the dedicated connection when it is free, with
+    ``_round_trip``'s rules; the rest as ``execute_packed``."""
+    if type(client) is not _Redis and hasattr(client, "stem_execute"):   # a cluster: by slot
+        reply = client.stem_execute(packed, 1)[0]
+    else:
+        d = _dedicated_of(client.connection_pool)
+        if d is not None and d.lock.acquire(False):
+            try:
+                conn = d.connection()
+                try:
+                    reply = _send_read_one(conn, packed)
+                except BaseException:
+                    d.drop()
+                    raise
+            finally:
+                d.lock.release()
+        else:
+            reply = _round_trip(client, packed, _read_one)
+    if raise_error and isinstance(reply, redis.ResponseError):
+        raise reply
+    return reply
 
 
 def _skip_replies(conn: Any, n: int) -> Exception | None:
