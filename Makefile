@@ -4,10 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PYTEST_ARGS ?=
-# TEST_WORKERS=2 spreads each build's run over two pytest-xdist workers, a test file each at a
-# time (14 min instead of ~21 here), but four runs at once can use up a stock PostgreSQL's 100
-# connections (the scheduler and worker fault tests open many): it needs max_connections >= 200.
-TEST_WORKERS ?= 0
+# Each build's run is spread over TEST_WORKERS pytest-xdist workers, a test file each at a time;
+# the tests marked pg_heavy run one at a time on PostgreSQL across all of them (tests/conftest.py),
+# so that four processes stay within a stock PostgreSQL's 100 connections.  0: one process a build.
+TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: venv build demo test test-compiled test-pure test-slow bench-micro bench-peers bench-e2e clean

@@ -17,8 +17,10 @@ missing service fails the test.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
+import tempfile
 import socket
 import uuid
 from dataclasses import dataclass
@@ -310,6 +312,34 @@ def namespace(request):
                 drop_namespace(r, ns)
         except redis.ConnectionError:   # the test skipped (no Redis) before it wrote anything
             pass
+
+
+# A stock PostgreSQL takes 100 connections.  make test runs up to four test processes at once
+# (two builds, TEST_WORKERS each), and a few tests open dozens of connections on their own (several
+# worker processes with their children, racing producers); two of those at once, or four, would
+# use the server up ("too many clients").  Such a test is marked ``pg_heavy``; on PostgreSQL it
+# runs alone among the test processes of this machine: it takes an exclusive lock on one file
+# before its setup (and before pytest-timeout's clock starts, so waiting for the lock is not
+# counted against its timeout).  Every other test stays under ~12 connections.
+PG_HEAVY_LOCK = os.path.join(tempfile.gettempdir(), "stem-tests-postgres-heavy.lock")
+
+
+def _uses_postgres(item) -> bool:
+    return ("postgres" in item.nodeid.lower()
+            or bool({"postgres_url", "pg_url"} & set(getattr(item, "fixturenames", ()))))
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    if item.get_closest_marker("pg_heavy") is None or not _uses_postgres(item):
+        yield
+        return
+    with open(PG_HEAVY_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session", autouse=True)

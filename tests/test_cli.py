@@ -230,6 +230,7 @@ def test_two_workers_on_redis_ping_revoke_and_shutdown(redis_own_db_url, tmp_pat
     _two_workers_scenario(redis_own_db_url, str(tmp_path))
 
 
+@pytest.mark.pg_heavy
 @pytest.mark.timeout(240)
 def test_two_workers_on_postgres_ping_revoke_and_shutdown(postgres_url, namespace, tmp_path):
     """In a schema of its own, named in the URL as a deployment would (not a database of

@@ -15,6 +15,8 @@ from stem.errors import ControlError
 
 from .test_worker import NO_SIGNALS, Journal, set_flag, wait_flag, wait_until
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 
 def _memory(request, tmp_path):
     return InMemoryBroker(), InMemoryResultBackend()

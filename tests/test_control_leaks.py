@@ -16,6 +16,8 @@ from stem.control import COMMAND_TTL, Control, control_queue
 from .test_control import ADAPTERS
 from .test_worker import NO_SIGNALS, wait_until
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 
 def _footprint(kind: str, broker, request, tmp_path) -> dict:
     """Everything the broker stores, as a comparable value (keys, rows, registry entries)."""

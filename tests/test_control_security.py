@@ -20,6 +20,8 @@ from stem.errors import ConfigurationError, ControlError
 from .test_control import ADAPTERS
 from .test_worker import NO_SIGNALS, wait_until
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 HMAC = PayloadSigner({"k": b"k" * 32})
 OTHER_HMAC = PayloadSigner({"k": b"o" * 32})
 SEED = bytes(range(32))

@@ -64,6 +64,7 @@ def terminate(url: str, pids) -> None:
 
 
 # -- several processes ----------------------------------------------------------------------
+@pytest.mark.pg_heavy
 def test_several_processes_claim_each_message_once(pg_url, broker):
     check_each_delivered_once(pg_url, {}, broker)
 

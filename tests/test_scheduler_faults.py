@@ -214,12 +214,14 @@ def store_url(request, tmp_path):
         conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
+@pytest.mark.pg_heavy
 @pytest.mark.timeout(120)
 def test_five_schedulers_killed_and_paused_at_random_publish_every_run_exactly_once(store_url, tmp_path):
     fired = _chaos(store_url, tmp_path, seconds=20, seed=23)
     assert all(n >= 20 for n in fired.values()), fired
 
 
+@pytest.mark.pg_heavy
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_five_schedulers_under_two_minutes_of_kills_and_pauses_publish_every_run_exactly_once(store_url, tmp_path):

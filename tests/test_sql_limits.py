@@ -232,6 +232,7 @@ def _consumers(url: str, n: int, work, stop: threading.Event) -> list[threading.
     return threads
 
 
+@pytest.mark.pg_heavy
 @pytest.mark.postgres
 def test_concurrent_postgres_consumers_never_hold_more_slots_than_the_limit(postgres_url, namespace):
     url = f"{postgres_url}?schema={namespace}"
@@ -274,6 +275,7 @@ def test_concurrent_postgres_consumers_never_hold_more_slots_than_the_limit(post
             conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
 
 
+@pytest.mark.pg_heavy
 @pytest.mark.postgres
 def test_concurrent_postgres_consumers_never_lease_more_than_burst_plus_rate_times_the_window(postgres_url,
                                                                                               namespace):

@@ -270,6 +270,7 @@ def _race(args):
         broker.close()
 
 
+@pytest.mark.pg_heavy
 def test_64_producers_racing_on_one_key_publish_exactly_one_task(broker):
     """Threads share the broker; processes (where the adapter names a recipe) build
     their own.  Each publishes the same key under its own task id."""

@@ -289,6 +289,7 @@ def _race_in_child(args):
         backend.close()
 
 
+@pytest.mark.pg_heavy
 def test_mark_fired_never_rewinds_under_16_racing_threads_and_processes(backend):
     """Each racer marks the same 40 fire times in its own shuffled order while a reader
     samples the record: every sample pairs last_run_id with its last_fired, the samples

@@ -19,6 +19,8 @@ from stem.canvas import Signature, chord, group
 
 from tests.support import wait_for
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 
 def atomic_here(store) -> bool:
     """Whether ``group_publish`` creates in one transaction on this store (a Redis Cluster

@@ -16,6 +16,8 @@ from stem.canvas import Signature, chord, group
 
 from tests.support import wait_for
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 
 def members(ledger, n: int, sleep: float = 0.0) -> group:
     return group(Signature("e2e.effect", {"n": i, "ledger": str(ledger), "sleep": sleep}) for i in range(n))

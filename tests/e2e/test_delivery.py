@@ -10,6 +10,8 @@ import pytest
 from stem import TaskState
 from tests.support import all_succeeded
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 IDLE = (0, 0, 0, 0)     # QueueStats without the name: ready, in flight, delayed, dead
 
 

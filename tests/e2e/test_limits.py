@@ -17,6 +17,8 @@ from tests.apps.e2e import RATED_BURST, RATED_RATE, SLOTS
 from tests.e2e.conftest import KINDS
 from tests.support import all_succeeded
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 
 def producer(store, knows_options: bool) -> Stem:
     """A producer with the tasks' registry (it publishes each task with its Limit), or one

@@ -11,6 +11,8 @@ import pytest
 
 from tests.support import all_succeeded
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 IDLE = (0, 0, 0, 0)
 
 

@@ -9,6 +9,8 @@ from stem import PayloadSigner, TaskState
 from stem.brokers.base import Message
 from tests.support import wait_for
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 KEY = b"e2e-test-signing-key-0123456789"
 
 

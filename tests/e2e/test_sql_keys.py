@@ -21,6 +21,8 @@ from tests.support import wait_for
 
 from .conftest import _store
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 SQL_KINDS = [pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
 
 

@@ -8,6 +8,8 @@ import pytest
 from stem import TaskOptions, TaskState
 from stem.keys import unique_key
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 UNIQUE = TaskOptions(unique=True)
 
 

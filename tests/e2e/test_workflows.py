@@ -17,6 +17,8 @@ from tests.apps import wf as wfapp
 from tests.e2e.conftest import make_store
 from tests.wf_support import wf_clock  # noqa: F401 - fixture
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 WF_REGISTRY = "tests.apps.wf:registry"
 DAY = 86400.0
 EXPECTED = {"charge": "ch-42", "total": 42, "shipped": "shipped-42", "review": {"stars": 5}, "doubled": 84}

@@ -17,6 +17,8 @@ from stem.workflows.codec import decode
 from tests.apps import wf as wfapp
 from tests.e2e.conftest import make_store
 
+pytestmark = pytest.mark.pg_heavy   # worker processes: many PostgreSQL connections at once
+
 WF_REGISTRY = "tests.apps.wf:registry"
 
 
