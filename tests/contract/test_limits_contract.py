@@ -94,7 +94,7 @@ def test_within_a_lane_higher_priority_first_then_first_published(broker):
 
 @pytest.mark.waits
 def test_a_delayed_limited_message_enters_its_lane_when_due(broker):
-    broker.publish(msg(rate(), not_before=time.time() + 0.5))
+    broker.publish(msg(rate(), not_before=time.time() + 2.0))   # due after publish and stats, even on a loaded machine
     s = broker.stats(Q)
     assert (s.delayed, s.throttled, s.ready) == (1, 0, 0)
     d = one(broker, timeout=10.0)
@@ -136,7 +136,9 @@ def test_a_blocking_consumer_keeps_up_with_the_rate(broker):
     expected = (n - 1) / per_second
     assert leased == n
     assert elapsed >= expected * 0.9, f"{n} leases in {elapsed:.2f}s: faster than {per_second}/s"
-    assert elapsed <= expected * 1.15 + 0.3, f"{n} leases at {per_second}/s took {elapsed:.2f}s, not {expected:.2f}s"
+    # a broker that wakes late for each token (a 100 ms tick) would take 40 x 0.1 s longer; the
+    # second of slack is a loaded machine's scheduling delay, not a broker's
+    assert elapsed <= expected * 1.15 + 1.0, f"{n} leases at {per_second}/s took {elapsed:.2f}s, not {expected:.2f}s"
 
 
 def test_messages_of_one_rate_key_share_its_bucket_across_lanes(broker):
