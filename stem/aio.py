@@ -48,12 +48,13 @@ from typing import Any, AsyncIterator, Callable, Iterable, ParamSpec, Sequence, 
 from .backends.waiting import WATCH, check_wait
 from .backends.waiting_async import AsyncWaitHub
 from .canvas_aio import AsyncCanvasHandle
-from .brokers.base import Keyed, Message
+from .brokers.base import FrameBatch, Keyed, Message, frame_messages
 from .errors import BrokerError, ConfigurationError, InvalidTaskOptionsError, TaskTimeoutError
 from .handles import AsyncTaskRef, TaskHandle
 from .producer import BatchIds, Stem, WaitResult, as_completed_timeout, handle_arguments, with_handler_limits
 from .results import TaskState, TaskStatus
 from .revocation import revocation_args
+from .signals import signals
 
 __all__ = ["AsyncStem"]
 
@@ -95,7 +96,7 @@ class AsyncStem:
                                      "make one per event loop")
         self._loop = loop
         self._publisher, self._results = _adapters(self.sync, self._local)
-        self._coalescer = _Coalescer(self._publisher.publish)
+        self._coalescer = _Coalescer(self.sync, self._publisher.publish, loop)
 
     def _local(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
@@ -116,9 +117,17 @@ class AsyncStem:
                       meta: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
                       countdown: float | None = None, eta: float | None = None, task_id: str | None = None,
                       parent: Any = None, on_duplicate: str = "return", idempotent_for: float | None = None) -> str:
-        """``Stem.enqueue``, awaited: checked and framed here (same errors, nothing sent on
-        one), then stored in a round trip shared with the concurrent calls of other
-        coroutines; returns once this task is stored."""
+        """``Stem.enqueue``, awaited: checked and framed (same errors; nothing of a refused
+        call is sent), then stored in a round trip shared with the concurrent calls of other
+        coroutines; returns once this task is stored.  A call with only a name and args (a
+        str and a dict or None) is framed with the others of its round trip, in one
+        ``encode_frames`` per task name (module docstring); any other is framed here."""
+        coalescer = self._coalescer
+        if (coalescer is not None and options is None and meta is None and headers is None and countdown is None
+                and eta is None and task_id is None and parent is None and idempotent_for is None
+                and on_duplicate == "return" and type(name) is str and (args is None or type(args) is dict)
+                and coalescer.loop is asyncio.get_running_loop()):
+            return await coalescer.submit_named(name, args)
         env, message, keyed = self.sync._prepare_one(name, args, options, meta, headers, countdown, eta, task_id,
                                                      parent, on_duplicate, idempotent_for)
         self._ready()
@@ -276,50 +285,131 @@ class AsyncStem:
 
 
 class _Coalescer:
-    """Group commit of single enqueues (see the module docstring)."""
+    """Group commit of single enqueues (see the module docstring).
 
-    def __init__(self, publish: Callable[[list[Message], list[Keyed]], Any]):
+    Two kinds of call wait here: ``submit`` takes a message (or keyed message) its caller
+    built, and answers the broker's holder for it; ``submit_named`` takes a name and
+    args, builds nothing, and answers the task id: the flush frames every such call of a
+    round trip at once, one ``Stem._named_frames`` (a template lookup, one ``encode_frames``
+    in C, one batch of ids) per task name, and falls back to ``Stem._build`` call by call
+    for a name whose tasks need their own message (unique, limited, publish signals) or
+    whose batch does not encode (each caller then gets its own error).  Each caller has
+    one future and nothing else: no task, no closure.  A call whose caller was cancelled
+    before its round trip started is dropped; one cancelled while its round trip is in
+    flight is stored all the same."""
+
+    def __init__(self, stem: Stem, publish: Callable[..., Any], loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._stem = stem
         self._publish = publish
-        self._pending: list[tuple[Message | Keyed, asyncio.Future]] = []
+        self._named: list[tuple[str, dict[str, Any] | None, asyncio.Future]] = []
+        self._built: list[tuple[Message | Keyed, asyncio.Future, Any]] = []
         self._flusher: asyncio.Task | None = None
         self.round_trips = 0
 
     def submit(self, message: Message, keyed: Keyed | None) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending.append((message if keyed is None else keyed, future))
+        future = self.loop.create_future()
+        self._built.append((message if keyed is None else keyed, future, None))
         if self._flusher is None:
-            self._flusher = loop.create_task(self._flush())
+            self._flusher = self.loop.create_task(self._flush())
         return future
+
+    def submit_named(self, name: str, args: dict[str, Any] | None) -> asyncio.Future:
+        future = self.loop.create_future()
+        self._named.append((name, args, future))
+        if self._flusher is None:
+            self._flusher = self.loop.create_task(self._flush())
+        return future
+
+    def _frame_named(self, named: list, frames: list, framed: list, built: list) -> None:
+        """Frame the ``submit_named`` calls of one round trip: into ``frames`` (publish_frames
+        batches) and ``framed`` (their ids and futures, in order), or, one by one, ``built``
+        (with their Envelope: the flush turns the holder into the id)."""
+        stem = self._stem
+        now = time.time()
+        groups: dict[str, tuple[list, list]] = {}
+        for name, args, future in named:
+            if future.done():               # cancelled before its round trip: nothing to send
+                continue
+            group = groups.get(name)
+            if group is None:
+                group = groups[name] = ([], [])
+            group[0].append({} if args is None else args)
+            group[1].append(future)
+        signalled = signals.before_task_publish.receivers or signals.after_task_publish.receivers
+        for name, (args_list, futures) in groups.items():
+            try:
+                batch = None if signalled else stem._named_frames(name, None, args_list, now)
+            except Exception as exc:        # noqa: BLE001 - the name's own error (unknown task, bad name)
+                _fail(futures, exc)
+                continue
+            if batch is not None:
+                frames.append(batch)
+                framed.append((batch[1], futures))
+                continue
+            for args, future in zip(args_list, futures):
+                try:
+                    env, message, keyed = stem._build(name, args, None, None, None, None, None, None, None, now)
+                except Exception as exc:    # noqa: BLE001 - this caller's error, as enqueue would raise it
+                    future.set_exception(exc)
+                    continue
+                built.append((message if keyed is None else keyed, future, env))
 
     async def _flush(self) -> None:
         try:
             await asyncio.sleep(0)            # let the coroutines of this loop iteration join
-            while self._pending:
-                batch = self._pending[:_MAX_BATCH]
-                del self._pending[:_MAX_BATCH]
-                messages = [m for m, _ in batch if type(m) is Message]
-                keyed = [k for k, _ in batch if type(k) is Keyed]
+            while self._named or self._built:
+                named = self._named[:_MAX_BATCH]
+                del self._named[:_MAX_BATCH]
+                room = _MAX_BATCH - len(named)
+                built = [entry for entry in self._built[:room] if not entry[1].done()]
+                del self._built[:room]
+                frames: list = []
+                framed: list = []
+                if named:
+                    self._frame_named(named, frames, framed, built)
+                messages = [m for m, _, _ in built if type(m) is Message]
+                keyed = [k for k, _, _ in built if type(k) is Keyed]
+                if not (frames or messages or keyed):
+                    continue
                 try:
                     self.round_trips += 1
-                    holders = iter(await self._publish(messages, keyed))
+                    holders = iter(await self._publish(messages, keyed, frames))
                 except BaseException as exc:  # noqa: BLE001 - each caller gets its round trip's error
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
+                    for _, futures in framed:
+                        _fail(futures, exc)
+                    _fail([future for _, future, _ in built], exc)
                     if isinstance(exc, asyncio.CancelledError):
                         raise
                     continue
-                for item, future in batch:
+                for ids, futures in framed:
+                    for task_id, future in zip(ids, futures):
+                        if not future.done():
+                            future.set_result(task_id)
+                for item, future, env in built:
                     holder = next(holders) if type(item) is Keyed else None
-                    if not future.done():
+                    if future.done():
+                        continue
+                    if env is None:
                         future.set_result(holder)
+                        continue
+                    try:
+                        future.set_result(self._stem._published_one(env, item if type(item) is Keyed else None,
+                                                                     holder, False, False))
+                    except Exception as exc:  # noqa: BLE001 - a publish signal's receiver failed
+                        future.set_exception(exc)
         finally:
             self._flusher = None
 
     async def drain(self) -> None:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
+
+
+def _fail(futures: Iterable[asyncio.Future], exc: BaseException) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(exc)
 
 
 # -- the adapters ------------------------------------------------------------------------
@@ -369,7 +459,10 @@ class _LocalPublisher:
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._local(), fn, *args)
 
-    async def publish(self, messages: Sequence[Message], keyed: Sequence[Keyed]) -> list[str | None]:
+    async def publish(self, messages: Sequence[Message], keyed: Sequence[Keyed],
+                      frames: Sequence[FrameBatch] = ()) -> list[str | None]:
+        if frames:
+            messages = [*messages, *frame_messages(frames)]
         return await self._run(self._publish, messages, keyed)
 
     def _publish(self, messages: Sequence[Message], keyed: Sequence[Keyed]) -> list[str | None]:

@@ -206,6 +206,100 @@ def test_bad_input_is_refused_before_anything_is_queued(adapters, call, error):
     assert run(main()) == 0
 
 
+def test_gathered_calls_framed_together_each_get_their_own_id_or_error(adapters):
+    """Calls of a name and args are framed in their round trip, one batch per name: a bad
+    call among good ones gets its own error and publishes nothing; the others, of every
+    kind (plain, unique, another name, a bad name), get what one call alone would get."""
+    broker, backend = adapters
+    signer = PayloadSigner({"k1": b"k" * 32}, "k1")
+
+    async def main():
+        async with AsyncStem(broker, backend, registry, signer) as s:
+            await s.enqueue("aio.add", {"x": -1})          # opens the adapters: the next calls coalesce
+            broker.consume(["default"], 10, 2.0)
+            calls = [s.enqueue("aio.add", {"x": i}) for i in range(20)]
+            calls += [s.enqueue("aio.add", {"x": object()}), s.enqueue("aio.add", {1: 2}), s.enqueue("aio.nope"),
+                      s.enqueue("aio.unique", {"k": 3}), s.enqueue("aio.unique", {"k": 3}), s.enqueue("aio.add")]
+            got = await asyncio.gather(*calls, return_exceptions=True)
+            return got, broker.consume(["default"], 100, 2.0)
+
+    got, deliveries = run(main())
+    plain, (bad_value, bad_key, unknown, u1, u2, no_args) = got[:20], got[20:]
+    assert isinstance(bad_value, EncodeError) and isinstance(bad_key, EncodeError)
+    assert isinstance(unknown, UnknownTaskError)
+    assert u1 == u2 and isinstance(u1, str)
+    envs = {d.task_id: decode_frame(d.frame, signer) for d in deliveries}   # signed: verifies
+    assert set(envs) == {*plain, u1, no_args}
+    assert [envs[t].args for t in plain] == [{"x": i} for i in range(20)]
+    assert envs[no_args].args == {} and envs[u1].args == {"k": 3}
+
+
+def test_gathered_calls_match_the_sync_producers_frames(adapters):
+    broker, backend = adapters
+    sync = Stem(broker, backend, registry)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            await s.enqueue("aio.add", {"x": 0})
+            await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(5)))
+            return broker.consume(["default"], 10, 2.0)
+
+    sync.enqueue("aio.add", {"x": 9})
+    [d] = broker.consume(["default"], 1, 2.0)
+    sync_env = decode_frame(d.frame)
+    envs = [decode_frame(d.frame) for d in run(main())]
+    assert len(envs) == 6
+    for env in envs:    # every field but the id, args and time is the sync producer's
+        assert {f: getattr(env, f) for f in env.__struct_fields__ if f not in ("id", "args", "enqueued_at")} == \
+            {f: getattr(sync_env, f) for f in sync_env.__struct_fields__ if f not in ("id", "args", "enqueued_at")}
+
+
+def test_a_call_cancelled_before_its_round_trip_publishes_nothing(adapters):
+    broker, backend = adapters
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            await s.enqueue("aio.add", {"x": 0})
+            broker.consume(["default"], 10, 2.0)
+            tasks = [asyncio.ensure_future(s.enqueue("aio.add", {"x": i})) for i in range(4)]
+            tasks.append(asyncio.ensure_future(s.enqueue("aio.add", {"x": 9}, meta={"m": 1})))
+            await asyncio.sleep(0)             # every call has queued itself; the round trip has not started
+            tasks[1].cancel()
+            tasks[4].cancel()
+            got = await asyncio.gather(*tasks, return_exceptions=True)
+            return got, broker.consume(["default"], 10, 2.0)
+
+    got, deliveries = run(main())
+    assert isinstance(got[1], asyncio.CancelledError) and isinstance(got[4], asyncio.CancelledError)
+    assert {d.task_id for d in deliveries} == {got[0], got[2], got[3]}
+
+
+def test_publish_signals_fire_for_gathered_calls(adapters):
+    from stem import signals
+    broker, backend = adapters
+    before, after = [], []
+
+    def on_before(sender, envelope, **kw):
+        before.append(envelope.id)
+
+    def on_after(sender, envelope, **kw):
+        after.append(envelope.id)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            await s.enqueue("aio.add", {"x": 0})
+            return await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(5)))
+
+    signals.before_task_publish.connect(on_before)
+    signals.after_task_publish.connect(on_after)
+    try:
+        ids = run(main())
+    finally:
+        signals.before_task_publish.disconnect(on_before)
+        signals.after_task_publish.disconnect(on_after)
+    assert set(ids) <= set(before) and set(ids) <= set(after) and len(after) == 6
+
+
 def test_as_completed_checks_its_arguments_at_the_call(adapters):
     broker, backend = adapters
 

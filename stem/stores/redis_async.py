@@ -166,11 +166,20 @@ class AsyncRedisStore:
                 await asyncio.shield(self._drop())
                 raise
 
-    async def run(self, commands: Sequence[Sequence[Any]]) -> list:
+    async def run(self, commands: Sequence[Sequence[Any]], packed: tuple[bytes, int] = (b"", 0)) -> list:
         """``execute``, then, on NOSCRIPT, load the scripts and send again only the script
         calls that did not run (up to three times; the XADDs beside them ran once), then
-        raise the first error reply."""
-        replies = list(await self.execute(commands))
+        raise the first error reply.  ``packed`` (commands already packed, how many: plain
+        XADDs, no script call) goes first in the same round trip; its replies are checked
+        for errors and dropped: the replies returned are ``commands``'."""
+        head, n_head = packed
+        if n_head:
+            replies = await self.execute_packed(head + pack_commands(list(commands)) if commands else head,
+                                                n_head + len(commands))
+            raise_first_error(replies[:n_head])
+            replies = replies[n_head:]
+        else:
+            replies = list(await self.execute(commands))
         for _ in range(3):
             missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
             if not missing:
