@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -152,24 +153,33 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
 async def gather_vs_serial(url: str, n: int, reps: int = 3) -> dict:
     """(wall, CPU) seconds for ``n`` gathered enqueues, ``n`` awaited one after another and
     ``n`` gathered no-op coroutines, each the least of ``reps`` tries (in turn, after a
-    warm-up), and the round trips of one gathered run."""
+    warm-up), and the round trips of one gathered run.  The gathered enqueues and no-ops
+    run once more each with the garbage collector paused (``_paused`` keys), which splits
+    their cost into the code's and the collector's passes over the heap."""
     ns = f"bench{os.getpid()}x{time.monotonic_ns() % 10**9}"
-    out: dict = {"gather": (1e9, 1e9), "serial": (1e9, 1e9), "nop": (1e9, 1e9)}
+    keys = ("gather", "gather_paused", "serial", "nop", "nop_paused")
+    out: dict = {k: (1e9, 1e9) for k in keys}
     async with AsyncStem(RedisBroker(url, namespace=ns), RedisResultBackend(url, namespace=ns), registry) as stem:
         await asyncio.gather(*(stem.enqueue("bench.echo", {"i": i}) for i in range(1000)))   # connect, warm up
         for _ in range(reps):
-            before = stem._publisher.store.round_trips
-            t = _timed()
-            await asyncio.gather(*(stem.enqueue("bench.echo", {"i": i}) for i in range(n)))
-            out["gather"] = min(out["gather"], _since(t))
-            out["gather_round_trips"] = stem._publisher.store.round_trips - before
-            t = _timed()
-            for i in range(n):
-                await stem.enqueue("bench.echo", {"i": i})
-            out["serial"] = min(out["serial"], _since(t))
-            t = _timed()
-            await asyncio.gather(*(_nop(i) for i in range(n)))     # asyncio's own cost of a gathered coroutine
-            out["nop"] = min(out["nop"], _since(t))
+            for key in keys:
+                gc.collect()
+                paused = key.endswith("_paused")
+                if paused:
+                    gc.disable()
+                before = stem._publisher.store.round_trips
+                t = _timed()
+                if key.startswith("gather"):
+                    await asyncio.gather(*(stem.enqueue("bench.echo", {"i": i}) for i in range(n)))
+                    out["gather_round_trips"] = stem._publisher.store.round_trips - before
+                elif key == "serial":
+                    for i in range(n):
+                        await stem.enqueue("bench.echo", {"i": i})
+                else:       # asyncio's own cost of a gathered coroutine
+                    await asyncio.gather(*(_nop(i) for i in range(n)))
+                took = _since(t)
+                gc.enable()
+                out[key] = min(out[key], took)
     await _clean(url, ns)
     return out
 
@@ -204,20 +214,27 @@ class Baseline:
 
 def split(res: dict, n: int) -> dict:
     """Per-task figures of one ``gather_vs_serial`` (us): wall of each, the ratio, its ceiling,
-    and the gathered CPU split into asyncio's (the no-op's) and stem's (the rest)."""
-    (g, g_cpu), (s, _), (nop, nop_cpu) = ((w / n * 1e6, c / n * 1e6) for w, c in
-                                          (res["gather"], res["serial"], res["nop"]))
+    and the gathered CPU split into asyncio's (the no-op's, collector paused), stem's code
+    (the rest, collector paused) and the collector's (gathered with it on minus paused)."""
+    us = {k: (res[k][0] / n * 1e6, res[k][1] / n * 1e6)
+          for k in ("gather", "gather_paused", "serial", "nop", "nop_paused")}
+    g, g_cpu = us["gather"]
+    s, nop = us["serial"][0], us["nop"][0]
+    asyncio_cpu = us["nop_paused"][1]
+    stem_cpu = us["gather_paused"][1] - asyncio_cpu
+    gc_cpu = g_cpu - us["gather_paused"][1]
     return {"gather_us": g, "serial_us": s, "nop_us": nop, "ratio": s / g, "ceiling": s / nop,
-            "gather_cpu": g_cpu, "nop_cpu": nop_cpu, "stem_cpu": g_cpu - nop_cpu,
-            "stem_share": (g_cpu - nop_cpu) / g_cpu, "asyncio_share": nop_cpu / g_cpu,
-            "trips": res["gather_round_trips"]}
+            "gather_cpu": g_cpu, "asyncio_cpu": asyncio_cpu, "stem_cpu": stem_cpu, "gc_cpu": gc_cpu,
+            "nop_gc_cpu": us["nop"][1] - asyncio_cpu, "trips": res["gather_round_trips"]}
 
 
 def describe(label: str, f: dict) -> str:
+    g = f["gather_cpu"]
     return (f"{label}: per task, wall: gathered {f['gather_us']:.1f} us, one after another {f['serial_us']:.1f}, "
-            f"no-op {f['nop_us']:.1f}; ratio {f['ratio']:.1f}x of a ceiling {f['ceiling']:.1f}x; "
-            f"CPU: gathered {f['gather_cpu']:.1f} us = asyncio {f['nop_cpu']:.1f} ({f['asyncio_share']:.0%}) "
-            f"+ stem {f['stem_cpu']:.1f} ({f['stem_share']:.0%}); {f['trips']} round trips")
+            f"no-op {f['nop_us']:.1f}; ratio {f['ratio']:.1f}x of a ceiling {f['ceiling']:.1f}x\n"
+            f"      gathered CPU {g:.1f} us = asyncio {f['asyncio_cpu']:.1f} ({f['asyncio_cpu'] / g:.0%}) + stem's code "
+            f"{f['stem_cpu']:.1f} ({f['stem_cpu'] / g:.0%}) + garbage collector {f['gc_cpu']:.1f} "
+            f"({f['gc_cpu'] / g:.0%}; a no-op's: {f['nop_gc_cpu']:.1f}); {f['trips']} round trips")
 
 
 async def one_round(url: str, n: int, probe_client: redis.Redis) -> dict:
@@ -299,8 +316,9 @@ def main() -> None:
                     if base is not None:
                         print("    " + describe("baseline ", base))
                         print(f"    this tree / baseline: gathered wall {mine['gather_us'] / base['gather_us']:.2f}x, "
-                              f"gathered CPU {mine['gather_cpu'] / base['gather_cpu']:.2f}x, stem's CPU part "
-                              f"{mine['stem_cpu'] / base['stem_cpu']:.2f}x; one after another, wall "
+                              f"gathered CPU {mine['gather_cpu'] / base['gather_cpu']:.2f}x, stem's code "
+                              f"{mine['stem_cpu'] / base['stem_cpu']:.2f}x, collector "
+                              f"{mine['gc_cpu'] / max(base['gc_cpu'], 1e-9):.2f}x; one after another, wall "
                               f"{mine['serial_us'] / base['serial_us']:.2f}x")
                     print(f"    {res['enqueue_while_pending']}")
                     print(f"    loop lag p99 / max, idle vs 10,000 pending: {res['idle_vs_pending']}")

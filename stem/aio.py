@@ -302,7 +302,12 @@ class _Coalescer:
         self.loop = loop
         self._stem = stem
         self._publish = publish
-        self._named: list[tuple[str, dict[str, Any] | None, asyncio.Future]] = []
+        # the submit_named calls, in three parallel lists: no tuple per call (each pending call's
+        # objects live across round trips, and what survives collections is what makes the
+        # collector's full passes run)
+        self._names: list[str] = []
+        self._args: list[dict[str, Any] | None] = []
+        self._futures: list[asyncio.Future] = []
         self._built: list[tuple[Message | Keyed, asyncio.Future, Any]] = []
         self._flusher: asyncio.Task | None = None
         self.round_trips = 0
@@ -316,12 +321,15 @@ class _Coalescer:
 
     def submit_named(self, name: str, args: dict[str, Any] | None) -> asyncio.Future:
         future = self.loop.create_future()
-        self._named.append((name, args, future))
+        self._names.append(name)
+        self._args.append(args)
+        self._futures.append(future)
         if self._flusher is None:
             self._flusher = self.loop.create_task(self._flush())
         return future
 
-    def _frame_named(self, named: list, frames: list, framed: list, built: list) -> None:
+    def _frame_named(self, named: Iterable[tuple[str, dict[str, Any] | None, asyncio.Future]], frames: list,
+                     framed: list, built: list) -> None:
         """Frame the ``submit_named`` calls of one round trip: into ``frames`` (publish_frames
         batches) and ``framed`` (their ids and futures, in order), or, one by one, ``built``
         (with their Envelope: the flush turns the holder into the id)."""
@@ -358,15 +366,16 @@ class _Coalescer:
     async def _flush(self) -> None:
         try:
             await asyncio.sleep(0)            # let the coroutines of this loop iteration join
-            while self._named or self._built:
-                named = self._named[:_MAX_BATCH]
-                del self._named[:_MAX_BATCH]
-                room = _MAX_BATCH - len(named)
+            while self._futures or self._built:
+                count = min(len(self._futures), _MAX_BATCH)
+                named = zip(self._names[:count], self._args[:count], self._futures[:count])
+                del self._names[:count], self._args[:count], self._futures[:count]
+                room = _MAX_BATCH - count
                 built = [entry for entry in self._built[:room] if not entry[1].done()]
                 del self._built[:room]
                 frames: list = []
                 framed: list = []
-                if named:
+                if count:
                     self._frame_named(named, frames, framed, built)
                 messages = [m for m, _, _ in built if type(m) is Message]
                 keyed = [k for k, _, _ in built if type(k) is Keyed]
