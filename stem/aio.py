@@ -238,9 +238,16 @@ class AsyncStem:
         sync producer on this producer's executor: a group is created, its members published
         and it is sealed through the sync backend's group operations, once per canvas (the
         members of one task in one batch), which the coalesced path does not carry."""
-        handle = await asyncio.get_running_loop().run_in_executor(
-            self._local(), lambda: self.sync.apply(canvas, creation_timeout=creation_timeout, canvas_id=canvas_id))
+        handle = await self.offload(lambda: self.sync.apply(canvas, creation_timeout=creation_timeout,
+                                                            canvas_id=canvas_id))
         return AsyncCanvasHandle(self, handle.id, handle.kind, handle.steps)
+
+    async def offload(self, fn: Callable[..., R], *args: Any) -> R:
+        """``fn(*args)`` -- sync code on this producer's sync adapters (``self.sync``) -- run on
+        this producer's small executor, never the loop's default pool: what the parts without
+        an asyncio client run through (``apply``, ``Workflows.astart`` and ``asend``)."""
+        self._ready()
+        return await asyncio.get_running_loop().run_in_executor(self._local(), fn, *args)
 
     async def canvas_handle(self, canvas_id: str) -> AsyncCanvasHandle:
         """The handle of a canvas started anywhere, by its id (``Stem.canvas_handle``)."""
