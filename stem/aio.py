@@ -10,15 +10,17 @@ before anything is sent.
 
 How it reaches each adapter (``_adapters``):
 
-* Redis (broker and backend): ``redis.asyncio``, one dedicated command
+* Redis (broker and backend), plain or behind Sentinel (``redis+sentinel://``:
+  ``redis.asyncio.sentinel`` connections, which ask the sentinels for the
+  master as they connect): ``redis.asyncio``, one dedicated command
   connection (``stem.stores.redis_async``), shared by broker and backend on
   the same server, plus one pub/sub connection for every wait
   (``stem.backends.redis_async``): two connections in all.
 * Postgres: psycopg's ``AsyncConnection`` (``stem.brokers.postgres_async``,
   ``stem.backends.postgres_async``): one command connection, one LISTEN
   connection for waits.
-* Memory and SQLite (and any other adapter, and Redis behind Sentinel, which
-  has no asyncio client here yet): the sync adapter's calls run on
+* Memory and SQLite (and any other adapter, and Redis Cluster, which has no
+  asyncio client here yet): the sync adapter's calls run on
   a small executor of this producer (``_LOCAL_THREADS`` threads), never the
   loop's default one; their calls are short (in-process or one local file),
   and waits do not hold a thread: they re-read every waited id once per
@@ -438,11 +440,11 @@ def _adapters(stem: Stem, local: Callable[[], concurrent.futures.Executor]) -> t
     from .backends.redis import RedisResultBackend
     from .brokers.postgres import PostgresBroker
     from .brokers.redis import RedisBroker
-    from .stores.redis_sentinel import is_sentinel_url
+    from .stores.redis_cluster import is_cluster_url
     broker, backend = stem.broker, stem.backend
     publisher: Any
     results: Any = None
-    if isinstance(broker, RedisBroker) and not is_sentinel_url(broker.url):
+    if isinstance(broker, RedisBroker) and not is_cluster_url(broker.url):
         from .brokers.redis_async import AsyncRedisPublisher
         publisher = AsyncRedisPublisher(broker)
         if isinstance(backend, RedisResultBackend):
@@ -454,7 +456,7 @@ def _adapters(stem: Stem, local: Callable[[], concurrent.futures.Executor]) -> t
     else:
         publisher = _LocalPublisher(broker, local)
     if results is None and backend is not None:
-        if isinstance(backend, RedisResultBackend) and not is_sentinel_url(backend.url):
+        if isinstance(backend, RedisResultBackend) and not is_cluster_url(backend.url):
             from .backends.redis_async import AsyncRedisResults
             results = AsyncRedisResults(backend)
         elif isinstance(backend, PostgresResultBackend):

@@ -557,19 +557,107 @@ def _stores(backend, status) -> bool:
         return False
 
 
-def test_behind_sentinel_the_async_producer_runs_the_sync_adapters_on_its_executor(sentinel_setup, namespace):
-    broker, backend = _redis_pair(sentinel_setup.url(), namespace)
+def _sentinel_pair(request):
+    """A broker and a backend through the contract suite's Sentinel factories (their own
+    namespace on the session's master, replica and sentinel)."""
+    from .contract.adapters_sentinel import BACKENDS, BROKERS
+    broker, backend = BROKERS["sentinel"](request), BACKENDS["sentinel"](request)
+    request.addfinalizer(broker.close)
+    request.addfinalizer(backend.close)
+    return broker, backend
+
+
+def _stem_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("stem-aio")]
+
+
+def test_behind_sentinel_the_async_producer_talks_to_the_master_natively(request):
+    broker, backend = _sentinel_pair(request)
+    master = request.getfixturevalue("sentinel_setup").master.url
+    import redis
+    probe = redis.Redis.from_url(master)
+    request.addfinalizer(probe.close)
+    before = int(probe.info("clients")["connected_clients"])
 
     async def main():
         async with AsyncStem(broker, backend, registry) as s:
             tid = await s.enqueue("aio.add", {"x": 1})
             ids = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(50)))
-            asyncio.get_running_loop().call_later(0.1, lambda: backend.store(done(tid, 1)))
-            status = await s.wait_for_task(tid, timeout=10)
-            return tid, ids, status, broker.stats("default").ready
+            unique = await asyncio.gather(*(s.enqueue("aio.unique", {"k": 1}) for _ in range(3)))
+            waits = asyncio.gather(s.wait_for_task(tid, timeout=10), *(s.wait_for_task(i, timeout=10) for i in ids))
+            await asyncio.sleep(0.2)
+            connections = int(probe.info("clients")["connected_clients"]) - before
+            await asyncio.to_thread(backend.store_many, [done(i, 1) for i in [tid, *ids]])
+            statuses = await waits
+            return tid, ids, unique, statuses, connections, _stem_threads(), broker.stats("default").ready
 
-    tid, ids, status, ready = run(main())
-    assert status.result == 1 and len(set(ids)) == 50 and ready == 51
+    tid, ids, unique, statuses, connections, threads, ready = run(main())
+    assert all(s.result == 1 for s in statuses) and len(set(ids)) == 50 and len(set(unique)) == 1
+    assert ready == 52
+    assert threads == []            # no executor: every call went through redis.asyncio
+    assert connections <= 2         # the command connection and the pub/sub one
+
+
+def test_a_former_masters_readonly_reply_is_retried_behind_sentinel_and_an_error_elsewhere(sentinel_setup,
+                                                                                           redis_url):
+    import redis
+    from stem.errors import BrokerError
+    from stem.stores.redis_async import AsyncRedisStore
+
+    async def attempt(url):
+        store = AsyncRedisStore(url, retry_attempts=3)
+        calls = []
+
+        async def fn():
+            calls.append(await store.execute([("PING",)]))
+            if len(calls) == 1:
+                raise redis.exceptions.ReadOnlyError("READONLY You can't write against a read only replica.")
+            return "stored"
+        try:
+            return await store.call(fn, "publish"), len(calls)
+        except BrokerError as exc:
+            return exc, len(calls)
+        finally:
+            await store.close()
+
+    assert run(attempt(sentinel_setup.url())) == ("stored", 2)     # dropped, asked the sentinels, sent again
+    error, calls = run(attempt(redis_url))
+    assert isinstance(error, BrokerError) and "READONLY" in str(error) and calls == 1
+
+
+def _failover(setup, how: str) -> None:
+    from .support import wait_for
+    setup.wait_replicated()
+    if how == "kill -9 of the master":
+        setup.failover_by_kill()
+        return
+    old = setup.master.port          # the old master lives on, demoted: its connections answer READONLY
+    with setup._sentinel_client() as client:
+        client.execute_command("SENTINEL", "FAILOVER", setup.SERVICE)
+    wait_for(lambda: setup.master_port() not in (None, old), 60, "the sentinel to fail over")
+    import redis
+    with redis.Redis(port=old) as demoted:   # what it takes before it refuses writes (until then they are lost)
+        wait_for(lambda: demoted.info("replication")["role"] == "slave", 60, "the old master to be demoted")
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["kill -9 of the master", "SENTINEL FAILOVER"])
+def test_behind_sentinel_the_async_producer_follows_a_failover(own_sentinel, namespace, how):
+    broker, backend = _redis_pair(own_sentinel.url(), namespace, retry_attempts=30)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            first = await s.enqueue("aio.add", {"x": 1})
+            wait = asyncio.ensure_future(s.wait_for_task(first, timeout=60))
+            await asyncio.to_thread(_failover, own_sentinel, how)
+            after = await s.enqueue("aio.add", {"x": 2})      # retried until the promoted replica answers
+            assert await asyncio.to_thread(wait_until, lambda: _stores(backend, done(first, 7)), 30)
+            return after, (await wait).result, _stem_threads()
+
+    after, result, threads = run(main())
+    assert result == 7 and threads == []
+    assert after in {d.task_id for d in broker.consume(["default"], 10, 2.0)}
 
 
 @registry.task("aio.limited", options=TaskOptions(rate_limit="1/h", rate_key=["tenant"]))
