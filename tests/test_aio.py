@@ -598,6 +598,23 @@ def test_behind_sentinel_the_async_producer_talks_to_the_master_natively(request
     assert connections <= 2         # the command connection and the pub/sub one
 
 
+def test_on_a_redis_cluster_the_async_producer_runs_the_sync_adapters_on_its_executor(request):
+    from .contract.adapters_cluster import BACKENDS, BROKERS
+    broker, backend = BROKERS["cluster"](request), BACKENDS["cluster"](request)
+    request.addfinalizer(broker.close)
+    request.addfinalizer(backend.close)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            ids = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(20)))
+            await asyncio.to_thread(backend.store, done(ids[0], 3))
+            return ids, await s.wait_for_task(ids[0], timeout=10), _stem_threads(), broker.stats("default").ready
+
+    ids, status, threads, ready = run(main())
+    assert len(set(ids)) == 20 and ready == 20 and status.result == 3
+    assert threads                   # no asyncio cluster client: the sync adapters, on the producer's threads
+
+
 def test_a_former_masters_readonly_reply_is_retried_behind_sentinel_and_an_error_elsewhere(sentinel_setup,
                                                                                            redis_url):
     import redis
