@@ -232,7 +232,8 @@ def describe(label: str, f: dict) -> str:
     g = f["gather_cpu"]
     return (f"{label}: per task, wall: gathered {f['gather_us']:.1f} us, one after another {f['serial_us']:.1f}, "
             f"no-op {f['nop_us']:.1f}; ratio {f['ratio']:.1f}x of a ceiling {f['ceiling']:.1f}x\n"
-            f"      gathered CPU {g:.1f} us = asyncio {f['asyncio_cpu']:.1f} ({f['asyncio_cpu'] / g:.0%}) + stem's code "
+            f"      gathered CPU {g:.1f} us = asyncio {f['asyncio_cpu']:.1f} ({f['asyncio_cpu'] / g:.0%}) "
+            f"+ stem's code "
             f"{f['stem_cpu']:.1f} ({f['stem_cpu'] / g:.0%}) + garbage collector {f['gc_cpu']:.1f} "
             f"({f['gc_cpu'] / g:.0%}; a no-op's: {f['nop_gc_cpu']:.1f}); {f['trips']} round trips")
 
