@@ -11,7 +11,8 @@ nothing else shares the server), all figures from one run:
    gathered per-task cost into asyncio's (the no-op) and stem's (the rest).  With
    ``--baseline DIR`` (a built checkout of stem, e.g. ``git archive main`` with this
    tree's compiled modules) the same three run in a child process importing that
-   checkout, in the same round, alternating which goes first: a before/after from one run.
+   checkout and in one importing this tree, in the same round, alternating which goes
+   first: a before/after from one run.
 2. Event-loop lag while 10,000 ``wait_for_task`` calls are pending: a ticker coroutine
    asks for 1 ms sleeps and records how late each wakes (p50 / p99 / max), split into
    the registration phase (10,000 subscribes and their first reads) and the steady
@@ -21,7 +22,7 @@ nothing else shares the server), all figures from one run:
    idle and the pending phase are printed side by side.
 3. Connections to Redis while all of it runs (``connected_clients`` minus the probe).
 
-    .venv/bin/python benchmarks/aio_producer.py [--tasks 10000] [--rounds 3] [--baseline DIR]
+    .venv/bin/python benchmarks/aio_producer.py [--tasks 10000] [--rounds 3] [--baseline DIR] [--gc-freeze]
 
 Figures: benchmarks/README.md, "Async producer".
 """
@@ -161,6 +162,9 @@ async def gather_vs_serial(url: str, n: int, reps: int = 3) -> dict:
     out: dict = {k: (1e9, 1e9) for k in keys}
     async with AsyncStem(RedisBroker(url, namespace=ns), RedisResultBackend(url, namespace=ns), registry) as stem:
         await asyncio.gather(*(stem.enqueue("bench.echo", {"i": i}) for i in range(1000)))   # connect, warm up
+        if os.environ.get("STEM_BENCH_GC_FREEZE"):
+            gc.collect()
+            gc.freeze()          # what a service may do after its startup: full passes skip that heap
         for _ in range(reps):
             for key in keys:
                 gc.collect()
@@ -191,7 +195,7 @@ def child(url: str) -> None:
 
 
 class Baseline:
-    """A baseline checkout's ``AsyncStem`` in a child process."""
+    """A checkout's ``AsyncStem`` (the baseline's, or this tree's) in a child process."""
 
     def __init__(self, checkout: str, url: str):
         env = dict(os.environ, STEM_BENCH_CHECKOUT=os.path.abspath(checkout))
@@ -285,8 +289,13 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", metavar="DIR", help="a built checkout of stem to measure in the same rounds")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() after the warm-up, on both sides (the collector's full passes then skip "
+                             "the heap made so far)")
     parser.add_argument("--child", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.gc_freeze:
+        os.environ["STEM_BENCH_GC_FREEZE"] = "1"       # read by gather_vs_serial, here and in the children
     if args.child:
         child(args.child)
         return
@@ -294,19 +303,22 @@ def main() -> None:
         sys.exit("redis-server is not on PATH")
     import stem
     print(f"stem build: {stem.IMPLEMENTATION}; {args.tasks} tasks, {args.rounds} rounds"
-          + (f"; baseline {args.baseline}" if args.baseline else "") + f"; load average {os.getloadavg()}")
+          + (f"; baseline {args.baseline}" if args.baseline else "") + ("; gc.freeze()" if args.gc_freeze else "")
+          + f"; load average {os.getloadavg()}")
     n = args.tasks
     with tempfile.TemporaryDirectory() as d:
         proc, port = start_redis(d)
         url = f"redis://127.0.0.1:{port}/0"
+        # with a baseline, this tree is measured in a child process too: both sides alike
         baseline = Baseline(args.baseline, url) if args.baseline else None
+        this_tree = Baseline(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), url) if baseline else None
         try:
             with redis.Redis(port=port) as probe_client:
                 for r in range(args.rounds):
                     base = None
                     if baseline is not None and r % 2:           # alternate which goes first
                         base = split(baseline(n), n)
-                    mine = split(asyncio.run(gather_vs_serial(url, n)), n)
+                    mine = split(this_tree(n) if this_tree is not None else asyncio.run(gather_vs_serial(url, n)), n)
                     if baseline is not None and base is None:
                         base = split(baseline(n), n)
                     res = asyncio.run(one_round(url, n, probe_client))
@@ -326,8 +338,9 @@ def main() -> None:
                     for phase, text in res["lag"].items():
                         print(f"    loop lag, {phase:8s}: {text}")
         finally:
-            if baseline is not None:
-                baseline.close()
+            for child_proc in (baseline, this_tree):
+                if child_proc is not None:
+                    child_proc.close()
             proc.send_signal(signal.SIGKILL)
             proc.wait()
 
