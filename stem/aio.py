@@ -373,19 +373,21 @@ class _Coalescer:
                 built.append((message if keyed is None else keyed, future, env))
 
     async def _flush(self) -> None:
+        batch: list[asyncio.Future] = []      # the futures of the round trip being made
         try:
             await asyncio.sleep(0)            # let the coroutines of this loop iteration join
             while self._futures or self._built:
                 count = min(len(self._futures), _MAX_BATCH)
-                named = zip(self._names[:count], self._args[:count], self._futures[:count])
+                names, args, futures = self._names[:count], self._args[:count], self._futures[:count]
                 del self._names[:count], self._args[:count], self._futures[:count]
                 room = _MAX_BATCH - count
                 built = [entry for entry in self._built[:room] if not entry[1].done()]
                 del self._built[:room]
+                batch = futures + [future for _, future, _ in built]
                 frames: list = []
                 framed: list = []
                 if count:
-                    self._frame_named(named, frames, framed, built)
+                    self._frame_named(zip(names, args, futures), frames, framed, built)
                 messages = [m for m, _, _ in built if type(m) is Message]
                 keyed = [k for k, _, _ in built if type(k) is Keyed]
                 if not (frames or messages or keyed):
@@ -393,12 +395,8 @@ class _Coalescer:
                 try:
                     self.round_trips += 1
                     holders = iter(await self._publish(messages, keyed, frames))
-                except BaseException as exc:  # noqa: BLE001 - each caller gets its round trip's error
-                    for _, futures in framed:
-                        _fail(futures, exc)
-                    _fail([future for _, future, _ in built], exc)
-                    if isinstance(exc, asyncio.CancelledError):
-                        raise
+                except Exception as exc:  # noqa: BLE001 - each caller gets its round trip's error
+                    _fail(batch, exc)
                     continue
                 for ids, futures in framed:
                     for task_id, future in zip(ids, futures):
@@ -416,6 +414,14 @@ class _Coalescer:
                                                                      holder, False, False))
                     except Exception as exc:  # noqa: BLE001 - a publish signal's receiver failed
                         future.set_exception(exc)
+        except BaseException as exc:
+            # the flush itself was cancelled or broke: no caller is left waiting for it (those
+            # queued after are cancelled with it; a later call starts a new flush)
+            _fail(batch, exc)
+            _fail(self._futures, exc)
+            _fail([future for _, future, _ in self._built], exc)
+            del self._names[:], self._args[:], self._futures[:], self._built[:]
+            raise
         finally:
             self._flusher = None
 
@@ -425,9 +431,14 @@ class _Coalescer:
 
 
 def _fail(futures: Iterable[asyncio.Future], exc: BaseException) -> None:
+    """Each future not done yet gets ``exc`` (cancelled, for a cancellation)."""
+    cancelled = isinstance(exc, asyncio.CancelledError)
     for future in futures:
         if not future.done():
-            future.set_exception(exc)
+            if cancelled:
+                future.cancel()
+            else:
+                future.set_exception(exc)
 
 
 # -- the adapters ------------------------------------------------------------------------

@@ -274,6 +274,40 @@ def test_a_call_cancelled_before_its_round_trip_publishes_nothing(adapters):
     assert {d.task_id for d in deliveries} == {got[0], got[2], got[3]}
 
 
+def test_a_cancelled_round_trip_cancels_its_callers_and_the_next_calls_go_through(adapters, kind, monkeypatch):
+    broker, backend = adapters
+    from stem.aio import _LocalPublisher
+    from stem.brokers.postgres_async import AsyncPostgresPublisher
+    from stem.brokers.redis_async import AsyncRedisPublisher
+    publisher = {"redis": AsyncRedisPublisher, "postgres": AsyncPostgresPublisher}.get(kind, _LocalPublisher)
+    real = publisher.publish
+    calls, queued = [], []
+
+    async def cancelled_once(self, *args):
+        calls.append(len(args[0]) + len(args[1]) + sum(len(f[1]) for f in args[2]))
+        if len(calls) == 2:         # two more calls queue for the next round trip, then this one is cancelled
+            queued.extend(asyncio.ensure_future(stem.enqueue("aio.add", {"x": 9})) for _ in range(2))
+            await asyncio.sleep(0)
+            raise asyncio.CancelledError()     # as if the round trip's own task were cancelled
+        return await real(self, *args)
+
+    monkeypatch.setattr(publisher, "publish", cancelled_once)
+    stem = AsyncStem(broker, backend, registry)
+
+    async def main():
+        async with stem as s:
+            await s.enqueue("aio.add", {"x": -1})
+            got = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(5)), return_exceptions=True)
+            waiting = await asyncio.gather(*queued, return_exceptions=True)   # none is left waiting
+            after = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(3)))
+            return got + waiting, after, {d.task_id for d in broker.consume(["default"], 20, 2.0)}
+
+    got, after, stored = run(main())
+    assert len(got) == 7 and all(isinstance(r, asyncio.CancelledError) for r in got)
+    assert set(after) < stored and len(stored) == 4      # the first call and the three after
+    assert calls[1] == 5
+
+
 def test_publish_signals_fire_for_gathered_calls(adapters):
     from stem import signals
     broker, backend = adapters
