@@ -123,7 +123,9 @@ class AsyncStem:
         call is sent), then stored in a round trip shared with the concurrent calls of other
         coroutines; returns once this task is stored.  A call with only a name and args (a
         str and a dict or None) is framed with the others of its round trip, in one
-        ``encode_frames`` per task name (module docstring); any other is framed here."""
+        ``encode_frames`` per task name (module docstring); any other is framed here.  So
+        ``args`` is read when the round trip is framed, after this call yielded: do not
+        change a dict passed here until the call returns."""
         coalescer = self._coalescer
         if (coalescer is not None and options is None and meta is None and headers is None and countdown is None
                 and eta is None and task_id is None and parent is None and idempotent_for is None
