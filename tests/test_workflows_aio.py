@@ -1,5 +1,5 @@
-"""``Workflows.astart`` / ``asend`` with an ``AsyncStem`` on every adapter (memory, SQLite, Redis,
-Postgres): what they store, mirror and wake is what ``start`` / ``send`` do, and they refuse
+"""``Workflows.astart`` / ``asend`` with an ``AsyncStem`` on every adapter (memory, SQLite, Redis, Redis
+behind Sentinel, Postgres): what they store, mirror and wake is what ``start`` / ``send`` do, and they refuse
 what those refuse, with the same errors, before anything is stored."""
 
 from __future__ import annotations
@@ -140,3 +140,20 @@ def test_astart_and_asend_take_an_async_stem_with_a_backend(adapters):
                 await wf.asend(s, "o-1", "paid")
 
     asyncio.run(main())
+
+
+def test_astart_and_asend_behind_sentinel(request):
+    from .test_aio import _sentinel_pair
+    broker, backend = _sentinel_pair(request)
+    registry, wf = _app(broker, backend)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            run_id = await wf.astart(s, "aio.order", {"n": 1})
+            with pytest.raises(RunNotFoundError):
+                await wf.asend(s, "ghost", "paid", {"cents": 1})
+            stored = await wf.asend(s, run_id, "paid", {"cents": 1}, event_id="e-1")
+            return run_id, stored, (await s.get_status(run_id)).state, _activations(broker)
+
+    run_id, stored, state, queued = asyncio.run(main())
+    assert stored is True and state is TaskState.PENDING and queued == [run_id]
