@@ -10,15 +10,17 @@ before anything is sent.
 
 How it reaches each adapter (``_adapters``):
 
-* Redis (broker and backend): ``redis.asyncio``, one dedicated command
+* Redis (broker and backend), plain or behind Sentinel (``redis+sentinel://``:
+  ``redis.asyncio.sentinel`` connections, which ask the sentinels for the
+  master as they connect): ``redis.asyncio``, one dedicated command
   connection (``stem.stores.redis_async``), shared by broker and backend on
   the same server, plus one pub/sub connection for every wait
   (``stem.backends.redis_async``): two connections in all.
 * Postgres: psycopg's ``AsyncConnection`` (``stem.brokers.postgres_async``,
   ``stem.backends.postgres_async``): one command connection, one LISTEN
   connection for waits.
-* Memory and SQLite (and any other adapter, and Redis behind Sentinel, which
-  has no asyncio client here yet): the sync adapter's calls run on
+* Memory and SQLite (and any other adapter, and Redis Cluster, which has no
+  asyncio client here yet): the sync adapter's calls run on
   a small executor of this producer (``_LOCAL_THREADS`` threads), never the
   loop's default one; their calls are short (in-process or one local file),
   and waits do not hold a thread: they re-read every waited id once per
@@ -48,12 +50,13 @@ from typing import Any, AsyncIterator, Callable, Iterable, ParamSpec, Sequence, 
 from .backends.waiting import WATCH, check_wait
 from .backends.waiting_async import AsyncWaitHub
 from .canvas_aio import AsyncCanvasHandle
-from .brokers.base import Keyed, Message
+from .brokers.base import FrameBatch, Keyed, Message, frame_messages
 from .errors import BrokerError, ConfigurationError, InvalidTaskOptionsError, TaskTimeoutError
 from .handles import AsyncTaskRef, TaskHandle
 from .producer import BatchIds, Stem, WaitResult, as_completed_timeout, handle_arguments, with_handler_limits
 from .results import TaskState, TaskStatus
 from .revocation import revocation_args
+from .signals import signals
 
 __all__ = ["AsyncStem"]
 
@@ -95,7 +98,7 @@ class AsyncStem:
                                      "make one per event loop")
         self._loop = loop
         self._publisher, self._results = _adapters(self.sync, self._local)
-        self._coalescer = _Coalescer(self._publisher.publish)
+        self._coalescer = _Coalescer(self.sync, self._publisher.publish, loop)
 
     def _local(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
@@ -116,9 +119,19 @@ class AsyncStem:
                       meta: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
                       countdown: float | None = None, eta: float | None = None, task_id: str | None = None,
                       parent: Any = None, on_duplicate: str = "return", idempotent_for: float | None = None) -> str:
-        """``Stem.enqueue``, awaited: checked and framed here (same errors, nothing sent on
-        one), then stored in a round trip shared with the concurrent calls of other
-        coroutines; returns once this task is stored."""
+        """``Stem.enqueue``, awaited: checked and framed (same errors; nothing of a refused
+        call is sent), then stored in a round trip shared with the concurrent calls of other
+        coroutines; returns once this task is stored.  A call with only a name and args (a
+        str and a dict or None) is framed with the others of its round trip, in one
+        ``encode_frames`` per task name (module docstring); any other is framed here.  So
+        ``args`` is read when the round trip is framed, after this call yielded: do not
+        change a dict passed here until the call returns."""
+        coalescer = self._coalescer
+        if (coalescer is not None and options is None and meta is None and headers is None and countdown is None
+                and eta is None and task_id is None and parent is None and idempotent_for is None
+                and on_duplicate == "return" and type(name) is str and (args is None or type(args) is dict)
+                and coalescer.loop is asyncio.get_running_loop()):
+            return await coalescer.submit_named(name, args)
         env, message, keyed = self.sync._prepare_one(name, args, options, meta, headers, countdown, eta, task_id,
                                                      parent, on_duplicate, idempotent_for)
         self._ready()
@@ -229,9 +242,16 @@ class AsyncStem:
         sync producer on this producer's executor: a group is created, its members published
         and it is sealed through the sync backend's group operations, once per canvas (the
         members of one task in one batch), which the coalesced path does not carry."""
-        handle = await asyncio.get_running_loop().run_in_executor(
-            self._local(), lambda: self.sync.apply(canvas, creation_timeout=creation_timeout, canvas_id=canvas_id))
+        handle = await self.offload(lambda: self.sync.apply(canvas, creation_timeout=creation_timeout,
+                                                            canvas_id=canvas_id))
         return AsyncCanvasHandle(self, handle.id, handle.kind, handle.steps)
+
+    async def offload(self, fn: Callable[..., R], *args: Any) -> R:
+        """``fn(*args)`` -- sync code on this producer's sync adapters (``self.sync``) -- run on
+        this producer's small executor, never the loop's default pool: what the parts without
+        an asyncio client run through (``apply``, ``Workflows.astart`` and ``asend``)."""
+        self._ready()
+        return await asyncio.get_running_loop().run_in_executor(self._local(), fn, *args)
 
     async def canvas_handle(self, canvas_id: str) -> AsyncCanvasHandle:
         """The handle of a canvas started anywhere, by its id (``Stem.canvas_handle``)."""
@@ -276,50 +296,151 @@ class AsyncStem:
 
 
 class _Coalescer:
-    """Group commit of single enqueues (see the module docstring)."""
+    """Group commit of single enqueues (see the module docstring).
 
-    def __init__(self, publish: Callable[[list[Message], list[Keyed]], Any]):
+    Two kinds of call wait here: ``submit`` takes a message (or keyed message) its caller
+    built, and answers the broker's holder for it; ``submit_named`` takes a name and
+    args, builds nothing, and answers the task id: the flush frames every such call of a
+    round trip at once, one ``Stem._named_frames`` (a template lookup, one ``encode_frames``
+    in C, one batch of ids) per task name, and falls back to ``Stem._build`` call by call
+    for a name whose tasks need their own message (unique, limited, publish signals) or
+    whose batch does not encode (each caller then gets its own error).  Each caller has
+    one future and nothing else: no task, no closure.  A call whose caller was cancelled
+    before its round trip started is dropped; one cancelled while its round trip is in
+    flight is stored all the same."""
+
+    def __init__(self, stem: Stem, publish: Callable[..., Any], loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._stem = stem
         self._publish = publish
-        self._pending: list[tuple[Message | Keyed, asyncio.Future]] = []
+        # the submit_named calls, in three parallel lists: no tuple per call (each pending call's
+        # objects live across round trips, and what survives collections is what makes the
+        # collector's full passes run)
+        self._names: list[str] = []
+        self._args: list[dict[str, Any] | None] = []
+        self._futures: list[asyncio.Future] = []
+        self._built: list[tuple[Message | Keyed, asyncio.Future, Any]] = []
         self._flusher: asyncio.Task | None = None
         self.round_trips = 0
 
     def submit(self, message: Message, keyed: Keyed | None) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._pending.append((message if keyed is None else keyed, future))
+        future = self.loop.create_future()
+        self._built.append((message if keyed is None else keyed, future, None))
         if self._flusher is None:
-            self._flusher = loop.create_task(self._flush())
+            self._flusher = self.loop.create_task(self._flush())
         return future
 
+    def submit_named(self, name: str, args: dict[str, Any] | None) -> asyncio.Future:
+        future = self.loop.create_future()
+        self._names.append(name)
+        self._args.append(args)
+        self._futures.append(future)
+        if self._flusher is None:
+            self._flusher = self.loop.create_task(self._flush())
+        return future
+
+    def _frame_named(self, named: Iterable[tuple[str, dict[str, Any] | None, asyncio.Future]], frames: list,
+                     framed: list, built: list) -> None:
+        """Frame the ``submit_named`` calls of one round trip: into ``frames`` (publish_frames
+        batches) and ``framed`` (their ids and futures, in order), or, one by one, ``built``
+        (with their Envelope: the flush turns the holder into the id)."""
+        stem = self._stem
+        now = time.time()
+        groups: dict[str, tuple[list, list]] = {}
+        for name, args, future in named:
+            if future.done():               # cancelled before its round trip: nothing to send
+                continue
+            group = groups.get(name)
+            if group is None:
+                group = groups[name] = ([], [])
+            group[0].append({} if args is None else args)
+            group[1].append(future)
+        signalled = signals.before_task_publish.receivers or signals.after_task_publish.receivers
+        for name, (args_list, futures) in groups.items():
+            try:
+                batch = None if signalled else stem._named_frames(name, None, args_list, now)
+            except Exception as exc:        # noqa: BLE001 - the name's own error (unknown task, bad name)
+                _fail(futures, exc)
+                continue
+            if batch is not None:
+                frames.append(batch)
+                framed.append((batch[1], futures))
+                continue
+            for args, future in zip(args_list, futures):
+                try:
+                    env, message, keyed = stem._build(name, args, None, None, None, None, None, None, None, now)
+                except Exception as exc:    # noqa: BLE001 - this caller's error, as enqueue would raise it
+                    future.set_exception(exc)
+                    continue
+                built.append((message if keyed is None else keyed, future, env))
+
     async def _flush(self) -> None:
+        batch: list[asyncio.Future] = []      # the futures of the round trip being made
         try:
             await asyncio.sleep(0)            # let the coroutines of this loop iteration join
-            while self._pending:
-                batch = self._pending[:_MAX_BATCH]
-                del self._pending[:_MAX_BATCH]
-                messages = [m for m, _ in batch if type(m) is Message]
-                keyed = [k for k, _ in batch if type(k) is Keyed]
+            while self._futures or self._built:
+                count = min(len(self._futures), _MAX_BATCH)
+                names, args, futures = self._names[:count], self._args[:count], self._futures[:count]
+                del self._names[:count], self._args[:count], self._futures[:count]
+                room = _MAX_BATCH - count
+                built = [entry for entry in self._built[:room] if not entry[1].done()]
+                del self._built[:room]
+                batch = futures + [future for _, future, _ in built]
+                frames: list = []
+                framed: list = []
+                if count:
+                    self._frame_named(zip(names, args, futures), frames, framed, built)
+                messages = [m for m, _, _ in built if type(m) is Message]
+                keyed = [k for k, _, _ in built if type(k) is Keyed]
+                if not (frames or messages or keyed):
+                    continue
                 try:
                     self.round_trips += 1
-                    holders = iter(await self._publish(messages, keyed))
-                except BaseException as exc:  # noqa: BLE001 - each caller gets its round trip's error
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    if isinstance(exc, asyncio.CancelledError):
-                        raise
+                    holders = iter(await self._publish(messages, keyed, frames))
+                except Exception as exc:  # noqa: BLE001 - each caller gets its round trip's error
+                    _fail(batch, exc)
                     continue
-                for item, future in batch:
+                for ids, futures in framed:
+                    for task_id, future in zip(ids, futures):
+                        if not future.done():
+                            future.set_result(task_id)
+                for item, future, env in built:
                     holder = next(holders) if type(item) is Keyed else None
-                    if not future.done():
+                    if future.done():
+                        continue
+                    if env is None:
                         future.set_result(holder)
+                        continue
+                    try:
+                        future.set_result(self._stem._published_one(env, item if type(item) is Keyed else None,
+                                                                     holder, False, False))
+                    except Exception as exc:  # noqa: BLE001 - a publish signal's receiver failed
+                        future.set_exception(exc)
+        except BaseException as exc:
+            # the flush itself was cancelled or broke: no caller is left waiting for it (those
+            # queued after are cancelled with it; a later call starts a new flush)
+            _fail(batch, exc)
+            _fail(self._futures, exc)
+            _fail([future for _, future, _ in self._built], exc)
+            del self._names[:], self._args[:], self._futures[:], self._built[:]
+            raise
         finally:
             self._flusher = None
 
     async def drain(self) -> None:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
+
+
+def _fail(futures: Iterable[asyncio.Future], exc: BaseException) -> None:
+    """Each future not done yet gets ``exc`` (cancelled, for a cancellation)."""
+    cancelled = isinstance(exc, asyncio.CancelledError)
+    for future in futures:
+        if not future.done():
+            if cancelled:
+                future.cancel()
+            else:
+                future.set_exception(exc)
 
 
 # -- the adapters ------------------------------------------------------------------------
@@ -332,11 +453,11 @@ def _adapters(stem: Stem, local: Callable[[], concurrent.futures.Executor]) -> t
     from .backends.redis import RedisResultBackend
     from .brokers.postgres import PostgresBroker
     from .brokers.redis import RedisBroker
-    from .stores.redis_sentinel import is_sentinel_url
+    from .stores.redis_cluster import is_cluster_url
     broker, backend = stem.broker, stem.backend
     publisher: Any
     results: Any = None
-    if isinstance(broker, RedisBroker) and not is_sentinel_url(broker.url):
+    if isinstance(broker, RedisBroker) and not is_cluster_url(broker.url):
         from .brokers.redis_async import AsyncRedisPublisher
         publisher = AsyncRedisPublisher(broker)
         if isinstance(backend, RedisResultBackend):
@@ -348,7 +469,7 @@ def _adapters(stem: Stem, local: Callable[[], concurrent.futures.Executor]) -> t
     else:
         publisher = _LocalPublisher(broker, local)
     if results is None and backend is not None:
-        if isinstance(backend, RedisResultBackend) and not is_sentinel_url(backend.url):
+        if isinstance(backend, RedisResultBackend) and not is_cluster_url(backend.url):
             from .backends.redis_async import AsyncRedisResults
             results = AsyncRedisResults(backend)
         elif isinstance(backend, PostgresResultBackend):
@@ -369,7 +490,10 @@ class _LocalPublisher:
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._local(), fn, *args)
 
-    async def publish(self, messages: Sequence[Message], keyed: Sequence[Keyed]) -> list[str | None]:
+    async def publish(self, messages: Sequence[Message], keyed: Sequence[Keyed],
+                      frames: Sequence[FrameBatch] = ()) -> list[str | None]:
+        if frames:
+            messages = [*messages, *frame_messages(frames)]
         return await self._run(self._publish, messages, keyed)
 
     def _publish(self, messages: Sequence[Message], keyed: Sequence[Keyed]) -> list[str | None]:

@@ -517,6 +517,17 @@ class Stem:
                     return None
                 args = {}
             add(args)
+        return self._named_frames(name, options, args_list, now)
+
+    def _named_frames(self, name: str, options: TaskOptions | None, args_list: list[dict[str, Any]],
+                      now: float) -> tuple | None:
+        """Tasks of one ``name`` and ``options``, one per dict of ``args_list``, framed in one
+        ``encode_frames`` call: (queue, ids, frames, priority, visibility timeout), or None
+        when they need the general path (a unique key, a limit, an args dict that cannot be
+        encoded: ``_build`` then raises its usual error for it).  Raises what ``_template``
+        raises for the name and options.  ``enqueue_many``'s uniform batches and
+        ``AsyncStem``'s coalesced single enqueues both take it.  The caller checks that no
+        publish signal has receivers (nothing here builds an ``Envelope`` per task)."""
         (queue, priority, max_retries, expires_at, visibility_timeout, soft, hard, unset, unique,
          result_ttl, failure_ttl, ignore_result, limit_of) = self._template(name, options, now)
         if unique is not None or limit_of is not None:

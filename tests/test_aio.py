@@ -206,6 +206,134 @@ def test_bad_input_is_refused_before_anything_is_queued(adapters, call, error):
     assert run(main()) == 0
 
 
+def test_gathered_calls_framed_together_each_get_their_own_id_or_error(adapters):
+    """Calls of a name and args are framed in their round trip, one batch per name: a bad
+    call among good ones gets its own error and publishes nothing; the others, of every
+    kind (plain, unique, another name, a bad name), get what one call alone would get."""
+    broker, backend = adapters
+    signer = PayloadSigner({"k1": b"k" * 32}, "k1")
+
+    async def main():
+        async with AsyncStem(broker, backend, registry, signer) as s:
+            await s.enqueue("aio.add", {"x": -1})          # opens the adapters: the next calls coalesce
+            broker.consume(["default"], 10, 2.0)
+            calls = [s.enqueue("aio.add", {"x": i}) for i in range(20)]
+            calls += [s.enqueue("aio.add", {"x": object()}), s.enqueue("aio.add", {1: 2}), s.enqueue("aio.nope"),
+                      s.enqueue("aio.unique", {"k": 3}), s.enqueue("aio.unique", {"k": 3}), s.enqueue("aio.add")]
+            got = await asyncio.gather(*calls, return_exceptions=True)
+            return got, broker.consume(["default"], 100, 2.0)
+
+    got, deliveries = run(main())
+    plain, (bad_value, bad_key, unknown, u1, u2, no_args) = got[:20], got[20:]
+    assert isinstance(bad_value, EncodeError) and isinstance(bad_key, EncodeError)
+    assert isinstance(unknown, UnknownTaskError)
+    assert u1 == u2 and isinstance(u1, str)
+    envs = {d.task_id: decode_frame(d.frame, signer) for d in deliveries}   # signed: verifies
+    assert set(envs) == {*plain, u1, no_args}
+    assert [envs[t].args for t in plain] == [{"x": i} for i in range(20)]
+    assert envs[no_args].args == {} and envs[u1].args == {"k": 3}
+
+
+def test_gathered_calls_match_the_sync_producers_frames(adapters):
+    broker, backend = adapters
+    sync = Stem(broker, backend, registry)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            await s.enqueue("aio.add", {"x": 0})
+            await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(5)))
+            return broker.consume(["default"], 10, 2.0)
+
+    sync.enqueue("aio.add", {"x": 9})
+    [d] = broker.consume(["default"], 1, 2.0)
+    sync_env = decode_frame(d.frame)
+    envs = [decode_frame(d.frame) for d in run(main())]
+    assert len(envs) == 6
+    for env in envs:    # every field but the id, args and time is the sync producer's
+        assert {f: getattr(env, f) for f in env.__struct_fields__ if f not in ("id", "args", "enqueued_at")} == \
+            {f: getattr(sync_env, f) for f in sync_env.__struct_fields__ if f not in ("id", "args", "enqueued_at")}
+
+
+def test_a_call_cancelled_before_its_round_trip_publishes_nothing(adapters):
+    broker, backend = adapters
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            await s.enqueue("aio.add", {"x": 0})
+            broker.consume(["default"], 10, 2.0)
+            tasks = [asyncio.ensure_future(s.enqueue("aio.add", {"x": i})) for i in range(4)]
+            tasks.append(asyncio.ensure_future(s.enqueue("aio.add", {"x": 9}, meta={"m": 1})))
+            await asyncio.sleep(0)             # every call has queued itself; the round trip has not started
+            tasks[1].cancel()
+            tasks[4].cancel()
+            got = await asyncio.gather(*tasks, return_exceptions=True)
+            return got, broker.consume(["default"], 10, 2.0)
+
+    got, deliveries = run(main())
+    assert isinstance(got[1], asyncio.CancelledError) and isinstance(got[4], asyncio.CancelledError)
+    assert {d.task_id for d in deliveries} == {got[0], got[2], got[3]}
+
+
+def test_a_cancelled_round_trip_cancels_its_callers_and_the_next_calls_go_through(adapters, kind, monkeypatch):
+    broker, backend = adapters
+    from stem.aio import _LocalPublisher
+    from stem.brokers.postgres_async import AsyncPostgresPublisher
+    from stem.brokers.redis_async import AsyncRedisPublisher
+    publisher = {"redis": AsyncRedisPublisher, "postgres": AsyncPostgresPublisher}.get(kind, _LocalPublisher)
+    real = publisher.publish
+    calls, queued = [], []
+
+    async def cancelled_once(self, *args):
+        calls.append(len(args[0]) + len(args[1]) + sum(len(f[1]) for f in args[2]))
+        if len(calls) == 2:         # two more calls queue for the next round trip, then this one is cancelled
+            queued.extend(asyncio.ensure_future(stem.enqueue("aio.add", {"x": 9})) for _ in range(2))
+            await asyncio.sleep(0)
+            raise asyncio.CancelledError()     # as if the round trip's own task were cancelled
+        return await real(self, *args)
+
+    monkeypatch.setattr(publisher, "publish", cancelled_once)
+    stem = AsyncStem(broker, backend, registry)
+
+    async def main():
+        async with stem as s:
+            await s.enqueue("aio.add", {"x": -1})
+            got = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(5)), return_exceptions=True)
+            waiting = await asyncio.gather(*queued, return_exceptions=True)   # none is left waiting
+            after = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(3)))
+            return got + waiting, after, {d.task_id for d in broker.consume(["default"], 20, 2.0)}
+
+    got, after, stored = run(main())
+    assert len(got) == 7 and all(isinstance(r, asyncio.CancelledError) for r in got)
+    assert set(after) < stored and len(stored) == 4      # the first call and the three after
+    assert calls[1] == 5
+
+
+def test_publish_signals_fire_for_gathered_calls(adapters):
+    from stem import signals
+    broker, backend = adapters
+    before, after = [], []
+
+    def on_before(sender, envelope, **kw):
+        before.append(envelope.id)
+
+    def on_after(sender, envelope, **kw):
+        after.append(envelope.id)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            await s.enqueue("aio.add", {"x": 0})
+            return await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(5)))
+
+    signals.before_task_publish.connect(on_before)
+    signals.after_task_publish.connect(on_after)
+    try:
+        ids = run(main())
+    finally:
+        signals.before_task_publish.disconnect(on_before)
+        signals.after_task_publish.disconnect(on_after)
+    assert set(ids) <= set(before) and set(ids) <= set(after) and len(after) == 6
+
+
 def test_as_completed_checks_its_arguments_at_the_call(adapters):
     broker, backend = adapters
 
@@ -463,19 +591,124 @@ def _stores(backend, status) -> bool:
         return False
 
 
-def test_behind_sentinel_the_async_producer_runs_the_sync_adapters_on_its_executor(sentinel_setup, namespace):
-    broker, backend = _redis_pair(sentinel_setup.url(), namespace)
+def _sentinel_pair(request):
+    """A broker and a backend through the contract suite's Sentinel factories (their own
+    namespace on the session's master, replica and sentinel)."""
+    from .contract.adapters_sentinel import BACKENDS, BROKERS
+    broker, backend = BROKERS["sentinel"](request), BACKENDS["sentinel"](request)
+    request.addfinalizer(broker.close)
+    request.addfinalizer(backend.close)
+    return broker, backend
+
+
+def _stem_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("stem-aio")]
+
+
+def test_behind_sentinel_the_async_producer_talks_to_the_master_natively(request):
+    broker, backend = _sentinel_pair(request)
+    master = request.getfixturevalue("sentinel_setup").master.url
+    import redis
+    probe = redis.Redis.from_url(master)
+    request.addfinalizer(probe.close)
+    before = int(probe.info("clients")["connected_clients"])
 
     async def main():
         async with AsyncStem(broker, backend, registry) as s:
             tid = await s.enqueue("aio.add", {"x": 1})
             ids = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(50)))
-            asyncio.get_running_loop().call_later(0.1, lambda: backend.store(done(tid, 1)))
-            status = await s.wait_for_task(tid, timeout=10)
-            return tid, ids, status, broker.stats("default").ready
+            unique = await asyncio.gather(*(s.enqueue("aio.unique", {"k": 1}) for _ in range(3)))
+            waits = asyncio.gather(s.wait_for_task(tid, timeout=10), *(s.wait_for_task(i, timeout=10) for i in ids))
+            await asyncio.sleep(0.2)
+            connections = int(probe.info("clients")["connected_clients"]) - before
+            await asyncio.to_thread(backend.store_many, [done(i, 1) for i in [tid, *ids]])
+            statuses = await waits
+            return tid, ids, unique, statuses, connections, _stem_threads(), broker.stats("default").ready
 
-    tid, ids, status, ready = run(main())
-    assert status.result == 1 and len(set(ids)) == 50 and ready == 51
+    tid, ids, unique, statuses, connections, threads, ready = run(main())
+    assert all(s.result == 1 for s in statuses) and len(set(ids)) == 50 and len(set(unique)) == 1
+    assert ready == 52
+    assert threads == []            # no executor: every call went through redis.asyncio
+    assert connections <= 2         # the command connection and the pub/sub one
+
+
+def test_on_a_redis_cluster_the_async_producer_runs_the_sync_adapters_on_its_executor(request):
+    from .contract.adapters_cluster import BACKENDS, BROKERS
+    broker, backend = BROKERS["cluster"](request), BACKENDS["cluster"](request)
+    request.addfinalizer(broker.close)
+    request.addfinalizer(backend.close)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            ids = await asyncio.gather(*(s.enqueue("aio.add", {"x": i}) for i in range(20)))
+            await asyncio.to_thread(backend.store, done(ids[0], 3))
+            return ids, await s.wait_for_task(ids[0], timeout=10), _stem_threads(), broker.stats("default").ready
+
+    ids, status, threads, ready = run(main())
+    assert len(set(ids)) == 20 and ready == 20 and status.result == 3
+    assert threads                   # no asyncio cluster client: the sync adapters, on the producer's threads
+
+
+def test_a_former_masters_readonly_reply_is_retried_behind_sentinel_and_an_error_elsewhere(sentinel_setup,
+                                                                                           redis_url):
+    import redis
+    from stem.errors import BrokerError
+    from stem.stores.redis_async import AsyncRedisStore
+
+    async def attempt(url):
+        store = AsyncRedisStore(url, retry_attempts=3)
+        calls = []
+
+        async def fn():
+            calls.append(await store.execute([("PING",)]))
+            if len(calls) == 1:
+                raise redis.exceptions.ReadOnlyError("READONLY You can't write against a read only replica.")
+            return "stored"
+        try:
+            return await store.call(fn, "publish"), len(calls)
+        except BrokerError as exc:
+            return exc, len(calls)
+        finally:
+            await store.close()
+
+    assert run(attempt(sentinel_setup.url())) == ("stored", 2)     # dropped, asked the sentinels, sent again
+    error, calls = run(attempt(redis_url))
+    assert isinstance(error, BrokerError) and "READONLY" in str(error) and calls == 1
+
+
+def _failover(setup, how: str) -> None:
+    from .support import wait_for
+    setup.wait_replicated()
+    if how == "kill -9 of the master":
+        setup.failover_by_kill()
+        return
+    old = setup.master.port          # the old master lives on, demoted: its connections answer READONLY
+    with setup._sentinel_client() as client:
+        client.execute_command("SENTINEL", "FAILOVER", setup.SERVICE)
+    wait_for(lambda: setup.master_port() not in (None, old), 60, "the sentinel to fail over")
+    import redis
+    with redis.Redis(port=old) as demoted:   # what it takes before it refuses writes (until then they are lost)
+        wait_for(lambda: demoted.info("replication")["role"] == "slave", 60, "the old master to be demoted")
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["kill -9 of the master", "SENTINEL FAILOVER"])
+def test_behind_sentinel_the_async_producer_follows_a_failover(own_sentinel, namespace, how):
+    broker, backend = _redis_pair(own_sentinel.url(), namespace, retry_attempts=30)
+
+    async def main():
+        async with AsyncStem(broker, backend, registry) as s:
+            first = await s.enqueue("aio.add", {"x": 1})
+            wait = asyncio.ensure_future(s.wait_for_task(first, timeout=60))
+            await asyncio.to_thread(_failover, own_sentinel, how)
+            after = await s.enqueue("aio.add", {"x": 2})      # retried until the promoted replica answers
+            assert await asyncio.to_thread(wait_until, lambda: _stores(backend, done(first, 7)), 30)
+            return after, (await wait).result, _stem_threads()
+
+    after, result, threads = run(main())
+    assert result == 7 and threads == []
+    assert after in {d.task_id for d in broker.consume(["default"], 10, 2.0)}
 
 
 @registry.task("aio.limited", options=TaskOptions(rate_limit="1/h", rate_key=["tenant"]))

@@ -115,8 +115,8 @@ from typing import Any, NamedTuple, Sequence
 from .. import _checks as checks
 from ..errors import ConfigurationError
 
-__all__ = ["Broker", "Message", "Keyed", "Limit", "LaneStats", "Delivery", "DeadLetter", "QueueStats",
-           "validate_queue_name", "check_frame_batch", "check_consume", "check_keyed", "check_limit",
+__all__ = ["Broker", "Message", "Keyed", "FrameBatch", "frame_messages", "Limit", "LaneStats", "Delivery",
+           "DeadLetter", "QueueStats", "validate_queue_name", "check_frame_batch", "check_consume", "check_keyed", "check_limit",
            "lane_of", "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES", "MAX_KEY_LENGTH"]
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
@@ -233,6 +233,16 @@ class Keyed(NamedTuple):
     key: str
     ttl: float               # seconds: the key's longest life, whatever becomes of the task
     linger: float = 0.0      # seconds the key stays after the terminal settle (0: deleted then)
+
+
+#: ``publish_frames``' arguments as one tuple: (queue, task ids, frames, priority, visibility timeout).
+FrameBatch = tuple[str, Sequence[str], Sequence[bytes], int, float | None]
+
+
+def frame_messages(batches: Sequence[FrameBatch]) -> list[Message]:
+    """The ``Message`` of each frame of ``batches``, for a publisher that sends messages only."""
+    return [Message(t, queue, f, priority, None, vt)
+            for queue, ids, frames, priority, vt in batches for t, f in zip(ids, frames)]
 
 
 class Delivery:

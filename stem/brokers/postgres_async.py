@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from ..stores.base import BROKER_ERRORS
 from ..stores.postgres_async import AsyncPgSession
-from .base import Keyed, Message, check_keyed, check_limit, validate_queue_name
+from .base import FrameBatch, Keyed, Message, check_keyed, check_limit, frame_messages, validate_queue_name
 from .postgres import PostgresBroker
 
 __all__ = ["AsyncPostgresPublisher"]
@@ -32,8 +32,13 @@ class AsyncPostgresPublisher:
         if new:
             await conn.execute(self.broker.sql("register"), (new,))
 
-    async def publish(self, messages: Sequence[Message], keyed: Sequence[Keyed]) -> list[str | None]:
+    async def publish(self, messages: Sequence[Message], keyed: Sequence[Keyed],
+                      frames: Sequence[FrameBatch] = ()) -> list[str | None]:
+        """Store ``messages`` and the frames of ``frames`` in one statement, then publish
+        ``keyed`` (``publish_keyed``'s semantics); its answer for ``keyed``."""
         keyed = check_keyed(keyed) if keyed else []
+        if frames:
+            messages = [*messages, *frame_messages(frames)]
         holders: list[str | None] = []
         if messages:
             queues = list(dict.fromkeys(m.queue for m in messages))

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from ..stores.base import BROKER_ERRORS
 from ..stores.redis_async import AsyncRedisStore
-from .base import Keyed, Message, check_keyed
+from .base import FrameBatch, Keyed, Message, check_keyed
 from .redis import RedisBroker
 
 __all__ = ["AsyncRedisPublisher"]
@@ -30,10 +30,12 @@ class AsyncRedisPublisher:
         for source in broker.script_sources():
             self.store.script(source)
 
-    async def publish(self, messages: Sequence[Message], keyed: Sequence[Keyed]) -> list[str | None]:
-        """Store ``messages`` and publish ``keyed`` (``Broker.publish_keyed``'s semantics) in
-        one round trip; returns ``publish_keyed``'s answer for ``keyed``.  Retried as a whole
-        after a lost connection, as the sync broker retries each of its calls."""
+    async def publish(self, messages: Sequence[Message], keyed: Sequence[Keyed],
+                      frames: Sequence[FrameBatch] = ()) -> list[str | None]:
+        """Store ``messages`` and the ``frames`` batches (``publish_frames``' arguments, packed
+        in C as it packs them) and publish ``keyed`` (``Broker.publish_keyed``'s semantics),
+        all in one round trip; returns ``publish_keyed``'s answer for ``keyed``.  Retried as a
+        whole after a lost connection, as the sync broker retries each of its calls."""
         keyed = check_keyed(keyed) if keyed else []
         commands: list[Any] = []
         new_queues: list[str] = []
@@ -45,17 +47,26 @@ class AsyncRedisPublisher:
             more, spans, queues = self.broker.keyed_commands(keyed)
             commands.extend(more)
             new_queues.extend(q for q in queues if q not in new_queues)
-        if not commands:
+        head, n_head = b"", 0
+        if frames:
+            parts = []
+            for queue, task_ids, batch, priority, vt in frames:
+                packed, n = self.broker.pack_frames(queue, task_ids, batch, priority=priority, visibility_timeout=vt)
+                parts.append(packed)
+                n_head += n
+                if queue not in new_queues:
+                    new_queues.append(queue)
+            head = b"".join(parts)
+        if not commands and not n_head:
             return []
-        replies = await self.store.call(lambda: self.store.run(commands), "publish")
+        replies = await self.store.call(lambda: self.store.run(commands, (head, n_head)), "publish")
         self.broker.declared(new_queues)
         return self.broker.keyed_holders(len(keyed), spans, replies[first_keyed:]) if keyed else []
 
     async def publish_frames(self, queue: str, task_ids: Sequence[str], frames: Sequence[bytes], *,
                              priority: int = 0, visibility_timeout: float | None = None) -> None:
         """A uniform ``enqueue_many`` batch (``Broker.publish_frames``): one round trip."""
-        await self.publish([Message(t, queue, f, priority, None, visibility_timeout)
-                            for t, f in zip(task_ids, frames)], ())
+        await self.publish((), (), ((queue, task_ids, frames, priority, visibility_timeout),))
 
     async def close(self) -> None:
         await self.store.close()

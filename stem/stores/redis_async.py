@@ -16,6 +16,11 @@
   the next round trip connects again.
 * ``run`` loads the scripts and sends again on NOSCRIPT (a restarted Redis),
   as ``RedisStore.run`` does.
+* Behind Sentinel (``redis+sentinel://``), connections come from
+  ``redis.asyncio.sentinel``: each asks the sentinels for the master's address
+  as it connects, so the connection made after a failover reaches the
+  promoted replica; a ``READONLY`` reply (a former master) drops the
+  connection and is retried like a lost one, as ``RedisStore.call`` does.
 * ``connect_new`` opens one more connection for a caller that keeps it (the
   pub/sub listener of ``stem.backends.redis_async``).
 """
@@ -44,6 +49,7 @@ except ImportError:  # pragma: no cover - older or newer redis-py: one read_resp
     _MORE, _Reader = None, None
 
 from .redis import REDIS_ERRORS, NoScriptError, pack_commands, raise_first_error
+from .redis_sentinel import async_sentinel_pool, close_async_sentinel_pool, is_sentinel_url, is_stale_master
 from .redis_urls import check_plain_options
 
 __all__ = ["AsyncRedisStore", "HIREDIS_READER", "HIREDIS_MORE"]
@@ -97,15 +103,25 @@ class AsyncRedisStore:
         self.label = mask_url(url)
         self.retry_attempts = checks.integer("retry_attempts", retry_attempts)
         self.errors = errors
-        check_plain_options(url)
-        try:
-            # only for its parsed connection arguments: connections are made and owned here
-            pool = redis.asyncio.ConnectionPool.from_url(
+        self._sentinel = is_sentinel_url(url)
+        pool: Any
+        if self._sentinel:
+            # connections of this pool's class ask the sentinels for the master's address as
+            # they connect; the pool stays referenced (they hold only a weak proxy to it)
+            pool = async_sentinel_pool(
                 url, socket_timeout=checks.seconds("socket_timeout", socket_timeout),
-                socket_connect_timeout=checks.seconds("socket_connect_timeout", socket_connect_timeout),
-                socket_keepalive=True)
-        except (ValueError, TypeError) as exc:
-            raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {exc}") from exc
+                socket_connect_timeout=checks.seconds("socket_connect_timeout", socket_connect_timeout))
+        else:
+            check_plain_options(url)
+            try:
+                # only for its parsed connection arguments: connections are made and owned here
+                pool = redis.asyncio.ConnectionPool.from_url(
+                    url, socket_timeout=checks.seconds("socket_timeout", socket_timeout),
+                    socket_connect_timeout=checks.seconds("socket_connect_timeout", socket_connect_timeout),
+                    socket_keepalive=True)
+            except (ValueError, TypeError) as exc:
+                raise ConfigurationError(f"bad Redis URL {mask_url(url)!r}: {exc}") from exc
+        self._pool = pool
         self._socket_timeout = float(socket_timeout)
         self._connection_class = pool.connection_class
         self._connection_kwargs = dict(pool.connection_kwargs)
@@ -166,11 +182,20 @@ class AsyncRedisStore:
                 await asyncio.shield(self._drop())
                 raise
 
-    async def run(self, commands: Sequence[Sequence[Any]]) -> list:
+    async def run(self, commands: Sequence[Sequence[Any]], packed: tuple[bytes, int] = (b"", 0)) -> list:
         """``execute``, then, on NOSCRIPT, load the scripts and send again only the script
         calls that did not run (up to three times; the XADDs beside them ran once), then
-        raise the first error reply."""
-        replies = list(await self.execute(commands))
+        raise the first error reply.  ``packed`` (commands already packed, how many: plain
+        XADDs, no script call) goes first in the same round trip; its replies are checked
+        for errors and dropped: the replies returned are ``commands``'."""
+        head, n_head = packed
+        if n_head:
+            replies = await self.execute_packed(head + pack_commands(list(commands)) if commands else head,
+                                                n_head + len(commands))
+            raise_first_error(replies[:n_head])
+            replies = replies[n_head:]
+        else:
+            replies = list(await self.execute(commands))
         for _ in range(3):
             missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
             if not missing:
@@ -203,9 +228,21 @@ class AsyncRedisStore:
                 backoff = backoff or Backoff()
                 await asyncio.sleep(backoff.next())
             except REDIS_ERRORS as exc:
-                raise errors.error(f"Redis error during {what} ({self.label}): {exc}") from exc
+                if not (self._sentinel and is_stale_master(exc)):
+                    raise errors.error(f"Redis error during {what} ({self.label}): {exc}") from exc
+                # the connection still reaches a former master: the next one asks the sentinels
+                await self._drop()
+                log.debug("Redis %s reached a former master (%s); attempt %d of %d", what, exc, attempt, attempts)
+                if attempt == attempts:
+                    raise errors.connection_error(
+                        f"Redis master not reachable during {what} after {attempts} attempts "
+                        f"({self.label}): {exc}") from exc
+                backoff = backoff or Backoff()
+                await asyncio.sleep(backoff.next())
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
         self._closed = True
         await self._drop()
+        if self._sentinel:
+            await close_async_sentinel_pool(self._pool)

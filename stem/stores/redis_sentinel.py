@@ -29,7 +29,7 @@ from ..redact import mask_url
 from .redis_urls import AddressError, parse_addresses, split_authority
 
 __all__ = ["SENTINEL_SCHEMES", "SentinelURL", "is_sentinel_url", "parse_sentinel_url", "sentinel_pool",
-           "is_stale_master"]
+           "async_sentinel_pool", "close_async_sentinel_pool", "is_stale_master"]
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 _DEFAULT_PORT = 26379
@@ -94,9 +94,9 @@ def parse_sentinel_url(url: str) -> SentinelURL:
                        int(min_other))
 
 
-def sentinel_pool(url: str, *, socket_timeout: float, socket_connect_timeout: float,
-                  retry: Any) -> SentinelConnectionPool:
-    """A connection pool to the master that the sentinels of ``url`` name."""
+def _pool_arguments(url: str, *, socket_timeout: float,
+                    socket_connect_timeout: float) -> tuple[SentinelURL, dict[str, Any], dict[str, Any]]:
+    """The parsed URL, the sentinels' connection arguments and the master's."""
     parsed = parse_sentinel_url(url)
     checks.seconds("socket_timeout", socket_timeout)
     common: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
@@ -105,16 +105,45 @@ def sentinel_pool(url: str, *, socket_timeout: float, socket_connect_timeout: fl
         sentinel_kwargs["password"] = parsed.sentinel_password
     if parsed.sentinel_username is not None:
         sentinel_kwargs["username"] = parsed.sentinel_username
-    master_kwargs: dict[str, Any] = dict(common, db=parsed.db, socket_keepalive=True, retry=retry)
+    master_kwargs: dict[str, Any] = dict(common, db=parsed.db, socket_keepalive=True)
     if parsed.password is not None:
         master_kwargs["password"] = parsed.password
     if parsed.username is not None:
         master_kwargs["username"] = parsed.username
     if parsed.ssl:
         sentinel_kwargs["ssl"] = master_kwargs["ssl"] = True
+    return parsed, sentinel_kwargs, master_kwargs
+
+
+def sentinel_pool(url: str, *, socket_timeout: float, socket_connect_timeout: float,
+                  retry: Any) -> SentinelConnectionPool:
+    """A connection pool to the master that the sentinels of ``url`` name."""
+    parsed, sentinel_kwargs, master_kwargs = _pool_arguments(url, socket_timeout=socket_timeout,
+                                                             socket_connect_timeout=socket_connect_timeout)
+    master_kwargs["retry"] = retry
     manager = Sentinel(parsed.sentinels, min_other_sentinels=parsed.min_other_sentinels,
                        sentinel_kwargs=sentinel_kwargs, **master_kwargs)
     return SentinelConnectionPool(parsed.service_name, manager, **master_kwargs)
+
+
+def async_sentinel_pool(url: str, *, socket_timeout: float, socket_connect_timeout: float) -> Any:
+    """``sentinel_pool`` on ``redis.asyncio``: the pool whose ``connection_class`` (with its
+    ``connection_kwargs``) makes connections that ask the sentinels for the master's address
+    each time they connect.  ``stem.stores.redis_async`` makes its own connections from it
+    and keeps it (the connections hold only a weak proxy to it); closing its sentinel
+    clients is ``close_async_sentinel_pool``."""
+    from redis.asyncio.sentinel import Sentinel as AsyncSentinel, SentinelConnectionPool as AsyncPool
+    parsed, sentinel_kwargs, master_kwargs = _pool_arguments(url, socket_timeout=socket_timeout,
+                                                             socket_connect_timeout=socket_connect_timeout)
+    manager = AsyncSentinel(parsed.sentinels, min_other_sentinels=parsed.min_other_sentinels,
+                            sentinel_kwargs=sentinel_kwargs, **master_kwargs)
+    return AsyncPool(parsed.service_name, manager, **master_kwargs)
+
+
+async def close_async_sentinel_pool(pool: Any) -> None:
+    """Close the connections ``pool``'s sentinel manager opened to the sentinels."""
+    await pool.sentinel_manager.aclose()
+    await pool.disconnect()
 
 
 def is_stale_master(exc: BaseException) -> bool:

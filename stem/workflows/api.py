@@ -281,11 +281,29 @@ class Workflows:
         a second start with an existing id starts nothing and returns it (an id held by
         another workflow's run raises ``ConfigurationError``).  The run's status is then
         ``stem.get_status(run_id)``; ``stem.wait_for_task(run_id)`` waits for its end."""
+        definition, run_id, data = self._start_args(workflow, input, run_id)
+        return self._create(stem, _backend_of(stem), definition, run_id, data)
+
+    async def astart(self, stem: Any, workflow: Any, input: dict[str, Any] | None = None, *,
+                     run_id: str | None = None) -> str:
+        """``start`` for an ``AsyncStem``, awaited: every check runs here, on the loop, with
+        ``start``'s errors, before anything is stored; then the run is created, mirrored and
+        woken by ``start``'s own code on the producer's executor (``AsyncStem.offload``):
+        workflow stores have sync clients only, and the loop's default pool is never used."""
+        definition, run_id, data = self._start_args(workflow, input, run_id)
+        sync = _sync_of(stem)
+        backend = _backend_of(sync)
+        return await stem.offload(self._create, sync, backend, definition, run_id, data)
+
+    def _start_args(self, workflow: Any, input: Any, run_id: Any) -> tuple["WorkflowDef[Any, Any]", str, bytes]:
+        """``start``'s checks: the definition, the run id (a new one if None), the encoded input."""
         definition = self._get(workflow)
         run_id = uuid.uuid4().hex if run_id is None else check_run_id(run_id)
         data = input_bytes(input, f"the input of workflow {definition.workflow_name!r}")
         check_size(self.limits, f"the input of workflow {definition.workflow_name!r}", data)
-        backend = _backend_of(stem)
+        return definition, run_id, data
+
+    def _create(self, stem: Any, backend: Any, definition: "WorkflowDef[Any, Any]", run_id: str, data: bytes) -> str:
         store = self.store_for(backend)
         created, run = store.create(run_id, definition.workflow_name, definition.version, data, now=clock.now())
         if not created and run.name != definition.workflow_name:
@@ -302,6 +320,17 @@ class Workflows:
         ``RunNotFoundError`` for an unknown run, ``RunFinishedError`` for one that ended."""
         return send_event(stem, self.store_for(_backend_of(stem)), run_id, topic, payload, event_id=event_id,
                           queue=self.queue, limits=self.limits)
+
+    async def asend(self, stem: Any, run_id: str, topic: str, payload: Any = None, *,
+                    event_id: str | None = None) -> bool:
+        """``send`` for an ``AsyncStem``, awaited: the checks run here, on the loop, with
+        ``send``'s errors; the store's send and the wake run on the producer's executor, as
+        ``astart``'s do."""
+        sync = _sync_of(stem)
+        backend = _backend_of(sync)
+        event_id, data = _event_args(run_id, topic, payload, event_id, self.limits)
+        return await stem.offload(lambda: _stored_event(sync, self.store_for(backend), run_id, topic, event_id,
+                                                        data, self.queue))
 
     def sweeper(self, producer: Any) -> Any:
         """The sweeper a worker of this registry runs (``stem.workflows.sweeper``)."""
@@ -328,10 +357,25 @@ def _backend_of(stem: Any) -> Any:
     return backend
 
 
+def _sync_of(stem: Any) -> Any:
+    """The sync producer of an ``AsyncStem`` (what ``astart`` and ``asend`` run ``start``'s and
+    ``send``'s code with)."""
+    from ..aio import AsyncStem
+    if not isinstance(stem, AsyncStem):
+        raise ConfigurationError(f"astart and asend take an AsyncStem (start and send take a Stem), got {stem!r}")
+    return stem.sync
+
+
 def send_event(stem: Any, store: WorkflowStore, run_id: str, topic: str, payload: Any = None, *,
                event_id: str | None = None, queue: str = "default",
                limits: Limits = Limits(DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_MAX_JOURNAL)) -> bool:
     """``Workflows.send`` for callers without the ``Workflows`` (the CLI): the same checks."""
+    event_id, data = _event_args(run_id, topic, payload, event_id, limits)
+    return _stored_event(stem, store, run_id, topic, event_id, data, queue)
+
+
+def _event_args(run_id: Any, topic: Any, payload: Any, event_id: Any, limits: Limits) -> tuple[str, bytes]:
+    """``send``'s checks: the event id (a new one if None) and the encoded payload."""
     check_run_id(run_id)
     check_topic(topic)
     if event_id is None:
@@ -340,6 +384,11 @@ def send_event(stem: Any, store: WorkflowStore, run_id: str, topic: str, payload
         raise ConfigurationError(f"an event id is a non-empty string of at most 200 chars, got {event_id!r}")
     data = encode(payload, f"the payload of event {topic!r}")
     check_size(limits, f"the payload of event {topic!r}", data)
+    return event_id, data
+
+
+def _stored_event(stem: Any, store: WorkflowStore, run_id: str, topic: str, event_id: str, data: bytes,
+                  queue: str) -> bool:
     stored, run = store.send(run_id, topic, event_id, data, now=clock.now())
     if run is None:
         raise RunNotFoundError(f"no workflow run {run_id!r}")
