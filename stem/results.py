@@ -48,6 +48,7 @@ class Reason(enum.StrEnum):
     CHILD_CRASHED = "child-crashed"          # its process was killed from outside: redelivered
     REVOKED = "revoked"
     EXPIRED = "expired"
+    PURGED = "purged"                        # its queue was purged before it ran (stem.purging)
     POISON = "poison"                        # it kept killing the processes that ran it
     MAX_DELIVERIES = "max-deliveries"        # delivered more than the broker's max_deliveries times
     DECODE_ERROR = "decode-error"            # a frame nobody can read

@@ -104,7 +104,7 @@ from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, exec
                             pack_commands, pack_xadds, raise_first_error, validate_namespace)
 from ..stores.redis_group import execute_one as _group_execute_one
 from ..stores.redis_pipe import pack_command as _pack_command
-from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Held, Keyed,
                    LaneStats, Limit, MAX_KEY_LENGTH, Message, QueueStats, check_frame_batch, check_keyed,
                    validate_queue_name)
 from .redis_limits import LIMITED_LANE, NO_LIMIT_ARGS, limit_args, publish_args, read_lane_stats, read_limit
@@ -760,6 +760,26 @@ class RedisBroker(Broker):
 
     def purge(self, queue: str) -> int:
         return int(self._admin(queue, "purge"))
+
+    def purge_hold(self, queue: str) -> int:
+        return int(self._admin(queue, "purge_hold"))
+
+    def _held_key(self, queue: str) -> str:
+        return self.queue_keys(queue)[N_LANES + 2][:-4] + "purged"    # beside the dead stream
+
+    def purge_held(self, queue: str, limit: int = 1000) -> list[Held]:
+        checks.integer("limit", limit)
+        key = self._held_key(queue)
+        entries = self._call(lambda: self._client.xrange(key, "-", "+", count=limit), "purge_held")
+        return [Held(entry_id.decode(), fields.get(b"t", b"").decode("utf-8", "replace"), fields.get(b"f", b""))
+                for entry_id, fields in entries]
+
+    def purge_drop(self, queue: str, ids: Sequence[str]) -> int:
+        key = self._held_key(queue)
+        ids = list(ids)
+        if not ids:
+            return 0
+        return int(self._call(lambda: self._client.xdel(key, *ids), "purge_drop"))
 
     def purge_dead_letters(self, queue: str) -> int:
         key = self.queue_keys(queue)[N_LANES + 2]
