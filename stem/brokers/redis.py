@@ -91,6 +91,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -118,6 +119,7 @@ _MAX_BLOCK_S = 1.0          # longest single XREAD BLOCK; bounds the latency of 
 _BLOCK_SLACK_S = 0.1        # how late Redis may time a BLOCK out (its server tick at the default hz 10)
 _DELAYED_MOVE_LIMIT = 1000  # due delayed messages moved per consume script call
 _MAX_COUNT = 1000
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 _BLOCK_INFO = 3 + N_LANES + 1   # a consume reply's block info: two wake times, now, the lanes' ids, lnotify's
 _KEYED_CHUNK = 2000         # publish_keyed items per script call (the calls share one pipeline)
 _LIMITED_CHUNK = 2000       # limited messages per publish script call (the calls share one pipeline)
@@ -776,7 +778,7 @@ class RedisBroker(Broker):
 
     def purge_drop(self, queue: str, ids: Sequence[str]) -> int:
         key = self._held_key(queue)
-        ids = list(ids)
+        ids = [i for i in ids if _STREAM_ID.fullmatch(str(i))]   # another adapter's id names no entry
         if not ids:
             return 0
         return int(self._call(lambda: self._client.xdel(key, *ids), "purge_drop"))
