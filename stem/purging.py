@@ -40,7 +40,7 @@ from .brokers.base import validate_queue_name
 from .envelope import decode_frame
 from .errors import DecodeError, SignatureError
 from .redact import shown_args
-from .results import TERMINAL_STATES, Reason, TaskState, TaskStatus
+from .results import TERMINAL_STATES, Reason, TaskState, TaskStatus, apply_result_options, check_result_options
 
 __all__ = ["PurgeReport", "purge_queue", "DEFAULT_BATCH"]
 
@@ -93,7 +93,6 @@ def purge_queue(stem: Any, queue: str, *, batch: int = DEFAULT_BATCH) -> PurgeRe
 def _record_page(stem: Any, backend: Any, runner: Any, queue: str, page: list) -> tuple[int, int, int]:
     """Store the REVOKED statuses of one page of held messages and carry their canvases on;
     returns (revoked, kept, unreadable)."""
-    from .worker.execution import apply_result_options, check_result_options
     registry = stem.registry
     now = time.time()
     envs: list[tuple[Any, Any, bool]] = []      # (task id, envelope or None, verified)

@@ -71,9 +71,9 @@ from ..stores.local import after_fork_in_child
 from ..stores.postgres import PostgresStore, parse_postgres_url
 from ..stores.postgres_schema import LIMIT_COLUMNS, NOW, quote_schema, release_ctes, wake_ctes
 from . import _lanes
-from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Held, Keyed, LaneStats,
-                   Limit, Message, QueueStats, check_consume, check_frame_batch, check_keyed, check_limit, lane_of,
-                   validate_queue_name)
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Held, Keyed,
+                   LaneStats, Limit, Message, QueueStats, check_consume, check_frame_batch, check_keyed, check_limit,
+                   lane_of, validate_queue_name)
 
 __all__ = ["PostgresBroker", "migrate"]
 

@@ -55,9 +55,9 @@ from ..stores.base import BROKER_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
 from ..stores.sqlite_schema import LIMIT_COLUMNS, enter_lanes, left_lanes, release_keys, settle_acked
 from . import _lanes
-from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Held, Keyed, LaneStats,
-                   Limit, Message, QueueStats, check_consume, check_frame_batch, check_keyed, check_limit, lane_of,
-                   validate_queue_name)
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Held, Keyed,
+                   LaneStats, Limit, Message, QueueStats, check_consume, check_frame_batch, check_keyed, check_limit,
+                   lane_of, validate_queue_name)
 
 __all__ = ["SqliteBroker", "migrate"]
 
