@@ -76,6 +76,9 @@ Where Redis differs from the in-memory reference (all allowed by the protocol):
   XREAD per queue, all at once on connections of their own (``_block_by_slot``).
 * ``purge`` drops undelivered and delayed messages; entries whose lease
   expired (counted as ready by ``stats``) stay until redelivered.
+  ``purge_hold`` drops the same ones into the queue's holding stream
+  ``N:{q:Q}:purged`` in the same script call; ``purge_held`` reads it
+  (``XRANGE``), ``purge_drop`` deletes from it (``XDEL``).
 * Each consumer name stays in the group's consumer list (``XINFO
   CONSUMERS``) after its worker is gone; never ``XGROUP DELCONSUMER`` one
   that still has pending entries: that drops them from the PEL (the consume
