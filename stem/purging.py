@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 from . import _checks as checks
 from .brokers.base import validate_queue_name
 from .envelope import decode_frame
-from .errors import DecodeError, SignatureError
+from .errors import BackendError, BrokerError, DecodeError, SignatureError
 from .redact import shown_args
 from .results import TERMINAL_STATES, Reason, TaskState, TaskStatus, apply_result_options, check_result_options
 
@@ -48,6 +48,8 @@ log = logging.getLogger("stem.purge")
 
 #: Held entries read, recorded and dropped per step.
 DEFAULT_BATCH = 1000
+#: What stops a purge (to be run again later) rather than being skipped.
+_OUTAGES = (BrokerError, BackendError)
 
 
 class PurgeReport(NamedTuple):
@@ -145,6 +147,30 @@ def _record_page(stem: Any, backend: Any, runner: Any, queue: str, page: list) -
     if plain:
         backend.store_many(plain)
     if ended:
-        runner.finished_many(ended, [s for s in store if id(s) in in_canvas])
+        _carry_on(backend, runner, ended, [s for s in store if id(s) in in_canvas])
     return revoked, kept, unreadable
+
+
+def _carry_on(backend: Any, runner: Any, ended: list, store: list[TaskStatus]) -> None:
+    """``Runner.finished_many`` for a page; when it fails on something other than an outage
+    (a group description that does not verify, a forged canvas place), one by one, each
+    failure logged and skipped: an entry that can never be carried on must not make every
+    purge of its queue fail at the same place.  An outage propagates (the page stays held:
+    run the purge again)."""
+    try:
+        runner.finished_many(ended, store)
+        return
+    except _OUTAGES:
+        raise
+    except Exception:  # noqa: BLE001 - sorted out one by one below
+        log.warning("carrying %d purged canvas tasks on together failed; one by one", len(ended), exc_info=True)
+    if store:
+        backend.store_many(store)
+    for env, status in ended:
+        try:
+            runner.finished(env, status)
+        except _OUTAGES:
+            raise
+        except Exception:  # noqa: BLE001 - its status is stored; only its canvas place is lost
+            log.exception("cannot carry the canvas of purged task %s on", env.id)
 

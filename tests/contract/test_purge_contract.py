@@ -254,3 +254,21 @@ def test_purge_needs_a_backend_and_refuses_bad_arguments(broker, env):
         stem.purge("bad queue name\n")
     with pytest.raises(ConfigurationError):
         stem.purge(Q, batch=0)
+
+
+def test_members_signed_with_another_key_are_purged_and_an_unreadable_group_stops_nothing(broker, env):
+    """A purging producer whose key verifies neither the members nor their group's description:
+    each member still ends REVOKED under its task id, the page is not stuck on the group."""
+    from stem import PayloadSigner
+    theirs = Stem(broker, env.backend, env.registry, PayloadSigner({"k1": b"a" * 32}))
+    h = theirs.apply(chord(group(Signature("add", {"a": i, "b": 1}, on(Q)) for i in range(3)),
+                           Signature("collect", options=on(CB))))
+    plain = theirs.enqueue("add", {"a": 1, "b": 1}, options=on(Q))
+    ours = Stem(broker, env.backend, env.registry, PayloadSigner({"k2": b"b" * 32}))
+    report = ours.purge(Q)
+    assert (report.purged, report.revoked, report.unreadable) == (4, 4, 0)
+    for task_id in [plain, *(f"{h.id}.{i}" for i in range(3))]:
+        status = ours.get_status(task_id)
+        assert (status.state, status.reason) == (TaskState.REVOKED, "purged")
+        assert "signature" in status.error
+    assert broker.purge_held(Q) == []
