@@ -124,10 +124,10 @@ def _record_page(stem: Any, backend: Any, runner: Any, queue: str, page: list) -
             status = old
             kept += 1
         elif verified:
-            if registry is not None and env.name in registry:   # its status lives as its handler says
-                apply_result_options(env, registry.get(env.name).options)
-            check_result_options(env)
             handler = registry.get(env.name) if registry is not None and env.name in registry else None
+            if handler is not None:             # its status lives, and shows its arguments, as its handler says
+                apply_result_options(env, handler.options)
+            check_result_options(env)
             args = shown_args(env.args, None if handler is None else handler.options.redact,
                               size_hint=frames[task_id])
             status = TaskStatus.of(env, TaskState.REVOKED, reason=str(Reason.PURGED),
