@@ -30,6 +30,7 @@ __all__ = ["Stem", "BatchIds", "WaitResult", "ON_DUPLICATE"]
 
 if TYPE_CHECKING:
     from .canvas import CanvasHandle
+    from .purging import PurgeReport
 
 EnqueueItem = tuple  # (name, args) | (name, args, options)
 P = ParamSpec("P")
@@ -666,6 +667,14 @@ class Stem:
         which workers that verify ignore it; a verify-only signer cannot revoke."""
         ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
         store_revocations(self._require_backend(), ids, expires, self.signer)
+
+    def purge(self, queue: str, *, batch: int = 1000) -> "PurgeReport":
+        """Delete every waiting (ready, delayed, throttled) task of ``queue`` and end each
+        REVOKED, reason ``purged``: waiters wake, groups and chords count them
+        (``stem.purging``).  Needs the result backend; running tasks are not touched.
+        Safe to run again after a crash: it finishes what an interrupted purge held."""
+        from .purging import purge_queue
+        return purge_queue(self, queue, batch=batch)
 
     def close(self) -> None:
         self.broker.close()

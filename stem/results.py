@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from typing import Any
 
 import msgspec
 
 __all__ = ["TaskState", "TaskStatus", "TaskResult", "TERMINAL_STATES", "Reason", "encode_status", "decode_status",
-           "ttl_of", "MAX_CHILDREN"]
+           "ttl_of", "MAX_CHILDREN", "apply_result_options", "check_result_options"]
 
 
 class TaskState(str, enum.Enum):
@@ -48,6 +49,7 @@ class Reason(enum.StrEnum):
     CHILD_CRASHED = "child-crashed"          # its process was killed from outside: redelivered
     REVOKED = "revoked"
     EXPIRED = "expired"
+    PURGED = "purged"                        # its queue was purged before it ran (stem.purging)
     POISON = "poison"                        # it kept killing the processes that ran it
     MAX_DELIVERIES = "max-deliveries"        # delivered more than the broker's max_deliveries times
     DECODE_ERROR = "decode-error"            # a frame nobody can read
@@ -177,3 +179,27 @@ def encode_status(status: TaskStatus) -> bytes:
 
 def decode_status(data: bytes) -> TaskStatus:
     return _decoder.decode(data)
+
+
+def apply_result_options(env: Any, options: Any) -> None:
+    """Give ``env`` the handler's ``result_ttl``, ``failure_ttl`` and ``ignore_result``
+    where its producer set none (None: these options have no default, see
+    ``stem.task.RESULT_OPTIONS``), so settling reads them from the envelope alone."""
+    if options.result_ttl is not None and env.result_ttl is None:
+        env.result_ttl = options.result_ttl
+    if options.failure_ttl is not None and env.failure_ttl is None:
+        env.failure_ttl = options.failure_ttl
+    if options.ignore_result is not None and env.ignore_result is None:
+        env.ignore_result = options.ignore_result
+
+
+def check_result_options(env: Any) -> str | None:
+    """None when ``env``'s result lifetimes are None or finite seconds > 0 (what a stem
+    producer sends).  Otherwise clears them (so the DEAD status of the task can still be
+    stored: a backend refuses such a ttl) and says what was wrong."""
+    bad = [f"{name}={getattr(env, name)!r}" for name in ("result_ttl", "failure_ttl")
+           if getattr(env, name) is not None and not 0.0 < getattr(env, name) < math.inf]
+    if not bad:
+        return None
+    env.result_ttl = env.failure_ttl = None
+    return f"bad envelope: {', '.join(bad)} (result lifetimes are finite seconds > 0)"

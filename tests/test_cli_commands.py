@@ -251,14 +251,19 @@ def test_an_error_about_a_url_does_not_show_its_password():
 
 # -- the commands people look for -----------------------------------------------------------------
 def test_purge_asks_first_and_deletes_the_queued_tasks(url):
-    for _ in range(2):
-        _enqueue(url, "apps.add")
+    ids = [_enqueue(url, "apps.add") for _ in range(2)]
     declined = invoke("purge", "default", "--broker", url, input="n\n")
     assert declined.exit_code == 1 and "delete 2 ready, 0 delayed and 0 throttled" in declined.output
     purged = invoke("purge", "default", "--yes", "--json", "--broker", url)
-    assert strict_json(purged.stdout) == {"queue": "default", "purged": 2}
+    assert strict_json(purged.stdout) == {"queue": "default", "purged": 2, "revoked": 2, "kept": 0, "unreadable": 0}
     with _broker(url) as broker:
         assert broker.stats("default").ready == 0
+    with _backend(url) as backend:
+        for task_id in ids:
+            status = backend.get(task_id)
+            assert (status.state, status.reason) == (TaskState.REVOKED, "purged")
+    shown = invoke("purge", "default", "--yes", "--broker", url)
+    assert shown.exit_code == 0 and "purged 0 task(s) from default: 0 ended REVOKED, 0 unreadable" in shown.stdout
 
 
 def test_result_shows_state_error_and_traceback(url):

@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _adapters
-from .base import Broker, DeadLetter, Delivery, Keyed, Message, QueueStats
+from .base import Broker, DeadLetter, Delivery, Held, Keyed, Message, QueueStats
 from .memory import InMemoryBroker
 
-__all__ = ["Broker", "Message", "Keyed", "Delivery", "DeadLetter", "QueueStats", "InMemoryBroker",
+__all__ = ["Broker", "Message", "Keyed", "Delivery", "DeadLetter", "Held", "QueueStats", "InMemoryBroker",
            "RedisBroker", "PostgresBroker", "SqliteBroker", "from_url"]
 
 _memory_instances: dict[str, InMemoryBroker] = {}

@@ -103,6 +103,17 @@ every adapter too (``tests/contract/test_limits_contract.py``):
   atomically, keeping its frame (a slot it held is freed): the worker
   does this once instead of running it.  Routing is not a delivery: the next lease of the
   message has the same ``delivery_count`` as the routed delivery had.  ``lane_stats(queue)`` lists the lanes with their waiting and running counts.
+
+Purge with statuses (``stem.purging``), identical on every adapter too:
+
+* **Hold, then record, then drop.**  ``purge_hold`` moves every waiting message of a queue
+  (ready, delayed, in lanes; not in flight) into the queue's holding area in one atomic
+  step, releasing their keys as ``purge`` does; no consumer ever sees them again.
+  ``purge_held`` pages through the holding area, oldest first, and ``purge_drop`` deletes
+  entries by id once their REVOKED statuses are stored.  A purge that dies anywhere leaves
+  the messages either waiting or held, never gone without a status: running it again
+  finishes the job.  ``purge`` (the count alone, no holding area) stays for callers that
+  record nothing; ``delete_queue`` drops the holding area too.
 """
 
 from __future__ import annotations
@@ -116,7 +127,8 @@ from .. import _checks as checks
 from ..errors import ConfigurationError
 
 __all__ = ["Broker", "Message", "Keyed", "FrameBatch", "frame_messages", "Limit", "LaneStats", "Delivery",
-           "DeadLetter", "QueueStats", "validate_queue_name", "check_frame_batch", "check_consume", "check_keyed", "check_limit",
+           "DeadLetter", "Held", "QueueStats", "validate_queue_name", "check_frame_batch", "check_consume",
+           "check_keyed", "check_limit",
            "lane_of", "DEFAULT_VISIBILITY_TIMEOUT", "DEFAULT_MAX_DELIVERIES", "MAX_KEY_LENGTH"]
 
 DEFAULT_VISIBILITY_TIMEOUT = 30.0
@@ -282,6 +294,13 @@ class DeadLetter(NamedTuple):
     key: str | None = None   # the key it was published under; released when it was dead-lettered
 
 
+class Held(NamedTuple):
+    """A message ``purge_hold`` took out of its queue, waiting for its status (``purge_held``)."""
+    id: str              # the holding entry's id (for purge_drop)
+    task_id: str
+    frame: bytes
+
+
 class QueueStats(NamedTuple):
     queue: str
     ready: int       # deliverable now
@@ -431,7 +450,24 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     def purge(self, queue: str) -> int:
-        """Drop every ready and delayed message of ``queue`` (not in-flight ones). Returns the count."""
+        """Drop every ready and delayed message of ``queue`` (not in-flight ones). Returns the count.
+        Records nothing: their statuses stay PENDING (``stem.purging.purge_queue`` ends them
+        REVOKED; it is what ``stem purge`` and ``Stem.purge`` run)."""
+
+    @abc.abstractmethod
+    def purge_hold(self, queue: str) -> int:
+        """Move every ready, delayed and lane message of ``queue`` (not in-flight ones) into its
+        holding area, in one atomic step that releases their keys (see "Purge with statuses").
+        Returns how many moved (0 when none waited; the holding area may still hold some)."""
+
+    @abc.abstractmethod
+    def purge_held(self, queue: str, limit: int = 1000) -> list[Held]:
+        """Up to ``limit`` entries of ``queue``'s holding area, oldest first; [] when empty."""
+
+    @abc.abstractmethod
+    def purge_drop(self, queue: str, ids: Sequence[str]) -> int:
+        """Delete those entries of the holding area (their statuses are stored); unknown ids
+        are skipped.  Returns how many were deleted."""
 
     @abc.abstractmethod
     def purge_dead_letters(self, queue: str) -> int:

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 from .. import _checks as checks
-from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Held, Keyed,
                    LaneStats, Limit, Message, QueueStats, check_consume, check_keyed, check_limit, lane_of,
                    validate_queue_name)
 
@@ -78,7 +78,7 @@ class _Lane:
 
 class _Queue:
     __slots__ = ("ready", "delayed", "dead", "keys", "dead_keys", "dead_limits",
-                 "lanes", "sched", "buckets", "slots", "waiting_on", "throttled")
+                 "lanes", "sched", "buckets", "slots", "waiting_on", "throttled", "held")
 
     def __init__(self):
         self.ready: list[tuple[int, int, _Record]] = []        # (-priority, seq, rec)
@@ -94,6 +94,7 @@ class _Queue:
         self.slots: dict[str, dict[int, tuple[float, tuple[str | None, str | None]]]] = {}
         self.waiting_on: dict[str, set[str]] = {}              # concurrency key -> lanes blocked by it
         self.throttled = 0                                     # messages in lanes
+        self.held: OrderedDict[str, Held] = OrderedDict()      # purge_hold's holding area, by entry id
 
 
 class InMemoryBroker(Broker):
@@ -543,21 +544,43 @@ class InMemoryBroker(Broker):
                 self._cond.notify_all()
             return moved
 
+    def _drop_waiting(self, q: _Queue) -> list[_Record]:
+        """Remove every ready, delayed and lane message of ``q`` and release their keys (under the lock)."""
+        recs = [rec for *_, rec in q.ready + q.delayed]
+        recs += [entry[-1] for lane in q.lanes.values() for entry in lane.heap]
+        now = time.time()
+        for rec in recs:
+            self._release(rec, now)
+        q.ready.clear()
+        q.delayed.clear()
+        q.lanes.clear()
+        q.sched.clear()
+        q.waiting_on.clear()
+        q.throttled = 0
+        return recs
+
     def purge(self, queue: str) -> int:
         with self._cond:
+            return len(self._drop_waiting(self._q(queue)))
+
+    def purge_hold(self, queue: str) -> int:
+        with self._cond:
             q = self._q(queue)
-            lane_recs = [entry for lane in q.lanes.values() for entry in lane.heap]
-            n = len(q.ready) + len(q.delayed) + len(lane_recs)
-            now = time.time()
-            for *_, rec in q.ready + q.delayed + lane_recs:
-                self._release(rec, now)
-            q.ready.clear()
-            q.delayed.clear()
-            q.lanes.clear()
-            q.sched.clear()
-            q.waiting_on.clear()
-            q.throttled = 0
-            return n
+            recs = self._drop_waiting(q)
+            for rec in sorted(recs, key=lambda r: r.seq):
+                entry_id = str(next(self._seq))
+                q.held[entry_id] = Held(entry_id, rec.task_id, rec.frame)
+            return len(recs)
+
+    def purge_held(self, queue: str, limit: int = 1000) -> list[Held]:
+        checks.integer("limit", limit)
+        with self._cond:
+            return list(itertools.islice(self._q(queue).held.values(), limit))
+
+    def purge_drop(self, queue: str, ids: Sequence[str]) -> int:
+        with self._cond:
+            held = self._q(queue).held
+            return sum(held.pop(entry_id, None) is not None for entry_id in ids)
 
     def purge_dead_letters(self, queue: str) -> int:
         with self._cond:

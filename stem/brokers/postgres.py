@@ -71,9 +71,9 @@ from ..stores.local import after_fork_in_child
 from ..stores.postgres import PostgresStore, parse_postgres_url
 from ..stores.postgres_schema import LIMIT_COLUMNS, NOW, quote_schema, release_ctes, wake_ctes
 from . import _lanes
-from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed, LaneStats,
-                   Limit, Message, QueueStats, check_consume, check_frame_batch, check_keyed, check_limit, lane_of,
-                   validate_queue_name)
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Held, Keyed,
+                   LaneStats, Limit, Message, QueueStats, check_consume, check_frame_batch, check_keyed, check_limit,
+                   lane_of, validate_queue_name)
 
 __all__ = ["PostgresBroker", "migrate"]
 
@@ -176,6 +176,7 @@ def _publish_keyed(s: str, due: str, free: str, *, limited: bool) -> str:
 def _queries(s: str) -> dict[str, str]:
     jobs, dead, keys = f"{s}.stem_jobs", f"{s}.stem_dead_letters", f"{s}.stem_keys"
     lane_jobs, lanes, buckets = f"{s}.stem_lane_jobs", f"{s}.stem_lanes", f"{s}.stem_buckets"
+    held = f"{s}.stem_purge_held"
     due = f"CASE WHEN m.nb > {NOW} THEN 1 ELSE 0 END, CASE WHEN m.nb > {NOW} THEN m.nb ELSE {NOW} END"
     lane_due = f"CASE WHEN nb > {NOW} THEN nb ELSE {NOW} END"
     free = f"k.expires_at <= {NOW}"
@@ -373,6 +374,20 @@ def _queries(s: str) -> dict[str, str]:
             lz AS (UPDATE {lanes} SET next_eligible = {NOW}, blocked = false
                    WHERE queue = %(q)s AND EXISTS (SELECT 1 FROM dl))
             SELECT count(*) FROM d""",
+        # purge's deletes, their frames copied into the holding area in the same statement
+        "purge_hold": f"""
+            WITH dj AS (DELETE FROM {jobs} WHERE queue = %(q)s AND state IN (0, 1)
+                        RETURNING queue, task_id, key, key_linger, frame, 0 AS src, id),
+            dl AS (DELETE FROM {lane_jobs} WHERE queue = %(q)s AND state IN (0, 1)
+                   RETURNING queue, task_id, key, key_linger, frame, 1 AS src, id),
+            d AS (SELECT * FROM dj UNION ALL SELECT * FROM dl), {release_ctes(s, "d")},
+            lz AS (UPDATE {lanes} SET next_eligible = {NOW}, blocked = false
+                   WHERE queue = %(q)s AND EXISTS (SELECT 1 FROM dl)),
+            ins AS (INSERT INTO {held} (queue, task_id, frame)
+                    SELECT queue, task_id, frame FROM d ORDER BY src, id)
+            SELECT count(*) FROM d""",
+        "purge_held": f"SELECT id, task_id, frame FROM {held} WHERE queue = %s ORDER BY id LIMIT %s",
+        "purge_drop": f"DELETE FROM {held} WHERE queue = %s AND id = ANY(%s::bigint[])",
         "purge_dead": f"DELETE FROM {dead} WHERE queue = %s",
         "stats": f"""
             SELECT (SELECT count(*) FROM {jobs} WHERE queue = %(q)s AND state = 0),
@@ -404,7 +419,8 @@ def _queries(s: str) -> dict[str, str]:
         "delete_queue": f"""
             WITH j AS (DELETE FROM {jobs} WHERE queue = %(q)s), d AS (DELETE FROM {dead} WHERE queue = %(q)s),
             k AS (DELETE FROM {keys} WHERE queue = %(q)s), lj AS (DELETE FROM {lane_jobs} WHERE queue = %(q)s),
-            l AS (DELETE FROM {lanes} WHERE queue = %(q)s), b AS (DELETE FROM {buckets} WHERE queue = %(q)s)
+            l AS (DELETE FROM {lanes} WHERE queue = %(q)s), b AS (DELETE FROM {buckets} WHERE queue = %(q)s),
+            h AS (DELETE FROM {held} WHERE queue = %(q)s)
             DELETE FROM {s}.stem_queues WHERE name = %(q)s""",
         "enter_lane": _lanes_in(s, "(SELECT %(q)s::text AS q, %(lane)s::text AS lane, %(rk)s::text AS rk, "
                                    "%(ck)s::text AS ck) x", NOW),
@@ -849,6 +865,23 @@ class PostgresBroker(Broker):
     def purge(self, queue: str) -> int:
         validate_queue_name(queue)
         return int(self._pg.run(lambda conn: conn.execute(self._sql["purge"], {"q": queue}).fetchone()[0]))
+
+    def purge_hold(self, queue: str) -> int:
+        validate_queue_name(queue)
+        return int(self._pg.run(lambda conn: conn.execute(self._sql["purge_hold"], {"q": queue}).fetchone()[0]))
+
+    def purge_held(self, queue: str, limit: int = 1000) -> list[Held]:
+        validate_queue_name(queue)
+        checks.integer("limit", limit)
+        rows = self._pg.run(lambda conn: conn.execute(self._sql["purge_held"], (queue, limit)).fetchall())
+        return [Held(str(i), t, bytes(f)) for i, t, f in rows]
+
+    def purge_drop(self, queue: str, ids: Sequence[str]) -> int:
+        validate_queue_name(queue)
+        numbers = [int(i) for i in ids if str(i).isdigit()]
+        if not numbers:
+            return 0
+        return self._pg.run(lambda conn: conn.execute(self._sql["purge_drop"], (queue, numbers)).rowcount)
 
     def purge_dead_letters(self, queue: str) -> int:
         validate_queue_name(queue)

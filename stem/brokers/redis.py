@@ -76,6 +76,9 @@ Where Redis differs from the in-memory reference (all allowed by the protocol):
   XREAD per queue, all at once on connections of their own (``_block_by_slot``).
 * ``purge`` drops undelivered and delayed messages; entries whose lease
   expired (counted as ready by ``stats``) stay until redelivered.
+  ``purge_hold`` drops the same ones into the queue's holding stream
+  ``N:{q:Q}:purged`` in the same script call; ``purge_held`` reads it
+  (``XRANGE``), ``purge_drop`` deletes from it (``XDEL``).
 * Each consumer name stays in the group's consumer list (``XINFO
   CONSUMERS``) after its worker is gone; never ``XGROUP DELCONSUMER`` one
   that still has pending entries: that drops them from the PEL (the consume
@@ -91,6 +94,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 import uuid
@@ -104,7 +108,7 @@ from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, exec
                             pack_commands, pack_xadds, raise_first_error, validate_namespace)
 from ..stores.redis_group import execute_one as _group_execute_one
 from ..stores.redis_pipe import pack_command as _pack_command
-from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed,
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Held, Keyed,
                    LaneStats, Limit, MAX_KEY_LENGTH, Message, QueueStats, check_frame_batch, check_keyed,
                    validate_queue_name)
 from .redis_limits import LIMITED_LANE, NO_LIMIT_ARGS, limit_args, publish_args, read_lane_stats, read_limit
@@ -118,6 +122,7 @@ _MAX_BLOCK_S = 1.0          # longest single XREAD BLOCK; bounds the latency of 
 _BLOCK_SLACK_S = 0.1        # how late Redis may time a BLOCK out (its server tick at the default hz 10)
 _DELAYED_MOVE_LIMIT = 1000  # due delayed messages moved per consume script call
 _MAX_COUNT = 1000
+_STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 _BLOCK_INFO = 3 + N_LANES + 1   # a consume reply's block info: two wake times, now, the lanes' ids, lnotify's
 _KEYED_CHUNK = 2000         # publish_keyed items per script call (the calls share one pipeline)
 _LIMITED_CHUNK = 2000       # limited messages per publish script call (the calls share one pipeline)
@@ -760,6 +765,26 @@ class RedisBroker(Broker):
 
     def purge(self, queue: str) -> int:
         return int(self._admin(queue, "purge"))
+
+    def purge_hold(self, queue: str) -> int:
+        return int(self._admin(queue, "purge_hold"))
+
+    def _held_key(self, queue: str) -> str:
+        return self.queue_keys(queue)[N_LANES + 2][:-4] + "purged"    # beside the dead stream
+
+    def purge_held(self, queue: str, limit: int = 1000) -> list[Held]:
+        checks.integer("limit", limit)
+        key = self._held_key(queue)
+        entries = self._call(lambda: self._client.xrange(key, "-", "+", count=limit), "purge_held")
+        return [Held(entry_id.decode(), fields.get(b"t", b"").decode("utf-8", "replace"), fields.get(b"f", b""))
+                for entry_id, fields in entries]
+
+    def purge_drop(self, queue: str, ids: Sequence[str]) -> int:
+        key = self._held_key(queue)
+        ids = [i for i in ids if _STREAM_ID.fullmatch(str(i))]   # another adapter's id names no entry
+        if not ids:
+            return 0
+        return int(self._call(lambda: self._client.xdel(key, *ids), "purge_drop"))
 
     def purge_dead_letters(self, queue: str) -> int:
         key = self.queue_keys(queue)[N_LANES + 2]

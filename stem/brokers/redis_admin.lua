@@ -8,6 +8,9 @@
 --                                 delayed
 --     purge                    -> number of undelivered and delayed messages dropped
 --                                 (in-flight entries stay), their keys released; O(dropped)
+--     purge_hold               -> the same, each dropped message appended to the holding
+--                                 stream N:{q:Q}:purged (t = task id, f = frame; a member
+--                                 that does not unpack goes whole, as f, with t = "")
 --     replay  limit start      -> {moved, scanned, last id scanned}: dead letters from
 --                                 `start` (an XRANGE start: "-" or "(id"), at most `limit`,
 --                                 moved back to their lane, due now, as new entries (fresh
@@ -22,6 +25,7 @@
 -- purge drops the limit lanes and the delayed limited messages too (counted); limited
 -- deliveries in flight stay, as in-flight entries do.
 local op = ARGV[1]
+local HELD = BASE .. 'purged'   -- purge_hold's holding stream (stem.purging)
 local now = now_ms()
 
 if op == 'stats' then
@@ -42,35 +46,40 @@ if op == 'stats' then
   return {total - pending + expired + due, in_flight, delayed, redis.call('XLEN', DEAD), throttled}
 end
 
-if op == 'purge' then
-  -- only a queue with keys (its index exists) reads what it drops, to release their keys
+if op == 'purge' or op == 'purge_hold' then
+  -- only a queue with keys (its index exists) reads what it drops, to release their keys;
+  -- purge_hold reads everything: each dropped message goes to the holding stream (t, f)
   local keyed = redis.call('EXISTS', KEYIDX) == 1
-  local n = redis.call('ZCARD', DELAYED)
-  if keyed then
+  local hold = op == 'purge_hold'
+  local reads = keyed or hold
+  local n = 0
+  local function dropped(t, f, k, kl)
+    n = n + 1
+    if keyed and k ~= nil and k ~= '' then release(k, t, kl, now) end
+    if hold then redis.call('XADD', HELD, '*', 't', t or '', 'f', f or '') end
+  end
+  if reads then
     for _, m in ipairs(redis.call('ZRANGE', DELAYED, 0, -1)) do
-      if string.byte(m, 1) == 75 then   -- 'K': a keyed member
-        local t, _, _, _, k, _, kl = unpack_delayed(m)
-        release(k, t, kl, now)
-      end
+      local t, f, _, _, k, _, kl = unpack_delayed(m)
+      if t == nil then dropped('', m) else dropped(t, f, k, kl) end
     end
+  else
+    n = n + redis.call('ZCARD', DELAYED)
   end
   redis.call('DEL', DELAYED)
   -- limit lanes and delayed limited messages
   local function drop_limited(members)
     for _, m in ipairs(members) do
-      n = n + 1
-      if keyed then
-        local l = L.lunpack(m)
-        if l and l.k ~= '' then release(l.k, l.t, l.kl, now) end
-      end
+      local l = L.lunpack(m)
+      if l then dropped(l.t, l.f, l.k, l.kl) else dropped('', m) end
     end
   end
   for _, lane in ipairs(redis.call('ZRANGE', L.LLANES, 0, -1)) do
     local key = L.llane_key(lane)
-    if keyed then drop_limited(redis.call('ZRANGE', key, 0, -1)) else n = n + redis.call('ZCARD', key) end
+    if reads then drop_limited(redis.call('ZRANGE', key, 0, -1)) else n = n + redis.call('ZCARD', key) end
     redis.call('DEL', key)
   end
-  if keyed then drop_limited(redis.call('ZRANGE', L.LDELAYED, 0, -1)) else n = n + redis.call('ZCARD', L.LDELAYED) end
+  if reads then drop_limited(redis.call('ZRANGE', L.LDELAYED, 0, -1)) else n = n + redis.call('ZCARD', L.LDELAYED) end
   redis.call('DEL', L.LLANES, L.LSIZES, L.LDELAYED, L.LTURN)
   for lane = 0, NLANES - 1 do
     local key = KEYS[lane + 1]
@@ -83,7 +92,7 @@ if op == 'purge' then
           if info['name'] == GROUP then last = info['last-delivered-id'] end
         end
       end
-      if last == nil and not keyed then
+      if last == nil and not reads then
         -- nobody read this lane yet, so nothing of it is in flight
         n = n + redis.call('XLEN', key)
         redis.call('DEL', key)
@@ -94,10 +103,9 @@ if op == 'purge' then
           local batch = redis.call('XRANGE', key, start, '+', 'COUNT', 500)
           if #batch == 0 then break end
           for _, e in ipairs(batch) do
-            n = n + redis.call('XDEL', key, e[1])
-            if keyed then
+            if redis.call('XDEL', key, e[1]) == 1 then
               local h = fields_of(e[2])
-              release(h.k, h.t, h.kl, now)
+              if reads then dropped(h.t, h.f, h.k, h.kl) else n = n + 1 end
             end
           end
           start = '(' .. batch[#batch][1]
@@ -175,7 +183,7 @@ if op == 'delete' then
     redis.call('DEL', unpack(limit_keys, i, math.min(i + 499, #limit_keys)))
   end
   redis.call('DEL', L.LLANES, L.LSIZES, L.LDELAYED, L.LLEASES, L.LFLIGHT, L.LKEYS, L.LSEQ, L.LTURN, L.LNOTIFY)
-  redis.call('DEL', KEYIDX, unpack(KEYS))
+  redis.call('DEL', KEYIDX, HELD, unpack(KEYS))
   return 1
 end
 

@@ -23,6 +23,8 @@
 --                               hex, so the K tells the two apart).
 --   N:{q:Q}:dead        STREAM  dead letters: t, f, p, v (and k, kt, kl) as above, r = reason,
 --                               at = failed_at (ms).
+--   N:{q:Q}:purged      STREAM  purge_hold's holding area (redis_admin.lua): t, f of purged
+--                               messages whose REVOKED statuses are not yet stored (stem.purging).
 --   N:{q:Q}:key:K       STRING  key K of the queue (publish_keyed): the owner's task id, PX ttl.
 --                               Released (owner-checked) by the script that ends its message.
 --   N:{q:Q}:keys        ZSET    K -> when key K expires at the latest (ms): the index that lets

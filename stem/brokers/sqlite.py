@@ -55,9 +55,9 @@ from ..stores.base import BROKER_ERRORS
 from ..stores.sqlite import SqliteStore, parse_sqlite_url
 from ..stores.sqlite_schema import LIMIT_COLUMNS, enter_lanes, left_lanes, release_keys, settle_acked
 from . import _lanes
-from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Keyed, LaneStats,
-                   Limit, Message, QueueStats, check_consume, check_frame_batch, check_keyed, check_limit, lane_of,
-                   validate_queue_name)
+from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Held, Keyed,
+                   LaneStats, Limit, Message, QueueStats, check_consume, check_frame_batch, check_keyed, check_limit,
+                   lane_of, validate_queue_name)
 
 __all__ = ["SqliteBroker", "migrate"]
 
@@ -497,18 +497,50 @@ class SqliteBroker(Broker):
 
     def purge(self, queue: str) -> int:
         validate_queue_name(queue)
-        now = time.time()
         with self._store.write() as conn:
-            release_keys(conn, conn.execute(
-                "SELECT queue, task_id, key, key_linger FROM stem_messages WHERE queue = ? AND state IN (0, 1) "
-                "AND key IS NOT NULL", (queue,)).fetchall(), now)
-            count = conn.execute("DELETE FROM stem_messages WHERE queue = ? AND state IN (0, 1)", (queue,)).rowcount
-            rows = conn.execute("DELETE FROM stem_lane_messages WHERE queue = ? AND state IN (0, 1) "
-                                "RETURNING queue, task_id, key, key_linger, lane", (queue,)).fetchall()
-            if rows:
-                release_keys(conn, [r[:4] for r in rows], now)
-                left_lanes(conn, [(queue, lane, None) for lane in {r[4] for r in rows}], now)
-            return count + len(rows)
+            return self._drop_waiting(conn, queue, time.time())
+
+    @staticmethod
+    def _drop_waiting(conn, queue: str, now: float) -> int:
+        """Delete the queue's waiting messages (ready, delayed, in lanes), releasing their keys."""
+        release_keys(conn, conn.execute(
+            "SELECT queue, task_id, key, key_linger FROM stem_messages WHERE queue = ? AND state IN (0, 1) "
+            "AND key IS NOT NULL", (queue,)).fetchall(), now)
+        count = conn.execute("DELETE FROM stem_messages WHERE queue = ? AND state IN (0, 1)", (queue,)).rowcount
+        rows = conn.execute("DELETE FROM stem_lane_messages WHERE queue = ? AND state IN (0, 1) "
+                            "RETURNING queue, task_id, key, key_linger, lane", (queue,)).fetchall()
+        if rows:
+            release_keys(conn, [r[:4] for r in rows], now)
+            left_lanes(conn, [(queue, lane, None) for lane in {r[4] for r in rows}], now)
+        return count + len(rows)
+
+    def purge_hold(self, queue: str) -> int:
+        validate_queue_name(queue)
+        with self._store.write() as conn:
+            # copied, then deleted, in one write transaction: never in both places, never in neither
+            for table in ("stem_messages", "stem_lane_messages"):
+                conn.execute(f"INSERT INTO stem_purge_held (queue, task_id, frame) SELECT queue, task_id, frame "
+                             f"FROM {table} WHERE queue = ? AND state IN (0, 1) ORDER BY id", (queue,))
+            return self._drop_waiting(conn, queue, time.time())
+
+    def purge_held(self, queue: str, limit: int = 1000) -> list[Held]:
+        validate_queue_name(queue)
+        checks.integer("limit", limit)
+        with self._store.connection() as conn:
+            rows = conn.execute("SELECT id, task_id, frame FROM stem_purge_held WHERE queue = ? ORDER BY id LIMIT ?",
+                                (queue, limit)).fetchall()
+        return [Held(str(i), t, bytes(f)) for i, t, f in rows]
+
+    def purge_drop(self, queue: str, ids: Sequence[str]) -> int:
+        validate_queue_name(queue)
+        numbers = [int(i) for i in ids if str(i).isdigit()]
+        dropped = 0
+        with self._store.write() as conn:
+            for i in range(0, len(numbers), 500):
+                chunk = numbers[i:i + 500]
+                dropped += conn.execute(f"DELETE FROM stem_purge_held WHERE queue = ? AND id IN "
+                                        f"({','.join('?' * len(chunk))})", (queue, *chunk)).rowcount
+        return dropped
 
     def purge_dead_letters(self, queue: str) -> int:
         validate_queue_name(queue)
@@ -522,6 +554,7 @@ class SqliteBroker(Broker):
             conn.execute("DELETE FROM stem_dead_letters WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM stem_keys WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM stem_lane_messages WHERE queue = ?", (queue,))
+            conn.execute("DELETE FROM stem_purge_held WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM stem_lanes WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM stem_buckets WHERE queue = ?", (queue,))
             conn.execute("DELETE FROM stem_queues WHERE name = ?", (queue,))

@@ -214,12 +214,18 @@ def queues(broker_url, backend_url, as_json, show_all):
 def purge(queue, yes, as_json, broker_url, backend_url):
     """Delete every ready, delayed and throttled task of QUEUE for good.
 
-    Tasks running now are not touched; dead letters stay (stem dlq purge).
+    Each ends REVOKED (reason "purged"): its waiters wake, and a group or chord it
+    belongs to counts it as failed.  Tasks running now are not touched; dead letters
+    stay (stem dlq purge).  A purge that was interrupted is finished by running it again.
     """
     with Env(broker_url, backend_url) as env:
+        env.require_backend("stem purge (it records each purged task's REVOKED status)")
         stats = env.broker.stats(queue)
         if not yes and not click.confirm(f"delete {stats.ready} ready, {stats.delayed} delayed and {stats.throttled} "
                                          f"throttled task(s) of queue {queue!r} for good?", default=False):
             fail("nothing purged")
-        purged = env.broker.purge(queue)
-    emit({"queue": queue, "purged": purged}, as_json, lambda d: click.echo(f"purged {purged} task(s) from {queue}"))
+        report = env.producer().purge(queue)
+    data = {"queue": queue, "purged": report.purged, "revoked": report.revoked, "kept": report.kept,
+            "unreadable": report.unreadable}
+    emit(data, as_json, lambda d: click.echo(f"purged {report.purged} task(s) from {queue}: {report.revoked} "
+                                             f"ended REVOKED, {report.unreadable} unreadable"))

@@ -2,7 +2,7 @@
 that the broker's settles and the backend's fused result+ack share.
 
 Every table lives in the schema given by ``?schema=`` / ``schema=`` (default
-``public``).  Version 8, created by ``migrate`` under
+``public``).  Version 9, created by ``migrate`` under
 ``pg_advisory_xact_lock(hashtext('stem-migrate:<schema>'))`` so processes that
 start together apply each version once; each version adds to the last (new
 tables, ``ADD COLUMN`` of nullable columns: no table rewrite), so a schema of
@@ -62,6 +62,9 @@ any older version upgrades in place::
                          epoch, created_at
     stem_wf_events       (run_id, seq) PRIMARY KEY, UNIQUE (run_id, event_id), topic, payload,
                          created_at;  (run_id, topic, seq)
+    stem_purge_held      id bigint identity PRIMARY KEY, queue, task_id, frame;  (queue, id):
+                         purge_hold's holding area, purged jobs whose REVOKED statuses are not
+                         yet stored (version 9, stem.purging)
 
 Acked rows are deleted, so ``stem_jobs`` holds only live messages; the
 partial indexes hold only the rows a claim or a wake-up looks at.
@@ -81,7 +84,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema", "release_ctes", "wake_ctes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
@@ -279,6 +282,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     8: (
         "ALTER TABLE {s}.stem_groups ADD COLUMN held boolean NOT NULL DEFAULT false",
+    ),
+    9: (
+        """CREATE TABLE {s}.stem_purge_held (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            queue text NOT NULL,
+            task_id text NOT NULL,
+            frame bytea NOT NULL)""",
+        "CREATE INDEX stem_purge_held_queue ON {s}.stem_purge_held (queue, id)",
     ),
 }
 

@@ -5,7 +5,7 @@ upgrades them: idempotent, versioned in ``stem_schema_version``, inside one
 ``BEGIN IMMEDIATE`` transaction so concurrent processes serialise on SQLite's
 write lock; each version adds to the last (``ALTER TABLE ... ADD COLUMN``,
 new tables), so a file of any older version upgrades in place.  Schema,
-version 8::
+version 9::
 
     stem_messages       id INTEGER PRIMARY KEY AUTOINCREMENT  -- age order; never reused, so a
                                                               -- stale receipt cannot hit a new row
@@ -58,6 +58,9 @@ version 8::
                         epoch, created_at
     stem_wf_events      (run_id, seq) PRIMARY KEY, UNIQUE (run_id, event_id), topic, payload,
                         created_at;  ix (run_id, topic, seq)
+    stem_purge_held     id AUTOINCREMENT, queue, task_id, frame;  ix (queue, id) -- purge_hold's
+                        holding area: purged messages whose REVOKED statuses are not yet
+                        stored (version 9, stem.purging)
 
 ``settle_acked``, ``release_keys`` and ``left_lanes`` are the ack, the key release and
 the slot release that the broker's ``ack`` and the backend's fused result+ack
@@ -75,7 +78,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys", "enter_lanes", "left_lanes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 _CHUNK = 500            # ids per IN (...) list
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -264,6 +267,14 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     8: (
         "ALTER TABLE stem_groups ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
+    ),
+    9: (
+        """CREATE TABLE stem_purge_held (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            queue TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            frame BLOB NOT NULL)""",
+        "CREATE INDEX stem_purge_held_queue ON stem_purge_held (queue, id)",
     ),
 }
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
-import math
 import time
 import traceback
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import msgspec
 
 from ..errors import Retry, SoftTimeLimitExceeded, WorkerShutdown
-from ..results import Reason
+from ..results import Reason, apply_result_options, check_result_options  # noqa: F401 - re-exported
 from ..task import FunctionTaskHandler, TaskContext, TaskHandler
 
 __all__ = ["Outcome", "OutcomeKind", "OK", "ERROR", "RETRY", "run_handler", "run_handler_async", "outcome_of_exception",
@@ -109,30 +108,6 @@ def apply_handler_options(env: Any, handler: TaskHandler) -> bool:
                 vt_changed = value != env.visibility_timeout
             setattr(env, field, value)
     return vt_changed
-
-
-def apply_result_options(env: Any, options: Any) -> None:
-    """Give ``env`` the handler's ``result_ttl``, ``failure_ttl`` and ``ignore_result``
-    where its producer set none (None: these options have no default, see
-    ``stem.task.RESULT_OPTIONS``), so settling reads them from the envelope alone."""
-    if options.result_ttl is not None and env.result_ttl is None:
-        env.result_ttl = options.result_ttl
-    if options.failure_ttl is not None and env.failure_ttl is None:
-        env.failure_ttl = options.failure_ttl
-    if options.ignore_result is not None and env.ignore_result is None:
-        env.ignore_result = options.ignore_result
-
-
-def check_result_options(env: Any) -> str | None:
-    """None when ``env``'s result lifetimes are None or finite seconds > 0 (what a stem
-    producer sends).  Otherwise clears them (so the DEAD status of the task can still be
-    stored: a backend refuses such a ttl) and says what was wrong."""
-    bad = [f"{name}={getattr(env, name)!r}" for name in ("result_ttl", "failure_ttl")
-           if getattr(env, name) is not None and not 0.0 < getattr(env, name) < math.inf]
-    if not bad:
-        return None
-    env.result_ttl = env.failure_ttl = None
-    return f"bad envelope: {', '.join(bad)} (result lifetimes are finite seconds > 0)"
 
 
 def is_expired(env: Any, now: float) -> bool:
