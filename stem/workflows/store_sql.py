@@ -40,11 +40,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence, TypeVar
 
-from ..errors import ConfigurationError
 from ..stores.postgres_schema import quote_schema
-from .store import (CANCELLED, FAILED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, STATUSES, SUCCEEDED, TERMINAL,
-                    Event, JournalEntry, ParkOutcome, RunRecord, WorkflowStore, check_epoch, check_limit,
-                    check_payload, check_position, check_run_id, check_seqs, check_text, check_time)
+from .store import (CANCELLED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, TERMINAL, Event, JournalEntry, ParkOutcome,
+                    RunRecord, WorkflowStore)
 
 __all__ = ["SQLiteWorkflowStore", "PostgresWorkflowStore", "SqlWorkflowStore"]
 
@@ -150,78 +148,41 @@ class SqlWorkflowStore(WorkflowStore):
                 + f" ORDER BY id LIMIT {m}")
 
     # -- runs ------------------------------------------------------------------------------
-    def create(self, run_id: str, name: str, version: str, input: bytes, *, now: float,
-               parent: str | None = None) -> tuple[bool, RunRecord]:
-        check_run_id(run_id)
-        check_text("a workflow name", name)
-        check_text("a workflow version", version, limit=64)
-        data = check_payload("input", input, optional=False)
-        now = check_time("now", now)
-        if parent is not None:
-            check_run_id(parent)
-
-        params = (run_id, name, version, data, now, parent, now, now)
+    def _create(self, run_id: str, name: str, version: str, input: bytes, *, now: float,
+                parent: str | None) -> tuple[bool, RunRecord]:
+        params = (run_id, name, version, input, now, parent, now, now)
         rows = self._one(lambda conn: conn.execute(self.sql["create"], params).fetchall())
         if rows:
             return True, _run(rows[0])
-        return False, self.get(run_id)   # type: ignore[return-value]   # runs are never deleted
+        return False, self._get(run_id)   # type: ignore[return-value]   # runs are never deleted
 
-    def get(self, run_id: str) -> RunRecord | None:
-        check_run_id(run_id)
+    def _get(self, run_id: str) -> RunRecord | None:
         row = self._read(lambda conn: conn.execute(self.sql["get"], (run_id,)).fetchone())
         return None if row is None else _run(row)
 
-    def runs(self, *, status: str | None = None, name: str | None = None, limit: int = 100,
-             after: str | None = None) -> list[RunRecord]:
-        if status is not None and status not in STATUSES:
-            raise ConfigurationError(f"a run status is one of {sorted(STATUSES)}, got {status!r}")
-        check_text("a workflow name", name, optional=True)
-        check_limit(limit)
-        if after is not None:
-            check_run_id(after)
+    def _runs(self, *, status: str | None, name: str | None, limit: int, after: str | None) -> list[RunRecord]:
         statement = self._runs_sql(status is not None, name is not None, after is not None)
         params = [p for p in (status, name, after) if p is not None] + [limit]
         return [_run(r) for r in self._read(lambda conn: conn.execute(statement, params).fetchall())]
 
     # -- one activation ----------------------------------------------------------------------
-    def claim(self, run_id: str, owner: str, *, now: float, lease: float) -> RunRecord | None:
-        check_run_id(run_id)
-        check_text("an owner", owner)
-        now = check_time("now", now)
-        lease = check_time("lease", lease)
+    def _claim(self, run_id: str, owner: str, *, now: float, lease: float) -> RunRecord | None:
         rows = self._one(lambda conn: conn.execute(self.sql["claim"], (owner, now + lease, now, run_id,
                                                                        now)).fetchall())
         return _run(rows[0]) if rows else None
 
-    def renew(self, run_id: str, epoch: int, *, now: float, lease: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        now = check_time("now", now)
-        lease = check_time("lease", lease)
+    def _renew(self, run_id: str, epoch: int, *, now: float, lease: float) -> bool:
         params = (now + lease, now, run_id, epoch)
         return self._one(lambda conn: conn.execute(self.sql["renew"], params).rowcount, lazy=True) > 0
 
-    def journal(self, run_id: str) -> list[JournalEntry]:
-        check_run_id(run_id)
+    def _journal(self, run_id: str) -> list[JournalEntry]:
         rows = self._read(lambda conn: conn.execute(self.sql["journal"], (run_id,)).fetchall())
         return [JournalEntry(r[0], r[1], r[2], _bytes(r[3]), _bytes(r[4]), r[5], r[6], r[7]) for r in rows]
 
-    def append(self, run_id: str, epoch: int, position: int, kind: str, name: str, *,
-               output: bytes | None = None, error: bytes | None = None, attempt: int = 1,
-               now: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        check_position(position)
-        check_text("an entry kind", kind, limit=32)
-        check_text("an entry name", name)
-        output = check_payload("output", output)
-        error = check_payload("error", error)
-        check_position(attempt)
-        now = check_time("now", now)
+    def _append(self, run_id: str, epoch: int, position: int, kind: str, name: str, *, output: bytes | None,
+                error: bytes | None, attempt: int, now: float) -> bool:
         entry = (run_id, position, kind, name, output, error, attempt, epoch, now)
-        return self._append(run_id, epoch, position, entry)
 
-    def _append(self, run_id: str, epoch: int, position: int, entry: tuple) -> bool:
         def append(conn) -> bool:
             if conn.execute(self.sql["take_position"], (run_id, epoch, position)).rowcount == 0:
                 return False
@@ -230,15 +191,8 @@ class SqlWorkflowStore(WorkflowStore):
 
         return self._write(append)
 
-    def park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
-             waits_for: str | None, inbox_seen: int, now: float) -> ParkOutcome:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        wake_at = check_time("wake_at", wake_at, optional=True)
-        waiting = check_payload("waiting", waiting)
-        check_text("waits_for", waits_for, optional=True)
-        check_position(inbox_seen)
-        now = check_time("now", now)
+    def _park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
+              waits_for: str | None, inbox_seen: int, now: float) -> ParkOutcome:
         params = (wake_at, waiting, waits_for, inbox_seen, now, run_id, epoch, inbox_seen)
         if self._one(lambda conn: conn.execute(self.sql["park"], params).rowcount, lazy=True) > 0:
             return "parked"
@@ -265,16 +219,8 @@ class SqlWorkflowStore(WorkflowStore):
             return False, run
         return True, _run(conn.execute(self.sql["count_event"], (seq, now, run_id)).fetchall()[0])
 
-    def finish(self, run_id: str, epoch: int, status: str, *, result: bytes | None = None,
-               error: bytes | None = None, now: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        if status not in (SUCCEEDED, FAILED):
-            raise ConfigurationError(f"a run finishes SUCCEEDED or FAILED, got {status!r}")
-        result = check_payload("result", result)
-        error = check_payload("error", error)
-        now = check_time("now", now)
-
+    def _finish(self, run_id: str, epoch: int, status: str, *, result: bytes | None, error: bytes | None,
+                now: float) -> bool:
         def finish(conn) -> bool:
             rows = conn.execute(self.sql["finish"], (status, result, error, now, run_id, epoch)).fetchall()
             if not rows:
@@ -284,37 +230,24 @@ class SqlWorkflowStore(WorkflowStore):
 
         return self._write(finish)
 
-    def attention(self, run_id: str, epoch: int, reason: str, *, now: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        check_text("a reason", reason, limit=4000)
-        now = check_time("now", now)
+    def _attention(self, run_id: str, epoch: int, reason: str, *, now: float) -> bool:
         params = (reason, now, run_id, epoch)
         return self._one(lambda conn: conn.execute(self.sql["attention"], params).rowcount) > 0
 
-    def continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: Sequence[int],
-                        now: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        data = check_payload("input", input, optional=False)
-        drop = sorted(check_seqs("drop_events", drop_events))
-        now = check_time("now", now)
-
+    def _continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: list[int],
+                         now: float) -> bool:
         def restart(conn) -> bool:
-            if conn.execute(self.sql["continue_as_new"], (data, now, now, run_id, epoch)).rowcount == 0:
+            if conn.execute(self.sql["continue_as_new"], (input, now, now, run_id, epoch)).rowcount == 0:
                 return False
             conn.execute(self.sql["drop_journal"], (run_id, 0))
-            if drop:
-                conn.cursor().executemany(self.sql["drop_event"], [(run_id, seq) for seq in drop])
+            if drop_events:
+                conn.cursor().executemany(self.sql["drop_event"], [(run_id, seq) for seq in drop_events])
             return True
 
         return self._write(restart)
 
     # -- operators -----------------------------------------------------------------------------
-    def cancel(self, run_id: str, *, now: float) -> RunRecord | None:
-        check_run_id(run_id)
-        now = check_time("now", now)
-
+    def _cancel(self, run_id: str, *, now: float) -> RunRecord | None:
         def cancel(conn) -> RunRecord | None:
             rows = conn.execute(self.sql["cancel"], (now, run_id)).fetchall()
             if not rows:
@@ -326,11 +259,7 @@ class SqlWorkflowStore(WorkflowStore):
 
         return self._write(cancel)
 
-    def reset(self, run_id: str, to_position: int, *, now: float) -> RunRecord | None:
-        check_run_id(run_id)
-        check_position(to_position)
-        now = check_time("now", now)
-
+    def _reset(self, run_id: str, to_position: int, *, now: float) -> RunRecord | None:
         def reset(conn) -> RunRecord | None:
             rows = conn.execute(self.sql["reset"], (now, to_position, to_position, now, run_id)).fetchall()
             if not rows:
@@ -341,21 +270,11 @@ class SqlWorkflowStore(WorkflowStore):
         return self._write(reset)
 
     # -- events --------------------------------------------------------------------------------
-    def send(self, run_id: str, topic: str, event_id: str, payload: bytes, *,
-             now: float) -> tuple[bool, RunRecord | None]:
-        check_run_id(run_id)
-        check_text("a topic", topic)
-        check_text("an event id", event_id)
-        data = check_payload("payload", payload, optional=False)
-        now = check_time("now", now)
-        return self._write(lambda conn: self._store_event(conn, run_id, topic, event_id, data, now))
+    def _send(self, run_id: str, topic: str, event_id: str, payload: bytes, *,
+              now: float) -> tuple[bool, RunRecord | None]:
+        return self._write(lambda conn: self._store_event(conn, run_id, topic, event_id, payload, now))
 
-    def events(self, run_id: str, topic: str | None = None, after_seq: int = 0,
-               limit: int = 100) -> list[Event]:
-        check_run_id(run_id)
-        check_text("a topic", topic, optional=True)
-        check_position(after_seq)
-        check_limit(limit)
+    def _events(self, run_id: str, topic: str | None, after_seq: int, limit: int) -> list[Event]:
         if topic is None:
             statement, params = self.sql["events"], (run_id, after_seq, limit)
         else:
@@ -364,18 +283,15 @@ class SqlWorkflowStore(WorkflowStore):
         return [Event(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
     # -- the sweeper ---------------------------------------------------------------------------
-    def due(self, *, now: float, limit: int = 500) -> list[tuple[str, str]]:
-        now = check_time("now", now)
-        check_limit(limit)
+    def _due(self, *, now: float, limit: int) -> list[tuple[str, str]]:
         rows = self._read(lambda conn: conn.execute(self.sql["due"], (now, now, limit)).fetchall())
         return [(r[0], r[1]) for r in rows]
 
-    def parked_on(self, *, limit: int = 500, after: str | None = None) -> list[tuple[str, str]]:
-        check_limit(limit)
+    def _parked_on(self, *, limit: int, after: str | None) -> list[tuple[str, str]]:
         if after is None:
             statement, params = self.sql["parked_on"], (limit,)
         else:
-            statement, params = self.sql["parked_on_after"], (check_run_id(after), limit)
+            statement, params = self.sql["parked_on_after"], (after, limit)
         return [(r[0], r[1]) for r in self._read(lambda conn: conn.execute(statement, params).fetchall())]
 
 
@@ -434,8 +350,9 @@ class PostgresWorkflowStore(SqlWorkflowStore):
     def for_backend(cls, backend: Any) -> "PostgresWorkflowStore":
         return cls(backend.pg_store)
 
-    def _append(self, run_id: str, epoch: int, position: int, entry: tuple) -> bool:
-        params = (run_id, epoch, position, *entry[1:])
+    def _append(self, run_id: str, epoch: int, position: int, kind: str, name: str, *, output: bytes | None,
+                error: bytes | None, attempt: int, now: float) -> bool:
+        params = (run_id, epoch, position, position, kind, name, output, error, attempt, epoch, now)
         return self._one(lambda conn: conn.execute(self.sql["append"], params).rowcount) > 0
 
     def _one(self, fn: Callable[[Any], T], *, lazy: bool = False) -> T:
