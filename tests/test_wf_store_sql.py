@@ -114,25 +114,41 @@ def test_postgres_due_reads_its_index_not_the_terminal_runs(pg_backend, postgres
     hits = [int(part.split("=")[1]) for line in execution.splitlines() if "Buffers: shared hit=" in line
             for part in line.split() if part.startswith("hit=")]
     assert hits and max(hits) < 20, plan
-    assert sorted(store.due(now=T0 + 1)) == [(f"due-{n}", "start") for n in range(3)]
+    assert sorted(store.due(now=T0 + 1)) == [(f"due-{n}", "start", 0, T0) for n in range(3)]
 
 
 # -- upgrades ----------------------------------------------------------------------------------
 
-def test_a_version_6_sqlite_file_upgrades_in_place_and_takes_runs(tmp_path):
-    path = str(tmp_path / "v6.db")
+# a run parked on a task by a store of schema version 7 or 8 (no waits_kind column)
+PARKED_BEFORE_9 = ("INSERT INTO {runs} (id, name, version, input, status, epoch, waits_for, created_at, updated_at) "
+                   "VALUES ('parked', 'n', '1', {empty}, 'PARKED', 1, 'parked:c0:e1', 0, 0)")
+
+
+def parked_before_9_is_listed_without_a_kind(store) -> None:
+    assert store.parked_on() == [("parked", "parked:c0:e1", None)]
+    assert store.get("parked").waits_kind is None
+    assert store.claim("parked", "w", now=T0, lease=30.0).epoch == 2
+
+
+@pytest.mark.parametrize("old", [6, 8])
+def test_an_older_sqlite_file_upgrades_in_place_and_takes_runs(tmp_path, old):
+    path = str(tmp_path / f"v{old}.db")
     raw = sqlite3.connect(path, isolation_level=None)
     raw.execute("CREATE TABLE stem_schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-    for version in range(1, 7):
+    for version in range(1, old + 1):
         for statement in sqlite_schema.MIGRATIONS[version]:
             raw.execute(statement)
         raw.execute("INSERT INTO stem_schema_version VALUES (?, ?)", (version, time.time()))
     raw.execute("INSERT INTO stem_results VALUES ('old', 'SUCCEEDED', ?, ?)", (time.time() + 3600, b"x"))
+    if old >= 7:
+        raw.execute(PARKED_BEFORE_9.format(runs="stem_wf_runs", empty="X''"))
     raw.close()
     backend = SqliteResultBackend(path)
     try:
         store = open_store(backend)
         assert store.create("r", "n", "1", b"", now=T0)[0]
+        if old >= 7:
+            parked_before_9_is_listed_without_a_kind(store)
         with sqlite3.connect(path) as raw:
             assert raw.execute("SELECT version FROM stem_schema_version ORDER BY 1").fetchall() == [
                 (v,) for v in range(1, sqlite_schema.SCHEMA_VERSION + 1)]
@@ -143,21 +159,26 @@ def test_a_version_6_sqlite_file_upgrades_in_place_and_takes_runs(tmp_path):
 
 
 @pytest.mark.postgres
-def test_a_version_6_postgres_schema_upgrades_in_place_and_takes_runs(postgres_url, namespace):
+@pytest.mark.parametrize("old", [6, 8])
+def test_an_older_postgres_schema_upgrades_in_place_and_takes_runs(postgres_url, namespace, old):
     import psycopg
     s = postgres_schema.quote_schema(namespace)
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {s}")
         conn.execute(f"CREATE TABLE {s}.stem_schema_version (version integer PRIMARY KEY, "
                      "applied_at timestamptz NOT NULL DEFAULT now())")
-        for version in range(1, 7):
+        for version in range(1, old + 1):
             for statement in postgres_schema.MIGRATIONS[version]:
                 conn.execute(statement.format(s=s))
             conn.execute(f"INSERT INTO {s}.stem_schema_version (version) VALUES (%s)", (version,))
+        if old >= 7:
+            conn.execute(PARKED_BEFORE_9.format(runs=f"{s}.stem_wf_runs", empty="''::bytea"))
     backend = PostgresResultBackend(postgres_url, schema=namespace)
     try:
         store = open_store(backend)
         assert store.create("r", "n", "1", b"", now=T0)[0]
+        if old >= 7:
+            parked_before_9_is_listed_without_a_kind(store)
         with psycopg.connect(postgres_url, autocommit=True) as conn:
             assert conn.execute(f"SELECT version FROM {s}.stem_schema_version ORDER BY 1").fetchall() == [
                 (v,) for v in range(1, postgres_schema.SCHEMA_VERSION + 1)]
@@ -250,8 +271,8 @@ def test_a_writer_killed_mid_transaction_leaves_nothing_half_done(request, kind,
     store = open_store(sql_backend)
     store.create("parent", "n", "1", b"", now=T0)
     parent = store.claim("parent", "w", now=T0, lease=60.0)
-    assert store.park("parent", parent.epoch, wake_at=None, waiting=b"child", waits_for="child", inbox_seen=0,
-                      now=T0) == "parked"
+    assert store.park("parent", parent.epoch, wake_at=None, waiting=b"child", waits_for="child",
+                      waits_kind="child", inbox_seen=0, now=T0) == "parked"
     store.create("child", "n", "1", b"", now=T0, parent="parent")
     child = store.claim("child", "w", now=T0, lease=60.0)
     assert store.append("child", child.epoch, 0, "step", "a", output=b"o", now=T0)
@@ -272,7 +293,7 @@ def test_a_writer_killed_mid_transaction_leaves_nothing_half_done(request, kind,
     assert call(store, refs) not in (False, None, (False, None))
     got = store.get("child")
     if op in ("finish", "cancel"):
-        assert store.get("parent").status == PARKED and store.due(now=T0) == [("parent", "inbox")]
+        assert store.get("parent").status == PARKED and [d.reason for d in store.due(now=T0)] == ["inbox"]
         assert [e.event_id for e in store.events("parent")] == ["child"]
     elif op == "append":
         assert [e.position for e in store.journal("child")] == [0, 1]

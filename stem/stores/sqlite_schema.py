@@ -50,7 +50,8 @@ version 8::
     stem_wf_runs        id PRIMARY KEY, the RunRecord columns (stem.workflows.store), journal_length
                         (the next append's position), due_at (generated: wake_at of a PENDING run,
                         lease_until of a RUNNING one, wake_at of a PARKED one or minus infinity
-                        while it has unread events, else NULL)  (version 7, stem.workflows.store_sql)
+                        while it has unread events, else NULL)  (version 7, stem.workflows.store_sql);
+                        waits_kind: 'task' or 'child', what waits_for names (version 9)
         ix due        (due_at)  WHERE due_at IS NOT NULL                     -- the sweeper's due
         ix parked_on  (id)      WHERE status = 'PARKED' AND waits_for IS NOT NULL
         ix status     (status, id)                                          -- listing by status
@@ -75,7 +76,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys", "enter_lanes", "left_lanes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 _CHUNK = 500            # ids per IN (...) list
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -264,6 +265,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     8: (
         "ALTER TABLE stem_groups ADD COLUMN held INTEGER NOT NULL DEFAULT 0",
+    ),
+    9: (
+        # what a parked run's waits_for names: 'task' or 'child' (NULL: no waits_for, or parked before 9)
+        "ALTER TABLE stem_wf_runs ADD COLUMN waits_kind TEXT",
     ),
 }
 

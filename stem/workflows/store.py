@@ -10,7 +10,7 @@ make that safe when activations race, stall or die:
 * **claiming fences.**  ``claim`` is a compare-and-set that bumps the run's
   ``epoch`` and hands it a lease.  Every later write of that activation
   (``append``, ``renew``, ``park``, ``finish``, ``attention``,
-  ``continue_as_new``) names its epoch and is refused once another activation
+  ``continue_as_new``, ``release``) names its epoch and is refused once another activation
   has claimed the run: a stalled executor (SIGSTOP, GC pause) that comes back
   after its lease expired can change nothing.
 * **the journal is append-only.**  ``append`` writes position ``len(journal)``
@@ -23,7 +23,7 @@ make that safe when activations race, stall or die:
   activation's last look and its parking wakes it instead of waiting forever.
   Duplicates by ``(run, event_id)`` are stored once.
 * **nothing is stranded.**  A run that needs an activation is always visible to
-  ``due``: created but never claimed (``PENDING`` with ``wake_at``), parked on a
+  ``due``: created but never claimed or handed back (``PENDING`` with ``wake_at``), parked on a
   timer that is due, parked with unread events, or ``RUNNING`` with an expired
   lease.  A due marker is only replaced by the claim that acts on it.
 
@@ -46,9 +46,9 @@ from ..errors import ConfigurationError
 
 __all__ = [
     "PENDING", "RUNNING", "PARKED", "NEEDS_ATTENTION", "SUCCEEDED", "FAILED", "CANCELLED", "TERMINAL", "STATUSES",
-    "RunRecord", "JournalEntry", "Event", "WorkflowStore", "ParkOutcome", "RUN_ID_MAX", "INT_MAX", "check_run_id",
-    "check_payload", "check_time", "check_epoch", "check_text", "check_limit", "check_position", "check_seqs",
-    "open_store",
+    "RunRecord", "JournalEntry", "Event", "DueRun", "ParkedRun", "WorkflowStore", "ParkOutcome", "WAITS_KINDS",
+    "RUN_ID_MAX", "INT_MAX", "check_run_id", "check_payload", "check_time", "check_epoch", "check_text",
+    "check_limit", "check_position", "check_seqs", "open_store",
 ]
 
 #: created (or reset, or continued as new), not yet claimed
@@ -69,6 +69,8 @@ STATUSES = frozenset({PENDING, RUNNING, PARKED, NEEDS_ATTENTION}) | TERMINAL
 RUN_ID_MAX = 160
 
 ParkOutcome = Literal["parked", "inbox", "fenced"]
+#: what a parked run's ``waits_for`` names: a task run by ``ctx.call``, or a child run
+WAITS_KINDS = frozenset({"task", "child"})
 
 
 class RunRecord(NamedTuple):
@@ -100,6 +102,9 @@ class RunRecord(NamedTuple):
     generation: int
     created_at: float
     updated_at: float
+    #: what ``waits_for`` names: "task" or "child" (None without ``waits_for``, or for a run that a
+    #: store of schema version 8 or before parked)
+    waits_kind: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -117,6 +122,26 @@ class JournalEntry(NamedTuple):
     #: the epoch of the activation that wrote it
     epoch: int
     created_at: float
+
+
+class DueRun(NamedTuple):
+    """A run that needs an activation (``WorkflowStore.due``)."""
+    run_id: str
+    #: "start", "timer", "inbox" or "lease"
+    reason: str
+    #: the run's epoch when listed: the sweeper's wake id names it (no read of the run)
+    epoch: int
+    #: since when the run is due: ``wake_at`` of a PENDING run or of a PARKED one on a timer,
+    #: ``lease_until`` of a RUNNING one, minus infinity while a PARKED run has unread events
+    due_at: float
+
+
+class ParkedRun(NamedTuple):
+    """A PARKED run that waits on a task or a child run (``WorkflowStore.parked_on``)."""
+    run_id: str
+    waits_for: str
+    #: "task" or "child"; None for a run parked by a store of schema version 8 or before
+    kind: str | None
 
 
 class Event(NamedTuple):
@@ -275,9 +300,11 @@ class WorkflowStore(abc.ABC):
                             now=_now(now))
 
     def park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
-             waits_for: str | None, inbox_seen: int, now: float) -> ParkOutcome:
+             waits_for: str | None, inbox_seen: int, now: float, waits_kind: str | None = None) -> ParkOutcome:
         """Suspend the RUNNING run claimed at ``epoch``: PARKED, no owner or lease, ``wake_at``,
-        ``waiting``, ``waits_for`` and ``inbox_seen`` stored.  ``"inbox"`` (nothing changed, the
+        ``waiting``, ``waits_for``, ``waits_kind`` and ``inbox_seen`` stored.  ``waits_kind`` says
+        what ``waits_for`` names ("task" or "child"): given with ``waits_for``, and only with it.
+        ``"inbox"`` (nothing changed, the
         run stays RUNNING under its lease) when ``inbox_count != inbox_seen``: an event arrived
         that the activation has not read.  ``"fenced"`` when the epoch is stale or the run is no
         longer RUNNING."""
@@ -286,9 +313,16 @@ class WorkflowStore(abc.ABC):
         wake_at = check_time("wake_at", wake_at, optional=True)
         waiting = check_payload("waiting", waiting)
         check_text("waits_for", waits_for, optional=True)
+        if waits_for is None:
+            bad_kind = waits_kind is not None
+        else:
+            bad_kind = not (isinstance(waits_kind, str) and waits_kind in WAITS_KINDS)
+        if bad_kind:
+            raise ConfigurationError(f"waits_kind is one of {sorted(WAITS_KINDS)} with a waits_for and None "
+                                     f"without one, got {waits_kind!r} with waits_for={waits_for!r}")
         check_position(inbox_seen)
         return self._park(run_id, epoch, wake_at=wake_at, waiting=waiting, waits_for=waits_for,
-                          inbox_seen=inbox_seen, now=_now(now))
+                          waits_kind=waits_kind, inbox_seen=inbox_seen, now=_now(now))
 
     def finish(self, run_id: str, epoch: int, status: str, *, result: bytes | None = None,
                error: bytes | None = None, now: float) -> bool:
@@ -322,6 +356,16 @@ class WorkflowStore(abc.ABC):
         data = check_payload("input", input, optional=False)
         drop = sorted(check_seqs("drop_events", drop_events))
         return self._continue_as_new(run_id, epoch, data, drop_events=drop, now=_now(now))  # type: ignore[arg-type]
+
+    def release(self, run_id: str, epoch: int, *, now: float) -> bool:
+        """Hand the RUNNING run claimed at ``epoch`` back at once, instead of leaving it to its lease
+        (the activation stops: a broker outage, a worker's soft shutdown): PENDING due now, no
+        owner, lease, timer or waiting; journal, inbox and epoch kept (the next claim bumps it, and
+        this activation, no longer RUNNING, is fenced out of every later write).  False when
+        fenced (another claim, a cancel, a reset) or no longer RUNNING."""
+        check_run_id(run_id)
+        check_epoch(epoch)
+        return self._release(run_id, epoch, now=_now(now))
 
     # -- operators --------------------------------------------------------------------------
     def cancel(self, run_id: str, *, now: float) -> RunRecord | None:
@@ -361,18 +405,20 @@ class WorkflowStore(abc.ABC):
         return self._events(run_id, topic, after_seq, limit)
 
     # -- the sweeper -------------------------------------------------------------------------
-    def due(self, *, now: float, limit: int = 500) -> list[tuple[str, str]]:
-        """Runs that need an activation, as (run id, reason): ``"start"`` (PENDING, ``wake_at <=
-        now``), ``"timer"`` (PARKED, ``wake_at <= now``), ``"inbox"`` (PARKED, ``inbox_count >
-        inbox_seen``), ``"lease"`` (RUNNING, ``lease_until <= now``).  At most ``limit``; a run is
-        listed once, with the first reason that applies in that order.  Listing changes nothing."""
+    def due(self, *, now: float, limit: int = 500) -> list[DueRun]:
+        """Runs that need an activation, as ``DueRun`` (run id, reason, epoch, due_at): reason
+        ``"start"`` (PENDING, ``wake_at <= now``), ``"timer"`` (PARKED, ``wake_at <= now``),
+        ``"inbox"`` (PARKED, ``inbox_count > inbox_seen``), ``"lease"`` (RUNNING, ``lease_until <=
+        now``).  At most ``limit``, the longest due first; a run is listed once, with the first reason
+        that applies in that order.  Listing changes nothing."""
         now = _now(now)
         check_limit(limit)
         return self._due(now=now, limit=limit)
 
-    def parked_on(self, *, limit: int = 500, after: str | None = None) -> list[tuple[str, str]]:
-        """PARKED runs with ``waits_for`` set, as (run id, waits_for), ordered by run id after
-        ``after``: the sweeper checks the tasks they wait on in pages."""
+    def parked_on(self, *, limit: int = 500, after: str | None = None) -> list[ParkedRun]:
+        """PARKED runs with ``waits_for`` set, as ``ParkedRun`` (run id, waits_for, kind: "task"
+        or "child"), ordered by run id after ``after``: the sweeper checks the tasks they wait on
+        in pages."""
         check_limit(limit)
         if after is not None:
             check_run_id(after)
@@ -408,7 +454,7 @@ class WorkflowStore(abc.ABC):
 
     @abc.abstractmethod
     def _park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
-              waits_for: str | None, inbox_seen: int, now: float) -> ParkOutcome: ...
+              waits_for: str | None, waits_kind: str | None, inbox_seen: int, now: float) -> ParkOutcome: ...
 
     @abc.abstractmethod
     def _finish(self, run_id: str, epoch: int, status: str, *, result: bytes | None, error: bytes | None,
@@ -420,6 +466,9 @@ class WorkflowStore(abc.ABC):
     @abc.abstractmethod
     def _continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: list[int],
                          now: float) -> bool: ...
+
+    @abc.abstractmethod
+    def _release(self, run_id: str, epoch: int, *, now: float) -> bool: ...
 
     @abc.abstractmethod
     def _cancel(self, run_id: str, *, now: float) -> RunRecord | None: ...
@@ -435,10 +484,10 @@ class WorkflowStore(abc.ABC):
     def _events(self, run_id: str, topic: str | None, after_seq: int, limit: int) -> list[Event]: ...
 
     @abc.abstractmethod
-    def _due(self, *, now: float, limit: int) -> list[tuple[str, str]]: ...
+    def _due(self, *, now: float, limit: int) -> list[DueRun]: ...
 
     @abc.abstractmethod
-    def _parked_on(self, *, limit: int, after: str | None) -> list[tuple[str, str]]: ...
+    def _parked_on(self, *, limit: int, after: str | None) -> list[ParkedRun]: ...
 
 
 def _now(now: object) -> float:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 
-from .store import (CANCELLED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, Event, JournalEntry, ParkOutcome,
-                    RunRecord, WorkflowStore)
+from .store import (CANCELLED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, DueRun, Event, JournalEntry, ParkedRun,
+                    ParkOutcome, RunRecord, WorkflowStore)
 
 __all__ = ["MemoryWorkflowStore"]
 
@@ -72,7 +72,7 @@ class MemoryWorkflowStore(WorkflowStore):
             if not free:
                 return None
             run = run._replace(status=RUNNING, epoch=run.epoch + 1, owner=owner, lease_until=now + lease,
-                               wake_at=None, waiting=None, waits_for=None, updated_at=now)
+                               wake_at=None, waiting=None, waits_for=None, waits_kind=None, updated_at=now)
             self._records[run_id] = run
             return run
 
@@ -100,7 +100,7 @@ class MemoryWorkflowStore(WorkflowStore):
             return True
 
     def _park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
-              waits_for: str | None, inbox_seen: int, now: float) -> ParkOutcome:
+              waits_for: str | None, waits_kind: str | None, inbox_seen: int, now: float) -> ParkOutcome:
         with self._lock:
             run = self._held(run_id, epoch)
             if run is None:
@@ -108,8 +108,8 @@ class MemoryWorkflowStore(WorkflowStore):
             if run.inbox_count != inbox_seen:
                 return "inbox"
             self._records[run_id] = run._replace(status=PARKED, owner=None, lease_until=None, wake_at=wake_at,
-                                              waiting=waiting, waits_for=waits_for, inbox_seen=inbox_seen,
-                                              updated_at=now)
+                                              waiting=waiting, waits_for=waits_for, waits_kind=waits_kind,
+                                              inbox_seen=inbox_seen, updated_at=now)
             return "parked"
 
     def _notify_parent(self, run: RunRecord, now: float) -> None:
@@ -132,7 +132,7 @@ class MemoryWorkflowStore(WorkflowStore):
             if run is None:
                 return False
             run = run._replace(status=status, owner=None, lease_until=None, wake_at=None, waiting=None,
-                               waits_for=None, result=result, error=error, updated_at=now)
+                               waits_for=None, waits_kind=None, result=result, error=error, updated_at=now)
             self._records[run_id] = run
             self._notify_parent(run, now)
             return True
@@ -143,7 +143,8 @@ class MemoryWorkflowStore(WorkflowStore):
             if run is None:
                 return False
             self._records[run_id] = run._replace(status=NEEDS_ATTENTION, owner=None, lease_until=None, wake_at=None,
-                                              waiting=None, waits_for=None, attention=reason, updated_at=now)
+                                              waiting=None, waits_for=None, waits_kind=None, attention=reason,
+                                              updated_at=now)
             return True
 
     def _continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: list[int],
@@ -157,7 +158,16 @@ class MemoryWorkflowStore(WorkflowStore):
             self._inbox_of[run_id] = [e for e in self._inbox_of[run_id] if e.seq not in drop]
             self._records[run_id] = run._replace(input=input, status=PENDING, epoch=epoch + 1, owner=None,
                                               lease_until=None, wake_at=now, waiting=None, waits_for=None,
-                                              generation=run.generation + 1, updated_at=now)
+                                              waits_kind=None, generation=run.generation + 1, updated_at=now)
+            return True
+
+    def _release(self, run_id: str, epoch: int, *, now: float) -> bool:
+        with self._lock:
+            run = self._held(run_id, epoch)
+            if run is None:
+                return False
+            self._records[run_id] = run._replace(status=PENDING, owner=None, lease_until=None, wake_at=now,
+                                                 waiting=None, waits_for=None, waits_kind=None, updated_at=now)
             return True
 
     # -- operators -----------------------------------------------------------------------------
@@ -167,7 +177,7 @@ class MemoryWorkflowStore(WorkflowStore):
             if run is None or run.terminal:
                 return run
             run = run._replace(status=CANCELLED, epoch=run.epoch + 1, owner=None, lease_until=None, wake_at=None,
-                               waiting=None, waits_for=None, updated_at=now)
+                               waiting=None, waits_for=None, waits_kind=None, updated_at=now)
             self._records[run_id] = run
             self._notify_parent(run, now)
             return run
@@ -179,7 +189,7 @@ class MemoryWorkflowStore(WorkflowStore):
                 return None
             self._journal_of[run_id] = self._journal_of[run_id][:to_position]
             run = run._replace(status=PENDING, epoch=run.epoch + 1, owner=None, lease_until=None, wake_at=now,
-                               waiting=None, waits_for=None, result=None, error=None, attention=None,
+                               waiting=None, waits_for=None, waits_kind=None, result=None, error=None, attention=None,
                                updated_at=now)
             self._records[run_id] = run
             return run
@@ -204,26 +214,35 @@ class MemoryWorkflowStore(WorkflowStore):
 
     def _events(self, run_id: str, topic: str | None, after_seq: int, limit: int) -> list[Event]:
         with self._lock:
-            got = [e for e in self._inbox_of.get(run_id, ()) if e.seq > after_seq and (topic is None or e.topic == topic)]
+            got = [e for e in self._inbox_of.get(run_id, ())
+                   if e.seq > after_seq and (topic is None or e.topic == topic)]
         return got[:limit]
 
     # -- the sweeper ---------------------------------------------------------------------------
-    def _due(self, *, now: float, limit: int) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
+    def _due(self, *, now: float, limit: int) -> list[DueRun]:
+        out: list[DueRun] = []
         with self._lock:
             for run in self._records.values():
                 reason = _due_reason(run, now)
                 if reason is not None:
-                    out.append((run.id, reason))
-                    if len(out) >= limit:
-                        break
-        return out
+                    out.append(DueRun(run.id, reason, run.epoch, _due_at(run)))
+        out.sort(key=lambda d: d.due_at)
+        return out[:limit]
 
-    def _parked_on(self, *, limit: int, after: str | None) -> list[tuple[str, str]]:
+    def _parked_on(self, *, limit: int, after: str | None) -> list[ParkedRun]:
         with self._lock:
-            got = sorted((r.id, r.waits_for) for r in self._records.values()
+            got = sorted(ParkedRun(r.id, r.waits_for, r.waits_kind) for r in self._records.values()
                          if r.status == PARKED and r.waits_for is not None and (after is None or r.id > after))
-        return got[:limit]  # type: ignore[return-value]
+        return got[:limit]
+
+
+def _due_at(run: RunRecord) -> float:
+    """The due index's key of a due run, as the other stores keep it."""
+    if run.status == RUNNING:
+        return run.lease_until  # type: ignore[return-value]
+    if run.status == PARKED and run.inbox_count > run.inbox_seen:
+        return float("-inf")
+    return run.wake_at  # type: ignore[return-value]
 
 
 def _due_reason(run: RunRecord, now: float) -> str | None:

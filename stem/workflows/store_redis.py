@@ -46,7 +46,7 @@ from redis.crc import key_slot
 from ..errors import ConfigurationError
 from ..stores.base import BACKEND_ERRORS
 from ..stores.redis import RedisStore, validate_namespace
-from .store import Event, JournalEntry, ParkOutcome, RunRecord, WorkflowStore
+from .store import DueRun, Event, JournalEntry, ParkedRun, ParkOutcome, RunRecord, WorkflowStore
 
 __all__ = ["RedisWorkflowStore", "SHARDS"]
 
@@ -102,7 +102,7 @@ def _record(run_id: str, fields: dict) -> RunRecord:
                      _f(g(b"wake_at")), _b(g(b"waiting")), _s(g(b"waits_for")), int(g(b"inbox_count", 0)),
                      int(g(b"inbox_seen", 0)), _s(g(b"parent")), _b(g(b"result")), _b(g(b"error")),
                      _s(g(b"attention")), int(g(b"generation", 0)), float(g(b"created_at", 0.0)),
-                     float(g(b"updated_at", 0.0)))
+                     float(g(b"updated_at", 0.0)), _s(g(b"waits_kind")))
 
 
 def _flat_record(run_id: str, flat: list) -> RunRecord:
@@ -240,9 +240,10 @@ class RedisWorkflowStore(WorkflowStore):
         return self._run(self._keys(run_id), "append", run_id, repr(now), epoch, position, entry) == 1
 
     def _park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
-              waits_for: str | None, inbox_seen: int, now: float) -> ParkOutcome:
+              waits_for: str | None, waits_kind: str | None, inbox_seen: int, now: float) -> ParkOutcome:
         got = self._run(self._keys(run_id), "park", run_id, repr(now), epoch,
-                        _opt(None if wake_at is None else repr(wake_at)), _opt(waiting), _opt(waits_for), inbox_seen)
+                        _opt(None if wake_at is None else repr(wake_at)), _opt(waiting), _opt(waits_for), inbox_seen,
+                        _opt(waits_kind))
         return bytes(got).decode()  # type: ignore[return-value]
 
     def _finish(self, run_id: str, epoch: int, status: str, *, result: bytes | None, error: bytes | None,
@@ -268,6 +269,9 @@ class RedisWorkflowStore(WorkflowStore):
     def _continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: list[int],
                          now: float) -> bool:
         return self._run(self._keys(run_id), "continue", run_id, repr(now), epoch, input, *drop_events) == 1
+
+    def _release(self, run_id: str, epoch: int, *, now: float) -> bool:
+        return self._run(self._keys(run_id), "release", run_id, repr(now), epoch) == 1
 
     # -- operators -----------------------------------------------------------------------------
     def _cancel(self, run_id: str, *, now: float) -> RunRecord | None:
@@ -310,22 +314,24 @@ class RedisWorkflowStore(WorkflowStore):
         return out[:limit]
 
     # -- the sweeper ---------------------------------------------------------------------------
-    def _due(self, *, now: float, limit: int) -> list[tuple[str, str]]:
+    def _due(self, *, now: float, limit: int) -> list[DueRun]:
         """Also sends the ``"__child__"`` events that a crash left noted (module docstring)."""
-        found: list[tuple[float, str, str]] = []
+        found: list[DueRun] = []
         notes = []
         for runs, pending in self._each_shard("due", "", repr(now), limit):
-            found.extend((float(score), bytes(rid).decode(), bytes(reason).decode()) for rid, reason, score in runs)
+            found.extend(DueRun(bytes(rid).decode(), bytes(reason).decode(), int(epoch), float(score))
+                         for rid, reason, score, epoch in runs)
             notes.extend(pending)
         for child, when, parent, pbase in notes:
             self._tell_parent(bytes(child).decode(), parent, pbase, when=float(when))
-        found.sort(key=lambda item: item[0])
-        return [(rid, reason) for _, rid, reason in found[:limit]]
+        found.sort(key=lambda due: due.due_at)
+        return found[:limit]
 
-    def _parked_on(self, *, limit: int, after: str | None) -> list[tuple[str, str]]:
-        found: list[tuple[str, str]] = []
+    def _parked_on(self, *, limit: int, after: str | None) -> list[ParkedRun]:
+        found: list[ParkedRun] = []
         for flat in self._each_shard("parked_on", "", "", after or "", limit):
-            found.extend((bytes(flat[i]).decode(), bytes(flat[i + 1]).decode()) for i in range(0, len(flat), 2))
+            found.extend(ParkedRun(bytes(flat[i]).decode(), bytes(flat[i + 1]).decode(),
+                                   bytes(flat[i + 2]).decode() or None) for i in range(0, len(flat), 3))
         found.sort()
         return found[:limit]
 

@@ -1,6 +1,6 @@
 """The workflow store on SQL: SQLite and Postgres, in the result backend's own database.
 
-Three tables (schema version 7, created by the stores' migrations beside the backend's
+Three tables (schema version 7, ``waits_kind`` version 9, created by the stores' migrations beside the backend's
 tables: ``stem/stores/sqlite_schema.py``, ``postgres_schema.py``):
 
 * ``stem_wf_runs``: one row per run, the ``RunRecord`` columns plus ``journal_length``
@@ -24,12 +24,13 @@ Times are the ``now`` the caller passes, never the database server's clock.
 The SQL is shared where the dialects agree: statements are written once with ``?``
 placeholders and ``{runs}``-style table names, and each dialect formats them.
 
-Postgres: an operation of one statement (create, claim, renew, append, park, attention) is
-its own transaction, with no BEGIN/COMMIT round trips.  Writes commit on the backend's
-durable sessions (``synchronous_commit`` on): a claim lost in a server crash would hand its
-epoch out again to a second activation, a lost append would let a step's recorded value
-change, a lost send would lose an event.  ``park`` and ``renew`` commit on the fast sessions
-without waiting for the disk: losing one leaves the run RUNNING under a lease that runs out,
+Postgres: an operation of one statement (create, claim, renew, append, park, attention,
+release) is its own transaction, with no BEGIN/COMMIT round trips.  Writes commit on the
+backend's durable sessions (``synchronous_commit`` on): a claim lost in a server crash would
+hand its epoch out again to a second activation, a lost append would let a step's recorded
+value change, a lost send would lose an event.  ``park``, ``renew`` and ``release`` commit on
+the fast sessions without waiting for the disk: losing one leaves the run RUNNING under a
+lease that runs out,
 and the sweeper activates it again (the next durable commit flushes them anyway).  Reads run
 on the fast sessions.  A statement retried after a connection loss may find its own committed
 effect: a claim then answers None (its lease runs out), an append False, a send "duplicate";
@@ -41,19 +42,20 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence, TypeVar
 
 from ..stores.postgres_schema import quote_schema
-from .store import (CANCELLED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, TERMINAL, Event, JournalEntry, ParkOutcome,
-                    RunRecord, WorkflowStore)
+from .store import (CANCELLED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, TERMINAL, DueRun, Event, JournalEntry,
+                    ParkedRun, ParkOutcome, RunRecord, WorkflowStore)
 
 __all__ = ["SQLiteWorkflowStore", "PostgresWorkflowStore", "SqlWorkflowStore"]
 
 T = TypeVar("T")
 
 RUN_COLUMNS = ("id, name, version, input, status, epoch, owner, lease_until, wake_at, waiting, waits_for, "
-               "inbox_count, inbox_seen, parent, result, error, attention, generation, created_at, updated_at")
+               "inbox_count, inbox_seen, parent, result, error, attention, generation, created_at, updated_at, "
+               "waits_kind")
 _TERMINAL = "(" + ", ".join(f"'{s}'" for s in sorted(TERMINAL)) + ")"
 _HELD = f"id = ? AND epoch = ? AND status = '{RUNNING}'"
 # what every write that ends an activation's hold clears
-_RELEASED = "owner = NULL, lease_until = NULL, wake_at = NULL, waiting = NULL, waits_for = NULL"
+_RELEASED = "owner = NULL, lease_until = NULL, wake_at = NULL, waiting = NULL, waits_for = NULL, waits_kind = NULL"
 
 # Statements in both dialects: ``?`` placeholders, ``{runs}``/``{journal}``/``{events}`` table names,
 # ``{lock}`` the row lock a read-then-write takes (Postgres: FOR UPDATE; SQLite: its write lock is held).
@@ -65,7 +67,7 @@ SQL = {
     "select_runs": f"SELECT {RUN_COLUMNS} FROM {{runs}}",
     "get_locked": f"SELECT {RUN_COLUMNS} FROM {{runs}} WHERE id = ?{{lock}}",
     "claim": f"UPDATE {{runs}} SET status = '{RUNNING}', epoch = epoch + 1, owner = ?, lease_until = ?, "
-             f"wake_at = NULL, waiting = NULL, waits_for = NULL, updated_at = ? "
+             f"wake_at = NULL, waiting = NULL, waits_for = NULL, waits_kind = NULL, updated_at = ? "
              f"WHERE id = ? AND (status IN ('{PENDING}', '{PARKED}') OR (status = '{RUNNING}' AND lease_until <= ?)) "
              f"RETURNING {RUN_COLUMNS}",
     "renew": f"UPDATE {{runs}} SET lease_until = ?, updated_at = ? WHERE {_HELD}",
@@ -76,20 +78,23 @@ SQL = {
     "insert_entry": "INSERT INTO {journal} (run_id, position, kind, name, output, error, attempt, epoch, created_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     "park": f"UPDATE {{runs}} SET status = '{PARKED}', owner = NULL, lease_until = NULL, wake_at = ?, waiting = ?, "
-            f"waits_for = ?, inbox_seen = ?, updated_at = ? WHERE {_HELD} AND inbox_count = ?",
+            f"waits_for = ?, waits_kind = ?, inbox_seen = ?, updated_at = ? WHERE {_HELD} AND inbox_count = ?",
+    "release": f"UPDATE {{runs}} SET status = '{PENDING}', owner = NULL, lease_until = NULL, wake_at = ?, "
+               f"waiting = NULL, waits_for = NULL, waits_kind = NULL, updated_at = ? WHERE {_HELD}",
     "finish": f"UPDATE {{runs}} SET status = ?, {_RELEASED}, result = ?, error = ?, updated_at = ? WHERE {_HELD} "
               f"RETURNING parent",
     "attention": f"UPDATE {{runs}} SET status = '{NEEDS_ATTENTION}', {_RELEASED}, attention = ?, updated_at = ? "
                  f"WHERE {_HELD}",
     "continue_as_new": f"UPDATE {{runs}} SET input = ?, status = '{PENDING}', epoch = epoch + 1, owner = NULL, "
-                       f"lease_until = NULL, wake_at = ?, waiting = NULL, waits_for = NULL, "
+                       f"lease_until = NULL, wake_at = ?, waiting = NULL, waits_for = NULL, waits_kind = NULL, "
                        f"generation = generation + 1, journal_length = 0, updated_at = ? WHERE {_HELD}",
     "drop_journal": "DELETE FROM {journal} WHERE run_id = ? AND position >= ?",
     "drop_event": "DELETE FROM {events} WHERE run_id = ? AND seq = ?",
     "cancel": f"UPDATE {{runs}} SET status = '{CANCELLED}', epoch = epoch + 1, {_RELEASED}, updated_at = ? "
               f"WHERE id = ? AND status NOT IN {_TERMINAL} RETURNING {RUN_COLUMNS}",
     "reset": f"UPDATE {{runs}} SET status = '{PENDING}', epoch = epoch + 1, owner = NULL, lease_until = NULL, "
-             f"wake_at = ?, waiting = NULL, waits_for = NULL, result = NULL, error = NULL, attention = NULL, "
+             f"wake_at = ?, waiting = NULL, waits_for = NULL, waits_kind = NULL, result = NULL, error = NULL, "
+             f"attention = NULL, "
              f"journal_length = CASE WHEN journal_length > ? THEN ? ELSE journal_length END, updated_at = ? "
              f"WHERE id = ? RETURNING {RUN_COLUMNS}",
     "insert_event": "INSERT INTO {events} (run_id, seq, topic, event_id, payload, created_at) "
@@ -103,12 +108,12 @@ SQL = {
     # when one does (``due_at``: see the module docstring)
     "due": f"SELECT id, CASE WHEN status = '{PENDING}' THEN 'start' "
            f"WHEN status = '{PARKED}' AND wake_at <= ? THEN 'timer' "
-           f"WHEN status = '{PARKED}' THEN 'inbox' ELSE 'lease' END "
+           f"WHEN status = '{PARKED}' THEN 'inbox' ELSE 'lease' END, epoch, due_at "
            "FROM {runs} WHERE due_at <= ? ORDER BY due_at LIMIT ?",
-    "parked_on": f"SELECT id, waits_for FROM {{runs}} WHERE status = '{PARKED}' AND waits_for IS NOT NULL "
+    "parked_on": f"SELECT id, waits_for, waits_kind FROM {{runs}} WHERE status = '{PARKED}' AND waits_for IS NOT NULL "
                  "ORDER BY id LIMIT ?",
-    "parked_on_after": f"SELECT id, waits_for FROM {{runs}} WHERE status = '{PARKED}' AND waits_for IS NOT NULL "
-                       "AND id > ? ORDER BY id LIMIT ?",
+    "parked_on_after": f"SELECT id, waits_for, waits_kind FROM {{runs}} WHERE status = '{PARKED}' "
+                       "AND waits_for IS NOT NULL AND id > ? ORDER BY id LIMIT ?",
 }
 
 
@@ -119,7 +124,7 @@ def _bytes(value: Any) -> bytes | None:
 def _run(row: Sequence[Any]) -> RunRecord:
     return RunRecord(row[0], row[1], row[2], bytes(row[3]), row[4], row[5], row[6], row[7], row[8], _bytes(row[9]),
                      row[10], row[11], row[12], row[13], _bytes(row[14]), _bytes(row[15]), row[16], row[17], row[18],
-                     row[19])
+                     row[19], row[20])
 
 
 class SqlWorkflowStore(WorkflowStore):
@@ -192,8 +197,8 @@ class SqlWorkflowStore(WorkflowStore):
         return self._write(append)
 
     def _park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
-              waits_for: str | None, inbox_seen: int, now: float) -> ParkOutcome:
-        params = (wake_at, waiting, waits_for, inbox_seen, now, run_id, epoch, inbox_seen)
+              waits_for: str | None, waits_kind: str | None, inbox_seen: int, now: float) -> ParkOutcome:
+        params = (wake_at, waiting, waits_for, waits_kind, inbox_seen, now, run_id, epoch, inbox_seen)
         if self._one(lambda conn: conn.execute(self.sql["park"], params).rowcount, lazy=True) > 0:
             return "parked"
         # Refused: still held at this epoch means the inbox moved (an epoch never comes back, so a
@@ -246,6 +251,11 @@ class SqlWorkflowStore(WorkflowStore):
 
         return self._write(restart)
 
+    def _release(self, run_id: str, epoch: int, *, now: float) -> bool:
+        # lazy: a release lost in a server crash leaves the run to its lease, as without one
+        params = (now, now, run_id, epoch)
+        return self._one(lambda conn: conn.execute(self.sql["release"], params).rowcount, lazy=True) > 0
+
     # -- operators -----------------------------------------------------------------------------
     def _cancel(self, run_id: str, *, now: float) -> RunRecord | None:
         def cancel(conn) -> RunRecord | None:
@@ -283,16 +293,16 @@ class SqlWorkflowStore(WorkflowStore):
         return [Event(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
     # -- the sweeper ---------------------------------------------------------------------------
-    def _due(self, *, now: float, limit: int) -> list[tuple[str, str]]:
+    def _due(self, *, now: float, limit: int) -> list[DueRun]:
         rows = self._read(lambda conn: conn.execute(self.sql["due"], (now, now, limit)).fetchall())
-        return [(r[0], r[1]) for r in rows]
+        return [DueRun(r[0], r[1], r[2], float(r[3])) for r in rows]
 
-    def _parked_on(self, *, limit: int, after: str | None) -> list[tuple[str, str]]:
+    def _parked_on(self, *, limit: int, after: str | None) -> list[ParkedRun]:
         if after is None:
             statement, params = self.sql["parked_on"], (limit,)
         else:
             statement, params = self.sql["parked_on_after"], (after, limit)
-        return [(r[0], r[1]) for r in self._read(lambda conn: conn.execute(statement, params).fetchall())]
+        return [ParkedRun(*r) for r in self._read(lambda conn: conn.execute(statement, params).fetchall())]
 
 
 
