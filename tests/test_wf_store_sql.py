@@ -54,6 +54,34 @@ def test_open_store_gives_each_result_backend_the_store_that_lives_beside_it(sql
         open_store(object())
 
 
+class ResultsOfAnotherModule(SqliteResultBackend):
+    """A backend whose module is not ``stem.backends.sqlite``: it still names its store."""
+
+
+class NamesNoStore(InMemoryResultBackend):
+    def workflow_store_recipe(self):
+        return None
+
+
+class NamesAStranger(InMemoryResultBackend):
+    def workflow_store_recipe(self):
+        return ("stem.workflows.store:open_store", self)
+
+
+def test_the_backend_names_its_workflow_store_whatever_its_module(tmp_path):
+    backend = ResultsOfAnotherModule(str(tmp_path / "sub.db"))
+    try:
+        assert type(backend).__module__ != "stem.backends.sqlite"
+        store = open_store(backend)
+        assert isinstance(store, SQLiteWorkflowStore) and store.create("r", "n", "1", b"", now=T0)[0]
+    finally:
+        backend.close()
+    with pytest.raises(ConfigurationError, match="NamesNoStore keeps no runs"):
+        open_store(NamesNoStore())
+    with pytest.raises(ConfigurationError, match="not a WorkflowStore class"):
+        open_store(NamesAStranger())
+
+
 @pytest.mark.postgres
 def test_open_store_gives_a_postgres_backend_the_store_in_its_schema(pg_backend, namespace):
     store = open_store(pg_backend)
@@ -61,6 +89,16 @@ def test_open_store_gives_a_postgres_backend_the_store_in_its_schema(pg_backend,
     store.create("r", "n", "1", b"", now=T0)
     assert PostgresWorkflowStore.for_backend(pg_backend).get("r").id == "r"
     assert f'"{namespace}".stem_wf_runs' in store.sql["get"]
+
+
+@pytest.mark.postgres
+def test_the_async_postgres_backend_gets_the_store_beside_the_backend_it_reads(pg_backend, namespace):
+    from stem.backends.postgres_async import AsyncPostgresResults
+    results = AsyncPostgresResults(pg_backend)
+    store = open_store(results)
+    assert isinstance(store, PostgresWorkflowStore) and f'"{namespace}".stem_wf_runs' in store.sql["get"]
+    assert store.create("async", "n", "1", b"", now=T0)[0]
+    assert open_store(pg_backend).get("async").status == "PENDING"     # one store, on the backend's sessions
 
 
 def test_the_store_writes_in_the_backends_own_file_and_connections(sqlite_backend, tmp_path):

@@ -39,6 +39,7 @@ never looks inside them.
 from __future__ import annotations
 
 import abc
+import importlib
 import math
 from typing import Any, Literal, NamedTuple, Sequence
 
@@ -425,6 +426,11 @@ class WorkflowStore(abc.ABC):
         return self._parked_on(limit=limit, after=after)
 
     # -- misc -------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def for_backend(cls, backend: Any) -> "WorkflowStore":
+        """The store beside ``backend`` (``open_store``: the backend names the class)."""
+
     def close(self) -> None:
         pass
 
@@ -499,20 +505,18 @@ def _lease(lease: object) -> float:
 
 
 def open_store(backend: Any) -> WorkflowStore:
-    """The workflow store that lives beside ``backend`` (same database, file or server)."""
-    from ..backends.memory import InMemoryResultBackend
-    if isinstance(backend, InMemoryResultBackend):
-        from .store_memory import MemoryWorkflowStore
-        return MemoryWorkflowStore.for_backend(backend)
-    kind = type(backend).__module__.rsplit(".", 1)[-1]
-    if kind == "sqlite":
-        from .store_sql import SQLiteWorkflowStore
-        return SQLiteWorkflowStore.for_backend(backend)
-    if kind == "postgres":
-        from .store_sql import PostgresWorkflowStore
-        return PostgresWorkflowStore.for_backend(backend)
-    if kind == "redis":
-        from .store_redis import RedisWorkflowStore
-        return RedisWorkflowStore.for_backend(backend)
-    raise ConfigurationError(f"workflows need a memory, SQLite, Postgres or Redis result backend, "
-                             f"not {type(backend).__name__}")
+    """The workflow store that lives beside ``backend`` (same database, file or server): the one
+    the backend names (``ResultBackend.workflow_store_recipe``), whatever its type or module."""
+    recipe = getattr(backend, "workflow_store_recipe", None)
+    named = recipe() if callable(recipe) else None
+    if named is None:
+        raise ConfigurationError(
+            f"workflows need a memory, SQLite, Postgres or Redis result backend (one that names the workflow "
+            f"store beside it: ResultBackend.workflow_store_recipe); {type(backend).__name__} keeps no runs")
+    path, beside = named
+    module, _, name = path.partition(":")
+    store_class = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(store_class, type) and issubclass(store_class, WorkflowStore)):
+        raise ConfigurationError(f"{type(backend).__name__} names {path!r} as its workflow store, which is not a "
+                                 f"WorkflowStore class")
+    return store_class.for_backend(beside)
