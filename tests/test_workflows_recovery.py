@@ -379,8 +379,17 @@ def _drive(app, run_id, clock, rounds=12):
     raise AssertionError(f"run {run_id} did not end: {app.run(run_id)}")
 
 
-POINTS = ["before-a-step-body", "mid-body", "after-the-body-before-the-append", "after-the-append",
-          "after-parking-before-the-timer-is-published", "after-completion-before-the-mirror", "before-the-ack"]
+#: point -> (what is wrapped: the step's function or a store method, crash before or after the real call);
+#: before-the-ack crashes nowhere: the activation's outcome is never acked, and it runs again
+POINTS = {
+    "before-a-step-body": ("fn", "before"),
+    "mid-body": ("fn", "after"),                  # the side effect happened, the process died before returning
+    "after-the-body-before-the-append": ("append", "before"),
+    "after-the-append": ("append", "after"),
+    "after-parking-before-the-timer-is-published": ("park", "after"),
+    "after-completion-before-the-mirror": ("finish", "after"),
+    "before-the-ack": (None, None),
+}
 
 
 @pytest.fixture(params=[pytest.param("memory"), pytest.param("sqlite"),
@@ -397,6 +406,20 @@ def any_store(request):
     store.close()
 
 
+def _crash_around(owner, name: str, when: str, crash_once, monkeypatch) -> None:
+    """``owner.name`` crashes (once) before or after the real call."""
+    real = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        if when == "before":
+            crash_once()
+        got = real(*args, **kwargs)
+        if when == "after":
+            crash_once()
+        return got
+    monkeypatch.setattr(owner, name, wrapped)
+
+
 @pytest.mark.parametrize("point", POINTS)
 def test_a_crash_at_each_point_of_an_activation_leaves_a_run_that_completes_with_the_same_outputs(
         point, any_store, wf_clock, monkeypatch):
@@ -408,44 +431,9 @@ def test_a_crash_at_each_point_of_an_activation_leaves_a_run_that_completes_with
             armed["on"] = False
             raise Crash(point)
 
-    if point in ("before-a-step-body", "mid-body"):
-        real_fn = step_a.fn
-
-        def fn(ctx, x):
-            if point == "mid-body":
-                out = real_fn(ctx, x)       # the side effect happened ...
-                crash_once()                # ... and the process died before returning
-                return out
-            crash_once()
-            return real_fn(ctx, x)
-        monkeypatch.setattr(step_a, "fn", fn)
-    elif point in ("after-the-body-before-the-append", "after-the-append"):
-        real_append = app.store.append
-
-        def append(*args, **kwargs):
-            if point == "after-the-body-before-the-append":
-                crash_once()
-                return real_append(*args, **kwargs)
-            ok = real_append(*args, **kwargs)
-            crash_once()
-            return ok
-        monkeypatch.setattr(app.store, "append", append)
-    elif point == "after-parking-before-the-timer-is-published":
-        real_park = app.store.park
-
-        def park(*args, **kwargs):
-            got = real_park(*args, **kwargs)
-            crash_once()
-            return got
-        monkeypatch.setattr(app.store, "park", park)
-    elif point == "after-completion-before-the-mirror":
-        real_finish = app.store.finish
-
-        def finish(*args, **kwargs):
-            ok = real_finish(*args, **kwargs)
-            crash_once()
-            return ok
-        monkeypatch.setattr(app.store, "finish", finish)
+    name, when = POINTS[point]
+    if name is not None:
+        _crash_around(step_a if name == "fn" else app.store, name, when, crash_once, monkeypatch)
 
     app.wf.start(app.stem, "crashy", {"x": 4}, run_id="c")
     try:
