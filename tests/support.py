@@ -21,6 +21,8 @@ import tempfile
 import time
 from typing import Any, Callable, Iterator, Sequence
 
+from stem import WorkerLifecycleConfig
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 E2E_REGISTRY = "tests.apps.e2e:registry"
 READY = "E2E-READY"      # what tests/apps/e2e_worker.py prints once its worker is ready
@@ -685,3 +687,54 @@ def raw_client(url: str):
         host, _, port = url[len("redis+cluster://"):].split(",")[0].rstrip("/").rpartition(":")
         return RedisCluster(host=host, port=int(port), socket_timeout=5)
     return redis.Redis.from_url(url)
+
+
+# -- in-process workers on the in-memory adapters ---------------------------------------------
+#: An in-process worker's lifecycle in a test: no signal handlers, short grace periods.
+NO_SIGNALS = WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5, force_shutdown_after=5)
+
+
+class WorkerEnv:
+    """A registry, in-memory adapters, a producer (``stem``) and a worker factory (``worker(**kw)``:
+    a ``Worker`` with ``isolation``, ``concurrency``, no signal handlers and a fixed 10 ms retry
+    unless ``kw`` says otherwise; started in the background when ``start``).  ``attrs`` become
+    attributes (``tmp``, ...).  ``close`` shuts every worker down."""
+
+    def __init__(self, isolation: str, *, concurrency: int = 2, start: bool = False, **attrs: Any):
+        from stem import Stem, TaskRegistry
+        from stem.backends import InMemoryResultBackend
+        from stem.brokers import InMemoryBroker
+        self.registry = TaskRegistry()
+        self.broker, self.backend = InMemoryBroker(), InMemoryResultBackend()
+        self.stem = Stem(self.broker, self.backend, self.registry)
+        self.isolation = isolation
+        self._concurrency, self._start = concurrency, start
+        self._workers: list[Any] = []
+        self.__dict__.update(attrs)
+
+    def worker(self, **kw: Any) -> Any:
+        from stem import Worker
+        from stem.retry import FixedRetryStrategy
+        kw.setdefault("concurrency", self._concurrency)
+        kw.setdefault("lifecycle", NO_SIGNALS)
+        kw.setdefault("retry_strategy", FixedRetryStrategy(0.01))
+        kw.setdefault("isolation", self.isolation)
+        w = Worker(self.broker, self.backend, self.registry, **kw)
+        self._workers.append(w)
+        if self._start:
+            w.run_in_background()
+        return w
+
+    def close(self) -> None:
+        from stem import ShutdownMode
+        for w in self._workers:
+            w.shutdown(ShutdownMode.HARD, timeout=15)
+
+
+def worker_env(isolation: str, **kw: Any) -> Iterator[WorkerEnv]:
+    """The body of an ``env`` fixture: ``yield from worker_env(isolation, ...)``."""
+    env = WorkerEnv(isolation, **kw)
+    try:
+        yield env
+    finally:
+        env.close()
