@@ -12,14 +12,15 @@ import time
 
 import pytest
 
+from stem.backends import from_url as backend_from_url
 from stem.backends.memory import InMemoryResultBackend
 from stem.backends.postgres import PostgresResultBackend
 from stem.backends.sqlite import SqliteResultBackend
 from stem.errors import BackendConnectionError, BackendError, ConfigurationError
-from stem.stores import postgres_schema, sqlite_schema
 from stem.workflows.store import PARKED, RUNNING, SUCCEEDED, open_store
 from stem.workflows.store_memory import MemoryWorkflowStore
 from stem.workflows.store_sql import PostgresWorkflowStore, SQLiteWorkflowStore
+from tests.support import current_version, schema_versions, sql_rows, store_at_version
 
 T0 = 1_700_000_000.5
 
@@ -158,75 +159,38 @@ def test_postgres_due_reads_its_index_not_the_terminal_runs(pg_backend, postgres
 # -- upgrades ----------------------------------------------------------------------------------
 
 # a run parked on a task by a store of schema version 7 or 8 (no waits_kind column)
-PARKED_BEFORE_9 = ("INSERT INTO {runs} (id, name, version, input, status, epoch, waits_for, created_at, updated_at) "
-                   "VALUES ('parked', 'n', '1', {empty}, 'PARKED', 1, 'parked:c0:e1', 0, 0)")
-
-
-def parked_before_9_is_listed_without_a_kind(store) -> None:
-    assert store.parked_on() == [("parked", "parked:c0:e1", None)]
-    assert store.get("parked").waits_kind is None
-    assert store.claim("parked", "w", now=T0, lease=30.0).epoch == 2
+PARKED_BEFORE_9 = {
+    "sqlite": ("INSERT INTO stem_wf_runs (id, name, version, input, status, epoch, waits_for, created_at, "
+               "updated_at) VALUES ('parked', 'n', '1', X'', 'PARKED', 1, 'parked:c0:e1', 0, 0)", ()),
+    "postgres": ("INSERT INTO {s}.stem_wf_runs (id, name, version, input, status, epoch, waits_for, created_at, "
+                 "updated_at) VALUES ('parked', 'n', '1', '', 'PARKED', 1, 'parked:c0:e1', 0, 0)", ()),
+}
 
 
 @pytest.mark.parametrize("old", [6, 8])
-def test_an_older_sqlite_file_upgrades_in_place_and_takes_runs(tmp_path, old):
-    path = str(tmp_path / f"v{old}.db")
-    raw = sqlite3.connect(path, isolation_level=None)
-    raw.execute("CREATE TABLE stem_schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-    for version in range(1, old + 1):
-        for statement in sqlite_schema.MIGRATIONS[version]:
-            raw.execute(statement)
-        raw.execute("INSERT INTO stem_schema_version VALUES (?, ?)", (version, time.time()))
-    raw.execute("INSERT INTO stem_results VALUES ('old', 'SUCCEEDED', ?, ?)", (time.time() + 3600, b"x"))
-    if old >= 7:
-        raw.execute(PARKED_BEFORE_9.format(runs="stem_wf_runs", empty="X''"))
-    raw.close()
-    backend = SqliteResultBackend(path)
-    try:
-        store = open_store(backend)
-        assert store.create("r", "n", "1", b"", now=T0)[0]
-        if old >= 7:
-            parked_before_9_is_listed_without_a_kind(store)
-        with sqlite3.connect(path) as raw:
-            assert raw.execute("SELECT version FROM stem_schema_version ORDER BY 1").fetchall() == [
-                (v,) for v in range(1, sqlite_schema.SCHEMA_VERSION + 1)]
-            assert raw.execute("SELECT task_id FROM stem_results").fetchall() == [("old",)]
-        raw.close()
-    finally:
-        backend.close()
-
-
-@pytest.mark.postgres
-@pytest.mark.parametrize("old", [6, 8])
-def test_an_older_postgres_schema_upgrades_in_place_and_takes_runs(postgres_url, namespace, old):
-    import psycopg
-    s = postgres_schema.quote_schema(namespace)
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {s}")
-        conn.execute(f"CREATE TABLE {s}.stem_schema_version (version integer PRIMARY KEY, "
-                     "applied_at timestamptz NOT NULL DEFAULT now())")
-        for version in range(1, old + 1):
-            for statement in postgres_schema.MIGRATIONS[version]:
-                conn.execute(statement.format(s=s))
-            conn.execute(f"INSERT INTO {s}.stem_schema_version (version) VALUES (%s)", (version,))
-        if old >= 7:
-            conn.execute(PARKED_BEFORE_9.format(runs=f"{s}.stem_wf_runs", empty="''::bytea"))
-    backend = PostgresResultBackend(postgres_url, schema=namespace)
-    try:
-        store = open_store(backend)
-        assert store.create("r", "n", "1", b"", now=T0)[0]
-        if old >= 7:
-            parked_before_9_is_listed_without_a_kind(store)
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            assert conn.execute(f"SELECT version FROM {s}.stem_schema_version ORDER BY 1").fetchall() == [
-                (v,) for v in range(1, postgres_schema.SCHEMA_VERSION + 1)]
-            assert conn.execute(
-                "SELECT collation_name FROM information_schema.columns WHERE table_schema = %s "
-                "AND table_name = 'stem_wf_runs' AND column_name = 'id'", (namespace,)).fetchone() == ("C",)
-    finally:
-        backend.close()
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
+def test_an_older_store_upgrades_in_place_and_takes_runs(sql_url, old):
+    kind = "sqlite" if sql_url.startswith("sqlite") else "postgres"
+    rows = [PARKED_BEFORE_9[kind]] if old >= 7 else []
+    if kind == "sqlite":
+        rows.append(("INSERT INTO stem_results VALUES ('old', 'SUCCEEDED', ?, ?)", (time.time() + 3600, b"x")))
+    with store_at_version(sql_url, old, *rows) as url:
+        backend = backend_from_url(url)
+        try:
+            store = open_store(backend)
+            assert store.create("r", "n", "1", b"", now=T0)[0]
+            assert schema_versions(url) == list(range(1, current_version(url) + 1))
+            if kind == "sqlite":
+                assert sql_rows(url, "SELECT task_id FROM stem_results") == [("old",)]
+            else:
+                assert sql_rows(url, "SELECT collation_name FROM information_schema.columns WHERE table_schema = "
+                                     "current_schema() AND table_name = 'stem_wf_runs' AND column_name = 'id'") == [
+                    ("C",)]
+            if old >= 7:        # listed without a kind, and claimed as any parked run
+                assert store.parked_on() == [("parked", "parked:c0:e1", None)]
+                assert store.get("parked").waits_kind is None
+                assert store.claim("parked", "w", now=T0, lease=30.0).epoch == 2
+        finally:
+            backend.close()
 
 
 # -- errors ------------------------------------------------------------------------------------
