@@ -45,6 +45,18 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
         raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def flaky(exc: Exception, times: int) -> tuple[Callable[[], str], list[int]]:
+    """A call that raises ``exc`` its first ``times`` calls, then returns "ok"; and its calls."""
+    calls: list[int] = []
+
+    def fn() -> str:
+        calls.append(1)
+        if len(calls) <= times:
+            raise exc
+        return "ok"
+    return fn, calls
+
+
 def drop_namespace(client, namespace: str) -> None:
     """Delete every Redis key of ``namespace``: a test's results would outlive it by a day.
     On a cluster client, SCAN covers every primary and each key is deleted on its own node."""

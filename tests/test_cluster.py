@@ -15,7 +15,7 @@ from stem.brokers.base import Message
 from stem.errors import BrokerConnectionError, BrokerError
 from stem.stores.redis import BARRIER, RedisStore, execute, execute_last, execute_unread, pack_commands
 from stem.stores.redis_cluster import split_packed
-from tests.support import raw_client, wait_for
+from tests.support import flaky, raw_client, wait_for
 
 
 # -- connecting --------------------------------------------------------------------------
@@ -206,17 +206,6 @@ def test_scripts_missing_from_the_primaries_are_loaded_again_on_every_one(redis_
         raw.close()
 
 
-def _flaky(exc: Exception, times: int):
-    calls = []
-
-    def fn():
-        calls.append(1)
-        if len(calls) <= times:
-            raise exc
-        return "ok"
-    return fn, calls
-
-
 @pytest.mark.redis
 @pytest.mark.parametrize("exc", [redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
                                  redis.exceptions.TryAgainError("TRYAGAIN"),
@@ -224,15 +213,15 @@ def _flaky(exc: Exception, times: int):
 def test_on_a_cluster_the_errors_of_slots_changing_hands_are_retried_after_a_fresh_slot_map(redis_cluster, exc):
     store = RedisStore(redis_cluster.url(), retry_attempts=3)
     try:
-        fn, calls = _flaky(exc, 2)
+        fn, calls = flaky(exc, 2)
         assert store.call(fn, "test") == "ok" and len(calls) == 3
         assert store.client._stem_stale      # the next raw pipeline loads the slot map first
         assert store.run([("PING",)]) == [b"PONG"] and not store.client._stem_stale
-        fn, calls = _flaky(exc, 99)
+        fn, calls = flaky(exc, 99)
         with pytest.raises(BrokerConnectionError, match="slots unavailable"):
             store.call(fn, "test")
         assert len(calls) == 3
-        fn, calls = _flaky(redis.ResponseError("WRONGTYPE"), 1)
+        fn, calls = flaky(redis.ResponseError("WRONGTYPE"), 1)
         with pytest.raises(BrokerError, match="WRONGTYPE"):   # any other error at once
             store.call(fn, "test")
         assert len(calls) == 1

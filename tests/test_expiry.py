@@ -14,17 +14,7 @@ from stem.keys import unique_key
 from stem.retry import FixedRetryStrategy
 from stem.worker import child as child_module
 from .support import wait_for, worker_env
-from .test_worker import NO_SIGNALS, Journal
-
-
-@pytest.fixture(params=["inline", "process"])
-def isolation(request):
-    return request.param
-
-
-@pytest.fixture
-def journal(tmp_path):
-    return Journal(tmp_path / "journal")
+from .test_worker import NO_SIGNALS, isolation, journal  # noqa: F401 - fixtures
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from stem.results import Reason, TaskStatus
 from stem.task import HANDLER_FILLED
 from stem.worker.progress import StatusBoard
 from .support import NO_SIGNALS, wait_until, worker_env
+from .test_worker import isolation  # noqa: F401 - fixtures
 
 SHORT = 0.5     # seconds: a lifetime a test waits out
 LONG = 3600.0
@@ -111,11 +112,6 @@ def test_an_explicit_id_stays_refused_as_long_as_its_result_lives(producer, monk
 
 
 # -- the worker -----------------------------------------------------------------------------------
-@pytest.fixture(params=["inline", "process"])
-def isolation(request):
-    return request.param
-
-
 class Recorder:
     """Every status the backend was asked to store, by id (whatever path stored it): a test
     reads a short-lived status here, where it cannot expire before the test looks."""

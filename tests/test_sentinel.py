@@ -12,21 +12,10 @@ from stem.brokers import from_url as broker_from_url
 from stem.brokers.base import Message
 from stem.errors import BrokerError
 from stem.stores.redis import RedisStore
-from tests.support import wait_for
+from tests.support import flaky, wait_for
 
 
 # -- a former master's READONLY ------------------------------------------------------------
-def _flaky(exc: Exception, times: int):
-    calls = []
-
-    def fn():
-        calls.append(1)
-        if len(calls) <= times:
-            raise exc
-        return "ok"
-    return fn, calls
-
-
 @pytest.mark.redis
 def test_behind_sentinel_a_readonly_reply_drops_the_pool_and_is_retried(sentinel_setup):
     store = RedisStore(sentinel_setup.url(), retry_attempts=4)
@@ -35,10 +24,10 @@ def test_behind_sentinel_a_readonly_reply_drops_the_pool_and_is_retried(sentinel
         pool = store.client.connection_pool
         real = pool.disconnect
         pool.disconnect = lambda *a, **k: (dropped.append(1), real(*a, **k))
-        fn, calls = _flaky(redis.exceptions.ReadOnlyError("You can't write against a read only replica."), 2)
+        fn, calls = flaky(redis.exceptions.ReadOnlyError("You can't write against a read only replica."), 2)
         assert store.call(fn, "test") == "ok"
         assert (len(calls), len(dropped)) == (3, 2)
-        fn, calls = _flaky(redis.exceptions.ReadOnlyError("READONLY"), 99)
+        fn, calls = flaky(redis.exceptions.ReadOnlyError("READONLY"), 99)
         with pytest.raises(BrokerError, match="master not reachable"):
             store.call(fn, "test")
         assert len(calls) == 4
@@ -50,7 +39,7 @@ def test_behind_sentinel_a_readonly_reply_drops_the_pool_and_is_retried(sentinel
 def test_without_sentinel_a_readonly_reply_is_an_error_at_once(redis_url):
     store = RedisStore(redis_url)
     try:
-        fn, calls = _flaky(redis.exceptions.ReadOnlyError("READONLY"), 1)
+        fn, calls = flaky(redis.exceptions.ReadOnlyError("READONLY"), 1)
         with pytest.raises(BrokerError, match="READONLY"):
             store.call(fn, "test")
         assert len(calls) == 1
