@@ -10,9 +10,9 @@ make that safe when activations race, stall or die:
 * **claiming fences.**  ``claim`` is a compare-and-set that bumps the run's
   ``epoch`` and hands it a lease.  Every later write of that activation
   (``append``, ``renew``, ``park``, ``finish``, ``attention``,
-  ``continue_as_new``, ``release``) names its epoch and is refused once another activation
-  has claimed the run: a stalled executor (SIGSTOP, GC pause) that comes back
-  after its lease expired can change nothing.
+  ``continue_as_new``, ``release``) names its epoch and is refused once another
+  activation has claimed the run: a stalled executor (SIGSTOP, GC pause) that
+  comes back after its lease expired can change nothing.
 * **the journal is append-only.**  ``append`` writes position ``len(journal)``
   only (no gaps, no overwrite): the first writer wins and no stored entry ever
   changes after its first commit.  Only ``reset`` (an operator's act, or
@@ -23,9 +23,9 @@ make that safe when activations race, stall or die:
   activation's last look and its parking wakes it instead of waiting forever.
   Duplicates by ``(run, event_id)`` are stored once.
 * **nothing is stranded.**  A run that needs an activation is always visible to
-  ``due``: created but never claimed or handed back (``PENDING`` with ``wake_at``), parked on a
-  timer that is due, parked with unread events, or ``RUNNING`` with an expired
-  lease.  A due marker is only replaced by the claim that acts on it.
+  ``due``: created (or handed back by ``release``) and not claimed (``PENDING``
+  with ``wake_at``), parked on a timer that is due, parked with unread events,
+  or ``RUNNING`` with an expired lease.  A due marker is only replaced by the claim that acts on it.
 
 Times are the engine's clock (``now`` arguments, injectable for tests), never the
 server's, so a store agrees with the engine about when a sleep is due.
@@ -305,10 +305,9 @@ class WorkflowStore(abc.ABC):
         """Suspend the RUNNING run claimed at ``epoch``: PARKED, no owner or lease, ``wake_at``,
         ``waiting``, ``waits_for``, ``waits_kind`` and ``inbox_seen`` stored.  ``waits_kind`` says
         what ``waits_for`` names ("task" or "child"): given with ``waits_for``, and only with it.
-        ``"inbox"`` (nothing changed, the
-        run stays RUNNING under its lease) when ``inbox_count != inbox_seen``: an event arrived
-        that the activation has not read.  ``"fenced"`` when the epoch is stale or the run is no
-        longer RUNNING."""
+        ``"inbox"`` (nothing changed, the run stays RUNNING under its lease) when ``inbox_count !=
+        inbox_seen``: an event arrived that the activation has not read.  ``"fenced"`` when the
+        epoch is stale or the run is no longer RUNNING."""
         check_run_id(run_id)
         check_epoch(epoch)
         wake_at = check_time("wake_at", wake_at, optional=True)
@@ -359,8 +358,8 @@ class WorkflowStore(abc.ABC):
         return self._continue_as_new(run_id, epoch, data, drop_events=drop, now=_now(now))  # type: ignore[arg-type]
 
     def release(self, run_id: str, epoch: int, *, now: float) -> bool:
-        """Hand the RUNNING run claimed at ``epoch`` back at once, instead of leaving it to its lease
-        (the activation stops: a broker outage, a worker's soft shutdown): PENDING due now, no
+        """Hand the RUNNING run claimed at ``epoch`` back at once instead of leaving it to its
+        lease (the activation stops: a broker outage, a worker's soft shutdown): PENDING due now, no
         owner, lease, timer or waiting; journal, inbox and epoch kept (the next claim bumps it, and
         this activation, no longer RUNNING, is fenced out of every later write).  False when
         fenced (another claim, a cancel, a reset) or no longer RUNNING."""
@@ -410,8 +409,8 @@ class WorkflowStore(abc.ABC):
         """Runs that need an activation, as ``DueRun`` (run id, reason, epoch, due_at): reason
         ``"start"`` (PENDING, ``wake_at <= now``), ``"timer"`` (PARKED, ``wake_at <= now``),
         ``"inbox"`` (PARKED, ``inbox_count > inbox_seen``), ``"lease"`` (RUNNING, ``lease_until <=
-        now``).  At most ``limit``, the longest due first; a run is listed once, with the first reason
-        that applies in that order.  Listing changes nothing."""
+        now``).  At most ``limit``, the longest due first; a run is listed once, with the first
+        reason that applies in that order.  Listing changes nothing."""
         now = _now(now)
         check_limit(limit)
         return self._due(now=now, limit=limit)
