@@ -521,6 +521,9 @@ class _LocalResults:
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._local(), fn, *args)
 
+    def workflow_store_recipe(self) -> tuple[str, Any] | None:
+        return self.backend.workflow_store_recipe()
+
     async def get(self, task_id: str) -> TaskStatus | None:
         return await self._run(self.backend.get, task_id)
 

@@ -298,6 +298,19 @@ def postgres_url() -> str:
     return POSTGRES_URL
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def sql_url(request, tmp_path):
+    """A SQLite file's URL, or a Postgres schema's of the test's own (``?schema=``, dropped after)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'sql.db'}"
+        return
+    import psycopg
+    url, schema = request.getfixturevalue("postgres_url"), request.getfixturevalue("namespace")
+    yield f"{url}?schema={schema}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
 @pytest.fixture
 def namespace(request):
     """A key/schema namespace no other test uses; on Redis, its keys go when the test ends

@@ -21,6 +21,8 @@ import tempfile
 import time
 from typing import Any, Callable, Iterator, Sequence
 
+from stem import WorkerLifecycleConfig
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 E2E_REGISTRY = "tests.apps.e2e:registry"
 READY = "E2E-READY"      # what tests/apps/e2e_worker.py prints once its worker is ready
@@ -41,6 +43,18 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
     """As ``wait_until``, but raise AssertionError naming ``what`` on timeout."""
     if not wait_until(predicate, timeout, interval):
         raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def flaky(exc: Exception, times: int) -> tuple[Callable[[], str], list[int]]:
+    """A call that raises ``exc`` its first ``times`` calls, then returns "ok"; and its calls."""
+    calls: list[int] = []
+
+    def fn() -> str:
+        calls.append(1)
+        if len(calls) <= times:
+            raise exc
+        return "ok"
+    return fn, calls
 
 
 def drop_namespace(client, namespace: str) -> None:
@@ -685,3 +699,144 @@ def raw_client(url: str):
         host, _, port = url[len("redis+cluster://"):].split(",")[0].rstrip("/").rpartition(":")
         return RedisCluster(host=host, port=int(port), socket_timeout=5)
     return redis.Redis.from_url(url)
+
+
+# -- in-process workers on the in-memory adapters ---------------------------------------------
+#: An in-process worker's lifecycle in a test: no signal handlers, short grace periods.
+NO_SIGNALS = WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5, force_shutdown_after=5)
+
+
+class WorkerEnv:
+    """A registry, in-memory adapters, a producer (``stem``) and a worker factory (``worker(**kw)``:
+    a ``Worker`` with ``isolation``, ``concurrency``, no signal handlers and a fixed 10 ms retry
+    unless ``kw`` says otherwise; started in the background when ``start``).  ``attrs`` become
+    attributes (``tmp``, ...).  ``close`` shuts every worker down."""
+
+    def __init__(self, isolation: str, *, concurrency: int = 2, start: bool = False, **attrs: Any):
+        from stem import Stem, TaskRegistry
+        from stem.backends import InMemoryResultBackend
+        from stem.brokers import InMemoryBroker
+        self.registry = TaskRegistry()
+        self.broker, self.backend = InMemoryBroker(), InMemoryResultBackend()
+        self.stem = Stem(self.broker, self.backend, self.registry)
+        self.isolation = isolation
+        self._concurrency, self._start = concurrency, start
+        self._workers: list[Any] = []
+        self.__dict__.update(attrs)
+
+    def worker(self, **kw: Any) -> Any:
+        from stem import Worker
+        from stem.retry import FixedRetryStrategy
+        kw.setdefault("concurrency", self._concurrency)
+        kw.setdefault("lifecycle", NO_SIGNALS)
+        kw.setdefault("retry_strategy", FixedRetryStrategy(0.01))
+        kw.setdefault("isolation", self.isolation)
+        w = Worker(self.broker, self.backend, self.registry, **kw)
+        self._workers.append(w)
+        if self._start:
+            w.run_in_background()
+        return w
+
+    def close(self) -> None:
+        from stem import ShutdownMode
+        for w in self._workers:
+            w.shutdown(ShutdownMode.HARD, timeout=15)
+
+
+def worker_env(isolation: str, **kw: Any) -> Iterator[WorkerEnv]:
+    """The body of an ``env`` fixture: ``yield from worker_env(isolation, ...)``."""
+    env = WorkerEnv(isolation, **kw)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+# -- SQL stores as an older stem left them ------------------------------------------------------
+@contextlib.contextmanager
+def store_at_version(url: str, version: int, *rows: tuple[str, Sequence[Any]]) -> Iterator[str]:
+    """A SQLite file (``sqlite:///path``) or a Postgres schema (``postgresql://...?schema=name``) as
+    stem of schema ``version`` left it: the migrations up to it (versions are append-only, so
+    these are what that stem wrote), then ``rows``, each (statement, params) in the store's
+    dialect (``{s}``: the quoted Postgres schema).  Yields ``url``; a Postgres schema is dropped
+    on exit."""
+    if url.startswith("sqlite:///"):
+        import sqlite3
+        from stem.stores import sqlite_schema
+        raw = sqlite3.connect(url[len("sqlite:///"):], isolation_level=None)
+        try:
+            raw.execute("CREATE TABLE stem_schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+            for v in range(1, version + 1):
+                for statement in sqlite_schema.MIGRATIONS[v]:
+                    raw.execute(statement)
+                raw.execute("INSERT INTO stem_schema_version VALUES (?, ?)", (v, time.time()))
+            for statement, params in rows:
+                raw.execute(statement, params)
+        finally:
+            raw.close()
+        yield url
+        return
+    import psycopg
+    from stem.stores import postgres_schema
+    base, _, schema = url.partition("?schema=")
+    s = postgres_schema.quote_schema(schema)
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {s}")
+        conn.execute(f"CREATE TABLE {s}.stem_schema_version (version integer PRIMARY KEY, "
+                     "applied_at timestamptz NOT NULL DEFAULT now())")
+        for v in range(1, version + 1):
+            for statement in postgres_schema.MIGRATIONS[v]:
+                conn.execute(statement.format(s=s))
+            conn.execute(f"INSERT INTO {s}.stem_schema_version (version) VALUES (%s)", (v,))
+        for statement, params in rows:
+            conn.execute(statement.format(s=s), params)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
+
+
+def sql_rows(url: str, sql: str) -> list[tuple]:
+    """The rows of ``sql`` in a SQLite file or a Postgres schema (``store_at_version``'s URLs;
+    on Postgres the schema is the search path, so tables are named bare)."""
+    if url.startswith("sqlite:///"):
+        import sqlite3
+        raw = sqlite3.connect(url[len("sqlite:///"):])
+        try:
+            return raw.execute(sql).fetchall()
+        finally:
+            raw.close()
+    import psycopg
+    base, _, schema = url.partition("?schema=")
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f'SET search_path TO "{schema}"')
+        return conn.execute(sql).fetchall()
+
+
+def schema_versions(url: str) -> list[int]:
+    """The versions a SQLite file or Postgres schema records as applied."""
+    return [v for (v,) in sql_rows(url, "SELECT version FROM stem_schema_version ORDER BY 1")]
+
+
+def current_version(url: str) -> int:
+    """This stem's schema version for the store ``url`` names (SQLite or Postgres)."""
+    from stem.stores import postgres_schema, sqlite_schema
+    return (sqlite_schema if url.startswith("sqlite:///") else postgres_schema).SCHEMA_VERSION
+
+
+def old_broker_rows(url: str, queue: str) -> list[tuple[str, tuple]]:
+    """A queue, a ready message (``old-ready``) and a dead letter (``old-dead``) as every schema
+    version since 1 writes them, for ``store_at_version``."""
+    now = time.time()
+    if url.startswith("sqlite:///"):
+        return [("INSERT INTO stem_queues VALUES (?)", (queue,)),
+                ("INSERT INTO stem_messages (queue, task_id, priority, state, available_at, frame) "
+                 "VALUES (?, 'old-ready', 0, 0, ?, ?)", (queue, now, b"old")),
+                ("INSERT INTO stem_dead_letters (queue, task_id, reason, failed_at, frame) "
+                 "VALUES (?, 'old-dead', 'poison', ?, ?)", (queue, now, b"dead"))]
+    return [("INSERT INTO {s}.stem_queues VALUES (%s)", (queue,)),
+            ("INSERT INTO {s}.stem_jobs (queue, task_id, priority, state, available_at, frame) "
+             "VALUES (%s, 'old-ready', 0, 0, %s, %s)", (queue, now, b"old")),
+            ("INSERT INTO {s}.stem_dead_letters (queue, task_id, reason, failed_at, frame) "
+             "VALUES (%s, 'old-dead', 'poison', %s, %s)", (queue, now, b"dead"))]

@@ -1,7 +1,7 @@
-"""Redis Cluster: the ``redis+cluster://`` URL, pipelines split by slot (order, phases,
+"""Redis Cluster: pipelines split by slot (order, phases,
 redirections), and the adapters through a failover of a cluster of the test's own
 (tests/support.py ``ClusterSetup``).  The contract suite runs on a cluster too
-(tests/contract/adapters_cluster.py)."""
+(tests/contract/adapters_cluster.py); the ``redis+cluster://`` URL is tests/test_redis_urls.py's."""
 
 from __future__ import annotations
 
@@ -12,51 +12,13 @@ from redis.crc import key_slot
 from stem.backends import from_url as backend_from_url
 from stem.brokers import from_url as broker_from_url
 from stem.brokers.base import Message
-from stem.config import check_url
-from stem.errors import BrokerConnectionError, BrokerError, ConfigurationError
-from stem.redact import mask_url
+from stem.errors import BrokerConnectionError, BrokerError
 from stem.stores.redis import BARRIER, RedisStore, execute, execute_last, execute_unread, pack_commands
-from stem.stores.redis_cluster import parse_cluster_url, split_packed
-from tests.support import raw_client, wait_for
+from stem.stores.redis_cluster import split_packed
+from tests.support import flaky, raw_client, wait_for
 
 
-# -- the URL ---------------------------------------------------------------------------
-def test_a_cluster_url_names_its_nodes_and_password():
-    u = parse_cluster_url("redis+cluster://app:s%40cret@10.0.0.1:7000,[::1]:7001,node-3/")
-    assert u.nodes == [("10.0.0.1", 7000), ("::1", 7001), ("node-3", 6379)]
-    assert (u.username, u.password, u.ssl) == ("app", "s@cret", False)
-    assert parse_cluster_url("rediss+cluster://h:1").ssl is True
-    assert parse_cluster_url("redis+cluster://h:1/0").nodes == [("h", 1)]
-
-
-@pytest.mark.parametrize("url, says", [
-    ("redis+cluster:///", "no node address"),
-    ("redis+cluster://h:7000/1", "only db 0"),
-    ("redis+cluster://h:7000/0/x", "only db 0"),
-    ("redis+cluster://h:port/", "bad address"),
-    ("redis+cluster://h:70000/", "bad address"),
-    ("redis+cluster://[::1/", "IPv6"),
-    ("redis+cluster://h:1/?read_from_replicas=1", "unknown options"),
-])
-def test_a_bad_cluster_url_is_refused_before_anything_connects(url, says):
-    with pytest.raises(ConfigurationError, match=says):
-        parse_cluster_url(url)
-    with pytest.raises(ConfigurationError, match=says):
-        broker_from_url(url)
-    with pytest.raises(ConfigurationError, match=says):
-        backend_from_url(url)
-
-
-def test_cluster_urls_pass_the_config_check_and_their_passwords_are_masked():
-    url = "redis+cluster://:hunter2@h1:7000,h2:7001/"
-    assert check_url(url) == url
-    assert check_url("rediss+cluster://h1:7000/") == "rediss+cluster://h1:7000/"
-    assert "hunter2" not in mask_url(url)
-    with pytest.raises(ConfigurationError) as err:
-        broker_from_url("redis+cluster://:hunter2@h1:7000/3")
-    assert "hunter2" not in str(err.value)
-
-
+# -- connecting --------------------------------------------------------------------------
 def test_a_cluster_nobody_answers_for_is_a_connection_error(tmp_path):
     from tests.support import free_port
     with pytest.raises(BrokerConnectionError, match="unreachable"):
@@ -244,17 +206,6 @@ def test_scripts_missing_from_the_primaries_are_loaded_again_on_every_one(redis_
         raw.close()
 
 
-def _flaky(exc: Exception, times: int):
-    calls = []
-
-    def fn():
-        calls.append(1)
-        if len(calls) <= times:
-            raise exc
-        return "ok"
-    return fn, calls
-
-
 @pytest.mark.redis
 @pytest.mark.parametrize("exc", [redis.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
                                  redis.exceptions.TryAgainError("TRYAGAIN"),
@@ -262,15 +213,15 @@ def _flaky(exc: Exception, times: int):
 def test_on_a_cluster_the_errors_of_slots_changing_hands_are_retried_after_a_fresh_slot_map(redis_cluster, exc):
     store = RedisStore(redis_cluster.url(), retry_attempts=3)
     try:
-        fn, calls = _flaky(exc, 2)
+        fn, calls = flaky(exc, 2)
         assert store.call(fn, "test") == "ok" and len(calls) == 3
         assert store.client._stem_stale      # the next raw pipeline loads the slot map first
         assert store.run([("PING",)]) == [b"PONG"] and not store.client._stem_stale
-        fn, calls = _flaky(exc, 99)
+        fn, calls = flaky(exc, 99)
         with pytest.raises(BrokerConnectionError, match="slots unavailable"):
             store.call(fn, "test")
         assert len(calls) == 3
-        fn, calls = _flaky(redis.ResponseError("WRONGTYPE"), 1)
+        fn, calls = flaky(redis.ResponseError("WRONGTYPE"), 1)
         with pytest.raises(BrokerError, match="WRONGTYPE"):   # any other error at once
             store.call(fn, "test")
         assert len(calls) == 1

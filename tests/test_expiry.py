@@ -13,46 +13,13 @@ from stem.brokers import InMemoryBroker
 from stem.keys import unique_key
 from stem.retry import FixedRetryStrategy
 from stem.worker import child as child_module
-from .support import wait_for
-from .test_worker import NO_SIGNALS, Journal
-
-
-@pytest.fixture(params=["inline", "process"])
-def isolation(request):
-    return request.param
-
-
-@pytest.fixture
-def journal(tmp_path):
-    return Journal(tmp_path / "journal")
+from .support import wait_for, worker_env
+from .test_worker import NO_SIGNALS, isolation, journal  # noqa: F401 - fixtures
 
 
 @pytest.fixture
 def env(isolation):
-    registry = TaskRegistry()
-    broker, backend = InMemoryBroker(), InMemoryResultBackend()
-    workers = []
-
-    class Env:
-        pass
-
-    e = Env()
-    e.registry, e.broker, e.backend, e.isolation = registry, broker, backend, isolation
-    e.stem = Stem(broker, backend, registry)
-
-    def worker(**kw):
-        kw.setdefault("concurrency", 1)
-        kw.setdefault("lifecycle", NO_SIGNALS)
-        kw.setdefault("retry_strategy", FixedRetryStrategy(0.01))
-        kw.setdefault("isolation", isolation)
-        w = Worker(broker, backend, registry, **kw)
-        workers.append(w)
-        return w
-
-    e.worker = worker
-    yield e
-    for w in workers:
-        w.shutdown(ShutdownMode.HARD, timeout=15)
+    yield from worker_env(isolation, concurrency=1)
 
 
 def _terminal(env, tid, timeout=20.0):

@@ -54,10 +54,39 @@ class _Gate:
     def open(self) -> None:
         self.opened.set()
 
+    def round(self, call, followers: int, client) -> None:
+        """The scenario: ``call(0)`` leads and is held in flight; ``call(1)`` ... ``call(followers)``
+        queue behind it; then the round trip goes and every caller returns."""
+        threads = _run(1, call)
+        assert self.entered.wait(10)
+        threads += _run(followers, lambda i: call(i + 1))
+        wait_for(lambda: _pending(client) == followers, 10, f"{followers} callers queued behind the leader")
+        self.open()
+        for t in threads:
+            t.join(30)
+            assert not t.is_alive()
+
 
 def _pending(client) -> int:
     g = redis_group._groups.get(client.connection_pool)
     return 0 if g is None else len(g.pending)
+
+
+@pytest.fixture
+def broker(redis_url, namespace):
+    broker = RedisBroker(redis_url, namespace=namespace)
+    yield broker
+    broker.close()
+
+
+@pytest.fixture
+def stem(redis_url, namespace):
+    """A producer whose queue is declared (one task enqueued)."""
+    stem = Stem(RedisBroker(redis_url, namespace=namespace), RedisResultBackend(redis_url, namespace=namespace),
+                registry, PayloadSigner({"k": b"k" * 32}, "k"))
+    stem.enqueue("grp.echo")
+    yield stem
+    stem.close()
 
 
 def _run(n: int, target) -> list[threading.Thread]:
@@ -67,13 +96,9 @@ def _run(n: int, target) -> list[threading.Thread]:
     return threads
 
 
-def test_callers_that_arrive_while_one_is_in_flight_share_the_next_round_trip(redis_url, namespace, monkeypatch):
-    stem = Stem(RedisBroker(redis_url, namespace=namespace), RedisResultBackend(redis_url, namespace=namespace),
-                registry, PayloadSigner({"k": b"k" * 32}, "k"))
-    raw = redis.Redis.from_url(redis_url)
-    try:
-        stem.enqueue("grp.echo")                      # declares the queue
-        key = stem.broker.queue_keys("default")[0]
+def test_callers_that_arrive_while_one_is_in_flight_share_the_next_round_trip(stem, redis_url, monkeypatch):
+    key = stem.broker.queue_keys("default")[0]
+    with redis.Redis.from_url(redis_url) as raw:
         gate = _Gate(monkeypatch)
         ids: dict[int, str] = {}
         stored_on_return: dict[int, bool] = {}
@@ -83,27 +108,16 @@ def test_callers_that_arrive_while_one_is_in_flight_share_the_next_round_trip(re
             # its id only once its task is stored
             stored_on_return[i] = any(f[b"t"].decode() == ids[i] for _, f in raw.xrange(key))
 
-        leader = _run(1, enqueue)
-        assert gate.entered.wait(10)
-        followers = _run(7, lambda i: enqueue(i + 1))
-        wait_for(lambda: _pending(stem.broker._client) == 7, 10, "seven callers queued behind the leader")
-        gate.open()
-        for t in leader + followers:
-            t.join(30)
+        gate.round(enqueue, 7, stem.broker._client)
         assert gate.sizes == [1, 7]                   # eight tasks, two round trips
         assert all(stored_on_return.values()) and len(stored_on_return) == 8
         assert len(set(ids.values())) == 8
         assert {f[b"t"].decode() for _, f in raw.xrange(key)} >= set(ids.values())
-    finally:
-        raw.close()
-        stem.close()
 
 
-def test_an_error_reply_reaches_only_the_caller_whose_command_failed(redis_url, namespace, monkeypatch):
-    broker = RedisBroker(redis_url, namespace=namespace)
+def test_an_error_reply_reaches_only_the_caller_whose_command_failed(broker, redis_url, namespace, monkeypatch):
     client = broker._client
-    raw = redis.Redis.from_url(redis_url)
-    try:
+    with redis.Redis.from_url(redis_url) as raw:
         raw.set(f"{namespace}:str", "x")
         gate = _Gate(monkeypatch)
         got: dict[int, object] = {}
@@ -116,121 +130,85 @@ def test_an_error_reply_reaches_only_the_caller_whose_command_failed(redis_url, 
             except redis.ResponseError as exc:
                 got[i] = exc
 
-        leader = _run(1, call)
-        assert gate.entered.wait(10)
-        followers = _run(6, lambda i: call(i + 1))
-        wait_for(lambda: _pending(client) == 6, 10, "six callers queued")
-        gate.open()
-        for t in leader + followers:
-            t.join(30)
+        gate.round(call, 6, client)
         assert gate.sizes == [1, 6]
         for i in range(7):
             if i % 3 == 1:
                 assert isinstance(got[i], redis.ResponseError) and "WRONGTYPE" in str(got[i])
             else:
                 assert got[i] == f"r{i}".encode()
-    finally:
-        raw.delete(f"{namespace}:str")
-        raw.close()
-        broker.close()
 
 
-def test_a_failed_round_trip_reaches_each_of_its_callers_and_stem_retries_each(redis_url, namespace, monkeypatch):
-    stem = Stem(RedisBroker(redis_url, namespace=namespace), RedisResultBackend(redis_url, namespace=namespace),
-                registry, PayloadSigner({"k": b"k" * 32}, "k"))
-    try:
-        stem.enqueue("grp.echo")
-        key = stem.broker.queue_keys("default")[0]
-        gate = _Gate(monkeypatch)
-        real_packed = redis_group.execute_packed
-        failed: list[int] = []
+def test_a_failed_round_trip_reaches_each_of_its_callers_and_stem_retries_each(stem, redis_url, monkeypatch):
+    key = stem.broker.queue_keys("default")[0]
+    gate = _Gate(monkeypatch)
+    real_packed = redis_group.execute_packed
+    failed: list[int] = []
 
-        def failing(client, packed, n):                 # the shared pipeline dies once
-            if not failed:
-                failed.append(n)
-                raise redis.ConnectionError("connection lost mid-pipeline")
-            return real_packed(client, packed, n)
-        monkeypatch.setattr(redis_group, "execute_packed", failing)
-        ids: dict[int, str] = {}
-        errors: list[BaseException] = []
+    def failing(client, packed, n):                 # the shared pipeline dies once
+        if not failed:
+            failed.append(n)
+            raise redis.ConnectionError("connection lost mid-pipeline")
+        return real_packed(client, packed, n)
+    monkeypatch.setattr(redis_group, "execute_packed", failing)
+    ids: dict[int, str] = {}
+    errors: list[BaseException] = []
 
-        def enqueue(i: int) -> None:
-            try:
-                ids[i] = stem.enqueue("grp.echo", {"i": i})
-            except BaseException as exc:   # pragma: no cover - asserted empty
-                errors.append(exc)
+    def enqueue(i: int) -> None:
+        try:
+            ids[i] = stem.enqueue("grp.echo", {"i": i})
+        except BaseException as exc:   # pragma: no cover - asserted empty
+            errors.append(exc)
 
-        leader = _run(1, enqueue)
-        assert gate.entered.wait(10)
-        followers = _run(5, lambda i: enqueue(i + 1))
-        wait_for(lambda: _pending(stem.broker._client) == 5, 10, "five callers queued")
-        gate.open()
-        for t in leader + followers:
-            t.join(30)
-        assert failed == [5] and not errors and len(ids) == 6
-        with redis.Redis.from_url(redis_url) as raw:
-            stored = [f[b"t"].decode() for _, f in raw.xrange(key)]
-        assert set(ids.values()) <= set(stored)
-        assert len(stored) == 7                      # each retried once, none written twice
-    finally:
-        stem.close()
+    gate.round(enqueue, 5, stem.broker._client)
+    assert failed == [5] and not errors and len(ids) == 6
+    with redis.Redis.from_url(redis_url) as raw:
+        stored = [f[b"t"].decode() for _, f in raw.xrange(key)]
+    assert set(ids.values()) <= set(stored)
+    assert len(stored) == 7                      # each retried once, none written twice
 
 
-def test_the_failed_callers_each_raise_an_exception_of_their_own(redis_url, namespace, monkeypatch):
-    broker = RedisBroker(redis_url, namespace=namespace)
+def test_the_failed_callers_each_raise_an_exception_of_their_own(broker, monkeypatch):
     client = broker._client
-    try:
-        gate = _Gate(monkeypatch)
-        monkeypatch.setattr(redis_group, "execute_packed",
-                            lambda c, p, n: (_ for _ in ()).throw(redis.TimeoutError("slow")))
-        got: dict[int, BaseException] = {}
+    gate = _Gate(monkeypatch)
+    monkeypatch.setattr(redis_group, "execute_packed",
+                        lambda c, p, n: (_ for _ in ()).throw(redis.TimeoutError("slow")))
+    got: dict[int, BaseException] = {}
 
-        def call(i: int) -> None:
-            try:
-                redis_group.execute_one(client, pack_command("PING"))
-            except redis.TimeoutError as exc:
-                got[i] = exc
+    def call(i: int) -> None:
+        try:
+            redis_group.execute_one(client, pack_command("PING"))
+        except redis.TimeoutError as exc:
+            got[i] = exc
 
-        leader = _run(1, call)
-        assert gate.entered.wait(10)
-        followers = _run(3, lambda i: call(i + 1))
-        wait_for(lambda: _pending(client) == 3, 10, "three callers queued")
-        gate.open()
-        for t in leader + followers:
-            t.join(30)
-        assert 0 not in got and len(got) == 3
-        assert len({id(e) for e in got.values()}) == 3 and all(str(e) == "slow" for e in got.values())
-        assert redis_group.execute_one(client, pack_command("PING")) in (b"PONG", "PONG")   # not stuck
-    finally:
-        broker.close()
+    gate.round(call, 3, client)
+    assert 0 not in got and len(got) == 3
+    assert len({id(e) for e in got.values()}) == 3 and all(str(e) == "slow" for e in got.values())
+    assert redis_group.execute_one(client, pack_command("PING")) in (b"PONG", "PONG")   # not stuck
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_child_forked_while_a_leader_is_in_flight_starts_with_no_leader(redis_url, namespace, monkeypatch):
-    broker = RedisBroker(redis_url, namespace=namespace)
+def test_a_child_forked_while_a_leader_is_in_flight_starts_with_no_leader(broker, monkeypatch):
     client = broker._client
-    try:
-        redis_group.execute_one(client, pack_command("PING"))
-        gate = _Gate(monkeypatch)
-        leader = _run(1, lambda i: redis_group.execute_one(client, pack_command("PING")))
-        assert gate.entered.wait(10)
-        assert redis_group._groups[client.connection_pool].busy
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                gate.opened.set()      # the child's copy of the gate: its own calls pass
-                ok = redis_group.execute_one(client, pack_command("ECHO", "child")) == b"child"
-                code = 0 if ok else 2
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        gate.open()
-        leader[0].join(30)
-        assert not redis_group._groups[client.connection_pool].busy
-    finally:
-        broker.close()
+    redis_group.execute_one(client, pack_command("PING"))
+    gate = _Gate(monkeypatch)
+    leader = _run(1, lambda i: redis_group.execute_one(client, pack_command("PING")))
+    assert gate.entered.wait(10)
+    assert redis_group._groups[client.connection_pool].busy
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            gate.opened.set()      # the child's copy of the gate: its own calls pass
+            ok = redis_group.execute_one(client, pack_command("ECHO", "child")) == b"child"
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    gate.open()
+    leader[0].join(30)
+    assert not redis_group._groups[client.connection_pool].busy
 
 
 class _Wake:
@@ -254,80 +232,71 @@ class _Wake:
 
 
 @pytest.mark.parametrize("when", ["now", "after"])
-def test_a_caller_interrupted_in_its_wait_leaves_no_one_stuck(redis_url, namespace, monkeypatch, when):
-    broker = RedisBroker(redis_url, namespace=namespace)
+def test_a_caller_interrupted_in_its_wait_leaves_no_one_stuck(broker, monkeypatch, when):
     client = broker._client
-    try:
-        gate = _Gate(monkeypatch)
-        got: dict[int, object] = {}
-        modes = [when, "normal", "normal"]
+    gate = _Gate(monkeypatch)
+    got: dict[int, object] = {}
+    modes = [when, "normal", "normal"]
 
-        class Slot(redis_group._Slot):
-            __slots__ = ()
+    class Slot(redis_group._Slot):
+        __slots__ = ()
 
-            def __init__(self, packed):
-                super().__init__(packed)
-                self.wake = _Wake(self.wake, modes.pop(0))
-        monkeypatch.setattr(redis_group, "_Slot", Slot)
+        def __init__(self, packed):
+            super().__init__(packed)
+            self.wake = _Wake(self.wake, modes.pop(0))
+    monkeypatch.setattr(redis_group, "_Slot", Slot)
 
-        def call(i: int) -> None:
-            try:
-                got[i] = redis_group.execute_one(client, pack_command("ECHO", f"r{i}"))
-            except KeyboardInterrupt as exc:
-                got[i] = exc
+    def call(i: int) -> None:
+        try:
+            got[i] = redis_group.execute_one(client, pack_command("ECHO", f"r{i}"))
+        except KeyboardInterrupt as exc:
+            got[i] = exc
 
-        threads = _run(1, call)
-        assert gate.entered.wait(10)
-        threads += _run(1, lambda i: call(1))
-        if when == "now":
-            wait_for(lambda: 1 in got, 10, "the first follower interrupted")
-        else:
-            wait_for(lambda: _pending(client) == 1, 10, "the first follower queued")
-        threads += _run(1, lambda i: call(2))
-        wait_for(lambda: _pending(client) == (1 if when == "now" else 2), 10, "the second follower queued")
-        threads += _run(1, lambda i: call(3))
-        wait_for(lambda: _pending(client) == (2 if when == "now" else 3), 10, "the third follower queued")
-        gate.open()
-        for t in threads:
-            t.join(30)
-            assert not t.is_alive()
-        assert got[0] == b"r0" and isinstance(got[1], KeyboardInterrupt)
-        assert got[2] == b"r2" and got[3] == b"r3"
-        # interrupted before anyone took it: withdrawn; handed the lead: it still sent all three
-        assert gate.sizes == ([1, 2] if when == "now" else [1, 3])
-        g = redis_group._groups[client.connection_pool]
-        assert not g.busy and not g.pending
-    finally:
-        broker.close()
+    threads = _run(1, call)
+    assert gate.entered.wait(10)
+    threads += _run(1, lambda i: call(1))
+    if when == "now":
+        wait_for(lambda: 1 in got, 10, "the first follower interrupted")
+    else:
+        wait_for(lambda: _pending(client) == 1, 10, "the first follower queued")
+    threads += _run(1, lambda i: call(2))
+    wait_for(lambda: _pending(client) == (1 if when == "now" else 2), 10, "the second follower queued")
+    threads += _run(1, lambda i: call(3))
+    wait_for(lambda: _pending(client) == (2 if when == "now" else 3), 10, "the third follower queued")
+    gate.open()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    assert got[0] == b"r0" and isinstance(got[1], KeyboardInterrupt)
+    assert got[2] == b"r2" and got[3] == b"r3"
+    # interrupted before anyone took it: withdrawn; handed the lead: it still sent all three
+    assert gate.sizes == ([1, 2] if when == "now" else [1, 3])
+    g = redis_group._groups[client.connection_pool]
+    assert not g.busy and not g.pending
 
 
-def test_an_interruption_of_the_sending_thread_reaches_the_others_as_a_connection_error(
-        redis_url, namespace, monkeypatch):
-    broker = RedisBroker(redis_url, namespace=namespace)
+def test_an_interruption_of_the_sending_thread_reaches_the_others_as_a_connection_error(broker, monkeypatch):
     client = broker._client
-    try:
-        gate = _Gate(monkeypatch)
-        monkeypatch.setattr(redis_group, "execute_packed",
-                            lambda c, p, n: (_ for _ in ()).throw(KeyboardInterrupt()))
-        got: dict[int, BaseException] = {}
+    gate = _Gate(monkeypatch)
+    monkeypatch.setattr(redis_group, "execute_packed",
+                        lambda c, p, n: (_ for _ in ()).throw(KeyboardInterrupt()))
+    got: dict[int, BaseException] = {}
 
-        def call(i: int) -> None:
-            try:
-                redis_group.execute_one(client, pack_command("PING"))
-            except BaseException as exc:
-                got[i] = exc
+    def call(i: int) -> None:
+        try:
+            redis_group.execute_one(client, pack_command("PING"))
+        except BaseException as exc:
+            got[i] = exc
 
-        leader = _run(1, call)
-        assert gate.entered.wait(10)
-        followers = []
-        for i in (1, 2, 3):      # in order: the first queued leads the flush
-            followers += _run(1, lambda _, i=i: call(i))
-            wait_for(lambda i=i: _pending(client) == i, 10, f"follower {i} queued")
-        gate.open()
-        for t in leader + followers:
-            t.join(30)
-        assert 0 not in got and isinstance(got[1], KeyboardInterrupt)
-        assert all(isinstance(got[i], redis.ConnectionError) and isinstance(got[i].__cause__, KeyboardInterrupt)
-                   for i in (2, 3))
-    finally:
-        broker.close()
+    leader = _run(1, call)
+    assert gate.entered.wait(10)
+    followers = []
+    for i in (1, 2, 3):      # in order: the first queued leads the flush
+        followers += _run(1, lambda _, i=i: call(i))
+        wait_for(lambda i=i: _pending(client) == i, 10, f"follower {i} queued")
+    gate.open()
+    for t in leader + followers:
+        t.join(30)
+    assert 0 not in got and isinstance(got[1], KeyboardInterrupt)
+    assert all(isinstance(got[i], redis.ConnectionError) and isinstance(got[i].__cause__, KeyboardInterrupt)
+               for i in (2, 3))

@@ -1,6 +1,7 @@
 """What stem reads of a Redis URL itself (``stem.stores.redis_urls``): the authority shared by
 the ``redis+sentinel://`` and ``redis+cluster://`` forms (one parser, so both take the same
-addresses), and the query options of a plain URL, checked before redis-py sees them."""
+addresses), what each of those forms adds (a service and db; db 0 only), and the query
+options of a plain URL, checked before redis-py sees them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import redis
 
 from stem.backends import from_url as backend_from_url
 from stem.brokers import from_url as broker_from_url
+from stem.config import check_url
 from stem.errors import ConfigurationError
+from stem.redact import mask_url
 from stem.stores.redis_async import AsyncRedisStore
 from stem.stores.redis_cluster import parse_cluster_url
 from stem.stores.redis_sentinel import parse_sentinel_url
@@ -58,6 +61,60 @@ def test_sentinel_and_cluster_urls_read_their_addresses_alike():
         parse_sentinel_url("redis+sentinel://a:1,b:99999/svc")
     with pytest.raises(ConfigurationError, match="bad Redis Cluster URL .*bad address 'b:99999'"):
         parse_cluster_url("redis+cluster://a:1,b:99999/")
+
+
+# -- what the sentinel and cluster forms add ---------------------------------------------------
+def test_a_sentinel_url_names_its_sentinels_service_db_and_passwords():
+    u = parse_sentinel_url("redis+sentinel://app:s%40cret@10.0.0.1:26379,[::1]:26380,sentinel-3/orders/2"
+                           "?sentinel_password=spw&min_other_sentinels=1")
+    assert u.sentinels == [("10.0.0.1", 26379), ("::1", 26380), ("sentinel-3", 26379)]
+    assert (u.service_name, u.db, u.username, u.password) == ("orders", 2, "app", "s@cret")
+    assert (u.sentinel_password, u.min_other_sentinels, u.ssl) == ("spw", 1, False)
+    assert parse_sentinel_url("rediss+sentinel://h:1/svc").ssl is True
+    assert parse_sentinel_url("redis+sentinel://h:1/svc").db == 0
+
+
+def test_a_cluster_url_names_its_nodes_and_password():
+    u = parse_cluster_url("redis+cluster://app:s%40cret@10.0.0.1:7000,[::1]:7001,node-3/")
+    assert u.nodes == [("10.0.0.1", 7000), ("::1", 7001), ("node-3", 6379)]
+    assert (u.username, u.password, u.ssl) == ("app", "s@cret", False)
+    assert parse_cluster_url("rediss+cluster://h:1").ssl is True
+    assert parse_cluster_url("redis+cluster://h:1/0").nodes == [("h", 1)]
+
+
+# a bad address is refused alike in both forms (above); these are each form's own refusals
+@pytest.mark.parametrize("url, says", [
+    ("redis+sentinel:///svc/0", "no sentinel address"),
+    ("redis+sentinel://h:26379", "the path must be"),
+    ("redis+sentinel://h:26379/svc/0/extra", "the path must be"),
+    ("redis+sentinel://h:26379/svc/zero", "db must be a number"),
+    ("redis+sentinel://h:1,[::1:2/svc", "IPv6"),
+    ("redis+sentinel://h:1/svc?sentinel_pasword=x", "unknown option 'sentinel_pasword'"),
+    ("redis+sentinel://h:1/svc?min_other_sentinels=many", "min_other_sentinels must be a number"),
+    ("redis+cluster:///", "no node address"),
+    ("redis+cluster://h:7000/1", "only db 0"),
+    ("redis+cluster://h:7000/0/x", "only db 0"),
+    ("redis+cluster://[::1/", "IPv6"),
+    ("redis+cluster://h:1/?read_from_replicas=1", "unknown options"),
+])
+def test_a_bad_sentinel_or_cluster_url_is_refused_before_anything_connects(url, says):
+    parse = parse_sentinel_url if "+sentinel:" in url else parse_cluster_url
+    for make in (parse, broker_from_url, backend_from_url):
+        with pytest.raises(ConfigurationError, match=says):
+            make(url)
+
+
+@pytest.mark.parametrize("url, refused", [
+    ("redis+sentinel://:hunter2@h1:26379,h2:26379/svc/0", "redis+sentinel://:hunter2@h1:26379/svc/x"),
+    ("redis+cluster://:hunter2@h1:7000,h2:7001/", "redis+cluster://:hunter2@h1:7000/3"),
+    ("rediss+cluster://:hunter2@h1:7000/", "rediss+cluster://:hunter2@h1:7000/3"),
+])
+def test_sentinel_and_cluster_urls_pass_the_config_check_and_their_passwords_are_masked(url, refused):
+    assert check_url(url) == url
+    assert "hunter2" not in mask_url(url)
+    with pytest.raises(ConfigurationError) as err:
+        broker_from_url(refused)
+    assert "hunter2" not in str(err.value)
 
 
 # -- the query options of a plain Redis URL -------------------------------------------------

@@ -14,18 +14,17 @@ import time
 
 import pytest
 
-from stem import ShutdownMode, Stem, TaskOptions, TaskRegistry, TaskState, Worker, WorkerLifecycleConfig
+from stem import ShutdownMode, Stem, TaskOptions, TaskRegistry, TaskState, Worker
 from stem.backends import InMemoryResultBackend
 from stem.brokers import InMemoryBroker, Message
 from stem.envelope import Envelope, decode_frame, encode_frame
 from stem.errors import InvalidTaskOptionsError, TaskTimeoutError
 from stem.results import Reason, TaskStatus
-from stem.retry import FixedRetryStrategy
 from stem.task import HANDLER_FILLED
 from stem.worker.progress import StatusBoard
-from .support import wait_until
+from .support import NO_SIGNALS, wait_until, worker_env
+from .test_worker import isolation  # noqa: F401 - fixtures
 
-NO_SIGNALS = WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5, force_shutdown_after=5)
 SHORT = 0.5     # seconds: a lifetime a test waits out
 LONG = 3600.0
 
@@ -113,11 +112,6 @@ def test_an_explicit_id_stays_refused_as_long_as_its_result_lives(producer, monk
 
 
 # -- the worker -----------------------------------------------------------------------------------
-@pytest.fixture(params=["inline", "process"])
-def isolation(request):
-    return request.param
-
-
 class Recorder:
     """Every status the backend was asked to store, by id (whatever path stored it): a test
     reads a short-lived status here, where it cannot expire before the test looks."""
@@ -142,32 +136,9 @@ class Recorder:
 
 @pytest.fixture
 def env(isolation, monkeypatch, tmp_path):
-    registry = TaskRegistry()
-    broker, backend = InMemoryBroker(), InMemoryResultBackend()
-    workers: list[Worker] = []
-
-    class Env:
-        pass
-
-    e = Env()
-    e.registry, e.broker, e.backend, e.tmp = registry, broker, backend, tmp_path
-    e.stem = Stem(broker, backend, registry)
-    e.recorder = Recorder(backend, monkeypatch)
-
-    def worker(**kw):
-        kw.setdefault("concurrency", 2)
-        kw.setdefault("lifecycle", NO_SIGNALS)
-        kw.setdefault("retry_strategy", FixedRetryStrategy(0.01))
-        kw.setdefault("isolation", isolation)
-        w = Worker(broker, backend, registry, **kw)
-        workers.append(w)
-        w.run_in_background()
-        return w
-
-    e.worker = worker
-    yield e
-    for w in workers:
-        w.shutdown(ShutdownMode.HARD, timeout=15)
+    for e in worker_env(isolation, start=True, tmp=tmp_path):
+        e.recorder = Recorder(e.backend, monkeypatch)
+        yield e
 
 
 def fail(ctx):

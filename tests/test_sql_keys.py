@@ -3,17 +3,13 @@
 
 from __future__ import annotations
 
-import sqlite3
-import time
 import uuid
-
-import pytest
 
 from stem.backends import from_url as backend_from_url
 from stem.brokers import from_url as broker_from_url
 from stem.brokers.base import Keyed, Message
 from stem.results import TaskState, TaskStatus
-from stem.stores import postgres_schema, sqlite_schema
+from tests.support import current_version, old_broker_rows, schema_versions, sql_rows, store_at_version
 
 Q = "upgraded"
 
@@ -46,77 +42,19 @@ def check_upgraded(broker) -> None:
     assert broker.stats(Q)[1:5] == (0, 0, 0, 0)
 
 
-def test_a_version_2_sqlite_file_upgrades_in_place_keeps_its_rows_and_then_takes_keys(tmp_path):
-    path = str(tmp_path / "v2.db")
-    raw = sqlite3.connect(path, isolation_level=None)
-    raw.execute("CREATE TABLE stem_schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-    for version in (1, 2):          # versions are append-only: these are what stem wrote before keys
-        for statement in sqlite_schema.MIGRATIONS[version]:
-            raw.execute(statement)
-        raw.execute("INSERT INTO stem_schema_version VALUES (?, ?)", (version, time.time()))
-    raw.execute("INSERT INTO stem_queues VALUES (?)", (Q,))
-    raw.execute("INSERT INTO stem_messages (queue, task_id, priority, state, available_at, frame) "
-                "VALUES (?, 'old-ready', 0, 0, ?, ?)", (Q, time.time(), b"old"))
-    raw.execute("INSERT INTO stem_dead_letters (queue, task_id, reason, failed_at, frame) "
-                "VALUES (?, 'old-dead', 'poison', ?, ?)", (Q, time.time(), b"dead"))
-    raw.close()
-
-    broker = broker_from_url(f"sqlite:///{path}")
-    try:
-        assert broker.migrate() == sqlite_schema.SCHEMA_VERSION
-        with sqlite3.connect(path) as raw:
-            assert raw.execute("SELECT version FROM stem_schema_version ORDER BY 1").fetchall() == [
-                (v,) for v in range(1, sqlite_schema.SCHEMA_VERSION + 1)]
-        raw.close()
-        check_upgraded(broker)
-    finally:
-        broker.close()
+def test_a_version_2_store_upgrades_in_place_keeps_its_rows_and_then_takes_keys(sql_url):
+    with store_at_version(sql_url, 2, *old_broker_rows(sql_url, Q)) as url:
+        broker = broker_from_url(url)
+        try:
+            assert broker.migrate() == current_version(url)
+            assert schema_versions(url) == list(range(1, current_version(url) + 1))
+            check_upgraded(broker)
+        finally:
+            broker.close()
 
 
-@pytest.mark.postgres
-def test_a_version_2_postgres_schema_upgrades_in_place_keeps_its_rows_and_then_takes_keys(postgres_url, namespace):
-    import psycopg
-    s = postgres_schema.quote_schema(namespace)
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {s}")
-        conn.execute(f"CREATE TABLE {s}.stem_schema_version (version integer PRIMARY KEY, "
-                     "applied_at timestamptz NOT NULL DEFAULT now())")
-        for version in (1, 2):
-            for statement in postgres_schema.MIGRATIONS[version]:
-                conn.execute(statement.format(s=s))
-            conn.execute(f"INSERT INTO {s}.stem_schema_version (version) VALUES (%s)", (version,))
-        conn.execute(f"INSERT INTO {s}.stem_queues VALUES (%s)", (Q,))
-        conn.execute(f"INSERT INTO {s}.stem_jobs (queue, task_id, priority, state, available_at, frame) "
-                     "VALUES (%s, 'old-ready', 0, 0, extract(epoch FROM now()), %s)", (Q, b"old"))
-        conn.execute(f"INSERT INTO {s}.stem_dead_letters (queue, task_id, reason, failed_at, frame) "
-                     "VALUES (%s, 'old-dead', 'poison', extract(epoch FROM now()), %s)", (Q, b"dead"))
-    broker = broker_from_url(f"{postgres_url}?schema={namespace}")
-    try:
-        assert broker.migrate() == postgres_schema.SCHEMA_VERSION
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            assert conn.execute(f"SELECT version FROM {s}.stem_schema_version ORDER BY 1").fetchall() == [
-                (v,) for v in range(1, postgres_schema.SCHEMA_VERSION + 1)]
-        check_upgraded(broker)
-    finally:
-        broker.close()
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def shared_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared.db'}"
-        return
-    import psycopg
-    url, schema = request.getfixturevalue("postgres_url"), request.getfixturevalue("namespace")
-    yield f"{url}?schema={schema}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-def test_the_fused_result_and_ack_releases_keys_as_the_brokers_ack_does(shared_url):
-    broker, backend = broker_from_url(shared_url), backend_from_url(shared_url)
+def test_the_fused_result_and_ack_releases_keys_as_the_brokers_ack_does(sql_url):
+    broker, backend = broker_from_url(sql_url), backend_from_url(sql_url)
     try:
         gone, lingering = keyed("gone"), keyed("lingering", linger=600.0)
         plain = Message("plain", Q, b"plain")
@@ -142,28 +80,20 @@ def test_the_fused_result_and_ack_releases_keys_as_the_brokers_ack_does(shared_u
 
 def _key_rows(url: str) -> list[str]:
     """Every row of stem_keys, expired or not."""
-    if url.startswith("sqlite"):
-        with sqlite3.connect(url[len("sqlite:///"):]) as raw:
-            rows = raw.execute("SELECT key FROM stem_keys ORDER BY key").fetchall()
-        raw.close()
-        return [r[0] for r in rows]
-    import psycopg
-    base, schema = url.split("?schema=")
-    with psycopg.connect(base, autocommit=True) as conn:
-        return [r[0] for r in conn.execute(f'SELECT key FROM "{schema}".stem_keys ORDER BY key').fetchall()]
+    return [r[0] for r in sql_rows(url, "SELECT key FROM stem_keys ORDER BY key")]
 
 
-def test_publish_keyed_sweeps_expired_keys_now_and_then(shared_url):
+def test_publish_keyed_sweeps_expired_keys_now_and_then(sql_url):
     from tests.support import wait_for
-    broker = broker_from_url(shared_url)
+    broker = broker_from_url(sql_url)
     try:
         short = Keyed(Message(uuid.uuid4().hex, Q, b"x"), "short", 0.2)
         assert broker.publish_keyed([short]) == [None]
         wait_for(lambda: broker.key_owner(Q, "short") is None, 10.0, what="the short key to expire")
         assert broker.publish_keyed([keyed("later")]) == [None]
-        assert _key_rows(shared_url) == ["later", "short"]      # expired, not yet swept: reads as free
+        assert _key_rows(sql_url) == ["later", "short"]      # expired, not yet swept: reads as free
         broker._next_key_sweep = 0.0                           # the minute since the last sweep is up
         assert broker.publish_keyed([keyed("latest")]) == [None]
-        assert _key_rows(shared_url) == ["later", "latest"]
+        assert _key_rows(sql_url) == ["later", "latest"]
     finally:
         broker.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import sqlite3
 import threading
 import time
 import uuid
@@ -18,8 +17,7 @@ from stem.backends import from_url as backend_from_url
 from stem.brokers import from_url as broker_from_url
 from stem.brokers.base import Limit, Message
 from stem.results import TaskState, TaskStatus
-from stem.stores import postgres_schema, sqlite_schema
-from tests.support import wait_for
+from tests.support import current_version, old_broker_rows, schema_versions, sql_rows, store_at_version, wait_for
 
 Q = "limited"
 
@@ -58,93 +56,20 @@ def check_upgraded(broker) -> None:
     assert broker.stats(Q)[1:] == (0, 0, 0, 0, 0)
 
 
-def test_a_version_4_sqlite_file_upgrades_in_place_keeps_its_rows_and_then_takes_limits(tmp_path):
-    path = str(tmp_path / "v4.db")
-    raw = sqlite3.connect(path, isolation_level=None)
-    raw.execute("CREATE TABLE stem_schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-    for version in (1, 2, 3, 4):        # versions are append-only: these are what stem wrote before limits
-        for statement in sqlite_schema.MIGRATIONS[version]:
-            raw.execute(statement)
-        raw.execute("INSERT INTO stem_schema_version VALUES (?, ?)", (version, time.time()))
-    raw.execute("INSERT INTO stem_queues VALUES (?)", (Q,))
-    raw.execute("INSERT INTO stem_messages (queue, task_id, priority, state, available_at, frame) "
-                "VALUES (?, 'old-ready', 0, 0, ?, ?)", (Q, time.time(), b"old"))
-    raw.execute("INSERT INTO stem_dead_letters (queue, task_id, reason, failed_at, frame) "
-                "VALUES (?, 'old-dead', 'poison', ?, ?)", (Q, time.time(), b"dead"))
-    raw.close()
-
-    broker = broker_from_url(f"sqlite:///{path}")
-    try:
-        assert broker.migrate() == sqlite_schema.SCHEMA_VERSION >= 5
-        with sqlite3.connect(path) as raw:
-            assert raw.execute("SELECT version FROM stem_schema_version ORDER BY 1").fetchall() == [
-                (v,) for v in range(1, sqlite_schema.SCHEMA_VERSION + 1)]
-        raw.close()
-        check_upgraded(broker)
-        assert broker.migrate() == sqlite_schema.SCHEMA_VERSION        # idempotent
-    finally:
-        broker.close()
+def test_a_version_4_store_upgrades_in_place_keeps_its_rows_and_then_takes_limits(sql_url):
+    with store_at_version(sql_url, 4, *old_broker_rows(sql_url, Q)) as url:
+        broker = broker_from_url(url)
+        try:
+            assert broker.migrate() == current_version(url) >= 5
+            assert schema_versions(url) == list(range(1, current_version(url) + 1))
+            check_upgraded(broker)
+            assert broker.migrate() == current_version(url)        # idempotent
+        finally:
+            broker.close()
 
 
-@pytest.mark.postgres
-def test_a_version_4_postgres_schema_upgrades_in_place_keeps_its_rows_and_then_takes_limits(postgres_url,
-                                                                                            namespace):
-    import psycopg
-    s = postgres_schema.quote_schema(namespace)
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {s}")
-        conn.execute(f"CREATE TABLE {s}.stem_schema_version (version integer PRIMARY KEY, "
-                     "applied_at timestamptz NOT NULL DEFAULT now())")
-        for version in (1, 2, 3, 4):
-            for statement in postgres_schema.MIGRATIONS[version]:
-                conn.execute(statement.format(s=s))
-            conn.execute(f"INSERT INTO {s}.stem_schema_version (version) VALUES (%s)", (version,))
-        conn.execute(f"INSERT INTO {s}.stem_queues VALUES (%s)", (Q,))
-        conn.execute(f"INSERT INTO {s}.stem_jobs (queue, task_id, priority, state, available_at, frame) "
-                     "VALUES (%s, 'old-ready', 0, 0, extract(epoch FROM now()), %s)", (Q, b"old"))
-        conn.execute(f"INSERT INTO {s}.stem_dead_letters (queue, task_id, reason, failed_at, frame) "
-                     "VALUES (%s, 'old-dead', 'poison', extract(epoch FROM now()), %s)", (Q, b"dead"))
-    broker = broker_from_url(f"{postgres_url}?schema={namespace}")
-    try:
-        assert broker.migrate() == postgres_schema.SCHEMA_VERSION >= 5
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            assert conn.execute(f"SELECT version FROM {s}.stem_schema_version ORDER BY 1").fetchall() == [
-                (v,) for v in range(1, postgres_schema.SCHEMA_VERSION + 1)]
-        check_upgraded(broker)
-        assert broker.migrate() == postgres_schema.SCHEMA_VERSION
-    finally:
-        broker.close()
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def shared_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'shared.db'}"
-        return
-    import psycopg
-    url, schema = request.getfixturevalue("postgres_url"), request.getfixturevalue("namespace")
-    yield f"{url}?schema={schema}"
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-
-def _rows(url: str, sql: str) -> list[tuple]:
-    if url.startswith("sqlite"):
-        with sqlite3.connect(url[len("sqlite:///"):]) as raw:
-            rows = raw.execute(sql).fetchall()
-        raw.close()
-        return rows
-    import psycopg
-    base, schema = url.split("?schema=")
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f'SET search_path TO "{schema}"')
-        return conn.execute(sql).fetchall()
-
-
-def test_the_fused_result_and_ack_frees_slots_as_the_brokers_ack_does(shared_url):
-    broker, backend = broker_from_url(shared_url), backend_from_url(shared_url)
+def test_the_fused_result_and_ack_frees_slots_as_the_brokers_ack_does(sql_url):
+    broker, backend = broker_from_url(sql_url), backend_from_url(sql_url)
     try:
         limit = Limit(concurrency_key="acct", concurrency=2)
         msgs = [lim_msg(limit) for _ in range(4)] + [lim_msg(None)]
@@ -165,32 +90,32 @@ def test_the_fused_result_and_ack_frees_slots_as_the_brokers_ack_does(shared_url
         backend.close()
 
 
-def test_an_emptied_lane_and_an_idle_bucket_do_not_stay(shared_url):
-    broker = broker_from_url(shared_url)
+def test_an_emptied_lane_and_an_idle_bucket_do_not_stay(sql_url):
+    broker = broker_from_url(sql_url)
     try:
         # no bucket sweep until the test asks for one: under load the 40 ms the bucket's TAT stays
         # ahead could pass before the first consume's sweep, which would drop it before it is counted
         broker._next_bucket_sweep = math.inf
         broker.publish_many([lim_msg(Limit(rate_key="tenant", rate=50.0, burst=2)) for _ in range(2)])
         broker.ack(broker.consume([Q], 10, 5.0))
-        assert _rows(shared_url, "SELECT count(*) FROM stem_buckets") == [(1,)]
+        assert sql_rows(sql_url, "SELECT count(*) FROM stem_buckets") == [(1,)]
         # a consume that finds the lane due and empty drops it (SQLite: the ack already did)
         broker.consume([Q], 10, 0.1)
-        assert _rows(shared_url, "SELECT count(*) FROM stem_lanes") == [(0,)]
-        wait_for(lambda: _rows(shared_url, "SELECT count(*) FROM stem_buckets WHERE tat >= "
-                               + ("strftime('%s', 'now')" if shared_url.startswith("sqlite")
+        assert sql_rows(sql_url, "SELECT count(*) FROM stem_lanes") == [(0,)]
+        wait_for(lambda: sql_rows(sql_url, "SELECT count(*) FROM stem_buckets WHERE tat >= "
+                               + ("strftime('%s', 'now')" if sql_url.startswith("sqlite")
                                   else "extract(epoch FROM now())")) == [(0,)], 5.0, what="the TAT to pass")
         broker._next_bucket_sweep = 0.0           # the minute since the last sweep is up
         broker.publish(lim_msg(Limit(rate_key="other", rate=1.0, burst=1)))   # its TAT a second ahead: live at the sweep
         assert len(broker.consume([Q], 10, 5.0)) == 1
-        assert [r[0] for r in _rows(shared_url, "SELECT rate_key FROM stem_buckets")] == ["other"]
+        assert [r[0] for r in sql_rows(sql_url, "SELECT rate_key FROM stem_buckets")] == ["other"]
     finally:
         broker.close()
 
 
-def test_route_limited_moves_a_keyed_plain_delivery_into_its_lane_with_its_key(shared_url):
+def test_route_limited_moves_a_keyed_plain_delivery_into_its_lane_with_its_key(sql_url):
     from stem.brokers.base import Keyed
-    broker = broker_from_url(shared_url)
+    broker = broker_from_url(sql_url)
     try:
         m = lim_msg(None)
         assert broker.publish_keyed([Keyed(m, "k", 600.0)]) == [None]

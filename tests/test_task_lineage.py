@@ -10,47 +10,21 @@ import time
 
 import pytest
 
-from stem import ShutdownMode, Stem, TaskOptions, TaskRegistry, TaskState, Worker, WorkerLifecycleConfig
-from stem.backends import InMemoryResultBackend
-from stem.brokers import InMemoryBroker
+from stem import Stem, TaskOptions, TaskRegistry, TaskState
 from stem.canvas import chain, chord, group
 from stem.redact import ARGS_SHOWN_BYTES, MASK, TRUNCATED
 from stem.results import encode_status
-from stem.retry import FixedRetryStrategy
 from stem.testing import EagerStem
 
-from .support import wait_for
+from .support import wait_for, worker_env
 
-NO_SIGNALS = WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5, force_shutdown_after=5)
 SECRET = "hunter2-never-stored"
 CARD = "4111-1111-1111-1111"
 
 
 @pytest.fixture(params=["inline", "process"])
 def env(request, tmp_path):
-    registry = TaskRegistry()
-    broker, backend = InMemoryBroker(), InMemoryResultBackend()
-    workers = []
-
-    class Env:
-        pass
-
-    e = Env()
-    e.registry, e.broker, e.backend, e.tmp = registry, broker, backend, tmp_path
-    e.stem = Stem(broker, backend, registry)
-
-    def worker(**kw):
-        kw.setdefault("concurrency", 2)
-        w = Worker(broker, backend, registry, lifecycle=NO_SIGNALS, retry_strategy=FixedRetryStrategy(0.01),
-                   isolation=request.param, **kw)
-        workers.append(w)
-        w.run_in_background()
-        return w
-
-    e.worker = worker
-    yield e
-    for w in workers:
-        w.shutdown(ShutdownMode.HARD, timeout=15)
+    yield from worker_env(request.param, start=True, tmp=tmp_path)
 
 
 def never_stored(status) -> None:

@@ -15,20 +15,10 @@ from stem.brokers import InMemoryBroker
 from stem.keys import id_key, unique_key
 from stem.retry import FixedRetryStrategy
 from .support import wait_for
-from .test_worker import NO_SIGNALS, Journal, set_flag, wait_flag
+from .test_worker import NO_SIGNALS, isolation, journal, set_flag, wait_flag  # noqa: F401 - fixtures
 
 UNIQUE = TaskOptions(unique=True)
 Q = "default"
-
-
-@pytest.fixture(params=["inline", "process"])
-def isolation(request):
-    return request.param
-
-
-@pytest.fixture
-def journal(tmp_path):
-    return Journal(tmp_path / "journal")
 
 
 class Env:

@@ -12,14 +12,15 @@ import time
 
 import pytest
 
+from stem.backends import from_url as backend_from_url
 from stem.backends.memory import InMemoryResultBackend
 from stem.backends.postgres import PostgresResultBackend
 from stem.backends.sqlite import SqliteResultBackend
 from stem.errors import BackendConnectionError, BackendError, ConfigurationError
-from stem.stores import postgres_schema, sqlite_schema
 from stem.workflows.store import PARKED, RUNNING, SUCCEEDED, open_store
 from stem.workflows.store_memory import MemoryWorkflowStore
 from stem.workflows.store_sql import PostgresWorkflowStore, SQLiteWorkflowStore
+from tests.support import current_version, schema_versions, sql_rows, store_at_version
 
 T0 = 1_700_000_000.5
 
@@ -54,6 +55,34 @@ def test_open_store_gives_each_result_backend_the_store_that_lives_beside_it(sql
         open_store(object())
 
 
+class ResultsOfAnotherModule(SqliteResultBackend):
+    """A backend whose module is not ``stem.backends.sqlite``: it still names its store."""
+
+
+class NamesNoStore(InMemoryResultBackend):
+    def workflow_store_recipe(self):
+        return None
+
+
+class NamesAStranger(InMemoryResultBackend):
+    def workflow_store_recipe(self):
+        return ("stem.workflows.store:open_store", self)
+
+
+def test_the_backend_names_its_workflow_store_whatever_its_module(tmp_path):
+    backend = ResultsOfAnotherModule(str(tmp_path / "sub.db"))
+    try:
+        assert type(backend).__module__ != "stem.backends.sqlite"
+        store = open_store(backend)
+        assert isinstance(store, SQLiteWorkflowStore) and store.create("r", "n", "1", b"", now=T0)[0]
+    finally:
+        backend.close()
+    with pytest.raises(ConfigurationError, match="NamesNoStore keeps no runs"):
+        open_store(NamesNoStore())
+    with pytest.raises(ConfigurationError, match="not a WorkflowStore class"):
+        open_store(NamesAStranger())
+
+
 @pytest.mark.postgres
 def test_open_store_gives_a_postgres_backend_the_store_in_its_schema(pg_backend, namespace):
     store = open_store(pg_backend)
@@ -61,6 +90,16 @@ def test_open_store_gives_a_postgres_backend_the_store_in_its_schema(pg_backend,
     store.create("r", "n", "1", b"", now=T0)
     assert PostgresWorkflowStore.for_backend(pg_backend).get("r").id == "r"
     assert f'"{namespace}".stem_wf_runs' in store.sql["get"]
+
+
+@pytest.mark.postgres
+def test_the_async_postgres_backend_gets_the_store_beside_the_backend_it_reads(pg_backend, namespace):
+    from stem.backends.postgres_async import AsyncPostgresResults
+    results = AsyncPostgresResults(pg_backend)
+    store = open_store(results)
+    assert isinstance(store, PostgresWorkflowStore) and f'"{namespace}".stem_wf_runs' in store.sql["get"]
+    assert store.create("async", "n", "1", b"", now=T0)[0]
+    assert open_store(pg_backend).get("async").status == "PENDING"     # one store, on the backend's sessions
 
 
 def test_the_store_writes_in_the_backends_own_file_and_connections(sqlite_backend, tmp_path):
@@ -114,60 +153,44 @@ def test_postgres_due_reads_its_index_not_the_terminal_runs(pg_backend, postgres
     hits = [int(part.split("=")[1]) for line in execution.splitlines() if "Buffers: shared hit=" in line
             for part in line.split() if part.startswith("hit=")]
     assert hits and max(hits) < 20, plan
-    assert sorted(store.due(now=T0 + 1)) == [(f"due-{n}", "start") for n in range(3)]
+    assert sorted(store.due(now=T0 + 1)) == [(f"due-{n}", "start", 0, T0) for n in range(3)]
 
 
 # -- upgrades ----------------------------------------------------------------------------------
 
-def test_a_version_6_sqlite_file_upgrades_in_place_and_takes_runs(tmp_path):
-    path = str(tmp_path / "v6.db")
-    raw = sqlite3.connect(path, isolation_level=None)
-    raw.execute("CREATE TABLE stem_schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-    for version in range(1, 7):
-        for statement in sqlite_schema.MIGRATIONS[version]:
-            raw.execute(statement)
-        raw.execute("INSERT INTO stem_schema_version VALUES (?, ?)", (version, time.time()))
-    raw.execute("INSERT INTO stem_results VALUES ('old', 'SUCCEEDED', ?, ?)", (time.time() + 3600, b"x"))
-    raw.close()
-    backend = SqliteResultBackend(path)
-    try:
-        store = open_store(backend)
-        assert store.create("r", "n", "1", b"", now=T0)[0]
-        with sqlite3.connect(path) as raw:
-            assert raw.execute("SELECT version FROM stem_schema_version ORDER BY 1").fetchall() == [
-                (v,) for v in range(1, sqlite_schema.SCHEMA_VERSION + 1)]
-            assert raw.execute("SELECT task_id FROM stem_results").fetchall() == [("old",)]
-        raw.close()
-    finally:
-        backend.close()
+# a run parked on a task by a store of schema version 7 or 8 (no waits_kind column)
+PARKED_BEFORE_9 = {
+    "sqlite": ("INSERT INTO stem_wf_runs (id, name, version, input, status, epoch, waits_for, created_at, "
+               "updated_at) VALUES ('parked', 'n', '1', X'', 'PARKED', 1, 'parked:c0:e1', 0, 0)", ()),
+    "postgres": ("INSERT INTO {s}.stem_wf_runs (id, name, version, input, status, epoch, waits_for, created_at, "
+                 "updated_at) VALUES ('parked', 'n', '1', '', 'PARKED', 1, 'parked:c0:e1', 0, 0)", ()),
+}
 
 
-@pytest.mark.postgres
-def test_a_version_6_postgres_schema_upgrades_in_place_and_takes_runs(postgres_url, namespace):
-    import psycopg
-    s = postgres_schema.quote_schema(namespace)
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {s}")
-        conn.execute(f"CREATE TABLE {s}.stem_schema_version (version integer PRIMARY KEY, "
-                     "applied_at timestamptz NOT NULL DEFAULT now())")
-        for version in range(1, 7):
-            for statement in postgres_schema.MIGRATIONS[version]:
-                conn.execute(statement.format(s=s))
-            conn.execute(f"INSERT INTO {s}.stem_schema_version (version) VALUES (%s)", (version,))
-    backend = PostgresResultBackend(postgres_url, schema=namespace)
-    try:
-        store = open_store(backend)
-        assert store.create("r", "n", "1", b"", now=T0)[0]
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            assert conn.execute(f"SELECT version FROM {s}.stem_schema_version ORDER BY 1").fetchall() == [
-                (v,) for v in range(1, postgres_schema.SCHEMA_VERSION + 1)]
-            assert conn.execute(
-                "SELECT collation_name FROM information_schema.columns WHERE table_schema = %s "
-                "AND table_name = 'stem_wf_runs' AND column_name = 'id'", (namespace,)).fetchone() == ("C",)
-    finally:
-        backend.close()
-        with psycopg.connect(postgres_url, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA IF EXISTS {s} CASCADE")
+@pytest.mark.parametrize("old", [6, 8])
+def test_an_older_store_upgrades_in_place_and_takes_runs(sql_url, old):
+    kind = "sqlite" if sql_url.startswith("sqlite") else "postgres"
+    rows = [PARKED_BEFORE_9[kind]] if old >= 7 else []
+    if kind == "sqlite":
+        rows.append(("INSERT INTO stem_results VALUES ('old', 'SUCCEEDED', ?, ?)", (time.time() + 3600, b"x")))
+    with store_at_version(sql_url, old, *rows) as url:
+        backend = backend_from_url(url)
+        try:
+            store = open_store(backend)
+            assert store.create("r", "n", "1", b"", now=T0)[0]
+            assert schema_versions(url) == list(range(1, current_version(url) + 1))
+            if kind == "sqlite":
+                assert sql_rows(url, "SELECT task_id FROM stem_results") == [("old",)]
+            else:
+                assert sql_rows(url, "SELECT collation_name FROM information_schema.columns WHERE table_schema = "
+                                     "current_schema() AND table_name = 'stem_wf_runs' AND column_name = 'id'") == [
+                    ("C",)]
+            if old >= 7:        # listed without a kind, and claimed as any parked run
+                assert store.parked_on() == [("parked", "parked:c0:e1", None)]
+                assert store.get("parked").waits_kind is None
+                assert store.claim("parked", "w", now=T0, lease=30.0).epoch == 2
+        finally:
+            backend.close()
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -250,8 +273,8 @@ def test_a_writer_killed_mid_transaction_leaves_nothing_half_done(request, kind,
     store = open_store(sql_backend)
     store.create("parent", "n", "1", b"", now=T0)
     parent = store.claim("parent", "w", now=T0, lease=60.0)
-    assert store.park("parent", parent.epoch, wake_at=None, waiting=b"child", waits_for="child", inbox_seen=0,
-                      now=T0) == "parked"
+    assert store.park("parent", parent.epoch, wake_at=None, waiting=b"child", waits_for="child",
+                      waits_kind="child", inbox_seen=0, now=T0) == "parked"
     store.create("child", "n", "1", b"", now=T0, parent="parent")
     child = store.claim("child", "w", now=T0, lease=60.0)
     assert store.append("child", child.epoch, 0, "step", "a", output=b"o", now=T0)
@@ -272,7 +295,7 @@ def test_a_writer_killed_mid_transaction_leaves_nothing_half_done(request, kind,
     assert call(store, refs) not in (False, None, (False, None))
     got = store.get("child")
     if op in ("finish", "cancel"):
-        assert store.get("parent").status == PARKED and store.due(now=T0) == [("parent", "inbox")]
+        assert store.get("parent").status == PARKED and [d.reason for d in store.due(now=T0)] == ["inbox"]
         assert [e.event_id for e in store.events("parent")] == ["child"]
     elif op == "append":
         assert [e.position for e in store.journal("child")] == [0, 1]

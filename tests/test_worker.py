@@ -14,9 +14,8 @@ from stem.backends import InMemoryResultBackend
 from stem.brokers import InMemoryBroker, Message
 from stem.errors import ConfigurationError
 from stem.retry import FixedRetryStrategy
-from .support import record_peak_in_flight, wait_until
+from .support import NO_SIGNALS, record_peak_in_flight, wait_until, worker_env
 
-NO_SIGNALS = WorkerLifecycleConfig(install_signal_handlers=False, soft_grace_period=5, force_shutdown_after=5)
 
 
 
@@ -71,30 +70,7 @@ def journal(tmp_path):
 @pytest.fixture
 def env(isolation):
     """A registry, adapters, a producer and a worker factory; workers are shut down after the test."""
-    registry = TaskRegistry()
-    broker, backend = InMemoryBroker(), InMemoryResultBackend()
-    workers = []
-
-    class Env:
-        pass
-
-    e = Env()
-    e.registry, e.broker, e.backend = registry, broker, backend
-    e.stem = Stem(broker, backend, registry)
-
-    def worker(**kw):
-        kw.setdefault("concurrency", 2)
-        kw.setdefault("lifecycle", NO_SIGNALS)
-        kw.setdefault("retry_strategy", FixedRetryStrategy(0.01))
-        kw.setdefault("isolation", isolation)
-        w = Worker(broker, backend, registry, **kw)
-        workers.append(w)
-        return w
-
-    e.worker = worker
-    yield e
-    for w in workers:
-        w.shutdown(ShutdownMode.HARD, timeout=15)
+    yield from worker_env(isolation)
 
 
 def test_tasks_run_and_their_results_are_stored(env):

@@ -98,10 +98,10 @@ def random_step(rng: random.Random, ref: MemoryWorkflowStore, ids: list[str], no
     """One operation with arguments that succeed often (the run's current epoch, the journal's
     length) and fail sometimes (stale epochs, taken positions, unknown runs)."""
     op = rng.choice(["create", "claim", "claim", "renew", "append", "append", "append", "append", "park", "park",
-                     "park", "finish", "attention", "continue", "cancel", "reset", "send", "send"])
+                     "park", "finish", "attention", "continue", "release", "cancel", "reset", "send", "send"])
     rid = rng.choice(ids)
     if rng.random() < 0.85:      # mostly a run the operation can act on
-        if op in ("renew", "append", "park", "finish", "attention", "continue"):
+        if op in ("renew", "append", "park", "finish", "attention", "continue", "release"):
             fit = [r.id for r in ref.runs(status=RUNNING)]
         elif op == "claim":
             fit = [r.id for r in ref.runs() if r.status in (PENDING, PARKED)
@@ -126,10 +126,13 @@ def random_step(rng: random.Random, ref: MemoryWorkflowStore, ids: list[str], no
             "attempt": rng.randrange(1, 4), "now": now}
     if op == "park":
         seen = run.inbox_count if run and rng.random() < 0.8 else rng.randrange(3)
+        waits_for = rng.choice([None, None, f"task-{rng.randrange(9)}"])
         return op, (rid, epoch), {"wake_at": rng.choice([None, now + rng.choice([-1.0, 0.25, 7.5])]),
-                                  "waiting": rng.choice([None, b"", b"topic"]),
-                                  "waits_for": rng.choice([None, None, f"task-{rng.randrange(9)}"]),
+                                  "waiting": rng.choice([None, b"", b"topic"]), "waits_for": waits_for,
+                                  "waits_kind": waits_for and rng.choice(["task", "child"]),
                                   "inbox_seen": seen, "now": now}
+    if op == "release":
+        return op, (rid, epoch), {"now": now}
     if op == "finish":
         status = rng.choice(["SUCCEEDED", "FAILED"])
         return op, (rid, epoch, status), {"result": rng.choice([None, b"r"]), "error": rng.choice([None, b"e"]),
@@ -215,13 +218,18 @@ def test_a_run_and_its_indexes_change_in_one_script(store, raw):
     assert raw.zscore(base + "due", "r") == T0
     run = store.claim("r", "w", now=T0 + 1, lease=30)
     assert raw.zscore(base + "due", "r") == T0 + 31
-    assert store.park("r", run.epoch, wake_at=None, waiting=b"t", waits_for="task", inbox_seen=0,
+    assert store.park("r", run.epoch, wake_at=None, waiting=b"t", waits_for="task", waits_kind="task", inbox_seen=0,
                       now=T0 + 2) == "parked"
     assert raw.zscore(base + "due", "r") is None
     assert raw.zrange(base + "parked", 0, -1) == [b"r"]
     assert store.send("r", "t", "e1", b"x", now=T0 + 3)[0]
     assert raw.zscore(base + "due", "r") == float("-inf")
-    assert store.due(now=0.0) == [("r", "inbox")]
+    assert store.due(now=0.0) == [("r", "inbox", run.epoch, float("-inf"))]
+    assert store.release("r", run.epoch, now=T0 + 4) is False      # parked: nothing to hand back
+    run = store.claim("r", "w", now=T0 + 5, lease=30)
+    assert raw.zrange(base + "parked", 0, -1) == [] and raw.zscore(base + "due", "r") == T0 + 35
+    assert store.release("r", run.epoch, now=T0 + 6)
+    assert raw.zscore(base + "due", "r") == T0 + 6 and raw.zrange(base + "s:PENDING", 0, -1) == [b"r"]
 
 
 # -- a child's end across slots -------------------------------------------------------------------
@@ -229,14 +237,14 @@ def test_a_childs_end_reaches_a_parent_in_another_slot(cluster_store):
     parent, child = ids_in_two_shards()
     cluster_store.create(parent, "p", "1", b"", now=T0)
     run = cluster_store.claim(parent, "w", now=T0, lease=30)
-    assert cluster_store.park(parent, run.epoch, wake_at=None, waiting=None, waits_for=child, inbox_seen=0,
-                              now=T0) == "parked"
+    assert cluster_store.park(parent, run.epoch, wake_at=None, waiting=None, waits_for=child, waits_kind="child",
+                              inbox_seen=0, now=T0) == "parked"
     cluster_store.create(child, "c", "1", b"", now=T0, parent=parent)
     c = cluster_store.claim(child, "w", now=T0, lease=30)
     assert cluster_store.finish(child, c.epoch, "SUCCEEDED", result=b"ok", now=T0 + 1)
     assert [(e.topic, e.event_id, e.created_at) for e in cluster_store.events(parent)] == [
         ("__child__", child, T0 + 1)]
-    assert cluster_store.due(now=T0 + 1) == [(parent, "inbox")]
+    assert [d[:2] for d in cluster_store.due(now=T0 + 1)] == [(parent, "inbox")]
 
 
 @pytest.mark.parametrize("dies", ["before the parent's event", "before the note is removed"])
@@ -245,7 +253,8 @@ def test_a_client_that_dies_between_a_childs_end_and_its_parents_event_strands_n
     parent, child = ids_in_two_shards()
     cluster_store.create(parent, "p", "1", b"", now=T0)
     run = cluster_store.claim(parent, "w", now=T0, lease=30)
-    cluster_store.park(parent, run.epoch, wake_at=None, waiting=None, waits_for=child, inbox_seen=0, now=T0)
+    cluster_store.park(parent, run.epoch, wake_at=None, waiting=None, waits_for=child, waits_kind="child",
+                       inbox_seen=0, now=T0)
     cluster_store.create(child, "c", "1", b"", now=T0, parent=parent)
     c = cluster_store.claim(child, "w", now=T0, lease=30)
     real_run = cluster_store._run
@@ -266,7 +275,7 @@ def test_a_client_that_dies_between_a_childs_end_and_its_parents_event_strands_n
     cluster_store.due(now=T0 + 2)
     assert [(e.topic, e.event_id, e.created_at) for e in cluster_store.events(parent)] == [
         ("__child__", child, T0 + 1)]
-    assert cluster_store.due(now=T0 + 2) == [(parent, "inbox")]
+    assert [d[:2] for d in cluster_store.due(now=T0 + 2)] == [(parent, "inbox")]
     notes = cluster_store._client.zrange(cluster_store._base(child) + "notify", 0, -1)
     assert notes == []
 
@@ -338,7 +347,7 @@ def test_the_largest_limits_positions_and_seqs_are_answered_not_refused_by_redis
     big = 2**63 - 1
     rec = store.claim(store.create("r", "wf", "1", b"", now=T0)[1].id, "w", now=T0, lease=30)
     assert store.append("r", rec.epoch, 0, "step", "a", now=T0)
-    assert store.due(now=T0 + 60, limit=big) == [("r", "lease")]
+    assert store.due(now=T0 + 60, limit=big) == [("r", "lease", rec.epoch, T0 + 30)]
     assert store.runs(limit=big)[0].id == "r" and store.runs(name="wf", limit=big)[0].id == "r"
     assert store.parked_on(limit=big) == [] and store.events("r", "t", after_seq=big, limit=big) == []
     assert not store.append("r", rec.epoch, big, "step", "b", now=T0)
@@ -441,7 +450,7 @@ def test_a_server_killed_mid_sequence_loses_no_acknowledged_write_and_strands_no
                 e = stored[pos]
                 assert (e.position, e.kind, e.name, e.output, e.epoch) == (pos, kind, name, output, epoch)
         far = T0 + 10_000_000
-        due = dict(s.due(now=far, limit=100_000))
+        due = {d.run_id: d.reason for d in s.due(now=far, limit=100_000)}
         for rid in created:
             run = s.get(rid)
             assert run is not None, f"{rid}: an acknowledged create is lost"

@@ -12,6 +12,7 @@ import pytest
 from stem.backends.memory import InMemoryResultBackend
 from stem.results import TaskState
 from stem.workflows import StepRetry, engine
+from stem.workflows import sweeper as sweeper_module
 from stem.workflows.admin import cancel, reset, retry
 from stem.workflows.wake import ACTIVATE, publish_wake
 
@@ -378,8 +379,17 @@ def _drive(app, run_id, clock, rounds=12):
     raise AssertionError(f"run {run_id} did not end: {app.run(run_id)}")
 
 
-POINTS = ["before-a-step-body", "mid-body", "after-the-body-before-the-append", "after-the-append",
-          "after-parking-before-the-timer-is-published", "after-completion-before-the-mirror", "before-the-ack"]
+#: point -> (what is wrapped: the step's function or a store method, crash before or after the real call);
+#: before-the-ack crashes nowhere: the activation's outcome is never acked, and it runs again
+POINTS = {
+    "before-a-step-body": ("fn", "before"),
+    "mid-body": ("fn", "after"),                  # the side effect happened, the process died before returning
+    "after-the-body-before-the-append": ("append", "before"),
+    "after-the-append": ("append", "after"),
+    "after-parking-before-the-timer-is-published": ("park", "after"),
+    "after-completion-before-the-mirror": ("finish", "after"),
+    "before-the-ack": (None, None),
+}
 
 
 @pytest.fixture(params=[pytest.param("memory"), pytest.param("sqlite"),
@@ -396,6 +406,20 @@ def any_store(request):
     store.close()
 
 
+def _crash_around(owner, name: str, when: str, crash_once, monkeypatch) -> None:
+    """``owner.name`` crashes (once) before or after the real call."""
+    real = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        if when == "before":
+            crash_once()
+        got = real(*args, **kwargs)
+        if when == "after":
+            crash_once()
+        return got
+    monkeypatch.setattr(owner, name, wrapped)
+
+
 @pytest.mark.parametrize("point", POINTS)
 def test_a_crash_at_each_point_of_an_activation_leaves_a_run_that_completes_with_the_same_outputs(
         point, any_store, wf_clock, monkeypatch):
@@ -407,44 +431,9 @@ def test_a_crash_at_each_point_of_an_activation_leaves_a_run_that_completes_with
             armed["on"] = False
             raise Crash(point)
 
-    if point in ("before-a-step-body", "mid-body"):
-        real_fn = step_a.fn
-
-        def fn(ctx, x):
-            if point == "mid-body":
-                out = real_fn(ctx, x)       # the side effect happened ...
-                crash_once()                # ... and the process died before returning
-                return out
-            crash_once()
-            return real_fn(ctx, x)
-        monkeypatch.setattr(step_a, "fn", fn)
-    elif point in ("after-the-body-before-the-append", "after-the-append"):
-        real_append = app.store.append
-
-        def append(*args, **kwargs):
-            if point == "after-the-body-before-the-append":
-                crash_once()
-                return real_append(*args, **kwargs)
-            ok = real_append(*args, **kwargs)
-            crash_once()
-            return ok
-        monkeypatch.setattr(app.store, "append", append)
-    elif point == "after-parking-before-the-timer-is-published":
-        real_park = app.store.park
-
-        def park(*args, **kwargs):
-            got = real_park(*args, **kwargs)
-            crash_once()
-            return got
-        monkeypatch.setattr(app.store, "park", park)
-    elif point == "after-completion-before-the-mirror":
-        real_finish = app.store.finish
-
-        def finish(*args, **kwargs):
-            ok = real_finish(*args, **kwargs)
-            crash_once()
-            return ok
-        monkeypatch.setattr(app.store, "finish", finish)
+    name, when = POINTS[point]
+    if name is not None:
+        _crash_around(step_a if name == "fn" else app.store, name, when, crash_once, monkeypatch)
 
     app.wf.start(app.stem, "crashy", {"x": 4}, run_id="c")
     try:
@@ -500,11 +489,63 @@ def test_an_outage_under_a_durable_call_stops_the_activation_and_never_reaches_t
     monkeypatch.setattr(app.broker, "publish_keyed", down)
     with pytest.raises(BrokerConnectionError):
         app.activate("o")                     # the activation's task fails (and is retried)
-    assert app.run("o").status == "RUNNING" and app.kinds("o") == [("call", "remote.thing")]
+    # handed back at once (release), not left RUNNING until its lease runs out
+    run = app.run("o")
+    assert (run.status, run.owner, run.epoch) == ("PENDING", None, 1) and app.kinds("o") == [("call", "remote.thing")]
+    assert [due[:3] for due in app.store.due(now=wf_clock.now())] == [("o", "start", 1)]
     monkeypatch.setattr(app.broker, "publish_keyed", real)
-    wf_clock.advance(1.5)                     # its lease runs out: the sweeper wakes it
-    with app.worker():
+    with app.worker():                        # no clock moved: the sweeper wakes it at once
         assert app.stem.wait_for_task("o", timeout=20).result == "thing"
+
+
+def test_a_soft_shutdown_during_an_activation_hands_the_run_back_at_once(wf_clock):
+    from stem.errors import WorkerShutdown
+    app = App(lease=30.0)
+    ledger, note = _ledger()
+
+    @app.wf.step(name="slow")
+    def slow(ctx):
+        note("slow")
+        if ledger.count("slow") == 1:
+            raise WorkerShutdown("the worker is shutting down")    # as the worker raises it in the task
+        return "done"
+
+    @app.wf.workflow("interrupted")
+    def interrupted(ctx):
+        return slow(ctx)
+
+    app.wf.start(app.stem, "interrupted", run_id="i")
+    with pytest.raises(WorkerShutdown):
+        app.activate("i")
+    run = app.run("i")
+    assert (run.status, run.owner, run.lease_until, run.epoch) == ("PENDING", None, None, 1)
+    assert app.activate("i") == "succeeded"   # the redelivered activation claims it: no 30 s lease to wait out
+    assert app.run("i").epoch == 2 and ledger == ["slow", "slow"]
+
+
+def test_an_activation_whose_release_fails_too_leaves_the_run_to_its_lease(wf_clock, monkeypatch):
+    from stem.errors import BackendConnectionError, BrokerConnectionError
+    app = App(lease=1.0)
+
+    @app.wf.workflow("outage2")
+    def outage2(ctx):
+        return ctx.call("remote.thing")
+
+    app.wf.start(app.stem, "outage2", run_id="o2")
+
+    def down(*args, **kwargs):
+        raise BrokerConnectionError("the broker is down")
+
+    def store_down(*args, **kwargs):
+        raise BackendConnectionError("the store is down")
+
+    monkeypatch.setattr(app.broker, "publish_keyed", down)
+    monkeypatch.setattr(app.store, "release", store_down)
+    with pytest.raises(BrokerConnectionError):
+        app.activate("o2")
+    assert app.run("o2").status == "RUNNING"
+    assert app.store.due(now=wf_clock.now()) == []
+    assert [due[:2] for due in app.store.due(now=wf_clock.now() + 1.0)] == [("o2", "lease")]
 
 
 # -- what the sweeper finds -------------------------------------------------------------------------
@@ -555,6 +596,50 @@ def test_the_sweeper_rings_the_doorbell_of_a_run_whose_called_task_ended_unannou
         # the worker's sweeper reads the task's status in its parked-on pass
         assert app.stem.wait_for_task("q", timeout=20).result == "done"
     assert [e.topic for e in app.store.events("q")] == ["__call__"]
+
+
+def test_a_sweep_reads_no_run_its_wakes_name_the_epochs_that_due_gives(wf_clock, monkeypatch):
+    app = App(lease=1.0)
+    app.store.create("fresh", "quiet", "1", b"\x80", now=wf_clock.now())
+    app.store.create("held", "quiet", "1", b"\x80", now=wf_clock.now())
+    held = app.store.claim("held", "dead-worker", now=wf_clock.now(), lease=1.0)
+    wf_clock.advance(1.5)
+
+    def no_get(run_id):
+        raise AssertionError(f"the sweep read run {run_id}")
+
+    woken = []
+    real_publish = sweeper_module.publish_wake
+
+    def publish_wake(producer, run_id, epoch, why, queue, **kw):
+        woken.append((run_id, epoch, why))
+        return real_publish(producer, run_id, epoch, why, queue, **kw)
+
+    monkeypatch.setattr(app.store, "get", no_get)
+    monkeypatch.setattr(sweeper_module, "publish_wake", publish_wake)
+    assert app.wf.sweeper(app.stem).sweep(parked_on=False) == 2
+    assert sorted(woken) == [("fresh", 0, "start"), ("held", held.epoch, "lease")]
+
+
+def test_the_parked_on_pass_reads_the_tasks_runs_wait_on_and_leaves_runs_on_a_child_to_the_store(wf_clock,
+                                                                                                 monkeypatch):
+    app = App(lease=30.0)
+    for run_id, kind in (("on-task", "task"), ("on-child", "child")):
+        app.store.create(run_id, "quiet", "1", b"\x80", now=wf_clock.now())
+        run = app.store.claim(run_id, "w", now=wf_clock.now(), lease=30.0)
+        assert app.store.park(run_id, run.epoch, wake_at=None, waiting=None, waits_for=f"{run_id}:x",
+                              waits_kind=kind, inbox_seen=0, now=wf_clock.now()) == "parked"
+    read = []
+    real = app.stem.backend.get_many
+
+    def get_many(ids):
+        read.extend(ids)
+        return real(ids)
+
+    monkeypatch.setattr(app.stem.backend, "get_many", get_many)
+    app.broker.purge("default")
+    assert app.wf.sweeper(app.stem).sweep() == 0       # neither has ended
+    assert read == ["on-task:x"]
 
 
 def test_a_run_whose_workflow_this_worker_does_not_hold_is_left_for_one_that_does(app):

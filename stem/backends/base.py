@@ -163,6 +163,14 @@ class ResultBackend(abc.ABC):
         can reach it (in-memory).  A worker's children read chord results through it."""
         return None
 
+    def workflow_store_recipe(self) -> tuple[str, Any] | None:
+        """``("module:Class", backend)``: the workflow store that keeps runs beside this backend
+        (same database, file or server), opened by ``Class.for_backend(backend)``
+        (``stem.workflows.store.open_store``); None when this backend keeps no workflow runs.
+        The backend names its store, as it names how to reopen it, so that a subclass or an
+        adapter of any module finds its store (a string: backends do not import workflows)."""
+        return None
+
     # -- statuses ---------------------------------------------------------------
     @abc.abstractmethod
     def store(self, status: TaskStatus) -> None:

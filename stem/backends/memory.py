@@ -39,6 +39,9 @@ class InMemoryResultBackend(ResultBackend):
     def from_url(cls, url: str = "memory://", **kwargs) -> "InMemoryResultBackend":
         return cls(url=url, **kwargs)
 
+    def workflow_store_recipe(self) -> tuple[str, Any] | None:
+        return ("stem.workflows.store_memory:MemoryWorkflowStore", self)
+
     def store(self, status: TaskStatus) -> None:
         self.store_many((status,))
 

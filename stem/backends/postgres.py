@@ -284,6 +284,9 @@ class PostgresResultBackend(ResultBackend):
     def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
         return (self.url, {"schema": self.schema})
 
+    def workflow_store_recipe(self) -> tuple[str, Any] | None:
+        return ("stem.workflows.store_sql:PostgresWorkflowStore", self)
+
     # -- statuses ---------------------------------------------------------------------
     def store(self, status: TaskStatus) -> None:
         self.store_many((status,))

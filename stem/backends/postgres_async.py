@@ -41,6 +41,11 @@ class AsyncPostgresResults:
                                 poll=lambda: None if self._listening else _FALLBACK_POLL_S,
                                 fail_after=backend.pg_store.reconnect_timeout)
 
+    def workflow_store_recipe(self) -> tuple[str, Any] | None:
+        """The workflow store is synchronous: it lives beside the backend this reads, on that
+        backend's own connections (``ResultBackend.workflow_store_recipe``)."""
+        return self.backend.workflow_store_recipe()
+
     async def get(self, task_id: str) -> TaskStatus | None:
         async def send(conn: Any) -> Any:
             return await (await conn.execute(self.backend.sql("get"), (task_id,), binary=True)).fetchone()

@@ -365,6 +365,9 @@ class RedisResultBackend(ResultBackend):
     def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
         return (self.url, {"namespace": self.namespace})
 
+    def workflow_store_recipe(self) -> tuple[str, Any] | None:
+        return ("stem.workflows.store_redis:RedisWorkflowStore", self)
+
     # -- statuses ---------------------------------------------------------------------
     def store(self, status: TaskStatus) -> None:
         self.store_many((status,))

@@ -70,6 +70,11 @@ class AsyncRedisResults:
             return replies
         return await self.store.call(send, what, errors=BACKEND_ERRORS)
 
+    def workflow_store_recipe(self) -> tuple[str, Any] | None:
+        """The workflow store is synchronous: it lives beside the backend this reads, on that
+        backend's own connections (``ResultBackend.workflow_store_recipe``)."""
+        return self.backend.workflow_store_recipe()
+
     async def get(self, task_id: str) -> TaskStatus | None:
         data = (await self._run([("GET", self.backend.status_key(task_id))], "get"))[0]
         return None if data is None else decode_status(data)

@@ -110,6 +110,9 @@ class SqliteResultBackend(ResultBackend):
     def reopen_recipe(self) -> tuple[str, dict[str, Any]] | None:
         return None if self.url in ("sqlite://", "sqlite:///:memory:") else (self.url, {})
 
+    def workflow_store_recipe(self) -> tuple[str, Any] | None:
+        return ("stem.workflows.store_sql:SQLiteWorkflowStore", self)
+
     # -- statuses ---------------------------------------------------------------------
     def store(self, status: TaskStatus) -> None:
         self.store_many((status,))

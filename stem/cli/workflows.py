@@ -31,6 +31,24 @@ def _queue(env: Env, queue: str | None) -> str:
     return queue or env.config.default_queue
 
 
+def _run_action(*options):
+    """The parameters of a command that changes a run and wakes it: RUN, ``options``, --queue,
+    --json and the connection options."""
+    def decorate(fn):
+        for option in reversed((click.argument("run_id"), *options, _queue_option,
+                                click.option("--json", "as_json", is_flag=True), connection_options)):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def _act(broker_url: str | None, backend_url: str | None, queue: str | None, op, *args: Any, **kwargs: Any) -> Any:
+    """``op(producer, store, *args, queue=..., **kwargs)`` (``stem.workflows.admin``'s shape) on
+    the producer and workflow store of the connection options."""
+    with Env(broker_url, backend_url) as env:
+        return op(env.producer(), _store(env), *args, queue=_queue(env, queue), **kwargs)
+
+
 @click.group()
 def wf() -> None:
     """Durable workflow runs: list, show, send events, cancel, reset, retry.
@@ -118,14 +136,9 @@ def wf_show(run_id, as_json, broker_url, backend_url):
 
 
 @wf.command("send")
-@click.argument("run_id")
-@click.argument("topic")
-@click.argument("payload", required=False, default="null")
-@click.option("--event-id", type=NonEmpty(), default=None, metavar="ID",
-              help="the event's id: a second send with it stores nothing (default: a random one)")
-@_queue_option
-@click.option("--json", "as_json", is_flag=True)
-@connection_options
+@_run_action(click.argument("topic"), click.argument("payload", required=False, default="null"),
+             click.option("--event-id", type=NonEmpty(), default=None, metavar="ID",
+                          help="the event's id: a second send with it stores nothing (default: a random one)"))
 def wf_send(run_id, topic, payload, event_id, queue, as_json, broker_url, backend_url):
     """Send the event TOPIC (PAYLOAD: any JSON value, default null) to RUN; returns once stored."""
     from ..workflows.api import send_event
@@ -133,9 +146,7 @@ def wf_send(run_id, topic, payload, event_id, queue, as_json, broker_url, backen
         value = loads_json(payload)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="PAYLOAD") from None
-    with Env(broker_url, backend_url) as env:
-        stored = send_event(env.producer(), _store(env), run_id, topic, value, event_id=event_id,
-                            queue=_queue(env, queue))
+    stored = _act(broker_url, backend_url, queue, send_event, run_id, topic, value, event_id=event_id)
     emit({"run": run_id, "topic": topic, "stored": stored}, as_json,
          lambda d: click.echo(f"sent {topic} to {run_id}" if stored else
                               f"{run_id} already has event {event_id}: nothing stored"))
@@ -149,26 +160,19 @@ def _print_changed(verb: str):
 
 
 @wf.command("cancel")
-@click.argument("run_id")
-@_queue_option
-@click.option("--json", "as_json", is_flag=True)
-@connection_options
+@_run_action()
 def wf_cancel(run_id, queue, as_json, broker_url, backend_url):
     """End RUN CANCELLED (its status: REVOKED, reason cancelled); a finished run is left as it is."""
     from ..workflows.admin import cancel
-    with Env(broker_url, backend_url) as env:
-        run = cancel(env.producer(), _store(env), run_id, queue=_queue(env, queue))
+    run = _act(broker_url, backend_url, queue, cancel, run_id)
     emit({"run": run.id, "status": run.status}, as_json, _print_changed("cancelled"))
 
 
 @wf.command("reset")
-@click.argument("run_id")
-@click.option("--to", "position", type=click.IntRange(0), required=True, metavar="POSITION",
-              help="the first journal position to drop (stem wf show RUN lists them); its call runs again")
-@_queue_option
-@click.option("--yes", is_flag=True, help="do not ask")
-@click.option("--json", "as_json", is_flag=True)
-@connection_options
+@_run_action(click.option("--to", "position", type=click.IntRange(0), required=True, metavar="POSITION",
+                          help="the first journal position to drop (stem wf show RUN lists them); its call runs "
+                               "again"),
+             click.option("--yes", is_flag=True, help="do not ask"))
 def wf_reset(run_id, position, queue, yes, as_json, broker_url, backend_url):
     """Drop RUN's journal from POSITION on and run it again from there (NEEDS_ATTENTION after a
     code change, FAILED or CANCELLED to try again)."""
@@ -176,19 +180,14 @@ def wf_reset(run_id, position, queue, yes, as_json, broker_url, backend_url):
     if not yes and not click.confirm(f"drop the journal of {run_id} from position {position} on and run it again?",
                                      default=False):
         fail("nothing reset")
-    with Env(broker_url, backend_url) as env:
-        run = reset(env.producer(), _store(env), run_id, position, queue=_queue(env, queue))
+    run = _act(broker_url, backend_url, queue, reset, run_id, position)
     emit({"run": run.id, "status": run.status, "position": position}, as_json, _print_changed("reset"))
 
 
 @wf.command("retry")
-@click.argument("run_id")
-@_queue_option
-@click.option("--json", "as_json", is_flag=True)
-@connection_options
+@_run_action()
 def wf_retry(run_id, queue, as_json, broker_url, backend_url):
     """Run a FAILED run again from the position that failed."""
     from ..workflows.admin import retry
-    with Env(broker_url, backend_url) as env:
-        run, position = retry(env.producer(), _store(env), run_id, queue=_queue(env, queue))
+    run, position = _act(broker_url, backend_url, queue, retry, run_id)
     emit({"run": run.id, "status": run.status, "position": position}, as_json, _print_changed("retried"))

@@ -57,7 +57,8 @@ any older version upgrades in place::
                          (generated: wake_at of a PENDING run, lease_until of a RUNNING one, wake_at
                          of a PARKED one or -Infinity while it has unread events, else NULL);
                          (due_at) WHERE due_at IS NOT NULL, (id) WHERE status = 'PARKED' AND
-                         waits_for IS NOT NULL, (status, id)  (version 7, stem.workflows.store_sql)
+                         waits_for IS NOT NULL, (status, id)  (version 7, stem.workflows.store_sql);
+                         waits_kind: 'task' or 'child', what waits_for names (version 10)
     stem_wf_journal      (run_id, position bigint) PRIMARY KEY, kind, name, output, error, attempt,
                          epoch, created_at
     stem_wf_events       (run_id, seq) PRIMARY KEY, UNIQUE (run_id, event_id), topic, payload,
@@ -84,7 +85,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "NOW", "migrate", "quote_schema", "release_ctes", "wake_ctes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 NOW = "extract(epoch FROM now())::float8"    # the server clock; one value per (autocommit) statement
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
@@ -290,6 +291,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             task_id text NOT NULL,
             frame bytea NOT NULL)""",
         "CREATE INDEX stem_purge_held_queue ON {s}.stem_purge_held (queue, id)",
+    ),
+    10: (
+        # what a parked run's waits_for names: 'task' or 'child' (NULL: no waits_for, or parked before 10)
+        "ALTER TABLE {s}.stem_wf_runs ADD COLUMN waits_kind text",
     ),
 }
 

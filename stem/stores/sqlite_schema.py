@@ -5,7 +5,7 @@ upgrades them: idempotent, versioned in ``stem_schema_version``, inside one
 ``BEGIN IMMEDIATE`` transaction so concurrent processes serialise on SQLite's
 write lock; each version adds to the last (``ALTER TABLE ... ADD COLUMN``,
 new tables), so a file of any older version upgrades in place.  Schema,
-version 9::
+version 10::
 
     stem_messages       id INTEGER PRIMARY KEY AUTOINCREMENT  -- age order; never reused, so a
                                                               -- stale receipt cannot hit a new row
@@ -50,7 +50,8 @@ version 9::
     stem_wf_runs        id PRIMARY KEY, the RunRecord columns (stem.workflows.store), journal_length
                         (the next append's position), due_at (generated: wake_at of a PENDING run,
                         lease_until of a RUNNING one, wake_at of a PARKED one or minus infinity
-                        while it has unread events, else NULL)  (version 7, stem.workflows.store_sql)
+                        while it has unread events, else NULL)  (version 7, stem.workflows.store_sql);
+                        waits_kind: 'task' or 'child', what waits_for names (version 10)
         ix due        (due_at)  WHERE due_at IS NOT NULL                     -- the sweeper's due
         ix parked_on  (id)      WHERE status = 'PARKED' AND waits_for IS NOT NULL
         ix status     (status, id)                                          -- listing by status
@@ -78,7 +79,7 @@ from ..errors import ConfigurationError
 __all__ = ["SCHEMA_VERSION", "MIGRATIONS", "migrate", "settle_acked", "release_keys", "enter_lanes", "left_lanes",
            "LIMIT_COLUMNS"]
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 _CHUNK = 500            # ids per IN (...) list
 
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -275,6 +276,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
             task_id TEXT NOT NULL,
             frame BLOB NOT NULL)""",
         "CREATE INDEX stem_purge_held_queue ON stem_purge_held (queue, id)",
+    ),
+    10: (
+        # what a parked run's waits_for names: 'task' or 'child' (NULL: no waits_for, or parked before 10)
+        "ALTER TABLE stem_wf_runs ADD COLUMN waits_kind TEXT",
     ),
 }
 

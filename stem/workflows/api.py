@@ -136,8 +136,9 @@ class WorkflowDef(Generic[P, R]):
 
 class ActivationHandler(TaskHandler):
     """The internal task ``stem.wf.activate``: one activation of one run (``engine.activate``).
-    Its own retries cover a store or broker outage; a run whose activation is lost for good
-    is found again by the sweeper once its lease or due time passes."""
+    Its own retries cover a store or broker outage (the activation hands its run back first:
+    ``engine.HAND_BACK``); a run whose activation is lost for good is found again by the
+    sweeper once its lease or due time passes."""
 
     name = ACTIVATE
 

@@ -64,11 +64,14 @@ class EngineSignal(BaseException):
 class Suspend(EngineSignal):
     """The run waits: park it with these."""
 
-    def __init__(self, *, wake_at: float | None, waiting: dict[str, Any], waits_for: str | None = None):
+    def __init__(self, *, wake_at: float | None, waiting: dict[str, Any], waits_for: str | None = None,
+                 waits_kind: str | None = None):
         super().__init__(waiting.get("kind"))
         self.wake_at = wake_at
         self.waiting = waiting
         self.waits_for = waits_for
+        #: what ``waits_for`` names: "task" or "child" (``WorkflowStore.park``)
+        self.waits_kind = waits_kind
 
 
 class Fenced(EngineSignal):
@@ -451,7 +454,7 @@ class WorkflowContext:
                 if status is None:      # not published yet (or lost): publish; refused if it is queued
                     with self._shielded():
                         self._publish_call(name, args, options, task_id)
-                self._raise(Suspend(wake_at=None, waits_for=task_id,
+                self._raise(Suspend(wake_at=None, waits_for=task_id, waits_kind="task",
                                     waiting={"kind": "call", "position": q, "task": name, "id": task_id}))
         if done.error is not None:
             err = decode_error(done.error)
@@ -528,7 +531,7 @@ class WorkflowContext:
                 self._raise(Fail("ChildMissing", f"child run {child.id} started at position {child.position} "
                                                  "is not in the store"))
             if not run.terminal:
-                self._raise(Suspend(wake_at=None, waits_for=child.id,
+                self._raise(Suspend(wake_at=None, waits_for=child.id, waits_kind="child",
                                     waiting={"kind": "child", "position": q, "workflow": child.workflow,
                                              "id": child.id}))
             if run.status == SUCCEEDED:

@@ -19,6 +19,10 @@ The body of the internal task ``stem.wf.activate`` (``stem.workflows.wake``).  I
 4. **Publish** what the parking needs: a timer's delayed wake (broker time: the
    sweeper, reading the workflows' clock, covers a moved clock and a lost publish).
 
+An activation that stops without an outcome (a broker or store outage, whose error
+fails its task for a retry; ``WorkerShutdown`` of a soft shutdown) hands the run back
+(``release``: PENDING, due now) instead of leaving it RUNNING until its lease runs out.
+
 A run's terminal write (``finish``) comes before its mirror in the result backend,
 and before the parent's wake (the store already gave the parent its ``__child__``
 event in the same write).
@@ -33,7 +37,7 @@ import threading
 import time
 from typing import Any
 
-from ..errors import EncodeError, StemError
+from ..errors import BackendError, BrokerError, EncodeError, StemError, WorkerShutdown
 from . import clock
 from .codec import decode, encode, encode_error, error_of, roundtrip
 from .context import (Attention, ContinueAsNew, EngineSignal, Fail, Fenced, Outage, PassState, Services, Suspend,
@@ -42,7 +46,7 @@ from .mirror import mirror, mirror_if_missing
 from .store import FAILED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, SUCCEEDED, RunRecord, WorkflowStore
 from .wake import publish_wake
 
-__all__ = ["activate", "Lease", "owner_id", "is_due", "MAX_PASSES", "REMIRROR_AFTER"]
+__all__ = ["activate", "Lease", "owner_id", "is_due", "MAX_PASSES", "REMIRROR_AFTER", "HAND_BACK"]
 
 log = logging.getLogger("stem.workflows")
 
@@ -52,6 +56,9 @@ MAX_PASSES = 1000
 #: A RUNNING mirror is written again when the run was last touched this long ago (seconds), so a
 #: run asleep for days does not lose its mirror to the backend's result lifetime.
 REMIRROR_AFTER = 3600.0
+#: What stops an activation without an outcome and hands its run back at once (``release``):
+#: an outage (the activation's task is retried) or a soft shutdown (it is redelivered).
+HAND_BACK = (BrokerError, BackendError, WorkerShutdown)
 
 
 def owner_id() -> str:
@@ -113,7 +120,9 @@ def is_due(run: RunRecord, now: float, store: WorkflowStore, backend: Any) -> bo
     if run.inbox_count > run.inbox_seen:
         return True
     if run.waits_for is not None:
-        kind = (decode(run.waiting) or {}).get("kind") if run.waiting else None
+        kind = run.waits_kind
+        if kind is None and run.waiting:       # parked by a store before waits_kind (schema version 8)
+            kind = "child" if (decode(run.waiting) or {}).get("kind") == "child" else "task"
         if kind == "child":
             child = store.get(run.waits_for)
             return child is None or child.terminal
@@ -152,12 +161,25 @@ def activate(*, workflows: Any, store: WorkflowStore, producer: Any, run_id: str
     lease = Lease(store, run_id, claimed.epoch, workflows.lease).start()
     try:
         outcome = _passes(workflows, store, producer, definition, claimed, lease)
+    except HAND_BACK:
+        lease.stop()
+        _release(store, run_id, claimed.epoch)
+        raise
     finally:
         lease.stop()
     if outcome == "fenced":
         log.warning("run %s: the activation of epoch %d was fenced out (another activation claimed the run after "
                     "this one outlived its lease); it changed nothing more", run_id, claimed.epoch)
     return outcome
+
+
+def _release(store: WorkflowStore, run_id: str, epoch: int) -> None:
+    """Hand the run back (best effort: in a store outage the release fails too, and the
+    lease runs out as it would have)."""
+    try:
+        store.release(run_id, epoch, now=clock.now())
+    except StemError as exc:
+        log.warning("could not hand run %s back (%s); it is due again when its lease runs out", run_id, exc)
 
 
 def _passes(workflows: Any, store: WorkflowStore, producer: Any, definition: Any, run: RunRecord,
@@ -175,7 +197,8 @@ def _passes(workflows: Any, store: WorkflowStore, producer: Any, definition: Any
             raise outcome.error
         if isinstance(outcome, Suspend):
             got = store.park(run.id, epoch, wake_at=outcome.wake_at, waiting=encode(outcome.waiting),
-                             waits_for=outcome.waits_for, inbox_seen=inbox_seen, now=clock.now())
+                             waits_for=outcome.waits_for, waits_kind=outcome.waits_kind, inbox_seen=inbox_seen,
+                             now=clock.now())
             if got == "parked":
                 if outcome.wake_at is not None:
                     eta = time.time() + max(0.0, outcome.wake_at - clock.now())

@@ -10,9 +10,9 @@ make that safe when activations race, stall or die:
 * **claiming fences.**  ``claim`` is a compare-and-set that bumps the run's
   ``epoch`` and hands it a lease.  Every later write of that activation
   (``append``, ``renew``, ``park``, ``finish``, ``attention``,
-  ``continue_as_new``) names its epoch and is refused once another activation
-  has claimed the run: a stalled executor (SIGSTOP, GC pause) that comes back
-  after its lease expired can change nothing.
+  ``continue_as_new``, ``release``) names its epoch and is refused once another
+  activation has claimed the run: a stalled executor (SIGSTOP, GC pause) that
+  comes back after its lease expired can change nothing.
 * **the journal is append-only.**  ``append`` writes position ``len(journal)``
   only (no gaps, no overwrite): the first writer wins and no stored entry ever
   changes after its first commit.  Only ``reset`` (an operator's act, or
@@ -23,9 +23,9 @@ make that safe when activations race, stall or die:
   activation's last look and its parking wakes it instead of waiting forever.
   Duplicates by ``(run, event_id)`` are stored once.
 * **nothing is stranded.**  A run that needs an activation is always visible to
-  ``due``: created but never claimed (``PENDING`` with ``wake_at``), parked on a
-  timer that is due, parked with unread events, or ``RUNNING`` with an expired
-  lease.  A due marker is only replaced by the claim that acts on it.
+  ``due``: created (or handed back by ``release``) and not claimed (``PENDING``
+  with ``wake_at``), parked on a timer that is due, parked with unread events,
+  or ``RUNNING`` with an expired lease.  A due marker is only replaced by the claim that acts on it.
 
 Times are the engine's clock (``now`` arguments, injectable for tests), never the
 server's, so a store agrees with the engine about when a sleep is due.
@@ -39,6 +39,7 @@ never looks inside them.
 from __future__ import annotations
 
 import abc
+import importlib
 import math
 from typing import Any, Literal, NamedTuple, Sequence
 
@@ -46,9 +47,9 @@ from ..errors import ConfigurationError
 
 __all__ = [
     "PENDING", "RUNNING", "PARKED", "NEEDS_ATTENTION", "SUCCEEDED", "FAILED", "CANCELLED", "TERMINAL", "STATUSES",
-    "RunRecord", "JournalEntry", "Event", "WorkflowStore", "ParkOutcome", "RUN_ID_MAX", "INT_MAX", "check_run_id",
-    "check_payload", "check_time", "check_epoch", "check_text", "check_limit", "check_position", "check_seqs",
-    "open_store",
+    "RunRecord", "JournalEntry", "Event", "DueRun", "ParkedRun", "WorkflowStore", "ParkOutcome", "WAITS_KINDS",
+    "RUN_ID_MAX", "INT_MAX", "check_run_id", "check_payload", "check_time", "check_epoch", "check_text",
+    "check_limit", "check_position", "check_seqs", "open_store",
 ]
 
 #: created (or reset, or continued as new), not yet claimed
@@ -69,6 +70,8 @@ STATUSES = frozenset({PENDING, RUNNING, PARKED, NEEDS_ATTENTION}) | TERMINAL
 RUN_ID_MAX = 160
 
 ParkOutcome = Literal["parked", "inbox", "fenced"]
+#: what a parked run's ``waits_for`` names: a task run by ``ctx.call``, or a child run
+WAITS_KINDS = frozenset({"task", "child"})
 
 
 class RunRecord(NamedTuple):
@@ -100,6 +103,9 @@ class RunRecord(NamedTuple):
     generation: int
     created_at: float
     updated_at: float
+    #: what ``waits_for`` names: "task" or "child" (None without ``waits_for``, or for a run that a
+    #: store of schema version 8 or before parked)
+    waits_kind: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -117,6 +123,26 @@ class JournalEntry(NamedTuple):
     #: the epoch of the activation that wrote it
     epoch: int
     created_at: float
+
+
+class DueRun(NamedTuple):
+    """A run that needs an activation (``WorkflowStore.due``)."""
+    run_id: str
+    #: "start", "timer", "inbox" or "lease"
+    reason: str
+    #: the run's epoch when listed: the sweeper's wake id names it (no read of the run)
+    epoch: int
+    #: since when the run is due: ``wake_at`` of a PENDING run or of a PARKED one on a timer,
+    #: ``lease_until`` of a RUNNING one, minus infinity while a PARKED run has unread events
+    due_at: float
+
+
+class ParkedRun(NamedTuple):
+    """A PARKED run that waits on a task or a child run (``WorkflowStore.parked_on``)."""
+    run_id: str
+    waits_for: str
+    #: "task" or "child"; None for a run parked by a store of schema version 8 or before
+    kind: str | None
 
 
 class Event(NamedTuple):
@@ -199,139 +225,297 @@ def check_seqs(name: str, values: object) -> frozenset[int]:
 
 
 class WorkflowStore(abc.ABC):
-    """Runs, their journals and their inboxes.  Every argument is checked (``check_*`` above:
-    ConfigurationError) before the store is touched, so a bad call stores nothing."""
+    """Runs, their journals and their inboxes.
+
+    The public methods below state the contract and check every argument (``check_*``
+    above: ConfigurationError) before the store is touched, so a bad call stores nothing
+    and every adapter refuses the same calls with the same errors.  An adapter implements
+    the ``_op`` of each (``_create``, ``_claim``, ...), which receives the checked values
+    (payloads as ``bytes``, times as ``float``, seqs sorted)."""
 
     # -- runs ------------------------------------------------------------------------------
-    @abc.abstractmethod
     def create(self, run_id: str, name: str, version: str, input: bytes, *, now: float,
                parent: str | None = None) -> tuple[bool, RunRecord]:
         """Create a PENDING run (epoch 0, ``wake_at=now``: due until claimed) unless one with the
         id exists.  Returns (created, the record now stored): a second start is a no-op that
         returns the first run, whatever its input."""
+        check_run_id(run_id)
+        check_text("a workflow name", name)
+        check_text("a workflow version", version, limit=64)
+        data = check_payload("input", input, optional=False)
+        now = _now(now)
+        if parent is not None:
+            check_run_id(parent)
+        return self._create(run_id, name, version, data, now=now, parent=parent)  # type: ignore[arg-type]
 
-    @abc.abstractmethod
     def get(self, run_id: str) -> RunRecord | None:
-        ...
+        return self._get(check_run_id(run_id))
 
-    @abc.abstractmethod
     def runs(self, *, status: str | None = None, name: str | None = None, limit: int = 100,
              after: str | None = None) -> list[RunRecord]:
         """Runs ordered by id, at most ``limit``, with an id greater than ``after`` (paging)."""
+        if status is not None and status not in STATUSES:
+            raise ConfigurationError(f"a run status is one of {sorted(STATUSES)}, got {status!r}")
+        check_text("a workflow name", name, optional=True)
+        check_limit(limit)
+        if after is not None:
+            check_run_id(after)
+        return self._runs(status=status, name=name, limit=limit, after=after)
 
-    # -- one activation: claim, journal, renew, then exactly one of park/finish/attention ------
-    @abc.abstractmethod
+    # -- one activation: claim, journal, renew, then exactly one of park/finish/attention/release --
     def claim(self, run_id: str, owner: str, *, now: float, lease: float) -> RunRecord | None:
         """Compare-and-set: a run PENDING, PARKED, or RUNNING with ``lease_until <= now`` becomes
         RUNNING under ``owner`` until ``now + lease`` with ``epoch + 1`` (returned).  None when
         the run is absent, terminal, NEEDS_ATTENTION or held by a live lease.  ``wake_at`` and
         ``waiting`` are cleared: the lease is the due marker from here on."""
+        check_run_id(run_id)
+        check_text("an owner", owner)
+        return self._claim(run_id, owner, now=_now(now), lease=_lease(lease))
 
-    @abc.abstractmethod
     def renew(self, run_id: str, epoch: int, *, now: float, lease: float) -> bool:
         """Extend the lease of the RUNNING run claimed at ``epoch`` to ``now + lease``.
         False when fenced (another claim, a reset, a cancel) or no longer RUNNING."""
+        check_run_id(run_id)
+        check_epoch(epoch)
+        return self._renew(run_id, epoch, now=_now(now), lease=_lease(lease))
 
-    @abc.abstractmethod
     def journal(self, run_id: str) -> list[JournalEntry]:
         """The run's entries by position (as integers: 2 before 10)."""
+        return self._journal(check_run_id(run_id))
 
-    @abc.abstractmethod
     def append(self, run_id: str, epoch: int, position: int, kind: str, name: str, *,
                output: bytes | None = None, error: bytes | None = None, attempt: int = 1,
                now: float) -> bool:
         """Append the entry at ``position`` if the run is RUNNING at ``epoch`` and ``position``
         is the journal's length.  False otherwise (fenced, or the position is taken: the
         first writer won); nothing is changed then."""
+        check_run_id(run_id)
+        check_epoch(epoch)
+        check_position(position)
+        check_text("an entry kind", kind, limit=32)
+        check_text("an entry name", name)
+        output = check_payload("output", output)
+        error = check_payload("error", error)
+        check_position(attempt)
+        return self._append(run_id, epoch, position, kind, name, output=output, error=error, attempt=attempt,
+                            now=_now(now))
 
-    @abc.abstractmethod
     def park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
-             waits_for: str | None, inbox_seen: int, now: float) -> ParkOutcome:
+             waits_for: str | None, inbox_seen: int, now: float, waits_kind: str | None = None) -> ParkOutcome:
         """Suspend the RUNNING run claimed at ``epoch``: PARKED, no owner or lease, ``wake_at``,
-        ``waiting``, ``waits_for`` and ``inbox_seen`` stored.  ``"inbox"`` (nothing changed, the
-        run stays RUNNING under its lease) when ``inbox_count != inbox_seen``: an event arrived
-        that the activation has not read.  ``"fenced"`` when the epoch is stale or the run is no
-        longer RUNNING."""
+        ``waiting``, ``waits_for``, ``waits_kind`` and ``inbox_seen`` stored.  ``waits_kind`` says
+        what ``waits_for`` names ("task" or "child"): given with ``waits_for``, and only with it.
+        ``"inbox"`` (nothing changed, the run stays RUNNING under its lease) when ``inbox_count !=
+        inbox_seen``: an event arrived that the activation has not read.  ``"fenced"`` when the
+        epoch is stale or the run is no longer RUNNING."""
+        check_run_id(run_id)
+        check_epoch(epoch)
+        wake_at = check_time("wake_at", wake_at, optional=True)
+        waiting = check_payload("waiting", waiting)
+        check_text("waits_for", waits_for, optional=True)
+        if waits_for is None:
+            bad_kind = waits_kind is not None
+        else:
+            bad_kind = not (isinstance(waits_kind, str) and waits_kind in WAITS_KINDS)
+        if bad_kind:
+            raise ConfigurationError(f"waits_kind is one of {sorted(WAITS_KINDS)} with a waits_for and None "
+                                     f"without one, got {waits_kind!r} with waits_for={waits_for!r}")
+        check_position(inbox_seen)
+        return self._park(run_id, epoch, wake_at=wake_at, waiting=waiting, waits_for=waits_for,
+                          waits_kind=waits_kind, inbox_seen=inbox_seen, now=_now(now))
 
-    @abc.abstractmethod
     def finish(self, run_id: str, epoch: int, status: str, *, result: bytes | None = None,
                error: bytes | None = None, now: float) -> bool:
         """End the RUNNING run claimed at ``epoch``: SUCCEEDED (with ``result``) or FAILED (with
         ``error``).  When the run has a parent, the same step sends the parent an event (topic
         ``"__child__"``, event id this run's id, payload empty), so a parent parked on it becomes
         due even if the engine dies before waking it.  False when fenced."""
+        check_run_id(run_id)
+        check_epoch(epoch)
+        if status not in (SUCCEEDED, FAILED):
+            raise ConfigurationError(f"a run finishes SUCCEEDED or FAILED, got {status!r}")
+        result = check_payload("result", result)
+        error = check_payload("error", error)
+        return self._finish(run_id, epoch, status, result=result, error=error, now=_now(now))
 
-    @abc.abstractmethod
     def attention(self, run_id: str, epoch: int, reason: str, *, now: float) -> bool:
         """Park the RUNNING run claimed at ``epoch`` as NEEDS_ATTENTION with ``reason``.
         False when fenced."""
+        check_run_id(run_id)
+        check_epoch(epoch)
+        check_text("a reason", reason, limit=4000)
+        return self._attention(run_id, epoch, reason, now=_now(now))
 
-    @abc.abstractmethod
     def continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: Sequence[int],
                         now: float) -> bool:
         """Restart the RUNNING run claimed at ``epoch`` with ``input``: its journal and the events
         whose seqs are in ``drop_events`` (those it consumed) are deleted, ``generation + 1``,
         ``epoch + 1``, PENDING due now.  False when fenced."""
+        check_run_id(run_id)
+        check_epoch(epoch)
+        data = check_payload("input", input, optional=False)
+        drop = sorted(check_seqs("drop_events", drop_events))
+        return self._continue_as_new(run_id, epoch, data, drop_events=drop, now=_now(now))  # type: ignore[arg-type]
+
+    def release(self, run_id: str, epoch: int, *, now: float) -> bool:
+        """Hand the RUNNING run claimed at ``epoch`` back at once instead of leaving it to its
+        lease (the activation stops: a broker outage, a worker's soft shutdown): PENDING due now, no
+        owner, lease, timer or waiting; journal, inbox and epoch kept (the next claim bumps it, and
+        this activation, no longer RUNNING, is fenced out of every later write).  False when
+        fenced (another claim, a cancel, a reset) or no longer RUNNING."""
+        check_run_id(run_id)
+        check_epoch(epoch)
+        return self._release(run_id, epoch, now=_now(now))
 
     # -- operators --------------------------------------------------------------------------
-    @abc.abstractmethod
     def cancel(self, run_id: str, *, now: float) -> RunRecord | None:
         """A run not yet terminal becomes CANCELLED (``epoch + 1``: the activation that holds it,
         if any, is fenced out; its parent is sent ``"__child__"`` as by ``finish``).  Returns the
         record after; None when absent; a terminal run is returned unchanged."""
+        check_run_id(run_id)
+        return self._cancel(run_id, now=_now(now))
 
-    @abc.abstractmethod
     def reset(self, run_id: str, to_position: int, *, now: float) -> RunRecord | None:
         """Delete the entries at ``to_position`` and after, ``epoch + 1``, PENDING due now, no
         owner, attention/result/error cleared.  Any status may be reset (NEEDS_ATTENTION to
         resume, FAILED or CANCELLED to retry).  None when absent."""
+        check_run_id(run_id)
+        check_position(to_position)
+        return self._reset(run_id, to_position, now=_now(now))
 
     # -- events -----------------------------------------------------------------------------
-    @abc.abstractmethod
     def send(self, run_id: str, topic: str, event_id: str, payload: bytes, *,
              now: float) -> tuple[bool, RunRecord | None]:
         """Store an event for the run (seq = ``inbox_count + 1``) unless the run already has one
         with ``event_id``.  Returns (stored, the run after); (False, None) when the run is absent.
         A terminal run takes no events: (False, record)."""
+        check_run_id(run_id)
+        check_text("a topic", topic)
+        check_text("an event id", event_id)
+        data = check_payload("payload", payload, optional=False)
+        return self._send(run_id, topic, event_id, data, now=_now(now))  # type: ignore[arg-type]
 
-    @abc.abstractmethod
     def events(self, run_id: str, topic: str | None = None, after_seq: int = 0,
                limit: int = 100) -> list[Event]:
         """Events of ``topic`` (or every topic) with ``seq > after_seq``, oldest first."""
+        check_run_id(run_id)
+        check_text("a topic", topic, optional=True)
+        check_position(after_seq)
+        check_limit(limit)
+        return self._events(run_id, topic, after_seq, limit)
 
     # -- the sweeper -------------------------------------------------------------------------
-    @abc.abstractmethod
-    def due(self, *, now: float, limit: int = 500) -> list[tuple[str, str]]:
-        """Runs that need an activation, as (run id, reason): ``"start"`` (PENDING, ``wake_at <=
-        now``), ``"timer"`` (PARKED, ``wake_at <= now``), ``"inbox"`` (PARKED, ``inbox_count >
-        inbox_seen``), ``"lease"`` (RUNNING, ``lease_until <= now``).  At most ``limit``; a run is
-        listed once, with the first reason that applies in that order.  Listing changes nothing."""
+    def due(self, *, now: float, limit: int = 500) -> list[DueRun]:
+        """Runs that need an activation, as ``DueRun`` (run id, reason, epoch, due_at): reason
+        ``"start"`` (PENDING, ``wake_at <= now``), ``"timer"`` (PARKED, ``wake_at <= now``),
+        ``"inbox"`` (PARKED, ``inbox_count > inbox_seen``), ``"lease"`` (RUNNING, ``lease_until <=
+        now``).  At most ``limit``, the longest due first; a run is listed once, with the first
+        reason that applies in that order.  Listing changes nothing."""
+        now = _now(now)
+        check_limit(limit)
+        return self._due(now=now, limit=limit)
 
-    @abc.abstractmethod
-    def parked_on(self, *, limit: int = 500, after: str | None = None) -> list[tuple[str, str]]:
-        """PARKED runs with ``waits_for`` set, as (run id, waits_for), ordered by run id after
-        ``after``: the sweeper checks the tasks they wait on in pages."""
+    def parked_on(self, *, limit: int = 500, after: str | None = None) -> list[ParkedRun]:
+        """PARKED runs with ``waits_for`` set, as ``ParkedRun`` (run id, waits_for, kind: "task"
+        or "child"), ordered by run id after ``after``: the sweeper checks the tasks they wait on
+        in pages."""
+        check_limit(limit)
+        if after is not None:
+            check_run_id(after)
+        return self._parked_on(limit=limit, after=after)
 
     # -- misc -------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def for_backend(cls, backend: Any) -> "WorkflowStore":
+        """The store beside ``backend`` (``open_store``: the backend names the class)."""
+
     def close(self) -> None:
         pass
 
+    # -- what an adapter implements: the operations above on checked arguments -------------------
+    @abc.abstractmethod
+    def _create(self, run_id: str, name: str, version: str, input: bytes, *, now: float,
+                parent: str | None) -> tuple[bool, RunRecord]: ...
+
+    @abc.abstractmethod
+    def _get(self, run_id: str) -> RunRecord | None: ...
+
+    @abc.abstractmethod
+    def _runs(self, *, status: str | None, name: str | None, limit: int, after: str | None) -> list[RunRecord]: ...
+
+    @abc.abstractmethod
+    def _claim(self, run_id: str, owner: str, *, now: float, lease: float) -> RunRecord | None: ...
+
+    @abc.abstractmethod
+    def _renew(self, run_id: str, epoch: int, *, now: float, lease: float) -> bool: ...
+
+    @abc.abstractmethod
+    def _journal(self, run_id: str) -> list[JournalEntry]: ...
+
+    @abc.abstractmethod
+    def _append(self, run_id: str, epoch: int, position: int, kind: str, name: str, *, output: bytes | None,
+                error: bytes | None, attempt: int, now: float) -> bool: ...
+
+    @abc.abstractmethod
+    def _park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
+              waits_for: str | None, waits_kind: str | None, inbox_seen: int, now: float) -> ParkOutcome: ...
+
+    @abc.abstractmethod
+    def _finish(self, run_id: str, epoch: int, status: str, *, result: bytes | None, error: bytes | None,
+                now: float) -> bool: ...
+
+    @abc.abstractmethod
+    def _attention(self, run_id: str, epoch: int, reason: str, *, now: float) -> bool: ...
+
+    @abc.abstractmethod
+    def _continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: list[int],
+                         now: float) -> bool: ...
+
+    @abc.abstractmethod
+    def _release(self, run_id: str, epoch: int, *, now: float) -> bool: ...
+
+    @abc.abstractmethod
+    def _cancel(self, run_id: str, *, now: float) -> RunRecord | None: ...
+
+    @abc.abstractmethod
+    def _reset(self, run_id: str, to_position: int, *, now: float) -> RunRecord | None: ...
+
+    @abc.abstractmethod
+    def _send(self, run_id: str, topic: str, event_id: str, payload: bytes, *,
+              now: float) -> tuple[bool, RunRecord | None]: ...
+
+    @abc.abstractmethod
+    def _events(self, run_id: str, topic: str | None, after_seq: int, limit: int) -> list[Event]: ...
+
+    @abc.abstractmethod
+    def _due(self, *, now: float, limit: int) -> list[DueRun]: ...
+
+    @abc.abstractmethod
+    def _parked_on(self, *, limit: int, after: str | None) -> list[ParkedRun]: ...
+
+
+def _now(now: object) -> float:
+    return check_time("now", now)  # type: ignore[return-value]
+
+
+def _lease(lease: object) -> float:
+    return check_time("lease", lease)  # type: ignore[return-value]
+
 
 def open_store(backend: Any) -> WorkflowStore:
-    """The workflow store that lives beside ``backend`` (same database, file or server)."""
-    from ..backends.memory import InMemoryResultBackend
-    if isinstance(backend, InMemoryResultBackend):
-        from .store_memory import MemoryWorkflowStore
-        return MemoryWorkflowStore.for_backend(backend)
-    kind = type(backend).__module__.rsplit(".", 1)[-1]
-    if kind == "sqlite":
-        from .store_sql import SQLiteWorkflowStore
-        return SQLiteWorkflowStore.for_backend(backend)
-    if kind == "postgres":
-        from .store_sql import PostgresWorkflowStore
-        return PostgresWorkflowStore.for_backend(backend)
-    if kind == "redis":
-        from .store_redis import RedisWorkflowStore
-        return RedisWorkflowStore.for_backend(backend)
-    raise ConfigurationError(f"workflows need a memory, SQLite, Postgres or Redis result backend, "
-                             f"not {type(backend).__name__}")
+    """The workflow store that lives beside ``backend`` (same database, file or server): the one
+    the backend names (``ResultBackend.workflow_store_recipe``), whatever its type or module."""
+    recipe = getattr(backend, "workflow_store_recipe", None)
+    named = recipe() if callable(recipe) else None
+    if named is None:
+        raise ConfigurationError(
+            f"workflows need a memory, SQLite, Postgres or Redis result backend (one that names the workflow "
+            f"store beside it: ResultBackend.workflow_store_recipe); {type(backend).__name__} keeps no runs")
+    path, beside = named
+    module, _, name = path.partition(":")
+    store_class = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(store_class, type) and issubclass(store_class, WorkflowStore)):
+        raise ConfigurationError(f"{type(backend).__name__} names {path!r} as its workflow store, which is not a "
+                                 f"WorkflowStore class")
+    return store_class.for_backend(beside)

@@ -9,7 +9,7 @@
 --
 --   N:{T}:r:ID      HASH   the run: name, version, input, status, epoch, owner, lease_until,
 --                          wake_at, waiting, waits_for, inbox_count, inbox_seen, parent, result,
---                          error, attention, generation, created_at, updated_at (absent field =
+--                          error, attention, generation, created_at, updated_at, waits_kind (absent field =
 --                          None), and pbase: the key prefix "N:{T'}:" of the parent's shard.
 --                          Times are the caller's floats as Python's repr (read back exactly);
 --                          epoch and the inbox counters are decimal integers.
@@ -35,17 +35,19 @@
 --   claim      ID NOW owner lease_until                    -> HGETALL | nil
 --   renew      ID NOW epoch lease_until                    -> 1 | 0
 --   append     ID NOW epoch position entry                 -> 1 | 0
---   park       ID NOW epoch wake_at(opt) waiting(opt) waits_for(opt) inbox_seen -> "parked"|"inbox"|"fenced"
+--   park       ID NOW epoch wake_at(opt) waiting(opt) waits_for(opt) inbox_seen waits_kind(opt)
+--                                                      -> "parked"|"inbox"|"fenced"
 --   finish     ID NOW epoch status result(opt) error(opt) cross -> {1, note} | {0}
 --   attention  ID NOW epoch reason                         -> 1 | 0
 --   continue   ID NOW epoch input seq...                   -> 1 | 0
+--   release    ID NOW epoch                                -> 1 | 0
 --   cancel     ID NOW cross                                -> {HGETALL, note} | nil
 --   reset      ID NOW to_position                          -> HGETALL | nil
 --   send       ID NOW event_id member                      -> {stored 0|1, HGETALL} | {-1}
 --   notify     ID NOW child_id                             -> 1 | 0   (ID: the parent)
 --   notified   ID NOW child_id                             -> 1 | 0   (ID: the child; shard keys only)
---   due        "" NOW limit     -> {{{id, reason, score}...}, {{child, finished at, parent, pbase}...}}
---   parked_on  "" "" after|"" limit                -> {id, waits_for, ...}
+--   due        "" NOW limit     -> {{{id, reason, score, epoch}...}, {{child, finished at, parent, pbase}...}}
+--   parked_on  "" "" after|"" limit                -> {id, waits_for, waits_kind|"", ...}
 --   runs       "" "" status|"" name|"" after|"" limit cap
 --                                 -> {{{id, HGETALL}...}, the last id scanned | nil, done 0|1}
 -- A finish or cancel sends the parent "__child__" in the same script when the parent's keys
@@ -157,7 +159,7 @@ elseif op == 'claim' then
   end
   redis.call('HINCRBY', K.run, 'epoch', 1)
   redis.call('HSET', K.run, 'status', 'RUNNING', 'owner', ARGV[4], 'lease_until', ARGV[5], 'updated_at', NOW)
-  clear('wake_at', 'waiting', 'waits_for')
+  clear('wake_at', 'waiting', 'waits_for', 'waits_kind')
   index(K, ID, st)
   return redis.call('HGETALL', K.run)
 
@@ -180,13 +182,14 @@ elseif op == 'park' then
   put_opt('wake_at', ARGV[5])
   put_opt('waiting', ARGV[6])
   put_opt('waits_for', ARGV[7])
+  put_opt('waits_kind', ARGV[9])
   index(K, ID, 'RUNNING')
   return 'parked'
 
 elseif op == 'finish' then
   if not held(ARGV[4]) then return {0} end
   redis.call('HSET', K.run, 'status', ARGV[5], 'updated_at', NOW)
-  clear('owner', 'lease_until', 'wake_at', 'waiting', 'waits_for')
+  clear('owner', 'lease_until', 'wake_at', 'waiting', 'waits_for', 'waits_kind')
   put_opt('result', ARGV[6])
   put_opt('error', ARGV[7])
   index(K, ID, 'RUNNING')
@@ -195,7 +198,7 @@ elseif op == 'finish' then
 elseif op == 'attention' then
   if not held(ARGV[4]) then return 0 end
   redis.call('HSET', K.run, 'status', 'NEEDS_ATTENTION', 'attention', ARGV[5], 'updated_at', NOW)
-  clear('owner', 'lease_until', 'wake_at', 'waiting', 'waits_for')
+  clear('owner', 'lease_until', 'wake_at', 'waiting', 'waits_for', 'waits_kind')
   index(K, ID, 'RUNNING')
   return 1
 
@@ -213,7 +216,14 @@ elseif op == 'continue' then
   redis.call('HINCRBY', K.run, 'epoch', 1)
   redis.call('HINCRBY', K.run, 'generation', 1)
   redis.call('HSET', K.run, 'input', ARGV[5], 'status', 'PENDING', 'wake_at', NOW, 'updated_at', NOW)
-  clear('owner', 'lease_until', 'waiting', 'waits_for')
+  clear('owner', 'lease_until', 'waiting', 'waits_for', 'waits_kind')
+  index(K, ID, 'RUNNING')
+  return 1
+
+elseif op == 'release' then
+  if not held(ARGV[4]) then return 0 end
+  redis.call('HSET', K.run, 'status', 'PENDING', 'wake_at', NOW, 'updated_at', NOW)
+  clear('owner', 'lease_until', 'waiting', 'waits_for', 'waits_kind')
   index(K, ID, 'RUNNING')
   return 1
 
@@ -223,7 +233,7 @@ elseif op == 'cancel' then
   if TERMINAL[st] then return {redis.call('HGETALL', K.run), false} end
   redis.call('HINCRBY', K.run, 'epoch', 1)
   redis.call('HSET', K.run, 'status', 'CANCELLED', 'updated_at', NOW)
-  clear('owner', 'lease_until', 'wake_at', 'waiting', 'waits_for')
+  clear('owner', 'lease_until', 'wake_at', 'waiting', 'waits_for', 'waits_kind')
   index(K, ID, st)
   local note = notify_parent(ARGV[4])
   return {redis.call('HGETALL', K.run), note}
@@ -239,7 +249,7 @@ elseif op == 'reset' then
   end
   redis.call('HINCRBY', K.run, 'epoch', 1)
   redis.call('HSET', K.run, 'status', 'PENDING', 'wake_at', NOW, 'updated_at', NOW)
-  clear('owner', 'lease_until', 'waiting', 'waits_for', 'result', 'error', 'attention')
+  clear('owner', 'lease_until', 'waiting', 'waits_for', 'waits_kind', 'result', 'error', 'attention')
   index(K, ID, st)
   return redis.call('HGETALL', K.run)
 
@@ -262,7 +272,8 @@ elseif op == 'due' then
   local out = {}
   for i = 1, #got, 2 do
     local id = got[i]
-    local f = redis.call('HMGET', BASE .. 'r:' .. id, 'status', 'wake_at', 'inbox_count', 'inbox_seen', 'lease_until')
+    local f = redis.call('HMGET', BASE .. 'r:' .. id, 'status', 'wake_at', 'inbox_count', 'inbox_seen', 'lease_until',
+                         'epoch')
     local st, reason = f[1], false
     if st == 'PENDING' and f[2] and tonumber(f[2]) <= now then
       reason = 'start'
@@ -273,7 +284,7 @@ elseif op == 'due' then
     elseif st == 'RUNNING' and f[5] and tonumber(f[5]) <= now then
       reason = 'lease'
     end
-    if reason then out[#out + 1] = {id, reason, got[i + 1]} end
+    if reason then out[#out + 1] = {id, reason, got[i + 1], f[6]} end
   end
   local notes = {}
   local pending = redis.call('ZRANGEBYSCORE', NOTIFY, '-inf', '+inf', 'WITHSCORES', 'LIMIT', 0, ARGV[4])
@@ -289,7 +300,9 @@ elseif op == 'parked_on' then
   local out = {}
   for _, id in ipairs(redis.call('ZRANGEBYLEX', PARKED, from, '+', 'LIMIT', 0, ARGV[5])) do
     out[#out + 1] = id
-    out[#out + 1] = redis.call('HGET', BASE .. 'r:' .. id, 'waits_for') or ''
+    local f = redis.call('HMGET', BASE .. 'r:' .. id, 'waits_for', 'waits_kind')
+    out[#out + 1] = f[1] or ''
+    out[#out + 1] = f[2] or ''
   end
   return out
 

@@ -46,9 +46,7 @@ from redis.crc import key_slot
 from ..errors import ConfigurationError
 from ..stores.base import BACKEND_ERRORS
 from ..stores.redis import RedisStore, validate_namespace
-from .store import (FAILED, STATUSES, SUCCEEDED, Event, JournalEntry, ParkOutcome, RunRecord, WorkflowStore,
-                    check_epoch, check_limit, check_payload, check_position, check_run_id, check_seqs, check_text,
-                    check_time)
+from .store import DueRun, Event, JournalEntry, ParkedRun, ParkOutcome, RunRecord, WorkflowStore
 
 __all__ = ["RedisWorkflowStore", "SHARDS"]
 
@@ -104,7 +102,7 @@ def _record(run_id: str, fields: dict) -> RunRecord:
                      _f(g(b"wake_at")), _b(g(b"waiting")), _s(g(b"waits_for")), int(g(b"inbox_count", 0)),
                      int(g(b"inbox_seen", 0)), _s(g(b"parent")), _b(g(b"result")), _b(g(b"error")),
                      _s(g(b"attention")), int(g(b"generation", 0)), float(g(b"created_at", 0.0)),
-                     float(g(b"updated_at", 0.0)))
+                     float(g(b"updated_at", 0.0)), _s(g(b"waits_kind")))
 
 
 def _flat_record(run_id: str, flat: list) -> RunRecord:
@@ -195,33 +193,18 @@ class RedisWorkflowStore(WorkflowStore):
         return self._call(lambda: self._store.run(commands), f"workflow {op}")
 
     # -- runs ------------------------------------------------------------------------------
-    def create(self, run_id: str, name: str, version: str, input: bytes, *, now: float,
-               parent: str | None = None) -> tuple[bool, RunRecord]:
-        check_run_id(run_id)
-        check_text("a workflow name", name)
-        check_text("a workflow version", version, limit=64)
-        data = check_payload("input", input, optional=False)
-        now = check_time("now", now)
-        if parent is not None:
-            check_run_id(parent)
-        created, flat = self._run(self._keys(run_id), "create", run_id, repr(now), name, version, data,
+    def _create(self, run_id: str, name: str, version: str, input: bytes, *, now: float,
+                parent: str | None) -> tuple[bool, RunRecord]:
+        created, flat = self._run(self._keys(run_id), "create", run_id, repr(now), name, version, input,
                                   parent or "", "" if parent is None else self._base(parent))
         return created == 1, _flat_record(run_id, flat)
 
-    def get(self, run_id: str) -> RunRecord | None:
-        check_run_id(run_id)
+    def _get(self, run_id: str) -> RunRecord | None:
         key = f"{self._base(run_id)}r:{run_id}"
         fields = self._call(lambda: self._client.hgetall(key), "workflow get")
         return _record(run_id, fields) if fields else None
 
-    def runs(self, *, status: str | None = None, name: str | None = None, limit: int = 100,
-             after: str | None = None) -> list[RunRecord]:
-        if status is not None and status not in STATUSES:
-            raise ConfigurationError(f"a run status is one of {sorted(STATUSES)}, got {status!r}")
-        check_text("a workflow name", name, optional=True)
-        check_limit(limit)
-        if after is not None:
-            check_run_id(after)
+    def _runs(self, *, status: str | None, name: str | None, limit: int, after: str | None) -> list[RunRecord]:
         # every shard's first ``limit`` matches (the global first ``limit`` are among them)
         found: list[list[tuple[str, list]]] = [[] for _ in self._bases]
         cursors: list[str | None] = [after or ""] * len(self._bases)
@@ -239,64 +222,32 @@ class RedisWorkflowStore(WorkflowStore):
         return [_flat_record(rid, flat) for rid, flat in itertools.islice(merged, limit)]
 
     # -- one activation ----------------------------------------------------------------------
-    def claim(self, run_id: str, owner: str, *, now: float, lease: float) -> RunRecord | None:
-        check_run_id(run_id)
-        check_text("an owner", owner)
-        now = check_time("now", now)
-        lease = check_time("lease", lease)
+    def _claim(self, run_id: str, owner: str, *, now: float, lease: float) -> RunRecord | None:
         flat = self._run(self._keys(run_id), "claim", run_id, repr(now), owner, repr(now + lease))
         return None if flat is None else _flat_record(run_id, flat)
 
-    def renew(self, run_id: str, epoch: int, *, now: float, lease: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        now = check_time("now", now)
-        lease = check_time("lease", lease)
+    def _renew(self, run_id: str, epoch: int, *, now: float, lease: float) -> bool:
         return self._run(self._keys(run_id), "renew", run_id, repr(now), epoch, repr(now + lease)) == 1
 
-    def journal(self, run_id: str) -> list[JournalEntry]:
-        check_run_id(run_id)
+    def _journal(self, run_id: str) -> list[JournalEntry]:
         key = f"{self._base(run_id)}j:{run_id}"
         items = self._call(lambda: self._client.lrange(key, 0, -1), "workflow journal")
         return [JournalEntry(i, *_unpack(item)) for i, item in enumerate(items)]
 
-    def append(self, run_id: str, epoch: int, position: int, kind: str, name: str, *,
-               output: bytes | None = None, error: bytes | None = None, attempt: int = 1,
-               now: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        check_position(position)
-        check_text("an entry kind", kind, limit=32)
-        check_text("an entry name", name)
-        output = check_payload("output", output)
-        error = check_payload("error", error)
-        check_position(attempt)
-        now = check_time("now", now)
+    def _append(self, run_id: str, epoch: int, position: int, kind: str, name: str, *, output: bytes | None,
+                error: bytes | None, attempt: int, now: float) -> bool:
         entry = _pack((kind, name, output, error, attempt, epoch, now))
         return self._run(self._keys(run_id), "append", run_id, repr(now), epoch, position, entry) == 1
 
-    def park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
-             waits_for: str | None, inbox_seen: int, now: float) -> ParkOutcome:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        wake_at = check_time("wake_at", wake_at, optional=True)
-        waiting = check_payload("waiting", waiting)
-        check_text("waits_for", waits_for, optional=True)
-        check_position(inbox_seen)
-        now = check_time("now", now)
+    def _park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
+              waits_for: str | None, waits_kind: str | None, inbox_seen: int, now: float) -> ParkOutcome:
         got = self._run(self._keys(run_id), "park", run_id, repr(now), epoch,
-                        _opt(None if wake_at is None else repr(wake_at)), _opt(waiting), _opt(waits_for), inbox_seen)
+                        _opt(None if wake_at is None else repr(wake_at)), _opt(waiting), _opt(waits_for), inbox_seen,
+                        _opt(waits_kind))
         return bytes(got).decode()  # type: ignore[return-value]
 
-    def finish(self, run_id: str, epoch: int, status: str, *, result: bytes | None = None,
-               error: bytes | None = None, now: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        if status not in (SUCCEEDED, FAILED):
-            raise ConfigurationError(f"a run finishes SUCCEEDED or FAILED, got {status!r}")
-        result = check_payload("result", result)
-        error = check_payload("error", error)
-        now = check_time("now", now)
+    def _finish(self, run_id: str, epoch: int, status: str, *, result: bytes | None, error: bytes | None,
+                now: float) -> bool:
         reply = self._run(self._keys(run_id), "finish", run_id, repr(now), epoch, status, _opt(result), _opt(error),
                           self._cross)
         if reply[0] != 1:
@@ -312,26 +263,18 @@ class RedisWorkflowStore(WorkflowStore):
         self._run(self._keys(parent_id, base), "notify", parent_id, repr(when), child_id)
         self._run(self._shard_keys(self._base(child_id)), "notified", child_id, "", child_id)
 
-    def attention(self, run_id: str, epoch: int, reason: str, *, now: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        check_text("a reason", reason, limit=4000)
-        now = check_time("now", now)
+    def _attention(self, run_id: str, epoch: int, reason: str, *, now: float) -> bool:
         return self._run(self._keys(run_id), "attention", run_id, repr(now), epoch, reason) == 1
 
-    def continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: Sequence[int],
-                        now: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        data = check_payload("input", input, optional=False)
-        drop = sorted(check_seqs("drop_events", drop_events))
-        now = check_time("now", now)
-        return self._run(self._keys(run_id), "continue", run_id, repr(now), epoch, data, *drop) == 1
+    def _continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: list[int],
+                         now: float) -> bool:
+        return self._run(self._keys(run_id), "continue", run_id, repr(now), epoch, input, *drop_events) == 1
+
+    def _release(self, run_id: str, epoch: int, *, now: float) -> bool:
+        return self._run(self._keys(run_id), "release", run_id, repr(now), epoch) == 1
 
     # -- operators -----------------------------------------------------------------------------
-    def cancel(self, run_id: str, *, now: float) -> RunRecord | None:
-        check_run_id(run_id)
-        now = check_time("now", now)
+    def _cancel(self, run_id: str, *, now: float) -> RunRecord | None:
         reply = self._run(self._keys(run_id), "cancel", run_id, repr(now), self._cross)
         if reply is None:
             return None
@@ -339,34 +282,21 @@ class RedisWorkflowStore(WorkflowStore):
             self._tell_parent(run_id, *reply[1], when=now)
         return _flat_record(run_id, reply[0])
 
-    def reset(self, run_id: str, to_position: int, *, now: float) -> RunRecord | None:
-        check_run_id(run_id)
-        check_position(to_position)
-        now = check_time("now", now)
+    def _reset(self, run_id: str, to_position: int, *, now: float) -> RunRecord | None:
         flat = self._run(self._keys(run_id), "reset", run_id, repr(now), to_position)
         return None if flat is None else _flat_record(run_id, flat)
 
     # -- events --------------------------------------------------------------------------------
-    def send(self, run_id: str, topic: str, event_id: str, payload: bytes, *,
-             now: float) -> tuple[bool, RunRecord | None]:
-        check_run_id(run_id)
-        check_text("a topic", topic)
-        check_text("an event id", event_id)
-        data = check_payload("payload", payload, optional=False)
-        now = check_time("now", now)
+    def _send(self, run_id: str, topic: str, event_id: str, payload: bytes, *,
+              now: float) -> tuple[bool, RunRecord | None]:
         eid, top = event_id.encode(), topic.encode()
-        member = b"%d:%s%d:%s%s:%s" % (len(eid), eid, len(top), top, repr(now).encode(), data)
+        member = b"%d:%s%d:%s%s:%s" % (len(eid), eid, len(top), top, repr(now).encode(), payload)
         reply = self._run(self._keys(run_id), "send", run_id, repr(now), eid, member)
         if reply[0] == -1:
             return False, None
         return reply[0] == 1, _flat_record(run_id, reply[1])
 
-    def events(self, run_id: str, topic: str | None = None, after_seq: int = 0,
-               limit: int = 100) -> list[Event]:
-        check_run_id(run_id)
-        check_text("a topic", topic, optional=True)
-        check_position(after_seq)
-        check_limit(limit)
+    def _events(self, run_id: str, topic: str | None, after_seq: int, limit: int) -> list[Event]:
         key = f"{self._base(run_id)}e:{run_id}"
         out: list[Event] = []
         page = limit if topic is None else max(limit, _EVENTS_PAGE)
@@ -384,27 +314,24 @@ class RedisWorkflowStore(WorkflowStore):
         return out[:limit]
 
     # -- the sweeper ---------------------------------------------------------------------------
-    def due(self, *, now: float, limit: int = 500) -> list[tuple[str, str]]:
+    def _due(self, *, now: float, limit: int) -> list[DueRun]:
         """Also sends the ``"__child__"`` events that a crash left noted (module docstring)."""
-        now = check_time("now", now)
-        check_limit(limit)
-        found: list[tuple[float, str, str]] = []
+        found: list[DueRun] = []
         notes = []
         for runs, pending in self._each_shard("due", "", repr(now), limit):
-            found.extend((float(score), bytes(rid).decode(), bytes(reason).decode()) for rid, reason, score in runs)
+            found.extend(DueRun(bytes(rid).decode(), bytes(reason).decode(), int(epoch), float(score))
+                         for rid, reason, score, epoch in runs)
             notes.extend(pending)
         for child, when, parent, pbase in notes:
             self._tell_parent(bytes(child).decode(), parent, pbase, when=float(when))
-        found.sort(key=lambda item: item[0])
-        return [(rid, reason) for _, rid, reason in found[:limit]]
+        found.sort(key=lambda due: due.due_at)
+        return found[:limit]
 
-    def parked_on(self, *, limit: int = 500, after: str | None = None) -> list[tuple[str, str]]:
-        check_limit(limit)
-        if after is not None:
-            check_run_id(after)
-        found: list[tuple[str, str]] = []
+    def _parked_on(self, *, limit: int, after: str | None) -> list[ParkedRun]:
+        found: list[ParkedRun] = []
         for flat in self._each_shard("parked_on", "", "", after or "", limit):
-            found.extend((bytes(flat[i]).decode(), bytes(flat[i + 1]).decode()) for i in range(0, len(flat), 2))
+            found.extend(ParkedRun(bytes(flat[i]).decode(), bytes(flat[i + 1]).decode(),
+                                   bytes(flat[i + 2]).decode() or None) for i in range(0, len(flat), 3))
         found.sort()
         return found[:limit]
 

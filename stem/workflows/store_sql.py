@@ -1,6 +1,6 @@
 """The workflow store on SQL: SQLite and Postgres, in the result backend's own database.
 
-Three tables (schema version 7, created by the stores' migrations beside the backend's
+Three tables (schema version 7, ``waits_kind`` version 10, created by the stores' migrations beside the backend's
 tables: ``stem/stores/sqlite_schema.py``, ``postgres_schema.py``):
 
 * ``stem_wf_runs``: one row per run, the ``RunRecord`` columns plus ``journal_length``
@@ -24,12 +24,13 @@ Times are the ``now`` the caller passes, never the database server's clock.
 The SQL is shared where the dialects agree: statements are written once with ``?``
 placeholders and ``{runs}``-style table names, and each dialect formats them.
 
-Postgres: an operation of one statement (create, claim, renew, append, park, attention) is
-its own transaction, with no BEGIN/COMMIT round trips.  Writes commit on the backend's
-durable sessions (``synchronous_commit`` on): a claim lost in a server crash would hand its
-epoch out again to a second activation, a lost append would let a step's recorded value
-change, a lost send would lose an event.  ``park`` and ``renew`` commit on the fast sessions
-without waiting for the disk: losing one leaves the run RUNNING under a lease that runs out,
+Postgres: an operation of one statement (create, claim, renew, append, park, attention,
+release) is its own transaction, with no BEGIN/COMMIT round trips.  Writes commit on the
+backend's durable sessions (``synchronous_commit`` on): a claim lost in a server crash would
+hand its epoch out again to a second activation, a lost append would let a step's recorded
+value change, a lost send would lose an event.  ``park``, ``renew`` and ``release`` commit on
+the fast sessions without waiting for the disk: losing one leaves the run RUNNING under a
+lease that runs out,
 and the sweeper activates it again (the next durable commit flushes them anyway).  Reads run
 on the fast sessions.  A statement retried after a connection loss may find its own committed
 effect: a claim then answers None (its lease runs out), an append False, a send "duplicate";
@@ -40,22 +41,21 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence, TypeVar
 
-from ..errors import ConfigurationError
 from ..stores.postgres_schema import quote_schema
-from .store import (CANCELLED, FAILED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, STATUSES, SUCCEEDED, TERMINAL,
-                    Event, JournalEntry, ParkOutcome, RunRecord, WorkflowStore, check_epoch, check_limit,
-                    check_payload, check_position, check_run_id, check_seqs, check_text, check_time)
+from .store import (CANCELLED, NEEDS_ATTENTION, PARKED, PENDING, RUNNING, TERMINAL, DueRun, Event, JournalEntry,
+                    ParkedRun, ParkOutcome, RunRecord, WorkflowStore)
 
 __all__ = ["SQLiteWorkflowStore", "PostgresWorkflowStore", "SqlWorkflowStore"]
 
 T = TypeVar("T")
 
 RUN_COLUMNS = ("id, name, version, input, status, epoch, owner, lease_until, wake_at, waiting, waits_for, "
-               "inbox_count, inbox_seen, parent, result, error, attention, generation, created_at, updated_at")
+               "inbox_count, inbox_seen, parent, result, error, attention, generation, created_at, updated_at, "
+               "waits_kind")
 _TERMINAL = "(" + ", ".join(f"'{s}'" for s in sorted(TERMINAL)) + ")"
 _HELD = f"id = ? AND epoch = ? AND status = '{RUNNING}'"
 # what every write that ends an activation's hold clears
-_RELEASED = "owner = NULL, lease_until = NULL, wake_at = NULL, waiting = NULL, waits_for = NULL"
+_RELEASED = "owner = NULL, lease_until = NULL, wake_at = NULL, waiting = NULL, waits_for = NULL, waits_kind = NULL"
 
 # Statements in both dialects: ``?`` placeholders, ``{runs}``/``{journal}``/``{events}`` table names,
 # ``{lock}`` the row lock a read-then-write takes (Postgres: FOR UPDATE; SQLite: its write lock is held).
@@ -67,7 +67,7 @@ SQL = {
     "select_runs": f"SELECT {RUN_COLUMNS} FROM {{runs}}",
     "get_locked": f"SELECT {RUN_COLUMNS} FROM {{runs}} WHERE id = ?{{lock}}",
     "claim": f"UPDATE {{runs}} SET status = '{RUNNING}', epoch = epoch + 1, owner = ?, lease_until = ?, "
-             f"wake_at = NULL, waiting = NULL, waits_for = NULL, updated_at = ? "
+             f"wake_at = NULL, waiting = NULL, waits_for = NULL, waits_kind = NULL, updated_at = ? "
              f"WHERE id = ? AND (status IN ('{PENDING}', '{PARKED}') OR (status = '{RUNNING}' AND lease_until <= ?)) "
              f"RETURNING {RUN_COLUMNS}",
     "renew": f"UPDATE {{runs}} SET lease_until = ?, updated_at = ? WHERE {_HELD}",
@@ -78,20 +78,23 @@ SQL = {
     "insert_entry": "INSERT INTO {journal} (run_id, position, kind, name, output, error, attempt, epoch, created_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     "park": f"UPDATE {{runs}} SET status = '{PARKED}', owner = NULL, lease_until = NULL, wake_at = ?, waiting = ?, "
-            f"waits_for = ?, inbox_seen = ?, updated_at = ? WHERE {_HELD} AND inbox_count = ?",
+            f"waits_for = ?, waits_kind = ?, inbox_seen = ?, updated_at = ? WHERE {_HELD} AND inbox_count = ?",
+    "release": f"UPDATE {{runs}} SET status = '{PENDING}', owner = NULL, lease_until = NULL, wake_at = ?, "
+               f"waiting = NULL, waits_for = NULL, waits_kind = NULL, updated_at = ? WHERE {_HELD}",
     "finish": f"UPDATE {{runs}} SET status = ?, {_RELEASED}, result = ?, error = ?, updated_at = ? WHERE {_HELD} "
               f"RETURNING parent",
     "attention": f"UPDATE {{runs}} SET status = '{NEEDS_ATTENTION}', {_RELEASED}, attention = ?, updated_at = ? "
                  f"WHERE {_HELD}",
     "continue_as_new": f"UPDATE {{runs}} SET input = ?, status = '{PENDING}', epoch = epoch + 1, owner = NULL, "
-                       f"lease_until = NULL, wake_at = ?, waiting = NULL, waits_for = NULL, "
+                       f"lease_until = NULL, wake_at = ?, waiting = NULL, waits_for = NULL, waits_kind = NULL, "
                        f"generation = generation + 1, journal_length = 0, updated_at = ? WHERE {_HELD}",
     "drop_journal": "DELETE FROM {journal} WHERE run_id = ? AND position >= ?",
     "drop_event": "DELETE FROM {events} WHERE run_id = ? AND seq = ?",
     "cancel": f"UPDATE {{runs}} SET status = '{CANCELLED}', epoch = epoch + 1, {_RELEASED}, updated_at = ? "
               f"WHERE id = ? AND status NOT IN {_TERMINAL} RETURNING {RUN_COLUMNS}",
     "reset": f"UPDATE {{runs}} SET status = '{PENDING}', epoch = epoch + 1, owner = NULL, lease_until = NULL, "
-             f"wake_at = ?, waiting = NULL, waits_for = NULL, result = NULL, error = NULL, attention = NULL, "
+             f"wake_at = ?, waiting = NULL, waits_for = NULL, waits_kind = NULL, result = NULL, error = NULL, "
+             f"attention = NULL, "
              f"journal_length = CASE WHEN journal_length > ? THEN ? ELSE journal_length END, updated_at = ? "
              f"WHERE id = ? RETURNING {RUN_COLUMNS}",
     "insert_event": "INSERT INTO {events} (run_id, seq, topic, event_id, payload, created_at) "
@@ -105,12 +108,12 @@ SQL = {
     # when one does (``due_at``: see the module docstring)
     "due": f"SELECT id, CASE WHEN status = '{PENDING}' THEN 'start' "
            f"WHEN status = '{PARKED}' AND wake_at <= ? THEN 'timer' "
-           f"WHEN status = '{PARKED}' THEN 'inbox' ELSE 'lease' END "
+           f"WHEN status = '{PARKED}' THEN 'inbox' ELSE 'lease' END, epoch, due_at "
            "FROM {runs} WHERE due_at <= ? ORDER BY due_at LIMIT ?",
-    "parked_on": f"SELECT id, waits_for FROM {{runs}} WHERE status = '{PARKED}' AND waits_for IS NOT NULL "
+    "parked_on": f"SELECT id, waits_for, waits_kind FROM {{runs}} WHERE status = '{PARKED}' AND waits_for IS NOT NULL "
                  "ORDER BY id LIMIT ?",
-    "parked_on_after": f"SELECT id, waits_for FROM {{runs}} WHERE status = '{PARKED}' AND waits_for IS NOT NULL "
-                       "AND id > ? ORDER BY id LIMIT ?",
+    "parked_on_after": f"SELECT id, waits_for, waits_kind FROM {{runs}} WHERE status = '{PARKED}' "
+                       "AND waits_for IS NOT NULL AND id > ? ORDER BY id LIMIT ?",
 }
 
 
@@ -121,7 +124,7 @@ def _bytes(value: Any) -> bytes | None:
 def _run(row: Sequence[Any]) -> RunRecord:
     return RunRecord(row[0], row[1], row[2], bytes(row[3]), row[4], row[5], row[6], row[7], row[8], _bytes(row[9]),
                      row[10], row[11], row[12], row[13], _bytes(row[14]), _bytes(row[15]), row[16], row[17], row[18],
-                     row[19])
+                     row[19], row[20])
 
 
 class SqlWorkflowStore(WorkflowStore):
@@ -150,78 +153,41 @@ class SqlWorkflowStore(WorkflowStore):
                 + f" ORDER BY id LIMIT {m}")
 
     # -- runs ------------------------------------------------------------------------------
-    def create(self, run_id: str, name: str, version: str, input: bytes, *, now: float,
-               parent: str | None = None) -> tuple[bool, RunRecord]:
-        check_run_id(run_id)
-        check_text("a workflow name", name)
-        check_text("a workflow version", version, limit=64)
-        data = check_payload("input", input, optional=False)
-        now = check_time("now", now)
-        if parent is not None:
-            check_run_id(parent)
-
-        params = (run_id, name, version, data, now, parent, now, now)
+    def _create(self, run_id: str, name: str, version: str, input: bytes, *, now: float,
+                parent: str | None) -> tuple[bool, RunRecord]:
+        params = (run_id, name, version, input, now, parent, now, now)
         rows = self._one(lambda conn: conn.execute(self.sql["create"], params).fetchall())
         if rows:
             return True, _run(rows[0])
-        return False, self.get(run_id)   # type: ignore[return-value]   # runs are never deleted
+        return False, self._get(run_id)   # type: ignore[return-value]   # runs are never deleted
 
-    def get(self, run_id: str) -> RunRecord | None:
-        check_run_id(run_id)
+    def _get(self, run_id: str) -> RunRecord | None:
         row = self._read(lambda conn: conn.execute(self.sql["get"], (run_id,)).fetchone())
         return None if row is None else _run(row)
 
-    def runs(self, *, status: str | None = None, name: str | None = None, limit: int = 100,
-             after: str | None = None) -> list[RunRecord]:
-        if status is not None and status not in STATUSES:
-            raise ConfigurationError(f"a run status is one of {sorted(STATUSES)}, got {status!r}")
-        check_text("a workflow name", name, optional=True)
-        check_limit(limit)
-        if after is not None:
-            check_run_id(after)
+    def _runs(self, *, status: str | None, name: str | None, limit: int, after: str | None) -> list[RunRecord]:
         statement = self._runs_sql(status is not None, name is not None, after is not None)
         params = [p for p in (status, name, after) if p is not None] + [limit]
         return [_run(r) for r in self._read(lambda conn: conn.execute(statement, params).fetchall())]
 
     # -- one activation ----------------------------------------------------------------------
-    def claim(self, run_id: str, owner: str, *, now: float, lease: float) -> RunRecord | None:
-        check_run_id(run_id)
-        check_text("an owner", owner)
-        now = check_time("now", now)
-        lease = check_time("lease", lease)
+    def _claim(self, run_id: str, owner: str, *, now: float, lease: float) -> RunRecord | None:
         rows = self._one(lambda conn: conn.execute(self.sql["claim"], (owner, now + lease, now, run_id,
                                                                        now)).fetchall())
         return _run(rows[0]) if rows else None
 
-    def renew(self, run_id: str, epoch: int, *, now: float, lease: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        now = check_time("now", now)
-        lease = check_time("lease", lease)
+    def _renew(self, run_id: str, epoch: int, *, now: float, lease: float) -> bool:
         params = (now + lease, now, run_id, epoch)
         return self._one(lambda conn: conn.execute(self.sql["renew"], params).rowcount, lazy=True) > 0
 
-    def journal(self, run_id: str) -> list[JournalEntry]:
-        check_run_id(run_id)
+    def _journal(self, run_id: str) -> list[JournalEntry]:
         rows = self._read(lambda conn: conn.execute(self.sql["journal"], (run_id,)).fetchall())
         return [JournalEntry(r[0], r[1], r[2], _bytes(r[3]), _bytes(r[4]), r[5], r[6], r[7]) for r in rows]
 
-    def append(self, run_id: str, epoch: int, position: int, kind: str, name: str, *,
-               output: bytes | None = None, error: bytes | None = None, attempt: int = 1,
-               now: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        check_position(position)
-        check_text("an entry kind", kind, limit=32)
-        check_text("an entry name", name)
-        output = check_payload("output", output)
-        error = check_payload("error", error)
-        check_position(attempt)
-        now = check_time("now", now)
+    def _append(self, run_id: str, epoch: int, position: int, kind: str, name: str, *, output: bytes | None,
+                error: bytes | None, attempt: int, now: float) -> bool:
         entry = (run_id, position, kind, name, output, error, attempt, epoch, now)
-        return self._append(run_id, epoch, position, entry)
 
-    def _append(self, run_id: str, epoch: int, position: int, entry: tuple) -> bool:
         def append(conn) -> bool:
             if conn.execute(self.sql["take_position"], (run_id, epoch, position)).rowcount == 0:
                 return False
@@ -230,16 +196,9 @@ class SqlWorkflowStore(WorkflowStore):
 
         return self._write(append)
 
-    def park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
-             waits_for: str | None, inbox_seen: int, now: float) -> ParkOutcome:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        wake_at = check_time("wake_at", wake_at, optional=True)
-        waiting = check_payload("waiting", waiting)
-        check_text("waits_for", waits_for, optional=True)
-        check_position(inbox_seen)
-        now = check_time("now", now)
-        params = (wake_at, waiting, waits_for, inbox_seen, now, run_id, epoch, inbox_seen)
+    def _park(self, run_id: str, epoch: int, *, wake_at: float | None, waiting: bytes | None,
+              waits_for: str | None, waits_kind: str | None, inbox_seen: int, now: float) -> ParkOutcome:
+        params = (wake_at, waiting, waits_for, waits_kind, inbox_seen, now, run_id, epoch, inbox_seen)
         if self._one(lambda conn: conn.execute(self.sql["park"], params).rowcount, lazy=True) > 0:
             return "parked"
         # Refused: still held at this epoch means the inbox moved (an epoch never comes back, so a
@@ -265,16 +224,8 @@ class SqlWorkflowStore(WorkflowStore):
             return False, run
         return True, _run(conn.execute(self.sql["count_event"], (seq, now, run_id)).fetchall()[0])
 
-    def finish(self, run_id: str, epoch: int, status: str, *, result: bytes | None = None,
-               error: bytes | None = None, now: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        if status not in (SUCCEEDED, FAILED):
-            raise ConfigurationError(f"a run finishes SUCCEEDED or FAILED, got {status!r}")
-        result = check_payload("result", result)
-        error = check_payload("error", error)
-        now = check_time("now", now)
-
+    def _finish(self, run_id: str, epoch: int, status: str, *, result: bytes | None, error: bytes | None,
+                now: float) -> bool:
         def finish(conn) -> bool:
             rows = conn.execute(self.sql["finish"], (status, result, error, now, run_id, epoch)).fetchall()
             if not rows:
@@ -284,37 +235,29 @@ class SqlWorkflowStore(WorkflowStore):
 
         return self._write(finish)
 
-    def attention(self, run_id: str, epoch: int, reason: str, *, now: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        check_text("a reason", reason, limit=4000)
-        now = check_time("now", now)
+    def _attention(self, run_id: str, epoch: int, reason: str, *, now: float) -> bool:
         params = (reason, now, run_id, epoch)
         return self._one(lambda conn: conn.execute(self.sql["attention"], params).rowcount) > 0
 
-    def continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: Sequence[int],
-                        now: float) -> bool:
-        check_run_id(run_id)
-        check_epoch(epoch)
-        data = check_payload("input", input, optional=False)
-        drop = sorted(check_seqs("drop_events", drop_events))
-        now = check_time("now", now)
-
+    def _continue_as_new(self, run_id: str, epoch: int, input: bytes, *, drop_events: list[int],
+                         now: float) -> bool:
         def restart(conn) -> bool:
-            if conn.execute(self.sql["continue_as_new"], (data, now, now, run_id, epoch)).rowcount == 0:
+            if conn.execute(self.sql["continue_as_new"], (input, now, now, run_id, epoch)).rowcount == 0:
                 return False
             conn.execute(self.sql["drop_journal"], (run_id, 0))
-            if drop:
-                conn.cursor().executemany(self.sql["drop_event"], [(run_id, seq) for seq in drop])
+            if drop_events:
+                conn.cursor().executemany(self.sql["drop_event"], [(run_id, seq) for seq in drop_events])
             return True
 
         return self._write(restart)
 
-    # -- operators -----------------------------------------------------------------------------
-    def cancel(self, run_id: str, *, now: float) -> RunRecord | None:
-        check_run_id(run_id)
-        now = check_time("now", now)
+    def _release(self, run_id: str, epoch: int, *, now: float) -> bool:
+        # lazy: a release lost in a server crash leaves the run to its lease, as without one
+        params = (now, now, run_id, epoch)
+        return self._one(lambda conn: conn.execute(self.sql["release"], params).rowcount, lazy=True) > 0
 
+    # -- operators -----------------------------------------------------------------------------
+    def _cancel(self, run_id: str, *, now: float) -> RunRecord | None:
         def cancel(conn) -> RunRecord | None:
             rows = conn.execute(self.sql["cancel"], (now, run_id)).fetchall()
             if not rows:
@@ -326,11 +269,7 @@ class SqlWorkflowStore(WorkflowStore):
 
         return self._write(cancel)
 
-    def reset(self, run_id: str, to_position: int, *, now: float) -> RunRecord | None:
-        check_run_id(run_id)
-        check_position(to_position)
-        now = check_time("now", now)
-
+    def _reset(self, run_id: str, to_position: int, *, now: float) -> RunRecord | None:
         def reset(conn) -> RunRecord | None:
             rows = conn.execute(self.sql["reset"], (now, to_position, to_position, now, run_id)).fetchall()
             if not rows:
@@ -341,21 +280,11 @@ class SqlWorkflowStore(WorkflowStore):
         return self._write(reset)
 
     # -- events --------------------------------------------------------------------------------
-    def send(self, run_id: str, topic: str, event_id: str, payload: bytes, *,
-             now: float) -> tuple[bool, RunRecord | None]:
-        check_run_id(run_id)
-        check_text("a topic", topic)
-        check_text("an event id", event_id)
-        data = check_payload("payload", payload, optional=False)
-        now = check_time("now", now)
-        return self._write(lambda conn: self._store_event(conn, run_id, topic, event_id, data, now))
+    def _send(self, run_id: str, topic: str, event_id: str, payload: bytes, *,
+              now: float) -> tuple[bool, RunRecord | None]:
+        return self._write(lambda conn: self._store_event(conn, run_id, topic, event_id, payload, now))
 
-    def events(self, run_id: str, topic: str | None = None, after_seq: int = 0,
-               limit: int = 100) -> list[Event]:
-        check_run_id(run_id)
-        check_text("a topic", topic, optional=True)
-        check_position(after_seq)
-        check_limit(limit)
+    def _events(self, run_id: str, topic: str | None, after_seq: int, limit: int) -> list[Event]:
         if topic is None:
             statement, params = self.sql["events"], (run_id, after_seq, limit)
         else:
@@ -364,19 +293,16 @@ class SqlWorkflowStore(WorkflowStore):
         return [Event(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
     # -- the sweeper ---------------------------------------------------------------------------
-    def due(self, *, now: float, limit: int = 500) -> list[tuple[str, str]]:
-        now = check_time("now", now)
-        check_limit(limit)
+    def _due(self, *, now: float, limit: int) -> list[DueRun]:
         rows = self._read(lambda conn: conn.execute(self.sql["due"], (now, now, limit)).fetchall())
-        return [(r[0], r[1]) for r in rows]
+        return [DueRun(r[0], r[1], r[2], float(r[3])) for r in rows]
 
-    def parked_on(self, *, limit: int = 500, after: str | None = None) -> list[tuple[str, str]]:
-        check_limit(limit)
+    def _parked_on(self, *, limit: int, after: str | None) -> list[ParkedRun]:
         if after is None:
             statement, params = self.sql["parked_on"], (limit,)
         else:
-            statement, params = self.sql["parked_on_after"], (check_run_id(after), limit)
-        return [(r[0], r[1]) for r in self._read(lambda conn: conn.execute(statement, params).fetchall())]
+            statement, params = self.sql["parked_on_after"], (after, limit)
+        return [ParkedRun(*r) for r in self._read(lambda conn: conn.execute(statement, params).fetchall())]
 
 
 
@@ -434,8 +360,9 @@ class PostgresWorkflowStore(SqlWorkflowStore):
     def for_backend(cls, backend: Any) -> "PostgresWorkflowStore":
         return cls(backend.pg_store)
 
-    def _append(self, run_id: str, epoch: int, position: int, entry: tuple) -> bool:
-        params = (run_id, epoch, position, *entry[1:])
+    def _append(self, run_id: str, epoch: int, position: int, kind: str, name: str, *, output: bytes | None,
+                error: bytes | None, attempt: int, now: float) -> bool:
+        params = (run_id, epoch, position, position, kind, name, output, error, attempt, epoch, now)
         return self._one(lambda conn: conn.execute(self.sql["append"], params).rowcount) > 0
 
     def _one(self, fn: Callable[[Any], T], *, lazy: bool = False) -> T:

@@ -5,14 +5,17 @@ follow it, because the store lists every run that needs an activation
 (``WorkflowStore.due``: a new run never claimed, a parked run whose timer is due or
 whose inbox has unread events, a running run whose lease expired) and the sweeper
 publishes a keyed wake for each (``stem.workflows.wake``: duplicates across workers and
-sweeps collapse).  A due timer is left to the delayed wake its parking published until
-it is overdue by a sweep interval.  It never deletes or changes anything in the store: a due marker is
-only replaced by the claim of the activation that acts on it.
+sweeps collapse); ``due`` gives each run's epoch, which the wake id names, so a sweep
+reads no run.  A due timer is left to the delayed wake its parking published until it
+is overdue by a sweep interval.  It never deletes or changes anything in the store: a
+due marker is only replaced by the claim of the activation that acts on it.
 
 Every ``PARKED_ON_EVERY`` sweeps it also pages through the runs parked on a called task
-or a child (``WorkflowStore.parked_on``) and reads those ids' statuses in the result
+(``WorkflowStore.parked_on``, kind "task") and reads those tasks' statuses in the result
 backend: an ended one whose doorbell was lost (the worker died between storing the
-task's status and sending the ``__call__`` event) gets the event and a wake now.
+task's status and sending the ``__call__`` event) gets the event and a wake now.  A run
+parked on a child is left alone: the child's terminal write sent it its ``__child__``
+event in the same step (``WorkflowStore.finish``, ``cancel``), so ``due`` lists it.
 
 Runs on a daemon thread of its own (``start``/``stop``), every ``interval`` seconds.
 """
@@ -55,17 +58,15 @@ class Sweeper:
         woken = 0
         store = self.store
         now = clock.now()
-        for run_id, reason in store.due(now=now, limit=DUE_LIMIT):
-            run = store.get(run_id)
-            if run is None or run.terminal:
-                continue
+        for due in store.due(now=now, limit=DUE_LIMIT):
+            reason = due.reason
             if reason == "timer":
                 # the parking published a delayed wake due then: only a timer overdue by a sweep
                 # interval (that wake was lost, or the broker's clock is not the workflows') is woken
-                if run.wake_at is None or run.wake_at > now - self.interval:
+                if due.due_at > now - self.interval:
                     continue
                 reason = "overdue"
-            woken += publish_wake(self.producer, run_id, run.epoch, reason, self.queue)
+            woken += publish_wake(self.producer, due.run_id, due.epoch, reason, self.queue)
         if parked_on:
             woken += self._parked_on()
         return woken
@@ -78,8 +79,10 @@ class Sweeper:
             page = store.parked_on(limit=PAGE, after=after)
             if not page:
                 break
-            statuses = backend.get_many([waits_for for _, waits_for in page])
-            for (run_id, waits_for), status in zip(page, statuses):
+            # kind None: parked before the store kept kinds; a child's mirror answers as a task's status
+            on_tasks = [parked for parked in page if parked.kind != "child"]
+            statuses = backend.get_many([parked.waits_for for parked in on_tasks]) if on_tasks else []
+            for (run_id, waits_for, _), status in zip(on_tasks, statuses):
                 if status is None or not status.is_terminal:
                     continue
                 _, run = store.send(run_id, CALL_TOPIC, waits_for, b"", now=clock.now())

@@ -48,9 +48,15 @@ def claimed(store, run_id: str | None = None, *, now: float = T0, lease: float =
 
 
 def parked(store, rec: RunRecord, *, wake_at: float | None = None, waits_for: str | None = None,
-           now: float = T0) -> None:
+           waits_kind: str = "task", now: float = T0) -> None:
     assert store.park(rec.id, rec.epoch, wake_at=wake_at, waiting=b"w", waits_for=waits_for,
+                      waits_kind=None if waits_for is None else waits_kind,
                       inbox_seen=store.get(rec.id).inbox_count, now=now) == "parked"
+
+
+def reasons(store, *, now: float, limit: int = 500) -> list[tuple[str, str]]:
+    """``due`` as (run id, reason) pairs: the cases below that are about which runs are due and why."""
+    return [(due.run_id, due.reason) for due in store.due(now=now, limit=limit)]
 
 
 def snapshot(store, *run_ids: str):
@@ -69,7 +75,7 @@ def test_create_stores_a_pending_run_due_now_at_epoch_zero(wf_store):
                             None, 0, 0, None, None, None, None, 0, T0, T0)
     assert wf_store.get("order-42") == rec
     assert not rec.terminal
-    assert wf_store.due(now=T0) == [("order-42", "start")]
+    assert reasons(wf_store, now=T0) == [("order-42", "start")]
 
 
 def test_a_second_create_is_a_no_op_that_returns_the_first_run_whatever_its_input(wf_store):
@@ -173,11 +179,11 @@ def test_claim_of_a_pending_run_makes_it_running_with_a_lease_and_epoch_plus_one
 
 def test_claim_of_a_parked_run_clears_its_due_marker_and_what_it_waited_for(wf_store):
     rec = claimed(wf_store)
-    assert wf_store.park(rec.id, rec.epoch, wake_at=T0 + 50, waiting=b"timer", waits_for="task-1", inbox_seen=0,
-                         now=T0) == "parked"
+    assert wf_store.park(rec.id, rec.epoch, wake_at=T0 + 50, waiting=b"timer", waits_for="task-1", waits_kind="task",
+                         inbox_seen=0, now=T0) == "parked"
     again = wf_store.claim(rec.id, "worker-b", now=T0 + 60, lease=LEASE)
     assert (again.status, again.epoch, again.owner, again.lease_until) == (RUNNING, 2, "worker-b", T0 + 60 + LEASE)
-    assert (again.wake_at, again.waiting, again.waits_for) == (None, None, None)
+    assert (again.wake_at, again.waiting, again.waits_for, again.waits_kind) == (None, None, None, None)
     assert wf_store.parked_on() == []
 
 
@@ -352,18 +358,19 @@ def test_park_suspends_the_run_with_its_marker_and_frees_the_lease(wf_store):
     got = wf_store.get(rec.id)
     assert (got.status, got.owner, got.lease_until, got.wake_at, got.waiting, got.waits_for, got.inbox_seen,
             got.epoch, got.updated_at) == (PARKED, None, None, T0 + 172800, b"sleep", None, 0, rec.epoch, T0 + 1)
-    assert wf_store.due(now=T0 + 172800 - 0.001) == []
-    assert wf_store.due(now=T0 + 172800) == [(rec.id, "timer")]
+    assert reasons(wf_store, now=T0 + 172800 - 0.001) == []
+    assert reasons(wf_store, now=T0 + 172800) == [(rec.id, "timer")]
 
 
 def test_park_without_a_timer_on_a_task_is_listed_by_parked_on(wf_store):
     rec = claimed(wf_store)
-    assert wf_store.park(rec.id, rec.epoch, wake_at=None, waiting=None, waits_for="task-7", inbox_seen=0,
-                         now=T0) == "parked"
+    assert wf_store.park(rec.id, rec.epoch, wake_at=None, waiting=None, waits_for="task-7", waits_kind="task",
+                         inbox_seen=0, now=T0) == "parked"
     got = wf_store.get(rec.id)
     assert (got.wake_at, got.waiting, got.waits_for) == (None, None, "task-7")
-    assert wf_store.parked_on() == [(rec.id, "task-7")]
-    assert wf_store.due(now=T0 + 1e9) == []
+    assert wf_store.parked_on() == [(rec.id, "task-7", "task")]
+    assert wf_store.get(rec.id).waits_kind == "task"
+    assert reasons(wf_store, now=T0 + 1e9) == []
 
 
 def test_park_is_refused_with_inbox_when_an_event_arrived_unread(wf_store):
@@ -377,7 +384,7 @@ def test_park_is_refused_with_inbox_when_an_event_arrived_unread(wf_store):
     assert wf_store.park(rec.id, rec.epoch, wake_at=None, waiting=b"wait more", waits_for=None, inbox_seen=1,
                          now=T0 + 1) == "parked"
     assert wf_store.get(rec.id).inbox_seen == 1
-    assert wf_store.due(now=T0 + 1e6) == []
+    assert reasons(wf_store, now=T0 + 1e6) == []
 
 
 def test_park_is_fenced_for_a_stale_epoch_or_a_run_no_longer_running(wf_store):
@@ -410,7 +417,7 @@ def test_finish_ends_the_run_in_one_terminal_state(wf_store):
     assert got_ok.terminal and got_bad.terminal
     assert wf_store.finish(ok.id, ok.epoch, FAILED, error=b"again", now=T0 + 2) is False
     assert wf_store.get(ok.id) == got_ok
-    assert wf_store.due(now=T0 + 1e9) == []
+    assert reasons(wf_store, now=T0 + 1e9) == []
 
 
 def test_a_result_of_none_and_an_empty_result_are_kept_apart(wf_store):
@@ -434,14 +441,15 @@ def test_finish_is_fenced(wf_store):
 def test_finishing_a_child_sends_its_parent_a_child_event_in_the_same_step(wf_store):
     parent = claimed(wf_store)
     child = claimed(wf_store, started(wf_store, parent=parent.id))
-    assert wf_store.park(parent.id, parent.epoch, wake_at=None, waiting=b"child", waits_for=child.id, inbox_seen=0,
-                         now=T0) == "parked"
-    assert wf_store.due(now=T0 + 1) == []
+    assert wf_store.park(parent.id, parent.epoch, wake_at=None, waiting=b"child", waits_for=child.id,
+                         waits_kind="child", inbox_seen=0, now=T0) == "parked"
+    assert wf_store.parked_on() == [(parent.id, child.id, "child")]
+    assert reasons(wf_store, now=T0 + 1) == []
     assert wf_store.finish(child.id, child.epoch, SUCCEEDED, result=b"r", now=T0 + 2)
     evs = wf_store.events(parent.id)
     assert evs == [Event(1, "__child__", child.id, b"", T0 + 2)]
     assert wf_store.get(parent.id).inbox_count == 1
-    assert wf_store.due(now=T0 + 2) == [(parent.id, "inbox")]
+    assert reasons(wf_store, now=T0 + 2) == [(parent.id, "inbox")]
     assert wf_store.events(child.id) == []
 
 
@@ -488,7 +496,7 @@ def test_attention_parks_the_run_visible_with_its_reason_and_never_due(wf_store)
         NEEDS_ATTENTION, reason, None, None, None, None, rec.epoch)
     assert not got.terminal
     assert wf_store.send(rec.id, "t", "e", b"", now=T0 + 2)[0] is True    # it still takes events
-    assert wf_store.due(now=T0 + 1e9) == []
+    assert reasons(wf_store, now=T0 + 1e9) == []
     assert [r.id for r in wf_store.runs(status=NEEDS_ATTENTION)] == [rec.id]
     assert wf_store.attention(rec.id, rec.epoch, "again", now=T0 + 3) is False
     assert wf_store.get(rec.id).attention == reason
@@ -516,7 +524,7 @@ def test_continue_as_new_restarts_the_run_with_a_new_input_and_an_empty_journal(
             got.waiting, got.inbox_count) == (PENDING, rec.epoch + 1, 1, b"next input", None, None, T0 + 5, None, 3)
     assert wf_store.journal(rec.id) == []
     assert [(e.seq, e.event_id) for e in wf_store.events(rec.id)] == [(3, "e3")]
-    assert wf_store.due(now=T0 + 5) == [(rec.id, "start")]
+    assert reasons(wf_store, now=T0 + 5) == [(rec.id, "start")]
     # the old activation is fenced; the next one starts the journal at 0
     assert wf_store.append(rec.id, rec.epoch, 0, "step", "old", now=T0 + 6) is False
     nxt = wf_store.claim(rec.id, "w", now=T0 + 6, lease=LEASE)
@@ -557,7 +565,7 @@ def test_cancel_ends_a_run_that_is_not_terminal_and_fences_its_activation(wf_sto
     assert wf_store.finish(rec.id, rec.epoch, SUCCEEDED, now=T0 + 2) is False
     assert wf_store.park(rec.id, rec.epoch, wake_at=None, waiting=None, waits_for=None, inbox_seen=0,
                          now=T0 + 2) == "fenced"
-    assert wf_store.due(now=T0 + 1e9) == [] and wf_store.parked_on() == []
+    assert reasons(wf_store, now=T0 + 1e9) == [] and wf_store.parked_on() == []
     assert wf_store.send(rec.id, "t", "e", b"", now=T0 + 2) == (False, got)
 
 
@@ -579,7 +587,7 @@ def test_cancelling_a_child_notifies_its_parent(wf_store):
     child = started(wf_store, parent=parent.id)
     wf_store.cancel(child, now=T0 + 1)
     assert wf_store.events(parent.id) == [Event(1, "__child__", child, b"", T0 + 1)]
-    assert wf_store.due(now=T0 + 1) == [(parent.id, "inbox")]
+    assert reasons(wf_store, now=T0 + 1) == [(parent.id, "inbox")]
 
 
 @pytest.mark.parametrize("state", ["pending", "running", "parked", "attention", "succeeded", "failed", "cancelled"])
@@ -608,7 +616,7 @@ def test_reset_truncates_the_journal_and_makes_any_run_pending_due_now(wf_store,
         before.input, before.generation, before.inbox_count, before.created_at)
     assert wf_store.get(rec.id) == got
     assert [e.name for e in wf_store.journal(rec.id)] == ["s0", "s1"]
-    assert wf_store.due(now=T0 + 7) == [(rec.id, "start")]
+    assert reasons(wf_store, now=T0 + 7) == [(rec.id, "start")]
     assert wf_store.parked_on() == []
     # the activation that held it is fenced; the next one continues at position 2
     assert wf_store.append(rec.id, before.epoch, 2, "step", "stale", now=T0 + 8) is False
@@ -721,11 +729,11 @@ def test_due_lists_each_reason_once_and_nothing_that_needs_no_activation(wf_stor
     wf_store.send("attention", "t", "e", b"", now=T0)
     wf_store.cancel(started(wf_store, "cancelled"), now=T0)
     before = snapshot(wf_store, start, later, "timer", "inbox", "lease")
-    assert sorted(wf_store.due(now=T0 + 10)) == [("inbox", "inbox"), ("lease", "lease"), ("start", "start"),
+    assert sorted(reasons(wf_store, now=T0 + 10)) == [("inbox", "inbox"), ("lease", "lease"), ("start", "start"),
                                                  ("timer", "timer")]
-    assert sorted(wf_store.due(now=T0 + 2)) == [("inbox", "inbox"), ("start", "start")]
-    assert sorted(wf_store.due(now=T0 - 1)) == [("inbox", "inbox")]
-    assert sorted(wf_store.due(now=T0 + 100)) == [("inbox", "inbox"), ("lease", "lease"), ("sleeping", "timer"),
+    assert sorted(reasons(wf_store, now=T0 + 2)) == [("inbox", "inbox"), ("start", "start")]
+    assert sorted(reasons(wf_store, now=T0 - 1)) == [("inbox", "inbox")]
+    assert sorted(reasons(wf_store, now=T0 + 100)) == [("inbox", "inbox"), ("lease", "lease"), ("sleeping", "timer"),
                                                   ("start", "start"), ("start-later", "start"), ("timer", "timer")]
     assert snapshot(wf_store, start, later, "timer", "inbox", "lease") == before     # listing changes nothing
 
@@ -738,9 +746,9 @@ def test_due_gives_the_first_reason_in_the_order_start_timer_inbox_lease(wf_stor
     wf_store.send(expired.id, "t", "e", b"", now=T0)
     pending = started(wf_store, "start-and-inbox")
     wf_store.send(pending, "t", "e", b"", now=T0)
-    assert sorted(wf_store.due(now=T0 + 1)) == [("lease-and-inbox", "lease"), ("start-and-inbox", "start"),
+    assert sorted(reasons(wf_store, now=T0 + 1)) == [("lease-and-inbox", "lease"), ("start-and-inbox", "start"),
                                                 ("timer-and-inbox", "inbox")]
-    assert sorted(wf_store.due(now=T0 + 5)) == [("lease-and-inbox", "lease"), ("start-and-inbox", "start"),
+    assert sorted(reasons(wf_store, now=T0 + 5)) == [("lease-and-inbox", "lease"), ("start-and-inbox", "start"),
                                                 ("timer-and-inbox", "timer")]
 
 
@@ -748,8 +756,8 @@ def test_a_running_run_with_unread_events_is_due_only_when_its_lease_expires(wf_
     """While it runs, its activation will see the event (park answers "inbox")."""
     rec = claimed(wf_store, lease=10.0)
     wf_store.send(rec.id, "t", "e", b"", now=T0)
-    assert wf_store.due(now=T0 + 9) == []
-    assert wf_store.due(now=T0 + 10) == [(rec.id, "lease")]
+    assert reasons(wf_store, now=T0 + 9) == []
+    assert reasons(wf_store, now=T0 + 10) == [(rec.id, "lease")]
 
 
 def test_due_honours_its_limit_and_lists_each_run_once(wf_store):
@@ -758,12 +766,12 @@ def test_due_honours_its_limit_and_lists_each_run_once(wf_store):
         rec = claimed(wf_store, f"r{n:03d}", lease=1.0)
         parked(wf_store, rec, wake_at=T0)
         wf_store.send(rec.id, "t", "e", b"", now=T0)          # timer and inbox: listed once
-    page = wf_store.due(now=T0 + 10, limit=7)
+    page = reasons(wf_store, now=T0 + 10, limit=7)
     assert len(page) == 7 and len({r for r, _ in page}) == 7 and {r for r, _ in page} <= ids
-    everything = wf_store.due(now=T0 + 10, limit=1000)
+    everything = reasons(wf_store, now=T0 + 10, limit=1000)
     assert sorted(r for r, _ in everything) == sorted(ids)
     assert sorted(reason for _, reason in everything) == ["start"] * 20 + ["timer"] * 5
-    assert len(wf_store.due(now=T0 + 10)) == 25           # the default limit is 500
+    assert len(reasons(wf_store, now=T0 + 10)) == 25           # the default limit is 500
 
 
 def test_parked_on_pages_the_parked_runs_with_what_they_wait_for(wf_store):
@@ -774,7 +782,7 @@ def test_parked_on_pages_the_parked_runs_with_what_they_wait_for(wf_store):
         else:
             parked(wf_store, rec, waits_for=f"task-{n}", wake_at=T0 + 60 if n == 5 else None)
     claimed(wf_store, started(wf_store, "running"))
-    expected = [(f"p{n:02d}", f"task-{n}") for n in range(11) if n != 4]
+    expected = [(f"p{n:02d}", f"task-{n}", "task") for n in range(11) if n != 4]
     assert wf_store.parked_on() == expected
     pages, after = [], None
     while True:
@@ -789,6 +797,91 @@ def test_parked_on_pages_the_parked_runs_with_what_they_wait_for(wf_store):
     assert wf_store.parked_on(limit=2) == expected[2:4]
 
 
+def test_due_gives_each_run_its_epoch_and_since_when_it_is_due(wf_store):
+    start = started(wf_store, "start", now=T0 + 1)
+    sleeping = claimed(wf_store, started(wf_store, "sleeping"))
+    parked(wf_store, sleeping, wake_at=T0 + 3)
+    inbox = claimed(wf_store, started(wf_store, "inbox"))
+    parked(wf_store, inbox, wake_at=T0 + 50)
+    wf_store.send(inbox.id, "t", "e", b"", now=T0)
+    lease = claimed(wf_store, started(wf_store, "lease"), lease=2.0)
+    again = claimed(wf_store, started(wf_store, "again"))
+    assert wf_store.continue_as_new(again.id, again.epoch, b"next", drop_events=[], now=T0 + 4)
+    got = {due.run_id: due for due in wf_store.due(now=T0 + 10)}
+    assert got == {start: ("start", "start", 0, T0 + 1), "sleeping": ("sleeping", "timer", 1, T0 + 3),
+                   "inbox": ("inbox", "inbox", 1, -math.inf), "lease": ("lease", "lease", 1, T0 + 2),
+                   "again": ("again", "start", 2, T0 + 4)}
+    assert all(due.epoch == wf_store.get(due.run_id).epoch for due in got.values())
+    assert [due.run_id for due in wf_store.due(now=T0 + 10)][:2] == ["inbox", start]   # the longest due first
+
+
+def test_release_hands_the_run_back_pending_due_now_with_its_journal_and_inbox(wf_store):
+    rec = claimed(wf_store)
+    assert wf_store.append(rec.id, rec.epoch, 0, "step", "a", output=b"o", now=T0)
+    assert wf_store.send(rec.id, "t", "e1", b"p", now=T0)[0]
+    assert wf_store.release(rec.id, rec.epoch, now=T0 + 1)
+    got = wf_store.get(rec.id)
+    assert (got.status, got.epoch, got.owner, got.lease_until, got.wake_at, got.updated_at) == (
+        PENDING, rec.epoch, None, None, T0 + 1, T0 + 1)
+    assert (got.inbox_count, got.inbox_seen, got.input, got.generation) == (1, 0, b"input", 0)
+    assert [e.name for e in wf_store.journal(rec.id)] == ["a"]
+    assert [e.event_id for e in wf_store.events(rec.id)] == ["e1"]
+    assert wf_store.due(now=T0 + 1) == [(rec.id, "start", rec.epoch, T0 + 1)]     # at once, not at the lease's end
+    again = wf_store.claim(rec.id, "worker-b", now=T0 + 1, lease=LEASE)
+    assert (again.status, again.epoch, again.owner) == (RUNNING, rec.epoch + 1, "worker-b")
+
+
+def test_a_released_activation_is_fenced_out_of_every_later_write(wf_store):
+    rec = claimed(wf_store)
+    assert wf_store.release(rec.id, rec.epoch, now=T0)
+    assert not wf_store.release(rec.id, rec.epoch, now=T0)
+    assert not wf_store.renew(rec.id, rec.epoch, now=T0, lease=LEASE)
+    assert not wf_store.append(rec.id, rec.epoch, 0, "step", "a", now=T0)
+    assert wf_store.park(rec.id, rec.epoch, wake_at=None, waiting=None, waits_for=None, inbox_seen=0,
+                         now=T0) == "fenced"
+    assert not wf_store.finish(rec.id, rec.epoch, SUCCEEDED, result=b"r", now=T0)
+    assert not wf_store.attention(rec.id, rec.epoch, "why", now=T0)
+    assert not wf_store.continue_as_new(rec.id, rec.epoch, b"i", drop_events=[], now=T0)
+    assert wf_store.get(rec.id).status == PENDING and wf_store.journal(rec.id) == []
+
+
+@pytest.mark.parametrize("state", ["pending", "parked", "stale", "attention", "succeeded", "cancelled", "absent"])
+def test_release_is_refused_unless_the_run_is_running_at_that_epoch(wf_store, state):
+    rec = claimed(wf_store)
+    epoch = rec.epoch
+    if state == "pending":
+        wf_store.reset(rec.id, 0, now=T0)
+    elif state == "parked":
+        parked(wf_store, rec, wake_at=T0 + 60)
+    elif state == "stale":
+        wf_store.claim(rec.id, "worker-b", now=T0 + LEASE, lease=LEASE)
+    elif state == "attention":
+        wf_store.attention(rec.id, epoch, "why", now=T0)
+    elif state == "succeeded":
+        wf_store.finish(rec.id, epoch, SUCCEEDED, now=T0)
+    elif state == "cancelled":
+        wf_store.cancel(rec.id, now=T0)
+        epoch += 1
+    run_id = "absent" if state == "absent" else rec.id
+    before = snapshot(wf_store, run_id)
+    assert not wf_store.release(run_id, epoch, now=T0 + 1)
+    assert snapshot(wf_store, run_id) == before
+
+
+def test_parked_on_says_whether_a_run_waits_on_a_task_or_a_child_until_it_is_claimed(wf_store):
+    on_task = claimed(wf_store, started(wf_store, "on-task"))
+    on_child = claimed(wf_store, started(wf_store, "on-child"))
+    parked(wf_store, on_task, waits_for="on-task:c0:e1", waits_kind="task")
+    parked(wf_store, on_child, waits_for="on-child:w0:e1", waits_kind="child")
+    assert wf_store.parked_on() == [("on-child", "on-child:w0:e1", "child"), ("on-task", "on-task:c0:e1", "task")]
+    assert [wf_store.get(r).waits_kind for r in ("on-child", "on-task")] == ["child", "task"]
+    again = wf_store.claim("on-child", "worker-b", now=T0, lease=LEASE)
+    assert (again.waits_for, again.waits_kind) == (None, None)
+    assert wf_store.release(again.id, again.epoch, now=T0)
+    assert wf_store.get("on-child").waits_kind is None
+    assert [p.kind for p in wf_store.parked_on()] == ["task"]
+
+
 # -- the whole life of a run ------------------------------------------------------------------
 
 def test_a_run_sleeps_waits_for_an_event_and_succeeds(wf_store):
@@ -798,13 +891,13 @@ def test_a_run_sleeps_waits_for_an_event_and_succeeds(wf_store):
     assert wf_store.append(r, a.epoch, 1, "sleep", "sleep", output=b"", now=T0)
     assert wf_store.park(r, a.epoch, wake_at=T0 + 172800, waiting=b"sleep", waits_for=None, inbox_seen=0,
                          now=T0) == "parked"
-    assert wf_store.due(now=T0 + 172799) == []
+    assert reasons(wf_store, now=T0 + 172799) == []
     assert wf_store.send(r, "review", "rv-9", b"5", now=T0 + 1000)[0]     # sent before the wait: kept
-    assert wf_store.due(now=T0 + 1001) == [(r, "inbox")]                   # an early wake-up; the engine parks again
+    assert reasons(wf_store, now=T0 + 1001) == [(r, "inbox")]        # an early wake-up; the engine parks again
     b = wf_store.claim(r, "w2", now=T0 + 1001, lease=LEASE)
     assert wf_store.park(r, b.epoch, wake_at=T0 + 172800, waiting=b"sleep", waits_for=None, inbox_seen=1,
                          now=T0 + 1001) == "parked"
-    assert wf_store.due(now=T0 + 172800) == [(r, "timer")]
+    assert reasons(wf_store, now=T0 + 172800) == [(r, "timer")]
     c = wf_store.claim(r, "w3", now=T0 + 172800, lease=LEASE)
     assert c.epoch == 3
     assert [e.name for e in wf_store.journal(r)] == ["charge", "sleep"]
@@ -813,7 +906,7 @@ def test_a_run_sleeps_waits_for_an_event_and_succeeds(wf_store):
     assert wf_store.finish(r, c.epoch, SUCCEEDED, result=b"ok", now=T0 + 172801)
     done = wf_store.get(r)
     assert (done.status, done.epoch, done.result, done.inbox_count, done.inbox_seen) == (SUCCEEDED, 3, b"ok", 1, 1)
-    assert wf_store.due(now=T0 + 1e9) == []
+    assert reasons(wf_store, now=T0 + 1e9) == []
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -878,7 +971,14 @@ def _bad_calls(s, r: str):
     yield from ((f"park epoch={b!r}", lambda b=b: park(epoch=b)) for b in BAD_EPOCHS)
     yield from ((f"park wake_at={b!r}", lambda b=b: park(wake_at=b)) for b in BAD_TIMES if b is not None)
     yield from ((f"park waiting={b!r}", lambda b=b: park(waiting=b)) for b in BAD_BYTES)
-    yield from ((f"park waits_for={b!r}", lambda b=b: park(waits_for=b)) for b in ["", 5, "t" * 201, b"t"])
+    yield from ((f"park waits_for={b!r}", lambda b=b: park(waits_for=b, waits_kind="task"))
+                for b in ["", 5, "t" * 201, b"t"])
+    yield from ((f"park waits_kind={b!r}", lambda b=b: park(waits_for="t", waits_kind=b))
+                for b in [None, "", "call", "Task", 5, b"task", ["task"]])
+    yield from ((f"park waits_kind={b!r} without waits_for", lambda b=b: park(waits_kind=b)) for b in ["task", "child"])
+    yield from ((f"release run_id={b!r}", lambda b=b: s.release(b, 1, **ok)) for b in BAD_RUN_IDS)
+    yield from ((f"release epoch={b!r}", lambda b=b: s.release(r, b, **ok)) for b in BAD_EPOCHS)
+    yield from ((f"release now={b!r}", lambda b=b: s.release(r, 1, now=b)) for b in BAD_TIMES)
     yield from ((f"park inbox_seen={b!r}", lambda b=b: park(inbox_seen=b)) for b in BAD_INTS)
     yield from ((f"park now={b!r}", lambda b=b: park(now=b)) for b in BAD_TIMES)
     yield from ((f"finish run_id={b!r}", lambda b=b: s.finish(b, 1, SUCCEEDED, **ok)) for b in BAD_RUN_IDS)
@@ -1112,7 +1212,7 @@ def test_an_event_sent_while_the_run_parks_is_never_lost(wf_store):
         else:
             seen.append("parked")
             assert (got.status, got.inbox_seen) == (PARKED, rnd)
-            assert wf_store.due(now=now) == [(run_id, "inbox")]
+            assert reasons(wf_store, now=now) == [(run_id, "inbox")]
     outcomes = racers.results(workers)
     assert outcomes[1] == [True] * ROUNDS
     assert outcomes[0] == seen
