@@ -19,9 +19,11 @@ How it runs (docs/design.md, "Canvas"):
 * A group is a record in the result backend (``stem.backends.groups``): created
   unsealed, members published (one task name: ``enqueue_many``'s fast path), then
   sealed.  The worker records each member's terminal status in it, by member id,
-  before the member's ack; whoever sees it complete (the last member's worker, or
-  the sealing producer) runs the completion: the chord's callback is published under
-  its id key (the chord's id), so two completions publish it once.
+  before the member's ack (on a single Redis, with it: the count that completes the
+  group notes it as completing, and the heartbeat's sweep runs a noted completion its
+  worker never did); whoever sees it complete (the last member's worker, or the
+  sealing producer) runs the completion: the chord's callback is published under its
+  id key (the chord's id), so two completions publish it once.
 * Ids are deterministic: a group's members are ``<group id>.<index>``, a chain's steps
   ``<chain id>.s<k>`` and its last step the chain id itself, a chord's callback the
   chord id.  So a canvas's id is the id of the task whose status is its outcome, and
@@ -219,8 +221,9 @@ class MemberFailure(NamedTuple):
 
 
 def _outcome(status: TaskStatus, value: Any) -> bytes:
-    ok = status.state is TaskState.SUCCEEDED
-    return _encode([1, value] if ok else [0, status.id, status.state.value, status.reason, status.error])
+    if status.state is TaskState.SUCCEEDED:
+        return b"\x92\x01" + _encode(value)     # [1, value]: a msgpack array of two, spliced
+    return _encode([0, status.id, status.state.value, status.reason, status.error])
 
 
 def outcome_value(raw: bytes | None) -> Any:
