@@ -195,8 +195,8 @@ def group_record_of(group_id: str, v: list) -> "GroupRecord | None":
                        bytes(v[6]), float(v[7]), float(v[8]), int(v[9]) / 1000, v[10] == b"1")
 
 
-
-def _records_out(n: int, calls: list[tuple[str, list[int]]], replies: Sequence[Any]) -> list[GroupRecord | bool | None]:
+def _records_out(n: int, calls: list[tuple[str, list[int]]], replies: Sequence[Any]
+                 ) -> list[GroupRecord | bool | None]:
     """``store_and_record``'s answer from its script calls' replies: each call's record (or
     None: no such group, none of its members counted) to the last of its members, True to
     the others and to every member of a call answered 1 (counted, nothing to do)."""

@@ -6,7 +6,8 @@ namespace is an option, not part of the URL), ``visibility_timeout``, ``concurre
 ``signing_key`` (hex, or null), ``queues``, ``registry`` (default ``tests.apps.e2e:registry``),
 ``heartbeat_interval``, ``completion_grace``, and ``crash_at_completion`` (true: the process
 kills its whole group with SIGKILL the moment its canvas runner is about to run a group's
-completion, ``stem.canvas.Runner.completed``: a fault at that exact point).  It prints ``E2E-READY <worker id>`` once the
+completion, ``stem.canvas.Runner.completed``: a fault at that exact point).  It prints
+``E2E-READY <worker id>`` once the
 worker is ready (``signals.worker_ready``), logs at INFO to stdout, stops on SIGTERM (warm),
 SIGINT (soft) and SIGQUIT (hard), and exits 1 when the worker stopped with an error.
 """
