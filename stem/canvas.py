@@ -19,9 +19,11 @@ How it runs (docs/design.md, "Canvas"):
 * A group is a record in the result backend (``stem.backends.groups``): created
   unsealed, members published (one task name: ``enqueue_many``'s fast path), then
   sealed.  The worker records each member's terminal status in it, by member id,
-  before the member's ack; whoever sees it complete (the last member's worker, or
-  the sealing producer) runs the completion: the chord's callback is published under
-  its id key (the chord's id), so two completions publish it once.
+  before the member's ack (on a single Redis, with it: the count that completes the
+  group notes it as completing, and the heartbeat's sweep runs a noted completion its
+  worker never did); whoever sees it complete (the last member's worker, or the
+  sealing producer) runs the completion: the chord's callback is published under its
+  id key (the chord's id), so two completions publish it once.
 * Ids are deterministic: a group's members are ``<group id>.<index>``, a chain's steps
   ``<chain id>.s<k>`` and its last step the chain id itself, a chord's callback the
   chord id.  So a canvas's id is the id of the task whose status is its outcome, and
@@ -42,7 +44,7 @@ from .results import TaskState, TaskStatus
 from .task import TaskOptions
 
 __all__ = ["Signature", "chain", "group", "chord", "chunks", "CanvasHandle", "GroupResults", "MemberFailure",
-           "Progress", "ON_FAILURE", "apply", "Lineage", "next_step_id"]
+           "Progress", "ON_FAILURE", "apply", "Lineage", "next_step_id", "COMPLETION_GRACE"]
 
 #: What ``chord(on_failure=...)`` takes.
 ON_FAILURE = ("fail", "continue", "fail_fast")
@@ -50,6 +52,9 @@ ON_FAILURE = ("fail", "continue", "fail_fast")
 PAGE = 1000
 #: The longest canvas id a caller may give (members and steps append ``.<n>`` to it).
 MAX_ID = 120
+#: Seconds a completion noted by ``store_record_and_ack`` waits for the worker that noted it
+#: before any worker's sweep runs it (``Runner.sweep_completions``; ``Worker(completion_grace=)``).
+COMPLETION_GRACE = 60.0
 
 _GROUP_TASK = "stem.canvas.group"      # the name in a group record's signed description
 _encode = msgspec.msgpack.Encoder().encode
@@ -216,8 +221,9 @@ class MemberFailure(NamedTuple):
 
 
 def _outcome(status: TaskStatus, value: Any) -> bytes:
-    ok = status.state is TaskState.SUCCEEDED
-    return _encode([1, value] if ok else [0, status.id, status.state.value, status.reason, status.error])
+    if status.state is TaskState.SUCCEEDED:
+        return b"\x92\x01" + _encode(value)     # [1, value]: a msgpack array of two, spliced
+    return _encode([0, status.id, status.state.value, status.reason, status.error])
 
 
 def outcome_value(raw: bytes | None) -> Any:
@@ -297,10 +303,14 @@ class Runner:
     producer (``Stem``) with a backend: the caller's in ``apply``, the worker's own when
     it continues a canvas."""
 
-    def __init__(self, stem: Any, *, creation_timeout: float = 600.0, revoke_here: Any = None):
+    def __init__(self, stem: Any, *, creation_timeout: float = 600.0, revoke_here: Any = None,
+                 completion_grace: float = COMPLETION_GRACE):
         self.stem = stem
         self.backend = stem._require_backend()
         self.creation_timeout = creation_timeout
+        # how old a noted completion is before the sweep runs it (``sweep_completions``)
+        self.completion_grace = completion_grace
+        self.acks_with_counts = True      # record_and_ack, until the backend says it cannot
         # a worker's own revoke: also skips what this worker already holds (fail_fast)
         self.revoke_here = revoke_here
 
@@ -433,6 +443,53 @@ class Runner:
             self.report(up, task_id, status, None, root_id)
         for group_id, ttl in readers:
             self.backend.group_release(group_id, ttl)
+
+    def record_and_ack(self, ended: list[tuple[Any, TaskStatus]], store: list[TaskStatus], broker: Any,
+                       deliveries: list[Any], queues: Sequence[str] = (), count: int = 0, consumer: str = ""
+                       ) -> tuple[list[Any], list | None] | None:
+        """``finished_many`` and the acks of ``deliveries`` (and a refill: ``queues``,
+        ``count``) in one backend step (``store_record_and_ack``), when every task of the
+        batch is a group member (a chain step or a reader keeps its work before its ack) and
+        the backend can note the completions it acks before they ran.  Returns (the records
+        this completed, to pass to ``complete``; the leased deliveries or None), or None:
+        nothing done, the caller goes the ``finished_many`` way."""
+        if not self.acks_with_counts:
+            return None
+        members = []
+        for env, status in ended:
+            canvas = env.canvas or {}
+            up = canvas.get("up")
+            if up is None or "g" not in up or canvas.get("rl"):
+                return None
+            members.append((up["g"], env.id, int(env.id.rsplit(".", 1)[1]), status.state is TaskState.SUCCEEDED,
+                            _outcome(status, status.result), status.ttl))
+        done = self.backend.store_record_and_ack(store, members, broker, deliveries, queues, count, consumer)
+        if done is None:
+            self.acks_with_counts = False    # not this backend (or broker): never asked again
+            return None
+        records, leased = done
+        return [r for r in records if r is not None and r is not True and r.complete], leased
+
+    def complete(self, records: list[Any]) -> None:
+        """Run the completions ``record_and_ack`` noted (its member already acked), then
+        drop their notes.  Idempotent: the sweep may run one again."""
+        for record in records:
+            self.recorded(record, True)
+        if records:
+            self.backend.group_completed([r.id for r in records])
+
+    def sweep_completions(self, now: float | None = None) -> int:
+        """Run the completions noted more than ``completion_grace`` ago and never marked
+        done (their worker died after acking the last member, or is that slow); how many.
+        Each is idempotent: the callback is a keyed publish (published once while its id
+        key lingers), a group's status a store, its report to its own group a count by
+        member id, a next chain step a keyed publish."""
+        now = time.time() if now is None else now
+        records = self.backend.group_completions_due(now - self.completion_grace)
+        for record in records:
+            self.completed(record)
+            self.backend.group_completed([record.id])
+        return len(records)
 
     def report(self, up: dict, member_id: str, status: TaskStatus, group_ref: str | None,
                root_id: str | None = None) -> None:

@@ -280,12 +280,14 @@ class Fleet:
 
     def process(self, store: Store, *, concurrency: int = 2, visibility_timeout: float | None = None,
                 signing_key: bytes | None = None, queues: Sequence[str] | None = None,
-                label: str | None = None, timeout: float = 30.0, registry: str | None = None) -> WorkerProcess:
+                label: str | None = None, timeout: float = 30.0, registry: str | None = None,
+                **config_extra: Any) -> WorkerProcess:
         """A worker process (``tests/apps/e2e_worker.py``) on ``store``, running the tasks of
-        ``tests.apps.e2e`` (or of ``registry``); returns once it is ready."""
+        ``tests.apps.e2e`` (or of ``registry``); returns once it is ready.  ``config_extra``:
+        more of its config (``heartbeat_interval``, ``completion_grace``, ``crash_at_completion``)."""
         config = {**store.config(), "concurrency": concurrency, "visibility_timeout": visibility_timeout,
                   "signing_key": signing_key.hex() if signing_key else None, "queues": list(queues or []),
-                  "registry": registry}
+                  "registry": registry, **config_extra}
         proc = self.start([sys.executable, "-m", "tests.apps.e2e_worker", json.dumps(config)], label=label,
                           ready=READY, timeout=timeout)
         proc.worker_id = proc.lines(READY)[0].split()[-1]

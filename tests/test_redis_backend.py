@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from stem.backends import from_url as backend_from_url
+from stem.backends.groups import GroupRecord
 from stem.backends.redis import RedisResultBackend
 from stem.errors import BackendConnectionError, ConfigurationError
 from stem.results import TaskState, TaskStatus
@@ -64,6 +65,7 @@ def test_store_many_is_one_round_trip(backend, monkeypatch):
 
 _STORE_LATER = """
 import sys, time
+from stem.backends.groups import GroupRecord
 from stem.backends.redis import RedisResultBackend
 from stem.results import TaskState, TaskStatus
 b = RedisResultBackend.from_url(sys.argv[1], namespace=sys.argv[2])
@@ -312,5 +314,36 @@ def test_settle_and_refill_after_a_flushed_script_cache_store_every_result(priva
         assert more is not None and len(more) == 3
         assert [backend.get(s.id).result for s in statuses] == [0, 1, 2]
         assert broker.stats("q")[1:3] == (0, 3)     # the three settled are acked; three leased
+    finally:
+        broker.close()
+
+
+@pytest.mark.parametrize("refill", [False, True])
+def test_counts_acks_and_refill_in_one_round_trip_survive_a_flushed_script_cache(private_backend, private_redis_url,
+                                                                                 namespace, private_raw, refill):
+    """``store_record_and_ack`` after a Redis restart emptied the script cache: the counts
+    (the backend's script), the acks and the consume (the broker's) are loaded and sent
+    again; each member counts once, the completion is answered and noted once."""
+    backend, raw = private_backend, private_raw
+    from stem.brokers.base import Message
+    from stem.brokers.redis import RedisBroker
+    broker = RedisBroker.from_url(private_redis_url, namespace=namespace)
+    try:
+        g = "g-" + tid()
+        backend.group_create(g, 2, b"d", seal_by=time.time() + 60, ttl=60)
+        backend.group_seal(g)
+        broker.publish_many([Message(f"{g}.{i}", "q", b"f") for i in range(2)] + [Message("next", "q", b"n")])
+        got = broker.consume(["q"], 2, 2.0)
+        assert sorted(d.task_id for d in got) == [f"{g}.0", f"{g}.1"]
+        raw.script_flush()
+        statuses = [TaskStatus(id=d.task_id, state=TaskState.SUCCEEDED, result=1) for d in got]
+        members = [(g, d.task_id, int(d.task_id.rsplit(".", 1)[1]), True, b"\x92\x01\x01", None) for d in got]
+        records, leased = backend.store_record_and_ack(statuses, members, broker, got, *(
+            (["q"], 5, "w") if refill else ()))
+        assert isinstance(records[-1], GroupRecord) and records[-1].complete and records[-1].finished == 2
+        assert (leased is None) if not refill else [d.task_id for d in leased] == ["next"]
+        assert broker.stats("q").in_flight == (1 if refill else 0)
+        assert [r.id for r in backend.group_completions_due(time.time() + 1)] == [g]
+        assert raw.zcard(f"{namespace}:{{groups}}:completing") == 1
     finally:
         broker.close()

@@ -50,7 +50,7 @@ from .. import _checks as checks
 from .._checks import DEFAULT_RESULT_EXPIRES
 from ..errors import ConfigurationError
 from ..results import TERMINAL_STATES, TaskStatus
-from .groups import GroupRecord
+from .groups import GroupRecord, check_due, check_group_id
 from .waiting import WATCH, Waiter, WaitHub, Watch, check_wait
 
 __all__ = ["ResultBackend", "ScheduleRecord", "DEFAULT_RESULT_EXPIRES", "TERMINAL_STATE_NAMES",
@@ -407,6 +407,39 @@ class ResultBackend(abc.ABC):
         if statuses:
             self.store_many(statuses)
         return self.group_record_many(members) if members else []
+
+    def store_record_and_ack(self, statuses: Sequence[TaskStatus],
+                             members: Sequence[tuple[str, str, int, bool, bytes, float | None]], broker: Any,
+                             deliveries: Sequence[Any], queues: Sequence[str] = (), max_count: int = 0,
+                             consumer: str = "") -> "tuple[list[GroupRecord | bool | None], list | None] | None":
+        """``store_and_record(statuses, members, brief=True)``, then ``broker``'s acks of
+        ``deliveries`` and, with ``queues`` and ``max_count``, a consume of up to that many
+        (the settle's refill), in one round trip, where the adapter can make completion
+        recoverable: each group the call completes is noted as completing (listed by
+        ``group_completions_due`` until ``group_completed``), so the member that completes
+        it can be acked before its completion ran (a worker that dies in between leaves the
+        note to another's sweep).  Returns (the ``store_and_record`` answer, the leased
+        deliveries or None when no consume was asked), or None when not here (then nothing
+        was done: the caller records, completes, then acks).  The consume is tried once
+        (``RedisBroker.run_keep_and_consume``): an error may leave the rest done, which is
+        safe to do again.  Only a single Redis does it; the other adapters keep the
+        completion before the ack."""
+        return None
+
+    def group_completions_due(self, before: float, limit: int = 100) -> list["GroupRecord"]:
+        """Up to ``limit`` records (complete) that ``store_record_and_ack`` noted as
+        completing before ``before`` (epoch seconds) and nobody marked ``group_completed``
+        since: their completion may never have run.  Notes whose record is gone (expired)
+        or not complete are dropped.  The sweep runs these completions (idempotent), then
+        marks them."""
+        check_due(before, limit)
+        return []
+
+    def group_completed(self, group_ids: Sequence[str]) -> None:
+        """The completions of ``group_ids`` ran: their notes (``group_completions_due``) go.
+        Unknown ids are no error."""
+        for group_id in group_ids:
+            check_group_id(group_id)
 
     def group_release(self, group_id: str, ttl: float | None = None) -> "GroupRecord | None":
         """The reader of a held record is done (or will never come: the chord failed): the

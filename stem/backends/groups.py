@@ -37,7 +37,8 @@ from typing import NamedTuple
 from .. import _checks as checks
 from ..errors import ConfigurationError
 
-__all__ = ["GroupRecord", "check_group_id", "check_member", "check_create", "check_lifetime", "GROUP_ID_MAX"]
+__all__ = ["GroupRecord", "check_group_id", "check_member", "check_create", "check_lifetime", "check_due",
+           "GROUP_ID_MAX"]
 
 _INF = float("inf")
 #: The longest group id: a task id's limit (members are ``<group id>.<index>``, also task ids).
@@ -111,3 +112,10 @@ def check_create(group_id: object, expected: object, data: object, seal_by: obje
     ttl = checks.seconds("ttl", ttl)
     checks.flag("held", held)
     return group_id, expected, bytes(data), float(seal_by), ttl, held   # type: ignore[return-value]
+
+
+def check_due(before: object, limit: object) -> tuple[float, int]:
+    """``group_completions_due``'s arguments: epoch seconds, and how many at most (>= 1)."""
+    if not checks.is_number(before):
+        raise ConfigurationError(f"before must be finite epoch seconds, got {before!r}")
+    return float(before), checks.integer("limit", limit, minimum=1)   # type: ignore[arg-type]

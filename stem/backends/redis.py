@@ -26,6 +26,10 @@ Key schema (N = namespace, default "stem"; "{...}" are Redis Cluster hash tags):
     N:{g:ID}:res        HASH     member index -> its outcome bytes
     N:{g:ID}:failed     SET      the failed member ids
     N:{groups}:unsealed ZSET     group id -> seal_by (epoch s) of groups not sealed yet (the sweep's index)
+    N:{groups}:completing ZSET   N:{g:ID}:meta -> when (epoch s) a worker's count completed the group
+                                 and acked its last member in the same pipeline
+                                 (``store_record_and_ack``, single Redis), until the completion ran
+                                 (``group_completed``; the sweep's ``group_completions_due``)
 
 Waits (``wait``, ``wait_many``, ``watch``) share one pub/sub connection per
 backend instance (``stem.backends.redis_listen``): a waiter registers its ids
@@ -69,7 +73,7 @@ from ..stores.base import BACKEND_ERRORS
 from ..stores.redis import (BARRIER, RedisStore, execute, execute_watched, pack_commands, raise_first_error,
                             validate_namespace)
 from .redis_listen import Subscriber
-from .groups import GroupRecord, check_create, check_group_id, check_lifetime, check_member
+from .groups import GroupRecord, check_create, check_due, check_group_id, check_lifetime, check_member
 from .waiting import WaitHub
 from .base import (DEFAULT_RESULT_EXPIRES, TERMINAL_STATE_NAMES, ResultBackend, ScheduleRecord, check_definition,
                    check_fired, check_non_terminal, check_proofs, check_schedule_ids, status_ttl)
@@ -124,11 +128,17 @@ return record()
 # and the group is still incomplete: the common case, with nothing for the caller to do), then per
 # member: id, index, ok ("1"|"0"), outcome, ttl_ms (its result lifetime: the first member's replaces
 # the creation's, then the longest).  A worker records a batch's successes of one group in one call.
+# With a fifth key (N:{groups}:completing, a single Redis only) ARGV[2] is the time, the members
+# follow it, and a group this call completes (a member newly counted, sealed, every member
+# finished) is noted there by its meta key (ZADD NX: the first note's time stays), until the
+# runner removes it once the completion ran (``group_completed``) or the sweep runs it.
 _GROUP_RECORD = _GROUP_COMMON + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local quiet = ARGV[1] == '1'
 local finished = 0
-for i = 2, #ARGV, 5 do
+local first = 2
+if #KEYS == 5 then first = 3 end
+for i = first, #ARGV, 5 do
   if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
     finished = redis.call('HINCRBY', KEYS[1], 'finished', 1)
     if ARGV[i + 2] == '1' then
@@ -148,9 +158,11 @@ for i = 2, #ARGV, 5 do
 end
 end_if_done()
 expire_with_meta()
-if quiet then
+if finished > 0 and (quiet or #KEYS == 5) then
   local v = redis.call('HMGET', KEYS[1], 'sealed', 'expected')
-  if v[1] ~= '1' or finished < tonumber(v[2]) then return 1 end
+  local complete = v[1] == '1' and finished >= tonumber(v[2])
+  if complete and #KEYS == 5 then redis.call('ZADD', KEYS[5], 'NX', ARGV[2], KEYS[1]) end
+  if quiet and not complete then return 1 end
 end
 return record()
 """
@@ -181,6 +193,23 @@ def group_record_of(group_id: str, v: list) -> "GroupRecord | None":
         return None
     return GroupRecord(group_id, int(v[0]), v[1] == b"1", int(v[2]), int(v[3]), int(v[4]), v[5] == b"1",
                        bytes(v[6]), float(v[7]), float(v[8]), int(v[9]) / 1000, v[10] == b"1")
+
+
+def _records_out(n: int, calls: list[tuple[str, list[int]]], replies: Sequence[Any]
+                 ) -> list[GroupRecord | bool | None]:
+    """``store_and_record``'s answer from its script calls' replies: each call's record (or
+    None: no such group, none of its members counted) to the last of its members, True to
+    the others and to every member of a call answered 1 (counted, nothing to do)."""
+    out: list[GroupRecord | bool | None] = [True] * n
+    for (g, positions), reply in zip(calls, replies):
+        record = True if reply == 1 else group_record_of(g, reply)
+        if record is None:
+            for p in positions:
+                out[p] = None
+        else:
+            out[positions[-1]] = record
+    return out
+
 
 _T = TypeVar("_T")
 _encode = msgspec.msgpack.Encoder().encode
@@ -319,6 +348,7 @@ class RedisResultBackend(ResultBackend):
         self._group_release = self._store.script(_GROUP_RELEASE)
         self._group_interrupt = self._store.script(_GROUP_INTERRUPT)
         self._unsealed = f"{ns}:{{groups}}:unsealed"
+        self._completing = f"{ns}:{{groups}}:completing"
         self.reconnect_timeout = checks.seconds("reconnect_timeout", reconnect_timeout)
         self._waits = WaitHub(name=f"redis-{ns}", read=self._read_found, label=self._store.label,
                               poll=lambda: None if self._subscriber.listening else _FALLBACK_POLL_S,
@@ -694,29 +724,7 @@ class RedisResultBackend(ResultBackend):
         Cluster, after a ``BARRIER``: every status answered before a count).  ``brief``: the
         successes of one group are counted in one script call, whose answer goes to the last
         of them (True to the others); otherwise one call per member."""
-        default = self.result_expires
-        checked = [check_member(g, m, i, o, t, default) + (ok,) for g, m, i, ok, o, t in members]
-        commands = self._status_commands(statuses) if statuses else []
-        if commands and self._store.cluster:
-            commands.append(BARRIER)      # on a cluster too: the statuses are stored before the counts
-        first = len(commands)
-        sha = self._group_record.sha
-        ms = checks.ms
-        calls: list[tuple[str, list[int]]] = []         # (group id, positions in checked) per script call
-        if brief and all(item[5] for item in checked):   # a worker's successes: one call per group
-            by_group: dict[str, list[int]] = {}
-            for n, item in enumerate(checked):
-                by_group.setdefault(item[0], []).append(n)
-            calls = list(by_group.items())
-        else:
-            calls = [(item[0], [n]) for n, item in enumerate(checked)]
-        flag = "1" if brief else "0"
-        for g, positions in calls:
-            args: list[Any] = []
-            for n in positions:
-                _, m, i, o, t, ok = checked[n]
-                args += (m, i, "1" if ok else "0", o, ms(t))
-            commands.append(("EVALSHA", sha, 4, *self._group_keys(g), flag, *args))
+        commands, calls, first = self._record_commands(statuses, members, brief, None)
         if not commands:
             return []
         # idempotent: safe to resend; the statuses' replies are stepped over, not built
@@ -724,15 +732,100 @@ class RedisResultBackend(ResultBackend):
             replies = self._call(lambda: self._store.run(commands), "store_and_record")[first:]
         else:
             replies = self._call(lambda: self._store.run_tail(commands, len(calls)), "store_and_record")
-        out: list[GroupRecord | bool | None] = [True] * len(checked)
-        for (g, positions), reply in zip(calls, replies):
-            record = True if reply == 1 else group_record_of(g, reply)
-            if record is None:                           # no such group: none of them counted
-                for n in positions:
-                    out[n] = None
+        return _records_out(len(members), calls, replies)
+
+    def _record_commands(self, statuses: Sequence[TaskStatus],
+                         members: Sequence[tuple[str, str, int, bool, bytes, float | None]], brief: bool,
+                         noted_at: float | None) -> tuple[list, list[tuple[str, list[int]]], int]:
+        """``store_and_record``'s pipeline: (commands, (group id, positions in ``members``) per
+        script call, the position of the first call).  ``noted_at``: the counts note the groups
+        they complete in ``N:{groups}:completing`` at that time (a single Redis only)."""
+        default = self.result_expires
+        ms = checks.ms
+        commands = self._status_commands(statuses) if statuses else []
+        if commands and self._store.cluster:
+            commands.append(BARRIER)      # on a cluster too: the statuses are stored before the counts
+        first = len(commands)
+        sha = self._group_record.sha
+        calls: list[tuple[str, list[int]]] = []         # (group id, positions in members) per script call
+        group_args: list[list[Any]] = []
+        if brief and all(item[3] for item in members):   # a worker's successes: one call per group, one pass
+            px = ms(default)
+            by_group: dict[str, tuple[list[int], list[Any]]] = {}
+            for n, (g, m, i, _, o, t) in enumerate(members):
+                g, m, i, o, t = check_member(g, m, i, o, t, default)
+                entry = by_group.get(g)
+                if entry is None:
+                    entry = by_group[g] = ([], [])
+                entry[0].append(n)
+                entry[1].extend((m, i, "1", o, px if t == default else ms(t)))
+            for g, (positions, args) in by_group.items():
+                calls.append((g, positions))
+                group_args.append(args)
+        else:
+            for n, (g, m, i, ok, o, t) in enumerate(members):
+                g, m, i, o, t = check_member(g, m, i, o, t, default)
+                calls.append((g, [n]))
+                group_args.append([m, i, "1" if ok else "0", o, ms(t)])
+        flag = "1" if brief else "0"
+        for (g, _), args in zip(calls, group_args):
+            if noted_at is None:
+                commands.append(("EVALSHA", sha, 4, *self._group_keys(g), flag, *args))
             else:
-                out[positions[-1]] = record
-        return out
+                commands.append(("EVALSHA", sha, 5, *self._group_keys(g), self._completing, flag, repr(noted_at),
+                                 *args))
+        return commands, calls, first
+
+    def store_record_and_ack(self, statuses: Sequence[TaskStatus],
+                             members: Sequence[tuple[str, str, int, bool, bytes, float | None]], broker: Any,
+                             deliveries: Sequence[Any], queues: Sequence[str] = (), max_count: int = 0,
+                             consumer: str = "") -> tuple[list[GroupRecord | bool | None], list | None] | None:
+        """One pipeline on a single Redis that shares its server with ``broker``: the
+        statuses, the counts (``store_and_record(brief=True)``) noting each group they
+        complete in ``N:{groups}:completing``, the acks, and with ``queues`` and
+        ``max_count`` a consume after them (``RedisBroker.run_keep_and_consume``: tried
+        once).  The member that completes its group is acked before the completion ran:
+        the note is what makes that safe (the runner removes it once the completion ran,
+        ``group_completed``; the sweep runs what is left, ``group_completions_due``).  None
+        on a Redis Cluster (the index lives in another slot than the records) or another
+        server, and nothing is done."""
+        if self._store.cluster or not members or not self.shares_store_with(broker):
+            return None
+        commands, calls, first = self._record_commands(statuses, members, True, time.time())
+        stop = first + len(calls)
+        commands += broker.ack_commands(deliveries)
+        if queues and max_count > 0:
+            kept, leased = broker.run_keep_and_consume(commands, first, stop, queues, max_count, consumer=consumer)
+            return _records_out(len(members), calls, kept), leased
+        # safe to resend: the counts, the note (NX) and the acks are idempotent
+        replies = self._call(lambda: broker.store.run(commands), "store+record+ack")
+        return _records_out(len(members), calls, replies[first:stop]), None
+
+    def group_completions_due(self, before: float, limit: int = 100) -> list[GroupRecord]:
+        before, limit = check_due(before, limit)
+        keys = self._call(lambda: self._client.zrangebyscore(self._completing, "-inf", before, start=0, num=limit),
+                          "group_completions_due")
+        if not keys:
+            return []
+        prefix, suffix = f"{self.namespace}:{{g:", "}:meta"
+        ids = [k.decode()[len(prefix):-len(suffix)] for k in keys]
+
+        def send() -> list:
+            pipe = self._client.pipeline(transaction=False)
+            for k in keys:
+                pipe.hmget(k, _GROUP_FIELDS)
+            return pipe.execute()
+
+        records = [group_record_of(g, v) for g, v in zip(ids, self._call(send, "group_completions_due"))]
+        gone = [k for k, r in zip(keys, records) if r is None or not r.complete]
+        if gone:     # expired (or never complete: nothing to run): not noted any longer
+            self._call(lambda: self._client.zrem(self._completing, *gone), "group_completions_due")
+        return [r for r in records if r is not None and r.complete]
+
+    def group_completed(self, group_ids: Sequence[str]) -> None:
+        keys = [self._group_keys(check_group_id(g))[0] for g in group_ids]
+        if keys:
+            self._call(lambda: self._client.zrem(self._completing, *keys), "group_completed")
 
     def group_release(self, group_id: str, ttl: float | None = None) -> GroupRecord | None:
         check_group_id(group_id)
@@ -754,7 +847,9 @@ class RedisResultBackend(ResultBackend):
             check_group_id(group_id)
             return []
         command = self.group_outcomes_command(group_id, start, stop)
-        return self._call(lambda: self._client.hmget(command[1], command[2:]), "group_outcomes")
+        # packed in C (stem.stores.redis_pipe), not by redis-py: a page is 1,000 fields, and
+        # redis-py's per-argument encoding cost a chord's callback ~0.7 µs per member read
+        return self._call(lambda: self._store.run((command,))[0], "group_outcomes")
 
     def group_outcomes_command(self, group_id: str, start: int, stop: int) -> tuple:
         """``group_outcomes``' command (``stop > start``), for the async producer too."""

@@ -104,8 +104,8 @@ from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 from .. import _checks as checks
 from ..errors import ConfigurationError, StemError
 from ..stores.base import BROKER_ERRORS
-from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_unread,
-                            pack_commands, pack_xadds, raise_first_error, validate_namespace)
+from ..stores.redis import (NoScriptError, RedisStore, ReplyError, execute, execute_last, execute_packed,
+                            execute_unread, pack_commands, pack_xadds, raise_first_error, validate_namespace)
 from ..stores.redis_group import execute_one as _group_execute_one
 from ..stores.redis_pipe import pack_command as _pack_command
 from .base import (DEFAULT_MAX_DELIVERIES, DEFAULT_VISIBILITY_TIMEOUT, Broker, DeadLetter, Delivery, Held, Keyed,
@@ -597,6 +597,16 @@ class RedisBroker(Broker):
         a settle script did not, only ``commands`` are sent again.  When a settle command
         fails, the deliveries just leased are given back (requeued) before the error is
         raised: the caller would not hold room for them."""
+        return self._run_consume(commands, None, queues, max_count, consumer)[1]
+
+    def run_keep_and_consume(self, commands: Sequence[Sequence[Any]], start: int, stop: int, queues: Sequence[str],
+                             max_count: int, *, consumer: str = "") -> tuple[list, list[Delivery]]:
+        """``run_and_consume`` that also answers the replies of ``commands[start:stop]`` (a
+        settle's group counts, between its statuses and its acks)."""
+        return self._run_consume(commands, (start, stop), queues, max_count, consumer)  # type: ignore[return-value]
+
+    def _run_consume(self, commands: Sequence[Sequence[Any]], keep: tuple[int, int] | None, queues: Sequence[str],
+                     max_count: int, consumer: str) -> tuple[list | None, list[Delivery]]:
         max_count = min(max_count, _MAX_COUNT)
         consumer = self._consumer(consumer)
         names = list(dict.fromkeys(queues))
@@ -604,26 +614,36 @@ class RedisBroker(Broker):
         queue = self._rotation(names)[0]
         pipeline = [*commands, self._consume_command(queue, consumer, max_count, 0)]
         packed = pack_commands(pipeline)
+        n = len(pipeline)
 
-        def send() -> list[Delivery]:
-            # the settle commands' replies are only checked for an error: never built
-            error, reply = execute_last(self._client, packed, len(pipeline))
+        def round_trip() -> tuple[Exception | None, Any, list | None]:
+            if keep is None:
+                # the settle commands' replies are only checked for an error: never built
+                return (*execute_last(self._client, packed, n), None)
+            replies = execute_packed(self._client, packed, n)
+            error = next((r for r in replies[:-1] if isinstance(r, ReplyError)), None)
+            return error, replies[-1], replies[keep[0]:keep[1]]
+
+        def send() -> tuple[list | None, list[Delivery]]:
+            error, reply, kept = round_trip()
             if isinstance(reply, NoScriptError):
                 self._store.load_scripts()
-                error, reply = execute_last(self._client, packed, len(pipeline))
+                error, reply, kept = round_trip()
             out: list[Delivery] = []
             if not isinstance(reply, ReplyError):
                 self._read_leased(queue, consumer, reply, out)
             try:
                 if isinstance(error, NoScriptError):
-                    self._store.run(commands)   # loads the scripts; raises the first error left
+                    again = self._store.run(commands)   # loads the scripts; raises the first error left
+                    if keep is not None:
+                        kept = again[keep[0]:keep[1]]
                 elif error is not None:
                     raise error
             except BaseException:
                 self._give_back(out)
                 raise
             raise_first_error((reply,))
-            return out
+            return kept, out
 
         return self._store.call(send, "settle+consume", attempts=1)
 

@@ -249,6 +249,9 @@ class Settler:
         jobs = [job for job, _ in done]
         self.state.count("succeeded", len(jobs))
         statuses = [status for env, status in ended if not env.ignore_result] if self.store_results else []
+        if self.canvas is not None and self.record_and_ack(ended, statuses, jobs):
+            self._announce_successes(done, jobs)
+            return
         if self.canvas is None:
             if statuses:
                 self.store(statuses)
@@ -273,6 +276,43 @@ class Settler:
             self.broker_call(self.broker.ack, deliveries)
             self.forget(jobs)
         self._announce_successes(done, jobs)
+
+    def record_and_ack(self, ended: list[tuple[Any, TaskStatus]], statuses: list[TaskStatus], jobs: list[Job]
+                       ) -> bool:
+        """Group members' successes: statuses, counts, acks (and the refill the fetcher waits
+        for) in one round trip (``Runner.record_and_ack``), then the completions they caused,
+        retried like a store; a completion that never runs here (the process dies, a hard
+        shutdown) was noted with its count, and the sweep runs it.  Tried once: False when
+        not done (not possible: a chain step or a reader in the batch, a backend that cannot),
+        and the caller records, completes, then acks, as every canvas task was before."""
+        runner = self.canvas()
+        deliveries = [job.delivery for job in jobs]
+        turn = self.state.turn
+        claim = turn.settle_claim(jobs)
+        queues, count = claim if claim is not None else ((), 0)
+        done = None
+        try:
+            done = runner.record_and_ack(ended, statuses, self.broker, deliveries, queues, count, self.worker_id)
+        except ConfigurationError:    # a member the backend refuses: the usual way logs it
+            pass
+        except StemError as exc:      # it may have run in part: every part is safe to do again
+            log.warning("recording and acking %d canvas tasks in one round trip failed (%s); settling them the "
+                        "usual way", len(jobs), exc)
+        finally:
+            if claim is not None:
+                leased = None if done is None else done[1]
+                turn.settle_release(None if leased is None else lambda paused: self.take_in(leased, paused, jobs))
+        if done is None:
+            return False
+        completed, leased = done
+        if claim is None or leased is None:
+            self.forget(jobs)
+        if completed:
+            try:
+                self.retrying(lambda: runner.complete(completed), f"completing {len(completed)} groups")
+            except Exception:  # noqa: BLE001 - a bug here must not stop the settle thread; the sweep runs it
+                log.exception("completing %d groups failed; the sweep runs them", len(completed))
+        return True
 
     def _announce_successes(self, batch: list[tuple[Job, Outcome]], acks: list[Job]) -> None:
         """The INFO lines and the signals of a batch's successes (nothing when nobody listens)."""

@@ -92,7 +92,7 @@ class Worker:
                  store_results: bool = True, max_crash_redeliveries: int = 3, start_method: str | None = None,
                  child_concurrency: int = 1, engine: Engine | None = None, control: bool = True,
                  yield_cpu: bool = True, autoscale: tuple[int, int] | WorkerAutoscaleConfig | None = None,
-                 beat: bool = False):
+                 beat: bool = False, completion_grace: float = 60.0):
         self.registry_ref = registry if isinstance(registry, str) else None
         if isinstance(registry, str):
             registry = load_registry(registry)
@@ -127,6 +127,9 @@ class Worker:
         self.child_concurrency = checks.integer("child_concurrency", child_concurrency)
         self.max_crash_redeliveries = checks.integer("max_crash_redeliveries", max_crash_redeliveries)
         self.heartbeat_interval = checks.seconds("heartbeat_interval", heartbeat_interval)
+        # a group member's ack may go before its group's completion ran (Runner.record_and_ack):
+        # a completion noted that long ago and not done is run by the heartbeat's sweep
+        self.completion_grace = checks.seconds("completion_grace", completion_grace)
         if retry_strategy is not None and not isinstance(retry_strategy, RetryStrategy):
             raise ConfigurationError(f"retry_strategy must be a RetryStrategy, got {retry_strategy!r}")
         if lifecycle is not None and not isinstance(lifecycle, WorkerLifecycleConfig):
@@ -245,7 +248,8 @@ class Worker:
         """What carries canvases on (``stem.canvas.Runner``), made on first use."""
         if self._runner is None:
             from ..canvas import Runner
-            self._runner = Runner(self._plain_producer(), revoke_here=self.revoke)
+            self._runner = Runner(self._plain_producer(), revoke_here=self.revoke,
+                                  completion_grace=self.completion_grace)
         return self._runner
 
     def _call_notifier(self):
@@ -288,6 +292,17 @@ class Worker:
             return
         if n:
             log.warning("%d group(s) were never sealed by their producer: ended FAILED creation-interrupted", n)
+        try:
+            n = self._canvas_runner().sweep_completions()
+        except StemError as exc:
+            log.warning("could not sweep noted group completions (%s)", exc)
+            return
+        except Exception:  # noqa: BLE001 - never stops the heartbeat
+            log.exception("sweeping noted group completions failed")
+            return
+        if n:
+            log.warning("ran %d group completion(s) noted more than %.0fs ago and never done (their worker "
+                        "stopped after acking the last member, or is that slow)", n, self.completion_grace)
 
     def _enqueue_for_child(self, name: str, args: Any, options: TaskOptions | None, task_id: str, parent: Any) -> str:
         task_id = self._producer().enqueue_child(name, args, options=options, task_id=task_id, parent=parent)

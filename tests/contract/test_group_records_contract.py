@@ -243,3 +243,119 @@ def test_a_batch_of_successes_counts_each_once_and_answers_completion_once(backe
     assert backend.group_outcomes(g, 0, 3) == [b"a", b"b", b"c"]
     assert backend.store_and_record([], [("g-none", "g-none.0", 0, True, b"", None),
                                          ("g-none", "g-none.1", 1, True, b"", None)], brief=True) == [None, None]
+
+
+# -- completions acked before they ran (store_record_and_ack, group_completions_due) ------------
+def _sharing_broker(backend, request):
+    """A broker of the same kind on the backend's own store, or None (the kind has no broker,
+    or its factory makes one on another store)."""
+    from tests.contract.conftest import _BROKERS
+    kind = request.node.callspec.params["make_backend"]
+    if kind not in _BROKERS:
+        return None
+    broker = _BROKERS[kind](request)
+    request.addfinalizer(broker.close)
+    return broker if backend.shares_store_with(broker) else None
+
+
+def _leased(broker, ids: list[str], queue: str = "cq") -> dict:
+    from stem.brokers import Message
+    broker.publish_many([Message(t, queue, b"frame-" + t.encode()) for t in ids])
+    out: dict = {}
+    deadline = time.monotonic() + 10
+    while len(out) < len(ids) and time.monotonic() < deadline:
+        out.update((d.task_id, d) for d in broker.consume([queue], len(ids), 0.2))
+    assert len(out) == len(ids)
+    return out
+
+
+def test_nothing_is_noted_completing_by_the_counts_that_run_before_the_ack(backend):
+    g = make(backend, 2)
+    backend.group_seal(g)
+    backend.group_record(g, f"{g}.0", 0, True, b"a")
+    from stem.results import TaskState, TaskStatus
+    [done] = backend.store_and_record([TaskStatus(id=f"{g}.1", state=TaskState.SUCCEEDED, result=2)],
+                                      [(g, f"{g}.1", 1, True, b"b", None)], brief=True)
+    assert done.complete
+    assert backend.group_completions_due(time.time() + 3600) == []
+    backend.group_completed([g, "g-unknown"])          # unknown or not noted: no error
+    for before, limit in ((float("nan"), 1), ("soon", 1), (None, 1), (time.time(), 0), (time.time(), True)):
+        with pytest.raises(ConfigurationError):
+            backend.group_completions_due(before, limit)
+    with pytest.raises(ConfigurationError):
+        backend.group_completed([""])
+
+
+def test_a_completion_acked_with_its_last_member_stays_noted_until_marked_done(backend, request):
+    """Where the adapter acks a member with its count (a single Redis), the group that count
+    completes is noted, by the time of the call, until ``group_completed``; elsewhere the call
+    answers None and does nothing (the caller completes before it acks)."""
+    from stem.results import TaskState, TaskStatus
+    broker = _sharing_broker(backend, request)
+    g = make(backend, 2)
+    backend.group_seal(g)
+    ids = [f"{g}.0", f"{g}.1"]
+    leased = _leased(broker, ids + [f"{g}.next"]) if broker is not None else {}
+    s0 = TaskStatus(id=ids[0], state=TaskState.SUCCEEDED, result=0)
+    first = backend.store_record_and_ack([s0], [(g, ids[0], 0, True, b"a", None)], broker,
+                                         [leased[ids[0]]] if leased else [])
+    if first is None:
+        assert backend.group_get(g).finished == 0 and backend.get(ids[0]) is None     # nothing done
+        return
+    assert first == ([True], None) or (first[0][0].finished == 1 and not first[0][0].complete)
+    assert backend.get(ids[0]).result == 0
+    assert backend.group_completions_due(time.time() + 3600) == []     # not complete: nothing noted
+    before = time.time()
+    records, refill = backend.store_record_and_ack([], [(g, ids[1], 1, True, b"b", None)], broker,
+                                                   [leased[ids[1]]], ["cq"], 5, "contract")
+    assert isinstance(records[0], GroupRecord) and records[0].complete
+    assert refill == []                     # the third message is leased already: nothing to refill
+    assert broker.stats("cq").in_flight == 1            # both members acked in the same call
+    assert backend.group_completions_due(before - 1) == []
+    [due] = backend.group_completions_due(time.time() + 1)
+    assert (due.id, due.complete, due.finished) == (g, True, 2)
+    assert backend.group_outcomes(g, 0, 2) == [b"a", b"b"]
+    # counted again (a resend, a redelivery): no second note, the first time stays
+    again, _ = backend.store_record_and_ack([], [(g, ids[1], 1, True, b"b", None)], broker, [])
+    assert again[0].complete and len(backend.group_completions_due(time.time() + 1)) == 1
+    backend.group_completed([g])
+    assert backend.group_completions_due(time.time() + 3600) == []
+    backend.group_completed([g])                        # twice: no error
+
+
+def test_a_consume_rides_after_the_acks(backend, request):
+    from stem.results import TaskState, TaskStatus
+    broker = _sharing_broker(backend, request)
+    if broker is None:
+        pytest.skip("no broker on this backend's store")
+    g = make(backend, 3)
+    backend.group_seal(g)
+    leased = _leased(broker, [f"{g}.0"])
+    from stem.brokers import Message
+    broker.publish(Message("later", "cq", b"later"))
+    done = backend.store_record_and_ack([TaskStatus(id=f"{g}.0", state=TaskState.SUCCEEDED)],
+                                        [(g, f"{g}.0", 0, True, b"a", None)], broker, [leased[f"{g}.0"]], ["cq"],
+                                        5, "contract")
+    if done is None:
+        return
+    records, refill = done
+    assert records == [True] or not records[0].complete
+    assert [d.task_id for d in refill] == ["later"]
+    assert broker.stats("cq").in_flight == 1
+    assert backend.store_record_and_ack([], [("g-none", "g-none.0", 0, True, b"", None)], broker, []) == (
+        [None], None)
+
+
+@pytest.mark.waits
+def test_a_note_whose_record_expired_is_dropped(backend, request):
+    broker = _sharing_broker(backend, request)
+    if broker is None:
+        pytest.skip("no broker on this backend's store")
+    g = make(backend, 1)
+    backend.group_seal(g)
+    done = backend.store_record_and_ack([], [(g, f"{g}.0", 0, True, b"a", 0.2)], broker, [])
+    if done is None:
+        return
+    assert done[0][0].complete                       # not held: its lifetime (0.2 s) starts now
+    wait_for(lambda: backend.group_get(g) is None, timeout=5, what="the group to expire")
+    assert backend.group_completions_due(time.time() + 1) == []

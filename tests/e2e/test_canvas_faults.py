@@ -95,6 +95,7 @@ def _dropping_acks(broker, dropped: set[str]):
     """The broker's ack, except that the first ack of each task is lost: as if the worker died
     after recording the member and before acking it (its lease then expires: redelivered)."""
     real, real_and_consume = broker.ack, broker.ack_and_consume
+    real_commands = getattr(broker, "ack_commands", None)
 
     def kept(deliveries):
         out = [d for d in deliveries if d.task_id in dropped]
@@ -112,8 +113,14 @@ def _dropping_acks(broker, dropped: set[str]):
             dropped.update(d.task_id for d in deliveries)
         return out
 
+    def ack_commands(deliveries):
+        # what a backend's one-round-trip settle sends (Runner.record_and_ack on a single Redis)
+        return real_commands(kept(deliveries))
+
     broker.ack = ack
     broker.ack_and_consume = ack_and_consume
+    if real_commands is not None:
+        broker.ack_commands = ack_commands
 
 
 @pytest.mark.timeout(180)
@@ -136,6 +143,52 @@ def test_a_crash_between_member_recorded_and_member_acked_still_fires_the_callba
     # the callback's own first ack was lost too: it may run again, but it is published once
     # (its second run is a redelivery of one message, not a second message)
     assert h.progress() == (n, n)
+
+
+def _acks_with_counts(store) -> bool:
+    """Whether a worker on ``store`` acks a group's last member with its count, before the
+    completion ran (``Runner.record_and_ack``: a single Redis), or only after it."""
+    return store.kind == "redis" and not store.url.startswith("redis+cluster")
+
+
+@pytest.mark.timeout(180)
+def test_a_worker_killed_before_a_completion_it_acked_leaves_it_to_the_sweep_callback_once(
+        process_store, fleet, ledger):
+    """The worker running the last members kills itself (SIGKILL of its process group) the
+    moment its runner is about to run the chord's completion.  On a single Redis the last
+    member was acked with its count, so nothing is redelivered: another worker's sweep runs
+    the noted completion once ``completion_grace`` passed.  Elsewhere the completion comes
+    before the ack, and the redelivered member completes the chord.  Either way the callback
+    runs once, with every result in order."""
+    n = 40
+    # a lease longer than any stall under load: on a single Redis no member may come back
+    victim = fleet.process(process_store, label="victim", visibility_timeout=5.0, crash_at_completion=True)
+    victim.expect_exit = True
+    stem = process_store.producer()
+    h = stem.apply(chord(members(ledger, n), callback(ledger)))
+    fleet.wait_for(lambda: victim.returncode is not None, 60, "the victim to kill itself before the completion")
+    assert victim.lines("E2E-CRASH before the completion of " + h.id)
+    record = stem.backend.group_get(h.id)
+    assert record.complete and record.finished == n
+    assert stem.backend.get(h.id) is None              # nothing of the completion ran
+    acked_first = _acks_with_counts(process_store)
+    if acked_first:
+        # every member was acked with its count: nothing left in the queue to redeliver
+        stats = stem.broker.stats("default")
+        assert (stats.ready, stats.in_flight) == (0, 0), stats
+    survivor = fleet.process(process_store, label="survivor", visibility_timeout=1.0, heartbeat_interval=0.2,
+                             completion_grace=0.5)
+    status = h.wait(90)
+    assert status.state is TaskState.SUCCEEDED, status
+    assert status.result == list(range(n)) and h.results() == list(range(n))
+    fleet.wait_for(lambda: ledger.ran().get(h.id) == 1, 30, "the callback to run")
+    ran = ledger.ran()
+    assert ran[h.id] == 1
+    if acked_first:
+        assert not [m for m in ledger.twice() if m != h.id], "a member acked with its count ran again"
+        fleet.wait_for(lambda: survivor.lines("ran 1 group completion(s) noted"), 30, "the survivor's sweep log")
+    else:
+        assert ledger.twice(), "the member that completed the chord was not redelivered"
 
 
 @pytest.mark.timeout(120)
