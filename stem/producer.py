@@ -305,14 +305,15 @@ class Stem:
                  and task_id is None and parent is None and idempotent_for is None)
         if plain:
             single = self._singles.get(name)
-            if (single is not None and not (signals.before_task_publish.receivers
-                                            or signals.after_task_publish.receivers)
-                    and single.signer is self.signer and single.broker is self.broker
-                    and (self.registry is None or self.registry.get(name) is single.handler)
-                    and (on_duplicate == "return" or on_duplicate == "raise")):
-                built = single.build(args, time.time())
-                if built is not None and single.send(built[1]):
-                    return built[0]
+            if single is not None:
+                handler, signer, broker, build, send = single
+                if (signer is self.signer and broker is self.broker
+                        and (self.registry is None or self.registry.get(name) is handler)
+                        and not (signals.before_task_publish.receivers or signals.after_task_publish.receivers)
+                        and (on_duplicate == "return" or on_duplicate == "raise")):
+                    built = build(args, time.time())
+                    if built is not None and send(built[1]):
+                        return built[0]
         env, message, keyed = self._prepare_one(name, args, options, meta, headers, countdown, eta, task_id,
                                                 parent, on_duplicate, idempotent_for)
         task = self._publish_one(env, message, keyed, task_id is not None, on_duplicate == "raise")
