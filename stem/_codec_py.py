@@ -6,13 +6,13 @@ public face is ``stem.envelope`` (its docstring draws the frame layout).
 
 from __future__ import annotations
 
+import os
 import struct
 
 import msgspec
 import msgspec.structs
 
 from stem.errors import DecodeError, EncodeError, SignatureError
-from stem.ids import new_task_id
 
 __all__ = ["DEFAULT_MAX_FRAME_SIZE", "FrameCodec", "HEADER_SIZE", "MAGIC", "WIRE_VERSION", "XaddTemplate"]
 
@@ -231,6 +231,14 @@ class FrameCodec:
         return b"".join((frame[:8], _DELIVERY.pack(attempt, body_len, nb), frame[HEADER_SIZE:]))
 
 
+def _new_task_id() -> str:
+    """A uuid4 hex, as ``stem.ids.new_task_id`` makes it (that module sits a layer above)."""
+    buf = bytearray(os.urandom(16))
+    buf[6] = (buf[6] & 0x0F) | 0x40
+    buf[8] = (buf[8] & 0x3F) | 0x80
+    return buf.hex()
+
+
 _TEMPLATE_FIELDS = ("id", "name", "args", "headers", "meta", "queue", "priority", "attempt", "max_retries",
                     "enqueued_at", "not_before", "expires_at")
 
@@ -273,7 +281,7 @@ class XaddTemplate:
         elif type(args) is not dict or not all(isinstance(k, str) for k in args):
             return None
         if task_id is None:
-            task_id = new_task_id()
+            task_id = _new_task_id()
         elif not isinstance(task_id, str):
             raise TypeError(f"task_id must be a str, got {type(task_id).__name__}")
         env = msgspec.structs.replace(self._env, id=task_id, args=args, enqueued_at=now,
