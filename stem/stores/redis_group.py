@@ -119,16 +119,8 @@ def execute_one(client: "redis.Redis", packed: bytes, raise_error: bool = False)
     if slot is None:                 # the leader, alone: its own round trip at once
         try:
             return _execute_one(client, packed, raise_error)
-        finally:                     # _hand_on(g), inlined: a lone thread's every round trip
-            g.lock.acquire()
-            if g.pending:
-                nxt = g.pending[0]
-                nxt.lead = True
-                g.lock.release()
-                nxt.wake.release()
-            else:
-                g.busy = False
-                g.lock.release()
+        finally:
+            _hand_on(g)
     try:
         slot.wake.acquire()
     except BaseException:            # interrupted while waiting (KeyboardInterrupt in the main thread)
