@@ -74,7 +74,7 @@ class _Single(NamedTuple):
     handler: Any
     signer: Any
     broker: Any
-    build: Any                 # XaddTemplate.build: (args, now) -> (task_id, command) | None
+    build: Any                 # XaddTemplate.build: (args, now) -> (task_id, command) | None; None: no such path
     send: Any                  # the broker's send(command) -> bool (Broker.single_publisher)
 
 
@@ -152,8 +152,8 @@ class Stem:
         self._resolved: dict[tuple, TaskOptions] = {}
         #: name -> (its handler or None, its _Template without options, its expires): ``_template``
         self._named: dict[str, tuple[Any, _Template, float | None]] = {}
-        #: name -> _Single (``enqueue``'s one-call path for it) or None (not for this name)
-        self._singles: dict[str, _Single | None] = {}
+        #: name -> _Single (``enqueue``'s one-call path for it, or the note that there is none)
+        self._singles: dict[str, _Single] = {}
 
     @classmethod
     def from_config(cls, config, registry: TaskRegistry | None = None) -> "Stem":
@@ -307,13 +307,15 @@ class Stem:
             single = self._singles.get(name)
             if single is not None:
                 handler, signer, broker, build, send = single
-                if (signer is self.signer and broker is self.broker
+                if (build is not None and signer is self.signer and broker is self.broker
                         and (self.registry is None or self.registry.get(name) is handler)
                         and not (signals.before_task_publish.receivers or signals.after_task_publish.receivers)
                         and (on_duplicate == "return" or on_duplicate == "raise")):
                     built = build(args, time.time())
-                    if built is not None and send(built[1]):
-                        return built[0]
+                    if built is not None:
+                        if send(built[1]):
+                            return built[0]
+                        del self._singles[name]      # stale (a deleted queue): made anew below
         env, message, keyed = self._prepare_one(name, args, options, meta, headers, countdown, eta, task_id,
                                                 parent, on_duplicate, idempotent_for)
         task = self._publish_one(env, message, keyed, task_id is not None, on_duplicate == "raise")
@@ -339,7 +341,9 @@ class Stem:
             return
         (queue, priority, max_retries, _, visibility_timeout, soft, hard, unset, unique, result_ttl, failure_ttl,
          ignore_result, limit_of) = template
-        made: _Single | None = None
+        # without one (another broker, a priority out of range...): a _Single without build,
+        # so the next calls do not ask again while the handler, signer and broker are these
+        made = _Single(handler, self.signer, self.broker, None, None)
         sender = (self.broker.single_publisher(queue, priority, visibility_timeout)
                   if unique is None and limit_of is None and env.queue == queue else None)
         if sender is not None:
@@ -347,8 +351,7 @@ class Stem:
             shared = Envelope("", name, {}, {}, {}, queue, priority, 0, max_retries, 0.0, None, None,
                               visibility_timeout, soft, hard, None, None, unset, None, result_ttl, failure_ttl,
                               ignore_result)
-            made = _Single(handler, self.signer, self.broker,
-                           xadd_template(shared, self.signer, head, tail, expires).build, send)
+            made = made._replace(build=xadd_template(shared, self.signer, head, tail, expires).build, send=send)
         if len(self._singles) >= 1024:
             self._singles.clear()
         self._singles[name] = made

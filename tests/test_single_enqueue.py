@@ -127,7 +127,7 @@ def test_publish_signal_receivers_are_called_as_on_the_general_path(stem):
     assert seen == [("before", tid), ("after", tid)]
 
 
-def test_a_deleted_queue_is_declared_again(stem):
+def test_a_deleted_queue_is_declared_again(stem, monkeypatch):
     stem.enqueue("one.echo", {"i": 0})
     stem.enqueue("one.echo", {"i": 1})
     stem.broker.delete_queue("default")
@@ -135,8 +135,23 @@ def test_a_deleted_queue_is_declared_again(stem):
     tid = stem.enqueue("one.echo", {"i": 2})        # the one-call path steps aside: the SADD goes out
     assert "default" in stem.broker.queues()
     assert [s[0] for s in _stored(stem)] == [tid]
-    stem.enqueue("one.echo", {"i": 3})
-    assert len(_stored(stem)) == 2
+    general = _NoPublish(stem, monkeypatch)
+    stem.enqueue("one.echo", {"i": 3})                  # the one-call path again, made anew
+    assert len(_stored(stem)) == 2 and general.calls == 0
+
+
+def test_a_broker_without_a_one_call_path_is_asked_once_per_handler_signer_and_broker(monkeypatch):
+    from stem.brokers import InMemoryBroker
+    stem = Stem(InMemoryBroker(), None, _registry(), SIGNER)
+    asked = []
+    real = stem.broker.single_publisher
+    monkeypatch.setattr(stem.broker, "single_publisher", lambda *a: (asked.append(a), real(*a))[1])
+    ids = [stem.enqueue("one.echo", {"i": i}) for i in range(5)]
+    assert len(asked) == 1 and len(set(ids)) == 5
+    stem.signer = PayloadSigner({"k2": b"z" * 32}, "k2")
+    stem.enqueue("one.echo", {"i": 5})
+    stem.enqueue("one.echo", {"i": 6})
+    assert len(asked) == 2
 
 
 def test_a_new_signer_a_new_handler_or_a_new_broker_are_followed(stem, redis_url, namespace):
