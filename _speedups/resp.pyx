@@ -391,10 +391,10 @@ def exchange(sock, bytes packed not None, feed):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(packed), sent = 0, got = 0, end, cr
     cdef ssize_t r
     cdef char buf[_EXCHANGE_READ]
-    cdef int fd = sock if type(sock) is int else sock.fileno()
+    cdef int fd = -1 if sock is None else sock if type(sock) is int else sock.fileno()
     cdef long long length
     cdef Py_ssize_t err_start = -1, err_stop = -1
-    if fd < 0:                         # a socket closed under its connection
+    if fd < 0:                         # a socket closed (or dropped: None) under its connection
         errno = EBADF
         PyErr_SetFromErrno(OSError)
     while sent < n:

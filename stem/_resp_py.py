@@ -187,10 +187,13 @@ def exchange(sock: Any, packed: bytes, feed: Any) -> bytes | None:
     was read goes to ``feed`` and None is returned (the compiled twin's docstring has the
     rules).  ``os.write``/``os.read`` on the descriptor, as the compiled twin's
     ``write``/``read`` (EINTR retried by Python, PEP 475)."""
+    import errno
     import os
     if type(packed) is not bytes:
         raise TypeError(f"packed must be bytes, got {type(packed).__name__}")
-    fd = sock if isinstance(sock, int) else sock.fileno()
+    fd = -1 if sock is None else sock if isinstance(sock, int) else sock.fileno()
+    if fd < 0:   # a socket closed (or dropped: None) under its connection
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
     view = memoryview(packed)
     while view:
         view = view[os.write(fd, view):]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import uuid
 from types import SimpleNamespace
 
@@ -378,7 +379,9 @@ def test_exchange_raises_os_errors_a_closed_peer_and_a_kernel_timeout(twin):
     finally:
         a.close()
         b.close()
-    with pytest.raises(OSError):                       # a closed socket: EBADF
-        twin.resp.exchange(a, b"*1\r\n$4\r\nPING\r\n", None)
+    for gone in (a, None):                             # a closed socket, or none: EBADF
+        with pytest.raises(OSError) as info:
+            twin.resp.exchange(gone, b"*1\r\n$4\r\nPING\r\n", None)
+        assert info.value.errno == errno.EBADF
     with pytest.raises(TypeError):
         twin.resp.exchange(a, "not bytes", None)

@@ -26,6 +26,9 @@ The rules, and what each one is for:
   connection is no longer the pool's), or, behind Sentinel, connected to another
   address than the master the pool last learned (another connection of the pool asked
   the sentinels after a failover; redis-py then drops only its idle connections).
+* **Its socket's timeout is the kernel's** (``_kernel_timeouts``) on a plain TCP or Unix
+  socket on Linux; then, with hiredis replies as bytes, ``feed`` is set and a single
+  command's round trip is one compiled call (``stem.stores.redis_pipe.execute_one``).
 * **After a fork** the locks are made anew in the child (a thread of the parent may
   have held one), through the stores' one fork hook.
 

@@ -7,7 +7,9 @@ or an XADD (figures: ``benchmarks/README.md``, "Redis").  Here a batch is packed
 ``send_packed_command`` on the pool's dedicated connection (checked out once and
 kept: ``stem.stores.redis_dedicated``) or, when another thread holds that one, on a
 connection borrowed from the pool, and the replies are pulled straight from the
-connection's hiredis reader.
+connection's hiredis reader.  A single command on the dedicated connection, when its
+socket is blocking with kernel timeouts, is one compiled call (``resp.exchange``:
+write, read, and a bulk-string reply's parse; any other reply is fed to that reader).
 
 The connection handling stays redis-py's: the pool hands out a checked
 connection, a socket error or timeout disconnects it (so it is never reused
