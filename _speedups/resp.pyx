@@ -9,7 +9,7 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from libc.errno cimport EBADF, EINTR, errno
-from libc.string cimport memchr, memcmp, memcpy
+from libc.string cimport memchr, memcmp, memcpy, strerror
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
@@ -395,8 +395,7 @@ def exchange(sock, bytes packed not None, feed):
     cdef long long length
     cdef Py_ssize_t err_start = -1, err_stop = -1
     if fd < 0:                         # a socket closed (or dropped: None) under its connection
-        errno = EBADF
-        PyErr_SetFromErrno(OSError)
+        raise OSError(EBADF, strerror(EBADF).decode())
     while sent < n:
         with nogil:
             r = write(fd, p + sent, n - sent)
