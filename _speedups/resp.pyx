@@ -7,7 +7,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.exc cimport PyErr_CheckSignals
 from libc.errno cimport EBADF, EINTR, errno
 from libc.string cimport memchr, memcmp, memcpy, strerror
 
@@ -394,25 +394,28 @@ def exchange(sock, bytes packed not None, feed):
     cdef int fd = -1 if sock is None else sock if type(sock) is int else sock.fileno()
     cdef long long length
     cdef Py_ssize_t err_start = -1, err_stop = -1
+    cdef int err = 0
     if fd < 0:                         # a socket closed (or dropped: None) under its connection
         raise OSError(EBADF, strerror(EBADF).decode())
     while sent < n:
         with nogil:
             r = write(fd, p + sent, n - sent)
+            err = errno if r < 0 else 0    # read before the GIL is taken again
         if r < 0:
-            if errno == EINTR:
+            if err == EINTR:
                 _signal_check()
                 continue
-            PyErr_SetFromErrno(OSError)
+            raise OSError(err, strerror(err).decode())   # its subclass: BlockingIOError for EAGAIN
         sent += r
     while True:
         with nogil:
             r = read(fd, buf + got, _EXCHANGE_READ - got)
+            err = errno if r < 0 else 0
         if r < 0:
-            if errno == EINTR:
+            if err == EINTR:
                 _signal_check()
                 continue
-            PyErr_SetFromErrno(OSError)
+            raise OSError(err, strerror(err).decode())
         if r == 0:
             raise ConnectionError("Connection closed by server.")
         got += r
