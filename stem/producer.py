@@ -315,7 +315,7 @@ class Stem:
                     if built is not None:
                         if send(built[1]):
                             return built[0]
-                        del self._singles[name]      # stale (a deleted queue): made anew below
+                        self._singles.pop(name, None)   # stale (a deleted queue): made anew below
         env, message, keyed = self._prepare_one(name, args, options, meta, headers, countdown, eta, task_id,
                                                 parent, on_duplicate, idempotent_for)
         task = self._publish_one(env, message, keyed, task_id is not None, on_duplicate == "raise")

@@ -230,3 +230,30 @@ def test_the_round_trip_is_one_compiled_exchange_on_a_plain_socket(stem, monkeyp
     monkeypatch.setattr(pipe, "_send_read_one", None)   # never taken
     tid = stem.enqueue("one.echo", {"i": 1})
     assert len(calls) == 1 and tid.encode() in calls[0]
+
+
+def test_threads_making_the_path_at_once_and_a_stale_one_are_harmless(stem):
+    """Threads whose first enqueues race each make a path; one made from lane parts another
+    thread replaced is stale once (send returns False), dropped by each thread that meets it
+    (no KeyError for the second), and made anew."""
+    import threading
+    errors: list[BaseException] = []
+    ids: list[str] = []
+    go = threading.Barrier(6)
+
+    def run():
+        try:
+            go.wait()
+            for i in range(50):
+                ids.append(stem.enqueue("one.echo", {"i": i}))
+                if i == 10:
+                    stem.broker._xadd_heads.pop("default", None)   # the parts the paths were made from go
+        except BaseException as exc:   # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert sorted(s[0] for s in _stored(stem)) == sorted(ids) and len(set(ids)) == 300

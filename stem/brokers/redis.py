@@ -236,8 +236,8 @@ class RedisBroker(Broker):
         if (parts is None or message.limit is not None or message.not_before is not None
                 or type(priority) is not int or not 0 <= priority < N_LANES):
             self.publish_many((message,))
-            if parts is None and message.queue in self._declared:
-                self._xadd_heads[message.queue] = self._xadd_parts(message.queue)
+            if parts is None and message.queue in self._declared:   # the first of racing threads' stays
+                self._xadd_heads.setdefault(message.queue, self._xadd_parts(message.queue))
             return
         vt = message.visibility_timeout
         frame = message.frame
