@@ -301,8 +301,8 @@ class Stem:
         after its task ends (default: as long as its result lives: the task's ``result_ttl``
         when this producer knows it, from ``options`` or the registry's handler, else the
         backend's ``result_expires``)."""
-        plain = (options is None and meta is None and headers is None and countdown is None and eta is None
-                 and task_id is None and parent is None and idempotent_for is None)
+        plain = (type(name) is str and options is None and meta is None and headers is None and countdown is None
+                 and eta is None and task_id is None and parent is None and idempotent_for is None)
         if plain:
             single = self._singles.get(name)
             if single is not None:

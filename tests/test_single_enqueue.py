@@ -100,6 +100,8 @@ def test_a_handlers_queue_priority_and_expiry_travel_as_on_the_general_path(redi
     (lambda s: s.enqueue("one.echo", {"x": "y" * (17 * 2 ** 20)}), EncodeError),
     (lambda s: s.enqueue("one.echo", {}, on_duplicate="never"), InvalidTaskOptionsError),
     (lambda s: s.enqueue("one.nope", {}), UnknownTaskError),
+    (lambda s: s.enqueue(["one.echo"], {}), InvalidTaskOptionsError),     # unhashable: no dict lookup
+    (lambda s: s.enqueue(None, {}), InvalidTaskOptionsError),
 ])
 def test_bad_input_raises_the_general_paths_error_and_sends_nothing(stem, call, error):
     stem.enqueue("one.echo", {"i": 0})
