@@ -20,11 +20,13 @@ from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 from cpython.pycapsule cimport PyCapsule_GetPointer
 from cpython.unicode cimport PyUnicode_Check
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 cimport cython
 
 from signer_capi cimport STEM_SIGNER_CAPI_NAME, STEM_SIGNER_CAPI_VERSION, StemSignerCAPI
+
+import os
 
 import msgspec
 import msgspec.structs
@@ -33,8 +35,15 @@ from stem.errors import DecodeError, EncodeError, SignatureError
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
+    bint PyDict_CheckExact(object o)
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+    void* PyUnicode_DATA(object o)
 
-__all__ = ["DEFAULT_MAX_FRAME_SIZE", "FrameCodec", "HEADER_SIZE", "MAGIC", "WIRE_VERSION"]
+cdef extern from "pthread.h":
+    int pthread_atfork(void (*prepare)() noexcept nogil, void (*parent)() noexcept nogil,
+                       void (*child)() noexcept nogil)
+
+__all__ = ["DEFAULT_MAX_FRAME_SIZE", "FrameCodec", "HEADER_SIZE", "MAGIC", "WIRE_VERSION", "XaddTemplate"]
 
 MAGIC = b"\xa7S"
 WIRE_VERSION = 1
@@ -331,6 +340,97 @@ cdef bytes _frame(const unsigned char *body_p, Py_ssize_t body_len, object body,
     return out
 
 
+# ---- task ids for the single-task template ----------------------------------------
+
+cdef enum:
+    _POOL_SIZE = 512     # random bytes fetched at once: 32 ids per os.urandom call
+
+cdef unsigned char _pool[_POOL_SIZE]
+cdef Py_ssize_t _pool_left = 0
+cdef bint _pool_forked_hook = False
+cdef const char *_HEX = b"0123456789abcdef"
+
+
+cdef void _forget_pool() noexcept nogil:
+    """pthread_atfork's child hook: a forked child never hands out its parent's unused bytes."""
+    global _pool_left
+    memset(_pool, 0, _POOL_SIZE)
+    _pool_left = 0
+
+
+cdef str _new_task_id():
+    """A task id as ``stem.ids.new_task_id`` makes it (uuid4 hex, 122 random bits from
+    os.urandom), from a pool of random bytes filled 32 ids at a time: one ``getrandom``
+    syscall costs more than the rest of the id.  Each byte is used once and wiped; a
+    forked child starts with an empty pool (``pthread_atfork``).  The GIL is held (the
+    refill's os.urandom may drop it: a thread refilling at the same time only replaces
+    the pool with fresh bytes)."""
+    global _pool_left, _pool_forked_hook
+    cdef unsigned char b[16]
+    cdef unsigned char *at
+    cdef unsigned char *out
+    cdef bytes fresh
+    cdef str s
+    cdef int i
+    if _pool_left < 16:
+        if not _pool_forked_hook:
+            if pthread_atfork(NULL, NULL, _forget_pool) != 0:
+                raise MemoryError()
+            _pool_forked_hook = True
+        fresh = os.urandom(_POOL_SIZE)
+        memcpy(_pool, PyBytes_AS_STRING(fresh), _POOL_SIZE)
+        _pool_left = _POOL_SIZE
+    at = _pool + (_POOL_SIZE - _pool_left)
+    memcpy(b, at, 16)
+    memset(at, 0, 16)
+    _pool_left -= 16
+    b[6] = (b[6] & 0x0F) | 0x40      # version 4
+    b[8] = (b[8] & 0x3F) | 0x80      # RFC 4122 variant
+    s = PyUnicode_New(32, 127)
+    out = <unsigned char *>PyUnicode_DATA(s)
+    for i in range(16):
+        out[2 * i] = _HEX[b[i] >> 4]
+        out[2 * i + 1] = _HEX[b[i] & 15]
+    return s
+
+
+cdef Py_ssize_t _put_decimal(unsigned char *out, Py_ssize_t v) noexcept:
+    """``v`` (>= 0) in decimal at ``out``; its length."""
+    cdef unsigned char tmp[24]
+    cdef Py_ssize_t i = 0, j
+    while True:
+        tmp[i] = <unsigned char>(48 + v % 10)
+        i += 1
+        v //= 10
+        if v == 0:
+            break
+    for j in range(i):
+        out[j] = tmp[i - 1 - j]
+    return i
+
+
+cdef Py_ssize_t _decimal_len(Py_ssize_t v) noexcept:
+    cdef Py_ssize_t n = 1
+    while v >= 10:
+        v //= 10
+        n += 1
+    return n
+
+
+cdef inline void _put_be_double(unsigned char *p, double d) noexcept:
+    """msgpack float64: 0xcb and the IEEE bits, big endian (as msgspec writes every float)."""
+    cdef uint64_t u
+    cdef int i
+    memcpy(&u, &d, 8)
+    p[0] = 0xCB
+    for i in range(8):
+        p[1 + i] = <unsigned char>(u >> (56 - 8 * i))
+
+
+_TEMPLATE_FIELDS = ("id", "name", "args", "headers", "meta", "queue", "priority", "attempt", "max_retries",
+                    "enqueued_at", "not_before", "expires_at")
+
+
 cdef class FrameCodec:
     """Encodes and decodes frames of ``envelope_type`` (a msgspec Struct).
 
@@ -476,6 +576,11 @@ cdef class FrameCodec:
             PyMem_Free(scratch.data)
         return out
 
+    def xadd_template(self, env, signer, bytes head not None, bytes tail not None, expires,
+                      Py_ssize_t max_size=DEFAULT_MAX_FRAME_SIZE):
+        """A single task's whole XADD, built per call by ``XaddTemplate.build``."""
+        return XaddTemplate(self, env, signer, head, tail, expires, max_size)
+
     def decode_frame(self, frame, signer=None, Py_ssize_t max_size=DEFAULT_MAX_FRAME_SIZE):
         """Envelope from a frame: size, header, signature (when ``signer``), body."""
         cdef Py_buffer view
@@ -545,3 +650,205 @@ cdef class FrameCodec:
         _put_u32(out_p + 8, att)
         _put_f64_bits(out_p + 16, nb_bits)
         return out
+
+
+@cython.final
+cdef class XaddTemplate:
+    """One task name's single enqueue, resolved once: ``build(args, now)`` returns the
+    task's id and its whole command -- ``head``, the id and the signed frame as RESP bulk
+    strings (``$<n>\\r\\n<id>\\r\\n$1\\r\\nf\\r\\n$<n>\\r\\n<frame>\\r\\n``), ``tail``
+    -- in one call, or None when ``args`` is anything the general path would refuse
+    (not None or a dict with str keys, a value msgpack cannot carry, a frame over
+    ``max_size``): the caller then takes that path, which raises its usual error.
+
+    ``env`` is the envelope every task of the template shares, with ``id=""``,
+    ``args={}``, ``enqueued_at=0.0``, ``not_before=None`` and ``expires_at=None``;
+    ``build`` puts in the id, the args, ``enqueued_at=now`` and
+    ``expires_at=now + expires`` (when ``expires`` is not None).  The body is spliced
+    from the other fields' msgpack encoded once here (an array's encoding is its
+    header and its elements', and msgspec writes every float as a float64), and this
+    constructor checks that the pieces make exactly what msgspec writes for ``env``;
+    the bytes are ``encode_frame``'s (the pure twin builds the envelope and calls it).
+    """
+
+    cdef bytes _head, _tail, _arr, _name, _mid, _rest
+    cdef object _encode
+    cdef object _signer
+    cdef bint _capi
+    cdef bint _has_expires
+    cdef double _expires
+    cdef Py_ssize_t _max_size
+
+    def __init__(self, FrameCodec codec, env, signer, bytes head not None, bytes tail not None, expires,
+                 Py_ssize_t max_size=DEFAULT_MAX_FRAME_SIZE):
+        if not isinstance(env, codec._env_type):
+            raise TypeError(f"expected {codec._env_type.__name__}, got {type(env).__name__}")
+        if tuple(env.__struct_fields__[:len(_TEMPLATE_FIELDS)]) != _TEMPLATE_FIELDS:
+            raise ValueError("the envelope's fields are not the ones XaddTemplate splices")
+        if (env.id != "" or env.args != {} or type(env.enqueued_at) is not float or env.enqueued_at != 0.0
+                or env.attempt != 0 or env.not_before is not None or env.expires_at is not None):
+            raise ValueError("a template envelope has id='', args={}, enqueued_at=0.0, attempt=0, "
+                             "not_before=None and expires_at=None")
+        if expires is not None and type(expires) is not float and type(expires) is not int:
+            raise TypeError(f"expires must be seconds or None, got {expires!r}")
+        body = codec.encode_body(env)
+        parts = [codec._encode(v) for v in msgspec.structs.astuple(env)]
+        arr = body[:len(body) - sum(len(p) for p in parts)]
+        if arr + b"".join(parts) != body or parts[9][:1] != b"\xcb" or len(parts[9]) != 9:
+            raise ValueError("msgspec does not write this envelope as the splice assumes")
+        self._head, self._tail = head, tail
+        self._arr, self._name = arr, parts[1]
+        self._mid = b"".join(parts[3:9])
+        self._rest = b"".join(parts[12:])
+        self._encode = codec._encode
+        self._signer = signer
+        self._capi = (signer is not None and _signer_capi != NULL
+                      and Py_TYPE(signer) == _signer_capi.hmac_type)
+        self._has_expires = expires is not None
+        self._expires = 0.0 if expires is None else float(expires)
+        self._max_size = max_size
+
+    def build(self, args, double now, task_id=None):
+        """``(task_id, command)``, or None (class docstring); a new id unless ``task_id``."""
+        cdef bytes args_enc, out
+        cdef Py_ssize_t pos = 0, id_len, args_len, body_len, frame_len, total, kid_len = 0, sig_len = 0, n
+        cdef PyObject *k
+        cdef PyObject *v
+        cdef const char *id_p
+        cdef unsigned char small[1024]
+        cdef unsigned char *body_p = small
+        cdef unsigned char *w
+        cdef unsigned char *o
+        cdef unsigned char sig_buf[_MAX_SIG]
+        cdef const unsigned char *kid_p = NULL
+        cdef const unsigned char *sig_p = NULL
+        cdef object kid = None, sig = None, body_obj
+        cdef PyObject *kid_ref
+        if args is None:
+            args_enc = _EMPTY_MAP
+        elif PyDict_CheckExact(args):
+            if PyDict_Size(args) == 0:
+                args_enc = _EMPTY_MAP
+            else:
+                while PyDict_Next(args, &pos, &k, &v):
+                    if not PyUnicode_Check(<object>k):
+                        return None
+                try:
+                    args_enc = self._encode(args)
+                except _ENCODE_ERRORS:
+                    return None
+        else:
+            return None
+        if task_id is None:
+            task_id = _new_task_id()
+        elif not PyUnicode_Check(task_id):
+            raise TypeError(f"task_id must be a str, got {type(task_id).__name__}")
+        id_p = PyUnicode_AsUTF8AndSize(task_id, &id_len)
+        args_len = PyBytes_GET_SIZE(args_enc)
+        body_len = (PyBytes_GET_SIZE(self._arr) + 5 + id_len + PyBytes_GET_SIZE(self._name) + args_len
+                    + PyBytes_GET_SIZE(self._mid) + 9 + 1 + (9 if self._has_expires else 1)
+                    + PyBytes_GET_SIZE(self._rest))
+        if body_len > 1024:
+            body_p = <unsigned char *>PyMem_Realloc(NULL, body_len)
+            if body_p == NULL:
+                raise MemoryError()
+        try:
+            w = body_p
+            n = PyBytes_GET_SIZE(self._arr)
+            memcpy(w, PyBytes_AS_STRING(self._arr), n)
+            w += n
+            w += _str_header(w, id_len)
+            memcpy(w, id_p, id_len)
+            w += id_len
+            n = PyBytes_GET_SIZE(self._name)
+            memcpy(w, PyBytes_AS_STRING(self._name), n)
+            w += n
+            memcpy(w, PyBytes_AS_STRING(args_enc), args_len)
+            w += args_len
+            n = PyBytes_GET_SIZE(self._mid)
+            memcpy(w, PyBytes_AS_STRING(self._mid), n)
+            w += n
+            _put_be_double(w, now)
+            w += 9
+            w[0] = 0xC0                       # not_before: None
+            w += 1
+            if self._has_expires:
+                _put_be_double(w, now + self._expires)
+                w += 9
+            else:
+                w[0] = 0xC0
+                w += 1
+            n = PyBytes_GET_SIZE(self._rest)
+            memcpy(w, PyBytes_AS_STRING(self._rest), n)
+            w += n
+            body_len = w - body_p
+            signer = self._signer
+            if signer is None:
+                pass
+            elif self._capi:
+                kid_ref = _signer_capi.hmac_sign(<PyObject *>signer, body_p, body_len, sig_buf)
+                kid = <object>kid_ref
+                sig_p = sig_buf
+                sig_len = 32
+            else:
+                body_obj = PyBytes_FromStringAndSize(<const char *>body_p, body_len)
+                kid, sig = signer.sign(body_obj)
+                if type(sig) is not bytes or not 1 <= PyBytes_GET_SIZE(sig) <= 255:
+                    raise SignatureError(f"{type(signer).__name__}.sign returned a bad signature")
+                sig_p = <const unsigned char *>PyBytes_AS_STRING(sig)
+                sig_len = PyBytes_GET_SIZE(sig)
+            if kid is not None:
+                if type(kid) is not bytes or not 1 <= PyBytes_GET_SIZE(kid) <= 255:
+                    raise SignatureError(f"{type(signer).__name__}.sign returned a bad key id")
+                kid_p = <const unsigned char *>PyBytes_AS_STRING(kid)
+                kid_len = PyBytes_GET_SIZE(kid)
+            frame_len = _HEADER_SIZE + kid_len + sig_len + body_len
+            if body_len > 0xFFFFFFFF or frame_len > self._max_size:
+                return None
+            total = (PyBytes_GET_SIZE(self._head) + 1 + _decimal_len(id_len) + 2 + id_len + 10
+                     + _decimal_len(frame_len) + 2 + frame_len + 2 + PyBytes_GET_SIZE(self._tail))
+            out = PyBytes_FromStringAndSize(NULL, total)
+            o = <unsigned char *>PyBytes_AS_STRING(out)
+            w = o
+            n = PyBytes_GET_SIZE(self._head)
+            memcpy(w, PyBytes_AS_STRING(self._head), n)
+            w += n
+            w[0] = 36                           # $<id length>\r\n<id>\r\n
+            w += 1
+            w += _put_decimal(w, id_len)
+            memcpy(w, b"\r\n", 2)
+            w += 2
+            memcpy(w, id_p, id_len)
+            w += id_len
+            memcpy(w, b"\r\n$1\r\nf\r\n$", 10)  # the field name "f", then $<frame length>
+            w += 10
+            w += _put_decimal(w, frame_len)
+            memcpy(w, b"\r\n", 2)
+            w += 2
+            w[0] = _MAGIC0
+            w[1] = _MAGIC1
+            w[2] = _VERSION
+            w[3] = 0
+            w[4] = <unsigned char>kid_len
+            w[5] = <unsigned char>sig_len
+            _put_u16(w + 6, 0)
+            _put_u32(w + 8, 0)                   # attempt
+            _put_u32(w + 12, <uint32_t>body_len)
+            _put_f64_bits(w + 16, _NONE_BITS)    # not_before: none
+            w += _HEADER_SIZE
+            if kid_len:
+                memcpy(w, kid_p, kid_len)
+                w += kid_len
+                memcpy(w, sig_p, sig_len)
+                w += sig_len
+            memcpy(w, body_p, body_len)
+            w += body_len
+            memcpy(w, b"\r\n", 2)
+            w += 2
+            n = PyBytes_GET_SIZE(self._tail)
+            memcpy(w, PyBytes_AS_STRING(self._tail), n)
+            w += n
+        finally:
+            if body_p != small:
+                PyMem_Free(body_p)
+        return task_id, out

@@ -7,12 +7,18 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.string cimport memchr, memcmp, memcpy
+from cpython.exc cimport PyErr_CheckSignals
+from libc.errno cimport EBADF, EINTR, errno
+from libc.string cimport memchr, memcmp, memcpy, strerror
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
 
-__all__ = ["command_keys", "pack_command", "pack_commands", "pack_xadds", "scan_replies"]
+cdef extern from "unistd.h" nogil:
+    ssize_t write(int fd, const void* buf, size_t n)
+    ssize_t read(int fd, void* buf, size_t n)
+
+__all__ = ["command_keys", "exchange", "pack_command", "pack_commands", "pack_xadds", "scan_replies"]
 
 
 cdef struct Buf:
@@ -357,3 +363,72 @@ def command_keys(buf):
     finally:
         PyBuffer_Release(&view)
     return out
+
+
+cdef enum:
+    _EXCHANGE_READ = 512     # one bulk reply (an XADD's entry id) fits many times over
+
+
+cdef int _signal_check() except -1:
+    """After EINTR: run the signal handlers (their exception goes up), then the caller retries."""
+    if PyErr_CheckSignals() < 0:
+        return -1
+    return 0
+
+
+def exchange(sock, bytes packed not None, feed):
+    """One round trip on a blocking socket (``sock``: anything with ``fileno()``) whose
+    timeouts the kernel keeps (``SO_SNDTIMEO``/``SO_RCVTIMEO``): write all of ``packed``
+    (one command), read until its one reply is whole, and return the reply's payload
+    when it is a bulk string (an XADD's entry id) and nothing more arrived.  Anything
+    else -- an error reply, another type, bytes past the reply, a reply longer than
+    the read buffer -- is passed as read to ``feed`` (a hiredis ``Reader.feed``) and
+    None is returned: the caller reads the reply from its reader.  The GIL is released
+    around each ``write``/``read``; EINTR runs the signal handlers and retries (PEP 475);
+    any other failure raises ``OSError`` from errno (``BlockingIOError`` when a kernel
+    timeout expired), and end of file raises ``ConnectionError``."""
+    cdef const char* p = PyBytes_AS_STRING(packed)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(packed), sent = 0, got = 0, end, cr
+    cdef ssize_t r
+    cdef char buf[_EXCHANGE_READ]
+    cdef int fd = -1 if sock is None else sock if type(sock) is int else sock.fileno()
+    cdef long long length
+    cdef Py_ssize_t err_start = -1, err_stop = -1
+    cdef int err = 0
+    if fd < 0:                         # a socket closed (or dropped: None) under its connection
+        raise OSError(EBADF, strerror(EBADF).decode())
+    while sent < n:
+        with nogil:
+            r = write(fd, p + sent, n - sent)
+            err = errno if r < 0 else 0    # read before the GIL is taken again
+        if r < 0:
+            if err == EINTR:
+                _signal_check()
+                continue
+            raise OSError(err, strerror(err).decode())   # its subclass: BlockingIOError for EAGAIN
+        sent += r
+    while True:
+        with nogil:
+            r = read(fd, buf + got, _EXCHANGE_READ - got)
+            err = errno if r < 0 else 0
+        if r < 0:
+            if err == EINTR:
+                _signal_check()
+                continue
+            raise OSError(err, strerror(err).decode())
+        if r == 0:
+            raise ConnectionError("Connection closed by server.")
+        got += r
+        try:
+            end = _skip_reply(buf, 0, got, &err_start, &err_stop)
+        except ValueError:
+            end = -2                   # not RESP: hiredis says what is wrong
+        if end == -1 and got < _EXCHANGE_READ:
+            continue                   # the reply is not whole yet
+        if end == got and buf[0] == 36:   # '$': one bulk string, nothing after it
+            cr = _line_end(buf, 1, got)
+            length = _line_int(buf, 1, cr)
+            if length >= 0:
+                return PyBytes_FromStringAndSize(buf + cr + 2, <Py_ssize_t>length)
+        feed(PyBytes_FromStringAndSize(buf, got))
+        return None

@@ -9,6 +9,10 @@ time per task, for:
   socket, its reply read with one ``recv`` -- the floor any client pays;
 * with ``--threads``: 8 threads of one process, each enqueueing one task at a time
   (tasks/s and CPU per task: their round trips are shared, ``stem.stores.redis_group``);
+* with ``--parts``: this tree's single enqueue layer by layer, each the lowest CPU per call of
+  15 blocks of 500 (the raw round trip, ``resp.exchange`` alone on the dedicated socket, the
+  broker's ``send`` of a built command, ``XaddTemplate.build`` alone, the whole ``enqueue``),
+  in alternation, so the differences say what each layer adds;
 * with ``--baseline DIR`` (a checkout of stem, e.g. ``git archive main``, built): the same
   ``enqueue`` calls by that checkout's stem, in a child process, between the rounds of
   this one, for a before/after ratio from one run; and for both, ``enqueue_many`` of
@@ -21,7 +25,7 @@ private redis-server is started, so other work on the shared one does not move t
 figures.  ``--postgres URL`` measures a PostgresBroker instead (``postgres_main``).
 
     .venv/bin/python benchmarks/single_enqueue.py [--tasks 20000] [--rounds 3] [--profile] [--threads]
-                                                  [--baseline DIR] [--postgres URL]
+                                                  [--parts] [--baseline DIR] [--postgres URL]
 
 Figures: benchmarks/README.md, "Single enqueue".
 """
@@ -178,6 +182,8 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="DIR", help="a built checkout of stem to measure in the same run")
     parser.add_argument("--threads", action="store_true",
                         help=f"also {THREADS} threads enqueueing one task at a time each (tasks/s)")
+    parser.add_argument("--parts", action="store_true",
+                        help="also the single enqueue layer by layer (min CPU of 15 blocks each)")
     parser.add_argument("--postgres", metavar="URL",
                         help="measure on Postgres instead (a raw prepared INSERT of the row beside it)")
     parser.add_argument("--child", metavar="URL", help=argparse.SUPPRESS)
@@ -268,6 +274,8 @@ def main() -> None:
                   f"{statistics.median(r['stem'][1] / r['raw'][1] for r in rows):.2f}x"
                   + (f", baseline's {statistics.median(r['base'][1] / r['raw'][1] for r in rows):.2f}x"
                      if baseline else ""))
+            if args.parts:
+                print_parts(stem, port, raw, key)
             if args.profile:
                 prof = cProfile.Profile()
                 prof.runcall(calls["single"], args.tasks)
@@ -279,6 +287,33 @@ def main() -> None:
                 baseline.close()
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+
+
+def print_parts(stem: Stem, port: int, raw, key: str) -> None:
+    """``--parts``: the layers of this tree's single enqueue, min CPU per call of 15 blocks of
+    500 each, the layers alternating block by block; wall is the median block's."""
+    from stem.stores.redis_dedicated import dedicated
+    from stem.stores.redis_pipe import _exchange
+    single = stem._singles.get("bench.echo")
+    if single is None:
+        print("parts: no one-call path for bench.echo (an older stem?)")
+        return
+    _, command = single.build({"i": 0}, time.time())
+    d = dedicated(stem.broker._client.connection_pool)
+    conn = d.connection()
+    layers = {"raw round trip": raw,
+              "exchange alone": lambda i: _exchange(conn._sock, command, d.feed),
+              "send (group, dedicated, exchange)": lambda i: single.send(command),
+              "build alone": lambda i: single.build({"i": i}, time.time()),
+              "enqueue": lambda i: stem.enqueue("bench.echo", {"i": i})}
+    blocks: dict[str, list[tuple[float, float]]] = {name: [] for name in layers}
+    for _ in range(15):
+        for name, fn in layers.items():
+            blocks[name].append(measure(fn, 500))
+        redis.Redis(port=port).delete(key)
+    for name, got in blocks.items():
+        print(f"parts: {name}: {min(c for c, _ in got):.2f} us CPU (min of 15), "
+              f"{statistics.median(w for _, w in got):.1f} us wall (median)")
 
 
 def postgres_main(args: argparse.Namespace) -> None:

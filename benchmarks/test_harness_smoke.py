@@ -217,7 +217,8 @@ def test_single_enqueue_harness_runs_every_mode_against_a_baseline():
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not on PATH")
     out = subprocess.run([sys.executable, os.path.join(HERE, "single_enqueue.py"), "--tasks", "1000", "--rounds", "1",
-                          "--threads", "--baseline", os.path.dirname(HERE)],
+                          "--threads", "--parts", "--baseline", os.path.dirname(HERE)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "wall ratio" in out.stdout and "after/before" in out.stdout and "8 threads" in out.stdout
+    assert "parts: enqueue" in out.stdout

@@ -6,6 +6,7 @@ public face is ``stem.envelope`` (its docstring draws the frame layout).
 
 from __future__ import annotations
 
+import os
 import struct
 
 import msgspec
@@ -13,7 +14,7 @@ import msgspec.structs
 
 from stem.errors import DecodeError, EncodeError, SignatureError
 
-__all__ = ["DEFAULT_MAX_FRAME_SIZE", "FrameCodec", "HEADER_SIZE", "MAGIC", "WIRE_VERSION"]
+__all__ = ["DEFAULT_MAX_FRAME_SIZE", "FrameCodec", "HEADER_SIZE", "MAGIC", "WIRE_VERSION", "XaddTemplate"]
 
 MAGIC = b"\xa7S"
 WIRE_VERSION = 1
@@ -189,6 +190,11 @@ class FrameCodec:
             out.append(encode(replace(env, id=task_id, args=args), signer, max_size))
         return out
 
+    def xadd_template(self, env, signer, head: bytes, tail: bytes, expires,
+                      max_size: int = DEFAULT_MAX_FRAME_SIZE) -> "XaddTemplate":
+        """A single task's whole XADD, built per call by ``XaddTemplate.build``."""
+        return XaddTemplate(self, env, signer, head, tail, expires, max_size)
+
     def decode_frame(self, frame, signer=None, max_size: int = DEFAULT_MAX_FRAME_SIZE):
         """Envelope from a frame: size, header, signature (when ``signer``), body."""
         frame = _as_bytes_view(frame)
@@ -223,3 +229,67 @@ class FrameCodec:
         frame = _as_bytes_view(frame)
         body_len = _parse(frame, len(frame), -1)[4]
         return b"".join((frame[:8], _DELIVERY.pack(attempt, body_len, nb), frame[HEADER_SIZE:]))
+
+
+def _new_task_id() -> str:
+    """A uuid4 hex, as ``stem.ids.new_task_id`` makes it (that module sits a layer above)."""
+    buf = bytearray(os.urandom(16))
+    buf[6] = (buf[6] & 0x0F) | 0x40
+    buf[8] = (buf[8] & 0x3F) | 0x80
+    return buf.hex()
+
+
+_TEMPLATE_FIELDS = ("id", "name", "args", "headers", "meta", "queue", "priority", "attempt", "max_retries",
+                    "enqueued_at", "not_before", "expires_at")
+
+
+class XaddTemplate:
+    """One task name's single enqueue, resolved once: ``build(args, now)`` returns the
+    task's id and its whole command -- ``head``, the id and the signed frame as RESP bulk
+    strings, ``tail`` -- or None when ``args`` is anything the general path would refuse
+    (the caller then takes that path, which raises its usual error).  The compiled twin
+    splices the body from pieces encoded once; this one builds the envelope and frames it
+    with ``encode_frame``, so both write ``encode_frame``'s bytes."""
+
+    __slots__ = ("_codec", "_env", "_signer", "_head", "_tail", "_expires", "_max_size")
+
+    def __init__(self, codec: FrameCodec, env, signer, head: bytes, tail: bytes, expires,
+                 max_size: int = DEFAULT_MAX_FRAME_SIZE):
+        if not isinstance(env, codec._env_type):
+            raise TypeError(f"expected {codec._env_type.__name__}, got {type(env).__name__}")
+        if tuple(env.__struct_fields__[:len(_TEMPLATE_FIELDS)]) != _TEMPLATE_FIELDS:
+            raise ValueError("the envelope's fields are not the ones XaddTemplate splices")
+        if (env.id != "" or env.args != {} or type(env.enqueued_at) is not float or env.enqueued_at != 0.0
+                or env.attempt != 0 or env.not_before is not None or env.expires_at is not None):
+            raise ValueError("a template envelope has id='', args={}, enqueued_at=0.0, attempt=0, "
+                             "not_before=None and expires_at=None")
+        if expires is not None and type(expires) is not float and type(expires) is not int:
+            raise TypeError(f"expires must be seconds or None, got {expires!r}")
+        if type(head) is not bytes or type(tail) is not bytes:
+            raise TypeError("head and tail are bytes")
+        codec.encode_body(env)
+        self._codec, self._env, self._signer = codec, env, signer
+        self._head, self._tail = head, tail
+        self._expires = None if expires is None else float(expires)
+        self._max_size = max_size
+
+    def build(self, args, now: float, task_id=None):
+        """``(task_id, command)``, or None (class docstring); a new id unless ``task_id``."""
+        now = float(now)
+        if args is None:
+            args = {}
+        elif type(args) is not dict or not all(isinstance(k, str) for k in args):
+            return None
+        if task_id is None:
+            task_id = _new_task_id()
+        elif not isinstance(task_id, str):
+            raise TypeError(f"task_id must be a str, got {type(task_id).__name__}")
+        env = msgspec.structs.replace(self._env, id=task_id, args=args, enqueued_at=now,
+                                      expires_at=None if self._expires is None else now + self._expires)
+        try:
+            frame = self._codec.encode_frame(env, self._signer, self._max_size)
+        except EncodeError:
+            return None
+        tid = task_id.encode()
+        return task_id, b"%s$%d\r\n%s\r\n$1\r\nf\r\n$%d\r\n%s\r\n%s" % (
+            self._head, len(tid), tid, len(frame), frame, self._tail)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-__all__ = ["command_keys", "pack_command", "pack_commands", "pack_xadds", "scan_replies"]
+__all__ = ["command_keys", "exchange", "pack_command", "pack_commands", "pack_xadds", "scan_replies"]
 
 
 def _arg(a: Any) -> bytes:
@@ -176,3 +176,43 @@ def command_keys(buf: Any) -> list[tuple[int, bytes, Any]]:
         out.append((p, head[0], key))
         pos = p
     return out
+
+
+_EXCHANGE_READ = 512
+
+
+def exchange(sock: Any, packed: bytes, feed: Any) -> bytes | None:
+    """One round trip on a blocking socket whose timeouts the kernel keeps: write ``packed``,
+    read until its one reply is whole; the payload of a lone bulk-string reply, else what
+    was read goes to ``feed`` and None is returned (the compiled twin's docstring has the
+    rules).  ``os.write``/``os.read`` on the descriptor, as the compiled twin's
+    ``write``/``read`` (EINTR retried by Python, PEP 475)."""
+    import errno
+    import os
+    if type(packed) is not bytes:
+        raise TypeError(f"packed must be bytes, got {type(packed).__name__}")
+    fd = -1 if sock is None else sock if isinstance(sock, int) else sock.fileno()
+    if fd < 0:   # a socket closed (or dropped: None) under its connection
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    view = memoryview(packed)
+    while view:
+        view = view[os.write(fd, view):]
+    buf = b""
+    while True:
+        chunk = os.read(fd, _EXCHANGE_READ - len(buf))
+        if not chunk:
+            raise ConnectionError("Connection closed by server.")
+        buf += chunk
+        try:
+            end = _skip(buf, 0, len(buf), [])
+        except ValueError:
+            end = -2
+        if end == -1 and len(buf) < _EXCHANGE_READ:
+            continue
+        if end == len(buf) and buf[:1] == b"$":
+            cr = _line(buf, 1, len(buf))
+            length = _length(buf, 1, cr)
+            if length >= 0:
+                return buf[cr + 2:cr + 2 + length]
+        feed(buf)
+        return None

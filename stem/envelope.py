@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE", "Envelope", "FrameHeader", "HEADER_SIZE", "IMPLEMENTATION", "MAGIC",
     "WIRE_VERSION", "decode_body", "decode_frame", "decode_value", "encode_body", "encode_frame",
-    "encode_frames", "encode_value", "frame_encoder", "read_header", "with_delivery",
+    "encode_frames", "encode_value", "frame_encoder", "read_header", "with_delivery", "xadd_template",
 ]
 
 WIRE_VERSION = 1
@@ -146,6 +146,19 @@ def encode_frames(env: Envelope, ids: list[str], args_list: list[dict[str, Any]]
     what ``encode_frame`` raises (EncodeError also for an id that is not a str)."""
     return _codec.encode_frames(env, ids, args_list, None if signer is None else getattr(signer, "_backend", signer),
                                 max_size)
+
+
+def xadd_template(env: Envelope, signer: PayloadSigner | None, head: bytes, tail: bytes, expires: float | None, *,
+                  max_size: int = DEFAULT_MAX_FRAME_SIZE) -> Any:
+    """A producer's single enqueue of one task name in one compiled call: the template's
+    ``build(args, now)`` returns ``(task_id, command)``, the command being ``head``, the
+    new id and the frame ``encode_frame`` makes of ``env`` with that id, ``args``,
+    ``enqueued_at=now`` and ``expires_at=now + expires`` put in (RESP bulk strings), and
+    ``tail``; or None for args the general path refuses (it raises the error).  ``env``
+    has ``id=""``, ``args={}``, ``enqueued_at=0.0``, ``not_before`` and ``expires_at``
+    None (ValueError otherwise)."""
+    return _codec.xadd_template(env, None if signer is None else getattr(signer, "_backend", signer), head, tail,
+                                expires, max_size)
 
 
 def decode_frame(frame: bytes | memoryview, signer: PayloadSigner | None = None, *,

@@ -8,8 +8,11 @@ strided slices, the whole buffer is hex-encoded once and sliced, ~0.1 us
 per id.  Every id is a valid random (version 4, RFC 4122 variant) UUID in
 ``.hex`` form, with the 122 random bits from the same source uuid4 uses.
 
-No random bytes are kept between calls, so a forked child never repeats its
-parent's ids.
+No random bytes are kept between calls here, so a forked child never repeats
+its parent's ids.  The compiled single-enqueue template
+(``stem.envelope.xadd_template``) makes ids of the same form from a pool of
+``os.urandom`` bytes (32 ids a refill, each byte used once and wiped), which a
+forked child empties (``pthread_atfork``) for the same reason.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from .backends import from_url as backend_from_url
 from .brokers import Broker, Message
 from .brokers.base import Keyed
 from .brokers import from_url as broker_from_url
-from .envelope import Envelope, encode_frame, encode_frames, frame_encoder
+from .envelope import Envelope, encode_frame, encode_frames, frame_encoder, xadd_template
 from ._checks import DEFAULT_RESULT_EXPIRES
 from .errors import (ConfigurationError, DuplicateTaskError, EncodeError, InvalidTaskOptionsError,
                      TaskTimeoutError)
@@ -67,6 +67,16 @@ class _Unique(NamedTuple):
     key: Any                 # TaskOptions.unique_key
     unique_for: float | None
     until_started: bool
+
+
+class _Single(NamedTuple):
+    """A task name's one-call ``enqueue`` (``Stem._make_single``): valid while the handler,
+    the signer and the broker are these."""
+    handler: Any
+    signer: Any
+    broker: Any
+    build: Any                 # XaddTemplate.build: (args, now) -> (task_id, command) | None; None: no such path
+    send: Any                  # the broker's send(command) -> bool (Broker.single_publisher)
 
 
 class _Template(NamedTuple):
@@ -143,6 +153,8 @@ class Stem:
         self._resolved: dict[tuple, TaskOptions] = {}
         #: name -> (its handler or None, its _Template without options, its expires): ``_template``
         self._named: dict[str, tuple[Any, _Template, float | None]] = {}
+        #: name -> _Single (``enqueue``'s one-call path for it, or the note that there is none)
+        self._singles: dict[str, _Single] = {}
 
     @classmethod
     def from_config(cls, config, registry: TaskRegistry | None = None) -> "Stem":
@@ -290,9 +302,60 @@ class Stem:
         after its task ends (default: as long as its result lives: the task's ``result_ttl``
         when this producer knows it, from ``options`` or the registry's handler, else the
         backend's ``result_expires``)."""
+        plain = (type(name) is str and options is None and meta is None and headers is None and countdown is None
+                 and eta is None and task_id is None and parent is None and idempotent_for is None)
+        if plain:
+            single = self._singles.get(name)
+            if single is not None:
+                handler, signer, broker, build, send = single
+                if (build is not None and signer is self.signer and broker is self.broker
+                        and (self.registry is None or self.registry.get(name) is handler)
+                        and not (signals.before_task_publish.receivers or signals.after_task_publish.receivers)
+                        and (on_duplicate == "return" or on_duplicate == "raise")):
+                    built = build(args, time.time())
+                    if built is not None:
+                        if send(built[1]):
+                            return built[0]
+                        self._singles.pop(name, None)   # stale (a deleted queue): made anew below
         env, message, keyed = self._prepare_one(name, args, options, meta, headers, countdown, eta, task_id,
                                                 parent, on_duplicate, idempotent_for)
-        return self._publish_one(env, message, keyed, task_id is not None, on_duplicate == "raise")
+        task = self._publish_one(env, message, keyed, task_id is not None, on_duplicate == "raise")
+        if plain and keyed is None and message.limit is None:
+            self._make_single(name, env)
+        return task
+
+    def _make_single(self, name: str, env: Envelope) -> None:
+        """After ``env`` (a task ``name`` published by ``enqueue`` without options or extras)
+        went through the general path: give ``name`` the one-call path (``_Single``) when
+        the broker offers one (``Broker.single_publisher``), so the next such ``enqueue``
+        builds its whole command in one compiled call and sends it at once.  That path is
+        exactly this one's cached case: the name's template (``_template``), no keyword
+        but ``on_duplicate``, no publish signal receivers, the same signer, broker and
+        handler (checked on every call)."""
+        hit = self._named.get(name)
+        if hit is None:
+            return
+        handler, template, expires = hit
+        single = self._singles.get(name)
+        if single is not None and single.handler is handler and single.signer is self.signer and \
+                single.broker is self.broker:
+            return
+        (queue, priority, max_retries, _, visibility_timeout, soft, hard, unset, unique, result_ttl, failure_ttl,
+         ignore_result, limit_of) = template
+        # without one (another broker, a priority out of range...): a _Single without build,
+        # so the next calls do not ask again while the handler, signer and broker are these
+        made = _Single(handler, self.signer, self.broker, None, None)
+        sender = (self.broker.single_publisher(queue, priority, visibility_timeout)
+                  if unique is None and limit_of is None and env.queue == queue else None)
+        if sender is not None:
+            head, tail, send = sender
+            shared = Envelope("", name, {}, {}, {}, queue, priority, 0, max_retries, 0.0, None, None,
+                              visibility_timeout, soft, hard, None, None, unset, None, result_ttl, failure_ttl,
+                              ignore_result)
+            made = made._replace(build=xadd_template(shared, self.signer, head, tail, expires).build, send=send)
+        if len(self._singles) >= 1024:
+            self._singles.clear()
+        self._singles[name] = made
 
     def _prepare_one(self, name: str, args: Any, options: Any, meta: Any, headers: Any, countdown: Any, eta: Any,
                      task_id: Any, parent: Any, on_duplicate: Any,

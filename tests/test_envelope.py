@@ -8,11 +8,15 @@ codecs write identical bytes and read each other's frames.
 
 from __future__ import annotations
 
+import collections
 import hmac
+import os
+import re
 import math
 import struct
 
 import msgspec
+import msgspec.structs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -601,3 +605,148 @@ def test_encode_frames_of_a_struct_laid_out_otherwise_encodes_each_envelope(buil
         frames = codec.encode_frames(env, ["a", "b"], [{"x": 1}, {}], build.signer)
         assert frames == [codec.encode_frame(msgspec.structs.replace(env, id=i, args=a), build.signer)
                           for i, a in (("a", {"x": 1}), ("b", {}))]
+
+
+# ---- XaddTemplate: a single enqueue's whole XADD in one call ---------------------------
+
+XADD_HEAD = b"*11\r\n$4\r\nXADD\r\n$16\r\nns:{q:mail}:lane:5\r\n$1\r\n*\r\n$1\r\nt\r\n"
+XADD_TAIL = b"$1\r\np\r\n$1\r\n5\r\n$1\r\nv\r\n$5\r\n30000\r\n"
+templates = st.builds(
+    Envelope,
+    id=st.just(""), name=st.text(min_size=1, max_size=300), args=st.just({}),
+    headers=st.just({}), meta=st.just({}), queue=st.text(max_size=20), priority=st.integers(-2**63, 2**63 - 1),
+    attempt=st.just(0), max_retries=st.integers(0, 2**31), enqueued_at=st.just(0.0),
+    visibility_timeout=optional_float, soft_time_limit=optional_float, hard_time_limit=optional_float,
+    unset_options=st.lists(st.text(max_size=10), max_size=3), unique_until=optional_text,
+    result_ttl=optional_float, failure_ttl=optional_float, ignore_result=st.none() | st.booleans(),
+)
+
+
+def _expected_xadd(env: Envelope, task_id: str, args, now: float, expires, signer, head=XADD_HEAD,
+                   tail=XADD_TAIL) -> bytes:
+    """What the producer's general path sends: the envelope framed by ``encode_frame`` and
+    spliced between the lane's head and tail (``RedisBroker.publish``)."""
+    full = msgspec.structs.replace(env, id=task_id, args={} if args is None else args, enqueued_at=now,
+                                   expires_at=None if expires is None else now + expires)
+    frame = encode_frame(full, signer)
+    tid = task_id.encode()
+    return b"%s$%d\r\n%s\r\n$1\r\nf\r\n$%d\r\n%s\r\n%s" % (head, len(tid), tid, len(frame), frame, tail)
+
+
+@SETTINGS
+@given(env=templates, task_id=st.text(min_size=1, max_size=300),
+       args=st.none() | st.dictionaries(st.text(max_size=10), values, max_size=5),
+       now=st.floats(allow_nan=False), expires=st.none() | st.floats(allow_nan=False, allow_infinity=False),
+       signed=st.booleans())
+def test_both_builds_make_the_xadd_the_general_path_sends_byte_for_byte(both, env, task_id, args, now,
+                                                                        expires, signed):
+    made = []
+    for b in both:
+        t = b.codec.xadd_template(env, b.signer if signed else None, XADD_HEAD, XADD_TAIL, expires)
+        made.append(t.build(args, now, task_id))
+    public = PayloadSigner({"k1": SECRET, "k0": OTHER_SECRET}, "k1") if signed else None
+    assert made[0] == made[1] == (task_id, _expected_xadd(env, task_id, args, now, expires, public))
+
+
+def test_a_template_makes_a_new_uuid4_id_per_call(build):
+    t = build.codec.xadd_template(sample(id="", args={}, headers={}, meta={}, enqueued_at=0.0, expires_at=None),
+                                  build.signer, XADD_HEAD, XADD_TAIL, 60.0)
+    ids = set()
+    for i in range(200):     # past one pool of random bytes (32 ids) several times
+        task_id, command = t.build({"i": i}, 1_700_000_000.5)
+        assert re.fullmatch(r"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}", task_id)
+        assert command == _expected_xadd(t_env(), task_id, {"i": i}, 1_700_000_000.5, 60.0,
+                                          PayloadSigner({"k1": SECRET, "k0": OTHER_SECRET}, "k1"))
+        ids.add(task_id)
+    assert len(ids) == 200
+
+
+def t_env() -> Envelope:
+    return sample(id="", args={}, headers={}, meta={}, enqueued_at=0.0, expires_at=None)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_makes_its_parents_next_ids(build):
+    """The compiled template draws ids from a pool of random bytes: a child forked with part
+    of it unused must not hand out the ids its parent hands out next."""
+    t = build.codec.xadd_template(t_env(), None, XADD_HEAD, XADD_TAIL, None)
+    t.build(None, 1.0)                        # the pool is filled, 31 ids left in it
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write, "".join(t.build(None, 1.0)[0] for _ in range(8)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = b""
+    while len(child) < 8 * 32:
+        chunk = os.read(read, 4096)
+        assert chunk, "the child wrote nothing"
+        child += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent = "".join(t.build(None, 1.0)[0] for _ in range(8)).encode()
+    child_ids = {child[i:i + 32] for i in range(0, len(child), 32)}
+    parent_ids = {parent[i:i + 32] for i in range(0, len(parent), 32)}
+    assert not child_ids & parent_ids
+
+
+@pytest.mark.parametrize("args", [[1], "x", {1: "int key"}, {"x": object()}, {"x": 2**64}, {"x": 1j},
+                                  collections.OrderedDict(a=1)])
+def test_what_the_general_path_refuses_makes_no_command(build, args):
+    """None sends the producer down the general path, which raises its usual error."""
+    t = build.codec.xadd_template(t_env(), build.signer, XADD_HEAD, XADD_TAIL, None)
+    assert t.build(args, 1.0) is None
+
+
+def test_a_frame_past_max_size_makes_no_command(build):
+    env = t_env()
+    t = build.codec.xadd_template(env, build.signer, XADD_HEAD, XADD_TAIL, None, 400)
+    assert t.build({"x": "a" * 100}, 1.0, "id") is not None
+    assert t.build({"x": "a" * 400}, 1.0, "id") is None
+
+
+def test_a_template_signs_with_any_object_with_sign_as_encode_frame_does(both):
+    class Custom:
+        def sign(self, body):
+            return b"kid", hmac.digest(SECRET, body, "sha256")[:20]
+
+    made = [b.codec.xadd_template(t_env(), Custom(), XADD_HEAD, XADD_TAIL, None).build({"a": 1}, 5.0, "x")
+            for b in both]
+    assert made[0] == made[1] == ("x", _expected_xadd(t_env(), "x", {"a": 1}, 5.0, None, Custom()))
+
+    class Bad:
+        def sign(self, body):
+            return b"kid", "not bytes"
+    for b in both:
+        with pytest.raises(SignatureError, match="bad signature"):
+            b.codec.xadd_template(t_env(), Bad(), XADD_HEAD, XADD_TAIL, None).build({}, 1.0)
+
+
+@pytest.mark.parametrize("overrides", [dict(id="x"), dict(args={"a": 1}), dict(enqueued_at=1.0), dict(attempt=1),
+                                       dict(not_before=1.0), dict(expires_at=2.0)])
+def test_a_template_envelope_leaves_the_per_task_fields_empty(build, overrides):
+    with pytest.raises(ValueError, match="template envelope"):
+        build.codec.xadd_template(msgspec.structs.replace(t_env(), **overrides), None, XADD_HEAD, XADD_TAIL, None)
+
+
+def test_a_template_refuses_what_is_not_one(build):
+    with pytest.raises(TypeError):
+        build.codec.xadd_template(object(), None, XADD_HEAD, XADD_TAIL, None)
+    with pytest.raises(TypeError):
+        build.codec.xadd_template(t_env(), None, None, XADD_TAIL, None)
+    with pytest.raises(TypeError):
+        build.codec.xadd_template(t_env(), None, XADD_HEAD, XADD_TAIL, "60")
+    with pytest.raises(EncodeError):
+        build.codec.xadd_template(msgspec.structs.replace(t_env(), headers={"a": 1}), None, XADD_HEAD, XADD_TAIL,
+                                  None)
+    t = build.codec.xadd_template(t_env(), None, XADD_HEAD, XADD_TAIL, None)
+    with pytest.raises(TypeError):
+        t.build({}, 1.0, 5)
+
+
+def test_the_public_template_takes_a_payload_signer(signer):
+    t = envelope.xadd_template(t_env(), signer, XADD_HEAD, XADD_TAIL, 10.0)
+    task_id, command = t.build({"a": 1}, 7.0)
+    assert command == _expected_xadd(t_env(), task_id, {"a": 1}, 7.0, 10.0, signer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import uuid
 from types import SimpleNamespace
 
@@ -284,3 +285,103 @@ def test_command_keys_refuses_what_is_not_a_whole_packed_pipeline(twin, bad):
 
 def hiredis_pack(commands) -> bytes:
     return b"".join(hiredis.pack_command(c) for c in commands)
+
+
+# ---- exchange: one command's round trip in one call -----------------------------------
+
+class _Peer:
+    """The far end of a socket pair: answers each whole command it reads with ``replies``
+    (bytes each, written in the given pieces)."""
+
+    def __init__(self, replies):
+        import socket
+        import threading
+        self.ours, self.theirs = socket.socketpair()
+        self.got: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, args=(list(replies),), daemon=True)
+        self.thread.start()
+
+    def _serve(self, replies):
+        import time
+        buf = b""
+        while replies:
+            chunk = self.theirs.recv(65536)
+            if not chunk:
+                return
+            buf += chunk
+            if not buf.endswith(b"\r\n"):
+                continue
+            self.got.append(buf)
+            buf = b""
+            reply = replies.pop(0)
+            if reply is None:                    # hang up
+                self.theirs.close()
+                return
+            for piece in (reply if isinstance(reply, list) else [reply]):
+                self.theirs.sendall(piece)
+                time.sleep(0.01)                 # the pieces arrive apart
+
+    def close(self):
+        self.ours.close()
+        self.thread.join(5)
+        self.theirs.close()
+
+
+@pytest.mark.parametrize("reply, returned, fed", [
+    (b"$19\r\n1700000000000-0\r\n\r\n\r\n", b"1700000000000-0\r\n\r\n", b""),
+    ([b"$5\r\nhe", b"llo\r\n"], b"hello", b""),                          # cut in two reads
+    ([b"$", b"0\r\n\r\n"], b"", b""),
+    (b"-ERR wrong type\r\n", None, b"-ERR wrong type\r\n"),              # an error reply: to the reader
+    (b"$-1\r\n", None, b"$-1\r\n"),                                      # null: to the reader
+    (b":12\r\n", None, b":12\r\n"),
+    (b"$2\r\nab\r\n+OK\r\n", None, b"$2\r\nab\r\n+OK\r\n"),             # more than one reply
+    (b"?what\r\n", None, b"?what\r\n"),                                 # not RESP: the reader says so
+    (b"$600\r\n" + b"x" * 600 + b"\r\n", None, None),                    # past the read buffer
+])
+def test_exchange_returns_a_lone_bulk_reply_and_feeds_anything_else(twin, reply, returned, fed):
+    peer = _Peer([reply])
+    feeds: list[bytes] = []
+    try:
+        assert twin.resp.exchange(peer.ours, b"*1\r\n$4\r\nPING\r\n", feeds.append) == returned
+        assert peer.got == [b"*1\r\n$4\r\nPING\r\n"]
+        if fed is None:   # the first buffer's worth; the reader reads the rest from the socket
+            assert len(feeds) == 1 and 0 < len(feeds[0]) <= 600 and reply.startswith(feeds[0])
+        else:
+            assert b"".join(feeds) == fed and len(feeds) == (1 if fed else 0)
+    finally:
+        peer.close()
+
+
+def test_exchange_sends_a_command_larger_than_a_socket_buffer(twin):
+    big = twin.resp.pack_command("SET", "k", b"v" * 3_000_000)
+    peer = _Peer([b"$2\r\nok\r\n"])
+    try:
+        assert twin.resp.exchange(peer.ours, big, None) == b"ok"
+        assert peer.got == [big]
+    finally:
+        peer.close()
+
+
+def test_exchange_raises_os_errors_a_closed_peer_and_a_kernel_timeout(twin):
+    import socket
+    import struct
+    peer = _Peer([None])
+    try:
+        with pytest.raises(ConnectionError, match="closed by server"):
+            twin.resp.exchange(peer.ours, b"*1\r\n$4\r\nPING\r\n", None)
+    finally:
+        peer.close()
+    a, b = socket.socketpair()
+    try:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 0, 100_000))
+        with pytest.raises(BlockingIOError):           # nobody answers within SO_RCVTIMEO
+            twin.resp.exchange(a, b"*1\r\n$4\r\nPING\r\n", None)
+    finally:
+        a.close()
+        b.close()
+    for gone in (a, None):                             # a closed socket, or none: EBADF
+        with pytest.raises(OSError) as info:
+            twin.resp.exchange(gone, b"*1\r\n$4\r\nPING\r\n", None)
+        assert info.value.errno == errno.EBADF
+    with pytest.raises(TypeError):
+        twin.resp.exchange(a, "not bytes", None)

@@ -121,7 +121,7 @@ from __future__ import annotations
 import abc
 import operator
 import time
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from .. import _checks as checks
 from ..errors import ConfigurationError
@@ -342,6 +342,17 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def publish(self, message: Message) -> None:
         """Store one message durably (as durable as the adapter is) before returning."""
+
+    def single_publisher(self, queue: str, priority: int,
+                         visibility_timeout: float | None) -> tuple[bytes, bytes, Callable[[bytes], bool]] | None:
+        """For a producer's single ``enqueue`` of a ready message without a limit or a key:
+        ``(head, tail, send)`` when the adapter stores one message as one command the
+        producer builds whole -- ``head``, the task id and the frame as RESP bulk strings,
+        ``tail`` (``stem.envelope.xadd_template``) -- and ``send(command)`` stores it as
+        ``publish`` would and returns True, or returns False, storing nothing, when that
+        command is no longer right (then the producer calls ``publish``).  None (the
+        default): the producer always calls ``publish``."""
+        return None
 
     def publish_many(self, messages: Sequence[Message]) -> None:
         """Store a batch in one round trip where the adapter allows it."""

@@ -241,8 +241,8 @@ class RedisBroker(Broker):
         if (parts is None or message.limit is not None or message.not_before is not None
                 or type(priority) is not int or not 0 <= priority < N_LANES):
             self.publish_many((message,))
-            if parts is None and message.queue in self._declared:
-                self._xadd_heads[message.queue] = self._xadd_parts(message.queue)
+            if parts is None and message.queue in self._declared:   # the first of racing threads' stays
+                self._xadd_heads.setdefault(message.queue, self._xadd_parts(message.queue))
             return
         vt = message.visibility_timeout
         frame = message.frame
@@ -252,6 +252,33 @@ class RedisBroker(Broker):
             head, len(tid), tid, len(frame), frame,
             tail if vt is None else _pack_command("p", priority, "v", checks.ms(vt))[4:])
         self._store.call(lambda: _group_execute_one(self._client, packed, True), "publish")
+
+    def single_publisher(self, queue: str, priority: int,
+                         visibility_timeout: float | None) -> tuple[bytes, bytes, Callable[[bytes], bool]] | None:
+        """What a producer's single enqueue of ready, unlimited, unkeyed messages to
+        ``queue`` needs to publish each in one command it builds itself: the XADD's head
+        (up to the task id) and tail (from the priority on), and ``send(command)``, which
+        sends it as ``publish`` would (retries, shared round trips) and returns True, or
+        returns False, sending nothing, once ``queue`` is no longer declared by this
+        broker (``delete_queue``): then the producer publishes through ``publish``.  None
+        until ``queue`` is declared (its first ``publish``), or for a priority out of 0-9."""
+        parts = self._xadd_heads.get(queue)
+        if parts is None or type(priority) is not int or not 0 <= priority < N_LANES:
+            return None
+        head, tail = parts[priority]
+        if visibility_timeout is not None:
+            tail = _pack_command("p", priority, "v", checks.ms(visibility_timeout))[4:]
+        heads, call, client = self._xadd_heads, self._store.call, self._client
+
+        def send(packed: bytes) -> bool:
+            if heads.get(queue) is not parts:
+                return False
+            try:   # the first attempt without RedisStore.call's frame; the retries in it
+                _group_execute_one(client, packed, True)
+            except Exception as exc:
+                call(lambda: _group_execute_one(client, packed, True), "publish", failed=exc)
+            return True
+        return head, tail, send
 
     def _xadd_parts(self, queue: str) -> list[tuple[bytes, bytes]]:
         """Per lane of ``queue``: the packed XADD up to its task id, and from its priority

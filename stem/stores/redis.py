@@ -174,14 +174,20 @@ class RedisStore(Store):
         return isinstance(other, RedisStore) and other.client is self.client
 
     # -- calls -----------------------------------------------------------------------
-    def call(self, fn: Callable[[], T], what: str, attempts: int | None = None) -> T:
+    def call(self, fn: Callable[[], T], what: str, attempts: int | None = None,
+             failed: Exception | None = None) -> T:
         """Run ``fn``; retry connection failures and timeouts (``attempts`` in all, default
         ``retry_attempts``) with capped, jittered backoff, then raise the connection error.
-        Any other redis-py error becomes the user's error at once."""
+        Any other redis-py error becomes the user's error at once.  ``failed``: the first
+        attempt already ran (a hot path's own, without this call's frame) and raised it;
+        it is handled as that attempt's error."""
         attempts = self.retry_attempts if attempts is None else attempts
         backoff = None
         for attempt in range(1, attempts + 1):
             try:
+                if failed is not None:
+                    exc, failed = failed, None
+                    raise exc
                 return fn()
             except _UNREACHABLE as exc:
                 log.debug("Redis %s failed (%s); attempt %d of %d", what, exc, attempt, attempts)

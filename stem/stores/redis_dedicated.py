@@ -26,6 +26,9 @@ The rules, and what each one is for:
   connection is no longer the pool's), or, behind Sentinel, connected to another
   address than the master the pool last learned (another connection of the pool asked
   the sentinels after a failover; redis-py then drops only its idle connections).
+* **Its socket's timeout is the kernel's** (``_kernel_timeouts``) on a plain TCP or Unix
+  socket on Linux; then, with hiredis replies as bytes, ``feed`` is set and a single
+  command's round trip is one compiled call (``stem.stores.redis_pipe.execute_one``).
 * **After a fork** the locks are made anew in the child (a thread of the parent may
   have held one), through the stores' one fork hook.
 
@@ -44,6 +47,11 @@ from typing import Any
 
 from redis.sentinel import SentinelConnectionPool
 
+try:
+    from hiredis import Reader as _Reader
+except ImportError:  # pragma: no cover - redis[hiredis] is a core dependency
+    _Reader = None
+
 from .local import after_fork_in_child
 
 __all__ = ["Dedicated", "dedicate", "dedicated", "undedicate"]
@@ -52,7 +60,7 @@ __all__ = ["Dedicated", "dedicate", "dedicated", "undedicate"]
 class Dedicated:
     """The dedicated connection of one pool (module docstring)."""
 
-    __slots__ = ("pool", "lock", "conn", "pid", "in_use", "proxy", "address")
+    __slots__ = ("pool", "lock", "conn", "pid", "in_use", "proxy", "address", "feed", "has_data")
 
     def __init__(self, pool: Any):
         self.pool = pool
@@ -63,6 +71,11 @@ class Dedicated:
         #: A Sentinel pool's proxy: where it last found the master (``master_address``).
         self.proxy = pool.proxy if isinstance(pool, SentinelConnectionPool) else None
         self.address: Any = None
+        #: The connection's hiredis ``Reader.feed`` when its socket is blocking with kernel
+        #: timeouts and its replies are bytes: a single command's round trip may then be
+        #: one compiled call (``stem.stores.redis_pipe``); None otherwise.
+        self.feed: Any = None
+        self.has_data: Any = None      #: that reader's ``has_data`` (None with ``feed``)
 
     def connection(self) -> Any:
         """The connection to send on, checked out anew when the one held is stale.  The
@@ -80,13 +93,16 @@ class Dedicated:
         conn = pool.get_connection()
         self.conn, self.pid, self.in_use = conn, os.getpid(), pool._in_use_connections
         self.address = (conn.host, conn.port) if self.proxy is not None else None
-        _kernel_timeouts(conn._sock)
+        reader = getattr(conn._parser, "_reader", None)
+        direct = (_kernel_timeouts(conn._sock) and _Reader is not None and type(reader) is _Reader
+                  and not conn.encoder.decode_responses)
+        self.feed, self.has_data = (reader.feed, reader.has_data) if direct else (None, None)
         return conn
 
     def drop(self) -> None:
         """Let the connection go: disconnected and released to the pool in the process that
         checked it out; only forgotten in a forked child.  The caller holds ``lock``."""
-        conn, self.conn = self.conn, None
+        conn, self.conn, self.feed, self.has_data = self.conn, None, None, None
         if conn is None or self.pid != os.getpid():
             return
         try:
@@ -95,22 +111,24 @@ class Dedicated:
             self.pool.release(conn)   # a reset pool no longer knows it: then a no-op
 
 
-def _kernel_timeouts(sock: Any) -> None:
+def _kernel_timeouts(sock: Any) -> bool:
     """Move a plain TCP or Unix socket's timeout into the kernel (``SO_RCVTIMEO`` and
     ``SO_SNDTIMEO``) and make it blocking: Python polls a socket that has a timeout before
     every ``send`` and ``recv`` (two syscalls a round trip, ~1 us of CPU); the kernel's
     timeout bounds each call the same way without them.  A call that times out raises
     ``BlockingIOError`` (EAGAIN), which the round trip's readers report as redis-py's
     ``ConnectionError`` (retried like a timeout), and the connection is dropped with its
-    socket.  Linux only (the timeval layout); TLS sockets keep Python's timeout."""
+    socket.  Linux only (the timeval layout); TLS sockets keep Python's timeout.  Whether
+    the timeouts moved."""
     timeout = sock.gettimeout() if type(sock) is socket.socket else None
     if not timeout or not sys.platform.startswith("linux"):
-        return
+        return False
     seconds = int(timeout)
     tv = struct.pack("@ll", seconds, int((timeout - seconds) * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
     sock.settimeout(None)
+    return True
 
 
 _DEDICATED: dict[Any, Dedicated] = {}     # pool -> its Dedicated; read without a lock (one dict get)

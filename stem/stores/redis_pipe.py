@@ -7,7 +7,9 @@ or an XADD (figures: ``benchmarks/README.md``, "Redis").  Here a batch is packed
 ``send_packed_command`` on the pool's dedicated connection (checked out once and
 kept: ``stem.stores.redis_dedicated``) or, when another thread holds that one, on a
 connection borrowed from the pool, and the replies are pulled straight from the
-connection's hiredis reader.
+connection's hiredis reader.  A single command on the dedicated connection, when its
+socket is blocking with kernel timeouts, is one compiled call (``resp.exchange``:
+write, read, and a bulk-string reply's parse; any other reply is fed to that reader).
 
 The connection handling stays redis-py's: the pool hands out a checked
 connection, a socket error or timeout disconnects it (so it is never reused
@@ -44,6 +46,7 @@ _resp = _native.load("resp")
 pack_commands = _resp.pack_commands
 pack_command = _resp.pack_command
 pack_xadds = _resp.pack_xadds
+_exchange = _resp.exchange
 _scan_replies = _resp.scan_replies
 _READ_SIZE = 65536
 _Redis = redis.Redis
@@ -156,7 +159,10 @@ def _send_read_one(conn: Any, packed: bytes) -> Any:
 def execute_one(client: "redis.Redis", packed: bytes, raise_error: bool = False) -> Any:
     """Send one packed command; return its reply: an error reply in place (typed), or
     raised with ``raise_error``.  On the dedicated connection when it is free, with
-    ``_round_trip``'s rules; the rest as ``execute_packed``."""
+    ``_round_trip``'s rules; the rest as ``execute_packed``.  When that connection's socket
+    is blocking with kernel timeouts (``Dedicated.feed``), the write, the read and a
+    bulk-string reply's parse are one compiled call (``resp.exchange``); any other reply
+    goes through the connection's hiredis reader, so it comes back as it always did."""
     if type(client) is not _Redis and hasattr(client, "stem_execute"):   # a cluster: by slot
         reply = client.stem_execute(packed, 1)[0]
     else:
@@ -165,7 +171,16 @@ def execute_one(client: "redis.Redis", packed: bytes, raise_error: bool = False)
             try:
                 conn = d.connection()
                 try:
-                    reply = _send_read_one(conn, packed)
+                    feed = d.feed
+                    if feed is not None and not d.has_data():   # _exchange_one, inlined
+                        try:
+                            reply = _exchange(conn._sock, packed, feed)
+                        except OSError as exc:   # BlockingIOError: a kernel timeout expired
+                            raise redis.ConnectionError(f"Error while exchanging with Redis: {exc}") from exc
+                        if reply is None:
+                            reply = read_replies(conn, 1)[0]
+                    else:
+                        reply = _send_read_one(conn, packed)
                 except BaseException:
                     d.drop()
                     raise
