@@ -111,6 +111,33 @@ def test_a_completion_that_failed_after_the_ack_is_run_by_the_sweep_once(env, mo
     assert env.backend.group_completions_due(time.time() + 3600) == []
 
 
+def test_a_failing_unsealed_sweep_does_not_keep_the_completion_sweep_from_running(env, monkeypatch, caplog):
+    """The heartbeat's two sweeps are independent: with the unsealed-group sweep failing at
+    every heartbeat (its backend call refused), a noted completion is still run."""
+    real = Runner.complete
+    injected: list[str] = []
+
+    def broken(self, records):
+        if records and not injected:
+            injected.append(records[0].id)
+            raise RuntimeError("injected: the worker stops before the completion")
+        return real(self, records)
+
+    def refused(self):
+        raise BackendConnectionError("injected: the unsealed-group sweep is refused")
+
+    monkeypatch.setattr(Runner, "complete", broken)
+    monkeypatch.setattr(Runner, "sweep", refused)
+    caplog.set_level(logging.WARNING, logger="stem.worker")
+    env.worker(heartbeat_interval=0.1, completion_grace=0.3)
+    h = env.stem.apply(a_chord(5))
+    status = h.wait(30)
+    assert status.state is TaskState.SUCCEEDED and status.result == list(range(5))
+    assert injected == [h.id]
+    assert "could not sweep unsealed groups" in caplog.text
+    wait_for(lambda: "ran 1 group completion(s) noted" in caplog.text, 10, "the completion sweep's log line")
+
+
 def test_a_completion_run_twice_publishes_the_callback_once(env, monkeypatch, caplog):
     """The completion ran but the worker failed before its note went: the sweep runs it a
     second time, and the callback (a keyed publish under the chord's id) is published once."""

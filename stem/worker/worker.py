@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .. import _checks as checks
 from ..backends import ResultBackend
@@ -280,26 +280,13 @@ class Worker:
         self._wf_sweeper = workflows.sweeper(self._plain_producer()).start()
 
     def _sweep_groups(self) -> None:
-        """End the groups their producers left unsealed past their deadline (each worker
-        looks, once a heartbeat; the backend marks each group once)."""
-        try:
-            n = self._canvas_runner().sweep()
-        except StemError as exc:
-            log.warning("could not sweep unsealed groups (%s)", exc)
-            return
-        except Exception:  # noqa: BLE001 - never stops the heartbeat
-            log.exception("sweeping unsealed groups failed")
-            return
+        """Once a heartbeat: end the groups their producers left unsealed past their deadline,
+        and run the group completions noted and never done (each backend marks a group once,
+        a completion runs idempotently).  One sweep failing does not skip the other."""
+        n = _sweep(lambda: self._canvas_runner().sweep(), "unsealed groups")
         if n:
             log.warning("%d group(s) were never sealed by their producer: ended FAILED creation-interrupted", n)
-        try:
-            n = self._canvas_runner().sweep_completions()
-        except StemError as exc:
-            log.warning("could not sweep noted group completions (%s)", exc)
-            return
-        except Exception:  # noqa: BLE001 - never stops the heartbeat
-            log.exception("sweeping noted group completions failed")
-            return
+        n = _sweep(lambda: self._canvas_runner().sweep_completions(), "noted group completions")
         if n:
             log.warning("ran %d group completion(s) noted more than %.0fs ago and never done (their worker "
                         "stopped after acking the last member, or is that slow)", n, self.completion_grace)
@@ -757,3 +744,15 @@ class Worker:
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} queues={self.queues} concurrency={self.concurrency}>"
+
+
+def _sweep(run: Callable[[], int], what: str) -> int:
+    """One of the heartbeat's sweeps: how many it ended; a failure is logged, never raised
+    (it must not stop the heartbeat), and counts as none."""
+    try:
+        return run()
+    except StemError as exc:
+        log.warning("could not sweep %s (%s)", what, exc)
+    except Exception:  # noqa: BLE001 - never stops the heartbeat
+        log.exception("sweeping %s failed", what)
+    return 0
